@@ -1,0 +1,29 @@
+// Schemas of the C++/CUDA kernel primitives of fusedres.
+//
+// The contract of every primitive (shapes, layouts, dtypes, the 1-bit ReLU mask) is
+// written once, in fusedres/reference.py, beside its pure-PyTorch reference. The CPU
+// kernels register under the CPU key (csrc/cpu/), the CUDA kernels under the CUDA key
+// (csrc/cuda/). Autograd and fake kernels are registered from Python (fusedres/ops.py).
+#include <torch/library.h>
+#include <Python.h>
+
+// Importing fusedres._C registers the ops; the module itself holds nothing.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(fusedres, m) {
+  m.def("bn_stats(Tensor x, bool channels_last) -> (Tensor mean, Tensor var)");
+  m.def(
+      "bn_apply(Tensor x, Tensor scale, Tensor shift, Tensor? residual, Tensor? x2, "
+      "Tensor? scale2, Tensor? shift2, bool relu, bool save_mask, bool channels_last) "
+      "-> (Tensor out, Tensor mask)");
+  m.def(
+      "bn_backward_reduce(Tensor dout, Tensor x, Tensor mean, Tensor scale, Tensor shift, "
+      "Tensor? mask, bool relu, bool channels_last) -> (Tensor sum_g, Tensor sum_g_xc)");
+  m.def(
+      "bn_backward_apply(Tensor dout, Tensor x, Tensor mean, Tensor scale, Tensor shift, "
+      "Tensor? mask, Tensor coef_g, Tensor coef_xc, Tensor coef_c, bool relu, "
+      "bool write_grad_residual, bool channels_last) -> (Tensor dx, Tensor dres)");
+}

@@ -1,0 +1,31 @@
+"""fusedres: fused Conv-BN-ReLU and BN-Add-ReLU kernels for ResNet-style networks.
+
+``fusedres.functional`` holds the fused functions, ``fusedres.available_backends()``
+says which backends (reference, cpu, cuda, triton) can run in this process.
+"""
+import importlib.util
+import os
+import sys
+
+
+def _map_source_kernels():
+    """In a source checkout (no install), ``kernels/`` is ``fusedres.kernels``."""
+    if importlib.util.find_spec("fusedres.kernels") is not None:
+        return
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    init = os.path.join(path, "__init__.py")
+    if os.path.exists(init):
+        spec = importlib.util.spec_from_file_location("fusedres.kernels", init,
+                                                      submodule_search_locations=[path])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fusedres.kernels"] = module
+        spec.loader.exec_module(module)
+
+
+_map_source_kernels()
+
+from ._backend import available_backends, extension_error, resolve_backend  # noqa: E402
+from . import reference  # noqa: E402
+
+__all__ = ["available_backends", "resolve_backend", "extension_error", "reference"]
+__version__ = "0.1.0"

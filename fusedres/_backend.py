@@ -1,0 +1,107 @@
+"""Which backends exist in this process, and which one an op call uses.
+
+The backend is resolved in Python before an op is called, from a fixed table by
+device (never by timing, never the Triton interpreter unless asked for by name):
+
+    device   auto picks, in order        also accepted by name
+    cpu      cpu, reference              triton (only under TRITON_INTERPRET=1)
+    cuda     cuda, triton, reference
+
+Nothing here queries the GPU at import time.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("fusedres")
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+try:
+    from . import _C  # noqa: F401  (registers the C++/CUDA ops)
+
+    extension_error = None
+except ImportError as exc:  # the package works without the compiled extension
+    extension_error = exc
+    logger.info("fusedres._C not loaded (%s): the cpu and cuda backends are unavailable", exc)
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedres::{op}", key)
+    except RuntimeError:  # the op is not defined at all
+        return False
+
+
+def has_cpu_kernels() -> bool:
+    return _has_kernel("bn_stats", "CPU")
+
+
+def has_cuda_kernels() -> bool:
+    return _has_kernel("bn_stats", "CUDA")
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def available_backends() -> list[str]:
+    """The backends usable in this process (on some device that is present)."""
+    out = ["reference"]
+    if has_cpu_kernels():
+        out.append("cpu")
+    gpu = torch.cuda.is_available()
+    if gpu and has_cuda_kernels():
+        out.append("cuda")
+    if has_triton() and (gpu or triton_interpreted()):
+        out.append("triton")
+    return out
+
+
+def backend_supports(backend: str, device: torch.device) -> bool:
+    if backend == "reference":
+        return True
+    if backend == "cpu":
+        return device.type == "cpu" and has_cpu_kernels()
+    if backend == "cuda":
+        return device.type == "cuda" and has_cuda_kernels()
+    if backend == "triton":
+        if not has_triton():
+            return False
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
+    return False
+
+
+_AUTO = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+def resolve_backend(device: torch.device, backend: str = "auto") -> str:
+    """The backend an op on ``device`` runs with; raises if a named one cannot run there."""
+    device = torch.device(device)
+    if backend == "auto":
+        for name in _AUTO.get(device.type, ("reference",)):
+            if backend_supports(name, device):
+                return name
+        return "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown fusedres backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+    if not backend_supports(backend, device):
+        reason = {
+            "cpu": "fusedres._C with CPU kernels is not loaded" if not has_cpu_kernels()
+            else "it runs on CPU tensors only",
+            "cuda": "fusedres._C was built without CUDA kernels" if not has_cuda_kernels()
+            else "it runs on CUDA tensors only",
+            "triton": "triton is not installed" if not has_triton()
+            else "on CPU tensors it needs TRITON_INTERPRET=1 set before triton is imported",
+        }[backend]
+        raise RuntimeError(f"fusedres backend {backend!r} cannot run on {device.type} tensors: "
+                           f"{reason}. Available here: {available_backends()}")
+    return backend

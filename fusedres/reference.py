@@ -1,0 +1,225 @@
+"""Pure-PyTorch ground truth.
+
+Two levels live here:
+
+* the composite reference of every public function (``batch_norm_relu`` ...), built
+  from ``torch.nn.functional`` so autograd differentiates it; every test compares the
+  fused backends with these, in float64 where it matters;
+* the reference of every kernel *primitive* (``bn_stats``, ``bn_apply``,
+  ``bn_backward_reduce``, ``bn_backward_apply``): the exact contract the C++, CUDA and
+  Triton kernels implement, written as plainly as possible. A kernel researcher who
+  changes one kernel compares it with its primitive here.
+
+Primitive contract (shared by every backend):
+
+* Activations are 3-D ``(N, C, S)`` tensors (``S`` = product of spatial sizes) with
+  *arbitrary* strides; offsets can pass 2**31, so kernels index in int64.
+* Outputs are allocated dense by the primitive: ``channels_last=True`` gives strides
+  ``(S*C, 1, C)``, ``False`` gives ``(C*S, S, 1)`` (see :func:`empty_ncs`).
+* Per-channel vectors (``mean``, ``var``, ``scale``, ``shift``, coefficients) are in
+  the accumulation dtype: float64 for float64 activations, float32 otherwise.
+* The ReLU mask is 1 bit per element, ``uint8`` of ``ceil(N*C*S/8)`` bytes. The bit of
+  element ``(n, c, s)`` is the element's offset ``o`` in the dense output
+  (``(n*S+s)*C+c`` channels-last, ``(n*C+c)*S+s`` otherwise): byte ``o >> 3``,
+  bit ``o & 7`` (LSB first). A bit is 1 where the gradient passes, i.e. where
+  ``not (pre_activation <= 0)`` -- NaN passes the gradient, as ``torch.relu`` does.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of a kernel reading ``dtype`` activations."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def empty_ncs(n: int, c: int, s: int, channels_last: bool, dtype, device) -> Tensor:
+    """A dense ``(N, C, S)`` tensor in the requested layout."""
+    if channels_last:
+        return torch.empty((n, s, c), dtype=dtype, device=device).permute(0, 2, 1)
+    return torch.empty((n, c, s), dtype=dtype, device=device)
+
+
+def _memory_order(t: Tensor, channels_last: bool) -> Tensor:
+    """``(N, C, S)`` values flattened in the order of the dense output's memory."""
+    return (t.permute(0, 2, 1) if channels_last else t).reshape(-1)
+
+
+def pack_mask(passes: Tensor, channels_last: bool) -> Tensor:
+    """Pack a boolean ``(N, C, S)`` tensor into the 1-bit mask of the contract."""
+    bits = _memory_order(passes, channels_last).to(torch.uint8)
+    pad = (-bits.numel()) % 8
+    bits = torch.cat([bits, bits.new_zeros(pad)]).view(-1, 8)
+    weights = torch.tensor([1 << k for k in range(8)], dtype=torch.int32, device=bits.device)
+    return (bits.to(torch.int32) * weights).sum(1).to(torch.uint8)
+
+
+def unpack_mask(mask: Tensor, shape, channels_last: bool) -> Tensor:
+    """Inverse of :func:`pack_mask`: a boolean ``(N, C, S)`` tensor."""
+    n, c, s = shape
+    shifts = torch.arange(8, dtype=torch.int32, device=mask.device)
+    bits = ((mask.to(torch.int32)[:, None] >> shifts) & 1).reshape(-1)[: n * c * s].bool()
+    if channels_last:
+        return bits.view(n, s, c).permute(0, 2, 1)
+    return bits.view(n, c, s)
+
+
+# --------------------------------------------------------------------------------------
+# Kernel primitives
+# --------------------------------------------------------------------------------------
+
+
+def _bcast(v: Tensor) -> Tensor:
+    return v.view(1, -1, 1)
+
+
+def bn_stats(x: Tensor, channels_last: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and *biased* variance of ``x`` over ``(N, S)``, in acc dtype.
+
+    Kernels must use Welford / Chan merges (or shifted sums), never E[x^2]-E[x]^2.
+    ``channels_last`` only tells the kernel which traversal is cheap.
+    """
+    xa = x.to(acc_dtype(x.dtype))
+    var, mean = torch.var_mean(xa, dim=(0, 2), correction=0)
+    return mean, var
+
+
+def _pre_activation(x, scale, shift, residual=None, x2=None, scale2=None, shift2=None):
+    acc = acc_dtype(x.dtype)
+    pre = x.to(acc) * _bcast(scale) + _bcast(shift)
+    if x2 is not None:
+        pre = pre + (x2.to(acc) * _bcast(scale2) + _bcast(shift2))
+    if residual is not None:
+        pre = pre + residual.to(acc)
+    return pre
+
+
+def bn_apply(
+    x: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    residual: Optional[Tensor],
+    x2: Optional[Tensor],
+    scale2: Optional[Tensor],
+    shift2: Optional[Tensor],
+    relu: bool,
+    save_mask: bool,
+    channels_last: bool,
+) -> tuple[Tensor, Tensor]:
+    """``out = [relu](x*scale + shift [+ x2*scale2 + shift2] [+ residual])``.
+
+    Math in acc dtype, one cast at the store; ``out`` has ``x``'s dtype and the layout
+    ``channels_last``. ``mask`` is the packed ReLU mask when ``save_mask`` (requires
+    ``relu``), else an empty ``uint8`` tensor.
+    """
+    n, c, s = x.shape
+    pre = _pre_activation(x, scale, shift, residual, x2, scale2, shift2)
+    val = torch.where(pre < 0, torch.zeros_like(pre), pre) if relu else pre
+    out = empty_ncs(n, c, s, channels_last, x.dtype, x.device)
+    out.copy_(val)
+    if save_mask:
+        mask = pack_mask(~(pre <= 0), channels_last)
+    else:
+        mask = torch.empty(0, dtype=torch.uint8, device=x.device)
+    return out, mask
+
+
+def _gradient_after_relu(dout, x, scale, shift, mask, relu, channels_last):
+    """``g = dout * passes``: passes from the bit mask if given, else recomputed."""
+    acc = acc_dtype(x.dtype)
+    g = dout.to(acc)
+    if mask is not None and mask.numel() > 0:
+        passes = unpack_mask(mask, tuple(x.shape), channels_last)
+    elif relu:
+        passes = ~(x.to(acc) * _bcast(scale) + _bcast(shift) <= 0)
+    else:
+        return g
+    return torch.where(passes, g, torch.zeros_like(g))
+
+
+def bn_backward_reduce(
+    dout: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    mask: Optional[Tensor],
+    relu: bool,
+    channels_last: bool,
+) -> tuple[Tensor, Tensor]:
+    """Per-channel ``sum(g)`` and ``sum(g * (x - mean))`` in acc dtype.
+
+    ``g = dout * passes`` where ``passes`` is read from ``mask`` when one is given,
+    else recomputed as ``not (x*scale + shift <= 0)`` when ``relu``, else all true.
+    ``channels_last`` is the layout the mask was packed in.
+    """
+    acc = acc_dtype(x.dtype)
+    g = _gradient_after_relu(dout, x, scale, shift, mask, relu, channels_last)
+    xc = x.to(acc) - _bcast(mean)
+    return g.sum(dim=(0, 2)), (g * xc).sum(dim=(0, 2))
+
+
+def bn_backward_apply(
+    dout: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    mask: Optional[Tensor],
+    coef_g: Tensor,
+    coef_xc: Tensor,
+    coef_c: Tensor,
+    relu: bool,
+    write_grad_residual: bool,
+    channels_last: bool,
+) -> tuple[Tensor, Tensor]:
+    """``dx = coef_g*g + coef_xc*(x - mean) + coef_c`` and, if asked, ``dres = g``.
+
+    ``g`` as in :func:`bn_backward_reduce`. ``dx`` and ``dres`` have ``x``'s dtype and
+    the layout ``channels_last``; ``dres`` is an empty tensor unless asked for.
+    """
+    n, c, s = x.shape
+    acc = acc_dtype(x.dtype)
+    g = _gradient_after_relu(dout, x, scale, shift, mask, relu, channels_last)
+    val = _bcast(coef_g) * g + _bcast(coef_xc) * (x.to(acc) - _bcast(mean)) + _bcast(coef_c)
+    dx = empty_ncs(n, c, s, channels_last, x.dtype, x.device)
+    dx.copy_(val)
+    if write_grad_residual:
+        dres = empty_ncs(n, c, s, channels_last, x.dtype, x.device)
+        dres.copy_(g)
+    else:
+        dres = torch.empty(0, dtype=x.dtype, device=x.device)
+    return dx, dres
+
+
+# --------------------------------------------------------------------------------------
+# Composite reference of the public functions
+# --------------------------------------------------------------------------------------
+
+
+def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None,
+                    training=False, momentum=0.1, eps=1e-5):
+    return torch.relu(F.batch_norm(input, running_mean, running_var, weight, bias,
+                                   training, momentum, eps))
+
+
+def batch_norm_add_relu(input, residual, running_mean, running_var, weight=None,
+                        bias=None, training=False, momentum=0.1, eps=1e-5):
+    y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return torch.relu(y + residual)
+
+
+def dual_batch_norm_add_relu(input, running_mean, running_var, weight, bias,
+                             shortcut, shortcut_running_mean, shortcut_running_var,
+                             shortcut_weight, shortcut_bias,
+                             training=False, momentum=0.1, eps=1e-5):
+    y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    r = F.batch_norm(shortcut, shortcut_running_mean, shortcut_running_var,
+                     shortcut_weight, shortcut_bias, training, momentum, eps)
+    return torch.relu(y + r)
