@@ -25,7 +25,8 @@ def _map_source_kernels():
 _map_source_kernels()
 
 from ._backend import available_backends, extension_error, resolve_backend  # noqa: E402
-from . import reference  # noqa: E402
+from . import functional, ops, reference  # noqa: E402
 
-__all__ = ["available_backends", "resolve_backend", "extension_error", "reference"]
+__all__ = ["available_backends", "resolve_backend", "extension_error", "functional", "ops",
+           "reference"]
 __version__ = "0.1.0"

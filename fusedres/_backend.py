@@ -20,6 +20,9 @@ import torch
 logger = logging.getLogger("fusedres")
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
+# Runs the fused-op pipeline on fusedres.reference's pure-PyTorch primitives: tests the
+# plumbing (finalize math, autograd) apart from any kernel. Never chosen by "auto".
+PLUMBING_BACKEND = "reference_primitives"
 
 try:
     from . import _C  # noqa: F401  (registers the C++/CUDA ops)
@@ -67,7 +70,7 @@ def available_backends() -> list[str]:
 
 
 def backend_supports(backend: str, device: torch.device) -> bool:
-    if backend == "reference":
+    if backend in ("reference", PLUMBING_BACKEND):
         return True
     if backend == "cpu":
         return device.type == "cpu" and has_cpu_kernels()
@@ -91,7 +94,7 @@ def resolve_backend(device: torch.device, backend: str = "auto") -> str:
             if backend_supports(name, device):
                 return name
         return "reference"
-    if backend not in BACKENDS:
+    if backend not in BACKENDS + (PLUMBING_BACKEND,):
         raise ValueError(f"unknown fusedres backend {backend!r}; expected 'auto' or one of {BACKENDS}")
     if not backend_supports(backend, device):
         reason = {

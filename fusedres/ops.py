@@ -1,0 +1,379 @@
+"""The fused BN ops as PyTorch custom ops, with fake kernels and autograd.
+
+Two levels of ops live in the ``fusedres`` namespace:
+
+* kernel primitives, one set per backend (contract: ``fusedres/reference.py``):
+  ``fusedres::bn_stats`` / ``bn_apply`` / ``bn_backward_reduce`` / ``bn_backward_apply``
+  registered from C++ for the CPU and CUDA keys (``csrc/``), and
+  ``fusedres::triton_bn_*`` registered here around ``fusedres.kernels.bn``;
+* the fused, functional, autograd-aware ops that every public function and module
+  calls: ``fusedres::batch_norm_act`` (stats + finalize + apply: BN, optional second BN
+  of a projection shortcut, optional residual, optional ReLU), its backward
+  ``fusedres::batch_norm_act_backward`` (one reduction and one elementwise pass per BN
+  input) and ``fusedres::update_running_stats`` (non-differentiable, in place, computed
+  on the device: no host sync, ``momentum=None`` reads ``num_batches_tracked``).
+
+The fused ops take the backend's name as an argument: the backend is resolved in
+Python before the call (``fusedres._backend.resolve_backend``).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import reference as ref
+
+# --------------------------------------------------------------------------------------
+# Kernel primitives
+# --------------------------------------------------------------------------------------
+
+
+def _stats_fake(x, channels_last):
+    acc = ref.acc_dtype(x.dtype)
+    return x.new_empty(x.shape[1], dtype=acc), x.new_empty(x.shape[1], dtype=acc)
+
+
+def _mask_bytes(x):
+    return (x.shape[0] * x.shape[1] * x.shape[2] + 7) // 8
+
+
+def _apply_fake(x, scale, shift, residual, x2, scale2, shift2, relu, save_mask, channels_last):
+    out = ref.empty_ncs(*x.shape, channels_last, x.dtype, x.device)
+    mask = x.new_empty(_mask_bytes(x) if save_mask else 0, dtype=torch.uint8)
+    return out, mask
+
+
+def _backward_reduce_fake(dout, x, mean, scale, shift, mask, relu, channels_last):
+    return _stats_fake(x, channels_last)
+
+
+def _backward_apply_fake(dout, x, mean, scale, shift, mask, coef_g, coef_xc, coef_c, relu,
+                         write_grad_residual, channels_last):
+    dx = ref.empty_ncs(*x.shape, channels_last, x.dtype, x.device)
+    if write_grad_residual:
+        return dx, ref.empty_ncs(*x.shape, channels_last, x.dtype, x.device)
+    return dx, x.new_empty(0)
+
+
+_FAKES = {
+    "bn_stats": _stats_fake,
+    "bn_apply": _apply_fake,
+    "bn_backward_reduce": _backward_reduce_fake,
+    "bn_backward_apply": _backward_apply_fake,
+}
+
+
+def _register_cpp_fakes():
+    """Fake kernels of the C++ primitives (only when fusedres._C defined them)."""
+    for name, fake in _FAKES.items():
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedres::{name}", "CPU") or \
+                torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedres::{name}", "CUDA"):
+            torch.library.register_fake(f"fusedres::{name}", fake)
+
+
+def _bn_kernels():
+    from fusedres.kernels import bn  # imports triton: only when a Triton op runs
+
+    return bn
+
+
+@torch.library.custom_op("fusedres::triton_bn_stats", mutates_args=())
+def triton_bn_stats(x: Tensor, channels_last: bool) -> tuple[Tensor, Tensor]:
+    return _bn_kernels().bn_stats(x, channels_last)
+
+
+@torch.library.custom_op("fusedres::triton_bn_apply", mutates_args=())
+def triton_bn_apply(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+                    x2: Optional[Tensor], scale2: Optional[Tensor], shift2: Optional[Tensor],
+                    relu: bool, save_mask: bool, channels_last: bool) -> tuple[Tensor, Tensor]:
+    return _bn_kernels().bn_apply(x, scale, shift, residual, x2, scale2, shift2, relu,
+                                  save_mask, channels_last)
+
+
+@torch.library.custom_op("fusedres::triton_bn_backward_reduce", mutates_args=())
+def triton_bn_backward_reduce(dout: Tensor, x: Tensor, mean: Tensor, scale: Tensor,
+                              shift: Tensor, mask: Optional[Tensor], relu: bool,
+                              channels_last: bool) -> tuple[Tensor, Tensor]:
+    return _bn_kernels().bn_backward_reduce(dout, x, mean, scale, shift, mask, relu,
+                                            channels_last)
+
+
+@torch.library.custom_op("fusedres::triton_bn_backward_apply", mutates_args=())
+def triton_bn_backward_apply(dout: Tensor, x: Tensor, mean: Tensor, scale: Tensor,
+                             shift: Tensor, mask: Optional[Tensor], coef_g: Tensor,
+                             coef_xc: Tensor, coef_c: Tensor, relu: bool,
+                             write_grad_residual: bool,
+                             channels_last: bool) -> tuple[Tensor, Tensor]:
+    return _bn_kernels().bn_backward_apply(dout, x, mean, scale, shift, mask, coef_g, coef_xc,
+                                           coef_c, relu, write_grad_residual, channels_last)
+
+
+for _name, _fake in _FAKES.items():
+    torch.library.register_fake(f"fusedres::triton_{_name}", _fake)
+_register_cpp_fakes()
+
+
+class Primitives(NamedTuple):
+    stats: object
+    apply: object
+    backward_reduce: object
+    backward_apply: object
+
+
+def primitives(backend: str) -> Primitives:
+    """The four kernel primitives of a backend.
+
+    ``"reference_primitives"`` runs the fused op pipeline on the pure-PyTorch primitives
+    of ``fusedres.reference``: it is never chosen by ``auto`` and exists to test the op
+    plumbing (finalize math, autograd) separately from any kernel.
+    """
+    ops = torch.ops.fusedres
+    if backend in ("cpu", "cuda"):
+        return Primitives(ops.bn_stats, ops.bn_apply, ops.bn_backward_reduce,
+                          ops.bn_backward_apply)
+    if backend == "triton":
+        return Primitives(ops.triton_bn_stats, ops.triton_bn_apply,
+                          ops.triton_bn_backward_reduce, ops.triton_bn_backward_apply)
+    if backend == "reference_primitives":
+        return Primitives(ref.bn_stats, ref.bn_apply, ref.bn_backward_reduce,
+                          ref.bn_backward_apply)
+    raise ValueError(f"backend {backend!r} has no kernel primitives")
+
+
+PRIMITIVE_BACKENDS = ("cpu", "cuda", "triton", "reference_primitives")
+
+# --------------------------------------------------------------------------------------
+# The fused op: forward
+# --------------------------------------------------------------------------------------
+
+
+def scale_shift(weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor,
+                eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``invstd, scale = weight*invstd, shift = bias - mean*scale`` in ``mean``'s dtype.
+
+    Forward and backward both call this, so the ReLU mask recomputed in backward is
+    bitwise the one the forward applied.
+    """
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else weight.to(mean.dtype) * invstd
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(mean.dtype)
+    return invstd, scale, shift
+
+
+def _batch_stats_or_running(prims, x, mean_in, var_in, training, channels_last):
+    acc = ref.acc_dtype(x.dtype)
+    if training:
+        return prims.stats(x, channels_last)
+    return mean_in.to(acc, copy=True), var_in.to(acc, copy=True)
+
+
+@torch.library.custom_op("fusedres::batch_norm_act", mutates_args=())
+def batch_norm_act(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean_in: Optional[Tensor],
+    var_in: Optional[Tensor],
+    residual: Optional[Tensor],
+    x2: Optional[Tensor],
+    weight2: Optional[Tensor],
+    bias2: Optional[Tensor],
+    mean2_in: Optional[Tensor],
+    var2_in: Optional[Tensor],
+    training: bool,
+    eps: float,
+    relu: bool,
+    channels_last: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``out = [relu](bn(x) [+ bn2(x2)] [+ residual])`` on ``(N, C, S)`` tensors.
+
+    Returns ``(out, mean, var, mean2, var2, mask)``: the batch statistics (training) or
+    the running statistics used (eval) in acc dtype, empty ``mean2``/``var2`` without
+    ``x2``, and the 1-bit ReLU mask when a residual or ``x2`` makes it necessary.
+    """
+    prims = primitives(backend)
+    mean, var = _batch_stats_or_running(prims, x, mean_in, var_in, training, channels_last)
+    _, scale, shift = scale_shift(weight, bias, mean, var, eps)
+    scale2 = shift2 = None
+    if x2 is not None:
+        mean2, var2 = _batch_stats_or_running(prims, x2, mean2_in, var2_in, training,
+                                              channels_last)
+        _, scale2, shift2 = scale_shift(weight2, bias2, mean2, var2, eps)
+    else:  # outputs of a custom op may not alias each other: two distinct empties
+        mean2, var2 = mean.new_empty(0), mean.new_empty(0)
+    save_mask = relu and (residual is not None or x2 is not None)
+    out, mask = prims.apply(x, scale, shift, residual, x2, scale2, shift2, relu, save_mask,
+                            channels_last)
+    return out, mean, var, mean2, var2, mask
+
+
+@batch_norm_act.register_fake
+def _(x, weight, bias, mean_in, var_in, residual, x2, weight2, bias2, mean2_in, var2_in,
+      training, eps, relu, channels_last, backend):
+    save_mask = relu and (residual is not None or x2 is not None)
+    out, mask = _apply_fake(x, None, None, None, None, None, None, relu, save_mask,
+                            channels_last)
+    mean, var = _stats_fake(x, channels_last)
+    if x2 is not None:
+        mean2, var2 = _stats_fake(x, channels_last)
+    else:
+        mean2, var2 = mean.new_empty(0), mean.new_empty(0)
+    return out, mean, var, mean2, var2, mask
+
+
+# --------------------------------------------------------------------------------------
+# The fused op: backward
+# --------------------------------------------------------------------------------------
+
+
+def _nothing(x: Tensor) -> Tensor:
+    """A fresh empty tensor: what a custom op returns for an output it did not compute
+    (outputs may not alias each other, so never one shared empty)."""
+    return x.new_empty(0)
+
+
+def _bn_input_backward(prims, dout, x, weight, bias, mean, var, mask, training, eps, relu,
+                       write_grad_residual, channels_last, need_dx, need_affine):
+    """Gradients of one BN input: ``(dx, dweight, dbias, dres)``; empty where not needed."""
+    invstd, scale, shift = scale_shift(weight, bias, mean, var, eps)
+    n, c, s = x.shape
+    if training or need_affine:
+        sum_g, sum_g_xc = prims.backward_reduce(dout, x, mean, scale, shift, mask, relu,
+                                                channels_last)
+    dweight = (sum_g_xc * invstd).to(weight.dtype) if need_affine and weight is not None \
+        else _nothing(x)
+    dbias = sum_g.to(bias.dtype) if need_affine and bias is not None else _nothing(x)
+    if not (need_dx or write_grad_residual):
+        return _nothing(x), dweight, dbias, _nothing(x)
+    coef_g = scale
+    if training:
+        m = n * s
+        coef_xc = -scale * invstd * invstd * sum_g_xc / m  # xhat * sum(g*xhat) / M
+        coef_c = -scale * sum_g / m
+    else:
+        coef_xc = coef_c = torch.zeros_like(scale)
+    dx, dres = prims.backward_apply(dout, x, mean, scale, shift, mask, coef_g, coef_xc, coef_c,
+                                    relu, write_grad_residual, channels_last)
+    return dx, dweight, dbias, dres
+
+
+@torch.library.custom_op("fusedres::batch_norm_act_backward", mutates_args=())
+def batch_norm_act_backward(
+    dout: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    mask: Optional[Tensor],
+    x2: Optional[Tensor],
+    weight2: Optional[Tensor],
+    bias2: Optional[Tensor],
+    mean2: Optional[Tensor],
+    var2: Optional[Tensor],
+    training: bool,
+    eps: float,
+    relu: bool,
+    has_residual: bool,
+    channels_last: bool,
+    backend: str,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(dx, dweight, dbias, dresidual, dx2, dweight2, dbias2)``.
+
+    ``needs`` = ``[dx, dweight/dbias, dresidual, dx2, dweight2/dbias2]``; what is not
+    needed comes back as an empty tensor.
+    """
+    prims = primitives(backend)
+    need_dx, need_affine, need_res, need_dx2, need_affine2 = needs
+    dx, dweight, dbias, dres = _bn_input_backward(
+        prims, dout, x, weight, bias, mean, var, mask, training, eps, relu,
+        need_res and has_residual, channels_last, need_dx, need_affine)
+    dx2, dweight2, dbias2 = _nothing(x), _nothing(x), _nothing(x)
+    if x2 is not None and (need_dx2 or need_affine2):
+        dx2, dweight2, dbias2, _ = _bn_input_backward(
+            prims, dout, x2, weight2, bias2, mean2, var2, mask, training, eps, relu, False,
+            channels_last, need_dx2, need_affine2)
+    return dx, dweight, dbias, dres, dx2, dweight2, dbias2
+
+
+@batch_norm_act_backward.register_fake
+def _(dout, x, weight, bias, mean, var, mask, x2, weight2, bias2, mean2, var2, training, eps,
+      relu, has_residual, channels_last, backend, needs):
+    need_dx, need_affine, need_res, need_dx2, need_affine2 = needs
+    like = lambda t, need: torch.empty_like(t) if need and t is not None else x.new_empty(0)  # noqa: E731
+    dense = lambda need: ref.empty_ncs(*x.shape, channels_last, x.dtype, x.device) \
+        if need else x.new_empty(0)  # noqa: E731
+    has_x2 = x2 is not None
+    return (dense(need_dx or (need_res and has_residual)), like(weight, need_affine),
+            like(bias, need_affine), dense(need_res and has_residual),
+            dense(has_x2 and need_dx2), like(weight2, has_x2 and need_affine2),
+            like(bias2, has_x2 and need_affine2))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, mean_in, var_in, residual, x2, weight2, bias2, mean2_in, var2_in,
+     training, eps, relu, channels_last, backend) = inputs
+    out, mean, var, mean2, var2, mask = output
+    ctx.save_for_backward(x, weight, bias, mean, var, mask if mask.numel() else None,
+                          x2, weight2, bias2, mean2 if x2 is not None else None,
+                          var2 if x2 is not None else None)
+    ctx.options = (training, eps, relu, residual is not None, channels_last, backend)
+    ctx.mark_non_differentiable(mean, var, mean2, var2, mask)
+
+
+def _backward(ctx, dout, _dmean, _dvar, _dmean2, _dvar2, _dmask):
+    x, weight, bias, mean, var, mask, x2, weight2, bias2, mean2, var2 = ctx.saved_tensors
+    training, eps, relu, has_residual, channels_last, backend = ctx.options
+    ng = ctx.needs_input_grad
+    needs = [ng[0], ng[1] or ng[2], ng[5], ng[6], ng[7] or ng[8]]
+    if dout is None or not any(needs):
+        return (None,) * 16
+    dx, dweight, dbias, dres, dx2, dweight2, dbias2 = torch.ops.fusedres.batch_norm_act_backward(
+        dout, x, weight, bias, mean, var, mask, x2, weight2, bias2, mean2, var2, training, eps,
+        relu, has_residual, channels_last, backend, needs)
+    keep = lambda t, need: t if need else None  # noqa: E731
+    return (keep(dx, ng[0]), keep(dweight, ng[1]), keep(dbias, ng[2]), None, None,
+            keep(dres, ng[5]), keep(dx2, ng[6]), keep(dweight2, ng[7]), keep(dbias2, ng[8]),
+            None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("fusedres::batch_norm_act", _backward,
+                                setup_context=_setup_context)
+
+# --------------------------------------------------------------------------------------
+# Running statistics
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fusedres::update_running_stats",
+                         mutates_args=("running_mean", "running_var"))
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                         count: int, momentum: float,
+                         num_batches_tracked: Optional[Tensor]) -> None:
+    """``running <- (1-f)*running + f*batch`` as ``nn.BatchNorm`` does, on the device.
+
+    ``var`` is the biased batch variance; the running variance gets the unbiased one
+    (``var * count/(count-1)``). ``f`` is ``momentum``, or ``1/num_batches_tracked``
+    (the cumulative average of ``momentum=None``) when that tensor is given; the
+    caller increments ``num_batches_tracked`` first, as ``nn.BatchNorm`` does.
+    """
+    acc = mean.dtype
+    if num_batches_tracked is not None:
+        factor = 1.0 / num_batches_tracked.to(acc)
+    else:
+        factor = torch.tensor(momentum, dtype=acc, device=mean.device)
+    unbiased = var * (count / (count - 1))
+    for running, batch in ((running_mean, mean), (running_var, unbiased)):
+        new = running.to(acc) * (1 - factor) + batch * factor
+        running.copy_(new)
+
+
+@update_running_stats.register_fake
+def _(running_mean, running_var, mean, var, count, momentum, num_batches_tracked):
+    return None
