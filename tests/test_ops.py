@@ -55,9 +55,9 @@ def test_opcheck_update_running_stats():
     rm, rv = torch.randn(4), torch.rand(4) + 0.5
     mean, var = torch.randn(4), torch.rand(4)
     torch.library.opcheck(torch.ops.fusedres.update_running_stats.default,
-                          (rm, rv, mean, var, 10, 0.1, None))
+                          (rm, rv, mean, var, 0.1, None))
     torch.library.opcheck(torch.ops.fusedres.update_running_stats.default,
-                          (rm, rv, mean, var, 10, 0.0, torch.tensor(3)))
+                          (rm, rv, mean, var, 0.0, torch.tensor(3)))
 
 
 def _primitive_cases(device, dtype, channels_last):
