@@ -88,10 +88,11 @@ def to64(case):
     return out
 
 
-def run_and_grads(kind, case, training, backend, grad_seed=1, **kw):
+def run_and_grads(kind, case, training, backend, grad_seed=1, dy=None, **kw):
     y = call(kind, case, training, backend, **kw)
-    g = torch.Generator().manual_seed(grad_seed)
-    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device, y.dtype)
+    if dy is None:
+        g = torch.Generator().manual_seed(grad_seed)
+        dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device, y.dtype)
     leaves = {k: v for k, v in case.items() if v.requires_grad}
     grads = torch.autograd.grad(y, list(leaves.values()), dy, allow_unused=True)
     return y, dict(zip(leaves, grads))
@@ -326,3 +327,59 @@ def test_auto_never_picks_interpreter_or_plumbing():
     assert name in ("cpu", "reference")
     assert name == ("cpu" if "cpu" in fusedres.available_backends() else "reference")
     assert "reference_primitives" not in fusedres.available_backends()
+
+
+def test_torch_compile_fullgraph(backend_device):
+    backend, device = backend_device
+    if _interpreted(backend, device):
+        pytest.skip("torch.compile of interpreted Triton is not meaningful")
+    case = make_case("add", (2, 4, 3, 3), torch.float32, device, "channels_last")
+    case64 = to64(case)
+
+    def f(c):
+        return call("add", c, True, backend)
+
+    y = torch.compile(f, fullgraph=True)(case)
+    y.sum().backward()
+    y_ref = call("add", case64, True, "reference")
+    y_ref.sum().backward()
+    torch.testing.assert_close(y.double(), y_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(case["x"].grad.double(), case64["x"].grad, atol=1e-4, rtol=1e-4)
+
+
+def _cuda_only(backend_device):
+    backend, device = backend_device
+    if device != "cuda":
+        pytest.skip("needs a GPU")
+    return backend
+
+
+def test_no_host_sync_on_gpu(backend_device):
+    backend = _cuda_only(backend_device)
+    for kind in KINDS:
+        case = make_case(kind, (8, 64, 14, 14), torch.float16, "cuda", "channels_last")
+        call(kind, case, True, backend)  # warm up (autotuning may sync)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            run_and_grads(kind, case, True, backend)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_graph_capture_equals_eager(backend_device):
+    backend = _cuda_only(backend_device)
+    case = make_case("dual", (8, 64, 14, 14), torch.float16, "cuda", "channels_last")
+    y_eager, _ = run_and_grads("dual", copy.deepcopy(case), True, backend)  # warm up
+    torch.cuda.synchronize()
+    dy = torch.randn(y_eager.shape, generator=torch.Generator().manual_seed(1),
+                     dtype=torch.float64).to("cuda", y_eager.dtype)
+    y_eager, g_eager = run_and_grads("dual", copy.deepcopy(case), True, backend, dy=dy)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # no host transfer inside: dy was made beforehand
+        y, grads = run_and_grads("dual", case, True, backend, dy=dy)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y, y_eager)
+    for k in g_eager:
+        torch.testing.assert_close(grads[k], g_eager[k])
