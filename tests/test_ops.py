@@ -133,3 +133,28 @@ def test_mask_pack_roundtrip():
     passes = torch.zeros(1, 1, 10, dtype=torch.bool)
     passes[0, 0, 9] = True
     assert ref.pack_mask(passes, False).tolist() == [0, 2]
+
+
+def test_int64_offsets(backend_device):
+    """A (N, C, S) view whose largest offset passes 2**31 over an untouched buffer (only
+    the few pages the view reads become resident)."""
+    backend, device = backend_device
+    if backend == "reference_primitives":
+        pytest.skip("the contract itself")
+    n, c, s = 2, 3, 8
+    buf = torch.empty(2**31 + 64, dtype=torch.float16, device=device)
+    x = buf.as_strided((n, c, s), (2**31, s, 1))
+    x.copy_(torch.randn(n, c, s, dtype=torch.float16))
+    dout = torch.randn(n, c, s, dtype=torch.float16, device=device)
+    prims = ops.primitives(backend)
+    dense = x.clone()
+    for name, args in (("stats", (x, False)),):
+        torch.testing.assert_close(getattr(prims, name)(*args), _REF.stats(dense, False))
+    mean, var = _REF.stats(dense, False)
+    sc, sh = torch.rsqrt(var + 1e-5), -mean * torch.rsqrt(var + 1e-5)
+    got = prims.apply(x, sc, sh, None, None, None, None, True, False, False)[0]
+    torch.testing.assert_close(got, _REF.apply(dense, sc, sh, None, None, None, None, True,
+                                               False, False)[0])
+    got = prims.backward_reduce(dout, x, mean, sc, sh, None, True, False)
+    torch.testing.assert_close(got, _REF.backward_reduce(dout, dense, mean, sc, sh, None, True,
+                                                         False))
