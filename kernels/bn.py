@@ -160,6 +160,22 @@ def _dense_block_index(
 
 
 @triton.jit
+def _gather_offsets(
+    o,  # [BLOCK//8, 8] int64 dense-output offsets
+    n,  # [BLOCK//8, 8] int64 batch index
+    c,  # [BLOCK//8, 8] channel index
+    s,  # [BLOCK//8, 8] spatial index
+    stride_n, stride_c, stride_s,  # strides of the tensor read
+    DENSE: tl.constexpr,  # the tensor has the dense output's strides: read at o
+):
+    if DENSE:
+        off = o  # contiguous: lets the compiler vectorise the access
+    else:
+        off = n * stride_n + c.to(tl.int64) * stride_c + s.to(tl.int64) * stride_s
+    return off
+
+
+@triton.jit
 def _bn_apply_kernel(
     X_ptr,  # (N, C, S) input, any strides
     stride_xn, stride_xc, stride_xs,  # strides of X
@@ -181,27 +197,29 @@ def _bn_apply_kernel(
     APPLY_RELU: tl.constexpr,  # relu at the end
     SAVE_MASK: tl.constexpr,  # write the 1-bit mask of not (pre <= 0)
     CHANNELS_LAST: tl.constexpr,  # layout of OUT and of the mask
+    X_DENSE: tl.constexpr,  # X has OUT's strides
+    R_DENSE: tl.constexpr,  # R has OUT's strides
+    X2_DENSE: tl.constexpr,  # X2 has OUT's strides
     WIDE: tl.constexpr,  # int64 per-element index math
     ACC: tl.constexpr,  # accumulation dtype (tl.float32 or tl.float64)
     BLOCK: tl.constexpr,  # elements per program, multiple of 8
 ):
     pid = tl.program_id(0).to(tl.int64)
     o, n, c, s, valid = _dense_block_index(pid, C, S, total, CHANNELS_LAST, WIDE, BLOCK)
-    c64 = c.to(tl.int64)
-    s64 = s.to(tl.int64)
-    x = tl.load(X_ptr + (n * stride_xn + c64 * stride_xc + s64 * stride_xs), mask=valid, other=0.0)
+    x = tl.load(X_ptr + _gather_offsets(o, n, c, s, stride_xn, stride_xc, stride_xs, X_DENSE),
+                mask=valid, other=0.0)
     scale = tl.load(SCALE_ptr + c, mask=valid, other=0.0)
     shift = tl.load(SHIFT_ptr + c, mask=valid, other=0.0)
     pre = x.to(ACC) * scale + shift
     if HAS_X2:
-        x2 = tl.load(X2_ptr + (n * stride_x2n + c64 * stride_x2c + s64 * stride_x2s),
-                     mask=valid, other=0.0)
+        x2 = tl.load(X2_ptr + _gather_offsets(o, n, c, s, stride_x2n, stride_x2c, stride_x2s,
+                                              X2_DENSE), mask=valid, other=0.0)
         scale2 = tl.load(SCALE2_ptr + c, mask=valid, other=0.0)
         shift2 = tl.load(SHIFT2_ptr + c, mask=valid, other=0.0)
         pre = pre + (x2.to(ACC) * scale2 + shift2)
     if HAS_RESIDUAL:
-        r = tl.load(R_ptr + (n * stride_rn + c64 * stride_rc + s64 * stride_rs),
-                    mask=valid, other=0.0)
+        r = tl.load(R_ptr + _gather_offsets(o, n, c, s, stride_rn, stride_rc, stride_rs,
+                                            R_DENSE), mask=valid, other=0.0)
         pre = pre + r.to(ACC)
     if APPLY_RELU:
         val = tl.where(pre < 0, 0.0, pre)  # NaN propagates
@@ -238,17 +256,17 @@ def _bn_bwd_apply_kernel(
     APPLY_RELU: tl.constexpr,  # without a mask: g = dout * not (x*scale+shift <= 0)
     WRITE_GRAD_RESIDUAL: tl.constexpr,  # write DRES = g
     CHANNELS_LAST: tl.constexpr,  # layout of the outputs and of the mask
+    DOUT_DENSE: tl.constexpr,  # DOUT has DX's strides
+    X_DENSE: tl.constexpr,  # X has DX's strides
     WIDE: tl.constexpr,  # int64 per-element index math
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK: tl.constexpr,  # elements per program, multiple of 8
 ):
     pid = tl.program_id(0).to(tl.int64)
     o, n, c, s, valid = _dense_block_index(pid, C, S, total, CHANNELS_LAST, WIDE, BLOCK)
-    c64 = c.to(tl.int64)
-    s64 = s.to(tl.int64)
-    dout = tl.load(DOUT_ptr + (n * stride_dn + c64 * stride_dc + s64 * stride_ds),
-                   mask=valid, other=0.0)
-    x = tl.load(X_ptr + (n * stride_xn + c64 * stride_xc + s64 * stride_xs),
+    dout = tl.load(DOUT_ptr + _gather_offsets(o, n, c, s, stride_dn, stride_dc, stride_ds,
+                                              DOUT_DENSE), mask=valid, other=0.0)
+    x = tl.load(X_ptr + _gather_offsets(o, n, c, s, stride_xn, stride_xc, stride_xs, X_DENSE),
                 mask=valid, other=0.0).to(ACC)
     g = dout.to(ACC)
     if HAS_MASK:
@@ -377,9 +395,10 @@ def _bn_bwd_reduce_partial_kernel(
     valid_c = offs_c < C
     c64 = offs_c.to(tl.int64)
     mean = tl.load(MEAN_ptr + offs_c, mask=valid_c, other=0.0)
-    if APPLY_RELU and not HAS_MASK:
-        scale = tl.load(SCALE_ptr + offs_c, mask=valid_c, other=0.0)
-        shift = tl.load(SHIFT_ptr + offs_c, mask=valid_c, other=0.0)
+    if not HAS_MASK:
+        if APPLY_RELU:
+            scale = tl.load(SCALE_ptr + offs_c, mask=valid_c, other=0.0)
+            shift = tl.load(SHIFT_ptr + offs_c, mask=valid_c, other=0.0)
     acc_g = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
     acc_gxc = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
     for n in range(n_start, n_end):
@@ -461,9 +480,11 @@ def _merge_partials_kernel(
 
 # Autotuned versions (plain kernels under the interpreter).
 _bn_apply = _autotune(_elementwise_configs, key=["C", "S", "CHANNELS_LAST", "HAS_RESIDUAL",
-                                                  "HAS_X2", "SAVE_MASK"])(_bn_apply_kernel)
+                                                  "HAS_X2", "SAVE_MASK", "X_DENSE"])(
+    _bn_apply_kernel)
 _bn_bwd_apply = _autotune(_elementwise_configs, key=["C", "S", "CHANNELS_LAST", "HAS_MASK",
-                                                      "WRITE_GRAD_RESIDUAL"])(_bn_bwd_apply_kernel)
+                                                      "WRITE_GRAD_RESIDUAL", "X_DENSE"])(
+    _bn_bwd_apply_kernel)
 _bn_stats_partial = _autotune(_reduce_configs, key=["C", "S", "N_CHUNK", "S_CHUNK",
                                                      "stride_xc"])(_bn_stats_partial_kernel)
 _bn_bwd_reduce_partial = _autotune(_reduce_configs, key=["C", "S", "N_CHUNK", "S_CHUNK",
@@ -537,6 +558,13 @@ def _check_mask(mask, x: torch.Tensor):
         raise RuntimeError(f"fusedres triton bn: mask is on {mask.device} but x is on "
                            f"{x.device}")
     return mask.contiguous()
+
+
+def _is_dense(t: torch.Tensor, channels_last: bool) -> bool:
+    """t has the strides of the dense output in this layout (size-1 dims don't count)."""
+    n, c, s = t.shape
+    want = (s * c, 1, c) if channels_last else (c * s, s, 1)
+    return all(size == 1 or st == w for size, st, w in zip(t.shape, t.stride(), want))
 
 
 def _wide(c: int, s: int) -> bool:
@@ -633,7 +661,11 @@ def bn_apply(x, scale, shift, residual, x2, scale2, shift2, relu, save_mask, cha
             c, s, total,
             HAS_RESIDUAL=residual is not None, HAS_X2=x2 is not None,
             APPLY_RELU=bool(relu), SAVE_MASK=bool(save_mask),
-            CHANNELS_LAST=bool(channels_last), WIDE=_wide(c, s), ACC=_tl_acc(x.dtype))
+            CHANNELS_LAST=bool(channels_last),
+            X_DENSE=_is_dense(x, channels_last),
+            R_DENSE=residual is not None and _is_dense(residual, channels_last),
+            X2_DENSE=x2 is not None and _is_dense(x2, channels_last),
+            WIDE=_wide(c, s), ACC=_tl_acc(x.dtype))
     return out, mask
 
 
@@ -713,5 +745,7 @@ def bn_backward_apply(dout, x, mean, scale, shift, mask, coef_g, coef_xc, coef_c
             c, s, total,
             HAS_MASK=mask is not None, APPLY_RELU=recompute,
             WRITE_GRAD_RESIDUAL=bool(write_grad_residual),
-            CHANNELS_LAST=bool(channels_last), WIDE=_wide(c, s), ACC=_tl_acc(x.dtype))
+            CHANNELS_LAST=bool(channels_last),
+            DOUT_DENSE=_is_dense(dout, channels_last), X_DENSE=_is_dense(x, channels_last),
+            WIDE=_wide(c, s), ACC=_tl_acc(x.dtype))
     return dx, dres

@@ -217,12 +217,15 @@ APPLY_OPTS = [
 ]
 
 
-def _apply_inputs(shape, layout, dtype, residual, x2):
+def _apply_inputs(shape, layout, dtype, residual, x2, cl=False):
+    """Residual in the other layout than x (gathered); x2 strided when x is, else dense in
+    the output layout (the kernels' contiguous fast path)."""
     c = shape[1]
     x = make(shape, layout, dtype)
     scale, shift = chan(c), chan(c)
     r = make(shape, "cl" if layout == "nchw" else "nchw", dtype) if residual else None
-    y2 = make(shape, "strided", dtype) if x2 else None
+    y2_layout = "strided" if layout == "strided" else ("cl" if cl else "nchw")
+    y2 = make(shape, y2_layout, dtype) if x2 else None
     s2, t2 = (chan(c), chan(c)) if x2 else (None, None)
     return x, scale, shift, r, y2, s2, t2
 
@@ -232,7 +235,7 @@ def _apply_inputs(shape, layout, dtype, residual, x2):
 def test_apply_fp32(shape, layout, cl, opts):
     residual, x2, relu, save_mask = opts
     torch.manual_seed(4)
-    args = _apply_inputs(shape, layout, torch.float32, residual, x2)
+    args = _apply_inputs(shape, layout, torch.float32, residual, x2, cl)
     out, mask = bn.bn_apply(*args, relu, save_mask, cl)
     rout, rmask = R.bn_apply(*args, relu, save_mask, cl)
     close(out, rout, torch.float32, name="out")
@@ -246,7 +249,7 @@ def test_apply_fp32(shape, layout, cl, opts):
 @pytest.mark.parametrize("shape,layout,cl", [CASES[2], CASES[4], CASES[5]])
 def test_apply_dtypes(shape, layout, cl, dtype):
     torch.manual_seed(5)
-    args = _apply_inputs(shape, layout, dtype, True, True)
+    args = _apply_inputs(shape, layout, dtype, True, True, cl)
     out, mask = bn.bn_apply(*args, True, True, cl)
     assert out.dtype == dtype
     check_layout(out, cl)
