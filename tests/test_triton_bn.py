@@ -284,8 +284,12 @@ def test_apply_nan_propagates():
 def test_apply_multi_program_mask():
     """Several programs, N*C*S not a multiple of 8: every byte, the last partial one too."""
     torch.manual_seed(7)
-    for shape, layout, cl in (((3, 7, 29), "cl", True), ((2, 5, 61), "strided", False)):
+    for shape, layout, cl in (((3, 7, 29), "cl", True), ((2, 5, 61), "strided", False),
+                              ((4, 7, 29), "nchw", False)):
         x = make(shape, layout)
+        if layout == "nchw":
+            x = x[1:]  # dense with a storage offset: the contiguous fast path
+            shape = tuple(x.shape)
         scale, shift = chan(shape[1]), chan(shape[1])
         out, mask = bn.bn_apply(x, scale, shift, None, None, None, None, True, True, cl)
         rout, rmask = R.bn_apply(x, scale, shift, None, None, None, None, True, True, cl)
@@ -318,8 +322,9 @@ def test_apply_wide_index_path(monkeypatch):
 # backward
 # --------------------------------------------------------------------------------------
 
-# mask source: "mask" (packed by the reference), "relu" (recomputed), "none"
-@pytest.mark.parametrize("source", ["mask", "relu", "none"])
+# mask source: "mask" (packed by the reference), "relu" (recomputed), "none",
+# "mask_norelu" (a given mask is used even with relu=False, as in the reference)
+@pytest.mark.parametrize("source", ["mask", "relu", "none", "mask_norelu"])
 @pytest.mark.parametrize("shape,layout,cl", [CASES[0], CASES[1], CASES[2], CASES[3], CASES[4]])
 def test_backward_fp32(shape, layout, cl, source):
     torch.manual_seed(9)
@@ -329,9 +334,9 @@ def test_backward_fp32(shape, layout, cl, source):
     mean, scale, shift = chan(c), chan(c), chan(c)
     coef_g, coef_xc, coef_c = chan(c), chan(c), chan(c)
     mask = None
-    if source == "mask":
+    if source.startswith("mask"):
         _, mask = R.bn_apply(x, scale, shift, None, None, None, None, True, True, cl)
-    relu = source != "none"
+    relu = source in ("mask", "relu")
     sg, sgx = bn.bn_backward_reduce(dout, x, mean, scale, shift, mask, relu, cl)
     rsg, rsgx = R.bn_backward_reduce(dout, x, mean, scale, shift, mask, relu, cl)
     assert sg.dtype == sgx.dtype == torch.float32
