@@ -540,3 +540,17 @@ def test_gpu_codegen_without_gpu():
                            "--quick"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "compiled" in proc.stdout
+
+
+@pytest.mark.parametrize("interpret", [True, False])
+def test_reduction_chunks_cover_domain(monkeypatch, interpret):
+    """The (N, S) split used on GPU and under the interpreter: chunks tile the domain."""
+    monkeypatch.setattr(bn, "_INTERPRET", interpret)
+    for n, c, s in [(256, 64, 3136), (256, 2048, 49), (1, 3, 50176), (2, 65, 1), (1, 1, 1),
+                    (32, 512, 784), (7, 3, 1000)]:
+        for fast in (False, True):
+            n_chunk, s_chunk, num_s, num_p = bn._reduction_chunks(n, c, s, fast)
+            assert n_chunk >= 1 and 1 <= s_chunk <= s
+            assert num_s == -(-s // s_chunk) and num_p == -(-n // n_chunk) * num_s
+            assert (num_s - 1) * s_chunk < s and (-(-n // n_chunk) - 1) * n_chunk < n
+            assert num_p <= 4096
