@@ -9,9 +9,9 @@ import sys
 
 
 def _map_source_kernels():
-    """In a source checkout (no install), ``kernels/`` is ``fusedres.kernels``."""
-    if importlib.util.find_spec("fusedres.kernels") is not None:
-        return
+    """In a source checkout, the ``kernels/`` beside this ``fusedres/`` is
+    ``fusedres.kernels`` (also when another checkout is installed in editable mode, which
+    would otherwise map its own). An installed wheel has no such folder: nothing to do."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
     init = os.path.join(path, "__init__.py")
     if os.path.exists(init):
