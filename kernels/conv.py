@@ -1,0 +1,581 @@
+"""Implicit-GEMM 2-D convolution in Triton with fused BN prologue and epilogues.
+
+Layouts: activations are addressed as NHWC through their strides (a channels_last
+tensor gives unit channel stride, the fast case; any strides are correct), weights as
+KRSC (``weight.permute(0, 2, 3, 1)``; a channels_last weight is KRSC in memory).
+Outputs are allocated channels_last. groups=1, dilation=1 only (the caller's legality
+check sends the rest to cuDNN / F.conv2d).
+
+GEMM view of the forward: M = N*P*Q output pixels, N = C_out, K = R*S*C_in with the
+reduction index flattened as (r, s, c), c fastest, so a C=3 stem still fills K tiles of
+>= 16 (the K tail is masked).
+
+One kernel, ``_conv_kernel``, with constexpr switches:
+
+* ``TRANSPOSED``: the data-gradient (dgrad) of a strided conv, i.e. a transposed conv
+  of dy with the same weight read as [C_in, R, S, C_out] through its strides; taps whose
+  (h + pad - r) is not a multiple of the stride are masked.
+* ``PROLOGUE`` on the A operand while loading: 1 = ``relu(x*scale + shift)`` (the
+  previous layer's BN-ReLU), 2 = ``x + py*scale + shift`` (the dBN term of the stats
+  outputs' gradients: dy + dmean/M + dvar*2*(y - mean)/M). Padded taps and the M/K tails
+  contribute exactly 0 AFTER the prologue (DESIGN section 2, the padding pitfall).
+* Epilogue: ``HAS_BIAS``, ``HAS_RESIDUAL``, ``EPILOGUE_RELU`` (NaN-propagating),
+  ``STATS`` (per tile and output channel: mean and M2 of the output as rounded to the
+  output dtype, masked rows excluded; the count of a tile is min(BLOCK_M, M - t*BLOCK_M)
+  and is recomputed by the merge kernel), ``DRELU`` (dgrad epilogue: g = dz * [ey*escale
+  + eshift > 0] recomputed from the previous layer's conv output, stores g*escale and
+  per-tile sums of g and g*ey, the partial sums of dshift and dscale).
+
+``_stats_merge_kernel`` combines the tile statistics with Chan's parallel formula
+(n = 0 guarded). ``_conv_wgrad_kernel`` is the weight gradient: a GEMM over the N*P*Q
+pixels, split over that reduction into a [splits, C_out, R*S*C_in] workspace summed
+afterwards (deterministic; no atomics anywhere in this file), with both prologues
+recomputed while loading (BN-ReLU of the input, dBN of dy).
+
+Accumulation is fp32 (fp64 for fp64 tensors, so gradcheck runs in the interpreter).
+fp32 ``tl.dot`` uses TF32 iff ``torch.backends.cudnn.allow_tf32``. Offsets are int64.
+Autotuning: a few configs from ``_conv_configs()`` keyed on the GEMM shape; one fixed
+config under TRITON_INTERPRET=1. The launchers read back the chosen BLOCK_M (a cache
+lookup, no host sync) to size the per-tile reductions.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _conv_kernel(
+    X_ptr,  # (N, IH, IW, CI) A source (x, or dy when TRANSPOSED), NHWC via strides
+    W_ptr,  # weight addressed [CO, R, S, CI] through (swo, swr, sws, swi)
+    Y_ptr,  # (N, OH, OW, CO) output, NHWC via strides
+    BIAS_ptr,  # (CO,) conv bias                                  [HAS_BIAS]
+    RES_ptr,  # (N, OH, OW, CO) residual                           [HAS_RESIDUAL]
+    PSCALE_ptr,  # (CI,) prologue scale (BN-ReLU) or dBN y-coefficient [PROLOGUE]
+    PSHIFT_ptr,  # (CI,) prologue shift (BN-ReLU) or dBN constant     [PROLOGUE]
+    PY_ptr,  # (N, IH, IW, CI) forward output y for the dBN prologue  [PROLOGUE == 2]
+    EY_ptr,  # (N, OH, OW, CO) previous conv output y_prev            [DRELU]
+    ESCALE_ptr,  # (CO,) previous BN scale                             [DRELU]
+    ESHIFT_ptr,  # (CO,) previous BN shift                             [DRELU]
+    WS1_ptr,  # (T, CO) tile mean [STATS] or tile sum(g) [DRELU], acc dtype
+    WS2_ptr,  # (T, CO) tile M2 [STATS] or tile sum(g*ey) [DRELU], acc dtype
+    IH, IW, CI,  # A-source spatial size and channels
+    OH, OW, CO,  # output spatial size and channels
+    R, S,  # kernel size
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+    sxn, sxh, sxw, sxc,  # strides of X
+    swo, swr, sws, swi,  # strides of W as [CO, R, S, CI]
+    syn, syh, syw, syc,  # strides of Y
+    srn, srh, srw, src,  # strides of RES
+    spn, sph, spw, spc,  # strides of PY
+    sen, seh, sew, sec,  # strides of EY
+    GEMM_M, GEMM_N, GEMM_K,  # N*OH*OW, CO, R*S*CI
+    TRANSPOSED: tl.constexpr,
+    PROLOGUE: tl.constexpr,  # 0 none, 1 relu(x*scale+shift), 2 x + py*scale + shift
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    EPILOGUE_RELU: tl.constexpr,
+    STATS: tl.constexpr,
+    DRELU: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee"
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(GEMM_M, BLOCK_M)
+    num_pid_n = tl.cdiv(GEMM_N, BLOCK_N)
+    width = GROUP_M * num_pid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = (first_m + (pid % width) % group_size).to(tl.int64)
+    pid_n = (pid % width) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < GEMM_M
+    n_ok = offs_n < GEMM_N
+    ow = offs_m % OW
+    t = offs_m // OW
+    oh = t % OH
+    nb = t // OH
+
+    if ACC_FP64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    x_row = nb * sxn
+    py_row = nb * spn
+    for k0 in range(0, GEMM_K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < GEMM_K
+        ci = offs_k % CI
+        rs = offs_k // CI
+        s = rs % S
+        r = rs // S
+        if TRANSPOSED:
+            th = oh[:, None] + PAD_H - r[None, :]
+            tw = ow[:, None] + PAD_W - s[None, :]
+            th = tl.where(th < 0, 0, th)
+            tw_c = tl.where(tw < 0, 0, tw)
+            ih = th // STRIDE_H
+            iw = tw_c // STRIDE_W
+            ok = (oh[:, None] + PAD_H - r[None, :] >= 0) & (tw >= 0)
+            ok = ok & (ih * STRIDE_H == th) & (iw * STRIDE_W == tw_c)
+            ok = ok & (ih < IH) & (iw < IW)
+        else:
+            ih = oh[:, None] * STRIDE_H - PAD_H + r[None, :]
+            iw = ow[:, None] * STRIDE_W - PAD_W + s[None, :]
+            ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+        ok = ok & m_ok[:, None] & k_ok[None, :]
+        a = tl.load(X_ptr + (x_row[:, None] + ih * sxh + iw * sxw + ci[None, :] * sxc),
+                    mask=ok, other=0.0)
+        if PROLOGUE == 1:
+            sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
+            sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
+            v = a.to(acc.dtype) * sc[None, :] + sh[None, :]
+            v = tl.where(v < 0, 0.0, v)
+            a = tl.where(ok, v, 0.0).to(W_ptr.dtype.element_ty)
+        elif PROLOGUE == 2:
+            sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
+            sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
+            py = tl.load(PY_ptr + (py_row[:, None] + ih * sph + iw * spw + ci[None, :] * spc),
+                         mask=ok, other=0.0)
+            v = a.to(acc.dtype) + py.to(acc.dtype) * sc[None, :] + sh[None, :]
+            a = tl.where(ok, v, 0.0).to(W_ptr.dtype.element_ty)
+        else:
+            a = a.to(W_ptr.dtype.element_ty)
+        b = tl.load(W_ptr + (offs_n[None, :] * swo + r[:, None] * swr + s[:, None] * sws
+                             + ci[:, None] * swi),
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        bias = tl.load(BIAS_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
+        acc = acc + bias[None, :]
+    if HAS_RESIDUAL:
+        res = tl.load(RES_ptr + ((nb * srn + oh * srh + ow * srw)[:, None] + offs_n[None, :] * src),
+                      mask=out_ok, other=0.0)
+        acc = acc + res.to(acc.dtype)
+    if EPILOGUE_RELU:
+        acc = tl.where(acc < 0, 0.0, acc)
+    ws_off = pid_m * GEMM_N + offs_n
+    if DRELU:
+        ey = tl.load(EY_ptr + ((nb * sen + oh * seh + ow * sew)[:, None] + offs_n[None, :] * sec),
+                     mask=out_ok, other=0.0).to(acc.dtype)
+        esc = tl.load(ESCALE_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
+        esh = tl.load(ESHIFT_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
+        pre = ey * esc[None, :] + esh[None, :]
+        g = tl.where(pre <= 0, 0.0, acc)
+        g = tl.where(out_ok, g, 0.0)
+        tl.store(WS1_ptr + ws_off, tl.sum(g, axis=0), mask=n_ok)
+        tl.store(WS2_ptr + ws_off, tl.sum(g * ey, axis=0), mask=n_ok)
+        acc = g * esc[None, :]
+    out = acc.to(Y_ptr.dtype.element_ty)
+    tl.store(Y_ptr + ((nb * syn + oh * syh + ow * syw)[:, None] + offs_n[None, :] * syc),
+             out, mask=out_ok)
+    if STATS:
+        v = tl.where(m_ok[:, None], out.to(acc.dtype), 0.0)
+        cnt = tl.minimum(GEMM_M - pid_m * BLOCK_M, BLOCK_M).to(acc.dtype)
+        mean = tl.sum(v, axis=0) / cnt
+        d = tl.where(m_ok[:, None], v - mean[None, :], 0.0)
+        tl.store(WS1_ptr + ws_off, mean, mask=n_ok)
+        tl.store(WS2_ptr + ws_off, tl.sum(d * d, axis=0), mask=n_ok)
+
+
+@triton.jit
+def _stats_merge_kernel(
+    WS_MEAN_ptr,  # (T, C) tile means, acc dtype
+    WS_M2_ptr,  # (T, C) tile M2, acc dtype
+    MEAN_ptr,  # (C,) output mean
+    VAR_ptr,  # (C,) output biased variance
+    T, C, M,  # tiles, channels, rows in all (tile t holds min(TILE_M, M - t*TILE_M))
+    TILE_M,
+    ACC_FP64: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    if ACC_FP64:
+        n_a = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    else:
+        n_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    mean_a = n_a
+    m2_a = n_a
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        cnt = tl.minimum(M - offs_t * TILE_M, TILE_M)
+        cnt = tl.where(cnt < 0, 0, cnt).to(n_a.dtype)
+        ok = (cnt > 0)[:, None] & c_ok[None, :]
+        off = offs_t[:, None] * C + offs_c[None, :]
+        mt = tl.load(WS_MEAN_ptr + off, mask=ok, other=0.0).to(n_a.dtype)
+        m2t = tl.load(WS_M2_ptr + off, mask=ok, other=0.0).to(n_a.dtype)
+        mt = tl.where(ok, mt, 0.0)
+        m2t = tl.where(ok, m2t, 0.0)
+        n_b = tl.sum(cnt, axis=0)
+        n_b_safe = tl.where(n_b > 0, n_b, 1.0)
+        mean_b = tl.sum(cnt[:, None] * mt, axis=0) / n_b_safe
+        dev = tl.where(ok, mt - mean_b[None, :], 0.0)
+        m2_b = tl.sum(m2t, axis=0) + tl.sum(cnt[:, None] * dev * dev, axis=0)
+        n = n_a + n_b
+        n_safe = tl.where(n > 0, n, 1.0)
+        delta = mean_b - mean_a
+        mean_a = mean_a + delta * (n_b / n_safe)
+        m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n_safe)
+        n_a = n
+    tl.store(MEAN_ptr + offs_c, mean_a, mask=c_ok)
+    tl.store(VAR_ptr + offs_c, m2_a / tl.where(n_a > 0, n_a, 1.0), mask=c_ok)
+
+
+@triton.jit
+def _conv_wgrad_kernel(
+    DY_ptr,  # (N, OH, OW, CO) output gradient, NHWC via strides
+    X_ptr,  # (N, IH, IW, CI) forward input (before the prologue), NHWC via strides
+    DW_ptr,  # (SPLITS, CO, R*S*CI) partial weight gradients, acc dtype
+    PY_ptr,  # (N, OH, OW, CO) forward output y for the dBN prologue on dy  [DBN]
+    DCY_ptr,  # (CO,) dBN y-coefficient                                     [DBN]
+    DCC_ptr,  # (CO,) dBN constant                                          [DBN]
+    SCALE_ptr,  # (CI,) BN scale of the input prologue                      [PROLOGUE]
+    SHIFT_ptr,  # (CI,) BN shift of the input prologue                      [PROLOGUE]
+    IH, IW, CI,
+    OH, OW, CO,
+    R, S,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+    sdn, sdh, sdw, sdc,  # strides of DY
+    sxn, sxh, sxw, sxc,  # strides of X
+    spn, sph, spw, spc,  # strides of PY
+    GEMM_M, GEMM_N, GEMM_K,  # CO, R*S*CI, N*OH*OW
+    K_PER_SPLIT,  # multiple of BLOCK_K
+    DBN: tl.constexpr,
+    PROLOGUE: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1).to(tl.int64)
+    num_pid_n = tl.cdiv(GEMM_N, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    offs_co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = offs_co < GEMM_M
+    j_ok = offs_j < GEMM_N
+    ci = offs_j % CI
+    rs = offs_j // CI
+    s = rs % S
+    r = rs // S
+    if PROLOGUE:
+        sc = tl.load(SCALE_ptr + ci, mask=j_ok, other=0.0)
+        sh = tl.load(SHIFT_ptr + ci, mask=j_ok, other=0.0)
+    if DBN:
+        cy = tl.load(DCY_ptr + offs_co, mask=co_ok, other=0.0)
+        cc = tl.load(DCC_ptr + offs_co, mask=co_ok, other=0.0)
+    if ACC_FP64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    for kk in range(0, K_PER_SPLIT, BLOCK_K):
+        offs_k = k_start + kk + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_ok = offs_k < GEMM_K
+        ow = offs_k % OW
+        t = offs_k // OW
+        oh = t % OH
+        nb = t // OH
+        a_ok = co_ok[:, None] & k_ok[None, :]
+        a = tl.load(DY_ptr + (offs_co[:, None] * sdc + (nb * sdn + oh * sdh + ow * sdw)[None, :]),
+                    mask=a_ok, other=0.0)
+        if DBN:
+            py = tl.load(PY_ptr + (offs_co[:, None] * spc
+                                   + (nb * spn + oh * sph + ow * spw)[None, :]),
+                         mask=a_ok, other=0.0)
+            v = a.to(acc.dtype) + py.to(acc.dtype) * cy[:, None].to(acc.dtype) \
+                + cc[:, None].to(acc.dtype)
+            a = tl.where(a_ok, v, 0.0)
+        a = a.to(X_ptr.dtype.element_ty)
+        ih = oh[:, None] * STRIDE_H - PAD_H + r[None, :]
+        iw = ow[:, None] * STRIDE_W - PAD_W + s[None, :]
+        b_ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW) & k_ok[:, None] & j_ok[None, :]
+        b = tl.load(X_ptr + ((nb * sxn)[:, None] + ih * sxh + iw * sxw + ci[None, :] * sxc),
+                    mask=b_ok, other=0.0)
+        if PROLOGUE:
+            v = b.to(acc.dtype) * sc[None, :].to(acc.dtype) + sh[None, :].to(acc.dtype)
+            v = tl.where(v < 0, 0.0, v)
+            b = tl.where(b_ok, v, 0.0)
+        b = b.to(X_ptr.dtype.element_ty)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+    off = pid_k * GEMM_M * GEMM_N + offs_co[:, None].to(tl.int64) * GEMM_N + offs_j[None, :]
+    tl.store(DW_ptr + off, acc, mask=co_ok[:, None] & j_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------
+# Autotuning
+# --------------------------------------------------------------------------------------
+
+
+def _conv_configs():
+    """A handful of implicit-GEMM tile configs (GPU only); K tiles >= 16."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4})]
+    cfg = [
+        (128, 128, 32, 8, 3),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 32, 4, 4),
+        (128, 128, 64, 8, 3),
+    ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+                          num_warps=w, num_stages=st) for m, n, k, w, st in cfg]
+
+
+def _wgrad_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16})]
+    cfg = [(64, 64, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+            for m, n, k, w, st in cfg]
+
+
+_WGRAD_SPLIT_ALIGN = 16 if INTERPRET else 128  # multiple of every config's BLOCK_K
+
+if INTERPRET:
+    _conv_run = _conv_kernel
+    _wgrad_run = _conv_wgrad_kernel
+else:
+    _conv_run = triton.autotune(configs=_conv_configs(), key=["GEMM_M", "GEMM_N", "GEMM_K"])(
+        _conv_kernel)
+    _wgrad_run = triton.autotune(configs=_wgrad_configs(),
+                                 key=["GEMM_M", "GEMM_N", "GEMM_K", "K_PER_SPLIT"])(
+        _conv_wgrad_kernel)
+
+
+def _launch(run, configs, grid_fn, args, kwargs):
+    """Launch (autotuned on GPU) and return the config used (no host sync)."""
+    if INTERPRET:
+        cfg = configs[0]
+        run[grid_fn(cfg.kwargs)](*args, **kwargs, **cfg.kwargs)
+        return cfg.kwargs
+    run[grid_fn](*args, **kwargs)
+    return run.best_config.kwargs
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def _nhwc_strides(t):
+    """Strides of a 4-D (N, C, H, W)-shaped tensor in NHWC order."""
+    return t.stride(0), t.stride(2), t.stride(3), t.stride(1)
+
+
+def _input_precision(dtype):
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRET:
+        return "tf32"
+    return "ieee"
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _pair(v):
+    if isinstance(v, int):
+        return (v, v)
+    return tuple(int(i) for i in v)
+
+
+def empty_channels_last(n, c, h, w, dtype, device):
+    return torch.empty((n, h, w, c), dtype=dtype, device=device).permute(0, 3, 1, 2)
+
+
+def out_size(h, w, r, s, stride, padding):
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    return (h + 2 * ph - r) // sh + 1, (w + 2 * pw - s) // sw + 1
+
+
+def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=None,
+             shift=None, relu=False, stats=False):
+    """Forward implicit-GEMM conv. Returns ``(y, mean, var)``.
+
+    ``x`` (N, C_in, H, W) any strides (channels_last is fast), ``weight`` (C_out, C_in,
+    R, S) any strides (channels_last = KRSC is fast). ``scale``/``shift`` (C_in,) apply
+    ``relu(x*scale + shift)`` while loading. ``y`` is channels_last in ``x``'s dtype:
+    ``[relu](conv + bias + residual)``. With ``stats``, ``mean``/``var`` (C_out,) are the
+    per-channel mean and biased variance of ``y`` in the accumulation dtype; otherwise
+    they are empty.
+    """
+    n, ci, h, w = x.shape
+    co, ci_w, r, s = weight.shape
+    assert ci == ci_w, "groups=1 only"
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    p, q = out_size(h, w, r, s, stride, padding)
+    acc = _acc_dtype(x.dtype)
+    y = empty_channels_last(n, co, p, q, x.dtype, x.device)
+    gm, gn, gk = n * p * q, co, r * s * ci
+    min_bm = min(c.kwargs["BLOCK_M"] for c in _conv_configs())
+    tiles = triton.cdiv(gm, min_bm)
+    if stats:
+        ws1 = torch.empty((tiles, co), dtype=acc, device=x.device)
+        ws2 = torch.empty((tiles, co), dtype=acc, device=x.device)
+    else:
+        ws1 = ws2 = y
+    prologue = 1 if scale is not None else 0
+    res = residual if residual is not None else y
+    args = (x, weight, y, bias if bias is not None else y, res,
+            scale if prologue else y, shift if prologue else y, y, y, y, y, ws1, ws2,
+            h, w, ci, p, q, co, r, s, sh, sw, ph, pw,
+            *_nhwc_strides(x), weight.stride(0), weight.stride(2), weight.stride(3),
+            weight.stride(1), *_nhwc_strides(y), *_nhwc_strides(res), 0, 0, 0, 0, 0, 0, 0, 0,
+            gm, gn, gk)
+    kwargs = dict(TRANSPOSED=False, PROLOGUE=prologue, HAS_BIAS=bias is not None,
+                  HAS_RESIDUAL=residual is not None, EPILOGUE_RELU=bool(relu), STATS=bool(stats),
+                  DRELU=False, ACC_FP64=acc == torch.float64,
+                  INPUT_PRECISION=_input_precision(x.dtype))
+
+    def grid(meta):
+        return (triton.cdiv(gm, meta["BLOCK_M"]) * triton.cdiv(gn, meta["BLOCK_N"]),)
+
+    cfg = _launch(_conv_run, _conv_configs(), grid, args, kwargs)
+    if not stats:
+        empty = torch.empty(0, dtype=acc, device=x.device)
+        return y, empty, empty
+    mean = torch.empty(co, dtype=acc, device=x.device)
+    var = torch.empty(co, dtype=acc, device=x.device)
+    merge_stats(ws1, ws2, mean, var, triton.cdiv(gm, cfg["BLOCK_M"]), gm, cfg["BLOCK_M"])
+    return y, mean, var
+
+
+def merge_stats(ws_mean, ws_m2, mean, var, tiles, m, tile_m):
+    """Chan-merge ``tiles`` rows of per-tile (mean, M2) into ``mean``/``var`` (biased)."""
+    c = ws_mean.shape[1]
+    block_c = 32 if INTERPRET else 64
+    _stats_merge_kernel[(triton.cdiv(c, block_c),)](
+        ws_mean, ws_m2, mean, var, tiles, c, m, tile_m,
+        ACC_FP64=mean.dtype == torch.float64, BLOCK_T=32 if INTERPRET else 64, BLOCK_C=block_c)
+
+
+def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None,
+               coef_c=None, y_prev=None, scale=None, shift=None):
+    """Data gradient of the conv: a transposed implicit-GEMM conv of ``dy``.
+
+    dBN prologue (when ``y`` is given): reads ``dy + y*coef_y + coef_c`` (per output
+    channel), the gradient reaching the conv output when its batch statistics are
+    differentiable outputs. dReLU epilogue (when ``y_prev`` is given; the forward input
+    was ``relu(y_prev*scale + shift)``): returns ``(g*scale, sum(g), sum(g*y_prev))`` with
+    ``g = da * [y_prev*scale + shift > 0]`` -- the gradient of ``y_prev`` and of
+    ``shift``/``scale``. Without it returns ``(da, None, None)``. Output channels_last.
+    """
+    n, co, p, q = dy.shape
+    co_w, ci, r, s = weight.shape
+    h, w = input_hw
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    acc = _acc_dtype(dy.dtype)
+    dx = empty_channels_last(n, ci, h, w, dy.dtype, dy.device)
+    gm, gn, gk = n * h * w, ci, r * s * co
+    drelu = y_prev is not None
+    dbn = y is not None
+    min_bm = min(c.kwargs["BLOCK_M"] for c in _conv_configs())
+    tiles = triton.cdiv(gm, min_bm)
+    if drelu:
+        ws1 = torch.empty((tiles, ci), dtype=acc, device=dy.device)
+        ws2 = torch.empty((tiles, ci), dtype=acc, device=dy.device)
+    else:
+        ws1 = ws2 = dx
+    py = y if dbn else dx
+    ey = y_prev if drelu else dx
+    args = (dy, weight, dx, dx, dx,
+            coef_y if dbn else dx, coef_c if dbn else dx, py,
+            ey, scale if drelu else dx, shift if drelu else dx, ws1, ws2,
+            p, q, co, h, w, ci, r, s, sh, sw, ph, pw,
+            *_nhwc_strides(dy),
+            # the weight read as [CI, R, S, CO]: gemm-N index is C_in, reduction is C_out
+            weight.stride(1), weight.stride(2), weight.stride(3), weight.stride(0),
+            *_nhwc_strides(dx), 0, 0, 0, 0, *_nhwc_strides(py), *_nhwc_strides(ey),
+            gm, gn, gk)
+    kwargs = dict(TRANSPOSED=True, PROLOGUE=2 if dbn else 0, HAS_BIAS=False, HAS_RESIDUAL=False,
+                  EPILOGUE_RELU=False, STATS=False, DRELU=drelu, ACC_FP64=acc == torch.float64,
+                  INPUT_PRECISION=_input_precision(dy.dtype))
+
+    def grid(meta):
+        return (triton.cdiv(gm, meta["BLOCK_M"]) * triton.cdiv(gn, meta["BLOCK_N"]),)
+
+    cfg = _launch(_conv_run, _conv_configs(), grid, args, kwargs)
+    if not drelu:
+        return dx, None, None
+    t = triton.cdiv(gm, cfg["BLOCK_M"])
+    return dx, ws1[:t].sum(0), ws2[:t].sum(0)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None, coef_c=None,
+               scale=None, shift=None):
+    """Weight gradient ``(C_out, C_in, R, S)`` (channels_last = KRSC memory, dtype of x).
+
+    The A operand is ``dy`` (with the dBN prologue ``dy + y*coef_y + coef_c`` when ``y``
+    is given), the B operand the im2col of ``x`` (with ``relu(x*scale + shift)``
+    recomputed when ``scale`` is given; padded taps are 0 after it). The N*P*Q reduction
+    is split over a grid axis into an fp32 (fp64) workspace summed in a fixed order.
+    """
+    n, co, p, q = dy.shape
+    _, ci, h, w = x.shape
+    co_w, ci_w, r, s = weight_shape
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    acc = _acc_dtype(x.dtype)
+    gm, gn, gk = co, r * s * ci, n * p * q
+    align = _WGRAD_SPLIT_ALIGN
+    if INTERPRET:
+        splits = 2
+    else:
+        tiles = triton.cdiv(gm, 64) * triton.cdiv(gn, 64)
+        splits = max(1, min(2 * _sm_count(x.device.index or 0) // tiles, triton.cdiv(gk, 1024)))
+    k_per_split = triton.cdiv(triton.cdiv(gk, splits), align) * align
+    splits = triton.cdiv(gk, k_per_split)
+    part = torch.empty((splits, gm, gn), dtype=acc, device=x.device)
+    dbn = y is not None
+    prologue = scale is not None
+    py = y if dbn else dy
+    args = (dy, x, part, py, coef_y if dbn else part, coef_c if dbn else part,
+            scale if prologue else part, shift if prologue else part,
+            h, w, ci, p, q, co, r, s, sh, sw, ph, pw,
+            *_nhwc_strides(dy), *_nhwc_strides(x), *_nhwc_strides(py),
+            gm, gn, gk, k_per_split)
+    kwargs = dict(DBN=dbn, PROLOGUE=prologue, ACC_FP64=acc == torch.float64,
+                  INPUT_PRECISION=_input_precision(x.dtype))
+
+    def grid(meta):
+        return (triton.cdiv(gm, meta["BLOCK_M"]) * triton.cdiv(gn, meta["BLOCK_N"]), splits)
+
+    _launch(_wgrad_run, _wgrad_configs(), grid, args, kwargs)
+    dw = part.sum(0) if splits > 1 else part[0]
+    # (CO, R*S*CI) -> (CO, CI, R, S) view with KRSC memory
+    return dw.view(co, r, s, ci).permute(0, 3, 1, 2).to(x.dtype)
