@@ -30,7 +30,8 @@ CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1):
                               int[] stride, int[] padding) -> (Tensor out, Tensor mean, Tensor var)
     triton_conv_backward(Tensor grad_out, Tensor input, Tensor weight, int[] stride,
                          int[] padding, Tensor? scale, Tensor? shift, Tensor? out,
-                         Tensor? coef_y, Tensor? coef_c, bool[] output_mask)
+                         Tensor? mean, Tensor? grad_mean, Tensor? grad_var,
+                         bool[] output_mask)
                               -> (Tensor grad_input, Tensor grad_weight,
                                   Tensor grad_scale, Tensor grad_shift)
 
@@ -179,18 +180,21 @@ def _(input, scale, shift, weight, stride, padding):
 @torch.library.custom_op("fusedres::triton_conv_backward", mutates_args=())
 def triton_conv_backward(grad_out: Tensor, input: Tensor, weight: Tensor, stride: List[int],
                          padding: List[int], scale: Optional[Tensor], shift: Optional[Tensor],
-                         out: Optional[Tensor], coef_y: Optional[Tensor],
-                         coef_c: Optional[Tensor], output_mask: List[bool]
-                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                         out: Optional[Tensor], mean: Optional[Tensor],
+                         grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
+                         output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``conv2d([relu(input*scale + shift)], weight)``.
 
-    The gradient reaching the conv output is ``grad_out + out*coef_y + coef_c`` when
-    ``coef_y`` is given (the stats outputs' gradients, per output channel), read through
-    a prologue. ``output_mask`` = (input, weight, scale/shift). Unrequested gradients are
-    empty tensors. ``grad_scale``/``grad_shift`` are in the accumulation dtype.
+    When ``grad_mean``/``grad_var`` (the gradients of the batch statistics of the conv
+    output ``out``, per output channel) are given, the gradient reaching the conv output
+    is ``grad_out + grad_mean/M + grad_var*2*(out - mean)/M``, read through a prologue of
+    the dgrad and wgrad kernels. ``output_mask`` = (input, weight, scale/shift).
+    Unrequested gradients are empty tensors. ``grad_scale``/``grad_shift`` are in the
+    accumulation dtype.
     """
     k = kernels()
     dy = _prepare(grad_out)
+    coef_y, coef_c = (None, None) if out is None else _dbn_coefs(out, mean, grad_mean, grad_var)
     dbn = coef_y is not None
     y = out if dbn else None
     prologue = scale is not None
@@ -218,7 +222,8 @@ def triton_conv_backward(grad_out: Tensor, input: Tensor, weight: Tensor, stride
 
 
 @triton_conv_backward.register_fake
-def _(grad_out, input, weight, stride, padding, scale, shift, out, coef_y, coef_c, output_mask):
+def _(grad_out, input, weight, stride, padding, scale, shift, out, mean, grad_mean, grad_var,
+      output_mask):
     acc = acc_dtype(input.dtype)
     need_in, need_w, need_ss = output_mask
     need_ss = need_ss and scale is not None
@@ -263,9 +268,8 @@ def _stats_setup(ctx, inputs, output):
 def _stats_backward(ctx, dy, dmean, dvar):
     input, weight, y, mean = ctx.saved_tensors
     stride, padding = ctx.conv
-    coef_y, coef_c = _dbn_coefs(y, mean, dmean, dvar)
     gi, gw, _, _ = torch.ops.fusedres.triton_conv_backward(
-        _grad_or_zero(dy, y), input, weight, stride, padding, None, None, y, coef_y, coef_c,
+        _grad_or_zero(dy, y), input, weight, stride, padding, None, None, y, mean, dmean, dvar,
         [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
     return (gi if ctx.needs_input_grad[0] else None,
             gw if ctx.needs_input_grad[1] else None, None, None)
@@ -289,9 +293,8 @@ def _prologue_backward(ctx, dy, dmean, dvar):
     input, scale, shift, weight, y, mean = ctx.saved_tensors
     stride, padding = ctx.conv
     need = ctx.needs_input_grad
-    coef_y, coef_c = _dbn_coefs(y, mean, dmean, dvar)
     gi, gw, gs, gsh = torch.ops.fusedres.triton_conv_backward(
-        _grad_or_zero(dy, y), input, weight, stride, padding, scale, shift, y, coef_y, coef_c,
+        _grad_or_zero(dy, y), input, weight, stride, padding, scale, shift, y, mean, dmean, dvar,
         [need[0], need[3], need[1] or need[2]])
     return (gi if need[0] else None,
             gs.to(scale.dtype) if need[1] else None,
@@ -325,7 +328,7 @@ def _bar_backward(ctx, dout):
     gi = gw = None
     if need[0] or need[1]:
         gi, gw, _, _ = torch.ops.fusedres.triton_conv_backward(
-            g, input, weight, stride, padding, None, None, None, None, None,
+            g, input, weight, stride, padding, None, None, None, None, None, None,
             [need[0], need[1], False])
     gb = g.sum(dim=(0, 2, 3), dtype=acc_dtype(g.dtype)).to(ctx.bias_dtype) \
         if ctx.has_bias and need[2] else None
