@@ -82,6 +82,7 @@ def _conv_kernel(
     sen, seh, sew, sec,  # strides of EY
     GEMM_M, GEMM_N, GEMM_K,  # N*OH*OW, CO, R*S*CI
     TRANSPOSED: tl.constexpr,
+    TAP_LOOP: tl.constexpr,  # K loop over (tap, channel tile) instead of flattened (r, s, c)
     PROLOGUE: tl.constexpr,  # 0 none, 1 relu(x*scale+shift), 2 x + py*scale + shift
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
@@ -121,13 +122,27 @@ def _conv_kernel(
 
     x_row = nb * sxn
     py_row = nb * spn
-    for k0 in range(0, GEMM_K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < GEMM_K
-        ci = offs_k % CI
-        rs = offs_k // CI
-        s = rs % S
-        r = rs // S
+    if TAP_LOOP:
+        c_tiles = tl.cdiv(CI, BLOCK_K)
+        num_k_tiles = R * S * c_tiles
+    else:
+        num_k_tiles = tl.cdiv(GEMM_K, BLOCK_K)
+    for kt in range(0, num_k_tiles):
+        if TAP_LOOP:
+            # one tap per K tile, contiguous channels: vectorised loads (C % BLOCK_K == 0)
+            tap = kt // c_tiles
+            ci = (kt % c_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = ci < CI
+            r = tl.zeros((BLOCK_K,), dtype=tl.int32) + tap // S
+            s = tl.zeros((BLOCK_K,), dtype=tl.int32) + tap % S
+        else:
+            # (r, s, c) flattened, c fastest: a C=3 stem still fills K tiles
+            offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < GEMM_K
+            ci = offs_k % CI
+            rs = offs_k // CI
+            s = rs % S
+            r = rs // S
         if TRANSPOSED:
             th = oh[:, None] + PAD_H - r[None, :]
             tw = ow[:, None] + PAD_W - s[None, :]
@@ -396,6 +411,12 @@ def _input_precision(dtype):
     return "ieee"
 
 
+def _tap_loop(channels):
+    """Tap-major K loop when the reduction channels fill whole K tiles (every config's
+    BLOCK_K divides them); the flattened (r, s, c) loop otherwise (the C=3 stem)."""
+    return channels % max(c.kwargs["BLOCK_K"] for c in _conv_configs()) == 0
+
+
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -451,9 +472,9 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
             *_nhwc_strides(x), weight.stride(0), weight.stride(2), weight.stride(3),
             weight.stride(1), *_nhwc_strides(y), *_nhwc_strides(res), 0, 0, 0, 0, 0, 0, 0, 0,
             gm, gn, gk)
-    kwargs = dict(TRANSPOSED=False, PROLOGUE=prologue, HAS_BIAS=bias is not None,
-                  HAS_RESIDUAL=residual is not None, EPILOGUE_RELU=bool(relu), STATS=bool(stats),
-                  DRELU=False, ACC_FP64=acc == torch.float64,
+    kwargs = dict(TRANSPOSED=False, TAP_LOOP=_tap_loop(ci), PROLOGUE=prologue,
+                  HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                  EPILOGUE_RELU=bool(relu), STATS=bool(stats), DRELU=False, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):
@@ -517,8 +538,8 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
             weight.stride(1), weight.stride(2), weight.stride(3), weight.stride(0),
             *_nhwc_strides(dx), 0, 0, 0, 0, *_nhwc_strides(py), *_nhwc_strides(ey),
             gm, gn, gk)
-    kwargs = dict(TRANSPOSED=True, PROLOGUE=2 if dbn else 0, HAS_BIAS=False, HAS_RESIDUAL=False,
-                  EPILOGUE_RELU=False, STATS=False, DRELU=drelu, ACC_FP64=acc == torch.float64,
+    kwargs = dict(TRANSPOSED=True, TAP_LOOP=_tap_loop(co), PROLOGUE=2 if dbn else 0,
+                  HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False, DRELU=drelu, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(dy.dtype))
 
     def grid(meta):
