@@ -474,8 +474,8 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
             gm, gn, gk)
     kwargs = dict(TRANSPOSED=False, TAP_LOOP=_tap_loop(ci), PROLOGUE=prologue,
                   HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                  EPILOGUE_RELU=bool(relu), STATS=bool(stats), DRELU=False, ACC_FP64=acc == torch.float64,
-                  INPUT_PRECISION=_input_precision(x.dtype))
+                  EPILOGUE_RELU=bool(relu), STATS=bool(stats), DRELU=False,
+                  ACC_FP64=acc == torch.float64, INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):
         return (triton.cdiv(gm, meta["BLOCK_M"]) * triton.cdiv(gn, meta["BLOCK_N"]),)
@@ -539,7 +539,8 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
             *_nhwc_strides(dx), 0, 0, 0, 0, *_nhwc_strides(py), *_nhwc_strides(ey),
             gm, gn, gk)
     kwargs = dict(TRANSPOSED=True, TAP_LOOP=_tap_loop(co), PROLOGUE=2 if dbn else 0,
-                  HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False, DRELU=drelu, ACC_FP64=acc == torch.float64,
+                  HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False,
+                  DRELU=drelu, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(dy.dtype))
 
     def grid(meta):
