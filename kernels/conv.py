@@ -378,11 +378,15 @@ if INTERPRET:
     _conv_run = _conv_kernel
     _wgrad_run = _conv_wgrad_kernel
 else:
-    _conv_run = triton.autotune(configs=_conv_configs(), key=["GEMM_M", "GEMM_N", "GEMM_K"])(
-        _conv_kernel)
-    _wgrad_run = triton.autotune(configs=_wgrad_configs(),
-                                 key=["GEMM_M", "GEMM_N", "GEMM_K", "K_PER_SPLIT"])(
-        _conv_wgrad_kernel)
+    # keyed on the GEMM shape (plus the mode switches, so fwd and dgrad tune apart)
+    _conv_run = triton.autotune(
+        configs=_conv_configs(),
+        key=["GEMM_M", "GEMM_N", "GEMM_K", "TRANSPOSED", "PROLOGUE", "STATS", "DRELU"],
+    )(_conv_kernel)
+    _wgrad_run = triton.autotune(
+        configs=_wgrad_configs(),
+        key=["GEMM_M", "GEMM_N", "GEMM_K", "K_PER_SPLIT", "DBN", "PROLOGUE"],
+    )(_conv_wgrad_kernel)
 
 
 def _launch(run, configs, grid_fn, args, kwargs):
