@@ -381,3 +381,44 @@ def test_int64_offsets():
     y, mean, var = fconv.bn_relu_conv2d_stats(x, scale, shift, wt, 1, 1, backend="triton")
     y2, mean2, var2 = fconv.bn_relu_conv2d_stats(vals, scale, shift, wt, 1, 1, backend="triton")
     assert torch.equal(y, y2) and torch.equal(mean, mean2) and torch.equal(var, var2)
+
+
+def test_torch_compile():
+    """The ops trace (fake kernels, autograd) under torch.compile; aot_eager keeps it fast."""
+    x, w, st, pd = _make(CASES[1], requires_grad=True)
+    scale, shift = _scale_shift(x.shape[1], requires_grad=True)
+
+    def step(x, scale, shift, w):
+        out = fconv.bn_relu_conv2d_stats(x, scale, shift, w, st, pd, backend="triton")
+        return torch.autograd.grad(_loss(*out), [x, scale, shift, w])
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=False, backend="aot_eager")(x, scale, shift, w)
+    want = step(x, scale, shift, w)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real ResNet-50 shapes on GPU only")
+@pytest.mark.parametrize("shape", [
+    (8, 3, 224, 224, 64, 7, 2, 3),
+    (8, 64, 56, 56, 64, 3, 1, 1),
+    (8, 256, 56, 56, 128, 1, 1, 0),
+    (8, 128, 56, 56, 128, 3, 2, 1),
+    (8, 512, 28, 28, 1024, 1, 2, 0),
+], ids=["stem", "3x3_64", "1x1_256_128", "3x3s2_128", "1x1s2_512_1024"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_resnet50_shapes_cuda(shape, dtype):
+    x, w, st, pd = _make(("r50",) + shape, dtype, requires_grad=True)
+    scale, shift = _scale_shift(x.shape[1], dtype, requires_grad=True)
+    out = fconv.bn_relu_conv2d_stats(x, scale, shift, w, st, pd, backend="triton")
+    got = torch.autograd.grad(_loss(*out), [x, scale, shift, w])
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    s64, t64 = scale.detach().double().requires_grad_(), shift.detach().double().requires_grad_()
+    ref = fconv.bn_relu_conv2d_stats(x64, s64, t64, w64, st, pd, backend="reference")
+    tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-2}[dtype]  # TF32
+    for a, b in zip(out, ref):
+        assert (a.double() - b).abs().max() <= tol * (1 + b.abs().max())
+    want = torch.autograd.grad(_loss(*ref), [x64, s64, t64, w64])
+    for a, b in zip(got, want):
+        assert (a.double() - b).abs().max() <= tol * (1 + b.abs().max())
