@@ -256,6 +256,45 @@ def test_conv2d_grads_nchw_input():
         torch.testing.assert_close(got, want)
 
 
+def _finalize(mean, var, gamma, beta, eps=1e-5):
+    scale = gamma * torch.rsqrt(var + eps)
+    return scale, beta - mean * scale
+
+
+def test_two_layer_chain_matches_batch_norm():
+    """conv1+stats -> finalize -> (BN-ReLU prologue) conv2+stats -> finalize -> BN-ReLU:
+    every gradient equals that of the unfused F.conv2d / F.batch_norm / relu network, so
+    the stats outputs' gradients supply the whole BN backward."""
+    x, w1, st, pd = _make(("chain", 2, 3, 7, 7, 6, 3, 2, 1), requires_grad=True)
+    g = torch.Generator().manual_seed(5)
+    w2 = (torch.randn(5, 6, 3, 3, generator=g, dtype=torch.float64) / 7).to(DEVICE)
+    params = [w2] + [torch.randn(c, generator=g, dtype=torch.float64).to(DEVICE)
+                     for c in (6, 6, 5, 5)]
+    w2, g1, b1, g2, b2 = [p.requires_grad_() for p in params]
+    leaves = [x, w1, w2, g1, b1, g2, b2]
+
+    y1, m1, v1 = fconv.conv2d_stats(x, w1, st, pd, backend="triton")
+    s1, t1 = _finalize(m1, v1, g1, b1)
+    y2, m2, v2 = fconv.bn_relu_conv2d_stats(y1, s1, t1, w2, 1, 1, backend="triton")
+    s2, t2 = _finalize(m2, v2, g2, b2)
+    z = torch.relu(y2 * s2.view(1, -1, 1, 1) + t2.view(1, -1, 1, 1))
+    def loss(z, m2, v1):  # z, plus the statistics used directly
+        return _loss(z, m2, m2) + (v1 * torch.arange(6, dtype=v1.dtype, device=DEVICE)).sum()
+
+    got = torch.autograd.grad(loss(z, m2, v1), leaves)
+
+    def bn(y, gamma, beta):
+        return F.batch_norm(y, None, None, gamma, beta, training=True, eps=1e-5)
+
+    r1 = F.conv2d(x, w1, None, st, pd)
+    r2 = F.conv2d(torch.relu(bn(r1, g1, b1)), w2, None, 1, 1)
+    rz = torch.relu(bn(r2, g2, b2))
+    torch.testing.assert_close(z, rz)
+    want = torch.autograd.grad(loss(rz, _ref_stats(r2)[0], _ref_stats(r1)[1]), leaves)
+    for a, b, name in zip(got, want, ["x", "w1", "w2", "gamma1", "beta1", "gamma2", "beta2"]):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+
+
 def test_gradcheck_prologue_stats():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, 4, 4, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
