@@ -216,18 +216,24 @@ def _conv_kernel(
 
 @triton.jit
 def _stats_merge_kernel(
-    WS_MEAN_ptr,  # (T, C) tile means, acc dtype
-    WS_M2_ptr,  # (T, C) tile M2, acc dtype
-    MEAN_ptr,  # (C,) output mean
-    VAR_ptr,  # (C,) output biased variance
-    T, C, M,  # tiles, channels, rows in all (tile t holds min(TILE_M, M - t*TILE_M))
-    TILE_M,
+    WS_MEAN_ptr,  # (T, C) partial means, acc dtype
+    WS_M2_ptr,  # (T, C) partial M2, acc dtype
+    WS_CNT_ptr,  # (T, C) partial counts, acc dtype                     [HAS_COUNT]
+    OUT_MEAN_ptr,  # (P, C) merged mean of each chunk of rows (P = grid axis 1)
+    OUT_M2_ptr,  # (P, C) merged M2, or the biased variance when FINAL
+    OUT_CNT_ptr,  # (P, C) merged count                                  [not FINAL]
+    T, C,  # rows (tiles), channels
+    M, TILE_M,  # without HAS_COUNT, row t counts min(TILE_M, M - t*TILE_M) elements
+    ROWS_PER_PROG,  # rows merged by one program (multiple of BLOCK_T)
+    HAS_COUNT: tl.constexpr,
+    FINAL: tl.constexpr,
     ACC_FP64: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_c = tl.program_id(0)
+    pid_p = tl.program_id(1).to(tl.int64)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     if ACC_FP64:
         n_a = tl.zeros((BLOCK_C,), dtype=tl.float64)
@@ -235,29 +241,41 @@ def _stats_merge_kernel(
         n_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
     mean_a = n_a
     m2_a = n_a
-    for t0 in range(0, T, BLOCK_T):
-        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        cnt = tl.minimum(M - offs_t * TILE_M, TILE_M)
-        cnt = tl.where(cnt < 0, 0, cnt).to(n_a.dtype)
-        ok = (cnt > 0)[:, None] & c_ok[None, :]
+    t_begin = pid_p * ROWS_PER_PROG
+    for t0 in range(0, ROWS_PER_PROG, BLOCK_T):
+        offs_t = t_begin + t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        row_ok = (offs_t < T) & (offs_t < t_begin + ROWS_PER_PROG)
+        ok = row_ok[:, None] & c_ok[None, :]
         off = offs_t[:, None] * C + offs_c[None, :]
-        mt = tl.load(WS_MEAN_ptr + off, mask=ok, other=0.0).to(n_a.dtype)
-        m2t = tl.load(WS_M2_ptr + off, mask=ok, other=0.0).to(n_a.dtype)
-        mt = tl.where(ok, mt, 0.0)
-        m2t = tl.where(ok, m2t, 0.0)
+        if HAS_COUNT:
+            cnt = tl.load(WS_CNT_ptr + off, mask=ok, other=0.0).to(n_a.dtype)
+        else:
+            cnt_t = tl.minimum(M - offs_t * TILE_M, TILE_M)
+            cnt_t = tl.where(row_ok & (cnt_t > 0), cnt_t, 0).to(n_a.dtype)
+            cnt = cnt_t[:, None] + tl.zeros((BLOCK_T, BLOCK_C), dtype=n_a.dtype)
+        ok = ok & (cnt > 0)
+        cnt = tl.where(ok, cnt, 0.0)
+        mt = tl.where(ok, tl.load(WS_MEAN_ptr + off, mask=ok, other=0.0).to(n_a.dtype), 0.0)
+        m2t = tl.where(ok, tl.load(WS_M2_ptr + off, mask=ok, other=0.0).to(n_a.dtype), 0.0)
+        # merge the block of rows at once, then into the running (n, mean, M2) (Chan)
         n_b = tl.sum(cnt, axis=0)
         n_b_safe = tl.where(n_b > 0, n_b, 1.0)
-        mean_b = tl.sum(cnt[:, None] * mt, axis=0) / n_b_safe
+        mean_b = tl.sum(cnt * mt, axis=0) / n_b_safe
         dev = tl.where(ok, mt - mean_b[None, :], 0.0)
-        m2_b = tl.sum(m2t, axis=0) + tl.sum(cnt[:, None] * dev * dev, axis=0)
+        m2_b = tl.sum(m2t, axis=0) + tl.sum(cnt * dev * dev, axis=0)
         n = n_a + n_b
         n_safe = tl.where(n > 0, n, 1.0)
         delta = mean_b - mean_a
         mean_a = mean_a + delta * (n_b / n_safe)
         m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n_safe)
         n_a = n
-    tl.store(MEAN_ptr + offs_c, mean_a, mask=c_ok)
-    tl.store(VAR_ptr + offs_c, m2_a / tl.where(n_a > 0, n_a, 1.0), mask=c_ok)
+    out = pid_p * C + offs_c
+    tl.store(OUT_MEAN_ptr + out, mean_a, mask=c_ok)
+    if FINAL:
+        tl.store(OUT_M2_ptr + out, m2_a / tl.where(n_a > 0, n_a, 1.0), mask=c_ok)
+    else:
+        tl.store(OUT_M2_ptr + out, m2_a, mask=c_ok)
+        tl.store(OUT_CNT_ptr + out, n_a, mask=c_ok)
 
 
 @triton.jit
@@ -494,13 +512,37 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     return y, mean, var
 
 
-def merge_stats(ws_mean, ws_m2, mean, var, tiles, m, tile_m):
-    """Chan-merge ``tiles`` rows of per-tile (mean, M2) into ``mean``/``var`` (biased)."""
+def merge_stats(ws_mean, ws_m2, mean, var, tiles, m, tile_m, rows_per_prog=None):
+    """Chan-merge ``tiles`` rows of per-tile (mean, M2) into ``mean``/``var`` (biased).
+
+    Row t holds min(tile_m, m - t*tile_m) elements. Two levels when there are many rows:
+    chunks of ``rows_per_prog`` rows merged in parallel into a (P, C) workspace, then one
+    pass over the P chunks (fixed order: deterministic).
+    """
     c = ws_mean.shape[1]
     block_c = 32 if INTERPRET else 64
-    _stats_merge_kernel[(triton.cdiv(c, block_c),)](
-        ws_mean, ws_m2, mean, var, tiles, c, m, tile_m,
-        ACC_FP64=mean.dtype == torch.float64, BLOCK_T=32 if INTERPRET else 64, BLOCK_C=block_c)
+    block_t = 4 if INTERPRET else 64
+    fp64 = mean.dtype == torch.float64
+    if rows_per_prog is None:
+        rows_per_prog = 8 * block_t if INTERPRET else 16 * block_t
+    rows_per_prog = triton.cdiv(rows_per_prog, block_t) * block_t
+    p = triton.cdiv(tiles, rows_per_prog)
+    grid_c = triton.cdiv(c, block_c)
+    if p <= 1:
+        _stats_merge_kernel[(grid_c, 1)](
+            ws_mean, ws_m2, ws_mean, mean, var, mean, tiles, c, m, tile_m,
+            triton.cdiv(max(tiles, 1), block_t) * block_t,
+            HAS_COUNT=False, FINAL=True, ACC_FP64=fp64, BLOCK_T=block_t, BLOCK_C=block_c)
+        return
+    part_mean, part_m2, part_cnt = torch.empty((3, p, c), dtype=mean.dtype, device=mean.device)
+    _stats_merge_kernel[(grid_c, p)](
+        ws_mean, ws_m2, ws_mean, part_mean, part_m2, part_cnt, tiles, c, m, tile_m,
+        rows_per_prog,
+        HAS_COUNT=False, FINAL=False, ACC_FP64=fp64, BLOCK_T=block_t, BLOCK_C=block_c)
+    _stats_merge_kernel[(grid_c, 1)](
+        part_mean, part_m2, part_cnt, mean, var, mean, p, c, 0, 0,
+        triton.cdiv(p, block_t) * block_t,
+        HAS_COUNT=True, FINAL=True, ACC_FP64=fp64, BLOCK_T=block_t, BLOCK_C=block_c)
 
 
 def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None,

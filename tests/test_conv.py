@@ -461,3 +461,28 @@ def test_resnet50_shapes_cuda(shape, dtype):
     want = torch.autograd.grad(_loss(*ref), [x64, s64, t64, w64])
     for a, b in zip(got, want):
         assert (a.double() - b).abs().max() <= tol * (1 + b.abs().max())
+
+
+@pytest.mark.parametrize("rows_per_prog", [None, 4, 12, 1000])
+def test_merge_stats_two_level(rows_per_prog):
+    """Chan merge of per-tile (mean, M2) (one or two levels) equals the direct statistics,
+    with a short last tile and tiles that hold nothing."""
+    g = torch.Generator().manual_seed(7)
+    tile_m, tiles, c = 8, 37, 5
+    m = tile_m * 34 - 3  # tiles 34..36 are empty, tile 33 is short
+    vals = torch.randn(m, c, generator=g, dtype=torch.float64) * 3 + 100
+    pad = torch.zeros(tiles * tile_m - m, c, dtype=torch.float64)
+    blocks = torch.cat([vals, pad]).view(tiles, tile_m, c)
+    counts = torch.clamp(m - torch.arange(tiles) * tile_m, 0, tile_m).to(torch.float64)
+    valid = torch.arange(tile_m).view(1, -1, 1) < counts.view(-1, 1, 1)
+    t_mean = (blocks * valid).sum(1) / counts.clamp(min=1).view(-1, 1)
+    t_m2 = (((blocks - t_mean[:, None]) * valid) ** 2).sum(1)
+    t_mean[counts == 0] = float("nan")  # never read: empty tiles are masked
+    t_m2[counts == 0] = float("nan")
+    mean = torch.empty(c, dtype=torch.float64, device=DEVICE)
+    var = torch.empty(c, dtype=torch.float64, device=DEVICE)
+    K.merge_stats(t_mean.to(DEVICE), t_m2.to(DEVICE), mean, var, tiles, m, tile_m,
+                  rows_per_prog=rows_per_prog)
+    v_ref, m_ref = torch.var_mean(vals, dim=0, correction=0)
+    torch.testing.assert_close(mean.cpu(), m_ref)
+    torch.testing.assert_close(var.cpu(), v_ref)
