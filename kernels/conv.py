@@ -80,7 +80,9 @@ def _conv_kernel(
     srn, srh, srw, src,  # strides of RES
     spn, sph, spw, spc,  # strides of PY
     sen, seh, sew, sec,  # strides of EY
-    GEMM_M, GEMM_N, GEMM_K,  # N*OH*OW, CO, R*S*CI
+    GEMM_M, GEMM_N, GEMM_K,  # N*OH*OW (TRANSPOSED: largest phase), CO, R*S*CI
+    BATCH,  # N
+    WS_ROWS,  # workspace rows per phase (TRANSPOSED; else unused)
     TRANSPOSED: tl.constexpr,
     TAP_LOOP: tl.constexpr,  # K loop over (tap, channel tile) instead of flattened (r, s, c)
     PROLOGUE: tl.constexpr,  # 0 none, 1 relu(x*scale+shift), 2 x + py*scale + shift
@@ -108,12 +110,41 @@ def _conv_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < GEMM_M
     n_ok = offs_n < GEMM_N
-    ow = offs_m % OW
-    t = offs_m // OW
-    oh = t % OH
-    nb = t // OH
+    if TRANSPOSED:
+        # Sub-pixel (phase) decomposition of the strided transposed conv: grid axis 1 is
+        # the phase (a, b) of the output pixel, (h + pad_h) % stride_h == a, and only the
+        # taps r = a + j*stride_h (s likewise) reach it, from A row i - j where
+        # h = a - pad_h + stride_h*i. No tap is wasted on a masked multiply.
+        phase = tl.program_id(1)
+        pa = phase // STRIDE_W
+        pb = phase % STRIDE_W
+        i_min = tl.maximum((PAD_H - pa + STRIDE_H - 1) // STRIDE_H, 0)
+        j_min = tl.maximum((PAD_W - pb + STRIDE_W - 1) // STRIDE_W, 0)
+        i_num = OH - 1 - pa + PAD_H
+        j_num = OW - 1 - pb + PAD_W
+        h_cnt = tl.where(i_num < 0, 0, tl.maximum(i_num // STRIDE_H - i_min + 1, 0))
+        w_cnt = tl.where(j_num < 0, 0, tl.maximum(j_num // STRIDE_W - j_min + 1, 0))
+        m_ok = offs_m < BATCH * h_cnt * w_cnt
+        w_div = tl.maximum(w_cnt, 1)
+        h_div = tl.maximum(h_cnt, 1)
+        ii = offs_m // w_div
+        jj = offs_m % w_div + j_min
+        nb = ii // h_div
+        ii = ii % h_div + i_min
+        oh = pa - PAD_H + STRIDE_H * ii
+        ow = pb - PAD_W + STRIDE_W * jj
+        tap_s = tl.maximum((S - pb + STRIDE_W - 1) // STRIDE_W, 0)
+        num_taps = tl.maximum((R - pa + STRIDE_H - 1) // STRIDE_H, 0) * tap_s
+    else:
+        phase = 0
+        m_ok = offs_m < GEMM_M
+        ow = offs_m % OW
+        t = offs_m // OW
+        oh = t % OH
+        nb = t // OH
+        tap_s = S
+        num_taps = R * S
 
     if ACC_FP64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
@@ -122,41 +153,39 @@ def _conv_kernel(
 
     x_row = nb * sxn
     py_row = nb * spn
+    k_total = num_taps * CI
     if TAP_LOOP:
         c_tiles = tl.cdiv(CI, BLOCK_K)
-        num_k_tiles = R * S * c_tiles
+        num_k_tiles = num_taps * c_tiles
     else:
-        num_k_tiles = tl.cdiv(GEMM_K, BLOCK_K)
+        num_k_tiles = tl.cdiv(k_total, BLOCK_K)
     for kt in range(0, num_k_tiles):
         if TAP_LOOP:
             # one tap per K tile, contiguous channels: vectorised loads (C % BLOCK_K == 0)
             tap = kt // c_tiles
             ci = (kt % c_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = ci < CI
-            r = tl.zeros((BLOCK_K,), dtype=tl.int32) + tap // S
-            s = tl.zeros((BLOCK_K,), dtype=tl.int32) + tap % S
+            tr = tl.zeros((BLOCK_K,), dtype=tl.int32) + tap // tap_s
+            ts = tl.zeros((BLOCK_K,), dtype=tl.int32) + tap % tap_s
         else:
-            # (r, s, c) flattened, c fastest: a C=3 stem still fills K tiles
+            # (tap, c) flattened, c fastest: a C=3 stem still fills K tiles
             offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < GEMM_K
+            k_ok = offs_k < k_total
             ci = offs_k % CI
-            rs = offs_k // CI
-            s = rs % S
-            r = rs // S
+            tap = offs_k // CI
+            tr = tap // tap_s
+            ts = tap % tap_s
         if TRANSPOSED:
-            th = oh[:, None] + PAD_H - r[None, :]
-            tw = ow[:, None] + PAD_W - s[None, :]
-            th = tl.where(th < 0, 0, th)
-            tw_c = tl.where(tw < 0, 0, tw)
-            ih = th // STRIDE_H
-            iw = tw_c // STRIDE_W
-            ok = (oh[:, None] + PAD_H - r[None, :] >= 0) & (tw >= 0)
-            ok = ok & (ih * STRIDE_H == th) & (iw * STRIDE_W == tw_c)
-            ok = ok & (ih < IH) & (iw < IW)
+            r = pa + tr * STRIDE_H
+            s = pb + ts * STRIDE_W
+            ih = ii[:, None] - tr[None, :]
+            iw = jj[:, None] - ts[None, :]
         else:
+            r = tr
+            s = ts
             ih = oh[:, None] * STRIDE_H - PAD_H + r[None, :]
             iw = ow[:, None] * STRIDE_W - PAD_W + s[None, :]
-            ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+        ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
         ok = ok & m_ok[:, None] & k_ok[None, :]
         a = tl.load(X_ptr + (x_row[:, None] + ih * sxh + iw * sxw + ci[None, :] * sxc),
                     mask=ok, other=0.0)
@@ -190,7 +219,7 @@ def _conv_kernel(
         acc = acc + res.to(acc.dtype)
     if EPILOGUE_RELU:
         acc = tl.where(acc < 0, 0.0, acc)
-    ws_off = pid_m * GEMM_N + offs_n
+    ws_off = (phase * WS_ROWS + pid_m) * GEMM_N + offs_n
     if DRELU:
         ey = tl.load(EY_ptr + ((nb * sen + oh * seh + ow * sew)[:, None] + offs_n[None, :] * sec),
                      mask=out_ok, other=0.0).to(acc.dtype)
@@ -493,7 +522,7 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
             h, w, ci, p, q, co, r, s, sh, sw, ph, pw,
             *_nhwc_strides(x), weight.stride(0), weight.stride(2), weight.stride(3),
             weight.stride(1), *_nhwc_strides(y), *_nhwc_strides(res), 0, 0, 0, 0, 0, 0, 0, 0,
-            gm, gn, gk)
+            gm, gn, gk, n, 0)
     kwargs = dict(TRANSPOSED=False, TAP_LOOP=_tap_loop(ci), PROLOGUE=prologue,
                   HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                   EPILOGUE_RELU=bool(relu), STATS=bool(stats), DRELU=False,
@@ -563,14 +592,16 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     ph, pw = _pair(padding)
     acc = _acc_dtype(dy.dtype)
     dx = empty_channels_last(n, ci, h, w, dy.dtype, dy.device)
-    gm, gn, gk = n * h * w, ci, r * s * co
+    phases = sh * sw
+    # grid M: the pixels of the largest phase (each phase: output rows h = a - pad + sh*i)
+    gm, gn, gk = n * triton.cdiv(h, sh) * triton.cdiv(w, sw), ci, r * s * co
     drelu = y_prev is not None
     dbn = y is not None
     min_bm = min(c.kwargs["BLOCK_M"] for c in _conv_configs())
-    tiles = triton.cdiv(gm, min_bm)
+    rows = triton.cdiv(gm, min_bm)
     if drelu:
-        ws1 = torch.empty((tiles, ci), dtype=acc, device=dy.device)
-        ws2 = torch.empty((tiles, ci), dtype=acc, device=dy.device)
+        ws1 = torch.empty((phases * rows, ci), dtype=acc, device=dy.device)
+        ws2 = torch.empty((phases * rows, ci), dtype=acc, device=dy.device)
     else:
         ws1 = ws2 = dx
     py = y if dbn else dx
@@ -583,20 +614,21 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
             # the weight read as [CI, R, S, CO]: gemm-N index is C_in, reduction is C_out
             weight.stride(1), weight.stride(2), weight.stride(3), weight.stride(0),
             *_nhwc_strides(dx), 0, 0, 0, 0, *_nhwc_strides(py), *_nhwc_strides(ey),
-            gm, gn, gk)
+            gm, gn, gk, n, rows)
     kwargs = dict(TRANSPOSED=True, TAP_LOOP=_tap_loop(co), PROLOGUE=2 if dbn else 0,
                   HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False,
                   DRELU=drelu, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(dy.dtype))
 
     def grid(meta):
-        return (triton.cdiv(gm, meta["BLOCK_M"]) * triton.cdiv(gn, meta["BLOCK_N"]),)
+        return (triton.cdiv(gm, meta["BLOCK_M"]) * triton.cdiv(gn, meta["BLOCK_N"]), phases)
 
     cfg = _launch(_conv_run, _conv_configs(), grid, args, kwargs)
     if not drelu:
         return dx, None, None
     t = triton.cdiv(gm, cfg["BLOCK_M"])
-    return dx, ws1[:t].sum(0), ws2[:t].sum(0)
+    return (dx, ws1.view(phases, rows, ci)[:, :t].sum((0, 1)),
+            ws2.view(phases, rows, ci)[:, :t].sum((0, 1)))
 
 
 @functools.lru_cache(maxsize=None)

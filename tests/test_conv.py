@@ -486,3 +486,34 @@ def test_merge_stats_two_level(rows_per_prog):
     v_ref, m_ref = torch.var_mean(vals, dim=0, correction=0)
     torch.testing.assert_close(mean.cpu(), m_ref)
     torch.testing.assert_close(var.cpu(), v_ref)
+
+
+@pytest.mark.parametrize("shape", [
+    # (N, C_in, H, W, C_out, R, S, stride, pad): phases of the strided dgrad
+    (2, 3, 8, 7, 5, 3, 3, 2, 0),  # pad < phase, last input row reached by no tap
+    (1, 4, 9, 9, 3, 7, 7, 2, 3),
+    (2, 5, 1, 3, 4, 3, 3, 2, 1),  # H=1
+    (1, 3, 6, 5, 16, 1, 1, 2, 0),  # odd rows get no tap at all; tap-major K loop
+    (1, 2, 7, 6, 3, 3, 1, 3, 1),  # stride 3, rectangular kernel
+    (2, 3, 5, 5, 4, 2, 2, 1, 0),  # even kernel
+])
+def test_dgrad_kernel_shapes(shape):
+    n, ci, h, w, co, r, s, st, pd = shape
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(n, ci, h, w, generator=g, dtype=torch.float64).to(DEVICE)
+    wt = torch.randn(co, ci, r, s, generator=g, dtype=torch.float64).to(DEVICE)
+    y = F.conv2d(x, wt, None, st, pd)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    dx_ref, dw_ref, _ = torch.ops.aten.convolution_backward(
+        dy, x, wt, None, [st, st], [pd, pd], [1, 1], False, [0, 0], 1, [True, True, False])
+    dx, _, _ = K.conv_dgrad(dy, wt, (h, w), st, pd)
+    torch.testing.assert_close(dx, dx_ref)
+    torch.testing.assert_close(K.conv_wgrad(dy, x, wt.shape, st, pd), dw_ref)
+    # dReLU epilogue: the forward input was relu(x*scale + shift)
+    scale, shift = _scale_shift(ci)
+    pre = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    dx2, sum_g, sum_gx = K.conv_dgrad(dy, wt, (h, w), st, pd, y_prev=x, scale=scale, shift=shift)
+    gref = torch.where(pre <= 0, torch.zeros_like(dx_ref), dx_ref)
+    torch.testing.assert_close(dx2, gref * scale.view(1, -1, 1, 1))
+    torch.testing.assert_close(sum_g, gref.sum((0, 2, 3)))
+    torch.testing.assert_close(sum_gx, (gref * x).sum((0, 2, 3)))
