@@ -13,8 +13,11 @@ reduction index flattened as (r, s, c), c fastest, so a C=3 stem still fills K t
 One kernel, ``_conv_kernel``, with constexpr switches:
 
 * ``TRANSPOSED``: the data-gradient (dgrad) of a strided conv, i.e. a transposed conv
-  of dy with the same weight read as [C_in, R, S, C_out] through its strides; taps whose
-  (h + pad - r) is not a multiple of the stride are masked.
+  of dy with the same weight read as [C_in, R, S, C_out] through its strides, split into
+  stride_h*stride_w sub-pixel phases (grid axis 1) so each phase iterates only the taps
+  that reach it (no multiply is wasted on stride holes).
+* ``TAP_LOOP``: K tiles are (tap, channel block) with contiguous channels (vectorised
+  loads) when C % BLOCK_K == 0; otherwise (r, s, c) is flattened (the C=3 stem).
 * ``PROLOGUE`` on the A operand while loading: 1 = ``relu(x*scale + shift)`` (the
   previous layer's BN-ReLU), 2 = ``x + py*scale + shift`` (the dBN term of the stats
   outputs' gradients: dy + dmean/M + dvar*2*(y - mean)/M). Padded taps and the M/K tails
@@ -27,10 +30,14 @@ One kernel, ``_conv_kernel``, with constexpr switches:
   per-tile sums of g and g*ey, the partial sums of dshift and dscale).
 
 ``_stats_merge_kernel`` combines the tile statistics with Chan's parallel formula
-(n = 0 guarded). ``_conv_wgrad_kernel`` is the weight gradient: a GEMM over the N*P*Q
+(n = 0 guarded), in two levels when there are many tiles (chunks in parallel, then one
+pass over the chunks; fixed order). ``_conv_wgrad_kernel`` is the weight gradient: a GEMM over the N*P*Q
 pixels, split over that reduction into a [splits, C_out, R*S*C_in] workspace summed
-afterwards (deterministic; no atomics anywhere in this file), with both prologues
-recomputed while loading (BN-ReLU of the input, dBN of dy).
+afterwards (deterministic; no atomics anywhere in this file, so nothing needs
+reset_to_zero/restore_value and torch.are_deterministic_algorithms_enabled() changes
+nothing), with both prologues recomputed while loading (BN-ReLU of the input, dBN of dy).
+No launcher syncs with the host. Under CUDA-graph capture, warm up first: the first
+call of a new shape autotunes (benchmarks), which capture does not allow.
 
 Accumulation is fp32 (fp64 for fp64 tensors, so gradcheck runs in the interpreter).
 fp32 ``tl.dot`` uses TF32 iff ``torch.backends.cudnn.allow_tf32``. Offsets are int64.
