@@ -333,6 +333,7 @@ def _conv_wgrad_kernel(
     spn, sph, spw, spc,  # strides of PY
     GEMM_M, GEMM_N, GEMM_K,  # CO, R*S*CI, N*OH*OW
     K_PER_SPLIT,  # multiple of BLOCK_K
+    TAP_N: tl.constexpr,  # N tiles over (tap, channel block) instead of flattened (r, s, c)
     DBN: tl.constexpr,
     PROLOGUE: tl.constexpr,
     ACC_FP64: tl.constexpr,
@@ -343,17 +344,30 @@ def _conv_wgrad_kernel(
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1).to(tl.int64)
-    num_pid_n = tl.cdiv(GEMM_N, BLOCK_N)
+    if TAP_N:
+        # N tiles are (tap, channel block): contiguous channels, vectorised im2col loads
+        c_tiles = tl.cdiv(CI, BLOCK_N)
+        num_pid_n = R * S * c_tiles
+    else:
+        num_pid_n = tl.cdiv(GEMM_N, BLOCK_N)
     pid_m = pid // num_pid_n
     pid_n = pid % num_pid_n
     offs_co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = offs_co < GEMM_M
-    j_ok = offs_j < GEMM_N
-    ci = offs_j % CI
-    rs = offs_j // CI
-    s = rs % S
-    r = rs // S
+    if TAP_N:
+        tap = pid_n // c_tiles
+        ci = (pid_n % c_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        j_ok = ci < CI
+        offs_j = tap * CI + ci
+        r = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap // S
+        s = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap % S
+    else:
+        offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        j_ok = offs_j < GEMM_N
+        ci = offs_j % CI
+        rs = offs_j // CI
+        s = rs % S
+        r = rs // S
     if PROLOGUE:
         sc = tl.load(SCALE_ptr + ci, mask=j_ok, other=0.0)
         sh = tl.load(SHIFT_ptr + ci, mask=j_ok, other=0.0)
@@ -439,7 +453,7 @@ else:
     )(_conv_kernel)
     _wgrad_run = triton.autotune(
         configs=_wgrad_configs(),
-        key=["GEMM_M", "GEMM_N", "GEMM_K", "K_PER_SPLIT", "DBN", "PROLOGUE"],
+        key=["GEMM_M", "GEMM_N", "GEMM_K", "K_PER_SPLIT", "TAP_N", "DBN", "PROLOGUE"],
     )(_conv_wgrad_kernel)
 
 
@@ -676,11 +690,15 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
             h, w, ci, p, q, co, r, s, sh, sw, ph, pw,
             *_nhwc_strides(dy), *_nhwc_strides(x), *_nhwc_strides(py),
             gm, gn, gk, k_per_split)
-    kwargs = dict(DBN=dbn, PROLOGUE=prologue, ACC_FP64=acc == torch.float64,
+    # tap-major N tiles when the channels fill the smallest BLOCK_N (correct for any C)
+    tap_n = ci % min(c.kwargs["BLOCK_N"] for c in _wgrad_configs()) == 0
+    kwargs = dict(TAP_N=tap_n, DBN=dbn, PROLOGUE=prologue, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):
-        return (triton.cdiv(gm, meta["BLOCK_M"]) * triton.cdiv(gn, meta["BLOCK_N"]), splits)
+        n_tiles = (r * s * triton.cdiv(ci, meta["BLOCK_N"]) if tap_n
+                   else triton.cdiv(gn, meta["BLOCK_N"]))
+        return (triton.cdiv(gm, meta["BLOCK_M"]) * n_tiles, splits)
 
     _launch(_wgrad_run, _wgrad_configs(), grid, args, kwargs)
     dw = part.sum(0) if splits > 1 else part[0]

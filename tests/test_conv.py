@@ -496,6 +496,7 @@ def test_merge_stats_two_level(rows_per_prog):
     (1, 3, 6, 5, 16, 1, 1, 2, 0),  # odd rows get no tap at all; tap-major K loop
     (1, 2, 7, 6, 3, 3, 1, 3, 1),  # stride 3, rectangular kernel
     (2, 3, 5, 5, 4, 2, 2, 1, 0),  # even kernel
+    (1, 32, 5, 4, 16, 3, 3, 2, 1),  # tap-major wgrad N tiles and dgrad K loop
 ])
 def test_dgrad_kernel_shapes(shape):
     n, ci, h, w, co, r, s, st, pd = shape
