@@ -395,6 +395,7 @@ def conv_path(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
 
 
 def _autocast(input, weight, bias):
+    """Cast input, weight and conv bias (only) to the autocast dtype, as torch's conv."""
     dev = input.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
@@ -406,10 +407,11 @@ def _autocast(input, weight, bias):
 def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
            dilation=1, groups=1, *, backend: str = "auto") -> Tensor:
     """Equal to ``F.conv2d``; the Triton path returns a channels_last tensor."""
+    if backend != "reference":
+        input, weight, bias = _autocast(input, weight, bias)
     path, _ = conv_path(input, weight, bias, stride, padding, dilation, groups, backend)
     if path == "reference":
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    input, weight, bias = _autocast(input, weight, bias)
     return torch.ops.fusedres.triton_conv_bias_add_relu(input, weight, bias, None,
                                                         _pair(stride), _pair(padding), False)
 
@@ -423,11 +425,12 @@ def conv2d_stats(input: Tensor, weight: Tensor, stride=1, padding=0, *,
                  backend: str = "auto") -> Tuple[Tensor, Tensor, Tensor]:
     """``(y, mean, var)``: ``y = conv2d(input, weight)`` and its per-channel batch mean and
     biased variance (fp32; fp64 for fp64 input), all differentiable."""
+    if backend != "reference":
+        input, weight, _ = _autocast(input, weight, None)
     path, _ = conv_path(input, weight, None, stride, padding, 1, 1, backend)
     if path == "reference":
         y = F.conv2d(input, weight, None, stride, padding)
         return (y, *_ref_stats(y))
-    input, weight, _ = _autocast(input, weight, None)
     return torch.ops.fusedres.triton_conv_stats(input, weight, _pair(stride), _pair(padding))
 
 
@@ -438,13 +441,14 @@ def bn_relu_conv2d_stats(input: Tensor, scale: Tensor, shift: Tensor, weight: Te
     ``scale``/``shift`` (C_in,) are per input channel (fp32, or fp64 for fp64 input) and
     differentiable; zero padding applies after the ReLU, as in the unfused network.
     """
+    if backend != "reference":
+        input, weight, _ = _autocast(input, weight, None)
     path, _ = conv_path(input, weight, None, stride, padding, 1, 1, backend)
     if path == "reference":
         acc = acc_dtype(input.dtype)
         a = torch.relu(input.to(acc) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
         y = F.conv2d(a.to(input.dtype), weight, None, stride, padding)
         return (y, *_ref_stats(y))
-    input, weight, _ = _autocast(input, weight, None)
     return torch.ops.fusedres.triton_conv_prologue_stats(input, scale, shift, weight,
                                                          _pair(stride), _pair(padding))
 
@@ -453,12 +457,13 @@ def conv2d_bias_add_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor] =
                          residual: Optional[Tensor] = None, stride=1, padding=0, relu: bool = True,
                          *, backend: str = "auto") -> Tensor:
     """``[relu](conv2d(input, weight, bias) + residual)`` (eval-mode block, BN folded)."""
+    if backend != "reference":
+        input, weight, bias = _autocast(input, weight, bias)
     path, _ = conv_path(input, weight, bias, stride, padding, 1, 1, backend)
     if path == "reference":
         y = F.conv2d(input, weight, bias, stride, padding)
         if residual is not None:
             y = y + residual
         return torch.relu(y) if relu else y
-    input, weight, bias = _autocast(input, weight, bias)
     return torch.ops.fusedres.triton_conv_bias_add_relu(input, weight, bias, residual,
                                                         _pair(stride), _pair(padding), relu)

@@ -382,14 +382,20 @@ def test_conv_path_legality():
                                F.conv2d(x, w, padding="same"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast of the Triton path on CUDA")
-def test_autocast_cuda():
+def test_autocast_casts_input_weight_bias_only():
     x, w, st, pd = _make(CASES[1], torch.float32)
-    with torch.autocast("cuda", dtype=torch.float16):
-        y = fconv.conv2d(x, w, None, st, pd, backend="triton")
-        ref = F.conv2d(x, w, None, st, pd)
-    assert y.dtype == ref.dtype == torch.float16
-    torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)
+    b = torch.randn(w.shape[0], device=DEVICE)
+    scale, shift = _scale_shift(x.shape[1], torch.float32)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        y = fconv.conv2d(x, w, b, st, pd, backend="triton")
+        y2, mean, var = fconv.bn_relu_conv2d_stats(x, scale, shift, w, st, pd, backend="triton")
+    assert y.dtype == y2.dtype == torch.float16 and mean.dtype == var.dtype == torch.float32
+    ref = fconv.conv2d(x.half(), w.half(), b.half(), st, pd, backend="triton")
+    ref2 = fconv.bn_relu_conv2d_stats(x.half(), scale, shift, w.half(), st, pd,
+                                      backend="triton")
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    for a, r in zip((y2, mean, var), ref2):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 switch only matters on GPU")
