@@ -533,3 +533,75 @@ def test_dgrad_kernel_shapes(shape):
     torch.testing.assert_close(dx2, gref * scale.view(1, -1, 1, 1))
     torch.testing.assert_close(sum_g, gref.sum((0, 2, 3)))
     torch.testing.assert_close(sum_gx, (gref * x).sum((0, 2, 3)))
+
+
+_AOT_SCRIPT = r"""
+import importlib.util, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+spec = importlib.util.spec_from_file_location("kc", sys.argv[1])
+K = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(K)
+target = GPUTarget("cuda", 90, 32)
+
+
+def build(fn, dt, consts, warps=4, stages=3):
+    names = fn.arg_names
+    sig = {}
+    for n in names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n.endswith("_ptr"):
+            sig[n] = "*" + (dt if n[:2] in ("X_", "W_", "Y_", "BI", "RE", "PY", "EY", "DY")
+                            else "fp32")
+        else:
+            sig[n] = "i32"
+    src = ASTSource(fn=fn, signature=sig,
+                    constexprs={(names.index(k),): v for k, v in consts.items()})
+    triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+
+
+tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, ACC_FP64=False)
+off = dict(HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False, DRELU=False)
+for dt, prec in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32")):
+    base = dict(tiles, INPUT_PRECISION=prec)
+    build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": True,
+                               "PROLOGUE": 1, "STATS": True}, 8)
+    if dt != "fp16":
+        continue  # every other mode in fp16 only (compile time)
+    build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": False,
+                               "PROLOGUE": 0, "HAS_BIAS": True, "HAS_RESIDUAL": True,
+                               "EPILOGUE_RELU": True}, 8)
+    build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": True, "TAP_LOOP": True,
+                               "PROLOGUE": 2, "DRELU": True}, 8)
+    build(K._conv_wgrad_kernel, dt, dict(TAP_N=True, DBN=True, PROLOGUE=True, ACC_FP64=False,
+                                         INPUT_PRECISION=prec, BLOCK_M=64, BLOCK_N=64,
+                                         BLOCK_K=32))
+build(K._conv_wgrad_kernel, "fp16", dict(TAP_N=False, DBN=False, PROLOGUE=False,
+                                         ACC_FP64=False, INPUT_PRECISION="ieee", BLOCK_M=64,
+                                         BLOCK_N=64, BLOCK_K=32))
+for final in (False, True):
+    build(K._stats_merge_kernel, "fp32", dict(HAS_COUNT=final, FINAL=final, ACC_FP64=False,
+                                              BLOCK_T=64, BLOCK_C=64))
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """The interpreter does not type-check like the compiler: compile every kernel mode
+    for an H100 (sm_90) ahead of time, no GPU needed (skips without Triton's CUDA backend)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "kernels", "conv.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, path], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("ptxas not available")
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
