@@ -526,6 +526,13 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
     p, q = out_size(h, w, r, s, stride, padding)
+    if residual is not None and tuple(residual.shape) != (n, co, p, q):
+        raise ValueError(f"residual has shape {tuple(residual.shape)}, the conv output "
+                         f"{(n, co, p, q)}")
+    if bias is not None and tuple(bias.shape) != (co,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({co},)")
+    if scale is not None and (tuple(scale.shape) != (ci,) or tuple(shift.shape) != (ci,)):
+        raise ValueError(f"scale/shift must have shape ({ci},)")
     acc = _acc_dtype(x.dtype)
     y = empty_channels_last(n, co, p, q, x.dtype, x.device)
     gm, gn, gk = n * p * q, co, r * s * ci
