@@ -11,8 +11,9 @@ Public functions (all take ``backend="auto" | "reference" | "triton"``; ``"cpu"`
 * ``bn_relu_conv2d_stats(input, scale, shift, weight, stride, padding) -> (y, mean, var)``:
   the same with the previous layer's BN-ReLU ``relu(input*scale + shift)`` applied while
   loading (never materialised); padded taps are 0 after it.
-* ``conv2d_bias_add_relu(input, weight, bias, residual, stride, padding, relu=True)``:
-  conv + bias + residual + ReLU, the inference path with BN folded into the weights.
+* ``conv2d_bias_add_relu(input, weight, bias, residual, stride, padding, relu=True, *,
+  scale=None, shift=None)``: conv + bias + residual + ReLU, the inference path with BN
+  folded into the weights; optionally a constant BN-ReLU prologue (pre-activation BN).
 
 ``mean`` and ``var`` are differentiable outputs (fp32, fp64 for fp64 input): their
 gradients supply the BN backward's ``-dbeta/M`` and ``-xhat*dgamma/M`` terms; the conv
@@ -23,7 +24,8 @@ Custom ops (namespace ``fusedres``; Triton kernels in ``kernels/conv.py``; they 
 CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1):
 
     triton_conv_bias_add_relu(Tensor input, Tensor weight, Tensor? bias, Tensor? residual,
-                              int[] stride, int[] padding, bool relu) -> Tensor
+                              int[] stride, int[] padding, bool relu,
+                              Tensor? scale=None, Tensor? shift=None) -> Tensor
     triton_conv_stats(Tensor input, Tensor weight, int[] stride, int[] padding)
                               -> (Tensor out, Tensor mean, Tensor var)
     triton_conv_prologue_stats(Tensor input, Tensor scale, Tensor shift, Tensor weight,
@@ -123,15 +125,17 @@ def _prepare(t: Tensor) -> Tensor:
 @torch.library.custom_op("fusedres::triton_conv_bias_add_relu", mutates_args=())
 def triton_conv_bias_add_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor],
                               residual: Optional[Tensor], stride: List[int], padding: List[int],
-                              relu: bool) -> Tensor:
-    """``[relu](conv2d(input, weight) + bias + residual)`` in one Triton kernel."""
+                              relu: bool, scale: Optional[Tensor] = None,
+                              shift: Optional[Tensor] = None) -> Tensor:
+    """``[relu](conv2d([relu(input*scale + shift)], weight) + bias + residual)`` in one
+    Triton kernel; the optional BN-ReLU prologue is a pre-activation BN in eval mode."""
     y, _, _ = kernels().conv_fwd(_prepare(input), _prepare(weight), stride, padding, bias=bias,
-                                 residual=residual, relu=relu)
+                                 residual=residual, relu=relu, scale=scale, shift=shift)
     return y
 
 
 @triton_conv_bias_add_relu.register_fake
-def _(input, weight, bias, residual, stride, padding, relu):
+def _(input, weight, bias, residual, stride, padding, relu, scale=None, shift=None):
     p, q = _out_hw(input, weight, stride, padding)
     return _empty_cl(input, input.shape[0], weight.shape[0], p, q)
 
@@ -310,8 +314,8 @@ torch.library.register_autograd("fusedres::triton_conv_prologue_stats", _prologu
 
 
 def _bar_setup(ctx, inputs, output):
-    input, weight, bias, residual, stride, padding, relu = inputs
-    ctx.save_for_backward(input, weight, output if relu else None)
+    input, weight, bias, residual, stride, padding, relu, scale, shift = inputs
+    ctx.save_for_backward(input, weight, output if relu else None, scale, shift)
     ctx.conv = (list(stride), list(padding))
     ctx.relu = relu
     ctx.has_bias = bias is not None
@@ -320,20 +324,23 @@ def _bar_setup(ctx, inputs, output):
 
 
 def _bar_backward(ctx, dout):
-    input, weight, out = ctx.saved_tensors
+    input, weight, out, scale, shift = ctx.saved_tensors
     stride, padding = ctx.conv
     need = ctx.needs_input_grad
+    need_ss = scale is not None and (need[7] or need[8])
     # NOT fused: the output ReLU mask is applied by a torch elementwise op.
     g = torch.where(out <= 0, torch.zeros_like(dout), dout) if ctx.relu else dout
-    gi = gw = None
-    if need[0] or need[1]:
-        gi, gw, _, _ = torch.ops.fusedres.triton_conv_backward(
-            g, input, weight, stride, padding, None, None, None, None, None, None,
-            [need[0], need[1], False])
+    gi = gw = gs = gsh = None
+    if need[0] or need[1] or need_ss:
+        gi, gw, gs, gsh = torch.ops.fusedres.triton_conv_backward(
+            g, input, weight, stride, padding, scale, shift, None, None, None, None,
+            [need[0], need[1], need_ss])
     gb = g.sum(dim=(0, 2, 3), dtype=acc_dtype(g.dtype)).to(ctx.bias_dtype) \
         if ctx.has_bias and need[2] else None
     gr = g.to(ctx.res_dtype) if ctx.res_dtype is not None and need[3] else None
-    return (gi if need[0] else None, gw if need[1] else None, gb, gr, None, None, None)
+    return (gi if need[0] else None, gw if need[1] else None, gb, gr, None, None, None,
+            gs.to(scale.dtype) if need_ss and need[7] else None,
+            gsh.to(shift.dtype) if need_ss and need[8] else None)
 
 
 torch.library.register_autograd("fusedres::triton_conv_bias_add_relu", _bar_backward,
@@ -455,15 +462,25 @@ def bn_relu_conv2d_stats(input: Tensor, scale: Tensor, shift: Tensor, weight: Te
 
 def conv2d_bias_add_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                          residual: Optional[Tensor] = None, stride=1, padding=0, relu: bool = True,
-                         *, backend: str = "auto") -> Tensor:
-    """``[relu](conv2d(input, weight, bias) + residual)`` (eval-mode block, BN folded)."""
+                         *, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                         backend: str = "auto") -> Tensor:
+    """``[relu](conv2d(input, weight, bias) + residual)`` (eval-mode block, BN folded).
+
+    With ``scale``/``shift`` (C_in,), the input goes through ``relu(input*scale + shift)``
+    while loading (a pre-activation BN-ReLU in eval mode, which cannot fold into weights).
+    """
     if backend != "reference":
         input, weight, bias = _autocast(input, weight, bias)
     path, _ = conv_path(input, weight, bias, stride, padding, 1, 1, backend)
     if path == "reference":
+        if scale is not None:
+            acc = acc_dtype(input.dtype)
+            input = torch.relu(input.to(acc) * scale.view(1, -1, 1, 1)
+                               + shift.view(1, -1, 1, 1)).to(input.dtype)
         y = F.conv2d(input, weight, bias, stride, padding)
         if residual is not None:
             y = y + residual
         return torch.relu(y) if relu else y
     return torch.ops.fusedres.triton_conv_bias_add_relu(input, weight, bias, residual,
-                                                        _pair(stride), _pair(padding), relu)
+                                                        _pair(stride), _pair(padding), relu,
+                                                        scale, shift)

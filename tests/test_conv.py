@@ -138,6 +138,21 @@ def test_bias_add_relu(case, relu):
     torch.testing.assert_close(y, ref)
 
 
+def test_bias_add_relu_with_prologue_and_grads():
+    x, w, st, pd = _make(CASES[0], requires_grad=True)  # stem: padding 3 with shift > 0
+    scale, shift = _scale_shift(x.shape[1], requires_grad=True)
+    b = torch.randn(w.shape[0], dtype=w.dtype, device=DEVICE, requires_grad=True)
+    outs, grads = [], []
+    for backend in ("triton", "reference"):
+        y = fconv.conv2d_bias_add_relu(x, w, b, None, st, pd, relu=True, scale=scale,
+                                       shift=shift, backend=backend)
+        outs.append(y)
+        grads.append(torch.autograd.grad((y * y).sum(), [x, w, b, scale, shift]))
+    torch.testing.assert_close(outs[0], outs[1])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
+
+
 def test_relu_epilogue_propagates_nan():
     x, w, st, pd = _make(CASES[3])
     x = x.clone()
@@ -349,6 +364,8 @@ def test_opcheck():
     torch.library.opcheck(ops.triton_conv_prologue_stats, (x, scale, shift, w, [2, 2], [1, 1]))
     torch.library.opcheck(ops.triton_conv_bias_add_relu, (x, w, b, r, [1, 1], [1, 1], True))
     torch.library.opcheck(ops.triton_conv_bias_add_relu, (x, w, None, None, [2, 2], [0, 0], False))
+    torch.library.opcheck(ops.triton_conv_bias_add_relu,
+                          (x, w, b, None, [1, 1], [1, 1], True, scale, shift))
     y = torch.randn(1, 2, 4, 4, dtype=torch.float64, device=DEVICE)
     m, dm, dv = (torch.randn(2, dtype=torch.float64, device=DEVICE) for _ in range(3))
     torch.library.opcheck(ops.triton_conv_backward,
