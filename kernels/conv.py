@@ -33,9 +33,10 @@ One kernel, ``_conv_kernel``, with constexpr switches:
 (n = 0 guarded), in two levels when there are many tiles (chunks in parallel, then one
 pass over the chunks; fixed order). ``_conv_wgrad_kernel`` is the weight gradient: a
 GEMM over the N*P*Q pixels (N tiles tap-major when C_in fills them), split over that
-reduction into a [splits, C_out, R*S*C_in] workspace summed afterwards (deterministic; no atomics anywhere in this file, so nothing needs
-reset_to_zero/restore_value and torch.are_deterministic_algorithms_enabled() changes
-nothing), with both prologues recomputed while loading (BN-ReLU of the input, dBN of dy).
+reduction into a [splits, C_out, R*S*C_in] workspace summed afterwards, with both
+prologues recomputed while loading (BN-ReLU of the input, dBN of dy). Deterministic:
+no atomics anywhere in this file, so nothing needs reset_to_zero/restore_value and
+torch.are_deterministic_algorithms_enabled() changes nothing.
 No launcher syncs with the host. Under CUDA-graph capture, warm up first: the first
 call of a new shape autotunes (benchmarks), which capture does not allow.
 
