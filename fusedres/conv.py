@@ -50,8 +50,6 @@ Under autocast the Python wrappers cast input, weight and conv bias only.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -69,27 +67,12 @@ _KERNELS = None
 
 
 def kernels():
-    """``kernels/conv.py`` (imports triton on first use).
-
-    In a source checkout the file next to this package is used, even when an editable
-    install of another checkout maps ``fusedres.kernels`` elsewhere.
-    """
+    """``kernels/conv.py`` (imports triton on first use)."""
     global _KERNELS
     if _KERNELS is None:
-        src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "kernels", "conv.py")
-        mod = None
-        try:
-            from fusedres.kernels import conv as mod  # noqa: F811
-            if os.path.exists(src) and os.path.realpath(mod.__file__) != os.path.realpath(src):
-                mod = None
-        except ImportError:
-            mod = None
-        if mod is None:
-            spec = importlib.util.spec_from_file_location("fusedres._conv_kernels_src", src)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-        _KERNELS = mod
+        from fusedres.kernels import conv
+
+        _KERNELS = conv
     return _KERNELS
 
 

@@ -6,7 +6,6 @@ first without the flag, the interpreter cannot be switched on any more and the m
 is skipped (run it on its own: ``pytest tests/test_triton_bn.py``).  Shapes are small
 because the interpreter is slow.
 """
-import importlib.util
 import os
 import sys
 
@@ -26,31 +25,9 @@ pytest.importorskip("triton")
 import fusedres  # noqa: E402
 from fusedres import reference as R  # noqa: E402
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _same_checkout_kernels():
-    """fusedres.kernels of this checkout.  An editable install of another checkout in the
-    same environment maps ``fusedres.kernels`` to *its* kernels/ (fusedres/__init__ only
-    maps the sibling folder when nothing is found): load ours in that case."""
-    mod = sys.modules.get("fusedres.kernels")
-    here = os.path.join(_ROOT, "kernels")
-    if os.path.dirname(os.path.abspath(fusedres.__file__)) != os.path.join(_ROOT, "fusedres"):
-        return  # testing an installed fusedres: use its kernels
-    if mod is not None and os.path.dirname(os.path.abspath(mod.__file__)) == here:
-        return
-    for name in [k for k in sys.modules if k.startswith("fusedres.kernels")]:
-        del sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        "fusedres.kernels", os.path.join(here, "__init__.py"), submodule_search_locations=[here])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fusedres.kernels"] = module
-    spec.loader.exec_module(module)
-    fusedres.kernels = module
-
-
-_same_checkout_kernels()
 from fusedres.kernels import bn  # noqa: E402
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.float64] + (
