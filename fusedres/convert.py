@@ -63,8 +63,12 @@ def _has_hooks(m: nn.Module) -> bool:
 
 
 def _inlinable(m: nn.Module) -> bool:
-    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward \
-        and not _has_hooks(m)
+    """Plain ``nn.Sequential`` containers and ``nn.Identity`` are traced through."""
+    if _has_hooks(m):
+        return False
+    if type(m) is nn.Identity:
+        return True
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
 
 class _BlockTracer(fx.Tracer):

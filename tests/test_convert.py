@@ -1,0 +1,275 @@
+"""fusedres.convert / fusedres.explain on torchvision, hand-written and timm ResNets."""
+import collections
+import copy
+import io
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import models
+from _cases import device_backends, ids
+from fusedres.convert import FusedForward, convert, explain
+
+FUSED = device_backends(include_reference=False)
+
+MODELS = {
+    "resnet18": lambda: torchvision.models.resnet18(weights=None),
+    "resnet50": lambda: torchvision.models.resnet50(weights=None),
+    "densenet121": lambda: torchvision.models.densenet121(weights=None),
+    "cifar_resnet_option_a": models.CifarResNet,
+    "cifar_resnet_inline_pad": lambda: models.CifarResNet(inline_pad=True),
+    "preact_resnet": models.PreActResNet,
+    "tiny_resnet": models.TinyResNet,
+}
+
+# (status, kernel) -> count, for every model above
+EXPECTED = {
+    "resnet18": {("fused", "batch_norm_relu"): 9, ("fused", "batch_norm_add_relu"): 5,
+                 ("fused", "dual_batch_norm_add_relu"): 3},
+    "resnet50": {("fused", "batch_norm_relu"): 33, ("fused", "batch_norm_add_relu"): 12,
+                 ("fused", "dual_batch_norm_add_relu"): 4},
+    "densenet121": {("fused", "batch_norm_relu"): 121},
+    "cifar_resnet_option_a": {("fused", "batch_norm_relu"): 4,
+                              ("fused", "batch_norm_add_relu"): 3},
+    "cifar_resnet_inline_pad": {("fused", "batch_norm_relu"): 4,
+                                ("fused", "batch_norm_add_relu"): 3},
+    "preact_resnet": {("fused", "batch_norm_relu"): 7},
+    # block2's BNs have momentum=None: no dual kernel, the shortcut conv-BN on its own
+    "tiny_resnet": {("fused", "batch_norm_relu"): 4, ("fused", "batch_norm_add_relu"): 3,
+                    ("fused", "batch_norm"): 1},
+}
+
+
+def _randomize(model):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def _pair(build, device, backend, dtype=torch.float64):
+    torch.manual_seed(0)
+    ref = _randomize(build()).to(device, dtype)
+    fused = convert(ref, backend=backend)
+    return ref, fused
+
+
+def _assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=1e-7, atol=1e-9, msg=lambda m: f"{k}: {m}")
+
+
+def _check_equivalent(ref, fused, device, dtype=torch.float64, tol=1e-6):
+    def close(a, b, what):  # relative to the tensor's scale: float64 rounding only
+        atol = tol * max(float(a.detach().abs().max()), 1.0)
+        torch.testing.assert_close(b, a, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+    torch.manual_seed(2)
+    x = torch.randn(4, 3, 32, 32, device=device, dtype=dtype)
+    ref.train()
+    fused.train()
+    out_r, out_f = ref(x), fused(x)
+    close(out_r, out_f, "train output")
+    g = torch.randn_like(out_r)
+    out_r.backward(g)
+    out_f.backward(g)
+    for (n, p), q in zip(ref.named_parameters(), fused.parameters()):
+        close(p.grad, q.grad, f"grad of {n}")
+    _assert_same_state(ref, fused)
+    ref.eval()
+    fused.eval()
+    with torch.no_grad():
+        close(ref(x), fused(x), "eval output")
+
+
+@pytest.mark.parametrize("device,backend", FUSED, ids=ids(FUSED))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_equivalent(name, device, backend):
+    ref, fused = _pair(MODELS[name], device, backend)
+    rows = explain(fused)
+    assert dict(collections.Counter((r["status"], r["kernel"]) for r in rows)) == \
+        EXPECTED[name], str(rows)
+    assert all(r["backend"] == backend for r in rows if r["status"] == "fused")
+    _check_equivalent(ref, fused, device)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "tiny_resnet", "cifar_resnet_option_a"])
+def test_state_dict_and_structure_kept(name):
+    ref, fused = _pair(MODELS[name], "cpu", "reference_primitives", torch.float32)
+    _assert_same_state(ref, fused)
+    assert [n for n, _ in ref.named_modules()] == [n for n, _ in fused.named_modules()]
+    assert [type(m) for m in ref.modules()] == [type(m) for m in fused.modules()]
+    assert [n for n, _ in ref.named_buffers()] == [n for n, _ in fused.named_buffers()]
+    # checkpoints load both ways, strictly
+    other = copy.deepcopy(ref)
+    _randomize(other).load_state_dict(fused.state_dict())
+    fused.load_state_dict(_randomize(copy.deepcopy(ref)).state_dict())
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    ref.eval(), fused.eval()
+    torch.testing.assert_close(fused(x), ref(x))
+
+
+def test_methods_and_unreferenced_buffers_survive():
+    ref, fused = _pair(models.TinyResNet, "cpu", "reference_primitives", torch.float32)
+    assert "calls" in dict(fused.named_buffers())
+    x = torch.randn(2, 3, 32, 32)
+    ref.eval(), fused.eval()
+    torch.testing.assert_close(fused.forward_features(x), ref.forward_features(x))
+    # the blocks' forwards were rewritten, the model class is untouched
+    assert type(fused) is models.TinyResNet
+    assert isinstance(fused.block1.forward, FusedForward)
+    assert "fusedres_nn_conv_bn_act" in fused.block1.forward.code()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "tiny_resnet", "preact_resnet"])
+def test_save_load_whole_model(name, tmp_path):
+    ref, fused = _pair(MODELS[name], "cpu", "reference_primitives", torch.float32)
+    path = tmp_path / "model.pt"
+    torch.save(fused, path)
+    loaded = torch.load(path, weights_only=False)
+    assert isinstance(next(m for m in loaded.modules() if isinstance(
+        m.__dict__.get("forward"), FusedForward)).forward, FusedForward)
+    _assert_same_state(fused, loaded)
+    _check_equivalent(ref.double(), loaded.double(), "cpu")
+    # deepcopy keeps each generated forward bound to its own copy
+    twin = copy.deepcopy(loaded)
+    for m in twin.modules():
+        f = m.__dict__.get("forward")
+        if isinstance(f, FusedForward):
+            assert f.module is m
+
+
+def test_inplace_and_idempotent():
+    torch.manual_seed(0)
+    m = models.CifarResNet()
+    same = convert(m, inplace=True, backend="reference_primitives")
+    assert same is m
+    again = convert(same, backend="reference_primitives")
+    assert len(explain(again).fused()) == len(explain(same).fused()) == 7
+
+
+def test_explain_unconverted_and_table():
+    m = torchvision.models.resnet18(weights=None)
+    rows = explain(m)
+    assert {r["status"] for r in rows} == {"fusable"}
+    assert "forward" not in m.layer1[0].__dict__  # nothing changed
+    fused = convert(m, backend="reference_primitives")
+    table = str(explain(fused))
+    assert "dual_batch_norm_add_relu" in table and "17 fused site(s), 0 unfused" in table
+    first = explain(fused)[0]
+    assert first["site"] == "bn1" and first["pattern"] == "conv-bn-relu"
+
+
+def test_no_fusable_pattern():
+    m = models.NoBN()
+    c = convert(m, backend="reference_primitives")
+    assert len(explain(c)) == 0
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(c(x), m(x))
+    assert not any(isinstance(mod.__dict__.get("forward"), FusedForward) for mod in c.modules())
+
+
+def test_unsupported_left_unfused_with_reason():
+    ref, fused = _pair(models.Awkward, "cpu", "reference_primitives")
+    rows = {r["site"]: r for r in explain(fused)}
+    expect = {
+        "bn_twice": ("unfused", "used 2 times"),
+        "bn_sub": ("unfused", "overrides BatchNorm2d.forward"),
+        "bn_relu6": ("unfused", "nothing to fuse"),
+        "bn_hooked": ("unfused", "hooks"),
+        "child.bn": ("unfused", "untraceable"),
+        "bn_nostats": ("fused", ""),
+        "bn_main": ("fused", ""),
+        "bn_short": ("fused", "computed separately"),
+    }
+    for site, (status, reason) in expect.items():
+        assert rows[site]["status"] == status, rows[site]
+        assert reason in rows[site]["reason"], rows[site]
+    # never wrong: same outputs, gradients, running statistics
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    for training in (True, False):
+        ref.train(training), fused.train(training)
+        torch.testing.assert_close(fused(x), ref(x))
+    _assert_same_state(ref, fused)
+
+
+def test_shared_relu_and_functional_relu_sites():
+    m = models.TinyResNet()
+    rows = {r["site"]: r for r in explain(convert(m, backend="reference_primitives"))}
+    assert rows["block1.bn1"]["kernel"] == "batch_norm_relu"  # shared self.relu, 1st call
+    assert rows["block1.bn2"]["kernel"] == "batch_norm_add_relu"  # `+=` then self.relu
+    assert rows["stem.1"]["pattern"] == "conv-bn-relu"  # nn.Sequential stem
+    assert rows["block2.downsample.1"]["pattern"] == "conv-bn"
+
+
+def test_mixed_dtype_residual_falls_back():
+    """A residual of another dtype is added with torch's type promotion."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, 1, 1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)) + x.double())
+
+    ref = Block()
+    fused = convert(ref, backend="reference_primitives")
+    assert explain(fused)[0]["status"] == "fused"
+    x = torch.randn(2, 4, 5, 5)
+    out = fused(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref(x))
+
+
+def test_convergence_fused_vs_unfused():
+    """20 SGD steps from the same seed: per-step losses equal within tolerance."""
+    torch.manual_seed(0)
+    ref = models.CifarResNet()
+    fused = convert(ref, backend=FUSED[0][1])
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (ref, fused)]
+    g = torch.Generator().manual_seed(3)
+    data = torch.randn(4, 3, 32, 32, generator=g)
+    target = torch.randint(0, 10, (4,), generator=g)
+    losses = [[], []]
+    for step in range(20):
+        for i, (m, opt) in enumerate(zip((ref, fused), opts)):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(m(data), target)
+            loss.backward()
+            opt.step()
+            losses[i].append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-3,
+                               atol=1e-4)
+    assert losses[0][-1] < losses[0][0]
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnet50d"])
+def test_timm(arch):
+    timm = pytest.importorskip("timm")
+    ref, fused = _pair(lambda: timm.create_model(arch, pretrained=False), "cpu",
+                       FUSED[0][1])
+    rows = explain(fused)
+    kernels = collections.Counter(r["kernel"] for r in rows if r["status"] == "fused")
+    assert kernels["dual_batch_norm_add_relu"] == 4 and kernels["batch_norm_add_relu"] == 12
+    _check_equivalent(ref, fused, "cpu")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        convert(models.NoBN(), backend="nope")
+    with pytest.raises(TypeError):
+        convert(lambda x: x)
