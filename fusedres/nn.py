@@ -18,7 +18,8 @@ shares the given modules' parameters and buffers (the same tensors, no copies), 
 ``backend`` attribute (``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``
 or the plumbing backend ``"reference_primitives"``). ``module.last_backend`` (and
 ``fusedres.nn.last_backend()``) say which backend the last forward ran (``"torch"`` when
-it fell back to torch's own modules).
+it fell back to torch's own modules, ``"folded"`` when an eval-mode conv+BN ran as one conv
+with folded weights).
 
 Semantics are ``nn.BatchNorm2d``'s: training/eval, running statistics with ``momentum``
 or ``momentum=None`` (cumulative average through ``num_batches_tracked``, incremented
@@ -31,6 +32,7 @@ torch itself: never a wrong answer.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Optional
 
 import torch
@@ -40,7 +42,7 @@ from torch import Tensor, nn
 from . import functional
 
 __all__ = ["BatchNorm2d", "BatchNormReLU2d", "BatchNormAddReLU2d", "DualBatchNormAddReLU2d",
-           "ConvBatchNormReLU2d", "conv2d", "last_backend", "bn_act", "conv_bn_act", "fusable_bn"]
+           "ConvBatchNormReLU2d", "conv2d", "last_backend", "bn_act", "conv_bn_act", "fusable_bn", "folded_weights"]
 
 _REDUCED = (torch.float16, torch.bfloat16)
 _last = threading.local()
@@ -158,6 +160,69 @@ def bn_act(bn: nn.BatchNorm2d, y: Tensor, *, relu: bool = False,
     return out
 
 
+# Eval-mode folding: bn(conv(x)) == conv(x, w*scale, (b - mean)*scale + beta) with constant
+# scale = gamma/sqrt(running_var + eps). The folded weights are a cache keyed on the
+# identity and version counter of every tensor they come from (so an optimizer step, a
+# load_state_dict or .to() rebuilds them), held in a weak dictionary: nothing is added to
+# the modules. Never rebuilt during CUDA-graph capture or under torch.compile.
+_FOLDED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+fold_eval = True  # set False to keep conv and BN separate in eval mode too
+
+
+def _fold_key(conv, bn):
+    ts = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    return tuple((id(t), t._version, t.dtype, t.device) if t is not None else None
+                 for t in ts) + (bn.eps, id(bn))
+
+
+def _can_fold(conv, bn, x) -> bool:
+    return (fold_eval and not bn.training and bn.running_mean is not None
+            and bn.running_var is not None and not torch.is_grad_enabled()
+            and isinstance(x, Tensor) and x.dim() == 4 and x.dtype in _FLOATS
+            and not torch.compiler.is_compiling()
+            and conv.weight.dtype in _FLOATS and conv.weight.device == x.device
+            and bn.running_mean.device == x.device)
+
+
+def _capturing(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d):
+    """``(w', b')`` with ``conv(x, w', b') == bn(conv(x))`` in eval mode (cached), or None
+    when the cache is stale and cannot be rebuilt now (CUDA-graph capture)."""
+    key = _fold_key(conv, bn)
+    hit = _FOLDED.get(conv)
+    if hit is not None and hit[0] == key:
+        return hit[1], hit[2]
+    if _capturing(conv.weight.device):
+        return None
+    with torch.no_grad():
+        acc = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
+        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(acc)
+        shift = -bn.running_mean.to(acc) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.to(acc)
+        if conv.bias is not None:
+            shift = shift + conv.bias.to(acc) * scale
+        w = (conv.weight.to(acc) * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
+        b = shift.to(conv.weight.dtype)
+    _FOLDED[conv] = (key, w, b)
+    return w, b
+
+
+def _folded_conv(conv, bn, x):
+    if not _can_fold(conv, bn, x):
+        return None
+    wb = folded_weights(conv, bn)
+    if wb is None:
+        return None
+    _last.backend = "folded"
+    return conv._conv_forward(x, wb[0], wb[1])
+
+
 def conv_bn_act(x: Tensor, conv: Optional[nn.Conv2d], bn: nn.BatchNorm2d, *,
                 relu: bool = False, residual: Optional[Tensor] = None,
                 shortcut_x: Optional[Tensor] = None,
@@ -167,8 +232,22 @@ def conv_bn_act(x: Tensor, conv: Optional[nn.Conv2d], bn: nn.BatchNorm2d, *,
     """One fused site: ``[relu](bn(conv(x)) [+ residual | + shortcut_bn(shortcut_conv(s))])``.
 
     ``conv``/``shortcut_conv`` may be None (the BN reads ``x``/``shortcut_x`` directly).
-    The convolutions go through ``conv2d``.
+    The convolutions go through ``conv2d``. In eval mode without autograd
+    (``torch.no_grad()``/``inference_mode``) a conv followed by a BN that uses running
+    statistics runs as one conv with folded weights (``fold_eval``).
     """
+    y = _folded_conv(conv, bn, x) if conv is not None else None
+    if y is not None:  # eval, folded: conv + bias (+ shortcut) (+ relu)
+        if shortcut_bn is not None:
+            residual = _folded_conv(shortcut_conv, shortcut_bn, shortcut_x) \
+                if shortcut_conv is not None else None
+            if residual is None:
+                s = conv2d(shortcut_conv, shortcut_x) if shortcut_conv is not None \
+                    else shortcut_x
+                residual = bn_act(shortcut_bn, s, backend=backend)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if relu else y
     y = conv2d(conv, x) if conv is not None else x
     s = None
     if shortcut_bn is not None:

@@ -273,3 +273,82 @@ def test_bad_arguments():
         convert(models.NoBN(), backend="nope")
     with pytest.raises(TypeError):
         convert(lambda x: x)
+
+
+def test_eval_folding_cache_follows_updates():
+    import fusedres.nn as fnn
+
+    ref, fused = _pair(models.TinyResNet, "cpu", "reference_primitives")
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    opt_r = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt_f = torch.optim.SGD(fused.parameters(), lr=0.1)
+    for step in range(3):
+        for m in (ref, fused):
+            m.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), ref(x), rtol=1e-9, atol=1e-9)
+            assert fnn.last_backend() == "folded"
+        for m, opt in ((ref, opt_r), (fused, opt_f)):  # weights and running stats change
+            m.train()
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    # eval with autograd on: not folded, still the same function
+    ref.eval(), fused.eval()
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-9, atol=1e-9)
+    # load_state_dict replaces values in place: the cache notices
+    fused.load_state_dict(_randomize(copy.deepcopy(ref)).state_dict())
+    ref.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-9, atol=1e-9)
+
+
+def test_no_folding_without_running_stats():
+    import fusedres.nn as fnn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, bias=True)
+            self.bn = nn.BatchNorm2d(4, track_running_stats=False)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)))
+
+    ref = Block().eval()
+    fused = convert(ref, backend="reference_primitives")
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x))
+    assert fnn.last_backend() == "reference_primitives"  # batch statistics, not folded
+
+
+@pytest.mark.parametrize("device,backend", FUSED[:1], ids=ids(FUSED[:1]))
+def test_channels_last_and_autocast(device, backend):
+    ref, fused = _pair(models.TinyResNet, device, backend, torch.float32)
+    x = torch.randn(4, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
+    ref, fused = ref.to(memory_format=torch.channels_last), fused.to(
+        memory_format=torch.channels_last)
+    feat = fused.forward_features(x)
+    assert feat.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.autocast(device, dtype=dtype):
+        out_r, out_f = ref(x), fused(x)
+    assert out_f.dtype == out_r.dtype
+    torch.testing.assert_close(out_f.float(), out_r.float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.slow
+def test_torch_compile():
+    ref, fused = _pair(lambda: models.CifarResNet((1, 1, 1)), "cpu", "reference_primitives",
+                       torch.float32)
+    compiled = torch.compile(fused)
+    x = torch.randn(4, 3, 32, 32)
+    out_f, out_r = compiled(x), ref(x)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-4, atol=1e-4)
+    out_f.sum().backward()
+    out_r.sum().backward()
+    for p, q in zip(ref.parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(fused.bn1.running_var, ref.bn1.running_var)
