@@ -206,7 +206,8 @@ def _unfused(prefix, bn_path, reason):
                  reason=reason)
 
 
-def _match(block: nn.Module, graph: fx.Graph, prefix: str, backend: str, rewrite: bool):
+def _match(block: nn.Module, graph: fx.Graph, prefix: str, backend: str, rewrite: bool,
+           memory_saving: bool = False):
     """Find (and with ``rewrite``, replace) the fusable sites of one traced block.
 
     Patterns are matched on the unmodified graph, largest first (tails, then BN-ReLU,
@@ -257,6 +258,20 @@ def _match(block: nn.Module, graph: fx.Graph, prefix: str, backend: str, rewrite
         sites.append((b, site))
         return True
 
+    # 0. memory_saving: a BN-ReLU whose output only feeds a conv claims that conv (the
+    #    BN-ReLU output is then recomputed in backward instead of stored)
+    next_conv = {}
+    if memory_saving:
+        for b in bns:
+            if b not in ok:
+                continue
+            relu = next(iter(b.users))
+            if _relu_input(block, relu) is not b or len(relu.users) != 1:
+                continue
+            c = next(iter(relu.users))
+            if _is_conv(block, c) and c.args[0] is relu:
+                next_conv[b] = c
+                done.add(c)
     # 1. block tails: relu(bn(.) + r), relu(bn(.) + bn_d(.))
     for relu in nodes:
         add = _relu_input(block, relu)
@@ -290,7 +305,11 @@ def _match(block: nn.Module, graph: fx.Graph, prefix: str, backend: str, rewrite
         if b in ok and b not in done:
             user = next(iter(b.users))
             if user not in done and _relu_input(block, user) is b:
-                accept(b, dict(kind="bn_relu", terminal=user, members=[b, user]))
+                site = dict(kind="bn_relu", terminal=user, members=[b, user])
+                if b in next_conv:
+                    site.update(terminal=next_conv[b], next=next_conv[b])
+                    site["members"].append(next_conv[b])
+                accept(b, site)
     # 3. conv -> bn
     for b in bns:
         if b in ok and b not in done and exclusive_conv(b) is not None:
@@ -336,12 +355,16 @@ def _describe(block, prefix, site, bn_path, backend, note):
         parts += ["add", "relu"]
     elif kind == "bn_relu":
         parts.append("relu")
+    if "next" in site:
+        parts.append("conv")
     pattern = "-".join(parts)
+    if "next" in site:
+        pattern += " (BN-ReLU recomputed in backward)"
     if kind == "dual":
         pattern += " + " + ("conv-bn" if "conv2" in site else "bn") + " shortcut"
     elif kind == "tail":
         pattern += " (shortcut: " + site["res"].name + ")"
-    if kind == "bn_relu":
+    if kind == "bn_relu" and "next" not in site:
         consumers = list(site["terminal"].users)
         if consumers and all(_is_conv(block, c) for c in consumers):
             note = (note + "; " if note else "") + "feeds conv " + ", ".join(
@@ -375,6 +398,8 @@ def _rewrite(graph: fx.Graph, site: dict, backend: str, replaced: dict) -> None:
         conv_ref = graph.get_attr(conv.target) if conv is not None else None
         x = args(conv.args[0] if conv is not None else b.args[0])
         kwargs = dict(relu=site["kind"] != "conv_bn", backend=backend)
+        if "next" in site:
+            kwargs.update(next_conv=graph.get_attr(site["next"].target), memory_saving=True)
         if site["kind"] == "tail":
             kwargs["residual"] = args(site["res"])
         elif site["kind"] == "dual":
@@ -436,8 +461,10 @@ class FusedForward:
     reads the block's current children, parameters and buffers on every call.
     """
 
-    def __init__(self, module: nn.Module, sources: dict, backend: str, sites: list):
+    def __init__(self, module: nn.Module, sources: dict, backend: str, sites: list,
+                 memory_saving: bool = False):
         self.module = module
+        self.memory_saving = memory_saving
         self.sources = sources  # {training: (src, picklable globals)} or {None: ...}
         self.backend = backend
         self.sites = sites
@@ -452,7 +479,7 @@ class FusedForward:
 
     def __getstate__(self):
         return {"module": self.module, "sources": self.sources, "backend": self.backend,
-                "sites": self.sites}
+                "sites": self.sites, "memory_saving": self.memory_saving}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -497,9 +524,13 @@ class _Walker:
             return self._children(module, path, set(), set())
         try:
             results = {}
+            ms = self.memory_saving
+            if not self.apply and isinstance(inst, FusedForward):
+                ms = inst.memory_saving
             for training in (True, False):
                 graph, inlined = _trace(module, training)
-                rows = _match(module, graph, path, self.backend, rewrite=self.apply)
+                rows = _match(module, graph, path, self.backend, rewrite=self.apply,
+                              memory_saving=ms)
                 src = _source(graph) if self.apply else None
                 results[training] = (graph, inlined, rows, src)
         except Exception as exc:  # noqa: BLE001  (anything fx cannot trace stays as it is)
@@ -520,7 +551,8 @@ class _Walker:
                 sources = {None: src}
             else:
                 sources = {True: src, False: results[False][3]}
-            module.forward = FusedForward(module, sources, self.backend, fused)
+            module.forward = FusedForward(module, sources, self.backend, fused,
+                                          self.memory_saving)
         elif self.apply and isinstance(inst, FusedForward):
             del module.forward
         called = {n.target for n in graph.nodes if n.op == "call_module"}
@@ -555,12 +587,12 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
     Returns ``model`` itself with ``inplace=True``, else a converted deep copy. The
     result has the same state_dict keys and values and computes the same function.
     ``backend`` is passed to every fused call (``"auto"``: chosen per call from the
-    tensors' device). ``memory_saving`` is reserved (not implemented yet: raises).
+    tensors' device). ``memory_saving=True``: where a BN-ReLU's output only feeds a conv,
+    that output is not kept for backward but recomputed from the BN input
+    (``torch.utils.checkpoint`` around BN-ReLU-conv; running statistics are updated once).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
-    if memory_saving:
-        raise NotImplementedError("memory_saving=True is not implemented yet")
     if backend != "auto" and backend not in BACKENDS + (PLUMBING_BACKEND,):
         raise ValueError(f"unknown fusedres backend {backend!r}; expected 'auto' or one of "
                          f"{BACKENDS + (PLUMBING_BACKEND,)}")

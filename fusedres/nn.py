@@ -223,11 +223,33 @@ def _folded_conv(conv, bn, x):
     return conv._conv_forward(x, wb[0], wb[1])
 
 
+def _bn_relu_conv_recomputed(bn, conv, y, backend):
+    """``conv(relu(bn(y)))`` under ``torch.utils.checkpoint``: only ``y`` is kept; the
+    recomputation in backward uses batch statistics without touching the running ones."""
+    from torch.utils.checkpoint import checkpoint
+
+    state = {"first": True}
+
+    def fn(t):
+        if state["first"] or not (bn.training and bn.track_running_stats):
+            state["first"] = False
+            z = bn_act(bn, t, relu=True, backend=backend)
+        elif _runtime_ok(bn, t):  # recomputation: same batch statistics, no update
+            z = functional.batch_norm_relu(t, None, None, bn.weight, bn.bias, True, 0.0,
+                                           bn.eps, backend=backend)
+        else:
+            z = torch.relu(F.batch_norm(t, None, None, bn.weight, bn.bias, True, 0.0, bn.eps))
+        return conv2d(conv, z)
+
+    return checkpoint(fn, y, use_reentrant=False)
+
+
 def conv_bn_act(x: Tensor, conv: Optional[nn.Conv2d], bn: nn.BatchNorm2d, *,
                 relu: bool = False, residual: Optional[Tensor] = None,
                 shortcut_x: Optional[Tensor] = None,
                 shortcut_conv: Optional[nn.Conv2d] = None,
                 shortcut_bn: Optional[nn.BatchNorm2d] = None,
+                next_conv: Optional[nn.Conv2d] = None, memory_saving: bool = False,
                 backend: str = "auto") -> Tensor:
     """One fused site: ``[relu](bn(conv(x)) [+ residual | + shortcut_bn(shortcut_conv(s))])``.
 
@@ -235,7 +257,19 @@ def conv_bn_act(x: Tensor, conv: Optional[nn.Conv2d], bn: nn.BatchNorm2d, *,
     The convolutions go through ``conv2d``. In eval mode without autograd
     (``torch.no_grad()``/``inference_mode``) a conv followed by a BN that uses running
     statistics runs as one conv with folded weights (``fold_eval``).
+
+    ``next_conv``: the site is ``next_conv(relu(bn(conv(x))))`` (a BN-ReLU whose only
+    consumer is that conv); with ``memory_saving`` the BN-ReLU output is recomputed in
+    backward instead of kept.
     """
+    if next_conv is not None:
+        if residual is not None or shortcut_bn is not None or not relu:
+            raise ValueError("next_conv is only for a BN-ReLU site")
+        y = conv2d(conv, x) if conv is not None else x
+        if memory_saving and torch.is_grad_enabled() and isinstance(y, Tensor) \
+                and y.requires_grad:
+            return _bn_relu_conv_recomputed(bn, next_conv, y, backend)
+        return conv2d(next_conv, bn_act(bn, y, relu=True, backend=backend))
     y = _folded_conv(conv, bn, x) if conv is not None else None
     if y is not None:  # eval, folded: conv + bias (+ shortcut) (+ relu)
         if shortcut_bn is not None:

@@ -352,3 +352,41 @@ def test_torch_compile():
     for p, q in zip(ref.parameters(), fused.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(fused.bn1.running_var, ref.bn1.running_var)
+
+
+def _saved_bytes(model, x):
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    return out, total[0]
+
+
+@pytest.mark.parametrize("name", ["tiny_resnet", "preact_resnet"])
+def test_memory_saving(name):
+    torch.manual_seed(0)
+    ref = _randomize(MODELS[name]()).double()
+    plain = convert(ref, backend=FUSED[0][1])
+    saving = convert(ref, backend=FUSED[0][1], memory_saving=True)
+    rows = explain(saving)
+    assert any("recomputed" in r["pattern"] for r in rows)
+    _check_equivalent(ref, saving, "cpu")
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    _, b_plain = _saved_bytes(plain.train(), x)
+    _, b_saving = _saved_bytes(saving.train(), x)
+    assert b_saving < b_plain
+    # the recomputation in backward does not update running statistics twice
+    out = saving(x)
+    before = copy.deepcopy(saving.state_dict())
+    out.sum().backward()
+    _assert_same_state_dict(before, saving.state_dict())
+
+
+def _assert_same_state_dict(a, b):
+    assert list(a) == list(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
