@@ -70,9 +70,10 @@ def fusable_bn(bn: nn.Module) -> Optional[str]:
     """``None`` when ``bn`` computes exactly ``nn.BatchNorm2d.forward``; else why not."""
     if not isinstance(bn, nn.BatchNorm2d):
         return f"{type(bn).__name__} is not a BatchNorm2d"
-    if type(bn).forward is not nn.BatchNorm2d.forward and not isinstance(bn, BatchNorm2d):
-        return f"{type(bn).__name__} overrides BatchNorm2d.forward"
-    return None
+    fwd = type(bn).forward
+    if fwd is nn.BatchNorm2d.forward or (fwd is BatchNorm2d.forward and not type(bn)._relu):
+        return None
+    return f"{type(bn).__name__} overrides BatchNorm2d.forward"
 
 
 def _tensor_ok(t: Optional[Tensor], y: Tensor) -> bool:

@@ -390,3 +390,58 @@ def _assert_same_state_dict(a, b):
     assert list(a) == list(b)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+
+
+class _TrainOnlyScale(nn.Module):
+    """A forward that differs between train and eval at trace time."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        if self.training:
+            out = out * 0.5
+        return torch.relu(out)
+
+
+def test_training_dependent_forward():
+    ref = _TrainOnlyScale().double()
+    fused = convert(ref, backend="reference_primitives")
+    assert set(fused.forward.sources) == {True, False}
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    for training in (True, False, True):
+        ref.train(training), fused.train(training)
+        torch.testing.assert_close(fused(x), ref(x))
+    _assert_same_state(ref, fused)
+
+
+def test_shared_block_and_fused_modules_inside():
+    import fusedres.nn as fnn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = models.TinyBlock(4, 4, 1)
+            self.again = self.block  # the same block at two paths
+            self.bnrelu = fnn.BatchNormReLU2d(4)  # its ReLU must not be lost
+            self.bn = fnn.BatchNorm2d(4)
+
+        def forward(self, x):
+            x = self.again(self.block(x))
+            return torch.relu(self.bn(self.bnrelu(x))) - 0.1
+
+    torch.manual_seed(0)
+    ref = Net().double()
+    fused = convert(ref, backend="reference_primitives")
+    rows = {r["site"]: r for r in explain(fused)}
+    assert rows["bnrelu"]["status"] == "unfused" and "overrides" in rows["bnrelu"]["reason"]
+    assert rows["bn"]["kernel"] == "batch_norm_relu"
+    assert fused.again is fused.block
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    for training in (True, False):
+        ref.train(training), fused.train(training)
+        torch.testing.assert_close(fused(x), ref(x))
+    _assert_same_state(ref, fused)
