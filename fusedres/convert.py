@@ -617,7 +617,10 @@ class Explanation(list):
         rows = [[str(r.get(c, "") or "") for c in self.COLUMNS] for r in self]
         widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in
                   enumerate(self.COLUMNS)]
-        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+
+        def line(cells):
+            return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
         out = [line(self.COLUMNS), line(["-" * w for w in widths])]
         out += [line(r) for r in rows]
         n = len(self.fused())

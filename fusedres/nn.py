@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from . import functional
 
 __all__ = ["BatchNorm2d", "BatchNormReLU2d", "BatchNormAddReLU2d", "DualBatchNormAddReLU2d",
-           "ConvBatchNormReLU2d", "conv2d", "last_backend", "bn_act", "conv_bn_act", "fusable_bn", "folded_weights"]
+           "ConvBatchNormReLU2d", "conv2d", "last_backend", "bn_act", "conv_bn_act", "fusable_bn",
+           "folded_weights", "fold_eval"]
 
 _REDUCED = (torch.float16, torch.bfloat16)
 _last = threading.local()

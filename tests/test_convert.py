@@ -1,7 +1,7 @@
 """fusedres.convert / fusedres.explain on torchvision, hand-written and timm ResNets."""
 import collections
 import copy
-import io
+import os
 
 import pytest
 import torch
@@ -13,6 +13,12 @@ from _cases import device_backends, ids
 from fusedres.convert import FusedForward, convert, explain
 
 FUSED = device_backends(include_reference=False)
+
+
+def slow(fn):
+    """Long tests: marked ``slow`` and run only with FUSEDRES_SLOW=1."""
+    return pytest.mark.slow(pytest.mark.skipif(
+        os.environ.get("FUSEDRES_SLOW") != "1", reason="slow: set FUSEDRES_SLOW=1")(fn))
 
 MODELS = {
     "resnet18": lambda: torchvision.models.resnet18(weights=None),
@@ -339,7 +345,7 @@ def test_channels_last_and_autocast(device, backend):
     torch.testing.assert_close(out_f.float(), out_r.float(), rtol=3e-2, atol=3e-2)
 
 
-@pytest.mark.slow
+@slow
 def test_torch_compile():
     ref, fused = _pair(lambda: models.CifarResNet((1, 1, 1)), "cpu", "reference_primitives",
                        torch.float32)
@@ -445,3 +451,34 @@ def test_shared_block_and_fused_modules_inside():
         ref.train(training), fused.train(training)
         torch.testing.assert_close(fused(x), ref(x))
     _assert_same_state(ref, fused)
+
+
+# The other torchvision ResNets: same blocks, so every BN must be fused; counts from the
+# architecture (stem + 2 or 3 BN-ReLU per block, one tail per block, one dual per stage
+# after the first, and the first stage too for bottlenecks).
+OTHER = {
+    "resnet34": (16, "basic"), "resnet101": (33, "bottleneck"),
+    "resnet152": (50, "bottleneck"), "wide_resnet50_2": (16, "bottleneck"),
+    "resnext50_32x4d": (16, "bottleneck"),
+}
+
+
+@pytest.mark.parametrize("arch", list(OTHER))
+def test_other_torchvision_resnets_fully_fused(arch):
+    blocks, kind = OTHER[arch]
+    model = getattr(torchvision.models, arch)(weights=None)
+    fused = convert(model, inplace=True, backend="reference_primitives")
+    kernels = collections.Counter((r["status"], r["kernel"]) for r in explain(fused))
+    duals = 3 if kind == "basic" else 4
+    per_block = 1 if kind == "basic" else 2
+    assert dict(kernels) == {("fused", "batch_norm_relu"): 1 + per_block * blocks,
+                             ("fused", "batch_norm_add_relu"): blocks - duals,
+                             ("fused", "dual_batch_norm_add_relu"): duals}
+
+
+@slow
+@pytest.mark.parametrize("arch", ["resnext50_32x4d", "wide_resnet50_2", "resnet34"])
+def test_other_torchvision_resnets_equivalent(arch):
+    ref, fused = _pair(lambda: getattr(torchvision.models, arch)(weights=None), "cpu",
+                       FUSED[0][1])
+    _check_equivalent(ref, fused, "cpu")
