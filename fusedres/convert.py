@@ -369,10 +369,16 @@ def _describe(block, prefix, site, bn_path, backend, note):
                 _path(prefix, c.target) for c in consumers) + " (prologue candidate)"
     modules = [_path(prefix, n.target) for n in site["members"] if n.op == "call_module"]
     bn = _module(block, site["members"][0])
+    if bn.running_mean is None:
+        eval_mode = "batch statistics"
+    elif "conv" in site and "next" not in site:  # under no_grad / inference_mode
+        eval_mode = "both convs folded" if "conv2" in site else "conv folded"
+    else:
+        eval_mode = "running statistics"
     return _Site(block=prefix, site=bn_path, pattern=pattern, kernel=_KERNELS[kind],
                  conv="conv2d" if "conv" in site or "conv2" in site else "",
                  modules=", ".join(sorted(set(modules))), backend=_backend_name(bn, backend),
-                 status="fused", reason=note)
+                 eval=eval_mode, status="fused", reason=note)
 
 
 def _backend_name(bn: nn.Module, backend: str) -> str:
@@ -533,7 +539,7 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
 class Explanation(list):
     """``explain``'s rows (dicts); ``str()`` gives the table."""
 
-    COLUMNS = ("status", "site", "pattern", "kernel", "backend", "reason")
+    COLUMNS = ("status", "site", "pattern", "kernel", "backend", "eval", "reason")
 
     def fused(self):
         return [r for r in self if r["status"] == "fused"]

@@ -176,6 +176,9 @@ def test_explain_unconverted_and_table():
     assert "dual_batch_norm_add_relu" in table and "17 fused site(s), 0 unfused" in table
     first = explain(fused)[0]
     assert first["site"] == "bn1" and first["pattern"] == "conv-bn-relu"
+    assert first["eval"] == "conv folded"
+    assert {r["eval"] for r in explain(fused) if r["kernel"] == "dual_batch_norm_add_relu"} \
+        == {"both convs folded"}
 
 
 def test_no_fusable_pattern():
