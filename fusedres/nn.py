@@ -43,7 +43,7 @@ from . import functional
 
 __all__ = ["BatchNorm2d", "BatchNormReLU2d", "BatchNormAddReLU2d", "DualBatchNormAddReLU2d",
            "ConvBatchNormReLU2d", "conv2d", "last_backend", "bn_act", "conv_bn_act", "fusable_bn",
-           "folded_weights", "fold_eval"]
+           "folded_weights", "fold_eval", "bn_relu_conv2d"]
 
 _REDUCED = (torch.float16, torch.bfloat16)
 _last = threading.local()
@@ -225,6 +225,13 @@ def _folded_conv(conv, bn, x):
     return conv._conv_forward(x, wb[0], wb[1])
 
 
+def bn_relu_conv2d(bn: nn.BatchNorm2d, conv: nn.Conv2d, y: Tensor, *,
+                   backend: str = "auto") -> Tensor:
+    """``conv(relu(bn(y)))``: the one place a BN-ReLU prologue site runs (today the fused
+    BN-ReLU then ``conv2d``; the place for an implicit-GEMM conv with a BN-ReLU prologue)."""
+    return conv2d(conv, bn_act(bn, y, relu=True, backend=backend))
+
+
 def _bn_relu_conv_recomputed(bn, conv, y, backend):
     """``conv(relu(bn(y)))`` under ``torch.utils.checkpoint``: only ``y`` is kept; the
     recomputation in backward uses batch statistics without touching the running ones."""
@@ -271,7 +278,7 @@ def conv_bn_act(x: Tensor, conv: Optional[nn.Conv2d], bn: nn.BatchNorm2d, *,
         if memory_saving and torch.is_grad_enabled() and isinstance(y, Tensor) \
                 and y.requires_grad:
             return _bn_relu_conv_recomputed(bn, next_conv, y, backend)
-        return conv2d(next_conv, bn_act(bn, y, relu=True, backend=backend))
+        return bn_relu_conv2d(bn, next_conv, y, backend=backend)
     y = _folded_conv(conv, bn, x) if conv is not None else None
     if y is not None:  # eval, folded: conv + bias (+ shortcut) (+ relu)
         if shortcut_bn is not None:
