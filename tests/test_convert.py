@@ -8,6 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
+import fusedres.nn as fnn
 import models
 from _cases import device_backends, ids
 from fusedres.convert import FusedForward, convert, explain
@@ -76,7 +77,7 @@ def _assert_same_state(a, b):
         torch.testing.assert_close(sb[k], sa[k], rtol=1e-7, atol=1e-9, msg=lambda m: f"{k}: {m}")
 
 
-def _check_equivalent(ref, fused, device, dtype=torch.float64, tol=1e-6):
+def _check_equivalent(ref, fused, device, dtype=torch.float64, tol=1e-6, backend=None):
     def close(a, b, what):  # relative to the tensor's scale: float64 rounding only
         atol = tol * max(float(a.detach().abs().max()), 1.0)
         torch.testing.assert_close(b, a, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
@@ -87,6 +88,8 @@ def _check_equivalent(ref, fused, device, dtype=torch.float64, tol=1e-6):
     fused.train()
     out_r, out_f = ref(x), fused(x)
     close(out_r, out_f, "train output")
+    if backend is not None:  # the last site ran the fused path, not a fallback
+        assert fnn.last_backend() == backend
     g = torch.randn_like(out_r)
     out_r.backward(g)
     out_f.backward(g)
@@ -107,7 +110,8 @@ def test_model_equivalent(name, device, backend):
     assert dict(collections.Counter((r["status"], r["kernel"]) for r in rows)) == \
         EXPECTED[name], str(rows)
     assert all(r["backend"] == backend for r in rows if r["status"] == "fused")
-    _check_equivalent(ref, fused, device)
+    assert not any(isinstance(m.__dict__.get("forward"), FusedForward) for m in ref.modules())
+    _check_equivalent(ref, fused, device, backend=backend)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "tiny_resnet", "cifar_resnet_option_a"])
@@ -285,8 +289,6 @@ def test_bad_arguments():
 
 
 def test_eval_folding_cache_follows_updates():
-    import fusedres.nn as fnn
-
     ref, fused = _pair(models.TinyResNet, "cpu", "reference_primitives")
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     opt_r = torch.optim.SGD(ref.parameters(), lr=0.1)
@@ -313,8 +315,6 @@ def test_eval_folding_cache_follows_updates():
 
 
 def test_no_folding_without_running_stats():
-    import fusedres.nn as fnn
-
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
@@ -428,8 +428,6 @@ def test_training_dependent_forward():
 
 
 def test_shared_block_and_fused_modules_inside():
-    import fusedres.nn as fnn
-
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
