@@ -500,9 +500,35 @@ __device__ __forceinline__ void welford_batch(acc& mean, acc& m2, const acc* v, 
   m2 = m2 + bm2 + d * d * fa;
 }
 
-// Channel-outer: grid (C, P), block kThreads; block (c, p) reduces units
-// [p*per_part, (p+1)*per_part) of channel c, a unit being 8 consecutive flat (n, s).
-// VEC: S % 8 == 0, ss == 1 and the view 16-byte aligned: a unit is one vector load.
+// Folds the first `valid` (>= 1) of 8 loaded elements of one channel into a thread's
+// state: stats, a Welford batch (s0 = mean, s1 = M2, cnt = count); backward, the sums
+// s0 += g, s1 += g*(x - mean) with g = pass ? dout : 0.
+template <typename acc, int MODE>
+__device__ __forceinline__ void accumulate(acc& s0, acc& s1, int& cnt, const acc* xv,
+                                           const acc* dv, const bool* pass, int valid,
+                                           acc mean_c) {
+  if (MODE == kStats) {
+    const acc nb = static_cast<acc>(valid);
+    const acc fb = nb / static_cast<acc>(cnt + valid);
+    welford_batch<acc, kUnit>(s0, s1, xv, valid, acc(1) / nb, fb, static_cast<acc>(cnt) * fb);
+    cnt += valid;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j) {
+      if (j < valid) {
+        const acc g = pass[j] ? dv[j] : acc(0);
+        s0 += g;
+        s1 = mad(g, xv[j] - mean_c, s1);
+      }
+    }
+  }
+}
+
+// Channel-outer: grid (C, P), block kThreads; block (c, p) reduces partition p of the
+// flat (n, s) elements of channel c, 8 elements per thread at a time.
+// VEC: S % 8 == 0, ss == 1 and the view 16-byte aligned: 8 consecutive elements of a
+// row are one vector load. Otherwise scalar loads, consecutive threads on consecutive
+// elements.
 template <typename T, int MODE, bool VEC>
 __global__ void __launch_bounds__(kThreads)
     reduce_outer_kernel(const ReduceArgs<T> a, Acc<acc_t<T>, MODE>* __restrict__ ws) {
@@ -510,8 +536,6 @@ __global__ void __launch_bounds__(kThreads)
   using A = Acc<acc, MODE>;
   const int64_t c = blockIdx.x, p = blockIdx.y;
   const int64_t C = a.C, S = a.S, M = a.N * a.S;
-  const int64_t units = (M + kUnit - 1) / kUnit;
-  const int64_t ubeg = p * a.per_part, uend = min(ubeg + a.per_part, units);
 
   acc mean_c = acc(0), scale_c = acc(0), shift_c = acc(0);
   if (MODE == kBackward) {
@@ -523,71 +547,71 @@ __global__ void __launch_bounds__(kThreads)
   }
   acc s0 = acc(0), s1 = acc(0);  // stats: mean, M2; backward: sum g, sum g*xc
   int cnt = 0;                   // stats: this thread's count
+  acc xv[kUnit], dv[kUnit];
+  bool pass[kUnit];
 
-  int64_t u = ubeg + threadIdx.x;
-  int64_t n = 0, s = 0;
-  if (u < uend) {
-    n = (u * kUnit) / S;
-    s = u * kUnit - n * S;
-  }
-  for (; u < uend; u += kThreads, ns_add(n, s, a.step_q, a.step_r, S)) {
-    const int valid = static_cast<int>(min(static_cast<int64_t>(kUnit), M - u * kUnit));
-    acc xv[kUnit], dv[kUnit];
-    bool pass[kUnit];
-    if (VEC) {  // valid == 8: M is a multiple of 8
-      load8(a.x + offset3(a.xs, n, c, s), xv);
-      if (MODE == kBackward) load8(a.dout + offset3(a.ds, n, c, s), dv);
-    } else {
-      int64_t nj = n, sj = s;
-#pragma unroll
-      for (int j = 0; j < kUnit; ++j) {
-        xv[j] = dv[j] = acc(0);
-        if (j < valid) {
-          xv[j] = Elem<T>::load(a.x + offset3(a.xs, nj, c, sj));
-          if (MODE == kBackward) dv[j] = Elem<T>::load(a.dout + offset3(a.ds, nj, c, sj));
-        }
-        if (++sj == S) {
-          sj = 0;
-          ++nj;
-        }
-      }
+  if (VEC) {
+    // Units [p*per_part, (p+1)*per_part): a unit is 8 consecutive flat (n, s) of one row,
+    // one 16-byte-aligned vector; thread t takes units t, t + 256, ...
+    const int64_t units = M / kUnit;  // M is a multiple of 8
+    const int64_t ubeg = p * a.per_part, uend = min(ubeg + a.per_part, units);
+    int64_t u = ubeg + threadIdx.x;
+    int64_t n = 0, s = 0;
+    if (u < uend) {
+      n = (u * kUnit) / S;
+      s = u * kUnit - n * S;
     }
-    if (MODE == kStats) {
-      const acc nb = static_cast<acc>(valid);
-      const acc fb = nb / static_cast<acc>(cnt + valid);
-      welford_batch<acc, kUnit>(s0, s1, xv, valid, acc(1) / nb, fb, static_cast<acc>(cnt) * fb);
-      cnt += valid;
-    } else {
-      if (a.mask) {
-        if (VEC && !a.mask_cl) {  // o = (n*C + c)*S + s is a multiple of 8: one byte
+    for (; u < uend; u += kThreads, ns_add(n, s, a.step_q, a.step_r, S)) {
+      load8(a.x + offset3(a.xs, n, c, s), xv);
+      if (MODE == kBackward) {
+        load8(a.dout + offset3(a.ds, n, c, s), dv);
+        if (a.mask && !a.mask_cl) {  // o = (n*C + c)*S + s is a multiple of 8: one byte
           const int64_t o = (n * C + c) * S + s;
           const unsigned byte = __ldg(a.mask + (o >> 3));
 #pragma unroll
           for (int j = 0; j < kUnit; ++j) pass[j] = (byte >> j) & 1u;
         } else {
-          int64_t nj = n, sj = s;
 #pragma unroll
           for (int j = 0; j < kUnit; ++j) {
-            pass[j] = j < valid && mask_bit(a.mask, a.mask_cl, C, S, nj, c, sj);
-            if (++sj == S) {
-              sj = 0;
-              ++nj;
-            }
+            pass[j] = a.mask ? mask_bit(a.mask, a.mask_cl, C, S, n, c, s + j)
+                             : !a.relu || !(mad(xv[j], scale_c, shift_c) <= acc(0));
           }
         }
-      } else {
-#pragma unroll
-        for (int j = 0; j < kUnit; ++j)
-          pass[j] = !a.relu || !(mad(xv[j], scale_c, shift_c) <= acc(0));
       }
+      accumulate<acc, MODE>(s0, s1, cnt, xv, dv, pass, kUnit, mean_c);
+    }
+  } else {
+    // Tiles [p*per_part, (p+1)*per_part) of kThreads*8 flat (n, s): thread t takes
+    // elements t, t + 256, ..., t + 7*256 of a tile (coalesced scalar loads).
+    const int64_t tile = static_cast<int64_t>(kThreads) * kUnit;
+    const int64_t mbeg = p * a.per_part * tile, mend = min(mbeg + a.per_part * tile, M);
+    const int64_t lane_q = kThreads / S, lane_r = kThreads % S;
+    int64_t m = mbeg + threadIdx.x;
+    int64_t n = 0, s = 0;
+    if (m < mend) {
+      n = m / S;
+      s = m - n * S;
+    }
+    for (; m < mend; m += tile, ns_add(n, s, a.step_q, a.step_r, S)) {
+      // Elements j < valid exist: m + j*256 < mend.
+      const int valid =
+          static_cast<int>(min(static_cast<int64_t>(kUnit), (mend - m + kThreads - 1) / kThreads));
+      int64_t nj = n, sj = s;
 #pragma unroll
       for (int j = 0; j < kUnit; ++j) {
+        xv[j] = dv[j] = acc(0);
+        pass[j] = false;
         if (j < valid) {
-          const acc g = pass[j] ? dv[j] : acc(0);
-          s0 += g;
-          s1 = mad(g, xv[j] - mean_c, s1);
+          xv[j] = Elem<T>::load(a.x + offset3(a.xs, nj, c, sj));
+          if (MODE == kBackward) {
+            dv[j] = Elem<T>::load(a.dout + offset3(a.ds, nj, c, sj));
+            pass[j] = a.mask ? mask_bit(a.mask, a.mask_cl, C, S, nj, c, sj)
+                             : !a.relu || !(mad(xv[j], scale_c, shift_c) <= acc(0));
+          }
         }
+        ns_add(nj, sj, lane_q, lane_r, S);
       }
+      accumulate<acc, MODE>(s0, s1, cnt, xv, dv, pass, valid, mean_c);
     }
   }
   A v;
@@ -824,19 +848,21 @@ void launch_reduce(ReduceArgs<T> a, Shape3 sh, acc_t<T>* out_a, acc_t<T>* out_b,
   int64_t P = 1;
   A* ws = nullptr;
   if (!use_inner(a.xs, sh)) {
-    const int64_t units = ceil_div(M, kUnit);
-    P = std::min(ceil_div(kTargetBlocks, C), ceil_div(units, kThreads * kMinSteps));
-    P = std::max<int64_t>(1, std::min(P, kMaxGridY));
-    a.per_part = ceil_div(units, P);
-    P = ceil_div(units, a.per_part);
-    const int64_t step = static_cast<int64_t>(kThreads) * kUnit;
-    a.step_q = step / S;
-    a.step_r = step % S;
     auto view_ok = [&](const void* p, const Strides3& st) {
       return aligned16(p) && st.s == 1 && stride_aligned(sh.N, st.n, esz) &&
              stride_aligned(C, st.c, esz);
     };
     const bool vec = S % kUnit == 0 && view_ok(a.x, a.xs) && (!bwd || view_ok(a.dout, a.ds));
+    // VEC partitions count units of 8 elements, the scalar path tiles of kThreads*8.
+    const int64_t pieces = vec ? M / kUnit : ceil_div(M, static_cast<int64_t>(kThreads) * kUnit);
+    const int64_t pieces_per_step = vec ? kThreads : 1;
+    P = std::min(ceil_div(kTargetBlocks, C), ceil_div(pieces, pieces_per_step * kMinSteps));
+    P = std::max<int64_t>(1, std::min(P, kMaxGridY));
+    a.per_part = ceil_div(pieces, P);
+    P = ceil_div(pieces, a.per_part);
+    const int64_t step = static_cast<int64_t>(kThreads) * kUnit;  // elements per thread step
+    a.step_q = step / S;
+    a.step_r = step % S;
     ws = static_cast<A*>(wsp.alloc(wsp.ctx, static_cast<size_t>(P * C) * sizeof(A)));
     const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(P));
     if (vec) {
