@@ -16,8 +16,9 @@
 //
 // Reductions (bn_stats, bn_backward_reduce): two traversals, chosen from the strides of x:
 // * channel-outer (S contiguous, NCHW): block (c, p) reduces partition p of channel c's
-//   N*S elements, each thread 8 consecutive elements of the flattened (n, s) at a time
-//   (one 16-byte-aligned vector when S % 8 == 0 and the view allows it);
+//   N*S elements, each thread 8 elements of the flattened (n, s) at a time: 8
+//   consecutive ones as a 16-byte-aligned vector when S % 8 == 0 and the view allows it,
+//   else 8 scalar loads 256 elements apart (consecutive threads, consecutive elements);
 // * channel-inner (C contiguous, channels-last): a (TX, TY) block covers TX groups of V
 //   channels (V*sizeof(T) = 16 bytes when C % V == 0, else V = 1) and TY row lanes,
 //   each thread 4 rows (n, s) at a time.
