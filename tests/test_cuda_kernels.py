@@ -92,7 +92,7 @@ def assert_close_lowp(out, ref_same, ref64, what=""):
     err = (o - t).abs().max().item()
     ref_err = (r - t).abs().max().item()
     bound = 2 * ref_err + ATOL[out.dtype]
-    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (reference's own {ref_err:.3g})"
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g} (reference {ref_err:.3g})"
 
 
 def assert_sums_close(out, ref64, abs_sum, what=""):

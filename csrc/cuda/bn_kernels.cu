@@ -261,7 +261,8 @@ struct ApplyArgs {
 };
 
 template <typename T, bool VEC>
-__global__ void __launch_bounds__(kThreads, min_blocks_elementwise<T>()) bn_apply_kernel(const ApplyArgs<T> a) {
+__global__ void __launch_bounds__(kThreads, min_blocks_elementwise<T>())
+    bn_apply_kernel(const ApplyArgs<T> a) {
   using acc = acc_t<T>;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;

@@ -25,7 +25,8 @@ def cuda_include() -> str:
 def build(lib_name: str = "libemu.so") -> str:
     os.makedirs(OUT, exist_ok=True)
     src = open(os.path.join(ROOT, "csrc", "cuda", "bn_kernels.cu")).read()
-    src = src.replace('#include "cuda/bn_kernels.h"', '#include "emu.h"\n#include "cuda/bn_kernels.h"')
+    src = src.replace('#include "cuda/bn_kernels.h"',
+                      '#include "emu.h"\n#include "cuda/bn_kernels.h"')
     src, n = re.subn(r"(\w+<[^<>;]*>)\s*<<<([^;]*?)>>>\(([^;]*)\);",
                      r"emu::launch(&\1, \2, \3);", src)
     assert n > 0, "no kernel launches found"

@@ -36,8 +36,9 @@ GROUPS = {
     "stats": [(T.test_bn_stats, [D, L, SHAPES])],
     "apply": [
         (T.test_bn_apply_relu_mask, [D, L, SHAPES, [False, True]]),
-        (T.test_bn_apply_variants, [D, ["nchw", "cl", "strided"], [(2, 3, 5), (1, 65, 9), (2, 16, 24)],
-                                    list(T.VARIANTS), [False, True]]),
+        (T.test_bn_apply_variants, [D, ["nchw", "cl", "strided"],
+                                    [(2, 3, 5), (1, 65, 9), (2, 16, 24)], list(T.VARIANTS),
+                                    [False, True]]),
         (lambda d, lr: T.test_bn_apply_mixed_layouts(d, *lr), [F32_BF16, MIXED]),
     ],
     "reduce": [
@@ -56,7 +57,8 @@ GROUPS = {
         (T.test_bn_stats_large_mean, [["nchw", "cl", "s_major"]]),
     ],
     "grid": [
-        (T.test_bn_apply_relu_mask, [D, ["nchw", "cl", "strided", "misaligned"], ODD, [False, True]]),
+        (T.test_bn_apply_relu_mask, [D, ["nchw", "cl", "strided", "misaligned"], ODD,
+                                     [False, True]]),
         (T._apply_case, [ODD, D, ["nchw", "cl"], ["res_relu_mask", "dual_res"], [False, True]]),
         (T.test_bn_backward_apply, [D, ["nchw", "cl", "s_major"], ODD, ["mask", "relu"]]),
         (T.test_bn_apply_grid_stride, [["nchw", "cl"], F32_F16]),
@@ -72,7 +74,8 @@ GROUPS = {
 
 def main(which):
     names = [n for n in GROUPS if n != "big"] if which == "all" else [which]
-    cases = [(f, combo) for n in names for f, grid in GROUPS[n] for combo in itertools.product(*grid)]
+    cases = [(f, combo) for n in names for f, grid in GROUPS[n]
+             for combo in itertools.product(*grid)]
     print(len(cases), "cases", flush=True)
     fails, t0 = 0, time.time()
     for f, combo in cases:
