@@ -711,10 +711,20 @@ __global__ void __launch_bounds__(kThreads)
           acc xv[V], dv[V];
           load_row<T, V>(a.x, a.xs, nk, sk, c0, true, xv);
           load_row<T, V>(a.dout, a.ds, nk, sk, c0, true, dv);
+          // Channels-last mask, V > 1: o = (nk*S + sk)*C + c0 is a multiple of V (C % V
+          // == 0) and V divides 8, so the V bits lie in one byte.
+          unsigned row_bits = 0;
+          const bool one_byte = V > 1 && a.mask && a.mask_cl;
+          if (one_byte) {
+            const int64_t o = (nk * S + sk) * C + c0;
+            row_bits = static_cast<unsigned>(__ldg(a.mask + (o >> 3))) >> (o & 7);
+          }
 #pragma unroll
           for (int j = 0; j < V; ++j) {
             bool pass;
-            if (a.mask) {
+            if (one_byte) {
+              pass = (row_bits >> j) & 1u;
+            } else if (a.mask) {
               pass = mask_bit(a.mask, a.mask_cl, C, S, nk, c0 + j, sk);
             } else {
               pass = !a.relu || !(mad(xv[j], scale_c[j], shift_c[j]) <= acc(0));
