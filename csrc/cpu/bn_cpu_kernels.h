@@ -242,17 +242,28 @@ void stats_rows(const StatsArgs& a, const Ncs& x) {
       }
     }
   });
+  // Chan merge of the chunks in chunk order. Every channel of a chunk has the same
+  // count, so the merge weights are scalars and the merge is vectorised across C.
   acc_t* mean = static_cast<acc_t*>(a.mean);
   acc_t* var = static_cast<acc_t*>(a.var);
-  at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      Welford<acc_t> w;
-      for (int64_t k = 0; k < nchunks; ++k) {
-        const int64_t r0 = k * rows_per_chunk, r1 = std::min(R, r0 + rows_per_chunk);
-        w.merge(r1 - r0, ws_mean[k * C + c], ws_m2[k * C + c]);
+  const int64_t cblocks = ceil_div(C, V::size());
+  at::parallel_for(0, cblocks, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t j = b * V::size(), cnt = std::min<int64_t>(V::size(), C - j);
+      V m = loadp(ws_mean.data() + j, cnt), q = loadp(ws_m2.data() + j, cnt);
+      int64_t n = std::min(R, rows_per_chunk);
+      for (int64_t k = 1; k < nchunks; ++k) {
+        const int64_t r0 = k * rows_per_chunk, nb = std::min(R, r0 + rows_per_chunk) - r0;
+        const int64_t nt = n + nb;
+        const V fb(static_cast<acc_t>(nb) / static_cast<acc_t>(nt));
+        const V na(static_cast<acc_t>(n));
+        const V d = loadp(ws_mean.data() + k * C + j, cnt) - m;
+        m = m + d * fb;
+        q = q + loadp(ws_m2.data() + k * C + j, cnt) + d * d * na * fb;
+        n = nt;
       }
-      mean[c] = w.mean;
-      var[c] = w.n > 0 ? w.m2 / static_cast<acc_t>(w.n) : acc_t(0);
+      store(mean + j, m, cnt);
+      store(var + j, q / V(static_cast<acc_t>(n)), cnt);
     }
   });
 }
@@ -430,26 +441,42 @@ void apply_impl(const ApplyArgs& a) {
 // Backward: g = dout * passes (mask bit, or recomputed !(x*scale+shift <= 0))
 // =====================================================================================
 
-// Gradient after the ReLU for `cnt` lanes. `moff`/`mstride`: bit offset of lane 0 and
-// bit step between lanes in the mask.
-template <typename acc_t>
-inline Vectorized<acc_t> gated(const BackwardArgs& a, const Vectorized<acc_t>& d,
-                               const Vectorized<acc_t>& xv, const Vectorized<acc_t>& sc,
-                               const Vectorized<acc_t>& sh, int64_t moff, int64_t mstride,
-                               int64_t cnt) {
-  using V = Vectorized<acc_t>;
-  const V zero(acc_t(0));
-  if (a.mask) {
-    return V::blendv(zero, d, bits_to_mask<acc_t>(read_bits(a.mask, a.mask_bytes, moff, mstride, cnt)));
-  }
-  if (a.relu) {
-    const V pre = xv * sc + sh;
-    return V::blendv(d, zero, pre <= zero);
-  }
-  return d;
+// How g = dout * passes gets its gate: no ReLU, the saved mask, or recomputed from x.
+enum Gate : int { kNoGate = 0, kMaskGate = 1, kRecomputeGate = 2 };
+
+inline int gate_of(const BackwardArgs& a) {
+  return a.mask ? kMaskGate : (a.relu ? kRecomputeGate : kNoGate);
 }
 
-template <typename scalar_t, bool ROWS, bool CONTIG>
+// Gradient after the ReLU for `cnt` lanes. `moff`/`mstride`: bit offset of lane 0 and
+// bit step between lanes in the mask.
+template <int GATE, typename acc_t>
+inline Vectorized<acc_t> gated(const uint8_t* mask, int64_t mask_bytes,
+                               const Vectorized<acc_t>& d, const Vectorized<acc_t>& xv,
+                               const Vectorized<acc_t>& sc, const Vectorized<acc_t>& sh,
+                               int64_t moff, int64_t mstride, int64_t cnt) {
+  using V = Vectorized<acc_t>;
+  const V zero(acc_t(0));
+  if constexpr (GATE == kMaskGate) {
+    return V::blendv(zero, d, bits_to_mask<acc_t>(read_bits(mask, mask_bytes, moff, mstride, cnt)));
+  } else if constexpr (GATE == kRecomputeGate) {
+    const V pre = xv * sc + sh;
+    return V::blendv(d, zero, pre <= zero);
+  } else {
+    return d;
+  }
+}
+
+template <typename F>
+void with_gate(int gate, F&& f) {
+  switch (gate) {
+    case kMaskGate: f(std::integral_constant<int, kMaskGate>{}); break;
+    case kRecomputeGate: f(std::integral_constant<int, kRecomputeGate>{}); break;
+    default: f(std::integral_constant<int, kNoGate>{}); break;
+  }
+}
+
+template <typename scalar_t, bool ROWS, bool CONTIG, int GATE>
 void backward_apply_walk(const BackwardArgs& a, const Ncs& dout, const Ncs& x) {
   using acc_t = acc_type_t<scalar_t>;
   using V = Vectorized<acc_t>;
@@ -465,7 +492,9 @@ void backward_apply_walk(const BackwardArgs& a, const Ncs& dout, const Ncs& x) {
   const scalar_t* xp = static_cast<const scalar_t*>(x.data);
   scalar_t* dxp = static_cast<scalar_t*>(a.dx);
   scalar_t* drp = static_cast<scalar_t*>(a.dres);
-  const bool need_pass = a.mask == nullptr && a.relu;
+  constexpr bool need_pass = GATE == kRecomputeGate;
+  const uint8_t* mask = a.mask;
+  const int64_t mask_bytes = a.mask_bytes;
   const int64_t di = ROWS ? dout.sC : dout.sS, xi = ROWS ? x.sC : x.sS;
   walk_output<ROWS>(
       a.sh, [](int64_t) { return 0; },
@@ -479,7 +508,7 @@ void backward_apply_walk(const BackwardArgs& a, const Ncs& dout, const Ncs& x) {
           vg = V(cg[cs]);
           vxc = V(cxc[cs]);
           vc = V(cc[cs]);
-          if (need_pass) {
+          if constexpr (need_pass) {
             sc = V(scale[cs]);
             sh = V(shift[cs]);
           }
@@ -491,14 +520,14 @@ void backward_apply_walk(const BackwardArgs& a, const Ncs& dout, const Ncs& x) {
             vg = loadp(cg + j, cnt);
             vxc = loadp(cxc + j, cnt);
             vc = loadp(cc + j, cnt);
-            if (need_pass) {
+            if constexpr (need_pass) {
               sc = loadp(scale + j, cnt);
               sh = loadp(shift + j, cnt);
             }
           }
           const V d = load<CONTIG>(dr + j * (CONTIG ? 1 : di), di, cnt);
           const V xv = load<CONTIG>(xr + j * (CONTIG ? 1 : xi), xi, cnt);
-          const V g = gated<acc_t>(a, d, xv, sc, sh, o * inner + j, 1, cnt);
+          const V g = gated<GATE, acc_t>(mask, mask_bytes, d, xv, sc, sh, o * inner + j, 1, cnt);
           const V dx = (vg * g + vxc * (xv - mn)) + vc;
           store(dxp + o * inner + j, dx, cnt);
           if (drp) store(drp + o * inner + j, g, cnt);
@@ -512,17 +541,20 @@ void backward_apply_impl(const BackwardArgs& a) {
   Ncs dout = a.dout, x = a.x;
   normalise(a.sh, dout);
   normalise(a.sh, x);
-  if (a.channels_last) {
-    if (dout.sC == 1 && x.sC == 1) backward_apply_walk<scalar_t, true, true>(a, dout, x);
-    else backward_apply_walk<scalar_t, true, false>(a, dout, x);
-  } else {
-    if (dout.sS == 1 && x.sS == 1) backward_apply_walk<scalar_t, false, true>(a, dout, x);
-    else backward_apply_walk<scalar_t, false, false>(a, dout, x);
-  }
+  with_gate(gate_of(a), [&](auto gate) {
+    constexpr int G = decltype(gate)::value;
+    if (a.channels_last) {
+      if (dout.sC == 1 && x.sC == 1) backward_apply_walk<scalar_t, true, true, G>(a, dout, x);
+      else backward_apply_walk<scalar_t, true, false, G>(a, dout, x);
+    } else {
+      if (dout.sS == 1 && x.sS == 1) backward_apply_walk<scalar_t, false, true, G>(a, dout, x);
+      else backward_apply_walk<scalar_t, false, false, G>(a, dout, x);
+    }
+  });
 }
 
 // ROWS reduction: per chunk of rows, per-channel partial sums vectorised across C.
-template <typename scalar_t, bool CONTIG>
+template <typename scalar_t, bool CONTIG, int GATE>
 void backward_reduce_rows(const BackwardArgs& a, const Ncs& dout, const Ncs& x) {
   using acc_t = acc_type_t<scalar_t>;
   using V = Vectorized<acc_t>;
@@ -535,7 +567,9 @@ void backward_reduce_rows(const BackwardArgs& a, const Ncs& dout, const Ncs& x) 
   const acc_t* shift = static_cast<const acc_t*>(a.shift);
   const scalar_t* dp = static_cast<const scalar_t*>(dout.data);
   const scalar_t* xp = static_cast<const scalar_t*>(x.data);
-  const bool need_pass = a.mask == nullptr && a.relu;
+  constexpr bool need_pass = GATE == kRecomputeGate;
+  const uint8_t* mask = a.mask;
+  const int64_t mask_bytes = a.mask_bytes;
   const int64_t mstride = a.channels_last ? 1 : S;
   at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
@@ -553,12 +587,12 @@ void backward_reduce_rows(const BackwardArgs& a, const Ncs& dout, const Ncs& x) 
           const V d = load<CONTIG>(dr + j * (CONTIG ? 1 : dout.sC), dout.sC, cnt);
           const V xv = load<CONTIG>(xr + j * (CONTIG ? 1 : x.sC), x.sC, cnt);
           V sc, sh;
-          if (need_pass) {
+          if constexpr (need_pass) {
             sc = loadp(scale + j, cnt);
             sh = loadp(shift + j, cnt);
           }
           const int64_t moff = a.channels_last ? r * C + j : (n * C + j) * S + s;
-          const V g = gated<acc_t>(a, d, xv, sc, sh, moff, mstride, cnt);
+          const V g = gated<GATE, acc_t>(mask, mask_bytes, d, xv, sc, sh, moff, mstride, cnt);
           store(sg + j, loadp(sg + j, cnt) + g, cnt);
           store(sgx + j, loadp(sgx + j, cnt) + g * (xv - loadp(mean + j, cnt)), cnt);
         }
@@ -567,22 +601,24 @@ void backward_reduce_rows(const BackwardArgs& a, const Ncs& dout, const Ncs& x) 
   });
   acc_t* out_g = static_cast<acc_t*>(a.sum_g);
   acc_t* out_gx = static_cast<acc_t*>(a.sum_g_xc);
-  at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      acc_t t = 0, u = 0;
+  const int64_t cblocks = ceil_div(C, V::size());
+  at::parallel_for(0, cblocks, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t j = b * V::size(), cnt = std::min<int64_t>(V::size(), C - j);
+      V t(acc_t(0)), u(acc_t(0));
       for (int64_t k = 0; k < nchunks; ++k) {
-        t += ws_g[k * C + c];
-        u += ws_gx[k * C + c];
+        t = t + loadp(ws_g.data() + k * C + j, cnt);
+        u = u + loadp(ws_gx.data() + k * C + j, cnt);
       }
-      out_g[c] = t;
-      out_gx[c] = u;
+      store(out_g + j, t, cnt);
+      store(out_gx + j, u, cnt);
     }
   });
 }
 
 // PLANES reduction (S contiguous): pieces (n, c, segment), lane sums, lanes summed in
 // order, pieces of a channel summed in (n, segment) order.
-template <typename scalar_t>
+template <typename scalar_t, int GATE>
 void backward_reduce_planes(const BackwardArgs& a, const Ncs& dout, const Ncs& x) {
   using acc_t = acc_type_t<scalar_t>;
   using V = Vectorized<acc_t>;
@@ -596,7 +632,9 @@ void backward_reduce_planes(const BackwardArgs& a, const Ncs& dout, const Ncs& x
   const acc_t* shift = static_cast<const acc_t*>(a.shift);
   const scalar_t* dp = static_cast<const scalar_t*>(dout.data);
   const scalar_t* xp = static_cast<const scalar_t*>(x.data);
-  const bool need_pass = a.mask == nullptr && a.relu;
+  constexpr bool need_pass = GATE == kRecomputeGate;
+  const uint8_t* mask = a.mask;
+  const int64_t mask_bytes = a.mask_bytes;
   const int64_t mstride = a.channels_last ? C : 1;
   at::parallel_for(0, items, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
@@ -606,7 +644,7 @@ void backward_reduce_planes(const BackwardArgs& a, const Ncs& dout, const Ncs& x
       const scalar_t* xr = xp + n * x.sN + c * x.sC + s0;
       const V mn(mean[c]);
       V sc, sh;
-      if (need_pass) {
+      if constexpr (need_pass) {
         sc = V(scale[c]);
         sh = V(shift[c]);
       }
@@ -617,7 +655,7 @@ void backward_reduce_planes(const BackwardArgs& a, const Ncs& dout, const Ncs& x
         const V xv = load<true>(xr + j, 1, cnt);
         const int64_t s = s0 + j;
         const int64_t moff = a.channels_last ? (n * S + s) * C + c : (n * C + c) * S + s;
-        const V gv = gated<acc_t>(a, d, xv, sc, sh, moff, mstride, cnt);
+        const V gv = gated<GATE, acc_t>(mask, mask_bytes, d, xv, sc, sh, moff, mstride, cnt);
         // Missing lanes of a partial vector load as 0 and contribute 0.
         vg = vg + gv;
         vgx = vgx + gv * (xv - mn);
@@ -659,13 +697,16 @@ void backward_reduce_impl(const BackwardArgs& a) {
   normalise(a.sh, x);
   const bool rows = dout.sC == 1 && x.sC == 1;
   const bool planes = dout.sS == 1 && x.sS == 1;
-  if (planes && (!rows || a.sh.C == 1)) {
-    backward_reduce_planes<scalar_t>(a, dout, x);
-  } else if (rows) {
-    backward_reduce_rows<scalar_t, true>(a, dout, x);
-  } else {
-    backward_reduce_rows<scalar_t, false>(a, dout, x);
-  }
+  with_gate(gate_of(a), [&](auto gate) {
+    constexpr int G = decltype(gate)::value;
+    if (planes && (!rows || a.sh.C == 1)) {
+      backward_reduce_planes<scalar_t, G>(a, dout, x);
+    } else if (rows) {
+      backward_reduce_rows<scalar_t, true, G>(a, dout, x);
+    } else {
+      backward_reduce_rows<scalar_t, false, G>(a, dout, x);
+    }
+  });
 }
 
 }  // namespace
