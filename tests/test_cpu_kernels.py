@@ -260,3 +260,41 @@ def test_input_checks():
     with pytest.raises(RuntimeError, match="bytes"):
         ops.bn_backward_apply(x, x, v, v, v, torch.zeros(3, dtype=torch.uint8), v, v, v, True,
                               False, False)
+
+
+def test_expanded_gradient():
+    # Autograd can hand over a stride-0 gradient (out.sum().backward()).
+    x = torch.randn(2, 6, 10)
+    dout = torch.ones(1, 1, 1).expand(2, 6, 10)
+    mean, sc, sh = torch.randn(6), torch.randn(6), torch.randn(6)
+    for cl in (False, True):
+        got = ops.bn_backward_reduce(dout, x, mean, sc, sh, None, True, cl)
+        want = ref.bn_backward_reduce(dout, x, mean, sc, sh, None, True, cl)
+        torch.testing.assert_close(got, want)
+        got = ops.bn_backward_apply(dout, x, mean, sc, sh, None, sc, sh, mean, True, True, cl)
+        want = ref.bn_backward_apply(dout, x, mean, sc, sh, None, sc, sh, mean, True, True, cl)
+        torch.testing.assert_close(got, want)
+
+
+def test_int64_offsets():
+    # Elements past 2**31 of an untouched big buffer (only a few pages become resident).
+    try:
+        big = torch.empty(2**31 + 4096, dtype=torch.float16)
+    except (RuntimeError, MemoryError):
+        pytest.skip("cannot reserve 4 GiB of address space")
+    n, c, s = 2, 5, 7
+    for strides in [(2**31 - 16, s, 1), (2**31 - 16, 1, c)]:
+        x = big.as_strided((n, c, s), strides)
+        x.copy_(torch.randn(n, c, s))
+        sc, sh, mean = torch.randn(c), torch.randn(c), torch.randn(c)
+        torch.testing.assert_close(ops.bn_stats(x, False), ref.bn_stats(x), rtol=1e-5, atol=1e-5)
+        out, mask = ops.bn_apply(x, sc, sh, x, None, None, None, True, True, strides[1] == 1)
+        r_out, r_mask = ref.bn_apply(x, sc, sh, x, None, None, None, True, True, strides[1] == 1)
+        assert torch.equal(mask, r_mask)
+        torch.testing.assert_close(out, r_out)
+        torch.testing.assert_close(ops.bn_backward_reduce(x, x, mean, sc, sh, None, True, False),
+                                   ref.bn_backward_reduce(x, x, mean, sc, sh, None, True, False))
+        torch.testing.assert_close(
+            ops.bn_backward_apply(x, x, mean, sc, sh, None, sc, sh, mean, True, True, False),
+            ref.bn_backward_apply(x, x, mean, sc, sh, None, sc, sh, mean, True, True, False))
+    del big
