@@ -57,6 +57,14 @@ constexpr int64_t kBlockElems = 32768;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Grain of a parallel_for over items of `work` elements each: small problems run on
+// the calling thread. (Only how items are spread over threads depends on it, never
+// what an item computes.)
+constexpr int64_t kMinTaskElems = 32768;
+inline int64_t grain_for(int64_t work) {
+  return std::max<int64_t>(1, kMinTaskElems / std::max<int64_t>(work, 1));
+}
+
 // ---- loads and stores ---------------------------------------------------------------
 
 // `count` (<= vector size) elements of a tensor with inner stride `stride`
@@ -218,7 +226,7 @@ void stats_rows(const StatsArgs& a, const Ncs& x) {
   const int64_t nchunks = ceil_div(R, rows_per_chunk);
   std::vector<acc_t> ws_mean(nchunks * C), ws_m2(nchunks * C);
   const scalar_t* xp = static_cast<const scalar_t*>(x.data);
-  at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
+  at::parallel_for(0, nchunks, grain_for(rows_per_chunk * C), [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       acc_t* mu = ws_mean.data() + k * C;
       acc_t* m2 = ws_m2.data() + k * C;
@@ -247,7 +255,7 @@ void stats_rows(const StatsArgs& a, const Ncs& x) {
   acc_t* mean = static_cast<acc_t*>(a.mean);
   acc_t* var = static_cast<acc_t*>(a.var);
   const int64_t cblocks = ceil_div(C, V::size());
-  at::parallel_for(0, cblocks, 8, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, cblocks, grain_for(nchunks * V::size()), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t j = b * V::size(), cnt = std::min<int64_t>(V::size(), C - j);
       V m = loadp(ws_mean.data() + j, cnt), q = loadp(ws_m2.data() + j, cnt);
@@ -280,7 +288,7 @@ void stats_planes(const StatsArgs& a, const Ncs& x) {
   const int64_t items = N * C * nseg;
   std::vector<acc_t> ws_mean(items), ws_m2(items);
   const scalar_t* xp = static_cast<const scalar_t*>(x.data);
-  at::parallel_for(0, items, 16, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, items, grain_for(std::min(S, seg)), [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t g = it % nseg, nc = it / nseg, c = nc % C, n = nc / C;
       const int64_t s0 = g * seg, len = std::min(S, s0 + seg) - s0;
@@ -310,7 +318,7 @@ void stats_planes(const StatsArgs& a, const Ncs& x) {
   });
   acc_t* mean = static_cast<acc_t*>(a.mean);
   acc_t* var = static_cast<acc_t*>(a.var);
-  at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, grain_for(N * nseg), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       Welford<acc_t> w;
       for (int64_t n = 0; n < N; ++n) {
@@ -353,7 +361,7 @@ void walk_output(const Shape& sh, Begin&& begin, Body&& body, End&& end) {
   const int64_t div = ROWS ? sh.S : sh.C;
   const int64_t block = std::max<int64_t>(8, ceil_div(kBlockElems / std::max<int64_t>(inner, 1), 8) * 8);
   const int64_t nblocks = ceil_div(outer, block);
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, nblocks, grain_for(block * inner), [&](int64_t b0, int64_t b1) {
     const int64_t o0 = b0 * block, o1 = std::min(outer, b1 * block);
     auto state = begin(o0);
     for (int64_t o = o0; o < o1; ++o) body(state, o, o / div, o % div);
@@ -571,7 +579,7 @@ void backward_reduce_rows(const BackwardArgs& a, const Ncs& dout, const Ncs& x) 
   const uint8_t* mask = a.mask;
   const int64_t mask_bytes = a.mask_bytes;
   const int64_t mstride = a.channels_last ? 1 : S;
-  at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
+  at::parallel_for(0, nchunks, grain_for(rows_per_chunk * C), [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       acc_t* sg = ws_g.data() + k * C;
       acc_t* sgx = ws_gx.data() + k * C;
@@ -602,7 +610,7 @@ void backward_reduce_rows(const BackwardArgs& a, const Ncs& dout, const Ncs& x) 
   acc_t* out_g = static_cast<acc_t*>(a.sum_g);
   acc_t* out_gx = static_cast<acc_t*>(a.sum_g_xc);
   const int64_t cblocks = ceil_div(C, V::size());
-  at::parallel_for(0, cblocks, 8, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, cblocks, grain_for(nchunks * V::size()), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t j = b * V::size(), cnt = std::min<int64_t>(V::size(), C - j);
       V t(acc_t(0)), u(acc_t(0));
@@ -636,7 +644,7 @@ void backward_reduce_planes(const BackwardArgs& a, const Ncs& dout, const Ncs& x
   const uint8_t* mask = a.mask;
   const int64_t mask_bytes = a.mask_bytes;
   const int64_t mstride = a.channels_last ? C : 1;
-  at::parallel_for(0, items, 16, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, items, grain_for(std::min(S, seg)), [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t g = it % nseg, nc = it / nseg, c = nc % C, n = nc / C;
       const int64_t s0 = g * seg, len = std::min(S, s0 + seg) - s0;
@@ -674,7 +682,7 @@ void backward_reduce_planes(const BackwardArgs& a, const Ncs& dout, const Ncs& x
   });
   acc_t* out_g = static_cast<acc_t*>(a.sum_g);
   acc_t* out_gx = static_cast<acc_t*>(a.sum_g_xc);
-  at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, grain_for(N * nseg), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       acc_t t = 0, u = 0;
       for (int64_t n = 0; n < N; ++n) {
