@@ -130,7 +130,6 @@ std::tuple<Tensor, Tensor> bn_apply(const Tensor& x, const Tensor& scale, const 
                                     bool save_mask, bool channels_last) {
   const char* op = "bn_apply";
   check_activation(x, op);
-  TORCH_CHECK(!save_mask || relu, "fusedres::bn_apply: save_mask requires relu");
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
   Tensor sc = channel_vector(scale, x, "scale", op);
   Tensor sh = channel_vector(shift, x, "shift", op);

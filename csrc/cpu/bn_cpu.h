@@ -70,7 +70,7 @@ struct BackwardArgs {
   }
 
 FUSEDRES_DECLARE_CPU_KERNELS(isa_default)
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FUSEDRES_HAVE_AVX2_KERNELS 1
 FUSEDRES_DECLARE_CPU_KERNELS(isa_avx2)
 #endif

@@ -7,7 +7,8 @@
 // other files (c10::Half conversions, TORCH_CHECK helpers ...) gets an AVX2 copy the
 // linker could pick for code that runs on any processor. FMA contraction stays off
 // (see bn_cpu_kernels.h) so the ReLU mask matches the reference bit for bit.
-#if defined(__x86_64__) && defined(__GNUC__)
+#include "cpu/bn_cpu.h"  // defines FUSEDRES_HAVE_AVX2_KERNELS (x86-64 with GCC)
+#ifdef FUSEDRES_HAVE_AVX2_KERNELS
 
 // 1. Baseline instruction set: everything outside ATen's vector library.
 #include <algorithm>
@@ -37,8 +38,6 @@
 #include <c10/util/qint8.h>
 #include <c10/util/quint8.h>
 
-#include "cpu/bn_cpu.h"
-
 // 2. AVX2: ATen's vector library (namespace at::vec::AVX2) and the kernels
 //    (namespace fusedres::cpu::isa_avx2).
 #pragma GCC push_options
@@ -64,4 +63,4 @@
 #include "cpu/bn_cpu_kernels.h"
 #pragma GCC pop_options
 
-#endif  // x86-64, GCC or clang
+#endif  // FUSEDRES_HAVE_AVX2_KERNELS
