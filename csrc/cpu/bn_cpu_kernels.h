@@ -54,6 +54,8 @@ using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 // Elements per reduction chunk / elementwise block (shape-only, never thread-dependent).
 constexpr int64_t kChunkElems = 16384;
 constexpr int64_t kBlockElems = 32768;
+// Rows per step of the channels-inner reductions.
+constexpr int kUnroll = 4;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -233,17 +235,27 @@ void stats_rows(const StatsArgs& a, const Ncs& x) {
       std::fill(mu, mu + C, acc_t(0));
       std::fill(m2, m2 + C, acc_t(0));
       const int64_t r0 = k * rows_per_chunk, r1 = std::min(R, r0 + rows_per_chunk);
-      for (int64_t r = r0; r < r1; ++r) {
-        const V inv(acc_t(1) / static_cast<acc_t>(r - r0 + 1));
-        const int64_t n = r / S, s = r % S;
-        const scalar_t* row = xp + n * x.sN + s * x.sS;
+      // kUnroll rows at a time with the running mean/M2 in registers: the same
+      // sequence of Welford updates per channel as one row at a time.
+      for (int64_t r = r0; r < r1; r += kUnroll) {
+        const int nr = static_cast<int>(std::min<int64_t>(kUnroll, r1 - r));
+        const scalar_t* rows[kUnroll];
+        V inv[kUnroll];
+        for (int u = 0; u < nr; ++u) {
+          const int64_t n = (r + u) / S, s = (r + u) % S;
+          rows[u] = xp + n * x.sN + s * x.sS;
+          inv[u] = V(acc_t(1) / static_cast<acc_t>(r + u - r0 + 1));
+        }
         for (int64_t j = 0; j < C; j += V::size()) {
           const int64_t cnt = std::min<int64_t>(V::size(), C - j);
-          const V xv = load<CONTIG>(row + j * (CONTIG ? 1 : x.sC), x.sC, cnt);
           V m = loadp(mu + j, cnt);
-          const V d = xv - m;
-          m = m + d * inv;
-          const V q = loadp(m2 + j, cnt) + d * (xv - m);
+          V q = loadp(m2 + j, cnt);
+          for (int u = 0; u < nr; ++u) {
+            const V xv = load<CONTIG>(rows[u] + j * (CONTIG ? 1 : x.sC), x.sC, cnt);
+            const V d = xv - m;
+            m = m + d * inv[u];
+            q = q + d * (xv - m);
+          }
           store(mu + j, m, cnt);
           store(m2 + j, q, cnt);
         }
@@ -586,23 +598,38 @@ void backward_reduce_rows(const BackwardArgs& a, const Ncs& dout, const Ncs& x) 
       std::fill(sg, sg + C, acc_t(0));
       std::fill(sgx, sgx + C, acc_t(0));
       const int64_t r0 = k * rows_per_chunk, r1 = std::min(R, r0 + rows_per_chunk);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t n = r / S, s = r % S;
-        const scalar_t* dr = dp + n * dout.sN + s * dout.sS;
-        const scalar_t* xr = xp + n * x.sN + s * x.sS;
+      // kUnroll rows at a time with the partial sums in registers: the same order of
+      // additions per channel as one row at a time.
+      for (int64_t r = r0; r < r1; r += kUnroll) {
+        const int nr = static_cast<int>(std::min<int64_t>(kUnroll, r1 - r));
+        const scalar_t* drs[kUnroll];
+        const scalar_t* xrs[kUnroll];
+        int64_t moffs[kUnroll];
+        for (int u = 0; u < nr; ++u) {
+          const int64_t n = (r + u) / S, s = (r + u) % S;
+          drs[u] = dp + n * dout.sN + s * dout.sS;
+          xrs[u] = xp + n * x.sN + s * x.sS;
+          moffs[u] = a.channels_last ? (r + u) * C : n * C * S + s;
+        }
         for (int64_t j = 0; j < C; j += V::size()) {
           const int64_t cnt = std::min<int64_t>(V::size(), C - j);
-          const V d = load<CONTIG>(dr + j * (CONTIG ? 1 : dout.sC), dout.sC, cnt);
-          const V xv = load<CONTIG>(xr + j * (CONTIG ? 1 : x.sC), x.sC, cnt);
           V sc, sh;
           if constexpr (need_pass) {
             sc = loadp(scale + j, cnt);
             sh = loadp(shift + j, cnt);
           }
-          const int64_t moff = a.channels_last ? r * C + j : (n * C + j) * S + s;
-          const V g = gated<GATE, acc_t>(mask, mask_bytes, d, xv, sc, sh, moff, mstride, cnt);
-          store(sg + j, loadp(sg + j, cnt) + g, cnt);
-          store(sgx + j, loadp(sgx + j, cnt) + g * (xv - loadp(mean + j, cnt)), cnt);
+          const V mn = loadp(mean + j, cnt);
+          V tg = loadp(sg + j, cnt), tgx = loadp(sgx + j, cnt);
+          const int64_t mj = a.channels_last ? j : j * S;
+          for (int u = 0; u < nr; ++u) {
+            const V d = load<CONTIG>(drs[u] + j * (CONTIG ? 1 : dout.sC), dout.sC, cnt);
+            const V xv = load<CONTIG>(xrs[u] + j * (CONTIG ? 1 : x.sC), x.sC, cnt);
+            const V g = gated<GATE, acc_t>(mask, mask_bytes, d, xv, sc, sh, moffs[u] + mj, mstride, cnt);
+            tg = tg + g;
+            tgx = tgx + g * (xv - mn);
+          }
+          store(sg + j, tg, cnt);
+          store(sgx + j, tgx, cnt);
         }
       }
     }
