@@ -515,7 +515,8 @@ class _Walker:
 
 
 def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
-            memory_saving: bool = False) -> nn.Module:
+            memory_saving: bool = False, sync_bn: bool = False,
+            process_group=None) -> nn.Module:
     """Fuse the conv/BN/ReLU/residual patterns of ``model``; see the module docstring.
 
     Returns ``model`` itself with ``inplace=True``, else a converted deep copy. The
@@ -524,15 +525,36 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
     tensors' device). ``memory_saving=True``: where a BN-ReLU's output only feeds a conv,
     that output is not kept for backward but recomputed from the BN input
     (``torch.utils.checkpoint`` around BN-ReLU-conv; running statistics are updated once).
+    ``sync_bn=True`` (over the default group) or ``process_group=pg``: every BatchNorm2d
+    normalises with the statistics of the global batch across processes in training, as
+    ``nn.SyncBatchNorm`` does, inside the fused kernels (CPU/gloo and GPU/NCCL). It needs
+    an initialised ``torch.distributed``; a BN site the kernels cannot run then raises
+    rather than silently using local statistics.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     if backend != "auto" and backend not in BACKENDS + (PLUMBING_BACKEND,):
         raise ValueError(f"unknown fusedres backend {backend!r}; expected 'auto' or one of "
                          f"{BACKENDS + (PLUMBING_BACKEND,)}")
+    if sync_bn or process_group is not None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("sync_bn=True needs an initialised torch.distributed process "
+                               "group (torch.distributed.init_process_group); none is")
+        process_group = process_group if process_group is not None else dist.group.WORLD
     if not inplace:
         model = copy.deepcopy(model)
     _Walker(backend, apply=True, memory_saving=memory_saving).block(model, "")
+    if process_group is not None:
+        for m in model.modules():
+            if type(m) is nn.BatchNorm2d:
+                # A BN left unfused is called as a module: make it the fused drop-in (a
+                # subclass: same state_dict), so it synchronises too (or says why not).
+                m.__class__ = fnn.BatchNorm2d
+                m.backend, m.last_backend = backend, None
+            if isinstance(m, nn.BatchNorm2d):
+                m.fusedres_process_group = process_group  # a plain attribute, not state
     return model
 
 

@@ -112,7 +112,18 @@ def _bn_state(bn: nn.BatchNorm2d):
     return rm, rv, training, momentum, nbt
 
 
+def process_group_of(bn: nn.Module):
+    """The process group whose global batch ``bn`` normalises over (None: local), set by
+    ``fusedres.convert(..., sync_bn=True)`` or the fused modules' ``process_group=``."""
+    return getattr(bn, "fusedres_process_group", None)
+
+
 def _torch_bn(bn: nn.BatchNorm2d, y: Tensor) -> Tensor:
+    if process_group_of(bn) is not None and bn.training:
+        raise RuntimeError(f"{type(bn).__name__} is set to synchronise its statistics across "
+                           "processes, but this call is not one the fused kernels cover "
+                           f"(input {y.dtype} {tuple(y.shape)} on {y.device}); torch's own "
+                           "BN would silently use local statistics")
     return nn.BatchNorm2d.forward(bn, y)
 
 
@@ -139,7 +150,7 @@ def bn_act(bn: nn.BatchNorm2d, y: Tensor, *, relu: bool = False,
             out = functional.dual_batch_norm_add_relu(
                 y, rm, rv, bn.weight, bn.bias, shortcut, rm2, rv2, shortcut_bn.weight,
                 shortcut_bn.bias, training, momentum, bn.eps, num_batches_tracked=nbt,
-                backend=backend)
+                backend=backend, process_group=process_group_of(bn))
             _last.backend = functional.last_backend()
             return out
     if residual is not None and not relu:
@@ -157,7 +168,7 @@ def bn_act(bn: nn.BatchNorm2d, y: Tensor, *, relu: bool = False,
     rm, rv, training, momentum, nbt = _bn_state(bn)
     out = functional.batch_norm(y, rm, rv, bn.weight, bn.bias, training, momentum, bn.eps,
                                 relu=relu, residual=residual, num_batches_tracked=nbt,
-                                backend=backend)
+                                backend=backend, process_group=process_group_of(bn))
     _last.backend = functional.last_backend()
     return out
 
@@ -319,19 +330,23 @@ def _share(cls, module: nn.Module, **attrs):
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` through ``fusedres.functional`` (a drop-in replacement).
 
-    Same constructor (plus keyword-only ``backend="auto"``), defaults, state_dict and
-    semantics as ``nn.BatchNorm2d``; see the module docstring for what is covered.
+    Same constructor (plus keyword-only ``backend="auto"`` and ``process_group=None``:
+    a ``torch.distributed`` group to normalise over the global batch in training, as
+    ``nn.SyncBatchNorm``, CPU included), defaults, state_dict and semantics as
+    ``nn.BatchNorm2d``; see the module docstring for what is covered.
     """
 
     _relu = False
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None,
-                 dtype=None, *, backend: str = "auto", **kwargs) -> None:
+                 dtype=None, *, backend: str = "auto", process_group=None, **kwargs) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype, **kwargs)
         self.backend = backend
         self.last_backend: Optional[str] = None
+        if process_group is not None:  # synchronised statistics (fusedres.distributed)
+            self.fusedres_process_group = process_group
 
     @classmethod
     def from_bn(cls, bn: nn.BatchNorm2d, *, backend: str = "auto"):

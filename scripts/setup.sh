@@ -13,8 +13,13 @@ fi
 echo "[setup] installing torch 2.14.1, torchvision 0.29.1 and the build/test tools"
 .venv/bin/python -m pip install -q --disable-pip-version-check \
     torch==2.14.1 torchvision==0.29.1 ninja pybind11 pytest pytest-benchmark numpy
-echo "[setup] building fusedres (fusedres._C) -- a few minutes on 2 cores the first time"
 mkdir -p build
+so=$(ls fusedres/_C*.so 2>/dev/null | head -n 1 || true)
+if [ -n "$so" ] && [ -x .venv/bin/fusedres-bench ] && \
+        [ -z "$(find csrc setup.py pyproject.toml -newer "$so" -type f 2>/dev/null)" ]; then
+    echo "[setup] fusedres._C is up to date ($so)"
+else
+echo "[setup] building fusedres (fusedres._C) -- several minutes on 2 cores"
 if ! MAX_JOBS=${MAX_JOBS:-$(nproc)} .venv/bin/python -m pip install -v --disable-pip-version-check \
         --no-deps --no-build-isolation -e . > build/setup.log 2>&1; then
     tail -n 40 build/setup.log
@@ -22,6 +27,7 @@ if ! MAX_JOBS=${MAX_JOBS:-$(nproc)} .venv/bin/python -m pip install -v --disable
     exit 1
 fi
 grep -h "fusedres setup:" build/setup.log | sort -u || true
+fi
 # The CPU kernels always build: a missing cpu backend is a broken build, not a skip.
 .venv/bin/python -c "
 import fusedres

@@ -105,3 +105,65 @@ def test_sync_without_process_group_is_an_error():
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(RuntimeError, match="init_process_group"):
         FF.batch_norm_relu(x, None, None, training=True, process_group=object())
+
+
+# --------------------------------------------------------------------------------------
+# A converted model under DistributedDataParallel with sync_bn=True
+# --------------------------------------------------------------------------------------
+
+
+def _model_worker(rank, world, init_file, sizes, backend, result_dir):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from models import TinyResNet
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = TinyResNet().double()
+        fused = fusedres.convert(model, backend=backend, sync_bn=True)
+        ddp = torch.nn.parallel.DistributedDataParallel(fused)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(sum(sizes), 3, 8, 8, generator=g, dtype=torch.float64)
+        lo = sum(sizes[:rank])
+        out = ddp(x[lo:lo + sizes[rank]])
+        out.sum().backward()  # DDP averages: times the world size = the global gradient
+        grads = {k: p.grad * world for k, p in fused.named_parameters()}
+        torch.save({"out": out.detach(), "grads": grads, "state": fused.state_dict()},
+                   os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes", [(3, 5), (1, 2)], ids=["uneven", "single"])
+def test_converted_model_under_ddp_matches_global_batch(sizes):
+    backend = "cpu" if "cpu" in fusedres.available_backends() else "reference_primitives"
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_model_worker, args=(2, os.path.join(tmp, "init"), sizes, backend, tmp),
+                 nprocs=2)
+        ranks = [torch.load(os.path.join(tmp, f"rank{k}.pt")) for k in range(2)]
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from models import TinyResNet
+
+    torch.manual_seed(0)
+    model = TinyResNet().double()
+    x = torch.randn(sum(sizes), 3, 8, 8, generator=torch.Generator().manual_seed(1),
+                    dtype=torch.float64)
+    out = model(x)
+    out.sum().backward()
+    torch.testing.assert_close(torch.cat([r["out"] for r in ranks]), out)
+    for k, p in model.named_parameters():
+        for r in ranks:
+            torch.testing.assert_close(r["grads"][k], p.grad, msg=k)
+    for k, v in model.state_dict().items():
+        for r in ranks:
+            torch.testing.assert_close(r["state"][k], v, msg=k)
+
+
+def test_convert_sync_bn_without_process_group_is_an_error():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        fusedres.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), sync_bn=True)
