@@ -371,7 +371,8 @@ void walk_output(const Shape& sh, Begin&& begin, Body&& body, End&& end) {
   const int64_t outer = ROWS ? sh.N * sh.S : sh.N * sh.C;
   const int64_t inner = ROWS ? sh.C : sh.S;
   const int64_t div = ROWS ? sh.S : sh.C;
-  const int64_t block = std::max<int64_t>(8, ceil_div(kBlockElems / std::max<int64_t>(inner, 1), 8) * 8);
+  const int64_t rows = kBlockElems / std::max<int64_t>(inner, 1);
+  const int64_t block = std::max<int64_t>(8, ceil_div(rows, 8) * 8);  // whole mask bytes
   const int64_t nblocks = ceil_div(outer, block);
   at::parallel_for(0, nblocks, grain_for(block * inner), [&](int64_t b0, int64_t b1) {
     const int64_t o0 = b0 * block, o1 = std::min(outer, b1 * block);
@@ -428,7 +429,9 @@ void apply_walk(const ApplyArgs& a, const Ncs& x, const Ncs& res, const Ncs& x2)
             }
           }
           V pre = load<CONTIG>(xr + j * (CONTIG ? 1 : xi), xi, cnt) * sc + sh;
-          if (has_x2) pre = pre + (load<CONTIG>(x2r + j * (CONTIG ? 1 : x2i), x2i, cnt) * sc2 + sh2);
+          if (has_x2) {
+            pre = pre + (load<CONTIG>(x2r + j * (CONTIG ? 1 : x2i), x2i, cnt) * sc2 + sh2);
+          }
           if (has_res) pre = pre + load<CONTIG>(rr + j * (CONTIG ? 1 : ri), ri, cnt);
           if (mask) bw.put(pass_bits(pre, cnt), static_cast<int>(cnt));
           if (relu_on) pre = relu(pre);
@@ -624,7 +627,8 @@ void backward_reduce_rows(const BackwardArgs& a, const Ncs& dout, const Ncs& x) 
           for (int u = 0; u < nr; ++u) {
             const V d = load<CONTIG>(drs[u] + j * (CONTIG ? 1 : dout.sC), dout.sC, cnt);
             const V xv = load<CONTIG>(xrs[u] + j * (CONTIG ? 1 : x.sC), x.sC, cnt);
-            const V g = gated<GATE, acc_t>(mask, mask_bytes, d, xv, sc, sh, moffs[u] + mj, mstride, cnt);
+            const V g = gated<GATE, acc_t>(mask, mask_bytes, d, xv, sc, sh, moffs[u] + mj,
+                                           mstride, cnt);
             tg = tg + g;
             tgx = tgx + g * (xv - mn);
           }
