@@ -52,7 +52,7 @@ template <typename T>
 using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Elements per reduction chunk / elementwise block (shape-only, never thread-dependent).
-constexpr int64_t kChunkElems = 16384;
+constexpr int64_t kChunkElems = 65536;
 constexpr int64_t kBlockElems = 32768;
 // Rows per step of the channels-inner reductions.
 constexpr int kUnroll = 4;
