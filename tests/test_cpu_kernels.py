@@ -83,7 +83,7 @@ def test_bn_stats(kind, dtype):
 
 def test_bn_stats_long_planes_and_rows():
     # Several chunks in both traversals (rows: many (n, s); planes: S > one segment).
-    planes = torch.randn(2, 3, 40000) * 3 + 7
+    planes = torch.randn(2, 3, 140000) * 3 + 7  # 3 segments of 65536
     rows = (torch.randn(3, 9000, 17) * 3 + 7).permute(0, 2, 1)
     for x in (planes, rows):
         mean, var = ops.bn_stats(x, False)
