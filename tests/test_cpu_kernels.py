@@ -43,7 +43,8 @@ def make(kind, n, c, s, dtype, seed, offset=0.0):
 
 def vec(c, dtype, seed, lo=-1.0, hi=1.0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand(c, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(ref.acc_dtype(dtype))
+    u = torch.rand(c, generator=g, dtype=torch.float64)
+    return (u * (hi - lo) + lo).to(ref.acc_dtype(dtype))
 
 
 def d64(t):
@@ -82,7 +83,9 @@ def test_bn_stats(kind, dtype):
 
 def test_bn_stats_long_planes_and_rows():
     # Several chunks in both traversals (rows: many (n, s); planes: S > one segment).
-    for x in (torch.randn(2, 3, 40000) * 3 + 7, (torch.randn(3, 9000, 17) * 3 + 7).permute(0, 2, 1)):
+    planes = torch.randn(2, 3, 140000) * 3 + 7  # 3 segments of 65536
+    rows = (torch.randn(3, 9000, 17) * 3 + 7).permute(0, 2, 1)
+    for x in (planes, rows):
         mean, var = ops.bn_stats(x, False)
         rm, rv = ref.bn_stats(x.double())
         torch.testing.assert_close(mean.double(), rm, rtol=1e-6, atol=1e-6)
@@ -123,7 +126,8 @@ def test_bn_apply(kind, dtype, channels_last):
     ]
     for i, (n, c, s) in enumerate(SHAPES):
         opt = options[i % len(options)]
-        for j, (has_res, has_x2, relu, save_mask) in enumerate([opt, options[(i + 1) % len(options)]]):
+        both = [opt, options[(i + 1) % len(options)]]
+        for j, (has_res, has_x2, relu, save_mask) in enumerate(both):
             x = make(kind, n, c, s, dtype, seed=10 * i + j)
             if i % 2 == 0 and x.numel() > 2:
                 x[0, 0, 0] = float("nan")
@@ -177,7 +181,8 @@ def test_bn_apply_nan_and_empty():
     x = torch.tensor([[[float("nan"), -1.0, 0.0, 2.0, float("-inf"), float("inf")]]])
     one, zero = torch.ones(1), torch.zeros(1)
     out, mask = ops.bn_apply(x, one, zero, None, None, None, None, True, True, False)
-    assert torch.isnan(out[0, 0, 0]) and out[0, 0, 1:].tolist() == [0.0, 0.0, 2.0, 0.0, float("inf")]
+    assert torch.isnan(out[0, 0, 0])
+    assert out[0, 0, 1:].tolist() == [0.0, 0.0, 2.0, 0.0, float("inf")]
     assert mask.tolist() == [0b101001]
     for shape, cl in [((0, 4, 5), True), ((2, 4, 0), False)]:
         out, mask = ops.bn_apply(torch.randn(shape), torch.ones(4), torch.zeros(4), None, None,
@@ -212,8 +217,9 @@ def test_bn_backward(kind, dtype, channels_last):
                                                      sc.double(), sh.double(), mask, relu,
                                                      channels_last)
                 assert sg.dtype == ref.acc_dtype(dtype)
-                torch.testing.assert_close(sg.double(), r_sg, rtol=1e-4, atol=1e-4, equal_nan=True)
-                torch.testing.assert_close(sgx.double(), r_sgx, rtol=1e-4, atol=1e-4, equal_nan=True)
+                tol = dict(rtol=1e-4, atol=1e-4, equal_nan=True)
+                torch.testing.assert_close(sg.double(), r_sg, **tol)
+                torch.testing.assert_close(sgx.double(), r_sgx, **tol)
                 dx, dres = ops.bn_backward_apply(dout, x, mean, sc, sh, mask, cg, cxc, cc, relu,
                                                  write_res, channels_last)
                 r_dx, r_dres = ref.bn_backward_apply(dout.double(), x.double(), mean.double(),

@@ -39,7 +39,8 @@ at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-Tensor empty_ncs(int64_t n, int64_t c, int64_t s, bool channels_last, const at::TensorOptions& opts) {
+Tensor empty_ncs(int64_t n, int64_t c, int64_t s, bool channels_last,
+                 const at::TensorOptions& opts) {
   if (channels_last) return at::empty({n, s, c}, opts).permute({0, 2, 1});
   return at::empty({n, c, s}, opts);
 }
