@@ -267,7 +267,7 @@ def run_suites(args, suites: list) -> dict:
             run.skip(suite, "all", "torchvision is not installed")
         all_cases += found
     commit = report.git_commit()
-    machine = report.machine_info(device)
+    machine = report.machine_info(device, getattr(args, "argv", None))
     settings = {"device": device.type, "dtype": str(s.dtype).replace("torch.", ""),
                 "layout": s.layout, "batch": s.batch, "quick": args.quick, "shapes": shapes,
                 "image_size": s.image_size, "suites": suites,
@@ -298,10 +298,15 @@ def run_suites(args, suites: list) -> dict:
             fn = None
             try:
                 fn = case.make(provider)
-                m = timing.measure(fn, device, quick=args.quick, use_graph=not args.no_graph)
+                peak = (None, None)
+                if case.peak_memory and device.type == "cpu":  # on the warm-up call
+                    peak = timing.peak_memory(fn, device)
+                m = timing.measure(fn, device, quick=args.quick, use_graph=not args.no_graph,
+                                   warm=case.peak_memory)
+                if case.peak_memory and device.type == "cuda":  # warm: no autotuning in it
+                    peak = timing.peak_memory(fn, device)
                 row = _row(case, provider, m, s, copy.get("gbps"), commit)
-                if case.peak_memory:
-                    row["peak_mem_bytes"], row["peak_mem_kind"] = timing.peak_memory(fn, device)
+                row["peak_mem_bytes"], row["peak_mem_kind"] = peak
                 run.rows.append(row)
             except C.Skip as sk:
                 run.skip(case.suite, provider.name, str(sk))
@@ -363,6 +368,7 @@ def _report_cmd(args) -> int:
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = None if argv is None else [str(a) for a in argv]
     if args.command == "report":
         return _report_cmd(args)
     suites = list(SUITE_ORDER) if args.command == "all" else [args.command]

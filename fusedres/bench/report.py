@@ -55,6 +55,13 @@ def git_commit() -> str:
     return sha + ("-dirty" if dirty else "")
 
 
+def command_line() -> str:
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fusedres-bench"
+    if prog in ("__main__.py", "-m", "-c", ""):
+        prog = "python -m fusedres.bench"
+    return " ".join([prog] + sys.argv[1:])
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -66,12 +73,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info(device: torch.device) -> dict:
+def machine_info(device: torch.device, argv: Optional[list] = None) -> dict:
     import fusedres
 
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "command": command_line() if argv is None else " ".join(["fusedres-bench"] + argv),
         "git_commit": git_commit(),
         "device_type": device.type,
         "device_name": cpu_name(),

@@ -8,8 +8,9 @@ repetition is timed alone between two CUDA events, after zeroing a buffer larger
 the L2 cache (outside the events) so every repetition starts from a cold cache.
 Reports the median with the 20th and 80th percentiles.
 
-CPU (``time_cpu``): ``torch.utils.benchmark.Timer.blocked_autorange`` after one warm-up
-call; median and interquartile range, plus the 20th/80th percentiles of the blocks.
+CPU (``time_cpu``): ``torch.utils.benchmark.Timer`` blocks (``Timer.timeit``) after one
+warm-up call; median and interquartile range, plus the 20th/80th percentiles of the
+blocks.
 """
 from __future__ import annotations
 
@@ -125,29 +126,45 @@ def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 25.0, rep_ms: floa
     return _summary(times, timer, note)
 
 
-def time_cpu(fn: Callable[[], object], *, min_run_time: float = 0.5) -> Measurement:
-    """``torch.utils.benchmark.Timer`` median and IQR of ``fn`` on the CPU, in seconds."""
+def time_cpu(fn: Callable[[], object], *, min_run_time: float = 0.5, min_blocks: int = 5,
+             max_run_time: Optional[float] = None, warm: bool = False) -> Measurement:
+    """``torch.utils.benchmark.Timer`` median and IQR of ``fn`` on the CPU, in seconds.
+
+    Blocks of ``number`` calls (enough for a block to last 1 ms) are timed with
+    ``Timer.timeit`` until there are ``min_blocks`` of them and ``min_run_time`` has
+    passed, or ``max_run_time`` has (then at least one block): the median of several
+    blocks resists a machine shared with other work better than
+    ``blocked_autorange``'s single block for slow calls.
+    """
     from torch.utils.benchmark import Timer
 
-    fn()  # warm-up: first-call allocation, lazy init, compilation
+    if not warm:
+        fn()  # warm-up: first-call allocation, lazy init, compilation
+    max_run_time = max(max_run_time or 4 * min_run_time, min_run_time)
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=min_run_time)
-    times = sorted(m.times)
-    out = _summary(times, "torch.utils.benchmark")
-    out.median_s, out.iqr_s = m.median, m.iqr
-    return out
+    first = timer.timeit(1).mean
+    number = 1 if first >= 1e-3 else max(1, int(1e-3 / max(first, 1e-7)))
+    times, total = ([first] if number == 1 else []), first
+    while not ((len(times) >= min_blocks and total >= min_run_time)
+               or (times and total >= max_run_time)):
+        t = timer.timeit(number).mean
+        times.append(t)
+        total += t * number
+    return _summary(times, "torch.utils.benchmark")
 
 
 def measure(fn: Callable[[], object], device: torch.device, *, quick: bool = False,
             use_graph: bool = True, flush_l2: bool = True,
-            cpu_min_run_time: Optional[float] = None) -> Measurement:
+            cpu_min_run_time: Optional[float] = None, warm: bool = False) -> Measurement:
+    """Time ``fn`` on ``device``; ``warm``: it has been called already (CPU: skip the
+    warm-up call; the GPU timer always warms up, as capture needs)."""
     if device.type == "cuda":
         return time_cuda(fn, warmup_ms=10.0 if quick else 25.0, rep_ms=40.0 if quick else 100.0,
                          use_graph=use_graph, flush_l2=flush_l2)
     if cpu_min_run_time is None:
         cpu_min_run_time = float(os.environ.get("FUSEDRES_BENCH_CPU_MIN_TIME",
                                                 0.1 if quick else 0.5))
-    return time_cpu(fn, min_run_time=cpu_min_run_time)
+    return time_cpu(fn, min_run_time=cpu_min_run_time, warm=warm)
 
 
 def copy_bandwidth(device: torch.device, quick: bool = False) -> tuple[float, Measurement, int]:
