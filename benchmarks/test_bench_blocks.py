@@ -1,7 +1,7 @@
-"""pytest-benchmark: the fusedres-bench `blocks` cases (see conftest.py for settings)."""
+"""pytest-benchmark: the fusedres-bench `blocks` cases (settings: bench_common.py)."""
 import pytest
 
-from conftest import params, run_case
+from bench_common import params, run_case
 
 
 @pytest.mark.parametrize("case,provider", params("blocks"))

@@ -1,7 +1,7 @@
-"""pytest-benchmark: the fusedres-bench `conv` cases (see conftest.py for settings)."""
+"""pytest-benchmark: the fusedres-bench `conv` cases (settings: bench_common.py)."""
 import pytest
 
-from conftest import params, run_case
+from bench_common import params, run_case
 
 
 @pytest.mark.parametrize("case,provider", params("conv"))

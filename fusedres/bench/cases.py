@@ -47,6 +47,13 @@ class Provider:
     backend: Optional[str] = None
     mode: Optional[str] = None  # torch.compile mode
 
+    @property
+    def own_graphs(self) -> bool:
+        """torch.compile's max-autotune captures CUDA graphs itself (graph trees): not
+        captured again by the timer."""
+        return bool(self.mode) and "max-autotune" in self.mode and \
+            "no-cudagraphs" not in self.mode
+
 
 @dataclasses.dataclass
 class Settings:

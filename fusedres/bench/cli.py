@@ -137,6 +137,8 @@ def _device(args) -> torch.device:
 
 
 def _providers(args, device: torch.device, run: Run) -> list:
+    """Providers in timing order: eager, fusedres backends, then torch.compile (the
+    slowest to prepare), so a --time-budget cuts compile rows first."""
     from fusedres._backend import available_backends, backend_supports, triton_interpreted
 
     kinds = {k.strip() for k in args.providers.split(",") if k.strip()}
@@ -150,19 +152,6 @@ def _providers(args, device: torch.device, run: Run) -> list:
         run.notes.append("no GPU: cuda and triton providers not timed"
                          if not torch.cuda.is_available()
                          else "--device cpu: cuda and triton providers not timed")
-    if "compile" in kinds:
-        if args.no_compile:
-            run.skip("all", "compile", "--no-compile")
-        elif device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")
-                                           or shutil.which("clang++")):
-            run.skip("all", "compile", "torch.compile on CPU needs a C++ compiler; none found")
-        else:
-            out.append(C.Provider("compile", "compile"))
-        if args.max_autotune and not args.no_compile:
-            if device.type == "cuda":
-                out.append(C.Provider("compile-max-autotune", "compile", mode="max-autotune"))
-            else:
-                run.skip("all", "compile-max-autotune", "max-autotune is timed on GPU only")
     if "fusedres" in kinds:
         avail = available_backends()
         names = avail if args.backends == "auto" else [
@@ -183,6 +172,19 @@ def _providers(args, device: torch.device, run: Run) -> list:
                 if b not in names:
                     run.skip("all", f"fusedres-{b}", "no GPU" if not torch.cuda.is_available()
                              else "--device cpu")
+    if "compile" in kinds:
+        if args.no_compile:
+            run.skip("all", "compile", "--no-compile")
+        elif device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")
+                                           or shutil.which("clang++")):
+            run.skip("all", "compile", "torch.compile on CPU needs a C++ compiler; none found")
+        else:
+            out.append(C.Provider("compile", "compile"))
+        if args.max_autotune and not args.no_compile:
+            if device.type == "cuda":
+                out.append(C.Provider("compile-max-autotune", "compile", mode="max-autotune"))
+            else:
+                run.skip("all", "compile-max-autotune", "max-autotune is timed on GPU only")
     return out
 
 
@@ -301,7 +303,8 @@ def run_suites(args, suites: list) -> dict:
                 peak = (None, None)
                 if case.peak_memory and device.type == "cpu":  # on the warm-up call
                     peak = timing.peak_memory(fn, device)
-                m = timing.measure(fn, device, quick=args.quick, use_graph=not args.no_graph,
+                m = timing.measure(fn, device, quick=args.quick,
+                                   use_graph=not args.no_graph and not provider.own_graphs,
                                    warm=case.peak_memory)
                 if case.peak_memory and device.type == "cuda":  # warm: no autotuning in it
                     peak = timing.peak_memory(fn, device)

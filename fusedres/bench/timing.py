@@ -210,7 +210,9 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[Optiona
     /proc/self/clear_refs), everything resident included.
     """
     if device.type == "cuda":
+        _FLUSH.clear()  # the timer's L2-flush buffer is not the workload's memory
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         fn()
         torch.cuda.synchronize()
