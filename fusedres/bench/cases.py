@@ -438,8 +438,10 @@ def _conv_make(spec: ConvSpec, variant: str, pass_: str, s: Settings):
         fan_in = spec.c_in * spec.kernel * spec.kernel
         w = _rand((spec.c_out, spec.c_in, spec.kernel, spec.kernel), s, grad,
                   scale=fan_in ** -0.5)
-        scale = (1 + 0.1 * torch.randn(spec.c_in, device=s.device)).to(s.dtype)
-        shift = (0.1 * torch.randn(spec.c_in, device=s.device)).to(s.dtype)
+        # BN-ReLU prologue coefficients, as a finalize kernel produces them (fp32 with
+        # half-precision activations)
+        scale = (1 + 0.1 * torch.randn(spec.c_in, device=s.device)).to(s.param_dtype)
+        shift = (0.1 * torch.randn(spec.c_in, device=s.device)).to(s.param_dtype)
         forward = functools.partial(f, x, w, scale, shift)
         if grad:
             return _grad_fn(forward, [x, w], provider)
@@ -573,8 +575,10 @@ def blocks_cases(s: Settings, shapes: str = "full") -> list[Case]:
     out = []
     for kind, layer, in_planes, planes, stride, h in table:
         shape = (s.batch, in_planes, h, h)
-        flops = formulas.model_flops(_block(kind, in_planes, planes, stride),
-                                     torch.empty(shape), "fwd+bwd", input_grad=True)
+        with torch.device("meta"):
+            block = _block(kind, in_planes, planes, stride)
+        flops = formulas.model_flops(block, torch.empty(shape, device="meta"), "fwd+bwd",
+                                     input_grad=True)
         out.append(Case(suite="blocks", name=kind, pass_="fwd+bwd", layer=layer, shape=shape,
                         make=_block_make(kind, in_planes, planes, stride, shape, s),
                         flops=flops, images=s.batch, peak_memory=True))
@@ -643,9 +647,11 @@ def train_cases(s: Settings, shapes: str = "full") -> list[Case]:
     out = []
     for name in names:
         shape = (s.batch, 3, size, size)
-        probe = torch.empty(shape)
-        fwd = formulas.model_flops(_model(name), probe, "fwd")
-        train = formulas.model_flops(_model(name), probe, "fwd+bwd", input_grad=False)
+        probe = torch.empty(shape, device="meta")
+        with torch.device("meta"):  # shapes only: no weight initialisation
+            net = _model(name)
+        fwd = formulas.model_flops(net, probe, "fwd")
+        train = formulas.model_flops(net, probe, "fwd+bwd", input_grad=False)
         out.append(Case(suite="train", name=name, pass_="train_step", layer=f"{size}x{size}",
                         shape=shape, make=_train_make(name, shape, s), flops=train,
                         images=s.batch, peak_memory=True))

@@ -322,9 +322,9 @@ def run_suites(args, suites: list) -> dict:
             finally:
                 del fn
                 _cleanup(device)
-        if args.json:  # partial results survive a kill
-            _speedups(run.rows)
-            report.write_json(_result(run, machine, settings, copy, False), args.json)
+            if args.json:  # partial results survive a kill
+                _speedups(run.rows)
+                report.write_json(_result(run, machine, settings, copy, False), args.json)
     progress.close()
 
     order = {c.key: i for i, c in enumerate(all_cases)}
