@@ -57,6 +57,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", metavar="PATH", help="write a markdown report")
     p.add_argument("--plot", metavar="PATH", help="write a speedup-per-layer plot (matplotlib)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 when a case raised an error (CI)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -388,4 +390,4 @@ def main(argv: Optional[list] = None) -> int:
     if args.plot:
         why = report.plot(result, args.plot)
         print(f"--plot: {why}" if why else f"wrote {args.plot}")
-    return 0
+    return 1 if args.strict and result["errors"] else 0

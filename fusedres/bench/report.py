@@ -107,6 +107,8 @@ def machine_info(device: torch.device, argv: Optional[list] = None) -> dict:
         info["gpu_sms"] = props.multi_processor_count
         info["gpu_capability"] = f"{props.major}.{props.minor}"
         info["cudnn"] = torch.backends.cudnn.version()
+        info["allow_tf32"] = {"cudnn": torch.backends.cudnn.allow_tf32,
+                              "matmul": torch.backends.cuda.matmul.allow_tf32}
         if shutil.which("nvidia-smi"):
             info["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version",
                                    "--format=csv,noheader", f"--id={device.index or 0}"])
@@ -263,7 +265,7 @@ def plot(result: dict, path: str) -> Optional[str]:
                  f"{result['settings']['dtype']}", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return None
 
