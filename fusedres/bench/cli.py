@@ -316,7 +316,8 @@ def run_suites(args, suites: list) -> dict:
             except C.Skip as sk:
                 run.skip(case.suite, provider.name, str(sk))
             except Exception as exc:
-                msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+                text = str(exc).strip()
+                msg = f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
                 run.errors.append({"suite": case.suite, "case": case.name, "pass": case.pass_,
                                    "layer": case.layer, "provider": provider.name,
                                    "error": msg, "traceback": traceback.format_exc(limit=6)})
