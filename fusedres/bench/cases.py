@@ -46,6 +46,7 @@ class Provider:
     kind: str  # "eager" | "compile" | "fusedres"
     backend: Optional[str] = None
     mode: Optional[str] = None  # torch.compile mode
+    memory_saving: bool = False  # fusedres.convert(..., memory_saving=True): blocks/train
 
     @property
     def own_graphs(self) -> bool:
@@ -140,9 +141,11 @@ def _grad_fn(forward: Callable[[], torch.Tensor], inputs: list, provider: Provid
         if mark is not None:
             mark()
         out = forward()
-        if "g" not in box:
-            box["g"] = torch.randn_like(out)
-        return torch.autograd.grad(out, inputs, box["g"])
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,))
+                if isinstance(o, torch.Tensor) and o.requires_grad]
+        if "g" not in box:  # one gradient per differentiable output (y, mean, var, ...)
+            box["g"] = [torch.randn_like(o) for o in outs]
+        return torch.autograd.grad(outs, inputs, box["g"])
 
     return run
 
@@ -250,6 +253,7 @@ def _op_make(op: str, shape: tuple, pass_: str, s: Settings):
             rm2, rv2, w2, b2 = params(grad)
             args, grads = (x, rm, rv, w, b, sc, rm2, rv2, w2, b2), [x, w, b, sc, w2, b2]
         if provider.kind == "fusedres":
+            _no_memory_saving(provider)
             _fusedres_backend_check(provider, s)
             f = _fusedres_op(op, provider.backend)
         elif provider.kind == "compile":
@@ -337,20 +341,24 @@ def resnet50_convs(image_size: int = 224) -> list[ConvSpec]:
     return [ConvSpec(layer, *key, count=n) for key, (layer, n) in seen.items()]
 
 
-QUICK_CONVS = ("layer1.0.conv2", "layer3.0.downsample.0")
+QUICK_CONVS = ("layer1.0.conv2", "layer3.0.conv3")
 TINY_CONV = ConvSpec("tiny", 8, 16, 3, 1, 1, 8)
 
-CONV_VARIANTS = (("conv", "fwd"), ("conv", "fwd+bwd"), ("conv+stats", "fwd"),
-                 ("bn_relu+conv+stats", "fwd"))
+CONV_VARIANTS = (("conv", "fwd"), ("conv", "fwd+bwd"),
+                 ("conv+stats", "fwd"), ("conv+stats", "fwd+bwd"),
+                 ("bn_relu+conv+stats", "fwd"), ("bn_relu+conv+stats", "fwd+bwd"),
+                 ("conv+bias+add+relu", "fwd"))
+# conv+stats: the training conv with a BN-statistics epilogue; bn_relu+conv+stats: the
+# same with the previous layer's BN-ReLU applied while loading (the chain of DESIGN.md
+# section 2); conv+bias+add+relu: the eval-mode block tail with BN folded into the conv.
 
-# Entry points looked up in fusedres.conv, first found wins; the fused forwards fall
-# back to fusedres.kernels.conv.conv_fwd(x, w, stride, padding, scale=, shift=, stats=).
-CONV_ENTRY_POINTS = {
-    "conv": ("conv2d",),
-    "conv+stats": ("conv2d_stats", "conv_stats", "conv2d_bn_stats"),
-    "bn_relu+conv+stats": ("bn_relu_conv2d_stats", "prologue_conv2d_stats",
-                           "conv2d_prologue_stats", "conv2d_bn_relu_stats"),
-}
+# fusedres.conv entry points (fusedres/conv.py), all taking backend=:
+#   conv2d(x, w, bias, stride, padding), conv2d_stats(x, w, stride, padding),
+#   bn_relu_conv2d_stats(x, scale, shift, w, stride, padding),
+#   conv2d_bias_add_relu(x, w, bias, residual, stride, padding, relu)
+CONV_ENTRY_POINTS = {"conv": "conv2d", "conv+stats": "conv2d_stats",
+                     "bn_relu+conv+stats": "bn_relu_conv2d_stats",
+                     "conv+bias+add+relu": "conv2d_bias_add_relu"}
 
 
 def _fusedres_conv_module():
@@ -368,59 +376,58 @@ def _accepts(fn, name: str) -> bool:
     return name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
 
-def _fusedres_conv_fn(variant: str, spec: ConvSpec, provider: Provider, s: Settings):
-    """``f(x, w, scale, shift)`` running the fusedres conv variant, or Skip."""
+def _fusedres_conv_fn(variant: str, spec: ConvSpec, provider: Provider, s: Settings,
+                      x: torch.Tensor, w: torch.Tensor):
+    """``f(x, w, scale, shift, bias, residual)`` running the fusedres conv variant, or
+    Skip. A backend whose call would only run ``F.conv2d`` (fusedres has no C++ conv;
+    ``conv_path`` says so) is skipped rather than timed under a fusedres name."""
     mod = _fusedres_conv_module()
-    entry = next((getattr(mod, n) for n in CONV_ENTRY_POINTS[variant] if hasattr(mod, n)), None)
-    kw = {}
-    if entry is not None and _accepts(entry, "backend"):
-        kw["backend"] = provider.backend
-    elif provider.backend != "triton":
-        raise Skip("the fusedres conv is Triton only (no backend= argument): "
-                   "timed under fusedres-triton")
-    if provider.backend == "triton" and s.device.type != "cuda":
-        raise Skip("the Triton conv runs on GPU only here (the interpreter is never "
+    name = CONV_ENTRY_POINTS[variant]
+    entry = getattr(mod, name, None)
+    if entry is None:
+        raise Skip(f"fusedres.conv.{name} not available")
+    b = provider.backend
+    if b == "triton" and s.device.type != "cuda":
+        raise Skip("the Triton conv is timed on GPU only (the interpreter is never "
                    "benchmarked)")
+    conv_path = getattr(mod, "conv_path", None)
+    if conv_path is not None and b != "reference":
+        try:
+            path, why = conv_path(x, w, None, spec.stride, spec.padding, 1, 1, b)
+        except RuntimeError as exc:
+            raise Skip(f"fusedres.conv backend {b!r}: {exc}") from None
+        if path == "reference":
+            raise Skip(f"fusedres.conv with backend {b!r} runs F.conv2d: {why}")
     st, pad = spec.stride, spec.padding
     if variant == "conv":
-        if entry is None:
-            raise Skip("fusedres.conv.conv2d not available")
-        return lambda x, w, scale, shift: entry(x, w, None, st, pad, **kw)
-    if entry is not None:
-        if variant == "conv+stats":
-            return lambda x, w, scale, shift: entry(x, w, stride=st, padding=pad, **kw)
-        return lambda x, w, scale, shift: entry(x, w, scale=scale, shift=shift, stride=st,
-                                                padding=pad, **kw)
-    try:
-        from fusedres.kernels import conv as kconv
-    except ImportError as exc:
-        raise Skip(f"no fused conv entry point {CONV_ENTRY_POINTS[variant]} in fusedres.conv, "
-                   f"and fusedres.kernels.conv not importable ({exc})") from None
-    if not hasattr(kconv, "conv_fwd"):
-        raise Skip(f"no fused conv entry point {CONV_ENTRY_POINTS[variant]} in fusedres.conv")
+        return lambda x, w, scale, shift, bias, res: entry(x, w, None, st, pad, backend=b)
     if variant == "conv+stats":
-        return lambda x, w, scale, shift: kconv.conv_fwd(x, w, st, pad, stats=True)
-    return lambda x, w, scale, shift: kconv.conv_fwd(x, w, st, pad, scale=scale, shift=shift,
-                                                     stats=True)
+        return lambda x, w, scale, shift, bias, res: entry(x, w, st, pad, backend=b)
+    if variant == "bn_relu+conv+stats":
+        return lambda x, w, scale, shift, bias, res: entry(x, scale, shift, w, st, pad,
+                                                           backend=b)
+    return lambda x, w, scale, shift, bias, res: entry(x, w, bias, res, st, pad, True,
+                                                       backend=b)
 
 
 def _eager_conv_fn(variant: str, spec: ConvSpec):
+    """The unfused PyTorch equivalent of each variant (cuDNN conv on GPU)."""
     st, pad = spec.stride, spec.padding
-    if variant == "conv":
-        return lambda x, w, scale, shift: F.conv2d(x, w, None, st, pad)
-    if variant == "conv+stats":
-        def f(x, w, scale, shift):
-            y = F.conv2d(x, w, None, st, pad)
-            var, mean = torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)
-            return y, mean, var
-        return f
 
-    def g(x, w, scale, shift):
-        a = torch.relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(x.dtype)
-        y = F.conv2d(a, w, None, st, pad)
+    def stats(y):
         var, mean = torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)
         return y, mean, var
-    return g
+
+    if variant == "conv":
+        return lambda x, w, scale, shift, bias, res: F.conv2d(x, w, None, st, pad)
+    if variant == "conv+stats":
+        return lambda x, w, scale, shift, bias, res: stats(F.conv2d(x, w, None, st, pad))
+    if variant == "bn_relu+conv+stats":
+        def prologue(x, w, scale, shift, bias, res):
+            a = torch.relu(x.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+            return stats(F.conv2d(a.to(x.dtype), w, None, st, pad))
+        return prologue
+    return lambda x, w, scale, shift, bias, res: torch.relu(F.conv2d(x, w, bias, st, pad) + res)
 
 
 def _conv_make(spec: ConvSpec, variant: str, pass_: str, s: Settings):
@@ -428,12 +435,6 @@ def _conv_make(spec: ConvSpec, variant: str, pass_: str, s: Settings):
 
     def make(provider: Provider):
         grad = pass_ == "fwd+bwd"
-        if provider.kind == "fusedres":
-            f = _fusedres_conv_fn(variant, spec, provider, s)
-        elif provider.kind == "compile":
-            f = _compile(_eager_conv_fn(variant, spec), provider)
-        else:
-            f = _eager_conv_fn(variant, spec)
         x = _rand(shape, s, grad)
         fan_in = spec.c_in * spec.kernel * spec.kernel
         w = _rand((spec.c_out, spec.c_in, spec.kernel, spec.kernel), s, grad,
@@ -442,8 +443,21 @@ def _conv_make(spec: ConvSpec, variant: str, pass_: str, s: Settings):
         # half-precision activations)
         scale = (1 + 0.1 * torch.randn(spec.c_in, device=s.device)).to(s.param_dtype)
         shift = (0.1 * torch.randn(spec.c_in, device=s.device)).to(s.param_dtype)
-        forward = functools.partial(f, x, w, scale, shift)
+        bias = (0.1 * torch.randn(spec.c_out, device=s.device)).to(s.dtype)
+        res = _rand((s.batch, spec.c_out, spec.h_out, spec.h_out), s)
+        if provider.kind == "fusedres":
+            _no_memory_saving(provider)
+            f = _fusedres_conv_fn(variant, spec, provider, s, x, w)
+        elif provider.kind == "compile":
+            f = _compile(_eager_conv_fn(variant, spec), provider)
+        else:
+            f = _eager_conv_fn(variant, spec)
+        forward = functools.partial(f, x, w, scale, shift, bias, res)
         if grad:
+            if variant == "bn_relu+conv+stats":
+                scale.requires_grad_(True)
+                shift.requires_grad_(True)
+                return _grad_fn(forward, [x, w, scale, shift], provider)
             return _grad_fn(forward, [x, w], provider)
         return _fwd_fn(forward, provider)
 
@@ -461,6 +475,9 @@ def conv_cases(s: Settings, shapes: str = "full") -> list[Case]:
     for spec in specs:
         shape = (s.batch, spec.c_in, spec.h, spec.h)
         for variant, pass_ in CONV_VARIANTS:
+            if variant == "conv+bias+add+relu" and not (spec.layer.endswith("conv3")
+                                                        or spec is TINY_CONV):
+                continue  # the eval block tail: only where a residual add follows
             out.append(Case(
                 suite="conv", name=variant, pass_=pass_, layer=spec.label, shape=shape,
                 make=_conv_make(spec, variant, pass_, s),
@@ -497,9 +514,19 @@ def find_convert() -> Callable:
 
 def _convert(module: torch.nn.Module, provider: Provider) -> torch.nn.Module:
     convert = find_convert()
+    kw = {"backend": provider.backend}
+    if provider.memory_saving:
+        if not _accepts(convert, "memory_saving"):
+            raise Skip("fusedres.convert has no memory_saving option")
+        kw["memory_saving"] = True
     m = copy.deepcopy(module)
-    out = convert(m, backend=provider.backend)
+    out = convert(m, **kw)
     return m if out is None else out
+
+
+def _no_memory_saving(provider: Provider):
+    if provider.memory_saving:
+        raise Skip("memory saving is a fusedres.convert option: timed on blocks and train")
 
 
 def _prepare_module(module: torch.nn.Module, s: Settings, provider: Provider):

@@ -53,6 +53,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds; cases not started by then are skipped (and reported)")
     p.add_argument("--no-graph", action="store_true", help="GPU: do not use CUDA graphs")
+    p.add_argument("--memory-saving", action="store_true",
+                   help="also time fusedres.convert(..., memory_saving=True) on blocks and "
+                        "train (providers fusedres-<backend>-memsave)")
     p.add_argument("--json", metavar="PATH", help="write all rows and machine info as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write a markdown report")
     p.add_argument("--plot", metavar="PATH", help="write a speedup-per-layer plot (matplotlib)")
@@ -169,6 +172,9 @@ def _providers(args, device: torch.device, run: Run) -> list:
                 run.skip("all", prov, f"backend {b!r} does not run on {device.type} tensors")
             else:
                 out.append(C.Provider(prov, "fusedres", backend=b))
+                if args.memory_saving:
+                    out.append(C.Provider(prov + "-memsave", "fusedres", backend=b,
+                                          memory_saving=True))
         if args.backends == "auto" and device.type == "cpu":
             for b in ("cuda", "triton"):
                 if b not in names:
