@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import re
 import shutil
 import sys
 import time
@@ -48,6 +49,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", choices=("full", "quick", "tiny"), default=None,
                    help="shape set (default: quick with --quick, else full; tiny for tests); "
                         "also $FUSEDRES_BENCH_SHAPES")
+    p.add_argument("--cases", metavar="REGEX", default=None,
+                   help="only cases whose 'suite case pass layer' matches REGEX (re.search), "
+                        "e.g. 'bn_add_relu fwd\\+bwd' or 'layer3'")
     p.add_argument("--image-size", type=int, default=224,
                    help="image size for the conv shapes and the training step")
     p.add_argument("--time-budget", type=float, default=None,
@@ -276,6 +280,10 @@ def run_suites(args, suites: list) -> dict:
         if not found and suite in ("blocks", "train"):
             run.skip(suite, "all", "torchvision is not installed")
         all_cases += found
+    if args.cases:
+        pattern = re.compile(args.cases)
+        all_cases = [c for c in all_cases
+                     if pattern.search(f"{c.suite} {c.name} {c.pass_} {c.layer}")]
     commit = report.git_commit()
     machine = report.machine_info(device, getattr(args, "argv", None))
     settings = {"device": device.type, "dtype": str(s.dtype).replace("torch.", ""),
