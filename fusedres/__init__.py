@@ -9,9 +9,9 @@ import sys
 
 
 def _map_source_kernels():
-    """In a source checkout (no install), ``kernels/`` is ``fusedres.kernels``."""
-    if importlib.util.find_spec("fusedres.kernels") is not None:
-        return
+    """In a source checkout, the ``kernels/`` beside this ``fusedres/`` is
+    ``fusedres.kernels`` (also when another checkout is installed in editable mode, which
+    would otherwise map its own). An installed wheel has no such folder: nothing to do."""
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
     init = os.path.join(path, "__init__.py")
     if os.path.exists(init):
@@ -25,8 +25,9 @@ def _map_source_kernels():
 _map_source_kernels()
 
 from ._backend import available_backends, extension_error, resolve_backend  # noqa: E402
-from . import functional, ops, reference  # noqa: E402
+from . import conv, distributed, functional, nn, ops, reference  # noqa: E402
+from .convert import convert, explain  # noqa: E402  (the functions shadow the submodule name)
 
-__all__ = ["available_backends", "resolve_backend", "extension_error", "functional", "ops",
-           "reference"]
+__all__ = ["available_backends", "resolve_backend", "extension_error", "conv", "convert",
+           "distributed", "explain", "functional", "nn", "ops", "reference"]
 __version__ = "0.1.0"

@@ -53,7 +53,12 @@ def triton_interpreted() -> bool:
 
 
 def has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """triton is installed and the Triton BN kernels ship with this copy of fusedres."""
+    try:
+        return (importlib.util.find_spec("triton") is not None
+                and importlib.util.find_spec("fusedres.kernels.bn") is not None)
+    except ModuleNotFoundError:
+        return False
 
 
 def available_backends() -> list[str]:

@@ -19,16 +19,21 @@ input's dtype or float32 (the autocast case), training and eval, ``running_mean=
 exactly as ``nn.BatchNorm2d``: ``momentum`` float, or ``momentum=None`` with
 ``num_batches_tracked`` for a cumulative average (modules pass it).
 Residual and shortcut tensors must have the input's shape and dtype.
+
+``process_group=`` (a ``torch.distributed`` group, e.g. ``dist.group.WORLD``)
+synchronises the batch statistics across processes in training, as
+``nn.SyncBatchNorm`` does, on CPU (gloo) and GPU (NCCL); see ``fusedres.distributed``.
 """
 from __future__ import annotations
 
+import math
 import threading
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import ops, reference
+from . import distributed, ops, reference
 from ._backend import resolve_backend
 
 __all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "dual_batch_norm_add_relu",
@@ -81,14 +86,11 @@ def _check_input(x: Tensor, training: bool, running_mean, running_var) -> None:
         raise ValueError("running_mean and running_var must both be given or both be None")
     if not training and running_mean is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
-    if training and x.numel() > 0 and x.numel() // x.shape[1] <= 1:
-        raise ValueError("Expected more than 1 value per channel when training, got input "
-                         f"size {x.shape}")
 
 
 def _ncs(t: Optional[Tensor]) -> Optional[Tensor]:
     """``(N, C, *spatial)`` -> ``(N, C, S)``, a view whenever the strides allow."""
-    return None if t is None else t.reshape(t.shape[0], t.shape[1], -1)
+    return None if t is None else t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
 
 
 def _is_channels_last(x3: Tensor) -> bool:
@@ -99,9 +101,16 @@ def _is_channels_last(x3: Tensor) -> bool:
 
 def _fused(x, residual, running_mean, running_var, weight, bias, shortcut, sc_running_mean,
            sc_running_var, sc_weight, sc_bias, training, momentum, eps, relu, backend,
-           num_batches_tracked):
+           num_batches_tracked, process_group=None):
     """The one path behind every public function."""
     _check_input(x, training, running_mean, running_var)
+    if process_group is not None:
+        distributed.check_process_group(process_group)
+    synced = training and process_group is not None and distributed.world_size(process_group) > 1
+    # With synchronised statistics one rank may hold a single value, or none.
+    if training and not synced and x.numel() > 0 and x.numel() // x.shape[1] <= 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input "
+                         f"size {x.shape}")
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         _check_param(name, t, x)
@@ -119,7 +128,10 @@ def _fused(x, residual, running_mean, running_var, weight, bias, shortcut, sc_ru
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
 
     name = resolve_backend(x.device, backend)
-    if name == "reference" or x.numel() == 0:
+    if name == "reference" and synced:
+        raise RuntimeError("synchronised BN runs on the fused kernels; the reference backend "
+                           "has none (use torch.nn.SyncBatchNorm for a reference)")
+    if name == "reference" or (x.numel() == 0 and not synced):
         # Empty batches go through torch itself (no zero-size launch; torch's semantics).
         _last.backend = "reference"
         return _composite(x, residual, running_mean, running_var, weight, bias, shortcut,
@@ -129,19 +141,25 @@ def _fused(x, residual, running_mean, running_var, weight, bias, shortcut, sc_ru
 
     x3 = _ncs(x)
     channels_last = _is_channels_last(x3)
-    out, mean, var, mean2, var2, _ = torch.ops.fusedres.batch_norm_act(
-        x3, weight, bias, running_mean, running_var, _ncs(residual), _ncs(shortcut),
-        sc_weight, sc_bias, sc_running_mean, sc_running_var, training, eps, relu,
-        channels_last, name)
-    if training:
+    if synced:
+        out, mean, var, mean2, var2, count = distributed.sync_batch_norm_act(
+            x3, weight, bias, _ncs(residual), _ncs(shortcut), sc_weight, sc_bias, eps, relu,
+            channels_last, name, process_group)
+    else:
+        out, mean, var, mean2, var2, _ = torch.ops.fusedres.batch_norm_act(
+            x3, weight, bias, running_mean, running_var, _ncs(residual), _ncs(shortcut),
+            sc_weight, sc_bias, sc_running_mean, sc_running_var, training, eps, relu,
+            channels_last, name)
         count = x3.shape[0] * x3.shape[2]
+    if training:
         factor = 0.0 if momentum is None else float(momentum)
         nbt = num_batches_tracked if momentum is None else None
         if running_mean is not None:
-            ops.update_running_stats(running_mean, running_var, mean, var, count, factor, nbt)
+            ops.update_running_stats(running_mean, running_var, mean,
+                                     ops.unbiased(var, count), factor, nbt)
         if shortcut is not None and sc_running_mean is not None:
-            ops.update_running_stats(sc_running_mean, sc_running_var, mean2, var2, count,
-                                     factor, nbt)
+            ops.update_running_stats(sc_running_mean, sc_running_var, mean2,
+                                     ops.unbiased(var2, count), factor, nbt)
     return out.view(x.shape)
 
 
@@ -164,10 +182,12 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                training: bool = False, momentum: Optional[float] = 0.1, eps: float = 1e-5, *,
                relu: bool = False, residual: Optional[Tensor] = None,
-               num_batches_tracked: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+               num_batches_tracked: Optional[Tensor] = None, backend: str = "auto",
+               process_group=None) -> Tensor:
     """``[relu](F.batch_norm(input, ...) [+ residual])``: the general form."""
     return _fused(input, residual, running_mean, running_var, weight, bias, None, None, None,
-                  None, None, training, momentum, eps, relu, backend, num_batches_tracked)
+                  None, None, training, momentum, eps, relu, backend, num_batches_tracked,
+                  process_group)
 
 
 def batch_norm_relu(input: Tensor, running_mean: Optional[Tensor],
@@ -175,12 +195,13 @@ def batch_norm_relu(input: Tensor, running_mean: Optional[Tensor],
                     bias: Optional[Tensor] = None, training: bool = False,
                     momentum: Optional[float] = 0.1, eps: float = 1e-5, *,
                     num_batches_tracked: Optional[Tensor] = None,
-                    backend: str = "auto") -> Tensor:
+                    backend: str = "auto", process_group=None) -> Tensor:
     """``relu(F.batch_norm(input, running_mean, running_var, weight, bias, training,
     momentum, eps))``, fused: statistics in one pass, normalise+ReLU in one pass, and a
     backward that recomputes the ReLU mask from ``input`` (nothing else is stored)."""
     return _fused(input, None, running_mean, running_var, weight, bias, None, None, None, None,
-                  None, training, momentum, eps, True, backend, num_batches_tracked)
+                  None, training, momentum, eps, True, backend, num_batches_tracked,
+                  process_group)
 
 
 def batch_norm_add_relu(input: Tensor, residual: Tensor, running_mean: Optional[Tensor],
@@ -188,13 +209,14 @@ def batch_norm_add_relu(input: Tensor, residual: Tensor, running_mean: Optional[
                         bias: Optional[Tensor] = None, training: bool = False,
                         momentum: Optional[float] = 0.1, eps: float = 1e-5, *,
                         num_batches_tracked: Optional[Tensor] = None,
-                        backend: str = "auto") -> Tensor:
+                        backend: str = "auto", process_group=None) -> Tensor:
     """``relu(F.batch_norm(input, ...) + residual)``: the identity-shortcut block tail.
     Backward keeps a 1-bit ReLU mask, not the residual."""
     if residual is None:
         raise TypeError("batch_norm_add_relu needs a residual tensor; use batch_norm_relu")
     return _fused(input, residual, running_mean, running_var, weight, bias, None, None, None,
-                  None, None, training, momentum, eps, True, backend, num_batches_tracked)
+                  None, None, training, momentum, eps, True, backend, num_batches_tracked,
+                  process_group)
 
 
 def dual_batch_norm_add_relu(input: Tensor, running_mean: Optional[Tensor],
@@ -205,7 +227,7 @@ def dual_batch_norm_add_relu(input: Tensor, running_mean: Optional[Tensor],
                              shortcut_weight: Optional[Tensor], shortcut_bias: Optional[Tensor],
                              training: bool = False, momentum: Optional[float] = 0.1,
                              eps: float = 1e-5, *, num_batches_tracked: Optional[Tensor] = None,
-                             backend: str = "auto") -> Tensor:
+                             backend: str = "auto", process_group=None) -> Tensor:
     """``relu(bn(input) + bn_shortcut(shortcut))``: the projection-shortcut block tail,
     both BNs applied in one kernel. Both BNs share ``momentum``, ``eps`` and (for
     ``momentum=None``) ``num_batches_tracked``."""
@@ -213,7 +235,8 @@ def dual_batch_norm_add_relu(input: Tensor, running_mean: Optional[Tensor],
         raise TypeError("dual_batch_norm_add_relu needs a shortcut tensor")
     return _fused(input, None, running_mean, running_var, weight, bias, shortcut,
                   shortcut_running_mean, shortcut_running_var, shortcut_weight, shortcut_bias,
-                  training, momentum, eps, True, backend, num_batches_tracked)
+                  training, momentum, eps, True, backend, num_batches_tracked,
+                  process_group)
 
 
 # Reference composites of the same signatures, for tests and benchmarks.

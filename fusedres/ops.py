@@ -353,27 +353,31 @@ torch.library.register_autograd("fusedres::batch_norm_act", _backward,
 
 @torch.library.custom_op("fusedres::update_running_stats",
                          mutates_args=("running_mean", "running_var"))
-def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
-                         count: int, momentum: float,
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor,
+                         unbiased_var: Tensor, momentum: float,
                          num_batches_tracked: Optional[Tensor]) -> None:
     """``running <- (1-f)*running + f*batch`` as ``nn.BatchNorm`` does, on the device.
 
-    ``var`` is the biased batch variance; the running variance gets the unbiased one
-    (``var * count/(count-1)``). ``f`` is ``momentum``, or ``1/num_batches_tracked``
-    (the cumulative average of ``momentum=None``) when that tensor is given; the
-    caller increments ``num_batches_tracked`` first, as ``nn.BatchNorm`` does.
+    ``unbiased_var`` is the batch variance with Bessel's correction (``var*M/(M-1)``,
+    see :func:`unbiased`). ``f`` is ``momentum``, or ``1/num_batches_tracked`` (the
+    cumulative average of ``momentum=None``) when that tensor is given; the caller
+    increments ``num_batches_tracked`` first, as ``nn.BatchNorm`` does.
     """
     acc = mean.dtype
     if num_batches_tracked is not None:
         factor = 1.0 / num_batches_tracked.to(acc)
     else:
         factor = torch.tensor(momentum, dtype=acc, device=mean.device)
-    unbiased = var * (count / (count - 1))
-    for running, batch in ((running_mean, mean), (running_var, unbiased)):
-        new = running.to(acc) * (1 - factor) + batch * factor
-        running.copy_(new)
+    for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
+        running.copy_(running.to(acc) * (1 - factor) + batch * factor)
 
 
 @update_running_stats.register_fake
-def _(running_mean, running_var, mean, var, count, momentum, num_batches_tracked):
+def _(running_mean, running_var, mean, unbiased_var, momentum, num_batches_tracked):
     return None
+
+
+def unbiased(var: Tensor, count) -> Tensor:
+    """Bessel's correction of a biased variance over ``count`` values (an int, or a
+    tensor on the device so that nothing syncs); ``count <= 1`` gives inf/nan as torch."""
+    return var * (count / (count - 1))

@@ -1,0 +1,771 @@
+// CPU kernels of the four BN primitives (contract: fusedres/reference.py).
+//
+// Included by one translation unit per instruction set (bn_cpu_kernels_default.cpp,
+// bn_cpu_kernels_avx2.cpp) with FUSEDRES_ISA naming the namespace; bn_cpu.cpp checks
+// the inputs, allocates the outputs and picks the instruction set at run time.
+//
+// Layout of the work:
+// * An (N, C, S) tensor is walked either as ROWS (one (n, s) pair per row, channels
+//   inner: vectorised across C, the channels_last case) or as PLANES (one (n, c) pair
+//   per plane, spatial inner: vectorised across S, the NCHW case). A tensor whose
+//   inner stride is not 1 is read with scalar gathers (the generic strided path).
+// * Elementwise kernels walk the *output* order, in blocks of 8*k outer rows, so
+//   every block starts on a mask byte and no two threads write the same mask byte.
+// * Reductions split the work into chunks that depend on the shape only (never on
+//   the number of threads), keep per-chunk partials (Welford count/mean/M2 for
+//   stats; sums for backward) and merge them per channel in chunk order: results
+//   are bitwise reproducible for any thread count.
+// * fp32 (fp64 for double) math, one cast at the store, never a fused multiply-add
+//   (fp-contract off) so the ReLU mask matches the reference bit for bit.
+// * ReLU is (pre < 0) ? 0 : pre (NaN propagates); the mask bit is !(pre <= 0).
+#pragma once
+
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "cpu/bn_cpu.h"
+
+#ifndef FUSEDRES_ISA
+#error "define FUSEDRES_ISA before including bn_cpu_kernels.h"
+#endif
+
+namespace fusedres::cpu::FUSEDRES_ISA {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename T>
+using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Elements per reduction chunk / elementwise block (shape-only, never thread-dependent).
+constexpr int64_t kChunkElems = 16384;
+constexpr int64_t kBlockElems = 32768;
+// Rows per step of the channels-inner reductions.
+constexpr int kUnroll = 4;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grain of a parallel_for over items of `work` elements each: small problems run on
+// the calling thread. (Only how items are spread over threads depends on it, never
+// what an item computes.)
+constexpr int64_t kMinTaskElems = 32768;
+inline int64_t grain_for(int64_t work) {
+  return std::max<int64_t>(1, kMinTaskElems / std::max<int64_t>(work, 1));
+}
+
+// ---- loads and stores ---------------------------------------------------------------
+
+// `count` (<= vector size) elements of a tensor with inner stride `stride`
+// (1 when CONTIG), converted to the acc dtype; missing lanes are 0.
+template <bool CONTIG, typename scalar_t, typename acc_t = acc_type_t<scalar_t>>
+inline Vectorized<acc_t> load(const scalar_t* p, int64_t stride, int64_t count) {
+  using V = Vectorized<acc_t>;
+  if constexpr (CONTIG && std::is_same_v<scalar_t, acc_t>) {
+    return count >= V::size() ? V::loadu(p) : V::loadu(p, count);
+  } else {
+    __at_align__ acc_t buf[V::size()];
+    if (count >= V::size()) {
+      for (int i = 0; i < V::size(); ++i)
+        buf[i] = static_cast<acc_t>(p[CONTIG ? i : i * stride]);
+    } else {
+      for (int i = 0; i < V::size(); ++i)
+        buf[i] = i < count ? static_cast<acc_t>(p[CONTIG ? i : i * stride]) : acc_t(0);
+    }
+    return V::loadu(buf);
+  }
+}
+
+template <typename acc_t>
+inline Vectorized<acc_t> loadp(const acc_t* p, int64_t count) {
+  using V = Vectorized<acc_t>;
+  return count >= V::size() ? V::loadu(p) : V::loadu(p, count);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store(scalar_t* p, const Vectorized<acc_t>& v, int64_t count) {
+  using V = Vectorized<acc_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (count >= V::size()) v.store(p); else v.store(p, static_cast<int>(count));
+  } else {
+    __at_align__ acc_t buf[V::size()];
+    v.store(buf);
+    if (count >= V::size()) {
+      for (int i = 0; i < V::size(); ++i) p[i] = static_cast<scalar_t>(buf[i]);
+    } else {
+      for (int64_t i = 0; i < count; ++i) p[i] = static_cast<scalar_t>(buf[i]);
+    }
+  }
+}
+
+// ---- the 1-bit mask -----------------------------------------------------------------
+
+inline uint32_t low_bits(int64_t count) {
+  return count >= 32 ? 0xffffffffu : ((1u << count) - 1u);
+}
+
+// Appends bits LSB first to a byte stream that starts on a byte boundary.
+struct BitWriter {
+  uint8_t* p;
+  uint64_t buf = 0;
+  int n = 0;
+  explicit BitWriter(uint8_t* ptr) : p(ptr) {}
+  inline void put(uint32_t bits, int count) {
+    buf |= static_cast<uint64_t>(bits) << n;
+    n += count;
+    while (n >= 8) {
+      *p++ = static_cast<uint8_t>(buf);
+      buf >>= 8;
+      n -= 8;
+    }
+  }
+  inline void flush() {
+    if (n > 0) *p++ = static_cast<uint8_t>(buf);
+    buf = 0;
+    n = 0;
+  }
+};
+
+// `count` (<= 24) bits starting at bit `off`, lane i from bit off + i*stride.
+inline uint32_t read_bits(const uint8_t* m, int64_t nbytes, int64_t off, int64_t stride,
+                          int64_t count) {
+  if (stride == 1) {
+    const int64_t b = off >> 3;
+    const int sh = static_cast<int>(off & 7);
+    uint64_t w = 0;
+    const int64_t need = (sh + count + 7) >> 3;
+    for (int64_t k = 0; k < need && b + k < nbytes; ++k)
+      w |= static_cast<uint64_t>(m[b + k]) << (8 * k);
+    return static_cast<uint32_t>(w >> sh) & low_bits(count);
+  }
+  uint32_t bits = 0;
+  for (int64_t i = 0; i < count; ++i, off += stride)
+    bits |= static_cast<uint32_t>((m[off >> 3] >> (off & 7)) & 1) << i;
+  return bits;
+}
+
+// Lanes all-ones where the bit is set (a blendv mask).
+template <typename acc_t>
+inline Vectorized<acc_t> bits_to_mask(uint32_t bits) {
+  using V = Vectorized<acc_t>;
+  using I = at::vec::int_same_size_t<acc_t>;
+  __at_align__ I buf[V::size()];
+  for (int i = 0; i < V::size(); ++i) buf[i] = ((bits >> i) & 1u) ? I(-1) : I(0);
+  return V::loadu(buf);
+}
+
+// Bits set where the gradient passes: !(pre <= 0) (NaN passes).
+template <typename acc_t>
+inline uint32_t pass_bits(const Vectorized<acc_t>& pre, int64_t count) {
+  using V = Vectorized<acc_t>;
+  return static_cast<uint32_t>((pre <= V(acc_t(0))).zero_mask()) & low_bits(count);
+}
+
+template <typename acc_t>
+inline Vectorized<acc_t> relu(const Vectorized<acc_t>& pre) {
+  using V = Vectorized<acc_t>;
+  const V zero(acc_t(0));
+  return V::blendv(pre, zero, pre < zero);  // NaN stays NaN
+}
+
+// ---- Welford / Chan -----------------------------------------------------------------
+
+template <typename acc_t>
+struct Welford {
+  int64_t n = 0;
+  acc_t mean = 0, m2 = 0;
+  // Chan's parallel merge, n = 0 guarded.
+  inline void merge(int64_t nb, acc_t mb, acc_t m2b) {
+    if (nb == 0) return;
+    if (n == 0) {
+      n = nb; mean = mb; m2 = m2b;
+      return;
+    }
+    const int64_t nt = n + nb;
+    const acc_t d = mb - mean;
+    const acc_t fb = static_cast<acc_t>(nb) / static_cast<acc_t>(nt);
+    mean = mean + d * fb;
+    m2 = m2 + m2b + d * d * static_cast<acc_t>(n) * fb;
+    n = nt;
+  }
+  inline void add(acc_t x) {
+    ++n;
+    const acc_t d = x - mean;
+    mean = mean + d / static_cast<acc_t>(n);
+    m2 = m2 + d * (x - mean);
+  }
+};
+
+inline void normalise(const Shape& sh, Ncs& t) {
+  if (sh.C == 1) t.sC = 1;
+  if (sh.S == 1) t.sS = 1;
+}
+
+// =====================================================================================
+// bn_stats
+// =====================================================================================
+
+// ROWS: per chunk of rows, per channel Welford vectorised across C.
+template <typename scalar_t, bool CONTIG>
+void stats_rows(const StatsArgs& a, const Ncs& x) {
+  using acc_t = acc_type_t<scalar_t>;
+  using V = Vectorized<acc_t>;
+  const int64_t N = a.sh.N, C = a.sh.C, S = a.sh.S, R = N * S;
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / C);
+  const int64_t nchunks = ceil_div(R, rows_per_chunk);
+  std::vector<acc_t> ws_mean(nchunks * C), ws_m2(nchunks * C);
+  const scalar_t* xp = static_cast<const scalar_t*>(x.data);
+  at::parallel_for(0, nchunks, grain_for(rows_per_chunk * C), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      acc_t* mu = ws_mean.data() + k * C;
+      acc_t* m2 = ws_m2.data() + k * C;
+      std::fill(mu, mu + C, acc_t(0));
+      std::fill(m2, m2 + C, acc_t(0));
+      const int64_t r0 = k * rows_per_chunk, r1 = std::min(R, r0 + rows_per_chunk);
+      // kUnroll rows at a time with the running mean/M2 in registers: the same
+      // sequence of Welford updates per channel as one row at a time.
+      for (int64_t r = r0; r < r1; r += kUnroll) {
+        const int nr = static_cast<int>(std::min<int64_t>(kUnroll, r1 - r));
+        const scalar_t* rows[kUnroll];
+        V inv[kUnroll];
+        for (int u = 0; u < nr; ++u) {
+          const int64_t n = (r + u) / S, s = (r + u) % S;
+          rows[u] = xp + n * x.sN + s * x.sS;
+          inv[u] = V(acc_t(1) / static_cast<acc_t>(r + u - r0 + 1));
+        }
+        for (int64_t j = 0; j < C; j += V::size()) {
+          const int64_t cnt = std::min<int64_t>(V::size(), C - j);
+          V m = loadp(mu + j, cnt);
+          V q = loadp(m2 + j, cnt);
+          for (int u = 0; u < nr; ++u) {
+            const V xv = load<CONTIG>(rows[u] + j * (CONTIG ? 1 : x.sC), x.sC, cnt);
+            const V d = xv - m;
+            m = m + d * inv[u];
+            q = q + d * (xv - m);
+          }
+          store(mu + j, m, cnt);
+          store(m2 + j, q, cnt);
+        }
+      }
+    }
+  });
+  // Chan merge of the chunks in chunk order. Every channel of a chunk has the same
+  // count, so the merge weights are scalars and the merge is vectorised across C.
+  acc_t* mean = static_cast<acc_t*>(a.mean);
+  acc_t* var = static_cast<acc_t*>(a.var);
+  const int64_t cblocks = ceil_div(C, V::size());
+  at::parallel_for(0, cblocks, grain_for(nchunks * V::size()), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t j = b * V::size(), cnt = std::min<int64_t>(V::size(), C - j);
+      V m = loadp(ws_mean.data() + j, cnt), q = loadp(ws_m2.data() + j, cnt);
+      int64_t n = std::min(R, rows_per_chunk);
+      for (int64_t k = 1; k < nchunks; ++k) {
+        const int64_t r0 = k * rows_per_chunk, nb = std::min(R, r0 + rows_per_chunk) - r0;
+        const int64_t nt = n + nb;
+        const V fb(static_cast<acc_t>(nb) / static_cast<acc_t>(nt));
+        const V na(static_cast<acc_t>(n));
+        const V d = loadp(ws_mean.data() + k * C + j, cnt) - m;
+        m = m + d * fb;
+        q = q + loadp(ws_m2.data() + k * C + j, cnt) + d * d * na * fb;
+        n = nt;
+      }
+      store(mean + j, m, cnt);
+      store(var + j, q / V(static_cast<acc_t>(n)), cnt);
+    }
+  });
+}
+
+// PLANES (S contiguous): pieces (n, c, segment of S), lane-wise Welford, lanes merged
+// in order, then the pieces of a channel merged in (n, segment) order.
+template <typename scalar_t>
+void stats_planes(const StatsArgs& a, const Ncs& x) {
+  using acc_t = acc_type_t<scalar_t>;
+  using V = Vectorized<acc_t>;
+  const int64_t N = a.sh.N, C = a.sh.C, S = a.sh.S;
+  const int64_t seg = std::max<int64_t>(V::size(), kChunkElems / V::size() * V::size());
+  const int64_t nseg = ceil_div(S, seg);
+  const int64_t items = N * C * nseg;
+  std::vector<acc_t> ws_mean(items), ws_m2(items);
+  const scalar_t* xp = static_cast<const scalar_t*>(x.data);
+  at::parallel_for(0, items, grain_for(std::min(S, seg)), [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t g = it % nseg, nc = it / nseg, c = nc % C, n = nc / C;
+      const int64_t s0 = g * seg, len = std::min(S, s0 + seg) - s0;
+      const scalar_t* p = xp + n * x.sN + c * x.sC + s0;
+      const int64_t nfull = len / V::size();
+      Welford<acc_t> w;
+      if (nfull > 0) {
+        V m(acc_t(0)), q(acc_t(0));
+        for (int64_t i = 0; i < nfull; ++i) {
+          const V inv(acc_t(1) / static_cast<acc_t>(i + 1));
+          const V xv = load<true>(p + i * V::size(), 1, V::size());
+          const V d = xv - m;
+          m = m + d * inv;
+          q = q + d * (xv - m);
+        }
+        __at_align__ acc_t mb[V::size()], qb[V::size()];
+        m.store(mb);
+        q.store(qb);
+        for (int l = 0; l < V::size(); ++l) w.merge(nfull, mb[l], qb[l]);
+      }
+      Welford<acc_t> tail;
+      for (int64_t i = nfull * V::size(); i < len; ++i) tail.add(static_cast<acc_t>(p[i]));
+      w.merge(tail.n, tail.mean, tail.m2);
+      ws_mean[it] = w.mean;
+      ws_m2[it] = w.m2;
+    }
+  });
+  acc_t* mean = static_cast<acc_t*>(a.mean);
+  acc_t* var = static_cast<acc_t*>(a.var);
+  at::parallel_for(0, C, grain_for(N * nseg), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      Welford<acc_t> w;
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t g = 0; g < nseg; ++g) {
+          const int64_t it = (n * C + c) * nseg + g;
+          const int64_t s0 = g * seg, len = std::min(S, s0 + seg) - s0;
+          w.merge(len, ws_mean[it], ws_m2[it]);
+        }
+      }
+      mean[c] = w.mean;
+      var[c] = w.n > 0 ? w.m2 / static_cast<acc_t>(w.n) : acc_t(0);
+    }
+  });
+}
+
+template <typename scalar_t>
+void stats_impl(const StatsArgs& a) {
+  Ncs x = a.x;
+  normalise(a.sh, x);
+  if (x.sS == 1 && (x.sC != 1 || a.sh.C == 1)) {
+    stats_planes<scalar_t>(a, x);
+  } else if (x.sC == 1) {
+    stats_rows<scalar_t, true>(a, x);
+  } else {
+    stats_rows<scalar_t, false>(a, x);
+  }
+}
+
+// =====================================================================================
+// Elementwise walk in output order (bn_apply, bn_backward_apply)
+// =====================================================================================
+
+// Calls body(o, n, cs) for every outer index o in [o0, o1) of the output order, in
+// blocks of whole mask bytes per thread; cs is s (ROWS) or c (PLANES).
+// begin(o0) / end() run once per thread range.
+template <bool ROWS, typename Begin, typename Body, typename End>
+void walk_output(const Shape& sh, Begin&& begin, Body&& body, End&& end) {
+  const int64_t outer = ROWS ? sh.N * sh.S : sh.N * sh.C;
+  const int64_t inner = ROWS ? sh.C : sh.S;
+  const int64_t div = ROWS ? sh.S : sh.C;
+  const int64_t block = std::max<int64_t>(8, ceil_div(kBlockElems / std::max<int64_t>(inner, 1), 8) * 8);
+  const int64_t nblocks = ceil_div(outer, block);
+  at::parallel_for(0, nblocks, grain_for(block * inner), [&](int64_t b0, int64_t b1) {
+    const int64_t o0 = b0 * block, o1 = std::min(outer, b1 * block);
+    auto state = begin(o0);
+    for (int64_t o = o0; o < o1; ++o) body(state, o, o / div, o % div);
+    end(state);
+  });
+}
+
+template <typename scalar_t, bool ROWS, bool CONTIG>
+void apply_walk(const ApplyArgs& a, const Ncs& x, const Ncs& res, const Ncs& x2) {
+  using acc_t = acc_type_t<scalar_t>;
+  using V = Vectorized<acc_t>;
+  const int64_t C = a.sh.C, S = a.sh.S;
+  const int64_t inner = ROWS ? C : S;
+  const acc_t* scale = static_cast<const acc_t*>(a.scale);
+  const acc_t* shift = static_cast<const acc_t*>(a.shift);
+  const acc_t* scale2 = static_cast<const acc_t*>(a.scale2);
+  const acc_t* shift2 = static_cast<const acc_t*>(a.shift2);
+  const scalar_t* xp = static_cast<const scalar_t*>(x.data);
+  const scalar_t* rp = static_cast<const scalar_t*>(res.data);
+  const scalar_t* x2p = static_cast<const scalar_t*>(x2.data);
+  scalar_t* outp = static_cast<scalar_t*>(a.out);
+  const bool has_res = a.has_res, has_x2 = a.has_x2, relu_on = a.relu;
+  uint8_t* mask = a.mask;
+  const int64_t xi = ROWS ? x.sC : x.sS, ri = ROWS ? res.sC : res.sS, x2i = ROWS ? x2.sC : x2.sS;
+  walk_output<ROWS>(
+      a.sh,
+      [&](int64_t o0) { return BitWriter(mask ? mask + ((o0 * inner) >> 3) : nullptr); },
+      [&](BitWriter& bw, int64_t o, int64_t n, int64_t cs) {
+        // ROWS: cs = s, channel = inner index; PLANES: cs = c, one channel.
+        const int64_t sN = n, sC = ROWS ? 0 : cs, sS = ROWS ? cs : 0;
+        const scalar_t* xr = xp + sN * x.sN + sC * x.sC + sS * x.sS;
+        const scalar_t* rr = has_res ? rp + sN * res.sN + sC * res.sC + sS * res.sS : nullptr;
+        const scalar_t* x2r = has_x2 ? x2p + sN * x2.sN + sC * x2.sC + sS * x2.sS : nullptr;
+        scalar_t* out_row = outp + o * inner;
+        V sc, sh, sc2, sh2;
+        if constexpr (!ROWS) {
+          sc = V(scale[cs]);
+          sh = V(shift[cs]);
+          if (has_x2) {
+            sc2 = V(scale2[cs]);
+            sh2 = V(shift2[cs]);
+          }
+        }
+        for (int64_t j = 0; j < inner; j += V::size()) {
+          const int64_t cnt = std::min<int64_t>(V::size(), inner - j);
+          if constexpr (ROWS) {
+            sc = loadp(scale + j, cnt);
+            sh = loadp(shift + j, cnt);
+            if (has_x2) {
+              sc2 = loadp(scale2 + j, cnt);
+              sh2 = loadp(shift2 + j, cnt);
+            }
+          }
+          V pre = load<CONTIG>(xr + j * (CONTIG ? 1 : xi), xi, cnt) * sc + sh;
+          if (has_x2) pre = pre + (load<CONTIG>(x2r + j * (CONTIG ? 1 : x2i), x2i, cnt) * sc2 + sh2);
+          if (has_res) pre = pre + load<CONTIG>(rr + j * (CONTIG ? 1 : ri), ri, cnt);
+          if (mask) bw.put(pass_bits(pre, cnt), static_cast<int>(cnt));
+          if (relu_on) pre = relu(pre);
+          store(out_row + j, pre, cnt);
+        }
+      },
+      [&](BitWriter& bw) {
+        if (mask) bw.flush();
+      });
+}
+
+template <typename scalar_t>
+void apply_impl(const ApplyArgs& a) {
+  Ncs x = a.x, res = a.res, x2 = a.x2;
+  normalise(a.sh, x);
+  normalise(a.sh, res);
+  normalise(a.sh, x2);
+  if (a.channels_last) {
+    const bool contig = x.sC == 1 && (!a.has_res || res.sC == 1) && (!a.has_x2 || x2.sC == 1);
+    if (contig) apply_walk<scalar_t, true, true>(a, x, res, x2);
+    else apply_walk<scalar_t, true, false>(a, x, res, x2);
+  } else {
+    const bool contig = x.sS == 1 && (!a.has_res || res.sS == 1) && (!a.has_x2 || x2.sS == 1);
+    if (contig) apply_walk<scalar_t, false, true>(a, x, res, x2);
+    else apply_walk<scalar_t, false, false>(a, x, res, x2);
+  }
+}
+
+// =====================================================================================
+// Backward: g = dout * passes (mask bit, or recomputed !(x*scale+shift <= 0))
+// =====================================================================================
+
+// How g = dout * passes gets its gate: no ReLU, the saved mask, or recomputed from x.
+enum Gate : int { kNoGate = 0, kMaskGate = 1, kRecomputeGate = 2 };
+
+inline int gate_of(const BackwardArgs& a) {
+  return a.mask ? kMaskGate : (a.relu ? kRecomputeGate : kNoGate);
+}
+
+// Gradient after the ReLU for `cnt` lanes. `moff`/`mstride`: bit offset of lane 0 and
+// bit step between lanes in the mask.
+template <int GATE, typename acc_t>
+inline Vectorized<acc_t> gated(const uint8_t* mask, int64_t mask_bytes,
+                               const Vectorized<acc_t>& d, const Vectorized<acc_t>& xv,
+                               const Vectorized<acc_t>& sc, const Vectorized<acc_t>& sh,
+                               int64_t moff, int64_t mstride, int64_t cnt) {
+  using V = Vectorized<acc_t>;
+  const V zero(acc_t(0));
+  if constexpr (GATE == kMaskGate) {
+    return V::blendv(zero, d, bits_to_mask<acc_t>(read_bits(mask, mask_bytes, moff, mstride, cnt)));
+  } else if constexpr (GATE == kRecomputeGate) {
+    const V pre = xv * sc + sh;
+    return V::blendv(d, zero, pre <= zero);
+  } else {
+    return d;
+  }
+}
+
+template <typename F>
+void with_gate(int gate, F&& f) {
+  switch (gate) {
+    case kMaskGate: f(std::integral_constant<int, kMaskGate>{}); break;
+    case kRecomputeGate: f(std::integral_constant<int, kRecomputeGate>{}); break;
+    default: f(std::integral_constant<int, kNoGate>{}); break;
+  }
+}
+
+template <typename scalar_t, bool ROWS, bool CONTIG, int GATE>
+void backward_apply_walk(const BackwardArgs& a, const Ncs& dout, const Ncs& x) {
+  using acc_t = acc_type_t<scalar_t>;
+  using V = Vectorized<acc_t>;
+  const int64_t C = a.sh.C, S = a.sh.S;
+  const int64_t inner = ROWS ? C : S;
+  const acc_t* mean = static_cast<const acc_t*>(a.mean);
+  const acc_t* scale = static_cast<const acc_t*>(a.scale);
+  const acc_t* shift = static_cast<const acc_t*>(a.shift);
+  const acc_t* cg = static_cast<const acc_t*>(a.coef_g);
+  const acc_t* cxc = static_cast<const acc_t*>(a.coef_xc);
+  const acc_t* cc = static_cast<const acc_t*>(a.coef_c);
+  const scalar_t* dp = static_cast<const scalar_t*>(dout.data);
+  const scalar_t* xp = static_cast<const scalar_t*>(x.data);
+  scalar_t* dxp = static_cast<scalar_t*>(a.dx);
+  scalar_t* drp = static_cast<scalar_t*>(a.dres);
+  constexpr bool need_pass = GATE == kRecomputeGate;
+  const uint8_t* mask = a.mask;
+  const int64_t mask_bytes = a.mask_bytes;
+  const int64_t di = ROWS ? dout.sC : dout.sS, xi = ROWS ? x.sC : x.sS;
+  walk_output<ROWS>(
+      a.sh, [](int64_t) { return 0; },
+      [&](int, int64_t o, int64_t n, int64_t cs) {
+        const int64_t sC = ROWS ? 0 : cs, sS = ROWS ? cs : 0;
+        const scalar_t* dr = dp + n * dout.sN + sC * dout.sC + sS * dout.sS;
+        const scalar_t* xr = xp + n * x.sN + sC * x.sC + sS * x.sS;
+        V mn, sc, sh, vg, vxc, vc;
+        if constexpr (!ROWS) {
+          mn = V(mean[cs]);
+          vg = V(cg[cs]);
+          vxc = V(cxc[cs]);
+          vc = V(cc[cs]);
+          if constexpr (need_pass) {
+            sc = V(scale[cs]);
+            sh = V(shift[cs]);
+          }
+        }
+        for (int64_t j = 0; j < inner; j += V::size()) {
+          const int64_t cnt = std::min<int64_t>(V::size(), inner - j);
+          if constexpr (ROWS) {
+            mn = loadp(mean + j, cnt);
+            vg = loadp(cg + j, cnt);
+            vxc = loadp(cxc + j, cnt);
+            vc = loadp(cc + j, cnt);
+            if constexpr (need_pass) {
+              sc = loadp(scale + j, cnt);
+              sh = loadp(shift + j, cnt);
+            }
+          }
+          const V d = load<CONTIG>(dr + j * (CONTIG ? 1 : di), di, cnt);
+          const V xv = load<CONTIG>(xr + j * (CONTIG ? 1 : xi), xi, cnt);
+          const V g = gated<GATE, acc_t>(mask, mask_bytes, d, xv, sc, sh, o * inner + j, 1, cnt);
+          const V dx = (vg * g + vxc * (xv - mn)) + vc;
+          store(dxp + o * inner + j, dx, cnt);
+          if (drp) store(drp + o * inner + j, g, cnt);
+        }
+      },
+      [](int) {});
+}
+
+template <typename scalar_t>
+void backward_apply_impl(const BackwardArgs& a) {
+  Ncs dout = a.dout, x = a.x;
+  normalise(a.sh, dout);
+  normalise(a.sh, x);
+  with_gate(gate_of(a), [&](auto gate) {
+    constexpr int G = decltype(gate)::value;
+    if (a.channels_last) {
+      if (dout.sC == 1 && x.sC == 1) backward_apply_walk<scalar_t, true, true, G>(a, dout, x);
+      else backward_apply_walk<scalar_t, true, false, G>(a, dout, x);
+    } else {
+      if (dout.sS == 1 && x.sS == 1) backward_apply_walk<scalar_t, false, true, G>(a, dout, x);
+      else backward_apply_walk<scalar_t, false, false, G>(a, dout, x);
+    }
+  });
+}
+
+// ROWS reduction: per chunk of rows, per-channel partial sums vectorised across C.
+template <typename scalar_t, bool CONTIG, int GATE>
+void backward_reduce_rows(const BackwardArgs& a, const Ncs& dout, const Ncs& x) {
+  using acc_t = acc_type_t<scalar_t>;
+  using V = Vectorized<acc_t>;
+  const int64_t N = a.sh.N, C = a.sh.C, S = a.sh.S, R = N * S;
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / C);
+  const int64_t nchunks = ceil_div(R, rows_per_chunk);
+  std::vector<acc_t> ws_g(nchunks * C), ws_gx(nchunks * C);
+  const acc_t* mean = static_cast<const acc_t*>(a.mean);
+  const acc_t* scale = static_cast<const acc_t*>(a.scale);
+  const acc_t* shift = static_cast<const acc_t*>(a.shift);
+  const scalar_t* dp = static_cast<const scalar_t*>(dout.data);
+  const scalar_t* xp = static_cast<const scalar_t*>(x.data);
+  constexpr bool need_pass = GATE == kRecomputeGate;
+  const uint8_t* mask = a.mask;
+  const int64_t mask_bytes = a.mask_bytes;
+  const int64_t mstride = a.channels_last ? 1 : S;
+  at::parallel_for(0, nchunks, grain_for(rows_per_chunk * C), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      acc_t* sg = ws_g.data() + k * C;
+      acc_t* sgx = ws_gx.data() + k * C;
+      std::fill(sg, sg + C, acc_t(0));
+      std::fill(sgx, sgx + C, acc_t(0));
+      const int64_t r0 = k * rows_per_chunk, r1 = std::min(R, r0 + rows_per_chunk);
+      // kUnroll rows at a time with the partial sums in registers: the same order of
+      // additions per channel as one row at a time.
+      for (int64_t r = r0; r < r1; r += kUnroll) {
+        const int nr = static_cast<int>(std::min<int64_t>(kUnroll, r1 - r));
+        const scalar_t* drs[kUnroll];
+        const scalar_t* xrs[kUnroll];
+        int64_t moffs[kUnroll];
+        for (int u = 0; u < nr; ++u) {
+          const int64_t n = (r + u) / S, s = (r + u) % S;
+          drs[u] = dp + n * dout.sN + s * dout.sS;
+          xrs[u] = xp + n * x.sN + s * x.sS;
+          moffs[u] = a.channels_last ? (r + u) * C : n * C * S + s;
+        }
+        for (int64_t j = 0; j < C; j += V::size()) {
+          const int64_t cnt = std::min<int64_t>(V::size(), C - j);
+          V sc, sh;
+          if constexpr (need_pass) {
+            sc = loadp(scale + j, cnt);
+            sh = loadp(shift + j, cnt);
+          }
+          const V mn = loadp(mean + j, cnt);
+          V tg = loadp(sg + j, cnt), tgx = loadp(sgx + j, cnt);
+          const int64_t mj = a.channels_last ? j : j * S;
+          for (int u = 0; u < nr; ++u) {
+            const V d = load<CONTIG>(drs[u] + j * (CONTIG ? 1 : dout.sC), dout.sC, cnt);
+            const V xv = load<CONTIG>(xrs[u] + j * (CONTIG ? 1 : x.sC), x.sC, cnt);
+            const V g = gated<GATE, acc_t>(mask, mask_bytes, d, xv, sc, sh, moffs[u] + mj, mstride, cnt);
+            tg = tg + g;
+            tgx = tgx + g * (xv - mn);
+          }
+          store(sg + j, tg, cnt);
+          store(sgx + j, tgx, cnt);
+        }
+      }
+    }
+  });
+  acc_t* out_g = static_cast<acc_t*>(a.sum_g);
+  acc_t* out_gx = static_cast<acc_t*>(a.sum_g_xc);
+  const int64_t cblocks = ceil_div(C, V::size());
+  at::parallel_for(0, cblocks, grain_for(nchunks * V::size()), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t j = b * V::size(), cnt = std::min<int64_t>(V::size(), C - j);
+      V t(acc_t(0)), u(acc_t(0));
+      for (int64_t k = 0; k < nchunks; ++k) {
+        t = t + loadp(ws_g.data() + k * C + j, cnt);
+        u = u + loadp(ws_gx.data() + k * C + j, cnt);
+      }
+      store(out_g + j, t, cnt);
+      store(out_gx + j, u, cnt);
+    }
+  });
+}
+
+// PLANES reduction (S contiguous): pieces (n, c, segment), lane sums, lanes summed in
+// order, pieces of a channel summed in (n, segment) order.
+template <typename scalar_t, int GATE>
+void backward_reduce_planes(const BackwardArgs& a, const Ncs& dout, const Ncs& x) {
+  using acc_t = acc_type_t<scalar_t>;
+  using V = Vectorized<acc_t>;
+  const int64_t N = a.sh.N, C = a.sh.C, S = a.sh.S;
+  const int64_t seg = std::max<int64_t>(V::size(), kChunkElems / V::size() * V::size());
+  const int64_t nseg = ceil_div(S, seg);
+  const int64_t items = N * C * nseg;
+  std::vector<acc_t> ws_g(items), ws_gx(items);
+  const acc_t* mean = static_cast<const acc_t*>(a.mean);
+  const acc_t* scale = static_cast<const acc_t*>(a.scale);
+  const acc_t* shift = static_cast<const acc_t*>(a.shift);
+  const scalar_t* dp = static_cast<const scalar_t*>(dout.data);
+  const scalar_t* xp = static_cast<const scalar_t*>(x.data);
+  constexpr bool need_pass = GATE == kRecomputeGate;
+  const uint8_t* mask = a.mask;
+  const int64_t mask_bytes = a.mask_bytes;
+  const int64_t mstride = a.channels_last ? C : 1;
+  at::parallel_for(0, items, grain_for(std::min(S, seg)), [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t g = it % nseg, nc = it / nseg, c = nc % C, n = nc / C;
+      const int64_t s0 = g * seg, len = std::min(S, s0 + seg) - s0;
+      const scalar_t* dr = dp + n * dout.sN + c * dout.sC + s0;
+      const scalar_t* xr = xp + n * x.sN + c * x.sC + s0;
+      const V mn(mean[c]);
+      V sc, sh;
+      if constexpr (need_pass) {
+        sc = V(scale[c]);
+        sh = V(shift[c]);
+      }
+      V vg(acc_t(0)), vgx(acc_t(0));
+      for (int64_t j = 0; j < len; j += V::size()) {
+        const int64_t cnt = std::min<int64_t>(V::size(), len - j);
+        const V d = load<true>(dr + j, 1, cnt);
+        const V xv = load<true>(xr + j, 1, cnt);
+        const int64_t s = s0 + j;
+        const int64_t moff = a.channels_last ? (n * S + s) * C + c : (n * C + c) * S + s;
+        const V gv = gated<GATE, acc_t>(mask, mask_bytes, d, xv, sc, sh, moff, mstride, cnt);
+        // Missing lanes of a partial vector load as 0 and contribute 0.
+        vg = vg + gv;
+        vgx = vgx + gv * (xv - mn);
+      }
+      __at_align__ acc_t bg[V::size()], bgx[V::size()];
+      vg.store(bg);
+      vgx.store(bgx);
+      acc_t t = 0, u = 0;
+      for (int l = 0; l < V::size(); ++l) {
+        t += bg[l];
+        u += bgx[l];
+      }
+      ws_g[it] = t;
+      ws_gx[it] = u;
+    }
+  });
+  acc_t* out_g = static_cast<acc_t*>(a.sum_g);
+  acc_t* out_gx = static_cast<acc_t*>(a.sum_g_xc);
+  at::parallel_for(0, C, grain_for(N * nseg), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      acc_t t = 0, u = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t g = 0; g < nseg; ++g) {
+          const int64_t it = (n * C + c) * nseg + g;
+          t += ws_g[it];
+          u += ws_gx[it];
+        }
+      }
+      out_g[c] = t;
+      out_gx[c] = u;
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_reduce_impl(const BackwardArgs& a) {
+  Ncs dout = a.dout, x = a.x;
+  normalise(a.sh, dout);
+  normalise(a.sh, x);
+  const bool rows = dout.sC == 1 && x.sC == 1;
+  const bool planes = dout.sS == 1 && x.sS == 1;
+  with_gate(gate_of(a), [&](auto gate) {
+    constexpr int G = decltype(gate)::value;
+    if (planes && (!rows || a.sh.C == 1)) {
+      backward_reduce_planes<scalar_t, G>(a, dout, x);
+    } else if (rows) {
+      backward_reduce_rows<scalar_t, true, G>(a, dout, x);
+    } else {
+      backward_reduce_rows<scalar_t, false, G>(a, dout, x);
+    }
+  });
+}
+
+}  // namespace
+
+void bn_stats(c10::ScalarType dtype, const StatsArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedres_bn_stats_cpu",
+                                  [&] { stats_impl<scalar_t>(a); });
+}
+
+void bn_apply(c10::ScalarType dtype, const ApplyArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusedres_bn_apply_cpu",
+                                  [&] { apply_impl<scalar_t>(a); });
+}
+
+void bn_backward_reduce(c10::ScalarType dtype, const BackwardArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype,
+                                  "fusedres_bn_backward_reduce_cpu",
+                                  [&] { backward_reduce_impl<scalar_t>(a); });
+}
+
+void bn_backward_apply(c10::ScalarType dtype, const BackwardArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype,
+                                  "fusedres_bn_backward_apply_cpu",
+                                  [&] { backward_apply_impl<scalar_t>(a); });
+}
+
+}  // namespace fusedres::cpu::FUSEDRES_ISA

@@ -1,0 +1,1048 @@
+// CUDA kernels of the fusedres BatchNorm primitives: bn_stats, bn_apply,
+// bn_backward_reduce, bn_backward_apply. The contract (shapes, layouts, mask bits) is
+// fusedres/reference.py; the launchers are declared in bn_kernels.h.
+//
+// Plain CUDA C++ (no torch headers). Element types float, double, __half,
+// __nv_bfloat16; math in Acc<T> (double for double, float otherwise), one cast at the
+// store. All offsets are int64.
+//
+// Elementwise kernels (bn_apply, bn_backward_apply): each thread handles chunks of 8
+// consecutive elements of the dense output, so it owns whole mask bytes (byte k of the
+// mask is chunk k) and no two threads write one byte. When every activation input has
+// the dense output's strides and every pointer is 16-byte aligned, a chunk moves as
+// 16-byte loads and stores (VEC); otherwise each element is addressed through its
+// (n, c, s) and the input's strides. A thread walks its chunks with an odometer over
+// (n, c, s) so that the grid-stride loop needs no integer division per chunk.
+//
+// Reductions (bn_stats, bn_backward_reduce): two traversals, chosen from the strides of x:
+// * channel-outer (S contiguous, NCHW): block (c, p) reduces partition p of channel c's
+//   N*S elements, each thread 8 elements of the flattened (n, s) at a time: 8
+//   consecutive ones as a 16-byte-aligned vector when S % 8 == 0 and the view allows it,
+//   else 8 scalar loads 256 elements apart (consecutive threads, consecutive elements);
+// * channel-inner (C contiguous, channels-last): a (TX, TY) block covers TX groups of V
+//   channels (V*sizeof(T) = 16 bytes when C % V == 0, else V = 1) and TY row lanes,
+//   each thread 4 rows (n, s) at a time.
+// Each block writes one partial per channel into a [P, C] workspace; a merge kernel
+// combines the P partials of a channel in a fixed order. No atomics: bitwise
+// reproducible from run to run (and across GPUs: the partitioning depends only on
+// shapes, strides and pointer alignment). Statistics use Welford: a thread turns each
+// batch of loaded values into (count, mean, M2) exactly and folds it in with Chan's
+// formula, and partials merge with Chan's formula (never E[x^2] - E[x]^2).
+//
+// ReLU propagates NaN (pre < 0 ? 0 : pre); a mask bit is !(pre <= 0).
+#include "cuda/bn_kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fusedres {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;            // threads per block, every kernel
+constexpr int kUnit = 8;                 // elements per chunk: one mask byte
+constexpr int kRows = 4;                 // rows per thread and step, channel-inner reductions
+constexpr int64_t kTargetBlocks = 2048;  // reduction blocks aimed at (shape-only choice)
+constexpr int64_t kMinSteps = 4;         // least steps per thread before splitting further
+constexpr int64_t kMaxGridY = 65535;
+constexpr int kBlocksPerSm = 8;          // elementwise grid: blocks per SM (grid-stride beyond)
+
+enum Mode { kStats = 0, kBackward = 1 };
+
+// Resident 256-thread blocks per SM asked of the elementwise kernels: 4 (<= 64 registers,
+// half the SM's threads) keeps enough bytes in flight; double needs more registers.
+template <typename T>
+constexpr int min_blocks_elementwise() {
+  return sizeof(T) == 8 ? 2 : 4;
+}
+
+// ------------------------------------------------------------------------------------
+// Element types: scalar loads, 16-byte vector loads/stores, conversions
+// ------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float mad(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double mad(double a, double b, double c) { return fma(a, b, c); }
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  static constexpr int kPerVec = 4;  // elements in 16 bytes
+  __device__ static float load(const float* p) { return __ldg(p); }
+  __device__ static void store(float* p, float v) { *p = v; }
+  __device__ static void unpack(uint4 r, float* v) {
+    v[0] = __uint_as_float(r.x);
+    v[1] = __uint_as_float(r.y);
+    v[2] = __uint_as_float(r.z);
+    v[3] = __uint_as_float(r.w);
+  }
+  __device__ static uint4 pack(const float* v) {
+    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
+                      __float_as_uint(v[3]));
+  }
+};
+
+template <>
+struct Elem<double> {
+  static constexpr int kPerVec = 2;
+  __device__ static double load(const double* p) { return __ldg(p); }
+  __device__ static void store(double* p, double v) { *p = v; }
+  __device__ static void unpack(uint4 r, double* v) {
+    v[0] = __hiloint2double(static_cast<int>(r.y), static_cast<int>(r.x));
+    v[1] = __hiloint2double(static_cast<int>(r.w), static_cast<int>(r.z));
+  }
+  __device__ static uint4 pack(const double* v) {
+    return make_uint4(static_cast<unsigned>(__double2loint(v[0])),
+                      static_cast<unsigned>(__double2hiint(v[0])),
+                      static_cast<unsigned>(__double2loint(v[1])),
+                      static_cast<unsigned>(__double2hiint(v[1])));
+  }
+};
+
+// 16-bit types: element 2k is the low half of 32-bit word k (little endian).
+template <typename T, typename Cvt>
+struct Elem16 {
+  static constexpr int kPerVec = 8;
+  __device__ static float load(const T* p) {
+    return Cvt::to_float(__ldg(reinterpret_cast<const unsigned short*>(p)));
+  }
+  __device__ static void store(T* p, float v) {
+    *reinterpret_cast<unsigned short*>(p) = Cvt::from_float(v);
+  }
+  __device__ static void unpack(uint4 r, float* v) {
+    const unsigned w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      v[2 * k] = Cvt::to_float(static_cast<unsigned short>(w[k] & 0xffffu));
+      v[2 * k + 1] = Cvt::to_float(static_cast<unsigned short>(w[k] >> 16));
+    }
+  }
+  __device__ static uint4 pack(const float* v) {
+    unsigned w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      w[k] = static_cast<unsigned>(Cvt::from_float(v[2 * k])) |
+             (static_cast<unsigned>(Cvt::from_float(v[2 * k + 1])) << 16);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+
+struct HalfCvt {
+  __device__ static float to_float(unsigned short b) { return __half2float(__ushort_as_half(b)); }
+  __device__ static unsigned short from_float(float v) {
+    return __half_as_ushort(__float2half_rn(v));
+  }
+};
+struct BFloat16Cvt {
+  __device__ static float to_float(unsigned short b) {
+    return __bfloat162float(__ushort_as_bfloat16(b));
+  }
+  __device__ static unsigned short from_float(float v) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  }
+};
+template <>
+struct Elem<__half> : Elem16<__half, HalfCvt> {};
+template <>
+struct Elem<__nv_bfloat16> : Elem16<__nv_bfloat16, BFloat16Cvt> {};
+
+// 8 consecutive elements from a 16-byte-aligned pointer.
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, acc_t<T>* v) {
+  constexpr int kVecs = kUnit / Elem<T>::kPerVec;
+  const uint4* q = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) Elem<T>::unpack(__ldg(q + k), v + k * Elem<T>::kPerVec);
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* p, const acc_t<T>* v) {
+  constexpr int kVecs = kUnit / Elem<T>::kPerVec;
+  uint4* q = reinterpret_cast<uint4*>(p);
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) q[k] = Elem<T>::pack(v + k * Elem<T>::kPerVec);
+}
+
+__device__ __forceinline__ int64_t offset3(const Strides3& st, int64_t n, int64_t c, int64_t s) {
+  return n * st.n + c * st.c + s * st.s;
+}
+
+// Bit of element (n, c, s) in a mask packed in the dense layout `cl`.
+__device__ __forceinline__ bool mask_bit(const uint8_t* mask, bool cl, int64_t C, int64_t S,
+                                         int64_t n, int64_t c, int64_t s) {
+  const int64_t o = cl ? (n * S + s) * C + c : (n * C + c) * S + s;
+  return (__ldg(mask + (o >> 3)) >> (o & 7)) & 1;
+}
+
+template <typename acc>
+__device__ __forceinline__ acc relu_nan(acc v) {
+  return v < acc(0) ? acc(0) : v;  // NaN < 0 is false: NaN passes (never fmax)
+}
+
+// ------------------------------------------------------------------------------------
+// Odometer over the dense output order: digits (in, mid, out) of sizes (I, Mi, -).
+// Channels-last: (c, s, n) with I = C, Mi = S. NCHW: (s, c, n) with I = S, Mi = C.
+// ------------------------------------------------------------------------------------
+
+// Digits are 32-bit (the launchers require N, C, S < 2^30); offsets stay 64-bit.
+struct Odo {
+  int in, mid, out;
+};
+
+__device__ __forceinline__ Odo odo_from(int64_t o, int I, int Mi) {
+  const int64_t t = o / I;
+  return Odo{static_cast<int>(o - t * I), static_cast<int>(t % Mi), static_cast<int>(t / Mi)};
+}
+
+__device__ __forceinline__ void odo_next(Odo& d, int I, int Mi) {
+  if (++d.in == I) {
+    d.in = 0;
+    if (++d.mid == Mi) {
+      d.mid = 0;
+      ++d.out;
+    }
+  }
+}
+
+// d += step, where step.in < I and step.mid < Mi (a decomposed constant).
+__device__ __forceinline__ void odo_add(Odo& d, const Odo& step, int I, int Mi) {
+  d.in += step.in;
+  int carry = 0;
+  if (d.in >= I) {
+    d.in -= I;
+    carry = 1;
+  }
+  d.mid += step.mid + carry;
+  if (d.mid >= Mi) {
+    d.mid -= Mi;
+    d.out += 1;
+  }
+  d.out += step.out;
+}
+
+struct ElemIndex {
+  int I, Mi;  // odometer digit sizes
+  bool cl;    // output layout
+  Odo step;   // grid-stride step in elements, decomposed
+};
+
+__device__ __forceinline__ void nc_s(const ElemIndex& ix, const Odo& d, int& n, int& c, int& s) {
+  n = d.out;
+  c = ix.cl ? d.in : d.mid;
+  s = ix.cl ? d.mid : d.in;
+}
+
+// ------------------------------------------------------------------------------------
+// bn_apply: out = [relu](x*scale + shift [+ x2*scale2 + shift2] [+ residual]), mask
+// ------------------------------------------------------------------------------------
+
+template <typename T>
+struct ApplyArgs {
+  const T* x;  // (N, C, S) any strides
+  Strides3 xs;
+  const acc_t<T>* scale;  // (C,)
+  const acc_t<T>* shift;  // (C,)
+  const T* res;           // (N, C, S) any strides, or null
+  Strides3 rs;
+  const T* x2;  // (N, C, S) any strides, or null
+  Strides3 x2s;
+  const acc_t<T>* scale2;  // (C,) when x2
+  const acc_t<T>* shift2;  // (C,) when x2
+  T* out;                  // (N, C, S) dense in layout ix.cl
+  uint8_t* mask;           // ceil(E/8) bytes, or null
+  bool relu;
+  int64_t E, chunks;  // N*C*S, ceil(E/8)
+  ElemIndex ix;
+};
+
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kThreads, min_blocks_elementwise<T>())
+    bn_apply_kernel(const ApplyArgs<T> a) {
+  using acc = acc_t<T>;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  if (first >= a.chunks) return;
+  Odo pos = odo_from(first * kUnit, a.ix.I, a.ix.Mi);
+  for (int64_t k = first; k < a.chunks; k += stride, odo_add(pos, a.ix.step, a.ix.I, a.ix.Mi)) {
+    const int64_t o0 = k * kUnit;
+    const int valid = static_cast<int>(min(static_cast<int64_t>(kUnit), a.E - o0));
+    acc xv[kUnit], rv[kUnit], x2v[kUnit];  // xv becomes the output
+    const bool vec = VEC && valid == kUnit;
+    if (vec) {
+      load8(a.x + o0, xv);
+      if (a.res) load8(a.res + o0, rv);
+      if (a.x2) load8(a.x2 + o0, x2v);
+    }
+    unsigned bits = 0;
+    Odo d = pos;  // (n, c, s) of element o0 + j
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j, odo_next(d, a.ix.I, a.ix.Mi)) {
+      int n, c, s;  // c is a valid channel even past E
+      nc_s(a.ix, d, n, c, s);
+      if (!vec) {
+        xv[j] = rv[j] = x2v[j] = acc(0);
+        if (j < valid) {
+          xv[j] = Elem<T>::load(a.x + offset3(a.xs, n, c, s));
+          if (a.res) rv[j] = Elem<T>::load(a.res + offset3(a.rs, n, c, s));
+          if (a.x2) x2v[j] = Elem<T>::load(a.x2 + offset3(a.x2s, n, c, s));
+        }
+      }
+      acc pre = mad(xv[j], __ldg(a.scale + c), __ldg(a.shift + c));
+      if (a.x2) pre = pre + mad(x2v[j], __ldg(a.scale2 + c), __ldg(a.shift2 + c));
+      if (a.res) pre = pre + rv[j];
+      xv[j] = a.relu ? relu_nan(pre) : pre;
+      if (j < valid && !(pre <= acc(0))) bits |= 1u << j;
+      if (!vec && j < valid) Elem<T>::store(a.out + o0 + j, xv[j]);
+    }
+    if (vec) store8(a.out + o0, xv);
+    if (a.mask) a.mask[k] = static_cast<uint8_t>(bits);
+  }
+}
+
+// ------------------------------------------------------------------------------------
+// bn_backward_apply: dx = coef_g*g + coef_xc*(x - mean) + coef_c, dres = g
+// ------------------------------------------------------------------------------------
+
+template <typename T>
+struct BackwardApplyArgs {
+  const T* dout;  // (N, C, S) any strides
+  Strides3 ds;
+  const T* x;  // (N, C, S) any strides
+  Strides3 xs;
+  const acc_t<T>* mean;     // (C,)
+  const acc_t<T>* scale;    // (C,) relu recompute
+  const acc_t<T>* shift;    // (C,) relu recompute
+  const uint8_t* mask;      // packed in layout ix.cl, or null
+  const acc_t<T>* coef_g;   // (C,)
+  const acc_t<T>* coef_xc;  // (C,)
+  const acc_t<T>* coef_c;   // (C,)
+  bool relu;
+  T* dx;    // (N, C, S) dense in layout ix.cl
+  T* dres;  // same, or null
+  int64_t E, chunks;
+  ElemIndex ix;
+};
+
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kThreads, min_blocks_elementwise<T>())
+    bn_backward_apply_kernel(const BackwardApplyArgs<T> a) {
+  using acc = acc_t<T>;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  if (first >= a.chunks) return;
+  Odo pos = odo_from(first * kUnit, a.ix.I, a.ix.Mi);
+  for (int64_t k = first; k < a.chunks; k += stride, odo_add(pos, a.ix.step, a.ix.I, a.ix.Mi)) {
+    const int64_t o0 = k * kUnit;
+    const int valid = static_cast<int>(min(static_cast<int64_t>(kUnit), a.E - o0));
+    acc dv[kUnit], xv[kUnit], gv[kUnit], dxv[kUnit];
+    const bool vec = VEC && valid == kUnit;
+    if (vec) {
+      load8(a.dout + o0, dv);
+      load8(a.x + o0, xv);
+    }
+    // The mask is packed in the output's layout: chunk k is mask byte k.
+    const unsigned byte = a.mask ? static_cast<unsigned>(__ldg(a.mask + k)) : 0xffu;
+    Odo d = pos;  // (n, c, s) of element o0 + j
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j, odo_next(d, a.ix.I, a.ix.Mi)) {
+      int n, c, s;  // c is a valid channel even past E
+      nc_s(a.ix, d, n, c, s);
+      if (!vec) {
+        dv[j] = xv[j] = acc(0);
+        if (j < valid) {
+          dv[j] = Elem<T>::load(a.dout + offset3(a.ds, n, c, s));
+          xv[j] = Elem<T>::load(a.x + offset3(a.xs, n, c, s));
+        }
+      }
+      bool pass = true;
+      if (a.mask) {
+        pass = (byte >> j) & 1u;
+      } else if (a.relu) {
+        pass = !(mad(xv[j], __ldg(a.scale + c), __ldg(a.shift + c)) <= acc(0));
+      }
+      const acc g = pass ? dv[j] : acc(0);
+      gv[j] = g;
+      dxv[j] = mad(__ldg(a.coef_xc + c), xv[j] - __ldg(a.mean + c), __ldg(a.coef_g + c) * g) +
+               __ldg(a.coef_c + c);
+      if (!vec && j < valid) {
+        Elem<T>::store(a.dx + o0 + j, dxv[j]);
+        if (a.dres) Elem<T>::store(a.dres + o0 + j, g);
+      }
+    }
+    if (vec) {
+      store8(a.dx + o0, dxv);
+      if (a.dres) store8(a.dres + o0, gv);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------
+// Reductions: accumulators, warp/block merges
+// ------------------------------------------------------------------------------------
+
+template <typename acc, int MODE>
+struct Acc;
+
+// Welford state: count, mean, M2 = sum((x - mean)^2).
+template <typename acc>
+struct Acc<acc, kStats> {
+  acc mean, m2;
+  int64_t n;
+  __device__ static Acc identity() { return Acc{acc(0), acc(0), 0}; }
+  // Chan's parallel merge, in a fixed order (this, then b); n = 0 guarded.
+  __device__ void merge(const Acc& b) {
+    if (b.n == 0) return;
+    if (n == 0) {
+      *this = b;
+      return;
+    }
+    const int64_t nt = n + b.n;
+    const acc fb = static_cast<acc>(b.n) / static_cast<acc>(nt);
+    const acc d = b.mean - mean;
+    mean = mad(d, fb, mean);
+    m2 = m2 + b.m2 + d * d * (static_cast<acc>(n) * fb);
+    n = nt;
+  }
+  __device__ Acc shfl_down(unsigned delta) const {
+    return Acc{__shfl_down_sync(0xffffffffu, mean, delta), __shfl_down_sync(0xffffffffu, m2, delta),
+               static_cast<int64_t>(
+                   __shfl_down_sync(0xffffffffu, static_cast<long long>(n), delta))};
+  }
+};
+
+// Backward sums: a = sum(g), b = sum(g*(x - mean)).
+template <typename acc>
+struct Acc<acc, kBackward> {
+  acc a, b;
+  __device__ static Acc identity() { return Acc{acc(0), acc(0)}; }
+  __device__ void merge(const Acc& o) {
+    a += o.a;
+    b += o.b;
+  }
+  __device__ Acc shfl_down(unsigned delta) const {
+    return Acc{__shfl_down_sync(0xffffffffu, a, delta), __shfl_down_sync(0xffffffffu, b, delta)};
+  }
+};
+
+// Lane 0 gets lane 0 (+) lane 1 (+) ... in a fixed tree order.
+template <typename A>
+__device__ __forceinline__ A warp_reduce(A v) {
+#pragma unroll
+  for (unsigned delta = 16; delta > 0; delta >>= 1) v.merge(v.shfl_down(delta));
+  return v;
+}
+
+// Thread 0 of a 1-D block of kThreads gets the block's merge.
+template <typename A>
+__device__ __forceinline__ A block_reduce(A v) {
+  __shared__ A partial[kThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_reduce(v);
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kThreads / 32 ? partial[lane] : A::identity();
+    v = warp_reduce(v);
+  }
+  return v;
+}
+
+template <typename T>
+struct ReduceArgs {
+  const T* x;  // (N, C, S) any strides
+  Strides3 xs;
+  const T* dout;  // (N, C, S) any strides (backward only)
+  Strides3 ds;
+  const acc_t<T>* mean;   // (C,) backward
+  const acc_t<T>* scale;  // (C,) backward, relu recompute
+  const acc_t<T>* shift;  // (C,) backward, relu recompute
+  const uint8_t* mask;    // backward: packed in layout mask_cl, or null
+  bool relu, mask_cl;
+  int64_t N, C, S;
+  int64_t per_part;        // units (outer) or rows (inner) per partition
+  int64_t step_q, step_r;  // a thread's step through flat (n, s): step_q*S + step_r
+};
+
+// Advance flat (n, s) by step_q*S + step_r, step_r < S.
+__device__ __forceinline__ void ns_add(int64_t& n, int64_t& s, int64_t q, int64_t r, int64_t S) {
+  s += r;
+  n += q;
+  if (s >= S) {
+    s -= S;
+    ++n;
+  }
+}
+
+// Folds a batch of nb (>= 1) values of one channel into a Welford state whose count
+// is cnt (the caller updates cnt): exact batch mean and M2, then Chan's formula with
+// fb = nb/(cnt+nb) and fa = cnt*nb/(cnt+nb).
+template <typename acc, int B>
+__device__ __forceinline__ void welford_batch(acc& mean, acc& m2, const acc* v, int nb,
+                                              acc inv_nb, acc fb, acc fa) {
+  acc sum = acc(0);
+#pragma unroll
+  for (int j = 0; j < B; ++j)
+    if (j < nb) sum += v[j];
+  const acc bm = sum * inv_nb;
+  acc bm2 = acc(0);
+#pragma unroll
+  for (int j = 0; j < B; ++j) {
+    if (j < nb) {
+      const acc d = v[j] - bm;
+      bm2 = mad(d, d, bm2);
+    }
+  }
+  const acc d = bm - mean;
+  mean = mad(d, fb, mean);
+  m2 = m2 + bm2 + d * d * fa;
+}
+
+// Folds the first `valid` (>= 1) of 8 loaded elements of one channel into a thread's
+// state: stats, a Welford batch (s0 = mean, s1 = M2, cnt = count); backward, the sums
+// s0 += g, s1 += g*(x - mean) with g = pass ? dout : 0.
+template <typename acc, int MODE>
+__device__ __forceinline__ void accumulate(acc& s0, acc& s1, int& cnt, const acc* xv,
+                                           const acc* dv, const bool* pass, int valid,
+                                           acc mean_c) {
+  if (MODE == kStats) {
+    const acc nb = static_cast<acc>(valid);
+    const acc fb = nb / static_cast<acc>(cnt + valid);
+    welford_batch<acc, kUnit>(s0, s1, xv, valid, acc(1) / nb, fb, static_cast<acc>(cnt) * fb);
+    cnt += valid;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j) {
+      if (j < valid) {
+        const acc g = pass[j] ? dv[j] : acc(0);
+        s0 += g;
+        s1 = mad(g, xv[j] - mean_c, s1);
+      }
+    }
+  }
+}
+
+// Channel-outer: grid (C, P), block kThreads; block (c, p) reduces partition p of the
+// flat (n, s) elements of channel c, 8 elements per thread at a time.
+// VEC: S % 8 == 0, ss == 1 and the view 16-byte aligned: 8 consecutive elements of a
+// row are one vector load. Otherwise scalar loads, consecutive threads on consecutive
+// elements.
+template <typename T, int MODE, bool VEC>
+__global__ void __launch_bounds__(kThreads)
+    reduce_outer_kernel(const ReduceArgs<T> a, Acc<acc_t<T>, MODE>* __restrict__ ws) {
+  using acc = acc_t<T>;
+  using A = Acc<acc, MODE>;
+  const int64_t c = blockIdx.x, p = blockIdx.y;
+  const int64_t C = a.C, S = a.S, M = a.N * a.S;
+
+  acc mean_c = acc(0), scale_c = acc(0), shift_c = acc(0);
+  if (MODE == kBackward) {
+    mean_c = __ldg(a.mean + c);
+    if (a.relu && !a.mask) {
+      scale_c = __ldg(a.scale + c);
+      shift_c = __ldg(a.shift + c);
+    }
+  }
+  acc s0 = acc(0), s1 = acc(0);  // stats: mean, M2; backward: sum g, sum g*xc
+  int cnt = 0;                   // stats: this thread's count
+  acc xv[kUnit], dv[kUnit];
+  bool pass[kUnit];
+
+  if (VEC) {
+    // Units [p*per_part, (p+1)*per_part): a unit is 8 consecutive flat (n, s) of one row,
+    // one 16-byte-aligned vector; thread t takes units t, t + 256, ...
+    const int64_t units = M / kUnit;  // M is a multiple of 8
+    const int64_t ubeg = p * a.per_part, uend = min(ubeg + a.per_part, units);
+    int64_t u = ubeg + threadIdx.x;
+    int64_t n = 0, s = 0;
+    if (u < uend) {
+      n = (u * kUnit) / S;
+      s = u * kUnit - n * S;
+    }
+    for (; u < uend; u += kThreads, ns_add(n, s, a.step_q, a.step_r, S)) {
+      load8(a.x + offset3(a.xs, n, c, s), xv);
+      if (MODE == kBackward) {
+        load8(a.dout + offset3(a.ds, n, c, s), dv);
+        if (a.mask && !a.mask_cl) {  // o = (n*C + c)*S + s is a multiple of 8: one byte
+          const int64_t o = (n * C + c) * S + s;
+          const unsigned byte = __ldg(a.mask + (o >> 3));
+#pragma unroll
+          for (int j = 0; j < kUnit; ++j) pass[j] = (byte >> j) & 1u;
+        } else {
+#pragma unroll
+          for (int j = 0; j < kUnit; ++j) {
+            pass[j] = a.mask ? mask_bit(a.mask, a.mask_cl, C, S, n, c, s + j)
+                             : !a.relu || !(mad(xv[j], scale_c, shift_c) <= acc(0));
+          }
+        }
+      }
+      accumulate<acc, MODE>(s0, s1, cnt, xv, dv, pass, kUnit, mean_c);
+    }
+  } else {
+    // Tiles [p*per_part, (p+1)*per_part) of kThreads*8 flat (n, s): thread t takes
+    // elements t, t + 256, ..., t + 7*256 of a tile (coalesced scalar loads).
+    const int64_t tile = static_cast<int64_t>(kThreads) * kUnit;
+    const int64_t mbeg = p * a.per_part * tile, mend = min(mbeg + a.per_part * tile, M);
+    const int64_t lane_q = kThreads / S, lane_r = kThreads % S;
+    int64_t m = mbeg + threadIdx.x;
+    int64_t n = 0, s = 0;
+    if (m < mend) {
+      n = m / S;
+      s = m - n * S;
+    }
+    for (; m < mend; m += tile, ns_add(n, s, a.step_q, a.step_r, S)) {
+      // Elements j < valid exist: m + j*256 < mend.
+      const int valid =
+          static_cast<int>(min(static_cast<int64_t>(kUnit), (mend - m + kThreads - 1) / kThreads));
+      int64_t nj = n, sj = s;
+#pragma unroll
+      for (int j = 0; j < kUnit; ++j) {
+        xv[j] = dv[j] = acc(0);
+        pass[j] = false;
+        if (j < valid) {
+          xv[j] = Elem<T>::load(a.x + offset3(a.xs, nj, c, sj));
+          if (MODE == kBackward) {
+            dv[j] = Elem<T>::load(a.dout + offset3(a.ds, nj, c, sj));
+            pass[j] = a.mask ? mask_bit(a.mask, a.mask_cl, C, S, nj, c, sj)
+                             : !a.relu || !(mad(xv[j], scale_c, shift_c) <= acc(0));
+          }
+        }
+        ns_add(nj, sj, lane_q, lane_r, S);
+      }
+      accumulate<acc, MODE>(s0, s1, cnt, xv, dv, pass, valid, mean_c);
+    }
+  }
+  A v;
+  if constexpr (MODE == kStats) {
+    v = A{s0, s1, static_cast<int64_t>(cnt)};
+  } else {
+    v = A{s0, s1};
+  }
+  v = block_reduce(v);
+  if (threadIdx.x == 0) ws[p * C + c] = v;
+}
+
+// Channels [c0, c0 + V) of row (n, s) of an (N, C, S) view; zeros when !ok. V > 1: one
+// 16-byte load (sc == 1 and aligned, checked by the launcher).
+template <typename T, int V>
+__device__ __forceinline__ void load_row(const T* p, const Strides3& st, int64_t n, int64_t s,
+                                         int64_t c0, bool ok, acc_t<T>* v) {
+  if (!ok) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] = acc_t<T>(0);
+  } else if (V > 1) {
+    Elem<T>::unpack(__ldg(reinterpret_cast<const uint4*>(p + n * st.n + s * st.s + c0)), v);
+  } else {
+    v[0] = Elem<T>::load(p + offset3(st, n, c0, s));
+  }
+}
+
+// Channel-inner: grid (GX, P), block (TX, TY) with TX*TY = kThreads, TY a power of
+// two; thread (tx, ty) reduces channels [c0, c0 + V), c0 = (blockIdx.x*TX + tx)*V, over
+// rows ty*4 + k*TY*4 of partition p, 4 rows at a time. V > 1: sc == 1, C % V == 0 and
+// the view 16-byte aligned: V channels of a row are one vector load.
+template <typename T, int MODE, int V>
+__global__ void __launch_bounds__(kThreads)
+    reduce_inner_kernel(const ReduceArgs<T> a, Acc<acc_t<T>, MODE>* __restrict__ ws) {
+  using acc = acc_t<T>;
+  using A = Acc<acc, MODE>;
+  static_assert(V == 1 || V == Elem<T>::kPerVec, "V is 1 or one 16-byte vector");
+  const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x, TY = blockDim.y;
+  const int64_t C = a.C, S = a.S, M = a.N * a.S;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * TX + tx) * V;
+  const int64_t p = blockIdx.y;
+  const int64_t rbeg = p * a.per_part, rend = min(rbeg + a.per_part, M);
+  const bool active = c0 < C;  // V > 1: C % V == 0, so all V channels exist
+
+  acc mean_c[V], scale_c[V], shift_c[V], s0[V], s1[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    mean_c[j] = scale_c[j] = shift_c[j] = s0[j] = s1[j] = acc(0);
+    if (MODE == kBackward && active) {
+      mean_c[j] = __ldg(a.mean + c0 + j);
+      if (a.relu && !a.mask) {
+        scale_c[j] = __ldg(a.scale + c0 + j);
+        shift_c[j] = __ldg(a.shift + c0 + j);
+      }
+    }
+  }
+  int cnt = 0;
+
+  int64_t r = rbeg + static_cast<int64_t>(ty) * kRows;
+  int64_t n = 0, s = 0;
+  if (active && r < rend) {
+    n = r / S;
+    s = r - n * S;
+  }
+  for (; active && r < rend; r += static_cast<int64_t>(TY) * kRows,
+                             ns_add(n, s, a.step_q, a.step_r, S)) {
+    const int valid = static_cast<int>(min(static_cast<int64_t>(kRows), rend - r));
+    int64_t nk = n, sk = s;  // row r + k
+    if (MODE == kStats) {
+      acc xv[kRows][V];
+#pragma unroll
+      for (int k = 0; k < kRows; ++k) {
+        load_row<T, V>(a.x, a.xs, nk, sk, c0, k < valid, xv[k]);
+        if (++sk == S) {
+          sk = 0;
+          ++nk;
+        }
+      }
+      const acc nb = static_cast<acc>(valid);
+      const acc fb = nb / static_cast<acc>(cnt + valid);
+      const acc fa = static_cast<acc>(cnt) * fb;
+      const acc inv_nb = acc(1) / nb;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        acc col[kRows];
+#pragma unroll
+        for (int k = 0; k < kRows; ++k) col[k] = xv[k][j];
+        welford_batch<acc, kRows>(s0[j], s1[j], col, valid, inv_nb, fb, fa);
+      }
+      cnt += valid;
+    } else {
+#pragma unroll
+      for (int k = 0; k < kRows; ++k) {
+        if (k < valid) {
+          acc xv[V], dv[V];
+          load_row<T, V>(a.x, a.xs, nk, sk, c0, true, xv);
+          load_row<T, V>(a.dout, a.ds, nk, sk, c0, true, dv);
+          // Channels-last mask, V > 1: o = (nk*S + sk)*C + c0 is a multiple of V (C % V
+          // == 0) and V divides 8, so the V bits lie in one byte.
+          unsigned row_bits = 0;
+          const bool one_byte = V > 1 && a.mask && a.mask_cl;
+          if (one_byte) {
+            const int64_t o = (nk * S + sk) * C + c0;
+            row_bits = static_cast<unsigned>(__ldg(a.mask + (o >> 3))) >> (o & 7);
+          }
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            bool pass;
+            if (one_byte) {
+              pass = (row_bits >> j) & 1u;
+            } else if (a.mask) {
+              pass = mask_bit(a.mask, a.mask_cl, C, S, nk, c0 + j, sk);
+            } else {
+              pass = !a.relu || !(mad(xv[j], scale_c[j], shift_c[j]) <= acc(0));
+            }
+            const acc g = pass ? dv[j] : acc(0);
+            s0[j] += g;
+            s1[j] = mad(g, xv[j] - mean_c[j], s1[j]);
+          }
+        }
+        if (++sk == S) {
+          sk = 0;
+          ++nk;
+        }
+      }
+    }
+  }
+
+  // Merge over ty in shared memory: a fixed binary tree (TY is a power of two).
+  __shared__ A sh[kThreads * V];
+  const int slot = (ty * TX + tx) * V;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    if constexpr (MODE == kStats) {
+      sh[slot + j] = A{s0[j], s1[j], static_cast<int64_t>(cnt)};
+    } else {
+      sh[slot + j] = A{s0[j], s1[j]};
+    }
+  }
+  __syncthreads();
+  for (int half = TY / 2; half > 0; half >>= 1) {
+    if (ty < half) {
+      const int other = ((ty + half) * TX + tx) * V;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        A v = sh[slot + j];
+        v.merge(sh[other + j]);
+        sh[slot + j] = v;
+      }
+    }
+    __syncthreads();
+  }
+  if (ty == 0 && active) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) ws[p * C + c0 + j] = sh[slot + j];
+  }
+}
+
+// One warp per channel: lane l merges partials l, l+32, ... in order, then a fixed
+// warp tree. Stats: out_a = mean, out_b = M2/n (biased). Backward: the two sums.
+template <typename acc, int MODE>
+__global__ void __launch_bounds__(kThreads)
+    merge_partials_kernel(const Acc<acc, MODE>* __restrict__ ws, int64_t P, int64_t C,
+                          acc* __restrict__ out_a, acc* __restrict__ out_b) {
+  using A = Acc<acc, MODE>;
+  const int lane = threadIdx.x & 31;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
+  if (c >= C) return;  // whole warps leave together
+  A v = A::identity();
+  for (int64_t p = lane; p < P; p += 32) v.merge(ws[p * C + c]);
+  v = warp_reduce(v);
+  if (lane == 0) {
+    if constexpr (MODE == kStats) {
+      out_a[c] = v.mean;
+      out_b[c] = v.n > 0 ? v.m2 / static_cast<acc>(v.n) : acc(NAN);
+    } else {
+      out_a[c] = v.a;
+      out_b[c] = v.b;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------
+// Host side
+// ------------------------------------------------------------------------------------
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline bool aligned16(const void* p) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// Strides equal to a dense layout's, ignoring dims of size 1 (their stride is never used).
+inline bool has_strides(const Strides3& st, const Shape3& sh, const Strides3& dense) {
+  return (sh.N == 1 || st.n == dense.n) && (sh.C == 1 || st.c == dense.c) &&
+         (sh.S == 1 || st.s == dense.s);
+}
+
+inline Strides3 dense_strides(const Shape3& sh, bool cl) {
+  return cl ? Strides3{sh.S * sh.C, 1, sh.C} : Strides3{sh.C * sh.S, sh.S, 1};
+}
+
+inline ElemIndex elem_index(const Shape3& sh, bool cl, int64_t step) {
+  ElemIndex ix;
+  ix.cl = cl;
+  const int64_t I = cl ? sh.C : sh.S, Mi = cl ? sh.S : sh.C, t = step / I;
+  ix.I = static_cast<int>(I);
+  ix.Mi = static_cast<int>(Mi);
+  ix.step = Odo{static_cast<int>(step - t * I), static_cast<int>(t % Mi), static_cast<int>(t / Mi)};
+  return ix;
+}
+
+inline int elementwise_blocks(int64_t chunks, int num_sms) {
+  const int64_t cap = static_cast<int64_t>(std::max(num_sms, 1)) * kBlocksPerSm;
+  return static_cast<int>(std::max<int64_t>(1, std::min(ceil_div(chunks, kThreads), cap)));
+}
+
+// Whether a 16-byte-element-offset multiple: stride*elem bytes % 16 == 0 (size-1 dims skip).
+inline bool stride_aligned(int64_t size, int64_t stride, size_t elem) {
+  return size == 1 || (stride * static_cast<int64_t>(elem)) % 16 == 0;
+}
+
+// Channel-inner traversal when channels are the cheaper (smaller-stride) direction.
+inline bool use_inner(const Strides3& xs, const Shape3& sh) {
+  if (sh.C == 1) return false;
+  if (sh.N * sh.S <= kUnit) return true;
+  const int64_t outer_stride = sh.S > 1 ? xs.s : xs.n;  // stride of the flat (n, s) index
+  if (xs.c == 1) return true;
+  if (outer_stride == 1) return false;
+  return xs.c <= outer_stride;
+}
+
+template <typename T, int MODE>
+void launch_reduce(ReduceArgs<T> a, Shape3 sh, acc_t<T>* out_a, acc_t<T>* out_b, Workspace wsp,
+                   cudaStream_t stream) {
+  using acc = acc_t<T>;
+  using A = Acc<acc, MODE>;
+  const size_t esz = sizeof(T);
+  const int64_t C = sh.C, S = sh.S, M = sh.N * sh.S;
+  a.N = sh.N;
+  a.C = C;
+  a.S = S;
+  const bool bwd = MODE == kBackward;
+  int64_t P = 1;
+  A* ws = nullptr;
+  if (!use_inner(a.xs, sh)) {
+    auto view_ok = [&](const void* p, const Strides3& st) {
+      return aligned16(p) && st.s == 1 && stride_aligned(sh.N, st.n, esz) &&
+             stride_aligned(C, st.c, esz);
+    };
+    const bool vec = S % kUnit == 0 && view_ok(a.x, a.xs) && (!bwd || view_ok(a.dout, a.ds));
+    // VEC partitions count units of 8 elements, the scalar path tiles of kThreads*8.
+    const int64_t pieces = vec ? M / kUnit : ceil_div(M, static_cast<int64_t>(kThreads) * kUnit);
+    const int64_t pieces_per_step = vec ? kThreads : 1;
+    P = std::min(ceil_div(kTargetBlocks, C), ceil_div(pieces, pieces_per_step * kMinSteps));
+    P = std::max<int64_t>(1, std::min(P, kMaxGridY));
+    a.per_part = ceil_div(pieces, P);
+    P = ceil_div(pieces, a.per_part);
+    const int64_t step = static_cast<int64_t>(kThreads) * kUnit;  // elements per thread step
+    a.step_q = step / S;
+    a.step_r = step % S;
+    ws = static_cast<A*>(wsp.alloc(wsp.ctx, static_cast<size_t>(P * C) * sizeof(A)));
+    const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(P));
+    if (vec) {
+      reduce_outer_kernel<T, MODE, true><<<grid, kThreads, 0, stream>>>(a, ws);
+    } else {
+      reduce_outer_kernel<T, MODE, false><<<grid, kThreads, 0, stream>>>(a, ws);
+    }
+  } else {
+    constexpr int kV = Elem<T>::kPerVec;
+    auto view_ok = [&](const void* p, const Strides3& st) {
+      return aligned16(p) && st.c == 1 && stride_aligned(sh.N, st.n, esz) &&
+             stride_aligned(S, st.s, esz);
+    };
+    const bool vec = C % kV == 0 && view_ok(a.x, a.xs) && (!bwd || view_ok(a.dout, a.ds));
+    const int v = vec ? kV : 1;
+    const int64_t groups = ceil_div(C, v);
+    int tx = 1;
+    while (tx < 32 && tx < groups) tx <<= 1;
+    const int ty = kThreads / tx;
+    const int64_t gx = ceil_div(groups, tx);
+    const int64_t rows_per_step = static_cast<int64_t>(ty) * kRows;
+    P = std::min(ceil_div(kTargetBlocks, gx), ceil_div(M, rows_per_step * kMinSteps));
+    P = std::max<int64_t>(1, std::min(P, kMaxGridY));
+    a.per_part = ceil_div(M, P);
+    P = ceil_div(M, a.per_part);
+    a.step_q = rows_per_step / S;
+    a.step_r = rows_per_step % S;
+    ws = static_cast<A*>(wsp.alloc(wsp.ctx, static_cast<size_t>(P * C) * sizeof(A)));
+    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(P));
+    const dim3 block(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
+    if (vec) {
+      reduce_inner_kernel<T, MODE, kV><<<grid, block, 0, stream>>>(a, ws);
+    } else {
+      reduce_inner_kernel<T, MODE, 1><<<grid, block, 0, stream>>>(a, ws);
+    }
+  }
+  const int64_t merge_blocks = ceil_div(C, kThreads / 32);
+  merge_partials_kernel<acc, MODE>
+      <<<static_cast<unsigned>(merge_blocks), kThreads, 0, stream>>>(ws, P, C, out_a, out_b);
+}
+
+}  // namespace
+
+template <typename T>
+void launch_bn_stats(const T* x, Strides3 xs, Shape3 shape, acc_t<T>* mean, acc_t<T>* var,
+                     Workspace ws, cudaStream_t stream) {
+  ReduceArgs<T> a{};
+  a.x = x;
+  a.xs = xs;
+  launch_reduce<T, kStats>(a, shape, mean, var, ws, stream);
+}
+
+template <typename T>
+void launch_bn_backward_reduce(const T* dout, Strides3 ds, const T* x, Strides3 xs,
+                               const acc_t<T>* mean, const acc_t<T>* scale,
+                               const acc_t<T>* shift, const uint8_t* mask, bool relu,
+                               Shape3 shape, bool channels_last, acc_t<T>* sum_g,
+                               acc_t<T>* sum_g_xc, Workspace ws, cudaStream_t stream) {
+  ReduceArgs<T> a{};
+  a.x = x;
+  a.xs = xs;
+  a.dout = dout;
+  a.ds = ds;
+  a.mean = mean;
+  a.scale = scale;
+  a.shift = shift;
+  a.mask = mask;
+  a.relu = relu;
+  a.mask_cl = channels_last;
+  launch_reduce<T, kBackward>(a, shape, sum_g, sum_g_xc, ws, stream);
+}
+
+template <typename T>
+void launch_bn_apply(const T* x, Strides3 xs, const acc_t<T>* scale, const acc_t<T>* shift,
+                     const T* residual, Strides3 rs, const T* x2, Strides3 x2s,
+                     const acc_t<T>* scale2, const acc_t<T>* shift2, bool relu, T* out,
+                     uint8_t* mask, Shape3 shape, bool channels_last, int num_sms,
+                     cudaStream_t stream) {
+  ApplyArgs<T> a{};
+  a.x = x;
+  a.xs = xs;
+  a.scale = scale;
+  a.shift = shift;
+  a.res = residual;
+  a.rs = rs;
+  a.x2 = x2;
+  a.x2s = x2s;
+  a.scale2 = scale2;
+  a.shift2 = shift2;
+  a.out = out;
+  a.mask = mask;
+  a.relu = relu;
+  a.E = shape.N * shape.C * shape.S;
+  a.chunks = ceil_div(a.E, kUnit);
+  const int blocks = elementwise_blocks(a.chunks, num_sms);
+  a.ix = elem_index(shape, channels_last, static_cast<int64_t>(blocks) * kThreads * kUnit);
+  const Strides3 dense = dense_strides(shape, channels_last);
+  const bool vec = aligned16(out) && aligned16(x) && has_strides(xs, shape, dense) &&
+                   (!residual || (aligned16(residual) && has_strides(rs, shape, dense))) &&
+                   (!x2 || (aligned16(x2) && has_strides(x2s, shape, dense)));
+  if (vec) {
+    bn_apply_kernel<T, true><<<blocks, kThreads, 0, stream>>>(a);
+  } else {
+    bn_apply_kernel<T, false><<<blocks, kThreads, 0, stream>>>(a);
+  }
+}
+
+template <typename T>
+void launch_bn_backward_apply(const T* dout, Strides3 ds, const T* x, Strides3 xs,
+                              const acc_t<T>* mean, const acc_t<T>* scale,
+                              const acc_t<T>* shift, const uint8_t* mask,
+                              const acc_t<T>* coef_g, const acc_t<T>* coef_xc,
+                              const acc_t<T>* coef_c, bool relu, T* dx, T* dres,
+                              Shape3 shape, bool channels_last, int num_sms,
+                              cudaStream_t stream) {
+  BackwardApplyArgs<T> a{};
+  a.dout = dout;
+  a.ds = ds;
+  a.x = x;
+  a.xs = xs;
+  a.mean = mean;
+  a.scale = scale;
+  a.shift = shift;
+  a.mask = mask;
+  a.coef_g = coef_g;
+  a.coef_xc = coef_xc;
+  a.coef_c = coef_c;
+  a.relu = relu;
+  a.dx = dx;
+  a.dres = dres;
+  a.E = shape.N * shape.C * shape.S;
+  a.chunks = ceil_div(a.E, kUnit);
+  const int blocks = elementwise_blocks(a.chunks, num_sms);
+  a.ix = elem_index(shape, channels_last, static_cast<int64_t>(blocks) * kThreads * kUnit);
+  const Strides3 dense = dense_strides(shape, channels_last);
+  const bool vec = aligned16(dx) && aligned16(dres) && aligned16(dout) && aligned16(x) &&
+                   has_strides(ds, shape, dense) && has_strides(xs, shape, dense);
+  if (vec) {
+    bn_backward_apply_kernel<T, true><<<blocks, kThreads, 0, stream>>>(a);
+  } else {
+    bn_backward_apply_kernel<T, false><<<blocks, kThreads, 0, stream>>>(a);
+  }
+}
+
+#define FUSEDRES_INSTANTIATE(T)                                                               \
+  template void launch_bn_stats<T>(const T*, Strides3, Shape3, acc_t<T>*, acc_t<T>*,          \
+                                   Workspace, cudaStream_t);                                  \
+  template void launch_bn_apply<T>(const T*, Strides3, const acc_t<T>*, const acc_t<T>*,      \
+                                   const T*, Strides3, const T*, Strides3, const acc_t<T>*,   \
+                                   const acc_t<T>*, bool, T*, uint8_t*, Shape3, bool, int,    \
+                                   cudaStream_t);                                             \
+  template void launch_bn_backward_reduce<T>(const T*, Strides3, const T*, Strides3,          \
+                                             const acc_t<T>*, const acc_t<T>*,                \
+                                             const acc_t<T>*, const uint8_t*, bool, Shape3,   \
+                                             bool, acc_t<T>*, acc_t<T>*, Workspace,           \
+                                             cudaStream_t);                                   \
+  template void launch_bn_backward_apply<T>(const T*, Strides3, const T*, Strides3,           \
+                                            const acc_t<T>*, const acc_t<T>*,                 \
+                                            const acc_t<T>*, const uint8_t*, const acc_t<T>*, \
+                                            const acc_t<T>*, const acc_t<T>*, bool, T*, T*,   \
+                                            Shape3, bool, int, cudaStream_t);
+
+FUSEDRES_INSTANTIATE(float)
+FUSEDRES_INSTANTIATE(double)
+FUSEDRES_INSTANTIATE(__half)
+FUSEDRES_INSTANTIATE(__nv_bfloat16)
+
+#undef FUSEDRES_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace fusedres

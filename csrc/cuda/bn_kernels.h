@@ -1,0 +1,94 @@
+// Host launchers of the fusedres CUDA kernel primitives (bn_kernels.cu).
+//
+// Plain CUDA C++: no torch headers, so bn_kernels.cu compiles in seconds. The torch
+// side (bn_cuda.cpp) checks inputs, allocates outputs and calls these launchers.
+//
+// Conventions (the contract is fusedres/reference.py):
+// * an activation is a 3-D (N, C, S) view: a base pointer and int64 element strides
+//   (sn, sc, ss), arbitrary (zero strides included); outputs are dense, channels-last
+//   (strides (S*C, 1, C)) or not ((C*S, S, 1)) as `channels_last` says;
+// * per-channel vectors are dense, C elements of Acc<T> (double for double, else float);
+// * the ReLU mask is uint8, ceil(N*C*S/8) bytes, bit o of the element at offset o of
+//   the dense output (LSB first), 1 where !(pre <= 0);
+// * N*C*S > 0 (the torch side handles empty tensors without a launch);
+// * every launcher only enqueues work on `stream`; the caller checks for launch errors.
+//
+// T is float, double, __half or __nv_bfloat16 (explicit instantiations in the .cu).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace fusedres {
+namespace cuda {
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccOf<T>::type;
+
+// Element strides of an (N, C, S) view.
+struct Strides3 {
+  int64_t n, c, s;
+};
+
+// Sizes of an (N, C, S) view.
+struct Shape3 {
+  int64_t N, C, S;
+};
+
+// Scratch memory for the per-block partials of a reduction: the launcher calls
+// alloc(ctx, bytes) once and uses the memory in stream order (the torch side hands out
+// a tensor from the caching allocator, which keeps that safe).
+struct Workspace {
+  void* (*alloc)(void* ctx, size_t bytes);
+  void* ctx;
+};
+
+// mean[c], var[c] (biased) over (N, S). Welford per thread, Chan merges, per-block
+// partials in the workspace, merged in a fixed order: bitwise reproducible.
+template <typename T>
+void launch_bn_stats(const T* x, Strides3 xs, Shape3 shape, acc_t<T>* mean, acc_t<T>* var,
+                     Workspace ws, cudaStream_t stream);
+
+// out = [relu](x*scale + shift [+ x2*scale2 + shift2] [+ residual]), dense in the layout
+// `channels_last`; mask (nullable) receives the packed ReLU mask (relu must be true).
+// residual, x2 (with scale2, shift2) are nullable.
+template <typename T>
+void launch_bn_apply(const T* x, Strides3 xs, const acc_t<T>* scale, const acc_t<T>* shift,
+                     const T* residual, Strides3 rs, const T* x2, Strides3 x2s,
+                     const acc_t<T>* scale2, const acc_t<T>* shift2, bool relu, T* out,
+                     uint8_t* mask, Shape3 shape, bool channels_last, int num_sms,
+                     cudaStream_t stream);
+
+// sum_g[c] = sum(g), sum_g_xc[c] = sum(g*(x - mean)) with g = dout * passes; passes from
+// mask (nullable, packed in the layout `channels_last`) if given, else recomputed as
+// !(x*scale + shift <= 0) when relu, else all true. Deterministic as bn_stats.
+template <typename T>
+void launch_bn_backward_reduce(const T* dout, Strides3 ds, const T* x, Strides3 xs,
+                               const acc_t<T>* mean, const acc_t<T>* scale,
+                               const acc_t<T>* shift, const uint8_t* mask, bool relu,
+                               Shape3 shape, bool channels_last, acc_t<T>* sum_g,
+                               acc_t<T>* sum_g_xc, Workspace ws, cudaStream_t stream);
+
+// dx = coef_g*g + coef_xc*(x - mean) + coef_c and, when dres is not null, dres = g;
+// g as in launch_bn_backward_reduce; dx and dres dense in the layout `channels_last`.
+template <typename T>
+void launch_bn_backward_apply(const T* dout, Strides3 ds, const T* x, Strides3 xs,
+                              const acc_t<T>* mean, const acc_t<T>* scale,
+                              const acc_t<T>* shift, const uint8_t* mask,
+                              const acc_t<T>* coef_g, const acc_t<T>* coef_xc,
+                              const acc_t<T>* coef_c, bool relu, T* dx, T* dres,
+                              Shape3 shape, bool channels_last, int num_sms,
+                              cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fusedres

@@ -1,0 +1,469 @@
+"""Convolution with fused BN prologue / epilogues: custom ops, autograd, public functions.
+
+Public functions (all take ``backend="auto" | "reference" | "triton"``; ``"cpu"`` and
+``"cuda"`` are accepted and run the reference path, fusedres has no C++ conv):
+
+* ``conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)``:
+  equal to ``F.conv2d``. ``conv_path(...)`` says which path a call takes and why
+  (groups > 1, dilation > 1, string padding, non-4-D ... go to ``F.conv2d``).
+* ``conv2d_stats(input, weight, stride, padding) -> (y, mean, var)``: conv plus the
+  per-channel batch mean and biased variance of ``y`` (a statistics epilogue).
+* ``bn_relu_conv2d_stats(input, scale, shift, weight, stride, padding) -> (y, mean, var)``:
+  the same with the previous layer's BN-ReLU ``relu(input*scale + shift)`` applied while
+  loading (never materialised); padded taps are 0 after it.
+* ``conv2d_bias_add_relu(input, weight, bias, residual, stride, padding, relu=True, *,
+  scale=None, shift=None)``: conv + bias + residual + ReLU, the inference path with BN
+  folded into the weights; optionally a constant BN-ReLU prologue (pre-activation BN).
+
+``mean`` and ``var`` are differentiable outputs (fp32, fp64 for fp64 input): their
+gradients supply the BN backward's ``-dbeta/M`` and ``-xhat*dgamma/M`` terms; the conv
+backward folds them in as ``dy + dmean/M + dvar*2*(y - mean)/M`` (a dBN prologue of the
+dgrad and wgrad kernels, not a separate pass).
+
+Custom ops (namespace ``fusedres``; Triton kernels in ``kernels/conv.py``; they run on
+CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1):
+
+    triton_conv_bias_add_relu(Tensor input, Tensor weight, Tensor? bias, Tensor? residual,
+                              int[] stride, int[] padding, bool relu,
+                              Tensor? scale=None, Tensor? shift=None) -> Tensor
+    triton_conv_stats(Tensor input, Tensor weight, int[] stride, int[] padding)
+                              -> (Tensor out, Tensor mean, Tensor var)
+    triton_conv_prologue_stats(Tensor input, Tensor scale, Tensor shift, Tensor weight,
+                              int[] stride, int[] padding) -> (Tensor out, Tensor mean, Tensor var)
+    triton_conv_backward(Tensor grad_out, Tensor input, Tensor weight, int[] stride,
+                         int[] padding, Tensor? scale, Tensor? shift, Tensor? out,
+                         Tensor? mean, Tensor? grad_mean, Tensor? grad_var,
+                         bool[] output_mask)
+                              -> (Tensor grad_input, Tensor grad_weight,
+                                  Tensor grad_scale, Tensor grad_shift)
+
+Backward (all Triton, deterministic, no atomics): dgrad is a transposed implicit-GEMM
+conv with the dBN prologue and, for the prologue op, a dReLU epilogue that recomputes the
+mask from ``input*scale + shift`` and emits the partial sums of dscale/dshift; wgrad
+recomputes both prologues while loading. For ``triton_conv_bias_add_relu`` the output
+ReLU mask and the bias/residual gradients are computed with plain torch ops before the
+Triton dgrad/wgrad (an elementwise pass, not fused).
+
+Outputs are channels_last (NHWC memory) whatever the input layout; the ops convert a
+non-channels_last input/weight on CUDA (a copy) and read any strides in the interpreter.
+Under autocast the Python wrappers cast input, weight and conv bias only.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _backend
+from .reference import acc_dtype
+
+__all__ = [
+    "conv2d", "conv_path", "conv2d_stats", "bn_relu_conv2d_stats", "conv2d_bias_add_relu",
+]
+
+_KERNELS = None
+
+
+def kernels():
+    """``kernels/conv.py`` (imports triton on first use)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from fusedres.kernels import conv
+
+        _KERNELS = conv
+    return _KERNELS
+
+
+def _pair(v) -> List[int]:
+    if isinstance(v, int):
+        return [v, v]
+    v = [int(i) for i in v]
+    return v * 2 if len(v) == 1 else v
+
+
+def _out_hw(x: Tensor, weight: Tensor, stride, padding):
+    h, w = x.shape[2], x.shape[3]
+    r, s = weight.shape[2], weight.shape[3]
+    return (h + 2 * padding[0] - r) // stride[0] + 1, (w + 2 * padding[1] - s) // stride[1] + 1
+
+
+def _empty_cl(x: Tensor, n, c, h, w, dtype=None) -> Tensor:
+    return x.new_empty((n, h, w, c), dtype=dtype or x.dtype).permute(0, 3, 1, 2)
+
+
+def _prepare(t: Tensor) -> Tensor:
+    """Channels_last for the fast path on GPU; the interpreter reads any strides."""
+    if t.is_cuda and not t.is_contiguous(memory_format=torch.channels_last):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+# --------------------------------------------------------------------------------------
+# Forward ops
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fusedres::triton_conv_bias_add_relu", mutates_args=())
+def triton_conv_bias_add_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor],
+                              residual: Optional[Tensor], stride: List[int], padding: List[int],
+                              relu: bool, scale: Optional[Tensor] = None,
+                              shift: Optional[Tensor] = None) -> Tensor:
+    """``[relu](conv2d([relu(input*scale + shift)], weight) + bias + residual)`` in one
+    Triton kernel; the optional BN-ReLU prologue is a pre-activation BN in eval mode."""
+    y, _, _ = kernels().conv_fwd(_prepare(input), _prepare(weight), stride, padding, bias=bias,
+                                 residual=residual, relu=relu, scale=scale, shift=shift)
+    return y
+
+
+@triton_conv_bias_add_relu.register_fake
+def _(input, weight, bias, residual, stride, padding, relu, scale=None, shift=None):
+    p, q = _out_hw(input, weight, stride, padding)
+    return _empty_cl(input, input.shape[0], weight.shape[0], p, q)
+
+
+@torch.library.custom_op("fusedres::triton_conv_stats", mutates_args=())
+def triton_conv_stats(input: Tensor, weight: Tensor, stride: List[int],
+                      padding: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Conv with a statistics epilogue: ``(y, mean, var)`` of ``y`` per output channel."""
+    y, mean, var = kernels().conv_fwd(_prepare(input), _prepare(weight), stride, padding,
+                                      stats=True)
+    return y, mean, var
+
+
+def _stats_fake(input, weight, stride, padding):
+    p, q = _out_hw(input, weight, stride, padding)
+    co = weight.shape[0]
+    acc = acc_dtype(input.dtype)
+    return (_empty_cl(input, input.shape[0], co, p, q), input.new_empty(co, dtype=acc),
+            input.new_empty(co, dtype=acc))
+
+
+triton_conv_stats.register_fake(_stats_fake)
+
+
+@torch.library.custom_op("fusedres::triton_conv_prologue_stats", mutates_args=())
+def triton_conv_prologue_stats(input: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
+                               stride: List[int], padding: List[int]
+                               ) -> Tuple[Tensor, Tensor, Tensor]:
+    """``conv2d(relu(input*scale + shift), weight)`` with the BN-ReLU applied while
+    loading (padded taps 0 after it) and a statistics epilogue: ``(y, mean, var)``."""
+    y, mean, var = kernels().conv_fwd(_prepare(input), _prepare(weight), stride, padding,
+                                      scale=scale, shift=shift, stats=True)
+    return y, mean, var
+
+
+@triton_conv_prologue_stats.register_fake
+def _(input, scale, shift, weight, stride, padding):
+    return _stats_fake(input, weight, stride, padding)
+
+
+# --------------------------------------------------------------------------------------
+# Backward op
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fusedres::triton_conv_backward", mutates_args=())
+def triton_conv_backward(grad_out: Tensor, input: Tensor, weight: Tensor, stride: List[int],
+                         padding: List[int], scale: Optional[Tensor], shift: Optional[Tensor],
+                         out: Optional[Tensor], mean: Optional[Tensor],
+                         grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
+                         output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``conv2d([relu(input*scale + shift)], weight)``.
+
+    When ``grad_mean``/``grad_var`` (the gradients of the batch statistics of the conv
+    output ``out``, per output channel) are given, the gradient reaching the conv output
+    is ``grad_out + grad_mean/M + grad_var*2*(out - mean)/M``, read through a prologue of
+    the dgrad and wgrad kernels. ``output_mask`` = (input, weight, scale/shift).
+    Unrequested gradients are empty tensors. ``grad_scale``/``grad_shift`` are in the
+    accumulation dtype.
+    """
+    k = kernels()
+    dy = _prepare(grad_out)
+    coef_y, coef_c = (None, None) if out is None else _dbn_coefs(out, mean, grad_mean, grad_var)
+    dbn = coef_y is not None
+    y = out if dbn else None
+    prologue = scale is not None
+    acc = acc_dtype(input.dtype)
+    gi = input.new_empty(0)
+    gw = weight.new_empty(0)
+    gs = input.new_empty(0, dtype=acc)
+    gsh = input.new_empty(0, dtype=acc)
+    need_in, need_w, need_ss = output_mask
+    need_ss = need_ss and prologue
+    x = _prepare(input)
+    if need_in or need_ss:
+        dx, sum_g, sum_gy = k.conv_dgrad(
+            dy, _prepare(weight), (input.shape[2], input.shape[3]), stride, padding,
+            y=y, coef_y=coef_y, coef_c=coef_c, y_prev=x if prologue else None,
+            scale=scale, shift=shift)
+        if need_in:
+            gi = dx
+        if need_ss:
+            gs, gsh = sum_gy, sum_g
+    if need_w:
+        gw = k.conv_wgrad(dy, x, tuple(weight.shape), stride, padding, y=y, coef_y=coef_y,
+                          coef_c=coef_c, scale=scale, shift=shift)
+    return gi, gw, gs, gsh
+
+
+@triton_conv_backward.register_fake
+def _(grad_out, input, weight, stride, padding, scale, shift, out, mean, grad_mean, grad_var,
+      output_mask):
+    acc = acc_dtype(input.dtype)
+    need_in, need_w, need_ss = output_mask
+    need_ss = need_ss and scale is not None
+    n, ci, h, w = input.shape
+    co, _, r, s = weight.shape
+    gi = _empty_cl(input, n, ci, h, w) if need_in else input.new_empty(0)
+    if need_w:
+        gw = weight.new_empty((co, r, s, ci), dtype=input.dtype).permute(0, 3, 1, 2)
+    else:
+        gw = weight.new_empty(0)
+    gs = input.new_empty(ci if need_ss else 0, dtype=acc)
+    gsh = input.new_empty(ci if need_ss else 0, dtype=acc)
+    return gi, gw, gs, gsh
+
+
+def _dbn_coefs(out, mean, dmean, dvar):
+    """Per-channel (coef_y, coef_c): dy_total = dy + out*coef_y + coef_c."""
+    if dmean is None and dvar is None:
+        return None, None
+    m = out.shape[0] * out.shape[2] * out.shape[3]
+    dmean = torch.zeros_like(mean) if dmean is None else dmean.to(mean.dtype)
+    dvar = torch.zeros_like(mean) if dvar is None else dvar.to(mean.dtype)
+    coef_y = dvar * (2.0 / m)
+    coef_c = dmean / m - coef_y * mean
+    return coef_y, coef_c
+
+
+def _grad_or_zero(g, like):
+    return torch.zeros_like(like) if g is None else g
+
+
+# autograd of triton_conv_stats ----------------------------------------------------------
+
+
+def _stats_setup(ctx, inputs, output):
+    input, weight, stride, padding = inputs
+    y, mean, _ = output
+    ctx.save_for_backward(input, weight, y, mean)
+    ctx.conv = (list(stride), list(padding))
+
+
+def _stats_backward(ctx, dy, dmean, dvar):
+    input, weight, y, mean = ctx.saved_tensors
+    stride, padding = ctx.conv
+    gi, gw, _, _ = torch.ops.fusedres.triton_conv_backward(
+        _grad_or_zero(dy, y), input, weight, stride, padding, None, None, y, mean, dmean, dvar,
+        [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+    return (gi if ctx.needs_input_grad[0] else None,
+            gw if ctx.needs_input_grad[1] else None, None, None)
+
+
+torch.library.register_autograd("fusedres::triton_conv_stats", _stats_backward,
+                                setup_context=_stats_setup)
+
+
+# autograd of triton_conv_prologue_stats -------------------------------------------------
+
+
+def _prologue_setup(ctx, inputs, output):
+    input, scale, shift, weight, stride, padding = inputs
+    y, mean, _ = output
+    ctx.save_for_backward(input, scale, shift, weight, y, mean)
+    ctx.conv = (list(stride), list(padding))
+
+
+def _prologue_backward(ctx, dy, dmean, dvar):
+    input, scale, shift, weight, y, mean = ctx.saved_tensors
+    stride, padding = ctx.conv
+    need = ctx.needs_input_grad
+    gi, gw, gs, gsh = torch.ops.fusedres.triton_conv_backward(
+        _grad_or_zero(dy, y), input, weight, stride, padding, scale, shift, y, mean, dmean, dvar,
+        [need[0], need[3], need[1] or need[2]])
+    return (gi if need[0] else None,
+            gs.to(scale.dtype) if need[1] else None,
+            gsh.to(shift.dtype) if need[2] else None,
+            gw if need[3] else None, None, None)
+
+
+torch.library.register_autograd("fusedres::triton_conv_prologue_stats", _prologue_backward,
+                                setup_context=_prologue_setup)
+
+
+# autograd of triton_conv_bias_add_relu --------------------------------------------------
+
+
+def _bar_setup(ctx, inputs, output):
+    input, weight, bias, residual, stride, padding, relu, scale, shift = inputs
+    ctx.save_for_backward(input, weight, output if relu else None, scale, shift)
+    ctx.conv = (list(stride), list(padding))
+    ctx.relu = relu
+    ctx.has_bias = bias is not None
+    ctx.res_dtype = residual.dtype if residual is not None else None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _bar_backward(ctx, dout):
+    input, weight, out, scale, shift = ctx.saved_tensors
+    stride, padding = ctx.conv
+    need = ctx.needs_input_grad
+    need_ss = scale is not None and (need[7] or need[8])
+    # NOT fused: the output ReLU mask is applied by a torch elementwise op.
+    g = torch.where(out <= 0, torch.zeros_like(dout), dout) if ctx.relu else dout
+    gi = gw = gs = gsh = None
+    if need[0] or need[1] or need_ss:
+        gi, gw, gs, gsh = torch.ops.fusedres.triton_conv_backward(
+            g, input, weight, stride, padding, scale, shift, None, None, None, None,
+            [need[0], need[1], need_ss])
+    gb = g.sum(dim=(0, 2, 3), dtype=acc_dtype(g.dtype)).to(ctx.bias_dtype) \
+        if ctx.has_bias and need[2] else None
+    gr = g.to(ctx.res_dtype) if ctx.res_dtype is not None and need[3] else None
+    return (gi if need[0] else None, gw if need[1] else None, gb, gr, None, None, None,
+            gs.to(scale.dtype) if need_ss and need[7] else None,
+            gsh.to(shift.dtype) if need_ss and need[8] else None)
+
+
+torch.library.register_autograd("fusedres::triton_conv_bias_add_relu", _bar_backward,
+                                setup_context=_bar_setup)
+
+
+# --------------------------------------------------------------------------------------
+# Legality, backend choice, public functions
+# --------------------------------------------------------------------------------------
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def conv_path(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1,
+              padding=0, dilation=1, groups=1, backend: str = "auto") -> Tuple[str, str]:
+    """``("triton" | "reference", reason)``: the path a conv call takes and why.
+
+    ``auto`` picks Triton on CUDA tensors (when triton is installed) and ``F.conv2d``
+    elsewhere; the Triton interpreter is used only when ``backend="triton"`` is named.
+    A named backend that cannot run on the device raises (``resolve_backend``).
+    """
+    device = input.device
+    if backend == "reference":
+        return "reference", "backend='reference' requested"
+    if backend == "auto":
+        if not (device.type == "cuda" and _backend.has_triton()):
+            return "reference", (f"auto on {device.type} tensors uses F.conv2d (the Triton conv "
+                                 "runs on CUDA tensors; name backend='triton' for the interpreter)")
+    else:
+        resolved = _backend.resolve_backend(device, backend)  # raises if it cannot run
+        if resolved != "triton":
+            return "reference", (f"fusedres has no C++ conv kernel: backend={backend!r} uses "
+                                 "F.conv2d (cuDNN on CUDA)")
+    if input.dim() != 4 or weight.dim() != 4:
+        return "reference", "the Triton conv handles 4-D (N, C, H, W) input and weight only"
+    if groups != 1:
+        return "reference", f"groups={groups} > 1 goes to F.conv2d (cuDNN)"
+    if isinstance(padding, str):
+        return "reference", f"padding={padding!r} (a string) goes to F.conv2d"
+    if _pair(dilation) != [1, 1]:
+        return "reference", f"dilation={dilation} > 1 goes to F.conv2d (cuDNN)"
+    if input.dtype not in _TRITON_DTYPES:
+        return "reference", f"dtype {input.dtype} is not supported by the Triton conv"
+    if input.dtype == torch.bfloat16 and device.type != "cuda":
+        return "reference", "bfloat16 does not run in the Triton interpreter"
+    if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
+        return "reference", "input, weight and bias dtypes differ (F.conv2d decides)"
+    if weight.device != device or (bias is not None and bias.device != device):
+        return "reference", "tensors on different devices (F.conv2d raises the error)"
+    if weight.shape[1] != input.shape[1]:
+        return "reference", "channel mismatch (F.conv2d raises the error)"
+    st, pd = _pair(stride), _pair(padding)
+    if min(st) < 1 or min(pd) < 0:
+        return "reference", "invalid stride/padding (F.conv2d raises the error)"
+    p, q = _out_hw(input, weight, st, pd)
+    if input.numel() == 0 or p <= 0 or q <= 0:
+        return "reference", "empty input or output goes to F.conv2d"
+    return "triton", "Triton implicit-GEMM conv"
+
+
+def _autocast(input, weight, bias):
+    """Cast input, weight and conv bias (only) to the autocast dtype, as torch's conv."""
+    dev = input.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        input, weight = input.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    return input, weight, bias
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
+           dilation=1, groups=1, *, backend: str = "auto") -> Tensor:
+    """Equal to ``F.conv2d``; the Triton path returns a channels_last tensor."""
+    if backend != "reference":
+        input, weight, bias = _autocast(input, weight, bias)
+    path, _ = conv_path(input, weight, bias, stride, padding, dilation, groups, backend)
+    if path == "reference":
+        return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return torch.ops.fusedres.triton_conv_bias_add_relu(input, weight, bias, None,
+                                                        _pair(stride), _pair(padding), False)
+
+
+def _ref_stats(y: Tensor):
+    var, mean = torch.var_mean(y.to(acc_dtype(y.dtype)), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def conv2d_stats(input: Tensor, weight: Tensor, stride=1, padding=0, *,
+                 backend: str = "auto") -> Tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, var)``: ``y = conv2d(input, weight)`` and its per-channel batch mean and
+    biased variance (fp32; fp64 for fp64 input), all differentiable."""
+    if backend != "reference":
+        input, weight, _ = _autocast(input, weight, None)
+    path, _ = conv_path(input, weight, None, stride, padding, 1, 1, backend)
+    if path == "reference":
+        y = F.conv2d(input, weight, None, stride, padding)
+        return (y, *_ref_stats(y))
+    return torch.ops.fusedres.triton_conv_stats(input, weight, _pair(stride), _pair(padding))
+
+
+def bn_relu_conv2d_stats(input: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride=1,
+                         padding=0, *, backend: str = "auto") -> Tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, var)`` of ``y = conv2d(relu(input*scale + shift), weight)``.
+
+    ``scale``/``shift`` (C_in,) are per input channel (fp32, or fp64 for fp64 input) and
+    differentiable; zero padding applies after the ReLU, as in the unfused network.
+    """
+    if backend != "reference":
+        input, weight, _ = _autocast(input, weight, None)
+    path, _ = conv_path(input, weight, None, stride, padding, 1, 1, backend)
+    if path == "reference":
+        acc = acc_dtype(input.dtype)
+        a = torch.relu(input.to(acc) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+        y = F.conv2d(a.to(input.dtype), weight, None, stride, padding)
+        return (y, *_ref_stats(y))
+    return torch.ops.fusedres.triton_conv_prologue_stats(input, scale, shift, weight,
+                                                         _pair(stride), _pair(padding))
+
+
+def conv2d_bias_add_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                         residual: Optional[Tensor] = None, stride=1, padding=0, relu: bool = True,
+                         *, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                         backend: str = "auto") -> Tensor:
+    """``[relu](conv2d(input, weight, bias) + residual)`` (eval-mode block, BN folded).
+
+    With ``scale``/``shift`` (C_in,), the input goes through ``relu(input*scale + shift)``
+    while loading (a pre-activation BN-ReLU in eval mode, which cannot fold into weights).
+    """
+    if backend != "reference":
+        input, weight, bias = _autocast(input, weight, bias)
+    path, _ = conv_path(input, weight, bias, stride, padding, 1, 1, backend)
+    if path == "reference":
+        if scale is not None:
+            acc = acc_dtype(input.dtype)
+            input = torch.relu(input.to(acc) * scale.view(1, -1, 1, 1)
+                               + shift.view(1, -1, 1, 1)).to(input.dtype)
+        y = F.conv2d(input, weight, bias, stride, padding)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if relu else y
+    return torch.ops.fusedres.triton_conv_bias_add_relu(input, weight, bias, residual,
+                                                        _pair(stride), _pair(padding), relu,
+                                                        scale, shift)

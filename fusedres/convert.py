@@ -1,0 +1,591 @@
+"""One-call model conversion: ``fusedres.convert(model)`` and ``fusedres.explain(model)``.
+
+How it works. Every *block* (a module with children, other than a plain
+``nn.Sequential``) is traced on its own with ``torch.fx``: its children are leaves,
+except plain ``nn.Sequential`` containers, which are traced through (so ``downsample.0``,
+``downsample.1`` appear in the block's graph). In that graph every ``nn.BatchNorm2d`` call
+is matched, largest pattern first:
+
+    tail     bn(conv(x)) + r -> relu           r: any tensor (identity, option-A padding, ...)
+    dual     bn(conv(x)) + bn_d(conv_d(s)) -> relu    (projection shortcut, both BNs fused)
+    bn_relu  bn(conv(x)) -> relu                (conv optional: pre-activation, DenseNet)
+    conv_bn  bn(conv(x))
+
+(the conv only when its output has no other user; ReLU as ``nn.ReLU`` — one shared module
+called at several sites too —, ``F.relu``, ``torch.relu``, ``.relu()``, in-place or not;
+add as ``+``, ``+=``, ``torch.add``, ``.add``). Each match becomes one call of
+``fusedres.nn.conv_bn_act`` with the block's own conv/BN modules, read through
+``self.<path>`` at call time. The rewritten forward is installed on the block instance
+(an attribute ``forward``; the class is unchanged): no submodule, parameter or buffer is
+added, moved or renamed, so the state_dict is identical and checkpoints load both ways,
+methods like ``forward_features`` stay, and ``torch.save`` of the whole model works (the
+generated source is pickled and recompiled on load). A block whose forward differs between
+train and eval at trace time gets one generated forward per mode.
+
+What is not matched, or cannot be traced, stays as it was and keeps working;
+``explain(model)`` lists every fused site, and every BN left unfused with the reason. At
+run time ``fusedres.nn.bn_act`` sends what the fused functions do not cover (dtype, device,
+shape mismatches) to torch itself.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from . import nn as fnn
+from ._fx import FusedForward, picklable_globals
+from ._backend import BACKENDS, PLUMBING_BACKEND, resolve_backend
+
+__all__ = ["convert", "explain", "Explanation", "FusedForward"]
+
+_RELU_FUNCS = {torch.relu, torch.relu_, F.relu, F.relu_}
+_RELU_METHODS = {"relu", "relu_"}
+_ADD_FUNCS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+_INPLACE_FUNCS = {operator.iadd, torch.relu_, F.relu_}
+
+# --------------------------------------------------------------------------------------
+# Tracing one block
+# --------------------------------------------------------------------------------------
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None))
+
+
+def _inlinable(m: nn.Module) -> bool:
+    """Plain ``nn.Sequential`` containers and ``nn.Identity`` are traced through."""
+    if _has_hooks(m):
+        return False
+    if type(m) is nn.Identity:
+        return True
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+class _BlockTracer(fx.Tracer):
+    """Children are leaves; plain ``nn.Sequential`` containers are traced through."""
+
+    def __init__(self):
+        super().__init__()
+        self.inlined: set[str] = set()
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return not _inlinable(m)
+
+    def call_module(self, m, forward, args, kwargs):
+        if not self.is_leaf_module(m, ""):
+            self.inlined.add(self.path_of_module(m))
+        return super().call_module(m, forward, args, kwargs)
+
+
+def _trace(block: nn.Module, training: bool):
+    flags = [(m, m.training) for m in block.modules()]
+    try:
+        block.train(training)
+        tracer = _BlockTracer()
+        graph = tracer.trace(block)
+    finally:
+        for m, t in flags:
+            m.training = t
+    return graph, tracer.inlined
+
+
+# --------------------------------------------------------------------------------------
+# Matching
+# --------------------------------------------------------------------------------------
+
+
+def _module(block: nn.Module, node: fx.Node) -> Optional[nn.Module]:
+    if node.op != "call_module":
+        return None
+    return block.get_submodule(node.target)
+
+
+def _single_arg(node: fx.Node) -> bool:
+    return len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node)
+
+
+def _bn_problem(block, node) -> Optional[str]:
+    """None if ``node`` is a BatchNorm2d call the fused functions can replace."""
+    m = _module(block, node)
+    why = fnn.fusable_bn(m)
+    if why:
+        return why
+    if _has_hooks(m):
+        return "the BN module has hooks"
+    if not _single_arg(node):
+        return "the BN is called with extra arguments"
+    return None
+
+
+def _is_any_bn(block, node) -> bool:
+    m = _module(block, node)
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+def _is_conv(block, node) -> bool:
+    m = _module(block, node)
+    return (isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward
+            and not _has_hooks(m) and _single_arg(node))
+
+
+def _relu_input(block, node) -> Optional[fx.Node]:
+    """The tensor a ReLU node reads, or None if ``node`` is not a plain ReLU."""
+    if node.op == "call_module":
+        m = _module(block, node)
+        if type(m) is nn.ReLU and not _has_hooks(m) and _single_arg(node):
+            return node.args[0]
+    elif node.op == "call_function" and node.target in _RELU_FUNCS:
+        if len(node.args) == 1 and set(node.kwargs) <= {"inplace"}:
+            return node.args[0]
+        if len(node.args) == 2 and not node.kwargs and isinstance(node.args[1], bool):
+            return node.args[0]  # F.relu(x, True)
+    elif node.op == "call_method" and node.target in _RELU_METHODS and _single_arg(node):
+        return node.args[0]
+    return None
+
+
+def _add_operands(node) -> Optional[tuple]:
+    if node.op == "call_function" and node.target in _ADD_FUNCS:
+        pass
+    elif node.op == "call_method" and node.target in _ADD_METHODS:
+        pass
+    else:
+        return None
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    return a, b
+
+
+def _mutates(block, node) -> bool:
+    if node.op == "call_function":
+        return node.target in _INPLACE_FUNCS or node.kwargs.get("inplace", False) is True
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    if node.op == "call_module":
+        return getattr(_module(block, node), "inplace", False) is True
+    return False
+
+
+def _path(prefix: str, target: str) -> str:
+    return f"{prefix}.{target}" if prefix else target
+
+
+class _Site(dict):
+    """One row of ``explain``."""
+
+
+_VIEW_METHODS = {"view", "reshape", "transpose", "permute", "narrow", "select", "flatten",
+                 "unsqueeze", "squeeze", "expand", "as_strided", "t", "contiguous", "view_as",
+                 "unflatten", "split", "chunk", "unbind", "movedim", "detach"}
+
+
+def _base(node):
+    """The tensor ``node`` may be a view of (through getitem and view-like methods)."""
+    while isinstance(node, fx.Node) and node.args and isinstance(node.args[0], fx.Node) and (
+            (node.op == "call_function" and node.target is operator.getitem)
+            or (node.op == "call_method" and node.target in _VIEW_METHODS)):
+        node = node.args[0]
+    return node
+
+
+def _unfused(prefix, bn_path, reason):
+    return _Site(block=prefix, site=bn_path, pattern="-", kernel="-", status="unfused",
+                 reason=reason)
+
+
+def _match(block: nn.Module, graph: fx.Graph, prefix: str, backend: str, rewrite: bool,
+           memory_saving: bool = False):
+    """Find (and with ``rewrite``, replace) the fusable sites of one traced block.
+
+    Patterns are matched on the unmodified graph, largest first (tails, then BN-ReLU,
+    then conv-BN); the rewrite comes after.
+    """
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    bns = [n for n in nodes if _is_any_bn(block, n)]
+    problem = {b: _bn_problem(block, b) for b in bns}
+    ok = {b for b in bns if problem[b] is None and len(b.users) == 1}
+    done: set = set()
+    notes: dict = {}
+    sites = []  # (bn node, site dict)
+
+    def exclusive_conv(b):
+        x = b.args[0]
+        return x if _is_conv(block, x) and len(x.users) == 1 and x not in done else None
+
+    def inplace_problem(site):
+        members = set(site["members"])
+        inputs = {_base(n) for n in site["inputs"]}
+        lo = min(order[n] for n in members)
+        for n in nodes[lo:order[site["terminal"]]]:
+            if n not in members and _mutates(block, n) and n.args and \
+                    _base(n.args[0]) in inputs:
+                return f"in-place op {n.name} writes an input of the pattern"
+        return None
+
+    def accept(b, site):
+        conv = exclusive_conv(b)
+        if conv is not None:
+            site["conv"] = conv
+            site["members"].append(conv)
+        site["inputs"] = [conv.args[0] if conv is not None else b.args[0]]
+        if "res" in site:
+            site["inputs"].append(site["res"])
+        if "bn2" in site:
+            conv2 = exclusive_conv(site["bn2"])
+            if conv2 is not None:
+                site["conv2"] = conv2
+                site["members"].append(conv2)
+            site["inputs"].append(conv2.args[0] if conv2 is not None else site["bn2"].args[0])
+        why = inplace_problem(site)
+        if why:
+            notes[b] = why
+            return False
+        done.update(site["members"])
+        sites.append((b, site))
+        return True
+
+    # 0. memory_saving: a BN-ReLU whose output only feeds a conv claims that conv (the
+    #    BN-ReLU output is then recomputed in backward instead of stored)
+    next_conv = {}
+    if memory_saving:
+        for b in bns:
+            if b not in ok:
+                continue
+            relu = next(iter(b.users))
+            if _relu_input(block, relu) is not b or len(relu.users) != 1:
+                continue
+            c = next(iter(relu.users))
+            if _is_conv(block, c) and c.args[0] is relu:
+                next_conv[b] = c
+                done.add(c)
+    # 1. block tails: relu(bn(.) + r), relu(bn(.) + bn_d(.))
+    for relu in nodes:
+        add = _relu_input(block, relu)
+        if add is None or len(add.users) != 1 or add in done:
+            continue
+        ops = _add_operands(add)
+        if ops is None or ops[0] is ops[1]:
+            continue
+        cands = sorted((n for n in ops if n in ok and n not in done), key=order.get)
+        if not cands:
+            continue
+        b = cands[-1]  # the later BN is the main one
+        res = ops[1] if ops[0] is b else ops[0]
+        if add.op == "call_method" and add.target == "add_" and ops[0] is not b:
+            notes[b] = "an in-place add writes into the shortcut tensor"
+            continue
+        site = dict(kind="tail", terminal=relu, members=[b, add, relu], res=res)
+        if len(cands) == 2:
+            mb, ms = _module(block, b), _module(block, res)
+            if mb.momentum is None or ms.momentum != mb.momentum or ms.eps != mb.eps \
+                    or ms.track_running_stats != mb.track_running_stats:
+                notes[b] = ("shortcut BN computed separately: one dual kernel needs the same "
+                            "float momentum, eps and track_running_stats")
+            else:
+                del site["res"]
+                site.update(kind="dual", bn2=res)
+                site["members"].append(res)
+        accept(b, site)
+    # 2. bn -> relu
+    for b in bns:
+        if b in ok and b not in done:
+            user = next(iter(b.users))
+            if user not in done and _relu_input(block, user) is b:
+                site = dict(kind="bn_relu", terminal=user, members=[b, user])
+                if b in next_conv:
+                    site.update(terminal=next_conv[b], next=next_conv[b])
+                    site["members"].append(next_conv[b])
+                accept(b, site)
+    # 3. conv -> bn
+    for b in bns:
+        if b in ok and b not in done and exclusive_conv(b) is not None:
+            accept(b, dict(kind="conv_bn", terminal=b, members=[b]))
+    # 4. what is left
+    fused_bns = {b for b, _ in sites}
+    rows = []
+    for b in bns:
+        bn_path = _path(prefix, b.target)
+        if b in fused_bns:
+            site = next(s for bb, s in sites if bb is b)
+            rows.append(_describe(block, prefix, site, bn_path, backend, notes.get(b, "")))
+        elif b in done:
+            continue  # the shortcut BN of a dual site
+        elif problem[b]:
+            rows.append(_unfused(prefix, bn_path, problem[b]))
+        elif len(b.users) != 1:
+            rows.append(_unfused(prefix, bn_path, f"the BN output is used {len(b.users)} times"))
+        else:
+            user = next(iter(b.users))
+            reason = notes.get(b) or (
+                "its output is the residual of a fused tail; no conv before it" if user in done
+                else "nothing to fuse: no ReLU or add-ReLU after it and no conv before it")
+            rows.append(_unfused(prefix, bn_path, reason))
+    if rewrite:
+        replaced: dict = {}
+        for _, site in sorted(sites, key=lambda s: order[s[1]["terminal"]]):
+            _rewrite(graph, site, backend, replaced)
+    return rows
+
+
+_KERNELS = {"tail": "batch_norm_add_relu", "dual": "dual_batch_norm_add_relu",
+            "bn_relu": "batch_norm_relu", "conv_bn": "batch_norm"}
+
+
+def _describe(block, prefix, site, bn_path, backend, note):
+    kind = site["kind"]
+    parts = []
+    if "conv" in site:
+        parts.append("conv")
+    parts.append("bn")
+    if kind in ("tail", "dual"):
+        parts += ["add", "relu"]
+    elif kind == "bn_relu":
+        parts.append("relu")
+    if "next" in site:
+        parts.append("conv")
+    pattern = "-".join(parts)
+    if "next" in site:
+        pattern += " (BN-ReLU recomputed in backward)"
+    if kind == "dual":
+        pattern += " + " + ("conv-bn" if "conv2" in site else "bn") + " shortcut"
+    elif kind == "tail":
+        pattern += " (shortcut: " + site["res"].name + ")"
+    if kind == "bn_relu" and "next" not in site:
+        consumers = list(site["terminal"].users)
+        if consumers and all(_is_conv(block, c) for c in consumers):
+            note = (note + "; " if note else "") + "feeds conv " + ", ".join(
+                _path(prefix, c.target) for c in consumers) + " (prologue candidate)"
+    modules = [_path(prefix, n.target) for n in site["members"] if n.op == "call_module"]
+    bn = _module(block, site["members"][0])
+    if bn.running_mean is None:
+        eval_mode = "batch statistics"
+    elif "conv" in site and "next" not in site:  # under no_grad / inference_mode
+        eval_mode = "both convs folded" if "conv2" in site else "conv folded"
+    else:
+        eval_mode = "running statistics"
+    return _Site(block=prefix, site=bn_path, pattern=pattern, kernel=_KERNELS[kind],
+                 conv="conv2d" if "conv" in site or "conv2" in site else "",
+                 modules=", ".join(sorted(set(modules))), backend=_backend_name(bn, backend),
+                 eval=eval_mode, status="fused", reason=note)
+
+
+def _backend_name(bn: nn.Module, backend: str) -> str:
+    if backend != "auto":
+        return backend
+    t = bn.weight if bn.weight is not None else bn.running_mean
+    device = t.device if t is not None else torch.device("cpu")
+    try:
+        return f"auto ({resolve_backend(device, 'auto')})"
+    except Exception:  # noqa: BLE001
+        return "auto"
+
+
+def _rewrite(graph: fx.Graph, site: dict, backend: str, replaced: dict) -> None:
+    term = site["terminal"]
+    b = site["members"][0]
+    conv = site.get("conv")
+    args = lambda n: replaced.get(n, n)  # noqa: E731  (a node an earlier rewrite replaced)
+    with graph.inserting_before(term):
+        bn_ref = graph.get_attr(b.target)
+        conv_ref = graph.get_attr(conv.target) if conv is not None else None
+        x = args(conv.args[0] if conv is not None else b.args[0])
+        kwargs = dict(relu=site["kind"] != "conv_bn", backend=backend)
+        if "next" in site:
+            kwargs.update(next_conv=graph.get_attr(site["next"].target), memory_saving=True)
+        if site["kind"] == "tail":
+            kwargs["residual"] = args(site["res"])
+        elif site["kind"] == "dual":
+            b2 = site["bn2"]
+            conv2 = site.get("conv2")
+            kwargs["shortcut_bn"] = graph.get_attr(b2.target)
+            if conv2 is not None:
+                kwargs["shortcut_conv"] = graph.get_attr(conv2.target)
+                kwargs["shortcut_x"] = args(conv2.args[0])
+            else:
+                kwargs["shortcut_x"] = args(b2.args[0])
+        new = graph.call_function(fnn.conv_bn_act, (x, conv_ref, bn_ref), kwargs)
+    term.replace_all_uses_with(new)
+    replaced[term] = new
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    for n in sorted(site["members"], key=lambda n: -index[n]):
+        graph.erase_node(n)
+
+
+# --------------------------------------------------------------------------------------
+# The generated forward, installed on the block instance
+# --------------------------------------------------------------------------------------
+
+def _source(graph: fx.Graph):
+    graph.lint()
+    code = graph.python_code(root_module="self")
+    return code.src, picklable_globals(code.globals)
+
+
+# --------------------------------------------------------------------------------------
+# Walking the model
+# --------------------------------------------------------------------------------------
+
+
+class _Walker:
+    def __init__(self, backend: str, apply: bool, memory_saving: bool):
+        self.backend = backend
+        self.apply = apply
+        self.memory_saving = memory_saving
+        self.rows: list = []
+        self.seen: set = set()
+
+    def block(self, module: nn.Module, path: str) -> None:
+        if id(module) in self.seen:
+            return
+        self.seen.add(id(module))
+        if not any(True for _ in module.children()):
+            return
+        inst = module.__dict__.get("forward")
+        if inst is not None and not isinstance(inst, FusedForward):
+            self._untraced(module, path, "the instance has its own forward attribute")
+            return self._children(module, path, set())
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)) and \
+                type(module).forward in (nn.ModuleList.forward, nn.ModuleDict.forward):
+            return self._children(module, path, set())
+        try:
+            results = {}
+            ms = self.memory_saving
+            if not self.apply and isinstance(inst, FusedForward):
+                ms = inst.memory_saving
+            for training in (True, False):
+                graph, inlined = _trace(module, training)
+                rows = _match(module, graph, path, self.backend, rewrite=self.apply,
+                              memory_saving=ms)
+                src = _source(graph) if self.apply else None
+                results[training] = (graph, inlined, rows, src)
+        except Exception as exc:  # noqa: BLE001  (anything fx cannot trace stays as it is)
+            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self._untraced(module, path, f"untraceable block ({msg[:120]})")
+            return self._children(module, path, set())
+        graph, inlined, rows, src = results[True]
+        rows_eval = results[False][2]
+        if [(r["site"], r["status"], r["kernel"]) for r in rows] != \
+                [(r["site"], r["status"], r["kernel"]) for r in rows_eval]:
+            for r in rows_eval:
+                r["reason"] = (r.get("reason") or "") + " (eval-mode trace)"
+            rows = rows + [r for r in rows_eval if r not in rows]
+        self.rows.extend(rows)
+        fused = [r for r in rows if r["status"] == "fused"]
+        if self.apply and fused:
+            if results[False][3] == src:
+                sources = {None: src}
+            else:
+                sources = {True: src, False: results[False][3]}
+            module.forward = FusedForward(module, sources, self.backend, fused,
+                                          self.memory_saving)
+        elif self.apply and isinstance(inst, FusedForward):
+            del module.forward
+        self._children(module, path, inlined | results[False][1])
+
+    def _children(self, module, path, inlined, rel=""):
+        for name, child in module.named_children():
+            r = f"{rel}.{name}" if rel else name
+            if r in inlined:
+                self._children(child, path, inlined, r)
+            else:
+                self.block(child, _path(path, r))
+
+    def _untraced(self, module, path, reason):
+        bns = [n for n, m in module.named_children()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for n in bns:
+            self.rows.append(_Site(block=path, site=_path(path, n), pattern="-", kernel="-",
+                                   status="unfused", reason=reason))
+        if not bns and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                           for m in module.modules()):
+            self.rows.append(_Site(block=path, site=path or "(root)", pattern="-",
+                                   kernel="-", status="unfused", reason=reason))
+
+
+def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
+            memory_saving: bool = False) -> nn.Module:
+    """Fuse the conv/BN/ReLU/residual patterns of ``model``; see the module docstring.
+
+    Returns ``model`` itself with ``inplace=True``, else a converted deep copy. The
+    result has the same state_dict keys and values and computes the same function.
+    ``backend`` is passed to every fused call (``"auto"``: chosen per call from the
+    tensors' device). ``memory_saving=True``: where a BN-ReLU's output only feeds a conv,
+    that output is not kept for backward but recomputed from the BN input
+    (``torch.utils.checkpoint`` around BN-ReLU-conv; running statistics are updated once).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    if backend != "auto" and backend not in BACKENDS + (PLUMBING_BACKEND,):
+        raise ValueError(f"unknown fusedres backend {backend!r}; expected 'auto' or one of "
+                         f"{BACKENDS + (PLUMBING_BACKEND,)}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    _Walker(backend, apply=True, memory_saving=memory_saving).block(model, "")
+    return model
+
+
+class Explanation(list):
+    """``explain``'s rows (dicts); ``str()`` gives the table."""
+
+    COLUMNS = ("status", "site", "pattern", "kernel", "backend", "eval", "reason")
+
+    def fused(self):
+        return [r for r in self if r["status"] == "fused"]
+
+    def unfused(self):
+        return [r for r in self if r["status"] != "fused"]
+
+    def table(self) -> str:
+        rows = [[str(r.get(c, "") or "") for c in self.COLUMNS] for r in self]
+        widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in
+                  enumerate(self.COLUMNS)]
+
+        def line(cells):
+            return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+        out = [line(self.COLUMNS), line(["-" * w for w in widths])]
+        out += [line(r) for r in rows]
+        n = len(self.fused())
+        out.append(f"{n} fused site(s), {len(self) - n} unfused")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def explain(model: nn.Module, *, backend: Optional[str] = None) -> Explanation:
+    """Every fused site of ``model`` (kernel, backend) and every BN left unfused, with
+    the reason. On an unconverted model: what ``convert`` would do (status
+    ``"fusable"``); nothing is changed."""
+    walker = _Walker(backend or "auto", apply=False, memory_saving=False)
+    walker.block(model, "")
+    rows = Explanation()
+    for r in walker.rows:
+        r = dict(r)
+        if r["status"] == "fused":
+            blk = model.get_submodule(r["block"]) if r["block"] else model
+            inst = blk.__dict__.get("forward")
+            if isinstance(inst, FusedForward):
+                r["backend"] = _backend_name(
+                    _bn_of(model, r), inst.backend) if backend is None else r["backend"]
+            else:
+                r["status"] = "fusable"
+                r["reason"] = ("not converted" + ("; " + r["reason"] if r["reason"] else ""))
+        rows.append(r)
+    return rows
+
+
+def _bn_of(model, row):
+    return model.get_submodule(row["site"])

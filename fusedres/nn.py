@@ -1,0 +1,475 @@
+"""Drop-in fused modules, and the module-level fused calls that ``fusedres.convert`` uses.
+
+Modules (all subclass ``torch.nn.BatchNorm2d``: same constructor, defaults,
+``device``/``dtype`` keywords, state_dict keys, ``reset_parameters``; ``extra_repr`` is
+torch's, plus ``backend=`` when it is not ``"auto"``):
+
+    BatchNorm2d(C)                 bn(x)                      (the fused op, no ReLU)
+    BatchNormReLU2d(C)             relu(bn(x))
+    BatchNormAddReLU2d(C)          relu(bn(x) + residual)     forward(x, residual)
+    DualBatchNormAddReLU2d(C)      relu(bn(x) + shortcut_bn(s))   forward(x, s)
+
+and ``ConvBatchNormReLU2d`` (children ``conv`` and ``bn``: ``relu(bn(conv(x)))``, the
+ReLU optional), whose convolution goes through one function, ``conv2d(conv, x)``
+(today ``F.conv2d``; the place to plug in an implicit-GEMM conv with a BN prologue).
+
+Every module has ``from_modules(...)`` (and the BN ones ``from_bn``): a fused module that
+shares the given modules' parameters and buffers (the same tensors, no copies), and a
+``backend`` attribute (``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"``, ``"triton"``
+or the plumbing backend ``"reference_primitives"``). ``module.last_backend`` (and
+``fusedres.nn.last_backend()``) say which backend the last forward ran (``"torch"`` when
+it fell back to torch's own modules, ``"folded"`` when an eval-mode conv+BN ran as one conv
+with folded weights).
+
+Semantics are ``nn.BatchNorm2d``'s: training/eval, running statistics with ``momentum``
+or ``momentum=None`` (cumulative average through ``num_batches_tracked``, incremented
+before the update as torch does), ``track_running_stats=False`` (batch statistics in
+eval too), ``affine=False``, ``bias=False`` (torch >= 2.14). What the fused functions do
+not cover (a parameter dtype other than the input's or float32, tensors on another
+device, a residual of another shape or dtype, a BN subclass's own forward) runs through
+torch itself: never a wrong answer.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import functional
+
+__all__ = ["BatchNorm2d", "BatchNormReLU2d", "BatchNormAddReLU2d", "DualBatchNormAddReLU2d",
+           "ConvBatchNormReLU2d", "conv2d", "last_backend", "bn_act", "conv_bn_act", "fusable_bn",
+           "folded_weights", "fold_eval", "bn_relu_conv2d"]
+
+_REDUCED = (torch.float16, torch.bfloat16)
+_last = threading.local()
+
+
+def last_backend() -> Optional[str]:
+    """The backend of the most recent ``bn_act`` on this thread: a fusedres backend, or
+    ``"torch"`` when the call fell back to torch's own modules."""
+    return getattr(_last, "backend", None)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------
+# Module-level fused calls (the generated forwards of fusedres.convert call these)
+# --------------------------------------------------------------------------------------
+
+
+def conv2d(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """The one place a fused site runs its convolution: today ``conv(x)``'s math
+    (``F.conv2d`` with the module's padding mode) without the module's hooks."""
+    return conv._conv_forward(x, conv.weight, conv.bias)
+
+
+def fusable_bn(bn: nn.Module) -> Optional[str]:
+    """``None`` when ``bn`` computes exactly ``nn.BatchNorm2d.forward``; else why not."""
+    if not isinstance(bn, nn.BatchNorm2d):
+        return f"{type(bn).__name__} is not a BatchNorm2d"
+    fwd = type(bn).forward
+    if fwd is nn.BatchNorm2d.forward or (fwd is BatchNorm2d.forward and not type(bn)._relu):
+        return None
+    return f"{type(bn).__name__} overrides BatchNorm2d.forward"
+
+
+def _tensor_ok(t: Optional[Tensor], y: Tensor) -> bool:
+    if t is None:
+        return True
+    if t.device != y.device:
+        return False
+    return t.dtype == y.dtype or (y.dtype in _REDUCED and t.dtype == torch.float32)
+
+
+def _runtime_ok(bn: nn.BatchNorm2d, y: Tensor) -> bool:
+    """Can the fused functions compute ``bn(y)`` exactly as torch would?"""
+    if not isinstance(y, Tensor) or y.dtype not in _FLOATS or y.dim() != 4:
+        return False
+    return all(_tensor_ok(t, y) for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
+
+
+def _bn_state(bn: nn.BatchNorm2d):
+    """What ``nn.BatchNorm2d.forward`` passes to ``F.batch_norm``, with its side effect
+    (``num_batches_tracked += 1`` in training), for the fused functions."""
+    nbt = None
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        nbt = bn.num_batches_tracked
+    momentum = bn.momentum
+    if momentum is None and nbt is None:
+        momentum = 0.0  # torch: factor 0.0 when nothing is tracked
+    if bn.training:
+        training = True
+    else:
+        training = bn.running_mean is None and bn.running_var is None
+    use_running = not bn.training or bn.track_running_stats
+    rm = bn.running_mean if use_running else None
+    rv = bn.running_var if use_running else None
+    return rm, rv, training, momentum, nbt
+
+
+def _torch_bn(bn: nn.BatchNorm2d, y: Tensor) -> Tensor:
+    return nn.BatchNorm2d.forward(bn, y)
+
+
+def bn_act(bn: nn.BatchNorm2d, y: Tensor, *, relu: bool = False,
+           residual: Optional[Tensor] = None, shortcut_bn: Optional[nn.BatchNorm2d] = None,
+           shortcut: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """``[relu](bn(y) [+ residual | + shortcut_bn(shortcut)])`` through the fused
+    functions, with ``bn``'s (and ``shortcut_bn``'s) running statistics and options.
+
+    Anything the fused functions do not cover is computed by torch itself.
+    """
+    if shortcut_bn is not None:
+        dual_ok = (_runtime_ok(bn, y) and _runtime_ok(shortcut_bn, shortcut)
+                   and shortcut.shape == y.shape and shortcut.dtype == y.dtype
+                   and bn.momentum is not None and shortcut_bn.momentum == bn.momentum
+                   and shortcut_bn.eps == bn.eps and shortcut_bn.training == bn.training
+                   and shortcut_bn.track_running_stats == bn.track_running_stats
+                   and (shortcut_bn.running_mean is None) == (bn.running_mean is None))
+        if not dual_ok:  # the shortcut BN on its own, then the one-BN tail
+            residual = bn_act(shortcut_bn, shortcut, backend=backend)
+        else:
+            rm, rv, training, momentum, nbt = _bn_state(bn)
+            rm2, rv2, _, _, _ = _bn_state(shortcut_bn)
+            out = functional.dual_batch_norm_add_relu(
+                y, rm, rv, bn.weight, bn.bias, shortcut, rm2, rv2, shortcut_bn.weight,
+                shortcut_bn.bias, training, momentum, bn.eps, num_batches_tracked=nbt,
+                backend=backend)
+            _last.backend = functional.last_backend()
+            return out
+    if residual is not None and not relu:
+        raise ValueError("a residual is only fused with relu=True")
+    ok = _runtime_ok(bn, y)
+    if residual is not None:
+        ok = ok and isinstance(residual, Tensor) and residual.shape == y.shape \
+            and residual.dtype == y.dtype and residual.device == y.device
+    if not ok:  # torch's own composition, type promotion and broadcasting included
+        _last.backend = "torch"
+        out = _torch_bn(bn, y)
+        if residual is not None:
+            out = out + residual
+        return torch.relu(out) if relu else out
+    rm, rv, training, momentum, nbt = _bn_state(bn)
+    out = functional.batch_norm(y, rm, rv, bn.weight, bn.bias, training, momentum, bn.eps,
+                                relu=relu, residual=residual, num_batches_tracked=nbt,
+                                backend=backend)
+    _last.backend = functional.last_backend()
+    return out
+
+
+# Eval-mode folding: bn(conv(x)) == conv(x, w*scale, (b - mean)*scale + beta) with constant
+# scale = gamma/sqrt(running_var + eps). The folded weights are a cache keyed on the
+# identity and version counter of every tensor they come from (so an optimizer step, a
+# load_state_dict or .to() rebuilds them), held in a weak dictionary: nothing is added to
+# the modules. Never rebuilt during CUDA-graph capture or under torch.compile.
+_FOLDED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+fold_eval = True  # set False to keep conv and BN separate in eval mode too
+
+
+def _fold_key(conv, bn):
+    ts = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    return tuple((id(t), t._version, t.dtype, t.device) if t is not None else None
+                 for t in ts) + (bn.eps, id(bn))
+
+
+def _can_fold(conv, bn, x) -> bool:
+    return (fold_eval and not bn.training and bn.running_mean is not None
+            and bn.running_var is not None and not torch.is_grad_enabled()
+            and isinstance(x, Tensor) and x.dim() == 4 and x.dtype in _FLOATS
+            and not torch.compiler.is_compiling()
+            and conv.weight.dtype in _FLOATS and conv.weight.device == x.device
+            and bn.running_mean.device == x.device)
+
+
+def _capturing(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d):
+    """``(w', b')`` with ``conv(x, w', b') == bn(conv(x))`` in eval mode (cached), or None
+    when the cache is stale and cannot be rebuilt now (CUDA-graph capture)."""
+    key = _fold_key(conv, bn)
+    hit = _FOLDED.get(conv)
+    if hit is not None and hit[0] == key:
+        return hit[1], hit[2]
+    if _capturing(conv.weight.device):
+        return None
+    with torch.no_grad():
+        acc = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
+        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(acc)
+        shift = -bn.running_mean.to(acc) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.to(acc)
+        if conv.bias is not None:
+            shift = shift + conv.bias.to(acc) * scale
+        w = (conv.weight.to(acc) * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
+        b = shift.to(conv.weight.dtype)
+    _FOLDED[conv] = (key, w, b)
+    return w, b
+
+
+def _folded_conv(conv, bn, x):
+    if not _can_fold(conv, bn, x):
+        return None
+    wb = folded_weights(conv, bn)
+    if wb is None:
+        return None
+    _last.backend = "folded"
+    return conv._conv_forward(x, wb[0], wb[1])
+
+
+def bn_relu_conv2d(bn: nn.BatchNorm2d, conv: nn.Conv2d, y: Tensor, *,
+                   backend: str = "auto") -> Tensor:
+    """``conv(relu(bn(y)))``: the one place a BN-ReLU prologue site runs (today the fused
+    BN-ReLU then ``conv2d``; the place for an implicit-GEMM conv with a BN-ReLU prologue)."""
+    return conv2d(conv, bn_act(bn, y, relu=True, backend=backend))
+
+
+def _bn_relu_conv_recomputed(bn, conv, y, backend):
+    """``conv(relu(bn(y)))`` under ``torch.utils.checkpoint``: only ``y`` is kept; the
+    recomputation in backward uses batch statistics without touching the running ones."""
+    from torch.utils.checkpoint import checkpoint
+
+    state = {"first": True}
+
+    def fn(t):
+        if state["first"] or not (bn.training and bn.track_running_stats):
+            state["first"] = False
+            z = bn_act(bn, t, relu=True, backend=backend)
+        elif _runtime_ok(bn, t):  # recomputation: same batch statistics, no update
+            z = functional.batch_norm_relu(t, None, None, bn.weight, bn.bias, True, 0.0,
+                                           bn.eps, backend=backend)
+        else:
+            z = torch.relu(F.batch_norm(t, None, None, bn.weight, bn.bias, True, 0.0, bn.eps))
+        return conv2d(conv, z)
+
+    return checkpoint(fn, y, use_reentrant=False)
+
+
+def conv_bn_act(x: Tensor, conv: Optional[nn.Conv2d], bn: nn.BatchNorm2d, *,
+                relu: bool = False, residual: Optional[Tensor] = None,
+                shortcut_x: Optional[Tensor] = None,
+                shortcut_conv: Optional[nn.Conv2d] = None,
+                shortcut_bn: Optional[nn.BatchNorm2d] = None,
+                next_conv: Optional[nn.Conv2d] = None, memory_saving: bool = False,
+                backend: str = "auto") -> Tensor:
+    """One fused site: ``[relu](bn(conv(x)) [+ residual | + shortcut_bn(shortcut_conv(s))])``.
+
+    ``conv``/``shortcut_conv`` may be None (the BN reads ``x``/``shortcut_x`` directly).
+    The convolutions go through ``conv2d``. In eval mode without autograd
+    (``torch.no_grad()``/``inference_mode``) a conv followed by a BN that uses running
+    statistics runs as one conv with folded weights (``fold_eval``).
+
+    ``next_conv``: the site is ``next_conv(relu(bn(conv(x))))`` (a BN-ReLU whose only
+    consumer is that conv); with ``memory_saving`` the BN-ReLU output is recomputed in
+    backward instead of kept.
+    """
+    if next_conv is not None:
+        if residual is not None or shortcut_bn is not None or not relu:
+            raise ValueError("next_conv is only for a BN-ReLU site")
+        y = conv2d(conv, x) if conv is not None else x
+        if memory_saving and torch.is_grad_enabled() and isinstance(y, Tensor) \
+                and y.requires_grad:
+            return _bn_relu_conv_recomputed(bn, next_conv, y, backend)
+        return bn_relu_conv2d(bn, next_conv, y, backend=backend)
+    y = _folded_conv(conv, bn, x) if conv is not None else None
+    if y is not None:  # eval, folded: conv + bias (+ shortcut) (+ relu)
+        if shortcut_bn is not None:
+            residual = _folded_conv(shortcut_conv, shortcut_bn, shortcut_x) \
+                if shortcut_conv is not None else None
+            if residual is None:
+                s = conv2d(shortcut_conv, shortcut_x) if shortcut_conv is not None \
+                    else shortcut_x
+                residual = bn_act(shortcut_bn, s, backend=backend)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if relu else y
+    y = conv2d(conv, x) if conv is not None else x
+    s = None
+    if shortcut_bn is not None:
+        s = conv2d(shortcut_conv, shortcut_x) if shortcut_conv is not None else shortcut_x
+    return bn_act(bn, y, relu=relu, residual=residual, shortcut_bn=shortcut_bn, shortcut=s,
+                  backend=backend)
+
+
+# --------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------
+
+
+def _share(cls, module: nn.Module, **attrs):
+    """A ``cls`` instance sharing ``module``'s parameters, buffers and children."""
+    new = cls.__new__(cls)
+    state = {}
+    for k, v in module.__dict__.items():
+        state[k] = v.copy() if isinstance(v, (dict, set)) else v
+    new.__dict__.update(state)
+    for k, v in attrs.items():
+        setattr(new, k, v)
+    return new
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` through ``fusedres.functional`` (a drop-in replacement).
+
+    Same constructor (plus keyword-only ``backend="auto"``), defaults, state_dict and
+    semantics as ``nn.BatchNorm2d``; see the module docstring for what is covered.
+    """
+
+    _relu = False
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None,
+                 dtype=None, *, backend: str = "auto", **kwargs) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype, **kwargs)
+        self.backend = backend
+        self.last_backend: Optional[str] = None
+
+    @classmethod
+    def from_bn(cls, bn: nn.BatchNorm2d, *, backend: str = "auto"):
+        """A fused module using ``bn``'s parameters and buffers (the same tensors)."""
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"expected an nn.BatchNorm2d, got {type(bn).__name__}")
+        return _share(cls, bn, backend=backend, last_backend=None)
+
+    @classmethod
+    def from_modules(cls, bn: nn.BatchNorm2d, *, backend: str = "auto"):
+        return cls.from_bn(bn, backend=backend)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.backend == "auto" else f"{s}, backend={self.backend!r}"
+
+    def _record(self) -> None:
+        if not torch.compiler.is_compiling():
+            self.last_backend = last_backend()
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        out = bn_act(self, input, relu=self._relu, backend=self.backend)
+        self._record()
+        return out
+
+
+class BatchNormReLU2d(BatchNorm2d):
+    """``relu(bn(x))`` fused: statistics in one pass, normalise+ReLU in one pass."""
+
+    _relu = True
+
+    @classmethod
+    def from_modules(cls, bn: nn.BatchNorm2d, relu: Optional[nn.Module] = None, *,
+                     backend: str = "auto"):
+        if relu is not None and not isinstance(relu, nn.ReLU):
+            raise TypeError(f"expected an nn.ReLU, got {type(relu).__name__}")
+        return cls.from_bn(bn, backend=backend)
+
+
+class BatchNormAddReLU2d(BatchNorm2d):
+    """``relu(bn(x) + residual)``: the identity-shortcut block tail. ``forward(x, residual)``."""
+
+    def forward(self, input: Tensor, residual: Tensor) -> Tensor:  # type: ignore[override]
+        self._check_input_dim(input)
+        out = bn_act(self, input, relu=True, residual=residual, backend=self.backend)
+        self._record()
+        return out
+
+    @classmethod
+    def from_modules(cls, bn: nn.BatchNorm2d, relu: Optional[nn.Module] = None, *,
+                     backend: str = "auto"):
+        if relu is not None and not isinstance(relu, nn.ReLU):
+            raise TypeError(f"expected an nn.ReLU, got {type(relu).__name__}")
+        return cls.from_bn(bn, backend=backend)
+
+
+class DualBatchNormAddReLU2d(BatchNorm2d):
+    """``relu(bn(x) + shortcut_bn(s))``: the projection-shortcut tail, both BNs in one
+    kernel. ``forward(x, s)``. The shortcut BN is the child ``shortcut_bn`` (state_dict keys
+    ``shortcut_bn.*``). Both BNs must share ``momentum`` (a float) and ``eps`` to run in one
+    kernel; otherwise the shortcut BN runs on its own first.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None,
+                 dtype=None, *, backend: str = "auto", **kwargs) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype, backend=backend, **kwargs)
+        self.shortcut_bn = nn.BatchNorm2d(num_features, eps, momentum, affine,
+                                          track_running_stats, device=device, dtype=dtype,
+                                          **kwargs)
+
+    @classmethod
+    def from_modules(cls, bn: nn.BatchNorm2d, shortcut_bn: nn.BatchNorm2d,
+                     relu: Optional[nn.Module] = None, *, backend: str = "auto"):
+        if not isinstance(shortcut_bn, nn.BatchNorm2d):
+            raise TypeError(f"expected an nn.BatchNorm2d, got {type(shortcut_bn).__name__}")
+        new = cls.from_bn(bn, backend=backend)
+        new.shortcut_bn = shortcut_bn
+        return new
+
+    def forward(self, input: Tensor, shortcut: Tensor) -> Tensor:  # type: ignore[override]
+        self._check_input_dim(input)
+        out = bn_act(self, input, relu=True, shortcut_bn=self.shortcut_bn, shortcut=shortcut,
+                     backend=self.backend)
+        self._record()
+        return out
+
+
+class ConvBatchNormReLU2d(nn.Module):
+    """``relu(bn(conv(x)))`` (``relu=False``: ``bn(conv(x))``) with children ``conv``
+    (``nn.Conv2d``) and ``bn`` (``nn.BatchNorm2d``); state_dict keys ``conv.*``, ``bn.*``.
+
+    The constructor takes ``nn.Conv2d``'s arguments, then ``eps``, ``momentum``,
+    ``track_running_stats``, ``relu`` and ``backend`` keywords; ``from_modules(conv, bn,
+    relu)`` wraps existing modules (the same tensors).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = False, padding_mode: str = "zeros",
+                 device=None, dtype=None, *, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, relu: bool = True,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
+                              dilation, groups, bias, padding_mode, device=device, dtype=dtype)
+        self.bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats,
+                                 device=device, dtype=dtype)
+        self.relu = relu
+        self.backend = backend
+        self.last_backend: Optional[str] = None
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+                     relu: Optional[nn.Module] | bool = None, *, backend: str = "auto"):
+        if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError("expected an nn.Conv2d and an nn.BatchNorm2d")
+        if relu is not None and not isinstance(relu, (bool, nn.ReLU)):
+            raise TypeError(f"relu must be an nn.ReLU, a bool or None, got {type(relu).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.conv, new.bn = conv, bn
+        new.relu = bool(relu) if isinstance(relu, bool) else relu is not None
+        new.backend, new.last_backend = backend, None
+        return new
+
+    def extra_repr(self) -> str:
+        s = f"relu={self.relu}"
+        return s if self.backend == "auto" else f"{s}, backend={self.backend!r}"
+
+    def reset_parameters(self) -> None:
+        self.conv.reset_parameters()
+        self.bn.reset_parameters()
+
+    def forward(self, input: Tensor) -> Tensor:
+        out = conv_bn_act(input, self.conv, self.bn, relu=self.relu, backend=self.backend)
+        if not torch.compiler.is_compiling():
+            self.last_backend = last_backend()
+        return out

@@ -1,0 +1,714 @@
+"""Implicit-GEMM 2-D convolution in Triton with fused BN prologue and epilogues.
+
+Layouts: activations are addressed as NHWC through their strides (a channels_last
+tensor gives unit channel stride, the fast case; any strides are correct), weights as
+KRSC (``weight.permute(0, 2, 3, 1)``; a channels_last weight is KRSC in memory).
+Outputs are allocated channels_last. groups=1, dilation=1 only (the caller's legality
+check sends the rest to cuDNN / F.conv2d).
+
+GEMM view of the forward: M = N*P*Q output pixels, N = C_out, K = R*S*C_in with the
+reduction index flattened as (r, s, c), c fastest, so a C=3 stem still fills K tiles of
+>= 16 (the K tail is masked).
+
+One kernel, ``_conv_kernel``, with constexpr switches:
+
+* ``TRANSPOSED``: the data-gradient (dgrad) of a strided conv, i.e. a transposed conv
+  of dy with the same weight read as [C_in, R, S, C_out] through its strides, split into
+  stride_h*stride_w sub-pixel phases (grid axis 1) so each phase iterates only the taps
+  that reach it (no multiply is wasted on stride holes).
+* ``TAP_LOOP``: K tiles are (tap, channel block) with contiguous channels (vectorised
+  loads) when C % BLOCK_K == 0; otherwise (r, s, c) is flattened (the C=3 stem).
+* ``PROLOGUE`` on the A operand while loading: 1 = ``relu(x*scale + shift)`` (the
+  previous layer's BN-ReLU), 2 = ``x + py*scale + shift`` (the dBN term of the stats
+  outputs' gradients: dy + dmean/M + dvar*2*(y - mean)/M). Padded taps and the M/K tails
+  contribute exactly 0 AFTER the prologue (DESIGN section 2, the padding pitfall).
+* Epilogue: ``HAS_BIAS``, ``HAS_RESIDUAL``, ``EPILOGUE_RELU`` (NaN-propagating),
+  ``STATS`` (per tile and output channel: mean and M2 of the output as rounded to the
+  output dtype, masked rows excluded; the count of a tile is min(BLOCK_M, M - t*BLOCK_M)
+  and is recomputed by the merge kernel), ``DRELU`` (dgrad epilogue: g = dz * [ey*escale
+  + eshift > 0] recomputed from the previous layer's conv output, stores g*escale and
+  per-tile sums of g and g*ey, the partial sums of dshift and dscale).
+
+``_stats_merge_kernel`` combines the tile statistics with Chan's parallel formula
+(n = 0 guarded), in two levels when there are many tiles (chunks in parallel, then one
+pass over the chunks; fixed order). ``_conv_wgrad_kernel`` is the weight gradient: a
+GEMM over the N*P*Q pixels (N tiles tap-major when C_in fills them), split over that
+reduction into a [splits, C_out, R*S*C_in] workspace summed afterwards, with both
+prologues recomputed while loading (BN-ReLU of the input, dBN of dy). Deterministic:
+no atomics anywhere in this file, so nothing needs reset_to_zero/restore_value and
+torch.are_deterministic_algorithms_enabled() changes nothing.
+No launcher syncs with the host. Under CUDA-graph capture, warm up first: the first
+call of a new shape autotunes (benchmarks), which capture does not allow.
+
+Accumulation is fp32 (fp64 for fp64 tensors, so gradcheck runs in the interpreter).
+fp32 ``tl.dot`` uses TF32 iff ``torch.backends.cudnn.allow_tf32``. Offsets are int64.
+Autotuning: a few configs from ``_conv_configs()`` keyed on the GEMM shape; one fixed
+config under TRITON_INTERPRET=1. The launchers read back the chosen BLOCK_M (a cache
+lookup, no host sync) to size the per-tile reductions.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _conv_kernel(
+    X_ptr,  # (N, IH, IW, CI) A source (x, or dy when TRANSPOSED), NHWC via strides
+    W_ptr,  # weight addressed [CO, R, S, CI] through (swo, swr, sws, swi)
+    Y_ptr,  # (N, OH, OW, CO) output, NHWC via strides
+    BIAS_ptr,  # (CO,) conv bias                                  [HAS_BIAS]
+    RES_ptr,  # (N, OH, OW, CO) residual                           [HAS_RESIDUAL]
+    PSCALE_ptr,  # (CI,) prologue scale (BN-ReLU) or dBN y-coefficient [PROLOGUE]
+    PSHIFT_ptr,  # (CI,) prologue shift (BN-ReLU) or dBN constant     [PROLOGUE]
+    PY_ptr,  # (N, IH, IW, CI) forward output y for the dBN prologue  [PROLOGUE == 2]
+    EY_ptr,  # (N, OH, OW, CO) previous conv output y_prev            [DRELU]
+    ESCALE_ptr,  # (CO,) previous BN scale                             [DRELU]
+    ESHIFT_ptr,  # (CO,) previous BN shift                             [DRELU]
+    WS1_ptr,  # (T, CO) tile mean [STATS] or tile sum(g) [DRELU], acc dtype
+    WS2_ptr,  # (T, CO) tile M2 [STATS] or tile sum(g*ey) [DRELU], acc dtype
+    IH, IW, CI,  # A-source spatial size and channels
+    OH, OW, CO,  # output spatial size and channels
+    R, S,  # kernel size
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+    sxn, sxh, sxw, sxc,  # strides of X
+    swo, swr, sws, swi,  # strides of W as [CO, R, S, CI]
+    syn, syh, syw, syc,  # strides of Y
+    srn, srh, srw, src,  # strides of RES
+    spn, sph, spw, spc,  # strides of PY
+    sen, seh, sew, sec,  # strides of EY
+    GEMM_M, GEMM_N, GEMM_K,  # N*OH*OW (TRANSPOSED: largest phase), CO, R*S*CI
+    BATCH,  # N
+    WS_ROWS,  # workspace rows per phase (TRANSPOSED; else unused)
+    TRANSPOSED: tl.constexpr,
+    TAP_LOOP: tl.constexpr,  # K loop over (tap, channel tile) instead of flattened (r, s, c)
+    PROLOGUE: tl.constexpr,  # 0 none, 1 relu(x*scale+shift), 2 x + py*scale + shift
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    EPILOGUE_RELU: tl.constexpr,
+    STATS: tl.constexpr,
+    DRELU: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee"
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(GEMM_M, BLOCK_M)
+    num_pid_n = tl.cdiv(GEMM_N, BLOCK_N)
+    width = GROUP_M * num_pid_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = (first_m + (pid % width) % group_size).to(tl.int64)
+    pid_n = (pid % width) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < GEMM_N
+    if TRANSPOSED:
+        # Sub-pixel (phase) decomposition of the strided transposed conv: grid axis 1 is
+        # the phase (a, b) of the output pixel, (h + pad_h) % stride_h == a, and only the
+        # taps r = a + j*stride_h (s likewise) reach it, from A row i - j where
+        # h = a - pad_h + stride_h*i. No tap is wasted on a masked multiply.
+        phase = tl.program_id(1)
+        pa = phase // STRIDE_W
+        pb = phase % STRIDE_W
+        i_min = tl.maximum((PAD_H - pa + STRIDE_H - 1) // STRIDE_H, 0)
+        j_min = tl.maximum((PAD_W - pb + STRIDE_W - 1) // STRIDE_W, 0)
+        i_num = OH - 1 - pa + PAD_H
+        j_num = OW - 1 - pb + PAD_W
+        h_cnt = tl.where(i_num < 0, 0, tl.maximum(i_num // STRIDE_H - i_min + 1, 0))
+        w_cnt = tl.where(j_num < 0, 0, tl.maximum(j_num // STRIDE_W - j_min + 1, 0))
+        m_ok = offs_m < BATCH * h_cnt * w_cnt
+        w_div = tl.maximum(w_cnt, 1)
+        h_div = tl.maximum(h_cnt, 1)
+        ii = offs_m // w_div
+        jj = offs_m % w_div + j_min
+        nb = ii // h_div
+        ii = ii % h_div + i_min
+        oh = pa - PAD_H + STRIDE_H * ii
+        ow = pb - PAD_W + STRIDE_W * jj
+        tap_s = tl.maximum((S - pb + STRIDE_W - 1) // STRIDE_W, 0)
+        num_taps = tl.maximum((R - pa + STRIDE_H - 1) // STRIDE_H, 0) * tap_s
+    else:
+        phase = 0
+        m_ok = offs_m < GEMM_M
+        ow = offs_m % OW
+        t = offs_m // OW
+        oh = t % OH
+        nb = t // OH
+        tap_s = S
+        num_taps = R * S
+
+    if ACC_FP64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    x_row = nb * sxn
+    py_row = nb * spn
+    k_total = num_taps * CI
+    if TAP_LOOP:
+        c_tiles = tl.cdiv(CI, BLOCK_K)
+        num_k_tiles = num_taps * c_tiles
+    else:
+        num_k_tiles = tl.cdiv(k_total, BLOCK_K)
+    for kt in range(0, num_k_tiles):
+        if TAP_LOOP:
+            # one tap per K tile, contiguous channels: vectorised loads (C % BLOCK_K == 0)
+            tap = kt // c_tiles
+            ci = (kt % c_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = ci < CI
+            tr = tl.zeros((BLOCK_K,), dtype=tl.int32) + tap // tap_s
+            ts = tl.zeros((BLOCK_K,), dtype=tl.int32) + tap % tap_s
+        else:
+            # (tap, c) flattened, c fastest: a C=3 stem still fills K tiles
+            offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < k_total
+            ci = offs_k % CI
+            tap = offs_k // CI
+            tr = tap // tap_s
+            ts = tap % tap_s
+        if TRANSPOSED:
+            r = pa + tr * STRIDE_H
+            s = pb + ts * STRIDE_W
+            ih = ii[:, None] - tr[None, :]
+            iw = jj[:, None] - ts[None, :]
+        else:
+            r = tr
+            s = ts
+            ih = oh[:, None] * STRIDE_H - PAD_H + r[None, :]
+            iw = ow[:, None] * STRIDE_W - PAD_W + s[None, :]
+        ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+        ok = ok & m_ok[:, None] & k_ok[None, :]
+        a = tl.load(X_ptr + (x_row[:, None] + ih * sxh + iw * sxw + ci[None, :] * sxc),
+                    mask=ok, other=0.0)
+        if PROLOGUE == 1:
+            sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
+            sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
+            v = a.to(acc.dtype) * sc[None, :] + sh[None, :]
+            v = tl.where(v < 0, 0.0, v)
+            a = tl.where(ok, v, 0.0).to(W_ptr.dtype.element_ty)
+        elif PROLOGUE == 2:
+            sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
+            sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
+            py = tl.load(PY_ptr + (py_row[:, None] + ih * sph + iw * spw + ci[None, :] * spc),
+                         mask=ok, other=0.0)
+            v = a.to(acc.dtype) + py.to(acc.dtype) * sc[None, :] + sh[None, :]
+            a = tl.where(ok, v, 0.0).to(W_ptr.dtype.element_ty)
+        else:
+            a = a.to(W_ptr.dtype.element_ty)
+        b = tl.load(W_ptr + (offs_n[None, :] * swo + r[:, None] * swr + s[:, None] * sws
+                             + ci[:, None] * swi),
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        bias = tl.load(BIAS_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
+        acc = acc + bias[None, :]
+    if HAS_RESIDUAL:
+        res = tl.load(RES_ptr + ((nb * srn + oh * srh + ow * srw)[:, None] + offs_n[None, :] * src),
+                      mask=out_ok, other=0.0)
+        acc = acc + res.to(acc.dtype)
+    if EPILOGUE_RELU:
+        acc = tl.where(acc < 0, 0.0, acc)
+    ws_off = (phase * WS_ROWS + pid_m) * GEMM_N + offs_n
+    if DRELU:
+        ey = tl.load(EY_ptr + ((nb * sen + oh * seh + ow * sew)[:, None] + offs_n[None, :] * sec),
+                     mask=out_ok, other=0.0).to(acc.dtype)
+        esc = tl.load(ESCALE_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
+        esh = tl.load(ESHIFT_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
+        pre = ey * esc[None, :] + esh[None, :]
+        g = tl.where(pre <= 0, 0.0, acc)
+        g = tl.where(out_ok, g, 0.0)
+        tl.store(WS1_ptr + ws_off, tl.sum(g, axis=0), mask=n_ok)
+        tl.store(WS2_ptr + ws_off, tl.sum(g * ey, axis=0), mask=n_ok)
+        acc = g * esc[None, :]
+    out = acc.to(Y_ptr.dtype.element_ty)
+    tl.store(Y_ptr + ((nb * syn + oh * syh + ow * syw)[:, None] + offs_n[None, :] * syc),
+             out, mask=out_ok)
+    if STATS:
+        v = tl.where(m_ok[:, None], out.to(acc.dtype), 0.0)
+        cnt = tl.minimum(GEMM_M - pid_m * BLOCK_M, BLOCK_M).to(acc.dtype)
+        mean = tl.sum(v, axis=0) / cnt
+        d = tl.where(m_ok[:, None], v - mean[None, :], 0.0)
+        tl.store(WS1_ptr + ws_off, mean, mask=n_ok)
+        tl.store(WS2_ptr + ws_off, tl.sum(d * d, axis=0), mask=n_ok)
+
+
+@triton.jit
+def _stats_merge_kernel(
+    WS_MEAN_ptr,  # (T, C) partial means, acc dtype
+    WS_M2_ptr,  # (T, C) partial M2, acc dtype
+    WS_CNT_ptr,  # (T, C) partial counts, acc dtype                     [HAS_COUNT]
+    OUT_MEAN_ptr,  # (P, C) merged mean of each chunk of rows (P = grid axis 1)
+    OUT_M2_ptr,  # (P, C) merged M2, or the biased variance when FINAL
+    OUT_CNT_ptr,  # (P, C) merged count                                  [not FINAL]
+    T, C,  # rows (tiles), channels
+    M, TILE_M,  # without HAS_COUNT, row t counts min(TILE_M, M - t*TILE_M) elements
+    ROWS_PER_PROG,  # rows merged by one program (multiple of BLOCK_T)
+    HAS_COUNT: tl.constexpr,
+    FINAL: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_p = tl.program_id(1).to(tl.int64)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    if ACC_FP64:
+        n_a = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    else:
+        n_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    mean_a = n_a
+    m2_a = n_a
+    t_begin = pid_p * ROWS_PER_PROG
+    for t0 in range(0, ROWS_PER_PROG, BLOCK_T):
+        offs_t = t_begin + t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        row_ok = (offs_t < T) & (offs_t < t_begin + ROWS_PER_PROG)
+        ok = row_ok[:, None] & c_ok[None, :]
+        off = offs_t[:, None] * C + offs_c[None, :]
+        if HAS_COUNT:
+            cnt = tl.load(WS_CNT_ptr + off, mask=ok, other=0.0).to(n_a.dtype)
+        else:
+            cnt_t = tl.minimum(M - offs_t * TILE_M, TILE_M)
+            cnt_t = tl.where(row_ok & (cnt_t > 0), cnt_t, 0).to(n_a.dtype)
+            cnt = cnt_t[:, None] + tl.zeros((BLOCK_T, BLOCK_C), dtype=n_a.dtype)
+        ok = ok & (cnt > 0)
+        cnt = tl.where(ok, cnt, 0.0)
+        mt = tl.where(ok, tl.load(WS_MEAN_ptr + off, mask=ok, other=0.0).to(n_a.dtype), 0.0)
+        m2t = tl.where(ok, tl.load(WS_M2_ptr + off, mask=ok, other=0.0).to(n_a.dtype), 0.0)
+        # merge the block of rows at once, then into the running (n, mean, M2) (Chan)
+        n_b = tl.sum(cnt, axis=0)
+        n_b_safe = tl.where(n_b > 0, n_b, 1.0)
+        mean_b = tl.sum(cnt * mt, axis=0) / n_b_safe
+        dev = tl.where(ok, mt - mean_b[None, :], 0.0)
+        m2_b = tl.sum(m2t, axis=0) + tl.sum(cnt * dev * dev, axis=0)
+        n = n_a + n_b
+        n_safe = tl.where(n > 0, n, 1.0)
+        delta = mean_b - mean_a
+        mean_a = mean_a + delta * (n_b / n_safe)
+        m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n_safe)
+        n_a = n
+    out = pid_p * C + offs_c
+    tl.store(OUT_MEAN_ptr + out, mean_a, mask=c_ok)
+    if FINAL:
+        tl.store(OUT_M2_ptr + out, m2_a / tl.where(n_a > 0, n_a, 1.0), mask=c_ok)
+    else:
+        tl.store(OUT_M2_ptr + out, m2_a, mask=c_ok)
+        tl.store(OUT_CNT_ptr + out, n_a, mask=c_ok)
+
+
+@triton.jit
+def _conv_wgrad_kernel(
+    DY_ptr,  # (N, OH, OW, CO) output gradient, NHWC via strides
+    X_ptr,  # (N, IH, IW, CI) forward input (before the prologue), NHWC via strides
+    DW_ptr,  # (SPLITS, CO, R*S*CI) partial weight gradients, acc dtype
+    PY_ptr,  # (N, OH, OW, CO) forward output y for the dBN prologue on dy  [DBN]
+    DCY_ptr,  # (CO,) dBN y-coefficient                                     [DBN]
+    DCC_ptr,  # (CO,) dBN constant                                          [DBN]
+    SCALE_ptr,  # (CI,) BN scale of the input prologue                      [PROLOGUE]
+    SHIFT_ptr,  # (CI,) BN shift of the input prologue                      [PROLOGUE]
+    IH, IW, CI,
+    OH, OW, CO,
+    R, S,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+    sdn, sdh, sdw, sdc,  # strides of DY
+    sxn, sxh, sxw, sxc,  # strides of X
+    spn, sph, spw, spc,  # strides of PY
+    GEMM_M, GEMM_N, GEMM_K,  # CO, R*S*CI, N*OH*OW
+    K_PER_SPLIT,  # multiple of BLOCK_K
+    TAP_N: tl.constexpr,  # N tiles over (tap, channel block) instead of flattened (r, s, c)
+    DBN: tl.constexpr,
+    PROLOGUE: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1).to(tl.int64)
+    if TAP_N:
+        # N tiles are (tap, channel block): contiguous channels, vectorised im2col loads
+        c_tiles = tl.cdiv(CI, BLOCK_N)
+        num_pid_n = R * S * c_tiles
+    else:
+        num_pid_n = tl.cdiv(GEMM_N, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    offs_co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    co_ok = offs_co < GEMM_M
+    if TAP_N:
+        tap = pid_n // c_tiles
+        ci = (pid_n % c_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        j_ok = ci < CI
+        offs_j = tap * CI + ci
+        r = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap // S
+        s = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap % S
+    else:
+        offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        j_ok = offs_j < GEMM_N
+        ci = offs_j % CI
+        rs = offs_j // CI
+        s = rs % S
+        r = rs // S
+    if PROLOGUE:
+        sc = tl.load(SCALE_ptr + ci, mask=j_ok, other=0.0)
+        sh = tl.load(SHIFT_ptr + ci, mask=j_ok, other=0.0)
+    if DBN:
+        cy = tl.load(DCY_ptr + offs_co, mask=co_ok, other=0.0)
+        cc = tl.load(DCC_ptr + offs_co, mask=co_ok, other=0.0)
+    if ACC_FP64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    for kk in range(0, K_PER_SPLIT, BLOCK_K):
+        offs_k = k_start + kk + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_ok = offs_k < GEMM_K
+        ow = offs_k % OW
+        t = offs_k // OW
+        oh = t % OH
+        nb = t // OH
+        a_ok = co_ok[:, None] & k_ok[None, :]
+        a = tl.load(DY_ptr + (offs_co[:, None] * sdc + (nb * sdn + oh * sdh + ow * sdw)[None, :]),
+                    mask=a_ok, other=0.0)
+        if DBN:
+            py = tl.load(PY_ptr + (offs_co[:, None] * spc
+                                   + (nb * spn + oh * sph + ow * spw)[None, :]),
+                         mask=a_ok, other=0.0)
+            v = a.to(acc.dtype) + py.to(acc.dtype) * cy[:, None].to(acc.dtype) \
+                + cc[:, None].to(acc.dtype)
+            a = tl.where(a_ok, v, 0.0)
+        a = a.to(X_ptr.dtype.element_ty)
+        ih = oh[:, None] * STRIDE_H - PAD_H + r[None, :]
+        iw = ow[:, None] * STRIDE_W - PAD_W + s[None, :]
+        b_ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW) & k_ok[:, None] & j_ok[None, :]
+        b = tl.load(X_ptr + ((nb * sxn)[:, None] + ih * sxh + iw * sxw + ci[None, :] * sxc),
+                    mask=b_ok, other=0.0)
+        if PROLOGUE:
+            v = b.to(acc.dtype) * sc[None, :].to(acc.dtype) + sh[None, :].to(acc.dtype)
+            v = tl.where(v < 0, 0.0, v)
+            b = tl.where(b_ok, v, 0.0)
+        b = b.to(X_ptr.dtype.element_ty)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+    off = pid_k * GEMM_M * GEMM_N + offs_co[:, None].to(tl.int64) * GEMM_N + offs_j[None, :]
+    tl.store(DW_ptr + off, acc, mask=co_ok[:, None] & j_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------
+# Autotuning
+# --------------------------------------------------------------------------------------
+
+
+def _conv_configs():
+    """A handful of implicit-GEMM tile configs (GPU only); K tiles >= 16."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4})]
+    cfg = [
+        (128, 128, 32, 8, 3),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 32, 4, 4),
+        (128, 128, 64, 8, 3),
+    ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+                          num_warps=w, num_stages=st) for m, n, k, w, st in cfg]
+
+
+def _wgrad_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16})]
+    cfg = [(64, 64, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+            for m, n, k, w, st in cfg]
+
+
+_WGRAD_SPLIT_ALIGN = 16 if INTERPRET else 128  # multiple of every config's BLOCK_K
+
+if INTERPRET:
+    _conv_run = _conv_kernel
+    _wgrad_run = _conv_wgrad_kernel
+else:
+    # keyed on the GEMM shape (plus the mode switches, so fwd and dgrad tune apart)
+    _conv_run = triton.autotune(
+        configs=_conv_configs(),
+        key=["GEMM_M", "GEMM_N", "GEMM_K", "TRANSPOSED", "PROLOGUE", "STATS", "DRELU"],
+    )(_conv_kernel)
+    _wgrad_run = triton.autotune(
+        configs=_wgrad_configs(),
+        key=["GEMM_M", "GEMM_N", "GEMM_K", "K_PER_SPLIT", "TAP_N", "DBN", "PROLOGUE"],
+    )(_conv_wgrad_kernel)
+
+
+def _launch(run, configs, grid_fn, args, kwargs):
+    """Launch (autotuned on GPU) and return the config used (no host sync)."""
+    if INTERPRET:
+        cfg = configs[0]
+        run[grid_fn(cfg.kwargs)](*args, **kwargs, **cfg.kwargs)
+        return cfg.kwargs
+    run[grid_fn](*args, **kwargs)
+    return run.best_config.kwargs
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def _nhwc_strides(t):
+    """Strides of a 4-D (N, C, H, W)-shaped tensor in NHWC order."""
+    return t.stride(0), t.stride(2), t.stride(3), t.stride(1)
+
+
+def _input_precision(dtype):
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRET:
+        return "tf32"
+    return "ieee"
+
+
+def _tap_loop(channels):
+    """Tap-major K loop when the reduction channels fill whole K tiles (every config's
+    BLOCK_K divides them); the flattened (r, s, c) loop otherwise (the C=3 stem)."""
+    return channels % max(c.kwargs["BLOCK_K"] for c in _conv_configs()) == 0
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _pair(v):
+    if isinstance(v, int):
+        return (v, v)
+    return tuple(int(i) for i in v)
+
+
+def empty_channels_last(n, c, h, w, dtype, device):
+    return torch.empty((n, h, w, c), dtype=dtype, device=device).permute(0, 3, 1, 2)
+
+
+def out_size(h, w, r, s, stride, padding):
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    return (h + 2 * ph - r) // sh + 1, (w + 2 * pw - s) // sw + 1
+
+
+def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=None,
+             shift=None, relu=False, stats=False):
+    """Forward implicit-GEMM conv. Returns ``(y, mean, var)``.
+
+    ``x`` (N, C_in, H, W) any strides (channels_last is fast), ``weight`` (C_out, C_in,
+    R, S) any strides (channels_last = KRSC is fast). ``scale``/``shift`` (C_in,) apply
+    ``relu(x*scale + shift)`` while loading. ``y`` is channels_last in ``x``'s dtype:
+    ``[relu](conv + bias + residual)``. With ``stats``, ``mean``/``var`` (C_out,) are the
+    per-channel mean and biased variance of ``y`` in the accumulation dtype; otherwise
+    they are empty.
+    """
+    n, ci, h, w = x.shape
+    co, ci_w, r, s = weight.shape
+    assert ci == ci_w, "groups=1 only"
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    p, q = out_size(h, w, r, s, stride, padding)
+    if residual is not None and tuple(residual.shape) != (n, co, p, q):
+        raise ValueError(f"residual has shape {tuple(residual.shape)}, the conv output "
+                         f"{(n, co, p, q)}")
+    if bias is not None and tuple(bias.shape) != (co,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({co},)")
+    if scale is not None and (tuple(scale.shape) != (ci,) or tuple(shift.shape) != (ci,)):
+        raise ValueError(f"scale/shift must have shape ({ci},)")
+    acc = _acc_dtype(x.dtype)
+    y = empty_channels_last(n, co, p, q, x.dtype, x.device)
+    gm, gn, gk = n * p * q, co, r * s * ci
+    min_bm = min(c.kwargs["BLOCK_M"] for c in _conv_configs())
+    tiles = triton.cdiv(gm, min_bm)
+    if stats:
+        ws1 = torch.empty((tiles, co), dtype=acc, device=x.device)
+        ws2 = torch.empty((tiles, co), dtype=acc, device=x.device)
+    else:
+        ws1 = ws2 = y
+    prologue = 1 if scale is not None else 0
+    res = residual if residual is not None else y
+    args = (x, weight, y, bias if bias is not None else y, res,
+            scale if prologue else y, shift if prologue else y, y, y, y, y, ws1, ws2,
+            h, w, ci, p, q, co, r, s, sh, sw, ph, pw,
+            *_nhwc_strides(x), weight.stride(0), weight.stride(2), weight.stride(3),
+            weight.stride(1), *_nhwc_strides(y), *_nhwc_strides(res), 0, 0, 0, 0, 0, 0, 0, 0,
+            gm, gn, gk, n, 0)
+    kwargs = dict(TRANSPOSED=False, TAP_LOOP=_tap_loop(ci), PROLOGUE=prologue,
+                  HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                  EPILOGUE_RELU=bool(relu), STATS=bool(stats), DRELU=False,
+                  ACC_FP64=acc == torch.float64, INPUT_PRECISION=_input_precision(x.dtype))
+
+    def grid(meta):
+        return (triton.cdiv(gm, meta["BLOCK_M"]) * triton.cdiv(gn, meta["BLOCK_N"]),)
+
+    cfg = _launch(_conv_run, _conv_configs(), grid, args, kwargs)
+    if not stats:
+        empty = torch.empty(0, dtype=acc, device=x.device)
+        return y, empty, empty
+    mean = torch.empty(co, dtype=acc, device=x.device)
+    var = torch.empty(co, dtype=acc, device=x.device)
+    merge_stats(ws1, ws2, mean, var, triton.cdiv(gm, cfg["BLOCK_M"]), gm, cfg["BLOCK_M"])
+    return y, mean, var
+
+
+def merge_stats(ws_mean, ws_m2, mean, var, tiles, m, tile_m, rows_per_prog=None):
+    """Chan-merge ``tiles`` rows of per-tile (mean, M2) into ``mean``/``var`` (biased).
+
+    Row t holds min(tile_m, m - t*tile_m) elements. Two levels when there are many rows:
+    chunks of ``rows_per_prog`` rows merged in parallel into a (P, C) workspace, then one
+    pass over the P chunks (fixed order: deterministic).
+    """
+    c = ws_mean.shape[1]
+    block_c = 32 if INTERPRET else 64
+    block_t = 4 if INTERPRET else 64
+    fp64 = mean.dtype == torch.float64
+    if rows_per_prog is None:
+        rows_per_prog = 8 * block_t if INTERPRET else 16 * block_t
+    rows_per_prog = triton.cdiv(rows_per_prog, block_t) * block_t
+    p = triton.cdiv(tiles, rows_per_prog)
+    grid_c = triton.cdiv(c, block_c)
+    if p <= 1:
+        _stats_merge_kernel[(grid_c, 1)](
+            ws_mean, ws_m2, ws_mean, mean, var, mean, tiles, c, m, tile_m,
+            triton.cdiv(max(tiles, 1), block_t) * block_t,
+            HAS_COUNT=False, FINAL=True, ACC_FP64=fp64, BLOCK_T=block_t, BLOCK_C=block_c)
+        return
+    part_mean, part_m2, part_cnt = torch.empty((3, p, c), dtype=mean.dtype, device=mean.device)
+    _stats_merge_kernel[(grid_c, p)](
+        ws_mean, ws_m2, ws_mean, part_mean, part_m2, part_cnt, tiles, c, m, tile_m,
+        rows_per_prog,
+        HAS_COUNT=False, FINAL=False, ACC_FP64=fp64, BLOCK_T=block_t, BLOCK_C=block_c)
+    _stats_merge_kernel[(grid_c, 1)](
+        part_mean, part_m2, part_cnt, mean, var, mean, p, c, 0, 0,
+        triton.cdiv(p, block_t) * block_t,
+        HAS_COUNT=True, FINAL=True, ACC_FP64=fp64, BLOCK_T=block_t, BLOCK_C=block_c)
+
+
+def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None,
+               coef_c=None, y_prev=None, scale=None, shift=None):
+    """Data gradient of the conv: a transposed implicit-GEMM conv of ``dy``.
+
+    dBN prologue (when ``y`` is given): reads ``dy + y*coef_y + coef_c`` (per output
+    channel), the gradient reaching the conv output when its batch statistics are
+    differentiable outputs. dReLU epilogue (when ``y_prev`` is given; the forward input
+    was ``relu(y_prev*scale + shift)``): returns ``(g*scale, sum(g), sum(g*y_prev))`` with
+    ``g = da * [y_prev*scale + shift > 0]`` -- the gradient of ``y_prev`` and of
+    ``shift``/``scale``. Without it returns ``(da, None, None)``. Output channels_last.
+    """
+    n, co, p, q = dy.shape
+    co_w, ci, r, s = weight.shape
+    h, w = input_hw
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    acc = _acc_dtype(dy.dtype)
+    dx = empty_channels_last(n, ci, h, w, dy.dtype, dy.device)
+    phases = sh * sw
+    # grid M: the pixels of the largest phase (each phase: output rows h = a - pad + sh*i)
+    gm, gn, gk = n * triton.cdiv(h, sh) * triton.cdiv(w, sw), ci, r * s * co
+    drelu = y_prev is not None
+    dbn = y is not None
+    min_bm = min(c.kwargs["BLOCK_M"] for c in _conv_configs())
+    rows = triton.cdiv(gm, min_bm)
+    if drelu:
+        ws1 = torch.empty((phases * rows, ci), dtype=acc, device=dy.device)
+        ws2 = torch.empty((phases * rows, ci), dtype=acc, device=dy.device)
+    else:
+        ws1 = ws2 = dx
+    py = y if dbn else dx
+    ey = y_prev if drelu else dx
+    args = (dy, weight, dx, dx, dx,
+            coef_y if dbn else dx, coef_c if dbn else dx, py,
+            ey, scale if drelu else dx, shift if drelu else dx, ws1, ws2,
+            p, q, co, h, w, ci, r, s, sh, sw, ph, pw,
+            *_nhwc_strides(dy),
+            # the weight read as [CI, R, S, CO]: gemm-N index is C_in, reduction is C_out
+            weight.stride(1), weight.stride(2), weight.stride(3), weight.stride(0),
+            *_nhwc_strides(dx), 0, 0, 0, 0, *_nhwc_strides(py), *_nhwc_strides(ey),
+            gm, gn, gk, n, rows)
+    kwargs = dict(TRANSPOSED=True, TAP_LOOP=_tap_loop(co), PROLOGUE=2 if dbn else 0,
+                  HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False,
+                  DRELU=drelu, ACC_FP64=acc == torch.float64,
+                  INPUT_PRECISION=_input_precision(dy.dtype))
+
+    def grid(meta):
+        return (triton.cdiv(gm, meta["BLOCK_M"]) * triton.cdiv(gn, meta["BLOCK_N"]), phases)
+
+    cfg = _launch(_conv_run, _conv_configs(), grid, args, kwargs)
+    if not drelu:
+        return dx, None, None
+    t = triton.cdiv(gm, cfg["BLOCK_M"])
+    return (dx, ws1.view(phases, rows, ci)[:, :t].sum((0, 1)),
+            ws2.view(phases, rows, ci)[:, :t].sum((0, 1)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None, coef_c=None,
+               scale=None, shift=None):
+    """Weight gradient ``(C_out, C_in, R, S)`` (channels_last = KRSC memory, dtype of x).
+
+    The A operand is ``dy`` (with the dBN prologue ``dy + y*coef_y + coef_c`` when ``y``
+    is given), the B operand the im2col of ``x`` (with ``relu(x*scale + shift)``
+    recomputed when ``scale`` is given; padded taps are 0 after it). The N*P*Q reduction
+    is split over a grid axis into an fp32 (fp64) workspace summed in a fixed order.
+    """
+    n, co, p, q = dy.shape
+    _, ci, h, w = x.shape
+    co_w, ci_w, r, s = weight_shape
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    acc = _acc_dtype(x.dtype)
+    gm, gn, gk = co, r * s * ci, n * p * q
+    align = _WGRAD_SPLIT_ALIGN
+    if INTERPRET:
+        splits = 2
+    else:
+        tiles = triton.cdiv(gm, 64) * triton.cdiv(gn, 64)
+        splits = max(1, min(2 * _sm_count(x.device.index or 0) // tiles, triton.cdiv(gk, 1024)))
+    k_per_split = triton.cdiv(triton.cdiv(gk, splits), align) * align
+    splits = triton.cdiv(gk, k_per_split)
+    part = torch.empty((splits, gm, gn), dtype=acc, device=x.device)
+    dbn = y is not None
+    prologue = scale is not None
+    py = y if dbn else dy
+    args = (dy, x, part, py, coef_y if dbn else part, coef_c if dbn else part,
+            scale if prologue else part, shift if prologue else part,
+            h, w, ci, p, q, co, r, s, sh, sw, ph, pw,
+            *_nhwc_strides(dy), *_nhwc_strides(x), *_nhwc_strides(py),
+            gm, gn, gk, k_per_split)
+    # tap-major N tiles when the channels fill the smallest BLOCK_N (correct for any C)
+    tap_n = ci % min(c.kwargs["BLOCK_N"] for c in _wgrad_configs()) == 0
+    kwargs = dict(TAP_N=tap_n, DBN=dbn, PROLOGUE=prologue, ACC_FP64=acc == torch.float64,
+                  INPUT_PRECISION=_input_precision(x.dtype))
+
+    def grid(meta):
+        n_tiles = (r * s * triton.cdiv(ci, meta["BLOCK_N"]) if tap_n
+                   else triton.cdiv(gn, meta["BLOCK_N"]))
+        return (triton.cdiv(gm, meta["BLOCK_M"]) * n_tiles, splits)
+
+    _launch(_wgrad_run, _wgrad_configs(), grid, args, kwargs)
+    dw = part.sum(0) if splits > 1 else part[0]
+    # (CO, R*S*CI) -> (CO, CI, R, S) view with KRSC memory
+    return dw.view(co, r, s, ci).permute(0, 3, 1, 2).to(x.dtype)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Sets up a development environment from a clean clone: .venv with the pinned torch
+# (2.14.1, CUDA build: it runs on CPU machines too) and torchvision, the build and test
+# tools, and fusedres itself (editable; builds fusedres._C: C++ CPU kernels always, CUDA
+# kernels when a CUDA toolkit is found). Safe to run again: it only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv with $($PYTHON --version)"
+    "$PYTHON" -m venv .venv
+fi
+echo "[setup] installing torch 2.14.1, torchvision 0.29.1 and the build/test tools"
+.venv/bin/python -m pip install -q --disable-pip-version-check \
+    torch==2.14.1 torchvision==0.29.1 ninja pybind11 pytest pytest-benchmark numpy
+echo "[setup] building fusedres (fusedres._C) -- a few minutes on 2 cores the first time"
+mkdir -p build
+if ! MAX_JOBS=${MAX_JOBS:-$(nproc)} .venv/bin/python -m pip install -v --disable-pip-version-check \
+        --no-deps --no-build-isolation -e . > build/setup.log 2>&1; then
+    tail -n 40 build/setup.log
+    echo "[setup] building fusedres failed; the whole log is build/setup.log" >&2
+    exit 1
+fi
+grep -h "fusedres setup:" build/setup.log | sort -u || true
+# The CPU kernels always build: a missing cpu backend is a broken build, not a skip.
+.venv/bin/python -c "
+import fusedres
+b = fusedres.available_backends()
+print('[setup] fusedres backends usable here:', b)
+assert 'cpu' in b, f'fusedres._C did not load: {fusedres.extension_error}'
+"

@@ -1,0 +1,96 @@
+"""The four primitives on the host emulation of the CUDA kernels (build/cuda_emu/libemu.so,
+see build.py), called the way csrc/cuda/bn_cuda.cpp calls the launchers, on CPU tensors."""
+import ctypes
+import os
+
+import torch
+
+from fusedres import reference as ref
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+lib = ctypes.CDLL(os.environ.get("EMU_LIB", os.path.join(_ROOT, "build", "cuda_emu", "libemu.so")))
+DT = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+SMS = int(os.environ.get("EMU_SMS", "1"))
+NULL = ctypes.c_void_p(0)
+
+
+def P(t):
+    return NULL if t is None or t.numel() == 0 else ctypes.c_void_p(t.data_ptr())
+
+
+def A(vals):
+    return (ctypes.c_int64 * 3)(*vals)
+
+
+def st(t):
+    return A((0, 0, 0) if t is None else t.stride())
+
+
+def acc(x):
+    return ref.acc_dtype(x.dtype)
+
+
+def vec(v, x):
+    assert v.dtype == acc(x) and v.shape == (x.shape[1],), (v.dtype, v.shape)
+    return v.contiguous()
+
+
+def _mask(m, x):
+    if m is None or m.numel() == 0:
+        return None
+    assert m.dtype == torch.uint8 and m.numel() == (x.numel() + 7) // 8
+    return m.contiguous()
+
+
+def bn_stats(x, cl):
+    c = x.shape[1]
+    if x.numel() == 0:
+        return (torch.full((c,), float("nan"), dtype=acc(x)),
+                torch.full((c,), float("nan"), dtype=acc(x)))
+    mean, var = torch.empty(c, dtype=acc(x)), torch.empty(c, dtype=acc(x))
+    lib.emu_bn_stats(DT[x.dtype], P(x), st(x), A(x.shape), P(mean), P(var))
+    return mean, var
+
+
+def bn_apply(x, scale, shift, res, x2, scale2, shift2, relu, save_mask, cl):
+    assert not save_mask or relu
+    n, c, s = x.shape
+    scale, shift = vec(scale, x), vec(shift, x)
+    if x2 is None:
+        scale2 = shift2 = None
+    else:
+        scale2, shift2 = vec(scale2, x), vec(shift2, x)
+    for t in (res, x2):
+        assert t is None or (t.shape == x.shape and t.dtype == x.dtype)
+    out = ref.empty_ncs(n, c, s, cl, x.dtype, x.device)
+    mask = torch.empty((x.numel() + 7) // 8 if save_mask else 0, dtype=torch.uint8)
+    if x.numel():
+        lib.emu_bn_apply(DT[x.dtype], P(x), st(x), P(scale), P(shift), P(res), st(res), P(x2),
+                         st(x2), P(scale2), P(shift2), int(relu), P(out), P(mask),
+                         A(x.shape), int(cl), SMS)
+    return out, mask
+
+
+def bn_backward_reduce(dout, x, mean, scale, shift, mask, relu, cl):
+    c = x.shape[1]
+    mean, scale, shift = (vec(v, x) for v in (mean, scale, shift))
+    m = _mask(mask, x)
+    if x.numel() == 0:
+        return torch.zeros(c, dtype=acc(x)), torch.zeros(c, dtype=acc(x))
+    sg, sgx = torch.empty(c, dtype=acc(x)), torch.empty(c, dtype=acc(x))
+    lib.emu_bn_backward_reduce(DT[x.dtype], P(dout), st(dout), P(x), st(x), P(mean), P(scale),
+                               P(shift), P(m), int(relu), A(x.shape), int(cl), P(sg), P(sgx))
+    return sg, sgx
+
+
+def bn_backward_apply(dout, x, mean, scale, shift, mask, cg, cxc, cc, relu, wres, cl):
+    n, c, s = x.shape
+    mean, scale, shift, cg, cxc, cc = (vec(v, x) for v in (mean, scale, shift, cg, cxc, cc))
+    m = _mask(mask, x)
+    dx = ref.empty_ncs(n, c, s, cl, x.dtype, x.device)
+    dres = ref.empty_ncs(n, c, s, cl, x.dtype, x.device) if wres else torch.empty(0, dtype=x.dtype)
+    if x.numel():
+        lib.emu_bn_backward_apply(DT[x.dtype], P(dout), st(dout), P(x), st(x), P(mean), P(scale),
+                                  P(shift), P(m), P(cg), P(cxc), P(cc), int(relu), P(dx),
+                                  P(dres), A(x.shape), int(cl), SMS)
+    return dx, dres

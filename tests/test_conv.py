@@ -1,0 +1,624 @@
+"""Tests of the Triton implicit-GEMM conv (kernels/conv.py) and its ops (fusedres/conv.py).
+
+On a machine without a GPU the Triton kernels run in the interpreter on CPU tensors
+(TRITON_INTERPRET=1 is set here, before triton is imported); shapes are small.
+Everything is compared with F.conv2d and the reference BN math, in float64 where exact
+agreement is expected.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import fusedres  # noqa: E402,F401
+from fusedres import conv as fconv  # noqa: E402
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+K = fconv.kernels()
+
+# (name, N, C_in, H, W, C_out, kernel, stride, padding): every conv kind ResNets use,
+# odd channel counts, N=1, H=W=1.
+CASES = [
+    ("stem7x7s2", 1, 3, 13, 11, 8, 7, 2, 3),
+    ("3x3s1", 2, 5, 7, 7, 6, 3, 1, 1),
+    ("3x3s2", 1, 8, 9, 8, 65, 3, 2, 1),
+    ("1x1s1", 2, 65, 5, 5, 5, 1, 1, 0),
+    ("1x1s2", 2, 16, 6, 7, 8, 1, 2, 0),
+    ("1x1_hw1", 3, 4, 1, 1, 5, 1, 1, 0),
+    ("3x3s2_c16", 2, 16, 7, 6, 16, 3, 2, 1),  # tap-major K loop (C % BLOCK_K == 0)
+]
+IDS = [c[0] for c in CASES]
+
+
+def _make(case, dtype=torch.float64, channels_last=True, requires_grad=False):
+    _, n, ci, h, w, co, k, st, pd = case
+    g = torch.Generator().manual_seed(hash(case[0]) % 1000)
+    x = torch.randn(n, ci, h, w, generator=g, dtype=torch.float64)
+    wt = torch.randn(co, ci, k, k, generator=g, dtype=torch.float64) / (ci * k * k) ** 0.5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        wt = wt.contiguous(memory_format=torch.channels_last)
+    x = x.to(DEVICE, dtype).requires_grad_(requires_grad)
+    wt = wt.to(DEVICE, dtype).requires_grad_(requires_grad)
+    return x, wt, st, pd
+
+
+def _scale_shift(ci, dtype=torch.float64, requires_grad=False):
+    g = torch.Generator().manual_seed(ci)
+    scale = (torch.rand(ci, generator=g, dtype=torch.float64) + 0.5)
+    scale[::2] *= -1
+    shift = torch.rand(ci, generator=g, dtype=torch.float64) * 0.5 + 0.1  # positive: pitfall
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return (scale.to(DEVICE, acc).requires_grad_(requires_grad),
+            shift.to(DEVICE, acc).requires_grad_(requires_grad))
+
+
+def _ref_bn_relu(x, scale, shift):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.relu(x.to(acc) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(x.dtype)
+
+
+def _ref_stats(y):
+    var, mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+# --------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_conv2d_forward(case):
+    x, w, st, pd = _make(case)
+    b = torch.randn(w.shape[0], dtype=w.dtype, device=DEVICE)
+    assert fconv.conv_path(x, w, b, st, pd, backend="triton")[0] == "triton"
+    y = fconv.conv2d(x, w, b, st, pd, backend="triton")
+    torch.testing.assert_close(y, F.conv2d(x, w, b, st, pd))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_conv2d_forward_nchw_fp32():
+    x, w, st, pd = _make(CASES[1], torch.float32, channels_last=False)
+    torch.testing.assert_close(fconv.conv2d(x, w, None, st, pd, backend="triton"),
+                               F.conv2d(x, w, None, st, pd), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_conv_stats_forward(case):
+    x, w, st, pd = _make(case, torch.float32)
+    y, mean, var = fconv.conv2d_stats(x, w, st, pd, backend="triton")
+    ref = F.conv2d(x.double(), w.double(), None, st, pd)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    assert mean.dtype == var.dtype == torch.float32
+    m_ref, v_ref = _ref_stats(y)  # statistics of y as rounded to the output dtype
+    torch.testing.assert_close(mean.double(), m_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(var.double(), v_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_stats_large_mean_no_cancellation():
+    x, w, st, pd = _make(CASES[3], torch.float32)
+    b = torch.full((w.shape[0],), 1000.0, device=DEVICE)
+    y0, _, _ = K.conv_fwd(x, w, st, pd, bias=b, stats=False)
+    y, mean, var = K.conv_fwd(x, w, st, pd, bias=b, stats=True)
+    m_ref, v_ref = _ref_stats(y0)
+    torch.testing.assert_close(mean.double(), m_ref, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(var.double(), v_ref, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[1]], ids=["stem", "3x3s2", "3x3s1"])
+def test_prologue_padding_pitfall(case):
+    """Padded taps are 0 after relu(x*scale + shift) even though shift > 0."""
+    x, w, st, pd = _make(case)
+    scale, shift = _scale_shift(x.shape[1])
+    y, mean, var = fconv.bn_relu_conv2d_stats(x, scale, shift, w, st, pd, backend="triton")
+    ref = F.conv2d(_ref_bn_relu(x, scale, shift), w, None, st, pd)
+    torch.testing.assert_close(y, ref)
+    m_ref, v_ref = _ref_stats(ref)
+    torch.testing.assert_close(mean, m_ref)
+    torch.testing.assert_close(var, v_ref)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=["3x3s1", "1x1s2"])
+def test_bias_add_relu(case, relu):
+    x, w, st, pd = _make(case)
+    b = torch.randn(w.shape[0], dtype=w.dtype, device=DEVICE)
+    y0 = F.conv2d(x, w, b, st, pd)
+    res = torch.randn_like(y0)
+    y = fconv.conv2d_bias_add_relu(x, w, b, res, st, pd, relu=relu, backend="triton")
+    ref = torch.relu(y0 + res) if relu else y0 + res
+    torch.testing.assert_close(y, ref)
+
+
+def test_bias_add_relu_with_prologue_and_grads():
+    x, w, st, pd = _make(CASES[0], requires_grad=True)  # stem: padding 3 with shift > 0
+    scale, shift = _scale_shift(x.shape[1], requires_grad=True)
+    b = torch.randn(w.shape[0], dtype=w.dtype, device=DEVICE, requires_grad=True)
+    outs, grads = [], []
+    for backend in ("triton", "reference"):
+        y = fconv.conv2d_bias_add_relu(x, w, b, None, st, pd, relu=True, scale=scale,
+                                       shift=shift, backend=backend)
+        outs.append(y)
+        grads.append(torch.autograd.grad((y * y).sum(), [x, w, b, scale, shift]))
+    torch.testing.assert_close(outs[0], outs[1])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_relu_epilogue_propagates_nan():
+    x, w, st, pd = _make(CASES[3])
+    x = x.clone()
+    x[0, :, 0, 0] = float("nan")
+    y = fconv.conv2d_bias_add_relu(x, w, None, None, st, pd, relu=True, backend="triton")
+    assert torch.isnan(y[0, :, 0, 0]).all()
+    ref = torch.relu(F.conv2d(x, w, None, st, pd))
+    torch.testing.assert_close(y, ref, equal_nan=True)
+
+
+def test_fp16_forward():
+    """fp16 error bounded by a multiple of PyTorch's own fp16 error (fp64 reference)."""
+    case = CASES[2]
+    x, w, st, pd = _make(case, torch.float16)
+    scale, shift = _scale_shift(x.shape[1], torch.float16)
+    y, mean, var = fconv.bn_relu_conv2d_stats(x, scale, shift, w, st, pd, backend="triton")
+    assert y.dtype == torch.float16 and mean.dtype == torch.float32
+    a = _ref_bn_relu(x, scale, shift)
+    ref64 = F.conv2d(a.double(), w.double(), None, st, pd)
+    if DEVICE == "cpu":
+        y32 = F.conv2d(a.float(), w.float(), None, st, pd)  # CPU fp16 conv: round fp32
+        torch_err = (y32.half().double() - ref64).abs().max()
+    else:
+        torch_err = (F.conv2d(a, w, None, st, pd).double() - ref64).abs().max()
+    err = (y.double() - ref64).abs().max()
+    assert err <= 4 * torch_err + 1e-3, (err, torch_err)
+    m_ref, v_ref = _ref_stats(y)
+    torch.testing.assert_close(mean.double(), m_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(var.double(), v_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 does not run in the interpreter")
+def test_bf16_forward_cuda():
+    x, w, st, pd = _make(CASES[2], torch.bfloat16)
+    y, mean, var = fconv.conv2d_stats(x, w, st, pd, backend="triton")
+    ref = F.conv2d(x.double(), w.double(), None, st, pd)
+    assert (y.double() - ref).abs().max() < 5e-2
+    m_ref, v_ref = _ref_stats(y)
+    torch.testing.assert_close(mean.double(), m_ref, rtol=1e-3, atol=1e-3)
+
+
+def test_deterministic():
+    x, w, st, pd = _make(CASES[2], torch.float32, requires_grad=True)
+    outs = []
+    for _ in range(2):
+        y, m, v = fconv.conv2d_stats(x, w, st, pd, backend="triton")
+        gx, gw = torch.autograd.grad((y * y).sum() + m.sum() + v.sum(), [x, w])
+        outs.append((y, m, v, gx, gw))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------
+
+
+def _loss(y, mean, var):
+    c = torch.arange(1, y.shape[1] + 1, dtype=mean.dtype, device=y.device)
+    return (y * torch.cos(torch.arange(y.numel(), device=y.device).view_as(y).to(y.dtype))).sum() \
+        + (mean * c).sum() + (var * c.flip(0)).sum()
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_prologue_stats_grads(case):
+    """Gradients of input, scale, shift and weight through (y, mean, var), vs autograd of
+    the reference composite."""
+    x, w, st, pd = _make(case, requires_grad=True)
+    scale, shift = _scale_shift(x.shape[1], requires_grad=True)
+    grads = []
+    for backend in ("triton", "reference"):
+        out = fconv.bn_relu_conv2d_stats(x, scale, shift, w, st, pd, backend=backend)
+        grads.append(torch.autograd.grad(_loss(*out), [x, scale, shift, w]))
+    for got, want, name in zip(*grads, ["input", "scale", "shift", "weight"]):
+        torch.testing.assert_close(got, want, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[4]], ids=["stem", "3x3s2", "1x1s2"])
+def test_conv_stats_grads(case):
+    x, w, st, pd = _make(case, requires_grad=True)
+    grads = []
+    for backend in ("triton", "reference"):
+        out = fconv.conv2d_stats(x, w, st, pd, backend=backend)
+        grads.append(torch.autograd.grad(_loss(*out), [x, w]))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_conv_stats_grads_y_only_and_stats_only():
+    x, w, st, pd = _make(CASES[1], requires_grad=True)
+    for pick in (lambda o: o[0].sum(), lambda o: o[2].sum()):
+        grads = [torch.autograd.grad(pick(fconv.conv2d_stats(x, w, st, pd, backend=b)), [x, w])
+                 for b in ("triton", "reference")]
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=["3x3s1", "1x1s2"])
+def test_bias_add_relu_grads(case):
+    x, w, st, pd = _make(case, requires_grad=True)
+    b = torch.randn(w.shape[0], dtype=w.dtype, device=DEVICE, requires_grad=True)
+    res = torch.randn_like(F.conv2d(x, w, b, st, pd)).requires_grad_(True)
+    grads = []
+    for backend in ("triton", "reference"):
+        y = fconv.conv2d_bias_add_relu(x, w, b, res, st, pd, relu=True, backend=backend)
+        grads.append(torch.autograd.grad(y.sum(), [x, w, b, res]))  # stride-0 dy
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_conv2d_grads_nchw_input():
+    x, w, st, pd = _make(CASES[2], channels_last=False, requires_grad=True)
+    grads = [torch.autograd.grad(fconv.conv2d(x, w, None, st, pd, backend=b).pow(2).sum(), [x, w])
+             for b in ("triton", "reference")]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
+
+
+def _finalize(mean, var, gamma, beta, eps=1e-5):
+    scale = gamma * torch.rsqrt(var + eps)
+    return scale, beta - mean * scale
+
+
+def test_two_layer_chain_matches_batch_norm():
+    """conv1+stats -> finalize -> (BN-ReLU prologue) conv2+stats -> finalize -> BN-ReLU:
+    every gradient equals that of the unfused F.conv2d / F.batch_norm / relu network, so
+    the stats outputs' gradients supply the whole BN backward."""
+    x, w1, st, pd = _make(("chain", 2, 3, 7, 7, 6, 3, 2, 1), requires_grad=True)
+    g = torch.Generator().manual_seed(5)
+    w2 = (torch.randn(5, 6, 3, 3, generator=g, dtype=torch.float64) / 7).to(DEVICE)
+    params = [w2] + [torch.randn(c, generator=g, dtype=torch.float64).to(DEVICE)
+                     for c in (6, 6, 5, 5)]
+    w2, g1, b1, g2, b2 = [p.requires_grad_() for p in params]
+    leaves = [x, w1, w2, g1, b1, g2, b2]
+
+    y1, m1, v1 = fconv.conv2d_stats(x, w1, st, pd, backend="triton")
+    s1, t1 = _finalize(m1, v1, g1, b1)
+    y2, m2, v2 = fconv.bn_relu_conv2d_stats(y1, s1, t1, w2, 1, 1, backend="triton")
+    s2, t2 = _finalize(m2, v2, g2, b2)
+    z = torch.relu(y2 * s2.view(1, -1, 1, 1) + t2.view(1, -1, 1, 1))
+    def loss(z, m2, v1):  # z, plus the statistics used directly
+        return _loss(z, m2, m2) + (v1 * torch.arange(6, dtype=v1.dtype, device=DEVICE)).sum()
+
+    got = torch.autograd.grad(loss(z, m2, v1), leaves)
+
+    def bn(y, gamma, beta):
+        return F.batch_norm(y, None, None, gamma, beta, training=True, eps=1e-5)
+
+    r1 = F.conv2d(x, w1, None, st, pd)
+    r2 = F.conv2d(torch.relu(bn(r1, g1, b1)), w2, None, 1, 1)
+    rz = torch.relu(bn(r2, g2, b2))
+    torch.testing.assert_close(z, rz)
+    want = torch.autograd.grad(loss(rz, _ref_stats(r2)[0], _ref_stats(r1)[1]), leaves)
+    for a, b, name in zip(got, want, ["x", "w1", "w2", "gamma1", "beta1", "gamma2", "beta2"]):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+
+
+def test_gradcheck_prologue_stats():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 4, 4, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    w = torch.randn(2, 3, 3, 3, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    scale, shift = _scale_shift(3, requires_grad=True)
+
+    def fn(x, scale, shift, w):
+        return torch.ops.fusedres.triton_conv_prologue_stats(x, scale, shift, w, [2, 2], [1, 1])
+
+    assert torch.autograd.gradcheck(fn, (x, scale, shift, w), eps=1e-6, atol=1e-6)
+
+
+def test_gradcheck_bias_add_relu():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 2, 3, 3, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    w = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    b = torch.randn(3, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+    r = torch.randn(1, 3, 3, 3, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
+
+    def fn(x, w, b, r):
+        return torch.ops.fusedres.triton_conv_bias_add_relu(x, w, b, r, [1, 1], [1, 1], True)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b, r), eps=1e-6, atol=1e-6)
+
+
+def test_fp16_grads():
+    x, w, st, pd = _make(CASES[1], torch.float16, requires_grad=True)
+    scale, shift = _scale_shift(x.shape[1], torch.float16, requires_grad=True)
+    out = fconv.bn_relu_conv2d_stats(x, scale, shift, w, st, pd, backend="triton")
+    got = torch.autograd.grad(_loss(*out), [x, scale, shift, w])
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    s64, t64 = scale.detach().double().requires_grad_(), shift.detach().double().requires_grad_()
+    out = fconv.bn_relu_conv2d_stats(x64, s64, t64, w64, st, pd, backend="reference")
+    want = torch.autograd.grad(_loss(*out), [x64, s64, t64, w64])
+    for a, b in zip(got, want):
+        assert a.dtype == (torch.float16 if b.dim() == 4 else torch.float32)
+        torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+
+
+# --------------------------------------------------------------------------------------
+# Ops, legality
+# --------------------------------------------------------------------------------------
+
+
+def test_opcheck():
+    x, w, st, pd = _make(("t", 1, 3, 4, 4, 2, 3, 1, 1), requires_grad=True)
+    scale, shift = _scale_shift(3, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    r = torch.randn(1, 2, 4, 4, dtype=torch.float64, device=DEVICE)
+    ops = torch.ops.fusedres
+    torch.library.opcheck(ops.triton_conv_stats, (x, w, [1, 1], [1, 1]))
+    torch.library.opcheck(ops.triton_conv_prologue_stats, (x, scale, shift, w, [2, 2], [1, 1]))
+    torch.library.opcheck(ops.triton_conv_bias_add_relu, (x, w, b, r, [1, 1], [1, 1], True))
+    torch.library.opcheck(ops.triton_conv_bias_add_relu, (x, w, None, None, [2, 2], [0, 0], False))
+    torch.library.opcheck(ops.triton_conv_bias_add_relu,
+                          (x, w, b, None, [1, 1], [1, 1], True, scale, shift))
+    y = torch.randn(1, 2, 4, 4, dtype=torch.float64, device=DEVICE)
+    m, dm, dv = (torch.randn(2, dtype=torch.float64, device=DEVICE) for _ in range(3))
+    torch.library.opcheck(ops.triton_conv_backward,
+                          (y, x.detach(), w.detach(), [1, 1], [1, 1], scale.detach(),
+                           shift.detach(), y, m, dm, dv, [True, True, True]))
+    torch.library.opcheck(ops.triton_conv_backward,
+                          (y, x.detach(), w.detach(), [1, 1], [1, 1], None, None, None, None,
+                           None, None, [True, False, False]))
+
+
+def test_conv_path_legality():
+    x = torch.randn(1, 4, 5, 5, device=DEVICE)
+    w = torch.randn(4, 4, 3, 3, device=DEVICE)
+    assert fconv.conv_path(x, w, backend="triton") == ("triton", "Triton implicit-GEMM conv")
+    assert fconv.conv_path(x, w, backend="reference")[0] == "reference"
+    path, why = fconv.conv_path(x, w[:, :2], groups=2, backend="triton")
+    assert path == "reference" and "groups" in why
+    path, why = fconv.conv_path(x, w, dilation=2, backend="triton")
+    assert path == "reference" and "dilation" in why
+    path, why = fconv.conv_path(x[0], w, backend="triton")
+    assert path == "reference" and "4-D" in why
+    path, why = fconv.conv_path(x, w, padding="same", backend="triton")
+    assert path == "reference"
+    if DEVICE == "cpu":
+        assert fconv.conv_path(x, w)[0] == "reference"  # auto never picks the interpreter
+    torch.testing.assert_close(fconv.conv2d(x, w[:, :2], None, 1, 1, 1, 2, backend="triton"),
+                               F.conv2d(x, w[:, :2], None, 1, 1, 1, 2))
+    torch.testing.assert_close(fconv.conv2d(x, w, None, 1, 2, 2, backend="triton"),
+                               F.conv2d(x, w, None, 1, 2, 2))
+    torch.testing.assert_close(fconv.conv2d(x, w, padding="same", backend="auto"),
+                               F.conv2d(x, w, padding="same"))
+
+
+def test_autocast_casts_input_weight_bias_only():
+    x, w, st, pd = _make(CASES[1], torch.float32)
+    b = torch.randn(w.shape[0], device=DEVICE)
+    scale, shift = _scale_shift(x.shape[1], torch.float32)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        y = fconv.conv2d(x, w, b, st, pd, backend="triton")
+        y2, mean, var = fconv.bn_relu_conv2d_stats(x, scale, shift, w, st, pd, backend="triton")
+    assert y.dtype == y2.dtype == torch.float16 and mean.dtype == var.dtype == torch.float32
+    ref = fconv.conv2d(x.half(), w.half(), b.half(), st, pd, backend="triton")
+    ref2 = fconv.bn_relu_conv2d_stats(x.half(), scale, shift, w.half(), st, pd,
+                                      backend="triton")
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    for a, r in zip((y2, mean, var), ref2):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 switch only matters on GPU")
+def test_tf32_follows_cudnn_flag():
+    x, w, st, pd = _make(("big", 2, 64, 16, 16, 64, 3, 1, 1), torch.float32)
+    ref = F.conv2d(x.double(), w.double(), None, st, pd)
+    old = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = False
+        err = (fconv.conv2d(x, w, None, st, pd, backend="triton").double() - ref).abs().max()
+        assert err < 1e-4
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.slow
+def test_int64_offsets():
+    """The second image lies past 2**31 elements of its storage (little memory touched);
+    on a GPU the op copies a non-channels_last input first, so this checks the kernels'
+    int64 offsets in the interpreter."""
+    n_ci, h, w_ = 4, 5, 5
+    base = torch.empty(2**31 + 2 * n_ci * h * w_, dtype=torch.float16, device=DEVICE)
+    step = 2**31 - 7
+    x = base.as_strided((2, n_ci, h, w_), (step, 1, w_ * n_ci, n_ci))
+    g = torch.Generator().manual_seed(3)
+    vals = torch.randn(2, n_ci, h, w_, generator=g).half().to(DEVICE)
+    x.copy_(vals)
+    wt = torch.randn(3, n_ci, 3, 3, generator=g).half().to(DEVICE)
+    scale, shift = _scale_shift(n_ci, torch.float16)
+    scale.requires_grad_()
+    shift.requires_grad_()
+    wt.requires_grad_()
+    results = []
+    for inp in (x, vals):  # x: offsets past 2**31 in the forward, dgrad epilogue and wgrad
+        out = fconv.bn_relu_conv2d_stats(inp, scale, shift, wt, 1, 1, backend="triton")
+        grads = torch.autograd.grad(_loss(*out), [scale, shift, wt])
+        results.append(tuple(o.detach() for o in out) + grads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile():
+    """The ops trace (fake kernels, autograd) under torch.compile; aot_eager keeps it fast."""
+    x, w, st, pd = _make(CASES[1], requires_grad=True)
+    scale, shift = _scale_shift(x.shape[1], requires_grad=True)
+
+    def step(x, scale, shift, w):
+        out = fconv.bn_relu_conv2d_stats(x, scale, shift, w, st, pd, backend="triton")
+        return torch.autograd.grad(_loss(*out), [x, scale, shift, w])
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=False, backend="aot_eager")(x, scale, shift, w)
+    want = step(x, scale, shift, w)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real ResNet-50 shapes on GPU only")
+@pytest.mark.parametrize("shape", [
+    (8, 3, 224, 224, 64, 7, 2, 3),
+    (8, 64, 56, 56, 64, 3, 1, 1),
+    (8, 256, 56, 56, 128, 1, 1, 0),
+    (8, 128, 56, 56, 128, 3, 2, 1),
+    (8, 512, 28, 28, 1024, 1, 2, 0),
+], ids=["stem", "3x3_64", "1x1_256_128", "3x3s2_128", "1x1s2_512_1024"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_resnet50_shapes_cuda(shape, dtype):
+    x, w, st, pd = _make(("r50",) + shape, dtype, requires_grad=True)
+    scale, shift = _scale_shift(x.shape[1], dtype, requires_grad=True)
+    out = fconv.bn_relu_conv2d_stats(x, scale, shift, w, st, pd, backend="triton")
+    got = torch.autograd.grad(_loss(*out), [x, scale, shift, w])
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    s64, t64 = scale.detach().double().requires_grad_(), shift.detach().double().requires_grad_()
+    ref = fconv.bn_relu_conv2d_stats(x64, s64, t64, w64, st, pd, backend="reference")
+    tol = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-2}[dtype]  # TF32
+    for a, b in zip(out, ref):
+        assert (a.double() - b).abs().max() <= tol * (1 + b.abs().max())
+    want = torch.autograd.grad(_loss(*ref), [x64, s64, t64, w64])
+    for a, b in zip(got, want):
+        assert (a.double() - b).abs().max() <= tol * (1 + b.abs().max())
+
+
+@pytest.mark.parametrize("rows_per_prog", [None, 4, 12, 1000])
+def test_merge_stats_two_level(rows_per_prog):
+    """Chan merge of per-tile (mean, M2) (one or two levels) equals the direct statistics,
+    with a short last tile and tiles that hold nothing."""
+    g = torch.Generator().manual_seed(7)
+    tile_m, tiles, c = 8, 37, 5
+    m = tile_m * 34 - 3  # tiles 34..36 are empty, tile 33 is short
+    vals = torch.randn(m, c, generator=g, dtype=torch.float64) * 3 + 100
+    pad = torch.zeros(tiles * tile_m - m, c, dtype=torch.float64)
+    blocks = torch.cat([vals, pad]).view(tiles, tile_m, c)
+    counts = torch.clamp(m - torch.arange(tiles) * tile_m, 0, tile_m).to(torch.float64)
+    valid = torch.arange(tile_m).view(1, -1, 1) < counts.view(-1, 1, 1)
+    t_mean = (blocks * valid).sum(1) / counts.clamp(min=1).view(-1, 1)
+    t_m2 = (((blocks - t_mean[:, None]) * valid) ** 2).sum(1)
+    t_mean[counts == 0] = float("nan")  # never read: empty tiles are masked
+    t_m2[counts == 0] = float("nan")
+    mean = torch.empty(c, dtype=torch.float64, device=DEVICE)
+    var = torch.empty(c, dtype=torch.float64, device=DEVICE)
+    K.merge_stats(t_mean.to(DEVICE), t_m2.to(DEVICE), mean, var, tiles, m, tile_m,
+                  rows_per_prog=rows_per_prog)
+    v_ref, m_ref = torch.var_mean(vals, dim=0, correction=0)
+    torch.testing.assert_close(mean.cpu(), m_ref)
+    torch.testing.assert_close(var.cpu(), v_ref)
+
+
+@pytest.mark.parametrize("shape", [
+    # (N, C_in, H, W, C_out, R, S, stride, pad): phases of the strided dgrad
+    (2, 3, 8, 7, 5, 3, 3, 2, 0),  # pad < phase, last input row reached by no tap
+    (1, 4, 9, 9, 3, 7, 7, 2, 3),
+    (2, 5, 1, 3, 4, 3, 3, 2, 1),  # H=1
+    (1, 3, 6, 5, 16, 1, 1, 2, 0),  # odd rows get no tap at all; tap-major K loop
+    (1, 2, 7, 6, 3, 3, 1, 3, 1),  # stride 3, rectangular kernel
+    (2, 3, 5, 5, 4, 2, 2, 1, 0),  # even kernel
+    (1, 32, 5, 4, 16, 3, 3, 2, 1),  # tap-major wgrad N tiles and dgrad K loop
+])
+def test_dgrad_kernel_shapes(shape):
+    n, ci, h, w, co, r, s, st, pd = shape
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(n, ci, h, w, generator=g, dtype=torch.float64).to(DEVICE)
+    wt = torch.randn(co, ci, r, s, generator=g, dtype=torch.float64).to(DEVICE)
+    y = F.conv2d(x, wt, None, st, pd)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    dx_ref, dw_ref, _ = torch.ops.aten.convolution_backward(
+        dy, x, wt, None, [st, st], [pd, pd], [1, 1], False, [0, 0], 1, [True, True, False])
+    dx, _, _ = K.conv_dgrad(dy, wt, (h, w), st, pd)
+    torch.testing.assert_close(dx, dx_ref)
+    torch.testing.assert_close(K.conv_wgrad(dy, x, wt.shape, st, pd), dw_ref)
+    # dReLU epilogue: the forward input was relu(x*scale + shift)
+    scale, shift = _scale_shift(ci)
+    pre = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    dx2, sum_g, sum_gx = K.conv_dgrad(dy, wt, (h, w), st, pd, y_prev=x, scale=scale, shift=shift)
+    gref = torch.where(pre <= 0, torch.zeros_like(dx_ref), dx_ref)
+    torch.testing.assert_close(dx2, gref * scale.view(1, -1, 1, 1))
+    torch.testing.assert_close(sum_g, gref.sum((0, 2, 3)))
+    torch.testing.assert_close(sum_gx, (gref * x).sum((0, 2, 3)))
+
+
+_AOT_SCRIPT = r"""
+import importlib.util, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+spec = importlib.util.spec_from_file_location("kc", sys.argv[1])
+K = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(K)
+target = GPUTarget("cuda", 90, 32)
+
+
+def build(fn, dt, consts, warps=4, stages=3):
+    names = fn.arg_names
+    sig = {}
+    for n in names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n.endswith("_ptr"):
+            sig[n] = "*" + (dt if n[:2] in ("X_", "W_", "Y_", "BI", "RE", "PY", "EY", "DY")
+                            else "fp32")
+        else:
+            sig[n] = "i32"
+    src = ASTSource(fn=fn, signature=sig,
+                    constexprs={(names.index(k),): v for k, v in consts.items()})
+    triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+
+
+tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, ACC_FP64=False)
+off = dict(HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False, DRELU=False)
+for dt, prec in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32")):
+    base = dict(tiles, INPUT_PRECISION=prec)
+    build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": True,
+                               "PROLOGUE": 1, "STATS": True}, 8)
+    if dt != "fp16":
+        continue  # every other mode in fp16 only (compile time)
+    build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": False,
+                               "PROLOGUE": 0, "HAS_BIAS": True, "HAS_RESIDUAL": True,
+                               "EPILOGUE_RELU": True}, 8)
+    build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": True, "TAP_LOOP": True,
+                               "PROLOGUE": 2, "DRELU": True}, 8)
+    build(K._conv_wgrad_kernel, dt, dict(TAP_N=True, DBN=True, PROLOGUE=True, ACC_FP64=False,
+                                         INPUT_PRECISION=prec, BLOCK_M=64, BLOCK_N=64,
+                                         BLOCK_K=32))
+build(K._conv_wgrad_kernel, "fp16", dict(TAP_N=False, DBN=False, PROLOGUE=False,
+                                         ACC_FP64=False, INPUT_PRECISION="ieee", BLOCK_M=64,
+                                         BLOCK_N=64, BLOCK_K=32))
+for final in (False, True):
+    build(K._stats_merge_kernel, "fp32", dict(HAS_COUNT=final, FINAL=final, ACC_FP64=False,
+                                              BLOCK_T=64, BLOCK_C=64))
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """The interpreter does not type-check like the compiler: compile every kernel mode
+    for an H100 (sm_90) ahead of time, no GPU needed (skips without Triton's CUDA backend)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "kernels", "conv.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, path], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("ptxas not available")
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]

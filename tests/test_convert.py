@@ -1,0 +1,485 @@
+"""fusedres.convert / fusedres.explain on torchvision, hand-written and timm ResNets."""
+import collections
+import copy
+import os
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fusedres.nn as fnn
+import models
+from _cases import device_backends, ids
+from fusedres.convert import FusedForward, convert, explain
+
+FUSED = device_backends(include_reference=False)
+
+
+def slow(fn):
+    """Long tests: marked ``slow`` and run only with FUSEDRES_SLOW=1."""
+    return pytest.mark.slow(pytest.mark.skipif(
+        os.environ.get("FUSEDRES_SLOW") != "1", reason="slow: set FUSEDRES_SLOW=1")(fn))
+
+MODELS = {
+    "resnet18": lambda: torchvision.models.resnet18(weights=None),
+    "resnet50": lambda: torchvision.models.resnet50(weights=None),
+    "densenet121": lambda: torchvision.models.densenet121(weights=None),
+    "cifar_resnet_option_a": models.CifarResNet,
+    "cifar_resnet_inline_pad": lambda: models.CifarResNet(inline_pad=True),
+    "preact_resnet": models.PreActResNet,
+    "tiny_resnet": models.TinyResNet,
+}
+
+# (status, kernel) -> count, for every model above
+EXPECTED = {
+    "resnet18": {("fused", "batch_norm_relu"): 9, ("fused", "batch_norm_add_relu"): 5,
+                 ("fused", "dual_batch_norm_add_relu"): 3},
+    "resnet50": {("fused", "batch_norm_relu"): 33, ("fused", "batch_norm_add_relu"): 12,
+                 ("fused", "dual_batch_norm_add_relu"): 4},
+    "densenet121": {("fused", "batch_norm_relu"): 121},
+    "cifar_resnet_option_a": {("fused", "batch_norm_relu"): 4,
+                              ("fused", "batch_norm_add_relu"): 3},
+    "cifar_resnet_inline_pad": {("fused", "batch_norm_relu"): 4,
+                                ("fused", "batch_norm_add_relu"): 3},
+    "preact_resnet": {("fused", "batch_norm_relu"): 7},
+    # block2's BNs have momentum=None: no dual kernel, the shortcut conv-BN on its own
+    "tiny_resnet": {("fused", "batch_norm_relu"): 4, ("fused", "batch_norm_add_relu"): 3,
+                    ("fused", "batch_norm"): 1},
+}
+
+
+def _randomize(model):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def _pair(build, device, backend, dtype=torch.float64):
+    torch.manual_seed(0)
+    ref = _randomize(build()).to(device, dtype)
+    fused = convert(ref, backend=backend)
+    return ref, fused
+
+
+def _assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=1e-7, atol=1e-9, msg=lambda m: f"{k}: {m}")
+
+
+def _check_equivalent(ref, fused, device, dtype=torch.float64, tol=1e-6, backend=None):
+    def close(a, b, what):  # relative to the tensor's scale: float64 rounding only
+        atol = tol * max(float(a.detach().abs().max()), 1.0)
+        torch.testing.assert_close(b, a, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+    torch.manual_seed(2)
+    x = torch.randn(4, 3, 32, 32, device=device, dtype=dtype)
+    ref.train()
+    fused.train()
+    out_r, out_f = ref(x), fused(x)
+    close(out_r, out_f, "train output")
+    if backend is not None:  # the last site ran the fused path, not a fallback
+        assert fnn.last_backend() == backend
+    g = torch.randn_like(out_r)
+    out_r.backward(g)
+    out_f.backward(g)
+    for (n, p), q in zip(ref.named_parameters(), fused.parameters()):
+        close(p.grad, q.grad, f"grad of {n}")
+    _assert_same_state(ref, fused)
+    ref.eval()
+    fused.eval()
+    with torch.no_grad():
+        close(ref(x), fused(x), "eval output")
+
+
+@pytest.mark.parametrize("device,backend", FUSED, ids=ids(FUSED))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_equivalent(name, device, backend):
+    ref, fused = _pair(MODELS[name], device, backend)
+    rows = explain(fused)
+    assert dict(collections.Counter((r["status"], r["kernel"]) for r in rows)) == \
+        EXPECTED[name], str(rows)
+    assert all(r["backend"] == backend for r in rows if r["status"] == "fused")
+    assert not any(isinstance(m.__dict__.get("forward"), FusedForward) for m in ref.modules())
+    _check_equivalent(ref, fused, device, backend=backend)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "tiny_resnet", "cifar_resnet_option_a"])
+def test_state_dict_and_structure_kept(name):
+    ref, fused = _pair(MODELS[name], "cpu", "reference_primitives", torch.float32)
+    _assert_same_state(ref, fused)
+    assert [n for n, _ in ref.named_modules()] == [n for n, _ in fused.named_modules()]
+    assert [type(m) for m in ref.modules()] == [type(m) for m in fused.modules()]
+    assert [n for n, _ in ref.named_buffers()] == [n for n, _ in fused.named_buffers()]
+    # checkpoints load both ways, strictly
+    other = copy.deepcopy(ref)
+    _randomize(other).load_state_dict(fused.state_dict())
+    fused.load_state_dict(_randomize(copy.deepcopy(ref)).state_dict())
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    ref.eval(), fused.eval()
+    torch.testing.assert_close(fused(x), ref(x))
+
+
+def test_methods_and_unreferenced_buffers_survive():
+    ref, fused = _pair(models.TinyResNet, "cpu", "reference_primitives", torch.float32)
+    assert "calls" in dict(fused.named_buffers())
+    x = torch.randn(2, 3, 32, 32)
+    ref.eval(), fused.eval()
+    torch.testing.assert_close(fused.forward_features(x), ref.forward_features(x))
+    # the blocks' forwards were rewritten, the model class is untouched
+    assert type(fused) is models.TinyResNet
+    assert isinstance(fused.block1.forward, FusedForward)
+    assert "fusedres_nn_conv_bn_act" in fused.block1.forward.code()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "tiny_resnet", "preact_resnet"])
+def test_save_load_whole_model(name, tmp_path):
+    ref, fused = _pair(MODELS[name], "cpu", "reference_primitives", torch.float32)
+    path = tmp_path / "model.pt"
+    torch.save(fused, path)
+    loaded = torch.load(path, weights_only=False)
+    assert isinstance(next(m for m in loaded.modules() if isinstance(
+        m.__dict__.get("forward"), FusedForward)).forward, FusedForward)
+    _assert_same_state(fused, loaded)
+    _check_equivalent(ref.double(), loaded.double(), "cpu")
+    # deepcopy keeps each generated forward bound to its own copy
+    twin = copy.deepcopy(loaded)
+    for m in twin.modules():
+        f = m.__dict__.get("forward")
+        if isinstance(f, FusedForward):
+            assert f.module is m
+
+
+def test_inplace_and_idempotent():
+    torch.manual_seed(0)
+    m = models.CifarResNet()
+    same = convert(m, inplace=True, backend="reference_primitives")
+    assert same is m
+    again = convert(same, backend="reference_primitives")
+    assert len(explain(again).fused()) == len(explain(same).fused()) == 7
+
+
+def test_explain_unconverted_and_table():
+    m = torchvision.models.resnet18(weights=None)
+    rows = explain(m)
+    assert {r["status"] for r in rows} == {"fusable"}
+    assert "forward" not in m.layer1[0].__dict__  # nothing changed
+    fused = convert(m, backend="reference_primitives")
+    table = str(explain(fused))
+    assert "dual_batch_norm_add_relu" in table and "17 fused site(s), 0 unfused" in table
+    first = explain(fused)[0]
+    assert first["site"] == "bn1" and first["pattern"] == "conv-bn-relu"
+    assert first["eval"] == "conv folded"
+    assert {r["eval"] for r in explain(fused) if r["kernel"] == "dual_batch_norm_add_relu"} \
+        == {"both convs folded"}
+
+
+def test_no_fusable_pattern():
+    m = models.NoBN()
+    c = convert(m, backend="reference_primitives")
+    assert len(explain(c)) == 0
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(c(x), m(x))
+    assert not any(isinstance(mod.__dict__.get("forward"), FusedForward) for mod in c.modules())
+
+
+def test_unsupported_left_unfused_with_reason():
+    ref, fused = _pair(models.Awkward, "cpu", "reference_primitives")
+    rows = {r["site"]: r for r in explain(fused)}
+    expect = {
+        "bn_twice": ("unfused", "used 2 times"),
+        "bn_sub": ("unfused", "overrides BatchNorm2d.forward"),
+        "bn_relu6": ("unfused", "nothing to fuse"),
+        "bn_hooked": ("unfused", "hooks"),
+        "child.bn": ("unfused", "untraceable"),
+        "bn_nostats": ("fused", ""),
+        "bn_main": ("fused", ""),
+        "bn_short": ("fused", "computed separately"),
+    }
+    for site, (status, reason) in expect.items():
+        assert rows[site]["status"] == status, rows[site]
+        assert reason in rows[site]["reason"], rows[site]
+    # never wrong: same outputs, gradients, running statistics
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    for training in (True, False):
+        ref.train(training), fused.train(training)
+        torch.testing.assert_close(fused(x), ref(x))
+    _assert_same_state(ref, fused)
+
+
+def test_shared_relu_and_functional_relu_sites():
+    m = models.TinyResNet()
+    rows = {r["site"]: r for r in explain(convert(m, backend="reference_primitives"))}
+    assert rows["block1.bn1"]["kernel"] == "batch_norm_relu"  # shared self.relu, 1st call
+    assert rows["block1.bn2"]["kernel"] == "batch_norm_add_relu"  # `+=` then self.relu
+    assert rows["stem.1"]["pattern"] == "conv-bn-relu"  # nn.Sequential stem
+    assert rows["block2.downsample.1"]["pattern"] == "conv-bn"
+
+
+def test_mixed_dtype_residual_falls_back():
+    """A residual of another dtype is added with torch's type promotion."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, 1, 1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)) + x.double())
+
+    ref = Block()
+    fused = convert(ref, backend="reference_primitives")
+    assert explain(fused)[0]["status"] == "fused"
+    x = torch.randn(2, 4, 5, 5)
+    out = fused(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref(x))
+
+
+def test_convergence_fused_vs_unfused():
+    """20 SGD steps from the same seed: per-step losses equal within tolerance."""
+    torch.manual_seed(0)
+    ref = models.CifarResNet()
+    fused = convert(ref, backend=FUSED[0][1])
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (ref, fused)]
+    g = torch.Generator().manual_seed(3)
+    data = torch.randn(4, 3, 32, 32, generator=g)
+    target = torch.randint(0, 10, (4,), generator=g)
+    losses = [[], []]
+    for step in range(20):
+        for i, (m, opt) in enumerate(zip((ref, fused), opts)):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(m(data), target)
+            loss.backward()
+            opt.step()
+            losses[i].append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-3,
+                               atol=1e-4)
+    assert losses[0][-1] < losses[0][0]
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnet50d"])
+def test_timm(arch):
+    timm = pytest.importorskip("timm")
+    ref, fused = _pair(lambda: timm.create_model(arch, pretrained=False), "cpu",
+                       FUSED[0][1])
+    rows = explain(fused)
+    kernels = collections.Counter(r["kernel"] for r in rows if r["status"] == "fused")
+    assert kernels["dual_batch_norm_add_relu"] == 4 and kernels["batch_norm_add_relu"] == 12
+    _check_equivalent(ref, fused, "cpu")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        convert(models.NoBN(), backend="nope")
+    with pytest.raises(TypeError):
+        convert(lambda x: x)
+
+
+def test_eval_folding_cache_follows_updates():
+    ref, fused = _pair(models.TinyResNet, "cpu", "reference_primitives")
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    opt_r = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt_f = torch.optim.SGD(fused.parameters(), lr=0.1)
+    for step in range(3):
+        for m in (ref, fused):
+            m.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), ref(x), rtol=1e-9, atol=1e-9)
+            assert fnn.last_backend() == "folded"
+        for m, opt in ((ref, opt_r), (fused, opt_f)):  # weights and running stats change
+            m.train()
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    # eval with autograd on: not folded, still the same function
+    ref.eval(), fused.eval()
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-9, atol=1e-9)
+    # load_state_dict replaces values in place: the cache notices
+    fused.load_state_dict(_randomize(copy.deepcopy(ref)).state_dict())
+    ref.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-9, atol=1e-9)
+
+
+def test_no_folding_without_running_stats():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, bias=True)
+            self.bn = nn.BatchNorm2d(4, track_running_stats=False)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)))
+
+    ref = Block().eval()
+    fused = convert(ref, backend="reference_primitives")
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x))
+    assert fnn.last_backend() == "reference_primitives"  # batch statistics, not folded
+
+
+@pytest.mark.parametrize("device,backend", FUSED[:1], ids=ids(FUSED[:1]))
+def test_channels_last_and_autocast(device, backend):
+    ref, fused = _pair(models.TinyResNet, device, backend, torch.float32)
+    x = torch.randn(4, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
+    ref, fused = ref.to(memory_format=torch.channels_last), fused.to(
+        memory_format=torch.channels_last)
+    feat = fused.forward_features(x)
+    assert feat.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.autocast(device, dtype=dtype):
+        out_r, out_f = ref(x), fused(x)
+    assert out_f.dtype == out_r.dtype
+    torch.testing.assert_close(out_f.float(), out_r.float(), rtol=3e-2, atol=3e-2)
+
+
+@slow
+def test_torch_compile():
+    ref, fused = _pair(lambda: models.CifarResNet((1, 1, 1)), "cpu", "reference_primitives",
+                       torch.float32)
+    compiled = torch.compile(fused)
+    x = torch.randn(4, 3, 32, 32)
+    out_f, out_r = compiled(x), ref(x)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-4, atol=1e-4)
+    out_f.sum().backward()
+    out_r.sum().backward()
+    for p, q in zip(ref.parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(fused.bn1.running_var, ref.bn1.running_var)
+
+
+def _saved_bytes(model, x):
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    return out, total[0]
+
+
+@pytest.mark.parametrize("name", ["tiny_resnet", "preact_resnet"])
+def test_memory_saving(name):
+    torch.manual_seed(0)
+    ref = _randomize(MODELS[name]()).double()
+    plain = convert(ref, backend=FUSED[0][1])
+    saving = convert(ref, backend=FUSED[0][1], memory_saving=True)
+    rows = explain(saving)
+    assert any("recomputed" in r["pattern"] for r in rows)
+    _check_equivalent(ref, saving, "cpu")
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    _, b_plain = _saved_bytes(plain.train(), x)
+    _, b_saving = _saved_bytes(saving.train(), x)
+    assert b_saving < b_plain
+    # the recomputation in backward does not update running statistics twice
+    out = saving(x)
+    before = copy.deepcopy(saving.state_dict())
+    out.sum().backward()
+    _assert_same_state_dict(before, saving.state_dict())
+
+
+def _assert_same_state_dict(a, b):
+    assert list(a) == list(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
+
+
+class _TrainOnlyScale(nn.Module):
+    """A forward that differs between train and eval at trace time."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        if self.training:
+            out = out * 0.5
+        return torch.relu(out)
+
+
+def test_training_dependent_forward():
+    ref = _TrainOnlyScale().double()
+    fused = convert(ref, backend="reference_primitives")
+    assert set(fused.forward.sources) == {True, False}
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    for training in (True, False, True):
+        ref.train(training), fused.train(training)
+        torch.testing.assert_close(fused(x), ref(x))
+    _assert_same_state(ref, fused)
+
+
+def test_shared_block_and_fused_modules_inside():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = models.TinyBlock(4, 4, 1)
+            self.again = self.block  # the same block at two paths
+            self.bnrelu = fnn.BatchNormReLU2d(4)  # its ReLU must not be lost
+            self.bn = fnn.BatchNorm2d(4)
+
+        def forward(self, x):
+            x = self.again(self.block(x))
+            return torch.relu(self.bn(self.bnrelu(x))) - 0.1
+
+    torch.manual_seed(0)
+    ref = Net().double()
+    fused = convert(ref, backend="reference_primitives")
+    rows = {r["site"]: r for r in explain(fused)}
+    assert rows["bnrelu"]["status"] == "unfused" and "overrides" in rows["bnrelu"]["reason"]
+    assert rows["bn"]["kernel"] == "batch_norm_relu"
+    assert fused.again is fused.block
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    for training in (True, False):
+        ref.train(training), fused.train(training)
+        torch.testing.assert_close(fused(x), ref(x))
+    _assert_same_state(ref, fused)
+
+
+# The other torchvision ResNets: same blocks, so every BN must be fused; counts from the
+# architecture (stem + 2 or 3 BN-ReLU per block, one tail per block, one dual per stage
+# after the first, and the first stage too for bottlenecks).
+OTHER = {
+    "resnet34": (16, "basic"), "resnet101": (33, "bottleneck"),
+    "resnet152": (50, "bottleneck"), "wide_resnet50_2": (16, "bottleneck"),
+    "resnext50_32x4d": (16, "bottleneck"),
+}
+
+
+@pytest.mark.parametrize("arch", list(OTHER))
+def test_other_torchvision_resnets_fully_fused(arch):
+    blocks, kind = OTHER[arch]
+    model = getattr(torchvision.models, arch)(weights=None)
+    fused = convert(model, inplace=True, backend="reference_primitives")
+    kernels = collections.Counter((r["status"], r["kernel"]) for r in explain(fused))
+    duals = 3 if kind == "basic" else 4
+    per_block = 1 if kind == "basic" else 2
+    assert dict(kernels) == {("fused", "batch_norm_relu"): 1 + per_block * blocks,
+                             ("fused", "batch_norm_add_relu"): blocks - duals,
+                             ("fused", "dual_batch_norm_add_relu"): duals}
+
+
+@slow
+@pytest.mark.parametrize("arch", ["resnext50_32x4d", "wide_resnet50_2", "resnet34"])
+def test_other_torchvision_resnets_equivalent(arch):
+    ref, fused = _pair(lambda: getattr(torchvision.models, arch)(weights=None), "cpu",
+                       FUSED[0][1])
+    _check_equivalent(ref, fused, "cpu")

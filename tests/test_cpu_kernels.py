@@ -1,0 +1,300 @@
+"""The C++ CPU kernels of the four primitives against fusedres.reference.
+
+Layouts: NCHW-contiguous, channels_last, a channel slice of an NCHW tensor, and a
+generic strided view (neither C nor S contiguous). Half and bfloat16 are compared
+with a tolerance against the reference computed in float64; the ReLU mask must be
+byte-identical to the reference's in every dtype.
+"""
+import pytest
+import torch
+
+import fusedres  # noqa: F401  (loads fusedres._C when it was built)
+from fusedres import reference as ref
+
+pytestmark = pytest.mark.skipif(
+    not torch._C._dispatch_has_kernel_for_dispatch_key("fusedres::bn_stats", "CPU"),
+    reason="fusedres._C has no CPU kernels (not built)",
+)
+
+ops = torch.ops.fusedres
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+LAYOUTS = ["nchw", "cl", "cslice", "generic"]
+SHAPES = [(2, 3, 5), (1, 65, 7), (3, 1, 9), (4, 16, 1), (2, 8, 33), (1, 1, 1), (3, 40, 700)]
+# Tolerances of a half/bf16 output against the float64 reference (a few ulps).
+LOW_TOL = {torch.float16: dict(rtol=4e-3, atol=2e-3), torch.bfloat16: dict(rtol=3e-2, atol=2e-2)}
+
+
+def make(kind, n, c, s, dtype, seed, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) + offset).to(dtype)
+
+    if kind == "nchw":
+        return r(n, c, s)
+    if kind == "cl":
+        return r(n, s, c).permute(0, 2, 1)
+    if kind == "cslice":  # S contiguous, channel stride 2*S
+        return r(n, 2 * c, s)[:, ::2]
+    if kind == "generic":  # channel stride 2, spatial stride 2*C, storage offset
+        return r(n, s + 1, 2 * c).permute(0, 2, 1)[:, ::2, 1:]
+    raise ValueError(kind)
+
+
+def vec(c, dtype, seed, lo=-1.0, hi=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(c, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(ref.acc_dtype(dtype))
+
+
+def d64(t):
+    return None if t is None else t.double()
+
+
+def check_low(actual, expected64, dtype):
+    if dtype in LOW_TOL:
+        torch.testing.assert_close(actual.double(), expected64, equal_nan=True, **LOW_TOL[dtype])
+    else:
+        torch.testing.assert_close(actual, expected64.to(actual.dtype), equal_nan=True)
+
+
+def check_layout(t, channels_last):
+    n, c, s = t.shape
+    want = (s * c, 1, c) if channels_last else (c * s, s, 1)
+    for dim, size in enumerate(t.shape):
+        if size > 1:
+            assert t.stride(dim) == want[dim], (t.stride(), want)
+
+
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_bn_stats(kind, dtype):
+    for i, (n, c, s) in enumerate(SHAPES):
+        x = make(kind, n, c, s, dtype, seed=i, offset=100.0)  # large mean: no E[x^2]-E[x]^2
+        mean, var = ops.bn_stats(x, kind == "cl")
+        rm, rv = ref.bn_stats(x.double())
+        assert mean.dtype == ref.acc_dtype(dtype) and mean.shape == (c,)
+        torch.testing.assert_close(mean.double(), rm, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(var.double(), rv, rtol=1e-3, atol=1e-4)
+
+
+def test_bn_stats_long_planes_and_rows():
+    # Several chunks in both traversals (rows: many (n, s); planes: S > one segment).
+    for x in (torch.randn(2, 3, 40000) * 3 + 7, (torch.randn(3, 9000, 17) * 3 + 7).permute(0, 2, 1)):
+        mean, var = ops.bn_stats(x, False)
+        rm, rv = ref.bn_stats(x.double())
+        torch.testing.assert_close(mean.double(), rm, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(var.double(), rv, rtol=1e-5, atol=1e-6)
+
+
+def test_bn_stats_deterministic_across_threads():
+    xs = [torch.randn(4, 37, 3000), torch.randn(4, 3000, 37).permute(0, 2, 1),
+          torch.randn(4, 3000, 74).permute(0, 2, 1)[:, ::2]]
+    old = torch.get_num_threads()
+    try:
+        for x in xs:
+            torch.set_num_threads(1)
+            a = ops.bn_stats(x, False)
+            g1 = ops.bn_backward_reduce(x, x, a[0], a[1], a[0], None, True, False)
+            torch.set_num_threads(max(2, old))
+            b = ops.bn_stats(x, False)
+            g2 = ops.bn_backward_reduce(x, x, a[0], a[1], a[0], None, True, False)
+            for u, v in zip(a + g1, b + g2):
+                assert torch.equal(u, v)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_bn_stats_empty():
+    for shape in [(0, 4, 5), (2, 4, 0)]:
+        mean, var = ops.bn_stats(torch.randn(shape), False)
+        assert mean.shape == (4,) and var.shape == (4,)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bn_apply(kind, dtype, channels_last):
+    options = [  # residual, x2, relu, save_mask
+        (False, False, True, True), (True, False, True, True), (True, True, True, True),
+        (False, True, False, False), (True, False, False, True), (True, False, True, False),
+    ]
+    for i, (n, c, s) in enumerate(SHAPES):
+        opt = options[i % len(options)]
+        for j, (has_res, has_x2, relu, save_mask) in enumerate([opt, options[(i + 1) % len(options)]]):
+            x = make(kind, n, c, s, dtype, seed=10 * i + j)
+            if i % 2 == 0 and x.numel() > 2:
+                x[0, 0, 0] = float("nan")
+            other = "cl" if kind == "nchw" else "nchw"
+            res = make(other, n, c, s, dtype, seed=100 + i) if has_res else None
+            x2 = make(kind, n, c, s, dtype, seed=200 + i) if has_x2 else None
+            sc, sh = vec(c, dtype, 1 + i), vec(c, dtype, 2 + i)
+            sc2, sh2 = (vec(c, dtype, 3 + i), vec(c, dtype, 4 + i)) if has_x2 else (None, None)
+            args = (sc, sh, res, x2, sc2, sh2, relu, save_mask, channels_last)
+            out, mask = ops.bn_apply(x, *args)
+            r_out, r_mask = ref.bn_apply(x, *args)  # same dtype: the mask must be identical
+            assert out.dtype == dtype and out.shape == x.shape
+            check_layout(out, channels_last)
+            assert mask.dtype == torch.uint8
+            assert torch.equal(mask, r_mask), (kind, dtype, (n, c, s), opt)
+            r64, _ = ref.bn_apply(x.double(), sc.double(), sh.double(), d64(res), d64(x2),
+                                  d64(sc2), d64(sh2), relu, False, channels_last)
+            check_low(out, r64, dtype)
+
+
+@pytest.mark.parametrize("isa", ["auto", "default"])
+def test_bn_apply_no_fused_multiply_add(isa, monkeypatch):
+    # x*scale rounds to exactly -shift: 0 without FMA (mask 0), 2**-46 with FMA (mask 1).
+    monkeypatch.setenv("FUSEDRES_CPU_ISA", isa)
+    one = 1 + 2.0 ** -23
+    for cl in (False, True):
+        x = torch.full((2, 19, 13), one)
+        sc = torch.full((19,), one)
+        sh = torch.full((19,), -(1 + 2.0 ** -22))
+        out, mask = ops.bn_apply(x, sc, sh, None, None, None, None, True, True, cl)
+        r_out, r_mask = ref.bn_apply(x, sc, sh, None, None, None, None, True, True, cl)
+        assert torch.equal(mask, r_mask) and int(mask.sum()) == 0
+        assert torch.equal(out, r_out)
+
+
+@pytest.mark.parametrize("isa", ["auto", "default"])
+def test_bn_apply_mask_parallel_and_isa(isa, monkeypatch):
+    # Odd inner sizes over many blocks: mask bytes shared between rows are written once.
+    monkeypatch.setenv("FUSEDRES_CPU_ISA", isa)
+    for n, c, s in [(3, 33, 2001), (2, 3, 30001), (5, 1001, 13)]:
+        for cl in (False, True):
+            x = torch.randn(n, c, s)
+            sc, sh = torch.randn(c), torch.randn(c)
+            out, mask = ops.bn_apply(x, sc, sh, None, None, None, None, True, True, cl)
+            r_out, r_mask = ref.bn_apply(x, sc, sh, None, None, None, None, True, True, cl)
+            assert torch.equal(mask, r_mask)
+            torch.testing.assert_close(out, r_out)
+
+
+def test_bn_apply_nan_and_empty():
+    x = torch.tensor([[[float("nan"), -1.0, 0.0, 2.0, float("-inf"), float("inf")]]])
+    one, zero = torch.ones(1), torch.zeros(1)
+    out, mask = ops.bn_apply(x, one, zero, None, None, None, None, True, True, False)
+    assert torch.isnan(out[0, 0, 0]) and out[0, 0, 1:].tolist() == [0.0, 0.0, 2.0, 0.0, float("inf")]
+    assert mask.tolist() == [0b101001]
+    for shape, cl in [((0, 4, 5), True), ((2, 4, 0), False)]:
+        out, mask = ops.bn_apply(torch.randn(shape), torch.ones(4), torch.zeros(4), None, None,
+                                 None, None, True, True, cl)
+        assert out.shape == shape and mask.numel() == 0
+
+
+def _masks(x, kind, channels_last, seed):
+    """None, an empty mask, and a random packed mask in the layout channels_last."""
+    g = torch.Generator().manual_seed(seed)
+    passes = torch.rand(x.shape, generator=g) > 0.4
+    return [None, torch.empty(0, dtype=torch.uint8), ref.pack_mask(passes, channels_last)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bn_backward(kind, dtype, channels_last):
+    for i, (n, c, s) in enumerate(SHAPES):
+        x = make(kind, n, c, s, dtype, seed=300 + i)
+        other = "cl" if kind != "cl" else "generic"
+        dout = make(other if i % 2 else kind, n, c, s, dtype, seed=400 + i)
+        if i == 1:
+            dout[0, 1, 2] = float("nan")  # NaN gradient where the ReLU passes/blocks
+        mean, sc, sh = vec(c, dtype, 5 + i), vec(c, dtype, 6 + i), vec(c, dtype, 7 + i)
+        cg, cxc, cc = vec(c, dtype, 8 + i), vec(c, dtype, 9 + i), vec(c, dtype, 10 + i)
+        for m_i, mask in enumerate(_masks(x, kind, channels_last, seed=i)):
+            for relu in ([True, False] if m_i < 2 else [True]):
+                write_res = (m_i + i) % 2 == 0
+                sg, sgx = ops.bn_backward_reduce(dout, x, mean, sc, sh, mask, relu, channels_last)
+                r_sg, r_sgx = ref.bn_backward_reduce(dout.double(), x.double(), mean.double(),
+                                                     sc.double(), sh.double(), mask, relu,
+                                                     channels_last)
+                assert sg.dtype == ref.acc_dtype(dtype)
+                torch.testing.assert_close(sg.double(), r_sg, rtol=1e-4, atol=1e-4, equal_nan=True)
+                torch.testing.assert_close(sgx.double(), r_sgx, rtol=1e-4, atol=1e-4, equal_nan=True)
+                dx, dres = ops.bn_backward_apply(dout, x, mean, sc, sh, mask, cg, cxc, cc, relu,
+                                                 write_res, channels_last)
+                r_dx, r_dres = ref.bn_backward_apply(dout.double(), x.double(), mean.double(),
+                                                     sc.double(), sh.double(), mask, cg.double(),
+                                                     cxc.double(), cc.double(), relu, write_res,
+                                                     channels_last)
+                assert dx.dtype == dtype
+                check_layout(dx, channels_last)
+                check_low(dx, r_dx, dtype)
+                if write_res:
+                    check_layout(dres, channels_last)
+                    check_low(dres, r_dres, dtype)
+                else:
+                    assert dres.numel() == 0
+
+
+def test_bn_backward_relu_mask_from_apply():
+    # The mask bn_apply saves gives the same gradient as recomputing it (no residual).
+    for cl in (False, True):
+        x = torch.randn(3, 24, 50)
+        dout = torch.randn(3, 24, 50)
+        sc, sh, mean = torch.randn(24), torch.randn(24), torch.randn(24)
+        _, mask = ops.bn_apply(x, sc, sh, None, None, None, None, True, True, cl)
+        a = ops.bn_backward_reduce(dout, x, mean, sc, sh, mask, True, cl)
+        b = ops.bn_backward_reduce(dout, x, mean, sc, sh, None, True, cl)
+        torch.testing.assert_close(a, b)
+
+
+def test_input_checks():
+    x = torch.randn(2, 4, 5)
+    v = torch.ones(4)
+    with pytest.raises(RuntimeError, match="3-D"):
+        ops.bn_stats(torch.randn(2, 4), False)
+    with pytest.raises(RuntimeError, match="C = 4"):
+        ops.bn_apply(x, torch.ones(3), v, None, None, None, None, True, False, False)
+    with pytest.raises(RuntimeError, match="accumulation dtype"):
+        ops.bn_apply(x, v.double(), v, None, None, None, None, True, False, False)
+    with pytest.raises(RuntimeError, match="residual must have x's shape"):
+        ops.bn_apply(x, v, v, torch.randn(2, 4, 6), None, None, None, True, False, False)
+    with pytest.raises(RuntimeError, match="x2 must have x's shape"):
+        ops.bn_apply(x, v, v, None, torch.randn(2, 3, 5), v, v, True, False, False)
+    with pytest.raises(RuntimeError, match="dout must have x's shape"):
+        ops.bn_backward_reduce(torch.randn(2, 4, 6), x, v, v, v, None, True, False)
+    with pytest.raises(RuntimeError, match="bytes"):
+        ops.bn_backward_apply(x, x, v, v, v, torch.zeros(3, dtype=torch.uint8), v, v, v, True,
+                              False, False)
+
+
+def test_expanded_gradient():
+    # Autograd can hand over a stride-0 gradient (out.sum().backward()).
+    x = torch.randn(2, 6, 10)
+    dout = torch.ones(1, 1, 1).expand(2, 6, 10)
+    mean, sc, sh = torch.randn(6), torch.randn(6), torch.randn(6)
+    for cl in (False, True):
+        got = ops.bn_backward_reduce(dout, x, mean, sc, sh, None, True, cl)
+        want = ref.bn_backward_reduce(dout, x, mean, sc, sh, None, True, cl)
+        torch.testing.assert_close(got, want)
+        got = ops.bn_backward_apply(dout, x, mean, sc, sh, None, sc, sh, mean, True, True, cl)
+        want = ref.bn_backward_apply(dout, x, mean, sc, sh, None, sc, sh, mean, True, True, cl)
+        torch.testing.assert_close(got, want)
+
+
+def test_int64_offsets():
+    # Elements past 2**31 of an untouched big buffer (only a few pages become resident).
+    try:
+        big = torch.empty(2**31 + 4096, dtype=torch.float16)
+    except (RuntimeError, MemoryError):
+        pytest.skip("cannot reserve 4 GiB of address space")
+    n, c, s = 2, 5, 7
+    for strides in [(2**31 - 16, s, 1), (2**31 - 16, 1, c)]:
+        x = big.as_strided((n, c, s), strides)
+        x.copy_(torch.randn(n, c, s))
+        sc, sh, mean = torch.randn(c), torch.randn(c), torch.randn(c)
+        torch.testing.assert_close(ops.bn_stats(x, False), ref.bn_stats(x), rtol=1e-5, atol=1e-5)
+        out, mask = ops.bn_apply(x, sc, sh, x, None, None, None, True, True, strides[1] == 1)
+        r_out, r_mask = ref.bn_apply(x, sc, sh, x, None, None, None, True, True, strides[1] == 1)
+        assert torch.equal(mask, r_mask)
+        torch.testing.assert_close(out, r_out)
+        torch.testing.assert_close(ops.bn_backward_reduce(x, x, mean, sc, sh, None, True, False),
+                                   ref.bn_backward_reduce(x, x, mean, sc, sh, None, True, False))
+        torch.testing.assert_close(
+            ops.bn_backward_apply(x, x, mean, sc, sh, None, sc, sh, mean, True, True, False),
+            ref.bn_backward_apply(x, x, mean, sc, sh, None, sc, sh, mean, True, True, False))
+    del big

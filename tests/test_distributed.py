@@ -1,0 +1,107 @@
+"""Synchronised BN statistics over 2 processes (gloo on CPU) against one process on the
+concatenated global batch: outputs, input/residual gradients, weight/bias gradients
+(summed over ranks, as DDP's average times the world size) and running statistics."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fusedres
+from fusedres import functional as FF
+from fusedres import reference as ref
+
+C = 3
+KINDS = ("relu", "add", "dual")
+
+
+def _global_case(total, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    return {"x": t(total, C, 3, 2), "r": t(total, C, 3, 2), "s": t(total, C, 3, 2),
+            "dy": t(total, C, 3, 2), "w": t(C) + 1, "b": t(C), "w2": t(C) + 1, "b2": t(C)}
+
+
+def _run(kind, case, lo, hi, backend, process_group):
+    """One rank's (or the reference's) forward and backward on batch rows lo:hi."""
+    x = case["x"][lo:hi].clone().requires_grad_()
+    r = case["r"][lo:hi].clone().requires_grad_()
+    s = case["s"][lo:hi].clone().requires_grad_()
+    w, b = case["w"].clone().requires_grad_(), case["b"].clone().requires_grad_()
+    w2, b2 = case["w2"].clone().requires_grad_(), case["b2"].clone().requires_grad_()
+    rm, rv = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+    rm2, rv2 = rm.clone(), rv.clone()
+    kw = {} if backend == "reference" else {"backend": backend, "process_group": process_group}
+    if backend == "reference":
+        fns = {"relu": lambda: ref.batch_norm_relu(x, rm, rv, w, b, True),
+               "add": lambda: ref.batch_norm_add_relu(x, r, rm, rv, w, b, True),
+               "dual": lambda: ref.dual_batch_norm_add_relu(x, rm, rv, w, b, s, rm2, rv2, w2, b2,
+                                                            True)}
+    else:
+        fns = {"relu": lambda: FF.batch_norm_relu(x, rm, rv, w, b, True, **kw),
+               "add": lambda: FF.batch_norm_add_relu(x, r, rm, rv, w, b, True, **kw),
+               "dual": lambda: FF.dual_batch_norm_add_relu(x, rm, rv, w, b, s, rm2, rv2, w2, b2,
+                                                           True, **kw)}
+    y = fns[kind]()
+    leaves = {"x": x, "w": w, "b": b}
+    if kind == "add":
+        leaves["r"] = r
+    if kind == "dual":
+        leaves.update(s=s, w2=w2, b2=b2)
+    grads = torch.autograd.grad(y, list(leaves.values()), case["dy"][lo:hi])
+    out = {"y": y.detach(), "rm": rm, "rv": rv}
+    if kind == "dual":
+        out.update(rm2=rm2, rv2=rv2)
+    out.update({f"d{k}": v for k, v in zip(leaves, grads)})
+    return out
+
+
+def _worker(rank, world, init_file, sizes, backend, result_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        lo = sum(sizes[:rank])
+        case = _global_case(sum(sizes))
+        results = {}
+        for kind in KINDS:
+            res = _run(kind, case, lo, lo + sizes[rank], backend, dist.group.WORLD)
+            for name in ("dw", "db", "dw2", "db2"):  # DDP all-reduces parameter grads
+                if name in res:
+                    dist.all_reduce(res[name])
+            results[kind] = res
+        torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _backends():
+    out = ["reference_primitives"]
+    if "cpu" in fusedres.available_backends():
+        out.append("cpu")
+    return out
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("sizes", [(3, 5), (1, 4), (0, 4)], ids=["uneven", "single", "empty"])
+def test_sync_bn_matches_global_batch(backend, sizes):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), sizes, backend, tmp), nprocs=2)
+        ranks = [torch.load(os.path.join(tmp, f"rank{k}.pt")) for k in range(2)]
+    case = _global_case(sum(sizes))
+    for kind in KINDS:
+        expected = _run(kind, case, 0, sum(sizes), "reference", None)
+        for name, want in expected.items():
+            if name in ("y", "dx", "dr", "ds"):  # per-sample: each rank holds its rows
+                got = torch.cat([ranks[k][kind][name] for k in range(2)])
+            else:  # per-channel: the same on every rank
+                got = ranks[0][kind][name]
+                torch.testing.assert_close(ranks[1][kind][name], got)
+            torch.testing.assert_close(got, want, msg=f"{kind}: {name}")
+
+
+def test_sync_without_process_group_is_an_error():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        FF.batch_norm_relu(x, None, None, training=True, process_group=object())

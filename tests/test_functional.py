@@ -1,0 +1,384 @@
+"""fusedres.functional on every kernel backend against the composite reference.
+
+Each backend runs the same cases: outputs, every gradient and the running statistics
+against ``fusedres.reference`` (F.batch_norm + relu) computed in float64.
+"""
+import copy
+
+import pytest
+import torch
+
+import fusedres
+from fusedres import functional as FF
+from fusedres import reference as ref
+
+KINDS = ("bn", "relu", "add", "dual")
+
+
+def _interpreted(backend, device):
+    return backend == "triton" and device == "cpu"
+
+
+def make_case(kind, shape, dtype, device, layout, seed=0, mean=0.0, std=1.0):
+    """Inputs, parameters and running stats for one call (all leaves, grads on)."""
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+
+    def act():
+        t = (torch.randn(shape, generator=g, dtype=torch.float64) * std + mean)
+        if layout == "channels_last" and t.dim() == 4:
+            t = t.to(memory_format=torch.channels_last)
+        return t.to(device=device, dtype=dtype).requires_grad_()
+
+    def vec(lo=-1.0, hi=1.0):
+        return (torch.rand(c, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(device)
+
+    pdtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    case = {
+        "x": act(),
+        "weight": vec(0.5, 1.5).to(pdtype).requires_grad_(),
+        "bias": vec().to(pdtype).requires_grad_(),
+        "running_mean": vec().to(pdtype),
+        "running_var": vec(0.5, 1.5).to(pdtype),
+    }
+    if kind == "add":
+        case["residual"] = act()
+    if kind == "dual":
+        case.update(shortcut=act(), shortcut_weight=vec(0.5, 1.5).to(pdtype).requires_grad_(),
+                    shortcut_bias=vec().to(pdtype).requires_grad_(),
+                    shortcut_running_mean=vec().to(pdtype),
+                    shortcut_running_var=vec(0.5, 1.5).to(pdtype))
+    return case
+
+
+def call(kind, case, training, backend, momentum=0.1, eps=1e-5, **kw):
+    c = case
+    if backend == "reference":
+        if kind == "dual":
+            return ref.dual_batch_norm_add_relu(
+                c["x"], c["running_mean"], c["running_var"], c["weight"], c["bias"],
+                c["shortcut"], c["shortcut_running_mean"], c["shortcut_running_var"],
+                c["shortcut_weight"], c["shortcut_bias"], training, momentum, eps)
+        y = torch.nn.functional.batch_norm(c["x"], c["running_mean"], c["running_var"],
+                                           c["weight"], c["bias"], training, momentum, eps)
+        if kind == "add":
+            y = y + c["residual"]
+        return y if kind == "bn" else torch.relu(y)
+    if kind == "dual":
+        return FF.dual_batch_norm_add_relu(
+            c["x"], c["running_mean"], c["running_var"], c["weight"], c["bias"], c["shortcut"],
+            c["shortcut_running_mean"], c["shortcut_running_var"], c["shortcut_weight"],
+            c["shortcut_bias"], training, momentum, eps, backend=backend, **kw)
+    if kind == "add":
+        return FF.batch_norm_add_relu(c["x"], c["residual"], c["running_mean"], c["running_var"],
+                                      c["weight"], c["bias"], training, momentum, eps,
+                                      backend=backend, **kw)
+    if kind == "relu":
+        return FF.batch_norm_relu(c["x"], c["running_mean"], c["running_var"], c["weight"],
+                                  c["bias"], training, momentum, eps, backend=backend, **kw)
+    return FF.batch_norm(c["x"], c["running_mean"], c["running_var"], c["weight"], c["bias"],
+                         training, momentum, eps, relu=False, backend=backend, **kw)
+
+
+def to64(case):
+    out = {}
+    for k, v in case.items():
+        t = v.detach().to(torch.float64)
+        out[k] = t.requires_grad_() if v.requires_grad else t
+    return out
+
+
+def run_and_grads(kind, case, training, backend, grad_seed=1, dy=None, **kw):
+    y = call(kind, case, training, backend, **kw)
+    if dy is None:
+        g = torch.Generator().manual_seed(grad_seed)
+        dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.device, y.dtype)
+    leaves = {k: v for k, v in case.items() if v.requires_grad}
+    grads = torch.autograd.grad(y, list(leaves.values()), dy, allow_unused=True)
+    return y, dict(zip(leaves, grads))
+
+
+def check_against_reference(kind, shape, dtype, layout, training, backend, device, atol, rtol):
+    case = make_case(kind, shape, dtype, device, layout)
+    expected_case = to64(case)
+    y, grads = run_and_grads(kind, case, training, backend)
+    assert FF.last_backend() == backend
+    y_ref, grads_ref = run_and_grads(kind, expected_case, training, "reference")
+    torch.testing.assert_close(y.double(), y_ref, atol=atol, rtol=rtol, msg=f"{kind} output")
+    if layout == "channels_last" and len(shape) == 4:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name].double(), grads_ref[name], atol=atol, rtol=rtol,
+                                   msg=f"gradient of {name}")
+    for name in ("running_mean", "running_var", "shortcut_running_mean",
+                 "shortcut_running_var"):
+        if name in case:
+            torch.testing.assert_close(case[name].double(), expected_case[name], atol=atol,
+                                       rtol=rtol, msg=name)
+
+
+SHAPES = [(2, 3, 4, 5), (1, 65, 3, 3), (4, 8, 1, 1), (3, 5), (2, 4, 7)]
+SHAPES_INTERPRETED = [(2, 3, 4, 5), (3, 5)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_matches_reference_fp64(backend_device, kind, training, layout):
+    backend, device = backend_device
+    shapes = SHAPES_INTERPRETED if _interpreted(backend, device) else SHAPES
+    for shape in shapes:
+        check_against_reference(kind, shape, torch.float64, layout, training, backend, device,
+                                atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_reference_fp32(backend_device, kind, training):
+    backend, device = backend_device
+    shape = (2, 3, 4, 5) if _interpreted(backend, device) else (4, 16, 6, 6)
+    for layout in ("nchw", "channels_last"):
+        check_against_reference(kind, shape, torch.float32, layout, training, backend, device,
+                                atol=1e-4, rtol=1e-4)
+
+
+def _max_err(kind, case, training, backend, y64, g64):
+    y, grads = run_and_grads(kind, case, training, backend)
+    errs = [(y.double() - y64).abs().max().item()]
+    errs += [(grads[k].double() - g64[k]).abs().max().item() for k in g64]
+    return errs
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["relu", "add", "dual"])
+def test_half_precision_error_bounded_by_torch(backend_device, dtype, kind):
+    """Error against an fp64 reference within 2x (+ one ulp-ish slack) of torch's own."""
+    backend, device = backend_device
+    if _interpreted(backend, device) and dtype == torch.bfloat16:
+        pytest.skip("bf16 arithmetic does not run in the Triton interpreter")
+    if device == "cpu" and backend == "reference_primitives" and dtype == torch.bfloat16:
+        pass  # the reference primitives compute in fp32: fine on CPU
+    shape = (2, 3, 4, 5) if _interpreted(backend, device) else (4, 32, 8, 8)
+    case = make_case(kind, shape, dtype, device, "channels_last")
+    y64, g64 = run_and_grads(kind, to64(case), True, "reference")
+    torch_errs = _max_err(kind, copy.deepcopy(case), True, "reference", y64, g64)
+    ours = _max_err(kind, case, True, backend, y64, g64)
+    eps = torch.finfo(dtype).eps
+    for name, a, b in zip(["output"] + list(g64), ours, torch_errs):
+        assert a <= 2 * b + 4 * eps, f"{name}: fused error {a:.3g} vs torch {b:.3g}"
+
+
+def test_large_mean_small_spread_statistics(backend_device):
+    """mean 1e3, std 1e-2: E[x^2]-E[x]^2 in fp32 would give garbage variance."""
+    backend, device = backend_device
+    shape = (2, 3, 4, 5) if _interpreted(backend, device) else (16, 8, 32, 32)
+    case = make_case("relu", shape, torch.float32, device, "channels_last", mean=1e3, std=1e-2)
+    case64 = to64(case)
+    y, _ = run_and_grads("relu", case, True, backend)
+    y64, _ = run_and_grads("relu", case64, True, "reference")
+    torch_y, _ = run_and_grads("relu", copy.deepcopy(case), True, "reference")
+    ours = (y.double() - y64).abs().max().item()
+    theirs = (torch_y.double() - y64).abs().max().item()
+    assert ours <= 4 * theirs + 1e-3, f"fused error {ours:.3g}, torch's own {theirs:.3g}"
+    torch.testing.assert_close(case["running_var"].double(), case64["running_var"],
+                               rtol=1e-3, atol=1e-6)
+
+
+def test_gradcheck_fp64(backend_device):
+    backend, device = backend_device
+    interpreted = _interpreted(backend, device)  # slow there: fewer cases, tiny shapes
+    for kind in ("relu", "dual") if interpreted else KINDS:
+        for training in (True,) if interpreted else (True, False):
+            case = make_case(kind, (2, 3, 2, 3), torch.float64, device, "nchw")
+            names = [k for k, v in case.items() if v.requires_grad]
+
+            def f(*leaves):
+                c = dict(case)
+                c.update(zip(names, leaves))
+                c["running_mean"] = case["running_mean"].clone()
+                c["running_var"] = case["running_var"].clone()
+                return call(kind, c, training, backend)
+
+            assert torch.autograd.gradcheck(f, [case[k] for k in names])
+
+
+def test_momentum_none_and_no_tracking(backend_device):
+    backend, device = backend_device
+    shape = (2, 3, 2, 3)
+    case = make_case("relu", shape, torch.float64, device, "nchw")
+    expected = to64(case)
+    nbt = torch.tensor(3, device=device)
+    call("relu", case, True, backend, momentum=None, num_batches_tracked=nbt)
+    torch.nn.functional.batch_norm(expected["x"], expected["running_mean"],
+                                   expected["running_var"], None, None, True, 1 / 3)
+    torch.testing.assert_close(case["running_mean"], expected["running_mean"])
+    torch.testing.assert_close(case["running_var"], expected["running_var"])
+    # No running statistics, no affine parameters.
+    x = case["x"].detach()
+    y = FF.batch_norm_relu(x, None, None, None, None, True, backend=backend)
+    torch.testing.assert_close(y, torch.relu(torch.nn.functional.batch_norm(x, None, None,
+                                                                            training=True)))
+
+
+def test_gradient_with_any_strides(backend_device):
+    """Autograd may hand backward an NCHW gradient for a channels_last output, or an
+    expanded stride-0 one."""
+    backend, device = backend_device
+    for kind in ("relu", "add"):
+        case = make_case(kind, (2, 3, 4, 5), torch.float64, device, "channels_last")
+        y = call(kind, case, True, backend)
+        (gx,) = torch.autograd.grad(y.sum(), [case["x"]])  # stride-0 gradient
+        case2 = to64(case)
+        y2 = call(kind, case2, True, "reference")
+        (gx2,) = torch.autograd.grad(y2.sum(), [case2["x"]])
+        torch.testing.assert_close(gx, gx2)
+        y = call(kind, case, True, backend)
+        dy = torch.randn(y.shape, dtype=y.dtype, device=device).contiguous()  # NCHW
+        (gx,) = torch.autograd.grad(y, [case["x"]], dy)
+        y2 = call(kind, case2, True, "reference")
+        (gx2,) = torch.autograd.grad(y2, [case2["x"]], dy)
+        torch.testing.assert_close(gx, gx2)
+
+
+def test_nan_propagates(backend_device):
+    backend, device = backend_device
+    for kind in ("relu", "add"):
+        case = make_case(kind, (2, 3, 2, 3), torch.float32, device, "nchw")
+        with torch.no_grad():
+            case["x"][0, 1, 0, 0] = float("nan")
+        y = call(kind, case, False, backend)
+        y_ref = call(kind, to64(case), False, "reference")
+        assert torch.isnan(y[0, 1, 0, 0])
+        torch.testing.assert_close(y.double(), y_ref, equal_nan=True, atol=1e-5, rtol=1e-5)
+
+
+def test_strided_input_view(backend_device):
+    backend, device = backend_device
+    base = torch.randn(3, 10, 6, 7, dtype=torch.float64, device=device)
+    x = base[:, 1::3, ::2, 1:]  # spatial dims not mergeable: a copy is made, result right
+    y = FF.batch_norm_relu(x, None, None, training=True, backend=backend)
+    torch.testing.assert_close(y, ref.batch_norm_relu(x, None, None, training=True))
+    x = base[:2, 2:7]  # mergeable spatial dims with a channel slice: read in place
+    r = base[1:, 3:8]
+    y = FF.batch_norm_add_relu(x, r, None, None, training=True, backend=backend)
+    torch.testing.assert_close(y, ref.batch_norm_add_relu(x, r, None, None, training=True))
+
+
+def test_deterministic(backend_device):
+    backend, device = backend_device
+    shape = (2, 3, 4, 5) if _interpreted(backend, device) else (8, 32, 14, 14)
+    results = []
+    for _ in range(2):
+        case = make_case("dual", shape, torch.float32, device, "channels_last")
+        y, grads = run_and_grads("dual", case, True, backend)
+        results.append([y] + list(grads.values()) + [case["running_var"]])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_empty_batch_as_torch(backend_device):
+    backend, device = backend_device
+    x = torch.randn(0, 3, 4, 4, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    y = FF.batch_norm_relu(x, rm, rv, training=True, backend=backend)
+    assert y.shape == x.shape
+    torch.testing.assert_close(rm, torch.zeros(3, device=device))
+
+
+# --------------------------------------------------------------------------------------
+# Bad input: the same errors for every backend
+# --------------------------------------------------------------------------------------
+
+
+def test_bad_input_errors():
+    x = torch.randn(2, 3, 4, 4)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        FF.batch_norm_relu(torch.randn(1, 3), torch.zeros(3), torch.ones(3), training=True)
+    with pytest.raises(RuntimeError, match="should contain 3 elements"):
+        FF.batch_norm_relu(x, torch.zeros(4), torch.ones(4), training=True)
+    with pytest.raises(RuntimeError, match="has shape"):
+        FF.batch_norm_add_relu(x, torch.randn(2, 3, 4, 5), rm, rv, training=True)
+    with pytest.raises(TypeError, match="dtype"):
+        FF.batch_norm_add_relu(x, x.half(), rm, rv, training=True)
+    with pytest.raises(TypeError, match="dtype"):
+        FF.batch_norm_relu(x, rm, rv, torch.ones(3, dtype=torch.float16), training=True)
+    with pytest.raises(TypeError, match="not supported"):
+        FF.batch_norm_relu(x.int(), rm, rv, training=True)
+    with pytest.raises(RuntimeError, match="evaluation mode"):
+        FF.batch_norm_relu(x, None, None, training=False)
+    with pytest.raises(ValueError, match="2 or more dims"):
+        FF.batch_norm_relu(torch.randn(3), None, None, training=True)
+    with pytest.raises(ValueError, match="unknown fusedres backend"):
+        FF.batch_norm_relu(x, rm, rv, training=True, backend="cudnn")
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        FF.batch_norm_relu(x, rm, rv, training=True, momentum=None)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cannot run on cpu"):
+            FF.batch_norm_relu(x, rm, rv, training=True, backend="cuda")
+    else:
+        with pytest.raises(RuntimeError, match="is on"):
+            FF.batch_norm_relu(x.cuda(), rm, rv, training=True)
+
+
+def test_auto_never_picks_interpreter_or_plumbing():
+    name = fusedres.resolve_backend("cpu")
+    assert name in ("cpu", "reference")
+    assert name == ("cpu" if "cpu" in fusedres.available_backends() else "reference")
+    assert "reference_primitives" not in fusedres.available_backends()
+
+
+def test_torch_compile_fullgraph(backend_device):
+    backend, device = backend_device
+    if _interpreted(backend, device):
+        pytest.skip("torch.compile of interpreted Triton is not meaningful")
+    case = make_case("add", (2, 4, 3, 3), torch.float32, device, "channels_last")
+    case64 = to64(case)
+
+    def f(c):
+        return call("add", c, True, backend)
+
+    y = torch.compile(f, fullgraph=True)(case)
+    y.sum().backward()
+    y_ref = call("add", case64, True, "reference")
+    y_ref.sum().backward()
+    torch.testing.assert_close(y.double(), y_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(case["x"].grad.double(), case64["x"].grad, atol=1e-4, rtol=1e-4)
+
+
+def _cuda_only(backend_device):
+    backend, device = backend_device
+    if device != "cuda":
+        pytest.skip("needs a GPU")
+    return backend
+
+
+def test_no_host_sync_on_gpu(backend_device):
+    backend = _cuda_only(backend_device)
+    for kind in KINDS:
+        case = make_case(kind, (8, 64, 14, 14), torch.float16, "cuda", "channels_last")
+        call(kind, case, True, backend)  # warm up (autotuning may sync)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            run_and_grads(kind, case, True, backend)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_graph_capture_equals_eager(backend_device):
+    backend = _cuda_only(backend_device)
+    case = make_case("dual", (8, 64, 14, 14), torch.float16, "cuda", "channels_last")
+    y_eager, _ = run_and_grads("dual", copy.deepcopy(case), True, backend)  # warm up
+    torch.cuda.synchronize()
+    dy = torch.randn(y_eager.shape, generator=torch.Generator().manual_seed(1),
+                     dtype=torch.float64).to("cuda", y_eager.dtype)
+    y_eager, g_eager = run_and_grads("dual", copy.deepcopy(case), True, backend, dy=dy)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # no host transfer inside: dy was made beforehand
+        y, grads = run_and_grads("dual", case, True, backend, dy=dy)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y, y_eager)
+    for k in g_eager:
+        torch.testing.assert_close(grads[k], g_eager[k])

@@ -1,0 +1,160 @@
+"""torch.library.opcheck on every registered op, and the kernel primitives of each
+backend against their pure-PyTorch contract in fusedres.reference."""
+import pytest
+import torch
+
+import fusedres  # noqa: F401  (registers the ops)
+from fusedres import ops
+from fusedres import reference as ref
+
+
+def _ncs(n, c, s, dtype, device, channels_last, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(n, s, c, generator=g, dtype=torch.float64).permute(0, 2, 1) \
+        if channels_last else torch.randn(n, c, s, generator=g, dtype=torch.float64)
+    return t.to(device=device, dtype=dtype)
+
+
+def _vec(c, device, seed, lo=-1.0, hi=1.0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(c, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(device, dtype)
+
+
+def _fused_args(device, residual, dual, training, relu, channels_last, backend,
+                dtype=torch.float64):
+    n, c, s = 2, 3, 5
+    x = _ncs(n, c, s, dtype, device, channels_last).requires_grad_()
+    pd = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    w = _vec(c, device, 1, 0.5, 1.5, pd).requires_grad_()
+    b = _vec(c, device, 2, dtype=pd).requires_grad_()
+    rm, rv = _vec(c, device, 3, dtype=pd), _vec(c, device, 4, 0.5, 1.5, pd)
+    r = _ncs(n, c, s, dtype, device, channels_last, 5).requires_grad_() if residual else None
+    if dual:
+        x2 = _ncs(n, c, s, dtype, device, channels_last, 6).requires_grad_()
+        w2 = _vec(c, device, 7, 0.5, 1.5, pd).requires_grad_()
+        b2 = _vec(c, device, 8, dtype=pd).requires_grad_()
+        rm2, rv2 = _vec(c, device, 9, dtype=pd), _vec(c, device, 10, 0.5, 1.5, pd)
+    else:
+        x2 = w2 = b2 = rm2 = rv2 = None
+    return (x, w, b, rm, rv, r, x2, w2, b2, rm2, rv2, training, 1e-5, relu, channels_last,
+            backend)
+
+
+@pytest.mark.parametrize("variant", ["relu", "bn", "add", "dual"])
+def test_opcheck_fused_op(backend_device, variant):
+    backend, device = backend_device
+    interpreted = backend == "triton" and device == "cpu"
+    for training in (True, False):
+        for channels_last in ((False,) if interpreted else (False, True)):
+            args = _fused_args(device, variant == "add", variant == "dual", training,
+                               variant != "bn", channels_last, backend)
+            torch.library.opcheck(torch.ops.fusedres.batch_norm_act.default, args)
+
+
+def test_opcheck_update_running_stats():
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    mean, var = torch.randn(4), torch.rand(4)
+    torch.library.opcheck(torch.ops.fusedres.update_running_stats.default,
+                          (rm, rv, mean, var, 0.1, None))
+    torch.library.opcheck(torch.ops.fusedres.update_running_stats.default,
+                          (rm, rv, mean, var, 0.0, torch.tensor(3)))
+
+
+def _primitive_cases(device, dtype, channels_last):
+    """(name, args) of each primitive on awkward shapes."""
+    cases = []
+    for n, c, s in ((2, 3, 5), (1, 65, 3), (4, 8, 1), (3, 1, 7)):
+        x = _ncs(n, c, s, dtype, device, channels_last, 1)
+        r = _ncs(n, c, s, dtype, device, channels_last, 2)
+        x2 = _ncs(n, c, s, dtype, device, channels_last, 3)
+        acc = ref.acc_dtype(dtype)
+        sc, sh = _vec(c, device, 4, 0.5, 1.5, acc), _vec(c, device, 5, dtype=acc)
+        sc2, sh2 = _vec(c, device, 6, 0.5, 1.5, acc), _vec(c, device, 7, dtype=acc)
+        mean = _vec(c, device, 8, dtype=acc)
+        cg, cx, cc = (_vec(c, device, k, dtype=acc) for k in (9, 10, 11))
+        _, mask = ref.bn_apply(x, sc, sh, r, x2, sc2, sh2, True, True, channels_last)
+        cases += [
+            ("stats", (x, channels_last)),
+            ("apply", (x, sc, sh, None, None, None, None, True, False, channels_last)),
+            ("apply", (x, sc, sh, None, None, None, None, False, False, channels_last)),
+            ("apply", (x, sc, sh, r, None, None, None, True, True, channels_last)),
+            ("apply", (x, sc, sh, r, x2, sc2, sh2, True, True, channels_last)),
+            ("backward_reduce", (r, x, mean, sc, sh, None, True, channels_last)),
+            ("backward_reduce", (r, x, mean, sc, sh, None, False, channels_last)),
+            ("backward_reduce", (r, x, mean, sc, sh, mask, True, channels_last)),
+            ("backward_apply", (r, x, mean, sc, sh, None, cg, cx, cc, True, False,
+                                channels_last)),
+            ("backward_apply", (r, x, mean, sc, sh, mask, cg, cx, cc, True, True,
+                                channels_last)),
+            ("backward_apply", (r, x, mean, sc, sh, None, cg, cx, cc, False, True,
+                                channels_last)),
+        ]
+    return cases
+
+
+_REF = ops.primitives("reference_primitives")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["ncs", "cl"])
+def test_primitives_match_contract(backend_device, channels_last):
+    backend, device = backend_device
+    if backend == "reference_primitives":
+        pytest.skip("the contract itself")
+    prims = ops.primitives(backend)
+    for name, args in _primitive_cases(device, torch.float64, channels_last):
+        got = getattr(prims, name)(*args)
+        want = getattr(_REF, name)(*args)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and g.shape == w.shape, name
+            if g.dtype == torch.uint8:
+                assert torch.equal(g, w), f"{name}: mask bits differ"
+            else:
+                torch.testing.assert_close(g, w, msg=name)
+                if g.dim() == 3 and g.numel() > 0:
+                    assert g.stride() == w.stride(), f"{name}: output layout"
+
+
+def test_opcheck_primitives(backend_device):
+    backend, device = backend_device
+    if backend == "reference_primitives":
+        pytest.skip("plain Python functions, not ops")
+    prims = ops.primitives(backend)
+    for name, args in _primitive_cases(device, torch.float64, True)[:11]:
+        torch.library.opcheck(getattr(prims, name), args)
+
+
+def test_mask_pack_roundtrip():
+    for channels_last in (False, True):
+        passes = torch.rand(3, 5, 7) > 0.5
+        mask = ref.pack_mask(passes, channels_last)
+        assert mask.numel() == (3 * 5 * 7 + 7) // 8
+        assert torch.equal(ref.unpack_mask(mask, (3, 5, 7), channels_last), passes)
+    # bit order: element offset o -> byte o >> 3, bit o & 7
+    passes = torch.zeros(1, 1, 10, dtype=torch.bool)
+    passes[0, 0, 9] = True
+    assert ref.pack_mask(passes, False).tolist() == [0, 2]
+
+
+def test_int64_offsets(backend_device):
+    """A (N, C, S) view whose largest offset passes 2**31 over an untouched buffer (only
+    the few pages the view reads become resident)."""
+    backend, device = backend_device
+    if backend == "reference_primitives":
+        pytest.skip("the contract itself")
+    n, c, s = 2, 3, 8
+    buf = torch.empty(2**31 + 64, dtype=torch.float16, device=device)
+    x = buf.as_strided((n, c, s), (2**31, s, 1))
+    x.copy_(torch.randn(n, c, s, dtype=torch.float16))
+    dout = torch.randn(n, c, s, dtype=torch.float16, device=device)
+    prims = ops.primitives(backend)
+    dense = x.clone()
+    for name, args in (("stats", (x, False)),):
+        torch.testing.assert_close(getattr(prims, name)(*args), _REF.stats(dense, False))
+    mean, var = _REF.stats(dense, False)
+    sc, sh = torch.rsqrt(var + 1e-5), -mean * torch.rsqrt(var + 1e-5)
+    got = prims.apply(x, sc, sh, None, None, None, None, True, False, False)[0]
+    torch.testing.assert_close(got, _REF.apply(dense, sc, sh, None, None, None, None, True,
+                                               False, False)[0])
+    got = prims.backward_reduce(dout, x, mean, sc, sh, None, True, False)
+    torch.testing.assert_close(got, _REF.backward_reduce(dout, dense, mean, sc, sh, None, True,
+                                                         False))
