@@ -63,6 +63,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write all rows and machine info as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write a markdown report")
     p.add_argument("--plot", metavar="PATH", help="write a speedup-per-layer plot (matplotlib)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's own choice); 1 gives "
+                        "steadier CPU figures on a machine shared with other work")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict", action="store_true",
                    help="exit with status 1 when a case raised an error (CI)")
@@ -262,6 +265,8 @@ def _result(run: Run, machine: dict, settings: dict, copy: dict, complete: bool)
 def run_suites(args, suites: list) -> dict:
     t0 = time.perf_counter()
     device = _device(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     shapes = args.shapes or os.environ.get("FUSEDRES_BENCH_SHAPES") or (
         "quick" if args.quick else "full")
