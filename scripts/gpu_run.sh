@@ -48,7 +48,10 @@ gpu_tag() {
 TAG="$(gpu_tag)"; TAG=${TAG:-gpu}
 RES="$OUT/${TAG}-$(date -u +%Y-%m-%d)"
 mkdir -p "$RES"
-export FUSEDRES_GIT_COMMIT=${FUSEDRES_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo -dirty)}
+if [ -z "${FUSEDRES_GIT_COMMIT:-}" ] && sha=$(git rev-parse HEAD 2>/dev/null); then
+    git diff --quiet HEAD 2>/dev/null || sha="$sha-dirty"
+    export FUSEDRES_GIT_COMMIT="$sha"
+fi
 
 START=$(date +%s)
 log() { echo "[gpu_run $(date -u +%H:%M:%S)] $*" | tee -a "$RES/gpu_run.log"; }

@@ -171,7 +171,9 @@ def _providers(args, device: torch.device, run: Run) -> list:
         for b in names:
             prov = f"fusedres-{b}"
             if b == "triton" and device.type == "cpu":
-                run.skip("all", prov, "the Triton interpreter is never benchmarked"
+                run.skip("all", prov, "Triton runs on the GPU: --device cpu"
+                         if torch.cuda.is_available()
+                         else "the Triton interpreter is never benchmarked"
                          + ("" if triton_interpreted() else " (and no GPU for Triton)"))
             elif b not in avail:
                 run.skip("all", prov, f"backend not available here (available: {avail})")
