@@ -1,0 +1,235 @@
+"""Timers: CUDA events on GPU, ``torch.utils.benchmark.Timer`` on CPU.
+
+GPU (``time_cuda``), in the manner of ``triton.testing.do_bench``: the callable is run
+until warm (compilation, autotuning, cuDNN/cuBLAS handles and workspaces stay out of
+the numbers), captured into a CUDA graph when it can be (a host sync or anything else
+that cannot be captured falls back to plain launches, and the row says so), then each
+repetition is timed alone between two CUDA events, after zeroing a buffer larger than
+the L2 cache (outside the events) so every repetition starts from a cold cache.
+Reports the median with the 20th and 80th percentiles.
+
+CPU (``time_cpu``): ``torch.utils.benchmark.Timer`` blocks (``Timer.timeit``) after one
+warm-up call; median and interquartile range, plus the 20th/80th percentiles of the
+blocks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class Measurement:
+    median_s: float
+    p20_s: float
+    p80_s: float
+    iqr_s: float
+    samples: int
+    timer: str  # "cuda-events+graph", "cuda-events", "torch.utils.benchmark"
+    note: str = ""
+
+
+def _quantile(sorted_vals: list, q: float) -> float:
+    """Linear-interpolation quantile of an already sorted list."""
+    if not sorted_vals:
+        return float("nan")
+    pos = (len(sorted_vals) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
+
+
+def _summary(times_s: list, timer: str, note: str = "") -> Measurement:
+    t = sorted(times_s)
+    return Measurement(median_s=statistics.median(t), p20_s=_quantile(t, 0.2),
+                       p80_s=_quantile(t, 0.8), iqr_s=_quantile(t, 0.75) - _quantile(t, 0.25),
+                       samples=len(t), timer=timer, note=note)
+
+
+_FLUSH: dict = {}
+
+
+def _l2_flush_buffer(device) -> torch.Tensor:
+    """A buffer well over the L2 size (50 MB on H100, 60 MB on H200): 256 MiB."""
+    key = str(device)
+    if key not in _FLUSH:
+        _FLUSH[key] = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=device)
+    return _FLUSH[key]
+
+
+def _capture(fn: Callable[[], object]):
+    """A CUDA graph of ``fn`` and a replay callable, or (None, reason)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as capture needs
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+        return graph, ""
+    except Exception as exc:  # a host sync, a CPU scalar, an uncapturable library call
+        try:
+            torch.cuda.synchronize()
+        except Exception:
+            pass
+        return None, f"no CUDA graph ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+
+
+def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 25.0, rep_ms: float = 100.0,
+              use_graph: bool = True, flush_l2: bool = True, min_reps: int = 10,
+              max_reps: int = 1000) -> Measurement:
+    """Median, p20 and p80 of ``fn`` on the current CUDA device, in seconds."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate_ms = max(start.elapsed_time(end) / 3, 1e-3)
+
+    run, timer, note = fn, "cuda-events", ""
+    graph = None
+    if use_graph:
+        graph, note = _capture(fn)
+        if graph is not None:
+            run, timer = graph.replay, "cuda-events+graph"
+    cache = _l2_flush_buffer(torch.device("cuda", torch.cuda.current_device())) \
+        if flush_l2 else None
+
+    for _ in range(max(1, int(warmup_ms / estimate_ms))):
+        run()
+    torch.cuda.synchronize()
+    reps = int(min(max(rep_ms / estimate_ms, min_reps), max_reps))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        if cache is not None:
+            cache.zero_()
+        starts[i].record()
+        run()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
+    del graph
+    return _summary(times, timer, note)
+
+
+def time_cpu(fn: Callable[[], object], *, min_run_time: float = 0.5, min_blocks: int = 5,
+             max_run_time: Optional[float] = None, warm: bool = False) -> Measurement:
+    """``torch.utils.benchmark.Timer`` median and IQR of ``fn`` on the CPU, in seconds.
+
+    Blocks of ``number`` calls (enough for a block to last 1 ms) are timed with
+    ``Timer.timeit`` until there are ``min_blocks`` of them and ``min_run_time`` has
+    passed, or ``max_run_time`` has (then at least one block): the median of several
+    blocks resists a machine shared with other work better than
+    ``blocked_autorange``'s single block for slow calls.
+    """
+    from torch.utils.benchmark import Timer
+
+    if not warm:
+        fn()  # warm-up: first-call allocation, lazy init, compilation
+    max_run_time = max(max_run_time or 4 * min_run_time, min_run_time)
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    first = timer.timeit(1).mean
+    number = 1 if first >= 1e-3 else max(1, int(1e-3 / max(first, 1e-7)))
+    times, total = ([first] if number == 1 else []), first
+    while not ((len(times) >= min_blocks and total >= min_run_time)
+               or (times and total >= max_run_time)):
+        t = timer.timeit(number).mean
+        times.append(t)
+        total += t * number
+    return _summary(times, "torch.utils.benchmark")
+
+
+def measure(fn: Callable[[], object], device: torch.device, *, quick: bool = False,
+            use_graph: bool = True, flush_l2: bool = True,
+            cpu_min_run_time: Optional[float] = None, warm: bool = False) -> Measurement:
+    """Time ``fn`` on ``device``; ``warm``: it has been called already (CPU: skip the
+    warm-up call; the GPU timer always warms up, as capture needs)."""
+    if device.type == "cuda":
+        return time_cuda(fn, warmup_ms=10.0 if quick else 25.0, rep_ms=40.0 if quick else 100.0,
+                         use_graph=use_graph, flush_l2=flush_l2)
+    if cpu_min_run_time is None:
+        cpu_min_run_time = float(os.environ.get("FUSEDRES_BENCH_CPU_MIN_TIME",
+                                                0.1 if quick else 0.5))
+    return time_cpu(fn, min_run_time=cpu_min_run_time, warm=warm)
+
+
+def copy_bandwidth(device: torch.device, quick: bool = False) -> tuple[float, Measurement, int]:
+    """Device-copy bandwidth in GB/s (bytes read plus bytes written), measured now.
+
+    GPU: a 1 GiB buffer copied into another (far over L2); CPU: 128 MiB (over any L3 of
+    a machine this runs on; 64 MiB with --quick).
+    """
+    from .formulas import copy_bytes
+
+    nbytes = (2**30 if device.type == "cuda" else (64 if quick else 128) * 2**20)
+    n = nbytes // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_(-1, 1)
+    dst = torch.empty_like(src)
+    m = measure(lambda: dst.copy_(src), device, quick=quick, flush_l2=False)
+    moved = copy_bytes(n, torch.float32)
+    del src, dst
+    return moved / m.median_s / 1e9, m, moved
+
+
+# --------------------------------------------------------------------------------------
+# Peak memory
+# --------------------------------------------------------------------------------------
+
+
+def _rss_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[Optional[int], str]:
+    """Peak memory of one call of ``fn``, in bytes, and what was measured.
+
+    GPU: ``torch.cuda.max_memory_allocated`` (the caching allocator's peak of live
+    tensors, the model and optimizer state included). CPU (Linux): the process's peak
+    resident set during the call (VmHWM after resetting it through
+    /proc/self/clear_refs), everything resident included.
+    """
+    if device.type == "cuda":
+        _FLUSH.clear()  # the timer's L2-flush buffer is not the workload's memory
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    except OSError:
+        return None, "peak memory not measured on this CPU platform"
+    fn()
+    hwm = _rss_kib("VmHWM")
+    if hwm is None:
+        return None, "peak memory not measured on this CPU platform"
+    return hwm * 1024, "process peak RSS (VmHWM)"
+
+
+def wall(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t

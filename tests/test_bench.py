@@ -1,0 +1,294 @@
+"""The benchmark suite: byte/FLOP formulas against hand counts, the JSON schema of very
+short in-process runs, skip reasons, and the results-table generator. Fast (CPU, tiny
+shapes, no torch.compile)."""
+import json
+import os
+
+import pytest
+import torch
+
+import fusedres
+from fusedres.bench import cases, formulas, main, report
+
+# --------------------------------------------------------------------------------------
+# Formulas against hand counts
+# --------------------------------------------------------------------------------------
+
+
+def test_bn_relu_bytes_hand_count():
+    # (8, 64, 56, 56) fp32: S = 8*64*56*56 elements * 4 bytes = 6,422,528 bytes.
+    shape, s = (8, 64, 56, 56), 6_422_528
+    assert formulas.activation_bytes(shape, torch.float32) == s
+    # fused fwd: stats 1R + apply 1R+1W = 3S; eager: stats, normalise, relu = 5S
+    assert formulas.op_bytes("bn_relu", "fwd", shape, torch.float32) == 19_267_584 == 3 * s
+    assert formulas.op_bytes("bn_relu", "fwd", shape, torch.float32, "eager") == 5 * s
+    # fwd+bwd: fused 3S + (reduce 2R + elementwise 2R+1W = 5S); eager 5S + 8S
+    assert formulas.op_bytes("bn_relu", "fwd+bwd", shape, torch.float32) == 8 * s
+    assert formulas.op_bytes("bn_relu", "fwd+bwd", shape, torch.float32, "eager") == 13 * s
+
+
+def test_residual_ops_bytes_hand_count():
+    # (2, 256, 14, 14) fp16: 100,352 elements, S = 200,704 bytes, 1-bit mask 12,544 bytes
+    shape, s, mask = (2, 256, 14, 14), 200_704, 12_544
+    assert formulas.mask_bytes(shape) == mask
+    assert formulas.op_bytes("bn_add_relu", "fwd", shape, torch.float16) == 4 * s
+    assert formulas.op_bytes("bn_add_relu", "fwd", shape, torch.float16, "eager") == 8 * s
+    # 4S fwd + 6S bwd, the mask written once and read once
+    assert formulas.op_bytes("bn_add_relu", "fwd+bwd", shape, torch.float16) == \
+        10 * s + 2 * mask == 2_032_128
+    assert formulas.op_bytes("dual_bn_add_relu", "fwd", shape, torch.bfloat16) == 5 * s
+    assert formulas.op_bytes("dual_bn_add_relu", "fwd", shape, torch.bfloat16, "eager") == 11 * s
+    assert formulas.op_bytes("dual_bn_add_relu", "fwd+bwd", shape, torch.bfloat16) == \
+        15 * s + 4 * mask
+    with pytest.raises(ValueError):
+        formulas.op_bytes("bn_tanh", "fwd", shape, torch.float32)
+
+
+def test_conv_flops_hand_count():
+    # 3x3 conv 64->64, pad 1, on (8, 64, 56, 56): 8*64*56*56 outputs x 64*9 MACs x 2
+    assert formulas.conv_out_hw(56, 56, 3, 1, 1) == (56, 56)
+    fwd = formulas.conv2d_flops(8, 64, 64, 56, 56, 3)
+    assert fwd == 2 * 8 * 64 * 56 * 56 * 64 * 9 == 1_849_688_064
+    assert formulas.conv2d_flops(8, 64, 64, 56, 56, 3, pass_="fwd+bwd") == 3 * fwd
+    assert formulas.conv2d_flops(8, 64, 64, 56, 56, 3, pass_="fwd+bwd", input_grad=False) == \
+        2 * fwd
+    # the ResNet-50 stem: 7x7/2 3->64 on 224x224 -> 112x112, 118 M MACs per image
+    assert formulas.conv_out_hw(224, 224, 7, 2, 3) == (112, 112)
+    assert formulas.conv2d_flops(1, 3, 64, 112, 112, 7) == 236_027_904
+    # least bytes: input + weight + output, fp16
+    assert formulas.conv2d_bytes(1, 64, 64, 56, 56, 56, 56, 3, torch.float16) == \
+        2 * (64 * 56 * 56 + 64 * 64 * 9 + 64 * 56 * 56)
+
+
+def test_throughput_and_copy():
+    assert formulas.copy_bytes(1000, torch.float32) == 8000
+    d = formulas.throughput(2_000_000_000, None, 0.5, 8.0)
+    assert d["gbps"] == pytest.approx(4.0) and d["pct_copy_bw"] == pytest.approx(50.0)
+    assert d["tflops"] is None
+    assert formulas.throughput(None, 3e12, 2.0, None)["tflops"] == pytest.approx(1.5)
+
+
+def test_resnet50_convs_and_model_flops():
+    convs = cases.resnet50_convs()
+    assert sum(c.count for c in convs) == 53  # 1 stem + 16 blocks x 3 + 4 downsamples
+    assert len(convs) == len({(c.c_in, c.c_out, c.kernel, c.stride, c.h) for c in convs})
+    assert convs[0].layer == "conv1" and convs[0].h_out == 112
+    assert {c.h_out for c in convs} == {112, 56, 28, 14, 7}
+    tv = pytest.importorskip("torchvision")
+    with torch.device("meta"):
+        net = tv.models.resnet50()
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+    assert n_convs == 53
+    # torchvision quotes 4.09 G multiply-adds per 224x224 image for ResNet-50
+    flops = formulas.model_flops(net, torch.empty(1, 3, 224, 224))
+    assert 2 * 4.08e9 < flops < 2 * 4.12e9
+    train = formulas.model_flops(net, torch.empty(1, 3, 224, 224), "fwd+bwd")
+    stem = formulas.conv2d_flops(1, 3, 64, 112, 112, 7)
+    assert train == 3 * flops - stem  # no data gradient for the images
+
+
+def test_ops_shapes_cover_resnet50():
+    ops = {(op, c, h) for op, _, c, h in cases.RESNET50_OPS}
+    assert {c for _, c, _ in ops} == {64, 128, 256, 512, 1024, 2048}
+    assert {h for _, _, h in ops} == {112, 56, 28, 14, 7}
+    for op in formulas.OPS:
+        assert any(o == op for o, _, _ in ops)
+
+
+# --------------------------------------------------------------------------------------
+# Very short runs, in process
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _short_cpu_timing():
+    """Short CPU measurements: these tests check plumbing, not speed."""
+    old = os.environ.get("FUSEDRES_BENCH_CPU_MIN_TIME")
+    os.environ["FUSEDRES_BENCH_CPU_MIN_TIME"] = "0.02"
+    yield
+    if old is None:
+        del os.environ["FUSEDRES_BENCH_CPU_MIN_TIME"]
+    else:
+        os.environ["FUSEDRES_BENCH_CPU_MIN_TIME"] = old
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    paths = {k: str(d / f"out.{k}") for k in ("json", "md", "png")}
+    rc = main(["all", "--quick", "--shapes", "tiny", "--device", "cpu", "--batch-size", "2",
+               "--no-compile", "--json", paths["json"], "--markdown", paths["md"],
+               "--plot", paths["png"]])
+    assert rc == 0
+    with open(paths["json"]) as f:
+        return json.load(f), paths
+
+
+def test_json_schema(tiny_run):
+    data, _ = tiny_run
+    assert data["schema"] == report.SCHEMA and data["complete"] is True
+    m = data["machine"]
+    for key in ("date", "command", "git_commit", "device_type", "device_name", "cpu", "gpu",
+                "driver", "torch", "triton", "fusedres_backends"):
+        assert key in m
+    assert m["torch"] == torch.__version__ and m["command"].startswith("fusedres-bench all")
+    assert data["copy_bandwidth_gbps"] > 0
+    rows = data["rows"]
+    assert {r["suite"] for r in rows} == {"ops", "conv", "blocks", "train"}
+    for r in rows:
+        assert set(report.ROW_KEYS) <= set(r), set(report.ROW_KEYS) - set(r)
+        assert r["time_ms"] > 0 and r["time_p20_ms"] <= r["time_p80_ms"]
+        assert r["git_commit"] and r["device"] == "cpu" and r["dtype"] == "float32"
+        if r["suite"] == "ops":
+            assert r["gbps"] > 0 and r["pct_copy_bw"] > 0 and r["bytes"] > 0
+        else:
+            assert r["tflops"] > 0 and r["flops"] > 0
+        if r["suite"] in ("blocks", "train"):
+            assert r["images_per_s"] > 0
+        if r["provider"] == "eager":
+            assert r["speedup_vs_eager"] == pytest.approx(1.0)
+    # one row per provider and case: eager everywhere, fusedres-reference on the ops
+    keys = [(r["suite"], r["case"], r["pass"], r["layer"], r["provider"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    ops = [r for r in rows if r["suite"] == "ops"]
+    providers = {r["provider"] for r in ops}
+    assert {"eager", "fusedres-reference"} <= providers  # and fusedres-cpu once built
+    assert providers <= {"eager"} | {f"fusedres-{b}" for b in fusedres.available_backends()}
+    assert len(ops) == 3 * 2 * len(providers)  # 3 ops x (fwd, fwd+bwd) x providers
+    assert {r["pass"] for r in rows if r["suite"] == "train"} == {"train_step", "inference"}
+
+
+def test_skip_reasons(tiny_run):
+    data, _ = tiny_run
+    reasons = [(s["suite"], s["provider"], s["reason"]) for s in data["skipped"]]
+    assert ("all", "compile", "--no-compile") in reasons
+    if not torch.cuda.is_available():
+        assert "no GPU: cuda and triton providers not timed" in data["notes"]
+        provs = {p for _, p, _ in reasons}
+        assert {"fusedres-cuda", "fusedres-triton"} <= provs
+    # the conv and converter are found at run time: rows, or a skip that says why
+    for suite, module in (("conv", "fusedres.conv"), ("blocks", "fusedres.convert")):
+        has_rows = any(r["suite"] == suite and r["provider"].startswith("fusedres-")
+                       for r in data["rows"])
+        said = any(s == suite and p.startswith("fusedres-") for s, p, _ in reasons)
+        assert has_rows or said, (suite, module)
+
+
+def test_markdown_and_plot(tiny_run, capsys):
+    data, paths = tiny_run
+    with open(paths["md"]) as f:
+        text = f.read()
+    assert "## ops" in text and "fusedres-reference" in text
+    assert data["machine"]["git_commit"] in text
+    try:
+        import matplotlib  # noqa: F401
+        assert os.path.exists(paths["png"])
+    except ImportError:
+        assert not os.path.exists(paths["png"])
+
+
+def test_plot_without_matplotlib_says_so(monkeypatch, tmp_path):
+    import builtins
+
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    why = report.plot({"rows": [], "machine": {}, "settings": {}}, str(tmp_path / "p.png"))
+    assert "matplotlib is not installed" in why
+
+
+# --------------------------------------------------------------------------------------
+# Results table
+# --------------------------------------------------------------------------------------
+
+
+def test_report_without_results(tmp_path, capsys):
+    out = tmp_path / "RESULTS.md"
+    assert main(["report", "--results-dir", str(tmp_path / "results"), "--output", str(out)]) == 0
+    assert "no GPU results committed yet" in capsys.readouterr().out
+    assert "no GPU results committed yet" in out.read_text()
+
+
+def test_report_from_latest(tmp_path, tiny_run):
+    data, _ = tiny_run
+    results = tmp_path / "results"
+    for name, date, ms in (("h100-2026-01-01", "2026-01-01T00:00:00+00:00", 1.5),
+                           ("h100-2026-02-01", "2026-02-01T00:00:00+00:00", 0.25)):
+        d = results / name
+        d.mkdir(parents=True)
+        fake = json.loads(json.dumps(data))
+        fake["machine"].update(device_type="cuda", gpu="NVIDIA H100 80GB HBM3", date=date)
+        for r in fake["rows"]:
+            r["time_ms"] = ms
+        (d / "ops.json").write_text(json.dumps(fake))
+    (results / "cpu-run").mkdir()
+    (results / "cpu-run" / "x.json").write_text(json.dumps(data))  # CPU: not GPU results
+    out = tmp_path / "RESULTS.md"
+    assert main(["report", "--results-dir", str(results), "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "h100-2026-02-01" in text and "0.25 ms" in text and "1.5 ms" not in text
+
+
+# --------------------------------------------------------------------------------------
+# Run-time discovery of fusedres.conv and fusedres.convert (stand-ins here)
+# --------------------------------------------------------------------------------------
+
+
+def test_discovers_conv_and_convert(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    import fusedres
+    import torch.nn.functional as F
+
+    conv = types.ModuleType("fusedres.conv")
+    calls = []
+
+    def conv2d(x, w, bias=None, stride=1, padding=0, *, backend="auto"):
+        calls.append(backend)
+        return F.conv2d(x, w, bias, stride, padding)
+
+    def conv2d_stats(x, w, stride=1, padding=0, *, backend="auto"):
+        y = conv2d(x, w, None, stride, padding, backend=backend)
+        var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+        return y, mean, var
+
+    conv.conv2d, conv.conv2d_stats = conv2d, conv2d_stats
+    monkeypatch.setitem(sys.modules, "fusedres.conv", conv)
+    converted = []
+
+    def convert(model, backend="auto"):
+        converted.append(backend)
+        return model
+
+    monkeypatch.setattr(fusedres, "convert", convert, raising=False)
+    path = tmp_path / "d.json"
+    for suite in ("conv", "blocks", "train"):
+        part = tmp_path / f"{suite}.json"
+        assert main([suite, "--shapes", "tiny", "--quick", "--device", "cpu", "--batch-size",
+                     "2", "--providers", "fusedres", "--backends", "reference",
+                     "--json", str(part)]) == 0
+        got = json.loads(part.read_text())
+        if suite == "conv":
+            data = got
+        else:
+            data["rows"] += got["rows"]
+            data["skipped"] += got["skipped"]
+            data["errors"] += got["errors"]
+    path.write_text(json.dumps(data))
+    data = json.loads(path.read_text())
+    fused = {(r["suite"], r["case"], r["pass"]) for r in data["rows"]
+             if r["provider"] == "fusedres-reference"}
+    assert {("conv", "conv", "fwd"), ("conv", "conv", "fwd+bwd"), ("conv", "conv+stats", "fwd"),
+            ("blocks", "BasicBlock", "fwd+bwd"), ("train", "resnet18", "train_step"),
+            ("train", "resnet18", "inference")} <= fused
+    assert set(calls) == {"reference"} and set(converted) == {"reference"}
+    # no prologue entry point in the stand-in and no Triton conv on CPU: said, not crashed
+    assert any(s["suite"] == "conv" and "bn_relu+conv+stats" not in s["reason"]
+               for s in data["skipped"]) or not data["errors"]
+    assert not data["errors"], data["errors"]
