@@ -254,11 +254,16 @@ def _bn_relu_conv_recomputed(bn, conv, y, backend):
         if state["first"] or not (bn.training and bn.track_running_stats):
             state["first"] = False
             z = bn_act(bn, t, relu=True, backend=backend)
-        elif _runtime_ok(bn, t):  # recomputation: same batch statistics, no update
-            z = functional.batch_norm_relu(t, None, None, bn.weight, bn.bias, True, 0.0,
-                                           bn.eps, backend=backend)
         else:
-            z = torch.relu(F.batch_norm(t, None, None, bn.weight, bn.bias, True, 0.0, bn.eps))
+            # Recomputation: the same batch statistics, the running ones untouched. Throw-away
+            # copies of the running stats keep the call identical to the first (torch's BN
+            # saves a different set of tensors without them, which checkpoint rejects).
+            rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+            if _runtime_ok(bn, t):
+                z = functional.batch_norm_relu(t, rm, rv, bn.weight, bn.bias, True, 0.0,
+                                               bn.eps, backend=backend)
+            else:
+                z = torch.relu(F.batch_norm(t, rm, rv, bn.weight, bn.bias, True, 0.0, bn.eps))
         return conv2d(conv, z)
 
     return checkpoint(fn, y, use_reentrant=False)

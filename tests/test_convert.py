@@ -5,6 +5,8 @@ import os
 
 import pytest
 import torch
+
+import fusedres
 import torchvision
 from torch import nn
 
@@ -393,6 +395,21 @@ def test_memory_saving(name):
     before = copy.deepcopy(saving.state_dict())
     out.sum().backward()
     _assert_same_state_dict(before, saving.state_dict())
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "reference_primitives"])
+def test_memory_saving_gradients_every_backend(backend):
+    """The recomputation must replay exactly the first call (torch's own BN included)."""
+    if backend not in fusedres.available_backends() + ["reference_primitives"]:
+        pytest.skip(f"{backend} not available")
+    torch.manual_seed(0)
+    ref = _randomize(MODELS["tiny_resnet"]()).double()
+    saving = convert(ref, backend=backend, memory_saving=True)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    ref(x).sum().backward()
+    saving(x).sum().backward()
+    for (k, p), q in zip(ref.named_parameters(), saving.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=k)
 
 
 def _assert_same_state_dict(a, b):
