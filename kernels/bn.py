@@ -79,11 +79,12 @@ def _merge_configs():
     ]
 
 
-# Fixed configs used under the interpreter (small blocks keep it fast on tiny tensors).
+# Fixed configs used under the interpreter. It runs each program instance in Python with
+# numpy vector ops, so its cost is per program and per loop step: big blocks are fast.
 _INTERPRETER_CONFIGS = {
-    "elementwise": triton.Config({"BLOCK": 64}, num_warps=4),
-    "reduce": triton.Config({"BLOCK_C": 4, "BLOCK_S": 16}, num_warps=4),
-    "merge": triton.Config({"BLOCK_P": 8, "BLOCK_C": 8}, num_warps=4),
+    "elementwise": triton.Config({"BLOCK": 1024}, num_warps=4),
+    "reduce": triton.Config({"BLOCK_C": 16, "BLOCK_S": 128}, num_warps=4),
+    "merge": triton.Config({"BLOCK_P": 8, "BLOCK_C": 32}, num_warps=4),
 }
 
 
