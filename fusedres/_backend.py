@@ -40,25 +40,38 @@ def _has_kernel(op: str, key: str) -> bool:
         return False
 
 
-def has_cpu_kernels() -> bool:
-    return _has_kernel("bn_stats", "CPU")
-
-
-def has_cuda_kernels() -> bool:
-    return _has_kernel("bn_stats", "CUDA")
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def has_triton() -> bool:
-    """triton is installed and the Triton BN kernels ship with this copy of fusedres."""
+def _find_triton() -> bool:
     try:
         return (importlib.util.find_spec("triton") is not None
                 and importlib.util.find_spec("fusedres.kernels.bn") is not None)
     except ModuleNotFoundError:
         return False
+
+
+# Fixed for the life of the process once fusedres._C is loaded (above); read once here so
+# that resolving a backend is plain Python that torch.compile traces without a break.
+_CPU_KERNELS = _has_kernel("bn_stats", "CPU")
+_CUDA_KERNELS = _has_kernel("bn_stats", "CUDA")
+_TRITON = _find_triton()
+_TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def has_cpu_kernels() -> bool:
+    return _CPU_KERNELS
+
+
+def has_cuda_kernels() -> bool:
+    return _CUDA_KERNELS
+
+
+def triton_interpreted() -> bool:
+    """TRITON_INTERPRET=1 was set when fusedres was imported (triton reads it once too)."""
+    return _TRITON_INTERPRETED
+
+
+def has_triton() -> bool:
+    """triton is installed and the Triton BN kernels ship with this copy of fusedres."""
+    return _TRITON
 
 
 def available_backends() -> list[str]:

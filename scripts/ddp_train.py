@@ -58,6 +58,7 @@ def main():
             print(f"step {step}: loss {loss.item() / world:.4f}, "
                   f"{args.batch_size * world / dt:.1f} images/s ({world} processes, "
                   f"backend {fusedres.nn.last_backend()})", flush=True)
+    dist.barrier()  # gloo aborts a rank whose peer tears the group down first
     dist.destroy_process_group()
 
 

@@ -72,6 +72,7 @@ def _worker(rank, world, init_file, sizes, backend, result_dir):
                     dist.all_reduce(res[name])
             results[kind] = res
         torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
+        dist.barrier()  # gloo aborts a rank whose peer tears the group down first
     finally:
         dist.destroy_process_group()
 
@@ -133,6 +134,7 @@ def _model_worker(rank, world, init_file, sizes, backend, result_dir):
         grads = {k: p.grad * world for k, p in fused.named_parameters()}
         torch.save({"out": out.detach(), "grads": grads, "state": fused.state_dict()},
                    os.path.join(result_dir, f"rank{rank}.pt"))
+        dist.barrier()  # gloo aborts a rank whose peer tears the group down first
     finally:
         dist.destroy_process_group()
 
