@@ -39,7 +39,7 @@ def main():
     model = model.to(memory_format=torch.channels_last)
     model = fusedres.convert(model, backend=args.backend, sync_bn=True)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(1234 + rank)  # each rank its own synthetic data
     for step in range(args.steps):
         x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen)
