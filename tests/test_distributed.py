@@ -169,3 +169,22 @@ def test_converted_model_under_ddp_matches_global_batch(sizes):
 def test_convert_sync_bn_without_process_group_is_an_error():
     with pytest.raises(RuntimeError, match="init_process_group"):
         fusedres.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), sync_bn=True)
+
+
+def _world_of_one(rank, init_file, result_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    try:
+        case = _global_case(4)
+        torch.save(_run("add", case, 0, 4, "reference_primitives", dist.group.WORLD),
+                   os.path.join(result_dir, "rank0.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_world_size_one_is_plain_bn():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_world_of_one, args=(os.path.join(tmp, "init"), tmp), nprocs=1)
+        got = torch.load(os.path.join(tmp, "rank0.pt"))
+    want = _run("add", _global_case(4), 0, 4, "reference", None)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, msg=name)
