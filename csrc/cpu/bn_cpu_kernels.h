@@ -157,14 +157,26 @@ inline uint32_t read_bits(const uint8_t* m, int64_t nbytes, int64_t off, int64_t
   return bits;
 }
 
-// Lanes all-ones where the bit is set (a blendv mask).
+// Lanes all-ones where the bit is set (a blendv mask): one load from a table of every
+// lane pattern (2^lanes rows; 8 KiB for 8 float lanes), not a loop per vector -- the
+// backward of BN-Add-ReLU reads the mask for every vector it gates.
+template <typename acc_t>
+struct LaneMasks {
+  using I = at::vec::int_same_size_t<acc_t>;
+  static constexpr int kLanes = Vectorized<acc_t>::size();
+  static_assert(kLanes <= 8, "one mask byte per vector at most");
+  __at_align__ I rows[1 << kLanes][kLanes];
+  LaneMasks() {
+    for (int b = 0; b < (1 << kLanes); ++b)
+      for (int i = 0; i < kLanes; ++i) rows[b][i] = ((b >> i) & 1) ? I(-1) : I(0);
+  }
+};
+
 template <typename acc_t>
 inline Vectorized<acc_t> bits_to_mask(uint32_t bits) {
   using V = Vectorized<acc_t>;
-  using I = at::vec::int_same_size_t<acc_t>;
-  __at_align__ I buf[V::size()];
-  for (int i = 0; i < V::size(); ++i) buf[i] = ((bits >> i) & 1u) ? I(-1) : I(0);
-  return V::loadu(buf);
+  static const LaneMasks<acc_t> table;
+  return V::loadu(table.rows[bits & ((1u << V::size()) - 1u)]);
 }
 
 // Bits set where the gradient passes: !(pre <= 0) (NaN passes).
