@@ -10,9 +10,9 @@ if [ ! -x .venv/bin/python ]; then
     echo "[setup] creating .venv with $($PYTHON --version)"
     "$PYTHON" -m venv .venv
 fi
-echo "[setup] installing torch 2.14.1, torchvision 0.29.1 and the build/test tools"
+echo "[setup] installing torch 2.14.1, torchvision 0.29.1 and the build/test tools (timm: for its ResNets in the tests)"
 .venv/bin/python -m pip install -q --disable-pip-version-check \
-    torch==2.14.1 torchvision==0.29.1 ninja pybind11 pytest pytest-benchmark numpy
+    torch==2.14.1 torchvision==0.29.1 ninja pybind11 pytest pytest-benchmark numpy timm
 mkdir -p build
 so=$(ls fusedres/_C*.so 2>/dev/null | head -n 1 || true)
 if [ -n "$so" ] && [ -x .venv/bin/fusedres-bench ] && \
