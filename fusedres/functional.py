@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import distributed, ops, reference
+from . import distributed, ops
 from ._backend import resolve_backend
 
 __all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "dual_batch_norm_add_relu",
@@ -237,8 +237,3 @@ def dual_batch_norm_add_relu(input: Tensor, running_mean: Optional[Tensor],
                   shortcut_running_mean, shortcut_running_var, shortcut_weight, shortcut_bias,
                   training, momentum, eps, True, backend, num_batches_tracked,
                   process_group)
-
-
-# Reference composites of the same signatures, for tests and benchmarks.
-reference_batch_norm_relu = reference.batch_norm_relu
-reference_batch_norm_add_relu = reference.batch_norm_add_relu
