@@ -129,10 +129,9 @@ class SyncBatchNormAct(torch.autograd.Function):
                 dx = torch.zeros_like(xb)
                 dres = torch.zeros_like(xb) if write_res else None
             else:
-                coef_xc = -scale * invstd * invstd * sum_g_xc / total
-                coef_c = -scale * sum_g / total
-                dx, dres = prims.backward_apply(dout, xb, m, scale, shift, mask, scale, coef_xc,
-                                                coef_c, relu, write_res, channels_last)
+                coefs = ops.backward_coefficients(scale, invstd, sum_g, sum_g_xc, total)
+                dx, dres = prims.backward_apply(dout, xb, m, scale, shift, mask, *coefs, relu,
+                                                write_res, channels_last)
             dw = (local_g_xc * invstd).to(w.dtype) if w is not None else None
             db = local_g.to(b.dtype) if b is not None else None
             grads.append((dx, dw, db, dres if write_res else None))

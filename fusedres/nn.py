@@ -392,21 +392,15 @@ class BatchNormReLU2d(BatchNorm2d):
         return cls.from_bn(bn, backend=backend)
 
 
-class BatchNormAddReLU2d(BatchNorm2d):
-    """``relu(bn(x) + residual)``: the identity-shortcut block tail. ``forward(x, residual)``."""
+class BatchNormAddReLU2d(BatchNormReLU2d):
+    """``relu(bn(x) + residual)``: the identity-shortcut block tail. ``forward(x, residual)``;
+    ``from_modules(bn, relu)`` as ``BatchNormReLU2d``'s."""
 
     def forward(self, input: Tensor, residual: Tensor) -> Tensor:  # type: ignore[override]
         self._check_input_dim(input)
         out = bn_act(self, input, relu=True, residual=residual, backend=self.backend)
         self._record()
         return out
-
-    @classmethod
-    def from_modules(cls, bn: nn.BatchNorm2d, relu: Optional[nn.Module] = None, *,
-                     backend: str = "auto"):
-        if relu is not None and not isinstance(relu, nn.ReLU):
-            raise TypeError(f"expected an nn.ReLU, got {type(relu).__name__}")
-        return cls.from_bn(bn, backend=backend)
 
 
 class DualBatchNormAddReLU2d(BatchNorm2d):

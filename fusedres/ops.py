@@ -237,6 +237,16 @@ def _nothing(x: Tensor) -> Tensor:
     return x.new_empty(0)
 
 
+def backward_coefficients(scale: Tensor, invstd: Tensor, sum_g: Tensor, sum_g_xc: Tensor,
+                          count) -> tuple[Tensor, Tensor, Tensor]:
+    """``(coef_g, coef_xc, coef_c)`` of the training-mode BN input gradient
+    ``dx = gamma*invstd*(g - sum(g)/M - xhat*sum(g*xhat)/M)`` written as
+    ``coef_g*g + coef_xc*(x - mean) + coef_c``, for ``bn_backward_apply``. ``count`` is
+    M (an int, or a tensor on the device for synchronised statistics)."""
+    coef_xc = -scale * invstd * invstd * sum_g_xc / count  # xhat * sum(g*xhat) / M
+    return scale, coef_xc, -scale * sum_g / count
+
+
 def _bn_input_backward(prims, dout, x, weight, bias, mean, var, mask, training, eps, relu,
                        write_grad_residual, channels_last, need_dx, need_affine):
     """Gradients of one BN input: ``(dx, dweight, dbias, dres)``; empty where not needed."""
@@ -250,15 +260,10 @@ def _bn_input_backward(prims, dout, x, weight, bias, mean, var, mask, training, 
     dbias = sum_g.to(bias.dtype) if need_affine and bias is not None else _nothing(x)
     if not (need_dx or write_grad_residual):
         return _nothing(x), dweight, dbias, _nothing(x)
-    coef_g = scale
-    if training:
-        m = n * s
-        coef_xc = -scale * invstd * invstd * sum_g_xc / m  # xhat * sum(g*xhat) / M
-        coef_c = -scale * sum_g / m
-    else:
-        coef_xc = coef_c = torch.zeros_like(scale)
-    dx, dres = prims.backward_apply(dout, x, mean, scale, shift, mask, coef_g, coef_xc, coef_c,
-                                    relu, write_grad_residual, channels_last)
+    coefs = backward_coefficients(scale, invstd, sum_g, sum_g_xc, n * s) if training \
+        else (scale, torch.zeros_like(scale), torch.zeros_like(scale))
+    dx, dres = prims.backward_apply(dout, x, mean, scale, shift, mask, *coefs, relu,
+                                    write_grad_residual, channels_last)
     return dx, dweight, dbias, dres
 
 
