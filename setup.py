@@ -39,7 +39,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 here = os.path.dirname(os.path.abspath(__file__))
 rel = lambda pattern: sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, pattern)))  # noqa: E731
 
-cpu_sources = ["csrc/ops.cpp"] + rel("csrc/cpu/*.cpp")
+cpu_sources = ["csrc/ops.cpp", "csrc/bn_fused.cpp"] + rel("csrc/cpu/*.cpp")
 cuda_sources = rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
 with_cuda = (torch.version.cuda is not None and cuda_home is not None
              and os.environ.get("FUSEDRES_NO_CUDA", "0") != "1" and bool(cuda_sources))

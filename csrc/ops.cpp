@@ -26,4 +26,20 @@ TORCH_LIBRARY(fusedres, m) {
       "bn_backward_apply(Tensor dout, Tensor x, Tensor mean, Tensor scale, Tensor shift, "
       "Tensor? mask, Tensor coef_g, Tensor coef_xc, Tensor coef_c, bool relu, "
       "bool write_grad_residual, bool channels_last) -> (Tensor dx, Tensor dres)");
+  // The fused pipeline on these primitives (csrc/bn_fused.cpp), for the cpu and cuda
+  // backends: (N, C, *) tensors, outputs channels-last when x is; autograd in C++.
+  m.def(
+      "bn_act_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? mean_in, Tensor? var_in, "
+      "Tensor? residual, Tensor? x2, Tensor? weight2, Tensor? bias2, Tensor? mean2_in, "
+      "Tensor? var2_in, bool training, float eps, bool relu) "
+      "-> (Tensor out, Tensor mean, Tensor var, Tensor mean2, Tensor var2, Tensor mask)");
+  m.def(
+      "bn_act_backward(Tensor dout, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, "
+      "Tensor var, Tensor? mask, Tensor? x2, Tensor? weight2, Tensor? bias2, Tensor? mean2, "
+      "Tensor? var2, bool training, float eps, bool relu, bool has_residual, "
+      "bool[5] needs) -> (Tensor dx, Tensor dweight, Tensor dbias, "
+      "Tensor dresidual, Tensor dx2, Tensor dweight2, Tensor dbias2)");
+  m.def(
+      "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
+      "Tensor unbiased_var, float momentum, Tensor? num_batches_tracked) -> ()");
 }

@@ -26,7 +26,6 @@ synchronises the batch statistics across processes in training, as
 """
 from __future__ import annotations
 
-import math
 import threading
 from typing import Optional
 
@@ -88,17 +87,6 @@ def _check_input(x: Tensor, training: bool, running_mean, running_var) -> None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
 
 
-def _ncs(t: Optional[Tensor]) -> Optional[Tensor]:
-    """``(N, C, *spatial)`` -> ``(N, C, S)``, a view whenever the strides allow."""
-    return None if t is None else t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
-
-
-def _is_channels_last(x3: Tensor) -> bool:
-    """Write outputs channels-last when the input is laid out that way."""
-    n, c, s = x3.shape
-    return c > 1 and s > 1 and x3.stride(1) < x3.stride(2)
-
-
 def _fused(x, residual, running_mean, running_var, weight, bias, shortcut, sc_running_mean,
            sc_running_var, sc_weight, sc_bias, training, momentum, eps, relu, backend,
            num_batches_tracked, process_group=None):
@@ -139,17 +127,24 @@ def _fused(x, residual, running_mean, running_var, weight, bias, shortcut, sc_ru
                           momentum, eps, relu, num_batches_tracked)
     _last.backend = name
 
-    x3 = _ncs(x)
-    channels_last = _is_channels_last(x3)
     if synced:
+        x3 = ops.ncs(x)
         out, mean, var, mean2, var2, count = distributed.sync_batch_norm_act(
-            x3, weight, bias, _ncs(residual), _ncs(shortcut), sc_weight, sc_bias, eps, relu,
-            channels_last, name, process_group)
+            x3, weight, bias, ops.ncs(residual), ops.ncs(shortcut), sc_weight, sc_bias, eps, relu,
+            ops.is_channels_last(x3), name, process_group)
+        out = out.view(x.shape)
+    elif name in ops.NATIVE_BACKENDS:  # one C++ op per direction (csrc/bn_fused.cpp)
+        out, mean, var, mean2, var2, _ = torch.ops.fusedres.bn_act_forward(
+            x, weight, bias, running_mean, running_var, residual, shortcut, sc_weight, sc_bias,
+            sc_running_mean, sc_running_var, training, eps, relu)
+        count = x.numel() // x.shape[1]
     else:
+        x3 = ops.ncs(x)
         out, mean, var, mean2, var2, _ = torch.ops.fusedres.batch_norm_act(
-            x3, weight, bias, running_mean, running_var, _ncs(residual), _ncs(shortcut),
+            x3, weight, bias, running_mean, running_var, ops.ncs(residual), ops.ncs(shortcut),
             sc_weight, sc_bias, sc_running_mean, sc_running_var, training, eps, relu,
-            channels_last, name)
+            ops.is_channels_last(x3), name)
+        out = out.view(x.shape)
         count = x3.shape[0] * x3.shape[2]
     if training:
         factor = 0.0 if momentum is None else float(momentum)
@@ -160,7 +155,7 @@ def _fused(x, residual, running_mean, running_var, weight, bias, shortcut, sc_ru
         if shortcut is not None and sc_running_mean is not None:
             ops.update_running_stats(sc_running_mean, sc_running_var, mean2,
                                      ops.unbiased(var2, count), factor, nbt)
-    return out.view(x.shape)
+    return out
 
 
 def _composite(x, residual, running_mean, running_var, weight, bias, shortcut, sc_running_mean,

@@ -18,11 +18,13 @@ Python before the call (``fusedres._backend.resolve_backend``).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from . import _backend  # noqa: F401  (loads fusedres._C, whose ops are used below)
 from . import reference as ref
 
 # --------------------------------------------------------------------------------------
@@ -143,6 +145,17 @@ def primitives(backend: str) -> Primitives:
 
 
 PRIMITIVE_BACKENDS = ("cpu", "cuda", "triton", "reference_primitives")
+# Backends whose whole pipeline also exists as one C++ op per direction.
+NATIVE_BACKENDS = ("cpu", "cuda")
+
+
+def _has_native(op: str) -> bool:
+    """Whether fusedres._C defined ``fusedres::<op>`` (it is loaded before this module)."""
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"fusedres::{op}", "")
+        return True
+    except RuntimeError:
+        return False
 
 # --------------------------------------------------------------------------------------
 # The fused op: forward
@@ -212,9 +225,8 @@ def batch_norm_act(
     return out, mean, var, mean2, var2, mask
 
 
-@batch_norm_act.register_fake
-def _(x, weight, bias, mean_in, var_in, residual, x2, weight2, bias2, mean2_in, var2_in,
-      training, eps, relu, channels_last, backend):
+def _forward_fake(x, weight, bias, mean_in, var_in, residual, x2, weight2, bias2, mean2_in,
+                  var2_in, training, eps, relu, channels_last, backend=None):
     save_mask = relu and (residual is not None or x2 is not None)
     out, mask = _apply_fake(x, None, None, None, None, None, None, relu, save_mask,
                             channels_last)
@@ -225,6 +237,8 @@ def _(x, weight, bias, mean_in, var_in, residual, x2, weight2, bias2, mean2_in, 
         mean2, var2 = mean.new_empty(0), mean.new_empty(0)
     return out, mean, var, mean2, var2, mask
 
+
+batch_norm_act.register_fake(_forward_fake)
 
 # --------------------------------------------------------------------------------------
 # The fused op: backward
@@ -307,9 +321,8 @@ def batch_norm_act_backward(
     return dx, dweight, dbias, dres, dx2, dweight2, dbias2
 
 
-@batch_norm_act_backward.register_fake
-def _(dout, x, weight, bias, mean, var, mask, x2, weight2, bias2, mean2, var2, training, eps,
-      relu, has_residual, channels_last, backend, needs):
+def _backward_fake(dout, x, weight, bias, mean, var, mask, x2, weight2, bias2, mean2, var2,
+                   training, eps, relu, has_residual, channels_last, backend, needs):
     need_dx, need_affine, need_res, need_dx2, need_affine2 = needs
     like = lambda t, need: torch.empty_like(t) if need and t is not None else x.new_empty(0)  # noqa: E731
     dense = lambda need: ref.empty_ncs(*x.shape, channels_last, x.dtype, x.device) \
@@ -319,6 +332,52 @@ def _(dout, x, weight, bias, mean, var, mask, x2, weight2, bias2, mean2, var2, t
             like(bias, need_affine), dense(need_res and has_residual),
             dense(has_x2 and need_dx2), like(weight2, has_x2 and need_affine2),
             like(bias2, has_x2 and need_affine2))
+
+
+batch_norm_act_backward.register_fake(_backward_fake)
+
+
+def _register_native_fakes():
+    """Fake kernels of the C++ pipeline ops (csrc/bn_fused.cpp), when fusedres._C has them:
+    the Python pipeline's fakes on the ``(N, C, S)`` view, outputs shaped like ``x``."""
+    if not _has_native("bn_act_forward"):
+        return
+
+    def like_x(t, x):
+        return t.view(x.shape) if t.numel() else t
+
+    @torch.library.register_fake("fusedres::bn_act_forward")
+    def _(x, weight, bias, mean_in, var_in, residual, x2, weight2, bias2, mean2_in, var2_in,
+          training, eps, relu):
+        x3 = ncs(x)
+        out, *rest = _forward_fake(x3, weight, bias, mean_in, var_in, residual,
+                                   ncs(x2), weight2, bias2,
+                                   mean2_in, var2_in, training, eps, relu,
+                                   is_channels_last(x3))
+        return (like_x(out, x), *rest)
+
+    @torch.library.register_fake("fusedres::bn_act_backward")
+    def _(dout, x, weight, bias, mean, var, mask, x2, weight2, bias2, mean2, var2, training, eps,
+          relu, has_residual, needs):
+        x3 = ncs(x)
+        grads = _backward_fake(dout, x3, weight, bias, mean, var, mask, x2, weight2, bias2,
+                               mean2, var2, training, eps, relu, has_residual,
+                               is_channels_last(x3), None, needs)
+        return tuple(like_x(g, x) if i in (0, 3, 4) else g for i, g in enumerate(grads))
+
+
+def ncs(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``(N, C, *spatial)`` -> ``(N, C, S)``, a view whenever the strides allow."""
+    return None if t is None else t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
+
+
+def is_channels_last(x3: Tensor) -> bool:
+    """Outputs are written channels-last when the ``(N, C, S)`` input is laid out so."""
+    n, c, s = x3.shape
+    return c > 1 and s > 1 and x3.stride(1) < x3.stride(2)
+
+
+_register_native_fakes()
 
 
 def _setup_context(ctx, inputs, output):
@@ -356,30 +415,33 @@ torch.library.register_autograd("fusedres::batch_norm_act", _backward,
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fusedres::update_running_stats",
-                         mutates_args=("running_mean", "running_var"))
-def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor,
-                         unbiased_var: Tensor, momentum: float,
-                         num_batches_tracked: Optional[Tensor]) -> None:
+def update_running_stats_reference(running_mean: Tensor, running_var: Tensor, mean: Tensor,
+                                   unbiased_var: Tensor, momentum: float,
+                                   num_batches_tracked: Optional[Tensor]) -> None:
     """``running <- (1-f)*running + f*batch`` as ``nn.BatchNorm`` does, on the device.
 
     ``unbiased_var`` is the batch variance with Bessel's correction (``var*M/(M-1)``,
     see :func:`unbiased`). ``f`` is ``momentum``, or ``1/num_batches_tracked`` (the
     cumulative average of ``momentum=None``) when that tensor is given; the caller
     increments ``num_batches_tracked`` first, as ``nn.BatchNorm`` does.
+
+    The op ``fusedres::update_running_stats`` is this function: compiled from C++
+    (csrc/bn_fused.cpp, one dispatch instead of a dozen) when fusedres._C is loaded,
+    registered from here otherwise.
     """
     acc = mean.dtype
-    if num_batches_tracked is not None:
-        factor = 1.0 / num_batches_tracked.to(acc)
-    else:
-        factor = torch.tensor(momentum, dtype=acc, device=mean.device)
+    factor = momentum if num_batches_tracked is None else 1.0 / num_batches_tracked.to(acc)
     for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
-        running.copy_(running.to(acc) * (1 - factor) + batch * factor)
+        running.copy_(running.to(acc).lerp(batch, factor))  # running + f*(batch - running)
 
 
-@update_running_stats.register_fake
-def _(running_mean, running_var, mean, unbiased_var, momentum, num_batches_tracked):
-    return None
+if _has_native("update_running_stats"):
+    update_running_stats = torch.ops.fusedres.update_running_stats
+else:
+    update_running_stats = torch.library.custom_op(
+        "fusedres::update_running_stats", update_running_stats_reference,
+        mutates_args=("running_mean", "running_var"))
+    update_running_stats.register_fake(lambda *args: None)
 
 
 def unbiased(var: Tensor, count) -> Tensor:

@@ -3,7 +3,7 @@ backend against their pure-PyTorch contract in fusedres.reference."""
 import pytest
 import torch
 
-import fusedres  # noqa: F401  (registers the ops)
+import fusedres
 from fusedres import ops
 from fusedres import reference as ref
 
@@ -158,3 +158,112 @@ def test_int64_offsets(backend_device):
     got = prims.backward_reduce(dout, x, mean, sc, sh, None, True, False)
     torch.testing.assert_close(got, _REF.backward_reduce(dout, dense, mean, sc, sh, None, True,
                                                          False))
+
+
+# --------------------------------------------------------------------------------------
+# The C++ pipeline (csrc/bn_fused.cpp) of the cpu and cuda backends
+# --------------------------------------------------------------------------------------
+
+
+def _native_backends():
+    out = [(b, d) for b, d in (("cpu", "cpu"), ("cuda", "cuda"))
+           if b in fusedres.available_backends()
+           and torch._C._dispatch_has_kernel_for_dispatch_key("fusedres::bn_act_forward",
+                                                               d.upper())]
+    return out or [pytest.param(None, None, marks=pytest.mark.skip("fusedres._C not built"))]
+
+
+_VARIANTS = {"relu": (False, False, True), "bn": (False, False, False),
+             "add": (True, False, True), "dual": (False, True, True),
+             "add+dual": (True, True, True)}
+
+
+def _grads(outputs, inputs, seed=11):
+    out = outputs[0]
+    g = torch.Generator().manual_seed(seed)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    return torch.autograd.grad(out, leaves, dout)
+
+
+@pytest.mark.parametrize("backend,device", _native_backends())
+@pytest.mark.parametrize("variant", list(_VARIANTS))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["ncs", "cl"])
+def test_native_pipeline_equals_python_pipeline(backend, device, variant, training,
+                                                channels_last):
+    """Same primitives, same finalize formulas: the C++ pipeline and its autograd give
+    bitwise the Python pipeline's outputs, statistics, mask and every gradient."""
+    residual, dual, relu = _VARIANTS[variant]
+    args = _fused_args(device, residual, dual, training, relu, channels_last, backend,
+                       dtype=torch.float32)
+    python = torch.ops.fusedres.batch_norm_act(*args)
+    native = torch.ops.fusedres.bn_act_forward(*args[:-2])
+    for p, n in zip(python, native):
+        assert p.shape == n.shape and p.stride() == n.stride()
+        assert torch.equal(p, n)
+    for p, n in zip(_grads(python, args), _grads(native, args)):
+        assert torch.equal(p, n)
+
+
+@pytest.mark.parametrize("backend,device", _native_backends())
+def test_native_pipeline_on_4d_any_strides(backend, device):
+    """(N, C, H, W) in, out in x's shape and layout; gradients of any strides."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 5, 4, generator=g).to(device, memory_format=torch.channels_last)
+    x.requires_grad_()
+    r = torch.randn(2, 6, 5, 4, generator=g).to(device).requires_grad_()  # NCHW residual
+    w = (torch.rand(6, generator=g) + 0.5).to(device).requires_grad_()
+    b = torch.randn(6, generator=g).to(device).requires_grad_()
+    out, *_ = torch.ops.fusedres.bn_act_forward(x, w, b, None, None, r, None, None, None, None,
+                                                None, True, 1e-5, True)
+    assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+    want = torch.relu(torch.nn.functional.batch_norm(x.double(), None, None, w.double(),
+                                                     b.double(), True) + r.double())
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    dout = torch.randn(6, 1, 1, generator=g).to(device).expand(2, 6, 5, 4)  # stride 0
+    got = torch.autograd.grad(out, (x, r, w, b), dout)
+    ref_in = [t.detach().double().requires_grad_() for t in (x, r, w, b)]
+    want = torch.relu(torch.nn.functional.batch_norm(ref_in[0], None, None, ref_in[2],
+                                                     ref_in[3], True) + ref_in[1])
+    for a, e in zip(got, torch.autograd.grad(want, ref_in, dout.double())):
+        torch.testing.assert_close(a.double(), e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", _native_backends())
+@pytest.mark.parametrize("variant", ["relu", "add", "dual"])
+def test_opcheck_native_ops(backend, device, variant):
+    residual, dual, relu = _VARIANTS[variant]
+    for training in (True, False):
+        for channels_last in (False, True):
+            args = _fused_args(device, residual, dual, training, relu, channels_last, backend)
+            torch.library.opcheck(torch.ops.fusedres.bn_act_forward.default, args[:-2])
+            outs = torch.ops.fusedres.bn_act_forward(*args[:-2])
+            x, w, b, _, _, r, x2, w2, b2 = args[:9]
+            bwd = (torch.randn_like(outs[0]), x.detach(), w.detach(), b.detach(), outs[1],
+                   outs[2], outs[5] if outs[5].numel() else None,
+                   None if x2 is None else x2.detach(), None if w2 is None else w2.detach(),
+                   None if b2 is None else b2.detach(), outs[3] if dual else None,
+                   outs[4] if dual else None, training, 1e-5, relu, residual,
+                   [True, True, residual, dual, dual])
+            torch.library.opcheck(torch.ops.fusedres.bn_act_backward.default, bwd)
+
+
+@pytest.mark.parametrize("nbt", [None, 3], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float16])
+def test_update_running_stats_matches_reference_function(nbt, running_dtype):
+    """The op (C++ when fusedres._C is loaded) is the Python function it documents."""
+    g = torch.Generator().manual_seed(0)
+    rm, rv = torch.randn(5, generator=g).to(running_dtype), torch.rand(5, generator=g).to(
+        running_dtype)
+    mean, var = torch.randn(5, generator=g), torch.rand(5, generator=g)
+    count = None if nbt is None else torch.tensor(nbt)
+    rm0, rv0 = rm.float().clone(), rv.float().clone()
+    want_m, want_v = rm.clone(), rv.clone()
+    ops.update_running_stats_reference(want_m, want_v, mean, var, 0.3, count)
+    ops.update_running_stats(rm, rv, mean, var, 0.3, count)
+    assert torch.equal(rm, want_m) and torch.equal(rv, want_v)
+    f = 0.3 if nbt is None else 1 / nbt  # nn.BatchNorm's update
+    tol = {"atol": 1e-3, "rtol": 1e-3} if running_dtype == torch.float16 else {}
+    torch.testing.assert_close(rm.float(), (1 - f) * rm0 + f * mean, **tol)
+    torch.testing.assert_close(rv.float(), (1 - f) * rv0 + f * var, **tol)

@@ -1,0 +1,431 @@
+// The fused BN pipeline on the C++/CUDA primitives, for the `cpu` and `cuda` backends:
+//
+//   bn_act_forward   statistics (or running statistics) -> finalize -> apply
+//   bn_act_backward  per BN input: reduce -> coefficients -> elementwise
+//   update_running_stats   running <- (1-f)*running + f*batch, on the device
+//
+// This is fusedres/ops.py's `batch_norm_act` / `batch_norm_act_backward` pipeline with
+// the per-call Python removed (a few dozen small tensor ops and a dispatch per
+// primitive: ~100-300 us per call on CPU, more than the kernels of a 7x7 layer). The
+// Python version stays the readable reference and runs the Triton primitives; tests
+// compare the two. Same math: one `scale_shift` for forward and backward, so the ReLU
+// mask recomputed in backward is bitwise the forward's.
+//
+// Device-generic: the primitives are called through the dispatcher (CPU or CUDA
+// kernels by the tensors' device); registered under the CPU key, and the CUDA key when
+// the CUDA kernels are built. Autograd and fake kernels are registered from Python.
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace fusedres {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using Pair = std::tuple<Tensor, Tensor>;
+
+bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+at::ScalarType acc_dtype(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// ---- the primitives, by name (contract: fusedres/reference.py) -----------------------
+
+Pair bn_stats(const Tensor& x, bool channels_last) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fusedres::bn_stats", "")
+                       .typed<Pair(const Tensor&, bool)>();
+  return op.call(x, channels_last);
+}
+
+Pair bn_apply(const Tensor& x, const Tensor& scale, const Tensor& shift, const OptTensor& residual,
+              const OptTensor& x2, const OptTensor& scale2, const OptTensor& shift2, bool relu,
+              bool save_mask, bool channels_last) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fusedres::bn_apply", "")
+                       .typed<Pair(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                   const OptTensor&, const OptTensor&, const OptTensor&, bool,
+                                   bool, bool)>();
+  return op.call(x, scale, shift, residual, x2, scale2, shift2, relu, save_mask, channels_last);
+}
+
+Pair bn_backward_reduce(const Tensor& dout, const Tensor& x, const Tensor& mean,
+                        const Tensor& scale, const Tensor& shift, const OptTensor& mask, bool relu,
+                        bool channels_last) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fusedres::bn_backward_reduce", "")
+                       .typed<Pair(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                   const Tensor&, const OptTensor&, bool, bool)>();
+  return op.call(dout, x, mean, scale, shift, mask, relu, channels_last);
+}
+
+Pair bn_backward_apply(const Tensor& dout, const Tensor& x, const Tensor& mean,
+                       const Tensor& scale, const Tensor& shift, const OptTensor& mask,
+                       const Tensor& coef_g, const Tensor& coef_xc, const Tensor& coef_c,
+                       bool relu, bool write_grad_residual, bool channels_last) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fusedres::bn_backward_apply", "")
+                       .typed<Pair(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                   const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
+                                   const Tensor&, bool, bool, bool)>();
+  return op.call(dout, x, mean, scale, shift, mask, coef_g, coef_xc, coef_c, relu,
+                 write_grad_residual, channels_last);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_forward_op(
+    const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& mean_in,
+    const OptTensor& var_in, const OptTensor& residual, const OptTensor& x2,
+    const OptTensor& weight2, const OptTensor& bias2, const OptTensor& mean2_in,
+    const OptTensor& var2_in, bool training, double eps, bool relu) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fusedres::bn_act_forward", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+                           const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                           const OptTensor&, const OptTensor&, const OptTensor&,
+                           const OptTensor&, const OptTensor&, const OptTensor&,
+                           const OptTensor&, bool, double, bool)>();
+  return op.call(x, weight, bias, mean_in, var_in, residual, x2, weight2, bias2, mean2_in,
+                 var2_in, training, eps, relu);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_backward_op(
+    const Tensor& dout, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& mean, const Tensor& var, const OptTensor& mask, const OptTensor& x2,
+    const OptTensor& weight2, const OptTensor& bias2, const OptTensor& mean2,
+    const OptTensor& var2, bool training, double eps, bool relu, bool has_residual,
+    std::array<bool, 5> needs) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fusedres::bn_act_backward", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+                           const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                           const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                           const OptTensor&, const OptTensor&, const OptTensor&,
+                           const OptTensor&, bool, double, bool, bool, std::array<bool, 5>)>();
+  return op.call(dout, x, weight, bias, mean, var, mask, x2, weight2, bias2, mean2, var2,
+                 training, eps, relu, has_residual, needs);
+}
+
+// ---- finalize (fusedres.ops.scale_shift / backward_coefficients) --------------------
+//
+// A handful of (C,) vectors. On CPU tensors a plain loop: as ~20 small tensor ops they
+// cost ~40 us per training step there, more than the kernels of a 7x7 layer. Elsewhere
+// tensor ops (launched asynchronously on CUDA). Both evaluate the same expressions in the
+// same order in the acc dtype, so they agree bit for bit with the Python pipeline.
+
+struct ScaleShift {
+  Tensor invstd, scale, shift;
+};
+
+// (C,) contiguous in the acc dtype, or an undefined tensor.
+Tensor acc_vector(const OptTensor& t, const Tensor& like) {
+  return given(t) ? t->to(like.scalar_type()).contiguous() : Tensor();
+}
+
+template <typename T>
+const T* ptr_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+ScaleShift scale_shift(const OptTensor& weight, const OptTensor& bias, const Tensor& mean,
+                       const Tensor& var, double eps) {
+  ScaleShift r;
+  if (!mean.is_cpu()) {
+    r.invstd = at::rsqrt(var + eps);
+    r.scale = given(weight) ? weight->to(mean.scalar_type()) * r.invstd : r.invstd;
+    r.shift = -mean * r.scale;
+    if (given(bias)) r.shift = r.shift + bias->to(mean.scalar_type());
+    return r;
+  }
+  const Tensor w = acc_vector(weight, mean), b = acc_vector(bias, mean);
+  const Tensor m = mean.contiguous(), v = var.contiguous();
+  r.invstd = at::empty_like(m);
+  r.scale = given(weight) ? at::empty_like(m) : r.invstd;
+  r.shift = at::empty_like(m);
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "fusedres_scale_shift", [&] {
+    const scalar_t *wp = ptr_or_null<scalar_t>(w), *bp = ptr_or_null<scalar_t>(b);
+    const scalar_t *mp = m.const_data_ptr<scalar_t>(), *vp = v.const_data_ptr<scalar_t>();
+    scalar_t *ip = r.invstd.data_ptr<scalar_t>(), *sp = r.scale.data_ptr<scalar_t>();
+    scalar_t* tp = r.shift.data_ptr<scalar_t>();
+    const auto e = static_cast<scalar_t>(eps);
+    for (int64_t c = 0; c < m.numel(); ++c) {
+      const scalar_t invstd = scalar_t(1) / std::sqrt(vp[c] + e);
+      const scalar_t scale = wp ? wp[c] * invstd : invstd;
+      const scalar_t shift = -mp[c] * scale;
+      ip[c] = invstd;
+      sp[c] = scale;
+      tp[c] = bp ? shift + bp[c] : shift;
+    }
+  });
+  return r;
+}
+
+// (coef_xc, coef_c) of the training-mode input gradient
+// dx = scale*(g - sum(g)/M - xhat*sum(g*xhat)/M) = scale*g + coef_xc*(x - mean) + coef_c.
+Pair backward_coefficients(const ScaleShift& ss, const Tensor& sum_g, const Tensor& sum_g_xc,
+                           double count) {
+  if (!sum_g.is_cpu()) {
+    return {-ss.scale * ss.invstd * ss.invstd * sum_g_xc / count, -ss.scale * sum_g / count};
+  }
+  Tensor coef_xc = at::empty_like(ss.scale), coef_c = at::empty_like(ss.scale);
+  AT_DISPATCH_FLOATING_TYPES(ss.scale.scalar_type(), "fusedres_backward_coefficients", [&] {
+    const scalar_t *sp = ss.scale.const_data_ptr<scalar_t>();
+    const scalar_t *ip = ss.invstd.const_data_ptr<scalar_t>();
+    const scalar_t *gp = sum_g.const_data_ptr<scalar_t>();
+    const scalar_t *gxp = sum_g_xc.const_data_ptr<scalar_t>();
+    scalar_t *xcp = coef_xc.data_ptr<scalar_t>(), *cp = coef_c.data_ptr<scalar_t>();
+    const auto m = static_cast<scalar_t>(count);
+    for (int64_t c = 0; c < coef_c.numel(); ++c) {
+      xcp[c] = -sp[c] * ip[c] * ip[c] * gxp[c] / m;
+      cp[c] = -sp[c] * gp[c] / m;
+    }
+  });
+  return {coef_xc, coef_c};
+}
+
+Tensor nothing(const Tensor& x) { return at::empty({0}, x.options()); }
+
+Pair batch_or_running_stats(const Tensor& x, const OptTensor& mean_in, const OptTensor& var_in,
+                            bool training, bool channels_last) {
+  if (training) return bn_stats(x, channels_last);
+  TORCH_CHECK(given(mean_in) && given(var_in),
+              "fusedres::bn_act_forward: eval mode needs running_mean and running_var");
+  const auto acc = acc_dtype(x);
+  return {mean_in->to(acc, /*non_blocking=*/false, /*copy=*/true),
+          var_in->to(acc, /*non_blocking=*/false, /*copy=*/true)};
+}
+
+// ---- forward ------------------------------------------------------------------------
+
+// (N, C, *spatial) -> (N, C, S): a view whenever the strides allow (as functional._ncs).
+Tensor ncs(const Tensor& t) {
+  const auto sizes = t.sizes();
+  const int64_t s = c10::multiply_integers(sizes.begin() + 2, sizes.end());
+  return t.reshape({sizes[0], sizes[1], s});
+}
+OptTensor ncs(const OptTensor& t) { return given(t) ? OptTensor(ncs(*t)) : std::nullopt; }
+
+// Outputs are written channels-last when the input is laid out that way.
+bool is_channels_last(const Tensor& x3) {
+  return x3.size(1) > 1 && x3.size(2) > 1 && x3.stride(1) < x3.stride(2);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_forward(
+    const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& mean_in,
+    const OptTensor& var_in, const OptTensor& residual, const OptTensor& x2,
+    const OptTensor& weight2, const OptTensor& bias2, const OptTensor& mean2_in,
+    const OptTensor& var2_in, bool training, double eps, bool relu) {
+  TORCH_CHECK(x.dim() >= 2, "fusedres::bn_act_forward: x must have 2 or more dims, got ",
+              x.dim());
+  const Tensor x3 = ncs(x);
+  const OptTensor x2_3 = ncs(x2);
+  const bool channels_last = is_channels_last(x3);
+  auto [mean, var] = batch_or_running_stats(x3, mean_in, var_in, training, channels_last);
+  const ScaleShift ss = scale_shift(weight, bias, mean, var, eps);
+  Tensor mean2, var2;
+  OptTensor scale2, shift2;
+  if (given(x2)) {
+    std::tie(mean2, var2) = batch_or_running_stats(*x2_3, mean2_in, var2_in, training,
+                                                   channels_last);
+    const ScaleShift ss2 = scale_shift(weight2, bias2, mean2, var2, eps);
+    scale2 = ss2.scale;
+    shift2 = ss2.shift;
+  } else {  // outputs of an op may not alias each other: two distinct empties
+    mean2 = nothing(mean);
+    var2 = nothing(mean);
+  }
+  const bool save_mask = relu && (given(residual) || given(x2));
+  auto [out, mask] = bn_apply(x3, ss.scale, ss.shift, ncs(residual), x2_3, scale2, shift2, relu,
+                              save_mask, channels_last);
+  return {out.view(x.sizes()), mean, var, mean2, var2, mask};
+}
+
+// ---- backward -----------------------------------------------------------------------
+
+// Gradients of one BN input: (dx, dweight, dbias, dres); empty where not needed.
+std::tuple<Tensor, Tensor, Tensor, Tensor> input_backward(
+    const Tensor& dout, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& mean, const Tensor& var, const OptTensor& mask, bool training, double eps,
+    bool relu, bool write_grad_residual, bool channels_last, bool need_dx, bool need_affine) {
+  const ScaleShift ss = scale_shift(weight, bias, mean, var, eps);
+  Tensor sum_g, sum_g_xc;
+  if (training || need_affine) {
+    std::tie(sum_g, sum_g_xc) =
+        bn_backward_reduce(dout, x, mean, ss.scale, ss.shift, mask, relu, channels_last);
+  }
+  Tensor dweight = need_affine && given(weight)
+                       ? (sum_g_xc * ss.invstd).to(weight->scalar_type()) : nothing(x);
+  Tensor dbias = need_affine && given(bias) ? sum_g.to(bias->scalar_type()) : nothing(x);
+  if (!(need_dx || write_grad_residual)) return {nothing(x), dweight, dbias, nothing(x)};
+  Tensor coef_xc, coef_c;
+  if (training) {
+    std::tie(coef_xc, coef_c) = backward_coefficients(
+        ss, sum_g, sum_g_xc, static_cast<double>(x.size(0) * x.size(2)));
+  } else {
+    coef_xc = at::zeros_like(ss.scale);
+    coef_c = at::zeros_like(ss.scale);
+  }
+  auto [dx, dres] = bn_backward_apply(dout, x, mean, ss.scale, ss.shift, mask, ss.scale, coef_xc,
+                                      coef_c, relu, write_grad_residual, channels_last);
+  return {dx, dweight, dbias, dres};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_backward(
+    const Tensor& dout, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& mean, const Tensor& var, const OptTensor& mask, const OptTensor& x2,
+    const OptTensor& weight2, const OptTensor& bias2, const OptTensor& mean2,
+    const OptTensor& var2, bool training, double eps, bool relu, bool has_residual,
+    std::array<bool, 5> needs) {
+  const auto [need_dx, need_affine, need_res, need_dx2, need_affine2] = needs;
+  const Tensor x3 = ncs(x), dout3 = ncs(dout);
+  const bool channels_last = is_channels_last(x3);
+  const OptTensor m = given(mask) && mask->numel() > 0 ? mask : std::nullopt;
+  auto [dx, dweight, dbias, dres] =
+      input_backward(dout3, x3, weight, bias, mean, var, m, training, eps, relu,
+                     need_res && has_residual, channels_last, need_dx, need_affine);
+  Tensor dx2 = nothing(x), dweight2 = nothing(x), dbias2 = nothing(x);
+  if (given(x2) && (need_dx2 || need_affine2)) {
+    TORCH_CHECK(given(mean2) && given(var2), "fusedres::bn_act_backward: x2 needs mean2, var2");
+    std::tie(dx2, dweight2, dbias2, std::ignore) =
+        input_backward(dout3, ncs(*x2), weight2, bias2, *mean2, *var2, m, training, eps, relu,
+                       false, channels_last, need_dx2, need_affine2);
+  }
+  const auto full = [&](const Tensor& t) { return t.numel() ? t.view(x.sizes()) : t; };
+  return {full(dx), dweight, dbias, full(dres), full(dx2), dweight2, dbias2};
+}
+
+// ---- autograd -----------------------------------------------------------------------
+//
+// In C++ rather than with torch.library.register_autograd: the Python autograd wrapper
+// and a Python backward op cost ~250 us per training step of a BN on CPU, more than the
+// kernels of a 14x14 layer. Same formula as fusedres/ops.py's `_backward`.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int kTensorArgs = 11;  // x .. var2_in, in schema order
+enum Arg { kX, kWeight, kBias, kMeanIn, kVarIn, kResidual, kX2, kWeight2, kBias2 };
+
+struct BnActFunction : public torch::autograd::Function<BnActFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight,
+                               const OptTensor& bias, const OptTensor& mean_in,
+                               const OptTensor& var_in, const OptTensor& residual,
+                               const OptTensor& x2, const OptTensor& weight2,
+                               const OptTensor& bias2, const OptTensor& mean2_in,
+                               const OptTensor& var2_in, bool training, double eps, bool relu) {
+    // Edge index of each tensor argument: torch counts only the ones given.
+    const std::array<const OptTensor*, kTensorArgs - 1> opt = {
+        &weight, &bias, &mean_in, &var_in, &residual, &x2, &weight2, &bias2, &mean2_in,
+        &var2_in};
+    std::vector<int64_t> edge(kTensorArgs, -1);
+    edge[kX] = 0;
+    int64_t next = 1;
+    for (int i = 1; i < kTensorArgs; ++i) {
+      if (given(*opt[i - 1])) edge[i] = next++;
+    }
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, mean, var, mean2, var2, mask] =
+        bn_act_forward_op(x, weight, bias, mean_in, var_in, residual, x2, weight2, bias2,
+                          mean2_in, var2_in, training, eps, relu);
+    const Tensor none;
+    ctx->save_for_backward({x, weight.value_or(none), bias.value_or(none), mean, var, mask,
+                            x2.value_or(none), weight2.value_or(none), bias2.value_or(none),
+                            mean2, var2});
+    ctx->saved_data["edge"] = c10::IValue(edge);
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["has_residual"] = given(residual);
+    ctx->mark_non_differentiable({mean, var, mean2, var2, mask});
+    ctx->set_materialize_grads(false);  // no zero tensors for the statistics' gradients
+    return {out, mean, var, mean2, var2, mask};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto edge = ctx->saved_data["edge"].toIntVector();
+    const auto need = [&](Arg a) { return edge[a] >= 0 && ctx->needs_input_grad(edge[a]); };
+    const std::array<bool, 5> needs = {need(kX), need(kWeight) || need(kBias), need(kResidual),
+                                       need(kX2), need(kWeight2) || need(kBias2)};
+    variable_list result(kTensorArgs + 3);  // undefined: no gradient
+    const Tensor& dout = grads[0];
+    if (!dout.defined() || !(needs[0] || needs[1] || needs[2] || needs[3] || needs[4])) {
+      return result;
+    }
+    const auto s = ctx->get_saved_variables();
+    const auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
+    auto [dx, dweight, dbias, dres, dx2, dweight2, dbias2] = bn_act_backward_op(
+        dout, s[0], opt(s[1]), opt(s[2]), s[3], s[4], opt(s[5]), opt(s[6]), opt(s[7]),
+        opt(s[8]), opt(s[9]), opt(s[10]), ctx->saved_data["training"].toBool(),
+        ctx->saved_data["eps"].toDouble(), ctx->saved_data["relu"].toBool(),
+        ctx->saved_data["has_residual"].toBool(), needs);
+    const auto keep = [&](Arg a, const Tensor& g) { if (need(a)) result[a] = g; };
+    keep(kX, dx);
+    keep(kWeight, dweight);
+    keep(kBias, dbias);
+    keep(kResidual, dres);
+    keep(kX2, dx2);
+    keep(kWeight2, dweight2);
+    keep(kBias2, dbias2);
+    return result;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_forward_autograd(
+    const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& mean_in,
+    const OptTensor& var_in, const OptTensor& residual, const OptTensor& x2,
+    const OptTensor& weight2, const OptTensor& bias2, const OptTensor& mean2_in,
+    const OptTensor& var2_in, bool training, double eps, bool relu) {
+  auto r = BnActFunction::apply(x, weight, bias, mean_in, var_in, residual, x2, weight2, bias2,
+                                mean2_in, var2_in, training, eps, relu);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+}
+
+// ---- running statistics -------------------------------------------------------------
+
+void update_running_stats(Tensor running_mean, Tensor running_var, const Tensor& mean,
+                          const Tensor& unbiased_var, double momentum,
+                          const OptTensor& num_batches_tracked) {
+  // running + f*(batch - running) with f = momentum, or 1/num_batches_tracked
+  // (momentum=None) kept on the device: no host sync, capturable in a CUDA graph.
+  const auto acc = mean.scalar_type();
+  const Tensor factor = given(num_batches_tracked)
+                            ? at::reciprocal(num_batches_tracked->to(acc)) : Tensor();
+  for (auto [running, batch] :
+       {std::pair{running_mean, mean}, std::pair{running_var, unbiased_var}}) {
+    // Half running statistics are updated in the acc dtype and stored rounded.
+    Tensor r = running.scalar_type() == acc ? running : running.to(acc);
+    if (factor.defined()) r.lerp_(batch, factor);
+    else r.lerp_(batch, momentum);
+    if (!r.is_same(running)) running.copy_(r);
+  }
+}
+
+}  // namespace
+}  // namespace fusedres
+
+TORCH_LIBRARY_IMPL(fusedres, Autograd, m) {
+  m.impl("bn_act_forward", &fusedres::bn_act_forward_autograd);
+}
+
+TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
+  m.impl("bn_act_forward", &fusedres::bn_act_forward);
+  m.impl("bn_act_backward", &fusedres::bn_act_backward);
+}
+
+#ifdef FUSEDRES_WITH_CUDA
+TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
+  m.impl("bn_act_forward", &fusedres::bn_act_forward);
+  m.impl("bn_act_backward", &fusedres::bn_act_backward);
+}
+#endif
+
+// Plain tensor math, correct on any device and under fake tensors (torch.compile).
+TORCH_LIBRARY_IMPL(fusedres, CompositeExplicitAutograd, m) {
+  m.impl("update_running_stats", &fusedres::update_running_stats);
+}
