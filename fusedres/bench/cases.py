@@ -586,7 +586,9 @@ def _block_make(kind, in_planes, planes, stride, shape, s: Settings):
             with _autocast(s):
                 return block(x)
 
-        return _grad_fn(forward, [x] + params, provider)
+        run = _grad_fn(forward, [x] + params, provider)
+        run.forward = forward  # what the memory column measures
+        return run
 
     return make
 
@@ -639,6 +641,11 @@ def _train_make(name: str, shape, s: Settings):
             loss.backward()
             opt.step()
 
+        def forward():
+            with _autocast(s):
+                return F.cross_entropy(model(x), y)
+
+        step.forward = forward  # what the memory column measures
         return step
 
     return make

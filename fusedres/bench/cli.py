@@ -236,6 +236,7 @@ def _row(case: C.Case, provider: C.Provider, m: timing.Measurement, s: C.Setting
         "flops": case.flops, "tflops": derived["tflops"],
         "images_per_s": (case.images / secs) if case.images else None,
         "peak_mem_bytes": None, "peak_mem_kind": None,
+        "retained_bytes": None, "retained_kind": None, "retained_vs_eager": None,
         "speedup_vs_eager": None, "git_commit": commit, "extra": dict(case.extra),
     }
 
@@ -249,6 +250,8 @@ def _speedups(rows: list) -> None:
         e = eager.get((r["suite"], r["case"], r["pass"], r["layer"], tuple(r["shape"])))
         if e is not None and r["time_ms"] > 0:
             r["speedup_vs_eager"] = e["time_ms"] / r["time_ms"]
+        if e is not None and r.get("retained_bytes") and e.get("retained_bytes"):
+            r["retained_vs_eager"] = r["retained_bytes"] / e["retained_bytes"]
 
 
 def _cleanup(device):
@@ -333,6 +336,9 @@ def run_suites(args, suites: list) -> dict:
                     peak = timing.peak_memory(fn, device)
                 row = _row(case, provider, m, s, copy.get("gbps"), commit)
                 row["peak_mem_bytes"], row["peak_mem_kind"] = peak
+                if hasattr(fn, "forward"):  # blocks, training step: kept for backward
+                    row["retained_bytes"], row["retained_kind"] = timing.retained_bytes(
+                        fn.forward, device)
                 run.rows.append(row)
             except C.Skip as sk:
                 run.skip(case.suite, provider.name, str(sk))

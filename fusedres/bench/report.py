@@ -22,7 +22,8 @@ ROW_KEYS = (
     "suite", "case", "pass", "layer", "shape", "dtype", "layout", "device", "provider",
     "time_ms", "time_p20_ms", "time_p80_ms", "time_iqr_ms", "samples", "timer", "timer_note",
     "bytes", "bytes_eager", "gbps", "pct_copy_bw", "flops", "tflops", "images_per_s",
-    "peak_mem_bytes", "peak_mem_kind", "speedup_vs_eager", "git_commit", "extra",
+    "peak_mem_bytes", "peak_mem_kind", "retained_bytes", "retained_kind", "retained_vs_eager",
+    "speedup_vs_eager", "git_commit", "extra",
 )
 
 
@@ -139,8 +140,17 @@ def _throughput(row) -> str:
     return ""
 
 
+def _retained(row) -> str:
+    kept = row.get("retained_bytes")
+    if kept is None:
+        return ""
+    ratio = row.get("retained_vs_eager")
+    return f"{kept / 2**20:.1f}" + (f" ({ratio:.2f}x)" if ratio is not None else "")
+
+
 TABLE_COLUMNS = ("suite", "case", "pass", "layer", "shape", "provider", "median ms",
-                 "p20-p80 ms", "throughput", "vs eager", "peak MiB")
+                 "p20-p80 ms", "throughput", "vs eager", "peak MiB",
+                 "kept for bwd MiB (vs eager)")
 
 
 def table_rows(rows: list) -> list:
@@ -152,6 +162,7 @@ def table_rows(rows: list) -> list:
             f"{r['time_ms']:.4g}", f"{r['time_p20_ms']:.4g}-{r['time_p80_ms']:.4g}",
             _throughput(r), _num(r.get("speedup_vs_eager"), "{:.2f}x"),
             "" if peak is None else f"{peak / 2**20:.0f}",
+            _retained(r),
         ])
     return out
 
