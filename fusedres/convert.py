@@ -377,6 +377,11 @@ def _candidate_note(block, prefix, relu) -> str:
     if convs:
         return (f"prologue candidate left: feeds conv {', '.join(convs)} and other ops, "
                 "which need the stored output")
+    blocks = [_path(prefix, u.target) for u in users
+              if u.op == "call_module" and any(True for _ in _module(block, u).children())]
+    if blocks:
+        return (f"feeds block {', '.join(blocks)}, converted on its own: a BN-ReLU -> conv "
+                "site never crosses a block boundary")
     return ""
 
 
