@@ -8,10 +8,12 @@ is matched, largest pattern first:
 
     tail     bn(conv(x)) + r -> relu           r: any tensor (identity, option-A padding, ...)
     dual     bn(conv(x)) + bn_d(conv_d(s)) -> relu    (projection shortcut, both BNs fused)
-    bn_relu  bn(conv(x)) -> relu                (conv optional: pre-activation, DenseNet)
+    bn_relu  bn(conv(x)) -> relu [-> conv2]     (conv optional: pre-activation, DenseNet)
     conv_bn  bn(conv(x))
 
-(the conv only when its output has no other user; ReLU as ``nn.ReLU`` — one shared module
+(the conv only when its output has no other user; conv2 when it is the ReLU output's only
+user: a BN-ReLU -> conv site, run by ``fusedres.nn.bn_relu_conv2d``, which applies the
+BN-ReLU in conv2's prologue on the Triton conv path; ReLU as ``nn.ReLU`` — one shared module
 called at several sites too —, ``F.relu``, ``torch.relu``, ``.relu()``, in-place or not;
 add as ``+``, ``+=``, ``torch.add``, ``.add``). Each match becomes one call of
 ``fusedres.nn.conv_bn_act`` with the block's own conv/BN modules, read through
@@ -574,9 +576,12 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
     Returns ``model`` itself with ``inplace=True``, else a converted deep copy. The
     result has the same state_dict keys and values and computes the same function.
     ``backend`` is passed to every fused call (``"auto"``: chosen per call from the
-    tensors' device). ``memory_saving=True``: where a BN-ReLU's output only feeds a conv,
-    that output is not kept for backward but recomputed from the BN input
-    (``torch.utils.checkpoint`` around BN-ReLU-conv; running statistics are updated once).
+    tensors' device). Where a BN-ReLU's output only feeds a conv and that conv runs on
+    Triton (``backend="triton"``, or ``"auto"`` on CUDA), the BN-ReLU is applied in the
+    conv's prologue and its output never exists. ``memory_saving=True``: at such a site
+    off the Triton path, the BN-ReLU output is not kept for backward but recomputed from
+    the BN input (``torch.utils.checkpoint`` around BN-ReLU-conv; running statistics are
+    updated once).
     ``sync_bn=True`` (over the default group) or ``process_group=pg``: every BatchNorm2d
     normalises with the statistics of the global batch across processes in training, as
     ``nn.SyncBatchNorm`` does, inside the fused kernels (CPU/gloo and GPU/NCCL). It needs
