@@ -3,6 +3,8 @@
 
 Without a GPU the Triton conv runs in the interpreter: batch 2, 8-16 channels, 8x8 images.
 """
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -308,3 +310,32 @@ def test_block_boundaries(prologue_calls):
     assert "leaves the block" in rows["blocks.0.bn"]["reason"]
     _check(ref, fused, torch.float32, last="triton")
     assert prologue_calls == [(True, True)] * 2 + [(False, False)]
+
+
+def test_autocast_fp16():
+    """Under autocast the BN reads the fp16 conv output with fp32 parameters; the conv casts
+    its weight and bias. An input not in the autocast dtype goes to the old path."""
+    torch.manual_seed(0)
+    ref = _randomize(PreLayer()).to(DEVICE)
+    ref.conv.bias = nn.Parameter(torch.randn(8, device=DEVICE))
+    bn, conv = copy.deepcopy([ref.bn, ref.conv])
+    y = torch.randn(2, 8, 8, 8, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        assert "autocast" in fnn.prologue_problem(bn, conv, y, "triton")
+        y = y.half().requires_grad_()
+        y2 = y.detach().clone().requires_grad_()
+        want = ref(y)
+        assert fnn.prologue_problem(bn, conv, y2, "triton") is None
+        got = fnn.bn_relu_conv2d(bn, conv, y2, backend="triton")
+    assert fnn.last_backend() == "triton-prologue" and got.dtype == want.dtype
+    g = torch.randn_like(want)
+    want.backward(g)
+    got.backward(g)
+    for w, f, what in [(want, got, "output"), (y.grad, y2.grad, "input grad"),
+                       (ref.bn.weight.grad, bn.weight.grad, "BN weight grad"),
+                       (ref.conv.weight.grad, conv.weight.grad, "conv weight grad"),
+                       (ref.conv.bias.grad, conv.bias.grad, "conv bias grad"),
+                       (ref.bn.running_var, bn.running_var, "running var")]:
+        atol = 1e-2 * max(float(w.detach().abs().max()), 1.0)
+        torch.testing.assert_close(f.float(), w.float(), rtol=1e-2, atol=atol,
+                                   msg=lambda m: f"{what}: {m}")
