@@ -371,8 +371,8 @@ def _candidate_note(block, prefix, relu) -> str:
     users = list(relu.users)
     convs = [_path(prefix, u.target) for u in users if _is_conv(block, u)]
     if any(u.op == "output" for u in users):
-        return ("prologue candidate left: its output leaves the block, and blocks are "
-                "converted one at a time (a conv of another module cannot take it)")
+        return ("its output leaves the block: no BN-ReLU -> conv site crosses a block "
+                "boundary (blocks are converted one at a time)")
     if convs and len(convs) == len(users):
         return (f"prologue candidate left: feeds {len(convs)} convs ({', '.join(convs)}); "
                 "a prologue needs one conv as the only consumer")

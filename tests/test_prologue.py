@@ -307,7 +307,7 @@ def test_block_boundaries(prologue_calls):
     assert "feeds block blocks.0, converted on its own" in rows["stages.1.1"]["reason"]
     for site in ("blocks.0.bn", "blocks.1.bn"):
         assert rows[site]["kernel"] == "batch_norm_relu"
-    assert "leaves the block" in rows["blocks.0.bn"]["reason"]
+    assert "its output leaves the block" in rows["blocks.0.bn"]["reason"]
     _check(ref, fused, torch.float32, last="triton")
     assert prologue_calls == [(True, True)] * 2 + [(False, False)]
 
