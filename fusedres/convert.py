@@ -8,10 +8,12 @@ is matched, largest pattern first:
 
     tail     bn(conv(x)) + r -> relu           r: any tensor (identity, option-A padding, ...)
     dual     bn(conv(x)) + bn_d(conv_d(s)) -> relu    (projection shortcut, both BNs fused)
-    bn_relu  bn(conv(x)) -> relu                (conv optional: pre-activation, DenseNet)
+    bn_relu  bn(conv(x)) -> relu [-> conv2]     (conv optional: pre-activation, DenseNet)
     conv_bn  bn(conv(x))
 
-(the conv only when its output has no other user; ReLU as ``nn.ReLU`` — one shared module
+(the conv only when its output has no other user; conv2 when it is the ReLU output's only
+user: a BN-ReLU -> conv site, run by ``fusedres.nn.bn_relu_conv2d``, which applies the
+BN-ReLU in conv2's prologue on the Triton conv path; ReLU as ``nn.ReLU`` — one shared module
 called at several sites too —, ``F.relu``, ``torch.relu``, ``.relu()``, in-place or not;
 add as ``+``, ``+=``, ``torch.add``, ``.add``). Each match becomes one call of
 ``fusedres.nn.conv_bn_act`` with the block's own conv/BN modules, read through
@@ -256,20 +258,19 @@ def _match(block: nn.Module, graph: fx.Graph, prefix: str, backend: str, rewrite
         sites.append((b, site))
         return True
 
-    # 0. memory_saving: a BN-ReLU whose output only feeds a conv claims that conv (the
-    #    BN-ReLU output is then recomputed in backward instead of stored)
+    # 0. a BN-ReLU whose output only feeds one conv claims that conv: bn_relu_conv2d runs
+    #    the BN-ReLU in the conv's prologue (Triton path) or before it
     next_conv = {}
-    if memory_saving:
-        for b in bns:
-            if b not in ok:
-                continue
-            relu = next(iter(b.users))
-            if _relu_input(block, relu) is not b or len(relu.users) != 1:
-                continue
-            c = next(iter(relu.users))
-            if _is_conv(block, c) and c.args[0] is relu:
-                next_conv[b] = c
-                done.add(c)
+    for b in bns:
+        if b not in ok:
+            continue
+        relu = next(iter(b.users))
+        if _relu_input(block, relu) is not b or len(relu.users) != 1:
+            continue
+        c = next(iter(relu.users))
+        if _is_conv(block, c) and c.args[0] is relu:
+            next_conv[b] = c
+            done.add(c)
     # 1. block tails: relu(bn(.) + r), relu(bn(.) + bn_d(.))
     for relu in nodes:
         add = _relu_input(block, relu)
@@ -307,7 +308,8 @@ def _match(block: nn.Module, graph: fx.Graph, prefix: str, backend: str, rewrite
                 if b in next_conv:
                     site.update(terminal=next_conv[b], next=next_conv[b])
                     site["members"].append(next_conv[b])
-                accept(b, site)
+                if not accept(b, site) and b in next_conv:
+                    done.discard(next_conv[b])  # free for a conv-BN site after it
     # 3. conv -> bn
     for b in bns:
         if b in ok and b not in done and exclusive_conv(b) is not None:
@@ -319,7 +321,8 @@ def _match(block: nn.Module, graph: fx.Graph, prefix: str, backend: str, rewrite
         bn_path = _path(prefix, b.target)
         if b in fused_bns:
             site = next(s for bb, s in sites if bb is b)
-            rows.append(_describe(block, prefix, site, bn_path, backend, notes.get(b, "")))
+            rows.append(_describe(block, prefix, site, bn_path, backend, notes.get(b, ""),
+                                  memory_saving))
         elif b in done:
             continue  # the shortcut BN of a dual site
         elif problem[b]:
@@ -335,15 +338,56 @@ def _match(block: nn.Module, graph: fx.Graph, prefix: str, backend: str, rewrite
     if rewrite:
         replaced: dict = {}
         for _, site in sorted(sites, key=lambda s: order[s[1]["terminal"]]):
-            _rewrite(graph, site, backend, replaced)
+            _rewrite(graph, site, backend, replaced, memory_saving)
     return rows
 
 
 _KERNELS = {"tail": "batch_norm_add_relu", "dual": "dual_batch_norm_add_relu",
-            "bn_relu": "batch_norm_relu", "conv_bn": "batch_norm"}
+            "bn_relu": "batch_norm_relu", "conv_bn": "batch_norm"}  # + "bn_relu_prologue"
 
 
-def _describe(block, prefix, site, bn_path, backend, note):
+def _join(note: str, more: str) -> str:
+    return f"{note}; {more}" if note and more else note or more
+
+
+def _next_conv_path(block, site, backend):
+    """``(kernel, conv column, why not in the prologue)`` of a BN-ReLU -> conv site, as
+    ``fusedres.nn.bn_relu_conv2d`` will run it in training, judged from the modules (the
+    dtype and device of their weights; at run time ``fusedres.nn.last_backend()`` says)."""
+    why = fnn.prologue_conv_problem(_module(block, site["next"]), backend)
+    if why is None and fnn.process_group_of(_module(block, site["members"][0])) is not None:
+        why = "synchronised batch statistics run in the BN kernels"
+    if why is not None:
+        return "batch_norm_relu", "conv2d", why
+    if "conv" not in site:
+        return "bn_relu_prologue", "triton prologue", None
+    conv = _module(block, site["conv"])
+    stats = conv.bias is None and fnn.prologue_conv_problem(conv, backend) is None
+    return "bn_relu_prologue", ("triton stats" if stats else "conv2d") + " + triton prologue", None
+
+
+def _candidate_note(block, prefix, relu) -> str:
+    """Why a BN-ReLU that feeds a conv is not a BN-ReLU -> conv site."""
+    users = list(relu.users)
+    convs = [_path(prefix, u.target) for u in users if _is_conv(block, u)]
+    if any(u.op == "output" for u in users):
+        return ("its output leaves the block: no BN-ReLU -> conv site crosses a block "
+                "boundary (blocks are converted one at a time)")
+    if convs and len(convs) == len(users):
+        return (f"prologue candidate left: feeds {len(convs)} convs ({', '.join(convs)}); "
+                "a prologue needs one conv as the only consumer")
+    if convs:
+        return (f"prologue candidate left: feeds conv {', '.join(convs)} and other ops, "
+                "which need the stored output")
+    blocks = [_path(prefix, u.target) for u in users
+              if u.op == "call_module" and any(True for _ in _module(block, u).children())]
+    if blocks:
+        return (f"feeds block {', '.join(blocks)}, converted on its own: a BN-ReLU -> conv "
+                "site never crosses a block boundary")
+    return ""
+
+
+def _describe(block, prefix, site, bn_path, backend, note, memory_saving=False):
     kind = site["kind"]
     parts = []
     if "conv" in site:
@@ -356,27 +400,34 @@ def _describe(block, prefix, site, bn_path, backend, note):
     if "next" in site:
         parts.append("conv")
     pattern = "-".join(parts)
+    kernel = _KERNELS[kind]
+    conv = "conv2d" if "conv" in site or "conv2" in site else ""
     if "next" in site:
-        pattern += " (BN-ReLU recomputed in backward)"
+        kernel, conv, why = _next_conv_path(block, site, backend)
+        if why is None:
+            pattern += " (BN-ReLU in the conv's prologue)"
+        else:
+            note = _join(note, f"BN-ReLU runs before conv {_path(prefix, site['next'].target)}"
+                               f": {why}")
+            if memory_saving:
+                pattern += " (BN-ReLU recomputed in backward)"
     if kind == "dual":
         pattern += " + " + ("conv-bn" if "conv2" in site else "bn") + " shortcut"
     elif kind == "tail":
         pattern += " (shortcut: " + site["res"].name + ")"
     if kind == "bn_relu" and "next" not in site:
-        consumers = list(site["terminal"].users)
-        if consumers and all(_is_conv(block, c) for c in consumers):
-            note = (note + "; " if note else "") + "feeds conv " + ", ".join(
-                _path(prefix, c.target) for c in consumers) + " (prologue candidate)"
+        note = _join(note, _candidate_note(block, prefix, site["terminal"]))
     modules = [_path(prefix, n.target) for n in site["members"] if n.op == "call_module"]
     bn = _module(block, site["members"][0])
     if bn.running_mean is None:
         eval_mode = "batch statistics"
-    elif "conv" in site and "next" not in site:  # under no_grad / inference_mode
+    elif "conv" in site:  # under no_grad / inference_mode (the shortcut conv only with it)
         eval_mode = "both convs folded" if "conv2" in site else "conv folded"
+    elif kernel == "bn_relu_prologue":
+        eval_mode = "running statistics, prologue"
     else:
         eval_mode = "running statistics"
-    return _Site(block=prefix, site=bn_path, pattern=pattern, kernel=_KERNELS[kind],
-                 conv="conv2d" if "conv" in site or "conv2" in site else "",
+    return _Site(block=prefix, site=bn_path, pattern=pattern, kernel=kernel, conv=conv,
                  modules=", ".join(sorted(set(modules))), backend=_backend_name(bn, backend),
                  eval=eval_mode, status="fused", reason=note)
 
@@ -392,7 +443,8 @@ def _backend_name(bn: nn.Module, backend: str) -> str:
         return "auto"
 
 
-def _rewrite(graph: fx.Graph, site: dict, backend: str, replaced: dict) -> None:
+def _rewrite(graph: fx.Graph, site: dict, backend: str, replaced: dict,
+             memory_saving: bool) -> None:
     term = site["terminal"]
     b = site["members"][0]
     conv = site.get("conv")
@@ -403,7 +455,8 @@ def _rewrite(graph: fx.Graph, site: dict, backend: str, replaced: dict) -> None:
         x = args(conv.args[0] if conv is not None else b.args[0])
         kwargs = dict(relu=site["kind"] != "conv_bn", backend=backend)
         if "next" in site:
-            kwargs.update(next_conv=graph.get_attr(site["next"].target), memory_saving=True)
+            kwargs.update(next_conv=graph.get_attr(site["next"].target),
+                          memory_saving=memory_saving)
         if site["kind"] == "tail":
             kwargs["residual"] = args(site["res"])
         elif site["kind"] == "dual":
@@ -439,8 +492,8 @@ def _source(graph: fx.Graph):
 
 
 class _Walker:
-    def __init__(self, backend: str, apply: bool, memory_saving: bool):
-        self.backend = backend
+    def __init__(self, backend: Optional[str], apply: bool, memory_saving: bool):
+        self.backend = backend  # None (explain): each converted block's own
         self.apply = apply
         self.memory_saving = memory_saving
         self.rows: list = []
@@ -461,12 +514,13 @@ class _Walker:
             return self._children(module, path, set())
         try:
             results = {}
-            ms = self.memory_saving
+            ms, backend = self.memory_saving, self.backend
             if not self.apply and isinstance(inst, FusedForward):
                 ms = inst.memory_saving
+                backend = backend or inst.backend
             for training in (True, False):
                 graph, inlined = _trace(module, training)
-                rows = _match(module, graph, path, self.backend, rewrite=self.apply,
+                rows = _match(module, graph, path, backend or "auto", rewrite=self.apply,
                               memory_saving=ms)
                 src = _source(graph) if self.apply else None
                 results[training] = (graph, inlined, rows, src)
@@ -522,9 +576,12 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
     Returns ``model`` itself with ``inplace=True``, else a converted deep copy. The
     result has the same state_dict keys and values and computes the same function.
     ``backend`` is passed to every fused call (``"auto"``: chosen per call from the
-    tensors' device). ``memory_saving=True``: where a BN-ReLU's output only feeds a conv,
-    that output is not kept for backward but recomputed from the BN input
-    (``torch.utils.checkpoint`` around BN-ReLU-conv; running statistics are updated once).
+    tensors' device). Where a BN-ReLU's output only feeds a conv and that conv runs on
+    Triton (``backend="triton"``, or ``"auto"`` on CUDA), the BN-ReLU is applied in the
+    conv's prologue and its output never exists. ``memory_saving=True``: at such a site
+    off the Triton path, the BN-ReLU output is not kept for backward but recomputed from
+    the BN input (``torch.utils.checkpoint`` around BN-ReLU-conv; running statistics are
+    updated once).
     ``sync_bn=True`` (over the default group) or ``process_group=pg``: every BatchNorm2d
     normalises with the statistics of the global batch across processes in training, as
     ``nn.SyncBatchNorm`` does, inside the fused kernels (CPU/gloo and GPU/NCCL). It needs
@@ -561,7 +618,7 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
 class Explanation(list):
     """``explain``'s rows (dicts); ``str()`` gives the table."""
 
-    COLUMNS = ("status", "site", "pattern", "kernel", "backend", "eval", "reason")
+    COLUMNS = ("status", "site", "pattern", "kernel", "conv", "backend", "eval", "reason")
 
     def fused(self):
         return [r for r in self if r["status"] == "fused"]
@@ -591,23 +648,16 @@ def explain(model: nn.Module, *, backend: Optional[str] = None) -> Explanation:
     """Every fused site of ``model`` (kernel, backend) and every BN left unfused, with
     the reason. On an unconverted model: what ``convert`` would do (status
     ``"fusable"``); nothing is changed."""
-    walker = _Walker(backend or "auto", apply=False, memory_saving=False)
+    walker = _Walker(backend, apply=False, memory_saving=False)
     walker.block(model, "")
     rows = Explanation()
     for r in walker.rows:
         r = dict(r)
         if r["status"] == "fused":
             blk = model.get_submodule(r["block"]) if r["block"] else model
-            inst = blk.__dict__.get("forward")
-            if isinstance(inst, FusedForward):
-                r["backend"] = _backend_name(
-                    _bn_of(model, r), inst.backend) if backend is None else r["backend"]
-            else:
+            if not isinstance(blk.__dict__.get("forward"), FusedForward):
                 r["status"] = "fusable"
                 r["reason"] = ("not converted" + ("; " + r["reason"] if r["reason"] else ""))
         rows.append(r)
     return rows
 
-
-def _bn_of(model, row):
-    return model.get_submodule(row["site"])

@@ -11,7 +11,9 @@ torch's, plus ``backend=`` when it is not ``"auto"``):
 
 and ``ConvBatchNormReLU2d`` (children ``conv`` and ``bn``: ``relu(bn(conv(x)))``, the
 ReLU optional), whose convolution goes through one function, ``conv2d(conv, x)``
-(today ``F.conv2d``; the place to plug in an implicit-GEMM conv with a BN prologue).
+(``F.conv2d``). A BN-ReLU whose only consumer is a conv runs through
+``bn_relu_conv2d``: on the Triton conv path the BN-ReLU is applied in that conv's
+prologue and never stored (``prologue_problem`` says when not).
 
 Every module has ``from_modules(...)`` (and the BN ones ``from_bn``): a fused module that
 shares the given modules' parameters and buffers (the same tensors, no copies), and a
@@ -19,7 +21,7 @@ shares the given modules' parameters and buffers (the same tensors, no copies), 
 or the plumbing backend ``"reference_primitives"``). ``module.last_backend`` (and
 ``fusedres.nn.last_backend()``) say which backend the last forward ran (``"torch"`` when
 it fell back to torch's own modules, ``"folded"`` when an eval-mode conv+BN ran as one conv
-with folded weights).
+with folded weights, ``"triton-prologue"`` when a BN-ReLU ran in a Triton conv's prologue).
 
 Semantics are ``nn.BatchNorm2d``'s: training/eval, running statistics with ``momentum``
 or ``momentum=None`` (cumulative average through ``num_batches_tracked``, incremented
@@ -39,19 +41,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import functional
+from . import conv as fconv
+from . import functional, ops
+from .reference import acc_dtype
 
 __all__ = ["BatchNorm2d", "BatchNormReLU2d", "BatchNormAddReLU2d", "DualBatchNormAddReLU2d",
            "ConvBatchNormReLU2d", "conv2d", "last_backend", "bn_act", "conv_bn_act", "fusable_bn",
-           "folded_weights", "fold_eval", "bn_relu_conv2d"]
+           "folded_weights", "fold_eval", "bn_relu_conv2d", "prologue_problem",
+           "prologue_conv_problem"]
 
 _REDUCED = (torch.float16, torch.bfloat16)
 _last = threading.local()
 
 
 def last_backend() -> Optional[str]:
-    """The backend of the most recent ``bn_act`` on this thread: a fusedres backend, or
-    ``"torch"`` when the call fell back to torch's own modules."""
+    """The backend of the most recent fused BN call on this thread: a fusedres backend,
+    ``"torch"`` when the call fell back to torch's own modules, ``"folded"`` (eval conv
+    with folded weights) or ``"triton-prologue"`` (``bn_relu_conv2d``'s fused path)."""
     return getattr(_last, "backend", None)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -236,11 +242,113 @@ def _folded_conv(conv, bn, x):
     return conv._conv_forward(x, wb[0], wb[1])
 
 
+# BN-ReLU -> conv sites. On the Triton conv path the BN-ReLU is applied while the conv
+# loads its input (``relu(y*scale + shift)``, padded taps 0 after it) and never stored:
+# scale/shift are differentiable torch functions of the batch statistics (from the previous
+# conv's statistics epilogue, else torch.var_mean) or of the running ones, so autograd
+# carries the whole BN backward, -dbeta/M and -xhat*dgamma/M terms included (DESIGN.md 2).
+conv_prologue = True  # set False to run the BN-ReLU of every such site before its conv
+
+
+def prologue_conv_problem(conv: nn.Conv2d, backend: str = "auto",
+                          input: Optional[Tensor] = None) -> Optional[str]:
+    """None when ``conv`` takes the Triton implicit-GEMM path
+    (``fusedres.conv.conv_path``), which can apply a BN-ReLU in its prologue; else why not.
+
+    ``input``: the tensor the conv will read (under autocast it must already be in the
+    autocast dtype). Without it the answer comes from the module alone, with an input of
+    its weight's device and dtype (what ``explain`` shows).
+    """
+    if not conv_prologue:
+        return "fusedres.nn.conv_prologue is False"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} goes to F.conv2d"
+    weight, bias = conv.weight, conv.bias
+    if input is None:
+        input = weight.new_empty((1, conv.in_channels, *weight.shape[2:]))
+    elif backend != "reference":
+        cast, weight, bias = fconv._autocast(input, weight, bias)  # what the conv op sees
+        if cast is not input:
+            return "under autocast, an input not in the autocast dtype goes to F.conv2d"
+    try:
+        path, why = fconv.conv_path(input, weight, bias, conv.stride, conv.padding,
+                                    conv.dilation, conv.groups, backend)
+    except (RuntimeError, ValueError) as exc:  # a backend that cannot run here
+        return str(exc)
+    return None if path == "triton" else why
+
+
+def _batch_stats(bn: nn.BatchNorm2d) -> bool:
+    """Does ``bn`` normalise with batch statistics (as ``nn.BatchNorm2d.forward`` decides)?"""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def prologue_problem(bn: nn.BatchNorm2d, conv: nn.Conv2d, y: Tensor,
+                     backend: str = "auto") -> Optional[str]:
+    """None when ``bn_relu_conv2d(bn, conv, y)`` runs the BN-ReLU in the conv's prologue;
+    else why it runs the fused BN-ReLU, then the conv."""
+    why = fusable_bn(bn)
+    if why:
+        return why
+    if not _runtime_ok(bn, y):
+        return "an input or BN parameter the fused functions do not cover"
+    if _batch_stats(bn):
+        if process_group_of(bn) is not None:
+            return "synchronised batch statistics run in the BN kernels"
+        if y.numel() <= y.shape[1]:
+            return "one value per channel (torch raises)"
+    return prologue_conv_problem(conv, backend, y)
+
+
+def _update_running_stats(rm, rv, momentum, nbt, mean: Tensor, var: Tensor, count: int):
+    """``nn.BatchNorm2d``'s running-statistics update from batch ``mean``/biased ``var``
+    (``momentum``/``nbt`` as ``_bn_state`` gives them)."""
+    if rm is None:
+        return
+    factor = 0.0 if momentum is None else float(momentum)
+    ops.update_running_stats(rm, rv, mean.detach(), ops.unbiased(var.detach(), count), factor,
+                             nbt if momentum is None else None)
+
+
+def _prologue_conv(bn, conv, y, stats, backend):
+    rm, rv, batch, momentum, nbt = _bn_state(bn)
+    if batch:
+        mean, var = stats if stats is not None else fconv._ref_stats(y)
+        _update_running_stats(rm, rv, momentum, nbt, mean, var, y.numel() // y.shape[1])
+    else:
+        acc = acc_dtype(y.dtype)
+        mean, var = rm.to(acc), rv.to(acc)
+    _, scale, shift = ops.scale_shift(bn.weight, bn.bias, mean, var, bn.eps)
+    _last.backend = "triton-prologue"
+    return fconv.conv2d_bias_add_relu(y, conv.weight, conv.bias, None, conv.stride,
+                                      conv.padding, relu=False, scale=scale, shift=shift,
+                                      backend=backend)
+
+
 def bn_relu_conv2d(bn: nn.BatchNorm2d, conv: nn.Conv2d, y: Tensor, *,
+                   stats: Optional[tuple] = None, memory_saving: bool = False,
                    backend: str = "auto") -> Tensor:
-    """``conv(relu(bn(y)))``: the one place a BN-ReLU prologue site runs (today the fused
-    BN-ReLU then ``conv2d``; the place for an implicit-GEMM conv with a BN-ReLU prologue)."""
+    """``conv(relu(bn(y)))``: the one place a BN-ReLU -> conv site runs.
+
+    Where ``prologue_problem`` finds none, one Triton conv applies the BN-ReLU while
+    loading ``y`` (``last_backend() == "triton-prologue"``): nothing is stored but ``y``.
+    ``stats``: ``(mean, var)`` of ``y`` (differentiable, e.g. ``conv2d_stats``'s epilogue),
+    used when the BN normalises with batch statistics. Otherwise the fused BN-ReLU, then
+    ``conv2d``; with ``memory_saving`` its output is recomputed in backward, not kept.
+    """
+    if prologue_problem(bn, conv, y, backend) is None:
+        return _prologue_conv(bn, conv, y, stats, backend)
+    if memory_saving and torch.is_grad_enabled() and isinstance(y, Tensor) and y.requires_grad:
+        return _bn_relu_conv_recomputed(bn, conv, y, backend)
     return conv2d(conv, bn_act(bn, y, relu=True, backend=backend))
+
+
+def _stats_epilogue_ok(conv, bn, next_conv, x, backend) -> bool:
+    """Should ``conv`` compute the batch statistics of its output in a Triton epilogue for
+    ``next_conv``'s BN-ReLU prologue? (Checked before ``y`` exists: from the modules.)"""
+    return (_batch_stats(bn) and conv.bias is None and isinstance(x, Tensor)
+            and prologue_conv_problem(conv, backend, x) is None
+            and prologue_conv_problem(next_conv, backend) is None)
 
 
 def _bn_relu_conv_recomputed(bn, conv, y, backend):
@@ -284,17 +392,25 @@ def conv_bn_act(x: Tensor, conv: Optional[nn.Conv2d], bn: nn.BatchNorm2d, *,
     statistics runs as one conv with folded weights (``fold_eval``).
 
     ``next_conv``: the site is ``next_conv(relu(bn(conv(x))))`` (a BN-ReLU whose only
-    consumer is that conv); with ``memory_saving`` the BN-ReLU output is recomputed in
-    backward instead of kept.
+    consumer is that conv), run by ``bn_relu_conv2d`` (the BN-ReLU in ``next_conv``'s
+    prologue on the Triton path, with the batch statistics from ``conv``'s epilogue);
+    ``memory_saving`` applies where it runs the BN-ReLU on its own. In eval mode without
+    autograd, ``conv`` and ``bn`` fold as above and the ReLU runs before ``next_conv``.
     """
     if next_conv is not None:
         if residual is not None or shortcut_bn is not None or not relu:
             raise ValueError("next_conv is only for a BN-ReLU site")
-        y = conv2d(conv, x) if conv is not None else x
-        if memory_saving and torch.is_grad_enabled() and isinstance(y, Tensor) \
-                and y.requires_grad:
-            return _bn_relu_conv_recomputed(bn, next_conv, y, backend)
-        return bn_relu_conv2d(bn, next_conv, y, backend=backend)
+        y = _folded_conv(conv, bn, x) if conv is not None else None
+        if y is not None:
+            return conv2d(next_conv, torch.relu(y))
+        stats = None
+        if conv is not None and _stats_epilogue_ok(conv, bn, next_conv, x, backend):
+            y, *stats = fconv.conv2d_stats(x, conv.weight, conv.stride, conv.padding,
+                                           backend=backend)
+        else:
+            y = conv2d(conv, x) if conv is not None else x
+        return bn_relu_conv2d(bn, next_conv, y, stats=stats, memory_saving=memory_saving,
+                              backend=backend)
     y = _folded_conv(conv, bn, x) if conv is not None else None
     if y is not None:  # eval, folded: conv + bias (+ shortcut) (+ relu)
         if shortcut_bn is not None:
