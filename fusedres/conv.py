@@ -384,7 +384,7 @@ def conv_path(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
     return "triton", "Triton implicit-GEMM conv"
 
 
-def _autocast(input, weight, bias):
+def autocast_inputs(input, weight, bias):
     """Cast input, weight and conv bias (only) to the autocast dtype, as torch's conv."""
     dev = input.device.type
     if torch.is_autocast_enabled(dev):
@@ -398,7 +398,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
            dilation=1, groups=1, *, backend: str = "auto") -> Tensor:
     """Equal to ``F.conv2d``; the Triton path returns a channels_last tensor."""
     if backend != "reference":
-        input, weight, bias = _autocast(input, weight, bias)
+        input, weight, bias = autocast_inputs(input, weight, bias)
     path, _ = conv_path(input, weight, bias, stride, padding, dilation, groups, backend)
     if path == "reference":
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
@@ -406,7 +406,9 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
                                                         _pair(stride), _pair(padding), False)
 
 
-def _ref_stats(y: Tensor):
+def batch_stats(y: Tensor):
+    """Differentiable per-channel batch ``(mean, biased var)`` of an (N, C, H, W) tensor,
+    in fp32 (fp64 for fp64): the reference of the conv's statistics epilogue."""
     var, mean = torch.var_mean(y.to(acc_dtype(y.dtype)), dim=(0, 2, 3), correction=0)
     return mean, var
 
@@ -416,11 +418,11 @@ def conv2d_stats(input: Tensor, weight: Tensor, stride=1, padding=0, *,
     """``(y, mean, var)``: ``y = conv2d(input, weight)`` and its per-channel batch mean and
     biased variance (fp32; fp64 for fp64 input), all differentiable."""
     if backend != "reference":
-        input, weight, _ = _autocast(input, weight, None)
+        input, weight, _ = autocast_inputs(input, weight, None)
     path, _ = conv_path(input, weight, None, stride, padding, 1, 1, backend)
     if path == "reference":
         y = F.conv2d(input, weight, None, stride, padding)
-        return (y, *_ref_stats(y))
+        return (y, *batch_stats(y))
     return torch.ops.fusedres.triton_conv_stats(input, weight, _pair(stride), _pair(padding))
 
 
@@ -432,13 +434,13 @@ def bn_relu_conv2d_stats(input: Tensor, scale: Tensor, shift: Tensor, weight: Te
     differentiable; zero padding applies after the ReLU, as in the unfused network.
     """
     if backend != "reference":
-        input, weight, _ = _autocast(input, weight, None)
+        input, weight, _ = autocast_inputs(input, weight, None)
     path, _ = conv_path(input, weight, None, stride, padding, 1, 1, backend)
     if path == "reference":
         acc = acc_dtype(input.dtype)
         a = torch.relu(input.to(acc) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
         y = F.conv2d(a.to(input.dtype), weight, None, stride, padding)
-        return (y, *_ref_stats(y))
+        return (y, *batch_stats(y))
     return torch.ops.fusedres.triton_conv_prologue_stats(input, scale, shift, weight,
                                                          _pair(stride), _pair(padding))
 
@@ -453,7 +455,7 @@ def conv2d_bias_add_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor] =
     while loading (a pre-activation BN-ReLU in eval mode, which cannot fold into weights).
     """
     if backend != "reference":
-        input, weight, bias = _autocast(input, weight, bias)
+        input, weight, bias = autocast_inputs(input, weight, bias)
     path, _ = conv_path(input, weight, bias, stride, padding, 1, 1, backend)
     if path == "reference":
         if scale is not None:

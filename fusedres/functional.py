@@ -147,14 +147,11 @@ def _fused(x, residual, running_mean, running_var, weight, bias, shortcut, sc_ru
         out = out.view(x.shape)
         count = x3.shape[0] * x3.shape[2]
     if training:
-        factor = 0.0 if momentum is None else float(momentum)
-        nbt = num_batches_tracked if momentum is None else None
-        if running_mean is not None:
-            ops.update_running_stats(running_mean, running_var, mean,
-                                     ops.unbiased(var, count), factor, nbt)
-        if shortcut is not None and sc_running_mean is not None:
-            ops.update_running_stats(sc_running_mean, sc_running_var, mean2,
-                                     ops.unbiased(var2, count), factor, nbt)
+        ops.update_from_batch(running_mean, running_var, mean, var, count, momentum,
+                              num_batches_tracked)
+        if shortcut is not None:
+            ops.update_from_batch(sc_running_mean, sc_running_var, mean2, var2, count,
+                                  momentum, num_batches_tracked)
     return out
 
 

@@ -267,7 +267,7 @@ def prologue_conv_problem(conv: nn.Conv2d, backend: str = "auto",
     if input is None:
         input = weight.new_empty((1, conv.in_channels, *weight.shape[2:]))
     elif backend != "reference":
-        cast, weight, bias = fconv._autocast(input, weight, bias)  # what the conv op sees
+        cast, weight, bias = fconv.autocast_inputs(input, weight, bias)  # what the conv op sees
         if cast is not input:
             return "under autocast, an input not in the autocast dtype goes to F.conv2d"
     try:
@@ -300,21 +300,11 @@ def prologue_problem(bn: nn.BatchNorm2d, conv: nn.Conv2d, y: Tensor,
     return prologue_conv_problem(conv, backend, y)
 
 
-def _update_running_stats(rm, rv, momentum, nbt, mean: Tensor, var: Tensor, count: int):
-    """``nn.BatchNorm2d``'s running-statistics update from batch ``mean``/biased ``var``
-    (``momentum``/``nbt`` as ``_bn_state`` gives them)."""
-    if rm is None:
-        return
-    factor = 0.0 if momentum is None else float(momentum)
-    ops.update_running_stats(rm, rv, mean.detach(), ops.unbiased(var.detach(), count), factor,
-                             nbt if momentum is None else None)
-
-
 def _prologue_conv(bn, conv, y, stats, backend):
     rm, rv, batch, momentum, nbt = _bn_state(bn)
     if batch:
-        mean, var = stats if stats is not None else fconv._ref_stats(y)
-        _update_running_stats(rm, rv, momentum, nbt, mean, var, y.numel() // y.shape[1])
+        mean, var = stats if stats is not None else fconv.batch_stats(y)
+        ops.update_from_batch(rm, rv, mean, var, y.numel() // y.shape[1], momentum, nbt)
     else:
         acc = acc_dtype(y.dtype)
         mean, var = rm.to(acc), rv.to(acc)
@@ -374,7 +364,8 @@ def _bn_relu_conv_recomputed(bn, conv, y, backend):
                 z = torch.relu(F.batch_norm(t, rm, rv, bn.weight, bn.bias, True, 0.0, bn.eps))
         return conv2d(conv, z)
 
-    return checkpoint(fn, y, use_reentrant=False)
+    # No randomness inside: no RNG state to keep (5 KB per site on CPU).
+    return checkpoint(fn, y, use_reentrant=False, preserve_rng_state=False)
 
 
 def conv_bn_act(x: Tensor, conv: Optional[nn.Conv2d], bn: nn.BatchNorm2d, *,

@@ -444,6 +444,21 @@ else:
     update_running_stats.register_fake(lambda *args: None)
 
 
+def update_from_batch(running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                      mean: Tensor, var: Tensor, count, momentum: Optional[float],
+                      num_batches_tracked: Optional[Tensor]) -> None:
+    """``nn.BatchNorm``'s running-statistics update from a batch ``mean`` and biased
+    ``var`` over ``count`` values (``momentum=None``: cumulative average over
+    ``num_batches_tracked``, which the caller has incremented). Nothing without running
+    statistics."""
+    if running_mean is None:
+        return
+    update_running_stats(running_mean, running_var, mean.detach(),
+                         unbiased(var.detach(), count),
+                         0.0 if momentum is None else float(momentum),
+                         num_batches_tracked if momentum is None else None)
+
+
 def unbiased(var: Tensor, count) -> Tensor:
     """Bessel's correction of a biased variance over ``count`` values (an int, or a
     tensor on the device so that nothing syncs); ``count <= 1`` gives inf/nan as torch."""

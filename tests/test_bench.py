@@ -292,3 +292,21 @@ def test_discovers_conv_and_convert(monkeypatch, tmp_path):
     assert any(s["suite"] == "conv" and "bn_relu+conv+stats" not in s["reason"]
                for s in data["skipped"]) or not data["errors"]
     assert not data["errors"], data["errors"]
+
+
+def test_kept_for_backward_column(tmp_path):
+    """Blocks report the bytes a forward keeps for backward: the same as eager for the
+    plain conversion (the fused ops keep what torch keeps, plus a 1-bit mask), less with
+    memory_saving (the BN-ReLU output before conv2 is recomputed instead)."""
+    out = str(tmp_path / "blocks.json")
+    rc = main(["blocks", "--quick", "--shapes", "tiny", "--device", "cpu", "--batch-size", "2",
+               "--no-compile", "--backends", "reference", "--memory-saving", "--json", out])
+    assert rc == 0
+    with open(out) as f:
+        rows = [r for r in json.load(f)["rows"] if r["layer"] == "tiny"]
+    by = {(r["case"], r["provider"]): r for r in rows}
+    for case in ("BasicBlock", "Bottleneck"):
+        eager = by[(case, "eager")]
+        assert eager["retained_bytes"] > 0 and eager["retained_vs_eager"] == 1.0
+        assert 0.99 < by[(case, "fusedres-reference")]["retained_vs_eager"] < 1.05
+        assert by[(case, "fusedres-reference-memsave")]["retained_vs_eager"] < 0.95
