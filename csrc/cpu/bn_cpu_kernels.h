@@ -59,13 +59,13 @@ constexpr int kUnroll = 4;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// step(group, r) for every full group of kUnroll rows in [r0, r1), then for every row
-// left over one at a time; `group` is a std::integral_constant holding the row count,
-// so the loops over the rows of a group unroll completely.
-template <typename Step>
+// step(group, r) for every full group of G rows in [r0, r1), then for every row left
+// over one at a time; `group` is a std::integral_constant holding the row count, so the
+// loops over the rows of a group unroll completely.
+template <int G, typename Step>
 inline void for_row_groups(int64_t r0, int64_t r1, Step&& step) {
   int64_t r = r0;
-  for (; r + kUnroll <= r1; r += kUnroll) step(std::integral_constant<int, kUnroll>{}, r);
+  for (; r + G <= r1; r += G) step(std::integral_constant<int, G>{}, r);
   for (; r < r1; ++r) step(std::integral_constant<int, 1>{}, r);
 }
 
@@ -164,6 +164,7 @@ struct BitWriter {
 // `count` (<= 24) bits starting at bit `off`, lane i from bit off + i*stride.
 inline uint32_t read_bits(const uint8_t* m, int64_t nbytes, int64_t off, int64_t stride,
                           int64_t count) {
+  if (stride == 1 && count == 8 && (off & 7) == 0) return m[off >> 3];  // a whole byte
   if (stride == 1) {
     const int64_t b = off >> 3;
     const int sh = static_cast<int>(off & 7);
@@ -187,8 +188,8 @@ struct LaneMasks {
   using I = at::vec::int_same_size_t<acc_t>;
   static constexpr int kLanes = Vectorized<acc_t>::size();
   static_assert(kLanes <= 8, "one mask byte per vector at most");
-  __at_align__ I rows[1 << kLanes][kLanes];
-  LaneMasks() {
+  __at_align__ I rows[1 << kLanes][kLanes] = {};
+  constexpr LaneMasks() {
     for (int b = 0; b < (1 << kLanes); ++b)
       for (int i = 0; i < kLanes; ++i) rows[b][i] = ((b >> i) & 1) ? I(-1) : I(0);
   }
@@ -197,7 +198,7 @@ struct LaneMasks {
 template <typename acc_t>
 inline Vectorized<acc_t> bits_to_mask(uint32_t bits) {
   using V = Vectorized<acc_t>;
-  static const LaneMasks<acc_t> table;
+  static constexpr LaneMasks<acc_t> table{};  // built by the compiler: no guard at run time
   return V::loadu(table.rows[bits & ((1u << V::size()) - 1u)]);
 }
 
@@ -271,7 +272,7 @@ void stats_rows(const StatsArgs& a, const Ncs& x) {
       const int64_t r0 = k * rows_per_chunk, r1 = std::min(R, r0 + rows_per_chunk);
       // kUnroll rows at a time with the running mean/M2 in registers: the same
       // sequence of Welford updates per channel as one row at a time.
-      for_row_groups(r0, r1, [&](auto group, int64_t r) {
+      for_row_groups<kUnroll>(r0, r1, [&](auto group, int64_t r) {
         constexpr int nr = decltype(group)::value;
         const scalar_t* rows[kUnroll];
         V inv[kUnroll];
@@ -544,70 +545,25 @@ void backward_apply_walk(const BackwardArgs& a, const Ncs& dout, const Ncs& x) {
   using acc_t = acc_type_t<scalar_t>;
   using V = Vectorized<acc_t>;
   constexpr bool need_pass = GATE == kRecomputeGate;
-  // Declared inside each thread's lambda: locals stay in registers, while anything
-  // captured by reference would be reloaded after every (may-alias) vector store.
-#define FUSEDRES_BACKWARD_APPLY_LOCALS                                   \
-  const int64_t C = a.sh.C, S = a.sh.S;                                  \
-  const int64_t inner = ROWS ? C : S;                                    \
-  const acc_t* mean = static_cast<const acc_t*>(a.mean);                 \
-  const acc_t* scale = static_cast<const acc_t*>(a.scale);               \
-  const acc_t* shift = static_cast<const acc_t*>(a.shift);               \
-  const acc_t* cg = static_cast<const acc_t*>(a.coef_g);                 \
-  const acc_t* cxc = static_cast<const acc_t*>(a.coef_xc);               \
-  const acc_t* cc = static_cast<const acc_t*>(a.coef_c);                 \
-  const scalar_t* dp = static_cast<const scalar_t*>(dout.data);          \
-  const scalar_t* xp = static_cast<const scalar_t*>(x.data);             \
-  scalar_t* dxp = static_cast<scalar_t*>(a.dx);                          \
-  scalar_t* drp = static_cast<scalar_t*>(a.dres);                        \
-  const uint8_t* mask = a.mask;                                          \
-  const int64_t mask_bytes = a.mask_bytes;                               \
-  const int64_t di = ROWS ? dout.sC : dout.sS, xi = ROWS ? x.sC : x.sS;  \
-  (void)inner; (void)scale; (void)shift; (void)mask; (void)mask_bytes;
-  if constexpr (ROWS) {
-    // kUnroll rows per step, so the six per-channel vectors are loaded once per step
-    // (with C = 2048 they do not fit in L1 beside the streamed rows). No mask is
-    // written here, so the blocks need not align to mask bytes.
-    const int64_t R = a.sh.N * a.sh.S;
-    const int64_t block = std::max<int64_t>(kUnroll, kBlockElems / a.sh.C / kUnroll * kUnroll);
-    at::parallel_for(0, ceil_div(R, block), grain_for(block * a.sh.C), [&](int64_t b0, int64_t b1) {
-      FUSEDRES_BACKWARD_APPLY_LOCALS
-      const int64_t r1 = std::min(R, b1 * block);
-      for_row_groups(b0 * block, r1, [&](auto group, int64_t r) {
-        constexpr int nr = decltype(group)::value;
-        const scalar_t* drs[kUnroll];
-        const scalar_t* xrs[kUnroll];
-        for (int u = 0; u < nr; ++u) {
-          const int64_t n = (r + u) / S, s = (r + u) % S;
-          drs[u] = dp + n * dout.sN + s * dout.sS;
-          xrs[u] = xp + n * x.sN + s * x.sS;
-        }
-        for (int64_t j = 0; j < C; j += V::size()) {
-          const int64_t cnt = std::min<int64_t>(V::size(), C - j);
-          const V mn = loadp(mean + j, cnt), vg = loadp(cg + j, cnt);
-          const V vxc = loadp(cxc + j, cnt), vc = loadp(cc + j, cnt);
-          V sc, sh;
-          if constexpr (need_pass) {
-            sc = loadp(scale + j, cnt);
-            sh = loadp(shift + j, cnt);
-          }
-          for (int u = 0; u < nr; ++u) {
-            const int64_t off = (r + u) * C + j;
-            const V d = load<CONTIG>(drs[u] + j * (CONTIG ? 1 : di), di, cnt);
-            const V xv = load<CONTIG>(xrs[u] + j * (CONTIG ? 1 : xi), xi, cnt);
-            const V g = gated<GATE, acc_t>(mask, mask_bytes, d, xv, sc, sh, off, 1, cnt);
-            const V dx = (vg * g + vxc * (xv - mn)) + vc;
-            store(dxp + off, dx, cnt);
-            if (drp) store(drp + off, g, cnt);
-          }
-        }
-      });
-    });
-    return;
-  }
   walk_output<ROWS>(
       a.sh, [](int64_t) { return 0; },
       [&](int, int64_t o, int64_t n, int64_t cs) {
-        FUSEDRES_BACKWARD_APPLY_LOCALS
+        // Locals, not captures: see apply_walk.
+        const int64_t C = a.sh.C, S = a.sh.S;
+        const int64_t inner = ROWS ? C : S;
+        const acc_t* mean = static_cast<const acc_t*>(a.mean);
+        [[maybe_unused]] const acc_t* scale = static_cast<const acc_t*>(a.scale);
+        [[maybe_unused]] const acc_t* shift = static_cast<const acc_t*>(a.shift);
+        const acc_t* cg = static_cast<const acc_t*>(a.coef_g);
+        const acc_t* cxc = static_cast<const acc_t*>(a.coef_xc);
+        const acc_t* cc = static_cast<const acc_t*>(a.coef_c);
+        const scalar_t* dp = static_cast<const scalar_t*>(dout.data);
+        const scalar_t* xp = static_cast<const scalar_t*>(x.data);
+        scalar_t* dxp = static_cast<scalar_t*>(a.dx);
+        scalar_t* drp = static_cast<scalar_t*>(a.dres);
+        [[maybe_unused]] const uint8_t* mask = a.mask;
+        [[maybe_unused]] const int64_t mask_bytes = a.mask_bytes;
+        const int64_t di = ROWS ? dout.sC : dout.sS, xi = ROWS ? x.sC : x.sS;
         const int64_t sC = ROWS ? 0 : cs, sS = ROWS ? cs : 0;
         const scalar_t* dr = dp + n * dout.sN + sC * dout.sC + sS * dout.sS;
         const scalar_t* xr = xp + n * x.sN + sC * x.sC + sS * x.sS;
@@ -643,7 +599,6 @@ void backward_apply_walk(const BackwardArgs& a, const Ncs& dout, const Ncs& x) {
         }
       },
       [](int) {});
-#undef FUSEDRES_BACKWARD_APPLY_LOCALS
 }
 
 template <typename scalar_t>
@@ -690,7 +645,7 @@ void backward_reduce_rows(const BackwardArgs& a, const Ncs& dout, const Ncs& x) 
       const int64_t r0 = k * rows_per_chunk, r1 = std::min(R, r0 + rows_per_chunk);
       // kUnroll rows at a time with the partial sums in registers: the same order of
       // additions per channel as one row at a time.
-      for_row_groups(r0, r1, [&](auto group, int64_t r) {
+      for_row_groups<kUnroll>(r0, r1, [&](auto group, int64_t r) {
         constexpr int nr = decltype(group)::value;
         const scalar_t* drs[kUnroll];
         const scalar_t* xrs[kUnroll];
