@@ -412,7 +412,15 @@ void walk_output(const Shape& sh, Begin&& begin, Body&& body, End&& end) {
   at::parallel_for(0, nblocks, grain_for(block * inner), [&](int64_t b0, int64_t b1) {
     const int64_t o0 = b0 * block, o1 = std::min(outer, b1 * block);
     auto state = begin(o0);
-    for (int64_t o = o0; o < o1; ++o) body(state, o, o / div, o % div);
+    // (n, cs) of o counted along: a 64-bit division per row costs ~10 us on a 7x7 layer.
+    int64_t n = o0 / div, cs = o0 % div;
+    for (int64_t o = o0; o < o1; ++o) {
+      body(state, o, n, cs);
+      if (++cs == div) {
+        cs = 0;
+        ++n;
+      }
+    }
     end(state);
   });
 }
