@@ -79,39 +79,6 @@ Pair bn_backward_apply(const Tensor& dout, const Tensor& x, const Tensor& mean,
                  write_grad_residual, channels_last);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_forward_op(
-    const Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& mean_in,
-    const OptTensor& var_in, const OptTensor& residual, const OptTensor& x2,
-    const OptTensor& weight2, const OptTensor& bias2, const OptTensor& mean2_in,
-    const OptTensor& var2_in, bool training, double eps, bool relu) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fusedres::bn_act_forward", "")
-                       .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-                           const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                           const OptTensor&, const OptTensor&, const OptTensor&,
-                           const OptTensor&, const OptTensor&, const OptTensor&,
-                           const OptTensor&, bool, double, bool)>();
-  return op.call(x, weight, bias, mean_in, var_in, residual, x2, weight2, bias2, mean2_in,
-                 var2_in, training, eps, relu);
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_backward_op(
-    const Tensor& dout, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
-    const Tensor& mean, const Tensor& var, const OptTensor& mask, const OptTensor& x2,
-    const OptTensor& weight2, const OptTensor& bias2, const OptTensor& mean2,
-    const OptTensor& var2, bool training, double eps, bool relu, bool has_residual,
-    std::array<bool, 5> needs) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fusedres::bn_act_backward", "")
-                       .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-                           const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                           const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
-                           const OptTensor&, const OptTensor&, const OptTensor&,
-                           const OptTensor&, bool, double, bool, bool, std::array<bool, 5>)>();
-  return op.call(dout, x, weight, bias, mean, var, mask, x2, weight2, bias2, mean2, var2,
-                 training, eps, relu, has_residual, needs);
-}
-
 // ---- finalize (fusedres.ops.scale_shift / backward_coefficients) --------------------
 //
 // A handful of (C,) vectors. On CPU tensors a plain loop: as ~20 small tensor ops they
@@ -306,6 +273,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_backwa
 // and a Python backward op cost ~250 us per training step of a BN on CPU, more than the
 // kernels of a 14x14 layer. Same formula as fusedres/ops.py's `_backward`.
 
+// The op `name` through the dispatcher, typed like its kernel `Fn` here.
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -329,10 +302,11 @@ struct BnActFunction : public torch::autograd::Function<BnActFunction> {
     for (int i = 1; i < kTensorArgs; ++i) {
       if (given(*opt[i - 1])) edge[i] = next++;
     }
+    static const auto op = typed_op<decltype(bn_act_forward)>("fusedres::bn_act_forward");
     at::AutoDispatchBelowADInplaceOrView below;
     auto [out, mean, var, mean2, var2, mask] =
-        bn_act_forward_op(x, weight, bias, mean_in, var_in, residual, x2, weight2, bias2,
-                          mean2_in, var2_in, training, eps, relu);
+        op.call(x, weight, bias, mean_in, var_in, residual, x2, weight2, bias2, mean2_in,
+                var2_in, training, eps, relu);
     const Tensor none;
     ctx->save_for_backward({x, weight.value_or(none), bias.value_or(none), mean, var, mask,
                             x2.value_or(none), weight2.value_or(none), bias2.value_or(none),
@@ -361,8 +335,9 @@ struct BnActFunction : public torch::autograd::Function<BnActFunction> {
     const auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
     // Straight to the kernel: the boxed autograd fallback of an op without an autograd
     // formula would cost ~30 us per call (a double backward through it is not supported).
+    static const auto op = typed_op<decltype(bn_act_backward)>("fusedres::bn_act_backward");
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [dx, dweight, dbias, dres, dx2, dweight2, dbias2] = bn_act_backward_op(
+    auto [dx, dweight, dbias, dres, dx2, dweight2, dbias2] = op.call(
         dout, s[0], opt(s[1]), opt(s[2]), s[3], s[4], opt(s[5]), opt(s[6]), opt(s[7]),
         opt(s[8]), opt(s[9]), opt(s[10]), ctx->saved_data["training"].toBool(),
         ctx->saved_data["eps"].toDouble(), ctx->saved_data["relu"].toBool(),
