@@ -332,6 +332,11 @@ struct BnActFunction : public torch::autograd::Function<BnActFunction> {
       return result;
     }
     const auto s = ctx->get_saved_variables();
+    // The backward op has no derivative of its own: refuse create_graph=True rather than
+    // return gradients that silently lack their second-order terms.
+    TORCH_CHECK(!(at::GradMode::is_enabled() && (dout.requires_grad() || s[0].requires_grad())),
+                "fusedres: double backward (create_graph=True) through the fused BN ops is not "
+                "supported; use backend='reference' for higher-order gradients");
     const auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
     // Straight to the kernel: the boxed autograd fallback of an op without an autograd
     // formula would cost ~30 us per call (a double backward through it is not supported).

@@ -382,3 +382,20 @@ def test_cuda_graph_capture_equals_eager(backend_device):
     torch.testing.assert_close(y, y_eager)
     for k in g_eager:
         torch.testing.assert_close(grads[k], g_eager[k])
+
+
+def test_double_backward_raises(backend_device):
+    """No fused op has a second derivative: higher-order gradients raise (never come back
+    without their second-order terms); the reference backend computes them."""
+    backend, device = backend_device
+    x = torch.randn(2, 3, 4, 4, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.ones(3, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(3, device=device, dtype=torch.float64, requires_grad=True)
+    y = FF.batch_norm_relu(x, None, None, w, b, True, backend=backend)
+    with pytest.raises(RuntimeError, match="double backward|no autograd formula"):
+        (g,) = torch.autograd.grad(y.pow(2).sum(), [x], create_graph=True)
+        g.pow(2).sum().backward()
+    y = FF.batch_norm_relu(x, None, None, w, b, True, backend="reference")
+    (g,) = torch.autograd.grad(y.pow(2).sum(), [x], create_graph=True)
+    g.pow(2).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
