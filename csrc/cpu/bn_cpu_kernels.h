@@ -77,6 +77,15 @@ inline int64_t grain_for(int64_t work) {
   return std::max<int64_t>(1, kMinTaskElems / std::max<int64_t>(work, 1));
 }
 
+// step(j, count) over the vectors of [0, inner): `count` is the constant W for every full
+// vector (the hot loop then has no bounds checks), and inner - j for a last partial one.
+template <int64_t W, typename Step>
+inline void for_vectors(int64_t inner, Step&& step) {
+  int64_t j = 0;
+  for (; j + W <= inner; j += W) step(j, std::integral_constant<int64_t, W>{});
+  if (j < inner) step(j, inner - j);
+}
+
 // f(std::bool_constant<v>...) for runtime flags v: one instantiation per combination.
 template <size_t I = 0, size_t N, typename F, typename... Done>
 inline void with_bools(const bool (&v)[N], F&& f, Done... done) {
@@ -468,8 +477,8 @@ void apply_walk(const ApplyArgs& a, const Ncs& x, const Ncs& res, const Ncs& x2)
             sh2 = V(shift2[cs]);
           }
         }
-        for (int64_t j = 0; j < inner; j += V::size()) {
-          const int64_t cnt = std::min<int64_t>(V::size(), inner - j);
+        for_vectors<V::size()>(inner, [&](int64_t j, auto count) {
+          const int64_t cnt = count;
           if constexpr (ROWS) {
             sc = loadp(scale + j, cnt);
             sh = loadp(shift + j, cnt);
@@ -486,7 +495,7 @@ void apply_walk(const ApplyArgs& a, const Ncs& x, const Ncs& res, const Ncs& x2)
           if (want_mask) w.put(pass_bits(pre, cnt), static_cast<int>(cnt));
           if (relu_on) pre = relu(pre);
           store(out_row + j, pre, cnt);
-        }
+        });
         bw = w;
       },
       [&](BitWriter& bw) {
@@ -586,8 +595,8 @@ void backward_apply_walk(const BackwardArgs& a, const Ncs& dout, const Ncs& x) {
             sh = V(shift[cs]);
           }
         }
-        for (int64_t j = 0; j < inner; j += V::size()) {
-          const int64_t cnt = std::min<int64_t>(V::size(), inner - j);
+        for_vectors<V::size()>(inner, [&](int64_t j, auto count) {
+          const int64_t cnt = count;
           if constexpr (ROWS) {
             mn = loadp(mean + j, cnt);
             vg = loadp(cg + j, cnt);
@@ -604,7 +613,7 @@ void backward_apply_walk(const BackwardArgs& a, const Ncs& dout, const Ncs& x) {
           const V dx = (vg * g + vxc * (xv - mn)) + vc;
           store(dxp + o * inner + j, dx, cnt);
           if (drp) store(drp + o * inner + j, g, cnt);
-        }
+        });
       },
       [](int) {});
 }
