@@ -290,8 +290,8 @@ void stats_rows(const StatsArgs& a, const Ncs& x) {
           rows[u] = xp + n * x.sN + s * x.sS;
           inv[u] = V(acc_t(1) / static_cast<acc_t>(r + u - r0 + 1));
         }
-        for (int64_t j = 0; j < C; j += V::size()) {
-          const int64_t cnt = std::min<int64_t>(V::size(), C - j);
+        for_vectors<V::size()>(C, [&](int64_t j, auto count) {
+          const int64_t cnt = count;
           V m = loadp(mu + j, cnt);
           V q = loadp(m2 + j, cnt);
           for (int u = 0; u < nr; ++u) {
@@ -302,7 +302,7 @@ void stats_rows(const StatsArgs& a, const Ncs& x) {
           }
           store(mu + j, m, cnt);
           store(m2 + j, q, cnt);
-        }
+        });
       });
     }
   });
@@ -673,8 +673,8 @@ void backward_reduce_rows(const BackwardArgs& a, const Ncs& dout, const Ncs& x) 
           xrs[u] = xp + n * x.sN + s * x.sS;
           moffs[u] = a.channels_last ? (r + u) * C : n * C * S + s;
         }
-        for (int64_t j = 0; j < C; j += V::size()) {
-          const int64_t cnt = std::min<int64_t>(V::size(), C - j);
+        for_vectors<V::size()>(C, [&](int64_t j, auto count) {
+          const int64_t cnt = count;
           V sc, sh;
           if constexpr (need_pass) {
             sc = loadp(scale + j, cnt);
@@ -693,7 +693,7 @@ void backward_reduce_rows(const BackwardArgs& a, const Ncs& dout, const Ncs& x) 
           }
           store(sg + j, tg, cnt);
           store(sgx + j, tgx, cnt);
-        }
+        });
       });
     }
   });
