@@ -6,15 +6,20 @@ Two levels of ops live in the ``fusedres`` namespace:
   ``fusedres::bn_stats`` / ``bn_apply`` / ``bn_backward_reduce`` / ``bn_backward_apply``
   registered from C++ for the CPU and CUDA keys (``csrc/``), and
   ``fusedres::triton_bn_*`` registered here around ``fusedres.kernels.bn``;
-* the fused, functional, autograd-aware ops that every public function and module
-  calls: ``fusedres::batch_norm_act`` (stats + finalize + apply: BN, optional second BN
-  of a projection shortcut, optional residual, optional ReLU), its backward
+* the fused, functional, autograd-aware ops the public functions and modules call:
+  ``fusedres::batch_norm_act`` (stats + finalize + apply: BN, optional second BN of a
+  projection shortcut, optional residual, optional ReLU), its backward
   ``fusedres::batch_norm_act_backward`` (one reduction and one elementwise pass per BN
   input) and ``fusedres::update_running_stats`` (non-differentiable, in place, computed
   on the device: no host sync, ``momentum=None`` reads ``num_batches_tracked``).
 
-The fused ops take the backend's name as an argument: the backend is resolved in
-Python before the call (``fusedres._backend.resolve_backend``).
+``batch_norm_act`` takes the backend's name as an argument (resolved in Python before
+the call, ``fusedres._backend.resolve_backend``) and runs the pipeline written here, on
+any backend's primitives: it is what the ``triton`` and ``reference_primitives``
+backends run. The ``cpu`` and ``cuda`` backends run the same pipeline compiled
+(``fusedres::bn_act_forward`` / ``bn_act_backward`` in ``csrc/bn_fused.cpp``, autograd
+in C++: the per-call Python cost more than a small layer's kernels), tested bit for bit
+against this one.
 """
 from __future__ import annotations
 
