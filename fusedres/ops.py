@@ -75,8 +75,7 @@ _FAKES = {
 def _register_cpp_fakes():
     """Fake kernels of the C++ primitives (only when fusedres._C defined them)."""
     for name, fake in _FAKES.items():
-        if torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedres::{name}", "CPU") or \
-                torch._C._dispatch_has_kernel_for_dispatch_key(f"fusedres::{name}", "CUDA"):
+        if _backend._has_kernel(name, "CPU") or _backend._has_kernel(name, "CUDA"):
             torch.library.register_fake(f"fusedres::{name}", fake)
 
 

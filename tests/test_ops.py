@@ -267,3 +267,36 @@ def test_update_running_stats_matches_reference_function(nbt, running_dtype):
     tol = {"atol": 1e-3, "rtol": 1e-3} if running_dtype == torch.float16 else {}
     torch.testing.assert_close(rm.float(), (1 - f) * rm0 + f * mean, **tol)
     torch.testing.assert_close(rv.float(), (1 - f) * rv0 + f * var, **tol)
+
+
+def test_package_works_without_extension():
+    """With fusedres._C unavailable the package imports, says which backends remain, and
+    the Python definitions of the ops (update_running_stats included) run."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["fusedres._C"] = None  # import fails as if never built
+        import torch
+        import fusedres
+        from fusedres import functional as FF, ops
+        assert fusedres.extension_error is not None
+        assert "cpu" not in fusedres.available_backends()
+        assert "reference" in fusedres.available_backends()
+        assert not ops._has_native("bn_act_forward")
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+        rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+        y = FF.batch_norm_relu(x, rm, rv, training=True, backend="reference_primitives")
+        want_rm = 0.1 * x.detach().mean((0, 2, 3))
+        torch.testing.assert_close(rm, want_rm)
+        want = torch.relu(torch.nn.functional.batch_norm(x, None, None, training=True))
+        torch.testing.assert_close(y, want)
+        y.sum().backward()
+        assert x.grad is not None
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
