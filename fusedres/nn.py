@@ -98,6 +98,11 @@ def _runtime_ok(bn: nn.BatchNorm2d, y: Tensor) -> bool:
     return all(_tensor_ok(t, y) for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var))
 
 
+def _batch_stats(bn: nn.BatchNorm2d) -> bool:
+    """Does ``bn`` normalise with batch statistics (as ``nn.BatchNorm2d.forward`` decides)?"""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
 def _bn_state(bn: nn.BatchNorm2d):
     """What ``nn.BatchNorm2d.forward`` passes to ``F.batch_norm``, with its side effect
     (``num_batches_tracked += 1`` in training), for the fused functions."""
@@ -108,10 +113,7 @@ def _bn_state(bn: nn.BatchNorm2d):
     momentum = bn.momentum
     if momentum is None and nbt is None:
         momentum = 0.0  # torch: factor 0.0 when nothing is tracked
-    if bn.training:
-        training = True
-    else:
-        training = bn.running_mean is None and bn.running_var is None
+    training = _batch_stats(bn)
     use_running = not bn.training or bn.track_running_stats
     rm = bn.running_mean if use_running else None
     rv = bn.running_var if use_running else None
@@ -276,11 +278,6 @@ def prologue_conv_problem(conv: nn.Conv2d, backend: str = "auto",
     except (RuntimeError, ValueError) as exc:  # a backend that cannot run here
         return str(exc)
     return None if path == "triton" else why
-
-
-def _batch_stats(bn: nn.BatchNorm2d) -> bool:
-    """Does ``bn`` normalise with batch statistics (as ``nn.BatchNorm2d.forward`` decides)?"""
-    return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
 def prologue_problem(bn: nn.BatchNorm2d, conv: nn.Conv2d, y: Tensor,
