@@ -170,21 +170,38 @@ std::tuple<Tensor, Tensor> bn_apply(const Tensor& x, const Tensor& scale, const 
 
 // ---- backward -----------------------------------------------------------------------
 
-BackwardArgs backward_args(const Tensor& dout, const Tensor& x, const Tensor& mean,
-                           const Tensor& scale, const Tensor& shift, const Tensor& mask,
-                           bool relu, bool channels_last) {
-  BackwardArgs a;
-  a.sh = shape_of(x);
-  a.dout = view_of(dout);
-  a.x = view_of(x);
-  a.mean = mean.data_ptr();
-  a.scale = scale.data_ptr();
-  a.shift = shift.data_ptr();
-  a.mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
-  a.mask_bytes = mask.defined() ? mask.numel() : 0;
-  a.relu = relu;
-  a.channels_last = channels_last;
-  return a;
+// The inputs both backward primitives read, checked; the dense per-channel vectors and
+// the mask stay alive here while the kernel arguments point into them.
+struct BackwardInputs {
+  Tensor dout, x, mean, scale, shift, mask;
+
+  BackwardArgs args(bool relu, bool channels_last) const {
+    BackwardArgs a;
+    a.sh = shape_of(x);
+    a.dout = view_of(dout);
+    a.x = view_of(x);
+    a.mean = mean.data_ptr();
+    a.scale = scale.data_ptr();
+    a.shift = shift.data_ptr();
+    a.mask = mask.defined() ? mask.data_ptr<uint8_t>() : nullptr;
+    a.mask_bytes = mask.defined() ? mask.numel() : 0;
+    a.relu = relu;
+    a.channels_last = channels_last;
+    return a;
+  }
+};
+
+BackwardInputs backward_inputs(const char* op, const Tensor& dout, const Tensor& x,
+                               const Tensor& mean, const Tensor& scale, const Tensor& shift,
+                               const std::optional<Tensor>& mask) {
+  check_activation(x, op);
+  check_like_x(dout, x, "dout", op);
+  return BackwardInputs{dout,
+                        x,
+                        channel_vector(mean, x, "mean", op),
+                        channel_vector(scale, x, "scale", op),
+                        channel_vector(shift, x, "shift", op),
+                        checked_mask(mask, x, op)};
 }
 
 std::tuple<Tensor, Tensor> bn_backward_reduce(const Tensor& dout, const Tensor& x,
@@ -192,18 +209,13 @@ std::tuple<Tensor, Tensor> bn_backward_reduce(const Tensor& dout, const Tensor& 
                                               const Tensor& shift,
                                               const std::optional<Tensor>& mask, bool relu,
                                               bool channels_last) {
-  const char* op = "bn_backward_reduce";
-  check_activation(x, op);
-  check_like_x(dout, x, "dout", op);
-  Tensor mn = channel_vector(mean, x, "mean", op);
-  Tensor sc = channel_vector(scale, x, "scale", op);
-  Tensor sh = channel_vector(shift, x, "shift", op);
-  Tensor m = checked_mask(mask, x, op);
+  const BackwardInputs in =
+      backward_inputs("bn_backward_reduce", dout, x, mean, scale, shift, mask);
   const auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
   const int64_t C = x.size(1);
   if (x.numel() == 0) return {at::zeros({C}, opts), at::zeros({C}, opts)};
   Tensor sum_g = at::empty({C}, opts), sum_g_xc = at::empty({C}, opts);
-  BackwardArgs a = backward_args(dout, x, mn, sc, sh, m, relu, channels_last);
+  BackwardArgs a = in.args(relu, channels_last);
   a.sum_g = sum_g.data_ptr();
   a.sum_g_xc = sum_g_xc.data_ptr();
   FUSEDRES_CALL(bn_backward_reduce, x.scalar_type(), a);
@@ -218,21 +230,16 @@ std::tuple<Tensor, Tensor> bn_backward_apply(const Tensor& dout, const Tensor& x
                                              const Tensor& coef_c, bool relu,
                                              bool write_grad_residual, bool channels_last) {
   const char* op = "bn_backward_apply";
-  check_activation(x, op);
-  check_like_x(dout, x, "dout", op);
-  Tensor mn = channel_vector(mean, x, "mean", op);
-  Tensor sc = channel_vector(scale, x, "scale", op);
-  Tensor sh = channel_vector(shift, x, "shift", op);
+  const BackwardInputs in = backward_inputs(op, dout, x, mean, scale, shift, mask);
   Tensor cg = channel_vector(coef_g, x, "coef_g", op);
   Tensor cxc = channel_vector(coef_xc, x, "coef_xc", op);
   Tensor cc = channel_vector(coef_c, x, "coef_c", op);
-  Tensor m = checked_mask(mask, x, op);
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
   Tensor dx = empty_ncs(N, C, S, channels_last, x.options());
   Tensor dres = write_grad_residual ? empty_ncs(N, C, S, channels_last, x.options())
                                     : at::empty({0}, x.options());
   if (x.numel() == 0) return {dx, dres};
-  BackwardArgs a = backward_args(dout, x, mn, sc, sh, m, relu, channels_last);
+  BackwardArgs a = in.args(relu, channels_last);
   a.coef_g = cg.data_ptr();
   a.coef_xc = cxc.data_ptr();
   a.coef_c = cc.data_ptr();
