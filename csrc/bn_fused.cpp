@@ -38,31 +38,29 @@ at::ScalarType acc_dtype(const Tensor& x) {
 
 // ---- the primitives, by name (contract: fusedres/reference.py) -----------------------
 
+// The op `name` through the dispatcher, typed as `Fn`: each caller below has the
+// signature of the op's kernels and names itself (decltype) or the kernel.
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
 Pair bn_stats(const Tensor& x, bool channels_last) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fusedres::bn_stats", "")
-                       .typed<Pair(const Tensor&, bool)>();
+  static const auto op = typed_op<decltype(bn_stats)>("fusedres::bn_stats");
   return op.call(x, channels_last);
 }
 
 Pair bn_apply(const Tensor& x, const Tensor& scale, const Tensor& shift, const OptTensor& residual,
               const OptTensor& x2, const OptTensor& scale2, const OptTensor& shift2, bool relu,
               bool save_mask, bool channels_last) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fusedres::bn_apply", "")
-                       .typed<Pair(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                   const OptTensor&, const OptTensor&, const OptTensor&, bool,
-                                   bool, bool)>();
+  static const auto op = typed_op<decltype(bn_apply)>("fusedres::bn_apply");
   return op.call(x, scale, shift, residual, x2, scale2, shift2, relu, save_mask, channels_last);
 }
 
 Pair bn_backward_reduce(const Tensor& dout, const Tensor& x, const Tensor& mean,
                         const Tensor& scale, const Tensor& shift, const OptTensor& mask, bool relu,
                         bool channels_last) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fusedres::bn_backward_reduce", "")
-                       .typed<Pair(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                   const Tensor&, const OptTensor&, bool, bool)>();
+  static const auto op = typed_op<decltype(bn_backward_reduce)>("fusedres::bn_backward_reduce");
   return op.call(dout, x, mean, scale, shift, mask, relu, channels_last);
 }
 
@@ -70,11 +68,7 @@ Pair bn_backward_apply(const Tensor& dout, const Tensor& x, const Tensor& mean,
                        const Tensor& scale, const Tensor& shift, const OptTensor& mask,
                        const Tensor& coef_g, const Tensor& coef_xc, const Tensor& coef_c,
                        bool relu, bool write_grad_residual, bool channels_last) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fusedres::bn_backward_apply", "")
-                       .typed<Pair(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                   const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
-                                   const Tensor&, bool, bool, bool)>();
+  static const auto op = typed_op<decltype(bn_backward_apply)>("fusedres::bn_backward_apply");
   return op.call(dout, x, mean, scale, shift, mask, coef_g, coef_xc, coef_c, relu,
                  write_grad_residual, channels_last);
 }
@@ -170,7 +164,7 @@ Pair batch_or_running_stats(const Tensor& x, const OptTensor& mean_in, const Opt
 
 // ---- forward ------------------------------------------------------------------------
 
-// (N, C, *spatial) -> (N, C, S): a view whenever the strides allow (as functional._ncs).
+// (N, C, *spatial) -> (N, C, S): a view whenever the strides allow (as ops.ncs).
 Tensor ncs(const Tensor& t) {
   const auto sizes = t.sizes();
   const int64_t s = c10::multiply_integers(sizes.begin() + 2, sizes.end());
@@ -272,12 +266,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_backwa
 // In C++ rather than with torch.library.register_autograd: the Python autograd wrapper
 // and a Python backward op cost ~250 us per training step of a BN on CPU, more than the
 // kernels of a 14x14 layer. Same formula as fusedres/ops.py's `_backward`.
-
-// The op `name` through the dispatcher, typed like its kernel `Fn` here.
-template <typename Fn>
-c10::TypedOperatorHandle<Fn> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
-}
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
