@@ -24,10 +24,10 @@ def _map_source_kernels():
 
 _map_source_kernels()
 
-from ._backend import available_backends, extension_error, resolve_backend  # noqa: E402
+from ._backend import available_backends, cpu_isa, extension_error, resolve_backend  # noqa: E402
 from . import conv, distributed, functional, nn, ops, reference  # noqa: E402
 from .convert import convert, explain  # noqa: E402  (the functions shadow the submodule name)
 
-__all__ = ["available_backends", "resolve_backend", "extension_error", "conv", "convert",
+__all__ = ["available_backends", "cpu_isa", "resolve_backend", "extension_error", "conv", "convert",
            "distributed", "explain", "functional", "nn", "ops", "reference"]
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from typing import Optional
 
 import torch
 
@@ -62,6 +63,14 @@ def has_cpu_kernels() -> bool:
 
 def has_cuda_kernels() -> bool:
     return _CUDA_KERNELS
+
+
+def cpu_isa() -> Optional[str]:
+    """The vector instruction set the ``cpu`` backend's kernels run with in this process:
+    ``"avx512"``, ``"avx2"`` or ``"default"`` (the build's baseline); None without
+    ``fusedres._C``. The widest the processor has, capped by torch's own CPU capability
+    (``ATEN_CPU_CAPABILITY``) and by ``FUSEDRES_CPU_ISA=default|avx2|avx512``."""
+    return torch.ops.fusedres.cpu_isa() if has_cpu_kernels() else None
 
 
 def triton_interpreted() -> bool:

@@ -1,12 +1,15 @@
 // CPU implementations of the fusedres BN primitives: input checks, output allocation,
 // choice of the instruction set, registration under the CPU dispatch key.
 // The contract is fusedres/reference.py; the kernels are in bn_cpu_kernels.h.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include <ATen/ATen.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include "cpu/bn_cpu.h"
@@ -16,21 +19,48 @@ namespace {
 
 using at::Tensor;
 
-// AVX2 kernels when the processor has AVX2 and FMA, unless FUSEDRES_CPU_ISA=default.
-bool use_avx2() {
-#ifdef FUSEDRES_HAVE_AVX2_KERNELS
+// The widest kernels this processor runs, no wider than torch's own CPU capability (so
+// ATEN_CPU_CAPABILITY=avx2 caps both), nor than FUSEDRES_CPU_ISA=default|avx2|avx512 (a
+// cap for testing and measuring each set; read per call).
+enum class Isa { kDefault, kAvx2, kAvx512 };
+
+Isa pick_isa() {
+#ifdef FUSEDRES_HAVE_X86_KERNELS
+  static const Isa widest = [] {
+    const std::string torch_cap = at::get_cpu_capability();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512dq");
+    if (avx512 && torch_cap == "AVX512") return Isa::kAvx512;
+    if (avx2 && torch_cap != "DEFAULT") return Isa::kAvx2;
+    return Isa::kDefault;
+  }();
   const char* env = std::getenv("FUSEDRES_CPU_ISA");
-  if (env != nullptr && std::strcmp(env, "default") == 0) return false;
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+  if (env != nullptr && std::strcmp(env, "default") == 0) return Isa::kDefault;
+  if (env != nullptr && std::strcmp(env, "avx2") == 0) return std::min(widest, Isa::kAvx2);
+  return widest;
 #else
-  return false;
+  return Isa::kDefault;
 #endif
 }
 
-#ifdef FUSEDRES_HAVE_AVX2_KERNELS
-#define FUSEDRES_CALL(fn, dtype, args) \
-  (use_avx2() ? isa_avx2::fn(dtype, args) : isa_default::fn(dtype, args))
+// The instruction set the kernels run with now: "avx512", "avx2" or "default".
+std::string cpu_isa() {
+  switch (pick_isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "default";
+  }
+}
+
+#ifdef FUSEDRES_HAVE_X86_KERNELS
+#define FUSEDRES_CALL(fn, dtype, args)                                   \
+  switch (pick_isa()) {                                                  \
+    case Isa::kAvx512: isa_avx512::fn(dtype, args); break;               \
+    case Isa::kAvx2: isa_avx2::fn(dtype, args); break;                   \
+    default: isa_default::fn(dtype, args); break;                        \
+  }
 #else
 #define FUSEDRES_CALL(fn, dtype, args) isa_default::fn(dtype, args)
 #endif
@@ -251,6 +281,10 @@ std::tuple<Tensor, Tensor> bn_backward_apply(const Tensor& dout, const Tensor& x
 
 }  // namespace
 }  // namespace fusedres::cpu
+
+TORCH_LIBRARY_FRAGMENT(fusedres, m) {
+  m.def("cpu_isa() -> str", &fusedres::cpu::cpu_isa);  // no tensors: one kernel for all keys
+}
 
 TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
   m.impl("bn_stats", &fusedres::cpu::bn_stats);

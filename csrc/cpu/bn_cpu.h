@@ -71,8 +71,9 @@ struct BackwardArgs {
 
 FUSEDRES_DECLARE_CPU_KERNELS(isa_default)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FUSEDRES_HAVE_AVX2_KERNELS 1
+#define FUSEDRES_HAVE_X86_KERNELS 1
 FUSEDRES_DECLARE_CPU_KERNELS(isa_avx2)
+FUSEDRES_DECLARE_CPU_KERNELS(isa_avx512)
 #endif
 
 }  // namespace fusedres::cpu

@@ -173,7 +173,10 @@ struct BitWriter {
 // `count` (<= 24) bits starting at bit `off`, lane i from bit off + i*stride.
 inline uint32_t read_bits(const uint8_t* m, int64_t nbytes, int64_t off, int64_t stride,
                           int64_t count) {
-  if (stride == 1 && count == 8 && (off & 7) == 0) return m[off >> 3];  // a whole byte
+  if (stride == 1 && (off & 7) == 0) {  // whole bytes: one per 8 lanes
+    if (count == 8) return m[off >> 3];
+    if (count == 16) return m[off >> 3] | (static_cast<uint32_t>(m[(off >> 3) + 1]) << 8);
+  }
   if (stride == 1) {
     const int64_t b = off >> 3;
     const int sh = static_cast<int>(off & 7);
@@ -189,6 +192,18 @@ inline uint32_t read_bits(const uint8_t* m, int64_t nbytes, int64_t off, int64_t
   return bits;
 }
 
+// ---- lane selects -------------------------------------------------------------------
+//
+// AVX-512 compares write mask registers, and a masked move uses one directly; AVX2 and
+// the baseline build vector masks and blend. Same results, lane for lane.
+
+#if defined(CPU_CAPABILITY_AVX512)
+template <typename acc_t>
+inline auto to_mmask(uint32_t bits) {
+  if constexpr (std::is_same_v<acc_t, float>) return static_cast<__mmask16>(bits);
+  else return static_cast<__mmask8>(bits);
+}
+#else
 // Lanes all-ones where the bit is set (a blendv mask): one load from a table of every
 // lane pattern (2^lanes rows; 8 KiB for 8 float lanes), not a loop per vector -- the
 // backward of BN-Add-ReLU reads the mask for every vector it gates.
@@ -196,33 +211,70 @@ template <typename acc_t>
 struct LaneMasks {
   using I = at::vec::int_same_size_t<acc_t>;
   static constexpr int kLanes = Vectorized<acc_t>::size();
-  static_assert(kLanes <= 8, "one mask byte per vector at most");
+  static_assert(kLanes <= 8, "8 lanes at most: 2^lanes rows");
   __at_align__ I rows[1 << kLanes][kLanes] = {};
   constexpr LaneMasks() {
     for (int b = 0; b < (1 << kLanes); ++b)
       for (int i = 0; i < kLanes; ++i) rows[b][i] = ((b >> i) & 1) ? I(-1) : I(0);
   }
 };
+#endif
 
+// d where the bit of the lane is set, 0 elsewhere.
 template <typename acc_t>
-inline Vectorized<acc_t> bits_to_mask(uint32_t bits) {
+inline Vectorized<acc_t> keep_where(uint32_t bits, const Vectorized<acc_t>& d) {
   using V = Vectorized<acc_t>;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) return V(_mm512_maskz_mov_ps(to_mmask<acc_t>(bits), d));
+  else return V(_mm512_maskz_mov_pd(to_mmask<acc_t>(bits), d));
+#else
   static constexpr LaneMasks<acc_t> table{};  // built by the compiler: no guard at run time
-  return V::loadu(table.rows[bits & ((1u << V::size()) - 1u)]);
+  return V::blendv(V(acc_t(0)), d, V::loadu(table.rows[bits & ((1u << V::size()) - 1u)]));
+#endif
 }
 
 // Bits set where the gradient passes: !(pre <= 0) (NaN passes).
 template <typename acc_t>
 inline uint32_t pass_bits(const Vectorized<acc_t>& pre, int64_t count) {
   using V = Vectorized<acc_t>;
+#if defined(CPU_CAPABILITY_AVX512)
+  uint32_t bits;
+  if constexpr (std::is_same_v<acc_t, float>) bits = _mm512_cmp_ps_mask(pre, _mm512_setzero_ps(), _CMP_NLE_UQ);
+  else bits = _mm512_cmp_pd_mask(pre, _mm512_setzero_pd(), _CMP_NLE_UQ);
+  return bits & low_bits(count);
+#else
   return static_cast<uint32_t>((pre <= V(acc_t(0))).zero_mask()) & low_bits(count);
+#endif
+}
+
+// d, 0 where pre <= 0: the ReLU gate recomputed from the pre-activation.
+template <typename acc_t>
+inline Vectorized<acc_t> gate_by_pre(const Vectorized<acc_t>& pre, const Vectorized<acc_t>& d) {
+  using V = Vectorized<acc_t>;
+#if defined(CPU_CAPABILITY_AVX512)
+  return keep_where<acc_t>(pass_bits(pre, V::size()), d);
+#else
+  const V zero(acc_t(0));
+  return V::blendv(d, zero, pre <= zero);
+#endif
 }
 
 template <typename acc_t>
 inline Vectorized<acc_t> relu(const Vectorized<acc_t>& pre) {
   using V = Vectorized<acc_t>;
+#if defined(CPU_CAPABILITY_AVX512)
+  // Lanes < 0 become 0 (ordered compare: NaN stays NaN).
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return V(_mm512_mask_mov_ps(pre, _mm512_cmp_ps_mask(pre, _mm512_setzero_ps(), _CMP_LT_OQ),
+                                _mm512_setzero_ps()));
+  } else {
+    return V(_mm512_mask_mov_pd(pre, _mm512_cmp_pd_mask(pre, _mm512_setzero_pd(), _CMP_LT_OQ),
+                                _mm512_setzero_pd()));
+  }
+#else
   const V zero(acc_t(0));
   return V::blendv(pre, zero, pre < zero);  // NaN stays NaN
+#endif
 }
 
 // ---- Welford / Chan -----------------------------------------------------------------
@@ -536,13 +588,10 @@ inline Vectorized<acc_t> gated(const uint8_t* mask, int64_t mask_bytes,
                                const Vectorized<acc_t>& d, const Vectorized<acc_t>& xv,
                                const Vectorized<acc_t>& sc, const Vectorized<acc_t>& sh,
                                int64_t moff, int64_t mstride, int64_t cnt) {
-  using V = Vectorized<acc_t>;
-  const V zero(acc_t(0));
   if constexpr (GATE == kMaskGate) {
-    return V::blendv(zero, d, bits_to_mask<acc_t>(read_bits(mask, mask_bytes, moff, mstride, cnt)));
+    return keep_where<acc_t>(read_bits(mask, mask_bytes, moff, mstride, cnt), d);
   } else if constexpr (GATE == kRecomputeGate) {
-    const V pre = xv * sc + sh;
-    return V::blendv(d, zero, pre <= zero);
+    return gate_by_pre<acc_t>(xv * sc + sh, d);
   } else {
     return d;
   }

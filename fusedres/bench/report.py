@@ -97,6 +97,7 @@ def machine_info(device: torch.device, argv: Optional[list] = None) -> dict:
         "torchvision": _version("torchvision"),
         "fusedres": getattr(fusedres, "__version__", None),
         "fusedres_backends": fusedres.available_backends(),
+        "cpu_isa": fusedres.cpu_isa(),
         "fusedres_extension_error": (str(fusedres.extension_error)
                                      if getattr(fusedres, "extension_error", None) else None),
     }
@@ -191,7 +192,7 @@ def markdown(result: dict) -> str:
         f"- device: {m['device_type']} ({m['device_name']}); driver: {m.get('driver')}; "
         f"CUDA {m.get('cuda_runtime')}; cuDNN {m.get('cudnn')}",
         f"- torch {m['torch']}, triton {m.get('triton')}, torchvision {m.get('torchvision')}, "
-        f"fusedres backends {m.get('fusedres_backends')}",
+        f"fusedres backends {m.get('fusedres_backends')} (cpu kernels: {m.get('cpu_isa')})",
         f"- command: `{m['command']}`",
         f"- settings: dtype {result['settings']['dtype']}, layout "
         f"{result['settings']['layout']}, batch {result['settings']['batch']}",
