@@ -129,8 +129,9 @@ def test_json_schema(tiny_run):
     assert data["schema"] == report.SCHEMA and data["complete"] is True
     m = data["machine"]
     for key in ("date", "command", "git_commit", "device_type", "device_name", "cpu", "gpu",
-                "driver", "torch", "triton", "fusedres_backends"):
+                "driver", "torch", "triton", "fusedres_backends", "cpu_isa"):
         assert key in m
+    assert m["cpu_isa"] == fusedres.cpu_isa()
     assert m["torch"] == torch.__version__ and m["command"].startswith("fusedres-bench all")
     assert data["copy_bandwidth_gbps"] > 0
     rows = data["rows"]
@@ -147,6 +148,7 @@ def test_json_schema(tiny_run):
             assert r["images_per_s"] > 0
         if r["provider"] == "eager":
             assert r["speedup_vs_eager"] == pytest.approx(1.0)
+        assert r["page_faults_per_call"] >= 0
     # one row per provider and case: eager everywhere, fusedres-reference on the ops
     keys = [(r["suite"], r["case"], r["pass"], r["layer"], r["provider"]) for r in rows]
     assert len(keys) == len(set(keys))
@@ -292,6 +294,18 @@ def test_discovers_conv_and_convert(monkeypatch, tmp_path):
     assert any(s["suite"] == "conv" and "bn_relu+conv+stats" not in s["reason"]
                for s in data["skipped"]) or not data["errors"]
     assert not data["errors"], data["errors"]
+
+
+def test_cpu_timer_counts_page_faults():
+    from fusedres.bench import timing
+
+    # 64 MiB is over glibc's largest mmap threshold: fresh pages, faulted in, every call.
+    fresh = timing.time_cpu(lambda: torch.empty(2**24).fill_(1.0), min_run_time=0.02,
+                            min_blocks=2)
+    assert fresh.page_faults_per_call >= 16  # 4 KiB pages, or 2 MiB transparent huge pages
+    kept = torch.empty(2**24)
+    reused = timing.time_cpu(lambda: kept.fill_(1.0), min_run_time=0.02, min_blocks=2)
+    assert reused.page_faults_per_call < 1
 
 
 def test_kept_for_backward_column(tmp_path):

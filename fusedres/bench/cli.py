@@ -237,7 +237,8 @@ def _row(case: C.Case, provider: C.Provider, m: timing.Measurement, s: C.Setting
         "images_per_s": (case.images / secs) if case.images else None,
         "peak_mem_bytes": None, "peak_mem_kind": None,
         "retained_bytes": None, "retained_kind": None, "retained_vs_eager": None,
-        "speedup_vs_eager": None, "git_commit": commit, "extra": dict(case.extra),
+        "speedup_vs_eager": None, "page_faults_per_call": m.page_faults_per_call,
+        "git_commit": commit, "extra": dict(case.extra),
     }
 
 

@@ -23,7 +23,7 @@ ROW_KEYS = (
     "time_ms", "time_p20_ms", "time_p80_ms", "time_iqr_ms", "samples", "timer", "timer_note",
     "bytes", "bytes_eager", "gbps", "pct_copy_bw", "flops", "tflops", "images_per_s",
     "peak_mem_bytes", "peak_mem_kind", "retained_bytes", "retained_kind", "retained_vs_eager",
-    "speedup_vs_eager", "git_commit", "extra",
+    "speedup_vs_eager", "page_faults_per_call", "git_commit", "extra",
 )
 
 
@@ -151,7 +151,7 @@ def _retained(row) -> str:
 
 TABLE_COLUMNS = ("suite", "case", "pass", "layer", "shape", "provider", "median ms",
                  "p20-p80 ms", "throughput", "vs eager", "peak MiB",
-                 "kept for bwd MiB (vs eager)")
+                 "kept for bwd MiB (vs eager)", "page faults/call")
 
 
 def table_rows(rows: list) -> list:
@@ -163,7 +163,7 @@ def table_rows(rows: list) -> list:
             f"{r['time_ms']:.4g}", f"{r['time_p20_ms']:.4g}-{r['time_p80_ms']:.4g}",
             _throughput(r), _num(r.get("speedup_vs_eager"), "{:.2f}x"),
             "" if peak is None else f"{peak / 2**20:.0f}",
-            _retained(r),
+            _retained(r), _num(r.get("page_faults_per_call"), "{:.0f}"),
         ])
     return out
 

@@ -10,7 +10,7 @@ Reports the median with the 20th and 80th percentiles.
 
 CPU (``time_cpu``): ``torch.utils.benchmark.Timer`` blocks (``Timer.timeit``) after one
 warm-up call; median and interquartile range, plus the 20th/80th percentiles of the
-blocks.
+blocks, and the minor page faults per call (``getrusage``) while timed.
 """
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ class Measurement:
     samples: int
     timer: str  # "cuda-events+graph", "cuda-events", "torch.utils.benchmark"
     note: str = ""
+    # CPU: minor page faults per call while timed. Fresh memory (glibc hands large freed
+    # buffers back to the OS) is faulted in page by page, which can double a row's time
+    # between runs; this says how much of that a row paid.
+    page_faults_per_call: Optional[float] = None
 
 
 def _quantile(sorted_vals: list, q: float) -> float:
@@ -145,12 +149,27 @@ def time_cpu(fn: Callable[[], object], *, min_run_time: float = 0.5, min_blocks:
     first = timer.timeit(1).mean
     number = 1 if first >= 1e-3 else max(1, int(1e-3 / max(first, 1e-7)))
     times, total = ([first] if number == 1 else []), first
+    faults0, calls = _minor_faults(), 0
     while not ((len(times) >= min_blocks and total >= min_run_time)
                or (times and total >= max_run_time)):
         t = timer.timeit(number).mean
         times.append(t)
         total += t * number
-    return _summary(times, "torch.utils.benchmark")
+        calls += number
+    m = _summary(times, "torch.utils.benchmark")
+    faults1 = _minor_faults()
+    if calls and faults0 is not None and faults1 is not None:
+        m.page_faults_per_call = (faults1 - faults0) / calls
+    return m
+
+
+def _minor_faults() -> Optional[int]:
+    """Minor page faults of this process so far (None where getrusage is missing)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def measure(fn: Callable[[], object], device: torch.device, *, quick: bool = False,
