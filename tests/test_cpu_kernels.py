@@ -266,6 +266,27 @@ def test_bn_backward_relu_mask_from_apply():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_outputs_streamed(dtype):
+    # Outputs over 2 MiB per thread are written with non-temporal stores where aligned
+    # (channels-last rows of 64 channels), plain stores elsewhere (65: rows off 64 bytes).
+    torch.manual_seed(0)
+    for c, cl in [(64, True), (65, True), (64, False)]:
+        n, s = 4, (9 << 20) // (4 * c * dtype.itemsize) + 3  # > 2 MiB x 2 threads x 2
+        x = torch.randn(n, s, c, dtype=dtype).permute(0, 2, 1) if cl \
+            else torch.randn(n, c, s, dtype=dtype)
+        res, dout = torch.randn_like(x), torch.randn_like(x)
+        sc, sh, mean = (torch.randn(c, dtype=dtype) for _ in range(3))
+        args = (sc, sh, res, None, None, None, True, True, cl)
+        out, mask = ops.bn_apply(x, *args)
+        r_out, r_mask = ref.bn_apply(x, *args)
+        assert torch.equal(mask, r_mask)
+        torch.testing.assert_close(out, r_out)
+        got = ops.bn_backward_apply(dout, x, mean, sc, sh, mask, sc, sh, mean, True, True, cl)
+        want = ref.bn_backward_apply(dout, x, mean, sc, sh, mask, sc, sh, mean, True, True, cl)
+        torch.testing.assert_close(got, want)
+
+
 def test_input_checks():
     x = torch.randn(2, 4, 5)
     v = torch.ones(4)

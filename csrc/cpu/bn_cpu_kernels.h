@@ -142,6 +142,49 @@ inline void store(scalar_t* p, const Vectorized<acc_t>& v, int64_t count) {
   }
 }
 
+// Outputs larger than a core's L2 cache per thread are written with non-temporal stores:
+// no read of each line before it is overwritten, and no eviction of the inputs. In a
+// training step at ResNet-50 shapes (batch 8, 1 thread) that made the BN-Add-ReLU
+// forward+backward 1.1-1.6x faster from 3 MiB outputs up; an output that fits in the L2
+// stays there for the next op.
+constexpr int64_t kStreamBytesPerThread = 2 << 20;  // the L2 of a recent Xeon core
+
+inline bool stream_output(int64_t numel, size_t elem_size) {
+  const int64_t threads = std::max(1, at::get_num_threads());
+  return static_cast<int64_t>(elem_size) * numel >= kStreamBytesPerThread * threads;
+}
+
+// store() with a non-temporal store for a full, 64-byte aligned vector of the acc dtype
+// when `stream` (AVX2/AVX-512 builds); sfence() before the data is read elsewhere.
+template <typename scalar_t, typename acc_t>
+inline void store_maybe_stream(scalar_t* p, const Vectorized<acc_t>& v, int64_t count,
+                               bool stream) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (stream && count >= Vectorized<acc_t>::size() &&
+        (reinterpret_cast<uintptr_t>(p) & (sizeof(v) - 1)) == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<acc_t, float>) _mm512_stream_ps(p, v);
+      else _mm512_stream_pd(p, v);
+#else
+      if constexpr (std::is_same_v<acc_t, float>) _mm256_stream_ps(p, v);
+      else _mm256_stream_pd(p, v);
+#endif
+      return;
+    }
+  }
+#endif
+  store(p, v, count);
+}
+
+// Orders this thread's non-temporal stores before what follows (the join of the
+// parallel region, then whoever reads the output).
+inline void stream_fence(bool stream) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (stream) _mm_sfence();
+#endif
+}
+
 // ---- the 1-bit mask -----------------------------------------------------------------
 
 inline uint32_t low_bits(int64_t count) {
@@ -498,6 +541,7 @@ void apply_walk(const ApplyArgs& a, const Ncs& x, const Ncs& res, const Ncs& x2)
   const scalar_t* x2p = static_cast<const scalar_t*>(x2.data);
   scalar_t* outp = static_cast<scalar_t*>(a.out);
   uint8_t* mask = a.mask;
+  const bool stream = stream_output(a.sh.N * a.sh.C * a.sh.S, sizeof(scalar_t));
   walk_output<ROWS>(
       a.sh,
       [&](int64_t o0) { return BitWriter(mask ? mask + ((o0 * inner) >> 3) : nullptr); },
@@ -505,7 +549,7 @@ void apply_walk(const ApplyArgs& a, const Ncs& x, const Ncs& res, const Ncs& x2)
         // Loop invariants as locals: the vector stores may alias anything the lambda
         // captures by reference, which would force a reload every iteration.
         constexpr bool has_res = HAS_RES, has_x2 = HAS_X2, relu_on = RELU;
-        const bool want_mask = mask != nullptr;
+        const bool want_mask = mask != nullptr, stream_out = stream;
         const int64_t inner = ROWS ? a.sh.C : a.sh.S;
         const acc_t* scale = static_cast<const acc_t*>(a.scale);
         const acc_t* shift = static_cast<const acc_t*>(a.shift);
@@ -546,12 +590,13 @@ void apply_walk(const ApplyArgs& a, const Ncs& x, const Ncs& res, const Ncs& x2)
           if (has_res) pre = pre + load<CONTIG>(rr + j * (CONTIG ? 1 : ri), ri, cnt);
           if (want_mask) w.put(pass_bits(pre, cnt), static_cast<int>(cnt));
           if (relu_on) pre = relu(pre);
-          store(out_row + j, pre, cnt);
+          store_maybe_stream(out_row + j, pre, cnt, stream_out);
         });
         bw = w;
       },
       [&](BitWriter& bw) {
         if (mask) bw.flush();
+        stream_fence(stream);
       });
 }
 
@@ -611,9 +656,11 @@ void backward_apply_walk(const BackwardArgs& a, const Ncs& dout, const Ncs& x) {
   using acc_t = acc_type_t<scalar_t>;
   using V = Vectorized<acc_t>;
   constexpr bool need_pass = GATE == kRecomputeGate;
+  const bool stream = stream_output(a.sh.N * a.sh.C * a.sh.S, sizeof(scalar_t));
   walk_output<ROWS>(
       a.sh, [](int64_t) { return 0; },
       [&](int, int64_t o, int64_t n, int64_t cs) {
+        const bool stream_out = stream;
         // Locals, not captures: see apply_walk.
         const int64_t C = a.sh.C, S = a.sh.S;
         const int64_t inner = ROWS ? C : S;
@@ -660,11 +707,11 @@ void backward_apply_walk(const BackwardArgs& a, const Ncs& dout, const Ncs& x) {
           const V xv = load<CONTIG>(xr + j * (CONTIG ? 1 : xi), xi, cnt);
           const V g = gated<GATE, acc_t>(mask, mask_bytes, d, xv, sc, sh, o * inner + j, 1, cnt);
           const V dx = (vg * g + vxc * (xv - mn)) + vc;
-          store(dxp + o * inner + j, dx, cnt);
-          if (drp) store(drp + o * inner + j, g, cnt);
+          store_maybe_stream(dxp + o * inner + j, dx, cnt, stream_out);
+          if (drp) store_maybe_stream(drp + o * inner + j, g, cnt, stream_out);
         });
       },
-      [](int) {});
+      [&](int) { stream_fence(stream); });
 }
 
 template <typename scalar_t>
