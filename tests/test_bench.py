@@ -296,6 +296,19 @@ def test_discovers_conv_and_convert(monkeypatch, tmp_path):
     assert not data["errors"], data["errors"]
 
 
+def test_timing_environment_recorded(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1234")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("SOME_UNRELATED_VARIABLE", "x")
+    m = report.machine_info(torch.device("cpu"), ["ops"])
+    assert m["environment"]["MALLOC_TRIM_THRESHOLD_"] == "1234"
+    assert m["environment"]["OMP_NUM_THREADS"] == "1"
+    assert "SOME_UNRELATED_VARIABLE" not in m["environment"]
+    text = report.markdown({"machine": m, "rows": [],
+                            "settings": {"dtype": "float32", "layout": "cl", "batch": 8}})
+    assert "`MALLOC_TRIM_THRESHOLD_=1234`" in text
+
+
 def test_cpu_timer_counts_page_faults():
     from fusedres.bench import timing
 

@@ -17,6 +17,12 @@ import torch
 
 SCHEMA = "fusedres-bench/1"
 
+# Settings outside the command line that change timings: recorded with every run (the
+# prefixes MALLOC_, FUSEDRES_, TORCHINDUCTOR_ and CUDA_ too).
+TIMING_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "LD_PRELOAD",
+              "GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", "TRITON_INTERPRET",
+              "PYTORCH_CUDA_ALLOC_CONF")
+
 # Every row carries these keys (value may be null where it does not apply).
 ROW_KEYS = (
     "suite", "case", "pass", "layer", "shape", "dtype", "layout", "device", "provider",
@@ -98,6 +104,8 @@ def machine_info(device: torch.device, argv: Optional[list] = None) -> dict:
         "fusedres": getattr(fusedres, "__version__", None),
         "fusedres_backends": fusedres.available_backends(),
         "cpu_isa": fusedres.cpu_isa(),
+        "environment": {k: os.environ[k] for k in sorted(os.environ) if k in TIMING_ENV
+                        or k.startswith(("MALLOC_", "FUSEDRES_", "TORCHINDUCTOR_", "CUDA_"))},
         "fusedres_extension_error": (str(fusedres.extension_error)
                                      if getattr(fusedres, "extension_error", None) else None),
     }
@@ -193,7 +201,9 @@ def markdown(result: dict) -> str:
         f"CUDA {m.get('cuda_runtime')}; cuDNN {m.get('cudnn')}",
         f"- torch {m['torch']}, triton {m.get('triton')}, torchvision {m.get('torchvision')}, "
         f"fusedres backends {m.get('fusedres_backends')} (cpu kernels: {m.get('cpu_isa')})",
-        f"- command: `{m['command']}`",
+        f"- command: `{m['command']}`"
+        + (" with " + " ".join(f"`{k}={v}`" for k, v in m["environment"].items())
+           if m.get("environment") else ""),
         f"- settings: dtype {result['settings']['dtype']}, layout "
         f"{result['settings']['layout']}, batch {result['settings']['batch']}",
     ]

@@ -146,10 +146,10 @@ def time_cpu(fn: Callable[[], object], *, min_run_time: float = 0.5, min_blocks:
         fn()  # warm-up: first-call allocation, lazy init, compilation
     max_run_time = max(max_run_time or 4 * min_run_time, min_run_time)
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    faults0 = _minor_faults()
     first = timer.timeit(1).mean
     number = 1 if first >= 1e-3 else max(1, int(1e-3 / max(first, 1e-7)))
-    times, total = ([first] if number == 1 else []), first
-    faults0, calls = _minor_faults(), 0
+    times, total, calls = ([first] if number == 1 else []), first, 1
     while not ((len(times) >= min_blocks and total >= min_run_time)
                or (times and total >= max_run_time)):
         t = timer.timeit(number).mean
