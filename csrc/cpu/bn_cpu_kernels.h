@@ -27,6 +27,7 @@
 #endif
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -146,12 +147,21 @@ inline void store(scalar_t* p, const Vectorized<acc_t>& v, int64_t count) {
 // no read of each line before it is overwritten, and no eviction of the inputs. In a
 // training step at ResNet-50 shapes (batch 8, 1 thread) that made the BN-Add-ReLU
 // forward+backward 1.1-1.6x faster from 3 MiB outputs up; an output that fits in the L2
-// stays there for the next op.
+// stays there for the next op. FUSEDRES_CPU_STREAM_BYTES (per thread; read once) moves
+// the threshold, for measuring.
 constexpr int64_t kStreamBytesPerThread = 2 << 20;  // the L2 of a recent Xeon core
+
+inline int64_t stream_bytes_per_thread() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("FUSEDRES_CPU_STREAM_BYTES");
+    return env != nullptr ? std::atoll(env) : kStreamBytesPerThread;
+  }();
+  return bytes;
+}
 
 inline bool stream_output(int64_t numel, size_t elem_size) {
   const int64_t threads = std::max(1, at::get_num_threads());
-  return static_cast<int64_t>(elem_size) * numel >= kStreamBytesPerThread * threads;
+  return static_cast<int64_t>(elem_size) * numel >= stream_bytes_per_thread() * threads;
 }
 
 // store() with a non-temporal store for a full, 64-byte aligned vector of the acc dtype
