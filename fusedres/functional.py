@@ -39,6 +39,7 @@ __all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "dual_batch_n
            "last_backend"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_REDUCED = (torch.float16, torch.bfloat16)
 _last = threading.local()
 
 
@@ -47,19 +48,22 @@ def last_backend() -> Optional[str]:
     return getattr(_last, "backend", None)
 
 
-def _check_param(name: str, t: Optional[Tensor], x: Tensor) -> None:
+def _check_param(name: str, t: Optional[Tensor], device: torch.device, channels: int,
+                 dtype: torch.dtype) -> None:
+    """A per-channel tensor (running stats, weight, bias) against the input's device,
+    channel count and dtype."""
     if t is None:
         return
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
-    if t.device != x.device:
-        raise RuntimeError(f"{name} is on {t.device} but input is on {x.device}")
-    if t.numel() != x.shape[1]:
-        raise RuntimeError(f"{name} should contain {x.shape[1]} elements not {t.numel()}")
-    reduced = x.dtype in (torch.float16, torch.bfloat16)
-    if not (t.dtype == x.dtype or (reduced and t.dtype == torch.float32)):
-        raise TypeError(f"{name} has dtype {t.dtype}; with {x.dtype} input it must be "
-                        f"{x.dtype}" + (" or torch.float32" if reduced else ""))
+    if t.device != device:
+        raise RuntimeError(f"{name} is on {t.device} but input is on {device}")
+    if t.numel() != channels:
+        raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+    if t.dtype != dtype and not (t.dtype == torch.float32 and dtype in _REDUCED):
+        reduced = dtype in _REDUCED
+        raise TypeError(f"{name} has dtype {t.dtype}; with {dtype} input it must be "
+                        f"{dtype}" + (" or torch.float32" if reduced else ""))
 
 
 def _check_activation(name: str, t: Tensor, x: Tensor) -> None:
@@ -99,9 +103,10 @@ def _fused(x, residual, running_mean, running_var, weight, bias, shortcut, sc_ru
     if training and not synced and x.numel() > 0 and x.numel() // x.shape[1] <= 1:
         raise ValueError("Expected more than 1 value per channel when training, got input "
                          f"size {x.shape}")
+    device, channels, dtype = x.device, x.shape[1], x.dtype
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
-        _check_param(name, t, x)
+        _check_param(name, t, device, channels, dtype)
     if residual is not None:
         _check_activation("residual", residual, x)
     if shortcut is not None:
@@ -111,7 +116,7 @@ def _fused(x, residual, running_mean, running_var, weight, bias, shortcut, sc_ru
         for name, t in (("shortcut_running_mean", sc_running_mean),
                         ("shortcut_running_var", sc_running_var),
                         ("shortcut_weight", sc_weight), ("shortcut_bias", sc_bias)):
-            _check_param(name, t, x)
+            _check_param(name, t, device, channels, dtype)
     if momentum is None and num_batches_tracked is None and training and running_mean is not None:
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
 
@@ -134,7 +139,7 @@ def _fused(x, residual, running_mean, running_var, weight, bias, shortcut, sc_ru
             ops.is_channels_last(x3), name, process_group)
         out = out.view(x.shape)
     elif name in ops.NATIVE_BACKENDS:  # one C++ op per direction (csrc/bn_fused.cpp)
-        out, mean, var, mean2, var2, _ = torch.ops.fusedres.bn_act_forward(
+        out, mean, var, mean2, var2, _ = torch.ops.fusedres.bn_act_forward.default(
             x, weight, bias, running_mean, running_var, residual, shortcut, sc_weight, sc_bias,
             sc_running_mean, sc_running_var, training, eps, relu)
         count = x.numel() // x.shape[1]

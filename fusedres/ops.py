@@ -440,7 +440,7 @@ def update_running_stats_reference(running_mean: Tensor, running_var: Tensor, me
 
 
 if _has_native("update_running_stats"):
-    update_running_stats = torch.ops.fusedres.update_running_stats
+    update_running_stats = torch.ops.fusedres.update_running_stats.default
 else:
     update_running_stats = torch.library.custom_op(
         "fusedres::update_running_stats", update_running_stats_reference,
@@ -457,8 +457,9 @@ def update_from_batch(running_mean: Optional[Tensor], running_var: Optional[Tens
     statistics."""
     if running_mean is None:
         return
-    update_running_stats(running_mean, running_var, mean.detach(),
-                         unbiased(var.detach(), count),
+    if mean.requires_grad or var.requires_grad:  # never the C++ pipeline's statistics
+        mean, var = mean.detach(), var.detach()
+    update_running_stats(running_mean, running_var, mean, unbiased(var, count),
                          0.0 if momentum is None else float(momentum),
                          num_batches_tracked if momentum is None else None)
 
