@@ -287,8 +287,11 @@ template <typename acc_t>
 inline Vectorized<acc_t> keep_where(uint32_t bits, const Vectorized<acc_t>& d) {
   using V = Vectorized<acc_t>;
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<acc_t, float>) return V(_mm512_maskz_mov_ps(to_mmask<acc_t>(bits), d));
-  else return V(_mm512_maskz_mov_pd(to_mmask<acc_t>(bits), d));
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return V(_mm512_maskz_mov_ps(to_mmask<acc_t>(bits), d));
+  } else {
+    return V(_mm512_maskz_mov_pd(to_mmask<acc_t>(bits), d));
+  }
 #else
   static constexpr LaneMasks<acc_t> table{};  // built by the compiler: no guard at run time
   return V::blendv(V(acc_t(0)), d, V::loadu(table.rows[bits & ((1u << V::size()) - 1u)]));
@@ -300,9 +303,12 @@ template <typename acc_t>
 inline uint32_t pass_bits(const Vectorized<acc_t>& pre, int64_t count) {
   using V = Vectorized<acc_t>;
 #if defined(CPU_CAPABILITY_AVX512)
-  uint32_t bits;
-  if constexpr (std::is_same_v<acc_t, float>) bits = _mm512_cmp_ps_mask(pre, _mm512_setzero_ps(), _CMP_NLE_UQ);
-  else bits = _mm512_cmp_pd_mask(pre, _mm512_setzero_pd(), _CMP_NLE_UQ);
+  uint32_t bits;  // not (pre <= 0), unordered: NaN passes
+  if constexpr (std::is_same_v<acc_t, float>) {
+    bits = _mm512_cmp_ps_mask(pre, _mm512_setzero_ps(), _CMP_NLE_UQ);
+  } else {
+    bits = _mm512_cmp_pd_mask(pre, _mm512_setzero_pd(), _CMP_NLE_UQ);
+  }
   return bits & low_bits(count);
 #else
   return static_cast<uint32_t>((pre <= V(acc_t(0))).zero_mask()) & low_bits(count);
