@@ -378,6 +378,52 @@ inline void normalise(const Shape& sh, Ncs& t) {
   if (sh.S == 1) t.sS = 1;
 }
 
+// The skeleton both channels-inner (ROWS) reductions share. The R = N*S rows are cut
+// into chunks of whole rows whose size depends on the shape only (never on the number
+// of threads, so results are bitwise the same for any thread count); each chunk reduces
+// into its own two per-channel partial arrays (zeroed), then the channel vectors are
+// finished one by one from the chunks' partials, read in chunk order.
+template <typename acc_t>
+struct RowChunks {
+  int64_t R, C, rows_per_chunk, nchunks;
+  std::vector<acc_t> part_a, part_b;  // nchunks x C each
+
+  RowChunks(int64_t rows, int64_t channels)
+      : R(rows), C(channels), rows_per_chunk(std::max<int64_t>(1, kChunkElems / channels)),
+        nchunks(ceil_div(rows, rows_per_chunk)), part_a(nchunks * channels),
+        part_b(nchunks * channels) {}
+
+  int64_t rows_of(int64_t k) const {
+    return std::min(R, (k + 1) * rows_per_chunk) - k * rows_per_chunk;
+  }
+
+  // chunk(a, b, r0, r1): rows [r0, r1) into the chunk's partials a, b; chunks in parallel.
+  template <typename Chunk>
+  void reduce(Chunk&& chunk) {
+    at::parallel_for(0, nchunks, grain_for(rows_per_chunk * C), [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        acc_t* a = part_a.data() + k * C;
+        acc_t* b = part_b.data() + k * C;
+        std::fill(a, a + C, acc_t(0));
+        std::fill(b, b + C, acc_t(0));
+        const int64_t r0 = k * rows_per_chunk;
+        chunk(a, b, r0, r0 + rows_of(k));
+      }
+    });
+  }
+
+  // finish(j, count) for the channel vectors [j, j + count), W channels a vector.
+  template <int W, typename Finish>
+  void finish(Finish&& finish_vector) const {
+    at::parallel_for(0, ceil_div(C, W), grain_for(nchunks * W), [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t j = blk * W;
+        finish_vector(j, std::min<int64_t>(W, C - j));
+      }
+    });
+  }
+};
+
 // =====================================================================================
 // bn_stats
 // =====================================================================================
@@ -387,68 +433,56 @@ template <typename scalar_t, bool CONTIG>
 void stats_rows(const StatsArgs& a, const Ncs& x) {
   using acc_t = acc_type_t<scalar_t>;
   using V = Vectorized<acc_t>;
-  const int64_t N = a.sh.N, C = a.sh.C, S = a.sh.S, R = N * S;
-  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / C);
-  const int64_t nchunks = ceil_div(R, rows_per_chunk);
-  std::vector<acc_t> ws_mean(nchunks * C), ws_m2(nchunks * C);
+  const int64_t N = a.sh.N, C = a.sh.C, S = a.sh.S;
+  RowChunks<acc_t> chunks(N * S, C);
   const scalar_t* xp = static_cast<const scalar_t*>(x.data);
-  at::parallel_for(0, nchunks, grain_for(rows_per_chunk * C), [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      acc_t* mu = ws_mean.data() + k * C;
-      acc_t* m2 = ws_m2.data() + k * C;
-      std::fill(mu, mu + C, acc_t(0));
-      std::fill(m2, m2 + C, acc_t(0));
-      const int64_t r0 = k * rows_per_chunk, r1 = std::min(R, r0 + rows_per_chunk);
-      // kUnroll rows at a time with the running mean/M2 in registers: the same
-      // sequence of Welford updates per channel as one row at a time.
-      for_row_groups<kUnroll>(r0, r1, [&](auto group, int64_t r) {
-        constexpr int nr = decltype(group)::value;
-        const scalar_t* rows[kUnroll];
-        V inv[kUnroll];
+  chunks.reduce([&](acc_t* mu, acc_t* m2, int64_t r0, int64_t r1) {
+    // kUnroll rows at a time with the running mean/M2 in registers: the same
+    // sequence of Welford updates per channel as one row at a time.
+    for_row_groups<kUnroll>(r0, r1, [&](auto group, int64_t r) {
+      constexpr int nr = decltype(group)::value;
+      const scalar_t* rows[kUnroll];
+      V inv[kUnroll];
+      for (int u = 0; u < nr; ++u) {
+        const int64_t n = (r + u) / S, s = (r + u) % S;
+        rows[u] = xp + n * x.sN + s * x.sS;
+        inv[u] = V(acc_t(1) / static_cast<acc_t>(r + u - r0 + 1));
+      }
+      for_vectors<V::size()>(C, [&](int64_t j, auto count) {
+        const int64_t cnt = count;
+        V m = loadp(mu + j, cnt);
+        V q = loadp(m2 + j, cnt);
         for (int u = 0; u < nr; ++u) {
-          const int64_t n = (r + u) / S, s = (r + u) % S;
-          rows[u] = xp + n * x.sN + s * x.sS;
-          inv[u] = V(acc_t(1) / static_cast<acc_t>(r + u - r0 + 1));
+          const V xv = load<CONTIG>(rows[u] + j * (CONTIG ? 1 : x.sC), x.sC, cnt);
+          const V d = xv - m;
+          m = fma(d, inv[u], m);
+          q = fma(d, xv - m, q);
         }
-        for_vectors<V::size()>(C, [&](int64_t j, auto count) {
-          const int64_t cnt = count;
-          V m = loadp(mu + j, cnt);
-          V q = loadp(m2 + j, cnt);
-          for (int u = 0; u < nr; ++u) {
-            const V xv = load<CONTIG>(rows[u] + j * (CONTIG ? 1 : x.sC), x.sC, cnt);
-            const V d = xv - m;
-            m = fma(d, inv[u], m);
-            q = fma(d, xv - m, q);
-          }
-          store(mu + j, m, cnt);
-          store(m2 + j, q, cnt);
-        });
+        store(mu + j, m, cnt);
+        store(m2 + j, q, cnt);
       });
-    }
+    });
   });
   // Chan merge of the chunks in chunk order. Every channel of a chunk has the same
   // count, so the merge weights are scalars and the merge is vectorised across C.
   acc_t* mean = static_cast<acc_t*>(a.mean);
   acc_t* var = static_cast<acc_t*>(a.var);
-  const int64_t cblocks = ceil_div(C, V::size());
-  at::parallel_for(0, cblocks, grain_for(nchunks * V::size()), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t j = b * V::size(), cnt = std::min<int64_t>(V::size(), C - j);
-      V m = loadp(ws_mean.data() + j, cnt), q = loadp(ws_m2.data() + j, cnt);
-      int64_t n = std::min(R, rows_per_chunk);
-      for (int64_t k = 1; k < nchunks; ++k) {
-        const int64_t r0 = k * rows_per_chunk, nb = std::min(R, r0 + rows_per_chunk) - r0;
-        const int64_t nt = n + nb;
-        const V fb(static_cast<acc_t>(nb) / static_cast<acc_t>(nt));
-        const V na(static_cast<acc_t>(n));
-        const V d = loadp(ws_mean.data() + k * C + j, cnt) - m;
-        m = m + d * fb;
-        q = q + loadp(ws_m2.data() + k * C + j, cnt) + d * d * na * fb;
-        n = nt;
-      }
-      store(mean + j, m, cnt);
-      store(var + j, q / V(static_cast<acc_t>(n)), cnt);
+  chunks.template finish<V::size()>([&](int64_t j, int64_t cnt) {
+    const acc_t* part_mean = chunks.part_a.data();
+    const acc_t* part_m2 = chunks.part_b.data();
+    V m = loadp(part_mean + j, cnt), q = loadp(part_m2 + j, cnt);
+    int64_t n = chunks.rows_of(0);
+    for (int64_t k = 1; k < chunks.nchunks; ++k) {
+      const int64_t nb = chunks.rows_of(k), nt = n + nb;
+      const V fb(static_cast<acc_t>(nb) / static_cast<acc_t>(nt));
+      const V na(static_cast<acc_t>(n));
+      const V d = loadp(part_mean + k * C + j, cnt) - m;
+      m = m + d * fb;
+      q = q + loadp(part_m2 + k * C + j, cnt) + d * d * na * fb;
+      n = nt;
     }
+    store(mean + j, m, cnt);
+    store(var + j, q / V(static_cast<acc_t>(n)), cnt);
   });
 }
 
@@ -761,10 +795,8 @@ template <typename scalar_t, bool CONTIG, int GATE>
 void backward_reduce_rows(const BackwardArgs& a, const Ncs& dout, const Ncs& x) {
   using acc_t = acc_type_t<scalar_t>;
   using V = Vectorized<acc_t>;
-  const int64_t N = a.sh.N, C = a.sh.C, S = a.sh.S, R = N * S;
-  const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / C);
-  const int64_t nchunks = ceil_div(R, rows_per_chunk);
-  std::vector<acc_t> ws_g(nchunks * C), ws_gx(nchunks * C);
+  const int64_t N = a.sh.N, C = a.sh.C, S = a.sh.S;
+  RowChunks<acc_t> chunks(N * S, C);
   const acc_t* mean = static_cast<const acc_t*>(a.mean);
   const acc_t* scale = static_cast<const acc_t*>(a.scale);
   const acc_t* shift = static_cast<const acc_t*>(a.shift);
@@ -774,64 +806,53 @@ void backward_reduce_rows(const BackwardArgs& a, const Ncs& dout, const Ncs& x) 
   const uint8_t* mask = a.mask;
   const int64_t mask_bytes = a.mask_bytes;
   const int64_t mstride = a.channels_last ? 1 : S;
-  at::parallel_for(0, nchunks, grain_for(rows_per_chunk * C), [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      acc_t* sg = ws_g.data() + k * C;
-      acc_t* sgx = ws_gx.data() + k * C;
-      std::fill(sg, sg + C, acc_t(0));
-      std::fill(sgx, sgx + C, acc_t(0));
-      const int64_t r0 = k * rows_per_chunk, r1 = std::min(R, r0 + rows_per_chunk);
-      // kUnroll rows at a time with the partial sums in registers: the same order of
-      // additions per channel as one row at a time.
-      for_row_groups<kUnroll>(r0, r1, [&](auto group, int64_t r) {
-        constexpr int nr = decltype(group)::value;
-        const scalar_t* drs[kUnroll];
-        const scalar_t* xrs[kUnroll];
-        int64_t moffs[kUnroll];
-        for (int u = 0; u < nr; ++u) {
-          const int64_t n = (r + u) / S, s = (r + u) % S;
-          drs[u] = dp + n * dout.sN + s * dout.sS;
-          xrs[u] = xp + n * x.sN + s * x.sS;
-          moffs[u] = a.channels_last ? (r + u) * C : n * C * S + s;
+  chunks.reduce([&](acc_t* sg, acc_t* sgx, int64_t r0, int64_t r1) {
+    // kUnroll rows at a time with the partial sums in registers: the same order of
+    // additions per channel as one row at a time.
+    for_row_groups<kUnroll>(r0, r1, [&](auto group, int64_t r) {
+      constexpr int nr = decltype(group)::value;
+      const scalar_t* drs[kUnroll];
+      const scalar_t* xrs[kUnroll];
+      int64_t moffs[kUnroll];
+      for (int u = 0; u < nr; ++u) {
+        const int64_t n = (r + u) / S, s = (r + u) % S;
+        drs[u] = dp + n * dout.sN + s * dout.sS;
+        xrs[u] = xp + n * x.sN + s * x.sS;
+        moffs[u] = a.channels_last ? (r + u) * C : n * C * S + s;
+      }
+      for_vectors<V::size()>(C, [&](int64_t j, auto count) {
+        const int64_t cnt = count;
+        V sc, sh;
+        if constexpr (need_pass) {
+          sc = loadp(scale + j, cnt);
+          sh = loadp(shift + j, cnt);
         }
-        for_vectors<V::size()>(C, [&](int64_t j, auto count) {
-          const int64_t cnt = count;
-          V sc, sh;
-          if constexpr (need_pass) {
-            sc = loadp(scale + j, cnt);
-            sh = loadp(shift + j, cnt);
-          }
-          const V mn = loadp(mean + j, cnt);
-          V tg = loadp(sg + j, cnt), tgx = loadp(sgx + j, cnt);
-          const int64_t mj = a.channels_last ? j : j * S;
-          for (int u = 0; u < nr; ++u) {
-            const V d = load<CONTIG>(drs[u] + j * (CONTIG ? 1 : dout.sC), dout.sC, cnt);
-            const V xv = load<CONTIG>(xrs[u] + j * (CONTIG ? 1 : x.sC), x.sC, cnt);
-            const V g = gated<GATE, acc_t>(mask, mask_bytes, d, xv, sc, sh, moffs[u] + mj,
-                                           mstride, cnt);
-            tg = tg + g;
-            tgx = fma(g, xv - mn, tgx);
-          }
-          store(sg + j, tg, cnt);
-          store(sgx + j, tgx, cnt);
-        });
+        const V mn = loadp(mean + j, cnt);
+        V tg = loadp(sg + j, cnt), tgx = loadp(sgx + j, cnt);
+        const int64_t mj = a.channels_last ? j : j * S;
+        for (int u = 0; u < nr; ++u) {
+          const V d = load<CONTIG>(drs[u] + j * (CONTIG ? 1 : dout.sC), dout.sC, cnt);
+          const V xv = load<CONTIG>(xrs[u] + j * (CONTIG ? 1 : x.sC), x.sC, cnt);
+          const V g = gated<GATE, acc_t>(mask, mask_bytes, d, xv, sc, sh, moffs[u] + mj,
+                                         mstride, cnt);
+          tg = tg + g;
+          tgx = fma(g, xv - mn, tgx);
+        }
+        store(sg + j, tg, cnt);
+        store(sgx + j, tgx, cnt);
       });
-    }
+    });
   });
   acc_t* out_g = static_cast<acc_t*>(a.sum_g);
   acc_t* out_gx = static_cast<acc_t*>(a.sum_g_xc);
-  const int64_t cblocks = ceil_div(C, V::size());
-  at::parallel_for(0, cblocks, grain_for(nchunks * V::size()), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t j = b * V::size(), cnt = std::min<int64_t>(V::size(), C - j);
-      V t(acc_t(0)), u(acc_t(0));
-      for (int64_t k = 0; k < nchunks; ++k) {
-        t = t + loadp(ws_g.data() + k * C + j, cnt);
-        u = u + loadp(ws_gx.data() + k * C + j, cnt);
-      }
-      store(out_g + j, t, cnt);
-      store(out_gx + j, u, cnt);
+  chunks.template finish<V::size()>([&](int64_t j, int64_t cnt) {
+    V t(acc_t(0)), u(acc_t(0));
+    for (int64_t k = 0; k < chunks.nchunks; ++k) {
+      t = t + loadp(chunks.part_a.data() + k * C + j, cnt);
+      u = u + loadp(chunks.part_b.data() + k * C + j, cnt);
     }
+    store(out_g + j, t, cnt);
+    store(out_gx + j, u, cnt);
   });
 }
 
