@@ -158,7 +158,7 @@ def time_cpu(fn: Callable[[], object], *, min_run_time: float = 0.5, min_blocks:
         calls += number
     m = _summary(times, "torch.utils.benchmark")
     faults1 = _minor_faults()
-    if calls and faults0 is not None and faults1 is not None:
+    if faults0 is not None and faults1 is not None:
         m.page_faults_per_call = (faults1 - faults0) / calls
     return m
 
