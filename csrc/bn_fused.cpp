@@ -2,7 +2,7 @@
 //
 //   bn_act_forward   statistics (or running statistics) -> finalize -> apply
 //   bn_act_backward  per BN input: reduce -> coefficients -> elementwise
-//   update_running_stats   running <- (1-f)*running + f*batch, on the device
+//   update_running_stats   running <- running + f*(batch - running), on the device
 //
 // This is fusedres/ops.py's `batch_norm_act` / `batch_norm_act_backward` pipeline with
 // the per-call Python removed (a few dozen small tensor ops and a dispatch per
@@ -14,6 +14,14 @@
 // Device-generic: the primitives are called through the dispatcher (CPU or CUDA
 // kernels by the tensors' device); registered under the CPU key, and the CUDA key when
 // the CUDA kernels are built. Autograd and fake kernels are registered from Python.
+// The CPU loops below evaluate the same expressions as the tensor ops they replace, one
+// rounding per operation: no contraction into fused multiply-adds.
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 #include <array>
 #include <optional>
 #include <tuple>
@@ -150,6 +158,18 @@ Pair backward_coefficients(const ScaleShift& ss, const Tensor& sum_g, const Tens
   return {coef_xc, coef_c};
 }
 
+// a*b of two (C,) vectors (dweight = sum_g_xc * invstd).
+Tensor product(const Tensor& a, const Tensor& b) {
+  if (!a.is_cpu() || !a.is_contiguous() || !b.is_contiguous()) return a * b;
+  Tensor out = at::empty_like(a);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fusedres_product", [&] {
+    const scalar_t *ap = a.const_data_ptr<scalar_t>(), *bp = b.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < a.numel(); ++c) op[c] = ap[c] * bp[c];
+  });
+  return out;
+}
+
 Tensor nothing(const Tensor& x) { return at::empty({0}, x.options()); }
 
 Pair batch_or_running_stats(const Tensor& x, const OptTensor& mean_in, const OptTensor& var_in,
@@ -221,7 +241,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> input_backward(
         bn_backward_reduce(dout, x, mean, ss.scale, ss.shift, mask, relu, channels_last);
   }
   Tensor dweight = need_affine && given(weight)
-                       ? (sum_g_xc * ss.invstd).to(weight->scalar_type()) : nothing(x);
+                       ? product(sum_g_xc, ss.invstd).to(weight->scalar_type()) : nothing(x);
   Tensor dbias = need_affine && given(bias) ? sum_g.to(bias->scalar_type()) : nothing(x);
   if (!(need_dx || write_grad_residual)) return {nothing(x), dweight, dbias, nothing(x)};
   Tensor coef_xc, coef_c;
@@ -358,22 +378,75 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_forward_autogr
 }
 
 // ---- running statistics -------------------------------------------------------------
+//
+// running <- running + f*(batch - running)        when |f| < 0.5
+//            batch - (batch - running)*(1 - f)    otherwise (exact at f = 1)
+// with f = momentum, or 1/num_batches_tracked (momentum=None), and the variance's batch
+// value var * var_correction (Bessel's M/(M-1)). Every step is one rounding in the acc
+// dtype; fusedres.ops.update_running_stats_reference is the same sequence as tensor ops.
+
+// The formula on CPU vectors: a plain loop. As tensor ops (reciprocal, sub, mul, add,
+// lerp...) the update cost ~30 us in a training step of a 7x7 layer on CPU -- each op's
+// code cold in the cache after the layer's data went through -- more than the layer's
+// statistics kernel.
+bool update_in_place_on_cpu(const Tensor& running_mean, const Tensor& running_var,
+                            const Tensor& mean, const Tensor& var,
+                            const OptTensor& num_batches_tracked) {
+  const auto acc = mean.scalar_type();
+  for (const Tensor* t : {&running_mean, &running_var, &mean, &var}) {
+    if (!t->is_cpu() || t->scalar_type() != acc || !t->is_contiguous() ||
+        t->numel() != mean.numel()) {
+      return false;  // the tensor ops below (which also raise on a size mismatch)
+    }
+  }
+  return (acc == at::kFloat || acc == at::kDouble) &&
+         (!given(num_batches_tracked) || num_batches_tracked->is_cpu());
+}
+
+template <typename acc_t>
+void update_loop(acc_t* running, const acc_t* batch, int64_t n, acc_t f, acc_t correction) {
+  const bool small = std::abs(f) < acc_t(0.5);
+  const acc_t one_minus_f = acc_t(1) - f;
+  for (int64_t c = 0; c < n; ++c) {
+    const acc_t b = correction == acc_t(1) ? batch[c] : batch[c] * correction;
+    const acc_t d = b - running[c];
+    running[c] = small ? running[c] + f * d : b - d * one_minus_f;
+  }
+}
 
 void update_running_stats(Tensor running_mean, Tensor running_var, const Tensor& mean,
-                          const Tensor& unbiased_var, double momentum,
+                          const Tensor& var, double var_correction, double momentum,
                           const OptTensor& num_batches_tracked) {
-  // running + f*(batch - running) with f = momentum, or 1/num_batches_tracked
-  // (momentum=None) kept on the device: no host sync, capturable in a CUDA graph.
+  // On the device, no host sync: capturable in a CUDA graph.
   const auto acc = mean.scalar_type();
-  const Tensor factor = given(num_batches_tracked)
-                            ? at::reciprocal(num_batches_tracked->to(acc)) : Tensor();
+  if (update_in_place_on_cpu(running_mean, running_var, mean, var, num_batches_tracked)) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "fusedres_update_running_stats", [&] {
+      const scalar_t f = given(num_batches_tracked)
+          ? scalar_t(1) / static_cast<scalar_t>(num_batches_tracked->item<int64_t>())
+          : static_cast<scalar_t>(momentum);
+      const int64_t n = mean.numel();
+      update_loop<scalar_t>(running_mean.data_ptr<scalar_t>(), mean.const_data_ptr<scalar_t>(),
+                            n, f, scalar_t(1));
+      update_loop<scalar_t>(running_var.data_ptr<scalar_t>(), var.const_data_ptr<scalar_t>(),
+                            n, f, static_cast<scalar_t>(var_correction));
+    });
+    // As an in-place tensor op would: autograd refuses graphs that saved the old values.
+    torch::autograd::impl::bump_version(running_mean);
+    torch::autograd::impl::bump_version(running_var);
+    return;
+  }
+  const Tensor f = given(num_batches_tracked)
+                       ? at::reciprocal(num_batches_tracked->to(acc))
+                       : at::scalar_tensor(momentum, mean.options());
+  const Tensor small = f.abs() < 0.5;
+  const Tensor one_minus_f = 1 - f;
+  const Tensor var_batch = var_correction == 1.0 ? var : var * var_correction;
   for (auto [running, batch] :
-       {std::pair{running_mean, mean}, std::pair{running_var, unbiased_var}}) {
+       {std::pair{running_mean, mean}, std::pair{running_var, var_batch}}) {
     // Half running statistics are updated in the acc dtype and stored rounded.
-    Tensor r = running.scalar_type() == acc ? running : running.to(acc);
-    if (factor.defined()) r.lerp_(batch, factor);
-    else r.lerp_(batch, momentum);
-    if (!r.is_same(running)) running.copy_(r);
+    const Tensor r = running.to(acc);
+    const Tensor d = batch - r;
+    running.copy_(at::where(small, r + f * d, batch - d * one_minus_f));
   }
 }
 

@@ -41,5 +41,5 @@ TORCH_LIBRARY(fusedres, m) {
       "Tensor dresidual, Tensor dx2, Tensor dweight2, Tensor dbias2)");
   m.def(
       "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
-      "Tensor unbiased_var, float momentum, Tensor? num_batches_tracked) -> ()");
+      "Tensor var, float var_correction, float momentum, Tensor? num_batches_tracked) -> ()");
 }

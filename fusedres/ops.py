@@ -420,23 +420,32 @@ torch.library.register_autograd("fusedres::batch_norm_act", _backward,
 
 
 def update_running_stats_reference(running_mean: Tensor, running_var: Tensor, mean: Tensor,
-                                   unbiased_var: Tensor, momentum: float,
+                                   var: Tensor, var_correction: float, momentum: float,
                                    num_batches_tracked: Optional[Tensor]) -> None:
-    """``running <- (1-f)*running + f*batch`` as ``nn.BatchNorm`` does, on the device.
+    """``nn.BatchNorm``'s running-statistics update, on the device:
+    ``running <- running + f*(batch - running)`` (``batch - (batch - running)*(1 - f)``
+    when ``|f| >= 0.5``, exact at ``f = 1``, as ``torch.lerp``).
 
-    ``unbiased_var`` is the batch variance with Bessel's correction (``var*M/(M-1)``,
-    see :func:`unbiased`). ``f`` is ``momentum``, or ``1/num_batches_tracked`` (the
-    cumulative average of ``momentum=None``) when that tensor is given; the caller
-    increments ``num_batches_tracked`` first, as ``nn.BatchNorm`` does.
+    The batch values are ``mean`` and ``var * var_correction`` (Bessel's ``M/(M-1)``
+    for a biased ``var`` over ``M`` values; 1.0 when ``var`` is already unbiased). ``f``
+    is ``momentum``, or ``1/num_batches_tracked`` (the cumulative average of
+    ``momentum=None``) when that tensor is given; the caller increments
+    ``num_batches_tracked`` first, as ``nn.BatchNorm`` does. Every step is one rounding
+    in the statistics' dtype.
 
     The op ``fusedres::update_running_stats`` is this function: compiled from C++
-    (csrc/bn_fused.cpp, one dispatch instead of a dozen) when fusedres._C is loaded,
-    registered from here otherwise.
+    (csrc/bn_fused.cpp: a plain loop on CPU, these tensor ops elsewhere) when
+    fusedres._C is loaded, registered from here otherwise.
     """
     acc = mean.dtype
-    factor = momentum if num_batches_tracked is None else 1.0 / num_batches_tracked.to(acc)
-    for running, batch in ((running_mean, mean), (running_var, unbiased_var)):
-        running.copy_(running.to(acc).lerp(batch, factor))  # running + f*(batch - running)
+    f = (torch.tensor(momentum, dtype=acc, device=mean.device) if num_batches_tracked is None
+         else torch.reciprocal(num_batches_tracked.to(acc)))
+    small = f.abs() < 0.5
+    batch_var = var if var_correction == 1.0 else var * var_correction
+    for running, batch in ((running_mean, mean), (running_var, batch_var)):
+        r = running.to(acc)
+        d = batch - r
+        running.copy_(torch.where(small, r + f * d, batch - d * (1 - f)))
 
 
 if _has_native("update_running_stats"):
@@ -459,7 +468,11 @@ def update_from_batch(running_mean: Optional[Tensor], running_var: Optional[Tens
         return
     if mean.requires_grad or var.requires_grad:  # never the C++ pipeline's statistics
         mean, var = mean.detach(), var.detach()
-    update_running_stats(running_mean, running_var, mean, unbiased(var, count),
+    if isinstance(count, Tensor):  # a global count on the device (synchronised BN)
+        var, correction = unbiased(var, count), 1.0
+    else:  # one value per channel: inf, and so inf/nan as torch gives
+        correction = count / (count - 1) if count > 1 else math.inf
+    update_running_stats(running_mean, running_var, mean, var, correction,
                          0.0 if momentum is None else float(momentum),
                          num_batches_tracked if momentum is None else None)
 

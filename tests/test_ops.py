@@ -55,9 +55,9 @@ def test_opcheck_update_running_stats():
     rm, rv = torch.randn(4), torch.rand(4) + 0.5
     mean, var = torch.randn(4), torch.rand(4)
     torch.library.opcheck(torch.ops.fusedres.update_running_stats.default,
-                          (rm, rv, mean, var, 0.1, None))
+                          (rm, rv, mean, var, 1.5, 0.1, None))
     torch.library.opcheck(torch.ops.fusedres.update_running_stats.default,
-                          (rm, rv, mean, var, 0.0, torch.tensor(3)))
+                          (rm, rv, mean, var, 1.0, 0.0, torch.tensor(3)))
 
 
 def _primitive_cases(device, dtype, channels_last):
@@ -249,24 +249,35 @@ def test_opcheck_native_ops(backend, device, variant):
             torch.library.opcheck(torch.ops.fusedres.bn_act_backward.default, bwd)
 
 
-@pytest.mark.parametrize("nbt", [None, 3], ids=["momentum", "cumulative"])
-@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float16])
-def test_update_running_stats_matches_reference_function(nbt, running_dtype):
-    """The op (C++ when fusedres._C is loaded) is the Python function it documents."""
+@pytest.mark.parametrize("momentum,nbt", [(0.3, None), (0.7, None), (0.0, 3), (0.0, 1)],
+                         ids=["momentum", "large-momentum", "cumulative", "cumulative-first"])
+@pytest.mark.parametrize("layout", ["float32", "float64", "float16-running", "strided-running"])
+def test_update_running_stats_matches_reference_function(momentum, nbt, layout):
+    """The op (C++ when fusedres._C is loaded: a loop for dense CPU statistics, tensor ops
+    otherwise) is the Python function it documents, bit for bit, and is nn.BatchNorm's
+    update; it bumps the running tensors' version counters as an in-place op does."""
     g = torch.Generator().manual_seed(0)
-    rm, rv = torch.randn(5, generator=g).to(running_dtype), torch.rand(5, generator=g).to(
-        running_dtype)
-    mean, var = torch.randn(5, generator=g), torch.rand(5, generator=g)
+    acc = torch.float64 if layout == "float64" else torch.float32
+    running = {"float16-running": torch.float16}.get(layout, acc)
+    rm, rv = torch.randn(10, generator=g, dtype=acc), torch.rand(10, generator=g, dtype=acc)
+    rm, rv = rm.to(running), rv.to(running)
+    step = 2 if layout == "strided-running" else 1  # every other value: not contiguous
+    rm, rv = rm[:5 * step:step], rv[:5 * step:step]
+    mean, var = torch.randn(5, generator=g, dtype=acc), torch.rand(5, generator=g, dtype=acc)
     count = None if nbt is None else torch.tensor(nbt)
-    rm0, rv0 = rm.float().clone(), rv.float().clone()
+    rm0, rv0 = rm.to(acc).clone(), rv.to(acc).clone()
     want_m, want_v = rm.clone(), rv.clone()
-    ops.update_running_stats_reference(want_m, want_v, mean, var, 0.3, count)
-    ops.update_running_stats(rm, rv, mean, var, 0.3, count)
+    ops.update_running_stats_reference(want_m, want_v, mean, var, 1.25, momentum, count)
+    versions = rm._version, rv._version
+    ops.update_running_stats(rm, rv, mean, var, 1.25, momentum, count)
     assert torch.equal(rm, want_m) and torch.equal(rv, want_v)
-    f = 0.3 if nbt is None else 1 / nbt  # nn.BatchNorm's update
-    tol = {"atol": 1e-3, "rtol": 1e-3} if running_dtype == torch.float16 else {}
-    torch.testing.assert_close(rm.float(), (1 - f) * rm0 + f * mean, **tol)
-    torch.testing.assert_close(rv.float(), (1 - f) * rv0 + f * var, **tol)
+    assert rm._version > versions[0] and rv._version > versions[1]
+    f = momentum if nbt is None else 1 / nbt  # nn.BatchNorm's update
+    tol = {"atol": 1e-3, "rtol": 1e-3} if running == torch.float16 else {}
+    torch.testing.assert_close(rm.to(acc), (1 - f) * rm0 + f * mean, **tol)
+    torch.testing.assert_close(rv.to(acc), (1 - f) * rv0 + f * var * 1.25, **tol)
+    if f == 1:  # the first batch of a cumulative average is the batch, exactly
+        assert torch.equal(rm, mean.to(running)) and torch.equal(rv, (var * 1.25).to(running))
 
 
 def test_package_works_without_extension():
