@@ -328,6 +328,26 @@ def test_auto_never_picks_interpreter_or_plumbing():
     assert "reference_primitives" not in fusedres.available_backends()
 
 
+def test_resolve_table_is_the_resolution():
+    """The looked-up answers of resolve_backend are what resolving gives, for every device
+    type and name (string or torch.device), and what cannot run still raises."""
+    from fusedres import _backend
+
+    assert _backend._RESOLVED  # the common case is looked up
+    for device_type in ("cpu", "cuda", "meta"):
+        for backend in ("auto",) + _backend.BACKENDS + (_backend.PLUMBING_BACKEND,):
+            try:
+                want = _backend._resolve(torch.device(device_type), backend)
+            except RuntimeError:
+                with pytest.raises(RuntimeError, match="cannot run"):
+                    fusedres.resolve_backend(device_type, backend)
+                continue
+            assert fusedres.resolve_backend(device_type, backend) == want
+            assert fusedres.resolve_backend(torch.device(device_type), backend) == want
+    with pytest.raises(ValueError, match="unknown fusedres backend"):
+        fusedres.resolve_backend("cpu", ["cpu"])
+
+
 def test_torch_compile_fullgraph(backend_device):
     backend, device = backend_device
     if _interpreted(backend, device):
