@@ -382,36 +382,45 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_forward_autogr
 // running <- running + f*(batch - running)        when |f| < 0.5
 //            batch - (batch - running)*(1 - f)    otherwise (exact at f = 1)
 // with f = momentum, or 1/num_batches_tracked (momentum=None), and the variance's batch
-// value var * var_correction (Bessel's M/(M-1)). Every step is one rounding in the acc
-// dtype; fusedres.ops.update_running_stats_reference is the same sequence as tensor ops.
+// value var * var_correction (Bessel's M/(M-1)), in the acc dtype, stored rounded to the
+// running statistics' dtype. On CPU a plain loop, one rounding per operation
+// (fusedres.ops.update_running_stats_reference, bit for bit): as tensor ops the update
+// cost ~30 us in a training step of a 7x7 layer there -- each op's code cold in the cache
+// after the layer's data went through -- more than the layer's statistics kernel.
+// Elsewhere torch.lerp (one kernel per statistic, launched asynchronously; the same
+// formula, whose multiply-add the device compiler may fuse).
 
-// The formula on CPU vectors: a plain loop. As tensor ops (reciprocal, sub, mul, add,
-// lerp...) the update cost ~30 us in a training step of a 7x7 layer on CPU -- each op's
-// code cold in the cache after the layer's data went through -- more than the layer's
-// statistics kernel.
-bool update_in_place_on_cpu(const Tensor& running_mean, const Tensor& running_var,
-                            const Tensor& mean, const Tensor& var,
-                            const OptTensor& num_batches_tracked) {
+bool update_on_cpu(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
+                   const Tensor& var, const OptTensor& num_batches_tracked) {
   const auto acc = mean.scalar_type();
   for (const Tensor* t : {&running_mean, &running_var, &mean, &var}) {
-    if (!t->is_cpu() || t->scalar_type() != acc || !t->is_contiguous() ||
-        t->numel() != mean.numel()) {
-      return false;  // the tensor ops below (which also raise on a size mismatch)
-    }
+    if (!t->is_cpu() || t->dim() != 1 || t->numel() != mean.numel()) return false;
   }
-  return (acc == at::kFloat || acc == at::kDouble) &&
+  return (acc == at::kFloat || acc == at::kDouble) && var.scalar_type() == acc &&
+         at::isFloatingType(running_mean.scalar_type()) &&
+         at::isFloatingType(running_var.scalar_type()) &&
          (!given(num_batches_tracked) || num_batches_tracked->is_cpu());
 }
 
 template <typename acc_t>
-void update_loop(acc_t* running, const acc_t* batch, int64_t n, acc_t f, acc_t correction) {
+void update_loop_cpu(Tensor& running, const Tensor& batch_t, acc_t f, acc_t correction) {
+  const Tensor batch = batch_t.contiguous();
+  const acc_t* bp = batch.const_data_ptr<acc_t>();
+  const int64_t n = batch.numel(), stride = running.stride(0);
   const bool small = std::abs(f) < acc_t(0.5);
   const acc_t one_minus_f = acc_t(1) - f;
-  for (int64_t c = 0; c < n; ++c) {
-    const acc_t b = correction == acc_t(1) ? batch[c] : batch[c] * correction;
-    const acc_t d = b - running[c];
-    running[c] = small ? running[c] + f * d : b - d * one_minus_f;
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(),
+                                  "fusedres_update_running_stats", [&] {
+    scalar_t* rp = running.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < n; ++c) {
+      const acc_t r = static_cast<acc_t>(rp[c * stride]);
+      const acc_t b = correction == acc_t(1) ? bp[c] : bp[c] * correction;
+      const acc_t d = b - r;
+      rp[c * stride] = static_cast<scalar_t>(small ? r + f * d : b - d * one_minus_f);
+    }
+  });
+  // As an in-place tensor op would: autograd refuses graphs that saved the old values.
+  torch::autograd::impl::bump_version(running);
 }
 
 void update_running_stats(Tensor running_mean, Tensor running_var, const Tensor& mean,
@@ -419,34 +428,27 @@ void update_running_stats(Tensor running_mean, Tensor running_var, const Tensor&
                           const OptTensor& num_batches_tracked) {
   // On the device, no host sync: capturable in a CUDA graph.
   const auto acc = mean.scalar_type();
-  if (update_in_place_on_cpu(running_mean, running_var, mean, var, num_batches_tracked)) {
+  if (update_on_cpu(running_mean, running_var, mean, var, num_batches_tracked)) {
     AT_DISPATCH_FLOATING_TYPES(acc, "fusedres_update_running_stats", [&] {
-      const scalar_t f = given(num_batches_tracked)
-          ? scalar_t(1) / static_cast<scalar_t>(num_batches_tracked->item<int64_t>())
-          : static_cast<scalar_t>(momentum);
-      const int64_t n = mean.numel();
-      update_loop<scalar_t>(running_mean.data_ptr<scalar_t>(), mean.const_data_ptr<scalar_t>(),
-                            n, f, scalar_t(1));
-      update_loop<scalar_t>(running_var.data_ptr<scalar_t>(), var.const_data_ptr<scalar_t>(),
-                            n, f, static_cast<scalar_t>(var_correction));
+      using acc_t = scalar_t;
+      const acc_t f = given(num_batches_tracked)
+          ? acc_t(1) / static_cast<acc_t>(num_batches_tracked->item<int64_t>())
+          : static_cast<acc_t>(momentum);
+      update_loop_cpu<acc_t>(running_mean, mean, f, acc_t(1));
+      update_loop_cpu<acc_t>(running_var, var, f, static_cast<acc_t>(var_correction));
     });
-    // As an in-place tensor op would: autograd refuses graphs that saved the old values.
-    torch::autograd::impl::bump_version(running_mean);
-    torch::autograd::impl::bump_version(running_var);
     return;
   }
-  const Tensor f = given(num_batches_tracked)
-                       ? at::reciprocal(num_batches_tracked->to(acc))
-                       : at::scalar_tensor(momentum, mean.options());
-  const Tensor small = f.abs() < 0.5;
-  const Tensor one_minus_f = 1 - f;
+  const Tensor factor = given(num_batches_tracked)
+                            ? at::reciprocal(num_batches_tracked->to(acc)) : Tensor();
   const Tensor var_batch = var_correction == 1.0 ? var : var * var_correction;
   for (auto [running, batch] :
        {std::pair{running_mean, mean}, std::pair{running_var, var_batch}}) {
     // Half running statistics are updated in the acc dtype and stored rounded.
-    const Tensor r = running.to(acc);
-    const Tensor d = batch - r;
-    running.copy_(at::where(small, r + f * d, batch - d * one_minus_f));
+    Tensor r = running.scalar_type() == acc ? running : running.to(acc);
+    if (factor.defined()) r.lerp_(batch, factor);
+    else r.lerp_(batch, momentum);
+    if (!r.is_same(running)) running.copy_(r);
   }
 }
 

@@ -433,9 +433,10 @@ def update_running_stats_reference(running_mean: Tensor, running_var: Tensor, me
     ``num_batches_tracked`` first, as ``nn.BatchNorm`` does. Every step is one rounding
     in the statistics' dtype.
 
-    The op ``fusedres::update_running_stats`` is this function: compiled from C++
-    (csrc/bn_fused.cpp: a plain loop on CPU, these tensor ops elsewhere) when
-    fusedres._C is loaded, registered from here otherwise.
+    The op ``fusedres::update_running_stats`` is this function, registered from here
+    when fusedres._C is not loaded. The C++ op (csrc/bn_fused.cpp) computes it bit for
+    bit on CPU (a plain loop) and with ``torch.lerp`` on other devices (the same formula;
+    the device compiler may fuse its multiply-add).
     """
     acc = mean.dtype
     f = (torch.tensor(momentum, dtype=acc, device=mean.device) if num_batches_tracked is None
