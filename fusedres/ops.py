@@ -439,8 +439,8 @@ def update_running_stats_reference(running_mean: Tensor, running_var: Tensor, me
     the device compiler may fuse its multiply-add).
     """
     acc = mean.dtype
-    f = (torch.tensor(momentum, dtype=acc, device=mean.device) if num_batches_tracked is None
-         else torch.reciprocal(num_batches_tracked.to(acc)))
+    f = (torch.full((), momentum, dtype=acc, device=mean.device)  # a fill: no host copy
+         if num_batches_tracked is None else torch.reciprocal(num_batches_tracked.to(acc)))
     small = f.abs() < 0.5
     batch_var = var if var_correction == 1.0 else var * var_correction
     for running, batch in ((running_mean, mean), (running_var, batch_var)):
