@@ -390,15 +390,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_forward_autogr
 // Elsewhere torch.lerp (one kernel per statistic, launched asynchronously; the same
 // formula, whose multiply-add the device compiler may fuse).
 
+// The loop takes the common case; anything unusual goes to the tensor ops, whose checks
+// raise before anything is written (overlapping or grad-requiring running statistics,
+// inference tensors outside inference mode, other dtypes, sizes or devices).
 bool update_on_cpu(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
                    const Tensor& var, const OptTensor& num_batches_tracked) {
   const auto acc = mean.scalar_type();
   for (const Tensor* t : {&running_mean, &running_var, &mean, &var}) {
     if (!t->is_cpu() || t->dim() != 1 || t->numel() != mean.numel()) return false;
   }
+  for (const Tensor* t : {&running_mean, &running_var}) {
+    const auto dtype = t->scalar_type();
+    if (!(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+          dtype == at::kBFloat16) ||
+        t->requires_grad() || t->is_inference() ||
+        (t->stride(0) == 0 && t->numel() > 1)) {  // 1-D: overlaps only when expanded
+      return false;
+    }
+  }
   return (acc == at::kFloat || acc == at::kDouble) && var.scalar_type() == acc &&
-         at::isFloatingType(running_mean.scalar_type()) &&
-         at::isFloatingType(running_var.scalar_type()) &&
          (!given(num_batches_tracked) || num_batches_tracked->is_cpu());
 }
 
@@ -432,7 +442,7 @@ void update_running_stats(Tensor running_mean, Tensor running_var, const Tensor&
     AT_DISPATCH_FLOATING_TYPES(acc, "fusedres_update_running_stats", [&] {
       using acc_t = scalar_t;
       const acc_t f = given(num_batches_tracked)
-          ? acc_t(1) / static_cast<acc_t>(num_batches_tracked->item<int64_t>())
+          ? acc_t(1) / static_cast<acc_t>(num_batches_tracked->item<double>())
           : static_cast<acc_t>(momentum);
       update_loop_cpu<acc_t>(running_mean, mean, f, acc_t(1));
       update_loop_cpu<acc_t>(running_var, var, f, static_cast<acc_t>(var_correction));

@@ -143,11 +143,9 @@ def _resolve(device: torch.device, backend: str) -> str:
 
 
 def _resolvable(device_type: str, backend: str) -> bool:
-    try:
-        _resolve(torch.device(device_type), backend)
-    except RuntimeError:
-        return False
-    return True
+    """_resolve would answer (not raise): without building its error message, which asks
+    torch.cuda whether a GPU is present."""
+    return backend == "auto" or backend_supports(backend, torch.device(device_type))
 
 
 # Every answer depends on the device type and the facts read once above, so the common

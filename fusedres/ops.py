@@ -424,14 +424,15 @@ def update_running_stats_reference(running_mean: Tensor, running_var: Tensor, me
                                    num_batches_tracked: Optional[Tensor]) -> None:
     """``nn.BatchNorm``'s running-statistics update, on the device:
     ``running <- running + f*(batch - running)`` (``batch - (batch - running)*(1 - f)``
-    when ``|f| >= 0.5``, exact at ``f = 1``, as ``torch.lerp``).
+    when ``|f| >= 0.5``, exact at ``f = 1``: ``torch.lerp``'s formula).
 
     The batch values are ``mean`` and ``var * var_correction`` (Bessel's ``M/(M-1)``
     for a biased ``var`` over ``M`` values; 1.0 when ``var`` is already unbiased). ``f``
     is ``momentum``, or ``1/num_batches_tracked`` (the cumulative average of
     ``momentum=None``) when that tensor is given; the caller increments
-    ``num_batches_tracked`` first, as ``nn.BatchNorm`` does. Every step is one rounding
-    in the statistics' dtype.
+    ``num_batches_tracked`` first, as ``nn.BatchNorm`` does. Every operation rounds
+    once in the dtype of ``mean`` (no fused multiply-adds); the result is stored rounded
+    to the running statistics' dtype.
 
     The op ``fusedres::update_running_stats`` is this function, registered from here
     when fusedres._C is not loaded. The C++ op (csrc/bn_fused.cpp) computes it bit for
@@ -469,7 +470,10 @@ def update_from_batch(running_mean: Optional[Tensor], running_var: Optional[Tens
         return
     if mean.requires_grad or var.requires_grad:  # never the C++ pipeline's statistics
         mean, var = mean.detach(), var.detach()
-    if isinstance(count, Tensor):  # a global count on the device (synchronised BN)
+    if isinstance(count, Tensor) or torch.compiler.is_compiling():
+        # A count on the device (synchronised BN), or under torch.compile, where it may be
+        # symbolic (dynamic shapes) and as the op's float argument would be specialised:
+        # one graph per batch size.
         var, correction = unbiased(var, count), 1.0
     else:  # one value per channel: inf, and so inf/nan as torch gives
         correction = count / (count - 1) if count > 1 else math.inf

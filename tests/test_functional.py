@@ -366,6 +366,35 @@ def test_torch_compile_fullgraph(backend_device):
     torch.testing.assert_close(case["x"].grad.double(), case64["x"].grad, atol=1e-4, rtol=1e-4)
 
 
+def test_torch_compile_dynamic_shapes_one_graph(backend_device):
+    """Batches of other sizes reuse the graph compiled with dynamic shapes: nothing in the
+    fused path (e.g. the running-statistics update's Bessel factor) pins the size."""
+    from torch._dynamo.testing import CompileCounter
+
+    backend, device = backend_device
+    if _interpreted(backend, device):
+        pytest.skip("torch.compile of interpreted Triton is not meaningful")
+    torch._dynamo.reset()
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    w = torch.ones(3, device=device, requires_grad=True)
+    b = torch.zeros(3, device=device, requires_grad=True)
+
+    def f(x):
+        return FF.batch_norm_relu(x, rm, rv, w, b, training=True, backend=backend)
+
+    counter = CompileCounter()
+    compiled = torch.compile(f, backend=counter, dynamic=True, fullgraph=True)
+    for n in (2, 3, 5):
+        x = torch.randn(n, 3, 4, 4, device=device)
+        want_rm, want_rv = rm.clone(), rv.clone()
+        torch.nn.functional.batch_norm(x, want_rm, want_rv, training=True)
+        torch.testing.assert_close(compiled(x), torch.relu(
+            torch.nn.functional.batch_norm(x, None, None, w, b, training=True)))
+        torch.testing.assert_close(rm, want_rm)
+        torch.testing.assert_close(rv, want_rv)
+    assert counter.frame_count == 1
+
+
 def _cuda_only(backend_device):
     backend, device = backend_device
     if device != "cuda":

@@ -280,6 +280,64 @@ def test_update_running_stats_matches_reference_function(momentum, nbt, layout):
         assert torch.equal(rm, mean.to(running)) and torch.equal(rv, (var * 1.25).to(running))
 
 
+def test_update_running_stats_unusual_inputs_as_torch():
+    """What the CPU loop does not take goes through tensor ops, which raise (before writing
+    anything) where an in-place torch op would; a fractional counter is read as a float."""
+    mean, var = torch.randn(4), torch.rand(4)
+    with pytest.raises(RuntimeError, match="more than one element"):  # overlapping
+        ops.update_running_stats(torch.zeros(1).expand(4), torch.ones(4), mean, var, 1.0,
+                                 0.1, None)
+    leaf_m, leaf_v = torch.zeros(4, requires_grad=True), torch.ones(4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        ops.update_running_stats(leaf_m, leaf_v, mean, var, 1.0, 0.1, None)
+    assert torch.equal(leaf_m.detach(), torch.zeros(4))
+    with pytest.raises(RuntimeError):  # sizes
+        ops.update_running_stats(torch.zeros(3), torch.ones(3), mean, var, 1.0, 0.1, None)
+    counter = torch.tensor(2.5, dtype=torch.float64)
+    got_m, got_v, want_m, want_v = torch.zeros(4), torch.ones(4), torch.zeros(4), torch.ones(4)
+    ops.update_running_stats(got_m, got_v, mean, var, 1.5, 0.0, counter)
+    ops.update_running_stats_reference(want_m, want_v, mean, var, 1.5, 0.0, counter)
+    assert torch.equal(got_m, want_m) and torch.equal(got_v, want_v)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("nbt", [None, 1, 3])
+def test_update_running_stats_cuda(nbt):
+    """On CUDA (torch.lerp, whose multiply-add may be fused): the reference to a rounding."""
+    g = torch.Generator().manual_seed(0)
+    rm, rv = torch.randn(64, generator=g).cuda(), torch.rand(64, generator=g).cuda()
+    mean, var = torch.randn(64, generator=g).cuda(), torch.rand(64, generator=g).cuda()
+    count = None if nbt is None else torch.tensor(nbt, device="cuda")
+    want_m, want_v = rm.clone(), rv.clone()
+    ops.update_running_stats_reference(want_m, want_v, mean, var, 1.25, 0.3, count)
+    ops.update_running_stats(rm, rv, mean, var, 1.25, 0.3, count)
+    torch.testing.assert_close(rm, want_m, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rv, want_v, atol=1e-6, rtol=1e-6)
+    if nbt == 1:
+        assert torch.equal(rm, mean) and torch.equal(rv, var * 1.25)
+
+
+def test_import_does_not_query_the_gpu():
+    """Importing fusedres (its backend table included) never asks torch.cuda about a GPU:
+    a forked worker may still initialise CUDA itself."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        def refuse(*args, **kwargs):
+            raise AssertionError("torch.cuda queried at import")
+        torch.cuda.is_available = torch.cuda.device_count = refuse
+        torch.cuda.init = torch.cuda.current_device = refuse
+        import fusedres, fusedres.functional, fusedres.nn, fusedres.convert
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
 def test_package_works_without_extension():
     """With fusedres._C unavailable the package imports, says which backends remain, and
     the Python definitions of the ops (update_running_stats included) run."""
