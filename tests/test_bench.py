@@ -337,3 +337,29 @@ def test_kept_for_backward_column(tmp_path):
         assert eager["retained_bytes"] > 0 and eager["retained_vs_eager"] == 1.0
         assert 0.99 < by[(case, "fusedres-reference")]["retained_vs_eager"] < 1.05
         assert by[(case, "fusedres-reference-memsave")]["retained_vs_eager"] < 0.95
+
+
+def test_providers_of_a_case_timed_back_to_back(monkeypatch):
+    """Each case's providers are timed one after another (then the next case), so a drift
+    in the machine's speed moves both sides of a "vs eager" ratio alike."""
+    from fusedres.bench import cli
+
+    timed = []  # (case, provider) in the order they were measured
+    real_row = cli._row
+
+    def spy(case, provider, *args, **kwargs):
+        timed.append(((case.name, case.pass_, case.layer), provider.name))
+        return real_row(case, provider, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "_row", spy)
+    monkeypatch.setenv("FUSEDRES_BENCH_CPU_MIN_TIME", "0.001")
+    args = cli.build_parser().parse_args(
+        ["ops", "--quick", "--shapes", "tiny", "--device", "cpu", "--batch-size", "2",
+         "--no-compile", "--backends", "reference"])
+    args.argv = ["ops"]
+    cli.run_suites(args, ["ops"])
+    case_order = [c for c, _ in timed]
+    assert len(set(case_order)) >= 3 and len({p for _, p in timed}) == 2
+    # every case's measurements are one contiguous run
+    starts = [c for i, c in enumerate(case_order) if i == 0 or case_order[i - 1] != c]
+    assert len(starts) == len(set(case_order)), case_order

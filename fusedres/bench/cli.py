@@ -314,10 +314,12 @@ def run_suites(args, suites: list) -> dict:
                            "provider": "torch", "error": f"{type(exc).__name__}: {exc}"})
     progress.update("copy bandwidth")
 
-    for provider in providers:
-        progress.write(f"[fusedres-bench] {provider.name}: {len(all_cases)} cases on "
-                       f"{device.type} ({time.perf_counter() - t0:.0f} s so far)")
-        for case in all_cases:
+    progress.write(f"[fusedres-bench] {len(all_cases)} cases x {len(providers)} providers on "
+                   f"{device.type} ({time.perf_counter() - t0:.0f} s so far)")
+    # Case by case, its providers back to back: a machine whose speed drifts (a shared
+    # VM, clocks, another process) then shifts both sides of a "vs eager" ratio alike.
+    for case in all_cases:
+        for provider in providers:
             label = f"{case.suite} {case.name} {case.pass_} {case.layer} / {provider.name}"
             progress.update(label)
             if args.time_budget is not None and time.perf_counter() - t0 > args.time_budget:
