@@ -1,10 +1,16 @@
 """Build fusedres._C: the C++ CPU kernels always, the CUDA kernels when torch is a CUDA
 build and nvcc is found (no GPU is needed to compile them). Prints what it built.
 
+The CUDA kernels are built by default only where a GPU is visible (torch sees one):
+compiling them for a machine that cannot run them costs minutes for nothing.
+
 Environment:
-  FUSEDRES_NO_CUDA=1      build the CPU kernels only
-  TORCH_CUDA_ARCH_LIST    defaults to "8.0;9.0" (torch's builder fails without a GPU
-                          when it is unset)
+  FUSEDRES_BUILD_CUDA=1   build the CUDA kernels even without a GPU (CI, wheels for
+                          GPU machines; needs a CUDA build of torch and nvcc)
+  FUSEDRES_NO_CUDA=1      build the CPU kernels only, even where a GPU is visible
+  TORCH_CUDA_ARCH_LIST    defaults to "8.0;9.0" without a GPU (torch's builder fails
+                          when it is unset and no GPU is present); with a GPU, torch's
+                          own default (the visible GPUs' architectures)
   MAX_JOBS                parallel compile jobs (ninja)
 """
 import glob
@@ -31,8 +37,6 @@ def _find_cuda_home():
 cuda_home = _find_cuda_home()
 if cuda_home:
     os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
@@ -41,8 +45,13 @@ rel = lambda pattern: sorted(os.path.relpath(p, here) for p in glob.glob(os.path
 
 cpu_sources = ["csrc/ops.cpp", "csrc/bn_fused.cpp"] + rel("csrc/cpu/*.cpp")
 cuda_sources = rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
+gpu_visible = torch.version.cuda is not None and torch.cuda.is_available()
+asked = os.environ.get("FUSEDRES_BUILD_CUDA", "0") == "1"
 with_cuda = (torch.version.cuda is not None and cuda_home is not None
-             and os.environ.get("FUSEDRES_NO_CUDA", "0") != "1" and bool(cuda_sources))
+             and os.environ.get("FUSEDRES_NO_CUDA", "0") != "1" and bool(cuda_sources)
+             and (gpu_visible or asked))
+if with_cuda and not gpu_visible:
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
 cxx_flags = ["-O3"]  # torch adds the C++ standard it needs (c++17 or c++20)
 if sys.platform.startswith("linux"):
@@ -66,12 +75,15 @@ else:
                        extra_compile_args=extra, extra_link_args=["-fopenmp"])
 
 if with_cuda:
-    why = f"CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+    why = (f"CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST="
+           f"{os.environ.get('TORCH_CUDA_ARCH_LIST', 'the visible GPUs')}")
     print(f"fusedres setup: building CPU + CUDA kernels ({why})", flush=True)
 else:
     why = ("FUSEDRES_NO_CUDA=1" if os.environ.get("FUSEDRES_NO_CUDA") == "1" else
            "torch is not a CUDA build" if torch.version.cuda is None else
-           "no CUDA toolkit found" if cuda_home is None else "no CUDA sources")
+           "no CUDA toolkit found" if cuda_home is None else
+           "no GPU visible; FUSEDRES_BUILD_CUDA=1 builds them anyway" if not gpu_visible
+           else "no CUDA sources")
     print(f"fusedres setup: building CPU kernels only ({why})", flush=True)
 
 setup(

@@ -3,6 +3,10 @@ short in-process runs, skip reasons, and the results-table generator. Fast (CPU,
 shapes, no torch.compile)."""
 import json
 import os
+import shlex
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -363,3 +367,74 @@ def test_providers_of_a_case_timed_back_to_back(monkeypatch):
     # every case's measurements are one contiguous run
     starts = [c for i, c in enumerate(case_order) if i == 0 or case_order[i - 1] != c]
     assert len(starts) == len(set(case_order)), case_order
+
+
+def test_ratio_marked_when_inside_the_noise():
+    """A "vs eager" ratio is only called a difference when the two p20-p80 ranges do not
+    overlap; otherwise the tables mark it with '?' and the run says how many."""
+    from fusedres.bench import cli
+
+    def row(provider, p20, med, p80):
+        return {"suite": "ops", "case": "c", "pass": "fwd", "layer": "l", "shape": [1],
+                "provider": provider, "time_ms": med, "time_p20_ms": p20, "time_p80_ms": p80}
+
+    rows = [row("eager", 1.9, 2.0, 2.1), row("clear", 0.9, 1.0, 1.1),
+            row("noisy", 0.9, 1.0, 2.5), row("same", 1.95, 2.0, 2.05)]
+    cli._speedups(rows)
+    by = {r["provider"]: r for r in rows}
+    assert by["clear"]["speedup_clear"] and report.speedup_text(by["clear"]) == "2.00x"
+    assert not by["noisy"]["speedup_clear"] and report.speedup_text(by["noisy"]) == "2.00x?"
+    assert not by["same"]["speedup_clear"]
+    assert by["noisy"]["speedup_range"] == pytest.approx([1.9 / 2.5, 2.1 / 0.9])
+    assert [r["provider"] for r in report.unclear_rows(rows)] == ["noisy", "same"]
+    text = report.markdown({"machine": report.machine_info(torch.device("cpu"), ["ops"]),
+                            "rows": rows, "settings": {"dtype": "float32", "layout": "cl",
+                                                       "batch": 8}})
+    assert "2.00x?" in text and "2 ratio(s) marked" in text
+
+
+def test_slow_calls_still_get_several_samples():
+    from fusedres.bench import timing
+
+    m = timing.time_cpu(lambda: time.sleep(0.03), min_run_time=0.01, max_run_time=0.01)
+    assert m.samples >= timing.MIN_CPU_SAMPLES >= 3
+
+
+def test_command_line_keeps_quoting(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/x/fusedres-bench", "ops", "--cases", "bn_add_relu fwd\\+bwd"])
+    line = report.command_line()
+    assert line == "fusedres-bench ops --cases 'bn_add_relu fwd\\+bwd'"
+    assert shlex.split(line)[1:] == sys.argv[1:]
+    m = report.machine_info(torch.device("cpu"), ["ops", "--cases", "a b"])
+    assert m["command"] == "fusedres-bench ops --cases 'a b'"
+
+
+def test_help_lists_what_each_subcommand_takes():
+    from fusedres.bench import cli
+
+    def options(cmd):
+        sub = cli.build_parser()._subparsers._group_actions[0].choices[cmd]
+        return {o for a in sub._actions for o in a.option_strings}
+
+    assert "--memory-saving" not in options("ops") and "--image-size" not in options("ops")
+    assert "--memory-saving" in options("blocks") and "--image-size" in options("train")
+    assert "--memory-saving" in options("all") and "--image-size" in options("all")
+
+
+def test_cpu_default_is_one_thread_and_stderr_is_quiet(tmp_path):
+    """The main job's table must be readable: one thread by default on CPU (steady per-core
+    figures), and no profiler or cpp_extension chatter on stderr."""
+    out = str(tmp_path / "b.json")
+    env = dict(os.environ, FUSEDRES_BENCH_CPU_MIN_TIME="0.01")
+    proc = subprocess.run([sys.executable, "-m", "fusedres.bench", "blocks", "--quick",
+                           "--shapes", "tiny", "--device", "cpu", "--batch-size", "2",
+                           "--backends", "reference", "--json", out],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    with open(out) as f:
+        data = json.load(f)
+    assert data["machine"]["torch_threads"] == 1
+    assert "1 CPU thread(s)" in proc.stdout
+    noise = [line for line in proc.stderr.splitlines()
+             if "profiler" in line.lower() or "cpp_extension" in line or "USDT" in line]
+    assert not noise, noise

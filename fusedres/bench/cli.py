@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import re
 import shutil
@@ -19,56 +20,79 @@ from typing import Optional
 
 import torch
 
-from . import cases as C
-from . import formulas, report, timing
+# torch.utils.benchmark imports torch.utils.cpp_extension, whose import warns on every
+# machine without a GPU ("No CUDA runtime is found"): noise above the table, not news.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+from . import cases as C  # noqa: E402
+from . import formulas, report, timing  # noqa: E402
 
 SUITE_ORDER = ("ops", "conv", "blocks", "train")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to run (auto: cuda when a GPU is present, else cpu)")
-    p.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
-                   help="activation dtype (auto: bfloat16 on cuda, float32 on cpu); with "
-                        "bfloat16/float16, BN parameters are fp32 and models run under autocast")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="batch size (default: 256 on cuda; 8 on cpu, 4 with --quick)")
-    p.add_argument("--layout", choices=("channels_last", "nchw"), default="channels_last")
-    p.add_argument("--backends", default="auto",
-                   help="comma-separated fusedres backends to time (default: every available "
-                        "backend that runs on the device; the Triton interpreter never)")
-    p.add_argument("--providers", default="eager,compile,fusedres",
-                   help="comma-separated provider kinds: eager, compile, fusedres")
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile providers")
-    p.add_argument("--max-autotune", action="store_true",
-                   help="also time torch.compile(mode='max-autotune') (GPU only)")
-    p.add_argument("--quick", action="store_true",
-                   help="few shapes, short measurements (CI and smoke runs)")
-    p.add_argument("--shapes", choices=("full", "quick", "tiny"), default=None,
-                   help="shape set (default: quick with --quick, else full; tiny for tests); "
-                        "also $FUSEDRES_BENCH_SHAPES")
-    p.add_argument("--cases", metavar="REGEX", default=None,
-                   help="only cases whose 'suite case pass layer' matches REGEX (re.search), "
-                        "e.g. 'bn_add_relu fwd\\+bwd' or 'layer3'")
-    p.add_argument("--image-size", type=int, default=224,
-                   help="image size for the conv shapes and the training step")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds; cases not started by then are skipped (and reported)")
-    p.add_argument("--no-graph", action="store_true", help="GPU: do not use CUDA graphs")
-    p.add_argument("--memory-saving", action="store_true",
-                   help="also time fusedres.convert(..., memory_saving=True) on blocks and "
-                        "train (providers fusedres-<backend>-memsave)")
-    p.add_argument("--json", metavar="PATH", help="write all rows and machine info as JSON")
-    p.add_argument("--markdown", metavar="PATH", help="write a markdown report")
-    p.add_argument("--plot", metavar="PATH", help="write a speedup-per-layer plot (matplotlib)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's own choice); 1 gives "
-                        "steadier CPU figures on a machine shared with other work")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strict", action="store_true",
-                   help="exit with status 1 when a case raised an error (CI)")
+# Options that concern only some subcommands (every other option applies to all).
+_IMAGE_SIZE_SUITES = ("conv", "train", "all")
+_MEMORY_SAVING_SUITES = ("blocks", "train", "all")
+
+
+def _common(p: argparse.ArgumentParser, command: str) -> None:
+    where = p.add_argument_group("where and what")
+    where.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="where to run (auto: cuda when a GPU is present, else cpu)")
+    where.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
+                       help="activation dtype (auto: bfloat16 on cuda, float32 on cpu); with "
+                            "bfloat16/float16, BN parameters are fp32 and models run under "
+                            "autocast")
+    where.add_argument("--batch-size", type=int, default=None,
+                       help="batch size (default: 256 on cuda; 8 on cpu, 4 with --quick)")
+    where.add_argument("--layout", choices=("channels_last", "nchw"), default="channels_last")
+    if command in _IMAGE_SIZE_SUITES:
+        where.add_argument("--image-size", type=int, default=224,
+                           help="image size for the conv shapes and the training step")
+    where.add_argument("--threads", type=int, default=None,
+                       help="CPU threads for torch (default on cpu: 1, steady figures per "
+                            "core even on a machine shared with other work; 0: torch's own "
+                            "choice)")
+    where.add_argument("--seed", type=int, default=0)
+
+    who = p.add_argument_group("providers")
+    who.add_argument("--providers", default="eager,compile,fusedres",
+                     help="comma-separated provider kinds: eager, compile, fusedres")
+    who.add_argument("--backends", default="auto",
+                     help="comma-separated fusedres backends to time (default: every "
+                          "available backend that runs on the device; the Triton "
+                          "interpreter never)")
+    who.add_argument("--no-compile", action="store_true", help="skip torch.compile providers")
+    who.add_argument("--max-autotune", action="store_true",
+                     help="GPU: also time torch.compile(mode='max-autotune')")
+    if command in _MEMORY_SAVING_SUITES:
+        who.add_argument("--memory-saving", action="store_true",
+                         help="also time fusedres.convert(..., memory_saving=True) "
+                              "(providers fusedres-<backend>-memsave)")
+
+    how = p.add_argument_group("cases and measurement")
+    how.add_argument("--quick", action="store_true",
+                     help="few shapes, short measurements (CI and smoke runs)")
+    how.add_argument("--shapes", choices=("full", "quick", "tiny"), default=None,
+                     help="shape set (default: quick with --quick, else full; tiny for "
+                          "tests); also $FUSEDRES_BENCH_SHAPES")
+    how.add_argument("--cases", metavar="REGEX", default=None,
+                     help="only cases whose 'suite case pass layer' matches REGEX "
+                          "(re.search), e.g. 'bn_add_relu fwd\\+bwd' or 'layer3'")
+    how.add_argument("--time-budget", type=float, default=None,
+                     help="seconds; cases not started by then are skipped (and reported)")
+    how.add_argument("--no-graph", action="store_true", help="GPU: do not use CUDA graphs")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--json", metavar="PATH", help="write all rows and machine info as JSON")
+    out.add_argument("--markdown", metavar="PATH", help="write a markdown report")
+    out.add_argument("--plot", metavar="PATH", help="write a speedup-per-layer plot "
+                                                    "(matplotlib)")
+    out.add_argument("--strict", action="store_true",
+                     help="exit with status 1 when a case raised an error (CI)")
+    p.set_defaults(image_size=224, memory_saving=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
              "train": "resnet18/resnet50 training step and inference",
              "all": "ops, conv, blocks and train"}
     for name, text in helps.items():
-        _common(sub.add_parser(name, help=text, description=text))
+        _common(sub.add_parser(name, help=text, description=text), name)
     rep = sub.add_parser("report", help="regenerate the results table from committed results",
                          description="Write a markdown table from the latest "
                                      "benchmarks/results/<gpu>-<date>/ JSON.")
@@ -251,6 +275,9 @@ def _speedups(rows: list) -> None:
         e = eager.get((r["suite"], r["case"], r["pass"], r["layer"], tuple(r["shape"])))
         if e is not None and r["time_ms"] > 0:
             r["speedup_vs_eager"] = e["time_ms"] / r["time_ms"]
+            r["speedup_range"] = [e["time_p20_ms"] / r["time_p80_ms"],
+                                  e["time_p80_ms"] / r["time_p20_ms"]]
+            r["speedup_clear"] = report.speedup_clear(r)
         if e is not None and r.get("retained_bytes") and e.get("retained_bytes"):
             r["retained_vs_eager"] = r["retained_bytes"] / e["retained_bytes"]
 
@@ -271,8 +298,9 @@ def _result(run: Run, machine: dict, settings: dict, copy: dict, complete: bool)
 def run_suites(args, suites: list) -> dict:
     t0 = time.perf_counter()
     device = _device(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(args.seed)
     shapes = args.shapes or os.environ.get("FUSEDRES_BENCH_SHAPES") or (
         "quick" if args.quick else "full")
@@ -374,7 +402,8 @@ def _print_summary(result: dict) -> None:
     print(f"fusedres-bench on {m['device_type']} ({m['device_name']}), torch {m['torch']}, "
           f"triton {m.get('triton')}, commit {m['git_commit'][:12]}, "
           f"{result['settings']['dtype']} {result['settings']['layout']} "
-          f"batch {result['settings']['batch']}")
+          f"batch {result['settings']['batch']}"
+          + (f", {m['torch_threads']} CPU thread(s)" if m["device_type"] == "cpu" else ""))
     if result.get("copy_bandwidth_gbps"):
         print(f"device-copy bandwidth: {result['copy_bandwidth_gbps']:.1f} GB/s "
               "(read + write)")
@@ -387,6 +416,10 @@ def _print_summary(result: dict) -> None:
     for e in result["errors"]:
         print(f"error: {e['suite']} {e['case']} {e['pass']} {e['layer']} / {e['provider']}: "
               f"{e['error']}")
+    unclear = report.unclear_rows(result["rows"])
+    if unclear:
+        print(f"note: {len(unclear)} of {sum(r['provider'] != 'eager' for r in result['rows'])}"
+              f" ratios marked {report.UNCLEAR_NOTE}")
     print(f"{len(result['rows'])} rows, {sum(s['count'] for s in result['skipped'])} skipped, "
           f"{len(result['errors'])} errors in {result['settings']['wall_s']:.1f} s")
 

@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -65,8 +66,8 @@ def git_commit() -> str:
 def command_line() -> str:
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "fusedres-bench"
     if prog in ("__main__.py", "-m", "-c", ""):
-        prog = "python -m fusedres.bench"
-    return " ".join([prog] + sys.argv[1:])
+        return " ".join(["python -m fusedres.bench", shlex.join(sys.argv[1:])]).strip()
+    return shlex.join([prog] + sys.argv[1:])  # quoted: the line can be pasted back
 
 
 def cpu_name() -> str:
@@ -85,7 +86,7 @@ def machine_info(device: torch.device, argv: Optional[list] = None) -> dict:
 
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": command_line() if argv is None else " ".join(["fusedres-bench"] + argv),
+        "command": command_line() if argv is None else shlex.join(["fusedres-bench"] + argv),
         "git_commit": git_commit(),
         "device_type": device.type,
         "device_name": cpu_name(),
@@ -162,6 +163,34 @@ TABLE_COLUMNS = ("suite", "case", "pass", "layer", "shape", "provider", "median 
                  "kept for bwd MiB (vs eager)", "page faults/call")
 
 
+def speedup_clear(row) -> bool:
+    """Whether a row's "vs eager" ratio says more than this run's noise: the p20-p80
+    ranges of the two times do not overlap (the ratio's range, eager p20/p80 over this
+    row's p80/p20, lies on one side of 1). Eager's own row is always clear."""
+    lo, hi = row.get("speedup_range") or (None, None)
+    if row.get("provider") == "eager" or lo is None:
+        return True
+    return lo > 1.0 or hi < 1.0
+
+
+UNCLEAR_MARK = "?"
+UNCLEAR_NOTE = ("'?' after a ratio: the p20-p80 ranges of the two times overlap, so this "
+                "run cannot tell the two apart; rerun on an idle machine, with more time "
+                "(no --quick) or --threads 1 before concluding")
+
+
+def unclear_rows(rows: list) -> list:
+    return [r for r in rows if r.get("speedup_vs_eager") is not None
+            and not r.get("speedup_clear", True)]
+
+
+def speedup_text(row) -> str:
+    v = row.get("speedup_vs_eager")
+    if v is None:
+        return ""
+    return f"{v:.2f}x" + ("" if row.get("speedup_clear", True) else UNCLEAR_MARK)
+
+
 def table_rows(rows: list) -> list:
     out = []
     for r in rows:
@@ -169,7 +198,7 @@ def table_rows(rows: list) -> list:
         out.append([
             r["suite"], r["case"], r["pass"], r["layer"], _shape(r["shape"]), r["provider"],
             f"{r['time_ms']:.4g}", f"{r['time_p20_ms']:.4g}-{r['time_p80_ms']:.4g}",
-            _throughput(r), _num(r.get("speedup_vs_eager"), "{:.2f}x"),
+            _throughput(r), speedup_text(r),
             "" if peak is None else f"{peak / 2**20:.0f}",
             _retained(r), _num(r.get("page_faults_per_call"), "{:.0f}"),
         ])
@@ -205,7 +234,8 @@ def markdown(result: dict) -> str:
         + (" with " + " ".join(f"`{k}={v}`" for k, v in m["environment"].items())
            if m.get("environment") else ""),
         f"- settings: dtype {result['settings']['dtype']}, layout "
-        f"{result['settings']['layout']}, batch {result['settings']['batch']}",
+        f"{result['settings']['layout']}, batch {result['settings']['batch']}"
+        + (f", {m['torch_threads']} CPU thread(s)" if m.get("device_type") == "cpu" else ""),
     ]
     bw = result.get("copy_bandwidth_gbps")
     if bw:
@@ -221,6 +251,9 @@ def markdown(result: dict) -> str:
         for line in table_rows(rows):
             lines.append("| " + " | ".join(_md_escape(c) for c in line[1:]) + " |")
         lines.append("")
+    unclear = unclear_rows(result["rows"])
+    if unclear:
+        lines += [f"{len(unclear)} ratio(s) marked {UNCLEAR_NOTE}.", ""]
     if result.get("skipped"):
         lines += ["## skipped", ""]
         for s in result["skipped"]:
@@ -360,7 +393,7 @@ def summary_table(rows: list) -> list:
                 continue
             cell = f"{r['time_ms']:.3g} ms"
             if r.get("speedup_vs_eager") is not None and p != "eager":
-                cell += f" ({r['speedup_vs_eager']:.2f}x)"
+                cell += f" ({speedup_text(r)})"
             cells.append(cell)
         out.append("| " + " | ".join(_md_escape(k) for k in key) + " | " + " | ".join(cells)
                    + " |")

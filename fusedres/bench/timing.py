@@ -14,9 +14,11 @@ blocks, and the minor page faults per call (``getrusage``) while timed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import statistics
+import sys
 import time
 from typing import Callable, Optional
 
@@ -130,14 +132,19 @@ def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 25.0, rep_ms: floa
     return _summary(times, timer, note)
 
 
+# Fewest timed blocks of a CPU row, however slow the call: a p20-p80 range (the noise
+# a "vs eager" ratio is judged against) needs several samples.
+MIN_CPU_SAMPLES = 3
+
+
 def time_cpu(fn: Callable[[], object], *, min_run_time: float = 0.5, min_blocks: int = 5,
              max_run_time: Optional[float] = None, warm: bool = False) -> Measurement:
     """``torch.utils.benchmark.Timer`` median and IQR of ``fn`` on the CPU, in seconds.
 
     Blocks of ``number`` calls (enough for a block to last 1 ms) are timed with
     ``Timer.timeit`` until there are ``min_blocks`` of them and ``min_run_time`` has
-    passed, or ``max_run_time`` has (then at least one block): the median of several
-    blocks resists a machine shared with other work better than
+    passed, or ``max_run_time`` has and there are ``MIN_CPU_SAMPLES`` blocks: the median
+    of several blocks resists a machine shared with other work better than
     ``blocked_autorange``'s single block for slow calls.
     """
     from torch.utils.benchmark import Timer
@@ -151,7 +158,7 @@ def time_cpu(fn: Callable[[], object], *, min_run_time: float = 0.5, min_blocks:
     number = 1 if first >= 1e-3 else max(1, int(1e-3 / max(first, 1e-7)))
     times, total, calls = ([first] if number == 1 else []), first, 1
     while not ((len(times) >= min_blocks and total >= min_run_time)
-               or (times and total >= max_run_time)):
+               or (len(times) >= MIN_CPU_SAMPLES and total >= max_run_time)):
         t = timer.timeit(number).mean
         times.append(t)
         total += t * number
@@ -262,10 +269,26 @@ def retained_bytes(forward: Callable[[], object], device: torch.device
         return torch.cuda.memory_allocated() - before, "torch.cuda.memory_allocated delta"
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU],
+                                  profile_memory=True) as prof:
         out = forward()  # noqa: F841
     net = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_parent is None)
     return net, "net CPU allocations in the forward (torch.profiler)"
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 to /dev/null: the profiler's C++ side (kineto) prints start/stop
+    lines there on every use, which no setting silences."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def wall(fn: Callable[[], object]) -> float:
