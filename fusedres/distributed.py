@@ -78,18 +78,18 @@ class SyncBatchNormAct(torch.autograd.Function):
         # exceeds 1; the running variance then guards its division).
         total = gathered[:, 0, :1].sum(0)
         (mean, var) = stats[0]
-        _, scale, shift = ops.scale_shift(weight, bias, mean, var, eps)
+        _, scale, shift = ops.centred_scale_shift(weight, bias, mean, var, eps)
         scale2 = shift2 = mean2 = var2 = None
         if x2 is not None:
             mean2, var2 = stats[1]
-            _, scale2, shift2 = ops.scale_shift(weight2, bias2, mean2, var2, eps)
+            _, scale2, shift2 = ops.centred_scale_shift(weight2, bias2, mean2, var2, eps)
         save_mask = relu and (residual is not None or x2 is not None)
         if x3.numel() == 0:
             out = ref.empty_ncs(*x3.shape, channels_last, x3.dtype, x3.device)
             mask = torch.zeros(0, dtype=torch.uint8, device=x3.device)
         else:
-            out, mask = prims.apply(x3, scale, shift, residual, x2, scale2, shift2, relu,
-                                    save_mask, channels_last)
+            out, mask = prims.apply(x3, mean, scale, shift, residual, x2, mean2, scale2,
+                                    shift2, relu, save_mask, channels_last)
         ctx.save_for_backward(x3, weight, bias, mean, var, mask if mask.numel() else None,
                               x2, weight2, bias2, mean2, var2)
         ctx.options = (eps, relu, residual is not None, channels_last, backend, process_group,
@@ -110,7 +110,7 @@ class SyncBatchNormAct(torch.autograd.Function):
         dout = dout.reshape(x3.shape)
         local, coefs = [], []
         for xb, w, b, m, v in branches:
-            invstd, scale, shift = ops.scale_shift(w, b, m, v, eps)
+            invstd, scale, shift = ops.centred_scale_shift(w, b, m, v, eps)
             coefs.append((invstd, scale, shift))
             if xb.numel() == 0:
                 local.append(torch.zeros(2, xb.shape[1], dtype=m.dtype, device=m.device))

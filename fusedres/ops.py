@@ -46,7 +46,8 @@ def _mask_bytes(x):
     return (x.shape[0] * x.shape[1] * x.shape[2] + 7) // 8
 
 
-def _apply_fake(x, scale, shift, residual, x2, scale2, shift2, relu, save_mask, channels_last):
+def _apply_fake(x, mean, scale, shift, residual, x2, mean2, scale2, shift2, relu, save_mask,
+                channels_last):
     out = ref.empty_ncs(*x.shape, channels_last, x.dtype, x.device)
     mask = x.new_empty(_mask_bytes(x) if save_mask else 0, dtype=torch.uint8)
     return out, mask
@@ -91,11 +92,12 @@ def triton_bn_stats(x: Tensor, channels_last: bool) -> tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("fusedres::triton_bn_apply", mutates_args=())
-def triton_bn_apply(x: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
-                    x2: Optional[Tensor], scale2: Optional[Tensor], shift2: Optional[Tensor],
-                    relu: bool, save_mask: bool, channels_last: bool) -> tuple[Tensor, Tensor]:
-    return _bn_kernels().bn_apply(x, scale, shift, residual, x2, scale2, shift2, relu,
-                                  save_mask, channels_last)
+def triton_bn_apply(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
+                    residual: Optional[Tensor], x2: Optional[Tensor], mean2: Optional[Tensor],
+                    scale2: Optional[Tensor], shift2: Optional[Tensor], relu: bool,
+                    save_mask: bool, channels_last: bool) -> tuple[Tensor, Tensor]:
+    return _bn_kernels().bn_apply(x, mean, scale, shift, residual, x2, mean2, scale2, shift2,
+                                  relu, save_mask, channels_last)
 
 
 @torch.library.custom_op("fusedres::triton_bn_backward_reduce", mutates_args=())
@@ -166,12 +168,27 @@ def _has_native(op: str) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-def scale_shift(weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor,
-                eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``invstd, scale = weight*invstd, shift = bias - mean*scale`` in ``mean``'s dtype.
+def centred_scale_shift(weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+                        var: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``invstd, scale = weight*invstd, shift = bias`` (zeros without one) in ``mean``'s
+    dtype: the per-channel vectors of the centred apply ``(x - mean)*scale + shift`` of
+    the kernel primitives (``reference.centred``).
 
     Forward and backward both call this, so the ReLU mask recomputed in backward is
     bitwise the one the forward applied.
+    """
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else weight.to(mean.dtype) * invstd
+    shift = torch.zeros_like(mean) if bias is None else bias.to(mean.dtype)
+    return invstd, scale, shift
+
+
+def scale_shift(weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor,
+                eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``invstd, scale = weight*invstd, shift = bias - mean*scale`` in ``mean``'s dtype:
+    BN as one affine map ``y*scale + shift``, for what takes that form (the Triton conv's
+    BN-ReLU prologue, folding into conv weights). The BN primitives take the centred form
+    of :func:`centred_scale_shift` instead, which does not cancel for a large mean.
     """
     invstd = torch.rsqrt(var + eps)
     scale = invstd if weight is None else weight.to(mean.dtype) * invstd
@@ -215,16 +232,17 @@ def batch_norm_act(
     """
     prims = primitives(backend)
     mean, var = _batch_stats_or_running(prims, x, mean_in, var_in, training, channels_last)
-    _, scale, shift = scale_shift(weight, bias, mean, var, eps)
+    _, scale, shift = centred_scale_shift(weight, bias, mean, var, eps)
     scale2 = shift2 = None
     if x2 is not None:
         mean2, var2 = _batch_stats_or_running(prims, x2, mean2_in, var2_in, training,
                                               channels_last)
-        _, scale2, shift2 = scale_shift(weight2, bias2, mean2, var2, eps)
+        _, scale2, shift2 = centred_scale_shift(weight2, bias2, mean2, var2, eps)
     else:  # outputs of a custom op may not alias each other: two distinct empties
         mean2, var2 = mean.new_empty(0), mean.new_empty(0)
     save_mask = relu and (residual is not None or x2 is not None)
-    out, mask = prims.apply(x, scale, shift, residual, x2, scale2, shift2, relu, save_mask,
+    out, mask = prims.apply(x, mean, scale, shift, residual, x2,
+                            mean2 if x2 is not None else None, scale2, shift2, relu, save_mask,
                             channels_last)
     return out, mean, var, mean2, var2, mask
 
@@ -232,7 +250,7 @@ def batch_norm_act(
 def _forward_fake(x, weight, bias, mean_in, var_in, residual, x2, weight2, bias2, mean2_in,
                   var2_in, training, eps, relu, channels_last, backend=None):
     save_mask = relu and (residual is not None or x2 is not None)
-    out, mask = _apply_fake(x, None, None, None, None, None, None, relu, save_mask,
+    out, mask = _apply_fake(x, None, None, None, None, None, None, None, None, relu, save_mask,
                             channels_last)
     mean, var = _stats_fake(x, channels_last)
     if x2 is not None:
@@ -268,7 +286,7 @@ def backward_coefficients(scale: Tensor, invstd: Tensor, sum_g: Tensor, sum_g_xc
 def _bn_input_backward(prims, dout, x, weight, bias, mean, var, mask, training, eps, relu,
                        write_grad_residual, channels_last, need_dx, need_affine):
     """Gradients of one BN input: ``(dx, dweight, dbias, dres)``; empty where not needed."""
-    invstd, scale, shift = scale_shift(weight, bias, mean, var, eps)
+    invstd, scale, shift = centred_scale_shift(weight, bias, mean, var, eps)
     n, c, s = x.shape
     if training or need_affine:
         sum_g, sum_g_xc = prims.backward_reduce(dout, x, mean, scale, shift, mask, relu,

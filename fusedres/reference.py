@@ -18,6 +18,9 @@ Primitive contract (shared by every backend):
   ``(S*C, 1, C)``, ``False`` gives ``(C*S, S, 1)`` (see :func:`empty_ncs`).
 * Per-channel vectors (``mean``, ``var``, ``scale``, ``shift``, coefficients) are in
   the accumulation dtype: float64 for float64 activations, float32 otherwise.
+* The apply is centred: ``pre = (x - mean)*scale + shift`` with ``shift = beta`` (the
+  BN bias, zeros without one), never ``x*scale + (beta - mean*scale)``, which cancels
+  for a large mean with a small spread (:func:`centred`).
 * The ReLU mask is 1 bit per element, ``uint8`` of ``ceil(N*C*S/8)`` bytes. The bit of
   element ``(n, c, s)`` is the element's offset ``o`` in the dense output
   (``(n*S+s)*C+c`` channels-last, ``(n*C+c)*S+s`` otherwise): byte ``o >> 3``,
@@ -90,36 +93,52 @@ def bn_stats(x: Tensor, channels_last: bool = False) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def _pre_activation(x, scale, shift, residual=None, x2=None, scale2=None, shift2=None):
-    acc = acc_dtype(x.dtype)
-    pre = x.to(acc) * _bcast(scale) + _bcast(shift)
+def centred(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``(x - mean)*scale + shift`` in acc dtype, unfused: THE pre-activation of one BN.
+
+    Centring first keeps a large mean with a small spread exact (``x - mean`` is exact
+    for ``x`` near ``mean``, Sterbenz), where ``x*scale + (beta - mean*scale)`` cancels.
+    Every backend writes this expression the same way in its forward and backward
+    kernels, so the ReLU mask recomputed in backward is the forward's bit for bit.
+    """
+    return (x.to(acc_dtype(x.dtype)) - _bcast(mean)) * _bcast(scale) + _bcast(shift)
+
+
+def _pre_activation(x, mean, scale, shift, residual=None, x2=None, mean2=None, scale2=None,
+                    shift2=None):
+    pre = centred(x, mean, scale, shift)
     if x2 is not None:
-        pre = pre + (x2.to(acc) * _bcast(scale2) + _bcast(shift2))
+        pre = pre + centred(x2, mean2, scale2, shift2)
     if residual is not None:
-        pre = pre + residual.to(acc)
+        pre = pre + residual.to(pre.dtype)
     return pre
 
 
 def bn_apply(
     x: Tensor,
+    mean: Tensor,
     scale: Tensor,
     shift: Tensor,
     residual: Optional[Tensor],
     x2: Optional[Tensor],
+    mean2: Optional[Tensor],
     scale2: Optional[Tensor],
     shift2: Optional[Tensor],
     relu: bool,
     save_mask: bool,
     channels_last: bool,
 ) -> tuple[Tensor, Tensor]:
-    """``out = [relu](x*scale + shift [+ x2*scale2 + shift2] [+ residual])``.
+    """``out = [relu]((x - mean)*scale + shift [+ (x2 - mean2)*scale2 + shift2]
+    [+ residual])``.
 
+    ``mean`` is the centre (batch mean in training, running mean in eval), ``scale`` is
+    ``weight*invstd`` (or ``invstd``) and ``shift`` is ``beta`` (the BN bias, or zeros).
     Math in acc dtype, one cast at the store; ``out`` has ``x``'s dtype and the layout
     ``channels_last``. ``mask`` is the packed ReLU mask when ``save_mask`` (requires
     ``relu``), else an empty ``uint8`` tensor.
     """
     n, c, s = x.shape
-    pre = _pre_activation(x, scale, shift, residual, x2, scale2, shift2)
+    pre = _pre_activation(x, mean, scale, shift, residual, x2, mean2, scale2, shift2)
     val = torch.where(pre < 0, torch.zeros_like(pre), pre) if relu else pre
     out = empty_ncs(n, c, s, channels_last, x.dtype, x.device)
     out.copy_(val)
@@ -130,14 +149,14 @@ def bn_apply(
     return out, mask
 
 
-def _gradient_after_relu(dout, x, scale, shift, mask, relu, channels_last):
+def _gradient_after_relu(dout, x, mean, scale, shift, mask, relu, channels_last):
     """``g = dout * passes``: passes from the bit mask if given, else recomputed."""
     acc = acc_dtype(x.dtype)
     g = dout.to(acc)
     if mask is not None and mask.numel() > 0:
         passes = unpack_mask(mask, tuple(x.shape), channels_last)
     elif relu:
-        passes = ~(x.to(acc) * _bcast(scale) + _bcast(shift) <= 0)
+        passes = ~(centred(x, mean, scale, shift) <= 0)
     else:
         return g
     return torch.where(passes, g, torch.zeros_like(g))
@@ -156,11 +175,12 @@ def bn_backward_reduce(
     """Per-channel ``sum(g)`` and ``sum(g * (x - mean))`` in acc dtype.
 
     ``g = dout * passes`` where ``passes`` is read from ``mask`` when one is given,
-    else recomputed as ``not (x*scale + shift <= 0)`` when ``relu``, else all true.
+    else recomputed as ``not ((x - mean)*scale + shift <= 0)`` (:func:`centred`) when
+    ``relu``, else all true (``shift`` is ``beta``, as in :func:`bn_apply`).
     ``channels_last`` is the layout the mask was packed in.
     """
     acc = acc_dtype(x.dtype)
-    g = _gradient_after_relu(dout, x, scale, shift, mask, relu, channels_last)
+    g = _gradient_after_relu(dout, x, mean, scale, shift, mask, relu, channels_last)
     xc = x.to(acc) - _bcast(mean)
     return g.sum(dim=(0, 2)), (g * xc).sum(dim=(0, 2))
 
@@ -186,7 +206,7 @@ def bn_backward_apply(
     """
     n, c, s = x.shape
     acc = acc_dtype(x.dtype)
-    g = _gradient_after_relu(dout, x, scale, shift, mask, relu, channels_last)
+    g = _gradient_after_relu(dout, x, mean, scale, shift, mask, relu, channels_last)
     val = _bcast(coef_g) * g + _bcast(coef_xc) * (x.to(acc) - _bcast(mean)) + _bcast(coef_c)
     dx = empty_ncs(n, c, s, channels_last, x.dtype, x.device)
     dx.copy_(val)

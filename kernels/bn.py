@@ -16,8 +16,9 @@
 #   _merge_partials_kernel       merges the [P, C] partials in a fixed order: Chan's
 #                                formula (n=0 guarded) or plain sums.  Deterministic,
 #                                no atomics.
-#   _bn_apply_kernel             out = [relu](x*scale+shift [+ x2*scale2+shift2] [+ r]),
-#                                optional 1-bit ReLU mask
+#   _bn_apply_kernel             out = [relu]((x-mean)*scale+shift [+ (x2-mean2)*scale2
+#                                + shift2] [+ r]), optional 1-bit ReLU mask (shift = beta:
+#                                the centred form, exact for a large mean, see _centred)
 #   _bn_bwd_apply_kernel         dx = coef_g*g + coef_xc*(x-mean) + coef_c, optional dres=g
 # The elementwise kernels walk the dense output in memory order, in blocks shaped
 # [BLOCK // 8, 8]: one row is one byte of the mask, so the mask is packed (or unpacked)
@@ -177,15 +178,25 @@ def _gather_offsets(
 
 
 @triton.jit
+def _centred(x, mean, scale, shift):
+    """The pre-activation of one BN, (x - mean)*scale + shift (shift = beta): the one
+    expression every kernel uses, so the ReLU mask recomputed in backward is bitwise the
+    forward's.  Centring first keeps a large mean with a small spread exact."""
+    return (x - mean) * scale + shift
+
+
+@triton.jit
 def _bn_apply_kernel(
     X_ptr,  # (N, C, S) input, any strides
     stride_xn, stride_xc, stride_xs,  # strides of X
+    MEAN_ptr,  # (C,) acc dtype: the centre
     SCALE_ptr,  # (C,) acc dtype
-    SHIFT_ptr,  # (C,) acc dtype
+    SHIFT_ptr,  # (C,) acc dtype: beta
     R_ptr,  # (N, C, S) residual, any strides (read if HAS_RESIDUAL)
     stride_rn, stride_rc, stride_rs,  # strides of R
     X2_ptr,  # (N, C, S) second BN input, any strides (read if HAS_X2)
     stride_x2n, stride_x2c, stride_x2s,  # strides of X2
+    MEAN2_ptr,  # (C,) acc dtype (read if HAS_X2)
     SCALE2_ptr,  # (C,) acc dtype (read if HAS_X2)
     SHIFT2_ptr,  # (C,) acc dtype (read if HAS_X2)
     OUT_ptr,  # (N, C, S) output, dense in the CHANNELS_LAST order
@@ -194,7 +205,7 @@ def _bn_apply_kernel(
     S,  # spatial size
     total,  # N*C*S
     HAS_RESIDUAL: tl.constexpr,  # add R
-    HAS_X2: tl.constexpr,  # add X2*scale2 + shift2
+    HAS_X2: tl.constexpr,  # add (X2 - mean2)*scale2 + shift2
     APPLY_RELU: tl.constexpr,  # relu at the end
     SAVE_MASK: tl.constexpr,  # write the 1-bit mask of not (pre <= 0)
     CHANNELS_LAST: tl.constexpr,  # layout of OUT and of the mask
@@ -209,15 +220,17 @@ def _bn_apply_kernel(
     o, n, c, s, valid = _dense_block_index(pid, C, S, total, CHANNELS_LAST, WIDE, BLOCK)
     x = tl.load(X_ptr + _gather_offsets(o, n, c, s, stride_xn, stride_xc, stride_xs, X_DENSE),
                 mask=valid, other=0.0)
+    mean = tl.load(MEAN_ptr + c, mask=valid, other=0.0)
     scale = tl.load(SCALE_ptr + c, mask=valid, other=0.0)
     shift = tl.load(SHIFT_ptr + c, mask=valid, other=0.0)
-    pre = x.to(ACC) * scale + shift
+    pre = _centred(x.to(ACC), mean, scale, shift)
     if HAS_X2:
         x2 = tl.load(X2_ptr + _gather_offsets(o, n, c, s, stride_x2n, stride_x2c, stride_x2s,
                                               X2_DENSE), mask=valid, other=0.0)
+        mean2 = tl.load(MEAN2_ptr + c, mask=valid, other=0.0)
         scale2 = tl.load(SCALE2_ptr + c, mask=valid, other=0.0)
         shift2 = tl.load(SHIFT2_ptr + c, mask=valid, other=0.0)
-        pre = pre + (x2.to(ACC) * scale2 + shift2)
+        pre = pre + _centred(x2.to(ACC), mean2, scale2, shift2)
     if HAS_RESIDUAL:
         r = tl.load(R_ptr + _gather_offsets(o, n, c, s, stride_rn, stride_rc, stride_rs,
                                             R_DENSE), mask=valid, other=0.0)
@@ -243,7 +256,7 @@ def _bn_bwd_apply_kernel(
     stride_xn, stride_xc, stride_xs,  # strides of X
     MEAN_ptr,  # (C,) acc dtype
     SCALE_ptr,  # (C,) acc dtype (read if APPLY_RELU and not HAS_MASK)
-    SHIFT_ptr,  # (C,) acc dtype (read if APPLY_RELU and not HAS_MASK)
+    SHIFT_ptr,  # (C,) acc dtype, beta (read if APPLY_RELU and not HAS_MASK)
     MASK_ptr,  # (ceil(N*C*S/8),) uint8 packed mask, CHANNELS_LAST order (if HAS_MASK)
     COEF_G_ptr,  # (C,) acc dtype
     COEF_XC_ptr,  # (C,) acc dtype
@@ -254,7 +267,7 @@ def _bn_bwd_apply_kernel(
     S,  # spatial size
     total,  # N*C*S
     HAS_MASK: tl.constexpr,  # g = dout * mask bit
-    APPLY_RELU: tl.constexpr,  # without a mask: g = dout * not (x*scale+shift <= 0)
+    APPLY_RELU: tl.constexpr,  # without a mask: g = dout * not (_centred(x) <= 0)
     WRITE_GRAD_RESIDUAL: tl.constexpr,  # write DRES = g
     CHANNELS_LAST: tl.constexpr,  # layout of the outputs and of the mask
     DOUT_DENSE: tl.constexpr,  # DOUT has DX's strides
@@ -275,11 +288,12 @@ def _bn_bwd_apply_kernel(
         byte = tl.load(MASK_ptr + byte_idx, mask=byte_idx * 8 < total, other=0).to(tl.int32)
         bit = (byte[:, None] >> tl.arange(0, 8)[None, :]) & 1
         g = tl.where(bit != 0, g, 0.0)
-    elif APPLY_RELU:
-        scale = tl.load(SCALE_ptr + c, mask=valid, other=0.0)
-        shift = tl.load(SHIFT_ptr + c, mask=valid, other=0.0)
-        g = tl.where(x * scale + shift <= 0, 0.0, g)
     mean = tl.load(MEAN_ptr + c, mask=valid, other=0.0)
+    if not HAS_MASK:
+        if APPLY_RELU:
+            scale = tl.load(SCALE_ptr + c, mask=valid, other=0.0)
+            shift = tl.load(SHIFT_ptr + c, mask=valid, other=0.0)
+            g = tl.where(_centred(x, mean, scale, shift) <= 0, 0.0, g)
     coef_g = tl.load(COEF_G_ptr + c, mask=valid, other=0.0)
     coef_xc = tl.load(COEF_XC_ptr + c, mask=valid, other=0.0)
     coef_c = tl.load(COEF_C_ptr + c, mask=valid, other=0.0)
@@ -373,7 +387,7 @@ def _bn_bwd_reduce_partial_kernel(
     stride_xn, stride_xc, stride_xs,  # strides of X
     MEAN_ptr,  # (C,) acc dtype
     SCALE_ptr,  # (C,) acc dtype (read if APPLY_RELU and not HAS_MASK)
-    SHIFT_ptr,  # (C,) acc dtype (read if APPLY_RELU and not HAS_MASK)
+    SHIFT_ptr,  # (C,) acc dtype, beta (read if APPLY_RELU and not HAS_MASK)
     MASK_ptr,  # (ceil(N*C*S/8),) uint8 packed mask, CHANNELS_LAST order (if HAS_MASK)
     SUM_G_ptr,  # (P, C) acc dtype: partial sum(g)
     SUM_GXC_ptr,  # (P, C) acc dtype: partial sum(g * (x - mean))
@@ -384,7 +398,7 @@ def _bn_bwd_reduce_partial_kernel(
     S_CHUNK,  # spatial positions per chunk
     NUM_S_CHUNKS,  # ceil(S / S_CHUNK)
     HAS_MASK: tl.constexpr,  # g = dout * mask bit
-    APPLY_RELU: tl.constexpr,  # without a mask: g = dout * not (x*scale+shift <= 0)
+    APPLY_RELU: tl.constexpr,  # without a mask: g = dout * not (_centred(x) <= 0)
     CHANNELS_LAST: tl.constexpr,  # layout the mask was packed in
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_C: tl.constexpr,  # channels per program
@@ -422,7 +436,8 @@ def _bn_bwd_reduce_partial_kernel(
                 bit = (byte >> (o & 7).to(tl.int32)) & 1
                 g = tl.where(bit != 0, g, 0.0)
             elif APPLY_RELU:
-                g = tl.where(x * scale[:, None] + shift[:, None] <= 0, 0.0, g)
+                g = tl.where(_centred(x, mean[:, None], scale[:, None], shift[:, None]) <= 0,
+                             0.0, g)
             g = tl.where(valid, g, 0.0)
             acc_g += g
             acc_gxc += g * (x - mean[:, None])
@@ -625,19 +640,23 @@ def bn_stats(x: torch.Tensor, channels_last: bool = False):
     return mean, var
 
 
-def bn_apply(x, scale, shift, residual, x2, scale2, shift2, relu, save_mask, channels_last):
-    """out = [relu](x*scale + shift [+ x2*scale2 + shift2] [+ residual]) and the packed
-    ReLU mask (empty unless save_mask).  See fusedres.reference.bn_apply."""
+def bn_apply(x, mean, scale, shift, residual, x2, mean2, scale2, shift2, relu, save_mask,
+             channels_last):
+    """out = [relu]((x - mean)*scale + shift [+ (x2 - mean2)*scale2 + shift2] [+ residual])
+    and the packed ReLU mask (empty unless save_mask); shift is beta.
+    See fusedres.reference.bn_apply."""
     _check_activation("x", x)
     n, c, s = x.shape
+    mean = _channel_vector("mean", mean, x)
     scale = _channel_vector("scale", scale, x)
     shift = _channel_vector("shift", shift, x)
     if residual is not None:
         _check_activation("residual", residual, x)
     if x2 is not None:
         _check_activation("x2", x2, x)
-        if scale2 is None or shift2 is None:
-            raise ValueError("fusedres triton bn: x2 needs scale2 and shift2")
+        if mean2 is None or scale2 is None or shift2 is None:
+            raise ValueError("fusedres triton bn: x2 needs mean2, scale2 and shift2")
+        mean2 = _channel_vector("mean2", mean2, x)
         scale2 = _channel_vector("scale2", scale2, x)
         shift2 = _channel_vector("shift2", shift2, x)
     out = empty_ncs(n, c, s, channels_last, x.dtype, x.device)
@@ -650,14 +669,15 @@ def bn_apply(x, scale, shift, residual, x2, scale2, shift2, relu, save_mask, cha
         return out, mask
     r = residual if residual is not None else x
     x2_ = x2 if x2 is not None else x
+    mn2 = mean2 if x2 is not None else mean
     sc2 = scale2 if x2 is not None else scale
     sh2 = shift2 if x2 is not None else shift
     _launch(_bn_apply, "elementwise", lambda META: (triton.cdiv(total, META["BLOCK"]),),
             x, x.stride(0), x.stride(1), x.stride(2),
-            scale, shift,
+            mean, scale, shift,
             r, r.stride(0), r.stride(1), r.stride(2),
             x2_, x2_.stride(0), x2_.stride(1), x2_.stride(2),
-            sc2, sh2,
+            mn2, sc2, sh2,
             out, mask if save_mask else out,
             c, s, total,
             HAS_RESIDUAL=residual is not None, HAS_X2=x2 is not None,
@@ -672,7 +692,8 @@ def bn_apply(x, scale, shift, residual, x2, scale2, shift2, relu, save_mask, cha
 
 def bn_backward_reduce(dout, x, mean, scale, shift, mask, relu, channels_last):
     """Per-channel sum(g) and sum(g*(x - mean)), g = dout * passes (mask bit if a mask is
-    given, else recomputed when relu).  See fusedres.reference.bn_backward_reduce."""
+    given, else recomputed when relu as not ((x - mean)*scale + shift <= 0)).
+    See fusedres.reference.bn_backward_reduce."""
     _check_activation("x", x)
     _check_activation("dout", dout, x)
     n, c, s = x.shape

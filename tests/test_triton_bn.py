@@ -90,6 +90,12 @@ def close(got, want, dtype, ref_lowp=None, name=""):
                                    msg=name)
 
 
+def relu_apply(impl, x, mean, scale, shift, channels_last, residual=None):
+    """``impl.bn_apply`` (the kernel or the reference) of one BN with ReLU and the mask."""
+    return impl.bn_apply(x, mean, scale, shift, residual, None, None, None, None, True, True,
+                         channels_last)
+
+
 def check_layout(t, channels_last):
     n, c, s = t.shape
     want = R.empty_ncs(n, c, s, channels_last, t.dtype, "meta").stride()
@@ -202,12 +208,12 @@ def _apply_inputs(shape, layout, dtype, residual, x2, cl=False):
     the output layout (the kernels' contiguous fast path)."""
     c = shape[1]
     x = make(shape, layout, dtype)
-    scale, shift = chan(c), chan(c)
+    mean, scale, shift = chan(c), chan(c), chan(c)
     r = make(shape, "cl" if layout == "nchw" else "nchw", dtype) if residual else None
     y2_layout = "strided" if layout == "strided" else ("cl" if cl else "nchw")
     y2 = make(shape, y2_layout, dtype) if x2 else None
-    s2, t2 = (chan(c), chan(c)) if x2 else (None, None)
-    return x, scale, shift, r, y2, s2, t2
+    m2, s2, t2 = (chan(c), chan(c), chan(c)) if x2 else (None, None, None)
+    return x, mean, scale, shift, r, y2, m2, s2, t2
 
 
 @pytest.mark.parametrize("opts", APPLY_OPTS)
@@ -244,13 +250,13 @@ def test_apply_nan_propagates():
     x = make((2, 3, 5), "nchw")
     x[0, 1, 2] = float("nan")
     x[1, 2, 4] = float("nan")
-    scale, shift = chan(3), chan(3)
+    mean, scale, shift = chan(3), chan(3), chan(3)
     for cl in (False, True):
-        out, mask = bn.bn_apply(x, scale, shift, None, None, None, None, True, True, cl)
-        rout, rmask = R.bn_apply(x, scale, shift, None, None, None, None, True, True, cl)
+        out, mask = relu_apply(bn, x, mean, scale, shift, cl)
+        rout, rmask = relu_apply(R, x, mean, scale, shift, cl)
         assert torch.isnan(out[0, 1, 2]) and torch.isnan(out[1, 2, 4])
         close(out, rout, torch.float32)
-        mask_equal(mask, rmask, (x, scale, shift), cl)
+        mask_equal(mask, rmask, (x, mean, scale, shift), cl)
         passes = R.unpack_mask(mask, (2, 3, 5), cl)
         assert passes[0, 1, 2] and passes[1, 2, 4]
     mean, var = bn.bn_stats(x, False)
@@ -267,11 +273,11 @@ def test_apply_multi_program_mask():
         if layout == "nchw":
             x = x[1:]  # dense with a storage offset: the contiguous fast path
             shape = tuple(x.shape)
-        scale, shift = chan(shape[1]), chan(shape[1])
-        out, mask = bn.bn_apply(x, scale, shift, None, None, None, None, True, True, cl)
-        rout, rmask = R.bn_apply(x, scale, shift, None, None, None, None, True, True, cl)
+        mean, scale, shift = chan(shape[1]), chan(shape[1]), chan(shape[1])
+        out, mask = relu_apply(bn, x, mean, scale, shift, cl)
+        rout, rmask = relu_apply(R, x, mean, scale, shift, cl)
         assert mask.numel() == (x.numel() + 7) // 8
-        mask_equal(mask, rmask, (x, scale, shift), cl)
+        mask_equal(mask, rmask, (x, mean, scale, shift), cl)
         close(out, rout, torch.float32)
 
 
@@ -283,10 +289,10 @@ def test_apply_wide_index_path(monkeypatch):
     d = make((3, 5, 7), "cl")
     scale, shift, mean = chan(5), chan(5), chan(5)
     for cl in (False, True):
-        out, mask = bn.bn_apply(x, scale, shift, None, None, None, None, True, True, cl)
-        rout, rmask = R.bn_apply(x, scale, shift, None, None, None, None, True, True, cl)
+        out, mask = relu_apply(bn, x, mean, scale, shift, cl)
+        rout, rmask = relu_apply(R, x, mean, scale, shift, cl)
         close(out, rout, torch.float32)
-        mask_equal(mask, rmask, (x, scale, shift), cl)
+        mask_equal(mask, rmask, (x, mean, scale, shift), cl)
         dx, dres = bn.bn_backward_apply(d, x, mean, scale, shift, mask, scale, shift, mean,
                                         True, True, cl)
         rdx, rdres = R.bn_backward_apply(d, x, mean, scale, shift, rmask, scale, shift, mean,
@@ -312,7 +318,7 @@ def test_backward_fp32(shape, layout, cl, source):
     coef_g, coef_xc, coef_c = chan(c), chan(c), chan(c)
     mask = None
     if source.startswith("mask"):
-        _, mask = R.bn_apply(x, scale, shift, None, None, None, None, True, True, cl)
+        _, mask = relu_apply(R, x, mean, scale, shift, cl)
     relu = source in ("mask", "relu")
     sg, sgx = bn.bn_backward_reduce(dout, x, mean, scale, shift, mask, relu, cl)
     rsg, rsgx = R.bn_backward_reduce(dout, x, mean, scale, shift, mask, relu, cl)
@@ -341,7 +347,7 @@ def test_backward_dtypes(shape, layout, cl, dtype):
     dout = make(shape, "nchw", dtype)
     mean, scale, shift = R.bn_stats(x)[0], chan(c, R.acc_dtype(dtype)), chan(c, R.acc_dtype(dtype))
     coefs = [chan(c, R.acc_dtype(dtype)) for _ in range(3)]
-    _, mask = R.bn_apply(x, scale, shift, None, None, None, None, True, True, cl)
+    _, mask = relu_apply(R, x, mean, scale, shift, cl)
     for m, relu in ((mask, True), (None, True)):
         sg, sgx = bn.bn_backward_reduce(dout, x, mean, scale, shift, m, relu, cl)
         assert sg.dtype == R.acc_dtype(dtype)
@@ -369,7 +375,7 @@ def test_backward_nan_and_expanded_grad():
     dout = torch.randn(1, c, 1, device=DEVICE).expand(n, c, s)
     mean, scale, shift = chan(c), chan(c), chan(c)
     coefs = [chan(c) for _ in range(3)]
-    _, mask = R.bn_apply(x, scale, shift, None, None, None, None, True, True, False)
+    _, mask = relu_apply(R, x, mean, scale, shift, False)
     for m in (mask, None):
         got = bn.bn_backward_reduce(dout, x, mean, scale, shift, m, True, False)
         want = R.bn_backward_reduce(dout, x, mean, scale, shift, m, True, False)
@@ -387,7 +393,7 @@ def test_backward_reduce_many_partials(monkeypatch):
     shape = (3, 6, 40)
     x, dout = make(shape, "cl"), make(shape, "nchw")
     mean, scale, shift = chan(6), chan(6), chan(6)
-    _, mask = R.bn_apply(x, scale, shift, None, None, None, None, True, True, True)
+    _, mask = relu_apply(R, x, mean, scale, shift, True)
     monkeypatch.setattr(bn, "_reduction_chunks",
                         lambda n, c, s, fast: (1, 8, triton_cdiv(s, 8), n * triton_cdiv(s, 8)))
     got = bn.bn_backward_reduce(dout, x, mean, scale, shift, mask, True, True)
@@ -432,10 +438,10 @@ def test_int64_offsets():
     mean, var = bn.bn_stats(x, False)
     close(mean, R.bn_stats(xd)[0], torch.float32)
     close(var, R.bn_stats(xd)[1], torch.float32)
-    out, mask = bn.bn_apply(x, scale, shift, dout, None, None, None, True, True, True)
-    rout, rmask = R.bn_apply(xd, scale, shift, dd, None, None, None, True, True, True)
+    out, mask = relu_apply(bn, x, mean, scale, shift, True, dout)
+    rout, rmask = relu_apply(R, xd, mean, scale, shift, True, dd)
     close(out, rout, torch.float32)
-    mask_equal(mask, rmask, (xd, scale, shift, dd), True)
+    mask_equal(mask, rmask, (xd, mean, scale, shift, dd), True)
     got = bn.bn_backward_reduce(dout, x, mean, scale, shift, None, True, False)
     want = R.bn_backward_reduce(dd, xd, mean, scale, shift, None, True, False)
     for a, b in zip(got, want):
@@ -462,7 +468,7 @@ def test_empty(shape):
     assert mean.shape == var.shape == (c,)
     rmean, rvar = R.bn_stats(x)
     close(mean, rmean, torch.float32)
-    out, mask = bn.bn_apply(x, v, v, None, None, None, None, True, True, True)
+    out, mask = bn.bn_apply(x, v, v, v, None, None, None, None, None, True, True, True)
     assert out.shape == shape and mask.numel() == 0
     sg, sgx = bn.bn_backward_reduce(x, x, v, v, v, None, True, False)
     assert sg.shape == (c,) and bool((sg == 0).all()) and bool((sgx == 0).all())
@@ -476,11 +482,12 @@ def test_input_checks():
     with pytest.raises(ValueError, match="3-D"):
         bn.bn_stats(x[0], False)
     with pytest.raises(ValueError, match="one value per channel"):
-        bn.bn_apply(x, chan(4), v, None, None, None, None, True, False, False)
+        bn.bn_apply(x, v, chan(4), v, None, None, None, None, None, True, False, False)
     with pytest.raises(ValueError, match="shape of x"):
-        bn.bn_apply(x, v, v, make((2, 3, 4), "nchw"), None, None, None, True, False, False)
-    with pytest.raises(ValueError, match="scale2 and shift2"):
-        bn.bn_apply(x, v, v, None, x, None, None, True, False, False)
+        bn.bn_apply(x, v, v, v, make((2, 3, 4), "nchw"), None, None, None, None, True, False,
+                    False)
+    with pytest.raises(ValueError, match="mean2, scale2 and shift2"):
+        bn.bn_apply(x, v, v, v, None, x, None, v, v, True, False, False)
     with pytest.raises(ValueError, match="bytes"):
         bn.bn_backward_reduce(x, x, v, v, v, torch.zeros(3, dtype=torch.uint8, device=DEVICE),
                               True, False)
@@ -488,7 +495,7 @@ def test_input_checks():
         bn.bn_stats(x.to(torch.int32), False)
     if DEVICE == "cuda":
         with pytest.raises(RuntimeError, match="x is on"):
-            bn.bn_apply(x, v.cpu(), v, None, None, None, None, True, False, False)
+            bn.bn_apply(x, v, v.cpu(), v, None, None, None, None, None, True, False, False)
 
 
 def test_deterministic():
