@@ -86,7 +86,8 @@ def main(argv=None):
                                  "CHANNELS_LAST", "X_DENSE", "R_DENSE", "X2_DENSE", "WIDE"],
                                 mode):
                 ptrs = dict(X_ptr=dt, R_ptr=dt, X2_ptr=dt, OUT_ptr=dt, MASK_ptr="*u8",
-                            SCALE_ptr=accp, SHIFT_ptr=accp, SCALE2_ptr=accp, SHIFT2_ptr=accp)
+                            MEAN_ptr=accp, SCALE_ptr=accp, SHIFT_ptr=accp, MEAN2_ptr=accp,
+                            SCALE2_ptr=accp, SHIFT2_ptr=accp)
                 k = compile_kernel(bn._bn_apply_kernel, target, ptrs,
                                    dict(sw, ACC=acc, **cfg.kwargs), cfg.num_warps,
                                    ints64=("total",) if sw["WIDE"] else ())
