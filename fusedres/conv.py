@@ -385,9 +385,11 @@ def conv_path(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
 
 
 def autocast_inputs(input, weight, bias):
-    """Cast input, weight and conv bias (only) to the autocast dtype, as torch's conv."""
+    """Cast input, weight and conv bias (only) to the autocast dtype, as torch's conv.
+    Devices without autocast (``meta``: deferred initialisation, FLOP counting) pass
+    through unchanged."""
     dev = input.device.type
-    if torch.is_autocast_enabled(dev):
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         input, weight = input.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None

@@ -415,6 +415,26 @@ def test_autocast_casts_input_weight_bias_only():
         torch.testing.assert_close(a, r, rtol=0, atol=0)
 
 
+def test_meta_tensors_pass_through():
+    """The meta device has no autocast: shapes only (deferred initialisation, FLOP
+    counting), as F.conv2d gives them; every public function."""
+    x = torch.empty(2, 5, 7, 7, device="meta")
+    w = torch.empty(6, 5, 3, 3, device="meta")
+    b, scale, shift = (torch.empty(n, device="meta") for n in (6, 5, 5))
+    want = F.conv2d(x, w, b, 1, 1)
+    for backend in ("auto", "reference"):
+        assert fconv.conv_path(x, w, b, 1, 1, backend=backend)[0] == "reference"
+        y = fconv.conv2d(x, w, b, 1, 1, backend=backend)
+        assert y.device.type == "meta" and y.shape == want.shape
+        y, mean, var = fconv.conv2d_stats(x, w, 1, 1, backend=backend)
+        assert y.shape == want.shape and mean.shape == var.shape == (6,)
+        y, mean, var = fconv.bn_relu_conv2d_stats(x, scale, shift, w, 1, 1, backend=backend)
+        assert y.shape == want.shape and mean.shape == (6,)
+        y = fconv.conv2d_bias_add_relu(x, w, b, want, 1, 1, scale=scale, shift=shift,
+                                       backend=backend)
+        assert y.device.type == "meta" and y.shape == want.shape
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 switch only matters on GPU")
 def test_tf32_follows_cudnn_flag():
     x, w, st, pd = _make(("big", 2, 64, 16, 16, 64, 3, 1, 1), torch.float32)
