@@ -23,6 +23,18 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 K = fconv.kernels()
 
+
+@pytest.fixture(autouse=True)
+def ieee_fp32():
+    """fp32 is compared at 1e-5..1e-4 here: TF32 (torch's default for cuDNN convs, which
+    the Triton conv follows, ``kernels.conv._input_precision``) would round both the
+    Triton conv and cuDNN's reference to ~1e-3 on a GPU. Off in every test; the TF32
+    tests turn it on themselves."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
 # (name, N, C_in, H, W, C_out, kernel, stride, padding): every conv kind ResNets use,
 # odd channel counts, N=1, H=W=1.
 CASES = [
@@ -439,13 +451,25 @@ def test_meta_tensors_pass_through():
 def test_tf32_follows_cudnn_flag():
     x, w, st, pd = _make(("big", 2, 64, 16, 16, 64, 3, 1, 1), torch.float32)
     ref = F.conv2d(x.double(), w.double(), None, st, pd)
-    old = torch.backends.cudnn.allow_tf32
-    try:
-        torch.backends.cudnn.allow_tf32 = False
-        err = (fconv.conv2d(x, w, None, st, pd, backend="triton").double() - ref).abs().max()
-        assert err < 1e-4
-    finally:
-        torch.backends.cudnn.allow_tf32 = old
+    errors = {}
+    for tf32 in (False, True):
+        torch.backends.cudnn.allow_tf32 = tf32
+        got = fconv.conv2d(x, w, None, st, pd, backend="triton")
+        errors[tf32] = (got.double() - ref).abs().max().item()
+    assert errors[False] < 1e-4, errors
+    assert 1e-4 < errors[True] < 1e-2, errors  # TF32: a 10-bit mantissa
+
+
+def test_tf32_switch_read_per_call(monkeypatch):
+    """The fp32 dot's precision follows torch.backends.cudnn.allow_tf32 at each call on a
+    GPU; the interpreter always computes in IEEE fp32."""
+    from fusedres.kernels import conv as kconv
+
+    monkeypatch.setattr(kconv, "INTERPRET", False)
+    for tf32, want in ((True, "tf32"), (False, "ieee")):
+        torch.backends.cudnn.allow_tf32 = tf32
+        assert kconv._input_precision(torch.float32) == want
+        assert kconv._input_precision(torch.float16) == "ieee"
 
 
 @pytest.mark.slow
@@ -500,6 +524,7 @@ def test_torch_compile():
 ], ids=["stem", "3x3_64", "1x1_256_128", "3x3s2_128", "1x1s2_512_1024"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_resnet50_shapes_cuda(shape, dtype):
+    torch.backends.cudnn.allow_tf32 = True  # torch's default: what a user's model runs
     x, w, st, pd = _make(("r50",) + shape, dtype, requires_grad=True)
     scale, shift = _scale_shift(x.shape[1], dtype, requires_grad=True)
     out = fconv.bn_relu_conv2d_stats(x, scale, shift, w, st, pd, backend="triton")

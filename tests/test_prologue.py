@@ -17,6 +17,7 @@ import fusedres.nn as fnn
 import models
 from fusedres.convert import convert, explain
 from test_convert import _randomize
+from test_conv import ieee_fp32  # noqa: F401  (autouse: fp32 without TF32 on a GPU)
 
 pytestmark = pytest.mark.skipif("triton" not in fusedres.available_backends(),
                                 reason="the Triton backend is not available here")
