@@ -229,7 +229,28 @@ def batch_norm_act(
     Returns ``(out, mean, var, mean2, var2, mask)``: the batch statistics (training) or
     the running statistics used (eval) in acc dtype, empty ``mean2``/``var2`` without
     ``x2``, and the 1-bit ReLU mask when a residual or ``x2`` makes it necessary.
+
+    The triton backend runs ``fusedres.kernels.bn.batch_norm_act_forward`` (three
+    launches in training, two in eval: all per-channel math in one finalize kernel);
+    the others the pipeline below on their four primitives. The caller updates the
+    running statistics (:func:`update_from_batch`, one op per BN).
     """
+    if backend == "triton" and x.numel() > 0:
+        return _bn_kernels().batch_norm_act_forward(
+            x, _dense(weight), _dense(bias), mean_in, var_in, residual, x2, _dense(weight2),
+            _dense(bias2), mean2_in, var2_in, training, eps, relu, channels_last)
+    return _python_pipeline(x, weight, bias, mean_in, var_in, residual, x2, weight2, bias2,
+                            mean2_in, var2_in, training, eps, relu, channels_last, backend)
+
+
+def _dense(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t if t is None else t.contiguous()
+
+
+def _python_pipeline(x, weight, bias, mean_in, var_in, residual, x2, weight2, bias2, mean2_in,
+                     var2_in, training, eps, relu, channels_last, backend):
+    """The fused op on any backend's four primitives (the ``reference_primitives`` backend;
+    the cpu/cuda backends run it compiled in C++)."""
     prims = primitives(backend)
     mean, var = _batch_stats_or_running(prims, x, mean_in, var_in, training, channels_last)
     _, scale, shift = centred_scale_shift(weight, bias, mean, var, eps)
@@ -330,6 +351,10 @@ def batch_norm_act_backward(
     ``needs`` = ``[dx, dweight/dbias, dresidual, dx2, dweight2/dbias2]``; what is not
     needed comes back as an empty tensor.
     """
+    if backend == "triton" and x.numel() > 0:
+        return _bn_kernels().batch_norm_act_backward(
+            dout, x, _dense(weight), _dense(bias), mean, var, mask, x2, _dense(weight2),
+            _dense(bias2), mean2, var2, training, eps, relu, has_residual, channels_last, needs)
     prims = primitives(backend)
     need_dx, need_affine, need_res, need_dx2, need_affine2 = needs
     dx, dweight, dbias, dres = _bn_input_backward(
@@ -411,6 +436,7 @@ def _setup_context(ctx, inputs, output):
                           var2 if x2 is not None else None)
     ctx.options = (training, eps, relu, residual is not None, channels_last, backend)
     ctx.mark_non_differentiable(mean, var, mean2, var2, mask)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients of those (a launch each)
 
 
 def _backward(ctx, dout, _dmean, _dvar, _dmean2, _dvar2, _dmask):
@@ -426,7 +452,7 @@ def _backward(ctx, dout, _dmean, _dvar, _dmean2, _dvar2, _dmask):
     keep = lambda t, need: t if need else None  # noqa: E731
     return (keep(dx, ng[0]), keep(dweight, ng[1]), keep(dbias, ng[2]), None, None,
             keep(dres, ng[5]), keep(dx2, ng[6]), keep(dweight2, ng[7]), keep(dbias2, ng[8]),
-            None, None, None, None, None, None, None)
+            *(None,) * 7)
 
 
 torch.library.register_autograd("fusedres::batch_norm_act", _backward,

@@ -9,17 +9,23 @@
 # the accumulation dtype (fp64 for fp64 activations, fp32 otherwise); all math is in it,
 # with one cast at the store.
 #
-# Kernels.
+# Kernels (a projection shortcut's second BN input x2 rides along in the same launches).
 #   _bn_stats_partial_kernel     per (reduction chunk, channel block): per-lane Welford,
 #                                merged into one (count, mean, M2) per channel and chunk
+#   _bn_stats_finalize_kernel    per channel block: merges the [P, C] partials in a fixed
+#                                order (Chan's formula, n=0 guarded; deterministic, no
+#                                atomics), then invstd, scale, shift and the running-
+#                                statistics update: all per-channel forward work, 1 launch
 #   _bn_bwd_reduce_partial_kernel  per (chunk, channel block): sum(g), sum(g*(x-mean))
-#   _merge_partials_kernel       merges the [P, C] partials in a fixed order: Chan's
-#                                formula (n=0 guarded) or plain sums.  Deterministic,
-#                                no atomics.
+#   _bn_bwd_finalize_kernel      merges those sums, then dweight, dbias and the input-
+#                                gradient coefficients: all per-channel backward work
 #   _bn_apply_kernel             out = [relu]((x-mean)*scale+shift [+ (x2-mean2)*scale2
 #                                + shift2] [+ r]), optional 1-bit ReLU mask (shift = beta:
 #                                the centred form, exact for a large mean, see _centred)
 #   _bn_bwd_apply_kernel         dx = coef_g*g + coef_xc*(x-mean) + coef_c, optional dres=g
+#                                and dx2 (one read of dout and the mask for both inputs)
+# A training-mode forward + backward is 6 launches (fusedres.ops.batch_norm_act with
+# backend="triton"; tests/test_launch_count_triton.py counts them).
 # The elementwise kernels walk the dense output in memory order, in blocks shaped
 # [BLOCK // 8, 8]: one row is one byte of the mask, so the mask is packed (or unpacked)
 # with a sum of bit << k along axis 1, no atomics and no read-modify-write.  The (n, c, s)
@@ -35,8 +41,11 @@
 # kernels run only under TRITON_INTERPRET=1 (set before triton is imported), with one
 # fixed config per kernel; on GPU each kernel is autotuned over a handful of configs.
 # References: DESIGN.md sections 1-2; Chan, Golub & LeVeque (1979) for the merge.
+import contextlib
+import math
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -97,12 +106,23 @@ def _autotune(configs, key):
     return triton.autotune(configs=configs(), key=key)
 
 
+def device_guard(t: torch.Tensor):
+    """The current CUDA device set to ``t``'s for a launch (a kernel launches on the current
+    device: tensors on cuda:1 while cuda:0 is current would fault); nothing on CPU."""
+    if t.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
 def _launch(kernel, family, grid, *args, **constexprs):
+    """Launch on the device of the first tensor argument (every launcher passes its
+    input first)."""
     if _INTERPRET:
         cfg = _INTERPRETER_CONFIGS[family]
         kernel[grid](*args, **constexprs, **cfg.kwargs, num_warps=cfg.num_warps)
     else:
-        kernel[grid](*args, **constexprs)
+        with device_guard(args[0]):
+            kernel[grid](*args, **constexprs)
 
 
 # --------------------------------------------------------------------------------------
@@ -248,6 +268,7 @@ def _bn_apply_kernel(
         tl.store(MASK_ptr + byte_idx, byte.to(tl.uint8), mask=byte_idx * 8 < total)
 
 
+
 @triton.jit
 def _bn_bwd_apply_kernel(
     DOUT_ptr,  # (N, C, S) gradient of the output, any strides
@@ -261,17 +282,27 @@ def _bn_bwd_apply_kernel(
     COEF_G_ptr,  # (C,) acc dtype
     COEF_XC_ptr,  # (C,) acc dtype
     COEF_C_ptr,  # (C,) acc dtype
-    DX_ptr,  # (N, C, S) output, dense in the CHANNELS_LAST order
+    X2_ptr,  # (N, C, S) second BN input, any strides (read if HAS_X2)
+    stride_x2n, stride_x2c, stride_x2s,  # strides of X2
+    MEAN2_ptr,  # (C,) acc dtype (HAS_X2)
+    COEF_G2_ptr,  # (C,) acc dtype (HAS_X2)
+    COEF_XC2_ptr,  # (C,) acc dtype (HAS_X2)
+    COEF_C2_ptr,  # (C,) acc dtype (HAS_X2)
+    DX_ptr,  # (N, C, S) output, dense in the CHANNELS_LAST order (written if NEED_DX)
     DRES_ptr,  # (N, C, S) output g, dense (written if WRITE_GRAD_RESIDUAL)
+    DX2_ptr,  # (N, C, S) output, dense (written if HAS_X2)
     C,  # channels
     S,  # spatial size
     total,  # N*C*S
     HAS_MASK: tl.constexpr,  # g = dout * mask bit
     APPLY_RELU: tl.constexpr,  # without a mask: g = dout * not (_centred(x) <= 0)
+    NEED_DX: tl.constexpr,  # write DX
     WRITE_GRAD_RESIDUAL: tl.constexpr,  # write DRES = g
+    HAS_X2: tl.constexpr,  # also DX2 = coef_g2*g + coef_xc2*(x2 - mean2) + coef_c2
     CHANNELS_LAST: tl.constexpr,  # layout of the outputs and of the mask
     DOUT_DENSE: tl.constexpr,  # DOUT has DX's strides
     X_DENSE: tl.constexpr,  # X has DX's strides
+    X2_DENSE: tl.constexpr,  # X2 has DX's strides
     WIDE: tl.constexpr,  # int64 per-element index math
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK: tl.constexpr,  # elements per program, multiple of 8
@@ -280,27 +311,38 @@ def _bn_bwd_apply_kernel(
     o, n, c, s, valid = _dense_block_index(pid, C, S, total, CHANNELS_LAST, WIDE, BLOCK)
     dout = tl.load(DOUT_ptr + _gather_offsets(o, n, c, s, stride_dn, stride_dc, stride_ds,
                                               DOUT_DENSE), mask=valid, other=0.0)
-    x = tl.load(X_ptr + _gather_offsets(o, n, c, s, stride_xn, stride_xc, stride_xs, X_DENSE),
-                mask=valid, other=0.0).to(ACC)
     g = dout.to(ACC)
     if HAS_MASK:
         byte_idx = pid * (BLOCK // 8) + tl.arange(0, BLOCK // 8).to(tl.int64)
         byte = tl.load(MASK_ptr + byte_idx, mask=byte_idx * 8 < total, other=0).to(tl.int32)
         bit = (byte[:, None] >> tl.arange(0, 8)[None, :]) & 1
         g = tl.where(bit != 0, g, 0.0)
-    mean = tl.load(MEAN_ptr + c, mask=valid, other=0.0)
-    if not HAS_MASK:
-        if APPLY_RELU:
-            scale = tl.load(SCALE_ptr + c, mask=valid, other=0.0)
-            shift = tl.load(SHIFT_ptr + c, mask=valid, other=0.0)
-            g = tl.where(_centred(x, mean, scale, shift) <= 0, 0.0, g)
-    coef_g = tl.load(COEF_G_ptr + c, mask=valid, other=0.0)
-    coef_xc = tl.load(COEF_XC_ptr + c, mask=valid, other=0.0)
-    coef_c = tl.load(COEF_C_ptr + c, mask=valid, other=0.0)
-    dx = coef_g * g + coef_xc * (x - mean) + coef_c
-    tl.store(DX_ptr + o, dx.to(DX_ptr.dtype.element_ty), mask=valid)
+    if NEED_DX or (APPLY_RELU and not HAS_MASK):
+        x = tl.load(X_ptr + _gather_offsets(o, n, c, s, stride_xn, stride_xc, stride_xs,
+                                            X_DENSE), mask=valid, other=0.0).to(ACC)
+        mean = tl.load(MEAN_ptr + c, mask=valid, other=0.0)
+        if not HAS_MASK:
+            if APPLY_RELU:
+                scale = tl.load(SCALE_ptr + c, mask=valid, other=0.0)
+                shift = tl.load(SHIFT_ptr + c, mask=valid, other=0.0)
+                g = tl.where(_centred(x, mean, scale, shift) <= 0, 0.0, g)
+        if NEED_DX:
+            coef_g = tl.load(COEF_G_ptr + c, mask=valid, other=0.0)
+            coef_xc = tl.load(COEF_XC_ptr + c, mask=valid, other=0.0)
+            coef_c = tl.load(COEF_C_ptr + c, mask=valid, other=0.0)
+            dx = coef_g * g + coef_xc * (x - mean) + coef_c
+            tl.store(DX_ptr + o, dx.to(DX_ptr.dtype.element_ty), mask=valid)
     if WRITE_GRAD_RESIDUAL:
         tl.store(DRES_ptr + o, g.to(DRES_ptr.dtype.element_ty), mask=valid)
+    if HAS_X2:
+        x2 = tl.load(X2_ptr + _gather_offsets(o, n, c, s, stride_x2n, stride_x2c, stride_x2s,
+                                              X2_DENSE), mask=valid, other=0.0).to(ACC)
+        mean2 = tl.load(MEAN2_ptr + c, mask=valid, other=0.0)
+        coef_g2 = tl.load(COEF_G2_ptr + c, mask=valid, other=0.0)
+        coef_xc2 = tl.load(COEF_XC2_ptr + c, mask=valid, other=0.0)
+        coef_c2 = tl.load(COEF_C2_ptr + c, mask=valid, other=0.0)
+        dx2 = coef_g2 * g + coef_xc2 * (x2 - mean2) + coef_c2
+        tl.store(DX2_ptr + o, dx2.to(DX2_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -329,18 +371,41 @@ def _chunk_bounds(
 
 
 @triton.jit
+def _welford_step(x, upd, inv, mean, m2):
+    """One per-lane Welford update of [BLOCK_C, BLOCK_S] lanes where ``upd``."""
+    d = x - mean
+    mean = tl.where(upd, mean + d * inv[None, :], mean)
+    m2 = tl.where(upd, m2 + d * (x - mean), m2)
+    return mean, m2
+
+
+@triton.jit
+def _merge_lanes(cnt, mean, m2):
+    """Chan's merge of the BLOCK_S lanes of each channel (closed form): (mean, M2)."""
+    total = tl.sum(cnt, axis=0)
+    mean_c = tl.sum(mean * cnt[None, :], axis=1) / tl.maximum(total, 1.0)
+    dev = mean - mean_c[:, None]
+    return mean_c, tl.sum(m2, axis=1) + tl.sum(dev * dev * cnt[None, :], axis=1)
+
+
+@triton.jit
 def _bn_stats_partial_kernel(
     X_ptr,  # (N, C, S) input, any strides
     stride_xn, stride_xc, stride_xs,  # strides of X
+    X2_ptr,  # (N, C, S) second input, any strides (read if HAS_X2)
+    stride_x2n, stride_x2c, stride_x2s,  # strides of X2
     CNT_ptr,  # (P, C) acc dtype: element count of each chunk
     MEAN_ptr,  # (P, C) acc dtype: mean of each chunk
     M2_ptr,  # (P, C) acc dtype: sum of squared deviations of each chunk
+    MEAN2_ptr,  # (P, C) acc dtype: the same of X2 (HAS_X2; the counts are X's)
+    M22_ptr,  # (P, C) acc dtype (HAS_X2)
     N,  # batch
     C,  # channels
     S,  # spatial size
     N_CHUNK,  # batch rows per chunk
     S_CHUNK,  # spatial positions per chunk
     NUM_S_CHUNKS,  # ceil(S / S_CHUNK)
+    HAS_X2: tl.constexpr,  # statistics of X2 in the same pass (a projection shortcut)
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_C: tl.constexpr,  # channels per program
     BLOCK_S: tl.constexpr,  # spatial positions per tile
@@ -349,34 +414,71 @@ def _bn_stats_partial_kernel(
     p, offs_c, n_start, n_end, s_start, s_end = _chunk_bounds(
         pid, N, S, C, N_CHUNK, S_CHUNK, NUM_S_CHUNKS, BLOCK_C)
     valid_c = offs_c < C
-    c_off = offs_c.to(tl.int64) * stride_xc
+    c64 = offs_c.to(tl.int64)
     # per-lane Welford: lane (c, j) sees the spatial positions s = j (mod BLOCK_S)
     cnt = tl.zeros([BLOCK_S], dtype=ACC)
     mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
     m2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
-    for n in range(n_start, n_end):
-        n_off = n * stride_xn  # n is int64: the bounds derive from the int64 pid
+    mean2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
+    m22 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
+    for n in range(n_start, n_end):  # n is int64: the bounds derive from the int64 pid
         for s0 in range(s_start, s_end, BLOCK_S):
             offs_s = s0 + tl.arange(0, BLOCK_S)
             valid_s = offs_s < s_end
-            ptrs = X_ptr + n_off + c_off[:, None] + offs_s.to(tl.int64)[None, :] * stride_xs
-            x = tl.load(ptrs, mask=valid_c[:, None] & valid_s[None, :], other=0.0).to(ACC)
+            valid = valid_c[:, None] & valid_s[None, :]
+            s64 = offs_s.to(tl.int64)[None, :]
             cnt = cnt + valid_s.to(ACC)
             inv = 1.0 / tl.maximum(cnt, 1.0)
-            d = x - mean
-            upd = valid_s[None, :]
-            mean = tl.where(upd, mean + d * inv[None, :], mean)
-            m2 = tl.where(upd, m2 + d * (x - mean), m2)
-    # merge the lanes (Chan's formula for many groups, closed form)
-    total = tl.sum(cnt, axis=0)
-    tot = tl.maximum(total, 1.0)
-    mean_c = tl.sum(mean * cnt[None, :], axis=1) / tot
-    dev = mean - mean_c[:, None]
-    m2_c = tl.sum(m2, axis=1) + tl.sum(dev * dev * cnt[None, :], axis=1)
+            x = tl.load(X_ptr + n * stride_xn + c64[:, None] * stride_xc + s64 * stride_xs,
+                        mask=valid, other=0.0).to(ACC)
+            mean, m2 = _welford_step(x, valid_s[None, :], inv, mean, m2)
+            if HAS_X2:
+                x2 = tl.load(X2_ptr + n * stride_x2n + c64[:, None] * stride_x2c
+                             + s64 * stride_x2s, mask=valid, other=0.0).to(ACC)
+                mean2, m22 = _welford_step(x2, valid_s[None, :], inv, mean2, m22)
     out = p * C + offs_c
-    tl.store(CNT_ptr + out, tl.zeros([BLOCK_C], dtype=ACC) + total, mask=valid_c)
+    mean_c, m2_c = _merge_lanes(cnt, mean, m2)
+    tl.store(CNT_ptr + out, tl.zeros([BLOCK_C], dtype=ACC) + tl.sum(cnt, axis=0), mask=valid_c)
     tl.store(MEAN_ptr + out, mean_c, mask=valid_c)
     tl.store(M2_ptr + out, m2_c, mask=valid_c)
+    if HAS_X2:
+        mean_c, m2_c = _merge_lanes(cnt, mean2, m22)
+        tl.store(MEAN2_ptr + out, mean_c, mask=valid_c)
+        tl.store(M22_ptr + out, m2_c, mask=valid_c)
+
+
+@triton.jit
+def _exact_scalar(hi, lo, ACC: tl.constexpr):
+    """A host double passed as two fp32 kernel arguments (hi + lo, see _split): fp64
+    pipelines see the double to ~2**-48, fp32 ones its fp32 rounding."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+@triton.jit
+def _channel_affine(
+    W_ptr, B_ptr,  # (C,) weight, bias (read if HAS_W, HAS_B)
+    var,  # [BLOCK_C] biased variance, acc dtype
+    eps,  # acc-dtype scalar
+    offs_c, valid_c,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """(invstd, scale = weight*invstd, shift = bias) of the centred apply: the one
+    expression every kernel that needs them evaluates (so a recomputed ReLU mask is the
+    forward's bit for bit). IEEE-rounded sqrt and division: torch.rsqrt on CPU."""
+    if ACC == tl.float64:  # fp64 sqrt and division are IEEE-rounded already
+        invstd = 1.0 / tl.sqrt(var + eps)
+    else:
+        invstd = tl.math.div_rn(tl.full(var.shape, 1.0, ACC), tl.math.sqrt_rn(var + eps))
+    if HAS_W:
+        scale = tl.load(W_ptr + offs_c, mask=valid_c, other=0.0).to(ACC) * invstd
+    else:
+        scale = invstd
+    if HAS_B:
+        shift = tl.load(B_ptr + offs_c, mask=valid_c, other=0.0).to(ACC)
+    else:
+        shift = tl.zeros(var.shape, ACC)
+    return invstd, scale, shift
 
 
 @triton.jit
@@ -386,11 +488,17 @@ def _bn_bwd_reduce_partial_kernel(
     X_ptr,  # (N, C, S) BN input, any strides
     stride_xn, stride_xc, stride_xs,  # strides of X
     MEAN_ptr,  # (C,) acc dtype
-    SCALE_ptr,  # (C,) acc dtype (read if APPLY_RELU and not HAS_MASK)
-    SHIFT_ptr,  # (C,) acc dtype, beta (read if APPLY_RELU and not HAS_MASK)
+    W_ptr,  # (C,) scale, or weight if AFFINE_FROM_VAR (APPLY_RELU and not HAS_MASK)
+    B_ptr,  # (C,) shift (beta), or bias if AFFINE_FROM_VAR (idem)
+    VAR_ptr,  # (C,) biased variance (AFFINE_FROM_VAR)
+    eps_hi, eps_lo,  # eps (AFFINE_FROM_VAR), see _exact_scalar
     MASK_ptr,  # (ceil(N*C*S/8),) uint8 packed mask, CHANNELS_LAST order (if HAS_MASK)
+    X2_ptr,  # (N, C, S) second BN input, any strides (HAS_X2)
+    stride_x2n, stride_x2c, stride_x2s,  # strides of X2
+    MEAN2_ptr,  # (C,) acc dtype (HAS_X2)
     SUM_G_ptr,  # (P, C) acc dtype: partial sum(g)
     SUM_GXC_ptr,  # (P, C) acc dtype: partial sum(g * (x - mean))
+    SUM_GXC2_ptr,  # (P, C) acc dtype: partial sum(g * (x2 - mean2)) (HAS_X2)
     N,  # batch
     C,  # channels
     S,  # spatial size
@@ -399,6 +507,10 @@ def _bn_bwd_reduce_partial_kernel(
     NUM_S_CHUNKS,  # ceil(S / S_CHUNK)
     HAS_MASK: tl.constexpr,  # g = dout * mask bit
     APPLY_RELU: tl.constexpr,  # without a mask: g = dout * not (_centred(x) <= 0)
+    AFFINE_FROM_VAR: tl.constexpr,  # scale/shift from weight, bias, var, eps (_channel_affine)
+    HAS_W: tl.constexpr,  # weight present (AFFINE_FROM_VAR)
+    HAS_B: tl.constexpr,  # bias present (AFFINE_FROM_VAR)
+    HAS_X2: tl.constexpr,  # also sum(g * (x2 - mean2)) (sum(g) is shared)
     CHANNELS_LAST: tl.constexpr,  # layout the mask was packed in
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_C: tl.constexpr,  # channels per program
@@ -410,28 +522,35 @@ def _bn_bwd_reduce_partial_kernel(
     valid_c = offs_c < C
     c64 = offs_c.to(tl.int64)
     mean = tl.load(MEAN_ptr + offs_c, mask=valid_c, other=0.0)
+    if HAS_X2:
+        mean2 = tl.load(MEAN2_ptr + offs_c, mask=valid_c, other=0.0)
     if not HAS_MASK:
         if APPLY_RELU:
-            scale = tl.load(SCALE_ptr + offs_c, mask=valid_c, other=0.0)
-            shift = tl.load(SHIFT_ptr + offs_c, mask=valid_c, other=0.0)
+            if AFFINE_FROM_VAR:
+                _, scale, shift = _channel_affine(
+                    W_ptr, B_ptr, tl.load(VAR_ptr + offs_c, mask=valid_c, other=1.0),
+                    _exact_scalar(eps_hi, eps_lo, ACC), offs_c, valid_c, HAS_W, HAS_B, ACC)
+            else:
+                scale = tl.load(W_ptr + offs_c, mask=valid_c, other=0.0)
+                shift = tl.load(B_ptr + offs_c, mask=valid_c, other=0.0)
     acc_g = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
     acc_gxc = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
-    for n in range(n_start, n_end):
-        n64 = n  # int64: the loop bounds derive from the int64 pid
+    acc_gxc2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
+    for n in range(n_start, n_end):  # int64: the loop bounds derive from the int64 pid
         for s0 in range(s_start, s_end, BLOCK_S):
             offs_s = s0 + tl.arange(0, BLOCK_S)
             s64 = offs_s.to(tl.int64)
             valid = valid_c[:, None] & (offs_s < s_end)[None, :]
-            dout = tl.load(DOUT_ptr + n64 * stride_dn + c64[:, None] * stride_dc
+            dout = tl.load(DOUT_ptr + n * stride_dn + c64[:, None] * stride_dc
                            + s64[None, :] * stride_ds, mask=valid, other=0.0)
-            x = tl.load(X_ptr + n64 * stride_xn + c64[:, None] * stride_xc
+            x = tl.load(X_ptr + n * stride_xn + c64[:, None] * stride_xc
                         + s64[None, :] * stride_xs, mask=valid, other=0.0).to(ACC)
             g = dout.to(ACC)
             if HAS_MASK:
                 if CHANNELS_LAST:
-                    o = (n64 * S + s64[None, :]) * C + c64[:, None]
+                    o = (n * S + s64[None, :]) * C + c64[:, None]
                 else:
-                    o = (n64 * C + c64[:, None]) * S + s64[None, :]
+                    o = (n * C + c64[:, None]) * S + s64[None, :]
                 byte = tl.load(MASK_ptr + (o >> 3), mask=valid, other=0).to(tl.int32)
                 bit = (byte >> (o & 7).to(tl.int32)) & 1
                 g = tl.where(bit != 0, g, 0.0)
@@ -441,28 +560,22 @@ def _bn_bwd_reduce_partial_kernel(
             g = tl.where(valid, g, 0.0)
             acc_g += g
             acc_gxc += g * (x - mean[:, None])
+            if HAS_X2:
+                x2 = tl.load(X2_ptr + n * stride_x2n + c64[:, None] * stride_x2c
+                             + s64[None, :] * stride_x2s, mask=valid, other=0.0).to(ACC)
+                acc_gxc2 += g * (x2 - mean2[:, None])
     out = p * C + offs_c
     tl.store(SUM_G_ptr + out, tl.sum(acc_g, axis=1), mask=valid_c)
     tl.store(SUM_GXC_ptr + out, tl.sum(acc_gxc, axis=1), mask=valid_c)
+    if HAS_X2:
+        tl.store(SUM_GXC2_ptr + out, tl.sum(acc_gxc2, axis=1), mask=valid_c)
 
 
 @triton.jit
-def _merge_partials_kernel(
-    CNT_ptr,  # (P, C) acc dtype: counts (read if WELFORD)
-    A_ptr,  # (P, C) acc dtype: means (WELFORD) or first sums
-    B_ptr,  # (P, C) acc dtype: M2 (WELFORD) or second sums
-    OUT_A_ptr,  # (C,) acc dtype: mean, or total of A
-    OUT_B_ptr,  # (C,) acc dtype: biased variance, or total of B
-    P,  # number of partials
-    C,  # channels
-    WELFORD: tl.constexpr,  # Chan merge of (count, mean, M2); else plain sums
-    ACC: tl.constexpr,  # accumulation dtype
-    BLOCK_P: tl.constexpr,  # partials per tile
-    BLOCK_C: tl.constexpr,  # channels per program
-):
-    pid = tl.program_id(0).to(tl.int64)
-    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-    valid_c = offs_c < C
+def _merge_welford(CNT_ptr, MEAN_P_ptr, M2_P_ptr, P, C, offs_c, valid_c,
+                   ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Chan's merge of the [P, C] (count, mean, M2) partials in a fixed order (no atomics:
+    deterministic): per channel (mean, biased variance)."""
     n_a = tl.zeros([BLOCK_C], dtype=ACC)
     a = tl.zeros([BLOCK_C], dtype=ACC)
     b = tl.zeros([BLOCK_C], dtype=ACC)
@@ -470,28 +583,169 @@ def _merge_partials_kernel(
         offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         valid = (offs_p < P)[:, None] & valid_c[None, :]
         idx = offs_p[:, None] * C + offs_c[None, :]
-        ta = tl.load(A_ptr + idx, mask=valid, other=0.0)
-        tb = tl.load(B_ptr + idx, mask=valid, other=0.0)
-        if WELFORD:
-            tn = tl.load(CNT_ptr + idx, mask=valid, other=0.0)
-            # merge the tile's partials (closed form), then the tile into the running one
-            n_b = tl.sum(tn, axis=0)
-            mean_b = tl.sum(tn * ta, axis=0) / tl.maximum(n_b, 1.0)
-            dev = ta - mean_b[None, :]
-            m2_b = tl.sum(tb, axis=0) + tl.sum(tn * dev * dev, axis=0)
-            n_ab = n_a + n_b
-            w = n_b / tl.maximum(n_ab, 1.0)  # n = 0 guarded
-            delta = mean_b - a
-            a = a + delta * w
-            b = b + m2_b + delta * delta * n_a * w
-            n_a = n_ab
+        ta = tl.load(MEAN_P_ptr + idx, mask=valid, other=0.0)
+        tb = tl.load(M2_P_ptr + idx, mask=valid, other=0.0)
+        tn = tl.load(CNT_ptr + idx, mask=valid, other=0.0)
+        # merge the tile's partials (closed form), then the tile into the running one
+        n_b = tl.sum(tn, axis=0)
+        mean_b = tl.sum(tn * ta, axis=0) / tl.maximum(n_b, 1.0)
+        dev = ta - mean_b[None, :]
+        m2_b = tl.sum(tb, axis=0) + tl.sum(tn * dev * dev, axis=0)
+        n_ab = n_a + n_b
+        w = n_b / tl.maximum(n_ab, 1.0)  # n = 0 guarded
+        delta = mean_b - a
+        a = a + delta * w
+        b = b + m2_b + delta * delta * n_a * w
+        n_a = n_ab
+    return a, b / tl.where(valid_c, n_a, 1.0)  # every real channel has n_a > 0
+
+
+@triton.jit
+def _merge_sums(A_ptr, P, C, offs_c, valid_c,
+                ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel total of [P, C] partial sums, in a fixed order."""
+    a = tl.zeros([BLOCK_C], dtype=ACC)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+        valid = (offs_p < P)[:, None] & valid_c[None, :]
+        a += tl.sum(tl.load(A_ptr + offs_p[:, None] * C + offs_c[None, :], mask=valid,
+                            other=0.0), axis=0)
+    return a
+
+
+@triton.jit
+def _bn_stats_finalize_kernel(
+    CNT_ptr,  # (P, C) partial counts (not FROM_RUNNING)
+    MEAN_P_ptr, M2_P_ptr,  # (P, C) partial (mean, M2) of X (not FROM_RUNNING)
+    MEAN2_P_ptr, M22_P_ptr,  # (P, C) partials of X2 (HAS_X2, not FROM_RUNNING)
+    P,  # number of partials
+    C,  # channels
+    W_ptr, B_ptr, W2_ptr, B2_ptr,  # (C,) affine parameters (HAS_W, HAS_B, HAS_W2, HAS_B2)
+    RM_ptr, RV_ptr, RM2_ptr, RV2_ptr,  # (C,) running statistics (FROM_RUNNING)
+    MEAN_ptr, VAR_ptr, SCALE_ptr, SHIFT_ptr,  # (C,) acc dtype outputs
+    MEAN2_ptr, VAR2_ptr, SCALE2_ptr, SHIFT2_ptr,  # (C,) acc dtype outputs (HAS_X2)
+    eps_hi, eps_lo,  # eps, see _exact_scalar
+    HAS_X2: tl.constexpr,  # a second BN (projection shortcut)
+    FROM_RUNNING: tl.constexpr,  # eval: mean/var are the running statistics
+    SCALE_SHIFT: tl.constexpr,  # write scale, shift (_channel_affine); else only merge
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_W2: tl.constexpr, HAS_B2: tl.constexpr,
+    ACC: tl.constexpr,  # accumulation dtype
+    BLOCK_P: tl.constexpr,  # partials per tile
+    BLOCK_C: tl.constexpr,  # channels per program
+):
+    """Everything per channel between the statistics pass and the apply, in ONE launch:
+    merge the partials, then (scale, shift)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    valid_c = offs_c < C
+    eps = _exact_scalar(eps_hi, eps_lo, ACC)
+    if FROM_RUNNING:
+        mean = tl.load(RM_ptr + offs_c, mask=valid_c, other=0.0).to(ACC)
+        var = tl.load(RV_ptr + offs_c, mask=valid_c, other=1.0).to(ACC)
+    else:
+        mean, var = _merge_welford(CNT_ptr, MEAN_P_ptr, M2_P_ptr, P, C, offs_c, valid_c, ACC,
+                                   BLOCK_P, BLOCK_C)
+    tl.store(MEAN_ptr + offs_c, mean, mask=valid_c)
+    tl.store(VAR_ptr + offs_c, var, mask=valid_c)
+    if SCALE_SHIFT:
+        _, scale, shift = _channel_affine(W_ptr, B_ptr, var, eps, offs_c, valid_c, HAS_W,
+                                          HAS_B, ACC)
+        tl.store(SCALE_ptr + offs_c, scale, mask=valid_c)
+        tl.store(SHIFT_ptr + offs_c, shift, mask=valid_c)
+    if HAS_X2:
+        if FROM_RUNNING:
+            mean2 = tl.load(RM2_ptr + offs_c, mask=valid_c, other=0.0).to(ACC)
+            var2 = tl.load(RV2_ptr + offs_c, mask=valid_c, other=1.0).to(ACC)
         else:
-            a += tl.sum(ta, axis=0)
-            b += tl.sum(tb, axis=0)
-    if WELFORD:
-        b = b / tl.where(valid_c, n_a, 1.0)  # every real channel has n_a > 0
-    tl.store(OUT_A_ptr + offs_c, a, mask=valid_c)
-    tl.store(OUT_B_ptr + offs_c, b, mask=valid_c)
+            mean2, var2 = _merge_welford(CNT_ptr, MEAN2_P_ptr, M22_P_ptr, P, C, offs_c,
+                                         valid_c, ACC, BLOCK_P, BLOCK_C)
+        tl.store(MEAN2_ptr + offs_c, mean2, mask=valid_c)
+        tl.store(VAR2_ptr + offs_c, var2, mask=valid_c)
+        if SCALE_SHIFT:
+            _, scale2, shift2 = _channel_affine(W2_ptr, B2_ptr, var2, eps, offs_c, valid_c,
+                                                HAS_W2, HAS_B2, ACC)
+            tl.store(SCALE2_ptr + offs_c, scale2, mask=valid_c)
+            tl.store(SHIFT2_ptr + offs_c, shift2, mask=valid_c)
+
+
+@triton.jit
+def _input_grad_coefficients(
+    SUM_G_ptr, SUM_GXC_ptr,  # (C,) acc dtype: written totals
+    W_ptr, B_ptr, VAR_ptr,  # (C,) weight, bias, biased variance
+    DW_ptr, DB_ptr,  # (C,) weight / bias gradients in their dtype (WRITE_DW / WRITE_DB)
+    COEF_G_ptr, COEF_XC_ptr, COEF_C_ptr, SHIFT_ptr,  # (C,) acc dtype (COEFS)
+    sum_g, sum_gxc, eps, count, offs_c, valid_c,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr,
+    COEFS: tl.constexpr, TRAINING: tl.constexpr, ACC: tl.constexpr,
+):
+    """One BN input's per-channel backward: the affine gradients and the coefficients of
+    ``dx = coef_g*g + coef_xc*(x - mean) + coef_c`` (fusedres.ops.backward_coefficients)."""
+    tl.store(SUM_G_ptr + offs_c, sum_g, mask=valid_c)
+    tl.store(SUM_GXC_ptr + offs_c, sum_gxc, mask=valid_c)
+    if WRITE_DW or WRITE_DB or COEFS:
+        var = tl.load(VAR_ptr + offs_c, mask=valid_c, other=1.0)
+        invstd, scale, shift = _channel_affine(W_ptr, B_ptr, var, eps, offs_c, valid_c, HAS_W,
+                                               HAS_B, ACC)
+        if WRITE_DW:
+            tl.store(DW_ptr + offs_c, (sum_gxc * invstd).to(DW_ptr.dtype.element_ty),
+                     mask=valid_c)
+        if WRITE_DB:
+            tl.store(DB_ptr + offs_c, sum_g.to(DB_ptr.dtype.element_ty), mask=valid_c)
+        if COEFS:
+            tl.store(COEF_G_ptr + offs_c, scale, mask=valid_c)
+            tl.store(SHIFT_ptr + offs_c, shift, mask=valid_c)
+            if TRAINING:
+                coef_xc = -scale * invstd * invstd * sum_gxc / count
+                coef_c = -scale * sum_g / count
+            else:
+                coef_xc = tl.zeros(scale.shape, ACC)
+                coef_c = tl.zeros(scale.shape, ACC)
+            tl.store(COEF_XC_ptr + offs_c, coef_xc, mask=valid_c)
+            tl.store(COEF_C_ptr + offs_c, coef_c, mask=valid_c)
+
+
+@triton.jit
+def _bn_bwd_finalize_kernel(
+    SUM_G_P_ptr, SUM_GXC_P_ptr, SUM_GXC2_P_ptr,  # (P, C) partial sums (the last if HAS_X2)
+    P,  # number of partials
+    C,  # channels
+    SUM_G_ptr, SUM_GXC_ptr, SUM_GXC2_ptr,  # (C,) acc dtype totals
+    W_ptr, B_ptr, VAR_ptr, DW_ptr, DB_ptr,  # (C,) first BN (see _input_grad_coefficients)
+    COEF_G_ptr, COEF_XC_ptr, COEF_C_ptr, SHIFT_ptr,
+    W2_ptr, B2_ptr, VAR2_ptr, DW2_ptr, DB2_ptr,  # (C,) second BN (HAS_X2)
+    COEF_G2_ptr, COEF_XC2_ptr, COEF_C2_ptr, SHIFT2_ptr,
+    eps_hi, eps_lo,  # eps, see _exact_scalar
+    count_hi, count_lo,  # M = N*S, values per channel
+    HAS_X2: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr,
+    HAS_W2: tl.constexpr, HAS_B2: tl.constexpr, WRITE_DW2: tl.constexpr,
+    WRITE_DB2: tl.constexpr,
+    COEFS: tl.constexpr,  # write the input-gradient coefficients (else only the sums)
+    COEFS2: tl.constexpr,  # the same for the second BN
+    TRAINING: tl.constexpr,  # batch statistics: dx has the mean and variance terms
+    ACC: tl.constexpr,  # accumulation dtype
+    BLOCK_P: tl.constexpr,  # partials per tile
+    BLOCK_C: tl.constexpr,  # channels per program
+):
+    """Everything per channel between the backward reduction and the input-gradient pass,
+    in ONE launch: merge the partial sums, the affine gradients, the coefficients."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    valid_c = offs_c < C
+    eps = _exact_scalar(eps_hi, eps_lo, ACC)
+    count = _exact_scalar(count_hi, count_lo, ACC)
+    sum_g = _merge_sums(SUM_G_P_ptr, P, C, offs_c, valid_c, ACC, BLOCK_P, BLOCK_C)
+    sum_gxc = _merge_sums(SUM_GXC_P_ptr, P, C, offs_c, valid_c, ACC, BLOCK_P, BLOCK_C)
+    _input_grad_coefficients(SUM_G_ptr, SUM_GXC_ptr, W_ptr, B_ptr, VAR_ptr, DW_ptr, DB_ptr,
+                             COEF_G_ptr, COEF_XC_ptr, COEF_C_ptr, SHIFT_ptr, sum_g, sum_gxc,
+                             eps, count, offs_c, valid_c, HAS_W, HAS_B, WRITE_DW, WRITE_DB,
+                             COEFS, TRAINING, ACC)
+    if HAS_X2:  # the same g: sum(g) is shared
+        sum_gxc2 = _merge_sums(SUM_GXC2_P_ptr, P, C, offs_c, valid_c, ACC, BLOCK_P, BLOCK_C)
+        _input_grad_coefficients(SUM_G_ptr, SUM_GXC2_ptr, W2_ptr, B2_ptr, VAR2_ptr, DW2_ptr,
+                                 DB2_ptr, COEF_G2_ptr, COEF_XC2_ptr, COEF_C2_ptr, SHIFT2_ptr,
+                                 sum_g, sum_gxc2, eps, count, offs_c, valid_c, HAS_W2, HAS_B2,
+                                 WRITE_DW2, WRITE_DB2, COEFS2, TRAINING, ACC)
 
 
 # Autotuned versions (plain kernels under the interpreter).
@@ -499,14 +753,17 @@ _bn_apply = _autotune(_elementwise_configs, key=["C", "S", "CHANNELS_LAST", "HAS
                                                   "HAS_X2", "SAVE_MASK", "X_DENSE"])(
     _bn_apply_kernel)
 _bn_bwd_apply = _autotune(_elementwise_configs, key=["C", "S", "CHANNELS_LAST", "HAS_MASK",
-                                                      "WRITE_GRAD_RESIDUAL", "X_DENSE"])(
-    _bn_bwd_apply_kernel)
+                                                      "WRITE_GRAD_RESIDUAL", "HAS_X2",
+                                                      "X_DENSE"])(_bn_bwd_apply_kernel)
 _bn_stats_partial = _autotune(_reduce_configs, key=["C", "S", "N_CHUNK", "S_CHUNK",
-                                                     "stride_xc"])(_bn_stats_partial_kernel)
+                                                     "stride_xc", "HAS_X2"])(
+    _bn_stats_partial_kernel)
 _bn_bwd_reduce_partial = _autotune(_reduce_configs, key=["C", "S", "N_CHUNK", "S_CHUNK",
-                                                          "stride_xc", "HAS_MASK"])(
+                                                          "stride_xc", "HAS_MASK", "HAS_X2"])(
     _bn_bwd_reduce_partial_kernel)
-_merge_partials = _autotune(_merge_configs, key=["P", "C", "WELFORD"])(_merge_partials_kernel)
+_bn_stats_finalize = _autotune(_merge_configs, key=["P", "C", "HAS_X2", "FROM_RUNNING"])(
+    _bn_stats_finalize_kernel)
+_bn_bwd_finalize = _autotune(_merge_configs, key=["P", "C", "HAS_X2"])(_bn_bwd_finalize_kernel)
 
 
 # --------------------------------------------------------------------------------------
@@ -588,14 +845,34 @@ def _wide(c: int, s: int) -> bool:
     return max(c, s) + 8192 >= 2**31
 
 
+def _split(v: float) -> tuple[float, float]:
+    """A host double as two floats Triton passes as fp32 (hi + lo: the double to ~2**-48,
+    see _exact_scalar): fp64 pipelines need eps and counts as doubles."""
+    hi = float(np.float32(v))
+    lo = float(np.float32(v - hi)) if math.isfinite(v) else 0.0
+    return hi, lo
+
+
+# Where the statistics pass puts its programs.  An H100/H200 has 132 SMs; a reduction is
+# memory-bound, so each SM needs enough loads in flight to cover the latency (~13 KB/SM
+# for 85% of copy bandwidth on H100, 1.4x that on H200).  A program with the default
+# channels-last tile (64 channels x 32 positions, 4 warps) has one 4 KB bf16 tile (8 KB
+# fp32) in flight per loop step, so >= 8 programs per SM (~1056) give >= 32 KB/SM.
+# Chunks of at least 8K elements keep the [P, C] partials (3 values per chunk and channel)
+# at <= 1/700 of the input read.
+_TARGET_PROGRAMS = 2048
+_MIN_CHUNK_ELEMS = 8192
+
+
 def _reduction_chunks(n: int, c: int, s: int, channels_fast: bool):
     """Split the (N, S) reduction domain into P chunks (N_CHUNK rows x S_CHUNK positions)
-    so that about a thousand programs of at least ~16K elements run.  Independent of the
-    autotuned tile, so the [P, C] workspace is known before the launch."""
+    so that about _TARGET_PROGRAMS programs of at least _MIN_CHUNK_ELEMS elements run.
+    Independent of the autotuned tile, so the [P, C] workspace is known before the
+    launch."""
     if _INTERPRET:
         target_programs, min_elems = 8, 64
     else:
-        target_programs, min_elems = 1024, 16384
+        target_programs, min_elems = _TARGET_PROGRAMS, _MIN_CHUNK_ELEMS
     nominal_bc = 64 if channels_fast else 4
     programs_c = triton.cdiv(c, nominal_bc)
     elems = n * s * min(nominal_bc, c)
@@ -612,6 +889,55 @@ def _reduction_chunks(n: int, c: int, s: int, channels_fast: bool):
     return n_chunk, s_chunk, num_s_chunks, num_p
 
 
+def _chunks_of(x, channels_last):
+    n, c, s = x.shape
+    channels_fast = x.stride(1) < x.stride(2) if s > 1 else channels_last
+    return _reduction_chunks(n, c, s, channels_fast)
+
+
+def _stats_partials(x, x2, channels_last):
+    """The statistics pass (one launch, both inputs): (P, [P, C] partials)."""
+    n, c, s = x.shape
+    n_chunk, s_chunk, num_s_chunks, num_p = _chunks_of(x, channels_last)
+    parts = [torch.empty((num_p, c), dtype=acc_dtype(x.dtype), device=x.device)
+             for _ in range(5 if x2 is not None else 3)]
+    cnt, mean_p, m2_p = parts[:3]
+    mean2_p, m22_p = parts[3:] if x2 is not None else (mean_p, m2_p)
+    y2 = x2 if x2 is not None else x
+    _launch(_bn_stats_partial, "reduce",
+            lambda META: (num_p * triton.cdiv(c, META["BLOCK_C"]),),
+            x, x.stride(0), x.stride(1), x.stride(2),
+            y2, y2.stride(0), y2.stride(1), y2.stride(2),
+            cnt, mean_p, m2_p, mean2_p, m22_p,
+            n, c, s, n_chunk, s_chunk, num_s_chunks,
+            HAS_X2=x2 is not None, ACC=_tl_acc(x.dtype))
+    return num_p, cnt, mean_p, m2_p, mean2_p, m22_p
+
+
+def _finalize_stats(x, partials, x2, weight, bias, weight2, bias2, running, eps, scale_shift):
+    """The per-channel forward work in one launch: returns (mean, var, scale, shift) and
+    the same for x2 (None without x2; scale/shift None unless scale_shift).  partials None:
+    eval, from the running statistics."""
+    c = x.shape[1]
+    acc = acc_dtype(x.dtype)
+    outs = [torch.empty(c, dtype=acc, device=x.device)
+            for _ in range((4 if scale_shift else 2) * (2 if x2 is not None else 1))]
+    k = len(outs) // (2 if x2 is not None else 1)
+    first, second = outs[:k], outs[k:] or outs[:k]
+    num_p, cnt, mean_p, m2_p, mean2_p, m22_p = partials or (0,) + (first[0],) * 5
+    rm, rv, rm2, rv2 = (r if r is not None else first[0] for r in running)
+    pad = lambda v: v + [v[0]] * (4 - len(v))  # noqa: E731  (unused pointers)
+    _launch(_bn_stats_finalize, "merge", lambda META: (triton.cdiv(c, META["BLOCK_C"]),),
+            cnt, mean_p, m2_p, mean2_p, m22_p, num_p, c,
+            *(t if t is not None else first[0] for t in (weight, bias, weight2, bias2)),
+            rm, rv, rm2, rv2, *pad(first), *pad(second), *_split(eps),
+            HAS_X2=x2 is not None, FROM_RUNNING=partials is None, SCALE_SHIFT=scale_shift,
+            HAS_W=weight is not None, HAS_B=bias is not None,
+            HAS_W2=weight2 is not None, HAS_B2=bias2 is not None, ACC=_tl_acc(x.dtype))
+    first = tuple(first) + (None,) * (4 - k)
+    return first, (tuple(second) + (None,) * (4 - k) if x2 is not None else None)
+
+
 def bn_stats(x: torch.Tensor, channels_last: bool = False):
     """Per-channel mean and biased variance of x (N, C, S) over (N, S), in acc dtype.
     See fusedres.reference.bn_stats."""
@@ -621,23 +947,39 @@ def bn_stats(x: torch.Tensor, channels_last: bool = False):
     if c == 0 or n * s == 0:
         nan = torch.full((c,), float("nan"), dtype=acc, device=x.device)
         return nan, nan.clone()
-    channels_fast = x.stride(1) < x.stride(2) if s > 1 else channels_last
-    n_chunk, s_chunk, num_s_chunks, num_p = _reduction_chunks(n, c, s, channels_fast)
-    cnt = torch.empty((num_p, c), dtype=acc, device=x.device)
-    mean_p = torch.empty_like(cnt)
-    m2_p = torch.empty_like(cnt)
-    _launch(_bn_stats_partial, "reduce",
-            lambda META: (num_p * triton.cdiv(c, META["BLOCK_C"]),),
-            x, x.stride(0), x.stride(1), x.stride(2),
-            cnt, mean_p, m2_p,
-            n, c, s, n_chunk, s_chunk, num_s_chunks,
-            ACC=_tl_acc(x.dtype))
-    mean = torch.empty(c, dtype=acc, device=x.device)
-    var = torch.empty_like(mean)
-    _launch(_merge_partials, "merge", lambda META: (triton.cdiv(c, META["BLOCK_C"]),),
-            cnt, mean_p, m2_p, mean, var, num_p, c,
-            WELFORD=True, ACC=_tl_acc(x.dtype))
+    (mean, var, _, _), _ = _finalize_stats(x, _stats_partials(x, None, channels_last), None,
+                                           None, None, None, None, (None,) * 4, 0.0, False)
     return mean, var
+
+
+def _apply_launch(x, mean, scale, shift, residual, x2, mean2, scale2, shift2, relu, save_mask,
+                  channels_last):
+    n, c, s = x.shape
+    out = empty_ncs(n, c, s, channels_last, x.dtype, x.device)
+    total = x.numel()
+    mask = torch.empty((total + 7) // 8 if save_mask else 0, dtype=torch.uint8,
+                       device=x.device)
+    if total == 0:
+        return out, mask
+    r = residual if residual is not None else x
+    x2_ = x2 if x2 is not None else x
+    second = (mean2, scale2, shift2) if x2 is not None else (mean, scale, shift)
+    _launch(_bn_apply, "elementwise", lambda META: (triton.cdiv(total, META["BLOCK"]),),
+            x, x.stride(0), x.stride(1), x.stride(2),
+            mean, scale, shift,
+            r, r.stride(0), r.stride(1), r.stride(2),
+            x2_, x2_.stride(0), x2_.stride(1), x2_.stride(2),
+            *second,
+            out, mask if save_mask else out,
+            c, s, total,
+            HAS_RESIDUAL=residual is not None, HAS_X2=x2 is not None,
+            APPLY_RELU=bool(relu), SAVE_MASK=bool(save_mask),
+            CHANNELS_LAST=bool(channels_last),
+            X_DENSE=_is_dense(x, channels_last),
+            R_DENSE=residual is not None and _is_dense(residual, channels_last),
+            X2_DENSE=x2 is not None and _is_dense(x2, channels_last),
+            WIDE=_wide(c, s), ACC=_tl_acc(x.dtype))
+    return out, mask
 
 
 def bn_apply(x, mean, scale, shift, residual, x2, mean2, scale2, shift2, relu, save_mask,
@@ -646,7 +988,6 @@ def bn_apply(x, mean, scale, shift, residual, x2, mean2, scale2, shift2, relu, s
     and the packed ReLU mask (empty unless save_mask); shift is beta.
     See fusedres.reference.bn_apply."""
     _check_activation("x", x)
-    n, c, s = x.shape
     mean = _channel_vector("mean", mean, x)
     scale = _channel_vector("scale", scale, x)
     shift = _channel_vector("shift", shift, x)
@@ -659,35 +1000,34 @@ def bn_apply(x, mean, scale, shift, residual, x2, mean2, scale2, shift2, relu, s
         mean2 = _channel_vector("mean2", mean2, x)
         scale2 = _channel_vector("scale2", scale2, x)
         shift2 = _channel_vector("shift2", shift2, x)
-    out = empty_ncs(n, c, s, channels_last, x.dtype, x.device)
-    total = x.numel()
-    if save_mask:
-        mask = torch.empty((total + 7) // 8, dtype=torch.uint8, device=x.device)
-    else:
-        mask = torch.empty(0, dtype=torch.uint8, device=x.device)
-    if total == 0:
-        return out, mask
-    r = residual if residual is not None else x
-    x2_ = x2 if x2 is not None else x
-    mn2 = mean2 if x2 is not None else mean
-    sc2 = scale2 if x2 is not None else scale
-    sh2 = shift2 if x2 is not None else shift
-    _launch(_bn_apply, "elementwise", lambda META: (triton.cdiv(total, META["BLOCK"]),),
+    return _apply_launch(x, mean, scale, shift, residual, x2, mean2, scale2, shift2, relu,
+                         save_mask, channels_last)
+
+
+def _reduce_partials(dout, x, mean, mask, recompute, affine, x2, mean2, channels_last):
+    """The backward reduction pass (one launch, both inputs): (P, [P, C] partial sums).
+    ``affine`` = (scale, shift) given, or (weight, bias, var, eps) to derive them from."""
+    n, c, s = x.shape
+    n_chunk, s_chunk, num_s_chunks, num_p = _chunks_of(x, channels_last)
+    parts = [torch.empty((num_p, c), dtype=acc_dtype(x.dtype), device=x.device)
+             for _ in range(3 if x2 is not None else 2)]
+    from_var = len(affine) == 4
+    w, b, var, eps = affine if from_var else (*affine, None, 0.0)
+    y2 = x2 if x2 is not None else x
+    _launch(_bn_bwd_reduce_partial, "reduce",
+            lambda META: (num_p * triton.cdiv(c, META["BLOCK_C"]),),
+            dout, dout.stride(0), dout.stride(1), dout.stride(2),
             x, x.stride(0), x.stride(1), x.stride(2),
-            mean, scale, shift,
-            r, r.stride(0), r.stride(1), r.stride(2),
-            x2_, x2_.stride(0), x2_.stride(1), x2_.stride(2),
-            mn2, sc2, sh2,
-            out, mask if save_mask else out,
-            c, s, total,
-            HAS_RESIDUAL=residual is not None, HAS_X2=x2 is not None,
-            APPLY_RELU=bool(relu), SAVE_MASK=bool(save_mask),
-            CHANNELS_LAST=bool(channels_last),
-            X_DENSE=_is_dense(x, channels_last),
-            R_DENSE=residual is not None and _is_dense(residual, channels_last),
-            X2_DENSE=x2 is not None and _is_dense(x2, channels_last),
-            WIDE=_wide(c, s), ACC=_tl_acc(x.dtype))
-    return out, mask
+            mean, *(t if t is not None else mean for t in (w, b, var)), *_split(eps),
+            mask if mask is not None else mean,
+            y2, y2.stride(0), y2.stride(1), y2.stride(2),
+            mean2 if mean2 is not None else mean,
+            parts[0], parts[1], parts[-1],
+            n, c, s, n_chunk, s_chunk, num_s_chunks,
+            HAS_MASK=mask is not None, APPLY_RELU=recompute, AFFINE_FROM_VAR=from_var,
+            HAS_W=w is not None, HAS_B=b is not None, HAS_X2=x2 is not None,
+            CHANNELS_LAST=bool(channels_last), ACC=_tl_acc(x.dtype))
+    return num_p, parts
 
 
 def bn_backward_reduce(dout, x, mean, scale, shift, mask, relu, channels_last):
@@ -709,26 +1049,68 @@ def bn_backward_reduce(dout, x, mean, scale, shift, mask, relu, channels_last):
     if c == 0 or n * s == 0:
         z = torch.zeros(c, dtype=acc, device=x.device)
         return z, z.clone()
-    channels_fast = x.stride(1) < x.stride(2) if s > 1 else channels_last
-    n_chunk, s_chunk, num_s_chunks, num_p = _reduction_chunks(n, c, s, channels_fast)
-    sum_g_p = torch.empty((num_p, c), dtype=acc, device=x.device)
-    sum_gxc_p = torch.empty_like(sum_g_p)
-    _launch(_bn_bwd_reduce_partial, "reduce",
-            lambda META: (num_p * triton.cdiv(c, META["BLOCK_C"]),),
+    num_p, (sum_g_p, sum_gxc_p) = _reduce_partials(dout, x, mean, mask, recompute,
+                                                   (scale, shift), None, None, channels_last)
+    sum_g = torch.empty(c, dtype=acc, device=x.device)
+    sum_gxc = torch.empty_like(sum_g)
+    _finalize_sums(x, num_p, (sum_g_p, sum_gxc_p, sum_gxc_p), (sum_g, sum_gxc, sum_gxc),
+                   None, None, 0.0, False)
+    return sum_g, sum_gxc
+
+
+def _finalize_sums(x, num_p, partials, totals, first, second, eps, training):
+    """The per-channel backward work in one launch.  ``first``/``second``: None (only the
+    totals) or (weight, bias, var, dweight, dbias, coefs) of each BN input, where coefs is
+    None or the (coef_g, coef_xc, coef_c, shift) outputs."""
+    c = x.shape[1]
+    spare = totals[0]
+    unpack = lambda bn: bn if bn is not None else (None,) * 5 + (None,)  # noqa: E731
+    w, b, var, dw, db, coefs = unpack(first)
+    w2, b2, var2, dw2, db2, coefs2 = unpack(second)
+    ptr = lambda t: t if t is not None else spare  # noqa: E731  (unused pointers)
+    _launch(_bn_bwd_finalize, "merge", lambda META: (triton.cdiv(c, META["BLOCK_C"]),),
+            *partials, num_p, c, *totals,
+            *map(ptr, (w, b, var, dw, db)), *map(ptr, coefs or (None,) * 4),
+            *map(ptr, (w2, b2, var2, dw2, db2)), *map(ptr, coefs2 or (None,) * 4),
+            *_split(eps), *_split(float(x.shape[0] * x.shape[2])),
+            HAS_X2=second is not None,
+            HAS_W=w is not None, HAS_B=b is not None, WRITE_DW=dw is not None,
+            WRITE_DB=db is not None, HAS_W2=w2 is not None, HAS_B2=b2 is not None,
+            WRITE_DW2=dw2 is not None, WRITE_DB2=db2 is not None,
+            COEFS=coefs is not None, COEFS2=coefs2 is not None, TRAINING=bool(training),
+            ACC=_tl_acc(x.dtype))
+
+
+def _bwd_apply_launch(dout, x, mean, scale, shift, mask, coefs, recompute, need_dx,
+                      write_grad_residual, x2, mean2, coefs2, channels_last):
+    n, c, s = x.shape
+    dx = empty_ncs(n, c, s, channels_last, x.dtype, x.device)
+    if write_grad_residual:
+        dres = empty_ncs(n, c, s, channels_last, x.dtype, x.device)
+    else:
+        dres = torch.empty(0, dtype=x.dtype, device=x.device)
+    dx2 = empty_ncs(n, c, s, channels_last, x.dtype, x.device) if x2 is not None else None
+    total = x.numel()
+    if total == 0:
+        return dx, dres, dx2
+    y2 = x2 if x2 is not None else x
+    _launch(_bn_bwd_apply, "elementwise", lambda META: (triton.cdiv(total, META["BLOCK"]),),
             dout, dout.stride(0), dout.stride(1), dout.stride(2),
             x, x.stride(0), x.stride(1), x.stride(2),
             mean, scale, shift,
-            mask if mask is not None else sum_g_p,
-            sum_g_p, sum_gxc_p,
-            n, c, s, n_chunk, s_chunk, num_s_chunks,
-            HAS_MASK=mask is not None, APPLY_RELU=recompute,
-            CHANNELS_LAST=bool(channels_last), ACC=_tl_acc(x.dtype))
-    sum_g = torch.empty(c, dtype=acc, device=x.device)
-    sum_gxc = torch.empty_like(sum_g)
-    _launch(_merge_partials, "merge", lambda META: (triton.cdiv(c, META["BLOCK_C"]),),
-            sum_g_p, sum_g_p, sum_gxc_p, sum_g, sum_gxc, num_p, c,
-            WELFORD=False, ACC=_tl_acc(x.dtype))
-    return sum_g, sum_gxc
+            mask if mask is not None else dx,
+            *coefs,
+            y2, y2.stride(0), y2.stride(1), y2.stride(2),
+            mean2 if x2 is not None else mean, *(coefs2 if x2 is not None else coefs),
+            dx, dres if write_grad_residual else dx, dx2 if x2 is not None else dx,
+            c, s, total,
+            HAS_MASK=mask is not None, APPLY_RELU=recompute, NEED_DX=bool(need_dx),
+            WRITE_GRAD_RESIDUAL=bool(write_grad_residual), HAS_X2=x2 is not None,
+            CHANNELS_LAST=bool(channels_last),
+            DOUT_DENSE=_is_dense(dout, channels_last), X_DENSE=_is_dense(x, channels_last),
+            X2_DENSE=x2 is not None and _is_dense(x2, channels_last),
+            WIDE=_wide(c, s), ACC=_tl_acc(x.dtype))
+    return dx, dres, dx2
 
 
 def bn_backward_apply(dout, x, mean, scale, shift, mask, coef_g, coef_xc, coef_c, relu,
@@ -737,11 +1119,9 @@ def bn_backward_apply(dout, x, mean, scale, shift, mask, coef_g, coef_xc, coef_c
     See fusedres.reference.bn_backward_apply."""
     _check_activation("x", x)
     _check_activation("dout", dout, x)
-    n, c, s = x.shape
     mean = _channel_vector("mean", mean, x)
-    coef_g = _channel_vector("coef_g", coef_g, x)
-    coef_xc = _channel_vector("coef_xc", coef_xc, x)
-    coef_c = _channel_vector("coef_c", coef_c, x)
+    coefs = tuple(_channel_vector(name, v, x) for name, v in
+                  (("coef_g", coef_g), ("coef_xc", coef_xc), ("coef_c", coef_c)))
     mask = _check_mask(mask, x)
     recompute = mask is None and bool(relu)
     if recompute:
@@ -749,25 +1129,83 @@ def bn_backward_apply(dout, x, mean, scale, shift, mask, coef_g, coef_xc, coef_c
         shift = _channel_vector("shift", shift, x)
     else:
         scale = shift = mean
-    dx = empty_ncs(n, c, s, channels_last, x.dtype, x.device)
-    if write_grad_residual:
-        dres = empty_ncs(n, c, s, channels_last, x.dtype, x.device)
-    else:
-        dres = torch.empty(0, dtype=x.dtype, device=x.device)
-    total = x.numel()
-    if total == 0:
-        return dx, dres
-    _launch(_bn_bwd_apply, "elementwise", lambda META: (triton.cdiv(total, META["BLOCK"]),),
-            dout, dout.stride(0), dout.stride(1), dout.stride(2),
-            x, x.stride(0), x.stride(1), x.stride(2),
-            mean, scale, shift,
-            mask if mask is not None else dx,
-            coef_g, coef_xc, coef_c,
-            dx, dres if write_grad_residual else dx,
-            c, s, total,
-            HAS_MASK=mask is not None, APPLY_RELU=recompute,
-            WRITE_GRAD_RESIDUAL=bool(write_grad_residual),
-            CHANNELS_LAST=bool(channels_last),
-            DOUT_DENSE=_is_dense(dout, channels_last), X_DENSE=_is_dense(x, channels_last),
-            WIDE=_wide(c, s), ACC=_tl_acc(x.dtype))
+    dx, dres, _ = _bwd_apply_launch(dout, x, mean, scale, shift, mask, coefs, recompute, True,
+                                    write_grad_residual, None, None, None, channels_last)
     return dx, dres
+
+
+# --------------------------------------------------------------------------------------
+# The fused op's two directions (fusedres.ops.batch_norm_act / _backward, backend="triton")
+# --------------------------------------------------------------------------------------
+
+
+def batch_norm_act_forward(x, weight, bias, running_mean, running_var, residual, x2, weight2,
+                           bias2, running_mean2, running_var2, training, eps, relu,
+                           channels_last):
+    """``fusedres::batch_norm_act`` in three launches in training (statistics pass of both
+    inputs, one per-channel finalize, the apply) and two in eval: returns (out, mean, var,
+    mean2, var2, mask) as the op does.  The per-channel vectors are written once, in acc
+    dtype, by the finalize kernel."""
+    partials = _stats_partials(x, x2, channels_last) if training else None
+    first, second = _finalize_stats(
+        x, partials, x2, weight, bias, weight2, bias2,
+        (running_mean, running_var, running_mean2, running_var2), eps, True)
+    mean, var, scale, shift = first
+    mean2, var2, scale2, shift2 = second or (None,) * 4
+    save_mask = relu and (residual is not None or x2 is not None)
+    out, mask = _apply_launch(x, mean, scale, shift, residual, x2, mean2, scale2, shift2,
+                              relu, save_mask, channels_last)
+    if x2 is None:  # outputs of a custom op may not alias each other: two distinct empties
+        mean2, var2 = mean.new_empty(0), mean.new_empty(0)
+    return out, mean, var, mean2, var2, mask
+
+
+def batch_norm_act_backward(dout, x, weight, bias, mean, var, mask, x2, weight2, bias2, mean2,
+                            var2, training, eps, relu, has_residual, channels_last, needs):
+    """``fusedres::batch_norm_act_backward`` in three launches (reduction of both inputs,
+    one per-channel finalize: sums, affine gradients, coefficients; the input-gradient
+    pass writing dx, dres and dx2 from one read of dout and the mask).  In eval without
+    affine gradients, no reduction: two."""
+    need_dx, need_affine, need_res, need_dx2, need_affine2 = needs
+    need_dx2 = need_dx2 and x2 is not None
+    need_affine2 = need_affine2 and x2 is not None
+    write_res = need_res and has_residual
+    c = x.shape[1]
+    acc = acc_dtype(x.dtype)
+    empty = lambda: x.new_empty(0)  # noqa: E731
+    vec = lambda: torch.empty(c, dtype=acc, device=x.device)  # noqa: E731
+    mask = mask if mask is not None and mask.numel() else None
+    recompute = mask is None and bool(relu)
+    use_x2 = x2 is not None and (need_dx2 or need_affine2)
+    reduce = training or need_affine or need_affine2
+    affine = (weight, bias, var, eps)
+    if reduce:
+        num_p, parts = _reduce_partials(dout, x, mean, mask, recompute, affine,
+                                        x2 if use_x2 else None, mean2, channels_last)
+    else:
+        num_p, parts = 0, [vec()]
+    parts = (parts[0], parts[1 % len(parts)], parts[-1])
+    want_dx = need_dx or write_res
+    coefs = (vec(), vec(), vec(), vec()) if want_dx else None
+    coefs2 = (vec(), vec(), vec(), vec()) if need_dx2 else None
+    grads = lambda w, b, need: (  # noqa: E731
+        torch.empty_like(w) if need and w is not None else None,
+        torch.empty_like(b) if need and b is not None else None)
+    dw, db = grads(weight, bias, need_affine)
+    dw2, db2 = grads(weight2, bias2, need_affine2)
+    totals = (vec(), vec(), vec())
+    _finalize_sums(x, num_p, parts, totals, (weight, bias, var, dw, db, coefs),
+                   (weight2, bias2, var2, dw2, db2, coefs2) if use_x2 else None, eps,
+                   training)
+    dx = dres = dx2 = None
+    if want_dx or need_dx2:
+        coef_g, coef_xc, coef_c, shift = coefs or coefs2
+        dx, dres, dx2 = _bwd_apply_launch(
+            dout, x, mean, coef_g, shift, mask, (coef_g, coef_xc, coef_c), recompute,
+            want_dx, write_res, x2 if need_dx2 else None, mean2, coefs2[:3] if coefs2 else None,
+            channels_last)
+    return (dx if need_dx or write_res else empty(),
+            dw if dw is not None else empty(), db if db is not None else empty(),
+            dres if write_res else empty(),
+            dx2 if need_dx2 else empty(),
+            dw2 if dw2 is not None else empty(), db2 if db2 is not None else empty())

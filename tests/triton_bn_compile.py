@@ -44,8 +44,10 @@ def compile_kernel(fn, target, ptrs, consts, num_warps, ints64=()):
         if a in consts:
             sig[a] = "constexpr"
         elif a.endswith("_ptr"):
-            sig[a] = ptrs[a]
+            sig[a] = ptrs.get(a, ptrs.get("*default"))
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif a.endswith(("_hi", "_lo")):  # host doubles split in two fp32 (bn._split)
+            sig[a] = "fp32"
         else:
             sig[a] = "i64" if a in ints64 else "i32"
             if a in _DIV16:
@@ -94,34 +96,45 @@ def main(argv=None):
                 count += 1
                 if sw["X_DENSE"] and not sw["WIDE"]:
                     vector_loads[f"bn_apply {dt}"] = bool(re.search(r"ld\.global\.v\d", k.asm["ptx"]))
-            for sw in _switches(["HAS_MASK", "APPLY_RELU", "WRITE_GRAD_RESIDUAL",
-                                 "CHANNELS_LAST", "DOUT_DENSE", "X_DENSE", "WIDE"], mode):
-                ptrs = dict(DOUT_ptr=dt, X_ptr=dt, DX_ptr=dt, DRES_ptr=dt, MASK_ptr="*u8",
-                            MEAN_ptr=accp, SCALE_ptr=accp, SHIFT_ptr=accp, COEF_G_ptr=accp,
-                            COEF_XC_ptr=accp, COEF_C_ptr=accp)
+            for sw in _switches(["HAS_MASK", "APPLY_RELU", "NEED_DX", "WRITE_GRAD_RESIDUAL",
+                                 "HAS_X2", "CHANNELS_LAST", "DOUT_DENSE", "X_DENSE",
+                                 "X2_DENSE", "WIDE"], mode):
+                ptrs = {"DOUT_ptr": dt, "X_ptr": dt, "X2_ptr": dt, "DX_ptr": dt,
+                        "DRES_ptr": dt, "DX2_ptr": dt, "MASK_ptr": "*u8", "*default": accp}
                 compile_kernel(bn._bn_bwd_apply_kernel, target, ptrs,
                                dict(sw, ACC=acc, **cfg.kwargs), cfg.num_warps)
                 count += 1
         for cfg in bn._reduce_configs()[:1] if args.quick else bn._reduce_configs():
             for unit in ("stride_xs", "stride_xc"):  # NCHW / channels-last specialisation
                 k = compile_kernel(bn._bn_stats_partial_kernel, target,
-                                   dict(X_ptr=dt, CNT_ptr=accp, MEAN_ptr=accp, M2_ptr=accp),
-                                   dict(ACC=acc, **{unit: 1}, **cfg.kwargs), cfg.num_warps)
+                                   {"X_ptr": dt, "X2_ptr": dt, "*default": accp},
+                                   dict(ACC=acc, HAS_X2=False, **{unit: 1}, **cfg.kwargs),
+                                   cfg.num_warps)
                 count += 1
                 vector_loads[f"bn_stats {dt} {unit}=1 {cfg.kwargs}"] = bool(
                     re.search(r"ld\.global\.v\d", k.asm["ptx"]))
-            for sw in _switches(["HAS_MASK", "APPLY_RELU", "CHANNELS_LAST"],
-                                None if args.quick else True):
-                ptrs = dict(DOUT_ptr=dt, X_ptr=dt, MASK_ptr="*u8", MEAN_ptr=accp,
-                            SCALE_ptr=accp, SHIFT_ptr=accp, SUM_G_ptr=accp, SUM_GXC_ptr=accp)
+            compile_kernel(bn._bn_stats_partial_kernel, target,
+                           {"X_ptr": dt, "X2_ptr": dt, "*default": accp},
+                           dict(ACC=acc, HAS_X2=True, **cfg.kwargs), cfg.num_warps)
+            count += 1
+            for sw in _switches(["HAS_MASK", "APPLY_RELU", "AFFINE_FROM_VAR", "HAS_W", "HAS_B",
+                                 "HAS_X2", "CHANNELS_LAST"], None if args.quick else True):
+                ptrs = {"DOUT_ptr": dt, "X_ptr": dt, "X2_ptr": dt, "MASK_ptr": "*u8",
+                        "*default": accp}
                 compile_kernel(bn._bn_bwd_reduce_partial_kernel, target, ptrs,
                                dict(sw, ACC=acc, **cfg.kwargs), cfg.num_warps)
                 count += 1
         for cfg in bn._merge_configs()[:1] if args.quick else bn._merge_configs():
-            for welford in (True, False):
-                ptrs = dict(CNT_ptr=accp, A_ptr=accp, B_ptr=accp, OUT_A_ptr=accp, OUT_B_ptr=accp)
-                compile_kernel(bn._merge_partials_kernel, target, ptrs,
-                               dict(WELFORD=welford, ACC=acc, **cfg.kwargs), cfg.num_warps)
+            for sw in _switches(["HAS_X2", "FROM_RUNNING", "SCALE_SHIFT", "HAS_W", "HAS_B",
+                                 "HAS_W2", "HAS_B2"], mode):
+                compile_kernel(bn._bn_stats_finalize_kernel, target, {"*default": accp},
+                               dict(sw, ACC=acc, **cfg.kwargs), cfg.num_warps)
+                count += 1
+            for sw in _switches(["HAS_X2", "HAS_W", "HAS_B", "WRITE_DW", "WRITE_DB", "HAS_W2",
+                                 "HAS_B2", "WRITE_DW2", "WRITE_DB2", "COEFS", "COEFS2",
+                                 "TRAINING"], mode):
+                compile_kernel(bn._bn_bwd_finalize_kernel, target, {"*default": accp},
+                               dict(sw, ACC=acc, **cfg.kwargs), cfg.num_warps)
                 count += 1
     scalar = sorted(k for k, v in vector_loads.items() if not v)
     print(f"compiled {count} kernel variants for sm_{args.arch}")
