@@ -3,15 +3,16 @@
 ``fusedres.functional`` holds the fused functions, ``fusedres.available_backends()``
 says which backends (reference, cpu, cuda, triton) can run in this process.
 """
-import importlib.util
-import os
-import sys
 
 
 def _map_source_kernels():
     """In a source checkout, the ``kernels/`` beside this ``fusedres/`` is
     ``fusedres.kernels`` (also when another checkout is installed in editable mode, which
     would otherwise map its own). An installed wheel has no such folder: nothing to do."""
+    import importlib.util  # imported here: not part of the package's namespace
+    import os
+    import sys
+
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
     init = os.path.join(path, "__init__.py")
     if os.path.exists(init):

@@ -2,9 +2,18 @@
 
     batch_norm_relu(x, ...)            == relu(F.batch_norm(x, ...))
     batch_norm_add_relu(x, r, ...)     == relu(F.batch_norm(x, ...) + r)
-    dual_batch_norm_add_relu(x, ..., shortcut, ...)
-                                       == relu(F.batch_norm(x, ...) + F.batch_norm(shortcut, ...))
+    dual_batch_norm_add_relu(x, s, ...)
+                                       == relu(F.batch_norm(x, ...) + F.batch_norm(s, ...))
     batch_norm(x, ..., relu=False)     == F.batch_norm(x, ...), relu optional
+
+The second activation (``residual``, ``shortcut``) always comes right after ``input``;
+then ``F.batch_norm``'s arguments (for ``dual_batch_norm_add_relu``: the main BN's four
+per-channel tensors, then the shortcut BN's four). Before fusedres 0.2 the shortcut came
+sixth, after ``bias``: such a call raises a TypeError that says so.
+
+The convolutions (``conv2d``, ``conv2d_stats``, ``bn_relu_conv2d_stats``,
+``conv2d_bias_add_relu``, ``conv_path``) are ``fusedres.conv``'s, re-exported here so
+that every public function lives in this one module.
 
 Every function takes ``backend="auto"`` (see ``fusedres.resolve_backend``): ``auto``
 picks the compiled kernels for the tensors' device and falls back to ``reference``
@@ -23,6 +32,22 @@ Residual and shortcut tensors must have the input's shape and dtype.
 ``process_group=`` (a ``torch.distributed`` group, e.g. ``dist.group.WORLD``)
 synchronises the batch statistics across processes in training, as
 ``nn.SyncBatchNorm`` does, on CPU (gloo) and GPU (NCCL); see ``fusedres.distributed``.
+
+Where the fused kernels have no formula, the call runs through the reference composite
+(``F.batch_norm``), and ``last_backend()`` says ``"reference"``:
+
+* forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad`` dual tensors) and
+  the differentiating ``torch.func`` transforms (``grad``, ``vjp``, ``jacrev``, ...);
+* double backward (``create_graph=True``, gradient penalties): the first-order gradients
+  still come from the fused backward kernels; their derivative is computed by
+  recomputing the first-order gradient through the reference composite (the ReLU mask of
+  the forward kept). ``last_backend()`` says ``"reference"`` after it (autograd runs CPU
+  backward on the thread that called it; CUDA backward on its device thread).
+* ``meta`` tensors (deferred initialisation, FLOP counting) and any other device without
+  kernels: the reference composite, as ``fusedres.resolve_backend`` says.
+
+``eps`` is checked as ``F.batch_norm`` does: ``eps <= 0`` in training and ``eps < 0`` in
+eval raise ``ValueError``.
 """
 from __future__ import annotations
 
@@ -30,22 +55,33 @@ import threading
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed, ops
+from . import reference as _ref
 from ._backend import resolve_backend
+from .conv import bn_relu_conv2d_stats, conv2d, conv2d_bias_add_relu, conv2d_stats, conv_path
 
 __all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "dual_batch_norm_add_relu",
-           "last_backend"]
+           "last_backend", "conv2d", "conv2d_stats", "bn_relu_conv2d_stats",
+           "conv2d_bias_add_relu", "conv_path"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _REDUCED = (torch.float16, torch.bfloat16)
-_last = threading.local()
+_last = threading.local()  # last_backend()
+_module_last = threading.local()  # fusedres.nn.last_backend()
 
 
 def last_backend() -> Optional[str]:
-    """The backend the most recent fused call on this thread ran with."""
+    """The backend the most recent fused call on this thread ran with (``"reference"``
+    after a double backward, which runs through the reference composite)."""
     return getattr(_last, "backend", None)
+
+
+def _record(name: str) -> None:
+    _last.backend = name
 
 
 _PARAMS = ("running_mean", "running_var", "weight", "bias")
@@ -97,6 +133,31 @@ def _check_input(x: Tensor, training: bool, running_mean, running_var) -> None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
 
 
+def _check_eps(eps: float, training: bool) -> None:
+    """``F.batch_norm``'s check, with its messages."""
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def _differentiating_transform() -> bool:
+    """Forward-mode AD (a ``forward_ad.dual_level``, which ``torch.func.jvp`` enters too)
+    or a ``torch.func`` transform that differentiates (grad, vjp, jacrev...): the fused
+    ops' autograd formulas do not run there. ``vmap`` alone keeps the fused ops.
+    Under torch.compile, dynamo handles the transforms itself."""
+    if torch.compiler.is_compiling():
+        return False
+    if _forward_ad._current_level >= 0:
+        return True
+    if torch._C._functorch.maybe_current_level() is None:
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() != TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
 def _fused(x, residual, running_mean, running_var, weight, bias, shortcut, sc_running_mean,
            sc_running_var, sc_weight, sc_bias, training, momentum, eps, relu, backend,
            num_batches_tracked, process_group=None):
@@ -110,6 +171,7 @@ def _fused(x, residual, running_mean, running_var, weight, bias, shortcut, sc_ru
     if training and not synced and numel > 0 and numel // channels <= 1:
         raise ValueError("Expected more than 1 value per channel when training, got input "
                          f"size {x.shape}")
+    _check_eps(eps, training)
     device, dtype = x.device, x.dtype
     _check_params(_PARAMS, (running_mean, running_var, weight, bias), device, channels, dtype)
     if residual is not None:
@@ -124,16 +186,18 @@ def _fused(x, residual, running_mean, running_var, weight, bias, shortcut, sc_ru
         raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
 
     name = resolve_backend(x.device, backend)
+    if name != "reference" and _differentiating_transform():
+        name = "reference"  # the fused ops have no forward-mode / functorch formula
     if name == "reference" and synced:
         raise RuntimeError("synchronised BN runs on the fused kernels; the reference backend "
                            "has none (use torch.nn.SyncBatchNorm for a reference)")
     if name == "reference" or (numel == 0 and not synced):
         # Empty batches go through torch itself (no zero-size launch; torch's semantics).
-        _last.backend = "reference"
+        _record("reference")
         return _composite(x, residual, running_mean, running_var, weight, bias, shortcut,
                           sc_running_mean, sc_running_var, sc_weight, sc_bias, training,
                           momentum, eps, relu, num_batches_tracked)
-    _last.backend = name
+    _record(name)
 
     if synced:
         x3 = ops.ncs(x)
@@ -167,7 +231,9 @@ def _composite(x, residual, running_mean, running_var, weight, bias, shortcut, s
                sc_running_var, sc_weight, sc_bias, training, momentum, eps, relu,
                num_batches_tracked):
     if momentum is None:  # torch's own cumulative average, as nn.BatchNorm computes it
-        momentum = 0.0 if num_batches_tracked is None else 1.0 / float(num_batches_tracked)
+        # (a meta counter has no value and its statistics none to update: any factor)
+        momentum = 0.0 if num_batches_tracked is None or num_batches_tracked.is_meta \
+            else 1.0 / float(num_batches_tracked)
     y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training,
                                        momentum, eps)
     if shortcut is not None:
@@ -219,9 +285,9 @@ def batch_norm_add_relu(input: Tensor, residual: Tensor, running_mean: Optional[
                   process_group)
 
 
-def dual_batch_norm_add_relu(input: Tensor, running_mean: Optional[Tensor],
-                             running_var: Optional[Tensor], weight: Optional[Tensor],
-                             bias: Optional[Tensor], shortcut: Tensor,
+def dual_batch_norm_add_relu(input: Tensor, shortcut: Tensor,
+                             running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                             weight: Optional[Tensor], bias: Optional[Tensor],
                              shortcut_running_mean: Optional[Tensor],
                              shortcut_running_var: Optional[Tensor],
                              shortcut_weight: Optional[Tensor], shortcut_bias: Optional[Tensor],
@@ -229,11 +295,127 @@ def dual_batch_norm_add_relu(input: Tensor, running_mean: Optional[Tensor],
                              eps: float = 1e-5, *, num_batches_tracked: Optional[Tensor] = None,
                              backend: str = "auto", process_group=None) -> Tensor:
     """``relu(bn(input) + bn_shortcut(shortcut))``: the projection-shortcut block tail,
-    both BNs applied in one kernel. Both BNs share ``momentum``, ``eps`` and (for
-    ``momentum=None``) ``num_batches_tracked``."""
-    if shortcut is None:
-        raise TypeError("dual_batch_norm_add_relu needs a shortcut tensor")
+    both BNs applied in one kernel. ``shortcut`` comes second, as ``batch_norm_add_relu``'s
+    residual; then the main BN's running mean, running var, weight and bias, then the
+    shortcut BN's. Both BNs share ``momentum``, ``eps`` and (for ``momentum=None``)
+    ``num_batches_tracked``."""
+    if not isinstance(shortcut, Tensor) or (isinstance(input, Tensor)
+                                            and shortcut.dim() != input.dim()):
+        got = "None" if shortcut is None else (
+            f"a {tuple(shortcut.shape)} tensor" if isinstance(shortcut, Tensor)
+            else type(shortcut).__name__)
+        raise TypeError("dual_batch_norm_add_relu(input, shortcut, running_mean, running_var, "
+                        "weight, bias, shortcut_running_mean, shortcut_running_var, "
+                        "shortcut_weight, shortcut_bias, training, momentum, eps) takes the "
+                        "shortcut tensor second, like batch_norm_add_relu's residual (before "
+                        f"fusedres 0.2 it came sixth, after bias); got {got} as shortcut")
     return _fused(input, None, running_mean, running_var, weight, bias, shortcut,
                   shortcut_running_mean, shortcut_running_var, shortcut_weight, shortcut_bias,
                   training, momentum, eps, True, backend, num_batches_tracked,
                   process_group)
+
+
+# --------------------------------------------------------------------------------------
+# Double backward: the derivative of the fused backward ops, through the reference
+# --------------------------------------------------------------------------------------
+# Both backward ops (the C++ ``fusedres::bn_act_backward`` and the Python pipeline's
+# ``fusedres::batch_norm_act_backward``) start with
+#     (dout, x, weight, bias, mean, var, mask, x2, weight2, bias2, mean2, var2,
+#      training, eps, relu, has_residual, ...)
+# and end with ``needs``; they return (dx, dweight, dbias, dresidual, dx2, dweight2, dbias2).
+# Called with create_graph=True, they run their fused kernel as usual (the first-order
+# gradients are the fused ones); the formula below is their derivative: it rebuilds the
+# first-order gradients as a differentiable function of (dout, x, weight, bias, x2, ...)
+# with F.batch_norm (batch statistics recomputed from x in training, so their dependence
+# on x is included), the ReLU mask of the forward held constant, and differentiates that.
+
+_DIFFERENTIABLE_INPUTS = (0, 1, 2, 3, 7, 8, 9)  # dout, x, weight, bias, x2, weight2, bias2
+
+
+def _backward_op_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:12])
+    ctx.options = (inputs[12], inputs[13], inputs[14], inputs[15], list(inputs[-1]))
+    ctx.num_inputs = len(inputs)
+
+
+def _first_order_reference(dout, x, weight, bias, mean, var, mask, x2, weight2, bias2, mean2,
+                           var2, training, eps, relu):
+    """The backward op's gradients ``[(dx, dweight, dbias), dresidual, (dx2, dweight2,
+    dbias2)]`` as differentiable torch functions of the (grad-requiring) inputs, in acc
+    dtype; None where an input is None."""
+    acc = _ref.acc_dtype(x.dtype)
+
+    def pre_activation(t, w, b, m, v):
+        cast = lambda p: None if p is None else p.to(acc)  # noqa: E731
+        return F.batch_norm(t.to(acc), None if training else cast(m), None if training else cast(v),
+                            cast(w), cast(b), training, 0.0, eps)
+
+    pre = pre_activation(x, weight, bias, mean, var)
+    pre2 = None if x2 is None else pre_activation(x2, weight2, bias2, mean2, var2)
+    g = dout.to(acc)
+    if relu:
+        if mask is not None and mask.numel():  # the forward's mask (residual / shortcut)
+            x3 = ops.ncs(x)
+            passes = _ref.unpack_mask(mask, x3.shape, ops.is_channels_last(x3)).reshape(x.shape)
+        else:
+            passes = pre.detach() > 0
+        g = g * passes
+
+    def grads_of(p, tensors):
+        wanted = [t for t in tensors if t is not None]
+        got = iter(torch.autograd.grad(p, wanted, g, create_graph=True, allow_unused=True))
+        return [None if t is None else next(got) for t in tensors]
+
+    first = grads_of(pre, (x, weight, bias))
+    second = grads_of(pre2, (x2, weight2, bias2)) if x2 is not None else [None] * 3
+    return first, g, second
+
+
+def _backward_op_backward(ctx, *grad_outputs):
+    (dout, x, weight, bias, mean, var, mask, x2, weight2, bias2, mean2,
+     var2) = ctx.saved_tensors
+    training, eps, relu, has_residual, needs = ctx.options
+    if torch.is_grad_enabled() and any(g is not None and g.requires_grad
+                                       for g in grad_outputs):
+        raise RuntimeError("fusedres: third-order derivatives (create_graph=True in a double "
+                           "backward) through the fused BN ops are not supported; use "
+                           "backend='reference' for them")
+    _last.backend = _module_last.backend = "reference"  # both last_backend()s say so
+    result = [None] * ctx.num_inputs
+    with torch.enable_grad():
+        # Fresh leaves: the derivative of this op alone (autograd chains the inputs'
+        # own history; differentiating through it here would count it twice).
+        leaf = lambda t: None if t is None else t.detach().requires_grad_()  # noqa: E731
+        inputs = {i: leaf(t) for i, t in zip(_DIFFERENTIABLE_INPUTS,
+                                              (dout, x, weight, bias, x2, weight2, bias2))}
+        (dx, dw, db), dres, (dx2, dw2, db2) = _first_order_reference(
+            inputs[0], inputs[1], inputs[2], inputs[3], mean, var, mask, inputs[7],
+            inputs[8], inputs[9], mean2, var2, training, eps, relu)
+        wanted = (needs[0], needs[1], needs[1], needs[2] and has_residual, needs[3],
+                  needs[4], needs[4])
+        pairs = [(t, go) for t, go, want in zip((dx, dw, db, dres, dx2, dw2, db2),
+                                                grad_outputs, wanted)
+                 if want and t is not None and go is not None and go.numel()]
+        targets = [i for i in _DIFFERENTIABLE_INPUTS
+                   if ctx.needs_input_grad[i] and inputs[i] is not None]
+        if not pairs or not targets:
+            return tuple(result)
+        grads = torch.autograd.grad([t for t, _ in pairs],
+                                    [inputs[i] for i in targets],
+                                    [go.to(t.dtype) for t, go in pairs],
+                                    allow_unused=True)
+    for i, grad in zip(targets, grads):
+        if grad is not None:
+            result[i] = grad.to(inputs[i].dtype)
+    return tuple(result)
+
+
+def _register_double_backward() -> None:
+    for op in ("fusedres::batch_norm_act_backward", "fusedres::bn_act_backward"):
+        if op.endswith("::bn_act_backward") and not ops._has_native("bn_act_backward"):
+            continue
+        torch.library.register_autograd(op, _backward_op_backward,
+                                        setup_context=_backward_op_setup)
+
+
+_register_double_backward()

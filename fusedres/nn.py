@@ -23,6 +23,19 @@ or the plumbing backend ``"reference_primitives"``). ``module.last_backend`` (an
 it fell back to torch's own modules, ``"folded"`` when an eval-mode conv+BN ran as one conv
 with folded weights, ``"triton-prologue"`` when a BN-ReLU ran in a Triton conv's prologue).
 
+``torch.fx.symbolic_trace`` records every fused module as one ``call_module`` node, as
+it records torch's own BN (``fx_leaf_call``): the traced graph calls the module, which runs
+fused. ``torch.jit.script`` compiles the modules to torch's own BN math (a TorchScript
+module runs ``F.batch_norm``, unfused; ``last_backend`` is not updated there): use
+``torch.compile`` or ``torch.jit.trace`` for fused kernels in a compiled or exported model.
+Higher-order gradients (``create_graph=True``), forward-mode AD (``torch.func.jvp``) and
+``meta`` tensors work as with torch's BN; see ``fusedres.functional`` for the path each
+takes. ``eps <= 0`` raises ``ValueError`` in training (``eps < 0`` in eval), as torch.
+
+Known deviations from ``nn.BatchNorm2d`` (each one checked against torch's own module
+tests in ``tests/test_torch_suites.py``, ``KNOWN_DEVIATIONS``): none that changes a
+result; see that dict for the list and the reasons.
+
 Semantics are ``nn.BatchNorm2d``'s: training/eval, running statistics with ``momentum``
 or ``momentum=None`` (cumulative average through ``num_batches_tracked``, incremented
 before the update as torch does), ``track_running_stats=False`` (batch statistics in
@@ -47,18 +60,42 @@ from .reference import acc_dtype
 
 __all__ = ["BatchNorm2d", "BatchNormReLU2d", "BatchNormAddReLU2d", "DualBatchNormAddReLU2d",
            "ConvBatchNormReLU2d", "conv2d", "last_backend", "bn_act", "conv_bn_act", "fusable_bn",
+           "fx_leaf_call",
            "folded_weights", "fold_eval", "bn_relu_conv2d", "prologue_problem",
            "prologue_conv_problem"]
 
 _REDUCED = (torch.float16, torch.bfloat16)
-_last = threading.local()
+_last = functional._module_last  # this module's store (a double backward writes it too)
 
 
 def last_backend() -> Optional[str]:
     """The backend of the most recent fused BN call on this thread: a fusedres backend,
     ``"torch"`` when the call fell back to torch's own modules, ``"folded"`` (eval conv
-    with folded weights) or ``"triton-prologue"`` (``bn_relu_conv2d``'s fused path)."""
+    with folded weights) or ``"triton-prologue"`` (``bn_relu_conv2d``'s fused path);
+    ``"reference"`` after a double backward (see ``fusedres.functional``)."""
     return getattr(_last, "backend", None)
+
+
+def fx_leaf_call(module: nn.Module, *args, **kwargs):
+    """Under ``torch.fx`` symbolic tracing (an argument is an ``fx.Proxy``): record
+    ``module(*args, **kwargs)`` as one ``call_module`` node, as fx records torch's own
+    ``nn`` modules, and return its Proxy; otherwise None (eager, torch.compile).
+
+    The fused modules (and converted blocks) are leaves of any fx tracer this way: the
+    traced graph calls them at run time (fused, with their training flag of that time),
+    and tracing never runs their forward on real buffers."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.fx.Proxy):
+            tracer = a.tracer
+            path = tracer.path_of_module(module)
+            if not path:  # torch's own BN cannot be the root of a trace either
+                raise torch.fx.proxy.TraceError(
+                    f"{type(module).__name__} is the root of this symbolic trace: trace a "
+                    "model that contains it (it is then one call_module node)")
+            return tracer.create_proxy("call_module", path, args, kwargs)
+    return None
+
+
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -156,7 +193,7 @@ def bn_act(bn: nn.BatchNorm2d, y: Tensor, *, relu: bool = False,
             rm, rv, training, momentum, nbt = _bn_state(bn)
             rm2, rv2, _, _, _ = _bn_state(shortcut_bn)
             out = functional.dual_batch_norm_add_relu(
-                y, rm, rv, bn.weight, bn.bias, shortcut, rm2, rv2, shortcut_bn.weight,
+                y, shortcut, rm, rv, bn.weight, bn.bias, rm2, rv2, shortcut_bn.weight,
                 shortcut_bn.bias, training, momentum, bn.eps, num_batches_tracked=nbt,
                 backend=backend, process_group=process_group_of(bn))
             _last.backend = functional.last_backend()
@@ -442,10 +479,12 @@ class BatchNorm2d(nn.BatchNorm2d):
     Same constructor (plus keyword-only ``backend="auto"`` and ``process_group=None``:
     a ``torch.distributed`` group to normalise over the global batch in training, as
     ``nn.SyncBatchNorm``, CPU included), defaults, state_dict and semantics as
-    ``nn.BatchNorm2d``; see the module docstring for what is covered.
+    ``nn.BatchNorm2d``; see the module docstring for what is covered (torch.fx: a leaf;
+    TorchScript: torch's own BN math).
     """
 
     _relu = False
+    __constants__ = nn.BatchNorm2d.__constants__ + ["_relu"]  # TorchScript reads _relu
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None,
@@ -476,7 +515,33 @@ class BatchNorm2d(nn.BatchNorm2d):
         if not torch.compiler.is_compiling():
             self.last_backend = last_backend()
 
+    def _torch_forward(self, input: Tensor) -> Tensor:
+        """``nn.BatchNorm2d.forward``'s math (TorchScript's path; torch.jit.script cannot
+        compile the fused one)."""
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_running = not self.training or self.track_running_stats
+        return F.batch_norm(input, self.running_mean if use_running else None,
+                            self.running_var if use_running else None, self.weight, self.bias,
+                            self.training or (self.running_mean is None
+                                              and self.running_var is None),
+                            factor, self.eps)
+
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            out = self._torch_forward(input)
+            return torch.relu(out) if self._relu else out
+        return self._fused_forward(input)
+
+    @torch.jit.unused
+    def _fused_forward(self, input: Tensor) -> Tensor:
+        traced = fx_leaf_call(self, input)
+        if traced is not None:
+            return traced
         self._check_input_dim(input)
         out = bn_act(self, input, relu=self._relu, backend=self.backend)
         self._record()
@@ -501,6 +566,15 @@ class BatchNormAddReLU2d(BatchNormReLU2d):
     ``from_modules(bn, relu)`` as ``BatchNormReLU2d``'s."""
 
     def forward(self, input: Tensor, residual: Tensor) -> Tensor:  # type: ignore[override]
+        if torch.jit.is_scripting():
+            return torch.relu(self._torch_forward(input) + residual)
+        return self._fused_add_forward(input, residual)
+
+    @torch.jit.unused
+    def _fused_add_forward(self, input: Tensor, residual: Tensor) -> Tensor:
+        traced = fx_leaf_call(self, input, residual)
+        if traced is not None:
+            return traced
         self._check_input_dim(input)
         out = bn_act(self, input, relu=True, residual=residual, backend=self.backend)
         self._record()
@@ -533,6 +607,15 @@ class DualBatchNormAddReLU2d(BatchNorm2d):
         return new
 
     def forward(self, input: Tensor, shortcut: Tensor) -> Tensor:  # type: ignore[override]
+        if torch.jit.is_scripting():
+            return torch.relu(self._torch_forward(input) + self.shortcut_bn(shortcut))
+        return self._fused_dual_forward(input, shortcut)
+
+    @torch.jit.unused
+    def _fused_dual_forward(self, input: Tensor, shortcut: Tensor) -> Tensor:
+        traced = fx_leaf_call(self, input, shortcut)
+        if traced is not None:
+            return traced
         self._check_input_dim(input)
         out = bn_act(self, input, relu=True, shortcut_bn=self.shortcut_bn, shortcut=shortcut,
                      backend=self.backend)
@@ -546,7 +629,9 @@ class ConvBatchNormReLU2d(nn.Module):
 
     The constructor takes ``nn.Conv2d``'s arguments, then ``eps``, ``momentum``,
     ``track_running_stats``, ``relu`` and ``backend`` keywords; ``from_modules(conv, bn,
-    relu)`` wraps existing modules (the same tensors).
+    relu=True)`` wraps existing modules (the same tensors). ``relu`` defaults to True in
+    both (the module's name); ``relu=False`` (or None) gives ``bn(conv(x))``, and an
+    ``nn.ReLU`` instance counts as True.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
@@ -566,7 +651,7 @@ class ConvBatchNormReLU2d(nn.Module):
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d,
-                     relu: Optional[nn.Module] | bool = None, *, backend: str = "auto"):
+                     relu: Optional[nn.Module] | bool = True, *, backend: str = "auto"):
         if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
             raise TypeError("expected an nn.Conv2d and an nn.BatchNorm2d")
         if relu is not None and not isinstance(relu, (bool, nn.ReLU)):
@@ -587,6 +672,16 @@ class ConvBatchNormReLU2d(nn.Module):
         self.bn.reset_parameters()
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # torch's own modules' math (see BatchNorm2d)
+            out = self.bn(self.conv(input))
+            return torch.relu(out) if self.relu else out
+        return self._fused_forward(input)
+
+    @torch.jit.unused
+    def _fused_forward(self, input: Tensor) -> Tensor:
+        traced = fx_leaf_call(self, input)
+        if traced is not None:
+            return traced
         out = conv_bn_act(input, self.conv, self.bn, relu=self.relu, backend=self.backend)
         if not torch.compiler.is_compiling():
             self.last_backend = last_backend()

@@ -42,7 +42,7 @@ def _run(kind, case, lo, hi, backend, process_group):
     else:
         fns = {"relu": lambda: FF.batch_norm_relu(x, rm, rv, w, b, True, **kw),
                "add": lambda: FF.batch_norm_add_relu(x, r, rm, rv, w, b, True, **kw),
-               "dual": lambda: FF.dual_batch_norm_add_relu(x, rm, rv, w, b, s, rm2, rv2, w2, b2,
+               "dual": lambda: FF.dual_batch_norm_add_relu(x, s, rm, rv, w, b, rm2, rv2, w2, b2,
                                                            True, **kw)}
     y = fns[kind]()
     leaves = {"x": x, "w": w, "b": b}

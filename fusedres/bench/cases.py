@@ -224,7 +224,7 @@ def _fusedres_op(op: str, backend: str):
                                           backend=backend)
     else:
         def f(x, rm, rv, w, b, sc, rm2, rv2, w2, b2):
-            return fn.dual_batch_norm_add_relu(x, rm, rv, w, b, sc, rm2, rv2, w2, b2, True,
+            return fn.dual_batch_norm_add_relu(x, sc, rm, rv, w, b, rm2, rv2, w2, b2, True,
                                                MOMENTUM, EPS, backend=backend)
     return f
 
