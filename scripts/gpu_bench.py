@@ -18,8 +18,8 @@ any point (its budget, SIGINT, SIGKILL) leaves what it measured:
   (``F.conv2d``), TFLOP/s.
 * train: one ResNet-50 training step (forward, backward, SGD; autocast to the dtype,
   channels_last), eager against ``fusedres.convert(model, backend=B)``: ``cuda`` is the
-  fused BN CUDA kernels with cuDNN convs, ``triton`` the Triton BN kernels with the
-  Triton conv where a BN-ReLU feeds a conv. torchvision's model when it imports, else
+  fused BN CUDA kernels with cuDNN convs (``--providers eager,cuda,triton`` adds the
+  Triton BN kernels with the Triton conv where a BN-ReLU feeds a conv). torchvision's model when it imports, else
   ``fusedres.bench.resnet50`` (same structure and state_dict keys).
 
 The cases, providers, timers and row format are fusedres-bench's (``fusedres/bench``):
@@ -51,8 +51,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-DEFAULT_PROVIDERS = {"ops": "eager,cuda,triton", "conv": "eager,triton",
-                     "train": "eager,cuda,triton"}
+# The train stage leaves out triton by default: its Triton convs autotune every ResNet-50
+# conv shape forward and backward, minutes of compiling that one call cannot spare.
+DEFAULT_PROVIDERS = {"ops": "eager,cuda,triton", "conv": "eager,triton", "train": "eager,cuda"}
 DRY_PROVIDERS = {"ops": "eager,cpu,triton", "conv": "eager,triton", "train": "eager,cpu"}
 
 # Packages this run may lack on a bare GPU image, and what a missing one costs here.

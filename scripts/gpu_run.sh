@@ -30,8 +30,8 @@
 #   ops     every fused BN op at every ResNet-50 BN shape, eager / CUDA / Triton: GB/s and
 #           % of the device-copy bandwidth measured in the same stage  -> ops.jsonl
 #   conv    forward of every ResNet-50 conv: Triton vs cuDNN, TFLOP/s    -> conv.jsonl
-#   train   ResNet-50 training step, eager vs converted (fused BN, cuDNN convs; then the
-#           triton backend): ms per step, images/s, peak memory         -> train.jsonl
+#   train   ResNet-50 training step, eager vs converted (fused BN CUDA kernels, cuDNN
+#           convs): ms per step, images/s, peak memory                  -> train.jsonl
 #           (scripts/gpu_bench.py: fusedres-bench's cases and CUDA-graph timer)
 # One deadline for the whole call, DEADLINE_S (default 450 s; dry run 240 s) from the
 # start. Each stage may run up to its own maximum, less what the stages after it need at
@@ -49,7 +49,9 @@
 #
 # Knobs: PYTHON (python3), DEADLINE_S, STAGES (comma-separated subset of facts,build,
 # smoke,doctor,tests,ops,conv,train; e.g. STAGES=ops,conv for a second call on a machine
-# that already built), FUSEDRES_BENCH_BATCH (256), FUSEDRES_BENCH_DTYPE (bfloat16).
+# that already built), FUSEDRES_BENCH_BATCH (256), FUSEDRES_BENCH_DTYPE (bfloat16),
+# OPS_PROVIDERS / CONV_PROVIDERS / TRAIN_PROVIDERS (eager and fusedres backends, e.g.
+# TRAIN_PROVIDERS=eager,cuda,triton; defaults in scripts/gpu_bench.py).
 # Not assumed on the machine: torchvision (the repository's ResNet-50 is used), ninja (the
 # build is then serial), timm, pytest-benchmark; pytest is needed for the tests stage.
 set -uo pipefail
@@ -193,9 +195,12 @@ stage_run() {
 }
 
 timed() {  # timed STAGE: a scripts/gpu_bench.py stage
+    local providers=() knob
+    knob="${1^^}_PROVIDERS"
+    [ -n "${!knob:-}" ] && providers=(--providers "${!knob}")
     stage_begin "$1" || return 0
     stage_run "$1" - "$PY" scripts/gpu_bench.py "$1" --out "$RES/$1.jsonl" \
-        --budget-s $((CAP - MARGIN_S)) "${DRYFLAG[@]}" "${BENCH_ARGS[@]}"
+        --budget-s $((CAP - MARGIN_S)) "${DRYFLAG[@]}" "${BENCH_ARGS[@]}" "${providers[@]}"
 }
 
 say "fusedres GPU run$([ "$DRY" = 1 ] && echo " (dry run, CPU)"): DEADLINE_S=$DEADLINE_S, results in $RES"

@@ -11,6 +11,9 @@ checkout). What it checks, on small shapes with fresh random data:
   (projection shortcut), with both; backward reduce with the gradient passed through,
   gated by a recomputed ReLU and by the saved mask; backward apply the same three ways
   and with the residual gradient written;
+* every fused BN op of ``fusedres.functional`` (BN, BN+ReLU, BN+add+ReLU, dual
+  BN+add+ReLU) with backend "triton", training and eval: output, every gradient and the
+  updated running statistics (the finalize kernels and the fused launches models run);
 * every conv mode (``fusedres.conv``, backend "triton"): plain forward, the BN-statistics
   epilogue, the BN-ReLU prologue (+ statistics), the bias/residual/ReLU epilogue, and the
   backward of each (dgrad and wgrad kernels, with the dBN prologue and dReLU epilogue).
@@ -240,6 +243,71 @@ def check_bn(name, prim, flags, shape, dtype, channels_last, device):
 
 
 # --------------------------------------------------------------------------------------
+# Fused BN ops (what a model runs: the triton backend's own fused launches, finalize
+# kernels and the shortcut's x2 riding in the same launches, not only the primitives)
+# --------------------------------------------------------------------------------------
+
+FUSED_OPS = ("batch_norm", "batch_norm_relu", "batch_norm_add_relu", "dual_batch_norm_add_relu")
+
+
+def check_fused(op, training, shape, dtype, device):
+    """``fusedres.functional.<op>`` with backend "triton": output, every gradient and
+    (training) the updated running statistics, against backend "reference" in float64.
+    Returns (rel_err, detail)."""
+    import torch
+
+    from fusedres import functional as fn
+
+    n, c, h = shape
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def act(scale=1.0, offset=0.0):
+        t = torch.randn(n, c, h, h, device=device) * scale + offset
+        return t.to(dtype).contiguous(memory_format=torch.channels_last)
+
+    def bn_params(prefix):
+        return {prefix + "weight": 1 + 0.2 * torch.randn(c, device=device, dtype=acc),
+                prefix + "bias": 0.2 * torch.randn(c, device=device, dtype=acc),
+                prefix + "running_mean": 0.1 * torch.randn(c, device=device, dtype=acc),
+                prefix + "running_var": 1 + torch.rand(c, device=device, dtype=acc)}
+
+    t = {"input": act(1.5, 0.3), **bn_params("")}
+    kwargs = {}
+    if op == "batch_norm_add_relu":
+        t["residual"] = act()
+    if op == "dual_batch_norm_add_relu":
+        t["shortcut"] = act(1.2, -0.2)
+        t.update(bn_params("shortcut_"))
+    if op == "batch_norm":
+        kwargs["relu"] = False
+    leaves = [k for k in t if "running" not in k]
+
+    def run(backend, tensors):
+        for k in leaves:
+            tensors[k].requires_grad_(True)
+        return getattr(fn, op)(**tensors, training=training, momentum=0.1, eps=1e-5,
+                               backend=backend, **kwargs)
+
+    ref_t = {k: v.detach().double().cpu() for k, v in t.items()}
+    got = run("triton", t)
+    want = run("reference", ref_t)
+    errs, details = [rel_err(got, want)], [f"out {rel_err(got, want):.2e}"]
+    up = torch.randn(want.shape, dtype=torch.float64)
+    grads_g = torch.autograd.grad((got.double() * up.to(got.device)).sum(),
+                                  [t[k] for k in leaves])
+    grads_w = torch.autograd.grad((want * up).sum(), [ref_t[k] for k in leaves])
+    for k, g, w in zip(leaves, grads_g, grads_w):
+        errs.append(rel_err(g, w))
+        details.append(f"d{k} {errs[-1]:.2e}")
+    if training:
+        for k in t:
+            if "running" in k:
+                errs.append(rel_err(t[k], ref_t[k]))
+                details.append(f"{k} {errs[-1]:.2e}")
+    return max(errs), "; ".join(details)
+
+
+# --------------------------------------------------------------------------------------
 # Conv modes
 # --------------------------------------------------------------------------------------
 
@@ -338,6 +406,13 @@ def plan(device_type: str) -> list:
             out.append(("bn", name, dtype, "channels_last" if cl else "nchw", list(shape),
                         lambda n=name, p=prim, f=flags, s=shape, d=dtype, c=cl:
                         check_bn(n, p, f, s, d, c, device_type)))
+    for dtype in conv_dtypes:  # the BN dtypes: bf16 (GPU) and fp32
+        for op in FUSED_OPS:
+            for training in (True, False):
+                label = f"{op} {'train' if training else 'eval'} fwd+bwd"
+                out.append(("fused", label, dtype, "channels_last", [4, 32, 7, 7],
+                            lambda o=op, tr=training, d=dtype:
+                            check_fused(o, tr, (4, 32, 7), d, device_type)))
     for dtype in conv_dtypes:
         for spec in conv_shapes:
             for mode in CONV_MODES:

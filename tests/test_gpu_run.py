@@ -95,6 +95,8 @@ def test_dry_run_smoke_checks_every_kernel(dry_run):
     names = {r["check"] for r in checks if r["group"] == "bn"}
     smoke = _script_module("gpu_smoke")
     assert names == {c[0] for c in smoke.BN_CHECKS}
+    fused = {r["check"].split()[0] for r in checks if r["group"] == "fused"}
+    assert fused == set(smoke.FUSED_OPS)
     conv = {r["check"].split()[0] for r in checks if r["group"] == "conv"}
     assert conv == set(smoke.CONV_MODES)
     assert any(r["check"].endswith("bwd 3x3") for r in checks if r["group"] == "conv")
