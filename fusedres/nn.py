@@ -32,9 +32,19 @@ Higher-order gradients (``create_graph=True``), forward-mode AD (``torch.func.jv
 ``meta`` tensors work as with torch's BN; see ``fusedres.functional`` for the path each
 takes. ``eps <= 0`` raises ``ValueError`` in training (``eps < 0`` in eval), as torch.
 
-Known deviations from ``nn.BatchNorm2d`` (each one checked against torch's own module
-tests in ``tests/test_torch_suites.py``, ``KNOWN_DEVIATIONS``): none that changes a
-result; see that dict for the list and the reasons.
+Known deviations from ``nn.BatchNorm2d``, none of which changes a result (the list
+``KNOWN_DEVIATIONS`` of ``tests/test_torch_suites.py``, which runs torch's own
+BatchNorm2d module samples against these modules and checks each entry):
+
+* ``torch.jit.script`` runs torch's BN math: TorchScript cannot compile the fused ops'
+  Python glue; a scripted module computes ``F.batch_norm`` (unfused, saveable). Use
+  ``torch.compile`` or ``torch.jit.trace`` for fused kernels in a compiled model.
+* double backward runs through the reference composite: the fused backward kernels have
+  no derivative; with ``create_graph=True`` the first-order gradients are fused, their
+  derivative is recomputed with ``F.batch_norm`` (``last_backend()`` says "reference").
+* third-order derivatives raise (``backend="reference"`` supports them).
+* forward-mode AD and ``torch.func`` grad/jvp run the reference composite (no
+  forward-mode formula; the C++ autograd does not run under functorch).
 
 Semantics are ``nn.BatchNorm2d``'s: training/eval, running statistics with ``momentum``
 or ``momentum=None`` (cumulative average through ``num_batches_tracked``, incremented
