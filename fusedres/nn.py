@@ -548,12 +548,16 @@ class BatchNorm2d(nn.BatchNorm2d):
         return self._fused_forward(input)
 
     @torch.jit.unused
-    def _fused_forward(self, input: Tensor) -> Tensor:
-        traced = fx_leaf_call(self, input)
+    def _fused_forward(self, input: Tensor, residual: Optional[Tensor] = None,
+                       shortcut: Optional[Tensor] = None) -> Tensor:
+        """Every fused BN module's forward (the second activation, if any, by keyword)."""
+        traced = fx_leaf_call(self, *(t for t in (input, residual, shortcut) if t is not None))
         if traced is not None:
             return traced
         self._check_input_dim(input)
-        out = bn_act(self, input, relu=self._relu, backend=self.backend)
+        out = bn_act(self, input, relu=self._relu, residual=residual,
+                     shortcut_bn=None if shortcut is None else self.shortcut_bn,
+                     shortcut=shortcut, backend=self.backend)
         self._record()
         return out
 
@@ -578,17 +582,7 @@ class BatchNormAddReLU2d(BatchNormReLU2d):
     def forward(self, input: Tensor, residual: Tensor) -> Tensor:  # type: ignore[override]
         if torch.jit.is_scripting():
             return torch.relu(self._torch_forward(input) + residual)
-        return self._fused_add_forward(input, residual)
-
-    @torch.jit.unused
-    def _fused_add_forward(self, input: Tensor, residual: Tensor) -> Tensor:
-        traced = fx_leaf_call(self, input, residual)
-        if traced is not None:
-            return traced
-        self._check_input_dim(input)
-        out = bn_act(self, input, relu=True, residual=residual, backend=self.backend)
-        self._record()
-        return out
+        return self._fused_forward(input, residual=residual)
 
 
 class DualBatchNormAddReLU2d(BatchNorm2d):
@@ -597,6 +591,8 @@ class DualBatchNormAddReLU2d(BatchNorm2d):
     ``shortcut_bn.*``). Both BNs must share ``momentum`` (a float) and ``eps`` to run in one
     kernel; otherwise the shortcut BN runs on its own first.
     """
+
+    _relu = True
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None,
@@ -619,18 +615,7 @@ class DualBatchNormAddReLU2d(BatchNorm2d):
     def forward(self, input: Tensor, shortcut: Tensor) -> Tensor:  # type: ignore[override]
         if torch.jit.is_scripting():
             return torch.relu(self._torch_forward(input) + self.shortcut_bn(shortcut))
-        return self._fused_dual_forward(input, shortcut)
-
-    @torch.jit.unused
-    def _fused_dual_forward(self, input: Tensor, shortcut: Tensor) -> Tensor:
-        traced = fx_leaf_call(self, input, shortcut)
-        if traced is not None:
-            return traced
-        self._check_input_dim(input)
-        out = bn_act(self, input, relu=True, shortcut_bn=self.shortcut_bn, shortcut=shortcut,
-                     backend=self.backend)
-        self._record()
-        return out
+        return self._fused_forward(input, shortcut=shortcut)
 
 
 class ConvBatchNormReLU2d(nn.Module):
