@@ -31,8 +31,10 @@ shape mismatches) to torch itself.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import operator
+import textwrap
 from typing import Optional
 
 import torch
@@ -72,7 +74,10 @@ def _inlinable(m: nn.Module) -> bool:
 
 
 class _BlockTracer(fx.Tracer):
-    """Children are leaves; plain ``nn.Sequential`` containers are traced through."""
+    """Children are leaves; plain ``nn.Sequential`` containers are traced through.
+    Buffers are proxies too: an in-place update in a forward is recorded, not run."""
+
+    proxy_buffer_attributes = True
 
     def __init__(self):
         super().__init__()
@@ -87,16 +92,43 @@ class _BlockTracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
 
+def _tracing_copy(block: nn.Module) -> nn.Module:
+    """A copy of ``block`` whose parameters and buffers are meta tensors. Tracing runs the
+    block's Python forward; whatever it does (a buffer updated in place, a counter, a
+    mode flag), it does to the copy, never to the model's own state."""
+    memo: dict = {}
+    for m in block.modules():
+        for p in m._parameters.values():
+            if p is not None and id(p) not in memo:
+                memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+        for b in m._buffers.values():
+            if b is not None and id(b) not in memo:
+                memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(block, memo)
+
+
 def _trace(block: nn.Module, training: bool):
-    flags = [(m, m.training) for m in block.modules()]
-    try:
-        block.train(training)
-        tracer = _BlockTracer()
-        graph = tracer.trace(block)
-    finally:
-        for m, t in flags:
-            m.training = t
-    return graph, tracer.inlined
+    """``block``'s forward as an fx graph (traced on a meta copy in ``training`` mode),
+    with the paths of the containers traced through and the tensor constants the trace
+    created (the copy's, by target: a forward that builds a tensor from no input)."""
+    twin = _tracing_copy(block)
+    for m in twin.modules():
+        m.training = training  # not .train(): a module may override it
+    tracer = _BlockTracer()
+    graph = tracer.trace(twin)
+    constants = {}
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            try:
+                _resolve(block, n.target)
+            except AttributeError:
+                constants[n.target] = _resolve(twin, n.target)
+    return graph, tracer.inlined, constants
+
+
+def _resolve(module: nn.Module, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(module.get_submodule(owner), name)
 
 
 # --------------------------------------------------------------------------------------
@@ -314,7 +346,18 @@ def _match(block: nn.Module, graph: fx.Graph, prefix: str, backend: str, rewrite
     for b in bns:
         if b in ok and b not in done and exclusive_conv(b) is not None:
             accept(b, dict(kind="conv_bn", terminal=b, members=[b]))
-    # 4. what is left
+    # 4. in eval without autograd, a site's next conv folds with the BN that alone reads
+    #    its output when that BN's own site has no conv (the conv is this site's)
+    by_bn = {b: (s, "conv", "folded_before") for b, s in sites}
+    by_bn.update({s["bn2"]: (s, "conv2", "shortcut_folded_before") for _, s in sites
+                  if s["kind"] == "dual"})
+    for _, site in sites:
+        c = site.get("next")
+        b2 = next(iter(c.users)) if c is not None and len(c.users) == 1 else None
+        if b2 in by_bn and by_bn[b2][1] not in by_bn[b2][0] and b2.args[0] is c:
+            site["next_bn"] = b2
+            by_bn[b2][0][by_bn[b2][2]] = True
+    # 5. what is left
     fused_bns = {b for b, _ in sites}
     rows = []
     for b in bns:
@@ -353,17 +396,21 @@ def _join(note: str, more: str) -> str:
 def _next_conv_path(block, site, backend):
     """``(kernel, conv column, why not in the prologue)`` of a BN-ReLU -> conv site, as
     ``fusedres.nn.bn_relu_conv2d`` will run it in training, judged from the modules (the
-    dtype and device of their weights; at run time ``fusedres.nn.last_backend()`` says)."""
-    why = fnn.prologue_conv_problem(_module(block, site["next"]), backend)
-    if why is None and fnn.process_group_of(_module(block, site["members"][0])) is not None:
+    dtype and device of their weights, the site's plan; at run time
+    ``fusedres.nn.last_backend()`` says)."""
+    bn = _module(block, site["members"][0])
+    conv_backend, why = fnn.conv_choice(fnn.site_plan(bn), backend)
+    if why is None:
+        why = fnn.prologue_conv_problem(_module(block, site["next"]), conv_backend)
+    if why is None and fnn.process_group_of(bn) is not None:
         why = "synchronised batch statistics run in the BN kernels"
     if why is not None:
         return "batch_norm_relu", "conv2d", why
     if "conv" not in site:
         return "bn_relu_prologue", "triton prologue", None
     conv = _module(block, site["conv"])
-    stats = conv.bias is None and fnn.prologue_conv_problem(conv, backend) is None
-    return "bn_relu_prologue", ("triton stats" if stats else "conv2d") + " + triton prologue", None
+    stats = conv.bias is None and fnn.prologue_conv_problem(conv, conv_backend) is None
+    return "bn_relu_prologue", "triton stats+prologue" if stats else "triton prologue", None
 
 
 def _candidate_note(block, prefix, relu) -> str:
@@ -393,6 +440,8 @@ def _describe(block, prefix, site, bn_path, backend, note, memory_saving=False):
     if "conv" in site:
         parts.append("conv")
     parts.append("bn")
+    if kind == "dual":
+        parts = ["-".join(parts) + "+" + ("conv-bn" if "conv2" in site else "bn")]
     if kind in ("tail", "dual"):
         parts += ["add", "relu"]
     elif kind == "bn_relu":
@@ -400,35 +449,36 @@ def _describe(block, prefix, site, bn_path, backend, note, memory_saving=False):
     if "next" in site:
         parts.append("conv")
     pattern = "-".join(parts)
+    bn = _module(block, site["members"][0])
+    plan = fnn.site_plan(bn)
     kernel = _KERNELS[kind]
     conv = "conv2d" if "conv" in site or "conv2" in site else ""
     if "next" in site:
-        kernel, conv, why = _next_conv_path(block, site, backend)
+        kernel, conv, why = _next_conv_path(block, site, plan.backend or backend)
         if why is None:
-            pattern += " (BN-ReLU in the conv's prologue)"
+            pattern += " (prologue)"
         else:
-            note = _join(note, f"BN-ReLU runs before conv {_path(prefix, site['next'].target)}"
-                               f": {why}")
+            note = _join(note, f"BN-ReLU runs before conv (not in its prologue): {why}")
             if memory_saving:
-                pattern += " (BN-ReLU recomputed in backward)"
-    if kind == "dual":
-        pattern += " + " + ("conv-bn" if "conv2" in site else "bn") + " shortcut"
-    elif kind == "tail":
-        pattern += " (shortcut: " + site["res"].name + ")"
+                pattern += " (recomputed)"
+                note = _join(note, "memory_saving: the BN-ReLU output is recomputed in "
+                                   "backward, not kept")
     if kind == "bn_relu" and "next" not in site:
         note = _join(note, _candidate_note(block, prefix, site["terminal"]))
+    if plan.backend == "torch":
+        kernel = "torch"
+        note = _join(note, "the site's plan runs it as the original torch modules")
     modules = [_path(prefix, n.target) for n in site["members"] if n.op == "call_module"]
-    bn = _module(block, site["members"][0])
     if bn.running_mean is None:
-        eval_mode = "batch statistics"
-    elif "conv" in site:  # under no_grad / inference_mode (the shortcut conv only with it)
-        eval_mode = "both convs folded" if "conv2" in site else "conv folded"
-    elif kernel == "bn_relu_prologue":
-        eval_mode = "running statistics, prologue"
+        eval_mode = "batch stats"
+    elif plan.fold and fnn.fold_eval and ("conv" in site or site.get("folded_before")) and (
+            kind != "dual" or "conv2" in site or site.get("shortcut_folded_before")):
+        eval_mode = "folded"  # under no_grad / inference_mode
     else:
-        eval_mode = "running statistics"
+        eval_mode = "running stats"
     return _Site(block=prefix, site=bn_path, pattern=pattern, kernel=kernel, conv=conv,
-                 modules=", ".join(sorted(set(modules))), backend=_backend_name(bn, backend),
+                 modules=", ".join(sorted(set(modules))),
+                 backend=_backend_name(bn, plan.backend or backend),
                  eval=eval_mode, status="fused", reason=note)
 
 
@@ -457,6 +507,8 @@ def _rewrite(graph: fx.Graph, site: dict, backend: str, replaced: dict,
         if "next" in site:
             kwargs.update(next_conv=graph.get_attr(site["next"].target),
                           memory_saving=memory_saving)
+            if "next_bn" in site:
+                kwargs["next_bn"] = graph.get_attr(site["next_bn"].target)
         if site["kind"] == "tail":
             kwargs["residual"] = args(site["res"])
         elif site["kind"] == "dual":
@@ -518,12 +570,16 @@ class _Walker:
             if not self.apply and isinstance(inst, FusedForward):
                 ms = inst.memory_saving
                 backend = backend or inst.backend
+            constants = {}
             for training in (True, False):
-                graph, inlined = _trace(module, training)
+                graph, inlined, consts = _trace(module, training)
                 rows = _match(module, graph, path, backend or "auto", rewrite=self.apply,
                               memory_saving=ms)
                 src = _source(graph) if self.apply else None
                 results[training] = (graph, inlined, rows, src)
+                constants.update(consts)
+            if any(isinstance(t, torch.Tensor) and t.is_meta for t in constants.values()):
+                raise TypeError("the forward reads a tensor that is not a parameter or buffer")
         except Exception as exc:  # noqa: BLE001  (anything fx cannot trace stays as it is)
             msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             self._untraced(module, path, f"untraceable block ({msg[:120]})")
@@ -538,14 +594,18 @@ class _Walker:
         self.rows.extend(rows)
         fused = [r for r in rows if r["status"] == "fused"]
         if self.apply and fused:
+            for name, value in constants.items():  # tensors the traced forward created
+                setattr(module, name, value)
             if results[False][3] == src:
                 sources = {None: src}
             else:
                 sources = {True: src, False: results[False][3]}
             module.forward = FusedForward(module, sources, self.backend, fused,
                                           self.memory_saving)
+            module.__prepare_scriptable__ = module.forward.refuse_script
         elif self.apply and isinstance(inst, FusedForward):
             del module.forward
+            module.__dict__.pop("__prepare_scriptable__", None)
         self._children(module, path, inlined | results[False][1])
 
     def _children(self, module, path, inlined, rel=""):
@@ -616,28 +676,65 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
 
 
 class Explanation(list):
-    """``explain``'s rows (dicts); ``str()`` gives the table."""
+    """``explain``'s rows (dicts: ``block``, ``site``, ``pattern``, ``kernel``, ``conv``,
+    ``modules``, ``backend``, ``eval``, ``status``, ``reason``); ``str()`` gives the table:
+    one line per site within ``WIDTH`` columns, each distinct reason once below it (with
+    the sites it applies to), and a summary."""
 
-    COLUMNS = ("status", "site", "pattern", "kernel", "conv", "backend", "eval", "reason")
+    COLUMNS = ("status", "site", "pattern", "kernel", "conv", "eval", "note")
+    WIDTH = 100
 
     def fused(self):
         return [r for r in self if r["status"] == "fused"]
 
     def unfused(self):
-        return [r for r in self if r["status"] != "fused"]
+        return [r for r in self if r["status"] == "unfused"]
+
+    def notes(self) -> list:
+        """``[(reason, [site, ...]), ...]``: each distinct reason once, in order."""
+        groups: dict = {}
+        for r in self:
+            if r.get("reason"):
+                groups.setdefault(r["reason"], []).append(r["site"])
+        return list(groups.items())
+
+    def summary(self) -> str:
+        counts = collections.Counter(r["status"] for r in self)
+        backends = sorted({r["backend"] for r in self if r.get("backend")})
+        out = [f"{counts['fused']} sites fused"] if counts["fused"] or not counts["fusable"] \
+            else []
+        if counts["fusable"]:
+            out.append(f"{counts['fusable']} fusable (not converted yet)")
+        out.append(f"{counts['unfused']} BNs left unfused")
+        return ", ".join(out) + (f"; backend {', '.join(backends)}" if backends else "")
 
     def table(self) -> str:
-        rows = [[str(r.get(c, "") or "") for c in self.COLUMNS] for r in self]
+        numbers = {reason: i + 1 for i, (reason, _) in enumerate(self.notes())}
+        # "tuned": fusedres.tune's choice and measured times, when a site has them
+        columns = self.COLUMNS + (("tuned",) if any(r.get("tuned") for r in self) else ())
+        rows = [[str(numbers.get(r.get("reason"), "")) if c == "note" else
+                 str(r.get(c, "") or "") for c in columns] for r in self]
         widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in
-                  enumerate(self.COLUMNS)]
+                  enumerate(columns)]
+        site = columns.index("site")
+        over = sum(widths) + 2 * (len(widths) - 1) - self.WIDTH
+        if over > 0 and widths[site] - over >= 16:  # long paths: keep their ends
+            widths[site] -= over
+            for row in rows:
+                if len(row[site]) > widths[site]:
+                    keep = widths[site] - 1
+                    row[site] = row[site][:keep // 3] + "~" + row[site][-(keep - keep // 3):]
 
         def line(cells):
             return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
 
-        out = [line(self.COLUMNS), line(["-" * w for w in widths])]
-        out += [line(r) for r in rows]
-        n = len(self.fused())
-        out.append(f"{n} fused site(s), {len(self) - n} unfused")
+        out = [line(columns)] + [line(r) for r in rows]
+        wrap = textwrap.TextWrapper(width=self.WIDTH, subsequent_indent="     ",
+                                    break_on_hyphens=False)
+        for reason, sites in self.notes():
+            where = ", ".join(sites) if len(sites) <= 4 else f"{len(sites)} sites"
+            out += wrap.wrap(f"[{numbers[reason]}]  {reason} ({where})")
+        out.append(self.summary())
         return "\n".join(out)
 
     def __str__(self) -> str:
@@ -657,7 +754,6 @@ def explain(model: nn.Module, *, backend: Optional[str] = None) -> Explanation:
             blk = model.get_submodule(r["block"]) if r["block"] else model
             if not isinstance(blk.__dict__.get("forward"), FusedForward):
                 r["status"] = "fusable"
-                r["reason"] = ("not converted" + ("; " + r["reason"] if r["reason"] else ""))
         rows.append(r)
     return rows
 

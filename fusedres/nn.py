@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -228,6 +228,52 @@ def bn_act(bn: nn.BatchNorm2d, y: Tensor, *, relu: bool = False,
     return out
 
 
+# Per-site plan: how one fused site of a converted model runs. Sites are named by their
+# main BN module (``explain``'s ``site`` column); the plan is a plain attribute of that
+# module (not state, kept by deepcopy/pickle), set by ``fusedres.tune`` or by hand, read
+# on every call: nothing to re-convert.
+class SitePlan(NamedTuple):
+    """``conv``: ``"auto"`` (F.conv2d -- cuDNN on CUDA -- unless the site's backend is
+    ``"triton"``), ``"triton"`` (the Triton conv with the BN-ReLU prologue / statistics
+    epilogue where the site allows it) or ``"cudnn"`` (F.conv2d always). ``backend``: the
+    BN kernels' backend for this site (None: the one given to ``convert``), or ``"torch"``:
+    the site runs as the original unfused torch modules. ``fold``: eval without autograd
+    runs conv+BN as one conv with folded weights."""
+
+    conv: str = "auto"
+    backend: Optional[str] = None
+    fold: bool = True
+
+
+_PLAN_ATTR = "fusedres_plan"
+_DEFAULT_PLAN = SitePlan()
+_CONV_CHOICES = ("auto", "triton", "cudnn")
+
+
+def site_plan(bn: nn.Module) -> SitePlan:
+    """The plan in force at the site whose main BN is ``bn`` (the default when none is set)."""
+    plan = getattr(bn, _PLAN_ATTR, None)
+    if plan is None:
+        return _DEFAULT_PLAN
+    if not isinstance(plan, SitePlan) or plan.conv not in _CONV_CHOICES:
+        raise TypeError(f"{_PLAN_ATTR} must be a fusedres.nn.SitePlan with conv in "
+                        f"{_CONV_CHOICES}, got {plan!r}")
+    return plan
+
+
+def conv_choice(plan: SitePlan, backend: str) -> tuple:
+    """``(conv path, why)`` of a site's convs: ``"triton"`` (may take the Triton conv:
+    named by ``backend="triton"`` or by the plan) or ``"cudnn"`` (F.conv2d) and why."""
+    if plan.conv == "cudnn" or backend == "cudnn":
+        return "cudnn", "the site's plan says F.conv2d"
+    if plan.conv == "triton" or backend == "triton":
+        return "triton", None
+    if backend == "auto":
+        return "cudnn", ("the untuned default is F.conv2d (cuDNN on CUDA); the Triton conv "
+                         "runs where tuning or backend='triton' picks it")
+    return "cudnn", f"backend={backend!r} has no conv kernel: F.conv2d"
+
+
 # Eval-mode folding: bn(conv(x)) == conv(x, w*scale, (b - mean)*scale + beta) with constant
 # scale = gamma/sqrt(running_var + eps). The folded weights are a cache keyed on the
 # identity and version counter of every tensor they come from (so an optimizer step, a
@@ -235,6 +281,9 @@ def bn_act(bn: nn.BatchNorm2d, y: Tensor, *, relu: bool = False,
 # the modules. Never rebuilt during CUDA-graph capture or under torch.compile.
 _FOLDED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 fold_eval = True  # set False to keep conv and BN separate in eval mode too
+# A site whose next conv feeds the BN of the following site folds that BN into the conv
+# and marks the output tensor with it: the following site then skips its BN.
+_NORMALISED_BY = "_fusedres_normalised_by"
 
 
 def _fold_key(conv, bn):
@@ -249,7 +298,7 @@ def _can_fold(conv, bn, x) -> bool:
             and isinstance(x, Tensor) and x.dim() == 4 and x.dtype in _FLOATS
             and not torch.compiler.is_compiling()
             and conv.weight.dtype in _FLOATS and conv.weight.device == x.device
-            and bn.running_mean.device == x.device)
+            and bn.running_mean.device == x.device and site_plan(bn).fold)
 
 
 def _capturing(device) -> bool:
@@ -291,6 +340,28 @@ def _folded_conv(conv, bn, x):
     return conv._conv_forward(x, wb[0], wb[1])
 
 
+def _normalised(x, bn) -> bool:
+    """Did the previous site already apply ``bn`` to ``x`` (folded into its conv)?"""
+    return not torch.compiler.is_compiling() and getattr(x, _NORMALISED_BY, None) is bn
+
+
+def _eval_bn(x, conv, bn):
+    """``bn(conv(x))`` (``x`` when ``conv`` is None) in eval without autograd, as one conv
+    with folded weights, here or in the previous site; None when not folded."""
+    if conv is None:
+        return x if _normalised(x, bn) else None
+    return _folded_conv(conv, bn, x)
+
+
+def _conv_then_bn(conv, next_bn, h):
+    """``conv(h)``, with ``next_bn`` (the next site's BN) folded in when it can be."""
+    y = _folded_conv(conv, next_bn, h) if next_bn is not None else None
+    if y is None:
+        return conv2d(conv, h)
+    setattr(y, _NORMALISED_BY, next_bn)
+    return y
+
+
 # BN-ReLU -> conv sites. On the Triton conv path the BN-ReLU is applied while the conv
 # loads its input (``relu(y*scale + shift)``, padded taps 0 after it) and never stored:
 # scale/shift are differentiable torch functions of the batch statistics (from the previous
@@ -304,18 +375,22 @@ def prologue_conv_problem(conv: nn.Conv2d, backend: str = "auto",
     """None when ``conv`` takes the Triton implicit-GEMM path
     (``fusedres.conv.conv_path``), which can apply a BN-ReLU in its prologue; else why not.
 
-    ``input``: the tensor the conv will read (under autocast it must already be in the
-    autocast dtype). Without it the answer comes from the module alone, with an input of
-    its weight's device and dtype (what ``explain`` shows).
+    ``backend``: the conv path or backend (``conv_choice``): only ``"triton"`` takes the
+    Triton conv; ``"auto"`` keeps F.conv2d (the untuned default). ``input``: the tensor the conv will
+    read (under autocast it must already be in the autocast dtype). Without it the answer
+    comes from the module alone, with an input of its weight's device and dtype (what
+    ``explain`` shows).
     """
     if not conv_prologue:
         return "fusedres.nn.conv_prologue is False"
+    if backend != "triton":
+        return conv_choice(_DEFAULT_PLAN, backend)[1]
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} goes to F.conv2d"
     weight, bias = conv.weight, conv.bias
     if input is None:
         input = weight.new_empty((1, conv.in_channels, *weight.shape[2:]))
-    elif backend != "reference":
+    else:
         cast, weight, bias = fconv.autocast_inputs(input, weight, bias)  # what the conv op sees
         if cast is not input:
             return "under autocast, an input not in the autocast dtype goes to F.conv2d"
@@ -329,8 +404,8 @@ def prologue_conv_problem(conv: nn.Conv2d, backend: str = "auto",
 
 def prologue_problem(bn: nn.BatchNorm2d, conv: nn.Conv2d, y: Tensor,
                      backend: str = "auto") -> Optional[str]:
-    """None when ``bn_relu_conv2d(bn, conv, y)`` runs the BN-ReLU in the conv's prologue;
-    else why it runs the fused BN-ReLU, then the conv."""
+    """None when ``bn_relu_conv2d(bn, conv, y, conv_backend=backend)`` runs the BN-ReLU in
+    the conv's prologue; else why it runs the fused BN-ReLU, then the conv."""
     why = fusable_bn(bn)
     if why:
         return why
@@ -361,28 +436,32 @@ def _prologue_conv(bn, conv, y, stats, backend):
 
 def bn_relu_conv2d(bn: nn.BatchNorm2d, conv: nn.Conv2d, y: Tensor, *,
                    stats: Optional[tuple] = None, memory_saving: bool = False,
-                   backend: str = "auto") -> Tensor:
+                   backend: str = "auto", conv_backend: Optional[str] = None) -> Tensor:
     """``conv(relu(bn(y)))``: the one place a BN-ReLU -> conv site runs.
 
-    Where ``prologue_problem`` finds none, one Triton conv applies the BN-ReLU while
-    loading ``y`` (``last_backend() == "triton-prologue"``): nothing is stored but ``y``.
-    ``stats``: ``(mean, var)`` of ``y`` (differentiable, e.g. ``conv2d_stats``'s epilogue),
-    used when the BN normalises with batch statistics. Otherwise the fused BN-ReLU, then
-    ``conv2d``; with ``memory_saving`` its output is recomputed in backward, not kept.
+    ``conv_backend`` (default ``backend``): ``"triton"`` lets the conv take the Triton
+    path; where ``prologue_problem`` then finds none, one Triton conv applies the BN-ReLU
+    while loading ``y`` (``last_backend() == "triton-prologue"``): nothing is stored but
+    ``y``. ``stats``: ``(mean, var)`` of ``y`` (differentiable, e.g. ``conv2d_stats``'s
+    epilogue), used when the BN normalises with batch statistics. Otherwise the fused
+    BN-ReLU (on ``backend``), then ``conv2d``; with ``memory_saving`` its output is
+    recomputed in backward, not kept.
     """
-    if prologue_problem(bn, conv, y, backend) is None:
-        return _prologue_conv(bn, conv, y, stats, backend)
+    cb = backend if conv_backend is None else conv_backend
+    if prologue_problem(bn, conv, y, cb) is None:
+        return _prologue_conv(bn, conv, y, stats, cb)
     if memory_saving and torch.is_grad_enabled() and isinstance(y, Tensor) and y.requires_grad:
         return _bn_relu_conv_recomputed(bn, conv, y, backend)
     return conv2d(conv, bn_act(bn, y, relu=True, backend=backend))
 
 
-def _stats_epilogue_ok(conv, bn, next_conv, x, backend) -> bool:
+def _stats_epilogue_ok(conv, bn, next_conv, x, conv_backend) -> bool:
     """Should ``conv`` compute the batch statistics of its output in a Triton epilogue for
     ``next_conv``'s BN-ReLU prologue? (Checked before ``y`` exists: from the modules.)"""
-    return (_batch_stats(bn) and conv.bias is None and isinstance(x, Tensor)
-            and prologue_conv_problem(conv, backend, x) is None
-            and prologue_conv_problem(next_conv, backend) is None)
+    return (conv_backend == "triton" and _batch_stats(bn) and conv.bias is None
+            and isinstance(x, Tensor)
+            and prologue_conv_problem(conv, conv_backend, x) is None
+            and prologue_conv_problem(next_conv, conv_backend) is None)
 
 
 def _bn_relu_conv_recomputed(bn, conv, y, backend):
@@ -412,52 +491,83 @@ def _bn_relu_conv_recomputed(bn, conv, y, backend):
     return checkpoint(fn, y, use_reentrant=False, preserve_rng_state=False)
 
 
+def _torch_site(x, conv, bn, relu, residual, shortcut_x, shortcut_conv, shortcut_bn,
+                next_conv, next_bn):
+    """A site as the original modules compute it (``SitePlan(backend="torch")``)."""
+    y = conv2d(conv, x) if conv is not None else x
+    if not _normalised(y, bn):
+        y = _torch_bn(bn, y)
+    if shortcut_bn is not None:
+        s = conv2d(shortcut_conv, shortcut_x) if shortcut_conv is not None else shortcut_x
+        residual = _torch_bn(shortcut_bn, s)
+    if residual is not None:
+        y = y + residual
+    if relu:
+        y = torch.relu(y)
+    return _conv_then_bn(next_conv, next_bn, y) if next_conv is not None else y
+
+
 def conv_bn_act(x: Tensor, conv: Optional[nn.Conv2d], bn: nn.BatchNorm2d, *,
                 relu: bool = False, residual: Optional[Tensor] = None,
                 shortcut_x: Optional[Tensor] = None,
                 shortcut_conv: Optional[nn.Conv2d] = None,
                 shortcut_bn: Optional[nn.BatchNorm2d] = None,
-                next_conv: Optional[nn.Conv2d] = None, memory_saving: bool = False,
+                next_conv: Optional[nn.Conv2d] = None,
+                next_bn: Optional[nn.BatchNorm2d] = None, memory_saving: bool = False,
                 backend: str = "auto") -> Tensor:
     """One fused site: ``[relu](bn(conv(x)) [+ residual | + shortcut_bn(shortcut_conv(s))])``.
 
     ``conv``/``shortcut_conv`` may be None (the BN reads ``x``/``shortcut_x`` directly).
     The convolutions go through ``conv2d``. In eval mode without autograd
     (``torch.no_grad()``/``inference_mode``) a conv followed by a BN that uses running
-    statistics runs as one conv with folded weights (``fold_eval``).
+    statistics runs as one conv with folded weights (``fold_eval``). ``bn``'s
+    ``SitePlan`` (``site_plan``) may change the backend, the conv path and folding.
 
     ``next_conv``: the site is ``next_conv(relu(bn(conv(x))))`` (a BN-ReLU whose only
     consumer is that conv), run by ``bn_relu_conv2d`` (the BN-ReLU in ``next_conv``'s
     prologue on the Triton path, with the batch statistics from ``conv``'s epilogue);
     ``memory_saving`` applies where it runs the BN-ReLU on its own. In eval mode without
-    autograd, ``conv`` and ``bn`` fold as above and the ReLU runs before ``next_conv``.
+    autograd, ``conv`` and ``bn`` fold as above, the ReLU runs before ``next_conv``, and
+    ``next_bn`` (the BN that alone reads ``next_conv``'s output, in the next site) folds
+    into ``next_conv``: that site then skips it.
     """
-    if next_conv is not None:
-        if residual is not None or shortcut_bn is not None or not relu:
-            raise ValueError("next_conv is only for a BN-ReLU site")
-        y = _folded_conv(conv, bn, x) if conv is not None else None
-        if y is not None:
-            return conv2d(next_conv, torch.relu(y))
-        stats = None
-        if conv is not None and _stats_epilogue_ok(conv, bn, next_conv, x, backend):
-            y, *stats = fconv.conv2d_stats(x, conv.weight, conv.stride, conv.padding,
-                                           backend=backend)
-        else:
-            y = conv2d(conv, x) if conv is not None else x
-        return bn_relu_conv2d(bn, next_conv, y, stats=stats, memory_saving=memory_saving,
-                              backend=backend)
-    y = _folded_conv(conv, bn, x) if conv is not None else None
-    if y is not None:  # eval, folded: conv + bias (+ shortcut) (+ relu)
+    if isinstance(x, torch.fx.Proxy):  # torch.fx tracing a converted model: one leaf call
+        return x.tracer.create_proxy("call_function", conv_bn_act, (x, conv, bn), dict(
+            relu=relu, residual=residual, shortcut_x=shortcut_x, shortcut_conv=shortcut_conv,
+            shortcut_bn=shortcut_bn, next_conv=next_conv, next_bn=next_bn,
+            memory_saving=memory_saving, backend=backend))
+    plan = site_plan(bn)
+    backend = plan.backend or backend
+    if next_conv is not None and (residual is not None or shortcut_bn is not None or not relu):
+        raise ValueError("next_conv is only for a BN-ReLU site")
+    if shortcut_bn is not None and shortcut_conv is None and _normalised(shortcut_x, shortcut_bn):
+        residual, shortcut_bn = shortcut_x, None  # folded into the previous site's conv
+    if backend == "torch":
+        return _torch_site(x, conv, bn, relu, residual, shortcut_x, shortcut_conv,
+                           shortcut_bn, next_conv, next_bn)
+    y = _eval_bn(x, conv, bn)
+    if y is not None:  # eval, folded: conv + bias (+ shortcut) (+ relu) (+ next conv)
         if shortcut_bn is not None:
-            residual = _folded_conv(shortcut_conv, shortcut_bn, shortcut_x) \
-                if shortcut_conv is not None else None
+            residual = _eval_bn(shortcut_x, shortcut_conv, shortcut_bn)
             if residual is None:
                 s = conv2d(shortcut_conv, shortcut_x) if shortcut_conv is not None \
                     else shortcut_x
                 residual = bn_act(shortcut_bn, s, backend=backend)
         if residual is not None:
             y = y + residual
-        return torch.relu(y) if relu else y
+        if relu:
+            y = torch.relu(y)
+        return _conv_then_bn(next_conv, next_bn, y) if next_conv is not None else y
+    if next_conv is not None:
+        conv_backend = conv_choice(plan, backend)[0]
+        stats = None
+        if conv is not None and _stats_epilogue_ok(conv, bn, next_conv, x, conv_backend):
+            y, *stats = fconv.conv2d_stats(x, conv.weight, conv.stride, conv.padding,
+                                           backend=conv_backend)
+        else:
+            y = conv2d(conv, x) if conv is not None else x
+        return bn_relu_conv2d(bn, next_conv, y, stats=stats, memory_saving=memory_saving,
+                              backend=backend, conv_backend=conv_backend)
     y = conv2d(conv, x) if conv is not None else x
     s = None
     if shortcut_bn is not None:

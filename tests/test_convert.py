@@ -200,15 +200,13 @@ def test_explain_unconverted_and_table():
     assert "forward" not in m.layer1[0].__dict__  # nothing changed
     fused = convert(m, backend="reference_primitives")
     table = str(explain(fused))
-    assert "dual_batch_norm_add_relu" in table and "17 fused site(s), 0 unfused" in table
+    assert "dual_batch_norm_add_relu" in table
+    assert table.splitlines()[-1].startswith("17 sites fused, 0 BNs left unfused")
     first = explain(fused)[0]
     assert first["site"] == "bn1" and first["pattern"] == "conv-bn-relu"
-    assert first["eval"] == "conv folded"
-    # conv2 is the next conv of the conv1-bn1-relu-conv2 site: only the downsample conv folds
-    assert {r["eval"] for r in explain(fused) if r["kernel"] == "dual_batch_norm_add_relu"} \
-        == {"conv folded"}
-    assert {r["eval"] for r in explain(fused) if r["pattern"].startswith("conv-bn-relu-conv")} \
-        == {"conv folded"}
+    # every BN of resnet18 follows a conv: all fold in eval (bn2 into the conv2 of the
+    # conv1-bn1-relu-conv2 site before it)
+    assert {r["eval"] for r in explain(fused)} == {"folded"}
 
 
 def test_no_fusable_pattern():
@@ -554,3 +552,231 @@ def test_torch_compile_fullgraph_cpu_backend():
                                    getattr(ref, name).running_mean)
         torch.testing.assert_close(getattr(fused, name).running_var,
                                    getattr(ref, name).running_var)
+
+
+# --------------------------------------------------------------------------------------
+# convert and explain never change the model's state (issue 14.0)
+# --------------------------------------------------------------------------------------
+
+
+class StepCounter(nn.Module):
+    """A forward that updates a buffer in place in training (as timm's BatchNormAct2d
+    updates num_batches_tracked)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            self.steps.add_(1)
+        return torch.relu(self.bn(self.conv(x)))
+
+
+def _timm(arch):
+    timm = pytest.importorskip("timm")
+    return lambda: timm.create_model(arch, pretrained=False)
+
+
+STATE_MODELS = dict(MODELS, step_counter=StepCounter, awkward=models.Awkward,
+                    **{f"timm_{a}": _timm(a) for a in ("resnet18", "resnet50", "resnetv2_50")})
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}, \
+        [m.training for m in model.modules()]
+
+
+def _assert_bitwise(before, model):
+    state, flags = before
+    now = model.state_dict(keep_vars=True)
+    assert list(now) == list(state)
+    changed = [k for k in state if not torch.equal(now[k], state[k])]
+    assert not changed, f"state changed by convert/explain: {changed}"
+    assert [m.training for m in model.modules()] == flags
+
+
+@pytest.mark.parametrize("name", list(STATE_MODELS))
+def test_convert_and_explain_leave_state_bitwise_unchanged(name):
+    torch.manual_seed(0)
+    model = _randomize(STATE_MODELS[name]())
+    model.train()
+    before = _snapshot(model)
+    explain(model)
+    _assert_bitwise(before, model)
+    copy_ = convert(model, backend="reference_primitives")
+    _assert_bitwise(before, model)
+    _assert_bitwise(before, copy_)
+    explain(copy_)
+    _assert_bitwise(before, copy_)
+    convert(model, inplace=True, backend="reference_primitives")
+    _assert_bitwise(before, model)
+    explain(model)
+    _assert_bitwise(before, model)
+
+
+def test_forward_side_effects_kept_not_run_at_conversion():
+    """The in-place update is recorded in the converted forward, not run by tracing."""
+    m = StepCounter()
+    fused = convert(m, backend="reference_primitives")
+    assert int(m.steps) == 0 and int(fused.steps) == 0
+    assert explain(fused)[0]["status"] == "fused"
+    x = torch.randn(2, 3, 5, 5)
+    fused(x)
+    m(x)
+    assert int(fused.steps) == int(m.steps) == 1
+    fused.eval()
+    fused(x)
+    assert int(fused.steps) == 1
+
+
+# --------------------------------------------------------------------------------------
+# eval: every BN that follows a conv folds into it (issue 14.9)
+# --------------------------------------------------------------------------------------
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _bn_ops(counter):
+    return {k: n for k, n in counter.ops.items() if "batch_norm" in k or "fusedres" in k
+            or k.startswith("fusedres")}
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("backend", ["auto", "triton", "reference_primitives"])
+def test_eval_folds_every_bn(arch, backend):
+    """In eval under no_grad no BN runs on its own: each folds into the conv before it,
+    whichever path the site takes in training (the next conv of a BN-ReLU -> conv site
+    included); outputs equal the unconverted model's."""
+    if backend == "triton" and "triton" not in fusedres.available_backends():
+        pytest.skip("triton not available")
+    torch.manual_seed(0)
+    ref = _randomize(getattr(torchvision.models, arch)(weights=None)).double().eval()
+    fused = convert(ref, backend=backend)
+    assert {r["eval"] for r in explain(fused)} == {"folded"}
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        want = ref(x)
+        fused(x)  # builds the folded weights
+        with _OpCounter() as counter:
+            got = fused(x)
+    assert _bn_ops(counter) == {}, _bn_ops(counter)
+    assert counter.ops["aten.convolution"] == sum(
+        isinstance(m, nn.Conv2d) for m in ref.modules())
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_eval_fold_handoff_respects_plans():
+    """A BN folded into the previous site's conv is not applied twice, and a plan that
+    turns folding off at that BN keeps it separate (still the same function)."""
+    torch.manual_seed(0)
+    ref = _randomize(torchvision.models.resnet50(weights=None)).double().eval()
+    fused = convert(ref, backend="reference_primitives")
+    fused.layer1[0].bn2.fusedres_plan = fnn.SitePlan(fold=False)  # bn2-relu-conv3 site
+    fused.layer1[0].bn3.fusedres_plan = fnn.SitePlan(fold=False)  # dual's shortcut BN
+    fused.layer2[0].bn1.fusedres_plan = fnn.SitePlan(backend="torch")
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-9, atol=1e-9)
+        with _OpCounter() as counter:
+            fused(x)
+    assert sum(_bn_ops(counter).values()) >= 2  # the three BNs that may not fold
+    rows = {r["site"]: r for r in explain(fused)}
+    assert rows["layer1.0.bn2"]["eval"] == "running stats"
+    assert rows["layer2.0.bn1"]["kernel"] == "torch"
+
+
+# --------------------------------------------------------------------------------------
+# the untuned default on CUDA: every conv in cuDNN (issue 13.1)
+# --------------------------------------------------------------------------------------
+
+
+def _triton_conv_calls(monkeypatch):
+    from fusedres import conv as fconv
+
+    calls = []
+    for name in ("conv2d_bias_add_relu", "conv2d_stats"):
+        orig = getattr(fconv, name)
+        monkeypatch.setattr(fconv, name, lambda *a, _o=orig, _n=name, **k: calls.append(_n)
+                            or _o(*a, **k))
+    return calls
+
+
+@pytest.mark.skipif(not fusedres._backend.has_triton(), reason="triton not installed")
+def test_untuned_cuda_default_never_picks_the_triton_conv(monkeypatch):
+    """resnet50 on (fake) CUDA tensors: converted with backend="auto", no site runs the
+    Triton conv and explain says F.conv2d; with backend="triton", or a plan naming it at
+    one site, the Triton conv runs there."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    calls = _triton_conv_calls(monkeypatch)
+    with FakeTensorMode(), torch.device("cuda"):
+        model = torchvision.models.resnet50(weights=None)
+        fused = convert(model, inplace=True)
+        rows = explain(fused)
+        assert {r["conv"] for r in rows} == {"conv2d", ""}
+        assert not any(r["kernel"] == "bn_relu_prologue" for r in rows)
+        assert all("untuned default is F.conv2d" in r["reason"] for r in rows
+                   if r["pattern"].endswith("-conv"))
+        x = torch.randn(2, 3, 64, 64)
+        fused(x)
+        assert calls == []
+        fused.layer1[0].bn1.fusedres_plan = fnn.SitePlan(conv="triton")
+        assert explain(fused)[1]["conv"] == "triton stats+prologue"
+        fused(x)
+        assert calls == ["conv2d_stats", "conv2d_bias_add_relu"]
+        del calls[:]
+        triton = convert(torchvision.models.resnet50(weights=None), inplace=True,
+                         backend="triton")
+        assert sum(r["kernel"] == "bn_relu_prologue" for r in explain(triton)) == 32
+        triton(x)
+        assert calls.count("conv2d_bias_add_relu") == 32
+
+
+# --------------------------------------------------------------------------------------
+# explain reads at a glance (issue 14.11)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build,backend", [
+    (lambda: torchvision.models.resnet50(weights=None), "auto"),
+    (lambda: torchvision.models.densenet121(weights=None), "auto"),
+    (lambda: torchvision.models.densenet121(weights=None), "reference"),
+    (models.Awkward, "reference_primitives"),
+], ids=["resnet50", "densenet121", "densenet121-reference", "awkward"])
+def test_explain_table_fits_and_groups_reasons(build, backend):
+    model = build()
+    for m in (model, convert(model, backend=backend)):
+        rows = explain(m)
+        table = str(rows)
+        lines = table.splitlines()
+        assert max(map(len, lines)) <= 100, max(lines, key=len)
+        assert len(lines) <= len(rows) + 2 + 3 * len(rows.notes())
+        for reason, sites in rows.notes():  # each distinct reason once
+            assert sum(reason[:40] in line for line in lines) == 1, reason
+            assert sites == [r["site"] for r in rows if r["reason"] == reason]
+        statuses = collections.Counter(r["status"] for r in rows)
+        summary = lines[-1]
+        if m is model and statuses["fusable"]:
+            assert "fused" not in summary.split(",")[0] and \
+                f"{statuses['fusable']} fusable" in summary
+        else:
+            assert summary.startswith(f"{statuses['fused']} sites fused")
+        assert f"{statuses['unfused']} BNs left unfused" in summary
+
+
+def test_explain_resnet50_one_note_for_the_conv_choice():
+    rows = explain(convert(torchvision.models.resnet50(weights=None)))
+    notes = rows.notes()
+    assert len(notes) == 1 and len(notes[0][1]) == 32
+    assert "interpreter" not in notes[0][0] and len(notes[0][0]) < 200

@@ -112,7 +112,7 @@ def test_preact_block(cin, cout, stride, dtype, prologue_calls):
     else:  # bn1's output also feeds the shortcut conv: stored; conv1's epilogue feeds bn2
         assert rows["bn1"]["kernel"] == "batch_norm_relu"
         assert "feeds 2 convs (shortcut.0, conv1)" in rows["bn1"]["reason"]
-        assert rows["bn2"]["conv"] == "triton stats + triton prologue"
+        assert rows["bn2"]["conv"] == "triton stats+prologue"
         _check(ref, fused, dtype, last_eval="folded")  # no autograd: conv1+bn2 fold
         assert prologue_calls == [(True, True)] * 2 + [(False, False)]
 
@@ -139,7 +139,7 @@ def test_conv_bn_relu_conv_chain(momentum, bias, dtype, prologue_calls, monkeypa
     monkeypatch.setattr(fusedres.conv, "conv2d_stats",
                         lambda *a, **k: stats.append(1) or run(*a, **k))
     ref, fused = _pair(lambda: Chain(momentum, bias), dtype)
-    assert _kernels(fused) == [("bn1", "bn_relu_prologue", "triton stats + triton prologue")]
+    assert _kernels(fused) == [("bn1", "bn_relu_prologue", "triton stats+prologue")]
     _check(ref, fused, dtype, last_eval="folded")  # eval without autograd: conv1+bn1 folded
     assert fused.bn1.num_batches_tracked.item() == 2
     # training: conv1's statistics epilogue, then conv2's prologue; eval with autograd: the
@@ -151,7 +151,7 @@ def test_conv_bn_relu_conv_chain(momentum, bias, dtype, prologue_calls, monkeypa
 def test_cifar_block(prologue_calls):
     """conv1-bn1-relu-conv2, then the BN-add-ReLU tail on conv2's output."""
     ref, fused = _pair(lambda: models.CifarBlock(8, 8), torch.float32)
-    assert _kernels(fused) == [("bn1", "bn_relu_prologue", "triton stats + triton prologue"),
+    assert _kernels(fused) == [("bn1", "bn_relu_prologue", "triton stats+prologue"),
                                ("bn2", "batch_norm_add_relu", "")]
     _check(ref, fused, torch.float32, last="triton")
     assert prologue_calls == [(True, True)] * 2 + [(False, False)]
