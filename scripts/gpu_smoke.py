@@ -22,9 +22,9 @@ Each check compares with the same primitive or function of ``fusedres.reference`
 ``backend="reference"``) computed in float64 from the same inputs, by
 ``||got - want|| / ||want||`` per output (ReLU masks: the count of differing bits, a few
 allowed where the float64 pre-activation is within rounding of 0). One config per
-kernel: ``torch.use_deterministic_algorithms(True)`` (fusedres pins a config there), and
-any autotuner still holding several configs is cut to its first, so nothing is timed and
-each kernel specialisation compiles once.
+kernel: ``torch.use_deterministic_algorithms(True)`` (meant to pin one config per
+kernel, issue 12), and any autotuner still holding several configs is cut to its first,
+so nothing is timed and each kernel specialisation compiles once.
 
 One JSON line per check, flushed: {"kind": "check", "group", "check", "dtype", "layout",
 "shape", "status": "pass" | "fail" | "error", "rel_err", "tol", "detail", "seconds"}; checks
