@@ -398,3 +398,20 @@ def test_modules_double_backward_and_jvp(device, backend):
         if not training:
             _, jt = torch.func.jvp(net, (x.detach(),), (t,))
             _close(jt, tangents[1], "torch.func.jvp")
+
+
+def test_fx_feature_extractor_and_custom_tracers():
+    """torchvision's create_feature_extractor (its own fx tracer) sees each drop-in module
+    as one node and returns torch's values; the extracted graph runs fused."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    net = _net("auto").eval()
+    ref = _unfused(net).eval()
+    x = torch.randn(2, 3, 5, 5)
+    got = create_feature_extractor(net, {"bn": "bn", "add": "add", "dual": "out"})(x)
+    want = {"bn": ref.bn(ref.stem(x))}
+    want["add"] = ref.add(ref.plain(want["bn"]), want["bn"])
+    want["out"] = ref(x)
+    for k in want:
+        _close(got[k], want[k], k)
+    assert net.dual.last_backend == fusedres.resolve_backend("cpu")
