@@ -86,6 +86,9 @@ def last_backend() -> Optional[str]:
     return getattr(_last, "backend", None)
 
 
+_Proxy = torch.fx.Proxy
+
+
 def fx_leaf_call(module: nn.Module, *args, **kwargs):
     """Under ``torch.fx`` symbolic tracing (an argument is an ``fx.Proxy``): record
     ``module(*args, **kwargs)`` as one ``call_module`` node, as fx records torch's own
@@ -94,8 +97,8 @@ def fx_leaf_call(module: nn.Module, *args, **kwargs):
     The fused modules (and converted blocks) are leaves of any fx tracer this way: the
     traced graph calls them at run time (fused, with their training flag of that time),
     and tracing never runs their forward on real buffers."""
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, torch.fx.Proxy):
+    for a in args + tuple(kwargs.values()) if kwargs else args:
+        if isinstance(a, _Proxy):
             tracer = a.tracer
             path = tracer.path_of_module(module)
             if not path:  # torch's own BN cannot be the root of a trace either
