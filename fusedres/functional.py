@@ -410,12 +410,8 @@ def _backward_op_backward(ctx, *grad_outputs):
     return tuple(result)
 
 
-def _register_double_backward() -> None:
-    for op in ("fusedres::batch_norm_act_backward", "fusedres::bn_act_backward"):
-        if op.endswith("::bn_act_backward") and not ops._has_native("bn_act_backward"):
-            continue
-        torch.library.register_autograd(op, _backward_op_backward,
-                                        setup_context=_backward_op_setup)
-
-
-_register_double_backward()
+torch.library.register_autograd("fusedres::batch_norm_act_backward", _backward_op_backward,
+                                setup_context=_backward_op_setup)
+if ops._has_native("bn_act_backward"):  # fusedres._C is loaded
+    torch.library.register_autograd("fusedres::bn_act_backward", _backward_op_backward,
+                                    setup_context=_backward_op_setup)
