@@ -415,3 +415,25 @@ def test_fx_feature_extractor_and_custom_tracers():
     for k in want:
         _close(got[k], want[k], k)
     assert net.dual.last_backend == fusedres.resolve_backend("cpu")
+
+
+def test_converted_model_on_meta_device_like_eager():
+    """Issue 14 point 1: a converted torchvision ResNet runs on the meta device (deferred
+    initialisation, FLOP counting) in training and eval, with eager's output shape, and
+    counts the same convolution FLOPs as the unconverted model."""
+    torchvision = pytest.importorskip("torchvision")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = torchvision.models.resnet18(num_classes=10)
+    fused = fusedres.convert(copy.deepcopy(model))
+    x = torch.empty(2, 3, 64, 64, device="meta")
+    flops = []
+    for m in (model, fused):
+        for training in (True, False):
+            m.train(training)
+            with FlopCounterMode(display=False) as counter:
+                y = m(x)
+            assert y.device.type == "meta" and y.shape == (2, 10)
+            flops.append(counter.get_total_flops())
+    assert flops[:2] == flops[2:] and flops[0] > 0
