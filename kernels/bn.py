@@ -39,9 +39,10 @@
 #
 # Limits: bf16 needs a GPU (the interpreter has no bf16 arithmetic).  On CPU tensors the
 # kernels run only under TRITON_INTERPRET=1 (set before triton is imported), with one
-# fixed config per kernel; on GPU each kernel is autotuned over a handful of configs.
+# fixed config per kernel; on GPU each kernel is autotuned over a handful of configs,
+# except under torch.use_deterministic_algorithms(True), which pins the first config of
+# each family (bitwise reproducible across processes: no atomics, no timing-based choice).
 # References: DESIGN.md sections 1-2; Chan, Golub & LeVeque (1979) for the merge.
-import contextlib
 import math
 import os
 
@@ -50,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedres.kernels import device_guard
 from fusedres.reference import acc_dtype, empty_ncs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -106,22 +108,24 @@ def _autotune(configs, key):
     return triton.autotune(configs=configs(), key=key)
 
 
-def device_guard(t: torch.Tensor):
-    """The current CUDA device set to ``t``'s for a launch (a kernel launches on the current
-    device: tensors on cuda:1 while cuda:0 is current would fault); nothing on CPU."""
-    if t.device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.cuda.device(t.device)
+_FAMILY_CONFIGS = {"elementwise": _elementwise_configs, "reduce": _reduce_configs,
+                   "merge": _merge_configs}
 
 
 def _launch(kernel, family, grid, *args, **constexprs):
     """Launch on the device of the first tensor argument (every launcher passes its
-    input first)."""
-    if _INTERPRET:
-        cfg = _INTERPRETER_CONFIGS[family]
-        kernel[grid](*args, **constexprs, **cfg.kwargs, num_warps=cfg.num_warps)
-    else:
-        with device_guard(args[0]):
+    input first).  Under torch.use_deterministic_algorithms(True) the first config of
+    the family is pinned (no timing-based choice: the reductions' rounding depends on
+    the tile, so results are then bitwise reproducible across processes)."""
+    with device_guard(args[0]):
+        if _INTERPRET:
+            cfg = _INTERPRETER_CONFIGS[family]
+            kernel[grid](*args, **constexprs, **cfg.kwargs, num_warps=cfg.num_warps)
+        elif torch.are_deterministic_algorithms_enabled():
+            cfg = _FAMILY_CONFIGS[family]()[0]
+            kernel.fn[grid](*args, **constexprs, **cfg.kwargs, num_warps=cfg.num_warps,
+                            num_stages=cfg.num_stages)
+        else:
             kernel[grid](*args, **constexprs)
 
 
@@ -138,6 +142,7 @@ def _dense_block_index(
     total,  # N*C*S
     CHANNELS_LAST: tl.constexpr,  # memory order of the dense output
     WIDE: tl.constexpr,  # max(C, S) + BLOCK may pass 2**31: int64 per-element math
+    BIG: tl.constexpr,  # total + BLOCK may pass 2**31: int64 block start (64-bit division)
     BLOCK: tl.constexpr,  # elements per program, a multiple of 8
 ):
     """Linear dense-output offsets o of this block, shaped [BLOCK//8, 8], and the
@@ -153,11 +158,19 @@ def _dense_block_index(
     else:
         inner = S
         mid = C
-    # o = (n*mid + m)*inner + i, split relative to the block start
-    row0 = base // inner
-    col0 = base - row0 * inner
-    n0 = row0 // mid
-    m0 = row0 - n0 * mid
+    # o = (n*mid + m)*inner + i, split relative to the block start (in int32 unless BIG:
+    # a 64-bit division is a ~84-instruction routine, ~10 per element of a 1024 block)
+    if BIG:
+        row0 = base // inner
+        col0 = base - row0 * inner
+        n0 = row0 // mid
+        m0 = row0 - n0 * mid
+    else:
+        base32 = base.to(tl.int32)
+        row0 = base32 // inner
+        col0 = base32 - row0 * inner
+        n0 = (row0 // mid).to(tl.int64)
+        m0 = row0 - (row0 // mid) * mid
     if WIDE:
         t = col0 + local.to(tl.int64)
     else:
@@ -233,11 +246,12 @@ def _bn_apply_kernel(
     R_DENSE: tl.constexpr,  # R has OUT's strides
     X2_DENSE: tl.constexpr,  # X2 has OUT's strides
     WIDE: tl.constexpr,  # int64 per-element index math
+    BIG: tl.constexpr,  # int64 block start (N*C*S near 2**31)
     ACC: tl.constexpr,  # accumulation dtype (tl.float32 or tl.float64)
     BLOCK: tl.constexpr,  # elements per program, multiple of 8
 ):
     pid = tl.program_id(0).to(tl.int64)
-    o, n, c, s, valid = _dense_block_index(pid, C, S, total, CHANNELS_LAST, WIDE, BLOCK)
+    o, n, c, s, valid = _dense_block_index(pid, C, S, total, CHANNELS_LAST, WIDE, BIG, BLOCK)
     x = tl.load(X_ptr + _gather_offsets(o, n, c, s, stride_xn, stride_xc, stride_xs, X_DENSE),
                 mask=valid, other=0.0)
     mean = tl.load(MEAN_ptr + c, mask=valid, other=0.0)
@@ -304,11 +318,12 @@ def _bn_bwd_apply_kernel(
     X_DENSE: tl.constexpr,  # X has DX's strides
     X2_DENSE: tl.constexpr,  # X2 has DX's strides
     WIDE: tl.constexpr,  # int64 per-element index math
+    BIG: tl.constexpr,  # int64 block start (N*C*S near 2**31)
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK: tl.constexpr,  # elements per program, multiple of 8
 ):
     pid = tl.program_id(0).to(tl.int64)
-    o, n, c, s, valid = _dense_block_index(pid, C, S, total, CHANNELS_LAST, WIDE, BLOCK)
+    o, n, c, s, valid = _dense_block_index(pid, C, S, total, CHANNELS_LAST, WIDE, BIG, BLOCK)
     dout = tl.load(DOUT_ptr + _gather_offsets(o, n, c, s, stride_dn, stride_dc, stride_ds,
                                               DOUT_DENSE), mask=valid, other=0.0)
     g = dout.to(ACC)
@@ -845,6 +860,11 @@ def _wide(c: int, s: int) -> bool:
     return max(c, s) + 8192 >= 2**31
 
 
+def _big(total: int) -> bool:
+    # the block start (program id * BLOCK) and its division stay in int32 otherwise
+    return total + 8192 >= 2**31
+
+
 def _split(v: float) -> tuple[float, float]:
     """A host double as two floats Triton passes as fp32 (hi + lo: the double to ~2**-48,
     see _exact_scalar): fp64 pipelines need eps and counts as doubles."""
@@ -978,7 +998,7 @@ def _apply_launch(x, mean, scale, shift, residual, x2, mean2, scale2, shift2, re
             X_DENSE=_is_dense(x, channels_last),
             R_DENSE=residual is not None and _is_dense(residual, channels_last),
             X2_DENSE=x2 is not None and _is_dense(x2, channels_last),
-            WIDE=_wide(c, s), ACC=_tl_acc(x.dtype))
+            WIDE=_wide(c, s), BIG=_big(total), ACC=_tl_acc(x.dtype))
     return out, mask
 
 
@@ -1109,7 +1129,7 @@ def _bwd_apply_launch(dout, x, mean, scale, shift, mask, coefs, recompute, need_
             CHANNELS_LAST=bool(channels_last),
             DOUT_DENSE=_is_dense(dout, channels_last), X_DENSE=_is_dense(x, channels_last),
             X2_DENSE=x2 is not None and _is_dense(x2, channels_last),
-            WIDE=_wide(c, s), ACC=_tl_acc(x.dtype))
+            WIDE=_wide(c, s), BIG=_big(total), ACC=_tl_acc(x.dtype))
     return dx, dres, dx2
 
 

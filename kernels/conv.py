@@ -35,15 +35,21 @@ pass over the chunks; fixed order). ``_conv_wgrad_kernel`` is the weight gradien
 GEMM over the N*P*Q pixels (N tiles tap-major when C_in fills them), split over that
 reduction into a [splits, C_out, R*S*C_in] workspace summed afterwards, with both
 prologues recomputed while loading (BN-ReLU of the input, dBN of dy). Deterministic:
-no atomics anywhere in this file, so nothing needs reset_to_zero/restore_value and
-torch.are_deterministic_algorithms_enabled() changes nothing.
+no atomics anywhere in this file, so nothing needs reset_to_zero/restore_value.
 No launcher syncs with the host. Under CUDA-graph capture, warm up first: the first
 call of a new shape autotunes (benchmarks), which capture does not allow.
 
 Accumulation is fp32 (fp64 for fp64 tensors, so gradcheck runs in the interpreter).
-fp32 ``tl.dot`` uses TF32 iff ``torch.backends.cudnn.allow_tf32``. Offsets are int64.
-Autotuning: a few configs from ``_conv_configs()`` keyed on the GEMM shape; one fixed
-config under TRITON_INTERPRET=1. The launchers read back the chosen BLOCK_M (a cache
+fp32 ``tl.dot`` uses TF32 iff ``torch.backends.cudnn.allow_tf32``. Index math is int32
+(GEMM sizes < 2**31, checked); pointer offsets add the batch term in int64, so offsets
+past 2**31 work.  Every launch runs under the input's CUDA device.
+Autotuning: per kernel mode a few configs that do not spill on sm_90 (``conv_configs``,
+``wgrad_configs``; benchmarks/static/triton.md), keyed on the GEMM shape; one fixed
+config under TRITON_INTERPRET=1.  Deterministic mode: under
+``torch.use_deterministic_algorithms(True)`` each mode runs its first config, with no
+timing-based choice, so results are bitwise reproducible across processes (no atomics
+anywhere; the split of the weight-gradient reduction depends only on the shape and the
+device's SM count). The launchers read back the chosen BLOCK_M (a cache
 lookup, no host sync) to size the per-tile reductions.
 """
 from __future__ import annotations
@@ -54,6 +60,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from fusedres.kernels import device_guard
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -113,10 +121,12 @@ def _conv_kernel(
     group_id = pid // width
     first_m = group_id * GROUP_M
     group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = (first_m + (pid % width) % group_size).to(tl.int64)
+    pid_m = first_m + (pid % width) % group_size
     pid_n = (pid % width) // group_size
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    # int32 index math (GEMM_M, GEMM_K < 2**31: the launchers check); int64 only where a
+    # pointer offset is formed (the batch term), so no 64-bit division routine anywhere
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < GEMM_N
     if TRANSPOSED:
@@ -159,8 +169,8 @@ def _conv_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    x_row = nb * sxn
-    py_row = nb * spn
+    x_row = nb.to(tl.int64) * sxn
+    py_row = nb.to(tl.int64) * spn
     k_total = num_taps * CI
     if TAP_LOOP:
         c_tiles = tl.cdiv(CI, BLOCK_K)
@@ -222,14 +232,16 @@ def _conv_kernel(
         bias = tl.load(BIAS_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
         acc = acc + bias[None, :]
     if HAS_RESIDUAL:
-        res = tl.load(RES_ptr + ((nb * srn + oh * srh + ow * srw)[:, None] + offs_n[None, :] * src),
+        res = tl.load(RES_ptr + ((nb.to(tl.int64) * srn + oh * srh + ow * srw)[:, None]
+                                 + offs_n[None, :] * src),
                       mask=out_ok, other=0.0)
         acc = acc + res.to(acc.dtype)
     if EPILOGUE_RELU:
         acc = tl.where(acc < 0, 0.0, acc)
-    ws_off = (phase * WS_ROWS + pid_m) * GEMM_N + offs_n
+    ws_off = (phase * WS_ROWS + pid_m).to(tl.int64) * GEMM_N + offs_n
     if DRELU:
-        ey = tl.load(EY_ptr + ((nb * sen + oh * seh + ow * sew)[:, None] + offs_n[None, :] * sec),
+        ey = tl.load(EY_ptr + ((nb.to(tl.int64) * sen + oh * seh + ow * sew)[:, None]
+                               + offs_n[None, :] * sec),
                      mask=out_ok, other=0.0).to(acc.dtype)
         esc = tl.load(ESCALE_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
         esh = tl.load(ESHIFT_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
@@ -240,8 +252,8 @@ def _conv_kernel(
         tl.store(WS2_ptr + ws_off, tl.sum(g * ey, axis=0), mask=n_ok)
         acc = g * esc[None, :]
     out = acc.to(Y_ptr.dtype.element_ty)
-    tl.store(Y_ptr + ((nb * syn + oh * syh + ow * syw)[:, None] + offs_n[None, :] * syc),
-             out, mask=out_ok)
+    tl.store(Y_ptr + ((nb.to(tl.int64) * syn + oh * syh + ow * syw)[:, None]
+                      + offs_n[None, :] * syc), out, mask=out_ok)
     if STATS:
         v = tl.where(m_ok[:, None], out.to(acc.dtype), 0.0)
         cnt = tl.minimum(GEMM_M - pid_m * BLOCK_M, BLOCK_M).to(acc.dtype)
@@ -344,7 +356,7 @@ def _conv_wgrad_kernel(
     BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pid_k = tl.program_id(1).to(tl.int64)
+    pid_k = tl.program_id(1)
     if TAP_N:
         # N tiles are (tap, channel block): contiguous channels, vectorised im2col loads
         c_tiles = tl.cdiv(CI, BLOCK_N)
@@ -381,12 +393,14 @@ def _conv_wgrad_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     for kk in range(0, K_PER_SPLIT, BLOCK_K):
-        offs_k = k_start + kk + tl.arange(0, BLOCK_K).to(tl.int64)
+        # int32 pixel index walk (GEMM_K = N*OH*OW < 2**31: the launcher checks): 32-bit
+        # divisions, not the ~84-instruction 64-bit routine; int64 only for the batch term
+        offs_k = k_start + kk + tl.arange(0, BLOCK_K)
         k_ok = offs_k < GEMM_K
         ow = offs_k % OW
         t = offs_k // OW
         oh = t % OH
-        nb = t // OH
+        nb = (t // OH).to(tl.int64)
         a_ok = co_ok[:, None] & k_ok[None, :]
         a = tl.load(DY_ptr + (offs_co[:, None] * sdc + (nb * sdn + oh * sdh + ow * sdw)[None, :]),
                     mask=a_ok, other=0.0)
@@ -409,7 +423,8 @@ def _conv_wgrad_kernel(
             b = tl.where(b_ok, v, 0.0)
         b = b.to(X_ptr.dtype.element_ty)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
-    off = pid_k * GEMM_M * GEMM_N + offs_co[:, None].to(tl.int64) * GEMM_N + offs_j[None, :]
+    off = (pid_k.to(tl.int64) * GEMM_M * GEMM_N + offs_co[:, None].to(tl.int64) * GEMM_N
+           + offs_j[None, :])
     tl.store(DW_ptr + off, acc, mask=co_ok[:, None] & j_ok[None, :])
 
 
@@ -418,27 +433,66 @@ def _conv_wgrad_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _conv_configs():
-    """A handful of implicit-GEMM tile configs (GPU only); K tiles >= 16."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4})]
-    cfg = [
-        (128, 128, 32, 8, 3),
-        (128, 64, 32, 4, 4),
-        (64, 128, 32, 4, 4),
-        (64, 64, 32, 4, 4),
-        (128, 128, 64, 8, 3),
-    ]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
-                          num_warps=w, num_stages=st) for m, n, k, w, st in cfg]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel mode, from the static
+# check (scripts/static_triton.py, benchmarks/static/triton.md): none spills on sm_90.
+# The first of each list is the one config of deterministic mode.
+_CONV_TILES = {
+    "plain": [(128, 64, 32, 8, 3), (128, 128, 32, 8, 2), (64, 64, 32, 4, 3)],
+    "fused": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)],  # a prologue or the dReLU epilogue
+    "stem": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)],  # flat (r, s, c) K loop: C_in = 3
+}
+_WGRAD_TILES = {
+    "plain": [(128, 64, 32, 8, 2), (64, 128, 32, 8, 2), (64, 64, 32, 4, 2)],
+    "fused": [(128, 64, 32, 8, 2), (64, 128, 32, 8, 2)],
+    "stem": [(128, 64, 32, 8, 2)],
+}
+_INTERPRETER_TILE = (32, 32, 16, 4, 1)
 
 
-def _wgrad_configs():
+def _mode(stem, fused):
+    return "stem" if stem else ("fused" if fused else "plain")
+
+
+def _configs(tiles, group_m=True):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k,
+                           **({"GROUP_M": 8} if group_m else {})},
+                          num_warps=w, num_stages=st) for m, n, k, w, st in tiles]
+
+
+def conv_configs(stem=False, transposed=False, fused=False):
+    """The configs autotuned for one mode of ``_conv_kernel`` (``stem``: flat K loop;
+    ``transposed``: dgrad; ``fused``: a prologue or the dReLU epilogue)."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16})]
-    cfg = [(64, 64, 32, 4, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 32, 8, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
-            for m, n, k, w, st in cfg]
+        return _configs([_INTERPRETER_TILE])
+    return _configs(_CONV_TILES[_mode(stem, fused)])
+
+
+def wgrad_configs(stem=False, fused=False):
+    """The configs autotuned for one mode of ``_conv_wgrad_kernel`` (``stem``: flat N
+    tiles; ``fused``: the dBN or BN-ReLU prologue)."""
+    if INTERPRET:
+        return _configs([_INTERPRETER_TILE], group_m=False)
+    return _configs(_WGRAD_TILES[_mode(stem, fused)], group_m=False)
+
+
+def _key(cfg):
+    return tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages
+
+
+def _union(tiles):
+    return sorted({t for mode in tiles.values() for t in mode})
+
+
+def _conv_prune(configs, nargs, **kw):
+    """Autotune only the configs of the launched mode."""
+    want = {_key(c) for c in conv_configs(not kw["TAP_LOOP"], kw["TRANSPOSED"],
+                                          bool(kw["PROLOGUE"] or kw["DRELU"]))}
+    return [c for c in configs if _key(c) in want]
+
+
+def _wgrad_prune(configs, nargs, **kw):
+    want = {_key(c) for c in wgrad_configs(not kw["TAP_N"], bool(kw["DBN"] or kw["PROLOGUE"]))}
+    return [c for c in configs if _key(c) in want]
 
 
 _WGRAD_SPLIT_ALIGN = 16 if INTERPRET else 128  # multiple of every config's BLOCK_K
@@ -449,23 +503,31 @@ if INTERPRET:
 else:
     # keyed on the GEMM shape (plus the mode switches, so fwd and dgrad tune apart)
     _conv_run = triton.autotune(
-        configs=_conv_configs(),
+        configs=_configs(_union(_CONV_TILES)),
         key=["GEMM_M", "GEMM_N", "GEMM_K", "TRANSPOSED", "PROLOGUE", "STATS", "DRELU"],
+        prune_configs_by={"early_config_prune": _conv_prune},
     )(_conv_kernel)
     _wgrad_run = triton.autotune(
-        configs=_wgrad_configs(),
+        configs=_configs(_union(_WGRAD_TILES), group_m=False),
         key=["GEMM_M", "GEMM_N", "GEMM_K", "K_PER_SPLIT", "TAP_N", "DBN", "PROLOGUE"],
+        prune_configs_by={"early_config_prune": _wgrad_prune},
     )(_conv_wgrad_kernel)
 
 
 def _launch(run, configs, grid_fn, args, kwargs):
-    """Launch (autotuned on GPU) and return the config used (no host sync)."""
-    if INTERPRET:
-        cfg = configs[0]
-        run[grid_fn(cfg.kwargs)](*args, **kwargs, **cfg.kwargs)
-        return cfg.kwargs
-    run[grid_fn](*args, **kwargs)
-    return run.best_config.kwargs
+    """Launch on the input's device and return the config used (no host sync): autotuned
+    over ``configs`` on a GPU; ``configs[0]`` under the interpreter and under
+    torch.use_deterministic_algorithms(True) (one pinned config per mode, no timing:
+    bitwise reproducible across processes)."""
+    with device_guard(args[0]):
+        if INTERPRET or torch.are_deterministic_algorithms_enabled():
+            cfg = configs[0]
+            fn = run if INTERPRET else run.fn
+            fn[grid_fn(cfg.kwargs)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
+                                    num_stages=cfg.num_stages)
+            return cfg.kwargs
+        run[grid_fn](*args, **kwargs)
+        return run.best_config.kwargs
 
 
 # --------------------------------------------------------------------------------------
@@ -487,7 +549,16 @@ def _input_precision(dtype):
 def _tap_loop(channels):
     """Tap-major K loop when the reduction channels fill whole K tiles (every config's
     BLOCK_K divides them); the flattened (r, s, c) loop otherwise (the C=3 stem)."""
-    return channels % max(c.kwargs["BLOCK_K"] for c in _conv_configs()) == 0
+    block_k = _INTERPRETER_TILE[2] if INTERPRET else max(t[2] for t in _union(_CONV_TILES))
+    return channels % block_k == 0
+
+
+def _check_int32(**sizes):
+    """The kernels' index math is int32 (no 64-bit division): GEMM sizes below 2**31
+    (fusedres.conv.conv_path sends larger problems to F.conv2d)."""
+    for name, v in sizes.items():
+        if v >= 2**31:
+            raise ValueError(f"fusedres triton conv: {name} = {v} >= 2**31")
 
 
 def _acc_dtype(dtype):
@@ -537,14 +608,16 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     acc = _acc_dtype(x.dtype)
     y = empty_channels_last(n, co, p, q, x.dtype, x.device)
     gm, gn, gk = n * p * q, co, r * s * ci
-    min_bm = min(c.kwargs["BLOCK_M"] for c in _conv_configs())
+    _check_int32(GEMM_M=gm, GEMM_K=gk)
+    prologue = 1 if scale is not None else 0
+    configs = conv_configs(stem=not _tap_loop(ci), fused=bool(prologue))
+    min_bm = min(c.kwargs["BLOCK_M"] for c in configs)
     tiles = triton.cdiv(gm, min_bm)
     if stats:
         ws1 = torch.empty((tiles, co), dtype=acc, device=x.device)
         ws2 = torch.empty((tiles, co), dtype=acc, device=x.device)
     else:
         ws1 = ws2 = y
-    prologue = 1 if scale is not None else 0
     res = residual if residual is not None else y
     args = (x, weight, y, bias if bias is not None else y, res,
             scale if prologue else y, shift if prologue else y, y, y, y, y, ws1, ws2,
@@ -560,7 +633,7 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     def grid(meta):
         return (triton.cdiv(gm, meta["BLOCK_M"]) * triton.cdiv(gn, meta["BLOCK_N"]),)
 
-    cfg = _launch(_conv_run, _conv_configs(), grid, args, kwargs)
+    cfg = _launch(_conv_run, configs, grid, args, kwargs)
     if not stats:
         empty = torch.empty(0, dtype=acc, device=x.device)
         return y, empty, empty
@@ -586,6 +659,13 @@ def merge_stats(ws_mean, ws_m2, mean, var, tiles, m, tile_m, rows_per_prog=None)
     rows_per_prog = triton.cdiv(rows_per_prog, block_t) * block_t
     p = triton.cdiv(tiles, rows_per_prog)
     grid_c = triton.cdiv(c, block_c)
+    with device_guard(mean):
+        _merge_stats_launch(ws_mean, ws_m2, mean, var, tiles, m, tile_m, rows_per_prog, p, c,
+                            grid_c, block_t, block_c, fp64)
+
+
+def _merge_stats_launch(ws_mean, ws_m2, mean, var, tiles, m, tile_m, rows_per_prog, p, c,
+                        grid_c, block_t, block_c, fp64):
     if p <= 1:
         _stats_merge_kernel[(grid_c, 1)](
             ws_mean, ws_m2, ws_mean, mean, var, mean, tiles, c, m, tile_m,
@@ -626,7 +706,9 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     gm, gn, gk = n * triton.cdiv(h, sh) * triton.cdiv(w, sw), ci, r * s * co
     drelu = y_prev is not None
     dbn = y is not None
-    min_bm = min(c.kwargs["BLOCK_M"] for c in _conv_configs())
+    _check_int32(GEMM_M=n * h * w, GEMM_K=gk)
+    configs = conv_configs(stem=not _tap_loop(co), transposed=True, fused=dbn or drelu)
+    min_bm = min(c.kwargs["BLOCK_M"] for c in configs)
     rows = triton.cdiv(gm, min_bm)
     if drelu:
         ws1 = torch.empty((phases * rows, ci), dtype=acc, device=dy.device)
@@ -652,7 +734,7 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     def grid(meta):
         return (triton.cdiv(gm, meta["BLOCK_M"]) * triton.cdiv(gn, meta["BLOCK_N"]), phases)
 
-    cfg = _launch(_conv_run, _conv_configs(), grid, args, kwargs)
+    cfg = _launch(_conv_run, configs, grid, args, kwargs)
     if not drelu:
         return dx, None, None
     t = triton.cdiv(gm, cfg["BLOCK_M"])
@@ -681,6 +763,7 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
     ph, pw = _pair(padding)
     acc = _acc_dtype(x.dtype)
     gm, gn, gk = co, r * s * ci, n * p * q
+    _check_int32(GEMM_K=gk, GEMM_N=gn)
     align = _WGRAD_SPLIT_ALIGN
     if INTERPRET:
         splits = 2
@@ -699,7 +782,9 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
             *_nhwc_strides(dy), *_nhwc_strides(x), *_nhwc_strides(py),
             gm, gn, gk, k_per_split)
     # tap-major N tiles when the channels fill the smallest BLOCK_N (correct for any C)
-    tap_n = ci % min(c.kwargs["BLOCK_N"] for c in _wgrad_configs()) == 0
+    tap_n = ci % (_INTERPRETER_TILE[1] if INTERPRET
+                  else min(t[1] for t in _union(_WGRAD_TILES))) == 0
+    configs = wgrad_configs(stem=not tap_n, fused=dbn or prologue)
     kwargs = dict(TAP_N=tap_n, DBN=dbn, PROLOGUE=prologue, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(x.dtype))
 
@@ -708,7 +793,7 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
                    else triton.cdiv(gn, meta["BLOCK_N"]))
         return (triton.cdiv(gm, meta["BLOCK_M"]) * n_tiles, splits)
 
-    _launch(_wgrad_run, _wgrad_configs(), grid, args, kwargs)
+    _launch(_wgrad_run, configs, grid, args, kwargs)
     dw = part.sum(0) if splits > 1 else part[0]
     # (CO, R*S*CI) -> (CO, CI, R, S) view with KRSC memory
     return dw.view(co, r, s, ci).permute(0, 3, 1, 2).to(x.dtype)

@@ -667,3 +667,72 @@ def test_kernels_compile_for_sm90():
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("ptxas not available")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_every_launch_runs_under_the_tensors_device(monkeypatch):
+    """Issue 12: a Triton kernel launches on the current CUDA device; each launch (conv,
+    its statistics merge) enters kernels.device_guard with its input first."""
+    from fusedres.kernels import conv as kconv
+
+    seen = []
+    guard = kconv.device_guard
+    monkeypatch.setattr(kconv, "device_guard", lambda t: seen.append(t.device) or guard(t))
+    x, w, st, pd = _make(CASES[1], torch.float32)
+    K.conv_fwd(x, w, st, pd, stats=True)
+    assert len(seen) == 2 and all(d == x.device for d in seen)
+
+
+def test_deterministic_mode_pins_the_first_config(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) no config is chosen by timing: the
+    mode's first config runs (bitwise reproducible across processes); otherwise the
+    autotuner runs over the mode's configs."""
+    from fusedres.kernels import conv as kconv
+
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("pinned", grid, kwargs))
+
+    class Autotuned(Kernel):
+        fn = Kernel()
+        best_config = triton_config = None
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("autotuned", kwargs))
+
+    monkeypatch.setattr(kconv, "INTERPRET", False)
+    configs = kconv.conv_configs(fused=True)
+    run = Autotuned()
+    run.best_config = configs[-1]
+    old = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        got = kconv._launch(run, configs, lambda meta: (meta["BLOCK_M"],),
+                            (torch.empty(1),), {"TRANSPOSED": False})
+        torch.use_deterministic_algorithms(False)
+        kconv._launch(run, configs, lambda meta: (1,), (torch.empty(1),), {})
+    finally:
+        torch.use_deterministic_algorithms(old)
+    first = configs[0]
+    assert got == first.kwargs
+    assert calls[0] == ("pinned", (first.kwargs["BLOCK_M"],),
+                        {"TRANSPOSED": False, **first.kwargs, "num_warps": first.num_warps,
+                         "num_stages": first.num_stages})
+    assert calls[1] == ("autotuned", {})
+
+
+def test_config_lists_are_small_and_mode_specific(monkeypatch):
+    """Each kernel mode autotunes at most three configs, its own (pruned at launch)."""
+    from fusedres.kernels import conv as kconv
+
+    monkeypatch.setattr(kconv, "INTERPRET", False)
+    for stem in (False, True):
+        for fused in (False, True):
+            configs = kconv.conv_configs(stem=stem, fused=fused)
+            assert 1 <= len(configs) <= 3
+            kw = dict(TAP_LOOP=not stem, TRANSPOSED=False, PROLOGUE=int(fused), DRELU=False)
+            pruned = kconv._conv_prune(kconv._configs(kconv._union(kconv._CONV_TILES)), {},
+                                       **kw)
+            assert {kconv._key(c) for c in pruned} == {kconv._key(c) for c in configs}
+            assert 1 <= len(kconv.wgrad_configs(stem=stem, fused=fused)) <= 3

@@ -282,8 +282,9 @@ def test_apply_multi_program_mask():
 
 
 def test_apply_wide_index_path(monkeypatch):
-    """The int64 per-element index path (taken when C or S is near 2**31)."""
+    """The int64 index paths (taken when C or S, or N*C*S, is near 2**31)."""
     monkeypatch.setattr(bn, "_wide", lambda c, s: True)
+    monkeypatch.setattr(bn, "_big", lambda total: True)
     torch.manual_seed(8)
     x = make((3, 5, 7), "strided")
     d = make((3, 5, 7), "cl")
@@ -553,3 +554,15 @@ def test_reduction_keeps_sms_busy_at_small_spatial_sizes(monkeypatch):
         *_, num_p = bn._reduction_chunks(256, c, s, True)
         programs = num_p * triton_cdiv(c, tile_c)
         assert programs >= 5 * sms, (c, s, programs)
+
+
+def test_every_launch_runs_under_the_tensors_device(monkeypatch):
+    """Issue 12: a Triton kernel launches on the current CUDA device; every BN launch
+    enters kernels.device_guard with a tensor on x's device."""
+    seen = []
+    guard = bn.device_guard
+    monkeypatch.setattr(bn, "device_guard", lambda t: seen.append(t.device) or guard(t))
+    x = make((2, 3, 5), "cl")
+    mean, var = bn.bn_stats(x, True)
+    relu_apply(bn, x, mean, var, mean, True)
+    assert len(seen) == 3 and all(d == x.device for d in seen)

@@ -85,24 +85,25 @@ def main(argv=None):
         configs = bn._elementwise_configs() if args.all else bn._elementwise_configs()[:1]
         for cfg in configs:
             for sw in _switches(["HAS_RESIDUAL", "HAS_X2", "APPLY_RELU", "SAVE_MASK",
-                                 "CHANNELS_LAST", "X_DENSE", "R_DENSE", "X2_DENSE", "WIDE"],
+                                 "CHANNELS_LAST", "X_DENSE", "R_DENSE", "X2_DENSE", "WIDE", "BIG"],
                                 mode):
                 ptrs = dict(X_ptr=dt, R_ptr=dt, X2_ptr=dt, OUT_ptr=dt, MASK_ptr="*u8",
                             MEAN_ptr=accp, SCALE_ptr=accp, SHIFT_ptr=accp, MEAN2_ptr=accp,
                             SCALE2_ptr=accp, SHIFT2_ptr=accp)
                 k = compile_kernel(bn._bn_apply_kernel, target, ptrs,
                                    dict(sw, ACC=acc, **cfg.kwargs), cfg.num_warps,
-                                   ints64=("total",) if sw["WIDE"] else ())
+                                   ints64=("total",) if sw["WIDE"] or sw["BIG"] else ())
                 count += 1
                 if sw["X_DENSE"] and not sw["WIDE"]:
                     vector_loads[f"bn_apply {dt}"] = bool(re.search(r"ld\.global\.v\d", k.asm["ptx"]))
             for sw in _switches(["HAS_MASK", "APPLY_RELU", "NEED_DX", "WRITE_GRAD_RESIDUAL",
                                  "HAS_X2", "CHANNELS_LAST", "DOUT_DENSE", "X_DENSE",
-                                 "X2_DENSE", "WIDE"], mode):
+                                 "X2_DENSE", "WIDE", "BIG"], mode):
                 ptrs = {"DOUT_ptr": dt, "X_ptr": dt, "X2_ptr": dt, "DX_ptr": dt,
                         "DRES_ptr": dt, "DX2_ptr": dt, "MASK_ptr": "*u8", "*default": accp}
                 compile_kernel(bn._bn_bwd_apply_kernel, target, ptrs,
-                               dict(sw, ACC=acc, **cfg.kwargs), cfg.num_warps)
+                               dict(sw, ACC=acc, **cfg.kwargs), cfg.num_warps,
+                               ints64=("total",) if sw["WIDE"] or sw["BIG"] else ())
                 count += 1
         for cfg in bn._reduce_configs()[:1] if args.quick else bn._reduce_configs():
             for unit in ("stride_xs", "stride_xc"):  # NCHW / channels-last specialisation

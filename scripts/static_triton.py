@@ -1,0 +1,492 @@
+"""Static GPU check of every Triton kernel: compile for sm_90 without a GPU and read what
+the compiler produced.
+
+For every kernel specialisation the ResNet-50 shapes produce (kernels/bn.py: the BN
+statistics, finalize, apply and backward kernels in their channels-last / NCHW and
+shortcut variants; kernels/conv.py: forward, statistics, BN-ReLU prologue, eval
+epilogue, dgrad with and without the dBN prologue / dReLU epilogue, wgrad; each in bf16,
+fp16 and fp32 (TF32), each autotuning config), Triton's real pipeline runs
+(ttir -> ttgir -> llir -> ptx -> cubin for GPUTarget("cuda", 90, 32), i.e. sm_90a), and
+the cubin is read with the tools shipped in the triton wheel (ptxas -v, cuobjdump -sass):
+
+* registers, spill stores/loads (bytes), shared memory (bytes);
+* global load / store instructions by width (LDG/STG .128, .64, 32-bit, 16, 8);
+* the hot loop (the innermost backward branch that holds the main work: the tensor-core
+  instructions for conv, the global loads for reductions): its SASS instruction count,
+  and for memory-bound kernels the instructions per element (loop instructions per
+  thread / elements a thread handles per iteration; kernels without a loop: all
+  instructions per element of the program);
+* tensor-core instructions (HGMMA = wgmma, HMMA = mma.sync) in the kernel;
+* 64-bit integer division (div/rem .s64/.u64 in the PTX: a ~84-instruction SASS routine
+  per use, called with CALL).
+
+Writes benchmarks/static/triton.json and triton.md (the table).  Regenerate with
+
+    .venv/bin/python scripts/static_triton.py            # every specialisation (~15 min)
+    .venv/bin/python scripts/static_triton.py --quick    # a representative subset
+
+Run without TRITON_INTERPRET=1 (the interpreter replaces the compiler).  No GPU, driver
+or CUDA toolkit is needed beyond the triton wheel.  tests/test_static_triton.py compiles
+the representative subset and fails on spills in memory-bound kernels or conv main
+loops, and on 64-bit division in the conv kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("run without TRITON_INTERPRET=1: the interpreter replaces the compiler")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def _load(name):
+    """kernels/<name>.py as a module, without importing fusedres (no torch.ops needed)."""
+    spec = importlib.util.spec_from_file_location(f"_static_{name}",
+                                                  os.path.join(ROOT, "kernels", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, ROOT)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# --------------------------------------------------------------------------------------
+# Compile and read
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    kernel: str
+    variant: str
+    dtype: str
+    config: str
+    memory_bound: bool
+    registers: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+    shared: int = 0
+    loads: dict = field(default_factory=dict)
+    stores: dict = field(default_factory=dict)
+    hot_spills: int = 0  # STL/LDL in a loop (memory-bound: any; conv: the main loop)
+    loop_instructions: int = 0
+    elements_per_thread: float = 0.0
+    instructions_per_element: float = 0.0
+    hgmma: int = 0
+    hmma: int = 0
+    div64: int = 0
+    compile_s: float = 0.0
+    error: str = ""
+
+
+def compile_kernel(fn, ptrs, consts, num_warps, num_stages=3, ints64=(), floats=()):
+    """triton.compile of a @triton.jit kernel for sm_90.  ``ptrs`` maps pointer argument
+    names to their type ("*bf16"...; key "*default" for the rest); other arguments are
+    i32 (i64 if in ``ints64``, fp32 if in ``floats``), 16-divisible like the JIT's
+    specialisation of ResNet sizes."""
+    sig, attrs = {}, {}
+    for i, a in enumerate(fn.arg_names):
+        if a in consts:
+            sig[a] = "constexpr"
+        elif a.endswith("_ptr"):
+            sig[a] = ptrs.get(a, ptrs.get("*default"))
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif a in floats or a.endswith(("_hi", "_lo")):
+            sig[a] = "fp32"
+        else:
+            sig[a] = "i64" if a in ints64 else "i32"
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v
+                                         for k, v in consts.items()}, attrs=attrs)
+    return triton.compile(src, target=TARGET,
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+_LDG = re.compile(r"\b(LDG|STG)(?:\.E)?((?:\.[A-Z0-9_]+)*)")
+_INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", re.M)
+
+
+def _width(mods: str) -> str:
+    for w in ("128", "64", "U16", "S16", "U8", "S8"):
+        if f".{w}" in mods:
+            return w.lstrip("US")
+    return "32"
+
+
+def read_sass(sass: str, hot: str):
+    """(instructions by address of the kernel's own body, loops as (start, end) address
+    ranges).  The body ends at the first self-branch (``BRA`` to itself, the padding
+    after the last EXIT); called routines (e.g. 64-bit division) come after it and are
+    left out, as their calls are counted (div64)."""
+    instrs = [(int(a, 16), text.strip()) for a, text in _INSTR.findall(sass)]
+    for i, (addr, text) in enumerate(instrs):
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) == addr:
+            instrs = instrs[:i]
+            break
+    loops = []
+    for addr, text in instrs:
+        m = re.search(r"\bBRA(?:\.\S+)?\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
+        if m is None:
+            m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    return instrs, loops
+
+
+def hot_loop(instrs, loops, hot: str):
+    """The innermost loop that holds a ``hot`` instruction (regex): its instructions."""
+    best = None
+    for start, end in loops:
+        body = [t for a, t in instrs if start <= a <= end]
+        if any(re.search(hot, t) for t in body) and (best is None or len(body) < len(best)):
+            best = body
+    return best or []
+
+
+def analyse(fn, ptrs, consts, num_warps, num_stages=3, *, kernel, variant, dtype,
+            memory_bound, elements=None, ints64=(), floats=()):
+    """Compile and read one specialisation.  ``elements``: elements a program handles per
+    loop iteration (memory-bound kernels; per program when there is no loop)."""
+    cfg = ", ".join(f"{k}={v}" for k, v in consts.items() if k.startswith(("BLOCK", "GROUP")))
+    cfg += f", warps={num_warps}" + (f", stages={num_stages}" if not memory_bound else "")
+    res = Result(kernel, variant, dtype, cfg, memory_bound)
+    t0 = time.time()
+    try:
+        k = compile_kernel(fn, ptrs, consts, num_warps, num_stages, ints64, floats)
+    except Exception as exc:  # reported in the table: the check fails on it
+        res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return res
+    res.compile_s = round(time.time() - t0, 2)
+    ptx = k.asm["ptx"]
+    res.shared = int(getattr(k.metadata, "shared", 0))
+    res.div64 = len(re.findall(r"\b(?:div|rem)\.[su]64\b", ptx))
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "k.ptx"), "w") as f:
+            f.write(ptx)
+        with open(os.path.join(d, "k.cubin"), "wb") as f:
+            f.write(k.asm["cubin"])
+        arch = re.search(r"\.target\s+(\w+)", ptx).group(1)
+        # the cubin's figures: ptxas with the flags triton's make_cubin uses
+        info = subprocess.run([os.path.join(BIN, "ptxas"), "-lineinfo", "-v",
+                               "--regAllocOptLevel=2", f"--gpu-name={arch}",
+                               os.path.join(d, "k.ptx"), "-o", os.path.join(d, "v.cubin")],
+                              capture_output=True, text=True).stderr
+        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass",
+                               os.path.join(d, "k.cubin")], capture_output=True, text=True).stdout
+    m = re.search(r"Used (\d+) registers", info)
+    res.registers = int(m.group(1)) if m else -1
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    res.spill_stores, res.spill_loads = (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
+    instrs, loops = read_sass(sass, "")
+    for op, mods in _LDG.findall(sass):
+        d = res.loads if op == "LDG" else res.stores
+        w = _width(mods)
+        d[w] = d.get(w, 0) + 1
+    res.hgmma = sum("HGMMA" in t for _, t in instrs)
+    res.hmma = sum(re.search(r"\bHMMA\b", t) is not None for _, t in instrs)
+    threads = 32 * num_warps
+    spill = re.compile(r"\b(?:STL|LDL)\b")
+    if memory_bound:
+        body = hot_loop(instrs, loops, r"\bLDG\b")
+        if body:
+            res.loop_instructions = len(body)
+            res.hot_spills = sum(bool(spill.search(t)) for a, t in instrs
+                                 if any(lo <= a <= hi for lo, hi in loops))
+        else:  # no loop: the whole program
+            res.loop_instructions = len(instrs)
+            res.hot_spills = sum(bool(spill.search(t)) for _, t in instrs)
+        if elements:
+            res.elements_per_thread = elements / threads
+            res.instructions_per_element = round(res.loop_instructions
+                                                 / res.elements_per_thread, 2)
+    else:
+        body = hot_loop(instrs, loops, r"HGMMA|HMMA")
+        res.loop_instructions = len(body)
+        res.hot_spills = sum(bool(spill.search(t)) for t in body)
+    return res
+
+
+# --------------------------------------------------------------------------------------
+# The specialisations
+# --------------------------------------------------------------------------------------
+
+DTYPES = {"bf16": (tl.float32, "*fp32"), "fp16": (tl.float32, "*fp32"),
+          "fp32": (tl.float32, "*fp32")}
+
+
+def bn_specs(quick: bool):
+    """(fn, ptrs, consts, warps, stages, meta) of every BN kernel specialisation."""
+    bn = _load("bn")
+    specs = []
+    for dt, (acc, accp) in DTYPES.items():
+        act = f"*{dt}"
+        ptrs = {"X_ptr": act, "X2_ptr": act, "R_ptr": act, "OUT_ptr": act, "DOUT_ptr": act,
+                "DX_ptr": act, "DRES_ptr": act, "DX2_ptr": act, "MASK_ptr": "*u8",
+                "*default": accp}
+        ew = bn._elementwise_configs()[:1] if quick else bn._elementwise_configs()
+        off = dict(HAS_RESIDUAL=False, HAS_X2=False, APPLY_RELU=True, SAVE_MASK=False,
+                   CHANNELS_LAST=True, X_DENSE=True, R_DENSE=True, X2_DENSE=True, WIDE=False,
+                   BIG=False, ACC=acc)
+        apply_variants = {"bn_relu": {}, "bn_add_relu": dict(HAS_RESIDUAL=True, SAVE_MASK=True),
+                          "dual_add_relu": dict(HAS_RESIDUAL=True, HAS_X2=True, SAVE_MASK=True),
+                          "bn_relu nchw": dict(CHANNELS_LAST=False)}
+        bwd_off = dict(HAS_MASK=False, APPLY_RELU=True, NEED_DX=True,
+                       WRITE_GRAD_RESIDUAL=False, HAS_X2=False, CHANNELS_LAST=True,
+                       DOUT_DENSE=True, X_DENSE=True, X2_DENSE=True, WIDE=False, BIG=False,
+                       ACC=acc)
+        bwd_variants = {"relu (recomputed mask)": {},
+                        "add (mask, dres)": dict(HAS_MASK=True, WRITE_GRAD_RESIDUAL=True),
+                        "dual (mask, dres, dx2)": dict(HAS_MASK=True, WRITE_GRAD_RESIDUAL=True,
+                                                       HAS_X2=True)}
+        for cfg in ew:
+            block = cfg.kwargs["BLOCK"]
+            for name, sw in (apply_variants if not quick else
+                             {k: v for k, v in apply_variants.items() if k != "bn_relu nchw"}
+                             ).items():
+                specs.append((bn._bn_apply_kernel, ptrs, dict(off, **sw, **cfg.kwargs),
+                              cfg.num_warps, 1, dict(kernel="bn_apply", variant=name, dtype=dt,
+                                                     memory_bound=True, elements=block)))
+            for name, sw in bwd_variants.items():
+                specs.append((bn._bn_bwd_apply_kernel, ptrs, dict(bwd_off, **sw, **cfg.kwargs),
+                              cfg.num_warps, 1,
+                              dict(kernel="bn_bwd_apply", variant=name, dtype=dt,
+                                   memory_bound=True, elements=block)))
+        red = bn._reduce_configs()[:2] if quick else bn._reduce_configs()
+        for cfg in red:
+            tile = cfg.kwargs["BLOCK_C"] * cfg.kwargs["BLOCK_S"]
+            layout = "channels_last" if cfg.kwargs["BLOCK_C"] >= 32 else "nchw"
+            unit = {"stride_xc": 1} if layout == "channels_last" else {"stride_xs": 1}
+            for x2 in (False, True):
+                specs.append((bn._bn_stats_partial_kernel, ptrs,
+                              dict(ACC=acc, HAS_X2=x2, **unit, **cfg.kwargs), cfg.num_warps, 1,
+                              dict(kernel="bn_stats_partial",
+                                   variant=f"{layout}{' +x2' if x2 else ''}", dtype=dt,
+                                   memory_bound=True, elements=tile)))
+            runit = ({"stride_xc": 1, "stride_dc": 1} if layout == "channels_last"
+                     else {"stride_xs": 1, "stride_ds": 1})
+            for name, sw in {"relu (recomputed mask)": dict(HAS_MASK=False, APPLY_RELU=True,
+                                                            AFFINE_FROM_VAR=True),
+                             "add (mask)": dict(HAS_MASK=True, APPLY_RELU=True),
+                             "dual (mask, x2)": dict(HAS_MASK=True, APPLY_RELU=True,
+                                                     HAS_X2=True)}.items():
+                consts = dict(HAS_MASK=False, APPLY_RELU=False, AFFINE_FROM_VAR=False,
+                              HAS_W=True, HAS_B=True, HAS_X2=False, CHANNELS_LAST=True,
+                              ACC=acc, **runit, **cfg.kwargs)
+                consts.update(sw)
+                specs.append((bn._bn_bwd_reduce_partial_kernel, ptrs, consts, cfg.num_warps, 1,
+                              dict(kernel="bn_bwd_reduce_partial", variant=f"{name} {layout}",
+                                   dtype=dt, memory_bound=True, elements=tile)))
+    # per-channel kernels: fp32 vectors whatever the activations
+    for cfg in bn._merge_configs()[:1] if quick else bn._merge_configs():
+        for name, sw in {"train": {}, "train +x2": dict(HAS_X2=True),
+                         "eval": dict(FROM_RUNNING=True)}.items():
+            consts = dict(HAS_X2=False, FROM_RUNNING=False, SCALE_SHIFT=True, HAS_W=True,
+                          HAS_B=True, HAS_W2=True, HAS_B2=True, ACC=tl.float32, **cfg.kwargs)
+            consts.update(sw)
+            specs.append((bn._bn_stats_finalize_kernel, {"*default": "*fp32"}, consts,
+                          cfg.num_warps, 1, dict(kernel="bn_stats_finalize", variant=name,
+                                                 dtype="fp32", memory_bound=True,
+                                                 elements=cfg.kwargs["BLOCK_P"]
+                                                 * cfg.kwargs["BLOCK_C"])))
+            consts = dict(HAS_X2="x2" in name, HAS_W=True, HAS_B=True, WRITE_DW=True,
+                          WRITE_DB=True, HAS_W2=True, HAS_B2=True, WRITE_DW2=True,
+                          WRITE_DB2=True, COEFS=True, COEFS2=True, TRAINING=name != "eval",
+                          ACC=tl.float32, **cfg.kwargs)
+            specs.append((bn._bn_bwd_finalize_kernel, {"*default": "*fp32"}, consts,
+                          cfg.num_warps, 1, dict(kernel="bn_bwd_finalize", variant=name,
+                                                 dtype="fp32", memory_bound=True,
+                                                 elements=cfg.kwargs["BLOCK_P"]
+                                                 * cfg.kwargs["BLOCK_C"])))
+    return specs
+
+
+def conv_specs(quick: bool):
+    """Every conv kernel mode ResNet-50 training and inference use, each config."""
+    kc = _load("conv")
+    specs = []
+    dtypes = {"bf16": "ieee", "fp16": "ieee", "fp32": "tf32"}
+    off = dict(HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False,
+               DRELU=False, ACC_FP64=False, TRANSPOSED=False, TAP_LOOP=True, PROLOGUE=0)
+    fwd = {"fwd 3x3/1x1 (conv2d)": {},
+           "fwd +stats (conv -> BN)": dict(STATS=True),
+           "fwd bn-relu prologue +stats": dict(PROLOGUE=1, STATS=True),
+           "fwd eval bias+residual+relu": dict(HAS_BIAS=True, HAS_RESIDUAL=True,
+                                               EPILOGUE_RELU=True),
+           "fwd stem C=3 (flat K) +stats": dict(TAP_LOOP=False, STATS=True),
+           "dgrad": dict(TRANSPOSED=True),
+           "dgrad dBN prologue + dReLU epilogue": dict(TRANSPOSED=True, PROLOGUE=2,
+                                                       DRELU=True)}
+    if quick:
+        fwd = {k: v for k, v in fwd.items() if k in (
+            "fwd bn-relu prologue +stats", "fwd stem C=3 (flat K) +stats",
+            "dgrad dBN prologue + dReLU epilogue")}
+    wgrad = {"wgrad": dict(TAP_N=True, DBN=False, PROLOGUE=False),
+             "wgrad dBN + bn-relu prologues": dict(TAP_N=True, DBN=True, PROLOGUE=True),
+             "wgrad stem C=3 (flat N)": dict(TAP_N=False, DBN=True, PROLOGUE=False)}
+    if quick:
+        wgrad = {k: v for k, v in wgrad.items() if k != "wgrad"}
+    for dt, prec in dtypes.items():
+        if quick and dt != "bf16":
+            continue
+        act = f"*{dt}"
+        ptrs = {"X_ptr": act, "W_ptr": act, "Y_ptr": act, "BIAS_ptr": act, "RES_ptr": act,
+                "PY_ptr": act, "EY_ptr": act, "DY_ptr": act, "*default": "*fp32"}
+        for name, sw in fwd.items():
+            stem = not sw.get("TAP_LOOP", True)
+            for cfg in kc.conv_configs(stem=stem, transposed=sw.get("TRANSPOSED", False),
+                                       fused=bool(sw.get("PROLOGUE") or sw.get("DRELU"))):
+                consts = dict(off, **sw, INPUT_PRECISION=prec, **cfg.kwargs)
+                specs.append((kc._conv_kernel, ptrs, consts, cfg.num_warps, cfg.num_stages,
+                              dict(kernel="conv", variant=name, dtype=dt, memory_bound=False)))
+        for name, sw in wgrad.items():
+            for cfg in kc.wgrad_configs(stem=not sw["TAP_N"],
+                                        fused=sw["DBN"] or sw["PROLOGUE"]):
+                consts = dict(sw, ACC_FP64=False, INPUT_PRECISION=prec, **cfg.kwargs)
+                specs.append((kc._conv_wgrad_kernel, ptrs, consts, cfg.num_warps,
+                              cfg.num_stages, dict(kernel="conv_wgrad", variant=name, dtype=dt,
+                                                   memory_bound=False)))
+    return specs
+
+
+# --------------------------------------------------------------------------------------
+# The checks (tests/test_static_triton.py) and the table
+# --------------------------------------------------------------------------------------
+
+
+def problems(results):
+    """What breaks the targets of issue 12: spill instructions on the hot path (a memory-
+    bound kernel's loops, or all of it without a loop; a conv's main loop), 64-bit
+    division in a conv kernel, a compile error.  (ptxas sometimes parks a few values of
+    the setup or the final reduction in local memory, outside every loop, even at ~70
+    registers: the table shows those bytes; they cost nothing per element.)"""
+    out = []
+    for r in results:
+        where = f"{r.kernel} [{r.variant}] {r.dtype} ({r.config})"
+        if r.error:
+            out.append(f"{where}: does not compile: {r.error}")
+        if r.hot_spills:
+            out.append(f"{where}: {r.hot_spills} spill instructions on the hot path "
+                       f"({r.spill_stores} B stored, {r.spill_loads} B loaded in all, "
+                       f"{r.registers} registers)")
+        if r.kernel.startswith("conv") and r.div64:
+            out.append(f"{where}: {r.div64} 64-bit integer divisions")
+    return out
+
+
+def markdown(results, command, seconds):
+    lines = [
+        "# Static check of the Triton kernels for sm_90 (no GPU)",
+        "",
+        f"Generated by `{command}` with triton {triton.__version__} for "
+        f"GPUTarget('cuda', 90, 32) (sm_90a), {len(results)} specialisations in "
+        f"{seconds:.0f} s. Nothing here was measured on a GPU: these are the compiler's "
+        "figures (ptxas -v, cuobjdump -sass of the cubin).",
+        "",
+        "Columns: registers per thread; spill: bytes stored/loaded by the whole kernel "
+        "[spill instructions on the hot path]; shared memory (bytes); "
+        "global loads/stores by width in bits (count of SASS instructions); hot loop: SASS "
+        "instructions of the innermost loop holding the main work (memory-bound: the loads; "
+        "conv: the tensor-core instructions), per element for memory-bound kernels (whole "
+        "program when there is no loop); HGMMA/HMMA: tensor-core instructions; div64: "
+        "64-bit integer divisions in the PTX.",
+        "",
+        "| kernel | variant | dtype | config | regs | spill | smem | LDG | STG | hot loop "
+        "| instr/elem | HGMMA | HMMA | div64 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    widths = lambda d: " ".join(f"{k}:{v}" for k, v in sorted(d.items())) or "-"  # noqa: E731
+    for r in results:
+        if r.error:
+            lines.append(f"| {r.kernel} | {r.variant} | {r.dtype} | {r.config} | "
+                         f"compile error: {r.error} |||||||||")
+            continue
+        ipe = f"{r.instructions_per_element:.1f}" if r.memory_bound and r.elements_per_thread \
+            else "-"
+        lines.append(f"| {r.kernel} | {r.variant} | {r.dtype} | {r.config} | {r.registers} | "
+                     f"{r.spill_stores}/{r.spill_loads} [{r.hot_spills}] | {r.shared} | "
+                     f"{widths(r.loads)} | "
+                     f"{widths(r.stores)} | {r.loop_instructions} | {ipe} | {r.hgmma} | "
+                     f"{r.hmma} | {r.div64} |")
+    bad = problems(results)
+    lines += ["", "## Problems", ""] + ([f"- {p}" for p in bad] or ["None."])
+    return "\n".join(lines) + "\n"
+
+
+def ci_specs():
+    """The CI subset (tests/test_static_triton.py, ~1-2 min on 2 cores): bf16 (the
+    per-channel finalize kernels: fp32), the first (deterministic-mode) config of each
+    kernel variant, the conv modes most likely to spill."""
+    seen, out = set(), []
+    for spec in bn_specs(True) + conv_specs(True):
+        meta = spec[-1]
+        key = (meta["kernel"], meta["variant"])
+        if key not in seen and meta["dtype"] == ("fp32" if meta["kernel"].endswith("finalize")
+                                                 else "bf16"):
+            seen.add(key)
+            out.append(spec)
+    return out
+
+
+def run(quick=False, only=None, log=print, ci=False):
+    specs = []
+    if ci:
+        specs = ci_specs()
+    if only in (None, "bn") and not ci:
+        specs += bn_specs(quick)
+    if only in (None, "conv") and not ci:
+        specs += conv_specs(quick)
+    results = []
+    for fn, ptrs, consts, warps, stages, meta in specs:
+        r = analyse(fn, ptrs, consts, warps, stages, **meta)
+        log(f"{r.kernel:24s} {r.variant:36s} {r.dtype:5s} {r.config:58s} regs={r.registers:3d} "
+            f"spill={r.spill_stores}/{r.spill_loads} loop={r.loop_instructions} "
+            f"ipe={r.instructions_per_element} hgmma={r.hgmma} div64={r.div64} {r.error}")
+        results.append(r)
+    return results
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a representative subset")
+    ap.add_argument("--ci", action="store_true", help="the CI subset (first config, bf16)")
+    ap.add_argument("--only", choices=["bn", "conv"])
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "static"))
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    results = run(args.quick, args.only, ci=args.ci)
+    seconds = time.time() - t0
+    command = "python scripts/static_triton.py" + (" --quick" if args.quick else "") + \
+        (" --ci" if args.ci else "") + (f" --only {args.only}" if args.only else "")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "triton.json"), "w") as f:
+        json.dump({"command": command, "triton": triton.__version__, "target": "sm_90a",
+                   "seconds": round(seconds), "results": [asdict(r) for r in results],
+                   "problems": problems(results)}, f, indent=1)
+    with open(os.path.join(args.out, "triton.md"), "w") as f:
+        f.write(markdown(results, command, seconds))
+    bad = problems(results)
+    print(f"{len(results)} specialisations, {len(bad)} problems, {seconds:.0f} s")
+    for p in bad:
+        print("  " + p)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Static GPU check of the Triton kernels (scripts/static_triton.py) in CI, no GPU: the
+CI subset (bf16, each kernel's first config, the modes most likely to spill) compiled
+for sm_90 must not spill in a memory-bound kernel or a conv main loop, and the conv
+kernels must not use 64-bit integer division.  The full table is
+benchmarks/static/triton.md (``python scripts/static_triton.py``)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "static_triton.py")
+
+
+def _script_module():
+    """The script's pure-Python parts (importable only without TRITON_INTERPRET, which
+    it refuses: loaded with the flag hidden, nothing compiled)."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        spec = importlib.util.spec_from_file_location("static_triton_check", SCRIPT)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def test_problems_name_spills_and_64bit_division():
+    """The check can fail: a spilling memory-bound kernel, a spilling conv and a conv with
+    64-bit division are each reported; a clean kernel is not."""
+    pytest.importorskip("triton")
+    S = _script_module()
+    clean = S.Result("bn_apply", "bn_relu", "bf16", "BLOCK=1024", True, registers=40)
+    spill = S.Result("bn_apply", "bn_relu", "bf16", "BLOCK=1024", True, registers=255,
+                     spill_stores=8, spill_loads=8, hot_spills=2)
+    conv = S.Result("conv_wgrad", "wgrad", "bf16", "cfg", False, registers=255,
+                    spill_stores=160, spill_loads=152, hot_spills=12, div64=61)
+    setup_only = S.Result("bn_stats_partial", "x2", "bf16", "cfg", True, registers=72,
+                          spill_stores=12, spill_loads=8, hot_spills=0)
+    assert S.problems([setup_only]) == []
+    assert S.problems([clean]) == []
+    assert len(S.problems([spill])) == 1
+    assert len(S.problems([conv])) == 2  # the spills and the 64-bit divisions
+
+
+def test_sass_hot_loop_parser():
+    pytest.importorskip("triton")
+    S = _script_module()
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0030*/                   IADD3 R2, R2, 0x10, RZ ;
+        /*0040*/              @P0 BRA 0x10 ;
+        /*0050*/                   STG.E.64 desc[UR4][R2.64], R4 ;
+        /*0060*/                   EXIT ;
+    """
+    instrs, loops = S.read_sass(sass, "")
+    assert loops == [(0x10, 0x40)]
+    assert len(S.hot_loop(instrs, loops, r"HGMMA")) == 4
+    assert S._width(".E.128") == "128" and S._width(".E") == "32"
+
+
+def test_ci_subset_compiles_for_sm90_without_spills(tmp_path):
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, SCRIPT, "--ci", "--out", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    out = proc.stdout[-6000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "triton.json").read_text())
+    kernels = {r["kernel"] for r in report["results"]}
+    assert {"bn_apply", "bn_bwd_apply", "bn_stats_partial", "bn_bwd_reduce_partial",
+            "bn_stats_finalize", "bn_bwd_finalize", "conv", "conv_wgrad"} <= kernels, out
+    assert all(r["registers"] > 0 for r in report["results"] if not r["error"]), out
+    assert report["problems"] == [], out
+    assert proc.returncode == 0, out
