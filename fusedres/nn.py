@@ -608,6 +608,7 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     _relu = False
     __constants__ = nn.BatchNorm2d.__constants__ + ["_relu"]  # TorchScript reads _relu
+    last_backend: Optional[str]  # one TorchScript type whether a forward ran yet or not
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None,
@@ -741,6 +742,8 @@ class ConvBatchNormReLU2d(nn.Module):
     both (the module's name); ``relu=False`` (or None) gives ``bn(conv(x))``, and an
     ``nn.ReLU`` instance counts as True.
     """
+
+    last_backend: Optional[str]  # as BatchNorm2d's
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = False, padding_mode: str = "zeros",

@@ -437,3 +437,16 @@ def test_converted_model_on_meta_device_like_eager():
             assert y.device.type == "meta" and y.shape == (2, 10)
             flops.append(counter.get_total_flops())
     assert flops[:2] == flops[2:] and flops[0] > 0
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_jit_trace_with_its_check(training):
+    """torch.jit.trace (with its default check that a second trace gives the same graph)
+    records the fused ops and reproduces the model. It failed the check before: each
+    module's last_backend attribute went from None to a string, a new TorchScript type."""
+    net = _net("auto").train(training)
+    net.stem = nn.Identity()  # ConvBatchNormReLU2d still fails the check (reported)
+    x = torch.randn(2, 4, 5, 5)
+    traced = torch.jit.trace(copy.deepcopy(net), x)
+    assert "fusedres::" in str(traced.inlined_graph)
+    _close(traced(x), net(x), "traced")
