@@ -381,6 +381,9 @@ def conv_path(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
     p, q = _out_hw(input, weight, st, pd)
     if input.numel() == 0 or p <= 0 or q <= 0:
         return "reference", "empty input or output goes to F.conv2d"
+    n, c, h, w = input.shape
+    if n * max(p * q, h * w) >= 2**31 or weight[0].numel() >= 2**31:
+        return "reference", "a GEMM dimension >= 2**31 (the Triton conv indexes in int32)"
     return "triton", "Triton implicit-GEMM conv"
 
 
