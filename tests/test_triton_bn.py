@@ -566,3 +566,32 @@ def test_every_launch_runs_under_the_tensors_device(monkeypatch):
     mean, var = bn.bn_stats(x, True)
     relu_apply(bn, x, mean, var, mean, True)
     assert len(seen) == 3 and all(d == x.device for d in seen)
+
+
+def test_deterministic_mode_pins_the_first_config(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the BN kernels run their family's
+    first config (no timing: the reductions' rounding depends on the tile)."""
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(kwargs)
+
+    class Autotuned(Kernel):
+        fn = Kernel()
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append("autotuned")
+
+    monkeypatch.setattr(bn, "_INTERPRET", False)
+    old = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        bn._launch(Autotuned(), "reduce", (1,), torch.empty(1), ACC=None)
+        torch.use_deterministic_algorithms(False)
+        bn._launch(Autotuned(), "reduce", (1,), torch.empty(1), ACC=None)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    first = bn._reduce_configs()[0]
+    assert calls == [dict(ACC=None, **first.kwargs, num_warps=first.num_warps,
+                          num_stages=first.num_stages), "autotuned"]
