@@ -1050,22 +1050,28 @@ def _reduce_partials(dout, x, mean, mask, recompute, affine, x2, mean2, channels
     return num_p, parts
 
 
-def bn_backward_reduce(dout, x, mean, scale, shift, mask, relu, channels_last):
-    """Per-channel sum(g) and sum(g*(x - mean)), g = dout * passes (mask bit if a mask is
-    given, else recomputed when relu as not ((x - mean)*scale + shift <= 0)).
-    See fusedres.reference.bn_backward_reduce."""
+def _backward_inputs(dout, x, mean, scale, shift, mask, relu):
+    """Checked inputs of the backward primitives: (mean, scale, shift, mask or None,
+    whether the ReLU mask is recomputed); scale/shift only read when it is."""
     _check_activation("x", x)
     _check_activation("dout", dout, x)
-    n, c, s = x.shape
-    acc = acc_dtype(x.dtype)
     mean = _channel_vector("mean", mean, x)
     mask = _check_mask(mask, x)
     recompute = mask is None and bool(relu)
     if recompute:
-        scale = _channel_vector("scale", scale, x)
-        shift = _channel_vector("shift", shift, x)
-    else:
-        scale = shift = mean
+        return (mean, _channel_vector("scale", scale, x), _channel_vector("shift", shift, x),
+                mask, True)
+    return mean, mean, mean, mask, False
+
+
+def bn_backward_reduce(dout, x, mean, scale, shift, mask, relu, channels_last):
+    """Per-channel sum(g) and sum(g*(x - mean)), g = dout * passes (mask bit if a mask is
+    given, else recomputed when relu as not ((x - mean)*scale + shift <= 0)).
+    See fusedres.reference.bn_backward_reduce."""
+    mean, scale, shift, mask, recompute = _backward_inputs(dout, x, mean, scale, shift, mask,
+                                                           relu)
+    n, c, s = x.shape
+    acc = acc_dtype(x.dtype)
     if c == 0 or n * s == 0:
         z = torch.zeros(c, dtype=acc, device=x.device)
         return z, z.clone()
@@ -1137,18 +1143,10 @@ def bn_backward_apply(dout, x, mean, scale, shift, mask, coef_g, coef_xc, coef_c
                       write_grad_residual, channels_last):
     """dx = coef_g*g + coef_xc*(x - mean) + coef_c and, if asked, dres = g.
     See fusedres.reference.bn_backward_apply."""
-    _check_activation("x", x)
-    _check_activation("dout", dout, x)
-    mean = _channel_vector("mean", mean, x)
+    mean, scale, shift, mask, recompute = _backward_inputs(dout, x, mean, scale, shift, mask,
+                                                           relu)
     coefs = tuple(_channel_vector(name, v, x) for name, v in
                   (("coef_g", coef_g), ("coef_xc", coef_xc), ("coef_c", coef_c)))
-    mask = _check_mask(mask, x)
-    recompute = mask is None and bool(relu)
-    if recompute:
-        scale = _channel_vector("scale", scale, x)
-        shift = _channel_vector("shift", shift, x)
-    else:
-        scale = shift = mean
     dx, dres, _ = _bwd_apply_launch(dout, x, mean, scale, shift, mask, coefs, recompute, True,
                                     write_grad_residual, None, None, None, channels_last)
     return dx, dres

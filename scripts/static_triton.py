@@ -96,11 +96,22 @@ class Result:
     error: str = ""
 
 
-def compile_kernel(fn, ptrs, consts, num_warps, num_stages=3, ints64=(), floats=()):
-    """triton.compile of a @triton.jit kernel for sm_90.  ``ptrs`` maps pointer argument
-    names to their type ("*bf16"...; key "*default" for the rest); other arguments are
-    i32 (i64 if in ``ints64``, fp32 if in ``floats``), 16-divisible like the JIT's
-    specialisation of ResNet sizes."""
+# int arguments the JIT sees as multiples of 16 at ResNet-50 shapes (channels 64..2048,
+# channels-last strides are multiples of C, N*C*S of them too); a stride of 1 the JIT
+# specialises as a constant: the specs pass those as constexprs.
+DIV16 = {"total", "C", "N_CHUNK", "S_CHUNK", "P",
+         "stride_xn", "stride_xs", "stride_rn", "stride_rs", "stride_x2n", "stride_x2s",
+         "stride_dn", "stride_ds",
+         "CI", "CO", "GEMM_N", "sxn", "sxh", "sxw", "swo", "swr", "sws", "syn", "syh", "syw",
+         "srn", "srh", "srw", "spn", "sph", "spw", "sen", "seh", "sew", "sdn", "sdh", "sdw"}
+
+
+def compile_kernel(fn, ptrs, consts, num_warps, num_stages=3, ints64=(), floats=(),
+                   div16=DIV16, target=TARGET):
+    """triton.compile of a @triton.jit kernel (sm_90 by default).  ``ptrs`` maps pointer
+    argument names to their type ("*bf16"...; key "*default" for the rest); other
+    arguments are i32 (i64 if in ``ints64``, fp32 if in ``floats`` or named *_hi/*_lo),
+    16-divisible where named in ``div16``, like the JIT's specialisation."""
     sig, attrs = {}, {}
     for i, a in enumerate(fn.arg_names):
         if a in consts:
@@ -112,9 +123,11 @@ def compile_kernel(fn, ptrs, consts, num_warps, num_stages=3, ints64=(), floats=
             sig[a] = "fp32"
         else:
             sig[a] = "i64" if a in ints64 else "i32"
+            if a in div16:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v
                                          for k, v in consts.items()}, attrs=attrs)
-    return triton.compile(src, target=TARGET,
+    return triton.compile(src, target=target,
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
@@ -272,15 +285,17 @@ def bn_specs(quick: bool):
         for cfg in red:
             tile = cfg.kwargs["BLOCK_C"] * cfg.kwargs["BLOCK_S"]
             layout = "channels_last" if cfg.kwargs["BLOCK_C"] >= 32 else "nchw"
-            unit = {"stride_xc": 1} if layout == "channels_last" else {"stride_xs": 1}
+            unit = ({"stride_xc": 1, "stride_x2c": 1} if layout == "channels_last"
+                    else {"stride_xs": 1, "stride_x2s": 1})
             for x2 in (False, True):
                 specs.append((bn._bn_stats_partial_kernel, ptrs,
                               dict(ACC=acc, HAS_X2=x2, **unit, **cfg.kwargs), cfg.num_warps, 1,
                               dict(kernel="bn_stats_partial",
                                    variant=f"{layout}{' +x2' if x2 else ''}", dtype=dt,
                                    memory_bound=True, elements=tile)))
-            runit = ({"stride_xc": 1, "stride_dc": 1} if layout == "channels_last"
-                     else {"stride_xs": 1, "stride_ds": 1})
+            runit = ({"stride_xc": 1, "stride_dc": 1, "stride_x2c": 1}
+                     if layout == "channels_last"
+                     else {"stride_xs": 1, "stride_ds": 1, "stride_x2s": 1})
             for name, sw in {"relu (recomputed mask)": dict(HAS_MASK=False, APPLY_RELU=True,
                                                             AFFINE_FROM_VAR=True),
                              "add (mask)": dict(HAS_MASK=True, APPLY_RELU=True),
@@ -348,17 +363,22 @@ def conv_specs(quick: bool):
         act = f"*{dt}"
         ptrs = {"X_ptr": act, "W_ptr": act, "Y_ptr": act, "BIAS_ptr": act, "RES_ptr": act,
                 "PY_ptr": act, "EY_ptr": act, "DY_ptr": act, "*default": "*fp32"}
+        unit = dict(sxc=1, swi=1, syc=1, src=1, spc=1, sec=1)  # channels_last, KRSC
         for name, sw in fwd.items():
             stem = not sw.get("TAP_LOOP", True)
             for cfg in kc.conv_configs(stem=stem, transposed=sw.get("TRANSPOSED", False),
                                        fused=bool(sw.get("PROLOGUE") or sw.get("DRELU"))):
-                consts = dict(off, **sw, INPUT_PRECISION=prec, **cfg.kwargs)
+                consts = dict(off, **sw, INPUT_PRECISION=prec, **unit, **cfg.kwargs)
+                if sw.get("TRANSPOSED"):  # the weight read as [CI, R, S, CO]: CO is unit
+                    consts.update(swi=None, swo=1)
+                    consts = {k: v for k, v in consts.items() if v is not None}
                 specs.append((kc._conv_kernel, ptrs, consts, cfg.num_warps, cfg.num_stages,
                               dict(kernel="conv", variant=name, dtype=dt, memory_bound=False)))
         for name, sw in wgrad.items():
             for cfg in kc.wgrad_configs(stem=not sw["TAP_N"],
                                         fused=sw["DBN"] or sw["PROLOGUE"]):
-                consts = dict(sw, ACC_FP64=False, INPUT_PRECISION=prec, **cfg.kwargs)
+                consts = dict(sw, ACC_FP64=False, INPUT_PRECISION=prec, sdc=1, sxc=1, spc=1,
+                              **cfg.kwargs)
                 specs.append((kc._conv_wgrad_kernel, ptrs, consts, cfg.num_warps,
                               cfg.num_stages, dict(kernel="conv_wgrad", variant=name, dtype=dt,
                                                    memory_bound=False)))

@@ -32,28 +32,18 @@ _spec = importlib.util.spec_from_file_location("_bn_compile_check", os.path.join
 bn = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bn)
 
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from static_triton import compile_kernel as _compile  # noqa: E402
+
+
 # int arguments the JIT would see as multiples of 16 for usual ResNet shapes
 _DIV16 = {"total", "S", "C", "N_CHUNK", "S_CHUNK", "stride_xn", "stride_xc", "stride_rn",
-          "stride_rc", "stride_x2n", "stride_x2c", "stride_dn", "stride_dc", "stride_xs", "stride_rs",
-          "stride_x2s", "stride_ds"}
+          "stride_rc", "stride_x2n", "stride_x2c", "stride_dn", "stride_dc", "stride_xs",
+          "stride_rs", "stride_x2s", "stride_ds"}
 
 
 def compile_kernel(fn, target, ptrs, consts, num_warps, ints64=()):
-    sig, attrs = {}, {}
-    for i, a in enumerate(fn.arg_names):
-        if a in consts:
-            sig[a] = "constexpr"
-        elif a.endswith("_ptr"):
-            sig[a] = ptrs.get(a, ptrs.get("*default"))
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif a.endswith(("_hi", "_lo")):  # host doubles split in two fp32 (bn._split)
-            sig[a] = "fp32"
-        else:
-            sig[a] = "i64" if a in ints64 else "i32"
-            if a in _DIV16:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = triton.compiler.ASTSource(fn, sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=target, options={"num_warps": num_warps})
+    return _compile(fn, ptrs, consts, num_warps, ints64=ints64, div16=_DIV16, target=target)
 
 
 def _switches(names, exhaustive):
