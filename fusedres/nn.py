@@ -596,6 +596,18 @@ def _share(cls, module: nn.Module, **attrs):
     return new
 
 
+def _declare_last_backend(cls):
+    """``last_backend: Optional[str]`` as a type TorchScript reads (one attribute type
+    whether a forward ran yet or not: torch.jit.trace's check re-traces after one). It
+    reads the first class annotations up the MRO, and a class-body annotation is a string
+    here (``from __future__ import annotations``): set them, inherited ones kept."""
+    inherited = next((vars(c)["__annotations__"] for c in cls.__mro__[1:]
+                      if vars(c).get("__annotations__")), {})
+    cls.__annotations__ = {**inherited, "last_backend": Optional[str]}
+    return cls
+
+
+@_declare_last_backend
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` through ``fusedres.functional`` (a drop-in replacement).
 
@@ -608,7 +620,6 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     _relu = False
     __constants__ = nn.BatchNorm2d.__constants__ + ["_relu"]  # TorchScript reads _relu
-    last_backend: Optional[str]  # one TorchScript type whether a forward ran yet or not
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None,
@@ -732,6 +743,7 @@ class DualBatchNormAddReLU2d(BatchNorm2d):
         return self._fused_forward(input, shortcut=shortcut)
 
 
+@_declare_last_backend
 class ConvBatchNormReLU2d(nn.Module):
     """``relu(bn(conv(x)))`` (``relu=False``: ``bn(conv(x))``) with children ``conv``
     (``nn.Conv2d``) and ``bn`` (``nn.BatchNorm2d``); state_dict keys ``conv.*``, ``bn.*``.
@@ -742,8 +754,6 @@ class ConvBatchNormReLU2d(nn.Module):
     both (the module's name); ``relu=False`` (or None) gives ``bn(conv(x))``, and an
     ``nn.ReLU`` instance counts as True.
     """
-
-    last_backend: Optional[str]  # as BatchNorm2d's
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = False, padding_mode: str = "zeros",

@@ -445,7 +445,7 @@ def test_torch_jit_trace_with_its_check(training):
     records the fused ops and reproduces the model. It failed the check before: each
     module's last_backend attribute went from None to a string, a new TorchScript type."""
     net = _net("auto").train(training)
-    net.stem = nn.Identity()  # ConvBatchNormReLU2d still fails the check (reported)
+    net.stem = nn.Identity()  # eval conv+BN folds under the check: convert-site (reported)
     x = torch.randn(2, 4, 5, 5)
     traced = torch.jit.trace(copy.deepcopy(net), x)
     assert "fusedres::" in str(traced.inlined_graph)
