@@ -745,6 +745,8 @@ def explain(model: nn.Module, *, backend: Optional[str] = None) -> Explanation:
     """Every fused site of ``model`` (kernel, backend) and every BN left unfused, with
     the reason. On an unconverted model: what ``convert`` would do (status
     ``"fusable"``); nothing is changed."""
+    from .tune import describe_site
+
     walker = _Walker(backend, apply=False, memory_saving=False)
     walker.block(model, "")
     rows = Explanation()
@@ -754,6 +756,7 @@ def explain(model: nn.Module, *, backend: Optional[str] = None) -> Explanation:
             blk = model.get_submodule(r["block"]) if r["block"] else model
             if not isinstance(blk.__dict__.get("forward"), FusedForward):
                 r["status"] = "fusable"
+            r["tuned"] = describe_site(model, r["site"])
         rows.append(r)
     return rows
 

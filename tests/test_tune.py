@@ -1,0 +1,334 @@
+"""fusedres.tune: selection with a fake timer, the decision cache, and real tuning on CPU
+whose tuned model computes what the original does."""
+import copy
+import json
+import multiprocessing
+import os
+import pickle
+import warnings
+
+import pytest
+import torch
+
+import fusedres
+from fusedres import _tune_cache as tc
+from fusedres import nn as fnn
+from fusedres import tune as T
+
+from models import CifarResNet
+
+tune = T.tune
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv("FUSEDRES_CACHE_DIR", str(d))
+    monkeypatch.delenv("FUSEDRES_CACHE", raising=False)
+    return d
+
+
+def small(train=True, seed=0):
+    torch.manual_seed(seed)
+    m = CifarResNet((1, 1, 1))
+    return m.train(train)
+
+
+def fake_timer(table, calls=None):
+    """Times from ``table`` (name -> seconds, or a callable of the call index)."""
+    def timer(fns, device):
+        if calls is not None:
+            calls.append(sorted(fns))
+        for fn in fns.values():
+            fn()  # the candidates still run: a broken one must not break the timer
+        n = len(calls) if calls is not None else 0
+        return {k: (table[k](n) if callable(table[k]) else table[k]) for k in fns}
+    return timer
+
+
+def sites(model):
+    return {n: m for n, m in model.named_modules() if hasattr(m, "fusedres_tuning")}
+
+
+# --------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------
+
+
+def test_select_fastest_and_ties():
+    assert T.select({"torch": 3.0, "reference": 2.0, "cpu": 1.0}) == "cpu"
+    # within the 3% margin the simpler path wins: torch < reference < cpu/cuda < triton
+    assert T.select({"torch": 1.0, "cpu": 0.99}) == "torch"
+    assert T.select({"torch": 1.0, "cpu": 0.99}, margin=0.0) == "cpu"
+    assert T.select({"cuda": 1.0, "triton": 0.98, "torch": 1.2}) == "cuda"
+    assert T.select({"reference": 1.0, "cpu": 0.995, "torch": 1.5}) == "reference"
+    assert T.select({}) is None
+
+
+def test_fake_timer_fastest_passing_wins():
+    x = torch.randn(4, 3, 16, 16)
+    calls = []
+    m = tune(fusedres.convert(small()), x, cache=False, verbose=False,
+             timer=fake_timer({"torch": 3.0, "reference": 1.0, "cpu": 2.0}, calls))
+    assert calls and all("torch" in c and "reference" in c for c in calls)
+    chosen = {n: b.fusedres_tuning["choice"] for n, b in sites(m).items()}
+    assert chosen and set(chosen.values()) == {"reference"}, chosen
+    assert m.fusedres_tune_report.measured == len(calls)
+
+
+def test_wrong_candidate_never_chosen(monkeypatch):
+    real = fnn.bn_act
+
+    def wrong(bn, y, **kw):  # the "reference" backend is off by 1%
+        out = real(bn, y, **kw)
+        return out * 1.01 if kw.get("backend") == "reference" else out
+
+    monkeypatch.setattr(fnn, "bn_act", wrong)
+    x = torch.randn(4, 3, 16, 16)
+    calls = []
+    with pytest.warns(RuntimeWarning, match="candidate 'reference' failed its check"):
+        m = tune(fusedres.convert(small()), x, cache=False, verbose=False,
+                 timer=fake_timer({"torch": 3.0, "reference": 0.1, "cpu": 2.0}, calls))
+    assert all("reference" not in c for c in calls)  # never even timed
+    for name, bn in sites(m).items():
+        assert bn.fusedres_tuning["choice"] != "reference", name
+        assert "output" in bn.fusedres_tuning["failed"]["reference"]
+    text = str(fusedres.explain(m))
+    assert "reference FAILED: output: relative L2 error" in text
+
+
+def test_candidate_that_raises_is_reported(monkeypatch):
+    real = fnn.bn_act
+
+    def broken(bn, y, **kw):
+        if kw.get("backend") == "reference":
+            raise RuntimeError("kernel exploded")
+        return real(bn, y, **kw)
+
+    monkeypatch.setattr(fnn, "bn_act", broken)
+    with pytest.warns(RuntimeWarning, match="kernel exploded"):
+        m = tune(fusedres.convert(small()), torch.randn(2, 3, 8, 8), cache=False,
+                 verbose=False, timer=fake_timer({"torch": 3.0, "reference": 0.1, "cpu": 2.0}))
+    assert all(b.fusedres_tuning["choice"] != "reference" for b in sites(m).values())
+
+
+def test_ties_go_to_the_simpler_path():
+    x = torch.randn(4, 3, 16, 16)
+    table = {"torch": 1.0, "reference": 0.99, "cpu": 0.98}
+    m = tune(fusedres.convert(small()), x, cache=False, verbose=False, timer=fake_timer(table))
+    assert {b.fusedres_tuning["choice"] for b in sites(m).values()} == {"torch"}
+    m = tune(fusedres.convert(small()), x, cache=False, verbose=False, margin=0.0,
+             timer=fake_timer(table))
+    assert {b.fusedres_tuning["choice"] for b in sites(m).values()} == {"cpu" if "cpu" in
+                                                               fusedres.available_backends()
+                                                               else "reference"}
+
+
+# --------------------------------------------------------------------------------------
+# Tuned models compute what the original computes; state is untouched
+# --------------------------------------------------------------------------------------
+
+
+def step(model, x, seed=3):
+    x = x.detach().clone().requires_grad_(True)
+    out = model(x)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    out.backward(g)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    bufs = {n: b.clone() for n, b in model.named_buffers()}
+    return out.detach(), x.grad, grads, bufs
+
+
+def rel_l2(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def assert_same_step(a, b, tol=1e-4):
+    """Output, input gradient, every parameter gradient and buffer: relative L2 error
+    (a sum over many pixels, such as a weight gradient, has large elements with small
+    relative errors and small ones with large relative errors)."""
+    assert rel_l2(a[0], b[0]) <= tol and rel_l2(a[1], b[1]) <= tol, \
+        (rel_l2(a[0], b[0]), rel_l2(a[1], b[1]))
+    for d, e in zip(a[2:], b[2:]):
+        assert d.keys() == e.keys()
+        for k in d:
+            assert rel_l2(d[k], e[k]) <= tol, (k, rel_l2(d[k], e[k]))
+
+
+def check_tuned_equals_original(original, x, timer=None, **kw):
+    converted = fusedres.convert(original)
+    before = {k: v.clone() for k, v in converted.state_dict().items()}
+    tuned = tune(converted, x, verbose=False, timer=timer, **kw)
+    after = tuned.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:  # tuning leaves the state_dict as it was
+        assert torch.equal(before[k], after[k]), k
+    assert all(p.grad is None for p in tuned.parameters())
+    assert_same_step(step(original, x), step(tuned, x))
+    return tuned
+
+
+def test_tuned_small_resnet_equals_original_mixed_choices():
+    # alternate which candidate is fastest per signature: every path runs in one model
+    names = ["torch", "reference", "cpu"]
+    table = {n: (lambda i, n=n: 1.0 if names[i % 3] == n else 2.0) for n in names}
+    original = small()
+    tuned = check_tuned_equals_original(original, torch.randn(4, 3, 16, 16),
+                                        timer=fake_timer(table, []), cache=False)
+    choices = {b.fusedres_tuning["choice"] for b in sites(tuned).values()}
+    assert "torch" in choices and len(choices) >= 2, choices
+    # eval mode, then the decisions survive deepcopy and pickling
+    ev = small().eval()
+    tuned_ev = tune(fusedres.convert(ev), torch.randn(2, 3, 16, 16), verbose=False,
+                    cache=False, timer=fake_timer(table, []))
+    assert tuned_ev.fusedres_tune_report.mode == "eval"
+    for m in (tuned_ev, copy.deepcopy(tuned_ev), pickle.loads(pickle.dumps(tuned_ev))):
+        with torch.no_grad():
+            x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+            torch.testing.assert_close(m(x), ev(x), rtol=1e-4, atol=1e-5)
+        assert {b.fusedres_tuning["choice"] for b in sites(m).values()} == \
+            {b.fusedres_tuning["choice"] for b in sites(tuned_ev).values()}
+
+
+def test_real_tune_resnet18_and_cache(cache_dir):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    original = torchvision.models.resnet18(num_classes=10).train().to(
+        memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    tuned = check_tuned_equals_original(original, x)
+    rep = tuned.fusedres_tune_report
+    assert rep.measured > 0 and rep.cached == 0 and len(rep.sites) == len(sites(tuned))
+    assert os.path.exists(rep.cache_path) and rep.cache_path.startswith(str(cache_dir))
+    for bn in sites(tuned).values():
+        info = bn.fusedres_tuning
+        assert info["choice"] in info["times_ms"] and "torch" in info["times_ms"]
+        assert not info["failed"], info["failed"]
+    # a second run reads every decision from the cache: nothing is timed
+    def no_timer(fns, device):
+        raise AssertionError("timed although cached")
+
+    again = tune(fusedres.convert(original), x, verbose=False, timer=no_timer)
+    rep2 = again.fusedres_tune_report
+    assert rep2.measured == 0 and rep2.cached == rep.measured
+    assert {n: b.fusedres_tuning["choice"] for n, b in sites(again).items()} == \
+        {n: b.fusedres_tuning["choice"] for n, b in sites(tuned).items()}
+    assert "[cache]" in str(fusedres.explain(again))
+
+
+def test_refuses_inside_compile_and_unconverted(monkeypatch):
+    with pytest.raises(ValueError, match="converted model"):
+        tune(small(), torch.randn(2, 3, 8, 8))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(RuntimeError, match="torch.compile"):
+        tune(fusedres.convert(small()), torch.randn(2, 3, 8, 8))
+
+
+# --------------------------------------------------------------------------------------
+# The decision cache
+# --------------------------------------------------------------------------------------
+
+
+def env(**change):
+    e = tc.environment(torch.device("cpu"), ["torch", "cpu", "reference"])
+    e.update(change)
+    return e
+
+
+SIG = {"op": "conv-bn-relu", "shapes": {"x": {"shape": [2, 3, 8, 8], "stride": [192, 64, 8, 1],
+                                            "dtype": "float32", "grad": True}},
+       "mode": "train"}
+ENTRY = {"choice": "cpu", "times_ms": {"cpu": 1.0, "torch": 2.0}, "failed": {},
+         "source": "measured"}
+
+
+def test_cache_dir_settings(monkeypatch, tmp_path):
+    monkeypatch.setenv("FUSEDRES_CACHE_DIR", str(tmp_path / "a"))
+    assert tc.cache_dir() == str(tmp_path / "a")
+    assert tc.cache_dir(str(tmp_path / "b")) == str(tmp_path / "b")
+    assert tc.cache_dir(False) is None
+    monkeypatch.setenv("FUSEDRES_CACHE", "0")
+    assert tc.cache_dir() is None
+    monkeypatch.delenv("FUSEDRES_CACHE")
+    monkeypatch.delenv("FUSEDRES_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tc.cache_dir() == str(tmp_path / "xdg" / "fusedres")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert tc.cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "fusedres")
+
+
+def test_cache_round_trip_and_invalidation(cache_dir):
+    c = tc.DecisionCache(str(cache_dir), env())
+    c.put(SIG, ENTRY)
+    c.save()
+    again = tc.DecisionCache(str(cache_dir), env())
+    assert again.get(SIG)["choice"] == "cpu"
+    # any part of the environment changes: another file, nothing found
+    for key, value in [("device", "another cpu"), ("torch", "0.0"), ("triton", "0.0"),
+                       ("cuda", "99.0"), ("fusedres", "9.9"), ("build", "rebuilt"),
+                       ("threads", 999), ("cpu_isa", "other"), ("capability", [9, 0]),
+                       ("candidates", ["torch"])]:
+        other = tc.DecisionCache(str(cache_dir), env(**{key: value}))
+        assert other.path != c.path and other.get(SIG) is None, key
+    # any part of the site signature changes: not found
+    for change in [{"op": "bn-relu"}, {"mode": "eval"},
+                   {"shapes": {"x": dict(SIG["shapes"]["x"], shape=[4, 3, 8, 8])}},
+                   {"shapes": {"x": dict(SIG["shapes"]["x"], stride=[192, 1, 24, 3])}},
+                   {"shapes": {"x": dict(SIG["shapes"]["x"], dtype="bfloat16")}}]:
+        assert again.get(dict(SIG, **change)) is None, change
+    # a foreign file under this environment's name is ignored with a warning
+    data = json.load(open(c.path))
+    data["env"] = env(device="someone else's")
+    json.dump(data, open(c.path, "w"))
+    with pytest.warns(RuntimeWarning, match="another device"):
+        assert tc.DecisionCache(str(cache_dir), env()).get(SIG) is None
+    # a stale entry (its choice is no candidate here) is ignored with a warning
+    c2 = tc.DecisionCache(str(cache_dir), env())
+    c2.entries[tc.digest(SIG)] = dict(ENTRY, choice="triton", signature=SIG)
+    with pytest.warns(RuntimeWarning, match="stale"):
+        assert c2.get(SIG) is None
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "wrong format", "list"])
+def test_corrupt_cache_is_ignored_then_replaced(cache_dir, damage):
+    x = torch.randn(2, 3, 8, 8)
+    table = {"torch": 2.0, "reference": 1.0, "cpu": 3.0}
+    first = tune(fusedres.convert(small()), x, verbose=False, timer=fake_timer(table))
+    path = first.fusedres_tune_report.cache_path
+    text = open(path).read()
+    bad = {"truncated": text[: len(text) // 2], "garbage": "\x00\xff not json",
+           "empty": "", "wrong format": json.dumps({"format": 999}),
+           "list": json.dumps([1, 2])}[damage]
+    with open(path, "w") as f:
+        f.write(bad)
+    with pytest.warns(RuntimeWarning, match="ignoring the decision cache"):
+        m = tune(fusedres.convert(small()), x, verbose=False, timer=fake_timer(table))
+    assert m.fusedres_tune_report.cached == 0 and m.fusedres_tune_report.measured > 0
+    assert {b.fusedres_tuning["choice"] for b in sites(m).values()} == {"reference"}
+    assert json.load(open(path))["format"] == tc.FORMAT  # rewritten whole
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = tune(fusedres.convert(small()), x, verbose=False, timer=fake_timer(table))
+    assert m.fusedres_tune_report.measured == 0
+
+
+def _writer(directory, env_, worker, count):
+    c = tc.DecisionCache(directory, env_)
+    for i in range(count):
+        c.put(dict(SIG, op=f"w{worker}-{i}"), ENTRY)
+        c.save()
+
+
+def test_two_processes_writing_at_once(cache_dir):
+    e = env()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(cache_dir), e, w, 25)) for w in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    c = tc.DecisionCache(str(cache_dir), e)
+    assert len(c.entries) == 50  # every entry of both, none lost, the file whole
+    assert all(c.get(dict(SIG, op=f"w{w}-{i}")) for w in range(2) for i in range(25))
+    assert not [f for f in os.listdir(cache_dir) if f.endswith(".tmp")]
