@@ -28,7 +28,8 @@ _map_source_kernels()
 from ._backend import available_backends, cpu_isa, extension_error, resolve_backend  # noqa: E402
 from . import conv, distributed, functional, nn, ops, reference  # noqa: E402
 from .convert import convert, explain  # noqa: E402  (the functions shadow the submodule name)
+from .tune import tune  # noqa: E402  (likewise)
 
 __all__ = ["available_backends", "cpu_isa", "resolve_backend", "extension_error", "conv", "convert",
-           "distributed", "explain", "functional", "nn", "ops", "reference"]
+           "distributed", "explain", "functional", "nn", "ops", "reference", "tune"]
 __version__ = "0.1.0"
