@@ -43,7 +43,7 @@ class Skip(Exception):
 @dataclasses.dataclass(frozen=True)
 class Provider:
     name: str
-    kind: str  # "eager" | "compile" | "fusedres"
+    kind: str  # "eager" | "compile" | "fusedres" | "tuned" (convert + fusedres.tune)
     backend: Optional[str] = None
     mode: Optional[str] = None  # torch.compile mode
     memory_saving: bool = False  # fusedres.convert(..., memory_saving=True): blocks/train
@@ -252,6 +252,7 @@ def _op_make(op: str, shape: tuple, pass_: str, s: Settings):
             sc = _rand(shape, s, grad, scale=1.5, offset=-0.2)
             rm2, rv2, w2, b2 = params(grad)
             args, grads = (x, rm, rv, w, b, sc, rm2, rv2, w2, b2), [x, w, b, sc, w2, b2]
+        _not_tuned(provider)
         if provider.kind == "fusedres":
             _no_memory_saving(provider)
             _fusedres_backend_check(provider, s)
@@ -445,6 +446,7 @@ def _conv_make(spec: ConvSpec, variant: str, pass_: str, s: Settings):
         shift = (0.1 * torch.randn(spec.c_in, device=s.device)).to(s.param_dtype)
         bias = (0.1 * torch.randn(spec.c_out, device=s.device)).to(s.dtype)
         res = _rand((s.batch, spec.c_out, spec.h_out, spec.h_out), s)
+        _not_tuned(provider)
         if provider.kind == "fusedres":
             _no_memory_saving(provider)
             f = _fusedres_conv_fn(variant, spec, provider, s, x, w)
@@ -514,7 +516,7 @@ def find_convert() -> Callable:
 
 def _convert(module: torch.nn.Module, provider: Provider) -> torch.nn.Module:
     convert = find_convert()
-    kw = {"backend": provider.backend}
+    kw = {"backend": provider.backend or "auto"}
     if provider.memory_saving:
         if not _accepts(convert, "memory_saving"):
             raise Skip("fusedres.convert has no memory_saving option")
@@ -529,11 +531,29 @@ def _no_memory_saving(provider: Provider):
         raise Skip("memory saving is a fusedres.convert option: timed on blocks and train")
 
 
+def _not_tuned(provider: Provider):
+    if provider.kind == "tuned":
+        raise Skip("the tuned model (fusedres.tune) is timed on blocks and train")
+
+
+def _tuned(module: torch.nn.Module, s: Settings, provider: Provider, x: torch.Tensor):
+    """The ``tuned`` provider's module: ``fusedres.tune`` on the case's own input, in the
+    module's mode (not timed; its decisions are cached on disk for the next run)."""
+    if provider.kind != "tuned":
+        return module
+    import fusedres
+
+    with _autocast(s):
+        return fusedres.tune(module, x, verbose=False)
+
+
 def _prepare_module(module: torch.nn.Module, s: Settings, provider: Provider):
     module = module.to(s.device).to(memory_format=s.memory_format)
     if not s.autocast:
         module = module.to(s.dtype)
-    if provider.kind == "fusedres":
+    if provider.kind == "tuned":
+        module = _convert(module, provider)  # backend "auto"; tuned once the input exists
+    elif provider.kind == "fusedres":
         _fusedres_backend_check(provider, s)
         module = _convert(module, provider)
     elif provider.kind == "compile":
@@ -580,6 +600,7 @@ def _block_make(kind, in_planes, planes, stride, shape, s: Settings):
         torch.manual_seed(0)
         block = _prepare_module(_block(kind, in_planes, planes, stride).train(), s, provider)
         x = _rand(shape, s, True)
+        block = _tuned(block, s, provider, x)
         params = [p for p in block.parameters() if p.requires_grad]
 
         def forward():
@@ -629,6 +650,7 @@ def _train_make(name: str, shape, s: Settings):
         model = _prepare_module(_model(name).train(), s, provider)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         x = _rand(shape, s)
+        model = _tuned(model, s, provider, x)
         y = torch.randint(0, 1000, (shape[0],), device=s.device)
         mark = _mark_step(provider)
 
@@ -658,6 +680,7 @@ def _infer_make(name: str, shape, s: Settings):
         # Converted in eval mode: the converter may fold BN into the convs.
         model = _prepare_module(model, s, provider)
         x = _rand(shape, s)
+        model = _tuned(model, s, provider, x)
         mark = _mark_step(provider)
 
         def run():

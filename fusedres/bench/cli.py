@@ -59,7 +59,9 @@ def _common(p: argparse.ArgumentParser, command: str) -> None:
 
     who = p.add_argument_group("providers")
     who.add_argument("--providers", default="eager,compile,fusedres",
-                     help="comma-separated provider kinds: eager, compile, fusedres")
+                     help="comma-separated provider kinds: eager, compile, fusedres, tuned "
+                          "(fusedres.convert + fusedres.tune on the case's input, blocks "
+                          "and train only; its tuning is not timed and is cached)")
     who.add_argument("--backends", default="auto",
                      help="comma-separated fusedres backends to time (default: every "
                           "available backend that runs on the device; the Triton "
@@ -178,7 +180,7 @@ def _providers(args, device: torch.device, run: Run) -> list:
     from fusedres._backend import available_backends, backend_supports, triton_interpreted
 
     kinds = {k.strip() for k in args.providers.split(",") if k.strip()}
-    unknown = kinds - {"eager", "compile", "fusedres"}
+    unknown = kinds - {"eager", "compile", "fusedres", "tuned"}
     if unknown:
         raise SystemExit(f"fusedres-bench: unknown provider kind(s) {sorted(unknown)}")
     out = []
@@ -213,6 +215,8 @@ def _providers(args, device: torch.device, run: Run) -> list:
                 if b not in names:
                     run.skip("all", f"fusedres-{b}", "no GPU" if not torch.cuda.is_available()
                              else "--device cpu")
+    if "tuned" in kinds:
+        out.append(C.Provider("fusedres-tuned", "tuned"))
     if "compile" in kinds:
         if args.no_compile:
             run.skip("all", "compile", "--no-compile")
