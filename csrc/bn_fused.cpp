@@ -58,11 +58,13 @@ Pair bn_stats(const Tensor& x, bool channels_last) {
   return op.call(x, channels_last);
 }
 
-Pair bn_apply(const Tensor& x, const Tensor& scale, const Tensor& shift, const OptTensor& residual,
-              const OptTensor& x2, const OptTensor& scale2, const OptTensor& shift2, bool relu,
-              bool save_mask, bool channels_last) {
+Pair bn_apply(const Tensor& x, const Tensor& mean, const Tensor& scale, const Tensor& shift,
+              const OptTensor& residual, const OptTensor& x2, const OptTensor& mean2,
+              const OptTensor& scale2, const OptTensor& shift2, bool relu, bool save_mask,
+              bool channels_last) {
   static const auto op = typed_op<decltype(bn_apply)>("fusedres::bn_apply");
-  return op.call(x, scale, shift, residual, x2, scale2, shift2, relu, save_mask, channels_last);
+  return op.call(x, mean, scale, shift, residual, x2, mean2, scale2, shift2, relu, save_mask,
+                 channels_last);
 }
 
 Pair bn_backward_reduce(const Tensor& dout, const Tensor& x, const Tensor& mean,
@@ -81,12 +83,44 @@ Pair bn_backward_apply(const Tensor& dout, const Tensor& x, const Tensor& mean,
                  write_grad_residual, channels_last);
 }
 
-// ---- finalize (fusedres.ops.scale_shift / backward_coefficients) --------------------
+// ---- finalize (fusedres.ops.centred_scale_shift / backward_coefficients) ------------
 //
 // A handful of (C,) vectors. On CPU tensors a plain loop: as ~20 small tensor ops they
-// cost ~40 us per training step there, more than the kernels of a 7x7 layer. Elsewhere
-// tensor ops (launched asynchronously on CUDA). Both evaluate the same expressions in the
-// same order in the acc dtype, so they agree bit for bit with the Python pipeline.
+// cost ~40 us per training step there, more than the kernels of a 7x7 layer. On CUDA the
+// ops of csrc/cuda/bn_cuda.cpp: the finalize in the merge kernel of the statistics (or
+// one kernel), the coefficients in the merge kernel of the backward sums -- a BN
+// forward+backward in 8 launches, running statistics included, instead of ~30 (counted
+// by tests/test_launch_count_cuda.py). Other devices: tensor ops. All evaluate the same
+// expressions in the same order in the acc dtype, one rounding per operation.
+
+// The per-channel ops of the CUDA pipeline, by name.
+std::tuple<Tensor, Tensor, Tensor> bn_finalize_op(const Tensor& mean, const Tensor& var,
+                                                  const OptTensor& weight, const OptTensor& bias,
+                                                  double eps) {
+  static const auto op = typed_op<decltype(bn_finalize_op)>("fusedres::bn_finalize");
+  return op.call(mean, var, weight, bias, eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_stats_finalize_op(
+    const Tensor& x, const OptTensor& weight, const OptTensor& bias, double eps,
+    bool channels_last) {
+  static const auto op =
+      typed_op<decltype(bn_stats_finalize_op)>("fusedres::bn_stats_finalize");
+  return op.call(x, weight, bias, eps, channels_last);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_backward_reduce_finalize_op(
+    const Tensor& dout, const Tensor& x, const Tensor& mean, const Tensor& scale,
+    const Tensor& shift, const OptTensor& mask, const Tensor& invstd, bool relu,
+    bool channels_last, double count, bool training) {
+  static const auto op = typed_op<decltype(bn_backward_reduce_finalize_op)>(
+      "fusedres::bn_backward_reduce_finalize");
+  return op.call(dout, x, mean, scale, shift, mask, invstd, relu, channels_last, count,
+                 training);
+}
+
+// Whether the per-channel steps run as the CUDA ops above.
+bool on_cuda(const Tensor& t) { return t.is_cuda(); }
 
 struct ScaleShift {
   Tensor invstd, scale, shift;
@@ -105,31 +139,33 @@ const T* ptr_or_null(const Tensor& t) {
 ScaleShift scale_shift(const OptTensor& weight, const OptTensor& bias, const Tensor& mean,
                        const Tensor& var, double eps) {
   ScaleShift r;
+  if (on_cuda(mean)) {
+    std::tie(r.invstd, r.scale, r.shift) = bn_finalize_op(mean, var, weight, bias, eps);
+    return r;
+  }
   if (!mean.is_cpu()) {
     r.invstd = at::rsqrt(var + eps);
     r.scale = given(weight) ? weight->to(mean.scalar_type()) * r.invstd : r.invstd;
-    r.shift = -mean * r.scale;
-    if (given(bias)) r.shift = r.shift + bias->to(mean.scalar_type());
+    r.shift = given(bias) ? bias->to(mean.scalar_type()) : at::zeros_like(mean);
     return r;
   }
   const Tensor w = acc_vector(weight, mean), b = acc_vector(bias, mean);
-  const Tensor m = mean.contiguous(), v = var.contiguous();
-  r.invstd = at::empty_like(m);
-  r.scale = given(weight) ? at::empty_like(m) : r.invstd;
-  r.shift = at::empty_like(m);
-  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "fusedres_scale_shift", [&] {
+  const Tensor v = var.contiguous();
+  r.invstd = at::empty_like(v);
+  r.scale = given(weight) ? at::empty_like(v) : r.invstd;
+  r.shift = at::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "fusedres_scale_shift", [&] {
     const scalar_t *wp = ptr_or_null<scalar_t>(w), *bp = ptr_or_null<scalar_t>(b);
-    const scalar_t *mp = m.const_data_ptr<scalar_t>(), *vp = v.const_data_ptr<scalar_t>();
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
     scalar_t *ip = r.invstd.data_ptr<scalar_t>(), *sp = r.scale.data_ptr<scalar_t>();
     scalar_t* tp = r.shift.data_ptr<scalar_t>();
     const auto e = static_cast<scalar_t>(eps);
-    for (int64_t c = 0; c < m.numel(); ++c) {
+    for (int64_t c = 0; c < v.numel(); ++c) {
       const scalar_t invstd = scalar_t(1) / std::sqrt(vp[c] + e);
       const scalar_t scale = wp ? wp[c] * invstd : invstd;
-      const scalar_t shift = -mp[c] * scale;
       ip[c] = invstd;
       sp[c] = scale;
-      tp[c] = bp ? shift + bp[c] : shift;
+      tp[c] = bp ? bp[c] : scalar_t(0);
     }
   });
   return r;
@@ -182,6 +218,20 @@ Pair batch_or_running_stats(const Tensor& x, const OptTensor& mean_in, const Opt
           var_in->to(acc, /*non_blocking=*/false, /*copy=*/true)};
 }
 
+// Statistics (batch or running) and their finalize; on CUDA in training one op (two
+// launches: the reduction, then the merge that finalizes).
+std::tuple<Tensor, Tensor, ScaleShift> stats_and_finalize(
+    const Tensor& x3, const OptTensor& weight, const OptTensor& bias, const OptTensor& mean_in,
+    const OptTensor& var_in, bool training, double eps, bool channels_last) {
+  if (training && on_cuda(x3)) {
+    auto [mean, var, invstd, scale, shift] =
+        bn_stats_finalize_op(x3, weight, bias, eps, channels_last);
+    return {mean, var, ScaleShift{invstd, scale, shift}};
+  }
+  auto [mean, var] = batch_or_running_stats(x3, mean_in, var_in, training, channels_last);
+  return {mean, var, scale_shift(weight, bias, mean, var, eps)};
+}
+
 // ---- forward ------------------------------------------------------------------------
 
 // (N, C, *spatial) -> (N, C, S): a view whenever the strides allow (as ops.ncs).
@@ -207,14 +257,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_forward(
   const Tensor x3 = ncs(x);
   const OptTensor x2_3 = ncs(x2);
   const bool channels_last = is_channels_last(x3);
-  auto [mean, var] = batch_or_running_stats(x3, mean_in, var_in, training, channels_last);
-  const ScaleShift ss = scale_shift(weight, bias, mean, var, eps);
+  auto [mean, var, ss] = stats_and_finalize(x3, weight, bias, mean_in, var_in, training, eps,
+                                            channels_last);
   Tensor mean2, var2;
   OptTensor scale2, shift2;
   if (given(x2)) {
-    std::tie(mean2, var2) = batch_or_running_stats(*x2_3, mean2_in, var2_in, training,
-                                                   channels_last);
-    const ScaleShift ss2 = scale_shift(weight2, bias2, mean2, var2, eps);
+    ScaleShift ss2;
+    std::tie(mean2, var2, ss2) = stats_and_finalize(*x2_3, weight2, bias2, mean2_in, var2_in,
+                                                    training, eps, channels_last);
     scale2 = ss2.scale;
     shift2 = ss2.shift;
   } else {  // outputs of an op may not alias each other: two distinct empties
@@ -222,8 +272,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_act_forward(
     var2 = nothing(mean);
   }
   const bool save_mask = relu && (given(residual) || given(x2));
-  auto [out, mask] = bn_apply(x3, ss.scale, ss.shift, ncs(residual), x2_3, scale2, shift2, relu,
-                              save_mask, channels_last);
+  const OptTensor centre2 = given(x2) ? OptTensor(mean2) : std::nullopt;
+  auto [out, mask] = bn_apply(x3, mean, ss.scale, ss.shift, ncs(residual), x2_3, centre2, scale2,
+                              shift2, relu, save_mask, channels_last);
   return {out.view(x.sizes()), mean, var, mean2, var2, mask};
 }
 
@@ -235,22 +286,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> input_backward(
     const Tensor& mean, const Tensor& var, const OptTensor& mask, bool training, double eps,
     bool relu, bool write_grad_residual, bool channels_last, bool need_dx, bool need_affine) {
   const ScaleShift ss = scale_shift(weight, bias, mean, var, eps);
-  Tensor sum_g, sum_g_xc;
-  if (training || need_affine) {
+  const double count = static_cast<double>(x.size(0) * x.size(2));
+  Tensor sum_g, sum_g_xc, coef_xc, coef_c, dweight_acc;
+  if (on_cuda(x) && (training || need_affine)) {  // the sums and the coefficients: one op
+    std::tie(sum_g, sum_g_xc, coef_xc, coef_c, dweight_acc) = bn_backward_reduce_finalize_op(
+        dout, x, mean, ss.scale, ss.shift, mask, ss.invstd, relu, channels_last, count,
+        training);
+  } else if (training || need_affine) {
     std::tie(sum_g, sum_g_xc) =
         bn_backward_reduce(dout, x, mean, ss.scale, ss.shift, mask, relu, channels_last);
   }
-  Tensor dweight = need_affine && given(weight)
-                       ? product(sum_g_xc, ss.invstd).to(weight->scalar_type()) : nothing(x);
+  Tensor dweight = nothing(x);
+  if (need_affine && given(weight)) {
+    if (!dweight_acc.defined()) dweight_acc = product(sum_g_xc, ss.invstd);
+    dweight = dweight_acc.to(weight->scalar_type());
+  }
   Tensor dbias = need_affine && given(bias) ? sum_g.to(bias->scalar_type()) : nothing(x);
   if (!(need_dx || write_grad_residual)) return {nothing(x), dweight, dbias, nothing(x)};
-  Tensor coef_xc, coef_c;
-  if (training) {
-    std::tie(coef_xc, coef_c) = backward_coefficients(
-        ss, sum_g, sum_g_xc, static_cast<double>(x.size(0) * x.size(2)));
-  } else {
-    coef_xc = at::zeros_like(ss.scale);
-    coef_c = at::zeros_like(ss.scale);
+  if (!coef_xc.defined()) {  // not already computed with the sums
+    if (training) {
+      std::tie(coef_xc, coef_c) = backward_coefficients(ss, sum_g, sum_g_xc, count);
+    } else {
+      coef_xc = at::zeros_like(ss.scale);
+      coef_c = at::zeros_like(ss.scale);
+    }
   }
   auto [dx, dres] = bn_backward_apply(dout, x, mean, ss.scale, ss.shift, mask, ss.scale, coef_xc,
                                       coef_c, relu, write_grad_residual, channels_last);
@@ -412,6 +471,28 @@ bool update_on_cpu(const Tensor& running_mean, const Tensor& running_var, const 
          (!given(num_batches_tracked) || num_batches_tracked->is_cpu());
 }
 
+// CUDA, one kernel for both statistics: running statistics in the acc dtype (1-D, not
+// expanded, no autograd), num_batches_tracked int64 on the device. Anything else: lerp.
+bool update_on_cuda(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
+                    const Tensor& var, const OptTensor& num_batches_tracked) {
+  const auto acc = mean.scalar_type();
+  if (!(acc == at::kFloat || acc == at::kDouble) || !on_cuda(mean)) return false;
+  for (const Tensor* t : {&running_mean, &running_var, &mean, &var}) {
+    if (t->device() != mean.device() || t->dim() != 1 || t->numel() != mean.numel() ||
+        t->scalar_type() != acc) {
+      return false;
+    }
+  }
+  for (const Tensor* t : {&running_mean, &running_var}) {
+    if (t->requires_grad() || t->is_inference() || (t->stride(0) == 0 && t->numel() > 1)) {
+      return false;
+    }
+  }
+  return !given(num_batches_tracked) ||
+         (num_batches_tracked->device() == mean.device() &&
+          num_batches_tracked->scalar_type() == at::kLong && num_batches_tracked->numel() == 1);
+}
+
 template <typename acc_t>
 void update_loop_cpu(Tensor& running, const Tensor& batch_t, acc_t f, acc_t correction) {
   const Tensor batch = batch_t.contiguous();
@@ -449,6 +530,14 @@ void update_running_stats(Tensor running_mean, Tensor running_var, const Tensor&
     });
     return;
   }
+  if (update_on_cuda(running_mean, running_var, mean, var, num_batches_tracked)) {
+    static const auto op =
+        typed_op<decltype(update_running_stats)>("fusedres::running_stats_update");
+    op.call(running_mean, running_var, mean, var, var_correction, momentum, num_batches_tracked);
+    torch::autograd::impl::bump_version(running_mean);
+    torch::autograd::impl::bump_version(running_var);
+    return;
+  }
   const Tensor factor = given(num_batches_tracked)
                             ? at::reciprocal(num_batches_tracked->to(acc)) : Tensor();
   const Tensor var_batch = var_correction == 1.0 ? var : var * var_correction;
@@ -480,6 +569,38 @@ TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
   m.impl("bn_act_backward", &fusedres::bn_act_backward);
 }
 #endif
+
+// Shapes of the CUDA pipeline's per-channel ops (fake tensors: torch.compile, and the
+// launch count of tests/test_launch_count_cuda.py).
+namespace fusedres {
+namespace {
+Tensor channel_like(const Tensor& x) {
+  return at::empty({x.size(1)}, x.options().dtype(acc_dtype(x)));
+}
+std::tuple<Tensor, Tensor, Tensor> bn_finalize_meta(const Tensor& mean, const Tensor& var,
+                                                    const OptTensor&, const OptTensor&, double) {
+  return {at::empty_like(var), at::empty_like(var), at::empty_like(var)};
+}
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_stats_finalize_meta(
+    const Tensor& x, const OptTensor&, const OptTensor&, double, bool) {
+  return {channel_like(x), channel_like(x), channel_like(x), channel_like(x), channel_like(x)};
+}
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_backward_reduce_finalize_meta(
+    const Tensor&, const Tensor& x, const Tensor&, const Tensor&, const Tensor&,
+    const OptTensor&, const Tensor&, bool, bool, double, bool) {
+  return {channel_like(x), channel_like(x), channel_like(x), channel_like(x), channel_like(x)};
+}
+void running_stats_update_meta(Tensor, Tensor, const Tensor&, const Tensor&, double, double,
+                               const OptTensor&) {}
+}  // namespace
+}  // namespace fusedres
+
+TORCH_LIBRARY_IMPL(fusedres, Meta, m) {
+  m.impl("bn_finalize", &fusedres::bn_finalize_meta);
+  m.impl("bn_stats_finalize", &fusedres::bn_stats_finalize_meta);
+  m.impl("bn_backward_reduce_finalize", &fusedres::bn_backward_reduce_finalize_meta);
+  m.impl("running_stats_update", &fusedres::running_stats_update_meta);
+}
 
 // Plain tensor math, correct on any device and under fake tensors (torch.compile).
 TORCH_LIBRARY_IMPL(fusedres, CompositeExplicitAutograd, m) {

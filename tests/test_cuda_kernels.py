@@ -71,10 +71,11 @@ def chan(c, dtype, seed, scale=0.5, offset=0.0) -> torch.Tensor:
     return v.to(device=DEVICE, dtype=ref.acc_dtype(dtype))
 
 
-def away_from_zero(x: torch.Tensor, scale, shift) -> torch.Tensor:
-    """Nudges values so that x*scale + shift is not within 1e-2 of 0 (a ReLU decision
-    there may legitimately differ between an fma and a rounded multiply-add)."""
-    pre = x * scale.double().cpu().view(1, -1, 1) + shift.double().cpu().view(1, -1, 1)
+def away_from_zero(x: torch.Tensor, mean, scale, shift) -> torch.Tensor:
+    """Nudges values so that (x - mean)*scale + shift is not within 1e-2 of 0 (a ReLU
+    decision there may legitimately differ between an fma and a rounded multiply-add)."""
+    v = lambda t: t.double().cpu().view(1, -1, 1)  # noqa: E731
+    pre = (x - v(mean)) * v(scale) + v(shift)
     bump = 0.05 / scale.double().cpu().view(1, -1, 1)
     return torch.where(pre.abs() < 1e-2, x + bump, x)
 
@@ -186,17 +187,19 @@ def _apply_case(shape, dtype, layout, variant, out_cl, res_layout=None, seed=10)
     has_res, has_x2, relu, save_mask = VARIANTS[variant]
     c = shape[1]
     x = make(rand(shape, seed), layout, dtype)
+    mean = chan(c, dtype, seed + 7, offset=0.5)
     scale, shift = chan(c, dtype, seed + 1, offset=1.0), chan(c, dtype, seed + 2)
     res = make(rand(shape, seed + 3), res_layout or layout, dtype) if has_res else None
     x2 = make(rand(shape, seed + 4), layout, dtype) if has_x2 else None
+    mean2 = chan(c, dtype, seed + 8, offset=-0.5) if has_x2 else None
     scale2 = chan(c, dtype, seed + 5, offset=1.0) if has_x2 else None
     shift2 = chan(c, dtype, seed + 6) if has_x2 else None
-    args = (x, scale, shift, res, x2, scale2, shift2, relu, save_mask, out_cl)
+    args = (x, mean, scale, shift, res, x2, mean2, scale2, shift2, relu, save_mask, out_cl)
     out, mask = OPS.bn_apply(*args)
     out_same, mask_ref = ref.bn_apply(*args)
     d = lambda t: None if t is None else t.double()  # noqa: E731
-    out64, _ = ref.bn_apply(*(d(t) for t in args[:7]), relu, False, out_cl)
-    pre64 = ref._pre_activation(d(x), d(scale), d(shift), d(res), d(x2), d(scale2), d(shift2))
+    out64, _ = ref.bn_apply(*(d(t) for t in args[:9]), relu, False, out_cl)
+    pre64 = ref._pre_activation(*(d(t) for t in args[:9]))
     what = f"bn_apply {variant} {dtype} {layout} {shape} out_cl={out_cl}"
     assert layout_of(out, out_cl), what
     assert_close_lowp(out, out_same, out64, what)
@@ -245,12 +248,12 @@ def test_bn_apply_grid_stride(layout, dtype):
 def _backward_inputs(shape, dtype, layout, dout_layout, seed):
     c = shape[1]
     scale, shift = chan(c, dtype, seed + 1, offset=1.0), chan(c, dtype, seed + 2)
-    x = make(away_from_zero(rand(shape, seed), scale, shift), layout, dtype)
+    mean = chan(c, dtype, seed + 4, offset=0.5)
+    x = make(away_from_zero(rand(shape, seed), mean, scale, shift), layout, dtype)
     if dout_layout == "expanded":  # stride-0 gradient, as from out.sum().backward()
         dout = make(rand((1, c, 1), seed + 3), "nchw", dtype).expand(*shape)
     else:
         dout = make(rand(shape, seed + 3), dout_layout or layout, dtype)
-    mean = chan(c, dtype, seed + 4, offset=0.5)
     return dout, x, mean, scale, shift
 
 
@@ -275,7 +278,8 @@ def _reduce_case(shape, dtype, layout, source, mask_cl, dout_layout=None, seed=2
     d = lambda t: None if t is None else (t if t.dtype == torch.uint8 else t.double())  # noqa
     args64 = tuple(d(t) for t in args[:6]) + (relu, mask_cl)
     sg64, sgx64 = ref.bn_backward_reduce(*args64)
-    g64 = ref._gradient_after_relu(d(dout), d(x), d(scale), d(shift), mask, relu, mask_cl)
+    g64 = ref._gradient_after_relu(d(dout), d(x), d(mean), d(scale), d(shift), mask, relu,
+                                   mask_cl)
     xc64 = d(x) - d(mean).view(1, -1, 1)
     acc = ref.acc_dtype(dtype)
     what = f"bn_backward_reduce {source} {dtype} {layout} {shape} mask_cl={mask_cl}"
@@ -371,8 +375,10 @@ def test_nan_propagates(dtype, layout):
     assert torch.isnan(mean[3]) and torch.isnan(var[7]) and not torch.isnan(mean[0])
 
     scale, shift = chan(16, dtype, 41, offset=1.0), chan(16, dtype, 42)
-    out, mask = OPS.bn_apply(x, scale, shift, None, None, None, None, True, True, cl)
-    out_ref, mask_ref = ref.bn_apply(x, scale, shift, None, None, None, None, True, True, cl)
+    centre = chan(16, dtype, 40, offset=0.5)  # finite: NaN enters through x only
+    args = (x, centre, scale, shift, None, None, None, None, None, True, True, cl)
+    out, mask = OPS.bn_apply(*args)
+    out_ref, mask_ref = ref.bn_apply(*args)
     assert torch.isnan(out[0, 3, 5]) and bool(torch.isnan(out[1, 7]).all())
     torch.testing.assert_close(out.double(), out_ref.double(), rtol=2e-2, atol=1e-2,
                                equal_nan=True)
@@ -409,7 +415,7 @@ def test_empty(shape):
     assert mean.shape == (c,) and var.shape == (c,)
     if c:
         assert bool(torch.isnan(mean).all())
-    out, mask = OPS.bn_apply(x, vec, vec, None, None, None, None, True, True, True)
+    out, mask = OPS.bn_apply(x, vec, vec, vec, None, None, None, None, None, True, True, True)
     assert out.shape == shape and mask.numel() == 0
     sg, sgx = OPS.bn_backward_reduce(x, x, vec, vec, vec, None, True, False)
     assert sg.shape == (c,) and bool((sg == 0).all())
@@ -437,7 +443,8 @@ def test_deterministic(dtype, layout):
             st = OPS.bn_stats(x, cl)
             red = OPS.bn_backward_reduce(dout, x, mean, scale, shift, m, True, cl)
             red2 = OPS.bn_backward_reduce(dout, x, mean, scale, shift, None, True, cl)
-            out = OPS.bn_apply(x, scale, shift, dout, None, None, None, True, True, cl)
+            out = OPS.bn_apply(x, mean, scale, shift, dout, None, None, None, None, True, True,
+                               cl)
             runs.append([*st, *red, *red2, *out])
         for a, b in zip(*runs):
             assert torch.equal(_bits(a), _bits(b))
@@ -458,8 +465,9 @@ def test_int64_offsets():
     torch.testing.assert_close(mean.double(), mean64, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(var.double(), var64, rtol=2e-5, atol=2e-5)
     scale, shift = chan(8, torch.float16, 61, offset=1.0), chan(8, torch.float16, 62)
-    out, mask = OPS.bn_apply(x, scale, shift, x, None, None, None, True, True, False)
-    out_ref, mask_ref = ref.bn_apply(x, scale, shift, x, None, None, None, True, True, False)
+    args = (x, mean, scale, shift, x, None, None, None, None, True, True, False)
+    out, mask = OPS.bn_apply(*args)
+    out_ref, mask_ref = ref.bn_apply(*args)
     torch.testing.assert_close(out, out_ref, rtol=2e-3, atol=2e-3)
     del buf
 
@@ -470,11 +478,11 @@ def test_errors():
     with pytest.raises(RuntimeError, match="3-D"):
         OPS.bn_stats(x.view(2, 20), False)
     with pytest.raises(RuntimeError, match="scale"):
-        OPS.bn_apply(x, vec.double(), vec, None, None, None, None, True, False, False)
+        OPS.bn_apply(x, vec, vec.double(), vec, None, None, None, None, None, True, False, False)
     with pytest.raises(RuntimeError, match="save_mask requires relu"):
-        OPS.bn_apply(x, vec, vec, None, None, None, None, False, True, False)
+        OPS.bn_apply(x, vec, vec, vec, None, None, None, None, None, False, True, False)
     with pytest.raises(RuntimeError, match="mask"):
         bad = torch.zeros(1, dtype=torch.uint8, device=DEVICE)
         OPS.bn_backward_reduce(x, x, vec, vec, vec, bad, True, False)
     with pytest.raises(RuntimeError, match="shape"):
-        OPS.bn_apply(x, vec, vec, x[:, :, :4], None, None, None, True, False, False)
+        OPS.bn_apply(x, vec, vec, vec, x[:, :, :4], None, None, None, None, True, False, False)

@@ -153,25 +153,29 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x, bool channels_last) {
 
 // ---- bn_apply -----------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor> bn_apply(const Tensor& x, const Tensor& scale, const Tensor& shift,
-                                    const std::optional<Tensor>& residual,
+std::tuple<Tensor, Tensor> bn_apply(const Tensor& x, const Tensor& mean, const Tensor& scale,
+                                    const Tensor& shift, const std::optional<Tensor>& residual,
                                     const std::optional<Tensor>& x2,
+                                    const std::optional<Tensor>& mean2,
                                     const std::optional<Tensor>& scale2,
                                     const std::optional<Tensor>& shift2, bool relu,
                                     bool save_mask, bool channels_last) {
   const char* op = "bn_apply";
   check_activation(x, op);
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
+  Tensor mn = channel_vector(mean, x, "mean", op);
   Tensor sc = channel_vector(scale, x, "scale", op);
   Tensor sh = channel_vector(shift, x, "shift", op);
   const bool has_res = residual.has_value() && residual->defined();
   const bool has_x2 = x2.has_value() && x2->defined();
   if (has_res) check_like_x(*residual, x, "residual", op);
-  Tensor sc2, sh2;
+  Tensor mn2, sc2, sh2;
   if (has_x2) {
     check_like_x(*x2, x, "x2", op);
-    TORCH_CHECK(scale2.has_value() && scale2->defined() && shift2.has_value() && shift2->defined(),
-                "fusedres::bn_apply: x2 needs scale2 and shift2");
+    TORCH_CHECK(mean2.has_value() && mean2->defined() && scale2.has_value() &&
+                    scale2->defined() && shift2.has_value() && shift2->defined(),
+                "fusedres::bn_apply: x2 needs mean2, scale2 and shift2");
+    mn2 = channel_vector(*mean2, x, "mean2", op);
     sc2 = channel_vector(*scale2, x, "scale2", op);
     sh2 = channel_vector(*shift2, x, "shift2", op);
   }
@@ -184,8 +188,10 @@ std::tuple<Tensor, Tensor> bn_apply(const Tensor& x, const Tensor& scale, const 
   a.x = view_of(x);
   if (has_res) a.res = view_of(*residual);
   if (has_x2) a.x2 = view_of(*x2);
+  a.mean = mn.data_ptr();
   a.scale = sc.data_ptr();
   a.shift = sh.data_ptr();
+  a.mean2 = has_x2 ? mn2.data_ptr() : nullptr;
   a.scale2 = has_x2 ? sc2.data_ptr() : nullptr;
   a.shift2 = has_x2 ? sh2.data_ptr() : nullptr;
   a.has_res = has_res;

@@ -27,11 +27,15 @@ struct StatsArgs {
   void* var = nullptr;   // (C,) out, biased
 };
 
+// pre = (x - mean)*scale + shift [+ (x2 - mean2)*scale2 + shift2] [+ res]: centred, so
+// nothing cancels when |mean| >> std (shift is the BN bias, not bias - mean*scale).
 struct ApplyArgs {
   Shape sh;
   Ncs x, res, x2;  // res / x2 used when has_res / has_x2
+  const void* mean = nullptr;
   const void* scale = nullptr;
   const void* shift = nullptr;
+  const void* mean2 = nullptr;
   const void* scale2 = nullptr;
   const void* shift2 = nullptr;
   bool has_res = false, has_x2 = false, relu = false;

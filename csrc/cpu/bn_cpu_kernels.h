@@ -20,9 +20,12 @@
 //   in the cache: stats -> apply, backward reduce -> backward apply, and a producer that
 //   wrote its output in order -> the next reduction. (The tensors of a training step of
 //   a 14x14 layer at batch 8 overflow a core's L2: forward+backward 5-8% faster.)
-// * fp32 (fp64 for double) math, one cast at the store. The pre-activation x*scale+shift
-//   is never a fused multiply-add (fp-contract off) so the ReLU mask matches the
-//   reference bit for bit; the statistics and gradients use explicit fma() where the
+// * fp32 (fp64 for double) math, one cast at the store. The pre-activation is centred,
+//   (x - mean)*scale + shift with shift the BN bias: x - mean is exact when x is near
+//   the mean, so a large mean with a small spread cancels nothing (x*scale + (bias -
+//   mean*scale) lost up to 5x torch's own fp32 error there). It is never a fused
+//   multiply-add (fp-contract off), in forward and backward alike, so the ReLU mask
+//   matches the reference bit for bit; the statistics and gradients use explicit fma() where the
 //   instruction set has it (fewer operations, and one rounding instead of two).
 // * ReLU is (pre < 0) ? 0 : pre (NaN propagates); the mask bit is !(pre <= 0).
 #pragma once
@@ -207,6 +210,15 @@ template <typename acc_t>
 inline Vectorized<acc_t> fma(const Vectorized<acc_t>& a, const Vectorized<acc_t>& b,
                              const Vectorized<acc_t>& c) {
   return at::vec::fmadd(a, b, c);
+}
+
+// The pre-activation of one BN input, (x - mean)*scale + shift: three roundings, never a
+// fused multiply-add (the ReLU mask must match the reference bit for bit).
+template <typename acc_t>
+inline Vectorized<acc_t> centred(const Vectorized<acc_t>& x, const Vectorized<acc_t>& mean,
+                                 const Vectorized<acc_t>& scale,
+                                 const Vectorized<acc_t>& shift) {
+  return (x - mean) * scale + shift;
 }
 
 // ---- the 1-bit mask -----------------------------------------------------------------
@@ -615,8 +627,10 @@ void apply_walk(const ApplyArgs& a, const Ncs& x, const Ncs& res, const Ncs& x2)
         constexpr bool has_res = HAS_RES, has_x2 = HAS_X2, relu_on = RELU;
         const bool want_mask = mask != nullptr, stream_out = stream;
         const int64_t inner = ROWS ? a.sh.C : a.sh.S;
+        const acc_t* mean = static_cast<const acc_t*>(a.mean);
         const acc_t* scale = static_cast<const acc_t*>(a.scale);
         const acc_t* shift = static_cast<const acc_t*>(a.shift);
+        const acc_t* mean2 = static_cast<const acc_t*>(a.mean2);
         const acc_t* scale2 = static_cast<const acc_t*>(a.scale2);
         const acc_t* shift2 = static_cast<const acc_t*>(a.shift2);
         const int64_t xi = ROWS ? x.sC : x.sS, ri = ROWS ? res.sC : res.sS;
@@ -628,11 +642,13 @@ void apply_walk(const ApplyArgs& a, const Ncs& x, const Ncs& res, const Ncs& x2)
         const scalar_t* x2r = has_x2 ? x2p + sN * x2.sN + sC * x2.sC + sS * x2.sS : nullptr;
         scalar_t* out_row = outp + o * inner;
         BitWriter w = bw;
-        V sc, sh, sc2, sh2;
+        V mn, sc, sh, mn2, sc2, sh2;
         if constexpr (!ROWS) {
+          mn = V(mean[cs]);
           sc = V(scale[cs]);
           sh = V(shift[cs]);
           if (has_x2) {
+            mn2 = V(mean2[cs]);
             sc2 = V(scale2[cs]);
             sh2 = V(shift2[cs]);
           }
@@ -640,16 +656,19 @@ void apply_walk(const ApplyArgs& a, const Ncs& x, const Ncs& res, const Ncs& x2)
         for_vectors<V::size()>(inner, [&](int64_t j, auto count) {
           const int64_t cnt = count;
           if constexpr (ROWS) {
+            mn = loadp(mean + j, cnt);
             sc = loadp(scale + j, cnt);
             sh = loadp(shift + j, cnt);
             if (has_x2) {
+              mn2 = loadp(mean2 + j, cnt);
               sc2 = loadp(scale2 + j, cnt);
               sh2 = loadp(shift2 + j, cnt);
             }
           }
-          V pre = load<CONTIG>(xr + j * (CONTIG ? 1 : xi), xi, cnt) * sc + sh;
+          V pre = centred(load<CONTIG>(xr + j * (CONTIG ? 1 : xi), xi, cnt), mn, sc, sh);
           if (has_x2) {
-            pre = pre + (load<CONTIG>(x2r + j * (CONTIG ? 1 : x2i), x2i, cnt) * sc2 + sh2);
+            pre = pre + centred(load<CONTIG>(x2r + j * (CONTIG ? 1 : x2i), x2i, cnt), mn2, sc2,
+                                sh2);
           }
           if (has_res) pre = pre + load<CONTIG>(rr + j * (CONTIG ? 1 : ri), ri, cnt);
           if (want_mask) w.put(pass_bits(pre, cnt), static_cast<int>(cnt));
@@ -680,7 +699,7 @@ void apply_impl(const ApplyArgs& a) {
 }
 
 // =====================================================================================
-// Backward: g = dout * passes (mask bit, or recomputed !(x*scale+shift <= 0))
+// Backward: g = dout * passes (mask bit, or recomputed !((x-mean)*scale+shift <= 0))
 // =====================================================================================
 
 // How g = dout * passes gets its gate: no ReLU, the saved mask, or recomputed from x.
@@ -695,12 +714,13 @@ inline int gate_of(const BackwardArgs& a) {
 template <int GATE, typename acc_t>
 inline Vectorized<acc_t> gated(const uint8_t* mask, int64_t mask_bytes,
                                const Vectorized<acc_t>& d, const Vectorized<acc_t>& xv,
-                               const Vectorized<acc_t>& sc, const Vectorized<acc_t>& sh,
-                               int64_t moff, int64_t mstride, int64_t cnt) {
+                               const Vectorized<acc_t>& mn, const Vectorized<acc_t>& sc,
+                               const Vectorized<acc_t>& sh, int64_t moff, int64_t mstride,
+                               int64_t cnt) {
   if constexpr (GATE == kMaskGate) {
     return keep_where<acc_t>(read_bits(mask, mask_bytes, moff, mstride, cnt), d);
   } else if constexpr (GATE == kRecomputeGate) {
-    return gate_by_pre<acc_t>(xv * sc + sh, d);
+    return gate_by_pre<acc_t>(centred(xv, mn, sc, sh), d);
   } else {
     return d;
   }
@@ -769,7 +789,8 @@ void backward_apply_walk(const BackwardArgs& a, const Ncs& dout, const Ncs& x) {
           }
           const V d = load<CONTIG>(dr + j * (CONTIG ? 1 : di), di, cnt);
           const V xv = load<CONTIG>(xr + j * (CONTIG ? 1 : xi), xi, cnt);
-          const V g = gated<GATE, acc_t>(mask, mask_bytes, d, xv, sc, sh, o * inner + j, 1, cnt);
+          const V g =
+              gated<GATE, acc_t>(mask, mask_bytes, d, xv, mn, sc, sh, o * inner + j, 1, cnt);
           const V dx = fma(vg, g, fma(vxc, xv - mn, vc));
           store_maybe_stream(dxp + o * inner + j, dx, cnt, stream_out);
           if (drp) store_maybe_stream(drp + o * inner + j, g, cnt, stream_out);
@@ -838,7 +859,7 @@ void backward_reduce_rows(const BackwardArgs& a, const Ncs& dout, const Ncs& x) 
         for (int u = 0; u < nr; ++u) {
           const V d = load<CONTIG>(drs[u] + j * (CONTIG ? 1 : dout.sC), dout.sC, cnt);
           const V xv = load<CONTIG>(xrs[u] + j * (CONTIG ? 1 : x.sC), x.sC, cnt);
-          const V g = gated<GATE, acc_t>(mask, mask_bytes, d, xv, sc, sh, moffs[u] + mj,
+          const V g = gated<GATE, acc_t>(mask, mask_bytes, d, xv, mn, sc, sh, moffs[u] + mj,
                                          mstride, cnt);
           tg = tg + g;
           tgx = fma(g, xv - mn, tgx);
@@ -900,7 +921,8 @@ void backward_reduce_planes(const BackwardArgs& a, const Ncs& dout, const Ncs& x
         const V xv = load<true>(xr + j, 1, cnt);
         const int64_t s = s0 + j;
         const int64_t moff = a.channels_last ? (n * S + s) * C + c : (n * C + c) * S + s;
-        const V gv = gated<GATE, acc_t>(mask, mask_bytes, d, xv, sc, sh, moff, mstride, cnt);
+        const V gv =
+            gated<GATE, acc_t>(mask, mask_bytes, d, xv, mn, sc, sh, moff, mstride, cnt);
         // Missing lanes of a partial vector load as 0 and contribute 0.
         vg = vg + gv;
         vgx = fma(gv, xv - mn, vgx);

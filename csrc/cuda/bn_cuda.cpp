@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -152,33 +153,36 @@ std::tuple<Tensor, Tensor> bn_stats(const Tensor& x, bool channels_last) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     launch_bn_stats<T>(ptr<T>(x), strides(x), shape(x), mut_ptr<A>(mean), mut_ptr<A>(var),
-                       Workspace{&WorkspaceHolder::alloc, &holder},
+                       nullptr, Workspace{&WorkspaceHolder::alloc, &holder},
                        at::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {mean, var};
 }
 
-std::tuple<Tensor, Tensor> bn_apply(const Tensor& x, const Tensor& scale, const Tensor& shift,
-                                    const OptTensor& residual, const OptTensor& x2,
+std::tuple<Tensor, Tensor> bn_apply(const Tensor& x, const Tensor& mean, const Tensor& scale,
+                                    const Tensor& shift, const OptTensor& residual,
+                                    const OptTensor& x2, const OptTensor& mean2,
                                     const OptTensor& scale2, const OptTensor& shift2, bool relu,
                                     bool save_mask, bool channels_last) {
   const char* op = "bn_apply";
   check_act(x, op);
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(!save_mask || relu, "fusedres::bn_apply: save_mask requires relu");
+  const Tensor mn = channel_vec(mean, x, op, "mean");
   const Tensor sc = channel_vec(scale, x, op, "scale"), sh = channel_vec(shift, x, op, "shift");
-  OptTensor res, x2v, sc2, sh2;
+  OptTensor res, x2v, mn2, sc2, sh2;
   if (residual.has_value() && residual->defined()) {
     check_like(*residual, x, op, "residual");
     res = *residual;
   }
   if (x2.has_value() && x2->defined()) {
     check_like(*x2, x, op, "x2");
-    TORCH_CHECK(scale2.has_value() && scale2->defined() && shift2.has_value() &&
-                    shift2->defined(),
-                "fusedres::bn_apply: x2 needs scale2 and shift2");
+    TORCH_CHECK(mean2.has_value() && mean2->defined() && scale2.has_value() &&
+                    scale2->defined() && shift2.has_value() && shift2->defined(),
+                "fusedres::bn_apply: x2 needs mean2, scale2 and shift2");
     x2v = *x2;
+    mn2 = channel_vec(*mean2, x, op, "mean2");
     sc2 = channel_vec(*scale2, x, op, "scale2");
     sh2 = channel_vec(*shift2, x, op, "shift2");
   }
@@ -188,8 +192,9 @@ std::tuple<Tensor, Tensor> bn_apply(const Tensor& x, const Tensor& scale, const 
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
-    launch_bn_apply<T>(ptr<T>(x), strides(x), ptr<A>(sc), ptr<A>(sh), ptr<T>(res), strides(res),
-                       ptr<T>(x2v), strides(x2v), ptr<A>(sc2), ptr<A>(sh2), relu,
+    launch_bn_apply<T>(ptr<T>(x), strides(x), ptr<A>(mn), ptr<A>(sc), ptr<A>(sh), ptr<T>(res),
+                       strides(res), ptr<T>(x2v), strides(x2v), ptr<A>(mn2), ptr<A>(sc2),
+                       ptr<A>(sh2), relu,
                        mut_ptr<T>(out), save_mask ? mut_ptr<uint8_t>(mask) : nullptr, shape(x),
                        channels_last, num_sms(), at::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -218,7 +223,7 @@ std::tuple<Tensor, Tensor> bn_backward_reduce(const Tensor& dout, const Tensor& 
     using A = acc_t<T>;
     launch_bn_backward_reduce<T>(ptr<T>(dout), strides(dout), ptr<T>(x), strides(x), ptr<A>(mn),
                                  ptr<A>(sc), ptr<A>(sh), ptr<uint8_t>(m), relu, shape(x),
-                                 channels_last, mut_ptr<A>(sum_g), mut_ptr<A>(sum_g_xc),
+                                 channels_last, mut_ptr<A>(sum_g), mut_ptr<A>(sum_g_xc), nullptr,
                                  Workspace{&WorkspaceHolder::alloc, &holder},
                                  at::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -258,11 +263,157 @@ std::tuple<Tensor, Tensor> bn_backward_apply(const Tensor& dout, const Tensor& x
   return {dx, dres};
 }
 
+// ---- the per-channel steps of the fused pipeline (csrc/bn_fused.cpp) -------------------
+//
+// The finalize after the statistics and the coefficients after the backward sums run in
+// the merge kernels of the reductions, the finalize alone and the running-statistics
+// update in one small kernel each: a BN forward+backward in 8 launches (see
+// tests/test_launch_count_cuda.py).
+
+// An optional (C,) parameter in the acc dtype (weight, bias), or an undefined tensor.
+Tensor param_vec(const OptTensor& p, const Tensor& like, const char* op, const char* name) {
+  if (!p.has_value() || !p->defined()) return Tensor();
+  TORCH_CHECK(p->device() == like.device(), "fusedres::", op, ": ", name, " is on ",
+              p->device(), " but the statistics are on ", like.device());
+  TORCH_CHECK(p->dim() == 1 && p->size(0) == like.size(0), "fusedres::", op, ": ", name,
+              " must have shape (C,) = (", like.size(0), ",), got ", p->sizes());
+  return p->to(like.scalar_type()).contiguous();
+}
+
+template <typename A>
+Finalize<A> finalize_args(const Tensor& w, const Tensor& b, double eps, Tensor& invstd,
+                          Tensor& scale, Tensor& shift) {
+  return Finalize<A>{w.defined() ? ptr<A>(w) : nullptr, b.defined() ? ptr<A>(b) : nullptr,
+                     static_cast<A>(eps), mut_ptr<A>(invstd), mut_ptr<A>(scale),
+                     mut_ptr<A>(shift)};
+}
+
+template <typename F>
+void dispatch_acc(at::ScalarType t, F&& f) {
+  if (t == at::kDouble) f(TypeTag<double>{});
+  else f(TypeTag<float>{});
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_finalize(const Tensor& mean, const Tensor& var,
+                                               const OptTensor& weight, const OptTensor& bias,
+                                               double eps) {
+  const char* op = "bn_finalize";
+  TORCH_CHECK(mean.is_cuda() && var.device() == mean.device(), "fusedres::", op,
+              ": mean and var must be on one CUDA device");
+  TORCH_CHECK(mean.dim() == 1 && var.sizes() == mean.sizes(), "fusedres::", op,
+              ": mean and var must be (C,) vectors");
+  const auto t = mean.scalar_type();
+  TORCH_CHECK((t == at::kFloat || t == at::kDouble) && var.scalar_type() == t, "fusedres::", op,
+              ": mean and var must both be float32 or float64");
+  const c10::cuda::CUDAGuard guard(mean.device());
+  const Tensor v = var.contiguous();
+  const Tensor w = param_vec(weight, mean, op, "weight"), b = param_vec(bias, mean, op, "bias");
+  Tensor invstd = at::empty_like(v), scale = at::empty_like(v), shift = at::empty_like(v);
+  if (mean.numel() == 0) return {invstd, scale, shift};
+  dispatch_acc(t, [&](auto tag) {
+    using A = typename decltype(tag)::type;
+    launch_bn_finalize<A>(nullptr, ptr<A>(v), finalize_args<A>(w, b, eps, invstd, scale, shift),
+                          mean.numel(), at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {invstd, scale, shift};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_stats_finalize(
+    const Tensor& x, const OptTensor& weight, const OptTensor& bias, double eps,
+    bool channels_last) {
+  const char* op = "bn_stats_finalize";
+  check_act(x, op);
+  if (x.numel() == 0) {  // NaN statistics, as bn_stats; then the finalize alone
+    auto [mean, var] = bn_stats(x, channels_last);
+    auto [invstd, scale, shift] = bn_finalize(mean, var, weight, bias, eps);
+    return {mean, var, invstd, scale, shift};
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto opts = x.options().dtype(acc_type(x.scalar_type()));
+  const int64_t C = x.size(1);
+  Tensor mean = at::empty({C}, opts), var = at::empty({C}, opts);
+  Tensor invstd = at::empty({C}, opts), scale = at::empty({C}, opts), shift = at::empty({C}, opts);
+  const Tensor w = param_vec(weight, mean, op, "weight"), b = param_vec(bias, mean, op, "bias");
+  WorkspaceHolder holder{x.options(), Tensor()};
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    const Finalize<A> fin = finalize_args<A>(w, b, eps, invstd, scale, shift);
+    launch_bn_stats<T>(ptr<T>(x), strides(x), shape(x), mut_ptr<A>(mean), mut_ptr<A>(var), &fin,
+                       Workspace{&WorkspaceHolder::alloc, &holder},
+                       at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {mean, var, invstd, scale, shift};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_backward_reduce_finalize(
+    const Tensor& dout, const Tensor& x, const Tensor& mean, const Tensor& scale,
+    const Tensor& shift, const OptTensor& mask, const Tensor& invstd, bool relu,
+    bool channels_last, double count, bool training) {
+  const char* op = "bn_backward_reduce_finalize";
+  check_act(x, op);
+  check_like(dout, x, op, "dout");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor mn = channel_vec(mean, x, op, "mean");
+  const Tensor sc = channel_vec(scale, x, op, "scale"), sh = channel_vec(shift, x, op, "shift");
+  const Tensor is = channel_vec(invstd, x, op, "invstd");
+  const OptTensor m = mask_arg(mask, x, op);
+  const auto opts = x.options().dtype(acc_type(x.scalar_type()));
+  const int64_t C = x.size(1);
+  Tensor coef_xc = at::empty({C}, opts), coef_c = at::empty({C}, opts);
+  Tensor dweight = at::empty({C}, opts);
+  if (x.numel() == 0) {
+    return {at::zeros({C}, opts), at::zeros({C}, opts), coef_xc.zero_(), coef_c.zero_(),
+            dweight.zero_()};
+  }
+  Tensor sum_g = at::empty({C}, opts), sum_g_xc = at::empty({C}, opts);
+  WorkspaceHolder holder{x.options(), Tensor()};
+  dispatch(x.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    const Coefficients<A> coef{ptr<A>(sc), ptr<A>(is), static_cast<A>(count), training,
+                               mut_ptr<A>(coef_xc), mut_ptr<A>(coef_c), mut_ptr<A>(dweight)};
+    launch_bn_backward_reduce<T>(ptr<T>(dout), strides(dout), ptr<T>(x), strides(x), ptr<A>(mn),
+                                 ptr<A>(sc), ptr<A>(sh), ptr<uint8_t>(m), relu, shape(x),
+                                 channels_last, mut_ptr<A>(sum_g), mut_ptr<A>(sum_g_xc), &coef,
+                                 Workspace{&WorkspaceHolder::alloc, &holder},
+                                 at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {sum_g, sum_g_xc, coef_xc, coef_c, dweight};
+}
+
+// The caller (update_running_stats, bn_fused.cpp) checked: running statistics 1-D in the
+// acc dtype of mean/var, same length, not overlapping; num_batches_tracked int64.
+void running_stats_update(Tensor running_mean, Tensor running_var, const Tensor& mean,
+                          const Tensor& var, double var_correction, double momentum,
+                          const OptTensor& num_batches_tracked) {
+  const c10::cuda::CUDAGuard guard(mean.device());
+  const Tensor m = mean.contiguous(), v = var.contiguous();
+  const bool nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  if (m.numel() == 0) return;
+  dispatch_acc(m.scalar_type(), [&](auto tag) {
+    using A = typename decltype(tag)::type;
+    launch_running_stats_update<A>(
+        mut_ptr<A>(running_mean), running_mean.stride(0), mut_ptr<A>(running_var),
+        running_var.stride(0), ptr<A>(m), ptr<A>(v), static_cast<A>(var_correction),
+        static_cast<A>(momentum), nbt ? ptr<int64_t>(*num_batches_tracked) : nullptr, m.numel(),
+        at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fusedres
 
 TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
+  m.impl("bn_finalize", &fusedres::cuda::bn_finalize);
+  m.impl("bn_stats_finalize", &fusedres::cuda::bn_stats_finalize);
+  m.impl("bn_backward_reduce_finalize", &fusedres::cuda::bn_backward_reduce_finalize);
+  m.impl("running_stats_update", &fusedres::cuda::running_stats_update);
   m.impl("bn_stats", &fusedres::cuda::bn_stats);
   m.impl("bn_apply", &fusedres::cuda::bn_apply);
   m.impl("bn_backward_reduce", &fusedres::cuda::bn_backward_reduce);

@@ -37,6 +37,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace fusedres {
 namespace cuda {
@@ -47,6 +48,10 @@ constexpr int kUnit = 8;                 // elements per chunk: one mask byte
 constexpr int kRows = 4;                 // rows per thread and step, channel-inner reductions
 constexpr int64_t kTargetBlocks = 2048;  // reduction blocks aimed at (shape-only choice)
 constexpr int64_t kMinSteps = 4;         // least steps per thread before splitting further
+// The channels-last backward reduction reads two tensors a step: at small shapes (7x7x512,
+// batch 64) 4 steps per thread left ~12 KiB of loads in flight per SM, under the ~13 KiB
+// (H100) to ~18 KiB (H200) that near-copy bandwidth needs; 2 steps give twice the blocks.
+constexpr int64_t kMinStepsBackward = 2;
 constexpr int64_t kMaxGridY = 65535;
 constexpr int kBlocksPerSm = 8;          // elementwise grid: blocks per SM (grid-stride beyond)
 
@@ -54,9 +59,11 @@ enum Mode { kStats = 0, kBackward = 1 };
 
 // Resident 256-thread blocks per SM asked of the elementwise kernels: 4 (<= 64 registers,
 // half the SM's threads) keeps enough bytes in flight; double needs more registers.
-template <typename T>
+// The kRowsPath kernels of a dual BN or a recomputed backward gate read 6 per-channel
+// vectors of 8 per chunk: 2 blocks (128 registers) instead of spilling.
+template <typename T, int PATH = 0, bool HEAVY = false>
 constexpr int min_blocks_elementwise() {
-  return sizeof(T) == 8 ? 2 : 4;
+  return sizeof(T) == 8 || (PATH != 0 && HEAVY) ? 2 : 4;
 }
 
 // ------------------------------------------------------------------------------------
@@ -164,8 +171,10 @@ template <typename T>
 __device__ __forceinline__ void store8(T* p, const acc_t<T>* v) {
   constexpr int kVecs = kUnit / Elem<T>::kPerVec;
   uint4* q = reinterpret_cast<uint4*>(p);
+  // __stwb: one 16-byte store (a plain uint4 assignment of packed halves came out as four
+  // 4-byte stores).
 #pragma unroll
-  for (int k = 0; k < kVecs; ++k) q[k] = Elem<T>::pack(v + k * Elem<T>::kPerVec);
+  for (int k = 0; k < kVecs; ++k) __stwb(q + k, Elem<T>::pack(v + k * Elem<T>::kPerVec));
 }
 
 __device__ __forceinline__ int64_t offset3(const Strides3& st, int64_t n, int64_t c, int64_t s) {
@@ -238,69 +247,235 @@ __device__ __forceinline__ void nc_s(const ElemIndex& ix, const Odo& d, int& n, 
 }
 
 // ------------------------------------------------------------------------------------
-// bn_apply: out = [relu](x*scale + shift [+ x2*scale2 + shift2] [+ residual]), mask
+// Elementwise kernels: bn_apply and bn_backward_apply
 // ------------------------------------------------------------------------------------
+//
+// Three traversals (the launcher picks one; every one walks chunks of 8 output elements):
+// * kRowsPath (channels-last output, C % 8 == 0, every activation dense and 16-byte aligned):
+//   thread t owns channel group g = t % (C/8), channels [8g, 8g + 8), for every row (n, s)
+//   it visits: rows t / (C/8), + R, + 2R, ... with R = threads / (C/8). Its per-channel
+//   values are loaded once, before the loop, and stay in registers; the loop is the
+//   vector loads, the math and the stores (no index arithmetic per element).
+// * kPlanesPath (NCHW output, S >= 8, dense and aligned): a chunk lies in one plane (n, c)
+//   or spans two consecutive ones (c, then c + 1 mod C), never more: per chunk, the two
+//   channels' values are loaded (scalar loads that hit L1) and each element selects
+//   its channel's with one compare. An odometer over (s, c, n) moves by the grid stride.
+// * kGeneric (any strides, misalignment, small inner dims): element by element through
+//   (n, c, s) and each input's strides, with 16-byte loads when VEC.
+
+enum Path { kGeneric = 0, kGenericVec = 1, kRowsPath = 2, kPlanesPath = 3 };
+
+// The centred pre-activation of one BN input: (x - mean)*scale + shift, shift the BN
+// bias. x - mean is exact when x is near the mean (nothing cancels when |mean| >> std);
+// one fused multiply-add, written once here for the forward and both backward kernels,
+// so a recomputed ReLU mask is bit for bit the forward's.
+template <typename acc>
+__device__ __forceinline__ acc centred(acc x, acc mean, acc scale, acc shift) {
+  return mad(x - mean, scale, shift);
+}
+
+// A 16-byte read-only load issued where it is written: the compiler may not hoist it out
+// of a loop (it would keep the values in registers across the loop, and spill).
+__device__ __forceinline__ uint4 ldg_here(const uint4* p) {
+#ifdef __CUDA_ARCH__
+  uint4 r;
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+#else
+  return __ldg(p);
+#endif
+}
+
+// 8 consecutive per-channel values (a 16-byte-aligned pointer: c0 % 8 == 0), loaded in
+// every iteration of the loop that uses them (L1 hits).
+template <typename acc>
+__device__ __forceinline__ void load8_acc(const acc* p, acc* v) {
+  constexpr int kPer = 16 / sizeof(acc);
+  const uint4* q = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int k = 0; k < kUnit / kPer; ++k) {
+    if constexpr (sizeof(acc) == 4) {
+      Elem<float>::unpack(ldg_here(q + k), v + k * kPer);
+    } else {
+      Elem<double>::unpack(ldg_here(q + k), v + k * kPer);
+    }
+  }
+}
+
+// Per-channel values of one BN input for the 8 elements of a chunk.
+template <typename acc>
+struct Channels8 {
+  acc mean[kUnit], scale[kUnit], shift[kUnit];
+};
+
+// kRowsPath: channels [c0, c0 + 8).
+template <typename acc>
+__device__ __forceinline__ void load_group(Channels8<acc>& ch, const acc* mean, const acc* scale,
+                                           const acc* shift, int64_t c0) {
+  load8_acc(mean + c0, ch.mean);
+  load8_acc(scale + c0, ch.scale);
+  load8_acc(shift + c0, ch.shift);
+}
+
+// kPlanesPath: elements j < split are channel c0's, the rest channel c1's.
+template <typename acc>
+__device__ __forceinline__ acc pick(bool first, const acc* v, int c0, int c1) {
+  return first ? __ldg(v + c0) : __ldg(v + c1);
+}
 
 template <typename T>
 struct ApplyArgs {
   const T* x;  // (N, C, S) any strides
   Strides3 xs;
+  const acc_t<T>* mean;   // (C,)
   const acc_t<T>* scale;  // (C,)
   const acc_t<T>* shift;  // (C,)
   const T* res;           // (N, C, S) any strides, or null
   Strides3 rs;
   const T* x2;  // (N, C, S) any strides, or null
   Strides3 x2s;
+  const acc_t<T>* mean2;   // (C,) when x2
   const acc_t<T>* scale2;  // (C,) when x2
   const acc_t<T>* shift2;  // (C,) when x2
   T* out;                  // (N, C, S) dense in layout ix.cl
   uint8_t* mask;           // ceil(E/8) bytes, or null
   bool relu;
   int64_t E, chunks;  // N*C*S, ceil(E/8)
+  int64_t row_step;   // kRowsPath: rows between a thread's chunks (R)
   ElemIndex ix;
 };
 
+// The output of one element from its loaded inputs and its channel's values.
+template <typename T, typename acc>
+__device__ __forceinline__ acc apply_one(const ApplyArgs<T>& a, acc x, acc r, acc x2, acc m,
+                                         acc s, acc b, acc m2, acc s2, acc b2, bool& pass) {
+  acc pre = centred(x, m, s, b);
+  if (a.x2) pre = pre + centred(x2, m2, s2, b2);
+  if (a.res) pre = pre + r;
+  pass = !(pre <= acc(0));
+  return a.relu ? relu_nan(pre) : pre;
+}
+
+// Chunk k (elements 8k .. 8k+7 of the output, `pos` their first's odometer), element by
+// element: kGeneric, and the last, partial chunk of kPlanesPath.
 template <typename T, bool VEC>
-__global__ void __launch_bounds__(kThreads, min_blocks_elementwise<T>())
-    bn_apply_kernel(const ApplyArgs<T> a) {
+__device__ __forceinline__ void apply_chunk_generic(const ApplyArgs<T>& a, int64_t k, Odo pos) {
+  using acc = acc_t<T>;
+  const int64_t o0 = k * kUnit;
+  const int valid = static_cast<int>(min(static_cast<int64_t>(kUnit), a.E - o0));
+  acc xv[kUnit], rv[kUnit], x2v[kUnit];  // xv becomes the output
+  const bool vec = VEC && valid == kUnit;
+  if (vec) {
+    load8(a.x + o0, xv);
+    if (a.res) load8(a.res + o0, rv);
+    if (a.x2) load8(a.x2 + o0, x2v);
+  }
+  unsigned bits = 0;
+  Odo d = pos;  // (n, c, s) of element o0 + j
+#pragma unroll
+  for (int j = 0; j < kUnit; ++j, odo_next(d, a.ix.I, a.ix.Mi)) {
+    int n, c, s;  // c is a valid channel even past E
+    nc_s(a.ix, d, n, c, s);
+    if (!vec) {
+      xv[j] = rv[j] = x2v[j] = acc(0);
+      if (j < valid) {
+        xv[j] = Elem<T>::load(a.x + offset3(a.xs, n, c, s));
+        if (a.res) rv[j] = Elem<T>::load(a.res + offset3(a.rs, n, c, s));
+        if (a.x2) x2v[j] = Elem<T>::load(a.x2 + offset3(a.x2s, n, c, s));
+      }
+    }
+    bool pass;
+    const acc m2 = a.x2 ? __ldg(a.mean2 + c) : acc(0);
+    const acc s2 = a.x2 ? __ldg(a.scale2 + c) : acc(0);
+    const acc b2 = a.x2 ? __ldg(a.shift2 + c) : acc(0);
+    xv[j] = apply_one(a, xv[j], rv[j], x2v[j], __ldg(a.mean + c), __ldg(a.scale + c),
+                      __ldg(a.shift + c), m2, s2, b2, pass);
+    if (j < valid && pass) bits |= 1u << j;
+    if (!vec && j < valid) Elem<T>::store(a.out + o0 + j, xv[j]);
+  }
+  if (vec) store8(a.out + o0, xv);
+  if (a.mask) a.mask[k] = static_cast<uint8_t>(bits);
+}
+
+template <typename T, int PATH, bool X2>
+__global__ void __launch_bounds__(kThreads, min_blocks_elementwise<T, PATH, X2>())
+    bn_apply_kernel(ApplyArgs<T> a) {
+  if (!X2) a.x2 = nullptr;  // X2: whether a.x2 is set, known at compile time
   using acc = acc_t<T>;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  if (first >= a.chunks) return;
-  Odo pos = odo_from(first * kUnit, a.ix.I, a.ix.Mi);
-  for (int64_t k = first; k < a.chunks; k += stride, odo_add(pos, a.ix.step, a.ix.I, a.ix.Mi)) {
-    const int64_t o0 = k * kUnit;
-    const int valid = static_cast<int>(min(static_cast<int64_t>(kUnit), a.E - o0));
-    acc xv[kUnit], rv[kUnit], x2v[kUnit];  // xv becomes the output
-    const bool vec = VEC && valid == kUnit;
-    if (vec) {
+  if constexpr (PATH == kRowsPath) {
+    const int64_t C = a.ix.I, groups = C / kUnit;
+    const int64_t row = first / groups, c0 = (first - row * groups) * kUnit;
+    if (row >= a.row_step) return;
+    const int64_t step = a.row_step * C;
+    for (int64_t o0 = row * C + c0; o0 < a.E; o0 += step) {
+      // The same 16-byte lines every iteration (L1 hits): held in registers across the
+      // loop they would spill (6 vectors of 8 with a second BN).
+      Channels8<acc> ch, ch2;
+      load_group(ch, a.mean, a.scale, a.shift, c0);
+      if (a.x2) load_group(ch2, a.mean2, a.scale2, a.shift2, c0);
+      acc xv[kUnit], rv[kUnit], x2v[kUnit];
       load8(a.x + o0, xv);
       if (a.res) load8(a.res + o0, rv);
       if (a.x2) load8(a.x2 + o0, x2v);
-    }
-    unsigned bits = 0;
-    Odo d = pos;  // (n, c, s) of element o0 + j
+      unsigned bits = 0;
 #pragma unroll
-    for (int j = 0; j < kUnit; ++j, odo_next(d, a.ix.I, a.ix.Mi)) {
-      int n, c, s;  // c is a valid channel even past E
-      nc_s(a.ix, d, n, c, s);
-      if (!vec) {
-        xv[j] = rv[j] = x2v[j] = acc(0);
-        if (j < valid) {
-          xv[j] = Elem<T>::load(a.x + offset3(a.xs, n, c, s));
-          if (a.res) rv[j] = Elem<T>::load(a.res + offset3(a.rs, n, c, s));
-          if (a.x2) x2v[j] = Elem<T>::load(a.x2 + offset3(a.x2s, n, c, s));
-        }
+      for (int j = 0; j < kUnit; ++j) {
+        bool pass;
+        xv[j] = apply_one(a, xv[j], rv[j], x2v[j], ch.mean[j], ch.scale[j], ch.shift[j],
+                          ch2.mean[j], ch2.scale[j], ch2.shift[j], pass);
+        bits |= static_cast<unsigned>(pass) << j;
       }
-      acc pre = mad(xv[j], __ldg(a.scale + c), __ldg(a.shift + c));
-      if (a.x2) pre = pre + mad(x2v[j], __ldg(a.scale2 + c), __ldg(a.shift2 + c));
-      if (a.res) pre = pre + rv[j];
-      xv[j] = a.relu ? relu_nan(pre) : pre;
-      if (j < valid && !(pre <= acc(0))) bits |= 1u << j;
-      if (!vec && j < valid) Elem<T>::store(a.out + o0 + j, xv[j]);
+      store8(a.out + o0, xv);
+      if (a.mask) a.mask[o0 / kUnit] = static_cast<uint8_t>(bits);
     }
-    if (vec) store8(a.out + o0, xv);
-    if (a.mask) a.mask[k] = static_cast<uint8_t>(bits);
+  } else {
+    if (first >= a.chunks) return;
+    Odo pos = odo_from(first * kUnit, a.ix.I, a.ix.Mi);
+    int64_t k = first;
+    if constexpr (PATH == kPlanesPath) {
+      const int S = a.ix.I, C = a.ix.Mi;
+      const int64_t full = a.E / kUnit;
+      for (; k < full; k += stride, odo_add(pos, a.ix.step, S, C)) {
+        const int64_t o0 = k * kUnit;
+        const int c0 = pos.mid, c1 = c0 + 1 == C ? 0 : c0 + 1;
+        const int split = S - pos.in;  // elements of the chunk in channel c0 (>= 1)
+        acc xv[kUnit], rv[kUnit], x2v[kUnit];
+        load8(a.x + o0, xv);
+        if (a.res) load8(a.res + o0, rv);
+        if (a.x2) load8(a.x2 + o0, x2v);
+        // Channel c0's and c1's values, selected per element (no indexed arrays: those
+        // would live in local memory).
+        const acc m0 = __ldg(a.mean + c0), m1 = __ldg(a.mean + c1);
+        const acc s0 = __ldg(a.scale + c0), s1 = __ldg(a.scale + c1);
+        const acc b0 = __ldg(a.shift + c0), b1 = __ldg(a.shift + c1);
+        acc m20 = 0, m21 = 0, s20 = 0, s21 = 0, b20 = 0, b21 = 0;
+        if (a.x2) {
+          m20 = __ldg(a.mean2 + c0), m21 = __ldg(a.mean2 + c1);
+          s20 = __ldg(a.scale2 + c0), s21 = __ldg(a.scale2 + c1);
+          b20 = __ldg(a.shift2 + c0), b21 = __ldg(a.shift2 + c1);
+        }
+        unsigned bits = 0;
+#pragma unroll
+        for (int j = 0; j < kUnit; ++j) {
+          const bool f = j < split;
+          bool pass;
+          xv[j] = apply_one(a, xv[j], rv[j], x2v[j], f ? m0 : m1, f ? s0 : s1, f ? b0 : b1,
+                            f ? m20 : m21, f ? s20 : s21, f ? b20 : b21, pass);
+          bits |= static_cast<unsigned>(pass) << j;
+        }
+        store8(a.out + o0, xv);
+        if (a.mask) a.mask[k] = static_cast<uint8_t>(bits);
+      }
+      if (k < a.chunks) apply_chunk_generic<T, false>(a, k, pos);  // the partial last chunk
+    } else {
+      for (; k < a.chunks; k += stride, odo_add(pos, a.ix.step, a.ix.I, a.ix.Mi)) {
+        apply_chunk_generic<T, PATH == kGenericVec>(a, k, pos);
+      }
+    }
   }
 }
 
@@ -325,58 +500,164 @@ struct BackwardApplyArgs {
   T* dx;    // (N, C, S) dense in layout ix.cl
   T* dres;  // same, or null
   int64_t E, chunks;
+  int64_t row_step;  // kRowsPath: rows between a thread's chunks
   ElemIndex ix;
 };
 
-template <typename T, bool VEC>
-__global__ void __launch_bounds__(kThreads, min_blocks_elementwise<T>())
+// How g = dout * passes gets its gate: no ReLU, the saved mask, or recomputed from x.
+// kMaskAnyGate (reductions only): a mask packed in the layout the traversal does not
+// follow, read bit by bit.
+enum Gate { kNoGate = 0, kMaskGate = 1, kRecomputeGate = 2, kMaskAnyGate = 3 };
+
+// Per-channel values of the backward for one element.
+template <typename acc>
+struct BackwardChannel {
+  acc mean, scale, shift, cg, cxc, cc;
+};
+
+template <int GATE, typename T>
+__device__ __forceinline__ BackwardChannel<acc_t<T>> backward_channel(
+    const BackwardApplyArgs<T>& a, int64_t c) {
+  BackwardChannel<acc_t<T>> ch{__ldg(a.mean + c), 0, 0, __ldg(a.coef_g + c),
+                               __ldg(a.coef_xc + c), __ldg(a.coef_c + c)};
+  if (GATE == kRecomputeGate) {
+    ch.scale = __ldg(a.scale + c);
+    ch.shift = __ldg(a.shift + c);
+  }
+  return ch;
+}
+
+// Member-wise a or b (selects: no indexed array in local memory).
+template <typename acc>
+__device__ __forceinline__ BackwardChannel<acc> select(bool first, const BackwardChannel<acc>& a,
+                                                       const BackwardChannel<acc>& b) {
+  return BackwardChannel<acc>{first ? a.mean : b.mean,   first ? a.scale : b.scale,
+                              first ? a.shift : b.shift, first ? a.cg : b.cg,
+                              first ? a.cxc : b.cxc,     first ? a.cc : b.cc};
+}
+
+// dx of one element; g (the gradient after the ReLU) written to `g`.
+template <int GATE, typename acc>
+__device__ __forceinline__ acc backward_one(acc d, acc x, unsigned byte, int j,
+                                            const BackwardChannel<acc>& ch, acc& g) {
+  bool pass = true;
+  if (GATE == kMaskGate) pass = (byte >> j) & 1u;
+  if (GATE == kRecomputeGate) pass = !(centred(x, ch.mean, ch.scale, ch.shift) <= acc(0));
+  g = pass ? d : acc(0);
+  return mad(ch.cg, g, mad(ch.cxc, x - ch.mean, ch.cc));
+}
+
+template <typename T>
+__device__ __forceinline__ int gate_of(const BackwardApplyArgs<T>& a) {
+  return a.mask ? kMaskGate : a.relu ? kRecomputeGate : kNoGate;
+}
+
+template <typename T, int GATE, bool VEC>
+__device__ __forceinline__ void backward_chunk_generic(const BackwardApplyArgs<T>& a, int64_t k,
+                                                       Odo pos) {
+  using acc = acc_t<T>;
+  const int64_t o0 = k * kUnit;
+  const int valid = static_cast<int>(min(static_cast<int64_t>(kUnit), a.E - o0));
+  acc dv[kUnit], xv[kUnit], gv[kUnit], dxv[kUnit];
+  const bool vec = VEC && valid == kUnit;
+  if (vec) {
+    load8(a.dout + o0, dv);
+    load8(a.x + o0, xv);
+  }
+  // The mask is packed in the output's layout: chunk k is mask byte k.
+  const unsigned byte = GATE == kMaskGate ? static_cast<unsigned>(__ldg(a.mask + k)) : 0xffu;
+  Odo d = pos;  // (n, c, s) of element o0 + j
+#pragma unroll
+  for (int j = 0; j < kUnit; ++j, odo_next(d, a.ix.I, a.ix.Mi)) {
+    int n, c, s;  // c is a valid channel even past E
+    nc_s(a.ix, d, n, c, s);
+    if (!vec) {
+      dv[j] = xv[j] = acc(0);
+      if (j < valid) {
+        dv[j] = Elem<T>::load(a.dout + offset3(a.ds, n, c, s));
+        xv[j] = Elem<T>::load(a.x + offset3(a.xs, n, c, s));
+      }
+    }
+    dxv[j] = backward_one<GATE>(dv[j], xv[j], byte, j, backward_channel<GATE>(a, c), gv[j]);
+    if (!vec && j < valid) {
+      Elem<T>::store(a.dx + o0 + j, dxv[j]);
+      if (a.dres) Elem<T>::store(a.dres + o0 + j, gv[j]);
+    }
+  }
+  if (vec) {
+    store8(a.dx + o0, dxv);
+    if (a.dres) store8(a.dres + o0, gv);
+  }
+}
+
+// The three traversals as bn_apply_kernel's; GATE a compile-time switch (the kRowsPath
+// registers hold 4 or 6 per-channel vectors).
+template <typename T, int PATH, int GATE>
+__global__ void __launch_bounds__(kThreads,
+                                  min_blocks_elementwise<T, PATH, GATE == kRecomputeGate>())
     bn_backward_apply_kernel(const BackwardApplyArgs<T> a) {
   using acc = acc_t<T>;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  if (first >= a.chunks) return;
-  Odo pos = odo_from(first * kUnit, a.ix.I, a.ix.Mi);
-  for (int64_t k = first; k < a.chunks; k += stride, odo_add(pos, a.ix.step, a.ix.I, a.ix.Mi)) {
-    const int64_t o0 = k * kUnit;
-    const int valid = static_cast<int>(min(static_cast<int64_t>(kUnit), a.E - o0));
-    acc dv[kUnit], xv[kUnit], gv[kUnit], dxv[kUnit];
-    const bool vec = VEC && valid == kUnit;
-    if (vec) {
+  if constexpr (PATH == kRowsPath) {
+    const int64_t C = a.ix.I, groups = C / kUnit;
+    const int64_t row = first / groups, c0 = (first - row * groups) * kUnit;
+    if (row >= a.row_step) return;
+    const int64_t step = a.row_step * C;
+    for (int64_t o0 = row * C + c0; o0 < a.E; o0 += step) {
+      // Per-channel values reloaded each iteration (L1 hits), as in bn_apply_kernel.
+      acc mean[kUnit], scale[kUnit], shift[kUnit], cg[kUnit], cxc[kUnit], cc[kUnit];
+      load8_acc(a.mean + c0, mean);
+      load8_acc(a.coef_g + c0, cg);
+      load8_acc(a.coef_xc + c0, cxc);
+      load8_acc(a.coef_c + c0, cc);
+      if (GATE == kRecomputeGate) {
+        load8_acc(a.scale + c0, scale);
+        load8_acc(a.shift + c0, shift);
+      }
+      acc dv[kUnit], xv[kUnit], gv[kUnit];
       load8(a.dout + o0, dv);
       load8(a.x + o0, xv);
-    }
-    // The mask is packed in the output's layout: chunk k is mask byte k.
-    const unsigned byte = a.mask ? static_cast<unsigned>(__ldg(a.mask + k)) : 0xffu;
-    Odo d = pos;  // (n, c, s) of element o0 + j
+      const unsigned byte =
+          GATE == kMaskGate ? static_cast<unsigned>(__ldg(a.mask + o0 / kUnit)) : 0xffu;
 #pragma unroll
-    for (int j = 0; j < kUnit; ++j, odo_next(d, a.ix.I, a.ix.Mi)) {
-      int n, c, s;  // c is a valid channel even past E
-      nc_s(a.ix, d, n, c, s);
-      if (!vec) {
-        dv[j] = xv[j] = acc(0);
-        if (j < valid) {
-          dv[j] = Elem<T>::load(a.dout + offset3(a.ds, n, c, s));
-          xv[j] = Elem<T>::load(a.x + offset3(a.xs, n, c, s));
-        }
+      for (int j = 0; j < kUnit; ++j) {
+        const BackwardChannel<acc> ch{mean[j], scale[j], shift[j], cg[j], cxc[j], cc[j]};
+        xv[j] = backward_one<GATE>(dv[j], xv[j], byte, j, ch, gv[j]);
       }
-      bool pass = true;
-      if (a.mask) {
-        pass = (byte >> j) & 1u;
-      } else if (a.relu) {
-        pass = !(mad(xv[j], __ldg(a.scale + c), __ldg(a.shift + c)) <= acc(0));
-      }
-      const acc g = pass ? dv[j] : acc(0);
-      gv[j] = g;
-      dxv[j] = mad(__ldg(a.coef_xc + c), xv[j] - __ldg(a.mean + c), __ldg(a.coef_g + c) * g) +
-               __ldg(a.coef_c + c);
-      if (!vec && j < valid) {
-        Elem<T>::store(a.dx + o0 + j, dxv[j]);
-        if (a.dres) Elem<T>::store(a.dres + o0 + j, g);
-      }
-    }
-    if (vec) {
-      store8(a.dx + o0, dxv);
+      store8(a.dx + o0, xv);
       if (a.dres) store8(a.dres + o0, gv);
+    }
+  } else {
+    if (first >= a.chunks) return;
+    Odo pos = odo_from(first * kUnit, a.ix.I, a.ix.Mi);
+    int64_t k = first;
+    if constexpr (PATH == kPlanesPath) {
+      const int S = a.ix.I, C = a.ix.Mi;
+      const int64_t full = a.E / kUnit;
+      for (; k < full; k += stride, odo_add(pos, a.ix.step, S, C)) {
+        const int64_t o0 = k * kUnit;
+        const int c0 = pos.mid, c1 = c0 + 1 == C ? 0 : c0 + 1;
+        const int split = S - pos.in;
+        acc dv[kUnit], xv[kUnit], gv[kUnit];
+        load8(a.dout + o0, dv);
+        load8(a.x + o0, xv);
+        const unsigned byte =
+            GATE == kMaskGate ? static_cast<unsigned>(__ldg(a.mask + k)) : 0xffu;
+        const BackwardChannel<acc> ch0 = backward_channel<GATE>(a, c0);
+        const BackwardChannel<acc> ch1 = backward_channel<GATE>(a, c1);
+#pragma unroll
+        for (int j = 0; j < kUnit; ++j) {
+          xv[j] = backward_one<GATE>(dv[j], xv[j], byte, j, select(j < split, ch0, ch1), gv[j]);
+        }
+        store8(a.dx + o0, xv);
+        if (a.dres) store8(a.dres + o0, gv);
+      }
+      if (k < a.chunks) backward_chunk_generic<T, GATE, false>(a, k, pos);
+    } else {
+      for (; k < a.chunks; k += stride, odo_add(pos, a.ix.step, a.ix.I, a.ix.Mi)) {
+        backward_chunk_generic<T, GATE, PATH == kGenericVec>(a, k, pos);
+      }
     }
   }
 }
@@ -526,12 +807,26 @@ __device__ __forceinline__ void accumulate(acc& s0, acc& s1, int& cnt, const acc
   }
 }
 
+// Whether element (n, c, s), the j-th of its unit, passes the gradient. GATE: kNoGate,
+// kRecomputeGate, kMaskGate (its bit is bit j of `byte`, loaded by the caller: the mask
+// is packed in the traversal's order) or kMaskAnyGate (the mask in the other layout: one
+// byte load per element).
+template <int GATE, typename T, typename acc>
+__device__ __forceinline__ bool reduce_gate(const ReduceArgs<T>& a, unsigned byte, int j,
+                                            int64_t C, int64_t S, int64_t n, int64_t c,
+                                            int64_t s, acc x, acc mean, acc scale, acc shift) {
+  if (GATE == kMaskGate) return (byte >> j) & 1u;
+  if (GATE == kMaskAnyGate) return mask_bit(a.mask, a.mask_cl, C, S, n, c, s);
+  if (GATE == kRecomputeGate) return !(centred(x, mean, scale, shift) <= acc(0));
+  return true;
+}
+
 // Channel-outer: grid (C, P), block kThreads; block (c, p) reduces partition p of the
 // flat (n, s) elements of channel c, 8 elements per thread at a time.
 // VEC: S % 8 == 0, ss == 1 and the view 16-byte aligned: 8 consecutive elements of a
 // row are one vector load. Otherwise scalar loads, consecutive threads on consecutive
 // elements.
-template <typename T, int MODE, bool VEC>
+template <typename T, int MODE, bool VEC, int GATE>
 __global__ void __launch_bounds__(kThreads)
     reduce_outer_kernel(const ReduceArgs<T> a, Acc<acc_t<T>, MODE>* __restrict__ ws) {
   using acc = acc_t<T>;
@@ -542,7 +837,7 @@ __global__ void __launch_bounds__(kThreads)
   acc mean_c = acc(0), scale_c = acc(0), shift_c = acc(0);
   if (MODE == kBackward) {
     mean_c = __ldg(a.mean + c);
-    if (a.relu && !a.mask) {
+    if (GATE == kRecomputeGate) {
       scale_c = __ldg(a.scale + c);
       shift_c = __ldg(a.shift + c);
     }
@@ -567,17 +862,15 @@ __global__ void __launch_bounds__(kThreads)
       load8(a.x + offset3(a.xs, n, c, s), xv);
       if (MODE == kBackward) {
         load8(a.dout + offset3(a.ds, n, c, s), dv);
-        if (a.mask && !a.mask_cl) {  // o = (n*C + c)*S + s is a multiple of 8: one byte
+        unsigned byte = 0xffu;
+        if (GATE == kMaskGate) {  // NCHW mask: o = (n*C + c)*S + s is a multiple of 8
           const int64_t o = (n * C + c) * S + s;
-          const unsigned byte = __ldg(a.mask + (o >> 3));
+          byte = __ldg(a.mask + (o >> 3));
+        }
 #pragma unroll
-          for (int j = 0; j < kUnit; ++j) pass[j] = (byte >> j) & 1u;
-        } else {
-#pragma unroll
-          for (int j = 0; j < kUnit; ++j) {
-            pass[j] = a.mask ? mask_bit(a.mask, a.mask_cl, C, S, n, c, s + j)
-                             : !a.relu || !(mad(xv[j], scale_c, shift_c) <= acc(0));
-          }
+        for (int j = 0; j < kUnit; ++j) {
+          pass[j] = reduce_gate<GATE>(a, byte, j, C, S, n, c, s + j, xv[j], mean_c, scale_c,
+                                      shift_c);
         }
       }
       accumulate<acc, MODE>(s0, s1, cnt, xv, dv, pass, kUnit, mean_c);
@@ -607,8 +900,8 @@ __global__ void __launch_bounds__(kThreads)
           xv[j] = Elem<T>::load(a.x + offset3(a.xs, nj, c, sj));
           if (MODE == kBackward) {
             dv[j] = Elem<T>::load(a.dout + offset3(a.ds, nj, c, sj));
-            pass[j] = a.mask ? mask_bit(a.mask, a.mask_cl, C, S, nj, c, sj)
-                             : !a.relu || !(mad(xv[j], scale_c, shift_c) <= acc(0));
+            pass[j] = reduce_gate<GATE>(a, 0xffu, j, C, S, nj, c, sj, xv[j], mean_c, scale_c,
+                                        shift_c);
           }
         }
         ns_add(nj, sj, lane_q, lane_r, S);
@@ -645,7 +938,7 @@ __device__ __forceinline__ void load_row(const T* p, const Strides3& st, int64_t
 // two; thread (tx, ty) reduces channels [c0, c0 + V), c0 = (blockIdx.x*TX + tx)*V, over
 // rows ty*4 + k*TY*4 of partition p, 4 rows at a time. V > 1: sc == 1, C % V == 0 and
 // the view 16-byte aligned: V channels of a row are one vector load.
-template <typename T, int MODE, int V>
+template <typename T, int MODE, int V, int GATE>
 __global__ void __launch_bounds__(kThreads)
     reduce_inner_kernel(const ReduceArgs<T> a, Acc<acc_t<T>, MODE>* __restrict__ ws) {
   using acc = acc_t<T>;
@@ -664,7 +957,7 @@ __global__ void __launch_bounds__(kThreads)
     mean_c[j] = scale_c[j] = shift_c[j] = s0[j] = s1[j] = acc(0);
     if (MODE == kBackward && active) {
       mean_c[j] = __ldg(a.mean + c0 + j);
-      if (a.relu && !a.mask) {
+      if (GATE == kRecomputeGate) {
         scale_c[j] = __ldg(a.scale + c0 + j);
         shift_c[j] = __ldg(a.shift + c0 + j);
       }
@@ -705,30 +998,55 @@ __global__ void __launch_bounds__(kThreads)
       }
       cnt += valid;
     } else {
+      // Every row's loads first (rows past the partition load nothing), then the sums:
+      // kRows rows of both inputs in flight per thread, not one row at a time.
+      // V > 1: the raw 16-byte words are loaded here and unpacked below, so that the
+      // compiler issues every load before the first conversion waits for one.
+      using Raw = std::conditional_t<(V > 1), uint4, acc>;
+      Raw xr[kRows], dr[kRows];
+      unsigned row_bits[kRows];
+#pragma unroll
+      for (int k = 0; k < kRows; ++k) {
+        if constexpr (V > 1) {
+          xr[k] = dr[k] = make_uint4(0, 0, 0, 0);
+          if (k < valid) {
+            xr[k] = __ldg(reinterpret_cast<const uint4*>(a.x + nk * a.xs.n + sk * a.xs.s + c0));
+            dr[k] =
+                __ldg(reinterpret_cast<const uint4*>(a.dout + nk * a.ds.n + sk * a.ds.s + c0));
+          }
+        } else {
+          load_row<T, 1>(a.x, a.xs, nk, sk, c0, k < valid, &xr[k]);
+          load_row<T, 1>(a.dout, a.ds, nk, sk, c0, k < valid, &dr[k]);
+        }
+        // Channels-last mask (kMaskGate, V > 1): o = (nk*S + sk)*C + c0 is a multiple of V
+        // (C % V == 0) and V divides 8, so the V bits lie in one byte.
+        row_bits[k] = 0xffu;
+        if (GATE == kMaskGate && k < valid) {
+          const int64_t o = (nk * S + sk) * C + c0;
+          row_bits[k] = static_cast<unsigned>(__ldg(a.mask + (o >> 3))) >> (o & 7);
+        }
+        if (++sk == S) {
+          sk = 0;
+          ++nk;
+        }
+      }
+      nk = n;
+      sk = s;
 #pragma unroll
       for (int k = 0; k < kRows; ++k) {
         if (k < valid) {
           acc xv[V], dv[V];
-          load_row<T, V>(a.x, a.xs, nk, sk, c0, true, xv);
-          load_row<T, V>(a.dout, a.ds, nk, sk, c0, true, dv);
-          // Channels-last mask, V > 1: o = (nk*S + sk)*C + c0 is a multiple of V (C % V
-          // == 0) and V divides 8, so the V bits lie in one byte.
-          unsigned row_bits = 0;
-          const bool one_byte = V > 1 && a.mask && a.mask_cl;
-          if (one_byte) {
-            const int64_t o = (nk * S + sk) * C + c0;
-            row_bits = static_cast<unsigned>(__ldg(a.mask + (o >> 3))) >> (o & 7);
+          if constexpr (V > 1) {
+            Elem<T>::unpack(xr[k], xv);
+            Elem<T>::unpack(dr[k], dv);
+          } else {
+            xv[0] = xr[k];
+            dv[0] = dr[k];
           }
 #pragma unroll
           for (int j = 0; j < V; ++j) {
-            bool pass;
-            if (one_byte) {
-              pass = (row_bits >> j) & 1u;
-            } else if (a.mask) {
-              pass = mask_bit(a.mask, a.mask_cl, C, S, nk, c0 + j, sk);
-            } else {
-              pass = !a.relu || !(mad(xv[j], scale_c[j], shift_c[j]) <= acc(0));
-            }
+            const bool pass = reduce_gate<GATE>(a, row_bits[k], j, C, S, nk, c0 + j, sk, xv[j],
+                                                mean_c[j], scale_c[j], shift_c[j]);
             const acc g = pass ? dv[j] : acc(0);
             s0[j] += g;
             s1[j] = mad(g, xv[j] - mean_c[j], s1[j]);
@@ -772,12 +1090,74 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ------------------------------------------------------------------------------------
+// Per-channel math: the finalize, the backward coefficients, the running statistics
+// ------------------------------------------------------------------------------------
+//
+// Each is a few operations per channel: done by the merge kernel of the reduction
+// before it (an epilogue) or by one small kernel, never as a chain of tensor ops (a
+// launch each: ~30 per BN forward+backward before). Products and quotients only, each
+// rounded (mul_rn: no contraction into a multiply-add), as the CPU loops.
+
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
+template <typename acc>
+__device__ __forceinline__ void finalize_channel(const Finalize<acc>& f, int64_t c, acc var) {
+  const acc invstd = acc(1) / sqrt(add_rn(var, f.eps));
+  f.invstd[c] = invstd;
+  f.scale[c] = f.weight ? mul_rn(f.weight[c], invstd) : invstd;
+  f.shift[c] = f.bias ? f.bias[c] : acc(0);
+}
+
+template <typename acc>
+__device__ __forceinline__ void coefficients_channel(const Coefficients<acc>& k, int64_t c,
+                                                     acc sum_g, acc sum_g_xc) {
+  const acc s = k.scale[c], i = k.invstd[c];
+  k.coef_xc[c] = k.training ? mul_rn(mul_rn(mul_rn(-s, i), i), sum_g_xc) / k.count : acc(0);
+  k.coef_c[c] = k.training ? mul_rn(-s, sum_g) / k.count : acc(0);
+  if (k.dweight) k.dweight[c] = mul_rn(sum_g_xc, i);
+}
+
+template <typename acc, int MODE>
+using Epilogue = std::conditional_t<MODE == kStats, Finalize<acc>, Coefficients<acc>>;
+
+template <typename acc>
+__global__ void __launch_bounds__(kThreads)
+    finalize_kernel(const acc* __restrict__ var, Finalize<acc> f, int64_t C) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c < C) finalize_channel(f, c, var[c]);
+}
+
+template <typename acc>
+__global__ void __launch_bounds__(kThreads)
+    running_stats_kernel(acc* running_mean, int64_t mean_stride, acc* running_var,
+                         int64_t var_stride, const acc* __restrict__ mean,
+                         const acc* __restrict__ var, acc correction, acc momentum,
+                         const int64_t* __restrict__ nbt, int64_t C) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= C) return;
+  const acc f = nbt ? acc(1) / static_cast<acc>(static_cast<double>(nbt[0])) : momentum;
+  const bool small = fabs(f) < acc(0.5);
+  const acc one_minus_f = add_rn(acc(1), -f);
+  const auto update = [&](acc* r_ptr, acc b) {
+    const acc r = *r_ptr, d = add_rn(b, -r);
+    *r_ptr = small ? add_rn(r, mul_rn(f, d)) : add_rn(b, -mul_rn(d, one_minus_f));
+  };
+  update(running_mean + c * mean_stride, mean[c]);
+  update(running_var + c * var_stride, correction == acc(1) ? var[c] : mul_rn(var[c], correction));
+}
+
 // One warp per channel: lane l merges partials l, l+32, ... in order, then a fixed
-// warp tree. Stats: out_a = mean, out_b = M2/n (biased). Backward: the two sums.
+// warp tree. Stats: out_a = mean, out_b = M2/n (biased). Backward: the two sums. Then the
+// epilogue when it has outputs (ep.scale / ep.coef_xc not null).
 template <typename acc, int MODE>
 __global__ void __launch_bounds__(kThreads)
     merge_partials_kernel(const Acc<acc, MODE>* __restrict__ ws, int64_t P, int64_t C,
-                          acc* __restrict__ out_a, acc* __restrict__ out_b) {
+                          acc* __restrict__ out_a, acc* __restrict__ out_b,
+                          const Epilogue<acc, MODE> ep) {
   using A = Acc<acc, MODE>;
   const int lane = threadIdx.x & 31;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
@@ -787,11 +1167,14 @@ __global__ void __launch_bounds__(kThreads)
   v = warp_reduce(v);
   if (lane == 0) {
     if constexpr (MODE == kStats) {
+      const acc var = v.n > 0 ? v.m2 / static_cast<acc>(v.n) : acc(NAN);
       out_a[c] = v.mean;
-      out_b[c] = v.n > 0 ? v.m2 / static_cast<acc>(v.n) : acc(NAN);
+      out_b[c] = var;
+      if (ep.scale) finalize_channel(ep, c, var);
     } else {
       out_a[c] = v.a;
       out_b[c] = v.b;
+      if (ep.coef_xc) coefficients_channel(ep, c, v.a, v.b);
     }
   }
 }
@@ -831,6 +1214,20 @@ inline int elementwise_blocks(int64_t chunks, int num_sms) {
   return static_cast<int>(std::max<int64_t>(1, std::min(ceil_div(chunks, kThreads), cap)));
 }
 
+// The elementwise traversal (see "Elementwise kernels"); kRowsPath sets row_step.
+inline int elementwise_path(const Shape3& sh, bool cl, bool vec, bool vec_channels, int blocks,
+                            int64_t& row_step) {
+  row_step = 0;
+  if (!vec) return kGeneric;
+  const int64_t threads = static_cast<int64_t>(blocks) * kThreads;
+  if (cl && sh.C % kUnit == 0 && vec_channels && sh.C / kUnit <= threads) {
+    row_step = threads / (sh.C / kUnit);
+    return kRowsPath;
+  }
+  if (!cl && sh.S >= kUnit) return kPlanesPath;
+  return kGenericVec;
+}
+
 // Whether a 16-byte-element-offset multiple: stride*elem bytes % 16 == 0 (size-1 dims skip).
 inline bool stride_aligned(int64_t size, int64_t stride, size_t elem) {
   return size == 1 || (stride * static_cast<int64_t>(elem)) % 16 == 0;
@@ -846,9 +1243,31 @@ inline bool use_inner(const Strides3& xs, const Shape3& sh) {
   return xs.c <= outer_stride;
 }
 
+// The gate of a backward reduction; `bytewise`: the mask's bits of a unit lie in one byte.
+template <typename T>
+int reduce_gate_of(const ReduceArgs<T>& a, bool bytewise) {
+  if (a.mask) return bytewise ? kMaskGate : kMaskAnyGate;
+  return a.relu ? kRecomputeGate : kNoGate;
+}
+
+// f(std::integral_constant<int, GATE>) for a backward reduction's gate; statistics: kNoGate.
+template <int MODE, typename F>
+void with_gate(int gate, F&& f) {
+  if constexpr (MODE == kStats) {
+    f(std::integral_constant<int, kNoGate>{});
+  } else {
+    switch (gate) {
+      case kMaskGate: f(std::integral_constant<int, kMaskGate>{}); break;
+      case kMaskAnyGate: f(std::integral_constant<int, kMaskAnyGate>{}); break;
+      case kRecomputeGate: f(std::integral_constant<int, kRecomputeGate>{}); break;
+      default: f(std::integral_constant<int, kNoGate>{}); break;
+    }
+  }
+}
+
 template <typename T, int MODE>
-void launch_reduce(ReduceArgs<T> a, Shape3 sh, acc_t<T>* out_a, acc_t<T>* out_b, Workspace wsp,
-                   cudaStream_t stream) {
+void launch_reduce(ReduceArgs<T> a, Shape3 sh, acc_t<T>* out_a, acc_t<T>* out_b,
+                   const Epilogue<acc_t<T>, MODE>* ep, Workspace wsp, cudaStream_t stream) {
   using acc = acc_t<T>;
   using A = Acc<acc, MODE>;
   const size_t esz = sizeof(T);
@@ -877,11 +1296,15 @@ void launch_reduce(ReduceArgs<T> a, Shape3 sh, acc_t<T>* out_a, acc_t<T>* out_b,
     a.step_r = step % S;
     ws = static_cast<A*>(wsp.alloc(wsp.ctx, static_cast<size_t>(P * C) * sizeof(A)));
     const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(P));
-    if (vec) {
-      reduce_outer_kernel<T, MODE, true><<<grid, kThreads, 0, stream>>>(a, ws);
-    } else {
-      reduce_outer_kernel<T, MODE, false><<<grid, kThreads, 0, stream>>>(a, ws);
-    }
+    // One byte per unit of 8 when the mask is packed NCHW and the units are vectors.
+    const int gate = reduce_gate_of(a, vec && !a.mask_cl);
+    with_gate<MODE>(gate, [&](auto g) {
+      if (vec) {
+        reduce_outer_kernel<T, MODE, true, g.value><<<grid, kThreads, 0, stream>>>(a, ws);
+      } else {
+        reduce_outer_kernel<T, MODE, false, g.value><<<grid, kThreads, 0, stream>>>(a, ws);
+      }
+    });
   } else {
     constexpr int kV = Elem<T>::kPerVec;
     auto view_ok = [&](const void* p, const Strides3& st) {
@@ -896,7 +1319,8 @@ void launch_reduce(ReduceArgs<T> a, Shape3 sh, acc_t<T>* out_a, acc_t<T>* out_b,
     const int ty = kThreads / tx;
     const int64_t gx = ceil_div(groups, tx);
     const int64_t rows_per_step = static_cast<int64_t>(ty) * kRows;
-    P = std::min(ceil_div(kTargetBlocks, gx), ceil_div(M, rows_per_step * kMinSteps));
+    const int64_t min_steps = bwd ? kMinStepsBackward : kMinSteps;
+    P = std::min(ceil_div(kTargetBlocks, gx), ceil_div(M, rows_per_step * min_steps));
     P = std::max<int64_t>(1, std::min(P, kMaxGridY));
     a.per_part = ceil_div(M, P);
     P = ceil_div(M, a.per_part);
@@ -905,26 +1329,49 @@ void launch_reduce(ReduceArgs<T> a, Shape3 sh, acc_t<T>* out_a, acc_t<T>* out_b,
     ws = static_cast<A*>(wsp.alloc(wsp.ctx, static_cast<size_t>(P * C) * sizeof(A)));
     const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(P));
     const dim3 block(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
-    if (vec) {
-      reduce_inner_kernel<T, MODE, kV><<<grid, block, 0, stream>>>(a, ws);
-    } else {
-      reduce_inner_kernel<T, MODE, 1><<<grid, block, 0, stream>>>(a, ws);
-    }
+    const int gate = reduce_gate_of(a, vec && a.mask_cl);  // one byte per row of V
+    with_gate<MODE>(gate, [&](auto g) {
+      if (vec) {
+        reduce_inner_kernel<T, MODE, kV, g.value><<<grid, block, 0, stream>>>(a, ws);
+      } else {
+        reduce_inner_kernel<T, MODE, 1, g.value><<<grid, block, 0, stream>>>(a, ws);
+      }
+    });
   }
   const int64_t merge_blocks = ceil_div(C, kThreads / 32);
-  merge_partials_kernel<acc, MODE>
-      <<<static_cast<unsigned>(merge_blocks), kThreads, 0, stream>>>(ws, P, C, out_a, out_b);
+  const Epilogue<acc, MODE> none{};
+  merge_partials_kernel<acc, MODE><<<static_cast<unsigned>(merge_blocks), kThreads, 0, stream>>>(
+      ws, P, C, out_a, out_b, ep ? *ep : none);
 }
 
 }  // namespace
 
 template <typename T>
 void launch_bn_stats(const T* x, Strides3 xs, Shape3 shape, acc_t<T>* mean, acc_t<T>* var,
-                     Workspace ws, cudaStream_t stream) {
+                     const Finalize<acc_t<T>>* fin, Workspace ws, cudaStream_t stream) {
   ReduceArgs<T> a{};
   a.x = x;
   a.xs = xs;
-  launch_reduce<T, kStats>(a, shape, mean, var, ws, stream);
+  launch_reduce<T, kStats>(a, shape, mean, var, fin, ws, stream);
+}
+
+template <typename acc>
+void launch_bn_finalize(const acc* mean, const acc* var, Finalize<acc> fin, int64_t C,
+                        cudaStream_t stream) {
+  (void)mean;  // the centred apply needs no shift from the mean
+  finalize_kernel<acc><<<static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0, stream>>>(
+      var, fin, C);
+}
+
+template <typename acc>
+void launch_running_stats_update(acc* running_mean, int64_t mean_stride, acc* running_var,
+                                 int64_t var_stride, const acc* mean, const acc* var,
+                                 acc var_correction, acc momentum,
+                                 const int64_t* num_batches_tracked, int64_t C,
+                                 cudaStream_t stream) {
+  running_stats_kernel<acc><<<static_cast<unsigned>(ceil_div(C, kThreads)), kThreads, 0,
+                              stream>>>(running_mean, mean_stride, running_var, var_stride, mean,
+                                        var, var_correction, momentum, num_batches_tracked, C);
 }
 
 template <typename T>
@@ -932,7 +1379,8 @@ void launch_bn_backward_reduce(const T* dout, Strides3 ds, const T* x, Strides3 
                                const acc_t<T>* mean, const acc_t<T>* scale,
                                const acc_t<T>* shift, const uint8_t* mask, bool relu,
                                Shape3 shape, bool channels_last, acc_t<T>* sum_g,
-                               acc_t<T>* sum_g_xc, Workspace ws, cudaStream_t stream) {
+                               acc_t<T>* sum_g_xc, const Coefficients<acc_t<T>>* coef,
+                               Workspace ws, cudaStream_t stream) {
   ReduceArgs<T> a{};
   a.x = x;
   a.xs = xs;
@@ -944,24 +1392,40 @@ void launch_bn_backward_reduce(const T* dout, Strides3 ds, const T* x, Strides3 
   a.mask = mask;
   a.relu = relu;
   a.mask_cl = channels_last;
-  launch_reduce<T, kBackward>(a, shape, sum_g, sum_g_xc, ws, stream);
+  launch_reduce<T, kBackward>(a, shape, sum_g, sum_g_xc, coef, ws, stream);
+}
+
+// f(std::integral_constant<int, PATH>) for an elementwise traversal. double has no
+// kRowsPath instantiation (its registers would spill); elementwise_path never picks it.
+template <typename T, typename F>
+void with_path(int path, F&& f) {
+  if constexpr (sizeof(T) < 8) {
+    if (path == kRowsPath) return f(std::integral_constant<int, kRowsPath>{});
+  }
+  switch (path) {
+    case kPlanesPath: return f(std::integral_constant<int, kPlanesPath>{});
+    case kGenericVec: return f(std::integral_constant<int, kGenericVec>{});
+    default: return f(std::integral_constant<int, kGeneric>{});
+  }
 }
 
 template <typename T>
-void launch_bn_apply(const T* x, Strides3 xs, const acc_t<T>* scale, const acc_t<T>* shift,
-                     const T* residual, Strides3 rs, const T* x2, Strides3 x2s,
-                     const acc_t<T>* scale2, const acc_t<T>* shift2, bool relu, T* out,
-                     uint8_t* mask, Shape3 shape, bool channels_last, int num_sms,
-                     cudaStream_t stream) {
+void launch_bn_apply(const T* x, Strides3 xs, const acc_t<T>* mean, const acc_t<T>* scale,
+                     const acc_t<T>* shift, const T* residual, Strides3 rs, const T* x2,
+                     Strides3 x2s, const acc_t<T>* mean2, const acc_t<T>* scale2,
+                     const acc_t<T>* shift2, bool relu, T* out, uint8_t* mask, Shape3 shape,
+                     bool channels_last, int num_sms, cudaStream_t stream) {
   ApplyArgs<T> a{};
   a.x = x;
   a.xs = xs;
+  a.mean = mean;
   a.scale = scale;
   a.shift = shift;
   a.res = residual;
   a.rs = rs;
   a.x2 = x2;
   a.x2s = x2s;
+  a.mean2 = mean2;
   a.scale2 = scale2;
   a.shift2 = shift2;
   a.out = out;
@@ -975,11 +1439,17 @@ void launch_bn_apply(const T* x, Strides3 xs, const acc_t<T>* scale, const acc_t
   const bool vec = aligned16(out) && aligned16(x) && has_strides(xs, shape, dense) &&
                    (!residual || (aligned16(residual) && has_strides(rs, shape, dense))) &&
                    (!x2 || (aligned16(x2) && has_strides(x2s, shape, dense)));
-  if (vec) {
-    bn_apply_kernel<T, true><<<blocks, kThreads, 0, stream>>>(a);
-  } else {
-    bn_apply_kernel<T, false><<<blocks, kThreads, 0, stream>>>(a);
-  }
+  const bool vec_channels = aligned16(mean) && aligned16(scale) && aligned16(shift) &&
+                            aligned16(mean2) && aligned16(scale2) && aligned16(shift2);
+  const int path = elementwise_path(shape, channels_last, vec, vec_channels && sizeof(T) < 8,
+                                    blocks, a.row_step);
+  with_path<T>(path, [&](auto p) {
+    if (x2) {
+      bn_apply_kernel<T, p.value, true><<<blocks, kThreads, 0, stream>>>(a);
+    } else {
+      bn_apply_kernel<T, p.value, false><<<blocks, kThreads, 0, stream>>>(a);
+    }
+  });
 }
 
 template <typename T>
@@ -1012,24 +1482,33 @@ void launch_bn_backward_apply(const T* dout, Strides3 ds, const T* x, Strides3 x
   const Strides3 dense = dense_strides(shape, channels_last);
   const bool vec = aligned16(dx) && aligned16(dres) && aligned16(dout) && aligned16(x) &&
                    has_strides(ds, shape, dense) && has_strides(xs, shape, dense);
-  if (vec) {
-    bn_backward_apply_kernel<T, true><<<blocks, kThreads, 0, stream>>>(a);
-  } else {
-    bn_backward_apply_kernel<T, false><<<blocks, kThreads, 0, stream>>>(a);
-  }
+  const bool vec_channels = aligned16(mean) && aligned16(scale) && aligned16(shift) &&
+                            aligned16(coef_g) && aligned16(coef_xc) && aligned16(coef_c);
+  const int path = elementwise_path(shape, channels_last, vec, vec_channels && sizeof(T) < 8,
+                                    blocks, a.row_step);
+  with_path<T>(path, [&](auto p) {
+    if (mask) {
+      bn_backward_apply_kernel<T, p.value, kMaskGate><<<blocks, kThreads, 0, stream>>>(a);
+    } else if (relu) {
+      bn_backward_apply_kernel<T, p.value, kRecomputeGate><<<blocks, kThreads, 0, stream>>>(a);
+    } else {
+      bn_backward_apply_kernel<T, p.value, kNoGate><<<blocks, kThreads, 0, stream>>>(a);
+    }
+  });
 }
 
 #define FUSEDRES_INSTANTIATE(T)                                                               \
   template void launch_bn_stats<T>(const T*, Strides3, Shape3, acc_t<T>*, acc_t<T>*,          \
-                                   Workspace, cudaStream_t);                                  \
+                                   const Finalize<acc_t<T>>*, Workspace, cudaStream_t);       \
   template void launch_bn_apply<T>(const T*, Strides3, const acc_t<T>*, const acc_t<T>*,      \
-                                   const T*, Strides3, const T*, Strides3, const acc_t<T>*,   \
-                                   const acc_t<T>*, bool, T*, uint8_t*, Shape3, bool, int,    \
-                                   cudaStream_t);                                             \
+                                   const acc_t<T>*, const T*, Strides3, const T*, Strides3,   \
+                                   const acc_t<T>*, const acc_t<T>*, const acc_t<T>*, bool,   \
+                                   T*, uint8_t*, Shape3, bool, int, cudaStream_t);            \
   template void launch_bn_backward_reduce<T>(const T*, Strides3, const T*, Strides3,          \
                                              const acc_t<T>*, const acc_t<T>*,                \
                                              const acc_t<T>*, const uint8_t*, bool, Shape3,   \
-                                             bool, acc_t<T>*, acc_t<T>*, Workspace,           \
+                                             bool, acc_t<T>*, acc_t<T>*,                      \
+                                             const Coefficients<acc_t<T>>*, Workspace,        \
                                              cudaStream_t);                                   \
   template void launch_bn_backward_apply<T>(const T*, Strides3, const T*, Strides3,           \
                                             const acc_t<T>*, const acc_t<T>*,                 \
@@ -1043,6 +1522,16 @@ FUSEDRES_INSTANTIATE(__half)
 FUSEDRES_INSTANTIATE(__nv_bfloat16)
 
 #undef FUSEDRES_INSTANTIATE
+
+#define FUSEDRES_INSTANTIATE_ACC(A)                                                         \
+  template void launch_bn_finalize<A>(const A*, const A*, Finalize<A>, int64_t, cudaStream_t); \
+  template void launch_running_stats_update<A>(A*, int64_t, A*, int64_t, const A*, const A*,  \
+                                               A, A, const int64_t*, int64_t, cudaStream_t);
+
+FUSEDRES_INSTANTIATE_ACC(float)
+FUSEDRES_INSTANTIATE_ACC(double)
+
+#undef FUSEDRES_INSTANTIATE_ACC
 
 }  // namespace cuda
 }  // namespace fusedres

@@ -51,19 +51,31 @@ template <class T> T __shfl_down_sync(unsigned, T v, unsigned delta) {
   return r;
 }
 template <class T> T __ldg(const T* p) { return *p; }
+template <class T> void __stwb(T* p, T v) { *p = v; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline double __hiloint2double(int hi, int lo) {
   uint64_t b = ((uint64_t)(uint32_t)hi << 32) | (uint32_t)lo; double d; std::memcpy(&d, &b, 8); return d; }
 inline int __double2loint(double d) { uint64_t b; std::memcpy(&b, &d, 8); return (int)(uint32_t)b; }
 inline int __double2hiint(double d) { uint64_t b; std::memcpy(&b, &d, 8); return (int)(uint32_t)(b >> 32); }
+// Rounded operations: g++ without -ffp-contract=fast never fuses a*b + c.
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+using std::fabs;
 using std::min;
+using std::sqrt;
 using std::fma;
 using std::fmaf;
 
 namespace emu {
+// Kernel launches so far (tests/test_launch_count_cuda.py reads it through emu_launches).
+inline int64_t launches = 0;
+
 template <class... P, class... A>
 void launch(void (*f)(P...), dim3 grid, dim3 block, size_t, cudaStream_t, A... args) {
+  ++launches;
   const int nt = block.x * block.y * block.z;
   for (unsigned bz = 0; bz < grid.z; ++bz)
   for (unsigned by = 0; by < grid.y; ++by)
