@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import copy
 import operator
+import re
 import textwrap
 from typing import Optional
 
@@ -452,8 +453,8 @@ def _describe(block, prefix, site, bn_path, backend, note, memory_saving=False):
     bn = _module(block, site["members"][0])
     plan = fnn.site_plan(bn)
     kernel = _KERNELS[kind]
-    conv = "conv2d" if "conv" in site or "conv2" in site else ""
-    if "next" in site:
+    conv = "conv2d" if "conv" in site or "conv2" in site or "next" in site else ""
+    if "next" in site and plan.backend != "torch":
         kernel, conv, why = _next_conv_path(block, site, plan.backend or backend)
         if why is None:
             pattern += " (prologue)"
@@ -710,8 +711,7 @@ class Explanation(list):
 
     def table(self) -> str:
         numbers = {reason: i + 1 for i, (reason, _) in enumerate(self.notes())}
-        # "tuned": fusedres.tune's choice and measured times, when a site has them
-        columns = self.COLUMNS + (("tuned",) if any(r.get("tuned") for r in self) else ())
+        columns = self.COLUMNS
         rows = [[str(numbers.get(r.get("reason"), "")) if c == "note" else
                  str(r.get(c, "") or "") for c in columns] for r in self]
         widths = [max([len(c)] + [len(row[i]) for row in rows]) for i, c in
@@ -728,7 +728,14 @@ class Explanation(list):
         def line(cells):
             return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
 
-        out = [line(columns)] + [line(r) for r in rows]
+        # "tuned": fusedres.tune's choice and measured times on a line of their own, each
+        # failed candidate on the next (unwrapped: the error stays one searchable string)
+        out = [line(columns)]
+        for r, cells in zip(self, rows):
+            out.append(line(cells))
+            if r.get("tuned"):
+                first, *failed = re.split(r" (?=[\w-]+ FAILED: )", r["tuned"])
+                out += [" " * 8 + "tuned: " + first] + [" " * 15 + f for f in failed]
         wrap = textwrap.TextWrapper(width=self.WIDTH, subsequent_indent="     ",
                                     break_on_hyphens=False)
         for reason, sites in self.notes():

@@ -780,3 +780,18 @@ def test_explain_resnet50_one_note_for_the_conv_choice():
     notes = rows.notes()
     assert len(notes) == 1 and len(notes[0][1]) == 32
     assert "interpreter" not in notes[0][0] and len(notes[0][0]) < 200
+
+
+def test_explain_tuned_detail_on_its_own_lines():
+    """fusedres.tune's per-site detail (times, failed candidates) goes under the row, one
+    failed candidate a line, so rows stay within 100 columns and errors stay searchable."""
+    from fusedres.convert import Explanation
+
+    rows = explain(convert(models.TinyResNet(), backend="reference_primitives"))
+    failure = "reference FAILED: output: relative L2 error 0.5 > tolerance 0.0001"
+    tuned = Explanation(dict(r, tuned=f"cpu (cpu 1.2 ms, torch 1.3 ms) {failure} "
+                                      f"triton-conv FAILED: some error") for r in rows)
+    lines = str(tuned).splitlines()
+    assert max(map(len, lines)) <= 100
+    assert sum(failure in line for line in lines) == len(rows)
+    assert sum(line.strip() == "triton-conv FAILED: some error" for line in lines) == len(rows)
