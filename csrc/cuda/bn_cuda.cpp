@@ -202,33 +202,57 @@ std::tuple<Tensor, Tensor> bn_apply(const Tensor& x, const Tensor& mean, const T
   return {out, mask};
 }
 
-std::tuple<Tensor, Tensor> bn_backward_reduce(const Tensor& dout, const Tensor& x,
-                                              const Tensor& mean, const Tensor& scale,
-                                              const Tensor& shift, const OptTensor& mask,
-                                              bool relu, bool channels_last) {
-  const char* op = "bn_backward_reduce";
+// The backward sums (sum_g, sum_g_xc) and, with `invstd`, the merge kernel's coefficients
+// (coef_xc, coef_c, dweight; undefined tensors without it).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_sums(
+    const char* op, const Tensor& dout, const Tensor& x, const Tensor& mean, const Tensor& scale,
+    const Tensor& shift, const OptTensor& mask, bool relu, bool channels_last,
+    const Tensor* invstd, double count, bool training) {
   check_act(x, op);
   check_like(dout, x, op, "dout");
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor mn = channel_vec(mean, x, op, "mean");
   const Tensor sc = channel_vec(scale, x, op, "scale"), sh = channel_vec(shift, x, op, "shift");
+  const Tensor is = invstd ? channel_vec(*invstd, x, op, "invstd") : Tensor();
   const OptTensor m = mask_arg(mask, x, op);
   const auto opts = x.options().dtype(acc_type(x.scalar_type()));
   const int64_t C = x.size(1);
-  if (x.numel() == 0) return {at::zeros({C}, opts), at::zeros({C}, opts)};
+  Tensor coef_xc, coef_c, dweight;
+  if (invstd) {
+    coef_xc = at::empty({C}, opts), coef_c = at::empty({C}, opts), dweight = at::empty({C}, opts);
+  }
+  if (x.numel() == 0) {
+    if (invstd) coef_xc.zero_(), coef_c.zero_(), dweight.zero_();
+    return {at::zeros({C}, opts), at::zeros({C}, opts), coef_xc, coef_c, dweight};
+  }
   Tensor sum_g = at::empty({C}, opts), sum_g_xc = at::empty({C}, opts);
   WorkspaceHolder holder{x.options(), Tensor()};
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
+    Coefficients<A> coef{};
+    if (invstd) {
+      coef = Coefficients<A>{ptr<A>(sc), ptr<A>(is), static_cast<A>(count), training,
+                             mut_ptr<A>(coef_xc), mut_ptr<A>(coef_c), mut_ptr<A>(dweight)};
+    }
     launch_bn_backward_reduce<T>(ptr<T>(dout), strides(dout), ptr<T>(x), strides(x), ptr<A>(mn),
                                  ptr<A>(sc), ptr<A>(sh), ptr<uint8_t>(m), relu, shape(x),
-                                 channels_last, mut_ptr<A>(sum_g), mut_ptr<A>(sum_g_xc), nullptr,
+                                 channels_last, mut_ptr<A>(sum_g), mut_ptr<A>(sum_g_xc),
+                                 invstd ? &coef : nullptr,
                                  Workspace{&WorkspaceHolder::alloc, &holder},
                                  at::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {sum_g, sum_g_xc};
+  return {sum_g, sum_g_xc, coef_xc, coef_c, dweight};
+}
+
+std::tuple<Tensor, Tensor> bn_backward_reduce(const Tensor& dout, const Tensor& x,
+                                              const Tensor& mean, const Tensor& scale,
+                                              const Tensor& shift, const OptTensor& mask,
+                                              bool relu, bool channels_last) {
+  auto r = backward_sums("bn_backward_reduce", dout, x, mean, scale, shift, mask, relu,
+                         channels_last, nullptr, 0.0, false);
+  return {std::get<0>(r), std::get<1>(r)};
 }
 
 std::tuple<Tensor, Tensor> bn_backward_apply(const Tensor& dout, const Tensor& x,
@@ -352,37 +376,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_backward_reduce_finalize(
     const Tensor& dout, const Tensor& x, const Tensor& mean, const Tensor& scale,
     const Tensor& shift, const OptTensor& mask, const Tensor& invstd, bool relu,
     bool channels_last, double count, bool training) {
-  const char* op = "bn_backward_reduce_finalize";
-  check_act(x, op);
-  check_like(dout, x, op, "dout");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const Tensor mn = channel_vec(mean, x, op, "mean");
-  const Tensor sc = channel_vec(scale, x, op, "scale"), sh = channel_vec(shift, x, op, "shift");
-  const Tensor is = channel_vec(invstd, x, op, "invstd");
-  const OptTensor m = mask_arg(mask, x, op);
-  const auto opts = x.options().dtype(acc_type(x.scalar_type()));
-  const int64_t C = x.size(1);
-  Tensor coef_xc = at::empty({C}, opts), coef_c = at::empty({C}, opts);
-  Tensor dweight = at::empty({C}, opts);
-  if (x.numel() == 0) {
-    return {at::zeros({C}, opts), at::zeros({C}, opts), coef_xc.zero_(), coef_c.zero_(),
-            dweight.zero_()};
-  }
-  Tensor sum_g = at::empty({C}, opts), sum_g_xc = at::empty({C}, opts);
-  WorkspaceHolder holder{x.options(), Tensor()};
-  dispatch(x.scalar_type(), [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    using A = acc_t<T>;
-    const Coefficients<A> coef{ptr<A>(sc), ptr<A>(is), static_cast<A>(count), training,
-                               mut_ptr<A>(coef_xc), mut_ptr<A>(coef_c), mut_ptr<A>(dweight)};
-    launch_bn_backward_reduce<T>(ptr<T>(dout), strides(dout), ptr<T>(x), strides(x), ptr<A>(mn),
-                                 ptr<A>(sc), ptr<A>(sh), ptr<uint8_t>(m), relu, shape(x),
-                                 channels_last, mut_ptr<A>(sum_g), mut_ptr<A>(sum_g_xc), &coef,
-                                 Workspace{&WorkspaceHolder::alloc, &holder},
-                                 at::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {sum_g, sum_g_xc, coef_xc, coef_c, dweight};
+  return backward_sums("bn_backward_reduce_finalize", dout, x, mean, scale, shift, mask, relu,
+                       channels_last, &invstd, count, training);
 }
 
 // The caller (update_running_stats, bn_fused.cpp) checked: running statistics 1-D in the
