@@ -702,11 +702,14 @@ class Explanation(list):
     def summary(self) -> str:
         counts = collections.Counter(r["status"] for r in self)
         backends = sorted({r["backend"] for r in self if r.get("backend")})
-        out = [f"{counts['fused']} sites fused"] if counts["fused"] or not counts["fusable"] \
-            else []
+        def n(count, one, many):
+            return f"{count} {one if count == 1 else many}"
+
+        out = [n(counts["fused"], "site fused", "sites fused")] \
+            if counts["fused"] or not counts["fusable"] else []
         if counts["fusable"]:
             out.append(f"{counts['fusable']} fusable (not converted yet)")
-        out.append(f"{counts['unfused']} BNs left unfused")
+        out.append(n(counts["unfused"], "BN left unfused", "BNs left unfused"))
         return ", ".join(out) + (f"; backend {', '.join(backends)}" if backends else "")
 
     def table(self) -> str:
