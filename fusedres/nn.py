@@ -70,7 +70,7 @@ from .reference import acc_dtype
 
 __all__ = ["BatchNorm2d", "BatchNormReLU2d", "BatchNormAddReLU2d", "DualBatchNormAddReLU2d",
            "ConvBatchNormReLU2d", "conv2d", "last_backend", "bn_act", "conv_bn_act", "fusable_bn",
-           "fx_leaf_call",
+           "fx_leaf_call", "SitePlan", "site_plan", "conv_choice",
            "folded_weights", "fold_eval", "bn_relu_conv2d", "prologue_problem",
            "prologue_conv_problem"]
 
