@@ -79,9 +79,11 @@ __all__ = ["tune", "select", "measure", "plan_of", "TuneReport", "describe", "TO
 
 # Simpler first: a tie within the margin goes to the lower rank.
 RANK = {"torch": 0, "reference": 1, "cpu": 2, "cuda": 2, "triton": 3, "triton-conv": 4}
-# Relative L2 error allowed against the torch candidate, by the site's compute dtype.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3,
-             torch.bfloat16: 3e-2}
+# Relative L2 error allowed against the torch candidate, by the site's compute dtype. Two
+# correct float32 implementations differ by ~1e-3 in a BN input gradient at ResNet-50
+# shapes (its three terms cancel); a wrong kernel (a 1% error) is far above.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 5e-3, torch.float16: 1e-2,
+             torch.bfloat16: 5e-2}
 TF32_TOLERANCE = 5e-3  # float32 on CUDA with TF32 convolutions allowed
 _TENSOR_KWARGS = ("residual", "shortcut_x")
 _MODULE_KWARGS = ("shortcut_conv", "shortcut_bn", "next_conv", "next_bn")

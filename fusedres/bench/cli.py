@@ -25,6 +25,7 @@ import torch
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 from . import cases as C  # noqa: E402
+from . import doctor  # noqa: E402
 from . import formulas, report, timing  # noqa: E402
 
 SUITE_ORDER = ("ops", "conv", "blocks", "train")
@@ -114,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "benchmarks/results/<gpu>-<date>/ JSON.")
     rep.add_argument("--results-dir", default="benchmarks/results")
     rep.add_argument("--output", default="benchmarks/RESULTS.md")
+    doc = sub.add_parser("doctor", help="check every kernel of every backend here against "
+                                        "the reference (run it first on a new machine)",
+                         description=doctor.__doc__.split("\n\n")[0])
+    doctor.add_arguments(doc)
     return parser
 
 
@@ -444,6 +449,8 @@ def main(argv: Optional[list] = None) -> int:
     args.argv = None if argv is None else [str(a) for a in argv]
     if args.command == "report":
         return _report_cmd(args)
+    if args.command == "doctor":
+        return doctor.main(args)
     suites = list(SUITE_ORDER) if args.command == "all" else [args.command]
     result = run_suites(args, suites)
     _print_summary(result)

@@ -1,0 +1,496 @@
+"""``fusedres-bench doctor``: every kernel of every backend that runs here, checked against
+the reference on a small battery of awkward and ResNet-50 shapes, before anything is timed.
+
+Checked, per backend available on the device (``cpu``, ``cuda``, ``triton``):
+
+* the four kernel primitives (``bn_stats``, ``bn_apply`` -- plain, residual, dual --,
+  ``bn_backward_reduce`` with and without a ReLU mask, ``bn_backward_apply``) against
+  their contract in ``fusedres.reference``, called with the same inputs; masks bit by bit;
+* the fused functions (``batch_norm``, ``batch_norm_relu``, ``batch_norm_add_relu``,
+  ``dual_batch_norm_add_relu``; training forward and backward, eval forward, running
+  statistics) against torch's composite computed in float64 (also ``reference``);
+* the running-statistics update op against ``ops.update_running_stats_reference``;
+* with Triton, the conv entry points (``conv2d``, ``conv2d_stats``,
+  ``bn_relu_conv2d_stats``, ``conv2d_bias_add_relu``) against ``F.conv2d`` in float64.
+
+Shapes: C=3, C=65, H=W=1, N=1 with H*W>1, odd sizes, and ResNet-50 activation shapes
+(batch 32 on GPU, all five; batch 2 on CPU, 64x56x56 and 2048x7x7); NCHW and channels_last; float32, float64 (CPU), float16 and
+bfloat16 (parameters fp32). Errors are relative L2 errors; a fused function may be off
+by its dtype's tolerance or by 4x torch's own error at that dtype, whichever is larger (``|a - b| / |b|`` over the
+tensor: a rare ReLU boundary decided the other way by rounding is not a failure, a wrong
+kernel is); masks are compared bit by bit (at most 0.01% of the bits may differ, the
+rounding cases). The Triton interpreter (CPU, ``TRITON_INTERPRET=1``) and the ``reference``
+backend (torch's own composite) get two tiny shapes in float32 only; without the
+interpreter Triton is skipped on CPU with the reason.
+
+Output: a table (kernel, backend, dtype, pass/fail, worst error vs tolerance, cases),
+``--out PATH`` writes the rows as JSON; the exit status is 1 when any check failed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import re
+import sys
+import time
+import traceback
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+# Relative L2 error allowed against the reference (float64 for the fused functions and
+# the convs; the same-dtype contract for the primitives), by activation dtype.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 3e-3,
+             torch.bfloat16: 2e-2}
+MASK_FRACTION = 1e-4  # bits of a ReLU mask that may differ (pre-activation rounding at 0)
+AWKWARD = ((2, 3, 5, 7), (1, 65, 3, 3), (4, 8, 1, 1), (1, 16, 4, 4), (3, 40, 9, 11))
+TINY = ((2, 3, 5, 7), (1, 16, 4, 4))
+RESNET50 = ((64, 56), (256, 56), (512, 28), (1024, 14), (2048, 7))
+# a few conv problems: (C_in, C_out, kernel, stride, padding, H)
+CONVS_TINY = ((3, 8, 3, 1, 1, 5), (8, 16, 1, 2, 0, 6))
+CONVS_RESNET50 = ((64, 64, 3, 1, 1, 56), (256, 128, 1, 1, 0, 56), (128, 128, 3, 2, 1, 56),
+                  (512, 2048, 1, 2, 0, 14))
+
+
+@dataclasses.dataclass
+class Row:
+    kernel: str
+    backend: str
+    dtype: str
+    ok: bool = True
+    error: float = 0.0  # worst relative error seen
+    tolerance: float = 0.0
+    cases: int = 0
+    detail: str = ""  # the first failure: shape, layout, what differed
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a64, b64 = a.detach().double(), b.detach().double()
+    if a64.shape != b64.shape:
+        return float("inf")
+    nan = torch.isnan(b64)
+    if not torch.equal(torch.isnan(a64), nan):
+        return float("inf")
+    a64, b64 = torch.where(nan, 0.0, a64), torch.where(nan, 0.0, b64)
+    den = torch.linalg.vector_norm(b64).item()
+    num = torch.linalg.vector_norm(a64 - b64).item()
+    return num / den if den > 0 else num
+
+
+class Doctor:
+    def __init__(self, device: torch.device, quick: bool = False, progress: bool = False,
+                 only: Optional[str] = None):
+        self.device = device
+        self.quick = quick
+        self.only = re.compile(only) if only else None
+        self.progress = progress
+        self.rows: dict = {}
+        self.skipped: list = []
+
+    # bookkeeping ---------------------------------------------------------------------
+
+    def row(self, kernel: str, backend: str, dtype: torch.dtype) -> Row:
+        key = (kernel, backend, str(dtype).replace("torch.", ""))
+        if key not in self.rows:
+            self.rows[key] = Row(*key, tolerance=TOLERANCE[dtype])
+        return self.rows[key]
+
+    def check(self, kernel: str, backend: str, dtype: torch.dtype, where: str,
+              fn: Callable[[], list]) -> None:
+        """``fn()`` returns ``[(name, got, want, tolerance or None), ...]``."""
+        if self.only is not None and not self.only.search(f"{kernel} {backend}"):
+            return
+        row = self.row(kernel, backend, dtype)
+        row.cases += 1
+        try:
+            pairs = fn()
+        except Exception as exc:  # noqa: BLE001  (a kernel that raises fails its check)
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            self._fail(row, float("inf"), f"{where}: raised {type(exc).__name__}: {msg[:200]}")
+            return
+        for name, got, want, tol in pairs:
+            if name.endswith("mask"):
+                err = self._mask_error(got, want)
+                tol = MASK_FRACTION
+            else:
+                err = _rel(got, want)
+                tol = tol if tol is not None else row.tolerance
+            row.error = max(row.error, err) if err == err else float("inf")
+            if not err <= tol:
+                self._fail(row, err, f"{where}: {name} error {err:.3g} > {tol:.1g}")
+
+    @staticmethod
+    def _mask_error(got, want) -> float:
+        if got.shape != want.shape or got.dtype != want.dtype:
+            return float("inf")
+        if got.numel() == 0:
+            return 0.0
+        bits = torch.bitwise_xor(got, want)
+        diff = sum(int(((bits >> k) & 1).sum()) for k in range(8))
+        return diff / (8 * got.numel())
+
+    @staticmethod
+    def _fail(row: Row, err: float, detail: str) -> None:
+        row.ok = False
+        row.error = max(row.error, err)
+        if not row.detail:
+            row.detail = detail
+
+    # inputs --------------------------------------------------------------------------
+
+    def shapes(self, backend: str) -> list:
+        if (backend == "triton" and self.device.type != "cuda") or backend == "reference":
+            return list(TINY)  # the interpreter; reference: torch's own composite
+        n = 32 if self.device.type == "cuda" else 2
+        big = [(n, c, h, h) for c, h in RESNET50]
+        if self.quick or self.device.type == "cpu" or backend == "reference":
+            big = big[:1] + big[-1:]  # the largest plane and the most channels
+        return list(AWKWARD) + big
+
+    def dtypes(self, backend: str) -> list:
+        if (backend == "triton" and self.device.type != "cuda") or backend == "reference":
+            return [torch.float32]
+        out = [torch.float32, torch.float16, torch.bfloat16]
+        return out + [torch.float64] if self.device.type == "cpu" else out
+
+    def rand(self, shape, dtype, channels_last, seed, scale=1.0, offset=0.0):
+        g = torch.Generator().manual_seed(seed)
+        t = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
+        t = t.to(self.device)
+        return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+    # the primitives ------------------------------------------------------------------
+
+    def primitives(self, backend: str) -> None:
+        from fusedres import ops
+        from fusedres import reference as ref
+
+        prims = ops.primitives(backend)
+        for dtype in self.dtypes(backend):
+            acc = ref.acc_dtype(dtype)
+            for i, shape in enumerate(self.shapes(backend)):
+                for cl in (False, True):
+                    where = f"{tuple(shape)} {'channels_last' if cl else 'nchw'}"
+                    n, c = shape[:2]
+
+                    def ncs(t):
+                        return t.reshape(n, c, -1)
+
+                    x = ncs(self.rand(shape, dtype, cl, i, 2.0, 0.5))
+                    v = {"x": x, "dout": ncs(self.rand(shape, dtype, cl, i + 100)),
+                         "residual": ncs(self.rand(shape, dtype, cl, i + 200)),
+                         "x2": ncs(self.rand(shape, dtype, cl, i + 300, 1.5, -0.2)),
+                         "channels_last": bool(cl and shape[2] * shape[3] > 1 and c > 1),
+                         "relu": True}
+                    mean, var = ref.bn_stats(x)
+                    invstd = torch.rsqrt(var + 1e-5)
+                    g = torch.Generator().manual_seed(i + 400)
+                    weight = (1 + 0.1 * torch.randn(c, generator=g, dtype=torch.float64))
+                    beta = 0.1 * torch.randn(c, generator=g, dtype=torch.float64)
+                    v.update(mean=mean, scale=(weight.to(acc).to(self.device) * invstd),
+                             shift=beta.to(acc).to(self.device))
+                    mean2, var2 = ref.bn_stats(v["x2"])
+                    v.update(mean2=mean2, scale2=torch.rsqrt(var2 + 1e-5),
+                             shift2=torch.zeros_like(mean2))
+                    v.update(coef_g=v["scale"], coef_xc=-v["scale"] * invstd * invstd * 0.01,
+                             coef_c=torch.full_like(mean, 0.05))
+                    self._primitive_cases(prims, ref, backend, dtype, where, v)
+
+    def _primitive_cases(self, prims, ref, backend, dtype, where, v) -> None:
+        def call(kernel, reference, **over):
+            names = list(inspect.signature(reference).parameters)
+            args = [over.get(n, v.get(n)) for n in names]
+            return kernel(*args), reference(*args)
+
+        def stats():
+            (m, s), (rm, rs) = call(prims.stats, ref.bn_stats)
+            tol = TOLERANCE[torch.float64] if dtype == torch.float64 else 1e-5
+            return [("mean", m, rm, tol), ("var", s, rs, 1e3 * tol)]
+
+        self.check("bn_stats", backend, dtype, where, stats)
+        variants = {"": dict(residual=None, x2=None, mean2=None, scale2=None, shift2=None,
+                             save_mask=False),
+                    "+residual": dict(x2=None, mean2=None, scale2=None, shift2=None,
+                                      save_mask=True),
+                    "+dual": dict(residual=None, save_mask=True)}
+        masks = {}
+        for name, over in variants.items():
+            def apply(over=over, name=name):
+                (out, mask), (rout, rmask) = call(prims.apply, ref.bn_apply, **over)
+                masks[name] = rmask
+                return [("out", out, rout, None), ("mask", mask, rmask, None)]
+
+            self.check(f"bn_apply{name}", backend, dtype, where, apply)
+        for name, mask in (("", None), ("+mask", masks.get("+residual"))):
+            def reduce(mask=mask):
+                (a, b), (ra, rb) = call(prims.backward_reduce, ref.bn_backward_reduce,
+                                        mask=mask)
+                tol = TOLERANCE[torch.float64] if dtype == torch.float64 else 1e-5
+                return [("sum_g", a, ra, tol), ("sum_g_xc", b, rb, tol)]
+
+            self.check(f"bn_backward_reduce{name}", backend, dtype, where, reduce)
+
+        def backward_apply():
+            (dx, dres), (rdx, rdres) = call(prims.backward_apply, ref.bn_backward_apply,
+                                            mask=masks.get("+residual"),
+                                            write_grad_residual=True)
+            return [("dx", dx, rdx, None), ("dres", dres, rdres, None)]
+
+        self.check("bn_backward_apply", backend, dtype, where, backward_apply)
+
+    # the fused functions -------------------------------------------------------------
+
+    def fused(self, backend: str) -> None:
+        for dtype in self.dtypes(backend):
+            for i, shape in enumerate(self.shapes(backend)):
+                for cl in (False, True):
+                    where = f"{tuple(shape)} {'channels_last' if cl else 'nchw'}"
+                    for op in ("batch_norm", "batch_norm_relu", "batch_norm_add_relu",
+                               "dual_batch_norm_add_relu"):
+                        for training in (True, False):
+                            self.check(f"{op} ({'train fwd+bwd' if training else 'eval'})",
+                                       backend, dtype, where,
+                                       lambda op=op, training=training, i=i, shape=shape,
+                                       cl=cl: self._fused_case(op, backend, dtype, shape, cl,
+                                                               training, i))
+
+    def _fused_case(self, op, backend, dtype, shape, cl, training, seed) -> list:
+        from fusedres import functional as fn
+
+        c = shape[1]
+        pdtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        x = self.rand(shape, dtype, cl, seed, 2.0, 0.5)
+        other = self.rand(shape, dtype, cl, seed + 1, 1.5, -0.2)
+        dout = self.rand(shape, dtype, cl, seed + 2)
+        g = torch.Generator().manual_seed(seed + 3)
+        vec = lambda s, o: (torch.randn(c, generator=g, dtype=torch.float64) * s + o)  # noqa: E731
+        params = [vec(0.1, 1.0), vec(0.1, 0.0), vec(0.1, 0.0), vec(0.1, 1.0).abs() + 0.1]
+        params2 = [vec(0.1, 1.0), vec(0.1, 0.0), vec(0.1, 0.0), vec(0.1, 1.0).abs() + 0.1]
+
+        def run(inputs, p, p2, use_ref, cast=True):
+            w, b, rm, rv = [t.clone().to(self.device) for t in p]
+            w2, b2, rm2, rv2 = [t.clone().to(self.device) for t in p2]
+            if cast:
+                w, b, rm, rv, w2, b2, rm2, rv2 = [t.to(pdtype) for t in
+                                                  (w, b, rm, rv, w2, b2, rm2, rv2)]
+            leaves = [t.detach().clone().requires_grad_(training) for t in
+                      (inputs[0], inputs[1], w, b, w2, b2)]
+            xx, oo, w, b, w2, b2 = leaves
+            kw = dict(training=training, momentum=0.1, eps=1e-5)
+            if op == "dual_batch_norm_add_relu":
+                kw.update(input=xx, shortcut=oo, running_mean=rm, running_var=rv, weight=w,
+                          bias=b, shortcut_running_mean=rm2, shortcut_running_var=rv2,
+                          shortcut_weight=w2, shortcut_bias=b2)
+                out = (reference_dual(**kw) if use_ref else
+                       fn.dual_batch_norm_add_relu(**kw, backend=backend))
+                used = [xx, oo, w, b, w2, b2]
+            else:
+                relu = op != "batch_norm"
+                residual = oo if op == "batch_norm_add_relu" else None
+                if use_ref:
+                    out = F.batch_norm(xx, rm, rv, w, b, **kw)
+                    out = out + residual if residual is not None else out
+                    out = torch.relu(out) if relu else out
+                else:
+                    out = fn.batch_norm(xx, rm, rv, w, b, **kw, relu=relu, residual=residual,
+                                        backend=backend)
+                used = [xx, w, b] + ([oo] if residual is not None else [])
+            res = [("out", out.detach())]
+            if training:
+                grads = torch.autograd.grad(out, used, dout.to(out.dtype))
+                res += [(f"grad {k}", gr) for k, gr in zip(("x", "other", "w", "b", "w2",
+                                                              "b2") if len(used) == 6 else
+                                                             ("x", "w", "b", "residual"), grads)]
+                res += [("running_mean", rm), ("running_var", rv)]
+                if op == "dual_batch_norm_add_relu":
+                    res += [("shortcut running_mean", rm2), ("shortcut running_var", rv2)]
+            return res
+
+        got = run((x, other), params, params2, use_ref=False)
+        want = run((x.double(), other.double()), params, params2, use_ref=True, cast=False)
+        torch_own = run((x, other), params, params2, use_ref=True)
+        # allowed: the dtype's tolerance, or 4x torch's own error at this dtype (half
+        # precision gradients: torch's composite is itself 1e-2 away from float64)
+        return [(n, a, b, max(TOLERANCE[dtype], 4 * _rel(t, b)))
+                for (n, a), (_, b), (_, t) in zip(got, want, torch_own)]
+
+    def running_stats(self, backend: str) -> None:
+        from fusedres import ops
+
+        for dtype in (torch.float32, torch.float64):
+            def case(dtype=dtype):
+                out = []
+                for momentum, nbt in ((0.1, None), (0.0, 3), (0.7, None)):
+                    rm = self.rand((37,), dtype, False, 1)
+                    rv = self.rand((37,), dtype, False, 2).abs()
+                    mean = self.rand((37,), dtype, False, 3)
+                    var = self.rand((37,), dtype, False, 4).abs()
+                    t = None if nbt is None else torch.tensor(nbt, device=self.device)
+                    a = (rm.clone(), rv.clone())
+                    b = (rm.clone(), rv.clone())
+                    ops.update_running_stats(*a, mean, var, 1.25, momentum, t)
+                    ops.update_running_stats_reference(*b, mean, var, 1.25, momentum, t)
+                    out += [("running_mean", a[0], b[0], None), ("running_var", a[1], b[1], None)]
+                return out
+
+            self.check("update_running_stats", backend, dtype, f"C=37 on {self.device.type}",
+                       case)
+
+    # convs (Triton) -------------------------------------------------------------------
+
+    def convs(self) -> None:
+        from fusedres import conv as fconv
+
+        problems = CONVS_TINY if self.device.type != "cuda" else CONVS_TINY + CONVS_RESNET50
+        n = 2 if self.device.type != "cuda" else 32
+        dtypes = [torch.float32] if self.device.type != "cuda" else \
+            [torch.float32, torch.float16, torch.bfloat16]
+        for dtype in dtypes:
+            for i, (cin, cout, k, st, pad, h) in enumerate(problems):
+                where = f"{cin}->{cout} {k}x{k}/{st} @{h} batch {n}"
+                x = self.rand((n, cin, h, h), dtype, True, i, 1.0, 0.3)
+                w = self.rand((cout, cin, k, k), dtype, True, i + 1, (cin * k * k) ** -0.5)
+                scale = (self.rand((cin,), torch.float32, False, i + 2, 0.1, 1.0))
+                shift = self.rand((cin,), torch.float32, False, i + 3, 0.1)
+                bias = self.rand((cout,), dtype, False, i + 4, 0.1)
+                ho = (h + 2 * pad - k) // st + 1
+                res = self.rand((n, cout, ho, ho), dtype, True, i + 5)
+                x64, w64 = x.double(), w.double()
+
+                def stats(y):
+                    var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+                    return y, mean, var
+
+                def triton_only():
+                    path, why = fconv.conv_path(x, w, None, st, pad, 1, 1, "triton")
+                    if path != "triton":
+                        raise RuntimeError(f"the Triton conv does not take it: {why}")
+
+                cases = {
+                    "conv2d": (lambda: [fconv.conv2d(x, w, None, st, pad, backend="triton")],
+                               lambda: [F.conv2d(x64, w64, None, st, pad)]),
+                    "conv2d_stats": (lambda: list(fconv.conv2d_stats(x, w, st, pad,
+                                                                     backend="triton")),
+                                     lambda: list(stats(F.conv2d(x64, w64, None, st, pad)))),
+                    "bn_relu_conv2d_stats": (
+                        lambda: list(fconv.bn_relu_conv2d_stats(x, scale, shift, w, st, pad,
+                                                                backend="triton")),
+                        lambda: list(stats(F.conv2d(torch.relu(
+                            x64 * scale.double().view(1, -1, 1, 1)
+                            + shift.double().view(1, -1, 1, 1)), w64, None, st, pad)))),
+                    "conv2d_bias_add_relu": (
+                        lambda: [fconv.conv2d_bias_add_relu(x, w, bias, res, st, pad, True,
+                                                            backend="triton")],
+                        lambda: [torch.relu(F.conv2d(x64, w64, bias.double(), st, pad)
+                                            + res.double())]),
+                }
+                tol = {torch.float32: 5e-3 if torch.backends.cuda.matmul.allow_tf32
+                       or torch.backends.cudnn.allow_tf32 else 1e-4,
+                       torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+                for name, (got, want) in cases.items():
+                    def case(got=got, want=want):
+                        triton_only()
+                        return [(f"output {j}", a, b, tol)
+                                for j, (a, b) in enumerate(zip(got(), want()))]
+
+                    self.check(name, "triton", dtype, where, case)
+
+    # ---------------------------------------------------------------------------------
+
+    def run(self) -> list:
+        from fusedres._backend import backend_supports, has_triton, triton_interpreted
+
+        backends = []
+        for b in ("cpu", "cuda", "triton"):
+            if backend_supports(b, self.device):
+                backends.append(b)
+            elif b == "triton" and self.device.type == "cpu" and has_triton() \
+                    and not triton_interpreted():
+                self.skipped.append(("triton", "on CPU it needs TRITON_INTERPRET=1 set "
+                                               "before fusedres is imported"))
+            elif b != "triton" or has_triton():
+                self.skipped.append((b, f"does not run on {self.device.type} here"))
+        steps = [("reference", self.fused)] + [(b, f) for b in backends
+                                               for f in (self.primitives, self.fused)]
+        steps += [(b, self.running_stats) for b in backends if b in ("cpu", "cuda")]
+        if "triton" in backends:
+            steps.append(("triton", lambda b: self.convs()))
+        for backend, step in steps:
+            t0 = time.perf_counter()
+            step(backend)
+            if self.progress:
+                print(f"[doctor] {backend} {step.__name__ if hasattr(step, '__name__') else ''}"
+                      f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        return list(self.rows.values())
+
+
+def reference_dual(input, shortcut, running_mean, running_var, weight, bias,
+                   shortcut_running_mean, shortcut_running_var, shortcut_weight,
+                   shortcut_bias, training, momentum, eps):
+    y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    r = F.batch_norm(shortcut, shortcut_running_mean, shortcut_running_var, shortcut_weight,
+                     shortcut_bias, training, momentum, eps)
+    return torch.relu(y + r)
+
+
+def table(rows: list) -> str:
+    cols = ("kernel", "backend", "dtype", "result", "max error", "tolerance", "cases")
+    lines = [[r.kernel, r.backend, r.dtype, "pass" if r.ok else "FAIL",
+              f"{r.error:.2e}", f"{r.tolerance:.0e}", str(r.cases)] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in lines)) if lines else len(c)
+              for i, c in enumerate(cols)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(cols), fmt(["-" * w for w in widths])] + [fmt(x) for x in lines])
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to check (auto: cuda when a GPU is present, else cpu)")
+    p.add_argument("--out", metavar="PATH", help="write the rows as JSON")
+    p.add_argument("--quick", action="store_true",
+                   help="two ResNet-50 shapes instead of five (always on CPU)")
+    p.add_argument("--only", metavar="REGEX", default=None,
+                   help="only the checks whose 'kernel backend' matches REGEX")
+    p.add_argument("--verbose", action="store_true", help="progress per step on stderr")
+
+
+def main(args) -> int:
+    import fusedres
+
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fusedres-bench doctor: --device cuda but torch sees no GPU")
+    t0 = time.perf_counter()
+    doctor = Doctor(device, quick=args.quick, progress=args.verbose, only=args.only)
+    try:
+        rows = doctor.run()
+    except Exception:  # noqa: BLE001  (the doctor itself broke: say so, fail)
+        traceback.print_exc()
+        return 2
+    wall = time.perf_counter() - t0
+    failed = [r for r in rows if not r.ok]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"fusedres-bench doctor on {device.type} ({name}), torch {torch.__version__}, "
+          f"backends {fusedres.available_backends()}")
+    print(table(rows))
+    for backend, why in doctor.skipped:
+        print(f"skipped: {backend}: {why}")
+    for r in failed:
+        print(f"FAIL {r.kernel} / {r.backend} / {r.dtype}: {r.detail}")
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed "
+          f"({sum(r.cases for r in rows)} cases) in {wall:.1f} s")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": device.type, "device_name": name, "torch": torch.__version__,
+                       "backends": fusedres.available_backends(), "wall_s": wall,
+                       "passed": not failed, "skipped": doctor.skipped,
+                       "rows": [dict(dataclasses.asdict(r), error=r.error
+                                     if math.isfinite(r.error) else None) for r in rows]},
+                      f, indent=1)
+        print(f"wrote {args.out}")
+    return 1 if failed else 0
