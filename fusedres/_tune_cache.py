@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import tempfile
 import warnings
 from typing import Optional
@@ -44,17 +43,6 @@ def cache_dir(setting=True) -> Optional[str]:
         return os.environ["FUSEDRES_CACHE_DIR"]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "fusedres")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _build_fingerprint() -> str:
@@ -98,7 +86,9 @@ def environment(device: torch.device, candidates) -> dict:
         env["device"] = torch.cuda.get_device_name(index)
         env["capability"] = list(torch.cuda.get_device_capability(index))
     else:
-        env["device"] = _cpu_name()
+        from .bench.report import cpu_name  # the benchmark's own machine description
+
+        env["device"] = cpu_name()
         env["threads"] = torch.get_num_threads()
         env["cpu_isa"] = cpu_isa()
     return env
