@@ -336,10 +336,9 @@ def reduce_inner_in_flight(row, n, c, s, elem_bytes, min_steps=None):
     src = open(os.path.join(ROOT, "csrc", "cuda", "bn_kernels.cu")).read()
     get = lambda name: int(re.search(rf"constexpr int(?:64_t)? {name} = (\d+);", src).group(1))  # noqa
     threads, krows, target = get("kThreads"), get("kRows"), get("kTargetBlocks")
-    if min_steps is None:  # the backward (MODE 1) reduction's own minimum, if it has one
-        backward = re.search(r"kMinStepsBackward = (\d+);", src)
-        is_backward = re.search(r"<[^,]+, 1,", row["kernel"]) is not None
-        min_steps = int(backward.group(1)) if backward and is_backward else get("kMinSteps")
+    if min_steps is None:  # the channels-inner traversal's own minimum, if it has one
+        inner = re.search(r"kMinStepsInner = (\d+);", src)
+        min_steps = int(inner.group(1)) if inner else get("kMinSteps")
     v = 16 // elem_bytes
     groups = math.ceil(c / v)
     tx = 1

@@ -48,10 +48,10 @@ constexpr int kUnit = 8;                 // elements per chunk: one mask byte
 constexpr int kRows = 4;                 // rows per thread and step, channel-inner reductions
 constexpr int64_t kTargetBlocks = 2048;  // reduction blocks aimed at (shape-only choice)
 constexpr int64_t kMinSteps = 4;         // least steps per thread before splitting further
-// The channels-last backward reduction reads two tensors a step: at small shapes (7x7x512,
-// batch 64) 4 steps per thread left ~12 KiB of loads in flight per SM, under the ~13 KiB
-// (H100) to ~18 KiB (H200) that near-copy bandwidth needs; 2 steps give twice the blocks.
-constexpr int64_t kMinStepsBackward = 2;
+// The channels-inner reductions at small shapes (7x7x512, batch 64): 4 steps per thread
+// left ~12 KiB of loads in flight per SM, under the ~13 KiB (H100) to ~18 KiB (H200) that
+// near-copy bandwidth needs; 2 steps give twice the blocks.
+constexpr int64_t kMinStepsInner = 2;
 constexpr int64_t kMaxGridY = 65535;
 constexpr int kBlocksPerSm = 8;          // elementwise grid: blocks per SM (grid-stride beyond)
 
@@ -934,6 +934,34 @@ __device__ __forceinline__ void load_row(const T* p, const Strides3& st, int64_t
   }
 }
 
+// Channels [c0, c0 + V) of row (n, s) as loaded: one 16-byte word when V > 1 (converted
+// later by unpack_raw), else the value; zeros when !ok. Loading every row of a step as raw
+// words first lets the compiler issue all the loads before the first conversion waits.
+template <typename T, int V>
+using RawRow = std::conditional_t<(V > 1), uint4, acc_t<T>>;
+
+template <typename T, int V>
+__device__ __forceinline__ RawRow<T, V> load_raw(const T* p, const Strides3& st, int64_t n,
+                                                 int64_t s, int64_t c0, bool ok) {
+  if constexpr (V > 1) {
+    return ok ? __ldg(reinterpret_cast<const uint4*>(p + n * st.n + s * st.s + c0))
+              : make_uint4(0, 0, 0, 0);
+  } else {
+    acc_t<T> v;
+    load_row<T, 1>(p, st, n, s, c0, ok, &v);
+    return v;
+  }
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void unpack_raw(const RawRow<T, V>& r, acc_t<T>* v) {
+  if constexpr (V > 1) {
+    Elem<T>::unpack(r, v);
+  } else {
+    v[0] = r;
+  }
+}
+
 // Channel-inner: grid (GX, P), block (TX, TY) with TX*TY = kThreads, TY a power of
 // two; thread (tx, ty) reduces channels [c0, c0 + V), c0 = (blockIdx.x*TX + tx)*V, over
 // rows ty*4 + k*TY*4 of partition p, 4 rows at a time. V > 1: sc == 1, C % V == 0 and
@@ -976,15 +1004,18 @@ __global__ void __launch_bounds__(kThreads)
     const int valid = static_cast<int>(min(static_cast<int64_t>(kRows), rend - r));
     int64_t nk = n, sk = s;  // row r + k
     if (MODE == kStats) {
-      acc xv[kRows][V];
+      RawRow<T, V> xr[kRows];
 #pragma unroll
       for (int k = 0; k < kRows; ++k) {
-        load_row<T, V>(a.x, a.xs, nk, sk, c0, k < valid, xv[k]);
+        xr[k] = load_raw<T, V>(a.x, a.xs, nk, sk, c0, k < valid);
         if (++sk == S) {
           sk = 0;
           ++nk;
         }
       }
+      acc xv[kRows][V];
+#pragma unroll
+      for (int k = 0; k < kRows; ++k) unpack_raw<T, V>(xr[k], xv[k]);
       const acc nb = static_cast<acc>(valid);
       const acc fb = nb / static_cast<acc>(cnt + valid);
       const acc fa = static_cast<acc>(cnt) * fb;
@@ -1000,30 +1031,17 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       // Every row's loads first (rows past the partition load nothing), then the sums:
       // kRows rows of both inputs in flight per thread, not one row at a time.
-      // V > 1: the raw 16-byte words are loaded here and unpacked below, so that the
-      // compiler issues every load before the first conversion waits for one.
-      using Raw = std::conditional_t<(V > 1), uint4, acc>;
-      Raw xr[kRows], dr[kRows];
+      RawRow<T, V> xr[kRows], dr[kRows];
       unsigned row_bits[kRows];
 #pragma unroll
       for (int k = 0; k < kRows; ++k) {
-        if constexpr (V > 1) {
-          xr[k] = dr[k] = make_uint4(0, 0, 0, 0);
-          if (k < valid) {
-            xr[k] = __ldg(reinterpret_cast<const uint4*>(a.x + nk * a.xs.n + sk * a.xs.s + c0));
-            dr[k] =
-                __ldg(reinterpret_cast<const uint4*>(a.dout + nk * a.ds.n + sk * a.ds.s + c0));
-          }
-        } else {
-          load_row<T, 1>(a.x, a.xs, nk, sk, c0, k < valid, &xr[k]);
-          load_row<T, 1>(a.dout, a.ds, nk, sk, c0, k < valid, &dr[k]);
-        }
+        xr[k] = load_raw<T, V>(a.x, a.xs, nk, sk, c0, k < valid);
+        dr[k] = load_raw<T, V>(a.dout, a.ds, nk, sk, c0, k < valid);
         // Channels-last mask (kMaskGate, V > 1): o = (nk*S + sk)*C + c0 is a multiple of V
         // (C % V == 0) and V divides 8, so the V bits lie in one byte.
         row_bits[k] = 0xffu;
-        if (GATE == kMaskGate && k < valid) {
-          const int64_t o = (nk * S + sk) * C + c0;
-          row_bits[k] = static_cast<unsigned>(__ldg(a.mask + (o >> 3))) >> (o & 7);
+        if (GATE == kMaskGate && k < valid) {  // the byte; shifted below, after every load
+          row_bits[k] = __ldg(a.mask + (((r + k) * C + c0) >> 3));
         }
         if (++sk == S) {
           sk = 0;
@@ -1034,15 +1052,11 @@ __global__ void __launch_bounds__(kThreads)
       sk = s;
 #pragma unroll
       for (int k = 0; k < kRows; ++k) {
+        if (GATE == kMaskGate) row_bits[k] >>= ((r + k) * C + c0) & 7;  // row r + k's bits
         if (k < valid) {
           acc xv[V], dv[V];
-          if constexpr (V > 1) {
-            Elem<T>::unpack(xr[k], xv);
-            Elem<T>::unpack(dr[k], dv);
-          } else {
-            xv[0] = xr[k];
-            dv[0] = dr[k];
-          }
+          unpack_raw<T, V>(xr[k], xv);
+          unpack_raw<T, V>(dr[k], dv);
 #pragma unroll
           for (int j = 0; j < V; ++j) {
             const bool pass = reduce_gate<GATE>(a, row_bits[k], j, C, S, nk, c0 + j, sk, xv[j],
@@ -1319,8 +1333,7 @@ void launch_reduce(ReduceArgs<T> a, Shape3 sh, acc_t<T>* out_a, acc_t<T>* out_b,
     const int ty = kThreads / tx;
     const int64_t gx = ceil_div(groups, tx);
     const int64_t rows_per_step = static_cast<int64_t>(ty) * kRows;
-    const int64_t min_steps = bwd ? kMinStepsBackward : kMinSteps;
-    P = std::min(ceil_div(kTargetBlocks, gx), ceil_div(M, rows_per_step * min_steps));
+    P = std::min(ceil_div(kTargetBlocks, gx), ceil_div(M, rows_per_step * kMinStepsInner));
     P = std::max<int64_t>(1, std::min(P, kMaxGridY));
     a.per_part = ceil_div(M, P);
     P = ceil_div(M, a.per_part);
