@@ -399,84 +399,101 @@ __device__ __forceinline__ void apply_chunk_generic(const ApplyArgs<T>& a, int64
   if (a.mask) a.mask[k] = static_cast<uint8_t>(bits);
 }
 
+// The traversal both elementwise kernels share (see "Elementwise kernels"): calls
+// rows(o0, c0) for each kRowsPath chunk (its first output offset and channel group),
+// planes(k, o0, c0, c1, split) for each full kPlanesPath chunk (elements j < split are
+// channel c0's, the rest c1's), and generic(k, pos, vec) for every other chunk (pos: the
+// odometer of its first element; vec: a std::bool_constant, 16-byte accesses allowed).
+template <int PATH, typename Rows, typename Planes, typename Generic>
+__device__ __forceinline__ void walk_chunks(const ElemIndex& ix, int64_t E, int64_t chunks,
+                                            int64_t row_step, Rows&& rows, Planes&& planes,
+                                            Generic&& generic) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  if constexpr (PATH == kRowsPath) {
+    const int64_t C = ix.I, groups = C / kUnit;
+    const int64_t row = first / groups, c0 = (first - row * groups) * kUnit;
+    if (row >= row_step) return;
+    const int64_t step = row_step * C;
+    for (int64_t o0 = row * C + c0; o0 < E; o0 += step) rows(o0, c0);
+  } else {
+    if (first >= chunks) return;
+    Odo pos = odo_from(first * kUnit, ix.I, ix.Mi);
+    int64_t k = first;
+    if constexpr (PATH == kPlanesPath) {
+      const int S = ix.I, C = ix.Mi;
+      const int64_t full = E / kUnit;
+      for (; k < full; k += stride, odo_add(pos, ix.step, S, C)) {
+        const int c0 = pos.mid, c1 = c0 + 1 == C ? 0 : c0 + 1;
+        planes(k, k * kUnit, c0, c1, S - pos.in);  // split >= 1
+      }
+      if (k < chunks) generic(k, pos, std::false_type{});  // the partial last chunk
+    } else {
+      for (; k < chunks; k += stride, odo_add(pos, ix.step, ix.I, ix.Mi)) {
+        generic(k, pos, std::bool_constant<PATH == kGenericVec>{});
+      }
+    }
+  }
+}
+
 template <typename T, int PATH, bool X2>
 __global__ void __launch_bounds__(kThreads, min_blocks_elementwise<T, PATH, X2>())
     bn_apply_kernel(ApplyArgs<T> a) {
   if (!X2) a.x2 = nullptr;  // X2: whether a.x2 is set, known at compile time
   using acc = acc_t<T>;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  if constexpr (PATH == kRowsPath) {
-    const int64_t C = a.ix.I, groups = C / kUnit;
-    const int64_t row = first / groups, c0 = (first - row * groups) * kUnit;
-    if (row >= a.row_step) return;
-    const int64_t step = a.row_step * C;
-    for (int64_t o0 = row * C + c0; o0 < a.E; o0 += step) {
-      // The same 16-byte lines every iteration (L1 hits): held in registers across the
-      // loop they would spill (6 vectors of 8 with a second BN).
-      Channels8<acc> ch, ch2;
-      load_group(ch, a.mean, a.scale, a.shift, c0);
-      if (a.x2) load_group(ch2, a.mean2, a.scale2, a.shift2, c0);
-      acc xv[kUnit], rv[kUnit], x2v[kUnit];
-      load8(a.x + o0, xv);
-      if (a.res) load8(a.res + o0, rv);
-      if (a.x2) load8(a.x2 + o0, x2v);
-      unsigned bits = 0;
+  const auto rows = [&](int64_t o0, int64_t c0) {
+    // The same 16-byte lines every iteration (L1 hits): held in registers across the
+    // loop they would spill (6 vectors of 8 with a second BN).
+    Channels8<acc> ch, ch2;
+    load_group(ch, a.mean, a.scale, a.shift, c0);
+    if (a.x2) load_group(ch2, a.mean2, a.scale2, a.shift2, c0);
+    acc xv[kUnit], rv[kUnit], x2v[kUnit];
+    load8(a.x + o0, xv);
+    if (a.res) load8(a.res + o0, rv);
+    if (a.x2) load8(a.x2 + o0, x2v);
+    unsigned bits = 0;
 #pragma unroll
-      for (int j = 0; j < kUnit; ++j) {
-        bool pass;
-        xv[j] = apply_one(a, xv[j], rv[j], x2v[j], ch.mean[j], ch.scale[j], ch.shift[j],
-                          ch2.mean[j], ch2.scale[j], ch2.shift[j], pass);
-        bits |= static_cast<unsigned>(pass) << j;
-      }
-      store8(a.out + o0, xv);
-      if (a.mask) a.mask[o0 / kUnit] = static_cast<uint8_t>(bits);
+    for (int j = 0; j < kUnit; ++j) {
+      bool pass;
+      xv[j] = apply_one(a, xv[j], rv[j], x2v[j], ch.mean[j], ch.scale[j], ch.shift[j],
+                        ch2.mean[j], ch2.scale[j], ch2.shift[j], pass);
+      bits |= static_cast<unsigned>(pass) << j;
     }
-  } else {
-    if (first >= a.chunks) return;
-    Odo pos = odo_from(first * kUnit, a.ix.I, a.ix.Mi);
-    int64_t k = first;
-    if constexpr (PATH == kPlanesPath) {
-      const int S = a.ix.I, C = a.ix.Mi;
-      const int64_t full = a.E / kUnit;
-      for (; k < full; k += stride, odo_add(pos, a.ix.step, S, C)) {
-        const int64_t o0 = k * kUnit;
-        const int c0 = pos.mid, c1 = c0 + 1 == C ? 0 : c0 + 1;
-        const int split = S - pos.in;  // elements of the chunk in channel c0 (>= 1)
-        acc xv[kUnit], rv[kUnit], x2v[kUnit];
-        load8(a.x + o0, xv);
-        if (a.res) load8(a.res + o0, rv);
-        if (a.x2) load8(a.x2 + o0, x2v);
-        // Channel c0's and c1's values, selected per element (no indexed arrays: those
-        // would live in local memory).
-        const acc m0 = __ldg(a.mean + c0), m1 = __ldg(a.mean + c1);
-        const acc s0 = __ldg(a.scale + c0), s1 = __ldg(a.scale + c1);
-        const acc b0 = __ldg(a.shift + c0), b1 = __ldg(a.shift + c1);
-        acc m20 = 0, m21 = 0, s20 = 0, s21 = 0, b20 = 0, b21 = 0;
-        if (a.x2) {
-          m20 = __ldg(a.mean2 + c0), m21 = __ldg(a.mean2 + c1);
-          s20 = __ldg(a.scale2 + c0), s21 = __ldg(a.scale2 + c1);
-          b20 = __ldg(a.shift2 + c0), b21 = __ldg(a.shift2 + c1);
-        }
-        unsigned bits = 0;
+    store8(a.out + o0, xv);
+    if (a.mask) a.mask[o0 / kUnit] = static_cast<uint8_t>(bits);
+  };
+  const auto planes = [&](int64_t k, int64_t o0, int c0, int c1, int split) {
+    acc xv[kUnit], rv[kUnit], x2v[kUnit];
+    load8(a.x + o0, xv);
+    if (a.res) load8(a.res + o0, rv);
+    if (a.x2) load8(a.x2 + o0, x2v);
+    // Channel c0's and c1's values, selected per element (no indexed arrays: those
+    // would live in local memory).
+    const acc m0 = __ldg(a.mean + c0), m1 = __ldg(a.mean + c1);
+    const acc s0 = __ldg(a.scale + c0), s1 = __ldg(a.scale + c1);
+    const acc b0 = __ldg(a.shift + c0), b1 = __ldg(a.shift + c1);
+    acc m20 = 0, m21 = 0, s20 = 0, s21 = 0, b20 = 0, b21 = 0;
+    if (a.x2) {
+      m20 = __ldg(a.mean2 + c0), m21 = __ldg(a.mean2 + c1);
+      s20 = __ldg(a.scale2 + c0), s21 = __ldg(a.scale2 + c1);
+      b20 = __ldg(a.shift2 + c0), b21 = __ldg(a.shift2 + c1);
+    }
+    unsigned bits = 0;
 #pragma unroll
-        for (int j = 0; j < kUnit; ++j) {
-          const bool f = j < split;
-          bool pass;
-          xv[j] = apply_one(a, xv[j], rv[j], x2v[j], f ? m0 : m1, f ? s0 : s1, f ? b0 : b1,
-                            f ? m20 : m21, f ? s20 : s21, f ? b20 : b21, pass);
-          bits |= static_cast<unsigned>(pass) << j;
-        }
-        store8(a.out + o0, xv);
-        if (a.mask) a.mask[k] = static_cast<uint8_t>(bits);
-      }
-      if (k < a.chunks) apply_chunk_generic<T, false>(a, k, pos);  // the partial last chunk
-    } else {
-      for (; k < a.chunks; k += stride, odo_add(pos, a.ix.step, a.ix.I, a.ix.Mi)) {
-        apply_chunk_generic<T, PATH == kGenericVec>(a, k, pos);
-      }
+    for (int j = 0; j < kUnit; ++j) {
+      const bool f = j < split;
+      bool pass;
+      xv[j] = apply_one(a, xv[j], rv[j], x2v[j], f ? m0 : m1, f ? s0 : s1, f ? b0 : b1,
+                        f ? m20 : m21, f ? s20 : s21, f ? b20 : b21, pass);
+      bits |= static_cast<unsigned>(pass) << j;
     }
-  }
+    store8(a.out + o0, xv);
+    if (a.mask) a.mask[k] = static_cast<uint8_t>(bits);
+  };
+  const auto generic = [&](int64_t k, Odo pos, auto vec) {
+    apply_chunk_generic<T, decltype(vec)::value>(a, k, pos);
+  };
+  walk_chunks<PATH>(a.ix, a.E, a.chunks, a.row_step, rows, planes, generic);
 }
 
 // ------------------------------------------------------------------------------------
@@ -597,69 +614,48 @@ __global__ void __launch_bounds__(kThreads,
                                   min_blocks_elementwise<T, PATH, GATE == kRecomputeGate>())
     bn_backward_apply_kernel(const BackwardApplyArgs<T> a) {
   using acc = acc_t<T>;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  if constexpr (PATH == kRowsPath) {
-    const int64_t C = a.ix.I, groups = C / kUnit;
-    const int64_t row = first / groups, c0 = (first - row * groups) * kUnit;
-    if (row >= a.row_step) return;
-    const int64_t step = a.row_step * C;
-    for (int64_t o0 = row * C + c0; o0 < a.E; o0 += step) {
-      // Per-channel values reloaded each iteration (L1 hits), as in bn_apply_kernel.
-      acc mean[kUnit], scale[kUnit], shift[kUnit], cg[kUnit], cxc[kUnit], cc[kUnit];
-      load8_acc(a.mean + c0, mean);
-      load8_acc(a.coef_g + c0, cg);
-      load8_acc(a.coef_xc + c0, cxc);
-      load8_acc(a.coef_c + c0, cc);
-      if (GATE == kRecomputeGate) {
-        load8_acc(a.scale + c0, scale);
-        load8_acc(a.shift + c0, shift);
-      }
-      acc dv[kUnit], xv[kUnit], gv[kUnit];
-      load8(a.dout + o0, dv);
-      load8(a.x + o0, xv);
-      const unsigned byte =
-          GATE == kMaskGate ? static_cast<unsigned>(__ldg(a.mask + o0 / kUnit)) : 0xffu;
-#pragma unroll
-      for (int j = 0; j < kUnit; ++j) {
-        const BackwardChannel<acc> ch{mean[j], scale[j], shift[j], cg[j], cxc[j], cc[j]};
-        xv[j] = backward_one<GATE>(dv[j], xv[j], byte, j, ch, gv[j]);
-      }
-      store8(a.dx + o0, xv);
-      if (a.dres) store8(a.dres + o0, gv);
+  const auto rows = [&](int64_t o0, int64_t c0) {
+    // Per-channel values reloaded each iteration (L1 hits), as in bn_apply_kernel.
+    acc mean[kUnit], scale[kUnit], shift[kUnit], cg[kUnit], cxc[kUnit], cc[kUnit];
+    load8_acc(a.mean + c0, mean);
+    load8_acc(a.coef_g + c0, cg);
+    load8_acc(a.coef_xc + c0, cxc);
+    load8_acc(a.coef_c + c0, cc);
+    if (GATE == kRecomputeGate) {
+      load8_acc(a.scale + c0, scale);
+      load8_acc(a.shift + c0, shift);
     }
-  } else {
-    if (first >= a.chunks) return;
-    Odo pos = odo_from(first * kUnit, a.ix.I, a.ix.Mi);
-    int64_t k = first;
-    if constexpr (PATH == kPlanesPath) {
-      const int S = a.ix.I, C = a.ix.Mi;
-      const int64_t full = a.E / kUnit;
-      for (; k < full; k += stride, odo_add(pos, a.ix.step, S, C)) {
-        const int64_t o0 = k * kUnit;
-        const int c0 = pos.mid, c1 = c0 + 1 == C ? 0 : c0 + 1;
-        const int split = S - pos.in;
-        acc dv[kUnit], xv[kUnit], gv[kUnit];
-        load8(a.dout + o0, dv);
-        load8(a.x + o0, xv);
-        const unsigned byte =
-            GATE == kMaskGate ? static_cast<unsigned>(__ldg(a.mask + k)) : 0xffu;
-        const BackwardChannel<acc> ch0 = backward_channel<GATE>(a, c0);
-        const BackwardChannel<acc> ch1 = backward_channel<GATE>(a, c1);
+    acc dv[kUnit], xv[kUnit], gv[kUnit];
+    load8(a.dout + o0, dv);
+    load8(a.x + o0, xv);
+    const unsigned byte =
+        GATE == kMaskGate ? static_cast<unsigned>(__ldg(a.mask + o0 / kUnit)) : 0xffu;
 #pragma unroll
-        for (int j = 0; j < kUnit; ++j) {
-          xv[j] = backward_one<GATE>(dv[j], xv[j], byte, j, select(j < split, ch0, ch1), gv[j]);
-        }
-        store8(a.dx + o0, xv);
-        if (a.dres) store8(a.dres + o0, gv);
-      }
-      if (k < a.chunks) backward_chunk_generic<T, GATE, false>(a, k, pos);
-    } else {
-      for (; k < a.chunks; k += stride, odo_add(pos, a.ix.step, a.ix.I, a.ix.Mi)) {
-        backward_chunk_generic<T, GATE, PATH == kGenericVec>(a, k, pos);
-      }
+    for (int j = 0; j < kUnit; ++j) {
+      const BackwardChannel<acc> ch{mean[j], scale[j], shift[j], cg[j], cxc[j], cc[j]};
+      xv[j] = backward_one<GATE>(dv[j], xv[j], byte, j, ch, gv[j]);
     }
-  }
+    store8(a.dx + o0, xv);
+    if (a.dres) store8(a.dres + o0, gv);
+  };
+  const auto planes = [&](int64_t k, int64_t o0, int c0, int c1, int split) {
+    acc dv[kUnit], xv[kUnit], gv[kUnit];
+    load8(a.dout + o0, dv);
+    load8(a.x + o0, xv);
+    const unsigned byte = GATE == kMaskGate ? static_cast<unsigned>(__ldg(a.mask + k)) : 0xffu;
+    const BackwardChannel<acc> ch0 = backward_channel<GATE>(a, c0);
+    const BackwardChannel<acc> ch1 = backward_channel<GATE>(a, c1);
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j) {
+      xv[j] = backward_one<GATE>(dv[j], xv[j], byte, j, select(j < split, ch0, ch1), gv[j]);
+    }
+    store8(a.dx + o0, xv);
+    if (a.dres) store8(a.dres + o0, gv);
+  };
+  const auto generic = [&](int64_t k, Odo pos, auto vec) {
+    backward_chunk_generic<T, GATE, decltype(vec)::value>(a, k, pos);
+  };
+  walk_chunks<PATH>(a.ix, a.E, a.chunks, a.row_step, rows, planes, generic);
 }
 
 // ------------------------------------------------------------------------------------
