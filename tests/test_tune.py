@@ -196,6 +196,14 @@ def test_real_tune_resnet18_and_cache(cache_dir):
     original = torchvision.models.resnet18(num_classes=10).train().to(
         memory_format=torch.channels_last)
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    # torch's own fp32 step is sometimes several % away from float64 here (seen: x.grad
+    # 2.4%, layer4 weight gradients 4%, depending on the thread count and on which ops run
+    # where): then no comparison with the original can tell a wrong path from a right one
+    fp32 = step(copy.deepcopy(original), x)
+    fp64 = step(copy.deepcopy(original).double(), x.double())
+    own = max(rel_l2(fp32[1], fp64[1]), *(rel_l2(fp32[2][k], fp64[2][k]) for k in fp64[2]))
+    if own > 1e-3:
+        pytest.skip(f"torch's own float32 step is {own:.2g} away from float64 on this run")
     tuned = check_tuned_equals_original(original, x)
     rep = tuned.fusedres_tune_report
     assert rep.measured > 0 and rep.cached == 0 and len(rep.sites) == len(sites(tuned))
