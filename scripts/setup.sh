@@ -16,7 +16,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 echo "[setup] installing torch 2.14.1, torchvision 0.29.1 and the build/test tools (timm: for its ResNets in the tests)"
 .venv/bin/python -m pip install -q --disable-pip-version-check \
-    torch==2.14.1 torchvision==0.29.1 ninja pybind11 pytest pytest-benchmark numpy timm tqdm \
+    torch==2.14.1 torchvision==0.29.1 ninja pybind11 pytest pytest-benchmark numpy timm tqdm expecttest \
     2> >(grep -v "^WARNING: Location 'file:" >&2)
 echo "[setup] packages ready after $(( $(date +%s) - t0 )) s"
 mkdir -p build
