@@ -22,6 +22,7 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <tuple>
@@ -399,16 +400,18 @@ struct BnActFunction : public torch::autograd::Function<BnActFunction> {
       return result;
     }
     const auto s = ctx->get_saved_variables();
-    // The backward op has no derivative of its own: refuse create_graph=True rather than
-    // return gradients that silently lack their second-order terms.
-    TORCH_CHECK(!(at::GradMode::is_enabled() && (dout.requires_grad() || s[0].requires_grad())),
-                "fusedres: double backward (create_graph=True) through the fused BN ops is not "
-                "supported; use backend='reference' for higher-order gradients");
     const auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
-    // Straight to the kernel: the boxed autograd fallback of an op without an autograd
-    // formula would cost ~30 us per call (a double backward through it is not supported).
     static const auto op = typed_op<decltype(bn_act_backward)>("fusedres::bn_act_backward");
-    at::AutoDispatchBelowADInplaceOrView below;
+    // create_graph=True (gradient penalties): through the dispatcher's autograd key, where
+    // fusedres/functional.py registers the backward op's derivative (the reference
+    // composite). Otherwise straight to the kernel: the autograd layer of a backward op
+    // costs ~30 us per call for nothing when no second-order graph is recorded.
+    const bool create_graph =
+        at::GradMode::is_enabled() &&
+        (dout.requires_grad() ||
+         std::any_of(s.begin(), s.end(), [](const Tensor& t) { return t.requires_grad(); }));
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+    if (!create_graph) below.emplace();
     auto [dx, dweight, dbias, dres, dx2, dweight2, dbias2] = op.call(
         dout, s[0], opt(s[1]), opt(s[2]), s[3], s[4], opt(s[5]), opt(s[6]), opt(s[7]),
         opt(s[8]), opt(s[9]), opt(s[10]), ctx->saved_data["training"].toBool(),

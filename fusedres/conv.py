@@ -1,7 +1,8 @@
 """Convolution with fused BN prologue / epilogues: custom ops, autograd, public functions.
 
 Public functions (all take ``backend="auto" | "reference" | "triton"``; ``"cpu"`` and
-``"cuda"`` are accepted and run the reference path, fusedres has no C++ conv):
+``"cuda"`` are accepted and run the reference path, fusedres has no C++ conv; ``"auto"``
+is ``F.conv2d`` (cuDNN on CUDA) until ``backend="triton"`` is named, see ``conv_path``):
 
 * ``conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)``:
   equal to ``F.conv2d``. ``conv_path(...)`` says which path a call takes and why
@@ -341,22 +342,22 @@ def conv_path(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stri
               padding=0, dilation=1, groups=1, backend: str = "auto") -> Tuple[str, str]:
     """``("triton" | "reference", reason)``: the path a conv call takes and why.
 
-    ``auto`` picks Triton on CUDA tensors (when triton is installed) and ``F.conv2d``
-    elsewhere; the Triton interpreter is used only when ``backend="triton"`` is named.
-    A named backend that cannot run on the device raises (``resolve_backend``).
+    ``auto`` is the untuned safe default on every device: ``F.conv2d`` (cuDNN on CUDA),
+    with the statistics and BN-ReLU as separate torch ops. The Triton implicit-GEMM conv
+    runs only where it is named (``backend="triton"``: on CUDA tensors, or in the
+    interpreter on CPU) or where ``fusedres.tune`` chose it for a model's site. A named
+    backend that cannot run on the device raises (``resolve_backend``).
     """
     device = input.device
     if backend == "reference":
         return "reference", "backend='reference' requested"
     if backend == "auto":
-        if not (device.type == "cuda" and _backend.has_triton()):
-            return "reference", (f"auto on {device.type} tensors uses F.conv2d (the Triton conv "
-                                 "runs on CUDA tensors; name backend='triton' for the interpreter)")
-    else:
-        resolved = _backend.resolve_backend(device, backend)  # raises if it cannot run
-        if resolved != "triton":
-            return "reference", (f"fusedres has no C++ conv kernel: backend={backend!r} uses "
-                                 "F.conv2d (cuDNN on CUDA)")
+        return "reference", ("auto uses F.conv2d (cuDNN on CUDA); the Triton conv runs where "
+                             "backend='triton' is named or fusedres.tune picks it")
+    resolved = _backend.resolve_backend(device, backend)  # raises if it cannot run
+    if resolved != "triton":
+        return "reference", (f"fusedres has no C++ conv kernel: backend={backend!r} uses "
+                             "F.conv2d (cuDNN on CUDA)")
     if input.dim() != 4 or weight.dim() != 4:
         return "reference", "the Triton conv handles 4-D (N, C, H, W) input and weight only"
     if groups != 1:

@@ -411,6 +411,19 @@ def test_conv_path_legality():
                                F.conv2d(x, w, padding="same"))
 
 
+def test_auto_is_f_conv2d_on_cuda_tensors_too():
+    """The untuned safe default (issue 13): backend="auto" never picks the Triton conv,
+    on (fake) CUDA tensors either, for every public conv function; "triton" named does."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), torch.device("cuda"):
+        x, w = torch.randn(2, 8, 8, 8), torch.randn(16, 8, 3, 3)
+        path, why = fconv.conv_path(x, w, None, 1, 1)
+        assert path == "reference" and "F.conv2d" in why and "tune" in why
+        if fusedres._backend.has_triton():
+            assert fconv.conv_path(x, w, None, 1, 1, backend="triton")[0] == "triton"
+
+
 def test_autocast_casts_input_weight_bias_only():
     x, w, st, pd = _make(CASES[1], torch.float32)
     b = torch.randn(w.shape[0], device=DEVICE)

@@ -449,17 +449,6 @@ def _leaves_and_fn(kind, case, training, backend):
     return [case[k] for k in names], f
 
 
-def _xfail_if_native_refuses(f, leaves):
-    """fusedres._C built before csrc/bn_fused.cpp sent create_graph=True to the backward
-    op's autograd formula (it raised instead): say so rather than fail every case."""
-    try:
-        torch.autograd.grad(f(*leaves).sum(), leaves[0], create_graph=True)
-    except RuntimeError as exc:
-        if "double backward (create_graph=True) through the fused BN ops" in str(exc):
-            pytest.xfail("fusedres._C predates the double-backward dispatch (rebuild it)")
-        raise
-
-
 def test_double_backward_fp64(backend_device):
     """create_graph=True (gradient penalties): second derivatives equal the reference's
     (gradgradcheck in float64), the first-order gradients still run fused, and
@@ -470,7 +459,6 @@ def test_double_backward_fp64(backend_device):
         for training in (True,) if interpreted else (True, False):
             case = make_case(kind, (2, 3, 2, 2), torch.float64, device, "nchw")
             leaves, f = _leaves_and_fn(kind, case, training, backend)
-            _xfail_if_native_refuses(f, leaves)
             assert torch.autograd.gradgradcheck(f, leaves, fast_mode=True), (kind, training)
             # A gradient penalty, step by step: fused first order, reference second order.
             y = f(*leaves)

@@ -369,12 +369,7 @@ def test_modules_double_backward_and_jvp(device, backend):
         def fused(t):  # a fresh copy per evaluation: the same running statistics each time
             return copy.deepcopy(net)(t)
 
-        try:
-            assert torch.autograd.gradgradcheck(fused, (x,), fast_mode=True)
-        except RuntimeError as exc:
-            if "double backward (create_graph=True) through the fused BN ops" in str(exc):
-                pytest.xfail("fusedres._C predates the double-backward dispatch (rebuild it)")
-            raise
+        assert torch.autograd.gradgradcheck(fused, (x,), fast_mode=True)
         net.load_state_dict(state)
         ref.load_state_dict(_unfused(net).state_dict())
         (g,) = torch.autograd.grad(fused(x).pow(2).sum(), x, create_graph=True)

@@ -68,14 +68,6 @@ KNOWN_DEVIATIONS = {
 }
 
 
-def _xfail_if_native_refuses(exc: RuntimeError):
-    """fusedres._C built before csrc/bn_fused.cpp sent create_graph=True to the backward
-    op's autograd formula raises; anything else is a failure."""
-    if "double backward (create_graph=True) through the fused BN ops" in str(exc):
-        pytest.xfail("fusedres._C predates the double-backward dispatch (rebuild it)")
-    raise exc
-
-
 def _samples(dtype, training):
     return INFO.module_inputs_func(INFO, device="cpu", dtype=dtype, requires_grad=True,
                                    training=training)
@@ -161,10 +153,7 @@ def test_gradcheck_and_gradgradcheck_fp64(cls, training):
         inputs = (x.detach().clone().requires_grad_(),
                   *[p.detach().clone().requires_grad_() for p in ours.parameters()])
         assert torch.autograd.gradcheck(f, inputs, fast_mode=True), sample.desc
-        try:
-            assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True), sample.desc
-        except RuntimeError as exc:
-            _xfail_if_native_refuses(exc)
+        assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True), sample.desc
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
@@ -276,7 +265,7 @@ def test_known_deviations_are_what_happens():
         gg.sum().backward()
     except RuntimeError as exc:
         if "third-order derivatives" not in str(exc):
-            _xfail_if_native_refuses(exc)
+            raise
     else:
         raise AssertionError("third-order derivatives did not raise")
     # forward-mode AD: the reference composite
