@@ -48,9 +48,10 @@ Decisions are cached on disk (``fusedres._tune_cache``): a second ``tune`` of th
 model in the same environment loads them without running anything but the recording
 forward. Under ``torch.distributed`` every rank records (collectives stay matched), rank 0
 decides (or reads its cache), and every rank installs rank 0's decisions
-(``broadcast_object_list``). ``tune`` refuses to run inside ``torch.compile`` tracing or
-CUDA-graph capture: tune first, then compile or capture (the installed plan is a plain
-attribute read, fixed before either).
+(``broadcast_object_list``; an error on rank 0 is raised on every rank, which would
+otherwise wait in the broadcast). ``tune`` refuses to run inside ``torch.compile``
+tracing or CUDA-graph capture: tune first, then compile or capture (the installed plan is
+a plain attribute read, fixed before either).
 
 Cost: each distinct site runs ``(1 check + ~3-5 timed rounds)`` per candidate, about ten
 to fifteen training steps' worth of work for a whole ResNet, less when sites repeat; the
@@ -592,44 +593,55 @@ def tune(model: nn.Module, *example_inputs, cache=True, margin: float = 0.03,
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             sites = _record(model, blocks, example_inputs, train, names)
             report.record_s = time.perf_counter() - t0
+            failure = None  # rank 0's error, sent to every rank instead of its decisions
             if rank0:
-                by_signature: dict = {}
-                for i, site in enumerate(sites):
-                    site.signature = _signature(site, train)
-                    if fnn.process_group_of(site.bn) is not None:
-                        entry = {"choice": None, "times_ms": {}, "failed": {},
-                                 "source": "not tuned: synchronised batch statistics"}
-                    else:
-                        key = repr(sorted(site.signature.items()))
-                        entry = by_signature.get(key)
-                        if entry is None:
-                            entry = store.get(site.signature)
-                            if entry is not None:
-                                entry = dict(entry, source="cache")
-                                report.cached += 1
-                            else:
-                                entry = _tune_site(site, train, cands, timer, margin)
-                                report.measured += 1
-                                if entry["choice"] is not None:
-                                    store.put(site.signature, entry)
-                                for n, why in entry["failed"].items():
-                                    warnings.warn(f"fusedres.tune: candidate {n!r} failed its "
-                                                  f"check at {site.path} "
-                                                  f"({site.signature['op']}): {why}; it is "
-                                                  "never chosen", RuntimeWarning, stacklevel=2)
-                            by_signature[key] = entry
-                    decisions[site.path] = {k: v for k, v in entry.items() if k != "signature"}
-                    if verbose:
-                        print(f"[fusedres.tune] {i + 1}/{len(sites)} {site.path} "
-                              f"{site.signature['op']}: {_describe(entry)} "
-                              f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr,
-                              flush=True)
-                store.save()
-            if dist is not None:
-                box = [decisions]
+                try:
+                    by_signature: dict = {}
+                    for i, site in enumerate(sites):
+                        site.signature = _signature(site, train)
+                        if fnn.process_group_of(site.bn) is not None:
+                            entry = {"choice": None, "times_ms": {}, "failed": {},
+                                     "source": "not tuned: synchronised batch statistics"}
+                        else:
+                            key = repr(sorted(site.signature.items()))
+                            entry = by_signature.get(key)
+                            if entry is None:
+                                entry = store.get(site.signature)
+                                if entry is not None:
+                                    entry = dict(entry, source="cache")
+                                    report.cached += 1
+                                else:
+                                    entry = _tune_site(site, train, cands, timer, margin)
+                                    report.measured += 1
+                                    if entry["choice"] is not None:
+                                        store.put(site.signature, entry)
+                                    for n, why in entry["failed"].items():
+                                        warnings.warn(f"fusedres.tune: candidate {n!r} failed its "
+                                                      f"check at {site.path} "
+                                                      f"({site.signature['op']}): {why}; it is "
+                                                      "never chosen", RuntimeWarning, stacklevel=2)
+                                by_signature[key] = entry
+                        decisions[site.path] = {k: v for k, v in entry.items() if k != "signature"}
+                        if verbose:
+                            print(f"[fusedres.tune] {i + 1}/{len(sites)} {site.path} "
+                                  f"{site.signature['op']}: {_describe(entry)} "
+                                  f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr,
+                                  flush=True)
+                    store.save()
+                except Exception as exc:  # noqa: BLE001  (re-raised below, on every rank)
+                    if dist is None:
+                        raise
+                    failure = exc
+            if dist is not None:  # the other ranks wait here: rank 0 always sends
+                why = None if failure is None else f"{type(failure).__name__}: {failure}"
+                box = [(decisions, why)]
                 dist.broadcast_object_list(box, src=0)
+                if failure is not None:
+                    raise failure
+                if box[0][1] is not None:
+                    raise RuntimeError(f"fusedres.tune failed on rank 0: {box[0][1]}")
                 if not rank0:
-                    decisions = {p: dict(e, source="rank 0") for p, e in box[0].items()}
+                    decisions = {p: dict(e, source="rank 0") for p, e in box[0][0].items()}
     finally:
         with torch.no_grad():
             for t, s in buffers:
