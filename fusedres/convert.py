@@ -631,7 +631,7 @@ class _Walker:
 
 def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
             memory_saving: bool = False, sync_bn: bool = False,
-            process_group=None) -> nn.Module:
+            process_group=None, tune=None) -> nn.Module:
     """Fuse the conv/BN/ReLU/residual patterns of ``model``; see the module docstring.
 
     Returns ``model`` itself with ``inplace=True``, else a converted deep copy. The
@@ -648,6 +648,9 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
     ``nn.SyncBatchNorm`` does, inside the fused kernels (CPU/gloo and GPU/NCCL). It needs
     an initialised ``torch.distributed``; a BN site the kernels cannot run then raises
     rather than silently using local statistics.
+    ``tune=example_inputs`` (a tensor, or a tuple of the forward's inputs): the converted
+    model is returned tuned, ``fusedres.tune(converted, *example_inputs)`` with its
+    defaults (cache included), in the mode the model is in (see ``fusedres.tune``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
@@ -673,6 +676,10 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
                 m.backend, m.last_backend = backend, None
             if isinstance(m, nn.BatchNorm2d):
                 m.fusedres_process_group = process_group  # a plain attribute, not state
+    if tune is not None:
+        from .tune import tune as tune_model
+
+        tune_model(model, *(tune if isinstance(tune, tuple) else (tune,)))
     return model
 
 

@@ -224,6 +224,42 @@ def test_real_tune_resnet18_and_cache(cache_dir):
     assert "[cache]" in str(fusedres.explain(again))
 
 
+def test_convert_with_tune_equals_tune_of_convert(monkeypatch):
+    # convert(m, tune=x) is tune(convert(m), x) with tune's defaults: the default timer is
+    # T.measure (swapped for the fake one here), the cache off so both really measure
+    monkeypatch.setenv("FUSEDRES_CACHE", "0")
+    names = ["torch", "reference", "cpu"]
+    table = {n: (lambda i, n=n: 1.0 if names[i % 3] == n else 2.0) for n in names}
+    original = small()
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    x = torch.randn(4, 3, 16, 16)
+
+    def plans(model):
+        return {n: (fnn.site_plan(m), getattr(m, "fusedres_tuning", {}).get("choice"))
+                for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+
+    calls_a, calls_b = [], []
+    monkeypatch.setattr(T, "measure", fake_timer(table, calls_a))
+    a = fusedres.convert(original, tune=x)
+    monkeypatch.setattr(T, "measure", fake_timer(table, calls_b))
+    b = tune(fusedres.convert(original), x)
+    assert calls_a and calls_a == calls_b
+    assert plans(a) == plans(b)
+    assert len({c for _, c in plans(a).values() if c}) >= 2, plans(a)  # mixed choices
+    assert a is not original and a.fusedres_tune_report.measured == len(calls_a)
+    after = original.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:  # bitwise: the original is neither converted nor tuned
+        assert before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]), k
+    assert not any(hasattr(m, "fusedres_tuning") for m in original.modules())
+    # a tuple is several example inputs; inplace=True tunes the model itself
+    calls_c = []
+    monkeypatch.setattr(T, "measure", fake_timer(table, calls_c))
+    c = copy.deepcopy(original)
+    assert fusedres.convert(c, inplace=True, tune=(x,)) is c
+    assert plans(c) == plans(b) and calls_c == calls_b
+
+
 def test_refuses_inside_compile_and_unconverted(monkeypatch):
     with pytest.raises(ValueError, match="converted model"):
         tune(small(), torch.randn(2, 3, 8, 8))
