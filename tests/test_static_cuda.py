@@ -50,3 +50,13 @@ def test_counting_sees_a_slow_loop(rows):
     # kernels take far more than 24 instructions per element.
     generic = [r for r in rows if r["kernel"].startswith("bn_backward_apply_kernel<float, 1,")]
     assert len(generic) == 3 and all(r["instr_per_element"] > 24 for r in generic)
+
+
+def test_planes_boundary_pass_reported(rows):
+    # kPlanesPath (NCHW) runs the chunks across two channel planes in a pass of their own:
+    # the table must show it beside the main pass, not only the faster loop.
+    planes = [r for r in rows if r["target"] and r["kernel"].startswith(
+        ("bn_apply_kernel", "bn_backward_apply_kernel")) and ", 3," in r["kernel"]]
+    assert len(planes) == 10
+    assert all(r.get("other_loop_instr_per_element", 0) > r["instr_per_element"]
+               for r in planes)

@@ -156,7 +156,18 @@ struct BFloat16Cvt {
 template <>
 struct Elem<__half> : Elem16<__half, HalfCvt> {};
 template <>
-struct Elem<__nv_bfloat16> : Elem16<__nv_bfloat16, BFloat16Cvt> {};
+struct Elem<__nv_bfloat16> : Elem16<__nv_bfloat16, BFloat16Cvt> {
+  // A bf16 is the high half of its float: one shift or one mask per element (the generic
+  // unpack takes a shift and a multiply for the high halves).
+  __device__ static void unpack(uint4 r, float* v) {
+    const unsigned w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      v[2 * k] = __uint_as_float(w[k] << 16);
+      v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+  }
+};
 
 // 8 consecutive elements from a 16-byte-aligned pointer.
 template <typename T>
@@ -257,9 +268,12 @@ __device__ __forceinline__ void nc_s(const ElemIndex& ix, const Odo& d, int& n, 
 //   values are loaded once, before the loop, and stay in registers; the loop is the
 //   vector loads, the math and the stores (no index arithmetic per element).
 // * kPlanesPath (NCHW output, S >= 8, dense and aligned): a chunk lies in one plane (n, c)
-//   or spans two consecutive ones (c, then c + 1 mod C), never more: per chunk, the two
-//   channels' values are loaded (scalar loads that hit L1) and each element selects
-//   its channel's with one compare. An odometer over (s, c, n) moves by the grid stride.
+//   or spans two consecutive ones (c, then c + 1 mod C), never more. Two passes, so that
+//   no warp runs both kinds of chunk in one loop (divergent warps would issue both):
+//   the chunks inside one plane, with an odometer over (s, c, n) moving by the grid
+//   stride, each with its channel's values (scalar loads that hit L1) and no selects;
+//   then the chunks across a plane boundary (at most one per plane: <= 8/S of the
+//   chunks), one per boundary, each element selecting its channel's values.
 // * kGeneric (any strides, misalignment, small inner dims): element by element through
 //   (n, c, s) and each input's strides, with 16-byte loads when VEC.
 
@@ -319,12 +333,6 @@ __device__ __forceinline__ void load_group(Channels8<acc>& ch, const acc* mean, 
   load8_acc(shift + c0, ch.shift);
 }
 
-// kPlanesPath: elements j < split are channel c0's, the rest channel c1's.
-template <typename acc>
-__device__ __forceinline__ acc pick(bool first, const acc* v, int c0, int c1) {
-  return first ? __ldg(v + c0) : __ldg(v + c1);
-}
-
 template <typename T>
 struct ApplyArgs {
   const T* x;  // (N, C, S) any strides
@@ -347,12 +355,13 @@ struct ApplyArgs {
   ElemIndex ix;
 };
 
-// The output of one element from its loaded inputs and its channel's values.
-template <typename T, typename acc>
+// The output of one element from its loaded inputs and its channel's values; X2: a second
+// BN (a.x2 set), known at compile time.
+template <bool X2, typename T, typename acc>
 __device__ __forceinline__ acc apply_one(const ApplyArgs<T>& a, acc x, acc r, acc x2, acc m,
                                          acc s, acc b, acc m2, acc s2, acc b2, bool& pass) {
   acc pre = centred(x, m, s, b);
-  if (a.x2) pre = pre + centred(x2, m2, s2, b2);
+  if (X2) pre = pre + centred(x2, m2, s2, b2);
   if (a.res) pre = pre + r;
   pass = !(pre <= acc(0));
   return a.relu ? relu_nan(pre) : pre;
@@ -360,7 +369,7 @@ __device__ __forceinline__ acc apply_one(const ApplyArgs<T>& a, acc x, acc r, ac
 
 // Chunk k (elements 8k .. 8k+7 of the output, `pos` their first's odometer), element by
 // element: kGeneric, and the last, partial chunk of kPlanesPath.
-template <typename T, bool VEC>
+template <typename T, bool VEC, bool X2>
 __device__ __forceinline__ void apply_chunk_generic(const ApplyArgs<T>& a, int64_t k, Odo pos) {
   using acc = acc_t<T>;
   const int64_t o0 = k * kUnit;
@@ -370,7 +379,7 @@ __device__ __forceinline__ void apply_chunk_generic(const ApplyArgs<T>& a, int64
   if (vec) {
     load8(a.x + o0, xv);
     if (a.res) load8(a.res + o0, rv);
-    if (a.x2) load8(a.x2 + o0, x2v);
+    if (X2) load8(a.x2 + o0, x2v);
   }
   unsigned bits = 0;
   Odo d = pos;  // (n, c, s) of element o0 + j
@@ -383,14 +392,14 @@ __device__ __forceinline__ void apply_chunk_generic(const ApplyArgs<T>& a, int64
       if (j < valid) {
         xv[j] = Elem<T>::load(a.x + offset3(a.xs, n, c, s));
         if (a.res) rv[j] = Elem<T>::load(a.res + offset3(a.rs, n, c, s));
-        if (a.x2) x2v[j] = Elem<T>::load(a.x2 + offset3(a.x2s, n, c, s));
+        if (X2) x2v[j] = Elem<T>::load(a.x2 + offset3(a.x2s, n, c, s));
       }
     }
     bool pass;
-    const acc m2 = a.x2 ? __ldg(a.mean2 + c) : acc(0);
-    const acc s2 = a.x2 ? __ldg(a.scale2 + c) : acc(0);
-    const acc b2 = a.x2 ? __ldg(a.shift2 + c) : acc(0);
-    xv[j] = apply_one(a, xv[j], rv[j], x2v[j], __ldg(a.mean + c), __ldg(a.scale + c),
+    const acc m2 = X2 ? __ldg(a.mean2 + c) : acc(0);
+    const acc s2 = X2 ? __ldg(a.scale2 + c) : acc(0);
+    const acc b2 = X2 ? __ldg(a.shift2 + c) : acc(0);
+    xv[j] = apply_one<X2>(a, xv[j], rv[j], x2v[j], __ldg(a.mean + c), __ldg(a.scale + c),
                       __ldg(a.shift + c), m2, s2, b2, pass);
     if (j < valid && pass) bits |= 1u << j;
     if (!vec && j < valid) Elem<T>::store(a.out + o0 + j, xv[j]);
@@ -401,9 +410,11 @@ __device__ __forceinline__ void apply_chunk_generic(const ApplyArgs<T>& a, int64
 
 // The traversal both elementwise kernels share (see "Elementwise kernels"): calls
 // rows(o0, c0) for each kRowsPath chunk (its first output offset and channel group),
-// planes(k, o0, c0, c1, split) for each full kPlanesPath chunk (elements j < split are
-// channel c0's, the rest c1's), and generic(k, pos, vec) for every other chunk (pos: the
-// odometer of its first element; vec: a std::bool_constant, 16-byte accesses allowed).
+// planes(k, c0, c1, split, straddle) for each full kPlanesPath chunk k (straddle: a
+// std::bool_constant, whether the chunk spans two planes; then elements j < split, 1 <=
+// split < 8, are channel c0's and the rest c1's, else all are c0's), and generic(k, pos,
+// vec) for every other chunk (pos: the odometer of its first element; vec: a
+// std::bool_constant, 16-byte accesses allowed).
 template <int PATH, typename Rows, typename Planes, typename Generic>
 __device__ __forceinline__ void walk_chunks(const ElemIndex& ix, int64_t E, int64_t chunks,
                                             int64_t row_step, Rows&& rows, Planes&& planes,
@@ -416,82 +427,103 @@ __device__ __forceinline__ void walk_chunks(const ElemIndex& ix, int64_t E, int6
     if (row >= row_step) return;
     const int64_t step = row_step * C;
     for (int64_t o0 = row * C + c0; o0 < E; o0 += step) rows(o0, c0);
+  } else if constexpr (PATH == kPlanesPath) {
+    const int S = ix.I, C = ix.Mi;
+    const int64_t full = E / kUnit;
+    if (first < chunks) {
+      Odo pos = odo_from(first * kUnit, S, C);
+      int64_t k = first;
+      for (; k < full; k += stride, odo_add(pos, ix.step, S, C)) {
+        if (S - pos.in >= kUnit) planes(k, pos.mid, pos.mid, kUnit, std::false_type{});
+      }
+      if (k < chunks) generic(k, pos, std::false_type{});  // the partial last chunk
+    }
+    if (S % kUnit == 0) return;  // no chunk spans two planes
+    // Boundary b = p*S between planes p - 1 and p (channel p mod C), p = 1 .. N*C - 1.
+    const int64_t planes_n = E / S;
+    int64_t p = first + 1;
+    if (p >= planes_n) return;
+    int c = static_cast<int>(p % C);
+    const int c_step = static_cast<int>(stride % C);
+    for (; p < planes_n; p += stride) {
+      const int64_t b = p * S, k = b / kUnit;
+      const int split = static_cast<int>(b - k * kUnit);
+      if (split != 0 && k < full) planes(k, c == 0 ? C - 1 : c - 1, c, split, std::true_type{});
+      c += c_step;
+      if (c >= C) c -= C;
+    }
   } else {
     if (first >= chunks) return;
     Odo pos = odo_from(first * kUnit, ix.I, ix.Mi);
-    int64_t k = first;
-    if constexpr (PATH == kPlanesPath) {
-      const int S = ix.I, C = ix.Mi;
-      const int64_t full = E / kUnit;
-      for (; k < full; k += stride, odo_add(pos, ix.step, S, C)) {
-        const int c0 = pos.mid, c1 = c0 + 1 == C ? 0 : c0 + 1;
-        planes(k, k * kUnit, c0, c1, S - pos.in);  // split >= 1
-      }
-      if (k < chunks) generic(k, pos, std::false_type{});  // the partial last chunk
-    } else {
-      for (; k < chunks; k += stride, odo_add(pos, ix.step, ix.I, ix.Mi)) {
-        generic(k, pos, std::bool_constant<PATH == kGenericVec>{});
-      }
+    for (int64_t k = first; k < chunks; k += stride, odo_add(pos, ix.step, ix.I, ix.Mi)) {
+      generic(k, pos, std::bool_constant<PATH == kGenericVec>{});
     }
   }
+}
+
+// Whether element j of a kPlanesPath chunk is channel c0's: elements 0 and 7 of a chunk
+// across a boundary are known (1 <= split <= 7), so only 1 .. 6 select.
+template <bool STRADDLE>
+__device__ __forceinline__ bool first_channel(int j, int split) {
+  return !STRADDLE || j == 0 || (j < kUnit - 1 && j < split);
 }
 
 template <typename T, int PATH, bool X2>
 __global__ void __launch_bounds__(kThreads, min_blocks_elementwise<T, PATH, X2>())
     bn_apply_kernel(ApplyArgs<T> a) {
-  if (!X2) a.x2 = nullptr;  // X2: whether a.x2 is set, known at compile time
   using acc = acc_t<T>;
   const auto rows = [&](int64_t o0, int64_t c0) {
     // The same 16-byte lines every iteration (L1 hits): held in registers across the
     // loop they would spill (6 vectors of 8 with a second BN).
     Channels8<acc> ch, ch2;
     load_group(ch, a.mean, a.scale, a.shift, c0);
-    if (a.x2) load_group(ch2, a.mean2, a.scale2, a.shift2, c0);
+    if (X2) load_group(ch2, a.mean2, a.scale2, a.shift2, c0);
     acc xv[kUnit], rv[kUnit], x2v[kUnit];
     load8(a.x + o0, xv);
     if (a.res) load8(a.res + o0, rv);
-    if (a.x2) load8(a.x2 + o0, x2v);
+    if (X2) load8(a.x2 + o0, x2v);
     unsigned bits = 0;
 #pragma unroll
     for (int j = 0; j < kUnit; ++j) {
       bool pass;
-      xv[j] = apply_one(a, xv[j], rv[j], x2v[j], ch.mean[j], ch.scale[j], ch.shift[j],
-                        ch2.mean[j], ch2.scale[j], ch2.shift[j], pass);
+      xv[j] = apply_one<X2>(a, xv[j], rv[j], x2v[j], ch.mean[j], ch.scale[j], ch.shift[j],
+                            ch2.mean[j], ch2.scale[j], ch2.shift[j], pass);
       bits |= static_cast<unsigned>(pass) << j;
     }
     store8(a.out + o0, xv);
     if (a.mask) a.mask[o0 / kUnit] = static_cast<uint8_t>(bits);
   };
-  const auto planes = [&](int64_t k, int64_t o0, int c0, int c1, int split) {
+  const auto planes = [&](int64_t k, int c0, int c1, int split, auto straddle) {
+    constexpr bool kStraddle = decltype(straddle)::value;
+    const int64_t o0 = k * kUnit;
     acc xv[kUnit], rv[kUnit], x2v[kUnit];
     load8(a.x + o0, xv);
     if (a.res) load8(a.res + o0, rv);
-    if (a.x2) load8(a.x2 + o0, x2v);
-    // Channel c0's and c1's values, selected per element (no indexed arrays: those
-    // would live in local memory).
-    const acc m0 = __ldg(a.mean + c0), m1 = __ldg(a.mean + c1);
-    const acc s0 = __ldg(a.scale + c0), s1 = __ldg(a.scale + c1);
-    const acc b0 = __ldg(a.shift + c0), b1 = __ldg(a.shift + c1);
-    acc m20 = 0, m21 = 0, s20 = 0, s21 = 0, b20 = 0, b21 = 0;
-    if (a.x2) {
-      m20 = __ldg(a.mean2 + c0), m21 = __ldg(a.mean2 + c1);
-      s20 = __ldg(a.scale2 + c0), s21 = __ldg(a.scale2 + c1);
-      b20 = __ldg(a.shift2 + c0), b21 = __ldg(a.shift2 + c1);
+    if (X2) load8(a.x2 + o0, x2v);
+    // Channel c0's values, and c1's across a boundary, selected per element (no indexed
+    // arrays: those would live in local memory).
+    acc v0[6] = {}, v1[6] = {};
+    const acc* const vecs[6] = {a.mean, a.scale, a.shift, a.mean2, a.scale2, a.shift2};
+#pragma unroll
+    for (int i = 0; i < (X2 ? 6 : 3); ++i) {
+      v0[i] = __ldg(vecs[i] + c0);
+      if (kStraddle) v1[i] = __ldg(vecs[i] + c1);
     }
     unsigned bits = 0;
 #pragma unroll
     for (int j = 0; j < kUnit; ++j) {
-      const bool f = j < split;
+      const bool f = first_channel<kStraddle>(j, split);
       bool pass;
-      xv[j] = apply_one(a, xv[j], rv[j], x2v[j], f ? m0 : m1, f ? s0 : s1, f ? b0 : b1,
-                        f ? m20 : m21, f ? s20 : s21, f ? b20 : b21, pass);
+      xv[j] = apply_one<X2>(a, xv[j], rv[j], x2v[j], f ? v0[0] : v1[0], f ? v0[1] : v1[1],
+                            f ? v0[2] : v1[2], f ? v0[3] : v1[3], f ? v0[4] : v1[4],
+                            f ? v0[5] : v1[5], pass);
       bits |= static_cast<unsigned>(pass) << j;
     }
     store8(a.out + o0, xv);
     if (a.mask) a.mask[k] = static_cast<uint8_t>(bits);
   };
   const auto generic = [&](int64_t k, Odo pos, auto vec) {
-    apply_chunk_generic<T, decltype(vec)::value>(a, k, pos);
+    apply_chunk_generic<T, decltype(vec)::value, X2>(a, k, pos);
   };
   walk_chunks<PATH>(a.ix, a.E, a.chunks, a.row_step, rows, planes, generic);
 }
@@ -638,16 +670,19 @@ __global__ void __launch_bounds__(kThreads,
     store8(a.dx + o0, xv);
     if (a.dres) store8(a.dres + o0, gv);
   };
-  const auto planes = [&](int64_t k, int64_t o0, int c0, int c1, int split) {
+  const auto planes = [&](int64_t k, int c0, int c1, int split, auto straddle) {
+    constexpr bool kStraddle = decltype(straddle)::value;
+    const int64_t o0 = k * kUnit;
     acc dv[kUnit], xv[kUnit], gv[kUnit];
     load8(a.dout + o0, dv);
     load8(a.x + o0, xv);
     const unsigned byte = GATE == kMaskGate ? static_cast<unsigned>(__ldg(a.mask + k)) : 0xffu;
     const BackwardChannel<acc> ch0 = backward_channel<GATE>(a, c0);
-    const BackwardChannel<acc> ch1 = backward_channel<GATE>(a, c1);
+    const BackwardChannel<acc> ch1 = kStraddle ? backward_channel<GATE>(a, c1) : ch0;
 #pragma unroll
     for (int j = 0; j < kUnit; ++j) {
-      xv[j] = backward_one<GATE>(dv[j], xv[j], byte, j, select(j < split, ch0, ch1), gv[j]);
+      const bool f = first_channel<kStraddle>(j, split);
+      xv[j] = backward_one<GATE>(dv[j], xv[j], byte, j, select(f, ch0, ch1), gv[j]);
     }
     store8(a.dx + o0, xv);
     if (a.dres) store8(a.dres + o0, gv);
@@ -1418,6 +1453,24 @@ void with_path(int path, F&& f) {
   }
 }
 
+struct ElemLaunch {
+  int blocks, path;
+};
+
+// The grid, odometer and traversal of an elementwise launch (a: ApplyArgs or
+// BackwardApplyArgs): sets a.E, a.chunks, a.ix and a.row_step. vec: the activations allow
+// 16-byte accesses; vec_channels: the per-channel vectors do.
+template <typename T, typename Args>
+ElemLaunch elementwise_launch(Args& a, const Shape3& sh, bool cl, int num_sms, bool vec,
+                              bool vec_channels) {
+  a.E = sh.N * sh.C * sh.S;
+  a.chunks = ceil_div(a.E, kUnit);
+  const int blocks = elementwise_blocks(a.chunks, num_sms);
+  a.ix = elem_index(sh, cl, static_cast<int64_t>(blocks) * kThreads * kUnit);
+  return {blocks, elementwise_path(sh, cl, vec, vec_channels && sizeof(T) < 8, blocks,
+                                   a.row_step)};
+}
+
 template <typename T>
 void launch_bn_apply(const T* x, Strides3 xs, const acc_t<T>* mean, const acc_t<T>* scale,
                      const acc_t<T>* shift, const T* residual, Strides3 rs, const T* x2,
@@ -1440,23 +1493,18 @@ void launch_bn_apply(const T* x, Strides3 xs, const acc_t<T>* mean, const acc_t<
   a.out = out;
   a.mask = mask;
   a.relu = relu;
-  a.E = shape.N * shape.C * shape.S;
-  a.chunks = ceil_div(a.E, kUnit);
-  const int blocks = elementwise_blocks(a.chunks, num_sms);
-  a.ix = elem_index(shape, channels_last, static_cast<int64_t>(blocks) * kThreads * kUnit);
   const Strides3 dense = dense_strides(shape, channels_last);
   const bool vec = aligned16(out) && aligned16(x) && has_strides(xs, shape, dense) &&
                    (!residual || (aligned16(residual) && has_strides(rs, shape, dense))) &&
                    (!x2 || (aligned16(x2) && has_strides(x2s, shape, dense)));
   const bool vec_channels = aligned16(mean) && aligned16(scale) && aligned16(shift) &&
                             aligned16(mean2) && aligned16(scale2) && aligned16(shift2);
-  const int path = elementwise_path(shape, channels_last, vec, vec_channels && sizeof(T) < 8,
-                                    blocks, a.row_step);
-  with_path<T>(path, [&](auto p) {
+  const ElemLaunch l = elementwise_launch<T>(a, shape, channels_last, num_sms, vec, vec_channels);
+  with_path<T>(l.path, [&](auto p) {
     if (x2) {
-      bn_apply_kernel<T, p.value, true><<<blocks, kThreads, 0, stream>>>(a);
+      bn_apply_kernel<T, p.value, true><<<l.blocks, kThreads, 0, stream>>>(a);
     } else {
-      bn_apply_kernel<T, p.value, false><<<blocks, kThreads, 0, stream>>>(a);
+      bn_apply_kernel<T, p.value, false><<<l.blocks, kThreads, 0, stream>>>(a);
     }
   });
 }
@@ -1484,24 +1532,19 @@ void launch_bn_backward_apply(const T* dout, Strides3 ds, const T* x, Strides3 x
   a.relu = relu;
   a.dx = dx;
   a.dres = dres;
-  a.E = shape.N * shape.C * shape.S;
-  a.chunks = ceil_div(a.E, kUnit);
-  const int blocks = elementwise_blocks(a.chunks, num_sms);
-  a.ix = elem_index(shape, channels_last, static_cast<int64_t>(blocks) * kThreads * kUnit);
   const Strides3 dense = dense_strides(shape, channels_last);
   const bool vec = aligned16(dx) && aligned16(dres) && aligned16(dout) && aligned16(x) &&
                    has_strides(ds, shape, dense) && has_strides(xs, shape, dense);
   const bool vec_channels = aligned16(mean) && aligned16(scale) && aligned16(shift) &&
                             aligned16(coef_g) && aligned16(coef_xc) && aligned16(coef_c);
-  const int path = elementwise_path(shape, channels_last, vec, vec_channels && sizeof(T) < 8,
-                                    blocks, a.row_step);
-  with_path<T>(path, [&](auto p) {
+  const ElemLaunch l = elementwise_launch<T>(a, shape, channels_last, num_sms, vec, vec_channels);
+  with_path<T>(l.path, [&](auto p) {
     if (mask) {
-      bn_backward_apply_kernel<T, p.value, kMaskGate><<<blocks, kThreads, 0, stream>>>(a);
+      bn_backward_apply_kernel<T, p.value, kMaskGate><<<l.blocks, kThreads, 0, stream>>>(a);
     } else if (relu) {
-      bn_backward_apply_kernel<T, p.value, kRecomputeGate><<<blocks, kThreads, 0, stream>>>(a);
+      bn_backward_apply_kernel<T, p.value, kRecomputeGate><<<l.blocks, kThreads, 0, stream>>>(a);
     } else {
-      bn_backward_apply_kernel<T, p.value, kNoGate><<<blocks, kThreads, 0, stream>>>(a);
+      bn_backward_apply_kernel<T, p.value, kNoGate><<<l.blocks, kThreads, 0, stream>>>(a);
     }
   });
 }

@@ -59,12 +59,9 @@ struct Workspace {
 // bias are nullable; the outputs are not.
 template <typename acc>
 struct Finalize {
-  const acc* weight;
-  const acc* bias;
+  const acc *weight, *bias;  // (C,) inputs, nullable
   acc eps;
-  acc* invstd;
-  acc* scale;
-  acc* shift;
+  acc *invstd, *scale, *shift;  // (C,) outputs
 };
 
 // The per-channel coefficients of the input gradient from the backward sums:
@@ -72,13 +69,10 @@ struct Finalize {
 // training (0 and 0 in eval), dweight = sum_g_xc*invstd (nullable).
 template <typename acc>
 struct Coefficients {
-  const acc* scale;
-  const acc* invstd;
+  const acc *scale, *invstd;  // (C,) inputs
   acc count;
   bool training;
-  acc* coef_xc;
-  acc* coef_c;
-  acc* dweight;
+  acc *coef_xc, *coef_c, *dweight;  // (C,) outputs, dweight nullable
 };
 
 // mean[c], var[c] (biased) over (N, S). Welford per thread, Chan merges, per-block
