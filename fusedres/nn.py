@@ -56,6 +56,7 @@ torch itself: never a wrong answer.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from typing import NamedTuple, Optional
@@ -297,7 +298,8 @@ def _fold_key(conv, bn):
 
 def _can_fold(conv, bn, x) -> bool:
     return (fold_eval and not bn.training and bn.running_mean is not None
-            and bn.running_var is not None and not torch.is_grad_enabled()
+            and bn.running_var is not None
+            and (not torch.is_grad_enabled() or torch.jit.is_tracing())
             and isinstance(x, Tensor) and x.dim() == 4 and x.dtype in _FLOATS
             and not torch.compiler.is_compiling()
             and conv.weight.dtype in _FLOATS and conv.weight.device == x.device
@@ -311,13 +313,17 @@ def _capturing(device) -> bool:
 def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d):
     """``(w', b')`` with ``conv(x, w', b') == bn(conv(x))`` in eval mode (cached), or None
     when the cache is stale and cannot be rebuilt now (CUDA-graph capture)."""
+    # jit.trace records the fold itself, differentiable, whatever the grad mode (its check
+    # run is under no_grad): the same graph on every run, which follows later parameter
+    # changes; a cached tensor would be recorded as a constant.
+    tracing = torch.jit.is_tracing()
     key = _fold_key(conv, bn)
-    hit = _FOLDED.get(conv)
+    hit = None if tracing else _FOLDED.get(conv)
     if hit is not None and hit[0] == key:
         return hit[1], hit[2]
     if _capturing(conv.weight.device):
         return None
-    with torch.no_grad():
+    with contextlib.nullcontext() if tracing else torch.no_grad():
         acc = torch.float64 if conv.weight.dtype == torch.float64 else torch.float32
         scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
         if bn.weight is not None:
@@ -329,7 +335,8 @@ def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d):
             shift = shift + conv.bias.to(acc) * scale
         w = (conv.weight.to(acc) * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
         b = shift.to(conv.weight.dtype)
-    _FOLDED[conv] = (key, w, b)
+    if not tracing:
+        _FOLDED[conv] = (key, w, b)
     return w, b
 
 

@@ -140,7 +140,7 @@ def test_torchscript(pair):
     x = _x()
     with torch.no_grad():
         buf = io.BytesIO()
-        torch.jit.save(torch.jit.trace(fused, (x,), check_trace=False), buf)
+        torch.jit.save(torch.jit.trace(fused, (x,)), buf)
         buf.seek(0)
         _close(torch.jit.load(buf)(x), ref(x), "jit.trace output after save/load")
 

@@ -434,14 +434,29 @@ def test_converted_model_on_meta_device_like_eager():
     assert flops[:2] == flops[2:] and flops[0] > 0
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_torch_jit_trace_with_its_check(training):
+@pytest.mark.parametrize("training,grad", [(True, True), (False, True), (False, False)],
+                         ids=["train", "eval", "eval-no_grad"])
+def test_torch_jit_trace_with_its_check(training, grad):
     """torch.jit.trace (with its default check that a second trace gives the same graph)
     records the fused ops and reproduces the model. It failed the check before: each
-    module's last_backend attribute went from None to a string, a new TorchScript type."""
+    module's last_backend attribute went from None to a string, a new TorchScript type;
+    and in eval under no_grad the folded conv weights were a cached constant on the check
+    run but computed on the first (now the fold is recorded on both, from the
+    parameters, so a traced model follows later weight changes)."""
     net = _net("auto").train(training)
-    net.stem = nn.Identity()  # eval conv+BN folds under the check: convert-site (reported)
-    x = torch.randn(2, 4, 5, 5)
-    traced = torch.jit.trace(copy.deepcopy(net), x)
-    assert "fusedres::" in str(traced.inlined_graph)
-    _close(traced(x), net(x), "traced")
+    x = torch.randn(2, 3, 5, 5)
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(copy.deepcopy(net), x)
+        assert "fusedres::" in str(traced.inlined_graph)
+        _close(traced(x), net(x), "traced")
+        if grad:  # eval folds while tracing, differentiably: the same gradients
+            leaves = [p for p in net.parameters()]
+            want = torch.autograd.grad(net(x).square().sum(), leaves)
+            got = torch.autograd.grad(traced(x).square().sum(), list(traced.parameters()))
+            for g, w in zip(got, want):
+                _close(g, w, "traced gradient")
+        if not training:  # the fold reads the parameters: a BN change reaches the trace
+            for m in (traced, net):
+                m.stem.bn.running_var.mul_(4.0)
+            _close(traced(x), net(x), "traced, after a running_var change")
+
