@@ -50,14 +50,15 @@ def test_blocks_found():
 
 
 @pytest.mark.parametrize("path,line,code", BLOCKS)
-def test_example_runs(path, line, code):
+def test_example_runs(path, line, code, tmp_path):
     for marker in _MARKER.findall(code):
         if marker not in MARKERS:
             pytest.fail(f"unknown doctest marker {marker} (known: {sorted(MARKERS)})")
         need, present = MARKERS[marker]
         if not present():
             pytest.skip(f"needs {need}")
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               FUSEDRES_CACHE_DIR=str(tmp_path))  # the tune examples: not the user's cache
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, (
