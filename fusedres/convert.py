@@ -357,6 +357,7 @@ def _match(block: nn.Module, graph: fx.Graph, prefix: str, backend: str, rewrite
         b2 = next(iter(c.users)) if c is not None and len(c.users) == 1 else None
         if b2 in by_bn and by_bn[b2][1] not in by_bn[b2][0] and b2.args[0] is c:
             site["next_bn"] = b2
+            site["next_relu"] = by_bn[b2][0]["kind"] == "bn_relu"  # relu(bn(y)), no add
             by_bn[b2][0][by_bn[b2][2]] = True
     # 5. what is left
     fused_bns = {b for b, _ in sites}
@@ -510,6 +511,7 @@ def _rewrite(graph: fx.Graph, site: dict, backend: str, replaced: dict,
                           memory_saving=memory_saving)
             if "next_bn" in site:
                 kwargs["next_bn"] = graph.get_attr(site["next_bn"].target)
+                kwargs["next_relu"] = site["next_relu"]
         if site["kind"] == "tail":
             kwargs["residual"] = args(site["res"])
         elif site["kind"] == "dual":

@@ -288,6 +288,7 @@ fold_eval = True  # set False to keep conv and BN separate in eval mode too
 # A site whose next conv feeds the BN of the following site folds that BN into the conv
 # and marks the output tensor with it: the following site then skips its BN.
 _NORMALISED_BY = "_fusedres_normalised_by"
+_RELU_APPLIED = "_fusedres_relu_applied"  # ... and its ReLU (a BN-ReLU site's)
 
 
 def _fold_key(conv, bn):
@@ -336,18 +337,85 @@ def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d):
         w = (conv.weight.to(acc) * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
         b = shift.to(conv.weight.dtype)
     if not tracing:
-        _FOLDED[conv] = (key, w, b)
+        _FOLDED[conv] = (key, w, b, {})  # {}: w packed for oneDNN per input shape
     return w, b
 
 
-def _folded_conv(conv, bn, x):
+def _onednn_ok(conv, x, other) -> bool:
+    """May ``conv(x) [+ other] [relu]`` run as one oneDNN convolution with the add and
+    ReLU as post-ops (``torch.ops.mkldnn._convolution_pointwise``, what torch.compile's
+    CPU freezing path emits)? fp32 CPU inference only: the op has no autograd and a trace
+    should stay plain aten."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and conv.weight.dtype == torch.float32 and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str) and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled and not torch.is_grad_enabled()
+            and not torch.jit.is_tracing()
+            and (other is None or (other.dtype == torch.float32 and other.device == x.device
+                                   and tuple(other.shape) == _conv_out_shape(conv, x))))
+
+
+def _conv_out_shape(conv, x) -> tuple:
+    size = [(n + 2 * p - d * (k - 1) - 1) // st + 1 for n, p, d, k, st in zip(
+        x.shape[2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride)]
+    return (x.shape[0], conv.out_channels, *size)
+
+
+def _eval_conv(conv, x, w, b, relu=False, other=None, packs=None):
+    """``[relu](conv(x, w, b) [+ other])`` for eval with folded weights ``w``, ``b``: one
+    oneDNN call with post-ops where ``_onednn_ok``, else the conv and in-place ops on its
+    fresh output (one pass for add+ReLU where autograd is off)."""
+    if _onednn_ok(conv, x, other):
+        geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        args = (_packed_weight(packs, w, geometry, x), b, *geometry)
+        if other is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, *args, "relu" if relu else "none",
+                                                           [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, *args, "add", 1.0, "relu" if relu else None, [], "")
+    return _add_act(conv._conv_forward(x, w, b), other, relu)
+
+
+def _packed_weight(packs, w, geometry, x):
+    """``w`` reordered once into oneDNN's blocked layout for ``x``'s shape, as
+    torch.compile's CPU freezing path does: a plain weight is reordered on every call,
+    which costs as much as the conv itself in ResNet-50's last stage (2048x512 1x1 at 4x4:
+    4.3 ms vs 2.6 ms packed, batch 16, 2 threads). ``packs``: the fold cache entry's dict
+    (None: no cache, no packing)."""
+    if packs is None:
+        return w
+    key = (tuple(x.shape), *map(tuple, geometry[:3]), geometry[3])
+    packed = packs.get(key)
+    if packed is None:
+        if len(packs) >= 4:  # a few input shapes per weight, not one per batch size
+            packs.clear()
+        packed = packs[key] = torch.ops.mkldnn._reorder_convolution_weight(
+            w, *geometry, list(x.shape))
+    return packed
+
+
+def _add_act(y, other, relu):
+    """``[relu](y [+ other])`` in place on ``y``, a fresh tensor only this site reads."""
+    if other is not None:
+        if relu and not torch.is_grad_enabled() and y.device.type == "cpu" \
+                and other.shape == y.shape and other.dtype == y.dtype:
+            return torch.ops.aten._add_relu_(y, other)  # one pass (no autograd formula)
+        y = y.add_(other)
+    return y.relu_() if relu else y
+
+
+def _folded_conv(conv, bn, x, relu=False, other=None):
+    """``[relu](bn(conv(x)) [+ other])`` as one conv with folded weights, or None when the
+    site does not fold."""
     if not _can_fold(conv, bn, x):
         return None
     wb = folded_weights(conv, bn)
     if wb is None:
         return None
     _last.backend = "folded"
-    return conv._conv_forward(x, wb[0], wb[1])
+    entry = _FOLDED.get(conv)
+    packs = entry[3] if entry is not None and entry[1] is wb[0] else None
+    return _eval_conv(conv, x, wb[0], wb[1], relu, other, packs)
 
 
 def _normalised(x, bn) -> bool:
@@ -355,20 +423,51 @@ def _normalised(x, bn) -> bool:
     return not torch.compiler.is_compiling() and getattr(x, _NORMALISED_BY, None) is bn
 
 
-def _eval_bn(x, conv, bn):
-    """``bn(conv(x))`` (``x`` when ``conv`` is None) in eval without autograd, as one conv
-    with folded weights, here or in the previous site; None when not folded."""
+def _eval_site(x, conv, bn, relu, residual, shortcut_x, shortcut_conv, shortcut_bn,
+               backend):
+    """``[relu](bn(conv(x)) [+ residual | + shortcut_bn(shortcut_conv(shortcut_x))])`` in
+    eval without autograd, with ``bn`` folded into ``conv`` (or already into the previous
+    site's conv, which marked ``x``); None when it does not fold. The add and ReLU ride on
+    the last conv to run (oneDNN post-ops on CPU) or run in place on a fresh conv output."""
     if conv is None:
-        return x if _normalised(x, bn) else None
-    return _folded_conv(conv, bn, x)
+        if not _normalised(x, bn):
+            return None
+        if getattr(x, _RELU_APPLIED, False):  # relu(bn(y)) entirely in the previous conv
+            if not relu or residual is not None or shortcut_bn is not None:
+                raise RuntimeError("fusedres: next_relu=True was passed for a site that is "
+                                   "not a BN-ReLU (relu(bn(y)), no residual)")
+            return x
+        y = x  # the previous site's conv output, read by this site alone
+    elif not _can_fold(conv, bn, x):
+        return None
+    else:
+        y = None  # computed below, with the add and ReLU when it runs last
+    if shortcut_bn is not None:
+        if shortcut_conv is not None and y is None:
+            s = _folded_conv(shortcut_conv, shortcut_bn, shortcut_x)
+            residual = s if s is not None else bn_act(
+                shortcut_bn, conv2d(shortcut_conv, shortcut_x), backend=backend)
+        elif shortcut_conv is not None:  # y known: the shortcut conv runs last
+            out = _folded_conv(shortcut_conv, shortcut_bn, shortcut_x, relu, other=y)
+            if out is not None:
+                return out
+            residual = bn_act(shortcut_bn, conv2d(shortcut_conv, shortcut_x), backend=backend)
+        else:
+            residual = bn_act(shortcut_bn, shortcut_x, backend=backend)
+    if y is None:
+        return _folded_conv(conv, bn, x, relu, other=residual)
+    return _add_act(y, residual, relu)
 
 
-def _conv_then_bn(conv, next_bn, h):
-    """``conv(h)``, with ``next_bn`` (the next site's BN) folded in when it can be."""
-    y = _folded_conv(conv, next_bn, h) if next_bn is not None else None
+def _conv_then_bn(conv, next_bn, h, next_relu=False):
+    """``conv(h)``, with ``next_bn`` (the next site's BN) folded in when it can be, and
+    the next site's ReLU too when ``next_relu`` (that site is a BN-ReLU: relu(bn(y)))."""
+    y = _folded_conv(conv, next_bn, h, relu=next_relu) if next_bn is not None else None
     if y is None:
         return conv2d(conv, h)
     setattr(y, _NORMALISED_BY, next_bn)
+    if next_relu:
+        setattr(y, _RELU_APPLIED, True)
     return y
 
 
@@ -502,7 +601,7 @@ def _bn_relu_conv_recomputed(bn, conv, y, backend):
 
 
 def _torch_site(x, conv, bn, relu, residual, shortcut_x, shortcut_conv, shortcut_bn,
-                next_conv, next_bn):
+                next_conv, next_bn, next_relu):
     """A site as the original modules compute it (``SitePlan(backend="torch")``)."""
     y = conv2d(conv, x) if conv is not None else x
     if not _normalised(y, bn):
@@ -514,7 +613,7 @@ def _torch_site(x, conv, bn, relu, residual, shortcut_x, shortcut_conv, shortcut
         y = y + residual
     if relu:
         y = torch.relu(y)
-    return _conv_then_bn(next_conv, next_bn, y) if next_conv is not None else y
+    return _conv_then_bn(next_conv, next_bn, y, next_relu) if next_conv is not None else y
 
 
 def conv_bn_act(x: Tensor, conv: Optional[nn.Conv2d], bn: nn.BatchNorm2d, *,
@@ -523,8 +622,8 @@ def conv_bn_act(x: Tensor, conv: Optional[nn.Conv2d], bn: nn.BatchNorm2d, *,
                 shortcut_conv: Optional[nn.Conv2d] = None,
                 shortcut_bn: Optional[nn.BatchNorm2d] = None,
                 next_conv: Optional[nn.Conv2d] = None,
-                next_bn: Optional[nn.BatchNorm2d] = None, memory_saving: bool = False,
-                backend: str = "auto") -> Tensor:
+                next_bn: Optional[nn.BatchNorm2d] = None, next_relu: bool = False,
+                memory_saving: bool = False, backend: str = "auto") -> Tensor:
     """One fused site: ``[relu](bn(conv(x)) [+ residual | + shortcut_bn(shortcut_conv(s))])``.
 
     ``conv``/``shortcut_conv`` may be None (the BN reads ``x``/``shortcut_x`` directly).
@@ -539,13 +638,14 @@ def conv_bn_act(x: Tensor, conv: Optional[nn.Conv2d], bn: nn.BatchNorm2d, *,
     ``memory_saving`` applies where it runs the BN-ReLU on its own. In eval mode without
     autograd, ``conv`` and ``bn`` fold as above, the ReLU runs before ``next_conv``, and
     ``next_bn`` (the BN that alone reads ``next_conv``'s output, in the next site) folds
-    into ``next_conv``: that site then skips it.
+    into ``next_conv``: that site then skips it, and its ReLU too when ``next_relu``
+    (set by convert when that site is a BN-ReLU).
     """
     if isinstance(x, torch.fx.Proxy):  # torch.fx tracing a converted model: one leaf call
         return x.tracer.create_proxy("call_function", conv_bn_act, (x, conv, bn), dict(
             relu=relu, residual=residual, shortcut_x=shortcut_x, shortcut_conv=shortcut_conv,
             shortcut_bn=shortcut_bn, next_conv=next_conv, next_bn=next_bn,
-            memory_saving=memory_saving, backend=backend))
+            next_relu=next_relu, memory_saving=memory_saving, backend=backend))
     plan = site_plan(bn)
     backend = plan.backend or backend
     if next_conv is not None and (residual is not None or shortcut_bn is not None or not relu):
@@ -554,20 +654,10 @@ def conv_bn_act(x: Tensor, conv: Optional[nn.Conv2d], bn: nn.BatchNorm2d, *,
         residual, shortcut_bn = shortcut_x, None  # folded into the previous site's conv
     if backend == "torch":
         return _torch_site(x, conv, bn, relu, residual, shortcut_x, shortcut_conv,
-                           shortcut_bn, next_conv, next_bn)
-    y = _eval_bn(x, conv, bn)
+                           shortcut_bn, next_conv, next_bn, next_relu)
+    y = _eval_site(x, conv, bn, relu, residual, shortcut_x, shortcut_conv, shortcut_bn, backend)
     if y is not None:  # eval, folded: conv + bias (+ shortcut) (+ relu) (+ next conv)
-        if shortcut_bn is not None:
-            residual = _eval_bn(shortcut_x, shortcut_conv, shortcut_bn)
-            if residual is None:
-                s = conv2d(shortcut_conv, shortcut_x) if shortcut_conv is not None \
-                    else shortcut_x
-                residual = bn_act(shortcut_bn, s, backend=backend)
-        if residual is not None:
-            y = y + residual
-        if relu:
-            y = torch.relu(y)
-        return _conv_then_bn(next_conv, next_bn, y) if next_conv is not None else y
+        return _conv_then_bn(next_conv, next_bn, y, next_relu) if next_conv is not None else y
     if next_conv is not None:
         conv_backend = conv_choice(plan, backend)[0]
         stats = None

@@ -676,6 +676,38 @@ def test_eval_folds_every_bn(arch, backend):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_eval_fp32_cpu_rides_on_the_convs(layout):
+    """fp32 CPU eval of a converted resnet50: the ReLUs and projection adds are oneDNN
+    post-ops of the folded convs (the next site's ReLU too, next_relu), the identity
+    add+ReLU one in-place pass: 53 convs, 12 add+ReLU, no BN or ReLU op; outputs equal the
+    unconverted model's. With oneDNN turned off: plain convs and in-place ops, same
+    output."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN")
+    torch.manual_seed(0)
+    ref = _randomize(torchvision.models.resnet50(weights=None)).eval()
+    fused = convert(ref)
+    x = torch.randn(2, 3, 64, 64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want = ref(x)
+        fused(x)
+        with _OpCounter() as counter:
+            got = fused(x)
+        with torch.backends.mkldnn.flags(enabled=False):
+            plain = fused(x)
+    ops = counter.ops
+    assert ops["mkldnn._convolution_pointwise"] == 53, ops
+    assert ops["aten._add_relu_"] == 12, ops
+    assert not any("relu" in k and k != "aten._add_relu_" or "batch_norm" in k
+                   or "convolution" in k and "mkldnn" not in k for k in ops), ops
+    scale = want.abs().max()
+    torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=2e-5)
+    torch.testing.assert_close(plain / scale, want / scale, rtol=0, atol=2e-5)
+
+
 def test_eval_fold_handoff_respects_plans():
     """A BN folded into the previous site's conv is not applied twice, and a plan that
     turns folding off at that BN keeps it separate (still the same function)."""
