@@ -438,3 +438,38 @@ def test_cpu_default_is_one_thread_and_stderr_is_quiet(tmp_path):
     noise = [line for line in proc.stderr.splitlines()
              if "profiler" in line.lower() or "cpp_extension" in line or "USDT" in line]
     assert not noise, noise
+
+
+def test_cpu_timing_interleaves_providers():
+    """CPU rows of one case are timed block by block in turn (a drifting machine shifts
+    every provider alike); a provider that raises is dropped and reported, the others are
+    still measured."""
+    from fusedres.bench import timing
+
+    order = []
+
+    def make(name, seconds):
+        def fn():
+            order.append(name)
+            time.sleep(seconds)
+        return fn
+
+    def broken():
+        if len(order) > 4:
+            raise RuntimeError("broken on purpose")
+        order.append("broken")
+
+    got, errors = timing.time_cpu_interleaved(
+        {"a": make("a", 0.002), "b": make("b", 0.004), "broken": broken},
+        min_run_time=0.05, min_blocks=5)
+    assert set(got) == {"a", "b"} and isinstance(errors["broken"], RuntimeError)
+    assert got["a"].samples >= 5 and got["b"].samples >= 5
+    assert got["a"].median_s < got["b"].median_s
+    assert "interleaved" in got["a"].timer
+    # after the warm-up calls, no long run of one provider: they alternate
+    timed = [n for n in order[3:] if n != "broken"]
+    runs, last = 0, None
+    for n in timed:
+        runs += n != last
+        last = n
+    assert runs >= 10, order

@@ -353,48 +353,109 @@ def run_suites(args, suites: list) -> dict:
 
     progress.write(f"[fusedres-bench] {len(all_cases)} cases x {len(providers)} providers on "
                    f"{device.type} ({time.perf_counter() - t0:.0f} s so far)")
-    # Case by case, its providers back to back: a machine whose speed drifts (a shared
-    # VM, clocks, another process) then shifts both sides of a "vs eager" ratio alike.
-    for case in all_cases:
+    def failed(case, provider, exc, label):
+        if isinstance(exc, C.Skip):
+            run.skip(case.suite, provider.name, str(exc))
+            return
+        text = str(exc).strip()
+        msg = f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+        run.errors.append({"suite": case.suite, "case": case.name, "pass": case.pass_,
+                           "layer": case.layer, "provider": provider.name, "error": msg,
+                           "traceback": "".join(traceback.format_exception(
+                               type(exc), exc, exc.__traceback__, limit=6))})
+        progress.write(f"[fusedres-bench] error in {label}: {msg}")
+
+    def add_row(case, provider, m, peak, retained):
+        row = _row(case, provider, m, s, copy.get("gbps"), commit)
+        row["peak_mem_bytes"], row["peak_mem_kind"] = peak
+        if retained is not None:  # blocks, training step: kept for backward
+            row["retained_bytes"], row["retained_kind"] = retained
+        run.rows.append(row)
+
+    def save():
+        if args.json:  # partial results survive a kill
+            _speedups(run.rows)
+            report.write_json(_result(run, machine, settings, copy, False), args.json)
+
+    def label_of(case, provider):
+        return f"{case.suite} {case.name} {case.pass_} {case.layer} / {provider.name}"
+
+    def over_budget(case, provider):
+        if args.time_budget is not None and time.perf_counter() - t0 > args.time_budget:
+            run.skip(case.suite, provider.name, f"time budget of {args.time_budget:.0f} s spent")
+            return True
+        return False
+
+    def memory_of(case, fn):
+        """(peak, retained) of ``fn``, its first (warm-up) call included."""
+        peak = timing.peak_memory(fn, device) if case.peak_memory else (None, None)
+        retained = (timing.retained_bytes(fn.forward, device)
+                    if hasattr(fn, "forward") else None)
+        return peak, retained
+
+    def one_by_one(case):
+        """GPU: each provider alone (CUDA events, graphs; its memory peak when warm)."""
         for provider in providers:
-            label = f"{case.suite} {case.name} {case.pass_} {case.layer} / {provider.name}"
-            progress.update(label)
-            if args.time_budget is not None and time.perf_counter() - t0 > args.time_budget:
-                run.skip(case.suite, provider.name,
-                         f"time budget of {args.time_budget:.0f} s spent")
+            progress.update(label_of(case, provider))
+            if over_budget(case, provider):
                 continue
             fn = None
             try:
                 fn = case.make(provider)
-                peak = (None, None)
-                if case.peak_memory and device.type == "cpu":  # on the warm-up call
-                    peak = timing.peak_memory(fn, device)
                 m = timing.measure(fn, device, quick=args.quick,
-                                   use_graph=not args.no_graph and not provider.own_graphs,
-                                   warm=case.peak_memory)
-                if case.peak_memory and device.type == "cuda":  # warm: no autotuning in it
-                    peak = timing.peak_memory(fn, device)
-                row = _row(case, provider, m, s, copy.get("gbps"), commit)
-                row["peak_mem_bytes"], row["peak_mem_kind"] = peak
-                if hasattr(fn, "forward"):  # blocks, training step: kept for backward
-                    row["retained_bytes"], row["retained_kind"] = timing.retained_bytes(
-                        fn.forward, device)
-                run.rows.append(row)
-            except C.Skip as sk:
-                run.skip(case.suite, provider.name, str(sk))
+                                   use_graph=not args.no_graph and not provider.own_graphs)
+                add_row(case, provider, m, *memory_of(case, fn))
             except Exception as exc:
-                text = str(exc).strip()
-                msg = f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
-                run.errors.append({"suite": case.suite, "case": case.name, "pass": case.pass_,
-                                   "layer": case.layer, "provider": provider.name,
-                                   "error": msg, "traceback": traceback.format_exc(limit=6)})
-                progress.write(f"[fusedres-bench] error in {label}: {msg}")
+                failed(case, provider, exc, label_of(case, provider))
             finally:
                 del fn
                 _cleanup(device)
-            if args.json:  # partial results survive a kill
-                _speedups(run.rows)
-                report.write_json(_result(run, machine, settings, copy, False), args.json)
+            save()
+
+    def interleaved(case):
+        """CPU: each provider's memory alone (peak RSS counts everything resident), then
+        all of them built again and timed block by block in turn (timing.time_cpu_interleaved):
+        ratios between rows of one case are measured under the same conditions."""
+        memory = {}
+        for provider in providers:
+            progress.update(label_of(case, provider))
+            if over_budget(case, provider):
+                continue
+            fn = None
+            try:
+                fn = case.make(provider)
+                memory[provider.name] = memory_of(case, fn)
+            except Exception as exc:
+                failed(case, provider, exc, label_of(case, provider))
+            finally:
+                del fn
+                _cleanup(device)
+        fns = {}
+        for provider in providers:
+            if provider.name in memory:
+                try:
+                    fns[provider.name] = case.make(provider)
+                except Exception as exc:
+                    failed(case, provider, exc, label_of(case, provider))
+        if fns:
+            progress.write(f"[fusedres-bench] timing {case.suite} {case.name} {case.pass_} "
+                           f"{case.layer}: {len(fns)} providers interleaved")
+        min_time = float(os.environ.get("FUSEDRES_BENCH_CPU_MIN_TIME",
+                                        0.1 if args.quick else 0.5))
+        got, errors = timing.time_cpu_interleaved(fns, min_run_time=min_time)
+        fns.clear()
+        _cleanup(device)
+        for provider in providers:
+            if provider.name in got:
+                add_row(case, provider, got[provider.name], *memory[provider.name])
+            elif provider.name in errors:
+                failed(case, provider, errors[provider.name], label_of(case, provider))
+        save()
+
+    # Case by case. On CPU the providers of a case are timed interleaved, block by block;
+    # on GPU back to back (each with its own warm-up, graph capture and L2 flushes).
+    for case in all_cases:
+        (interleaved if device.type == "cpu" else one_by_one)(case)
     progress.close()
 
     order = {c.key: i for i, c in enumerate(all_cases)}

@@ -147,27 +147,80 @@ def time_cpu(fn: Callable[[], object], *, min_run_time: float = 0.5, min_blocks:
     of several blocks resists a machine shared with other work better than
     ``blocked_autorange``'s single block for slow calls.
     """
+    got, errors = time_cpu_interleaved({"fn": fn}, min_run_time=min_run_time,
+                                       min_blocks=min_blocks, max_run_time=max_run_time,
+                                       warm=warm)
+    if errors:
+        raise errors["fn"]
+    return got["fn"]
+
+
+def time_cpu_interleaved(fns: dict, *, min_run_time: float = 0.5, min_blocks: int = 5,
+                         max_run_time: Optional[float] = None, warm: bool = False
+                         ) -> tuple[dict, dict]:
+    """``time_cpu`` for several callables at once, their blocks in turn (round by round,
+    every callable one block per round), so that a machine whose speed drifts (a shared
+    VM, clocks, page-cache state) shifts all of them alike and a ratio between two of them
+    means what it says; timed back to back instead, a few percent of drift between two
+    rows is enough to invert a small speedup. Returns ``({name: Measurement}, {name:
+    exception})``: a callable that raises is dropped from the rounds, the others go on.
+    """
     from torch.utils.benchmark import Timer
 
+    errors: dict = {}
+    alive = dict(fns)
+
+    def guarded(name, call):
+        try:
+            return call()
+        except Exception as exc:  # reported per callable by the caller
+            errors[name] = exc
+            alive.pop(name, None)
+            return None
+
     if not warm:
-        fn()  # warm-up: first-call allocation, lazy init, compilation
+        for name, fn in list(alive.items()):
+            guarded(name, fn)  # warm-up: first-call allocation, lazy init, compilation
     max_run_time = max(max_run_time or 4 * min_run_time, min_run_time)
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    faults0 = _minor_faults()
-    first = timer.timeit(1).mean
-    number = 1 if first >= 1e-3 else max(1, int(1e-3 / max(first, 1e-7)))
-    times, total, calls = ([first] if number == 1 else []), first, 1
-    while not ((len(times) >= min_blocks and total >= min_run_time)
-               or (len(times) >= MIN_CPU_SAMPLES and total >= max_run_time)):
-        t = timer.timeit(number).mean
-        times.append(t)
-        total += t * number
-        calls += number
-    m = _summary(times, "torch.utils.benchmark")
-    faults1 = _minor_faults()
-    if faults0 is not None and faults1 is not None:
-        m.page_faults_per_call = (faults1 - faults0) / calls
-    return m
+    timers, number, times, total, calls, faults = {}, {}, {}, {}, {}, {}
+
+    def block(name, n):
+        f0 = _minor_faults()
+        t = guarded(name, lambda: timers[name].timeit(n).mean)
+        f1 = _minor_faults()
+        if t is not None:
+            calls[name] = calls.get(name, 0) + n
+            total[name] = total.get(name, 0.0) + t * n
+            if f0 is not None and f1 is not None:
+                faults[name] = faults.get(name, 0) + f1 - f0
+        return t
+
+    for name in list(alive):
+        timers[name] = Timer(stmt="fn()", globals={"fn": alive[name]},
+                             num_threads=torch.get_num_threads())
+        first = block(name, 1)
+        if first is not None:
+            number[name] = 1 if first >= 1e-3 else max(1, int(1e-3 / max(first, 1e-7)))
+            times[name] = [first] if number[name] == 1 else []
+
+    def done(name):
+        k, spent = len(times[name]), total[name]
+        return ((k >= min_blocks and spent >= min_run_time)
+                or (k >= MIN_CPU_SAMPLES and spent >= max_run_time))
+
+    while any(not done(name) for name in alive):
+        for name in list(alive):  # a round: every callable, finished or not
+            t = block(name, number[name])
+            if t is not None:
+                times[name].append(t)
+    out = {}
+    for name in alive:
+        m = _summary(times[name], "torch.utils.benchmark"
+                     + (f", interleaved with {len(fns) - 1} other(s)" if len(fns) > 1 else ""))
+        if name in faults:
+            m.page_faults_per_call = faults[name] / calls[name]
+        out[name] = m
+    return out, errors
 
 
 def _minor_faults() -> Optional[int]:
