@@ -393,8 +393,9 @@ def run_suites(args, suites: list) -> dict:
                     if hasattr(fn, "forward") else None)
         return peak, retained
 
-    def one_by_one(case):
-        """GPU: each provider alone (CUDA events, graphs; its memory peak when warm)."""
+    def each_provider(case, work):
+        """``work(provider, fn)`` for each provider of ``case`` with a fresh ``fn``, one at
+        a time (progress, time budget, errors reported, ``fn`` freed after)."""
         for provider in providers:
             progress.update(label_of(case, provider))
             if over_budget(case, provider):
@@ -402,34 +403,29 @@ def run_suites(args, suites: list) -> dict:
             fn = None
             try:
                 fn = case.make(provider)
-                m = timing.measure(fn, device, quick=args.quick,
-                                   use_graph=not args.no_graph and not provider.own_graphs)
-                add_row(case, provider, m, *memory_of(case, fn))
+                work(provider, fn)
             except Exception as exc:
                 failed(case, provider, exc, label_of(case, provider))
             finally:
                 del fn
                 _cleanup(device)
+
+    def one_by_one(case):
+        """GPU: each provider alone (CUDA events, graphs; its memory peak when warm)."""
+        def work(provider, fn):
+            m = timing.measure(fn, device, quick=args.quick,
+                               use_graph=not args.no_graph and not provider.own_graphs)
+            add_row(case, provider, m, *memory_of(case, fn))
             save()
+        each_provider(case, work)
 
     def interleaved(case):
         """CPU: each provider's memory alone (peak RSS counts everything resident), then
         all of them built again and timed block by block in turn (timing.time_cpu_interleaved):
         ratios between rows of one case are measured under the same conditions."""
         memory = {}
-        for provider in providers:
-            progress.update(label_of(case, provider))
-            if over_budget(case, provider):
-                continue
-            fn = None
-            try:
-                fn = case.make(provider)
-                memory[provider.name] = memory_of(case, fn)
-            except Exception as exc:
-                failed(case, provider, exc, label_of(case, provider))
-            finally:
-                del fn
-                _cleanup(device)
+        each_provider(case, lambda provider, fn: memory.__setitem__(provider.name,
+                                                                    memory_of(case, fn)))
         fns = {}
         for provider in providers:
             if provider.name in memory:
