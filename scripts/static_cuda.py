@@ -68,6 +68,9 @@ TARGET_DTYPES = ("float", "__nv_bfloat16")  # issue 12: fp32 and bf16 (others re
 KNOWN_OVER: dict[str, str] = {}
 BLEND_S = 49  # the plane size the two kPlanesPath loops are blended at (7x7, ResNet-50)
 SMS, REGS_PER_SM, THREADS_PER_SM = 132, 65536, 2048
+# reduce_inner at 7x7x512, batch 64: ~13 KiB/SM of loads in flight give 85% of H100's
+# copy bandwidth (issue 12, finding 5)
+MIN_KIB_IN_FLIGHT = 13
 COMMAND = "python scripts/static_cuda.py"
 
 
@@ -377,13 +380,18 @@ def analyse(cu_files, nvcc, cuobjdump):
 
 def reduce_inner_in_flight(row, n, c, s, elem_bytes, min_steps=None):
     """Bytes in flight per SM of reduce_inner on an (n, c, s) channels-last tensor: the
-    launcher's grid (launch_reduce) times the row's bytes before the first use."""
+    launcher's grid (launch_reduce) times the row's bytes before the first use.
+    ``min_steps``: the least steps per thread (default: bn_kernels.cu's min_steps_inner)."""
     src = open(os.path.join(ROOT, "csrc", "cuda", "bn_kernels.cu")).read()
     get = lambda name: int(re.search(rf"constexpr int(?:64_t)? {name} = (\d+);", src).group(1))  # noqa
     threads, krows, target = get("kThreads"), get("kRows"), get("kTargetBlocks")
-    if min_steps is None:  # the channels-inner traversal's own minimum, if it has one
-        inner = re.search(r"kMinStepsInner = (\d+);", src)
-        min_steps = int(inner.group(1)) if inner else get("kMinSteps")
+    if min_steps is None:  # min_steps_inner(MODE, sizeof(T)), read from its source
+        rule = re.search(r"return mode == kStats && elem_bytes < (\d+) \? (\d+) : "
+                         r"kMinStepsInner;", src)
+        assert rule, "min_steps_inner in bn_kernels.cu changed: update this replica"
+        mode = int(row["kernel"].split("<")[1].split(",")[1])
+        small = mode == 0 and elem_bytes < int(rule.group(1))
+        min_steps = int(rule.group(2)) if small else get("kMinStepsInner")
     v = 16 // elem_bytes
     groups = math.ceil(c / v)
     tx = 1
@@ -406,9 +414,19 @@ def reduce_inner_in_flight(row, n, c, s, elem_bytes, min_steps=None):
 
 # ---- output --------------------------------------------------------------------------------
 
+def small_shape_in_flight(rows, min_steps=None):
+    """reduce_inner's loads in flight at the small shape of issue 12 point 5 (7x7x512,
+    batch 64), one entry per targeted reduce_inner kernel."""
+    return [{"kernel": r["kernel"], **reduce_inner_in_flight(
+                r, 64, 512, 49, 2 if "bfloat16" in r["kernel"] else 4, min_steps)}
+            for r in rows if r["kernel"].startswith("reduce_inner_kernel") and r.get("target")]
+
+
 def check(rows):
     """Broken targets, as messages."""
-    bad = []
+    bad = [f"{e['kernel']}: {e['kib_per_sm']} KiB/SM of loads in flight at {e['shape']} "
+           f"(< {MIN_KIB_IN_FLIGHT})" for e in small_shape_in_flight(rows)
+           if e["kib_per_sm"] < MIN_KIB_IN_FLIGHT]
     for r in rows:
         if r.get("spill_bytes") and r["target"]:
             bad.append(f"{r['kernel']}: {r['spill_bytes']} bytes of spills")
@@ -450,7 +468,8 @@ def markdown(rows, extra):
                   "Bytes of loads a thread issues before its first wait, times the threads "
                   "resident per SM for the launcher's grid on 132 SMs (figures from the "
                   "launcher's formulas; ~13 KiB/SM is needed for 85% of copy bandwidth on "
-                  "H100, ~1.4x that on H200).", "",
+                  f"H100, ~1.4x that on H200; target, checked: every row >= "
+                  f"{MIN_KIB_IN_FLIGHT}).", "",
                   "| kernel | (N, C, S) | blocks | threads/SM | KiB/SM |", "|---|---|---|---|---|"]
         for e in extra:
             lines.append(f"| `{e['kernel']}` | {tuple(e['shape'])} | {e['blocks']} | "
@@ -492,11 +511,7 @@ def main(argv=None):
         return 2
     cu_files = sorted(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cu"), recursive=True))
     rows = analyse(cu_files, nvcc, cuobjdump)
-    extra = []
-    for r in rows:  # the small-shape case of issue 12 point 5: 7x7x512, batch 64
-        if r["kernel"].startswith("reduce_inner_kernel") and r.get("target"):
-            e = reduce_inner_in_flight(r, 64, 512, 49, 2 if "bfloat16" in r["kernel"] else 4)
-            extra.append({"kernel": r["kernel"], **e})
+    extra = small_shape_in_flight(rows)
     if not args.no_write:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "cuda.json"), "w") as f:

@@ -60,3 +60,14 @@ def test_planes_boundary_pass_reported(rows):
     assert len(planes) == 10
     assert all(r.get("other_loop_instr_per_element", 0) > r["instr_per_element"]
                for r in planes)
+
+
+def test_small_shape_reductions_keep_enough_in_flight(rows):
+    # Issue 12 finding 5: reduce_inner at 7x7x512 (batch 64) keeps >= 13 KiB/SM of loads in
+    # flight in every mode and type (the launcher's grid: min_steps_inner). The figure can
+    # fail: with 4 steps per thread (the old grid) the bf16 statistics fall under it.
+    entries = static_cuda.small_shape_in_flight(rows)
+    assert len(entries) == 8 and static_cuda.check(rows) == []
+    assert min(e["kib_per_sm"] for e in entries) >= static_cuda.MIN_KIB_IN_FLIGHT
+    old = static_cuda.small_shape_in_flight(rows, min_steps=4)
+    assert any(e["kib_per_sm"] < static_cuda.MIN_KIB_IN_FLIGHT for e in old)

@@ -50,12 +50,16 @@ constexpr int64_t kTargetBlocks = 2048;  // reduction blocks aimed at (shape-onl
 constexpr int64_t kMinSteps = 4;         // least steps per thread before splitting further
 // The channels-inner reductions at small shapes (7x7x512, batch 64): 4 steps per thread
 // left ~12 KiB of loads in flight per SM, under the ~13 KiB (H100) to ~18 KiB (H200) that
-// near-copy bandwidth needs; 2 steps give twice the blocks.
+// near-copy bandwidth needs; 2 steps give twice the blocks. A 16-bit statistics thread
+// loads half the bytes per step of the others (one tensor, 2-byte elements): 1 step.
 constexpr int64_t kMinStepsInner = 2;
 constexpr int64_t kMaxGridY = 65535;
 constexpr int kBlocksPerSm = 8;          // elementwise grid: blocks per SM (grid-stride beyond)
 
 enum Mode { kStats = 0, kBackward = 1 };
+constexpr int64_t min_steps_inner(int mode, size_t elem_bytes) {
+  return mode == kStats && elem_bytes < 4 ? 1 : kMinStepsInner;
+}
 
 // Resident 256-thread blocks per SM asked of the elementwise kernels: 4 (<= 64 registers,
 // half the SM's threads) keeps enough bytes in flight; double needs more registers.
@@ -1364,7 +1368,8 @@ void launch_reduce(ReduceArgs<T> a, Shape3 sh, acc_t<T>* out_a, acc_t<T>* out_b,
     const int ty = kThreads / tx;
     const int64_t gx = ceil_div(groups, tx);
     const int64_t rows_per_step = static_cast<int64_t>(ty) * kRows;
-    P = std::min(ceil_div(kTargetBlocks, gx), ceil_div(M, rows_per_step * kMinStepsInner));
+    P = std::min(ceil_div(kTargetBlocks, gx),
+                 ceil_div(M, rows_per_step * min_steps_inner(MODE, esz)));
     P = std::max<int64_t>(1, std::min(P, kMaxGridY));
     a.per_part = ceil_div(M, P);
     P = ceil_div(M, a.per_part);

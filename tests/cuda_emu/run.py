@@ -33,7 +33,9 @@ F32_BF16, F32_F16 = [torch.float32, torch.bfloat16], [torch.float32, torch.float
 MIXED = [("nchw", "cl"), ("cl", "nchw"), ("cl", "strided")]
 
 GROUPS = {
-    "stats": [(T.test_bn_stats, [D, L, SHAPES])],
+    "stats": [(T.test_bn_stats, [D, L, SHAPES]),
+              # several row partitions (16-bit statistics take 1 step per thread, 32-bit 2)
+              (T.test_bn_stats, [D, ["nchw", "cl"], ODD + [(4, 64, 300)]])],
     "apply": [
         (T.test_bn_apply_relu_mask, [D, L, SHAPES, [False, True]]),
         (T.test_bn_apply_variants, [D, ["nchw", "cl", "strided"],
