@@ -191,6 +191,9 @@ def _providers(names: str, device):
         if name == "eager":
             out.append(C.Provider("eager", "eager"))
             continue
+        if name == "tuned":  # convert + fusedres.tune on the case's input (train only)
+            out.append(C.Provider("fusedres-tuned", "tuned"))
+            continue
         prov = f"fusedres-{name}"
         if name not in avail:
             why = f"backend not available here (available: {avail})"

@@ -47,7 +47,8 @@
 # checks.log checks.xml ops.jsonl conv.jsonl train.jsonl. Commit that folder under
 # benchmarks/results/ and run `bash scripts/gpu_run.sh report`.
 #
-# Knobs: PYTHON (python3), DEADLINE_S, STAGES (comma-separated subset of facts,build,
+# Knobs: PYTHON (python3), DEADLINE_S, MAX_<STAGE> (a stage's own maximum in s, e.g.
+# MAX_TRAIN=200), STAGES (comma-separated subset of facts,build,
 # smoke,doctor,tests,ops,conv,train; e.g. STAGES=ops,conv for a second call on a machine
 # that already built), FUSEDRES_BENCH_BATCH (256), FUSEDRES_BENCH_DTYPE (bfloat16),
 # OPS_PROVIDERS / CONV_PROVIDERS / TRAIN_PROVIDERS (eager and fusedres backends, e.g.
@@ -100,12 +101,16 @@ else
     DEADLINE_S=${DEADLINE_S:-450}
     unset TRITON_INTERPRET  # never test or time the interpreter on a GPU machine
     DRYFLAG=()
-    declare -A MAX=([facts]=45 [build]=300 [smoke]=150 [doctor]=30 [tests]=90 [ops]=120
+    declare -A MAX=([facts]=45 [build]=300 [smoke]=150 [doctor]=120 [tests]=90 [ops]=120
                     [conv]=90 [train]=120)
     declare -A MIN=([facts]=10 [build]=60 [smoke]=30 [doctor]=10 [tests]=30 [ops]=40
                     [conv]=30 [train]=60)
     FINAL_S=15 KILL_S=10 MARGIN_S=15
 fi
+for s in facts build smoke doctor tests ops conv train; do  # MAX_TRAIN=200 etc. override
+    knob="MAX_${s^^}"
+    [ -n "${!knob:-}" ] && MAX[$s]=${!knob}
+done
 BENCH_ARGS=()
 [ -n "${FUSEDRES_BENCH_BATCH:-}" ] && BENCH_ARGS+=(--batch "$FUSEDRES_BENCH_BATCH")
 [ -n "${FUSEDRES_BENCH_DTYPE:-}" ] && BENCH_ARGS+=(--dtype "$FUSEDRES_BENCH_DTYPE")
@@ -244,7 +249,7 @@ fi
 # (c) doctor, then the CUDA kernel tests
 if stage_begin doctor; then
     if timeout 60 "$PY" -m fusedres.bench doctor --help > /dev/null 2>&1; then
-        stage_run doctor "$RES/checks.log" "$PY" -m fusedres.bench doctor
+        stage_run doctor "$RES/checks.log" "$PY" -m fusedres.bench doctor --verbose
         tail -n 5 "$RES/checks.log" | sed 's/^/    doctor: /'
     else
         record doctor skipped null 0 "$CAP" "fusedres-bench has no doctor subcommand here"

@@ -544,7 +544,7 @@ def _tuned(module: torch.nn.Module, s: Settings, provider: Provider, x: torch.Te
     import fusedres
 
     with _autocast(s):
-        return fusedres.tune(module, x, verbose=False)
+        return fusedres.tune(module, x, verbose=None)  # one summary line: what it cost
 
 
 def _prepare_module(module: torch.nn.Module, s: Settings, provider: Provider):

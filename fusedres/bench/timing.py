@@ -258,6 +258,16 @@ def copy_bandwidth(device: torch.device, quick: bool = False) -> tuple[float, Me
     n = nbytes // 4
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_(-1, 1)
     dst = torch.empty_like(src)
+    if device.type == "cuda":
+        # Copy for half a second first: an idle GPU's clocks ramp up over that time, and
+        # the timer's 25 ms warm-up measured an H200 at 2.76 TB/s, under what the BN
+        # kernels timed right after it reached (2026-12-04 run)
+        torch.cuda.synchronize()
+        t_end = time.perf_counter() + 0.5
+        while time.perf_counter() < t_end:
+            for _ in range(20):
+                dst.copy_(src)
+            torch.cuda.synchronize()
     m = measure(lambda: dst.copy_(src), device, quick=quick, flush_l2=False)
     moved = copy_bytes(n, torch.float32)
     del src, dst
