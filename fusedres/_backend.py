@@ -5,7 +5,14 @@ device (never by timing, never the Triton interpreter unless asked for by name):
 
     device   auto picks, in order        also accepted by name
     cpu      cpu, reference              triton (only under TRITON_INTERPRET=1)
-    cuda     cuda, triton, reference
+    cuda     triton, cuda, reference
+
+On CUDA the Triton BN kernels come first because they were measured faster: on an H200
+(bf16, channels_last, batch 256, every ResNet-50 BN shape; benchmarks/results/
+h200-2026-12-04/ops.jsonl) they ran 1.29-3.46x eager on all 32 rows, the CUDA C++ kernels
+0.56-2.72x (slower than eager at 7x7 and 14x14, where their reductions are slow).
+Convs are not chosen here: untuned, every conv is F.conv2d (cuDNN), whatever the BN
+backend (``fusedres.nn.conv_choice``).
 
 Nothing here queries the GPU at import time.
 """
@@ -110,7 +117,7 @@ def backend_supports(backend: str, device: torch.device) -> bool:
     return False
 
 
-_AUTO = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+_AUTO = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 
 
 def resolve_backend(device: torch.device, backend: str = "auto") -> str:

@@ -640,8 +640,8 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
     result has the same state_dict keys and values and computes the same function.
     ``backend`` is passed to every fused call (``"auto"``: chosen per call from the
     tensors' device). Where a BN-ReLU's output only feeds a conv and that conv runs on
-    Triton (``backend="triton"``, or ``"auto"`` on CUDA), the BN-ReLU is applied in the
-    conv's prologue and its output never exists. ``memory_saving=True``: at such a site
+    Triton (``backend="triton"``, or a plan ``fusedres.tune`` chose), the BN-ReLU is
+    applied in the conv's prologue and its output never exists. ``memory_saving=True``: at such a site
     off the Triton path, the BN-ReLU output is not kept for backward but recomputed from
     the BN input (``torch.utils.checkpoint`` around BN-ReLU-conv; running statistics are
     updated once).

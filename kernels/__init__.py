@@ -16,3 +16,18 @@ def device_guard(t: torch.Tensor):
     if t.device.type != "cuda":
         return contextlib.nullcontext()
     return torch.cuda.device(t.device)
+
+
+def autotune(configs, key, **kwargs):
+    """``triton.autotune`` with its choices kept on disk where this Triton can
+    (``cache_results``, Triton >= 3.3): each new shape is benchmarked once per machine
+    rather than once per process -- a ResNet-50's first training step otherwise re-times
+    every BN and conv kernel family at every layer shape -- and a second process runs the
+    configs the first one picked (the same bits, not a fresh timing-based choice)."""
+    import inspect
+
+    import triton
+
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        kwargs.setdefault("cache_results", True)
+    return triton.autotune(configs=configs, key=key, **kwargs)

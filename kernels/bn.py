@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.kernels import device_guard
+from fusedres.kernels import autotune, device_guard
 from fusedres.reference import acc_dtype, empty_ncs
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -105,7 +105,7 @@ def _autotune(configs, key):
     and the launcher passes the fixed config of _INTERPRETER_CONFIGS."""
     if _INTERPRET:
         return lambda fn: fn
-    return triton.autotune(configs=configs(), key=key)
+    return autotune(configs(), key)
 
 
 _FAMILY_CONFIGS = {"elementwise": _elementwise_configs, "reduce": _reduce_configs,

@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.kernels import device_guard
+from fusedres.kernels import autotune, device_guard
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -502,12 +502,12 @@ if INTERPRET:
     _wgrad_run = _conv_wgrad_kernel
 else:
     # keyed on the GEMM shape (plus the mode switches, so fwd and dgrad tune apart)
-    _conv_run = triton.autotune(
+    _conv_run = autotune(
         configs=_configs(_union(_CONV_TILES)),
         key=["GEMM_M", "GEMM_N", "GEMM_K", "TRANSPOSED", "PROLOGUE", "STATS", "DRELU"],
         prune_configs_by={"early_config_prune": _conv_prune},
     )(_conv_kernel)
-    _wgrad_run = triton.autotune(
+    _wgrad_run = autotune(
         configs=_configs(_union(_WGRAD_TILES), group_m=False),
         key=["GEMM_M", "GEMM_N", "GEMM_K", "K_PER_SPLIT", "TAP_N", "DBN", "PROLOGUE"],
         prune_configs_by={"early_config_prune": _wgrad_prune},

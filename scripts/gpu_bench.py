@@ -17,9 +17,10 @@ any point (its budget, SIGINT, SIGKILL) leaves what it measured:
 * conv: the forward of every distinct ResNet-50 conv, the Triton conv against cuDNN
   (``F.conv2d``), TFLOP/s.
 * train: one ResNet-50 training step (forward, backward, SGD; autocast to the dtype,
-  channels_last), eager against ``fusedres.convert(model, backend=B)``: ``cuda`` is the
-  fused BN CUDA kernels with cuDNN convs (``--providers eager,cuda,triton`` adds the
-  Triton BN kernels with the Triton conv where a BN-ReLU feeds a conv). torchvision's model when it imports, else
+  channels_last), eager against ``fusedres.convert(model, backend=B)``: ``auto`` (the
+  default: Triton BN kernels, cuDNN convs), ``cuda`` (CUDA C++ BN kernels, cuDNN convs),
+  ``tuned`` (``auto`` plus ``fusedres.tune`` on the step's input); ``triton`` also runs
+  the Triton conv where a BN-ReLU feeds a conv. torchvision's model when it imports, else
   ``fusedres.bench.resnet50`` (same structure and state_dict keys).
 
 The cases, providers, timers and row format are fusedres-bench's (``fusedres/bench``):
@@ -51,9 +52,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# The train stage leaves out triton by default: its Triton convs autotune every ResNet-50
-# conv shape forward and backward, minutes of compiling that one call cannot spare.
-DEFAULT_PROVIDERS = {"ops": "eager,cuda,triton", "conv": "eager,triton", "train": "eager,cuda"}
+# The train stage times backend "auto" (the Triton BN kernels, cuDNN convs), not "triton":
+# a model converted with backend="triton" also runs every conv in Triton (0.25-1.02x cuDNN
+# on the H200, 2026-12-04), and autotuning those convs forward and backward took longer
+# than one call can spare. "tuned" (convert + fusedres.tune) last: the budget may cut it.
+DEFAULT_PROVIDERS = {"ops": "eager,cuda,triton", "conv": "eager,triton",
+                     "train": "eager,auto,cuda,tuned"}
 DRY_PROVIDERS = {"ops": "eager,cpu,triton", "conv": "eager,triton", "train": "eager,cpu"}
 
 # Packages this run may lack on a bare GPU image, and what a missing one costs here.
@@ -193,6 +197,9 @@ def _providers(names: str, device):
             continue
         if name == "tuned":  # convert + fusedres.tune on the case's input (train only)
             out.append(C.Provider("fusedres-tuned", "tuned"))
+            continue
+        if name == "auto":  # convert's default: the BN backend auto picks, cuDNN convs
+            out.append(C.Provider("fusedres-auto", "fusedres", backend="auto"))
             continue
         prov = f"fusedres-{name}"
         if name not in avail:

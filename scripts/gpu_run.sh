@@ -51,8 +51,8 @@
 # MAX_TRAIN=200), STAGES (comma-separated subset of facts,build,
 # smoke,doctor,tests,ops,conv,train; e.g. STAGES=ops,conv for a second call on a machine
 # that already built), FUSEDRES_BENCH_BATCH (256), FUSEDRES_BENCH_DTYPE (bfloat16),
-# OPS_PROVIDERS / CONV_PROVIDERS / TRAIN_PROVIDERS (eager and fusedres backends, e.g.
-# TRAIN_PROVIDERS=eager,cuda,triton; defaults in scripts/gpu_bench.py).
+# OPS_PROVIDERS / CONV_PROVIDERS / TRAIN_PROVIDERS (eager, auto, tuned and fusedres
+# backends, e.g. TRAIN_PROVIDERS=eager,auto,cuda; defaults in scripts/gpu_bench.py).
 # Not assumed on the machine: torchvision (the repository's ResNet-50 is used), ninja (the
 # build is then serial), timm, pytest-benchmark; pytest is needed for the tests stage.
 set -uo pipefail

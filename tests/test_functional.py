@@ -328,6 +328,21 @@ def test_auto_never_picks_interpreter_or_plumbing():
     assert "reference_primitives" not in fusedres.available_backends()
 
 
+def test_auto_on_cuda_prefers_triton_then_cuda(monkeypatch):
+    """auto's CUDA order (Triton, measured faster on an H200, then the CUDA C++ kernels,
+    then the reference), whatever this machine has."""
+    from fusedres import _backend
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(_backend, "has_triton", lambda: True)
+    monkeypatch.setattr(_backend, "has_cuda_kernels", lambda: True)
+    assert _backend._resolve(cuda, "auto") == "triton"
+    monkeypatch.setattr(_backend, "has_triton", lambda: False)
+    assert _backend._resolve(cuda, "auto") == "cuda"
+    monkeypatch.setattr(_backend, "has_cuda_kernels", lambda: False)
+    assert _backend._resolve(cuda, "auto") == "reference"
+
+
 def test_resolve_table_is_the_resolution():
     """The looked-up answers of resolve_backend are what resolving gives, for every device
     type and name (string or torch.device), and what cannot run still raises."""
