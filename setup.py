@@ -54,17 +54,16 @@ if with_cuda and not gpu_visible:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
 cxx_flags = ["-O3"]  # torch adds the C++ standard it needs (c++17 or c++20)
-if sys.platform.startswith("linux"):
-    cxx_flags.append("-fopenmp")
-extra = {"cxx": cxx_flags}
 link_flags = ["-fopenmp"]
 if sys.platform.startswith("linux"):
+    cxx_flags.append("-fopenmp")
     # libstdc++ from the shared library, even where the compiler driver links it statically
     # (a g++ wrapper adding -static-libstdc++, as on the H200 image of 2026-12-04): a second,
     # static copy in _C beside the one torch loads breaks std::ostream's locale facets, so
     # every error message that prints a number crashed the process there (or lost the
     # number). Named before the driver's own -lstdc++, the shared one resolves everything.
     link_flags += ["-Wl,--push-state,--no-as-needed", "-lstdc++", "-Wl,--pop-state"]
+extra = {"cxx": cxx_flags}
 include_dirs = [os.path.join(here, "csrc")]
 if with_cuda:
     # cusparse.h and friends (needed by ATen/cuda/CUDAContext.h) ship in torch's

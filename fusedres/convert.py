@@ -641,9 +641,9 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
     ``backend`` is passed to every fused call (``"auto"``: chosen per call from the
     tensors' device). Where a BN-ReLU's output only feeds a conv and that conv runs on
     Triton (``backend="triton"``, or a plan ``fusedres.tune`` chose), the BN-ReLU is
-    applied in the conv's prologue and its output never exists. ``memory_saving=True``: at such a site
-    off the Triton path, the BN-ReLU output is not kept for backward but recomputed from
-    the BN input (``torch.utils.checkpoint`` around BN-ReLU-conv; running statistics are
+    applied in the conv's prologue and its output never exists. ``memory_saving=True``: at
+    such a site off the Triton path, the BN-ReLU output is not kept for backward but
+    recomputed from the BN input (``torch.utils.checkpoint`` around BN-ReLU-conv; running statistics are
     updated once).
     ``sync_bn=True`` (over the default group) or ``process_group=pg``: every BatchNorm2d
     normalises with the statistics of the global batch across processes in training, as

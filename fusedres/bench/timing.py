@@ -234,11 +234,15 @@ def _minor_faults() -> Optional[int]:
 
 def measure(fn: Callable[[], object], device: torch.device, *, quick: bool = False,
             use_graph: bool = True, flush_l2: bool = True,
-            cpu_min_run_time: Optional[float] = None, warm: bool = False) -> Measurement:
+            cpu_min_run_time: Optional[float] = None, warm: bool = False,
+            gpu_warmup_ms: Optional[float] = None) -> Measurement:
     """Time ``fn`` on ``device``; ``warm``: it has been called already (CPU: skip the
-    warm-up call; the GPU timer always warms up, as capture needs)."""
+    warm-up call; the GPU timer always warms up, as capture needs, for ``gpu_warmup_ms``:
+    default 25, 10 with ``quick``)."""
     if device.type == "cuda":
-        return time_cuda(fn, warmup_ms=10.0 if quick else 25.0, rep_ms=40.0 if quick else 100.0,
+        if gpu_warmup_ms is None:
+            gpu_warmup_ms = 10.0 if quick else 25.0
+        return time_cuda(fn, warmup_ms=gpu_warmup_ms, rep_ms=40.0 if quick else 100.0,
                          use_graph=use_graph, flush_l2=flush_l2)
     if cpu_min_run_time is None:
         cpu_min_run_time = float(os.environ.get("FUSEDRES_BENCH_CPU_MIN_TIME",
@@ -258,17 +262,11 @@ def copy_bandwidth(device: torch.device, quick: bool = False) -> tuple[float, Me
     n = nbytes // 4
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_(-1, 1)
     dst = torch.empty_like(src)
-    if device.type == "cuda":
-        # Copy for half a second first: an idle GPU's clocks ramp up over that time, and
-        # the timer's 25 ms warm-up measured an H200 at 2.76 TB/s, under what the BN
-        # kernels timed right after it reached (2026-12-04 run)
-        torch.cuda.synchronize()
-        t_end = time.perf_counter() + 0.5
-        while time.perf_counter() < t_end:
-            for _ in range(20):
-                dst.copy_(src)
-            torch.cuda.synchronize()
-    m = measure(lambda: dst.copy_(src), device, quick=quick, flush_l2=False)
+    # GPU: copy for half a second before timing: an idle GPU's clocks ramp up over that
+    # time, and the usual 25 ms warm-up measured an H200 at 2.76 TB/s, under what the BN
+    # kernels timed right after it reached (2026-12-04 run)
+    m = measure(lambda: dst.copy_(src), device, quick=quick, flush_l2=False,
+                gpu_warmup_ms=500.0)
     moved = copy_bytes(n, torch.float32)
     del src, dst
     return moved / m.median_s / 1e9, m, moved
