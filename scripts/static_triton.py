@@ -18,12 +18,21 @@ the cubin is read with the tools shipped in the triton wheel (ptxas -v, cuobjdum
   instructions per element of the program);
 * tensor-core instructions (HGMMA = wgmma, HMMA = mma.sync) in the kernel;
 * 64-bit integer division (div/rem .s64/.u64 in the PTX: a ~84-instruction SASS routine
-  per use, called with CALL).
+  per use, called with CALL);
+* conv kernels (issue 21): cp.async copies (LDGSTS, by width) and their commit groups
+  (LDGDEPBAR) apart from LDG; TMA tile loads/stores (UTMALDG/UTMASTG); the HGMMA shapes;
+  HGMMA per hot-loop iteration and hot-loop SASS per HGMMA; the WARPGROUP.DEPBAR.LE
+  immediates in the hot loop (wgmma groups left in flight); integer div/rem of any
+  width (TTGIR and PTX) and CALL in the hot loop; ptxas warnings; and ``hopper_gaps``,
+  the figures by which a bf16 forward row misses issue 21's bar (HOPPER_BAR).
 
 Writes benchmarks/static/triton.json and triton.md (the table).  Regenerate with
 
     .venv/bin/python scripts/static_triton.py            # every specialisation (~15 min)
     .venv/bin/python scripts/static_triton.py --quick    # a representative subset
+    .venv/bin/python scripts/static_triton.py --only conv --keep-others  # conv rows only
+    .venv/bin/python scripts/static_triton.py --only conv --dtype bf16 --match fwd \
+        --out /tmp/x                                     # a few rows, elsewhere
 
 Run without TRITON_INTERPRET=1 (the interpreter replaces the compiler).  No GPU, driver
 or CUDA toolkit is needed beyond the triton wheel.  tests/test_static_triton.py compiles
@@ -92,6 +101,18 @@ class Result:
     hgmma: int = 0
     hmma: int = 0
     div64: int = 0
+    # cp.async / TMA / wgmma reading (issue 21); conv kernels only, 0/{} elsewhere
+    ldgsts: dict = field(default_factory=dict)  # cp.async by width in bits
+    ldgdepbar: int = 0  # cp.async commit groups (LDGDEPBAR), not loads
+    utmaldg: int = 0  # TMA tile loads (cp.async.bulk.tensor global -> shared)
+    utmastg: int = 0  # TMA tile stores
+    hgmma_shapes: dict = field(default_factory=dict)  # "64x128x16": count, whole kernel
+    loop_hgmma: int = 0  # HGMMA in the hot loop (one K step per iteration)
+    sass_per_hgmma: float = 0.0  # hot-loop SASS instructions / hot-loop HGMMA
+    wgmma_wait: list = field(default_factory=list)  # WARPGROUP.DEPBAR.LE immediates, loop
+    loop_div: int = 0  # integer div/rem (any width) in the hot loop: TTGIR + PTX
+    loop_calls: int = 0  # CALL in the hot loop (a division or other routine)
+    ptxas_warnings: list = field(default_factory=list)  # e.g. C7510 wgmma serialised
     compile_s: float = 0.0
     error: str = ""
 
@@ -131,15 +152,79 @@ def compile_kernel(fn, ptrs, consts, num_warps, num_stages=3, ints64=(), floats=
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-_LDG = re.compile(r"\b(LDG|STG)(?:\.E)?((?:\.[A-Z0-9_]+)*)")
+# LDG/STG only: cp.async (LDGSTS) and its commit (LDGDEPBAR) are counted apart
+_LDG = re.compile(r"\b(LDG|STG)\b(?:\.E)?((?:\.[A-Z0-9_]+)*)")
+_LDGSTS = re.compile(r"\bLDGSTS((?:\.[A-Z0-9_]+)*)")
+_HGMMA_SHAPE = re.compile(r"\bHGMMA\.(\d+x\d+x\d+)")
+_DEPBAR = re.compile(r"\bWARPGROUP\.DEPBAR\.LE\s+gsb0\s*,\s*(0x[0-9a-f]+)")
 _INSTR = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", re.M)
 
 
 def _width(mods: str) -> str:
+    """Access width in bits from the SASS modifiers (whole tokens: ``.LTC128B`` is a cache
+    hint, not a width); no width modifier means 32 bits."""
+    tokens = mods.split(".")
     for w in ("128", "64", "U16", "S16", "U8", "S8"):
-        if f".{w}" in mods:
+        if w in tokens:
             return w.lstrip("US")
     return "32"
+
+
+def _loops_by_line(lines, label_re, branch_re):
+    """(first, last) line ranges of the backward branches of a listing whose labels match
+    ``label_re`` (group 1 the name) and branches ``branch_re`` (group 1 the target)."""
+    where, loops = {}, []
+    for i, line in enumerate(lines):
+        m = re.match(label_re, line)
+        if m:
+            where[m.group(1)] = i
+        m = re.search(branch_re, line)
+        if m and m.group(1) in where and where[m.group(1)] < i:
+            loops.append((where[m.group(1)], i))
+    return loops
+
+
+_DIV = r"\b(?:div|rem)\.(?:s|u)(?:16|32|64)\b"
+
+
+def ptx_loop_divisions(ptx: str, hot=r"\bwgmma\.mma_async|\bmma\.sync"):
+    """Integer div/rem of any width in the innermost PTX loop holding ``hot``."""
+    lines = ptx.splitlines()
+    loops = _loops_by_line(lines, r"^\s*(\$L__\w+):", r"\bbra(?:\.uni)?\s+(\$L__\w+);")
+    best = None
+    for a, b in loops:
+        body = lines[a:b + 1]
+        if any(re.search(hot, t) for t in body) and (best is None or len(body) < len(best)):
+            best = body
+    return sum(len(re.findall(_DIV, t)) for t in best or [])
+
+
+def ttgir_loop_divisions(ttgir: str):
+    """``arith.{div,rem}{si,ui}`` inside the innermost ``scf.for`` bodies that hold a dot
+    (the K loop; the setup's and a persistent tile loop's per-tile divisions are not
+    per K step)."""
+    lines = ttgir.splitlines()
+    fors, stack, depth = [], [], 0
+    for i, line in enumerate(lines):
+        if re.search(r"\bscf\.for\b", line) and line.rstrip().endswith("{"):
+            stack.append((i, depth))
+        depth += line.count("{") - line.count("}")
+        while stack and depth <= stack[-1][1]:
+            fors.append((stack.pop()[0], i))
+    dot = re.compile(r"warp_group_dot\b|\btt\.dot\b|\bttng\.\w*mma\b")
+    div = re.compile(r"arith\.(?:div|rem)[su]i\b")
+    with_dot = [(a, b) for a, b in fors if any(dot.search(t) for t in lines[a:b + 1])]
+    hot = set()
+    for a, b in with_dot:
+        if not any(a < c and d <= b for c, d in with_dot if (c, d) != (a, b)):
+            hot.update(range(a + 1, b + 1))
+    return sum(bool(div.search(lines[i])) for i in hot)
+
+
+def _ptxas_warnings(info: str):
+    """ptxas warnings, one line each (C7510-C7515: wgmma serialised, and why)."""
+    return sorted({line.split("warning", 1)[1].strip(" :")[:160]
+                   for line in info.splitlines() if "warning" in line})
 
 
 def read_sass(sass: str, hot: str):
@@ -207,11 +292,21 @@ def analyse(fn, ptrs, consts, num_warps, num_stages=3, *, kernel, variant, dtype
     res.registers = int(m.group(1)) if m else -1
     m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     res.spill_stores, res.spill_loads = (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
+    res.ptxas_warnings = _ptxas_warnings(info)
     instrs, loops = read_sass(sass, "")
-    for op, mods in _LDG.findall(sass):
+    body_text = "\n".join(t for _, t in instrs)
+    for op, mods in _LDG.findall(body_text):
         d = res.loads if op == "LDG" else res.stores
         w = _width(mods)
         d[w] = d.get(w, 0) + 1
+    for mods in _LDGSTS.findall(body_text):
+        w = _width(mods)
+        res.ldgsts[w] = res.ldgsts.get(w, 0) + 1
+    res.ldgdepbar = len(re.findall(r"\bLDGDEPBAR\b", body_text))
+    res.utmaldg = len(re.findall(r"\bUTMALDG\b", body_text))
+    res.utmastg = len(re.findall(r"\bUTMASTG\b", body_text))
+    for shape in _HGMMA_SHAPE.findall(body_text):
+        res.hgmma_shapes[shape] = res.hgmma_shapes.get(shape, 0) + 1
     res.hgmma = sum("HGMMA" in t for _, t in instrs)
     res.hmma = sum(re.search(r"\bHMMA\b", t) is not None for _, t in instrs)
     threads = 32 * num_warps
@@ -233,6 +328,11 @@ def analyse(fn, ptrs, consts, num_warps, num_stages=3, *, kernel, variant, dtype
         body = hot_loop(instrs, loops, r"HGMMA|HMMA")
         res.loop_instructions = len(body)
         res.hot_spills = sum(bool(spill.search(t)) for t in body)
+        res.loop_hgmma = sum(bool(re.search(r"\b[HQ]GMMA\b", t)) for t in body)
+        res.sass_per_hgmma = round(len(body) / res.loop_hgmma, 1) if res.loop_hgmma else 0.0
+        res.wgmma_wait = sorted({int(m, 16) for t in body for m in _DEPBAR.findall(t)})
+        res.loop_calls = sum(bool(re.search(r"\bCALL\b", t)) for t in body)
+        res.loop_div = ttgir_loop_divisions(k.asm["ttgir"]) + ptx_loop_divisions(ptx)
     return res
 
 
@@ -410,6 +510,52 @@ def problems(results):
     return out
 
 
+# Issue 21's static bar for the forward conv kernels on sm_90a (bf16, ResNet-50 shapes)
+HOPPER_BAR = dict(min_loop_hgmma=4, min_hgmma_n=128, max_sass_per_hgmma=32,
+                  max_sass_per_hgmma_fused=48, min_wgmma_in_flight=1,
+                  min_shared=96 * 1024)
+
+
+def forward_row(r):
+    """A forward conv row the bar applies to: bf16, not the C=3 stem (its 147-wide
+    reduction rows are not 16-byte aligned: no TMA, and K = 147 < 4 K steps of 64)."""
+    return r.kernel == "conv" and r.variant.startswith("fwd") and "stem" not in r.variant \
+        and r.dtype == "bf16"
+
+
+def hgmma_n(shape: str) -> int:
+    """N of an HGMMA shape "64x128x16"."""
+    return int(shape.split("x")[1])
+
+
+def hopper_gaps(r, bar=HOPPER_BAR):
+    """The figures by which one conv row misses the Hopper bar (empty: it meets it)."""
+    fused = "prologue" in r.variant or "stats" in r.variant or "dReLU" in r.variant
+    limit = bar["max_sass_per_hgmma_fused" if fused else "max_sass_per_hgmma"]
+    widest = max((hgmma_n(k) for k in r.hgmma_shapes), default=0)
+    gaps = []
+    if r.error:
+        return [f"does not compile: {r.error}"]
+    if r.utmaldg < 1:
+        gaps.append("no TMA load (UTMALDG 0)")
+    if r.loop_hgmma < bar["min_loop_hgmma"]:
+        gaps.append(f"{r.loop_hgmma} HGMMA per K step < {bar['min_loop_hgmma']}")
+    if widest < bar["min_hgmma_n"]:
+        gaps.append(f"widest HGMMA 64x{widest} < 64x{bar['min_hgmma_n']}")
+    if not r.loop_hgmma or r.sass_per_hgmma > limit:
+        gaps.append(f"{r.sass_per_hgmma} SASS per HGMMA in the hot loop > {limit}")
+    if not r.wgmma_wait or min(r.wgmma_wait) < bar["min_wgmma_in_flight"]:
+        gaps.append(f"wgmma waited with {r.wgmma_wait or 'no'} groups in flight "
+                    f"(WARPGROUP.DEPBAR.LE immediate) < {bar['min_wgmma_in_flight']}")
+    if r.loop_div or r.loop_calls:
+        gaps.append(f"{r.loop_div} integer divisions, {r.loop_calls} CALL in the hot loop")
+    if r.spill_stores or r.spill_loads or r.hot_spills:
+        gaps.append(f"spills {r.spill_stores}/{r.spill_loads} B")
+    if r.shared < bar["min_shared"]:
+        gaps.append(f"{r.shared} B of shared memory < {bar['min_shared']}")
+    return gaps
+
+
 def markdown(results, command, seconds):
     lines = [
         "# Static check of the Triton kernels for sm_90 (no GPU)",
@@ -425,17 +571,29 @@ def markdown(results, command, seconds):
         "instructions of the innermost loop holding the main work (memory-bound: the loads; "
         "conv: the tensor-core instructions), per element for memory-bound kernels (whole "
         "program when there is no loop); HGMMA/HMMA: tensor-core instructions; div64: "
-        "64-bit integer divisions in the PTX.",
+        "64-bit integer divisions in the PTX (a CALLed routine).",
+        "",
+        "Conv columns (issue 21): LDGSTS: cp.async copies by width in bits (not loads "
+        "into registers; their commit groups, LDGDEPBAR, are counted apart as dep); TMA: "
+        "UTMALDG/UTMASTG tile loads/stores; HGMMA shapes in the kernel; loop HGMMA: HGMMA "
+        "of one warp in the hot loop (one K step); SASS/HGMMA: hot-loop instructions per "
+        "HGMMA; wait: the WARPGROUP.DEPBAR.LE immediates in the hot loop (wgmma groups "
+        "left in flight); div: integer div/rem of any width in the hot loop (TTGIR "
+        "arith.div/rem in the innermost scf.for holding the dot + PTX div/rem in the "
+        "innermost PTX loop holding the wgmma), CALL: calls in it; gaps: what misses "
+        "issue 21's bar (`hopper_gaps`, forward rows).",
         "",
         "| kernel | variant | dtype | config | regs | spill | smem | LDG | STG | hot loop "
-        "| instr/elem | HGMMA | HMMA | div64 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| instr/elem | HGMMA | HMMA | div64 | LDGSTS (dep) | TMA ld/st | HGMMA shapes "
+        "| loop HGMMA | SASS/HGMMA | wait | div/CALL | gaps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "---|---|",
     ]
     widths = lambda d: " ".join(f"{k}:{v}" for k, v in sorted(d.items())) or "-"  # noqa: E731
     for r in results:
         if r.error:
             lines.append(f"| {r.kernel} | {r.variant} | {r.dtype} | {r.config} | "
-                         f"compile error: {r.error} |||||||||")
+                         f"compile error: {r.error} |||||||||||||||||")
             continue
         ipe = f"{r.instructions_per_element:.1f}" if r.memory_bound and r.elements_per_thread \
             else "-"
@@ -443,7 +601,13 @@ def markdown(results, command, seconds):
                      f"{r.spill_stores}/{r.spill_loads} [{r.hot_spills}] | {r.shared} | "
                      f"{widths(r.loads)} | "
                      f"{widths(r.stores)} | {r.loop_instructions} | {ipe} | {r.hgmma} | "
-                     f"{r.hmma} | {r.div64} |")
+                     f"{r.hmma} | {r.div64} | " + (
+                         "- | - | - | - | - | - | - | - |" if r.memory_bound else
+                         f"{widths(r.ldgsts)} ({r.ldgdepbar}) | {r.utmaldg}/{r.utmastg} | "
+                         f"{widths(r.hgmma_shapes)} | {r.loop_hgmma} | {r.sass_per_hgmma} | "
+                         f"{','.join(map(str, r.wgmma_wait)) or '-'} | "
+                         f"{r.loop_div}/{r.loop_calls} | "
+                         f"{'; '.join(hopper_gaps(r)) if forward_row(r) else '-'} |"))
     bad = problems(results)
     lines += ["", "## Problems", ""] + ([f"- {p}" for p in bad] or ["None."])
     return "\n".join(lines) + "\n"
@@ -464,7 +628,9 @@ def ci_specs():
     return out
 
 
-def run(quick=False, only=None, log=print, ci=False):
+def run(quick=False, only=None, log=print, ci=False, match=None, dtype=None):
+    """Compile and read the specialisations; ``match``: a regex on "kernel [variant]",
+    ``dtype``: one dtype (e.g. ``--only conv --dtype bf16 --match fwd``)."""
     specs = []
     if ci:
         specs = ci_specs()
@@ -472,12 +638,23 @@ def run(quick=False, only=None, log=print, ci=False):
         specs += bn_specs(quick)
     if only in (None, "conv") and not ci:
         specs += conv_specs(quick)
+    if match:
+        specs = [sp for sp in specs
+                 if re.search(match, f"{sp[-1]['kernel']} [{sp[-1]['variant']}]")]
+    if dtype:
+        specs = [sp for sp in specs if sp[-1]["dtype"] == dtype]
     results = []
     for fn, ptrs, consts, warps, stages, meta in specs:
         r = analyse(fn, ptrs, consts, warps, stages, **meta)
         log(f"{r.kernel:24s} {r.variant:36s} {r.dtype:5s} {r.config:58s} regs={r.registers:3d} "
             f"spill={r.spill_stores}/{r.spill_loads} loop={r.loop_instructions} "
-            f"ipe={r.instructions_per_element} hgmma={r.hgmma} div64={r.div64} {r.error}")
+            f"ipe={r.instructions_per_element} hgmma={r.hgmma} div64={r.div64} "
+            + ("" if r.memory_bound else
+               f"ldgsts={r.ldgsts} depbar={r.ldgdepbar} tma={r.utmaldg}/{r.utmastg} "
+               f"shapes={r.hgmma_shapes} loop_hgmma={r.loop_hgmma} "
+               f"sass/hgmma={r.sass_per_hgmma} wait={r.wgmma_wait} div={r.loop_div} "
+               f"call={r.loop_calls} smem={r.shared} {r.ptxas_warnings} ")
+            + r.error)
         results.append(r)
     return results
 
@@ -487,13 +664,31 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a representative subset")
     ap.add_argument("--ci", action="store_true", help="the CI subset (first config, bf16)")
     ap.add_argument("--only", choices=["bn", "conv"])
+    ap.add_argument("--match", help="regex on 'kernel [variant]': only those")
+    ap.add_argument("--dtype", choices=list(DTYPES), help="only this dtype")
+    ap.add_argument("--keep-others", action="store_true",
+                    help="keep the rows of the existing triton.json that this run did not "
+                         "select (e.g. regenerate the conv rows only)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "static"))
     args = ap.parse_args(argv)
     t0 = time.time()
-    results = run(args.quick, args.only, ci=args.ci)
+    results = run(args.quick, args.only, ci=args.ci, match=args.match, dtype=args.dtype)
     seconds = time.time() - t0
     command = "python scripts/static_triton.py" + (" --quick" if args.quick else "") + \
-        (" --ci" if args.ci else "") + (f" --only {args.only}" if args.only else "")
+        (" --ci" if args.ci else "") + (f" --only {args.only}" if args.only else "") + \
+        (f" --match '{args.match}'" if args.match else "") + \
+        (f" --dtype {args.dtype}" if args.dtype else "") + \
+        (" --keep-others" if args.keep_others else "")
+    path = os.path.join(args.out, "triton.json")
+    if args.keep_others and os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        fresh = {r.kernel for r in results}
+        known = set(Result.__dataclass_fields__)
+        kept = [Result(**{k: v for k, v in row.items() if k in known})
+                for row in old["results"] if row["kernel"] not in fresh]
+        results = kept + results
+        command += f" (other kernels' rows from `{old['command']}`)"
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "triton.json"), "w") as f:
         json.dump({"command": command, "triton": triton.__version__, "target": "sm_90a",

@@ -64,6 +64,59 @@ def test_sass_hot_loop_parser():
     assert loops == [(0x10, 0x40)]
     assert len(S.hot_loop(instrs, loops, r"HGMMA")) == 4
     assert S._width(".E.128") == "128" and S._width(".E") == "32"
+    # cp.async and its commit are not 32-bit LDG (the misreading issue 21 found)
+    assert S._LDG.findall("LDGSTS.E.BYPASS.LTC128B.128 [R1], desc[UR4][R2.64] ;"
+                          "LDGDEPBAR ;") == []
+    assert S._width(S._LDGSTS.findall("LDGSTS.E.BYPASS.LTC128B.128 [R1]")[0]) == "128"
+    assert S._width(".E.LTC128B") == "32"
+    assert S._DEPBAR.findall("WARPGROUP.DEPBAR.LE gsb0, 0x1 ;") == ["0x1"]
+    assert S._HGMMA_SHAPE.findall("HGMMA.64x256x16.F32.BF16 R24, gdesc[UR4]") == ["64x256x16"]
+
+
+def test_loop_division_readers():
+    """Divisions count only inside the innermost loop holding the dot / wgmma."""
+    pytest.importorskip("triton")
+    S = _script_module()
+    ttgir = """
+    %0 = arith.divsi %a, %b : i32
+    %1 = scf.for %i = %c0 to %n step %c1 iter_args(%acc = %z) -> (tensor<f32>) : i32 {
+      %2 = arith.remsi %i, %c : i32
+      %3 = ttng.warp_group_dot %x, %y, %acc : tensor<f32>
+      scf.yield %3 : tensor<f32>
+    }
+    %4 = arith.divui %a, %b : i32
+    """
+    assert S.ttgir_loop_divisions(ttgir) == 1
+    assert S.ttgir_loop_divisions(ttgir.replace("ttng.warp_group_dot", "arith.addf")) == 0
+    ptx = """
+    div.s32 %r1, %r2, %r3;
+$L__BB0_2:
+    rem.u32 %r4, %r5, %r6;
+    div.s64 %rd1, %rd2, %rd3;
+    wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...};
+    @%p1 bra $L__BB0_2;
+    rem.s32 %r7, %r8, %r9;
+"""
+    assert S.ptx_loop_divisions(ptx) == 2
+
+
+def test_hopper_bar_can_fail():
+    """A row with every figure at the bar passes; each figure just past it fails alone."""
+    pytest.importorskip("triton")
+    S = _script_module()
+    good = dict(registers=200, shared=160 * 1024, utmaldg=2, loop_hgmma=8,
+                hgmma_shapes={"64x256x16": 8}, sass_per_hgmma=30.0, wgmma_wait=[1])
+    row = S.Result("conv", "fwd 3x3/1x1 (conv2d)", "bf16", "cfg", False, **good)
+    assert S.forward_row(row) and S.hopper_gaps(row) == []
+    for change in (dict(utmaldg=0), dict(loop_hgmma=2), dict(hgmma_shapes={"64x64x16": 8}),
+                   dict(sass_per_hgmma=33.0), dict(wgmma_wait=[0]), dict(loop_div=1),
+                   dict(loop_calls=1), dict(spill_stores=8), dict(shared=64 * 1024)):
+        bad = S.Result("conv", "fwd 3x3/1x1 (conv2d)", "bf16", "cfg", False,
+                       **dict(good, **change))
+        assert len(S.hopper_gaps(bad)) == 1, change
+    fused = S.Result("conv", "fwd bn-relu prologue +stats", "bf16", "cfg", False,
+                     **dict(good, sass_per_hgmma=48.0))
+    assert S.hopper_gaps(fused) == []
 
 
 def test_ci_subset_compiles_for_sm90_without_spills(tmp_path):
