@@ -63,6 +63,11 @@ import triton.language as tl
 
 from fusedres.kernels import autotune, device_guard
 
+try:  # host-side TMA descriptors (triton >= 3.4; the GPU image's 3.6 has them)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # older triton: every operand through pointers (cp.async)
+    TensorDescriptor = None
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -86,6 +91,9 @@ def _conv_kernel(
     ESHIFT_ptr,  # (CO,) previous BN shift                             [DRELU]
     WS1_ptr,  # (T, CO) tile mean [STATS] or tile sum(g) [DRELU], acc dtype
     WS2_ptr,  # (T, CO) tile M2 [STATS] or tile sum(g*ey) [DRELU], acc dtype
+    WS3_ptr,  # (T, CO) tile count                              [STATS and A_TMA == 2]
+    W_desc,  # TMA descriptor of W as [CO, R*S*CI], block [BLOCK_N, BLOCK_K] [W_TMA]
+    X_desc,  # TMA descriptor of X as [N*IH*IW, CI], block [BLOCK_M, BLOCK_K] [A_TMA]
     IH, IW, CI,  # A-source spatial size and channels
     OH, OW, CO,  # output spatial size and channels
     R, S,  # kernel size
@@ -100,7 +108,12 @@ def _conv_kernel(
     BATCH,  # N
     WS_ROWS,  # workspace rows per phase (TRANSPOSED; else unused)
     TRANSPOSED: tl.constexpr,
-    TAP_LOOP: tl.constexpr,  # K loop over (tap, channel tile) instead of flattened (r, s, c)
+    TAP_LOOP: tl.constexpr,  # K loop over (tap, channel tile); needs CI % BLOCK_K == 0
+    W_TMA: tl.constexpr,  # B tiles by TMA from W_desc (forward, KRSC-contiguous W)
+    A_TMA: tl.constexpr,  # A by TMA from X_desc: 1 GEMM [N*H*W, C] (1x1, stride 1, no
+    #                       padding), 2 boxes of x [N, H, W, C] per tap (stride 1)
+    TILE_H: tl.constexpr,  # output rows of a spatial M tile                  [A_TMA == 2]
+    TILE_W: tl.constexpr,  # output columns of a spatial M tile (TILE_H*TILE_W | BLOCK_M)
     PROLOGUE: tl.constexpr,  # 0 none, 1 relu(x*scale+shift), 2 x + py*scale + shift
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
@@ -154,6 +167,23 @@ def _conv_kernel(
         ow = pb - PAD_W + STRIDE_W * jj
         tap_s = tl.maximum((S - pb + STRIDE_W - 1) // STRIDE_W, 0)
         num_taps = tl.maximum((R - pa + STRIDE_H - 1) // STRIDE_H, 0) * tap_s
+    elif A_TMA == 2:
+        # spatial M tiles: TILE_N images x TILE_H rows x TILE_W columns of the output (a
+        # TMA box of x per tap); GEMM_M is the tile count times BLOCK_M
+        phase = 0
+        tile_n: tl.constexpr = BLOCK_M // (TILE_H * TILE_W)
+        tiles_w = tl.cdiv(OW, TILE_W)
+        tiles_h = tl.cdiv(OH, TILE_H)
+        tw0 = (pid_m % tiles_w) * TILE_W
+        th0 = (pid_m // tiles_w % tiles_h) * TILE_H
+        tn0 = pid_m // (tiles_w * tiles_h) * tile_n
+        i = tl.arange(0, BLOCK_M)
+        ow = tw0 + i % TILE_W
+        oh = th0 + i // TILE_W % TILE_H
+        nb = tn0 + i // (TILE_W * TILE_H)
+        m_ok = (ow < OW) & (oh < OH) & (nb < BATCH)
+        tap_s = S
+        num_taps = R * S
     else:
         phase = 0
         m_ok = offs_m < GEMM_M
@@ -171,61 +201,104 @@ def _conv_kernel(
 
     x_row = nb.to(tl.int64) * sxn
     py_row = nb.to(tl.int64) * spn
+    if TRANSPOSED:  # A row of tap (tr, ts): (ii - tr, jj - ts)
+        ih0 = ii
+        iw0 = jj
+        tap_sign = -1
+    else:  # A row of tap (r, s): (oh*stride - pad + r, ow*stride - pad + s)
+        ih0 = oh * STRIDE_H - PAD_H
+        iw0 = ow * STRIDE_W - PAD_W
+        tap_sign = 1
+    # row bases hoisted out of the K loop: a K step adds one scalar tap offset
+    a_row = x_row + ih0 * sxh + iw0 * sxw
+    p_row = py_row + ih0 * sph + iw0 * spw
     k_total = num_taps * CI
     if TAP_LOOP:
-        c_tiles = tl.cdiv(CI, BLOCK_K)
-        num_k_tiles = num_taps * c_tiles
+        num_k_tiles = num_taps * (CI // BLOCK_K)
     else:
         num_k_tiles = tl.cdiv(k_total, BLOCK_K)
+    # TAP_LOOP walks (tap row tr, tap column ts, channel c0) with counters: no division
+    # in the loop
+    tr = tl.full((), 0, tl.int32)
+    ts = tl.full((), 0, tl.int32)
+    c0 = tl.full((), 0, tl.int32)
     for kt in range(0, num_k_tiles):
         if TAP_LOOP:
-            # one tap per K tile, contiguous channels: vectorised loads (C % BLOCK_K == 0)
-            tap = kt // c_tiles
-            ci = (kt % c_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
-            k_ok = ci < CI
-            tr = tl.zeros((BLOCK_K,), dtype=tl.int32) + tap // tap_s
-            ts = tl.zeros((BLOCK_K,), dtype=tl.int32) + tap % tap_s
+            ci = c0 + tl.arange(0, BLOCK_K)
+            k_ok = ci < CI  # all true (CI % BLOCK_K == 0); folds into the row test
+            if TRANSPOSED:
+                r = pa + tr * STRIDE_H
+                s = pb + ts * STRIDE_W
+            else:
+                r = tr
+                s = ts
+            ih = ih0 + tap_sign * tr
+            iw = iw0 + tap_sign * ts
+            row_ok = m_ok & (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+            ok = row_ok[:, None]
+            a_off = (a_row + tap_sign * (tr * sxh + ts * sxw))[:, None] + ci[None, :] * sxc
+            p_off = (p_row + tap_sign * (tr * sph + ts * spw))[:, None] + ci[None, :] * spc
         else:
             # (tap, c) flattened, c fastest: a C=3 stem still fills K tiles
             offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = offs_k < k_total
             ci = offs_k % CI
             tap = offs_k // CI
-            tr = tap // tap_s
-            ts = tap % tap_s
-        if TRANSPOSED:
-            r = pa + tr * STRIDE_H
-            s = pb + ts * STRIDE_W
-            ih = ii[:, None] - tr[None, :]
-            iw = jj[:, None] - ts[None, :]
+            tr_k = tap // tap_s
+            ts_k = tap % tap_s
+            if TRANSPOSED:
+                r = pa + tr_k * STRIDE_H
+                s = pb + ts_k * STRIDE_W
+            else:
+                r = tr_k
+                s = ts_k
+            ih = ih0[:, None] + tap_sign * tr_k[None, :]
+            iw = iw0[:, None] + tap_sign * ts_k[None, :]
+            ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW) & m_ok[:, None] & k_ok[None, :]
+            a_off = x_row[:, None] + ih * sxh + iw * sxw + ci[None, :] * sxc
+            p_off = py_row[:, None] + ih * sph + iw * spw + ci[None, :] * spc
+        if A_TMA == 1:  # the 1x1 conv is a GEMM on X as [N*H*W, C]: TMA zero-fills the M tail
+            a = X_desc.load([pid_m * BLOCK_M, c0])
+        elif A_TMA == 2:  # one box of x per tap; TMA zero-fills the padding
+            a = X_desc.load([tn0, th0 - PAD_H + tr, tw0 - PAD_W + ts, c0])
+            a = tl.reshape(a, (BLOCK_M, BLOCK_K))
         else:
-            r = tr
-            s = ts
-            ih = oh[:, None] * STRIDE_H - PAD_H + r[None, :]
-            iw = ow[:, None] * STRIDE_W - PAD_W + s[None, :]
-        ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
-        ok = ok & m_ok[:, None] & k_ok[None, :]
-        a = tl.load(X_ptr + (x_row[:, None] + ih * sxh + iw * sxw + ci[None, :] * sxc),
-                    mask=ok, other=0.0)
+            a = tl.load(X_ptr + a_off, mask=ok, other=0.0)
         if PROLOGUE == 1:
             sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
             sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
             v = a.to(acc.dtype) * sc[None, :] + sh[None, :]
             v = tl.where(v < 0, 0.0, v)
-            a = tl.where(ok, v, 0.0).to(W_ptr.dtype.element_ty)
+            if A_TMA == 1:  # no padded taps; rows past M are never stored nor counted
+                a = v.to(W_ptr.dtype.element_ty)
+            else:  # padded taps and the M tail are exactly 0 after the prologue
+                a = tl.where(ok, v, 0.0).to(W_ptr.dtype.element_ty)
         elif PROLOGUE == 2:
             sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
             sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-            py = tl.load(PY_ptr + (py_row[:, None] + ih * sph + iw * spw + ci[None, :] * spc),
-                         mask=ok, other=0.0)
+            py = tl.load(PY_ptr + p_off, mask=ok, other=0.0)
             v = a.to(acc.dtype) + py.to(acc.dtype) * sc[None, :] + sh[None, :]
             a = tl.where(ok, v, 0.0).to(W_ptr.dtype.element_ty)
         else:
             a = a.to(W_ptr.dtype.element_ty)
-        b = tl.load(W_ptr + (offs_n[None, :] * swo + r[:, None] * swr + s[:, None] * sws
-                             + ci[:, None] * swi),
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if W_TMA:  # forward, TAP_LOOP: the K tile kt is columns kt*BLOCK_K.. of [CO, RSC]
+            b = W_desc.load([pid_n * BLOCK_N, kt * BLOCK_K]).T
+        elif TAP_LOOP:
+            b = tl.load(W_ptr + (offs_n[None, :] * swo + (r * swr + s * sws)
+                                 + ci[:, None] * swi), mask=n_ok[None, :], other=0.0)
+        else:
+            b = tl.load(W_ptr + (offs_n[None, :] * swo + r[:, None] * swr + s[:, None] * sws
+                                 + ci[:, None] * swi),
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+        if TAP_LOOP:  # next (tap, channel tile)
+            c0 += BLOCK_K
+            next_tap = c0 >= CI
+            c0 = tl.where(next_tap, 0, c0)
+            ts = tl.where(next_tap, ts + 1, ts)
+            next_row = ts >= tap_s
+            ts = tl.where(next_row, 0, ts)
+            tr = tl.where(next_row, tr + 1, tr)
 
     out_ok = m_ok[:, None] & n_ok[None, :]
     if HAS_BIAS:
@@ -256,7 +329,12 @@ def _conv_kernel(
                       + offs_n[None, :] * syc), out, mask=out_ok)
     if STATS:
         v = tl.where(m_ok[:, None], out.to(acc.dtype), 0.0)
-        cnt = tl.minimum(GEMM_M - pid_m * BLOCK_M, BLOCK_M).to(acc.dtype)
+        if A_TMA == 2:  # spatial tiles: the count of valid rows, stored for the merge
+            cnt = tl.sum(m_ok.to(acc.dtype), axis=0)
+            tl.store(WS3_ptr + ws_off, tl.zeros((BLOCK_N,), acc.dtype) + cnt, mask=n_ok)
+            cnt = tl.maximum(cnt, 1.0)
+        else:
+            cnt = tl.minimum(GEMM_M - pid_m * BLOCK_M, BLOCK_M).to(acc.dtype)
         mean = tl.sum(v, axis=0) / cnt
         d = tl.where(m_ok[:, None], v - mean[None, :], 0.0)
         tl.store(WS1_ptr + ws_off, mean, mask=n_ok)
@@ -436,11 +514,17 @@ def _conv_wgrad_kernel(
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel mode, from the static
 # check (scripts/static_triton.py, benchmarks/static/triton.md): none spills on sm_90.
 # The first of each list is the one config of deterministic mode.
+# 16-bit: BLOCK_K 64 (4 k16 wgmma per K step, 128-byte rows), 3-4 stages (96-144 KB of
+# shared memory); 128x256 only where C_out >= 256, 128x64 only where C_out <= 64 (``_fits``).
+# fp32 (TF32): 128-byte rows are BLOCK_K 32, the last tile.
 _CONV_TILES = {
-    "plain": [(128, 64, 32, 8, 3), (128, 128, 32, 8, 2), (64, 64, 32, 4, 3)],
-    "fused": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)],  # a prologue or the dReLU epilogue
+    "plain": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
+              (128, 128, 32, 8, 3)],
+    "fused": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
+              (128, 128, 32, 8, 3)],  # a prologue or the dReLU epilogue
     "stem": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)],  # flat (r, s, c) K loop: C_in = 3
 }
+_SMEM_BUDGET = 160 * 1024  # operand pipeline bytes; leaves room for the epilogue's scratch
 _WGRAD_TILES = {
     "plain": [(128, 64, 32, 8, 2), (64, 128, 32, 8, 2), (64, 64, 32, 4, 2)],
     "fused": [(128, 64, 32, 8, 2), (64, 128, 32, 8, 2)],
@@ -453,18 +537,51 @@ def _mode(stem, fused):
     return "stem" if stem else ("fused" if fused else "plain")
 
 
+def _tma_blocks(nargs):
+    """Autotune pre-hook: the TMA descriptors' block shapes follow the config's tiles."""
+    if TensorDescriptor is None:
+        return
+    w_desc, x_desc = nargs.get("W_desc"), nargs.get("X_desc")
+    if isinstance(w_desc, TensorDescriptor):
+        w_desc.block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+    if isinstance(x_desc, TensorDescriptor):
+        if len(x_desc.shape) == 4:  # spatial boxes (A_TMA == 2)
+            th, tw = nargs["TILE_H"], nargs["TILE_W"]
+            x_desc.block_shape = [nargs["BLOCK_M"] // (th * tw), th, tw, nargs["BLOCK_K"]]
+        else:
+            x_desc.block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+
+
 def _configs(tiles, group_m=True):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k,
                            **({"GROUP_M": 8} if group_m else {})},
-                          num_warps=w, num_stages=st) for m, n, k, w, st in tiles]
+                          num_warps=w, num_stages=st, pre_hook=_tma_blocks if group_m else None)
+            for m, n, k, w, st in tiles]
 
 
-def conv_configs(stem=False, transposed=False, fused=False):
+def _fits(tile, gemm_n, itemsize, wide_ok):
+    """Shape pruning: no 128x256 tile under 256 output columns (nor where the epilogue
+    holds a second output-sized tile: it spills), no 64-wide one above 64; the operand
+    pipeline, stages * (BLOCK_M + BLOCK_N) * BLOCK_K elements, in budget."""
+    m, n, k, _, stages = tile
+    if stages * (m + n) * k * itemsize > _SMEM_BUDGET or (n > 128 and not wide_ok):
+        return False
+    return gemm_n is None or (n <= 128 or gemm_n >= 256) and (n >= 128 or gemm_n <= 64)
+
+
+def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsize=2,
+                 residual=False):
     """The configs autotuned for one mode of ``_conv_kernel`` (``stem``: flat K loop;
-    ``transposed``: dgrad; ``fused``: a prologue or the dReLU epilogue)."""
+    ``transposed``: dgrad; ``fused``: a prologue or the dReLU epilogue; ``residual``: an
+    epilogue reading a residual), pruned to the GEMM's N and the operands' element size
+    (the first is deterministic mode's config)."""
     if INTERPRET:
         return _configs([_INTERPRETER_TILE])
-    return _configs(_CONV_TILES[_mode(stem, fused)])
+    tiles = _CONV_TILES[_mode(stem, fused)]
+    if not stem:  # 128-byte K rows: BLOCK_K 64 in 16-bit, 32 in fp32 (TF32)
+        tiles = [t for t in tiles if t[2] * itemsize == 128]
+    wide_ok = not (residual or fused)
+    return _configs([t for t in tiles if _fits(t, gemm_n, itemsize, wide_ok)] or tiles[-1:])
 
 
 def wgrad_configs(stem=False, fused=False):
@@ -486,7 +603,9 @@ def _union(tiles):
 def _conv_prune(configs, nargs, **kw):
     """Autotune only the configs of the launched mode."""
     want = {_key(c) for c in conv_configs(not kw["TAP_LOOP"], kw["TRANSPOSED"],
-                                          bool(kw["PROLOGUE"] or kw["DRELU"]))}
+                                          bool(kw["PROLOGUE"] or kw["DRELU"]),
+                                          nargs["GEMM_N"], nargs["X_ptr"].element_size(),
+                                          kw["HAS_RESIDUAL"])}
     return [c for c in configs if _key(c) in want]
 
 
@@ -504,7 +623,8 @@ else:
     # keyed on the GEMM shape (plus the mode switches, so fwd and dgrad tune apart)
     _conv_run = autotune(
         configs=_configs(_union(_CONV_TILES)),
-        key=["GEMM_M", "GEMM_N", "GEMM_K", "TRANSPOSED", "PROLOGUE", "STATS", "DRELU"],
+        key=["GEMM_M", "GEMM_N", "GEMM_K", "TRANSPOSED", "PROLOGUE", "STATS", "DRELU",
+             "W_TMA", "A_TMA", "TILE_H", "TILE_W"],
         prune_configs_by={"early_config_prune": _conv_prune},
     )(_conv_kernel)
     _wgrad_run = autotune(
@@ -523,6 +643,9 @@ def _launch(run, configs, grid_fn, args, kwargs):
         if INTERPRET or torch.are_deterministic_algorithms_enabled():
             cfg = configs[0]
             fn = run if INTERPRET else run.fn
+            if cfg.pre_hook is not None:  # TMA block shapes of the pinned config
+                cfg.pre_hook({**dict(zip(getattr(fn, "arg_names", ()), args)), **kwargs,
+                              **cfg.kwargs})
             fn[grid_fn(cfg.kwargs)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
                                     num_stages=cfg.num_stages)
             return cfg.kwargs
@@ -551,6 +674,34 @@ def _tap_loop(channels):
     BLOCK_K divides them); the flattened (r, s, c) loop otherwise (the C=3 stem)."""
     block_k = _INTERPRETER_TILE[2] if INTERPRET else max(t[2] for t in _union(_CONV_TILES))
     return channels % block_k == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index):
+    return torch.cuda.get_device_capability(index)
+
+
+def _tma_ok(t):
+    """Whether ``t`` may be read by TMA: a Triton with host descriptors, a 16/32-bit
+    dtype, a 16-byte-aligned base, and sm_90+ (the interpreter emulates it, so the CPU
+    tests run this path; sm_80 keeps the pointer path)."""
+    if TensorDescriptor is None or t.dtype not in (torch.bfloat16, torch.float16,
+                                                   torch.float32):
+        return False
+    if t.data_ptr() % 16:
+        return False
+    return INTERPRET or (t.is_cuda and _capability(t.device.index or 0)[0] >= 9)
+
+
+def _dense_desc(t, shape, block):
+    """A TMA descriptor over ``t`` (dense: the caller checked) read as a row-major array
+    of ``shape``, or None where TMA cannot read it (rows not 16-byte multiples...)."""
+    if not _tma_ok(t) or (shape[-1] * t.element_size()) % 16:
+        return None
+    strides = [1]
+    for d in reversed(shape[1:]):
+        strides.insert(0, strides[0] * d)
+    return TensorDescriptor(t, list(shape), strides, list(block))
 
 
 def _check_int32(**sizes):
@@ -610,28 +761,62 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     gm, gn, gk = n * p * q, co, r * s * ci
     _check_int32(GEMM_M=gm, GEMM_K=gk)
     prologue = 1 if scale is not None else 0
-    configs = conv_configs(stem=not _tap_loop(ci), fused=bool(prologue))
+    configs = conv_configs(stem=not _tap_loop(ci), fused=bool(prologue), gemm_n=co,
+                           itemsize=x.element_size(), residual=residual is not None)
+    tap_loop = _tap_loop(ci)
+    block_m, block_k = configs[0].kwargs["BLOCK_M"], configs[0].kwargs["BLOCK_K"]
+    # B by TMA: the weight KRSC-contiguous, read as [C_out, R*S*C_in]
+    w_desc = None
+    if tap_loop and weight.permute(0, 2, 3, 1).is_contiguous():
+        w_desc = _dense_desc(weight.permute(0, 2, 3, 1), (co, gk),
+                             (configs[0].kwargs["BLOCK_N"], block_k))
+    # A by TMA (stride 1, dense NHWC x, one BLOCK_M for every config): a 1x1 unpadded conv
+    # is a GEMM on x as [N*H*W, C_in]; otherwise M tiles are boxes of the output, TILE_N
+    # images x TILE_H x TILE_W, and each tap loads the box of x it reads (zero-filled
+    # padding). GEMM_M is then the tile count times BLOCK_M.
+    a_tma, tile_h, tile_w, x_desc, gm_grid = 0, 1, 1, None, gm
+    if (tap_loop and (sh, sw) == (1, 1) and x.permute(0, 2, 3, 1).is_contiguous()
+            and all(c.kwargs["BLOCK_M"] == block_m for c in configs)):
+        if (r, s, ph, pw) == (1, 1, 0, 0):
+            x_desc = _dense_desc(x.permute(0, 2, 3, 1), (gm, ci), (block_m, block_k))
+            a_tma = 1 if x_desc is not None else 0
+        else:
+            tile_w = min(triton.next_power_of_2(q), block_m)
+            tile_h = min(triton.next_power_of_2(p), block_m // tile_w)
+            tile_n = block_m // (tile_w * tile_h)
+            x_desc = _dense_desc(x.permute(0, 2, 3, 1), (n, h, w, ci),
+                                 (tile_n, tile_h, tile_w, block_k))
+            if x_desc is not None:
+                a_tma = 2
+                gm_grid = (triton.cdiv(n, tile_n) * triton.cdiv(p, tile_h)
+                           * triton.cdiv(q, tile_w) * block_m)
+                _check_int32(GEMM_M=gm_grid)
     min_bm = min(c.kwargs["BLOCK_M"] for c in configs)
-    tiles = triton.cdiv(gm, min_bm)
+    tiles = triton.cdiv(gm_grid, min_bm)
+    ws3 = y
     if stats:
         ws1 = torch.empty((tiles, co), dtype=acc, device=x.device)
         ws2 = torch.empty((tiles, co), dtype=acc, device=x.device)
+        if a_tma == 2:
+            ws3 = torch.empty((tiles, co), dtype=acc, device=x.device)
     else:
         ws1 = ws2 = y
     res = residual if residual is not None else y
     args = (x, weight, y, bias if bias is not None else y, res,
-            scale if prologue else y, shift if prologue else y, y, y, y, y, ws1, ws2,
+            scale if prologue else y, shift if prologue else y, y, y, y, y, ws1, ws2, ws3,
+            w_desc if w_desc is not None else weight, x_desc if x_desc is not None else x,
             h, w, ci, p, q, co, r, s, sh, sw, ph, pw,
             *_nhwc_strides(x), weight.stride(0), weight.stride(2), weight.stride(3),
             weight.stride(1), *_nhwc_strides(y), *_nhwc_strides(res), 0, 0, 0, 0, 0, 0, 0, 0,
-            gm, gn, gk, n, 0)
-    kwargs = dict(TRANSPOSED=False, TAP_LOOP=_tap_loop(ci), PROLOGUE=prologue,
+            gm_grid, gn, gk, n, 0)
+    kwargs = dict(TRANSPOSED=False, TAP_LOOP=tap_loop, W_TMA=w_desc is not None,
+                  A_TMA=a_tma, TILE_H=tile_h, TILE_W=tile_w, PROLOGUE=prologue,
                   HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                   EPILOGUE_RELU=bool(relu), STATS=bool(stats), DRELU=False,
                   ACC_FP64=acc == torch.float64, INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):
-        return (triton.cdiv(gm, meta["BLOCK_M"]) * triton.cdiv(gn, meta["BLOCK_N"]),)
+        return (triton.cdiv(gm_grid, meta["BLOCK_M"]) * triton.cdiv(gn, meta["BLOCK_N"]),)
 
     cfg = _launch(_conv_run, configs, grid, args, kwargs)
     if not stats:
@@ -639,16 +824,18 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
         return y, empty, empty
     mean = torch.empty(co, dtype=acc, device=x.device)
     var = torch.empty(co, dtype=acc, device=x.device)
-    merge_stats(ws1, ws2, mean, var, triton.cdiv(gm, cfg["BLOCK_M"]), gm, cfg["BLOCK_M"])
+    merge_stats(ws1, ws2, mean, var, triton.cdiv(gm_grid, cfg["BLOCK_M"]), gm, cfg["BLOCK_M"],
+                ws_cnt=ws3 if a_tma == 2 else None)
     return y, mean, var
 
 
-def merge_stats(ws_mean, ws_m2, mean, var, tiles, m, tile_m, rows_per_prog=None):
+def merge_stats(ws_mean, ws_m2, mean, var, tiles, m, tile_m, rows_per_prog=None,
+                ws_cnt=None):
     """Chan-merge ``tiles`` rows of per-tile (mean, M2) into ``mean``/``var`` (biased).
 
-    Row t holds min(tile_m, m - t*tile_m) elements. Two levels when there are many rows:
-    chunks of ``rows_per_prog`` rows merged in parallel into a (P, C) workspace, then one
-    pass over the P chunks (fixed order: deterministic).
+    Row t holds min(tile_m, m - t*tile_m) elements, or ``ws_cnt[t]`` when given. Two
+    levels when there are many rows: chunks of ``rows_per_prog`` rows merged in parallel
+    into a (P, C) workspace, then one pass over the P chunks (fixed order: deterministic).
     """
     c = ws_mean.shape[1]
     block_c = 32 if INTERPRET else 64
@@ -661,22 +848,24 @@ def merge_stats(ws_mean, ws_m2, mean, var, tiles, m, tile_m, rows_per_prog=None)
     grid_c = triton.cdiv(c, block_c)
     with device_guard(mean):
         _merge_stats_launch(ws_mean, ws_m2, mean, var, tiles, m, tile_m, rows_per_prog, p, c,
-                            grid_c, block_t, block_c, fp64)
+                            grid_c, block_t, block_c, fp64, ws_cnt)
 
 
 def _merge_stats_launch(ws_mean, ws_m2, mean, var, tiles, m, tile_m, rows_per_prog, p, c,
-                        grid_c, block_t, block_c, fp64):
+                        grid_c, block_t, block_c, fp64, ws_cnt=None):
+    has_cnt = ws_cnt is not None
+    cnt = ws_cnt if has_cnt else ws_mean
     if p <= 1:
         _stats_merge_kernel[(grid_c, 1)](
-            ws_mean, ws_m2, ws_mean, mean, var, mean, tiles, c, m, tile_m,
+            ws_mean, ws_m2, cnt, mean, var, mean, tiles, c, m, tile_m,
             triton.cdiv(max(tiles, 1), block_t) * block_t,
-            HAS_COUNT=False, FINAL=True, ACC_FP64=fp64, BLOCK_T=block_t, BLOCK_C=block_c)
+            HAS_COUNT=has_cnt, FINAL=True, ACC_FP64=fp64, BLOCK_T=block_t, BLOCK_C=block_c)
         return
     part_mean, part_m2, part_cnt = torch.empty((3, p, c), dtype=mean.dtype, device=mean.device)
     _stats_merge_kernel[(grid_c, p)](
-        ws_mean, ws_m2, ws_mean, part_mean, part_m2, part_cnt, tiles, c, m, tile_m,
+        ws_mean, ws_m2, cnt, part_mean, part_m2, part_cnt, tiles, c, m, tile_m,
         rows_per_prog,
-        HAS_COUNT=False, FINAL=False, ACC_FP64=fp64, BLOCK_T=block_t, BLOCK_C=block_c)
+        HAS_COUNT=has_cnt, FINAL=False, ACC_FP64=fp64, BLOCK_T=block_t, BLOCK_C=block_c)
     _stats_merge_kernel[(grid_c, 1)](
         part_mean, part_m2, part_cnt, mean, var, mean, p, c, 0, 0,
         triton.cdiv(p, block_t) * block_t,
@@ -707,7 +896,8 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     drelu = y_prev is not None
     dbn = y is not None
     _check_int32(GEMM_M=n * h * w, GEMM_K=gk)
-    configs = conv_configs(stem=not _tap_loop(co), transposed=True, fused=dbn or drelu)
+    configs = conv_configs(stem=not _tap_loop(co), transposed=True, fused=dbn or drelu,
+                           gemm_n=ci, itemsize=dy.element_size())
     min_bm = min(c.kwargs["BLOCK_M"] for c in configs)
     rows = triton.cdiv(gm, min_bm)
     if drelu:
@@ -719,14 +909,16 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     ey = y_prev if drelu else dx
     args = (dy, weight, dx, dx, dx,
             coef_y if dbn else dx, coef_c if dbn else dx, py,
-            ey, scale if drelu else dx, shift if drelu else dx, ws1, ws2,
+            ey, scale if drelu else dx, shift if drelu else dx, ws1, ws2, dx, weight, dy,
             p, q, co, h, w, ci, r, s, sh, sw, ph, pw,
             *_nhwc_strides(dy),
             # the weight read as [CI, R, S, CO]: gemm-N index is C_in, reduction is C_out
             weight.stride(1), weight.stride(2), weight.stride(3), weight.stride(0),
             *_nhwc_strides(dx), 0, 0, 0, 0, *_nhwc_strides(py), *_nhwc_strides(ey),
             gm, gn, gk, n, rows)
-    kwargs = dict(TRANSPOSED=True, TAP_LOOP=_tap_loop(co), PROLOGUE=2 if dbn else 0,
+    kwargs = dict(TRANSPOSED=True, TAP_LOOP=_tap_loop(co), W_TMA=False, A_TMA=0, TILE_H=1,
+                  TILE_W=1,
+                  PROLOGUE=2 if dbn else 0,
                   HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False,
                   DRELU=drelu, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(dy.dtype))

@@ -140,6 +140,10 @@ def compile_kernel(fn, ptrs, consts, num_warps, num_stages=3, ints64=(), floats=
         elif a.endswith("_ptr"):
             sig[a] = ptrs.get(a, ptrs.get("*default"))
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif a.endswith("_desc"):  # "tensordesc<bf16[128, 64]>", or a pointer when unused
+            sig[a] = ptrs.get(a, ptrs.get("*default"))
+            if sig[a].startswith("*"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif a in floats or a.endswith(("_hi", "_lo")):
             sig[a] = "fp32"
         else:
@@ -438,19 +442,31 @@ def conv_specs(quick: bool):
     specs = []
     dtypes = {"bf16": "ieee", "fp16": "ieee", "fp32": "tf32"}
     off = dict(HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False,
-               DRELU=False, ACC_FP64=False, TRANSPOSED=False, TAP_LOOP=True, PROLOGUE=0)
-    fwd = {"fwd 3x3/1x1 (conv2d)": {},
-           "fwd +stats (conv -> BN)": dict(STATS=True),
-           "fwd bn-relu prologue +stats": dict(PROLOGUE=1, STATS=True),
-           "fwd eval bias+residual+relu": dict(HAS_BIAS=True, HAS_RESIDUAL=True,
-                                               EPILOGUE_RELU=True),
-           "fwd stem C=3 (flat K) +stats": dict(TAP_LOOP=False, STATS=True),
-           "dgrad": dict(TRANSPOSED=True),
+               DRELU=False, ACC_FP64=False, TRANSPOSED=False, TAP_LOOP=True, PROLOGUE=0,
+               W_TMA=True, A_TMA=0, TILE_H=1, TILE_W=1)
+    gemm1x1 = dict(A_TMA=1, R=1, S=1, STRIDE_H=1, STRIDE_W=1)  # the JIT pins 1s
+    # 3x3 stride 1 at 56x56: boxes of 1 image x 2 rows x 64 columns (kernels/conv.py)
+    boxes = dict(A_TMA=2, TILE_H=2, TILE_W=64, STRIDE_H=1, STRIDE_W=1)
+    fwd = {"fwd 3x3 s1 (TMA boxes)": dict(boxes),
+           "fwd 1x1 s1 (TMA GEMM)": dict(gemm1x1),
+           "fwd strided (A by pointers)": {},
+           "fwd 3x3 s1 (TMA boxes) +stats": dict(boxes, STATS=True),
+           "fwd 3x3 s1 (TMA boxes) bn-relu prologue +stats": dict(boxes, PROLOGUE=1,
+                                                                   STATS=True),
+           "fwd 1x1 s1 (TMA GEMM) bn-relu prologue +stats": dict(gemm1x1, PROLOGUE=1,
+                                                                  STATS=True),
+           "fwd strided (A by pointers) bn-relu prologue +stats": dict(PROLOGUE=1,
+                                                                        STATS=True),
+           "fwd eval 1x1 s1 bias+residual+relu": dict(gemm1x1, HAS_BIAS=True,
+                                                      HAS_RESIDUAL=True, EPILOGUE_RELU=True),
+           "fwd stem C=3 (flat K) +stats": dict(TAP_LOOP=False, STATS=True, W_TMA=False),
+           "dgrad": dict(TRANSPOSED=True, W_TMA=False),
            "dgrad dBN prologue + dReLU epilogue": dict(TRANSPOSED=True, PROLOGUE=2,
-                                                       DRELU=True)}
+                                                       DRELU=True, W_TMA=False)}
     if quick:
         fwd = {k: v for k, v in fwd.items() if k in (
-            "fwd bn-relu prologue +stats", "fwd stem C=3 (flat K) +stats",
+            "fwd 3x3 s1 (TMA boxes) bn-relu prologue +stats", "fwd stem C=3 (flat K) +stats",
+            "fwd 1x1 s1 (TMA GEMM) bn-relu prologue +stats",
             "dgrad dBN prologue + dReLU epilogue")}
     wgrad = {"wgrad": dict(TAP_N=True, DBN=False, PROLOGUE=False),
              "wgrad dBN + bn-relu prologues": dict(TAP_N=True, DBN=True, PROLOGUE=True),
@@ -467,8 +483,16 @@ def conv_specs(quick: bool):
         for name, sw in fwd.items():
             stem = not sw.get("TAP_LOOP", True)
             for cfg in kc.conv_configs(stem=stem, transposed=sw.get("TRANSPOSED", False),
-                                       fused=bool(sw.get("PROLOGUE") or sw.get("DRELU"))):
+                                       fused=bool(sw.get("PROLOGUE") or sw.get("DRELU")),
+                                       itemsize=4 if dt == "fp32" else 2,
+                                       residual=sw.get("HAS_RESIDUAL", False)):
                 consts = dict(off, **sw, INPUT_PRECISION=prec, **unit, **cfg.kwargs)
+                bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                th, tw = consts["TILE_H"], consts["TILE_W"]
+                x_box = {0: act, 1: f"tensordesc<{dt}[{bm}, {bk}]>",
+                         2: f"tensordesc<{dt}[{bm // (th * tw)}, {th}, {tw}, {bk}]>"}
+                ptrs = dict(ptrs, W_desc=f"tensordesc<{dt}[{bn}, {bk}]>" if consts["W_TMA"]
+                            else act, X_desc=x_box[consts["A_TMA"]])
                 if sw.get("TRANSPOSED"):  # the weight read as [CI, R, S, CO]: CO is unit
                     consts.update(swi=None, swo=1)
                     consts = {k: v for k, v in consts.items() if v is not None}

@@ -206,6 +206,49 @@ def test_bf16_forward_cuda():
     torch.testing.assert_close(mean.double(), m_ref, rtol=1e-3, atol=1e-3)
 
 
+# C % 16 == 0: the tap-major K loop, so the TMA operands (issue 21) run in the interpreter
+TMA_CASES = [("3x3s1_c32", 2, 32, 6, 5, 24, 3, 1, 1),  # A: boxes of x per tap, padding
+             ("3x3s1_3img", 3, 16, 3, 3, 20, 3, 1, 1),  # boxes of 2 images, a partial one
+             ("1x1s1_c32", 2, 32, 5, 5, 20, 1, 1, 0),  # 1x1 GEMM: A and B by TMA, M tail
+             ("3x3s2_c16", 2, 16, 7, 6, 16, 3, 2, 1)]  # strided: B by TMA, A by pointers
+
+
+@pytest.mark.parametrize("case", TMA_CASES, ids=[c[0] for c in TMA_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + (
+    [torch.bfloat16] if DEVICE == "cuda" else []))  # the interpreter's bf16 dot is wrong
+def test_tma_operands_forward(monkeypatch, case, dtype):
+    """The TMA paths (weights as [C_out, R*S*C_in]; the 1x1 conv's activations as
+    [N*H*W, C_in]; a stride-1 conv's as boxes of [N, H, W, C_in] per tap; zero fill past
+    C_out, M and the image) with the BN-ReLU prologue (padded taps 0 after it) and the
+    statistics (spatial tiles count their rows): y, mean, var against float64 (16-bit:
+    a multiple of PyTorch's own error)."""
+    if K.TensorDescriptor is None:
+        pytest.skip("this triton has no host TMA descriptors")
+    seen = []
+    launch = K._launch
+    monkeypatch.setattr(K, "_launch",
+                        lambda run, cfgs, grid, args, kw: seen.append(kw) or
+                        launch(run, cfgs, grid, args, kw))
+    x, w, st, pd = _make(case, dtype)
+    scale, shift = _scale_shift(x.shape[1], dtype)
+    y, mean, var = K.conv_fwd(x, w, st, pd, scale=scale, shift=shift, stats=True)
+    a_tma = 0 if case[7] != 1 else (1 if case[6] == 1 else 2)
+    if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
+        assert seen[0]["W_TMA"] and seen[0]["A_TMA"] == a_tma, seen[0]
+    a = _ref_bn_relu(x, scale, shift)
+    ref = F.conv2d(a.double(), w.double(), None, st, pd)
+    if dtype != torch.float32:
+        torch_err = (F.conv2d(a.float(), w.float(), None, st, pd).to(dtype).double()
+                     - ref).abs().max()
+        tol = 4 * torch_err + 1e-6
+    else:
+        tol = 1e-4 if DEVICE == "cpu" else 1e-2  # TF32 on a GPU
+    assert (y.double() - ref).abs().max() <= tol
+    m_ref, v_ref = _ref_stats(y)
+    torch.testing.assert_close(mean.double(), m_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(var.double(), v_ref, rtol=1e-4, atol=1e-4)
+
+
 def test_deterministic():
     x, w, st, pd = _make(CASES[2], torch.float32, requires_grad=True)
     outs = []
@@ -631,6 +674,10 @@ def build(fn, dt, consts, warps=4, stages=3):
         elif n.endswith("_ptr"):
             sig[n] = "*" + (dt if n[:2] in ("X_", "W_", "Y_", "BI", "RE", "PY", "EY", "DY")
                             else "fp32")
+        elif n.endswith("_desc"):  # TMA descriptors where the mode reads through them
+            tma = consts.get({"W_desc": "W_TMA", "X_desc": "A_TMA"}[n])
+            rows = consts["BLOCK_N" if n == "W_desc" else "BLOCK_M"]
+            sig[n] = f"tensordesc<{dt}[{rows}, {consts['BLOCK_K']}]>" if tma else "*" + dt
         else:
             sig[n] = "i32"
     src = ASTSource(fn=fn, signature=sig,
@@ -638,12 +685,18 @@ def build(fn, dt, consts, warps=4, stages=3):
     triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
 
 
-tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, ACC_FP64=False)
-off = dict(HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False, DRELU=False)
+tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, ACC_FP64=False)
+off = dict(HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False, DRELU=False,
+           W_TMA=False, A_TMA=False)
 for dt, prec in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32")):
     base = dict(tiles, INPUT_PRECISION=prec)
     build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": True,
                                "PROLOGUE": 1, "STATS": True}, 8)
+    # weights by TMA; the 1x1 GEMM with both operands by TMA
+    build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": True,
+                               "W_TMA": True, "PROLOGUE": 1, "STATS": True}, 8)
+    build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": True,
+                               "W_TMA": True, "A_TMA": True, "PROLOGUE": 1}, 8)
     if dt != "fp16":
         continue  # every other mode in fp16 only (compile time)
     build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": False,
@@ -735,17 +788,34 @@ def test_deterministic_mode_pins_the_first_config(monkeypatch):
     assert calls[1] == ("autotuned", {})
 
 
-def test_config_lists_are_small_and_mode_specific(monkeypatch):
-    """Each kernel mode autotunes at most three configs, its own (pruned at launch)."""
+@pytest.mark.parametrize("co", [64, 128, 2048])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_config_lists_are_small_and_mode_specific(monkeypatch, co, dtype):
+    """Each kernel mode autotunes at most three configs, its own, pruned by shape at
+    launch: BLOCK_K 64 in 16-bit (32 in fp32: 128-byte rows), 128x256 only for C_out >=
+    256 without a residual or prologue, 128x64 only for C_out <= 64, the operand pipeline
+    within budget."""
     from fusedres.kernels import conv as kconv
 
     monkeypatch.setattr(kconv, "INTERPRET", False)
+    size = torch.empty(0, dtype=dtype).element_size()
     for stem in (False, True):
         for fused in (False, True):
-            configs = kconv.conv_configs(stem=stem, fused=fused)
-            assert 1 <= len(configs) <= 3
-            kw = dict(TAP_LOOP=not stem, TRANSPOSED=False, PROLOGUE=int(fused), DRELU=False)
-            pruned = kconv._conv_prune(kconv._configs(kconv._union(kconv._CONV_TILES)), {},
-                                       **kw)
-            assert {kconv._key(c) for c in pruned} == {kconv._key(c) for c in configs}
+            for residual in (False, True):
+                configs = kconv.conv_configs(stem=stem, fused=fused, gemm_n=co,
+                                             itemsize=size, residual=residual)
+                assert 1 <= len(configs) <= 3
+                kw = dict(TAP_LOOP=not stem, TRANSPOSED=False, PROLOGUE=int(fused),
+                          DRELU=False, HAS_RESIDUAL=residual)
+                nargs = dict(GEMM_N=co, X_ptr=torch.empty(0, dtype=dtype))
+                pruned = kconv._conv_prune(kconv._configs(kconv._union(kconv._CONV_TILES)),
+                                           nargs, **kw)
+                assert {kconv._key(c) for c in pruned} == {kconv._key(c) for c in configs}
+                for c in configs:
+                    m, n, k = (c.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                    assert c.num_stages * (m + n) * k * size <= kconv._SMEM_BUDGET
+                    if not stem:
+                        assert k * size == 128
+                        assert n <= 128 or (co >= 256 and not fused and not residual)
+                        assert n >= 128 or co <= 64
             assert 1 <= len(kconv.wgrad_configs(stem=stem, fused=fused)) <= 3
