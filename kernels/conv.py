@@ -83,15 +83,15 @@ def _conv_kernel(
     Y_ptr,  # (N, OH, OW, CO) output, NHWC via strides
     BIAS_ptr,  # (CO,) conv bias                                  [HAS_BIAS]
     RES_ptr,  # (N, OH, OW, CO) residual                           [HAS_RESIDUAL]
-    PSCALE_ptr,  # (CI,) prologue scale (BN-ReLU) or dBN y-coefficient [PROLOGUE]
-    PSHIFT_ptr,  # (CI,) prologue shift (BN-ReLU) or dBN constant     [PROLOGUE]
+    PSCALE_ptr,  # (CI,) prologue scale (BN-ReLU: operand dtype) or dBN y-coefficient
+    PSHIFT_ptr,  # (CI,) prologue shift (BN-ReLU: operand dtype) or dBN constant
     PY_ptr,  # (N, IH, IW, CI) forward output y for the dBN prologue  [PROLOGUE == 2]
     EY_ptr,  # (N, OH, OW, CO) previous conv output y_prev            [DRELU]
     ESCALE_ptr,  # (CO,) previous BN scale                             [DRELU]
     ESHIFT_ptr,  # (CO,) previous BN shift                             [DRELU]
     WS1_ptr,  # (T, CO) tile mean [STATS] or tile sum(g) [DRELU], acc dtype
     WS2_ptr,  # (T, CO) tile M2 [STATS] or tile sum(g*ey) [DRELU], acc dtype
-    WS3_ptr,  # (T, CO) tile count                              [STATS and A_TMA == 2]
+    WS3_ptr,  # (T, CO) tile count                              [STATS and A_TMA >= 2]
     W_desc,  # TMA descriptor of W as [CO, R*S*CI], block [BLOCK_N, BLOCK_K] [W_TMA]
     X_desc,  # TMA descriptor of X as [N*IH*IW, CI], block [BLOCK_M, BLOCK_K] [A_TMA]
     IH, IW, CI,  # A-source spatial size and channels
@@ -111,8 +111,9 @@ def _conv_kernel(
     TAP_LOOP: tl.constexpr,  # K loop over (tap, channel tile); needs CI % BLOCK_K == 0
     W_TMA: tl.constexpr,  # B tiles by TMA from W_desc (forward, KRSC-contiguous W)
     A_TMA: tl.constexpr,  # A by TMA from X_desc: 1 GEMM [N*H*W, C] (1x1, stride 1, no
-    #                       padding), 2 boxes of x [N, H, W, C] per tap (stride 1)
-    TILE_H: tl.constexpr,  # output rows of a spatial M tile                  [A_TMA == 2]
+    #                       padding), 2 boxes of x [N, H, W, C] per tap (stride 1), 3 boxes
+    #                       of x [N, H/2, 2, W/2, 2C] per tap (stride 2, even H and W)
+    TILE_H: tl.constexpr,  # output rows of a spatial M tile                  [A_TMA >= 2]
     TILE_W: tl.constexpr,  # output columns of a spatial M tile (TILE_H*TILE_W | BLOCK_M)
     PROLOGUE: tl.constexpr,  # 0 none, 1 relu(x*scale+shift), 2 x + py*scale + shift
     HAS_BIAS: tl.constexpr,
@@ -167,7 +168,7 @@ def _conv_kernel(
         ow = pb - PAD_W + STRIDE_W * jj
         tap_s = tl.maximum((S - pb + STRIDE_W - 1) // STRIDE_W, 0)
         num_taps = tl.maximum((R - pa + STRIDE_H - 1) // STRIDE_H, 0) * tap_s
-    elif A_TMA == 2:
+    elif A_TMA >= 2:
         # spatial M tiles: TILE_N images x TILE_H rows x TILE_W columns of the output (a
         # TMA box of x per tap); GEMM_M is the tile count times BLOCK_M
         phase = 0
@@ -262,17 +263,29 @@ def _conv_kernel(
         elif A_TMA == 2:  # one box of x per tap; TMA zero-fills the padding
             a = X_desc.load([tn0, th0 - PAD_H + tr, tw0 - PAD_W + ts, c0])
             a = tl.reshape(a, (BLOCK_M, BLOCK_K))
+        elif A_TMA == 3:  # stride 2: input row 2*oh + dh is (oh + dh>>1, parity dh&1)
+            dh = tr - PAD_H
+            dw = ts - PAD_W
+            a = X_desc.load([tn0, th0 + (dh >> 1), dh & 1, tw0 + (dw >> 1),
+                             (dw & 1) * CI + c0])
+            a = tl.reshape(a, (BLOCK_M, BLOCK_K))
         else:
             a = tl.load(X_ptr + a_off, mask=ok, other=0.0)
         if PROLOGUE == 1:
-            sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-            sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-            v = a.to(acc.dtype) * sc[None, :] + sh[None, :]
-            v = tl.where(v < 0, 0.0, v)
+            # in the operand dtype (packed bf16x2/f16x2 FMA and max on sm_90; fp32 and
+            # fp64 stay fp32/fp64), NaN-propagating like torch.relu
+            op_t = W_ptr.dtype.element_ty
+            sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(op_t)
+            sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(op_t)
+            v = tl.fma(a.to(op_t), sc[None, :], sh[None, :])
+            # the max is fp32 (Triton's NaN-propagating max of 16-bit types); ptxas folds
+            # it into the repacking convert (cvt.rn.relu)
+            v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL).to(op_t)
             if A_TMA == 1:  # no padded taps; rows past M are never stored nor counted
-                a = v.to(W_ptr.dtype.element_ty)
-            else:  # padded taps and the M tail are exactly 0 after the prologue
-                a = tl.where(ok, v, 0.0).to(W_ptr.dtype.element_ty)
+                a = v
+            else:  # padded taps and the M tail (a = 0 there) are exactly 0 after it: a
+                # multiply by the 0/1 row mask (packed) rather than a per-element select
+                a = v * ok.to(op_t)
         elif PROLOGUE == 2:
             sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
             sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
@@ -329,7 +342,7 @@ def _conv_kernel(
                       + offs_n[None, :] * syc), out, mask=out_ok)
     if STATS:
         v = tl.where(m_ok[:, None], out.to(acc.dtype), 0.0)
-        if A_TMA == 2:  # spatial tiles: the count of valid rows, stored for the merge
+        if A_TMA >= 2:  # spatial tiles: the count of valid rows, stored for the merge
             cnt = tl.sum(m_ok.to(acc.dtype), axis=0)
             tl.store(WS3_ptr + ws_off, tl.zeros((BLOCK_N,), acc.dtype) + cnt, mask=n_ok)
             cnt = tl.maximum(cnt, 1.0)
@@ -514,13 +527,13 @@ def _conv_wgrad_kernel(
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel mode, from the static
 # check (scripts/static_triton.py, benchmarks/static/triton.md): none spills on sm_90.
 # The first of each list is the one config of deterministic mode.
-# 16-bit: BLOCK_K 64 (4 k16 wgmma per K step, 128-byte rows), 3-4 stages (96-144 KB of
+# 16-bit: BLOCK_K 64 (4 k16 wgmma per K step, 128-byte rows), 3-5 stages (120-144 KB of
 # shared memory); 128x256 only where C_out >= 256, 128x64 only where C_out <= 64 (``_fits``).
 # fp32 (TF32): 128-byte rows are BLOCK_K 32, the last tile.
 _CONV_TILES = {
-    "plain": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
+    "plain": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 5),
               (128, 128, 32, 8, 3)],
-    "fused": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
+    "fused": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 5),
               (128, 128, 32, 8, 3)],  # a prologue or the dReLU epilogue
     "stem": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)],  # flat (r, s, c) K loop: C_in = 3
 }
@@ -545,9 +558,12 @@ def _tma_blocks(nargs):
     if isinstance(w_desc, TensorDescriptor):
         w_desc.block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
     if isinstance(x_desc, TensorDescriptor):
+        th, tw = nargs["TILE_H"], nargs["TILE_W"]
+        tn = nargs["BLOCK_M"] // (th * tw)
         if len(x_desc.shape) == 4:  # spatial boxes (A_TMA == 2)
-            th, tw = nargs["TILE_H"], nargs["TILE_W"]
-            x_desc.block_shape = [nargs["BLOCK_M"] // (th * tw), th, tw, nargs["BLOCK_K"]]
+            x_desc.block_shape = [tn, th, tw, nargs["BLOCK_K"]]
+        elif len(x_desc.shape) == 5:  # boxes of the stride-2 view (A_TMA == 3)
+            x_desc.block_shape = [tn, th, 1, tw, nargs["BLOCK_K"]]
         else:
             x_desc.block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
 
@@ -770,40 +786,51 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     if tap_loop and weight.permute(0, 2, 3, 1).is_contiguous():
         w_desc = _dense_desc(weight.permute(0, 2, 3, 1), (co, gk),
                              (configs[0].kwargs["BLOCK_N"], block_k))
-    # A by TMA (stride 1, dense NHWC x, one BLOCK_M for every config): a 1x1 unpadded conv
-    # is a GEMM on x as [N*H*W, C_in]; otherwise M tiles are boxes of the output, TILE_N
-    # images x TILE_H x TILE_W, and each tap loads the box of x it reads (zero-filled
-    # padding). GEMM_M is then the tile count times BLOCK_M.
+    # A by TMA (dense NHWC x, one BLOCK_M for every config): a 1x1 stride-1 unpadded conv
+    # is a GEMM on x as [N*H*W, C_in]; otherwise (stride 1, or stride 2 with even H, W)
+    # M tiles are boxes of the output, TILE_N images x TILE_H x TILE_W, and each tap
+    # loads the box of x it reads (zero-filled padding). GEMM_M is then the tile count
+    # times BLOCK_M. Other convs read A through pointers.
     a_tma, tile_h, tile_w, x_desc, gm_grid = 0, 1, 1, None, gm
-    if (tap_loop and (sh, sw) == (1, 1) and x.permute(0, 2, 3, 1).is_contiguous()
+    if (tap_loop and x.permute(0, 2, 3, 1).is_contiguous()
             and all(c.kwargs["BLOCK_M"] == block_m for c in configs)):
-        if (r, s, ph, pw) == (1, 1, 0, 0):
-            x_desc = _dense_desc(x.permute(0, 2, 3, 1), (gm, ci), (block_m, block_k))
-            a_tma = 1 if x_desc is not None else 0
-        else:
-            tile_w = min(triton.next_power_of_2(q), block_m)
-            tile_h = min(triton.next_power_of_2(p), block_m // tile_w)
-            tile_n = block_m // (tile_w * tile_h)
-            x_desc = _dense_desc(x.permute(0, 2, 3, 1), (n, h, w, ci),
-                                 (tile_n, tile_h, tile_w, block_k))
-            if x_desc is not None:
-                a_tma = 2
-                gm_grid = (triton.cdiv(n, tile_n) * triton.cdiv(p, tile_h)
-                           * triton.cdiv(q, tile_w) * block_m)
-                _check_int32(GEMM_M=gm_grid)
+        xv = x.permute(0, 2, 3, 1)
+        tile_w = min(triton.next_power_of_2(q), block_m)
+        tile_h = min(triton.next_power_of_2(p), block_m // tile_w)
+        tile_n = block_m // (tile_w * tile_h)
+        if (r, s, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+            x_desc = _dense_desc(xv, (gm, ci), (block_m, block_k))
+            a_tma = 1
+        elif (sh, sw) == (1, 1):
+            x_desc = _dense_desc(xv, (n, h, w, ci), (tile_n, tile_h, tile_w, block_k))
+            a_tma = 2
+        elif (sh, sw) == (2, 2) and h % 2 == 0 and w % 2 == 0:
+            # x viewed as [N, H/2, 2, W/2, 2*C]: a stride-2 tap is a dense box of it
+            x_desc = _dense_desc(xv, (n, h // 2, 2, w // 2, 2 * ci),
+                                 (tile_n, tile_h, 1, tile_w, block_k))
+            a_tma = 3
+        if x_desc is None:
+            a_tma, tile_h, tile_w = 0, 1, 1
+        elif a_tma >= 2:
+            gm_grid = (triton.cdiv(n, tile_n) * triton.cdiv(p, tile_h)
+                       * triton.cdiv(q, tile_w) * block_m)
+            _check_int32(GEMM_M=gm_grid)
     min_bm = min(c.kwargs["BLOCK_M"] for c in configs)
     tiles = triton.cdiv(gm_grid, min_bm)
     ws3 = y
     if stats:
         ws1 = torch.empty((tiles, co), dtype=acc, device=x.device)
         ws2 = torch.empty((tiles, co), dtype=acc, device=x.device)
-        if a_tma == 2:
+        if a_tma >= 2:
             ws3 = torch.empty((tiles, co), dtype=acc, device=x.device)
     else:
         ws1 = ws2 = y
     res = residual if residual is not None else y
+    pscale, pshift = y, y
+    if prologue:  # the prologue runs in the operand dtype (packed 16-bit FMA + relu)
+        pscale, pshift = scale.to(weight.dtype), shift.to(weight.dtype)
     args = (x, weight, y, bias if bias is not None else y, res,
-            scale if prologue else y, shift if prologue else y, y, y, y, y, ws1, ws2, ws3,
+            pscale, pshift, y, y, y, y, ws1, ws2, ws3,
             w_desc if w_desc is not None else weight, x_desc if x_desc is not None else x,
             h, w, ci, p, q, co, r, s, sh, sw, ph, pw,
             *_nhwc_strides(x), weight.stride(0), weight.stride(2), weight.stride(3),
@@ -825,7 +852,7 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     mean = torch.empty(co, dtype=acc, device=x.device)
     var = torch.empty(co, dtype=acc, device=x.device)
     merge_stats(ws1, ws2, mean, var, triton.cdiv(gm_grid, cfg["BLOCK_M"]), gm, cfg["BLOCK_M"],
-                ws_cnt=ws3 if a_tma == 2 else None)
+                ws_cnt=ws3 if a_tma >= 2 else None)
     return y, mean, var
 
 

@@ -447,16 +447,21 @@ def conv_specs(quick: bool):
     gemm1x1 = dict(A_TMA=1, R=1, S=1, STRIDE_H=1, STRIDE_W=1)  # the JIT pins 1s
     # 3x3 stride 1 at 56x56: boxes of 1 image x 2 rows x 64 columns (kernels/conv.py)
     boxes = dict(A_TMA=2, TILE_H=2, TILE_W=64, STRIDE_H=1, STRIDE_W=1)
+    # stride 2 from 56x56 to 28x28: boxes of 1 image x 4 rows x 32 columns
+    boxes2 = dict(A_TMA=3, TILE_H=4, TILE_W=32)
     fwd = {"fwd 3x3 s1 (TMA boxes)": dict(boxes),
            "fwd 1x1 s1 (TMA GEMM)": dict(gemm1x1),
-           "fwd strided (A by pointers)": {},
+           "fwd 3x3/1x1 s2 (TMA boxes of the stride-2 view)": dict(boxes2),
            "fwd 3x3 s1 (TMA boxes) +stats": dict(boxes, STATS=True),
            "fwd 3x3 s1 (TMA boxes) bn-relu prologue +stats": dict(boxes, PROLOGUE=1,
                                                                    STATS=True),
            "fwd 1x1 s1 (TMA GEMM) bn-relu prologue +stats": dict(gemm1x1, PROLOGUE=1,
                                                                   STATS=True),
-           "fwd strided (A by pointers) bn-relu prologue +stats": dict(PROLOGUE=1,
-                                                                        STATS=True),
+           "fwd 3x3/1x1 s2 (TMA boxes of the stride-2 view) bn-relu prologue +stats":
+               dict(boxes2, PROLOGUE=1, STATS=True),
+           "fwd A by pointers (odd H/W, sparse x, sm_80)": {},
+           "fwd A by pointers (odd H/W, sparse x, sm_80) bn-relu prologue +stats":
+               dict(PROLOGUE=1, STATS=True),
            "fwd eval 1x1 s1 bias+residual+relu": dict(gemm1x1, HAS_BIAS=True,
                                                       HAS_RESIDUAL=True, EPILOGUE_RELU=True),
            "fwd stem C=3 (flat K) +stats": dict(TAP_LOOP=False, STATS=True, W_TMA=False),
@@ -479,6 +484,7 @@ def conv_specs(quick: bool):
         act = f"*{dt}"
         ptrs = {"X_ptr": act, "W_ptr": act, "Y_ptr": act, "BIAS_ptr": act, "RES_ptr": act,
                 "PY_ptr": act, "EY_ptr": act, "DY_ptr": act, "*default": "*fp32"}
+        fwd_ptrs = dict(ptrs, PSCALE_ptr=act, PSHIFT_ptr=act)  # BN-ReLU prologue: operand
         unit = dict(sxc=1, swi=1, syc=1, src=1, spc=1, sec=1)  # channels_last, KRSC
         for name, sw in fwd.items():
             stem = not sw.get("TAP_LOOP", True)
@@ -490,13 +496,15 @@ def conv_specs(quick: bool):
                 bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 th, tw = consts["TILE_H"], consts["TILE_W"]
                 x_box = {0: act, 1: f"tensordesc<{dt}[{bm}, {bk}]>",
-                         2: f"tensordesc<{dt}[{bm // (th * tw)}, {th}, {tw}, {bk}]>"}
-                ptrs = dict(ptrs, W_desc=f"tensordesc<{dt}[{bn}, {bk}]>" if consts["W_TMA"]
-                            else act, X_desc=x_box[consts["A_TMA"]])
+                         2: f"tensordesc<{dt}[{bm // (th * tw)}, {th}, {tw}, {bk}]>",
+                         3: f"tensordesc<{dt}[{bm // (th * tw)}, {th}, 1, {tw}, {bk}]>"}
+                base = ptrs if sw.get("TRANSPOSED") else fwd_ptrs
+                kptrs = dict(base, W_desc=f"tensordesc<{dt}[{bn}, {bk}]>" if consts["W_TMA"]
+                             else act, X_desc=x_box[consts["A_TMA"]])
                 if sw.get("TRANSPOSED"):  # the weight read as [CI, R, S, CO]: CO is unit
                     consts.update(swi=None, swo=1)
                     consts = {k: v for k, v in consts.items() if v is not None}
-                specs.append((kc._conv_kernel, ptrs, consts, cfg.num_warps, cfg.num_stages,
+                specs.append((kc._conv_kernel, kptrs, consts, cfg.num_warps, cfg.num_stages,
                               dict(kernel="conv", variant=name, dtype=dt, memory_bound=False)))
         for name, sw in wgrad.items():
             for cfg in kc.wgrad_configs(stem=not sw["TAP_N"],
@@ -541,10 +549,12 @@ HOPPER_BAR = dict(min_loop_hgmma=4, min_hgmma_n=128, max_sass_per_hgmma=32,
 
 
 def forward_row(r):
-    """A forward conv row the bar applies to: bf16, not the C=3 stem (its 147-wide
-    reduction rows are not 16-byte aligned: no TMA, and K = 147 < 4 K steps of 64)."""
+    """A forward conv row the bar applies to: bf16 at the ResNet-50 shapes; not the C=3
+    stem (its 147-wide reduction rows are not 16-byte aligned: no TMA, and K = 147 < 4 K
+    steps of 64), nor the pointer path (no ResNet-50 conv takes it on sm_90: its inputs
+    are dense channels_last with even H and W at every stride 2)."""
     return r.kernel == "conv" and r.variant.startswith("fwd") and "stem" not in r.variant \
-        and r.dtype == "bf16"
+        and "pointers" not in r.variant and r.dtype == "bf16"
 
 
 def hgmma_n(shape: str) -> int:
@@ -557,6 +567,10 @@ def hopper_gaps(r, bar=HOPPER_BAR):
     fused = "prologue" in r.variant or "stats" in r.variant or "dReLU" in r.variant
     limit = bar["max_sass_per_hgmma_fused" if fused else "max_sass_per_hgmma"]
     widest = max((hgmma_n(k) for k in r.hgmma_shapes), default=0)
+    # a 64-wide tile runs only where C_out <= 64 (kernels/conv.py prunes it elsewhere):
+    # its 64x64 HGMMA is the widest those output channels allow
+    m = re.search(r"BLOCK_N=(\d+)", r.config)
+    want_n = min(bar["min_hgmma_n"], int(m.group(1))) if m else bar["min_hgmma_n"]
     gaps = []
     if r.error:
         return [f"does not compile: {r.error}"]
@@ -564,8 +578,8 @@ def hopper_gaps(r, bar=HOPPER_BAR):
         gaps.append("no TMA load (UTMALDG 0)")
     if r.loop_hgmma < bar["min_loop_hgmma"]:
         gaps.append(f"{r.loop_hgmma} HGMMA per K step < {bar['min_loop_hgmma']}")
-    if widest < bar["min_hgmma_n"]:
-        gaps.append(f"widest HGMMA 64x{widest} < 64x{bar['min_hgmma_n']}")
+    if widest < want_n:
+        gaps.append(f"widest HGMMA 64x{widest} < 64x{want_n}")
     if not r.loop_hgmma or r.sass_per_hgmma > limit:
         gaps.append(f"{r.sass_per_hgmma} SASS per HGMMA in the hot loop > {limit}")
     if not r.wgmma_wait or min(r.wgmma_wait) < bar["min_wgmma_in_flight"]:

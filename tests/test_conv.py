@@ -210,7 +210,9 @@ def test_bf16_forward_cuda():
 TMA_CASES = [("3x3s1_c32", 2, 32, 6, 5, 24, 3, 1, 1),  # A: boxes of x per tap, padding
              ("3x3s1_3img", 3, 16, 3, 3, 20, 3, 1, 1),  # boxes of 2 images, a partial one
              ("1x1s1_c32", 2, 32, 5, 5, 20, 1, 1, 0),  # 1x1 GEMM: A and B by TMA, M tail
-             ("3x3s2_c16", 2, 16, 7, 6, 16, 3, 2, 1)]  # strided: B by TMA, A by pointers
+             ("3x3s2_even", 2, 16, 8, 6, 20, 3, 2, 1),  # boxes of the stride-2 view
+             ("1x1s2_even", 3, 32, 6, 4, 24, 1, 2, 0),  # the downsample 1x1, stride 2
+             ("3x3s2_c16", 2, 16, 7, 6, 16, 3, 2, 1)]  # odd H: B by TMA, A by pointers
 
 
 @pytest.mark.parametrize("case", TMA_CASES, ids=[c[0] for c in TMA_CASES])
@@ -218,7 +220,8 @@ TMA_CASES = [("3x3s1_c32", 2, 32, 6, 5, 24, 3, 1, 1),  # A: boxes of x per tap, 
     [torch.bfloat16] if DEVICE == "cuda" else []))  # the interpreter's bf16 dot is wrong
 def test_tma_operands_forward(monkeypatch, case, dtype):
     """The TMA paths (weights as [C_out, R*S*C_in]; the 1x1 conv's activations as
-    [N*H*W, C_in]; a stride-1 conv's as boxes of [N, H, W, C_in] per tap; zero fill past
+    [N*H*W, C_in]; a stride-1 conv's as boxes of [N, H, W, C_in] per tap, a stride-2
+    conv's as boxes of [N, H/2, 2, W/2, 2*C_in]; zero fill past
     C_out, M and the image) with the BN-ReLU prologue (padded taps 0 after it) and the
     statistics (spatial tiles count their rows): y, mean, var against float64 (16-bit:
     a multiple of PyTorch's own error)."""
@@ -232,7 +235,9 @@ def test_tma_operands_forward(monkeypatch, case, dtype):
     x, w, st, pd = _make(case, dtype)
     scale, shift = _scale_shift(x.shape[1], dtype)
     y, mean, var = K.conv_fwd(x, w, st, pd, scale=scale, shift=shift, stats=True)
-    a_tma = 0 if case[7] != 1 else (1 if case[6] == 1 else 2)
+    _, _, _, h, w_, _, k, st, pd = case
+    a_tma = (1 if (k, st, pd) == (1, 1, 0) else 2 if st == 1
+             else 3 if st == 2 and h % 2 == 0 and w_ % 2 == 0 else 0)
     if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
         assert seen[0]["W_TMA"] and seen[0]["A_TMA"] == a_tma, seen[0]
     a = _ref_bn_relu(x, scale, shift)
