@@ -109,7 +109,7 @@ def _conv_kernel(
     WS_ROWS,  # workspace rows per phase (TRANSPOSED; else unused)
     TRANSPOSED: tl.constexpr,
     TAP_LOOP: tl.constexpr,  # K loop over (tap, channel tile); needs CI % BLOCK_K == 0
-    W_TMA: tl.constexpr,  # B tiles by TMA from W_desc (forward, KRSC-contiguous W)
+    W_TMA: tl.constexpr,  # B tiles by TMA from W_desc (KRSC-dense W, TAP_LOOP)
     A_TMA: tl.constexpr,  # A by TMA from X_desc: 1 GEMM [N*H*W, C] (1x1, stride 1, no
     #                       padding), 2 boxes of x [N, H, W, C] per tap (stride 1), 3 boxes
     #                       of x [N, H/2, 2, W/2, 2C] per tap (stride 2, even H and W)
@@ -294,7 +294,10 @@ def _conv_kernel(
             a = tl.where(ok, v, 0.0).to(W_ptr.dtype.element_ty)
         else:
             a = a.to(W_ptr.dtype.element_ty)
-        if W_TMA:  # forward, TAP_LOOP: the K tile kt is columns kt*BLOCK_K.. of [CO, RSC]
+        if W_TMA and TRANSPOSED:  # B[(tap, co), ci] = W[co, r, s, ci]: a box of [CO, RSC]
+            # (columns past C_in fall in the next tap or the zero fill: masked outputs)
+            b = W_desc.load([c0, (r * S + s) * GEMM_N + pid_n * BLOCK_N])
+        elif W_TMA:  # forward: the K tile kt is columns kt*BLOCK_K.. of W as [CO, RSC]
             b = W_desc.load([pid_n * BLOCK_N, kt * BLOCK_K]).T
         elif TAP_LOOP:
             b = tl.load(W_ptr + (offs_n[None, :] * swo + (r * swr + s * sws)
@@ -555,8 +558,9 @@ def _tma_blocks(nargs):
     if TensorDescriptor is None:
         return
     w_desc, x_desc = nargs.get("W_desc"), nargs.get("X_desc")
-    if isinstance(w_desc, TensorDescriptor):
-        w_desc.block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+    if isinstance(w_desc, TensorDescriptor):  # dgrad reads [BLOCK_K, BLOCK_N] boxes
+        w_desc.block_shape = ([nargs["BLOCK_K"], nargs["BLOCK_N"]] if nargs["TRANSPOSED"]
+                              else [nargs["BLOCK_N"], nargs["BLOCK_K"]])
     if isinstance(x_desc, TensorDescriptor):
         th, tw = nargs["TILE_H"], nargs["TILE_W"]
         tn = nargs["BLOCK_M"] // (th * tw)
@@ -934,16 +938,24 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
         ws1 = ws2 = dx
     py = y if dbn else dx
     ey = y_prev if drelu else dx
+    # B by TMA: [BLOCK_K, BLOCK_N] boxes of the KRSC-dense weight as [C_out, R*S*C_in]
+    w_desc = None
+    if _tap_loop(co) and weight.permute(0, 2, 3, 1).is_contiguous():
+        cfg0 = configs[0].kwargs
+        w_desc = _dense_desc(weight.permute(0, 2, 3, 1), (co, r * s * ci),
+                             (cfg0["BLOCK_K"], cfg0["BLOCK_N"]))
     args = (dy, weight, dx, dx, dx,
             coef_y if dbn else dx, coef_c if dbn else dx, py,
-            ey, scale if drelu else dx, shift if drelu else dx, ws1, ws2, dx, weight, dy,
+            ey, scale if drelu else dx, shift if drelu else dx, ws1, ws2, dx,
+            w_desc if w_desc is not None else weight, dy,
             p, q, co, h, w, ci, r, s, sh, sw, ph, pw,
             *_nhwc_strides(dy),
             # the weight read as [CI, R, S, CO]: gemm-N index is C_in, reduction is C_out
             weight.stride(1), weight.stride(2), weight.stride(3), weight.stride(0),
             *_nhwc_strides(dx), 0, 0, 0, 0, *_nhwc_strides(py), *_nhwc_strides(ey),
             gm, gn, gk, n, rows)
-    kwargs = dict(TRANSPOSED=True, TAP_LOOP=_tap_loop(co), W_TMA=False, A_TMA=0, TILE_H=1,
+    kwargs = dict(TRANSPOSED=True, TAP_LOOP=_tap_loop(co), W_TMA=w_desc is not None,
+                  A_TMA=0, TILE_H=1,
                   TILE_W=1,
                   PROLOGUE=2 if dbn else 0,
                   HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False,
