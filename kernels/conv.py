@@ -16,16 +16,26 @@ One kernel, ``_conv_kernel``, with constexpr switches:
   of dy with the same weight read as [C_in, R, S, C_out] through its strides, split into
   stride_h*stride_w sub-pixel phases (grid axis 1) so each phase iterates only the taps
   that reach it (no multiply is wasted on stride holes).
-* ``TAP_LOOP``: K tiles are (tap, channel block) with contiguous channels (vectorised
-  loads) when C % BLOCK_K == 0; otherwise (r, s, c) is flattened (the C=3 stem).
+* ``TAP_LOOP``: K tiles are (tap, channel block) with contiguous channels when
+  C % BLOCK_K == 0, walked with counters (no division in the K loop); otherwise (r, s, c)
+  is flattened (the C=3 stem).
+* Operands by TMA on sm_90 (host ``TensorDescriptor``s; docs/triton_conv.md): ``W_TMA``
+  reads the KRSC-dense weight as [C_out, R*S*C_in] (forward and dgrad); ``A_TMA`` reads
+  the forward's activations: 1 = a 1x1 stride-1 conv as a GEMM on x as [N*H*W, C], 2 =
+  stride 1, one box of x [N, H, W, C] per tap over spatial M tiles (TILE_N images x
+  TILE_H x TILE_W; TMA zero-fills the padding), 3 = stride 2 (even H, W), boxes of x
+  viewed as [N, H/2, 2, W/2, 2C]. Without TMA (sm_80, odd sizes, sparse strides, a
+  Triton without host descriptors) both go through pointers (16-byte cp.async).
 * ``PROLOGUE`` on the A operand while loading: 1 = ``relu(x*scale + shift)`` (the
-  previous layer's BN-ReLU), 2 = ``x + py*scale + shift`` (the dBN term of the stats
+  previous layer's BN-ReLU; in the operand dtype, scale/shift passed in it: a packed
+  16-bit FMA with relu on sm_90), 2 = ``x + py*scale + shift`` (the dBN term of the stats
   outputs' gradients: dy + dmean/M + dvar*2*(y - mean)/M). Padded taps and the M/K tails
   contribute exactly 0 AFTER the prologue (DESIGN section 2, the padding pitfall).
 * Epilogue: ``HAS_BIAS``, ``HAS_RESIDUAL``, ``EPILOGUE_RELU`` (NaN-propagating),
   ``STATS`` (per tile and output channel: mean and M2 of the output as rounded to the
   output dtype, masked rows excluded; the count of a tile is min(BLOCK_M, M - t*BLOCK_M)
-  and is recomputed by the merge kernel), ``DRELU`` (dgrad epilogue: g = dz * [ey*escale
+  and is recomputed by the merge kernel, or stored beside them for spatial tiles),
+  ``DRELU`` (dgrad epilogue: g = dz * [ey*escale
   + eshift > 0] recomputed from the previous layer's conv output, stores g*escale and
   per-tile sums of g and g*ey, the partial sums of dshift and dscale).
 
@@ -44,7 +54,8 @@ fp32 ``tl.dot`` uses TF32 iff ``torch.backends.cudnn.allow_tf32``. Index math is
 (GEMM sizes < 2**31, checked); pointer offsets add the batch term in int64, so offsets
 past 2**31 work.  Every launch runs under the input's CUDA device.
 Autotuning: per kernel mode a few configs that do not spill on sm_90 (``conv_configs``,
-``wgrad_configs``; benchmarks/static/triton.md), keyed on the GEMM shape; one fixed
+pruned by C_out, dtype and shared-memory budget; ``wgrad_configs``;
+benchmarks/static/triton.md), keyed on the GEMM shape and the operand paths; one fixed
 config under TRITON_INTERPRET=1.  Deterministic mode: under
 ``torch.use_deterministic_algorithms(True)`` each mode runs its first config, with no
 timing-based choice, so results are bitwise reproducible across processes (no atomics
@@ -224,15 +235,26 @@ def _conv_kernel(
     ts = tl.full((), 0, tl.int32)
     c0 = tl.full((), 0, tl.int32)
     for kt in range(0, num_k_tiles):
-        if TAP_LOOP:
+        if TAP_LOOP:  # one tap (scalar tap_r, tap_c) per K tile
             ci = c0 + tl.arange(0, BLOCK_K)
             k_ok = ci < CI  # all true (CI % BLOCK_K == 0); folds into the row test
-            if TRANSPOSED:
-                r = pa + tr * STRIDE_H
-                s = pb + ts * STRIDE_W
-            else:
-                r = tr
-                s = ts
+            tap_r = tr
+            tap_c = ts
+        else:
+            # (tap, c) flattened, c fastest: a C=3 stem still fills K tiles
+            offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < k_total
+            ci = offs_k % CI
+            tap = offs_k // CI
+            tap_r = tap // tap_s
+            tap_c = tap % tap_s
+        if TRANSPOSED:
+            r = pa + tap_r * STRIDE_H
+            s = pb + tap_c * STRIDE_W
+        else:
+            r = tap_r
+            s = tap_c
+        if TAP_LOOP:
             ih = ih0 + tap_sign * tr
             iw = iw0 + tap_sign * ts
             row_ok = m_ok & (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
@@ -240,21 +262,8 @@ def _conv_kernel(
             a_off = (a_row + tap_sign * (tr * sxh + ts * sxw))[:, None] + ci[None, :] * sxc
             p_off = (p_row + tap_sign * (tr * sph + ts * spw))[:, None] + ci[None, :] * spc
         else:
-            # (tap, c) flattened, c fastest: a C=3 stem still fills K tiles
-            offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < k_total
-            ci = offs_k % CI
-            tap = offs_k // CI
-            tr_k = tap // tap_s
-            ts_k = tap % tap_s
-            if TRANSPOSED:
-                r = pa + tr_k * STRIDE_H
-                s = pb + ts_k * STRIDE_W
-            else:
-                r = tr_k
-                s = ts_k
-            ih = ih0[:, None] + tap_sign * tr_k[None, :]
-            iw = iw0[:, None] + tap_sign * ts_k[None, :]
+            ih = ih0[:, None] + tap_sign * tap_r[None, :]
+            iw = iw0[:, None] + tap_sign * tap_c[None, :]
             ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW) & m_ok[:, None] & k_ok[None, :]
             a_off = x_row[:, None] + ih * sxh + iw * sxw + ci[None, :] * sxc
             p_off = py_row[:, None] + ih * sph + iw * spw + ci[None, :] * spc

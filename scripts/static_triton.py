@@ -226,9 +226,15 @@ def ttgir_loop_divisions(ttgir: str):
 
 
 def _ptxas_warnings(info: str):
-    """ptxas warnings, one line each (C7510-C7515: wgmma serialised, and why)."""
-    return sorted({line.split("warning", 1)[1].strip(" :")[:160]
-                   for line in info.splitlines() if "warning" in line})
+    """ptxas warnings and performance notes, one line each (the C75xx "Potential
+    Performance Loss" infos say why wgmma was serialised)."""
+    out = set()
+    for line in info.splitlines():
+        if "warning" in line:
+            out.add(line.split("warning", 1)[1].strip(" :")[:160])
+        elif re.search(r"\(C75\d\d\)", line):
+            out.add(line[line.index("(C75"):][:160])
+    return sorted(out)
 
 
 def read_sass(sass: str, hot: str):
@@ -584,8 +590,10 @@ def hopper_gaps(r, bar=HOPPER_BAR):
     if not r.loop_hgmma or r.sass_per_hgmma > limit:
         gaps.append(f"{r.sass_per_hgmma} SASS per HGMMA in the hot loop > {limit}")
     if not r.wgmma_wait or min(r.wgmma_wait) < bar["min_wgmma_in_flight"]:
+        why = sorted({w[:7] for w in r.ptxas_warnings if w.startswith("(C75")})
         gaps.append(f"wgmma waited with {r.wgmma_wait or 'no'} groups in flight "
-                    f"(WARPGROUP.DEPBAR.LE immediate) < {bar['min_wgmma_in_flight']}")
+                    f"(WARPGROUP.DEPBAR.LE immediate) < {bar['min_wgmma_in_flight']}"
+                    + (f", ptxas {' '.join(why)}" if why else ""))
     if r.loop_div or r.loop_calls:
         gaps.append(f"{r.loop_div} integer divisions, {r.loop_calls} CALL in the hot loop")
     if r.spill_stores or r.spill_loads or r.hot_spills:

@@ -206,6 +206,15 @@ def test_bf16_forward_cuda():
     torch.testing.assert_close(mean.double(), m_ref, rtol=1e-3, atol=1e-3)
 
 
+def _spy_launches(monkeypatch):
+    """The kernel switches (kwargs) of every conv launch, in order."""
+    seen = []
+    launch = K._launch
+    monkeypatch.setattr(K, "_launch", lambda run, cfgs, grid, args, kw: seen.append(kw)
+                        or launch(run, cfgs, grid, args, kw))
+    return seen
+
+
 # C % 16 == 0: the tap-major K loop, so the TMA operands (issue 21) run in the interpreter
 TMA_CASES = [("3x3s1_c32", 2, 32, 6, 5, 24, 3, 1, 1),  # A: boxes of x per tap, padding
              ("3x3s1_3img", 3, 16, 3, 3, 20, 3, 1, 1),  # boxes of 2 images, a partial one
@@ -227,11 +236,7 @@ def test_tma_operands_forward(monkeypatch, case, dtype):
     a multiple of PyTorch's own error)."""
     if K.TensorDescriptor is None:
         pytest.skip("this triton has no host TMA descriptors")
-    seen = []
-    launch = K._launch
-    monkeypatch.setattr(K, "_launch",
-                        lambda run, cfgs, grid, args, kw: seen.append(kw) or
-                        launch(run, cfgs, grid, args, kw))
+    seen = _spy_launches(monkeypatch)
     x, w, st, pd = _make(case, dtype)
     scale, shift = _scale_shift(x.shape[1], dtype)
     y, mean, var = K.conv_fwd(x, w, st, pd, scale=scale, shift=shift, stats=True)
@@ -267,11 +272,7 @@ def test_tma_weights_dgrad(monkeypatch, case, dtype):
     float64."""
     if K.TensorDescriptor is None:
         pytest.skip("this triton has no host TMA descriptors")
-    seen = []
-    launch = K._launch
-    monkeypatch.setattr(K, "_launch",
-                        lambda run, cfgs, grid, args, kw: seen.append(kw) or
-                        launch(run, cfgs, grid, args, kw))
+    seen = _spy_launches(monkeypatch)
     x, w, st, pd = _make(case, dtype)
     y = F.conv2d(x.double(), w.double(), None, st, pd)
     dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
