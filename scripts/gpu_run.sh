@@ -327,6 +327,8 @@ if [ -n "$PREWARM_PROVIDERS" ] && in_plan train && ! stage_complete train; then
           "caches only, nothing recorded: $(grep -c 'ready in' "$PREWARM_LOG") provider(s) ready"
     ) &
     PREWARM_PID=$!
+else
+    record prewarm skipped null 0 0 "PREWARM_PROVIDERS is empty, or no train stage to run"
 fi
 if stage_begin smoke build; then
     [ -s "$RES/smoke.jsonl" ] && : > "$RES/smoke.jsonl"  # an unfinished earlier attempt

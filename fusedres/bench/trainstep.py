@@ -204,6 +204,10 @@ def build(p: TrainProvider, make_model: Callable[[], torch.nn.Module], x: torch.
         built.peak_mem_bytes = resident + torch.cuda.max_memory_allocated() - start
         built.peak_mem_kind = ("own resident (params, grads, optimizer state) + "
                                "torch.cuda.max_memory_allocated above it in one step")
+    else:  # the dry run: the process's peak RSS over one step (every provider's state)
+        from .timing import peak_memory
+
+        built.peak_mem_bytes, built.peak_mem_kind = peak_memory(step, device)
     return built
 
 
