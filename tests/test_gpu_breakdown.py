@@ -279,3 +279,27 @@ def test_state_complete_rules(tmp_path):
     assert not gs.state_complete(data, "b", retry_failed=True)
     assert not gs.state_complete(data, "c")
     assert gs.state_load(str(tmp_path / "absent.json")) == {}
+
+
+def test_results_markdown_train_section(tmp_path):
+    """RESULTS.md: a folder without train.md lists every provider as missing; with it,
+    its tables replace the plain train.json table."""
+    from fusedres.bench import report
+
+    d = tmp_path / "results" / "h200-2026-12-24"
+    d.mkdir(parents=True)
+    data = {"schema": report.SCHEMA, "machine": {"device_type": "cuda", "gpu": "NVIDIA H200",
+                                                 "date": "2026-12-24T00:00:00+00:00",
+                                                 "git_commit": "abc", "torch": "2.x"},
+            "settings": {"dtype": "bfloat16", "layout": "channels_last", "batch": 256},
+            "rows": [{"suite": "train", "case": "resnet50", "pass": "train_step",
+                      "layer": "224x224", "provider": "eager", "time_ms": 53.7}]}
+    (d / "train.json").write_text(json.dumps(data))
+    text = report.results_markdown(str(tmp_path / "results"))
+    for p in T.default_providers():
+        assert f"| {p} | missing | missing | missing | missing |" in text
+    assert "53.7 ms" in text  # the older table stays
+    (d / "train.md").write_text("\n".join(B.train_markdown(_records())) + "\n")
+    text = report.results_markdown(str(tmp_path / "results"))
+    assert "| compile | missing (failed in build: PrepTimeout" in text
+    assert "53.7 ms" not in text and "## train.json" not in text

@@ -482,3 +482,30 @@ def train_markdown(records: list, providers: Optional[list] = None,
                            f"({_why_missing(records, p, dt, 'breakdown')})")
         out.append("")
     return out
+
+
+def train_results_section(results_dir: str, files: list) -> list:
+    """benchmarks/RESULTS.md's training-step section: ``train.md`` of the results folder
+    (written by ``scripts/gpu_summary.py to-json`` from train.jsonl), or, where that
+    folder has none, every provider and dtype as missing and why."""
+    title = "## Training step per provider, and where its time goes"
+    path = os.path.join(results_dir, "train.md")
+    if os.path.exists(path):
+        with open(path) as f:
+            return [title, "", f"From `{os.path.basename(os.path.normpath(results_dir))}/"
+                    "train.jsonl` (`scripts/gpu_run.sh`, train stage).", ""] + \
+                f.read().rstrip("\n").splitlines() + [""]
+    from .trainstep import default_providers
+
+    why = ("this folder predates the per-provider train stage of scripts/gpu_run.sh"
+           + (" (its train.json, below, has the older eager / converted rows only)"
+              if "train.json" in files else ""))
+    dtypes = ("bfloat16", "float16")
+    return [title, "", f"Every figure of this section is **missing**: {why}. The next GPU "
+            "call of `scripts/gpu_run.sh` measures them (ms per step, img/s, vs eager and vs "
+            "torch.compile, peak memory, seconds to get ready; the step breakdown by kernel "
+            "category with the GPU's idle time and the BN floor).", "",
+            "| provider | " + " | ".join(f"{d} row | {d} breakdown" for d in dtypes) + " |",
+            "|---|" + "---|---|" * len(dtypes)] + \
+        [f"| {p} | " + " | ".join([MISSING] * 2 * len(dtypes)) + " |"
+         for p in default_providers()] + [""]
