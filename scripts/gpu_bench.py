@@ -1,8 +1,10 @@
 """Stages of scripts/gpu_run.sh that import torch: the machine facts and the timings.
 
     python scripts/gpu_bench.py facts --out run.jsonl [--dry-run]
-    python scripts/gpu_bench.py ops|conv|train --out FILE.jsonl [--budget-s S] [--dry-run]
+    python scripts/gpu_bench.py ops|conv --out FILE.jsonl [--budget-s S] [--dry-run]
         [--providers eager,cuda,triton] [--batch N] [--dtype bfloat16] [--cases REGEX]
+    python scripts/gpu_bench.py train --out FILE.jsonl [--state state.json] [--dry-run]
+        [--providers eager,compile,auto,...] [--dtypes bfloat16,float16] [--budget-s S]
 
 Every stage appends JSON lines, one per row, flushed as it goes, so a stage stopped at
 any point (its budget, SIGINT, SIGKILL) leaves what it measured:
@@ -16,12 +18,21 @@ any point (its budget, SIGINT, SIGKILL) leaves what it measured:
   stage (a 1 GiB device-to-device copy, bytes read + written).
 * conv: the forward of every distinct ResNet-50 conv, the Triton conv against cuDNN
   (``F.conv2d``), TFLOP/s.
-* train: one ResNet-50 training step (forward, backward, SGD; autocast to the dtype,
-  channels_last), eager against ``fusedres.convert(model, backend=B)``: ``auto`` (the
-  default: Triton BN kernels, cuDNN convs), ``cuda`` (CUDA C++ BN kernels, cuDNN convs),
-  ``tuned`` (``auto`` plus ``fusedres.tune`` on the step's input); ``triton`` also runs
-  the Triton conv where a BN-ReLU feeds a conv. torchvision's model when it imports, else
-  ``fusedres.bench.resnet50`` (same structure and state_dict keys).
+* train: the ResNet-50 training step (batch 256, channels_last, synthetic data, SGD with
+  momentum; the dry run: ``fusedres.bench.trainstep.TinyResNet``, batch 4, 32x32) per
+  dtype (``--dtypes``, default bfloat16 then float16: autocast, fp16 with a GradScaler)
+  and provider (``fusedres.bench.trainstep``: eager, compile, auto, tuned, auto+compile,
+  one row per conv-fusion path). Each provider is built (convert, tune, torch.compile --
+  ``aot_eager`` in the dry run --, the first steps) under a cap (``--prep-cap-s``), the
+  built ones are timed interleaved (``trainstep.time_interleaved``; a new group where
+  memory runs out), then each is profiled (``fusedres.bench.breakdown``: kernel time per
+  category, busy and idle time; the header carries the BN traffic and its floor at the
+  copy bandwidth measured first). Lines: "row" (ms per step, img/s, vs eager and vs
+  compile of the same run, peak memory, seconds to get ready), "breakdown", "error" and
+  "skipped" (a failed provider is reported with its error, the others go on). Each
+  finished unit goes into ``--state`` (state.json); a second run skips finished units
+  and times eager again beside what it still has to time. ``--prewarm``: build only,
+  record nothing (fills the compile caches while the extension builds).
 
 The cases, providers, timers and row format are fusedres-bench's (``fusedres/bench``):
 a row line is {"kind": "row", <the keys of fusedres.bench.report.ROW_KEYS>}. Around the
@@ -52,10 +63,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# The train stage times backend "auto" (the Triton BN kernels, cuDNN convs), not "triton":
-# a model converted with backend="triton" also runs every conv in Triton (0.25-1.02x cuDNN
-# on the H200, 2026-12-04), and autotuning those convs forward and backward took longer
-# than one call can spare. "tuned" (convert + fusedres.tune) last: the budget may cut it.
 DEFAULT_PROVIDERS = {"ops": "eager,cuda,triton", "conv": "eager,triton"}
 DRY_PROVIDERS = {"ops": "eager,cpu,triton", "conv": "eager,triton"}
 
