@@ -700,7 +700,8 @@ def main(argv=None) -> int:
                         "clock, imports included)")
     p.add_argument("--prep-cap-s", type=float, default=150.0,
                    help="train: most seconds one provider may take to get ready")
-    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--profile-steps", type=int, default=2,
+                   help="train: steps under torch.profiler per breakdown")
     p.add_argument("--no-breakdown", action="store_true", help="train: time only")
     p.add_argument("--prewarm", action="store_true",
                    help="train: build the providers (fill the compile caches), record nothing")

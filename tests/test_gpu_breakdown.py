@@ -303,3 +303,18 @@ def test_results_markdown_train_section(tmp_path):
     text = report.results_markdown(str(tmp_path / "results"))
     assert "| compile | missing (failed in build: PrepTimeout" in text
     assert "53.7 ms" not in text and "## train.json" not in text
+
+
+def test_gpu_trace_kernel_linked_by_correlation():
+    """A kernel without an External id is named through the runtime call that launched
+    it (same correlation), inside its operator."""
+    ev = [
+        _x(B.STEP_RANGE, "user_annotation", 0, 100),
+        _x("aten::max_pool2d_with_indices", "cpu_op", 10, 30),
+        dict(_x("cudaLaunchKernel", "cuda_runtime", 12, 5), args={"correlation": 42}),
+        dict(_x("some_kernel_nobody_knows", "kernel", 200, 10, tid=7),
+             args={"correlation": 42}),
+    ]
+    kernels, _ = B.kernels_from_trace({"traceEvents": ev})
+    assert kernels[0]["ops"][0] == "aten::max_pool2d_with_indices"
+    assert B.categorize(kernels[0]["name"], kernels[0]["ops"]) == B.POOL

@@ -98,7 +98,9 @@ def categorize(kernel: str, ops: Iterable[str] = ()) -> str:
 # --------------------------------------------------------------------------------------
 
 _DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
-_RANGE_CATS = ("cpu_op", "user_annotation")
+# Host ranges: operators, record_function ranges, and the CUDA runtime calls (a launch
+# names its kernel by "correlation" where the kernel carries no "External id").
+_RANGE_CATS = ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver")
 
 
 def _ranges_by_thread(events: list) -> dict:
@@ -112,6 +114,7 @@ def _ranges_by_thread(events: list) -> dict:
             out.setdefault((e.get("pid"), e.get("tid")), []).append(
                 {"ts": ts, "end": ts + float(e.get("dur", 0)), "name": e["name"],
                  "cat": e["cat"], "ext": (e.get("args") or {}).get("External id"),
+                 "corr": (e.get("args") or {}).get("correlation"),
                  "parent": None, "leaf": True})
     for ranges in out.values():
         ranges.sort(key=lambda r: (r["ts"], -r["end"]))
@@ -144,7 +147,8 @@ def kernels_from_trace(trace: dict) -> tuple[list, dict]:
     """``([{"name", "ops", "ts", "dur"}], window)`` from an exported Chrome trace.
 
     Device events when there are any (GPU): each linked through its ``External id`` to
-    the CPU range that launched it, whose enclosing ranges follow it in ``ops``; the
+    the CPU range that launched it (else through its ``correlation`` to the runtime call
+    that launched it), whose enclosing ranges follow it in ``ops``; the
     window is the first kernel's start to the last one's end. Otherwise (CPU) every
     operator inside the ``STEP_RANGE`` ranges with its self time (its duration less its
     operators'), the window the steps' summed duration, busy the time under a top-level
@@ -157,13 +161,17 @@ def kernels_from_trace(trace: dict) -> tuple[list, dict]:
     device = [e for e in events if e.get("ph") == "X" and e.get("cat") in _DEVICE_CATS]
     if device:
         by_ext: dict = {}
+        by_corr: dict = {}
         for ranges in threads.values():
             for i, r in enumerate(ranges):
                 if r["ext"] is not None and r["cat"] == "cpu_op":
                     by_ext[r["ext"]] = (ranges, i)
+                if r["corr"] is not None and r["cat"] in ("cuda_runtime", "cuda_driver"):
+                    by_corr[r["corr"]] = (ranges, r["parent"])
         kernels = []
         for ev in device:
-            found = by_ext.get((ev.get("args") or {}).get("External id"))
+            args = ev.get("args") or {}
+            found = by_ext.get(args.get("External id")) or by_corr.get(args.get("correlation"))
             kernels.append({"name": ev["name"], "ops": _chain(*found) if found else [],
                             "ts": float(ev["ts"]), "dur": float(ev.get("dur", 0))})
         start = min(k["ts"] for k in kernels)

@@ -15,7 +15,7 @@ A provider is named by a string (``parse``):
                      own row this way
     <any>+compile    the above under torch.compile (default mode)
 
-``default_providers`` lists eager, compile, auto, tuned, auto+compile, then one
+``default_providers`` lists eager, compile, auto, auto+compile, tuned, then one
 ``tuned:<c>`` per tune candidate that is not a plain BN backend and one row per
 fusedres backend beyond the four of today: a conv-fusion path that lands in
 ``fusedres.tune.RANK`` or ``fusedres._backend.BACKENDS`` is timed without a change here.
@@ -68,8 +68,9 @@ def parse(name: str) -> TrainProvider:
 
 
 def default_providers() -> list:
-    """eager, compile, auto, tuned, auto+compile, and a row per conv-fusion path."""
-    names = ["eager", "compile", "auto", "tuned", "auto+compile"]
+    """eager, compile, auto, auto+compile, tuned, and a row per conv-fusion path."""
+    # cheapest to get ready first: a call that runs out of time loses the costly ones
+    names = ["eager", "compile", "auto", "auto+compile", "tuned"]
     try:
         from fusedres.tune import RANK
 
