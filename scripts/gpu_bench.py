@@ -518,6 +518,7 @@ def train_stage(args) -> int:
         import gc
 
         gc.collect()
+        torch._dynamo.reset()  # nothing compiled is alive any more: a clean slate
         if gpu:
             torch.cuda.empty_cache()
 

@@ -119,7 +119,8 @@ class Built:
 
 
 def _compile(module, dry: bool):
-    torch._dynamo.reset()
+    # no torch._dynamo.reset() here: it would drop the compiled code of the providers
+    # built before this one, which the interleaved timing then recompiles
     if dry:  # the dry run checks tracing (dynamo + AOT autograd), not Inductor codegen
         return torch.compile(module, backend="aot_eager", dynamic=False)
     return torch.compile(module, dynamic=False)
