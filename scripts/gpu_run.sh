@@ -165,9 +165,20 @@ fi
 # The results folder: RESUME_FROM's name (its files copied in), else <tag>-<date>; an
 # existing folder with a state.json from the same machine model is resumed, any other
 # existing one left alone (a -2, -3, ... folder instead).
+RESULT_FILES="run.jsonl state.json smoke.jsonl checks.log checks.xml train.jsonl ops.jsonl conv.jsonl"
+if [ -n "${RESUME_FROM:-}" ]; then
+    was=$("$PY" scripts/gpu_summary.py state-get "${RESUME_FROM%/}/state.json" machine name)
+    if [ "$was" != "$MACHINE" ]; then
+        echo "[gpu_run] RESUME_FROM=$RESUME_FROM holds results of '$was', not $MACHINE: not resumed"
+        RESUME_FROM=""
+    fi
+fi
 if [ -n "${RESUME_FROM:-}" ]; then
     RES="$OUT/$(basename "${RESUME_FROM%/}")"
-    mkdir -p "$RES" && cp -n "${RESUME_FROM%/}"/*.json* "${RESUME_FROM%/}"/checks.* "$RES"/ 2>/dev/null
+    mkdir -p "$RES" || exit 1
+    for f in $RESULT_FILES; do  # the run's own files only: 8 come back from the device
+        [ -f "${RESUME_FROM%/}/$f" ] && [ ! -e "$RES/$f" ] && cp "${RESUME_FROM%/}/$f" "$RES/"
+    done
 else
     RES="$OUT/${TAG}-$(date -u +%Y-%m-%d)"
 fi
@@ -275,7 +286,7 @@ timed() {  # timed STAGE: a scripts/gpu_bench.py stage
         --budget-s $((CAP - MARGIN_S)) "${DRYFLAG[@]}" "${extra[@]}" "${providers[@]}"
 }
 
-say "fusedres GPU run$([ "$DRY" = 1 ] && echo " (dry run, CPU)"): DEADLINE_S=$DEADLINE_S, results in $RES"
+say "fusedres GPU run$([ "$DRY" = 1 ] && echo " (dry run, CPU)"): DEADLINE_S=$DEADLINE_S, results in $RES$([ "$RESUMED" = 1 ] && echo " (resumed: state.json says what is done)")"
 
 # (a) machine facts
 if stage_begin facts; then
