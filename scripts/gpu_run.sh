@@ -6,12 +6,20 @@
 # pass the commit; the tool brings back what is under $OUT):
 #     run   command:   OUT=$OUT FUSEDRES_GIT_COMMIT=<git rev-parse HEAD> bash scripts/gpu_run.sh
 #           timeout_s: 540
+#     a second call, after one that was cut short or ran out of time (copy what came back
+#     to benchmarks/results/<gpu>-<date>/ first: it travels with the working tree):
+#           OUT=$OUT FUSEDRES_GIT_COMMIT=... RESUME_FROM=benchmarks/results/<gpu>-<date> \
+#               bash scripts/gpu_run.sh
+#     (the checks and the finished train providers are skipped, the build too where the
+#     machine still has it; ops and conv,
+#     which the first call leaves to the second, run)
 # Anywhere else:
 #     OUT=DIR bash scripts/gpu_run.sh              the GPU run
 #     OUT=DIR bash scripts/gpu_run.sh --dry-run    the same stages on the CPU, tiny shapes
 #                                                  (also DRY_RUN=1; CI runs it:
 #                                                  tests/test_gpu_run.py)
 #     bash scripts/gpu_run.sh report [DIR...]      DIR/{ops,conv,train}.jsonl -> .json
+#                                                  and DIR/train.md
 #                                                  (default: every benchmarks/results/*/
 #                                                  with such files), then `fusedres-bench
 #                                                  report` regenerates benchmarks/RESULTS.md
