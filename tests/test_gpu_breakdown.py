@@ -228,12 +228,12 @@ def _summary_mod():
     return mod
 
 
-def _train(tmp_path, state):
+def _train(tmp_path, state, providers="eager,auto", *extra):
     out = tmp_path / "train.jsonl"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "gpu_bench.py"), "train", "--dry-run",
-         "--out", str(out), "--state", str(state), "--providers", "eager,auto",
-         "--dtypes", "float16", "--profile-steps", "1", "--budget-s", "300"],
+         "--out", str(out), "--state", str(state), "--providers", providers,
+         "--dtypes", "float16", "--profile-steps", "1", "--budget-s", "300", *extra],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
         env=dict(os.environ, TRITON_INTERPRET="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -318,3 +318,23 @@ def test_gpu_trace_kernel_linked_by_correlation():
     kernels, _ = B.kernels_from_trace({"traceEvents": ev})
     assert kernels[0]["ops"][0] == "aten::max_pool2d_with_indices"
     assert B.categorize(kernels[0]["name"], kernels[0]["ops"]) == B.POOL
+
+
+def test_a_failing_provider_is_reported_and_the_others_go_on(tmp_path):
+    """A provider whose preparation raises is an error line (and 'failed' in the state
+    file), one that cannot exist here is skipped with the reason; eager still runs."""
+    gs = _summary_mod()
+    state = tmp_path / "state.json"
+    lines = _train(tmp_path, state, "tuned:no-such-candidate,cudnn,eager", "--no-breakdown")
+    err = next(r for r in lines if r["kind"] == "error")
+    assert err["provider"] == "tuned:no-such-candidate" and err["phase"] == "build"
+    assert "unknown tune candidate" in err["error"]
+    skip = next(r for r in lines if r["kind"] == "skipped")
+    assert skip["provider"] == "cudnn" and "no backend 'cudnn'" in skip["reason"]
+    assert [r["provider"] for r in lines if r["kind"] == "row"] == ["eager"]
+    data = gs.state_load(str(state))
+    assert data["train/float16/tuned:no-such-candidate"]["status"] == "failed"
+    assert data["train/float16/cudnn"]["status"] == "unavailable"
+    text = "\n".join(B.train_markdown(lines))
+    assert "| tuned:no-such-candidate | missing (failed in build: ValueError: unknown" in text
+    assert "| cudnn | missing (skipped: fusedres has no backend 'cudnn'" in text
