@@ -49,9 +49,10 @@ BN_CATEGORIES = (BN_OURS, BN_TORCH, BN_INDUCTOR)
 _CONV_OP = r"aten::(_|cudnn_|mkldnn_|miopen_)?convolution\b|aten::conv2d\b"
 _CONV_BWD_OP = r"aten::(cudnn_|mkldnn_|miopen_)?convolution_backward"
 # (category, regex on the kernel name or None, regex on an enclosing range or None[,
-# "both": the two must match]); the first rule with a match wins. Conv kernels of cuDNN/CUTLASS carry "gemm" too, so
-# the conv rules come before FC/GEMM; fusedres's Triton conv ("_conv_kernel") computes
-# the forward and the data gradient, told apart by the custom op that launched it.
+# "both": the two must match]); the first rule with a match wins. Conv kernels of
+# cuDNN/CUTLASS carry "gemm" too, so the conv rules come before FC/GEMM; fusedres's
+# Triton conv ("_conv_kernel") computes the forward and the data gradient, told apart by
+# the custom op that launched it.
 RULES = (
     (COPIES, r"^Memcpy|^Memset|memcpy|memset|copy_kernel|[Cc]opy[A-Z_]|CatArrayBatchedCopy|"
              r"nchwToNhwc|nhwcToNchw|FillFunctor|fill_kernel|^aten::(copy_|_to_copy|clone|"
