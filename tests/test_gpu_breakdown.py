@@ -187,7 +187,8 @@ def _records():
 
 def test_train_markdown_says_why_figures_are_missing():
     text = "\n".join(B.train_markdown(_records()))
-    assert "| eager | 50 (p20-p80 49-51) | 5120 | 1.00x | missing | 16.0 GiB |" in text
+    assert ("| eager | 50 (p20-p80 49-51) | 5120 | 1.00x | missing (no torch.compile row in "
+            "call 1) | 16.0 GiB |") in text
     assert "| compile | missing (failed in build: PrepTimeout" in text
     # no end line: the stage was killed before auto and before fp16
     assert "| auto | missing (not reached: the stage was killed" in text

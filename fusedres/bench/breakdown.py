@@ -454,13 +454,15 @@ def train_markdown(records: list, providers: Optional[list] = None,
                            "| | | | | | |")
                 continue
             e = r.get("extra") or {}
+            call = sessions.index(r.get("session")) + 1 if r.get("session") in sessions else "?"
             ready = (f"{e.get('prep_s', 0):.0f} s ({e.get('convert_s', 0):.1f} + "
                      f"{e.get('tune_s', 0):.1f} + {e.get('first_steps_s', 0):.1f})")
-            call = sessions.index(r.get("session")) + 1 if r.get("session") in sessions else "?"
             note = "; ".join(e.get("notes") or [])
             out.append(f"| {p} | {r['time_ms']:.4g} (p20-p80 {r['time_p20_ms']:.4g}-"
                        f"{r['time_p80_ms']:.4g}) | {r['images_per_s']:.0f} | "
-                       f"{_x(r.get('speedup_vs_eager'))} | {_x(r.get('speedup_vs_compile'))} "
+                       f"{_x(r.get('speedup_vs_eager'))} | "
+                       + (_x(r["speedup_vs_compile"]) if r.get("speedup_vs_compile")
+                          else f"{MISSING} (no torch.compile row in call {call})") + " "
                        f"| {_gib(r.get('peak_mem_bytes'))} | {ready}"
                        + (f"; {note}" if note else "") + f" | {call} |")
         out.append("")
