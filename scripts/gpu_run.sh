@@ -6,12 +6,20 @@
 # pass the commit; the tool brings back what is under $OUT):
 #     run   command:   OUT=$OUT FUSEDRES_GIT_COMMIT=<git rev-parse HEAD> bash scripts/gpu_run.sh
 #           timeout_s: 540
+#     a second call, after one that was cut short or ran out of time (copy what came back
+#     to benchmarks/results/<gpu>-<date>/ first: it travels with the working tree):
+#           OUT=$OUT FUSEDRES_GIT_COMMIT=... RESUME_FROM=benchmarks/results/<gpu>-<date> \
+#               bash scripts/gpu_run.sh
+#     (the checks and the finished train providers are skipped, the build too where the
+#     machine still has it; ops and conv,
+#     which the first call leaves to the second, run)
 # Anywhere else:
 #     OUT=DIR bash scripts/gpu_run.sh              the GPU run
 #     OUT=DIR bash scripts/gpu_run.sh --dry-run    the same stages on the CPU, tiny shapes
 #                                                  (also DRY_RUN=1; CI runs it:
 #                                                  tests/test_gpu_run.py)
 #     bash scripts/gpu_run.sh report [DIR...]      DIR/{ops,conv,train}.jsonl -> .json
+#                                                  and DIR/train.md
 #                                                  (default: every benchmarks/results/*/
 #                                                  with such files), then `fusedres-bench
 #                                                  report` regenerates benchmarks/RESULTS.md
@@ -21,38 +29,58 @@
 #   facts   nvidia-smi query, driver, torch/triton/nvcc/cuDNN versions, the commit, which
 #           optional packages are missing and what that skips             -> run.jsonl
 #   build   pip install -e . (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16), in the background
-#           (dry run: `setup.py --name`, which loads setup.py and builds nothing) -> build.log
+#           (dry run: `setup.py --name`, which loads setup.py and builds nothing); reused
+#           when fusedres._C already loads with CUDA kernels built from this csrc/
+#           (a stamp beside it)                      -> checks.log (appended when it ends)
 #   smoke   meanwhile: every Triton BN kernel and conv mode against fusedres.reference on
 #           small shapes, one config per kernel (scripts/gpu_smoke.py)   -> smoke.jsonl
-#   conv    if the build is still running then: see below (it needs no extension)
+#   prewarm meanwhile too: torch.compile of the training step (PREWARM_PROVIDERS, default
+#           compile), bf16 and fp16, nothing recorded: Inductor's on-disk caches are warm
+#           when the train stage compiles (stopped before the train stage starts)
 #   doctor  `fusedres-bench doctor`, when this checkout has it             -> checks.log
 #   tests   pytest -v of the test files marked cuda (-x off)  -> checks.log, checks.xml
+#   train   ResNet-50 training step, batch 256, channels_last, synthetic data, SGD with
+#           momentum, bf16 then fp16 (autocast; fp16 with a GradScaler): eager,
+#           torch.compile, fusedres auto, tuned, auto under torch.compile and a row per
+#           conv-fusion path (fusedres/bench/trainstep.py), built one by one (each under
+#           a cap), timed interleaved in one process (a new group when memory runs out),
+#           then each profiled: kernel time per category, idle time, the BN floor
+#           (fusedres/bench/breakdown.py)                               -> train.jsonl
 #   ops     every fused BN op at every ResNet-50 BN shape, eager / CUDA / Triton: GB/s and
 #           % of the device-copy bandwidth measured in the same stage  -> ops.jsonl
 #   conv    forward of every ResNet-50 conv: Triton vs cuDNN, TFLOP/s    -> conv.jsonl
-#   train   ResNet-50 training step, eager vs converted (fused BN CUDA kernels, cuDNN
-#           convs): ms per step, images/s, peak memory                  -> train.jsonl
-#           (scripts/gpu_bench.py: fusedres-bench's cases and CUDA-graph timer)
-# One deadline for the whole call, DEADLINE_S (default 450 s; dry run 240 s) from the
+# One deadline for the whole call, DEADLINE_S (default 465 s; dry run 240 s) from the
 # start. Each stage may run up to its own maximum, less what the stages after it need at
 # least (so a slow stage leaves the later ones their minimum), never past the deadline;
 # a stage that cannot get its minimum is recorded as skipped. At its cap a stage gets
 # SIGINT (pytest then prints its summary and writes the JUnit file; the Python stages
 # write a last line and stop), and SIGKILL 10 s later. run.jsonl has one line per stage:
-# status ok | failed | timed_out | killed | skipped, exit code, seconds, cap, why.
-# The summary (scripts/gpu_summary.py DIR, which also reprints it later) comes last.
+# status ok | failed | incomplete | timed_out | killed | skipped, exit code, seconds, cap,
+# why. The summary (scripts/gpu_summary.py DIR, which also reprints it later) comes last.
+#
+# Losing the machine: state.json records each finished stage, and each train provider and
+# breakdown as it finishes. A second run into the same results folder skips what is
+# finished and goes on (the train stage re-times eager beside what it still has to time):
+#     the same $OUT: the folder <gpu>-<date>/ there holding a state.json is resumed;
+#     a fresh machine ($OUT is emptied): RESUME_FROM=DIR, the folder the last call
+#     brought back (committed, or carried); its files are copied into $OUT/<its name>/.
+# A folder from another GPU model is never resumed (a new folder is started). Failed
+# units are not redone unless RETRY_FAILED=1. The first call fits facts, build, smoke,
+# doctor, tests and the train stage into 8 minutes; ops and conv come in the next call.
 #
 # Results: $OUT/<gpu>-<date>/ (e.g. h100-2026-12-04/; dryrun-<date>/ for the dry run), at
-# most 8 files (what the device tool brings back): run.jsonl build.log smoke.jsonl
-# checks.log checks.xml ops.jsonl conv.jsonl train.jsonl. Commit that folder under
+# most 8 files (what the device tool brings back): run.jsonl state.json smoke.jsonl
+# checks.log checks.xml train.jsonl ops.jsonl conv.jsonl. Commit that folder under
 # benchmarks/results/ and run `bash scripts/gpu_run.sh report`.
 #
 # Knobs: PYTHON (python3), DEADLINE_S, MAX_<STAGE> (a stage's own maximum in s, e.g.
-# MAX_TRAIN=200), STAGES (comma-separated subset of facts,build,
-# smoke,doctor,tests,ops,conv,train; e.g. STAGES=ops,conv for a second call on a machine
-# that already built), FUSEDRES_BENCH_BATCH (256), FUSEDRES_BENCH_DTYPE (bfloat16),
-# OPS_PROVIDERS / CONV_PROVIDERS / TRAIN_PROVIDERS (eager, auto, tuned and fusedres
-# backends, e.g. TRAIN_PROVIDERS=eager,auto,cuda; defaults in scripts/gpu_bench.py).
+# MAX_TRAIN=200), STAGES (comma-separated subset of facts,build,smoke,doctor,tests,train,
+# ops,conv; e.g. STAGES=ops,conv), RESUME_FROM, RETRY_FAILED=1, FUSEDRES_BENCH_BATCH
+# (256), FUSEDRES_BENCH_DTYPE (ops/conv: bfloat16), TRAIN_DTYPES (bfloat16,float16),
+# PREWARM_PROVIDERS (compile; "" for none), PREP_CAP_S (150: one train provider's most
+# seconds to get ready), OPS_PROVIDERS / CONV_PROVIDERS / TRAIN_PROVIDERS (e.g.
+# TRAIN_PROVIDERS=eager,compile,auto; defaults in scripts/gpu_bench.py and
+# fusedres/bench/trainstep.py).
 # Not assumed on the machine: torchvision (the repository's ResNet-50 is used), ninja (the
 # build is then serial), timm, pytest-benchmark; pytest is needed for the tests stage.
 set -uo pipefail
@@ -91,30 +119,32 @@ if [ "$DRY" = 1 ]; then
     DEADLINE_S=${DEADLINE_S:-240}
     export TRITON_INTERPRET=1
     DRYFLAG=(--dry-run)
-    # stage:  facts build smoke doctor tests ops conv train
-    declare -A MAX=([facts]=60 [build]=90 [smoke]=120 [doctor]=60 [tests]=90 [ops]=60
-                    [conv]=60 [train]=90)
-    declare -A MIN=([facts]=3 [build]=3 [smoke]=5 [doctor]=3 [tests]=5 [ops]=5 [conv]=5
-                    [train]=10)
+    # stage:  facts build smoke doctor tests train ops conv
+    declare -A MAX=([facts]=60 [build]=90 [smoke]=120 [doctor]=60 [tests]=90 [train]=150
+                    [ops]=60 [conv]=60)
+    declare -A MIN=([facts]=3 [build]=3 [smoke]=5 [doctor]=3 [tests]=5 [train]=10 [ops]=5
+                    [conv]=5)
     FINAL_S=5 KILL_S=5 MARGIN_S=5
+    PREWARM_PROVIDERS=${PREWARM_PROVIDERS-eager}
 else
-    DEADLINE_S=${DEADLINE_S:-450}
+    DEADLINE_S=${DEADLINE_S:-465}
     unset TRITON_INTERPRET  # never test or time the interpreter on a GPU machine
     DRYFLAG=()
-    declare -A MAX=([facts]=45 [build]=300 [smoke]=150 [doctor]=120 [tests]=90 [ops]=120
-                    [conv]=90 [train]=120)
-    declare -A MIN=([facts]=10 [build]=60 [smoke]=30 [doctor]=10 [tests]=30 [ops]=40
-                    [conv]=30 [train]=60)
+    declare -A MAX=([facts]=45 [build]=300 [smoke]=150 [doctor]=75 [tests]=75 [train]=300
+                    [ops]=120 [conv]=90)
+    declare -A MIN=([facts]=10 [build]=60 [smoke]=30 [doctor]=10 [tests]=30 [train]=60
+                    [ops]=40 [conv]=30)
     FINAL_S=15 KILL_S=10 MARGIN_S=15
+    PREWARM_PROVIDERS=${PREWARM_PROVIDERS-compile}
 fi
-for s in facts build smoke doctor tests ops conv train; do  # MAX_TRAIN=200 etc. override
+for s in facts build smoke doctor tests train ops conv; do  # MAX_TRAIN=200 etc. override
     knob="MAX_${s^^}"
     [ -n "${!knob:-}" ] && MAX[$s]=${!knob}
 done
 BENCH_ARGS=()
 [ -n "${FUSEDRES_BENCH_BATCH:-}" ] && BENCH_ARGS+=(--batch "$FUSEDRES_BENCH_BATCH")
 [ -n "${FUSEDRES_BENCH_DTYPE:-}" ] && BENCH_ARGS+=(--dtype "$FUSEDRES_BENCH_DTYPE")
-ALL_STAGES="facts build smoke doctor tests ops conv train"
+ALL_STAGES="facts build smoke doctor tests train ops conv"
 STAGES=${STAGES:-${ALL_STAGES// /,}}
 PLAN=""  # stages still to start, in order: what later stages reserve
 for s in $ALL_STAGES; do
@@ -134,12 +164,48 @@ gpu_tag() {  # "NVIDIA H100 80GB HBM3" -> h100, "NVIDIA H200" -> h200
     name=$(timeout 20 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
     echo "$name" | tr 'A-Z' 'a-z' | grep -oE '[a-z][0-9]{2,4}[a-z]*' | head -1
 }
-if [ "$DRY" = 1 ]; then TAG=dryrun; else TAG=$(gpu_tag); TAG=${TAG:-gpu}; fi
-RES="$OUT/${TAG}-$(date -u +%Y-%m-%d)"
+if [ "$DRY" = 1 ]; then
+    TAG=dryrun MACHINE="dry run ($(uname -m))"
+else
+    MACHINE=$(timeout 20 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+    TAG=$(gpu_tag); TAG=${TAG:-gpu} MACHINE=${MACHINE:-unknown GPU}
+fi
+# The results folder: RESUME_FROM's name (its files copied in), else <tag>-<date>; an
+# existing folder with a state.json from the same machine model is resumed, any other
+# existing one left alone (a -2, -3, ... folder instead).
+RESULT_FILES="run.jsonl state.json smoke.jsonl checks.log checks.xml train.jsonl ops.jsonl conv.jsonl"
+if [ -n "${RESUME_FROM:-}" ]; then
+    was=$("$PY" scripts/gpu_summary.py state-get "${RESUME_FROM%/}/state.json" machine name)
+    if [ "$was" != "$MACHINE" ]; then
+        echo "[gpu_run] RESUME_FROM=$RESUME_FROM holds results of '$was', not $MACHINE: not resumed"
+        RESUME_FROM=""
+    fi
+fi
+if [ -n "${RESUME_FROM:-}" ]; then
+    RES="$OUT/$(basename "${RESUME_FROM%/}")"
+    mkdir -p "$RES" || exit 1
+    for f in $RESULT_FILES; do  # the run's own files only: 8 come back from the device
+        [ -f "${RESUME_FROM%/}/$f" ] && [ ! -e "$RES/$f" ] && cp "${RESUME_FROM%/}/$f" "$RES/"
+    done
+else
+    RES="$OUT/${TAG}-$(date -u +%Y-%m-%d)"
+fi
 n=2
-while [ -e "$RES" ]; do RES="$OUT/${TAG}-$(date -u +%Y-%m-%d)-$n"; n=$((n + 1)); done
+base=$RES
+while [ -e "$RES" ]; do
+    if [ -f "$RES/state.json" ]; then
+        was=$("$PY" scripts/gpu_summary.py state-get "$RES/state.json" machine name)
+        [ "$was" = "$MACHINE" ] && break
+        echo "[gpu_run] $RES holds results of $was, not $MACHINE: not resumed"
+    fi
+    RES="$base-$n"; n=$((n + 1))
+done
 mkdir -p "$RES" || exit 1
 RUN="$RES/run.jsonl"
+STATE="$RES/state.json"
+RESUMED=0
+[ -f "$STATE" ] && RESUMED=1
+"$PY" scripts/gpu_summary.py state-set "$STATE" machine ok name="$MACHINE"
 
 say() { echo "[gpu_run +$(( $(date +%s) - T0 ))s] $*"; }
 left() { echo $(( DEADLINE_S - ($(date +%s) - T0) )); }
@@ -155,7 +221,12 @@ record() {  # record STAGE STATUS RC WALL_S CAP_S REASON: one line of run.jsonl
     printf '{"kind": "stage", "stage": "%s", "status": "%s", "rc": %s, "wall_s": %s, "cap_s": %s, "left_s": %s, "reason": "%s"}\n' \
         "$1" "$2" "$3" "$4" "$5" "$(left)" "$(json_str "$6")" >> "$RUN"
     say "stage $1: $2 (rc $3, ${4} s of ${5} s)${6:+: $6}"
+    # a finished stage is not run again by a resumed run (the build is checked instead)
+    if [ "$2" = ok ] && [ "$1" != build ] && [ "$1" != facts ] && [ "$1" != prewarm ]; then
+        "$PY" scripts/gpu_summary.py state-set "$STATE" "stage/$1" ok
+    fi
 }
+stage_complete() { "$PY" scripts/gpu_summary.py state-complete "$STATE" "stage/$1"; }
 
 # stage_begin STAGE [PARALLEL_STAGE]: sets CAP, the seconds STAGE may run now: its
 # maximum, less the minimum of every later stage still planned (but PARALLEL_STAGE, which
@@ -168,6 +239,10 @@ stage_begin() {
         return 1
     fi
     plan_drop "$stage"
+    if stage_complete "$stage"; then
+        record "$stage" skipped null 0 0 "done in an earlier run (state.json)"
+        return 1
+    fi
     for s in $PLAN; do [ "$s" != "$parallel" ] && reserve=$((reserve + MIN[$s])); done
     avail=$(( $(left) - FINAL_S - KILL_S ))
     CAP=$(( avail - reserve ))
@@ -194,7 +269,8 @@ stage_run() {
     fi
     rc=$?
     case $rc in
-        0) status=ok ;; 124) status=timed_out ;; 137) status=killed ;; *) status=failed ;;
+        0) status=ok ;; 3) status=incomplete ;; 124) status=timed_out ;; 137) status=killed ;;
+        *) status=failed ;;
     esac
     record "$stage" "$status" "$rc" $(( $(date +%s) - t )) "$CAP" "${NOTE:-}"
 }
@@ -204,42 +280,87 @@ timed() {  # timed STAGE: a scripts/gpu_bench.py stage
     knob="${1^^}_PROVIDERS"
     [ -n "${!knob:-}" ] && providers=(--providers "${!knob}")
     stage_begin "$1" || return 0
+    local extra=("${BENCH_ARGS[@]}")
+    if [ "$1" = train ]; then  # resumed unit by unit (state.json): its file is kept
+        extra=(--state "$STATE" --prep-cap-s "${PREP_CAP_S:-150}"
+               --deadline $(( $(date +%s) + CAP - MARGIN_S )))
+        [ -n "${FUSEDRES_BENCH_BATCH:-}" ] && extra+=(--batch "$FUSEDRES_BENCH_BATCH")
+        [ -n "${TRAIN_DTYPES:-}" ] && extra+=(--dtypes "$TRAIN_DTYPES")
+    elif [ -s "$RES/$1.jsonl" ]; then  # an unfinished earlier attempt: started afresh
+        say "stage $1: the unfinished $1.jsonl of an earlier run is replaced"
+        : > "$RES/$1.jsonl"
+    fi
     stage_run "$1" - "$PY" scripts/gpu_bench.py "$1" --out "$RES/$1.jsonl" \
-        --budget-s $((CAP - MARGIN_S)) "${DRYFLAG[@]}" "${BENCH_ARGS[@]}" "${providers[@]}"
+        --budget-s $((CAP - MARGIN_S)) "${DRYFLAG[@]}" "${extra[@]}" "${providers[@]}"
 }
 
-say "fusedres GPU run$([ "$DRY" = 1 ] && echo " (dry run, CPU)"): DEADLINE_S=$DEADLINE_S, results in $RES"
+say "fusedres GPU run$([ "$DRY" = 1 ] && echo " (dry run, CPU)"): DEADLINE_S=$DEADLINE_S, results in $RES$([ "$RESUMED" = 1 ] && echo " (resumed: state.json says what is done)")"
 
 # (a) machine facts
 if stage_begin facts; then
     stage_run facts - "$PY" scripts/gpu_bench.py facts --out "$RUN" "${DRYFLAG[@]}"
 fi
 
-# (b) the extension build in the background, the Triton smoke test meanwhile
+# (b) the extension build in the background (unless the one in the tree is current), the
+# Triton smoke test and the compile prewarm meanwhile
+BUILD_STAMP=${BUILD_STAMP:-build/fusedres_build.stamp}
+[ "$DRY" = 1 ] && BUILD_STAMP=${BUILD_STAMP_DRY:-$OUT/.dry_build.stamp}
+SRC_HASH=$(cat setup.py $(find csrc -type f | sort) 2>/dev/null | sha1sum | cut -c1-16)
+build_current() {  # the extension in the tree was built from this csrc/ and loads
+    [ "$(cat "$BUILD_STAMP" 2>/dev/null)" = "$SRC_HASH" ] || return 1
+    [ "$DRY" = 1 ] && return 0
+    timeout 60 "$PY" -c 'import sys, fusedres._backend as b
+sys.exit(0 if b.has_cuda_kernels() else 1)' 2>/dev/null
+}
 BUILD_PID=""
 if stage_begin build smoke; then
-    if [ "$DRY" = 1 ]; then
-        stage_run build "$RES/build.log" "$PY" setup.py --name &
+    if build_current; then
+        record build ok 0 0 "$CAP" "reused: fusedres._C in the tree is built from this csrc/ ($SRC_HASH)"
     else
-        stage_run build "$RES/build.log" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
-            "$PY" -m pip install -v --no-deps --no-build-isolation --no-index -e . &
+        (
+            if [ "$DRY" = 1 ]; then
+                stage_run build "$RES/build.log" "$PY" setup.py --name
+            else
+                stage_run build "$RES/build.log" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 \
+                    "$PY" -m pip install -v --no-deps --no-build-isolation --no-index -e .
+            fi
+            tail -n 1 "$RUN" | grep -q '"status": "ok"' && mkdir -p "$(dirname "$BUILD_STAMP")" \
+                && echo "$SRC_HASH" > "$BUILD_STAMP"
+        ) &
+        BUILD_PID=$!
     fi
-    BUILD_PID=$!
+fi
+PREWARM_PID=""
+if [ -n "$PREWARM_PROVIDERS" ] && in_plan train && ! stage_complete train; then
+    say "prewarm: ${PREWARM_PROVIDERS} built and run (caches only) beside the build"
+    PREWARM_LOG=$(mktemp)
+    ( t=$(date +%s)
+      timeout -s INT -k "$KILL_S" "${MAX[build]}" "$PY" scripts/gpu_bench.py train --prewarm \
+          --out /dev/null --providers "$PREWARM_PROVIDERS" --prep-cap-s "${MAX[build]}" \
+          ${TRAIN_DTYPES:+--dtypes "$TRAIN_DTYPES"} "${DRYFLAG[@]}" > "$PREWARM_LOG" 2>&1 &
+      echo $! > "$PREWARM_LOG.pid"
+      wait $!
+      rc=$?
+      case $rc in 0) st=ok ;; 124) st=timed_out ;; *) st=failed ;; esac
+      record prewarm $st "$rc" $(( $(date +%s) - t )) "${MAX[build]}" \
+          "caches only, nothing recorded: $(grep -c 'ready in' "$PREWARM_LOG") provider(s) ready"
+    ) &
+    PREWARM_PID=$!
+else
+    record prewarm skipped null 0 0 "PREWARM_PROVIDERS is empty, or no train stage to run"
 fi
 if stage_begin smoke build; then
+    [ -s "$RES/smoke.jsonl" ] && : > "$RES/smoke.jsonl"  # an unfinished earlier attempt
     stage_run smoke - "$PY" scripts/gpu_smoke.py --out "$RES/smoke.jsonl" \
         --budget-s $((CAP - MARGIN_S)) "${DRYFLAG[@]}"
-fi
-if [ -n "$BUILD_PID" ] && kill -0 "$BUILD_PID" 2>/dev/null && in_plan conv; then
-    say "the build is still running: the conv stage (no extension needed) runs meanwhile"
-    NOTE="ran while the extension built (nvcc on the CPUs)" timed conv
-    CONV_DONE=1
 fi
 if [ -n "$BUILD_PID" ]; then
     wait "$BUILD_PID"
     tail -n 3 "$RES/build.log" | sed 's/^/    build.log: /'
+    { echo "== build.log ($(date -u +%FT%TZ))"; cat "$RES/build.log"; } >> "$RES/checks.log"
+    rm -f "$RES/build.log"  # at most 8 files come back: the build log lives in checks.log
 fi
-if [ -n "$BUILD_PID" ] && [ "$(left)" -gt $((FINAL_S + KILL_S)) ]; then
+if [ "$(left)" -gt $((FINAL_S + KILL_S)) ]; then
     backends=$(timeout $(( $(left) - FINAL_S )) "$PY" -c 'import fusedres as f
 print(",".join(f.available_backends()), "|", f.extension_error or "")' 2>/dev/null | tail -1)
     printf '{"kind": "backends", "backends": "%s"}\n' "$(json_str "$backends")" >> "$RUN"
@@ -268,10 +389,18 @@ if stage_begin tests; then
     fi
 fi
 
-# (d) memory-bound ops vs copy bandwidth, (e) conv forward, (f) training step
-timed ops
-[ -z "${CONV_DONE:-}" ] && timed conv
+# (d) the training step (first: the prewarm stops, nothing else then uses the GPU),
+# (e) memory-bound ops vs copy bandwidth, (f) conv forward
+if [ -n "$PREWARM_PID" ]; then
+    # SIGINT to its timeout, which passes it on: gpu_bench.py stops where it is
+    kill -INT "$(cat "$PREWARM_LOG.pid" 2>/dev/null)" 2>/dev/null
+    wait "$PREWARM_PID"
+    sed 's/^/    prewarm: /' "$PREWARM_LOG" | grep -v "^    prewarm: *$" | tail -n 6
+    rm -f "$PREWARM_LOG" "$PREWARM_LOG.pid"
+fi
 timed train
+timed ops
+timed conv
 
 say "done in $(( $(date +%s) - T0 )) s of DEADLINE_S=$DEADLINE_S"
 nfiles=$(find "$RES" -type f | wc -l)

@@ -1,18 +1,25 @@
 """Read what scripts/gpu_run.sh wrote: print the short summary, or convert the timing
 stages to fusedres-bench JSON for ``fusedres-bench report``.
 
-    python scripts/gpu_summary.py DIR              the summary table (no torch import)
+    python scripts/gpu_summary.py DIR              the summary table (imports torch only
+                                                   for a train stage's tables)
     python scripts/gpu_summary.py to-json DIR...   DIR/{ops,conv,train}.jsonl ->
-                                                   DIR/{ops,conv,train}.json
+                                                   DIR/{ops,conv,train}.json, and
+                                                   DIR/train.md (providers, breakdown,
+                                                   what is missing and why)
+    python scripts/gpu_summary.py state-complete|state-set|state-get FILE KEY ...
+                                                   the run's state.json (gpu_run.sh)
 
 Files of a run (all optional: a stage that did not run left none):
   run.jsonl    the machine facts, then one line per stage: status ok | failed |
-               timed_out | skipped, rc, wall_s, cap_s, reason
+               incomplete | timed_out | skipped, rc, wall_s, cap_s, reason
+  state.json   what is finished: stage/<name>, train/<dtype>/<provider>[/breakdown]
   smoke.jsonl  one line per Triton kernel check (scripts/gpu_smoke.py)
   checks.xml   JUnit XML of the CUDA kernel tests (checks.log: their -v output and
                `fusedres-bench doctor`'s)
-  ops.jsonl, conv.jsonl, train.jsonl  timings (scripts/gpu_bench.py)
-  build.log    the extension build
+  ops.jsonl, conv.jsonl, train.jsonl  timings (scripts/gpu_bench.py); train.jsonl
+               also the step breakdowns ("kind": "breakdown")
+  build.log    the extension build (appended to checks.log once it ends)
 Every file is read line by line: a line cut by a kill is ignored.
 """
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 TIMED = ("ops", "conv", "train")
@@ -37,6 +45,45 @@ def read_jsonl(path: str) -> list:
     except OSError:
         pass
     return rows
+
+
+# --------------------------------------------------------------------------------------
+# state.json: what a run finished, so that a second run into the same folder goes on
+# --------------------------------------------------------------------------------------
+
+STATE = "state.json"
+# A unit with one of these statuses is not redone; "failed" is, with RETRY_FAILED=1.
+FINAL = ("ok", "failed", "unavailable")
+
+
+def state_load(path: str) -> dict:
+    """{key: {"status", "at", ...}}; {} if the file is absent or unreadable (a torn file
+    cannot happen: it is replaced whole)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def state_set(path: str, key: str, status: str, **info) -> None:
+    """Record one unit (a stage, or a train stage's provider / breakdown) atomically."""
+    data = state_load(path)
+    data[key] = dict(info, status=status, at=time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                            time.gmtime()))
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def state_complete(data: dict, key: str, retry_failed: bool = False) -> bool:
+    """Is ``key`` finished (so a resumed run skips it)?"""
+    status = (data.get(key) or {}).get("status")
+    if status == "failed" and retry_failed:
+        return False
+    return status in FINAL
 
 
 def junit(path: str) -> dict | None:
@@ -164,11 +211,29 @@ def summary(d: str) -> str:
             out.append(f"  FAILED {name}")
         if len(tests["failed"]) > 8:
             out.append(f"  ... {len(tests['failed']) - 8} more in checks.xml")
-    for stage in TIMED:
+    for stage in ("ops", "conv", "train"):  # train last: the reply's tail shows it
         rows = read_jsonl(os.path.join(d, f"{stage}.jsonl"))
-        if rows:
+        if stage == "train" and is_train_v2(rows):
+            out += ["train (providers interleaved per dtype; breakdown per provider):"]
+            out += train_markdown(rows)
+        elif rows:
             out += timed_summary(stage, rows)
     return "\n".join(out)
+
+
+def is_train_v2(rows: list) -> bool:
+    """train.jsonl of the per-provider train stage (a header with a session)."""
+    return any(r.get("kind") == "header" and "session" in r for r in rows)
+
+
+def train_markdown(rows: list) -> list:
+    """fusedres.bench.breakdown.train_markdown (this script then imports fusedres)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from fusedres.bench.breakdown import train_markdown as render
+
+    return render(rows)
 
 
 def to_bench_json(path: str) -> dict:
@@ -178,6 +243,11 @@ def to_bench_json(path: str) -> dict:
     rows = read_jsonl(path)
     header = next((r for r in rows if r.get("kind") == "header"), {})
     end = next((r for r in rows if r.get("kind") == "end"), {})
+    if is_train_v2(rows):  # several calls may have appended: the last one decides
+        header = [r for r in rows if r.get("kind") == "header"][-1]
+        end = ([r for r in rows if r.get("kind") == "end"] or [{}])[-1]
+        header = dict(header, settings=dict(header["settings"],
+                                            dtype=",".join(header["settings"]["dtypes"])))
     data = [{k: v for k, v in r.items() if k != "kind"} for r in rows if r.get("kind") == "row"]
     copy = header.get("copy") or {}
     return {"schema": report.SCHEMA, "complete": bool(end.get("complete")),
@@ -207,6 +277,12 @@ def to_json(dirs: list) -> list:
                 dst = os.path.join(d, f"{stage}.json")
                 report.write_json(to_bench_json(src), dst)
                 written.append(dst)
+                rows = read_jsonl(src)
+                if stage == "train" and is_train_v2(rows):
+                    md = os.path.join(d, "train.md")  # what RESULTS.md shows of it
+                    with open(md, "w") as f:
+                        f.write("\n".join(train_markdown(rows)) + "\n")
+                    written.append(md)
     return written
 
 
@@ -215,6 +291,15 @@ def main(argv=None) -> int:
     if not argv:
         print(__doc__, file=sys.stderr)
         return 2
+    if argv[0] == "state-complete":  # FILE KEY: exit 0 if KEY is finished
+        return 0 if state_complete(state_load(argv[1]), argv[2],
+                                   os.environ.get("RETRY_FAILED") == "1") else 1
+    if argv[0] == "state-set":  # FILE KEY STATUS [FIELD=VALUE ...]
+        state_set(argv[1], argv[2], argv[3], **dict(a.split("=", 1) for a in argv[4:]))
+        return 0
+    if argv[0] == "state-get":  # FILE KEY FIELD: print the value ("" if none)
+        print((state_load(argv[1]).get(argv[2]) or {}).get(argv[3], ""))
+        return 0
     if argv[0] == "to-json":
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         sys.path.insert(0, root)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ["facts", "build", "smoke", "doctor", "tests", "ops", "conv", "train"]
+STAGES = ["facts", "build", "prewarm", "smoke", "doctor", "tests", "train", "ops", "conv"]
 
 
 def _script_module(name):
@@ -52,7 +52,10 @@ def _stages(res):
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    return _dry_run(tmp_path_factory.mktemp("gpu_run"), DEADLINE_S="300")
+    # bf16 only here (every provider, and the breakdown); fp16 and its GradScaler in
+    # test_gpu_breakdown.py's resume test: the CPU dry run stays a few minutes in all
+    return _dry_run(tmp_path_factory.mktemp("gpu_run"), DEADLINE_S="420", MAX_TRAIN="200",
+                    TRAIN_DTYPES="bfloat16")
 
 
 def test_dry_run_records_every_stage_once(dry_run):
@@ -60,18 +63,23 @@ def test_dry_run_records_every_stage_once(dry_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     stages, order = _stages(res)
     assert sorted(order) == sorted(STAGES) and len(order) == len(STAGES), order
-    for name in ("facts", "build", "smoke", "tests", "ops", "conv"):
+    for name in ("facts", "build", "prewarm", "smoke", "tests", "train", "ops", "conv"):
         assert stages[name]["status"] == "ok", stages[name]
-    assert stages["doctor"]["status"] in ("ok", "skipped")
-    # a ResNet-50 step on a loaded 2-core machine may meet its cap: then it says so
-    assert stages["train"]["status"] in ("ok", "timed_out"), stages["train"]
+    # the doctor checks every backend on the CPU: on a loaded 2-core machine it can meet
+    # its 60 s cap, and then it says so
+    assert stages["doctor"]["status"] in ("ok", "skipped", "timed_out", "killed")
+    # every finished stage is in the state file (what a resumed run skips)
+    state = summary_mod.state_load(str(res / "state.json"))
+    for name in ("smoke", "tests", "train", "ops", "conv"):
+        assert state[f"stage/{name}"]["status"] == "ok", state
     for r in stages.values():
         assert r["wall_s"] <= r["cap_s"] + 10, r
     # at most 8 files: what the device tool brings back
     assert len(list(res.iterdir())) <= 8
     # the summary comes last and names what ran
     tail = proc.stdout[proc.stdout.rindex("== fusedres GPU run"):]
-    for word in ("smoke (Triton kernels", "CUDA kernel tests", "ops:", "conv:", "train:"):
+    for word in ("smoke (Triton kernels", "CUDA kernel tests", "ops:", "conv:", "train (",
+                 "Step breakdown, bfloat16"):
         assert word in tail, tail
 
 
@@ -136,13 +144,41 @@ def test_dry_run_ops_rows(dry_run):
     assert any(r["kind"] == "skipped" and r["provider"] == "fusedres-triton" for r in rows)
 
 
-def test_dry_run_conv_and_train_rows(dry_run):
+def test_dry_run_conv_rows(dry_run):
     _, res, _ = dry_run
     _, conv = _timed(res, "conv")
     assert all(r["case"] == "conv" and r["pass"] == "fwd" and r["tflops"] > 0 for r in conv)
+
+
+def test_dry_run_train_every_provider_and_breakdown(dry_run):
+    """A row and a breakdown per provider; the categories sum to the profiled total."""
+    _, res, _ = dry_run
+    from fusedres.bench import breakdown, trainstep
+
     rows, train = _timed(res, "train")
-    assert train[0]["provider"] == "eager" and train[0]["images_per_s"] > 0
-    assert train[0]["extra"]["model"]
+    providers = trainstep.default_providers()
+    assert "compile" in providers and "tuned" in providers and "auto+compile" in providers
+    assert rows[0]["settings"]["providers"] == providers
+    assert [r["provider"] for r in train] == providers, [r["provider"] for r in train]
+    for r in train:
+        assert r["dtype"] == "bfloat16" and r["images_per_s"] > 0 and r["time_ms"] > 0
+        assert r["speedup_vs_eager"] > 0 and r["speedup_vs_compile"] > 0
+        assert r["extra"]["prep_s"] >= r["extra"]["first_steps_s"] > 0
+    tuned = next(r for r in train if r["provider"] == "tuned")
+    assert tuned["extra"]["tune_s"] > 0 and sum(tuned["extra"]["tune_choices"].values()) > 0
+    bds = {r["provider"]: r for r in rows if r["kind"] == "breakdown"}
+    assert list(bds) == providers
+    for b in bds.values():
+        cats = b["categories_ms"]
+        assert set(cats) == set(breakdown.CATEGORIES)
+        assert sum(cats.values()) == pytest.approx(b["total_ms"], rel=0.01)
+        assert b["total_ms"] > 0 and b["wall_ms"] >= b["busy_ms"] > 0 and b["idle_ms"] >= 0
+        assert cats[breakdown.CONV_FWD] > 0 and cats[breakdown.LOSS] > 0
+    assert bds["eager"]["categories_ms"][breakdown.BN_TORCH] > 0
+    assert bds["eager"]["categories_ms"][breakdown.BN_OURS] == 0
+    assert bds["auto"]["categories_ms"][breakdown.BN_OURS] > 0
+    assert rows[0]["bn_bytes"]["bfloat16"]["fused"] < rows[0]["bn_bytes"]["bfloat16"]["eager"]
+    assert rows[-1]["kind"] == "end" and rows[-1]["complete"]
 
 
 def test_report_conversion(dry_run, tmp_path):
@@ -152,7 +188,10 @@ def test_report_conversion(dry_run, tmp_path):
     copy = tmp_path / res.name
     shutil.copytree(res, copy)
     written = summary_mod.to_json([str(copy)])
-    assert {os.path.basename(p) for p in written} == {"ops.json", "conv.json", "train.json"}
+    assert {os.path.basename(p) for p in written} == {"ops.json", "conv.json", "train.json",
+                                                      "train.md"}
+    md = (copy / "train.md").read_text()
+    assert "| tuned |" in md and "Step breakdown, bfloat16" in md and "missing" not in md
     from fusedres.bench import report
 
     with open(copy / "ops.json") as f:
@@ -166,7 +205,7 @@ def test_tiny_deadline_skips_later_stages(tmp_path):
     proc, res, wall = _dry_run(tmp_path, DEADLINE_S="20")
     stages, order = _stages(res)
     assert sorted(order) == sorted(STAGES), order
-    for name in ("ops", "conv", "train"):
+    for name in ("train", "ops", "conv"):
         assert stages[name]["status"] == "skipped" and "deadline" in stages[name]["reason"]
     assert stages["facts"]["status"] in ("ok", "timed_out")
     assert wall < 20 + 40, wall  # the deadline, the last kill grace and the summary
@@ -234,3 +273,43 @@ def test_summary_reads_killed_files(tmp_path):
         f.write("\n".join(json.dumps(r) for r in rows) + '\n{"kind": "row", "case": "bn_')
     text = summary_mod.summary(str(tmp_path))
     assert "bn_relu" in text and "50%" in text and "killed" in text
+
+
+def test_resume_skips_finished_stages(tmp_path):
+    """RESUME_FROM a folder whose state.json says smoke finished: smoke is skipped and its
+    file kept, tests run; a second run into the same $OUT resumes that folder and skips
+    both. A folder of another machine is never resumed."""
+    import platform
+    import shutil
+
+    name = f"dryrun-{time.strftime('%Y-%m-%d', time.gmtime())}"
+    src = tmp_path / "prev" / name
+    src.mkdir(parents=True)
+    (src / "smoke.jsonl").write_text('{"kind": "end", "complete": true}\n')
+    summary_mod.state_set(str(src / "state.json"), "machine", "ok",
+                          name=f"dry run ({platform.machine()})")
+    summary_mod.state_set(str(src / "state.json"), "stage/smoke", "ok")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(STAGES="smoke,tests", DEADLINE_S="200")
+    _, res, _ = _dry_run(out, RESUME_FROM=str(src), **env)
+    assert res.name == name
+    stages, _ = _stages(res)
+    assert stages["smoke"]["status"] == "skipped" and "earlier run" in stages["smoke"]["reason"]
+    assert stages["tests"]["status"] == "ok"
+    assert _lines(res / "smoke.jsonl") == [{"kind": "end", "complete": True}]
+
+    _, again, _ = _dry_run(out, **env)  # the same $OUT: that folder goes on
+    assert again == res
+    stages = [r for r in _lines(res / "run.jsonl") if r["kind"] == "stage"]
+    assert [r["status"] for r in stages if r["stage"] == "tests"] == ["ok", "skipped"]
+
+    other = tmp_path / "other"
+    shutil.copytree(res, other / name)
+    summary_mod.state_set(str(other / name / "state.json"), "machine", "ok", name="NVIDIA H200")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_run.sh"), "--dry-run"],
+                          env=dict(os.environ, OUT=str(other), PYTHON=sys.executable,
+                                   STAGES="smoke", DEADLINE_S="60"),
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert "not resumed" in proc.stdout, proc.stdout[-2000:]
+    assert (other / f"{name}-2" / "run.jsonl").exists()
