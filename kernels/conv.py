@@ -27,8 +27,8 @@ One kernel, ``_conv_kernel``, with constexpr switches:
   viewed as [N, H/2, 2, W/2, 2C]. Without TMA (sm_80, odd sizes, sparse strides, a
   Triton without host descriptors) both go through pointers (16-byte cp.async).
 * ``PROLOGUE`` on the A operand while loading: 1 = ``relu(x*scale + shift)`` (the
-  previous layer's BN-ReLU; in the operand dtype, scale/shift passed in it: a packed
-  16-bit FMA with relu on sm_90), 2 = ``x + py*scale + shift`` (the dBN term of the stats
+  previous layer's BN-ReLU; fp32 math, rounded once to the operand dtype after the
+  ReLU), 2 = ``x + py*scale + shift`` (the dBN term of the stats
   outputs' gradients: dy + dmean/M + dvar*2*(y - mean)/M). Padded taps and the M/K tails
   contribute exactly 0 AFTER the prologue (DESIGN section 2, the padding pitfall).
 * Epilogue: ``HAS_BIAS``, ``HAS_RESIDUAL``, ``EPILOGUE_RELU`` (NaN-propagating),
@@ -281,14 +281,13 @@ def _conv_kernel(
         else:
             a = tl.load(X_ptr + a_off, mask=ok, other=0.0)
         if PROLOGUE == 1:
-            # in the operand dtype (packed bf16x2/f16x2 FMA and max on sm_90; fp32 and
-            # fp64 stay fp32/fp64), NaN-propagating like torch.relu
+            # scale and shift in fp32, rounded once to the operand dtype after the ReLU: a
+            # packed 16-bit FMA rounds shift = beta - mean*scale to 8 bits, 7x torch's
+            # error at mean/std = 20 (docs/triton_conv.md); NaN-propagating like torch.relu
             op_t = W_ptr.dtype.element_ty
-            sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(op_t)
-            sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(op_t)
-            v = tl.fma(a.to(op_t), sc[None, :], sh[None, :])
-            # the max is fp32 (Triton's NaN-propagating max of 16-bit types); ptxas folds
-            # it into the repacking convert (cvt.rn.relu)
+            sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
+            sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
+            v = tl.fma(a.to(acc.dtype), sc[None, :], sh[None, :])
             v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL).to(op_t)
             if A_TMA == 1:  # no padded taps; rows past M are never stored nor counted
                 a = v
@@ -839,9 +838,7 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     else:
         ws1 = ws2 = y
     res = residual if residual is not None else y
-    pscale, pshift = y, y
-    if prologue:  # the prologue runs in the operand dtype (packed 16-bit FMA + relu)
-        pscale, pshift = scale.to(weight.dtype), shift.to(weight.dtype)
+    pscale, pshift = (scale, shift) if prologue else (y, y)  # fp32 scale/shift (kernel)
     args = (x, weight, y, bias if bias is not None else y, res,
             pscale, pshift, y, y, y, y, ws1, ws2, ws3,
             w_desc if w_desc is not None else weight, x_desc if x_desc is not None else x,
