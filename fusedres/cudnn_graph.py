@@ -19,7 +19,7 @@ today's path (F.conv2d and the fused BN kernels), never to an exception:
    (cudnn-frontend headers at build time), CUDA tensors, float16/bfloat16, compute
    capability >= 8.0, in and out channels multiples of 8 (16-byte aligned rows for the
    runtime-fusion engines), groups 1, dilation 1, zero padding, no conv bias,
-   channels_last input and weight;
+   channels_last input and weight, 16-byte aligned (per call, not remembered);
 2. ``fusedres::cudnn_graph_plan``: cuDNN builds the graph's plan once per (device, dtype,
    shapes, strides, graph kind), ``check_support`` included; a refusal is remembered
    (``statuses()``) and reported by ``explain`` and ``fusedres-bench doctor``.
@@ -88,15 +88,20 @@ def problem(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, 
     if x.device.type != "cuda":
         return "the cuDNN graphs run on CUDA tensors only"
     cl = torch.channels_last
+    # (a FakeTensor under torch.compile has no address: the C++ op checks it at run time)
+    aligned = torch.compiler.is_compiling() or (x.data_ptr() % 16 == 0
+                                                and weight.data_ptr() % 16 == 0)
     return plan(capabilities(x.device), x.dtype, weight.dtype, bias is not None,
                 tuple(x.shape), tuple(weight.shape), groups, fconv._pair(dilation),
                 padding, padding_mode,
-                x.is_contiguous(memory_format=cl) and weight.is_contiguous(memory_format=cl))
+                x.is_contiguous(memory_format=cl) and weight.is_contiguous(memory_format=cl),
+                aligned)
 
 
 def plan(caps: Capabilities, dtype: torch.dtype, weight_dtype: torch.dtype, has_bias: bool,
          input_shape: tuple, weight_shape: tuple, groups: int = 1, dilation=(1, 1),
-         padding=0, padding_mode: str = "zeros", channels_last: bool = True) -> Optional[str]:
+         padding=0, padding_mode: str = "zeros", channels_last: bool = True,
+         aligned: bool = True) -> Optional[str]:
     """The planner's rules for one conv on a CUDA device with ``caps``: None (ask cuDNN)
     or why no graph is planned. Stride and kernel size are not rules here: cuDNN's
     ``check_support`` decides them per shape (and is remembered, ``plan_status``)."""
@@ -122,6 +127,8 @@ def plan(caps: Capabilities, dtype: torch.dtype, weight_dtype: torch.dtype, has_
                 "needs multiples of 8 (16-byte aligned fp16/bf16 rows)")
     if not channels_last:
         return "input or weight not channels_last (the graphs are NHWC)"
+    if not aligned:  # not a property of the graph: checked per call, never remembered
+        return "input or weight not 16-byte aligned (a view with an offset)"
     return None
 
 

@@ -46,6 +46,7 @@ def test_planner_rules():
     assert "groups" in _plan(groups=2)
     assert "channels_last" in _plan(channels_last=False)
     assert "weight dtype" in _plan(weight_dtype=torch.float32)
+    assert "aligned" in _plan(aligned=False)
 
 
 def test_problem_on_cpu_says_cuda_only():
@@ -277,3 +278,64 @@ def test_doctor_skips_with_a_reason_on_cpu():
     d = doctor.Doctor(torch.device("cpu"), quick=True, only="nothing-matches")
     d.run()
     assert ("cudnn-graph", "the cuDNN graphs run on CUDA only") in d.skipped
+
+
+# --------------------------------------------------------------------------------------
+# On a GPU with the path built (skipped elsewhere): cuDNN itself
+# --------------------------------------------------------------------------------------
+
+_ON_GPU = pytest.mark.skipif(not (torch.cuda.is_available() and cudnn_graph.built()),
+                             reason="needs a GPU and fusedres._C built with the cuDNN graph path")
+
+
+def _gpu_inputs(dtype, prologue, cin=64, cout=64, k=3, h=14):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(8, cin, h, h, device="cuda", generator=g).to(dtype).contiguous(memory_format=cl)
+    w = (torch.randn(cout, cin, k, k, device="cuda", generator=g) * (cin * k * k) ** -0.5
+         ).to(dtype).contiguous(memory_format=cl)
+    s = torch.rand(cin, device="cuda", generator=g) + 0.5 if prologue else None
+    t = torch.randn(cin, device="cuda", generator=g) * 0.1 if prologue else None
+    return x, w, s, t
+
+
+@_ON_GPU
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("prologue", [False, True])
+def test_gpu_graph_against_reference(dtype, prologue):
+    x, w, s, t = _gpu_inputs(dtype, prologue)
+    status = cudnn_graph.plan_status(x, w, prologue, 1, 1)
+    if status:
+        pytest.skip(f"cuDNN refused the graph here: {status}")
+    y, s1, s2 = torch.ops.fusedres.cudnn_graph_conv_stats(x, w, s, t, [1, 1], [1, 1])
+    d = torch.float64
+    ref = R.graph_f1(x.to(d), s.to(d), t.to(d), w.to(d), 1, 1) if prologue \
+        else R.graph_f0(x.to(d), w.to(d), 1, 1)
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    for got, want, name in zip((y, s1, s2), ref, ("y", "sum", "sum_sq")):
+        err = (got.double() - want).norm() / want.norm()
+        assert err < tol, f"{name}: relative error {err:.3g}"
+
+
+@_ON_GPU
+@pytest.mark.parametrize("prologue", [False, True])
+def test_gpu_opcheck(prologue):
+    x, w, s, t = _gpu_inputs(torch.float16, prologue)
+    if cudnn_graph.plan_status(x, w, prologue, 1, 1):
+        pytest.skip("cuDNN refused the graph here")
+    x.requires_grad_()
+    torch.library.opcheck(torch.ops.fusedres.cudnn_graph_conv_stats.default,
+                          (x, w, s, t, [1, 1], [1, 1]),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
+
+
+@_ON_GPU
+def test_gpu_compile_fullgraph():
+    x, w, s, t = _gpu_inputs(torch.bfloat16, True)
+    if cudnn_graph.plan_status(x, w, True, 1, 1):
+        pytest.skip("cuDNN refused the graph here")
+    eager = cudnn_graph.conv_stats(x, w, 1, 1, s, t)
+    compiled = torch.compile(lambda *a: cudnn_graph.conv_stats(*a, 1, 1, s, t), fullgraph=True)
+    for a, b in zip(compiled(x, w), eager):
+        torch.testing.assert_close(a, b)

@@ -18,7 +18,8 @@
 //       here (the Python side asks cudnn_graph_plan first and falls back).
 //   cudnn_graph_version() -> int   cudnnGetVersion() of the loaded libcudnn.
 //
-// Plans are cached per (device, dtype, sizes, strides, stride, padding, graph kind) in a
+// Plans are cached per (device, dtype, sizes, stride, padding, graph kind; the tensors are
+// channels_last, described to cuDNN with canonical NHWC strides) in a
 // process-wide map under a mutex; a plan is built on first use, so build them before
 // CUDA-graph capture (the first call NVRTC-compiles runtime-fusion engines). The handle
 // is ATen's (at::native::getCudnnHandle: per thread and device, set to the current
@@ -33,6 +34,7 @@
 
 #include <cudnn_frontend.h>
 
+#include <cstdint>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -73,13 +75,9 @@ std::string plan_key(const at::Tensor& x, const at::Tensor& w, bool prologue,
                      at::IntArrayRef stride, at::IntArrayRef padding) {
   std::ostringstream k;
   k << x.get_device() << '|' << static_cast<int>(x.scalar_type()) << '|' << (prologue ? "F1" : "F0");
-  for (auto v : x.sizes()) k << ',' << v;
-  k << '|';
-  for (auto v : x.strides()) k << ',' << v;
+  for (auto v : x.sizes()) k << ',' << v;  // strides: canonical NHWC (precheck)
   k << '|';
   for (auto v : w.sizes()) k << ',' << v;
-  k << '|';
-  for (auto v : w.strides()) k << ',' << v;
   k << '|' << stride[0] << ',' << stride[1] << '|' << padding[0] << ',' << padding[1];
   return k.str();
 }
@@ -91,10 +89,14 @@ std::string build(Plan& plan, const at::Tensor& x, const at::Tensor& w, bool pro
   const auto f32 = fe::DataType_t::FLOAT;
   auto g = std::make_shared<fe::graph::Graph>();
   g->set_io_data_type(io).set_intermediate_data_type(f32).set_compute_data_type(f32);
+  // Canonical NHWC strides (precheck: both are channels_last in memory): a size-1 dim's
+  // stride is arbitrary in torch (a 1x1 NCHW weight counts as channels_last).
   auto X = g->tensor(fe::graph::Tensor_attributes().set_name("x").set_uid(kX)
-                         .set_dim(x.sizes().vec()).set_stride(x.strides().vec()).set_data_type(io));
+                         .set_dim(x.sizes().vec()).set_stride(nhwc_strides(x.sizes().vec()))
+                         .set_data_type(io));
   auto W = g->tensor(fe::graph::Tensor_attributes().set_name("w").set_uid(kW)
-                         .set_dim(w.sizes().vec()).set_stride(w.strides().vec()).set_data_type(io));
+                         .set_dim(w.sizes().vec()).set_stride(nhwc_strides(w.sizes().vec()))
+                         .set_data_type(io));
   TensorAttr conv_in = X;
   if (prologue) {
     const int64_t c = x.size(1);
@@ -170,6 +172,10 @@ std::string precheck(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef s
   if (!x.is_contiguous(at::MemoryFormat::ChannelsLast) ||
       !w.is_contiguous(at::MemoryFormat::ChannelsLast))
     return "input and weight must be channels_last (NHWC / KRSC)";
+  for (const auto* t : {&x, &w}) {  // the runtime-fusion engines load 16-byte vectors
+    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0)
+      return "input or weight not 16-byte aligned (a view with an offset)";
+  }
   const auto ysz = out_sizes(x, w, stride, padding);
   if (ysz[2] <= 0 || ysz[3] <= 0 || x.numel() == 0) return "empty input or output";
   return "";
