@@ -14,7 +14,7 @@ adds a ResNet-50 training step (torchvision, SGD, autocast): eager against the c
 model with every BN-ReLU -> conv site on the graph path (img/s).
 
     python3 scripts/gpu_cudnn_sites.py [--batch 256] [--dtypes float16,bfloat16]
-                                       [--train] [--out results.json]
+                                       [--sites 1,2,6] [--train] [--out results.json]
 
 Needs a GPU and fusedres._C built with the cuDNN graph path (docs/cudnn_graph.md).
 """
@@ -86,13 +86,16 @@ def time_site(site, batch, dtype, backward):
                                                   shift if prologue else None)
             run(y.float().mean() + mean.sum() + var.sum())
 
-        row["conv_ms"] = _ms(conv)
-        row["conv_bn_ms"] = _ms(unfused)
-        if why:
-            row["graph"] = f"refused: {why}"
-        else:
-            row["graph_ms"] = _ms(graph)
-            row["speedup_vs_conv_bn"] = row["conv_bn_ms"] / row["graph_ms"]
+        try:  # one site that breaks is recorded, the others still run
+            row["conv_ms"] = _ms(conv)
+            row["conv_bn_ms"] = _ms(unfused)
+            if why:
+                row["graph"] = f"refused: {why}"
+            else:
+                row["graph_ms"] = _ms(graph)
+                row["speedup_vs_conv_bn"] = row["conv_bn_ms"] / row["graph_ms"]
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -142,6 +145,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--dtypes", default="float16,bfloat16")
     p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--sites", help="comma-separated indices into SITES (default: all)")
     p.add_argument("--train", action="store_true")
     p.add_argument("--out")
     args = p.parse_args()
@@ -158,7 +162,7 @@ def main() -> int:
                   cudnn=cudnn_graph.capabilities(torch.device("cuda")).cudnn_version,
                   sites=[], train={})
     for dtype in dtypes:
-        for site in SITES:
+        for site in ([SITES[int(i)] for i in args.sites.split(",")] if args.sites else SITES):
             result["sites"] += time_site(site, args.batch, dtype, not args.no_backward)
     if args.train:
         for dtype in dtypes:

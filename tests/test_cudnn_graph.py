@@ -339,3 +339,40 @@ def test_gpu_compile_fullgraph():
     compiled = torch.compile(lambda *a: cudnn_graph.conv_stats(*a, 1, 1, s, t), fullgraph=True)
     for a, b in zip(compiled(x, w), eager):
         torch.testing.assert_close(a, b)
+
+
+@_ON_GPU
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_converted_block_under_autocast(dtype):
+    """A bottleneck (channels 16/32, so the planner takes every inner conv) with every site
+    on the graph path under autocast: output and gradients against the unfused block,
+    running statistics too; last_backend says the prologue ran."""
+    class Wide(Bottleneck):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16)
+            self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16)
+            self.conv3, self.bn3 = nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32)
+            self.down = nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))
+
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    ref = Wide().cuda().to(memory_format=cl)
+    fused = fusedres.convert(Wide().cuda().to(memory_format=cl))
+    fused.load_state_dict(ref.state_dict())
+    _set_graph_plans(fused)
+    x = torch.randn(8, 16, 16, 16, device="cuda").contiguous(memory_format=cl)
+    outs = []
+    for m in (ref, fused):
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=dtype):
+            out = m(xx)
+        out.float().square().sum().backward()
+        outs.append([out.float(), xx.grad] + [p.grad for p in m.parameters()]
+                    + [b for b in m.buffers() if b.dtype.is_floating_point])
+    assert any(r["conv"].startswith("cudnn-graph") for r in fusedres.explain(fused)), \
+        fusedres.explain(fused)
+    tol = 5e-2 if dtype == torch.bfloat16 else 1e-2
+    for i, (a, b) in enumerate(zip(*outs)):
+        err = float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
+        assert err < tol, f"tensor {i}: relative error {err:.3g}"
