@@ -12,6 +12,13 @@ Environment:
                           when it is unset and no GPU is present); with a GPU, torch's
                           own default (the visible GPUs' architectures)
   MAX_JOBS                parallel compile jobs (ninja)
+  FUSEDRES_CUDNN_FRONTEND_INCLUDE
+                          the folder holding cudnn_frontend.h (header-only cudnn-frontend).
+                          Default: .gl/cudnn_frontend-*/include (scripts/setup.sh extracts
+                          the pinned nvidia-cudnn-frontend wheel there), then a pip-installed
+                          nvidia-cudnn-frontend (site-packages/include). With it and cuDNN's
+                          own headers (torch's nvidia-cudnn wheel), the CUDA build adds the
+                          cuDNN graph path (csrc/cuda/cudnn_graph.cpp); without, it says so.
 """
 import glob
 import os
@@ -34,6 +41,30 @@ def _find_cuda_home():
     return None
 
 
+def _find_cudnn_graph_deps():
+    """``(frontend include, cudnn include, cudnn lib)`` for the cuDNN graph path, or why
+    not (a string)."""
+    import site
+
+    env = os.environ.get("FUSEDRES_CUDNN_FRONTEND_INCLUDE")
+    bases = site.getsitepackages() + [site.getusersitepackages()]
+    candidates = ([env] if env else []) + sorted(
+        glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".gl",
+                               "cudnn_frontend-*", "include")), reverse=True) + [
+        os.path.join(b, "include") for b in bases]
+    frontend = next((c for c in candidates if os.path.exists(os.path.join(c, "cudnn_frontend.h"))),
+                    None)
+    if frontend is None:
+        return ("no cudnn_frontend.h: scripts/setup.sh fetches the pinned nvidia-cudnn-frontend "
+                "headers into .gl/, or set FUSEDRES_CUDNN_FRONTEND_INCLUDE")
+    for b in bases:
+        inc, lib = (os.path.join(b, "nvidia", "cudnn", sub) for sub in ("include", "lib"))
+        if os.path.exists(os.path.join(inc, "cudnn.h")) \
+                and os.path.exists(os.path.join(lib, "libcudnn.so.9")):
+            return frontend, inc, lib
+    return "no cudnn.h + libcudnn.so.9 in site-packages/nvidia/cudnn (torch's nvidia-cudnn wheel)"
+
+
 cuda_home = _find_cuda_home()
 if cuda_home:
     os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
@@ -45,6 +76,8 @@ rel = lambda pattern: sorted(os.path.relpath(p, here) for p in glob.glob(os.path
 
 cpu_sources = ["csrc/ops.cpp", "csrc/bn_fused.cpp"] + rel("csrc/cpu/*.cpp")
 cuda_sources = rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
+cudnn_graph_sources = rel("csrc/cuda/cudnn_*.cpp")  # only with the cudnn-frontend headers
+cuda_sources = [s for s in cuda_sources if s not in cudnn_graph_sources]
 gpu_visible = torch.version.cuda is not None and torch.cuda.is_available()
 asked = os.environ.get("FUSEDRES_BUILD_CUDA", "0") == "1"
 with_cuda = (torch.version.cuda is not None and cuda_home is not None
@@ -74,6 +107,18 @@ if with_cuda:
             if os.path.isdir(os.path.join(base, sub)):
                 include_dirs.append(os.path.join(base, sub))
     extra["cxx"].append("-DFUSEDRES_WITH_CUDA")
+    cudnn_graph = _find_cudnn_graph_deps()
+    if isinstance(cudnn_graph, str):
+        print(f"fusedres setup: no cuDNN graph path ({cudnn_graph})", flush=True)
+    else:
+        frontend_inc, cudnn_inc, cudnn_lib = cudnn_graph
+        include_dirs += [frontend_inc, cudnn_inc]
+        cuda_sources += cudnn_graph_sources
+        extra["cxx"].append("-DFUSEDRES_WITH_CUDNN_GRAPH")
+        # libcudnn.so.9 is the one torch loads (the wheel has no unversioned libcudnn.so).
+        link_flags += [f"-L{cudnn_lib}", "-l:libcudnn.so.9"]
+        print(f"fusedres setup: building the cuDNN graph path (cudnn-frontend {frontend_inc}, "
+              f"cuDNN {cudnn_inc})", flush=True)
     extra["nvcc"] = ["-O3", "-lineinfo", "-DFUSEDRES_WITH_CUDA"]
     ext = CUDAExtension("fusedres._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
                         extra_compile_args=extra, extra_link_args=link_flags)

@@ -408,11 +408,12 @@ def _next_conv_path(block, site, backend):
         why = "synchronised batch statistics run in the BN kernels"
     if why is not None:
         return "batch_norm_relu", "conv2d", why
+    path = fnn.conv_paths.path_named(conv_backend).kernel_name  # "triton", "cudnn-graph"
     if "conv" not in site:
-        return "bn_relu_prologue", "triton prologue", None
+        return "bn_relu_prologue", f"{path} prologue", None
     conv = _module(block, site["conv"])
     stats = conv.bias is None and fnn.prologue_conv_problem(conv, conv_backend) is None
-    return "bn_relu_prologue", "triton stats+prologue" if stats else "triton prologue", None
+    return "bn_relu_prologue", f"{path} stats+prologue" if stats else f"{path} prologue", None
 
 
 def _candidate_note(block, prefix, relu) -> str:

@@ -59,14 +59,14 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import conv as fconv
-from . import functional, ops
+from . import conv_paths, functional, ops
 from .reference import acc_dtype
 
 __all__ = ["BatchNorm2d", "BatchNormReLU2d", "BatchNormAddReLU2d", "DualBatchNormAddReLU2d",
@@ -232,50 +232,9 @@ def bn_act(bn: nn.BatchNorm2d, y: Tensor, *, relu: bool = False,
     return out
 
 
-# Per-site plan: how one fused site of a converted model runs. Sites are named by their
-# main BN module (``explain``'s ``site`` column); the plan is a plain attribute of that
-# module (not state, kept by deepcopy/pickle), set by ``fusedres.tune`` or by hand, read
-# on every call: nothing to re-convert.
-class SitePlan(NamedTuple):
-    """``conv``: ``"auto"`` (F.conv2d -- cuDNN on CUDA -- unless the site's backend is
-    ``"triton"``), ``"triton"`` (the Triton conv with the BN-ReLU prologue / statistics
-    epilogue where the site allows it) or ``"cudnn"`` (F.conv2d always). ``backend``: the
-    BN kernels' backend for this site (None: the one given to ``convert``), or ``"torch"``:
-    the site runs as the original unfused torch modules. ``fold``: eval without autograd
-    runs conv+BN as one conv with folded weights."""
-
-    conv: str = "auto"
-    backend: Optional[str] = None
-    fold: bool = True
-
-
-_PLAN_ATTR = "fusedres_plan"
-_DEFAULT_PLAN = SitePlan()
-_CONV_CHOICES = ("auto", "triton", "cudnn")
-
-
-def site_plan(bn: nn.Module) -> SitePlan:
-    """The plan in force at the site whose main BN is ``bn`` (the default when none is set)."""
-    plan = getattr(bn, _PLAN_ATTR, None)
-    if plan is None:
-        return _DEFAULT_PLAN
-    if not isinstance(plan, SitePlan) or plan.conv not in _CONV_CHOICES:
-        raise TypeError(f"{_PLAN_ATTR} must be a fusedres.nn.SitePlan with conv in "
-                        f"{_CONV_CHOICES}, got {plan!r}")
-    return plan
-
-
-def conv_choice(plan: SitePlan, backend: str) -> tuple:
-    """``(conv path, why)`` of a site's convs: ``"triton"`` (may take the Triton conv:
-    named by ``backend="triton"`` or by the plan) or ``"cudnn"`` (F.conv2d) and why."""
-    if plan.conv == "cudnn" or backend == "cudnn":
-        return "cudnn", "the site's plan says F.conv2d"
-    if plan.conv == "triton" or backend == "triton":
-        return "triton", None
-    if backend == "auto":
-        return "cudnn", ("the untuned default is F.conv2d (cuDNN on CUDA); the Triton conv "
-                         "runs where tuning or backend='triton' picks it")
-    return "cudnn", f"backend={backend!r} has no conv kernel: F.conv2d"
+# Per-site plans and the conv paths they name live in fusedres.conv_paths (re-exported).
+SitePlan, site_plan, conv_choice = conv_paths.SitePlan, conv_paths.site_plan, conv_paths.conv_choice
+_DEFAULT_PLAN = conv_paths.DEFAULT_PLAN
 
 
 # Eval-mode folding: bn(conv(x)) == conv(x, w*scale, (b - mean)*scale + beta) with constant
@@ -289,6 +248,14 @@ fold_eval = True  # set False to keep conv and BN separate in eval mode too
 # and marks the output tensor with it: the following site then skips its BN.
 _NORMALISED_BY = "_fusedres_normalised_by"
 _RELU_APPLIED = "_fusedres_relu_applied"  # ... and its ReLU (a BN-ReLU site's)
+# A conv path whose prologue conv also computed its output's batch statistics (cuDNN's F1
+# graph) marks the output with (mean, var): the next BN-ReLU -> conv site uses them.
+_STATS_OF = "_fusedres_batch_stats"
+
+
+def _carried_stats(y):
+    """``(mean, var)`` of ``y`` computed by the conv that produced it, or None."""
+    return None if torch.compiler.is_compiling() else getattr(y, _STATS_OF, None)
 
 
 def _fold_key(conv, bn):
@@ -481,34 +448,22 @@ conv_prologue = True  # set False to run the BN-ReLU of every such site before i
 
 def prologue_conv_problem(conv: nn.Conv2d, backend: str = "auto",
                           input: Optional[Tensor] = None) -> Optional[str]:
-    """None when ``conv`` takes the Triton implicit-GEMM path
-    (``fusedres.conv.conv_path``), which can apply a BN-ReLU in its prologue; else why not.
+    """None when ``conv``'s path (``fusedres.conv_paths``) can apply a BN-ReLU in its
+    prologue (the Triton implicit-GEMM conv, cuDNN's F1 graph); else why not.
 
-    ``backend``: the conv path or backend (``conv_choice``): only ``"triton"`` takes the
-    Triton conv; ``"auto"`` keeps F.conv2d (the untuned default). ``input``: the tensor the conv will
+    ``backend``: the conv path or backend (``conv_choice``): a registered conv path
+    (``"triton"``, ``"cudnn-graph"``) may fuse; ``"auto"`` keeps F.conv2d (the untuned
+    default). ``input``: the tensor the conv will
     read (under autocast it must already be in the autocast dtype). Without it the answer
     comes from the module alone, with an input of its weight's device and dtype (what
     ``explain`` shows).
     """
     if not conv_prologue:
         return "fusedres.nn.conv_prologue is False"
-    if backend != "triton":
+    path = conv_paths.path_named(backend)
+    if path is None:
         return conv_choice(_DEFAULT_PLAN, backend)[1]
-    if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r} goes to F.conv2d"
-    weight, bias = conv.weight, conv.bias
-    if input is None:
-        input = weight.new_empty((1, conv.in_channels, *weight.shape[2:]))
-    else:
-        cast, weight, bias = fconv.autocast_inputs(input, weight, bias)  # what the conv op sees
-        if cast is not input:
-            return "under autocast, an input not in the autocast dtype goes to F.conv2d"
-    try:
-        path, why = fconv.conv_path(input, weight, bias, conv.stride, conv.padding,
-                                    conv.dilation, conv.groups, backend)
-    except (RuntimeError, ValueError) as exc:  # a backend that cannot run here
-        return str(exc)
-    return None if path == "triton" else why
+    return path.prologue_problem(conv, input)
 
 
 def prologue_problem(bn: nn.BatchNorm2d, conv: nn.Conv2d, y: Tensor,
@@ -537,10 +492,12 @@ def _prologue_conv(bn, conv, y, stats, backend):
         acc = acc_dtype(y.dtype)
         mean, var = rm.to(acc), rv.to(acc)
     _, scale, shift = ops.scale_shift(bn.weight, bn.bias, mean, var, bn.eps)
-    _last.backend = "triton-prologue"
-    return fconv.conv2d_bias_add_relu(y, conv.weight, conv.bias, None, conv.stride,
-                                      conv.padding, relu=False, scale=scale, shift=shift,
-                                      backend=backend)
+    path = conv_paths.path_named(backend)
+    _last.backend = path.prologue_name
+    out, out_stats = path.prologue_conv(conv, y, scale, shift)
+    if out_stats is not None and not torch.compiler.is_compiling():
+        setattr(out, _STATS_OF, out_stats)  # the next site's BN reads them (_carried_stats)
+    return out
 
 
 def bn_relu_conv2d(bn: nn.BatchNorm2d, conv: nn.Conv2d, y: Tensor, *,
@@ -564,13 +521,12 @@ def bn_relu_conv2d(bn: nn.BatchNorm2d, conv: nn.Conv2d, y: Tensor, *,
     return conv2d(conv, bn_act(bn, y, relu=True, backend=backend))
 
 
-def _stats_epilogue_ok(conv, bn, next_conv, x, conv_backend) -> bool:
-    """Should ``conv`` compute the batch statistics of its output in a Triton epilogue for
-    ``next_conv``'s BN-ReLU prologue? (Checked before ``y`` exists: from the modules.)"""
-    return (conv_backend == "triton" and _batch_stats(bn) and conv.bias is None
-            and isinstance(x, Tensor)
-            and prologue_conv_problem(conv, conv_backend, x) is None
-            and prologue_conv_problem(next_conv, conv_backend) is None)
+def _stats_epilogue_ok(conv, bn, next_conv, x, path) -> bool:
+    """Should ``conv`` compute the batch statistics of its output in ``path``'s epilogue
+    for ``next_conv``'s BN-ReLU prologue? (Checked before ``y`` exists: from the modules.)"""
+    return (_batch_stats(bn) and isinstance(x, Tensor)
+            and path.stats_problem(conv, x) is None
+            and prologue_conv_problem(next_conv, path.name) is None)
 
 
 def _bn_relu_conv_recomputed(bn, conv, y, backend):
@@ -659,15 +615,16 @@ def conv_bn_act(x: Tensor, conv: Optional[nn.Conv2d], bn: nn.BatchNorm2d, *,
     if y is not None:  # eval, folded: conv + bias (+ shortcut) (+ relu) (+ next conv)
         return _conv_then_bn(next_conv, next_bn, y, next_relu) if next_conv is not None else y
     if next_conv is not None:
-        conv_backend = conv_choice(plan, backend)[0]
+        path = conv_paths.path_named(conv_choice(plan, backend)[0])
         stats = None
-        if conv is not None and _stats_epilogue_ok(conv, bn, next_conv, x, conv_backend):
-            y, *stats = fconv.conv2d_stats(x, conv.weight, conv.stride, conv.padding,
-                                           backend=conv_backend)
+        if conv is None:
+            y, stats = x, _carried_stats(x)
+        elif _stats_epilogue_ok(conv, bn, next_conv, x, path):
+            y, *stats = path.conv_stats(conv, x)
         else:
-            y = conv2d(conv, x) if conv is not None else x
+            y = conv2d(conv, x)
         return bn_relu_conv2d(bn, next_conv, y, stats=stats, memory_saving=memory_saving,
-                              backend=backend, conv_backend=conv_backend)
+                              backend=backend, conv_backend=path.name)
     y = conv2d(conv, x) if conv is not None else x
     s = None
     if shortcut_bn is not None:

@@ -26,6 +26,11 @@ Primitive contract (shared by every backend):
   (``(n*S+s)*C+c`` channels-last, ``(n*C+c)*S+s`` otherwise): byte ``o >> 3``,
   bit ``o & 7`` (LSB first). A bit is 1 where the gradient passes, i.e. where
   ``not (pre_activation <= 0)`` -- NaN passes the gradient, as ``torch.relu`` does.
+
+A third level: what each cuDNN graph of ``fusedres.cudnn_graph`` computes (``graph_f0``,
+``graph_f1``, ``bn_finalize``, ``dgrad_drelu``, ``dbn_weight``, ``dbn_apply``), with
+cuDNN's conventions (sums rather than centred statistics, the ``A*dy + B*x + C`` form
+of the BN input gradient).
 """
 from __future__ import annotations
 
@@ -243,3 +248,103 @@ def dual_batch_norm_add_relu(input, running_mean, running_var, weight, bias,
     r = F.batch_norm(shortcut, shortcut_running_mean, shortcut_running_var,
                      shortcut_weight, shortcut_bias, training, momentum, eps)
     return torch.relu(y + r)
+
+
+# --------------------------------------------------------------------------------------
+# The cuDNN graphs (fusedres.cudnn_graph): what each computes, NCHW or channels_last
+# --------------------------------------------------------------------------------------
+
+
+def _sums(y: Tensor) -> tuple[Tensor, Tensor]:
+    """genstats: per-channel ``sum(y)`` and ``sum(y*y)`` of ``y`` as stored (rounded to
+    its dtype), accumulated in the acc dtype."""
+    ya = y.to(acc_dtype(y.dtype))
+    return ya.sum(dim=(0, 2, 3)), (ya * ya).sum(dim=(0, 2, 3))
+
+
+def graph_f0(x: Tensor, weight: Tensor, stride, padding) -> tuple[Tensor, Tensor, Tensor]:
+    """F0, conv_fprop -> genstats: ``(y, sum(y), sum(y*y))`` per output channel."""
+    y = F.conv2d(x, weight, None, stride, padding)
+    return (y, *_sums(y))
+
+
+def bn_relu_prologue(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """F1's prologue ``relu(x*scale + shift)`` (acc dtype math, one rounding to ``x``'s
+    dtype, as the graph's virtual tensor is stored at the conv's input dtype)."""
+    acc = acc_dtype(x.dtype)
+    return torch.relu(x.to(acc) * scale.view(1, -1, 1, 1).to(acc)
+                      + shift.view(1, -1, 1, 1).to(acc)).to(x.dtype)
+
+
+def graph_f1(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride, padding
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """F1, scale*x + bias -> ReLU -> conv_fprop -> genstats: ``(y, sum(y), sum(y*y))``.
+    The conv's zero padding applies to the prologue's output: a padded tap is 0, never
+    ``relu(0*scale + shift)``."""
+    y = F.conv2d(bn_relu_prologue(x, scale, shift), weight, None, stride, padding)
+    return (y, *_sums(y))
+
+
+def bn_finalize(sum_y: Tensor, sum_sq: Tensor, count: int, weight: Optional[Tensor],
+                bias: Optional[Tensor], eps: float, running_mean: Optional[Tensor] = None,
+                running_var: Optional[Tensor] = None, momentum: float = 0.1):
+    """BN finalize: per-channel sums over ``count`` elements -> ``(scale, shift, mean,
+    invstd, next_running_mean, next_running_var)`` (the next running stats None without
+    running stats).
+
+    ``mean = sum/M``, biased ``var = max(sum_sq/M - mean**2, 0)`` (what the sums allow:
+    it cancels when ``|mean| >> std``), ``scale = gamma*invstd``, ``shift = beta -
+    mean*scale`` (so ``bn(y) = y*scale + shift``). Running stats as torch:
+    ``(1-m)*old + m*batch`` with the *unbiased* variance ``var*M/(M-1)``; ``momentum`` is
+    the factor ``m`` itself (torch's ``momentum=None`` is ``1/num_batches_tracked``).
+    cuDNN's ``bn_finalize`` takes ``exp_decay = 1 - m`` (as Paddle passes it)."""
+    mean = sum_y / count
+    var = torch.clamp(sum_sq / count - mean * mean, min=0)
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(invstd.dtype)
+    next_rm = next_rv = None
+    if running_mean is not None:
+        next_rm = (1 - momentum) * running_mean + momentum * mean.to(running_mean.dtype)
+    if running_var is not None:
+        unbiased = var * (count / max(count - 1, 1))
+        next_rv = (1 - momentum) * running_var + momentum * unbiased.to(running_var.dtype)
+    return scale, shift, mean, invstd, next_rm, next_rv
+
+
+def dgrad_drelu(dout: Tensor, weight: Tensor, stride, padding, x_prev: Tensor,
+                scale: Tensor, shift: Tensor) -> Tensor:
+    """dgrad -> dReLU: the gradient at the previous BN's output ``bn(x_prev) =
+    x_prev*scale + shift``, i.e. ``dgrad(dout, w) * [x_prev*scale + shift > 0]`` (the mask
+    recomputed from the previous conv's output, as cuDNN's DgradDreluBNBwdWeight), in
+    the acc dtype."""
+    acc = acc_dtype(dout.dtype)
+    dh = torch.nn.grad.conv2d_input(x_prev.shape, weight.to(acc), dout.to(acc), stride, padding)
+    pre = x_prev.to(acc) * scale.view(1, -1, 1, 1).to(acc) + shift.view(1, -1, 1, 1).to(acc)
+    return torch.where(pre > 0, dh, torch.zeros_like(dh))
+
+
+def dbn_weight(g: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor]):
+    """dBN weight: ``(dgamma, dbeta, A, B, C)`` of a BN in training from the gradient ``g``
+    at its output and its input ``x``: ``dbeta = sum(g)``, ``dgamma = sum(g*xhat)`` with
+    ``xhat = (x - mean)*invstd``, and the input gradient's coefficients, ``dx = A*g + B*x
+    + C`` (``dbn_apply``) -- torch's ``gamma*invstd*(g - dbeta/M - xhat*dgamma/M)``."""
+    acc = acc_dtype(x.dtype)
+    g, xa = g.to(acc), x.to(acc)
+    count = x.numel() // x.shape[1]
+    xhat = (xa - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+    dbeta = g.sum(dim=(0, 2, 3))
+    dgamma = (g * xhat).sum(dim=(0, 2, 3))
+    a = invstd if weight is None else weight.to(acc) * invstd
+    b = -a * invstd * dgamma / count
+    c = -a * dbeta / count - b * mean
+    return dgamma, dbeta, a, b, c
+
+
+def dbn_apply(g: Tensor, x: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """dBNApply: ``dx = A*g + B*x + C`` per channel (acc dtype math, ``x``'s dtype out)."""
+    acc = acc_dtype(x.dtype)
+    v = lambda t: t.view(1, -1, 1, 1).to(acc)  # noqa: E731
+    return (v(a) * g.to(acc) + v(b) * x.to(acc) + v(c)).to(x.dtype)

@@ -17,6 +17,9 @@ Candidates (name: plan):
     triton       SitePlan(backend="triton", conv="cudnn"): the Triton BN kernels (GPU)
     triton-conv  SitePlan(backend="triton", conv="triton"): also the Triton conv with the
                  BN-ReLU prologue / statistics epilogue, at BN-ReLU -> conv sites (GPU)
+    cudnn-graph  SitePlan(conv="cudnn-graph"): cuDNN's fused graphs (conv + statistics,
+                 BN-ReLU prologue; ``fusedres.cudnn_graph``) at BN-ReLU -> conv sites, the
+                 BN kernels of the model's backend (CUDA, where _C was built with it)
 
 Triton is never a candidate on CPU (the interpreter is not worth timing). In eval mode a
 fused candidate folds conv and BN into one conv (``SitePlan.fold``, default True), so
@@ -33,8 +36,8 @@ report and ``explain`` name it and the error found. The passing candidates are t
 (CPU: interleaved rounds, median, candidates over 1.5x the fastest dropped after two
 rounds; GPU: CUDA events, ``fusedres.bench.timing.time_cuda``) and the fastest wins; a
 candidate within ``margin`` (default 3%) of the fastest that is simpler wins over it
-(torch < reference < cpu/cuda < triton < triton-conv). Sites with identical signatures share one
-decision (torchvision ResNet-50: 49 sites, 21 signatures).
+(torch < reference < cpu/cuda < triton < triton-conv < cudnn-graph). Sites with identical
+signatures share one decision (torchvision ResNet-50: 49 sites, 21 signatures).
 
 Nothing of the model's state changes: running statistics and ``num_batches_tracked`` are
 restored (the state_dict after ``tune`` equals the one before), no ``.grad`` is written,
@@ -73,6 +76,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from . import cudnn_graph
 from . import nn as fnn
 from ._backend import backend_supports, has_triton
 from ._fx import FusedForward
@@ -82,7 +86,10 @@ __all__ = ["tune", "select", "measure", "plan_of", "TuneReport", "describe", "TO
            "RANK"]
 
 # Simpler first: a tie within the margin goes to the lower rank.
-RANK = {"torch": 0, "reference": 1, "cpu": 2, "cuda": 2, "triton": 3, "triton-conv": 4}
+RANK = {"torch": 0, "reference": 1, "cpu": 2, "cuda": 2, "triton": 3, "triton-conv": 4,
+        "cudnn-graph": 5}
+# Candidates that only change a BN-ReLU -> conv site (a conv path with a prologue).
+_CONV_CANDIDATES = ("triton-conv", "cudnn-graph")
 # Relative L2 error allowed against the torch candidate, by the site's compute dtype. Two
 # correct float32 implementations differ by ~1e-3 in a BN input gradient at ResNet-50
 # shapes (its three terms cancel); a wrong kernel (a 1% error) is far above.
@@ -106,6 +113,8 @@ def plan_of(choice: str) -> "fnn.SitePlan":
         return fnn.SitePlan(backend="torch")
     if choice == "triton-conv":
         return fnn.SitePlan(conv="triton", backend="triton")
+    if choice == "cudnn-graph":
+        return fnn.SitePlan(conv="cudnn-graph")
     return fnn.SitePlan(conv="cudnn", backend=choice)
 
 
@@ -469,6 +478,8 @@ def _candidates(device: torch.device, only) -> list:
                          and not (b == "triton" and (device.type != "cuda" or not has_triton()))]
     if "triton" in names:
         names.append("triton-conv")
+    if device.type == "cuda" and cudnn_graph.built():
+        names.append("cudnn-graph")
     if only is not None:
         unknown = set(only) - set(RANK)
         if unknown:
@@ -490,8 +501,8 @@ def _tune_site(site: _Site, train: bool, candidates: list, timer, margin: float)
                 "source": f"not tuned: torch raised {type(exc).__name__}: {exc}"}
     fns["torch"] = lambda: runner("torch")
     for name in candidates:
-        if name == "torch" or (name == "triton-conv" and site.kwargs.get("next_conv") is None):
-            continue  # the Triton conv only changes a BN-ReLU -> conv site
+        if name == "torch" or (name in _CONV_CANDIDATES and site.kwargs.get("next_conv") is None):
+            continue  # a fused conv path only changes a BN-ReLU -> conv site
         try:
             why = _compare(runner.results(name), want, tol)
         except Exception as exc:  # noqa: BLE001

@@ -19,6 +19,27 @@ echo "[setup] installing torch 2.14.1, torchvision 0.29.1 and the build/test too
     torch==2.14.1 torchvision==0.29.1 ninja pybind11 pytest pytest-benchmark numpy timm tqdm expecttest \
     2> >(grep -v "^WARNING: Location 'file:" >&2)
 echo "[setup] packages ready after $(( $(date +%s) - t0 )) s"
+# The cuDNN graph path (csrc/cuda/cudnn_graph.cpp) compiles against the header-only
+# cudnn-frontend C++ API: its headers are taken from the pinned nvidia-cudnn-frontend wheel
+# (never copied into the repository), extracted into the ignored .gl/ where setup.py finds
+# them. Without them (no network, no wheel) the build goes on without that path.
+CUDNN_FE_VERSION=1.32.0
+fe_dir=.gl/cudnn_frontend-$CUDNN_FE_VERSION
+if [ ! -f "$fe_dir/include/cudnn_frontend.h" ]; then
+    mkdir -p .gl
+    if .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps \
+            "nvidia-cudnn-frontend==$CUDNN_FE_VERSION" -d .gl 2>/dev/null && \
+            .venv/bin/python -c "
+import glob, sys, zipfile
+whl = sorted(glob.glob('.gl/nvidia_cudnn_frontend-$CUDNN_FE_VERSION-*.whl'))[-1]
+with zipfile.ZipFile(whl) as z:
+    z.extractall('$fe_dir', [n for n in z.namelist() if n.startswith('include/')])
+"; then
+        echo "[setup] cudnn-frontend $CUDNN_FE_VERSION headers in $fe_dir/include"
+    else
+        echo "[setup] cudnn-frontend headers not fetched: the build has no cuDNN graph path"
+    fi
+fi
 mkdir -p build
 # What decides the build: rebuild when it changes (a CPU-only .so does not satisfy a
 # FUSEDRES_BUILD_CUDA=1 run, and the other way round).

@@ -11,7 +11,12 @@ Checked, per backend available on the device (``cpu``, ``cuda``, ``triton``):
   statistics) against torch's composite computed in float64 (also ``reference``);
 * the running-statistics update op against ``ops.update_running_stats_reference``;
 * with Triton, the conv entry points (``conv2d``, ``conv2d_stats``,
-  ``bn_relu_conv2d_stats``, ``conv2d_bias_add_relu``) against ``F.conv2d`` in float64.
+  ``bn_relu_conv2d_stats``, ``conv2d_bias_add_relu``) against ``F.conv2d`` in float64;
+* on CUDA, where fusedres._C has the cuDNN graph path, every graph kind (``cudnn_graph_F0``:
+  conv + statistics, ``cudnn_graph_F1``: BN-ReLU prologue + conv + statistics; float16 and
+  bfloat16, ResNet-50 conv shapes): output, mean, var and the gradients of input, weight,
+  scale and shift against ``fusedres.reference.graph_f0``/``graph_f1`` in float64. A graph
+  cuDNN refuses is listed under "skipped" with cuDNN's reason (the site falls back).
 
 Shapes: C=3, C=65, H=W=1, N=1 with H*W>1, odd sizes, and ResNet-50 activation shapes
 (batch 32 on GPU, all five; batch 2 on CPU, 64x56x56 and 2048x7x7); NCHW and channels_last; float32, float64 (CPU), float16 and
@@ -401,6 +406,51 @@ class Doctor:
 
                     self.check(name, "triton", dtype, where, case)
 
+    # cuDNN graphs ---------------------------------------------------------------------
+
+    def cudnn_graphs(self) -> None:
+        from fusedres import cudnn_graph
+        from fusedres import reference as R
+
+        n = 2 if self.quick else 32
+        for dtype in (torch.float16, torch.bfloat16):
+            for i, (cin, cout, k, st, pad, h) in enumerate(CONVS_RESNET50):
+                x = self.rand((n, cin, h, h), dtype, True, i, 1.0, 0.3)
+                w = self.rand((cout, cin, k, k), dtype, True, i + 1, (cin * k * k) ** -0.5)
+                scale = self.rand((cin,), torch.float32, False, i + 2, 0.1, 1.0)
+                shift = self.rand((cin,), torch.float32, False, i + 3, 0.1)
+                for kind, prologue in (("F0", False), ("F1", True)):
+                    where = f"{kind} {cin}->{cout} {k}x{k}/{st} @{h} batch {n}"
+                    why = cudnn_graph.problem(x, w, None, st, pad, 1, 1) or \
+                        cudnn_graph.plan_status(x, w, prologue, st, pad)
+                    if why:
+                        self.skipped.append((f"cudnn_graph_{kind}", f"{dtype} {where}: {why}"))
+                        continue
+
+                    def case(prologue=prologue):
+                        ins = [t.detach().requires_grad_() for t in (x, w, scale, shift)]
+                        ref = [t.detach().double().requires_grad_() for t in (x, w, scale, shift)]
+                        outs = []
+                        for (xx, ww, ss, tt), graph in ((ins, True), (ref, False)):
+                            if graph:
+                                y, mean, var = cudnn_graph.conv_stats(
+                                    xx, ww, st, pad, ss if prologue else None,
+                                    tt if prologue else None)
+                            else:
+                                y, s1, s2 = (R.graph_f1(xx, ss, tt, ww, st, pad) if prologue
+                                             else R.graph_f0(xx, ww, st, pad))
+                                m = y.numel() // y.shape[1]
+                                mean, var = s1 / m, s2 / m - (s1 / m) ** 2
+                            # a loss reaching y, mean and var: every backward term is used
+                            loss = (y.double() * 1e-3).square().sum() + mean.double().sum() \
+                                + var.double().sum()
+                            wrt = [xx, ww] + ([ss, tt] if prologue else [])
+                            outs.append([y, mean, var, *torch.autograd.grad(loss, wrt)])
+                        names = ["y", "mean", "var", "dx", "dw", "dscale", "dshift"]
+                        return [(nm, a, b, None) for nm, a, b in zip(names, *outs)]
+
+                    self.check(f"cudnn_graph_{kind}", "cudnn-graph", dtype, where, case)
+
     # ---------------------------------------------------------------------------------
 
     def run(self) -> list:
@@ -421,6 +471,14 @@ class Doctor:
         steps += [(b, self.running_stats) for b in backends if b in ("cpu", "cuda")]
         if "triton" in backends:
             steps.append(("triton", lambda b: self.convs()))
+        from fusedres import cudnn_graph
+        if self.device.type != "cuda":
+            self.skipped.append(("cudnn-graph", "the cuDNN graphs run on CUDA only"))
+        elif not cudnn_graph.built():
+            self.skipped.append(("cudnn-graph", "fusedres._C was built without the cuDNN "
+                                                "graph path (no cudnn-frontend headers)"))
+        else:
+            steps.append(("cudnn-graph", lambda b: self.cudnn_graphs()))
         for backend, step in steps:
             t0 = time.perf_counter()
             step(backend)

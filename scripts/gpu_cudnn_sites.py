@@ -1,0 +1,180 @@
+"""Times cuDNN's fused conv graphs (fusedres.cudnn_graph) at every ResNet-50 conv site, and
+optionally a ResNet-50 training step with the graph path. For the one-call GPU script.
+
+Per conv site (batch 256 by default, channels_last, float16 and bfloat16), forward and
+forward+backward, CUDA events (fusedres.bench.timing.time_cuda):
+
+    conv          F.conv2d alone (cuDNN)
+    conv+bn       F0's work unfused: F.conv2d, then the fused BN statistics kernel
+                  (F1's: the fused BN-ReLU kernel, then F.conv2d and the statistics)
+    graph         the cuDNN graph (F0, or F1 with the BN-ReLU prologue)
+
+A site the planner or cuDNN refuses prints its reason instead of a time. ``--train``
+adds a ResNet-50 training step (torchvision, SGD, autocast): eager against the converted
+model with every BN-ReLU -> conv site on the graph path (img/s).
+
+    python3 scripts/gpu_cudnn_sites.py [--batch 256] [--dtypes float16,bfloat16]
+                                       [--sites 1,2,6] [--train] [--out results.json]
+
+Needs a GPU and fusedres._C built with the cuDNN graph path (docs/cudnn_graph.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+# (C_in, C_out, kernel, stride, padding, H): every distinct ResNet-50 conv (torchvision v1.5:
+# the stride on the 3x3), the stem first (refused by the planner: C_in = 3)
+SITES = [(3, 64, 7, 2, 3, 224),
+         (64, 64, 1, 1, 0, 56), (64, 64, 3, 1, 1, 56), (64, 256, 1, 1, 0, 56),
+         (256, 64, 1, 1, 0, 56), (256, 128, 1, 1, 0, 56), (128, 128, 3, 2, 1, 56),
+         (128, 512, 1, 1, 0, 28), (256, 512, 1, 2, 0, 56), (512, 128, 1, 1, 0, 28),
+         (128, 128, 3, 1, 1, 28), (512, 256, 1, 1, 0, 28), (256, 256, 3, 2, 1, 28),
+         (256, 1024, 1, 1, 0, 14), (512, 1024, 1, 2, 0, 28), (1024, 256, 1, 1, 0, 14),
+         (256, 256, 3, 1, 1, 14), (1024, 512, 1, 1, 0, 14), (512, 512, 3, 2, 1, 14),
+         (512, 2048, 1, 1, 0, 7), (1024, 2048, 1, 2, 0, 14), (2048, 512, 1, 1, 0, 7),
+         (512, 512, 3, 1, 1, 7)]
+
+
+def _ms(fn) -> float:
+    from fusedres.bench.timing import time_cuda
+
+    return time_cuda(fn, use_graph=False).median_s * 1e3
+
+
+def time_site(site, batch, dtype, backward):
+    from fusedres import cudnn_graph, functional
+
+    cin, cout, k, st, pad, h = site
+    cl = torch.channels_last
+    x = torch.randn(batch, cin, h, h, device="cuda", dtype=dtype).contiguous(memory_format=cl)
+    w = (torch.randn(cout, cin, k, k, device="cuda", dtype=dtype) * (cin * k * k) ** -0.5
+         ).contiguous(memory_format=cl)
+    gamma, beta = torch.rand(cin, device="cuda") + 0.5, torch.randn(cin, device="cuda") * 0.1
+    rm, rv = torch.zeros(cin, device="cuda"), torch.ones(cin, device="cuda")
+    scale, shift = gamma.clone(), beta.clone()
+    for t in (x, w, gamma, beta, scale, shift):
+        t.requires_grad_(backward)
+    rows = []
+    for kind, prologue in (("F0", False), ("F1", True)):
+        row = dict(site=f"{cin}->{cout} {k}x{k}/{st} @{h}", kind=kind, batch=batch,
+                   dtype=str(dtype).replace("torch.", ""), pass_="fwd+bwd" if backward else "fwd")
+        why = cudnn_graph.problem(x, w, None, st, pad, 1, 1) or \
+            cudnn_graph.plan_status(x, w, prologue, st, pad)
+
+        def run(loss):
+            if backward:
+                loss.float().sum().backward()
+
+        def conv():
+            run(F.conv2d(x, w, None, st, pad))
+
+        def unfused():
+            inp = functional.batch_norm_relu(x, rm, rv, gamma, beta, True, 0.1, 1e-5) \
+                if prologue else x
+            y = F.conv2d(inp, w, None, st, pad)
+            var, mean = torch.var_mean(y.float(), dim=(0, 2, 3), correction=0)
+            run(y.float().mean() + mean.sum() + var.sum())
+
+        def graph():
+            y, mean, var = cudnn_graph.conv_stats(x, w, st, pad, scale if prologue else None,
+                                                  shift if prologue else None)
+            run(y.float().mean() + mean.sum() + var.sum())
+
+        try:  # one site that breaks is recorded, the others still run
+            row["conv_ms"] = _ms(conv)
+            row["conv_bn_ms"] = _ms(unfused)
+            if why:
+                row["graph"] = f"refused: {why}"
+            else:
+                row["graph_ms"] = _ms(graph)
+                row["speedup_vs_conv_bn"] = row["conv_bn_ms"] / row["graph_ms"]
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def train_step_rates(batch, dtype, steps=20):
+    """img/s of eager and of the graph path (every BN site's plan conv="cudnn-graph")."""
+    import torchvision
+
+    import fusedres
+
+    out = {}
+    for name in ("eager", "cudnn-graph"):
+        torch.manual_seed(0)
+        model = torchvision.models.resnet50().cuda().to(memory_format=torch.channels_last)
+        if name != "eager":
+            model = fusedres.convert(model)
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.fusedres_plan = fusedres.nn.SitePlan(conv="cudnn-graph")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        x = torch.randn(batch, 3, 224, 224, device="cuda").contiguous(
+            memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (batch,), device="cuda")
+
+        def step():
+            with torch.autocast("cuda", dtype=dtype):
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(3):  # plans, autotune, warm
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        out[name] = batch * steps / (time.perf_counter() - t0)
+    out["speedup"] = out["cudnn-graph"] / out["eager"]
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--dtypes", default="float16,bfloat16")
+    p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--sites", help="comma-separated indices into SITES (default: all)")
+    p.add_argument("--train", action="store_true")
+    p.add_argument("--out")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_cudnn_sites.py: needs a GPU", file=sys.stderr)
+        return 2
+    from fusedres import cudnn_graph
+
+    if not cudnn_graph.built():
+        print("gpu_cudnn_sites.py: fusedres._C has no cuDNN graph path", file=sys.stderr)
+        return 2
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                  cudnn=cudnn_graph.capabilities(torch.device("cuda")).cudnn_version,
+                  sites=[], train={})
+    for dtype in dtypes:
+        for site in ([SITES[int(i)] for i in args.sites.split(",")] if args.sites else SITES):
+            result["sites"] += time_site(site, args.batch, dtype, not args.no_backward)
+    if args.train:
+        for dtype in dtypes:
+            rates = train_step_rates(args.batch, dtype)
+            result["train"][str(dtype)] = rates
+            print(json.dumps({"train": str(dtype), **rates}), flush=True)
+    result["statuses"] = cudnn_graph.statuses()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
