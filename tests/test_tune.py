@@ -482,6 +482,21 @@ def test_tune_without_example_inputs_is_one_clear_line():
     assert err.traceback[-1].path.name == "tune.py"  # raised where the call is checked
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_backend_that_cannot_run_here_is_one_line_at_the_first_forward():
+    m = fusedres.convert(small(), backend="cuda")  # converted on a machine without a GPU
+    with pytest.raises(RuntimeError) as err:
+        m(torch.randn(2, 3, 8, 8))
+    text = str(err.value)
+    assert "\n" not in text and "fused site 'bn1'" in text and "backend='auto'" in text, text
+    assert err.traceback[-1].path.name == "_backend.py"  # the check, not a kernel's guts
+    # a decision tuned elsewhere (as if on a GPU): the remedy is to tune again here
+    m = fusedres.convert(small())
+    m.bn1.fusedres_plan, m.bn1.fusedres_tuning = T.plan_of("cuda"), {"choice": "cuda"}
+    with pytest.raises(RuntimeError, match="'bn1' cannot run.*tune the model again on cpu"):
+        m(torch.randn(2, 3, 8, 8))
+
+
 # --------------------------------------------------------------------------------------
 # The decision cache
 # --------------------------------------------------------------------------------------
