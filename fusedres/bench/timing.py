@@ -167,6 +167,24 @@ def copy_bandwidth(device: torch.device, quick: bool = False) -> tuple[float, Me
     return moved / m.median_s / 1e9, m, moved
 
 
+_SIZED_COPY: dict = {}
+
+
+def copy_bandwidth_sized(nbytes: int, device: torch.device, quick: bool = False) -> float:
+    """GB/s (read + written) of copying one buffer of ``nbytes``, timed as the ops are
+    (GPU: the L2 flushed before each repetition; CPU: warm, caches as they are): the
+    bandwidth an op on a tensor of that size is compared with. Measured once per size."""
+    key = (device.type, nbytes)
+    if key not in _SIZED_COPY:
+        src = torch.empty(max(1, nbytes // 4), dtype=torch.float32, device=device).uniform_()
+        dst = torch.empty_like(src)
+        m = measure(lambda: dst.copy_(src), device, quick=quick,
+                    cpu_min_run_time=0.05 if quick else 0.2)
+        _SIZED_COPY[key] = 2 * src.numel() * 4 / m.median_s / 1e9
+        del src, dst
+    return _SIZED_COPY[key]
+
+
 # --------------------------------------------------------------------------------------
 # Peak memory
 # --------------------------------------------------------------------------------------
