@@ -154,6 +154,8 @@ def test_json_schema(tiny_run):
                    and sk["reason"].startswith("nothing of fusedres to compare on cpu (")
                    for sk in data["skipped"]), data["skipped"]
         assert "skipped: conv / all: nothing of fusedres to compare on cpu" in paths["stdout"]
+        assert not [sk for sk in data["skipped"] if sk["suite"] == "conv"
+                    and sk["provider"].startswith("fusedres-")]  # said once, for the suite
     for r in rows:
         assert set(report.ROW_KEYS) <= set(r), set(report.ROW_KEYS) - set(r)
         assert r["time_ms"] > 0 and r["time_p20_ms"] <= r["time_p80_ms"]
@@ -193,7 +195,8 @@ def test_skip_reasons(tiny_run):
     for suite, module in (("conv", "fusedres.conv"), ("blocks", "fusedres.convert")):
         has_rows = any(r["suite"] == suite and r["provider"].startswith("fusedres-")
                        for r in data["rows"])
-        said = any(s == suite and p.startswith("fusedres-") for s, p, _ in reasons)
+        said = any(s == suite and (p.startswith("fusedres-") or (
+            p == "all" and r.startswith("nothing of fusedres"))) for s, p, r in reasons)
         assert has_rows or said, (suite, module)
 
 

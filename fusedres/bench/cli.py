@@ -429,14 +429,18 @@ def run_suites(args, suites: list) -> dict:
         a time (progress, time budget, errors reported, ``fn`` freed after), fusedres's
         first: when every one of them skips the case (nothing of fusedres runs it on this
         device), the others are not timed either and False says so."""
-        skips = []
-        for provider in ours + theirs:
-            if provider is (theirs[0] if theirs else None) and ours and len(skips) == len(ours):
-                reason = "; ".join(dict.fromkeys(skips))
-                run.skip(case.suite, "all", f"nothing of fusedres to compare on "
-                         f"{device.type} ({reason})")
-                progress.write(f"[fusedres-bench]   skipped: nothing of fusedres runs it here")
-                return False
+        skips = []  # (provider, Skip) of fusedres's: reported once it is known whether
+        for provider in ours + theirs:  # the whole case is skipped
+            if provider is (theirs[0] if theirs else None) and ours:
+                if len(skips) == len(ours):
+                    reason = "; ".join(dict.fromkeys(str(exc) for _, exc in skips))
+                    run.skip(case.suite, "all", f"nothing of fusedres to compare on "
+                             f"{device.type} ({reason})")
+                    progress.write("[fusedres-bench]   skipped: nothing of fusedres runs it here")
+                    return False
+                for p, exc in skips:
+                    failed(case, p, exc, label_of(case, p))
+                skips = []
             progress.update(label_of(case, provider))
             if over_budget(case, provider):
                 continue
@@ -446,13 +450,16 @@ def run_suites(args, suites: list) -> dict:
                 work(provider, fn)
             except C.Skip as exc:
                 if provider in ours:
-                    skips.append(str(exc))
-                failed(case, provider, exc, label_of(case, provider))
+                    skips.append((provider, exc))
+                else:
+                    failed(case, provider, exc, label_of(case, provider))
             except Exception as exc:
                 failed(case, provider, exc, label_of(case, provider))
             finally:
                 del fn
                 _cleanup(device)
+        for p, exc in skips:  # no provider of another kind came after fusedres's
+            failed(case, p, exc, label_of(case, p))
         return True
 
     def one_by_one(case):
