@@ -29,9 +29,10 @@ training forward+backward when the model is in training mode, else an eval forwa
 ``torch`` candidate on the same inputs -- output, input and parameter gradients, running
 statistics, ``num_batches_tracked`` -- with a tolerance scaled to the dtype (relative L2
 error; ``TOLERANCE``). A candidate that raises or differs is never chosen: a warning, the
-report and ``explain`` name it and the error found. The passing candidates are then timed in repeated interleaved rounds
-(``fusedres._timing.interleaved_samples``: every candidate once per round, in a rotating
-order; CPU: wall clock per call, GPU: CUDA events), giving each a median and a spread
+report and ``explain`` name it and the error found. The passing candidates are then
+timed in repeated interleaved rounds (``fusedres._timing.interleaved_samples``: every
+candidate once per round, in a rotating order; CPU: wall clock per call, GPU: CUDA
+events), giving each a median and a spread
 (p20-p80). The decision is made only on differences the run can tell from its noise
 (``select``): the simplest candidate (torch < reference < cpu/cuda < triton <
 triton-conv) wins unless a faster one beats it beyond the spread -- its median over
@@ -58,9 +59,10 @@ otherwise wait in the broadcast). ``tune`` refuses to run inside ``torch.compile
 tracing or CUDA-graph capture: tune first, then compile or capture (the installed plan is
 a plain attribute read, fixed before either).
 
-Cost: each distinct site runs ``(1 check + 5-30 timed rounds, at most ~1 s)`` per
-candidate, less when sites repeat; the returned model's ``fusedres_tune_report`` says what
-was spent, with how many threads (``torch.get_num_threads()``, part of the cache's key).
+Cost: per distinct site signature, one checked run per candidate, then 5 to 30 timed
+rounds of all of them (no new round after ~1 s once 5 are done); the returned model's
+``fusedres_tune_report`` says what was spent, with how many threads
+(``torch.get_num_threads()``, part of the cache's key).
 """
 from __future__ import annotations
 
