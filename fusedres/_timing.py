@@ -9,6 +9,7 @@ and a spread per candidate. ``spread``: the median and p20-p80 range of a list o
 from __future__ import annotations
 
 import dataclasses
+import platform
 import statistics
 import time
 from typing import Callable, Optional
@@ -180,3 +181,15 @@ def interleaved_samples(fns: dict, device: torch.device, *, rounds: int = 5,
                for n in live):
             break
     return samples
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), else what ``platform`` says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from .._timing import cpu_name  # noqa: F401  (fusedres.tune's cache key uses it too)
+
 SCHEMA = "fusedres-bench/1"
 
 # Settings outside the command line that change timings: recorded with every run (the
@@ -68,17 +70,6 @@ def command_line() -> str:
     if prog in ("__main__.py", "-m", "-c", ""):
         return " ".join(["python -m fusedres.bench", shlex.join(sys.argv[1:])]).strip()
     return shlex.join([prog] + sys.argv[1:])  # quoted: the line can be pasted back
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info(device: torch.device, argv: Optional[list] = None) -> dict:
