@@ -163,3 +163,26 @@ _RESOLVED = {(device_type, backend): _resolve(torch.device(device_type), backend
              for device_type in ("cpu", "cuda")
              for backend in ("auto",) + BACKENDS + (PLUMBING_BACKEND,)
              if _resolvable(device_type, backend)}
+
+
+def check_site_backend(backend: str, device: torch.device, bn) -> None:
+    """At a fused site's forward (``fusedres.nn.conv_bn_act``): a ``backend`` fixed at
+    convert or tune time that can never run on the tensors' ``device`` raises here, one
+    line naming the site (``bn.fusedres_site``, set by ``convert``) and the remedy,
+    instead of an error from deep inside the op. The common case is one dict lookup."""
+    if backend == "torch" or (device.type, backend) in _RESOLVED:
+        return
+    try:
+        _resolve(device, backend)
+        return
+    except RuntimeError as exc:
+        why = str(exc).splitlines()[0]
+    site = getattr(bn, "fusedres_site", None) or type(bn).__name__
+    if getattr(bn, "fusedres_tuning", None) is not None:
+        remedy = (f"tune the model again on {device.type} (fusedres.tune(model, x) with x on "
+                  f"{device.type}), or move model and inputs back to the device it was "
+                  "tuned on")
+    else:
+        remedy = (f"convert with backend='auto' (picks what runs on {device.type}), or move "
+                  f"model and inputs to a device {backend!r} runs on")
+    raise RuntimeError(f"fusedres: fused site {site!r} cannot run: {why}. Remedy: {remedy}")

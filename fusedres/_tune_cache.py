@@ -86,7 +86,7 @@ def environment(device: torch.device, candidates) -> dict:
         env["device"] = torch.cuda.get_device_name(index)
         env["capability"] = list(torch.cuda.get_device_capability(index))
     else:
-        from .bench.report import cpu_name  # the benchmark's own machine description
+        from ._timing import cpu_name  # the benchmark's machine description too
 
         env["device"] = cpu_name()
         env["threads"] = torch.get_num_threads()

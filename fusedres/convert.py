@@ -670,6 +670,9 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
     if not inplace:
         model = copy.deepcopy(model)
     _Walker(backend, apply=True, memory_saving=memory_saving).block(model, "")
+    for name, m in model.named_modules():  # named in a site's one-line errors (_backend)
+        if isinstance(m, nn.BatchNorm2d):
+            m.fusedres_site = name
     if process_group is not None:
         for m in model.modules():
             if type(m) is nn.BatchNorm2d:

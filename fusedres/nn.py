@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import conv as fconv
+from ._backend import check_site_backend
 from . import conv_paths, functional, ops
 from .reference import acc_dtype
 
@@ -604,6 +605,7 @@ def conv_bn_act(x: Tensor, conv: Optional[nn.Conv2d], bn: nn.BatchNorm2d, *,
             next_relu=next_relu, memory_saving=memory_saving, backend=backend))
     plan = site_plan(bn)
     backend = plan.backend or backend
+    check_site_backend(backend, x.device, bn)  # one clear line if it can never run here
     if next_conv is not None and (residual is not None or shortcut_bn is not None or not relu):
         raise ValueError("next_conv is only for a BN-ReLU site")
     if shortcut_bn is not None and shortcut_conv is None and _normalised(shortcut_x, shortcut_bn):

@@ -32,12 +32,18 @@ training forward+backward when the model is in training mode, else an eval forwa
 ``torch`` candidate on the same inputs -- output, input and parameter gradients, running
 statistics, ``num_batches_tracked`` -- with a tolerance scaled to the dtype (relative L2
 error; ``TOLERANCE``). A candidate that raises or differs is never chosen: a warning, the
-report and ``explain`` name it and the error found. The passing candidates are then timed
-(CPU: interleaved rounds, median, candidates over 1.5x the fastest dropped after two
-rounds; GPU: CUDA events, ``fusedres.bench.timing.time_cuda``) and the fastest wins; a
-candidate within ``margin`` (default 3%) of the fastest that is simpler wins over it
-(torch < reference < cpu/cuda < triton < triton-conv < cudnn-graph). Sites with identical
-signatures share one decision (torchvision ResNet-50: 49 sites, 21 signatures).
+report and ``explain`` name it and the error found. The passing candidates are then
+timed in repeated interleaved rounds (``fusedres._timing.interleaved_samples``: every
+candidate once per round, in a rotating order; CPU: wall clock per call, GPU: CUDA
+events), giving each a median and a spread
+(p20-p80). The decision is made only on differences the run can tell from its noise
+(``select``): the simplest candidate (torch < reference < cpu/cuda < triton <
+triton-conv < cudnn-graph) wins unless a faster one beats it beyond the spread -- its median over
+``margin`` (default 3%) lower and its p80 under the other's p20. When a candidate's own
+samples disagree wildly (p20-p80 over ``NOISE_LIMIT`` of its median: a machine too loaded
+to measure), the site is not decided: it keeps its default path, nothing is cached, a
+warning and the report say so (``too_noisy``). Sites with identical signatures share one
+decision (torchvision ResNet-50: 49 sites, 21 signatures).
 
 Nothing of the model's state changes: running statistics and ``num_batches_tracked`` are
 restored (the state_dict after ``tune`` equals the one before), no ``.grad`` is written,
@@ -56,18 +62,15 @@ otherwise wait in the broadcast). ``tune`` refuses to run inside ``torch.compile
 tracing or CUDA-graph capture: tune first, then compile or capture (the installed plan is
 a plain attribute read, fixed before either).
 
-Cost: each distinct site runs ``(1 check + ~3-5 timed rounds)`` per candidate, about ten
-to fifteen training steps' worth of work for a whole ResNet, less when sites repeat; the
-returned model's ``fusedres_tune_report`` says what was spent. Measured on a 2-core CPU
-(2 threads), training mode, channels_last fp32: torchvision ResNet-50 at 16x3x112x112,
-8.3 s for its 21 signatures (66 s while the machine was heavily shared), 0.4 s from the
-cache (one recording forward); resnet18 at 2x3x64x64, 1.7 s, then 0.0 s.
+Cost: per distinct site signature, one checked run per candidate, then 5 to 30 timed
+rounds of all of them (no new round after ~1 s once 5 are done); the returned model's
+``fusedres_tune_report`` says what was spent, with how many threads
+(``torch.get_num_threads()``, part of the cache's key).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import statistics
 import sys
 import time
 import warnings
@@ -76,14 +79,14 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from . import cudnn_graph
+from . import _timing, cudnn_graph
 from . import nn as fnn
 from ._backend import backend_supports, has_triton
 from ._fx import FusedForward
 from ._tune_cache import DecisionCache, cache_dir, environment
 
-__all__ = ["tune", "select", "measure", "plan_of", "TuneReport", "describe", "TOLERANCE",
-           "RANK"]
+__all__ = ["tune", "select", "too_noisy", "measure", "plan_of", "TuneReport", "describe",
+           "TOLERANCE", "RANK", "NOISE_LIMIT"]
 
 # Simpler first: a tie within the margin goes to the lower rank.
 RANK = {"torch": 0, "reference": 1, "cpu": 2, "cuda": 2, "triton": 3, "triton-conv": 4,
@@ -96,6 +99,14 @@ _CONV_CANDIDATES = ("triton-conv", "cudnn-graph")
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 5e-3, torch.float16: 1e-2,
              torch.bfloat16: 5e-2}
 TF32_TOLERANCE = 5e-3  # float32 on CUDA with TF32 convolutions allowed
+# A candidate whose own p20-p80 range exceeds this fraction of its median was timed on a
+# machine too loaded to measure: the site keeps its default and nothing is cached. On the
+# shared 2-core VM this was written on (load average ~5), resnet18's sites at 2x3x64x64
+# spread 25% (median over sites; worst 690%) at 1 thread and 78% (worst 3050%) at 2.
+NOISE_LIMIT = 0.5
+UNDECIDED = ("their timings were too noisy (a machine too loaded to measure), so those "
+             "sites keep their default path and nothing about them was cached; tune again "
+             "when the machine is idle (fewer threads, torch.set_num_threads(1), also help)")
 _TENSOR_KWARGS = ("residual", "shortcut_x")
 _MODULE_KWARGS = ("shortcut_conv", "shortcut_bn", "next_conv", "next_bn")
 
@@ -158,14 +169,39 @@ def _recording(blocks, record):
 # --------------------------------------------------------------------------------------
 
 
+def clearly_faster(a, b, margin: float = 0.03) -> bool:
+    """Whether samples ``a`` beat samples ``b`` beyond this run's noise: ``a``'s median is
+    over ``margin`` under ``b``'s and ``a``'s p80 under ``b``'s p20 (the p20-p80 ranges do
+    not overlap). Lists of seconds, or single numbers (no spread)."""
+    med_a, _, hi_a = _timing.spread(a)
+    med_b, lo_b, _ = _timing.spread(b)
+    return med_a < med_b * (1 - margin) and hi_a < lo_b
+
+
 def select(times: dict, margin: float = 0.03) -> Optional[str]:
-    """The fastest candidate of ``times`` (name -> seconds; only candidates that passed
-    their check), or the simplest one (``RANK``) within ``margin`` of the fastest."""
+    """The simplest candidate (``RANK``) of ``times`` (name -> samples in seconds, or one
+    number; only candidates that passed their check) that no other candidate is
+    ``clearly_faster`` than: the simpler one unless the faster wins beyond the spread."""
     if not times:
         return None
-    best = min(times.values())
-    near = [n for n, t in times.items() if t <= best * (1 + margin)]
-    return min(near, key=lambda n: (RANK.get(n, len(RANK)), times[n], n))
+    unbeaten = [n for n in times
+                if not any(clearly_faster(times[o], times[n], margin) for o in times if o != n)]
+    return min(unbeaten, key=lambda n: (RANK.get(n, len(RANK)), _timing.spread(times[n])[0], n))
+
+
+def too_noisy(times: dict, limit: Optional[float] = None) -> Optional[str]:
+    """Why ``times`` cannot be decided on (None when they can): some candidate's own samples
+    disagree wildly, p80 - p20 over ``limit`` (default ``NOISE_LIMIT``) of their median --
+    a machine too loaded to measure."""
+    limit = NOISE_LIMIT if limit is None else limit
+    worst = max(((_timing.relative_spread(v), n) for n, v in times.items()
+                 if not isinstance(v, (int, float)) and len(v) >= 3), default=None)
+    if worst is None or worst[0] <= limit:
+        return None
+    v = times[worst[1]]
+    return (f"the machine is too loaded to measure: {worst[1]}'s samples range "
+            f"{min(v) * 1e3:.3g}-{max(v) * 1e3:.3g} ms (p20-p80 {worst[0]:.0%} of the "
+            f"median, over the {limit:.0%} limit)")
 
 
 # --------------------------------------------------------------------------------------
@@ -378,33 +414,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fns: dict, device: torch.device, *, rounds: int = 3, max_rounds: int = 25,
-            min_time: float = 0.02, drop: float = 1.5) -> dict:
-    """Median seconds of each warm callable. GPU: ``time_cuda`` (CUDA events, no graph,
-    no L2 flush: a site of a model runs warm and eagerly). CPU: interleaved rounds (each
-    round runs every candidate once, in a rotating order, so a machine that drifts moves
-    them alike); after two rounds a candidate whose better sample is over ``drop`` x the
-    fastest one's is dropped (its two samples kept); at least ``rounds`` rounds and ``min_time`` seconds per
-    candidate, at most ``max_rounds``."""
-    if device.type == "cuda":
-        from .bench.timing import time_cuda
-
-        return {n: time_cuda(fn, warmup_ms=5.0, rep_ms=20.0, use_graph=False,
-                             flush_l2=False, min_reps=5).median_s for n, fn in fns.items()}
-    samples = {n: [] for n in fns}
-    live = list(fns)
-    for r in range(max_rounds):
-        order = live[r % len(live):] + live[:r % len(live)]
-        for n in order:
-            t0 = time.perf_counter()
-            fns[n]()
-            samples[n].append(time.perf_counter() - t0)
-        if r == 1 and len(live) > 1:  # the better of two samples: one spike drops nothing
-            best = min(min(samples[n]) for n in live)
-            live = [n for n in live if min(samples[n]) <= drop * best]
-        if r + 1 >= rounds and all(sum(samples[n]) >= min_time for n in live):
-            break
-    return {n: statistics.median(v) for n, v in samples.items()}
+def measure(fns: dict, device: torch.device, **options) -> dict:
+    """Samples (seconds) of each warm callable, ``{name: [s, ...]}``: repeated interleaved
+    rounds (``fusedres._timing.interleaved_samples``; ``options`` go to it)."""
+    return _timing.interleaved_samples(fns, device, **options)
 
 
 # --------------------------------------------------------------------------------------
@@ -421,18 +434,23 @@ class TuneReport:
     record_s: float = 0.0
     measured: int = 0  # distinct signatures checked and timed
     cached: int = 0  # distinct signatures read from the cache
+    undecided: int = 0  # distinct signatures timed but too noisy to decide: defaults kept
     cache_path: Optional[str] = None
     mode: str = "train"
+    threads: int = 0  # torch.get_num_threads() while timing (part of the cache's key on CPU)
 
     def summary(self) -> str:
         choices: dict = {}
         for s in self.sites:
             choices[s["choice"] or "default"] = choices.get(s["choice"] or "default", 0) + 1
         chosen = ", ".join(f"{k} x{v}" for k, v in sorted(choices.items()))
-        return (f"fusedres.tune ({self.mode}): {len(self.sites)} sites, "
-                f"{self.measured} signatures measured, {self.cached} from the cache, in "
+        text = (f"fusedres.tune ({self.mode}, {self.threads} thread(s)): {len(self.sites)} "
+                f"sites, {self.measured} signatures measured, {self.cached} from the cache, in "
                 f"{self.wall_s:.1f} s (recording forward {self.record_s:.1f} s); chosen: "
                 f"{chosen}" + (f"; cache {self.cache_path}" if self.cache_path else ""))
+        if self.undecided:
+            text += (f"\nfusedres.tune: {self.undecided} signature(s) NOT decided: {UNDECIDED}")
+        return text
 
     def __str__(self) -> str:
         return self.summary()
@@ -456,10 +474,20 @@ def _describe(info: Optional[dict]) -> str:
     if not info:
         return ""
     times = info.get("times_ms") or {}
+    spreads = info.get("spread_ms") or {}
     parts = [f"{info.get('choice') or 'default'}"]
     if times:
-        parts.append("(" + ", ".join(f"{n} {t:.3g} ms" for n, t in
-                                     sorted(times.items(), key=lambda kv: kv[1])) + ")")
+        def one(n, t):
+            lo, hi = spreads.get(n) or (None, None)
+            return f"{n} {t:.3g}" + (f" [{lo:.3g}-{hi:.3g}]" if lo is not None and hi != lo
+                                     else "") + " ms"
+
+        counts = set((info.get("samples") or {}).values())
+        where = ([f"{max(counts)} samples"] if counts else []) + \
+            ([f"{info['threads']} thread(s)"] if info.get("threads") else [])
+        parts.append("(" + ", ".join(one(n, t) for n, t in
+                                     sorted(times.items(), key=lambda kv: kv[1]))
+                     + ("; median [p20-p80], " + ", ".join(where) if spreads else "") + ")")
     if info.get("source") and info["source"] != "measured":
         parts.append(f"[{info['source']}]")
     for n, err in (info.get("failed") or {}).items():
@@ -518,14 +546,24 @@ def _tune_site(site: _Site, train: bool, candidates: list, timer, margin: float)
     finally:
         runner.restore()
     times = {n: t for n, t in times.items() if n in fns}
-    return {"choice": select(times, margin), "times_ms": {n: t * 1e3 for n, t in times.items()},
-            "failed": failed, "source": "measured"}
+    entry = {"times_ms": {}, "spread_ms": {}, "samples": {}, "failed": failed,
+             "threads": torch.get_num_threads()}
+    for n, t in times.items():
+        med, lo, hi = _timing.spread(t)
+        entry["times_ms"][n] = med * 1e3
+        entry["spread_ms"][n] = [lo * 1e3, hi * 1e3]
+        entry["samples"][n] = 1 if isinstance(t, (int, float)) else len(t)
+    noise = too_noisy(times)
+    if noise is not None:  # the default plan stays, and _tune_site's caller caches nothing
+        return dict(entry, choice=None, source=f"not decided: {noise}")
+    return dict(entry, choice=select(times, margin), source="measured")
 
 
 def _apply(bn: nn.Module, entry: dict) -> None:
     if entry.get("choice") is not None:
         _set_plan(bn, entry["choice"])
-    bn.fusedres_tuning = {k: entry.get(k) for k in ("choice", "times_ms", "failed", "source")}
+    bn.fusedres_tuning = {k: entry.get(k) for k in ("choice", "times_ms", "spread_ms",
+                                                     "samples", "threads", "failed", "source")}
 
 
 def _distributed():
@@ -544,6 +582,23 @@ def _check_context(inputs) -> None:
             torch.cuda.is_current_stream_capturing():
         raise RuntimeError("fusedres.tune cannot run during CUDA-graph capture: tune the "
                            "model first, then capture it")
+
+
+def _check_inputs(model: nn.Module, inputs: tuple) -> None:
+    """One clear line, here, instead of a TypeError from deep inside the recording forward."""
+    import inspect
+
+    try:
+        # the class's forward: a converted model's own is a generated one taking *args
+        inspect.signature(type(model).forward).bind(model, *inputs)
+    except TypeError as exc:
+        got = (f"{len(inputs)} example input(s)" if inputs else "no example input")
+        raise TypeError(
+            f"fusedres.tune got {got}, but {type(model).__name__}.forward does not take "
+            f"them ({exc}): pass inputs of the real shape, dtype, layout and device, as "
+            "the forward takes them, e.g. fusedres.tune(model, x)") from None
+    except ValueError:  # no signature to read (a builtin): let the forward say
+        pass
 
 
 def _device_of(model: nn.Module, inputs) -> torch.device:
@@ -572,12 +627,14 @@ def tune(model: nn.Module, *example_inputs, cache=True, margin: float = 0.03,
     ``~/.cache/fusedres``; ``FUSEDRES_CACHE=0`` turns it off), False, or a directory.
     ``margin``: a simpler candidate within this fraction of the fastest wins.
     ``candidates``: restrict to these names (``"torch"`` is always one).
-    ``timer``: ``timer({name: fn}, device) -> {name: seconds}`` (default ``measure``).
+    ``timer``: ``timer({name: fn}, device) -> {name: [seconds, ...]}`` (samples; a single
+    number per name is one sample without spread; default ``measure``).
     ``verbose``: None prints a one-line summary, True also a line per site, False nothing.
     The report is ``model.fusedres_tune_report`` (a ``TuneReport``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    _check_inputs(model, example_inputs)
     _check_context(example_inputs)
     blocks = _converted_blocks(model)
     if not blocks:
@@ -599,7 +656,8 @@ def tune(model: nn.Module, *example_inputs, cache=True, margin: float = 0.03,
              if isinstance(m, nn.BatchNorm2d)]
     decisions: dict = {}  # bn path -> entry
     report = TuneReport(sites=[], mode="train" if train else "eval",
-                        cache_path=store.path if store else None)
+                        cache_path=store.path if store else None,
+                        threads=torch.get_num_threads())
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             sites = _record(model, blocks, example_inputs, train, names)
@@ -624,6 +682,8 @@ def tune(model: nn.Module, *example_inputs, cache=True, margin: float = 0.03,
                                 else:
                                     entry = _tune_site(site, train, cands, timer, margin)
                                     report.measured += 1
+                                    report.undecided += entry["choice"] is None and \
+                                        entry["source"].startswith("not decided")
                                     if entry["choice"] is not None:
                                         store.put(site.signature, entry)
                                     for n, why in entry["failed"].items():
@@ -668,9 +728,13 @@ def tune(model: nn.Module, *example_inputs, cache=True, margin: float = 0.03,
             report.sites.append({"site": path, "choice": entry.get("choice"),
                                  "source": entry.get("source"),
                                  "times_ms": entry.get("times_ms"),
+                                 "spread_ms": entry.get("spread_ms"),
                                  "failed": entry.get("failed")})
     report.wall_s = time.perf_counter() - t0
     model.fusedres_tune_report = report
+    if report.undecided:
+        warnings.warn(f"fusedres.tune: {report.undecided} site signature(s) not decided: "
+                      f"{UNDECIDED}", RuntimeWarning, stacklevel=2)
     if verbose is not False:
         print(report.summary(), file=sys.stderr, flush=True)
     return model

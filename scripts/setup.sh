@@ -3,9 +3,11 @@
 # (2.14.1, CUDA build: it runs on CPU machines too) and torchvision, the build and test
 # tools, and fusedres itself (editable; builds fusedres._C: C++ CPU kernels always, CUDA
 # kernels where a GPU is visible or FUSEDRES_BUILD_CUDA=1 asks for them). Safe to run
-# again: it only does what is missing. About 6 minutes on a fresh 2-core machine with
-# the packages in the local cache (installs ~2, the CPU kernels ~2-3; the CUDA kernels
-# add ~3 more per architecture).
+# again: it only does what is missing, and says what it is doing as it goes. About 6
+# minutes on a fresh idle 2-core machine with the packages in the local cache (installs
+# ~1-2, the CPU kernels ~2-3 of the rest; the CUDA kernels add ~3 more per architecture);
+# 16 min 19 s (MAX_JOBS=1) on the same 2-vCPU VM shared with five other builds and test
+# runs (2026-12-06).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -51,8 +53,24 @@ if [ -n "$so" ] && [ -x .venv/bin/fusedres-bench ] && \
     echo "[setup] fusedres._C is up to date ($so)"
 else
 echo "[setup] building fusedres (fusedres._C: $config) -- minutes on 2 cores; log: build/setup.log"
-if ! MAX_JOBS=${MAX_JOBS:-$(nproc)} .venv/bin/python -m pip install -v --disable-pip-version-check \
-        --no-deps --no-build-isolation -e . > build/setup.log 2>&1; then
+MAX_JOBS=${MAX_JOBS:-$(nproc)} .venv/bin/python -m pip install -v --disable-pip-version-check \
+    --no-deps --no-build-isolation -e . > build/setup.log 2>&1 &
+build_pid=$!
+# Progress while it builds: each compile step ninja reports ("[k/N] ... -c <source>"),
+# and a line every minute when nothing new shows up
+last=""; quiet=0
+while kill -0 "$build_pid" 2>/dev/null; do
+    sleep 5
+    step=$(grep -E '^ *\[[0-9]+/[0-9]+\] ' build/setup.log 2>/dev/null | tail -n 1 |
+           sed -E 's/^ *(\[[0-9]+\/[0-9]+\]).* -c ([^ ]*\/)?([^ /]+\.(cpp|cu)) .*/\1 \3/; t; s/^ *(\[[0-9]+\/[0-9]+\]) .*/\1/' || true)
+    quiet=$((quiet + 5))
+    if [ -n "$step" ] && [ "$step" != "$last" ]; then
+        echo "[setup]   compiled $step ($(( $(date +%s) - t0 )) s)"; last=$step; quiet=0
+    elif [ "$quiet" -ge 60 ]; then
+        echo "[setup]   still building ($(( $(date +%s) - t0 )) s)"; quiet=0
+    fi
+done
+if ! wait "$build_pid"; then
     tail -n 40 build/setup.log
     echo "[setup] building fusedres failed; the whole log is build/setup.log" >&2
     exit 1

@@ -1,8 +1,11 @@
 """The benchmark suite: byte/FLOP formulas against hand counts, the JSON schema of very
 short in-process runs, skip reasons, and the results-table generator. Fast (CPU, tiny
 shapes, no torch.compile)."""
+import contextlib
+import io
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -120,16 +123,19 @@ def _short_cpu_timing():
 def tiny_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
     paths = {k: str(d / f"out.{k}") for k in ("json", "md", "png")}
-    rc = main(["all", "--quick", "--shapes", "tiny", "--device", "cpu", "--batch-size", "2",
-               "--no-compile", "--json", paths["json"], "--markdown", paths["md"],
-               "--plot", paths["png"]])
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["all", "--quick", "--shapes", "tiny", "--device", "cpu", "--batch-size",
+                   "2", "--no-compile", "--json", paths["json"], "--markdown", paths["md"],
+                   "--plot", paths["png"]])
     assert rc == 0
+    paths["stdout"], paths["stderr"] = out.getvalue(), err.getvalue()
     with open(paths["json"]) as f:
         return json.load(f), paths
 
 
 def test_json_schema(tiny_run):
-    data, _ = tiny_run
+    data, paths = tiny_run
     assert data["schema"] == report.SCHEMA and data["complete"] is True
     m = data["machine"]
     for key in ("date", "command", "git_commit", "device_type", "device_name", "cpu", "gpu",
@@ -139,13 +145,26 @@ def test_json_schema(tiny_run):
     assert m["torch"] == torch.__version__ and m["command"].startswith("fusedres-bench all")
     assert data["copy_bandwidth_gbps"] > 0
     rows = data["rows"]
-    assert {r["suite"] for r in rows} == {"ops", "conv", "blocks", "train"}
+    # on CPU nothing of fusedres runs a conv (its backends there run F.conv2d): the conv
+    # suite is skipped with a line saying why, not timed as eager vs compile
+    gpu = torch.cuda.is_available()
+    assert {r["suite"] for r in rows} == {"ops", "blocks", "train"} | ({"conv"} if gpu else set())
+    if not gpu:
+        assert any(sk["suite"] == "conv" and sk["provider"] == "all"
+                   and sk["reason"].startswith("nothing of fusedres to compare on cpu (")
+                   for sk in data["skipped"]), data["skipped"]
+        assert "skipped: conv / all: nothing of fusedres to compare on cpu" in paths["stdout"]
+        assert not [sk for sk in data["skipped"] if sk["suite"] == "conv"
+                    and sk["provider"].startswith("fusedres-")]  # said once, for the suite
     for r in rows:
         assert set(report.ROW_KEYS) <= set(r), set(report.ROW_KEYS) - set(r)
         assert r["time_ms"] > 0 and r["time_p20_ms"] <= r["time_p80_ms"]
         assert r["git_commit"] and r["device"] == "cpu" and r["dtype"] == "float32"
         if r["suite"] == "ops":
             assert r["gbps"] > 0 and r["pct_copy_bw"] > 0 and r["bytes"] > 0
+            # % of a copy of one activation of this size, not of the 64 MiB copy
+            assert r["copy_gbps"] > 0 and r["copy_gbps"] != data["copy_bandwidth_gbps"]
+            assert r["pct_copy_bw"] == pytest.approx(100 * r["gbps"] / r["copy_gbps"])
         else:
             assert r["tflops"] > 0 and r["flops"] > 0
         if r["suite"] in ("blocks", "train"):
@@ -176,8 +195,53 @@ def test_skip_reasons(tiny_run):
     for suite, module in (("conv", "fusedres.conv"), ("blocks", "fusedres.convert")):
         has_rows = any(r["suite"] == suite and r["provider"].startswith("fusedres-")
                        for r in data["rows"])
-        said = any(s == suite and p.startswith("fusedres-") for s, p, _ in reasons)
+        said = any(s == suite and (p.startswith("fusedres-") or (
+            p == "all" and r.startswith("nothing of fusedres"))) for s, p, r in reasons)
         assert has_rows or said, (suite, module)
+
+
+def test_default_table_fits_100_columns_and_shows_progress(tiny_run):
+    data, paths = tiny_run
+    lines = paths["stdout"].splitlines()
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+    assert "page faults" not in paths["stdout"]  # behind --wide (and in the JSON)
+    wide = report.text_table(data["rows"], wide=True)
+    assert "page faults/call" in wide and "p20-p80 ms" in wide
+    # "case k of N" on stderr as the run goes (not a terminal: one line per case)
+    cases = re.findall(r"case (\d+) of (\d+):", paths["stderr"])
+    n = int(cases[0][1])
+    assert [int(k) for k, _ in cases] == list(range(1, n + 1)) and n >= 10, cases
+
+
+def test_table_of_the_quick_shapes_fits_100_columns():
+    """The --quick case names with the longest provider names and wide figures."""
+    C = cases
+    s = C.Settings(device=torch.device("cpu"), dtype=torch.float32, layout="channels_last",
+                   batch=256, quick=True)
+    rows = []
+    for suite in ("ops", "conv", "blocks", "train"):
+        for c in C.SUITES[suite](s, "quick"):
+            for provider in ("eager", "fusedres-triton-memsave", "compile-max-autotune"):
+                rows.append({
+                    "suite": suite, "case": c.name, "pass": c.pass_, "layer": c.layer,
+                    "shape": list(c.shape), "provider": provider, "time_ms": 12345.678,
+                    "time_p20_ms": 12000.5, "time_p80_ms": 13000.25, "speedup_vs_eager": 0.5,
+                    "speedup_clear": False, "gbps": 4321.5 if suite == "ops" else None,
+                    "pct_copy_bw": 205.0 if suite == "ops" else None,
+                    "tflops": 789.123, "images_per_s": 12345.6 if suite in ("blocks", "train")
+                    else None, "peak_mem_bytes": 123456 * 2**20,
+                    "retained_bytes": 65432 * 2**20, "retained_vs_eager": 0.75,
+                    "page_faults_per_call": 123456})
+    text = report.text_table(rows)
+    assert max(len(line) for line in text.splitlines()) <= 100, max(text.splitlines(), key=len)
+    assert "12345.6" in text and "205" in text and "0.50x?" in text
+
+
+def test_footer_advice_matches_the_run():
+    one = report.unclear_note({"quick": True}, {"device_type": "cpu", "torch_threads": 1})
+    two = report.unclear_note({"quick": False}, {"device_type": "cpu", "torch_threads": 2})
+    assert "--threads 1" not in one and "no --quick" in one
+    assert "--threads 1" in two and "--quick" not in two
 
 
 def test_markdown_and_plot(tiny_run, capsys):

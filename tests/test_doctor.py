@@ -23,8 +23,13 @@ def test_doctor_passes_on_this_machine(tmp_path, capsys):
     if "triton" in fusedres.available_backends():
         assert ("conv2d_stats", "triton") in kernels
     assert all(r["ok"] and r["error"] <= r["tolerance"] for r in data["rows"])
-    text = capsys.readouterr().out
-    assert "bn_stats" in text and "FAIL" not in text
+    captured = capsys.readouterr()
+    assert "bn_stats" in captured.out and "FAIL" not in captured.out
+    # progress by default (no --verbose): each step, then its rows as they finish
+    progress = [line for line in captured.err.splitlines() if line.startswith("[doctor]")]
+    assert progress[0].startswith("[doctor] step 1 of ")
+    finished = [line for line in progress if ": pass (max error" in line]
+    assert len(finished) >= len(data["rows"]), progress
 
 
 @pytest.mark.skipif("cpu" not in fusedres.available_backends(),
@@ -52,4 +57,6 @@ def test_doctor_fails_on_a_broken_kernel(monkeypatch, tmp_path, capsys):
     data = json.loads(out.read_text())
     failed = {r["kernel"] for r in data["rows"] if not r["ok"]}
     assert failed == {"bn_apply", "bn_apply+residual", "bn_apply+dual"}
-    assert "FAIL bn_apply" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "FAIL bn_apply" in captured.out
+    assert "[doctor]   bn_apply / cpu / float32: FAIL" in captured.err  # as it finished

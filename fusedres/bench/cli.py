@@ -89,6 +89,9 @@ def _common(p: argparse.ArgumentParser, command: str) -> None:
     how.add_argument("--no-graph", action="store_true", help="GPU: do not use CUDA graphs")
 
     out = p.add_argument_group("output")
+    out.add_argument("--wide", action="store_true",
+                     help="terminal table with every column on one line per row (p20-p80, "
+                          "page faults, ...), however wide; the default fits 100 columns")
     out.add_argument("--json", metavar="PATH", help="write all rows and machine info as JSON")
     out.add_argument("--markdown", metavar="PATH", help="write a markdown report")
     out.add_argument("--plot", metavar="PATH", help="write a speedup-per-layer plot "
@@ -126,10 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Progress:
-    """tqdm when it is installed and stderr is a terminal; otherwise quiet."""
+    """Where the run is, on stderr: tqdm when it is installed and stderr is a terminal,
+    else one line per case ("case k of N: ...", with the seconds so far)."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, cases: int = 0):
         self.bar = None
+        self.cases, self.case_index, self.t0 = cases, 0, time.perf_counter()
         if sys.stderr.isatty():
             try:
                 from tqdm import tqdm
@@ -142,6 +147,15 @@ class Progress:
         if self.bar is not None:
             self.bar.set_description_str(text[:60])
             self.bar.update(1)
+
+    def case(self, label: str):
+        self.case_index += 1
+        text = (f"[fusedres-bench] case {self.case_index} of {self.cases}: {label} "
+                f"({time.perf_counter() - self.t0:.0f} s)")
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"case {self.case_index}/{self.cases}")
+        else:
+            self.write(text)
 
     def write(self, text: str):
         if self.bar is not None:
@@ -266,6 +280,7 @@ def _row(case: C.Case, provider: C.Provider, m: timing.Measurement, s: C.Setting
         "timer_note": m.note or None,
         "bytes": case.bytes, "bytes_eager": case.bytes_eager,
         "gbps": derived["gbps"], "pct_copy_bw": derived["pct_copy_bw"],
+        "copy_gbps": copy_gbps if case.suite == "ops" else None,
         "flops": case.flops, "tflops": derived["tflops"],
         "images_per_s": (case.images / secs) if case.images else None,
         "peak_mem_bytes": None, "peak_mem_kind": None,
@@ -340,7 +355,7 @@ def run_suites(args, suites: list) -> dict:
                 "providers": [p.name for p in providers], "time_budget_s": args.time_budget,
                 "cuda_graphs": device.type == "cuda" and not args.no_graph}
 
-    progress = Progress(len(all_cases) * len(providers) + 1)
+    progress = Progress(len(all_cases) * len(providers) + 1, len(all_cases))
     copy = {}
     try:
         gbps, m, moved = timing.copy_bandwidth(device, quick=args.quick)
@@ -365,8 +380,21 @@ def run_suites(args, suites: list) -> dict:
                                type(exc), exc, exc.__traceback__, limit=6))})
         progress.write(f"[fusedres-bench] error in {label}: {msg}")
 
+    def copy_for(case):
+        """ops: the bandwidth of a copy of one of the case's activations (same size, so
+        the same caches help both); None when that cannot be measured."""
+        if case.suite != "ops":
+            return copy.get("gbps")
+        n = 1
+        for d in case.shape:
+            n *= d
+        try:
+            return timing.copy_bandwidth_sized(n * s.dtype.itemsize, device, args.quick)
+        except Exception:  # pragma: no cover - the row keeps GB/s without a percentage
+            return None
+
     def add_row(case, provider, m, peak, retained):
-        row = _row(case, provider, m, s, copy.get("gbps"), commit)
+        row = _row(case, provider, m, s, copy_for(case), commit)
         row["peak_mem_bytes"], row["peak_mem_kind"] = peak
         if retained is not None:  # blocks, training step: kept for backward
             row["retained_bytes"], row["retained_kind"] = retained
@@ -393,10 +421,26 @@ def run_suites(args, suites: list) -> dict:
                     if hasattr(fn, "forward") else None)
         return peak, retained
 
-    def each_provider(case, work):
+    ours = [p for p in providers if p.kind in ("fusedres", "tuned")]
+    theirs = [p for p in providers if p not in ours]
+
+    def each_provider(case, work) -> bool:
         """``work(provider, fn)`` for each provider of ``case`` with a fresh ``fn``, one at
-        a time (progress, time budget, errors reported, ``fn`` freed after)."""
-        for provider in providers:
+        a time (progress, time budget, errors reported, ``fn`` freed after), fusedres's
+        first: when every one of them skips the case (nothing of fusedres runs it on this
+        device), the others are not timed either and False says so."""
+        skips = []  # (provider, Skip) of fusedres's: reported once it is known whether
+        for provider in ours + theirs:  # the whole case is skipped
+            if provider is (theirs[0] if theirs else None) and ours:
+                if len(skips) == len(ours):
+                    reason = "; ".join(dict.fromkeys(str(exc) for _, exc in skips))
+                    run.skip(case.suite, "all", f"nothing of fusedres to compare on "
+                             f"{device.type} ({reason})")
+                    progress.write("[fusedres-bench]   skipped: nothing of fusedres runs it here")
+                    return False
+                for p, exc in skips:
+                    failed(case, p, exc, label_of(case, p))
+                skips = []
             progress.update(label_of(case, provider))
             if over_budget(case, provider):
                 continue
@@ -404,11 +448,19 @@ def run_suites(args, suites: list) -> dict:
             try:
                 fn = case.make(provider)
                 work(provider, fn)
+            except C.Skip as exc:
+                if provider in ours:
+                    skips.append((provider, exc))
+                else:
+                    failed(case, provider, exc, label_of(case, provider))
             except Exception as exc:
                 failed(case, provider, exc, label_of(case, provider))
             finally:
                 del fn
                 _cleanup(device)
+        for p, exc in skips:  # no provider of another kind came after fusedres's
+            failed(case, p, exc, label_of(case, p))
+        return True
 
     def one_by_one(case):
         """GPU: each provider alone (CUDA events, graphs; its memory peak when warm)."""
@@ -424,8 +476,9 @@ def run_suites(args, suites: list) -> dict:
         all of them built again and timed block by block in turn (timing.time_cpu_interleaved):
         ratios between rows of one case are measured under the same conditions."""
         memory = {}
-        each_provider(case, lambda provider, fn: memory.__setitem__(provider.name,
-                                                                    memory_of(case, fn)))
+        if not each_provider(case, lambda provider, fn: memory.__setitem__(
+                provider.name, memory_of(case, fn))):
+            return
         fns = {}
         for provider in providers:
             if provider.name in memory:
@@ -433,9 +486,6 @@ def run_suites(args, suites: list) -> dict:
                     fns[provider.name] = case.make(provider)
                 except Exception as exc:
                     failed(case, provider, exc, label_of(case, provider))
-        if fns:
-            progress.write(f"[fusedres-bench] timing {case.suite} {case.name} {case.pass_} "
-                           f"{case.layer}: {len(fns)} providers interleaved")
         min_time = float(os.environ.get("FUSEDRES_BENCH_CPU_MIN_TIME",
                                         0.1 if args.quick else 0.5))
         got, errors = timing.time_cpu_interleaved(fns, min_run_time=min_time)
@@ -451,6 +501,7 @@ def run_suites(args, suites: list) -> dict:
     # Case by case. On CPU the providers of a case are timed interleaved, block by block;
     # on GPU back to back (each with its own warm-up, graph capture and L2 flushes).
     for case in all_cases:
+        progress.case(f"{case.suite} {case.name} {case.pass_} {case.layer}")
         (interleaved if device.type == "cpu" else one_by_one)(case)
     progress.close()
 
@@ -463,31 +514,46 @@ def run_suites(args, suites: list) -> dict:
     return _result(run, machine, settings, copy, True)
 
 
-def _print_summary(result: dict) -> None:
+def _print_summary(result: dict, wide: bool = False) -> None:
     m = result["machine"]
-    print(f"fusedres-bench on {m['device_type']} ({m['device_name']}), torch {m['torch']}, "
-          f"triton {m.get('triton')}, commit {m['git_commit'][:12]}, "
-          f"{result['settings']['dtype']} {result['settings']['layout']} "
-          f"batch {result['settings']['batch']}"
-          + (f", {m['torch_threads']} CPU thread(s)" if m["device_type"] == "cpu" else ""))
+    say = (lambda text: print(text)) if wide else (lambda text: print(report.wrap(text)))
+    say(f"fusedres-bench on {m['device_type']} ({m['device_name']}), torch {m['torch']}, "
+        f"triton {m.get('triton')}, commit {m['git_commit'][:12]}, "
+        f"{result['settings']['dtype']} {result['settings']['layout']} "
+        f"batch {result['settings']['batch']}"
+        + (f", {m['torch_threads']} CPU thread(s)" if m["device_type"] == "cpu" else ""))
     if result.get("copy_bandwidth_gbps"):
-        print(f"device-copy bandwidth: {result['copy_bandwidth_gbps']:.1f} GB/s "
-              "(read + write)")
-    print(report.text_table(result["rows"]))
+        say(f"device-copy bandwidth: {result['copy_bandwidth_gbps']:.1f} GB/s (read + write, "
+            f"{result['copy']['bytes'] / 2**20:.0f} MiB); the ops' '% copy' is of a copy of "
+            "one of their activations (same size)")
+    print(report.text_table(result["rows"], wide=wide))
+    over = [r for r in result["rows"] if (r.get("pct_copy_bw") or 0) > 100]
+    if over:
+        say(f"note: {len(over)} row(s) over 100% of a same-size copy: the bytes credited "
+            "count each pass over a tensor (e.g. statistics, then normalise), and a tensor "
+            "that fits in the cache is read again from there, which a copy's single pass "
+            "cannot do")
+    if any(r["provider"].startswith("compile") for r in result["rows"]):
+        say("note: compile rows time torch.compile (default mode) of the same eager code, "
+            "after compiling it" + (
+                "; on CPU, Inductor's own kernels for one op's training forward and "
+                "backward are the slow part, not per-call overhead (profiled in "
+                "benchmarks/README.md)" if m["device_type"] == "cpu" else ""))
     for note in result["notes"]:
-        print(f"note: {note}")
+        say(f"note: {note}")
     for sk in result["skipped"]:
         n = f" ({sk['count']} cases)" if sk["count"] > 1 else ""
-        print(f"skipped: {sk['suite']} / {sk['provider']}: {sk['reason']}{n}")
+        say(f"skipped: {sk['suite']} / {sk['provider']}: {sk['reason']}{n}")
     for e in result["errors"]:
-        print(f"error: {e['suite']} {e['case']} {e['pass']} {e['layer']} / {e['provider']}: "
-              f"{e['error']}")
+        say(f"error: {e['suite']} {e['case']} {e['pass']} {e['layer']} / {e['provider']}: "
+            f"{e['error']}")
     unclear = report.unclear_rows(result["rows"])
     if unclear:
-        print(f"note: {len(unclear)} of {sum(r['provider'] != 'eager' for r in result['rows'])}"
-              f" ratios marked {report.UNCLEAR_NOTE}")
-    print(f"{len(result['rows'])} rows, {sum(s['count'] for s in result['skipped'])} skipped, "
-          f"{len(result['errors'])} errors in {result['settings']['wall_s']:.1f} s")
+        say(f"note: {len(unclear)} of {sum(r['provider'] != 'eager' for r in result['rows'])}"
+            f" ratios marked {report.unclear_note(result['settings'], m)}")
+    say(f"{len(result['rows'])} rows, {sum(s['count'] for s in result['skipped'])} skipped, "
+        f"{len(result['errors'])} errors in {result['settings']['wall_s']:.1f} s"
+        + ("" if wide else "; --wide and --json give every column"))
 
 
 def _report_cmd(args) -> int:
@@ -510,7 +576,7 @@ def main(argv: Optional[list] = None) -> int:
         return doctor.main(args)
     suites = list(SUITE_ORDER) if args.command == "all" else [args.command]
     result = run_suites(args, suites)
-    _print_summary(result)
+    _print_summary(result, wide=args.wide)
     if args.json:
         report.write_json(result, args.json)
         print(f"wrote {args.json}")

@@ -87,9 +87,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class Doctor:
-    def __init__(self, device: torch.device, quick: bool = False, progress: bool = False,
-                 only: Optional[str] = None):
+    def __init__(self, device: torch.device, quick: bool = False, progress: bool = True,
+                 only: Optional[str] = None, verbose: bool = False):
         self.device = device
+        self.verbose = verbose
         self.quick = quick
         self.only = re.compile(only) if only else None
         self.progress = progress
@@ -349,7 +350,7 @@ class Doctor:
 
     # convs (Triton) -------------------------------------------------------------------
 
-    def convs(self) -> None:
+    def convs(self, backend: str = "triton") -> None:  # backend: a doctor step's signature
         from fusedres import conv as fconv
 
         problems = CONVS_TINY if self.device.type != "cuda" else CONVS_TINY + CONVS_RESNET50
@@ -408,7 +409,7 @@ class Doctor:
 
     # cuDNN graphs ---------------------------------------------------------------------
 
-    def cudnn_graphs(self) -> None:
+    def cudnn_graphs(self, backend: str = "cudnn-graph") -> None:  # likewise
         from fusedres import cudnn_graph
         from fusedres import reference as R
 
@@ -470,7 +471,7 @@ class Doctor:
                                                for f in (self.primitives, self.fused)]
         steps += [(b, self.running_stats) for b in backends if b in ("cpu", "cuda")]
         if "triton" in backends:
-            steps.append(("triton", lambda b: self.convs()))
+            steps.append(("triton", self.convs))
         from fusedres import cudnn_graph
         if self.device.type != "cuda":
             self.skipped.append(("cudnn-graph", "the cuDNN graphs run on CUDA only"))
@@ -478,14 +479,28 @@ class Doctor:
             self.skipped.append(("cudnn-graph", "fusedres._C was built without the cuDNN "
                                                 "graph path (no cudnn-frontend headers)"))
         else:
-            steps.append(("cudnn-graph", lambda b: self.cudnn_graphs()))
-        for backend, step in steps:
+            steps.append(("cudnn-graph", self.cudnn_graphs))
+        start = time.perf_counter()
+        for k, (backend, step) in enumerate(steps):
             t0 = time.perf_counter()
-            step(backend)
+            name = step.__name__
             if self.progress:
-                print(f"[doctor] {backend} {step.__name__ if hasattr(step, '__name__') else ''}"
-                      f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+                self._say(f"step {k + 1} of {len(steps)}: {backend} {name} "
+                          f"({t0 - start:.0f} s so far)")
+            before = {key: r.cases for key, r in self.rows.items()}
+            step(backend)
+            for key, r in self.rows.items():  # the rows this step checked, as they finish
+                if r.cases != before.get(key) and self.progress:
+                    self._say(f"  {r.kernel} / {r.backend} / {r.dtype}: "
+                              f"{'pass' if r.ok else 'FAIL'} (max error {r.error:.2e}, "
+                              f"tolerance {r.tolerance:.0e}, {r.cases} cases)")
+            if self.progress and self.verbose:
+                self._say(f"  {backend} {name}: {time.perf_counter() - t0:.1f} s")
         return list(self.rows.values())
+
+    @staticmethod
+    def _say(text: str) -> None:
+        print(f"[doctor] {text}", file=sys.stderr, flush=True)
 
 
 def reference_dual(input, shortcut, running_mean, running_var, weight, bias,
@@ -515,7 +530,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="two ResNet-50 shapes instead of five (always on CPU)")
     p.add_argument("--only", metavar="REGEX", default=None,
                    help="only the checks whose 'kernel backend' matches REGEX")
-    p.add_argument("--verbose", action="store_true", help="progress per step on stderr")
+    p.add_argument("--verbose", action="store_true", help="also each step's seconds")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress on stderr (by default: each step, and its rows as they "
+                        "finish)")
 
 
 def main(args) -> int:
@@ -526,7 +544,8 @@ def main(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fusedres-bench doctor: --device cuda but torch sees no GPU")
     t0 = time.perf_counter()
-    doctor = Doctor(device, quick=args.quick, progress=args.verbose, only=args.only)
+    doctor = Doctor(device, quick=args.quick, progress=not args.quiet, only=args.only,
+                    verbose=args.verbose)
     try:
         rows = doctor.run()
     except Exception:  # noqa: BLE001  (the doctor itself broke: say so, fail)

@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from .._timing import cpu_name  # noqa: F401  (fusedres.tune's cache key uses it too)
+
 SCHEMA = "fusedres-bench/1"
 
 # Settings outside the command line that change timings: recorded with every run (the
@@ -28,7 +30,7 @@ TIMING_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "LD_P
 ROW_KEYS = (
     "suite", "case", "pass", "layer", "shape", "dtype", "layout", "device", "provider",
     "time_ms", "time_p20_ms", "time_p80_ms", "time_iqr_ms", "samples", "timer", "timer_note",
-    "bytes", "bytes_eager", "gbps", "pct_copy_bw", "flops", "tflops", "images_per_s",
+    "bytes", "bytes_eager", "gbps", "pct_copy_bw", "copy_gbps", "flops", "tflops", "images_per_s",
     "peak_mem_bytes", "peak_mem_kind", "retained_bytes", "retained_kind", "retained_vs_eager",
     "speedup_vs_eager", "page_faults_per_call", "git_commit", "extra",
 )
@@ -68,17 +70,6 @@ def command_line() -> str:
     if prog in ("__main__.py", "-m", "-c", ""):
         return " ".join(["python -m fusedres.bench", shlex.join(sys.argv[1:])]).strip()
     return shlex.join([prog] + sys.argv[1:])  # quoted: the line can be pasted back
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info(device: torch.device, argv: Optional[list] = None) -> dict:
@@ -161,6 +152,8 @@ def _retained(row) -> str:
 TABLE_COLUMNS = ("suite", "case", "pass", "layer", "shape", "provider", "median ms",
                  "p20-p80 ms", "throughput", "vs eager", "peak MiB",
                  "kept for bwd MiB (vs eager)", "page faults/call")
+# The default terminal table fits this many columns (--wide: every column, any width).
+TABLE_WIDTH = 100
 
 
 def speedup_clear(row) -> bool:
@@ -175,8 +168,19 @@ def speedup_clear(row) -> bool:
 
 UNCLEAR_MARK = "?"
 UNCLEAR_NOTE = ("'?' after a ratio: the p20-p80 ranges of the two times overlap, so this "
-                "run cannot tell the two apart; rerun on an idle machine, with more time "
-                "(no --quick) or --threads 1 before concluding")
+                "run cannot tell the two apart")
+
+
+def unclear_note(settings: Optional[dict] = None, machine: Optional[dict] = None) -> str:
+    """UNCLEAR_NOTE with the advice that fits the run: no "--threads 1" to a run that used
+    one thread, no "without --quick" to a run that did not use it."""
+    settings, machine = settings or {}, machine or {}
+    advice = ["rerun on an idle machine"]
+    if settings.get("quick", True):
+        advice.append("with more time (no --quick)")
+    if machine.get("device_type", "cpu") == "cpu" and machine.get("torch_threads") != 1:
+        advice.append("with --threads 1")
+    return UNCLEAR_NOTE + "; " + ", ".join(advice) + " before concluding"
 
 
 def unclear_rows(rows: list) -> list:
@@ -205,15 +209,77 @@ def table_rows(rows: list) -> list:
     return out
 
 
-def text_table(rows: list) -> str:
-    body = table_rows(rows)
-    if not body:
+def _columns(header, body) -> list:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()
+            for line in [header, ["-" * w for w in widths]] + body]
+
+
+SUITE_TITLES = {
+    "ops": "fused BN ops, training mode (GB/s; % of a copy of one activation, same size)",
+    "conv": "ResNet-50 convolutions (TFLOP/s)",
+    "blocks": "ResNet blocks, forward+backward (img/s, peak memory, bytes kept for backward)",
+    "train": "whole models (img/s, peak memory, bytes kept for backward)",
+}
+
+
+def _spread(r) -> str:
+    """Half the p20-p80 range, as a percentage of the median."""
+    if not r["time_ms"]:
+        return ""
+    return f"{50 * (r['time_p80_ms'] - r['time_p20_ms']) / r['time_ms']:.0f}%"
+
+
+def _narrow(suite: str, rows: list, width: int) -> list:
+    """One suite: a line per case (case, pass, layer, shape), then a line per provider
+    with the columns this suite fills; the rest is in --wide and the JSON."""
+    cols = [("provider", lambda r: r["provider"]),
+            ("median ms", lambda r: f"{r['time_ms']:.4g}"),
+            ("+-", _spread),
+            ("GB/s", lambda r: _num(r.get("gbps"), "{:.1f}")),
+            ("% copy", lambda r: _num(r.get("pct_copy_bw"), "{:.0f}")),
+            ("TFLOP/s", lambda r: "" if r.get("images_per_s") is not None or r.get("gbps")
+             is not None else _num(r.get("tflops"), "{:.3f}")),
+            ("img/s", lambda r: _num(r.get("images_per_s"), "{:.1f}")),
+            ("vs eager", speedup_text),
+            ("peak MiB", lambda r: "" if r.get("peak_mem_bytes") is None
+             else f"{r['peak_mem_bytes'] / 2**20:.0f}"),
+            ("kept MiB", _retained)]
+    cells = [[f(r) for _, f in cols] for r in rows]
+    keep = [i for i in range(len(cols)) if any(c[i] for c in cells)]
+    header = [cols[i][0] for i in keep]
+    lines = _columns(header, [[c[i] for i in keep] for c in cells])  # aligned across the suite
+    out = [f"== {suite}: {SUITE_TITLES.get(suite, '')}"[:width], "  " + lines[0]]
+    last = None
+    for r, line in zip(rows, lines[2:]):
+        key = (r["case"], r["pass"], r["layer"], _shape(r["shape"]))
+        if key != last:
+            out.append(" ".join(key)[:width])
+            last = key
+        out.append("  " + line)
+    return out
+
+
+def text_table(rows: list, wide: bool = False, width: int = TABLE_WIDTH) -> str:
+    """The terminal table: by default per suite, at most ``width`` columns (the columns a
+    suite leaves empty dropped, the p20-p80 range as +-% of the median); ``wide``: every
+    column of every row on one line."""
+    if not rows:
         return "(no rows)"
-    widths = [max(len(str(c)) for c in col) for col in zip(TABLE_COLUMNS, *body)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(TABLE_COLUMNS, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in body]
-    return "\n".join(lines)
+    if wide:
+        return "\n".join(_columns(list(TABLE_COLUMNS), table_rows(rows)))
+    out = []
+    for suite in dict.fromkeys(r["suite"] for r in rows):
+        out += _narrow(suite, [r for r in rows if r["suite"] == suite], width)
+    return "\n".join(out)
+
+
+def wrap(text: str, width: int = TABLE_WIDTH, indent: str = "    ") -> str:
+    """A footer line wrapped to the table's width."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width=width, subsequent_indent=indent,
+                                    break_on_hyphens=False)) or text
 
 
 def _md_escape(s) -> str:
@@ -253,7 +319,8 @@ def markdown(result: dict) -> str:
         lines.append("")
     unclear = unclear_rows(result["rows"])
     if unclear:
-        lines += [f"{len(unclear)} ratio(s) marked {UNCLEAR_NOTE}.", ""]
+        lines += [f"{len(unclear)} ratio(s) marked "
+                  f"{unclear_note(result.get('settings'), result.get('machine'))}.", ""]
     if result.get("skipped"):
         lines += ["## skipped", ""]
         for s in result["skipped"]:

@@ -15,121 +15,16 @@ blocks, and the minor page faults per call (``getrusage``) while timed.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
-import statistics
 import sys
 import time
 from typing import Callable, Optional
 
 import torch
 
-
-@dataclasses.dataclass
-class Measurement:
-    median_s: float
-    p20_s: float
-    p80_s: float
-    iqr_s: float
-    samples: int
-    timer: str  # "cuda-events+graph", "cuda-events", "torch.utils.benchmark"
-    note: str = ""
-    # CPU: minor page faults per call while timed. Fresh memory (glibc hands large freed
-    # buffers back to the OS) is faulted in page by page, which can double a row's time
-    # between runs; this says how much of that a row paid.
-    page_faults_per_call: Optional[float] = None
-
-
-def _quantile(sorted_vals: list, q: float) -> float:
-    """Linear-interpolation quantile of an already sorted list."""
-    if not sorted_vals:
-        return float("nan")
-    pos = (len(sorted_vals) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_vals) - 1)
-    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
-
-
-def _summary(times_s: list, timer: str, note: str = "") -> Measurement:
-    t = sorted(times_s)
-    return Measurement(median_s=statistics.median(t), p20_s=_quantile(t, 0.2),
-                       p80_s=_quantile(t, 0.8), iqr_s=_quantile(t, 0.75) - _quantile(t, 0.25),
-                       samples=len(t), timer=timer, note=note)
-
-
-_FLUSH: dict = {}
-
-
-def _l2_flush_buffer(device) -> torch.Tensor:
-    """A buffer well over the L2 size (50 MB on H100, 60 MB on H200): 256 MiB."""
-    key = str(device)
-    if key not in _FLUSH:
-        _FLUSH[key] = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=device)
-    return _FLUSH[key]
-
-
-def _capture(fn: Callable[[], object]):
-    """A CUDA graph of ``fn`` and a replay callable, or (None, reason)."""
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up on a side stream, as capture needs
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        torch.cuda.synchronize()
-        return graph, ""
-    except Exception as exc:  # a host sync, a CPU scalar, an uncapturable library call
-        try:
-            torch.cuda.synchronize()
-        except Exception:
-            pass
-        return None, f"no CUDA graph ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
-
-
-def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 25.0, rep_ms: float = 100.0,
-              use_graph: bool = True, flush_l2: bool = True, min_reps: int = 10,
-              max_reps: int = 1000) -> Measurement:
-    """Median, p20 and p80 of ``fn`` on the current CUDA device, in seconds."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(3):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    estimate_ms = max(start.elapsed_time(end) / 3, 1e-3)
-
-    run, timer, note = fn, "cuda-events", ""
-    graph = None
-    if use_graph:
-        graph, note = _capture(fn)
-        if graph is not None:
-            run, timer = graph.replay, "cuda-events+graph"
-    cache = _l2_flush_buffer(torch.device("cuda", torch.cuda.current_device())) \
-        if flush_l2 else None
-
-    for _ in range(max(1, int(warmup_ms / estimate_ms))):
-        run()
-    torch.cuda.synchronize()
-    reps = int(min(max(rep_ms / estimate_ms, min_reps), max_reps))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        if cache is not None:
-            cache.zero_()
-        starts[i].record()
-        run()
-        ends[i].record()
-    torch.cuda.synchronize()
-    times = [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
-    del graph
-    return _summary(times, timer, note)
+# The timers live in the core package (fusedres.tune decides with them): re-exported here
+from .._timing import (_FLUSH, Measurement, _capture, _l2_flush_buffer,  # noqa: F401
+                       _quantile, _summary, time_cuda)
 
 
 # Fewest timed blocks of a CPU row, however slow the call: a p20-p80 range (the noise
@@ -270,6 +165,24 @@ def copy_bandwidth(device: torch.device, quick: bool = False) -> tuple[float, Me
     moved = copy_bytes(n, torch.float32)
     del src, dst
     return moved / m.median_s / 1e9, m, moved
+
+
+_SIZED_COPY: dict = {}
+
+
+def copy_bandwidth_sized(nbytes: int, device: torch.device, quick: bool = False) -> float:
+    """GB/s (read + written) of copying one buffer of ``nbytes``, timed as the ops are
+    (GPU: the L2 flushed before each repetition; CPU: warm, caches as they are): the
+    bandwidth an op on a tensor of that size is compared with. Measured once per size."""
+    key = (device.type, nbytes)
+    if key not in _SIZED_COPY:
+        src = torch.empty(max(1, nbytes // 4), dtype=torch.float32, device=device).uniform_()
+        dst = torch.empty_like(src)
+        m = measure(lambda: dst.copy_(src), device, quick=quick,
+                    cpu_min_run_time=0.05 if quick else 0.2)
+        _SIZED_COPY[key] = 2 * src.numel() * 4 / m.median_s / 1e9
+        del src, dst
+    return _SIZED_COPY[key]
 
 
 # --------------------------------------------------------------------------------------
