@@ -153,7 +153,52 @@ def test_gradcheck_and_gradgradcheck_fp64(cls, training):
         inputs = (x.detach().clone().requires_grad_(),
                   *[p.detach().clone().requires_grad_() for p in ours.parameters()])
         assert torch.autograd.gradcheck(f, inputs, fast_mode=True), sample.desc
-        assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True), sample.desc
+        assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True,
+                                            check_batched_grad=True), sample.desc
+
+
+def _drop_in(name):
+    """(module, extra inputs) of one drop-in module, float64, on a small case."""
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    module = {"BatchNorm2d": lambda: fnn.BatchNorm2d(3),
+              "BatchNormReLU2d": lambda: fnn.BatchNormReLU2d(3),
+              "BatchNormAddReLU2d": lambda: fnn.BatchNormAddReLU2d(3),
+              "DualBatchNormAddReLU2d": lambda: fnn.DualBatchNormAddReLU2d(3),
+              "ConvBatchNormReLU2d": lambda: fnn.ConvBatchNormReLU2d(2, 3, 3, padding=1)}[name]()
+    module = module.double()
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(3, generator=g, dtype=torch.float64) + 0.5)
+                m.bias.copy_(rand(3))
+                m.running_mean.copy_(rand(3) * 0.1)
+                m.running_var.copy_(torch.rand(3, generator=g, dtype=torch.float64) + 0.5)
+    x = rand(2, 2 if name == "ConvBatchNormReLU2d" else 3, 3, 3)
+    extra = (rand(2, 3, 3, 3),) if "Add" in name else ()
+    return module, (x, *extra)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["BatchNorm2d", "BatchNormReLU2d", "BatchNormAddReLU2d",
+                                  "DualBatchNormAddReLU2d", "ConvBatchNormReLU2d"])
+def test_batched_gradgradcheck_every_drop_in_module(name, training):
+    """Double backward under vmap (torch's test_gradgrad with check_batched_grad=True, what
+    torch.func per-sample gradients and Hessian-vector products need): every drop-in
+    module, its inputs and parameters, float64, train and eval."""
+    module, tensors = _drop_in(name)
+    module.train(training)
+    names = [n for n, _ in module.named_parameters()]
+
+    def f(*args):  # a fresh copy per evaluation: the same running statistics each time
+        ps = dict(zip(names, args[len(tensors):]))
+        return torch.func.functional_call(copy.deepcopy(module), ps, args[:len(tensors)])
+
+    inputs = tuple(t.requires_grad_() for t in tensors) + tuple(
+        p.detach().clone().requires_grad_() for p in module.parameters())
+    assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True, check_batched_grad=True)
+    module(*(t.detach() for t in tensors))
+    assert fnn.last_backend() in (fusedres.resolve_backend("cpu"), "folded")
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
