@@ -85,6 +85,10 @@ class FusedForward:
             f"{type(self.module).__name__}: its forward is generated Python that calls "
             f"fusedres.nn.conv_bn_act with modules as arguments). {_INSTEAD}")
 
+    def code(self, training: Optional[bool] = None) -> str:
+        key = None if None in self.sources else bool(training if training is not None else True)
+        return self.sources[key][0]
+
 
 _INSTEAD = ("Use torch.jit.trace(model, example_input) or torch.compile(model), or script "
             "the unconverted model.")
@@ -104,6 +108,3 @@ def refuse_script(fn):
     fn.__prepare_scriptable__ = refuse
     return fn
 
-    def code(self, training: Optional[bool] = None) -> str:
-        key = None if None in self.sources else bool(training if training is not None else True)
-        return self.sources[key][0]

@@ -80,4 +80,8 @@ def batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     ``nn.BatchNorm2d.forward``, which its forward copies. Under fx tracing: one node."""
     if isinstance(x, torch.fx.Proxy):
         return x.tracer.create_proxy("call_function", batch_norm, (bn, x), {})
+    if getattr(bn, "fusedres_process_group", None) is not None:  # convert(sync_bn=True)
+        from .nn import bn_act
+
+        return bn_act(bn, x)  # synchronised statistics (or an error saying why not)
     return nn.BatchNorm2d.forward(bn, x)

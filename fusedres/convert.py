@@ -652,7 +652,7 @@ class _Walker:
                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for n in bns:
             self.rows.append(_Site(block=path, site=_path(path, n), pattern="-", kernel="-",
-                                   status="unfused", reason=reason))
+                                   status="unfused", reason=reason, untraced=True))
         if not bns and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                            for m in module.modules()):
             self.rows.append(_Site(block=path, site=path or "(root)", pattern="-",
@@ -696,8 +696,20 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
         process_group = process_group if process_group is not None else dist.group.WORLD
     if not inplace:
         model = copy.deepcopy(model)
-    _Walker(backend, apply=True, memory_saving=memory_saving).block(model, "")
+    walker = _Walker(backend, apply=True, memory_saving=memory_saving)
+    walker.block(model, "")
     if process_group is not None:
+        # A timm BatchNormAct2d called whole (not taken apart in a training-mode trace)
+        # runs its own forward: local statistics, silently.
+        untraced = {r["site"] for r in walker.rows if r.get("untraced")}
+        local = [n for n, m in model.named_modules() if _timm.is_norm_act(m) and (
+            n in untraced or _timm.problem(m, training=True) is not None)]
+        if local:
+            raise ValueError(
+                f"sync_bn: {len(local)} timm BatchNormAct2d module(s) are not fused "
+                f"({', '.join(local[:4])}{', ...' if len(local) > 4 else ''}; "
+                "fusedres.explain says why) and would normalise with local statistics: "
+                "convert them first with timm.layers.convert_sync_batchnorm")
         for m in model.modules():
             if type(m) is nn.BatchNorm2d:
                 # A BN left unfused is called as a module: make it the fused drop-in (a

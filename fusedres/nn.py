@@ -41,7 +41,7 @@ BatchNorm2d module samples against these modules and checks each entry):
   ``torch.compile`` or ``torch.jit.trace`` for fused kernels in a compiled model.
 * double backward runs through the reference composite: the fused backward kernels have
   no derivative; with ``create_graph=True`` the first-order gradients are fused, their
-  derivative is recomputed with ``F.batch_norm`` (``last_backend()`` says "reference").
+  derivative is torch's BN derivative (``last_backend()`` says "reference"), vmap included.
 * third-order derivatives raise (``backend="reference"`` supports them).
 * forward-mode AD and ``torch.func`` grad/jvp run the reference composite (no
   forward-mode formula; the C++ autograd does not run under functorch).

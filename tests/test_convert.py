@@ -982,3 +982,22 @@ def test_timm_preact_sites_same_as_hand_written():
                 NEXT_SITES["preact_resnet"]
     ref, fused = _pair(models.NormActPreActResNet, "cpu", FUSED[0][1])
     _check_equivalent(ref, fused, "cpu", backend=FUSED[0][1])
+
+
+def test_timm_norm_act_sync_bn_refuses_an_unfused_one(tmp_path):
+    """sync_bn=True: a BatchNormAct2d left unfused would run its own forward with local
+    statistics, silently: convert raises and names it; fused ones synchronise."""
+    import torch.distributed as dist
+
+    pytest.importorskip("timm")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised here")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
+                            world_size=1)
+    try:
+        with pytest.raises(ValueError, match="norm1.*convert_sync_batchnorm"):
+            convert(_NormActBlock(_norm_act(act_layer=nn.GELU)), sync_bn=True)
+        fused = convert(_NormActBlock(_norm_act()), sync_bn=True)
+        assert fnn.process_group_of(fused.norm1) is dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
