@@ -83,9 +83,28 @@ class FusedForward:
         raise RuntimeError(
             f"torch.jit.script cannot compile a model converted by fusedres (block "
             f"{type(self.module).__name__}: its forward is generated Python that calls "
-            "fusedres.nn.conv_bn_act with modules as arguments). Use torch.jit.trace(model, "
-            "example_input) or torch.compile(model), or script the unconverted model.")
+            f"fusedres.nn.conv_bn_act with modules as arguments). {_INSTEAD}")
 
     def code(self, training: Optional[bool] = None) -> str:
         key = None if None in self.sources else bool(training if training is not None else True)
         return self.sources[key][0]
+
+
+_INSTEAD = ("Use torch.jit.trace(model, example_input) or torch.compile(model), or script "
+            "the unconverted model.")
+
+
+def refuse_script(fn):
+    """Make ``torch.jit.script`` of code that calls ``fn`` (a fused site's function, as an
+    fx GraphModule of a converted model does: timm's forward_fx_torchscript) raise the
+    message above, not TorchScript's own error about ``fn``'s signature: TorchScript calls
+    a called function's ``__prepare_scriptable__`` before compiling it."""
+    def refuse():
+        raise RuntimeError(
+            f"torch.jit.script cannot compile {fn.__module__}.{fn.__name__}, which an fx "
+            "GraphModule of a model converted by fusedres calls at each fused site (with "
+            f"modules as arguments). {_INSTEAD}")
+
+    fn.__prepare_scriptable__ = refuse
+    return fn
+

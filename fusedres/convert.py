@@ -43,11 +43,16 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from . import _timm
 from . import nn as fnn
-from ._fx import FusedForward, picklable_globals
+from ._fx import FusedForward, picklable_globals, refuse_script
 from ._backend import BACKENDS, PLUMBING_BACKEND, resolve_backend
 
 __all__ = ["convert", "explain", "Explanation", "FusedForward"]
+
+# the functions a converted block's generated forward calls; never compiled by TorchScript
+for _fn in (fnn.conv_bn_act, _timm.batch_norm):
+    refuse_script(_fn)
 
 _RELU_FUNCS = {torch.relu, torch.relu_, F.relu, F.relu_}
 _RELU_METHODS = {"relu", "relu_"}
@@ -88,6 +93,15 @@ class _BlockTracer(fx.Tracer):
         return not _inlinable(m)
 
     def call_module(self, m, forward, args, kwargs):
+        act = _timm.parts(m)
+        if act is not None and len(args) == 1 and not kwargs:
+            # timm's BatchNormAct2d: its BN part, then its ReLU child (see fusedres._timm)
+            path = self.path_of_module(m)
+            out = self.create_proxy("call_module", path, args, {})
+            out.node.meta[_timm.NORM_ONLY] = True
+            if act == "relu":
+                out = self.create_proxy("call_module", f"{path}.act", (out,), {})
+            return out
         if not self.is_leaf_module(m, ""):
             self.inlined.add(self.path_of_module(m))
         return super().call_module(m, forward, args, kwargs)
@@ -147,10 +161,16 @@ def _single_arg(node: fx.Node) -> bool:
     return len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node)
 
 
-def _bn_problem(block, node) -> Optional[str]:
-    """None if ``node`` is a BatchNorm2d call the fused functions can replace."""
+def _bn_problem(block, node, training: bool) -> Optional[str]:
+    """None if ``node`` is a BatchNorm2d call the fused functions can replace (in a graph
+    traced in ``training`` mode)."""
     m = _module(block, node)
-    why = fnn.fusable_bn(m)
+    if node.meta.get(_timm.NORM_ONLY):
+        why = None  # the BN part of a timm BatchNormAct2d (its act is a node of its own)
+    elif _timm.is_norm_act(m):
+        why = _timm.problem(m, training)
+    else:
+        why = fnn.fusable_bn(m)
     if why:
         return why
     if _has_hooks(m):
@@ -240,7 +260,7 @@ def _unfused(prefix, bn_path, reason):
 
 
 def _match(block: nn.Module, graph: fx.Graph, prefix: str, backend: str, rewrite: bool,
-           memory_saving: bool = False):
+           memory_saving: bool = False, training: bool = True):
     """Find (and with ``rewrite``, replace) the fusable sites of one traced block.
 
     Patterns are matched on the unmodified graph, largest first (tails, then BN-ReLU,
@@ -249,7 +269,7 @@ def _match(block: nn.Module, graph: fx.Graph, prefix: str, backend: str, rewrite
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     bns = [n for n in nodes if _is_any_bn(block, n)]
-    problem = {b: _bn_problem(block, b) for b in bns}
+    problem = {b: _bn_problem(block, b, training) for b in bns}
     ok = {b for b in bns if problem[b] is None and len(b.users) == 1}
     done: set = set()
     notes: dict = {}
@@ -381,9 +401,16 @@ def _match(block: nn.Module, graph: fx.Graph, prefix: str, backend: str, rewrite
                 else "nothing to fuse: no ReLU or add-ReLU after it and no conv before it")
             rows.append(_unfused(prefix, bn_path, reason))
     if rewrite:
+        left_norm_only = [b for b in bns if b.meta.get(_timm.NORM_ONLY) and b not in done]
         replaced: dict = {}
         for _, site in sorted(sites, key=lambda s: order[s[1]["terminal"]]):
             _rewrite(graph, site, backend, replaced, memory_saving)
+        for b in left_norm_only:  # a timm BatchNormAct2d's BN part left unfused: BN math
+            with graph.inserting_before(b):
+                new = graph.call_function(_timm.batch_norm, (graph.get_attr(b.target),
+                                                             b.args[0]))
+            b.replace_all_uses_with(new)
+            graph.erase_node(b)
     return rows
 
 
@@ -559,8 +586,9 @@ class _Walker:
         if id(module) in self.seen:
             return
         self.seen.add(id(module))
-        if not any(True for _ in module.children()):
-            return
+        if not any(True for _ in module.children()) or \
+                isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return  # a BN with children (timm's BatchNormAct2d) is a site of its parent
         inst = module.__dict__.get("forward")
         if inst is not None and not isinstance(inst, FusedForward):
             self._untraced(module, path, "the instance has its own forward attribute")
@@ -578,7 +606,7 @@ class _Walker:
             for training in (True, False):
                 graph, inlined, consts = _trace(module, training)
                 rows = _match(module, graph, path, backend or "auto", rewrite=self.apply,
-                              memory_saving=ms)
+                              memory_saving=ms, training=training)
                 src = _source(graph) if self.apply else None
                 results[training] = (graph, inlined, rows, src)
                 constants.update(consts)
@@ -625,7 +653,7 @@ class _Walker:
                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for n in bns:
             self.rows.append(_Site(block=path, site=_path(path, n), pattern="-", kernel="-",
-                                   status="unfused", reason=reason))
+                                   status="unfused", reason=reason, untraced=True))
         if not bns and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                            for m in module.modules()):
             self.rows.append(_Site(block=path, site=path or "(root)", pattern="-",
@@ -669,11 +697,23 @@ def convert(model: nn.Module, *, backend: str = "auto", inplace: bool = False,
         process_group = process_group if process_group is not None else dist.group.WORLD
     if not inplace:
         model = copy.deepcopy(model)
-    _Walker(backend, apply=True, memory_saving=memory_saving).block(model, "")
+    walker = _Walker(backend, apply=True, memory_saving=memory_saving)
+    walker.block(model, "")
     for name, m in model.named_modules():  # named in a site's one-line errors (_backend)
         if isinstance(m, nn.BatchNorm2d):
             m.fusedres_site = name
     if process_group is not None:
+        # A timm BatchNormAct2d called whole (not taken apart in a training-mode trace)
+        # runs its own forward: local statistics, silently.
+        untraced = {r["site"] for r in walker.rows if r.get("untraced")}
+        local = [n for n, m in model.named_modules() if _timm.is_norm_act(m) and (
+            n in untraced or _timm.problem(m, training=True) is not None)]
+        if local:
+            raise ValueError(
+                f"sync_bn: {len(local)} timm BatchNormAct2d module(s) are not fused "
+                f"({', '.join(local[:4])}{', ...' if len(local) > 4 else ''}; "
+                "fusedres.explain says why) and would normalise with local statistics: "
+                "convert them first with timm.layers.convert_sync_batchnorm")
         for m in model.modules():
             if type(m) is nn.BatchNorm2d:
                 # A BN left unfused is called as a module: make it the fused drop-in (a

@@ -336,38 +336,51 @@ def _backward_op_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:12])
     ctx.options = (inputs[12], inputs[13], inputs[14], inputs[15], list(inputs[-1]))
     ctx.num_inputs = len(inputs)
+    # An unused output's gradient stays None, not zeros: a materialised zero tensor is not
+    # batched under vmap, and summing a batched gradient into it in place fails there.
+    ctx.set_materialize_grads(False)
 
 
 def _first_order_reference(dout, x, weight, bias, mean, var, mask, x2, weight2, bias2, mean2,
                            var2, training, eps, relu):
     """The backward op's gradients ``[(dx, dweight, dbias), dresidual, (dx2, dweight2,
-    dbias2)]`` as differentiable torch functions of the (grad-requiring) inputs, in acc
-    dtype; None where an input is None."""
+    dbias2)]`` as differentiable torch functions of ``dout``, ``x``, ``weight`` (and
+    ``x2``, ``weight2``), in acc dtype; None where an input is None. Each BN's gradients
+    are one ``aten.native_batch_norm_backward`` (torch's own derivative of it, which
+    accounts for the batch statistics' dependence on x and nests under vmap), the ReLU mask
+    of the forward held constant; ``bias`` only enters through that mask."""
     acc = _ref.acc_dtype(x.dtype)
+    cast = lambda p: None if p is None else p.to(acc)  # noqa: E731
 
-    def pre_activation(t, w, b, m, v):
-        cast = lambda p: None if p is None else p.to(acc)  # noqa: E731
-        return F.batch_norm(t.to(acc), None if training else cast(m), None if training else cast(v),
-                            cast(w), cast(b), training, 0.0, eps)
+    def stats(t, m, v):  # what native_batch_norm saves (batch stats, constants here)
+        if not training:
+            return cast(m), cast(v), None, None
+        with torch.no_grad():
+            v_b, m_b = torch.var_mean(t.to(acc), [d for d in range(t.dim()) if d != 1],
+                                      correction=0)
+            return None, None, m_b, torch.rsqrt(v_b + eps)
 
-    pre = pre_activation(x, weight, bias, mean, var)
-    pre2 = None if x2 is None else pre_activation(x2, weight2, bias2, mean2, var2)
     g = dout.to(acc)
     if relu:
         if mask is not None and mask.numel():  # the forward's mask (residual / shortcut)
             x3 = ops.ncs(x)
             passes = _ref.unpack_mask(mask, x3.shape, ops.is_channels_last(x3)).reshape(x.shape)
         else:
-            passes = pre.detach() > 0
+            with torch.no_grad():
+                passes = F.batch_norm(x.to(acc), cast(mean) if not training else None,
+                                      cast(var) if not training else None, cast(weight),
+                                      cast(bias), training, 0.0, eps) > 0
         g = g * passes
 
-    def grads_of(p, tensors):
-        wanted = [t for t in tensors if t is not None]
-        got = iter(torch.autograd.grad(p, wanted, g, create_graph=True, allow_unused=True))
-        return [None if t is None else next(got) for t in tensors]
+    def grads_of(t, w, b, m, v):
+        rm, rv, sm, si = stats(t, m, v)
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+            g, t.to(acc), cast(w), rm, rv, sm, si, training, eps,
+            [True, w is not None, b is not None])
+        return [dx, dw if w is not None else None, db if b is not None else None]
 
-    first = grads_of(pre, (x, weight, bias))
-    second = grads_of(pre2, (x2, weight2, bias2)) if x2 is not None else [None] * 3
+    first = grads_of(x, weight, bias, mean, var)
+    second = grads_of(x2, weight2, bias2, mean2, var2) if x2 is not None else [None] * 3
     return first, g, second
 
 
@@ -382,31 +395,37 @@ def _backward_op_backward(ctx, *grad_outputs):
                            "backend='reference' for them")
     _last.backend = _module_last.backend = "reference"  # both last_backend()s say so
     result = [None] * ctx.num_inputs
-    with torch.enable_grad():
-        # Fresh leaves: the derivative of this op alone (autograd chains the inputs'
-        # own history; differentiating through it here would count it twice).
-        leaf = lambda t: None if t is None else t.detach().requires_grad_()  # noqa: E731
-        inputs = {i: leaf(t) for i, t in zip(_DIFFERENTIABLE_INPUTS,
-                                              (dout, x, weight, bias, x2, weight2, bias2))}
+    wanted = (needs[0], needs[1], needs[1], needs[2] and has_residual, needs[3], needs[4],
+              needs[4])
+    # The derivative of this op alone (autograd chains the inputs' own history): the
+    # first-order gradients rebuilt as a function of the differentiable inputs, pulled back.
+    saved = (dout, x, weight, bias, x2, weight2, bias2)
+    targets = [k for k, i in enumerate(_DIFFERENTIABLE_INPUTS)
+               if ctx.needs_input_grad[i] and saved[k] is not None]
+    exists = (True, weight is not None, bias is not None, True, x2 is not None,
+              weight2 is not None, bias2 is not None)
+    chosen = [(j, go) for j, (go, want, there) in enumerate(zip(grad_outputs, wanted, exists))
+              if want and there and go is not None and go.numel()]
+    if not targets or not chosen:
+        return tuple(result)
+
+    def first_order(*values):
+        ins = list(saved)
+        for k, v in zip(targets, values):
+            ins[k] = v
         (dx, dw, db), dres, (dx2, dw2, db2) = _first_order_reference(
-            inputs[0], inputs[1], inputs[2], inputs[3], mean, var, mask, inputs[7],
-            inputs[8], inputs[9], mean2, var2, training, eps, relu)
-        wanted = (needs[0], needs[1], needs[1], needs[2] and has_residual, needs[3],
-                  needs[4], needs[4])
-        pairs = [(t, go) for t, go, want in zip((dx, dw, db, dres, dx2, dw2, db2),
-                                                grad_outputs, wanted)
-                 if want and t is not None and go is not None and go.numel()]
-        targets = [i for i in _DIFFERENTIABLE_INPUTS
-                   if ctx.needs_input_grad[i] and inputs[i] is not None]
-        if not pairs or not targets:
-            return tuple(result)
-        grads = torch.autograd.grad([t for t, _ in pairs],
-                                    [inputs[i] for i in targets],
-                                    [go.to(t.dtype) for t, go in pairs],
-                                    allow_unused=True)
-    for i, grad in zip(targets, grads):
+            ins[0], ins[1], ins[2], ins[3], mean, var, mask, ins[4], ins[5], ins[6], mean2,
+            var2, training, eps, relu)
+        outs = (dx, dw, db, dres, dx2, dw2, db2)
+        return tuple(outs[j] for j, _ in chosen)
+
+    with torch.enable_grad():
+        out, pullback = torch.func.vjp(first_order, *[saved[k] for k in targets])
+        grads = pullback(tuple(go.to(t.dtype) for t, (_, go) in zip(out, chosen)))
+    for k, grad in zip(targets, grads):
         if grad is not None:
-            result[i] = grad.to(inputs[i].dtype)
+            i = _DIFFERENTIABLE_INPUTS[k]
+            result[i] = grad.to(saved[k].dtype)
     return tuple(result)
 
 

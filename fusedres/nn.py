@@ -41,7 +41,7 @@ BatchNorm2d module samples against these modules and checks each entry):
   ``torch.compile`` or ``torch.jit.trace`` for fused kernels in a compiled model.
 * double backward runs through the reference composite: the fused backward kernels have
   no derivative; with ``create_graph=True`` the first-order gradients are fused, their
-  derivative is recomputed with ``F.batch_norm`` (``last_backend()`` says "reference").
+  derivative is torch's BN derivative (``last_backend()`` says "reference"), vmap included.
 * third-order derivatives raise (``backend="reference"`` supports them).
 * forward-mode AD and ``torch.func`` grad/jvp run the reference composite (no
   forward-mode formula; the C++ autograd does not run under functorch).
@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _timm
 from . import conv as fconv
 from ._backend import check_site_backend
 from . import conv_paths, functional, ops
@@ -365,8 +366,9 @@ def _packed_weight(packs, w, geometry, x):
 def _add_act(y, other, relu):
     """``[relu](y [+ other])`` in place on ``y``, a fresh tensor only this site reads."""
     if other is not None:
-        if relu and not torch.is_grad_enabled() and y.device.type == "cpu" \
-                and other.shape == y.shape and other.dtype == y.dtype:
+        if relu and not torch.is_grad_enabled() and not torch.jit.is_tracing() \
+                and y.device.type == "cpu" and other.shape == y.shape \
+                and other.dtype == y.dtype:  # (a trace: one graph whatever the grad mode)
             return torch.ops.aten._add_relu_(y, other)  # one pass (no autograd formula)
         y = y.add_(other)
     return y.relu_() if relu else y
@@ -471,7 +473,7 @@ def prologue_problem(bn: nn.BatchNorm2d, conv: nn.Conv2d, y: Tensor,
                      backend: str = "auto") -> Optional[str]:
     """None when ``bn_relu_conv2d(bn, conv, y, conv_backend=backend)`` runs the BN-ReLU in
     the conv's prologue; else why it runs the fused BN-ReLU, then the conv."""
-    why = fusable_bn(bn)
+    why = None if _timm.is_norm_act(bn) else fusable_bn(bn)  # convert runs its BN part
     if why:
         return why
     if not _runtime_ok(bn, y):

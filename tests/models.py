@@ -96,14 +96,14 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(nn.Module):
-    def __init__(self, num_blocks=(1, 1, 1), num_classes=10):
+    def __init__(self, num_blocks=(1, 1, 1), num_classes=10, block=PreActBlock):
         super().__init__()
         self.in_planes = 16
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         layers = []
         for planes, n, stride in zip((16, 32, 64), num_blocks, (1, 2, 2)):
             for s in [stride] + [1] * (n - 1):
-                layers.append(PreActBlock(self.in_planes, planes, s))
+                layers.append(block(self.in_planes, planes, s))
                 self.in_planes = planes
         self.layers = nn.Sequential(*layers)
         self.bn = nn.BatchNorm2d(64)
@@ -113,6 +113,37 @@ class PreActResNet(nn.Module):
         out = self.layers(self.conv1(x))
         out = torch.relu(self.bn(out))
         return self.linear(out.mean((2, 3)))
+
+
+class NormActPreActBlock(PreActBlock):
+    """``PreActBlock`` with timm's ``BatchNormAct2d`` (BN and ReLU in one module, as timm's
+    ResNet-v2 and DenseNet build them) for bn1 and bn2: the same sites and state_dict."""
+
+    def __init__(self, in_planes, planes, stride=1):
+        from timm.layers import BatchNormAct2d
+
+        super().__init__(in_planes, planes, stride)
+        self.bn1, self.bn2 = BatchNormAct2d(in_planes), BatchNormAct2d(planes)
+
+    def forward(self, x):
+        out = self.bn1(x)
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv2(self.bn2(self.conv1(out)))
+        out += shortcut
+        return out
+
+
+class NormActPreActResNet(PreActResNet):
+    """``PreActResNet`` built from timm's ``BatchNormAct2d`` (needs timm)."""
+
+    def __init__(self, num_blocks=(1, 1, 1), num_classes=10):
+        from timm.layers import BatchNormAct2d
+
+        super().__init__(num_blocks, num_classes, block=NormActPreActBlock)
+        self.bn = BatchNormAct2d(64)
+
+    def forward(self, x):
+        return self.linear(self.bn(self.layers(self.conv1(x))).mean((2, 3)))
 
 
 # --------------------------------------------------------------------------------------

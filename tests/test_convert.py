@@ -581,7 +581,8 @@ def _timm(arch):
 
 
 STATE_MODELS = dict(MODELS, step_counter=StepCounter, awkward=models.Awkward,
-                    **{f"timm_{a}": _timm(a) for a in ("resnet18", "resnet50", "resnetv2_50")})
+                    **{f"timm_{a}": _timm(a) for a in ("resnet18", "resnet50", "resnetv2_50",
+                                                       "resnetv2_50d", "densenet121")})
 
 
 def _snapshot(model):
@@ -827,3 +828,176 @@ def test_explain_tuned_detail_on_its_own_lines():
     assert max(map(len, lines)) <= 100
     assert sum(failure in line for line in lines) == len(rows)
     assert sum(line.strip() == "triton-conv FAILED: some error" for line in lines) == len(rows)
+
+
+# --------------------------------------------------------------------------------------
+# timm's BatchNormAct2d: BN + ReLU (or no activation) in one module (issue 23)
+# --------------------------------------------------------------------------------------
+
+def _bn_count(model):
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_timm_features_and_feature_extraction():
+    """timm's forward_features / forward_head and features_only models keep working on a
+    converted ResNet-v2 and DenseNet (fused), with the original's values."""
+    timm = pytest.importorskip("timm")
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for arch in ("resnetv2_50", "densenet121"):
+        torch.manual_seed(0)
+        ref = _randomize(timm.create_model(arch, pretrained=False, num_classes=10)).double()
+        fused = convert(ref).eval()
+        ref.eval()
+        with torch.no_grad():
+            feats = fused.forward_features(x)
+            torch.testing.assert_close(feats, ref.forward_features(x))
+            torch.testing.assert_close(fused.forward_head(feats), ref(x))
+            torch.testing.assert_close(fused.forward_head(feats, pre_logits=True),
+                                       ref.forward_head(ref.forward_features(x), True))
+        torch.manual_seed(0)
+        ref = _randomize(timm.create_model(arch, pretrained=False, features_only=True,
+                                           out_indices=(1, 2, 3))).double()
+        fused = convert(ref)
+        assert len(explain(fused).fused()) >= 0.8 * _bn_count(ref), str(explain(fused))
+        for training in (True, False):
+            ref.train(training), fused.train(training)
+            outs_r, outs_f = ref(x), fused(x)
+            assert len(outs_f) == len(outs_r) == 3
+            for a, b in zip(outs_f, outs_r):
+                torch.testing.assert_close(a, b)
+
+
+def _norm_act(**kwargs):
+    timm = pytest.importorskip("timm")
+    return timm.layers.BatchNormAct2d(4, **kwargs)
+
+
+class _NormActBlock(nn.Module):
+    """conv -> BatchNormAct2d -> conv -> BatchNormAct2d (no act) -> + x, then a norm-only
+    BatchNormAct2d that has nothing to fuse (no conv before it)."""
+
+    def __init__(self, norm1, norm2=None, norm3=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 3, 1, 1, bias=False)
+        self.norm1 = norm1
+        self.conv2 = nn.Conv2d(4, 4, 3, 1, 1, bias=False)
+        self.norm2 = norm2 if norm2 is not None else _norm_act(apply_act=False)
+        self.norm3 = norm3 if norm3 is not None else _norm_act(apply_act=False)
+
+    def forward(self, x):
+        out = self.norm2(self.conv2(self.norm1(self.conv1(x)))) + x
+        return self.norm3(out * 2)
+
+
+def _sub_norm_act(overrides):
+    timm = pytest.importorskip("timm")
+
+    class Keeps(timm.layers.BatchNormAct2d):
+        """A subclass with its own method, BatchNormAct2d.forward kept."""
+
+        def describe(self):
+            return "keeps"
+
+    class Overrides(timm.layers.BatchNormAct2d):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    return (Overrides if overrides else Keeps)(4)
+
+
+def _drop_block():
+    timm = pytest.importorskip("timm")
+    return timm.layers.DropBlock2d(0.5, 3)
+
+
+@pytest.mark.parametrize("case,train_reason,eval_reason", [
+    ("relu", None, None),
+    ("identity", None, None),
+    ("subclass", None, None),
+    ("gelu", "only ReLU or none fuse", "only ReLU or none fuse"),
+    ("drop_block", "drop layer DropBlock2d is active in training", None),
+    ("overrides", "overrides BatchNormAct2d.forward", "overrides BatchNormAct2d.forward"),
+])
+def test_timm_norm_act_what_fuses(case, train_reason, eval_reason):
+    """BatchNormAct2d fuses with a ReLU or no activation and no active drop layer (a
+    subclass keeping its forward too); a GELU, an active drop (DropBlock2d in training),
+    an overridden forward stay one unfused module call with the reason in explain. The
+    converted block computes the original's outputs, gradients and running statistics in
+    both modes, the norm-only BatchNormAct2d left unfused included."""
+    norm1 = {"relu": lambda: _norm_act(), "identity": lambda: _norm_act(apply_act=False),
+             "subclass": lambda: _sub_norm_act(False),
+             "gelu": lambda: _norm_act(act_layer=nn.GELU),
+             "drop_block": lambda: _norm_act(drop_layer=_drop_block),
+             "overrides": lambda: _sub_norm_act(True)}[case]()
+    torch.manual_seed(0)
+    ref = _randomize(_NormActBlock(norm1)).double()
+    before = _snapshot(ref)
+    fused = convert(ref)
+    _assert_bitwise(before, ref)
+    for training, reason in ((True, train_reason), (False, eval_reason)):
+        ref.train(training), fused.train(training)
+        rows = {r["site"]: r for r in explain(fused) if
+                (r.get("reason") or "").endswith("(eval-mode trace)") == (
+                    not training and train_reason != eval_reason)}
+        if reason is None:
+            assert rows["norm1"]["status"] == "fused", rows["norm1"]
+            assert rows["norm1"]["kernel"] == ("batch_norm" if case == "identity"
+                                               else "batch_norm_relu"), rows["norm1"]
+        else:
+            assert rows["norm1"]["status"] == "unfused" and reason in rows["norm1"]["reason"]
+        # norm2 (no act) is conv-bn, or, when norm1's site claims conv2, nothing to fuse;
+        # norm3 (no act, no conv before): its BN part alone, unfused, in a converted block
+        assert rows["norm2"]["status"] == "fused" or "nothing to fuse" in rows["norm2"]["reason"]
+        assert rows["norm3"]["status"] == "unfused" and "nothing to fuse" in \
+            rows["norm3"]["reason"]
+        x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.manual_seed(5)
+        out_r = ref(xr)
+        torch.manual_seed(5)  # the same drop mask
+        out_f = fused(xf)
+        torch.testing.assert_close(out_f, out_r)
+        out_r.sum().backward()
+        out_f.sum().backward()
+        torch.testing.assert_close(xf.grad, xr.grad)
+        _assert_same_state(ref, fused)
+
+
+def test_timm_preact_sites_same_as_hand_written():
+    """A pre-activation ResNet built from timm's BatchNormAct2d gets the fused sites (and,
+    on the Triton conv path, the BN-ReLU prologue paths) the hand-written one gets, with the
+    same results."""
+    pytest.importorskip("timm")
+    for backend in ("auto", "triton"):
+        torch.manual_seed(0)
+        hand = explain(convert(models.PreActResNet(), backend=backend))
+        torch.manual_seed(0)
+        ref = models.NormActPreActResNet()
+        timm_rows = explain(convert(ref, backend=backend))
+        key = lambda r: (r["site"], r["status"], r["pattern"], r["kernel"], r["conv"],  # noqa
+                         r["eval"])
+        assert [key(r) for r in timm_rows] == [key(r) for r in hand], str(timm_rows)
+        if backend == "triton":
+            assert sum(r["kernel"] == "bn_relu_prologue" for r in timm_rows) == \
+                NEXT_SITES["preact_resnet"]
+    ref, fused = _pair(models.NormActPreActResNet, "cpu", FUSED[0][1])
+    _check_equivalent(ref, fused, "cpu", backend=FUSED[0][1])
+
+
+def test_timm_norm_act_sync_bn_refuses_an_unfused_one(tmp_path):
+    """sync_bn=True: a BatchNormAct2d left unfused would run its own forward with local
+    statistics, silently: convert raises and names it; fused ones synchronise."""
+    import torch.distributed as dist
+
+    pytest.importorskip("timm")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised here")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
+                            world_size=1)
+    try:
+        with pytest.raises(ValueError, match="norm1.*convert_sync_batchnorm"):
+            convert(_NormActBlock(_norm_act(act_layer=nn.GELU)), sync_bn=True)
+        fused = convert(_NormActBlock(_norm_act()), sync_bn=True)
+        assert fnn.process_group_of(fused.norm1) is dist.group.WORLD
+    finally:
+        dist.destroy_process_group()

@@ -57,8 +57,9 @@ KNOWN_DEVIATIONS = {
         "torch.jit.trace for fused kernels in a compiled or exported model.",
     "double backward runs through the reference composite":
         "the fused backward kernels have no derivative of their own: with create_graph=True "
-        "the first-order gradients are fused, their derivative is recomputed with "
-        "F.batch_norm (last_backend() says 'reference').",
+        "the first-order gradients are fused, their derivative is torch's "
+        "(aten.native_batch_norm_backward's, last_backend() says 'reference'); it works "
+        "under vmap (batched gradients), train and eval.",
     "third-order derivatives raise":
         "create_graph=True inside a double backward would need a derivative of that "
         "recomputation: RuntimeError naming backend='reference', which supports it.",
@@ -153,7 +154,52 @@ def test_gradcheck_and_gradgradcheck_fp64(cls, training):
         inputs = (x.detach().clone().requires_grad_(),
                   *[p.detach().clone().requires_grad_() for p in ours.parameters()])
         assert torch.autograd.gradcheck(f, inputs, fast_mode=True), sample.desc
-        assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True), sample.desc
+        assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True,
+                                            check_batched_grad=True), sample.desc
+
+
+def _drop_in(name):
+    """(module, extra inputs) of one drop-in module, float64, on a small case."""
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    module = {"BatchNorm2d": lambda: fnn.BatchNorm2d(3),
+              "BatchNormReLU2d": lambda: fnn.BatchNormReLU2d(3),
+              "BatchNormAddReLU2d": lambda: fnn.BatchNormAddReLU2d(3),
+              "DualBatchNormAddReLU2d": lambda: fnn.DualBatchNormAddReLU2d(3),
+              "ConvBatchNormReLU2d": lambda: fnn.ConvBatchNormReLU2d(2, 3, 3, padding=1)}[name]()
+    module = module.double()
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(3, generator=g, dtype=torch.float64) + 0.5)
+                m.bias.copy_(rand(3))
+                m.running_mean.copy_(rand(3) * 0.1)
+                m.running_var.copy_(torch.rand(3, generator=g, dtype=torch.float64) + 0.5)
+    x = rand(2, 2 if name == "ConvBatchNormReLU2d" else 3, 3, 3)
+    extra = (rand(2, 3, 3, 3),) if "Add" in name else ()
+    return module, (x, *extra)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["BatchNorm2d", "BatchNormReLU2d", "BatchNormAddReLU2d",
+                                  "DualBatchNormAddReLU2d", "ConvBatchNormReLU2d"])
+def test_batched_gradgradcheck_every_drop_in_module(name, training):
+    """Double backward under vmap (torch's test_gradgrad with check_batched_grad=True, what
+    torch.func per-sample gradients and Hessian-vector products need): every drop-in
+    module, its inputs and parameters, float64, train and eval."""
+    module, tensors = _drop_in(name)
+    module.train(training)
+    names = [n for n, _ in module.named_parameters()]
+
+    def f(*args):  # a fresh copy per evaluation: the same running statistics each time
+        ps = dict(zip(names, args[len(tensors):]))
+        return torch.func.functional_call(copy.deepcopy(module), ps, args[:len(tensors)])
+
+    inputs = tuple(t.requires_grad_() for t in tensors) + tuple(
+        p.detach().clone().requires_grad_() for p in module.parameters())
+    assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True, check_batched_grad=True)
+    module(*(t.detach() for t in tensors))
+    assert fnn.last_backend() in (fusedres.resolve_backend("cpu"), "folded")
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
@@ -272,3 +318,84 @@ def test_known_deviations_are_what_happens():
     torch.func.jvp(lambda t: fusedres.functional.batch_norm_relu(t, None, None, training=True),
                    (x.detach(),), (torch.ones_like(x),))
     assert fusedres.functional.last_backend() == "reference"
+
+
+# --------------------------------------------------------------------------------------
+# test_nn's BatchNorm tests (PyTorch's test/test_nn.py is not installed with torch: its
+# BatchNorm cases that apply on one CPU are restated here, on the drop-in modules and on
+# fusedres.functional, with torch's own as the reference)
+# --------------------------------------------------------------------------------------
+
+
+def _arange_case(dims):
+    """test_batchnorm_grad's tensors: arange input (large, unnormalised values), weight
+    1..C, bias 0..C-1, running_mean 1-c, running_var 2c, float64."""
+    bs, n_feat, size = 4, 5, 6
+    shape = (bs, n_feat, size) if dims == 3 else (bs, n_feat, 2, size // 2)
+    x = torch.arange(bs * n_feat * size, dtype=torch.float64).view(shape).requires_grad_()
+    w = torch.arange(1, n_feat + 1, dtype=torch.float64).requires_grad_()
+    b = torch.arange(n_feat, dtype=torch.float64).requires_grad_()
+    rm = 1 - torch.arange(n_feat, dtype=torch.float64)
+    rv = 2 * torch.arange(n_feat, dtype=torch.float64)
+    return x, w, b, rm, rv
+
+
+@pytest.mark.parametrize("dims", [3, 4])
+def test_nn_batchnorm_grad(dims):
+    """test_nn's test_batchnorm_grad: gradcheck and gradgradcheck with batched gradients
+    (as torch's test helper runs them) of F.batch_norm's signature, eval then training, eps
+    1e-4, on fusedres.functional.batch_norm (3-D and 4-D inputs) -- eval reads the running
+    statistics (running_var 0 in channel 0, so eps matters). (Not with a ReLU: these
+    integer inputs put pre-activations exactly on its kink.)"""
+    x, w, b, rm, rv = _arange_case(dims)
+    fn = fusedres.functional.batch_norm
+    for training in (False, True):
+        def f(t, weight, bias):  # fresh running statistics each call
+            return fn(t, rm.clone(), rv.clone(), weight, bias, training, 0.1, 1e-4)
+
+        assert torch.autograd.gradcheck(f, (x, w, b), check_batched_grad=True)
+        assert torch.autograd.gradgradcheck(f, (x, w, b), check_batched_grad=True)
+        f(x, w, b)  # the fused kernels ran (gradgradcheck's last pass: the reference)
+        assert fusedres.functional.last_backend() == fusedres.resolve_backend("cpu")
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+def test_nn_batchnorm_simple_average_and_update_stats(cls):
+    """test_nn's test_batchnorm_simple_average (momentum=None: the running statistics are
+    the plain average over the batches seen, reset_running_stats starts again) and
+    test_batchnorm_update_stats (num_batches_tracked counts training calls only;
+    track_running_stats=False updates nothing), against torch's module."""
+    torch.manual_seed(0)
+    xs = [torch.rand(4, 3, 5, 5) for _ in range(2)]
+    for kwargs in (dict(momentum=None), dict(momentum=0.3), dict(track_running_stats=False)):
+        theirs, ours = nn.BatchNorm2d(3, **kwargs), cls(3, **kwargs)
+        for reset in (False, True):
+            for x in xs:
+                torch.testing.assert_close(ours(x), _apply(cls, theirs, x))
+            _same_state(theirs, ours, torch.float32)
+            if ours.track_running_stats:
+                assert int(ours.num_batches_tracked) == 2
+                if kwargs.get("momentum", 0.1) is None:  # the plain average of the batches
+                    want = torch.stack([x.var((0, 2, 3)) for x in xs]).mean(0)
+                    torch.testing.assert_close(ours.running_var, want)
+                ours.eval(), theirs.eval()
+                torch.testing.assert_close(ours(xs[0]), _apply(cls, theirs, xs[0]))
+                assert int(ours.num_batches_tracked) == 2  # eval calls are not counted
+                ours.train(), theirs.train()
+            else:
+                assert ours.running_mean is None and ours.num_batches_tracked is None
+            if reset:
+                continue
+            ours.reset_running_stats(), theirs.reset_running_stats()
+
+
+def test_deviations_are_listed_in_the_docs():
+    """docs/deviations.md is the one list: every KNOWN_DEVIATIONS entry (drop-in modules)
+    and every DEVIATIONS entry of test_model_suites (converted models) is in it."""
+    import pathlib
+
+    from test_model_suites import DEVIATIONS
+
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "deviations.md").read_text()
+    missing = [k for k in (*KNOWN_DEVIATIONS, *DEVIATIONS) if f"`{k}`" not in text]
+    assert not missing, f"not in docs/deviations.md: {missing}"
