@@ -35,11 +35,11 @@ error; ``TOLERANCE``). A candidate that raises or differs is never chosen: a war
 report and ``explain`` name it and the error found. The passing candidates are then
 timed in repeated interleaved rounds (``fusedres._timing.interleaved_samples``: every
 candidate once per round, in a rotating order; CPU: wall clock per call, GPU: CUDA
-events), giving each a median and a spread
-(p20-p80). The decision is made only on differences the run can tell from its noise
-(``select``): the simplest candidate (torch < reference < cpu/cuda < triton <
-triton-conv < cudnn-graph) wins unless a faster one beats it beyond the spread -- its median over
-``margin`` (default 3%) lower and its p80 under the other's p20. When a candidate's own
+events), giving each a median and a spread (p20-p80). The decision is made only on
+differences the run can tell from its noise (``select``): the simplest candidate (torch
+< reference < cpu/cuda < triton < triton-conv < cudnn-graph) wins unless a faster one
+beats it beyond the spread -- its median over ``margin`` (default 3%) lower and its p80
+under the other's p20. When a candidate's own
 samples disagree wildly (p20-p80 over ``NOISE_LIMIT`` of its median: a machine too loaded
 to measure), the site is not decided: it keeps its default path, nothing is cached, a
 warning and the report say so (``too_noisy``). Sites with identical signatures share one
