@@ -12,9 +12,9 @@
 // * Elementwise kernels walk the *output* order, in blocks of 8*k outer rows, so
 //   every block starts on a mask byte and no two threads write the same mask byte.
 // * Reductions split the work into chunks that depend on the shape only (never on
-//   the number of threads), keep per-chunk partials (Welford count/mean/M2 for
-//   stats; sums for backward) and merge them per channel in chunk order: results
-//   are bitwise reproducible for any thread count.
+//   the number of threads), keep per-chunk double partials (blocked sums of x and x^2
+//   for stats; centred sums for backward, see "block sums") and merge them per channel
+//   in chunk order: results are bitwise reproducible for any thread count.
 // * Reductions take their chunks last to first, elementwise passes first to last, so
 //   every pass starts on the lines the one before it touched last, while they are still
 //   in the cache: stats -> apply, backward reduce -> backward apply, and a producer that
@@ -65,8 +65,6 @@ using acc_type_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 // Elements per reduction chunk / elementwise block (shape-only, never thread-dependent).
 constexpr int64_t kChunkElems = 65536;
 constexpr int64_t kBlockElems = 32768;
-// Rows per step of the channels-inner reductions.
-constexpr int kUnroll = 4;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -362,33 +360,61 @@ inline Vectorized<acc_t> relu(const Vectorized<acc_t>& pre) {
 #endif
 }
 
-// ---- Welford / Chan -----------------------------------------------------------------
+// ---- block sums ---------------------------------------------------------------------
+//
+// Every reduction folds at most kBlockRows values per lane in the acc dtype -- one per row
+// of a block of rows, or one per vector step of a plane -- into double partials. No float
+// accumulator ever holds more than a block's worth of values; the partials, their merge
+// across chunks (in chunk order) and the per-channel results are double, as torch's own
+// CPU batch norm accumulates.
+// * Statistics (blocked Welford/Chan): a block's values are centred on the block's own
+//   float mean bm, so d = x - bm is exact-ish whatever the mean's size; the block's
+//   (sum d, sum d^2) and bm - pivot then enter double sums of x - pivot and (x - pivot)^2
+//   by the exact algebra of a shift (Chan's merge, in sum form). The pivot is a value of
+//   the channel, so the final M2 = S2 - S1^2/M cancels only in double.
+// * Backward: centred sums, sum(g) and sum(g*(x - mean)), a block in float, then double.
+constexpr int kBlockRows = 16;
 
+// The lanes of v as doubles, in d[0, lanes).
 template <typename acc_t>
-struct Welford {
-  int64_t n = 0;
-  acc_t mean = 0, m2 = 0;
-  // Chan's parallel merge, n = 0 guarded.
-  inline void merge(int64_t nb, acc_t mb, acc_t m2b) {
-    if (nb == 0) return;
-    if (n == 0) {
-      n = nb; mean = mb; m2 = m2b;
-      return;
-    }
-    const int64_t nt = n + nb;
-    const acc_t d = mb - mean;
-    const acc_t fb = static_cast<acc_t>(nb) / static_cast<acc_t>(nt);
-    mean = mean + d * fb;
-    m2 = m2 + m2b + d * d * static_cast<acc_t>(n) * fb;
-    n = nt;
+inline void to_double(const Vectorized<acc_t>& v, double* d) {
+  __at_align__ acc_t buf[Vectorized<acc_t>::size()];
+  v.store(buf);
+  for (int l = 0; l < Vectorized<acc_t>::size(); ++l) d[l] = static_cast<double>(buf[l]);
+}
+
+// f(lane, count) over lanes [0, cnt) of a vector of acc_t: in double vectors when every
+// lane is there, else one lane at a time (f(l, 1) with a scalar view).
+template <typename acc_t, typename Count, typename F>
+inline void for_double_lanes(Count cnt, F&& f) {
+  using D = Vectorized<double>;
+  constexpr int lanes = Vectorized<acc_t>::size();
+  if (static_cast<int64_t>(cnt) == lanes && lanes % D::size() == 0) {
+    for (int l = 0; l < lanes; l += D::size()) f(l, std::integral_constant<int, D::size()>{});
+  } else {
+    for (int64_t l = 0; l < static_cast<int64_t>(cnt); ++l) f(l, std::integral_constant<int, 1>{});
   }
-  inline void add(acc_t x) {
-    ++n;
-    const acc_t d = x - mean;
-    mean = mean + d / static_cast<acc_t>(n);
-    m2 = m2 + d * (x - mean);
-  }
-};
+}
+
+// Doubles p[0, w) as a vector (w = D::size()) or a scalar (w = 1), and back.
+template <int W>
+inline auto dload(const double* p) {
+  if constexpr (W == 1) return *p; else return Vectorized<double>::loadu(p);
+}
+template <typename T>
+inline void dstore(double* p, const T& v) {
+  if constexpr (std::is_same_v<T, double>) *p = v; else v.store(p);
+}
+
+// into[0, cnt) += the lanes of v, in double.
+template <typename acc_t, typename Count>
+inline void add_lanes(double* into, const Vectorized<acc_t>& v, Count cnt) {
+  __at_align__ double d[Vectorized<acc_t>::size()];
+  to_double(v, d);
+  for_double_lanes<acc_t>(cnt, [&](int l, auto w) {
+    dstore(into + l, dload<decltype(w)::value>(into + l) + dload<decltype(w)::value>(d + l));
+  });
+}
 
 inline void normalise(const Shape& sh, Ncs& t) {
   if (sh.C == 1) t.sC = 1;
@@ -398,166 +424,241 @@ inline void normalise(const Shape& sh, Ncs& t) {
 // The skeleton both channels-inner (ROWS) reductions share. The R = N*S rows are cut
 // into chunks of whole rows whose size depends on the shape only (never on the number
 // of threads, so results are bitwise the same for any thread count); each chunk reduces
-// into its own two per-channel partial arrays (zeroed), then the channel vectors are
-// finished one by one from the chunks' partials, read in chunk order.
-template <typename acc_t>
+// into its own two per-channel double partial arrays (zeroed), then each channel is
+// finished from the chunks' partials, added in chunk order.
 struct RowChunks {
   int64_t R, C, rows_per_chunk, nchunks;
-  std::vector<acc_t> part_a, part_b;  // nchunks x C each
+  std::vector<double> part_a, part_b;  // nchunks x C each
 
   RowChunks(int64_t rows, int64_t channels)
       : R(rows), C(channels), rows_per_chunk(std::max<int64_t>(1, kChunkElems / channels)),
         nchunks(ceil_div(rows, rows_per_chunk)), part_a(nchunks * channels),
         part_b(nchunks * channels) {}
 
-  int64_t rows_of(int64_t k) const {
-    return std::min(R, (k + 1) * rows_per_chunk) - k * rows_per_chunk;
-  }
-
   // chunk(a, b, r0, r1): rows [r0, r1) into the chunk's partials a, b; chunks in parallel.
   template <typename Chunk>
   void reduce(Chunk&& chunk) {
     at::parallel_for(0, nchunks, grain_for(rows_per_chunk * C), [&](int64_t k0, int64_t k1) {
       for (int64_t k = k1 - 1; k >= k0; --k) {  // last chunk first (see the top)
-        acc_t* a = part_a.data() + k * C;
-        acc_t* b = part_b.data() + k * C;
-        std::fill(a, a + C, acc_t(0));
-        std::fill(b, b + C, acc_t(0));
+        double* a = part_a.data() + k * C;
+        double* b = part_b.data() + k * C;
+        std::fill(a, a + C, 0.0);
+        std::fill(b, b + C, 0.0);
         const int64_t r0 = k * rows_per_chunk;
-        chunk(a, b, r0, r0 + rows_of(k));
+        chunk(a, b, r0, std::min(R, r0 + rows_per_chunk));
       }
     });
   }
 
-  // finish(j, count) for the channel vectors [j, j + count), W channels a vector.
-  template <int W, typename Finish>
-  void finish(Finish&& finish_vector) const {
-    at::parallel_for(0, ceil_div(C, W), grain_for(nchunks * W), [&](int64_t b0, int64_t b1) {
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t j = blk * W;
-        finish_vector(j, std::min<int64_t>(W, C - j));
+  // finish(c, sum_a, sum_b) for every channel.
+  template <typename Finish>
+  void finish(Finish&& finish_channel) const {
+    at::parallel_for(0, C, grain_for(nchunks), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double sa = 0, sb = 0;
+        for (int64_t k = 0; k < nchunks; ++k) {
+          sa += part_a[k * C + c];
+          sb += part_b[k * C + c];
+        }
+        finish_channel(c, sa, sb);
       }
     });
   }
 };
 
+// A channel's PLANES pieces: (n, c, segment of S) for every n and segment of at most
+// kChunkElems (a whole number of vectors) elements.
+struct PlanePieces {
+  int64_t N, C, S, seg, nseg, items;
+  PlanePieces(const Shape& sh, int lanes)
+      : N(sh.N), C(sh.C), S(sh.S),
+        seg(std::max<int64_t>(lanes, kChunkElems / lanes * lanes)),
+        nseg(ceil_div(S, seg)), items(N * C * nseg) {}
+
+  // piece(it, n, c, s0, len) for every piece, in parallel, last first (see the top).
+  template <typename Piece>
+  void reduce(Piece&& piece) const {
+    at::parallel_for(0, items, grain_for(std::min(S, seg)), [&](int64_t i0, int64_t i1) {
+      for (int64_t it = i1 - 1; it >= i0; --it) {
+        const int64_t g = it % nseg, nc = it / nseg, c = nc % C, n = nc / C;
+        const int64_t s0 = g * seg;
+        piece(it, n, c, s0, std::min(S, s0 + seg) - s0);
+      }
+    });
+  }
+
+  // finish(c, sum_a, sum_b): a channel's pieces added in (n, segment) order.
+  template <typename Finish>
+  void finish(const std::vector<double>& wa, const std::vector<double>& wb,
+              Finish&& finish_channel) const {
+    at::parallel_for(0, C, grain_for(N * nseg), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double sa = 0, sb = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          for (int64_t g = 0; g < nseg; ++g) {
+            sa += wa[(n * C + c) * nseg + g];
+            sb += wb[(n * C + c) * nseg + g];
+          }
+        }
+        finish_channel(c, sa, sb);
+      }
+    });
+  }
+};
+
+// Lane sums of f(vector i) for i in [0, nvec) over blocks of kBlockRows vectors, then the
+// lanes (and `tail`, added last) summed in double: (sum of a, sum of b).
+template <typename acc_t, typename Step>
+inline std::pair<double, double> plane_sums(int64_t nvec, Step&& step) {
+  using V = Vectorized<acc_t>;
+  double la[V::size()] = {}, lb[V::size()] = {};
+  for (int64_t b0 = 0; b0 < nvec; b0 += kBlockRows) {
+    const int64_t b1 = std::min(nvec, b0 + kBlockRows);
+    V ta(acc_t(0)), tb(acc_t(0));
+    for (int64_t i = b0; i < b1; ++i) step(i, ta, tb);
+    add_lanes(la, ta, std::integral_constant<int64_t, V::size()>{});
+    add_lanes(lb, tb, std::integral_constant<int64_t, V::size()>{});
+  }
+  double sa = 0, sb = 0;
+  for (int l = 0; l < V::size(); ++l) {
+    sa += la[l];
+    sb += lb[l];
+  }
+  return {sa, sb};
+}
+
 // =====================================================================================
 // bn_stats
 // =====================================================================================
 
-// ROWS: per chunk of rows, per channel Welford vectorised across C.
+// The per-channel pivot of the statistics sums: the channel's first value (0 if that is
+// not finite, so an inf or NaN elsewhere propagates as it would unshifted).
+template <typename scalar_t, typename acc_t = acc_type_t<scalar_t>>
+std::vector<acc_t> pivots(const Shape& sh, const Ncs& x) {
+  std::vector<acc_t> k(sh.C);
+  const scalar_t* p = static_cast<const scalar_t*>(x.data);
+  for (int64_t c = 0; c < sh.C; ++c) {
+    const acc_t v = static_cast<acc_t>(p[c * x.sC]);
+    k[c] = std::isfinite(v) ? v : acc_t(0);
+  }
+  return k;
+}
+
+// mean and biased variance of M values from the sums of d = x - pivot and of d^2.
+template <typename acc_t>
+inline void finish_stats(int64_t m, acc_t pivot, double s1, double s2, acc_t* mean, acc_t* var) {
+  const double dm = s1 / static_cast<double>(m);
+  const double v = (s2 - s1 * dm) / static_cast<double>(m);
+  *mean = static_cast<acc_t>(static_cast<double>(pivot) + dm);
+  *var = static_cast<acc_t>(v < 0 ? 0.0 : v);  // rounding below 0; NaN stays NaN
+}
+
+// The NR (>= 1) values of a block per lane, xs[0..NR), folded into the double sums
+// s1 += sum(x - k), s2 += sum((x - k)^2) of lanes [0, cnt): see "block sums".
+template <int NR, typename acc_t, typename Count>
+inline void fold_block(const Vectorized<acc_t> (&xs)[NR], const Vectorized<acc_t>& k,
+                       double* s1, double* s2, Count cnt) {
+  using V = Vectorized<acc_t>;
+  V sum = xs[0];
+  for (int u = 1; u < NR; ++u) sum = sum + xs[u];
+  const V bm = sum * V(acc_t(1) / acc_t(NR));
+  V t1(acc_t(0)), t2(acc_t(0));
+  for (int u = 0; u < NR; ++u) {
+    const V d = xs[u] - bm;
+    t1 = t1 + d;
+    t2 = fma(d, d, t2);
+  }
+  __at_align__ double d_m[V::size()], d_k[V::size()], d_1[V::size()], d_2[V::size()];
+  to_double(bm, d_m);
+  to_double(k, d_k);
+  to_double(t1, d_1);
+  to_double(t2, d_2);
+  for_double_lanes<acc_t>(cnt, [&](int l, auto w) {
+    using T = decltype(dload<decltype(w)::value>(s1));
+    const T off = dload<decltype(w)::value>(d_m + l) - dload<decltype(w)::value>(d_k + l);
+    const T a = dload<decltype(w)::value>(d_1 + l);
+    const T nr = T(static_cast<double>(NR));
+    dstore(s1 + l, dload<decltype(w)::value>(s1 + l) + (a + nr * off));
+    dstore(s2 + l, dload<decltype(w)::value>(s2 + l) + (dload<decltype(w)::value>(d_2 + l) + off * (T(2.0) * a + nr * off)));
+  });
+}
+
+// ROWS: per chunk of rows, per-channel blocked sums vectorised across C.
 template <typename scalar_t, bool CONTIG>
 void stats_rows(const StatsArgs& a, const Ncs& x) {
   using acc_t = acc_type_t<scalar_t>;
   using V = Vectorized<acc_t>;
   const int64_t N = a.sh.N, C = a.sh.C, S = a.sh.S;
-  RowChunks<acc_t> chunks(N * S, C);
+  const std::vector<acc_t> pivot = pivots<scalar_t>(a.sh, x);
+  RowChunks chunks(N * S, C);
   const scalar_t* xp = static_cast<const scalar_t*>(x.data);
-  chunks.reduce([&](acc_t* mu, acc_t* m2, int64_t r0, int64_t r1) {
-    // kUnroll rows at a time with the running mean/M2 in registers: the same
-    // sequence of Welford updates per channel as one row at a time.
-    for_row_groups<kUnroll>(r0, r1, [&](auto group, int64_t r) {
+  chunks.reduce([&](double* s1, double* s2, int64_t r0, int64_t r1) {
+    for_row_groups<kBlockRows>(r0, r1, [&](auto group, int64_t r) {
       constexpr int nr = decltype(group)::value;
-      const scalar_t* rows[kUnroll];
-      V inv[kUnroll];
+      const scalar_t* rows[nr];
       for (int u = 0; u < nr; ++u) {
         const int64_t n = (r + u) / S, s = (r + u) % S;
         rows[u] = xp + n * x.sN + s * x.sS;
-        inv[u] = V(acc_t(1) / static_cast<acc_t>(r + u - r0 + 1));
       }
       for_vectors<V::size()>(C, [&](int64_t j, auto count) {
-        const int64_t cnt = count;
-        V m = loadp(mu + j, cnt);
-        V q = loadp(m2 + j, cnt);
-        for (int u = 0; u < nr; ++u) {
-          const V xv = load<CONTIG>(rows[u] + j * (CONTIG ? 1 : x.sC), x.sC, cnt);
-          const V d = xv - m;
-          m = fma(d, inv[u], m);
-          q = fma(d, xv - m, q);
-        }
-        store(mu + j, m, cnt);
-        store(m2 + j, q, cnt);
+        V xs[nr];
+        for (int u = 0; u < nr; ++u)
+          xs[u] = load<CONTIG>(rows[u] + j * (CONTIG ? 1 : x.sC), x.sC, count);
+        fold_block(xs, loadp(pivot.data() + j, count), s1 + j, s2 + j, count);
       });
     });
   });
-  // Chan merge of the chunks in chunk order. Every channel of a chunk has the same
-  // count, so the merge weights are scalars and the merge is vectorised across C.
   acc_t* mean = static_cast<acc_t*>(a.mean);
   acc_t* var = static_cast<acc_t*>(a.var);
-  chunks.template finish<V::size()>([&](int64_t j, int64_t cnt) {
-    const acc_t* part_mean = chunks.part_a.data();
-    const acc_t* part_m2 = chunks.part_b.data();
-    V m = loadp(part_mean + j, cnt), q = loadp(part_m2 + j, cnt);
-    int64_t n = chunks.rows_of(0);
-    for (int64_t k = 1; k < chunks.nchunks; ++k) {
-      const int64_t nb = chunks.rows_of(k), nt = n + nb;
-      const V fb(static_cast<acc_t>(nb) / static_cast<acc_t>(nt));
-      const V na(static_cast<acc_t>(n));
-      const V d = loadp(part_mean + k * C + j, cnt) - m;
-      m = m + d * fb;
-      q = q + loadp(part_m2 + k * C + j, cnt) + d * d * na * fb;
-      n = nt;
-    }
-    store(mean + j, m, cnt);
-    store(var + j, q / V(static_cast<acc_t>(n)), cnt);
+  chunks.finish([&](int64_t c, double s1, double s2) {
+    finish_stats(N * S, pivot[c], s1, s2, mean + c, var + c);
   });
 }
 
-// PLANES (S contiguous): pieces (n, c, segment of S), lane-wise Welford, lanes merged
-// in order, then the pieces of a channel merged in (n, segment) order.
+// PLANES (S contiguous): pieces (n, c, segment of S), lane-wise blocked sums, then a
+// channel's pieces added in (n, segment) order.
 template <typename scalar_t>
 void stats_planes(const StatsArgs& a, const Ncs& x) {
   using acc_t = acc_type_t<scalar_t>;
   using V = Vectorized<acc_t>;
-  const int64_t N = a.sh.N, C = a.sh.C, S = a.sh.S;
-  const int64_t seg = std::max<int64_t>(V::size(), kChunkElems / V::size() * V::size());
-  const int64_t nseg = ceil_div(S, seg);
-  const int64_t items = N * C * nseg;
-  std::vector<acc_t> ws_mean(items), ws_m2(items);
+  const PlanePieces pieces(a.sh, V::size());
+  const std::vector<acc_t> pivot = pivots<scalar_t>(a.sh, x);
+  std::vector<double> ws1(pieces.items), ws2(pieces.items);
   const scalar_t* xp = static_cast<const scalar_t*>(x.data);
-  at::parallel_for(0, items, grain_for(std::min(S, seg)), [&](int64_t i0, int64_t i1) {
-    for (int64_t it = i1 - 1; it >= i0; --it) {  // last piece first (see the top)
-      const int64_t g = it % nseg, nc = it / nseg, c = nc % C, n = nc / C;
-      const int64_t s0 = g * seg, len = std::min(S, s0 + seg) - s0;
-      const scalar_t* p = xp + n * x.sN + c * x.sC + s0;
-      const int64_t nfull = len / V::size();
-      Welford<acc_t> w;
-      if (nfull > 0) {
-        V m(acc_t(0)), q(acc_t(0));
-        for (int64_t i = 0; i < nfull; ++i) {
-          const V inv(acc_t(1) / static_cast<acc_t>(i + 1));
-          const V xv = load<true>(p + i * V::size(), 1, V::size());
-          const V d = xv - m;
-          m = fma(d, inv, m);
-          q = fma(d, xv - m, q);
-        }
-        __at_align__ acc_t mb[V::size()], qb[V::size()];
-        m.store(mb);
-        q.store(qb);
-        for (int l = 0; l < V::size(); ++l) w.merge(nfull, mb[l], qb[l]);
-      }
-      Welford<acc_t> tail;
-      for (int64_t i = nfull * V::size(); i < len; ++i) tail.add(static_cast<acc_t>(p[i]));
-      w.merge(tail.n, tail.mean, tail.m2);
-      ws_mean[it] = w.mean;
-      ws_m2[it] = w.m2;
+  pieces.reduce([&](int64_t it, int64_t n, int64_t c, int64_t s0, int64_t len) {
+    const scalar_t* p = xp + n * x.sN + c * x.sC + s0;
+    const acc_t k = pivot[c];
+    const V kv(k);
+    constexpr auto full = std::integral_constant<int64_t, V::size()>{};
+    double l1[V::size()] = {}, l2[V::size()] = {};
+    const int64_t nfull = len / V::size();
+    int64_t i = 0;
+    for (; i + kBlockRows <= nfull; i += kBlockRows) {
+      V xs[kBlockRows];
+      for (int u = 0; u < kBlockRows; ++u) xs[u] = load<true>(p + (i + u) * V::size(), 1, full);
+      fold_block(xs, kv, l1, l2, full);
     }
+    for (; i < nfull; ++i) {  // a last partial block, one vector at a time
+      V xs[1] = {load<true>(p + i * V::size(), 1, full)};
+      fold_block(xs, kv, l1, l2, full);
+    }
+    double s1 = 0, s2 = 0;
+    for (int l = 0; l < V::size(); ++l) {
+      s1 += l1[l];
+      s2 += l2[l];
+    }
+    for (int64_t e = nfull * V::size(); e < len; ++e) {
+      const double d = static_cast<double>(static_cast<acc_t>(p[e])) - static_cast<double>(k);
+      s1 += d;
+      s2 += d * d;
+    }
+    ws1[it] = s1;
+    ws2[it] = s2;
   });
   acc_t* mean = static_cast<acc_t*>(a.mean);
   acc_t* var = static_cast<acc_t*>(a.var);
-  at::parallel_for(0, C, grain_for(N * nseg), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      Welford<acc_t> w;
-      for (int64_t n = 0; n < N; ++n) {
-        for (int64_t g = 0; g < nseg; ++g) {
-          const int64_t it = (n * C + c) * nseg + g;
-          const int64_t s0 = g * seg, len = std::min(S, s0 + seg) - s0;
-          w.merge(len, ws_mean[it], ws_m2[it]);
-        }
-      }
-      mean[c] = w.mean;
-      var[c] = w.n > 0 ? w.m2 / static_cast<acc_t>(w.n) : acc_t(0);
-    }
+  pieces.finish(ws1, ws2, [&](int64_t c, double s1, double s2) {
+    finish_stats(pieces.N * pieces.S, pivot[c], s1, s2, mean + c, var + c);
   });
 }
 
@@ -822,7 +923,7 @@ void backward_reduce_rows(const BackwardArgs& a, const Ncs& dout, const Ncs& x) 
   using acc_t = acc_type_t<scalar_t>;
   using V = Vectorized<acc_t>;
   const int64_t N = a.sh.N, C = a.sh.C, S = a.sh.S;
-  RowChunks<acc_t> chunks(N * S, C);
+  RowChunks chunks(N * S, C);
   const acc_t* mean = static_cast<const acc_t*>(a.mean);
   const acc_t* scale = static_cast<const acc_t*>(a.scale);
   const acc_t* shift = static_cast<const acc_t*>(a.shift);
@@ -832,14 +933,13 @@ void backward_reduce_rows(const BackwardArgs& a, const Ncs& dout, const Ncs& x) 
   const uint8_t* mask = a.mask;
   const int64_t mask_bytes = a.mask_bytes;
   const int64_t mstride = a.channels_last ? 1 : S;
-  chunks.reduce([&](acc_t* sg, acc_t* sgx, int64_t r0, int64_t r1) {
-    // kUnroll rows at a time with the partial sums in registers: the same order of
-    // additions per channel as one row at a time.
-    for_row_groups<kUnroll>(r0, r1, [&](auto group, int64_t r) {
+  chunks.reduce([&](double* sg, double* sgx, int64_t r0, int64_t r1) {
+    // A block of rows at a time, its sums in registers, then added to the double partials.
+    for_row_groups<kBlockRows>(r0, r1, [&](auto group, int64_t r) {
       constexpr int nr = decltype(group)::value;
-      const scalar_t* drs[kUnroll];
-      const scalar_t* xrs[kUnroll];
-      int64_t moffs[kUnroll];
+      const scalar_t* drs[kBlockRows];
+      const scalar_t* xrs[kBlockRows];
+      int64_t moffs[kBlockRows];
       for (int u = 0; u < nr; ++u) {
         const int64_t n = (r + u) / S, s = (r + u) % S;
         drs[u] = dp + n * dout.sN + s * dout.sS;
@@ -854,7 +954,7 @@ void backward_reduce_rows(const BackwardArgs& a, const Ncs& dout, const Ncs& x) 
           sh = loadp(shift + j, cnt);
         }
         const V mn = loadp(mean + j, cnt);
-        V tg = loadp(sg + j, cnt), tgx = loadp(sgx + j, cnt);
+        V tg(acc_t(0)), tgx(acc_t(0));
         const int64_t mj = a.channels_last ? j : j * S;
         for (int u = 0; u < nr; ++u) {
           const V d = load<CONTIG>(drs[u] + j * (CONTIG ? 1 : dout.sC), dout.sC, cnt);
@@ -864,35 +964,28 @@ void backward_reduce_rows(const BackwardArgs& a, const Ncs& dout, const Ncs& x) 
           tg = tg + g;
           tgx = fma(g, xv - mn, tgx);
         }
-        store(sg + j, tg, cnt);
-        store(sgx + j, tgx, cnt);
+        add_lanes(sg + j, tg, count);
+        add_lanes(sgx + j, tgx, count);
       });
     });
   });
   acc_t* out_g = static_cast<acc_t*>(a.sum_g);
   acc_t* out_gx = static_cast<acc_t*>(a.sum_g_xc);
-  chunks.template finish<V::size()>([&](int64_t j, int64_t cnt) {
-    V t(acc_t(0)), u(acc_t(0));
-    for (int64_t k = 0; k < chunks.nchunks; ++k) {
-      t = t + loadp(chunks.part_a.data() + k * C + j, cnt);
-      u = u + loadp(chunks.part_b.data() + k * C + j, cnt);
-    }
-    store(out_g + j, t, cnt);
-    store(out_gx + j, u, cnt);
+  chunks.finish([&](int64_t c, double sg, double sgx) {
+    out_g[c] = static_cast<acc_t>(sg);
+    out_gx[c] = static_cast<acc_t>(sgx);
   });
 }
 
-// PLANES reduction (S contiguous): pieces (n, c, segment), lane sums, lanes summed in
-// order, pieces of a channel summed in (n, segment) order.
+// PLANES reduction (S contiguous): pieces (n, c, segment), lane sums in blocks, then a
+// channel's pieces added in (n, segment) order.
 template <typename scalar_t, int GATE>
 void backward_reduce_planes(const BackwardArgs& a, const Ncs& dout, const Ncs& x) {
   using acc_t = acc_type_t<scalar_t>;
   using V = Vectorized<acc_t>;
-  const int64_t N = a.sh.N, C = a.sh.C, S = a.sh.S;
-  const int64_t seg = std::max<int64_t>(V::size(), kChunkElems / V::size() * V::size());
-  const int64_t nseg = ceil_div(S, seg);
-  const int64_t items = N * C * nseg;
-  std::vector<acc_t> ws_g(items), ws_gx(items);
+  const int64_t C = a.sh.C, S = a.sh.S;
+  const PlanePieces pieces(a.sh, V::size());
+  std::vector<double> ws_g(pieces.items), ws_gx(pieces.items);
   const acc_t* mean = static_cast<const acc_t*>(a.mean);
   const acc_t* scale = static_cast<const acc_t*>(a.scale);
   const acc_t* shift = static_cast<const acc_t*>(a.shift);
@@ -902,58 +995,36 @@ void backward_reduce_planes(const BackwardArgs& a, const Ncs& dout, const Ncs& x
   const uint8_t* mask = a.mask;
   const int64_t mask_bytes = a.mask_bytes;
   const int64_t mstride = a.channels_last ? C : 1;
-  at::parallel_for(0, items, grain_for(std::min(S, seg)), [&](int64_t i0, int64_t i1) {
-    for (int64_t it = i1 - 1; it >= i0; --it) {  // last piece first (see the top)
-      const int64_t g = it % nseg, nc = it / nseg, c = nc % C, n = nc / C;
-      const int64_t s0 = g * seg, len = std::min(S, s0 + seg) - s0;
-      const scalar_t* dr = dp + n * dout.sN + c * dout.sC + s0;
-      const scalar_t* xr = xp + n * x.sN + c * x.sC + s0;
-      const V mn(mean[c]);
-      V sc, sh;
-      if constexpr (need_pass) {
-        sc = V(scale[c]);
-        sh = V(shift[c]);
-      }
-      V vg(acc_t(0)), vgx(acc_t(0));
-      for (int64_t j = 0; j < len; j += V::size()) {
-        const int64_t cnt = std::min<int64_t>(V::size(), len - j);
-        const V d = load<true>(dr + j, 1, cnt);
-        const V xv = load<true>(xr + j, 1, cnt);
-        const int64_t s = s0 + j;
-        const int64_t moff = a.channels_last ? (n * S + s) * C + c : (n * C + c) * S + s;
-        const V gv =
-            gated<GATE, acc_t>(mask, mask_bytes, d, xv, mn, sc, sh, moff, mstride, cnt);
-        // Missing lanes of a partial vector load as 0 and contribute 0.
-        vg = vg + gv;
-        vgx = fma(gv, xv - mn, vgx);
-      }
-      __at_align__ acc_t bg[V::size()], bgx[V::size()];
-      vg.store(bg);
-      vgx.store(bgx);
-      acc_t t = 0, u = 0;
-      for (int l = 0; l < V::size(); ++l) {
-        t += bg[l];
-        u += bgx[l];
-      }
-      ws_g[it] = t;
-      ws_gx[it] = u;
+  pieces.reduce([&](int64_t it, int64_t n, int64_t c, int64_t s0, int64_t len) {
+    const scalar_t* dr = dp + n * dout.sN + c * dout.sC + s0;
+    const scalar_t* xr = xp + n * x.sN + c * x.sC + s0;
+    const V mn(mean[c]);
+    V sc, sh;
+    if constexpr (need_pass) {
+      sc = V(scale[c]);
+      sh = V(shift[c]);
     }
+    // Vectors [0, ceil(len / lanes)): the missing lanes of a last partial vector load as
+    // 0 and contribute 0.
+    auto [sg, sgx] = plane_sums<acc_t>(ceil_div(len, V::size()), [&](int64_t i, V& tg, V& tgx) {
+      const int64_t j = i * V::size();
+      const int64_t cnt = std::min<int64_t>(V::size(), len - j);
+      const V d = load<true>(dr + j, 1, cnt);
+      const V xv = load<true>(xr + j, 1, cnt);
+      const int64_t s = s0 + j;
+      const int64_t moff = a.channels_last ? (n * S + s) * C + c : (n * C + c) * S + s;
+      const V gv = gated<GATE, acc_t>(mask, mask_bytes, d, xv, mn, sc, sh, moff, mstride, cnt);
+      tg = tg + gv;
+      tgx = fma(gv, xv - mn, tgx);
+    });
+    ws_g[it] = sg;
+    ws_gx[it] = sgx;
   });
   acc_t* out_g = static_cast<acc_t*>(a.sum_g);
   acc_t* out_gx = static_cast<acc_t*>(a.sum_g_xc);
-  at::parallel_for(0, C, grain_for(N * nseg), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      acc_t t = 0, u = 0;
-      for (int64_t n = 0; n < N; ++n) {
-        for (int64_t g = 0; g < nseg; ++g) {
-          const int64_t it = (n * C + c) * nseg + g;
-          t += ws_g[it];
-          u += ws_gx[it];
-        }
-      }
-      out_g[c] = t;
-      out_gx[c] = u;
-    }
+  pieces.finish(ws_g, ws_gx, [&](int64_t c, double sg, double sgx) {
+    out_g[c] = static_cast<acc_t>(sg);
+    out_gx[c] = static_cast<acc_t>(sgx);
   });
 }
 

@@ -64,6 +64,7 @@ inline double __dmul_rn(double a, double b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline double __dadd_rn(double a, double b) { return a + b; }
 using std::fabs;
+using std::isfinite;
 using std::min;
 using std::sqrt;
 using std::fma;
