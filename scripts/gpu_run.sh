@@ -6,6 +6,10 @@
 # pass the commit; the tool brings back what is under $OUT):
 #     run   command:   OUT=$OUT FUSEDRES_GIT_COMMIT=<git rev-parse HEAD> bash scripts/gpu_run.sh
 #           timeout_s: 540
+#           carry:     [".gl/cudnn_frontend-1.32.0"]  (the cudnn-frontend headers that
+#                      scripts/setup.sh extracted here; the GPU machine cannot fetch them,
+#                      and without them the build has no cuDNN graph path: the doctor,
+#                      the cuda tests and the train stage's cudnn-graph rows then say so)
 #     a second call, after one that was cut short or ran out of time (copy what came back
 #     to benchmarks/results/<gpu>-<date>/ first: it travels with the working tree):
 #           OUT=$OUT FUSEDRES_GIT_COMMIT=... RESUME_FROM=benchmarks/results/<gpu>-<date> \
@@ -297,6 +301,9 @@ timed() {  # timed STAGE: a scripts/gpu_bench.py stage
 say "fusedres GPU run$([ "$DRY" = 1 ] && echo " (dry run, CPU)"): DEADLINE_S=$DEADLINE_S, results in $RES$([ "$RESUMED" = 1 ] && echo " (resumed: state.json says what is done)")"
 
 # (a) machine facts
+if [ "$DRY" != 1 ] && ! ls .gl/cudnn_frontend-*/include/cudnn_frontend.h > /dev/null 2>&1; then
+    say "WARNING: no .gl/cudnn_frontend-*/include here (carry it): no cuDNN graph path"
+fi
 if stage_begin facts; then
     stage_run facts - "$PY" scripts/gpu_bench.py facts --out "$RUN" "${DRYFLAG[@]}"
 fi

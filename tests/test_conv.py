@@ -196,6 +196,7 @@ def test_fp16_forward():
     torch.testing.assert_close(var.double(), v_ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.cuda  # run by scripts/gpu_run.sh's tests stage (-m cuda)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 does not run in the interpreter")
 def test_bf16_forward_cuda():
     x, w, st, pd = _make(CASES[2], torch.bfloat16)
@@ -215,6 +216,12 @@ def _spy_launches(monkeypatch):
     return seen
 
 
+# The TMA tests run everywhere (the interpreter on CPU); marked cuda only where a GPU runs
+# them, so that scripts/gpu_run.sh's tests stage (-m cuda) takes them there and its CPU
+# dry run does not spend minutes on them in the interpreter.
+ALSO_ON_GPU = pytest.mark.cuda if DEVICE == "cuda" else (lambda test: test)
+
+
 # C % 16 == 0: the tap-major K loop, so the TMA operands (issue 21) run in the interpreter
 TMA_CASES = [("3x3s1_c32", 2, 32, 6, 5, 24, 3, 1, 1),  # A: boxes of x per tap, padding
              ("3x3s1_3img", 3, 16, 3, 3, 20, 3, 1, 1),  # boxes of 2 images, a partial one
@@ -224,6 +231,7 @@ TMA_CASES = [("3x3s1_c32", 2, 32, 6, 5, 24, 3, 1, 1),  # A: boxes of x per tap, 
              ("3x3s2_c16", 2, 16, 7, 6, 16, 3, 2, 1)]  # odd H: B by TMA, A by pointers
 
 
+@ALSO_ON_GPU
 @pytest.mark.parametrize("case", TMA_CASES, ids=[c[0] for c in TMA_CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + (
     [torch.bfloat16] if DEVICE == "cuda" else []))  # the interpreter's bf16 dot is wrong
@@ -264,6 +272,7 @@ DGRAD_TMA_CASES = [("3x3s1", 2, 24, 6, 5, 32, 3, 1, 1),  # C_in 24: boxes cross 
                    ("1x1s1", 2, 40, 5, 5, 32, 1, 1, 0)]
 
 
+@ALSO_ON_GPU
 @pytest.mark.parametrize("case", DGRAD_TMA_CASES, ids=[c[0] for c in DGRAD_TMA_CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_tma_weights_dgrad(monkeypatch, case, dtype):
@@ -539,6 +548,7 @@ def test_meta_tensors_pass_through():
         assert y.device.type == "meta" and y.shape == want.shape
 
 
+@pytest.mark.cuda  # run by scripts/gpu_run.sh's tests stage (-m cuda)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 switch only matters on GPU")
 def test_tf32_follows_cudnn_flag():
     x, w, st, pd = _make(("big", 2, 64, 16, 16, 64, 3, 1, 1), torch.float32)
@@ -606,6 +616,7 @@ def test_torch_compile():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.cuda  # run by scripts/gpu_run.sh's tests stage (-m cuda)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real ResNet-50 shapes on GPU only")
 @pytest.mark.parametrize("shape", [
     (8, 3, 224, 224, 64, 7, 2, 3),

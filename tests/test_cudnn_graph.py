@@ -284,8 +284,13 @@ def test_doctor_skips_with_a_reason_on_cpu():
 # On a GPU with the path built (skipped elsewhere): cuDNN itself
 # --------------------------------------------------------------------------------------
 
-_ON_GPU = pytest.mark.skipif(not (torch.cuda.is_available() and cudnn_graph.built()),
-                             reason="needs a GPU and fusedres._C built with the cuDNN graph path")
+_NEEDS_GPU = pytest.mark.skipif(not (torch.cuda.is_available() and cudnn_graph.built()),
+                                reason="needs a GPU and fusedres._C built with the cuDNN graph path")
+
+
+def _ON_GPU(test):
+    """Skipped without a GPU; marked cuda: scripts/gpu_run.sh's tests stage runs -m cuda."""
+    return pytest.mark.cuda(_NEEDS_GPU(test))
 
 
 def _gpu_inputs(dtype, prologue, cin=64, cout=64, k=3, h=14):
