@@ -1030,12 +1030,26 @@ __device__ __forceinline__ void unpack_raw(const RawRow<T, V>& r, acc_t<T>* v) {
   }
 }
 
+// Resident 256-thread blocks per SM asked of reduce_inner_kernel; 0 leaves the register
+// count to ptxas. Given only the block size, ptxas picks its own register target for
+// occupancy and accepted spills in two instantiations (sm_90, nvcc 13.0): the scalar
+// backward with the mask in the other layout (40 registers, 6 blocks: the row index
+// spilled inside the loop; 48 without) and the double statistics on 2-channel vectors
+// (64 registers, 4 blocks: blockDim.x spilled around the double division's call; 70
+// without). Asking for 5 and 3 blocks caps them at 51 and 85 registers: no spills.
+template <typename T, int MODE, int V, int GATE>
+constexpr int min_blocks_inner() {
+  if (V == 1 && GATE == kMaskAnyGate) return 5;
+  if (sizeof(T) == 8 && MODE == kStats && V > 1) return 3;
+  return 0;
+}
+
 // Channel-inner: grid (GX, P), block (TX, TY) with TX*TY = kThreads, TY a power of
 // two; thread (tx, ty) reduces channels [c0, c0 + V), c0 = (blockIdx.x*TX + tx)*V, over
 // rows ty*4 + k*TY*4 of partition p, 4 rows at a time. V > 1: sc == 1, C % V == 0 and
 // the view 16-byte aligned: V channels of a row are one vector load.
 template <typename T, int MODE, int V, int GATE>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, min_blocks_inner<T, MODE, V, GATE>())
     reduce_inner_kernel(const ReduceArgs<T> a, Acc<acc_t<T>, MODE>* __restrict__ ws) {
   using acc = acc_t<T>;
   using A = Acc<acc, MODE>;
