@@ -185,11 +185,9 @@ def statuses() -> List[dict]:
 
 
 def _fake(x, weight, scale, shift, stride, padding):
-    n, _, h, w = x.shape
-    k, _, r, s = weight.shape
-    p = (h + 2 * padding[0] - r) // stride[0] + 1
-    q = (w + 2 * padding[1] - s) // stride[1] + 1
-    y = x.new_empty((n, p, q, k)).permute(0, 3, 1, 2)
+    k = weight.shape[0]
+    p, q = fconv._out_hw(x, weight, stride, padding)
+    y = fconv._empty_cl(x, x.shape[0], k, p, q)
     return y, x.new_empty(k, dtype=torch.float32), x.new_empty(k, dtype=torch.float32)
 
 
