@@ -57,7 +57,6 @@ torch itself: never a wrong answer.
 from __future__ import annotations
 
 import contextlib
-import threading
 import weakref
 from typing import Optional
 
@@ -256,8 +255,13 @@ _STATS_OF = "_fusedres_batch_stats"
 
 
 def _carried_stats(y):
-    """``(mean, var)`` of ``y`` computed by the conv that produced it, or None."""
-    return None if torch.compiler.is_compiling() else getattr(y, _STATS_OF, None)
+    """``(mean, var)`` of ``y`` computed by the conv that produced it, or None -- also
+    when ``y`` was changed in place since (its version counter moved): stale statistics
+    would be a wrong answer."""
+    if torch.compiler.is_compiling():
+        return None
+    version, stats = getattr(y, _STATS_OF, (None, None))
+    return stats if version == y._version else None
 
 
 def _fold_key(conv, bn):
@@ -499,7 +503,7 @@ def _prologue_conv(bn, conv, y, stats, backend):
     _last.backend = path.prologue_name
     out, out_stats = path.prologue_conv(conv, y, scale, shift)
     if out_stats is not None and not torch.compiler.is_compiling():
-        setattr(out, _STATS_OF, out_stats)  # the next site's BN reads them (_carried_stats)
+        setattr(out, _STATS_OF, (out._version, out_stats))  # read by _carried_stats
     return out
 
 

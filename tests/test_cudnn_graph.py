@@ -381,3 +381,30 @@ def test_gpu_converted_block_under_autocast(dtype):
     for i, (a, b) in enumerate(zip(*outs)):
         err = float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
         assert err < tol, f"tensor {i}: relative error {err:.3g}"
+
+
+class _ShiftedBottleneck(Bottleneck):
+    """conv2's output changed in place before bn2: the statistics its F1 graph computed
+    no longer describe it."""
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        y = self.conv2(out)
+        y.mul_(2.0).add_(0.5)
+        out = F.relu(self.bn2(y))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.down(x))
+
+
+def test_carried_statistics_not_used_after_an_in_place_change(graph_calls):
+    """Forward only: the graph op saves its output for backward (as the Triton conv-stats
+    op does), so autograd refuses a backward through the in-place change -- an error,
+    never a wrong gradient (docs/cudnn_graph.md)."""
+    torch.manual_seed(0)
+    ref = _ShiftedBottleneck().double()
+    fused = fusedres.convert(ref, backend="reference")
+    _set_graph_plans(fused)
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    _close(fused(x), ref(x), "output")
+    for (name, a), b in zip(ref.state_dict().items(), fused.state_dict().values()):
+        _close(b.double(), a.double(), name)
