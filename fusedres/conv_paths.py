@@ -27,6 +27,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 from torch import Tensor, nn
 
 from . import conv as fconv
+from . import ops
 
 __all__ = ["SitePlan", "site_plan", "conv_choice", "ConvPath", "CudnnConv", "TritonConv",
            "register", "path_named", "conv_paths"]
@@ -130,6 +131,22 @@ class ConvPath:
         taps 0 after it); ``stats``: ``(mean, var)`` of the output when the path computed
         them in the same kernel (differentiable), else None."""
         raise NotImplementedError(self.prologue_problem(conv, y))
+
+    def bn_prologue_conv(self, conv: nn.Conv2d, y: Tensor, bn: nn.BatchNorm2d, mean: Tensor,
+                         var: Tensor, batch_stats: bool
+                         ) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
+        """``prologue_conv`` given the BN itself: ``bn`` (affine parameters, eps) and the
+        statistics it normalises with (``mean``, biased ``var``: ``y``'s batch statistics,
+        differentiable, when ``batch_stats``; else the running ones). Here the BN becomes
+        differentiable scale/shift, so autograd carries its backward; a path with a fused
+        BN backward (cudnn-graph) overrides this."""
+        _, scale, shift = ops.scale_shift(bn.weight, bn.bias, mean, var, bn.eps)
+        return self.prologue_conv(conv, y, scale, shift)
+
+    def prologue_note(self, conv: nn.Conv2d) -> str:
+        """What ``explain`` adds about a site whose BN-ReLU runs in this path's prologue
+        of ``conv`` (e.g. how its backward runs); "" for nothing."""
+        return ""
 
 
 class CudnnConv(ConvPath):

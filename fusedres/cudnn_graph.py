@@ -1,16 +1,32 @@
 """The ``cudnn-graph`` conv path: cuDNN's fused convolution graphs (csrc/cuda/cudnn_graph.cpp).
 
-Graph kinds (the references are ``fusedres.reference.graph_f0`` / ``graph_f1``):
+Graph kinds (their references in ``fusedres.reference``):
 
-    F0   conv_fprop -> genstats: ``y = conv(x)`` and per-channel ``sum(y)``, ``sum(y*y)``
-    F1   relu(x*scale + shift) -> conv_fprop -> genstats: the previous BN-ReLU applied
-         while the conv loads its input (never stored; padded taps 0 after it)
+    F0             conv_fprop -> genstats: ``y = conv(x)`` and per-channel ``sum(y)``,
+                   ``sum(y*y)``                                             (graph_f0)
+    F1             relu(x*scale + shift) -> conv_fprop -> genstats: the previous BN-ReLU
+                   applied while the conv loads its input (never stored; padded taps 0
+                   after it)                                                (graph_f1)
+    DgradDreluDBN  conv_dgrad -> dReLU (mask from the previous BN's output, recomputed
+                   from its input) -> dbn_weight: the gradient ``g`` at that BN's output
+                   and its centred weight terms ``sum(g*xhat)``, ``sum(g)``
+                                                               (graph_dgrad_drelu_dbn)
+    ConvBNwgrad    relu(x*scale + shift) -> conv_wgrad: the weight gradient with F1's
+                   prologue recomputed                                     (graph_wgrad)
 
 From the sums, ``mean = sum/M`` and the biased ``var = sum_sq/M - mean**2`` (fp32; see
-docs/cudnn_graph.md for the cancellation this allows). The forward is cuDNN's; the
-backward is ATen's cuDNN dgrad/wgrad (``aten.convolution_backward``) with the BN-ReLU
-prologue recomputed and its gradient (dReLU, dscale, dshift) as torch ops; the statistics'
-gradients enter as ``dy + dsum + 2*y*dsum_sq``.
+docs/cudnn_graph.md for the cancellation this allows).
+
+The backward of a BN-ReLU -> conv site (``bn_relu_conv``, one autograd node for the BN
+with its batch statistics, the ReLU and the conv) is the MLPerf recipe's: DgradDreluDBN
+for the previous BN's input-side terms, ConvBNwgrad for the weight, and dBNApply -- ``dx =
+gamma*invstd*(g - dbeta/M - xhat*dgamma/M)`` -- as the project's own centred
+``bn_backward_apply`` kernel, not a cuDNN pointwise graph: cuDNN's form ``A*g + B*x + C``
+cancels for ``|mean| >> std`` as ``E[y^2] - E[y]^2`` does, a pure-pointwise graph is run
+only by the runtime-fusion engines of the oldest support surface (an NVRTC compile per
+shape), and both move the same bytes (read g and x, write dx). A backward graph cuDNN
+refuses runs as today's backward (ATen's cuDNN dgrad/wgrad with the prologue recomputed,
+the project's BN backward kernels), per graph.
 
 Where a graph runs is decided per call in two steps, and anything refused falls back to
 today's path (F.conv2d and the fused BN kernels), never to an exception:
@@ -20,12 +36,15 @@ today's path (F.conv2d and the fused BN kernels), never to an exception:
    capability >= 8.0, in and out channels multiples of 8 (16-byte aligned rows for the
    runtime-fusion engines), groups 1, dilation 1, zero padding, no conv bias,
    channels_last input and weight, 16-byte aligned (per call, not remembered);
-2. ``fusedres::cudnn_graph_plan``: cuDNN builds the graph's plan once per (device, dtype,
-   shapes, strides, graph kind), ``check_support`` included; a refusal is remembered
-   (``statuses()``) and reported by ``explain`` and ``fusedres-bench doctor``.
+2. ``fusedres::cudnn_graph_plan``: cuDNN builds the graph's plan once per (graph kind,
+   device, dtype, shapes, strides), ``check_support`` included; a refusal is remembered
+   (``statuses()``, with the engine cuDNN chose where it planned one) and reported by
+   ``explain`` and ``fusedres-bench doctor``. The backward kinds are planned at the
+   first backward.
 
-Plans are built on first use: run one eager step before CUDA-graph capture or
-``torch.compile`` (under tracing an unplanned graph falls back, it is not planned there).
+Plans are built on first use: run one eager step (forward and backward) before CUDA-graph
+capture or ``torch.compile`` (under tracing an unplanned graph falls back, it is not
+planned there).
 """
 from __future__ import annotations
 
@@ -37,23 +56,33 @@ from torch import Tensor
 
 from . import _backend  # noqa: F401  (loads fusedres._C, which defines the graph ops if built)
 from . import conv as fconv
-from . import conv_paths
+from . import conv_paths, ops
 from .reference import acc_dtype, bn_relu_prologue
 
-__all__ = ["built", "Capabilities", "capabilities", "problem", "plan", "plan_status", "statuses",
-           "conv_stats", "CudnnGraphConv"]
+__all__ = ["built", "Capabilities", "capabilities", "problem", "plan", "plan_status", "engine",
+           "statuses", "conv_stats", "bn_relu_conv", "fused_backward", "CudnnGraphConv"]
 
 _OP = "cudnn_graph_conv_stats"
 _DTYPES = (torch.float16, torch.bfloat16)
+FORWARD_KINDS = ("F0", "F1")
+BACKWARD_KINDS = ("DgradDreluDBN", "ConvBNwgrad")
+KINDS = FORWARD_KINDS + BACKWARD_KINDS
+# Set False to give BN-ReLU -> conv sites today's backward (ATen's dgrad/wgrad, autograd
+# through scale/shift) even where cuDNN plans the backward graphs: for A/B timing.
+fused_backward = True
+
+
+def _defined(op: str) -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"fusedres::{op}", "")
+        return True
+    except RuntimeError:
+        return False
 
 
 def built() -> bool:
     """Was fusedres._C built with the cuDNN graph path (and loaded)?"""
-    try:
-        torch._C._dispatch_find_schema_or_throw(f"fusedres::{_OP}", "")
-        return True
-    except RuntimeError:
-        return False
+    return _defined(_OP)
 
 
 class Capabilities(NamedTuple):
@@ -88,14 +117,21 @@ def problem(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, 
     if x.device.type != "cuda":
         return "the cuDNN graphs run on CUDA tensors only"
     cl = torch.channels_last
-    # (a FakeTensor under torch.compile has no address: the C++ op checks it at run time)
-    aligned = torch.compiler.is_compiling() or (x.data_ptr() % 16 == 0
-                                                and weight.data_ptr() % 16 == 0)
     return plan(capabilities(x.device), x.dtype, weight.dtype, bias is not None,
                 tuple(x.shape), tuple(weight.shape), groups, fconv._pair(dilation),
                 padding, padding_mode,
                 x.is_contiguous(memory_format=cl) and weight.is_contiguous(memory_format=cl),
-                aligned)
+                _aligned(x) and _aligned(weight))
+
+
+def _aligned(t: Tensor) -> bool:
+    # (a FakeTensor -- torch.compile, opcheck -- has no address: the C++ op checks it then)
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        return t.data_ptr() % 16 == 0
+    except (RuntimeError, NotImplementedError):
+        return True
 
 
 def plan(caps: Capabilities, dtype: torch.dtype, weight_dtype: torch.dtype, has_bias: bool,
@@ -132,55 +168,117 @@ def plan(caps: Capabilities, dtype: torch.dtype, weight_dtype: torch.dtype, has_
     return None
 
 
-# Per graph (kind, device, dtype, shapes, strides): "" (runs) or why cuDNN refused it. A
-# refused graph is asked once; the C++ side caches the plans themselves.
+# Per graph (kind, device, dtype, shapes, strides): "" (runs) or why cuDNN refused it; and
+# the engine cuDNN chose for those it runs. A refused graph is asked once; the C++ side
+# caches the plans themselves.
 _STATUS: Dict[tuple, str] = {}
+_ENGINE: Dict[tuple, str] = {}
 _LOCK = threading.Lock()
 
 
-def _key(x, weight, prologue, stride, padding):
-    return ("F1" if prologue else "F0", str(x.device), x.dtype, tuple(x.shape), x.stride(),
+def _kind(kind) -> str:
+    if isinstance(kind, bool):  # plan_status(x, w, prologue, ...) of the forward graphs
+        return "F1" if kind else "F0"
+    if kind not in KINDS:
+        raise ValueError(f"unknown cuDNN graph kind {kind!r}: one of {KINDS}")
+    return kind
+
+
+def _key(kind, x, weight, stride, padding):
+    return (kind, str(x.device), x.dtype, tuple(x.shape), x.stride(),
             tuple(weight.shape), weight.stride(), tuple(stride), tuple(padding))
 
 
-def plan_status(x: Tensor, weight: Tensor, prologue: bool, stride, padding) -> str:
-    """``""`` when cuDNN runs this graph, else why not (cuDNN's message). Plans it on the
-    first call (outside torch.compile tracing: there an unplanned graph is refused)."""
+def plan_status(x: Tensor, weight: Tensor, kind, stride, padding) -> str:
+    """``""`` when cuDNN runs graph ``kind`` (``KINDS``; a bool: F1 if True, else F0) for
+    the conv of input ``x`` and weight ``weight`` (for the backward kinds too: ``x`` is
+    the conv's input), else why not (cuDNN's message). Plans it on the first call
+    (outside torch.compile tracing: there an unplanned graph is refused)."""
+    kind = _kind(kind)
+    if any(isinstance(d, torch.SymInt) for d in (*x.shape, *weight.shape)):
+        return "not planned for symbolic shapes (torch.compile with dynamic shapes)"
     stride, padding = fconv._pair(stride), fconv._pair(padding)
-    key = _key(x, weight, prologue, stride, padding)
+    key = _key(kind, x, weight, stride, padding)
     status = _STATUS.get(key)
     if status is None:
         if torch.compiler.is_compiling():
             return "not planned before torch.compile tracing (run one eager step first)"
-        status = str(torch.ops.fusedres.cudnn_graph_plan(x, weight, prologue, stride, padding))
+        status, found = _ask_cudnn(kind, x, weight, stride, padding)
         with _LOCK:
             _STATUS[key] = status
+            if found is not None:
+                _ENGINE[key] = found
     return status
 
 
-def _refused(conv, prologue: bool) -> Optional[str]:
-    """Why cuDNN refused this conv's graph at some input seen in this process (None if it
-    never did): what ``explain``, judging from the modules, reports."""
-    kind = "F1" if prologue else "F0"
+def _ask_cudnn(kind, x, weight, stride, padding) -> Tuple[str, Optional[str]]:
+    """``(status, engine)`` of graph ``kind`` from the C++ planner (tests fake this)."""
+    status = str(torch.ops.fusedres.cudnn_graph_plan(kind, x, weight, stride, padding))
+    if status:
+        return status, None
+    return status, str(torch.ops.fusedres.cudnn_graph_engine(kind, x, weight, stride, padding))
+
+
+def engine(x: Tensor, weight: Tensor, kind, stride, padding) -> Optional[str]:
+    """The engine cuDNN chose for a graph ``plan_status`` planned (its plan name and the
+    scale/shift and intermediate dtypes), None when not planned or refused."""
+    key = _key(_kind(kind), x, weight, fconv._pair(stride), fconv._pair(padding))
+    with _LOCK:
+        return _ENGINE.get(key)
+
+
+def _conv_rows(conv, kind):
+    """``[(key, status, engine)]`` of graph ``kind`` planned for ``conv`` in this process."""
     shape, st, pd = tuple(conv.weight.shape), fconv._pair(conv.stride), fconv._pair(conv.padding)
     with _LOCK:
-        for k, status in _STATUS.items():
-            if status and k[0] == kind and k[5] == shape and k[7] == tuple(st) \
-                    and k[8] == tuple(pd):
-                return f"cuDNN refused the {kind} graph at input {k[3]} {k[2]}: {status}"
+        return [(k, v, _ENGINE.get(k)) for k, v in _STATUS.items()
+                if k[0] == kind and k[5] == shape and k[7] == tuple(st) and k[8] == tuple(pd)]
+
+
+def _refused(conv, kind) -> Optional[str]:
+    """Why cuDNN refused this conv's graph ``kind`` at some input seen in this process
+    (None if it never did): what ``explain``, judging from the modules, reports."""
+    kind = _kind(kind)
+    for k, status, _ in _conv_rows(conv, kind):
+        if status:
+            return f"cuDNN refused the {kind} graph at input {k[3]} {k[2]}: {status}"
     return None
+
+
+def backward_note(conv) -> str:
+    """How the backward of a BN-ReLU -> ``conv`` site runs, from the graphs planned in this
+    process (``explain``'s note): each backward graph's engine, or its refusal and what
+    runs instead."""
+    if not fused_backward:
+        return "backward: ATen dgrad/wgrad (fusedres.cudnn_graph.fused_backward is False)"
+    instead = {"DgradDreluDBN": "ATen dgrad + the BN backward kernels",
+               "ConvBNwgrad": "ATen wgrad of the recomputed prologue"}
+    parts = []
+    for kind in BACKWARD_KINDS:
+        rows = _conv_rows(conv, kind)
+        refused = [(k, s) for k, s, _ in rows if s]
+        if refused:
+            k, s = refused[0]
+            parts.append(f"{kind} refused at input {k[3]} {k[2]} ({instead[kind]}): {s}")
+        elif rows:
+            parts.append(f"{kind} on {rows[0][2] or 'cuDNN'}")
+        else:
+            parts.append(f"{kind} planned at the first backward")
+    return "backward: " + "; ".join(parts) + "; dBNApply: the fusedres BN kernel"
 
 
 def statuses() -> List[dict]:
     """Every graph planned in this process: kind, device, dtype, input and weight shapes,
-    stride, padding and ``status`` ("" when it runs, else cuDNN's reason)."""
+    stride, padding, ``status`` ("" when it runs, else cuDNN's reason) and ``engine``
+    (cuDNN's plan name and the dtypes it was built with; None if refused)."""
     with _LOCK:
         return [dict(kind=k[0], device=k[1], dtype=str(k[2]), input=k[3], weight=k[5],
-                     stride=k[7], padding=k[8], status=v) for k, v in _STATUS.items()]
+                     stride=k[7], padding=k[8], status=v, engine=_ENGINE.get(k))
+                for k, v in _STATUS.items()]
 
 
 # --------------------------------------------------------------------------------------
-# Autograd and fake kernel of fusedres::cudnn_graph_conv_stats (when built)
+# fusedres::cudnn_graph_conv_stats (F0, F1 with scale/shift): autograd and fake kernel
 # --------------------------------------------------------------------------------------
 
 
@@ -188,34 +286,57 @@ def _fake(x, weight, scale, shift, stride, padding):
     k = weight.shape[0]
     p, q = fconv._out_hw(x, weight, stride, padding)
     y = fconv._empty_cl(x, x.shape[0], k, p, q)
-    return y, x.new_empty(k, dtype=torch.float32), x.new_empty(k, dtype=torch.float32)
+    acc = acc_dtype(x.dtype)  # float32 from cuDNN (float64 from the CPU tests' reference)
+    return y, x.new_empty(k, dtype=acc), x.new_empty(k, dtype=acc)
 
 
 def _setup(ctx, inputs, output):
     x, weight, scale, shift, stride, padding = inputs
     ctx.save_for_backward(x, weight, scale, shift, output[0])
     ctx.conv = (list(stride), list(padding))
+    ctx.set_materialize_grads(False)  # no zero-filled gradients of unused sums (a pass each)
+
+
+def _output_gradient(y, dy, dsum, dsq) -> Optional[Tensor]:
+    """The gradient at a graph's output ``y`` from those of its outputs (``y``, ``sum(y)``,
+    ``sum(y*y)``; None where unused): ``dy + dsum + 2*y*dsq``, in ``y``'s dtype,
+    channels_last and 16-byte aligned (what the backward graphs read). None if none."""
+    if dsum is None and dsq is None:
+        g = dy
+    else:
+        acc = acc_dtype(y.dtype)
+        g = torch.zeros_like(y, dtype=acc) if dy is None else dy.to(acc)
+        if dsum is not None:  # d/dy of sum(y) and sum(y*y) per channel
+            g = g + dsum.view(1, -1, 1, 1)
+        if dsq is not None:
+            g = g + 2 * y.to(acc) * dsq.view(1, -1, 1, 1)
+        g = g.to(y.dtype)
+    if g is None:
+        return None
+    g = g.contiguous(memory_format=torch.channels_last)
+    return g if _aligned(g) else g.clone(memory_format=torch.channels_last)
+
+
+def _aten_conv_backward(g, conv_in, weight, stride, padding, mask):
+    return torch.ops.aten.convolution_backward(g, conv_in, weight, None, stride, padding,
+                                               [1, 1], False, [0, 0], 1, mask)
 
 
 def _backward(ctx, dy, dsum, dsq):
     x, weight, scale, shift, y = ctx.saved_tensors
     stride, padding = ctx.conv
     need = ctx.needs_input_grad
-    acc = acc_dtype(y.dtype)
-    g = torch.zeros_like(y, dtype=acc) if dy is None else dy.to(acc)
-    if dsum is not None:  # d/dy of sum(y) and sum(y*y) per channel
-        g = g + dsum.view(1, -1, 1, 1)
-    if dsq is not None:
-        g = g + 2 * y.to(acc) * dsq.view(1, -1, 1, 1)
-    g = g.to(y.dtype)
+    g = _output_gradient(y, dy, dsum, dsq)
+    if g is None:
+        return (None,) * 6
     prologue = scale is not None
     conv_in = bn_relu_prologue(x, scale, shift) if prologue else x
     want_in = need[0] or (prologue and (need[2] or need[3]))
-    gin, gw, _ = torch.ops.aten.convolution_backward(
-        g, conv_in, weight, None, stride, padding, [1, 1], False, [0, 0], 1,
-        [want_in, need[1], False])
+    gin, gw, _ = _aten_conv_backward(g, conv_in, weight, stride, padding,
+                                     [want_in, need[1], False])
     gx = gs = gt = None
     if prologue and gin is not None:
+        acc = acc_dtype(x.dtype)
         xa = x.to(acc)
         pre = xa * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
         gpre = torch.where(pre > 0, gin.to(acc), torch.zeros((), dtype=acc, device=x.device))
@@ -227,19 +348,57 @@ def _backward(ctx, dy, dsum, dsq):
     return gx, gw if need[1] else None, gs, gt, None, None
 
 
+# --------------------------------------------------------------------------------------
+# The backward graphs (fusedres::cudnn_graph_dgrad_drelu_dbn, cudnn_graph_wgrad): fakes
+# --------------------------------------------------------------------------------------
+
+
+def _dgrad_drelu_dbn_fake(dy, weight, x, mean, invstd, gamma, beta, stride, padding):
+    c = x.shape[1]
+    g = fconv._empty_cl(x, *x.shape)
+    acc = acc_dtype(x.dtype)
+    return g, x.new_empty(c, dtype=acc), x.new_empty(c, dtype=acc)
+
+
+def _wgrad_fake(dy, x, scale, shift, weight, stride, padding):
+    return fconv._empty_cl(weight, *weight.shape)
+
+
 def _register():
-    if not built():
-        return
-    torch.library.register_fake(f"fusedres::{_OP}", _fake)
-    torch.library.register_autograd(f"fusedres::{_OP}", _backward, setup_context=_setup)
+    if built():
+        torch.library.register_fake(f"fusedres::{_OP}", _fake)
+        torch.library.register_autograd(f"fusedres::{_OP}", _backward, setup_context=_setup)
+    for op, fake in (("cudnn_graph_dgrad_drelu_dbn", _dgrad_drelu_dbn_fake),
+                     ("cudnn_graph_wgrad", _wgrad_fake)):
+        if _defined(op):  # (an extension built before the backward graphs has only F0/F1)
+            torch.library.register_fake(f"fusedres::{op}", fake)
 
 
 _register()
 
 
+# What runs each graph (CPU tests put the references of fusedres.reference here).
 def _run_graph(x, weight, scale, shift, stride, padding):
-    """``(y, sum, sum_sq)`` from cuDNN (CPU tests put the reference graph here)."""
+    """``(y, sum, sum_sq)`` of F0 (``scale`` None) or F1 from cuDNN."""
     return torch.ops.fusedres.cudnn_graph_conv_stats(x, weight, scale, shift, stride, padding)
+
+
+def _run_dgrad_drelu_dbn(dy, weight, x, mean, invstd, gamma, beta, stride, padding):
+    """``(g, dgamma, dbeta)`` of DgradDreluDBN from cuDNN."""
+    return torch.ops.fusedres.cudnn_graph_dgrad_drelu_dbn(dy, weight, x, mean, invstd, gamma,
+                                                          beta, stride, padding)
+
+
+def _run_wgrad(dy, x, scale, shift, weight, stride, padding):
+    """``dw`` of ConvBNwgrad from cuDNN."""
+    return torch.ops.fusedres.cudnn_graph_wgrad(dy, x, scale, shift, weight, stride, padding)
+
+
+def _sums_to_stats(y, s1, s2):
+    count = y.numel() // y.shape[1]
+    mean = s1 / count
+    var = torch.clamp(s2 / count - mean * mean, min=0)
+    return mean.to(acc_dtype(y.dtype)), var.to(acc_dtype(y.dtype))
 
 
 def conv_stats(x: Tensor, weight: Tensor, stride, padding, scale: Optional[Tensor] = None,
@@ -251,10 +410,123 @@ def conv_stats(x: Tensor, weight: Tensor, stride, padding, scale: Optional[Tenso
         acc = acc_dtype(x.dtype)  # float32 for the graphs (float64 for the CPU tests)
         scale, shift = scale.to(acc).contiguous(), shift.to(acc).contiguous()
     y, s1, s2 = _run_graph(x, weight, scale, shift, st, pd)
-    count = y.numel() // y.shape[1]
-    mean = s1 / count
-    var = torch.clamp(s2 / count - mean * mean, min=0)
-    return y, mean.to(acc_dtype(y.dtype)), var.to(acc_dtype(y.dtype))
+    return (y, *_sums_to_stats(y, s1, s2))
+
+
+# --------------------------------------------------------------------------------------
+# A BN-ReLU -> conv site in one autograd node: fusedres::cudnn_graph_bn_relu_conv
+# --------------------------------------------------------------------------------------
+
+
+def prologue_scale_shift(gamma: Optional[Tensor], beta: Optional[Tensor], mean: Tensor,
+                         invstd: Tensor) -> Tuple[Tensor, Tensor]:
+    """F1's prologue vectors of a BN: ``scale = gamma*invstd``, ``shift = beta -
+    mean*scale`` in ``mean``'s dtype, contiguous (``ops.scale_shift``'s formula)."""
+    scale = invstd if gamma is None else gamma.to(mean.dtype) * invstd
+    shift = -mean * scale
+    if beta is not None:
+        shift = shift + beta.to(mean.dtype)
+    return scale.contiguous(), shift.contiguous()
+
+
+@torch.library.custom_op("fusedres::cudnn_graph_bn_relu_conv", mutates_args=())
+def bn_relu_conv(x: Tensor, weight: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
+                 mean: Tensor, invstd: Tensor, batch_stats: bool, stride: List[int],
+                 padding: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(y, sum(y), sum(y*y))`` of ``y = conv(relu(bn(x)))`` (F1), the BN given by its
+    affine ``gamma``/``beta`` and the statistics it normalises with (``mean``,
+    ``invstd``: constants -- with ``batch_stats`` they are ``x``'s own batch statistics
+    and the backward includes their gradient, ``-dbeta/M - xhat*dgamma/M``). Gradients
+    of ``x``, ``weight``, ``gamma``, ``beta``; the backward runs the DgradDreluDBN and
+    ConvBNwgrad graphs where cuDNN plans them (``_site_backward``)."""
+    scale, shift = prologue_scale_shift(gamma, beta, mean, invstd)
+    y, s1, s2 = _run_graph(x, weight, scale, shift, stride, padding)
+    return y, s1, s2
+
+
+@bn_relu_conv.register_fake
+def _bn_relu_conv_fake(x, weight, gamma, beta, mean, invstd, batch_stats, stride, padding):
+    return _fake(x, weight, None, None, stride, padding)
+
+
+def _site_setup(ctx, inputs, output):
+    x, weight, gamma, beta, mean, invstd, batch_stats, stride, padding = inputs
+    ctx.save_for_backward(x, weight, gamma, beta, mean, invstd, output[0])
+    ctx.site = (batch_stats, list(stride), list(padding))
+    ctx.set_materialize_grads(False)
+
+
+def _bn_primitives(x: Tensor) -> ops.Primitives:
+    """The BN kernels of the site's backward: the CUDA ones (today's backward), the
+    reference elsewhere (CPU tests)."""
+    if x.is_cuda and _backend._has_kernel("bn_backward_apply", "CUDA"):
+        return ops.primitives("cuda")
+    return ops.primitives("reference_primitives")
+
+
+def _data_gradients(g, x, weight, gamma, beta, mean, invstd, batch_stats, stride, padding,
+                    want_dx):
+    """``(dx, dgamma, dbeta)`` of the BN in front of the conv from ``g`` at the conv's
+    output: DgradDreluDBN (else ATen's dgrad and the BN backward-reduce kernel, its ReLU
+    mask recomputed), then dBNApply as the BN backward-apply kernel (module docstring)."""
+    gam = torch.ones_like(mean) if gamma is None else gamma.to(mean.dtype).contiguous()
+    bet = torch.zeros_like(mean) if beta is None else beta.to(mean.dtype).contiguous()
+    scale_c = gam * invstd  # the centred apply's scale: (x - mean)*scale_c + beta
+    prims = _bn_primitives(x)
+    x3 = ops.ncs(x)
+    cl = ops.is_channels_last(x3)
+    if plan_status(x, weight, "DgradDreluDBN", stride, padding) == "":
+        dout, dgamma, dbeta = _run_dgrad_drelu_dbn(g, weight, x, mean, invstd, gam, bet,
+                                                   stride, padding)
+        relu = False  # g is already masked
+    else:
+        dout = _aten_conv_backward(g, x, weight, stride, padding, [True, False, False])[0]
+        relu = True
+        dbeta, sum_g_xc = prims.backward_reduce(ops.ncs(dout), x3, mean, scale_c, bet, None,
+                                                relu, cl)
+        dgamma = sum_g_xc * invstd
+    dx = None
+    if want_dx:
+        if batch_stats:  # dx = scale_c*(g - dbeta/M - xhat*dgamma/M)
+            m = x.numel() // x.shape[1]
+            coefs = (scale_c, -scale_c * invstd * dgamma / m, -scale_c * dbeta / m)
+        else:  # constant statistics: dx = scale_c*g
+            coefs = (scale_c, torch.zeros_like(mean), torch.zeros_like(mean))
+        dx3, _ = prims.backward_apply(ops.ncs(dout), x3, mean, scale_c, bet, None, *coefs, relu,
+                                      False, cl)
+        dx = dx3.reshape(x.shape)
+    return dx, dgamma, dbeta
+
+
+def _weight_gradient(g, x, weight, scale, shift, stride, padding):
+    """ConvBNwgrad, else ATen's wgrad of the recomputed prologue."""
+    if plan_status(x, weight, "ConvBNwgrad", stride, padding) == "":
+        return _run_wgrad(g, x, scale, shift, weight, stride, padding)
+    conv_in = bn_relu_prologue(x, scale, shift)
+    return _aten_conv_backward(g, conv_in, weight, stride, padding, [False, True, False])[1]
+
+
+def _site_backward(ctx, dy, dsum, dsq):
+    x, weight, gamma, beta, mean, invstd, y = ctx.saved_tensors
+    batch_stats, stride, padding = ctx.site
+    need = ctx.needs_input_grad
+    g = _output_gradient(y, dy, dsum, dsq)
+    if g is None:
+        return (None,) * 9
+    dx = dgamma = dbeta = None
+    if need[0] or need[2] or need[3]:
+        dx, dgamma, dbeta = _data_gradients(g, x, weight, gamma, beta, mean, invstd,
+                                            batch_stats, stride, padding, need[0])
+    dw = None
+    if need[1]:
+        scale, shift = prologue_scale_shift(gamma, beta, mean, invstd)
+        dw = _weight_gradient(g, x, weight, scale, shift, stride, padding)
+    dgamma = dgamma.to(gamma.dtype) if need[2] else None
+    dbeta = dbeta.to(beta.dtype) if need[3] else None
+    return dx, dw, dgamma, dbeta, None, None, None, None, None
+
+
+bn_relu_conv.register_autograd(_site_backward, setup_context=_site_setup)
 
 
 # --------------------------------------------------------------------------------------
@@ -265,7 +537,8 @@ def conv_stats(x: Tensor, weight: Tensor, stride, padding, scale: Optional[Tenso
 class CudnnGraphConv(conv_paths.ConvPath):
     """``SitePlan(conv="cudnn-graph")``: F0 for a conv whose BN feeds a BN-ReLU -> conv
     site (the statistics from the conv's epilogue), F1 for that site's conv (the BN-ReLU
-    in its prologue, its own output's statistics carried to the next such site)."""
+    in its prologue, its own output's statistics carried to the next such site), and the
+    site's backward through DgradDreluDBN and ConvBNwgrad where cuDNN plans them."""
 
     name = "cudnn-graph"
     prologue_name = "cudnn-graph-prologue"
@@ -296,6 +569,9 @@ class CudnnGraphConv(conv_paths.ConvPath):
     def stats_problem(self, conv, x):
         return self._problem(conv, x, False)
 
+    def prologue_note(self, conv):
+        return backward_note(conv)
+
     def conv_stats(self, conv, x):
         x, weight, _ = fconv.autocast_inputs(x, conv.weight, None)
         return conv_stats(x, weight, conv.stride, conv.padding)
@@ -304,6 +580,18 @@ class CudnnGraphConv(conv_paths.ConvPath):
         y, weight, _ = fconv.autocast_inputs(y, conv.weight, None)
         out, mean, var = conv_stats(y, weight, conv.stride, conv.padding, scale, shift)
         return out, (mean, var)
+
+    def bn_prologue_conv(self, conv, y, bn, mean, var, batch_stats):
+        if not fused_backward:
+            return super().bn_prologue_conv(conv, y, bn, mean, var, batch_stats)
+        y, weight, _ = fconv.autocast_inputs(y, conv.weight, None)
+        # constants here: the site's backward includes the batch statistics' gradient
+        mean = mean.detach().contiguous()
+        invstd = torch.rsqrt(var.detach() + bn.eps).contiguous()
+        out, s1, s2 = bn_relu_conv(y, weight, bn.weight, bn.bias, mean, invstd, batch_stats,
+                                   list(fconv._pair(conv.stride)),
+                                   list(fconv._pair(conv.padding)))
+        return out, _sums_to_stats(out, s1, s2)
 
 
 conv_paths.register(CudnnGraphConv())

@@ -498,10 +498,9 @@ def _prologue_conv(bn, conv, y, stats, backend):
     else:
         acc = acc_dtype(y.dtype)
         mean, var = rm.to(acc), rv.to(acc)
-    _, scale, shift = ops.scale_shift(bn.weight, bn.bias, mean, var, bn.eps)
     path = conv_paths.path_named(backend)
     _last.backend = path.prologue_name
-    out, out_stats = path.prologue_conv(conv, y, scale, shift)
+    out, out_stats = path.bn_prologue_conv(conv, y, bn, mean, var, batch)
     if out_stats is not None and not torch.compiler.is_compiling():
         setattr(out, _STATS_OF, (out._version, out_stats))  # read by _carried_stats
     return out

@@ -28,7 +28,8 @@ Primitive contract (shared by every backend):
   ``not (pre_activation <= 0)`` -- NaN passes the gradient, as ``torch.relu`` does.
 
 A third level: what each cuDNN graph of ``fusedres.cudnn_graph`` computes (``graph_f0``,
-``graph_f1``, ``bn_finalize``, ``dgrad_drelu``, ``dbn_weight``, ``dbn_apply``), with
+``graph_f1``, ``graph_dgrad_drelu_dbn``, ``graph_wgrad``, ``bn_finalize``, ``dgrad_drelu``,
+``dbn_weight``, ``dbn_apply``), with
 cuDNN's conventions (sums rather than centred statistics, the ``A*dy + B*x + C`` form
 of the BN input gradient).
 """
@@ -314,16 +315,48 @@ def bn_finalize(sum_y: Tensor, sum_sq: Tensor, count: int, weight: Optional[Tens
     return scale, shift, mean, invstd, next_rm, next_rv
 
 
+def _dgrad(dout: Tensor, weight: Tensor, input_shape, stride, padding) -> Tensor:
+    acc = acc_dtype(dout.dtype)
+    return torch.nn.grad.conv2d_input(input_shape, weight.to(acc), dout.to(acc), stride, padding)
+
+
 def dgrad_drelu(dout: Tensor, weight: Tensor, stride, padding, x_prev: Tensor,
                 scale: Tensor, shift: Tensor) -> Tensor:
     """dgrad -> dReLU: the gradient at the previous BN's output ``bn(x_prev) =
     x_prev*scale + shift``, i.e. ``dgrad(dout, w) * [x_prev*scale + shift > 0]`` (the mask
-    recomputed from the previous conv's output, as cuDNN's DgradDreluBNBwdWeight), in
-    the acc dtype."""
-    acc = acc_dtype(dout.dtype)
-    dh = torch.nn.grad.conv2d_input(x_prev.shape, weight.to(acc), dout.to(acc), stride, padding)
-    pre = x_prev.to(acc) * scale.view(1, -1, 1, 1).to(acc) + shift.view(1, -1, 1, 1).to(acc)
+    recomputed from the previous conv's output), in the acc dtype."""
+    dh = _dgrad(dout, weight, x_prev.shape, stride, padding)
+    pre = x_prev.to(dh.dtype) * scale.view(1, -1, 1, 1).to(dh.dtype) \
+        + shift.view(1, -1, 1, 1).to(dh.dtype)
     return torch.where(pre > 0, dh, torch.zeros_like(dh))
+
+
+def graph_dgrad_drelu_dbn(dout: Tensor, weight: Tensor, stride, padding, x: Tensor,
+                          mean: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """DgradDreluDBN, conv_dgrad -> dReLU -> dbn_weight: ``(g, dgamma, dbeta)``.
+
+    ``g = dgrad(dout, w) * [((x - mean)*invstd)*gamma + beta > 0]``: the gradient at the
+    previous BN's output, its ReLU mask recomputed from the BN's input ``x`` in the
+    centred form of cuDNN's DgradDreluBNBwdWeight pattern, stored in ``x``'s dtype; then
+    dbn_weight's centred sums of the stored ``g``: ``dgamma = sum(g*xhat)``, ``dbeta =
+    sum(g)`` (acc dtype)."""
+    dh = _dgrad(dout, weight, x.shape, stride, padding)
+    v = lambda t: t.view(1, -1, 1, 1).to(dh.dtype)  # noqa: E731
+    pre = (x.to(dh.dtype) - v(mean)) * v(invstd) * v(gamma) + v(beta)
+    g = torch.where(pre > 0, dh, torch.zeros_like(dh)).to(x.dtype)
+    dgamma, dbeta, *_ = dbn_weight(g, x, mean, invstd, gamma)
+    return g, dgamma, dbeta
+
+
+def graph_wgrad(dout: Tensor, x: Tensor, scale: Tensor, shift: Tensor, weight_shape, stride,
+                padding) -> Tensor:
+    """ConvBNwgrad, relu(x*scale + shift) -> conv_wgrad: the weight gradient with F1's
+    prologue recomputed (:func:`bn_relu_prologue`; padded taps 0 after it), in ``dout``'s
+    dtype."""
+    acc = acc_dtype(dout.dtype)
+    return torch.nn.grad.conv2d_weight(bn_relu_prologue(x, scale, shift).to(acc), weight_shape,
+                                       dout.to(acc), stride, padding).to(dout.dtype)
 
 
 def dbn_weight(g: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor]):

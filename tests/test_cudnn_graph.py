@@ -94,20 +94,41 @@ class Bottleneck(nn.Module):
         return F.relu(out + self.down(x))
 
 
-@pytest.fixture
-def graph_calls(monkeypatch):
-    """cuDNN faked: every graph planned and supported, run by the reference; the kinds
-    run are recorded."""
+def _fake_cudnn(monkeypatch, refuse=()):
+    """cuDNN faked: the graph kinds in ``refuse`` refused (check_support), every other one
+    planned (engine "fake-engine") and run by its reference; returns the kinds run."""
     calls = []
 
     def run(x, w, scale, shift, stride, padding):
         calls.append("F1" if scale is not None else "F0")
         return _ReferenceGraph.apply(x, w, scale, shift, stride, padding)
 
+    def dgrad_drelu_dbn(dy, w, x, mean, invstd, gamma, beta, stride, padding):
+        calls.append("DgradDreluDBN")
+        return R.graph_dgrad_drelu_dbn(dy, w, stride, padding, x, mean, invstd, gamma, beta)
+
+    def wgrad(dy, x, scale, shift, w, stride, padding):
+        calls.append("ConvBNwgrad")
+        return R.graph_wgrad(dy, x, scale, shift, w.shape, stride, padding)
+
+    def ask(kind, x, w, stride, padding):
+        return ("check_support: faked", None) if kind in refuse else ("", "fake-engine")
+
     monkeypatch.setattr(cudnn_graph, "problem", lambda *a, **k: None)
-    monkeypatch.setattr(cudnn_graph, "plan_status", lambda *a, **k: "")
+    monkeypatch.setattr(cudnn_graph, "_STATUS", {})
+    monkeypatch.setattr(cudnn_graph, "_ENGINE", {})
+    monkeypatch.setattr(cudnn_graph, "_ask_cudnn", ask)
     monkeypatch.setattr(cudnn_graph, "_run_graph", run)
+    monkeypatch.setattr(cudnn_graph, "_run_dgrad_drelu_dbn", dgrad_drelu_dbn)
+    monkeypatch.setattr(cudnn_graph, "_run_wgrad", wgrad)
     return calls
+
+
+@pytest.fixture
+def graph_calls(monkeypatch):
+    """cuDNN faked: every graph planned and supported, run by the reference; the kinds
+    run are recorded."""
+    return _fake_cudnn(monkeypatch)
 
 
 def _set_graph_plans(model):
@@ -154,8 +175,51 @@ def test_graph_sites_match_torch(graph_calls, momentum):
     _train_steps(ref, fused)
     assert fnn.last_backend() != "cudnn-graph-prologue"  # the tail ran last
     # per step: conv1 F0 (bn1's statistics), conv2 F1 (its statistics carried to bn2),
-    # conv3 F1
-    assert graph_calls == ["F0", "F1", "F1"] * 2
+    # conv3 F1; backward: the bn2-relu-conv3 site, then the bn1-relu-conv2 site, each
+    # DgradDreluDBN (dx, dgamma, dbeta of the BN) and ConvBNwgrad (dw)
+    backward = ["DgradDreluDBN", "ConvBNwgrad"] * 2
+    assert graph_calls == (["F0", "F1", "F1"] + backward) * 2
+    rows = {r["site"]: r for r in fusedres.explain(fused)}
+    assert "DgradDreluDBN on fake-engine; ConvBNwgrad on fake-engine" in rows["bn1"]["reason"]
+
+
+@pytest.mark.parametrize("refuse", [("DgradDreluDBN",), ("ConvBNwgrad",),
+                                    ("DgradDreluDBN", "ConvBNwgrad")])
+def test_refused_backward_graph_falls_back(monkeypatch, refuse):
+    """A backward graph cuDNN refuses (faked) runs as today's backward (ATen's dgrad or
+    wgrad, the BN backward kernels): the same gradients, the other graph still used,
+    explain says which was refused. Asked once per graph signature."""
+    calls = _fake_cudnn(monkeypatch, refuse)
+    torch.manual_seed(0)
+    ref = Bottleneck().double()
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    fused = fusedres.convert(ref, backend="reference")
+    _set_graph_plans(fused)
+    _train_steps(ref, fused)
+    backward = [k for k in ("DgradDreluDBN", "ConvBNwgrad") if k not in refuse] * 2
+    assert calls == (["F0", "F1", "F1"] + backward) * 2
+    note = {r["site"]: r for r in fusedres.explain(fused)}["bn1"]["reason"]
+    for kind in refuse:
+        assert f"{kind} refused at input" in note and "check_support: faked" in note, note
+    # one status per (kind, site); the refused ones are remembered, not asked again
+    assert len([s for s in cudnn_graph.statuses() if s["kind"] in refuse]) == 2 * len(refuse)
+
+
+def test_fused_backward_switch(graph_calls, monkeypatch):
+    """fused_backward=False: the site's backward is today's (autograd through scale/shift),
+    no backward graph runs, the gradients are the same."""
+    monkeypatch.setattr(cudnn_graph, "fused_backward", False)
+    torch.manual_seed(0)
+    ref = Bottleneck().double()
+    fused = fusedres.convert(ref, backend="reference")
+    _set_graph_plans(fused)
+    _train_steps(ref, fused, steps=1)
+    assert graph_calls == ["F0", "F1", "F1"]
+    assert "fused_backward is False" in {r["site"]: r for r in fusedres.explain(fused)}[
+        "bn1"]["reason"]
 
 
 def test_carried_statistics_are_used(graph_calls, monkeypatch):
@@ -176,6 +240,7 @@ def test_refused_graph_falls_back(graph_calls, monkeypatch):
     """A graph cuDNN refuses (faked) runs as the cudnn path: same answers, no graph run,
     and explain says why."""
     monkeypatch.setattr(cudnn_graph, "plan_status", lambda *a, **k: "check_support: faked")
+    monkeypatch.setattr(cudnn_graph, "fused_backward", False)  # (bn_relu_conv never runs)
     real_problem = cudnn_graph.CudnnGraphConv._problem
 
     def refused_at(self, conv, x, prologue):
@@ -200,20 +265,34 @@ def test_refusals_are_remembered(monkeypatch):
 
     class FakeOps:
         @staticmethod
-        def cudnn_graph_plan(x, w, prologue, stride, padding):
-            asked.append(prologue)
-            return "check_support: no engine"
+        def cudnn_graph_plan(kind, x, w, stride, padding):
+            asked.append(kind)
+            return "" if kind == "ConvBNwgrad" else "check_support: no engine"
+
+        @staticmethod
+        def cudnn_graph_engine(kind, x, w, stride, padding):
+            return "eng_7 (scale/shift fp16, intermediate fp32)"
 
     monkeypatch.setattr(cudnn_graph, "_STATUS", {})
+    monkeypatch.setattr(cudnn_graph, "_ENGINE", {})
     monkeypatch.setattr(cudnn_graph.torch.ops, "fusedres", FakeOps, raising=False)
     conv = nn.Conv2d(8, 16, 3, 2, 1, bias=False)
     x = torch.randn(2, 8, 8, 8)
     for _ in range(3):
         assert cudnn_graph.plan_status(x, conv.weight, True, 2, 1) == "check_support: no engine"
-    assert asked == [True]
+        assert cudnn_graph.plan_status(x, conv.weight, "ConvBNwgrad", 2, 1) == ""
+    assert asked == ["F1", "ConvBNwgrad"]
     assert "check_support: no engine" in cudnn_graph._refused(conv, True)
     assert cudnn_graph._refused(conv, False) is None
-    assert cudnn_graph.statuses()[0]["kind"] == "F1"
+    assert cudnn_graph._refused(conv, "ConvBNwgrad") is None
+    assert cudnn_graph.engine(x, conv.weight, "ConvBNwgrad", 2, 1).startswith("eng_7")
+    assert cudnn_graph.engine(x, conv.weight, "F1", 2, 1) is None
+    rows = {r["kind"]: r for r in cudnn_graph.statuses()}
+    assert rows["F1"]["engine"] is None and rows["ConvBNwgrad"]["status"] == ""
+    note = cudnn_graph.backward_note(conv)
+    assert "ConvBNwgrad on eng_7" in note and "DgradDreluDBN planned at the first" in note
+    with pytest.raises(ValueError, match="unknown cuDNN graph kind"):
+        cudnn_graph.plan_status(x, conv.weight, "F2", 2, 1)
 
 
 # --------------------------------------------------------------------------------------
@@ -240,6 +319,79 @@ def test_backward_formula_against_autograd(prologue):
     want = torch.autograd.grad(loss(*ref), wrt)
     for a, b, name in zip(got, want, ["x", "w", "scale", "shift"]):
         _close(a, b, f"grad {name}")
+
+
+def _site_inputs(batch_stats, affine=True, seed=6):
+    """Inputs of fusedres::cudnn_graph_bn_relu_conv (float64, channels_last) and the
+    torch composite they stand for."""
+    g = torch.Generator().manual_seed(seed)
+    d, cl = torch.float64, torch.channels_last
+    x = torch.randn(3, 8, 7, 7, generator=g, dtype=d).contiguous(memory_format=cl)
+    w = torch.randn(16, 8, 3, 3, generator=g, dtype=d).contiguous(memory_format=cl)
+    gamma = (torch.rand(8, generator=g, dtype=d) + 0.5) if affine else None
+    beta = torch.randn(8, generator=g, dtype=d) * 0.5 if affine else None
+    if batch_stats:
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    else:  # running statistics: constants
+        mean, var = torch.randn(8, generator=g, dtype=d) * 0.2, torch.rand(8, generator=g,
+                                                                          dtype=d) + 0.5
+    invstd = torch.rsqrt(var + 1e-5)
+    return x, w, gamma, beta, mean, invstd
+
+
+@pytest.mark.parametrize("batch_stats,affine", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("refuse", [(), ("DgradDreluDBN", "ConvBNwgrad")])
+def test_site_op_against_torch(monkeypatch, batch_stats, affine, refuse):
+    """The site op's gradients (x, w, gamma, beta) against torch's conv(relu(bn(x))) in
+    float64, with the backward graphs (their references) and with today's backward;
+    batch statistics (their gradient included) and constant ones."""
+    calls = _fake_cudnn(monkeypatch, refuse)
+    x, w, gamma, beta, mean, invstd = _site_inputs(batch_stats, affine)
+    wrt = [x, w] + ([gamma, beta] if affine else [])
+    for t in wrt:
+        t.requires_grad_()
+    y, s1, s2 = cudnn_graph.bn_relu_conv(x, w, gamma, beta, mean, invstd, batch_stats,
+                                         [2, 2], [1, 1])
+    if batch_stats:
+        bn = F.batch_norm(x, None, None, gamma, beta, True, 0.1, 1e-5)
+    else:
+        v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
+        bn = (x - v(mean)) * v(invstd) * (v(gamma) if affine else 1) + (v(beta) if affine else 0)
+    y_t = F.conv2d(torch.relu(bn), w, None, 2, 1)
+    _close(y, y_t, "y")
+    _close(s1, y_t.sum(dim=(0, 2, 3)), "sum")
+    dy = torch.randn(y.shape, dtype=y.dtype)
+    # a loss through y and through the sums (the next site's statistics when not fused)
+    got = torch.autograd.grad((y * dy).sum() + 0.3 * s1.sum() + 0.01 * s2.sum(), wrt)
+    want = torch.autograd.grad((y_t * dy).sum() + 0.3 * y_t.sum() + 0.01 * y_t.square().sum(),
+                               wrt)
+    for a, b, name in zip(got, want, ["x", "w", "gamma", "beta"]):
+        _close(a, b, f"grad {name}")
+    assert calls == ["F1"] + [k for k in ("DgradDreluDBN", "ConvBNwgrad") if k not in refuse]
+
+
+def test_site_op_opcheck(monkeypatch):
+    """opcheck of fusedres::cudnn_graph_bn_relu_conv on CPU (schema, fake kernel, autograd
+    registration, AOT dispatch) with the reference graphs standing in for cuDNN."""
+    _fake_cudnn(monkeypatch)
+    x, w, gamma, beta, mean, invstd = _site_inputs(True)
+    for t in (x, w, gamma, beta):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.fusedres.cudnn_graph_bn_relu_conv.default,
+                          (x, w, gamma, beta, mean, invstd, True, [1, 1], [1, 1]))
+
+
+def test_backward_fake_kernels():
+    cl = torch.channels_last
+    x = torch.empty(4, 16, 9, 9, device="meta").contiguous(memory_format=cl)
+    w = torch.empty(32, 16, 3, 3, device="meta").contiguous(memory_format=cl)
+    dy = torch.empty(4, 32, 5, 5, device="meta").contiguous(memory_format=cl)
+    c = torch.empty(16, device="meta")
+    g, dgamma, dbeta = cudnn_graph._dgrad_drelu_dbn_fake(dy, w, x, c, c, c, c, [2, 2], [1, 1])
+    assert g.shape == x.shape and g.is_contiguous(memory_format=cl) and g.dtype == x.dtype
+    assert dgamma.shape == dbeta.shape == (16,) and dgamma.dtype == torch.float32
+    dw = cudnn_graph._wgrad_fake(dy, x, c, c, w, [2, 2], [1, 1])
+    assert dw.shape == w.shape and dw.is_contiguous(memory_format=cl)
 
 
 def test_fake_kernel_shapes():

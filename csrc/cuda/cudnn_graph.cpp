@@ -1,29 +1,47 @@
-// cuDNN graph-API convolutions with fused BN statistics (and a BN-ReLU prologue), through
-// the header-only cudnn-frontend C++ API and the libcudnn torch already loads.
+// cuDNN graph-API convolutions fused with the BatchNorm around them, through the
+// header-only cudnn-frontend C++ API and the libcudnn torch already loads.
 //
-// Graph kinds (NHWC activations, KRSC weights, fp16/bf16 I/O, fp32 math and sums):
-//   F0  conv_fprop(x, w) -> y, genstats(y) -> (sum, sq_sum)
-//   F1  relu(x*scale + shift) -> conv_fprop(., w) -> y, genstats(y) -> (sum, sq_sum)
-//       scale/shift fp32 (1, C, 1, 1); the conv's zero padding is of the prologue's
-//       output (the prologue is a virtual tensor the conv reads), so padded taps are 0.
-// The reference of each graph is fusedres/reference.py (graph_f0, graph_f1).
+// Graph kinds (NHWC activations, KRSC weights, fp16/bf16 I/O, fp32 math and sums; the
+// references are in fusedres/reference.py):
+//   F0             conv_fprop(x, w) -> y, genstats(y) -> (sum, sq_sum)            graph_f0
+//   F1             relu(x*scale + shift) -> conv_fprop(., w) -> y, genstats(y)     graph_f1
+//                  the conv's zero padding is of the prologue's output (the prologue
+//                  is a virtual tensor the conv reads), so padded taps are 0.
+//   DgradDreluDBN  conv_dgrad(dy, w) -> dReLU with the mask ((x-mean)*invstd)*gamma + beta
+//                  > 0 -> g (stored), dbn_weight(g, x, mean, invstd, gamma) -> dgamma =
+//                  sum(g*xhat), dbeta = sum(g) (centred; the previous BN's weight terms)
+//                                                                  graph_dgrad_drelu_dbn
+//   ConvBNwgrad    conv_wgrad(dy, relu(x*scale + shift)) -> dw: the prologue recomputed,
+//                  the normalised activation never stored                  graph_wgrad
+// The node order of the last two is cuDNN's samples' (dgrads.cpp "Dgrad Drelu DBNweight",
+// wgrads.cpp "scale-bias-relu-wgrad"), the patterns of its pre-compiled fp16 engines.
 //
 // Ops (namespace fusedres; fake kernels and autograd in fusedres/cudnn_graph.py):
-//   cudnn_graph_plan(x, w, prologue, stride, padding) -> str
-//       builds (once) and caches the plan of the graph those tensors need: "" when cuDNN
-//       runs it, else why not (validate / heuristics / check_support / build_plans
-//       failed). Never throws for an unsupported graph: it is remembered, as supported.
+//   cudnn_graph_plan(kind, x, w, stride, padding) -> str
+//       builds (once) and caches the plan of graph `kind` for a conv of input x and weight
+//       w: "" when cuDNN runs it, else why not (the first failing step per variant).
+//       Never throws for an unsupported graph: it is remembered, as supported ones are.
+//   cudnn_graph_engine(kind, x, w, stride, padding) -> str
+//       the planned graph's engine (cuDNN's plan name) and per-channel dtype; "" if none.
 //   cudnn_graph_conv_stats(x, w, scale?, shift?, stride, padding) -> (y, sum, sq_sum)
-//       runs the cached plan (y channels_last, sums fp32); an unsupported graph raises
-//       here (the Python side asks cudnn_graph_plan first and falls back).
+//   cudnn_graph_dgrad_drelu_dbn(dy, w, x, mean, invstd, gamma, beta, stride, padding)
+//       -> (g, dgamma, dbeta)
+//   cudnn_graph_wgrad(dy, x, scale, shift, w, stride, padding) -> dw   (w: shape only)
+//       run the cached plan; an unsupported graph raises here (the Python side asks
+//       cudnn_graph_plan first and falls back).
 //   cudnn_graph_version() -> int   cudnnGetVersion() of the loaded libcudnn.
 //
-// Plans are cached per (device, dtype, sizes, stride, padding, graph kind; the tensors are
-// channels_last, described to cuDNN with canonical NHWC strides) in a
-// process-wide map under a mutex; a plan is built on first use, so build them before
-// CUDA-graph capture (the first call NVRTC-compiles runtime-fusion engines). The handle
-// is ATen's (at::native::getCudnnHandle: per thread and device, set to the current
-// stream), so autograd's backward thread gets its own.
+// Plans: validate, heuristics modes A then FALLBACK, check_support, build_plans with
+// cuDNN's own choice of engine config (HEURISTICS_CHOICE). Each kind with a per-channel
+// prologue is tried in variants: for fp16 I/O first with fp16 scale/shift (the
+// pre-compiled MLPerf engines' configuration in cuDNN's samples), then fp32; bf16 only
+// fp32 (bf16 scale/shift would round to 8 bits). The first variant cuDNN plans is kept.
+// Cached per (graph kind, device, dtype, sizes, stride, padding; tensors are
+// channels_last, described with canonical NHWC strides) in a process-wide map under a
+// mutex; a plan is built on first use, so build them before CUDA-graph capture (the
+// first call NVRTC-compiles runtime-fusion engines). The handle is ATen's
+// (at::native::getCudnnHandle: per thread and device, set to the current stream), so
+// autograd's backward thread gets its own.
 #ifdef FUSEDRES_WITH_CUDNN_GRAPH
 
 #include <ATen/ATen.h>
@@ -47,12 +65,37 @@ namespace cudnn_graph {
 
 namespace fe = cudnn_frontend;
 using TensorAttr = std::shared_ptr<fe::graph::Tensor_attributes>;
+using Graph = fe::graph::Graph;
 
-enum Uid : int64_t { kX = 1, kW, kScale, kShift, kY, kSum, kSqSum };
+enum class Kind { F0, F1, DgradDreluDBN, ConvBNwgrad };
+
+Kind parse_kind(const std::string& s) {
+  if (s == "F0") return Kind::F0;
+  if (s == "F1") return Kind::F1;
+  if (s == "DgradDreluDBN") return Kind::DgradDreluDBN;
+  if (s == "ConvBNwgrad") return Kind::ConvBNwgrad;
+  TORCH_CHECK(false, "fusedres cudnn_graph: unknown graph kind '", s,
+              "' (F0, F1, DgradDreluDBN, ConvBNwgrad)");
+}
+
+enum Uid : int64_t {
+  kX = 1, kW, kScale, kShift, kY, kSum, kSqSum,           // F0, F1 (scale/shift: wgrad too)
+  kDy, kMean, kInvstd, kGamma, kBeta, kG,                 // DgradDreluDBN inputs, g
+  kDgamma, kDbeta, kEqScaleDy, kEqScaleX, kEqBias, kDw    // ... its outputs; wgrad's dw
+};
+
+// The data types a graph is built with: the per-channel prologue vectors' and the
+// virtual tensors' (cuDNN's "intermediate" type). I/O and compute types are fixed.
+struct Variant {
+  fe::DataType_t per_channel;
+  fe::DataType_t intermediate;
+};
 
 struct Plan {
-  std::shared_ptr<fe::graph::Graph> graph;  // null when unsupported
-  std::string problem;                      // why unsupported ("" when supported)
+  std::shared_ptr<Graph> graph;  // null when unsupported
+  std::string problem;           // why unsupported ("" when supported)
+  std::string engine;            // cuDNN's plan name and the variant
+  at::ScalarType per_channel = at::kFloat;
   int64_t workspace = 0;
 };
 
@@ -71,10 +114,22 @@ fe::DataType_t io_type(at::ScalarType t) {
   return t == at::kHalf ? fe::DataType_t::HALF : fe::DataType_t::BFLOAT16;
 }
 
-std::string plan_key(const at::Tensor& x, const at::Tensor& w, bool prologue,
-                     at::IntArrayRef stride, at::IntArrayRef padding) {
+const char* type_name(fe::DataType_t t) {
+  return t == fe::DataType_t::FLOAT ? "fp32" : t == fe::DataType_t::HALF ? "fp16" : "bf16";
+}
+
+std::vector<Variant> variants(Kind kind, at::ScalarType io) {
+  const auto f32 = fe::DataType_t::FLOAT, f16 = fe::DataType_t::HALF;
+  const bool prologue = kind == Kind::F1 || kind == Kind::ConvBNwgrad;
+  if (prologue && io == at::kHalf) return {{f16, f32}, {f16, f16}, {f32, f32}};
+  return {{f32, f32}};
+}
+
+std::string plan_key(Kind kind, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                     at::IntArrayRef padding) {
   std::ostringstream k;
-  k << x.get_device() << '|' << static_cast<int>(x.scalar_type()) << '|' << (prologue ? "F1" : "F0");
+  k << static_cast<int>(kind) << '|' << x.get_device() << '|'
+    << static_cast<int>(x.scalar_type());
   for (auto v : x.sizes()) k << ',' << v;  // strides: canonical NHWC (precheck)
   k << '|';
   for (auto v : w.sizes()) k << ',' << v;
@@ -82,70 +137,142 @@ std::string plan_key(const at::Tensor& x, const at::Tensor& w, bool prologue,
   return k.str();
 }
 
-// The first failing step's message, or "" when the graph was built and is supported.
-std::string build(Plan& plan, const at::Tensor& x, const at::Tensor& w, bool prologue,
+// --------------------------------------------------------------------------------------
+// The graphs
+// --------------------------------------------------------------------------------------
+
+// A tensor of `sizes` described NHWC (activations) / KRSC (weights).
+TensorAttr nhwc(Graph& g, const char* name, int64_t uid, const std::vector<int64_t>& sizes,
+                fe::DataType_t type) {
+  return g.tensor(fe::graph::Tensor_attributes().set_name(name).set_uid(uid).set_dim(sizes)
+                      .set_stride(nhwc_strides(sizes)).set_data_type(type));
+}
+
+TensorAttr per_channel(Graph& g, const char* name, int64_t uid, int64_t c, fe::DataType_t type) {
+  return g.tensor(fe::graph::Tensor_attributes().set_name(name).set_uid(uid).set_dim({1, c, 1, 1})
+                      .set_stride({c, 1, c, c}).set_data_type(type));
+}
+
+void as_per_channel_output(const TensorAttr& t, int64_t uid, int64_t c) {
+  t->set_output(true).set_uid(uid).set_data_type(fe::DataType_t::FLOAT).set_dim({1, c, 1, 1})
+      .set_stride({c, 1, c, c});
+}
+
+TensorAttr pointwise(Graph& g, fe::PointwiseMode_t mode, const TensorAttr& a,
+                     const TensorAttr& b = nullptr) {
+  auto attrs = fe::graph::Pointwise_attributes().set_mode(mode)
+                   .set_compute_data_type(fe::DataType_t::FLOAT);
+  return b ? g.pointwise(a, b, attrs) : g.pointwise(a, attrs);
+}
+
+// relu(x*scale + shift), per input channel: F1's and ConvBNwgrad's prologue.
+TensorAttr bn_relu_prologue(Graph& g, const TensorAttr& x, int64_t c, fe::DataType_t type) {
+  auto scale = per_channel(g, "scale", kScale, c, type);
+  auto shift = per_channel(g, "shift", kShift, c, type);
+  auto scaled = pointwise(g, fe::PointwiseMode_t::MUL, x, scale);
+  auto shifted = pointwise(g, fe::PointwiseMode_t::ADD, scaled, shift);
+  return pointwise(g, fe::PointwiseMode_t::RELU_FWD, shifted);
+}
+
+// Declares graph `kind`'s tensors and nodes on `g` (conv input x, weight w, output y).
+void define(Graph& g, Kind kind, const Variant& v, const std::vector<int64_t>& xs,
+            const std::vector<int64_t>& ws, const std::vector<int64_t>& ys,
+            at::IntArrayRef stride, at::IntArrayRef padding, fe::DataType_t io) {
+  const auto f32 = fe::DataType_t::FLOAT;
+  const std::vector<int64_t> pad = {padding[0], padding[1]}, str = {stride[0], stride[1]},
+                             dil = {1, 1};
+  const int64_t c = xs[1], k = ws[0];
+  auto X = nhwc(g, "x", kX, xs, io);
+  switch (kind) {
+    case Kind::F0:
+    case Kind::F1: {
+      auto W = nhwc(g, "w", kW, ws, io);
+      auto in = kind == Kind::F1 ? bn_relu_prologue(g, X, c, v.per_channel) : X;
+      auto Y = g.conv_fprop(in, W, fe::graph::Conv_fprop_attributes().set_padding(pad)
+                                       .set_stride(str).set_dilation(dil)
+                                       .set_compute_data_type(f32));
+      Y->set_output(true).set_uid(kY).set_data_type(io).set_dim(ys).set_stride(nhwc_strides(ys));
+      auto stats = g.genstats(Y, fe::graph::Genstats_attributes().set_compute_data_type(f32));
+      as_per_channel_output(stats[0], kSum, k);
+      as_per_channel_output(stats[1], kSqSum, k);
+      return;
+    }
+    case Kind::DgradDreluDBN: {
+      auto W = nhwc(g, "w", kW, ws, io);
+      auto DY = nhwc(g, "dy", kDy, ys, io);
+      auto dh = g.conv_dgrad(DY, W, fe::graph::Conv_dgrad_attributes().set_padding(pad)
+                                        .set_stride(str).set_dilation(dil)
+                                        .set_compute_data_type(f32));
+      dh->set_dim(xs).set_stride(nhwc_strides(xs));
+      auto mean = per_channel(g, "mean", kMean, c, f32);
+      auto invstd = per_channel(g, "invstd", kInvstd, c, f32);
+      auto gamma = per_channel(g, "gamma", kGamma, c, f32);
+      auto beta = per_channel(g, "beta", kBeta, c, f32);
+      // the previous BN's output, centred as cuDNN's DgradDreluBNBwdWeight pattern has it
+      auto xc = pointwise(g, fe::PointwiseMode_t::SUB, X, mean);
+      auto xhat = pointwise(g, fe::PointwiseMode_t::MUL, xc, invstd);
+      auto bn = pointwise(g, fe::PointwiseMode_t::ADD,
+                          pointwise(g, fe::PointwiseMode_t::MUL, xhat, gamma), beta);
+      auto G = pointwise(g, fe::PointwiseMode_t::RELU_BWD, dh, bn);
+      G->set_output(true).set_uid(kG).set_data_type(io).set_dim(xs).set_stride(nhwc_strides(xs));
+      // {DSCALE, DBIAS, EQ_SCALE_DY, EQ_SCALE_X, EQ_BIAS}
+      auto dbn = g.dbn_weight(G, X, mean, invstd, gamma,
+                              fe::graph::DBN_weight_attributes().set_compute_data_type(f32));
+      const int64_t uids[] = {kDgamma, kDbeta, kEqScaleDy, kEqScaleX, kEqBias};
+      for (int i = 0; i < 5; ++i) as_per_channel_output(dbn[i], uids[i], c);
+      return;
+    }
+    case Kind::ConvBNwgrad: {
+      auto DY = nhwc(g, "dy", kDy, ys, io);
+      auto in = bn_relu_prologue(g, X, c, v.per_channel);
+      auto DW = g.conv_wgrad(DY, in, fe::graph::Conv_wgrad_attributes().set_padding(pad)
+                                         .set_stride(str).set_dilation(dil)
+                                         .set_compute_data_type(f32));
+      DW->set_output(true).set_uid(kDw).set_data_type(io).set_dim(ws).set_stride(nhwc_strides(ws));
+      return;
+    }
+  }
+}
+
+// Builds graph `kind` in each variant until cuDNN plans one: "" (plan filled) or why not.
+std::string build(Plan& plan, Kind kind, const at::Tensor& x, const at::Tensor& w,
                   at::IntArrayRef stride, at::IntArrayRef padding) {
   const auto io = io_type(x.scalar_type());
-  const auto f32 = fe::DataType_t::FLOAT;
-  auto g = std::make_shared<fe::graph::Graph>();
-  g->set_io_data_type(io).set_intermediate_data_type(f32).set_compute_data_type(f32);
-  // Canonical NHWC strides (precheck: both are channels_last in memory): a size-1 dim's
-  // stride is arbitrary in torch (a 1x1 NCHW weight counts as channels_last).
-  auto X = g->tensor(fe::graph::Tensor_attributes().set_name("x").set_uid(kX)
-                         .set_dim(x.sizes().vec()).set_stride(nhwc_strides(x.sizes().vec()))
-                         .set_data_type(io));
-  auto W = g->tensor(fe::graph::Tensor_attributes().set_name("w").set_uid(kW)
-                         .set_dim(w.sizes().vec()).set_stride(nhwc_strides(w.sizes().vec()))
-                         .set_data_type(io));
-  TensorAttr conv_in = X;
-  if (prologue) {
-    const int64_t c = x.size(1);
-    auto per_channel = [&](const char* name, int64_t uid) {
-      return g->tensor(fe::graph::Tensor_attributes().set_name(name).set_uid(uid)
-                           .set_dim({1, c, 1, 1}).set_stride({c, 1, c, c}).set_data_type(f32));
-    };
-    auto S = per_channel("scale", kScale);
-    auto B = per_channel("shift", kShift);
-    auto pw = [&](fe::PointwiseMode_t mode) {
-      return fe::graph::Pointwise_attributes().set_mode(mode).set_compute_data_type(f32);
-    };
-    auto scaled = g->pointwise(X, S, pw(fe::PointwiseMode_t::MUL));
-    auto shifted = g->pointwise(scaled, B, pw(fe::PointwiseMode_t::ADD));
-    conv_in = g->pointwise(shifted, pw(fe::PointwiseMode_t::RELU_FWD));
-  }
-  auto conv = fe::graph::Conv_fprop_attributes()
-                  .set_padding({padding[0], padding[1]})
-                  .set_stride({stride[0], stride[1]})
-                  .set_dilation({1, 1})
-                  .set_compute_data_type(f32);
-  auto Y = g->conv_fprop(conv_in, W, conv);
-  const auto ysz = out_sizes(x, w, stride, padding);
-  Y->set_output(true).set_uid(kY).set_data_type(io).set_dim(ysz).set_stride(nhwc_strides(ysz));
-  auto stats = g->genstats(Y, fe::graph::Genstats_attributes().set_compute_data_type(f32));
-  const int64_t k = w.size(0);
-  stats[0]->set_output(true).set_uid(kSum).set_data_type(f32).set_dim({1, k, 1, 1})
-      .set_stride({k, 1, k, k});
-  stats[1]->set_output(true).set_uid(kSqSum).set_data_type(f32).set_dim({1, k, 1, 1})
-      .set_stride({k, 1, k, k});
-
   cudnnHandle_t handle = at::native::getCudnnHandle();
   auto step = [](const char* what, fe::error_t e) -> std::string {
     return e.is_good() ? std::string() : std::string(what) + ": " + e.get_message();
   };
-  std::string why = step("validate", g->validate());
-  if (why.empty()) why = step("build_operation_graph", g->build_operation_graph(handle));
-  if (why.empty())
-    why = step("create_execution_plans",
-               g->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK}));
-  if (why.empty()) why = step("check_support", g->check_support(handle));
-  if (why.empty()) why = step("build_plans", g->build_plans(handle));
-  int64_t ws = 0;
-  if (why.empty()) why = step("get_workspace_size", g->get_workspace_size(ws));
-  if (why.empty()) {
-    plan.graph = g;
-    plan.workspace = ws;
+  std::string problems;
+  for (const auto& v : variants(kind, x.scalar_type())) {
+    auto g = std::make_shared<Graph>();
+    g->set_io_data_type(io).set_intermediate_data_type(v.intermediate)
+        .set_compute_data_type(fe::DataType_t::FLOAT);
+    define(*g, kind, v, x.sizes().vec(), w.sizes().vec(), out_sizes(x, w, stride, padding),
+           stride, padding, io);
+    std::string why = step("validate", g->validate());
+    if (why.empty()) why = step("build_operation_graph", g->build_operation_graph(handle));
+    if (why.empty())
+      why = step("create_execution_plans",
+                 g->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK}));
+    if (why.empty()) why = step("check_support", g->check_support());
+    if (why.empty()) why = step("build_plans", g->build_plans(fe::BuildPlanPolicy_t::HEURISTICS_CHOICE));
+    int64_t ws = 0;
+    if (why.empty()) why = step("get_workspace_size", g->get_workspace_size(ws));
+    std::string name;
+    if (why.empty()) why = step("get_plan_name", g->get_plan_name(name));
+    std::ostringstream tag;
+    tag << "scale/shift " << type_name(v.per_channel) << ", intermediate "
+        << type_name(v.intermediate);
+    if (why.empty()) {
+      plan.graph = g;
+      plan.workspace = ws;
+      plan.engine = name + " (" + tag.str() + ")";
+      plan.per_channel = v.per_channel == fe::DataType_t::FLOAT ? at::kFloat : x.scalar_type();
+      return "";
+    }
+    problems += (problems.empty() ? "" : "; ") + tag.str() + ": " + why;
   }
-  return why;
+  return problems;
 }
 
 std::mutex& cache_mutex() {
@@ -158,7 +285,12 @@ std::unordered_map<std::string, Plan>& cache() {
   return c;
 }
 
-// What the graph supports at all, before asking cuDNN ("" when worth asking).
+bool nhwc_aligned(const at::Tensor& t) {  // the runtime-fusion engines load 16-byte vectors
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+// What the graphs support at all, before asking cuDNN ("" when worth asking).
 std::string precheck(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                      at::IntArrayRef padding) {
   if (!x.is_cuda() || !w.is_cuda() || x.get_device() != w.get_device())
@@ -172,72 +304,153 @@ std::string precheck(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef s
   if (!x.is_contiguous(at::MemoryFormat::ChannelsLast) ||
       !w.is_contiguous(at::MemoryFormat::ChannelsLast))
     return "input and weight must be channels_last (NHWC / KRSC)";
-  for (const auto* t : {&x, &w}) {  // the runtime-fusion engines load 16-byte vectors
-    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0)
-      return "input or weight not 16-byte aligned (a view with an offset)";
-  }
+  if (!nhwc_aligned(x) || !nhwc_aligned(w))
+    return "input or weight not 16-byte aligned (a view with an offset)";
   const auto ysz = out_sizes(x, w, stride, padding);
   if (ysz[2] <= 0 || ysz[3] <= 0 || x.numel() == 0) return "empty input or output";
   return "";
 }
 
-const Plan& get_plan(const at::Tensor& x, const at::Tensor& w, bool prologue,
-                     at::IntArrayRef stride, at::IntArrayRef padding) {
-  const auto key = plan_key(x, w, prologue, stride, padding);
+const Plan& get_plan(Kind kind, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                     at::IntArrayRef padding) {
+  const auto key = plan_key(kind, x, w, stride, padding);
   std::lock_guard<std::mutex> lock(cache_mutex());
   auto it = cache().find(key);
   if (it != cache().end()) return it->second;
   Plan plan;
   try {
-    plan.problem = build(plan, x, w, prologue, stride, padding);
+    plan.problem = build(plan, kind, x, w, stride, padding);
   } catch (const std::exception& e) {  // a frontend that throws instead of returning
     plan.problem = std::string("cudnn-frontend: ") + e.what();
   }
   return cache().emplace(key, std::move(plan)).first->second;
 }
 
-std::string plan_graph(const at::Tensor& x, const at::Tensor& w, bool prologue,
+std::string plan_graph(const std::string& kind, const at::Tensor& x, const at::Tensor& w,
                        at::IntArrayRef stride, at::IntArrayRef padding) {
+  const Kind k = parse_kind(kind);
   auto why = precheck(x, w, stride, padding);
   if (!why.empty()) return why;
   c10::cuda::CUDAGuard guard(x.device());
-  return get_plan(x, w, prologue, stride, padding).problem;
+  return get_plan(k, x, w, stride, padding).problem;
+}
+
+std::string engine(const std::string& kind, const at::Tensor& x, const at::Tensor& w,
+                   at::IntArrayRef stride, at::IntArrayRef padding) {
+  const Kind k = parse_kind(kind);
+  if (!precheck(x, w, stride, padding).empty()) return "";
+  c10::cuda::CUDAGuard guard(x.device());
+  return get_plan(k, x, w, stride, padding).engine;
+}
+
+// --------------------------------------------------------------------------------------
+// Running a plan
+// --------------------------------------------------------------------------------------
+
+// The plan of `kind` for this conv, checked to exist (the op's name in the errors).
+const Plan& planned(const char* op, Kind kind, const at::Tensor& x, const at::Tensor& w,
+                    at::IntArrayRef stride, at::IntArrayRef padding) {
+  const auto pre = precheck(x, w, stride, padding);
+  TORCH_CHECK(pre.empty(), "fusedres ", op, ": ", pre);
+  const Plan& plan = get_plan(kind, x, w, stride, padding);
+  TORCH_CHECK(plan.graph, "fusedres ", op, ": cuDNN does not run this graph: ", plan.problem);
+  return plan;
+}
+
+void check_per_channel(const char* op, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == x.size(1) && t.is_contiguous() &&
+                  t.device() == x.device(),
+              "fusedres ", op, ": per-channel vectors must be contiguous float32 (C,) tensors "
+              "on the input's device");
+}
+
+// dy of the backward graphs: the conv output's shape and dtype, channels_last, aligned.
+void check_output_gradient(const char* op, const at::Tensor& dy, const at::Tensor& x,
+                           const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding) {
+  TORCH_CHECK(dy.sizes() == at::IntArrayRef(out_sizes(x, w, stride, padding)) &&
+                  dy.scalar_type() == x.scalar_type() && dy.device() == x.device() &&
+                  nhwc_aligned(dy),
+              "fusedres ", op, ": dy must be the conv output's shape and dtype, channels_last "
+              "and 16-byte aligned");
+}
+
+void execute(const char* op, const Plan& plan, std::unordered_map<int64_t, void*>& pack,
+             const at::Tensor& like) {
+  auto workspace = at::empty({plan.workspace}, like.options().dtype(at::kByte));
+  cudnnHandle_t handle = at::native::getCudnnHandle();
+  auto status = plan.graph->execute(handle, pack, plan.workspace ? workspace.data_ptr() : nullptr);
+  TORCH_CHECK(status.is_good(), "fusedres ", op, ": execute failed: ", status.get_message());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats(
     const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
     const c10::optional<at::Tensor>& shift, at::IntArrayRef stride, at::IntArrayRef padding) {
-  const auto pre = precheck(x, w, stride, padding);
-  TORCH_CHECK(pre.empty(), "fusedres cudnn_graph_conv_stats: ", pre);
+  const char* op = "cudnn_graph_conv_stats";
   TORCH_CHECK(scale.has_value() == shift.has_value(), "scale and shift come together");
-  for (const auto* t : {&scale, &shift}) {
-    TORCH_CHECK(!t->has_value() || ((*t)->scalar_type() == at::kFloat &&
-                                    (*t)->numel() == x.size(1) && (*t)->is_contiguous() &&
-                                    (*t)->device() == x.device()),
-                "scale and shift must be contiguous float32 (C,) tensors on the input's device");
-  }
   c10::cuda::CUDAGuard guard(x.device());
-  const Plan& plan = get_plan(x, w, scale.has_value(), stride, padding);
-  TORCH_CHECK(plan.graph, "fusedres cudnn_graph_conv_stats: cuDNN does not run this graph: ",
-              plan.problem);
+  const Kind kind = scale.has_value() ? Kind::F1 : Kind::F0;
+  const Plan& plan = planned(op, kind, x, w, stride, padding);
   const auto ysz = out_sizes(x, w, stride, padding);
   auto y = at::empty(ysz, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   // genstats accumulates into its outputs on some engines: start them at 0.
   auto sum = at::zeros({w.size(0)}, x.options().dtype(at::kFloat));
   auto sq_sum = at::zeros({w.size(0)}, x.options().dtype(at::kFloat));
-  auto workspace = at::empty({plan.workspace}, x.options().dtype(at::kByte));
   std::unordered_map<int64_t, void*> pack = {
       {kX, x.data_ptr()}, {kW, w.data_ptr()}, {kY, y.data_ptr()},
       {kSum, sum.data_ptr()}, {kSqSum, sq_sum.data_ptr()}};
+  at::Tensor s, t;  // in the plan's per-channel dtype, alive until executed
   if (scale.has_value()) {
-    pack[kScale] = scale->data_ptr();
-    pack[kShift] = shift->data_ptr();
+    check_per_channel(op, *scale, x);
+    check_per_channel(op, *shift, x);
+    s = scale->to(plan.per_channel);
+    t = shift->to(plan.per_channel);
+    pack[kScale] = s.data_ptr();
+    pack[kShift] = t.data_ptr();
   }
-  cudnnHandle_t handle = at::native::getCudnnHandle();
-  auto status = plan.graph->execute(handle, pack, plan.workspace ? workspace.data_ptr() : nullptr);
-  TORCH_CHECK(status.is_good(), "fusedres cudnn_graph_conv_stats: execute failed: ",
-              status.get_message());
+  execute(op, plan, pack, x);
   return {y, sum, sq_sum};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dgrad_drelu_dbn(
+    const at::Tensor& dy, const at::Tensor& w, const at::Tensor& x, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta,
+    at::IntArrayRef stride, at::IntArrayRef padding) {
+  const char* op = "cudnn_graph_dgrad_drelu_dbn";
+  c10::cuda::CUDAGuard guard(x.device());
+  const Plan& plan = planned(op, Kind::DgradDreluDBN, x, w, stride, padding);
+  check_output_gradient(op, dy, x, w, stride, padding);
+  for (const auto* t : {&mean, &invstd, &gamma, &beta}) check_per_channel(op, *t, x);
+  auto g = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  auto channel = [&] { return at::empty({x.size(1)}, x.options().dtype(at::kFloat)); };
+  auto dgamma = channel(), dbeta = channel();
+  auto eq_scale_dy = channel(), eq_scale_x = channel(), eq_bias = channel();  // unused:
+  // dBNApply is the project's centred kernel (fusedres/cudnn_graph.py says why)
+  std::unordered_map<int64_t, void*> pack = {
+      {kDy, dy.data_ptr()}, {kW, w.data_ptr()}, {kX, x.data_ptr()},
+      {kMean, mean.data_ptr()}, {kInvstd, invstd.data_ptr()}, {kGamma, gamma.data_ptr()},
+      {kBeta, beta.data_ptr()}, {kG, g.data_ptr()}, {kDgamma, dgamma.data_ptr()},
+      {kDbeta, dbeta.data_ptr()}, {kEqScaleDy, eq_scale_dy.data_ptr()},
+      {kEqScaleX, eq_scale_x.data_ptr()}, {kEqBias, eq_bias.data_ptr()}};
+  execute(op, plan, pack, x);
+  return {g, dgamma, dbeta};
+}
+
+at::Tensor wgrad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale,
+                 const at::Tensor& shift, const at::Tensor& w, at::IntArrayRef stride,
+                 at::IntArrayRef padding) {
+  const char* op = "cudnn_graph_wgrad";
+  c10::cuda::CUDAGuard guard(x.device());
+  const Plan& plan = planned(op, Kind::ConvBNwgrad, x, w, stride, padding);
+  check_output_gradient(op, dy, x, w, stride, padding);
+  check_per_channel(op, scale, x);
+  check_per_channel(op, shift, x);
+  auto s = scale.to(plan.per_channel), t = shift.to(plan.per_channel);
+  auto dw = at::empty_like(w, at::MemoryFormat::ChannelsLast);
+  std::unordered_map<int64_t, void*> pack = {
+      {kDy, dy.data_ptr()}, {kX, x.data_ptr()}, {kScale, s.data_ptr()},
+      {kShift, t.data_ptr()}, {kDw, dw.data_ptr()}};
+  execute(op, plan, pack, x);
+  return dw;
 }
 
 int64_t version() { return static_cast<int64_t>(cudnnGetVersion()); }
@@ -247,17 +460,28 @@ int64_t version() { return static_cast<int64_t>(cudnnGetVersion()); }
 
 TORCH_LIBRARY_FRAGMENT(fusedres, m) {
   m.def(
-      "cudnn_graph_plan(Tensor x, Tensor w, bool prologue, int[2] stride, int[2] padding) "
-      "-> str");
+      "cudnn_graph_plan(str kind, Tensor x, Tensor w, int[2] stride, int[2] padding) -> str");
+  m.def(
+      "cudnn_graph_engine(str kind, Tensor x, Tensor w, int[2] stride, int[2] padding) -> str");
   m.def(
       "cudnn_graph_conv_stats(Tensor x, Tensor w, Tensor? scale, Tensor? shift, int[2] stride, "
       "int[2] padding) -> (Tensor y, Tensor sum, Tensor sq_sum)");
+  m.def(
+      "cudnn_graph_dgrad_drelu_dbn(Tensor dy, Tensor w, Tensor x, Tensor mean, Tensor invstd, "
+      "Tensor gamma, Tensor beta, int[2] stride, int[2] padding) "
+      "-> (Tensor g, Tensor dgamma, Tensor dbeta)");
+  m.def(
+      "cudnn_graph_wgrad(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor w, "
+      "int[2] stride, int[2] padding) -> Tensor");
   m.def("cudnn_graph_version() -> int", &fusedres::cudnn_graph::version);
 }
 
 TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
   m.impl("cudnn_graph_plan", &fusedres::cudnn_graph::plan_graph);
+  m.impl("cudnn_graph_engine", &fusedres::cudnn_graph::engine);
   m.impl("cudnn_graph_conv_stats", &fusedres::cudnn_graph::conv_stats);
+  m.impl("cudnn_graph_dgrad_drelu_dbn", &fusedres::cudnn_graph::dgrad_drelu_dbn);
+  m.impl("cudnn_graph_wgrad", &fusedres::cudnn_graph::wgrad);
 }
 
 #endif  // FUSEDRES_WITH_CUDNN_GRAPH
