@@ -140,3 +140,47 @@ def test_sums_are_of_the_stored_output():
     yf = y.float()
     _close(s1.double(), yf.sum(dim=(0, 2, 3)).double(), "sum")
     torch.testing.assert_close(s2, (yf * yf).sum(dim=(0, 2, 3)))
+
+
+@pytest.mark.parametrize("stride,padding,ksize", [(1, 1, 3), (2, 1, 3), (1, 0, 1), (2, 0, 1)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_backward_graphs_are_bn_relu_conv_backward(stride, padding, ksize, affine):
+    """DgradDreluDBN (graph_dgrad_drelu_dbn) -> dBNApply (dbn_apply with dbn_weight's
+    coefficients) and ConvBNwgrad (graph_wgrad) give torch's gradients through
+    conv(relu(bn(x))), BN in training: dx, dgamma, dbeta, dw. The wgrad's zero padding is
+    of the prologue's output (a positive shift: checked to differ from the wrong order)."""
+    gen = torch.Generator().manual_seed(6)
+    n, c, co, h = 3, 4, 6, 8
+    x = torch.randn(n, c, h, h, generator=gen, dtype=D).requires_grad_()
+    w = torch.randn(co, c, ksize, ksize, generator=gen, dtype=D).requires_grad_()
+    gamma, beta = _bn_params(c, gen) if affine else (None, None)
+    eps = 1e-5
+    out = F.conv2d(torch.relu(F.batch_norm(x, None, None, gamma, beta, True, 0.1, eps)),
+                   w, None, stride, padding)
+    dout = torch.randn(out.shape, generator=gen, dtype=D)
+    wrt = (x, w) + ((gamma, beta) if affine else ())
+    want = torch.autograd.grad(out, wrt, dout)
+
+    xd = x.detach()
+    var, mean = torch.var_mean(xd, dim=(0, 2, 3), correction=0)
+    invstd = torch.rsqrt(var + eps)
+    gam = gamma.detach() if affine else torch.ones(c, dtype=D)
+    bet = beta.detach() if affine else torch.zeros(c, dtype=D)
+    g, dgamma, dbeta = R.graph_dgrad_drelu_dbn(dout, w.detach(), stride, padding, xd, mean,
+                                               invstd, gam, bet)
+    _close(g, R.dgrad_drelu(dout, w.detach(), stride, padding, xd, gam * invstd,
+                            bet - mean * gam * invstd), "g (the centred mask = the forward's)")
+    _, _, a, b, c_ = R.dbn_weight(g, xd, mean, invstd, gam)
+    dx = R.dbn_apply(g, xd, a, b, c_)
+    scale, shift = gam * invstd, bet - mean * gam * invstd
+    dw = R.graph_wgrad(dout, xd, scale, shift, w.shape, stride, padding)
+    got = (dx, dw) + ((dgamma, dbeta) if affine else ())
+    for a_, b_, name in zip(got, want, ("dx", "dw", "dgamma", "dbeta")):
+        _close(a_, b_, name)
+    if padding:
+        xp = F.pad(xd, [padding] * 4)
+        wrong = torch.nn.grad.conv2d_weight(
+            torch.relu(xp * scale.view(1, -1, 1, 1) + 1.0 + shift.view(1, -1, 1, 1)),
+            w.shape, dout, stride, 0)
+        right = R.graph_wgrad(dout, xd, scale, shift + 1.0, w.shape, stride, padding)
+        assert not torch.allclose(wrong, right)
