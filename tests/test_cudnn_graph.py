@@ -424,6 +424,32 @@ def test_tune_never_offers_it_on_cpu(monkeypatch):
     assert "cudnn-graph" not in T._candidates(torch.device("cuda"), None)
 
 
+def test_doctor_backward_rows_with_faked_cudnn(monkeypatch):
+    """The doctor's backward rows (DgradDreluDBN, ConvBNwgrad, the whole site) run their
+    checks -- here in float64 on CPU with the references standing in for cuDNN -- and a
+    wrong graph fails its row."""
+    from fusedres.bench import doctor
+
+    _fake_cudnn(monkeypatch)
+
+    def rows_of(d):
+        x = d.rand((2, 8, 7, 7), torch.float64, True, 0, 1.0, 0.3)
+        w = d.rand((16, 8, 3, 3), torch.float64, True, 1, 0.1)
+        d._cudnn_backward_graphs(torch.float64, 0, x, w, 2, 1, "8->16 3x3/2 @7")
+        return {r.kernel: r for r in d.rows.values()}
+
+    rows = rows_of(doctor.Doctor(torch.device("cpu"), quick=True, progress=False))
+    assert set(rows) == {"cudnn_graph_DgradDreluDBN", "cudnn_graph_ConvBNwgrad",
+                         "cudnn_graph_site"}
+    assert all(r.ok and r.cases == 1 for r in rows.values()), rows
+    wrong = cudnn_graph._run_wgrad
+    monkeypatch.setattr(cudnn_graph, "_run_wgrad", lambda *a: wrong(*a) * 1.01)
+    rows = rows_of(doctor.Doctor(torch.device("cpu"), quick=True, progress=False))
+    assert not rows["cudnn_graph_ConvBNwgrad"].ok and not rows["cudnn_graph_site"].ok
+    assert "fake-engine" in rows["cudnn_graph_ConvBNwgrad"].detail
+    assert rows["cudnn_graph_DgradDreluDBN"].ok
+
+
 def test_doctor_skips_with_a_reason_on_cpu():
     from fusedres.bench import doctor
 
@@ -496,6 +522,85 @@ def test_gpu_compile_fullgraph():
     compiled = torch.compile(lambda *a: cudnn_graph.conv_stats(*a, 1, 1, s, t), fullgraph=True)
     for a, b in zip(compiled(x, w), eager):
         torch.testing.assert_close(a, b)
+
+
+def _gpu_site_inputs(dtype):
+    """A BN-ReLU -> conv site on the GPU: x (the BN's input), w, the BN's batch statistics
+    and affine parameters (fp32), dy at the conv's output."""
+    x, w, _, _ = _gpu_inputs(dtype, False)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), correction=0)
+    invstd = torch.rsqrt(var + 1e-5)
+    gamma = torch.rand(x.shape[1], device="cuda", generator=g) + 0.5
+    beta = torch.randn(x.shape[1], device="cuda", generator=g) * 0.1
+    dy = (torch.randn(8, w.shape[0], 14, 14, device="cuda", generator=g) * 0.1).to(dtype) \
+        .contiguous(memory_format=torch.channels_last)
+    return x, w, mean, invstd, gamma, beta, dy
+
+
+def _planned_or_skip(x, w, kind):
+    status = cudnn_graph.plan_status(x, w, kind, 1, 1)
+    if status:
+        pytest.skip(f"cuDNN refused the {kind} graph here: {status}")
+    return cudnn_graph.engine(x, w, kind, 1, 1)
+
+
+@_ON_GPU
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", cudnn_graph.BACKWARD_KINDS)
+def test_gpu_backward_graph_against_reference(dtype, kind):
+    x, w, mean, invstd, gamma, beta, dy = _gpu_site_inputs(dtype)
+    engine = _planned_or_skip(x, w, kind)
+    d = torch.float64
+    if kind == "DgradDreluDBN":
+        got = torch.ops.fusedres.cudnn_graph_dgrad_drelu_dbn(dy, w, x, mean, invstd, gamma, beta,
+                                                             [1, 1], [1, 1])
+        want = R.graph_dgrad_drelu_dbn(dy.to(d), w.to(d), 1, 1, x.to(d), mean.to(d),
+                                       invstd.to(d), gamma.to(d), beta.to(d))
+    else:
+        scale, shift = cudnn_graph.prologue_scale_shift(gamma, beta, mean, invstd)
+        got = [torch.ops.fusedres.cudnn_graph_wgrad(dy, x, scale, shift, w, [1, 1], [1, 1])]
+        want = [R.graph_wgrad(dy.to(d), x.to(d), scale.to(d), shift.to(d), w.shape, 1, 1)]
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    for i, (a, b) in enumerate(zip(got, want)):
+        err = (a.double() - b).norm() / b.norm()
+        assert err < tol, f"{kind} output {i} on {engine}: relative error {err:.3g}"
+
+
+@_ON_GPU
+@pytest.mark.parametrize("kind", cudnn_graph.BACKWARD_KINDS)
+def test_gpu_backward_opcheck(kind):
+    x, w, mean, invstd, gamma, beta, dy = _gpu_site_inputs(torch.float16)
+    _planned_or_skip(x, w, kind)
+    if kind == "DgradDreluDBN":
+        op, args = torch.ops.fusedres.cudnn_graph_dgrad_drelu_dbn.default, (
+            dy, w, x, mean, invstd, gamma, beta, [1, 1], [1, 1])
+    else:
+        scale, shift = cudnn_graph.prologue_scale_shift(gamma, beta, mean, invstd)
+        op, args = torch.ops.fusedres.cudnn_graph_wgrad.default, (
+            dy, x, scale, shift, w, [1, 1], [1, 1])
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@_ON_GPU
+def test_gpu_site_compile_fullgraph():
+    """The site op forward and backward under torch.compile(fullgraph=True), after one
+    eager step planned its graphs: the same output and gradients."""
+    x, w, mean, invstd, gamma, beta, dy = _gpu_site_inputs(torch.bfloat16)
+    _planned_or_skip(x, w, "F1")
+
+    def step(x, w, gamma, beta):
+        y, _, _ = cudnn_graph.bn_relu_conv(x, w, gamma, beta, mean, invstd, True, [1, 1],
+                                           [1, 1])
+        return (y.float() * dy.float()).sum()
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        ins = [t.detach().requires_grad_() for t in (x, w, gamma, beta)]
+        loss = fn(*ins)
+        results.append([loss, *torch.autograd.grad(loss, ins)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
 
 
 @_ON_GPU

@@ -15,8 +15,12 @@ Checked, per backend available on the device (``cpu``, ``cuda``, ``triton``):
 * on CUDA, where fusedres._C has the cuDNN graph path, every graph kind (``cudnn_graph_F0``:
   conv + statistics, ``cudnn_graph_F1``: BN-ReLU prologue + conv + statistics; float16 and
   bfloat16, ResNet-50 conv shapes): output, mean, var and the gradients of input, weight,
-  scale and shift against ``fusedres.reference.graph_f0``/``graph_f1`` in float64. A graph
-  cuDNN refuses is listed under "skipped" with cuDNN's reason (the site falls back).
+  scale and shift against ``fusedres.reference.graph_f0``/``graph_f1`` in float64; the
+  backward graphs (``cudnn_graph_DgradDreluDBN``, ``cudnn_graph_ConvBNwgrad``) against
+  ``graph_dgrad_drelu_dbn``/``graph_wgrad``, and a BN-ReLU -> conv site with its fused
+  backward (``cudnn_graph_site``: y, dx, dw, dgamma, dbeta) against torch's composite in
+  float64. A graph cuDNN refuses is listed under "skipped" with cuDNN's reason (the site
+  falls back); a failing case names the engine cuDNN chose.
 
 Shapes: C=3, C=65, H=W=1, N=1 with H*W>1, odd sizes, and ResNet-50 activation shapes
 (batch 32 on GPU, all five; batch 2 on CPU, 64x56x56 and 2048x7x7); NCHW and channels_last; float32, float64 (CPU), float16 and
@@ -451,6 +455,62 @@ class Doctor:
                         return [(nm, a, b, None) for nm, a, b in zip(names, *outs)]
 
                     self.check(f"cudnn_graph_{kind}", "cudnn-graph", dtype, where, case)
+                self._cudnn_backward_graphs(dtype, i, x, w, st, pad,
+                                            f"{cin}->{cout} {k}x{k}/{st} @{h} batch {n}")
+
+    def _cudnn_backward_graphs(self, dtype, seed, x, w, st, pad, where):
+        """The backward of a BN-ReLU -> conv site whose BN normalises ``x`` with its batch
+        statistics: DgradDreluDBN and ConvBNwgrad against their references, and the whole
+        site op (``cudnn_graph.bn_relu_conv``: y and the gradients of x, w, gamma, beta)
+        against torch's conv(relu(batch_norm(x))), all in float64."""
+        from fusedres import cudnn_graph
+        from fusedres import reference as R
+
+        d, acc, eps = torch.float64, R.acc_dtype(x.dtype), 1e-5
+        var, mean = torch.var_mean(x.to(acc), dim=(0, 2, 3), correction=0)
+        invstd = torch.rsqrt(var + eps)
+        gamma = self.rand((x.shape[1],), acc, False, seed + 5, 0.1, 1.0)
+        beta = self.rand((x.shape[1],), acc, False, seed + 6, 0.1)
+        scale, shift = cudnn_graph.prologue_scale_shift(gamma, beta, mean, invstd)
+        y_shape = F.conv2d(torch.empty(x.shape, device="meta"), torch.empty(w.shape, device="meta"),
+                           None, st, pad).shape
+        dy = self.rand(tuple(y_shape), dtype, True, seed + 7, 0.1)
+        st2, pad2 = [st, st], [pad, pad]
+        f64 = lambda *ts: [t.to(d) for t in ts]  # noqa: E731
+
+        def dgrad_case():
+            got = cudnn_graph._run_dgrad_drelu_dbn(dy, w, x, mean, invstd, gamma, beta, st2, pad2)
+            want = R.graph_dgrad_drelu_dbn(*f64(dy, w), st, pad, *f64(x, mean, invstd, gamma, beta))
+            return [(nm, a, b, None) for nm, a, b in zip(("g", "dgamma", "dbeta"), got, want)]
+
+        def wgrad_case():
+            got = cudnn_graph._run_wgrad(dy, x, scale, shift, w, st2, pad2)
+            want = R.graph_wgrad(*f64(dy, x, scale, shift), w.shape, st, pad)
+            return [("dw", got, want, None)]
+
+        def site_case():
+            ins = [t.detach().requires_grad_() for t in (x, w, gamma, beta)]
+            ref = [t.detach().to(d).requires_grad_() for t in (x, w, gamma, beta)]
+            y, _, _ = cudnn_graph.bn_relu_conv(*ins, mean, invstd, True, st2, pad2)
+            xr, wr, gr, br = ref
+            yr = F.conv2d(torch.relu(F.batch_norm(xr, None, None, gr, br, True, 0.1, eps)), wr,
+                          None, st, pad)
+            got = torch.autograd.grad(y, ins, dy)
+            want = torch.autograd.grad(yr, ref, dy.to(d))
+            names = ("y", "dx", "dw", "dgamma", "dbeta")
+            return [(nm, a, b, None) for nm, a, b in zip(names, (y, *got), (yr, *want))]
+
+        cases = {"DgradDreluDBN": dgrad_case, "ConvBNwgrad": wgrad_case, "site": site_case}
+        for kind, case in cases.items():
+            # the site needs F1; its backward runs whichever backward graphs cuDNN plans
+            graph = "F1" if kind == "site" else kind
+            why = cudnn_graph.problem(x, w, None, st, pad, 1, 1) \
+                or cudnn_graph.plan_status(x, w, graph, st, pad)
+            if why:
+                self.skipped.append((f"cudnn_graph_{kind}", f"{dtype} {where}: {why}"))
+                continue
+            engine = cudnn_graph.engine(x, w, graph, st, pad)
+            self.check(f"cudnn_graph_{kind}", "cudnn-graph", dtype, f"{where} on {engine}", case)
 
     # ---------------------------------------------------------------------------------
 
