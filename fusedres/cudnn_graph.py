@@ -245,10 +245,16 @@ def _refused(conv, kind) -> Optional[str]:
     return None
 
 
+def site_note(conv) -> str:
+    """How a BN-ReLU -> ``conv`` site runs, from the graphs planned in this process
+    (``explain``'s note): F1's engine, each backward graph's engine, or its refusal and
+    what runs instead."""
+    f1 = [e for _, s, e in _conv_rows(conv, "F1") if not s]
+    return (f"F1 on {f1[0]}; " if f1 and f1[0] else "") + backward_note(conv)
+
+
 def backward_note(conv) -> str:
-    """How the backward of a BN-ReLU -> ``conv`` site runs, from the graphs planned in this
-    process (``explain``'s note): each backward graph's engine, or its refusal and what
-    runs instead."""
+    """How the backward of a BN-ReLU -> ``conv`` site runs (see ``site_note``)."""
     if not fused_backward:
         return "backward: ATen dgrad/wgrad (fusedres.cudnn_graph.fused_backward is False)"
     instead = {"DgradDreluDBN": "ATen dgrad + the BN backward kernels",
@@ -570,7 +576,7 @@ class CudnnGraphConv(conv_paths.ConvPath):
         return self._problem(conv, x, False)
 
     def prologue_note(self, conv):
-        return backward_note(conv)
+        return site_note(conv)
 
     def conv_stats(self, conv, x):
         x, weight, _ = fconv.autocast_inputs(x, conv.weight, None)

@@ -180,7 +180,8 @@ def test_graph_sites_match_torch(graph_calls, momentum):
     backward = ["DgradDreluDBN", "ConvBNwgrad"] * 2
     assert graph_calls == (["F0", "F1", "F1"] + backward) * 2
     rows = {r["site"]: r for r in fusedres.explain(fused)}
-    assert "DgradDreluDBN on fake-engine; ConvBNwgrad on fake-engine" in rows["bn1"]["reason"]
+    assert "F1 on fake-engine; backward: DgradDreluDBN on fake-engine; ConvBNwgrad on " \
+        "fake-engine; dBNApply: the fusedres BN kernel" in rows["bn1"]["reason"]
 
 
 @pytest.mark.parametrize("refuse", [("DgradDreluDBN",), ("ConvBNwgrad",),
