@@ -219,6 +219,24 @@ def _ask_cudnn(kind, x, weight, stride, padding) -> Tuple[str, Optional[str]]:
     return status, str(torch.ops.fusedres.cudnn_graph_engine(kind, x, weight, stride, padding))
 
 
+def _run_planned(kind, x, weight, stride, padding, run, *args):
+    """``run(*args)`` when cuDNN planned graph ``kind`` for this conv, else None; a planned
+    graph whose execution fails is remembered as refused (with the error) and gives None:
+    the caller falls back, the user sees no exception."""
+    if plan_status(x, weight, kind, stride, padding):
+        return None
+    try:
+        return run(*args)
+    except RuntimeError as exc:
+        if torch.compiler.is_compiling():
+            raise
+        first_line = (str(exc).strip() or repr(exc)).splitlines()[0]
+        with _LOCK:
+            _STATUS[_key(kind, x, weight, fconv._pair(stride), fconv._pair(padding))] = \
+                f"execute failed: {first_line}"
+        return None
+
+
 def engine(x: Tensor, weight: Tensor, kind, stride, padding) -> Optional[str]:
     """The engine cuDNN chose for a graph ``plan_status`` planned (its plan name and the
     scale/shift and intermediate dtypes), None when not planned or refused."""
@@ -481,9 +499,10 @@ def _data_gradients(g, x, weight, gamma, beta, mean, invstd, batch_stats, stride
     prims = _bn_primitives(x)
     x3 = ops.ncs(x)
     cl = ops.is_channels_last(x3)
-    if plan_status(x, weight, "DgradDreluDBN", stride, padding) == "":
-        dout, dgamma, dbeta = _run_dgrad_drelu_dbn(g, weight, x, mean, invstd, gam, bet,
-                                                   stride, padding)
+    graph = _run_planned("DgradDreluDBN", x, weight, stride, padding, _run_dgrad_drelu_dbn,
+                         g, weight, x, mean, invstd, gam, bet, stride, padding)
+    if graph is not None:
+        dout, dgamma, dbeta = graph
         relu = False  # g is already masked
     else:
         dout = _aten_conv_backward(g, x, weight, stride, padding, [True, False, False])[0]
@@ -506,8 +525,10 @@ def _data_gradients(g, x, weight, gamma, beta, mean, invstd, batch_stats, stride
 
 def _weight_gradient(g, x, weight, scale, shift, stride, padding):
     """ConvBNwgrad, else ATen's wgrad of the recomputed prologue."""
-    if plan_status(x, weight, "ConvBNwgrad", stride, padding) == "":
-        return _run_wgrad(g, x, scale, shift, weight, stride, padding)
+    dw = _run_planned("ConvBNwgrad", x, weight, stride, padding, _run_wgrad, g, x, scale, shift,
+                      weight, stride, padding)
+    if dw is not None:
+        return dw
     conv_in = bn_relu_prologue(x, scale, shift)
     return _aten_conv_backward(g, conv_in, weight, stride, padding, [False, True, False])[1]
 

@@ -209,6 +209,30 @@ def test_refused_backward_graph_falls_back(monkeypatch, refuse):
     assert len([s for s in cudnn_graph.statuses() if s["kind"] in refuse]) == 2 * len(refuse)
 
 
+def test_backward_graph_that_fails_to_execute_falls_back(monkeypatch):
+    """A planned backward graph whose execution raises (faked) gives today's backward
+    instead -- the same gradients, no exception -- and is remembered as refused."""
+    calls = _fake_cudnn(monkeypatch)
+
+    def broken(*args):
+        calls.append("broken")
+        raise RuntimeError("fusedres cudnn_graph_wgrad: execute failed: faked")
+
+    monkeypatch.setattr(cudnn_graph, "_run_wgrad", broken)
+    x, w, gamma, beta, mean, invstd = _site_inputs(True)
+    x.requires_grad_(), w.requires_grad_()
+    for _ in range(2):
+        y, _, _ = cudnn_graph.bn_relu_conv(x, w, gamma, beta, mean, invstd, True, [1, 1], [1, 1])
+        got = torch.autograd.grad(y.sum(), (x, w))
+    y_t = F.conv2d(torch.relu(F.batch_norm(x, None, None, gamma, beta, True, 0.1, 1e-5)), w,
+                   None, 1, 1)
+    for a, b, name in zip(got, torch.autograd.grad(y_t.sum(), (x, w)), ("x", "w")):
+        _close(a, b, f"grad {name}")
+    assert calls.count("broken") == 1  # remembered: not tried again
+    wgrad = [s for s in cudnn_graph.statuses() if s["kind"] == "ConvBNwgrad"]
+    assert wgrad[0]["status"].startswith("execute failed: fusedres cudnn_graph_wgrad")
+
+
 def test_fused_backward_switch(graph_calls, monkeypatch):
     """fused_backward=False: the site's backward is today's (autograd through scale/shift),
     no backward graph runs, the gradients are the same."""

@@ -118,10 +118,11 @@ const char* type_name(fe::DataType_t t) {
   return t == fe::DataType_t::FLOAT ? "fp32" : t == fe::DataType_t::HALF ? "fp16" : "bf16";
 }
 
+bool has_prologue(Kind kind) { return kind == Kind::F1 || kind == Kind::ConvBNwgrad; }
+
 std::vector<Variant> variants(Kind kind, at::ScalarType io) {
   const auto f32 = fe::DataType_t::FLOAT, f16 = fe::DataType_t::HALF;
-  const bool prologue = kind == Kind::F1 || kind == Kind::ConvBNwgrad;
-  if (prologue && io == at::kHalf) return {{f16, f32}, {f16, f16}, {f32, f32}};
+  if (has_prologue(kind) && io == at::kHalf) return {{f16, f32}, {f16, f16}, {f32, f32}};
   return {{f32, f32}};
 }
 
@@ -258,12 +259,12 @@ std::string build(Plan& plan, Kind kind, const at::Tensor& x, const at::Tensor& 
     if (why.empty()) why = step("build_plans", g->build_plans(fe::BuildPlanPolicy_t::HEURISTICS_CHOICE));
     int64_t ws = 0;
     if (why.empty()) why = step("get_workspace_size", g->get_workspace_size(ws));
-    std::string name;
-    if (why.empty()) why = step("get_plan_name", g->get_plan_name(name));
     std::ostringstream tag;
-    tag << "scale/shift " << type_name(v.per_channel) << ", intermediate "
-        << type_name(v.intermediate);
+    if (has_prologue(kind)) tag << "scale/shift " << type_name(v.per_channel) << ", ";
+    tag << "intermediate " << type_name(v.intermediate);
     if (why.empty()) {
+      std::string name;
+      if (!g->get_plan_name(name).is_good() || name.empty()) name = "engine unnamed";
       plan.graph = g;
       plan.workspace = ws;
       plan.engine = name + " (" + tag.str() + ")";
