@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 # (C_in, C_out, kernel, stride, padding, H): every distinct ResNet-50 conv (torchvision v1.5:
-# the stride on the 3x3), the stem first (refused by the planner: C_in = 3)
+# the stride on the 3x3), the stem first (F0 with its 3 input channels padded to 8; F1
+# refused by the planner)
 SITES = [(3, 64, 7, 2, 3, 224),
          (64, 64, 1, 1, 0, 56), (64, 64, 3, 1, 1, 56), (64, 256, 1, 1, 0, 56),
          (256, 64, 1, 1, 0, 56), (256, 128, 1, 1, 0, 56), (128, 128, 3, 2, 1, 56),
@@ -64,7 +65,7 @@ def time_site(site, batch, dtype, backward):
     for kind, prologue in (("F0", False), ("F1", True)):
         row = dict(site=f"{cin}->{cout} {k}x{k}/{st} @{h}", kind=kind, batch=batch,
                    dtype=str(dtype).replace("torch.", ""), pass_="fwd+bwd" if backward else "fwd")
-        why = cudnn_graph.problem(x, w, None, st, pad, 1, 1) or \
+        why = cudnn_graph.problem(x, w, None, st, pad, 1, 1, prologue=prologue) or \
             cudnn_graph.plan_status(x, w, prologue, st, pad)
 
         def run(loss):
