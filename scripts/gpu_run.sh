@@ -32,6 +32,10 @@
 # per row, so a call killed at any point still returns what it did):
 #   facts   nvidia-smi query, driver, torch/triton/nvcc/cuDNN versions, the commit, which
 #           optional packages are missing and what that skips             -> run.jsonl
+#           then cuDNN's description of the GPU (its device-properties JSON, a few
+#           seconds, no stage of its own), for CI's deviceless graph checks: a line
+#           "kind": "cudnn_device_properties" (or its error)  -> run.jsonl; save it with
+#           `python -m fusedres.cudnn_deviceless extract DIR/run.jsonl`
 #   build   pip install -e . (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16), in the background
 #           (dry run: `setup.py --name`, which loads setup.py and builds nothing); reused
 #           when fusedres._C already loads with CUDA kernels built from this csrc/
@@ -306,6 +310,11 @@ if [ "$DRY" != 1 ] && ! ls .gl/cudnn_frontend-*/include/cudnn_frontend.h > /dev/
 fi
 if stage_begin facts; then
     stage_run facts - "$PY" scripts/gpu_bench.py facts --out "$RUN" "${DRYFLAG[@]}"
+fi
+# cuDNN's device properties (no GPU in the dry run: the line then records the error)
+if [ "$(left)" -gt $((FINAL_S + KILL_S + 30)) ]; then
+    timeout -k 5 30 "$PY" -m fusedres.cudnn_deviceless capture --jsonl "$RUN" 2>&1 \
+        | tail -n 1 | sed 's/^/    cudnn device properties: /'
 fi
 
 # (b) the extension build in the background (unless the one in the tree is current), the
