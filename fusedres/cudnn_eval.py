@@ -99,11 +99,6 @@ def _key(conv, x, residual):
             tuple(fconv._pair(conv.dilation)), residual is not None)
 
 
-def _cast(conv, x, weight, bias):
-    """``(x, weight, bias)`` as the conv will see them: the autocast dtype when it is on."""
-    return fconv.autocast_inputs(x, weight, bias)
-
-
 def problem(conv, x: Optional[Tensor], relu: bool, residual: Optional[Tensor] = None,
             weight: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Optional[str]:
     """None when ``run`` may make the fused call for ``relu(conv(x, weight, bias)
@@ -121,7 +116,7 @@ def problem(conv, x: Optional[Tensor], relu: bool, residual: Optional[Tensor] = 
         return "the fused cuDNN call runs on CUDA tensors only"
     if not judged and (torch.is_grad_enabled() or torch.jit.is_tracing()):
         return "autograd on or a torch.jit trace (the fused call has no autograd formula)"
-    x, weight, bias = _cast(conv, x, weight, bias)
+    x, weight, bias = fconv.autocast_inputs(x, weight, bias)
     if residual is not None:
         shape_ok = isinstance(conv.padding, str) or \
             tuple(residual.shape) == conv_paths.conv_out_shape(conv, x)
@@ -155,7 +150,7 @@ def run(conv, x: Tensor, weight: Tensor, bias: Optional[Tensor],
         residual: Optional[Tensor] = None) -> Optional[Tensor]:
     """``relu(conv(x, weight, bias) [+ residual])`` in one cuDNN call (the caller checked
     ``problem``), or None when the call raised: remembered, the caller runs today's path."""
-    x, weight, bias = _cast(conv, x, weight, bias)
+    x, weight, bias = fconv.autocast_inputs(x, weight, bias)
     key = _key(conv, x, residual)
     weight = weight.contiguous(memory_format=torch.channels_last)
     geometry = (list(fconv._pair(conv.stride)), list(fconv._pair(conv.padding)),
