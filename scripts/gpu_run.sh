@@ -32,8 +32,8 @@
 # per row, so a call killed at any point still returns what it did):
 #   facts   nvidia-smi query, driver, torch/triton/nvcc/cuDNN versions, the commit, which
 #           optional packages are missing and what that skips             -> run.jsonl
-#           then cuDNN's description of the GPU (its device-properties JSON, a few
-#           seconds, no stage of its own), for CI's deviceless graph checks: a line
+#           then, beside the build, cuDNN's description of the GPU (its device-properties
+#           JSON; no stage of its own), for CI's deviceless graph checks: a line
 #           "kind": "cudnn_device_properties" (or its error)  -> run.jsonl; save it with
 #           `python -m fusedres.cudnn_deviceless extract DIR/run.jsonl`
 #   build   pip install -e . (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16), in the background
@@ -311,10 +311,13 @@ fi
 if stage_begin facts; then
     stage_run facts - "$PY" scripts/gpu_bench.py facts --out "$RUN" "${DRYFLAG[@]}"
 fi
-# cuDNN's device properties (no GPU in the dry run: the line then records the error)
-if [ "$(left)" -gt $((FINAL_S + KILL_S + 30)) ]; then
-    timeout -k 5 30 "$PY" -m fusedres.cudnn_deviceless capture --jsonl "$RUN" 2>&1 \
-        | tail -n 1 | sed 's/^/    cudnn device properties: /'
+# cuDNN's device properties, beside the build (no GPU in the dry run: the line then
+# records the error); waited for before the doctor
+CAPTURE_PID=""
+if [ "$(left)" -gt $((FINAL_S + KILL_S + 60)) ]; then
+    ( timeout -k 5 60 "$PY" -m fusedres.cudnn_deviceless capture --jsonl "$RUN" 2>&1 \
+        | tail -n 1 | sed 's/^/    cudnn device properties: /' ) &
+    CAPTURE_PID=$!
 fi
 
 # (b) the extension build in the background (unless the one in the tree is current), the
@@ -383,6 +386,7 @@ print(",".join(f.available_backends()), "|", f.extension_error or "")' 2>/dev/nu
     say "fusedres backends after the build: $backends"
 fi
 
+[ -n "$CAPTURE_PID" ] && wait "$CAPTURE_PID"
 # (c) doctor, then the CUDA kernel tests
 if stage_begin doctor; then
     if timeout 60 "$PY" -m fusedres.bench doctor --help > /dev/null 2>&1; then
