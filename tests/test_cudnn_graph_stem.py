@@ -11,7 +11,7 @@ from torch import nn
 import fusedres
 from fusedres import cudnn_graph
 from fusedres import nn as fnn
-from fusedres import reference as R
+from test_cudnn_graph import _ReferenceGraph  # the reference graphs, the path's backward
 
 H100 = cudnn_graph.Capabilities(True, 92400, (9, 0))
 
@@ -43,21 +43,6 @@ def test_pad_input_channels_layout_and_values():
     assert torch.equal(xp[:, :3], x) and not xp[:, 3:].any()
     assert torch.equal(wp[:, :3], w) and not wp[:, 3:].any()
     assert cudnn_graph.pad_input_channels(x, w, 0) == (x, w)
-
-
-class _ReferenceGraph(torch.autograd.Function):
-    """The F0/F1 reference graphs with the path's own backward (cudnn_graph._backward)."""
-
-    @staticmethod
-    def forward(ctx, x, w, scale, shift, stride, padding):
-        out = R.graph_f1(x, scale, shift, w, stride, padding) if scale is not None \
-            else R.graph_f0(x, w, stride, padding)
-        cudnn_graph._setup(ctx, (x, w, scale, shift, stride, padding), out)
-        return out
-
-    @staticmethod
-    def backward(ctx, dy, dsum, dsq):
-        return cudnn_graph._backward(ctx, dy, dsum, dsq)
 
 
 @pytest.fixture
