@@ -337,7 +337,8 @@ def _eval_conv(conv, x, w, b, relu=False, other=None, packs=None, path=None):
     one cuDNN call on CUDA); else one oneDNN call with post-ops where ``_onednn_ok``, else
     the conv and in-place ops on its fresh output (one pass for add+ReLU where autograd
     is off)."""
-    if path is not None and path.eval_problem(conv, x, relu, other, w, b) is None:
+    if path is not None and path.eval_kernel \
+            and path.eval_problem(conv, x, relu, other, w, b) is None:
         out = path.eval_conv(conv, x, w, b, relu, other)
         if out is not None:  # None: it raised, remembered; today's path below
             _last.backend = path.eval_name
