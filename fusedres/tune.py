@@ -20,10 +20,14 @@ Candidates (name: plan):
     cudnn-graph  SitePlan(conv="cudnn-graph"): cuDNN's fused graphs (conv + statistics,
                  BN-ReLU prologue; ``fusedres.cudnn_graph``) at BN-ReLU -> conv sites, the
                  BN kernels of the model's backend (CUDA, where _C was built with it)
+    cudnn-eval   SitePlan(conv="cudnn-eval"): eval-mode tuning on CUDA only; the folded
+                 conv with its bias, residual and ReLU in one cuDNN call
+                 (``fusedres.cudnn_eval``) where the site folds and ends in a ReLU
 
 Triton is never a candidate on CPU (the interpreter is not worth timing). In eval mode a
 fused candidate folds conv and BN into one conv (``SitePlan.fold``, default True), so
-"folded" is not a separate candidate: it is what a fused candidate runs there.
+"folded" is not a separate candidate: it is what a fused candidate runs there; the
+``cudnn-eval`` candidate is the same fold with the conv's epilogue in one cuDNN call.
 
 How a site is tuned. One forward of the model on ``example_inputs`` records every site's
 inputs. Per distinct site signature (op, shapes, strides, dtypes, module options, mode:
@@ -40,7 +44,7 @@ timed in repeated interleaved rounds (``fusedres._timing.interleaved_samples``: 
 candidate once per round, in a rotating order; CPU: wall clock per call, GPU: CUDA
 events), giving each a median and a spread (p20-p80). The decision is made only on
 differences the run can tell from its noise (``select``): the simplest candidate (torch
-< reference < cpu/cuda < triton < triton-conv < cudnn-graph) wins unless a faster one
+< reference < cpu/cuda < triton, cudnn-eval < triton-conv < cudnn-graph) wins unless a faster one
 beats it beyond the spread -- its median over ``margin`` (default 3%) lower and its p80
 under the other's p20. When a candidate's own
 samples disagree wildly (p20-p80 over ``NOISE_LIMIT`` of its median: a machine too loaded
@@ -83,7 +87,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from . import _timing, cudnn_graph
+from . import _timing, cudnn_eval, cudnn_graph
 from . import nn as fnn
 from ._backend import backend_supports, has_triton
 from ._fx import FusedForward
@@ -93,8 +97,8 @@ __all__ = ["tune", "select", "too_noisy", "measure", "plan_of", "TuneReport", "d
            "TOLERANCE", "RANK", "NOISE_LIMIT"]
 
 # Simpler first: a tie within the margin goes to the lower rank.
-RANK = {"torch": 0, "reference": 1, "cpu": 2, "cuda": 2, "triton": 3, "triton-conv": 4,
-        "cudnn-graph": 5}
+RANK = {"torch": 0, "reference": 1, "cpu": 2, "cuda": 2, "triton": 3, "cudnn-eval": 3,
+        "triton-conv": 4, "cudnn-graph": 5}
 # Candidates that only change a BN-ReLU -> conv site (a conv path with a prologue).
 _CONV_CANDIDATES = ("triton-conv", "cudnn-graph")
 # Relative L2 error allowed against the torch candidate, by the site's compute dtype. Two
@@ -128,8 +132,8 @@ def plan_of(choice: str) -> "fnn.SitePlan":
         return fnn.SitePlan(backend="torch")
     if choice == "triton-conv":
         return fnn.SitePlan(conv="triton", backend="triton")
-    if choice == "cudnn-graph":
-        return fnn.SitePlan(conv="cudnn-graph")
+    if choice in ("cudnn-graph", "cudnn-eval"):
+        return fnn.SitePlan(conv=choice)
     return fnn.SitePlan(conv="cudnn", backend=choice)
 
 
@@ -550,6 +554,8 @@ def _candidates(device: torch.device, only) -> list:
         names.append("triton-conv")
     if device.type == "cuda" and cudnn_graph.built():
         names.append("cudnn-graph")
+    if device.type == "cuda" and cudnn_eval.capabilities(device).cudnn:
+        names.append("cudnn-eval")  # (eval-mode tuning only: _tune_site)
     if only is not None:
         unknown = set(only) - set(RANK)
         if unknown:
@@ -579,6 +585,8 @@ def _tune_site(site: _Site, train: bool, candidates: list, timer, margin: float)
     for name in candidates:
         if name == "torch" or (name in _CONV_CANDIDATES and site.kwargs.get("next_conv") is None):
             continue  # a fused conv path only changes a BN-ReLU -> conv site
+        if name == "cudnn-eval" and train:
+            continue  # it changes only the eval fold; in training it is "cudnn"
         try:
             why = _compare(runner.results(name), want, tol, exact)
         except Exception as exc:  # noqa: BLE001

@@ -39,8 +39,9 @@ def test_planner_rules():
     assert "8.0" in _plan(caps=H100._replace(arch=(7, 5)))
     assert _plan(caps=H100._replace(arch=(8, 0))) is None
     assert "float16 or bfloat16" in _plan(dtype=torch.float32)
-    assert "multiples of 8" in _plan(cin=3, input_shape=(32, 3, 224, 224),
-                                     weight_shape=(64, 3, 7, 7))  # the stem
+    stem = dict(cin=3, input_shape=(32, 3, 224, 224), weight_shape=(64, 3, 7, 7))
+    assert _plan(**stem) is None  # F0: planned with its input channels padded to 8
+    assert "multiples of 8" in _plan(prologue=True, **stem)  # F1 is not padded
     assert "multiples of 8" in _plan(weight_shape=(12, 64, 1, 1))
     assert "bias" in _plan(has_bias=True)
     assert "groups" in _plan(groups=2)
