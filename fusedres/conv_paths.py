@@ -11,9 +11,12 @@ the ``ConvPath`` its plan names (``conv_choice``):
     cudnn-graph  cuDNN's graph API (``fusedres.cudnn_graph``): conv_fprop + genstats (F0)
                  and scale, bias, ReLU -> conv_fprop -> genstats (F1), where the extension
                  was built with it and cuDNN supports the graph on this device.
+    cudnn-eval   ``F.conv2d`` in training; in eval with folded weights the conv, bias,
+                 residual and ReLU in one cuDNN call (``fusedres.cudnn_eval``).
 
 A path says what it cannot do (``prologue_problem``, ``stats_problem``: None or why not)
-and does what it can (``conv``, ``conv_stats``, ``prologue_conv``). A site asks; what a
+and does what it can (``conv``, ``conv_stats``, ``prologue_conv``; in eval with folded
+weights ``eval_problem``/``eval_conv``). A site asks; what a
 path cannot do runs as ``cudnn`` does (the BN kernels, then ``F.conv2d``): never an
 exception, never a wrong answer. A new path is one subclass and one ``register`` call.
 
@@ -46,7 +49,9 @@ class SitePlan(NamedTuple):
     """``conv``: ``"auto"`` (F.conv2d -- cuDNN on CUDA -- unless the site's backend is
     ``"triton"``), ``"triton"`` (the Triton conv with the BN-ReLU prologue / statistics
     epilogue where the site allows it), ``"cudnn"`` (F.conv2d always) or ``"cudnn-graph"``
-    (cuDNN's fused graphs where they run, see ``fusedres.cudnn_graph``). ``backend``: the
+    (cuDNN's fused graphs where they run, see ``fusedres.cudnn_graph``) or ``"cudnn-eval"``
+    (F.conv2d; in eval the folded conv with bias, residual and ReLU in one cuDNN call,
+    ``fusedres.cudnn_eval``). ``backend``: the
     BN kernels' backend for this site (None: the one given to ``convert``), or ``"torch"``:
     the site runs as the original unfused torch modules. ``fold``: eval without autograd
     runs conv+BN as one conv with folded weights."""
@@ -104,6 +109,8 @@ class ConvPath:
     name = "?"
     prologue_name = "?"
     kernel_name = "conv2d"
+    eval_name = "folded"  # last_backend() after eval_conv ran
+    eval_kernel = ""  # explain's eval column after "folded, " where eval_conv applies
 
     def conv(self, conv: nn.Conv2d, x: Tensor) -> Tensor:
         """``conv(x)``'s math (the module's padding mode) without its hooks."""
@@ -147,6 +154,21 @@ class ConvPath:
         """What ``explain`` adds about a site whose BN-ReLU runs in this path's prologue
         of ``conv`` (e.g. how its backward runs); "" for nothing."""
         return ""
+
+    def eval_problem(self, conv: nn.Conv2d, x: Optional[Tensor] = None, relu: bool = True,
+                     other: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                     bias: Optional[Tensor] = None) -> Optional[str]:
+        """None when ``eval_conv`` runs an eval-mode folded conv ``[relu](conv(x, weight,
+        bias) [+ other])`` in one call (``x`` None: judged from the module); else why not
+        (then the site's eval path is today's: oneDNN post-ops on CPU, else the conv and
+        in-place add/ReLU)."""
+        return f"the {self.name} conv path has no fused eval conv"
+
+    def eval_conv(self, conv: nn.Conv2d, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                  relu: bool, other: Optional[Tensor]) -> Optional[Tensor]:
+        """The fused eval call, or None when it raised (the path remembers it and says so
+        in ``eval_problem`` from then on; the caller runs today's path)."""
+        raise NotImplementedError(self.eval_problem(conv, x, relu, other, weight, bias))
 
 
 class CudnnConv(ConvPath):
@@ -198,6 +220,14 @@ class TritonConv(ConvPath):
         return out, None
 
 
+def conv_out_shape(conv: nn.Conv2d, x: Tensor) -> tuple:
+    """The shape of ``conv(x)`` (numeric padding)."""
+    size = [(n + 2 * p - d * (k - 1) - 1) // st + 1 for n, p, d, k, st in zip(
+        x.shape[2:], fconv._pair(conv.padding), fconv._pair(conv.dilation), conv.kernel_size,
+        fconv._pair(conv.stride))]
+    return (x.shape[0], conv.out_channels, *size)
+
+
 # --------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------
@@ -225,3 +255,4 @@ def conv_paths() -> Tuple[str, ...]:
 register(CudnnConv())
 register(TritonConv())
 from . import cudnn_graph  # noqa: E402,F401  (registers the cudnn-graph path)
+from . import cudnn_eval  # noqa: E402,F401  (registers the cudnn-eval path)

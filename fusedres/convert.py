@@ -512,12 +512,25 @@ def _describe(block, prefix, site, bn_path, backend, note, memory_saving=False):
     elif plan.fold and fnn.fold_eval and ("conv" in site or site.get("folded_before")) and (
             kind != "dual" or "conv2" in site or site.get("shortcut_folded_before")):
         eval_mode = "folded"  # under no_grad / inference_mode
+        eval_mode, note = _fused_eval(block, site, plan, backend, eval_mode, note)
     else:
         eval_mode = "running stats"
     return _Site(block=prefix, site=bn_path, pattern=pattern, kernel=kernel, conv=conv,
                  modules=", ".join(sorted(set(modules))),
                  backend=_backend_name(bn, plan.backend or backend),
                  eval=eval_mode, status="fused", reason=note)
+
+
+def _fused_eval(block, site, plan, backend, eval_mode, note):
+    """``(eval column, note)`` of a folded site whose conv path makes the eval fold one
+    call (``cudnn-eval``), judged from the site's conv module."""
+    path = fnn.conv_paths.path_named(fnn.conv_choice(plan, plan.backend or backend)[0])
+    if path is None or not path.eval_kernel or "conv" not in site:
+        return eval_mode, note
+    why = path.eval_problem(_module(block, site["conv"]), None, site["kind"] != "conv_bn")
+    if why is None:
+        return f"{eval_mode}, {path.eval_kernel}", note
+    return eval_mode, _join(note, f"eval: the {path.name} fused call is not used: {why}")
 
 
 def _backend_name(bn: nn.Module, backend: str) -> str:

@@ -34,7 +34,8 @@ today's path (F.conv2d and the fused BN kernels), never to an exception:
 1. ``problem(...)``: rules known without cuDNN -- the extension was built with the path
    (cudnn-frontend headers at build time), CUDA tensors, float16/bfloat16, compute
    capability >= 8.0, in and out channels multiples of 8 (16-byte aligned rows for the
-   runtime-fusion engines), groups 1, dilation 1, zero padding, no conv bias,
+   runtime-fusion engines; an F0 conv's input channels, the stem's 3, are padded with
+   zeros to 8: ``input_channel_padding``), groups 1, dilation 1, zero padding, no conv bias,
    channels_last input and weight, 16-byte aligned (per call, not remembered);
 2. ``fusedres::cudnn_graph_plan``: cuDNN builds the graph's plan once per (graph kind,
    device, dtype, shapes, strides), ``check_support`` included; a refusal is remembered
@@ -110,7 +111,7 @@ def capabilities(device: torch.device) -> Capabilities:
 
 
 def problem(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
-            groups: int, padding_mode: str = "zeros") -> Optional[str]:
+            groups: int, padding_mode: str = "zeros", prologue: bool = False) -> Optional[str]:
     """None when a cuDNN graph may run ``conv(x, weight)`` (cuDNN still has the last word,
     ``plan_status``); else why not (``plan``'s rules on these tensors and the device's
     ``capabilities``): nothing runs on the device."""
@@ -121,7 +122,7 @@ def problem(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, 
                 tuple(x.shape), tuple(weight.shape), groups, fconv._pair(dilation),
                 padding, padding_mode,
                 x.is_contiguous(memory_format=cl) and weight.is_contiguous(memory_format=cl),
-                _aligned(x) and _aligned(weight))
+                _aligned(x) and _aligned(weight), prologue)
 
 
 def _aligned(t: Tensor) -> bool:
@@ -137,10 +138,12 @@ def _aligned(t: Tensor) -> bool:
 def plan(caps: Capabilities, dtype: torch.dtype, weight_dtype: torch.dtype, has_bias: bool,
          input_shape: tuple, weight_shape: tuple, groups: int = 1, dilation=(1, 1),
          padding=0, padding_mode: str = "zeros", channels_last: bool = True,
-         aligned: bool = True) -> Optional[str]:
-    """The planner's rules for one conv on a CUDA device with ``caps``: None (ask cuDNN)
-    or why no graph is planned. Stride and kernel size are not rules here: cuDNN's
-    ``check_support`` decides them per shape (and is remembered, ``plan_status``)."""
+         aligned: bool = True, prologue: bool = False) -> Optional[str]:
+    """The planner's rules for one conv (F1 with ``prologue``, else F0) on a CUDA device
+    with ``caps``: None (ask cuDNN) or why no graph is planned. Stride and kernel size are
+    not rules here: cuDNN's ``check_support`` decides them per shape (and is remembered,
+    ``plan_status``). An F0 conv whose input channels are not a multiple of 8 (the stem)
+    is planned with them padded (``input_channel_padding``)."""
     if not caps.built:
         return ("fusedres._C was built without the cuDNN graph path (no cudnn-frontend "
                 "headers at build time, see docs/cudnn_graph.md)")
@@ -158,14 +161,49 @@ def plan(caps: Capabilities, dtype: torch.dtype, weight_dtype: torch.dtype, has_
         return "groups, dilation, string padding or a padding mode the graphs do not cover"
     if len(input_shape) != 4 or len(weight_shape) != 4 or weight_shape[1] != input_shape[1]:
         return "not a plain 4-D convolution"
-    if input_shape[1] % 8 or weight_shape[0] % 8:
+    if (input_shape[1] + input_channel_padding(input_shape[1], prologue)) % 8 \
+            or weight_shape[0] % 8:
         return (f"channels {input_shape[1]} -> {weight_shape[0]}: cuDNN's runtime fusion "
-                "needs multiples of 8 (16-byte aligned fp16/bf16 rows)")
+                "needs multiples of 8 (16-byte aligned fp16/bf16 rows; only an F0 conv's "
+                "input channels are padded)")
     if not channels_last:
         return "input or weight not channels_last (the graphs are NHWC)"
     if not aligned:  # not a property of the graph: checked per call, never remembered
         return "input or weight not 16-byte aligned (a view with an offset)"
     return None
+
+
+# The stem: cuDNN's runtime fusion refuses input channels that are not a multiple of 8. An
+# F0 conv runs with zero input channels appended to its input and its weight (zero taps:
+# the same convolution), as MLPerf pads the stem's 3 channels. The padded tensors are made
+# per call, never stored in the module (the state_dict is unchanged), and autograd slices
+# the input and weight gradients back to their shapes. F1 is not padded (its prologue's
+# scale and shift have the input's channels, and its input is a BN output with C % 8 == 0
+# in the networks this is for).
+CHANNEL_ALIGN = 8
+
+
+def input_channel_padding(in_channels: int, prologue: bool) -> int:
+    """How many zero input channels the planner adds to a conv's graph: up to the next
+    multiple of ``CHANNEL_ALIGN`` for F0 (the stem: 3 -> 8), 0 for F1 or aligned inputs."""
+    if prologue or in_channels % CHANNEL_ALIGN == 0:
+        return 0
+    return -in_channels % CHANNEL_ALIGN
+
+
+def pad_input_channels(x: Tensor, weight: Tensor, pad: int) -> Tuple[Tensor, Tensor]:
+    """``(x, weight)`` with ``pad`` zero input channels appended, channels_last (fresh,
+    16-byte aligned); differentiable: the gradients reaching the originals are the padded
+    ones' first ``C`` channels."""
+    if not pad:
+        return x, weight
+    cl = torch.channels_last
+
+    def padded(t):
+        zeros = t.new_zeros((t.shape[0], pad, *t.shape[2:])).contiguous(memory_format=cl)
+        return torch.cat([t, zeros], dim=1).contiguous(memory_format=cl)
+
+    return padded(x), padded(weight)
 
 
 # Per graph (kind, device, dtype, shapes, strides): "" (runs) or why cuDNN refused it; and
@@ -203,7 +241,9 @@ def plan_status(x: Tensor, weight: Tensor, kind, stride, padding) -> str:
     if status is None:
         if torch.compiler.is_compiling():
             return "not planned before torch.compile tracing (run one eager step first)"
-        status, found = _ask_cudnn(kind, x, weight, stride, padding)
+        # only F0 pads (the stem); the other kinds' inputs are BN outputs, C % 8 == 0
+        xp, wp = pad_input_channels(x, weight, input_channel_padding(x.shape[1], kind != "F0"))
+        status, found = _ask_cudnn(kind, xp, wp, stride, padding)
         with _LOCK:
             _STATUS[key] = status
             if found is not None:
@@ -433,6 +473,7 @@ def conv_stats(x: Tensor, weight: Tensor, stride, padding, scale: Optional[Tenso
     if scale is not None:
         acc = acc_dtype(x.dtype)  # float32 for the graphs (float64 for the CPU tests)
         scale, shift = scale.to(acc).contiguous(), shift.to(acc).contiguous()
+    x, weight = pad_input_channels(x, weight, input_channel_padding(x.shape[1], scale is not None))
     y, s1, s2 = _run_graph(x, weight, scale, shift, st, pd)
     return (y, *_sums_to_stats(y, s1, s2))
 
@@ -577,13 +618,13 @@ class CudnnGraphConv(conv_paths.ConvPath):
             x = weight.new_empty((1, conv.in_channels, 1, 1)).contiguous(
                 memory_format=torch.channels_last)
             return problem(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation,
-                           conv.groups, conv.padding_mode) or _refused(conv, prologue)
+                           conv.groups, conv.padding_mode, prologue) or _refused(conv, prologue)
         cast, weight, bias = fconv.autocast_inputs(x, weight, conv.bias)
         if prologue and cast is not x:  # as the Triton prologue: BN-ReLU in x's own dtype
             return "under autocast, an input not in the autocast dtype goes to F.conv2d"
         x = cast
         why = problem(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
-                      conv.padding_mode)
+                      conv.padding_mode, prologue)
         if why is None:
             status = plan_status(x, weight, prologue, conv.stride, conv.padding)
             why = f"cuDNN refused the {'F1' if prologue else 'F0'} graph: {status}" \

@@ -328,16 +328,21 @@ def _onednn_ok(conv, x, other) -> bool:
                                    and tuple(other.shape) == _conv_out_shape(conv, x))))
 
 
-def _conv_out_shape(conv, x) -> tuple:
-    size = [(n + 2 * p - d * (k - 1) - 1) // st + 1 for n, p, d, k, st in zip(
-        x.shape[2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride)]
-    return (x.shape[0], conv.out_channels, *size)
+_conv_out_shape = conv_paths.conv_out_shape
 
 
-def _eval_conv(conv, x, w, b, relu=False, other=None, packs=None):
-    """``[relu](conv(x, w, b) [+ other])`` for eval with folded weights ``w``, ``b``: one
-    oneDNN call with post-ops where ``_onednn_ok``, else the conv and in-place ops on its
-    fresh output (one pass for add+ReLU where autograd is off)."""
+def _eval_conv(conv, x, w, b, relu=False, other=None, packs=None, path=None):
+    """``[relu](conv(x, w, b) [+ other])`` for eval with folded weights ``w``, ``b``: the
+    site's conv ``path`` in one call where its ``eval_problem`` allows (``cudnn-eval``:
+    one cuDNN call on CUDA); else one oneDNN call with post-ops where ``_onednn_ok``, else
+    the conv and in-place ops on its fresh output (one pass for add+ReLU where autograd
+    is off)."""
+    if path is not None and path.eval_kernel \
+            and path.eval_problem(conv, x, relu, other, w, b) is None:
+        out = path.eval_conv(conv, x, w, b, relu, other)
+        if out is not None:  # None: it raised, remembered; today's path below
+            _last.backend = path.eval_name
+            return out
     if _onednn_ok(conv, x, other):
         geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         args = (_packed_weight(packs, w, geometry, x), b, *geometry)
@@ -378,9 +383,9 @@ def _add_act(y, other, relu):
     return y.relu_() if relu else y
 
 
-def _folded_conv(conv, bn, x, relu=False, other=None):
-    """``[relu](bn(conv(x)) [+ other])`` as one conv with folded weights, or None when the
-    site does not fold."""
+def _folded_conv(conv, bn, x, relu=False, other=None, path=None):
+    """``[relu](bn(conv(x)) [+ other])`` as one conv with folded weights (``path``: the
+    site's conv path, see ``_eval_conv``), or None when the site does not fold."""
     if not _can_fold(conv, bn, x):
         return None
     wb = folded_weights(conv, bn)
@@ -389,7 +394,7 @@ def _folded_conv(conv, bn, x, relu=False, other=None):
     _last.backend = "folded"
     entry = _FOLDED.get(conv)
     packs = entry[3] if entry is not None and entry[1] is wb[0] else None
-    return _eval_conv(conv, x, wb[0], wb[1], relu, other, packs)
+    return _eval_conv(conv, x, wb[0], wb[1], relu, other, packs, path)
 
 
 def _normalised(x, bn) -> bool:
@@ -398,7 +403,7 @@ def _normalised(x, bn) -> bool:
 
 
 def _eval_site(x, conv, bn, relu, residual, shortcut_x, shortcut_conv, shortcut_bn,
-               backend):
+               backend, path=None):
     """``[relu](bn(conv(x)) [+ residual | + shortcut_bn(shortcut_conv(shortcut_x))])`` in
     eval without autograd, with ``bn`` folded into ``conv`` (or already into the previous
     site's conv, which marked ``x``); None when it does not fold. The add and ReLU ride on
@@ -422,21 +427,23 @@ def _eval_site(x, conv, bn, relu, residual, shortcut_x, shortcut_conv, shortcut_
             residual = s if s is not None else bn_act(
                 shortcut_bn, conv2d(shortcut_conv, shortcut_x), backend=backend)
         elif shortcut_conv is not None:  # y known: the shortcut conv runs last
-            out = _folded_conv(shortcut_conv, shortcut_bn, shortcut_x, relu, other=y)
+            out = _folded_conv(shortcut_conv, shortcut_bn, shortcut_x, relu, other=y,
+                               path=path)
             if out is not None:
                 return out
             residual = bn_act(shortcut_bn, conv2d(shortcut_conv, shortcut_x), backend=backend)
         else:
             residual = bn_act(shortcut_bn, shortcut_x, backend=backend)
     if y is None:
-        return _folded_conv(conv, bn, x, relu, other=residual)
+        return _folded_conv(conv, bn, x, relu, other=residual, path=path)
     return _add_act(y, residual, relu)
 
 
-def _conv_then_bn(conv, next_bn, h, next_relu=False):
+def _conv_then_bn(conv, next_bn, h, next_relu=False, path=None):
     """``conv(h)``, with ``next_bn`` (the next site's BN) folded in when it can be, and
     the next site's ReLU too when ``next_relu`` (that site is a BN-ReLU: relu(bn(y)))."""
-    y = _folded_conv(conv, next_bn, h, relu=next_relu) if next_bn is not None else None
+    y = _folded_conv(conv, next_bn, h, relu=next_relu, path=path) \
+        if next_bn is not None else None
     if y is None:
         return conv2d(conv, h)
     setattr(y, _NORMALISED_BY, next_bn)
@@ -618,11 +625,13 @@ def conv_bn_act(x: Tensor, conv: Optional[nn.Conv2d], bn: nn.BatchNorm2d, *,
     if backend == "torch":
         return _torch_site(x, conv, bn, relu, residual, shortcut_x, shortcut_conv,
                            shortcut_bn, next_conv, next_bn, next_relu)
-    y = _eval_site(x, conv, bn, relu, residual, shortcut_x, shortcut_conv, shortcut_bn, backend)
+    path = conv_paths.path_named(conv_choice(plan, backend)[0])
+    y = _eval_site(x, conv, bn, relu, residual, shortcut_x, shortcut_conv, shortcut_bn, backend,
+                   path)
     if y is not None:  # eval, folded: conv + bias (+ shortcut) (+ relu) (+ next conv)
-        return _conv_then_bn(next_conv, next_bn, y, next_relu) if next_conv is not None else y
+        return _conv_then_bn(next_conv, next_bn, y, next_relu, path) \
+            if next_conv is not None else y
     if next_conv is not None:
-        path = conv_paths.path_named(conv_choice(plan, backend)[0])
         stats = None
         if conv is None:
             y, stats = x, _carried_stats(x)

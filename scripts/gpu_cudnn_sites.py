@@ -11,12 +11,17 @@ forward+backward, CUDA events (fusedres.bench.timing.time_cuda):
 
 A site the planner or cuDNN refuses prints its reason instead of a time. ``--train``
 adds a ResNet-50 training step (torchvision, SGD, autocast): eager against the converted
-model with every BN-ReLU -> conv site on the graph path (img/s).
+model with every BN-ReLU -> conv site on the graph path (img/s). ``--eval`` adds the
+ResNet-50 eval forward (torch.no_grad, channels_last; float32 and each dtype under
+autocast): eager, the converted model's folded convs (today's eval path) and the same
+with every site's plan ``cudnn-eval`` (the fold's conv, bias, residual and ReLU in one
+cuDNN call), img/s and the largest output difference from eager.
 
     python3 scripts/gpu_cudnn_sites.py [--batch 256] [--dtypes float16,bfloat16]
-                                       [--sites 1,2,6] [--train] [--out results.json]
+                                       [--sites 1,2,6] [--train] [--eval] [--out results.json]
 
-Needs a GPU and fusedres._C built with the cuDNN graph path (docs/cudnn_graph.md).
+Needs a GPU and fusedres._C built with the cuDNN graph path (docs/cudnn_graph.md); with
+``--eval`` and no graph path, only the eval rows run.
 """
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 # (C_in, C_out, kernel, stride, padding, H): every distinct ResNet-50 conv (torchvision v1.5:
-# the stride on the 3x3), the stem first (refused by the planner: C_in = 3)
+# the stride on the 3x3), the stem first (F0 with its 3 input channels padded to 8; F1
+# refused by the planner)
 SITES = [(3, 64, 7, 2, 3, 224),
          (64, 64, 1, 1, 0, 56), (64, 64, 3, 1, 1, 56), (64, 256, 1, 1, 0, 56),
          (256, 64, 1, 1, 0, 56), (256, 128, 1, 1, 0, 56), (128, 128, 3, 2, 1, 56),
@@ -64,7 +70,7 @@ def time_site(site, batch, dtype, backward):
     for kind, prologue in (("F0", False), ("F1", True)):
         row = dict(site=f"{cin}->{cout} {k}x{k}/{st} @{h}", kind=kind, batch=batch,
                    dtype=str(dtype).replace("torch.", ""), pass_="fwd+bwd" if backward else "fwd")
-        why = cudnn_graph.problem(x, w, None, st, pad, 1, 1) or \
+        why = cudnn_graph.problem(x, w, None, st, pad, 1, 1, prologue=prologue) or \
             cudnn_graph.plan_status(x, w, prologue, st, pad)
 
         def run(loss):
@@ -140,6 +146,49 @@ def train_step_rates(batch, dtype, steps=20):
     return out
 
 
+def eval_rates(batch, dtype, steps=20, device="cuda"):
+    """img/s of a ResNet-50 eval forward: eager, folded (the converted model, default
+    plans) and cudnn-eval (every site's plan), with each one's max |difference| from
+    eager's output and the fused calls cuDNN refused."""
+    from fusedres import cudnn_eval
+    from fusedres.bench.resnet50 import torchvision_or_own
+
+    import fusedres
+
+    torch.manual_seed(0)
+    model, _ = torchvision_or_own("resnet50")
+    cl = torch.channels_last
+    model = model.to(device, memory_format=cl).eval()
+    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=cl)
+    amp = dtype != torch.float32
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    out, ref = {}, None
+    for name in ("eager", "folded", "cudnn-eval"):
+        if name == "folded":
+            model = fusedres.convert(model)
+        if name == "cudnn-eval":
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.fusedres_plan = fusedres.nn.SitePlan(conv="cudnn-eval")
+
+        def fwd():
+            with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=amp):
+                return model(x)
+
+        y = fwd().float()  # warm (cuDNN plans, folded weights)
+        ref = y if ref is None else ref
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fwd()
+        sync()
+        out[name] = batch * steps / (time.perf_counter() - t0)
+        out[f"{name}_max_abs_diff"] = float((y - ref).abs().max())
+    out["speedup_vs_folded"] = out["cudnn-eval"] / out["folded"]
+    out["refused"] = [s for s in cudnn_eval.statuses() if s["status"]]
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=256)
@@ -147,6 +196,7 @@ def main() -> int:
     p.add_argument("--no-backward", action="store_true")
     p.add_argument("--sites", help="comma-separated indices into SITES (default: all)")
     p.add_argument("--train", action="store_true")
+    p.add_argument("--eval", action="store_true", help="also the ResNet-50 eval forward")
     p.add_argument("--out")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -154,13 +204,20 @@ def main() -> int:
         return 2
     from fusedres import cudnn_graph
 
-    if not cudnn_graph.built():
-        print("gpu_cudnn_sites.py: fusedres._C has no cuDNN graph path", file=sys.stderr)
-        return 2
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                  cudnn=cudnn_graph.capabilities(torch.device("cuda")).cudnn_version,
-                  sites=[], train={})
+                  cudnn=torch.backends.cudnn.version(), sites=[], train={}, eval={})
+    if args.eval:
+        for dtype in [torch.float32] + dtypes:
+            rates = eval_rates(args.batch, dtype)
+            result["eval"][str(dtype)] = rates
+            print(json.dumps({"eval": str(dtype), **rates}), flush=True)
+    if not cudnn_graph.built():
+        print("gpu_cudnn_sites.py: fusedres._C has no cuDNN graph path", file=sys.stderr)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0 if args.eval else 2
     for dtype in dtypes:
         for site in ([SITES[int(i)] for i in args.sites.split(",")] if args.sites else SITES):
             result["sites"] += time_site(site, args.batch, dtype, not args.no_backward)

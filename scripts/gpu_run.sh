@@ -32,6 +32,10 @@
 # per row, so a call killed at any point still returns what it did):
 #   facts   nvidia-smi query, driver, torch/triton/nvcc/cuDNN versions, the commit, which
 #           optional packages are missing and what that skips             -> run.jsonl
+#           then, beside the build, cuDNN's description of the GPU (its device-properties
+#           JSON; no stage of its own), for CI's deviceless graph checks: a line
+#           "kind": "cudnn_device_properties" (or its error)  -> run.jsonl; save it with
+#           `python -m fusedres.cudnn_deviceless extract DIR/run.jsonl`
 #   build   pip install -e . (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16), in the background
 #           (dry run: `setup.py --name`, which loads setup.py and builds nothing); reused
 #           when fusedres._C already loads with CUDA kernels built from this csrc/
@@ -307,6 +311,14 @@ fi
 if stage_begin facts; then
     stage_run facts - "$PY" scripts/gpu_bench.py facts --out "$RUN" "${DRYFLAG[@]}"
 fi
+# cuDNN's device properties, beside the build (no GPU in the dry run: the line then
+# records the error); waited for before the doctor
+CAPTURE_PID=""
+if [ "$(left)" -gt $((FINAL_S + KILL_S + 60)) ]; then
+    ( timeout -k 5 60 "$PY" -m fusedres.cudnn_deviceless capture --jsonl "$RUN" 2>&1 \
+        | tail -n 1 | sed 's/^/    cudnn device properties: /' ) &
+    CAPTURE_PID=$!
+fi
 
 # (b) the extension build in the background (unless the one in the tree is current), the
 # Triton smoke test and the compile prewarm meanwhile
@@ -374,6 +386,7 @@ print(",".join(f.available_backends()), "|", f.extension_error or "")' 2>/dev/nu
     say "fusedres backends after the build: $backends"
 fi
 
+[ -n "$CAPTURE_PID" ] && wait "$CAPTURE_PID"
 # (c) doctor, then the CUDA kernel tests
 if stage_begin doctor; then
     if timeout 60 "$PY" -m fusedres.bench doctor --help > /dev/null 2>&1; then

@@ -187,6 +187,11 @@ def summary(d: str) -> str:
     for r in run:
         if r.get("kind") == "backends":
             out.append(f"   fusedres backends after the build: {r['backends']}")
+        if r.get("kind") == "cudnn_device_properties":  # for CI's deviceless graph checks
+            out.append("   cuDNN device properties: " + (
+                f"captured ({len(r['properties'])} bytes; `python -m fusedres.cudnn_deviceless "
+                "extract DIR/run.jsonl` saves them under benchmarks/)" if r.get("properties")
+                else f"not captured: {str(r.get('error'))[:120]}"))
     smoke = read_jsonl(os.path.join(d, "smoke.jsonl"))
     if smoke:
         checks = [r for r in smoke if r.get("kind") == "check"]

@@ -42,6 +42,15 @@ with zipfile.ZipFile(whl) as z:
         echo "[setup] cudnn-frontend headers not fetched: the build has no cuDNN graph path"
     fi
 fi
+# Once a GPU's cuDNN device properties are committed (benchmarks/cudnn_device_properties/),
+# tests/test_cudnn_deviceless.py checks the planned graphs with the same wheel's Python
+# graph API: installed --no-deps (its kernel libraries' dependencies are not needed there).
+if ls benchmarks/cudnn_device_properties/*.json > /dev/null 2>&1 && \
+        ! .venv/bin/python -c "import cudnn" 2> /dev/null; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps \
+        .gl/nvidia_cudnn_frontend-$CUDNN_FE_VERSION-*.whl \
+        || echo "[setup] cudnn-frontend Python package not installed: deviceless checks skip"
+fi
 mkdir -p build
 # What decides the build: rebuild when it changes (a CPU-only .so does not satisfy a
 # FUSEDRES_BUILD_CUDA=1 run, and the other way round).

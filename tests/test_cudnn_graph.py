@@ -39,8 +39,9 @@ def test_planner_rules():
     assert "8.0" in _plan(caps=H100._replace(arch=(7, 5)))
     assert _plan(caps=H100._replace(arch=(8, 0))) is None
     assert "float16 or bfloat16" in _plan(dtype=torch.float32)
-    assert "multiples of 8" in _plan(cin=3, input_shape=(32, 3, 224, 224),
-                                     weight_shape=(64, 3, 7, 7))  # the stem
+    stem = dict(cin=3, input_shape=(32, 3, 224, 224), weight_shape=(64, 3, 7, 7))
+    assert _plan(**stem) is None  # F0: planned with its input channels padded to 8
+    assert "multiples of 8" in _plan(prologue=True, **stem)  # F1 is not padded
     assert "multiples of 8" in _plan(weight_shape=(12, 64, 1, 1))
     assert "bias" in _plan(has_bias=True)
     assert "groups" in _plan(groups=2)
@@ -94,6 +95,16 @@ class Bottleneck(nn.Module):
         return F.relu(out + self.down(x))
 
 
+def _reference_dgrad_drelu_dbn(dy, w, x, mean, invstd, gamma, beta, stride, padding):
+    """cudnn_graph._run_dgrad_drelu_dbn's stand-in: the reference graph."""
+    return R.graph_dgrad_drelu_dbn(dy, w, stride, padding, x, mean, invstd, gamma, beta)
+
+
+def _reference_wgrad(dy, x, scale, shift, w, stride, padding):
+    """cudnn_graph._run_wgrad's stand-in: the reference graph."""
+    return R.graph_wgrad(dy, x, scale, shift, w.shape, stride, padding)
+
+
 def _fake_cudnn(monkeypatch, refuse=()):
     """cuDNN faked: the graph kinds in ``refuse`` refused (check_support), every other one
     planned (engine "fake-engine") and run by its reference; returns the kinds run."""
@@ -103,13 +114,13 @@ def _fake_cudnn(monkeypatch, refuse=()):
         calls.append("F1" if scale is not None else "F0")
         return _ReferenceGraph.apply(x, w, scale, shift, stride, padding)
 
-    def dgrad_drelu_dbn(dy, w, x, mean, invstd, gamma, beta, stride, padding):
+    def dgrad_drelu_dbn(*args):
         calls.append("DgradDreluDBN")
-        return R.graph_dgrad_drelu_dbn(dy, w, stride, padding, x, mean, invstd, gamma, beta)
+        return _reference_dgrad_drelu_dbn(*args)
 
-    def wgrad(dy, x, scale, shift, w, stride, padding):
+    def wgrad(*args):
         calls.append("ConvBNwgrad")
-        return R.graph_wgrad(dy, x, scale, shift, w.shape, stride, padding)
+        return _reference_wgrad(*args)
 
     def ask(kind, x, w, stride, padding):
         return ("check_support: faked", None) if kind in refuse else ("", "fake-engine")

@@ -91,6 +91,9 @@ def test_dry_run_facts(dry_run):
     assert f["dry_run"] is True and f["torch"] == torch.__version__
     assert f["triton"] and f["git_commit"] and "packages" in f
     assert {m["package"] for m in f["missing"]} <= set(_script_module("gpu_bench").OPTIONAL) | {"nvcc"}
+    # cuDNN's device properties: captured on a GPU, else the reason (here: no GPU)
+    props = [r for r in _lines(res / "run.jsonl") if r["kind"] == "cudnn_device_properties"]
+    assert len(props) == 1 and (props[0].get("properties") or props[0]["error"]), props
 
 
 def test_dry_run_smoke_checks_every_kernel(dry_run):

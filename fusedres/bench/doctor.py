@@ -14,13 +14,18 @@ Checked, per backend available on the device (``cpu``, ``cuda``, ``triton``):
   ``bn_relu_conv2d_stats``, ``conv2d_bias_add_relu``) against ``F.conv2d`` in float64;
 * on CUDA, where fusedres._C has the cuDNN graph path, every graph kind (``cudnn_graph_F0``:
   conv + statistics, ``cudnn_graph_F1``: BN-ReLU prologue + conv + statistics; float16 and
-  bfloat16, ResNet-50 conv shapes): output, mean, var and the gradients of input, weight,
-  scale and shift against ``fusedres.reference.graph_f0``/``graph_f1`` in float64; the
-  backward graphs (``cudnn_graph_DgradDreluDBN``, ``cudnn_graph_ConvBNwgrad``) against
+  bfloat16, ResNet-50 conv shapes, F0 also at the stem, 3 input channels padded to 8):
+  output, mean, var and the gradients of input, weight, scale and shift against
+  ``fusedres.reference.graph_f0``/``graph_f1`` in float64; the backward graphs
+  (``cudnn_graph_DgradDreluDBN``, ``cudnn_graph_ConvBNwgrad``) against
   ``graph_dgrad_drelu_dbn``/``graph_wgrad``, and a BN-ReLU -> conv site with its fused
   backward (``cudnn_graph_site``: y, dx, dw, dgamma, dbeta) against torch's composite in
   float64. A graph cuDNN refuses is listed under "skipped" with cuDNN's reason (the site
-  falls back); a failing case names the engine cuDNN chose.
+  falls back); a failing case names the engine cuDNN chose;
+* on CUDA, the ``cudnn-eval`` path's fused call (``cudnn_eval_add_relu``: relu(conv + bias
+  + residual), ``cudnn_eval_relu``: relu(conv + bias); float32, float16, bfloat16,
+  channels_last, ResNet-50 conv shapes) against F.conv2d in float64; a call that raises
+  is listed under "skipped" with the error (the site keeps today's eval path).
 
 Shapes: C=3, C=65, H=W=1, N=1 with H*W>1, odd sizes, and ResNet-50 activation shapes
 (batch 32 on GPU, all five; batch 2 on CPU, 64x56x56 and 2048x7x7); NCHW and channels_last; float32, float64 (CPU), float16 and
@@ -63,6 +68,7 @@ RESNET50 = ((64, 56), (256, 56), (512, 28), (1024, 14), (2048, 7))
 CONVS_TINY = ((3, 8, 3, 1, 1, 5), (8, 16, 1, 2, 0, 6))
 CONVS_RESNET50 = ((64, 64, 3, 1, 1, 56), (256, 128, 1, 1, 0, 56), (128, 128, 3, 2, 1, 56),
                   (512, 2048, 1, 2, 0, 14))
+STEM = (3, 64, 7, 2, 3, 224)  # the cuDNN graphs' F0 runs it with the input padded to 8
 
 
 @dataclasses.dataclass
@@ -419,15 +425,17 @@ class Doctor:
 
         n = 2 if self.quick else 32
         for dtype in (torch.float16, torch.bfloat16):
-            for i, (cin, cout, k, st, pad, h) in enumerate(CONVS_RESNET50):
+            for i, (cin, cout, k, st, pad, h) in enumerate(CONVS_RESNET50 + (STEM,)):
                 x = self.rand((n, cin, h, h), dtype, True, i, 1.0, 0.3)
                 w = self.rand((cout, cin, k, k), dtype, True, i + 1, (cin * k * k) ** -0.5)
                 scale = self.rand((cin,), torch.float32, False, i + 2, 0.1, 1.0)
                 shift = self.rand((cin,), torch.float32, False, i + 3, 0.1)
                 for kind, prologue in (("F0", False), ("F1", True)):
                     where = f"{kind} {cin}->{cout} {k}x{k}/{st} @{h} batch {n}"
-                    why = cudnn_graph.problem(x, w, None, st, pad, 1, 1) or \
-                        cudnn_graph.plan_status(x, w, prologue, st, pad)
+                    if prologue and (cin, cout, k, st, pad, h) == STEM:
+                        continue  # (never an F1 site: the image is no BN output)
+                    why = cudnn_graph.problem(x, w, None, st, pad, 1, 1, prologue=prologue) \
+                        or cudnn_graph.plan_status(x, w, prologue, st, pad)
                     if why:
                         self.skipped.append((f"cudnn_graph_{kind}", f"{dtype} {where}: {why}"))
                         continue
@@ -455,8 +463,9 @@ class Doctor:
                         return [(nm, a, b, None) for nm, a, b in zip(names, *outs)]
 
                     self.check(f"cudnn_graph_{kind}", "cudnn-graph", dtype, where, case)
-                self._cudnn_backward_graphs(dtype, i, x, w, st, pad,
-                                            f"{cin}->{cout} {k}x{k}/{st} @{h} batch {n}")
+                if (cin, cout, k, st, pad, h) != STEM:  # (the stem is no BN-ReLU -> conv site)
+                    self._cudnn_backward_graphs(dtype, i, x, w, st, pad,
+                                                f"{cin}->{cout} {k}x{k}/{st} @{h} batch {n}")
 
     def _cudnn_backward_graphs(self, dtype, seed, x, w, st, pad, where):
         """The backward of a BN-ReLU -> conv site whose BN normalises ``x`` with its batch
@@ -504,13 +513,48 @@ class Doctor:
         for kind, case in cases.items():
             # the site needs F1; its backward runs whichever backward graphs cuDNN plans
             graph = "F1" if kind == "site" else kind
-            why = cudnn_graph.problem(x, w, None, st, pad, 1, 1) \
+            why = cudnn_graph.problem(x, w, None, st, pad, 1, 1, prologue=True) \
                 or cudnn_graph.plan_status(x, w, graph, st, pad)
             if why:
                 self.skipped.append((f"cudnn_graph_{kind}", f"{dtype} {where}: {why}"))
                 continue
             engine = cudnn_graph.engine(x, w, graph, st, pad)
             self.check(f"cudnn_graph_{kind}", "cudnn-graph", dtype, f"{where} on {engine}", case)
+
+    # cuDNN's fused eval call (the cudnn-eval conv path) --------------------------------
+
+    def cudnn_eval(self, backend: str = "cudnn-eval") -> None:  # likewise
+        from fusedres import cudnn_eval
+
+        n = 2 if self.quick else 32
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            tol = {torch.float32: 5e-3 if torch.backends.cudnn.allow_tf32 else 1e-4,
+                   torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+            for i, (cin, cout, k, st, pad, h) in enumerate(CONVS_RESNET50):
+                conv = torch.nn.Conv2d(cin, cout, k, st, pad, bias=False, device="meta")
+                x = self.rand((n, cin, h, h), dtype, True, i, 1.0, 0.3)
+                w = self.rand((cout, cin, k, k), dtype, True, i + 1, (cin * k * k) ** -0.5)
+                b = self.rand((cout,), dtype, False, i + 2, 0.1)
+                ho = (h + 2 * pad - k) // st + 1
+                z = self.rand((n, cout, ho, ho), dtype, True, i + 3)
+                for kind, res in (("cudnn_eval_add_relu", z), ("cudnn_eval_relu", None)):
+                    where = f"{cin}->{cout} {k}x{k}/{st} @{h} batch {n}"
+                    with torch.no_grad():
+                        why = cudnn_eval.problem(conv, x, True, res, w, b)
+                        out = None if why else cudnn_eval.run(conv, x, w, b, res)
+                        if out is None:  # refused here, or raised (remembered: the error)
+                            why = why or cudnn_eval.problem(conv, x, True, res, w, b)
+                    if out is None:
+                        self.skipped.append((kind, f"{dtype} {where}: {why}"))
+                        continue
+
+                    def case(out=out, res=res):
+                        want = F.conv2d(x.double(), w.double(), b.double(), st, pad)
+                        if res is not None:
+                            want = want + res.double()
+                        return [("output", out, torch.relu(want), tol)]
+
+                    self.check(kind, "cudnn-eval", dtype, where, case)
 
     # ---------------------------------------------------------------------------------
 
@@ -540,6 +584,10 @@ class Doctor:
                                                 "graph path (no cudnn-frontend headers)"))
         else:
             steps.append(("cudnn-graph", self.cudnn_graphs))
+        if self.device.type != "cuda":
+            self.skipped.append(("cudnn-eval", "the fused cuDNN call runs on CUDA only"))
+        else:
+            steps.append(("cudnn-eval", self.cudnn_eval))
         start = time.perf_counter()
         for k, (backend, step) in enumerate(steps):
             t0 = time.perf_counter()

@@ -1,0 +1,176 @@
+"""Deviceless cuDNN graph checks (fusedres.cudnn_deviceless): which graphs the planner
+plans at ResNet-50's conv sites, how a GPU run's capture is saved, how each graph is
+built (a recording stand-in for the cudnn-frontend module), the capture's failure
+without a GPU -- and, when a capture of a GPU is committed under
+benchmarks/cudnn_device_properties/, cuDNN's own check_support of every planned graph
+for that device, here, without a GPU."""
+import json
+import os
+import types
+
+import pytest
+import torch
+
+from fusedres import cudnn_deviceless as D
+from fusedres.bench.cases import resnet50_convs
+
+
+def test_planned_graphs_cover_resnet50_with_the_padded_stem():
+    cases = D.planned_graphs((9, 0), 92400, batch=256)
+    convs = resnet50_convs()
+    # every distinct conv, F0 and F1, two dtypes; the stem has no F1 (its input channels
+    # are only padded for F0)
+    assert len(cases) == len(convs) * 4 - 2
+    stem = [c for c in cases if c.site == "conv1"]
+    assert {c.kind for c in stem} == {"F0"}
+    assert all(c.input_shape == (256, 8, 224, 224) and c.weight_shape == (64, 8, 7, 7)
+               for c in stem)
+    assert D.planned_graphs((7, 5), 92400) == []  # the planner plans nothing before sm_80
+
+
+def _run_jsonl(tmp_path, *rows):
+    path = tmp_path / "run.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut by a ki')
+    return str(path)
+
+
+def test_extract_saves_the_capture(tmp_path):
+    row = {"kind": "cudnn_device_properties", "device_name": "NVIDIA H100 80GB HBM3",
+           "capability": [9, 0], "cudnn_version": 92400, "torch": "x",
+           "properties": '{"deviceVer": 900}'}
+    run = _run_jsonl(tmp_path, {"kind": "facts"}, row)
+    path = D.extract(run, str(tmp_path / "props"))
+    assert os.path.basename(path) == "h100.json"
+    assert D.load(path) == row
+    assert D.saved_files(str(tmp_path / "props")) == [path]
+    failed = {"kind": "cudnn_device_properties", "error": "RuntimeError: no GPU"}
+    assert D.extract(_run_jsonl(tmp_path, failed), str(tmp_path / "none")) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the failure without a GPU")
+def test_capture_without_a_gpu_is_recorded_not_raised(tmp_path):
+    run = tmp_path / "run.jsonl"
+    assert D.main(["capture", "--jsonl", str(run)]) == 1
+    row = json.loads(run.read_text())
+    assert row["kind"] == "cudnn_device_properties" and "properties" not in row
+    assert row["error"]
+
+
+class _FakeFrontend:
+    """Records the graph check() builds (the cudnn-frontend's Python API, faked)."""
+
+    def __init__(self, refuse=None):
+        self.calls, self.refuse = [], refuse
+        self.data_type = types.SimpleNamespace(FLOAT="f32", HALF="f16", BFLOAT16="bf16")
+        self.heur_mode = types.SimpleNamespace(A="A", FALLBACK="FALLBACK")
+        fake = self
+
+        class T:
+            def __init__(self, name):
+                self.name = name
+
+            def set_output(self, v):
+                return self
+
+            def set_data_type(self, v):
+                fake.calls.append(("dtype", self.name, v))
+                return self
+
+        class G:
+            def __init__(self, **kw):
+                fake.calls.append(("graph", kw["io_data_type"], kw["device_property"]))
+
+            def tensor(self, name, dim, stride, data_type):
+                fake.calls.append(("tensor", name, dim, stride, data_type))
+                return T(name)
+
+            def mul(self, a, b):
+                fake.calls.append(("mul", a.name, b.name))
+                return T("mul")
+
+            def add(self, a, b):
+                fake.calls.append(("add", a.name, b.name))
+                return T("add")
+
+            def relu(self, input):
+                fake.calls.append(("relu", input.name))
+                return T("relu")
+
+            def conv_fprop(self, image, weight, padding, stride, dilation, compute_data_type):
+                fake.calls.append(("conv", image.name, weight.name, padding, stride))
+                return T("y")
+
+            def genstats(self, input, compute_data_type):
+                fake.calls.append(("genstats", input.name))
+                return [T("sum"), T("sq_sum")]
+
+            def validate(self):
+                pass
+
+            def build_operation_graph(self):
+                pass
+
+            def create_execution_plans(self, modes):
+                fake.calls.append(("plans", modes))
+
+            def check_support(self):
+                if fake.refuse:
+                    raise RuntimeError(fake.refuse + "\n  second line")
+
+        self.pygraph = G
+        self.create_device_properties = lambda text: ("props", text)
+
+
+def test_check_builds_the_graphs_as_the_extension_does():
+    case = next(c for c in D.planned_graphs((9, 0), 92400, batch=4)
+                if c.site == "layer1.0.conv2" and c.kind == "F1" and c.dtype == torch.bfloat16)
+    fe = _FakeFrontend()
+    assert D.check('{"x": 1}', case, cudnn=fe) == ""
+    names = [c[0] for c in fe.calls]
+    assert names[:3] == ["graph", "tensor", "tensor"] and fe.calls[0][1:] == (
+        "bf16", ("props", '{"x": 1}'))
+    # NHWC strides: x (4, 64, 56, 56), w (64, 64, 3, 3)
+    assert fe.calls[1][2:] == ([4, 64, 56, 56], [64 * 56 * 56, 1, 64 * 56, 64], "bf16")
+    assert fe.calls[2][2:] == ([64, 64, 3, 3], [64 * 9, 1, 64 * 3, 64], "bf16")
+    assert names.index("mul") < names.index("add") < names.index("relu") < names.index("conv")
+    assert ("conv", "relu", "w", [1, 1], [1, 1]) in fe.calls
+    assert ("genstats", "y") in fe.calls and ("plans", ["A", "FALLBACK"]) in fe.calls
+    assert ("dtype", "sum", "f32") in fe.calls and ("dtype", "y", "bf16") in fe.calls
+    stem = next(c for c in D.planned_graphs((9, 0), 92400, batch=4) if c.site == "conv1")
+    fe = _FakeFrontend(refuse="cudnnGraphNotSupportedError: no engine")
+    assert D.check("{}", stem, cudnn=fe) == "cudnnGraphNotSupportedError: no engine second line"
+    assert fe.calls[1][2][1] == 8 and "mul" not in [c[0] for c in fe.calls]  # F0, padded
+
+
+def _frontend():
+    try:
+        import cudnn
+    except ImportError:
+        return None
+    return cudnn
+
+
+CAPTURES = D.saved_files()
+
+
+@pytest.mark.skipif(not CAPTURES, reason=(
+    "no captured cuDNN device properties under benchmarks/cudnn_device_properties/ yet: "
+    "a GPU run of scripts/gpu_run.sh records them in run.jsonl, and `python -m "
+    "fusedres.cudnn_deviceless extract DIR/run.jsonl` saves the file to commit"))
+@pytest.mark.parametrize("path", CAPTURES, ids=os.path.basename)
+def test_every_planned_graph_is_supported_deviceless(path):
+    cudnn = _frontend()
+    if cudnn is None:
+        pytest.skip("the cudnn-frontend Python package (nvidia-cudnn-frontend) is not "
+                    "installed: scripts/setup.sh installs the pinned wheel")
+    version = int(cudnn.backend_version())
+    if version < D.MIN_VERSION:
+        pytest.skip(f"cuDNN {version} < 9.11: no deviceless support checks")
+    data = D.load(path)
+    refused = {}
+    for case in D.planned_graphs(data["capability"], data["cudnn_version"]):
+        why = D.check(data["properties"], case, cudnn=cudnn)
+        if why:
+            refused[case.label] = why
+    assert not refused, (f"{len(refused)} planned graph(s) refused for {data['device_name']} "
+                         f"(make them planner rules): " + json.dumps(refused, indent=1))
