@@ -108,13 +108,16 @@ def time_site(site, batch, dtype, backward):
 
 
 def train_step_rates(batch, dtype, steps=20):
-    """img/s of eager and of the graph path (every BN site's plan conv="cudnn-graph")."""
+    """img/s of eager and of the graph path (every BN site's plan conv="cudnn-graph"), the
+    latter also with the unfused backward (``cudnn_graph.fused_backward = False``)."""
     import torchvision
 
     import fusedres
+    from fusedres import cudnn_graph
 
     out = {}
-    for name in ("eager", "cudnn-graph"):
+    for name in ("eager", "cudnn-graph", "cudnn-graph-unfused-backward"):
+        cudnn_graph.fused_backward = name != "cudnn-graph-unfused-backward"
         torch.manual_seed(0)
         model = torchvision.models.resnet50().cuda().to(memory_format=torch.channels_last)
         if name != "eager":
@@ -142,7 +145,9 @@ def train_step_rates(batch, dtype, steps=20):
             step()
         torch.cuda.synchronize()
         out[name] = batch * steps / (time.perf_counter() - t0)
+    cudnn_graph.fused_backward = True
     out["speedup"] = out["cudnn-graph"] / out["eager"]
+    out["fused_backward_speedup"] = out["cudnn-graph"] / out["cudnn-graph-unfused-backward"]
     return out
 
 

@@ -486,6 +486,32 @@ def test_doctor_backward_rows_with_faked_cudnn(monkeypatch):
     assert rows["cudnn_graph_DgradDreluDBN"].ok
 
 
+def test_imports_and_falls_back_without_the_extension():
+    """With fusedres._C unavailable (no cuDNN, no frontend headers at build time) the
+    package imports, the site op is defined, the path is never planned and says why."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["fusedres._C"] = None  # import fails as if never built
+        import torch
+        import fusedres
+        from fusedres import cudnn_graph
+        assert not cudnn_graph.built()
+        assert hasattr(torch.ops.fusedres, "cudnn_graph_bn_relu_conv")
+        caps = cudnn_graph.Capabilities(cudnn_graph.built(), 0, (9, 0))
+        why = cudnn_graph.plan(caps, torch.float16, torch.float16, False, (8, 64, 8, 8),
+                               (64, 64, 3, 3))
+        assert "built without the cuDNN graph path" in why, why
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
 def test_doctor_skips_with_a_reason_on_cpu():
     from fusedres.bench import doctor
 
