@@ -462,7 +462,9 @@ class Doctor:
                         names = ["y", "mean", "var", "dx", "dw", "dscale", "dshift"]
                         return [(nm, a, b, None) for nm, a, b in zip(names, *outs)]
 
-                    self.check(f"cudnn_graph_{kind}", "cudnn-graph", dtype, where, case)
+                    engine = cudnn_graph.engine(x, w, kind, st, pad)
+                    self.check(f"cudnn_graph_{kind}", "cudnn-graph", dtype,
+                               f"{where} on {engine}", case)
                 if (cin, cout, k, st, pad, h) != STEM:  # (the stem is no BN-ReLU -> conv site)
                     self._cudnn_backward_graphs(dtype, i, x, w, st, pad,
                                                 f"{cin}->{cout} {k}x{k}/{st} @{h} batch {n}")
