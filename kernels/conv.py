@@ -439,6 +439,9 @@ def _conv_wgrad_kernel(
     DCC_ptr,  # (CO,) dBN constant                                          [DBN]
     SCALE_ptr,  # (CI,) BN scale of the input prologue                      [PROLOGUE]
     SHIFT_ptr,  # (CI,) BN shift of the input prologue                      [PROLOGUE]
+    DY_desc,  # TMA descriptor of dy [N, OH, OW, CO], box [TN, TILE_H, TILE_W, BLOCK_M] [TMA]
+    PY_desc,  # the same of y                                              [TMA and DBN]
+    X_desc,  # TMA of x: [N, IH, IW, CI] (TMA 2) or [N, IH/2, 2, IW/2, 2CI] (TMA 3) [TMA]
     IH, IW, CI,
     OH, OW, CO,
     R, S,
@@ -446,9 +449,14 @@ def _conv_wgrad_kernel(
     sdn, sdh, sdw, sdc,  # strides of DY
     sxn, sxh, sxw, sxc,  # strides of X
     spn, sph, spw, spc,  # strides of PY
-    GEMM_M, GEMM_N, GEMM_K,  # CO, R*S*CI, N*OH*OW
-    K_PER_SPLIT,  # multiple of BLOCK_K
+    BATCH,  # N
+    GEMM_M, GEMM_N,  # CO, R*S*CI
+    TILES_PER_SPLIT,  # pixel tiles (K steps) of one split of the N*OH*OW reduction
     TAP_N: tl.constexpr,  # N tiles over (tap, channel block) instead of flattened (r, s, c)
+    TMA: tl.constexpr,  # 0 pointers, 2 boxes of x per tap (stride 1), 3 boxes of the
+    #                     stride-2 view of x (even H, W); dy (and y) by boxes in both
+    TILE_H: tl.constexpr,  # output rows of a pixel tile (TILE_N x TILE_H x TILE_W = BLOCK_K)
+    TILE_W: tl.constexpr,  # output columns of a pixel tile
     DBN: tl.constexpr,
     PROLOGUE: tl.constexpr,
     ACC_FP64: tl.constexpr,
@@ -457,10 +465,15 @@ def _conv_wgrad_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    # GEMM view: dW[co, (r, s, ci)] = sum over output pixels of dy[pix, co] * x[pix + tap,
+    # ci]. The reduction walks pixel tiles, boxes of TILE_N images x TILE_H rows x TILE_W
+    # columns of the output, with counters (no division in the loop); grid axis 1 splits
+    # the tiles into TILES_PER_SPLIT runs, each stored to its own partial (summed in a
+    # fixed order afterwards: deterministic, no atomics).
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     if TAP_N:
-        # N tiles are (tap, channel block): contiguous channels, vectorised im2col loads
+        # N tiles are (tap, channel block): contiguous channels, one x box per K step
         c_tiles = tl.cdiv(CI, BLOCK_N)
         num_pid_n = R * S * c_tiles
     else:
@@ -471,11 +484,14 @@ def _conv_wgrad_kernel(
     co_ok = offs_co < GEMM_M
     if TAP_N:
         tap = pid_n // c_tiles
-        ci = (pid_n % c_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        c0 = (pid_n % c_tiles) * BLOCK_N
+        ci = c0 + tl.arange(0, BLOCK_N)
         j_ok = ci < CI
         offs_j = tap * CI + ci
-        r = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap // S
-        s = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap % S
+        tap_r = tap // S
+        tap_s = tap % S
+        r = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap_r
+        s = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap_s
     else:
         offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         j_ok = offs_j < GEMM_N
@@ -483,48 +499,94 @@ def _conv_wgrad_kernel(
         rs = offs_j // CI
         s = rs % S
         r = rs // S
+    # prologue math in fp32 (fp64 for fp64 tensors)
+    cdt: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     if PROLOGUE:
-        sc = tl.load(SCALE_ptr + ci, mask=j_ok, other=0.0)
-        sh = tl.load(SHIFT_ptr + ci, mask=j_ok, other=0.0)
+        sc = tl.load(SCALE_ptr + ci, mask=j_ok, other=0.0).to(cdt)
+        sh = tl.load(SHIFT_ptr + ci, mask=j_ok, other=0.0).to(cdt)
     if DBN:
-        cy = tl.load(DCY_ptr + offs_co, mask=co_ok, other=0.0)
-        cc = tl.load(DCC_ptr + offs_co, mask=co_ok, other=0.0)
-    if ACC_FP64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = pid_k * K_PER_SPLIT
-    for kk in range(0, K_PER_SPLIT, BLOCK_K):
-        # int32 pixel index walk (GEMM_K = N*OH*OW < 2**31: the launcher checks): 32-bit
-        # divisions, not the ~84-instruction 64-bit routine; int64 only for the batch term
-        offs_k = k_start + kk + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < GEMM_K
-        ow = offs_k % OW
-        t = offs_k // OW
-        oh = t % OH
-        nb = (t // OH).to(tl.int64)
-        a_ok = co_ok[:, None] & k_ok[None, :]
-        a = tl.load(DY_ptr + (offs_co[:, None] * sdc + (nb * sdn + oh * sdh + ow * sdw)[None, :]),
-                    mask=a_ok, other=0.0)
-        if DBN:
-            py = tl.load(PY_ptr + (offs_co[:, None] * spc
-                                   + (nb * spn + oh * sph + ow * spw)[None, :]),
-                         mask=a_ok, other=0.0)
-            v = a.to(acc.dtype) + py.to(acc.dtype) * cy[:, None].to(acc.dtype) \
-                + cc[:, None].to(acc.dtype)
-            a = tl.where(a_ok, v, 0.0)
-        a = a.to(X_ptr.dtype.element_ty)
-        ih = oh[:, None] * STRIDE_H - PAD_H + r[None, :]
-        iw = ow[:, None] * STRIDE_W - PAD_W + s[None, :]
-        b_ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW) & k_ok[:, None] & j_ok[None, :]
-        b = tl.load(X_ptr + ((nb * sxn)[:, None] + ih * sxh + iw * sxw + ci[None, :] * sxc),
-                    mask=b_ok, other=0.0)
-        if PROLOGUE:
-            v = b.to(acc.dtype) * sc[None, :].to(acc.dtype) + sh[None, :].to(acc.dtype)
-            v = tl.where(v < 0, 0.0, v)
-            b = tl.where(b_ok, v, 0.0)
-        b = b.to(X_ptr.dtype.element_ty)
+        cy = tl.load(DCY_ptr + offs_co, mask=co_ok, other=0.0).to(cdt)
+        cc = tl.load(DCC_ptr + offs_co, mask=co_ok, other=0.0).to(cdt)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=cdt)
+    op_t = X_ptr.dtype.element_ty
+    # the pixel tile's lanes: (image, row, column) offsets inside the box (constexpr
+    # divisors: shifts), added to the box origin each K step
+    tile_n: tl.constexpr = BLOCK_K // (TILE_H * TILE_W)
+    lane = tl.arange(0, BLOCK_K)
+    lane_w = lane % TILE_W
+    lane_h = lane // TILE_W % TILE_H
+    lane_n = lane // (TILE_W * TILE_H)
+    tiles_w = tl.cdiv(OW, TILE_W)
+    tiles_h = tl.cdiv(OH, TILE_H)
+    num_tiles = tl.cdiv(BATCH, tile_n) * tiles_h * tiles_w
+    t_begin = pid_k * TILES_PER_SPLIT
+    n_steps = tl.minimum(TILES_PER_SPLIT, num_tiles - t_begin)
+    # the first box's origin (divisions once, before the loop)
+    tw0 = (t_begin % tiles_w) * TILE_W
+    th0 = (t_begin // tiles_w % tiles_h) * TILE_H
+    tn0 = t_begin // (tiles_w * tiles_h) * tile_n
+    for _ in range(0, n_steps):
+        oh = th0 + lane_h
+        ow = tw0 + lane_w
+        nb = tn0 + lane_n
+        pix_ok = (oh < OH) & (ow < OW) & (nb < BATCH)
+        if TMA:
+            # dy box [TN, TH, TW, BLOCK_M] -> [BLOCK_K, BLOCK_M]; past the image: zeros
+            a = tl.reshape(DY_desc.load([tn0, th0, tw0, pid_m * BLOCK_M]),
+                           (BLOCK_K, BLOCK_M)).T
+            if DBN:
+                py = tl.reshape(PY_desc.load([tn0, th0, tw0, pid_m * BLOCK_M]),
+                                (BLOCK_K, BLOCK_M)).T
+        else:
+            d_pix = nb.to(tl.int64) * sdn + oh * sdh + ow * sdw
+            a_ok = co_ok[:, None] & pix_ok[None, :]
+            a = tl.load(DY_ptr + (offs_co[:, None] * sdc + d_pix[None, :]), mask=a_ok,
+                        other=0.0)
+            if DBN:
+                p_pix = nb.to(tl.int64) * spn + oh * sph + ow * spw
+                py = tl.load(PY_ptr + (offs_co[:, None] * spc + p_pix[None, :]), mask=a_ok,
+                             other=0.0)
+        if DBN:  # dy + y*cy + cc in fp32; 0 at pixels past the output
+            v = tl.fma(py.to(cdt), cy[:, None], a.to(cdt)) + cc[:, None]
+            a = (v * pix_ok[None, :].to(cdt)).to(op_t)
+        else:
+            a = a.to(op_t)
+        if TAP_N and TMA == 2:  # stride 1: one box of x per K step; TMA zero-fills padding
+            b = X_desc.load([tn0, th0 * STRIDE_H - PAD_H + tap_r,
+                             tw0 * STRIDE_W - PAD_W + tap_s, c0])
+            b = tl.reshape(b, (BLOCK_K, BLOCK_N))
+        elif TAP_N and TMA == 3:  # stride 2: input row 2*oh + dh is (oh + dh>>1, dh&1)
+            dh = tap_r - PAD_H
+            dw = tap_s - PAD_W
+            b = X_desc.load([tn0, th0 + (dh >> 1), dh & 1, tw0 + (dw >> 1),
+                             (dw & 1) * CI + c0])
+            b = tl.reshape(b, (BLOCK_K, BLOCK_N))
+        else:
+            ih = (oh * STRIDE_H - PAD_H)[:, None] + r[None, :]
+            iw = (ow * STRIDE_W - PAD_W)[:, None] + s[None, :]
+            b_ok = ((ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW) & pix_ok[:, None]
+                    & j_ok[None, :])
+            b = tl.load(X_ptr + ((nb.to(tl.int64) * sxn)[:, None] + ih * sxh + iw * sxw
+                                 + ci[None, :] * sxc), mask=b_ok, other=0.0)
+        if PROLOGUE:  # relu(x*scale + shift) in fp32; padded taps exactly 0 after it
+            if TMA:
+                ih = (oh * STRIDE_H - PAD_H)[:, None] + r[None, :]
+                iw = (ow * STRIDE_W - PAD_W)[:, None] + s[None, :]
+                b_ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+            v = tl.fma(b.to(cdt), sc[None, :], sh[None, :])
+            v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+            b = tl.where(b_ok, v, 0.0).to(op_t)
+        else:
+            b = b.to(op_t)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+        # next pixel tile: column, then row, then image (counters, no division)
+        tw0 += TILE_W
+        next_row = tw0 >= OW
+        tw0 = tl.where(next_row, 0, tw0)
+        th0 = tl.where(next_row, th0 + TILE_H, th0)
+        next_img = th0 >= OH
+        th0 = tl.where(next_img, 0, th0)
+        tn0 = tl.where(next_img, tn0 + tile_n, tn0)
     off = (pid_k.to(tl.int64) * GEMM_M * GEMM_N + offs_co[:, None].to(tl.int64) * GEMM_N
            + offs_j[None, :])
     tl.store(DW_ptr + off, acc, mask=co_ok[:, None] & j_ok[None, :])
@@ -549,10 +611,16 @@ _CONV_TILES = {
     "stem": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)],  # flat (r, s, c) K loop: C_in = 3
 }
 _SMEM_BUDGET = 160 * 1024  # operand pipeline bytes; leaves room for the epilogue's scratch
+# wgrad (M = C_out, N = (tap, C_in), K = output pixels): BLOCK_K pixels per K step (the
+# same in every config of a dtype: it sets the pixel box); 64-wide tiles only where C_out
+# (M) or C_in (N) is 64 or less, 256-wide only where C_in >= 256 without a prologue
+# (``_wgrad_fits``).
 _WGRAD_TILES = {
-    "plain": [(128, 64, 32, 8, 2), (64, 128, 32, 8, 2), (64, 64, 32, 4, 2)],
-    "fused": [(128, 64, 32, 8, 2), (64, 128, 32, 8, 2)],
-    "stem": [(128, 64, 32, 8, 2)],
+    "plain": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+              (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 3)],
+    "fused": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
+              (64, 64, 64, 4, 3), (128, 128, 32, 8, 2)],
+    "stem": [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 64, 32, 4, 3)],
 }
 _INTERPRETER_TILE = (32, 32, 16, 4, 1)
 
@@ -580,10 +648,23 @@ def _tma_blocks(nargs):
             x_desc.block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
 
 
-def _configs(tiles, group_m=True):
+def _wgrad_tma_blocks(nargs):
+    """Autotune pre-hook of the wgrad kernel: its descriptors' boxes follow the config."""
+    if TensorDescriptor is None:
+        return
+    box = [nargs["BLOCK_K"] // (nargs["TILE_H"] * nargs["TILE_W"]), nargs["TILE_H"],
+           nargs["TILE_W"]]
+    for name, cols in (("DY_desc", "BLOCK_M"), ("PY_desc", "BLOCK_M"), ("X_desc", "BLOCK_N")):
+        desc = nargs.get(name)
+        if isinstance(desc, TensorDescriptor):  # 5-D: the stride-2 view of x
+            desc.block_shape = (box[:2] + [1] + box[2:] if len(desc.shape) == 5 else box) \
+                + [nargs[cols]]
+
+
+def _configs(tiles, group_m=True, pre_hook=_tma_blocks):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k,
                            **({"GROUP_M": 8} if group_m else {})},
-                          num_warps=w, num_stages=st, pre_hook=_tma_blocks if group_m else None)
+                          num_warps=w, num_stages=st, pre_hook=pre_hook)
             for m, n, k, w, st in tiles]
 
 
@@ -612,12 +693,29 @@ def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsiz
     return _configs([t for t in tiles if _fits(t, gemm_n, itemsize, wide_ok)] or tiles[-1:])
 
 
-def wgrad_configs(stem=False, fused=False):
+def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused):
+    m, n, k, _, stages = tile
+    if k * itemsize != 128 or stages * (m + n) * k * itemsize > _SMEM_BUDGET:
+        return False
+    if gemm_m is not None and (m == 64) != (gemm_m <= 64):
+        return False
+    if stem or channels is None:
+        return True
+    return (n == 64) == (channels <= 64) and (n <= 128 or (channels >= 256 and not fused))
+
+
+def wgrad_configs(stem=False, fused=False, gemm_m=None, channels=None, itemsize=2):
     """The configs autotuned for one mode of ``_conv_wgrad_kernel`` (``stem``: flat N
-    tiles; ``fused``: the dBN or BN-ReLU prologue)."""
+    tiles; ``fused``: the dBN or BN-ReLU prologue), pruned to C_out (``gemm_m``), C_in
+    (``channels``) and the element size (BLOCK_K 64 pixels in 16-bit, 32 in fp32; the
+    first is deterministic mode's config)."""
     if INTERPRET:
-        return _configs([_INTERPRETER_TILE], group_m=False)
-    return _configs(_WGRAD_TILES[_mode(stem, fused)], group_m=False)
+        return _configs([_INTERPRETER_TILE], group_m=False, pre_hook=_wgrad_tma_blocks)
+    tiles = _WGRAD_TILES[_mode(stem, fused)]
+    fit = [t for t in tiles if _wgrad_fits(t, gemm_m, channels, itemsize, stem, fused)]
+    if not fit:  # the 128-byte rule alone
+        fit = [t for t in tiles if t[2] * itemsize == 128][:1] or tiles[-1:]
+    return _configs(fit, group_m=False, pre_hook=_wgrad_tma_blocks)
 
 
 def _key(cfg):
@@ -638,11 +736,11 @@ def _conv_prune(configs, nargs, **kw):
 
 
 def _wgrad_prune(configs, nargs, **kw):
-    want = {_key(c) for c in wgrad_configs(not kw["TAP_N"], bool(kw["DBN"] or kw["PROLOGUE"]))}
+    want = {_key(c) for c in wgrad_configs(not kw["TAP_N"], bool(kw["DBN"] or kw["PROLOGUE"]),
+                                           nargs["GEMM_M"], nargs["CI"],
+                                           nargs["X_ptr"].element_size())}
     return [c for c in configs if _key(c) in want]
 
-
-_WGRAD_SPLIT_ALIGN = 16 if INTERPRET else 128  # multiple of every config's BLOCK_K
 
 if INTERPRET:
     _conv_run = _conv_kernel
@@ -656,8 +754,9 @@ else:
         prune_configs_by={"early_config_prune": _conv_prune},
     )(_conv_kernel)
     _wgrad_run = autotune(
-        configs=_configs(_union(_WGRAD_TILES), group_m=False),
-        key=["GEMM_M", "GEMM_N", "GEMM_K", "K_PER_SPLIT", "TAP_N", "DBN", "PROLOGUE"],
+        configs=_configs(_union(_WGRAD_TILES), group_m=False, pre_hook=_wgrad_tma_blocks),
+        key=["GEMM_M", "GEMM_N", "BATCH", "OH", "OW", "CI", "TILES_PER_SPLIT", "TAP_N", "TMA",
+             "TILE_H", "TILE_W", "DBN", "PROLOGUE"],
         prune_configs_by={"early_config_prune": _wgrad_prune},
     )(_conv_wgrad_kernel)
 
@@ -990,8 +1089,12 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
 
     The A operand is ``dy`` (with the dBN prologue ``dy + y*coef_y + coef_c`` when ``y``
     is given), the B operand the im2col of ``x`` (with ``relu(x*scale + shift)``
-    recomputed when ``scale`` is given; padded taps are 0 after it). The N*P*Q reduction
-    is split over a grid axis into an fp32 (fp64) workspace summed in a fixed order.
+    recomputed when ``scale`` is given; padded taps are 0 after it). The reduction over
+    the N*P*Q output pixels walks boxes of the output (TILE_N images x TILE_H x TILE_W =
+    BLOCK_K pixels; a 1x1 stride-1 conv is one long row of N*H*W pixels), split over a
+    grid axis into an fp32 (fp64) workspace summed in a fixed order. On sm_90 dy, y and
+    x arrive by TMA (boxes of x per tap, as the forward's A_TMA 2/3); elsewhere through
+    pointers.
     """
     n, co, p, q = dy.shape
     _, ci, h, w = x.shape
@@ -999,30 +1102,65 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
     acc = _acc_dtype(x.dtype)
-    gm, gn, gk = co, r * s * ci, n * p * q
-    _check_int32(GEMM_K=gk, GEMM_N=gn)
-    align = _WGRAD_SPLIT_ALIGN
-    if INTERPRET:
-        splits = 2
-    else:
-        tiles = triton.cdiv(gm, 64) * triton.cdiv(gn, 64)
-        splits = max(1, min(2 * _sm_count(x.device.index or 0) // tiles, triton.cdiv(gk, 1024)))
-    k_per_split = triton.cdiv(triton.cdiv(gk, splits), align) * align
-    splits = triton.cdiv(gk, k_per_split)
-    part = torch.empty((splits, gm, gn), dtype=acc, device=x.device)
+    gm, gn = co, r * s * ci
+    _check_int32(GEMM_K=n * p * q, GEMM_N=gn)
     dbn = y is not None
     prologue = scale is not None
+    # tap-major N tiles when the channels fill the smallest BLOCK_N (correct for any C)
+    tap_n = ci % (_INTERPRETER_TILE[1] if INTERPRET else 64) == 0
+    configs = wgrad_configs(stem=not tap_n, fused=dbn or prologue, gemm_m=co, channels=ci,
+                            itemsize=x.element_size())
+    block_k = configs[0].kwargs["BLOCK_K"]
+    dyv, xv = dy.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)
     py = y if dbn else dy
+    pyv = py.permute(0, 2, 3, 1)
+    dense = all(t.is_contiguous() for t in (dyv, xv, pyv))
+    # the pixel walk's shapes: a 1x1 stride-1 unpadded conv on dense tensors is one image
+    # of one row of N*H*W pixels (no box wasted at the image edges)
+    flat = dense and (r, s, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0)
+    shp = dict(n=1, p=1, q=n * p * q, h=1, w=n * h * w) if flat else dict(
+        n=n, p=p, q=q, h=h, w=w)
+    tile_w = min(triton.next_power_of_2(shp["q"]), block_k)
+    tile_h = min(triton.next_power_of_2(shp["p"]), block_k // tile_w)
+    tile_n = block_k // (tile_w * tile_h)
+    # TMA (sm_90, dense NHWC, whole channel tiles of x): dy and y as boxes [TILE_N,
+    # TILE_H, TILE_W, BLOCK_M]; x as a box per tap, stride 1 or the stride-2 view
+    tma, dy_desc, py_desc, x_desc = 0, None, None, None
+    if tap_n and dense and all(_tma_ok(t) for t in (dyv, xv, pyv)):
+        if (sh, sw) == (1, 1):
+            x_desc = _dense_desc(xv, (shp["n"], shp["h"], shp["w"], ci),
+                                 (tile_n, tile_h, tile_w, 64))
+            tma = 2
+        elif (sh, sw) == (2, 2) and h % 2 == 0 and w % 2 == 0:
+            x_desc = _dense_desc(xv, (n, h // 2, 2, w // 2, 2 * ci),
+                                 (tile_n, tile_h, 1, tile_w, 64))
+            tma = 3
+        dy_box = (tile_n, tile_h, tile_w, 64)
+        dy_desc = _dense_desc(dyv, (shp["n"], shp["p"], shp["q"], co), dy_box)
+        py_desc = _dense_desc(pyv, (shp["n"], shp["p"], shp["q"], co), dy_box)
+        if x_desc is None or dy_desc is None or py_desc is None:
+            tma = 0
+    tiles_k = (triton.cdiv(shp["n"], tile_n) * triton.cdiv(shp["p"], tile_h)
+               * triton.cdiv(shp["q"], tile_w))
+    if INTERPRET:
+        splits = 2
+    else:  # about two programs per SM, at least 8 K steps each
+        out_tiles = triton.cdiv(gm, 128) * triton.cdiv(gn, 128)
+        splits = max(1, min(2 * _sm_count(x.device.index or 0) // out_tiles,
+                            triton.cdiv(tiles_k, 8)))
+    tiles_per_split = triton.cdiv(tiles_k, splits)
+    splits = triton.cdiv(tiles_k, tiles_per_split)
+    part = torch.empty((splits, gm, gn), dtype=acc, device=x.device)
+    d_str, x_str, p_str = _nhwc_strides(dy), _nhwc_strides(x), _nhwc_strides(py)
+    if flat:  # one image, one row of dense pixels (size-1 dims may report any stride)
+        d_str, x_str, p_str = (0, 0, co, 1), (0, 0, ci, 1), (0, 0, co, 1)
     args = (dy, x, part, py, coef_y if dbn else part, coef_c if dbn else part,
             scale if prologue else part, shift if prologue else part,
-            h, w, ci, p, q, co, r, s, sh, sw, ph, pw,
-            *_nhwc_strides(dy), *_nhwc_strides(x), *_nhwc_strides(py),
-            gm, gn, gk, k_per_split)
-    # tap-major N tiles when the channels fill the smallest BLOCK_N (correct for any C)
-    tap_n = ci % (_INTERPRETER_TILE[1] if INTERPRET
-                  else min(t[1] for t in _union(_WGRAD_TILES))) == 0
-    configs = wgrad_configs(stem=not tap_n, fused=dbn or prologue)
-    kwargs = dict(TAP_N=tap_n, DBN=dbn, PROLOGUE=prologue, ACC_FP64=acc == torch.float64,
+            dy_desc if tma else dy, py_desc if tma else dy, x_desc if tma else x,
+            shp["h"], shp["w"], ci, shp["p"], shp["q"], co, r, s, sh, sw, ph, pw,
+            *d_str, *x_str, *p_str, shp["n"], gm, gn, tiles_per_split)
+    kwargs = dict(TAP_N=tap_n, TMA=tma, TILE_H=tile_h, TILE_W=tile_w, DBN=dbn,
+                  PROLOGUE=prologue, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):
@@ -1031,6 +1169,7 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
         return (triton.cdiv(gm, meta["BLOCK_M"]) * n_tiles, splits)
 
     _launch(_wgrad_run, configs, grid, args, kwargs)
+    # the partials summed in a fixed order (a deterministic reduction, no atomics)
     dw = part.sum(0) if splits > 1 else part[0]
     # (CO, R*S*CI) -> (CO, CI, R, S) view with KRSC memory
     return dw.view(co, r, s, ci).permute(0, 3, 1, 2).to(x.dtype)

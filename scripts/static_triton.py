@@ -479,11 +479,27 @@ def conv_specs(quick: bool):
             "fwd 3x3 s1 (TMA boxes) bn-relu prologue +stats", "fwd stem C=3 (flat K) +stats",
             "fwd 1x1 s1 (TMA GEMM) bn-relu prologue +stats",
             "dgrad dBN prologue + dReLU epilogue")}
-    wgrad = {"wgrad": dict(TAP_N=True, DBN=False, PROLOGUE=False),
-             "wgrad dBN + bn-relu prologues": dict(TAP_N=True, DBN=True, PROLOGUE=True),
-             "wgrad stem C=3 (flat N)": dict(TAP_N=False, DBN=True, PROLOGUE=False)}
+    # wgrad: (switches, C_out, C_in) at a ResNet-50 layer; pixel boxes as the launcher
+    # makes them (BLOCK_K 64 pixels: 28x28 -> 1 image x 2 rows x 32 columns; a 1x1
+    # stride-1 conv is one row of N*H*W pixels)
+    wbox = dict(TAP_N=True, TMA=2, TILE_H=2, TILE_W=32, STRIDE_H=1, STRIDE_W=1, DBN=False,
+                PROLOGUE=False)
+    wgrad = {"wgrad 3x3 s1 (TMA boxes)": (wbox, 256, 256),
+             "wgrad 1x1 s1 (TMA, one row of pixels)": (dict(wbox, TILE_H=1, TILE_W=64, R=1,
+                                                           S=1), 256, 64),
+             "wgrad 3x3/1x1 s2 (TMA boxes of the stride-2 view)": (dict(wbox, TMA=3,
+                                                                      STRIDE_H=None,
+                                                                      STRIDE_W=None),
+                                                                 128, 128),
+             "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues": (dict(wbox, DBN=True,
+                                                                     PROLOGUE=True), 128, 128),
+             "wgrad pointers (odd H/W, sm_80)": (dict(wbox, TMA=0, STRIDE_H=None,
+                                                      STRIDE_W=None), 128, 128),
+             "wgrad stem C=3 (flat N)": (dict(wbox, TAP_N=False, TMA=0, TILE_H=8, TILE_W=8,
+                                              STRIDE_H=None, STRIDE_W=None, DBN=True),
+                                         64, 3)}
     if quick:
-        wgrad = {k: v for k, v in wgrad.items() if k != "wgrad"}
+        wgrad = {k: v for k, v in wgrad.items() if "prologues" in k or "stem" in k}
     for dt, prec in dtypes.items():
         if quick and dt != "bf16":
             continue
@@ -513,12 +529,25 @@ def conv_specs(quick: bool):
                     consts = {k: v for k, v in consts.items() if v is not None}
                 specs.append((kc._conv_kernel, kptrs, consts, cfg.num_warps, cfg.num_stages,
                               dict(kernel="conv", variant=name, dtype=dt, memory_bound=False)))
-        for name, sw in wgrad.items():
+        for name, (sw, co, ci) in wgrad.items():
             for cfg in kc.wgrad_configs(stem=not sw["TAP_N"],
-                                        fused=sw["DBN"] or sw["PROLOGUE"]):
+                                        fused=sw["DBN"] or sw["PROLOGUE"], gemm_m=co,
+                                        channels=ci, itemsize=4 if dt == "fp32" else 2):
                 consts = dict(sw, ACC_FP64=False, INPUT_PRECISION=prec, sdc=1, sxc=1, spc=1,
                               **cfg.kwargs)
-                specs.append((kc._conv_wgrad_kernel, ptrs, consts, cfg.num_warps,
+                consts = {k: v for k, v in consts.items() if v is not None}
+                bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                tw = min(sw["TILE_W"], bk)  # fp32: 32-pixel boxes
+                th = min(sw["TILE_H"], bk // tw)
+                consts.update(TILE_H=th, TILE_W=tw)
+                box = f"{bk // (th * tw)}, {th}, {tw}"
+                tma = sw["TMA"]
+                wptrs = dict(ptrs, DY_desc=f"tensordesc<{dt}[{box}, {bm}]>" if tma else act,
+                             PY_desc=f"tensordesc<{dt}[{box}, {bm}]>" if tma else act,
+                             X_desc={0: act, 2: f"tensordesc<{dt}[{box}, {bn}]>",
+                                     3: f"tensordesc<{dt}[{bk // (th * tw)}, {th}, 1, {tw}, "
+                                        f"{bn}]>"}[tma])
+                specs.append((kc._conv_wgrad_kernel, wptrs, consts, cfg.num_warps,
                               cfg.num_stages, dict(kernel="conv_wgrad", variant=name, dtype=dt,
                                                    memory_bound=False)))
     return specs

@@ -294,6 +294,53 @@ def test_tma_weights_dgrad(monkeypatch, case, dtype):
     assert (dx.double() - ref).abs().max() <= tol * (1 + ref.abs().max())
 
 
+WGRAD_TMA_CASES = [("3x3s1_c32", 2, 32, 6, 5, 24, 3, 1, 1),  # boxes of x per tap, padding
+                   ("1x1s1_flat", 3, 32, 5, 3, 40, 1, 1, 0),  # one row of N*H*W pixels
+                   ("3x3s2_even", 2, 32, 8, 6, 24, 3, 2, 1),  # boxes of the stride-2 view
+                   ("1x1s2_even", 3, 32, 6, 4, 24, 1, 2, 0),
+                   ("3x3s2_odd", 2, 32, 7, 6, 16, 3, 2, 1)]  # odd H: pointers
+
+
+@ALSO_ON_GPU
+@pytest.mark.parametrize("case", WGRAD_TMA_CASES, ids=[c[0] for c in WGRAD_TMA_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "dbn+bnrelu"])
+def test_tma_wgrad(monkeypatch, case, dtype, fused):
+    """wgrad over boxes of output pixels (TILE_N x TILE_H x TILE_W per K step, split in
+    two): dy (and y) by TMA boxes, x by a box per tap (stride 1, the stride-2 view) or
+    pointers; with the dBN prologue on dy and the BN-ReLU prologue on x (padded taps 0
+    after it): dW against float64."""
+    if K.TensorDescriptor is None:
+        pytest.skip("this triton has no host TMA descriptors")
+    seen = _spy_launches(monkeypatch)
+    x, w, st, pd = _make(case, dtype)
+    _, n, ci, h, w_, co, k, _, _ = case
+    g = torch.Generator().manual_seed(5)
+    y = F.conv2d(x.double(), w.double(), None, st, pd)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    kw, a, d = {}, x.double(), dy
+    if fused:
+        scale, shift = _scale_shift(ci, dtype)
+        coef_y = torch.randn(co, generator=g, dtype=torch.float64)
+        coef_c = torch.randn(co, generator=g, dtype=torch.float64)
+        y = y.to(dtype)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        kw = dict(y=y.to(DEVICE).contiguous(memory_format=torch.channels_last),
+                  coef_y=coef_y.to(DEVICE, acc), coef_c=coef_c.to(DEVICE, acc),
+                  scale=scale, shift=shift)
+        a = _ref_bn_relu(x, scale, shift).double()
+        d = dy.to(dtype).double() + y.double() * coef_y.view(1, -1, 1, 1) \
+            + coef_c.view(1, -1, 1, 1)
+    dy = dy.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+    dw = K.conv_wgrad(dy, x, w.shape, st, pd, **kw)
+    even = st == 1 or (h % 2 == 0 and w_ % 2 == 0)
+    if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
+        assert seen[0]["TMA"] == ((2 if st == 1 else 3) if even else 0), seen[0]
+    ref = torch.nn.grad.conv2d_weight(a, w.shape, d.to(DEVICE), st, pd)
+    tol = 1e-4 if dtype == torch.float32 and DEVICE == "cpu" else 2e-2
+    assert (dw.double() - ref).abs().max() <= tol * (1 + ref.abs().max())
+
+
 def test_deterministic():
     x, w, st, pd = _make(CASES[2], torch.float32, requires_grad=True)
     outs = []
@@ -722,7 +769,7 @@ def build(fn, dt, consts, warps=4, stages=3):
             sig[n] = "*" + (dt if n[:2] in ("X_", "W_", "Y_", "BI", "RE", "PY", "EY", "DY")
                             else "fp32")
         elif n.endswith("_desc"):  # TMA descriptors where the mode reads through them
-            tma = consts.get({"W_desc": "W_TMA", "X_desc": "A_TMA"}[n])
+            tma = consts.get({"W_desc": "W_TMA", "X_desc": "A_TMA"}.get(n), False)
             rows = consts["BLOCK_N" if n == "W_desc" else "BLOCK_M"]
             sig[n] = f"tensordesc<{dt}[{rows}, {consts['BLOCK_K']}]>" if tma else "*" + dt
         else:
@@ -752,11 +799,12 @@ for dt, prec in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32")):
     build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": True, "TAP_LOOP": True,
                                "PROLOGUE": 2, "DRELU": True}, 8)
     build(K._conv_wgrad_kernel, dt, dict(TAP_N=True, DBN=True, PROLOGUE=True, ACC_FP64=False,
-                                         INPUT_PRECISION=prec, BLOCK_M=64, BLOCK_N=64,
-                                         BLOCK_K=32))
+                                         INPUT_PRECISION=prec, TMA=0, TILE_H=8, TILE_W=8,
+                                         BLOCK_M=64, BLOCK_N=64, BLOCK_K=64))
 build(K._conv_wgrad_kernel, "fp16", dict(TAP_N=False, DBN=False, PROLOGUE=False,
-                                         ACC_FP64=False, INPUT_PRECISION="ieee", BLOCK_M=64,
-                                         BLOCK_N=64, BLOCK_K=32))
+                                         ACC_FP64=False, INPUT_PRECISION="ieee", TMA=0,
+                                         TILE_H=8, TILE_W=8, BLOCK_M=64, BLOCK_N=64,
+                                         BLOCK_K=64))
 for final in (False, True):
     build(K._stats_merge_kernel, "fp32", dict(HAS_COUNT=final, FINAL=final, ACC_FP64=False,
                                               BLOCK_T=64, BLOCK_C=64))
@@ -865,4 +913,15 @@ def test_config_lists_are_small_and_mode_specific(monkeypatch, co, dtype):
                         assert k * size == 128
                         assert n <= 128 or (co >= 256 and not fused and not residual)
                         assert n >= 128 or co <= 64
-            assert 1 <= len(kconv.wgrad_configs(stem=stem, fused=fused)) <= 3
+            for ci in (3, 64, 128, 2048):
+                wcfg = kconv.wgrad_configs(stem=stem, fused=fused, gemm_m=co, channels=ci,
+                                           itemsize=size)
+                assert 1 <= len(wcfg) <= 3
+                assert len({c.kwargs["BLOCK_K"] for c in wcfg}) == 1  # one pixel box
+                for c in wcfg:
+                    m, n, k = (c.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                    assert k * size == 128
+                    assert c.num_stages * (m + n) * k * size <= kconv._SMEM_BUDGET
+                    if not stem:
+                        assert (m == 64) == (co <= 64) or dtype == torch.float32
+                        assert n <= 128 or (ci >= 256 and not fused)
