@@ -132,6 +132,7 @@ def _conv_kernel(
     EPILOGUE_RELU: tl.constexpr,
     STATS: tl.constexpr,
     DRELU: tl.constexpr,
+    PERSISTENT: tl.constexpr,  # programs loop over output tiles (grid: about one per SM)
     ACC_FP64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee"
     BLOCK_M: tl.constexpr,
@@ -143,226 +144,233 @@ def _conv_kernel(
     num_pid_m = tl.cdiv(GEMM_M, BLOCK_M)
     num_pid_n = tl.cdiv(GEMM_N, BLOCK_N)
     width = GROUP_M * num_pid_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
+    if PERSISTENT:  # a grid of about one program per SM walks the tiles in grouped order
+        tile_end = num_pid_m * num_pid_n
+        tile_step = tl.num_programs(0)
+    else:  # one tile per program
+        tile_end = pid + 1
+        tile_step = 1
+    for tile in range(pid, tile_end, tile_step):
+        group_id = tile // width
+        first_m = group_id * GROUP_M
+        group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % width) % group_size
+        pid_n = (tile % width) // group_size
 
-    # int32 index math (GEMM_M, GEMM_K < 2**31: the launchers check); int64 only where a
-    # pointer offset is formed (the batch term), so no 64-bit division routine anywhere
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < GEMM_N
-    if TRANSPOSED:
-        # Sub-pixel (phase) decomposition of the strided transposed conv: grid axis 1 is
-        # the phase (a, b) of the output pixel, (h + pad_h) % stride_h == a, and only the
-        # taps r = a + j*stride_h (s likewise) reach it, from A row i - j where
-        # h = a - pad_h + stride_h*i. No tap is wasted on a masked multiply.
-        phase = tl.program_id(1)
-        pa = phase // STRIDE_W
-        pb = phase % STRIDE_W
-        i_min = tl.maximum((PAD_H - pa + STRIDE_H - 1) // STRIDE_H, 0)
-        j_min = tl.maximum((PAD_W - pb + STRIDE_W - 1) // STRIDE_W, 0)
-        i_num = OH - 1 - pa + PAD_H
-        j_num = OW - 1 - pb + PAD_W
-        h_cnt = tl.where(i_num < 0, 0, tl.maximum(i_num // STRIDE_H - i_min + 1, 0))
-        w_cnt = tl.where(j_num < 0, 0, tl.maximum(j_num // STRIDE_W - j_min + 1, 0))
-        m_ok = offs_m < BATCH * h_cnt * w_cnt
-        w_div = tl.maximum(w_cnt, 1)
-        h_div = tl.maximum(h_cnt, 1)
-        ii = offs_m // w_div
-        jj = offs_m % w_div + j_min
-        nb = ii // h_div
-        ii = ii % h_div + i_min
-        oh = pa - PAD_H + STRIDE_H * ii
-        ow = pb - PAD_W + STRIDE_W * jj
-        tap_s = tl.maximum((S - pb + STRIDE_W - 1) // STRIDE_W, 0)
-        num_taps = tl.maximum((R - pa + STRIDE_H - 1) // STRIDE_H, 0) * tap_s
-    elif A_TMA >= 2:
-        # spatial M tiles: TILE_N images x TILE_H rows x TILE_W columns of the output (a
-        # TMA box of x per tap); GEMM_M is the tile count times BLOCK_M
-        phase = 0
-        tile_n: tl.constexpr = BLOCK_M // (TILE_H * TILE_W)
-        tiles_w = tl.cdiv(OW, TILE_W)
-        tiles_h = tl.cdiv(OH, TILE_H)
-        tw0 = (pid_m % tiles_w) * TILE_W
-        th0 = (pid_m // tiles_w % tiles_h) * TILE_H
-        tn0 = pid_m // (tiles_w * tiles_h) * tile_n
-        i = tl.arange(0, BLOCK_M)
-        ow = tw0 + i % TILE_W
-        oh = th0 + i // TILE_W % TILE_H
-        nb = tn0 + i // (TILE_W * TILE_H)
-        m_ok = (ow < OW) & (oh < OH) & (nb < BATCH)
-        tap_s = S
-        num_taps = R * S
-    else:
-        phase = 0
-        m_ok = offs_m < GEMM_M
-        ow = offs_m % OW
-        t = offs_m // OW
-        oh = t % OH
-        nb = t // OH
-        tap_s = S
-        num_taps = R * S
-
-    if ACC_FP64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
-    x_row = nb.to(tl.int64) * sxn
-    py_row = nb.to(tl.int64) * spn
-    if TRANSPOSED:  # A row of tap (tr, ts): (ii - tr, jj - ts)
-        ih0 = ii
-        iw0 = jj
-        tap_sign = -1
-    else:  # A row of tap (r, s): (oh*stride - pad + r, ow*stride - pad + s)
-        ih0 = oh * STRIDE_H - PAD_H
-        iw0 = ow * STRIDE_W - PAD_W
-        tap_sign = 1
-    # row bases hoisted out of the K loop: a K step adds one scalar tap offset
-    a_row = x_row + ih0 * sxh + iw0 * sxw
-    p_row = py_row + ih0 * sph + iw0 * spw
-    k_total = num_taps * CI
-    if TAP_LOOP:
-        num_k_tiles = num_taps * (CI // BLOCK_K)
-    else:
-        num_k_tiles = tl.cdiv(k_total, BLOCK_K)
-    # TAP_LOOP walks (tap row tr, tap column ts, channel c0) with counters: no division
-    # in the loop
-    tr = tl.full((), 0, tl.int32)
-    ts = tl.full((), 0, tl.int32)
-    c0 = tl.full((), 0, tl.int32)
-    for kt in range(0, num_k_tiles):
-        if TAP_LOOP:  # one tap (scalar tap_r, tap_c) per K tile
-            ci = c0 + tl.arange(0, BLOCK_K)
-            k_ok = ci < CI  # all true (CI % BLOCK_K == 0); folds into the row test
-            tap_r = tr
-            tap_c = ts
-        else:
-            # (tap, c) flattened, c fastest: a C=3 stem still fills K tiles
-            offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < k_total
-            ci = offs_k % CI
-            tap = offs_k // CI
-            tap_r = tap // tap_s
-            tap_c = tap % tap_s
+        # int32 index math (GEMM_M, GEMM_K < 2**31: the launchers check); int64 only where a
+        # pointer offset is formed (the batch term), so no 64-bit division routine anywhere
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < GEMM_N
         if TRANSPOSED:
-            r = pa + tap_r * STRIDE_H
-            s = pb + tap_c * STRIDE_W
+            # Sub-pixel (phase) decomposition of the strided transposed conv: grid axis 1 is
+            # the phase (a, b) of the output pixel, (h + pad_h) % stride_h == a, and only the
+            # taps r = a + j*stride_h (s likewise) reach it, from A row i - j where
+            # h = a - pad_h + stride_h*i. No tap is wasted on a masked multiply.
+            phase = tl.program_id(1)
+            pa = phase // STRIDE_W
+            pb = phase % STRIDE_W
+            i_min = tl.maximum((PAD_H - pa + STRIDE_H - 1) // STRIDE_H, 0)
+            j_min = tl.maximum((PAD_W - pb + STRIDE_W - 1) // STRIDE_W, 0)
+            i_num = OH - 1 - pa + PAD_H
+            j_num = OW - 1 - pb + PAD_W
+            h_cnt = tl.where(i_num < 0, 0, tl.maximum(i_num // STRIDE_H - i_min + 1, 0))
+            w_cnt = tl.where(j_num < 0, 0, tl.maximum(j_num // STRIDE_W - j_min + 1, 0))
+            m_ok = offs_m < BATCH * h_cnt * w_cnt
+            w_div = tl.maximum(w_cnt, 1)
+            h_div = tl.maximum(h_cnt, 1)
+            ii = offs_m // w_div
+            jj = offs_m % w_div + j_min
+            nb = ii // h_div
+            ii = ii % h_div + i_min
+            oh = pa - PAD_H + STRIDE_H * ii
+            ow = pb - PAD_W + STRIDE_W * jj
+            tap_s = tl.maximum((S - pb + STRIDE_W - 1) // STRIDE_W, 0)
+            num_taps = tl.maximum((R - pa + STRIDE_H - 1) // STRIDE_H, 0) * tap_s
+        elif A_TMA >= 2:
+            # spatial M tiles: TILE_N images x TILE_H rows x TILE_W columns of the output (a
+            # TMA box of x per tap); GEMM_M is the tile count times BLOCK_M
+            phase = 0
+            tile_n: tl.constexpr = BLOCK_M // (TILE_H * TILE_W)
+            tiles_w = tl.cdiv(OW, TILE_W)
+            tiles_h = tl.cdiv(OH, TILE_H)
+            tw0 = (pid_m % tiles_w) * TILE_W
+            th0 = (pid_m // tiles_w % tiles_h) * TILE_H
+            tn0 = pid_m // (tiles_w * tiles_h) * tile_n
+            i = tl.arange(0, BLOCK_M)
+            ow = tw0 + i % TILE_W
+            oh = th0 + i // TILE_W % TILE_H
+            nb = tn0 + i // (TILE_W * TILE_H)
+            m_ok = (ow < OW) & (oh < OH) & (nb < BATCH)
+            tap_s = S
+            num_taps = R * S
         else:
-            r = tap_r
-            s = tap_c
-        if TAP_LOOP:
-            ih = ih0 + tap_sign * tr
-            iw = iw0 + tap_sign * ts
-            row_ok = m_ok & (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
-            ok = row_ok[:, None]
-            a_off = (a_row + tap_sign * (tr * sxh + ts * sxw))[:, None] + ci[None, :] * sxc
-            p_off = (p_row + tap_sign * (tr * sph + ts * spw))[:, None] + ci[None, :] * spc
-        else:
-            ih = ih0[:, None] + tap_sign * tap_r[None, :]
-            iw = iw0[:, None] + tap_sign * tap_c[None, :]
-            ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW) & m_ok[:, None] & k_ok[None, :]
-            a_off = x_row[:, None] + ih * sxh + iw * sxw + ci[None, :] * sxc
-            p_off = py_row[:, None] + ih * sph + iw * spw + ci[None, :] * spc
-        if A_TMA == 1:  # the 1x1 conv is a GEMM on X as [N*H*W, C]: TMA zero-fills the M tail
-            a = X_desc.load([pid_m * BLOCK_M, c0])
-        elif A_TMA == 2:  # one box of x per tap; TMA zero-fills the padding
-            a = X_desc.load([tn0, th0 - PAD_H + tr, tw0 - PAD_W + ts, c0])
-            a = tl.reshape(a, (BLOCK_M, BLOCK_K))
-        elif A_TMA == 3:  # stride 2: input row 2*oh + dh is (oh + dh>>1, parity dh&1)
-            dh = tr - PAD_H
-            dw = ts - PAD_W
-            a = X_desc.load([tn0, th0 + (dh >> 1), dh & 1, tw0 + (dw >> 1),
-                             (dw & 1) * CI + c0])
-            a = tl.reshape(a, (BLOCK_M, BLOCK_K))
-        else:
-            a = tl.load(X_ptr + a_off, mask=ok, other=0.0)
-        if PROLOGUE == 1:
-            # scale and shift in fp32, rounded once to the operand dtype after the ReLU: a
-            # packed 16-bit FMA rounds shift = beta - mean*scale to 8 bits, 7x torch's
-            # error at mean/std = 20 (docs/triton_conv.md); NaN-propagating like torch.relu
-            op_t = W_ptr.dtype.element_ty
-            sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-            sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-            v = tl.fma(a.to(acc.dtype), sc[None, :], sh[None, :])
-            v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL).to(op_t)
-            if A_TMA == 1:  # no padded taps; rows past M are never stored nor counted
-                a = v
-            else:  # padded taps and the M tail (a = 0 there) are exactly 0 after it: a
-                # multiply by the 0/1 row mask (packed) rather than a per-element select
-                a = v * ok.to(op_t)
-        elif PROLOGUE == 2:
-            sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-            sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-            py = tl.load(PY_ptr + p_off, mask=ok, other=0.0)
-            v = a.to(acc.dtype) + py.to(acc.dtype) * sc[None, :] + sh[None, :]
-            a = tl.where(ok, v, 0.0).to(W_ptr.dtype.element_ty)
-        else:
-            a = a.to(W_ptr.dtype.element_ty)
-        if W_TMA and TRANSPOSED:  # B[(tap, co), ci] = W[co, r, s, ci]: a box of [CO, RSC]
-            # (columns past C_in fall in the next tap or the zero fill: masked outputs)
-            b = W_desc.load([c0, (r * S + s) * GEMM_N + pid_n * BLOCK_N])
-        elif W_TMA:  # forward: the K tile kt is columns kt*BLOCK_K.. of W as [CO, RSC]
-            b = W_desc.load([pid_n * BLOCK_N, kt * BLOCK_K]).T
-        elif TAP_LOOP:
-            b = tl.load(W_ptr + (offs_n[None, :] * swo + (r * swr + s * sws)
-                                 + ci[:, None] * swi), mask=n_ok[None, :], other=0.0)
-        else:
-            b = tl.load(W_ptr + (offs_n[None, :] * swo + r[:, None] * swr + s[:, None] * sws
-                                 + ci[:, None] * swi),
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
-        if TAP_LOOP:  # next (tap, channel tile)
-            c0 += BLOCK_K
-            next_tap = c0 >= CI
-            c0 = tl.where(next_tap, 0, c0)
-            ts = tl.where(next_tap, ts + 1, ts)
-            next_row = ts >= tap_s
-            ts = tl.where(next_row, 0, ts)
-            tr = tl.where(next_row, tr + 1, tr)
+            phase = 0
+            m_ok = offs_m < GEMM_M
+            ow = offs_m % OW
+            t = offs_m // OW
+            oh = t % OH
+            nb = t // OH
+            tap_s = S
+            num_taps = R * S
 
-    out_ok = m_ok[:, None] & n_ok[None, :]
-    if HAS_BIAS:
-        bias = tl.load(BIAS_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
-        acc = acc + bias[None, :]
-    if HAS_RESIDUAL:
-        res = tl.load(RES_ptr + ((nb.to(tl.int64) * srn + oh * srh + ow * srw)[:, None]
-                                 + offs_n[None, :] * src),
-                      mask=out_ok, other=0.0)
-        acc = acc + res.to(acc.dtype)
-    if EPILOGUE_RELU:
-        acc = tl.where(acc < 0, 0.0, acc)
-    ws_off = (phase * WS_ROWS + pid_m).to(tl.int64) * GEMM_N + offs_n
-    if DRELU:
-        ey = tl.load(EY_ptr + ((nb.to(tl.int64) * sen + oh * seh + ow * sew)[:, None]
-                               + offs_n[None, :] * sec),
-                     mask=out_ok, other=0.0).to(acc.dtype)
-        esc = tl.load(ESCALE_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
-        esh = tl.load(ESHIFT_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
-        pre = ey * esc[None, :] + esh[None, :]
-        g = tl.where(pre <= 0, 0.0, acc)
-        g = tl.where(out_ok, g, 0.0)
-        tl.store(WS1_ptr + ws_off, tl.sum(g, axis=0), mask=n_ok)
-        tl.store(WS2_ptr + ws_off, tl.sum(g * ey, axis=0), mask=n_ok)
-        acc = g * esc[None, :]
-    out = acc.to(Y_ptr.dtype.element_ty)
-    tl.store(Y_ptr + ((nb.to(tl.int64) * syn + oh * syh + ow * syw)[:, None]
-                      + offs_n[None, :] * syc), out, mask=out_ok)
-    if STATS:
-        v = tl.where(m_ok[:, None], out.to(acc.dtype), 0.0)
-        if A_TMA >= 2:  # spatial tiles: the count of valid rows, stored for the merge
-            cnt = tl.sum(m_ok.to(acc.dtype), axis=0)
-            tl.store(WS3_ptr + ws_off, tl.zeros((BLOCK_N,), acc.dtype) + cnt, mask=n_ok)
-            cnt = tl.maximum(cnt, 1.0)
+        if ACC_FP64:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
         else:
-            cnt = tl.minimum(GEMM_M - pid_m * BLOCK_M, BLOCK_M).to(acc.dtype)
-        mean = tl.sum(v, axis=0) / cnt
-        d = tl.where(m_ok[:, None], v - mean[None, :], 0.0)
-        tl.store(WS1_ptr + ws_off, mean, mask=n_ok)
-        tl.store(WS2_ptr + ws_off, tl.sum(d * d, axis=0), mask=n_ok)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+        x_row = nb.to(tl.int64) * sxn
+        py_row = nb.to(tl.int64) * spn
+        if TRANSPOSED:  # A row of tap (tr, ts): (ii - tr, jj - ts)
+            ih0 = ii
+            iw0 = jj
+            tap_sign = -1
+        else:  # A row of tap (r, s): (oh*stride - pad + r, ow*stride - pad + s)
+            ih0 = oh * STRIDE_H - PAD_H
+            iw0 = ow * STRIDE_W - PAD_W
+            tap_sign = 1
+        # row bases hoisted out of the K loop: a K step adds one scalar tap offset
+        a_row = x_row + ih0 * sxh + iw0 * sxw
+        p_row = py_row + ih0 * sph + iw0 * spw
+        k_total = num_taps * CI
+        if TAP_LOOP:
+            num_k_tiles = num_taps * (CI // BLOCK_K)
+        else:
+            num_k_tiles = tl.cdiv(k_total, BLOCK_K)
+        # TAP_LOOP walks (tap row tr, tap column ts, channel c0) with counters: no division
+        # in the loop
+        tr = tl.full((), 0, tl.int32)
+        ts = tl.full((), 0, tl.int32)
+        c0 = tl.full((), 0, tl.int32)
+        for kt in range(0, num_k_tiles):
+            if TAP_LOOP:  # one tap (scalar tap_r, tap_c) per K tile
+                ci = c0 + tl.arange(0, BLOCK_K)
+                k_ok = ci < CI  # all true (CI % BLOCK_K == 0); folds into the row test
+                tap_r = tr
+                tap_c = ts
+            else:
+                # (tap, c) flattened, c fastest: a C=3 stem still fills K tiles
+                offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < k_total
+                ci = offs_k % CI
+                tap = offs_k // CI
+                tap_r = tap // tap_s
+                tap_c = tap % tap_s
+            if TRANSPOSED:
+                r = pa + tap_r * STRIDE_H
+                s = pb + tap_c * STRIDE_W
+            else:
+                r = tap_r
+                s = tap_c
+            if TAP_LOOP:
+                ih = ih0 + tap_sign * tr
+                iw = iw0 + tap_sign * ts
+                row_ok = m_ok & (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+                ok = row_ok[:, None]
+                a_off = (a_row + tap_sign * (tr * sxh + ts * sxw))[:, None] + ci[None, :] * sxc
+                p_off = (p_row + tap_sign * (tr * sph + ts * spw))[:, None] + ci[None, :] * spc
+            else:
+                ih = ih0[:, None] + tap_sign * tap_r[None, :]
+                iw = iw0[:, None] + tap_sign * tap_c[None, :]
+                ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW) & m_ok[:, None] & k_ok[None, :]
+                a_off = x_row[:, None] + ih * sxh + iw * sxw + ci[None, :] * sxc
+                p_off = py_row[:, None] + ih * sph + iw * spw + ci[None, :] * spc
+            if A_TMA == 1:  # the 1x1 conv is a GEMM on X as [N*H*W, C]: TMA zero-fills the M tail
+                a = X_desc.load([pid_m * BLOCK_M, c0])
+            elif A_TMA == 2:  # one box of x per tap; TMA zero-fills the padding
+                a = X_desc.load([tn0, th0 - PAD_H + tr, tw0 - PAD_W + ts, c0])
+                a = tl.reshape(a, (BLOCK_M, BLOCK_K))
+            elif A_TMA == 3:  # stride 2: input row 2*oh + dh is (oh + dh>>1, parity dh&1)
+                dh = tr - PAD_H
+                dw = ts - PAD_W
+                a = X_desc.load([tn0, th0 + (dh >> 1), dh & 1, tw0 + (dw >> 1),
+                                 (dw & 1) * CI + c0])
+                a = tl.reshape(a, (BLOCK_M, BLOCK_K))
+            else:
+                a = tl.load(X_ptr + a_off, mask=ok, other=0.0)
+            if PROLOGUE == 1:
+                # scale and shift in fp32, rounded once to the operand dtype after the ReLU: a
+                # packed 16-bit FMA rounds shift = beta - mean*scale to 8 bits, 7x torch's
+                # error at mean/std = 20 (docs/triton_conv.md); NaN-propagating like torch.relu
+                op_t = W_ptr.dtype.element_ty
+                sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
+                sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
+                v = tl.fma(a.to(acc.dtype), sc[None, :], sh[None, :])
+                v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL).to(op_t)
+                if A_TMA == 1:  # no padded taps; rows past M are never stored nor counted
+                    a = v
+                else:  # padded taps and the M tail (a = 0 there) are exactly 0 after it: a
+                    # multiply by the 0/1 row mask (packed) rather than a per-element select
+                    a = v * ok.to(op_t)
+            elif PROLOGUE == 2:
+                sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
+                sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
+                py = tl.load(PY_ptr + p_off, mask=ok, other=0.0)
+                v = a.to(acc.dtype) + py.to(acc.dtype) * sc[None, :] + sh[None, :]
+                a = tl.where(ok, v, 0.0).to(W_ptr.dtype.element_ty)
+            else:
+                a = a.to(W_ptr.dtype.element_ty)
+            if W_TMA and TRANSPOSED:  # B[(tap, co), ci] = W[co, r, s, ci]: a box of [CO, RSC]
+                # (columns past C_in fall in the next tap or the zero fill: masked outputs)
+                b = W_desc.load([c0, (r * S + s) * GEMM_N + pid_n * BLOCK_N])
+            elif W_TMA:  # forward: the K tile kt is columns kt*BLOCK_K.. of W as [CO, RSC]
+                b = W_desc.load([pid_n * BLOCK_N, kt * BLOCK_K]).T
+            elif TAP_LOOP:
+                b = tl.load(W_ptr + (offs_n[None, :] * swo + (r * swr + s * sws)
+                                     + ci[:, None] * swi), mask=n_ok[None, :], other=0.0)
+            else:
+                b = tl.load(W_ptr + (offs_n[None, :] * swo + r[:, None] * swr + s[:, None] * sws
+                                     + ci[:, None] * swi),
+                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+            if TAP_LOOP:  # next (tap, channel tile)
+                c0 += BLOCK_K
+                next_tap = c0 >= CI
+                c0 = tl.where(next_tap, 0, c0)
+                ts = tl.where(next_tap, ts + 1, ts)
+                next_row = ts >= tap_s
+                ts = tl.where(next_row, 0, ts)
+                tr = tl.where(next_row, tr + 1, tr)
+
+        out_ok = m_ok[:, None] & n_ok[None, :]
+        if HAS_BIAS:
+            bias = tl.load(BIAS_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
+            acc = acc + bias[None, :]
+        if HAS_RESIDUAL:
+            res = tl.load(RES_ptr + ((nb.to(tl.int64) * srn + oh * srh + ow * srw)[:, None]
+                                     + offs_n[None, :] * src),
+                          mask=out_ok, other=0.0)
+            acc = acc + res.to(acc.dtype)
+        if EPILOGUE_RELU:
+            acc = tl.where(acc < 0, 0.0, acc)
+        ws_off = (phase * WS_ROWS + pid_m).to(tl.int64) * GEMM_N + offs_n
+        if DRELU:
+            ey = tl.load(EY_ptr + ((nb.to(tl.int64) * sen + oh * seh + ow * sew)[:, None]
+                                   + offs_n[None, :] * sec),
+                         mask=out_ok, other=0.0).to(acc.dtype)
+            esc = tl.load(ESCALE_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
+            esh = tl.load(ESHIFT_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
+            pre = ey * esc[None, :] + esh[None, :]
+            g = tl.where(pre <= 0, 0.0, acc)
+            g = tl.where(out_ok, g, 0.0)
+            tl.store(WS1_ptr + ws_off, tl.sum(g, axis=0), mask=n_ok)
+            tl.store(WS2_ptr + ws_off, tl.sum(g * ey, axis=0), mask=n_ok)
+            acc = g * esc[None, :]
+        out = acc.to(Y_ptr.dtype.element_ty)
+        tl.store(Y_ptr + ((nb.to(tl.int64) * syn + oh * syh + ow * syw)[:, None]
+                          + offs_n[None, :] * syc), out, mask=out_ok)
+        if STATS:
+            v = tl.where(m_ok[:, None], out.to(acc.dtype), 0.0)
+            if A_TMA >= 2:  # spatial tiles: the count of valid rows, stored for the merge
+                cnt = tl.sum(m_ok.to(acc.dtype), axis=0)
+                tl.store(WS3_ptr + ws_off, tl.zeros((BLOCK_N,), acc.dtype) + cnt, mask=n_ok)
+                cnt = tl.maximum(cnt, 1.0)
+            else:
+                cnt = tl.minimum(GEMM_M - pid_m * BLOCK_M, BLOCK_M).to(acc.dtype)
+            mean = tl.sum(v, axis=0) / cnt
+            d = tl.where(m_ok[:, None], v - mean[None, :], 0.0)
+            tl.store(WS1_ptr + ws_off, mean, mask=n_ok)
+            tl.store(WS2_ptr + ws_off, tl.sum(d * d, axis=0), mask=n_ok)
 
 
 @triton.jit
@@ -467,48 +475,17 @@ def _conv_wgrad_kernel(
 ):
     # GEMM view: dW[co, (r, s, ci)] = sum over output pixels of dy[pix, co] * x[pix + tap,
     # ci]. The reduction walks pixel tiles, boxes of TILE_N images x TILE_H rows x TILE_W
-    # columns of the output, with counters (no division in the loop); grid axis 1 splits
-    # the tiles into TILES_PER_SPLIT runs, each stored to its own partial (summed in a
-    # fixed order afterwards: deterministic, no atomics).
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    # columns of the output, with counters (no division in the loop), split into runs of
+    # TILES_PER_SPLIT tiles, each stored to its own partial (summed in a fixed order
+    # afterwards: deterministic, no atomics).
+    # a persistent grid: each program walks work items (output tile, split) in order
     if TAP_N:
         # N tiles are (tap, channel block): contiguous channels, one x box per K step
         c_tiles = tl.cdiv(CI, BLOCK_N)
         num_pid_n = R * S * c_tiles
     else:
         num_pid_n = tl.cdiv(GEMM_N, BLOCK_N)
-    pid_m = pid // num_pid_n
-    pid_n = pid % num_pid_n
-    offs_co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    co_ok = offs_co < GEMM_M
-    if TAP_N:
-        tap = pid_n // c_tiles
-        c0 = (pid_n % c_tiles) * BLOCK_N
-        ci = c0 + tl.arange(0, BLOCK_N)
-        j_ok = ci < CI
-        offs_j = tap * CI + ci
-        tap_r = tap // S
-        tap_s = tap % S
-        r = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap_r
-        s = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap_s
-    else:
-        offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        j_ok = offs_j < GEMM_N
-        ci = offs_j % CI
-        rs = offs_j // CI
-        s = rs % S
-        r = rs // S
-    # prologue math in fp32 (fp64 for fp64 tensors)
-    cdt: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
-    if PROLOGUE:
-        sc = tl.load(SCALE_ptr + ci, mask=j_ok, other=0.0).to(cdt)
-        sh = tl.load(SHIFT_ptr + ci, mask=j_ok, other=0.0).to(cdt)
-    if DBN:
-        cy = tl.load(DCY_ptr + offs_co, mask=co_ok, other=0.0).to(cdt)
-        cc = tl.load(DCC_ptr + offs_co, mask=co_ok, other=0.0).to(cdt)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=cdt)
-    op_t = X_ptr.dtype.element_ty
+    tiles_mn = tl.cdiv(GEMM_M, BLOCK_M) * num_pid_n
     # the pixel tile's lanes: (image, row, column) offsets inside the box (constexpr
     # divisors: shifts), added to the box origin each K step
     tile_n: tl.constexpr = BLOCK_K // (TILE_H * TILE_W)
@@ -519,80 +496,117 @@ def _conv_wgrad_kernel(
     tiles_w = tl.cdiv(OW, TILE_W)
     tiles_h = tl.cdiv(OH, TILE_H)
     num_tiles = tl.cdiv(BATCH, tile_n) * tiles_h * tiles_w
-    t_begin = pid_k * TILES_PER_SPLIT
-    n_steps = tl.minimum(TILES_PER_SPLIT, num_tiles - t_begin)
-    # the first box's origin (divisions once, before the loop)
-    tw0 = (t_begin % tiles_w) * TILE_W
-    th0 = (t_begin // tiles_w % tiles_h) * TILE_H
-    tn0 = t_begin // (tiles_w * tiles_h) * tile_n
-    for _ in range(0, n_steps):
-        oh = th0 + lane_h
-        ow = tw0 + lane_w
-        nb = tn0 + lane_n
-        pix_ok = (oh < OH) & (ow < OW) & (nb < BATCH)
-        if TMA:
-            # dy box [TN, TH, TW, BLOCK_M] -> [BLOCK_K, BLOCK_M]; past the image: zeros
-            a = tl.reshape(DY_desc.load([tn0, th0, tw0, pid_m * BLOCK_M]),
-                           (BLOCK_K, BLOCK_M)).T
-            if DBN:
-                py = tl.reshape(PY_desc.load([tn0, th0, tw0, pid_m * BLOCK_M]),
-                                (BLOCK_K, BLOCK_M)).T
+    splits = tl.cdiv(num_tiles, TILES_PER_SPLIT)
+    # prologue math in fp32 (fp64 for fp64 tensors)
+    cdt: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    op_t = X_ptr.dtype.element_ty
+    for work in range(tl.program_id(0), tiles_mn * splits, tl.num_programs(0)):
+        pid_k = work // tiles_mn
+        pid = work % tiles_mn
+        pid_m = pid // num_pid_n
+        pid_n = pid % num_pid_n
+        offs_co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        co_ok = offs_co < GEMM_M
+        if TAP_N:
+            tap = pid_n // c_tiles
+            c0 = (pid_n % c_tiles) * BLOCK_N
+            ci = c0 + tl.arange(0, BLOCK_N)
+            j_ok = ci < CI
+            offs_j = tap * CI + ci
+            tap_r = tap // S
+            tap_s = tap % S
+            r = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap_r
+            s = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap_s
         else:
-            d_pix = nb.to(tl.int64) * sdn + oh * sdh + ow * sdw
-            a_ok = co_ok[:, None] & pix_ok[None, :]
-            a = tl.load(DY_ptr + (offs_co[:, None] * sdc + d_pix[None, :]), mask=a_ok,
-                        other=0.0)
-            if DBN:
-                p_pix = nb.to(tl.int64) * spn + oh * sph + ow * spw
-                py = tl.load(PY_ptr + (offs_co[:, None] * spc + p_pix[None, :]), mask=a_ok,
-                             other=0.0)
-        if DBN:  # dy + y*cy + cc in fp32; 0 at pixels past the output
-            v = tl.fma(py.to(cdt), cy[:, None], a.to(cdt)) + cc[:, None]
-            a = (v * pix_ok[None, :].to(cdt)).to(op_t)
-        else:
-            a = a.to(op_t)
-        if TAP_N and TMA == 2:  # stride 1: one box of x per K step; TMA zero-fills padding
-            b = X_desc.load([tn0, th0 * STRIDE_H - PAD_H + tap_r,
-                             tw0 * STRIDE_W - PAD_W + tap_s, c0])
-            b = tl.reshape(b, (BLOCK_K, BLOCK_N))
-        elif TAP_N and TMA == 3:  # stride 2: input row 2*oh + dh is (oh + dh>>1, dh&1)
-            dh = tap_r - PAD_H
-            dw = tap_s - PAD_W
-            b = X_desc.load([tn0, th0 + (dh >> 1), dh & 1, tw0 + (dw >> 1),
-                             (dw & 1) * CI + c0])
-            b = tl.reshape(b, (BLOCK_K, BLOCK_N))
-        else:
-            ih = (oh * STRIDE_H - PAD_H)[:, None] + r[None, :]
-            iw = (ow * STRIDE_W - PAD_W)[:, None] + s[None, :]
-            b_ok = ((ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW) & pix_ok[:, None]
-                    & j_ok[None, :])
-            b = tl.load(X_ptr + ((nb.to(tl.int64) * sxn)[:, None] + ih * sxh + iw * sxw
-                                 + ci[None, :] * sxc), mask=b_ok, other=0.0)
-        if PROLOGUE:  # relu(x*scale + shift) in fp32; padded taps exactly 0 after it
+            offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            j_ok = offs_j < GEMM_N
+            ci = offs_j % CI
+            rs = offs_j // CI
+            s = rs % S
+            r = rs // S
+        if PROLOGUE:
+            sc = tl.load(SCALE_ptr + ci, mask=j_ok, other=0.0).to(cdt)
+            sh = tl.load(SHIFT_ptr + ci, mask=j_ok, other=0.0).to(cdt)
+        if DBN:
+            cy = tl.load(DCY_ptr + offs_co, mask=co_ok, other=0.0).to(cdt)
+            cc = tl.load(DCC_ptr + offs_co, mask=co_ok, other=0.0).to(cdt)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=cdt)
+        t_begin = pid_k * TILES_PER_SPLIT
+        n_steps = tl.minimum(TILES_PER_SPLIT, num_tiles - t_begin)
+        # the first box's origin (divisions once, before the loop)
+        tw0 = (t_begin % tiles_w) * TILE_W
+        th0 = (t_begin // tiles_w % tiles_h) * TILE_H
+        tn0 = t_begin // (tiles_w * tiles_h) * tile_n
+        for _ in range(0, n_steps):
+            oh = th0 + lane_h
+            ow = tw0 + lane_w
+            nb = tn0 + lane_n
+            pix_ok = (oh < OH) & (ow < OW) & (nb < BATCH)
             if TMA:
+                # dy box [TN, TH, TW, BLOCK_M] -> [BLOCK_K, BLOCK_M]; past the image: zeros
+                a = tl.reshape(DY_desc.load([tn0, th0, tw0, pid_m * BLOCK_M]),
+                               (BLOCK_K, BLOCK_M)).T
+                if DBN:
+                    py = tl.reshape(PY_desc.load([tn0, th0, tw0, pid_m * BLOCK_M]),
+                                    (BLOCK_K, BLOCK_M)).T
+            else:
+                d_pix = nb.to(tl.int64) * sdn + oh * sdh + ow * sdw
+                a_ok = co_ok[:, None] & pix_ok[None, :]
+                a = tl.load(DY_ptr + (offs_co[:, None] * sdc + d_pix[None, :]), mask=a_ok,
+                            other=0.0)
+                if DBN:
+                    p_pix = nb.to(tl.int64) * spn + oh * sph + ow * spw
+                    py = tl.load(PY_ptr + (offs_co[:, None] * spc + p_pix[None, :]), mask=a_ok,
+                                 other=0.0)
+            if DBN:  # dy + y*cy + cc in fp32; 0 at pixels past the output
+                v = tl.fma(py.to(cdt), cy[:, None], a.to(cdt)) + cc[:, None]
+                a = (v * pix_ok[None, :].to(cdt)).to(op_t)
+            else:
+                a = a.to(op_t)
+            if TAP_N and TMA == 2:  # stride 1: one box of x per K step; TMA zero-fills padding
+                b = X_desc.load([tn0, th0 * STRIDE_H - PAD_H + tap_r,
+                                 tw0 * STRIDE_W - PAD_W + tap_s, c0])
+                b = tl.reshape(b, (BLOCK_K, BLOCK_N))
+            elif TAP_N and TMA == 3:  # stride 2: input row 2*oh + dh is (oh + dh>>1, dh&1)
+                dh = tap_r - PAD_H
+                dw = tap_s - PAD_W
+                b = X_desc.load([tn0, th0 + (dh >> 1), dh & 1, tw0 + (dw >> 1),
+                                 (dw & 1) * CI + c0])
+                b = tl.reshape(b, (BLOCK_K, BLOCK_N))
+            else:
                 ih = (oh * STRIDE_H - PAD_H)[:, None] + r[None, :]
                 iw = (ow * STRIDE_W - PAD_W)[:, None] + s[None, :]
-                b_ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
-            v = tl.fma(b.to(cdt), sc[None, :], sh[None, :])
-            v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
-            b = tl.where(b_ok, v, 0.0).to(op_t)
-        else:
-            b = b.to(op_t)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
-        # next pixel tile: column, then row, then image (counters, no division)
-        tw0 += TILE_W
-        next_row = tw0 >= OW
-        tw0 = tl.where(next_row, 0, tw0)
-        th0 = tl.where(next_row, th0 + TILE_H, th0)
-        next_img = th0 >= OH
-        th0 = tl.where(next_img, 0, th0)
-        tn0 = tl.where(next_img, tn0 + tile_n, tn0)
-    off = (pid_k.to(tl.int64) * GEMM_M * GEMM_N + offs_co[:, None].to(tl.int64) * GEMM_N
-           + offs_j[None, :])
-    tl.store(DW_ptr + off, acc, mask=co_ok[:, None] & j_ok[None, :])
+                b_ok = ((ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW) & pix_ok[:, None]
+                        & j_ok[None, :])
+                b = tl.load(X_ptr + ((nb.to(tl.int64) * sxn)[:, None] + ih * sxh + iw * sxw
+                                     + ci[None, :] * sxc), mask=b_ok, other=0.0)
+            if PROLOGUE:  # relu(x*scale + shift) in fp32; padded taps exactly 0 after it
+                if TMA:
+                    ih = (oh * STRIDE_H - PAD_H)[:, None] + r[None, :]
+                    iw = (ow * STRIDE_W - PAD_W)[:, None] + s[None, :]
+                    b_ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+                v = tl.fma(b.to(cdt), sc[None, :], sh[None, :])
+                v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+                b = tl.where(b_ok, v, 0.0).to(op_t)
+            else:
+                b = b.to(op_t)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+            # next pixel tile: column, then row, then image (counters, no division)
+            tw0 += TILE_W
+            next_row = tw0 >= OW
+            tw0 = tl.where(next_row, 0, tw0)
+            th0 = tl.where(next_row, th0 + TILE_H, th0)
+            next_img = th0 >= OH
+            th0 = tl.where(next_img, 0, th0)
+            tn0 = tl.where(next_img, tn0 + tile_n, tn0)
+        off = (pid_k.to(tl.int64) * GEMM_M * GEMM_N + offs_co[:, None].to(tl.int64) * GEMM_N
+               + offs_j[None, :])
+        tl.store(DW_ptr + off, acc, mask=co_ok[:, None] & j_ok[None, :])
 
 
-# --------------------------------------------------------------------------------------
+    # --------------------------------------------------------------------------------------
+
+
 # Autotuning
 # --------------------------------------------------------------------------------------
 
@@ -750,7 +764,7 @@ else:
     _conv_run = autotune(
         configs=_configs(_union(_CONV_TILES)),
         key=["GEMM_M", "GEMM_N", "GEMM_K", "TRANSPOSED", "PROLOGUE", "STATS", "DRELU",
-             "W_TMA", "A_TMA", "TILE_H", "TILE_W"],
+             "W_TMA", "A_TMA", "TILE_H", "TILE_W", "PERSISTENT"],
         prune_configs_by={"early_config_prune": _conv_prune},
     )(_conv_kernel)
     _wgrad_run = autotune(
@@ -936,6 +950,10 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
             ws3 = torch.empty((tiles, co), dtype=acc, device=x.device)
     else:
         ws1 = ws2 = y
+    # the plain forward (no prologue) runs persistent: about one program per SM walks
+    # the output tiles in grouped order (fewer launches' worth of setup per tile)
+    persistent = not prologue
+    programs = _persistent_programs(x)
     res = residual if residual is not None else y
     pscale, pshift = (scale, shift) if prologue else (y, y)  # fp32 scale/shift (kernel)
     args = (x, weight, y, bias if bias is not None else y, res,
@@ -949,10 +967,12 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
                   A_TMA=a_tma, TILE_H=tile_h, TILE_W=tile_w, PROLOGUE=prologue,
                   HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                   EPILOGUE_RELU=bool(relu), STATS=bool(stats), DRELU=False,
-                  ACC_FP64=acc == torch.float64, INPUT_PRECISION=_input_precision(x.dtype))
+                  PERSISTENT=persistent, ACC_FP64=acc == torch.float64,
+                  INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):
-        return (triton.cdiv(gm_grid, meta["BLOCK_M"]) * triton.cdiv(gn, meta["BLOCK_N"]),)
+        tiles = triton.cdiv(gm_grid, meta["BLOCK_M"]) * triton.cdiv(gn, meta["BLOCK_N"])
+        return (min(tiles, programs) if persistent else tiles,)
 
     cfg = _launch(_conv_run, configs, grid, args, kwargs)
     if not stats:
@@ -1064,7 +1084,7 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
                   TILE_W=1,
                   PROLOGUE=2 if dbn else 0,
                   HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False,
-                  DRELU=drelu, ACC_FP64=acc == torch.float64,
+                  DRELU=drelu, PERSISTENT=False, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(dy.dtype))
 
     def grid(meta):
@@ -1081,6 +1101,12 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
 @functools.lru_cache(maxsize=None)
 def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _persistent_programs(t):
+    """Programs of a persistent launch: one per SM (3 in the interpreter, so that the
+    CPU tests walk several tiles per program)."""
+    return 3 if INTERPRET or not t.is_cuda else _sm_count(t.device.index or 0)
 
 
 def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None, coef_c=None,
@@ -1163,10 +1189,11 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
                   PROLOGUE=prologue, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(x.dtype))
 
-    def grid(meta):
+    def grid(meta):  # persistent: at most one program per SM over (tile, split) items
         n_tiles = (r * s * triton.cdiv(ci, meta["BLOCK_N"]) if tap_n
                    else triton.cdiv(gn, meta["BLOCK_N"]))
-        return (triton.cdiv(gm, meta["BLOCK_M"]) * n_tiles, splits)
+        return (min(triton.cdiv(gm, meta["BLOCK_M"]) * n_tiles * splits,
+                    _persistent_programs(x)),)
 
     _launch(_wgrad_run, configs, grid, args, kwargs)
     # the partials summed in a fixed order (a deterministic reduction, no atomics)

@@ -506,7 +506,7 @@ def conv_specs(quick: bool):
         act = f"*{dt}"
         ptrs = {"X_ptr": act, "W_ptr": act, "Y_ptr": act, "BIAS_ptr": act, "RES_ptr": act,
                 "PY_ptr": act, "EY_ptr": act, "DY_ptr": act, "*default": "*fp32"}
-        fwd_ptrs = dict(ptrs, PSCALE_ptr=act, PSHIFT_ptr=act)  # BN-ReLU prologue: operand
+        fwd_ptrs = ptrs  # the BN-ReLU prologue's scale/shift: fp32, as the BN makes them
         unit = dict(sxc=1, swi=1, syc=1, src=1, spc=1, sec=1)  # channels_last, KRSC
         for name, sw in fwd.items():
             stem = not sw.get("TAP_LOOP", True)
@@ -515,6 +515,8 @@ def conv_specs(quick: bool):
                                        itemsize=4 if dt == "fp32" else 2,
                                        residual=sw.get("HAS_RESIDUAL", False)):
                 consts = dict(off, **sw, INPUT_PRECISION=prec, **unit, **cfg.kwargs)
+                # as conv_fwd launches it: the forward without a prologue is persistent
+                consts["PERSISTENT"] = not consts["TRANSPOSED"] and not consts["PROLOGUE"]
                 bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 th, tw = consts["TILE_H"], consts["TILE_W"]
                 x_box = {0: act, 1: f"tensordesc<{dt}[{bm}, {bk}]>",
@@ -627,6 +629,11 @@ def hopper_gaps(r, bar=HOPPER_BAR):
         gaps.append(f"{r.loop_div} integer divisions, {r.loop_calls} CALL in the hot loop")
     if r.spill_stores or r.spill_loads or r.hot_spills:
         gaps.append(f"spills {r.spill_stores}/{r.spill_loads} B")
+    # the output tile by TMA or 16-byte stores (32-bit STG: the statistics' per-channel
+    # vectors, outside the tile)
+    narrow = {w: n for w, n in r.stores.items() if w not in ("128", "32")}
+    if not (r.utmastg or r.stores.get("128")) or narrow:
+        gaps.append(f"output not stored by UTMASTG or STG.128 (STG {r.stores})")
     if r.shared < bar["min_shared"]:
         gaps.append(f"{r.shared} B of shared memory < {bar['min_shared']}")
     return gaps

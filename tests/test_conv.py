@@ -294,6 +294,27 @@ def test_tma_weights_dgrad(monkeypatch, case, dtype):
     assert (dx.double() - ref).abs().max() <= tol * (1 + ref.abs().max())
 
 
+@pytest.mark.parametrize("prologue", [False, True])
+def test_plain_forward_is_persistent(monkeypatch, prologue):
+    """The forward without a prologue runs a persistent grid (fewer programs than tiles,
+    each walking several tiles in grouped order; 3 programs in the interpreter); with the
+    prologue one program per tile. Either way y equals F.conv2d in float64."""
+    seen, grids = _spy_launches(monkeypatch), []
+    launch = K._launch
+    monkeypatch.setattr(K, "_launch", lambda run, cfgs, grid, args, kw: grids.append(
+        (grid(cfgs[0].kwargs), -(-args[-5] // cfgs[0].kwargs["BLOCK_M"])
+         * -(-args[-4] // cfgs[0].kwargs["BLOCK_N"]))) or launch(run, cfgs, grid, args, kw))
+    x, w, st, pd = _make(("many_tiles", 2, 8, 9, 9, 40, 3, 1, 1))
+    kw = dict(zip(("scale", "shift"), _scale_shift(8))) if prologue else {}
+    y, _, _ = K.conv_fwd(x, w, st, pd, **kw)
+    a = _ref_bn_relu(x, kw["scale"], kw["shift"]) if prologue else x
+    torch.testing.assert_close(y, F.conv2d(a, w, None, st, pd))
+    (grid, tiles), = grids
+    assert seen[-1]["PERSISTENT"] == (not prologue)
+    assert grid[0] == (min(tiles, K._persistent_programs(x)) if not prologue else tiles)
+    assert prologue or grid[0] < tiles
+
+
 WGRAD_TMA_CASES = [("3x3s1_c32", 2, 32, 6, 5, 24, 3, 1, 1),  # boxes of x per tap, padding
                    ("1x1s1_flat", 3, 32, 5, 3, 40, 1, 1, 0),  # one row of N*H*W pixels
                    ("3x3s2_even", 2, 32, 8, 6, 24, 3, 2, 1),  # boxes of the stride-2 view
@@ -781,7 +802,7 @@ def build(fn, dt, consts, warps=4, stages=3):
 
 tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, ACC_FP64=False)
 off = dict(HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False, DRELU=False,
-           W_TMA=False, A_TMA=False)
+           W_TMA=False, A_TMA=False, PERSISTENT=False, TILE_H=1, TILE_W=1)
 for dt, prec in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32")):
     base = dict(tiles, INPUT_PRECISION=prec)
     build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": True,
@@ -795,7 +816,7 @@ for dt, prec in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32")):
         continue  # every other mode in fp16 only (compile time)
     build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": False,
                                "PROLOGUE": 0, "HAS_BIAS": True, "HAS_RESIDUAL": True,
-                               "EPILOGUE_RELU": True}, 8)
+                               "EPILOGUE_RELU": True, "PERSISTENT": True}, 8)
     build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": True, "TAP_LOOP": True,
                                "PROLOGUE": 2, "DRELU": True}, 8)
     build(K._conv_wgrad_kernel, dt, dict(TAP_N=True, DBN=True, PROLOGUE=True, ACC_FP64=False,
