@@ -42,9 +42,13 @@ One kernel, ``_conv_kernel``, with constexpr switches:
 ``_stats_merge_kernel`` combines the tile statistics with Chan's parallel formula
 (n = 0 guarded), in two levels when there are many tiles (chunks in parallel, then one
 pass over the chunks; fixed order). ``_conv_wgrad_kernel`` is the weight gradient: a
-GEMM over the N*P*Q pixels (N tiles tap-major when C_in fills them), split over that
-reduction into a [splits, C_out, R*S*C_in] workspace summed afterwards, with both
-prologues recomputed while loading (BN-ReLU of the input, dBN of dy). Deterministic:
+GEMM over the N*P*Q pixels walked as boxes of the output (TILE_N x TILE_H x TILE_W per K
+step, counters, no division in the loop; dy and x by TMA on sm_90, ``TMA`` 2/3 as the
+forward's A_TMA), N tiles tap-major when C_in fills them, split over that reduction
+into a [splits, C_out, R*S*C_in] workspace summed afterwards in a fixed order, with both
+prologues recomputed while loading (BN-ReLU of the input, dBN of dy); its grid is
+persistent over (tile, split) items, like the plain forward's over tiles
+(``PERSISTENT``). Deterministic:
 no atomics anywhere in this file, so nothing needs reset_to_zero/restore_value.
 No launcher syncs with the host. Under CUDA-graph capture, warm up first: the first
 call of a new shape autotunes (benchmarks), which capture does not allow.
@@ -85,6 +89,22 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # --------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _x_tap_box(X_desc, n0, h0, w0, tap_r, tap_c, c0, PAD_H, PAD_W, CI, ROWS: tl.constexpr,
+               COLS: tl.constexpr, VIEW: tl.constexpr):
+    """The box of x that tap (tap_r, tap_c) reads for the output box at (n0, h0, w0), as
+    [ROWS, COLS]. VIEW 2: x as [N, H, W, C] (stride 1; TMA zero-fills the padding); 3: the
+    stride-2 view [N, H/2, 2, W/2, 2C], where input row 2*oh + dh is (oh + dh>>1, parity
+    dh&1) and the column parity picks the channel half."""
+    if VIEW == 2:
+        box = X_desc.load([n0, h0 - PAD_H + tap_r, w0 - PAD_W + tap_c, c0])
+    else:
+        dh = tap_r - PAD_H
+        dw = tap_c - PAD_W
+        box = X_desc.load([n0, h0 + (dh >> 1), dh & 1, w0 + (dw >> 1), (dw & 1) * CI + c0])
+    return tl.reshape(box, (ROWS, COLS))
 
 
 @triton.jit
@@ -277,15 +297,9 @@ def _conv_kernel(
                 p_off = py_row[:, None] + ih * sph + iw * spw + ci[None, :] * spc
             if A_TMA == 1:  # the 1x1 conv is a GEMM on X as [N*H*W, C]: TMA zero-fills the M tail
                 a = X_desc.load([pid_m * BLOCK_M, c0])
-            elif A_TMA == 2:  # one box of x per tap; TMA zero-fills the padding
-                a = X_desc.load([tn0, th0 - PAD_H + tr, tw0 - PAD_W + ts, c0])
-                a = tl.reshape(a, (BLOCK_M, BLOCK_K))
-            elif A_TMA == 3:  # stride 2: input row 2*oh + dh is (oh + dh>>1, parity dh&1)
-                dh = tr - PAD_H
-                dw = ts - PAD_W
-                a = X_desc.load([tn0, th0 + (dh >> 1), dh & 1, tw0 + (dw >> 1),
-                                 (dw & 1) * CI + c0])
-                a = tl.reshape(a, (BLOCK_M, BLOCK_K))
+            elif A_TMA >= 2:  # one box of x per tap (stride 1, or the stride-2 view)
+                a = _x_tap_box(X_desc, tn0, th0, tw0, tr, ts, c0, PAD_H, PAD_W, CI,
+                               BLOCK_M, BLOCK_K, A_TMA)
             else:
                 a = tl.load(X_ptr + a_off, mask=ok, other=0.0)
             if PROLOGUE == 1:
@@ -563,16 +577,9 @@ def _conv_wgrad_kernel(
                 a = (v * pix_ok[None, :].to(cdt)).to(op_t)
             else:
                 a = a.to(op_t)
-            if TAP_N and TMA == 2:  # stride 1: one box of x per K step; TMA zero-fills padding
-                b = X_desc.load([tn0, th0 * STRIDE_H - PAD_H + tap_r,
-                                 tw0 * STRIDE_W - PAD_W + tap_s, c0])
-                b = tl.reshape(b, (BLOCK_K, BLOCK_N))
-            elif TAP_N and TMA == 3:  # stride 2: input row 2*oh + dh is (oh + dh>>1, dh&1)
-                dh = tap_r - PAD_H
-                dw = tap_s - PAD_W
-                b = X_desc.load([tn0, th0 + (dh >> 1), dh & 1, tw0 + (dw >> 1),
-                                 (dw & 1) * CI + c0])
-                b = tl.reshape(b, (BLOCK_K, BLOCK_N))
+            if TAP_N and TMA:  # one box of x per K step (stride 1, or the stride-2 view)
+                b = _x_tap_box(X_desc, tn0, th0, tw0, tap_r, tap_s, c0, PAD_H, PAD_W, CI,
+                               BLOCK_K, BLOCK_N, TMA)
             else:
                 ih = (oh * STRIDE_H - PAD_H)[:, None] + r[None, :]
                 iw = (ow * STRIDE_W - PAD_W)[:, None] + s[None, :]
