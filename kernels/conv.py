@@ -125,6 +125,7 @@ def _conv_kernel(
     WS3_ptr,  # (T, CO) tile count                              [STATS and A_TMA >= 2]
     W_desc,  # TMA descriptor of W as [CO, R*S*CI], block [BLOCK_N, BLOCK_K] [W_TMA]
     X_desc,  # TMA descriptor of X as [N*IH*IW, CI], block [BLOCK_M, BLOCK_K] [A_TMA]
+    PY_desc,  # the same of PY (boxes like X_desc)                 [PROLOGUE == 2, A_TMA]
     IH, IW, CI,  # A-source spatial size and channels
     OH, OW, CO,  # output spatial size and channels
     R, S,  # kernel size
@@ -182,7 +183,7 @@ def _conv_kernel(
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < GEMM_N
-        if TRANSPOSED:
+        if TRANSPOSED and A_TMA == 0:
             # Sub-pixel (phase) decomposition of the strided transposed conv: grid axis 1 is
             # the phase (a, b) of the output pixel, (h + pad_h) % stride_h == a, and only the
             # taps r = a + j*stride_h (s likewise) reach it, from A row i - j where
@@ -224,6 +225,11 @@ def _conv_kernel(
             m_ok = (ow < OW) & (oh < OH) & (nb < BATCH)
             tap_s = S
             num_taps = R * S
+            if TRANSPOSED:  # stride-1 dgrad: tap (r, s) reads dy at (oh + pad - r, ...)
+                pa = 0
+                pb = 0
+                ii = oh + PAD_H
+                jj = ow + PAD_W
         else:
             phase = 0
             m_ok = offs_m < GEMM_M
@@ -262,6 +268,7 @@ def _conv_kernel(
         tr = tl.full((), 0, tl.int32)
         ts = tl.full((), 0, tl.int32)
         c0 = tl.full((), 0, tl.int32)
+        op_t = W_ptr.dtype.element_ty
         for kt in range(0, num_k_tiles):
             if TAP_LOOP:  # one tap (scalar tap_r, tap_c) per K tile
                 ci = c0 + tl.arange(0, BLOCK_K)
@@ -298,15 +305,14 @@ def _conv_kernel(
             if A_TMA == 1:  # the 1x1 conv is a GEMM on X as [N*H*W, C]: TMA zero-fills the M tail
                 a = X_desc.load([pid_m * BLOCK_M, c0])
             elif A_TMA >= 2:  # one box of x per tap (stride 1, or the stride-2 view)
-                a = _x_tap_box(X_desc, tn0, th0, tw0, tr, ts, c0, PAD_H, PAD_W, CI,
-                               BLOCK_M, BLOCK_K, A_TMA)
+                a = _x_tap_box(X_desc, tn0, th0, tw0, tap_sign * tr, tap_sign * ts, c0,
+                               tap_sign * PAD_H, tap_sign * PAD_W, CI, BLOCK_M, BLOCK_K, A_TMA)
             else:
                 a = tl.load(X_ptr + a_off, mask=ok, other=0.0)
             if PROLOGUE == 1:
                 # scale and shift in fp32, rounded once to the operand dtype after the ReLU: a
                 # packed 16-bit FMA rounds shift = beta - mean*scale to 8 bits, 7x torch's
                 # error at mean/std = 20 (docs/triton_conv.md); NaN-propagating like torch.relu
-                op_t = W_ptr.dtype.element_ty
                 sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
                 sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
                 v = tl.fma(a.to(acc.dtype), sc[None, :], sh[None, :])
@@ -319,11 +325,18 @@ def _conv_kernel(
             elif PROLOGUE == 2:
                 sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
                 sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-                py = tl.load(PY_ptr + p_off, mask=ok, other=0.0)
-                v = a.to(acc.dtype) + py.to(acc.dtype) * sc[None, :] + sh[None, :]
-                a = tl.where(ok, v, 0.0).to(W_ptr.dtype.element_ty)
+                if A_TMA >= 2:  # y's box of the same tap; padded taps 0 by the row mask
+                    py = _x_tap_box(PY_desc, tn0, th0, tw0, tap_sign * tr, tap_sign * ts, c0,
+                                    tap_sign * PAD_H, tap_sign * PAD_W, CI, BLOCK_M, BLOCK_K,
+                                    A_TMA)
+                    v = tl.fma(py.to(acc.dtype), sc[None, :], a.to(acc.dtype)) + sh[None, :]
+                    a = v.to(op_t) * ok.to(op_t)
+                else:
+                    py = tl.load(PY_ptr + p_off, mask=ok, other=0.0)
+                    v = a.to(acc.dtype) + py.to(acc.dtype) * sc[None, :] + sh[None, :]
+                    a = tl.where(ok, v, 0.0).to(op_t)
             else:
-                a = a.to(W_ptr.dtype.element_ty)
+                a = a.to(op_t)
             if W_TMA and TRANSPOSED:  # B[(tap, co), ci] = W[co, r, s, ci]: a box of [CO, RSC]
                 # (columns past C_in fall in the next tap or the zero fill: masked outputs)
                 b = W_desc.load([c0, (r * S + s) * GEMM_N + pid_n * BLOCK_N])
@@ -654,11 +667,13 @@ def _tma_blocks(nargs):
     """Autotune pre-hook: the TMA descriptors' block shapes follow the config's tiles."""
     if TensorDescriptor is None:
         return
-    w_desc, x_desc = nargs.get("W_desc"), nargs.get("X_desc")
+    w_desc = nargs.get("W_desc")
     if isinstance(w_desc, TensorDescriptor):  # dgrad reads [BLOCK_K, BLOCK_N] boxes
         w_desc.block_shape = ([nargs["BLOCK_K"], nargs["BLOCK_N"]] if nargs["TRANSPOSED"]
                               else [nargs["BLOCK_N"], nargs["BLOCK_K"]])
-    if isinstance(x_desc, TensorDescriptor):
+    for x_desc in (nargs.get("X_desc"), nargs.get("PY_desc")):
+        if not isinstance(x_desc, TensorDescriptor):
+            continue
         th, tw = nargs["TILE_H"], nargs["TILE_W"]
         tn = nargs["BLOCK_M"] // (th * tw)
         if len(x_desc.shape) == 4:  # spatial boxes (A_TMA == 2)
@@ -965,7 +980,7 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     pscale, pshift = (scale, shift) if prologue else (y, y)  # fp32 scale/shift (kernel)
     args = (x, weight, y, bias if bias is not None else y, res,
             pscale, pshift, y, y, y, y, ws1, ws2, ws3,
-            w_desc if w_desc is not None else weight, x_desc if x_desc is not None else x,
+            w_desc if w_desc is not None else weight, x_desc if x_desc is not None else x, x,
             h, w, ci, p, q, co, r, s, sh, sw, ph, pw,
             *_nhwc_strides(x), weight.stride(0), weight.stride(2), weight.stride(3),
             weight.stride(1), *_nhwc_strides(y), *_nhwc_strides(res), 0, 0, 0, 0, 0, 0, 0, 0,
@@ -1061,6 +1076,28 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     _check_int32(GEMM_M=n * h * w, GEMM_K=gk)
     configs = conv_configs(stem=not _tap_loop(co), transposed=True, fused=dbn or drelu,
                            gemm_n=ci, itemsize=dy.element_size())
+    # dy by TMA at stride 1 (one phase): M tiles are boxes of dx, TILE_N images x TILE_H x
+    # TILE_W, and tap (r, s) reads the box of dy at (n0, h0 + pad - r, w0 + pad - s)
+    a_tma, tile_h, tile_w, x_desc, py_desc = 0, 1, 1, None, None
+    block_m = configs[0].kwargs["BLOCK_M"]
+    if ((sh, sw) == (1, 1) and _tap_loop(co) and dy.permute(0, 2, 3, 1).is_contiguous()
+            and all(c.kwargs["BLOCK_M"] == block_m for c in configs)):
+        tile_w = min(triton.next_power_of_2(w), block_m)
+        tile_h = min(triton.next_power_of_2(h), block_m // tile_w)
+        tile_n = block_m // (tile_w * tile_h)
+        box = (tile_n, tile_h, tile_w, configs[0].kwargs["BLOCK_K"])
+        x_desc = _dense_desc(dy.permute(0, 2, 3, 1), (n, p, q, co), box)
+        if dbn:  # y, read beside dy by the dBN prologue
+            py_desc = (_dense_desc(y.permute(0, 2, 3, 1), (n, p, q, co), box)
+                       if y.permute(0, 2, 3, 1).is_contiguous() else None)
+            x_desc = x_desc if py_desc is not None else None
+        if x_desc is None:
+            tile_h, tile_w = 1, 1
+        else:
+            a_tma = 2
+            gm = (triton.cdiv(n, tile_n) * triton.cdiv(h, tile_h) * triton.cdiv(w, tile_w)
+                  * block_m)
+            _check_int32(GEMM_M=gm)
     min_bm = min(c.kwargs["BLOCK_M"] for c in configs)
     rows = triton.cdiv(gm, min_bm)
     if drelu:
@@ -1079,7 +1116,8 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     args = (dy, weight, dx, dx, dx,
             coef_y if dbn else dx, coef_c if dbn else dx, py,
             ey, scale if drelu else dx, shift if drelu else dx, ws1, ws2, dx,
-            w_desc if w_desc is not None else weight, dy,
+            w_desc if w_desc is not None else weight, x_desc if x_desc is not None else dy,
+            py_desc if py_desc is not None else dy,
             p, q, co, h, w, ci, r, s, sh, sw, ph, pw,
             *_nhwc_strides(dy),
             # the weight read as [CI, R, S, CO]: gemm-N index is C_in, reduction is C_out
@@ -1087,9 +1125,7 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
             *_nhwc_strides(dx), 0, 0, 0, 0, *_nhwc_strides(py), *_nhwc_strides(ey),
             gm, gn, gk, n, rows)
     kwargs = dict(TRANSPOSED=True, TAP_LOOP=_tap_loop(co), W_TMA=w_desc is not None,
-                  A_TMA=0, TILE_H=1,
-                  TILE_W=1,
-                  PROLOGUE=2 if dbn else 0,
+                  A_TMA=a_tma, TILE_H=tile_h, TILE_W=tile_w, PROLOGUE=2 if dbn else 0,
                   HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False,
                   DRELU=drelu, PERSISTENT=False, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(dy.dtype))

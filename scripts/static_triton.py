@@ -471,14 +471,20 @@ def conv_specs(quick: bool):
            "fwd eval 1x1 s1 bias+residual+relu": dict(gemm1x1, HAS_BIAS=True,
                                                       HAS_RESIDUAL=True, EPILOGUE_RELU=True),
            "fwd stem C=3 (flat K) +stats": dict(TAP_LOOP=False, STATS=True, W_TMA=False),
-           "dgrad": dict(TRANSPOSED=True),
-           "dgrad dBN prologue + dReLU epilogue": dict(TRANSPOSED=True, PROLOGUE=2,
-                                                       DRELU=True)}
+           # dgrad at stride 1: dy by boxes per tap over boxes of dx (28x28: 1 x 4 x 32)
+           "dgrad s1 (TMA boxes)": dict(TRANSPOSED=True, A_TMA=2, TILE_H=4, TILE_W=32,
+                                        STRIDE_H=1, STRIDE_W=1),
+           "dgrad s1 (TMA boxes) dBN prologue + dReLU epilogue":
+               dict(TRANSPOSED=True, A_TMA=2, TILE_H=4, TILE_W=32, STRIDE_H=1, STRIDE_W=1,
+                    PROLOGUE=2, DRELU=True),
+           "dgrad s2 (dy by pointers)": dict(TRANSPOSED=True),
+           "dgrad s2 (dy by pointers) dBN prologue + dReLU epilogue":
+               dict(TRANSPOSED=True, PROLOGUE=2, DRELU=True)}
     if quick:
         fwd = {k: v for k, v in fwd.items() if k in (
             "fwd 3x3 s1 (TMA boxes) bn-relu prologue +stats", "fwd stem C=3 (flat K) +stats",
             "fwd 1x1 s1 (TMA GEMM) bn-relu prologue +stats",
-            "dgrad dBN prologue + dReLU epilogue")}
+            "dgrad s1 (TMA boxes) dBN prologue + dReLU epilogue")}
     # wgrad: (switches, C_out, C_in) at a ResNet-50 layer; pixel boxes as the launcher
     # makes them (BLOCK_K 64 pixels: 28x28 -> 1 image x 2 rows x 32 columns; a 1x1
     # stride-1 conv is one row of N*H*W pixels)
@@ -525,7 +531,9 @@ def conv_specs(quick: bool):
                 base = ptrs if sw.get("TRANSPOSED") else fwd_ptrs
                 w_box = f"[{bk}, {bn}]" if sw.get("TRANSPOSED") else f"[{bn}, {bk}]"
                 kptrs = dict(base, W_desc=f"tensordesc<{dt}{w_box}>" if consts["W_TMA"]
-                             else act, X_desc=x_box[consts["A_TMA"]])
+                             else act, X_desc=x_box[consts["A_TMA"]],
+                             PY_desc=x_box[consts["A_TMA"]] if consts["PROLOGUE"] == 2
+                             else act)
                 if sw.get("TRANSPOSED"):  # the weight read as [CI, R, S, CO]: CO is unit
                     consts.update(swi=None, swo=1)
                     consts = {k: v for k, v in consts.items() if v is not None}
@@ -804,7 +812,10 @@ def main(argv=None):
         kept = [Result(**{k: v for k, v in row.items() if k in known})
                 for row in old["results"] if row["kernel"] not in fresh]
         results = kept + results
-        command += f" (other kernels' rows from `{old['command']}`)"
+        source = old["command"]  # the run that made the kept rows (not a chain of runs)
+        while "(other kernels' rows from `" in source:
+            source = source.split("(other kernels' rows from `", 1)[1]
+        command += f" (other kernels' rows from `{source.rstrip(')`')}`)"
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "triton.json"), "w") as f:
         json.dump({"command": command, "triton": triton.__version__, "target": "sm_90a",

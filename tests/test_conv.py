@@ -275,22 +275,44 @@ DGRAD_TMA_CASES = [("3x3s1", 2, 24, 6, 5, 32, 3, 1, 1),  # C_in 24: boxes cross 
 @ALSO_ON_GPU
 @pytest.mark.parametrize("case", DGRAD_TMA_CASES, ids=[c[0] for c in DGRAD_TMA_CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_tma_weights_dgrad(monkeypatch, case, dtype):
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "dbn+drelu"])
+def test_tma_weights_dgrad(monkeypatch, case, dtype, fused):
     """dgrad reads the weight by TMA as [BLOCK_K, BLOCK_N] boxes of [C_out, R*S*C_in]
-    (columns past C_in land in the next tap or the zero fill and are masked): dx against
-    float64."""
+    (columns past C_in land in the next tap or the zero fill and are masked) and, at
+    stride 1, dy as boxes of [N, P, Q, C_out] per tap over boxes of dx (A_TMA=2); with the
+    dBN prologue and the dReLU epilogue: dx, sum(g), sum(g*y_prev) against float64."""
     if K.TensorDescriptor is None:
         pytest.skip("this triton has no host TMA descriptors")
     seen = _spy_launches(monkeypatch)
     x, w, st, pd = _make(case, dtype)
     y = F.conv2d(x.double(), w.double(), None, st, pd)
-    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    d, kw = dy, {}
+    if fused:
+        co, ci = w.shape[:2]
+        coef_y = torch.randn(co, generator=g, dtype=torch.float64)
+        coef_c = torch.randn(co, generator=g, dtype=torch.float64)
+        scale, shift = _scale_shift(ci, dtype)
+        acc = torch.float32
+        y16 = y.to(dtype)
+        kw = dict(y=y16.to(DEVICE).contiguous(memory_format=torch.channels_last),
+                  coef_y=coef_y.to(DEVICE, acc), coef_c=coef_c.to(DEVICE, acc),
+                  y_prev=x, scale=scale, shift=shift)
+        d = dy.to(dtype).double() + y16.double() * coef_y.view(1, -1, 1, 1) \
+            + coef_c.view(1, -1, 1, 1)
     dy = dy.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
-    dx, _, _ = K.conv_dgrad(dy, w, x.shape[2:], st, pd)
+    dx, sum_g, sum_gx = K.conv_dgrad(dy, w, x.shape[2:], st, pd, **kw)
     if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
-        assert seen[0]["W_TMA"], seen[0]
-    ref = torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), st, pd)
+        assert seen[0]["W_TMA"] and seen[0]["A_TMA"] == (2 if st == 1 else 0), seen[0]
+    ref = torch.nn.grad.conv2d_input(x.shape, w.double(), d.to(DEVICE), st, pd)
     tol = 1e-4 if dtype == torch.float32 and DEVICE == "cpu" else 2e-2
+    if fused:
+        pre = x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+        gref = torch.where(pre <= 0, torch.zeros_like(ref), ref)
+        for got, want in ((sum_g, gref.sum((0, 2, 3))), (sum_gx, (gref * x).sum((0, 2, 3)))):
+            assert (got.double() - want).abs().max() <= tol * (1 + want.abs().max())
+        ref = gref * scale.double().view(1, -1, 1, 1)
     assert (dx.double() - ref).abs().max() <= tol * (1 + ref.abs().max())
 
 

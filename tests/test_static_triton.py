@@ -209,14 +209,20 @@ def test_forward_meets_the_hopper_bar(forward_rows, variant):
 
 
 # dgrad and wgrad (issue 21: TMA, <= 48 SASS per HGMMA, no division in the loop)
-BACKWARD_VARIANTS = ["dgrad", "dgrad dBN prologue + dReLU epilogue",
+BACKWARD_VARIANTS = ["dgrad s1 (TMA boxes)", "dgrad s1 (TMA boxes) dBN prologue + dReLU epilogue",
+                     "dgrad s2 (dy by pointers)",
+                     "dgrad s2 (dy by pointers) dBN prologue + dReLU epilogue",
                      "wgrad 3x3 s1 (TMA boxes)", "wgrad 1x1 s1 (TMA, one row of pixels)",
                      "wgrad 3x3/1x1 s2 (TMA boxes of the stride-2 view)",
                      "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues"]
 BACKWARD_GAPS = {
-    "dgrad dBN prologue + dReLU epilogue": "123.8 / 116.5 SASS per HGMMA > 48 (the dBN "
-                                           "prologue dy + y*cy + cc in fp32 per element, "
-                                           "dy and y through pointers)",
+    "dgrad s1 (TMA boxes) dBN prologue + dReLU epilogue":
+        "109.8 / 87.5 SASS per HGMMA > 48: the dBN prologue dy + y*cy + cc in fp32, 8 "
+        "A-fragment elements per HGMMA, each with two bf16 operands to unpack (~5.5 SASS "
+        "per element), then a shared-memory store of A",
+    "dgrad s2 (dy by pointers) dBN prologue + dReLU epilogue":
+        "123.8 / 116.5 SASS per HGMMA > 48: the fp32 dBN prologue as at stride 1, plus dy "
+        "and y through pointers (the sub-pixel phases do not map to one box)",
     "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues":
         "140.0 SASS per HGMMA > 48: both prologues in fp32 per element (dBN on dy, "
         "BN-ReLU on x, whose result wgmma must read from shared memory: a store and a "
