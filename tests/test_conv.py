@@ -799,10 +799,9 @@ from triton.compiler import ASTSource
 spec = importlib.util.spec_from_file_location("kc", sys.argv[1])
 K = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(K)
-target = GPUTarget("cuda", 90, 32)
 
 
-def build(fn, dt, consts, warps=4, stages=3):
+def build(fn, dt, consts, warps=4, stages=3, arch=90):
     names = fn.arg_names
     sig = {}
     for n in names:
@@ -819,7 +818,8 @@ def build(fn, dt, consts, warps=4, stages=3):
             sig[n] = "i32"
     src = ASTSource(fn=fn, signature=sig,
                     constexprs={(names.index(k),): v for k, v in consts.items()})
-    triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+    triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                   options=dict(num_warps=warps, num_stages=stages))
 
 
 tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, ACC_FP64=False)
@@ -848,6 +848,12 @@ build(K._conv_wgrad_kernel, "fp16", dict(TAP_N=False, DBN=False, PROLOGUE=False,
                                          ACC_FP64=False, INPUT_PRECISION="ieee", TMA=0,
                                          TILE_H=8, TILE_W=8, BLOCK_M=64, BLOCK_N=64,
                                          BLOCK_K=64))
+# sm_80 (no TMA): the pointer paths, persistent forward and the pixel-box wgrad walk
+build(K._conv_kernel, "bf16", {**tiles, **off, "INPUT_PRECISION": "ieee", "TRANSPOSED": False,
+                               "TAP_LOOP": True, "PROLOGUE": 0, "PERSISTENT": True}, 8, 4, 80)
+build(K._conv_wgrad_kernel, "bf16", dict(TAP_N=True, DBN=True, PROLOGUE=True, ACC_FP64=False,
+                                         INPUT_PRECISION="ieee", TMA=0, TILE_H=8, TILE_W=8,
+                                         BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3, 80)
 for final in (False, True):
     build(K._stats_merge_kernel, "fp32", dict(HAS_COUNT=final, FINAL=final, ACC_FP64=False,
                                               BLOCK_T=64, BLOCK_C=64))
@@ -858,7 +864,8 @@ print("compiled")
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """The interpreter does not type-check like the compiler: compile every kernel mode
-    for an H100 (sm_90) ahead of time, no GPU needed (skips without Triton's CUDA backend)."""
+    for an H100 (sm_90), and the pointer paths for an A100 (sm_80), ahead of time, no GPU
+    needed (skips without Triton's CUDA backend)."""
     import subprocess
     import sys
 
