@@ -126,6 +126,7 @@ def _conv_kernel(
     W_desc,  # TMA descriptor of W as [CO, R*S*CI], block [BLOCK_N, BLOCK_K] [W_TMA]
     X_desc,  # TMA descriptor of X as [N*IH*IW, CI], block [BLOCK_M, BLOCK_K] [A_TMA]
     PY_desc,  # the same of PY (boxes like X_desc)                 [PROLOGUE == 2, A_TMA]
+    Y_desc,  # TMA descriptor of Y, boxes of the output tile like X_desc's       [Y_TMA]
     IH, IW, CI,  # A-source spatial size and channels
     OH, OW, CO,  # output spatial size and channels
     R, S,  # kernel size
@@ -154,6 +155,7 @@ def _conv_kernel(
     STATS: tl.constexpr,
     DRELU: tl.constexpr,
     PERSISTENT: tl.constexpr,  # programs loop over output tiles (grid: about one per SM)
+    Y_TMA: tl.constexpr,  # the output tile stored by TMA (forward with A_TMA; Y dense)
     ACC_FP64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee"
     BLOCK_M: tl.constexpr,
@@ -384,8 +386,15 @@ def _conv_kernel(
             tl.store(WS2_ptr + ws_off, tl.sum(g * ey, axis=0), mask=n_ok)
             acc = g * esc[None, :]
         out = acc.to(Y_ptr.dtype.element_ty)
-        tl.store(Y_ptr + ((nb.to(tl.int64) * syn + oh * syh + ow * syw)[:, None]
-                          + offs_n[None, :] * syc), out, mask=out_ok)
+        if Y_TMA == 1:  # Y as [N*OH*OW, CO]: TMA drops the rows and columns past the end
+            Y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out)
+        elif Y_TMA == 2:  # the output box [TILE_N, TILE_H, TILE_W, BLOCK_N], clipped
+            Y_desc.store([tn0, th0, tw0, pid_n * BLOCK_N],
+                         tl.reshape(out, (BLOCK_M // (TILE_H * TILE_W), TILE_H, TILE_W,
+                                          BLOCK_N)))
+        else:
+            tl.store(Y_ptr + ((nb.to(tl.int64) * syn + oh * syh + ow * syw)[:, None]
+                              + offs_n[None, :] * syc), out, mask=out_ok)
         if STATS:
             v = tl.where(m_ok[:, None], out.to(acc.dtype), 0.0)
             if A_TMA >= 2:  # spatial tiles: the count of valid rows, stored for the merge
@@ -671,6 +680,11 @@ def _tma_blocks(nargs):
     if isinstance(w_desc, TensorDescriptor):  # dgrad reads [BLOCK_K, BLOCK_N] boxes
         w_desc.block_shape = ([nargs["BLOCK_K"], nargs["BLOCK_N"]] if nargs["TRANSPOSED"]
                               else [nargs["BLOCK_N"], nargs["BLOCK_K"]])
+    y_desc = nargs.get("Y_desc")
+    if isinstance(y_desc, TensorDescriptor):  # the output tile: 2-D, or a box of [N,P,Q,C]
+        th, tw = nargs["TILE_H"], nargs["TILE_W"]
+        y_desc.block_shape = ([nargs["BLOCK_M"], nargs["BLOCK_N"]] if len(y_desc.shape) == 2
+                              else [nargs["BLOCK_M"] // (th * tw), th, tw, nargs["BLOCK_N"]])
     for x_desc in (nargs.get("X_desc"), nargs.get("PY_desc")):
         if not isinstance(x_desc, TensorDescriptor):
             continue
@@ -786,7 +800,7 @@ else:
     _conv_run = autotune(
         configs=_configs(_union(_CONV_TILES)),
         key=["GEMM_M", "GEMM_N", "GEMM_K", "TRANSPOSED", "PROLOGUE", "STATS", "DRELU",
-             "W_TMA", "A_TMA", "TILE_H", "TILE_W", "PERSISTENT"],
+             "W_TMA", "A_TMA", "TILE_H", "TILE_W", "PERSISTENT", "Y_TMA"],
         prune_configs_by={"early_config_prune": _conv_prune},
     )(_conv_kernel)
     _wgrad_run = autotune(
@@ -962,6 +976,16 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
             gm_grid = (triton.cdiv(n, tile_n) * triton.cdiv(p, tile_h)
                        * triton.cdiv(q, tile_w) * block_m)
             _check_int32(GEMM_M=gm_grid)
+    # the output by TMA where A is: Y (dense, ours) as [N*P*Q, C_out] for the 1x1 GEMM, or
+    # as [N, P, Q, C_out] boxes of the spatial tiles
+    y_tma, y_desc = 0, None
+    if a_tma:
+        yv = y.permute(0, 2, 3, 1)
+        bn0 = configs[0].kwargs["BLOCK_N"]
+        y_desc = (_dense_desc(yv, (gm, co), (block_m, bn0)) if a_tma == 1 else
+                  _dense_desc(yv, (n, p, q, co),
+                              (block_m // (tile_h * tile_w), tile_h, tile_w, bn0)))
+        y_tma = 0 if y_desc is None else (1 if a_tma == 1 else 2)
     min_bm = min(c.kwargs["BLOCK_M"] for c in configs)
     tiles = triton.cdiv(gm_grid, min_bm)
     ws3 = y
@@ -981,6 +1005,7 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     args = (x, weight, y, bias if bias is not None else y, res,
             pscale, pshift, y, y, y, y, ws1, ws2, ws3,
             w_desc if w_desc is not None else weight, x_desc if x_desc is not None else x, x,
+            y_desc if y_desc is not None else y,
             h, w, ci, p, q, co, r, s, sh, sw, ph, pw,
             *_nhwc_strides(x), weight.stride(0), weight.stride(2), weight.stride(3),
             weight.stride(1), *_nhwc_strides(y), *_nhwc_strides(res), 0, 0, 0, 0, 0, 0, 0, 0,
@@ -989,7 +1014,7 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
                   A_TMA=a_tma, TILE_H=tile_h, TILE_W=tile_w, PROLOGUE=prologue,
                   HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                   EPILOGUE_RELU=bool(relu), STATS=bool(stats), DRELU=False,
-                  PERSISTENT=persistent, ACC_FP64=acc == torch.float64,
+                  PERSISTENT=persistent, Y_TMA=y_tma, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):
@@ -1117,7 +1142,7 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
             coef_y if dbn else dx, coef_c if dbn else dx, py,
             ey, scale if drelu else dx, shift if drelu else dx, ws1, ws2, dx,
             w_desc if w_desc is not None else weight, x_desc if x_desc is not None else dy,
-            py_desc if py_desc is not None else dy,
+            py_desc if py_desc is not None else dy, dx,
             p, q, co, h, w, ci, r, s, sh, sw, ph, pw,
             *_nhwc_strides(dy),
             # the weight read as [CI, R, S, CO]: gemm-N index is C_in, reduction is C_out
@@ -1127,7 +1152,7 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     kwargs = dict(TRANSPOSED=True, TAP_LOOP=_tap_loop(co), W_TMA=w_desc is not None,
                   A_TMA=a_tma, TILE_H=tile_h, TILE_W=tile_w, PROLOGUE=2 if dbn else 0,
                   HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False,
-                  DRELU=drelu, PERSISTENT=False, ACC_FP64=acc == torch.float64,
+                  DRELU=drelu, PERSISTENT=False, Y_TMA=0, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(dy.dtype))
 
     def grid(meta):

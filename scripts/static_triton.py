@@ -523,6 +523,8 @@ def conv_specs(quick: bool):
                 consts = dict(off, **sw, INPUT_PRECISION=prec, **unit, **cfg.kwargs)
                 # as conv_fwd launches it: the forward without a prologue is persistent
                 consts["PERSISTENT"] = not consts["TRANSPOSED"] and not consts["PROLOGUE"]
+                # and the output by TMA where A is (Y as [M, C_out] or boxes of [N, P, Q, C])
+                consts["Y_TMA"] = 0 if consts["TRANSPOSED"] else min(consts["A_TMA"], 2)
                 bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 th, tw = consts["TILE_H"], consts["TILE_W"]
                 x_box = {0: act, 1: f"tensordesc<{dt}[{bm}, {bk}]>",
@@ -533,7 +535,10 @@ def conv_specs(quick: bool):
                 kptrs = dict(base, W_desc=f"tensordesc<{dt}{w_box}>" if consts["W_TMA"]
                              else act, X_desc=x_box[consts["A_TMA"]],
                              PY_desc=x_box[consts["A_TMA"]] if consts["PROLOGUE"] == 2
-                             else act)
+                             else act,
+                             Y_desc={0: act, 1: f"tensordesc<{dt}[{bm}, {bn}]>",
+                                     2: f"tensordesc<{dt}[{bm // (th * tw)}, {th}, {tw}, "
+                                        f"{bn}]>"}[consts["Y_TMA"]])
                 if sw.get("TRANSPOSED"):  # the weight read as [CI, R, S, CO]: CO is unit
                     consts.update(swi=None, swo=1)
                     consts = {k: v for k, v in consts.items() if v is not None}

@@ -253,6 +253,9 @@ def test_tma_operands_forward(monkeypatch, case, dtype):
              else 3 if st == 2 and h % 2 == 0 and w_ % 2 == 0 else 0)
     if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
         assert seen[0]["W_TMA"] and seen[0]["A_TMA"] == a_tma, seen[0]
+        # the output by TMA where A is and the rows of y are 16-byte multiples
+        rows_ok = w.shape[0] * x.element_size() % 16 == 0
+        assert seen[0]["Y_TMA"] == (min(a_tma, 2) if rows_ok else 0), seen[0]
     a = _ref_bn_relu(x, scale, shift)
     ref = F.conv2d(a.double(), w.double(), None, st, pd)
     if dtype != torch.float32:
@@ -332,7 +335,7 @@ def test_plain_forward_is_persistent(monkeypatch, prologue):
     a = _ref_bn_relu(x, kw["scale"], kw["shift"]) if prologue else x
     torch.testing.assert_close(y, F.conv2d(a, w, None, st, pd))
     (grid, tiles), = grids
-    assert seen[-1]["PERSISTENT"] == (not prologue)
+    assert seen[-1]["PERSISTENT"] == (not prologue) and seen[-1]["Y_TMA"] == 0  # C_in 8
     assert grid[0] == (min(tiles, K._persistent_programs(x)) if not prologue else tiles)
     assert prologue or grid[0] < tiles
 
@@ -824,7 +827,7 @@ def build(fn, dt, consts, warps=4, stages=3, arch=90):
 
 tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, ACC_FP64=False)
 off = dict(HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False, DRELU=False,
-           W_TMA=False, A_TMA=False, PERSISTENT=False, TILE_H=1, TILE_W=1)
+           W_TMA=False, A_TMA=False, PERSISTENT=False, Y_TMA=0, TILE_H=1, TILE_W=1)
 for dt, prec in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32")):
     base = dict(tiles, INPUT_PRECISION=prec)
     build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": True,
