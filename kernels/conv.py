@@ -42,9 +42,13 @@ One kernel, ``_conv_kernel``, with constexpr switches:
 ``_stats_merge_kernel`` combines the tile statistics with Chan's parallel formula
 (n = 0 guarded), in two levels when there are many tiles (chunks in parallel, then one
 pass over the chunks; fixed order). ``_conv_wgrad_kernel`` is the weight gradient: a
-GEMM over the N*P*Q pixels (N tiles tap-major when C_in fills them), split over that
-reduction into a [splits, C_out, R*S*C_in] workspace summed afterwards, with both
-prologues recomputed while loading (BN-ReLU of the input, dBN of dy). Deterministic:
+GEMM over the N*P*Q pixels walked as boxes of the output (TILE_N x TILE_H x TILE_W per K
+step, counters, no division in the loop; dy and x by TMA on sm_90, ``TMA`` 2/3 as the
+forward's A_TMA), N tiles tap-major when C_in fills them, split over that reduction
+into a [splits, C_out, R*S*C_in] workspace summed afterwards in a fixed order, with both
+prologues recomputed while loading (BN-ReLU of the input, dBN of dy); its grid is
+persistent over (tile, split) items, like the plain forward's over tiles
+(``PERSISTENT``). Deterministic:
 no atomics anywhere in this file, so nothing needs reset_to_zero/restore_value.
 No launcher syncs with the host. Under CUDA-graph capture, warm up first: the first
 call of a new shape autotunes (benchmarks), which capture does not allow.
@@ -88,6 +92,22 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
+def _x_tap_box(X_desc, n0, h0, w0, tap_r, tap_c, c0, PAD_H, PAD_W, CI, ROWS: tl.constexpr,
+               COLS: tl.constexpr, VIEW: tl.constexpr):
+    """The box of x that tap (tap_r, tap_c) reads for the output box at (n0, h0, w0), as
+    [ROWS, COLS]. VIEW 2: x as [N, H, W, C] (stride 1; TMA zero-fills the padding); 3: the
+    stride-2 view [N, H/2, 2, W/2, 2C], where input row 2*oh + dh is (oh + dh>>1, parity
+    dh&1) and the column parity picks the channel half."""
+    if VIEW == 2:
+        box = X_desc.load([n0, h0 - PAD_H + tap_r, w0 - PAD_W + tap_c, c0])
+    else:
+        dh = tap_r - PAD_H
+        dw = tap_c - PAD_W
+        box = X_desc.load([n0, h0 + (dh >> 1), dh & 1, w0 + (dw >> 1), (dw & 1) * CI + c0])
+    return tl.reshape(box, (ROWS, COLS))
+
+
+@triton.jit
 def _conv_kernel(
     X_ptr,  # (N, IH, IW, CI) A source (x, or dy when TRANSPOSED), NHWC via strides
     W_ptr,  # weight addressed [CO, R, S, CI] through (swo, swr, sws, swi)
@@ -105,6 +125,8 @@ def _conv_kernel(
     WS3_ptr,  # (T, CO) tile count                              [STATS and A_TMA >= 2]
     W_desc,  # TMA descriptor of W as [CO, R*S*CI], block [BLOCK_N, BLOCK_K] [W_TMA]
     X_desc,  # TMA descriptor of X as [N*IH*IW, CI], block [BLOCK_M, BLOCK_K] [A_TMA]
+    PY_desc,  # the same of PY (boxes like X_desc)                 [PROLOGUE == 2, A_TMA]
+    Y_desc,  # TMA descriptor of Y, boxes of the output tile like X_desc's       [Y_TMA]
     IH, IW, CI,  # A-source spatial size and channels
     OH, OW, CO,  # output spatial size and channels
     R, S,  # kernel size
@@ -132,6 +154,8 @@ def _conv_kernel(
     EPILOGUE_RELU: tl.constexpr,
     STATS: tl.constexpr,
     DRELU: tl.constexpr,
+    PERSISTENT: tl.constexpr,  # programs loop over output tiles (grid: about one per SM)
+    Y_TMA: tl.constexpr,  # the output tile stored by TMA (forward with A_TMA; Y dense)
     ACC_FP64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee"
     BLOCK_M: tl.constexpr,
@@ -143,226 +167,246 @@ def _conv_kernel(
     num_pid_m = tl.cdiv(GEMM_M, BLOCK_M)
     num_pid_n = tl.cdiv(GEMM_N, BLOCK_N)
     width = GROUP_M * num_pid_n
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_size
-    pid_n = (pid % width) // group_size
+    if PERSISTENT:  # a grid of about one program per SM walks the tiles in grouped order
+        tile_end = num_pid_m * num_pid_n
+        tile_step = tl.num_programs(0)
+    else:  # one tile per program
+        tile_end = pid + 1
+        tile_step = 1
+    for tile in range(pid, tile_end, tile_step):
+        group_id = tile // width
+        first_m = group_id * GROUP_M
+        group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % width) % group_size
+        pid_n = (tile % width) // group_size
 
-    # int32 index math (GEMM_M, GEMM_K < 2**31: the launchers check); int64 only where a
-    # pointer offset is formed (the batch term), so no 64-bit division routine anywhere
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < GEMM_N
-    if TRANSPOSED:
-        # Sub-pixel (phase) decomposition of the strided transposed conv: grid axis 1 is
-        # the phase (a, b) of the output pixel, (h + pad_h) % stride_h == a, and only the
-        # taps r = a + j*stride_h (s likewise) reach it, from A row i - j where
-        # h = a - pad_h + stride_h*i. No tap is wasted on a masked multiply.
-        phase = tl.program_id(1)
-        pa = phase // STRIDE_W
-        pb = phase % STRIDE_W
-        i_min = tl.maximum((PAD_H - pa + STRIDE_H - 1) // STRIDE_H, 0)
-        j_min = tl.maximum((PAD_W - pb + STRIDE_W - 1) // STRIDE_W, 0)
-        i_num = OH - 1 - pa + PAD_H
-        j_num = OW - 1 - pb + PAD_W
-        h_cnt = tl.where(i_num < 0, 0, tl.maximum(i_num // STRIDE_H - i_min + 1, 0))
-        w_cnt = tl.where(j_num < 0, 0, tl.maximum(j_num // STRIDE_W - j_min + 1, 0))
-        m_ok = offs_m < BATCH * h_cnt * w_cnt
-        w_div = tl.maximum(w_cnt, 1)
-        h_div = tl.maximum(h_cnt, 1)
-        ii = offs_m // w_div
-        jj = offs_m % w_div + j_min
-        nb = ii // h_div
-        ii = ii % h_div + i_min
-        oh = pa - PAD_H + STRIDE_H * ii
-        ow = pb - PAD_W + STRIDE_W * jj
-        tap_s = tl.maximum((S - pb + STRIDE_W - 1) // STRIDE_W, 0)
-        num_taps = tl.maximum((R - pa + STRIDE_H - 1) // STRIDE_H, 0) * tap_s
-    elif A_TMA >= 2:
-        # spatial M tiles: TILE_N images x TILE_H rows x TILE_W columns of the output (a
-        # TMA box of x per tap); GEMM_M is the tile count times BLOCK_M
-        phase = 0
-        tile_n: tl.constexpr = BLOCK_M // (TILE_H * TILE_W)
-        tiles_w = tl.cdiv(OW, TILE_W)
-        tiles_h = tl.cdiv(OH, TILE_H)
-        tw0 = (pid_m % tiles_w) * TILE_W
-        th0 = (pid_m // tiles_w % tiles_h) * TILE_H
-        tn0 = pid_m // (tiles_w * tiles_h) * tile_n
-        i = tl.arange(0, BLOCK_M)
-        ow = tw0 + i % TILE_W
-        oh = th0 + i // TILE_W % TILE_H
-        nb = tn0 + i // (TILE_W * TILE_H)
-        m_ok = (ow < OW) & (oh < OH) & (nb < BATCH)
-        tap_s = S
-        num_taps = R * S
-    else:
-        phase = 0
-        m_ok = offs_m < GEMM_M
-        ow = offs_m % OW
-        t = offs_m // OW
-        oh = t % OH
-        nb = t // OH
-        tap_s = S
-        num_taps = R * S
-
-    if ACC_FP64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
-    x_row = nb.to(tl.int64) * sxn
-    py_row = nb.to(tl.int64) * spn
-    if TRANSPOSED:  # A row of tap (tr, ts): (ii - tr, jj - ts)
-        ih0 = ii
-        iw0 = jj
-        tap_sign = -1
-    else:  # A row of tap (r, s): (oh*stride - pad + r, ow*stride - pad + s)
-        ih0 = oh * STRIDE_H - PAD_H
-        iw0 = ow * STRIDE_W - PAD_W
-        tap_sign = 1
-    # row bases hoisted out of the K loop: a K step adds one scalar tap offset
-    a_row = x_row + ih0 * sxh + iw0 * sxw
-    p_row = py_row + ih0 * sph + iw0 * spw
-    k_total = num_taps * CI
-    if TAP_LOOP:
-        num_k_tiles = num_taps * (CI // BLOCK_K)
-    else:
-        num_k_tiles = tl.cdiv(k_total, BLOCK_K)
-    # TAP_LOOP walks (tap row tr, tap column ts, channel c0) with counters: no division
-    # in the loop
-    tr = tl.full((), 0, tl.int32)
-    ts = tl.full((), 0, tl.int32)
-    c0 = tl.full((), 0, tl.int32)
-    for kt in range(0, num_k_tiles):
-        if TAP_LOOP:  # one tap (scalar tap_r, tap_c) per K tile
-            ci = c0 + tl.arange(0, BLOCK_K)
-            k_ok = ci < CI  # all true (CI % BLOCK_K == 0); folds into the row test
-            tap_r = tr
-            tap_c = ts
+        # int32 index math (GEMM_M, GEMM_K < 2**31: the launchers check); int64 only where a
+        # pointer offset is formed (the batch term), so no 64-bit division routine anywhere
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < GEMM_N
+        if TRANSPOSED and A_TMA == 0:
+            # Sub-pixel (phase) decomposition of the strided transposed conv: grid axis 1 is
+            # the phase (a, b) of the output pixel, (h + pad_h) % stride_h == a, and only the
+            # taps r = a + j*stride_h (s likewise) reach it, from A row i - j where
+            # h = a - pad_h + stride_h*i. No tap is wasted on a masked multiply.
+            phase = tl.program_id(1)
+            pa = phase // STRIDE_W
+            pb = phase % STRIDE_W
+            i_min = tl.maximum((PAD_H - pa + STRIDE_H - 1) // STRIDE_H, 0)
+            j_min = tl.maximum((PAD_W - pb + STRIDE_W - 1) // STRIDE_W, 0)
+            i_num = OH - 1 - pa + PAD_H
+            j_num = OW - 1 - pb + PAD_W
+            h_cnt = tl.where(i_num < 0, 0, tl.maximum(i_num // STRIDE_H - i_min + 1, 0))
+            w_cnt = tl.where(j_num < 0, 0, tl.maximum(j_num // STRIDE_W - j_min + 1, 0))
+            m_ok = offs_m < BATCH * h_cnt * w_cnt
+            w_div = tl.maximum(w_cnt, 1)
+            h_div = tl.maximum(h_cnt, 1)
+            ii = offs_m // w_div
+            jj = offs_m % w_div + j_min
+            nb = ii // h_div
+            ii = ii % h_div + i_min
+            oh = pa - PAD_H + STRIDE_H * ii
+            ow = pb - PAD_W + STRIDE_W * jj
+            tap_s = tl.maximum((S - pb + STRIDE_W - 1) // STRIDE_W, 0)
+            num_taps = tl.maximum((R - pa + STRIDE_H - 1) // STRIDE_H, 0) * tap_s
+        elif A_TMA >= 2:
+            # spatial M tiles: TILE_N images x TILE_H rows x TILE_W columns of the output (a
+            # TMA box of x per tap); GEMM_M is the tile count times BLOCK_M
+            phase = 0
+            tile_n: tl.constexpr = BLOCK_M // (TILE_H * TILE_W)
+            tiles_w = tl.cdiv(OW, TILE_W)
+            tiles_h = tl.cdiv(OH, TILE_H)
+            tw0 = (pid_m % tiles_w) * TILE_W
+            th0 = (pid_m // tiles_w % tiles_h) * TILE_H
+            tn0 = pid_m // (tiles_w * tiles_h) * tile_n
+            i = tl.arange(0, BLOCK_M)
+            ow = tw0 + i % TILE_W
+            oh = th0 + i // TILE_W % TILE_H
+            nb = tn0 + i // (TILE_W * TILE_H)
+            m_ok = (ow < OW) & (oh < OH) & (nb < BATCH)
+            tap_s = S
+            num_taps = R * S
+            if TRANSPOSED:  # stride-1 dgrad: tap (r, s) reads dy at (oh + pad - r, ...)
+                pa = 0
+                pb = 0
+                ii = oh + PAD_H
+                jj = ow + PAD_W
         else:
-            # (tap, c) flattened, c fastest: a C=3 stem still fills K tiles
-            offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < k_total
-            ci = offs_k % CI
-            tap = offs_k // CI
-            tap_r = tap // tap_s
-            tap_c = tap % tap_s
-        if TRANSPOSED:
-            r = pa + tap_r * STRIDE_H
-            s = pb + tap_c * STRIDE_W
+            phase = 0
+            m_ok = offs_m < GEMM_M
+            ow = offs_m % OW
+            t = offs_m // OW
+            oh = t % OH
+            nb = t // OH
+            tap_s = S
+            num_taps = R * S
+
+        if ACC_FP64:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
         else:
-            r = tap_r
-            s = tap_c
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+        x_row = nb.to(tl.int64) * sxn
+        py_row = nb.to(tl.int64) * spn
+        if TRANSPOSED:  # A row of tap (tr, ts): (ii - tr, jj - ts)
+            ih0 = ii
+            iw0 = jj
+            tap_sign = -1
+        else:  # A row of tap (r, s): (oh*stride - pad + r, ow*stride - pad + s)
+            ih0 = oh * STRIDE_H - PAD_H
+            iw0 = ow * STRIDE_W - PAD_W
+            tap_sign = 1
+        # row bases hoisted out of the K loop: a K step adds one scalar tap offset
+        a_row = x_row + ih0 * sxh + iw0 * sxw
+        p_row = py_row + ih0 * sph + iw0 * spw
+        k_total = num_taps * CI
         if TAP_LOOP:
-            ih = ih0 + tap_sign * tr
-            iw = iw0 + tap_sign * ts
-            row_ok = m_ok & (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
-            ok = row_ok[:, None]
-            a_off = (a_row + tap_sign * (tr * sxh + ts * sxw))[:, None] + ci[None, :] * sxc
-            p_off = (p_row + tap_sign * (tr * sph + ts * spw))[:, None] + ci[None, :] * spc
+            num_k_tiles = num_taps * (CI // BLOCK_K)
         else:
-            ih = ih0[:, None] + tap_sign * tap_r[None, :]
-            iw = iw0[:, None] + tap_sign * tap_c[None, :]
-            ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW) & m_ok[:, None] & k_ok[None, :]
-            a_off = x_row[:, None] + ih * sxh + iw * sxw + ci[None, :] * sxc
-            p_off = py_row[:, None] + ih * sph + iw * spw + ci[None, :] * spc
-        if A_TMA == 1:  # the 1x1 conv is a GEMM on X as [N*H*W, C]: TMA zero-fills the M tail
-            a = X_desc.load([pid_m * BLOCK_M, c0])
-        elif A_TMA == 2:  # one box of x per tap; TMA zero-fills the padding
-            a = X_desc.load([tn0, th0 - PAD_H + tr, tw0 - PAD_W + ts, c0])
-            a = tl.reshape(a, (BLOCK_M, BLOCK_K))
-        elif A_TMA == 3:  # stride 2: input row 2*oh + dh is (oh + dh>>1, parity dh&1)
-            dh = tr - PAD_H
-            dw = ts - PAD_W
-            a = X_desc.load([tn0, th0 + (dh >> 1), dh & 1, tw0 + (dw >> 1),
-                             (dw & 1) * CI + c0])
-            a = tl.reshape(a, (BLOCK_M, BLOCK_K))
-        else:
-            a = tl.load(X_ptr + a_off, mask=ok, other=0.0)
-        if PROLOGUE == 1:
-            # scale and shift in fp32, rounded once to the operand dtype after the ReLU: a
-            # packed 16-bit FMA rounds shift = beta - mean*scale to 8 bits, 7x torch's
-            # error at mean/std = 20 (docs/triton_conv.md); NaN-propagating like torch.relu
-            op_t = W_ptr.dtype.element_ty
-            sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-            sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-            v = tl.fma(a.to(acc.dtype), sc[None, :], sh[None, :])
-            v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL).to(op_t)
-            if A_TMA == 1:  # no padded taps; rows past M are never stored nor counted
-                a = v
-            else:  # padded taps and the M tail (a = 0 there) are exactly 0 after it: a
-                # multiply by the 0/1 row mask (packed) rather than a per-element select
-                a = v * ok.to(op_t)
-        elif PROLOGUE == 2:
-            sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-            sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-            py = tl.load(PY_ptr + p_off, mask=ok, other=0.0)
-            v = a.to(acc.dtype) + py.to(acc.dtype) * sc[None, :] + sh[None, :]
-            a = tl.where(ok, v, 0.0).to(W_ptr.dtype.element_ty)
-        else:
-            a = a.to(W_ptr.dtype.element_ty)
-        if W_TMA and TRANSPOSED:  # B[(tap, co), ci] = W[co, r, s, ci]: a box of [CO, RSC]
-            # (columns past C_in fall in the next tap or the zero fill: masked outputs)
-            b = W_desc.load([c0, (r * S + s) * GEMM_N + pid_n * BLOCK_N])
-        elif W_TMA:  # forward: the K tile kt is columns kt*BLOCK_K.. of W as [CO, RSC]
-            b = W_desc.load([pid_n * BLOCK_N, kt * BLOCK_K]).T
-        elif TAP_LOOP:
-            b = tl.load(W_ptr + (offs_n[None, :] * swo + (r * swr + s * sws)
-                                 + ci[:, None] * swi), mask=n_ok[None, :], other=0.0)
-        else:
-            b = tl.load(W_ptr + (offs_n[None, :] * swo + r[:, None] * swr + s[:, None] * sws
-                                 + ci[:, None] * swi),
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
-        if TAP_LOOP:  # next (tap, channel tile)
-            c0 += BLOCK_K
-            next_tap = c0 >= CI
-            c0 = tl.where(next_tap, 0, c0)
-            ts = tl.where(next_tap, ts + 1, ts)
-            next_row = ts >= tap_s
-            ts = tl.where(next_row, 0, ts)
-            tr = tl.where(next_row, tr + 1, tr)
+            num_k_tiles = tl.cdiv(k_total, BLOCK_K)
+        # TAP_LOOP walks (tap row tr, tap column ts, channel c0) with counters: no division
+        # in the loop
+        tr = tl.full((), 0, tl.int32)
+        ts = tl.full((), 0, tl.int32)
+        c0 = tl.full((), 0, tl.int32)
+        op_t = W_ptr.dtype.element_ty
+        for kt in range(0, num_k_tiles):
+            if TAP_LOOP:  # one tap (scalar tap_r, tap_c) per K tile
+                ci = c0 + tl.arange(0, BLOCK_K)
+                k_ok = ci < CI  # all true (CI % BLOCK_K == 0); folds into the row test
+                tap_r = tr
+                tap_c = ts
+            else:
+                # (tap, c) flattened, c fastest: a C=3 stem still fills K tiles
+                offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < k_total
+                ci = offs_k % CI
+                tap = offs_k // CI
+                tap_r = tap // tap_s
+                tap_c = tap % tap_s
+            if TRANSPOSED:
+                r = pa + tap_r * STRIDE_H
+                s = pb + tap_c * STRIDE_W
+            else:
+                r = tap_r
+                s = tap_c
+            if TAP_LOOP:
+                ih = ih0 + tap_sign * tr
+                iw = iw0 + tap_sign * ts
+                row_ok = m_ok & (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+                ok = row_ok[:, None]
+                a_off = (a_row + tap_sign * (tr * sxh + ts * sxw))[:, None] + ci[None, :] * sxc
+                p_off = (p_row + tap_sign * (tr * sph + ts * spw))[:, None] + ci[None, :] * spc
+            else:
+                ih = ih0[:, None] + tap_sign * tap_r[None, :]
+                iw = iw0[:, None] + tap_sign * tap_c[None, :]
+                ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW) & m_ok[:, None] & k_ok[None, :]
+                a_off = x_row[:, None] + ih * sxh + iw * sxw + ci[None, :] * sxc
+                p_off = py_row[:, None] + ih * sph + iw * spw + ci[None, :] * spc
+            if A_TMA == 1:  # the 1x1 conv is a GEMM on X as [N*H*W, C]: TMA zero-fills the M tail
+                a = X_desc.load([pid_m * BLOCK_M, c0])
+            elif A_TMA >= 2:  # one box of x per tap (stride 1, or the stride-2 view)
+                a = _x_tap_box(X_desc, tn0, th0, tw0, tap_sign * tr, tap_sign * ts, c0,
+                               tap_sign * PAD_H, tap_sign * PAD_W, CI, BLOCK_M, BLOCK_K, A_TMA)
+            else:
+                a = tl.load(X_ptr + a_off, mask=ok, other=0.0)
+            if PROLOGUE == 1:
+                # scale and shift in fp32, rounded once to the operand dtype after the ReLU: a
+                # packed 16-bit FMA rounds shift = beta - mean*scale to 8 bits, 7x torch's
+                # error at mean/std = 20 (docs/triton_conv.md); NaN-propagating like torch.relu
+                sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
+                sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
+                v = tl.fma(a.to(acc.dtype), sc[None, :], sh[None, :])
+                v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL).to(op_t)
+                if A_TMA == 1:  # no padded taps; rows past M are never stored nor counted
+                    a = v
+                else:  # padded taps and the M tail (a = 0 there) are exactly 0 after it: a
+                    # multiply by the 0/1 row mask (packed) rather than a per-element select
+                    a = v * ok.to(op_t)
+            elif PROLOGUE == 2:
+                sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
+                sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
+                if A_TMA >= 2:  # y's box of the same tap; padded taps 0 by the row mask
+                    py = _x_tap_box(PY_desc, tn0, th0, tw0, tap_sign * tr, tap_sign * ts, c0,
+                                    tap_sign * PAD_H, tap_sign * PAD_W, CI, BLOCK_M, BLOCK_K,
+                                    A_TMA)
+                    v = tl.fma(py.to(acc.dtype), sc[None, :], a.to(acc.dtype)) + sh[None, :]
+                    a = v.to(op_t) * ok.to(op_t)
+                else:
+                    py = tl.load(PY_ptr + p_off, mask=ok, other=0.0)
+                    v = a.to(acc.dtype) + py.to(acc.dtype) * sc[None, :] + sh[None, :]
+                    a = tl.where(ok, v, 0.0).to(op_t)
+            else:
+                a = a.to(op_t)
+            if W_TMA and TRANSPOSED:  # B[(tap, co), ci] = W[co, r, s, ci]: a box of [CO, RSC]
+                # (columns past C_in fall in the next tap or the zero fill: masked outputs)
+                b = W_desc.load([c0, (r * S + s) * GEMM_N + pid_n * BLOCK_N])
+            elif W_TMA:  # forward: the K tile kt is columns kt*BLOCK_K.. of W as [CO, RSC]
+                b = W_desc.load([pid_n * BLOCK_N, kt * BLOCK_K]).T
+            elif TAP_LOOP:
+                b = tl.load(W_ptr + (offs_n[None, :] * swo + (r * swr + s * sws)
+                                     + ci[:, None] * swi), mask=n_ok[None, :], other=0.0)
+            else:
+                b = tl.load(W_ptr + (offs_n[None, :] * swo + r[:, None] * swr + s[:, None] * sws
+                                     + ci[:, None] * swi),
+                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+            if TAP_LOOP:  # next (tap, channel tile)
+                c0 += BLOCK_K
+                next_tap = c0 >= CI
+                c0 = tl.where(next_tap, 0, c0)
+                ts = tl.where(next_tap, ts + 1, ts)
+                next_row = ts >= tap_s
+                ts = tl.where(next_row, 0, ts)
+                tr = tl.where(next_row, tr + 1, tr)
 
-    out_ok = m_ok[:, None] & n_ok[None, :]
-    if HAS_BIAS:
-        bias = tl.load(BIAS_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
-        acc = acc + bias[None, :]
-    if HAS_RESIDUAL:
-        res = tl.load(RES_ptr + ((nb.to(tl.int64) * srn + oh * srh + ow * srw)[:, None]
-                                 + offs_n[None, :] * src),
-                      mask=out_ok, other=0.0)
-        acc = acc + res.to(acc.dtype)
-    if EPILOGUE_RELU:
-        acc = tl.where(acc < 0, 0.0, acc)
-    ws_off = (phase * WS_ROWS + pid_m).to(tl.int64) * GEMM_N + offs_n
-    if DRELU:
-        ey = tl.load(EY_ptr + ((nb.to(tl.int64) * sen + oh * seh + ow * sew)[:, None]
-                               + offs_n[None, :] * sec),
-                     mask=out_ok, other=0.0).to(acc.dtype)
-        esc = tl.load(ESCALE_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
-        esh = tl.load(ESHIFT_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
-        pre = ey * esc[None, :] + esh[None, :]
-        g = tl.where(pre <= 0, 0.0, acc)
-        g = tl.where(out_ok, g, 0.0)
-        tl.store(WS1_ptr + ws_off, tl.sum(g, axis=0), mask=n_ok)
-        tl.store(WS2_ptr + ws_off, tl.sum(g * ey, axis=0), mask=n_ok)
-        acc = g * esc[None, :]
-    out = acc.to(Y_ptr.dtype.element_ty)
-    tl.store(Y_ptr + ((nb.to(tl.int64) * syn + oh * syh + ow * syw)[:, None]
-                      + offs_n[None, :] * syc), out, mask=out_ok)
-    if STATS:
-        v = tl.where(m_ok[:, None], out.to(acc.dtype), 0.0)
-        if A_TMA >= 2:  # spatial tiles: the count of valid rows, stored for the merge
-            cnt = tl.sum(m_ok.to(acc.dtype), axis=0)
-            tl.store(WS3_ptr + ws_off, tl.zeros((BLOCK_N,), acc.dtype) + cnt, mask=n_ok)
-            cnt = tl.maximum(cnt, 1.0)
+        out_ok = m_ok[:, None] & n_ok[None, :]
+        if HAS_BIAS:
+            bias = tl.load(BIAS_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
+            acc = acc + bias[None, :]
+        if HAS_RESIDUAL:
+            res = tl.load(RES_ptr + ((nb.to(tl.int64) * srn + oh * srh + ow * srw)[:, None]
+                                     + offs_n[None, :] * src),
+                          mask=out_ok, other=0.0)
+            acc = acc + res.to(acc.dtype)
+        if EPILOGUE_RELU:
+            acc = tl.where(acc < 0, 0.0, acc)
+        ws_off = (phase * WS_ROWS + pid_m).to(tl.int64) * GEMM_N + offs_n
+        if DRELU:
+            ey = tl.load(EY_ptr + ((nb.to(tl.int64) * sen + oh * seh + ow * sew)[:, None]
+                                   + offs_n[None, :] * sec),
+                         mask=out_ok, other=0.0).to(acc.dtype)
+            esc = tl.load(ESCALE_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
+            esh = tl.load(ESHIFT_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
+            pre = ey * esc[None, :] + esh[None, :]
+            g = tl.where(pre <= 0, 0.0, acc)
+            g = tl.where(out_ok, g, 0.0)
+            tl.store(WS1_ptr + ws_off, tl.sum(g, axis=0), mask=n_ok)
+            tl.store(WS2_ptr + ws_off, tl.sum(g * ey, axis=0), mask=n_ok)
+            acc = g * esc[None, :]
+        out = acc.to(Y_ptr.dtype.element_ty)
+        if Y_TMA == 1:  # Y as [N*OH*OW, CO]: TMA drops the rows and columns past the end
+            Y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out)
+        elif Y_TMA == 2:  # the output box [TILE_N, TILE_H, TILE_W, BLOCK_N], clipped
+            Y_desc.store([tn0, th0, tw0, pid_n * BLOCK_N],
+                         tl.reshape(out, (BLOCK_M // (TILE_H * TILE_W), TILE_H, TILE_W,
+                                          BLOCK_N)))
         else:
-            cnt = tl.minimum(GEMM_M - pid_m * BLOCK_M, BLOCK_M).to(acc.dtype)
-        mean = tl.sum(v, axis=0) / cnt
-        d = tl.where(m_ok[:, None], v - mean[None, :], 0.0)
-        tl.store(WS1_ptr + ws_off, mean, mask=n_ok)
-        tl.store(WS2_ptr + ws_off, tl.sum(d * d, axis=0), mask=n_ok)
+            tl.store(Y_ptr + ((nb.to(tl.int64) * syn + oh * syh + ow * syw)[:, None]
+                              + offs_n[None, :] * syc), out, mask=out_ok)
+        if STATS:
+            v = tl.where(m_ok[:, None], out.to(acc.dtype), 0.0)
+            if A_TMA >= 2:  # spatial tiles: the count of valid rows, stored for the merge
+                cnt = tl.sum(m_ok.to(acc.dtype), axis=0)
+                tl.store(WS3_ptr + ws_off, tl.zeros((BLOCK_N,), acc.dtype) + cnt, mask=n_ok)
+                cnt = tl.maximum(cnt, 1.0)
+            else:
+                cnt = tl.minimum(GEMM_M - pid_m * BLOCK_M, BLOCK_M).to(acc.dtype)
+            mean = tl.sum(v, axis=0) / cnt
+            d = tl.where(m_ok[:, None], v - mean[None, :], 0.0)
+            tl.store(WS1_ptr + ws_off, mean, mask=n_ok)
+            tl.store(WS2_ptr + ws_off, tl.sum(d * d, axis=0), mask=n_ok)
 
 
 @triton.jit
@@ -439,6 +483,9 @@ def _conv_wgrad_kernel(
     DCC_ptr,  # (CO,) dBN constant                                          [DBN]
     SCALE_ptr,  # (CI,) BN scale of the input prologue                      [PROLOGUE]
     SHIFT_ptr,  # (CI,) BN shift of the input prologue                      [PROLOGUE]
+    DY_desc,  # TMA descriptor of dy [N, OH, OW, CO], box [TN, TILE_H, TILE_W, BLOCK_M] [TMA]
+    PY_desc,  # the same of y                                              [TMA and DBN]
+    X_desc,  # TMA of x: [N, IH, IW, CI] (TMA 2) or [N, IH/2, 2, IW/2, 2CI] (TMA 3) [TMA]
     IH, IW, CI,
     OH, OW, CO,
     R, S,
@@ -446,9 +493,14 @@ def _conv_wgrad_kernel(
     sdn, sdh, sdw, sdc,  # strides of DY
     sxn, sxh, sxw, sxc,  # strides of X
     spn, sph, spw, spc,  # strides of PY
-    GEMM_M, GEMM_N, GEMM_K,  # CO, R*S*CI, N*OH*OW
-    K_PER_SPLIT,  # multiple of BLOCK_K
+    BATCH,  # N
+    GEMM_M, GEMM_N,  # CO, R*S*CI
+    TILES_PER_SPLIT,  # pixel tiles (K steps) of one split of the N*OH*OW reduction
     TAP_N: tl.constexpr,  # N tiles over (tap, channel block) instead of flattened (r, s, c)
+    TMA: tl.constexpr,  # 0 pointers, 2 boxes of x per tap (stride 1), 3 boxes of the
+    #                     stride-2 view of x (even H, W); dy (and y) by boxes in both
+    TILE_H: tl.constexpr,  # output rows of a pixel tile (TILE_N x TILE_H x TILE_W = BLOCK_K)
+    TILE_W: tl.constexpr,  # output columns of a pixel tile
     DBN: tl.constexpr,
     PROLOGUE: tl.constexpr,
     ACC_FP64: tl.constexpr,
@@ -457,80 +509,133 @@ def _conv_wgrad_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    # GEMM view: dW[co, (r, s, ci)] = sum over output pixels of dy[pix, co] * x[pix + tap,
+    # ci]. The reduction walks pixel tiles, boxes of TILE_N images x TILE_H rows x TILE_W
+    # columns of the output, with counters (no division in the loop), split into runs of
+    # TILES_PER_SPLIT tiles, each stored to its own partial (summed in a fixed order
+    # afterwards: deterministic, no atomics).
+    # a persistent grid: each program walks work items (output tile, split) in order
     if TAP_N:
-        # N tiles are (tap, channel block): contiguous channels, vectorised im2col loads
+        # N tiles are (tap, channel block): contiguous channels, one x box per K step
         c_tiles = tl.cdiv(CI, BLOCK_N)
         num_pid_n = R * S * c_tiles
     else:
         num_pid_n = tl.cdiv(GEMM_N, BLOCK_N)
-    pid_m = pid // num_pid_n
-    pid_n = pid % num_pid_n
-    offs_co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    co_ok = offs_co < GEMM_M
-    if TAP_N:
-        tap = pid_n // c_tiles
-        ci = (pid_n % c_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-        j_ok = ci < CI
-        offs_j = tap * CI + ci
-        r = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap // S
-        s = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap % S
-    else:
-        offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        j_ok = offs_j < GEMM_N
-        ci = offs_j % CI
-        rs = offs_j // CI
-        s = rs % S
-        r = rs // S
-    if PROLOGUE:
-        sc = tl.load(SCALE_ptr + ci, mask=j_ok, other=0.0)
-        sh = tl.load(SHIFT_ptr + ci, mask=j_ok, other=0.0)
-    if DBN:
-        cy = tl.load(DCY_ptr + offs_co, mask=co_ok, other=0.0)
-        cc = tl.load(DCC_ptr + offs_co, mask=co_ok, other=0.0)
-    if ACC_FP64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = pid_k * K_PER_SPLIT
-    for kk in range(0, K_PER_SPLIT, BLOCK_K):
-        # int32 pixel index walk (GEMM_K = N*OH*OW < 2**31: the launcher checks): 32-bit
-        # divisions, not the ~84-instruction 64-bit routine; int64 only for the batch term
-        offs_k = k_start + kk + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < GEMM_K
-        ow = offs_k % OW
-        t = offs_k // OW
-        oh = t % OH
-        nb = (t // OH).to(tl.int64)
-        a_ok = co_ok[:, None] & k_ok[None, :]
-        a = tl.load(DY_ptr + (offs_co[:, None] * sdc + (nb * sdn + oh * sdh + ow * sdw)[None, :]),
-                    mask=a_ok, other=0.0)
-        if DBN:
-            py = tl.load(PY_ptr + (offs_co[:, None] * spc
-                                   + (nb * spn + oh * sph + ow * spw)[None, :]),
-                         mask=a_ok, other=0.0)
-            v = a.to(acc.dtype) + py.to(acc.dtype) * cy[:, None].to(acc.dtype) \
-                + cc[:, None].to(acc.dtype)
-            a = tl.where(a_ok, v, 0.0)
-        a = a.to(X_ptr.dtype.element_ty)
-        ih = oh[:, None] * STRIDE_H - PAD_H + r[None, :]
-        iw = ow[:, None] * STRIDE_W - PAD_W + s[None, :]
-        b_ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW) & k_ok[:, None] & j_ok[None, :]
-        b = tl.load(X_ptr + ((nb * sxn)[:, None] + ih * sxh + iw * sxw + ci[None, :] * sxc),
-                    mask=b_ok, other=0.0)
+    tiles_mn = tl.cdiv(GEMM_M, BLOCK_M) * num_pid_n
+    # the pixel tile's lanes: (image, row, column) offsets inside the box (constexpr
+    # divisors: shifts), added to the box origin each K step
+    tile_n: tl.constexpr = BLOCK_K // (TILE_H * TILE_W)
+    lane = tl.arange(0, BLOCK_K)
+    lane_w = lane % TILE_W
+    lane_h = lane // TILE_W % TILE_H
+    lane_n = lane // (TILE_W * TILE_H)
+    tiles_w = tl.cdiv(OW, TILE_W)
+    tiles_h = tl.cdiv(OH, TILE_H)
+    num_tiles = tl.cdiv(BATCH, tile_n) * tiles_h * tiles_w
+    splits = tl.cdiv(num_tiles, TILES_PER_SPLIT)
+    # prologue math in fp32 (fp64 for fp64 tensors)
+    cdt: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
+    op_t = X_ptr.dtype.element_ty
+    for work in range(tl.program_id(0), tiles_mn * splits, tl.num_programs(0)):
+        pid_k = work // tiles_mn
+        pid = work % tiles_mn
+        pid_m = pid // num_pid_n
+        pid_n = pid % num_pid_n
+        offs_co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        co_ok = offs_co < GEMM_M
+        if TAP_N:
+            tap = pid_n // c_tiles
+            c0 = (pid_n % c_tiles) * BLOCK_N
+            ci = c0 + tl.arange(0, BLOCK_N)
+            j_ok = ci < CI
+            offs_j = tap * CI + ci
+            tap_r = tap // S
+            tap_s = tap % S
+            r = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap_r
+            s = tl.zeros((BLOCK_N,), dtype=tl.int32) + tap_s
+        else:
+            offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            j_ok = offs_j < GEMM_N
+            ci = offs_j % CI
+            rs = offs_j // CI
+            s = rs % S
+            r = rs // S
         if PROLOGUE:
-            v = b.to(acc.dtype) * sc[None, :].to(acc.dtype) + sh[None, :].to(acc.dtype)
-            v = tl.where(v < 0, 0.0, v)
-            b = tl.where(b_ok, v, 0.0)
-        b = b.to(X_ptr.dtype.element_ty)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
-    off = (pid_k.to(tl.int64) * GEMM_M * GEMM_N + offs_co[:, None].to(tl.int64) * GEMM_N
-           + offs_j[None, :])
-    tl.store(DW_ptr + off, acc, mask=co_ok[:, None] & j_ok[None, :])
+            sc = tl.load(SCALE_ptr + ci, mask=j_ok, other=0.0).to(cdt)
+            sh = tl.load(SHIFT_ptr + ci, mask=j_ok, other=0.0).to(cdt)
+        if DBN:
+            cy = tl.load(DCY_ptr + offs_co, mask=co_ok, other=0.0).to(cdt)
+            cc = tl.load(DCC_ptr + offs_co, mask=co_ok, other=0.0).to(cdt)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=cdt)
+        t_begin = pid_k * TILES_PER_SPLIT
+        n_steps = tl.minimum(TILES_PER_SPLIT, num_tiles - t_begin)
+        # the first box's origin (divisions once, before the loop)
+        tw0 = (t_begin % tiles_w) * TILE_W
+        th0 = (t_begin // tiles_w % tiles_h) * TILE_H
+        tn0 = t_begin // (tiles_w * tiles_h) * tile_n
+        for _ in range(0, n_steps):
+            oh = th0 + lane_h
+            ow = tw0 + lane_w
+            nb = tn0 + lane_n
+            pix_ok = (oh < OH) & (ow < OW) & (nb < BATCH)
+            if TMA:
+                # dy box [TN, TH, TW, BLOCK_M] -> [BLOCK_K, BLOCK_M]; past the image: zeros
+                a = tl.reshape(DY_desc.load([tn0, th0, tw0, pid_m * BLOCK_M]),
+                               (BLOCK_K, BLOCK_M)).T
+                if DBN:
+                    py = tl.reshape(PY_desc.load([tn0, th0, tw0, pid_m * BLOCK_M]),
+                                    (BLOCK_K, BLOCK_M)).T
+            else:
+                d_pix = nb.to(tl.int64) * sdn + oh * sdh + ow * sdw
+                a_ok = co_ok[:, None] & pix_ok[None, :]
+                a = tl.load(DY_ptr + (offs_co[:, None] * sdc + d_pix[None, :]), mask=a_ok,
+                            other=0.0)
+                if DBN:
+                    p_pix = nb.to(tl.int64) * spn + oh * sph + ow * spw
+                    py = tl.load(PY_ptr + (offs_co[:, None] * spc + p_pix[None, :]), mask=a_ok,
+                                 other=0.0)
+            if DBN:  # dy + y*cy + cc in fp32; 0 at pixels past the output
+                v = tl.fma(py.to(cdt), cy[:, None], a.to(cdt)) + cc[:, None]
+                a = (v * pix_ok[None, :].to(cdt)).to(op_t)
+            else:
+                a = a.to(op_t)
+            if TAP_N and TMA:  # one box of x per K step (stride 1, or the stride-2 view)
+                b = _x_tap_box(X_desc, tn0, th0, tw0, tap_r, tap_s, c0, PAD_H, PAD_W, CI,
+                               BLOCK_K, BLOCK_N, TMA)
+            else:
+                ih = (oh * STRIDE_H - PAD_H)[:, None] + r[None, :]
+                iw = (ow * STRIDE_W - PAD_W)[:, None] + s[None, :]
+                b_ok = ((ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW) & pix_ok[:, None]
+                        & j_ok[None, :])
+                b = tl.load(X_ptr + ((nb.to(tl.int64) * sxn)[:, None] + ih * sxh + iw * sxw
+                                     + ci[None, :] * sxc), mask=b_ok, other=0.0)
+            if PROLOGUE:  # relu(x*scale + shift) in fp32; padded taps exactly 0 after it
+                if TMA:
+                    ih = (oh * STRIDE_H - PAD_H)[:, None] + r[None, :]
+                    iw = (ow * STRIDE_W - PAD_W)[:, None] + s[None, :]
+                    b_ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+                v = tl.fma(b.to(cdt), sc[None, :], sh[None, :])
+                v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+                b = tl.where(b_ok, v, 0.0).to(op_t)
+            else:
+                b = b.to(op_t)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+            # next pixel tile: column, then row, then image (counters, no division)
+            tw0 += TILE_W
+            next_row = tw0 >= OW
+            tw0 = tl.where(next_row, 0, tw0)
+            th0 = tl.where(next_row, th0 + TILE_H, th0)
+            next_img = th0 >= OH
+            th0 = tl.where(next_img, 0, th0)
+            tn0 = tl.where(next_img, tn0 + tile_n, tn0)
+        off = (pid_k.to(tl.int64) * GEMM_M * GEMM_N + offs_co[:, None].to(tl.int64) * GEMM_N
+               + offs_j[None, :])
+        tl.store(DW_ptr + off, acc, mask=co_ok[:, None] & j_ok[None, :])
 
 
-# --------------------------------------------------------------------------------------
+    # --------------------------------------------------------------------------------------
+
+
 # Autotuning
 # --------------------------------------------------------------------------------------
 
@@ -549,10 +654,16 @@ _CONV_TILES = {
     "stem": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)],  # flat (r, s, c) K loop: C_in = 3
 }
 _SMEM_BUDGET = 160 * 1024  # operand pipeline bytes; leaves room for the epilogue's scratch
+# wgrad (M = C_out, N = (tap, C_in), K = output pixels): BLOCK_K pixels per K step (the
+# same in every config of a dtype: it sets the pixel box); 64-wide tiles only where C_out
+# (M) or C_in (N) is 64 or less, 256-wide only where C_in >= 256 without a prologue
+# (``_wgrad_fits``).
 _WGRAD_TILES = {
-    "plain": [(128, 64, 32, 8, 2), (64, 128, 32, 8, 2), (64, 64, 32, 4, 2)],
-    "fused": [(128, 64, 32, 8, 2), (64, 128, 32, 8, 2)],
-    "stem": [(128, 64, 32, 8, 2)],
+    "plain": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+              (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 3)],
+    "fused": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
+              (64, 64, 64, 4, 3), (128, 128, 32, 8, 2)],
+    "stem": [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 64, 32, 4, 3)],
 }
 _INTERPRETER_TILE = (32, 32, 16, 4, 1)
 
@@ -565,11 +676,18 @@ def _tma_blocks(nargs):
     """Autotune pre-hook: the TMA descriptors' block shapes follow the config's tiles."""
     if TensorDescriptor is None:
         return
-    w_desc, x_desc = nargs.get("W_desc"), nargs.get("X_desc")
+    w_desc = nargs.get("W_desc")
     if isinstance(w_desc, TensorDescriptor):  # dgrad reads [BLOCK_K, BLOCK_N] boxes
         w_desc.block_shape = ([nargs["BLOCK_K"], nargs["BLOCK_N"]] if nargs["TRANSPOSED"]
                               else [nargs["BLOCK_N"], nargs["BLOCK_K"]])
-    if isinstance(x_desc, TensorDescriptor):
+    y_desc = nargs.get("Y_desc")
+    if isinstance(y_desc, TensorDescriptor):  # the output tile: 2-D, or a box of [N,P,Q,C]
+        th, tw = nargs["TILE_H"], nargs["TILE_W"]
+        y_desc.block_shape = ([nargs["BLOCK_M"], nargs["BLOCK_N"]] if len(y_desc.shape) == 2
+                              else [nargs["BLOCK_M"] // (th * tw), th, tw, nargs["BLOCK_N"]])
+    for x_desc in (nargs.get("X_desc"), nargs.get("PY_desc")):
+        if not isinstance(x_desc, TensorDescriptor):
+            continue
         th, tw = nargs["TILE_H"], nargs["TILE_W"]
         tn = nargs["BLOCK_M"] // (th * tw)
         if len(x_desc.shape) == 4:  # spatial boxes (A_TMA == 2)
@@ -580,10 +698,23 @@ def _tma_blocks(nargs):
             x_desc.block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
 
 
-def _configs(tiles, group_m=True):
+def _wgrad_tma_blocks(nargs):
+    """Autotune pre-hook of the wgrad kernel: its descriptors' boxes follow the config."""
+    if TensorDescriptor is None:
+        return
+    box = [nargs["BLOCK_K"] // (nargs["TILE_H"] * nargs["TILE_W"]), nargs["TILE_H"],
+           nargs["TILE_W"]]
+    for name, cols in (("DY_desc", "BLOCK_M"), ("PY_desc", "BLOCK_M"), ("X_desc", "BLOCK_N")):
+        desc = nargs.get(name)
+        if isinstance(desc, TensorDescriptor):  # 5-D: the stride-2 view of x
+            desc.block_shape = (box[:2] + [1] + box[2:] if len(desc.shape) == 5 else box) \
+                + [nargs[cols]]
+
+
+def _configs(tiles, group_m=True, pre_hook=_tma_blocks):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k,
                            **({"GROUP_M": 8} if group_m else {})},
-                          num_warps=w, num_stages=st, pre_hook=_tma_blocks if group_m else None)
+                          num_warps=w, num_stages=st, pre_hook=pre_hook)
             for m, n, k, w, st in tiles]
 
 
@@ -612,12 +743,29 @@ def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsiz
     return _configs([t for t in tiles if _fits(t, gemm_n, itemsize, wide_ok)] or tiles[-1:])
 
 
-def wgrad_configs(stem=False, fused=False):
+def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused):
+    m, n, k, _, stages = tile
+    if k * itemsize != 128 or stages * (m + n) * k * itemsize > _SMEM_BUDGET:
+        return False
+    if gemm_m is not None and (m == 64) != (gemm_m <= 64):
+        return False
+    if stem or channels is None:
+        return True
+    return (n == 64) == (channels <= 64) and (n <= 128 or (channels >= 256 and not fused))
+
+
+def wgrad_configs(stem=False, fused=False, gemm_m=None, channels=None, itemsize=2):
     """The configs autotuned for one mode of ``_conv_wgrad_kernel`` (``stem``: flat N
-    tiles; ``fused``: the dBN or BN-ReLU prologue)."""
+    tiles; ``fused``: the dBN or BN-ReLU prologue), pruned to C_out (``gemm_m``), C_in
+    (``channels``) and the element size (BLOCK_K 64 pixels in 16-bit, 32 in fp32; the
+    first is deterministic mode's config)."""
     if INTERPRET:
-        return _configs([_INTERPRETER_TILE], group_m=False)
-    return _configs(_WGRAD_TILES[_mode(stem, fused)], group_m=False)
+        return _configs([_INTERPRETER_TILE], group_m=False, pre_hook=_wgrad_tma_blocks)
+    tiles = _WGRAD_TILES[_mode(stem, fused)]
+    fit = [t for t in tiles if _wgrad_fits(t, gemm_m, channels, itemsize, stem, fused)]
+    if not fit:  # the 128-byte rule alone
+        fit = [t for t in tiles if t[2] * itemsize == 128][:1] or tiles[-1:]
+    return _configs(fit, group_m=False, pre_hook=_wgrad_tma_blocks)
 
 
 def _key(cfg):
@@ -638,11 +786,11 @@ def _conv_prune(configs, nargs, **kw):
 
 
 def _wgrad_prune(configs, nargs, **kw):
-    want = {_key(c) for c in wgrad_configs(not kw["TAP_N"], bool(kw["DBN"] or kw["PROLOGUE"]))}
+    want = {_key(c) for c in wgrad_configs(not kw["TAP_N"], bool(kw["DBN"] or kw["PROLOGUE"]),
+                                           nargs["GEMM_M"], nargs["CI"],
+                                           nargs["X_ptr"].element_size())}
     return [c for c in configs if _key(c) in want]
 
-
-_WGRAD_SPLIT_ALIGN = 16 if INTERPRET else 128  # multiple of every config's BLOCK_K
 
 if INTERPRET:
     _conv_run = _conv_kernel
@@ -652,12 +800,13 @@ else:
     _conv_run = autotune(
         configs=_configs(_union(_CONV_TILES)),
         key=["GEMM_M", "GEMM_N", "GEMM_K", "TRANSPOSED", "PROLOGUE", "STATS", "DRELU",
-             "W_TMA", "A_TMA", "TILE_H", "TILE_W"],
+             "W_TMA", "A_TMA", "TILE_H", "TILE_W", "PERSISTENT", "Y_TMA"],
         prune_configs_by={"early_config_prune": _conv_prune},
     )(_conv_kernel)
     _wgrad_run = autotune(
-        configs=_configs(_union(_WGRAD_TILES), group_m=False),
-        key=["GEMM_M", "GEMM_N", "GEMM_K", "K_PER_SPLIT", "TAP_N", "DBN", "PROLOGUE"],
+        configs=_configs(_union(_WGRAD_TILES), group_m=False, pre_hook=_wgrad_tma_blocks),
+        key=["GEMM_M", "GEMM_N", "BATCH", "OH", "OW", "CI", "TILES_PER_SPLIT", "TAP_N", "TMA",
+             "TILE_H", "TILE_W", "DBN", "PROLOGUE"],
         prune_configs_by={"early_config_prune": _wgrad_prune},
     )(_conv_wgrad_kernel)
 
@@ -827,6 +976,16 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
             gm_grid = (triton.cdiv(n, tile_n) * triton.cdiv(p, tile_h)
                        * triton.cdiv(q, tile_w) * block_m)
             _check_int32(GEMM_M=gm_grid)
+    # the output by TMA where A is: Y (dense, ours) as [N*P*Q, C_out] for the 1x1 GEMM, or
+    # as [N, P, Q, C_out] boxes of the spatial tiles
+    y_tma, y_desc = 0, None
+    if a_tma:
+        yv = y.permute(0, 2, 3, 1)
+        bn0 = configs[0].kwargs["BLOCK_N"]
+        y_desc = (_dense_desc(yv, (gm, co), (block_m, bn0)) if a_tma == 1 else
+                  _dense_desc(yv, (n, p, q, co),
+                              (block_m // (tile_h * tile_w), tile_h, tile_w, bn0)))
+        y_tma = 0 if y_desc is None else (1 if a_tma == 1 else 2)
     min_bm = min(c.kwargs["BLOCK_M"] for c in configs)
     tiles = triton.cdiv(gm_grid, min_bm)
     ws3 = y
@@ -837,11 +996,16 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
             ws3 = torch.empty((tiles, co), dtype=acc, device=x.device)
     else:
         ws1 = ws2 = y
+    # the plain forward (no prologue) runs persistent: about one program per SM walks
+    # the output tiles in grouped order (fewer launches' worth of setup per tile)
+    persistent = not prologue
+    programs = _persistent_programs(x)
     res = residual if residual is not None else y
     pscale, pshift = (scale, shift) if prologue else (y, y)  # fp32 scale/shift (kernel)
     args = (x, weight, y, bias if bias is not None else y, res,
             pscale, pshift, y, y, y, y, ws1, ws2, ws3,
-            w_desc if w_desc is not None else weight, x_desc if x_desc is not None else x,
+            w_desc if w_desc is not None else weight, x_desc if x_desc is not None else x, x,
+            y_desc if y_desc is not None else y,
             h, w, ci, p, q, co, r, s, sh, sw, ph, pw,
             *_nhwc_strides(x), weight.stride(0), weight.stride(2), weight.stride(3),
             weight.stride(1), *_nhwc_strides(y), *_nhwc_strides(res), 0, 0, 0, 0, 0, 0, 0, 0,
@@ -850,10 +1014,12 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
                   A_TMA=a_tma, TILE_H=tile_h, TILE_W=tile_w, PROLOGUE=prologue,
                   HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                   EPILOGUE_RELU=bool(relu), STATS=bool(stats), DRELU=False,
-                  ACC_FP64=acc == torch.float64, INPUT_PRECISION=_input_precision(x.dtype))
+                  PERSISTENT=persistent, Y_TMA=y_tma, ACC_FP64=acc == torch.float64,
+                  INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):
-        return (triton.cdiv(gm_grid, meta["BLOCK_M"]) * triton.cdiv(gn, meta["BLOCK_N"]),)
+        tiles = triton.cdiv(gm_grid, meta["BLOCK_M"]) * triton.cdiv(gn, meta["BLOCK_N"])
+        return (min(tiles, programs) if persistent else tiles,)
 
     cfg = _launch(_conv_run, configs, grid, args, kwargs)
     if not stats:
@@ -935,6 +1101,28 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     _check_int32(GEMM_M=n * h * w, GEMM_K=gk)
     configs = conv_configs(stem=not _tap_loop(co), transposed=True, fused=dbn or drelu,
                            gemm_n=ci, itemsize=dy.element_size())
+    # dy by TMA at stride 1 (one phase): M tiles are boxes of dx, TILE_N images x TILE_H x
+    # TILE_W, and tap (r, s) reads the box of dy at (n0, h0 + pad - r, w0 + pad - s)
+    a_tma, tile_h, tile_w, x_desc, py_desc = 0, 1, 1, None, None
+    block_m = configs[0].kwargs["BLOCK_M"]
+    if ((sh, sw) == (1, 1) and _tap_loop(co) and dy.permute(0, 2, 3, 1).is_contiguous()
+            and all(c.kwargs["BLOCK_M"] == block_m for c in configs)):
+        tile_w = min(triton.next_power_of_2(w), block_m)
+        tile_h = min(triton.next_power_of_2(h), block_m // tile_w)
+        tile_n = block_m // (tile_w * tile_h)
+        box = (tile_n, tile_h, tile_w, configs[0].kwargs["BLOCK_K"])
+        x_desc = _dense_desc(dy.permute(0, 2, 3, 1), (n, p, q, co), box)
+        if dbn:  # y, read beside dy by the dBN prologue
+            py_desc = (_dense_desc(y.permute(0, 2, 3, 1), (n, p, q, co), box)
+                       if y.permute(0, 2, 3, 1).is_contiguous() else None)
+            x_desc = x_desc if py_desc is not None else None
+        if x_desc is None:
+            tile_h, tile_w = 1, 1
+        else:
+            a_tma = 2
+            gm = (triton.cdiv(n, tile_n) * triton.cdiv(h, tile_h) * triton.cdiv(w, tile_w)
+                  * block_m)
+            _check_int32(GEMM_M=gm)
     min_bm = min(c.kwargs["BLOCK_M"] for c in configs)
     rows = triton.cdiv(gm, min_bm)
     if drelu:
@@ -953,7 +1141,8 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     args = (dy, weight, dx, dx, dx,
             coef_y if dbn else dx, coef_c if dbn else dx, py,
             ey, scale if drelu else dx, shift if drelu else dx, ws1, ws2, dx,
-            w_desc if w_desc is not None else weight, dy,
+            w_desc if w_desc is not None else weight, x_desc if x_desc is not None else dy,
+            py_desc if py_desc is not None else dy, dx,
             p, q, co, h, w, ci, r, s, sh, sw, ph, pw,
             *_nhwc_strides(dy),
             # the weight read as [CI, R, S, CO]: gemm-N index is C_in, reduction is C_out
@@ -961,11 +1150,9 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
             *_nhwc_strides(dx), 0, 0, 0, 0, *_nhwc_strides(py), *_nhwc_strides(ey),
             gm, gn, gk, n, rows)
     kwargs = dict(TRANSPOSED=True, TAP_LOOP=_tap_loop(co), W_TMA=w_desc is not None,
-                  A_TMA=0, TILE_H=1,
-                  TILE_W=1,
-                  PROLOGUE=2 if dbn else 0,
+                  A_TMA=a_tma, TILE_H=tile_h, TILE_W=tile_w, PROLOGUE=2 if dbn else 0,
                   HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False,
-                  DRELU=drelu, ACC_FP64=acc == torch.float64,
+                  DRELU=drelu, PERSISTENT=False, Y_TMA=0, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(dy.dtype))
 
     def grid(meta):
@@ -984,14 +1171,24 @@ def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _persistent_programs(t):
+    """Programs of a persistent launch: one per SM (3 in the interpreter, so that the
+    CPU tests walk several tiles per program)."""
+    return 3 if INTERPRET or not t.is_cuda else _sm_count(t.device.index or 0)
+
+
 def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None, coef_c=None,
                scale=None, shift=None):
     """Weight gradient ``(C_out, C_in, R, S)`` (channels_last = KRSC memory, dtype of x).
 
     The A operand is ``dy`` (with the dBN prologue ``dy + y*coef_y + coef_c`` when ``y``
     is given), the B operand the im2col of ``x`` (with ``relu(x*scale + shift)``
-    recomputed when ``scale`` is given; padded taps are 0 after it). The N*P*Q reduction
-    is split over a grid axis into an fp32 (fp64) workspace summed in a fixed order.
+    recomputed when ``scale`` is given; padded taps are 0 after it). The reduction over
+    the N*P*Q output pixels walks boxes of the output (TILE_N images x TILE_H x TILE_W =
+    BLOCK_K pixels; a 1x1 stride-1 conv is one long row of N*H*W pixels), split over a
+    grid axis into an fp32 (fp64) workspace summed in a fixed order. On sm_90 dy, y and
+    x arrive by TMA (boxes of x per tap, as the forward's A_TMA 2/3); elsewhere through
+    pointers.
     """
     n, co, p, q = dy.shape
     _, ci, h, w = x.shape
@@ -999,38 +1196,75 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
     acc = _acc_dtype(x.dtype)
-    gm, gn, gk = co, r * s * ci, n * p * q
-    _check_int32(GEMM_K=gk, GEMM_N=gn)
-    align = _WGRAD_SPLIT_ALIGN
-    if INTERPRET:
-        splits = 2
-    else:
-        tiles = triton.cdiv(gm, 64) * triton.cdiv(gn, 64)
-        splits = max(1, min(2 * _sm_count(x.device.index or 0) // tiles, triton.cdiv(gk, 1024)))
-    k_per_split = triton.cdiv(triton.cdiv(gk, splits), align) * align
-    splits = triton.cdiv(gk, k_per_split)
-    part = torch.empty((splits, gm, gn), dtype=acc, device=x.device)
+    gm, gn = co, r * s * ci
+    _check_int32(GEMM_K=n * p * q, GEMM_N=gn)
     dbn = y is not None
     prologue = scale is not None
+    # tap-major N tiles when the channels fill the smallest BLOCK_N (correct for any C)
+    tap_n = ci % (_INTERPRETER_TILE[1] if INTERPRET else 64) == 0
+    configs = wgrad_configs(stem=not tap_n, fused=dbn or prologue, gemm_m=co, channels=ci,
+                            itemsize=x.element_size())
+    block_k = configs[0].kwargs["BLOCK_K"]
+    dyv, xv = dy.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)
     py = y if dbn else dy
+    pyv = py.permute(0, 2, 3, 1)
+    dense = all(t.is_contiguous() for t in (dyv, xv, pyv))
+    # the pixel walk's shapes: a 1x1 stride-1 unpadded conv on dense tensors is one image
+    # of one row of N*H*W pixels (no box wasted at the image edges)
+    flat = dense and (r, s, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0)
+    shp = dict(n=1, p=1, q=n * p * q, h=1, w=n * h * w) if flat else dict(
+        n=n, p=p, q=q, h=h, w=w)
+    tile_w = min(triton.next_power_of_2(shp["q"]), block_k)
+    tile_h = min(triton.next_power_of_2(shp["p"]), block_k // tile_w)
+    tile_n = block_k // (tile_w * tile_h)
+    # TMA (sm_90, dense NHWC, whole channel tiles of x): dy and y as boxes [TILE_N,
+    # TILE_H, TILE_W, BLOCK_M]; x as a box per tap, stride 1 or the stride-2 view
+    tma, dy_desc, py_desc, x_desc = 0, None, None, None
+    if tap_n and dense and all(_tma_ok(t) for t in (dyv, xv, pyv)):
+        if (sh, sw) == (1, 1):
+            x_desc = _dense_desc(xv, (shp["n"], shp["h"], shp["w"], ci),
+                                 (tile_n, tile_h, tile_w, 64))
+            tma = 2
+        elif (sh, sw) == (2, 2) and h % 2 == 0 and w % 2 == 0:
+            x_desc = _dense_desc(xv, (n, h // 2, 2, w // 2, 2 * ci),
+                                 (tile_n, tile_h, 1, tile_w, 64))
+            tma = 3
+        dy_box = (tile_n, tile_h, tile_w, 64)
+        dy_desc = _dense_desc(dyv, (shp["n"], shp["p"], shp["q"], co), dy_box)
+        py_desc = _dense_desc(pyv, (shp["n"], shp["p"], shp["q"], co), dy_box)
+        if x_desc is None or dy_desc is None or py_desc is None:
+            tma = 0
+    tiles_k = (triton.cdiv(shp["n"], tile_n) * triton.cdiv(shp["p"], tile_h)
+               * triton.cdiv(shp["q"], tile_w))
+    if INTERPRET:
+        splits = 2
+    else:  # about two programs per SM, at least 8 K steps each
+        out_tiles = triton.cdiv(gm, 128) * triton.cdiv(gn, 128)
+        splits = max(1, min(2 * _sm_count(x.device.index or 0) // out_tiles,
+                            triton.cdiv(tiles_k, 8)))
+    tiles_per_split = triton.cdiv(tiles_k, splits)
+    splits = triton.cdiv(tiles_k, tiles_per_split)
+    part = torch.empty((splits, gm, gn), dtype=acc, device=x.device)
+    d_str, x_str, p_str = _nhwc_strides(dy), _nhwc_strides(x), _nhwc_strides(py)
+    if flat:  # one image, one row of dense pixels (size-1 dims may report any stride)
+        d_str, x_str, p_str = (0, 0, co, 1), (0, 0, ci, 1), (0, 0, co, 1)
     args = (dy, x, part, py, coef_y if dbn else part, coef_c if dbn else part,
             scale if prologue else part, shift if prologue else part,
-            h, w, ci, p, q, co, r, s, sh, sw, ph, pw,
-            *_nhwc_strides(dy), *_nhwc_strides(x), *_nhwc_strides(py),
-            gm, gn, gk, k_per_split)
-    # tap-major N tiles when the channels fill the smallest BLOCK_N (correct for any C)
-    tap_n = ci % (_INTERPRETER_TILE[1] if INTERPRET
-                  else min(t[1] for t in _union(_WGRAD_TILES))) == 0
-    configs = wgrad_configs(stem=not tap_n, fused=dbn or prologue)
-    kwargs = dict(TAP_N=tap_n, DBN=dbn, PROLOGUE=prologue, ACC_FP64=acc == torch.float64,
+            dy_desc if tma else dy, py_desc if tma else dy, x_desc if tma else x,
+            shp["h"], shp["w"], ci, shp["p"], shp["q"], co, r, s, sh, sw, ph, pw,
+            *d_str, *x_str, *p_str, shp["n"], gm, gn, tiles_per_split)
+    kwargs = dict(TAP_N=tap_n, TMA=tma, TILE_H=tile_h, TILE_W=tile_w, DBN=dbn,
+                  PROLOGUE=prologue, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(x.dtype))
 
-    def grid(meta):
+    def grid(meta):  # persistent: at most one program per SM over (tile, split) items
         n_tiles = (r * s * triton.cdiv(ci, meta["BLOCK_N"]) if tap_n
                    else triton.cdiv(gn, meta["BLOCK_N"]))
-        return (triton.cdiv(gm, meta["BLOCK_M"]) * n_tiles, splits)
+        return (min(triton.cdiv(gm, meta["BLOCK_M"]) * n_tiles * splits,
+                    _persistent_programs(x)),)
 
     _launch(_wgrad_run, configs, grid, args, kwargs)
+    # the partials summed in a fixed order (a deterministic reduction, no atomics)
     dw = part.sum(0) if splits > 1 else part[0]
     # (CO, R*S*CI) -> (CO, CI, R, S) view with KRSC memory
     return dw.view(co, r, s, ci).permute(0, 3, 1, 2).to(x.dtype)

@@ -471,26 +471,48 @@ def conv_specs(quick: bool):
            "fwd eval 1x1 s1 bias+residual+relu": dict(gemm1x1, HAS_BIAS=True,
                                                       HAS_RESIDUAL=True, EPILOGUE_RELU=True),
            "fwd stem C=3 (flat K) +stats": dict(TAP_LOOP=False, STATS=True, W_TMA=False),
-           "dgrad": dict(TRANSPOSED=True),
-           "dgrad dBN prologue + dReLU epilogue": dict(TRANSPOSED=True, PROLOGUE=2,
-                                                       DRELU=True)}
+           # dgrad at stride 1: dy by boxes per tap over boxes of dx (28x28: 1 x 4 x 32)
+           "dgrad s1 (TMA boxes)": dict(TRANSPOSED=True, A_TMA=2, TILE_H=4, TILE_W=32,
+                                        STRIDE_H=1, STRIDE_W=1),
+           "dgrad s1 (TMA boxes) dBN prologue + dReLU epilogue":
+               dict(TRANSPOSED=True, A_TMA=2, TILE_H=4, TILE_W=32, STRIDE_H=1, STRIDE_W=1,
+                    PROLOGUE=2, DRELU=True),
+           "dgrad s2 (dy by pointers)": dict(TRANSPOSED=True),
+           "dgrad s2 (dy by pointers) dBN prologue + dReLU epilogue":
+               dict(TRANSPOSED=True, PROLOGUE=2, DRELU=True)}
     if quick:
         fwd = {k: v for k, v in fwd.items() if k in (
             "fwd 3x3 s1 (TMA boxes) bn-relu prologue +stats", "fwd stem C=3 (flat K) +stats",
             "fwd 1x1 s1 (TMA GEMM) bn-relu prologue +stats",
-            "dgrad dBN prologue + dReLU epilogue")}
-    wgrad = {"wgrad": dict(TAP_N=True, DBN=False, PROLOGUE=False),
-             "wgrad dBN + bn-relu prologues": dict(TAP_N=True, DBN=True, PROLOGUE=True),
-             "wgrad stem C=3 (flat N)": dict(TAP_N=False, DBN=True, PROLOGUE=False)}
+            "dgrad s1 (TMA boxes) dBN prologue + dReLU epilogue")}
+    # wgrad: (switches, C_out, C_in) at a ResNet-50 layer; pixel boxes as the launcher
+    # makes them (BLOCK_K 64 pixels: 28x28 -> 1 image x 2 rows x 32 columns; a 1x1
+    # stride-1 conv is one row of N*H*W pixels)
+    wbox = dict(TAP_N=True, TMA=2, TILE_H=2, TILE_W=32, STRIDE_H=1, STRIDE_W=1, DBN=False,
+                PROLOGUE=False)
+    wgrad = {"wgrad 3x3 s1 (TMA boxes)": (wbox, 256, 256),
+             "wgrad 1x1 s1 (TMA, one row of pixels)": (dict(wbox, TILE_H=1, TILE_W=64, R=1,
+                                                           S=1), 256, 64),
+             "wgrad 3x3/1x1 s2 (TMA boxes of the stride-2 view)": (dict(wbox, TMA=3,
+                                                                      STRIDE_H=None,
+                                                                      STRIDE_W=None),
+                                                                 128, 128),
+             "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues": (dict(wbox, DBN=True,
+                                                                     PROLOGUE=True), 128, 128),
+             "wgrad pointers (odd H/W, sm_80)": (dict(wbox, TMA=0, STRIDE_H=None,
+                                                      STRIDE_W=None), 128, 128),
+             "wgrad stem C=3 (flat N)": (dict(wbox, TAP_N=False, TMA=0, TILE_H=8, TILE_W=8,
+                                              STRIDE_H=None, STRIDE_W=None, DBN=True),
+                                         64, 3)}
     if quick:
-        wgrad = {k: v for k, v in wgrad.items() if k != "wgrad"}
+        wgrad = {k: v for k, v in wgrad.items() if "prologues" in k or "stem" in k}
     for dt, prec in dtypes.items():
         if quick and dt != "bf16":
             continue
         act = f"*{dt}"
         ptrs = {"X_ptr": act, "W_ptr": act, "Y_ptr": act, "BIAS_ptr": act, "RES_ptr": act,
                 "PY_ptr": act, "EY_ptr": act, "DY_ptr": act, "*default": "*fp32"}
-        fwd_ptrs = dict(ptrs, PSCALE_ptr=act, PSHIFT_ptr=act)  # BN-ReLU prologue: operand
+        fwd_ptrs = ptrs  # the BN-ReLU prologue's scale/shift: fp32, as the BN makes them
         unit = dict(sxc=1, swi=1, syc=1, src=1, spc=1, sec=1)  # channels_last, KRSC
         for name, sw in fwd.items():
             stem = not sw.get("TAP_LOOP", True)
@@ -499,6 +521,10 @@ def conv_specs(quick: bool):
                                        itemsize=4 if dt == "fp32" else 2,
                                        residual=sw.get("HAS_RESIDUAL", False)):
                 consts = dict(off, **sw, INPUT_PRECISION=prec, **unit, **cfg.kwargs)
+                # as conv_fwd launches it: the forward without a prologue is persistent
+                consts["PERSISTENT"] = not consts["TRANSPOSED"] and not consts["PROLOGUE"]
+                # and the output by TMA where A is (Y as [M, C_out] or boxes of [N, P, Q, C])
+                consts["Y_TMA"] = 0 if consts["TRANSPOSED"] else min(consts["A_TMA"], 2)
                 bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 th, tw = consts["TILE_H"], consts["TILE_W"]
                 x_box = {0: act, 1: f"tensordesc<{dt}[{bm}, {bk}]>",
@@ -507,18 +533,36 @@ def conv_specs(quick: bool):
                 base = ptrs if sw.get("TRANSPOSED") else fwd_ptrs
                 w_box = f"[{bk}, {bn}]" if sw.get("TRANSPOSED") else f"[{bn}, {bk}]"
                 kptrs = dict(base, W_desc=f"tensordesc<{dt}{w_box}>" if consts["W_TMA"]
-                             else act, X_desc=x_box[consts["A_TMA"]])
+                             else act, X_desc=x_box[consts["A_TMA"]],
+                             PY_desc=x_box[consts["A_TMA"]] if consts["PROLOGUE"] == 2
+                             else act,
+                             Y_desc={0: act, 1: f"tensordesc<{dt}[{bm}, {bn}]>",
+                                     2: f"tensordesc<{dt}[{bm // (th * tw)}, {th}, {tw}, "
+                                        f"{bn}]>"}[consts["Y_TMA"]])
                 if sw.get("TRANSPOSED"):  # the weight read as [CI, R, S, CO]: CO is unit
                     consts.update(swi=None, swo=1)
                     consts = {k: v for k, v in consts.items() if v is not None}
                 specs.append((kc._conv_kernel, kptrs, consts, cfg.num_warps, cfg.num_stages,
                               dict(kernel="conv", variant=name, dtype=dt, memory_bound=False)))
-        for name, sw in wgrad.items():
+        for name, (sw, co, ci) in wgrad.items():
             for cfg in kc.wgrad_configs(stem=not sw["TAP_N"],
-                                        fused=sw["DBN"] or sw["PROLOGUE"]):
+                                        fused=sw["DBN"] or sw["PROLOGUE"], gemm_m=co,
+                                        channels=ci, itemsize=4 if dt == "fp32" else 2):
                 consts = dict(sw, ACC_FP64=False, INPUT_PRECISION=prec, sdc=1, sxc=1, spc=1,
                               **cfg.kwargs)
-                specs.append((kc._conv_wgrad_kernel, ptrs, consts, cfg.num_warps,
+                consts = {k: v for k, v in consts.items() if v is not None}
+                bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                tw = min(sw["TILE_W"], bk)  # fp32: 32-pixel boxes
+                th = min(sw["TILE_H"], bk // tw)
+                consts.update(TILE_H=th, TILE_W=tw)
+                box = f"{bk // (th * tw)}, {th}, {tw}"
+                tma = sw["TMA"]
+                wptrs = dict(ptrs, DY_desc=f"tensordesc<{dt}[{box}, {bm}]>" if tma else act,
+                             PY_desc=f"tensordesc<{dt}[{box}, {bm}]>" if tma else act,
+                             X_desc={0: act, 2: f"tensordesc<{dt}[{box}, {bn}]>",
+                                     3: f"tensordesc<{dt}[{bk // (th * tw)}, {th}, 1, {tw}, "
+                                        f"{bn}]>"}[tma])
+                specs.append((kc._conv_wgrad_kernel, wptrs, consts, cfg.num_warps,
                               cfg.num_stages, dict(kernel="conv_wgrad", variant=name, dtype=dt,
                                                    memory_bound=False)))
     return specs
@@ -598,6 +642,11 @@ def hopper_gaps(r, bar=HOPPER_BAR):
         gaps.append(f"{r.loop_div} integer divisions, {r.loop_calls} CALL in the hot loop")
     if r.spill_stores or r.spill_loads or r.hot_spills:
         gaps.append(f"spills {r.spill_stores}/{r.spill_loads} B")
+    # the output tile by TMA or 16-byte stores (32-bit STG: the statistics' per-channel
+    # vectors, outside the tile)
+    narrow = {w: n for w, n in r.stores.items() if w not in ("128", "32")}
+    if not (r.utmastg or r.stores.get("128")) or narrow:
+        gaps.append(f"output not stored by UTMASTG or STG.128 (STG {r.stores})")
     if r.shared < bar["min_shared"]:
         gaps.append(f"{r.shared} B of shared memory < {bar['min_shared']}")
     return gaps
@@ -768,7 +817,10 @@ def main(argv=None):
         kept = [Result(**{k: v for k, v in row.items() if k in known})
                 for row in old["results"] if row["kernel"] not in fresh]
         results = kept + results
-        command += f" (other kernels' rows from `{old['command']}`)"
+        source = old["command"]  # the run that made the kept rows (not a chain of runs)
+        while "(other kernels' rows from `" in source:
+            source = source.split("(other kernels' rows from `", 1)[1]
+        command += f" (other kernels' rows from `{source.rstrip(')`')}`)"
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "triton.json"), "w") as f:
         json.dump({"command": command, "triton": triton.__version__, "target": "sm_90a",

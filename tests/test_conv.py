@@ -253,6 +253,9 @@ def test_tma_operands_forward(monkeypatch, case, dtype):
              else 3 if st == 2 and h % 2 == 0 and w_ % 2 == 0 else 0)
     if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
         assert seen[0]["W_TMA"] and seen[0]["A_TMA"] == a_tma, seen[0]
+        # the output by TMA where A is and the rows of y are 16-byte multiples
+        rows_ok = w.shape[0] * x.element_size() % 16 == 0
+        assert seen[0]["Y_TMA"] == (min(a_tma, 2) if rows_ok else 0), seen[0]
     a = _ref_bn_relu(x, scale, shift)
     ref = F.conv2d(a.double(), w.double(), None, st, pd)
     if dtype != torch.float32:
@@ -275,23 +278,113 @@ DGRAD_TMA_CASES = [("3x3s1", 2, 24, 6, 5, 32, 3, 1, 1),  # C_in 24: boxes cross 
 @ALSO_ON_GPU
 @pytest.mark.parametrize("case", DGRAD_TMA_CASES, ids=[c[0] for c in DGRAD_TMA_CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_tma_weights_dgrad(monkeypatch, case, dtype):
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "dbn+drelu"])
+def test_tma_weights_dgrad(monkeypatch, case, dtype, fused):
     """dgrad reads the weight by TMA as [BLOCK_K, BLOCK_N] boxes of [C_out, R*S*C_in]
-    (columns past C_in land in the next tap or the zero fill and are masked): dx against
-    float64."""
+    (columns past C_in land in the next tap or the zero fill and are masked) and, at
+    stride 1, dy as boxes of [N, P, Q, C_out] per tap over boxes of dx (A_TMA=2); with the
+    dBN prologue and the dReLU epilogue: dx, sum(g), sum(g*y_prev) against float64."""
     if K.TensorDescriptor is None:
         pytest.skip("this triton has no host TMA descriptors")
     seen = _spy_launches(monkeypatch)
     x, w, st, pd = _make(case, dtype)
     y = F.conv2d(x.double(), w.double(), None, st, pd)
-    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    d, kw = dy, {}
+    if fused:
+        co, ci = w.shape[:2]
+        coef_y = torch.randn(co, generator=g, dtype=torch.float64)
+        coef_c = torch.randn(co, generator=g, dtype=torch.float64)
+        scale, shift = _scale_shift(ci, dtype)
+        acc = torch.float32
+        y16 = y.to(dtype)
+        kw = dict(y=y16.to(DEVICE).contiguous(memory_format=torch.channels_last),
+                  coef_y=coef_y.to(DEVICE, acc), coef_c=coef_c.to(DEVICE, acc),
+                  y_prev=x, scale=scale, shift=shift)
+        d = dy.to(dtype).double() + y16.double() * coef_y.view(1, -1, 1, 1) \
+            + coef_c.view(1, -1, 1, 1)
     dy = dy.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
-    dx, _, _ = K.conv_dgrad(dy, w, x.shape[2:], st, pd)
+    dx, sum_g, sum_gx = K.conv_dgrad(dy, w, x.shape[2:], st, pd, **kw)
     if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
-        assert seen[0]["W_TMA"], seen[0]
-    ref = torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), st, pd)
+        assert seen[0]["W_TMA"] and seen[0]["A_TMA"] == (2 if st == 1 else 0), seen[0]
+    ref = torch.nn.grad.conv2d_input(x.shape, w.double(), d.to(DEVICE), st, pd)
     tol = 1e-4 if dtype == torch.float32 and DEVICE == "cpu" else 2e-2
+    if fused:
+        pre = x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+        gref = torch.where(pre <= 0, torch.zeros_like(ref), ref)
+        for got, want in ((sum_g, gref.sum((0, 2, 3))), (sum_gx, (gref * x).sum((0, 2, 3)))):
+            assert (got.double() - want).abs().max() <= tol * (1 + want.abs().max())
+        ref = gref * scale.double().view(1, -1, 1, 1)
     assert (dx.double() - ref).abs().max() <= tol * (1 + ref.abs().max())
+
+
+@pytest.mark.parametrize("prologue", [False, True])
+def test_plain_forward_is_persistent(monkeypatch, prologue):
+    """The forward without a prologue runs a persistent grid (fewer programs than tiles,
+    each walking several tiles in grouped order; 3 programs in the interpreter); with the
+    prologue one program per tile. Either way y equals F.conv2d in float64."""
+    seen, grids = _spy_launches(monkeypatch), []
+    launch = K._launch
+    monkeypatch.setattr(K, "_launch", lambda run, cfgs, grid, args, kw: grids.append(
+        (grid(cfgs[0].kwargs), -(-args[-5] // cfgs[0].kwargs["BLOCK_M"])
+         * -(-args[-4] // cfgs[0].kwargs["BLOCK_N"]))) or launch(run, cfgs, grid, args, kw))
+    x, w, st, pd = _make(("many_tiles", 2, 8, 9, 9, 40, 3, 1, 1))
+    kw = dict(zip(("scale", "shift"), _scale_shift(8))) if prologue else {}
+    y, _, _ = K.conv_fwd(x, w, st, pd, **kw)
+    a = _ref_bn_relu(x, kw["scale"], kw["shift"]) if prologue else x
+    torch.testing.assert_close(y, F.conv2d(a, w, None, st, pd))
+    (grid, tiles), = grids
+    assert seen[-1]["PERSISTENT"] == (not prologue) and seen[-1]["Y_TMA"] == 0  # C_in 8
+    assert grid[0] == (min(tiles, K._persistent_programs(x)) if not prologue else tiles)
+    assert prologue or grid[0] < tiles
+
+
+WGRAD_TMA_CASES = [("3x3s1_c32", 2, 32, 6, 5, 24, 3, 1, 1),  # boxes of x per tap, padding
+                   ("1x1s1_flat", 3, 32, 5, 3, 40, 1, 1, 0),  # one row of N*H*W pixels
+                   ("3x3s2_even", 2, 32, 8, 6, 24, 3, 2, 1),  # boxes of the stride-2 view
+                   ("1x1s2_even", 3, 32, 6, 4, 24, 1, 2, 0),
+                   ("3x3s2_odd", 2, 32, 7, 6, 16, 3, 2, 1)]  # odd H: pointers
+
+
+@ALSO_ON_GPU
+@pytest.mark.parametrize("case", WGRAD_TMA_CASES, ids=[c[0] for c in WGRAD_TMA_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "dbn+bnrelu"])
+def test_tma_wgrad(monkeypatch, case, dtype, fused):
+    """wgrad over boxes of output pixels (TILE_N x TILE_H x TILE_W per K step, split in
+    two): dy (and y) by TMA boxes, x by a box per tap (stride 1, the stride-2 view) or
+    pointers; with the dBN prologue on dy and the BN-ReLU prologue on x (padded taps 0
+    after it): dW against float64."""
+    if K.TensorDescriptor is None:
+        pytest.skip("this triton has no host TMA descriptors")
+    seen = _spy_launches(monkeypatch)
+    x, w, st, pd = _make(case, dtype)
+    _, n, ci, h, w_, co, k, _, _ = case
+    g = torch.Generator().manual_seed(5)
+    y = F.conv2d(x.double(), w.double(), None, st, pd)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    kw, a, d = {}, x.double(), dy
+    if fused:
+        scale, shift = _scale_shift(ci, dtype)
+        coef_y = torch.randn(co, generator=g, dtype=torch.float64)
+        coef_c = torch.randn(co, generator=g, dtype=torch.float64)
+        y = y.to(dtype)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        kw = dict(y=y.to(DEVICE).contiguous(memory_format=torch.channels_last),
+                  coef_y=coef_y.to(DEVICE, acc), coef_c=coef_c.to(DEVICE, acc),
+                  scale=scale, shift=shift)
+        a = _ref_bn_relu(x, scale, shift).double()
+        d = dy.to(dtype).double() + y.double() * coef_y.view(1, -1, 1, 1) \
+            + coef_c.view(1, -1, 1, 1)
+    dy = dy.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+    dw = K.conv_wgrad(dy, x, w.shape, st, pd, **kw)
+    even = st == 1 or (h % 2 == 0 and w_ % 2 == 0)
+    if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
+        assert seen[0]["TMA"] == ((2 if st == 1 else 3) if even else 0), seen[0]
+    ref = torch.nn.grad.conv2d_weight(a, w.shape, d.to(DEVICE), st, pd)
+    tol = 1e-4 if dtype == torch.float32 and DEVICE == "cpu" else 2e-2
+    assert (dw.double() - ref).abs().max() <= tol * (1 + ref.abs().max())
 
 
 def test_deterministic():
@@ -709,10 +802,9 @@ from triton.compiler import ASTSource
 spec = importlib.util.spec_from_file_location("kc", sys.argv[1])
 K = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(K)
-target = GPUTarget("cuda", 90, 32)
 
 
-def build(fn, dt, consts, warps=4, stages=3):
+def build(fn, dt, consts, warps=4, stages=3, arch=90):
     names = fn.arg_names
     sig = {}
     for n in names:
@@ -722,19 +814,20 @@ def build(fn, dt, consts, warps=4, stages=3):
             sig[n] = "*" + (dt if n[:2] in ("X_", "W_", "Y_", "BI", "RE", "PY", "EY", "DY")
                             else "fp32")
         elif n.endswith("_desc"):  # TMA descriptors where the mode reads through them
-            tma = consts.get({"W_desc": "W_TMA", "X_desc": "A_TMA"}[n])
+            tma = consts.get({"W_desc": "W_TMA", "X_desc": "A_TMA"}.get(n), False)
             rows = consts["BLOCK_N" if n == "W_desc" else "BLOCK_M"]
             sig[n] = f"tensordesc<{dt}[{rows}, {consts['BLOCK_K']}]>" if tma else "*" + dt
         else:
             sig[n] = "i32"
     src = ASTSource(fn=fn, signature=sig,
                     constexprs={(names.index(k),): v for k, v in consts.items()})
-    triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+    triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                   options=dict(num_warps=warps, num_stages=stages))
 
 
 tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, ACC_FP64=False)
 off = dict(HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False, DRELU=False,
-           W_TMA=False, A_TMA=False)
+           W_TMA=False, A_TMA=False, PERSISTENT=False, Y_TMA=0, TILE_H=1, TILE_W=1)
 for dt, prec in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32")):
     base = dict(tiles, INPUT_PRECISION=prec)
     build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": True,
@@ -748,15 +841,22 @@ for dt, prec in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32")):
         continue  # every other mode in fp16 only (compile time)
     build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": False,
                                "PROLOGUE": 0, "HAS_BIAS": True, "HAS_RESIDUAL": True,
-                               "EPILOGUE_RELU": True}, 8)
+                               "EPILOGUE_RELU": True, "PERSISTENT": True}, 8)
     build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": True, "TAP_LOOP": True,
                                "PROLOGUE": 2, "DRELU": True}, 8)
     build(K._conv_wgrad_kernel, dt, dict(TAP_N=True, DBN=True, PROLOGUE=True, ACC_FP64=False,
-                                         INPUT_PRECISION=prec, BLOCK_M=64, BLOCK_N=64,
-                                         BLOCK_K=32))
+                                         INPUT_PRECISION=prec, TMA=0, TILE_H=8, TILE_W=8,
+                                         BLOCK_M=64, BLOCK_N=64, BLOCK_K=64))
 build(K._conv_wgrad_kernel, "fp16", dict(TAP_N=False, DBN=False, PROLOGUE=False,
-                                         ACC_FP64=False, INPUT_PRECISION="ieee", BLOCK_M=64,
-                                         BLOCK_N=64, BLOCK_K=32))
+                                         ACC_FP64=False, INPUT_PRECISION="ieee", TMA=0,
+                                         TILE_H=8, TILE_W=8, BLOCK_M=64, BLOCK_N=64,
+                                         BLOCK_K=64))
+# sm_80 (no TMA): the pointer paths, persistent forward and the pixel-box wgrad walk
+build(K._conv_kernel, "bf16", {**tiles, **off, "INPUT_PRECISION": "ieee", "TRANSPOSED": False,
+                               "TAP_LOOP": True, "PROLOGUE": 0, "PERSISTENT": True}, 8, 4, 80)
+build(K._conv_wgrad_kernel, "bf16", dict(TAP_N=True, DBN=True, PROLOGUE=True, ACC_FP64=False,
+                                         INPUT_PRECISION="ieee", TMA=0, TILE_H=8, TILE_W=8,
+                                         BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3, 80)
 for final in (False, True):
     build(K._stats_merge_kernel, "fp32", dict(HAS_COUNT=final, FINAL=final, ACC_FP64=False,
                                               BLOCK_T=64, BLOCK_C=64))
@@ -767,7 +867,8 @@ print("compiled")
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """The interpreter does not type-check like the compiler: compile every kernel mode
-    for an H100 (sm_90) ahead of time, no GPU needed (skips without Triton's CUDA backend)."""
+    for an H100 (sm_90), and the pointer paths for an A100 (sm_80), ahead of time, no GPU
+    needed (skips without Triton's CUDA backend)."""
     import subprocess
     import sys
 
@@ -865,4 +966,15 @@ def test_config_lists_are_small_and_mode_specific(monkeypatch, co, dtype):
                         assert k * size == 128
                         assert n <= 128 or (co >= 256 and not fused and not residual)
                         assert n >= 128 or co <= 64
-            assert 1 <= len(kconv.wgrad_configs(stem=stem, fused=fused)) <= 3
+            for ci in (3, 64, 128, 2048):
+                wcfg = kconv.wgrad_configs(stem=stem, fused=fused, gemm_m=co, channels=ci,
+                                           itemsize=size)
+                assert 1 <= len(wcfg) <= 3
+                assert len({c.kwargs["BLOCK_K"] for c in wcfg}) == 1  # one pixel box
+                for c in wcfg:
+                    m, n, k = (c.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                    assert k * size == 128
+                    assert c.num_stages * (m + n) * k * size <= kconv._SMEM_BUDGET
+                    if not stem:
+                        assert (m == 64) == (co <= 64) or dtype == torch.float32
+                        assert n <= 128 or (ci >= 256 and not fused)

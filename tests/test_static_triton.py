@@ -108,7 +108,8 @@ def test_hopper_bar_can_fail():
     pytest.importorskip("triton")
     S = _script_module()
     good = dict(registers=200, shared=160 * 1024, utmaldg=2, loop_hgmma=8,
-                hgmma_shapes={"64x256x16": 8}, sass_per_hgmma=30.0, wgmma_wait=[1])
+                hgmma_shapes={"64x256x16": 8}, sass_per_hgmma=30.0, wgmma_wait=[1],
+                stores={"128": 8, "32": 2})
     row = S.Result("conv", "fwd 3x3/1x1 (conv2d)", "bf16", "BLOCK_N=256", False, **good)
     assert S.forward_row(row) and S.hopper_gaps(row) == []
     narrow = S.Result("conv", "fwd 3x3/1x1 (conv2d)", "bf16", "BLOCK_N=64", False,
@@ -116,7 +117,8 @@ def test_hopper_bar_can_fail():
     assert S.hopper_gaps(narrow) == []  # the C_out <= 64 tile: 64x64 is the widest
     for change in (dict(utmaldg=0), dict(loop_hgmma=2), dict(hgmma_shapes={"64x64x16": 8}),
                    dict(sass_per_hgmma=33.0), dict(wgmma_wait=[0]), dict(loop_div=1),
-                   dict(loop_calls=1), dict(spill_stores=8), dict(shared=64 * 1024)):
+                   dict(loop_calls=1), dict(spill_stores=8), dict(shared=64 * 1024),
+                   dict(stores={"128": 4, "16": 8}), dict(stores={"32": 2})):
         bad = S.Result("conv", "fwd 3x3/1x1 (conv2d)", "bf16", "BLOCK_N=256", False,
                        **dict(good, **change))
         assert len(S.hopper_gaps(bad)) == 1, change
@@ -152,20 +154,16 @@ FORWARD_VARIANTS = [
     "fwd 1x1 s1 (TMA GEMM) bn-relu prologue +stats",
     "fwd 3x3/1x1 s2 (TMA boxes of the stride-2 view) bn-relu prologue +stats",
     "fwd eval 1x1 s1 bias+residual+relu"]
-_DEPBAR0 = ("WARPGROUP.DEPBAR.LE gsb0, 0x0 (ptxas C7515: wgmma serialised, non-wgmma "
-            "instructions define accumulator registers inside the pipeline stage; "
-            "register-A wgmma only)")
+_PROLOGUE_MATH = ("fp32 prologue math: each thread's register-A fragment holds 8 elements "
+                  "per HGMMA (m64k16 over 128 threads), each unpacked, FFMA'd, ReLU'd and "
+                  "repacked (>= 4 SASS), plus the loop's own 12-30")
 KNOWN_GAPS = {
-    "fwd 3x3 s1 (TMA boxes)": f"128x256 and 128x64: {_DEPBAR0} (128x128 meets the bar)",
-    "fwd 3x3/1x1 s2 (TMA boxes of the stride-2 view)":
-        f"128x256: 32.5 SASS per HGMMA > 32; 128x256 and 128x64: {_DEPBAR0}",
-    "fwd 3x3 s1 (TMA boxes) +stats": f"every config: {_DEPBAR0}",
     "fwd 3x3 s1 (TMA boxes) bn-relu prologue +stats":
-        f"85.2 / 66.4 SASS per HGMMA > 48 (fp32 prologue math); every config: {_DEPBAR0}",
+        f"79.8 / 62.5 SASS per HGMMA > 48 ({_PROLOGUE_MATH})",
     "fwd 1x1 s1 (TMA GEMM) bn-relu prologue +stats":
-        f"79.2 / 58.0 SASS per HGMMA > 48 (fp32 prologue math); every config: {_DEPBAR0}",
+        f"69.2 / 52.0 SASS per HGMMA > 48 ({_PROLOGUE_MATH})",
     "fwd 3x3/1x1 s2 (TMA boxes of the stride-2 view) bn-relu prologue +stats":
-        f"91.2 / 67.1 SASS per HGMMA > 48 (fp32 prologue math); every config: {_DEPBAR0}",
+        f"84.8 / 63.2 SASS per HGMMA > 48 ({_PROLOGUE_MATH})",
 }
 
 
@@ -211,16 +209,24 @@ def test_forward_meets_the_hopper_bar(forward_rows, variant):
 
 
 # dgrad and wgrad (issue 21: TMA, <= 48 SASS per HGMMA, no division in the loop)
-BACKWARD_VARIANTS = ["dgrad", "dgrad dBN prologue + dReLU epilogue", "wgrad",
-                     "wgrad dBN + bn-relu prologues"]
+BACKWARD_VARIANTS = ["dgrad s1 (TMA boxes)", "dgrad s1 (TMA boxes) dBN prologue + dReLU epilogue",
+                     "dgrad s2 (dy by pointers)",
+                     "dgrad s2 (dy by pointers) dBN prologue + dReLU epilogue",
+                     "wgrad 3x3 s1 (TMA boxes)", "wgrad 1x1 s1 (TMA, one row of pixels)",
+                     "wgrad 3x3/1x1 s2 (TMA boxes of the stride-2 view)",
+                     "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues"]
 BACKWARD_GAPS = {
-    "dgrad dBN prologue + dReLU epilogue": "118.0 / 124.8 SASS per HGMMA > 48 (the dBN "
-                                           "prologue dy + y*cy + cc in fp32 per element); "
-                                           "C7515",
-    "wgrad": "not redesigned: no TMA, BLOCK_K 32, 2 HGMMA per K step, 156.0-211.5 SASS "
-             "per HGMMA, 18-24 div/rem (TTGIR + PTX) in the loop (pixel index walk)",
-    "wgrad dBN + bn-relu prologues": "not redesigned: no TMA, 258.5 / 271.0 SASS per "
-                                     "HGMMA, 18 / 20 div/rem in the loop",
+    "dgrad s1 (TMA boxes) dBN prologue + dReLU epilogue":
+        "109.8 / 87.5 SASS per HGMMA > 48: the dBN prologue dy + y*cy + cc in fp32, 8 "
+        "A-fragment elements per HGMMA, each with two bf16 operands to unpack (~5.5 SASS "
+        "per element), then a shared-memory store of A",
+    "dgrad s2 (dy by pointers) dBN prologue + dReLU epilogue":
+        "123.8 / 116.5 SASS per HGMMA > 48: the fp32 dBN prologue as at stride 1, plus dy "
+        "and y through pointers (the sub-pixel phases do not map to one box)",
+    "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues":
+        "140.0 SASS per HGMMA > 48: both prologues in fp32 per element (dBN on dy, "
+        "BN-ReLU on x, whose result wgmma must read from shared memory: a store and a "
+        "barrier per K step)",
 }
 
 
