@@ -654,6 +654,11 @@ _CONV_TILES = {
     "stem": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)],  # flat (r, s, c) K loop: C_in = 3
 }
 _SMEM_BUDGET = 160 * 1024  # operand pipeline bytes; leaves room for the epilogue's scratch
+# On a device with less shared memory per block (A100 163 KB, sm_86/89 99 KB, against
+# sm_90's 227 KB) the pipeline gets what is left after this reserve for the epilogue:
+# each tile keeps as many stages as fit (at least 2), else the mode's smallest tile runs.
+_EPILOGUE_RESERVE = 64 * 1024
+_MAX_STAGES = 5
 # wgrad (M = C_out, N = (tap, C_in), K = output pixels): BLOCK_K pixels per K step (the
 # same in every config of a dtype: it sets the pixel box); 64-wide tiles only where C_out
 # (M) or C_in (N) is 64 or less, 256-wide only where C_in >= 256 without a prologue
@@ -718,34 +723,64 @@ def _configs(tiles, group_m=True, pre_hook=_tma_blocks):
             for m, n, k, w, st in tiles]
 
 
-def _fits(tile, gemm_n, itemsize, wide_ok):
+def smem_budget(device=None) -> int:
+    """Operand-pipeline bytes for ``device``: ``_SMEM_BUDGET``, less where the device's
+    shared memory per block (opt-in) leaves under ``_EPILOGUE_RESERVE`` beside it."""
+    if INTERPRET or device is None or torch.device(device).type != "cuda":
+        return _SMEM_BUDGET
+    return _device_smem_budget(torch.device(device).index or 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_smem_budget(index):
+    optin = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    return min(_SMEM_BUDGET, optin - _EPILOGUE_RESERVE)
+
+
+def _in_budget(tiles, itemsize, budget):
+    """The tiles with their stages cut to ``budget``, stages * (BLOCK_M + BLOCK_N) *
+    BLOCK_K elements (a tile that 2 stages overflow is dropped); when none is left, the
+    smallest tile at 2 stages (it must run somewhere)."""
+    fit = []
+    for m, n, k, w, stages in tiles:
+        stages = min(stages, budget // ((m + n) * k * itemsize))
+        if stages >= 2:
+            fit.append((m, n, k, w, stages))
+    if fit:
+        return fit
+    m, n, k, w, _ = min(tiles, key=lambda t: (t[0] + t[1]) * t[2])
+    return [(m, n, k, w, 2)]
+
+
+def _fits(tile, gemm_n, wide_ok):
     """Shape pruning: no 128x256 tile under 256 output columns (nor where the epilogue
-    holds a second output-sized tile: it spills), no 64-wide one above 64; the operand
-    pipeline, stages * (BLOCK_M + BLOCK_N) * BLOCK_K elements, in budget."""
+    holds a second output-sized tile: it spills), no 64-wide one above 64."""
     m, n, k, _, stages = tile
-    if stages * (m + n) * k * itemsize > _SMEM_BUDGET or (n > 128 and not wide_ok):
+    if n > 128 and not wide_ok:
         return False
     return gemm_n is None or (n <= 128 or gemm_n >= 256) and (n >= 128 or gemm_n <= 64)
 
 
 def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsize=2,
-                 residual=False):
+                 residual=False, budget=_SMEM_BUDGET):
     """The configs autotuned for one mode of ``_conv_kernel`` (``stem``: flat K loop;
     ``transposed``: dgrad; ``fused``: a prologue or the dReLU epilogue; ``residual``: an
-    epilogue reading a residual), pruned to the GEMM's N and the operands' element size
-    (the first is deterministic mode's config)."""
+    epilogue reading a residual), pruned to the GEMM's N, the operands' element size and
+    the device's shared memory (``budget``: ``smem_budget(device)``; the first is
+    deterministic mode's config)."""
     if INTERPRET:
         return _configs([_INTERPRETER_TILE])
     tiles = _CONV_TILES[_mode(stem, fused)]
     if not stem:  # 128-byte K rows: BLOCK_K 64 in 16-bit, 32 in fp32 (TF32)
         tiles = [t for t in tiles if t[2] * itemsize == 128]
     wide_ok = not (residual or fused)
-    return _configs([t for t in tiles if _fits(t, gemm_n, itemsize, wide_ok)] or tiles[-1:])
+    tiles = [t for t in tiles if _fits(t, gemm_n, wide_ok)] or tiles[-1:]
+    return _configs(_in_budget(tiles, itemsize, budget))
 
 
 def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused):
     m, n, k, _, stages = tile
-    if k * itemsize != 128 or stages * (m + n) * k * itemsize > _SMEM_BUDGET:
+    if k * itemsize != 128:
         return False
     if gemm_m is not None and (m == 64) != (gemm_m <= 64):
         return False
@@ -754,7 +789,8 @@ def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused):
     return (n == 64) == (channels <= 64) and (n <= 128 or (channels >= 256 and not fused))
 
 
-def wgrad_configs(stem=False, fused=False, gemm_m=None, channels=None, itemsize=2):
+def wgrad_configs(stem=False, fused=False, gemm_m=None, channels=None, itemsize=2,
+                  budget=_SMEM_BUDGET):
     """The configs autotuned for one mode of ``_conv_wgrad_kernel`` (``stem``: flat N
     tiles; ``fused``: the dBN or BN-ReLU prologue), pruned to C_out (``gemm_m``), C_in
     (``channels``) and the element size (BLOCK_K 64 pixels in 16-bit, 32 in fp32; the
@@ -765,7 +801,8 @@ def wgrad_configs(stem=False, fused=False, gemm_m=None, channels=None, itemsize=
     fit = [t for t in tiles if _wgrad_fits(t, gemm_m, channels, itemsize, stem, fused)]
     if not fit:  # the 128-byte rule alone
         fit = [t for t in tiles if t[2] * itemsize == 128][:1] or tiles[-1:]
-    return _configs(fit, group_m=False, pre_hook=_wgrad_tma_blocks)
+    return _configs(_in_budget(fit, itemsize, budget), group_m=False,
+                    pre_hook=_wgrad_tma_blocks)
 
 
 def _key(cfg):
@@ -773,7 +810,9 @@ def _key(cfg):
 
 
 def _union(tiles):
-    return sorted({t for mode in tiles.values() for t in mode})
+    """Every tile of every mode at every stage count ``_in_budget`` can give it."""
+    return sorted({(m, n, k, w, st) for mode in tiles.values() for m, n, k, w, _ in mode
+                   for st in range(2, _MAX_STAGES + 1)})
 
 
 def _conv_prune(configs, nargs, **kw):
@@ -781,14 +820,15 @@ def _conv_prune(configs, nargs, **kw):
     want = {_key(c) for c in conv_configs(not kw["TAP_LOOP"], kw["TRANSPOSED"],
                                           bool(kw["PROLOGUE"] or kw["DRELU"]),
                                           nargs["GEMM_N"], nargs["X_ptr"].element_size(),
-                                          kw["HAS_RESIDUAL"])}
+                                          kw["HAS_RESIDUAL"], smem_budget(nargs["X_ptr"].device))}
     return [c for c in configs if _key(c) in want]
 
 
 def _wgrad_prune(configs, nargs, **kw):
     want = {_key(c) for c in wgrad_configs(not kw["TAP_N"], bool(kw["DBN"] or kw["PROLOGUE"]),
                                            nargs["GEMM_M"], nargs["CI"],
-                                           nargs["X_ptr"].element_size())}
+                                           nargs["X_ptr"].element_size(),
+                                           smem_budget(nargs["X_ptr"].device))}
     return [c for c in configs if _key(c) in want]
 
 
@@ -939,7 +979,8 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     _check_int32(GEMM_M=gm, GEMM_K=gk)
     prologue = 1 if scale is not None else 0
     configs = conv_configs(stem=not _tap_loop(ci), fused=bool(prologue), gemm_n=co,
-                           itemsize=x.element_size(), residual=residual is not None)
+                           itemsize=x.element_size(), residual=residual is not None,
+                           budget=smem_budget(x.device))
     tap_loop = _tap_loop(ci)
     block_m, block_k = configs[0].kwargs["BLOCK_M"], configs[0].kwargs["BLOCK_K"]
     # B by TMA: the weight KRSC-contiguous, read as [C_out, R*S*C_in]
@@ -1100,7 +1141,7 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     dbn = y is not None
     _check_int32(GEMM_M=n * h * w, GEMM_K=gk)
     configs = conv_configs(stem=not _tap_loop(co), transposed=True, fused=dbn or drelu,
-                           gemm_n=ci, itemsize=dy.element_size())
+                           gemm_n=ci, itemsize=dy.element_size(), budget=smem_budget(dy.device))
     # dy by TMA at stride 1 (one phase): M tiles are boxes of dx, TILE_N images x TILE_H x
     # TILE_W, and tap (r, s) reads the box of dy at (n0, h0 + pad - r, w0 + pad - s)
     a_tma, tile_h, tile_w, x_desc, py_desc = 0, 1, 1, None, None
@@ -1203,7 +1244,7 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
     # tap-major N tiles when the channels fill the smallest BLOCK_N (correct for any C)
     tap_n = ci % (_INTERPRETER_TILE[1] if INTERPRET else 64) == 0
     configs = wgrad_configs(stem=not tap_n, fused=dbn or prologue, gemm_m=co, channels=ci,
-                            itemsize=x.element_size())
+                            itemsize=x.element_size(), budget=smem_budget(x.device))
     block_k = configs[0].kwargs["BLOCK_K"]
     dyv, xv = dy.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)
     py = y if dbn else dy

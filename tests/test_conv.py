@@ -978,3 +978,48 @@ def test_config_lists_are_small_and_mode_specific(monkeypatch, co, dtype):
                     if not stem:
                         assert (m == 64) == (co <= 64) or dtype == torch.float32
                         assert n <= 128 or (ci >= 256 and not fused)
+
+
+@pytest.mark.parametrize("optin_kb,budget_kb", [(227, 160), (163, 99), (99, 35)])
+def test_configs_fit_the_devices_shared_memory(monkeypatch, optin_kb, budget_kb):
+    """sm_90 (227 KB per block) keeps the listed configs; an A100 (163 KB) or an sm_86/89
+    card (99 KB) gets them with fewer stages, or the smallest tile at 2 stages, so that
+    deterministic mode's pinned config compiles there; every config given is one the
+    autotuner knows (its key is in the union it prunes)."""
+    from types import SimpleNamespace
+
+    from fusedres.kernels import conv as kconv
+
+    monkeypatch.setattr(kconv, "INTERPRET", False)
+    kconv._device_smem_budget.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(
+        shared_memory_per_block_optin=optin_kb * 1024))
+    try:
+        budget = kconv.smem_budget(torch.device("cuda", 0))
+    finally:
+        kconv._device_smem_budget.cache_clear()
+    assert budget == budget_kb * 1024
+    assert kconv.smem_budget(torch.device("cpu")) == kconv._SMEM_BUDGET
+    known = {kconv._key(c) for c in kconv._configs(kconv._union(kconv._CONV_TILES))}
+    known_w = {kconv._key(c) for c in kconv._configs(kconv._union(kconv._WGRAD_TILES),
+                                                      group_m=False)}
+    for size in (2, 4):
+        for stem in (False, True):
+            for fused in (False, True):
+                full = kconv.conv_configs(stem=stem, fused=fused, gemm_n=128, itemsize=size)
+                got = kconv.conv_configs(stem=stem, fused=fused, gemm_n=128, itemsize=size,
+                                         budget=budget)
+                wgot = kconv.wgrad_configs(stem=stem, fused=fused, gemm_m=128, channels=128,
+                                           itemsize=size, budget=budget)
+                for cfgs, universe in ((got, known), (wgot, known_w)):
+                    assert cfgs and all(kconv._key(c) in universe for c in cfgs)
+                    for c in cfgs:
+                        m, n, k = (c.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                        assert c.num_stages >= 2
+                        assert (c.num_stages * (m + n) * k * size <= budget
+                                or (len(cfgs) == 1 and c.num_stages == 2))
+                if optin_kb == 227:  # Hopper: exactly the listed configs
+                    assert [kconv._key(c) for c in got] == [kconv._key(c) for c in full]
+                m, n, k = (full[0].kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                if full[0].num_stages * (m + n) * k * size > budget:  # cut, not kept
+                    assert kconv._key(got[0]) != kconv._key(full[0])
