@@ -1,0 +1,138 @@
+"""Plain conv -> BN (-> add) (-> ReLU) sites on the cudnn-graph path (CPU, the reference
+graphs standing in for cuDNN): in training the site's conv runs as F0 (conv + genstats)
+and its BN normalises with F0's statistics -- torchvision's stem (padded 3 -> 8), a
+downsample's projection shortcut, a block tail -- and a torchvision ResNet's training step
+equals the unconverted model's in float64 (output, every gradient, running statistics).
+A refused F0 falls back to F.conv2d and the BN's own statistics pass; tune tries the
+candidate at such sites. Whether cuDNN accepts these graphs is a GPU question."""
+import importlib
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fusedres
+from fusedres import cudnn_graph
+from fusedres import nn as fnn
+from test_cudnn_graph import (  # cuDNN faked by the reference graphs
+    _ReferenceGraph, _close, _fake_cudnn, _set_graph_plans)
+
+T = importlib.import_module("fusedres.tune")
+
+
+def _record_graphs(monkeypatch, refuse=()):
+    """cuDNN faked (``refuse``: kinds refused); returns the forward graphs run as
+    ``(kind, input channels, weight shape)``."""
+    _fake_cudnn(monkeypatch, refuse)
+    seen = []
+
+    def run(x, w, scale, shift, stride, padding):
+        seen.append(("F1" if scale is not None else "F0", x.shape[1], tuple(w.shape)))
+        return _ReferenceGraph.apply(x, w, scale, shift, stride, padding)
+
+    monkeypatch.setattr(cudnn_graph, "_run_graph", run)
+    return seen
+
+
+def _resnet(name):
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, name)(num_classes=10).double()
+    for m in ref.modules():  # non-trivial BN parameters and running statistics
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+            m.running_mean.uniform_(-0.1, 0.1)
+    fused = fusedres.convert(ref, backend="reference")
+    _set_graph_plans(fused)
+    return ref, fused
+
+
+def _train_step(ref, fused, size=64):  # (32: layer4 BNs see 2 values, ill-conditioned)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, size, size, generator=g, dtype=torch.float64)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_r, out_f = ref(xr), fused(xf)
+    _close(out_f, out_r, "output")
+    dout = torch.randn(out_r.shape, generator=g, dtype=torch.float64)
+    out_r.backward(dout)
+    out_f.backward(dout)
+    _close(xf.grad, xr.grad, "input grad")
+    for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+        _close(q.grad, p.grad, f"grad of {name}")
+    for (name, a), b in zip(ref.state_dict().items(), fused.state_dict().values()):
+        _close(b.double(), a.double(), name)
+
+
+def _downsample_shapes(model):
+    return [tuple(m.downsample[0].weight.shape) for m in model.modules()
+            if getattr(m, "downsample", None) is not None]
+
+
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
+def test_resnet_training_step_on_the_graph_path(monkeypatch, name):
+    seen = _record_graphs(monkeypatch)
+    ref, fused = _resnet(name)
+    used = []
+    run = cudnn_graph.bn_act_with_stats
+    monkeypatch.setattr(cudnn_graph, "bn_act_with_stats",
+                        lambda y, *a, **k: used.append((a[2] is not None, k["shortcut_stats"]
+                                                        is not None)) or run(y, *a, **k))
+    _train_step(ref, fused)
+    f0 = [(cin, w) for kind, cin, w in seen if kind == "F0"]
+    assert f0[0] == (8, (64, 8, 7, 7)), seen  # the stem: F0 with its input padded 3 -> 8
+    for shape in _downsample_shapes(ref):  # every projection shortcut: F0
+        assert (shape[1], shape) in f0, (shape, seen)
+    # plain sites normalised with given statistics: the stem (F0), every block tail (its
+    # input carried from the F1 of the conv before it) and every dual tail's shortcut (F0)
+    tails = sum(1 for m in ref.modules() if isinstance(m, (torchvision.models.resnet.BasicBlock,
+                                                           torchvision.models.resnet.Bottleneck)))
+    assert used[0] == (True, False)
+    assert len(used) == 1 + tails and all(main for main, _ in used), used
+    assert sum(short for _, short in used) == len(_downsample_shapes(ref))
+    rows = {r["site"]: r for r in fusedres.explain(fused)}
+    assert rows["bn1"]["conv"] == "cudnn-graph stats", rows["bn1"]
+    assert "F0 (conv + statistics) at conv1 (input channels padded 3->8)" in rows["bn1"]["reason"]
+    down = rows["layer2.0.downsample.1"]
+    assert down["conv"] == "cudnn-graph stats" and "F0" in down["reason"], down
+
+
+def test_refused_f0_falls_back(monkeypatch):
+    """F0 refused (faked check_support): plain sites run F.conv2d and the BN's own
+    statistics pass, the BN-ReLU -> conv sites still run F1; the same answers, explain
+    names the refusal, no exception."""
+    seen = _record_graphs(monkeypatch, refuse=("F0",))
+    ref, fused = _resnet("resnet18")
+    _train_step(ref, fused)
+    assert seen and {kind for kind, _, _ in seen} == {"F1"}
+    rows = {r["site"]: r for r in fusedres.explain(fused)}
+    assert rows["bn1"]["conv"] == "conv2d", rows["bn1"]
+    assert "cuDNN refused the F0 graph" in rows["bn1"]["reason"], rows["bn1"]
+    assert "check_support: faked" in rows["layer2.0.downsample.1"]["reason"]
+
+
+def test_eval_keeps_todays_path(monkeypatch):
+    """Eval (running statistics): no graph runs at a plain site."""
+    seen = _record_graphs(monkeypatch)
+    ref, fused = _resnet("resnet18")
+    ref.eval(), fused.eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    _close(fused(x), ref(x), "eval output")
+    assert not [s for s in seen if s[0] == "F0"], seen
+
+
+def test_tune_tries_the_graph_at_plain_sites():
+    """tune's cudnn-graph candidate is tried at a plain conv site in training (the
+    correctness gate then decides), never in eval or where the site has no conv; the
+    Triton conv path still only at BN-ReLU -> conv sites."""
+    conv, bn = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+
+    def site(**kwargs):
+        return T._Site("bn", conv if kwargs.pop("conv", True) else None, bn, kwargs, {}, None)
+
+    assert T._changes_site("cudnn-graph", site(relu=True), train=True)
+    assert T._changes_site("cudnn-graph", site(conv=False, shortcut_conv=conv), train=True)
+    assert not T._changes_site("cudnn-graph", site(relu=True), train=False)
+    assert not T._changes_site("cudnn-graph", site(conv=False), train=True)
+    assert not T._changes_site("triton-conv", site(relu=True), train=True)
+    assert T._changes_site("triton-conv", site(relu=True, next_conv=conv), train=True)
