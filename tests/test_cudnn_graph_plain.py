@@ -5,6 +5,7 @@ downsample's projection shortcut, a block tail -- and a torchvision ResNet's tra
 equals the unconverted model's in float64 (output, every gradient, running statistics).
 A refused F0 falls back to F.conv2d and the BN's own statistics pass; tune tries the
 candidate at such sites. Whether cuDNN accepts these graphs is a GPU question."""
+import contextlib
 import importlib
 
 import pytest
@@ -136,3 +137,45 @@ def test_tune_tries_the_graph_at_plain_sites():
     assert not T._changes_site("cudnn-graph", site(conv=False), train=True)
     assert not T._changes_site("triton-conv", site(relu=True), train=True)
     assert T._changes_site("triton-conv", site(relu=True, next_conv=conv), train=True)
+
+
+class _StemOnly(nn.Module):
+    """torchvision's stem: conv 7x7/2 (3 -> 8) - BN - ReLU - max-pool (a plain site)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+
+    def forward(self, x):
+        return self.pool(torch.relu(self.bn1(self.conv1(x))))
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_tune_gate_at_the_stem(monkeypatch, wrong):
+    """tune (cuDNN faked, candidates as on a GPU with the path) times cudnn-graph at the
+    stem and picks it when fastest; an F0 whose statistics are off by 1% fails the
+    correctness gate and is never chosen."""
+    from test_tune import fake_timer
+
+    seen = _record_graphs(monkeypatch)
+    if wrong:
+        def off(x, w, scale, shift, stride, padding):
+            y, s1, s2 = _ReferenceGraph.apply(x, w, scale, shift, stride, padding)
+            return y, s1 * 1.01, s2
+        monkeypatch.setattr(cudnn_graph, "_run_graph", off)
+    real = T._candidates
+    monkeypatch.setattr(T, "_candidates", lambda device, only: real(device, only) + ["cudnn-graph"])
+    torch.manual_seed(0)
+    model = fusedres.convert(_StemOnly().double(), backend="reference")
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    timer = fake_timer({"torch": 3.0, "reference": 2.0, "cpu": 2.0, "cudnn-graph": 1.0})
+    with pytest.warns(RuntimeWarning) if wrong else contextlib.nullcontext():
+        T.tune(model, x, cache=False, verbose=False, timer=timer)
+    tuning = model.bn1.fusedres_tuning
+    if wrong:
+        assert tuning["choice"] != "cudnn-graph"
+        assert "cudnn-graph" in tuning["failed"], tuning
+    else:
+        assert tuning["choice"] == "cudnn-graph", tuning
+        assert seen and seen[0][:2] == ("F0", 8)
