@@ -152,10 +152,10 @@ def _close(a, b, what):
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"{what}: {m}")
 
 
-def _train_steps(ref, fused, steps=2):
+def _train_steps(ref, fused, steps=2, shape=(2, 8, 8, 8)):
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        x = torch.randn(2, 8, 8, 8, generator=g, dtype=torch.float64)
+        x = torch.randn(shape, generator=g, dtype=torch.float64)
         xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
         out_r, out_f = ref(xr), fused(xf)
         _close(out_f, out_r, "output")
