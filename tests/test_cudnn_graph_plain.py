@@ -167,3 +167,52 @@ def test_tune_gate_at_the_stem(monkeypatch, wrong):
     else:
         assert tuning["choice"] == "cudnn-graph", tuning
         assert seen and seen[0][:2] == ("F0", 8)
+
+
+def _kernel_backends_here():
+    from conftest import kernel_backends
+    return [b for b, device in kernel_backends() if device == "cpu"]
+
+
+@pytest.mark.parametrize("backend", _kernel_backends_here())
+@pytest.mark.parametrize("form", ["bn", "bn-relu", "add-relu", "dual"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_bn_act_with_stats_against_torch(backend, form, layout):
+    """The BN of a plain site given its batch statistics (as F0 computes them): output
+    and every gradient equal torch's training-mode BN, whose statistics are functions of
+    its input, on each backend's primitives (the backward includes their gradient)."""
+    dtype = torch.float64 if backend == "reference_primitives" else torch.float32
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    g = torch.Generator().manual_seed(3)
+
+    def t(*shape, grad=True, lo=-1.0, hi=1.0):
+        v = (torch.rand(shape, generator=g, dtype=dtype) * (hi - lo) + lo)
+        v = v.contiguous(memory_format=layout) if len(shape) == 4 else v
+        return v.requires_grad_(grad)
+
+    y, s, res = t(2, 8, 5, 5, lo=2.0, hi=4.0), t(2, 8, 5, 5), t(2, 8, 5, 5)
+    w, b, w2, b2 = t(8, lo=0.5, hi=1.5), t(8), t(8, lo=0.5, hi=1.5), t(8)
+
+    def stats(v):
+        var, mean = torch.var_mean(v.detach(), dim=(0, 2, 3), correction=0)
+        return mean, var
+
+    relu = form != "bn"
+    kw = dict(residual=res if form == "add-relu" else None)
+    if form == "dual":
+        kw.update(shortcut=s, shortcut_weight=w2, shortcut_bias=b2, shortcut_stats=stats(s))
+    out, _, _ = cudnn_graph.bn_act_with_stats(y, w, b, stats(y), relu=relu, eps=1e-5,
+                                              backend=backend, **kw)
+    want = torch.nn.functional.batch_norm(y, None, None, w, b, True, 0.1, 1e-5)
+    if form == "add-relu":
+        want = want + res
+    if form == "dual":
+        want = want + torch.nn.functional.batch_norm(s, None, None, w2, b2, True, 0.1, 1e-5)
+    want = torch.relu(want) if relu else want
+    torch.testing.assert_close(out, want, **tol)
+    inputs = [y, w, b] + ([res] if form == "add-relu" else []) + (
+        [s, w2, b2] if form == "dual" else [])
+    dout = torch.randn(out.shape, generator=g, dtype=dtype)
+    got = torch.autograd.grad(out, inputs, dout)
+    for i, (a, e) in enumerate(zip(got, torch.autograd.grad(want, inputs, dout))):
+        torch.testing.assert_close(a, e, **tol, msg=lambda m: f"gradient {i}: {m}")
