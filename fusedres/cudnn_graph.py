@@ -684,9 +684,10 @@ def bn_act_with_stats(y: Tensor, weight, bias, stats, *, relu: bool, residual=No
 class CudnnGraphConv(conv_paths.ConvPath):
     """``SitePlan(conv="cudnn-graph")``: F0 for a conv whose BN feeds a BN-ReLU -> conv
     site or ends a plain conv -> BN (-> add) (-> ReLU) site, the stem and a downsample's
-    shortcut included (the statistics from the conv's epilogue, ``bn_act_with_stats``), F1 for that site's conv (the BN-ReLU
-    in its prologue, its own output's statistics carried to the next such site), and the
-    site's backward through DgradDreluDBN and ConvBNwgrad where cuDNN plans them."""
+    shortcut included (the statistics from the conv's epilogue; a plain site's BN takes
+    them in ``bn_act_with_stats``), F1 for a BN-ReLU -> conv site's conv (the BN-ReLU in
+    its prologue, its own output's statistics carried to the next site), and that site's
+    backward through DgradDreluDBN and ConvBNwgrad where cuDNN plans them."""
 
     name = "cudnn-graph"
     prologue_name = "cudnn-graph-prologue"

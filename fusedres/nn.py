@@ -206,7 +206,8 @@ def bn_act(bn: nn.BatchNorm2d, y: Tensor, *, relu: bool = False,
     Anything the fused functions do not cover is computed by torch itself.
     """
     if shortcut_bn is not None:
-        if not _dual_ok(bn, y, shortcut_bn, shortcut):  # the shortcut BN on its own, then the one-BN tail
+        if not _dual_ok(bn, y, shortcut_bn, shortcut):
+            # the shortcut BN on its own, then the one-BN tail
             residual = bn_act(shortcut_bn, shortcut, backend=backend)
         else:
             rm, rv, training, momentum, nbt = _bn_state(bn)
@@ -594,7 +595,7 @@ def _conv_with_stats(path, conv, bn, x):
 def _given_stats_backend(bn, y, residual, shortcut_bn, s, backend) -> Optional[str]:
     """The BN primitives' backend that normalises this site with given statistics, or
     None when the site must run ``bn_act`` (what it does not cover: torch's fallbacks,
-    synchronised BN, forward AD/functorch, an empty or one-value batch)."""
+    a synchronised shortcut BN, forward AD/functorch, an empty or one-value batch)."""
     if shortcut_bn is not None:
         if not _dual_ok(bn, y, shortcut_bn, s) or process_group_of(shortcut_bn) is not None:
             return None
@@ -604,8 +605,7 @@ def _given_stats_backend(bn, y, residual, shortcut_bn, s, backend) -> Optional[s
                                      and residual.dtype == y.dtype
                                      and residual.device == y.device):
         return None
-    if process_group_of(bn) is not None or y.numel() <= y.shape[1] \
-            or functional._differentiating_transform():
+    if y.numel() <= y.shape[1] or functional._differentiating_transform():
         return None
     name = resolve_backend(y.device, backend)
     return name if name in ops.PRIMITIVE_BACKENDS else "reference_primitives"
@@ -710,7 +710,7 @@ def conv_bn_act(x: Tensor, conv: Optional[nn.Conv2d], bn: nn.BatchNorm2d, *,
             y = conv2d(conv, x)
         return bn_relu_conv2d(bn, next_conv, y, stats=stats, memory_saving=memory_saving,
                               backend=backend, conv_backend=path.name)
-    if path.plain_site_stats and _batch_stats(bn):
+    if path.plain_site_stats and _batch_stats(bn) and process_group_of(bn) is None:
         return _plain_site_with_stats(x, conv, bn, relu, residual, shortcut_x, shortcut_conv,
                                       shortcut_bn, backend, path)
     y = conv2d(conv, x) if conv is not None else x

@@ -15,7 +15,6 @@ from torch import nn
 
 import fusedres
 from fusedres import cudnn_graph
-from fusedres import nn as fnn
 from test_cudnn_graph import (  # cuDNN faked by the reference graphs
     _ReferenceGraph, _close, _fake_cudnn, _set_graph_plans, _train_steps)
 
