@@ -111,6 +111,11 @@ class ConvPath:
     kernel_name = "conv2d"
     eval_name = "folded"  # last_backend() after eval_conv ran
     eval_kernel = ""  # explain's eval column after "folded, " where eval_conv applies
+    # Does a plain conv -> BN (-> add) (-> ReLU) site (no conv after it) run its conv(s)
+    # with ``conv_stats`` in training, its BN normalising with those statistics? (cuDNN's
+    # F0 graph: yes; the Triton conv: no, F.conv2d is faster where nothing else fuses.)
+    plain_site_stats = False
+    stats_name = "?"  # last_backend() after a plain site normalised with those statistics
 
     def conv(self, conv: nn.Conv2d, x: Tensor) -> Tensor:
         """``conv(x)``'s math (the module's padding mode) without its hooks."""

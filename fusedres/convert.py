@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _timm
+from . import cudnn_graph
 from . import nn as fnn
 from ._fx import FusedForward, picklable_globals, refuse_script
 from ._backend import BACKENDS, PLUMBING_BACKEND, resolve_backend
@@ -450,6 +451,36 @@ def _prologue_note(block, site, backend) -> str:
     return fnn.conv_paths.path_named(conv_backend).prologue_note(_module(block, site["next"]))
 
 
+def _plain_conv_path(block, site, backend, column, note):
+    """``(conv column, note)`` of a plain conv -> BN (-> add) (-> ReLU) site (no conv after
+    it) whose conv path computes a conv's statistics there (cuDNN's F0), in training."""
+    bn = _module(block, site["members"][0])
+    name, why = fnn.conv_choice(fnn.site_plan(bn), backend)
+    path = fnn.conv_paths.path_named(name)
+    if why is not None or not path.plain_site_stats:
+        return column, note
+    ran = []
+    for key in ("conv", "conv2"):
+        if key in site:
+            conv = _module(block, site[key])
+            why = path.stats_problem(conv, None)
+            if why is not None:
+                note = _join(note, f"{site[key].target}: F.conv2d and the BN's statistics "
+                                   f"pass: {why}")
+                continue
+            pad = cudnn_graph.input_channel_padding(conv.in_channels, False)
+            ran.append(site[key].target + (f" (input channels padded {conv.in_channels}->"
+                                           f"{conv.in_channels + pad})" if pad else ""))
+    conv_less = "conv" not in site or (site["kind"] == "dual" and "conv2" not in site)
+    carried = ("; a BN without a conv normalises its input with the statistics an F1 conv "
+               "computed for it, where it carries them") if conv_less else ""
+    if not ran:
+        return column, _join(note, carried[2:])
+    return f"{path.kernel_name} stats", _join(
+        note, f"F0 (conv + statistics) at {', '.join(ran)}: the BN normalises with them in "
+              "training" + carried)
+
+
 def _candidate_note(block, prefix, relu) -> str:
     """Why a BN-ReLU that feeds a conv is not a BN-ReLU -> conv site."""
     users = list(relu.users)
@@ -501,6 +532,8 @@ def _describe(block, prefix, site, bn_path, backend, note, memory_saving=False):
                 pattern += " (recomputed)"
                 note = _join(note, "memory_saving: the BN-ReLU output is recomputed in "
                                    "backward, not kept")
+    elif plan.backend != "torch":
+        conv, note = _plain_conv_path(block, site, plan.backend or backend, conv, note)
     if kind == "bn_relu" and "next" not in site:
         note = _join(note, _candidate_note(block, prefix, site["terminal"]))
     if plan.backend == "torch":

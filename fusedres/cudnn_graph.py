@@ -61,7 +61,8 @@ from . import conv_paths, ops
 from .reference import acc_dtype, bn_relu_prologue
 
 __all__ = ["built", "Capabilities", "capabilities", "problem", "plan", "plan_status", "engine",
-           "statuses", "conv_stats", "bn_relu_conv", "fused_backward", "CudnnGraphConv"]
+           "statuses", "conv_stats", "bn_relu_conv", "bn_act_with_stats", "fused_backward",
+           "CudnnGraphConv"]
 
 _OP = "cudnn_graph_conv_stats"
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -598,19 +599,101 @@ bn_relu_conv.register_autograd(_site_backward, setup_context=_site_setup)
 
 
 # --------------------------------------------------------------------------------------
+# A plain conv -> BN (-> add) (-> ReLU) site: the BN with the statistics F0 computed
+# --------------------------------------------------------------------------------------
+
+
+class _BatchNormActWithStats(torch.autograd.Function):
+    """``[relu](bn(x) [+ residual | + bn2(x2)])`` in training, normalised with the given
+    batch statistics (``mean``/``var``, and ``mean2``/``var2`` of ``x2``): the fused op's
+    apply and its training backward
+    (``batch_norm_act_backward``, whose ``dx`` holds the statistics' gradient: they enter
+    here as constants) on ``backend``'s primitives."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, residual, x2, weight2, bias2, mean2, var2,
+                eps, relu, backend):
+        prims = ops.primitives(backend)
+        x3, r3, x23 = ops.ncs(x), ops.ncs(residual), ops.ncs(x2)
+        cl = ops.is_channels_last(x3)
+        _, scale, shift = ops.centred_scale_shift(weight, bias, mean, var, eps)
+        scale2 = shift2 = None
+        if x2 is not None:
+            _, scale2, shift2 = ops.centred_scale_shift(weight2, bias2, mean2, var2, eps)
+        save_mask = relu and (residual is not None or x2 is not None)
+        out, mask = prims.apply(x3, mean, scale, shift, r3, x23, mean2, scale2, shift2, relu,
+                                save_mask, cl)
+        ctx.save_for_backward(x3, weight, bias, mean, var, mask if mask.numel() else None,
+                              x23, weight2, bias2, mean2, var2)
+        ctx.options = (eps, relu, residual is not None, cl, backend)
+        ctx.shape = x.shape
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x3, weight, bias, mean, var, mask, x23, weight2, bias2, mean2, var2 = ctx.saved_tensors
+        eps, relu, has_residual, cl, backend = ctx.options
+        ng = ctx.needs_input_grad
+        needs = [ng[0], ng[1] or ng[2], ng[5], ng[6], ng[7] or ng[8]]
+        if dout is None or not any(needs):
+            return (None,) * 14
+        dout = ops.ncs(dout.contiguous(memory_format=torch.channels_last if cl else
+                                       torch.contiguous_format))
+        grads = torch.ops.fusedres.batch_norm_act_backward(
+            dout, x3, weight, bias, mean, var, mask, x23, weight2, bias2, mean2, var2, True,
+            eps, relu, has_residual, cl, backend, needs)
+        dx, dweight, dbias, dres, dx2, dweight2, dbias2 = grads
+        shape = ctx.shape  # the gradients of 4-D inputs from their (N, C, S) views
+        keep = lambda t, need: t if need else None  # noqa: E731
+        dense = lambda t, need: t.view(shape) if need else None  # noqa: E731
+        return (dense(dx, ng[0]), keep(dweight, ng[1]), keep(dbias, ng[2]), None, None,
+                dense(dres, ng[5]), dense(dx2, ng[6]), keep(dweight2, ng[7]),
+                keep(dbias2, ng[8]), None, None, None, None, None)
+
+
+def bn_act_with_stats(y: Tensor, weight, bias, stats, *, relu: bool, residual=None,
+                      shortcut: Optional[Tensor] = None, shortcut_weight=None,
+                      shortcut_bias=None, shortcut_stats=None, eps: float,
+                      backend: str):
+    """``[relu](bn(y) [+ residual | + bn2(shortcut)])`` in training with the batch
+    statistics ``stats`` / ``shortcut_stats`` (``(mean, biased var)`` from a conv's
+    epilogue, or None: computed by the BN kernels); returns ``(out, (mean, var),
+    (mean2, var2) or None)``, the statistics used (for the running ones). ``backend``: one
+    of ``ops.PRIMITIVE_BACKENDS``."""
+    prims = ops.primitives(backend)
+
+    def constants(s, t):  # the BN backward holds their gradient; None: today's pass
+        if s is None:
+            x3 = ops.ncs(t)
+            return prims.stats(x3, ops.is_channels_last(x3))
+        return s[0].detach(), s[1].detach()
+
+    stats = constants(stats, y)
+    shortcut_stats = (None, None) if shortcut is None else constants(shortcut_stats, shortcut)
+    out = _BatchNormActWithStats.apply(y, weight, bias, *stats, residual, shortcut,
+                                       shortcut_weight, shortcut_bias, *shortcut_stats, eps,
+                                       relu, backend)
+    return out, stats, (None if shortcut is None else shortcut_stats)
+
+
+# --------------------------------------------------------------------------------------
 # The conv path
 # --------------------------------------------------------------------------------------
 
 
 class CudnnGraphConv(conv_paths.ConvPath):
     """``SitePlan(conv="cudnn-graph")``: F0 for a conv whose BN feeds a BN-ReLU -> conv
-    site (the statistics from the conv's epilogue), F1 for that site's conv (the BN-ReLU
-    in its prologue, its own output's statistics carried to the next such site), and the
-    site's backward through DgradDreluDBN and ConvBNwgrad where cuDNN plans them."""
+    site or ends a plain conv -> BN (-> add) (-> ReLU) site, the stem and a downsample's
+    shortcut included (the statistics from the conv's epilogue; a plain site's BN takes
+    them in ``bn_act_with_stats``), F1 for a BN-ReLU -> conv site's conv (the BN-ReLU in
+    its prologue, its own output's statistics carried to the next site), and that site's
+    backward through DgradDreluDBN and ConvBNwgrad where cuDNN plans them."""
 
     name = "cudnn-graph"
     prologue_name = "cudnn-graph-prologue"
     kernel_name = "cudnn-graph"
+    plain_site_stats = True  # conv -> BN (-> ReLU) sites too: F0, the BN with its sums
+    stats_name = "cudnn-graph-stats"
 
     def _problem(self, conv, x, prologue):
         weight = conv.weight

@@ -66,8 +66,8 @@ from torch import Tensor, nn
 
 from . import _timm
 from . import conv as fconv
-from ._backend import check_site_backend
-from . import conv_paths, functional, ops
+from ._backend import check_site_backend, resolve_backend
+from . import conv_paths, cudnn_graph, functional, ops
 from .reference import acc_dtype
 
 __all__ = ["BatchNorm2d", "BatchNormReLU2d", "BatchNormAddReLU2d", "DualBatchNormAddReLU2d",
@@ -187,6 +187,16 @@ def _torch_bn(bn: nn.BatchNorm2d, y: Tensor) -> Tensor:
     return nn.BatchNorm2d.forward(bn, y)
 
 
+def _dual_ok(bn, y, shortcut_bn, shortcut) -> bool:
+    """Do the dual BN-add-ReLU kernels cover ``relu(bn(y) + shortcut_bn(shortcut))``?"""
+    return (_runtime_ok(bn, y) and _runtime_ok(shortcut_bn, shortcut)
+            and shortcut.shape == y.shape and shortcut.dtype == y.dtype
+            and bn.momentum is not None and shortcut_bn.momentum == bn.momentum
+            and shortcut_bn.eps == bn.eps and shortcut_bn.training == bn.training
+            and shortcut_bn.track_running_stats == bn.track_running_stats
+            and (shortcut_bn.running_mean is None) == (bn.running_mean is None))
+
+
 def bn_act(bn: nn.BatchNorm2d, y: Tensor, *, relu: bool = False,
            residual: Optional[Tensor] = None, shortcut_bn: Optional[nn.BatchNorm2d] = None,
            shortcut: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
@@ -196,13 +206,8 @@ def bn_act(bn: nn.BatchNorm2d, y: Tensor, *, relu: bool = False,
     Anything the fused functions do not cover is computed by torch itself.
     """
     if shortcut_bn is not None:
-        dual_ok = (_runtime_ok(bn, y) and _runtime_ok(shortcut_bn, shortcut)
-                   and shortcut.shape == y.shape and shortcut.dtype == y.dtype
-                   and bn.momentum is not None and shortcut_bn.momentum == bn.momentum
-                   and shortcut_bn.eps == bn.eps and shortcut_bn.training == bn.training
-                   and shortcut_bn.track_running_stats == bn.track_running_stats
-                   and (shortcut_bn.running_mean is None) == (bn.running_mean is None))
-        if not dual_ok:  # the shortcut BN on its own, then the one-BN tail
+        if not _dual_ok(bn, y, shortcut_bn, shortcut):
+            # the shortcut BN on its own, then the one-BN tail
             residual = bn_act(shortcut_bn, shortcut, backend=backend)
         else:
             rm, rv, training, momentum, nbt = _bn_state(bn)
@@ -569,6 +574,70 @@ def _bn_relu_conv_recomputed(bn, conv, y, backend):
     return checkpoint(fn, y, use_reentrant=False, preserve_rng_state=False)
 
 
+# Plain conv -> BN (-> add) (-> ReLU) sites of a path with ``plain_site_stats`` (cuDNN's
+# F0 graph) in training: each conv computes its output's batch statistics in its epilogue
+# and the site's BN normalises with them (no statistics pass); the apply and the backward
+# are the BN kernels' (``cudnn_graph.bn_act_with_stats``). A conv the path refuses runs
+# F.conv2d, its BN computing its statistics as today.
+
+
+def _conv_with_stats(path, conv, bn, x):
+    """``(conv(x), (mean, var) or None)``: the statistics from ``path``'s epilogue where it
+    computes them; without a conv, ``x``'s carried ones (an F1 conv's output)."""
+    if conv is None:
+        return x, _carried_stats(x)
+    if path.stats_problem(conv, x) is None:
+        y, mean, var = path.conv_stats(conv, x)
+        return y, (mean, var)
+    return conv2d(conv, x), None
+
+
+def _given_stats_backend(bn, y, residual, shortcut_bn, s, backend) -> Optional[str]:
+    """The BN primitives' backend that normalises this site with given statistics, or
+    None when the site must run ``bn_act`` (what it does not cover: torch's fallbacks,
+    a synchronised shortcut BN, forward AD/functorch, an empty or one-value batch)."""
+    if shortcut_bn is not None:
+        if not _dual_ok(bn, y, shortcut_bn, s) or process_group_of(shortcut_bn) is not None:
+            return None
+    elif not _runtime_ok(bn, y):
+        return None
+    if residual is not None and not (isinstance(residual, Tensor) and residual.shape == y.shape
+                                     and residual.dtype == y.dtype
+                                     and residual.device == y.device):
+        return None
+    if y.numel() <= y.shape[1] or functional._differentiating_transform():
+        return None
+    name = resolve_backend(y.device, backend)
+    return name if name in ops.PRIMITIVE_BACKENDS else "reference_primitives"
+
+
+def _plain_site_with_stats(x, conv, bn, relu, residual, shortcut_x, shortcut_conv,
+                           shortcut_bn, backend, path):
+    y, stats = _conv_with_stats(path, conv, bn, x)
+    s = s_stats = None
+    if shortcut_bn is not None:
+        s, s_stats = _conv_with_stats(path, shortcut_conv, shortcut_bn, shortcut_x)
+    prims = None
+    if stats is not None or s_stats is not None:
+        prims = _given_stats_backend(bn, y, residual, shortcut_bn, s, backend)
+    if prims is None:  # today's BN (its own statistics pass)
+        return bn_act(bn, y, relu=relu, residual=residual, shortcut_bn=shortcut_bn,
+                      shortcut=s, backend=backend)
+    rm, rv, _, momentum, nbt = _bn_state(bn)
+    count = y.numel() // y.shape[1]
+    out, stats, s_stats = cudnn_graph.bn_act_with_stats(
+        y, bn.weight, bn.bias, stats, relu=relu, residual=residual, shortcut=s,
+        shortcut_weight=None if s is None else shortcut_bn.weight,
+        shortcut_bias=None if s is None else shortcut_bn.bias, shortcut_stats=s_stats,
+        eps=bn.eps, backend=prims)
+    ops.update_from_batch(rm, rv, *stats, count, momentum, nbt)
+    if s is not None:
+        rm2, rv2, _, momentum2, nbt2 = _bn_state(shortcut_bn)
+        ops.update_from_batch(rm2, rv2, *s_stats, count, momentum2, nbt2)
+    _last.backend = path.stats_name
+    return out
+
+
 def _torch_site(x, conv, bn, relu, residual, shortcut_x, shortcut_conv, shortcut_bn,
                 next_conv, next_bn, next_relu):
     """A site as the original modules compute it (``SitePlan(backend="torch")``)."""
@@ -641,6 +710,9 @@ def conv_bn_act(x: Tensor, conv: Optional[nn.Conv2d], bn: nn.BatchNorm2d, *,
             y = conv2d(conv, x)
         return bn_relu_conv2d(bn, next_conv, y, stats=stats, memory_saving=memory_saving,
                               backend=backend, conv_backend=path.name)
+    if path.plain_site_stats and _batch_stats(bn) and process_group_of(bn) is None:
+        return _plain_site_with_stats(x, conv, bn, relu, residual, shortcut_x, shortcut_conv,
+                                      shortcut_bn, backend, path)
     y = conv2d(conv, x) if conv is not None else x
     s = None
     if shortcut_bn is not None:

@@ -99,7 +99,7 @@ __all__ = ["tune", "select", "too_noisy", "measure", "plan_of", "TuneReport", "d
 # Simpler first: a tie within the margin goes to the lower rank.
 RANK = {"torch": 0, "reference": 1, "cpu": 2, "cuda": 2, "triton": 3, "cudnn-eval": 3,
         "triton-conv": 4, "cudnn-graph": 5}
-# Candidates that only change a BN-ReLU -> conv site (a conv path with a prologue).
+# Candidates that change only the sites their conv path fuses (``_changes_site``).
 _CONV_CANDIDATES = ("triton-conv", "cudnn-graph")
 # Relative L2 error allowed against the torch candidate, by the site's compute dtype. Two
 # correct float32 implementations differ by ~1e-3 in a BN input gradient at ResNet-50
@@ -565,6 +565,18 @@ def _candidates(device: torch.device, only) -> list:
     return names
 
 
+def _changes_site(name: str, site: _Site, train: bool) -> bool:
+    """Does conv-path candidate ``name`` change how ``site`` runs? Each changes a BN-ReLU
+    -> conv site; a path that computes a plain site's conv statistics in its epilogue
+    (cudnn-graph's F0) also a conv -> BN (-> add) (-> ReLU) site in training."""
+    k = site.kwargs
+    if k.get("next_conv") is not None:
+        return True
+    path = fnn.conv_paths.path_named(plan_of(name).conv)
+    return (train and path is not None and path.plain_site_stats
+            and (site.conv is not None or k.get("shortcut_conv") is not None))
+
+
 def _tune_site(site: _Site, train: bool, candidates: list, timer, margin: float) -> dict:
     runner = _Runner(site, train)
     tol = _tolerance(site)
@@ -583,8 +595,8 @@ def _tune_site(site: _Site, train: bool, candidates: list, timer, margin: float)
             exact_results.extend(_float64_results(site, train))
         return exact_results
     for name in candidates:
-        if name == "torch" or (name in _CONV_CANDIDATES and site.kwargs.get("next_conv") is None):
-            continue  # a fused conv path only changes a BN-ReLU -> conv site
+        if name == "torch" or (name in _CONV_CANDIDATES and not _changes_site(name, site, train)):
+            continue  # the site runs as the cudnn candidate
         if name == "cudnn-eval" and train:
             continue  # it changes only the eval fold; in training it is "cudnn"
         try:

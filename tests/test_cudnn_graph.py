@@ -152,10 +152,10 @@ def _close(a, b, what):
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"{what}: {m}")
 
 
-def _train_steps(ref, fused, steps=2):
+def _train_steps(ref, fused, steps=2, shape=(2, 8, 8, 8)):
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        x = torch.randn(2, 8, 8, 8, generator=g, dtype=torch.float64)
+        x = torch.randn(shape, generator=g, dtype=torch.float64)
         xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
         out_r, out_f = ref(xr), fused(xf)
         _close(out_f, out_r, "output")
@@ -184,12 +184,13 @@ def test_graph_sites_match_torch(graph_calls, momentum):
     assert rows["bn1"]["conv"] == "cudnn-graph stats+prologue", rows["bn1"]
     assert rows["bn2"]["conv"] == "cudnn-graph prologue", rows["bn2"]
     _train_steps(ref, fused)
-    assert fnn.last_backend() != "cudnn-graph-prologue"  # the tail ran last
+    assert fnn.last_backend() == "cudnn-graph-stats"  # the tail ran last
     # per step: conv1 F0 (bn1's statistics), conv2 F1 (its statistics carried to bn2),
-    # conv3 F1; backward: the bn2-relu-conv3 site, then the bn1-relu-conv2 site, each
+    # conv3 F1 (its statistics carried to bn3), the shortcut conv F0 (the tail's second
+    # BN); backward: the bn2-relu-conv3 site, then the bn1-relu-conv2 site, each
     # DgradDreluDBN (dx, dgamma, dbeta of the BN) and ConvBNwgrad (dw)
     backward = ["DgradDreluDBN", "ConvBNwgrad"] * 2
-    assert graph_calls == (["F0", "F1", "F1"] + backward) * 2
+    assert graph_calls == (["F0", "F1", "F1", "F0"] + backward) * 2
     rows = {r["site"]: r for r in fusedres.explain(fused)}
     assert "F1 on fake-engine; backward: DgradDreluDBN on fake-engine; ConvBNwgrad on " \
         "fake-engine; dBNApply: the fusedres BN kernel" in rows["bn1"]["reason"]
@@ -212,7 +213,7 @@ def test_refused_backward_graph_falls_back(monkeypatch, refuse):
     _set_graph_plans(fused)
     _train_steps(ref, fused)
     backward = [k for k in ("DgradDreluDBN", "ConvBNwgrad") if k not in refuse] * 2
-    assert calls == (["F0", "F1", "F1"] + backward) * 2
+    assert calls == (["F0", "F1", "F1", "F0"] + backward) * 2
     note = {r["site"]: r for r in fusedres.explain(fused)}["bn1"]["reason"]
     for kind in refuse:
         assert f"{kind} refused at input" in note and "check_support: faked" in note, note
@@ -253,7 +254,7 @@ def test_fused_backward_switch(graph_calls, monkeypatch):
     fused = fusedres.convert(ref, backend="reference")
     _set_graph_plans(fused)
     _train_steps(ref, fused, steps=1)
-    assert graph_calls == ["F0", "F1", "F1"]
+    assert graph_calls == ["F0", "F1", "F1", "F0"]
     assert "fused_backward is False" in {r["site"]: r for r in fusedres.explain(fused)}[
         "bn1"]["reason"]
 
