@@ -58,6 +58,7 @@ from torch import Tensor
 from . import _backend  # noqa: F401  (loads fusedres._C, which defines the graph ops if built)
 from . import conv as fconv
 from . import conv_paths, ops
+from . import reference
 from .reference import acc_dtype, bn_relu_prologue
 
 __all__ = ["built", "Capabilities", "capabilities", "problem", "plan", "plan_status", "engine",
@@ -269,13 +270,19 @@ def _run_planned(kind, x, weight, stride, padding, run, *args):
     try:
         return run(*args)
     except RuntimeError as exc:
-        if torch.compiler.is_compiling():
-            raise
-        first_line = (str(exc).strip() or repr(exc)).splitlines()[0]
-        with _LOCK:
-            _STATUS[_key(kind, x, weight, fconv._pair(stride), fconv._pair(padding))] = \
-                f"execute failed: {first_line}"
+        _remember_failure(kind, x, weight, stride, padding, exc)
         return None
+
+
+def _remember_failure(kind, x, weight, stride, padding, exc: RuntimeError) -> None:
+    """Graph ``kind`` planned for this conv failed to execute: refused from now on (with
+    cuDNN's error, for explain and doctor). Re-raised while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        raise exc
+    first_line = (str(exc).strip() or repr(exc)).splitlines()[0]
+    with _LOCK:
+        _STATUS[_key(_kind(kind), x, weight, fconv._pair(stride), fconv._pair(padding))] = \
+            f"execute failed: {first_line}"
 
 
 def engine(x: Tensor, weight: Tensor, kind, stride, padding) -> Optional[str]:
@@ -474,8 +481,19 @@ def conv_stats(x: Tensor, weight: Tensor, stride, padding, scale: Optional[Tenso
     if scale is not None:
         acc = acc_dtype(x.dtype)  # float32 for the graphs (float64 for the CPU tests)
         scale, shift = scale.to(acc).contiguous(), shift.to(acc).contiguous()
-    x, weight = pad_input_channels(x, weight, input_channel_padding(x.shape[1], scale is not None))
-    y, s1, s2 = _run_graph(x, weight, scale, shift, st, pd)
+    kind = "F0" if scale is None else "F1"
+    xp, wp = pad_input_channels(x, weight, input_channel_padding(x.shape[1], scale is not None))
+    out = None
+    # (failed before: this call is the fallback of the site op whose F1 just failed)
+    if not _STATUS.get(_key(kind, x, weight, st, pd), "").startswith("execute failed"):
+        try:
+            out = _run_graph(xp, wp, scale, shift, st, pd)
+        except RuntimeError as exc:
+            _remember_failure(kind, x, weight, st, pd, exc)
+    if out is None:  # failed to execute (remembered): the same sums from F.conv2d
+        out = (reference.graph_f0(x, weight, st, pd) if scale is None
+               else reference.graph_f1(x, scale, shift, weight, st, pd))
+    y, s1, s2 = out
     return (y, *_sums_to_stats(y, s1, s2))
 
 
@@ -735,13 +753,17 @@ class CudnnGraphConv(conv_paths.ConvPath):
     def bn_prologue_conv(self, conv, y, bn, mean, var, batch_stats):
         if not fused_backward:
             return super().bn_prologue_conv(conv, y, bn, mean, var, batch_stats)
-        y, weight, _ = fconv.autocast_inputs(y, conv.weight, None)
+        cast, weight, _ = fconv.autocast_inputs(y, conv.weight, None)
         # constants here: the site's backward includes the batch statistics' gradient
-        mean = mean.detach().contiguous()
         invstd = torch.rsqrt(var.detach() + bn.eps).contiguous()
-        out, s1, s2 = bn_relu_conv(y, weight, bn.weight, bn.bias, mean, invstd, batch_stats,
-                                   list(fconv._pair(conv.stride)),
-                                   list(fconv._pair(conv.padding)))
+        try:
+            out, s1, s2 = bn_relu_conv(cast, weight, bn.weight, bn.bias,
+                                       mean.detach().contiguous(), invstd, batch_stats,
+                                       list(fconv._pair(conv.stride)),
+                                       list(fconv._pair(conv.padding)))
+        except RuntimeError as exc:  # F1 failed to execute: remembered, today's path
+            _remember_failure("F1", cast, weight, conv.stride, conv.padding, exc)
+            return super().bn_prologue_conv(conv, y, bn, mean, var, batch_stats)
         return out, _sums_to_stats(out, s1, s2)
 
 

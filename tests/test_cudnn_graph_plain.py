@@ -215,3 +215,29 @@ def test_bn_act_with_stats_against_torch(backend, form, layout):
     got = torch.autograd.grad(out, inputs, dout)
     for i, (a, e) in enumerate(zip(got, torch.autograd.grad(want, inputs, dout))):
         torch.testing.assert_close(a, e, **tol, msg=lambda m: f"gradient {i}: {m}")
+
+
+@pytest.mark.parametrize("failing", ["F0", "F1"])
+def test_forward_graph_that_fails_to_execute_falls_back(monkeypatch, failing):
+    """A planned forward graph whose execution raises (faked, every call of that kind):
+    the training step gives torch's results all the same -- no exception --, the kind is
+    remembered as failed (tried once per conv signature, then refused) and named."""
+    seen = _record_graphs(monkeypatch)
+    tried = []
+
+    def run(x, w, scale, shift, stride, padding):
+        kind = "F1" if scale is not None else "F0"
+        if kind == failing:
+            tried.append((kind, tuple(w.shape), tuple(x.shape)))
+            raise RuntimeError(f"cudnn_graph_conv_stats: execute failed: faked {kind}")
+        seen.append((kind, x.shape[1], tuple(w.shape)))
+        return _ReferenceGraph.apply(x, w, scale, shift, stride, padding)
+
+    monkeypatch.setattr(cudnn_graph, "_run_graph", run)
+    ref, fused = _resnet("resnet18")
+    _train_step(ref, fused)
+    assert tried and len(tried) == len(set(tried))  # once per signature, then refused
+    assert all(kind != failing for kind, _, _ in seen)
+    failed = [s for s in cudnn_graph.statuses() if s["kind"] == failing]
+    assert failed and all(s["status"].startswith("execute failed: cudnn_graph_conv_stats")
+                          for s in failed), failed
