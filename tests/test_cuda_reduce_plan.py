@@ -5,7 +5,6 @@ through the host emulation of tests/cuda_emu) must split every ResNet-50 BN shap
 equal counts that the merge kernel's closed form can weigh; the emulated kernels must match
 float64 at shapes that cross each of the planner's thresholds."""
 import importlib.util
-import math
 import os
 import shutil
 import sys
@@ -20,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SMS = 132
 MIN_BLOCKS = 2 * SMS
-K_ROWS, K_MAX_PARTS, K_THREADS = 4, 512, 256  # bn_kernels.cu: kRows, kMaxParts, kThreads
+K_ROWS, K_MAX_PARTS, K_THREADS = 4, 1024, 256  # bn_kernels.cu: kRows, kMaxParts, kThreads
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +113,9 @@ def test_static_replica_matches_planner(emu):
 # one partition shorter than a block step; several partitions, the last one short;
 # several steps per partition with a partial last one (fp32 statistics and every
 # backward take >= 2 steps); TX = 1 (bf16, C = 8: 256 row lanes); the scalar inner path
-# (C % 8 != 0 in bf16); channel-outer vector units and scalar tiles over 2 partitions;
-# P = kMaxParts with a short last partition (slow: 512 emulated blocks).
+# (C % 8 != 0 in bf16); channel-outer vector units and scalar tiles over 2 partitions.
+# And P = kMaxParts with a short last partition (bf16 statistics only: 1024 emulated
+# blocks, slow).
 THRESHOLD_CASES = [
     ("cl", (1, 64, 20)),
     ("cl", (2, 256, 33)),
@@ -124,17 +124,12 @@ THRESHOLD_CASES = [
     ("cl", (2, 12, 300)),
     ("nchw", (3, 2, 4096)),
     ("nchw", (5, 2, 3001)),
-    pytest.param("cl", (1, 256, 16379), marks=pytest.mark.slow),
 ]
-
-
-def _case(i):
-    c = THRESHOLD_CASES[i]
-    return tuple(c.values) if hasattr(c, "values") else c
+MAX_PARTS_CASE = ("cl", (1, 256, 32763))
 
 
 def _plan_of(emu, i, dtype=torch.bfloat16, backward=False):
-    layout, shape = _case(i)
+    layout, shape = THRESHOLD_CASES[i] if i >= 0 else MAX_PARTS_CASE
     return emu.reduce_plan(shape, _strides(*shape, layout == "cl"), dtype, backward)
 
 
@@ -156,8 +151,8 @@ def test_threshold_cases_cross_the_thresholds(emu):
     assert not p["inner"] and p["vec"] and p["P"] == 2
     p = _plan_of(emu, 6)
     assert not p["inner"] and not p["vec"] and p["P"] == 2
-    p = _plan_of(emu, 7)
-    assert p["P"] == K_MAX_PARTS and 16379 % p["part_elems"] != 0
+    p = _plan_of(emu, -1)
+    assert p["P"] == K_MAX_PARTS and 32763 % p["part_elems"] != 0
 
 
 def _make(shape, layout, dtype, seed, mean=3.0, std=0.5):
@@ -169,15 +164,21 @@ def _make(shape, layout, dtype, seed, mean=3.0, std=0.5):
     return t
 
 
-@pytest.mark.parametrize("layout,shape", THRESHOLD_CASES)
+def _check_stats(emu, x, cl, tol=2e-6):
+    mean, var = emu.bn_stats(x, cl)
+    m64, v64 = ref.bn_stats(x.double())
+    torch.testing.assert_close(mean.double(), m64, rtol=tol, atol=tol * 3)
+    torch.testing.assert_close(var.double(), v64, rtol=1e-5, atol=1e-7)
+    return m64
+
+
+@pytest.mark.parametrize("layout,shape", THRESHOLD_CASES,
+                         ids=[f"{lay}-{n}x{c}x{s}" for lay, (n, c, s) in THRESHOLD_CASES])
 def test_emulated_reductions_match_float64(emu, layout, shape):
     cl = layout == "cl"
-    for dtype, tol in ((torch.bfloat16, 2e-6), (torch.float32, 2e-6)):
+    for dtype in (torch.bfloat16, torch.float32):
         x = _make(shape, layout, dtype, 1)
-        mean, var = emu.bn_stats(x, cl)
-        m64, v64 = ref.bn_stats(x.double())
-        torch.testing.assert_close(mean.double(), m64, rtol=tol, atol=tol * 3)
-        torch.testing.assert_close(var.double(), v64, rtol=1e-5, atol=1e-7)
+        m64 = _check_stats(emu, x, cl)
         dout = _make(shape, layout, dtype, 2, mean=0.0, std=1.0)
         c = shape[1]
         g = torch.Generator().manual_seed(3)
@@ -190,3 +191,9 @@ def test_emulated_reductions_match_float64(emu, layout, shape):
         scale_g = dout.double().abs().sum((0, 2)).clamp_min(1)
         assert ((sg.double() - sg64).abs() / scale_g).max() < 1e-5, (dtype, "sum g")
         assert ((sgx.double() - sgx64).abs() / (scale_g * 0.5)).max() < 1e-5, (dtype, "sum gx")
+
+
+@pytest.mark.slow
+def test_emulated_statistics_at_max_parts(emu):
+    layout, shape = MAX_PARTS_CASE
+    _check_stats(emu, _make(shape, layout, torch.bfloat16, 4), True)

@@ -57,8 +57,10 @@ constexpr int kRows = 4;                 // rows per thread and step, channel-in
 constexpr int64_t kTargetBlocks = 2048;  // reduction blocks aimed at (shape-only choice)
 constexpr int64_t kMinSteps = 4;         // least steps per thread before splitting further
 // Partitions per channel at most: the merge kernel's kMergeLanes lanes of a channel then
-// read <= 8 partials each, all issued before the first is used (see merge_partials_kernel).
-constexpr int64_t kMaxParts = 512;
+// read <= 16 partials each, all issued before the first is used (see merge_partials_kernel).
+// At C = 64 (one channel block) the grid is P blocks: 512 left a second, short wave of
+// 3-4 resident blocks per SM; 1024 makes the blocks shorter and the last wave smaller.
+constexpr int64_t kMaxParts = 1024;
 static_assert(kMaxParts <= 65535, "P is grid dimension y");
 constexpr int kMergeChannels = 8;   // channels per merge block: one 32-byte sector of floats
 constexpr int kMergeThreads = 512;  // merge block: kMergeChannels x kMergeLanes
@@ -1074,6 +1076,22 @@ __device__ __forceinline__ void unpack_raw(const RawRow<T, V>& r, acc_t<T>* v) {
   }
 }
 
+// Row 0 of the [rows][cols] arrays x and y (rows a power of two; y may be x) becomes the
+// column sums, by a pairwise tree in a fixed order: at level h, row r += row r + h for
+// r < h. Every thread of the (kThreads-thread) block takes part, consecutive threads on
+// consecutive columns (no bank conflicts); ends with a barrier.
+template <typename acc>
+__device__ __forceinline__ void sum_rows(acc* x, acc* y, int rows, int cols) {
+  const int t = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int h = rows / 2; h > 0; h >>= 1) {
+    for (int i = t; i < h * cols; i += kThreads) {
+      x[i] += x[i + h * cols];
+      if (y != x) y[i] += y[i + h * cols];
+    }
+    __syncthreads();
+  }
+}
+
 // Resident 256-thread blocks per SM asked of reduce_inner_kernel; 0 leaves the register
 // count to ptxas. Given only the block size, ptxas picks its own register target for
 // occupancy and accepted spills in two instantiations (sm_90, nvcc 13.0): the scalar
@@ -1081,9 +1099,12 @@ __device__ __forceinline__ void unpack_raw(const RawRow<T, V>& r, acc_t<T>* v) {
 // spilled inside the loop; 48 without) and the double statistics on 2-channel vectors
 // (64 registers, 4 blocks: blockDim.x spilled around the double division's call; 70
 // without). Asking for 5 and 3 blocks caps them at 51 and 85 registers: no spills.
+// With the shared-memory row sums (sum_rows) ptxas also spilled 8-32 bytes in three other
+// scalar (V = 1) instantiations at 40-48 registers; 4 blocks (64 registers) for every
+// other scalar one: no spills.
 template <typename T, int MODE, int V, int GATE>
 constexpr int min_blocks_inner() {
-  if (V == 1 && GATE == kMaskAnyGate) return 5;
+  if (V == 1) return GATE == kMaskAnyGate ? 5 : 4;
   if (sizeof(T) == 8 && MODE == kStats && V > 1) return 3;
   return 0;
 }
@@ -1205,41 +1226,44 @@ __global__ void __launch_bounds__(kThreads, min_blocks_inner<T, MODE, V, GATE>()
   }
 
   // The block's partial of each channel, in closed form (no per-pair Chan merges, no
-  // divisions but one): thread (tx, ty) stores its V states in row ty, columns
-  // [tx*V, tx*V + V) of shared memory (16-byte stores, conflict-free); thread u < TX*V
-  // then folds column u (channel blockIdx.x*TX*V + u) over the TY rows in a fixed order:
-  // statistics mean = sum(n_y*mean_y)/n, M2 = sum(M2_y + n_y*(mean_y - mean)^2) with n_y
-  // the count of row y (the same for every tx), backward the two sums.
+  // divisions but one): thread (tx, ty) stores V values in row ty, columns
+  // [tx*V, tx*V + V) of a [TY][TX*V] array in shared memory (16-byte stores,
+  // conflict-free), and the TY rows of every column are summed by a pairwise tree
+  // (sum_rows: every thread, log2(TY) levels; a sequential sum over up to 256 rows cost
+  // the backward sums 3.6x torch's error). Column u is channel blockIdx.x*TX*V + u.
+  // Statistics: mean = sum(n_y*mean_y)/n (n the partition's rows), then
+  // M2 = sum(M2_y + n_y*(mean_y - mean)^2), n_y a thread's count; backward: the two sums.
   __shared__ __align__(16) acc sh_a[kThreads * V];
   __shared__ __align__(16) acc sh_b[kThreads * V];
-  __shared__ int sh_n[kThreads];
   const int cols = TX * V, t = ty * TX + tx;
-  store_vec<acc, V>(sh_a + t * V, s0);
-  store_vec<acc, V>(sh_b + t * V, s1);
-  if (MODE == kStats && tx == 0) sh_n[ty] = cnt;  // tx == 0 is always active
-  __syncthreads();
+  if constexpr (MODE == kStats) {
+    const acc n_y = static_cast<acc>(cnt);
+    acc w[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) w[j] = n_y * s0[j];
+    store_vec<acc, V>(sh_a + t * V, w);
+    __syncthreads();
+    sum_rows(sh_a, sh_a, TY, cols);  // row 0: sum(n_y*mean_y) per column
+    const acc n = static_cast<acc>(min(a.per_part, M - rbeg));
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const acc d = s0[j] - sh_a[tx * V + j] / n;
+      w[j] = s1[j] + n_y * (d * d);
+    }
+    store_vec<acc, V>(sh_b + t * V, w);
+    __syncthreads();
+    sum_rows(sh_b, sh_b, TY, cols);
+    if (t < cols) sh_a[t] = sh_a[t] / n;
+  } else {
+    store_vec<acc, V>(sh_a + t * V, s0);
+    store_vec<acc, V>(sh_b + t * V, s1);
+    __syncthreads();
+    sum_rows(sh_a, sh_b, TY, cols);
+  }
   const int64_t c = static_cast<int64_t>(blockIdx.x) * cols + t;
   if (t < cols && c < C) {
-    acc ra = acc(0), rb = acc(0);
-    if constexpr (MODE == kStats) {
-      int64_t n = 0;
-      for (int y = 0; y < TY; ++y) {
-        n += sh_n[y];
-        ra = mad(static_cast<acc>(sh_n[y]), sh_a[y * cols + t], ra);
-      }
-      ra = ra / static_cast<acc>(n);  // n > 0: no partition is empty
-      for (int y = 0; y < TY; ++y) {
-        const acc d = sh_a[y * cols + t] - ra;
-        rb = rb + sh_b[y * cols + t] + static_cast<acc>(sh_n[y]) * (d * d);
-      }
-    } else {
-      for (int y = 0; y < TY; ++y) {
-        ra += sh_a[y * cols + t];
-        rb += sh_b[y * cols + t];
-      }
-    }
-    ws.a[p * C + c] = ra;
-    ws.b[p * C + c] = rb;
+    ws.a[p * C + c] = sh_a[t];
+    ws.b[p * C + c] = sh_b[t];
   }
 }
 
@@ -1303,9 +1327,20 @@ __global__ void __launch_bounds__(kThreads)
   update(running_var + c * var_stride, correction == acc(1) ? var[c] : mul_rn(var[c], correction));
 }
 
-// Per channel, the sum of one value over the kMergeLanes lanes of a merge block, in a fixed
-// order (every thread gets it): lanes 4w..4w+3 of a channel sit in warp w (lane
-// ch + 8k), folded by two shuffles, then the warps' sums in order through shared memory.
+// v[0] + ... + v[K-1] by a pairwise tree (K a power of two, unrolled: registers only).
+template <int K, typename acc>
+__device__ __forceinline__ acc tree_sum(acc (&v)[K]) {
+#pragma unroll
+  for (int h = K / 2; h > 0; h /= 2) {
+#pragma unroll
+    for (int k = 0; k < h; ++k) v[k] += v[k + h];
+  }
+  return v[0];
+}
+
+// Per channel, the sum of one value over the kMergeLanes lanes of a merge block, by a
+// pairwise tree in a fixed order (every thread gets it): lanes 4w..4w+3 of a channel sit
+// in warp w (lane ch + 8k), folded by two shuffles, then the warps' sums as a tree.
 template <typename acc>
 __device__ __forceinline__ acc merge_lanes_sum(acc v) {
   constexpr int kWarps = kMergeThreads / 32;
@@ -1316,14 +1351,14 @@ __device__ __forceinline__ acc merge_lanes_sum(acc v) {
   __syncthreads();  // the previous call's readers are done with part
   if (lane < kMergeChannels) part[warp][lane] = v;
   __syncthreads();
-  acc total = acc(0);
+  acc w[kWarps];
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) total += part[w][ch];
-  return total;
+  for (int k = 0; k < kWarps; ++k) w[k] = part[k][ch];
+  return tree_sum(w);
 }
 
 // Merges the [P, C] partials: block b takes channels [8b, 8b + 8), thread (ch, lane) =
-// (t % 8, t / 8) partials p = lane, lane + 64, ... (<= 8 each: P <= kMaxParts), loaded
+// (t % 8, t / 8) partials p = lane, lane + 64, ... (<= 16 each: P <= kMaxParts), loaded
 // before any is used; a warp reads 4 partial rows of 8 channels, one 32-byte sector each.
 // Statistics, the closed form of Chan's merge in two passes over the (L2-resident)
 // partials: mean = sum(n_p*mean_p)/M, then M2 = sum(M2_p + n_p*(mean_p - mean)^2), n_p
@@ -1336,6 +1371,7 @@ __global__ void __launch_bounds__(kMergeThreads)
                           int64_t M, acc* __restrict__ out_a, acc* __restrict__ out_b,
                           const Epilogue<acc, MODE> ep) {
   constexpr int kPer = static_cast<int>(kMaxParts / kMergeLanes);
+  static_assert((kPer & (kPer - 1)) == 0, "tree_sum takes a power of two");
   const int ch = threadIdx.x % kMergeChannels, lane = threadIdx.x / kMergeChannels;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kMergeChannels + ch;
   const bool ok = c < C;  // no early return: every thread takes part in the block sums
@@ -1348,30 +1384,24 @@ __global__ void __launch_bounds__(kMergeThreads)
     vb[k] = in ? ws.b[p * C + c] : acc(0);
     w[k] = in ? static_cast<acc>(min(part_elems, M - p * part_elems)) : acc(0);
   }
-  acc sa = acc(0), sb = acc(0);
   if constexpr (MODE == kStats) {
+    acc t[kPer];
 #pragma unroll
-    for (int k = 0; k < kPer; ++k) sa = mad(w[k], va[k], sa);
-    const acc mean = merge_lanes_sum(sa) / static_cast<acc>(M);
+    for (int k = 0; k < kPer; ++k) t[k] = w[k] * va[k];
+    const acc mean = merge_lanes_sum(tree_sum(t)) / static_cast<acc>(M);
 #pragma unroll
     for (int k = 0; k < kPer; ++k) {
       const acc d = va[k] - mean;
-      if (w[k] > acc(0)) sb = sb + vb[k] + w[k] * (d * d);
+      t[k] = w[k] > acc(0) ? vb[k] + w[k] * (d * d) : acc(0);
     }
-    const acc var = merge_lanes_sum(sb) / static_cast<acc>(M);
+    const acc var = merge_lanes_sum(tree_sum(t)) / static_cast<acc>(M);
     if (ok && lane == 0) {
       out_a[c] = out_a[c] + mean;  // out_a holds the pivot (the reduction wrote it)
       out_b[c] = var;
       if (ep.scale) finalize_channel(ep, c, var);
     }
   } else {
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      sa += va[k];
-      sb += vb[k];
-    }
-    sa = merge_lanes_sum(sa);
-    sb = merge_lanes_sum(sb);
+    const acc sa = merge_lanes_sum(tree_sum(va)), sb = merge_lanes_sum(tree_sum(vb));
     if (ok && lane == 0) {
       out_a[c] = sa;
       out_b[c] = sb;
