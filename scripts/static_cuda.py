@@ -271,7 +271,7 @@ def bytes_before_first_use(instrs, path):
         operands = [o.strip() for o in body.split(",")]
         if op and op[0] == "LDG":
             srcs = " ".join(operands[1:])
-            if loaded & set(re.findall(r"R\d+", srcs)):
+            if loaded & set(re.findall(r"\bR\d+\b", srcs)):  # not the R12 of UR12
                 break
             loaded |= regs_of(operands[0], op[1])
             total += op[1]
@@ -279,7 +279,7 @@ def bytes_before_first_use(instrs, path):
         srcs = " ".join(operands[1:]) if operands else ""
         if opcode(ins).startswith("ST"):
             srcs = " ".join(operands)
-        if loaded & set(re.findall(r"R\d+\b", srcs)):
+        if loaded & set(re.findall(r"\bR\d+\b", srcs)):
             break
     return total
 
@@ -385,6 +385,7 @@ def reduce_inner_in_flight(row, n, c, s, elem_bytes, min_steps=None):
     src = open(os.path.join(ROOT, "csrc", "cuda", "bn_kernels.cu")).read()
     get = lambda name: int(re.search(rf"constexpr int(?:64_t)? {name} = (\d+);", src).group(1))  # noqa
     threads, krows, target = get("kThreads"), get("kRows"), get("kTargetBlocks")
+    max_parts = get("kMaxParts")
     if min_steps is None:  # min_steps_inner(MODE, sizeof(T)), read from its source
         rule = re.search(r"return mode == kStats && elem_bytes < (\d+) \? (\d+) : "
                          r"kMinStepsInner;", src)
@@ -400,8 +401,10 @@ def reduce_inner_in_flight(row, n, c, s, elem_bytes, min_steps=None):
     ty = threads // tx
     gx = math.ceil(groups / tx)
     m = n * s
-    p = max(1, min(math.ceil(target / gx), math.ceil(m / (ty * krows * min_steps))))
-    per_part = math.ceil(m / p)
+    step = ty * krows  # rows of one block step; partitions are whole steps (plan_reduce)
+    steps = math.ceil(m / step)
+    p = max(1, min(math.ceil(target / gx), math.ceil(steps / min_steps), max_parts))
+    per_part = math.ceil(steps / p) * step
     p = math.ceil(m / per_part)
     blocks = gx * p
     by_regs = THREADS_PER_SM

@@ -88,3 +88,14 @@ def test_ptxas_spills_are_read():
             "ptxas info    : Used 40 registers, used 1 barriers, 2048 bytes smem\n")
     info = static_cuda.parse_ptxas(text)["_Z1kv"]
     assert info["spill_bytes"] == 44 and info["registers"] == 40 and info["smem_bytes"] == 2048
+
+
+def test_uniform_registers_are_not_uses():
+    # Issue 22: the R12 inside a load's UR12 descriptor is not a use of R12 (that misreading
+    # cut reduce_inner's 8 loads in flight to 2 in the table).
+    instrs = [(0, "LDG.E.128.CONSTANT R12, desc[UR4][R2.64] ;"),
+              (16, "LDG.E.128.CONSTANT R16, desc[UR12][R4.64] ;"),
+              (32, "FADD R20, R12, R16 ;")]
+    assert static_cuda.bytes_before_first_use(instrs, [0, 1, 2]) == 32
+    instrs[1] = (16, "LDG.E.128.CONSTANT R16, desc[UR4][R12.64] ;")  # a real use
+    assert static_cuda.bytes_before_first_use(instrs, [0, 1, 2]) == 16

@@ -553,21 +553,42 @@ inline void finish_stats(int64_t m, acc_t pivot, double s1, double s2, acc_t* me
   *var = static_cast<acc_t>(v < 0 ? 0.0 : v);  // rounding below 0; NaN stays NaN
 }
 
+// v[0] + ... + v[NR-1] by a pairwise tree (depth log2 NR instead of a chain of NR - 1
+// dependent additions).
+template <int NR, typename V>
+inline V pairwise_sum(V (&v)[NR]) {
+#pragma GCC unroll 8
+  for (int h = 1; h < NR; h *= 2) {
+#pragma GCC unroll 16
+    for (int u = 0; u + h < NR; u += 2 * h) v[u] = v[u] + v[u + h];
+  }
+  return v[0];
+}
+
 // The NR (>= 1) values of a block per lane, xs[0..NR), folded into the double sums
 // s1 += sum(x - k), s2 += sum((x - k)^2) of lanes [0, cnt): see "block sums".
 template <int NR, typename acc_t, typename Count>
 inline void fold_block(const Vectorized<acc_t> (&xs)[NR], const Vectorized<acc_t>& k,
                        double* s1, double* s2, Count cnt) {
   using V = Vectorized<acc_t>;
-  V sum = xs[0];
-  for (int u = 1; u < NR; ++u) sum = sum + xs[u];
-  const V bm = sum * V(acc_t(1) / acc_t(NR));
-  V t1(acc_t(0)), t2(acc_t(0));
+  // Short dependency chains (a tree, 4 accumulators): a block is ~150 instructions per
+  // channel vector, so the out-of-order window holds about two, and chains of 16
+  // dependent additions and multiply-adds set the pace (8x512x7x7 statistics, AVX-512,
+  // 1 thread: 18.4 us with the chains, 15.7-17.2 us without).
+  V d[NR];
+#pragma GCC unroll 16
+  for (int u = 0; u < NR; ++u) d[u] = xs[u];
+  const V bm = pairwise_sum(d) * V(acc_t(1) / acc_t(NR));
+  constexpr int kAcc = NR < 4 ? NR : 4;
+  V q[kAcc];
+#pragma GCC unroll 4
+  for (int k = 0; k < kAcc; ++k) q[k] = V(acc_t(0));
+#pragma GCC unroll 16
   for (int u = 0; u < NR; ++u) {
-    const V d = xs[u] - bm;
-    t1 = t1 + d;
-    t2 = fma(d, d, t2);
+    d[u] = xs[u] - bm;
+    q[u % kAcc] = fma(d[u], d[u], q[u % kAcc]);
   }
+  const V t1 = pairwise_sum(d), t2 = pairwise_sum(q);
   __at_align__ double d_m[V::size()], d_k[V::size()], d_1[V::size()], d_2[V::size()];
   to_double(bm, d_m);
   to_double(k, d_k);

@@ -22,10 +22,12 @@
 // * channel-inner (C contiguous, channels-last): a (TX, TY) block covers TX groups of V
 //   channels (V*sizeof(T) = 16 bytes when C % V == 0, else V = 1) and TY row lanes,
 //   each thread 4 rows (n, s) at a time.
-// Each block writes one partial per channel into a [P, C] workspace; a merge kernel
-// combines the P partials of a channel in a fixed order. No atomics: bitwise
-// reproducible from run to run (and across GPUs: the partitioning depends only on
-// shapes, strides and pointer alignment). Statistics use Welford: a thread turns each
+// Each block writes one partial per channel into two [P, C] arrays (Partials); a merge
+// kernel combines the P partials of a channel in a fixed order, in the closed form of
+// Chan's merge (partition counts come from the plan: every partition but the last holds
+// the same count). Why this shape, with the figures: docs/cuda_reductions.md. No
+// atomics: bitwise reproducible from run to run (and across GPUs: the partitioning
+// depends only on shapes, strides and pointer alignment). Statistics use Welford: a thread turns each
 // batch of loaded values into (count, mean, M2) exactly and folds it in with Chan's
 // formula, and partials merge with Chan's formula (never E[x^2] - E[x]^2). They run on
 // x - pivot, the pivot a value of the channel (x[0, c, 0]): every running mean then has
@@ -54,12 +56,20 @@ constexpr int kUnit = 8;                 // elements per chunk: one mask byte
 constexpr int kRows = 4;                 // rows per thread and step, channel-inner reductions
 constexpr int64_t kTargetBlocks = 2048;  // reduction blocks aimed at (shape-only choice)
 constexpr int64_t kMinSteps = 4;         // least steps per thread before splitting further
+// Partitions per channel at most: the merge kernel's kMergeLanes lanes of a channel then
+// read <= 16 partials each, all issued before the first is used (see merge_partials_kernel).
+// At C = 64 (one channel block) the grid is P blocks: 512 left a second, short wave of
+// 3-4 resident blocks per SM; 1024 makes the blocks shorter and the last wave smaller.
+constexpr int64_t kMaxParts = 1024;
+static_assert(kMaxParts <= 65535, "P is grid dimension y");
+constexpr int kMergeChannels = 8;   // channels per merge block: one 32-byte sector of floats
+constexpr int kMergeThreads = 512;  // merge block: kMergeChannels x kMergeLanes
+constexpr int kMergeLanes = kMergeThreads / kMergeChannels;
 // The channels-inner reductions at small shapes (7x7x512, batch 64): 4 steps per thread
 // left ~12 KiB of loads in flight per SM, under the ~13 KiB (H100) to ~18 KiB (H200) that
 // near-copy bandwidth needs; 2 steps give twice the blocks. A 16-bit statistics thread
 // loads half the bytes per step of the others (one tensor, 2-byte elements): 1 step.
 constexpr int64_t kMinStepsInner = 2;
-constexpr int64_t kMaxGridY = 65535;
 constexpr int kBlocksPerSm = 8;          // elementwise grid: blocks per SM (grid-stride beyond)
 
 enum Mode { kStats = 0, kBackward = 1 };
@@ -751,6 +761,15 @@ struct Acc<acc, kBackward> {
   }
 };
 
+// The [P, C] partials of a reduction, one array per value (coalesced in the merge kernel):
+// statistics a = mean of x - pivot over partition p, b = its M2; backward a = sum(g),
+// b = sum(g*(x - mean)). A partition's count is not stored: every partition but the last
+// holds part_elems elements of each channel, the last the rest (ReducePlan).
+template <typename acc>
+struct Partials {
+  acc *a, *b;
+};
+
 // Lane 0 gets lane 0 (+) lane 1 (+) ... in a fixed tree order.
 template <typename A>
 __device__ __forceinline__ A warp_reduce(A v) {
@@ -808,12 +827,31 @@ __device__ __forceinline__ void split_row(int64_t r, int64_t S, double inv_S, in
   }
 }
 
-// The statistics' pivot of channel c: x[0, c, 0] (0 if not finite, so an inf or NaN
-// elsewhere propagates as it would unshifted).
+// A statistics pivot: the value, or 0 if not finite (an inf or NaN elsewhere then
+// propagates as it would unshifted).
+template <typename acc>
+__device__ __forceinline__ acc finite_or_zero(acc v) {
+  return isfinite(v) ? v : acc(0);
+}
+
+// The statistics' pivot of channel c: x[0, c, 0].
 template <typename T>
 __device__ __forceinline__ acc_t<T> channel_pivot(const ReduceArgs<T>& a, int64_t c) {
-  const acc_t<T> v = Elem<T>::load(a.x + c * a.xs.c);
-  return isfinite(v) ? v : acc_t<T>(0);
+  return finite_or_zero(Elem<T>::load(a.x + c * a.xs.c));
+}
+
+// V consecutive values to memory: 16-byte stores when V fills them (dst 16-byte aligned).
+template <typename acc, int V>
+__device__ __forceinline__ void store_vec(acc* dst, const acc* v) {
+  constexpr int kPer = 16 / sizeof(acc);
+  if constexpr (V % kPer == 0) {
+#pragma unroll
+    for (int k = 0; k < V / kPer; ++k)
+      *reinterpret_cast<uint4*>(dst + k * kPer) = Elem<acc>::pack(v + k * kPer);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) dst[j] = v[j];
+  }
 }
 
 // Advance flat (n, s) by step_q*S + step_r, step_r < S.
@@ -899,7 +937,7 @@ __device__ __forceinline__ bool reduce_gate(const ReduceArgs<T>& a, unsigned byt
 // elements.
 template <typename T, int MODE, bool VEC, int GATE>
 __global__ void __launch_bounds__(kThreads)
-    reduce_outer_kernel(const ReduceArgs<T> a, Acc<acc_t<T>, MODE>* __restrict__ ws) {
+    reduce_outer_kernel(const ReduceArgs<T> a, const Partials<acc_t<T>> ws) {
   using acc = acc_t<T>;
   using A = Acc<acc, MODE>;
   const int64_t c = blockIdx.x, p = blockIdx.y;
@@ -984,7 +1022,15 @@ __global__ void __launch_bounds__(kThreads)
     v = A{s0, s1};
   }
   v = block_reduce(v);
-  if (threadIdx.x == 0) ws[p * C + c] = v;
+  if (threadIdx.x == 0) {
+    if constexpr (MODE == kStats) {
+      ws.a[p * C + c] = v.mean;
+      ws.b[p * C + c] = v.m2;
+    } else {
+      ws.a[p * C + c] = v.a;
+      ws.b[p * C + c] = v.b;
+    }
+  }
 }
 
 // Channels [c0, c0 + V) of row (n, s) of an (N, C, S) view; zeros when !ok. V > 1: one
@@ -1030,6 +1076,22 @@ __device__ __forceinline__ void unpack_raw(const RawRow<T, V>& r, acc_t<T>* v) {
   }
 }
 
+// Row 0 of the [rows][cols] arrays x and y (rows a power of two; y may be x) becomes the
+// column sums, by a pairwise tree in a fixed order: at level h, row r += row r + h for
+// r < h. Every thread of the (kThreads-thread) block takes part, consecutive threads on
+// consecutive columns (no bank conflicts); ends with a barrier.
+template <typename acc>
+__device__ __forceinline__ void sum_rows(acc* x, acc* y, int rows, int cols) {
+  const int t = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int h = rows / 2; h > 0; h >>= 1) {
+    for (int i = t; i < h * cols; i += kThreads) {
+      x[i] += x[i + h * cols];
+      if (y != x) y[i] += y[i + h * cols];
+    }
+    __syncthreads();
+  }
+}
+
 // Resident 256-thread blocks per SM asked of reduce_inner_kernel; 0 leaves the register
 // count to ptxas. Given only the block size, ptxas picks its own register target for
 // occupancy and accepted spills in two instantiations (sm_90, nvcc 13.0): the scalar
@@ -1037,9 +1099,12 @@ __device__ __forceinline__ void unpack_raw(const RawRow<T, V>& r, acc_t<T>* v) {
 // spilled inside the loop; 48 without) and the double statistics on 2-channel vectors
 // (64 registers, 4 blocks: blockDim.x spilled around the double division's call; 70
 // without). Asking for 5 and 3 blocks caps them at 51 and 85 registers: no spills.
+// With the shared-memory row sums (sum_rows) ptxas also spilled 8-32 bytes in three other
+// scalar (V = 1) instantiations at 40-48 registers; 4 blocks (64 registers) for every
+// other scalar one: no spills.
 template <typename T, int MODE, int V, int GATE>
 constexpr int min_blocks_inner() {
-  if (V == 1 && GATE == kMaskAnyGate) return 5;
+  if (V == 1) return GATE == kMaskAnyGate ? 5 : 4;
   if (sizeof(T) == 8 && MODE == kStats && V > 1) return 3;
   return 0;
 }
@@ -1050,9 +1115,8 @@ constexpr int min_blocks_inner() {
 // the view 16-byte aligned: V channels of a row are one vector load.
 template <typename T, int MODE, int V, int GATE>
 __global__ void __launch_bounds__(kThreads, min_blocks_inner<T, MODE, V, GATE>())
-    reduce_inner_kernel(const ReduceArgs<T> a, Acc<acc_t<T>, MODE>* __restrict__ ws) {
+    reduce_inner_kernel(const ReduceArgs<T> a, const Partials<acc_t<T>> ws) {
   using acc = acc_t<T>;
-  using A = Acc<acc, MODE>;
   static_assert(V == 1 || V == Elem<T>::kPerVec, "V is 1 or one 16-byte vector");
   const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x, TY = blockDim.y;
   const int64_t C = a.C, S = a.S, M = a.N * a.S;
@@ -1065,16 +1129,20 @@ __global__ void __launch_bounds__(kThreads, min_blocks_inner<T, MODE, V, GATE>()
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     mean_c[j] = scale_c[j] = shift_c[j] = s0[j] = s1[j] = acc(0);
-    if (MODE == kStats && active) {  // the pivot, subtracted from every value
-      mean_c[j] = channel_pivot(a, c0 + j);
-      if (p == 0 && ty == 0) a.pivot_out[c0 + j] = mean_c[j];
-    }
     if (MODE == kBackward && active) {
       mean_c[j] = __ldg(a.mean + c0 + j);
       if (GATE == kRecomputeGate) {
         scale_c[j] = __ldg(a.scale + c0 + j);
         shift_c[j] = __ldg(a.shift + c0 + j);
       }
+    }
+  }
+  if (MODE == kStats && active) {  // the pivots, x[0, c0 + j, 0]: one row, one vector load
+    load_row<T, V>(a.x, a.xs, 0, 0, c0, true, mean_c);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      mean_c[j] = finite_or_zero(mean_c[j]);
+      if (p == 0 && ty == 0) a.pivot_out[c0 + j] = mean_c[j];
     }
   }
   int cnt = 0;
@@ -1157,33 +1225,45 @@ __global__ void __launch_bounds__(kThreads, min_blocks_inner<T, MODE, V, GATE>()
     }
   }
 
-  // Merge over ty in shared memory: a fixed binary tree (TY is a power of two).
-  __shared__ A sh[kThreads * V];
-  const int slot = (ty * TX + tx) * V;
+  // The block's partial of each channel, in closed form (no per-pair Chan merges, no
+  // divisions but one): thread (tx, ty) stores V values in row ty, columns
+  // [tx*V, tx*V + V) of a [TY][TX*V] array in shared memory (16-byte stores,
+  // conflict-free), and the TY rows of every column are summed by a pairwise tree
+  // (sum_rows: every thread, log2(TY) levels; a sequential sum over up to 256 rows cost
+  // the backward sums 3.6x torch's error). Column u is channel blockIdx.x*TX*V + u.
+  // Statistics: mean = sum(n_y*mean_y)/n (n the partition's rows), then
+  // M2 = sum(M2_y + n_y*(mean_y - mean)^2), n_y a thread's count; backward: the two sums.
+  __shared__ __align__(16) acc sh_a[kThreads * V];
+  __shared__ __align__(16) acc sh_b[kThreads * V];
+  const int cols = TX * V, t = ty * TX + tx;
+  if constexpr (MODE == kStats) {
+    const acc n_y = static_cast<acc>(cnt);
+    acc w[V];
 #pragma unroll
-  for (int j = 0; j < V; ++j) {
-    if constexpr (MODE == kStats) {
-      sh[slot + j] = A{s0[j], s1[j], static_cast<int64_t>(cnt)};
-    } else {
-      sh[slot + j] = A{s0[j], s1[j]};
-    }
-  }
-  __syncthreads();
-  for (int half = TY / 2; half > 0; half >>= 1) {
-    if (ty < half) {
-      const int other = ((ty + half) * TX + tx) * V;
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        A v = sh[slot + j];
-        v.merge(sh[other + j]);
-        sh[slot + j] = v;
-      }
-    }
+    for (int j = 0; j < V; ++j) w[j] = n_y * s0[j];
+    store_vec<acc, V>(sh_a + t * V, w);
     __syncthreads();
-  }
-  if (ty == 0 && active) {
+    sum_rows(sh_a, sh_a, TY, cols);  // row 0: sum(n_y*mean_y) per column
+    const acc n = static_cast<acc>(min(a.per_part, M - rbeg));
 #pragma unroll
-    for (int j = 0; j < V; ++j) ws[p * C + c0 + j] = sh[slot + j];
+    for (int j = 0; j < V; ++j) {
+      const acc d = s0[j] - sh_a[tx * V + j] / n;
+      w[j] = s1[j] + n_y * (d * d);
+    }
+    store_vec<acc, V>(sh_b + t * V, w);
+    __syncthreads();
+    sum_rows(sh_b, sh_b, TY, cols);
+    if (t < cols) sh_a[t] = sh_a[t] / n;
+  } else {
+    store_vec<acc, V>(sh_a + t * V, s0);
+    store_vec<acc, V>(sh_b + t * V, s1);
+    __syncthreads();
+    sum_rows(sh_a, sh_b, TY, cols);
+  }
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * cols + t;
+  if (t < cols && c < C) {
+    ws.a[p * C + c] = sh_a[t];
+    ws.b[p * C + c] = sh_b[t];
   }
 }
 
@@ -1247,32 +1327,85 @@ __global__ void __launch_bounds__(kThreads)
   update(running_var + c * var_stride, correction == acc(1) ? var[c] : mul_rn(var[c], correction));
 }
 
-// One warp per channel: lane l merges partials l, l+32, ... in order, then a fixed
-// warp tree. Stats: out_a = pivot + mean of x - pivot (out_a holds the pivot on entry),
-// out_b = M2/n (biased). Backward: the two sums. Then the
-// epilogue when it has outputs (ep.scale / ep.coef_xc not null).
+// v[0] + ... + v[K-1] by a pairwise tree (K a power of two, unrolled: registers only).
+template <int K, typename acc>
+__device__ __forceinline__ acc tree_sum(acc (&v)[K]) {
+#pragma unroll
+  for (int h = K / 2; h > 0; h /= 2) {
+#pragma unroll
+    for (int k = 0; k < h; ++k) v[k] += v[k + h];
+  }
+  return v[0];
+}
+
+// Per channel, the sum of one value over the kMergeLanes lanes of a merge block, by a
+// pairwise tree in a fixed order (every thread gets it): lanes 4w..4w+3 of a channel sit
+// in warp w (lane ch + 8k), folded by two shuffles, then the warps' sums as a tree.
+template <typename acc>
+__device__ __forceinline__ acc merge_lanes_sum(acc v) {
+  constexpr int kWarps = kMergeThreads / 32;
+  __shared__ acc part[kWarps][kMergeChannels];
+  v += __shfl_down_sync(0xffffffffu, v, 16);
+  v += __shfl_down_sync(0xffffffffu, v, 8);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, ch = threadIdx.x % kMergeChannels;
+  __syncthreads();  // the previous call's readers are done with part
+  if (lane < kMergeChannels) part[warp][lane] = v;
+  __syncthreads();
+  acc w[kWarps];
+#pragma unroll
+  for (int k = 0; k < kWarps; ++k) w[k] = part[k][ch];
+  return tree_sum(w);
+}
+
+// Merges the [P, C] partials: block b takes channels [8b, 8b + 8), thread (ch, lane) =
+// (t % 8, t / 8) partials p = lane, lane + 64, ... (<= 16 each: P <= kMaxParts), loaded
+// before any is used; a warp reads 4 partial rows of 8 channels, one 32-byte sector each.
+// Statistics, the closed form of Chan's merge in two passes over the (L2-resident)
+// partials: mean = sum(n_p*mean_p)/M, then M2 = sum(M2_p + n_p*(mean_p - mean)^2), n_p
+// the partition's count (part_elems, the last one the rest); out_a = pivot + mean (out_a
+// holds the pivot on entry), out_b = M2/M (biased). Backward: the two sums. Then the
+// epilogue when it has outputs (ep.scale / ep.coef_xc not null). Fixed order throughout.
 template <typename acc, int MODE>
-__global__ void __launch_bounds__(kThreads)
-    merge_partials_kernel(const Acc<acc, MODE>* __restrict__ ws, int64_t P, int64_t C,
-                          acc* __restrict__ out_a, acc* __restrict__ out_b,
+__global__ void __launch_bounds__(kMergeThreads)
+    merge_partials_kernel(const Partials<acc> ws, int64_t P, int64_t C, int64_t part_elems,
+                          int64_t M, acc* __restrict__ out_a, acc* __restrict__ out_b,
                           const Epilogue<acc, MODE> ep) {
-  using A = Acc<acc, MODE>;
-  const int lane = threadIdx.x & 31;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + (threadIdx.x >> 5);
-  if (c >= C) return;  // whole warps leave together
-  A v = A::identity();
-  for (int64_t p = lane; p < P; p += 32) v.merge(ws[p * C + c]);
-  v = warp_reduce(v);
-  if (lane == 0) {
-    if constexpr (MODE == kStats) {
-      const acc var = v.n > 0 ? v.m2 / static_cast<acc>(v.n) : acc(NAN);
-      out_a[c] = out_a[c] + v.mean;  // out_a holds the pivot (the reduction wrote it)
+  constexpr int kPer = static_cast<int>(kMaxParts / kMergeLanes);
+  static_assert((kPer & (kPer - 1)) == 0, "tree_sum takes a power of two");
+  const int ch = threadIdx.x % kMergeChannels, lane = threadIdx.x / kMergeChannels;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kMergeChannels + ch;
+  const bool ok = c < C;  // no early return: every thread takes part in the block sums
+  acc va[kPer], vb[kPer], w[kPer];
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    const int64_t p = lane + static_cast<int64_t>(k) * kMergeLanes;
+    const bool in = ok && p < P;
+    va[k] = in ? ws.a[p * C + c] : acc(0);
+    vb[k] = in ? ws.b[p * C + c] : acc(0);
+    w[k] = in ? static_cast<acc>(min(part_elems, M - p * part_elems)) : acc(0);
+  }
+  if constexpr (MODE == kStats) {
+    acc t[kPer];
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) t[k] = w[k] * va[k];
+    const acc mean = merge_lanes_sum(tree_sum(t)) / static_cast<acc>(M);
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const acc d = va[k] - mean;
+      t[k] = w[k] > acc(0) ? vb[k] + w[k] * (d * d) : acc(0);
+    }
+    const acc var = merge_lanes_sum(tree_sum(t)) / static_cast<acc>(M);
+    if (ok && lane == 0) {
+      out_a[c] = out_a[c] + mean;  // out_a holds the pivot (the reduction wrote it)
       out_b[c] = var;
       if (ep.scale) finalize_channel(ep, c, var);
-    } else {
-      out_a[c] = v.a;
-      out_b[c] = v.b;
-      if (ep.coef_xc) coefficients_channel(ep, c, v.a, v.b);
+    }
+  } else {
+    const acc sa = merge_lanes_sum(tree_sum(va)), sb = merge_lanes_sum(tree_sum(vb));
+    if (ok && lane == 0) {
+      out_a[c] = sa;
+      out_b[c] = sb;
+      if (ep.coef_xc) coefficients_channel(ep, c, sa, sb);
     }
   }
 }
@@ -1363,12 +1496,79 @@ void with_gate(int gate, F&& f) {
   }
 }
 
+// The launch geometry of a reduction, from shapes, strides, pointer alignment only (the
+// partials, hence the bits of the result, do not depend on the GPU).
+struct ReducePlan {
+  bool inner;          // channel-inner traversal (reduce_inner_kernel), else channel-outer
+  bool vec;            // 16-byte vector loads
+  int64_t gx, P;       // grid (gx, P): channel blocks (inner) or channels (outer), partitions
+  int tx, ty;          // block (inner; outer: kThreads, 1)
+  int64_t per_part;    // rows (inner), units of 8 (outer vec) or tiles (outer scalar)
+  int64_t part_elems;  // elements of a channel in every partition but the last
+  int64_t step;        // flat (n, s) positions a thread advances per step
+};
+
+// Channel-outer: partitions of whole units (8 consecutive elements, vec) or tiles
+// (kThreads*8 elements), ~kTargetBlocks blocks, >= kMinSteps steps per thread.
+// Channel-inner: TX = min(32, pow2 >= C/V) channel groups per block, TY = kThreads/TX row
+// lanes of kRows rows per step; partitions are whole steps of the block (TY*kRows rows,
+// so every thread of a partition but the last has the same count), ~kTargetBlocks blocks,
+// >= min_steps_inner steps per thread. Both: P <= kMaxParts (the merge kernel's bound).
+template <typename T, int MODE>
+ReducePlan plan_reduce(const ReduceArgs<T>& a, const Shape3& sh) {
+  const size_t esz = sizeof(T);
+  const int64_t C = sh.C, S = sh.S, M = sh.N * sh.S;
+  const bool bwd = MODE == kBackward;
+  ReducePlan pl{};
+  pl.inner = use_inner(a.xs, sh);
+  int64_t P = 1;
+  if (!pl.inner) {
+    auto view_ok = [&](const void* p, const Strides3& st) {
+      return aligned16(p) && st.s == 1 && stride_aligned(sh.N, st.n, esz) &&
+             stride_aligned(C, st.c, esz);
+    };
+    pl.vec = S % kUnit == 0 && view_ok(a.x, a.xs) && (!bwd || view_ok(a.dout, a.ds));
+    // VEC partitions count units of 8 elements, the scalar path tiles of kThreads*8.
+    const int64_t unit = pl.vec ? kUnit : static_cast<int64_t>(kThreads) * kUnit;
+    const int64_t pieces = ceil_div(M, unit);
+    const int64_t pieces_per_step = pl.vec ? kThreads : 1;
+    P = std::min({ceil_div(kTargetBlocks, C), ceil_div(pieces, pieces_per_step * kMinSteps),
+                  kMaxParts});
+    P = std::max<int64_t>(1, P);
+    pl.per_part = ceil_div(pieces, P);
+    pl.part_elems = pl.per_part * unit;
+    pl.gx = C;
+    pl.tx = kThreads;
+    pl.ty = 1;
+    pl.step = static_cast<int64_t>(kThreads) * kUnit;
+  } else {
+    constexpr int kV = Elem<T>::kPerVec;
+    auto view_ok = [&](const void* p, const Strides3& st) {
+      return aligned16(p) && st.c == 1 && stride_aligned(sh.N, st.n, esz) &&
+             stride_aligned(S, st.s, esz);
+    };
+    pl.vec = C % kV == 0 && view_ok(a.x, a.xs) && (!bwd || view_ok(a.dout, a.ds));
+    const int64_t groups = ceil_div(C, pl.vec ? kV : 1);
+    pl.tx = 1;
+    while (pl.tx < 32 && pl.tx < groups) pl.tx <<= 1;
+    pl.ty = kThreads / pl.tx;
+    pl.gx = ceil_div(groups, pl.tx);
+    pl.step = static_cast<int64_t>(pl.ty) * kRows;  // rows of one block step
+    const int64_t steps = ceil_div(M, pl.step);
+    P = std::min({ceil_div(kTargetBlocks, pl.gx), ceil_div(steps, min_steps_inner(MODE, esz)),
+                  kMaxParts});
+    P = std::max<int64_t>(1, P);
+    pl.per_part = ceil_div(steps, P) * pl.step;
+    pl.part_elems = pl.per_part;
+  }
+  pl.P = ceil_div(M, pl.part_elems);
+  return pl;
+}
+
 template <typename T, int MODE>
 void launch_reduce(ReduceArgs<T> a, Shape3 sh, acc_t<T>* out_a, acc_t<T>* out_b,
                    const Epilogue<acc_t<T>, MODE>* ep, Workspace wsp, cudaStream_t stream) {
   using acc = acc_t<T>;
-  using A = Acc<acc, MODE>;
-  const size_t esz = sizeof(T);
   const int64_t C = sh.C, S = sh.S, M = sh.N * sh.S;
   a.N = sh.N;
   a.C = C;
@@ -1377,31 +1577,18 @@ void launch_reduce(ReduceArgs<T> a, Shape3 sh, acc_t<T>* out_a, acc_t<T>* out_b,
   a.lane_q = kThreads / S;
   a.lane_r = kThreads % S;
   a.pivot_out = out_a;
-  const bool bwd = MODE == kBackward;
-  int64_t P = 1;
-  A* ws = nullptr;
-  if (!use_inner(a.xs, sh)) {
-    auto view_ok = [&](const void* p, const Strides3& st) {
-      return aligned16(p) && st.s == 1 && stride_aligned(sh.N, st.n, esz) &&
-             stride_aligned(C, st.c, esz);
-    };
-    const bool vec = S % kUnit == 0 && view_ok(a.x, a.xs) && (!bwd || view_ok(a.dout, a.ds));
-    // VEC partitions count units of 8 elements, the scalar path tiles of kThreads*8.
-    const int64_t pieces = vec ? M / kUnit : ceil_div(M, static_cast<int64_t>(kThreads) * kUnit);
-    const int64_t pieces_per_step = vec ? kThreads : 1;
-    P = std::min(ceil_div(kTargetBlocks, C), ceil_div(pieces, pieces_per_step * kMinSteps));
-    P = std::max<int64_t>(1, std::min(P, kMaxGridY));
-    a.per_part = ceil_div(pieces, P);
-    P = ceil_div(pieces, a.per_part);
-    const int64_t step = static_cast<int64_t>(kThreads) * kUnit;  // elements per thread step
-    a.step_q = step / S;
-    a.step_r = step % S;
-    ws = static_cast<A*>(wsp.alloc(wsp.ctx, static_cast<size_t>(P * C) * sizeof(A)));
-    const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(P));
+  const ReducePlan pl = plan_reduce<T, MODE>(a, sh);
+  a.per_part = pl.per_part;
+  a.step_q = pl.step / S;
+  a.step_r = pl.step % S;
+  acc* buf = static_cast<acc*>(wsp.alloc(wsp.ctx, static_cast<size_t>(2 * pl.P * C) * sizeof(acc)));
+  const Partials<acc> ws{buf, buf + pl.P * C};
+  const dim3 grid(static_cast<unsigned>(pl.gx), static_cast<unsigned>(pl.P));
+  if (!pl.inner) {
     // One byte per unit of 8 when the mask is packed NCHW and the units are vectors.
-    const int gate = reduce_gate_of(a, vec && !a.mask_cl);
+    const int gate = reduce_gate_of(a, pl.vec && !a.mask_cl);
     with_gate<MODE>(gate, [&](auto g) {
-      if (vec) {
+      if (pl.vec) {
         reduce_outer_kernel<T, MODE, true, g.value><<<grid, kThreads, 0, stream>>>(a, ws);
       } else {
         reduce_outer_kernel<T, MODE, false, g.value><<<grid, kThreads, 0, stream>>>(a, ws);
@@ -1409,41 +1596,21 @@ void launch_reduce(ReduceArgs<T> a, Shape3 sh, acc_t<T>* out_a, acc_t<T>* out_b,
     });
   } else {
     constexpr int kV = Elem<T>::kPerVec;
-    auto view_ok = [&](const void* p, const Strides3& st) {
-      return aligned16(p) && st.c == 1 && stride_aligned(sh.N, st.n, esz) &&
-             stride_aligned(S, st.s, esz);
-    };
-    const bool vec = C % kV == 0 && view_ok(a.x, a.xs) && (!bwd || view_ok(a.dout, a.ds));
-    const int v = vec ? kV : 1;
-    const int64_t groups = ceil_div(C, v);
-    int tx = 1;
-    while (tx < 32 && tx < groups) tx <<= 1;
-    const int ty = kThreads / tx;
-    const int64_t gx = ceil_div(groups, tx);
-    const int64_t rows_per_step = static_cast<int64_t>(ty) * kRows;
-    P = std::min(ceil_div(kTargetBlocks, gx),
-                 ceil_div(M, rows_per_step * min_steps_inner(MODE, esz)));
-    P = std::max<int64_t>(1, std::min(P, kMaxGridY));
-    a.per_part = ceil_div(M, P);
-    P = ceil_div(M, a.per_part);
-    a.step_q = rows_per_step / S;
-    a.step_r = rows_per_step % S;
-    ws = static_cast<A*>(wsp.alloc(wsp.ctx, static_cast<size_t>(P * C) * sizeof(A)));
-    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(P));
-    const dim3 block(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
-    const int gate = reduce_gate_of(a, vec && a.mask_cl);  // one byte per row of V
+    const dim3 block(static_cast<unsigned>(pl.tx), static_cast<unsigned>(pl.ty));
+    const int gate = reduce_gate_of(a, pl.vec && a.mask_cl);  // one byte per row of V
     with_gate<MODE>(gate, [&](auto g) {
-      if (vec) {
+      if (pl.vec) {
         reduce_inner_kernel<T, MODE, kV, g.value><<<grid, block, 0, stream>>>(a, ws);
       } else {
         reduce_inner_kernel<T, MODE, 1, g.value><<<grid, block, 0, stream>>>(a, ws);
       }
     });
   }
-  const int64_t merge_blocks = ceil_div(C, kThreads / 32);
+  const int64_t merge_blocks = ceil_div(C, kMergeChannels);
   const Epilogue<acc, MODE> none{};
-  merge_partials_kernel<acc, MODE><<<static_cast<unsigned>(merge_blocks), kThreads, 0, stream>>>(
-      ws, P, C, out_a, out_b, ep ? *ep : none);
+  merge_partials_kernel<acc, MODE><<<static_cast<unsigned>(merge_blocks), kMergeThreads, 0,
+                                     stream>>>(ws, pl.P, C, pl.part_elems, M, out_a, out_b,
+                                               ep ? *ep : none);
 }
 
 }  // namespace

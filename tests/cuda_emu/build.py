@@ -5,8 +5,10 @@ The .cu is copied with each `kernel<<<grid, block, smem, stream>>>(args)` rewrit
 CUDA headers with emu.h, which runs blocks one after another and the threads of a block
 as std::threads (barriers for __syncthreads, an exchange buffer for warp shuffles).
 """
+import importlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -38,6 +40,19 @@ def build(lib_name: str = "libemu.so") -> str:
            os.path.join(HERE, "emu_api.cpp"), "-o", lib]
     subprocess.run(cmd, check=True)
     return lib
+
+
+def load_emu_ops(lib_name: str):
+    """Builds lib_name and imports emu_ops.py on it (a module caches its first library):
+    the module, or None where g++ or the CUDA headers are missing (callers skip)."""
+    if shutil.which("g++") is None:
+        return None
+    try:
+        lib = build(lib_name)
+    except SystemExit:
+        return None
+    os.environ["EMU_LIB"] = lib
+    return importlib.import_module("emu_ops")
 
 
 if __name__ == "__main__":

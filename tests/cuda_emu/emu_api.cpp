@@ -16,6 +16,18 @@ void emu_bn_stats(int dt, const void* x, const int64_t* xs, const int64_t* sh, v
     launch_bn_stats<T>((const T*)x, S3(xs), H3(sh), (A*)mean, (A*)var, nullptr, Workspace{wsalloc, nullptr}, nullptr); });
 }
 long long emu_launches() { return emu::launches; }
+// The reduction planner's launch geometry for an (N, C, S) view with strides xs (dout with
+// the same strides in backward), 16-byte-aligned pointers: out = {inner, vec, gx, P, tx,
+// ty, per_part, part_elems}.
+void emu_reduce_plan(int dt, int backward, const int64_t* xs, const int64_t* sh, int64_t* out) {
+  disp(dt, [&](auto p) { using T = std::remove_pointer_t<decltype(p)>;
+    ReduceArgs<T> a{};
+    a.x = a.dout = reinterpret_cast<const T*>(uintptr_t{4096});
+    a.xs = a.ds = S3(xs);
+    const ReducePlan pl = backward ? plan_reduce<T, kBackward>(a, H3(sh)) : plan_reduce<T, kStats>(a, H3(sh));
+    const int64_t v[8] = {pl.inner, pl.vec, pl.gx, pl.P, pl.tx, pl.ty, pl.per_part, pl.part_elems};
+    std::copy(v, v + 8, out); });
+}
 void emu_bn_stats_finalize(int dt, const void* x, const int64_t* xs, const int64_t* sh, void* mean,
                            void* var, void* const* fin, double eps) {
   disp(dt, [&](auto p) { using T = std::remove_pointer_t<decltype(p)>; using A = acc_t<T>;

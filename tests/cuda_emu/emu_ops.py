@@ -102,6 +102,17 @@ def bn_backward_apply(dout, x, mean, scale, shift, mask, cg, cxc, cc, relu, wres
 lib.emu_launches.restype = ctypes.c_longlong
 
 
+PLAN_FIELDS = ("inner", "vec", "gx", "P", "tx", "ty", "per_part", "part_elems")
+
+
+def reduce_plan(shape, strides, dtype=torch.bfloat16, backward=False) -> dict:
+    """The launch geometry csrc/cuda/bn_kernels.cu's planner (plan_reduce) picks for a
+    reduction over an (N, C, S) view with these strides and 16-byte-aligned pointers."""
+    out = (ctypes.c_int64 * 8)()
+    lib.emu_reduce_plan(DT[dtype], int(backward), A(strides), A(shape), out)
+    return dict(zip(PLAN_FIELDS, out))
+
+
 def launches() -> int:
     """Kernel launches the emulated launchers have made so far in this process."""
     return int(lib.emu_launches())
