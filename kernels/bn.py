@@ -12,7 +12,7 @@
 # Kernels (a projection shortcut's second BN input x2 rides along in the same launches).
 #   _bn_stats_partial_kernel     per (reduction chunk, channel block): per-lane Welford,
 #                                merged into one (count, mean, M2) per channel and chunk
-#   _bn_stats_finalize_kernel    per channel block: merges the [P, C] partials in a fixed
+#   _bn_stats_finalize_kernel    per channel block: merges the [C, P] partials in a fixed
 #                                order (Chan's formula, n=0 guarded; deterministic, no
 #                                atomics), then invstd, scale, shift and the running-
 #                                statistics update: all per-channel forward work, 1 launch
@@ -43,6 +43,7 @@
 # except under torch.use_deterministic_algorithms(True), which pins the first config of
 # each family (bitwise reproducible across processes: no atomics, no timing-based choice).
 # References: DESIGN.md sections 1-2; Chan, Golub & LeVeque (1979) for the merge.
+import functools
 import math
 import os
 
@@ -84,10 +85,14 @@ def _reduce_configs():
 
 
 def _merge_configs():
-    # (BLOCK_P, BLOCK_C) = (32, 64) spilled in its merge loop on sm_90 (static check)
+    # Channels per finalize program; BLOCK_P is the launcher's (_finalize_block_p: one tile
+    # holds all P <= _MAX_PARTS partials of a channel, so each lane's loads are issued at
+    # once).  Small BLOCK_C: C/BLOCK_C programs (32 at C = 64 with the first config); at
+    # BLOCK_P = 1024 each thread holds 16 values of each merged array.
     return [
-        triton.Config({"BLOCK_P": 16, "BLOCK_C": 128}, num_warps=4),
-        triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4),
+        triton.Config({"BLOCK_C": 2}, num_warps=4),
+        triton.Config({"BLOCK_C": 1}, num_warps=4),
+        triton.Config({"BLOCK_C": 4}, num_warps=8),
     ]
 
 
@@ -96,7 +101,7 @@ def _merge_configs():
 _INTERPRETER_CONFIGS = {
     "elementwise": triton.Config({"BLOCK": 1024}, num_warps=4),
     "reduce": triton.Config({"BLOCK_C": 16, "BLOCK_S": 128}, num_warps=4),
-    "merge": triton.Config({"BLOCK_P": 8, "BLOCK_C": 32}, num_warps=4),
+    "merge": triton.Config({"BLOCK_C": 32}, num_warps=4),
 }
 
 
@@ -386,6 +391,14 @@ def _chunk_bounds(
 
 
 @triton.jit
+def _partial_index(p, c64, N, N_CHUNK, NUM_S_CHUNKS):
+    """Offsets of chunk p's partials in the channel-major [C, P] workspace: the finalize
+    reads each channel's P partials as one contiguous run (vector loads, any BLOCK_C)."""
+    num_p = tl.cdiv(N, N_CHUNK) * NUM_S_CHUNKS
+    return c64 * num_p + p
+
+
+@triton.jit
 def _welford_step(x, upd, inv, mean, m2):
     """One per-lane Welford update of [BLOCK_C, BLOCK_S] lanes where ``upd``."""
     d = x - mean
@@ -409,11 +422,11 @@ def _bn_stats_partial_kernel(
     stride_xn, stride_xc, stride_xs,  # strides of X
     X2_ptr,  # (N, C, S) second input, any strides (read if HAS_X2)
     stride_x2n, stride_x2c, stride_x2s,  # strides of X2
-    CNT_ptr,  # (P, C) acc dtype: element count of each chunk
-    MEAN_ptr,  # (P, C) acc dtype: mean of each chunk
-    M2_ptr,  # (P, C) acc dtype: sum of squared deviations of each chunk
-    MEAN2_ptr,  # (P, C) acc dtype: the same of X2 (HAS_X2; the counts are X's)
-    M22_ptr,  # (P, C) acc dtype (HAS_X2)
+    CNT_ptr,  # (C, P) acc dtype: element count of each chunk
+    MEAN_ptr,  # (C, P) acc dtype: mean of each chunk
+    M2_ptr,  # (C, P) acc dtype: sum of squared deviations of each chunk
+    MEAN2_ptr,  # (C, P) acc dtype: the same of X2 (HAS_X2; the counts are X's)
+    M22_ptr,  # (C, P) acc dtype (HAS_X2)
     N,  # batch
     C,  # channels
     S,  # spatial size
@@ -451,7 +464,7 @@ def _bn_stats_partial_kernel(
                 x2 = tl.load(X2_ptr + n * stride_x2n + c64[:, None] * stride_x2c
                              + s64 * stride_x2s, mask=valid, other=0.0).to(ACC)
                 mean2, m22 = _welford_step(x2, valid_s[None, :], inv, mean2, m22)
-    out = p * C + offs_c
+    out = _partial_index(p, c64, N, N_CHUNK, NUM_S_CHUNKS)
     mean_c, m2_c = _merge_lanes(cnt, mean, m2)
     tl.store(CNT_ptr + out, tl.zeros([BLOCK_C], dtype=ACC) + tl.sum(cnt, axis=0), mask=valid_c)
     tl.store(MEAN_ptr + out, mean_c, mask=valid_c)
@@ -511,9 +524,9 @@ def _bn_bwd_reduce_partial_kernel(
     X2_ptr,  # (N, C, S) second BN input, any strides (HAS_X2)
     stride_x2n, stride_x2c, stride_x2s,  # strides of X2
     MEAN2_ptr,  # (C,) acc dtype (HAS_X2)
-    SUM_G_ptr,  # (P, C) acc dtype: partial sum(g)
-    SUM_GXC_ptr,  # (P, C) acc dtype: partial sum(g * (x - mean))
-    SUM_GXC2_ptr,  # (P, C) acc dtype: partial sum(g * (x2 - mean2)) (HAS_X2)
+    SUM_G_ptr,  # (C, P) acc dtype: partial sum(g)
+    SUM_GXC_ptr,  # (C, P) acc dtype: partial sum(g * (x - mean))
+    SUM_GXC2_ptr,  # (C, P) acc dtype: partial sum(g * (x2 - mean2)) (HAS_X2)
     N,  # batch
     C,  # channels
     S,  # spatial size
@@ -579,7 +592,7 @@ def _bn_bwd_reduce_partial_kernel(
                 x2 = tl.load(X2_ptr + n * stride_x2n + c64[:, None] * stride_x2c
                              + s64[None, :] * stride_x2s, mask=valid, other=0.0).to(ACC)
                 acc_gxc2 += g * (x2 - mean2[:, None])
-    out = p * C + offs_c
+    out = _partial_index(p, c64, N, N_CHUNK, NUM_S_CHUNKS)
     tl.store(SUM_G_ptr + out, tl.sum(acc_g, axis=1), mask=valid_c)
     tl.store(SUM_GXC_ptr + out, tl.sum(acc_gxc, axis=1), mask=valid_c)
     if HAS_X2:
@@ -589,15 +602,16 @@ def _bn_bwd_reduce_partial_kernel(
 @triton.jit
 def _merge_welford(CNT_ptr, MEAN_P_ptr, M2_P_ptr, P, C, offs_c, valid_c,
                    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Chan's merge of the [P, C] (count, mean, M2) partials in a fixed order (no atomics:
-    deterministic): per channel (mean, biased variance)."""
+    """Chan's merge of the [C, P] (count, mean, M2) partials in a fixed order (no atomics:
+    deterministic): per channel (mean, biased variance).  On GPU BLOCK_P >= P: one tile,
+    all loads issued before any use, merged in closed form by pairwise trees (tl.sum)."""
     n_a = tl.zeros([BLOCK_C], dtype=ACC)
     a = tl.zeros([BLOCK_C], dtype=ACC)
     b = tl.zeros([BLOCK_C], dtype=ACC)
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         valid = (offs_p < P)[:, None] & valid_c[None, :]
-        idx = offs_p[:, None] * C + offs_c[None, :]
+        idx = offs_c.to(tl.int64)[None, :] * P + offs_p[:, None]
         ta = tl.load(MEAN_P_ptr + idx, mask=valid, other=0.0)
         tb = tl.load(M2_P_ptr + idx, mask=valid, other=0.0)
         tn = tl.load(CNT_ptr + idx, mask=valid, other=0.0)
@@ -618,21 +632,21 @@ def _merge_welford(CNT_ptr, MEAN_P_ptr, M2_P_ptr, P, C, offs_c, valid_c,
 @triton.jit
 def _merge_sums(A_ptr, P, C, offs_c, valid_c,
                 ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-channel total of [P, C] partial sums, in a fixed order."""
+    """Per-channel total of [C, P] partial sums, in a fixed order (one tile on GPU)."""
     a = tl.zeros([BLOCK_C], dtype=ACC)
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         valid = (offs_p < P)[:, None] & valid_c[None, :]
-        a += tl.sum(tl.load(A_ptr + offs_p[:, None] * C + offs_c[None, :], mask=valid,
-                            other=0.0), axis=0)
+        a += tl.sum(tl.load(A_ptr + offs_c.to(tl.int64)[None, :] * P + offs_p[:, None],
+                            mask=valid, other=0.0), axis=0)
     return a
 
 
 @triton.jit
 def _bn_stats_finalize_kernel(
-    CNT_ptr,  # (P, C) partial counts (not FROM_RUNNING)
-    MEAN_P_ptr, M2_P_ptr,  # (P, C) partial (mean, M2) of X (not FROM_RUNNING)
-    MEAN2_P_ptr, M22_P_ptr,  # (P, C) partials of X2 (HAS_X2, not FROM_RUNNING)
+    CNT_ptr,  # (C, P) partial counts (not FROM_RUNNING)
+    MEAN_P_ptr, M2_P_ptr,  # (C, P) partial (mean, M2) of X (not FROM_RUNNING)
+    MEAN2_P_ptr, M22_P_ptr,  # (C, P) partials of X2 (HAS_X2, not FROM_RUNNING)
     P,  # number of partials
     C,  # channels
     W_ptr, B_ptr, W2_ptr, B2_ptr,  # (C,) affine parameters (HAS_W, HAS_B, HAS_W2, HAS_B2)
@@ -645,7 +659,7 @@ def _bn_stats_finalize_kernel(
     SCALE_SHIFT: tl.constexpr,  # write scale, shift (_channel_affine); else only merge
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_W2: tl.constexpr, HAS_B2: tl.constexpr,
     ACC: tl.constexpr,  # accumulation dtype
-    BLOCK_P: tl.constexpr,  # partials per tile
+    BLOCK_P: tl.constexpr,  # partials per tile (the launcher's _finalize_block_p)
     BLOCK_C: tl.constexpr,  # channels per program
 ):
     """Everything per channel between the statistics pass and the apply, in ONE launch:
@@ -721,7 +735,7 @@ def _input_grad_coefficients(
 
 @triton.jit
 def _bn_bwd_finalize_kernel(
-    SUM_G_P_ptr, SUM_GXC_P_ptr, SUM_GXC2_P_ptr,  # (P, C) partial sums (the last if HAS_X2)
+    SUM_G_P_ptr, SUM_GXC_P_ptr, SUM_GXC2_P_ptr,  # (C, P) partial sums (the last if HAS_X2)
     P,  # number of partials
     C,  # channels
     SUM_G_ptr, SUM_GXC_ptr, SUM_GXC2_ptr,  # (C,) acc dtype totals
@@ -739,7 +753,7 @@ def _bn_bwd_finalize_kernel(
     COEFS2: tl.constexpr,  # the same for the second BN
     TRAINING: tl.constexpr,  # batch statistics: dx has the mean and variance terms
     ACC: tl.constexpr,  # accumulation dtype
-    BLOCK_P: tl.constexpr,  # partials per tile
+    BLOCK_P: tl.constexpr,  # partials per tile (the launcher's _finalize_block_p)
     BLOCK_C: tl.constexpr,  # channels per program
 ):
     """Everything per channel between the backward reduction and the input-gradient pass,
@@ -878,35 +892,61 @@ def _split(v: float) -> tuple[float, float]:
 # for 85% of copy bandwidth on H100, 1.4x that on H200).  A program with the default
 # channels-last tile (64 channels x 32 positions, 4 warps) has one 4 KB bf16 tile (8 KB
 # fp32) in flight per loop step, so >= 8 programs per SM (~1056) give >= 32 KB/SM.
-# Chunks of at least 8K elements keep the [P, C] partials (3 values per chunk and channel)
-# at <= 1/700 of the input read.
+# Chunks of at least 8K elements keep the [C, P] partials (3 values per chunk and channel)
+# at <= 1/700 of the input read.  Two bounds (issue 22): P <= _MAX_PARTS partials per
+# channel, so the finalize (whose grid is the channel blocks only: 1-2 programs at C = 64
+# with the old merge configs) merges one tile of them, all loads issued at once, instead
+# of looping over up to 2048 partials; and even the widest tile of _reduce_configs gets
+# >= _MIN_PROGRAMS programs (2 per SM).  _MAX_PARTS = 1024, not 512: at C = 64 the 64-
+# channel tile's grid is P programs, and 1024 keeps the >= 5 per SM that loads in flight
+# need (issue 12; 512 would give 3.9).  A finalize tile of 1024 x BLOCK_C is still one
+# round trip.
 _TARGET_PROGRAMS = 2048
 _MIN_CHUNK_ELEMS = 8192
+_MIN_PROGRAMS = 2 * 132
+_MAX_PARTS = 1024
 
 
 def _reduction_chunks(n: int, c: int, s: int, channels_fast: bool):
     """Split the (N, S) reduction domain into P chunks (N_CHUNK rows x S_CHUNK positions)
-    so that about _TARGET_PROGRAMS programs of at least _MIN_CHUNK_ELEMS elements run.
-    Independent of the autotuned tile, so the [P, C] workspace is known before the
-    launch."""
-    if _INTERPRET:
-        target_programs, min_elems = 8, 64
+    so that about _TARGET_PROGRAMS programs of at least _MIN_CHUNK_ELEMS elements run, at
+    least _MIN_PROGRAMS with any tile, and P <= _MAX_PARTS.  Independent of the autotuned
+    tile, so the [C, P] workspace is known before the launch."""
+    return _plan_chunks(n, c, s, channels_fast, _INTERPRET)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan_chunks(n, c, s, channels_fast, interpret):
+    if interpret:
+        target_programs, min_elems, min_programs = 8, 64, 1
     else:
-        target_programs, min_elems = _TARGET_PROGRAMS, _MIN_CHUNK_ELEMS
+        target_programs, min_elems, min_programs = (_TARGET_PROGRAMS, _MIN_CHUNK_ELEMS,
+                                                    _MIN_PROGRAMS)
     nominal_bc = 64 if channels_fast else 4
-    programs_c = triton.cdiv(c, nominal_bc)
+    widest_bc = max(cfg.kwargs["BLOCK_C"] for cfg in _reduce_configs())
     elems = n * s * min(nominal_bc, c)
-    p = max(1, min(triton.cdiv(target_programs, programs_c), elems // min_elems))
+    p = min(triton.cdiv(target_programs, triton.cdiv(c, nominal_bc)), elems // min_elems)
+    p = max(p, triton.cdiv(min_programs, triton.cdiv(c, widest_bc)))
+    p = max(1, min(p, _MAX_PARTS))
+    # round towards at least p chunks, never past _MAX_PARTS
     if p <= n:
-        n_chunk, s_chunk = triton.cdiv(n, p), s
+        n_chunk, s_chunk = max(n // p, triton.cdiv(n, _MAX_PARTS)), s
     else:
         n_chunk = 1
-        per_row = triton.cdiv(p, n)
-        s_chunk = triton.cdiv(triton.cdiv(s, per_row), 64) * 64
-        s_chunk = min(s_chunk, s)
+        per_row = min(triton.cdiv(p, n), _MAX_PARTS // n)
+        s_chunk = min(triton.cdiv(triton.cdiv(s, per_row), 64) * 64, s)
     num_s_chunks = triton.cdiv(s, s_chunk)
     num_p = triton.cdiv(n, n_chunk) * num_s_chunks
     return n_chunk, s_chunk, num_s_chunks, num_p
+
+
+def _finalize_block_p(num_p: int) -> int:
+    """Partials per finalize tile: on GPU all of them (P <= _MAX_PARTS): one tile, every
+    load in flight at once, no serial loop; 8 under the interpreter, so that its tests
+    cross tile boundaries (the running Chan merge of _merge_welford)."""
+    if _INTERPRET:
+        return 8
+    return min(triton.next_power_of_2(max(num_p, 16)), _MAX_PARTS)
 
 
 def _chunks_of(x, channels_last):
@@ -916,10 +956,10 @@ def _chunks_of(x, channels_last):
 
 
 def _stats_partials(x, x2, channels_last):
-    """The statistics pass (one launch, both inputs): (P, [P, C] partials)."""
+    """The statistics pass (one launch, both inputs): (P, [C, P] partials)."""
     n, c, s = x.shape
     n_chunk, s_chunk, num_s_chunks, num_p = _chunks_of(x, channels_last)
-    parts = [torch.empty((num_p, c), dtype=acc_dtype(x.dtype), device=x.device)
+    parts = [torch.empty((c, num_p), dtype=acc_dtype(x.dtype), device=x.device)
              for _ in range(5 if x2 is not None else 3)]
     cnt, mean_p, m2_p = parts[:3]
     mean2_p, m22_p = parts[3:] if x2 is not None else (mean_p, m2_p)
@@ -953,7 +993,8 @@ def _finalize_stats(x, partials, x2, weight, bias, weight2, bias2, running, eps,
             rm, rv, rm2, rv2, *pad(first), *pad(second), *_split(eps),
             HAS_X2=x2 is not None, FROM_RUNNING=partials is None, SCALE_SHIFT=scale_shift,
             HAS_W=weight is not None, HAS_B=bias is not None,
-            HAS_W2=weight2 is not None, HAS_B2=bias2 is not None, ACC=_tl_acc(x.dtype))
+            HAS_W2=weight2 is not None, HAS_B2=bias2 is not None, ACC=_tl_acc(x.dtype),
+            BLOCK_P=_finalize_block_p(num_p))
     first = tuple(first) + (None,) * (4 - k)
     return first, (tuple(second) + (None,) * (4 - k) if x2 is not None else None)
 
@@ -1025,11 +1066,11 @@ def bn_apply(x, mean, scale, shift, residual, x2, mean2, scale2, shift2, relu, s
 
 
 def _reduce_partials(dout, x, mean, mask, recompute, affine, x2, mean2, channels_last):
-    """The backward reduction pass (one launch, both inputs): (P, [P, C] partial sums).
+    """The backward reduction pass (one launch, both inputs): (P, [C, P] partial sums).
     ``affine`` = (scale, shift) given, or (weight, bias, var, eps) to derive them from."""
     n, c, s = x.shape
     n_chunk, s_chunk, num_s_chunks, num_p = _chunks_of(x, channels_last)
-    parts = [torch.empty((num_p, c), dtype=acc_dtype(x.dtype), device=x.device)
+    parts = [torch.empty((c, num_p), dtype=acc_dtype(x.dtype), device=x.device)
              for _ in range(3 if x2 is not None else 2)]
     from_var = len(affine) == 4
     w, b, var, eps = affine if from_var else (*affine, None, 0.0)
@@ -1104,7 +1145,7 @@ def _finalize_sums(x, num_p, partials, totals, first, second, eps, training):
             WRITE_DB=db is not None, HAS_W2=w2 is not None, HAS_B2=b2 is not None,
             WRITE_DW2=dw2 is not None, WRITE_DB2=db2 is not None,
             COEFS=coefs is not None, COEFS2=coefs2 is not None, TRAINING=bool(training),
-            ACC=_tl_acc(x.dtype))
+            ACC=_tl_acc(x.dtype), BLOCK_P=_finalize_block_p(num_p))
 
 
 def _bwd_apply_launch(dout, x, mean, scale, shift, mask, coefs, recompute, need_dx,

@@ -420,25 +420,27 @@ def bn_specs(quick: bool):
                                    dtype=dt, memory_bound=True, elements=tile)))
     # per-channel kernels: fp32 vectors whatever the activations
     for cfg in bn._merge_configs()[:1] if quick else bn._merge_configs():
+        # the GPU tile at the largest P (one tile of every partial: the most registers)
+        merge_tile = dict(cfg.kwargs, BLOCK_P=bn._MAX_PARTS)
         for name, sw in {"train": {}, "train +x2": dict(HAS_X2=True),
                          "eval": dict(FROM_RUNNING=True)}.items():
             consts = dict(HAS_X2=False, FROM_RUNNING=False, SCALE_SHIFT=True, HAS_W=True,
-                          HAS_B=True, HAS_W2=True, HAS_B2=True, ACC=tl.float32, **cfg.kwargs)
+                          HAS_B=True, HAS_W2=True, HAS_B2=True, ACC=tl.float32, **merge_tile)
             consts.update(sw)
             specs.append((bn._bn_stats_finalize_kernel, {"*default": "*fp32"}, consts,
                           cfg.num_warps, 1, dict(kernel="bn_stats_finalize", variant=name,
                                                  dtype="fp32", memory_bound=True,
-                                                 elements=cfg.kwargs["BLOCK_P"]
-                                                 * cfg.kwargs["BLOCK_C"])))
+                                                 elements=merge_tile["BLOCK_P"]
+                                                 * merge_tile["BLOCK_C"])))
             consts = dict(HAS_X2="x2" in name, HAS_W=True, HAS_B=True, WRITE_DW=True,
                           WRITE_DB=True, HAS_W2=True, HAS_B2=True, WRITE_DW2=True,
                           WRITE_DB2=True, COEFS=True, COEFS2=True, TRAINING=name != "eval",
-                          ACC=tl.float32, **cfg.kwargs)
+                          ACC=tl.float32, **merge_tile)
             specs.append((bn._bn_bwd_finalize_kernel, {"*default": "*fp32"}, consts,
                           cfg.num_warps, 1, dict(kernel="bn_bwd_finalize", variant=name,
                                                  dtype="fp32", memory_bound=True,
-                                                 elements=cfg.kwargs["BLOCK_P"]
-                                                 * cfg.kwargs["BLOCK_C"])))
+                                                 elements=merge_tile["BLOCK_P"]
+                                                 * merge_tile["BLOCK_C"])))
     return specs
 
 

@@ -556,6 +556,67 @@ def test_reduction_keeps_sms_busy_at_small_spatial_sizes(monkeypatch):
         assert programs >= 5 * sms, (c, s, programs)
 
 
+# ResNet-50's BN shapes (C, H*W) at batch 256
+RESNET50_BN = [(64, 112 * 112), (64, 56 * 56), (128, 56 * 56), (128, 28 * 28),
+               (256, 56 * 56), (256, 28 * 28), (256, 14 * 14), (512, 28 * 28),
+               (512, 14 * 14), (512, 7 * 7), (1024, 14 * 14), (2048, 7 * 7)]
+
+
+def _training_launches(monkeypatch, c, s, channels_last):
+    """[(family, grids by config, constexprs, first argument)] of a training BN-ReLU
+    forward + backward at (256, c, s) in bf16, from the GPU launchers themselves on meta
+    tensors (nothing runs): the grid lambda evaluated for every config of the family."""
+    monkeypatch.setattr(bn, "_INTERPRET", False)
+    seen = []
+
+    def record(kernel, family, grid, *args, **constexprs):
+        grids = [grid({**cfg.kwargs, **constexprs})[0] for cfg in bn._FAMILY_CONFIGS[family]()]
+        seen.append((family, grids, constexprs, args[0]))
+
+    monkeypatch.setattr(bn, "_launch", record)
+    meta = dict(device="meta")
+    x = R.empty_ncs(256, c, s, channels_last, torch.bfloat16, "meta")
+    w, b = torch.empty(c, **meta), torch.empty(c, **meta)
+    rm, rv = torch.empty(c, **meta), torch.empty(c, **meta)
+    out, mean, var, *_ = bn.batch_norm_act_forward(x, w, b, rm, rv, None, None, None, None,
+                                                   None, None, True, 1e-5, True,
+                                                   channels_last)
+    bn.batch_norm_act_backward(out, x, w, b, mean, var, None, None, None, None, None, None,
+                               True, 1e-5, True, False, channels_last,
+                               [True, True, False, False, False])
+    return seen
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_reduction_geometry_at_resnet50_shapes(monkeypatch, channels_last):
+    """Issue 22: at 256x64x56x56 (channels-last) the statistics finalize merged P = 1792
+    partials per channel in 1-2 programs (grid over channel blocks only), 16-64 partials
+    per serial tile: 28-112 dependent tiles; the backward finalize the same.  Now, at
+    every ResNet-50 BN shape at batch 256, both layouts: each reduction pass has >= 2
+    programs per SM of an H100/H200 (132 SMs) whichever tile the autotuner picks, P <=
+    1024 partials per channel, and each finalize program holds all P partials of its
+    channels in one tile (every load issued before any use), with >= 16 programs."""
+    sms = 132
+    for c, s in RESNET50_BN:
+        seen = _training_launches(monkeypatch, c, s, channels_last)
+        families = [f for f, *_ in seen]
+        assert families == ["reduce", "merge", "elementwise"] * 2, families
+        for family, grids, constexprs, first in seen:
+            where = (c, s, channels_last, family)
+            if family == "reduce":
+                assert min(grids) >= 2 * sms, (where, grids)
+            elif family == "merge":
+                num_p = first.numel() // c  # the partials workspace
+                assert 1 <= num_p <= 1024, (where, num_p)
+                block_p = constexprs.get("BLOCK_P") or bn._merge_configs()[0].kwargs["BLOCK_P"]
+                assert block_p >= num_p, (where, num_p, block_p)
+                assert first.shape == (c, num_p), (where, first.shape)  # channel-major
+                assert min(grids) >= 16, (where, grids)
+                for cfg in bn._merge_configs():  # values per thread and merged array
+                    held = constexprs["BLOCK_P"] * cfg.kwargs["BLOCK_C"]
+                    assert held <= 16 * 32 * cfg.num_warps, (where, cfg)
+
+
 def test_every_launch_runs_under_the_tensors_device(monkeypatch):
     """Issue 12: a Triton kernel launches on the current CUDA device; every BN launch
     enters kernels.device_guard with a tensor on x's device."""

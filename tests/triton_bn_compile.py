@@ -119,13 +119,15 @@ def main(argv=None):
             for sw in _switches(["HAS_X2", "FROM_RUNNING", "SCALE_SHIFT", "HAS_W", "HAS_B",
                                  "HAS_W2", "HAS_B2"], mode):
                 compile_kernel(bn._bn_stats_finalize_kernel, target, {"*default": accp},
-                               dict(sw, ACC=acc, **cfg.kwargs), cfg.num_warps)
+                               dict(sw, ACC=acc, BLOCK_P=bn._MAX_PARTS, **cfg.kwargs),
+                               cfg.num_warps)
                 count += 1
             for sw in _switches(["HAS_X2", "HAS_W", "HAS_B", "WRITE_DW", "WRITE_DB", "HAS_W2",
                                  "HAS_B2", "WRITE_DW2", "WRITE_DB2", "COEFS", "COEFS2",
                                  "TRAINING"], mode):
                 compile_kernel(bn._bn_bwd_finalize_kernel, target, {"*default": accp},
-                               dict(sw, ACC=acc, **cfg.kwargs), cfg.num_warps)
+                               dict(sw, ACC=acc, BLOCK_P=bn._MAX_PARTS, **cfg.kwargs),
+                               cfg.num_warps)
                 count += 1
     scalar = sorted(k for k, v in vector_loads.items() if not v)
     print(f"compiled {count} kernel variants for sm_{args.arch}")
