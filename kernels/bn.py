@@ -88,11 +88,12 @@ def _merge_configs():
     # Channels per finalize program; BLOCK_P is the launcher's (_finalize_block_p: one tile
     # holds all P <= _MAX_PARTS partials of a channel, so each lane's loads are issued at
     # once).  Small BLOCK_C: C/BLOCK_C programs (32 at C = 64 with the first config); at
-    # BLOCK_P = 1024 each thread holds 16 values of each merged array.
+    # BLOCK_P = 1024 each thread holds <= 16 values of each merged array (4 channels with 8
+    # warps spilled in the +x2 statistics finalize on sm_90: static check).
     return [
         triton.Config({"BLOCK_C": 2}, num_warps=4),
         triton.Config({"BLOCK_C": 1}, num_warps=4),
-        triton.Config({"BLOCK_C": 4}, num_warps=8),
+        triton.Config({"BLOCK_C": 4}, num_warps=16),
     ]
 
 
@@ -423,7 +424,7 @@ def _bn_stats_partial_kernel(
     X2_ptr,  # (N, C, S) second input, any strides (read if HAS_X2)
     stride_x2n, stride_x2c, stride_x2s,  # strides of X2
     CNT_ptr,  # (C, P) acc dtype: element count of each chunk
-    MEAN_ptr,  # (C, P) acc dtype: mean of each chunk
+    MEAN_ptr,  # (C, P) acc dtype: mean of each chunk, less the pivot x[0, c, 0]
     M2_ptr,  # (C, P) acc dtype: sum of squared deviations of each chunk
     MEAN2_ptr,  # (C, P) acc dtype: the same of X2 (HAS_X2; the counts are X's)
     M22_ptr,  # (C, P) acc dtype (HAS_X2)
@@ -443,6 +444,11 @@ def _bn_stats_partial_kernel(
         pid, N, S, C, N_CHUNK, S_CHUNK, NUM_S_CHUNKS, BLOCK_C)
     valid_c = offs_c < C
     c64 = offs_c.to(tl.int64)
+    # statistics of x - x[0, c, 0] (the finalize adds the pivot back): at a large mean with
+    # a small spread the deviations are then exact, not rounded at the mean's magnitude
+    pivot = tl.load(X_ptr + c64 * stride_xc, mask=valid_c, other=0.0).to(ACC)[:, None]
+    if HAS_X2:
+        pivot2 = tl.load(X2_ptr + c64 * stride_x2c, mask=valid_c, other=0.0).to(ACC)[:, None]
     # per-lane Welford: lane (c, j) sees the spatial positions s = j (mod BLOCK_S)
     cnt = tl.zeros([BLOCK_S], dtype=ACC)
     mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
@@ -458,11 +464,11 @@ def _bn_stats_partial_kernel(
             cnt = cnt + valid_s.to(ACC)
             inv = 1.0 / tl.maximum(cnt, 1.0)
             x = tl.load(X_ptr + n * stride_xn + c64[:, None] * stride_xc + s64 * stride_xs,
-                        mask=valid, other=0.0).to(ACC)
+                        mask=valid, other=0.0).to(ACC) - pivot
             mean, m2 = _welford_step(x, valid_s[None, :], inv, mean, m2)
             if HAS_X2:
                 x2 = tl.load(X2_ptr + n * stride_x2n + c64[:, None] * stride_x2c
-                             + s64 * stride_x2s, mask=valid, other=0.0).to(ACC)
+                             + s64 * stride_x2s, mask=valid, other=0.0).to(ACC) - pivot2
                 mean2, m22 = _welford_step(x2, valid_s[None, :], inv, mean2, m22)
     out = _partial_index(p, c64, N, N_CHUNK, NUM_S_CHUNKS)
     mean_c, m2_c = _merge_lanes(cnt, mean, m2)
@@ -647,6 +653,8 @@ def _bn_stats_finalize_kernel(
     CNT_ptr,  # (C, P) partial counts (not FROM_RUNNING)
     MEAN_P_ptr, M2_P_ptr,  # (C, P) partial (mean, M2) of X (not FROM_RUNNING)
     MEAN2_P_ptr, M22_P_ptr,  # (C, P) partials of X2 (HAS_X2, not FROM_RUNNING)
+    X_ptr, stride_xc,  # the statistics' input: its pivots x[0, c, 0] (not FROM_RUNNING)
+    X2_ptr, stride_x2c,  # the same of X2 (HAS_X2, not FROM_RUNNING)
     P,  # number of partials
     C,  # channels
     W_ptr, B_ptr, W2_ptr, B2_ptr,  # (C,) affine parameters (HAS_W, HAS_B, HAS_W2, HAS_B2)
@@ -674,6 +682,8 @@ def _bn_stats_finalize_kernel(
     else:
         mean, var = _merge_welford(CNT_ptr, MEAN_P_ptr, M2_P_ptr, P, C, offs_c, valid_c, ACC,
                                    BLOCK_P, BLOCK_C)
+        mean += tl.load(X_ptr + offs_c.to(tl.int64) * stride_xc, mask=valid_c,
+                        other=0.0).to(ACC)  # the partials' pivot
     tl.store(MEAN_ptr + offs_c, mean, mask=valid_c)
     tl.store(VAR_ptr + offs_c, var, mask=valid_c)
     if SCALE_SHIFT:
@@ -688,6 +698,8 @@ def _bn_stats_finalize_kernel(
         else:
             mean2, var2 = _merge_welford(CNT_ptr, MEAN2_P_ptr, M22_P_ptr, P, C, offs_c,
                                          valid_c, ACC, BLOCK_P, BLOCK_C)
+            mean2 += tl.load(X2_ptr + offs_c.to(tl.int64) * stride_x2c, mask=valid_c,
+                             other=0.0).to(ACC)
         tl.store(MEAN2_ptr + offs_c, mean2, mask=valid_c)
         tl.store(VAR2_ptr + offs_c, var2, mask=valid_c)
         if SCALE_SHIFT:
@@ -987,8 +999,9 @@ def _finalize_stats(x, partials, x2, weight, bias, weight2, bias2, running, eps,
     num_p, cnt, mean_p, m2_p, mean2_p, m22_p = partials or (0,) + (first[0],) * 5
     rm, rv, rm2, rv2 = (r if r is not None else first[0] for r in running)
     pad = lambda v: v + [v[0]] * (4 - len(v))  # noqa: E731  (unused pointers)
+    y2 = x2 if x2 is not None else x
     _launch(_bn_stats_finalize, "merge", lambda META: (triton.cdiv(c, META["BLOCK_C"]),),
-            cnt, mean_p, m2_p, mean2_p, m22_p, num_p, c,
+            cnt, mean_p, m2_p, mean2_p, m22_p, x, x.stride(1), y2, y2.stride(1), num_p, c,
             *(t if t is not None else first[0] for t in (weight, bias, weight2, bias2)),
             rm, rv, rm2, rv2, *pad(first), *pad(second), *_split(eps),
             HAS_X2=x2 is not None, FROM_RUNNING=partials is None, SCALE_SHIFT=scale_shift,

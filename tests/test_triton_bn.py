@@ -172,6 +172,22 @@ def test_stats_large_mean_and_many_partials(monkeypatch):
         torch.testing.assert_close(var.double(), rvar, rtol=1e-3, atol=0)
 
 
+def test_stats_large_mean_variance_to_float32_roundoff():
+    """Issue 22: fp32 Welford at mean 1e3 / spread 1e-2 rounded every deviation at the
+    mean's magnitude (ulp(1e3) = 6e-5: the variance 1.6e-3 off in relative terms, the mean
+    ~1 ulp).  The statistics are now taken on x - x[0, c, 0]: the mean correctly rounded,
+    the variance to a few float32 roundoffs, in both layouts."""
+    g = torch.Generator().manual_seed(21)
+    x64 = torch.randn(3, 19, 35, generator=g, dtype=torch.float64) * 1e-2 + 1e3
+    x = x64.float().to(DEVICE)
+    xcl = x.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+    rmean, rvar = R.bn_stats(x.double())
+    for t, cl in ((x, False), (xcl, True)):
+        mean, var = bn.bn_stats(t, cl)
+        assert torch.equal(mean, rmean.float()), (mean - rmean).abs().max()
+        torch.testing.assert_close(var.double(), rvar, rtol=1e-6, atol=0)
+
+
 def triton_cdiv(a, b):
     return (a + b - 1) // b
 
@@ -656,3 +672,19 @@ def test_deterministic_mode_pins_the_first_config(monkeypatch):
     first = bn._reduce_configs()[0]
     assert calls == [dict(ACC=None, **first.kwargs, num_warps=first.num_warps,
                           num_stages=first.num_stages), "autotuned"]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("regime", ["10/0.5", "1e3/1e-2"])
+def test_numerics_against_float64(regime, channels_last):
+    """The triton backend (interpreter, fp32) in tests/test_numerics.py's judgement: every
+    output, gradient and running statistic within 2x torch's relative L2 error against
+    float64 (or 1.1x the exact-primitives pipeline).  Each kind at one shape; NCHW failed
+    before the pivot (dx 2.1x, dweight 2.1-2.7x, out 2.2-2.4x torch's)."""
+    import test_numerics as T  # noqa: E402  (tests/ is on sys.path under pytest)
+    if DEVICE != "cpu" or "triton" not in fusedres.available_backends():
+        pytest.skip("judges the interpreter on test_numerics' CPU tensors")
+    for i, kind in enumerate(T.KINDS):
+        shape = [(16, 8, 32, 32), (3, 19, 5, 7), (64, 16, 7, 7), (2, 24, 33, 33)][i]
+        case = T.make_case(shape, torch.float32, regime, kind, channels_last, 10 + i)
+        T.check(case, kind, "triton", torch.float32, f"{kind} {shape}")
