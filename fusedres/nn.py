@@ -540,11 +540,12 @@ def bn_relu_conv2d(bn: nn.BatchNorm2d, conv: nn.Conv2d, y: Tensor, *,
 
 
 def _stats_epilogue_ok(conv, bn, next_conv, x, path) -> bool:
-    """Should ``conv`` compute the batch statistics of its output in ``path``'s epilogue
-    for ``next_conv``'s BN-ReLU prologue? (Checked before ``y`` exists: from the modules.)"""
+    """Should ``conv`` compute the batch statistics of its output in ``path``'s epilogue,
+    for ``bn`` (and ``next_conv``'s BN-ReLU prologue, where there is one)? (Checked before
+    ``y`` exists: from the modules.)"""
     return (_batch_stats(bn) and isinstance(x, Tensor)
             and path.stats_problem(conv, x) is None
-            and prologue_conv_problem(next_conv, path.name) is None)
+            and (next_conv is None or prologue_conv_problem(next_conv, path.name) is None))
 
 
 def _bn_relu_conv_recomputed(bn, conv, y, backend):
@@ -581,12 +582,12 @@ def _bn_relu_conv_recomputed(bn, conv, y, backend):
 # F.conv2d, its BN computing its statistics as today.
 
 
-def _conv_with_stats(path, conv, bn, x):
-    """``(conv(x), (mean, var) or None)``: the statistics from ``path``'s epilogue where it
-    computes them; without a conv, ``x``'s carried ones (an F1 conv's output)."""
+def _conv_with_stats(path, conv, bn, x, next_conv=None):
+    """``(conv(x), (mean, var) or None)``: the statistics from ``path``'s epilogue where
+    ``_stats_epilogue_ok``; without a conv, ``x``'s carried ones (an F1 conv's output)."""
     if conv is None:
         return x, _carried_stats(x)
-    if path.stats_problem(conv, x) is None:
+    if _stats_epilogue_ok(conv, bn, next_conv, x, path):
         y, mean, var = path.conv_stats(conv, x)
         return y, (mean, var)
     return conv2d(conv, x), None
@@ -701,13 +702,7 @@ def conv_bn_act(x: Tensor, conv: Optional[nn.Conv2d], bn: nn.BatchNorm2d, *,
         return _conv_then_bn(next_conv, next_bn, y, next_relu, path) \
             if next_conv is not None else y
     if next_conv is not None:
-        stats = None
-        if conv is None:
-            y, stats = x, _carried_stats(x)
-        elif _stats_epilogue_ok(conv, bn, next_conv, x, path):
-            y, *stats = path.conv_stats(conv, x)
-        else:
-            y = conv2d(conv, x)
+        y, stats = _conv_with_stats(path, conv, bn, x, next_conv)
         return bn_relu_conv2d(bn, next_conv, y, stats=stats, memory_saving=memory_saving,
                               backend=backend, conv_backend=path.name)
     if path.plain_site_stats and _batch_stats(bn) and process_group_of(bn) is None:
