@@ -755,7 +755,7 @@ def _in_budget(tiles, itemsize, budget):
 def _fits(tile, gemm_n, wide_ok):
     """Shape pruning: no 128x256 tile under 256 output columns (nor where the epilogue
     holds a second output-sized tile: it spills), no 64-wide one above 64."""
-    m, n, k, _, stages = tile
+    n = tile[1]
     if n > 128 and not wide_ok:
         return False
     return gemm_n is None or (n <= 128 or gemm_n >= 256) and (n >= 128 or gemm_n <= 64)
@@ -779,7 +779,7 @@ def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsiz
 
 
 def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused):
-    m, n, k, _, stages = tile
+    m, n, k = tile[:3]
     if k * itemsize != 128:
         return False
     if gemm_m is not None and (m == 64) != (gemm_m <= 64):
