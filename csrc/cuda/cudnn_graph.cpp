@@ -671,25 +671,30 @@ std::string check_deviceless(const std::string& properties, const std::string& k
                              at::IntArrayRef weight, at::IntArrayRef stride,
                              at::IntArrayRef padding, int64_t sm_version) {
   const char* op = "cudnn_graph_check_deviceless";
-  auto props = read_properties(properties);
-  auto target = [&](Graph& g) {
-    g.set_device_properties(props).set_sm_version(static_cast<int32_t>(sm_version));
-  };
-  try {
-    if (kind == "BNFinalize") {
-      TORCH_CHECK_VALUE(input.size() == 1 && input[0] > 0, "fusedres ", op,
-                        ": BNFinalize takes input (C,)");
-      auto g = finalize_graph();
-      target(*g);
-      define_bn_finalize(*g, input[0]);
-      return lower(*g, nullptr);
-    }
-    const Kind k = parse_kind(kind);
+  // the arguments first (cheap, and the caller's mistakes), then cuDNN reads the blob
+  const bool finalize = kind == "BNFinalize";
+  const Kind k = finalize ? Kind::F0 : parse_kind(kind);  // (k unused for the finalize)
+  if (finalize) {
+    TORCH_CHECK_VALUE(input.size() == 1 && input[0] > 0, "fusedres ", op,
+                      ": BNFinalize takes input (C,)");
+  } else {
     TORCH_CHECK_VALUE(dtype == "float16" || dtype == "bfloat16", "fusedres ", op,
                       ": dtype must be float16 or bfloat16, not ", dtype);
     TORCH_CHECK_VALUE(input.size() == 4 && weight.size() == 4 && stride.size() == 2 &&
                           padding.size() == 2 && input[1] == weight[1],
                       "fusedres ", op, ": a 4-D input and weight (N, C, H, W) / (K, C, R, S)");
+  }
+  auto props = read_properties(properties);
+  auto target = [&](Graph& g) {
+    g.set_device_properties(props).set_sm_version(static_cast<int32_t>(sm_version));
+  };
+  try {
+    if (finalize) {
+      auto g = finalize_graph();
+      target(*g);
+      define_bn_finalize(*g, input[0]);
+      return lower(*g, nullptr);
+    }
     const auto st = dtype == "float16" ? at::kHalf : at::kBFloat16;
     const auto io = io_type(st);
     const std::vector<int64_t> xs = input.vec(), ws = weight.vec();
@@ -711,7 +716,7 @@ std::string check_deviceless(const std::string& properties, const std::string& k
     }
     return problems;
   } catch (const c10::Error&) {
-    throw;  // our own argument checks
+    throw;  // our own checks
   } catch (const std::exception& e) {  // a frontend that throws instead of returning
     return std::string("cudnn-frontend: ") + e.what();
   }
