@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from . import _backend  # noqa: F401  (loads fusedres._C, which defines the graph ops if built)
+from . import _remembered
 from . import conv as fconv
 from . import conv_paths, ops
 from . import reference
@@ -213,8 +214,8 @@ def pad_input_channels(x: Tensor, weight: Tensor, pad: int) -> Tuple[Tensor, Ten
 
 
 # Per graph (kind, device, dtype, shapes, strides): "" (runs) or why cuDNN refused it; and
-# the engine cuDNN chose for those it runs. A refused graph is asked once; the C++ side
-# caches the plans themselves.
+# the engine cuDNN chose for those it runs (fusedres._remembered). A refused graph is asked
+# once; the C++ side caches the plans themselves.
 _STATUS: Dict[tuple, str] = {}
 _ENGINE: Dict[tuple, str] = {}
 _LOCK = threading.Lock()
@@ -243,18 +244,15 @@ def plan_status(x: Tensor, weight: Tensor, kind, stride, padding) -> str:
         return "not planned for symbolic shapes (torch.compile with dynamic shapes)"
     stride, padding = fconv._pair(stride), fconv._pair(padding)
     key = _key(kind, x, weight, stride, padding)
-    status = _STATUS.get(key)
-    if status is None:
-        if torch.compiler.is_compiling():
-            return "not planned before torch.compile tracing (run one eager step first)"
+    if key not in _STATUS and torch.compiler.is_compiling():
+        return "not planned before torch.compile tracing (run one eager step first)"
+
+    def ask():
         # only F0 pads (the stem); the other kinds' inputs are BN outputs, C % 8 == 0
         xp, wp = pad_input_channels(x, weight, input_channel_padding(x.shape[1], kind != "F0"))
-        status, found = _ask_cudnn(kind, xp, wp, stride, padding)
-        with _LOCK:
-            _STATUS[key] = status
-            if found is not None:
-                _ENGINE[key] = found
-    return status
+        return _ask_cudnn(kind, xp, wp, stride, padding)
+
+    return _remembered.ask_once(_LOCK, _STATUS, key, ask, _ENGINE)
 
 
 def _ask_cudnn(kind, x, weight, stride, padding) -> Tuple[str, Optional[str]]:
@@ -271,16 +269,15 @@ def _run_planned(kind, x, weight, stride, padding, run, *args):
     the caller falls back, the user sees no exception."""
     if plan_status(x, weight, kind, stride, padding):
         return None
-    try:
-        return run(*args)
-    except RuntimeError as exc:
-        if torch.compiler.is_compiling():
-            raise
-        first_line = (str(exc).strip() or repr(exc)).splitlines()[0]
-        with _LOCK:
-            _STATUS[_key(kind, x, weight, fconv._pair(stride), fconv._pair(padding))] = \
-                f"execute failed: {first_line}"
-        return None
+    key = _key(_kind(kind), x, weight, fconv._pair(stride), fconv._pair(padding))
+    return _run_remembered(key, run, *args)
+
+
+def _run_remembered(key, run, *args):
+    """``run(*args)`` of a planned graph; a failure is remembered for ``key`` as
+    ``execute failed: <cuDNN's message>`` and gives None."""
+    return _remembered.call(_LOCK, _STATUS, key, run, *args, prefix="execute failed: ",
+                            raise_when_compiling=True)
 
 
 def engine(x: Tensor, weight: Tensor, kind, stride, padding) -> Optional[str]:
@@ -294,9 +291,8 @@ def engine(x: Tensor, weight: Tensor, kind, stride, padding) -> Optional[str]:
 def _conv_rows(conv, kind):
     """``[(key, status, engine)]`` of graph ``kind`` planned for ``conv`` in this process."""
     shape, st, pd = tuple(conv.weight.shape), fconv._pair(conv.stride), fconv._pair(conv.padding)
-    with _LOCK:
-        return [(k, v, _ENGINE.get(k)) for k, v in _STATUS.items()
-                if k[0] == kind and k[5] == shape and k[7] == tuple(st) and k[8] == tuple(pd)]
+    return _remembered.rows(_LOCK, _STATUS, _ENGINE, lambda k: k[0] == kind and k[5] == shape
+                            and k[7] == tuple(st) and k[8] == tuple(pd))
 
 
 def _refused(conv, kind) -> Optional[str]:
@@ -341,10 +337,9 @@ def statuses() -> List[dict]:
     """Every graph planned in this process: kind, device, dtype, input and weight shapes,
     stride, padding, ``status`` ("" when it runs, else cuDNN's reason) and ``engine``
     (cuDNN's plan name and the dtypes it was built with; None if refused)."""
-    with _LOCK:
-        return [dict(kind=k[0], device=k[1], dtype=str(k[2]), input=k[3], weight=k[5],
-                     stride=k[7], padding=k[8], status=v, engine=_ENGINE.get(k))
-                for k, v in _STATUS.items()]
+    return [dict(kind=k[0], device=k[1], dtype=str(k[2]), input=k[3], weight=k[5],
+                 stride=k[7], padding=k[8], status=v, engine=e)
+            for k, v, e in _remembered.rows(_LOCK, _STATUS, _ENGINE)]
 
 
 # --------------------------------------------------------------------------------------
@@ -827,16 +822,9 @@ def finalize_status(sums: Tensor) -> str:
     """``""`` when cuDNN plans its bn_finalize for ``sums``' channels (planned on the
     first call, remembered per device and channel count), else cuDNN's reason."""
     key = _finalize_key(sums)
-    status = _STATUS.get(key)
-    if status is None:
-        if torch.compiler.is_compiling():
-            return "not planned before torch.compile tracing (run one eager step first)"
-        status, found = _ask_cudnn_finalize(sums)
-        with _LOCK:
-            _STATUS[key] = status
-            if found is not None:
-                _ENGINE[key] = found
-    return status
+    if key not in _STATUS and torch.compiler.is_compiling():
+        return "not planned before torch.compile tracing (run one eager step first)"
+    return _remembered.ask_once(_LOCK, _STATUS, key, lambda: _ask_cudnn_finalize(sums), _ENGINE)
 
 
 def engine_of_finalize(sums: Tensor) -> Optional[str]:
@@ -913,15 +901,10 @@ def bn_finalize(sums: Tensor, sq_sums: Tensor, count: int, weight: Optional[Tens
     sums, sq_sums = sums.detach(), sq_sums.detach()
     if impl == "cudnn" and finalize_problem(sums, running_mean, momentum) is None \
             and not finalize_status(sums):
-        try:
-            return _finalize_cudnn(sums, sq_sums, count, weight, bias, eps, running_mean,
-                                   running_var, momentum)
-        except RuntimeError as exc:
-            if torch.compiler.is_compiling():
-                raise
-            first_line = (str(exc).strip() or repr(exc)).splitlines()[0]
-            with _LOCK:
-                _STATUS[_finalize_key(sums)] = f"execute failed: {first_line}"
+        out = _run_remembered(_finalize_key(sums), _finalize_cudnn, sums, sq_sums, count,
+                              weight, bias, eps, running_mean, running_var, momentum)
+        if out is not None:
+            return out
     weight = None if weight is None else weight.detach()
     bias = None if bias is None else bias.detach()
     return _finalize_fusedres(sums, sq_sums, count, weight, bias, eps, running_mean,
