@@ -202,3 +202,17 @@ def test_doctor_row_lists_a_refusal_as_skipped(fake_cudnn):
     doc = _doctor_finalize_rows()
     assert not doc.rows and len(doc.skipped) == 3
     assert all(k == "cudnn_graph_BNFinalize" and "no engine" in why for k, why in doc.skipped)
+
+
+@pytest.mark.skipif(not cudnn_graph.built(), reason="fusedres._C without the cuDNN graph path")
+def test_the_extension_op_takes_what_the_python_side_passes():
+    """CI's CUDA build has the op, with the argument order _run_bn_finalize passes and the
+    six outputs _finalize_cudnn unpacks (the CPU tests fake the op by its reference)."""
+    schema = torch.ops.fusedres.cudnn_graph_bn_finalize.default._schema
+    assert [a.name for a in schema.arguments] == [
+        "sum", "sq_sum", "gamma", "beta", "running_mean", "running_var", "eps", "momentum",
+        "count"]
+    assert [r.name for r in schema.returns] == [
+        "scale", "shift", "mean", "invstd", "next_running_mean", "next_running_var"]
+    for op in ("cudnn_graph_bn_finalize_plan", "cudnn_graph_bn_finalize_engine"):
+        assert cudnn_graph._defined(op)
