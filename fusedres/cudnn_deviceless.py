@@ -18,10 +18,15 @@ validated, lowered, offered engines by the heuristics and checked for support wi
   (``nvidia-cudnn-frontend``, the pinned wheel of scripts/setup.sh, ``--no-deps``; only
   its graph API is used) the way ``csrc/cuda/cudnn_graph.cpp`` builds them: NHWC
   tensors, fp32 intermediates and compute, heuristics modes A and FALLBACK.
+* ``check_cpp`` asks the extension itself (``fusedres::cudnn_graph_check_deviceless``,
+  callable without a GPU): the exact graphs the planner builds, every kind --
+  ``every_planned_graph``: F0, F1, the backward graphs DgradDreluDBN and ConvBNwgrad
+  (which the Python package cannot express: no ``dbn_weight``) at every F1 conv, and
+  BNFinalize per BN width -- in every variant the planner tries.
 
     python -m fusedres.cudnn_deviceless capture [--index 0] [--out FILE | --jsonl RUN]
     python -m fusedres.cudnn_deviceless extract RUN.jsonl [--dir DIR]
-    python -m fusedres.cudnn_deviceless check FILE [--batch 256]
+    python -m fusedres.cudnn_deviceless check FILE [--batch 256] [--cpp]
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from typing import List, NamedTuple, Optional
 import torch
 
 __all__ = ["capture", "load", "saved_files", "GraphCase", "planned_graphs", "check",
-           "PROPERTIES_DIR"]
+           "every_planned_graph", "cpp_entry", "check_cpp", "PROPERTIES_DIR"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROPERTIES_DIR = os.path.join(ROOT, "benchmarks", "cudnn_device_properties")
@@ -148,16 +153,18 @@ def extract(run_jsonl: str, directory: str = PROPERTIES_DIR) -> Optional[str]:
 
 
 class GraphCase(NamedTuple):
-    kind: str  # "F0" | "F1"
+    kind: str  # one of cudnn_graph.KINDS, or cudnn_graph.FINALIZE_KIND
     dtype: torch.dtype
-    input_shape: tuple  # as the graph sees it (input channels padded where planned)
-    weight_shape: tuple
+    input_shape: tuple  # as the graph sees it (input channels padded where planned);
+    weight_shape: tuple  # BNFinalize: input (C,), weight ()
     stride: int
     padding: int
     site: str
 
     @property
     def label(self) -> str:
+        if len(self.input_shape) == 1:  # BNFinalize
+            return f"{self.kind} {self.site} C={self.input_shape[0]}"
         n, c, h, _ = self.input_shape
         k, _, r, _ = self.weight_shape
         return (f"{self.kind} {str(self.dtype).replace('torch.', '')} {self.site} "
@@ -186,6 +193,40 @@ def planned_graphs(capability, cudnn_version: int, batch: int = 256) -> List[Gra
                                      (spec.c_out, spec.c_in + pad, spec.kernel, spec.kernel),
                                      spec.stride, spec.padding, spec.layer))
     return out
+
+
+def every_planned_graph(capability, cudnn_version: int, batch: int = 256) -> List[GraphCase]:
+    """``planned_graphs`` and the rest of what the planner builds at ResNet-50's conv
+    sites: the backward graphs (DgradDreluDBN, ConvBNwgrad) of every conv planned as F1,
+    and the BNFinalize graph of every BN width (float32) -- each graph kind once per
+    distinct shape."""
+    from . import cudnn_graph
+
+    out = planned_graphs(capability, cudnn_version, batch)
+    out += [case._replace(kind=kind) for case in list(out) if case.kind == "F1"
+            for kind in cudnn_graph.BACKWARD_KINDS]
+    widths = sorted({case.weight_shape[0] for case in out})
+    if widths:  # (nothing is planned before sm_80)
+        out += [GraphCase(cudnn_graph.FINALIZE_KIND, torch.float32, (c,), (), 1, 0,
+                          "the BN after a conv") for c in widths]
+    return out
+
+
+def cpp_entry() -> bool:
+    """Has the loaded fusedres._C the C++ deviceless check (the cuDNN graph path)?"""
+    from . import cudnn_graph
+
+    return cudnn_graph._defined("cudnn_graph_check_deviceless")
+
+
+def check_cpp(properties: str, case: GraphCase, capability) -> str:
+    """"" when cuDNN supports ``case`` on the described device (compute ``capability``),
+    else cuDNN's reason per variant: the extension's own graphs, no GPU. A blob cuDNN
+    cannot read raises ValueError."""
+    sm = int(capability[0]) * 10 + int(capability[1])
+    return str(torch.ops.fusedres.cudnn_graph_check_deviceless(
+        properties, case.kind, str(case.dtype).replace("torch.", ""), list(case.input_shape),
+        list(case.weight_shape), [case.stride] * 2, [case.padding] * 2, sm))
 
 
 def _nhwc(d):
@@ -243,6 +284,9 @@ def main(argv=None) -> int:
     k = sub.add_parser("check", help="check every planned graph deviceless")
     k.add_argument("file")
     k.add_argument("--batch", type=int, default=256)
+    k.add_argument("--cpp", action="store_true",
+                   help="every graph kind through the extension's C++ check (no Python "
+                        "cudnn package needed)")
     args = p.parse_args(argv)
     if args.cmd == "capture":
         try:
@@ -267,8 +311,11 @@ def main(argv=None) -> int:
         return 0 if path else 1
     data = load(args.file)
     bad = 0
-    for case in planned_graphs(data["capability"], data["cudnn_version"], args.batch):
-        why = check(data["properties"], case)
+    cases = (every_planned_graph if args.cpp else planned_graphs)(
+        data["capability"], data["cudnn_version"], args.batch)
+    for case in cases:
+        why = check_cpp(data["properties"], case, data["capability"]) if args.cpp \
+            else check(data["properties"], case)
         bad += bool(why)
         print(f"{case.label}: {'supported' if not why else 'REFUSED: ' + why}")
     return 1 if bad else 0

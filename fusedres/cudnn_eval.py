@@ -20,7 +20,8 @@ a ReLU after the conv (the ops always apply one), CUDA tensors with cuDNN availa
 enabled, float16/bfloat16/float32 input (under autocast: the autocast dtype, weight and
 bias cast to it as ``F.conv2d`` would), weight, bias and residual in the input's dtype,
 the residual of the output's shape, a channels_last input (the folded weight is made
-channels_last here; an NCHW input would make ATen copy it on every call), groups 1, zero
+channels_last here, once per folded weight; an NCHW input would make ATen copy it on every
+call), groups 1, zero
 padding given as numbers, autograd off and no ``torch.jit`` trace (the trace stays plain
 aten, as the CPU oneDNN path). cuDNN has the last word: a call that raises is remembered
 per (device, dtype, shapes, strides, geometry, residual or not) (``statuses()``), that
@@ -38,7 +39,9 @@ from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
+from . import _remembered
 from . import conv as fconv
 from . import conv_paths
 
@@ -88,7 +91,8 @@ def plan(caps: Capabilities, dtype: torch.dtype, weight_dtype: torch.dtype,
     return None
 
 
-# Per call signature: "" (it ran) or the error cuDNN/ATen raised (asked once).
+# Per call signature: "" (it ran) or the error cuDNN/ATen raised (asked once:
+# fusedres._remembered).
 _STATUS: Dict[tuple, str] = {}
 _LOCK = threading.Lock()
 
@@ -146,44 +150,66 @@ def _conv_relu(x, w, b, stride, padding, dilation, groups):
     return torch.cudnn_convolution_relu(x, w, b, stride, padding, dilation, groups)
 
 
+# The folded weight as the fused call takes it (the autocast dtype, channels_last), made
+# once per folded weight instead of per call: keyed weakly by the folded tensor, which the
+# fold cache (fusedres.nn.folded_weights) replaces when the module's weights change, so
+# the entry goes with it. Nothing is stored on the module (state_dict, fx unchanged).
+_CALL_WEIGHTS = WeakIdKeyDictionary()
+
+
+def _call_weight(x: Tensor, folded: Tensor) -> Tensor:
+    """``folded`` in the autocast dtype (as F.conv2d casts it) and channels_last (ATen
+    would otherwise copy the input to the weight's layout), cached per folded tensor;
+    during CUDA-graph capture or torch.compile tracing made, not stored."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.amp.is_autocast_available(dev) \
+        and torch.is_autocast_enabled(dev) else folded.dtype
+    if folded.dtype == dtype and folded.is_contiguous(memory_format=torch.channels_last):
+        return folded  # nothing to convert (never cached: the value would keep its key alive)
+    cached = _CALL_WEIGHTS.get(folded)
+    if cached is not None and cached.dtype == dtype:
+        return cached
+    out = folded.to(dtype).contiguous(memory_format=torch.channels_last)
+    if not torch.compiler.is_compiling() \
+            and not (out.is_cuda and torch.cuda.is_current_stream_capturing()):
+        _CALL_WEIGHTS[folded] = out
+    return out
+
+
 def run(conv, x: Tensor, weight: Tensor, bias: Optional[Tensor],
         residual: Optional[Tensor] = None) -> Optional[Tensor]:
     """``relu(conv(x, weight, bias) [+ residual])`` in one cuDNN call (the caller checked
-    ``problem``), or None when the call raised: remembered, the caller runs today's path."""
-    x, weight, bias = fconv.autocast_inputs(x, weight, bias)
+    ``problem``), or None when the call raised: remembered, the caller runs today's path.
+    ``weight``: the folded one (its call form cached: ``_call_weight``)."""
+    weight = _call_weight(x, weight)
+    x, weight, bias = fconv.autocast_inputs(x, weight, bias)  # (weight: already cast)
     key = _key(conv, x, residual)
-    weight = weight.contiguous(memory_format=torch.channels_last)
     geometry = (list(fconv._pair(conv.stride)), list(fconv._pair(conv.padding)),
                 list(fconv._pair(conv.dilation)), conv.groups)
-    try:
-        out = (_conv_relu(x, weight, bias, *geometry) if residual is None
-               else _conv_add_relu(x, weight, residual, bias, *geometry))
-    except RuntimeError as exc:  # no engine for it, a cuDNN status error: never the user's
-        with _LOCK:
-            _STATUS[key] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        return None
-    if key not in _STATUS:
-        with _LOCK:
-            _STATUS[key] = ""
-    return out
+    # an error (no engine for it, a cuDNN status error) is remembered, never the user's
+    if residual is None:
+        return _remembered.call(_LOCK, _STATUS, key, _conv_relu, x, weight, bias, *geometry,
+                                limit=300)
+    return _remembered.call(_LOCK, _STATUS, key, _conv_add_relu, x, weight, residual, bias,
+                            *geometry, limit=300)
 
 
 def _refused(conv) -> Optional[str]:
     """Why the fused call failed for this conv at some input seen in this process."""
-    shape = tuple(conv.weight.shape)
-    with _LOCK:
-        for k, status in _STATUS.items():
-            if status and k[4] == shape and k[5] == tuple(fconv._pair(conv.stride)):
-                return f"cuDNN refused the fused call at input {k[2]} {k[1]}: {status}"
+    shape, stride = tuple(conv.weight.shape), tuple(fconv._pair(conv.stride))
+    for k, status, _ in _remembered.rows(_LOCK, _STATUS,
+                                         where=lambda k: k[4] == shape and k[5] == stride):
+        if status:
+            return f"cuDNN refused the fused call at input {k[2]} {k[1]}: {status}"
     return None
 
 
 def statuses() -> List[dict]:
     """Every fused-call signature tried in this process: device, dtype, input and weight
     shapes, stride, residual, and ``status`` ("" when it ran, else the error)."""
-    with _LOCK:
-        return [dict(device=k[0], dtype=str(k[1]), input=k[2], weight=k[4], stride=k[5],
-                     padding=k[6], residual=k[8], status=v) for k, v in _STATUS.items()]
+    return [dict(device=k[0], dtype=str(k[1]), input=k[2], weight=k[4], stride=k[5],
+                 padding=k[6], residual=k[8], status=v)
+            for k, v, _ in _remembered.rows(_LOCK, _STATUS)]
 
 
 class CudnnEvalConv(conv_paths.CudnnConv):

@@ -13,6 +13,10 @@ Graph kinds (their references in ``fusedres.reference``):
                                                                (graph_dgrad_drelu_dbn)
     ConvBNwgrad    relu(x*scale + shift) -> conv_wgrad: the weight gradient with F1's
                    prologue recomputed                                     (graph_wgrad)
+    BNFinalize     bn_finalize: sums -> scale, shift, mean, invstd, running statistics;
+                   ``bn_finalize`` runs it or the project's finalize (``finalize``, the
+                   project's by default until a GPU measures cuDNN's faster)
+                                                                     (graph_bn_finalize)
 
 From the sums, ``mean = sum/M`` and the biased ``var = sum_sq/M - mean**2`` (fp32; see
 docs/cudnn_graph.md for the cancellation this allows).
@@ -56,6 +60,7 @@ import torch
 from torch import Tensor
 
 from . import _backend  # noqa: F401  (loads fusedres._C, which defines the graph ops if built)
+from . import _remembered
 from . import conv as fconv
 from . import conv_paths, ops
 from . import reference
@@ -63,7 +68,7 @@ from .reference import acc_dtype, bn_relu_prologue
 
 __all__ = ["built", "Capabilities", "capabilities", "problem", "plan", "plan_status", "engine",
            "statuses", "conv_stats", "bn_relu_conv", "bn_act_with_stats", "fused_backward",
-           "CudnnGraphConv"]
+           "CudnnGraphConv", "finalize", "bn_finalize", "finalize_problem", "finalize_status"]
 
 _OP = "cudnn_graph_conv_stats"
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -209,8 +214,8 @@ def pad_input_channels(x: Tensor, weight: Tensor, pad: int) -> Tuple[Tensor, Ten
 
 
 # Per graph (kind, device, dtype, shapes, strides): "" (runs) or why cuDNN refused it; and
-# the engine cuDNN chose for those it runs. A refused graph is asked once; the C++ side
-# caches the plans themselves.
+# the engine cuDNN chose for those it runs (fusedres._remembered). A refused graph is asked
+# once; the C++ side caches the plans themselves.
 _STATUS: Dict[tuple, str] = {}
 _ENGINE: Dict[tuple, str] = {}
 _LOCK = threading.Lock()
@@ -239,18 +244,15 @@ def plan_status(x: Tensor, weight: Tensor, kind, stride, padding) -> str:
         return "not planned for symbolic shapes (torch.compile with dynamic shapes)"
     stride, padding = fconv._pair(stride), fconv._pair(padding)
     key = _key(kind, x, weight, stride, padding)
-    status = _STATUS.get(key)
-    if status is None:
-        if torch.compiler.is_compiling():
-            return "not planned before torch.compile tracing (run one eager step first)"
+    if key not in _STATUS and torch.compiler.is_compiling():
+        return "not planned before torch.compile tracing (run one eager step first)"
+
+    def ask():
         # only F0 pads (the stem); the other kinds' inputs are BN outputs, C % 8 == 0
         xp, wp = pad_input_channels(x, weight, input_channel_padding(x.shape[1], kind != "F0"))
-        status, found = _ask_cudnn(kind, xp, wp, stride, padding)
-        with _LOCK:
-            _STATUS[key] = status
-            if found is not None:
-                _ENGINE[key] = found
-    return status
+        return _ask_cudnn(kind, xp, wp, stride, padding)
+
+    return _remembered.ask_once(_LOCK, _STATUS, key, ask, _ENGINE)
 
 
 def _ask_cudnn(kind, x, weight, stride, padding) -> Tuple[str, Optional[str]]:
@@ -267,16 +269,15 @@ def _run_planned(kind, x, weight, stride, padding, run, *args):
     the caller falls back, the user sees no exception."""
     if plan_status(x, weight, kind, stride, padding):
         return None
-    try:
-        return run(*args)
-    except RuntimeError as exc:
-        if torch.compiler.is_compiling():
-            raise
-        first_line = (str(exc).strip() or repr(exc)).splitlines()[0]
-        with _LOCK:
-            _STATUS[_key(kind, x, weight, fconv._pair(stride), fconv._pair(padding))] = \
-                f"execute failed: {first_line}"
-        return None
+    key = _key(_kind(kind), x, weight, fconv._pair(stride), fconv._pair(padding))
+    return _run_remembered(key, run, *args)
+
+
+def _run_remembered(key, run, *args):
+    """``run(*args)`` of a planned graph; a failure is remembered for ``key`` as
+    ``execute failed: <cuDNN's message>`` and gives None."""
+    return _remembered.call(_LOCK, _STATUS, key, run, *args, prefix="execute failed: ",
+                            raise_when_compiling=True)
 
 
 def engine(x: Tensor, weight: Tensor, kind, stride, padding) -> Optional[str]:
@@ -290,9 +291,8 @@ def engine(x: Tensor, weight: Tensor, kind, stride, padding) -> Optional[str]:
 def _conv_rows(conv, kind):
     """``[(key, status, engine)]`` of graph ``kind`` planned for ``conv`` in this process."""
     shape, st, pd = tuple(conv.weight.shape), fconv._pair(conv.stride), fconv._pair(conv.padding)
-    with _LOCK:
-        return [(k, v, _ENGINE.get(k)) for k, v in _STATUS.items()
-                if k[0] == kind and k[5] == shape and k[7] == tuple(st) and k[8] == tuple(pd)]
+    return _remembered.rows(_LOCK, _STATUS, _ENGINE, lambda k: k[0] == kind and k[5] == shape
+                            and k[7] == tuple(st) and k[8] == tuple(pd))
 
 
 def _refused(conv, kind) -> Optional[str]:
@@ -337,10 +337,9 @@ def statuses() -> List[dict]:
     """Every graph planned in this process: kind, device, dtype, input and weight shapes,
     stride, padding, ``status`` ("" when it runs, else cuDNN's reason) and ``engine``
     (cuDNN's plan name and the dtypes it was built with; None if refused)."""
-    with _LOCK:
-        return [dict(kind=k[0], device=k[1], dtype=str(k[2]), input=k[3], weight=k[5],
-                     stride=k[7], padding=k[8], status=v, engine=_ENGINE.get(k))
-                for k, v in _STATUS.items()]
+    return [dict(kind=k[0], device=k[1], dtype=str(k[2]), input=k[3], weight=k[5],
+                 stride=k[7], padding=k[8], status=v, engine=e)
+            for k, v, e in _remembered.rows(_LOCK, _STATUS, _ENGINE)]
 
 
 # --------------------------------------------------------------------------------------
@@ -460,10 +459,14 @@ def _run_wgrad(dy, x, scale, shift, weight, stride, padding):
     return torch.ops.fusedres.cudnn_graph_wgrad(dy, x, scale, shift, weight, stride, padding)
 
 
-def _sums_to_stats(y, s1, s2):
-    count = y.numel() // y.shape[1]
+def _mean_var(s1, s2, count):
+    """``mean = sum/M`` and the biased ``var = sum_sq/M - mean**2`` (clamped at 0)."""
     mean = s1 / count
-    var = torch.clamp(s2 / count - mean * mean, min=0)
+    return mean, torch.clamp(s2 / count - mean * mean, min=0)
+
+
+def _sums_to_stats(y, s1, s2):
+    mean, var = _mean_var(s1, s2, y.numel() // y.shape[1])
     return mean.to(acc_dtype(y.dtype)), var.to(acc_dtype(y.dtype))
 
 
@@ -765,3 +768,144 @@ class CudnnGraphConv(conv_paths.ConvPath):
 
 
 conv_paths.register(CudnnGraphConv())
+
+
+# --------------------------------------------------------------------------------------
+# BN finalize after the graphs' sums: the project's (default) or cuDNN's bn_finalize
+# --------------------------------------------------------------------------------------
+
+FINALIZE_KIND = "BNFinalize"
+FINALIZES = ("fusedres", "cudnn")
+# Which finalize ``bn_finalize`` runs: "fusedres" -- torch ops for mean/var and scale/shift,
+# the project's running-statistics op -- or "cudnn": cuDNN's bn_finalize graph
+# (fusedres::cudnn_graph_bn_finalize, one launch) where cuDNN plans it, else "fusedres"
+# (remembered, as the other graphs). Never chosen blind: "fusedres" stays the default
+# until the device measures cuDNN's exact (the doctor's cudnn_graph_BNFinalize row) and
+# faster (scripts/gpu_cudnn_sites.py --finalize) -- docs/cudnn_graph.md.
+finalize = "fusedres"
+
+
+def _finalize_key(sums: Tensor) -> tuple:
+    # the layout of the conv graphs' keys (statuses() reads it): the input is (C,)
+    return (FINALIZE_KIND, str(sums.device), sums.dtype, tuple(sums.shape), sums.stride(),
+            (), (), (), ())
+
+
+def finalize_plan(on_cuda: bool, built_op: bool, sums_dtype: torch.dtype,
+                  running_dtype: Optional[torch.dtype], momentum: Optional[float]
+                  ) -> Optional[str]:
+    """The rules for cuDNN's bn_finalize known without cuDNN: None (cuDNN decides,
+    ``finalize_status``) or why the project's finalize runs."""
+    if not on_cuda:
+        return "cuDNN's bn_finalize runs on CUDA tensors only"
+    if not built_op:
+        return "fusedres._C was built without cuDNN's bn_finalize (an older build)"
+    if sums_dtype != torch.float32:
+        return f"{sums_dtype} sums: cuDNN's bn_finalize takes float32"
+    if momentum is None:
+        return ("momentum=None (a cumulative average: the factor 1/num_batches_tracked is on "
+                "the device, cuDNN takes it by value)")
+    if running_dtype not in (None, torch.float32):
+        return f"{running_dtype} running statistics: cuDNN's bn_finalize writes float32"
+    return None
+
+
+def finalize_problem(sums: Tensor, running_mean: Optional[Tensor],
+                     momentum: Optional[float]) -> Optional[str]:
+    """``finalize_plan``'s answer for these tensors."""
+    return finalize_plan(sums.device.type == "cuda", _defined("cudnn_graph_bn_finalize"),
+                         sums.dtype, None if running_mean is None else running_mean.dtype,
+                         momentum)
+
+
+def finalize_status(sums: Tensor) -> str:
+    """``""`` when cuDNN plans its bn_finalize for ``sums``' channels (planned on the
+    first call, remembered per device and channel count), else cuDNN's reason."""
+    key = _finalize_key(sums)
+    if key not in _STATUS and torch.compiler.is_compiling():
+        return "not planned before torch.compile tracing (run one eager step first)"
+    return _remembered.ask_once(_LOCK, _STATUS, key, lambda: _ask_cudnn_finalize(sums), _ENGINE)
+
+
+def engine_of_finalize(sums: Tensor) -> Optional[str]:
+    """The engine cuDNN planned for the BNFinalize graph of ``sums``' channels, or None."""
+    with _LOCK:
+        return _ENGINE.get(_finalize_key(sums))
+
+
+def _ask_cudnn_finalize(sums) -> Tuple[str, Optional[str]]:
+    """``(status, engine)`` of the BNFinalize graph from the C++ planner (tests fake this)."""
+    status = str(torch.ops.fusedres.cudnn_graph_bn_finalize_plan(sums))
+    if status:
+        return status, None
+    return status, str(torch.ops.fusedres.cudnn_graph_bn_finalize_engine(sums))
+
+
+def _run_bn_finalize(sums, sq_sums, gamma, beta, running_mean, running_var, eps, momentum,
+                     count):
+    """cuDNN's bn_finalize, in cuDNN's order of outputs (CPU tests put
+    ``reference.graph_bn_finalize`` here)."""
+    return torch.ops.fusedres.cudnn_graph_bn_finalize(sums, sq_sums, gamma, beta, running_mean,
+                                                      running_var, eps, momentum, count)
+
+
+def _finalize_fusedres(sums, sq_sums, count, weight, bias, eps, running_mean, running_var,
+                       momentum, num_batches_tracked):
+    """The project's finalize: mean and biased var from the sums (``_sums_to_stats``'s
+    formula), ``ops.update_from_batch`` (torch's unbiased running variance, momentum or
+    the cumulative average), ``ops.scale_shift``."""
+    mean, var = _mean_var(sums, sq_sums, count)
+    ops.update_from_batch(running_mean, running_var, mean, var, count, momentum,
+                          num_batches_tracked)
+    invstd, scale, shift = ops.scale_shift(weight, bias, mean, var, eps)
+    return scale, shift, mean, invstd
+
+
+def _finalize_cudnn(sums, sq_sums, count, weight, bias, eps, running_mean, running_var,
+                    momentum):
+    """cuDNN's bn_finalize: ones/zeros for an absent affine, throw-away running
+    statistics (momentum 0) without them; the next running statistics copied into the
+    module's."""
+    one = lambda v, fill: (torch.full_like(sums, fill) if v is None  # noqa: E731
+                           else v.detach().to(sums.dtype).contiguous())  # float32
+    track = running_mean is not None
+    rm, rv = (one(running_mean, 0.0), one(running_var, 1.0)) if track else \
+        (torch.zeros_like(sums), torch.ones_like(sums))
+    scale, shift, mean, invstd, next_rm, next_rv = _run_bn_finalize(
+        sums.contiguous(), sq_sums.contiguous(), one(weight, 1.0), one(bias, 0.0), rm, rv,
+        float(eps), float(momentum) if track else 0.0, int(count))
+    if track:
+        running_mean.copy_(next_rm)
+        running_var.copy_(next_rv)
+    return scale, shift, mean, invstd
+
+
+def bn_finalize(sums: Tensor, sq_sums: Tensor, count: int, weight: Optional[Tensor],
+                bias: Optional[Tensor], eps: float, running_mean: Optional[Tensor] = None,
+                running_var: Optional[Tensor] = None, momentum: Optional[float] = 0.1,
+                num_batches_tracked: Optional[Tensor] = None,
+                impl: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BN finalize after a graph's ``genstats``: per-channel ``sum(y)``, ``sum(y*y)`` over
+    ``count`` values -> ``(scale, shift, mean, invstd)`` (``bn(y) = y*scale + shift``:
+    F1's prologue vectors), the running statistics updated in place as ``nn.BatchNorm``
+    does (``momentum``, or None with ``num_batches_tracked`` already incremented: the
+    cumulative average). Constants: no autograd through it (the graph sites' backward
+    holds the statistics' gradient).
+
+    ``impl`` (default: the module's ``finalize``): "fusedres" or "cudnn"; "cudnn" runs
+    cuDNN's graph where ``finalize_problem`` and cuDNN allow, else the project's (a graph
+    that fails to execute is remembered as refused: ``statuses()``)."""
+    impl = finalize if impl is None else impl
+    if impl not in FINALIZES:
+        raise ValueError(f"unknown BN finalize {impl!r}: one of {FINALIZES}")
+    sums, sq_sums = sums.detach(), sq_sums.detach()
+    if impl == "cudnn" and finalize_problem(sums, running_mean, momentum) is None \
+            and not finalize_status(sums):
+        out = _run_remembered(_finalize_key(sums), _finalize_cudnn, sums, sq_sums, count,
+                              weight, bias, eps, running_mean, running_var, momentum)
+        if out is not None:
+            return out
+    weight = None if weight is None else weight.detach()
+    bias = None if bias is None else bias.detach()
+    return _finalize_fusedres(sums, sq_sums, count, weight, bias, eps, running_mean,
+                              running_var, momentum, num_batches_tracked)

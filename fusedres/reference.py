@@ -28,9 +28,9 @@ Primitive contract (shared by every backend):
   ``not (pre_activation <= 0)`` -- NaN passes the gradient, as ``torch.relu`` does.
 
 A third level: what each cuDNN graph of ``fusedres.cudnn_graph`` computes (``graph_f0``,
-``graph_f1``, ``graph_dgrad_drelu_dbn``, ``graph_wgrad``, ``bn_finalize``, ``dgrad_drelu``,
-``dbn_weight``, ``dbn_apply``), with
-cuDNN's conventions (sums rather than centred statistics, the ``A*dy + B*x + C`` form
+``graph_f1``, ``graph_dgrad_drelu_dbn``, ``graph_wgrad``, ``bn_finalize``,
+``graph_bn_finalize``, ``dgrad_drelu``, ``dbn_weight``, ``dbn_apply``), with cuDNN's
+conventions (sums rather than centred statistics, the ``A*dy + B*x + C`` form
 of the BN input gradient).
 """
 from __future__ import annotations
@@ -298,7 +298,8 @@ def bn_finalize(sum_y: Tensor, sum_sq: Tensor, count: int, weight: Optional[Tens
     mean*scale`` (so ``bn(y) = y*scale + shift``). Running stats as torch:
     ``(1-m)*old + m*batch`` with the *unbiased* variance ``var*M/(M-1)``; ``momentum`` is
     the factor ``m`` itself (torch's ``momentum=None`` is ``1/num_batches_tracked``).
-    cuDNN's ``bn_finalize`` takes ``exp_decay = 1 - m`` (as Paddle passes it)."""
+    cuDNN's ``bn_finalize`` takes ``m`` as its exponential-average factor: Paddle passes
+    ``1 - momentum`` because its momentum weighs the old value (:func:`graph_bn_finalize`)."""
     mean = sum_y / count
     var = torch.clamp(sum_sq / count - mean * mean, min=0)
     invstd = torch.rsqrt(var + eps)
@@ -313,6 +314,25 @@ def bn_finalize(sum_y: Tensor, sum_sq: Tensor, count: int, weight: Optional[Tens
         unbiased = var * (count / max(count - 1, 1))
         next_rv = (1 - momentum) * running_var + momentum * unbiased.to(running_var.dtype)
     return scale, shift, mean, invstd, next_rm, next_rv
+
+
+def graph_bn_finalize(sum_y: Tensor, sum_sq: Tensor, gamma: Tensor, beta: Tensor, eps: float,
+                      prev_running_mean: Tensor, prev_running_var: Tensor,
+                      exp_average_factor: float, accum_count: int):
+    """cuDNN's bn_finalize graph (``BN_FINALIZE_STATISTICS``, training mode) in the order
+    of ``fusedres::cudnn_graph_bn_finalize``: ``(eq_scale, eq_bias, saved_mean,
+    saved_inv_std, next_running_mean, next_running_var)``, every input required.
+
+    Conventions taken (cuDNN's docs, "Normalizations": ``next = (1 - momentum)*previous +
+    momentum*current``; Paddle's ``exp_decay = 1 - paddle_momentum``): the
+    exponential-average factor is torch's ``momentum``; the running variance takes the
+    *unbiased* batch variance (torch's, and cuDNN's own legacy BN's), ``eq_bias = beta -
+    mean*eq_scale``. The unbiased variance is not documented for the graph: the doctor's
+    ``cudnn_graph_BNFinalize`` row checks all six outputs on a GPU. The new running
+    statistics are returned, the given ones untouched (cuDNN writes them to new tensors).
+    """
+    return bn_finalize(sum_y, sum_sq, accum_count, gamma, beta, eps, prev_running_mean,
+                       prev_running_var, exp_average_factor)
 
 
 def _dgrad(dout: Tensor, weight: Tensor, input_shape, stride, padding) -> Tensor:

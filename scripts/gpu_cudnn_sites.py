@@ -19,6 +19,11 @@ cuDNN call), img/s and the largest output difference from eager.
 
     python3 scripts/gpu_cudnn_sites.py [--batch 256] [--dtypes float16,bfloat16]
                                        [--sites 1,2,6] [--train] [--eval] [--out results.json]
+    python3 scripts/gpu_cudnn_sites.py --finalize [--jsonl run.jsonl]
+
+``--finalize`` times only BN finalize after the graphs' sums at each ResNet-50 BN width
+(batch 256 at 56x56): the project's finalize against cuDNN's bn_finalize graph, with
+their largest output difference (scripts/gpu_run.sh appends these rows to run.jsonl).
 
 Needs a GPU and fusedres._C built with the cuDNN graph path (docs/cudnn_graph.md); with
 ``--eval`` and no graph path, only the eval rows run.
@@ -100,6 +105,47 @@ def time_site(site, batch, dtype, backward):
             else:
                 row["graph_ms"] = _ms(graph)
                 row["speedup_vs_conv_bn"] = row["conv_bn_ms"] / row["graph_ms"]
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def finalize_times(count=256 * 56 * 56):
+    """BN finalize after the graphs' sums at each ResNet-50 BN width: the project's
+    (``cudnn_graph.bn_finalize(impl="fusedres")``) against cuDNN's bn_finalize graph, with
+    running statistics (momentum 0.1), and the largest relative difference of their
+    outputs: the measurement ``cudnn_graph.finalize``'s default waits for."""
+    from fusedres import cudnn_graph
+
+    rows = []
+    for c in (64, 128, 256, 512, 1024, 2048):
+        g = torch.Generator(device="cuda").manual_seed(c)
+        r = lambda *a: torch.rand(c, device="cuda", generator=g).mul(a[0]).add(a[1])  # noqa: E731
+        sums = r(count * 0.2, -count * 0.1)
+        sq = sums * sums / count + r(count, count * 0.5)
+        gamma, beta, rm, rv = r(1, 0.5), r(0.2, -0.1), r(0.2, -0.1), r(1, 0.5)
+        row = dict(kind="cudnn_finalize", channels=c, count=count)
+        why = cudnn_graph.finalize_problem(sums, rm, 0.1) or cudnn_graph.finalize_status(sums)
+        args = (sums, sq, count, gamma, beta, 1e-5)
+
+        def project():
+            return cudnn_graph._finalize_fusedres(*args, rm.clone(), rv.clone(), 0.1, None)
+
+        def cudnn():
+            return cudnn_graph._finalize_cudnn(*args, rm.clone(), rv.clone(), 0.1)
+
+        try:
+            row["fusedres_ms"] = _ms(project)
+            if why:
+                row["cudnn"] = f"refused: {why}"
+            else:
+                row["cudnn_ms"] = _ms(cudnn)
+                row["engine"] = cudnn_graph.engine_of_finalize(sums)
+                row["speedup"] = row["fusedres_ms"] / row["cudnn_ms"]
+                row["max_rel_diff"] = max(float(((a - b).abs() / b.abs().clamp_min(1e-30)).max())
+                                          for a, b in zip(cudnn(), project()))
         except Exception as exc:  # noqa: BLE001
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         rows.append(row)
@@ -202,6 +248,9 @@ def main() -> int:
     p.add_argument("--sites", help="comma-separated indices into SITES (default: all)")
     p.add_argument("--train", action="store_true")
     p.add_argument("--eval", action="store_true", help="also the ResNet-50 eval forward")
+    p.add_argument("--finalize", action="store_true",
+                   help="only time BN finalize: the project's against cuDNN's bn_finalize")
+    p.add_argument("--jsonl", help="with --finalize: append its rows to this JSON-lines file")
     p.add_argument("--out")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -209,6 +258,15 @@ def main() -> int:
         return 2
     from fusedres import cudnn_graph
 
+    if args.finalize:
+        if not cudnn_graph.built():
+            print("gpu_cudnn_sites.py: fusedres._C has no cuDNN graph path", file=sys.stderr)
+            return 2
+        rows = finalize_times()
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in rows))
+        return 0
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                   cudnn=torch.backends.cudnn.version(), sites=[], train={}, eval={})

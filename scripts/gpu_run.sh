@@ -35,7 +35,9 @@
 #           then, beside the build, cuDNN's description of the GPU (its device-properties
 #           JSON; no stage of its own), for CI's deviceless graph checks: a line
 #           "kind": "cudnn_device_properties" (or its error)  -> run.jsonl; save it with
-#           `python -m fusedres.cudnn_deviceless extract DIR/run.jsonl`
+#           `python -m fusedres.cudnn_deviceless extract DIR/run.jsonl`; after the
+#           doctor, BN finalize timed once (the project's against cuDNN's bn_finalize,
+#           scripts/gpu_cudnn_sites.py --finalize): "kind": "cudnn_finalize" lines
 #   build   pip install -e . (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16), in the background
 #           (dry run: `setup.py --name`, which loads setup.py and builds nothing); reused
 #           when fusedres._C already loads with CUDA kernels built from this csrc/
@@ -395,6 +397,13 @@ if stage_begin doctor; then
     else
         record doctor skipped null 0 "$CAP" "fusedres-bench has no doctor subcommand here"
     fi
+fi
+# BN finalize after the cuDNN graphs' sums, timed once: the project's against cuDNN's
+# bn_finalize, a "kind": "cudnn_finalize" line per BN width in run.jsonl (what
+# fusedres.cudnn_graph.finalize's default waits for; no stage of its own, no new file)
+if [ "$DRY" != 1 ] && [ "$(left)" -gt $((FINAL_S + KILL_S + 60)) ]; then
+    timeout -k 5 45 "$PY" scripts/gpu_cudnn_sites.py --finalize --jsonl "$RUN" 2>&1 \
+        | tail -n 1 | sed 's/^/    cudnn finalize: /'
 fi
 if stage_begin tests; then
     mapfile -t CUDA_TESTS < <(grep -l "pytest.mark.cuda" tests/test_*.py)

@@ -28,6 +28,40 @@ def test_planned_graphs_cover_resnet50_with_the_padded_stem():
     assert D.planned_graphs((7, 5), 92400) == []  # the planner plans nothing before sm_80
 
 
+def test_every_planned_graph_covers_every_kind():
+    """The C++ check's list: every graph kind the path plans (the conv graphs and the
+    finalize), the backward graphs at exactly the convs planned as F1, a finalize per BN
+    width of ResNet-50."""
+    from fusedres import cudnn_graph
+
+    cases = D.every_planned_graph((9, 0), 92400, batch=256)
+    assert {c.kind for c in cases} == set(cudnn_graph.KINDS) | {cudnn_graph.FINALIZE_KIND}
+    assert cases[:len(D.planned_graphs((9, 0), 92400))] == D.planned_graphs((9, 0), 92400)
+    f1 = {c[1:] for c in cases if c.kind == "F1"}
+    for kind in cudnn_graph.BACKWARD_KINDS:
+        assert {c[1:] for c in cases if c.kind == kind} == f1
+    finalize = [c for c in cases if c.kind == cudnn_graph.FINALIZE_KIND]
+    assert sorted(c.input_shape[0] for c in finalize) == \
+        sorted({spec.c_out for spec in resnet50_convs()}) == [64, 128, 256, 512, 1024, 2048]
+    assert D.every_planned_graph((7, 5), 92400) == []
+
+
+_NO_CPP = "fusedres._C was built without the cuDNN graph path (or before the C++ check)"
+
+
+@pytest.mark.skipif(not D.cpp_entry(), reason=_NO_CPP)
+def test_cpp_check_refuses_a_malformed_blob():
+    """The C++ entry exists (CI's CUDA build has it) and, without a GPU, refuses what is
+    no device description with a clear error, before any graph is built."""
+    case = D.every_planned_graph((9, 0), 92400, batch=4)[0]
+    with pytest.raises(ValueError, match="not JSON"):
+        D.check_cpp("{truncated", case, (9, 0))
+    with pytest.raises(ValueError, match="cuDNN cannot read these device properties"):
+        D.check_cpp('{"deviceVer": 900}', case, (9, 0))
+    with pytest.raises(RuntimeError, match="unknown graph kind"):
+        D.check_cpp("{}", case._replace(kind="F7"), (9, 0))
+
+
 def _run_jsonl(tmp_path, *rows):
     path = tmp_path / "run.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"cut by a ki')
@@ -170,6 +204,28 @@ def test_every_planned_graph_is_supported_deviceless(path):
     refused = {}
     for case in D.planned_graphs(data["capability"], data["cudnn_version"]):
         why = D.check(data["properties"], case, cudnn=cudnn)
+        if why:
+            refused[case.label] = why
+    assert not refused, (f"{len(refused)} planned graph(s) refused for {data['device_name']} "
+                         f"(make them planner rules): " + json.dumps(refused, indent=1))
+
+
+@pytest.mark.skipif(not CAPTURES, reason=(
+    "no captured cuDNN device properties under benchmarks/cudnn_device_properties/ yet "
+    "(see test_every_planned_graph_is_supported_deviceless)"))
+@pytest.mark.parametrize("path", CAPTURES, ids=os.path.basename)
+def test_every_graph_kind_is_supported_deviceless_cpp(path):
+    """The extension's own graphs, every kind (the backward graphs and the finalize too),
+    checked by cuDNN for the captured device, here, without a GPU."""
+    if not D.cpp_entry():
+        pytest.skip(_NO_CPP)
+    version = int(torch.backends.cudnn.version() or 0)
+    if version < D.MIN_VERSION:
+        pytest.skip(f"cuDNN {version} < 9.11: no deviceless support checks")
+    data = D.load(path)
+    refused = {}
+    for case in D.every_planned_graph(data["capability"], data["cudnn_version"]):
+        why = D.check_cpp(data["properties"], case, data["capability"])
         if why:
             refused[case.label] = why
     assert not refused, (f"{len(refused)} planned graph(s) refused for {data['device_name']} "

@@ -3,6 +3,7 @@ converted model's eval folds into the fused call (ATen's cuDNN ops faked by floa
 F.conv2d stand-ins that record what they receive), the fallback when the call raises,
 explain, tune and doctor. The real cuDNN call runs only on a GPU (the tests marked cuda,
 fusedres-bench doctor, scripts/gpu_cudnn_sites.py --eval)."""
+import gc
 import importlib
 
 import pytest
@@ -316,3 +317,48 @@ def test_gpu_converted_model_eval(dtype):
     assert fnn.last_backend() == "folded-cudnn"
     err = (got.double() - want).norm() / want.norm()
     assert err < {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype], err
+
+
+# --------------------------------------------------------------------------------------
+# The folded weight's call form (autocast dtype, channels_last), made once per folded weight
+# --------------------------------------------------------------------------------------
+
+
+def test_call_weight_is_made_once_per_folded_weight(monkeypatch):
+    monkeypatch.setattr(cudnn_eval, "_CALL_WEIGHTS", type(cudnn_eval._CALL_WEIGHTS)())
+    x = _input()
+    folded = torch.randn(4, 3, 3, 3, dtype=torch.float64)  # NCHW: converted
+    w = cudnn_eval._call_weight(x, folded)
+    assert w.is_contiguous(memory_format=torch.channels_last) and torch.equal(w, folded)
+    assert cudnn_eval._call_weight(x, folded) is w  # cached, not converted again
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the autocast dtype: another form
+        wb = cudnn_eval._call_weight(x, folded)
+    assert wb.dtype == torch.bfloat16 and torch.equal(wb, folded.to(torch.bfloat16))
+    assert wb.is_contiguous(memory_format=torch.channels_last)
+    changed = folded * 2  # new weights: a new folded tensor, a new call form
+    assert torch.equal(cudnn_eval._call_weight(x, changed), changed)
+    ready = folded.contiguous(memory_format=torch.channels_last)
+    assert cudnn_eval._call_weight(x, ready) is ready  # nothing to convert, nothing kept
+    assert ready not in cudnn_eval._CALL_WEIGHTS
+    del folded, changed, w, wb
+    gc.collect()
+    assert len(cudnn_eval._CALL_WEIGHTS) == 0  # entries go with their folded weights
+
+
+def test_model_reuses_the_call_weights_until_its_weights_change(fused_call, monkeypatch):
+    monkeypatch.setattr(cudnn_eval, "_CALL_WEIGHTS", type(cudnn_eval._CALL_WEIGHTS)())
+    ref, fused = _models()
+    x = _input()
+    with torch.no_grad():
+        fused(x)
+        first = {c[2].shape: c[2] for c in fused_call}
+        fused_call.clear()
+        fused(x)
+        assert all(c[2] is first[c[2].shape] for c in fused_call)  # no per-call conversion
+        for m in (ref, fused):
+            m.stem.weight.mul_(0.5)  # in place: the fold cache and the call form follow
+        fused_call.clear()
+        got, want = fused(x), ref(x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    stem = [c[2] for c in fused_call if c[2].shape == ref.stem.weight.shape]
+    assert stem and stem[0] is not first[ref.stem.weight.shape]

@@ -486,3 +486,264 @@ TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
 }
 
 #endif  // FUSEDRES_WITH_CUDNN_GRAPH
+
+// ======================================================================================
+// BN finalize (cuDNN's bn_finalize after genstats) and deviceless support checks.
+//
+//   BNFinalize     bn_finalize(sum, sq_sum, gamma, beta, eps, count, running mean/var,
+//                  momentum) -> eq_scale = gamma*invstd, eq_bias = beta - mean*eq_scale,
+//                  mean, invstd, next running mean/var (cuDNN's EXP_AVERAGE_FACTOR is
+//                  torch's momentum: the weight of the batch value)  graph_bn_finalize
+//
+// Ops (fp32 per-channel (C,) tensors; the Python side, fusedres/cudnn_graph.py, picks
+// this or the project's finalize and falls back):
+//   cudnn_graph_bn_finalize_plan(sum) -> str     "" when cuDNN runs it, else why not
+//   cudnn_graph_bn_finalize_engine(sum) -> str   the planned engine ("" if none)
+//   cudnn_graph_bn_finalize(sum, sq_sum, gamma, beta, running_mean, running_var, eps,
+//       momentum, count) -> (scale, shift, mean, invstd, next_running_mean,
+//       next_running_var)   eps, momentum, count: by value (no replanning per call)
+//   cudnn_graph_check_deviceless(properties, kind, dtype, input, weight, stride, padding,
+//       sm_version) -> str
+//       builds graph `kind` (F0, F1, DgradDreluDBN, ConvBNwgrad, BNFinalize: input is
+//       (C,) there) as the planner does, against device properties captured on a GPU
+//       (cuDNN's JSON, cudnn_deviceless.capture) instead of a handle: validate, lower,
+//       heuristics, check_support -- no GPU. "" when supported, else the failing step
+//       per variant. A blob cuDNN cannot read raises (ValueError).
+// ======================================================================================
+#ifdef FUSEDRES_WITH_CUDNN_GRAPH
+
+namespace fusedres {
+namespace cudnn_graph {
+
+enum FinalizeUid : int64_t {
+  kFinSum = 101, kFinSqSum, kFinGamma, kFinBeta, kFinEps, kFinCount, kFinRunMean, kFinRunVar,
+  kFinMomentum, kFinScale, kFinShift, kFinMean, kFinInvstd, kFinNextMean, kFinNextVar
+};
+
+void define_bn_finalize(Graph& g, int64_t c) {
+  const auto f32 = fe::DataType_t::FLOAT;
+  auto vec = [&](const char* name, int64_t uid) { return per_channel(g, name, uid, c, f32); };
+  auto by_value = [&](const char* name, int64_t uid, fe::DataType_t type) {
+    return g.tensor(fe::graph::Tensor_attributes().set_name(name).set_uid(uid)
+                        .set_dim({1, 1, 1, 1}).set_stride({1, 1, 1, 1})
+                        .set_is_pass_by_value(true).set_data_type(type));
+  };
+  auto sum = vec("sum", kFinSum), sq_sum = vec("sq_sum", kFinSqSum);
+  auto gamma = vec("gamma", kFinGamma), beta = vec("beta", kFinBeta);
+  auto run_mean = vec("running_mean", kFinRunMean), run_var = vec("running_var", kFinRunVar);
+  auto eps = by_value("epsilon", kFinEps, f32);
+  auto count = by_value("accum_count", kFinCount, fe::DataType_t::INT64);
+  auto momentum = by_value("momentum", kFinMomentum, f32);
+  auto outs = g.bn_finalize(sum, sq_sum, gamma, beta, eps, count,
+                            fe::graph::BN_finalize_attributes()
+                                .set_previous_running_stats(run_mean, run_var, momentum)
+                                .set_compute_data_type(f32));
+  const int64_t uids[] = {kFinScale, kFinShift, kFinMean, kFinInvstd, kFinNextMean, kFinNextVar};
+  for (int i = 0; i < 6; ++i) as_per_channel_output(outs[i], uids[i], c);
+}
+
+std::shared_ptr<Graph> finalize_graph() {
+  auto g = std::make_shared<Graph>();
+  g->set_io_data_type(fe::DataType_t::FLOAT).set_intermediate_data_type(fe::DataType_t::FLOAT)
+      .set_compute_data_type(fe::DataType_t::FLOAT);
+  return g;
+}
+
+// Lowers `g` up to check_support (and build_plans when there is a handle): "" or the
+// failing step with cuDNN's message. Without a handle: the deviceless path (the graph
+// carries device properties and the target sm).
+std::string lower(Graph& g, cudnnHandle_t handle) {
+  auto step = [](const char* what, fe::error_t e) -> std::string {
+    return e.is_good() ? std::string() : std::string(what) + ": " + e.get_message();
+  };
+  std::string why = step("validate", g.validate());
+  if (why.empty())
+    why = step("build_operation_graph",
+               handle ? g.build_operation_graph(handle) : g.build_operation_graph());
+  if (why.empty())
+    why = step("create_execution_plans",
+               g.create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK}));
+  if (why.empty()) why = step("check_support", g.check_support());
+  if (why.empty() && handle)
+    why = step("build_plans", g.build_plans(fe::BuildPlanPolicy_t::HEURISTICS_CHOICE));
+  return why;
+}
+
+bool per_channel_ok(const at::Tensor& t, const at::Tensor& like) {
+  return t.is_cuda() && t.device() == like.device() && t.scalar_type() == at::kFloat &&
+         t.dim() == 1 && t.numel() == like.numel() && t.is_contiguous();
+}
+
+const Plan& finalize_plan(const at::Tensor& sum) {
+  std::ostringstream key;
+  key << "BNFinalize|" << sum.get_device() << '|' << sum.numel();
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  auto it = cache().find(key.str());
+  if (it != cache().end()) return it->second;
+  Plan plan;
+  try {
+    auto g = finalize_graph();
+    define_bn_finalize(*g, sum.numel());
+    plan.problem = lower(*g, at::native::getCudnnHandle());
+    if (plan.problem.empty()) {
+      int64_t ws = 0;
+      auto e = g->get_workspace_size(ws);
+      if (!e.is_good()) plan.problem = std::string("get_workspace_size: ") + e.get_message();
+      std::string name;
+      if (!g->get_plan_name(name).is_good() || name.empty()) name = "engine unnamed";
+      if (plan.problem.empty()) plan.graph = g, plan.workspace = ws, plan.engine = name;
+    }
+  } catch (const std::exception& e) {
+    plan.problem = std::string("cudnn-frontend: ") + e.what();
+  }
+  return cache().emplace(key.str(), std::move(plan)).first->second;
+}
+
+std::string finalize_precheck(const at::Tensor& sum) {
+  if (!sum.is_cuda() || sum.scalar_type() != at::kFloat || sum.dim() != 1 || sum.numel() == 0)
+    return "the sums must be non-empty float32 (C,) CUDA tensors";
+  return "";
+}
+
+std::string bn_finalize_plan(const at::Tensor& sum) {
+  auto why = finalize_precheck(sum);
+  if (!why.empty()) return why;
+  c10::cuda::CUDAGuard guard(sum.device());
+  return finalize_plan(sum).problem;
+}
+
+std::string bn_finalize_engine(const at::Tensor& sum) {
+  if (!finalize_precheck(sum).empty()) return "";
+  c10::cuda::CUDAGuard guard(sum.device());
+  return finalize_plan(sum).engine;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize(
+    const at::Tensor& sum, const at::Tensor& sq_sum, const at::Tensor& gamma,
+    const at::Tensor& beta, const at::Tensor& running_mean, const at::Tensor& running_var,
+    double eps, double momentum, int64_t count) {
+  const char* op = "cudnn_graph_bn_finalize";
+  auto pre = finalize_precheck(sum);
+  TORCH_CHECK(pre.empty(), "fusedres ", op, ": ", pre);
+  for (const auto* t : {&sq_sum, &gamma, &beta, &running_mean, &running_var})
+    TORCH_CHECK(per_channel_ok(*t, sum), "fusedres ", op, ": every per-channel vector must be "
+                "a contiguous float32 (C,) tensor on the sums' device");
+  TORCH_CHECK(count > 0, "fusedres ", op, ": count must be positive");
+  c10::cuda::CUDAGuard guard(sum.device());
+  const Plan& plan = finalize_plan(sum);
+  TORCH_CHECK(plan.graph, "fusedres ", op, ": cuDNN does not run this graph: ", plan.problem);
+  auto channel = [&] { return at::empty_like(sum); };
+  auto scale = channel(), shift = channel(), mean = channel(), invstd = channel();
+  auto next_mean = channel(), next_var = channel();
+  float eps_f = static_cast<float>(eps), momentum_f = static_cast<float>(momentum);
+  int64_t count_v = count;  // by value: host pointers, read when the graph is launched
+  std::unordered_map<int64_t, void*> pack = {
+      {kFinSum, sum.data_ptr()}, {kFinSqSum, sq_sum.data_ptr()},
+      {kFinGamma, gamma.data_ptr()}, {kFinBeta, beta.data_ptr()},
+      {kFinRunMean, running_mean.data_ptr()}, {kFinRunVar, running_var.data_ptr()},
+      {kFinEps, &eps_f}, {kFinCount, &count_v}, {kFinMomentum, &momentum_f},
+      {kFinScale, scale.data_ptr()}, {kFinShift, shift.data_ptr()},
+      {kFinMean, mean.data_ptr()}, {kFinInvstd, invstd.data_ptr()},
+      {kFinNextMean, next_mean.data_ptr()}, {kFinNextVar, next_var.data_ptr()}};
+  execute(op, plan, pack, sum);
+  return {scale, shift, mean, invstd, next_mean, next_var};
+}
+
+// --------------------------------------------------------------------------------------
+// Deviceless support checks
+// --------------------------------------------------------------------------------------
+
+std::shared_ptr<const fe::DeviceProperties> read_properties(const std::string& properties) {
+  const char* op = "cudnn_graph_check_deviceless";
+  TORCH_CHECK_VALUE(nlohmann::json::accept(properties),
+                    "fusedres ", op, ": the device properties are not JSON (expected the text "
+                    "`python -m fusedres.cudnn_deviceless capture` records on a GPU)");
+  auto props = std::make_shared<fe::DeviceProperties>();
+  auto e = props->deserialize(std::vector<uint8_t>(properties.begin(), properties.end()));
+  TORCH_CHECK_VALUE(e.is_good(), "fusedres ", op, ": cuDNN cannot read these device "
+                    "properties: ", e.get_message(), " (cuDNN ", cudnnGetVersion(),
+                    "; its JSON needs cuDNN >= 9.8, deviceless checks >= 9.11)");
+  return props;
+}
+
+std::string check_deviceless(const std::string& properties, const std::string& kind,
+                             const std::string& dtype, at::IntArrayRef input,
+                             at::IntArrayRef weight, at::IntArrayRef stride,
+                             at::IntArrayRef padding, int64_t sm_version) {
+  const char* op = "cudnn_graph_check_deviceless";
+  // the arguments first (cheap, and the caller's mistakes), then cuDNN reads the blob
+  const bool finalize = kind == "BNFinalize";
+  const Kind k = finalize ? Kind::F0 : parse_kind(kind);  // (k unused for the finalize)
+  if (finalize) {
+    TORCH_CHECK_VALUE(input.size() == 1 && input[0] > 0, "fusedres ", op,
+                      ": BNFinalize takes input (C,)");
+  } else {
+    TORCH_CHECK_VALUE(dtype == "float16" || dtype == "bfloat16", "fusedres ", op,
+                      ": dtype must be float16 or bfloat16, not ", dtype);
+    TORCH_CHECK_VALUE(input.size() == 4 && weight.size() == 4 && stride.size() == 2 &&
+                          padding.size() == 2 && input[1] == weight[1],
+                      "fusedres ", op, ": a 4-D input and weight (N, C, H, W) / (K, C, R, S)");
+  }
+  auto props = read_properties(properties);
+  auto target = [&](Graph& g) {
+    g.set_device_properties(props).set_sm_version(static_cast<int32_t>(sm_version));
+  };
+  try {
+    if (finalize) {
+      auto g = finalize_graph();
+      target(*g);
+      define_bn_finalize(*g, input[0]);
+      return lower(*g, nullptr);
+    }
+    const auto st = dtype == "float16" ? at::kHalf : at::kBFloat16;
+    const auto io = io_type(st);
+    const std::vector<int64_t> xs = input.vec(), ws = weight.vec();
+    const std::vector<int64_t> ys = {xs[0], ws[0], (xs[2] + 2 * padding[0] - ws[2]) / stride[0] + 1,
+                                     (xs[3] + 2 * padding[1] - ws[3]) / stride[1] + 1};
+    std::string problems;
+    for (const auto& v : variants(k, st)) {
+      Graph g;
+      target(g);
+      g.set_io_data_type(io).set_intermediate_data_type(v.intermediate)
+          .set_compute_data_type(fe::DataType_t::FLOAT);
+      define(g, k, v, xs, ws, ys, stride, padding, io);
+      auto why = lower(g, nullptr);
+      if (why.empty()) return "";
+      std::ostringstream tag;
+      if (has_prologue(k)) tag << "scale/shift " << type_name(v.per_channel) << ", ";
+      tag << "intermediate " << type_name(v.intermediate);
+      problems += (problems.empty() ? "" : "; ") + tag.str() + ": " + why;
+    }
+    return problems;
+  } catch (const c10::Error&) {
+    throw;  // our own checks
+  } catch (const std::exception& e) {  // a frontend that throws instead of returning
+    return std::string("cudnn-frontend: ") + e.what();
+  }
+}
+
+}  // namespace cudnn_graph
+}  // namespace fusedres
+
+TORCH_LIBRARY_FRAGMENT(fusedres, m) {
+  m.def("cudnn_graph_bn_finalize_plan(Tensor sum) -> str");
+  m.def("cudnn_graph_bn_finalize_engine(Tensor sum) -> str");
+  m.def(
+      "cudnn_graph_bn_finalize(Tensor sum, Tensor sq_sum, Tensor gamma, Tensor beta, "
+      "Tensor running_mean, Tensor running_var, float eps, float momentum, int count) "
+      "-> (Tensor scale, Tensor shift, Tensor mean, Tensor invstd, Tensor next_running_mean, "
+      "Tensor next_running_var)");
+  // no tensors: a catch-all kernel, callable on a machine without a GPU
+  m.def(
+      "cudnn_graph_check_deviceless(str properties, str kind, str dtype, int[] input, "
+      "int[] weight, int[] stride, int[] padding, int sm_version) -> str",
+      &fusedres::cudnn_graph::check_deviceless);
+}
+
+TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
+  m.impl("cudnn_graph_bn_finalize_plan", &fusedres::cudnn_graph::bn_finalize_plan);
+  m.impl("cudnn_graph_bn_finalize_engine", &fusedres::cudnn_graph::bn_finalize_engine);
+  m.impl("cudnn_graph_bn_finalize", &fusedres::cudnn_graph::bn_finalize);
+}
+
+#endif  // FUSEDRES_WITH_CUDNN_GRAPH

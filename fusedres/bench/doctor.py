@@ -20,7 +20,9 @@ Checked, per backend available on the device (``cpu``, ``cuda``, ``triton``):
   (``cudnn_graph_DgradDreluDBN``, ``cudnn_graph_ConvBNwgrad``) against
   ``graph_dgrad_drelu_dbn``/``graph_wgrad``, and a BN-ReLU -> conv site with its fused
   backward (``cudnn_graph_site``: y, dx, dw, dgamma, dbeta) against torch's composite in
-  float64. A graph cuDNN refuses is listed under "skipped" with cuDNN's reason (the site
+  float64; cuDNN's bn_finalize (``cudnn_graph_BNFinalize``: scale, shift, mean, invstd,
+  next running statistics) against the project's finalize in float64 from the same sums.
+  A graph cuDNN refuses is listed under "skipped" with cuDNN's reason (the site
   falls back); a failing case names the engine cuDNN chose;
 * on CUDA, the ``cudnn-eval`` path's fused call (``cudnn_eval_add_relu``: relu(conv + bias
   + residual), ``cudnn_eval_relu``: relu(conv + bias); float32, float16, bfloat16,
@@ -468,6 +470,45 @@ class Doctor:
                 if (cin, cout, k, st, pad, h) != STEM:  # (the stem is no BN-ReLU -> conv site)
                     self._cudnn_backward_graphs(dtype, i, x, w, st, pad,
                                                 f"{cin}->{cout} {k}x{k}/{st} @{h} batch {n}")
+        self._cudnn_finalize()
+
+    def _cudnn_finalize(self):
+        """cuDNN's bn_finalize (``cudnn_graph_BNFinalize``) against the project's finalize
+        in float64 from the same float32 sums: scale, shift, mean, invstd and the next
+        running statistics (torch's momentum and unbiased variance), at ResNet-50's BN
+        widths."""
+        from fusedres import cudnn_graph
+
+        for i, c in enumerate((64, 256, 2048)):
+            y = self.rand((8, c, 7, 7), torch.float32, False, 50 + i, 1.0, 0.5)
+            sums, sq_sums = y.sum(dim=(0, 2, 3)), (y * y).sum(dim=(0, 2, 3))
+            count = y.numel() // c
+            gamma = self.rand((c,), torch.float32, False, 60 + i, 0.1, 1.0)
+            beta = self.rand((c,), torch.float32, False, 70 + i, 0.1)
+            rm = self.rand((c,), torch.float32, False, 80 + i, 0.1)
+            rv = self.rand((c,), torch.float32, False, 90 + i, 0.1, 1.0).abs()
+            where = f"C={c} count {count}"
+            why = cudnn_graph.finalize_problem(sums, rm, 0.1) or cudnn_graph.finalize_status(sums)
+            if why:
+                self.skipped.append(("cudnn_graph_BNFinalize", f"{where}: {why}"))
+                continue
+
+            def case(sums=sums, sq_sums=sq_sums, count=count, gamma=gamma, beta=beta, rm=rm,
+                     rv=rv):
+                got_rm, got_rv = rm.clone(), rv.clone()
+                got = cudnn_graph._finalize_cudnn(sums, sq_sums, count, gamma, beta, 1e-5,
+                                                  got_rm, got_rv, 0.1)
+                d = lambda t: t.double()  # noqa: E731
+                want_rm, want_rv = d(rm), d(rv)
+                want = cudnn_graph._finalize_fusedres(d(sums), d(sq_sums), count, d(gamma),
+                                                      d(beta), 1e-5, want_rm, want_rv, 0.1, None)
+                names = ("scale", "shift", "mean", "invstd", "running_mean", "running_var")
+                return [(nm, a, b, None) for nm, a, b in
+                        zip(names, (*got, got_rm, got_rv), (*want, want_rm, want_rv))]
+
+            engine = cudnn_graph.engine_of_finalize(sums)
+            self.check("cudnn_graph_BNFinalize", "cudnn-graph", torch.float32,
+                       f"{where} on {engine}", case)
 
     def _cudnn_backward_graphs(self, dtype, seed, x, w, st, pad, where):
         """The backward of a BN-ReLU -> conv site whose BN normalises ``x`` with its batch
