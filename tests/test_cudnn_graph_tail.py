@@ -402,3 +402,18 @@ def test_gpu_tail_graph_against_reference(dtype, dual):
     torch.testing.assert_close(out.to(d), want, rtol=tol, atol=tol)
     bits = R.unpack_mask(mask, (8, 64, 196), True) ^ R.unpack_mask(want_mask, (8, 64, 196), True)
     assert bits.float().mean() < 1e-3
+
+
+@pytest.mark.cuda
+@_NEEDS_GPU
+@pytest.mark.parametrize("dual", [False, True])
+def test_gpu_tail_opcheck(dual):
+    shape = (4, 16, 6, 6)
+    x, other = (torch.randn(shape, device="cuda").half().contiguous(memory_format=CL)
+                for _ in range(2))
+    vec = [torch.randn(16, device="cuda") for _ in range(6)]
+    status = cudnn_graph.tail_status(cudnn_graph.TAIL_KINDS[dual], x, True)
+    if status:
+        pytest.skip(f"cuDNN refused the graph here: {status}")
+    rest = (None, other, *vec[3:]) if dual else (other, None, None, None, None)
+    torch.library.opcheck(torch.ops.fusedres.cudnn_graph_bn_add_relu, (x, *vec[:3], *rest, True))
