@@ -19,6 +19,7 @@ from fusedres import cudnn_graph, ops
 from fusedres import nn as fnn
 from fusedres import reference as R
 from test_cudnn_graph import _close, _fake_cudnn, _train_steps
+from test_cudnn_graph_plain import _resnet as plain_resnet
 
 T = importlib.import_module("fusedres.tune")
 H100 = cudnn_graph.Capabilities(True, 92400, (9, 0))
@@ -151,15 +152,10 @@ def _fake_tail(monkeypatch, refuse=False, fail=False):
 
 
 def _resnet(name="resnet18", plan="cudnn-graph-tail", memory_format=CL):
-    torch.manual_seed(0)
-    ref = getattr(torchvision.models, name)(num_classes=10).double().to(
-        memory_format=memory_format)
-    for m in ref.modules():  # non-trivial BN parameters and running statistics
-        if isinstance(m, nn.BatchNorm2d):
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.5, 0.5)
-            m.running_mean.uniform_(-0.1, 0.1)
-    fused = fusedres.convert(ref, backend="reference")
+    """test_cudnn_graph_plain's float64 torchvision ResNet and its conversion, in
+    ``memory_format``, every site's plan ``plan``."""
+    ref, fused = plain_resnet(name)
+    ref.to(memory_format=memory_format), fused.to(memory_format=memory_format)
     for m in fused.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.fusedres_plan = fnn.SitePlan(conv=plan)
