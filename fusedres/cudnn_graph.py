@@ -17,6 +17,12 @@ Graph kinds (their references in ``fusedres.reference``):
                    ``bn_finalize`` runs it or the project's finalize (``finalize``, the
                    project's by default until a GPU measures cuDNN's faster)
                                                                      (graph_bn_finalize)
+    BNAddReLU, DualBNAddReLU
+                   no conv: a block tail's apply ``relu((x - mean)*scale + shift + r)``,
+                   ``r`` the residual or the second BN's ``(x2 - mean2)*scale2 +
+                   shift2``, with its ReLU mask in the BN kernels' layout; only on the
+                   ``cudnn-graph-tail`` path, which only tune picks (its section)
+                                                               (graph_bn_add_relu)
 
 From the sums, ``mean = sum/M`` and the biased ``var = sum_sq/M - mean**2`` (fp32; see
 docs/cudnn_graph.md for the cancellation this allows).
