@@ -21,8 +21,9 @@ Candidates (name: plan):
                  BN-ReLU prologue; ``fusedres.cudnn_graph``) at BN-ReLU -> conv sites, the
                  BN kernels of the model's backend (CUDA, where _C was built with it)
     cudnn-graph-tail  SitePlan(conv="cudnn-graph-tail"): cudnn-graph, and the block
-                 tail's (dual) BN-add-ReLU apply as cuDNN's pointwise tail graph (its
-                 backward the BN kernels'); at tail sites in training only
+                 tail's (dual) BN-add-ReLU apply in training as cuDNN's pointwise tail
+                 graph (its backward the BN kernels'); tried at other sites only when
+                 cudnn-graph is not a candidate (there it is cudnn-graph)
     cudnn-eval   SitePlan(conv="cudnn-eval"): eval-mode tuning on CUDA only; the folded
                  conv with its bias, residual and ReLU in one cuDNN call
                  (``fusedres.cudnn_eval``) where the site folds and ends in a ReLU
@@ -578,13 +579,27 @@ def _changes_site(name: str, site: _Site, train: bool) -> bool:
     (cudnn-graph's F0) also a conv -> BN (-> add) (-> ReLU) site in training."""
     k = site.kwargs
     path = fnn.conv_paths.path_named(plan_of(name).conv)
-    if path is not None and path.tail_graph:  # only its tails differ from cudnn-graph's
-        residual = k.get("residual") is not None or "residual" in site.tensors
-        return train and k.get("relu", False) and (residual or k.get("shortcut_bn") is not None)
+    if train and path is not None and path.tail_graph and _is_tail(site):
+        return True  # (cudnn-graph-tail: the tail's apply; elsewhere it is cudnn-graph)
     if k.get("next_conv") is not None:
         return True
     return (train and path is not None and path.plain_site_stats
             and (site.conv is not None or k.get("shortcut_conv") is not None))
+
+
+def _is_tail(site: _Site) -> bool:
+    """A block tail: ReLU after the BN plus a residual or a second BN."""
+    k = site.kwargs
+    residual = k.get("residual") is not None or "residual" in site.tensors
+    return bool(k.get("relu")) and (residual or k.get("shortcut_bn") is not None)
+
+
+def _same_as_another(name: str, site: _Site, train: bool, candidates: list) -> bool:
+    """Would candidate ``name`` run ``site`` exactly as another candidate in the list does
+    (``cudnn-graph-tail`` away from a tail in training is ``cudnn-graph``)? Not timed
+    twice then."""
+    return (name == "cudnn-graph-tail" and "cudnn-graph" in candidates
+            and not (train and _is_tail(site)))
 
 
 def _tune_site(site: _Site, train: bool, candidates: list, timer, margin: float) -> dict:
@@ -607,6 +622,8 @@ def _tune_site(site: _Site, train: bool, candidates: list, timer, margin: float)
     for name in candidates:
         if name == "torch" or (name in _CONV_CANDIDATES and not _changes_site(name, site, train)):
             continue  # the site runs as the cudnn candidate
+        if _same_as_another(name, site, train, candidates):
+            continue
         if name == "cudnn-eval" and train:
             continue  # it changes only the eval fold; in training it is "cudnn"
         try:

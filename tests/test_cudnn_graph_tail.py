@@ -6,6 +6,7 @@ training step equals the unconverted model's (output, every gradient, running st
 the backward, the BN kernels', reads the graph's ReLU mask), a refused graph or one that
 fails to execute falls back, explain and tune name it. cuDNN itself: GPU only (doctor rows
 ``cudnn_graph_BNAddReLU``, ``cudnn_graph_DualBNAddReLU``, ``cudnn_graph_tail_site``)."""
+import contextlib
 import importlib
 
 import pytest
@@ -318,11 +319,55 @@ def test_registered_and_offered_at_tails_only(monkeypatch):
     assert T._changes_site("cudnn-graph-tail", dual, train=True)
     assert not T._changes_site("cudnn-graph-tail", tail, train=False)
     assert not T._changes_site("cudnn-graph-tail", site(relu=True), train=True)
-    assert not T._changes_site("cudnn-graph-tail", site(relu=True, next_conv=conv), train=True)
+    prologue = site(relu=True, next_conv=conv)  # elsewhere it is cudnn-graph ...
+    assert T._changes_site("cudnn-graph-tail", prologue, train=True)
+    both = ["torch", "cudnn-graph", "cudnn-graph-tail"]  # ... timed once where both are
+    assert T._same_as_another("cudnn-graph-tail", prologue, True, both)
+    assert not T._same_as_another("cudnn-graph-tail", prologue, True, both[::2])
+    assert not T._same_as_another("cudnn-graph-tail", dual, True, both)
+    assert T._same_as_another("cudnn-graph-tail", dual, False, both)
     assert "cudnn-graph-tail" not in T._candidates(torch.device("cpu"), None)
     monkeypatch.setattr(cudnn_graph, "built", lambda: True)
     monkeypatch.setattr(cudnn_graph, "_defined", lambda op: True)
     assert "cudnn-graph-tail" in T._candidates(torch.device("cuda"), None)
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_tune_gate_at_tails(monkeypatch, wrong):
+    """tune (cuDNN faked, candidates as on a GPU with the path) times cudnn-graph-tail at
+    the tails and picks it where fastest; a graph whose mask is wrong fails the
+    correctness gate (the gradients) and is never chosen."""
+    from test_tune import fake_timer
+
+    seen = _fake_tail(monkeypatch)
+    if wrong:
+        run = cudnn_graph._run_tail
+        monkeypatch.setattr(cudnn_graph, "_run_tail",
+                            lambda *a: (lambda o, m: (o, torch.zeros_like(m)))(*run(*a)))
+    real = T._candidates
+    monkeypatch.setattr(T, "_candidates", lambda device, only: real(device, only) + [
+        "cudnn-graph", "cudnn-graph-tail"])
+    block = torchvision.models.resnet.BasicBlock
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        block(8, 16, 2, nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))),
+        block(16, 16)).double().to(memory_format=CL)
+    model = fusedres.convert(model, backend="reference")
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64).contiguous(memory_format=CL)
+    timer = fake_timer({"torch": 3.0, "reference": 2.0, "cpu": 2.0, "cudnn-graph": 1.5,
+                        "cudnn-graph-tail": 1.0})
+    with pytest.warns(RuntimeWarning) if wrong else contextlib.nullcontext():
+        T.tune(model, x, cache=False, verbose=False, timer=timer)
+    for bn in (model[0].downsample[1], model[1].bn2):  # the dual tail, the identity tail
+        tuning = bn.fusedres_tuning
+        if wrong:
+            assert tuning["choice"] != "cudnn-graph-tail", tuning
+            assert "cudnn-graph-tail" in tuning["failed"], tuning
+        else:
+            assert tuning["choice"] == "cudnn-graph-tail", tuning
+    assert {kind for kind, _ in seen} == set(cudnn_graph.TAIL_KINDS)
+    # a BN-ReLU -> conv site: cudnn-graph-tail is cudnn-graph there, timed once
+    assert "cudnn-graph-tail" not in model[1].bn1.fusedres_tuning["times_ms"]
 
 
 def test_fake_kernel_shapes():
