@@ -34,10 +34,13 @@ cuDNN call), img/s and the largest output difference from eager.
                                        [--sites 1,2,6] [--no-tails] [--train] [--eval]
                                        [--out results.json]
     python3 scripts/gpu_cudnn_sites.py --finalize [--jsonl run.jsonl]
+    python3 scripts/gpu_cudnn_sites.py --tails [--batch 256] [--dtypes ...] [--jsonl run.jsonl]
 
 ``--finalize`` times only BN finalize after the graphs' sums at each ResNet-50 BN width
 (batch 256 at 56x56): the project's finalize against cuDNN's bn_finalize graph, with
 their largest output difference (scripts/gpu_run.sh appends these rows to run.jsonl).
+``--tails`` times only the block tails ("kind": "cudnn_tail" rows; scripts/gpu_run.sh
+appends them to run.jsonl, each as it is measured).
 
 Needs a GPU and fusedres._C built with the cuDNN graph path (docs/cudnn_graph.md); with
 ``--eval`` and no graph path, only the eval rows run.
@@ -171,8 +174,9 @@ def finalize_times(count=256 * 56 * 56):
 TAILS = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
 
 
-def time_tail(tail, batch, dtype, backward):
-    """The block tail's rows (module docstring), BNAddReLU and DualBNAddReLU."""
+def time_tail(tail, batch, dtype, backward, emit=None):
+    """The block tail's rows (module docstring), BNAddReLU and DualBNAddReLU; each also
+    passed to ``emit`` as it is measured."""
     from fusedres import cudnn_graph, functional, ops
 
     c, h = tail
@@ -187,7 +191,7 @@ def time_tail(tail, batch, dtype, backward):
     rows = []
     for kind in cudnn_graph.TAIL_KINDS:
         dual = kind == "DualBNAddReLU"
-        row = dict(tail=f"{c}x{h}x{h}", kind=kind, batch=batch,
+        row = dict(kind="cudnn_tail", graph=kind, tail=f"{c}x{h}x{h}", batch=batch,
                    dtype=str(dtype).replace("torch.", ""), pass_="fwd+bwd" if backward else "fwd")
         why = cudnn_graph.tail_problem(y, s, True) or cudnn_graph.tail_status(kind, y, True)
 
@@ -223,11 +227,12 @@ def time_tail(tail, batch, dtype, backward):
             row["apply_kernel_ms"] = _ms(lambda: ops.primitives("cuda").apply(
                 x3, mean, scale, shift, *args, True, True, True))
             if why:
-                row["graph"] = f"refused: {why}"
+                row["status"] = f"refused: {why}"
             else:
                 row["tail_graph_ms"] = _ms(lambda: given_stats(True))
+                row["engine"] = cudnn_graph.tail_engine(kind, y, True)
                 if not cudnn_graph.tail_ran():
-                    row["graph"] = "fell back: " + cudnn_graph.tail_status(kind, y, True)
+                    row["status"] = "fell back: " + cudnn_graph.tail_status(kind, y, True)
                 row["apply_graph_ms"] = _ms(lambda: cudnn_graph._run_tail(
                     y.detach(), mean, scale, shift, *gargs, True))
                 row["speedup_vs_given_stats"] = row["given_stats_ms"] / row["tail_graph_ms"]
@@ -236,6 +241,8 @@ def time_tail(tail, batch, dtype, backward):
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if emit is not None:
+            emit(row)
     return rows
 
 
@@ -340,7 +347,10 @@ def main() -> int:
     p.add_argument("--eval", action="store_true", help="also the ResNet-50 eval forward")
     p.add_argument("--finalize", action="store_true",
                    help="only time BN finalize: the project's against cuDNN's bn_finalize")
-    p.add_argument("--jsonl", help="with --finalize: append its rows to this JSON-lines file")
+    p.add_argument("--tails", action="store_true",
+                   help="only time the block tails: today's kernels against the tail graph")
+    p.add_argument("--jsonl", help="with --finalize or --tails: append its rows to this "
+                                   "JSON-lines file (--tails: each as it is measured)")
     p.add_argument("--out")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -358,6 +368,20 @@ def main() -> int:
                 f.write("".join(json.dumps(r) + "\n" for r in rows))
         return 0
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    if args.tails:
+        if not cudnn_graph.built():
+            print("gpu_cudnn_sites.py: fusedres._C has no cuDNN graph path", file=sys.stderr)
+            return 2
+
+        def emit(row):
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+        for dtype in dtypes:
+            for tail in TAILS:
+                time_tail(tail, args.batch, dtype, not args.no_backward, emit)
+        return 0
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                   cudnn=torch.backends.cudnn.version(), sites=[], tails=[], train={},
                   eval={})

@@ -505,7 +505,8 @@ TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
 //   cudnn_graph_check_deviceless(properties, kind, dtype, input, weight, stride, padding,
 //       sm_version) -> str
 //       builds graph `kind` (F0, F1, DgradDreluDBN, ConvBNwgrad, BNFinalize: input is
-//       (C,) there) as the planner does, against device properties captured on a GPU
+//       (C,) there; BNAddReLU, DualBNAddReLU: the block tail's, with its mask, no weight)
+//       as the planner does, against device properties captured on a GPU
 //       (cuDNN's JSON, cudnn_deviceless.capture) instead of a handle: validate, lower,
 //       heuristics, check_support -- no GPU. "" when supported, else the failing step
 //       per variant. A blob cuDNN cannot read raises (ValueError).
@@ -666,15 +667,24 @@ std::shared_ptr<const fe::DeviceProperties> read_properties(const std::string& p
   return props;
 }
 
+// The block tail's graphs (defined with their ops at the end of this file).
+bool is_tail_kind(const std::string& kind);
+bool parse_tail_kind(const std::string& s);
+void define_tail(Graph& g, bool dual, bool save_mask, const std::vector<int64_t>& xs,
+                 fe::DataType_t io);
+
 std::string check_deviceless(const std::string& properties, const std::string& kind,
                              const std::string& dtype, at::IntArrayRef input,
                              at::IntArrayRef weight, at::IntArrayRef stride,
                              at::IntArrayRef padding, int64_t sm_version) {
   const char* op = "cudnn_graph_check_deviceless";
   // the arguments first (cheap, and the caller's mistakes), then cuDNN reads the blob
-  const bool finalize = kind == "BNFinalize";
-  const Kind k = finalize ? Kind::F0 : parse_kind(kind);  // (k unused for the finalize)
-  if (finalize) {
+  const bool finalize = kind == "BNFinalize", tail = is_tail_kind(kind);
+  const Kind k = finalize || tail ? Kind::F0 : parse_kind(kind);  // (unused for those)
+  if (tail) {  // BNAddReLU / DualBNAddReLU: input (N, C, H, W), no weight; with the mask
+    TORCH_CHECK_VALUE((dtype == "float16" || dtype == "bfloat16") && input.size() == 4,
+                      "fusedres ", op, ": ", kind, " takes a float16/bfloat16 4-D input");
+  } else if (finalize) {
     TORCH_CHECK_VALUE(input.size() == 1 && input[0] > 0, "fusedres ", op,
                       ": BNFinalize takes input (C,)");
   } else {
@@ -689,6 +699,15 @@ std::string check_deviceless(const std::string& properties, const std::string& k
     g.set_device_properties(props).set_sm_version(static_cast<int32_t>(sm_version));
   };
   try {
+    if (tail) {
+      Graph g;
+      target(g);
+      const auto io = io_type(dtype == "float16" ? at::kHalf : at::kBFloat16);
+      g.set_io_data_type(io).set_intermediate_data_type(fe::DataType_t::FLOAT)
+          .set_compute_data_type(fe::DataType_t::FLOAT);
+      define_tail(g, parse_tail_kind(kind), true, input.vec(), io);
+      return lower(g, nullptr);
+    }
     if (finalize) {
       auto g = finalize_graph();
       target(*g);
@@ -780,6 +799,10 @@ enum TailUid : int64_t {
   kTailX = 101, kTailMean, kTailScale, kTailShift, kTailResidual, kTailX2, kTailMean2,
   kTailScale2, kTailShift2, kTailOut, kTailMask, kTailZero
 };
+
+bool is_tail_kind(const std::string& kind) {
+  return kind == "BNAddReLU" || kind == "DualBNAddReLU";
+}
 
 bool parse_tail_kind(const std::string& s) {  // true: dual
   if (s == "BNAddReLU") return false;
