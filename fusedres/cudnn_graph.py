@@ -75,8 +75,8 @@ from .reference import acc_dtype, bn_relu_prologue
 __all__ = ["built", "Capabilities", "capabilities", "problem", "plan", "plan_status", "engine",
            "statuses", "conv_stats", "bn_relu_conv", "bn_act_with_stats", "fused_backward",
            "CudnnGraphConv", "finalize", "bn_finalize", "finalize_problem", "finalize_status",
-           "TAIL_KINDS", "tail_plan", "tail_problem", "tail_status", "tail_engine",
-           "tail_ran", "CudnnGraphTailConv"]
+           "TAIL_KINDS", "tail_plan", "tail_problem", "tail_status", "tail_planned",
+           "tail_engine", "tail_ran", "CudnnGraphTailConv"]
 
 _OP = "cudnn_graph_conv_stats"
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -993,6 +993,15 @@ def tail_problem(x: Tensor, other: Optional[Tensor], relu: bool) -> Optional[str
                      tuple(other.shape),
                      x.is_contiguous(memory_format=cl) and other.is_contiguous(memory_format=cl),
                      _aligned(x) and _aligned(other))
+
+
+def tail_planned(x: Tensor, residual: Optional[Tensor], x2: Optional[Tensor],
+                 relu: bool) -> bool:
+    """Does the tail graph run ``relu(bn(x) + residual | bn2(x2))`` in training (planner,
+    then cuDNN's remembered answer; it plans the graph on the first call)?"""
+    other = x2 if x2 is not None else residual
+    return tail_problem(x, other, relu) is None \
+        and not tail_status(TAIL_KINDS[x2 is not None], x, True)
 
 
 def _tail_key(kind, x, save_mask):

@@ -619,8 +619,10 @@ def _plain_site_with_stats(x, conv, bn, relu, residual, shortcut_x, shortcut_con
     if shortcut_bn is not None:
         s, s_stats = _conv_with_stats(path, shortcut_conv, shortcut_bn, shortcut_x)
     prims = None
-    tail = path.tail_graph and relu and (residual is not None or shortcut_bn is not None)
-    if stats is not None or s_stats is not None or tail:  # (the tail graph: also without)
+    # the tail graph (cudnn-graph-tail) where it runs, then also without given statistics
+    tail = path.tail_graph and relu and (residual is not None or shortcut_bn is not None) \
+        and cudnn_graph.tail_planned(y, residual, s, relu)
+    if stats is not None or s_stats is not None or tail:
         prims = _given_stats_backend(bn, y, residual, shortcut_bn, s, backend)
     if prims is None:  # today's BN (its own statistics pass)
         return bn_act(bn, y, relu=relu, residual=residual, shortcut_bn=shortcut_bn,
