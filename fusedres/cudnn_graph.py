@@ -653,9 +653,12 @@ class _BatchNormActWithStats(torch.autograd.Function):
         save_mask = relu and (residual is not None or x2 is not None)
         # the block tail's apply through cuDNN's pointwise graph where it runs (the same
         # contract as prims.apply: its mask is what the backward below reads)
-        graph = _tail_graph_apply(x, mean, scale, shift, residual, x2, mean2, scale2, shift2,
-                                  relu, save_mask) if tail_graph else None
-        _TAIL_RAN.value = graph is not None
+        graph = None
+        if tail_graph:
+            graph = _tail_graph_apply(x, mean, scale, shift, residual, x2, mean2, scale2,
+                                      shift2, relu, save_mask)
+            if not torch.compiler.is_compiling():  # (only eager calls report it)
+                _TAIL_RAN.value = graph is not None
         if graph is not None:
             out, mask = ops.ncs(graph[0]), graph[1]
         else:

@@ -638,7 +638,8 @@ def _plain_site_with_stats(x, conv, bn, relu, residual, shortcut_x, shortcut_con
     if s is not None:
         rm2, rv2, _, momentum2, nbt2 = _bn_state(shortcut_bn)
         ops.update_from_batch(rm2, rv2, *s_stats, count, momentum2, nbt2)
-    _last.backend = path.tail_name if tail and cudnn_graph.tail_ran() else path.stats_name
+    ran_tail = tail and not torch.compiler.is_compiling() and cudnn_graph.tail_ran()
+    _last.backend = path.tail_name if ran_tail else path.stats_name
     return out
 
 
