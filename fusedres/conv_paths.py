@@ -13,6 +13,10 @@ the ``ConvPath`` its plan names (``conv_choice``):
                  was built with it and cuDNN supports the graph on this device.
     cudnn-eval   ``F.conv2d`` in training; in eval with folded weights the conv, bias,
                  residual and ReLU in one cuDNN call (``fusedres.cudnn_eval``).
+    cudnn-graph-tail
+                 ``cudnn-graph``, and a block tail's (dual) BN-add-ReLU in training as
+                 cuDNN's pointwise tail graph (``cudnn_graph.CudnnGraphTailConv``): only
+                 where ``fusedres.tune`` measured it faster.
 
 A path says what it cannot do (``prologue_problem``, ``stats_problem``: None or why not)
 and does what it can (``conv``, ``conv_stats``, ``prologue_conv``; in eval with folded
@@ -116,6 +120,10 @@ class ConvPath:
     # F0 graph: yes; the Triton conv: no, F.conv2d is faster where nothing else fuses.)
     plain_site_stats = False
     stats_name = "?"  # last_backend() after a plain site normalised with those statistics
+    # Does such a site's block tail (BN + residual or second BN, ReLU) run its apply as
+    # cuDNN's tail graph (``cudnn_graph.bn_act_with_stats``)? ``tail_name``: last_backend().
+    tail_graph = False
+    tail_name = "?"
 
     def conv(self, conv: nn.Conv2d, x: Tensor) -> Tensor:
         """``conv(x)``'s math (the module's padding mode) without its hooks."""
@@ -158,6 +166,12 @@ class ConvPath:
     def prologue_note(self, conv: nn.Conv2d) -> str:
         """What ``explain`` adds about a site whose BN-ReLU runs in this path's prologue
         of ``conv`` (e.g. how its backward runs); "" for nothing."""
+        return ""
+
+    def plain_site_note(self, kind: str, bn: nn.BatchNorm2d) -> str:
+        """What ``explain`` adds about a plain site of ``kind`` (``"tail"``, ``"dual"``,
+        ``"bn_relu"``, ``"conv_bn"``) whose main BN is ``bn`` on this path; "" for
+        nothing."""
         return ""
 
     def eval_problem(self, conv: nn.Conv2d, x: Optional[Tensor] = None, relu: bool = True,

@@ -459,6 +459,7 @@ def _plain_conv_path(block, site, backend, column, note):
     path = fnn.conv_paths.path_named(name)
     if why is not None or not path.plain_site_stats:
         return column, note
+    note = _join(note, path.plain_site_note(site["kind"], bn))  # (the cuDNN tail graph)
     ran = []
     for key in ("conv", "conv2"):
         if key in site:

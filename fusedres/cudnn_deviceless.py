@@ -21,8 +21,9 @@ validated, lowered, offered engines by the heuristics and checked for support wi
 * ``check_cpp`` asks the extension itself (``fusedres::cudnn_graph_check_deviceless``,
   callable without a GPU): the exact graphs the planner builds, every kind --
   ``every_planned_graph``: F0, F1, the backward graphs DgradDreluDBN and ConvBNwgrad
-  (which the Python package cannot express: no ``dbn_weight``) at every F1 conv, and
-  BNFinalize per BN width -- in every variant the planner tries.
+  (which the Python package cannot express: no ``dbn_weight``) at every F1 conv,
+  BNFinalize per BN width, and the block tail's BNAddReLU / DualBNAddReLU (with the ReLU
+  mask) at every ResNet-50 tail shape -- in every variant the planner tries.
 
     python -m fusedres.cudnn_deviceless capture [--index 0] [--out FILE | --jsonl RUN]
     python -m fusedres.cudnn_deviceless extract RUN.jsonl [--dir DIR]
@@ -153,10 +154,10 @@ def extract(run_jsonl: str, directory: str = PROPERTIES_DIR) -> Optional[str]:
 
 
 class GraphCase(NamedTuple):
-    kind: str  # one of cudnn_graph.KINDS, or cudnn_graph.FINALIZE_KIND
+    kind: str  # one of cudnn_graph.KINDS, FINALIZE_KIND or TAIL_KINDS
     dtype: torch.dtype
     input_shape: tuple  # as the graph sees it (input channels padded where planned);
-    weight_shape: tuple  # BNFinalize: input (C,), weight ()
+    weight_shape: tuple  # BNFinalize: input (C,), weight (); a tail: weight ()
     stride: int
     padding: int
     site: str
@@ -166,6 +167,9 @@ class GraphCase(NamedTuple):
         if len(self.input_shape) == 1:  # BNFinalize
             return f"{self.kind} {self.site} C={self.input_shape[0]}"
         n, c, h, _ = self.input_shape
+        if not self.weight_shape:  # a block tail
+            return (f"{self.kind} {str(self.dtype).replace('torch.', '')} {self.site} "
+                    f"{c}x{h}x{h} batch {n}")
         k, _, r, _ = self.weight_shape
         return (f"{self.kind} {str(self.dtype).replace('torch.', '')} {self.site} "
                 f"{c}->{k} {r}x{r}/{self.stride} @{h} batch {n}")
@@ -198,9 +202,11 @@ def planned_graphs(capability, cudnn_version: int, batch: int = 256) -> List[Gra
 def every_planned_graph(capability, cudnn_version: int, batch: int = 256) -> List[GraphCase]:
     """``planned_graphs`` and the rest of what the planner builds at ResNet-50's conv
     sites: the backward graphs (DgradDreluDBN, ConvBNwgrad) of every conv planned as F1,
-    and the BNFinalize graph of every BN width (float32) -- each graph kind once per
-    distinct shape."""
+    the BNFinalize graph of every BN width (float32), and the block tail's graphs (both
+    kinds, with the ReLU mask, float16 and bfloat16) at every tail shape (a bottleneck's
+    conv3 output) -- each graph kind once per distinct shape."""
     from . import cudnn_graph
+    from .bench.cases import resnet50_convs
 
     out = planned_graphs(capability, cudnn_version, batch)
     out += [case._replace(kind=kind) for case in list(out) if case.kind == "F1"
@@ -209,6 +215,15 @@ def every_planned_graph(capability, cudnn_version: int, batch: int = 256) -> Lis
     if widths:  # (nothing is planned before sm_80)
         out += [GraphCase(cudnn_graph.FINALIZE_KIND, torch.float32, (c,), (), 1, 0,
                           "the BN after a conv") for c in widths]
+    caps = cudnn_graph.Capabilities(True, cudnn_version, tuple(capability))
+    for spec in resnet50_convs():
+        if not spec.layer.endswith("conv3"):
+            continue
+        shape = (batch, spec.c_out, spec.h, spec.h)
+        for dtype in (torch.float16, torch.bfloat16):
+            if cudnn_graph.tail_plan(caps, dtype, shape, dtype, shape) is None:
+                out += [GraphCase(kind, dtype, shape, (), 1, 0, "the block tail")
+                        for kind in cudnn_graph.TAIL_KINDS]
     return out
 
 

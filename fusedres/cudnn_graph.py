@@ -17,6 +17,12 @@ Graph kinds (their references in ``fusedres.reference``):
                    ``bn_finalize`` runs it or the project's finalize (``finalize``, the
                    project's by default until a GPU measures cuDNN's faster)
                                                                      (graph_bn_finalize)
+    BNAddReLU, DualBNAddReLU
+                   no conv: a block tail's apply ``relu((x - mean)*scale + shift + r)``,
+                   ``r`` the residual or the second BN's ``(x2 - mean2)*scale2 +
+                   shift2``, with its ReLU mask in the BN kernels' layout; only on the
+                   ``cudnn-graph-tail`` path, which only tune picks (its section)
+                                                               (graph_bn_add_relu)
 
 From the sums, ``mean = sum/M`` and the biased ``var = sum_sq/M - mean**2`` (fp32; see
 docs/cudnn_graph.md for the cancellation this allows).
@@ -68,7 +74,9 @@ from .reference import acc_dtype, bn_relu_prologue
 
 __all__ = ["built", "Capabilities", "capabilities", "problem", "plan", "plan_status", "engine",
            "statuses", "conv_stats", "bn_relu_conv", "bn_act_with_stats", "fused_backward",
-           "CudnnGraphConv", "finalize", "bn_finalize", "finalize_problem", "finalize_status"]
+           "CudnnGraphConv", "finalize", "bn_finalize", "finalize_problem", "finalize_status",
+           "TAIL_KINDS", "tail_plan", "tail_problem", "tail_status", "tail_planned",
+           "tail_engine", "tail_ran", "CudnnGraphTailConv"]
 
 _OP = "cudnn_graph_conv_stats"
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -335,10 +343,12 @@ def backward_note(conv) -> str:
 
 def statuses() -> List[dict]:
     """Every graph planned in this process: kind, device, dtype, input and weight shapes,
-    stride, padding, ``status`` ("" when it runs, else cuDNN's reason) and ``engine``
-    (cuDNN's plan name and the dtypes it was built with; None if refused)."""
+    stride, padding (a tail graph: none; ``mask``, whether it writes the ReLU mask),
+    ``status`` ("" when it runs, else cuDNN's reason) and ``engine`` (cuDNN's plan name and
+    the dtypes it was built with; None if refused)."""
     return [dict(kind=k[0], device=k[1], dtype=str(k[2]), input=k[3], weight=k[5],
-                 stride=k[7], padding=k[8], status=v, engine=e)
+                 stride=k[7], padding=k[8], status=v, engine=e,
+                 **({"mask": k[9]} if len(k) > 9 else {}))
             for k, v, e in _remembered.rows(_LOCK, _STATUS, _ENGINE)]
 
 
@@ -632,7 +642,7 @@ class _BatchNormActWithStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, residual, x2, weight2, bias2, mean2, var2,
-                eps, relu, backend):
+                eps, relu, backend, tail_graph=False):
         prims = ops.primitives(backend)
         x3, r3, x23 = ops.ncs(x), ops.ncs(residual), ops.ncs(x2)
         cl = ops.is_channels_last(x3)
@@ -641,8 +651,19 @@ class _BatchNormActWithStats(torch.autograd.Function):
         if x2 is not None:
             _, scale2, shift2 = ops.centred_scale_shift(weight2, bias2, mean2, var2, eps)
         save_mask = relu and (residual is not None or x2 is not None)
-        out, mask = prims.apply(x3, mean, scale, shift, r3, x23, mean2, scale2, shift2, relu,
-                                save_mask, cl)
+        # the block tail's apply through cuDNN's pointwise graph where it runs (the same
+        # contract as prims.apply: its mask is what the backward below reads)
+        graph = None
+        if tail_graph:
+            graph = _tail_graph_apply(x, mean, scale, shift, residual, x2, mean2, scale2,
+                                      shift2, relu, save_mask)
+            if not torch.compiler.is_compiling():  # (only eager calls report it)
+                _TAIL_RAN.value = graph is not None
+        if graph is not None:
+            out, mask = ops.ncs(graph[0]), graph[1]
+        else:
+            out, mask = prims.apply(x3, mean, scale, shift, r3, x23, mean2, scale2, shift2,
+                                    relu, save_mask, cl)
         ctx.save_for_backward(x3, weight, bias, mean, var, mask if mask.numel() else None,
                               x23, weight2, bias2, mean2, var2)
         ctx.options = (eps, relu, residual is not None, cl, backend)
@@ -656,7 +677,7 @@ class _BatchNormActWithStats(torch.autograd.Function):
         ng = ctx.needs_input_grad
         needs = [ng[0], ng[1] or ng[2], ng[5], ng[6], ng[7] or ng[8]]
         if dout is None or not any(needs):
-            return (None,) * 14
+            return (None,) * 15
         dout = ops.ncs(dout.contiguous(memory_format=torch.channels_last if cl else
                                        torch.contiguous_format))
         grads = torch.ops.fusedres.batch_norm_act_backward(
@@ -668,18 +689,21 @@ class _BatchNormActWithStats(torch.autograd.Function):
         dense = lambda t, need: t.view(shape) if need else None  # noqa: E731
         return (dense(dx, ng[0]), keep(dweight, ng[1]), keep(dbias, ng[2]), None, None,
                 dense(dres, ng[5]), dense(dx2, ng[6]), keep(dweight2, ng[7]),
-                keep(dbias2, ng[8]), None, None, None, None, None)
+                keep(dbias2, ng[8]), None, None, None, None, None, None)
 
 
 def bn_act_with_stats(y: Tensor, weight, bias, stats, *, relu: bool, residual=None,
                       shortcut: Optional[Tensor] = None, shortcut_weight=None,
                       shortcut_bias=None, shortcut_stats=None, eps: float,
-                      backend: str):
+                      backend: str, tail_graph: bool = False):
     """``[relu](bn(y) [+ residual | + bn2(shortcut)])`` in training with the batch
     statistics ``stats`` / ``shortcut_stats`` (``(mean, biased var)`` from a conv's
     epilogue, or None: computed by the BN kernels); returns ``(out, (mean, var),
     (mean2, var2) or None)``, the statistics used (for the running ones). ``backend``: one
-    of ``ops.PRIMITIVE_BACKENDS``."""
+    of ``ops.PRIMITIVE_BACKENDS``. ``tail_graph``: a block tail's apply (ReLU and a
+    residual or ``shortcut``) runs as cuDNN's tail graph where it is planned
+    (``tail_ran()`` says whether it did), else the BN kernels' apply; the backward is the
+    BN kernels' either way."""
     prims = ops.primitives(backend)
 
     def constants(s, t):  # the BN backward holds their gradient; None: today's pass
@@ -692,7 +716,7 @@ def bn_act_with_stats(y: Tensor, weight, bias, stats, *, relu: bool, residual=No
     shortcut_stats = (None, None) if shortcut is None else constants(shortcut_stats, shortcut)
     out = _BatchNormActWithStats.apply(y, weight, bias, *stats, residual, shortcut,
                                        shortcut_weight, shortcut_bias, *shortcut_stats, eps,
-                                       relu, backend)
+                                       relu, backend, tail_graph)
     return out, stats, (None if shortcut is None else shortcut_stats)
 
 
@@ -909,3 +933,183 @@ def bn_finalize(sums: Tensor, sq_sums: Tensor, count: int, weight: Optional[Tens
     bias = None if bias is None else bias.detach()
     return _finalize_fusedres(sums, sq_sums, count, weight, bias, eps, running_mean,
                               running_var, momentum, num_batches_tracked)
+
+
+# --------------------------------------------------------------------------------------
+# The block tail: (dual) BN-add-ReLU as a cuDNN pointwise graph (no conv)
+# --------------------------------------------------------------------------------------
+
+# BNAddReLU: relu(bn(y) + residual); DualBNAddReLU: relu(bn(y) + bn2(y2)). The BN kernels'
+# apply (centred; reference.graph_bn_add_relu), its ReLU mask in their layout: a drop-in
+# for ``prims.apply`` at a tail, whose backward stays the BN kernels'. Only the
+# ``cudnn-graph-tail`` conv path uses it, and only ``fusedres.tune`` picks that path (on
+# the device, where it measures faster): cuDNN runs a pure pointwise graph on its
+# runtime-fusion engines, whose speed against the project's tail kernel is unknown.
+TAIL_KINDS = ("BNAddReLU", "DualBNAddReLU")
+_TAIL_OP = "cudnn_graph_bn_add_relu"
+_TAIL_RAN = threading.local()
+
+
+def tail_ran() -> bool:
+    """Did the last ``bn_act_with_stats`` on this thread run its apply as the tail graph?"""
+    return getattr(_TAIL_RAN, "value", False)
+
+
+def tail_plan(caps: Capabilities, dtype: torch.dtype, shape: tuple, other_dtype: torch.dtype,
+              other_shape: tuple, channels_last: bool = True, aligned: bool = True
+              ) -> Optional[str]:
+    """The planner's rules for a block tail's graph on a CUDA device with ``caps``
+    (``shape``/``dtype``: the BN input's; ``other``: the residual's or the second BN
+    input's): None (ask cuDNN) or why no graph is planned."""
+    if not caps.built:
+        return ("fusedres._C was built without the cuDNN graph path (no cudnn-frontend "
+                "headers at build time, see docs/cudnn_graph.md)")
+    if caps.arch < (8, 0):
+        return f"compute capability {caps.arch[0]}.{caps.arch[1]} < 8.0"
+    if dtype not in _DTYPES:
+        return f"{dtype} input: the tail graph takes float16 or bfloat16 (autocast)"
+    if other_dtype != dtype or tuple(other_shape) != tuple(shape):
+        return "the residual / second BN input differs in dtype or shape"
+    if len(shape) != 4:
+        return "not a 4-D activation"
+    if shape[1] % CHANNEL_ALIGN:
+        return (f"{shape[1]} channels: cuDNN's runtime fusion needs multiples of 8 (16-byte "
+                "aligned fp16/bf16 rows)")
+    if not channels_last:
+        return "an input not channels_last (the graph is NHWC)"
+    if not aligned:  # per call, never remembered
+        return "an input not 16-byte aligned (a view with an offset)"
+    return None
+
+
+def tail_problem(x: Tensor, other: Optional[Tensor], relu: bool) -> Optional[str]:
+    """None when the tail graph may run ``relu(bn(x) + other)`` (``other``: the residual or
+    the second BN's input; cuDNN still has the last word, ``tail_status``), else why not."""
+    if not relu or other is None:
+        return "not a block tail (the graph is a BN plus a residual or a second BN, then ReLU)"
+    if x.device.type != "cuda":
+        return "the cuDNN graphs run on CUDA tensors only"
+    if not _defined(_TAIL_OP):
+        return "fusedres._C was built without the tail graph (rebuild it)"
+    cl = torch.channels_last
+    return tail_plan(capabilities(x.device), x.dtype, tuple(x.shape), other.dtype,
+                     tuple(other.shape),
+                     x.is_contiguous(memory_format=cl) and other.is_contiguous(memory_format=cl),
+                     _aligned(x) and _aligned(other))
+
+
+def tail_planned(x: Tensor, residual: Optional[Tensor], x2: Optional[Tensor],
+                 relu: bool) -> bool:
+    """Does the tail graph run ``relu(bn(x) + residual | bn2(x2))`` in training (planner,
+    then cuDNN's remembered answer; it plans the graph on the first call)?"""
+    other = x2 if x2 is not None else residual
+    return tail_problem(x, other, relu) is None \
+        and not tail_status(TAIL_KINDS[x2 is not None], x, True)
+
+
+def _tail_key(kind, x, save_mask):
+    # the layout of the conv graphs' keys (statuses() reads it), the mask flag last
+    return (kind, str(x.device), x.dtype, tuple(x.shape), x.stride(), (), (), (), (),
+            bool(save_mask))
+
+
+def tail_status(kind: str, x: Tensor, save_mask: bool) -> str:
+    """``""`` when cuDNN runs tail graph ``kind`` (``TAIL_KINDS``) for BN input ``x``
+    (with the ReLU mask as an output when ``save_mask``), else why not. Planned on the first
+    call (not under torch.compile tracing) and remembered, as the conv graphs."""
+    if kind not in TAIL_KINDS:
+        raise ValueError(f"unknown tail graph kind {kind!r}: one of {TAIL_KINDS}")
+    if any(isinstance(d, torch.SymInt) for d in x.shape):
+        return "not planned for symbolic shapes (torch.compile with dynamic shapes)"
+    key = _tail_key(kind, x, save_mask)
+    if key not in _STATUS and torch.compiler.is_compiling():
+        return "not planned before torch.compile tracing (run one eager step first)"
+    return _remembered.ask_once(_LOCK, _STATUS, key, lambda: _ask_cudnn_tail(kind, x, save_mask),
+                                _ENGINE)
+
+
+def _ask_cudnn_tail(kind, x, save_mask) -> Tuple[str, Optional[str]]:
+    """``(status, engine)`` of tail graph ``kind`` from the C++ planner (tests fake this)."""
+    status = str(torch.ops.fusedres.cudnn_graph_tail_plan(kind, x, save_mask))
+    if status:
+        return status, None
+    return status, str(torch.ops.fusedres.cudnn_graph_tail_engine(kind, x, save_mask))
+
+
+def tail_engine(kind: str, x: Tensor, save_mask: bool) -> Optional[str]:
+    """The engine cuDNN chose for a tail graph ``tail_status`` planned (None if none)."""
+    with _LOCK:
+        return _ENGINE.get(_tail_key(kind, x, save_mask))
+
+
+def _run_tail(x, mean, scale, shift, residual, x2, mean2, scale2, shift2, save_mask):
+    """``(out, mask)`` of the tail graph from cuDNN (CPU tests put the reference here)."""
+    return torch.ops.fusedres.cudnn_graph_bn_add_relu(x, mean, scale, shift, residual, x2, mean2,
+                                                      scale2, shift2, save_mask)
+
+
+def _tail_fake(x, mean, scale, shift, residual, x2, mean2, scale2, shift2, save_mask):
+    out = fconv._empty_cl(x, *x.shape)
+    return out, x.new_empty(ops._mask_bytes(ops.ncs(x)) if save_mask else 0, dtype=torch.uint8)
+
+
+if _defined(_TAIL_OP):
+    torch.library.register_fake(f"fusedres::{_TAIL_OP}", _tail_fake)
+
+
+def _tail_graph_apply(x, mean, scale, shift, residual, x2, mean2, scale2, shift2, relu,
+                      save_mask) -> Optional[Tuple[Tensor, Tensor]]:
+    """``(out, mask)`` from the tail graph (4-D, channels_last; ``mask`` in the BN kernels'
+    layout), or None where it does not run (planner, cuDNN's refusal, or an execution that
+    failed: remembered): the caller runs the BN kernels' apply."""
+    if tail_problem(x, x2 if x2 is not None else residual, relu) is not None:
+        return None
+    kind = TAIL_KINDS[x2 is not None]
+    if tail_status(kind, x, save_mask):
+        return None
+    vec = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    return _run_remembered(_tail_key(kind, x, save_mask), _run_tail, x, vec(mean), vec(scale),
+                           vec(shift), residual, x2, vec(mean2), vec(scale2), vec(shift2),
+                           save_mask)
+
+
+def tail_note(kind: str, channels: int, device: torch.device) -> str:
+    """How a tail site of ``channels`` on ``device`` (its BN's) runs its (dual) BN-add-ReLU
+    on the tail path, from the tail graphs planned in this process (``explain``'s note)."""
+    if device.type != "cuda":
+        return f"the BN kernels' apply: cuDNN's {kind} graph runs on CUDA tensors only"
+    if not _defined(_TAIL_OP):
+        return f"the BN kernels' apply: fusedres._C was built without cuDNN's {kind} graph"
+    rows = _remembered.rows(_LOCK, _STATUS, _ENGINE,
+                            lambda k: k[0] == kind and k[3][1] == channels)
+    refused = [(k, s) for k, s, _ in rows if s]
+    if refused:
+        k, s = refused[0]
+        how = (f"cuDNN refused it at input {k[3]} {k[2]} (the BN kernels' apply runs): {s}")
+    elif rows:
+        how = f"on {rows[0][2] or 'cuDNN'}"
+    else:
+        how = "planned at the first training call"
+    return (f"the BN-add-ReLU apply in training: cuDNN's {kind} graph, {how}; its backward "
+            "the BN kernels'")
+
+
+class CudnnGraphTailConv(CudnnGraphConv):
+    """``SitePlan(conv="cudnn-graph-tail")``: ``cudnn-graph``, and at a block tail in
+    training the (dual) BN-add-ReLU apply as cuDNN's tail graph (``TAIL_KINDS``; its
+    backward the BN kernels'). A candidate of ``fusedres.tune`` at tail sites only: it is
+    used where it measured faster, never by default."""
+
+    name = "cudnn-graph-tail"
+    tail_graph = True
+    tail_name = "cudnn-graph-tail"  # last_backend() after the tail graph ran
+
+    def plain_site_note(self, kind: str, bn) -> str:
+        if kind not in ("tail", "dual"):
+            return ""
+        device = bn.running_mean.device if bn.running_mean is not None else \
+            next((p.device for p in bn.parameters()), torch.device("cpu"))
+        return tail_note(TAIL_KINDS[kind == "dual"], bn.num_features, device)
+
+
+conv_paths.register(CudnnGraphTailConv())

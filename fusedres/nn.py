@@ -619,7 +619,10 @@ def _plain_site_with_stats(x, conv, bn, relu, residual, shortcut_x, shortcut_con
     if shortcut_bn is not None:
         s, s_stats = _conv_with_stats(path, shortcut_conv, shortcut_bn, shortcut_x)
     prims = None
-    if stats is not None or s_stats is not None:
+    # the tail graph (cudnn-graph-tail) where it runs, then also without given statistics
+    tail = path.tail_graph and relu and (residual is not None or shortcut_bn is not None) \
+        and cudnn_graph.tail_planned(y, residual, s, relu)
+    if stats is not None or s_stats is not None or tail:
         prims = _given_stats_backend(bn, y, residual, shortcut_bn, s, backend)
     if prims is None:  # today's BN (its own statistics pass)
         return bn_act(bn, y, relu=relu, residual=residual, shortcut_bn=shortcut_bn,
@@ -630,12 +633,13 @@ def _plain_site_with_stats(x, conv, bn, relu, residual, shortcut_x, shortcut_con
         y, bn.weight, bn.bias, stats, relu=relu, residual=residual, shortcut=s,
         shortcut_weight=None if s is None else shortcut_bn.weight,
         shortcut_bias=None if s is None else shortcut_bn.bias, shortcut_stats=s_stats,
-        eps=bn.eps, backend=prims)
+        eps=bn.eps, backend=prims, tail_graph=tail)
     ops.update_from_batch(rm, rv, *stats, count, momentum, nbt)
     if s is not None:
         rm2, rv2, _, momentum2, nbt2 = _bn_state(shortcut_bn)
         ops.update_from_batch(rm2, rv2, *s_stats, count, momentum2, nbt2)
-    _last.backend = path.stats_name
+    ran_tail = tail and not torch.compiler.is_compiling() and cudnn_graph.tail_ran()
+    _last.backend = path.tail_name if ran_tail else path.stats_name
     return out
 
 

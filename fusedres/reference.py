@@ -401,3 +401,32 @@ def dbn_apply(g: Tensor, x: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     acc = acc_dtype(x.dtype)
     v = lambda t: t.view(1, -1, 1, 1).to(acc)  # noqa: E731
     return (v(a) * g.to(acc) + v(b) * x.to(acc) + v(c)).to(x.dtype)
+
+
+def graph_bn_add_relu(x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor,
+                      residual: Optional[Tensor] = None, x2: Optional[Tensor] = None,
+                      mean2: Optional[Tensor] = None, scale2: Optional[Tensor] = None,
+                      shift2: Optional[Tensor] = None, save_mask: bool = False
+                      ) -> tuple[Tensor, Tensor]:
+    """The block tail's pointwise graph (BNAddReLU with ``residual``, DualBNAddReLU with
+    ``x2``): ``out = relu(pre)``, ``pre = (x - mean)*scale + shift + [residual |
+    (x2 - mean2)*scale2 + shift2]`` on 4-D tensors, acc dtype math, one rounding to
+    ``x``'s dtype, ``out`` channels_last; with ``save_mask`` the ReLU mask ``pre > 0``
+    packed 1 bit per element in the NHWC memory order (:func:`pack_mask` with
+    ``channels_last``: cuDNN's BOOLEAN layout of an NHWC tensor), else an empty ``uint8``.
+    The BN kernels' ``bn_apply`` with a residual or a second BN, whose backward reads this
+    mask; the one difference: a NaN pre-activation's bit is 0 here (``pre > 0``), 1 there
+    (``not pre <= 0``), as cuDNN's ``CMP_GT`` gives it."""
+    if (residual is None) == (x2 is None):
+        raise ValueError("exactly one of residual and x2")
+    n, c = x.shape[:2]
+    v = lambda t: t.to(acc_dtype(x.dtype)).view(1, -1, 1, 1)  # noqa: E731
+    pre = (x.to(acc_dtype(x.dtype)) - v(mean)) * v(scale) + v(shift)
+    if x2 is not None:
+        pre = pre + ((x2.to(pre.dtype) - v(mean2)) * v(scale2) + v(shift2))
+    else:
+        pre = pre + residual.to(pre.dtype)
+    out = torch.relu(pre).to(x.dtype).contiguous(memory_format=torch.channels_last)
+    mask = pack_mask((pre > 0).reshape(n, c, -1), True) if save_mask \
+        else torch.empty(0, dtype=torch.uint8, device=x.device)
+    return out, mask

@@ -20,6 +20,10 @@ Candidates (name: plan):
     cudnn-graph  SitePlan(conv="cudnn-graph"): cuDNN's fused graphs (conv + statistics,
                  BN-ReLU prologue; ``fusedres.cudnn_graph``) at BN-ReLU -> conv sites, the
                  BN kernels of the model's backend (CUDA, where _C was built with it)
+    cudnn-graph-tail  SitePlan(conv="cudnn-graph-tail"): cudnn-graph, and the block
+                 tail's (dual) BN-add-ReLU apply in training as cuDNN's pointwise tail
+                 graph (its backward the BN kernels'); tried at other sites only when
+                 cudnn-graph is not a candidate (there it is cudnn-graph)
     cudnn-eval   SitePlan(conv="cudnn-eval"): eval-mode tuning on CUDA only; the folded
                  conv with its bias, residual and ReLU in one cuDNN call
                  (``fusedres.cudnn_eval``) where the site folds and ends in a ReLU
@@ -44,9 +48,9 @@ timed in repeated interleaved rounds (``fusedres._timing.interleaved_samples``: 
 candidate once per round, in a rotating order; CPU: wall clock per call, GPU: CUDA
 events), giving each a median and a spread (p20-p80). The decision is made only on
 differences the run can tell from its noise (``select``): the simplest candidate (torch
-< reference < cpu/cuda < triton, cudnn-eval < triton-conv < cudnn-graph) wins unless a faster one
-beats it beyond the spread -- its median over ``margin`` (default 3%) lower and its p80
-under the other's p20. When a candidate's own
+< reference < cpu/cuda < triton, cudnn-eval < triton-conv < cudnn-graph < cudnn-graph-tail)
+wins unless a faster one beats it beyond the spread -- its median over ``margin``
+(default 3%) lower and its p80 under the other's p20. When a candidate's own
 samples disagree wildly (p20-p80 over ``NOISE_LIMIT`` of its median: a machine too loaded
 to measure), the site is not decided: it keeps its default path, nothing is cached, a
 warning and the report say so (``too_noisy``). Sites with identical signatures share one
@@ -98,9 +102,9 @@ __all__ = ["tune", "select", "too_noisy", "measure", "plan_of", "TuneReport", "d
 
 # Simpler first: a tie within the margin goes to the lower rank.
 RANK = {"torch": 0, "reference": 1, "cpu": 2, "cuda": 2, "triton": 3, "cudnn-eval": 3,
-        "triton-conv": 4, "cudnn-graph": 5}
+        "triton-conv": 4, "cudnn-graph": 5, "cudnn-graph-tail": 6}
 # Candidates that change only the sites their conv path fuses (``_changes_site``).
-_CONV_CANDIDATES = ("triton-conv", "cudnn-graph")
+_CONV_CANDIDATES = ("triton-conv", "cudnn-graph", "cudnn-graph-tail")
 # Relative L2 error allowed against the torch candidate, by the site's compute dtype. Two
 # correct float32 implementations differ by ~1e-3 in a BN input gradient at ResNet-50
 # shapes (its three terms cancel); a wrong kernel (a 1% error) is far above.
@@ -132,7 +136,7 @@ def plan_of(choice: str) -> "fnn.SitePlan":
         return fnn.SitePlan(backend="torch")
     if choice == "triton-conv":
         return fnn.SitePlan(conv="triton", backend="triton")
-    if choice in ("cudnn-graph", "cudnn-eval"):
+    if choice in ("cudnn-graph", "cudnn-graph-tail", "cudnn-eval"):
         return fnn.SitePlan(conv=choice)
     return fnn.SitePlan(conv="cudnn", backend=choice)
 
@@ -556,6 +560,8 @@ def _candidates(device: torch.device, only) -> list:
         names.append("triton-conv")
     if device.type == "cuda" and cudnn_graph.built():
         names.append("cudnn-graph")
+        if cudnn_graph._defined(cudnn_graph._TAIL_OP):  # (an extension built before it: no)
+            names.append("cudnn-graph-tail")
     if device.type == "cuda" and cudnn_eval.capabilities(device).cudnn:
         names.append("cudnn-eval")  # (eval-mode tuning only: _tune_site)
     if only is not None:
@@ -572,11 +578,28 @@ def _changes_site(name: str, site: _Site, train: bool) -> bool:
     -> conv site; a path that computes a plain site's conv statistics in its epilogue
     (cudnn-graph's F0) also a conv -> BN (-> add) (-> ReLU) site in training."""
     k = site.kwargs
+    path = fnn.conv_paths.path_named(plan_of(name).conv)
+    if train and path is not None and path.tail_graph and _is_tail(site):
+        return True  # (cudnn-graph-tail: the tail's apply; elsewhere it is cudnn-graph)
     if k.get("next_conv") is not None:
         return True
-    path = fnn.conv_paths.path_named(plan_of(name).conv)
     return (train and path is not None and path.plain_site_stats
             and (site.conv is not None or k.get("shortcut_conv") is not None))
+
+
+def _is_tail(site: _Site) -> bool:
+    """A block tail: ReLU after the BN plus a residual or a second BN."""
+    k = site.kwargs
+    residual = k.get("residual") is not None or "residual" in site.tensors
+    return bool(k.get("relu")) and (residual or k.get("shortcut_bn") is not None)
+
+
+def _same_as_another(name: str, site: _Site, train: bool, candidates: list) -> bool:
+    """Would candidate ``name`` run ``site`` exactly as another candidate in the list does
+    (``cudnn-graph-tail`` away from a tail in training is ``cudnn-graph``)? Not timed
+    twice then."""
+    return (name == "cudnn-graph-tail" and "cudnn-graph" in candidates
+            and not (train and _is_tail(site)))
 
 
 def _tune_site(site: _Site, train: bool, candidates: list, timer, margin: float) -> dict:
@@ -599,6 +622,8 @@ def _tune_site(site: _Site, train: bool, candidates: list, timer, margin: float)
     for name in candidates:
         if name == "torch" or (name in _CONV_CANDIDATES and not _changes_site(name, site, train)):
             continue  # the site runs as the cudnn candidate
+        if _same_as_another(name, site, train, candidates):
+            continue
         if name == "cudnn-eval" and train:
             continue  # it changes only the eval fold; in training it is "cudnn"
         try:

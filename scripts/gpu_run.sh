@@ -37,7 +37,9 @@
 #           "kind": "cudnn_device_properties" (or its error)  -> run.jsonl; save it with
 #           `python -m fusedres.cudnn_deviceless extract DIR/run.jsonl`; after the
 #           doctor, BN finalize timed once (the project's against cuDNN's bn_finalize,
-#           scripts/gpu_cudnn_sites.py --finalize): "kind": "cudnn_finalize" lines
+#           scripts/gpu_cudnn_sites.py --finalize): "kind": "cudnn_finalize" lines,
+#           and the block tails (today's kernels against cuDNN's tail graph, --tails):
+#           "kind": "cudnn_tail" lines
 #   build   pip install -e . (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16), in the background
 #           (dry run: `setup.py --name`, which loads setup.py and builds nothing); reused
 #           when fusedres._C already loads with CUDA kernels built from this csrc/
@@ -404,6 +406,14 @@ fi
 if [ "$DRY" != 1 ] && [ "$(left)" -gt $((FINAL_S + KILL_S + 60)) ]; then
     timeout -k 5 45 "$PY" scripts/gpu_cudnn_sites.py --finalize --jsonl "$RUN" 2>&1 \
         | tail -n 1 | sed 's/^/    cudnn finalize: /'
+fi
+# The block tails, timed once: today's fused tail kernels against cuDNN's tail graph
+# (BNAddReLU / DualBNAddReLU, the cudnn-graph-tail path that tune may pick), a "kind":
+# "cudnn_tail" line per ResNet-50 tail shape, kind and dtype in run.jsonl, each as it is
+# measured (a timeout keeps what was done; no stage of its own, no new file)
+if [ "$DRY" != 1 ] && [ "$(left)" -gt $((FINAL_S + KILL_S + 75)) ]; then
+    timeout -k 5 60 "$PY" scripts/gpu_cudnn_sites.py --tails --jsonl "$RUN" > /dev/null 2>&1
+    echo "    cudnn tails: $(grep -c '"kind": "cudnn_tail"' "$RUN") rows"
 fi
 if stage_begin tests; then
     mapfile -t CUDA_TESTS < <(grep -l "pytest.mark.cuda" tests/test_*.py)

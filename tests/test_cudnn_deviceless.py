@@ -35,7 +35,8 @@ def test_every_planned_graph_covers_every_kind():
     from fusedres import cudnn_graph
 
     cases = D.every_planned_graph((9, 0), 92400, batch=256)
-    assert {c.kind for c in cases} == set(cudnn_graph.KINDS) | {cudnn_graph.FINALIZE_KIND}
+    assert {c.kind for c in cases} == set(cudnn_graph.KINDS) | {cudnn_graph.FINALIZE_KIND} \
+        | set(cudnn_graph.TAIL_KINDS)
     assert cases[:len(D.planned_graphs((9, 0), 92400))] == D.planned_graphs((9, 0), 92400)
     f1 = {c[1:] for c in cases if c.kind == "F1"}
     for kind in cudnn_graph.BACKWARD_KINDS:
@@ -43,6 +44,11 @@ def test_every_planned_graph_covers_every_kind():
     finalize = [c for c in cases if c.kind == cudnn_graph.FINALIZE_KIND]
     assert sorted(c.input_shape[0] for c in finalize) == \
         sorted({spec.c_out for spec in resnet50_convs()}) == [64, 128, 256, 512, 1024, 2048]
+    tails = {(c.kind, c.dtype, c.input_shape) for c in cases if not c.weight_shape
+             and len(c.input_shape) == 4}  # both kinds, both dtypes, ResNet-50's 4 tails
+    assert tails == {(k, d, (256, c, h, h)) for k in cudnn_graph.TAIL_KINDS
+                     for d in (torch.float16, torch.bfloat16)
+                     for c, h in ((256, 56), (512, 28), (1024, 14), (2048, 7))}, tails
     assert D.every_planned_graph((7, 5), 92400) == []
 
 

@@ -505,7 +505,8 @@ TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
 //   cudnn_graph_check_deviceless(properties, kind, dtype, input, weight, stride, padding,
 //       sm_version) -> str
 //       builds graph `kind` (F0, F1, DgradDreluDBN, ConvBNwgrad, BNFinalize: input is
-//       (C,) there) as the planner does, against device properties captured on a GPU
+//       (C,) there; BNAddReLU, DualBNAddReLU: the block tail's, with its mask, no weight)
+//       as the planner does, against device properties captured on a GPU
 //       (cuDNN's JSON, cudnn_deviceless.capture) instead of a handle: validate, lower,
 //       heuristics, check_support -- no GPU. "" when supported, else the failing step
 //       per variant. A blob cuDNN cannot read raises (ValueError).
@@ -666,15 +667,24 @@ std::shared_ptr<const fe::DeviceProperties> read_properties(const std::string& p
   return props;
 }
 
+// The block tail's graphs (defined with their ops at the end of this file).
+bool is_tail_kind(const std::string& kind);
+bool parse_tail_kind(const std::string& s);
+void define_tail(Graph& g, bool dual, bool save_mask, const std::vector<int64_t>& xs,
+                 fe::DataType_t io);
+
 std::string check_deviceless(const std::string& properties, const std::string& kind,
                              const std::string& dtype, at::IntArrayRef input,
                              at::IntArrayRef weight, at::IntArrayRef stride,
                              at::IntArrayRef padding, int64_t sm_version) {
   const char* op = "cudnn_graph_check_deviceless";
   // the arguments first (cheap, and the caller's mistakes), then cuDNN reads the blob
-  const bool finalize = kind == "BNFinalize";
-  const Kind k = finalize ? Kind::F0 : parse_kind(kind);  // (k unused for the finalize)
-  if (finalize) {
+  const bool finalize = kind == "BNFinalize", tail = is_tail_kind(kind);
+  const Kind k = finalize || tail ? Kind::F0 : parse_kind(kind);  // (unused for those)
+  if (tail) {  // BNAddReLU / DualBNAddReLU: input (N, C, H, W), no weight; with the mask
+    TORCH_CHECK_VALUE((dtype == "float16" || dtype == "bfloat16") && input.size() == 4,
+                      "fusedres ", op, ": ", kind, " takes a float16/bfloat16 4-D input");
+  } else if (finalize) {
     TORCH_CHECK_VALUE(input.size() == 1 && input[0] > 0, "fusedres ", op,
                       ": BNFinalize takes input (C,)");
   } else {
@@ -689,6 +699,15 @@ std::string check_deviceless(const std::string& properties, const std::string& k
     g.set_device_properties(props).set_sm_version(static_cast<int32_t>(sm_version));
   };
   try {
+    if (tail) {
+      Graph g;
+      target(g);
+      const auto io = io_type(dtype == "float16" ? at::kHalf : at::kBFloat16);
+      g.set_io_data_type(io).set_intermediate_data_type(fe::DataType_t::FLOAT)
+          .set_compute_data_type(fe::DataType_t::FLOAT);
+      define_tail(g, parse_tail_kind(kind), true, input.vec(), io);
+      return lower(g, nullptr);
+    }
     if (finalize) {
       auto g = finalize_graph();
       target(*g);
@@ -747,3 +766,206 @@ TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
 }
 
 #endif  // FUSEDRES_WITH_CUDNN_GRAPH
+
+// ======================================================================================
+// The block tail: (dual) BN-add-ReLU as a cuDNN pointwise graph (no conv)
+// ======================================================================================
+//
+// Graph kinds (NHWC fp16/bf16 I/O, fp32 per-channel vectors and math; the reference is
+// fusedres.reference.graph_bn_add_relu):
+//   BNAddReLU      out = relu((x - mean)*scale + shift + residual)
+//   DualBNAddReLU  out = relu((x - mean)*scale + shift + (x2 - mean2)*scale2 + shift2)
+// with `save_mask` also the ReLU mask `pre > 0` as a BOOLEAN output: cuDNN packs it 1 bit
+// per element in the tensor's (NHWC) memory order, which is the BN kernels' mask of a
+// channels_last output (fusedres/reference.py: byte o >> 3, bit o & 7). So the graph is
+// a drop-in for the BN kernels' apply (`bn_apply`: the centred form, never x*scale +
+// (beta - mean*scale), which cancels for |mean| >> std), and their backward reads its
+// mask unchanged. Only the forward: the backward stays the BN kernels'.
+//
+// Ops (fake kernel and the caller in fusedres/cudnn_graph.py):
+//   cudnn_graph_tail_plan(kind, x, save_mask) -> str     "" or why cuDNN refuses it
+//   cudnn_graph_tail_engine(kind, x, save_mask) -> str   cuDNN's plan name; "" if none
+//   cudnn_graph_bn_add_relu(x, mean, scale, shift, residual?, x2?, mean2?, scale2?,
+//                           shift2?, save_mask) -> (out, mask)
+//       exactly one of residual and x2; mask: uint8 of ceil(numel/8) bytes, or empty.
+// Plans share the conv graphs' cache (keys prefixed "tail"), built on first use by the
+// same steps (`lower`).
+#ifdef FUSEDRES_WITH_CUDNN_GRAPH
+
+namespace fusedres {
+namespace cudnn_graph {
+
+enum TailUid : int64_t {
+  kTailX = 101, kTailMean, kTailScale, kTailShift, kTailResidual, kTailX2, kTailMean2,
+  kTailScale2, kTailShift2, kTailOut, kTailMask, kTailZero
+};
+
+bool is_tail_kind(const std::string& kind) {
+  return kind == "BNAddReLU" || kind == "DualBNAddReLU";
+}
+
+bool parse_tail_kind(const std::string& s) {  // true: dual
+  if (s == "BNAddReLU") return false;
+  if (s == "DualBNAddReLU") return true;
+  TORCH_CHECK(false, "fusedres cudnn_graph: unknown tail graph kind '", s,
+              "' (BNAddReLU, DualBNAddReLU)");
+}
+
+// (x - mean)*scale + shift: one BN's centred apply, fp32 per-channel vectors.
+TensorAttr centred_bn(Graph& g, const TensorAttr& x, int64_t c, int64_t uid_mean) {
+  const auto f32 = fe::DataType_t::FLOAT;
+  auto mean = per_channel(g, "mean", uid_mean, c, f32);
+  auto scale = per_channel(g, "scale", uid_mean + 1, c, f32);
+  auto shift = per_channel(g, "shift", uid_mean + 2, c, f32);
+  auto centred = pointwise(g, fe::PointwiseMode_t::SUB, x, mean);
+  return pointwise(g, fe::PointwiseMode_t::ADD,
+                   pointwise(g, fe::PointwiseMode_t::MUL, centred, scale), shift);
+}
+
+void define_tail(Graph& g, bool dual, bool save_mask, const std::vector<int64_t>& xs,
+                 fe::DataType_t io) {
+  const int64_t c = xs[1];
+  auto pre = centred_bn(g, nhwc(g, "x", kTailX, xs, io), c, kTailMean);
+  auto other = dual ? centred_bn(g, nhwc(g, "x2", kTailX2, xs, io), c, kTailMean2)
+                    : nhwc(g, "residual", kTailResidual, xs, io);
+  auto sum = pointwise(g, fe::PointwiseMode_t::ADD, pre, other);
+  auto out = pointwise(g, fe::PointwiseMode_t::RELU_FWD, sum);
+  out->set_output(true).set_uid(kTailOut).set_data_type(io).set_dim(xs)
+      .set_stride(nhwc_strides(xs));
+  if (save_mask) {
+    auto zero = g.tensor(fe::graph::Tensor_attributes(0.0f).set_name("zero").set_uid(kTailZero));
+    auto mask = pointwise(g, fe::PointwiseMode_t::CMP_GT, sum, zero);
+    mask->set_output(true).set_uid(kTailMask).set_data_type(fe::DataType_t::BOOLEAN)
+        .set_dim(xs).set_stride(nhwc_strides(xs));
+  }
+}
+
+std::string build_tail(Plan& plan, bool dual, bool save_mask, const at::Tensor& x) {
+  const auto io = io_type(x.scalar_type());
+  cudnnHandle_t handle = at::native::getCudnnHandle();
+  auto g = std::make_shared<Graph>();
+  g->set_io_data_type(io).set_intermediate_data_type(fe::DataType_t::FLOAT)
+      .set_compute_data_type(fe::DataType_t::FLOAT);
+  define_tail(*g, dual, save_mask, x.sizes().vec(), io);
+  std::string why = lower(*g, handle);
+  int64_t ws = 0;
+  if (why.empty()) {
+    auto e = g->get_workspace_size(ws);
+    if (!e.is_good()) why = std::string("get_workspace_size: ") + e.get_message();
+  }
+  if (!why.empty()) return why;
+  std::string name;
+  if (!g->get_plan_name(name).is_good() || name.empty()) name = "engine unnamed";
+  plan.graph = g;
+  plan.workspace = ws;
+  plan.engine = name + (save_mask ? " (with the ReLU mask)" : "");
+  return "";
+}
+
+// What the tail graphs support at all, before asking cuDNN ("" when worth asking).
+std::string precheck_tail(const at::Tensor& x) {
+  if (!x.is_cuda()) return "the tail graphs run on CUDA tensors";
+  if (x.dim() != 4) return "4-D input only";
+  if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16)
+    return "the tail graphs take float16 or bfloat16 input";
+  if (x.size(1) % 8) return "channels not a multiple of 8 (16-byte aligned NHWC rows)";
+  if (!nhwc_aligned(x)) return "input not channels_last and 16-byte aligned";
+  if (x.numel() == 0) return "empty input";
+  return "";
+}
+
+const Plan& get_tail_plan(bool dual, bool save_mask, const at::Tensor& x) {
+  std::ostringstream k;
+  k << "tail|" << dual << save_mask << '|' << x.get_device() << '|'
+    << static_cast<int>(x.scalar_type());
+  for (auto v : x.sizes()) k << ',' << v;
+  const auto key = k.str();
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  auto it = cache().find(key);
+  if (it != cache().end()) return it->second;
+  Plan plan;
+  try {
+    plan.problem = build_tail(plan, dual, save_mask, x);
+  } catch (const std::exception& e) {
+    plan.problem = std::string("cudnn-frontend: ") + e.what();
+  }
+  return cache().emplace(key, std::move(plan)).first->second;
+}
+
+std::string plan_tail(const std::string& kind, const at::Tensor& x, bool save_mask) {
+  const bool dual = parse_tail_kind(kind);
+  auto why = precheck_tail(x);
+  if (!why.empty()) return why;
+  c10::cuda::CUDAGuard guard(x.device());
+  return get_tail_plan(dual, save_mask, x).problem;
+}
+
+std::string tail_engine(const std::string& kind, const at::Tensor& x, bool save_mask) {
+  const bool dual = parse_tail_kind(kind);
+  if (!precheck_tail(x).empty()) return "";
+  c10::cuda::CUDAGuard guard(x.device());
+  return get_tail_plan(dual, save_mask, x).engine;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_add_relu(
+    const at::Tensor& x, const at::Tensor& mean, const at::Tensor& scale, const at::Tensor& shift,
+    const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& x2,
+    const c10::optional<at::Tensor>& mean2, const c10::optional<at::Tensor>& scale2,
+    const c10::optional<at::Tensor>& shift2, bool save_mask) {
+  const char* op = "cudnn_graph_bn_add_relu";
+  const bool dual = x2.has_value();
+  TORCH_CHECK(dual != residual.has_value(), "fusedres ", op, ": exactly one of residual and x2");
+  TORCH_CHECK(!dual || (mean2.has_value() && scale2.has_value() && shift2.has_value()),
+              "fusedres ", op, ": x2 comes with mean2, scale2 and shift2");
+  const auto pre = precheck_tail(x);
+  TORCH_CHECK(pre.empty(), "fusedres ", op, ": ", pre);
+  const at::Tensor& other = dual ? *x2 : *residual;
+  TORCH_CHECK(other.sizes() == x.sizes() && other.scalar_type() == x.scalar_type() &&
+                  other.device() == x.device() && nhwc_aligned(other),
+              "fusedres ", op, ": residual / x2 must be x's shape and dtype, channels_last "
+              "and 16-byte aligned");
+  c10::cuda::CUDAGuard guard(x.device());
+  const Plan& plan = get_tail_plan(dual, save_mask, x);
+  TORCH_CHECK(plan.graph, "fusedres ", op, ": cuDNN does not run this graph: ", plan.problem);
+  for (const auto* t : {&mean, &scale, &shift}) check_per_channel(op, *t, x);
+  auto out = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  const int64_t bytes = (x.numel() + 7) / 8;  // the BN kernels' mask size
+  auto mask = save_mask ? at::empty({(bytes + 15) / 16 * 16}, x.options().dtype(at::kByte))
+                              .narrow(0, 0, bytes)
+                        : at::empty({0}, x.options().dtype(at::kByte));
+  std::unordered_map<int64_t, void*> pack = {
+      {kTailX, x.data_ptr()}, {kTailMean, mean.data_ptr()}, {kTailScale, scale.data_ptr()},
+      {kTailShift, shift.data_ptr()}, {kTailOut, out.data_ptr()}};
+  if (dual) {
+    for (const auto* t : {&*mean2, &*scale2, &*shift2}) check_per_channel(op, *t, x);
+    pack[kTailX2] = x2->data_ptr();
+    pack[kTailMean2] = mean2->data_ptr();
+    pack[kTailScale2] = scale2->data_ptr();
+    pack[kTailShift2] = shift2->data_ptr();
+  } else {
+    pack[kTailResidual] = residual->data_ptr();
+  }
+  if (save_mask) pack[kTailMask] = mask.data_ptr();
+  execute(op, plan, pack, x);
+  return {out, mask};
+}
+
+}  // namespace cudnn_graph
+}  // namespace fusedres
+
+TORCH_LIBRARY_FRAGMENT(fusedres, m) {
+  m.def("cudnn_graph_tail_plan(str kind, Tensor x, bool save_mask) -> str");
+  m.def("cudnn_graph_tail_engine(str kind, Tensor x, bool save_mask) -> str");
+  m.def(
+      "cudnn_graph_bn_add_relu(Tensor x, Tensor mean, Tensor scale, Tensor shift, "
+      "Tensor? residual, Tensor? x2, Tensor? mean2, Tensor? scale2, Tensor? shift2, "
+      "bool save_mask) -> (Tensor out, Tensor mask)");
+}
+
+TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
+  m.impl("cudnn_graph_tail_plan", &fusedres::cudnn_graph::plan_tail);
+  m.impl("cudnn_graph_tail_engine", &fusedres::cudnn_graph::tail_engine);
+  m.impl("cudnn_graph_bn_add_relu", &fusedres::cudnn_graph::bn_add_relu);
+}
+
+#endif  // FUSEDRES_WITH_CUDNN_GRAPH (the block tail)

@@ -21,9 +21,13 @@ Checked, per backend available on the device (``cpu``, ``cuda``, ``triton``):
   ``graph_dgrad_drelu_dbn``/``graph_wgrad``, and a BN-ReLU -> conv site with its fused
   backward (``cudnn_graph_site``: y, dx, dw, dgamma, dbeta) against torch's composite in
   float64; cuDNN's bn_finalize (``cudnn_graph_BNFinalize``: scale, shift, mean, invstd,
-  next running statistics) against the project's finalize in float64 from the same sums.
-  A graph cuDNN refuses is listed under "skipped" with cuDNN's reason (the site
-  falls back); a failing case names the engine cuDNN chose;
+  next running statistics) against the project's finalize in float64 from the same sums;
+  the block tail's pointwise graphs (``cudnn_graph_BNAddReLU``,
+  ``cudnn_graph_DualBNAddReLU``: output and ReLU mask against
+  ``reference.graph_bn_add_relu``, ResNet-50 tail shapes) and a dual tail through them
+  with the BN kernels' backward (``cudnn_graph_tail_site``: out and every gradient against
+  torch's composite in float64). A graph cuDNN refuses is listed under "skipped" with
+  cuDNN's reason (the site falls back); a failing case names the engine cuDNN chose;
 * on CUDA, the ``cudnn-eval`` path's fused call (``cudnn_eval_add_relu``: relu(conv + bias
   + residual), ``cudnn_eval_relu``: relu(conv + bias); float32, float16, bfloat16,
   channels_last, ResNet-50 conv shapes) against F.conv2d in float64; a call that raises
@@ -564,6 +568,80 @@ class Doctor:
             engine = cudnn_graph.engine(x, w, graph, st, pad)
             self.check(f"cudnn_graph_{kind}", "cudnn-graph", dtype, f"{where} on {engine}", case)
 
+    def cudnn_tail_graphs(self, backend: str = "cudnn-graph") -> None:  # likewise
+        """The block tail's graphs at ResNet-50's tail shapes (``_cudnn_tail_graphs``)."""
+        n = 2 if self.quick else 32
+        for dtype in (torch.float16, torch.bfloat16):
+            for i, (c, h) in enumerate(RESNET50[1:]):  # (64 channels: no tail there)
+                self._cudnn_tail_graphs(dtype, (n, c, h, h), 10 * i, f"{c}x{h}x{h} batch {n}")
+
+    def _cudnn_tail_graphs(self, dtype, shape, seed, where):
+        """BNAddReLU and DualBNAddReLU (with and without the ReLU mask: output, mask bit by
+        bit) against ``reference.graph_bn_add_relu`` in float64, and a dual tail through
+        ``cudnn_graph.bn_act_with_stats`` with the graph (training forward and the BN
+        kernels' backward reading its mask: out and every gradient) against torch's
+        composite in float64 (``cudnn_graph_tail_site``)."""
+        from fusedres import cudnn_graph
+        from fusedres import reference as R
+
+        d, acc, c = torch.float64, R.acc_dtype(dtype), shape[1]
+        x, x2, r = (self.rand(shape, dtype, True, seed + k, 1.0, 0.3) for k in range(3))
+        vec = lambda k, s, o=0.0: self.rand((c,), acc, False, seed + k, s, o)  # noqa: E731
+        mean, scale, shift, mean2, scale2, shift2 = (vec(3, 0.1, 0.3), vec(4, 0.1, 1.0),
+                                                     vec(5, 0.5), vec(6, 0.1, 0.3),
+                                                     vec(7, 0.1, 1.0), vec(8, 0.5))
+        f64 = lambda t: None if t is None else t.to(d)  # noqa: E731
+        for kind in cudnn_graph.TAIL_KINDS:
+            dual = kind == "DualBNAddReLU"
+            args = (None, x2, mean2, scale2, shift2) if dual else (r, None, None, None, None)
+            for save_mask in (True, False):
+                at = f"{where}{', with the mask' if save_mask else ''}"
+                why = cudnn_graph.tail_problem(x, x2 if dual else r, True) \
+                    or cudnn_graph.tail_status(kind, x, save_mask)
+                if why:
+                    self.skipped.append((f"cudnn_graph_{kind}", f"{dtype} {at}: {why}"))
+                    continue
+
+                def case(args=args, save_mask=save_mask):
+                    out, mask = cudnn_graph._run_tail(x, mean, scale, shift, *args, save_mask)
+                    want, want_mask = R.graph_bn_add_relu(
+                        *map(f64, (x, mean, scale, shift, *args)), save_mask=save_mask)
+                    return [("out", out, want, None)] + \
+                        ([("mask", mask, want_mask, None)] if save_mask else [])
+
+                self.check(f"cudnn_graph_{kind}", "cudnn-graph", dtype,
+                           f"{at} on {cudnn_graph.tail_engine(kind, x, save_mask)}", case)
+        if cudnn_graph.tail_problem(x, x2, True) \
+                or cudnn_graph.tail_status("DualBNAddReLU", x, True):
+            return  # (skipped above, with the reason)
+        weights = [vec(k, 0.1, o) for k, o in ((9, 1.0), (10, 0.0), (11, 1.0), (12, 0.0))]
+        dout = self.rand(shape, dtype, True, seed + 13)
+        prims = "cuda" if self.device.type == "cuda" else "reference_primitives"
+
+        def tail(leaves, composite):
+            y, s, w, b, w2, b2 = leaves
+            if composite:
+                out = torch.relu(F.batch_norm(y, None, None, w, b, True, 0.1, 1e-5)
+                                 + F.batch_norm(s, None, None, w2, b2, True, 0.1, 1e-5))
+            else:
+                out, _, _ = cudnn_graph.bn_act_with_stats(
+                    y, w, b, None, relu=True, shortcut=s, shortcut_weight=w2,
+                    shortcut_bias=b2, eps=1e-5, backend=prims, tail_graph=True)
+                if not cudnn_graph.tail_ran():
+                    raise RuntimeError("the tail graph did not run (fell back)")
+            return [out, *torch.autograd.grad(out, leaves, dout.to(out.dtype))]
+
+        def site_case():
+            ins = (x, x2, *weights)
+            got = tail([t.detach().requires_grad_() for t in ins], False)
+            want = tail([t.detach().to(d).requires_grad_() for t in ins], True)
+            own = tail([t.detach().requires_grad_() for t in ins], True)  # torch's, in dtype
+            names = ("out", "dy", "dy2", "dgamma", "dbeta", "dgamma2", "dbeta2")
+            return [(nm, a, b, max(TOLERANCE[dtype], 4 * _rel(t, b)))
+                    for nm, a, b, t in zip(names, got, want, own)]
+
+        self.check("cudnn_graph_tail_site", "cudnn-graph", dtype, f"dual {where}", site_case)
+
     # cuDNN's fused eval call (the cudnn-eval conv path) --------------------------------
 
     def cudnn_eval(self, backend: str = "cudnn-eval") -> None:  # likewise
@@ -627,6 +705,7 @@ class Doctor:
                                                 "graph path (no cudnn-frontend headers)"))
         else:
             steps.append(("cudnn-graph", self.cudnn_graphs))
+            steps.append(("cudnn-graph", self.cudnn_tail_graphs))
         if self.device.type != "cuda":
             self.skipped.append(("cudnn-eval", "the fused cuDNN call runs on CUDA only"))
         else:
