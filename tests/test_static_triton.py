@@ -154,16 +154,12 @@ FORWARD_VARIANTS = [
     "fwd 1x1 s1 (TMA GEMM) bn-relu prologue +stats",
     "fwd 3x3/1x1 s2 (TMA boxes of the stride-2 view) bn-relu prologue +stats",
     "fwd eval 1x1 s1 bias+residual+relu"]
-_PROLOGUE_MATH = ("fp32 prologue math: each thread's register-A fragment holds 8 elements "
-                  "per HGMMA (m64k16 over 128 threads), each unpacked, FFMA'd, ReLU'd and "
-                  "repacked (>= 4 SASS), plus the loop's own 12-30")
 KNOWN_GAPS = {
-    "fwd 3x3 s1 (TMA boxes) bn-relu prologue +stats":
-        f"79.8 / 62.5 SASS per HGMMA > 48 ({_PROLOGUE_MATH})",
-    "fwd 1x1 s1 (TMA GEMM) bn-relu prologue +stats":
-        f"69.2 / 52.0 SASS per HGMMA > 48 ({_PROLOGUE_MATH})",
     "fwd 3x3/1x1 s2 (TMA boxes of the stride-2 view) bn-relu prologue +stats":
-        f"84.8 / 63.2 SASS per HGMMA > 48 ({_PROLOGUE_MATH})",
+        "49.0 SASS per HGMMA > 48 at 128x64 (47.9 at 128x128): the 5-D box coordinates "
+        "of the stride-2 view cost a few more per K step than the 3x3 stride-1 row's 47.4-"
+        "47.8; the fp32 prologue itself is ~24 per HGMMA (unpack, FFMA, F2FP.RELU per pair, "
+        "the padded-tap mask per pair; docs/triton_conv.md)",
 }
 
 
