@@ -120,7 +120,9 @@ def _box_rows_in(LANES_ptr, th0, tw0, dh, dw, STRIDE_H, STRIDE_W, IH, IW,
     lane = tl.load(LANES_ptr + tl.arange(0, ROWS))
     ih = (th0 + lane // TILE_W % TILE_H) * STRIDE_H + dh
     iw = (tw0 + lane % TILE_W) * STRIDE_W + dw
-    return (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+    # 0 <= i < n as one unsigned compare
+    return ((ih.to(tl.uint32, bitcast=True) < IH.to(tl.uint32))
+            & (iw.to(tl.uint32, bitcast=True) < IW.to(tl.uint32)))
 
 
 @triton.jit
