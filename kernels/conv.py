@@ -377,7 +377,7 @@ def _conv_kernel(
                                     tap_sign * PAD_H, tap_sign * PAD_W, CI, BLOCK_M, BLOCK_K,
                                     A_TMA)
                     # (the plain conversion: its 8-warp tile keeps A in a blocked layout, where
-                    # the bitwise one costs more, 112.5 against 106.2 SASS per HGMMA)
+                    # _as_f32 costs ~6 SASS per HGMMA more)
                     v = tl.fma(py.to(acc.dtype), c1, a.to(acc.dtype)) + c2
                     a = v.to(op_t) * ok.to(op_t)
                 else:
@@ -821,7 +821,8 @@ def _fits(tile, gemm_n, wide_ok):
 def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsize=2,
                  residual=False, budget=_SMEM_BUDGET):
     """The configs autotuned for one mode of ``_conv_kernel`` (``stem``: flat K loop;
-    ``transposed``: dgrad; ``fused``: a prologue or the dReLU epilogue; ``residual``: an
+    ``transposed``: dgrad; ``fused``: a prologue or the dReLU epilogue, the forward's
+    BN-ReLU prologue with its own one-warpgroup tiles; ``residual``: an
     epilogue reading a residual), pruned to the GEMM's N, the operands' element size and
     the device's shared memory (``budget``: ``smem_budget(device)``; the first is
     deterministic mode's config)."""
