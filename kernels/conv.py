@@ -108,14 +108,43 @@ def _x_tap_box(X_desc, n0, h0, w0, tap_r, tap_c, c0, PAD_H, PAD_W, CI, ROWS: tl.
 
 
 @triton.jit
+def _box_rows_in(LANES_ptr, th0, tw0, dh, dw, STRIDE_H, STRIDE_W, IH, IW,
+                 ROWS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Whether each row of a spatial M tile (output box at (th0, tw0), TILE_H x TILE_W per
+    image) reads inside the image at input offset (dh, dw): [ROWS] booleans, the padding
+    mask of a tap. The row ids come from a load of LANES_ptr (0, 1, 2, ...), not from
+    tl.arange: Triton then builds the mask in the register layout of the wgmma A operand,
+    and the prologue'd A tile goes from the TMA buffer (ldmatrix) to the wgmma without a
+    shared-memory round trip; with tl.arange it is made in a blocked layout and A is
+    stored to shared memory and reloaded every K step (docs/triton_conv.md)."""
+    lane = tl.load(LANES_ptr + tl.arange(0, ROWS))
+    ih = (th0 + lane // TILE_W % TILE_H) * STRIDE_H + dh
+    iw = (tw0 + lane % TILE_W) * STRIDE_W + dw
+    # 0 <= i < n as one unsigned compare
+    return ((ih.to(tl.uint32, bitcast=True) < IH.to(tl.uint32))
+            & (iw.to(tl.uint32, bitcast=True) < IW.to(tl.uint32)))
+
+
+@triton.jit
+def _as_f32(a):
+    """``a`` in fp32. bf16 by its bits (exact: bf16 is the upper half of an fp32): one
+    integer op per element, where the conversion costs two for the upper element of each
+    packed pair (PRMT + SHF)."""
+    if a.dtype == tl.bfloat16:
+        return (a.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32,
+                                                                     bitcast=True)
+    else:
+        return a.to(tl.float32)
+
+
+@triton.jit
 def _conv_kernel(
     X_ptr,  # (N, IH, IW, CI) A source (x, or dy when TRANSPOSED), NHWC via strides
     W_ptr,  # weight addressed [CO, R, S, CI] through (swo, swr, sws, swi)
     Y_ptr,  # (N, OH, OW, CO) output, NHWC via strides
     BIAS_ptr,  # (CO,) conv bias                                  [HAS_BIAS]
     RES_ptr,  # (N, OH, OW, CO) residual                           [HAS_RESIDUAL]
-    PSCALE_ptr,  # (CI,) prologue scale (BN-ReLU: operand dtype) or dBN y-coefficient
-    PSHIFT_ptr,  # (CI,) prologue shift (BN-ReLU: operand dtype) or dBN constant
+    PCOEF_ptr,  # (CI, 2) prologue pairs: BN-ReLU (scale, shift), dBN (y coefficient, constant)
     PY_ptr,  # (N, IH, IW, CI) forward output y for the dBN prologue  [PROLOGUE == 2]
     EY_ptr,  # (N, OH, OW, CO) previous conv output y_prev            [DRELU]
     ESCALE_ptr,  # (CO,) previous BN scale                             [DRELU]
@@ -123,6 +152,7 @@ def _conv_kernel(
     WS1_ptr,  # (T, CO) tile mean [STATS] or tile sum(g) [DRELU], acc dtype
     WS2_ptr,  # (T, CO) tile M2 [STATS] or tile sum(g*ey) [DRELU], acc dtype
     WS3_ptr,  # (T, CO) tile count                              [STATS and A_TMA >= 2]
+    LANES_ptr,  # (>= BLOCK_M,) int32 0, 1, 2, ...: row ids of an M tile (``_box_rows_in``)
     W_desc,  # TMA descriptor of W as [CO, R*S*CI], block [BLOCK_N, BLOCK_K] [W_TMA]
     X_desc,  # TMA descriptor of X as [N*IH*IW, CI], block [BLOCK_M, BLOCK_K] [A_TMA]
     PY_desc,  # the same of PY (boxes like X_desc)                 [PROLOGUE == 2, A_TMA]
@@ -311,31 +341,48 @@ def _conv_kernel(
                                tap_sign * PAD_H, tap_sign * PAD_W, CI, BLOCK_M, BLOCK_K, A_TMA)
             else:
                 a = tl.load(X_ptr + a_off, mask=ok, other=0.0)
+            if PROLOGUE:
+                # per-channel pairs, interleaved as (CI, 2): one 16-byte access gives a thread
+                # both for two channels (ci < CI always: the M/K tails are zeroed after it);
+                # PROLOGUE 1: (scale, shift), 2: (y coefficient, constant)
+                c1, c2 = tl.split(tl.load(PCOEF_ptr + ci[:, None] * 2
+                                          + tl.arange(0, 2)[None, :]))
+                c1 = c1.to(acc.dtype)[None, :]
+                c2 = c2.to(acc.dtype)[None, :]
+                if A_TMA >= 2:  # the tap's padded rows (rows past M are never stored or
+                    # counted); the stride-2 view is stride 2 by construction: a constant
+                    stride: tl.constexpr = 2 if A_TMA == 3 else 1
+                    pad_ok = _box_rows_in(LANES_ptr, th0, tw0, tap_sign * (tr - PAD_H),
+                                          tap_sign * (ts - PAD_W), stride, stride, IH, IW,
+                                          BLOCK_M, TILE_H, TILE_W)
+                    ok = pad_ok[:, None]
             if PROLOGUE == 1:
-                # scale and shift in fp32, rounded once to the operand dtype after the ReLU: a
-                # packed 16-bit FMA rounds shift = beta - mean*scale to 8 bits, 7x torch's
-                # error at mean/std = 20 (docs/triton_conv.md); NaN-propagating like torch.relu
-                sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-                sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-                v = tl.fma(a.to(acc.dtype), sc[None, :], sh[None, :])
+                # relu(x*scale + shift) in fp32, rounded once to the operand dtype after the
+                # ReLU: a packed 16-bit FMA rounds shift = beta - mean*scale to 8 bits, 7x
+                # torch's error at mean/std = 20 (docs/triton_conv.md); NaN-propagating like
+                # torch.relu. Padded taps (a = 0 there) exactly 0 after it: a multiply by the
+                # 0/1 row mask (packed) rather than a per-element select
+                if ACC_FP64:
+                    v = tl.fma(a.to(acc.dtype), c1, c2)
+                else:
+                    v = tl.fma(_as_f32(a), c1, c2)
                 v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL).to(op_t)
                 if A_TMA == 1:  # no padded taps; rows past M are never stored nor counted
                     a = v
-                else:  # padded taps and the M tail (a = 0 there) are exactly 0 after it: a
-                    # multiply by the 0/1 row mask (packed) rather than a per-element select
+                else:
                     a = v * ok.to(op_t)
-            elif PROLOGUE == 2:
-                sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-                sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-                if A_TMA >= 2:  # y's box of the same tap; padded taps 0 by the row mask
+            elif PROLOGUE == 2:  # dy + y*cy + cc in fp32, rounded once; padded taps 0
+                if A_TMA >= 2:  # y's box of the same tap
                     py = _x_tap_box(PY_desc, tn0, th0, tw0, tap_sign * tr, tap_sign * ts, c0,
                                     tap_sign * PAD_H, tap_sign * PAD_W, CI, BLOCK_M, BLOCK_K,
                                     A_TMA)
-                    v = tl.fma(py.to(acc.dtype), sc[None, :], a.to(acc.dtype)) + sh[None, :]
+                    # (the plain conversion: its 8-warp tile keeps A in a blocked layout, where
+                    # _as_f32 costs ~6 SASS per HGMMA more)
+                    v = tl.fma(py.to(acc.dtype), c1, a.to(acc.dtype)) + c2
                     a = v.to(op_t) * ok.to(op_t)
                 else:
                     py = tl.load(PY_ptr + p_off, mask=ok, other=0.0)
-                    v = a.to(acc.dtype) + py.to(acc.dtype) * sc[None, :] + sh[None, :]
+                    v = a.to(acc.dtype) + py.to(acc.dtype) * c1 + c2
                     a = tl.where(ok, v, 0.0).to(op_t)
             else:
                 a = a.to(op_t)
@@ -594,9 +641,10 @@ def _conv_wgrad_kernel(
                     p_pix = nb.to(tl.int64) * spn + oh * sph + ow * spw
                     py = tl.load(PY_ptr + (offs_co[:, None] * spc + p_pix[None, :]), mask=a_ok,
                                  other=0.0)
-            if DBN:  # dy + y*cy + cc in fp32; 0 at pixels past the output
+            if DBN:  # dy + y*cy + cc in fp32, rounded once; 0 at pixels past the output (a
+                # multiply of the rounded pairs by the 0/1 mask)
                 v = tl.fma(py.to(cdt), cy[:, None], a.to(cdt)) + cc[:, None]
-                a = (v * pix_ok[None, :].to(cdt)).to(op_t)
+                a = v.to(op_t) * pix_ok[None, :].to(op_t)
             else:
                 a = a.to(op_t)
             if TAP_N and TMA:  # one box of x per K step (stride 1, or the stride-2 view)
@@ -610,13 +658,16 @@ def _conv_wgrad_kernel(
                 b = tl.load(X_ptr + ((nb.to(tl.int64) * sxn)[:, None] + ih * sxh + iw * sxw
                                      + ci[None, :] * sxc), mask=b_ok, other=0.0)
             if PROLOGUE:  # relu(x*scale + shift) in fp32; padded taps exactly 0 after it
-                if TMA:
-                    ih = (oh * STRIDE_H - PAD_H)[:, None] + r[None, :]
-                    iw = (ow * STRIDE_W - PAD_W)[:, None] + s[None, :]
-                    b_ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
                 v = tl.fma(b.to(cdt), sc[None, :], sh[None, :])
                 v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
-                b = tl.where(b_ok, v, 0.0).to(op_t)
+                if TMA:  # one tap per N tile: the padding is a mask of the pixels (rows),
+                    # applied to the rounded pairs
+                    ih = oh * STRIDE_H - PAD_H + tap_r
+                    iw = ow * STRIDE_W - PAD_W + tap_s
+                    pad_ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+                    b = v.to(op_t) * pad_ok[:, None].to(op_t)
+                else:
+                    b = tl.where(b_ok, v, 0.0).to(op_t)
             else:
                 b = b.to(op_t)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
@@ -650,7 +701,13 @@ _CONV_TILES = {
     "plain": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 5),
               (128, 128, 32, 8, 3)],
     "fused": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 5),
-              (128, 128, 32, 8, 3)],  # a prologue or the dReLU epilogue
+              (128, 128, 32, 8, 3)],  # dgrad with the dBN prologue or the dReLU epilogue
+    # the forward's BN-ReLU prologue: one warpgroup per tile, so that each thread's fixed
+    # per-K-step work (barriers, TMA issue, the pairs' loads, the tap mask) is spread over 8
+    # HGMMA instead of 4 (SASS per HGMMA: 46-48 against 61-78 at 8 warps, the prologue's
+    # own ~24 the same); at 8 warps Triton also stores the prologue'd A to shared memory
+    # and reloads it (docs/triton_conv.md)
+    "prologue": [(128, 128, 64, 4, 4), (128, 64, 64, 4, 5), (128, 128, 32, 8, 3)],
     "stem": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)],  # flat (r, s, c) K loop: C_in = 3
 }
 _SMEM_BUDGET = 160 * 1024  # operand pipeline bytes; leaves room for the epilogue's scratch
@@ -764,13 +821,15 @@ def _fits(tile, gemm_n, wide_ok):
 def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsize=2,
                  residual=False, budget=_SMEM_BUDGET):
     """The configs autotuned for one mode of ``_conv_kernel`` (``stem``: flat K loop;
-    ``transposed``: dgrad; ``fused``: a prologue or the dReLU epilogue; ``residual``: an
+    ``transposed``: dgrad; ``fused``: a prologue or the dReLU epilogue, the forward's
+    BN-ReLU prologue with its own one-warpgroup tiles; ``residual``: an
     epilogue reading a residual), pruned to the GEMM's N, the operands' element size and
     the device's shared memory (``budget``: ``smem_budget(device)``; the first is
     deterministic mode's config)."""
     if INTERPRET:
         return _configs([_INTERPRETER_TILE])
-    tiles = _CONV_TILES[_mode(stem, fused)]
+    mode = _mode(stem, fused)
+    tiles = _CONV_TILES["prologue" if mode == "fused" and not transposed else mode]
     if not stem:  # 128-byte K rows: BLOCK_K 64 in 16-bit, 32 in fp32 (TF32)
         tiles = [t for t in tiles if t[2] * itemsize == 128]
     wide_ok = not (residual or fused)
@@ -910,6 +969,13 @@ def _tma_ok(t):
     return INTERPRET or (t.is_cuda and _capability(t.device.index or 0)[0] >= 9)
 
 
+@functools.lru_cache(maxsize=None)
+def _lanes(device):
+    """int32 0, 1, 2, ... on ``device``: the row ids ``_box_rows_in`` loads (one tensor per
+    device, longer than any BLOCK_M)."""
+    return torch.arange(512, dtype=torch.int32, device=device)
+
+
 def _dense_desc(t, shape, block):
     """A TMA descriptor over ``t`` (dense: the caller checked) read as a row-major array
     of ``shape``, or None where TMA cannot read it (rows not 16-byte multiples...)."""
@@ -1042,9 +1108,10 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     persistent = not prologue
     programs = _persistent_programs(x)
     res = residual if residual is not None else y
-    pscale, pshift = (scale, shift) if prologue else (y, y)  # fp32 scale/shift (kernel)
+    # (scale, shift) interleaved as (C_in, 2): the kernel loads both in one access
+    pcoef = torch.stack((scale, shift), 1) if prologue else y
     args = (x, weight, y, bias if bias is not None else y, res,
-            pscale, pshift, y, y, y, y, ws1, ws2, ws3,
+            pcoef, y, y, y, y, ws1, ws2, ws3, _lanes(x.device),
             w_desc if w_desc is not None else weight, x_desc if x_desc is not None else x, x,
             y_desc if y_desc is not None else y,
             h, w, ci, p, q, co, r, s, sh, sw, ph, pw,
@@ -1180,8 +1247,8 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
         w_desc = _dense_desc(weight.permute(0, 2, 3, 1), (co, r * s * ci),
                              (cfg0["BLOCK_K"], cfg0["BLOCK_N"]))
     args = (dy, weight, dx, dx, dx,
-            coef_y if dbn else dx, coef_c if dbn else dx, py,
-            ey, scale if drelu else dx, shift if drelu else dx, ws1, ws2, dx,
+            torch.stack((coef_y, coef_c), 1) if dbn else dx, py,
+            ey, scale if drelu else dx, shift if drelu else dx, ws1, ws2, dx, _lanes(dy.device),
             w_desc if w_desc is not None else weight, x_desc if x_desc is not None else dy,
             py_desc if py_desc is not None else dy, dx,
             p, q, co, h, w, ci, r, s, sh, sw, ph, pw,

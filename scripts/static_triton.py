@@ -515,7 +515,8 @@ def conv_specs(quick: bool):
             continue
         act = f"*{dt}"
         ptrs = {"X_ptr": act, "W_ptr": act, "Y_ptr": act, "BIAS_ptr": act, "RES_ptr": act,
-                "PY_ptr": act, "EY_ptr": act, "DY_ptr": act, "*default": "*fp32"}
+                "PY_ptr": act, "EY_ptr": act, "DY_ptr": act, "LANES_ptr": "*i32",
+                "*default": "*fp32"}
         fwd_ptrs = ptrs  # the BN-ReLU prologue's scale/shift: fp32, as the BN makes them
         unit = dict(sxc=1, swi=1, syc=1, src=1, spc=1, sec=1)  # channels_last, KRSC
         for name, sw in fwd.items():

@@ -154,16 +154,13 @@ FORWARD_VARIANTS = [
     "fwd 1x1 s1 (TMA GEMM) bn-relu prologue +stats",
     "fwd 3x3/1x1 s2 (TMA boxes of the stride-2 view) bn-relu prologue +stats",
     "fwd eval 1x1 s1 bias+residual+relu"]
-_PROLOGUE_MATH = ("fp32 prologue math: each thread's register-A fragment holds 8 elements "
-                  "per HGMMA (m64k16 over 128 threads), each unpacked, FFMA'd, ReLU'd and "
-                  "repacked (>= 4 SASS), plus the loop's own 12-30")
 KNOWN_GAPS = {
-    "fwd 3x3 s1 (TMA boxes) bn-relu prologue +stats":
-        f"79.8 / 62.5 SASS per HGMMA > 48 ({_PROLOGUE_MATH})",
-    "fwd 1x1 s1 (TMA GEMM) bn-relu prologue +stats":
-        f"69.2 / 52.0 SASS per HGMMA > 48 ({_PROLOGUE_MATH})",
     "fwd 3x3/1x1 s2 (TMA boxes of the stride-2 view) bn-relu prologue +stats":
-        f"84.8 / 63.2 SASS per HGMMA > 48 ({_PROLOGUE_MATH})",
+        "48.4 SASS per HGMMA > 48 at 128x64 (47.6 at 128x128; the 64-wide tile runs only "
+        "where C_out <= 64, which no ResNet-50 stride-2 conv has): the fp32 prologue is ~24 "
+        "per HGMMA (bf16 unpack, FFMA, F2FP.RELU and the padded-tap mask per pair), the "
+        "stride-2 view's 5-D box coordinates a few more per K step than stride 1's "
+        "(docs/triton_conv.md)",
 }
 
 
@@ -217,16 +214,17 @@ BACKWARD_VARIANTS = ["dgrad s1 (TMA boxes)", "dgrad s1 (TMA boxes) dBN prologue 
                      "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues"]
 BACKWARD_GAPS = {
     "dgrad s1 (TMA boxes) dBN prologue + dReLU epilogue":
-        "109.8 / 87.5 SASS per HGMMA > 48: the dBN prologue dy + y*cy + cc in fp32, 8 "
-        "A-fragment elements per HGMMA, each with two bf16 operands to unpack (~5.5 SASS "
-        "per element), then a shared-memory store of A",
+        "104.2 / 75.8 SASS per HGMMA > 48: the dBN prologue dy + y*cy + cc in fp32 is ~5 SASS "
+        "per element (two bf16 operands to unpack, FFMA, FADD, the pack and the tap mask), 8 "
+        "A-fragment elements per HGMMA, >= 40 per HGMMA before the loop's own; the 8-warp "
+        "tile also stores A to shared memory and reloads it (128x128 at 4 warps spills)",
     "dgrad s2 (dy by pointers) dBN prologue + dReLU epilogue":
-        "123.8 / 116.5 SASS per HGMMA > 48: the fp32 dBN prologue as at stride 1, plus dy "
+        "122.2 / 114.8 SASS per HGMMA > 48: the fp32 dBN prologue as at stride 1, plus dy "
         "and y through pointers (the sub-pixel phases do not map to one box)",
     "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues":
-        "140.0 SASS per HGMMA > 48: both prologues in fp32 per element (dBN on dy, "
-        "BN-ReLU on x, whose result wgmma must read from shared memory: a store and a "
-        "barrier per K step)",
+        "123.2 SASS per HGMMA > 48: both prologues in fp32 per element (dBN on dy, "
+        "BN-ReLU on x), 16 elements per HGMMA, and the BN-ReLU'd x is wgmma's B operand, "
+        "read from shared memory only: a store and a barrier per K step",
 }
 
 
