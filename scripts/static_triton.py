@@ -33,6 +33,8 @@ Writes benchmarks/static/triton.json and triton.md (the table).  Regenerate with
     .venv/bin/python scripts/static_triton.py --only conv --keep-others  # conv rows only
     .venv/bin/python scripts/static_triton.py --only conv --dtype bf16 --match fwd \
         --out /tmp/x                                     # a few rows, elsewhere
+    .venv/bin/python scripts/static_triton.py --python /work/venv36/bin/python \
+        --out benchmarks/static/triton-3.6               # under another Triton (venv)
 
 Run without TRITON_INTERPRET=1 (the interpreter replaces the compiler).  No GPU, driver
 or CUDA toolkit is needed beyond the triton wheel.  tests/test_static_triton.py compiles
@@ -803,7 +805,15 @@ def main(argv=None):
                     help="keep the rows of the existing triton.json that this run did not "
                          "select (e.g. regenerate the conv rows only)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "static"))
+    ap.add_argument("--python", help="run the check under this interpreter instead (e.g. a "
+                    "venv with another Triton: the GPU image's 3.6, docs/triton_conv.md)")
     args = ap.parse_args(argv)
+    if args.python and os.path.realpath(args.python) != os.path.realpath(sys.executable):
+        rest = list(sys.argv[1:] if argv is None else argv)
+        i = rest.index("--python") if "--python" in rest else None
+        rest = rest[:i] + rest[i + 2:] if i is not None else [a for a in rest if not
+                                                             a.startswith("--python=")]
+        return subprocess.run([args.python, os.path.abspath(__file__), *rest]).returncode
     t0 = time.time()
     results = run(args.quick, args.only, ci=args.ci, match=args.match, dtype=args.dtype)
     seconds = time.time() - t0
