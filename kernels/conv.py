@@ -84,6 +84,28 @@ except ImportError:  # older triton: every operand through pointers (cp.async)
     TensorDescriptor = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The persistent loops (plain forward, wgrad) as one flattened, pipelined tile x K loop:
+# the next tile's first loads overlap this tile's epilogue (``FLATTEN``; where, see
+# ``flatten_tiles``; docs/triton_conv.md, "Persistent pipeline"). False: never.
+FLATTEN_PERSISTENT = True
+
+
+def flatten_tiles(a_tma, residual):
+    """Whether the persistent forward fuses its tile and K loops (``FLATTEN``): for the 1x1
+    GEMM (``A_TMA`` 1) without a residual only. Its K loop is short (C_in / 64 steps), so
+    the epilogue is a large share of a tile; on the 3x3 boxes the fused loop's
+    bookkeeping adds 8-10 SASS per HGMMA on every K step (29-31 -> 38-40, over the bar of
+    32; sm_90a static figures) to hide an epilogue that is at most 1/9 of the tile. A
+    residual's load joins the pipeline (a third multi-buffered operand): 57.8 SASS per
+    HGMMA, and 72 B spilled in the loop at 128x64."""
+    return FLATTEN_PERSISTENT and a_tma == 1 and not residual
+
+
+# wgrad's item x pixel loop flattened (``FLATTEN`` of ``_conv_wgrad_kernel``): off. Each
+# item already runs >= 8 K steps (the split), and flattened the K step costs 7-9 more
+# SASS per HGMMA (29.2-31.0 -> 36.8-39.8), the dBN + BN-ReLU row 140 -> 165, and the
+# 128x256 config needs 262 KB of shared memory (sm_90a static figures, docs).
+FLATTEN_WGRAD = False
 
 
 # --------------------------------------------------------------------------------------
@@ -155,6 +177,7 @@ def _conv_kernel(
     STATS: tl.constexpr,
     DRELU: tl.constexpr,
     PERSISTENT: tl.constexpr,  # programs loop over output tiles (grid: about one per SM)
+    FLATTEN: tl.constexpr,  # the tile and K loops fused into one pipelined loop (PERSISTENT)
     Y_TMA: tl.constexpr,  # the output tile stored by TMA (forward with A_TMA; Y dense)
     ACC_FP64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee"
@@ -173,7 +196,10 @@ def _conv_kernel(
     else:  # one tile per program
         tile_end = pid + 1
         tile_step = 1
-    for tile in range(pid, tile_end, tile_step):
+    # FLATTEN: Triton fuses the tile loop with the K loop (its bounds do not depend on the
+    # tile) and pipelines the fused loop, so the next tile's first loads are issued before
+    # this tile's epilogue runs (docs/triton_conv.md, "Persistent pipeline")
+    for tile in tl.range(pid, tile_end, tile_step, flatten=FLATTEN):
         group_id = tile // width
         first_m = group_id * GROUP_M
         group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
@@ -503,6 +529,7 @@ def _conv_wgrad_kernel(
     TILE_W: tl.constexpr,  # output columns of a pixel tile
     DBN: tl.constexpr,
     PROLOGUE: tl.constexpr,
+    FLATTEN: tl.constexpr,  # the item and pixel loops fused into one pipelined loop
     ACC_FP64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -536,7 +563,11 @@ def _conv_wgrad_kernel(
     # prologue math in fp32 (fp64 for fp64 tensors)
     cdt: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     op_t = X_ptr.dtype.element_ty
-    for work in range(tl.program_id(0), tiles_mn * splits, tl.num_programs(0)):
+    # FLATTEN: as the forward's tile loop, fused with the pixel loop (whose trip count must
+    # then not depend on the item: every split walks TILES_PER_SPLIT boxes, the last one's
+    # boxes past the batch are zero-filled / masked, so they add 0)
+    for work in tl.range(tl.program_id(0), tiles_mn * splits, tl.num_programs(0),
+                         flatten=FLATTEN):
         pid_k = work // tiles_mn
         pid = work % tiles_mn
         pid_m = pid // num_pid_n
@@ -568,7 +599,10 @@ def _conv_wgrad_kernel(
             cc = tl.load(DCC_ptr + offs_co, mask=co_ok, other=0.0).to(cdt)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=cdt)
         t_begin = pid_k * TILES_PER_SPLIT
-        n_steps = tl.minimum(TILES_PER_SPLIT, num_tiles - t_begin)
+        if FLATTEN:
+            n_steps = TILES_PER_SPLIT
+        else:
+            n_steps = tl.minimum(TILES_PER_SPLIT, num_tiles - t_begin)
         # the first box's origin (divisions once, before the loop)
         tw0 = (t_begin % tiles_w) * TILE_W
         th0 = (t_begin // tiles_w % tiles_h) * TILE_H
@@ -1055,7 +1089,9 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
                   A_TMA=a_tma, TILE_H=tile_h, TILE_W=tile_w, PROLOGUE=prologue,
                   HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                   EPILOGUE_RELU=bool(relu), STATS=bool(stats), DRELU=False,
-                  PERSISTENT=persistent, Y_TMA=y_tma, ACC_FP64=acc == torch.float64,
+                  PERSISTENT=persistent,
+                  FLATTEN=persistent and flatten_tiles(a_tma, residual is not None),
+                  Y_TMA=y_tma, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):
@@ -1193,7 +1229,8 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     kwargs = dict(TRANSPOSED=True, TAP_LOOP=_tap_loop(co), W_TMA=w_desc is not None,
                   A_TMA=a_tma, TILE_H=tile_h, TILE_W=tile_w, PROLOGUE=2 if dbn else 0,
                   HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False,
-                  DRELU=drelu, PERSISTENT=False, Y_TMA=0, ACC_FP64=acc == torch.float64,
+                  DRELU=drelu, PERSISTENT=False, FLATTEN=False, Y_TMA=0,
+                  ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(dy.dtype))
 
     def grid(meta):
@@ -1295,7 +1332,7 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
             shp["h"], shp["w"], ci, shp["p"], shp["q"], co, r, s, sh, sw, ph, pw,
             *d_str, *x_str, *p_str, shp["n"], gm, gn, tiles_per_split)
     kwargs = dict(TAP_N=tap_n, TMA=tma, TILE_H=tile_h, TILE_W=tile_w, DBN=dbn,
-                  PROLOGUE=prologue, ACC_FP64=acc == torch.float64,
+                  PROLOGUE=prologue, FLATTEN=FLATTEN_WGRAD, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):  # persistent: at most one program per SM over (tile, split) items

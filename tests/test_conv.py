@@ -319,23 +319,37 @@ def test_tma_weights_dgrad(monkeypatch, case, dtype, fused):
     assert (dx.double() - ref).abs().max() <= tol * (1 + ref.abs().max())
 
 
+PERSISTENT_CASES = [("many_tiles", 2, 8, 9, 9, 40, 3, 1, 1),  # C_in 8: A by pointers
+                    # the 1x1 TMA GEMM: its tile and K loops flattened (FLATTEN), 10 tiles
+                    ("1x1_flat", 4, 32, 6, 6, 40, 1, 1, 0)]
+
+
+@pytest.mark.parametrize("case", PERSISTENT_CASES, ids=[c[0] for c in PERSISTENT_CASES])
 @pytest.mark.parametrize("prologue", [False, True])
-def test_plain_forward_is_persistent(monkeypatch, prologue):
+def test_plain_forward_is_persistent(monkeypatch, prologue, case):
     """The forward without a prologue runs a persistent grid (fewer programs than tiles,
-    each walking several tiles in grouped order; 3 programs in the interpreter); with the
-    prologue one program per tile. Either way y equals F.conv2d in float64."""
+    each walking several tiles in grouped order; 3 programs in the interpreter), the 1x1
+    GEMM as one flattened tile x K loop; with the prologue one program per tile. Either
+    way y (and its statistics) equal F.conv2d's in float64."""
     seen, grids = _spy_launches(monkeypatch), []
     launch = K._launch
     monkeypatch.setattr(K, "_launch", lambda run, cfgs, grid, args, kw: grids.append(
         (grid(cfgs[0].kwargs), -(-args[-5] // cfgs[0].kwargs["BLOCK_M"])
          * -(-args[-4] // cfgs[0].kwargs["BLOCK_N"]))) or launch(run, cfgs, grid, args, kw))
-    x, w, st, pd = _make(("many_tiles", 2, 8, 9, 9, 40, 3, 1, 1))
-    kw = dict(zip(("scale", "shift"), _scale_shift(8))) if prologue else {}
-    y, _, _ = K.conv_fwd(x, w, st, pd, **kw)
+    x, w, st, pd = _make(case, torch.float32)  # a TMA dtype (the interpreter emulates it)
+    kw = dict(zip(("scale", "shift"), _scale_shift(x.shape[1], x.dtype))) if prologue else {}
+    y, mean, var = K.conv_fwd(x, w, st, pd, stats=True, **kw)
     a = _ref_bn_relu(x, kw["scale"], kw["shift"]) if prologue else x
-    torch.testing.assert_close(y, F.conv2d(a, w, None, st, pd))
+    ref = F.conv2d(a.double(), w.double(), None, st, pd)
+    assert (y.double() - ref).abs().max() <= 1e-4
+    m_ref, v_ref = _ref_stats(y)
+    torch.testing.assert_close(mean.double(), m_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(var.double(), v_ref, rtol=1e-4, atol=1e-4)
     (grid, tiles), = grids
-    assert seen[-1]["PERSISTENT"] == (not prologue) and seen[-1]["Y_TMA"] == 0  # C_in 8
+    tma_gemm = case[0] == "1x1_flat" and K.TensorDescriptor is not None
+    assert seen[-1]["PERSISTENT"] == (not prologue)
+    assert seen[-1]["A_TMA"] == (1 if tma_gemm else 0) and seen[-1]["Y_TMA"] == seen[-1]["A_TMA"]
+    assert seen[-1]["FLATTEN"] == (tma_gemm and not prologue and K.FLATTEN_PERSISTENT)
     assert grid[0] == (min(tiles, K._persistent_programs(x)) if not prologue else tiles)
     assert prologue or grid[0] < tiles
 
@@ -385,6 +399,35 @@ def test_tma_wgrad(monkeypatch, case, dtype, fused):
     ref = torch.nn.grad.conv2d_weight(a, w.shape, d.to(DEVICE), st, pd)
     tol = 1e-4 if dtype == torch.float32 and DEVICE == "cpu" else 2e-2
     assert (dw.double() - ref).abs().max() <= tol * (1 + ref.abs().max())
+
+
+@pytest.mark.parametrize("case", [("3x3s1_n3", 3, 32, 6, 5, 24, 3, 1, 1),  # TMA boxes
+                                  ("3x3s2_odd_n3", 3, 32, 7, 6, 16, 3, 2, 1)],  # pointers
+                         ids=["tma", "pointers"])
+def test_wgrad_flattened_walks_whole_splits(monkeypatch, case):
+    """wgrad with its item and pixel loops flattened (FLATTEN, off by default: the
+    trip count may not depend on the item, so every split walks TILES_PER_SPLIT boxes):
+    9 pixel boxes in 2 splits of 5, the last box past the batch adds exactly 0, with both
+    prologues (whose shift would make a non-masked zero box count). dW against float64."""
+    monkeypatch.setattr(K, "FLATTEN_WGRAD", True)
+    seen = _spy_launches(monkeypatch)
+    x, w, st, pd = _make(case, torch.float32)
+    _, n, ci, h, w_, co, k, _, _ = case
+    g = torch.Generator().manual_seed(7)
+    y = F.conv2d(x.double(), w.double(), None, st, pd)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    scale, shift = _scale_shift(ci, torch.float32)
+    coef_y = torch.randn(co, generator=g, dtype=torch.float64)
+    coef_c = torch.randn(co, generator=g, dtype=torch.float64)
+    y = y.float().contiguous(memory_format=torch.channels_last)
+    dw = K.conv_wgrad(dy.float().contiguous(memory_format=torch.channels_last), x, w.shape,
+                      st, pd, y=y, coef_y=coef_y.float(), coef_c=coef_c.float(), scale=scale,
+                      shift=shift)
+    assert seen[0]["FLATTEN"]
+    d = dy.float().double() + y.double() * coef_y.view(1, -1, 1, 1) + coef_c.view(1, -1, 1, 1)
+    ref = torch.nn.grad.conv2d_weight(_ref_bn_relu(x, scale, shift).double(), w.shape, d,
+                                      st, pd)
+    assert (dw.double() - ref).abs().max() <= 1e-4 * (1 + ref.abs().max())
 
 
 def test_deterministic():
