@@ -402,14 +402,17 @@ def _conv_kernel(
         if DRELU:
             ey = tl.load(EY_ptr + ((nb.to(tl.int64) * sen + oh * seh + ow * sew)[:, None]
                                    + offs_n[None, :] * sec),
-                         mask=out_ok, other=0.0).to(acc.dtype)
+                         mask=out_ok, other=0.0)
             esc = tl.load(ESCALE_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
             esh = tl.load(ESHIFT_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
-            pre = ey * esc[None, :] + esh[None, :]
+            # ey kept in its 16-bit dtype and widened at each use: an fp32 copy beside
+            # acc, escale and eshift (32 columns each per thread in the wgmma layout) made
+            # the strided 128x128 tile spill (255 registers; 244 without it)
+            pre = ey.to(acc.dtype) * esc[None, :] + esh[None, :]
             g = tl.where(pre <= 0, 0.0, acc)
             g = tl.where(out_ok, g, 0.0)
             tl.store(WS1_ptr + ws_off, tl.sum(g, axis=0), mask=n_ok)
-            tl.store(WS2_ptr + ws_off, tl.sum(g * ey, axis=0), mask=n_ok)
+            tl.store(WS2_ptr + ws_off, tl.sum(g * ey.to(acc.dtype), axis=0), mask=n_ok)
             acc = g * esc[None, :]
         out = acc.to(Y_ptr.dtype.element_ty)
         if Y_TMA == 1:  # Y as [N*OH*OW, CO]: TMA drops the rows and columns past the end
