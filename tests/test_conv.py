@@ -870,7 +870,8 @@ def build(fn, dt, consts, warps=4, stages=3, arch=90):
 
 tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, ACC_FP64=False)
 off = dict(HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False, DRELU=False,
-           W_TMA=False, A_TMA=False, PERSISTENT=False, Y_TMA=0, TILE_H=1, TILE_W=1)
+           W_TMA=False, A_TMA=False, PERSISTENT=False, FLATTEN=False, Y_TMA=0, TILE_H=1,
+           TILE_W=1)
 for dt, prec in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32")):
     base = dict(tiles, INPUT_PRECISION=prec)
     build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": True,
@@ -880,6 +881,10 @@ for dt, prec in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32")):
                                "W_TMA": True, "PROLOGUE": 1, "STATS": True}, 8)
     build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": True,
                                "W_TMA": True, "A_TMA": True, "PROLOGUE": 1}, 8)
+    # the persistent 1x1 GEMM with its tile and K loops flattened (FLATTEN)
+    build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": True,
+                               "W_TMA": True, "A_TMA": True, "PROLOGUE": 0,
+                               "PERSISTENT": True, "FLATTEN": True}, 8, 4)
     if dt != "fp16":
         continue  # every other mode in fp16 only (compile time)
     build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": False,
@@ -889,17 +894,18 @@ for dt, prec in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32")):
                                "PROLOGUE": 2, "DRELU": True}, 8)
     build(K._conv_wgrad_kernel, dt, dict(TAP_N=True, DBN=True, PROLOGUE=True, ACC_FP64=False,
                                          INPUT_PRECISION=prec, TMA=0, TILE_H=8, TILE_W=8,
-                                         BLOCK_M=64, BLOCK_N=64, BLOCK_K=64))
+                                         FLATTEN=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64))
 build(K._conv_wgrad_kernel, "fp16", dict(TAP_N=False, DBN=False, PROLOGUE=False,
                                          ACC_FP64=False, INPUT_PRECISION="ieee", TMA=0,
-                                         TILE_H=8, TILE_W=8, BLOCK_M=64, BLOCK_N=64,
-                                         BLOCK_K=64))
+                                         TILE_H=8, TILE_W=8, FLATTEN=False, BLOCK_M=64,
+                                         BLOCK_N=64, BLOCK_K=64))
 # sm_80 (no TMA): the pointer paths, persistent forward and the pixel-box wgrad walk
 build(K._conv_kernel, "bf16", {**tiles, **off, "INPUT_PRECISION": "ieee", "TRANSPOSED": False,
                                "TAP_LOOP": True, "PROLOGUE": 0, "PERSISTENT": True}, 8, 4, 80)
 build(K._conv_wgrad_kernel, "bf16", dict(TAP_N=True, DBN=True, PROLOGUE=True, ACC_FP64=False,
                                          INPUT_PRECISION="ieee", TMA=0, TILE_H=8, TILE_W=8,
-                                         BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3, 80)
+                                         FLATTEN=False, BLOCK_M=128, BLOCK_N=128,
+                                         BLOCK_K=64), 8, 3, 80)
 for final in (False, True):
     build(K._stats_merge_kernel, "fp32", dict(HAS_COUNT=final, FINAL=final, ACC_FP64=False,
                                               BLOCK_T=64, BLOCK_C=64))
