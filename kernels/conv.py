@@ -84,6 +84,28 @@ except ImportError:  # older triton: every operand through pointers (cp.async)
     TensorDescriptor = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The persistent loops (plain forward, wgrad) as one flattened, pipelined tile x K loop:
+# the next tile's first loads overlap this tile's epilogue (``FLATTEN``; where, see
+# ``flatten_tiles``; docs/triton_conv.md, "Persistent pipeline"). False: never.
+FLATTEN_PERSISTENT = True
+
+
+def flatten_tiles(a_tma, residual):
+    """Whether the persistent forward fuses its tile and K loops (``FLATTEN``): for the 1x1
+    GEMM (``A_TMA`` 1) without a residual only. Its K loop is short (C_in / 64 steps), so
+    the epilogue is a large share of a tile; on the 3x3 boxes the fused loop's
+    bookkeeping adds 8-10 SASS per HGMMA on every K step (29-31 -> 38-40, over the bar of
+    32; sm_90a static figures) to hide an epilogue that is at most 1/9 of the tile. A
+    residual's load joins the pipeline (a third multi-buffered operand): 57.8 SASS per
+    HGMMA, and 72 B spilled in the loop at 128x64."""
+    return FLATTEN_PERSISTENT and a_tma == 1 and not residual
+
+
+# wgrad's item x pixel loop flattened (``FLATTEN`` of ``_conv_wgrad_kernel``): off. Each
+# item already runs >= 8 K steps (the split), and flattened the K step costs 7-9 more
+# SASS per HGMMA (29.2-31.0 -> 36.8-39.8), the dBN + BN-ReLU row 140 -> 165, and the
+# 128x256 config needs 262 KB of shared memory (sm_90a static figures, docs).
+FLATTEN_WGRAD = False
 
 
 # --------------------------------------------------------------------------------------
@@ -185,6 +207,7 @@ def _conv_kernel(
     STATS: tl.constexpr,
     DRELU: tl.constexpr,
     PERSISTENT: tl.constexpr,  # programs loop over output tiles (grid: about one per SM)
+    FLATTEN: tl.constexpr,  # the tile and K loops fused into one pipelined loop (PERSISTENT)
     Y_TMA: tl.constexpr,  # the output tile stored by TMA (forward with A_TMA; Y dense)
     ACC_FP64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee"
@@ -203,7 +226,10 @@ def _conv_kernel(
     else:  # one tile per program
         tile_end = pid + 1
         tile_step = 1
-    for tile in range(pid, tile_end, tile_step):
+    # FLATTEN: Triton fuses the tile loop with the K loop (its bounds do not depend on the
+    # tile) and pipelines the fused loop, so the next tile's first loads are issued before
+    # this tile's epilogue runs (docs/triton_conv.md, "Persistent pipeline")
+    for tile in tl.range(pid, tile_end, tile_step, flatten=FLATTEN):
         group_id = tile // width
         first_m = group_id * GROUP_M
         group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
@@ -423,14 +449,17 @@ def _conv_kernel(
         if DRELU:
             ey = tl.load(EY_ptr + ((nb.to(tl.int64) * sen + oh * seh + ow * sew)[:, None]
                                    + offs_n[None, :] * sec),
-                         mask=out_ok, other=0.0).to(acc.dtype)
+                         mask=out_ok, other=0.0)
             esc = tl.load(ESCALE_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
             esh = tl.load(ESHIFT_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
-            pre = ey * esc[None, :] + esh[None, :]
+            # ey kept in its 16-bit dtype and widened at each use: an fp32 copy beside
+            # acc, escale and eshift (32 columns each per thread in the wgmma layout) made
+            # the strided 128x128 tile spill (255 registers; 244 without it)
+            pre = ey.to(acc.dtype) * esc[None, :] + esh[None, :]
             g = tl.where(pre <= 0, 0.0, acc)
             g = tl.where(out_ok, g, 0.0)
             tl.store(WS1_ptr + ws_off, tl.sum(g, axis=0), mask=n_ok)
-            tl.store(WS2_ptr + ws_off, tl.sum(g * ey, axis=0), mask=n_ok)
+            tl.store(WS2_ptr + ws_off, tl.sum(g * ey.to(acc.dtype), axis=0), mask=n_ok)
             acc = g * esc[None, :]
         out = acc.to(Y_ptr.dtype.element_ty)
         if Y_TMA == 1:  # Y as [N*OH*OW, CO]: TMA drops the rows and columns past the end
@@ -550,6 +579,7 @@ def _conv_wgrad_kernel(
     TILE_W: tl.constexpr,  # output columns of a pixel tile
     DBN: tl.constexpr,
     PROLOGUE: tl.constexpr,
+    FLATTEN: tl.constexpr,  # the item and pixel loops fused into one pipelined loop
     ACC_FP64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -583,7 +613,11 @@ def _conv_wgrad_kernel(
     # prologue math in fp32 (fp64 for fp64 tensors)
     cdt: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     op_t = X_ptr.dtype.element_ty
-    for work in range(tl.program_id(0), tiles_mn * splits, tl.num_programs(0)):
+    # FLATTEN: as the forward's tile loop, fused with the pixel loop (whose trip count must
+    # then not depend on the item: every split walks TILES_PER_SPLIT boxes, the last one's
+    # boxes past the batch are zero-filled / masked, so they add 0)
+    for work in tl.range(tl.program_id(0), tiles_mn * splits, tl.num_programs(0),
+                         flatten=FLATTEN):
         pid_k = work // tiles_mn
         pid = work % tiles_mn
         pid_m = pid // num_pid_n
@@ -615,7 +649,10 @@ def _conv_wgrad_kernel(
             cc = tl.load(DCC_ptr + offs_co, mask=co_ok, other=0.0).to(cdt)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=cdt)
         t_begin = pid_k * TILES_PER_SPLIT
-        n_steps = tl.minimum(TILES_PER_SPLIT, num_tiles - t_begin)
+        if FLATTEN:
+            n_steps = TILES_PER_SPLIT
+        else:
+            n_steps = tl.minimum(TILES_PER_SPLIT, num_tiles - t_begin)
         # the first box's origin (divisions once, before the loop)
         tw0 = (t_begin % tiles_w) * TILE_W
         th0 = (t_begin // tiles_w % tiles_h) * TILE_H
@@ -1122,7 +1159,9 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
                   A_TMA=a_tma, TILE_H=tile_h, TILE_W=tile_w, PROLOGUE=prologue,
                   HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                   EPILOGUE_RELU=bool(relu), STATS=bool(stats), DRELU=False,
-                  PERSISTENT=persistent, Y_TMA=y_tma, ACC_FP64=acc == torch.float64,
+                  PERSISTENT=persistent,
+                  FLATTEN=persistent and flatten_tiles(a_tma, residual is not None),
+                  Y_TMA=y_tma, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):
@@ -1260,7 +1299,8 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     kwargs = dict(TRANSPOSED=True, TAP_LOOP=_tap_loop(co), W_TMA=w_desc is not None,
                   A_TMA=a_tma, TILE_H=tile_h, TILE_W=tile_w, PROLOGUE=2 if dbn else 0,
                   HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False,
-                  DRELU=drelu, PERSISTENT=False, Y_TMA=0, ACC_FP64=acc == torch.float64,
+                  DRELU=drelu, PERSISTENT=False, FLATTEN=False, Y_TMA=0,
+                  ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(dy.dtype))
 
     def grid(meta):
@@ -1362,7 +1402,7 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
             shp["h"], shp["w"], ci, shp["p"], shp["q"], co, r, s, sh, sw, ph, pw,
             *d_str, *x_str, *p_str, shp["n"], gm, gn, tiles_per_split)
     kwargs = dict(TAP_N=tap_n, TMA=tma, TILE_H=tile_h, TILE_W=tile_w, DBN=dbn,
-                  PROLOGUE=prologue, ACC_FP64=acc == torch.float64,
+                  PROLOGUE=prologue, FLATTEN=FLATTEN_WGRAD, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):  # persistent: at most one program per SM over (tile, split) items

@@ -338,23 +338,37 @@ def test_tma_weights_dgrad(monkeypatch, case, dtype, fused):
     assert (dx.double() - ref).abs().max() <= tol * (1 + ref.abs().max())
 
 
+PERSISTENT_CASES = [("many_tiles", 2, 8, 9, 9, 40, 3, 1, 1),  # C_in 8: A by pointers
+                    # the 1x1 TMA GEMM: its tile and K loops flattened (FLATTEN), 10 tiles
+                    ("1x1_flat", 4, 32, 6, 6, 40, 1, 1, 0)]
+
+
+@pytest.mark.parametrize("case", PERSISTENT_CASES, ids=[c[0] for c in PERSISTENT_CASES])
 @pytest.mark.parametrize("prologue", [False, True])
-def test_plain_forward_is_persistent(monkeypatch, prologue):
+def test_plain_forward_is_persistent(monkeypatch, prologue, case):
     """The forward without a prologue runs a persistent grid (fewer programs than tiles,
-    each walking several tiles in grouped order; 3 programs in the interpreter); with the
-    prologue one program per tile. Either way y equals F.conv2d in float64."""
+    each walking several tiles in grouped order; 3 programs in the interpreter), the 1x1
+    GEMM as one flattened tile x K loop; with the prologue one program per tile. Either
+    way y (and its statistics) equal F.conv2d's in float64."""
     seen, grids = _spy_launches(monkeypatch), []
     launch = K._launch
     monkeypatch.setattr(K, "_launch", lambda run, cfgs, grid, args, kw: grids.append(
         (grid(cfgs[0].kwargs), -(-args[-5] // cfgs[0].kwargs["BLOCK_M"])
          * -(-args[-4] // cfgs[0].kwargs["BLOCK_N"]))) or launch(run, cfgs, grid, args, kw))
-    x, w, st, pd = _make(("many_tiles", 2, 8, 9, 9, 40, 3, 1, 1))
-    kw = dict(zip(("scale", "shift"), _scale_shift(8))) if prologue else {}
-    y, _, _ = K.conv_fwd(x, w, st, pd, **kw)
+    x, w, st, pd = _make(case, torch.float32)  # a TMA dtype (the interpreter emulates it)
+    kw = dict(zip(("scale", "shift"), _scale_shift(x.shape[1], x.dtype))) if prologue else {}
+    y, mean, var = K.conv_fwd(x, w, st, pd, stats=True, **kw)
     a = _ref_bn_relu(x, kw["scale"], kw["shift"]) if prologue else x
-    torch.testing.assert_close(y, F.conv2d(a, w, None, st, pd))
+    ref = F.conv2d(a.double(), w.double(), None, st, pd)
+    assert (y.double() - ref).abs().max() <= 1e-4
+    m_ref, v_ref = _ref_stats(y)
+    torch.testing.assert_close(mean.double(), m_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(var.double(), v_ref, rtol=1e-4, atol=1e-4)
     (grid, tiles), = grids
-    assert seen[-1]["PERSISTENT"] == (not prologue) and seen[-1]["Y_TMA"] == 0  # C_in 8
+    tma_gemm = case[0] == "1x1_flat" and K.TensorDescriptor is not None
+    assert seen[-1]["PERSISTENT"] == (not prologue)
+    assert seen[-1]["A_TMA"] == (1 if tma_gemm else 0) and seen[-1]["Y_TMA"] == seen[-1]["A_TMA"]
+    assert seen[-1]["FLATTEN"] == (tma_gemm and not prologue and K.FLATTEN_PERSISTENT)
     assert grid[0] == (min(tiles, K._persistent_programs(x)) if not prologue else tiles)
     assert prologue or grid[0] < tiles
 
@@ -404,6 +418,35 @@ def test_tma_wgrad(monkeypatch, case, dtype, fused):
     ref = torch.nn.grad.conv2d_weight(a, w.shape, d.to(DEVICE), st, pd)
     tol = 1e-4 if dtype == torch.float32 and DEVICE == "cpu" else 2e-2
     assert (dw.double() - ref).abs().max() <= tol * (1 + ref.abs().max())
+
+
+@pytest.mark.parametrize("case", [("3x3s1_n3", 3, 32, 6, 5, 24, 3, 1, 1),  # TMA boxes
+                                  ("3x3s2_odd_n3", 3, 32, 7, 6, 16, 3, 2, 1)],  # pointers
+                         ids=["tma", "pointers"])
+def test_wgrad_flattened_walks_whole_splits(monkeypatch, case):
+    """wgrad with its item and pixel loops flattened (FLATTEN, off by default: the
+    trip count may not depend on the item, so every split walks TILES_PER_SPLIT boxes):
+    9 pixel boxes in 2 splits of 5, the last box past the batch adds exactly 0, with both
+    prologues (whose shift would make a non-masked zero box count). dW against float64."""
+    monkeypatch.setattr(K, "FLATTEN_WGRAD", True)
+    seen = _spy_launches(monkeypatch)
+    x, w, st, pd = _make(case, torch.float32)
+    _, n, ci, h, w_, co, k, _, _ = case
+    g = torch.Generator().manual_seed(7)
+    y = F.conv2d(x.double(), w.double(), None, st, pd)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    scale, shift = _scale_shift(ci, torch.float32)
+    coef_y = torch.randn(co, generator=g, dtype=torch.float64)
+    coef_c = torch.randn(co, generator=g, dtype=torch.float64)
+    y = y.float().contiguous(memory_format=torch.channels_last)
+    dw = K.conv_wgrad(dy.float().contiguous(memory_format=torch.channels_last), x, w.shape,
+                      st, pd, y=y, coef_y=coef_y.float(), coef_c=coef_c.float(), scale=scale,
+                      shift=shift)
+    assert seen[0]["FLATTEN"]
+    d = dy.float().double() + y.double() * coef_y.view(1, -1, 1, 1) + coef_c.view(1, -1, 1, 1)
+    ref = torch.nn.grad.conv2d_weight(_ref_bn_relu(x, scale, shift).double(), w.shape, d,
+                                      st, pd)
+    assert (dw.double() - ref).abs().max() <= 1e-4 * (1 + ref.abs().max())
 
 
 def test_deterministic():
@@ -846,7 +889,8 @@ def build(fn, dt, consts, warps=4, stages=3, arch=90):
 
 tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, ACC_FP64=False)
 off = dict(HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False, DRELU=False,
-           W_TMA=False, A_TMA=False, PERSISTENT=False, Y_TMA=0, TILE_H=1, TILE_W=1)
+           W_TMA=False, A_TMA=False, PERSISTENT=False, FLATTEN=False, Y_TMA=0, TILE_H=1,
+           TILE_W=1)
 for dt, prec in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32")):
     base = dict(tiles, INPUT_PRECISION=prec)
     build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": True,
@@ -856,6 +900,10 @@ for dt, prec in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32")):
                                "W_TMA": True, "PROLOGUE": 1, "STATS": True}, 8)
     build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": True,
                                "W_TMA": True, "A_TMA": True, "PROLOGUE": 1}, 8)
+    # the persistent 1x1 GEMM with its tile and K loops flattened (FLATTEN)
+    build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": True,
+                               "W_TMA": True, "A_TMA": True, "PROLOGUE": 0,
+                               "PERSISTENT": True, "FLATTEN": True}, 8, 4)
     if dt != "fp16":
         continue  # every other mode in fp16 only (compile time)
     build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": False,
@@ -865,17 +913,18 @@ for dt, prec in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32")):
                                "PROLOGUE": 2, "DRELU": True}, 8)
     build(K._conv_wgrad_kernel, dt, dict(TAP_N=True, DBN=True, PROLOGUE=True, ACC_FP64=False,
                                          INPUT_PRECISION=prec, TMA=0, TILE_H=8, TILE_W=8,
-                                         BLOCK_M=64, BLOCK_N=64, BLOCK_K=64))
+                                         FLATTEN=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64))
 build(K._conv_wgrad_kernel, "fp16", dict(TAP_N=False, DBN=False, PROLOGUE=False,
                                          ACC_FP64=False, INPUT_PRECISION="ieee", TMA=0,
-                                         TILE_H=8, TILE_W=8, BLOCK_M=64, BLOCK_N=64,
-                                         BLOCK_K=64))
+                                         TILE_H=8, TILE_W=8, FLATTEN=False, BLOCK_M=64,
+                                         BLOCK_N=64, BLOCK_K=64))
 # sm_80 (no TMA): the pointer paths, persistent forward and the pixel-box wgrad walk
 build(K._conv_kernel, "bf16", {**tiles, **off, "INPUT_PRECISION": "ieee", "TRANSPOSED": False,
                                "TAP_LOOP": True, "PROLOGUE": 0, "PERSISTENT": True}, 8, 4, 80)
 build(K._conv_wgrad_kernel, "bf16", dict(TAP_N=True, DBN=True, PROLOGUE=True, ACC_FP64=False,
                                          INPUT_PRECISION="ieee", TMA=0, TILE_H=8, TILE_W=8,
-                                         BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3, 80)
+                                         FLATTEN=False, BLOCK_M=128, BLOCK_N=128,
+                                         BLOCK_K=64), 8, 3, 80)
 for final in (False, True):
     build(K._stats_merge_kernel, "fp32", dict(HAS_COUNT=final, FINAL=final, ACC_FP64=False,
                                               BLOCK_T=64, BLOCK_C=64))
