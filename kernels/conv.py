@@ -702,7 +702,7 @@ _CONV_TILES = {
               (128, 128, 32, 8, 3)],
     "fused": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 5),
               (128, 128, 32, 8, 3)],  # dgrad with the dBN prologue or the dReLU epilogue
-    # the forward's BN-ReLU prologue: one warpgroup per tile, so that each thread's fixed
+    # the forward's BN-ReLU prologue: 128 rows per warpgroup, so that each thread's fixed
     # per-K-step work (barriers, TMA issue, the pairs' loads, the tap mask) is spread over 8
     # HGMMA instead of 4 (SASS per HGMMA: 46-48 against 61-78 at 8 warps, the prologue's
     # own ~24 the same); at 8 warps Triton also stores the prologue'd A to shared memory
@@ -827,7 +827,7 @@ def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsiz
                  residual=False, budget=_SMEM_BUDGET, strided=False):
     """The configs autotuned for one mode of ``_conv_kernel`` (``stem``: flat K loop;
     ``transposed``: dgrad; ``fused``: a prologue or the dReLU epilogue, the forward's
-    BN-ReLU prologue with its own one-warpgroup tiles; ``residual``: an
+    BN-ReLU prologue with its own tiles, 128 rows per warpgroup; ``residual``: an
     epilogue reading a residual; ``strided``: a stride > 1), pruned to the GEMM's N, the
     stride, the operands' element size and the device's shared memory (``budget``:
     ``smem_budget(device)``; the first is deterministic mode's config)."""
