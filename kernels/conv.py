@@ -739,12 +739,15 @@ _CONV_TILES = {
               (128, 128, 32, 8, 3)],
     "fused": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 5),
               (128, 128, 32, 8, 3)],  # dgrad with the dBN prologue or the dReLU epilogue
-    # the forward's BN-ReLU prologue: one warpgroup per tile, so that each thread's fixed
+    # the forward's BN-ReLU prologue: 128 rows per warpgroup, so that each thread's fixed
     # per-K-step work (barriers, TMA issue, the pairs' loads, the tap mask) is spread over 8
     # HGMMA instead of 4 (SASS per HGMMA: 46-48 against 61-78 at 8 warps, the prologue's
     # own ~24 the same); at 8 warps Triton also stores the prologue'd A to shared memory
-    # and reloads it (docs/triton_conv.md)
-    "prologue": [(128, 128, 64, 4, 4), (128, 64, 64, 4, 5), (128, 128, 32, 8, 3)],
+    # and reloads it (docs/triton_conv.md). 256x128 at 8 warps: two warpgroups of 128 rows,
+    # the same SASS per HGMMA (A in registers too) with two warps per scheduler; which of
+    # the two is faster is for the autotuner to measure. Stride 1 only (``_fits``).
+    "prologue": [(128, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 64, 64, 4, 5),
+                 (128, 128, 32, 8, 3)],
     "stem": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)],  # flat (r, s, c) K loop: C_in = 3
 }
 _SMEM_BUDGET = 160 * 1024  # operand pipeline bytes; leaves room for the epilogue's scratch
@@ -846,23 +849,25 @@ def _in_budget(tiles, itemsize, budget):
     return [(m, n, k, w, 2)]
 
 
-def _fits(tile, gemm_n, wide_ok):
+def _fits(tile, gemm_n, wide_ok, strided=False):
     """Shape pruning: no 128x256 tile under 256 output columns (nor where the epilogue
-    holds a second output-sized tile: it spills), no 64-wide one above 64."""
-    n = tile[1]
-    if n > 128 and not wide_ok:
+    holds a second output-sized tile: it spills), no 64-wide one above 64, no 256-row one
+    at a stride > 1 (the prologue's 256x128 tile meets issue 21's 48 SASS per HGMMA at
+    stride 1, 46.2-47.8, not with the stride-2 view's box coordinates: 48.4)."""
+    m, n = tile[:2]
+    if n > 128 and not wide_ok or m > 128 and strided:
         return False
     return gemm_n is None or (n <= 128 or gemm_n >= 256) and (n >= 128 or gemm_n <= 64)
 
 
 def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsize=2,
-                 residual=False, budget=_SMEM_BUDGET):
+                 residual=False, budget=_SMEM_BUDGET, strided=False):
     """The configs autotuned for one mode of ``_conv_kernel`` (``stem``: flat K loop;
     ``transposed``: dgrad; ``fused``: a prologue or the dReLU epilogue, the forward's
-    BN-ReLU prologue with its own one-warpgroup tiles; ``residual``: an
-    epilogue reading a residual), pruned to the GEMM's N, the operands' element size and
-    the device's shared memory (``budget``: ``smem_budget(device)``; the first is
-    deterministic mode's config)."""
+    BN-ReLU prologue with its own tiles, 128 rows per warpgroup; ``residual``: an
+    epilogue reading a residual; ``strided``: a stride > 1), pruned to the GEMM's N, the
+    stride, the operands' element size and the device's shared memory (``budget``:
+    ``smem_budget(device)``; the first is deterministic mode's config)."""
     if INTERPRET:
         return _configs([_INTERPRETER_TILE])
     mode = _mode(stem, fused)
@@ -870,7 +875,7 @@ def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsiz
     if not stem:  # 128-byte K rows: BLOCK_K 64 in 16-bit, 32 in fp32 (TF32)
         tiles = [t for t in tiles if t[2] * itemsize == 128]
     wide_ok = not (residual or fused)
-    tiles = [t for t in tiles if _fits(t, gemm_n, wide_ok)] or tiles[-1:]
+    tiles = [t for t in tiles if _fits(t, gemm_n, wide_ok, strided)] or tiles[-1:]
     return _configs(_in_budget(tiles, itemsize, budget))
 
 
@@ -916,7 +921,8 @@ def _conv_prune(configs, nargs, **kw):
     want = {_key(c) for c in conv_configs(not kw["TAP_LOOP"], kw["TRANSPOSED"],
                                           bool(kw["PROLOGUE"] or kw["DRELU"]),
                                           nargs["GEMM_N"], nargs["X_ptr"].element_size(),
-                                          kw["HAS_RESIDUAL"], smem_budget(nargs["X_ptr"].device))}
+                                          kw["HAS_RESIDUAL"], smem_budget(nargs["X_ptr"].device),
+                                          (nargs["STRIDE_H"], nargs["STRIDE_W"]) != (1, 1))}
     return [c for c in configs if _key(c) in want]
 
 
@@ -1083,7 +1089,7 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     prologue = 1 if scale is not None else 0
     configs = conv_configs(stem=not _tap_loop(ci), fused=bool(prologue), gemm_n=co,
                            itemsize=x.element_size(), residual=residual is not None,
-                           budget=smem_budget(x.device))
+                           budget=smem_budget(x.device), strided=(sh, sw) != (1, 1))
     tap_loop = _tap_loop(ci)
     block_m, block_k = configs[0].kwargs["BLOCK_M"], configs[0].kwargs["BLOCK_K"]
     # B by TMA: the weight KRSC-contiguous, read as [C_out, R*S*C_in]
@@ -1091,17 +1097,22 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     if tap_loop and weight.permute(0, 2, 3, 1).is_contiguous():
         w_desc = _dense_desc(weight.permute(0, 2, 3, 1), (co, gk),
                              (configs[0].kwargs["BLOCK_N"], block_k))
-    # A by TMA (dense NHWC x, one BLOCK_M for every config): a 1x1 stride-1 unpadded conv
-    # is a GEMM on x as [N*H*W, C_in]; otherwise (stride 1, or stride 2 with even H, W)
-    # M tiles are boxes of the output, TILE_N images x TILE_H x TILE_W, and each tap
-    # loads the box of x it reads (zero-filled padding). GEMM_M is then the tile count
-    # times BLOCK_M. Other convs read A through pointers.
+    # A by TMA (dense NHWC x): a 1x1 stride-1 unpadded conv is a GEMM on x as
+    # [N*H*W, C_in]; otherwise (stride 1, or stride 2 with even H, W) M tiles are boxes of
+    # the output, TILE_N images x TILE_H x TILE_W, and each tap loads the box of x it reads
+    # (zero-filled padding). TILE_H x TILE_W is set by the smallest BLOCK_M of the configs
+    # (the same for all: they are launch arguments); a config with k times the rows takes
+    # k times the images (TILE_N = BLOCK_M / (TILE_H * TILE_W) in the kernel). GEMM_M is
+    # then the tile count times BLOCK_M, the images rounded up to the largest config's
+    # TILE_N (the smaller configs' extra tiles are empty: masked, counted 0). Other convs
+    # read A through pointers.
     a_tma, tile_h, tile_w, x_desc, gm_grid = 0, 1, 1, None, gm
-    if (tap_loop and x.permute(0, 2, 3, 1).is_contiguous()
-            and all(c.kwargs["BLOCK_M"] == block_m for c in configs)):
+    min_bm = min(c.kwargs["BLOCK_M"] for c in configs)
+    max_bm = max(c.kwargs["BLOCK_M"] for c in configs)
+    if tap_loop and x.permute(0, 2, 3, 1).is_contiguous():
         xv = x.permute(0, 2, 3, 1)
-        tile_w = min(triton.next_power_of_2(q), block_m)
-        tile_h = min(triton.next_power_of_2(p), block_m // tile_w)
+        tile_w = min(triton.next_power_of_2(q), min_bm)
+        tile_h = min(triton.next_power_of_2(p), min_bm // tile_w)
         tile_n = block_m // (tile_w * tile_h)
         if (r, s, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
             x_desc = _dense_desc(xv, (gm, ci), (block_m, block_k))
@@ -1117,8 +1128,9 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
         if x_desc is None:
             a_tma, tile_h, tile_w = 0, 1, 1
         elif a_tma >= 2:
-            gm_grid = (triton.cdiv(n, tile_n) * triton.cdiv(p, tile_h)
-                       * triton.cdiv(q, tile_w) * block_m)
+            max_tile_n = max_bm // (tile_w * tile_h)
+            gm_grid = (triton.cdiv(n, max_tile_n) * triton.cdiv(p, tile_h)
+                       * triton.cdiv(q, tile_w) * max_bm)
             _check_int32(GEMM_M=gm_grid)
     # the output by TMA where A is: Y (dense, ours) as [N*P*Q, C_out] for the 1x1 GEMM, or
     # as [N, P, Q, C_out] boxes of the spatial tiles
@@ -1130,7 +1142,6 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
                   _dense_desc(yv, (n, p, q, co),
                               (block_m // (tile_h * tile_w), tile_h, tile_w, bn0)))
         y_tma = 0 if y_desc is None else (1 if a_tma == 1 else 2)
-    min_bm = min(c.kwargs["BLOCK_M"] for c in configs)
     tiles = triton.cdiv(gm_grid, min_bm)
     ws3 = y
     if stats:

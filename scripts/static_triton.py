@@ -598,7 +598,8 @@ def conv_specs(quick: bool):
             for cfg in kc.conv_configs(stem=stem, transposed=sw.get("TRANSPOSED", False),
                                        fused=bool(sw.get("PROLOGUE") or sw.get("DRELU")),
                                        itemsize=4 if dt == "fp32" else 2,
-                                       residual=sw.get("HAS_RESIDUAL", False)):
+                                       residual=sw.get("HAS_RESIDUAL", False),
+                                       strided=sw.get("A_TMA") == 3):
                 consts = dict(off, **sw, INPUT_PRECISION=prec, **unit, **cfg.kwargs)
                 # as conv_fwd launches it: the forward without a prologue is persistent
                 consts["PERSISTENT"] = not consts["TRANSPOSED"] and not consts["PROLOGUE"]

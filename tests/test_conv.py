@@ -5,6 +5,7 @@ On a machine without a GPU the Triton kernels run in the interpreter on CPU tens
 Everything is compared with F.conv2d and the reference BN math, in float64 where exact
 agreement is expected.
 """
+import itertools
 import os
 
 import torch
@@ -284,6 +285,66 @@ def test_tma_operands_forward(monkeypatch, case, dtype):
     else:
         tol = 1e-4 if DEVICE == "cpu" else 1e-2  # TF32 on a GPU
     assert (y.double() - ref).abs().max() <= tol
+    m_ref, v_ref = _ref_stats(y)
+    torch.testing.assert_close(mean.double(), m_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(var.double(), v_ref, rtol=1e-4, atol=1e-4)
+
+
+# The forward prologue's tiles at their real sizes (the interpreter otherwise runs
+# _INTERPRETER_TILE): the two-warpgroup 256-row tile beside the one-warpgroup 128-row one,
+# as conv_fwd gets them (one box shape, TILE_H x TILE_W of the 128-row tile; the 256-row
+# tile takes twice the images). C_in a multiple of BLOCK_K 64.
+M256_CASES = [("1x1s1", 3, 64, 9, 10, 136, 1, 1, 0),  # GEMM: 270 rows (a tail), 2 N tiles
+              ("3x3s1", 3, 64, 10, 10, 72, 3, 1, 1),  # 8x16 boxes over 10x10: edges, 3 of 4
+              ("3x3s2", 3, 64, 12, 10, 64, 3, 2, 1),  # boxes of the stride-2 view
+              ("1x1s2", 3, 128, 10, 8, 64, 1, 2, 0)]  # 2 channel blocks per tap
+
+
+@ALSO_ON_GPU
+@pytest.mark.parametrize("case", M256_CASES, ids=[c[0] for c in M256_CASES])
+@pytest.mark.parametrize("rows", [256, 128])
+@pytest.mark.parametrize("dtype", [torch.float16] + (
+    [torch.bfloat16] if DEVICE == "cuda" else []))  # the interpreter's bf16 dot is wrong
+def test_prologue_tiles_256_and_128_rows(monkeypatch, case, rows, dtype):
+    """The BN-ReLU prologue + statistics forward with the real prologue tiles (BLOCK_K
+    64), the one with ``rows`` rows pinned (deterministic mode: the first config) and the
+    other in the list (the launcher sizes the boxes and the grid for both): y, mean, var
+    against float64. (The stride-2 rows run the 256-row tile here, which conv_configs
+    offers at stride 1 only.)"""
+    if K.TensorDescriptor is None:
+        pytest.skip("this triton has no host TMA descriptors")
+    tiles = [t for t in K._CONV_TILES["prologue"] if t[2] == 64]
+    wide = next(t for t in tiles if t[0] == 256)  # the two-warpgroup tile
+    narrow = tiles[0]
+    assert narrow[0] == 128 and narrow[1] == wide[1]
+    pinned, other = (wide, narrow) if rows == 256 else (narrow, wide)
+    monkeypatch.setattr(K, "conv_configs", lambda **kw: K._configs(
+        K._in_budget([pinned, other], kw["itemsize"], kw["budget"])))
+    seen, used, launch = _spy_launches(monkeypatch), [], K._launch
+    monkeypatch.setattr(K, "_launch", lambda *a: used.append(launch(*a)) or used[-1])
+    x, w, st, pd = _make(case, dtype)
+    scale, shift = _scale_shift(x.shape[1], dtype)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        y, mean, var = K.conv_fwd(x, w, st, pd, scale=scale, shift=shift, stats=True)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    _, _, _, h, w_, _, k, st, pd = case
+    p, q = K.out_size(h, w_, k, k, st, pd)
+    a_tma = 1 if (k, st, pd) == (1, 1, 0) else (2 if st == 1 else 3)
+    if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
+        assert seen[0]["A_TMA"] == a_tma and seen[0]["Y_TMA"] == min(a_tma, 2), seen[0]
+    assert (used[0]["BLOCK_M"], used[0]["BLOCK_N"], used[0]["BLOCK_K"]) == pinned[:3]
+    if seen[0]["A_TMA"] > 1:  # the 128-row tile's box: 128 / (TILE_H * TILE_W) images
+        tw = min(1 << (q - 1).bit_length(), 128)
+        assert (seen[0]["TILE_W"], seen[0]["TILE_H"]) == (tw, min(1 << (p - 1).bit_length(),
+                                                                 128 // tw))
+    a = _ref_bn_relu(x, scale, shift)
+    ref = F.conv2d(a.double(), w.double(), None, st, pd)
+    torch_err = (F.conv2d(a.float(), w.float(), None, st, pd).to(dtype).double()
+                 - ref).abs().max()
+    assert (y.double() - ref).abs().max() <= 4 * torch_err + 1e-6
     m_ref, v_ref = _ref_stats(y)
     torch.testing.assert_close(mean.double(), m_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(var.double(), v_ref, rtol=1e-4, atol=1e-4)
@@ -1010,30 +1071,34 @@ def test_config_lists_are_small_and_mode_specific(monkeypatch, co, dtype):
     """Each kernel mode autotunes at most three configs, its own, pruned by shape at
     launch: BLOCK_K 64 in 16-bit (32 in fp32: 128-byte rows), 128x256 only for C_out >=
     256 without a residual or prologue, 128x64 only for C_out <= 64, the operand pipeline
-    within budget."""
+    within budget; the forward prologue's 256-row tile (16-bit) only at stride 1."""
     from fusedres.kernels import conv as kconv
 
     monkeypatch.setattr(kconv, "INTERPRET", False)
     size = torch.empty(0, dtype=dtype).element_size()
+    for stem, fused, residual, stride in itertools.product((False, True), repeat=4):
+        configs = kconv.conv_configs(stem=stem, fused=fused, gemm_n=co, itemsize=size,
+                                     residual=residual, strided=stride)
+        assert 1 <= len(configs) <= 3
+        kw = dict(TAP_LOOP=not stem, TRANSPOSED=False, PROLOGUE=int(fused), DRELU=False,
+                  HAS_RESIDUAL=residual)
+        nargs = dict(GEMM_N=co, X_ptr=torch.empty(0, dtype=dtype), STRIDE_H=1 + stride,
+                     STRIDE_W=1)
+        pruned = kconv._conv_prune(kconv._configs(kconv._union(kconv._CONV_TILES)), nargs,
+                                   **kw)
+        assert {kconv._key(c) for c in pruned} == {kconv._key(c) for c in configs}
+        rows = {c.kwargs["BLOCK_M"] for c in configs}
+        assert rows == ({128, 256} if fused and not stem and not stride and size == 2
+                        else {128} if not stem else rows), (stem, fused, stride)
+        for c in configs:
+            m, n, k = (c.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            assert c.num_stages * (m + n) * k * size <= kconv._SMEM_BUDGET
+            if not stem:
+                assert k * size == 128
+                assert n <= 128 or (co >= 256 and not fused and not residual)
+                assert n >= 128 or co <= 64
     for stem in (False, True):
         for fused in (False, True):
-            for residual in (False, True):
-                configs = kconv.conv_configs(stem=stem, fused=fused, gemm_n=co,
-                                             itemsize=size, residual=residual)
-                assert 1 <= len(configs) <= 3
-                kw = dict(TAP_LOOP=not stem, TRANSPOSED=False, PROLOGUE=int(fused),
-                          DRELU=False, HAS_RESIDUAL=residual)
-                nargs = dict(GEMM_N=co, X_ptr=torch.empty(0, dtype=dtype))
-                pruned = kconv._conv_prune(kconv._configs(kconv._union(kconv._CONV_TILES)),
-                                           nargs, **kw)
-                assert {kconv._key(c) for c in pruned} == {kconv._key(c) for c in configs}
-                for c in configs:
-                    m, n, k = (c.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-                    assert c.num_stages * (m + n) * k * size <= kconv._SMEM_BUDGET
-                    if not stem:
-                        assert k * size == 128
-                        assert n <= 128 or (co >= 256 and not fused and not residual)
-                        assert n >= 128 or co <= 64
             for ci in (3, 64, 128, 2048):
                 wcfg = kconv.wgrad_configs(stem=stem, fused=fused, gemm_m=co, channels=ci,
                                            itemsize=size)
