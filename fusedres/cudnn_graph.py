@@ -873,6 +873,15 @@ def _run_bn_finalize(sums, sq_sums, gamma, beta, running_mean, running_var, eps,
                                                       running_var, eps, momentum, count)
 
 
+def _bn_finalize_fake(sums, sq_sums, gamma, beta, running_mean, running_var, eps, momentum,
+                      count):
+    return tuple(torch.empty_like(sums) for _ in range(6))
+
+
+if _defined("cudnn_graph_bn_finalize"):  # (torch.compile traces it once planned eagerly)
+    torch.library.register_fake("fusedres::cudnn_graph_bn_finalize", _bn_finalize_fake)
+
+
 def _finalize_fusedres(sums, sq_sums, count, weight, bias, eps, running_mean, running_var,
                        momentum, num_batches_tracked):
     """The project's finalize: mean and biased var from the sums (``_sums_to_stats``'s
