@@ -242,18 +242,34 @@ def _key(kind, x, weight, stride, padding):
             tuple(weight.shape), weight.stride(), tuple(stride), tuple(padding))
 
 
+def _not_planned_now(key, t: Tensor) -> Optional[str]:
+    """Why graph ``key``, not asked yet, is not planned now (the caller falls back,
+    nothing is remembered), else None: never during torch.compile tracing, nor inside a
+    CUDA-graph capture (planning queries the device and compiles kernels; a failure there
+    would be remembered as cuDNN's refusal for the process, and could break the capture)."""
+    if key in _STATUS:
+        return None
+    if torch.compiler.is_compiling():
+        return "not planned before torch.compile tracing (run one eager step first)"
+    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return "not planned during CUDA-graph capture (run one eager step first)"
+    return None
+
+
 def plan_status(x: Tensor, weight: Tensor, kind, stride, padding) -> str:
     """``""`` when cuDNN runs graph ``kind`` (``KINDS``; a bool: F1 if True, else F0) for
     the conv of input ``x`` and weight ``weight`` (for the backward kinds too: ``x`` is
     the conv's input), else why not (cuDNN's message). Plans it on the first call
-    (outside torch.compile tracing: there an unplanned graph is refused)."""
+    (outside torch.compile tracing and CUDA-graph capture: there an unplanned graph is
+    refused, ``_not_planned_now``)."""
     kind = _kind(kind)
     if any(isinstance(d, torch.SymInt) for d in (*x.shape, *weight.shape)):
         return "not planned for symbolic shapes (torch.compile with dynamic shapes)"
     stride, padding = fconv._pair(stride), fconv._pair(padding)
     key = _key(kind, x, weight, stride, padding)
-    if key not in _STATUS and torch.compiler.is_compiling():
-        return "not planned before torch.compile tracing (run one eager step first)"
+    unplanned = _not_planned_now(key, x)
+    if unplanned:
+        return unplanned
 
     def ask():
         # only F0 pads (the stem); the other kinds' inputs are BN outputs, C % 8 == 0
@@ -846,8 +862,9 @@ def finalize_status(sums: Tensor) -> str:
     """``""`` when cuDNN plans its bn_finalize for ``sums``' channels (planned on the
     first call, remembered per device and channel count), else cuDNN's reason."""
     key = _finalize_key(sums)
-    if key not in _STATUS and torch.compiler.is_compiling():
-        return "not planned before torch.compile tracing (run one eager step first)"
+    unplanned = _not_planned_now(key, sums)
+    if unplanned:
+        return unplanned
     return _remembered.ask_once(_LOCK, _STATUS, key, lambda: _ask_cudnn_finalize(sums), _ENGINE)
 
 
@@ -1031,8 +1048,9 @@ def tail_status(kind: str, x: Tensor, save_mask: bool) -> str:
     if any(isinstance(d, torch.SymInt) for d in x.shape):
         return "not planned for symbolic shapes (torch.compile with dynamic shapes)"
     key = _tail_key(kind, x, save_mask)
-    if key not in _STATUS and torch.compiler.is_compiling():
-        return "not planned before torch.compile tracing (run one eager step first)"
+    unplanned = _not_planned_now(key, x)
+    if unplanned:
+        return unplanned
     return _remembered.ask_once(_LOCK, _STATUS, key, lambda: _ask_cudnn_tail(kind, x, save_mask),
                                 _ENGINE)
 
