@@ -1107,6 +1107,9 @@ def tail_note(kind: str, channels: int, device: torch.device) -> str:
         return f"the BN kernels' apply: cuDNN's {kind} graph runs on CUDA tensors only"
     if not _defined(_TAIL_OP):
         return f"the BN kernels' apply: fusedres._C was built without cuDNN's {kind} graph"
+    if channels % CHANNEL_ALIGN:  # (tail_plan's one rule known from the modules)
+        return (f"the BN kernels' apply: {channels} channels (cuDNN's {kind} graph needs "
+                f"multiples of {CHANNEL_ALIGN})")
     rows = _remembered.rows(_LOCK, _STATUS, _ENGINE,
                             lambda k: k[0] == kind and k[3][1] == channels)
     refused = [(k, s) for k, s, _ in rows if s]
@@ -1116,7 +1119,8 @@ def tail_note(kind: str, channels: int, device: torch.device) -> str:
     elif rows:
         how = f"on {rows[0][2] or 'cuDNN'}"
     else:
-        how = "planned at the first training call"
+        how = ("planned at the first training call with a float16/bfloat16 channels_last "
+               "input (else the BN kernels' apply)")
     return (f"the BN-add-ReLU apply in training: cuDNN's {kind} graph, {how}; its backward "
             "the BN kernels'")
 

@@ -504,3 +504,17 @@ def test_nothing_is_planned_during_cuda_graph_capture(monkeypatch, which):
     assert status() == "" and len(asked) == 1  # planned at the next eager call
     capturing(True)
     assert status() == "" and len(asked) == 1  # and used inside a later capture
+
+
+def test_explain_note_states_the_rules_it_knows(monkeypatch):
+    """explain's tail note, before any call: a width the planner refuses is named as such
+    (not 'planned at the first training call'), and an unplanned tail says which inputs
+    the graph takes (a float32 or NCHW model never runs it)."""
+    monkeypatch.setattr(cudnn_graph, "_STATUS", {})
+    monkeypatch.setattr(cudnn_graph, "_defined", lambda op: True)
+    cuda = torch.device("cuda")
+    odd = cudnn_graph.tail_note("BNAddReLU", 12, cuda)
+    assert odd.startswith("the BN kernels' apply") and "multiples of 8" in odd, odd
+    fresh = cudnn_graph.tail_note("DualBNAddReLU", 16, cuda)
+    assert "planned at the first training call" in fresh, fresh
+    assert "float16/bfloat16" in fresh and "channels_last" in fresh, fresh
