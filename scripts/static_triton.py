@@ -520,6 +520,38 @@ def bn_specs(quick: bool):
     return specs
 
 
+# The output channels (the GEMM's N) of the ResNet-50 convs each forward variant runs
+# (torchvision's v1.5: stride 2 in the 3x3 conv2 and the 1x1 downsample; a BN-ReLU
+# prologue on conv2 and conv3, whose input is bn1/bn2-relu; conv1's input is the block's
+# output): issue 21's bar is judged on the configs the launcher can pick at those shapes
+# (``conv_configs`` prunes by N: e.g. no 64-wide tile above 64 channels). Variants not
+# named here (pointers, stem, dgrad) compile every config of their mode.
+FWD_C_OUT = {
+    "fwd 3x3 s1 (TMA boxes)": (64, 128, 256, 512),
+    "fwd 1x1 s1 (TMA GEMM)": (64, 128, 256, 512, 1024, 2048),
+    "fwd 3x3/1x1 s2 (TMA boxes of the stride-2 view)": (128, 256, 512, 1024, 2048),
+    "fwd 3x3 s1 (TMA boxes) +stats": (64, 128, 256, 512),
+    "fwd 3x3 s1 (TMA boxes) bn-relu prologue +stats": (64, 128, 256, 512),
+    "fwd 1x1 s1 (TMA GEMM) bn-relu prologue +stats": (256, 512, 1024, 2048),
+    "fwd 3x3/1x1 s2 (TMA boxes of the stride-2 view) bn-relu prologue +stats":
+        (128, 256, 512),
+    "fwd eval 1x1 s1 bias+residual+relu": (256, 512, 1024, 2048),
+}
+
+
+def _configs_at(kc, c_outs, **kw):
+    """The union of ``conv_configs(gemm_n=c, **kw)`` over ``c_outs``, in first-seen order
+    (``(None,)``: every config of the mode)."""
+    seen, out = set(), []
+    for c in c_outs:
+        for cfg in kc.conv_configs(gemm_n=c, **kw):
+            key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
+            if key not in seen:
+                seen.add(key)
+                out.append(cfg)
+    return out
+
+
 def conv_specs(quick: bool):
     """Every conv kernel mode ResNet-50 training and inference use, each config."""
     kc = _load("conv")
@@ -558,6 +590,7 @@ def conv_specs(quick: bool):
            "dgrad s2 (dy by pointers)": dict(TRANSPOSED=True),
            "dgrad s2 (dy by pointers) dBN prologue + dReLU epilogue":
                dict(TRANSPOSED=True, PROLOGUE=2, DRELU=True)}
+    assert set(FWD_C_OUT) <= set(fwd), set(FWD_C_OUT) - set(fwd)
     if quick:
         fwd = {k: v for k, v in fwd.items() if k in (
             "fwd 3x3 s1 (TMA boxes) bn-relu prologue +stats", "fwd stem C=3 (flat K) +stats",
@@ -595,11 +628,12 @@ def conv_specs(quick: bool):
         unit = dict(sxc=1, swi=1, syc=1, src=1, spc=1, sec=1)  # channels_last, KRSC
         for name, sw in fwd.items():
             stem = not sw.get("TAP_LOOP", True)
-            for cfg in kc.conv_configs(stem=stem, transposed=sw.get("TRANSPOSED", False),
-                                       fused=bool(sw.get("PROLOGUE") or sw.get("DRELU")),
-                                       itemsize=4 if dt == "fp32" else 2,
-                                       residual=sw.get("HAS_RESIDUAL", False),
-                                       strided=sw.get("A_TMA") == 3):
+            for cfg in _configs_at(kc, FWD_C_OUT.get(name, (None,)), stem=stem,
+                                   transposed=sw.get("TRANSPOSED", False),
+                                   fused=bool(sw.get("PROLOGUE") or sw.get("DRELU")),
+                                   itemsize=4 if dt == "fp32" else 2,
+                                   residual=sw.get("HAS_RESIDUAL", False),
+                                   strided=sw.get("A_TMA") == 3):
                 consts = dict(off, **sw, INPUT_PRECISION=prec, **unit, **cfg.kwargs)
                 # as conv_fwd launches it: the forward without a prologue is persistent
                 consts["PERSISTENT"] = not consts["TRANSPOSED"] and not consts["PROLOGUE"]
