@@ -242,18 +242,34 @@ def _key(kind, x, weight, stride, padding):
             tuple(weight.shape), weight.stride(), tuple(stride), tuple(padding))
 
 
+def _not_planned_now(key, t: Tensor) -> Optional[str]:
+    """Why graph ``key``, not asked yet, is not planned now (the caller falls back,
+    nothing is remembered), else None: never during torch.compile tracing, nor inside a
+    CUDA-graph capture (planning queries the device and compiles kernels; a failure there
+    would be remembered as cuDNN's refusal for the process, and could break the capture)."""
+    if key in _STATUS:
+        return None
+    if torch.compiler.is_compiling():
+        return "not planned before torch.compile tracing (run one eager step first)"
+    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return "not planned during CUDA-graph capture (run one eager step first)"
+    return None
+
+
 def plan_status(x: Tensor, weight: Tensor, kind, stride, padding) -> str:
     """``""`` when cuDNN runs graph ``kind`` (``KINDS``; a bool: F1 if True, else F0) for
     the conv of input ``x`` and weight ``weight`` (for the backward kinds too: ``x`` is
     the conv's input), else why not (cuDNN's message). Plans it on the first call
-    (outside torch.compile tracing: there an unplanned graph is refused)."""
+    (outside torch.compile tracing and CUDA-graph capture: there an unplanned graph is
+    refused, ``_not_planned_now``)."""
     kind = _kind(kind)
     if any(isinstance(d, torch.SymInt) for d in (*x.shape, *weight.shape)):
         return "not planned for symbolic shapes (torch.compile with dynamic shapes)"
     stride, padding = fconv._pair(stride), fconv._pair(padding)
     key = _key(kind, x, weight, stride, padding)
-    if key not in _STATUS and torch.compiler.is_compiling():
-        return "not planned before torch.compile tracing (run one eager step first)"
+    unplanned = _not_planned_now(key, x)
+    if unplanned:
+        return unplanned
 
     def ask():
         # only F0 pads (the stem); the other kinds' inputs are BN outputs, C % 8 == 0
@@ -846,8 +862,9 @@ def finalize_status(sums: Tensor) -> str:
     """``""`` when cuDNN plans its bn_finalize for ``sums``' channels (planned on the
     first call, remembered per device and channel count), else cuDNN's reason."""
     key = _finalize_key(sums)
-    if key not in _STATUS and torch.compiler.is_compiling():
-        return "not planned before torch.compile tracing (run one eager step first)"
+    unplanned = _not_planned_now(key, sums)
+    if unplanned:
+        return unplanned
     return _remembered.ask_once(_LOCK, _STATUS, key, lambda: _ask_cudnn_finalize(sums), _ENGINE)
 
 
@@ -871,6 +888,15 @@ def _run_bn_finalize(sums, sq_sums, gamma, beta, running_mean, running_var, eps,
     ``reference.graph_bn_finalize`` here)."""
     return torch.ops.fusedres.cudnn_graph_bn_finalize(sums, sq_sums, gamma, beta, running_mean,
                                                       running_var, eps, momentum, count)
+
+
+def _bn_finalize_fake(sums, sq_sums, gamma, beta, running_mean, running_var, eps, momentum,
+                      count):
+    return tuple(torch.empty_like(sums) for _ in range(6))
+
+
+if _defined("cudnn_graph_bn_finalize"):  # (torch.compile traces it once planned eagerly)
+    torch.library.register_fake("fusedres::cudnn_graph_bn_finalize", _bn_finalize_fake)
 
 
 def _finalize_fusedres(sums, sq_sums, count, weight, bias, eps, running_mean, running_var,
@@ -1022,8 +1048,9 @@ def tail_status(kind: str, x: Tensor, save_mask: bool) -> str:
     if any(isinstance(d, torch.SymInt) for d in x.shape):
         return "not planned for symbolic shapes (torch.compile with dynamic shapes)"
     key = _tail_key(kind, x, save_mask)
-    if key not in _STATUS and torch.compiler.is_compiling():
-        return "not planned before torch.compile tracing (run one eager step first)"
+    unplanned = _not_planned_now(key, x)
+    if unplanned:
+        return unplanned
     return _remembered.ask_once(_LOCK, _STATUS, key, lambda: _ask_cudnn_tail(kind, x, save_mask),
                                 _ENGINE)
 
@@ -1080,6 +1107,9 @@ def tail_note(kind: str, channels: int, device: torch.device) -> str:
         return f"the BN kernels' apply: cuDNN's {kind} graph runs on CUDA tensors only"
     if not _defined(_TAIL_OP):
         return f"the BN kernels' apply: fusedres._C was built without cuDNN's {kind} graph"
+    if channels % CHANNEL_ALIGN:  # (tail_plan's one rule known from the modules)
+        return (f"the BN kernels' apply: {channels} channels (cuDNN's {kind} graph needs "
+                f"multiples of {CHANNEL_ALIGN})")
     rows = _remembered.rows(_LOCK, _STATUS, _ENGINE,
                             lambda k: k[0] == kind and k[3][1] == channels)
     refused = [(k, s) for k, s, _ in rows if s]
@@ -1089,7 +1119,8 @@ def tail_note(kind: str, channels: int, device: torch.device) -> str:
     elif rows:
         how = f"on {rows[0][2] or 'cuDNN'}"
     else:
-        how = "planned at the first training call"
+        how = ("planned at the first training call with a float16/bfloat16 channels_last "
+               "input (else the BN kernels' apply)")
     return (f"the BN-add-ReLU apply in training: cuDNN's {kind} graph, {how}; its backward "
             "the BN kernels'")
 

@@ -84,6 +84,28 @@ except ImportError:  # older triton: every operand through pointers (cp.async)
     TensorDescriptor = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The persistent loops (plain forward, wgrad) as one flattened, pipelined tile x K loop:
+# the next tile's first loads overlap this tile's epilogue (``FLATTEN``; where, see
+# ``flatten_tiles``; docs/triton_conv.md, "Persistent pipeline"). False: never.
+FLATTEN_PERSISTENT = True
+
+
+def flatten_tiles(a_tma, residual):
+    """Whether the persistent forward fuses its tile and K loops (``FLATTEN``): for the 1x1
+    GEMM (``A_TMA`` 1) without a residual only. Its K loop is short (C_in / 64 steps), so
+    the epilogue is a large share of a tile; on the 3x3 boxes the fused loop's
+    bookkeeping adds 8-10 SASS per HGMMA on every K step (29-31 -> 38-40, over the bar of
+    32; sm_90a static figures) to hide an epilogue that is at most 1/9 of the tile. A
+    residual's load joins the pipeline (a third multi-buffered operand): 57.8 SASS per
+    HGMMA, and 72 B spilled in the loop at 128x64."""
+    return FLATTEN_PERSISTENT and a_tma == 1 and not residual
+
+
+# wgrad's item x pixel loop flattened (``FLATTEN`` of ``_conv_wgrad_kernel``): off. Each
+# item already runs >= 8 K steps (the split), and flattened the K step costs 7-9 more
+# SASS per HGMMA (29.2-31.0 -> 36.8-39.8), the dBN + BN-ReLU row 140 -> 165, and the
+# 128x256 config needs 262 KB of shared memory (sm_90a static figures, docs).
+FLATTEN_WGRAD = False
 
 
 # --------------------------------------------------------------------------------------
@@ -108,14 +130,43 @@ def _x_tap_box(X_desc, n0, h0, w0, tap_r, tap_c, c0, PAD_H, PAD_W, CI, ROWS: tl.
 
 
 @triton.jit
+def _box_rows_in(LANES_ptr, th0, tw0, dh, dw, STRIDE_H, STRIDE_W, IH, IW,
+                 ROWS: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Whether each row of a spatial M tile (output box at (th0, tw0), TILE_H x TILE_W per
+    image) reads inside the image at input offset (dh, dw): [ROWS] booleans, the padding
+    mask of a tap. The row ids come from a load of LANES_ptr (0, 1, 2, ...), not from
+    tl.arange: Triton then builds the mask in the register layout of the wgmma A operand,
+    and the prologue'd A tile goes from the TMA buffer (ldmatrix) to the wgmma without a
+    shared-memory round trip; with tl.arange it is made in a blocked layout and A is
+    stored to shared memory and reloaded every K step (docs/triton_conv.md)."""
+    lane = tl.load(LANES_ptr + tl.arange(0, ROWS))
+    ih = (th0 + lane // TILE_W % TILE_H) * STRIDE_H + dh
+    iw = (tw0 + lane % TILE_W) * STRIDE_W + dw
+    # 0 <= i < n as one unsigned compare
+    return ((ih.to(tl.uint32, bitcast=True) < IH.to(tl.uint32))
+            & (iw.to(tl.uint32, bitcast=True) < IW.to(tl.uint32)))
+
+
+@triton.jit
+def _as_f32(a):
+    """``a`` in fp32. bf16 by its bits (exact: bf16 is the upper half of an fp32): one
+    integer op per element, where the conversion costs two for the upper element of each
+    packed pair (PRMT + SHF)."""
+    if a.dtype == tl.bfloat16:
+        return (a.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32,
+                                                                     bitcast=True)
+    else:
+        return a.to(tl.float32)
+
+
+@triton.jit
 def _conv_kernel(
     X_ptr,  # (N, IH, IW, CI) A source (x, or dy when TRANSPOSED), NHWC via strides
     W_ptr,  # weight addressed [CO, R, S, CI] through (swo, swr, sws, swi)
     Y_ptr,  # (N, OH, OW, CO) output, NHWC via strides
     BIAS_ptr,  # (CO,) conv bias                                  [HAS_BIAS]
     RES_ptr,  # (N, OH, OW, CO) residual                           [HAS_RESIDUAL]
-    PSCALE_ptr,  # (CI,) prologue scale (BN-ReLU: operand dtype) or dBN y-coefficient
-    PSHIFT_ptr,  # (CI,) prologue shift (BN-ReLU: operand dtype) or dBN constant
+    PCOEF_ptr,  # (CI, 2) prologue pairs: BN-ReLU (scale, shift), dBN (y coefficient, constant)
     PY_ptr,  # (N, IH, IW, CI) forward output y for the dBN prologue  [PROLOGUE == 2]
     EY_ptr,  # (N, OH, OW, CO) previous conv output y_prev            [DRELU]
     ESCALE_ptr,  # (CO,) previous BN scale                             [DRELU]
@@ -123,6 +174,7 @@ def _conv_kernel(
     WS1_ptr,  # (T, CO) tile mean [STATS] or tile sum(g) [DRELU], acc dtype
     WS2_ptr,  # (T, CO) tile M2 [STATS] or tile sum(g*ey) [DRELU], acc dtype
     WS3_ptr,  # (T, CO) tile count                              [STATS and A_TMA >= 2]
+    LANES_ptr,  # (>= BLOCK_M,) int32 0, 1, 2, ...: row ids of an M tile (``_box_rows_in``)
     W_desc,  # TMA descriptor of W as [CO, R*S*CI], block [BLOCK_N, BLOCK_K] [W_TMA]
     X_desc,  # TMA descriptor of X as [N*IH*IW, CI], block [BLOCK_M, BLOCK_K] [A_TMA]
     PY_desc,  # the same of PY (boxes like X_desc)                 [PROLOGUE == 2, A_TMA]
@@ -155,6 +207,7 @@ def _conv_kernel(
     STATS: tl.constexpr,
     DRELU: tl.constexpr,
     PERSISTENT: tl.constexpr,  # programs loop over output tiles (grid: about one per SM)
+    FLATTEN: tl.constexpr,  # the tile and K loops fused into one pipelined loop (PERSISTENT)
     Y_TMA: tl.constexpr,  # the output tile stored by TMA (forward with A_TMA; Y dense)
     ACC_FP64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee"
@@ -173,7 +226,10 @@ def _conv_kernel(
     else:  # one tile per program
         tile_end = pid + 1
         tile_step = 1
-    for tile in range(pid, tile_end, tile_step):
+    # FLATTEN: Triton fuses the tile loop with the K loop (its bounds do not depend on the
+    # tile) and pipelines the fused loop, so the next tile's first loads are issued before
+    # this tile's epilogue runs (docs/triton_conv.md, "Persistent pipeline")
+    for tile in tl.range(pid, tile_end, tile_step, flatten=FLATTEN):
         group_id = tile // width
         first_m = group_id * GROUP_M
         group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
@@ -311,31 +367,48 @@ def _conv_kernel(
                                tap_sign * PAD_H, tap_sign * PAD_W, CI, BLOCK_M, BLOCK_K, A_TMA)
             else:
                 a = tl.load(X_ptr + a_off, mask=ok, other=0.0)
+            if PROLOGUE:
+                # per-channel pairs, interleaved as (CI, 2): one 16-byte access gives a thread
+                # both for two channels (ci < CI always: the M/K tails are zeroed after it);
+                # PROLOGUE 1: (scale, shift), 2: (y coefficient, constant)
+                c1, c2 = tl.split(tl.load(PCOEF_ptr + ci[:, None] * 2
+                                          + tl.arange(0, 2)[None, :]))
+                c1 = c1.to(acc.dtype)[None, :]
+                c2 = c2.to(acc.dtype)[None, :]
+                if A_TMA >= 2:  # the tap's padded rows (rows past M are never stored or
+                    # counted); the stride-2 view is stride 2 by construction: a constant
+                    stride: tl.constexpr = 2 if A_TMA == 3 else 1
+                    pad_ok = _box_rows_in(LANES_ptr, th0, tw0, tap_sign * (tr - PAD_H),
+                                          tap_sign * (ts - PAD_W), stride, stride, IH, IW,
+                                          BLOCK_M, TILE_H, TILE_W)
+                    ok = pad_ok[:, None]
             if PROLOGUE == 1:
-                # scale and shift in fp32, rounded once to the operand dtype after the ReLU: a
-                # packed 16-bit FMA rounds shift = beta - mean*scale to 8 bits, 7x torch's
-                # error at mean/std = 20 (docs/triton_conv.md); NaN-propagating like torch.relu
-                sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-                sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-                v = tl.fma(a.to(acc.dtype), sc[None, :], sh[None, :])
+                # relu(x*scale + shift) in fp32, rounded once to the operand dtype after the
+                # ReLU: a packed 16-bit FMA rounds shift = beta - mean*scale to 8 bits, 7x
+                # torch's error at mean/std = 20 (docs/triton_conv.md); NaN-propagating like
+                # torch.relu. Padded taps (a = 0 there) exactly 0 after it: a multiply by the
+                # 0/1 row mask (packed) rather than a per-element select
+                if ACC_FP64:
+                    v = tl.fma(a.to(acc.dtype), c1, c2)
+                else:
+                    v = tl.fma(_as_f32(a), c1, c2)
                 v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL).to(op_t)
                 if A_TMA == 1:  # no padded taps; rows past M are never stored nor counted
                     a = v
-                else:  # padded taps and the M tail (a = 0 there) are exactly 0 after it: a
-                    # multiply by the 0/1 row mask (packed) rather than a per-element select
+                else:
                     a = v * ok.to(op_t)
-            elif PROLOGUE == 2:
-                sc = tl.load(PSCALE_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-                sh = tl.load(PSHIFT_ptr + ci, mask=k_ok, other=0.0).to(acc.dtype)
-                if A_TMA >= 2:  # y's box of the same tap; padded taps 0 by the row mask
+            elif PROLOGUE == 2:  # dy + y*cy + cc in fp32, rounded once; padded taps 0
+                if A_TMA >= 2:  # y's box of the same tap
                     py = _x_tap_box(PY_desc, tn0, th0, tw0, tap_sign * tr, tap_sign * ts, c0,
                                     tap_sign * PAD_H, tap_sign * PAD_W, CI, BLOCK_M, BLOCK_K,
                                     A_TMA)
-                    v = tl.fma(py.to(acc.dtype), sc[None, :], a.to(acc.dtype)) + sh[None, :]
+                    # (the plain conversion: its 8-warp tile keeps A in a blocked layout, where
+                    # _as_f32 costs ~6 SASS per HGMMA more)
+                    v = tl.fma(py.to(acc.dtype), c1, a.to(acc.dtype)) + c2
                     a = v.to(op_t) * ok.to(op_t)
                 else:
                     py = tl.load(PY_ptr + p_off, mask=ok, other=0.0)
-                    v = a.to(acc.dtype) + py.to(acc.dtype) * sc[None, :] + sh[None, :]
+                    v = a.to(acc.dtype) + py.to(acc.dtype) * c1 + c2
                     a = tl.where(ok, v, 0.0).to(op_t)
             else:
                 a = a.to(op_t)
@@ -376,14 +449,17 @@ def _conv_kernel(
         if DRELU:
             ey = tl.load(EY_ptr + ((nb.to(tl.int64) * sen + oh * seh + ow * sew)[:, None]
                                    + offs_n[None, :] * sec),
-                         mask=out_ok, other=0.0).to(acc.dtype)
+                         mask=out_ok, other=0.0)
             esc = tl.load(ESCALE_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
             esh = tl.load(ESHIFT_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
-            pre = ey * esc[None, :] + esh[None, :]
+            # ey kept in its 16-bit dtype and widened at each use: an fp32 copy beside
+            # acc, escale and eshift (32 columns each per thread in the wgmma layout) made
+            # the strided 128x128 tile spill (255 registers; 244 without it)
+            pre = ey.to(acc.dtype) * esc[None, :] + esh[None, :]
             g = tl.where(pre <= 0, 0.0, acc)
             g = tl.where(out_ok, g, 0.0)
             tl.store(WS1_ptr + ws_off, tl.sum(g, axis=0), mask=n_ok)
-            tl.store(WS2_ptr + ws_off, tl.sum(g * ey, axis=0), mask=n_ok)
+            tl.store(WS2_ptr + ws_off, tl.sum(g * ey.to(acc.dtype), axis=0), mask=n_ok)
             acc = g * esc[None, :]
         out = acc.to(Y_ptr.dtype.element_ty)
         if Y_TMA == 1:  # Y as [N*OH*OW, CO]: TMA drops the rows and columns past the end
@@ -503,6 +579,7 @@ def _conv_wgrad_kernel(
     TILE_W: tl.constexpr,  # output columns of a pixel tile
     DBN: tl.constexpr,
     PROLOGUE: tl.constexpr,
+    FLATTEN: tl.constexpr,  # the item and pixel loops fused into one pipelined loop
     ACC_FP64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -536,7 +613,11 @@ def _conv_wgrad_kernel(
     # prologue math in fp32 (fp64 for fp64 tensors)
     cdt: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     op_t = X_ptr.dtype.element_ty
-    for work in range(tl.program_id(0), tiles_mn * splits, tl.num_programs(0)):
+    # FLATTEN: as the forward's tile loop, fused with the pixel loop (whose trip count must
+    # then not depend on the item: every split walks TILES_PER_SPLIT boxes, the last one's
+    # boxes past the batch are zero-filled / masked, so they add 0)
+    for work in tl.range(tl.program_id(0), tiles_mn * splits, tl.num_programs(0),
+                         flatten=FLATTEN):
         pid_k = work // tiles_mn
         pid = work % tiles_mn
         pid_m = pid // num_pid_n
@@ -568,7 +649,10 @@ def _conv_wgrad_kernel(
             cc = tl.load(DCC_ptr + offs_co, mask=co_ok, other=0.0).to(cdt)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=cdt)
         t_begin = pid_k * TILES_PER_SPLIT
-        n_steps = tl.minimum(TILES_PER_SPLIT, num_tiles - t_begin)
+        if FLATTEN:
+            n_steps = TILES_PER_SPLIT
+        else:
+            n_steps = tl.minimum(TILES_PER_SPLIT, num_tiles - t_begin)
         # the first box's origin (divisions once, before the loop)
         tw0 = (t_begin % tiles_w) * TILE_W
         th0 = (t_begin // tiles_w % tiles_h) * TILE_H
@@ -594,9 +678,10 @@ def _conv_wgrad_kernel(
                     p_pix = nb.to(tl.int64) * spn + oh * sph + ow * spw
                     py = tl.load(PY_ptr + (offs_co[:, None] * spc + p_pix[None, :]), mask=a_ok,
                                  other=0.0)
-            if DBN:  # dy + y*cy + cc in fp32; 0 at pixels past the output
+            if DBN:  # dy + y*cy + cc in fp32, rounded once; 0 at pixels past the output (a
+                # multiply of the rounded pairs by the 0/1 mask)
                 v = tl.fma(py.to(cdt), cy[:, None], a.to(cdt)) + cc[:, None]
-                a = (v * pix_ok[None, :].to(cdt)).to(op_t)
+                a = v.to(op_t) * pix_ok[None, :].to(op_t)
             else:
                 a = a.to(op_t)
             if TAP_N and TMA:  # one box of x per K step (stride 1, or the stride-2 view)
@@ -610,13 +695,16 @@ def _conv_wgrad_kernel(
                 b = tl.load(X_ptr + ((nb.to(tl.int64) * sxn)[:, None] + ih * sxh + iw * sxw
                                      + ci[None, :] * sxc), mask=b_ok, other=0.0)
             if PROLOGUE:  # relu(x*scale + shift) in fp32; padded taps exactly 0 after it
-                if TMA:
-                    ih = (oh * STRIDE_H - PAD_H)[:, None] + r[None, :]
-                    iw = (ow * STRIDE_W - PAD_W)[:, None] + s[None, :]
-                    b_ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
                 v = tl.fma(b.to(cdt), sc[None, :], sh[None, :])
                 v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
-                b = tl.where(b_ok, v, 0.0).to(op_t)
+                if TMA:  # one tap per N tile: the padding is a mask of the pixels (rows),
+                    # applied to the rounded pairs
+                    ih = oh * STRIDE_H - PAD_H + tap_r
+                    iw = ow * STRIDE_W - PAD_W + tap_s
+                    pad_ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
+                    b = v.to(op_t) * pad_ok[:, None].to(op_t)
+                else:
+                    b = tl.where(b_ok, v, 0.0).to(op_t)
             else:
                 b = b.to(op_t)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
@@ -650,7 +738,16 @@ _CONV_TILES = {
     "plain": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 5),
               (128, 128, 32, 8, 3)],
     "fused": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 5),
-              (128, 128, 32, 8, 3)],  # a prologue or the dReLU epilogue
+              (128, 128, 32, 8, 3)],  # dgrad with the dBN prologue or the dReLU epilogue
+    # the forward's BN-ReLU prologue: 128 rows per warpgroup, so that each thread's fixed
+    # per-K-step work (barriers, TMA issue, the pairs' loads, the tap mask) is spread over 8
+    # HGMMA instead of 4 (SASS per HGMMA: 46-48 against 61-78 at 8 warps, the prologue's
+    # own ~24 the same); at 8 warps Triton also stores the prologue'd A to shared memory
+    # and reloads it (docs/triton_conv.md). 256x128 at 8 warps: two warpgroups of 128 rows,
+    # the same SASS per HGMMA (A in registers too) with two warps per scheduler; which of
+    # the two is faster is for the autotuner to measure. Stride 1 only (``_fits``).
+    "prologue": [(128, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 64, 64, 4, 5),
+                 (128, 128, 32, 8, 3)],
     "stem": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)],  # flat (r, s, c) K loop: C_in = 3
 }
 _SMEM_BUDGET = 160 * 1024  # operand pipeline bytes; leaves room for the epilogue's scratch
@@ -752,29 +849,33 @@ def _in_budget(tiles, itemsize, budget):
     return [(m, n, k, w, 2)]
 
 
-def _fits(tile, gemm_n, wide_ok):
+def _fits(tile, gemm_n, wide_ok, strided=False):
     """Shape pruning: no 128x256 tile under 256 output columns (nor where the epilogue
-    holds a second output-sized tile: it spills), no 64-wide one above 64."""
-    n = tile[1]
-    if n > 128 and not wide_ok:
+    holds a second output-sized tile: it spills), no 64-wide one above 64, no 256-row one
+    at a stride > 1 (the prologue's 256x128 tile meets issue 21's 48 SASS per HGMMA at
+    stride 1, 46.2-47.8, not with the stride-2 view's box coordinates: 48.4)."""
+    m, n = tile[:2]
+    if n > 128 and not wide_ok or m > 128 and strided:
         return False
     return gemm_n is None or (n <= 128 or gemm_n >= 256) and (n >= 128 or gemm_n <= 64)
 
 
 def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsize=2,
-                 residual=False, budget=_SMEM_BUDGET):
+                 residual=False, budget=_SMEM_BUDGET, strided=False):
     """The configs autotuned for one mode of ``_conv_kernel`` (``stem``: flat K loop;
-    ``transposed``: dgrad; ``fused``: a prologue or the dReLU epilogue; ``residual``: an
-    epilogue reading a residual), pruned to the GEMM's N, the operands' element size and
-    the device's shared memory (``budget``: ``smem_budget(device)``; the first is
-    deterministic mode's config)."""
+    ``transposed``: dgrad; ``fused``: a prologue or the dReLU epilogue, the forward's
+    BN-ReLU prologue with its own tiles, 128 rows per warpgroup; ``residual``: an
+    epilogue reading a residual; ``strided``: a stride > 1), pruned to the GEMM's N, the
+    stride, the operands' element size and the device's shared memory (``budget``:
+    ``smem_budget(device)``; the first is deterministic mode's config)."""
     if INTERPRET:
         return _configs([_INTERPRETER_TILE])
-    tiles = _CONV_TILES[_mode(stem, fused)]
+    mode = _mode(stem, fused)
+    tiles = _CONV_TILES["prologue" if mode == "fused" and not transposed else mode]
     if not stem:  # 128-byte K rows: BLOCK_K 64 in 16-bit, 32 in fp32 (TF32)
         tiles = [t for t in tiles if t[2] * itemsize == 128]
     wide_ok = not (residual or fused)
-    tiles = [t for t in tiles if _fits(t, gemm_n, wide_ok)] or tiles[-1:]
+    tiles = [t for t in tiles if _fits(t, gemm_n, wide_ok, strided)] or tiles[-1:]
     return _configs(_in_budget(tiles, itemsize, budget))
 
 
@@ -820,7 +921,8 @@ def _conv_prune(configs, nargs, **kw):
     want = {_key(c) for c in conv_configs(not kw["TAP_LOOP"], kw["TRANSPOSED"],
                                           bool(kw["PROLOGUE"] or kw["DRELU"]),
                                           nargs["GEMM_N"], nargs["X_ptr"].element_size(),
-                                          kw["HAS_RESIDUAL"], smem_budget(nargs["X_ptr"].device))}
+                                          kw["HAS_RESIDUAL"], smem_budget(nargs["X_ptr"].device),
+                                          (nargs["STRIDE_H"], nargs["STRIDE_W"]) != (1, 1))}
     return [c for c in configs if _key(c) in want]
 
 
@@ -910,6 +1012,13 @@ def _tma_ok(t):
     return INTERPRET or (t.is_cuda and _capability(t.device.index or 0)[0] >= 9)
 
 
+@functools.lru_cache(maxsize=None)
+def _lanes(device):
+    """int32 0, 1, 2, ... on ``device``: the row ids ``_box_rows_in`` loads (one tensor per
+    device, longer than any BLOCK_M)."""
+    return torch.arange(512, dtype=torch.int32, device=device)
+
+
 def _dense_desc(t, shape, block):
     """A TMA descriptor over ``t`` (dense: the caller checked) read as a row-major array
     of ``shape``, or None where TMA cannot read it (rows not 16-byte multiples...)."""
@@ -980,7 +1089,7 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     prologue = 1 if scale is not None else 0
     configs = conv_configs(stem=not _tap_loop(ci), fused=bool(prologue), gemm_n=co,
                            itemsize=x.element_size(), residual=residual is not None,
-                           budget=smem_budget(x.device))
+                           budget=smem_budget(x.device), strided=(sh, sw) != (1, 1))
     tap_loop = _tap_loop(ci)
     block_m, block_k = configs[0].kwargs["BLOCK_M"], configs[0].kwargs["BLOCK_K"]
     # B by TMA: the weight KRSC-contiguous, read as [C_out, R*S*C_in]
@@ -988,17 +1097,22 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     if tap_loop and weight.permute(0, 2, 3, 1).is_contiguous():
         w_desc = _dense_desc(weight.permute(0, 2, 3, 1), (co, gk),
                              (configs[0].kwargs["BLOCK_N"], block_k))
-    # A by TMA (dense NHWC x, one BLOCK_M for every config): a 1x1 stride-1 unpadded conv
-    # is a GEMM on x as [N*H*W, C_in]; otherwise (stride 1, or stride 2 with even H, W)
-    # M tiles are boxes of the output, TILE_N images x TILE_H x TILE_W, and each tap
-    # loads the box of x it reads (zero-filled padding). GEMM_M is then the tile count
-    # times BLOCK_M. Other convs read A through pointers.
+    # A by TMA (dense NHWC x): a 1x1 stride-1 unpadded conv is a GEMM on x as
+    # [N*H*W, C_in]; otherwise (stride 1, or stride 2 with even H, W) M tiles are boxes of
+    # the output, TILE_N images x TILE_H x TILE_W, and each tap loads the box of x it reads
+    # (zero-filled padding). TILE_H x TILE_W is set by the smallest BLOCK_M of the configs
+    # (the same for all: they are launch arguments); a config with k times the rows takes
+    # k times the images (TILE_N = BLOCK_M / (TILE_H * TILE_W) in the kernel). GEMM_M is
+    # then the tile count times BLOCK_M, the images rounded up to the largest config's
+    # TILE_N (the smaller configs' extra tiles are empty: masked, counted 0). Other convs
+    # read A through pointers.
     a_tma, tile_h, tile_w, x_desc, gm_grid = 0, 1, 1, None, gm
-    if (tap_loop and x.permute(0, 2, 3, 1).is_contiguous()
-            and all(c.kwargs["BLOCK_M"] == block_m for c in configs)):
+    min_bm = min(c.kwargs["BLOCK_M"] for c in configs)
+    max_bm = max(c.kwargs["BLOCK_M"] for c in configs)
+    if tap_loop and x.permute(0, 2, 3, 1).is_contiguous():
         xv = x.permute(0, 2, 3, 1)
-        tile_w = min(triton.next_power_of_2(q), block_m)
-        tile_h = min(triton.next_power_of_2(p), block_m // tile_w)
+        tile_w = min(triton.next_power_of_2(q), min_bm)
+        tile_h = min(triton.next_power_of_2(p), min_bm // tile_w)
         tile_n = block_m // (tile_w * tile_h)
         if (r, s, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
             x_desc = _dense_desc(xv, (gm, ci), (block_m, block_k))
@@ -1014,8 +1128,9 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
         if x_desc is None:
             a_tma, tile_h, tile_w = 0, 1, 1
         elif a_tma >= 2:
-            gm_grid = (triton.cdiv(n, tile_n) * triton.cdiv(p, tile_h)
-                       * triton.cdiv(q, tile_w) * block_m)
+            max_tile_n = max_bm // (tile_w * tile_h)
+            gm_grid = (triton.cdiv(n, max_tile_n) * triton.cdiv(p, tile_h)
+                       * triton.cdiv(q, tile_w) * max_bm)
             _check_int32(GEMM_M=gm_grid)
     # the output by TMA where A is: Y (dense, ours) as [N*P*Q, C_out] for the 1x1 GEMM, or
     # as [N, P, Q, C_out] boxes of the spatial tiles
@@ -1027,7 +1142,6 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
                   _dense_desc(yv, (n, p, q, co),
                               (block_m // (tile_h * tile_w), tile_h, tile_w, bn0)))
         y_tma = 0 if y_desc is None else (1 if a_tma == 1 else 2)
-    min_bm = min(c.kwargs["BLOCK_M"] for c in configs)
     tiles = triton.cdiv(gm_grid, min_bm)
     ws3 = y
     if stats:
@@ -1042,9 +1156,10 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     persistent = not prologue
     programs = _persistent_programs(x)
     res = residual if residual is not None else y
-    pscale, pshift = (scale, shift) if prologue else (y, y)  # fp32 scale/shift (kernel)
+    # (scale, shift) interleaved as (C_in, 2): the kernel loads both in one access
+    pcoef = torch.stack((scale, shift), 1) if prologue else y
     args = (x, weight, y, bias if bias is not None else y, res,
-            pscale, pshift, y, y, y, y, ws1, ws2, ws3,
+            pcoef, y, y, y, y, ws1, ws2, ws3, _lanes(x.device),
             w_desc if w_desc is not None else weight, x_desc if x_desc is not None else x, x,
             y_desc if y_desc is not None else y,
             h, w, ci, p, q, co, r, s, sh, sw, ph, pw,
@@ -1055,7 +1170,9 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
                   A_TMA=a_tma, TILE_H=tile_h, TILE_W=tile_w, PROLOGUE=prologue,
                   HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                   EPILOGUE_RELU=bool(relu), STATS=bool(stats), DRELU=False,
-                  PERSISTENT=persistent, Y_TMA=y_tma, ACC_FP64=acc == torch.float64,
+                  PERSISTENT=persistent,
+                  FLATTEN=persistent and flatten_tiles(a_tma, residual is not None),
+                  Y_TMA=y_tma, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):
@@ -1180,8 +1297,8 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
         w_desc = _dense_desc(weight.permute(0, 2, 3, 1), (co, r * s * ci),
                              (cfg0["BLOCK_K"], cfg0["BLOCK_N"]))
     args = (dy, weight, dx, dx, dx,
-            coef_y if dbn else dx, coef_c if dbn else dx, py,
-            ey, scale if drelu else dx, shift if drelu else dx, ws1, ws2, dx,
+            torch.stack((coef_y, coef_c), 1) if dbn else dx, py,
+            ey, scale if drelu else dx, shift if drelu else dx, ws1, ws2, dx, _lanes(dy.device),
             w_desc if w_desc is not None else weight, x_desc if x_desc is not None else dy,
             py_desc if py_desc is not None else dy, dx,
             p, q, co, h, w, ci, r, s, sh, sw, ph, pw,
@@ -1193,7 +1310,8 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     kwargs = dict(TRANSPOSED=True, TAP_LOOP=_tap_loop(co), W_TMA=w_desc is not None,
                   A_TMA=a_tma, TILE_H=tile_h, TILE_W=tile_w, PROLOGUE=2 if dbn else 0,
                   HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False,
-                  DRELU=drelu, PERSISTENT=False, Y_TMA=0, ACC_FP64=acc == torch.float64,
+                  DRELU=drelu, PERSISTENT=False, FLATTEN=False, Y_TMA=0,
+                  ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(dy.dtype))
 
     def grid(meta):
@@ -1295,7 +1413,7 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
             shp["h"], shp["w"], ci, shp["p"], shp["q"], co, r, s, sh, sw, ph, pw,
             *d_str, *x_str, *p_str, shp["n"], gm, gn, tiles_per_split)
     kwargs = dict(TAP_N=tap_n, TMA=tma, TILE_H=tile_h, TILE_W=tile_w, DBN=dbn,
-                  PROLOGUE=prologue, ACC_FP64=acc == torch.float64,
+                  PROLOGUE=prologue, FLATTEN=FLATTEN_WGRAD, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):  # persistent: at most one program per SM over (tile, split) items

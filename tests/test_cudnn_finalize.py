@@ -216,3 +216,16 @@ def test_the_extension_op_takes_what_the_python_side_passes():
         "scale", "shift", "mean", "invstd", "next_running_mean", "next_running_var"]
     for op in ("cudnn_graph_bn_finalize_plan", "cudnn_graph_bn_finalize_engine"):
         assert cudnn_graph._defined(op)
+
+
+@pytest.mark.skipif(not cudnn_graph._defined("cudnn_graph_bn_finalize"),
+                    reason="fusedres._C without cuDNN's bn_finalize op")
+def test_the_extension_op_has_a_fake_kernel():
+    """torch.compile traces ``bn_finalize(impl="cudnn")`` once its graph was planned in an
+    eager step: the op then needs a fake kernel (six float32 (C,) tensors), as the other
+    graph ops have."""
+    c = torch.empty(16, device="meta")
+    outs = torch.ops.fusedres.cudnn_graph_bn_finalize(c, c, c, c, c, c, 1e-5, 0.1, 10)
+    assert len(outs) == 6
+    assert all(t.shape == (16,) and t.dtype == torch.float32 and t.device.type == "meta"
+               for t in outs)

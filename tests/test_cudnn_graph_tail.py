@@ -458,3 +458,63 @@ def test_gpu_tail_opcheck(dual):
         pytest.skip(f"cuDNN refused the graph here: {status}")
     rest = (None, other, *vec[3:]) if dual else (other, None, None, None, None)
     torch.library.opcheck(torch.ops.fusedres.cudnn_graph_bn_add_relu, (x, *vec[:3], *rest, True))
+
+
+# --------------------------------------------------------------------------------------
+# CUDA-graph capture: nothing is planned inside one
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["tail", "finalize", "conv"])
+def test_nothing_is_planned_during_cuda_graph_capture(monkeypatch, which):
+    """cuDNN builds a plan (heuristics, NVRTC, support checks) on a graph's first call:
+    never inside a CUDA-graph capture, where a failure would be remembered as cuDNN's
+    refusal for the whole process (and could invalidate the capture). The caller's
+    fallback is captured, nothing is remembered, the next eager call plans it, and a
+    planned graph runs inside later captures."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(cudnn_graph, "_STATUS", {})
+    monkeypatch.setattr(cudnn_graph, "_ENGINE", {})
+    asked = []
+
+    def ask(*args):
+        asked.append(args)
+        return "", "fake-engine"
+
+    for name in ("_ask_cudnn_tail", "_ask_cudnn_finalize", "_ask_cudnn"):
+        monkeypatch.setattr(cudnn_graph, name, ask)
+    with FakeTensorMode():  # CUDA tensors without a GPU (only shapes, strides, device)
+        x = torch.empty(2, 16, 4, 4, device="cuda", dtype=torch.float16).contiguous(
+            memory_format=CL)
+        w = torch.empty(16, 16, 1, 1, device="cuda", dtype=torch.float16).contiguous(
+            memory_format=CL)
+        sums = torch.empty(16, device="cuda")
+    status = {"tail": lambda: cudnn_graph.tail_status("BNAddReLU", x, True),
+              "finalize": lambda: cudnn_graph.finalize_status(sums),
+              "conv": lambda: cudnn_graph.plan_status(x, w, "F1", 1, 0)}[which]
+
+    def capturing(now):
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: now)
+
+    capturing(True)
+    assert "CUDA-graph capture" in status()
+    assert asked == [] and cudnn_graph._STATUS == {}
+    capturing(False)
+    assert status() == "" and len(asked) == 1  # planned at the next eager call
+    capturing(True)
+    assert status() == "" and len(asked) == 1  # and used inside a later capture
+
+
+def test_explain_note_states_the_rules_it_knows(monkeypatch):
+    """explain's tail note, before any call: a width the planner refuses is named as such
+    (not 'planned at the first training call'), and an unplanned tail says which inputs
+    the graph takes (a float32 or NCHW model never runs it)."""
+    monkeypatch.setattr(cudnn_graph, "_STATUS", {})
+    monkeypatch.setattr(cudnn_graph, "_defined", lambda op: True)
+    cuda = torch.device("cuda")
+    odd = cudnn_graph.tail_note("BNAddReLU", 12, cuda)
+    assert odd.startswith("the BN kernels' apply") and "multiples of 8" in odd, odd
+    fresh = cudnn_graph.tail_note("DualBNAddReLU", 16, cuda)
+    assert "planned at the first training call" in fresh, fresh
+    assert "float16/bfloat16" in fresh and "channels_last" in fresh, fresh
