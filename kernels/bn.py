@@ -592,9 +592,21 @@ def _bn_bwd_reduce_partial_kernel(
             if HAS_MASK:
                 if CHANNELS_LAST:
                     o = (n * S + s64[None, :]) * C + c64[:, None]
+                    byte = tl.load(MASK_ptr + (o >> 3), mask=valid, other=0)
                 else:
                     o = (n * C + c64[:, None]) * S + s64[None, :]
-                byte = tl.load(MASK_ptr + (o >> 3), mask=valid, other=0).to(tl.int32)
+                    # The byte offsets repeat over 8 positions: contiguous along neither
+                    # axis. Triton 3.6's coalescing gives such a 2-D load the channel-fast
+                    # layout (3.8: the data's position-fast one), then converts dout, x and
+                    # the bytes through shared memory every step and spills; a 1-D load of
+                    # the flattened tile takes the data's layout in both (channels-last
+                    # data is channel-fast: the 2-D load above agrees with it). See
+                    # docs/cuda_reductions.md, "the NCHW mask load".
+                    byte = tl.reshape(
+                        tl.load(MASK_ptr + tl.reshape(o >> 3, [BLOCK_C * BLOCK_S]),
+                                mask=tl.reshape(valid, [BLOCK_C * BLOCK_S]), other=0),
+                        [BLOCK_C, BLOCK_S])
+                byte = byte.to(tl.int32)
                 bit = (byte >> (o & 7).to(tl.int32)) & 1
                 g = tl.where(bit != 0, g, 0.0)
             elif APPLY_RELU:

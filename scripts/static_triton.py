@@ -487,7 +487,8 @@ def bn_specs(quick: bool):
                              "dual (mask, x2)": dict(HAS_MASK=True, APPLY_RELU=True,
                                                      HAS_X2=True)}.items():
                 consts = dict(HAS_MASK=False, APPLY_RELU=False, AFFINE_FROM_VAR=False,
-                              HAS_W=True, HAS_B=True, HAS_X2=False, CHANNELS_LAST=True,
+                              HAS_W=True, HAS_B=True, HAS_X2=False,
+                              CHANNELS_LAST=layout == "channels_last",  # the mask's order
                               ACC=acc, **runit, **cfg.kwargs)
                 consts.update(sw)
                 specs.append((bn._bn_bwd_reduce_partial_kernel, ptrs, consts, cfg.num_warps, 1,

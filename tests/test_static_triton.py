@@ -208,6 +208,53 @@ def test_ci_subset_compiles_for_sm90_without_spills(tmp_path):
     assert proc.returncode == 0, out
 
 
+
+# The NCHW backward reduction with a mask (BN-add-ReLU, dual), as the launcher specialises
+# it: the mask packed in NCHW order, unit position strides; bf16 and fp32, every NCHW
+# tile. Under triton 3.6 (the GPU image's) its 2-D mask-byte load took a channel-fast
+# layout against the data's position-fast one: dout, x and the bytes converted through
+# shared memory every step, 255 registers and spills in the loop (docs/cuda_reductions.md).
+_NCHW_MASK_REDUCE = r"""
+import json, re, sys
+sys.path.insert(0, sys.argv[1])
+import static_triton as S
+rows = []
+for fn, ptrs, consts, warps, stages, meta in S.bn_specs(False):
+    if (meta["kernel"] == "bn_bwd_reduce_partial" and consts["HAS_MASK"]
+            and meta["variant"].endswith("nchw") and meta["dtype"] in ("bf16", "fp32")):
+        consts = dict(consts, CHANNELS_LAST=False)
+        r = S.analyse(fn, ptrs, consts, warps, stages, **meta)
+        ttgir = S.compile_kernel(fn, ptrs, consts, warps, stages).asm["ttgir"]
+        # a loaded tile (activations, mask bytes) converted to another layout; not the
+        # [1, BLOCK_S] position rows, which 3.8 relabels at BLOCK_C = 1
+        loaded = re.compile(rf"tensor<{consts['BLOCK_C']}x{consts['BLOCK_S']}x(bf16|f16|f32|i8),")
+        rows.append(dict(row=f"{r.variant} {r.dtype} {r.config}", error=r.error,
+                         registers=r.registers, hot_spills=r.hot_spills,
+                         spills=[r.spill_stores, r.spill_loads],
+                         tile_converts=sum(bool(loaded.search(line)) for line in
+                                           ttgir.splitlines() if "ttg.convert_layout" in line)))
+print(json.dumps(rows))
+"""
+
+
+def test_nchw_mask_reduction_keeps_one_layout_without_spills():
+    """Every tile of the NCHW mask reduction: no spill in the loop, and no loaded
+    [BLOCK_C, BLOCK_S] tile converted between layouts (all its loads agree). Fails on the 2-D byte
+    load under triton 3.6 (bf16 8x256: 255 registers, 61 spill instructions in the loop,
+    3 tile conversions); triton 3.8 laid that load out like the data."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _NCHW_MASK_REDUCE,
+                           os.path.join(ROOT, "scripts")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == 12, rows  # add and dual, 3 NCHW tiles, 2 dtypes
+    bad = [r for r in rows if r["error"] or r["registers"] <= 0 or r["hot_spills"]
+           or r["tile_converts"]]
+    assert not bad, bad
+
 # Issue 21's static bar for the forward conv (scripts/static_triton.py HOPPER_BAR, every
 # autotuned config, bf16, ResNet-50 specialisations). The variants below miss it today:
 # each is a strict xfail naming the figures (benchmarks/static/triton.md, column gaps);
