@@ -142,9 +142,10 @@ def _box_rows_in(LANES_ptr, th0, tw0, dh, dw, STRIDE_H, STRIDE_W, IH, IW,
     lane = tl.load(LANES_ptr + tl.arange(0, ROWS))
     ih = (th0 + lane // TILE_W % TILE_H) * STRIDE_H + dh
     iw = (tw0 + lane % TILE_W) * STRIDE_W + dw
-    # 0 <= i < n as one unsigned compare
-    return ((ih.to(tl.uint32, bitcast=True) < IH.to(tl.uint32))
-            & (iw.to(tl.uint32, bitcast=True) < IW.to(tl.uint32)))
+    # 0 <= i < n as one unsigned compare (tl.cast, not IH.to: an int argument equal to 1
+    # arrives as a constexpr, which has no methods)
+    return ((ih.to(tl.uint32, bitcast=True) < tl.cast(IH, tl.uint32))
+            & (iw.to(tl.uint32, bitcast=True) < tl.cast(IW, tl.uint32)))
 
 
 @triton.jit

@@ -1012,6 +1012,97 @@ def test_kernels_compile_for_sm90():
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
 
 
+_UNIT_SCALARS_SCRIPT = r"""
+import importlib.util, sys
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+from triton._C.libtriton import ir, native_specialize_impl
+from triton.backends.compiler import BaseBackend
+
+spec = importlib.util.spec_from_file_location("kc", sys.argv[1])
+K = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(K)
+# a launch passes an int argument equal to 1 as a constexpr (this Triton does, or the
+# check is moot), so every method call on a scalar argument breaks the kernel's compile
+print("unit-constexpr", native_specialize_impl(BaseBackend, 1, False, True, True)[0])
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+
+
+def front_end(fn, consts, descs):
+    # TTIR only (the Python front end, where such a call fails): no ptxas, fast
+    sig = {}
+    for n in fn.arg_names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n.endswith("_desc"):
+            sig[n] = descs.get(n, "*fp16")
+        elif n.endswith("_ptr"):
+            sig[n] = "*i32" if n == "LANES_ptr" else "*fp16"
+        else:
+            sig[n] = "i32"
+    src = ASTSource(fn=fn, signature=sig,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    options = backend.parse_options(dict(num_warps=4, num_stages=3))
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    backend.load_dialects(ctx)
+    src.make_ir(target, options, backend.get_codegen_implementation(options),
+                backend.get_module_map(), ctx)
+
+
+tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, ACC_FP64=False,
+             INPUT_PRECISION="ieee", HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False,
+             PERSISTENT=False, FLATTEN=False, TAP_LOOP=True, W_TMA=False)
+box4, box5 = "tensordesc<fp16[1, 8, 16, 64]>", "tensordesc<fp16[1, 8, 1, 16, 64]>"
+modes = {  # the modes whose prologue builds a padding mask from the image sides
+    "fwd bn-relu prologue, boxes": (dict(tiles, TRANSPOSED=False, A_TMA=2, PROLOGUE=1,
+                                         STATS=True, DRELU=False, Y_TMA=0, TILE_H=8,
+                                         TILE_W=16), {"X_desc": box4}),
+    "fwd bn-relu prologue, stride-2 boxes": (dict(tiles, TRANSPOSED=False, A_TMA=3,
+                                                  PROLOGUE=1, STATS=True, DRELU=False,
+                                                  Y_TMA=0, TILE_H=8, TILE_W=16),
+                                             {"X_desc": box5}),
+    "dgrad dBN prologue + dReLU, boxes": (dict(tiles, TRANSPOSED=True, A_TMA=2, PROLOGUE=2,
+                                               STATS=False, DRELU=True, Y_TMA=0, TILE_H=8,
+                                               TILE_W=16), {"X_desc": box4, "PY_desc": box4}),
+}
+failed = []
+for mode, (consts, descs) in modes.items():
+    scalars = [n for n in K._conv_kernel.arg_names
+               if not n.endswith(("_ptr", "_desc")) and n not in consts]
+    for n in [None] + scalars:
+        try:
+            front_end(K._conv_kernel, dict(consts, **({n: 1} if n else {})), descs)
+        except Exception as e:
+            while e.__cause__ is not None:  # the innermost error (a nested jit call's)
+                e = e.__cause__
+            failed.append(f"{mode}, {n} = 1: {type(e).__name__}: {str(e)[-200:]}")
+print("\n".join(failed) or "compiled")
+"""
+
+
+def test_prologue_masks_compile_with_unit_scalars():
+    """Triton passes an int argument equal to 1 as a constexpr (an image of height or
+    width 1: ResNets on small inputs reach 1x1 maps), where a method call on it (``IH.to``)
+    is a compile error on the GPU that the interpreter, which passes plain ints, cannot
+    show: the padding-mask prologues (forward BN-ReLU on boxes, dgrad dBN) put through
+    Triton's front end for sm_90 with each scalar argument 1 in turn."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "kernels", "conv.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _UNIT_SCALARS_SCRIPT, path], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "unit-constexpr constexpr" in proc.stdout, proc.stdout  # 1 is specialized
+    assert proc.stdout.rstrip().splitlines()[-1] == "compiled", proc.stdout[-4000:]
+
+
 def test_every_launch_runs_under_the_tensors_device(monkeypatch):
     """Issue 12: a Triton kernel launches on the current CUDA device; each launch (conv,
     its statistics merge) enters kernels.device_guard with its input first."""
