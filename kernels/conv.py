@@ -1013,11 +1013,26 @@ def _tma_ok(t):
     return INTERPRET or (t.is_cuda and _capability(t.device.index or 0)[0] >= 9)
 
 
-@functools.lru_cache(maxsize=None)
+def _capturing(device):
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _lanes(device):
-    """int32 0, 1, 2, ... on ``device``: the row ids ``_box_rows_in`` loads (one tensor per
-    device, longer than any BLOCK_M)."""
-    return torch.arange(512, dtype=torch.int32, device=device)
+    """int32 0, 1, 2, ... on ``device``: the row ids ``_box_rows_in`` loads (longer than
+    any BLOCK_M). One tensor per device, made outside CUDA-graph capture: a tensor made
+    during capture is only written when the graph replays (its arange is recorded, not
+    run), so a cached one would give later eager launches uninitialized row ids; there
+    each call makes its own, written by the graph before the conv reads it."""
+    if _capturing(device):
+        return torch.arange(512, dtype=torch.int32, device=device)
+    return _device_lanes(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_lanes(device):
+    # copied from the host and waited for (a blocking copy), so that a launch on any
+    # stream may read it at once, not only one ordered after the current stream's copy
+    return torch.arange(512, dtype=torch.int32).to(device)
 
 
 def _dense_desc(t, shape, block):

@@ -1103,6 +1103,25 @@ def test_prologue_masks_compile_with_unit_scalars():
     assert proc.stdout.rstrip().splitlines()[-1] == "compiled", proc.stdout[-4000:]
 
 
+def test_lane_ids_are_not_cached_during_graph_capture(monkeypatch):
+    """The row ids of the padding masks (``_lanes``) are cached per device, but not when
+    made during a CUDA-graph capture: there torch.arange is recorded, not run, and the
+    cached tensor would hold uninitialized memory for every later eager launch (wrong
+    padding masks) until the graph first replays. The capture is simulated
+    (``_capturing``), so this runs on CPU."""
+    from fusedres.kernels import conv as kconv
+
+    device = torch.device("cpu")
+    monkeypatch.setattr(kconv, "_capturing", lambda d: True, raising=False)
+    during = [kconv._lanes(device), kconv._lanes(device)]
+    assert during[0] is not during[1]  # one per captured launch
+    monkeypatch.setattr(kconv, "_capturing", lambda d: False, raising=False)
+    eager = kconv._lanes(device)
+    assert all(eager is not t for t in during) and eager is kconv._lanes(device)
+    assert torch.equal(eager, torch.arange(512, dtype=torch.int32))
+    assert torch.equal(during[0], eager)
+
+
 def test_every_launch_runs_under_the_tensors_device(monkeypatch):
     """Issue 12: a Triton kernel launches on the current CUDA device; each launch (conv,
     its statistics merge) enters kernels.device_guard with its input first."""
