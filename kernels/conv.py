@@ -283,7 +283,11 @@ def _conv_kernel(
             nb = tn0 + i // (TILE_W * TILE_H)
             m_ok = (ow < OW) & (oh < OH) & (nb < BATCH)
             tap_s = S
-            num_taps = R * S
+            # a tile wholly past the batch (GEMM_M rounds the images up to the largest
+            # config's TILE_N, so a smaller config has such tiles where the batch is not a
+            # multiple of it: n = 1 doubles the tiles) runs no K step: it stores nothing
+            # and counts 0 (the statistics merge skips it)
+            num_taps = tl.where(tn0 < BATCH, R * S, 0)
             if TRANSPOSED:  # stride-1 dgrad: tap (r, s) reads dy at (oh + pad - r, ...)
                 pa = 0
                 pb = 0

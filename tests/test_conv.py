@@ -350,6 +350,45 @@ def test_prologue_tiles_256_and_128_rows(monkeypatch, case, rows, dtype):
     torch.testing.assert_close(var.double(), v_ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="counts the interpreter's dots")
+def test_tiles_past_the_batch_run_no_k_step(monkeypatch):
+    """With the 256-row prologue tile in the list GEMM_M covers the images rounded up to
+    its TILE_N (2 here), so at batch 1 the 128-row tile's grid has a second, empty M tile
+    per box: it must run no K step (before, it did all nine taps on the zero fill: twice
+    the work at batch 1) and still leave y and the statistics right (counted 0)."""
+    if K.TensorDescriptor is None:
+        pytest.skip("this triton has no host TMA descriptors")
+    from triton.runtime import interpreter
+
+    tiles = [t for t in K._CONV_TILES["prologue"] if t[2] == 64]
+    narrow, wide = tiles[0], next(t for t in tiles if t[0] == 256)
+    monkeypatch.setattr(K, "conv_configs", lambda **kw: K._configs(
+        K._in_budget([narrow, wide], kw["itemsize"], kw["budget"])))
+    dots, create_dot = [], interpreter.InterpreterBuilder.create_dot
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot",
+                        lambda self, *a: dots.append(1) or create_dot(self, *a))
+    seen = _spy_launches(monkeypatch)
+    case = ("n1_8x16", 1, 64, 8, 16, 128, 3, 1, 1)  # one 8x16 box: 128 rows, one image
+    x, w, st, pd = _make(case, torch.float16)
+    scale, shift = _scale_shift(64, torch.float16)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # the 128-row tile
+    try:
+        y, mean, var = K.conv_fwd(x, w, st, pd, scale=scale, shift=shift, stats=True)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert seen[0]["A_TMA"] == 2 and (seen[0]["TILE_H"], seen[0]["TILE_W"]) == (8, 16)
+    assert len(dots) == 9  # one tile of 9 taps x 1 channel block; not 18
+    a = _ref_bn_relu(x, scale, shift)
+    ref = F.conv2d(a.double(), w.double(), None, st, pd)
+    torch_err = (F.conv2d(a.float(), w.float(), None, st, pd).to(x.dtype).double()
+                 - ref).abs().max()
+    assert (y.double() - ref).abs().max() <= 4 * torch_err + 1e-6
+    m_ref, v_ref = _ref_stats(y)
+    torch.testing.assert_close(mean.double(), m_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(var.double(), v_ref, rtol=1e-4, atol=1e-4)
+
+
 DGRAD_TMA_CASES = [("3x3s1", 2, 24, 6, 5, 32, 3, 1, 1),  # C_in 24: boxes cross taps
                    ("3x3s2", 2, 16, 8, 6, 16, 3, 2, 1),  # phases
                    ("1x1s1", 2, 40, 5, 5, 32, 1, 1, 0)]
