@@ -939,15 +939,22 @@ def _wgrad_prune(configs, nargs, **kw):
     return [c for c in configs if _key(c) in want]
 
 
+# keyed on the GEMM shape plus the mode switches (fwd and dgrad tune apart), and on every
+# argument ``_conv_prune`` reads (the dtypes: Triton adds them): a shape tuned once reuses
+# its config, so two launches with one key must have one config list. The launcher sizes
+# its workspaces from its own list (the smallest BLOCK_M): the stem's 64-row tile reused
+# by a tap-loop conv of the same GEMM shape (TAP_LOOP) wrote statistics rows past them.
+_CONV_KEY = ["GEMM_M", "GEMM_N", "GEMM_K", "TRANSPOSED", "TAP_LOOP", "PROLOGUE", "STATS",
+             "DRELU", "HAS_RESIDUAL", "STRIDE_H", "STRIDE_W", "W_TMA", "A_TMA", "TILE_H",
+             "TILE_W", "PERSISTENT", "Y_TMA"]
+
 if INTERPRET:
     _conv_run = _conv_kernel
     _wgrad_run = _conv_wgrad_kernel
 else:
-    # keyed on the GEMM shape (plus the mode switches, so fwd and dgrad tune apart)
     _conv_run = autotune(
         configs=_configs(_union(_CONV_TILES)),
-        key=["GEMM_M", "GEMM_N", "GEMM_K", "TRANSPOSED", "PROLOGUE", "STATS", "DRELU",
-             "W_TMA", "A_TMA", "TILE_H", "TILE_W", "PERSISTENT", "Y_TMA"],
+        key=_CONV_KEY,
         prune_configs_by={"early_config_prune": _conv_prune},
     )(_conv_kernel)
     _wgrad_run = autotune(

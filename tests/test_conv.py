@@ -1214,6 +1214,38 @@ def test_deterministic_mode_pins_the_first_config(monkeypatch):
     assert calls[1] == ("autotuned", {})
 
 
+def test_autotune_key_fixes_the_config_list(monkeypatch):
+    """A tuned key's config is reused by every later launch with that key (Triton's
+    autotuner adds the tensors' dtypes), and the launchers size the statistics / dReLU
+    workspaces from their own config list (its smallest BLOCK_M): launches that share a
+    key must share the list ``_conv_prune`` gives them. Before, TAP_LOOP was not in the
+    key: a tap-loop conv of the same GEMM shape as a C_in = 3-style one (sm_80, or operands
+    TMA cannot read) reused the stem's 64-row tile and wrote statistics rows past its
+    workspace; residual and stride changed the list too (spilling 128x256, the 256-row
+    prologue tile at stride 2)."""
+    from fusedres.kernels import conv as kconv
+
+    monkeypatch.setattr(kconv, "INTERPRET", False)
+    every = kconv._configs(kconv._union(kconv._CONV_TILES))
+    lists = {}
+    for tap, transposed, fused, residual, stride, gemm_n, dtype in itertools.product(
+            (True, False), (False, True), (False, True), (False, True), (1, 2),
+            (64, 128, 2048), (torch.bfloat16, torch.float32)):
+        kw = dict(TAP_LOOP=tap, TRANSPOSED=transposed,
+                  PROLOGUE=(2 if transposed else 1) if fused else 0, DRELU=False,
+                  HAS_RESIDUAL=residual and not transposed, STATS=True, W_TMA=False,
+                  A_TMA=0, TILE_H=1, TILE_W=1, PERSISTENT=False, Y_TMA=0)
+        nargs = dict(GEMM_M=4096, GEMM_N=gemm_n, GEMM_K=576, STRIDE_H=stride,
+                     STRIDE_W=stride, X_ptr=torch.empty(0, dtype=dtype))
+        launch = {**nargs, **kw}
+        key = tuple(launch[k] for k in kconv._CONV_KEY) + (dtype,)
+        got = sorted(kconv._key(c) for c in kconv._conv_prune(every, nargs, **kw))
+        lists.setdefault(key, []).append((got, launch))
+    for key, seen in lists.items():
+        assert all(got == seen[0][0] for got, _ in seen), [
+            {k: v for k, v in launch.items() if k not in kconv._CONV_KEY} for _, launch in seen]
+
+
 @pytest.mark.parametrize("co", [64, 128, 2048])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_config_lists_are_small_and_mode_specific(monkeypatch, co, dtype):
