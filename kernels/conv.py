@@ -825,6 +825,16 @@ def _configs(tiles, group_m=True, pre_hook=_tma_blocks):
             for m, n, k, w, st in tiles]
 
 
+def _wgmma_ok(device) -> bool:
+    """Whether ``device`` has Hopper's wgmma, for which the forward BN-ReLU prologue's
+    one-warpgroup tiles are made (A in registers); on sm_80/86 (mma.sync) they spill
+    (bf16, sm_80 static: 128x128 at 4 warps 92 B, 256x128 at 8 warps 144 B, both 255
+    registers) where the 8-warp ``fused`` tiles do not (128x128: 180 registers). Devices
+    other than CUDA (the static check, the config tests) read the sm_90 lists."""
+    device = torch.device(device)
+    return device.type != "cuda" or _capability(device.index or 0)[0] >= 9
+
+
 def smem_budget(device=None) -> int:
     """Operand-pipeline bytes for ``device``: ``_SMEM_BUDGET``, less where the device's
     shared memory per block (opt-in) leaves under ``_EPILOGUE_RESERVE`` beside it."""
@@ -866,17 +876,20 @@ def _fits(tile, gemm_n, wide_ok, strided=False):
 
 
 def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsize=2,
-                 residual=False, budget=_SMEM_BUDGET, strided=False):
+                 residual=False, budget=_SMEM_BUDGET, strided=False, wgmma=True):
     """The configs autotuned for one mode of ``_conv_kernel`` (``stem``: flat K loop;
     ``transposed``: dgrad; ``fused``: a prologue or the dReLU epilogue, the forward's
-    BN-ReLU prologue with its own tiles, 128 rows per warpgroup; ``residual``: an
-    epilogue reading a residual; ``strided``: a stride > 1), pruned to the GEMM's N, the
-    stride, the operands' element size and the device's shared memory (``budget``:
+    BN-ReLU prologue with its own tiles, 128 rows per warpgroup, where the device has
+    wgmma (``wgmma``: ``_wgmma_ok(device)``); ``residual``: an epilogue reading a
+    residual; ``strided``: a stride > 1), pruned to the GEMM's N, the stride, the
+    operands' element size and the device's shared memory (``budget``:
     ``smem_budget(device)``; the first is deterministic mode's config)."""
     if INTERPRET:
         return _configs([_INTERPRETER_TILE])
     mode = _mode(stem, fused)
-    tiles = _CONV_TILES["prologue" if mode == "fused" and not transposed else mode]
+    if mode == "fused" and not transposed and wgmma:
+        mode = "prologue"
+    tiles = _CONV_TILES[mode]
     if not stem:  # 128-byte K rows: BLOCK_K 64 in 16-bit, 32 in fp32 (TF32)
         tiles = [t for t in tiles if t[2] * itemsize == 128]
     wide_ok = not (residual or fused)
@@ -927,7 +940,8 @@ def _conv_prune(configs, nargs, **kw):
                                           bool(kw["PROLOGUE"] or kw["DRELU"]),
                                           nargs["GEMM_N"], nargs["X_ptr"].element_size(),
                                           kw["HAS_RESIDUAL"], smem_budget(nargs["X_ptr"].device),
-                                          (nargs["STRIDE_H"], nargs["STRIDE_W"]) != (1, 1))}
+                                          (nargs["STRIDE_H"], nargs["STRIDE_W"]) != (1, 1),
+                                          _wgmma_ok(nargs["X_ptr"].device))}
     return [c for c in configs if _key(c) in want]
 
 
@@ -1116,7 +1130,8 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     prologue = 1 if scale is not None else 0
     configs = conv_configs(stem=not _tap_loop(ci), fused=bool(prologue), gemm_n=co,
                            itemsize=x.element_size(), residual=residual is not None,
-                           budget=smem_budget(x.device), strided=(sh, sw) != (1, 1))
+                           budget=smem_budget(x.device), strided=(sh, sw) != (1, 1),
+                           wgmma=_wgmma_ok(x.device))
     tap_loop = _tap_loop(ci)
     block_m, block_k = configs[0].kwargs["BLOCK_M"], configs[0].kwargs["BLOCK_K"]
     # B by TMA: the weight KRSC-contiguous, read as [C_out, R*S*C_in]

@@ -1246,6 +1246,38 @@ def test_autotune_key_fixes_the_config_list(monkeypatch):
             {k: v for k, v in launch.items() if k not in kconv._CONV_KEY} for _, launch in seen]
 
 
+def test_prologue_tiles_need_wgmma(monkeypatch):
+    """The forward BN-ReLU prologue's one-warpgroup tiles (128x128 at 4 warps, 256x128 at
+    8) are made for sm_90's register-A wgmma; with sm_80/86's mma.sync they spill (bf16
+    sm_80 static: 92 B and 144 B at 255 registers; the 8-warp 128x128 none), so there the
+    prologue runs the 8-warp ``fused`` tiles: in conv_fwd's list and in the autotuner's
+    prune alike, at Hopper's, A100's and sm_86's shared-memory budgets."""
+    from fusedres.kernels import conv as kconv
+
+    monkeypatch.setattr(kconv, "INTERPRET", False)
+    for major, wgmma in ((8, False), (9, True), (10, True)):
+        monkeypatch.setattr(kconv, "_capability", lambda index, major=major: (major, 0))
+        assert kconv._wgmma_ok(torch.device("cuda", 0)) == wgmma
+    assert kconv._wgmma_ok(torch.device("cpu"))  # the static check reads the sm_90 lists
+    monkeypatch.setattr(kconv, "_wgmma_ok", lambda device: False)
+    every = kconv._configs(kconv._union(kconv._CONV_TILES))
+    for co, budget in itertools.product((64, 128, 2048), (160, 99, 35)):
+        got = kconv.conv_configs(fused=True, gemm_n=co, budget=budget * 1024, wgmma=False)
+        dgrad_like = kconv.conv_configs(fused=True, transposed=True, gemm_n=co,
+                                        budget=budget * 1024)
+        assert [kconv._key(c) for c in got] == [kconv._key(c) for c in dgrad_like]
+        for c in got:
+            m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            assert m == 128 and (n < 128 or c.num_warps == 8), (co, budget, c)
+        if budget == 160:  # the prune (CPU tensors: the default budget) agrees
+            nargs = dict(GEMM_N=co, X_ptr=torch.empty(0, dtype=torch.bfloat16), STRIDE_H=1,
+                         STRIDE_W=1)
+            kw = dict(TAP_LOOP=True, TRANSPOSED=False, PROLOGUE=1, DRELU=False,
+                      HAS_RESIDUAL=False)
+            assert ({kconv._key(c) for c in kconv._conv_prune(every, nargs, **kw)}
+                    == {kconv._key(c) for c in got})
+
+
 @pytest.mark.parametrize("co", [64, 128, 2048])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_config_lists_are_small_and_mode_specific(monkeypatch, co, dtype):
