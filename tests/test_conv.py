@@ -1032,11 +1032,9 @@ print("compiled")
 """
 
 
-@pytest.mark.slow
-def test_kernels_compile_for_sm90():
-    """The interpreter does not type-check like the compiler: compile every kernel mode
-    for an H100 (sm_90), and the pointer paths for an A100 (sm_80), ahead of time, no GPU
-    needed (skips without Triton's CUDA backend)."""
+def _compile_script(script):
+    """Run ``script`` on kernels/conv.py (its argv[1]) in a Python without the
+    interpreter: Triton's compiler (skips without Triton's CUDA backend)."""
     import subprocess
     import sys
 
@@ -1044,8 +1042,16 @@ def test_kernels_compile_for_sm90():
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "kernels", "conv.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, path], env=env,
+    return subprocess.run([sys.executable, "-c", script, path], env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """The interpreter does not type-check like the compiler: compile every kernel mode
+    for an H100 (sm_90), and the pointer paths for an A100 (sm_80), ahead of time, no GPU
+    needed (skips without Triton's CUDA backend)."""
+    proc = _compile_script(_AOT_SCRIPT)
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("ptxas not available")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
@@ -1128,15 +1134,7 @@ def test_prologue_masks_compile_with_unit_scalars():
     is a compile error on the GPU that the interpreter, which passes plain ints, cannot
     show: the padding-mask prologues (forward BN-ReLU on boxes, dgrad dBN) put through
     Triton's front end for sm_90 with each scalar argument 1 in turn."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "kernels", "conv.py")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _UNIT_SCALARS_SCRIPT, path], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = _compile_script(_UNIT_SCALARS_SCRIPT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "unit-constexpr constexpr" in proc.stdout, proc.stdout  # 1 is specialized
     assert proc.stdout.rstrip().splitlines()[-1] == "compiled", proc.stdout[-4000:]
