@@ -286,7 +286,9 @@ def _conv_kernel(
             # a tile wholly past the batch (GEMM_M rounds the images up to the largest
             # config's TILE_N, so a smaller config has such tiles where the batch is not a
             # multiple of it: n = 1 doubles the tiles) runs no K step: it stores nothing
-            # and counts 0 (the statistics merge skips it)
+            # and counts 0 (the statistics merge skips it). A trip count that depends on
+            # the tile: Triton cannot flatten this loop nest (``flatten_tiles``: not the
+            # boxes' anyway)
             num_taps = tl.where(tn0 < BATCH, R * S, 0)
             if TRANSPOSED:  # stride-1 dgrad: tap (r, s) reads dy at (oh + pad - r, ...)
                 pa = 0
