@@ -828,13 +828,14 @@ def _configs(tiles, group_m=True, pre_hook=_tma_blocks):
 
 
 def _wgmma_ok(device) -> bool:
-    """Whether ``device`` has Hopper's wgmma, for which the forward BN-ReLU prologue's
-    one-warpgroup tiles are made (A in registers); on sm_80/86 (mma.sync) they spill
-    (bf16, sm_80 static: 128x128 at 4 warps 92 B, 256x128 at 8 warps 144 B, both 255
-    registers) where the 8-warp ``fused`` tiles do not (128x128: 180 registers). Devices
+    """Whether ``device`` has Hopper's wgmma (sm_90 only), for which the forward BN-ReLU
+    prologue's one-warpgroup tiles are made and checked (A in registers); with mma.sync
+    (sm_80/86/89/120) they spill (bf16, sm_80 static: 128x128 at 4 warps 92 B, 256x128
+    at 8 warps 144 B, both 255 registers) where the 8-warp ``fused`` tiles do not
+    (128x128: 180 registers); sm_100's tcgen05 reads A from memory, not registers. Devices
     other than CUDA (the static check, the config tests) read the sm_90 lists."""
     device = torch.device(device)
-    return device.type != "cuda" or _capability(device.index or 0)[0] >= 9
+    return device.type != "cuda" or _capability(device.index or 0)[0] == 9
 
 
 def smem_budget(device=None) -> int:

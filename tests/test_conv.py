@@ -1249,14 +1249,14 @@ def test_autotune_key_fixes_the_config_list(monkeypatch):
 
 def test_prologue_tiles_need_wgmma(monkeypatch):
     """The forward BN-ReLU prologue's one-warpgroup tiles (128x128 at 4 warps, 256x128 at
-    8) are made for sm_90's register-A wgmma; with sm_80/86's mma.sync they spill (bf16
+    8) are made for sm_90's register-A wgmma; with mma.sync (sm_80/86) they spill (bf16
     sm_80 static: 92 B and 144 B at 255 registers; the 8-warp 128x128 none), so there the
     prologue runs the 8-warp ``fused`` tiles: in conv_fwd's list and in the autotuner's
     prune alike, at Hopper's, A100's and sm_86's shared-memory budgets."""
     from fusedres.kernels import conv as kconv
 
     monkeypatch.setattr(kconv, "INTERPRET", False)
-    for major, wgmma in ((8, False), (9, True), (10, True)):
+    for major, wgmma in ((8, False), (9, True), (10, False), (12, False)):
         monkeypatch.setattr(kconv, "_capability", lambda index, major=major: (major, 0))
         assert kconv._wgmma_ok(torch.device("cuda", 0)) == wgmma
     assert kconv._wgmma_ok(torch.device("cpu"))  # the static check reads the sm_90 lists
