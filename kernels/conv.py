@@ -142,9 +142,10 @@ def _box_rows_in(LANES_ptr, th0, tw0, dh, dw, STRIDE_H, STRIDE_W, IH, IW,
     lane = tl.load(LANES_ptr + tl.arange(0, ROWS))
     ih = (th0 + lane // TILE_W % TILE_H) * STRIDE_H + dh
     iw = (tw0 + lane % TILE_W) * STRIDE_W + dw
-    # 0 <= i < n as one unsigned compare
-    return ((ih.to(tl.uint32, bitcast=True) < IH.to(tl.uint32))
-            & (iw.to(tl.uint32, bitcast=True) < IW.to(tl.uint32)))
+    # 0 <= i < n as one unsigned compare (tl.cast, not IH.to: an int argument equal to 1
+    # arrives as a constexpr, which has no methods)
+    return ((ih.to(tl.uint32, bitcast=True) < tl.cast(IH, tl.uint32))
+            & (iw.to(tl.uint32, bitcast=True) < tl.cast(IW, tl.uint32)))
 
 
 @triton.jit
@@ -282,7 +283,13 @@ def _conv_kernel(
             nb = tn0 + i // (TILE_W * TILE_H)
             m_ok = (ow < OW) & (oh < OH) & (nb < BATCH)
             tap_s = S
-            num_taps = R * S
+            # a tile wholly past the batch (GEMM_M rounds the images up to the largest
+            # config's TILE_N, so a smaller config has such tiles where the batch is not a
+            # multiple of it: n = 1 doubles the tiles) runs no K step: it stores nothing
+            # and counts 0 (the statistics merge skips it). A trip count that depends on
+            # the tile: Triton cannot flatten this loop nest (``flatten_tiles``: not the
+            # boxes' anyway)
+            num_taps = tl.where(tn0 < BATCH, R * S, 0)
             if TRANSPOSED:  # stride-1 dgrad: tap (r, s) reads dy at (oh + pad - r, ...)
                 pa = 0
                 pb = 0
@@ -820,6 +827,17 @@ def _configs(tiles, group_m=True, pre_hook=_tma_blocks):
             for m, n, k, w, st in tiles]
 
 
+def _wgmma_ok(device) -> bool:
+    """Whether ``device`` has Hopper's wgmma (sm_90 only), for which the forward BN-ReLU
+    prologue's one-warpgroup tiles are made and checked (A in registers); with mma.sync
+    (sm_80/86/89/120) they spill (bf16, sm_80 static: 128x128 at 4 warps 92 B, 256x128
+    at 8 warps 144 B, both 255 registers) where the 8-warp ``fused`` tiles do not
+    (128x128: 180 registers); sm_100's tcgen05 reads A from memory, not registers. Devices
+    other than CUDA (the static check, the config tests) read the sm_90 lists."""
+    device = torch.device(device)
+    return device.type != "cuda" or _capability(device.index or 0)[0] == 9
+
+
 def smem_budget(device=None) -> int:
     """Operand-pipeline bytes for ``device``: ``_SMEM_BUDGET``, less where the device's
     shared memory per block (opt-in) leaves under ``_EPILOGUE_RESERVE`` beside it."""
@@ -861,17 +879,20 @@ def _fits(tile, gemm_n, wide_ok, strided=False):
 
 
 def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsize=2,
-                 residual=False, budget=_SMEM_BUDGET, strided=False):
+                 residual=False, budget=_SMEM_BUDGET, strided=False, wgmma=True):
     """The configs autotuned for one mode of ``_conv_kernel`` (``stem``: flat K loop;
     ``transposed``: dgrad; ``fused``: a prologue or the dReLU epilogue, the forward's
-    BN-ReLU prologue with its own tiles, 128 rows per warpgroup; ``residual``: an
-    epilogue reading a residual; ``strided``: a stride > 1), pruned to the GEMM's N, the
-    stride, the operands' element size and the device's shared memory (``budget``:
+    BN-ReLU prologue with its own tiles, 128 rows per warpgroup, where the device has
+    wgmma (``wgmma``: ``_wgmma_ok(device)``); ``residual``: an epilogue reading a
+    residual; ``strided``: a stride > 1), pruned to the GEMM's N, the stride, the
+    operands' element size and the device's shared memory (``budget``:
     ``smem_budget(device)``; the first is deterministic mode's config)."""
     if INTERPRET:
         return _configs([_INTERPRETER_TILE])
     mode = _mode(stem, fused)
-    tiles = _CONV_TILES["prologue" if mode == "fused" and not transposed else mode]
+    if mode == "fused" and not transposed and wgmma:
+        mode = "prologue"
+    tiles = _CONV_TILES[mode]
     if not stem:  # 128-byte K rows: BLOCK_K 64 in 16-bit, 32 in fp32 (TF32)
         tiles = [t for t in tiles if t[2] * itemsize == 128]
     wide_ok = not (residual or fused)
@@ -922,7 +943,8 @@ def _conv_prune(configs, nargs, **kw):
                                           bool(kw["PROLOGUE"] or kw["DRELU"]),
                                           nargs["GEMM_N"], nargs["X_ptr"].element_size(),
                                           kw["HAS_RESIDUAL"], smem_budget(nargs["X_ptr"].device),
-                                          (nargs["STRIDE_H"], nargs["STRIDE_W"]) != (1, 1))}
+                                          (nargs["STRIDE_H"], nargs["STRIDE_W"]) != (1, 1),
+                                          _wgmma_ok(nargs["X_ptr"].device))}
     return [c for c in configs if _key(c) in want]
 
 
@@ -934,15 +956,22 @@ def _wgrad_prune(configs, nargs, **kw):
     return [c for c in configs if _key(c) in want]
 
 
+# keyed on the GEMM shape plus the mode switches (fwd and dgrad tune apart), and on every
+# argument ``_conv_prune`` reads (the dtypes: Triton adds them): a shape tuned once reuses
+# its config, so two launches with one key must have one config list. The launcher sizes
+# its workspaces from its own list (the smallest BLOCK_M): the stem's 64-row tile reused
+# by a tap-loop conv of the same GEMM shape (TAP_LOOP) wrote statistics rows past them.
+_CONV_KEY = ["GEMM_M", "GEMM_N", "GEMM_K", "TRANSPOSED", "TAP_LOOP", "PROLOGUE", "STATS",
+             "DRELU", "HAS_RESIDUAL", "STRIDE_H", "STRIDE_W", "W_TMA", "A_TMA", "TILE_H",
+             "TILE_W", "PERSISTENT", "Y_TMA"]
+
 if INTERPRET:
     _conv_run = _conv_kernel
     _wgrad_run = _conv_wgrad_kernel
 else:
-    # keyed on the GEMM shape (plus the mode switches, so fwd and dgrad tune apart)
     _conv_run = autotune(
         configs=_configs(_union(_CONV_TILES)),
-        key=["GEMM_M", "GEMM_N", "GEMM_K", "TRANSPOSED", "PROLOGUE", "STATS", "DRELU",
-             "W_TMA", "A_TMA", "TILE_H", "TILE_W", "PERSISTENT", "Y_TMA"],
+        key=_CONV_KEY,
         prune_configs_by={"early_config_prune": _conv_prune},
     )(_conv_kernel)
     _wgrad_run = autotune(
@@ -1012,11 +1041,26 @@ def _tma_ok(t):
     return INTERPRET or (t.is_cuda and _capability(t.device.index or 0)[0] >= 9)
 
 
-@functools.lru_cache(maxsize=None)
+def _capturing(device):
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _lanes(device):
-    """int32 0, 1, 2, ... on ``device``: the row ids ``_box_rows_in`` loads (one tensor per
-    device, longer than any BLOCK_M)."""
-    return torch.arange(512, dtype=torch.int32, device=device)
+    """int32 0, 1, 2, ... on ``device``: the row ids ``_box_rows_in`` loads (longer than
+    any BLOCK_M). One tensor per device, made outside CUDA-graph capture: a tensor made
+    during capture is only written when the graph replays (its arange is recorded, not
+    run), so a cached one would give later eager launches uninitialized row ids; there
+    each call makes its own, written by the graph before the conv reads it."""
+    if _capturing(device):
+        return torch.arange(512, dtype=torch.int32, device=device)
+    return _device_lanes(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_lanes(device):
+    # copied from the host and waited for (a blocking copy), so that a launch on any
+    # stream may read it at once, not only one ordered after the current stream's copy
+    return torch.arange(512, dtype=torch.int32).to(device)
 
 
 def _dense_desc(t, shape, block):
@@ -1089,7 +1133,8 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     prologue = 1 if scale is not None else 0
     configs = conv_configs(stem=not _tap_loop(ci), fused=bool(prologue), gemm_n=co,
                            itemsize=x.element_size(), residual=residual is not None,
-                           budget=smem_budget(x.device), strided=(sh, sw) != (1, 1))
+                           budget=smem_budget(x.device), strided=(sh, sw) != (1, 1),
+                           wgmma=_wgmma_ok(x.device))
     tap_loop = _tap_loop(ci)
     block_m, block_k = configs[0].kwargs["BLOCK_M"], configs[0].kwargs["BLOCK_K"]
     # B by TMA: the weight KRSC-contiguous, read as [C_out, R*S*C_in]

@@ -350,6 +350,45 @@ def test_prologue_tiles_256_and_128_rows(monkeypatch, case, rows, dtype):
     torch.testing.assert_close(var.double(), v_ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="counts the interpreter's dots")
+def test_tiles_past_the_batch_run_no_k_step(monkeypatch):
+    """With the 256-row prologue tile in the list GEMM_M covers the images rounded up to
+    its TILE_N (2 here), so at batch 1 the 128-row tile's grid has a second, empty M tile
+    per box: it must run no K step (before, it did all nine taps on the zero fill: twice
+    the work at batch 1) and still leave y and the statistics right (counted 0)."""
+    if K.TensorDescriptor is None:
+        pytest.skip("this triton has no host TMA descriptors")
+    from triton.runtime import interpreter
+
+    tiles = [t for t in K._CONV_TILES["prologue"] if t[2] == 64]
+    narrow, wide = tiles[0], next(t for t in tiles if t[0] == 256)
+    monkeypatch.setattr(K, "conv_configs", lambda **kw: K._configs(
+        K._in_budget([narrow, wide], kw["itemsize"], kw["budget"])))
+    dots, create_dot = [], interpreter.InterpreterBuilder.create_dot
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot",
+                        lambda self, *a: dots.append(1) or create_dot(self, *a))
+    seen = _spy_launches(monkeypatch)
+    case = ("n1_8x16", 1, 64, 8, 16, 128, 3, 1, 1)  # one 8x16 box: 128 rows, one image
+    x, w, st, pd = _make(case, torch.float16)
+    scale, shift = _scale_shift(64, torch.float16)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # the 128-row tile
+    try:
+        y, mean, var = K.conv_fwd(x, w, st, pd, scale=scale, shift=shift, stats=True)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert seen[0]["A_TMA"] == 2 and (seen[0]["TILE_H"], seen[0]["TILE_W"]) == (8, 16)
+    assert len(dots) == 9  # one tile of 9 taps x 1 channel block; not 18
+    a = _ref_bn_relu(x, scale, shift)
+    ref = F.conv2d(a.double(), w.double(), None, st, pd)
+    torch_err = (F.conv2d(a.float(), w.float(), None, st, pd).to(x.dtype).double()
+                 - ref).abs().max()
+    assert (y.double() - ref).abs().max() <= 4 * torch_err + 1e-6
+    m_ref, v_ref = _ref_stats(y)
+    torch.testing.assert_close(mean.double(), m_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(var.double(), v_ref, rtol=1e-4, atol=1e-4)
+
+
 DGRAD_TMA_CASES = [("3x3s1", 2, 24, 6, 5, 32, 3, 1, 1),  # C_in 24: boxes cross taps
                    ("3x3s2", 2, 16, 8, 6, 16, 3, 2, 1),  # phases
                    ("1x1s1", 2, 40, 5, 5, 32, 1, 1, 0)]
@@ -993,11 +1032,9 @@ print("compiled")
 """
 
 
-@pytest.mark.slow
-def test_kernels_compile_for_sm90():
-    """The interpreter does not type-check like the compiler: compile every kernel mode
-    for an H100 (sm_90), and the pointer paths for an A100 (sm_80), ahead of time, no GPU
-    needed (skips without Triton's CUDA backend)."""
+def _compile_script(script):
+    """Run ``script`` on kernels/conv.py (its argv[1]) in a Python without the
+    interpreter: Triton's compiler (skips without Triton's CUDA backend)."""
     import subprocess
     import sys
 
@@ -1005,11 +1042,124 @@ def test_kernels_compile_for_sm90():
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "kernels", "conv.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, path], env=env,
+    return subprocess.run([sys.executable, "-c", script, path], env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """The interpreter does not type-check like the compiler: compile every kernel mode
+    for an H100 (sm_90), and the pointer paths for an A100 (sm_80), ahead of time, no GPU
+    needed (skips without Triton's CUDA backend)."""
+    proc = _compile_script(_AOT_SCRIPT)
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("ptxas not available")
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+
+
+_UNIT_SCALARS_SCRIPT = r"""
+import importlib.util, sys
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+from triton._C.libtriton import ir
+
+spec = importlib.util.spec_from_file_location("kc", sys.argv[1])
+K = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(K)
+# a launch passes an int argument equal to 1 as a constexpr (triton 3.8 does), so a
+# method call on a scalar argument breaks the kernel's compile
+try:
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    print("unit-constexpr", native_specialize_impl(BaseBackend, 1, False, True, True)[0])
+except ImportError:  # a Triton that specializes in Python (the check holds either way)
+    print("unit-constexpr unknown")
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+
+
+def front_end(fn, consts, descs):
+    # TTIR only (the Python front end, where such a call fails): no ptxas, fast
+    sig = {}
+    for n in fn.arg_names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n.endswith("_desc"):
+            sig[n] = descs.get(n, "*fp16")
+        elif n.endswith("_ptr"):
+            sig[n] = "*i32" if n == "LANES_ptr" else "*fp16"
+        else:
+            sig[n] = "i32"
+    src = ASTSource(fn=fn, signature=sig,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    options = backend.parse_options(dict(num_warps=4, num_stages=3))
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    backend.load_dialects(ctx)
+    src.make_ir(target, options, backend.get_codegen_implementation(options),
+                backend.get_module_map(), ctx)
+
+
+tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, ACC_FP64=False,
+             INPUT_PRECISION="ieee", HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False,
+             PERSISTENT=False, FLATTEN=False, TAP_LOOP=True, W_TMA=False)
+box4, box5 = "tensordesc<fp16[1, 8, 16, 64]>", "tensordesc<fp16[1, 8, 1, 16, 64]>"
+modes = {  # the modes whose prologue builds a padding mask from the image sides
+    "fwd bn-relu prologue, boxes": (dict(tiles, TRANSPOSED=False, A_TMA=2, PROLOGUE=1,
+                                         STATS=True, DRELU=False, Y_TMA=0, TILE_H=8,
+                                         TILE_W=16), {"X_desc": box4}),
+    "fwd bn-relu prologue, stride-2 boxes": (dict(tiles, TRANSPOSED=False, A_TMA=3,
+                                                  PROLOGUE=1, STATS=True, DRELU=False,
+                                                  Y_TMA=0, TILE_H=8, TILE_W=16),
+                                             {"X_desc": box5}),
+    "dgrad dBN prologue + dReLU, boxes": (dict(tiles, TRANSPOSED=True, A_TMA=2, PROLOGUE=2,
+                                               STATS=False, DRELU=True, Y_TMA=0, TILE_H=8,
+                                               TILE_W=16), {"X_desc": box4, "PY_desc": box4}),
+}
+failed = []
+for mode, (consts, descs) in modes.items():
+    scalars = [n for n in K._conv_kernel.arg_names
+               if not n.endswith(("_ptr", "_desc")) and n not in consts]
+    for n in [None] + scalars:
+        try:
+            front_end(K._conv_kernel, dict(consts, **({n: 1} if n else {})), descs)
+        except Exception as e:
+            while e.__cause__ is not None:  # the innermost error (a nested jit call's)
+                e = e.__cause__
+            failed.append(f"{mode}, {n} = 1: {type(e).__name__}: {str(e)[-200:]}")
+print("\n".join(failed) or "compiled")
+"""
+
+
+def test_prologue_masks_compile_with_unit_scalars():
+    """Triton passes an int argument equal to 1 as a constexpr (an image of height or
+    width 1: ResNets on small inputs reach 1x1 maps), where a method call on it (``IH.to``)
+    is a compile error on the GPU that the interpreter, which passes plain ints, cannot
+    show: the padding-mask prologues (forward BN-ReLU on boxes, dgrad dBN) put through
+    Triton's front end for sm_90 with each scalar argument 1 in turn."""
+    proc = _compile_script(_UNIT_SCALARS_SCRIPT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.rstrip().splitlines()[-1] == "compiled", proc.stdout[-4000:]
+
+
+def test_lane_ids_are_not_cached_during_graph_capture(monkeypatch):
+    """The row ids of the padding masks (``_lanes``) are cached per device, but not when
+    made during a CUDA-graph capture: there torch.arange is recorded, not run, and the
+    cached tensor would hold uninitialized memory for every later eager launch (wrong
+    padding masks) until the graph first replays. The capture is simulated
+    (``_capturing``), so this runs on CPU."""
+    from fusedres.kernels import conv as kconv
+
+    device = torch.device("cpu")
+    monkeypatch.setattr(kconv, "_capturing", lambda d: True, raising=False)
+    during = [kconv._lanes(device), kconv._lanes(device)]
+    assert during[0] is not during[1]  # one per captured launch
+    monkeypatch.setattr(kconv, "_capturing", lambda d: False, raising=False)
+    eager = kconv._lanes(device)
+    assert all(eager is not t for t in during) and eager is kconv._lanes(device)
+    assert torch.equal(eager, torch.arange(512, dtype=torch.int32))
+    assert torch.equal(during[0], eager)
 
 
 def test_every_launch_runs_under_the_tensors_device(monkeypatch):
@@ -1063,6 +1213,70 @@ def test_deterministic_mode_pins_the_first_config(monkeypatch):
                         {"TRANSPOSED": False, **first.kwargs, "num_warps": first.num_warps,
                          "num_stages": first.num_stages})
     assert calls[1] == ("autotuned", {})
+
+
+def test_autotune_key_fixes_the_config_list(monkeypatch):
+    """A tuned key's config is reused by every later launch with that key (Triton's
+    autotuner adds the tensors' dtypes), and the launchers size the statistics / dReLU
+    workspaces from their own config list (its smallest BLOCK_M): launches that share a
+    key must share the list ``_conv_prune`` gives them. Before, TAP_LOOP was not in the
+    key: a tap-loop conv of the same GEMM shape as a C_in = 3-style one (sm_80, or operands
+    TMA cannot read) reused the stem's 64-row tile and wrote statistics rows past its
+    workspace; residual and stride changed the list too (spilling 128x256, the 256-row
+    prologue tile at stride 2)."""
+    from fusedres.kernels import conv as kconv
+
+    monkeypatch.setattr(kconv, "INTERPRET", False)
+    every = kconv._configs(kconv._union(kconv._CONV_TILES))
+    lists = {}
+    for tap, transposed, fused, residual, stride, gemm_n, dtype in itertools.product(
+            (True, False), (False, True), (False, True), (False, True), (1, 2),
+            (64, 128, 2048), (torch.bfloat16, torch.float32)):
+        kw = dict(TAP_LOOP=tap, TRANSPOSED=transposed,
+                  PROLOGUE=(2 if transposed else 1) if fused else 0, DRELU=False,
+                  HAS_RESIDUAL=residual and not transposed, STATS=True, W_TMA=False,
+                  A_TMA=0, TILE_H=1, TILE_W=1, PERSISTENT=False, Y_TMA=0)
+        nargs = dict(GEMM_M=4096, GEMM_N=gemm_n, GEMM_K=576, STRIDE_H=stride,
+                     STRIDE_W=stride, X_ptr=torch.empty(0, dtype=dtype))
+        launch = {**nargs, **kw}
+        key = tuple(launch[k] for k in kconv._CONV_KEY) + (dtype,)
+        got = sorted(kconv._key(c) for c in kconv._conv_prune(every, nargs, **kw))
+        lists.setdefault(key, []).append((got, launch))
+    for key, seen in lists.items():
+        assert all(got == seen[0][0] for got, _ in seen), [
+            {k: v for k, v in launch.items() if k not in kconv._CONV_KEY} for _, launch in seen]
+
+
+def test_prologue_tiles_need_wgmma(monkeypatch):
+    """The forward BN-ReLU prologue's one-warpgroup tiles (128x128 at 4 warps, 256x128 at
+    8) are made for sm_90's register-A wgmma; with mma.sync (sm_80/86) they spill (bf16
+    sm_80 static: 92 B and 144 B at 255 registers; the 8-warp 128x128 none), so there the
+    prologue runs the 8-warp ``fused`` tiles: in conv_fwd's list and in the autotuner's
+    prune alike, at Hopper's, A100's and sm_86's shared-memory budgets."""
+    from fusedres.kernels import conv as kconv
+
+    monkeypatch.setattr(kconv, "INTERPRET", False)
+    for major, wgmma in ((8, False), (9, True), (10, False), (12, False)):
+        monkeypatch.setattr(kconv, "_capability", lambda index, major=major: (major, 0))
+        assert kconv._wgmma_ok(torch.device("cuda", 0)) == wgmma
+    assert kconv._wgmma_ok(torch.device("cpu"))  # the static check reads the sm_90 lists
+    monkeypatch.setattr(kconv, "_wgmma_ok", lambda device: False)
+    every = kconv._configs(kconv._union(kconv._CONV_TILES))
+    for co, budget in itertools.product((64, 128, 2048), (160, 99, 35)):
+        got = kconv.conv_configs(fused=True, gemm_n=co, budget=budget * 1024, wgmma=False)
+        dgrad_like = kconv.conv_configs(fused=True, transposed=True, gemm_n=co,
+                                        budget=budget * 1024)
+        assert [kconv._key(c) for c in got] == [kconv._key(c) for c in dgrad_like]
+        for c in got:
+            m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            assert m == 128 and (n < 128 or c.num_warps == 8), (co, budget, c)
+        if budget == 160:  # the prune (CPU tensors: the default budget) agrees
+            nargs = dict(GEMM_N=co, X_ptr=torch.empty(0, dtype=torch.bfloat16), STRIDE_H=1,
+                         STRIDE_W=1)
+            kw = dict(TAP_LOOP=True, TRANSPOSED=False, PROLOGUE=1, DRELU=False,
+                      HAS_RESIDUAL=False)
+            assert ({kconv._key(c) for c in kconv._conv_prune(every, nargs, **kw)}
+                    == {kconv._key(c) for c in got})
 
 
 @pytest.mark.parametrize("co", [64, 128, 2048])
