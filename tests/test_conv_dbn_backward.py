@@ -236,3 +236,30 @@ def test_auto_never_times_while_tracing_or_deterministic(monkeypatch, blocker):
             m.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
             _grads(x, w, scale, shift, st, pd, False, "triton")
         assert not log and fconv.last_dbn_backward() == "fused"
+
+
+def test_bench_rows_run_each_mode(monkeypatch):
+    """The GPU run's dBN backward rows (fusedres.bench.cases.dbn_backward_cases): each
+    callable runs its own mode and leaves the switch as it was; both modes agree; only
+    the Triton provider has these rows."""
+    from fusedres.bench import cases as C
+
+    s = C.Settings(device=torch.device(DEVICE), dtype=torch.float64, layout="channels_last",
+                   batch=2, quick=True)
+    cases = C.dbn_backward_cases(s, "tiny", interpreter=True)
+    assert [c.pass_ for c in cases] == list(C.DBN_BACKWARD_PASSES)
+    triton = C.Provider("fusedres-triton", "fusedres", backend="triton")
+    monkeypatch.setattr(fconv, "dbn_backward", "auto")
+    got = {}
+    for case in cases:
+        torch.manual_seed(0)  # the same tensors for every row
+        got[case.pass_] = case.make(triton)()
+        assert fconv.dbn_backward == "auto"
+        if case.pass_ != "bwd dbn=apply-pass":
+            assert fconv.last_dbn_backward() == case.pass_.split("=")[1]
+    fused, materialised = got["bwd dbn=fused"], got["bwd dbn=materialised"]
+    assert all(t.numel() > 0 for t in fused)
+    for a, b in zip(fused, materialised):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(C.Skip):
+        cases[0].make(C.Provider("eager", "eager"))
