@@ -116,6 +116,23 @@ def test_fp16_grads_as_accurate_as_fused(monkeypatch, mode):
         torch.testing.assert_close(a.double(), other.double(), rtol=4e-3, atol=tol / 4)
 
 
+TMA_CASES = [("tma3x3s1", 2, 64, 6, 6, 64, 3, 1, 1), ("tma1x1s1", 2, 64, 4, 4, 64, 1, 1, 0)]
+
+
+@pytest.mark.parametrize("case", TMA_CASES, ids=[c[0] for c in TMA_CASES])
+@pytest.mark.parametrize("mode", MODES)
+def test_tma_shapes_fp32(monkeypatch, mode, case):
+    """64-channel shapes, where dgrad (stride 1) and wgrad read dy (and the fused mode y)
+    by TMA boxes: fp32 gradients against float64 (IEEE fp32, no TF32)."""
+    monkeypatch.setattr(fconv, "dbn_backward", mode)
+    x, w, scale, shift, st, pd = _make(case, torch.float32)
+    got = _grads(x, w, scale, shift, st, pd, True, "triton")
+    want = _float64_grads(x, w, scale, shift, st, pd, True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    assert fconv.last_dbn_backward() == mode
+
+
 def test_materialised_is_one_pass_then_plain_kernels(monkeypatch):
     """One elementwise pass (the BN backward's apply kernel) per backward, and dgrad and
     wgrad then run without the dBN prologue (no y, no coefficients); "fused" is the
