@@ -41,9 +41,10 @@ CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1):
                                   Tensor grad_scale, Tensor grad_shift)
 
 Backward (all Triton, deterministic, no atomics): dgrad is a transposed implicit-GEMM
-conv with the dBN prologue and, for the prologue op, a dReLU epilogue that recomputes the
-mask from ``input*scale + shift`` and emits the partial sums of dscale/dshift; wgrad
-recomputes both prologues while loading. For ``triton_conv_bias_add_relu`` the output
+conv with the dBN prologue ("fused" mode; "materialised": after the dBN pass) and, for
+the prologue op, a dReLU epilogue that recomputes the mask from ``input*scale + shift``
+and emits the partial sums of dscale/dshift; wgrad recomputes both prologues while
+loading (the dBN one in "fused" mode). For ``triton_conv_bias_add_relu`` the output
 ReLU mask and the bias/residual gradients are computed with plain torch ops before the
 Triton dgrad/wgrad (an elementwise pass, not fused).
 
