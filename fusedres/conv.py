@@ -18,8 +18,10 @@ is ``F.conv2d`` (cuDNN on CUDA) until ``backend="triton"`` is named, see ``conv_
 
 ``mean`` and ``var`` are differentiable outputs (fp32, fp64 for fp64 input): their
 gradients supply the BN backward's ``-dbeta/M`` and ``-xhat*dgamma/M`` terms; the conv
-backward folds them in as ``dy + dmean/M + dvar*2*(y - mean)/M`` (a dBN prologue of the
-dgrad and wgrad kernels, not a separate pass).
+backward folds them in as ``dy + dmean/M + dvar*2*(y - mean)/M``: a dBN prologue of the
+dgrad and wgrad kernels, or one elementwise pass before the plain kernels, as
+``fusedres.conv.dbn_backward`` says ("auto": timed once per shape on CUDA, "fused"
+elsewhere; ``dbn_backward_choices()``, ``last_dbn_backward()`` report it).
 
 Custom ops (namespace ``fusedres``; Triton kernels in ``kernels/conv.py``; they run on
 CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1):
@@ -39,9 +41,10 @@ CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1):
                                   Tensor grad_scale, Tensor grad_shift)
 
 Backward (all Triton, deterministic, no atomics): dgrad is a transposed implicit-GEMM
-conv with the dBN prologue and, for the prologue op, a dReLU epilogue that recomputes the
-mask from ``input*scale + shift`` and emits the partial sums of dscale/dshift; wgrad
-recomputes both prologues while loading. For ``triton_conv_bias_add_relu`` the output
+conv with the dBN prologue ("fused" mode; "materialised": after the dBN pass) and, for
+the prologue op, a dReLU epilogue that recomputes the mask from ``input*scale + shift``
+and emits the partial sums of dscale/dshift; wgrad recomputes both prologues while
+loading (the dBN one in "fused" mode). For ``triton_conv_bias_add_relu`` the output
 ReLU mask and the bias/residual gradients are computed with plain torch ops before the
 Triton dgrad/wgrad (an elementwise pass, not fused).
 
@@ -51,6 +54,7 @@ Under autocast the Python wrappers cast input, weight and conv bias only.
 """
 from __future__ import annotations
 
+import threading
 from typing import List, Optional, Tuple
 
 import torch
@@ -62,6 +66,7 @@ from .reference import acc_dtype
 
 __all__ = [
     "conv2d", "conv_path", "conv2d_stats", "bn_relu_conv2d_stats", "conv2d_bias_add_relu",
+    "dbn_backward_choices", "last_dbn_backward",
 ]
 
 _KERNELS = None
@@ -175,16 +180,35 @@ def triton_conv_backward(grad_out: Tensor, input: Tensor, weight: Tensor, stride
 
     When ``grad_mean``/``grad_var`` (the gradients of the batch statistics of the conv
     output ``out``, per output channel) are given, the gradient reaching the conv output
-    is ``grad_out + grad_mean/M + grad_var*2*(out - mean)/M``, read through a prologue of
-    the dgrad and wgrad kernels. ``output_mask`` = (input, weight, scale/shift).
+    is ``grad_out + grad_mean/M + grad_var*2*(out - mean)/M``: read through a prologue of
+    the dgrad and wgrad kernels, or written once by an elementwise pass before the plain
+    kernels (``dbn_backward``). ``output_mask`` = (input, weight, scale/shift).
     Unrequested gradients are empty tensors. ``grad_scale``/``grad_shift`` are in the
     accumulation dtype.
     """
+    args = (grad_out, input, weight, stride, padding, scale, shift, out, mean, grad_mean,
+            grad_var, output_mask)
+    if out is None or (grad_mean is None and grad_var is None):
+        return _conv_backward(None, *args)
+    mode = _dbn_backward_mode(input, weight, grad_out, stride, padding, scale is not None,
+                              output_mask, lambda m: _conv_backward(m, *args))
+    return _conv_backward(mode, *args)
+
+
+def _conv_backward(dbn_mode, grad_out, input, weight, stride, padding, scale, shift, out, mean,
+                   grad_mean, grad_var, output_mask):
+    """``triton_conv_backward`` with the dBN term read as ``dbn_mode`` says: "fused" (the
+    prologues), "materialised" (one elementwise pass, then the plain kernels) or None (no
+    statistics gradient)."""
+    global _LAST_DBN_BACKWARD
     k = kernels()
     dy = _prepare(grad_out)
-    coef_y, coef_c = (None, None) if out is None else _dbn_coefs(out, mean, grad_mean, grad_var)
-    dbn = coef_y is not None
-    y = out if dbn else None
+    y = coef_y = coef_c = None
+    if dbn_mode == "fused":
+        y = out
+        coef_y, coef_c = _dbn_coefs(out, mean, grad_mean, grad_var)
+    elif dbn_mode == "materialised":
+        dy = _materialise_dy(dy, out, mean, grad_mean, grad_var)
     prologue = scale is not None
     acc = acc_dtype(input.dtype)
     gi = input.new_empty(0)
@@ -206,6 +230,8 @@ def triton_conv_backward(grad_out: Tensor, input: Tensor, weight: Tensor, stride
     if need_w:
         gw = k.conv_wgrad(dy, x, tuple(weight.shape), stride, padding, y=y, coef_y=coef_y,
                           coef_c=coef_c, scale=scale, shift=shift)
+    if dbn_mode is not None:
+        _LAST_DBN_BACKWARD = dbn_mode
     return gi, gw, gs, gsh
 
 
@@ -227,16 +253,144 @@ def _(grad_out, input, weight, stride, padding, scale, shift, out, mean, grad_me
     return gi, gw, gs, gsh
 
 
-def _dbn_coefs(out, mean, dmean, dvar):
-    """Per-channel (coef_y, coef_c): dy_total = dy + out*coef_y + coef_c."""
-    if dmean is None and dvar is None:
-        return None, None
+def _dbn_terms(out, mean, dmean, dvar):
+    """Per-channel (coef_y, coef_mean): dy_total = dy + (out - mean)*coef_y + coef_mean."""
     m = out.shape[0] * out.shape[2] * out.shape[3]
     dmean = torch.zeros_like(mean) if dmean is None else dmean.to(mean.dtype)
     dvar = torch.zeros_like(mean) if dvar is None else dvar.to(mean.dtype)
-    coef_y = dvar * (2.0 / m)
-    coef_c = dmean / m - coef_y * mean
-    return coef_y, coef_c
+    return dvar * (2.0 / m), dmean / m
+
+
+def _dbn_coefs(out, mean, dmean, dvar):
+    """Per-channel (coef_y, coef_c): dy_total = dy + out*coef_y + coef_c (the prologues'
+    form: one FMA per element)."""
+    if dmean is None and dvar is None:
+        return None, None
+    coef_y, coef_mean = _dbn_terms(out, mean, dmean, dvar)
+    return coef_y, coef_mean - coef_y * mean
+
+
+def _materialise_dy(dy, out, mean, dmean, dvar):
+    """``dy + (out - mean)*coef_y + coef_mean`` written once, channels_last, in ``out``'s
+    dtype: the BN backward's apply kernel (``kernels/bn.py``, ``_bn_bwd_apply_kernel``:
+    ``coef_g*g + coef_xc*(x - mean) + coef_c``, math in fp32 / fp64, one rounding at the
+    store) with g = dy, x = out, coef_g = 1. The centred form is the BN kernels' own (a
+    large mean with a small spread stays exact)."""
+    from fusedres.kernels import bn
+
+    n, c, h, w = out.shape
+    coef_y, coef_mean = _dbn_terms(out, mean, dmean, dvar)
+    total, _ = bn.bn_backward_apply(dy.reshape(n, c, h * w), out.reshape(n, c, h * w), mean,
+                                    None, None, None, torch.ones_like(coef_y), coef_y,
+                                    coef_mean, False, False, True)
+    return total.view(n, c, h, w)
+
+
+# dBN backward: fused prologues or one materialising pass ---------------------------------
+
+dbn_backward = "auto"
+"""How the Triton conv backward reads ``dy_total = dy + (y - mean)*coef_y + coef_mean``
+when the conv's output statistics feed a BN (``conv2d_stats``, ``bn_relu_conv2d_stats``):
+
+* ``"fused"``: through a prologue of both the dgrad and the wgrad kernel (fp32 math per
+  element, in each kernel's loop; no extra memory traffic);
+* ``"materialised"``: one elementwise pass writes ``dy_total`` (fp32 math, rounded once to
+  the activation dtype, channels_last), then the plain dgrad and wgrad kernels read it
+  (cuDNN's dBNApply route: reads dy and y and writes dy_total once more);
+* ``"auto"`` (default): on CUDA, both are timed once per (device, dtype, shapes, stride,
+  padding, BN-ReLU prologue, requested gradients) by ``fusedres._timing`` (interleaved
+  rounds, each a median of CUDA-event repetitions) and the faster is kept (materialised
+  only if ``fusedres.tune.clearly_faster``), in memory and in the decision cache on disk
+  (``fusedres._tune_cache``; ``FUSEDRES_CACHE=0`` turns that off). The first backward of
+  a new shape pays for it: both backward paths autotuned and run for at least 5 rounds
+  (~0.1-1 s). Never timed during CUDA-graph capture or torch.compile tracing, nor under
+  ``torch.use_deterministic_algorithms(True)`` (the choice must not vary between
+  processes): the cached choice if there is one (deterministic mode: always), else
+  ``"fused"``. On CPU tensors (the interpreter) ``"auto"`` is ``"fused"``: nothing to time.
+
+``dbn_backward_choices()`` lists what ``"auto"`` decided; ``last_dbn_backward()`` says which
+path the latest backward with statistics gradients took.
+"""
+
+DBN_BACKWARD_MODES = ("fused", "materialised", "auto")
+_TIMED_DEVICE_TYPES = ("cuda",)  # where "auto" measures (tests add "cpu")
+_DBN_LOCK = threading.Lock()
+_DBN_CHOICES: dict = {}  # signature digest -> entry (choice, times, signature, source)
+_DBN_DISK: dict = {}  # device -> its DecisionCache (or None: caching off)
+_LAST_DBN_BACKWARD: Optional[str] = None
+
+
+def dbn_backward_choices() -> List[dict]:
+    """What ``dbn_backward="auto"`` decided in this process, one dict per signature:
+    device, dtype, shapes, stride, padding, prologue, output_mask, ``choice``,
+    ``fused_ms`` / ``materialised_ms`` (medians) and ``source`` ("timed" | "disk cache")."""
+    return [dict(e["signature"], choice=e["choice"], fused_ms=e["fused_ms"],
+                 materialised_ms=e["materialised_ms"], source=e["source"])
+            for e in list(_DBN_CHOICES.values())]
+
+
+def last_dbn_backward() -> Optional[str]:
+    """``"fused"`` | ``"materialised"``: the path of the latest Triton conv backward with
+    statistics gradients in this process (None before the first)."""
+    return _LAST_DBN_BACKWARD
+
+
+def _dbn_backward_mode(input, weight, grad_out, stride, padding, prologue, output_mask, run):
+    """The mode this call runs: ``dbn_backward``, with "auto" resolved (see there).
+    ``run(mode)`` runs the whole backward in that mode (what "auto" times)."""
+    mode = dbn_backward
+    if mode not in DBN_BACKWARD_MODES:
+        raise ValueError(f"fusedres.conv.dbn_backward = {mode!r}; expected one of "
+                         f"{DBN_BACKWARD_MODES}")
+    device = input.device
+    if mode != "auto" or device.type not in _TIMED_DEVICE_TYPES \
+            or torch.are_deterministic_algorithms_enabled():
+        return "fused" if mode == "auto" else mode
+    from ._tune_cache import digest
+
+    signature = {"op": "triton_conv_backward.dbn", "device": str(device),
+                 "dtype": str(input.dtype).replace("torch.", ""),
+                 "shapes": [list(grad_out.shape), list(input.shape), list(weight.shape)],
+                 "stride": list(stride), "padding": list(padding), "prologue": bool(prologue),
+                 "output_mask": [bool(b) for b in output_mask]}
+    entry = _DBN_CHOICES.get(digest(signature))
+    if entry is not None:
+        return entry["choice"]
+    if torch.compiler.is_compiling() or \
+            (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return "fused"
+    entry = _measure_dbn_backward(device, signature, run)
+    with _DBN_LOCK:
+        _DBN_CHOICES[digest(signature)] = entry
+    return entry["choice"]
+
+
+def _measure_dbn_backward(device, signature, run) -> dict:
+    """The cached decision of ``signature`` (disk), else both modes timed and the winner
+    written to the cache."""
+    from . import _timing, _tune_cache
+    from .tune import clearly_faster
+
+    key = str(device)
+    if key not in _DBN_DISK:
+        directory = _tune_cache.cache_dir()
+        _DBN_DISK[key] = _tune_cache.DecisionCache(
+            directory, _tune_cache.environment(device, DBN_BACKWARD_MODES[:2])) \
+            if directory else None
+    disk = _DBN_DISK[key]
+    entry = disk.get(signature) if disk is not None else None
+    if entry is not None:
+        return dict(entry, source="disk cache")
+    samples = _timing.interleaved_samples(
+        {m: (lambda m=m: run(m)) for m in DBN_BACKWARD_MODES[:2]}, device)
+    faster = clearly_faster(samples["materialised"], samples["fused"])
+    entry = {"choice": "materialised" if faster else "fused",
+             "fused_ms": _timing.spread(samples["fused"])[0] * 1e3,
+             "materialised_ms": _timing.spread(samples["materialised"])[0] * 1e3}
+    if disk is not None:
+        disk.put(signature, entry)
+        disk.save()
+    return dict(entry, signature=signature, source="timed")
 
 
 def _grad_or_zero(g, like):

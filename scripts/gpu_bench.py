@@ -17,7 +17,10 @@ any point (its budget, SIGINT, SIGKILL) leaves what it measured:
   model and its percentage of the device-copy bandwidth measured at the start of the
   stage (a 1 GiB device-to-device copy, bytes read + written).
 * conv: the forward of every distinct ResNet-50 conv, the Triton conv against cuDNN
-  (``F.conv2d``), TFLOP/s.
+  (``F.conv2d``), TFLOP/s; then the Triton conv backward with the BN-statistics
+  gradient at each bottleneck conv2/conv3 shape in both ``fusedres.conv.dbn_backward``
+  modes (pass "bwd dbn=fused" / "bwd dbn=materialised", TFLOP/s of dgrad + wgrad) and the
+  materialising pass alone ("bwd dbn=apply-pass"): Triton provider only.
 * train: the ResNet-50 training step (batch 256, channels_last, synthetic data, SGD with
   momentum; the dry run: ``fusedres.bench.trainstep.TinyResNet``, batch 4, 32x32) per
   dtype (``--dtypes``, default bfloat16 then float16: autocast, fp16 with a GradScaler)
@@ -228,7 +231,10 @@ def _cases(stage: str, s, dry: bool) -> list:
     shapes = "tiny" if dry else "full"
     if stage == "ops":  # forward+backward first: they autotune the forward kernels too
         return sorted(C.ops_cases(s, shapes), key=lambda c: c.pass_ != "fwd+bwd")
-    return [c for c in C.conv_cases(s, shapes) if (c.name, c.pass_) == ("conv", "fwd")]
+    forward = [c for c in C.conv_cases(s, shapes) if (c.name, c.pass_) == ("conv", "fwd")]
+    # then the Triton conv backward in each fusedres.conv.dbn_backward mode (last: the
+    # budget cuts these first; select them alone with --cases 'dbn=')
+    return forward + C.dbn_backward_cases(s, shapes)
 
 
 def _measure(fn, device, args):

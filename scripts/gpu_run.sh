@@ -92,7 +92,8 @@
 # PREWARM_PROVIDERS (compile; "" for none), PREP_CAP_S (150: one train provider's most
 # seconds to get ready), OPS_PROVIDERS / CONV_PROVIDERS / TRAIN_PROVIDERS (e.g.
 # TRAIN_PROVIDERS=eager,compile,auto; defaults in scripts/gpu_bench.py and
-# fusedres/bench/trainstep.py).
+# fusedres/bench/trainstep.py), OPS_CASES / CONV_CASES (a regex of the rows to time, e.g.
+# CONV_CASES='dbn=': the Triton conv backward in both dBN modes).
 # Not assumed on the machine: torchvision (the repository's ResNet-50 is used), ninja (the
 # build is then serial), timm, pytest-benchmark; pytest is needed for the tests stage.
 set -uo pipefail
@@ -291,6 +292,8 @@ timed() {  # timed STAGE: a scripts/gpu_bench.py stage
     local providers=() knob
     knob="${1^^}_PROVIDERS"
     [ -n "${!knob:-}" ] && providers=(--providers "${!knob}")
+    knob="${1^^}_CASES"  # e.g. CONV_CASES='dbn=': only the dBN backward rows
+    [ -n "${!knob:-}" ] && providers+=(--cases "${!knob}")
     stage_begin "$1" || return 0
     local extra=("${BENCH_ARGS[@]}")
     if [ "$1" = train ]; then  # resumed unit by unit (state.json): its file is kept

@@ -492,6 +492,78 @@ def conv_cases(s: Settings, shapes: str = "full") -> list[Case]:
     return out
 
 
+# The Triton conv backward with the BN-statistics gradient in each mode of
+# ``fusedres.conv.dbn_backward`` (what its "auto" decides between, per shape): the
+# backward op alone, at the convs that run behind a BN-ReLU in ResNet-50 (each
+# bottleneck's conv2 and conv3), plus the materialising pass alone (its memory traffic).
+DBN_BACKWARD_PASSES = ("bwd dbn=fused", "bwd dbn=materialised", "bwd dbn=apply-pass")
+
+
+def _dbn_backward_make(spec: ConvSpec, pass_: str, s: Settings, interpreter: bool):
+    mode = pass_.split("=", 1)[1]
+
+    def make(provider: Provider):
+        if provider.kind != "fusedres" or provider.backend != "triton":
+            raise Skip("the dBN backward modes are the Triton conv's (fusedres.conv."
+                       "dbn_backward): no other provider has them")
+        if s.device.type != "cuda" and not interpreter:
+            raise Skip("the Triton conv is timed on GPU only (the interpreter is never "
+                       "benchmarked)")
+        fconv = _fusedres_conv_module()
+        x = _rand((s.batch, spec.c_in, spec.h, spec.h), s)
+        fan_in = spec.c_in * spec.kernel * spec.kernel
+        w = _rand((spec.c_out, spec.c_in, spec.kernel, spec.kernel), s, scale=fan_in ** -0.5)
+        scale = (1 + 0.1 * torch.randn(spec.c_in, device=s.device)).to(s.param_dtype)
+        shift = (0.1 * torch.randn(spec.c_in, device=s.device)).to(s.param_dtype)
+        geometry = ([spec.stride] * 2, [spec.padding] * 2)
+        with torch.no_grad():
+            y, mean, var = torch.ops.fusedres.triton_conv_prologue_stats(x, scale, shift, w,
+                                                                         *geometry)
+        dy = torch.randn_like(y)
+        dmean, dvar = torch.randn_like(mean), torch.randn_like(var)
+        if mode == "apply-pass":
+            return lambda: fconv._materialise_dy(dy, y, mean, dmean, dvar)
+
+        def backward():
+            old, fconv.dbn_backward = fconv.dbn_backward, mode
+            try:
+                return torch.ops.fusedres.triton_conv_backward(
+                    dy, x, w, *geometry, scale, shift, y, mean, dmean, dvar, [True, True, True])
+            finally:
+                fconv.dbn_backward = old
+
+        return backward
+
+    return make
+
+
+def dbn_backward_cases(s: Settings, shapes: str = "full", interpreter: bool = False
+                       ) -> list[Case]:
+    """``interpreter``: make the callables on CPU too (tests run them, nothing times them)."""
+    if shapes == "tiny":
+        specs = [TINY_CONV]
+    else:
+        specs = [c for c in resnet50_convs(s.image_size)
+                 if c.layer.endswith((".conv2", ".conv3"))]
+    out = []
+    for spec in specs:
+        elems_out = s.batch * spec.c_out * spec.h_out * spec.h_out
+        bwd_flops = 2 * formulas.conv2d_flops(s.batch, spec.c_in, spec.c_out, spec.h_out,
+                                              spec.h_out, spec.kernel, 1, "fwd")
+        for pass_ in DBN_BACKWARD_PASSES:
+            apply_pass = pass_.endswith("apply-pass")
+            out.append(Case(
+                suite="conv", name="bn_relu+conv+stats", pass_=pass_, layer=spec.label,
+                shape=(s.batch, spec.c_in, spec.h, spec.h),
+                make=_dbn_backward_make(spec, pass_, s, interpreter),
+                flops=None if apply_pass else bwd_flops,
+                # the pass: read dy and y, write dy_total
+                bytes=3 * elems_out * formulas.element_size(s.dtype) if apply_pass else None,
+                extra={"kernel": spec.kernel, "stride": spec.stride, "c_out": spec.c_out,
+                       "layers_sharing_shape": spec.count}))
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # blocks and train: modules through fusedres.convert
 # --------------------------------------------------------------------------------------

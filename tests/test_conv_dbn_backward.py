@@ -1,0 +1,282 @@
+"""The two ways the Triton conv backward reads the BN-statistics gradient
+(``fusedres.conv.dbn_backward``): "fused" (prologues of dgrad and wgrad), "materialised"
+(one elementwise pass, then the plain kernels), and "auto" (timed once per shape on CUDA,
+cached; "fused" on CPU, under capture / tracing / deterministic mode).
+
+Gradients are judged against float64 autograd of the reference composite; the timing
+logic of "auto" runs here with a fake timer (the interpreter is never timed).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import fusedres  # noqa: E402,F401
+from fusedres import _timing  # noqa: E402
+from fusedres import conv as fconv  # noqa: E402
+
+pytest.importorskip("triton")
+from fusedres.kernels import bn as bn_kernels  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+K = fconv.kernels()
+MODES = ("fused", "materialised")
+
+# (name, N, C_in, H, W, C_out, kernel, stride, padding)
+CASES = [
+    ("3x3s1", 2, 5, 7, 7, 6, 3, 1, 1),
+    ("3x3s2", 1, 8, 9, 8, 65, 3, 2, 1),
+    ("1x1s2", 2, 16, 6, 7, 8, 1, 2, 0),
+    ("stem7x7s2", 1, 3, 13, 11, 8, 7, 2, 3),
+]
+IDS = [c[0] for c in CASES]
+
+
+@pytest.fixture(autouse=True)
+def fresh_state(monkeypatch, tmp_path):
+    """IEEE fp32 (no TF32), an empty choice table and a private decision cache."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(fconv, "_DBN_CHOICES", {})
+    monkeypatch.setattr(fconv, "_DBN_DISK", {})
+    monkeypatch.setattr(fconv, "_LAST_DBN_BACKWARD", None)
+    monkeypatch.setenv("FUSEDRES_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FUSEDRES_CACHE", raising=False)
+
+
+def _make(case, dtype=torch.float64):
+    _, n, ci, h, w, co, k, st, pd = case
+    g = torch.Generator().manual_seed(sum(map(ord, case[0])))
+    x = torch.randn(n, ci, h, w, generator=g, dtype=torch.float64)
+    wt = torch.randn(co, ci, k, k, generator=g, dtype=torch.float64) / (ci * k * k) ** 0.5
+    scale = torch.rand(ci, generator=g, dtype=torch.float64) + 0.5
+    scale[::2] *= -1
+    shift = torch.rand(ci, generator=g, dtype=torch.float64) * 0.5 + 0.1
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    cl = torch.channels_last
+    return (x.contiguous(memory_format=cl).to(DEVICE, dtype).requires_grad_(),
+            wt.contiguous(memory_format=cl).to(DEVICE, dtype).requires_grad_(),
+            scale.to(DEVICE, acc).requires_grad_(), shift.to(DEVICE, acc).requires_grad_(),
+            st, pd)
+
+
+def _loss(y, mean, var):
+    """Every output matters: a non-uniform dy, and dmean/dvar that differ per channel."""
+    c = torch.arange(1, y.shape[1] + 1, dtype=mean.dtype, device=y.device)
+    ramp = torch.cos(torch.arange(y.numel(), device=y.device).view_as(y).to(y.dtype))
+    return (y * ramp).sum() + (mean * c).sum() + (var * c.flip(0)).sum()
+
+
+def _grads(x, w, scale, shift, st, pd, prologue, backend):
+    if prologue:
+        out = fconv.bn_relu_conv2d_stats(x, scale, shift, w, st, pd, backend=backend)
+        return torch.autograd.grad(_loss(*out), [x, scale, shift, w])
+    return torch.autograd.grad(_loss(*fconv.conv2d_stats(x, w, st, pd, backend=backend)),
+                               [x, w])
+
+
+def _float64_grads(x, w, scale, shift, st, pd, prologue):
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, scale, shift)]
+    return _grads(*leaves, st, pd, prologue, "reference")
+
+
+@pytest.mark.parametrize("prologue", [True, False], ids=["bn_relu+conv+stats", "conv+stats"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_grads_against_float64(monkeypatch, mode, case, prologue):
+    """Input, weight (and scale/shift) gradients through (y, mean, var) in float64, in
+    each mode, and the mode is the one that ran."""
+    monkeypatch.setattr(fconv, "dbn_backward", mode)
+    x, w, scale, shift, st, pd = _make(case)
+    got = _grads(x, w, scale, shift, st, pd, prologue, "triton")
+    want = _float64_grads(x, w, scale, shift, st, pd, prologue)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert fconv.last_dbn_backward() == mode
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fp16_grads_as_accurate_as_fused(monkeypatch, mode):
+    """fp16: every gradient within the fused path's tolerance of float64, and the two
+    modes within one fp16 rounding of each other (dy_total is rounded once to fp16 in
+    both: as the A operand of the fused kernels, at the store of the materialised pass)."""
+    x, w, scale, shift, st, pd = _make(CASES[0], torch.float16)
+    want = _float64_grads(x, w, scale, shift, st, pd, True)
+    got = {}
+    for m in MODES:
+        monkeypatch.setattr(fconv, "dbn_backward", m)
+        got[m] = _grads(x, w, scale, shift, st, pd, True, "triton")
+    for a, b, other in zip(got[mode], want, got[MODES[1 - MODES.index(mode)]]):
+        assert a.dtype == (torch.float16 if b.dim() == 4 else torch.float32)
+        tol = 2e-2 * b.abs().max().item()
+        torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=tol)
+        torch.testing.assert_close(a.double(), other.double(), rtol=4e-3, atol=tol / 4)
+
+
+TMA_CASES = [("tma3x3s1", 2, 64, 6, 6, 64, 3, 1, 1), ("tma1x1s1", 2, 64, 4, 4, 64, 1, 1, 0)]
+
+
+@pytest.mark.parametrize("case", TMA_CASES, ids=[c[0] for c in TMA_CASES])
+@pytest.mark.parametrize("mode", MODES)
+def test_tma_shapes_fp32(monkeypatch, mode, case):
+    """64-channel shapes, where dgrad (stride 1) and wgrad read dy (and the fused mode y)
+    by TMA boxes: fp32 gradients against float64 (IEEE fp32, no TF32)."""
+    monkeypatch.setattr(fconv, "dbn_backward", mode)
+    x, w, scale, shift, st, pd = _make(case, torch.float32)
+    got = _grads(x, w, scale, shift, st, pd, True, "triton")
+    want = _float64_grads(x, w, scale, shift, st, pd, True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    assert fconv.last_dbn_backward() == mode
+
+
+def test_materialised_is_one_pass_then_plain_kernels(monkeypatch):
+    """One elementwise pass (the BN backward's apply kernel) per backward, and dgrad and
+    wgrad then run without the dBN prologue (no y, no coefficients); "fused" is the
+    other way round."""
+    calls = {"apply": 0, "dbn_kernels": 0, "plain_kernels": 0}
+    apply = bn_kernels.bn_backward_apply
+    dgrad, wgrad = K.conv_dgrad, K.conv_wgrad
+
+    def counted_apply(*a, **kw):
+        calls["apply"] += 1
+        return apply(*a, **kw)
+
+    def counted(fn):
+        def run(*a, **kw):
+            calls["dbn_kernels" if kw.get("y") is not None else "plain_kernels"] += 1
+            return fn(*a, **kw)
+        return run
+
+    monkeypatch.setattr(bn_kernels, "bn_backward_apply", counted_apply)
+    monkeypatch.setattr(K, "conv_dgrad", counted(dgrad))
+    monkeypatch.setattr(K, "conv_wgrad", counted(wgrad))
+    x, w, scale, shift, st, pd = _make(CASES[0])
+    for mode, want in (("materialised", {"apply": 1, "dbn_kernels": 0, "plain_kernels": 2}),
+                       ("fused", {"apply": 0, "dbn_kernels": 2, "plain_kernels": 0})):
+        monkeypatch.setattr(fconv, "dbn_backward", mode)
+        calls.update(dict.fromkeys(calls, 0))
+        _grads(x, w, scale, shift, st, pd, True, "triton")
+        assert calls == want, mode
+
+
+def test_auto_is_fused_on_cpu_and_invalid_mode_raises(monkeypatch):
+    if DEVICE == "cuda":
+        pytest.skip("the CPU rule: on CUDA auto measures")
+    timed = []
+    monkeypatch.setattr(_timing, "interleaved_samples", lambda *a, **k: timed.append(a))
+    monkeypatch.setattr(fconv, "dbn_backward", "auto")
+    x, w, scale, shift, st, pd = _make(CASES[2])
+    _grads(x, w, scale, shift, st, pd, False, "triton")
+    assert fconv.last_dbn_backward() == "fused" and not timed
+    assert fconv.dbn_backward_choices() == []
+    monkeypatch.setattr(fconv, "dbn_backward", "materialized")
+    with pytest.raises(ValueError, match="dbn_backward"):
+        _grads(x, w, scale, shift, st, pd, False, "triton")
+
+
+def _fake_timer(times, log):
+    """interleaved_samples that runs each candidate once (so both must work) and returns
+    the given samples (seconds)."""
+    def samples(fns, device, **options):
+        log.append(sorted(fns))
+        for fn in fns.values():
+            fn()
+        return {name: list(times[name]) for name in fns}
+    return samples
+
+
+@pytest.mark.parametrize("winner", MODES)
+def test_auto_times_once_and_caches(monkeypatch, winner):
+    """auto (the timed device types widened to CPU): both modes timed on the first call
+    of a shape, the winner kept -- materialised only when clearly faster -- and run, the
+    second call not timed, a new process (empty table) reads the disk cache."""
+    fast, slow = [1.0e-3, 1.01e-3, 1.02e-3], [2.0e-3, 2.02e-3, 2.04e-3]
+    close = [0.99e-3, 1.03e-3, 1.06e-3]  # not clearly slower than `fast`: the simpler wins
+    times = {"materialised": fast, "fused": slow if winner == "materialised" else close}
+    log = []
+    monkeypatch.setattr(fconv, "_TIMED_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(_timing, "interleaved_samples", _fake_timer(times, log))
+    monkeypatch.setattr(fconv, "dbn_backward", "auto")
+    x, w, scale, shift, st, pd = _make(CASES[1])
+    want = _float64_grads(x, w, scale, shift, st, pd, True)
+    for _ in range(2):
+        got = _grads(x, w, scale, shift, st, pd, True, "triton")
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        assert fconv.last_dbn_backward() == winner
+    assert log == [["fused", "materialised"]]
+    (entry,) = fconv.dbn_backward_choices()
+    assert entry["choice"] == winner and entry["source"] == "timed"
+    assert entry["shapes"][1] == list(x.shape) and entry["stride"] == [st, st]
+    assert entry["prologue"] is True
+    assert entry["fused_ms"] == pytest.approx(times["fused"][1] * 1e3)
+
+    monkeypatch.setattr(fconv, "_DBN_CHOICES", {})
+    monkeypatch.setattr(fconv, "_DBN_DISK", {})
+    _grads(x, w, scale, shift, st, pd, True, "triton")
+    assert log == [["fused", "materialised"]]  # not timed again
+    (entry,) = fconv.dbn_backward_choices()
+    assert entry["choice"] == winner and entry["source"] == "disk cache"
+    assert fconv.last_dbn_backward() == winner
+
+    # another shape (no prologue here) is a new decision
+    _grads(x, w, scale, shift, st, pd, False, "triton")
+    assert len(log) == 2 and len(fconv.dbn_backward_choices()) == 2
+
+
+@pytest.mark.parametrize("blocker", ["compiling", "deterministic"])
+def test_auto_never_times_while_tracing_or_deterministic(monkeypatch, blocker):
+    """Under torch.compile tracing (and CUDA-graph capture, the same branch) nothing is
+    timed: the cached choice, else fused; deterministic mode is always fused."""
+    log = []
+    times = {"materialised": [1e-3] * 3, "fused": [2e-3] * 3}
+    monkeypatch.setattr(fconv, "_TIMED_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(_timing, "interleaved_samples", _fake_timer(times, log))
+    monkeypatch.setattr(fconv, "dbn_backward", "auto")
+    x, w, scale, shift, st, pd = _make(CASES[2])
+    if blocker == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        _grads(x, w, scale, shift, st, pd, False, "triton")
+        assert not log and fconv.last_dbn_backward() == "fused"
+        assert fconv.dbn_backward_choices() == []
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+        _grads(x, w, scale, shift, st, pd, False, "triton")  # eager: timed and cached
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        _grads(x, w, scale, shift, st, pd, False, "triton")
+        assert len(log) == 1 and fconv.last_dbn_backward() == "materialised"
+    else:
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+            _grads(x, w, scale, shift, st, pd, False, "triton")
+        assert not log and fconv.last_dbn_backward() == "fused"
+
+
+def test_bench_rows_run_each_mode(monkeypatch):
+    """The GPU run's dBN backward rows (fusedres.bench.cases.dbn_backward_cases): each
+    callable runs its own mode and leaves the switch as it was; both modes agree; only
+    the Triton provider has these rows."""
+    from fusedres.bench import cases as C
+
+    s = C.Settings(device=torch.device(DEVICE), dtype=torch.float64, layout="channels_last",
+                   batch=2, quick=True)
+    cases = C.dbn_backward_cases(s, "tiny", interpreter=True)
+    assert [c.pass_ for c in cases] == list(C.DBN_BACKWARD_PASSES)
+    triton = C.Provider("fusedres-triton", "fusedres", backend="triton")
+    monkeypatch.setattr(fconv, "dbn_backward", "auto")
+    got = {}
+    for case in cases:
+        torch.manual_seed(0)  # the same tensors for every row
+        got[case.pass_] = case.make(triton)()
+        assert fconv.dbn_backward == "auto"
+        if case.pass_ != "bwd dbn=apply-pass":
+            assert fconv.last_dbn_backward() == case.pass_.split("=")[1]
+    fused, materialised = got["bwd dbn=fused"], got["bwd dbn=materialised"]
+    assert all(t.numel() > 0 for t in fused)
+    for a, b in zip(fused, materialised):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(C.Skip):
+        cases[0].make(C.Provider("eager", "eager"))
