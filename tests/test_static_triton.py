@@ -347,7 +347,7 @@ BACKWARD_VARIANTS = ["dgrad s1 (TMA boxes)", "dgrad s1 (TMA boxes) dBN prologue 
                      "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues"]
 BACKWARD_GAPS = {
     "dgrad s1 (TMA boxes) dBN prologue + dReLU epilogue":
-        "104.0 / 76.4 SASS per HGMMA > 48: the dBN prologue dy + y*cy + cc in fp32 is ~5 SASS "
+        "104.0 / 76.1 SASS per HGMMA > 48: the dBN prologue dy + y*cy + cc in fp32 is ~5 SASS "
         "per element (two bf16 operands to unpack, FFMA, FADD, the pack and the tap mask), 8 "
         "A-fragment elements per HGMMA, >= 40 per HGMMA before the loop's own; the 8-warp "
         "tile also stores A to shared memory and reloads it (128x128 at 4 warps spills)",
