@@ -329,6 +329,16 @@ def dbn_backward_choices() -> List[dict]:
             for e in list(_DBN_CHOICES.values())]
 
 
+def dbn_backward_note() -> str:
+    """What ``explain`` says of a Triton conv's backward where the conv's statistics feed
+    a BN: how the dBN term runs under the current ``dbn_backward``."""
+    if dbn_backward == "auto":
+        return ("backward: the dBN term fused into dgrad/wgrad or materialised once, timed "
+                "per shape on CUDA at the first backward (dbn_backward='auto'; fused on "
+                "CPU; fusedres.conv.dbn_backward_choices() lists the decisions)")
+    return f"backward: the dBN term {dbn_backward} (dbn_backward={dbn_backward!r})"
+
+
 def last_dbn_backward() -> Optional[str]:
     """``"fused"`` | ``"materialised"``: the path of the latest Triton conv backward with
     statistics gradients in this process (None before the first)."""

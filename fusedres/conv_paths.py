@@ -163,9 +163,10 @@ class ConvPath:
         _, scale, shift = ops.scale_shift(bn.weight, bn.bias, mean, var, bn.eps)
         return self.prologue_conv(conv, y, scale, shift)
 
-    def prologue_note(self, conv: nn.Conv2d) -> str:
+    def prologue_note(self, conv: nn.Conv2d, stats: bool = False) -> str:
         """What ``explain`` adds about a site whose BN-ReLU runs in this path's prologue
-        of ``conv`` (e.g. how its backward runs); "" for nothing."""
+        of ``conv`` (e.g. how its backward runs; ``stats``: the conv before the BN computes
+        its statistics in this path too); "" for nothing."""
         return ""
 
     def plain_site_note(self, kind: str, bn: nn.BatchNorm2d) -> str:
@@ -223,6 +224,10 @@ class TritonConv(ConvPath):
         except (RuntimeError, ValueError) as exc:  # a backend that cannot run here
             return str(exc)
         return None if path == "triton" else why
+
+    def prologue_note(self, conv, stats=False):
+        # the dBN term exists where the statistics came from the conv before the BN
+        return fconv.dbn_backward_note() if stats else ""
 
     def stats_problem(self, conv, x):
         if conv.bias is not None:

@@ -444,11 +444,12 @@ def _next_conv_path(block, site, backend):
     return "bn_relu_prologue", f"{path} stats+prologue" if stats else f"{path} prologue", None
 
 
-def _prologue_note(block, site, backend) -> str:
-    """What the conv path of a BN-ReLU -> conv site says of it (the cuDNN graphs: how its
-    backward runs)."""
+def _prologue_note(block, site, backend, stats) -> str:
+    """What the conv path of a BN-ReLU -> conv site says of it (how its backward runs;
+    ``stats``: the conv before the BN computes its statistics in the path)."""
     conv_backend, _ = fnn.conv_choice(fnn.site_plan(_module(block, site["members"][0])), backend)
-    return fnn.conv_paths.path_named(conv_backend).prologue_note(_module(block, site["next"]))
+    return fnn.conv_paths.path_named(conv_backend).prologue_note(_module(block, site["next"]),
+                                                                 stats)
 
 
 def _plain_conv_path(block, site, backend, column, note):
@@ -526,7 +527,8 @@ def _describe(block, prefix, site, bn_path, backend, note, memory_saving=False):
         kernel, conv, why = _next_conv_path(block, site, plan.backend or backend)
         if why is None:
             pattern += " (prologue)"
-            note = _join(note, _prologue_note(block, site, plan.backend or backend))
+            note = _join(note, _prologue_note(block, site, plan.backend or backend,
+                                              conv.endswith("stats+prologue")))
         else:
             note = _join(note, f"BN-ReLU runs before conv (not in its prologue): {why}")
             if memory_saving:

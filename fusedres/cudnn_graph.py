@@ -780,7 +780,7 @@ class CudnnGraphConv(conv_paths.ConvPath):
     def stats_problem(self, conv, x):
         return self._problem(conv, x, False)
 
-    def prologue_note(self, conv):
+    def prologue_note(self, conv, stats=False):
         return site_note(conv)
 
     def conv_stats(self, conv, x):

@@ -280,3 +280,26 @@ def test_bench_rows_run_each_mode(monkeypatch):
         torch.testing.assert_close(a, b)
     with pytest.raises(C.Skip):
         cases[0].make(C.Provider("eager", "eager"))
+
+
+def test_explain_names_the_dbn_backward_where_a_conv_computes_the_statistics(monkeypatch):
+    """explain's note on a Triton stats+prologue site says how the dBN term runs (the
+    current switch), and says nothing of it where the BN's statistics come from torch."""
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    import models
+    from fusedres.convert import convert, explain
+
+    def notes(stride):
+        rows = explain(convert(models.PreActBlock(8, 16 if stride > 1 else 8, stride),
+                               backend="triton"))
+        return {r["site"]: (r["conv"], r["reason"]) for r in rows}
+
+    strided = notes(2)  # conv1's epilogue computes bn2's statistics
+    assert strided["bn2"][0] == "triton stats+prologue"
+    assert "dbn_backward='auto'" in strided["bn2"][1]
+    monkeypatch.setattr(fconv, "dbn_backward", "materialised")
+    assert "the dBN term materialised" in notes(2)["bn2"][1]
+    plain = notes(1)  # statistics from torch.var_mean: no dBN term in the conv backward
+    assert plain["bn2"][0] == "triton prologue"
+    assert "dBN" not in plain["bn2"][1]
