@@ -228,6 +228,38 @@ def test_auto_times_once_and_caches(monkeypatch, winner):
     assert len(log) == 2 and len(fconv.dbn_backward_choices()) == 2
 
 
+@pytest.mark.parametrize("winner", MODES)
+def test_auto_keeps_the_timed_result(monkeypatch, winner):
+    """The first backward of a new shape runs each mode only as often as the timer does
+    (here once): its result is the chosen mode's timed output, not one more backward,
+    and equal to what that mode gives when run alone."""
+    times = {"materialised": [1e-3] * 3, "fused": [1e-3 if winner == "fused" else 2e-3] * 3}
+    ran = []
+    backward = fconv._conv_backward
+
+    def counted(mode, *args):
+        ran.append(mode)
+        return backward(mode, *args)
+
+    monkeypatch.setattr(fconv, "_conv_backward", counted)
+    monkeypatch.setattr(fconv, "_TIMED_DEVICE_TYPES", ("cuda", "cpu"))
+    x, w, scale, shift, st, pd = _make(CASES[1])
+    monkeypatch.setattr(fconv, "dbn_backward", winner)
+    alone = _grads(x, w, scale, shift, st, pd, True, "triton")
+    assert ran == [winner]
+    ran.clear()
+    monkeypatch.setattr(_timing, "interleaved_samples", _fake_timer(times, []))
+    monkeypatch.setattr(fconv, "dbn_backward", "auto")
+    got = _grads(x, w, scale, shift, st, pd, True, "triton")
+    assert sorted(ran) == ["fused", "materialised"]  # the timed runs, nothing after
+    assert fconv.last_dbn_backward() == winner
+    for a, b in zip(got, alone):
+        assert torch.equal(a, b)
+    ran.clear()
+    _grads(x, w, scale, shift, st, pd, True, "triton")  # decided: one run of the winner
+    assert ran == [winner]
+
+
 @pytest.mark.parametrize("blocker", ["compiling", "deterministic"])
 def test_auto_never_times_while_tracing_or_deterministic(monkeypatch, blocker):
     """Under torch.compile tracing (and CUDA-graph capture, the same branch) nothing is
