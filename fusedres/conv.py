@@ -393,8 +393,8 @@ def _measure_dbn_backward(device, signature, run) -> Tuple[dict, dict]:
     if key not in _DBN_DISK:
         directory = _tune_cache.cache_dir()
         _DBN_DISK[key] = _tune_cache.DecisionCache(
-            directory, _tune_cache.environment(device, DBN_BACKWARD_MODES[:2])) \
-            if directory else None
+            directory, _tune_cache.environment(device, DBN_BACKWARD_MODES[:2]),
+            owner="fusedres.conv.dbn_backward") if directory else None
     disk = _DBN_DISK[key]
     entry = disk.get(signature) if disk is not None else None
     if entry is not None:

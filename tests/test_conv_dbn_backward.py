@@ -260,6 +260,29 @@ def test_auto_keeps_the_timed_result(monkeypatch, winner):
     assert ran == [winner]
 
 
+def test_auto_cache_warnings_name_dbn_backward(monkeypatch, tmp_path):
+    """A damaged decision cache of dbn_backward is ignored with a warning that names
+    dbn_backward (whose switch it is), not fusedres.tune, and the shape is timed again."""
+    log = []
+    times = {"materialised": [1e-3] * 3, "fused": [2e-3] * 3}
+    monkeypatch.setattr(fconv, "_TIMED_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(_timing, "interleaved_samples", _fake_timer(times, log))
+    monkeypatch.setattr(fconv, "dbn_backward", "auto")
+    x, w, scale, shift, st, pd = _make(CASES[2])
+    _grads(x, w, scale, shift, st, pd, False, "triton")
+    (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    path.write_text("not json")
+    monkeypatch.setattr(fconv, "_DBN_CHOICES", {})
+    monkeypatch.setattr(fconv, "_DBN_DISK", {})
+    with pytest.warns(RuntimeWarning) as caught:
+        _grads(x, w, scale, shift, st, pd, False, "triton")
+    texts = [str(c.message) for c in caught]
+    assert any(t.startswith("fusedres.conv.dbn_backward: ignoring the decision cache")
+               for t in texts), texts
+    assert not any("fusedres.tune" in t for t in texts), texts
+    assert len(log) == 2
+
+
 @pytest.mark.parametrize("blocker", ["compiling", "deterministic"])
 def test_auto_never_times_while_tracing_or_deterministic(monkeypatch, blocker):
     """Under torch.compile tracing (and CUDA-graph capture, the same branch) nothing is
