@@ -459,32 +459,6 @@ int64_t version() { return static_cast<int64_t>(cudnnGetVersion()); }
 }  // namespace cudnn_graph
 }  // namespace fusedres
 
-TORCH_LIBRARY_FRAGMENT(fusedres, m) {
-  m.def(
-      "cudnn_graph_plan(str kind, Tensor x, Tensor w, int[2] stride, int[2] padding) -> str");
-  m.def(
-      "cudnn_graph_engine(str kind, Tensor x, Tensor w, int[2] stride, int[2] padding) -> str");
-  m.def(
-      "cudnn_graph_conv_stats(Tensor x, Tensor w, Tensor? scale, Tensor? shift, int[2] stride, "
-      "int[2] padding) -> (Tensor y, Tensor sum, Tensor sq_sum)");
-  m.def(
-      "cudnn_graph_dgrad_drelu_dbn(Tensor dy, Tensor w, Tensor x, Tensor mean, Tensor invstd, "
-      "Tensor gamma, Tensor beta, int[2] stride, int[2] padding) "
-      "-> (Tensor g, Tensor dgamma, Tensor dbeta)");
-  m.def(
-      "cudnn_graph_wgrad(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor w, "
-      "int[2] stride, int[2] padding) -> Tensor");
-  m.def("cudnn_graph_version() -> int", &fusedres::cudnn_graph::version);
-}
-
-TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
-  m.impl("cudnn_graph_plan", &fusedres::cudnn_graph::plan_graph);
-  m.impl("cudnn_graph_engine", &fusedres::cudnn_graph::engine);
-  m.impl("cudnn_graph_conv_stats", &fusedres::cudnn_graph::conv_stats);
-  m.impl("cudnn_graph_dgrad_drelu_dbn", &fusedres::cudnn_graph::dgrad_drelu_dbn);
-  m.impl("cudnn_graph_wgrad", &fusedres::cudnn_graph::wgrad);
-}
-
 #endif  // FUSEDRES_WITH_CUDNN_GRAPH
 
 // ======================================================================================
@@ -667,7 +641,7 @@ std::shared_ptr<const fe::DeviceProperties> read_properties(const std::string& p
   return props;
 }
 
-// The block tail's graphs (defined with their ops at the end of this file).
+// The block tail's graphs (defined in the last section of this file).
 bool is_tail_kind(const std::string& kind);
 bool parse_tail_kind(const std::string& s);
 void define_tail(Graph& g, bool dual, bool save_mask, const std::vector<int64_t>& xs,
@@ -743,27 +717,6 @@ std::string check_deviceless(const std::string& properties, const std::string& k
 
 }  // namespace cudnn_graph
 }  // namespace fusedres
-
-TORCH_LIBRARY_FRAGMENT(fusedres, m) {
-  m.def("cudnn_graph_bn_finalize_plan(Tensor sum) -> str");
-  m.def("cudnn_graph_bn_finalize_engine(Tensor sum) -> str");
-  m.def(
-      "cudnn_graph_bn_finalize(Tensor sum, Tensor sq_sum, Tensor gamma, Tensor beta, "
-      "Tensor running_mean, Tensor running_var, float eps, float momentum, int count) "
-      "-> (Tensor scale, Tensor shift, Tensor mean, Tensor invstd, Tensor next_running_mean, "
-      "Tensor next_running_var)");
-  // no tensors: a catch-all kernel, callable on a machine without a GPU
-  m.def(
-      "cudnn_graph_check_deviceless(str properties, str kind, str dtype, int[] input, "
-      "int[] weight, int[] stride, int[] padding, int sm_version) -> str",
-      &fusedres::cudnn_graph::check_deviceless);
-}
-
-TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
-  m.impl("cudnn_graph_bn_finalize_plan", &fusedres::cudnn_graph::bn_finalize_plan);
-  m.impl("cudnn_graph_bn_finalize_engine", &fusedres::cudnn_graph::bn_finalize_engine);
-  m.impl("cudnn_graph_bn_finalize", &fusedres::cudnn_graph::bn_finalize);
-}
 
 #endif  // FUSEDRES_WITH_CUDNN_GRAPH
 
@@ -953,7 +906,35 @@ std::tuple<at::Tensor, at::Tensor> bn_add_relu(
 }  // namespace cudnn_graph
 }  // namespace fusedres
 
+// Every op of this file, registered once (the sections above define them).
 TORCH_LIBRARY_FRAGMENT(fusedres, m) {
+  m.def(
+      "cudnn_graph_plan(str kind, Tensor x, Tensor w, int[2] stride, int[2] padding) -> str");
+  m.def(
+      "cudnn_graph_engine(str kind, Tensor x, Tensor w, int[2] stride, int[2] padding) -> str");
+  m.def(
+      "cudnn_graph_conv_stats(Tensor x, Tensor w, Tensor? scale, Tensor? shift, int[2] stride, "
+      "int[2] padding) -> (Tensor y, Tensor sum, Tensor sq_sum)");
+  m.def(
+      "cudnn_graph_dgrad_drelu_dbn(Tensor dy, Tensor w, Tensor x, Tensor mean, Tensor invstd, "
+      "Tensor gamma, Tensor beta, int[2] stride, int[2] padding) "
+      "-> (Tensor g, Tensor dgamma, Tensor dbeta)");
+  m.def(
+      "cudnn_graph_wgrad(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor w, "
+      "int[2] stride, int[2] padding) -> Tensor");
+  m.def("cudnn_graph_version() -> int", &fusedres::cudnn_graph::version);
+  m.def("cudnn_graph_bn_finalize_plan(Tensor sum) -> str");
+  m.def("cudnn_graph_bn_finalize_engine(Tensor sum) -> str");
+  m.def(
+      "cudnn_graph_bn_finalize(Tensor sum, Tensor sq_sum, Tensor gamma, Tensor beta, "
+      "Tensor running_mean, Tensor running_var, float eps, float momentum, int count) "
+      "-> (Tensor scale, Tensor shift, Tensor mean, Tensor invstd, Tensor next_running_mean, "
+      "Tensor next_running_var)");
+  // no tensors: a catch-all kernel, callable on a machine without a GPU
+  m.def(
+      "cudnn_graph_check_deviceless(str properties, str kind, str dtype, int[] input, "
+      "int[] weight, int[] stride, int[] padding, int sm_version) -> str",
+      &fusedres::cudnn_graph::check_deviceless);
   m.def("cudnn_graph_tail_plan(str kind, Tensor x, bool save_mask) -> str");
   m.def("cudnn_graph_tail_engine(str kind, Tensor x, bool save_mask) -> str");
   m.def(
@@ -963,9 +944,17 @@ TORCH_LIBRARY_FRAGMENT(fusedres, m) {
 }
 
 TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
+  m.impl("cudnn_graph_plan", &fusedres::cudnn_graph::plan_graph);
+  m.impl("cudnn_graph_engine", &fusedres::cudnn_graph::engine);
+  m.impl("cudnn_graph_conv_stats", &fusedres::cudnn_graph::conv_stats);
+  m.impl("cudnn_graph_dgrad_drelu_dbn", &fusedres::cudnn_graph::dgrad_drelu_dbn);
+  m.impl("cudnn_graph_wgrad", &fusedres::cudnn_graph::wgrad);
+  m.impl("cudnn_graph_bn_finalize_plan", &fusedres::cudnn_graph::bn_finalize_plan);
+  m.impl("cudnn_graph_bn_finalize_engine", &fusedres::cudnn_graph::bn_finalize_engine);
+  m.impl("cudnn_graph_bn_finalize", &fusedres::cudnn_graph::bn_finalize);
   m.impl("cudnn_graph_tail_plan", &fusedres::cudnn_graph::plan_tail);
   m.impl("cudnn_graph_tail_engine", &fusedres::cudnn_graph::tail_engine);
   m.impl("cudnn_graph_bn_add_relu", &fusedres::cudnn_graph::bn_add_relu);
 }
 
-#endif  // FUSEDRES_WITH_CUDNN_GRAPH (the block tail)
+#endif  // FUSEDRES_WITH_CUDNN_GRAPH
