@@ -38,8 +38,9 @@
 // fp32 (bf16 scale/shift would round to 8 bits). The first variant cuDNN plans is kept.
 // Cached per (graph kind, device, dtype, sizes, stride, padding; tensors are
 // channels_last, described with canonical NHWC strides) in a process-wide map under a
-// mutex; a plan is built on first use, so build them before CUDA-graph capture (the
-// first call NVRTC-compiles runtime-fusion engines). The handle is ATen's
+// mutex (`cached_plan`: the plan is built outside it); a plan is built on first use, so
+// build them before CUDA-graph capture (the first call NVRTC-compiles runtime-fusion
+// engines). The handle is ATen's
 // (at::native::getCudnnHandle: per thread and device, set to the current stream), so
 // autograd's backward thread gets its own.
 #ifdef FUSEDRES_WITH_CUDNN_GRAPH
@@ -286,6 +287,28 @@ std::unordered_map<std::string, Plan>& cache() {
   return c;
 }
 
+// The plan cached under `key`; on first use `make(plan)` builds it ("" or why not; an
+// exception becomes the reason). Built outside the lock: a build can NVRTC-compile for
+// seconds, and other threads' graph calls must not wait on it. Two threads racing on one
+// key both build, and the first plan inserted is kept (emplace does not replace it);
+// references into the map stay valid across inserts.
+template <typename Make>
+const Plan& cached_plan(const std::string& key, Make make) {
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex());
+    auto it = cache().find(key);
+    if (it != cache().end()) return it->second;
+  }
+  Plan plan;
+  try {
+    plan.problem = make(plan);
+  } catch (const std::exception& e) {  // a frontend that throws instead of returning
+    plan.problem = std::string("cudnn-frontend: ") + e.what();
+  }
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  return cache().emplace(key, std::move(plan)).first->second;
+}
+
 bool nhwc_aligned(const at::Tensor& t) {  // the runtime-fusion engines load 16-byte vectors
   return t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
          reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
@@ -314,17 +337,8 @@ std::string precheck(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef s
 
 const Plan& get_plan(Kind kind, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                      at::IntArrayRef padding) {
-  const auto key = plan_key(kind, x, w, stride, padding);
-  std::lock_guard<std::mutex> lock(cache_mutex());
-  auto it = cache().find(key);
-  if (it != cache().end()) return it->second;
-  Plan plan;
-  try {
-    plan.problem = build(plan, kind, x, w, stride, padding);
-  } catch (const std::exception& e) {  // a frontend that throws instead of returning
-    plan.problem = std::string("cudnn-frontend: ") + e.what();
-  }
-  return cache().emplace(key, std::move(plan)).first->second;
+  return cached_plan(plan_key(kind, x, w, stride, padding),
+                     [&](Plan& plan) { return build(plan, kind, x, w, stride, padding); });
 }
 
 std::string plan_graph(const std::string& kind, const at::Tensor& x, const at::Tensor& w,
@@ -552,26 +566,20 @@ bool per_channel_ok(const at::Tensor& t, const at::Tensor& like) {
 const Plan& finalize_plan(const at::Tensor& sum) {
   std::ostringstream key;
   key << "BNFinalize|" << sum.get_device() << '|' << sum.numel();
-  std::lock_guard<std::mutex> lock(cache_mutex());
-  auto it = cache().find(key.str());
-  if (it != cache().end()) return it->second;
-  Plan plan;
-  try {
+  return cached_plan(key.str(), [&](Plan& plan) {
     auto g = finalize_graph();
     define_bn_finalize(*g, sum.numel());
-    plan.problem = lower(*g, at::native::getCudnnHandle());
-    if (plan.problem.empty()) {
+    auto why = lower(*g, at::native::getCudnnHandle());
+    if (why.empty()) {
       int64_t ws = 0;
       auto e = g->get_workspace_size(ws);
-      if (!e.is_good()) plan.problem = std::string("get_workspace_size: ") + e.get_message();
+      if (!e.is_good()) return std::string("get_workspace_size: ") + e.get_message();
       std::string name;
       if (!g->get_plan_name(name).is_good() || name.empty()) name = "engine unnamed";
-      if (plan.problem.empty()) plan.graph = g, plan.workspace = ws, plan.engine = name;
+      plan.graph = g, plan.workspace = ws, plan.engine = name;
     }
-  } catch (const std::exception& e) {
-    plan.problem = std::string("cudnn-frontend: ") + e.what();
-  }
-  return cache().emplace(key.str(), std::move(plan)).first->second;
+    return why;
+  });
 }
 
 std::string finalize_precheck(const at::Tensor& sum) {
@@ -832,17 +840,7 @@ const Plan& get_tail_plan(bool dual, bool save_mask, const at::Tensor& x) {
   k << "tail|" << dual << save_mask << '|' << x.get_device() << '|'
     << static_cast<int>(x.scalar_type());
   for (auto v : x.sizes()) k << ',' << v;
-  const auto key = k.str();
-  std::lock_guard<std::mutex> lock(cache_mutex());
-  auto it = cache().find(key);
-  if (it != cache().end()) return it->second;
-  Plan plan;
-  try {
-    plan.problem = build_tail(plan, dual, save_mask, x);
-  } catch (const std::exception& e) {
-    plan.problem = std::string("cudnn-frontend: ") + e.what();
-  }
-  return cache().emplace(key, std::move(plan)).first->second;
+  return cached_plan(k.str(), [&](Plan& plan) { return build_tail(plan, dual, save_mask, x); });
 }
 
 std::string plan_tail(const std::string& kind, const at::Tensor& x, bool save_mask) {
