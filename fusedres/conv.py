@@ -304,7 +304,8 @@ when the conv's output statistics feed a BN (``conv2d_stats``, ``bn_relu_conv2d_
   only if ``fusedres.tune.clearly_faster``), in memory and in the decision cache on disk
   (``fusedres._tune_cache``; ``FUSEDRES_CACHE=0`` turns that off). The first backward of
   a new shape pays for it: both backward paths autotuned and run for at least 5 rounds
-  (~0.1-1 s; the chosen path's last timed run is that call's result). Never timed during CUDA-graph capture or torch.compile tracing, nor under
+  (~0.1-1 s; the chosen path's last timed run is that call's result). Never timed
+  during CUDA-graph capture or torch.compile tracing, nor under
   ``torch.use_deterministic_algorithms(True)`` (the choice must not vary between
   processes): the cached choice if there is one (deterministic mode: always), else
   ``"fused"``. On CPU tensors (the interpreter) ``"auto"`` is ``"fused"``: nothing to time.
