@@ -49,8 +49,10 @@ def call(lock: threading.Lock, statuses: Dict[Hashable, str], key: Hashable,
          fn: Callable[..., Any], *args, prefix: str = "", limit: Optional[int] = None,
          raise_when_compiling: bool = False) -> Optional[Any]:
     """``fn(*args)``, remembering ``""`` for ``key`` the first time it returns; a
-    ``RuntimeError`` is remembered as ``prefix`` + its first line (``error_line``) and
-    gives None: the caller falls back, the user never sees it. With
+    ``RuntimeError`` is remembered as ``prefix`` + its first line (``error_line``; where
+    the line states ``prefix`` itself, as the C++ ops' "fusedres <op>: execute failed:
+    ..." do, that is dropped: the status says it once) and gives None: the caller falls
+    back, the user never sees it. With
     ``raise_when_compiling``, under torch.compile tracing the error is raised instead (a
     trace must not bake a fallback in)."""
     try:
@@ -58,7 +60,8 @@ def call(lock: threading.Lock, statuses: Dict[Hashable, str], key: Hashable,
     except RuntimeError as exc:
         if raise_when_compiling and torch.compiler.is_compiling():
             raise
-        remember(lock, statuses, key, prefix + error_line(exc, limit))
+        line = error_line(exc, limit)
+        remember(lock, statuses, key, prefix + (line.replace(prefix, "", 1) if prefix else line))
         return None
     if key not in statuses:
         remember(lock, statuses, key, "")

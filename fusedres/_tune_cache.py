@@ -1,4 +1,5 @@
-"""The on-disk cache of ``fusedres.tune``'s decisions.
+"""The on-disk cache of ``fusedres.tune``'s decisions (and of the other timed choices:
+``fusedres.conv.dbn_backward="auto"``'s; each owner's warnings name it).
 
 Where: ``$FUSEDRES_CACHE_DIR``, else ``$XDG_CACHE_HOME/fusedres``, else
 ``~/.cache/fusedres``; ``FUSEDRES_CACHE=0`` turns it off. One JSON file per
@@ -99,11 +100,13 @@ def digest(obj) -> str:
 
 
 class DecisionCache:
-    """``get(signature)`` / ``put(signature, entry)`` in memory, ``save()`` to disk."""
+    """``get(signature)`` / ``put(signature, entry)`` in memory, ``save()`` to disk.
+    ``owner``: who decides (the switch a user would look up), the prefix of its warnings."""
 
-    def __init__(self, directory: Optional[str], env: dict):
+    def __init__(self, directory: Optional[str], env: dict, owner: str = "fusedres.tune"):
         self.directory = directory
         self.env = env
+        self.owner = owner
         self.path = (os.path.join(directory, f"tune-{digest(env)[:20]}.json")
                      if directory else None)
         self.entries: dict = {}
@@ -118,8 +121,8 @@ class DecisionCache:
         except FileNotFoundError:
             return {}
         except OSError as exc:
-            warnings.warn(f"fusedres.tune: cannot read the decision cache {self.path} ({exc}); "
-                          "tuning without it", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"{self.owner}: cannot read the decision cache {self.path} ({exc}); "
+                          "deciding without it", RuntimeWarning, stacklevel=3)
             return {}
         try:
             data = json.loads(text)
@@ -132,7 +135,7 @@ class DecisionCache:
             if not isinstance(entries, dict):
                 raise ValueError("no decisions table")
         except (ValueError, KeyError, TypeError) as exc:
-            warnings.warn(f"fusedres.tune: ignoring the decision cache {self.path}: "
+            warnings.warn(f"{self.owner}: ignoring the decision cache {self.path}: "
                           f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
             return {}
         return entries
@@ -146,7 +149,7 @@ class DecisionCache:
         ok = (isinstance(entry, dict) and entry.get("signature") == signature
               and entry.get("choice") in self.env["candidates"])
         if not ok:
-            warnings.warn(f"fusedres.tune: ignoring a stale cache entry for "
+            warnings.warn(f"{self.owner}: ignoring a stale cache entry for "
                           f"{signature.get('op')} {signature.get('shapes')}",
                           RuntimeWarning, stacklevel=3)
             return None
@@ -181,7 +184,7 @@ class DecisionCache:
                     raise
             self.entries, self.new = merged, {}
         except OSError as exc:
-            warnings.warn(f"fusedres.tune: could not write the decision cache {self.path} "
+            warnings.warn(f"{self.owner}: could not write the decision cache {self.path} "
                           f"({exc})", RuntimeWarning, stacklevel=2)
 
 

@@ -190,9 +190,10 @@ def triton_conv_backward(grad_out: Tensor, input: Tensor, weight: Tensor, stride
             grad_var, output_mask)
     if out is None or (grad_mean is None and grad_var is None):
         return _conv_backward(None, *args)
-    mode = _dbn_backward_mode(input, weight, grad_out, stride, padding, scale is not None,
-                              output_mask, lambda m: _conv_backward(m, *args))
-    return _conv_backward(mode, *args)
+    mode, timed = _dbn_backward_mode(input, weight, grad_out, stride, padding,
+                                     scale is not None, output_mask,
+                                     lambda m: _conv_backward(m, *args))
+    return timed if timed is not None else _conv_backward(mode, *args)
 
 
 def _conv_backward(dbn_mode, grad_out, input, weight, stride, padding, scale, shift, out, mean,
@@ -303,7 +304,8 @@ when the conv's output statistics feed a BN (``conv2d_stats``, ``bn_relu_conv2d_
   only if ``fusedres.tune.clearly_faster``), in memory and in the decision cache on disk
   (``fusedres._tune_cache``; ``FUSEDRES_CACHE=0`` turns that off). The first backward of
   a new shape pays for it: both backward paths autotuned and run for at least 5 rounds
-  (~0.1-1 s). Never timed during CUDA-graph capture or torch.compile tracing, nor under
+  (~0.1-1 s; the chosen path's last timed run is that call's result). Never timed
+  during CUDA-graph capture or torch.compile tracing, nor under
   ``torch.use_deterministic_algorithms(True)`` (the choice must not vary between
   processes): the cached choice if there is one (deterministic mode: always), else
   ``"fused"``. On CPU tensors (the interpreter) ``"auto"`` is ``"fused"``: nothing to time.
@@ -346,8 +348,11 @@ def last_dbn_backward() -> Optional[str]:
 
 
 def _dbn_backward_mode(input, weight, grad_out, stride, padding, prologue, output_mask, run):
-    """The mode this call runs: ``dbn_backward``, with "auto" resolved (see there).
-    ``run(mode)`` runs the whole backward in that mode (what "auto" times)."""
+    """``(mode, result)``: the mode this call runs -- ``dbn_backward``, with "auto" resolved
+    (see there) -- and, when "auto" timed it just now, the chosen mode's last timed
+    output (this call's gradients: no extra backward), else None. ``run(mode)`` runs the
+    whole backward in that mode (what "auto" times)."""
+    global _LAST_DBN_BACKWARD
     mode = dbn_backward
     if mode not in DBN_BACKWARD_MODES:
         raise ValueError(f"fusedres.conv.dbn_backward = {mode!r}; expected one of "
@@ -355,7 +360,7 @@ def _dbn_backward_mode(input, weight, grad_out, stride, padding, prologue, outpu
     device = input.device
     if mode != "auto" or device.type not in _TIMED_DEVICE_TYPES \
             or torch.are_deterministic_algorithms_enabled():
-        return "fused" if mode == "auto" else mode
+        return ("fused" if mode == "auto" else mode), None
     from ._tune_cache import digest
 
     signature = {"op": "triton_conv_backward.dbn", "device": str(device),
@@ -365,19 +370,23 @@ def _dbn_backward_mode(input, weight, grad_out, stride, padding, prologue, outpu
                  "output_mask": [bool(b) for b in output_mask]}
     entry = _DBN_CHOICES.get(digest(signature))
     if entry is not None:
-        return entry["choice"]
+        return entry["choice"], None
     if torch.compiler.is_compiling() or \
             (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        return "fused"
-    entry = _measure_dbn_backward(device, signature, run)
+        return "fused", None
+    entry, outputs = _measure_dbn_backward(device, signature, run)
     with _DBN_LOCK:
         _DBN_CHOICES[digest(signature)] = entry
-    return entry["choice"]
+    timed = outputs.get(entry["choice"])
+    if timed is not None:  # the timing ran the modes in turn: the last was maybe the other
+        _LAST_DBN_BACKWARD = entry["choice"]
+    return entry["choice"], timed
 
 
-def _measure_dbn_backward(device, signature, run) -> dict:
-    """The cached decision of ``signature`` (disk), else both modes timed and the winner
-    written to the cache."""
+def _measure_dbn_backward(device, signature, run) -> Tuple[dict, dict]:
+    """``(entry, outputs)``: the cached decision of ``signature`` (disk; no outputs), else
+    both modes timed, the winner written to the cache, and each mode's last timed output
+    (``{mode: run(mode)}``: the caller keeps the winner's instead of running it again)."""
     from . import _timing, _tune_cache
     from .tune import clearly_faster
 
@@ -385,14 +394,19 @@ def _measure_dbn_backward(device, signature, run) -> dict:
     if key not in _DBN_DISK:
         directory = _tune_cache.cache_dir()
         _DBN_DISK[key] = _tune_cache.DecisionCache(
-            directory, _tune_cache.environment(device, DBN_BACKWARD_MODES[:2])) \
-            if directory else None
+            directory, _tune_cache.environment(device, DBN_BACKWARD_MODES[:2]),
+            owner="fusedres.conv.dbn_backward") if directory else None
     disk = _DBN_DISK[key]
     entry = disk.get(signature) if disk is not None else None
     if entry is not None:
-        return dict(entry, source="disk cache")
+        return dict(entry, source="disk cache"), {}
+    outputs: dict = {}
+
+    def timed(mode):
+        outputs[mode] = run(mode)
+
     samples = _timing.interleaved_samples(
-        {m: (lambda m=m: run(m)) for m in DBN_BACKWARD_MODES[:2]}, device)
+        {m: (lambda m=m: timed(m)) for m in DBN_BACKWARD_MODES[:2]}, device)
     faster = clearly_faster(samples["materialised"], samples["fused"])
     entry = {"choice": "materialised" if faster else "fused",
              "fused_ms": _timing.spread(samples["fused"])[0] * 1e3,
@@ -400,7 +414,7 @@ def _measure_dbn_backward(device, signature, run) -> dict:
     if disk is not None:
         disk.put(signature, entry)
         disk.save()
-    return dict(entry, signature=signature, source="timed")
+    return dict(entry, signature=signature, source="timed"), outputs
 
 
 def _grad_or_zero(g, like):

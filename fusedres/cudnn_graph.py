@@ -266,25 +266,36 @@ def plan_status(x: Tensor, weight: Tensor, kind, stride, padding) -> str:
     if any(isinstance(d, torch.SymInt) for d in (*x.shape, *weight.shape)):
         return "not planned for symbolic shapes (torch.compile with dynamic shapes)"
     stride, padding = fconv._pair(stride), fconv._pair(padding)
-    key = _key(kind, x, weight, stride, padding)
-    unplanned = _not_planned_now(key, x)
-    if unplanned:
-        return unplanned
 
-    def ask():
+    def arguments():
         # only F0 pads (the stem); the other kinds' inputs are BN outputs, C % 8 == 0
         xp, wp = pad_input_channels(x, weight, input_channel_padding(x.shape[1], kind != "F0"))
-        return _ask_cudnn(kind, xp, wp, stride, padding)
+        return kind, xp, wp, stride, padding
 
-    return _remembered.ask_once(_LOCK, _STATUS, key, ask, _ENGINE)
+    return _planned_status(_key(kind, x, weight, stride, padding), x, "cudnn_graph", arguments)
 
 
-def _ask_cudnn(kind, x, weight, stride, padding) -> Tuple[str, Optional[str]]:
-    """``(status, engine)`` of graph ``kind`` from the C++ planner (tests fake this)."""
-    status = str(torch.ops.fusedres.cudnn_graph_plan(kind, x, weight, stride, padding))
+def _planned_status(key, t: Tensor, ops: str, arguments) -> str:
+    """The remembered status of graph ``key`` (``""`` or why cuDNN refused it). Not asked
+    yet: why it is not planned now (``_not_planned_now``; nothing remembered), else the
+    C++ planner's answer (``_ask_cudnn(ops, *arguments())``: the arguments are made only
+    then), remembered with the engine."""
+    unplanned = _not_planned_now(key, t)
+    if unplanned:
+        return unplanned
+    return _remembered.ask_once(_LOCK, _STATUS, key, lambda: _ask_cudnn(ops, *arguments()),
+                                _ENGINE)
+
+
+def _ask_cudnn(ops: str, *args) -> Tuple[str, Optional[str]]:
+    """``(status, engine)`` from the C++ planner: ``fusedres::<ops>_plan(*args)`` (``""`` or
+    why not) and, where it plans the graph, ``<ops>_engine(*args)``; ``ops``:
+    "cudnn_graph" (the conv graphs), "cudnn_graph_bn_finalize", "cudnn_graph_tail" (tests
+    fake this)."""
+    status = str(getattr(torch.ops.fusedres, f"{ops}_plan")(*args))
     if status:
         return status, None
-    return status, str(torch.ops.fusedres.cudnn_graph_engine(kind, x, weight, stride, padding))
+    return status, str(getattr(torch.ops.fusedres, f"{ops}_engine")(*args))
 
 
 def _run_planned(kind, x, weight, stride, padding, run, *args):
@@ -861,25 +872,14 @@ def finalize_problem(sums: Tensor, running_mean: Optional[Tensor],
 def finalize_status(sums: Tensor) -> str:
     """``""`` when cuDNN plans its bn_finalize for ``sums``' channels (planned on the
     first call, remembered per device and channel count), else cuDNN's reason."""
-    key = _finalize_key(sums)
-    unplanned = _not_planned_now(key, sums)
-    if unplanned:
-        return unplanned
-    return _remembered.ask_once(_LOCK, _STATUS, key, lambda: _ask_cudnn_finalize(sums), _ENGINE)
+    return _planned_status(_finalize_key(sums), sums, "cudnn_graph_bn_finalize",
+                           lambda: (sums,))
 
 
 def engine_of_finalize(sums: Tensor) -> Optional[str]:
     """The engine cuDNN planned for the BNFinalize graph of ``sums``' channels, or None."""
     with _LOCK:
         return _ENGINE.get(_finalize_key(sums))
-
-
-def _ask_cudnn_finalize(sums) -> Tuple[str, Optional[str]]:
-    """``(status, engine)`` of the BNFinalize graph from the C++ planner (tests fake this)."""
-    status = str(torch.ops.fusedres.cudnn_graph_bn_finalize_plan(sums))
-    if status:
-        return status, None
-    return status, str(torch.ops.fusedres.cudnn_graph_bn_finalize_engine(sums))
 
 
 def _run_bn_finalize(sums, sq_sums, gamma, beta, running_mean, running_var, eps, momentum,
@@ -1047,20 +1047,8 @@ def tail_status(kind: str, x: Tensor, save_mask: bool) -> str:
         raise ValueError(f"unknown tail graph kind {kind!r}: one of {TAIL_KINDS}")
     if any(isinstance(d, torch.SymInt) for d in x.shape):
         return "not planned for symbolic shapes (torch.compile with dynamic shapes)"
-    key = _tail_key(kind, x, save_mask)
-    unplanned = _not_planned_now(key, x)
-    if unplanned:
-        return unplanned
-    return _remembered.ask_once(_LOCK, _STATUS, key, lambda: _ask_cudnn_tail(kind, x, save_mask),
-                                _ENGINE)
-
-
-def _ask_cudnn_tail(kind, x, save_mask) -> Tuple[str, Optional[str]]:
-    """``(status, engine)`` of tail graph ``kind`` from the C++ planner (tests fake this)."""
-    status = str(torch.ops.fusedres.cudnn_graph_tail_plan(kind, x, save_mask))
-    if status:
-        return status, None
-    return status, str(torch.ops.fusedres.cudnn_graph_tail_engine(kind, x, save_mask))
+    return _planned_status(_tail_key(kind, x, save_mask), x, "cudnn_graph_tail",
+                           lambda: (kind, x, save_mask))
 
 
 def tail_engine(kind: str, x: Tensor, save_mask: bool) -> Optional[str]:

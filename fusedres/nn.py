@@ -245,9 +245,10 @@ _DEFAULT_PLAN = conv_paths.DEFAULT_PLAN
 
 # Eval-mode folding: bn(conv(x)) == conv(x, w*scale, (b - mean)*scale + beta) with constant
 # scale = gamma/sqrt(running_var + eps). The folded weights are a cache keyed on the
-# identity and version counter of every tensor they come from (so an optimizer step, a
-# load_state_dict or .to() rebuilds them), held in a weak dictionary: nothing is added to
-# the modules. Never rebuilt during CUDA-graph capture or under torch.compile.
+# identity, version counter and storage address of every tensor they come from (so an
+# optimizer step, a load_state_dict, .to() or ``param.data = new`` rebuilds them), held in
+# a weak dictionary: nothing is added to the modules. Never rebuilt during CUDA-graph
+# capture or under torch.compile.
 _FOLDED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 fold_eval = True  # set False to keep conv and BN separate in eval mode too
 # A site whose next conv feeds the BN of the following site folds that BN into the conv
@@ -269,10 +270,16 @@ def _carried_stats(y):
     return stats if version == y._version else None
 
 
+def _fold_sources(conv, bn):
+    return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+
+
 def _fold_key(conv, bn):
-    ts = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    return tuple((id(t), t._version, t.dtype, t.device) if t is not None else None
-                 for t in ts) + (bn.eps, id(bn))
+    # ``param.data = new`` keeps the Parameter (its id) and its version counter: the
+    # storage address tells the new data apart (the cache entry holds the sources'
+    # storages, so no later tensor can be given one of those addresses while it is kept)
+    return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) if t is not None
+                 else None for t in _fold_sources(conv, bn)) + (bn.eps, id(bn))
 
 
 def _can_fold(conv, bn, x) -> bool:
@@ -314,8 +321,10 @@ def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d):
             shift = shift + conv.bias.to(acc) * scale
         w = (conv.weight.to(acc) * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
         b = shift.to(conv.weight.dtype)
-    if not tracing:
-        _FOLDED[conv] = (key, w, b, {})  # {}: w packed for oneDNN per input shape
+    if not tracing:  # {}: w packed for oneDNN per input shape; then the sources' storages
+        # (detached aliases: the key's addresses stay theirs while the entry lives)
+        _FOLDED[conv] = (key, w, b, {},
+                         tuple(t.detach() for t in _fold_sources(conv, bn) if t is not None))
     return w, b
 
 

@@ -189,6 +189,16 @@ def _fake_timer(times, log):
     return samples
 
 
+def _timed_auto(monkeypatch, times):
+    """dbn_backward="auto", timed on CPU too by the fake timer giving ``times``; returns
+    the timer's log."""
+    log = []
+    monkeypatch.setattr(fconv, "_TIMED_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(_timing, "interleaved_samples", _fake_timer(times, log))
+    monkeypatch.setattr(fconv, "dbn_backward", "auto")
+    return log
+
+
 @pytest.mark.parametrize("winner", MODES)
 def test_auto_times_once_and_caches(monkeypatch, winner):
     """auto (the timed device types widened to CPU): both modes timed on the first call
@@ -197,10 +207,7 @@ def test_auto_times_once_and_caches(monkeypatch, winner):
     fast, slow = [1.0e-3, 1.01e-3, 1.02e-3], [2.0e-3, 2.02e-3, 2.04e-3]
     close = [0.99e-3, 1.03e-3, 1.06e-3]  # not clearly slower than `fast`: the simpler wins
     times = {"materialised": fast, "fused": slow if winner == "materialised" else close}
-    log = []
-    monkeypatch.setattr(fconv, "_TIMED_DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(_timing, "interleaved_samples", _fake_timer(times, log))
-    monkeypatch.setattr(fconv, "dbn_backward", "auto")
+    log = _timed_auto(monkeypatch, times)
     x, w, scale, shift, st, pd = _make(CASES[1])
     want = _float64_grads(x, w, scale, shift, st, pd, True)
     for _ in range(2):
@@ -228,15 +235,60 @@ def test_auto_times_once_and_caches(monkeypatch, winner):
     assert len(log) == 2 and len(fconv.dbn_backward_choices()) == 2
 
 
+@pytest.mark.parametrize("winner", MODES)
+def test_auto_keeps_the_timed_result(monkeypatch, winner):
+    """The first backward of a new shape runs each mode only as often as the timer does
+    (here once): its result is the chosen mode's timed output, not one more backward,
+    and equal to what that mode gives when run alone."""
+    times = {"materialised": [1e-3] * 3, "fused": [1e-3 if winner == "fused" else 2e-3] * 3}
+    ran = []
+    backward = fconv._conv_backward
+
+    def counted(mode, *args):
+        ran.append(mode)
+        return backward(mode, *args)
+
+    monkeypatch.setattr(fconv, "_conv_backward", counted)
+    x, w, scale, shift, st, pd = _make(CASES[1])
+    monkeypatch.setattr(fconv, "dbn_backward", winner)
+    alone = _grads(x, w, scale, shift, st, pd, True, "triton")
+    assert ran == [winner]
+    ran.clear()
+    _timed_auto(monkeypatch, times)
+    got = _grads(x, w, scale, shift, st, pd, True, "triton")
+    assert sorted(ran) == ["fused", "materialised"]  # the timed runs, nothing after
+    assert fconv.last_dbn_backward() == winner
+    for a, b in zip(got, alone):
+        assert torch.equal(a, b)
+    ran.clear()
+    _grads(x, w, scale, shift, st, pd, True, "triton")  # decided: one run of the winner
+    assert ran == [winner]
+
+
+def test_auto_cache_warnings_name_dbn_backward(monkeypatch, tmp_path):
+    """A damaged decision cache of dbn_backward is ignored with a warning that names
+    dbn_backward (whose switch it is), not fusedres.tune, and the shape is timed again."""
+    log = _timed_auto(monkeypatch, {"materialised": [1e-3] * 3, "fused": [2e-3] * 3})
+    x, w, scale, shift, st, pd = _make(CASES[2])
+    _grads(x, w, scale, shift, st, pd, False, "triton")
+    (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    path.write_text("not json")
+    monkeypatch.setattr(fconv, "_DBN_CHOICES", {})
+    monkeypatch.setattr(fconv, "_DBN_DISK", {})
+    with pytest.warns(RuntimeWarning) as caught:
+        _grads(x, w, scale, shift, st, pd, False, "triton")
+    texts = [str(c.message) for c in caught]
+    assert any(t.startswith("fusedres.conv.dbn_backward: ignoring the decision cache")
+               for t in texts), texts
+    assert not any("fusedres.tune" in t for t in texts), texts
+    assert len(log) == 2
+
+
 @pytest.mark.parametrize("blocker", ["compiling", "deterministic"])
 def test_auto_never_times_while_tracing_or_deterministic(monkeypatch, blocker):
     """Under torch.compile tracing (and CUDA-graph capture, the same branch) nothing is
     timed: the cached choice, else fused; deterministic mode is always fused."""
-    log = []
-    times = {"materialised": [1e-3] * 3, "fused": [2e-3] * 3}
-    monkeypatch.setattr(fconv, "_TIMED_DEVICE_TYPES", ("cuda", "cpu"))
-    monkeypatch.setattr(_timing, "interleaved_samples", _fake_timer(times, log))
-    monkeypatch.setattr(fconv, "dbn_backward", "auto")
+    log = _timed_auto(monkeypatch, {"materialised": [1e-3] * 3, "fused": [2e-3] * 3})
     x, w, scale, shift, st, pd = _make(CASES[2])
     if blocker == "compiling":
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)

@@ -324,6 +324,30 @@ def test_gpu_converted_model_eval(dtype):
 # --------------------------------------------------------------------------------------
 
 
+def test_fold_follows_data_assignment(fused_call):
+    """``param.data = new`` (same Parameter, its version counter unchanged) and a buffer's
+    ``.data = new``: the next eval run folds the new values (the output matches eager),
+    and the fused call gets the new folded weight."""
+    ref, fused = _models()
+    x = _input()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-10, atol=1e-10)
+    g = torch.Generator().manual_seed(7)
+    for name, attr in (("stem", "weight"), ("stem", "bias"), ("a1", "weight"),
+                       ("ab1", "running_var")):
+        old = getattr(ref.get_submodule(name), attr)
+        new = torch.rand(old.shape, generator=g, dtype=old.dtype) + 0.5
+        for model in (ref, fused):  # (one assignment if convert kept ref's tensors)
+            getattr(model.get_submodule(name), attr).data = new.clone()
+    fused_call.clear()
+    with torch.no_grad():
+        want, got = ref(x), fused(x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    (stem,) = [c for c in fused_call if c[2].shape == ref.stem.weight.shape]
+    for got_t, want_t in zip(stem[2:4], _folded64(ref.stem, ref.bn)):  # folded w and b
+        torch.testing.assert_close(got_t, want_t, rtol=1e-12, atol=1e-12)
+
+
 def test_call_weight_is_made_once_per_folded_weight(monkeypatch):
     monkeypatch.setattr(cudnn_eval, "_CALL_WEIGHTS", type(cudnn_eval._CALL_WEIGHTS)())
     x = _input()

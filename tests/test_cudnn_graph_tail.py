@@ -136,7 +136,11 @@ def _fake_tail(monkeypatch, refuse=False, fail=False):
                                      tuple(other.shape), x.is_contiguous(memory_format=CL)
                                      and other.is_contiguous(memory_format=CL))
 
-    def ask(kind, x, save_mask):
+    conv_ask = cudnn_graph._ask_cudnn  # _fake_cudnn's
+
+    def ask(ops, *args):
+        if ops != "cudnn_graph_tail":
+            return conv_ask(ops, *args)
         return ("check_support: faked", None) if refuse else ("", "fake-tail-engine")
 
     def run(x, mean, scale, shift, residual, x2, mean2, scale2, shift2, save_mask):
@@ -147,7 +151,7 @@ def _fake_tail(monkeypatch, refuse=False, fail=False):
                                    save_mask)
 
     monkeypatch.setattr(cudnn_graph, "tail_problem", problem)
-    monkeypatch.setattr(cudnn_graph, "_ask_cudnn_tail", ask)
+    monkeypatch.setattr(cudnn_graph, "_ask_cudnn", ask)
     monkeypatch.setattr(cudnn_graph, "_run_tail", run)
     return seen
 
@@ -460,6 +464,53 @@ def test_gpu_tail_opcheck(dual):
     torch.library.opcheck(torch.ops.fusedres.cudnn_graph_bn_add_relu, (x, *vec[:3], *rest, True))
 
 
+def test_each_graph_asks_its_own_planner_ops(monkeypatch):
+    """plan_status, tail_status and finalize_status ask the C++ planner through one path
+    (``_ask_cudnn``): ``fusedres::<graph>_plan`` with the graph's arguments (the stem's
+    input and weight padded to 8 channels), ``<graph>_engine`` only where it plans the
+    graph, once per graph; the answers are remembered with the engine."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(cudnn_graph, "_STATUS", {})
+    monkeypatch.setattr(cudnn_graph, "_ENGINE", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    calls = []
+
+    def fake(op, answer):
+        def run(*args):
+            calls.append((op, args))
+            return answer
+        monkeypatch.setattr(torch.ops.fusedres, op, run, raising=False)
+
+    fake("cudnn_graph_plan", "")
+    fake("cudnn_graph_engine", "conv-engine")
+    fake("cudnn_graph_tail_plan", "check_support: faked")
+    fake("cudnn_graph_tail_engine", "never asked")
+    fake("cudnn_graph_bn_finalize_plan", "")
+    fake("cudnn_graph_bn_finalize_engine", "finalize-engine")
+    with FakeTensorMode():  # CUDA tensors without a GPU (only shapes, strides, device)
+        def cuda(*shape):
+            return torch.empty(*shape, device="cuda", dtype=torch.float16).contiguous(
+                memory_format=CL)
+        x, w, xt = cuda(2, 3, 8, 8), cuda(16, 3, 3, 3), cuda(2, 16, 4, 4)
+        sums = torch.empty(16, device="cuda")
+        for _ in range(2):  # the second time: remembered, nothing asked
+            assert cudnn_graph.plan_status(x, w, "F0", 1, 1) == ""
+            assert cudnn_graph.tail_status("BNAddReLU", xt, True) == "check_support: faked"
+            assert cudnn_graph.finalize_status(sums) == ""
+    assert [op for op, _ in calls] == ["cudnn_graph_plan", "cudnn_graph_engine",
+                                       "cudnn_graph_tail_plan", "cudnn_graph_bn_finalize_plan",
+                                       "cudnn_graph_bn_finalize_engine"]
+    conv_args = calls[0][1]
+    assert conv_args[0] == "F0" and conv_args[3:] == ([1, 1], [1, 1])
+    assert conv_args[1].shape == (2, 8, 8, 8) and conv_args[2].shape == (16, 8, 3, 3)
+    assert calls[1][1][1].shape == (2, 8, 8, 8)  # the engine of the same padded graph
+    assert calls[2][1] == ("BNAddReLU", xt, True) and calls[3][1] == (sums,)
+    assert cudnn_graph.engine(x, w, "F0", 1, 1) == "conv-engine"
+    assert cudnn_graph.tail_engine("BNAddReLU", xt, True) is None
+    assert cudnn_graph.engine_of_finalize(sums) == "finalize-engine"
+
+
 # --------------------------------------------------------------------------------------
 # CUDA-graph capture: nothing is planned inside one
 # --------------------------------------------------------------------------------------
@@ -482,8 +533,7 @@ def test_nothing_is_planned_during_cuda_graph_capture(monkeypatch, which):
         asked.append(args)
         return "", "fake-engine"
 
-    for name in ("_ask_cudnn_tail", "_ask_cudnn_finalize", "_ask_cudnn"):
-        monkeypatch.setattr(cudnn_graph, name, ask)
+    monkeypatch.setattr(cudnn_graph, "_ask_cudnn", ask)  # every graph's planner
     with FakeTensorMode():  # CUDA tensors without a GPU (only shapes, strides, device)
         x = torch.empty(2, 16, 4, 4, device="cuda", dtype=torch.float16).contiguous(
             memory_format=CL)

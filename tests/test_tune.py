@@ -593,12 +593,14 @@ def test_cache_round_trip_and_invalidation(cache_dir):
     data = json.load(open(c.path))
     data["env"] = env(device="someone else's")
     json.dump(data, open(c.path, "w"))
-    with pytest.warns(RuntimeWarning, match="another device"):
+    with pytest.warns(RuntimeWarning, match="^fusedres.tune: ignoring .*another device"):
         assert tc.DecisionCache(str(cache_dir), env()).get(SIG) is None
+    with pytest.warns(RuntimeWarning, match="^its owner: ignoring .*another device"):
+        assert tc.DecisionCache(str(cache_dir), env(), owner="its owner").get(SIG) is None
     # a stale entry (its choice is no candidate here) is ignored with a warning
     c2 = tc.DecisionCache(str(cache_dir), env())
     c2.entries[tc.digest(SIG)] = dict(ENTRY, choice="triton", signature=SIG)
-    with pytest.warns(RuntimeWarning, match="stale"):
+    with pytest.warns(RuntimeWarning, match="^fusedres.tune: ignoring a stale"):
         assert c2.get(SIG) is None
 
 

@@ -38,8 +38,9 @@
 // fp32 (bf16 scale/shift would round to 8 bits). The first variant cuDNN plans is kept.
 // Cached per (graph kind, device, dtype, sizes, stride, padding; tensors are
 // channels_last, described with canonical NHWC strides) in a process-wide map under a
-// mutex; a plan is built on first use, so build them before CUDA-graph capture (the
-// first call NVRTC-compiles runtime-fusion engines). The handle is ATen's
+// mutex (`cached_plan`: the plan is built outside it); a plan is built on first use, so
+// build them before CUDA-graph capture (the first call NVRTC-compiles runtime-fusion
+// engines). The handle is ATen's
 // (at::native::getCudnnHandle: per thread and device, set to the current stream), so
 // autograd's backward thread gets its own.
 #ifdef FUSEDRES_WITH_CUDNN_GRAPH
@@ -286,6 +287,28 @@ std::unordered_map<std::string, Plan>& cache() {
   return c;
 }
 
+// The plan cached under `key`; on first use `make(plan)` builds it ("" or why not; an
+// exception becomes the reason). Built outside the lock: a build can NVRTC-compile for
+// seconds, and other threads' graph calls must not wait on it. Two threads racing on one
+// key both build, and the first plan inserted is kept (emplace does not replace it);
+// references into the map stay valid across inserts.
+template <typename Make>
+const Plan& cached_plan(const std::string& key, Make make) {
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex());
+    auto it = cache().find(key);
+    if (it != cache().end()) return it->second;
+  }
+  Plan plan;
+  try {
+    plan.problem = make(plan);
+  } catch (const std::exception& e) {  // a frontend that throws instead of returning
+    plan.problem = std::string("cudnn-frontend: ") + e.what();
+  }
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  return cache().emplace(key, std::move(plan)).first->second;
+}
+
 bool nhwc_aligned(const at::Tensor& t) {  // the runtime-fusion engines load 16-byte vectors
   return t.is_contiguous(at::MemoryFormat::ChannelsLast) &&
          reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
@@ -314,17 +337,8 @@ std::string precheck(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef s
 
 const Plan& get_plan(Kind kind, const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                      at::IntArrayRef padding) {
-  const auto key = plan_key(kind, x, w, stride, padding);
-  std::lock_guard<std::mutex> lock(cache_mutex());
-  auto it = cache().find(key);
-  if (it != cache().end()) return it->second;
-  Plan plan;
-  try {
-    plan.problem = build(plan, kind, x, w, stride, padding);
-  } catch (const std::exception& e) {  // a frontend that throws instead of returning
-    plan.problem = std::string("cudnn-frontend: ") + e.what();
-  }
-  return cache().emplace(key, std::move(plan)).first->second;
+  return cached_plan(plan_key(kind, x, w, stride, padding),
+                     [&](Plan& plan) { return build(plan, kind, x, w, stride, padding); });
 }
 
 std::string plan_graph(const std::string& kind, const at::Tensor& x, const at::Tensor& w,
@@ -459,32 +473,6 @@ int64_t version() { return static_cast<int64_t>(cudnnGetVersion()); }
 }  // namespace cudnn_graph
 }  // namespace fusedres
 
-TORCH_LIBRARY_FRAGMENT(fusedres, m) {
-  m.def(
-      "cudnn_graph_plan(str kind, Tensor x, Tensor w, int[2] stride, int[2] padding) -> str");
-  m.def(
-      "cudnn_graph_engine(str kind, Tensor x, Tensor w, int[2] stride, int[2] padding) -> str");
-  m.def(
-      "cudnn_graph_conv_stats(Tensor x, Tensor w, Tensor? scale, Tensor? shift, int[2] stride, "
-      "int[2] padding) -> (Tensor y, Tensor sum, Tensor sq_sum)");
-  m.def(
-      "cudnn_graph_dgrad_drelu_dbn(Tensor dy, Tensor w, Tensor x, Tensor mean, Tensor invstd, "
-      "Tensor gamma, Tensor beta, int[2] stride, int[2] padding) "
-      "-> (Tensor g, Tensor dgamma, Tensor dbeta)");
-  m.def(
-      "cudnn_graph_wgrad(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor w, "
-      "int[2] stride, int[2] padding) -> Tensor");
-  m.def("cudnn_graph_version() -> int", &fusedres::cudnn_graph::version);
-}
-
-TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
-  m.impl("cudnn_graph_plan", &fusedres::cudnn_graph::plan_graph);
-  m.impl("cudnn_graph_engine", &fusedres::cudnn_graph::engine);
-  m.impl("cudnn_graph_conv_stats", &fusedres::cudnn_graph::conv_stats);
-  m.impl("cudnn_graph_dgrad_drelu_dbn", &fusedres::cudnn_graph::dgrad_drelu_dbn);
-  m.impl("cudnn_graph_wgrad", &fusedres::cudnn_graph::wgrad);
-}
-
 #endif  // FUSEDRES_WITH_CUDNN_GRAPH
 
 // ======================================================================================
@@ -578,26 +566,20 @@ bool per_channel_ok(const at::Tensor& t, const at::Tensor& like) {
 const Plan& finalize_plan(const at::Tensor& sum) {
   std::ostringstream key;
   key << "BNFinalize|" << sum.get_device() << '|' << sum.numel();
-  std::lock_guard<std::mutex> lock(cache_mutex());
-  auto it = cache().find(key.str());
-  if (it != cache().end()) return it->second;
-  Plan plan;
-  try {
+  return cached_plan(key.str(), [&](Plan& plan) {
     auto g = finalize_graph();
     define_bn_finalize(*g, sum.numel());
-    plan.problem = lower(*g, at::native::getCudnnHandle());
-    if (plan.problem.empty()) {
+    auto why = lower(*g, at::native::getCudnnHandle());
+    if (why.empty()) {
       int64_t ws = 0;
       auto e = g->get_workspace_size(ws);
-      if (!e.is_good()) plan.problem = std::string("get_workspace_size: ") + e.get_message();
+      if (!e.is_good()) return std::string("get_workspace_size: ") + e.get_message();
       std::string name;
       if (!g->get_plan_name(name).is_good() || name.empty()) name = "engine unnamed";
-      if (plan.problem.empty()) plan.graph = g, plan.workspace = ws, plan.engine = name;
+      plan.graph = g, plan.workspace = ws, plan.engine = name;
     }
-  } catch (const std::exception& e) {
-    plan.problem = std::string("cudnn-frontend: ") + e.what();
-  }
-  return cache().emplace(key.str(), std::move(plan)).first->second;
+    return why;
+  });
 }
 
 std::string finalize_precheck(const at::Tensor& sum) {
@@ -667,7 +649,7 @@ std::shared_ptr<const fe::DeviceProperties> read_properties(const std::string& p
   return props;
 }
 
-// The block tail's graphs (defined with their ops at the end of this file).
+// The block tail's graphs (defined in the last section of this file).
 bool is_tail_kind(const std::string& kind);
 bool parse_tail_kind(const std::string& s);
 void define_tail(Graph& g, bool dual, bool save_mask, const std::vector<int64_t>& xs,
@@ -743,27 +725,6 @@ std::string check_deviceless(const std::string& properties, const std::string& k
 
 }  // namespace cudnn_graph
 }  // namespace fusedres
-
-TORCH_LIBRARY_FRAGMENT(fusedres, m) {
-  m.def("cudnn_graph_bn_finalize_plan(Tensor sum) -> str");
-  m.def("cudnn_graph_bn_finalize_engine(Tensor sum) -> str");
-  m.def(
-      "cudnn_graph_bn_finalize(Tensor sum, Tensor sq_sum, Tensor gamma, Tensor beta, "
-      "Tensor running_mean, Tensor running_var, float eps, float momentum, int count) "
-      "-> (Tensor scale, Tensor shift, Tensor mean, Tensor invstd, Tensor next_running_mean, "
-      "Tensor next_running_var)");
-  // no tensors: a catch-all kernel, callable on a machine without a GPU
-  m.def(
-      "cudnn_graph_check_deviceless(str properties, str kind, str dtype, int[] input, "
-      "int[] weight, int[] stride, int[] padding, int sm_version) -> str",
-      &fusedres::cudnn_graph::check_deviceless);
-}
-
-TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
-  m.impl("cudnn_graph_bn_finalize_plan", &fusedres::cudnn_graph::bn_finalize_plan);
-  m.impl("cudnn_graph_bn_finalize_engine", &fusedres::cudnn_graph::bn_finalize_engine);
-  m.impl("cudnn_graph_bn_finalize", &fusedres::cudnn_graph::bn_finalize);
-}
 
 #endif  // FUSEDRES_WITH_CUDNN_GRAPH
 
@@ -879,17 +840,7 @@ const Plan& get_tail_plan(bool dual, bool save_mask, const at::Tensor& x) {
   k << "tail|" << dual << save_mask << '|' << x.get_device() << '|'
     << static_cast<int>(x.scalar_type());
   for (auto v : x.sizes()) k << ',' << v;
-  const auto key = k.str();
-  std::lock_guard<std::mutex> lock(cache_mutex());
-  auto it = cache().find(key);
-  if (it != cache().end()) return it->second;
-  Plan plan;
-  try {
-    plan.problem = build_tail(plan, dual, save_mask, x);
-  } catch (const std::exception& e) {
-    plan.problem = std::string("cudnn-frontend: ") + e.what();
-  }
-  return cache().emplace(key, std::move(plan)).first->second;
+  return cached_plan(k.str(), [&](Plan& plan) { return build_tail(plan, dual, save_mask, x); });
 }
 
 std::string plan_tail(const std::string& kind, const at::Tensor& x, bool save_mask) {
@@ -953,7 +904,35 @@ std::tuple<at::Tensor, at::Tensor> bn_add_relu(
 }  // namespace cudnn_graph
 }  // namespace fusedres
 
+// Every op of this file, registered once (the sections above define them).
 TORCH_LIBRARY_FRAGMENT(fusedres, m) {
+  m.def(
+      "cudnn_graph_plan(str kind, Tensor x, Tensor w, int[2] stride, int[2] padding) -> str");
+  m.def(
+      "cudnn_graph_engine(str kind, Tensor x, Tensor w, int[2] stride, int[2] padding) -> str");
+  m.def(
+      "cudnn_graph_conv_stats(Tensor x, Tensor w, Tensor? scale, Tensor? shift, int[2] stride, "
+      "int[2] padding) -> (Tensor y, Tensor sum, Tensor sq_sum)");
+  m.def(
+      "cudnn_graph_dgrad_drelu_dbn(Tensor dy, Tensor w, Tensor x, Tensor mean, Tensor invstd, "
+      "Tensor gamma, Tensor beta, int[2] stride, int[2] padding) "
+      "-> (Tensor g, Tensor dgamma, Tensor dbeta)");
+  m.def(
+      "cudnn_graph_wgrad(Tensor dy, Tensor x, Tensor scale, Tensor shift, Tensor w, "
+      "int[2] stride, int[2] padding) -> Tensor");
+  m.def("cudnn_graph_version() -> int", &fusedres::cudnn_graph::version);
+  m.def("cudnn_graph_bn_finalize_plan(Tensor sum) -> str");
+  m.def("cudnn_graph_bn_finalize_engine(Tensor sum) -> str");
+  m.def(
+      "cudnn_graph_bn_finalize(Tensor sum, Tensor sq_sum, Tensor gamma, Tensor beta, "
+      "Tensor running_mean, Tensor running_var, float eps, float momentum, int count) "
+      "-> (Tensor scale, Tensor shift, Tensor mean, Tensor invstd, Tensor next_running_mean, "
+      "Tensor next_running_var)");
+  // no tensors: a catch-all kernel, callable on a machine without a GPU
+  m.def(
+      "cudnn_graph_check_deviceless(str properties, str kind, str dtype, int[] input, "
+      "int[] weight, int[] stride, int[] padding, int sm_version) -> str",
+      &fusedres::cudnn_graph::check_deviceless);
   m.def("cudnn_graph_tail_plan(str kind, Tensor x, bool save_mask) -> str");
   m.def("cudnn_graph_tail_engine(str kind, Tensor x, bool save_mask) -> str");
   m.def(
@@ -963,9 +942,17 @@ TORCH_LIBRARY_FRAGMENT(fusedres, m) {
 }
 
 TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
+  m.impl("cudnn_graph_plan", &fusedres::cudnn_graph::plan_graph);
+  m.impl("cudnn_graph_engine", &fusedres::cudnn_graph::engine);
+  m.impl("cudnn_graph_conv_stats", &fusedres::cudnn_graph::conv_stats);
+  m.impl("cudnn_graph_dgrad_drelu_dbn", &fusedres::cudnn_graph::dgrad_drelu_dbn);
+  m.impl("cudnn_graph_wgrad", &fusedres::cudnn_graph::wgrad);
+  m.impl("cudnn_graph_bn_finalize_plan", &fusedres::cudnn_graph::bn_finalize_plan);
+  m.impl("cudnn_graph_bn_finalize_engine", &fusedres::cudnn_graph::bn_finalize_engine);
+  m.impl("cudnn_graph_bn_finalize", &fusedres::cudnn_graph::bn_finalize);
   m.impl("cudnn_graph_tail_plan", &fusedres::cudnn_graph::plan_tail);
   m.impl("cudnn_graph_tail_engine", &fusedres::cudnn_graph::tail_engine);
   m.impl("cudnn_graph_bn_add_relu", &fusedres::cudnn_graph::bn_add_relu);
 }
 
-#endif  // FUSEDRES_WITH_CUDNN_GRAPH (the block tail)
+#endif  // FUSEDRES_WITH_CUDNN_GRAPH
