@@ -1397,15 +1397,31 @@ def _dbn_constant_dx(weight, coef_c, input_hw, out_hw, stride, padding, dtype):
     co, ci, r, s = weight.shape
     f64 = torch.float64
     taps = (coef_c.to(f64) @ weight.to(f64).reshape(co, ci * r * s)).view(ci, r, s)
-
-    def reach(size, out, k, st, pd):  # [size, k]: input i gets tap t from output (i+pd-t)/st
-        t = (torch.arange(size, device=weight.device)[:, None] + pd
-             - torch.arange(k, device=weight.device)[None, :])
-        return ((t >= 0) & (t < out * st) & (t % st == 0)).to(f64)
-
-    rh = reach(input_hw[0], out_hw[0], r, stride[0], padding[0])
-    rw = reach(input_hw[1], out_hw[1], s, stride[1], padding[1])
+    rh = _tap_reach(input_hw[0], out_hw[0], r, stride[0], padding[0], weight.device)
+    rw = _tap_reach(input_hw[1], out_hw[1], s, stride[1], padding[1], weight.device)
     return torch.einsum("hr,ws,irs->hwi", rh, rw, taps).to(dtype).contiguous()
+
+
+def _tap_reach(size, out, k, stride, pad, device):
+    """[size, k] float64 0/1: whether input row i is reached by tap t, from output row
+    (i + pad - t) / stride (an integer in [0, out)). Cached per device, made outside
+    CUDA-graph capture (as ``_lanes``: a tensor made during capture is only written when
+    the graph replays); during capture each call makes its own on the device."""
+    if _capturing(device):
+        return _reach_matrix(size, out, k, stride, pad, device)
+    return _device_reach(size, out, k, stride, pad, device)
+
+
+def _reach_matrix(size, out, k, stride, pad, device):
+    t = (torch.arange(size, device=device)[:, None] + pad
+         - torch.arange(k, device=device)[None, :])
+    return ((t >= 0) & (t < out * stride) & (t % stride == 0)).to(torch.float64)
+
+
+@functools.lru_cache(maxsize=256)
+def _device_reach(size, out, k, stride, pad, device):
+    # made on the host and copied with a blocking copy: readable from any stream at once
+    return _reach_matrix(size, out, k, stride, pad, "cpu").to(device)
 
 
 @functools.lru_cache(maxsize=None)
