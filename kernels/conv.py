@@ -28,9 +28,11 @@ One kernel, ``_conv_kernel``, with constexpr switches:
   Triton without host descriptors) both go through pointers (16-byte cp.async).
 * ``PROLOGUE`` on the A operand while loading: 1 = ``relu(x*scale + shift)`` (the
   previous layer's BN-ReLU; fp32 math, rounded once to the operand dtype after the
-  ReLU), 2 = ``x + py*scale + shift`` (the dBN term of the stats
-  outputs' gradients: dy + dmean/M + dvar*2*(y - mean)/M). Padded taps and the M/K tails
-  contribute exactly 0 AFTER the prologue (DESIGN section 2, the padding pitfall).
+  ReLU), 2 = ``x + py*scale`` (dgrad's dBN term of the stats outputs' gradients, dy +
+  dmean/M + dvar*2*(y - mean)/M, less its per-channel constant, whose part of dx the
+  accumulator starts from: ``HAS_RESIDUAL`` in the transposed mode). Padded taps and the
+  M/K tails contribute exactly 0 AFTER the prologue (DESIGN section 2, the padding
+  pitfall).
 * Epilogue: ``HAS_BIAS``, ``HAS_RESIDUAL``, ``EPILOGUE_RELU`` (NaN-propagating),
   ``STATS`` (per tile and output channel: mean and M2 of the output as rounded to the
   output dtype, masked rows excluded; the count of a tile is min(BLOCK_M, M - t*BLOCK_M)
@@ -200,7 +202,7 @@ def _conv_kernel(
     #                       of x [N, H/2, 2, W/2, 2C] per tap (stride 2, even H and W)
     TILE_H: tl.constexpr,  # output rows of a spatial M tile                  [A_TMA >= 2]
     TILE_W: tl.constexpr,  # output columns of a spatial M tile (TILE_H*TILE_W | BLOCK_M)
-    PROLOGUE: tl.constexpr,  # 0 none, 1 relu(x*scale+shift), 2 x + py*scale + shift
+    PROLOGUE: tl.constexpr,  # 0 none, 1 relu(x*scale+shift), 2 x + py*scale
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     EPILOGUE_RELU: tl.constexpr,
@@ -408,9 +410,9 @@ def _conv_kernel(
             elif PROLOGUE == 2:
                 # dy + y*cy in fp32, rounded once. The dBN constant cc is not added here: its
                 # part of dx, E = conv_transpose(cc everywhere, W), is the same for every image
-                # and is added in the epilogue (HAS_RESIDUAL, ``_dbn_constant_dx``). Without
-                # it, padded taps need no mask: dy and y are 0 there (TMA zero fill, masked
-                # loads), and fma(0, cy, 0) = 0
+                # and the accumulator starts from it (HAS_RESIDUAL, ``_dbn_constant_dx``).
+                # Without it, padded taps need no mask: dy and y are 0 there (TMA zero fill,
+                # masked loads), and fma(0, cy, 0) = 0
                 cy = tl.load(PCOEF_ptr + ci).to(acc.dtype)[None, :]
                 if A_TMA >= 2:  # y's box of the same tap
                     py = _x_tap_box(PY_desc, tn0, th0, tw0, tap_sign * tr, tap_sign * ts, c0,
@@ -1290,9 +1292,10 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
 
     dBN (when ``y`` is given): the data gradient of ``dy + y*coef_y + coef_c`` (per output
     channel), the gradient reaching the conv output when its batch statistics are
-    differentiable outputs: the kernel's prologue reads ``dy + y*coef_y`` and its epilogue
-    adds the constant's part, E (``_dbn_constant_dx``, fp32, computed once per call). dReLU epilogue (when ``y_prev`` is given; the forward input
-    was ``relu(y_prev*scale + shift)``): returns ``(g*scale, sum(g), sum(g*y_prev))`` with
+    differentiable outputs: the kernel's prologue reads ``dy + y*coef_y`` and its
+    accumulator starts from the constant's part, E (``_dbn_constant_dx``, fp32, computed
+    once per call). dReLU epilogue (when ``y_prev`` is given; the forward input was
+    ``relu(y_prev*scale + shift)``): returns ``(g*scale, sum(g), sum(g*y_prev))`` with
     ``g = da * [y_prev*scale + shift > 0]`` -- the gradient of ``y_prev`` and of
     ``shift``/``scale``. Without it returns ``(da, None, None)``. Output channels_last.
     """
@@ -1344,8 +1347,8 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
         ws1 = ws2 = dx
     py = y if dbn else dx
     ey = y_prev if drelu else dx
-    # the dBN constant's part of dx, added in the epilogue as a residual read with batch
-    # stride 0 (the kernel's A is then dy + y*coef_y: one FMA per element, no tap mask)
+    # the dBN constant's part of dx: the accumulator starts from it (a residual read with
+    # batch stride 0), so the kernel's A is dy + y*coef_y: one FMA per element, no tap mask
     cdx = _dbn_constant_dx(weight, coef_c, (h, w), (p, q), (sh, sw), (ph, pw), acc) \
         if dbn else None
     res, res_strides = dx, (0, 0, 0, 0)

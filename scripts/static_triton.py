@@ -585,7 +585,7 @@ def conv_specs(quick: bool):
            # dgrad at stride 1: dy by boxes per tap over boxes of dx (28x28: 1 x 4 x 32)
            "dgrad s1 (TMA boxes)": dict(TRANSPOSED=True, A_TMA=2, TILE_H=4, TILE_W=32,
                                         STRIDE_H=1, STRIDE_W=1),
-           # the dBN constant's part of dx (E, fp32) added in the epilogue as a residual
+           # dBN: the constant's part of dx (E, fp32) starts the accumulator (HAS_RESIDUAL)
            "dgrad s1 (TMA boxes) dBN prologue + dReLU epilogue":
                dict(TRANSPOSED=True, A_TMA=2, TILE_H=4, TILE_W=32, STRIDE_H=1, STRIDE_W=1,
                     PROLOGUE=2, HAS_RESIDUAL=True, DRELU=True),
