@@ -28,9 +28,11 @@ One kernel, ``_conv_kernel``, with constexpr switches:
   Triton without host descriptors) both go through pointers (16-byte cp.async).
 * ``PROLOGUE`` on the A operand while loading: 1 = ``relu(x*scale + shift)`` (the
   previous layer's BN-ReLU; fp32 math, rounded once to the operand dtype after the
-  ReLU), 2 = ``x + py*scale + shift`` (the dBN term of the stats
-  outputs' gradients: dy + dmean/M + dvar*2*(y - mean)/M). Padded taps and the M/K tails
-  contribute exactly 0 AFTER the prologue (DESIGN section 2, the padding pitfall).
+  ReLU), 2 = ``x + py*scale`` (dgrad's dBN term of the stats outputs' gradients, dy +
+  dmean/M + dvar*2*(y - mean)/M, less its per-channel constant, whose part of dx the
+  accumulator starts from: ``HAS_RESIDUAL`` in the transposed mode). Padded taps and the
+  M/K tails contribute exactly 0 AFTER the prologue (DESIGN section 2, the padding
+  pitfall).
 * Epilogue: ``HAS_BIAS``, ``HAS_RESIDUAL``, ``EPILOGUE_RELU`` (NaN-propagating),
   ``STATS`` (per tile and output channel: mean and M2 of the output as rounded to the
   output dtype, masked rows excluded; the count of a tile is min(BLOCK_M, M - t*BLOCK_M)
@@ -166,9 +168,9 @@ def _conv_kernel(
     W_ptr,  # weight addressed [CO, R, S, CI] through (swo, swr, sws, swi)
     Y_ptr,  # (N, OH, OW, CO) output, NHWC via strides
     BIAS_ptr,  # (CO,) conv bias                                  [HAS_BIAS]
-    RES_ptr,  # (N, OH, OW, CO) residual                           [HAS_RESIDUAL]
-    PCOEF_ptr,  # (CI, 2) prologue pairs: BN-ReLU (scale, shift), dBN (y coefficient, constant)
-    PY_ptr,  # (N, IH, IW, CI) forward output y for the dBN prologue  [PROLOGUE == 2]
+    RES_ptr,  # (N, OH, OW, CO) residual [HAS_RESIDUAL]; dgrad's dBN: E (batch stride 0)
+    PCOEF_ptr,  # BN-ReLU: (CI, 2) pairs (scale, shift); dBN: (CI,) y coefficient
+    PY_ptr,  # (N, IH, IW, CI) forward output y, X's strides, for the dBN prologue [PROLOGUE 2]
     EY_ptr,  # (N, OH, OW, CO) previous conv output y_prev            [DRELU]
     ESCALE_ptr,  # (CO,) previous BN scale                             [DRELU]
     ESHIFT_ptr,  # (CO,) previous BN shift                             [DRELU]
@@ -188,7 +190,6 @@ def _conv_kernel(
     swo, swr, sws, swi,  # strides of W as [CO, R, S, CI]
     syn, syh, syw, syc,  # strides of Y
     srn, srh, srw, src,  # strides of RES
-    spn, sph, spw, spc,  # strides of PY
     sen, seh, sew, sec,  # strides of EY
     GEMM_M, GEMM_N, GEMM_K,  # N*OH*OW (TRANSPOSED: largest phase), CO, R*S*CI
     BATCH,  # N
@@ -201,7 +202,7 @@ def _conv_kernel(
     #                       of x [N, H/2, 2, W/2, 2C] per tap (stride 2, even H and W)
     TILE_H: tl.constexpr,  # output rows of a spatial M tile                  [A_TMA >= 2]
     TILE_W: tl.constexpr,  # output columns of a spatial M tile (TILE_H*TILE_W | BLOCK_M)
-    PROLOGUE: tl.constexpr,  # 0 none, 1 relu(x*scale+shift), 2 x + py*scale + shift
+    PROLOGUE: tl.constexpr,  # 0 none, 1 relu(x*scale+shift), 2 x + py*scale
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     EPILOGUE_RELU: tl.constexpr,
@@ -309,9 +310,14 @@ def _conv_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_RESIDUAL and TRANSPOSED:
+            # dgrad's dBN constant part E (fp32, batch stride 0): the accumulator starts from
+            # it. Added in the epilogue, its fp32 tile beside acc and the dReLU's operands
+            # made the 128x128 tiles spill (24-204 B at 255 registers)
+            acc += tl.load(RES_ptr + ((oh * srh + ow * srw)[:, None] + offs_n[None, :] * src),
+                           mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(acc.dtype)
 
         x_row = nb.to(tl.int64) * sxn
-        py_row = nb.to(tl.int64) * spn
         if TRANSPOSED:  # A row of tap (tr, ts): (ii - tr, jj - ts)
             ih0 = ii
             iw0 = jj
@@ -322,7 +328,6 @@ def _conv_kernel(
             tap_sign = 1
         # row bases hoisted out of the K loop: a K step adds one scalar tap offset
         a_row = x_row + ih0 * sxh + iw0 * sxw
-        p_row = py_row + ih0 * sph + iw0 * spw
         k_total = num_taps * CI
         if TAP_LOOP:
             num_k_tiles = num_taps * (CI // BLOCK_K)
@@ -360,13 +365,11 @@ def _conv_kernel(
                 row_ok = m_ok & (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
                 ok = row_ok[:, None]
                 a_off = (a_row + tap_sign * (tr * sxh + ts * sxw))[:, None] + ci[None, :] * sxc
-                p_off = (p_row + tap_sign * (tr * sph + ts * spw))[:, None] + ci[None, :] * spc
             else:
                 ih = ih0[:, None] + tap_sign * tap_r[None, :]
                 iw = iw0[:, None] + tap_sign * tap_c[None, :]
                 ok = (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW) & m_ok[:, None] & k_ok[None, :]
                 a_off = x_row[:, None] + ih * sxh + iw * sxw + ci[None, :] * sxc
-                p_off = py_row[:, None] + ih * sph + iw * spw + ci[None, :] * spc
             if A_TMA == 1:  # the 1x1 conv is a GEMM on X as [N*H*W, C]: TMA zero-fills the M tail
                 a = X_desc.load([pid_m * BLOCK_M, c0])
             elif A_TMA >= 2:  # one box of x per tap (stride 1, or the stride-2 view)
@@ -374,10 +377,10 @@ def _conv_kernel(
                                tap_sign * PAD_H, tap_sign * PAD_W, CI, BLOCK_M, BLOCK_K, A_TMA)
             else:
                 a = tl.load(X_ptr + a_off, mask=ok, other=0.0)
-            if PROLOGUE:
-                # per-channel pairs, interleaved as (CI, 2): one 16-byte access gives a thread
-                # both for two channels (ci < CI always: the M/K tails are zeroed after it);
-                # PROLOGUE 1: (scale, shift), 2: (y coefficient, constant)
+            if PROLOGUE == 1:
+                # per-channel pairs (scale, shift), interleaved as (CI, 2): one 16-byte access
+                # gives a thread both for two channels (ci < CI always: the M/K tails are
+                # zeroed after it)
                 c1, c2 = tl.split(tl.load(PCOEF_ptr + ci[:, None] * 2
                                           + tl.arange(0, 2)[None, :]))
                 c1 = c1.to(acc.dtype)[None, :]
@@ -404,19 +407,24 @@ def _conv_kernel(
                     a = v
                 else:
                     a = v * ok.to(op_t)
-            elif PROLOGUE == 2:  # dy + y*cy + cc in fp32, rounded once; padded taps 0
+            elif PROLOGUE == 2:
+                # dy + y*cy in fp32, rounded once. The dBN constant cc is not added here: its
+                # part of dx, E = conv_transpose(cc everywhere, W), is the same for every image
+                # and the accumulator starts from it (HAS_RESIDUAL, ``_dbn_constant_dx``).
+                # Without it, padded taps need no mask: dy and y are 0 there (TMA zero fill,
+                # masked loads), and fma(0, cy, 0) = 0
+                cy = tl.load(PCOEF_ptr + ci).to(acc.dtype)[None, :]
                 if A_TMA >= 2:  # y's box of the same tap
                     py = _x_tap_box(PY_desc, tn0, th0, tw0, tap_sign * tr, tap_sign * ts, c0,
                                     tap_sign * PAD_H, tap_sign * PAD_W, CI, BLOCK_M, BLOCK_K,
                                     A_TMA)
-                    # (the plain conversion: its 8-warp tile keeps A in a blocked layout, where
-                    # _as_f32 costs ~6 SASS per HGMMA more)
-                    v = tl.fma(py.to(acc.dtype), c1, a.to(acc.dtype)) + c2
-                    a = v.to(op_t) * ok.to(op_t)
-                else:
-                    py = tl.load(PY_ptr + p_off, mask=ok, other=0.0)
-                    v = a.to(acc.dtype) + py.to(acc.dtype) * c1 + c2
-                    a = tl.where(ok, v, 0.0).to(op_t)
+                else:  # y has dy's strides (the launcher makes it so): one offset for both
+                    py = tl.load(PY_ptr + a_off, mask=ok, other=0.0)
+                if ACC_FP64:
+                    v = tl.fma(py.to(acc.dtype), cy, a.to(acc.dtype))
+                else:  # bf16 unpacked by its bits
+                    v = tl.fma(_as_f32(py), cy, _as_f32(a))
+                a = v.to(op_t)
             else:
                 a = a.to(op_t)
             if W_TMA and TRANSPOSED:  # B[(tap, co), ci] = W[co, r, s, ci]: a box of [CO, RSC]
@@ -445,7 +453,7 @@ def _conv_kernel(
         if HAS_BIAS:
             bias = tl.load(BIAS_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
             acc = acc + bias[None, :]
-        if HAS_RESIDUAL:
+        if HAS_RESIDUAL and not TRANSPOSED:
             res = tl.load(RES_ptr + ((nb.to(tl.int64) * srn + oh * srh + ow * srw)[:, None]
                                      + offs_n[None, :] * src),
                           mask=out_ok, other=0.0)
@@ -1209,7 +1217,7 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
             y_desc if y_desc is not None else y,
             h, w, ci, p, q, co, r, s, sh, sw, ph, pw,
             *_nhwc_strides(x), weight.stride(0), weight.stride(2), weight.stride(3),
-            weight.stride(1), *_nhwc_strides(y), *_nhwc_strides(res), 0, 0, 0, 0, 0, 0, 0, 0,
+            weight.stride(1), *_nhwc_strides(y), *_nhwc_strides(res), 0, 0, 0, 0,
             gm_grid, gn, gk, n, 0)
     kwargs = dict(TRANSPOSED=False, TAP_LOOP=tap_loop, W_TMA=w_desc is not None,
                   A_TMA=a_tma, TILE_H=tile_h, TILE_W=tile_w, PROLOGUE=prologue,
@@ -1282,10 +1290,12 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
                coef_c=None, y_prev=None, scale=None, shift=None):
     """Data gradient of the conv: a transposed implicit-GEMM conv of ``dy``.
 
-    dBN prologue (when ``y`` is given): reads ``dy + y*coef_y + coef_c`` (per output
+    dBN (when ``y`` is given): the data gradient of ``dy + y*coef_y + coef_c`` (per output
     channel), the gradient reaching the conv output when its batch statistics are
-    differentiable outputs. dReLU epilogue (when ``y_prev`` is given; the forward input
-    was ``relu(y_prev*scale + shift)``): returns ``(g*scale, sum(g), sum(g*y_prev))`` with
+    differentiable outputs: the kernel's prologue reads ``dy + y*coef_y`` and its
+    accumulator starts from the constant's part, E (``_dbn_constant_dx``, fp32, computed
+    once per call). dReLU epilogue (when ``y_prev`` is given; the forward input was
+    ``relu(y_prev*scale + shift)``): returns ``(g*scale, sum(g), sum(g*y_prev))`` with
     ``g = da * [y_prev*scale + shift > 0]`` -- the gradient of ``y_prev`` and of
     ``shift``/``scale``. Without it returns ``(da, None, None)``. Output channels_last.
     """
@@ -1301,6 +1311,8 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     gm, gn, gk = n * triton.cdiv(h, sh) * triton.cdiv(w, sw), ci, r * s * co
     drelu = y_prev is not None
     dbn = y is not None
+    if dbn and y.stride() != dy.stride():  # the kernel reads y at dy's offsets
+        dy, y = (t.contiguous(memory_format=torch.channels_last) for t in (dy, y))
     _check_int32(GEMM_M=n * h * w, GEMM_K=gk)
     configs = conv_configs(stem=not _tap_loop(co), transposed=True, fused=dbn or drelu,
                            gemm_n=ci, itemsize=dy.element_size(), budget=smem_budget(dy.device))
@@ -1335,14 +1347,20 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
         ws1 = ws2 = dx
     py = y if dbn else dx
     ey = y_prev if drelu else dx
+    # the dBN constant's part of dx: the accumulator starts from it (a residual read with
+    # batch stride 0), so the kernel's A is dy + y*coef_y: one FMA per element, no tap mask
+    cdx = _dbn_constant_dx(weight, coef_c, (h, w), (p, q), (sh, sw), (ph, pw), acc) \
+        if dbn else None
+    res, res_strides = dx, (0, 0, 0, 0)
+    if cdx is not None:
+        res, res_strides = cdx, (0, *cdx.stride())
     # B by TMA: [BLOCK_K, BLOCK_N] boxes of the KRSC-dense weight as [C_out, R*S*C_in]
     w_desc = None
     if _tap_loop(co) and weight.permute(0, 2, 3, 1).is_contiguous():
         cfg0 = configs[0].kwargs
         w_desc = _dense_desc(weight.permute(0, 2, 3, 1), (co, r * s * ci),
                              (cfg0["BLOCK_K"], cfg0["BLOCK_N"]))
-    args = (dy, weight, dx, dx, dx,
-            torch.stack((coef_y, coef_c), 1) if dbn else dx, py,
+    args = (dy, weight, dx, dx, res, coef_y.contiguous() if dbn else dx, py,
             ey, scale if drelu else dx, shift if drelu else dx, ws1, ws2, dx, _lanes(dy.device),
             w_desc if w_desc is not None else weight, x_desc if x_desc is not None else dy,
             py_desc if py_desc is not None else dy, dx,
@@ -1350,11 +1368,11 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
             *_nhwc_strides(dy),
             # the weight read as [CI, R, S, CO]: gemm-N index is C_in, reduction is C_out
             weight.stride(1), weight.stride(2), weight.stride(3), weight.stride(0),
-            *_nhwc_strides(dx), 0, 0, 0, 0, *_nhwc_strides(py), *_nhwc_strides(ey),
+            *_nhwc_strides(dx), *res_strides, *_nhwc_strides(ey),
             gm, gn, gk, n, rows)
     kwargs = dict(TRANSPOSED=True, TAP_LOOP=_tap_loop(co), W_TMA=w_desc is not None,
                   A_TMA=a_tma, TILE_H=tile_h, TILE_W=tile_w, PROLOGUE=2 if dbn else 0,
-                  HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False,
+                  HAS_BIAS=False, HAS_RESIDUAL=dbn, EPILOGUE_RELU=False, STATS=False,
                   DRELU=drelu, PERSISTENT=False, FLATTEN=False, Y_TMA=0,
                   ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(dy.dtype))
@@ -1368,6 +1386,45 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     t = triton.cdiv(gm, cfg["BLOCK_M"])
     return (dx, ws1.view(phases, rows, ci)[:, :t].sum((0, 1)),
             ws2.view(phases, rows, ci)[:, :t].sum((0, 1)))
+
+
+def _dbn_constant_dx(weight, coef_c, input_hw, out_hw, stride, padding, dtype):
+    """E[ih, iw, ci] (H, W, C_in) in ``dtype``: the part of dgrad's dx that the dBN constant
+    ``coef_c`` (per output channel, the same at every pixel of dy_total) contributes, i.e.
+    conv_transpose(coef_c everywhere, W). The same for every image; a function of the
+    pixel because border pixels are reached by fewer taps: E[ih, iw] = sum over the taps
+    (r, s) that reach (ih, iw) from inside the output of V[r, s] = sum_co coef_c[co] *
+    W[co, :, r, s]. Two small contractions in float64, rounded once to ``dtype`` (fp32:
+    more exact than the kernel's own sums, whatever the TF32 switches say; no autotuning,
+    no timing-dependent choice: deterministic)."""
+    co, ci, r, s = weight.shape
+    f64 = torch.float64
+    taps = (coef_c.to(f64) @ weight.to(f64).reshape(co, ci * r * s)).view(ci, r, s)
+    rh = _tap_reach(input_hw[0], out_hw[0], r, stride[0], padding[0], weight.device)
+    rw = _tap_reach(input_hw[1], out_hw[1], s, stride[1], padding[1], weight.device)
+    return torch.einsum("hr,ws,irs->hwi", rh, rw, taps).to(dtype).contiguous()
+
+
+def _tap_reach(size, out, k, stride, pad, device):
+    """[size, k] float64 0/1: whether input row i is reached by tap t, from output row
+    (i + pad - t) / stride (an integer in [0, out)). Cached per device, made outside
+    CUDA-graph capture (as ``_lanes``: a tensor made during capture is only written when
+    the graph replays); during capture each call makes its own on the device."""
+    if _capturing(device):
+        return _reach_matrix(size, out, k, stride, pad, device)
+    return _device_reach(size, out, k, stride, pad, device)
+
+
+def _reach_matrix(size, out, k, stride, pad, device):
+    t = (torch.arange(size, device=device)[:, None] + pad
+         - torch.arange(k, device=device)[None, :])
+    return ((t >= 0) & (t < out * stride) & (t % stride == 0)).to(torch.float64)
+
+
+@functools.lru_cache(maxsize=256)
+def _device_reach(size, out, k, stride, pad, device):
+    # made on the host and copied with a blocking copy: readable from any stream at once
+    return _reach_matrix(size, out, k, stride, pad, "cpu").to(device)
 
 
 @functools.lru_cache(maxsize=None)

@@ -585,12 +585,13 @@ def conv_specs(quick: bool):
            # dgrad at stride 1: dy by boxes per tap over boxes of dx (28x28: 1 x 4 x 32)
            "dgrad s1 (TMA boxes)": dict(TRANSPOSED=True, A_TMA=2, TILE_H=4, TILE_W=32,
                                         STRIDE_H=1, STRIDE_W=1),
+           # dBN: the constant's part of dx (E, fp32) starts the accumulator (HAS_RESIDUAL)
            "dgrad s1 (TMA boxes) dBN prologue + dReLU epilogue":
                dict(TRANSPOSED=True, A_TMA=2, TILE_H=4, TILE_W=32, STRIDE_H=1, STRIDE_W=1,
-                    PROLOGUE=2, DRELU=True),
+                    PROLOGUE=2, HAS_RESIDUAL=True, DRELU=True),
            "dgrad s2 (dy by pointers)": dict(TRANSPOSED=True),
            "dgrad s2 (dy by pointers) dBN prologue + dReLU epilogue":
-               dict(TRANSPOSED=True, PROLOGUE=2, DRELU=True)}
+               dict(TRANSPOSED=True, PROLOGUE=2, HAS_RESIDUAL=True, DRELU=True)}
     assert set(FWD_C_OUT) <= set(fwd), set(FWD_C_OUT) - set(fwd)
     if quick:
         fwd = {k: v for k, v in fwd.items() if k in (
@@ -626,7 +627,7 @@ def conv_specs(quick: bool):
                 "PY_ptr": act, "EY_ptr": act, "DY_ptr": act, "LANES_ptr": "*i32",
                 "*default": "*fp32"}
         fwd_ptrs = ptrs  # the BN-ReLU prologue's scale/shift: fp32, as the BN makes them
-        unit = dict(sxc=1, swi=1, syc=1, src=1, spc=1, sec=1)  # channels_last, KRSC
+        unit = dict(sxc=1, swi=1, syc=1, src=1, sec=1)  # channels_last, KRSC
         for name, sw in fwd.items():
             stem = not sw.get("TAP_LOOP", True)
             for cfg in _configs_at(kc, FWD_C_OUT.get(name, (None,)), stem=stem,
@@ -648,6 +649,8 @@ def conv_specs(quick: bool):
                          2: f"tensordesc<{dt}[{bm // (th * tw)}, {th}, {tw}, {bk}]>",
                          3: f"tensordesc<{dt}[{bm // (th * tw)}, {th}, 1, {tw}, {bk}]>"}
                 base = ptrs if sw.get("TRANSPOSED") else fwd_ptrs
+                if consts["PROLOGUE"] == 2:  # E, the dBN constant's part of dx: fp32
+                    base = dict(base, RES_ptr="*fp32")
                 w_box = f"[{bk}, {bn}]" if sw.get("TRANSPOSED") else f"[{bn}, {bk}]"
                 kptrs = dict(base, W_desc=f"tensordesc<{dt}{w_box}>" if consts["W_TMA"]
                              else act, X_desc=x_box[consts["A_TMA"]],

@@ -355,3 +355,76 @@ def test_explain_names_the_dbn_backward_where_a_conv_computes_the_statistics(mon
     plain = notes(1)  # statistics from torch.var_mean: no dBN term in the conv backward
     assert plain["bn2"][0] == "triton prologue"
     assert "dBN" not in plain["bn2"][1]
+
+
+# dgrad's dBN constant: dx = conv_transpose(dy + y*coef_y + coef_c, W), where the prologue
+# reads dy + y*coef_y and the constant's part E = conv_transpose(coef_c everywhere, W) (the
+# same for every image, smaller at the border: fewer taps reach it) starts the accumulator
+# (kernels/conv.py ``_dbn_constant_dx``)
+# (name, N, C_in, H, W, C_out, kernel, stride, padding)
+E_CASES = [("3x3s1p1", 1, 5, 7, 6, 32, 3, 1, 1),  # fp32: dy and y by TMA boxes
+           ("3x3s2p1_odd", 2, 6, 9, 7, 16, 3, 2, 1),  # phases, pointers
+           ("5x5s2p2", 1, 3, 8, 9, 16, 5, 2, 2),
+           ("3x3s2p0", 2, 4, 8, 6, 16, 3, 2, 0),  # the last row/column reached by no tap
+           ("1x1s2", 1, 4, 6, 5, 16, 1, 2, 0)]  # odd rows/columns reached by no tap
+
+
+def _constant_dx_ref(w, coef_c, n, h, w_in, st, pd):
+    """conv_transpose of a field equal to coef_c at every output pixel, float64."""
+    co = w.shape[0]
+    p = (h + 2 * pd - w.shape[2]) // st + 1
+    q = (w_in + 2 * pd - w.shape[3]) // st + 1
+    field = coef_c.double().view(1, co, 1, 1).expand(n, co, p, q)
+    return torch.nn.grad.conv2d_input((n, w.shape[1], h, w_in), w.double(), field, st, pd)
+
+
+@pytest.mark.parametrize("case", E_CASES, ids=[c[0] for c in E_CASES])
+def test_constant_dx_is_the_constant_fields_transposed_conv(case):
+    """E from the two contractions equals torch's transposed conv of the constant field
+    (float64), border pixels and pixels that no tap reaches included."""
+    _, n, ci, h, w_in, co, k, st, pd = case
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(co, ci, k, k, generator=g, dtype=torch.float64)
+    cc = torch.randn(co, generator=g, dtype=torch.float64)
+    ref = _constant_dx_ref(w, cc, 1, h, w_in, st, pd)[0].permute(1, 2, 0)
+    p, q = (h + 2 * pd - k) // st + 1, (w_in + 2 * pd - k) // st + 1
+    got = K._dbn_constant_dx(w, cc, (h, w_in), (p, q), (st, st), (pd, pd), torch.float64)
+    assert got.shape == (h, w_in, ci)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", E_CASES, ids=[c[0] for c in E_CASES])
+def test_dgrad_dbn_constant_at_the_border(monkeypatch, case, dtype):
+    """conv_dgrad with the dBN prologue against float64: dy = 0, y = 0 (only the constant:
+    dx is E in every image, and the border pixels differ from the interior, so an E that
+    is omitted or taken as the interior's everywhere fails), then all three terms."""
+    _, n, ci, h, w_in, co, k, st, pd = case
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(co, ci, k, k, generator=g, dtype=torch.float64)
+    p, q = (h + 2 * pd - k) // st + 1, (w_in + 2 * pd - k) // st + 1
+    cy, cc = (torch.randn(co, generator=g, dtype=torch.float64) for _ in range(2))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    cl = torch.channels_last
+    seen = []
+    launch = K._launch
+    monkeypatch.setattr(K, "_launch", lambda run, cfgs, grid, args, kw: seen.append(kw)
+                        or launch(run, cfgs, grid, args, kw))
+    ref_e = _constant_dx_ref(w, cc, n, h, w_in, st, pd)
+    assert (ref_e - ref_e[:, :, h // 2: h // 2 + 1, w_in // 2: w_in // 2 + 1]).abs().max() > 0.1
+    for dy, y in ((torch.zeros(n, co, p, q, dtype=torch.float64),) * 2,
+                  (torch.randn(n, co, p, q, generator=g, dtype=torch.float64),
+                   torch.randn(n, co, p, q, generator=g, dtype=torch.float64))):
+        dy_d, y_d = (t.to(DEVICE, dtype).contiguous(memory_format=cl) for t in (dy, y))
+        dx, _, _ = K.conv_dgrad(dy_d, w.to(DEVICE, dtype).contiguous(memory_format=cl),
+                                (h, w_in), st, pd, y=y_d, coef_y=cy.to(DEVICE, acc),
+                                coef_c=cc.to(DEVICE, acc))
+        total = (dy_d.double() + y_d.double() * cy.to(DEVICE).view(1, -1, 1, 1)
+                 + cc.to(DEVICE).view(1, -1, 1, 1))
+        ref = torch.nn.grad.conv2d_input(dx.shape, w.to(dtype).double().to(DEVICE), total,
+                                         st, pd)
+        tol = 1e-10 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(dx.double(), ref, rtol=tol, atol=tol * ref.abs().max())
+    # fp32 at stride 1 takes the TMA boxes (where dy and y are zero-filled, no tap mask)
+    want_tma = 2 if (dtype, st) == (torch.float32, 1) and K.TensorDescriptor is not None else 0
+    assert seen[-1]["A_TMA"] == want_tma and seen[-1]["HAS_RESIDUAL"], seen[-1]

@@ -347,13 +347,15 @@ BACKWARD_VARIANTS = ["dgrad s1 (TMA boxes)", "dgrad s1 (TMA boxes) dBN prologue 
                      "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues"]
 BACKWARD_GAPS = {
     "dgrad s1 (TMA boxes) dBN prologue + dReLU epilogue":
-        "104.0 / 76.1 SASS per HGMMA > 48: the dBN prologue dy + y*cy + cc in fp32 is ~5 SASS "
-        "per element (two bf16 operands to unpack, FFMA, FADD, the pack and the tap mask), 8 "
-        "A-fragment elements per HGMMA, >= 40 per HGMMA before the loop's own; the 8-warp "
-        "tile also stores A to shared memory and reloads it (128x128 at 4 warps spills)",
+        "71.2 / 51.2 SASS per HGMMA > 48 (128x128 at 8 warps / 128x64 at 4): with the dBN "
+        "constant folded into E (added through the accumulator) the prologue dy + y*cy is "
+        "3.5 SASS per element (two bf16 unpacks, the FFMA, half a pack), 8 A-fragment "
+        "elements per HGMMA: 28 per HGMMA on top of the plain loop (16.1 at 128x64) and y's "
+        "box, cy's cp.async and LDS (~7); the 8-warp tile has 4 HGMMA per warp and K step "
+        "(128x128 at 4 warps spills ~0.9 KB)",
     "dgrad s2 (dy by pointers) dBN prologue + dReLU epilogue":
-        "121.0 / 114.8 SASS per HGMMA > 48: the fp32 dBN prologue as at stride 1, plus dy "
-        "and y through pointers (the sub-pixel phases do not map to one box)",
+        "82.2 / 70.4 SASS per HGMMA > 48: the dBN prologue as at stride 1, plus dy and y "
+        "through pointers (the sub-pixel phases do not map to one box)",
     "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues":
         "123.2 SASS per HGMMA > 48: both prologues in fp32 per element (dBN on dy, "
         "BN-ReLU on x), 16 elements per HGMMA, and the BN-ReLU'd x is wgmma's B operand, "
