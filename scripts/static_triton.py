@@ -337,9 +337,10 @@ def overlaps_epilogue(body):
 
 
 def analyse(fn, ptrs, consts, num_warps, num_stages=3, *, kernel, variant, dtype,
-            memory_bound, elements=None, ints64=(), floats=()):
+            memory_bound, elements=None, ints64=(), floats=(), dump=None):
     """Compile and read one specialisation.  ``elements``: elements a program handles per
-    loop iteration (memory-bound kernels; per program when there is no loop)."""
+    loop iteration (memory-bound kernels; per program when there is no loop); ``dump``: a
+    file prefix under which the TTGIR, PTX, SASS and the hot loop's SASS are written."""
     cfg = ", ".join(f"{k}={v}" for k, v in consts.items() if k.startswith(("BLOCK", "GROUP")))
     cfg += f", warps={num_warps}" + (f", stages={num_stages}" if not memory_bound else "")
     res = Result(kernel, variant, dtype, cfg, memory_bound)
@@ -366,6 +367,10 @@ def analyse(fn, ptrs, consts, num_warps, num_stages=3, *, kernel, variant, dtype
                               capture_output=True, text=True).stderr
         sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass",
                                os.path.join(d, "k.cubin")], capture_output=True, text=True).stdout
+    if dump:
+        for ext, text in (("ttgir", k.asm["ttgir"]), ("ptx", ptx), ("sass", sass)):
+            with open(f"{dump}.{ext}", "w") as f:
+                f.write(text)
     m = re.search(r"Used (\d+) registers", info)
     res.registers = int(m.group(1)) if m else -1
     m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
@@ -417,6 +422,10 @@ def analyse(fn, ptrs, consts, num_warps, num_stages=3, *, kernel, variant, dtype
         res.wgmma_wait = sorted({int(m, 16) for t in body for m in _DEPBAR.findall(t)})
         res.loop_calls = sum(bool(re.search(r"\bCALL\b", t)) for t in body)
         res.loop_div = ttgir_loop_divisions(k.asm["ttgir"]) + ptx_loop_divisions(ptx)
+        if dump:  # the K-step path as counted (per-tile branches marked "skip")
+            with open(f"{dump}.loop.sass", "w") as f:
+                f.writelines(f"{'skip ' if a in skipped else ''}/*{a:04x}*/ {t}\n"
+                             for a, t in loop)
     return res
 
 
@@ -886,9 +895,10 @@ def ci_specs():
     return out
 
 
-def run(quick=False, only=None, log=print, ci=False, match=None, dtype=None):
+def run(quick=False, only=None, log=print, ci=False, match=None, dtype=None, dump=None):
     """Compile and read the specialisations; ``match``: a regex on "kernel [variant]",
-    ``dtype``: one dtype (e.g. ``--only conv --dtype bf16 --match fwd``)."""
+    ``dtype``: one dtype (e.g. ``--only conv --dtype bf16 --match fwd``); ``dump``: a
+    folder for each row's TTGIR, PTX, SASS and hot loop (files named by row)."""
     specs = []
     if ci:
         specs = ci_specs()
@@ -902,8 +912,14 @@ def run(quick=False, only=None, log=print, ci=False, match=None, dtype=None):
     if dtype:
         specs = [sp for sp in specs if sp[-1]["dtype"] == dtype]
     results = []
-    for fn, ptrs, consts, warps, stages, meta in specs:
-        r = analyse(fn, ptrs, consts, warps, stages, **meta)
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+    for i, (fn, ptrs, consts, warps, stages, meta) in enumerate(specs):
+        name = re.sub(r"[^A-Za-z0-9]+", "_", f"{meta['kernel']} {meta['variant']} "
+                      f"{meta['dtype']} {consts.get('BLOCK_M')}x{consts.get('BLOCK_N')}x"
+                      f"{consts.get('BLOCK_K')} w{warps} s{stages}").strip("_")
+        r = analyse(fn, ptrs, consts, warps, stages, **meta,
+                    dump=os.path.join(dump, f"{i:03d}_{name}") if dump else None)
         log(f"{r.kernel:24s} {r.variant:36s} {r.dtype:5s} {r.config:58s} regs={r.registers:3d} "
             f"spill={r.spill_stores}/{r.spill_loads} loop={r.loop_instructions} "
             f"ipe={r.instructions_per_element} hgmma={r.hgmma} div64={r.div64} "
@@ -929,6 +945,8 @@ def main(argv=None):
                     help="keep the rows of the existing triton.json that this run did not "
                          "select (e.g. regenerate the conv rows only)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "static"))
+    ap.add_argument("--dump", help="write each row's TTGIR, PTX, SASS and hot-loop SASS "
+                    "(the K-step path as counted) into this folder, to compare compilers")
     ap.add_argument("--python", help="run the check under this interpreter instead (e.g. a "
                     "venv with another Triton: the GPU image's 3.6, docs/triton_conv.md)")
     args = ap.parse_args(argv)
@@ -939,7 +957,8 @@ def main(argv=None):
                                                              a.startswith("--python=")]
         return subprocess.run([args.python, os.path.abspath(__file__), *rest]).returncode
     t0 = time.time()
-    results = run(args.quick, args.only, ci=args.ci, match=args.match, dtype=args.dtype)
+    results = run(args.quick, args.only, ci=args.ci, match=args.match, dtype=args.dtype,
+                  dump=args.dump and os.path.abspath(args.dump))
     seconds = time.time() - t0
     command = "python scripts/static_triton.py" + (" --quick" if args.quick else "") + \
         (" --ci" if args.ci else "") + (f" --only {args.only}" if args.only else "") + \
