@@ -329,9 +329,19 @@ def _conv_kernel(
         else:
             num_k_tiles = tl.cdiv(k_total, BLOCK_K)
         # TAP_LOOP walks (tap row tr, tap column ts, channel c0) with counters: no division
-        # in the loop
-        tr = tl.full((), 0, tl.int32)
-        ts = tl.full((), 0, tl.int32)
+        # in the loop. The stride-2 view's counters start at the input row and column of
+        # the box's first pixel, 2*th0 - PAD_H (tw0 alike), so that its box coordinates are
+        # tr >> 1 and tr & 1, no subtraction per K step (sm_90a, the plain 128x128 tile:
+        # 31.5 -> 30.0 SASS per HGMMA under triton 3.8, 32.2 -> 31.2 under 3.6)
+        if A_TMA == 3:
+            tap0_r = 2 * th0 - PAD_H
+            tap0_c = 2 * tw0 - PAD_W
+        else:
+            tap0_r = 0
+            tap0_c = 0
+        tap_end = tap0_c + tap_s
+        tr = tl.full((), 0, tl.int32) + tap0_r
+        ts = tl.full((), 0, tl.int32) + tap0_c
         c0 = tl.full((), 0, tl.int32)
         op_t = W_ptr.dtype.element_ty
         for kt in range(0, num_k_tiles):
@@ -352,11 +362,11 @@ def _conv_kernel(
                 r = pa + tap_r * STRIDE_H
                 s = pb + tap_c * STRIDE_W
             else:
-                r = tap_r
-                s = tap_c
+                r = tap_r - tap0_r
+                s = tap_c - tap0_c
             if TAP_LOOP:
-                ih = ih0 + tap_sign * tr
-                iw = iw0 + tap_sign * ts
+                ih = ih0 + tap_sign * (tr - tap0_r)
+                iw = iw0 + tap_sign * (ts - tap0_c)
                 row_ok = m_ok & (ih >= 0) & (ih < IH) & (iw >= 0) & (iw < IW)
                 ok = row_ok[:, None]
                 a_off = (a_row + tap_sign * (tr * sxh + ts * sxw))[:, None] + ci[None, :] * sxc
@@ -369,7 +379,10 @@ def _conv_kernel(
                 p_off = py_row[:, None] + ih * sph + iw * spw + ci[None, :] * spc
             if A_TMA == 1:  # the 1x1 conv is a GEMM on X as [N*H*W, C]: TMA zero-fills the M tail
                 a = X_desc.load([pid_m * BLOCK_M, c0])
-            elif A_TMA >= 2:  # one box of x per tap (stride 1, or the stride-2 view)
+            elif A_TMA == 3:  # the stride-2 view: the counters are the box's input row and
+                # column (its origin, 2*oh, and the padding are in them)
+                a = _x_tap_box(X_desc, tn0, 0, 0, tr, ts, c0, 0, 0, CI, BLOCK_M, BLOCK_K, 3)
+            elif A_TMA == 2:  # one box of x per tap (stride 1)
                 a = _x_tap_box(X_desc, tn0, th0, tw0, tap_sign * tr, tap_sign * ts, c0,
                                tap_sign * PAD_H, tap_sign * PAD_W, CI, BLOCK_M, BLOCK_K, A_TMA)
             else:
@@ -385,9 +398,10 @@ def _conv_kernel(
                 if A_TMA >= 2:  # the tap's padded rows (rows past M are never stored or
                     # counted); the stride-2 view is stride 2 by construction: a constant
                     stride: tl.constexpr = 2 if A_TMA == 3 else 1
-                    pad_ok = _box_rows_in(LANES_ptr, th0, tw0, tap_sign * (tr - PAD_H),
-                                          tap_sign * (ts - PAD_W), stride, stride, IH, IW,
-                                          BLOCK_M, TILE_H, TILE_W)
+                    pad_ok = _box_rows_in(LANES_ptr, th0, tw0,
+                                          tap_sign * (tr - (tap0_r + PAD_H)),
+                                          tap_sign * (ts - (tap0_c + PAD_W)), stride, stride,
+                                          IH, IW, BLOCK_M, TILE_H, TILE_W)
                     ok = pad_ok[:, None]
             if PROLOGUE == 1:
                 # relu(x*scale + shift) in fp32, rounded once to the operand dtype after the
@@ -437,8 +451,8 @@ def _conv_kernel(
                 next_tap = c0 >= CI
                 c0 = tl.where(next_tap, 0, c0)
                 ts = tl.where(next_tap, ts + 1, ts)
-                next_row = ts >= tap_s
-                ts = tl.where(next_row, 0, ts)
+                next_row = ts >= tap_end
+                ts = tl.where(next_row, tap0_c, ts)
                 tr = tl.where(next_row, tr + 1, tr)
 
         out_ok = m_ok[:, None] & n_ok[None, :]
