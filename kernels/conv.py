@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import torch
 import triton
@@ -766,7 +767,8 @@ _CONV_TILES = {
     # own ~24 the same); at 8 warps Triton also stores the prologue'd A to shared memory
     # and reloads it (docs/triton_conv.md). 256x128 at 8 warps: two warpgroups of 128 rows,
     # the same SASS per HGMMA (A in registers too) with two warps per scheduler; which of
-    # the two is faster is for the autotuner to measure. Stride 1 only (``_fits``).
+    # the two is faster is for the autotuner to measure. Stride 1 only (``_fits``), Triton
+    # >= 3.7 only (``_MIN_TRITON``).
     "prologue": [(128, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 64, 64, 4, 5),
                  (128, 128, 32, 8, 3)],
     "stem": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)],  # flat (r, s, c) K loop: C_in = 3
@@ -789,6 +791,27 @@ _WGRAD_TILES = {
     "stem": [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 64, 32, 4, 3)],
 }
 _INTERPRETER_TILE = (32, 32, 16, 4, 1)
+# The installed Triton's (major, minor)
+TRITON_VERSION = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2])
+# Tiles left out of a mode's autotune space below a Triton version: the static check
+# (scripts/static_triton.py, sm_90a bf16 at the ResNet-50 shapes) finds them over issue
+# 21's bar under the older Triton, for reasons of its code generation, not of the source;
+# the autotuner measures the tiles that remain. (mode, BLOCK_M, BLOCK_N, BLOCK_K, warps):
+# the first version that compiles the tile within the bar. The prologue's two-warpgroup
+# 256x128 tile: 51.9 SASS per HGMMA at 3x3 stride 1 under triton 3.6 (bar 48; 3.8: 47.5):
+# 3.6 lays the cp.async of the (scale, shift) pairs out like the wgmma A fragment, copied
+# by all 8 warps (8 LDGSTS.64 and their address math per thread per K step; 3.8: one
+# 32-bit copy), converts the tap mask with 4 byte loads and 4 I2F (3.8: one LDSM and one)
+# and commits each wgmma as its own group (4 WARPGROUP.ARRIVE / DEPBAR, 3.8: 2). The
+# 128-row prologue tiles meet the bar under both (docs/triton_conv.md, "Triton 3.6").
+_MIN_TRITON = {("prologue", 256, 128, 64, 8): (3, 7)}
+
+
+def _triton_ok(mode, tile, version=None):
+    """Whether ``tile`` of ``mode`` is autotuned under Triton ``version`` (default: the
+    installed one), per ``_MIN_TRITON``."""
+    need = _MIN_TRITON.get((mode, *tile[:4]))
+    return need is None or (TRITON_VERSION if version is None else version) >= need
 
 
 def _mode(stem, fused):
@@ -893,20 +916,22 @@ def _fits(tile, gemm_n, wide_ok, strided=False):
 
 
 def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsize=2,
-                 residual=False, budget=_SMEM_BUDGET, strided=False, wgmma=True):
+                 residual=False, budget=_SMEM_BUDGET, strided=False, wgmma=True,
+                 triton_version=None):
     """The configs autotuned for one mode of ``_conv_kernel`` (``stem``: flat K loop;
     ``transposed``: dgrad; ``fused``: a prologue or the dReLU epilogue, the forward's
     BN-ReLU prologue with its own tiles, 128 rows per warpgroup, where the device has
     wgmma (``wgmma``: ``_wgmma_ok(device)``); ``residual``: an epilogue reading a
     residual; ``strided``: a stride > 1), pruned to the GEMM's N, the stride, the
-    operands' element size and the device's shared memory (``budget``:
-    ``smem_budget(device)``; the first is deterministic mode's config)."""
+    operands' element size, the device's shared memory (``budget``:
+    ``smem_budget(device)``) and the Triton version (``_MIN_TRITON``; default the
+    installed one). The first is deterministic mode's config."""
     if INTERPRET:
         return _configs([_INTERPRETER_TILE])
     mode = _mode(stem, fused)
     if mode == "fused" and not transposed and wgmma:
         mode = "prologue"
-    tiles = _CONV_TILES[mode]
+    tiles = [t for t in _CONV_TILES[mode] if _triton_ok(mode, t, triton_version)]
     if not stem:  # 128-byte K rows: BLOCK_K 64 in 16-bit, 32 in fp32 (TF32)
         tiles = [t for t in tiles if t[2] * itemsize == 128]
     wide_ok = not (residual or fused)

@@ -44,6 +44,7 @@ loops, and on 64-bit division in the conv kernels.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -76,6 +77,20 @@ def _load(name):
     sys.path.insert(0, ROOT)
     spec.loader.exec_module(mod)
     return mod
+
+
+def row_source(kernel: str) -> str:
+    """The kernel source file a row of ``kernel`` is compiled from (repository path)."""
+    return "kernels/conv.py" if kernel.startswith("conv") else "kernels/bn.py"
+
+
+def source_digest(path: str) -> str:
+    """sha256 of a kernel source file (repository path): triton.json records the digests
+    of the sources its rows were compiled from, so that a committed table older than its
+    kernels is seen (tests/test_static_triton.py, for the Triton 3.6 table CI cannot
+    regenerate)."""
+    with open(os.path.join(ROOT, path), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------
@@ -966,6 +981,7 @@ def main(argv=None):
         (f" --dtype {args.dtype}" if args.dtype else "") + \
         (" --keep-others" if args.keep_others else "")
     path = os.path.join(args.out, "triton.json")
+    sources = {row_source(r.kernel): source_digest(row_source(r.kernel)) for r in results}
     if args.keep_others and os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
@@ -974,6 +990,19 @@ def main(argv=None):
         kept = [Result(**{k: v for k, v in row.items() if k in known})
                 for row in old["results"] if row["kernel"] not in fresh]
         results = kept + results
+        # a kept row's source digest is its run's; a file with rows of two versions has
+        # none (e.g. conv_wgrad rows kept beside fresh conv rows after a change)
+        mixed = set()
+        for r in kept:
+            f = row_source(r.kernel)
+            was = old.get("sources", {}).get(f)
+            if f in sources and sources[f] != was:
+                mixed.add(f)
+            sources.setdefault(f, was)
+        for f in mixed:
+            print(f"warning: {f} has rows compiled from two versions of it; regenerate them "
+                  "all (its digest is left out)")
+            sources[f] = None
         source = old["command"]  # the run that made the kept rows (not a chain of runs)
         while "(other kernels' rows from `" in source:
             source = source.split("(other kernels' rows from `", 1)[1]
@@ -981,7 +1010,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "triton.json"), "w") as f:
         json.dump({"command": command, "triton": triton.__version__, "target": "sm_90a",
-                   "seconds": round(seconds), "results": [asdict(r) for r in results],
+                   "sources": dict(sorted(sources.items())), "seconds": round(seconds), "results": [asdict(r) for r in results],
                    "problems": problems(results)}, f, indent=1)
     with open(os.path.join(args.out, "triton.md"), "w") as f:
         f.write(markdown(results, command, seconds))
