@@ -406,10 +406,10 @@ def test_dgrad_dbn_epilogue_does_not_spill(backward_rows):
 # its budget), so the 3.6 table is committed (scripts/triton36_check.sh makes it) with the
 # digests of the kernel sources it was compiled from, and checked here against them.
 TRITON36 = os.path.join(ROOT, "benchmarks", "static", "triton-3.6", "triton.json")
-TRITON36_RERUN = ("bash scripts/triton36_check.sh /work/venv36 (or any VENV; the static "
-                  "half alone: python scripts/static_triton.py --python VENV/bin/python "
-                  "--out benchmarks/static/triton-3.6), then commit "
-                  "benchmarks/static/triton-3.6/")
+TRITON36_RERUN = ("bash scripts/triton36_check.sh [VENV] (it makes VENV with torch 2.11 and "
+                  "triton 3.6 where missing; its static half alone: python "
+                  "scripts/static_triton.py --python VENV/bin/python --out "
+                  "benchmarks/static/triton-3.6), then commit benchmarks/static/triton-3.6/")
 
 
 def triton36_findings(report, S):
