@@ -196,10 +196,22 @@ def test_ci_subset_compiles_for_sm90_without_spills(tmp_path):
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, SCRIPT, "--ci", "--out", str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, SCRIPT, "--ci", "--out", str(tmp_path), "--dump",
+                           str(tmp_path / "dump")], env=env, capture_output=True, text=True,
+                          timeout=900)
     out = proc.stdout[-6000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "triton.json").read_text())
+    # --dump: each row's code, files numbered in the table's order; a conv row's hot loop
+    # as counted (the K-step path; per-tile branches marked "skip") gives its SASS per HGMMA
+    dump = tmp_path / "dump"
+    assert len(list(dump.glob("*.ptx"))) == len(report["results"]), out
+    for i, r in enumerate(report["results"]):
+        if r["memory_bound"] or r["error"]:
+            continue
+        (loop,) = dump.glob(f"{i:03d}_*.loop.sass")
+        path = [t for t in loop.read_text().splitlines() if not t.startswith("skip")]
+        assert round(len(path) / sum(" HGMMA." in t for t in path), 1) == \
+            r["sass_per_hgmma"], (loop.name, r["sass_per_hgmma"])
     kernels = {r["kernel"] for r in report["results"]}
     assert {"bn_apply", "bn_bwd_apply", "bn_stats_partial", "bn_bwd_reduce_partial",
             "bn_stats_finalize", "bn_bwd_finalize", "conv", "conv_wgrad"} <= kernels, out
