@@ -35,6 +35,12 @@ Writes benchmarks/static/triton.json and triton.md (the table).  Regenerate with
         --out /tmp/x                                     # a few rows, elsewhere
     .venv/bin/python scripts/static_triton.py --python /work/venv36/bin/python \
         --out benchmarks/static/triton-3.6               # under another Triton (venv)
+    .venv/bin/python scripts/static_triton.py --only conv --dtype bf16 --match 'VARIANT' \
+        --out /tmp/x --dump /tmp/x/code                  # + each row's TTGIR/PTX/SASS and
+                                                         # hot loop, to compare Tritons
+
+triton.json records the sha256 of the kernel sources its rows came from (``sources``):
+tests/test_static_triton.py fails when the committed Triton 3.6 table is older than them.
 
 Run without TRITON_INTERPRET=1 (the interpreter replaces the compiler).  No GPU, driver
 or CUDA toolkit is needed beyond the triton wheel.  tests/test_static_triton.py compiles

@@ -5,7 +5,9 @@ kernels must not use 64-bit integer division.  Issue 21's Hopper bar (TMA, 4 HGM
 K step, 64x128+ HGMMA, SASS per HGMMA, wgmma in flight, no division, >= 96 KB pipeline;
 dgrad/wgrad: TMA, <= 48 SASS per HGMMA, no division) is checked per conv variant, every
 config, bf16; the variants that miss it are strict xfails naming the figures.  The full
-table is benchmarks/static/triton.md (``python scripts/static_triton.py``)."""
+table is benchmarks/static/triton.md (``python scripts/static_triton.py``). The GPU
+machine's Triton 3.6 is checked on its committed table (benchmarks/static/triton-3.6,
+made by scripts/triton36_check.sh): current with the kernel sources and within the bar."""
 import importlib.util
 import json
 import os
