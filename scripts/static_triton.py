@@ -35,6 +35,12 @@ Writes benchmarks/static/triton.json and triton.md (the table).  Regenerate with
         --out /tmp/x                                     # a few rows, elsewhere
     .venv/bin/python scripts/static_triton.py --python /work/venv36/bin/python \
         --out benchmarks/static/triton-3.6               # under another Triton (venv)
+    .venv/bin/python scripts/static_triton.py --only conv --dtype bf16 --match 'VARIANT' \
+        --out /tmp/x --dump /tmp/x/code                  # + each row's TTGIR/PTX/SASS and
+                                                         # hot loop, to compare Tritons
+
+triton.json records the sha256 of the kernel sources its rows came from (``sources``):
+tests/test_static_triton.py fails when the committed Triton 3.6 table is older than them.
 
 Run without TRITON_INTERPRET=1 (the interpreter replaces the compiler).  No GPU, driver
 or CUDA toolkit is needed beyond the triton wheel.  tests/test_static_triton.py compiles
@@ -44,6 +50,7 @@ loops, and on 64-bit division in the conv kernels.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -76,6 +83,20 @@ def _load(name):
     sys.path.insert(0, ROOT)
     spec.loader.exec_module(mod)
     return mod
+
+
+def row_source(kernel: str) -> str:
+    """The kernel source file a row of ``kernel`` is compiled from (repository path)."""
+    return "kernels/conv.py" if kernel.startswith("conv") else "kernels/bn.py"
+
+
+def source_digest(path: str) -> str:
+    """sha256 of a kernel source file (repository path): triton.json records the digests
+    of the sources its rows were compiled from, so that a committed table older than its
+    kernels is seen (tests/test_static_triton.py, for the Triton 3.6 table CI cannot
+    regenerate)."""
+    with open(os.path.join(ROOT, path), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------
@@ -337,9 +358,10 @@ def overlaps_epilogue(body):
 
 
 def analyse(fn, ptrs, consts, num_warps, num_stages=3, *, kernel, variant, dtype,
-            memory_bound, elements=None, ints64=(), floats=()):
+            memory_bound, elements=None, ints64=(), floats=(), dump=None):
     """Compile and read one specialisation.  ``elements``: elements a program handles per
-    loop iteration (memory-bound kernels; per program when there is no loop)."""
+    loop iteration (memory-bound kernels; per program when there is no loop); ``dump``: a
+    file prefix under which the TTGIR, PTX, SASS and the hot loop's SASS are written."""
     cfg = ", ".join(f"{k}={v}" for k, v in consts.items() if k.startswith(("BLOCK", "GROUP")))
     cfg += f", warps={num_warps}" + (f", stages={num_stages}" if not memory_bound else "")
     res = Result(kernel, variant, dtype, cfg, memory_bound)
@@ -366,6 +388,10 @@ def analyse(fn, ptrs, consts, num_warps, num_stages=3, *, kernel, variant, dtype
                               capture_output=True, text=True).stderr
         sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass",
                                os.path.join(d, "k.cubin")], capture_output=True, text=True).stdout
+    if dump:
+        for ext, text in (("ttgir", k.asm["ttgir"]), ("ptx", ptx), ("sass", sass)):
+            with open(f"{dump}.{ext}", "w") as f:
+                f.write(text)
     m = re.search(r"Used (\d+) registers", info)
     res.registers = int(m.group(1)) if m else -1
     m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
@@ -417,6 +443,10 @@ def analyse(fn, ptrs, consts, num_warps, num_stages=3, *, kernel, variant, dtype
         res.wgmma_wait = sorted({int(m, 16) for t in body for m in _DEPBAR.findall(t)})
         res.loop_calls = sum(bool(re.search(r"\bCALL\b", t)) for t in body)
         res.loop_div = ttgir_loop_divisions(k.asm["ttgir"]) + ptx_loop_divisions(ptx)
+        if dump:  # the K-step path as counted (per-tile branches marked "skip")
+            with open(f"{dump}.loop.sass", "w") as f:
+                f.writelines(f"{'skip ' if a in skipped else ''}/*{a:04x}*/ {t}\n"
+                             for a, t in loop)
     return res
 
 
@@ -889,9 +919,10 @@ def ci_specs():
     return out
 
 
-def run(quick=False, only=None, log=print, ci=False, match=None, dtype=None):
+def run(quick=False, only=None, log=print, ci=False, match=None, dtype=None, dump=None):
     """Compile and read the specialisations; ``match``: a regex on "kernel [variant]",
-    ``dtype``: one dtype (e.g. ``--only conv --dtype bf16 --match fwd``)."""
+    ``dtype``: one dtype (e.g. ``--only conv --dtype bf16 --match fwd``); ``dump``: a
+    folder for each row's TTGIR, PTX, SASS and hot loop (files named by row)."""
     specs = []
     if ci:
         specs = ci_specs()
@@ -905,8 +936,14 @@ def run(quick=False, only=None, log=print, ci=False, match=None, dtype=None):
     if dtype:
         specs = [sp for sp in specs if sp[-1]["dtype"] == dtype]
     results = []
-    for fn, ptrs, consts, warps, stages, meta in specs:
-        r = analyse(fn, ptrs, consts, warps, stages, **meta)
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+    for i, (fn, ptrs, consts, warps, stages, meta) in enumerate(specs):
+        name = re.sub(r"[^A-Za-z0-9]+", "_", f"{meta['kernel']} {meta['variant']} "
+                      f"{meta['dtype']} {consts.get('BLOCK_M')}x{consts.get('BLOCK_N')}x"
+                      f"{consts.get('BLOCK_K')} w{warps} s{stages}").strip("_")
+        r = analyse(fn, ptrs, consts, warps, stages, **meta,
+                    dump=os.path.join(dump, f"{i:03d}_{name}") if dump else None)
         log(f"{r.kernel:24s} {r.variant:36s} {r.dtype:5s} {r.config:58s} regs={r.registers:3d} "
             f"spill={r.spill_stores}/{r.spill_loads} loop={r.loop_instructions} "
             f"ipe={r.instructions_per_element} hgmma={r.hgmma} div64={r.div64} "
@@ -932,6 +969,8 @@ def main(argv=None):
                     help="keep the rows of the existing triton.json that this run did not "
                          "select (e.g. regenerate the conv rows only)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "static"))
+    ap.add_argument("--dump", help="write each row's TTGIR, PTX, SASS and hot-loop SASS "
+                    "(the K-step path as counted) into this folder, to compare compilers")
     ap.add_argument("--python", help="run the check under this interpreter instead (e.g. a "
                     "venv with another Triton: the GPU image's 3.6, docs/triton_conv.md)")
     args = ap.parse_args(argv)
@@ -942,7 +981,8 @@ def main(argv=None):
                                                              a.startswith("--python=")]
         return subprocess.run([args.python, os.path.abspath(__file__), *rest]).returncode
     t0 = time.time()
-    results = run(args.quick, args.only, ci=args.ci, match=args.match, dtype=args.dtype)
+    results = run(args.quick, args.only, ci=args.ci, match=args.match, dtype=args.dtype,
+                  dump=args.dump and os.path.abspath(args.dump))
     seconds = time.time() - t0
     command = "python scripts/static_triton.py" + (" --quick" if args.quick else "") + \
         (" --ci" if args.ci else "") + (f" --only {args.only}" if args.only else "") + \
@@ -950,6 +990,7 @@ def main(argv=None):
         (f" --dtype {args.dtype}" if args.dtype else "") + \
         (" --keep-others" if args.keep_others else "")
     path = os.path.join(args.out, "triton.json")
+    sources = {row_source(r.kernel): source_digest(row_source(r.kernel)) for r in results}
     if args.keep_others and os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
@@ -958,6 +999,19 @@ def main(argv=None):
         kept = [Result(**{k: v for k, v in row.items() if k in known})
                 for row in old["results"] if row["kernel"] not in fresh]
         results = kept + results
+        # a kept row's source digest is its run's; a file with rows of two versions has
+        # none (e.g. conv_wgrad rows kept beside fresh conv rows after a change)
+        mixed = set()
+        for r in kept:
+            f = row_source(r.kernel)
+            was = old.get("sources", {}).get(f)
+            if f in sources and sources[f] != was:
+                mixed.add(f)
+            sources.setdefault(f, was)
+        for f in mixed:
+            print(f"warning: {f} has rows compiled from two versions of it; regenerate them "
+                  "all (its digest is left out)")
+            sources[f] = None
         source = old["command"]  # the run that made the kept rows (not a chain of runs)
         while "(other kernels' rows from `" in source:
             source = source.split("(other kernels' rows from `", 1)[1]
@@ -965,7 +1019,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "triton.json"), "w") as f:
         json.dump({"command": command, "triton": triton.__version__, "target": "sm_90a",
-                   "seconds": round(seconds), "results": [asdict(r) for r in results],
+                   "sources": dict(sorted(sources.items())), "seconds": round(seconds), "results": [asdict(r) for r in results],
                    "problems": problems(results)}, f, indent=1)
     with open(os.path.join(args.out, "triton.md"), "w") as f:
         f.write(markdown(results, command, seconds))

@@ -9,7 +9,10 @@
 # Creates VENV when missing: ~4.7 GB (the PyPI torch 2.11 wheel pulls its CUDA libraries),
 # a few minutes. numpy < 2.4: triton 3.6's interpreter turns a 1-element array into an
 # int with int(), which numpy 2.4 refuses. The static run takes ~8 min, the tests ~4 min
-# on 2 shared cores. Not in CI (over its budget for a second stack).
+# on 2 shared cores. Not run in CI (over its budget for a second stack); CI checks the
+# committed table instead: it records the digests of the kernel sources it was compiled
+# from, and tests/test_static_triton.py fails when they changed or a bar row misses the
+# bar under 3.6. So after a kernel change, rerun this and commit benchmarks/static/triton-3.6/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv-triton36}

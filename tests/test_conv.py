@@ -1302,8 +1302,9 @@ def test_config_lists_are_small_and_mode_specific(monkeypatch, co, dtype):
                                    **kw)
         assert {kconv._key(c) for c in pruned} == {kconv._key(c) for c in configs}
         rows = {c.kwargs["BLOCK_M"] for c in configs}
+        wide = kconv._triton_ok("prologue", (256, 128, 64, 8))  # not under triton 3.6
         assert rows == ({128, 256} if fused and not stem and not stride and size == 2
-                        else {128} if not stem else rows), (stem, fused, stride)
+                        and wide else {128} if not stem else rows), (stem, fused, stride)
         for c in configs:
             m, n, k = (c.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             assert c.num_stages * (m + n) * k * size <= kconv._SMEM_BUDGET
