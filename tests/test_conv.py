@@ -898,6 +898,35 @@ def test_resnet50_shapes_cuda(shape, dtype):
         assert (a.double() - b).abs().max() <= tol * (1 + b.abs().max())
 
 
+@pytest.mark.cuda  # run by scripts/gpu_run.sh's tests stage (-m cuda)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real ResNet-50 shapes on GPU only")
+@pytest.mark.parametrize("mode", ["fused", "materialised"])
+@pytest.mark.parametrize("shape", [
+    (8, 64, 56, 56, 64, 3, 1, 1),
+    (8, 128, 28, 28, 128, 3, 1, 1),
+    (8, 256, 56, 56, 128, 1, 1, 0),
+    (8, 128, 56, 56, 128, 3, 2, 1),
+], ids=["3x3_64", "3x3_128", "1x1_256_128", "3x3s2_128"])
+def test_resnet50_dbn_backward_modes_cuda(monkeypatch, shape, mode):
+    """Both ways of the backward's dBN term (``fusedres.conv.dbn_backward``: the dgrad and
+    wgrad prologues with the constant's field E, or the materialised dy) on real ResNet-50
+    shapes in bf16, where the TMA boxes and the register-A paths run, against float64.
+    "auto" (test_resnet50_shapes_cuda) checks only the mode it picks."""
+    monkeypatch.setattr(fconv, "dbn_backward", mode)
+    x, w, st, pd = _make(("r50",) + shape, torch.bfloat16, requires_grad=True)
+    scale, shift = _scale_shift(x.shape[1], torch.bfloat16, requires_grad=True)
+    out = fconv.bn_relu_conv2d_stats(x, scale, shift, w, st, pd, backend="triton")
+    got = torch.autograd.grad(_loss(*out), [x, scale, shift, w])
+    assert fconv.last_dbn_backward() == mode
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    s64, t64 = scale.detach().double().requires_grad_(), shift.detach().double().requires_grad_()
+    ref = fconv.bn_relu_conv2d_stats(x64, s64, t64, w64, st, pd, backend="reference")
+    want = torch.autograd.grad(_loss(*ref), [x64, s64, t64, w64])
+    for name, a, b in zip(("x", "scale", "shift", "weight"), got, want):
+        err = (a.double() - b).abs().max()
+        assert err <= 5e-2 * (1 + b.abs().max()), (name, float(err))
+
+
 @pytest.mark.parametrize("rows_per_prog", [None, 4, 12, 1000])
 def test_merge_stats_two_level(rows_per_prog):
     """Chan merge of per-tile (mean, M2) (one or two levels) equals the direct statistics,
