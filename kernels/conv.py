@@ -60,7 +60,7 @@ fp32 ``tl.dot`` uses TF32 iff ``torch.backends.cudnn.allow_tf32``. Index math is
 (GEMM sizes < 2**31, checked); pointer offsets add the batch term in int64, so offsets
 past 2**31 work.  Every launch runs under the input's CUDA device.
 Autotuning: per kernel mode a few configs that do not spill on sm_90 (``conv_configs``,
-pruned by C_out, dtype and shared-memory budget; ``wgrad_configs``;
+pruned by C_out, the reduction channels, dtype and shared-memory budget; ``wgrad_configs``;
 benchmarks/static/triton.md), keyed on the GEMM shape and the operand paths; one fixed
 config under TRITON_INTERPRET=1.  Deterministic mode: under
 ``torch.use_deterministic_algorithms(True)`` each mode runs its first config, with no
@@ -966,10 +966,10 @@ def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsiz
     wgmma (``wgmma``: ``_wgmma_ok(device)``); ``residual``: an epilogue reading a
     residual; ``strided``: a stride > 1; ``a_tma``: A by TMA), pruned to the GEMM's N,
     the reduction channels (``channels``: the tap loop's, C_in of the forward, C_out of
-    dgrad; None: unknown), the stride, the A path, the operands' element size, the device's shared memory (``budget``:
-    ``smem_budget(device)``) and the Triton version (``_MIN_TRITON``,
-    ``_BELOW_TRITON``; default the installed one). The first is deterministic mode's
-    config."""
+    dgrad; None: unknown), the stride, the A path, the operands' element size, the
+    device's shared memory (``budget``: ``smem_budget(device)``) and the Triton version
+    (``_MIN_TRITON``, ``_BELOW_TRITON``; default the installed one). The first is
+    deterministic mode's config."""
     if INTERPRET:
         return _configs([_INTERPRETER_TILE])
     mode = _mode(stem, fused)
