@@ -942,8 +942,9 @@ def _fits(tile, gemm_n, wide_ok, strided=False):
 
 
 # dgrad's wide-K tile: BLOCK_K 128, 256-byte K rows in 16-bit, i.e. two 128-byte swizzle
-# atoms (Triton issues two TMA boxes per operand and K step). Only where every K tile is
-# whole: the tap loop walks C_out (dgrad's reduction channels) in BLOCK_K steps.
+# atoms (Triton clamps the descriptor's box to 64 channels and has two warps copy the two
+# halves). Only where every K tile is whole: the tap loop walks C_out (dgrad's reduction
+# channels) in BLOCK_K steps.
 _WIDE_K = 128
 
 
