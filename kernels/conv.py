@@ -60,7 +60,7 @@ fp32 ``tl.dot`` uses TF32 iff ``torch.backends.cudnn.allow_tf32``. Index math is
 (GEMM sizes < 2**31, checked); pointer offsets add the batch term in int64, so offsets
 past 2**31 work.  Every launch runs under the input's CUDA device.
 Autotuning: per kernel mode a few configs that do not spill on sm_90 (``conv_configs``,
-pruned by C_out, dtype and shared-memory budget; ``wgrad_configs``;
+pruned by C_out, the reduction channels, dtype and shared-memory budget; ``wgrad_configs``;
 benchmarks/static/triton.md), keyed on the GEMM shape and the operand paths; one fixed
 config under TRITON_INTERPRET=1.  Deterministic mode: under
 ``torch.use_deterministic_algorithms(True)`` each mode runs its first config, with no
@@ -767,8 +767,15 @@ def _conv_wgrad_kernel(
 _CONV_TILES = {
     "plain": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 5),
               (128, 128, 32, 8, 3)],
+    # dgrad with the dBN prologue or the dReLU epilogue (and the forward prologue without
+    # wgmma). (128, 64, 128, 4, 3): dgrad's wide-K tile (``_wide_k``), 16 HGMMA per K step
+    # over which the fixed per-step cost of the dBN prologue (y's box, coef_y's copy and
+    # wait, the barrier) is spread: 42.2-42.4 SASS per HGMMA against 51.2 (128x64x64) and
+    # 71.2 (128x128x64, 8 warps) at stride 1 (sm_90a, bf16, triton 3.6). The transposed
+    # mode at stride 1 only, 16-bit only, where C_out % 128 == 0, at any C_in (the 64-wide
+    # N rule of ``_fits`` does not apply to it), triton < 3.7 only (``_BELOW_TRITON``)
     "fused": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 5),
-              (128, 128, 32, 8, 3)],  # dgrad with the dBN prologue or the dReLU epilogue
+              (128, 64, 128, 4, 3), (128, 128, 32, 8, 3)],
     # the forward's BN-ReLU prologue: 128 rows per warpgroup, so that each thread's fixed
     # per-K-step work (barriers, TMA issue, the pairs' loads, the tap mask) is spread over 8
     # HGMMA instead of 4 (SASS per HGMMA: 46-48 against 61-78 at 8 warps, the prologue's
@@ -813,13 +820,22 @@ TRITON_VERSION = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2
 # and commits each wgmma as its own group (4 WARPGROUP.ARRIVE / DEPBAR, 3.8: 2). The
 # 128-row prologue tiles meet the bar under both (docs/triton_conv.md, "Triton 3.6").
 _MIN_TRITON = {("prologue", 256, 128, 64, 8): (3, 7)}
+# And from a Triton version on: dgrad's wide-K tile (fused, 128x64x128, 4 warps) meets the
+# bar under triton 3.6 (42.2-42.4 SASS per HGMMA at stride 1, 250 registers, no spill) but
+# not under 3.8: 255 registers and 3 values spilled inside the K loop (6-7 STL/LDL, 16 B),
+# results of the prologue's FFMAs, at 2 and 3 stages alike (a thread holds 128 A elements
+# of the K step, the previous step's 64 registers of A in flight with the wgmma, 64 of
+# accumulator and 32 coef_y values). 3.7 is unchecked (left out with 3.8).
+_BELOW_TRITON = {("fused", 128, 64, 128, 4): (3, 7)}
 
 
 def _triton_ok(mode, tile, version=None):
     """Whether ``tile`` of ``mode`` is autotuned under Triton ``version`` (default: the
-    installed one), per ``_MIN_TRITON``."""
+    installed one), per ``_MIN_TRITON`` and ``_BELOW_TRITON``."""
+    version = TRITON_VERSION if version is None else version
     need = _MIN_TRITON.get((mode, *tile[:4]))
-    return need is None or (TRITON_VERSION if version is None else version) >= need
+    below = _BELOW_TRITON.get((mode, *tile[:4]))
+    return (need is None or version >= need) and (below is None or version < below)
 
 
 def _mode(stem, fused):
@@ -914,34 +930,57 @@ def _in_budget(tiles, itemsize, budget):
 
 def _fits(tile, gemm_n, wide_ok, strided=False):
     """Shape pruning: no 128x256 tile under 256 output columns (nor where the epilogue
-    holds a second output-sized tile: it spills), no 64-wide one above 64, no 256-row one
-    at a stride > 1 (the prologue's 256x128 tile meets issue 21's 48 SASS per HGMMA at
-    stride 1, 46.2-47.8, not with the stride-2 view's box coordinates: 48.4)."""
-    m, n = tile[:2]
+    holds a second output-sized tile: it spills), no 64-wide one above 64 (but dgrad's
+    wide-K tile, ``_wide_k``), no 256-row one at a stride > 1 (the prologue's 256x128
+    tile meets issue 21's 48 SASS per HGMMA at stride 1, 46.2-47.8, not with the stride-2
+    view's box coordinates: 48.4)."""
+    m, n, k = tile[:3]
     if n > 128 and not wide_ok or m > 128 and strided:
         return False
-    return gemm_n is None or (n <= 128 or gemm_n >= 256) and (n >= 128 or gemm_n <= 64)
+    return gemm_n is None or (n <= 128 or gemm_n >= 256) and (
+        n >= 128 or gemm_n <= 64 or k == _WIDE_K)
+
+
+# dgrad's wide-K tile: BLOCK_K 128, 256-byte K rows in 16-bit, i.e. two 128-byte swizzle
+# atoms (Triton clamps the descriptor's box to 64 channels and has two warps copy the two
+# halves). Only where every K tile is whole: the tap loop walks C_out (dgrad's reduction
+# channels) in BLOCK_K steps.
+_WIDE_K = 128
+
+
+def _wide_k(tile, transposed, itemsize, channels, a_tma):
+    """Whether ``tile`` is dgrad's wide-K tile and may run: the transposed mode with dy
+    (and y) by TMA boxes (``a_tma``: stride 1, sm_90, dense), 16-bit operands, reduction
+    ``channels`` (C_out) a multiple of its BLOCK_K (None: unknown, no). Not with dy and
+    y through pointers (stride 2, sm_80, sparse strides): at stride 2 it reads 65-70 SASS
+    per HGMMA and spills 120-400 B (sm_90a, bf16, triton 3.6 / 3.8)."""
+    return (tile[2] == _WIDE_K and transposed and a_tma and itemsize == 2
+            and channels is not None and channels % _WIDE_K == 0)
 
 
 def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsize=2,
                  residual=False, budget=_SMEM_BUDGET, strided=False, wgmma=True,
-                 triton_version=None):
+                 triton_version=None, channels=None, a_tma=True):
     """The configs autotuned for one mode of ``_conv_kernel`` (``stem``: flat K loop;
     ``transposed``: dgrad; ``fused``: a prologue or the dReLU epilogue, the forward's
     BN-ReLU prologue with its own tiles, 128 rows per warpgroup, where the device has
     wgmma (``wgmma``: ``_wgmma_ok(device)``); ``residual``: an epilogue reading a
-    residual; ``strided``: a stride > 1), pruned to the GEMM's N, the stride, the
-    operands' element size, the device's shared memory (``budget``:
-    ``smem_budget(device)``) and the Triton version (``_MIN_TRITON``; default the
-    installed one). The first is deterministic mode's config."""
+    residual; ``strided``: a stride > 1; ``a_tma``: A by TMA), pruned to the GEMM's N,
+    the reduction channels (``channels``: the tap loop's, C_in of the forward, C_out of
+    dgrad; None: unknown), the stride, the A path, the operands' element size, the
+    device's shared memory (``budget``: ``smem_budget(device)``) and the Triton version
+    (``_MIN_TRITON``, ``_BELOW_TRITON``; default the installed one). The first is
+    deterministic mode's config."""
     if INTERPRET:
         return _configs([_INTERPRETER_TILE])
     mode = _mode(stem, fused)
     if mode == "fused" and not transposed and wgmma:
         mode = "prologue"
     tiles = [t for t in _CONV_TILES[mode] if _triton_ok(mode, t, triton_version)]
-    if not stem:  # 128-byte K rows: BLOCK_K 64 in 16-bit, 32 in fp32 (TF32)
-        tiles = [t for t in tiles if t[2] * itemsize == 128]
+    if not stem:  # 128-byte K rows: BLOCK_K 64 in 16-bit, 32 in fp32 (TF32); 256-byte
+        # rows for dgrad's wide-K tile where C_out allows it
+        tiles = [t for t in tiles if t[2] * itemsize == 128
+                 or _wide_k(t, transposed, itemsize, channels, a_tma)]
     wide_ok = not (residual or fused)
     tiles = [t for t in tiles if _fits(t, gemm_n, wide_ok, strided)] or tiles[-1:]
     return _configs(_in_budget(tiles, itemsize, budget))
@@ -991,7 +1030,9 @@ def _conv_prune(configs, nargs, **kw):
                                           nargs["GEMM_N"], nargs["X_ptr"].element_size(),
                                           kw["HAS_RESIDUAL"], smem_budget(nargs["X_ptr"].device),
                                           (nargs["STRIDE_H"], nargs["STRIDE_W"]) != (1, 1),
-                                          _wgmma_ok(nargs["X_ptr"].device))}
+                                          _wgmma_ok(nargs["X_ptr"].device),
+                                          channels=nargs.get("CI"),
+                                          a_tma=bool(kw.get("A_TMA", 0)))}
     return [c for c in configs if _key(c) in want]
 
 
@@ -1010,7 +1051,7 @@ def _wgrad_prune(configs, nargs, **kw):
 # by a tap-loop conv of the same GEMM shape (TAP_LOOP) wrote statistics rows past them.
 _CONV_KEY = ["GEMM_M", "GEMM_N", "GEMM_K", "TRANSPOSED", "TAP_LOOP", "PROLOGUE", "STATS",
              "DRELU", "HAS_RESIDUAL", "STRIDE_H", "STRIDE_W", "W_TMA", "A_TMA", "TILE_H",
-             "TILE_W", "PERSISTENT", "Y_TMA"]
+             "TILE_W", "PERSISTENT", "Y_TMA", "CI"]
 
 if INTERPRET:
     _conv_run = _conv_kernel
@@ -1065,9 +1106,12 @@ def _input_precision(dtype):
 
 
 def _tap_loop(channels):
-    """Tap-major K loop when the reduction channels fill whole K tiles (every config's
-    BLOCK_K divides them); the flattened (r, s, c) loop otherwise (the C=3 stem)."""
-    block_k = _INTERPRETER_TILE[2] if INTERPRET else max(t[2] for t in _union(_CONV_TILES))
+    """Tap-major K loop when the reduction channels fill whole K tiles (the BLOCK_K of
+    every config but dgrad's wide-K tile divides them; ``conv_configs`` keeps that one
+    where they fill its K tiles too); the flattened (r, s, c) loop otherwise (the C=3
+    stem)."""
+    block_k = _INTERPRETER_TILE[2] if INTERPRET else max(
+        t[2] for t in _union(_CONV_TILES) if t[2] != _WIDE_K)
     return channels % block_k == 0
 
 
@@ -1181,7 +1225,7 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     configs = conv_configs(stem=not _tap_loop(ci), fused=bool(prologue), gemm_n=co,
                            itemsize=x.element_size(), residual=residual is not None,
                            budget=smem_budget(x.device), strided=(sh, sw) != (1, 1),
-                           wgmma=_wgmma_ok(x.device))
+                           wgmma=_wgmma_ok(x.device), channels=ci)
     tap_loop = _tap_loop(ci)
     block_m, block_k = configs[0].kwargs["BLOCK_M"], configs[0].kwargs["BLOCK_K"]
     # B by TMA: the weight KRSC-contiguous, read as [C_out, R*S*C_in]
@@ -1353,8 +1397,14 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     if dbn and y.stride() != dy.stride():  # the kernel reads y at dy's offsets
         dy, y = (t.contiguous(memory_format=torch.channels_last) for t in (dy, y))
     _check_int32(GEMM_M=n * h * w, GEMM_K=gk)
-    configs = conv_configs(stem=not _tap_loop(co), transposed=True, fused=dbn or drelu,
-                           gemm_n=ci, itemsize=dy.element_size(), budget=smem_budget(dy.device))
+
+    def dgrad_configs(a_tma):
+        return conv_configs(stem=not _tap_loop(co), transposed=True, fused=dbn or drelu,
+                            gemm_n=ci, itemsize=dy.element_size(),
+                            budget=smem_budget(dy.device), strided=(sh, sw) != (1, 1),
+                            channels=co, a_tma=a_tma)
+
+    configs = dgrad_configs(True)
     # dy by TMA at stride 1 (one phase): M tiles are boxes of dx, TILE_N images x TILE_H x
     # TILE_W, and tap (r, s) reads the box of dy at (n0, h0 + pad - r, w0 + pad - s)
     a_tma, tile_h, tile_w, x_desc, py_desc = 0, 1, 1, None, None
@@ -1377,6 +1427,8 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
             gm = (triton.cdiv(n, tile_n) * triton.cdiv(h, tile_h) * triton.cdiv(w, tile_w)
                   * block_m)
             _check_int32(GEMM_M=gm)
+    if not a_tma:  # dy through pointers: without the wide-K tile (``_wide_k``)
+        configs = dgrad_configs(False)
     min_bm = min(c.kwargs["BLOCK_M"] for c in configs)
     rows = triton.cdiv(gm, min_bm)
     if drelu:

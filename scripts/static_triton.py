@@ -569,13 +569,33 @@ FWD_C_OUT = {
     "fwd eval 1x1 s1 bias+residual+relu": (256, 512, 1024, 2048),
 }
 
+# dgrad's (C_in, C_out) at the ResNet-50 convs each dgrad variant runs (the conv's stride;
+# the plain and the fused mode alike: conv1 and the downsample run the fused one with
+# the dBN prologue alone, conv2 and conv3 with the dReLU epilogue too, and each runs the
+# plain one without statistics' gradients): ``conv_configs`` prunes dgrad by its GEMM N,
+# C_in (no 64-wide tile above 64 but the wide-K one), and by its reduction channels,
+# C_out (the wide-K tile, BLOCK_K 128, only where C_out % 128 == 0). The stem (C_in = 3,
+# no input gradient) is not a dgrad row.
+_DGRAD_S1 = ((64, 64), (64, 256), (128, 128), (128, 512), (256, 64), (256, 128),
+             (256, 256), (256, 1024), (512, 128), (512, 256), (512, 512), (512, 2048),
+             (1024, 256), (1024, 512), (2048, 512))
+_DGRAD_S2 = ((128, 128), (256, 256), (256, 512), (512, 512), (512, 1024), (1024, 2048))
+DGRAD_CHANNELS = {
+    "dgrad s1 (TMA boxes)": _DGRAD_S1,
+    "dgrad s1 (TMA boxes) dBN prologue + dReLU epilogue": _DGRAD_S1,
+    "dgrad s2 (dy by pointers)": _DGRAD_S2,
+    "dgrad s2 (dy by pointers) dBN prologue + dReLU epilogue": _DGRAD_S2,
+}
 
-def _configs_at(kc, c_outs, **kw):
-    """The union of ``conv_configs(gemm_n=c, **kw)`` over ``c_outs``, in first-seen order
-    (``(None,)``: every config of the mode)."""
+
+def _configs_at(kc, shapes, **kw):
+    """The union of ``conv_configs(gemm_n=c, **kw)`` over ``shapes``, in first-seen order
+    (``(None,)``: every config of the mode; a pair (gemm_n, channels) also gives the
+    reduction channels)."""
     seen, out = set(), []
-    for c in c_outs:
-        for cfg in kc.conv_configs(gemm_n=c, **kw):
+    for c in shapes:
+        n, ch = c if isinstance(c, tuple) else (c, None)
+        for cfg in kc.conv_configs(gemm_n=n, channels=ch, **kw):
             key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
             if key not in seen:
                 seen.add(key)
@@ -623,6 +643,7 @@ def conv_specs(quick: bool):
            "dgrad s2 (dy by pointers) dBN prologue + dReLU epilogue":
                dict(TRANSPOSED=True, PROLOGUE=2, HAS_RESIDUAL=True, DRELU=True)}
     assert set(FWD_C_OUT) <= set(fwd), set(FWD_C_OUT) - set(fwd)
+    assert set(DGRAD_CHANNELS) <= set(fwd), set(DGRAD_CHANNELS) - set(fwd)
     if quick:
         fwd = {k: v for k, v in fwd.items() if k in (
             "fwd 3x3 s1 (TMA boxes) bn-relu prologue +stats", "fwd stem C=3 (flat K) +stats",
@@ -660,12 +681,14 @@ def conv_specs(quick: bool):
         unit = dict(sxc=1, swi=1, syc=1, src=1, sec=1)  # channels_last, KRSC
         for name, sw in fwd.items():
             stem = not sw.get("TAP_LOOP", True)
-            for cfg in _configs_at(kc, FWD_C_OUT.get(name, (None,)), stem=stem,
+            shapes = FWD_C_OUT.get(name) or DGRAD_CHANNELS.get(name) or (None,)
+            strided = sw.get("A_TMA") == 3 or (sw.get("TRANSPOSED") and not sw.get("A_TMA"))
+            for cfg in _configs_at(kc, shapes, stem=stem,
                                    transposed=sw.get("TRANSPOSED", False),
                                    fused=bool(sw.get("PROLOGUE") or sw.get("DRELU")),
                                    itemsize=4 if dt == "fp32" else 2,
                                    residual=sw.get("HAS_RESIDUAL", False),
-                                   strided=sw.get("A_TMA") == 3):
+                                   strided=strided, a_tma=bool(sw.get("A_TMA"))):
                 consts = dict(off, **sw, INPUT_PRECISION=prec, **unit, **cfg.kwargs)
                 # as conv_fwd launches it: the forward without a prologue is persistent
                 consts["PERSISTENT"] = not consts["TRANSPOSED"] and not consts["PROLOGUE"]

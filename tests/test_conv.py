@@ -1258,15 +1258,15 @@ def test_autotune_key_fixes_the_config_list(monkeypatch):
     monkeypatch.setattr(kconv, "INTERPRET", False)
     every = kconv._configs(kconv._union(kconv._CONV_TILES))
     lists = {}
-    for tap, transposed, fused, residual, stride, gemm_n, dtype in itertools.product(
+    for tap, transposed, fused, residual, stride, gemm_n, dtype, ci in itertools.product(
             (True, False), (False, True), (False, True), (False, True), (1, 2),
-            (64, 128, 2048), (torch.bfloat16, torch.float32)):
+            (64, 128, 2048), (torch.bfloat16, torch.float32), (64, 128)):
         kw = dict(TAP_LOOP=tap, TRANSPOSED=transposed,
                   PROLOGUE=(2 if transposed else 1) if fused else 0, DRELU=False,
                   HAS_RESIDUAL=residual and not transposed, STATS=True, W_TMA=False,
                   A_TMA=0, TILE_H=1, TILE_W=1, PERSISTENT=False, Y_TMA=0)
         nargs = dict(GEMM_M=4096, GEMM_N=gemm_n, GEMM_K=576, STRIDE_H=stride,
-                     STRIDE_W=stride, X_ptr=torch.empty(0, dtype=dtype))
+                     STRIDE_W=stride, X_ptr=torch.empty(0, dtype=dtype), CI=ci)
         launch = {**nargs, **kw}
         key = tuple(launch[k] for k in kconv._CONV_KEY) + (dtype,)
         got = sorted(kconv._key(c) for c in kconv._conv_prune(every, nargs, **kw))

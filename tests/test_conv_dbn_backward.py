@@ -6,6 +6,7 @@ cached; "fused" on CPU, under capture / tracing / deterministic mode).
 Gradients are judged against float64 autograd of the reference composite; the timing
 logic of "auto" runs here with a fake timer (the interpreter is never timed).
 """
+import itertools
 import os
 
 import torch
@@ -428,3 +429,147 @@ def test_dgrad_dbn_constant_at_the_border(monkeypatch, case, dtype):
     # fp32 at stride 1 takes the TMA boxes (where dy and y are zero-filled, no tap mask)
     want_tma = 2 if (dtype, st) == (torch.float32, 1) and K.TensorDescriptor is not None else 0
     assert seen[-1]["A_TMA"] == want_tma and seen[-1]["HAS_RESIDUAL"], seen[-1]
+
+
+# dgrad's wide-K tile (kernels/conv.py ``_wide_k``): 128x64 at BLOCK_K 128, 4 warps, for the
+# fused transposed mode where C_out (the reduction channels) % 128 == 0 and dy comes by TMA
+WIDE = (128, 64, 128, 4)
+
+
+def _tiles(configs):
+    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
+            for c in configs}
+
+
+def test_dgrad_wide_k_tile_is_pruned_by_shape(monkeypatch):
+    """The wide-K tile is autotuned (conv_configs and the autotuner's prune alike) only for
+    the fused transposed mode, C_out % 128 == 0 (at any C_in), 16-bit, dy by TMA, triton
+    < 3.7; the tap loop's K unit stays 64, so the 64-channel layers keep it; C_out is in
+    the autotune key (the prune reads it); deterministic mode's first config stays the
+    BLOCK_K 64 one."""
+    monkeypatch.setattr(K, "INTERPRET", False)
+    assert K._tap_loop(64) and K._tap_loop(192) and not K._tap_loop(96)
+    assert "CI" in K._CONV_KEY
+    every = K._configs(K._union(K._CONV_TILES))
+    for version, ci, co, fused, size, a_tma in itertools.product(
+            ((3, 6), (3, 8)), (64, 128, 2048), (64, 128, 192, 256, 2048), (False, True),
+            (2, 4), (False, True)):
+        monkeypatch.setattr(K, "TRITON_VERSION", version)
+        kw = dict(transposed=True, fused=fused, gemm_n=ci, itemsize=size, channels=co,
+                  a_tma=a_tma)
+        got = K.conv_configs(**kw)
+        want = fused and co % 128 == 0 and size == 2 and a_tma and version < (3, 7)
+        assert (WIDE in _tiles(got)) == want, (version, ci, co, fused, size, a_tma)
+        assert got[0].kwargs["BLOCK_K"] * size == 128
+        nargs = dict(GEMM_N=ci, CI=co, STRIDE_H=1, STRIDE_W=1,
+                     X_ptr=torch.empty(0, dtype=torch.bfloat16 if size == 2 else torch.float32))
+        pruned = K._conv_prune(every, nargs, TAP_LOOP=True, TRANSPOSED=True,
+                               PROLOGUE=2 if fused else 0, DRELU=False, HAS_RESIDUAL=fused,
+                               A_TMA=2 if a_tma else 0)
+        assert {K._key(c) for c in pruned} == {K._key(c) for c in got}
+    # never in the forward, whatever its channels
+    monkeypatch.setattr(K, "TRITON_VERSION", (3, 6))
+    for fused, wgmma in itertools.product((False, True), repeat=2):
+        assert WIDE not in _tiles(K.conv_configs(fused=fused, gemm_n=128, channels=128,
+                                                 wgmma=wgmma))
+
+
+@pytest.mark.parametrize("what", ["c_out 256", "c_out 64", "sparse dy", "stride 2", "fp32"])
+def test_dgrad_launcher_offers_the_wide_k_tile(monkeypatch, what):
+    """conv_dgrad (sm_90 as the autotuner sees it: TMA allowed, triton 3.6) hands the
+    wide-K tile to the autotuner where dy and y go by TMA boxes and C_out % 128 == 0, with
+    the box and weight-tile shapes of each config set by the pre-hook (the 256-byte K rows
+    of dy, y and the [128, 64] weight box); not at C_out 64, not with dy through pointers
+    (sparse strides, stride 2), not in fp32."""
+    monkeypatch.setattr(K, "INTERPRET", False)
+    monkeypatch.setattr(K, "TRITON_VERSION", (3, 6))
+    monkeypatch.setattr(K, "_tma_ok", lambda t: K.TensorDescriptor is not None)
+    if K.TensorDescriptor is None:
+        pytest.skip("no host TMA descriptors in this triton")
+    seen = {}
+
+    def launch(run, configs, grid, args, kwargs):
+        seen.update(configs=configs, args=args, kwargs=kwargs)
+        return configs[0].kwargs
+
+    monkeypatch.setattr(K, "_launch", launch)
+    n, ci, h, co, st = 2, 64, 6, (64 if what == "c_out 64" else 256), 1
+    st = 2 if what == "stride 2" else 1
+    dtype = torch.float32 if what == "fp32" else torch.bfloat16
+    p = (h + 2 - 3) // st + 1
+    g = torch.Generator().manual_seed(3)
+    cl = torch.channels_last
+    dy, y = (torch.randn(n, co, p, p, generator=g).to(dtype).contiguous(memory_format=cl)
+             for _ in range(2))
+    if what == "sparse dy":
+        dy, y = dy.contiguous(), y.contiguous()
+    w = torch.randn(co, ci, 3, 3, generator=g).to(dtype).contiguous(memory_format=cl)
+    coef = torch.randn(co, generator=g)
+    K.conv_dgrad(dy, w, (h, h), st, 1, y=y, coef_y=coef, coef_c=coef)
+    tiles = _tiles(seen["configs"])
+    assert (WIDE in tiles) == (what == "c_out 256"), (what, tiles)
+    assert seen["kwargs"]["A_TMA"] == (2 if what in ("c_out 256", "c_out 64", "fp32") else 0)
+    if what != "c_out 256":
+        return
+    names = K._conv_kernel.arg_names
+    for cfg in seen["configs"]:
+        nargs = {**dict(zip(names, seen["args"])), **seen["kwargs"], **cfg.kwargs}
+        cfg.pre_hook(nargs)
+        bm, bn, bk = (cfg.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        th, tw = seen["kwargs"]["TILE_H"], seen["kwargs"]["TILE_W"]
+        for name in ("X_desc", "PY_desc"):
+            assert nargs[name].block_shape == [bm // (th * tw), th, tw, bk], (name, cfg)
+        assert nargs["W_desc"].block_shape == [bk, bn], cfg
+        assert nargs["CI"] == co  # the reduction channels the prune reads
+
+
+def test_dgrad_wide_k_tile_runs(monkeypatch):
+    """The dBN prologue + dReLU epilogue dgrad run with the wide-K tile (128 rows, 64
+    columns, BLOCK_K 128: two channel tiles per tap at C_out 256, a partial second N tile
+    at C_in 96), dy and y by TMA boxes, against float64: in the interpreter (its one tile
+    set to the wide-K blocks; fp32, IEEE), and on CUDA in bf16 with the autotuner given
+    that config alone (whatever the installed Triton)."""
+    cuda = DEVICE == "cuda"
+    if cuda:
+        monkeypatch.setattr(K, "TRITON_VERSION", (3, 6))
+        full = K.conv_configs
+        monkeypatch.setattr(K, "conv_configs", lambda *a, **kw: [
+            c for c in full(*a, **kw) if c.kwargs["BLOCK_K"] == WIDE[2]] or full(*a, **kw))
+    else:
+        monkeypatch.setattr(K, "_INTERPRETER_TILE", WIDE + (1,))
+    dtype = torch.bfloat16 if cuda else torch.float32
+    n, ci, h, co = 2, 96, 6, 256
+    g = torch.Generator().manual_seed(11)
+    cl = torch.channels_last
+    dy, y = (torch.randn(n, co, h, h, generator=g, dtype=torch.float64) for _ in range(2))
+    w = torch.randn(co, ci, 3, 3, generator=g, dtype=torch.float64) / (9 * co) ** 0.5
+    y_prev = torch.randn(n, ci, h, h, generator=g, dtype=torch.float64)
+    cy, cc = (torch.randn(co, generator=g, dtype=torch.float64) for _ in range(2))
+    scale = torch.rand(ci, generator=g, dtype=torch.float64) + 0.5
+    shift = torch.randn(ci, generator=g, dtype=torch.float64) * 0.3
+    seen = []
+    launch = K._launch
+    monkeypatch.setattr(K, "_launch", lambda run, cfgs, grid, args, kw: seen.append(
+        (kw, cfgs[0].kwargs)) or launch(run, cfgs, grid, args, kw))
+    dy, y, w, y_prev = (t.to(dtype).double() for t in (dy, y, w, y_prev))  # as rounded
+    dev = [t.to(DEVICE, dtype).contiguous(memory_format=cl) for t in (dy, y, w, y_prev)]
+    coefs = [t.to(DEVICE, torch.float32) for t in (cy, cc, scale, shift)]
+    got, sum_g, sum_gy = K.conv_dgrad(dev[0], dev[2], (h, h), 1, 1, y=dev[1],
+                                      coef_y=coefs[0], coef_c=coefs[1], y_prev=dev[3],
+                                      scale=coefs[2], shift=coefs[3])
+    kw, cfg = seen[-1]
+    assert kw["A_TMA"] == 2 and kw["PROLOGUE"] == 2 and kw["DRELU"], kw
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == WIDE[:3]
+    total = dy + y * cy.view(1, -1, 1, 1) + cc.view(1, -1, 1, 1)
+    da = torch.nn.grad.conv2d_input((n, ci, h, h), w, total, 1, 1)
+    gate = (y_prev * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)) > 0
+    gg = torch.where(gate, da, torch.zeros_like(da))
+    # bf16: dy + y*cy is rounded to bf16 as the operand (and dx at its store)
+    rtol = 2e-2 if cuda else 2e-5
+    tol = rtol * da.abs().max().item()
+    torch.testing.assert_close(got.double().cpu(), gg * scale.view(1, -1, 1, 1), rtol=rtol,
+                               atol=tol)
+    torch.testing.assert_close(sum_g.double().cpu(), gg.sum((0, 2, 3)), rtol=rtol * 5,
+                               atol=tol * 10)
+    torch.testing.assert_close(sum_gy.double().cpu(), (gg * y_prev).sum((0, 2, 3)),
+                               rtol=rtol * 5, atol=tol * 10)
