@@ -60,12 +60,21 @@ def call(lock: threading.Lock, statuses: Dict[Hashable, str], key: Hashable,
     except RuntimeError as exc:
         if raise_when_compiling and torch.compiler.is_compiling():
             raise
-        line = error_line(exc, limit)
-        remember(lock, statuses, key, prefix + (line.replace(prefix, "", 1) if prefix else line))
+        remember(lock, statuses, key, prefix + _unstated(error_line(exc, limit), prefix))
         return None
     if key not in statuses:
         remember(lock, statuses, key, "")
     return out
+
+
+def _unstated(line: str, step: str) -> str:
+    """``line`` less ``step`` where it states it as its step: first, or right after its
+    head (the C++ ops' "fusedres <op>: execute failed: ..."); elsewhere it is the
+    message's own text, kept."""
+    if step and line.startswith(step):
+        return line[len(step):]
+    head, sep, rest = line.partition(": ")
+    return head + sep + rest[len(step):] if step and sep and rest.startswith(step) else line
 
 
 def rows(lock: threading.Lock, statuses: Dict[Hashable, str],

@@ -63,6 +63,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import _timm
 from . import conv as fconv
@@ -276,8 +277,9 @@ def _fold_sources(conv, bn):
 
 def _fold_key(conv, bn):
     # ``param.data = new`` keeps the Parameter (its id) and its version counter: the
-    # storage address tells the new data apart (the cache entry holds the sources'
-    # storages, so no later tensor can be given one of those addresses while it is kept)
+    # storage address tells the new data apart. The cache entry holds weak references to
+    # the sources' storages, used only while they all live (``folded_weights``): a live
+    # storage's address is no other tensor's, and a replaced storage is not kept alive
     return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) if t is not None
                  else None for t in _fold_sources(conv, bn)) + (bn.eps, id(bn))
 
@@ -305,7 +307,7 @@ def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d):
     tracing = torch.jit.is_tracing()
     key = _fold_key(conv, bn)
     hit = None if tracing else _FOLDED.get(conv)
-    if hit is not None and hit[0] == key:
+    if hit is not None and hit[0] == key and not any(r.expired() for r in hit[4]):
         return hit[1], hit[2]
     if _capturing(conv.weight.device):
         return None
@@ -321,10 +323,10 @@ def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d):
             shift = shift + conv.bias.to(acc) * scale
         w = (conv.weight.to(acc) * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
         b = shift.to(conv.weight.dtype)
-    if not tracing:  # {}: w packed for oneDNN per input shape; then the sources' storages
-        # (detached aliases: the key's addresses stay theirs while the entry lives)
-        _FOLDED[conv] = (key, w, b, {},
-                         tuple(t.detach() for t in _fold_sources(conv, bn) if t is not None))
+    if not tracing:  # {}: w packed for oneDNN per input shape; then weak references to
+        # the sources' storages (the key's addresses are theirs while none has expired)
+        _FOLDED[conv] = (key, w, b, {}, tuple(StorageWeakRef(t.untyped_storage())
+                                              for t in _fold_sources(conv, bn) if t is not None))
     return w, b
 
 

@@ -340,6 +340,31 @@ def test_eval_folding_cache_follows_updates():
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-9, atol=1e-9)
 
 
+def test_eval_fold_cache_keeps_no_replaced_storage():
+    """``.to()`` replaces every source's storage (``param.data = new``, new buffers): the
+    fold cache must not keep the old ones alive (a model moved off a GPU would keep its
+    weights there until its next eval run), and the next eval run folds the new values."""
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    ref, fused = _pair(models.TinyResNet, "cpu", "reference_primitives")
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    ref.eval(), fused.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-9, atol=1e-9)
+    conv, bn = fused.block3.conv1, fused.block3.bn1
+    assert conv in fnn._FOLDED
+    old = [StorageWeakRef(t.untyped_storage()) for t in fnn._fold_sources(conv, bn)
+           if t is not None]
+    fused.float(), ref.float()
+    gc.collect()
+    assert all(r.expired() for r in old), [r.expired() for r in old]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x.float()), ref(x.float()), rtol=1e-4, atol=1e-4)
+    assert fnn._FOLDED[conv][0] == fnn._fold_key(conv, bn)
+
+
 def test_no_folding_without_running_stats():
     class Block(nn.Module):
         def __init__(self):

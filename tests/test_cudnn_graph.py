@@ -4,6 +4,7 @@ graphs standing in for cuDNN (float64: outputs, every gradient, running statisti
 fake kernel, and what tune/doctor offer on CPU. The graphs themselves run only on a GPU
 (fusedres-bench doctor, scripts/gpu_cudnn_sites.py)."""
 import importlib
+import threading
 
 import pytest
 import torch
@@ -250,6 +251,28 @@ def test_backward_graph_that_fails_to_execute_falls_back(monkeypatch):
     # the C++ op's own message (csrc/cuda/cudnn_graph.cpp, execute) says "execute failed"
     # too: the status says it once, then the op and cuDNN's message
     assert wgrad[0]["status"] == "execute failed: fusedres cudnn_graph_wgrad: faked"
+
+
+@pytest.mark.parametrize("message, status", [
+    ("fusedres cudnn_graph_wgrad: execute failed: faked",  # the C++ op's own statement
+     "execute failed: fusedres cudnn_graph_wgrad: faked"),
+    ("execute failed: faked", "execute failed: faked"),
+    # the words elsewhere in the message are its text, kept as they are
+    ("fusedres cudnn_graph_wgrad: cudnn-frontend: graph execute failed: faked",
+     "execute failed: fusedres cudnn_graph_wgrad: cudnn-frontend: graph execute failed: faked"),
+    ("CUDA error: misaligned address", "execute failed: CUDA error: misaligned address")])
+def test_remembered_failure_states_the_step_once(message, status):
+    """``_remembered.call``'s prefix is dropped from the error's line only where the line
+    states it as its step (first, or right after the op's name), never from its text."""
+    from fusedres import _remembered
+
+    def fail():
+        raise RuntimeError(message + "\nException raised from execute at cudnn_graph.cpp")
+
+    statuses = {}
+    assert _remembered.call(threading.Lock(), statuses, "k", fail,
+                            prefix="execute failed: ") is None
+    assert statuses == {"k": status}
 
 
 def test_fused_backward_switch(graph_calls, monkeypatch):
