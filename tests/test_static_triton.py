@@ -559,6 +559,28 @@ def test_triton36_table_is_current_and_meets_the_bar():
     assert not found, "\n".join(found) + "\nRerun the Triton 3.6 check: " + TRITON36_RERUN
 
 
+TRITON38 = os.path.join(ROOT, "benchmarks", "static", "triton.json")
+
+
+def test_triton38_table_is_current():
+    """The committed table of CI's Triton (benchmarks/static/triton.md, which the docs
+    quote) was made from the current kernel sources: every source its rows came from is
+    recorded with its digest. The bar itself is enforced on fresh compiles by the tests
+    above; this keeps the committed figures from going stale at a merge."""
+    pytest.importorskip("triton")
+    S = _script_module()
+    with open(TRITON38) as f:
+        report = json.load(f)
+    recorded = report.get("sources") or {}
+    stale = [f"{path}: digest {str(recorded.get(path))[:12]}, now "
+             f"{S.source_digest(path)[:12]}"
+             for path in sorted({S.row_source(r["kernel"]) for r in report["results"]})
+             if recorded.get(path) != S.source_digest(path)]
+    assert not stale, ("benchmarks/static/triton.json is older than the kernel sources ("
+                       + "; ".join(stale) + "): rerun .venv/bin/python "
+                       "scripts/static_triton.py and commit benchmarks/static/")
+
+
 def _dbn_s1_row(table):
     """The bf16 dgrad s1 dBN row of the 128x64x64 tile in a triton.json."""
     return next(r for r in table["results"] if r["dtype"] == "bf16"
