@@ -1,5 +1,6 @@
 """The on-disk cache of ``fusedres.tune``'s decisions (and of the other timed choices:
-``fusedres.conv.dbn_backward="auto"``'s; each owner's warnings name it).
+``fusedres.conv.dbn_backward="auto"``'s, and the Triton conv autotuners' configs,
+``fusedres.kernels.autotune``, in ``autotune-*.json``; each owner's warnings name it).
 
 Where: ``$FUSEDRES_CACHE_DIR``, else ``$XDG_CACHE_HOME/fusedres``, else
 ``~/.cache/fusedres``; ``FUSEDRES_CACHE=0`` turns it off. One JSON file per
@@ -101,28 +102,32 @@ def digest(obj) -> str:
 
 class DecisionCache:
     """``get(signature)`` / ``put(signature, entry)`` in memory, ``save()`` to disk.
-    ``owner``: who decides (the switch a user would look up), the prefix of its warnings."""
+    ``owner``: who decides (the switch a user would look up), the prefix of its warnings;
+    ``prefix``: of the file's name."""
 
-    def __init__(self, directory: Optional[str], env: dict, owner: str = "fusedres.tune"):
+    def __init__(self, directory: Optional[str], env: dict, owner: str = "fusedres.tune",
+                 prefix: str = "tune"):
         self.directory = directory
         self.env = env
         self.owner = owner
-        self.path = (os.path.join(directory, f"tune-{digest(env)[:20]}.json")
+        self.path = (os.path.join(directory, f"{prefix}-{digest(env)[:20]}.json")
                      if directory else None)
         self.entries: dict = {}
         self.new: dict = {}
         if self.path:
             self.entries = self._read()
 
-    def _read(self) -> dict:
+    def _read(self, warn=True) -> dict:
+        """The entries on disk; {} (with a warning if ``warn``) where there are none."""
         try:
             with open(self.path) as f:
                 text = f.read()
         except FileNotFoundError:
             return {}
         except OSError as exc:
-            warnings.warn(f"{self.owner}: cannot read the decision cache {self.path} ({exc}); "
-                          "deciding without it", RuntimeWarning, stacklevel=3)
+            if warn:
+                warnings.warn(f"{self.owner}: cannot read the decision cache {self.path} ({exc}); "
+                              "deciding without it", RuntimeWarning, stacklevel=3)
             return {}
         try:
             data = json.loads(text)
@@ -135,8 +140,9 @@ class DecisionCache:
             if not isinstance(entries, dict):
                 raise ValueError("no decisions table")
         except (ValueError, KeyError, TypeError) as exc:
-            warnings.warn(f"{self.owner}: ignoring the decision cache {self.path}: "
-                          f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
+            if warn:
+                warnings.warn(f"{self.owner}: ignoring the decision cache {self.path}: "
+                              f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=3)
             return {}
         return entries
 
@@ -168,7 +174,7 @@ class DecisionCache:
         try:
             os.makedirs(self.directory, exist_ok=True)
             with _locked(self.path + ".lock"):
-                merged = self._read()
+                merged = self._read(warn=False)  # a bad file was warned of on load: replaced
                 merged.update(self.new)
                 fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tune-", suffix=".tmp")
                 try:

@@ -5,6 +5,10 @@ their backward), ``conv.py`` (implicit-GEMM convolution with fused prologue/epil
 Importing this package does not import triton; each file does.
 """
 import contextlib
+import functools
+import hashlib
+import inspect
+import json
 
 import torch
 
@@ -19,15 +23,121 @@ def device_guard(t: torch.Tensor):
 
 
 def autotune(configs, key, **kwargs):
-    """``triton.autotune`` with its choices kept on disk where this Triton can
-    (``cache_results``, Triton >= 3.3): each new shape is benchmarked once per machine
-    rather than once per process -- a ResNet-50's first training step otherwise re-times
-    every BN and conv kernel family at every layer shape -- and a second process runs the
-    configs the first one picked (the same bits, not a fresh timing-based choice)."""
-    import inspect
+    """``triton.autotune`` with its choices kept on disk: each new shape (autotune key) is
+    benchmarked once per machine rather than once per process -- a ResNet-50's first
+    training step otherwise re-times every BN and conv kernel family at every layer
+    shape -- and a later process runs the config the first one picked (the same bits,
+    not a fresh timing-based choice). Triton (>= 3.3, ``cache_results``) calls the
+    autotuner's ``check_disk_cache`` for each key it has no choice for; there are two
+    stores, by the kind of config:
 
+    * without a ``pre_hook`` (the BN kernels): Triton's own, in Triton's cache directory
+      (``TRITON_CACHE_DIR``, else ``~/.triton/cache``);
+    * with one (the conv and wgrad kernels: it sets the TMA descriptors' block shapes per
+      config), which Triton does not keep ("We can't serialize prehooks"): fusedres's,
+      ``_check_disk_cache``, in fusedres's cache directory (``fusedres._tune_cache``:
+      ``$FUSEDRES_CACHE_DIR``, else ``$XDG_CACHE_HOME/fusedres`` or
+      ``~/.cache/fusedres``; ``FUSEDRES_CACHE=0`` turns it off), ``autotune-<hash>.json``.
+
+    Neither runs under the interpreter (Triton turns ``cache_results`` off there)."""
     import triton
 
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         kwargs.setdefault("cache_results", True)
-    return triton.autotune(configs=configs, key=key, **kwargs)
+    run = triton.autotune(configs=configs, key=key, **kwargs)
+    if not any(c.pre_hook for c in configs):
+        return run
+
+    def decorator(fn):
+        tuner = run(fn)
+        tuner.check_disk_cache = functools.partial(_check_disk_cache, tuner)
+        return tuner
+
+    return decorator
+
+
+# (autotuner, device) -> its DecisionCache, or None where fusedres's cache is off
+_AUTOTUNE_DISK: dict = {}
+
+
+def _check_disk_cache(run, tuning_key, configs, bench_fn) -> bool:
+    """``Autotuner.check_disk_cache`` for configs with a pre_hook (Triton 3.3-3.8 call it
+    where ``run.cache`` has no choice for ``tuning_key``, with the configs left after
+    pruning; True: ``run.cache[tuning_key]`` was filled from disk, no timing).
+
+    The file (one per kernel and environment) is named by, and holds, the device name and
+    capability, torch/CUDA/Triton versions, the fusedres build, the kernel's JIT cache
+    key (its source and the ``@jit`` functions it calls) and every config it can run
+    (``fusedres._tune_cache.environment``); an entry, by the key Triton formed (the
+    values of the ``key=`` arguments and every tensor argument's dtype) and the configs
+    offered. A hit whose config is not offered is a miss. A miss times the configs
+    (``bench_fn``) and records the winner, except under CUDA-graph capture or
+    torch.compile tracing. A damaged or foreign file is ignored with one warning and
+    replaced by the next write; writes are atomic and merge with other processes'."""
+    device = next((v.device for v in (run.nargs or {}).values() if isinstance(v, torch.Tensor)),
+                  None)
+    disk = _autotune_disk(run, device) if device is not None else None
+    if disk is None:
+        bench_fn()
+        return False
+    offered = {_config_name(c): c for c in configs}
+    signature = {"op": run.base_fn.__name__, "shapes": [repr(v) for v in tuning_key],
+                 "configs": _digest(sorted(offered))}
+    entry = disk.get(signature)
+    if entry is not None and entry["choice"] in offered:
+        config = offered[entry["choice"]]
+        run.cache[tuning_key] = config
+        run.configs_timings = {config: entry.get("ms")}  # as Triton's own hit sets it
+        return True
+    bench_fn()
+    if not _tracing_or_capturing(device):
+        best = run.cache[tuning_key]
+        disk.put(signature, {"choice": _config_name(best),
+                             "ms": getattr(run, "configs_timings", {}).get(best)})
+        disk.save()
+    return False
+
+
+def _autotune_disk(run, device):
+    """The DecisionCache of ``run`` on ``device`` (made once per process), None when
+    fusedres's cache is off."""
+    memo = (run, str(device))
+    if memo not in _AUTOTUNE_DISK:
+        from fusedres import _tune_cache
+
+        directory = _tune_cache.cache_dir()
+        disk = None
+        if directory is not None:
+            env = _tune_cache.environment(device, [_config_name(c) for c in run.configs])
+            env.update(kernel=run.base_fn.__name__, source=_kernel_digest(run))
+            disk = _tune_cache.DecisionCache(directory, env, owner="fusedres.kernels.autotune",
+                                             prefix="autotune")
+        _AUTOTUNE_DISK[memo] = disk
+    return _AUTOTUNE_DISK[memo]
+
+
+def _config_name(cfg) -> str:
+    """What makes a config distinct to Triton (``Config.__eq__``: every launch option and
+    the pre_hook), as text."""
+    hook = cfg.pre_hook
+    return json.dumps({**cfg.all_kwargs(), "pre_hook": getattr(hook, "__qualname__", hook)},
+                      sort_keys=True, default=str)
+
+
+def _kernel_digest(run) -> str:
+    """The JIT function's cache key (its source and the ``@jit`` functions it calls);
+    the source of the Python function where there is none (the interpreter)."""
+    fn = run.fn
+    while not hasattr(fn, "cache_key") and hasattr(fn, "fn"):
+        fn = fn.fn
+    text = getattr(fn, "cache_key", None)
+    return text if isinstance(text, str) else _digest(inspect.getsource(run.base_fn))
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _tracing_or_capturing(device) -> bool:
+    return torch.compiler.is_compiling() or (
+        device.type == "cuda" and torch.cuda.is_current_stream_capturing())
