@@ -15,7 +15,9 @@ One kernel, ``_conv_kernel``, with constexpr switches:
 * ``TRANSPOSED``: the data-gradient (dgrad) of a strided conv, i.e. a transposed conv
   of dy with the same weight read as [C_in, R, S, C_out] through its strides, split into
   stride_h*stride_w sub-pixel phases (grid axis 1) so each phase iterates only the taps
-  that reach it (no multiply is wasted on stride holes).
+  that reach it (no multiply is wasted on stride holes). Within a phase it is a stride-1
+  correlation of dy, so with ``A_TMA`` 2 its M tiles are boxes of the phase's dx pixels
+  and each tap reads a box of dy [N, P, Q, C_out] (at any stride; stride 1: one phase).
 * ``TAP_LOOP``: K tiles are (tap, channel block) with contiguous channels when
   C % BLOCK_K == 0, walked with counters (no division in the K loop); otherwise (r, s, c)
   is flattened (the C=3 stem).
@@ -152,6 +154,25 @@ def _box_rows_in(LANES_ptr, th0, tw0, dh, dw, STRIDE_H, STRIDE_W, IH, IW,
 
 
 @triton.jit
+def _dgrad_phase(phase, OH, OW, R, S, STRIDE_H, STRIDE_W, PAD_H, PAD_W):
+    """Sub-pixel phase ``phase`` (a, b) of dgrad (``TRANSPOSED``; OH x OW is dx): the dx
+    pixels h = a - PAD_H + STRIDE_H*i for i in [i_min, i_min + h_cnt) (w likewise), which
+    only the taps r = a + STRIDE_H*tr reach. Returns (a, b, i_min, j_min, h_cnt, w_cnt,
+    tap_s, taps): taps per tap row and in all. Per tile, never in the K loop."""
+    pa = phase // STRIDE_W
+    pb = phase % STRIDE_W
+    i_min = tl.maximum((PAD_H - pa + STRIDE_H - 1) // STRIDE_H, 0)
+    j_min = tl.maximum((PAD_W - pb + STRIDE_W - 1) // STRIDE_W, 0)
+    i_num = OH - 1 - pa + PAD_H
+    j_num = OW - 1 - pb + PAD_W
+    h_cnt = tl.where(i_num < 0, 0, tl.maximum(i_num // STRIDE_H - i_min + 1, 0))
+    w_cnt = tl.where(j_num < 0, 0, tl.maximum(j_num // STRIDE_W - j_min + 1, 0))
+    tap_s = tl.maximum((S - pb + STRIDE_W - 1) // STRIDE_W, 0)
+    taps = tl.maximum((R - pa + STRIDE_H - 1) // STRIDE_H, 0) * tap_s
+    return pa, pb, i_min, j_min, h_cnt, w_cnt, tap_s, taps
+
+
+@triton.jit
 def _as_f32(a):
     """``a`` in fp32. bf16 by its bits (exact: bf16 is the upper half of an fp32): one
     integer op per element, where the conversion costs two for the upper element of each
@@ -250,14 +271,8 @@ def _conv_kernel(
             # taps r = a + j*stride_h (s likewise) reach it, from A row i - j where
             # h = a - pad_h + stride_h*i. No tap is wasted on a masked multiply.
             phase = tl.program_id(1)
-            pa = phase // STRIDE_W
-            pb = phase % STRIDE_W
-            i_min = tl.maximum((PAD_H - pa + STRIDE_H - 1) // STRIDE_H, 0)
-            j_min = tl.maximum((PAD_W - pb + STRIDE_W - 1) // STRIDE_W, 0)
-            i_num = OH - 1 - pa + PAD_H
-            j_num = OW - 1 - pb + PAD_W
-            h_cnt = tl.where(i_num < 0, 0, tl.maximum(i_num // STRIDE_H - i_min + 1, 0))
-            w_cnt = tl.where(j_num < 0, 0, tl.maximum(j_num // STRIDE_W - j_min + 1, 0))
+            pa, pb, i_min, j_min, h_cnt, w_cnt, tap_s, taps = _dgrad_phase(
+                phase, OH, OW, R, S, STRIDE_H, STRIDE_W, PAD_H, PAD_W)
             m_ok = offs_m < BATCH * h_cnt * w_cnt
             w_div = tl.maximum(w_cnt, 1)
             h_div = tl.maximum(h_cnt, 1)
@@ -267,15 +282,18 @@ def _conv_kernel(
             ii = ii % h_div + i_min
             oh = pa - PAD_H + STRIDE_H * ii
             ow = pb - PAD_W + STRIDE_W * jj
-            tap_s = tl.maximum((S - pb + STRIDE_W - 1) // STRIDE_W, 0)
-            num_taps = tl.maximum((R - pa + STRIDE_H - 1) // STRIDE_H, 0) * tap_s
+            num_taps = taps
         elif A_TMA >= 2:
             # spatial M tiles: TILE_N images x TILE_H rows x TILE_W columns of the output (a
-            # TMA box of x per tap); GEMM_M is the tile count times BLOCK_M
-            phase = 0
+            # TMA box of x per tap); GEMM_M is the tile count times BLOCK_M. Transposed: of
+            # one phase's pixels (below), the largest phase's ceil(OH/stride) rows
             tile_n: tl.constexpr = BLOCK_M // (TILE_H * TILE_W)
-            tiles_w = tl.cdiv(OW, TILE_W)
-            tiles_h = tl.cdiv(OH, TILE_H)
+            if TRANSPOSED:
+                tiles_w = tl.cdiv(tl.cdiv(OW, STRIDE_W), TILE_W)
+                tiles_h = tl.cdiv(tl.cdiv(OH, STRIDE_H), TILE_H)
+            else:
+                tiles_w = tl.cdiv(OW, TILE_W)
+                tiles_h = tl.cdiv(OH, TILE_H)
             tw0 = (pid_m % tiles_w) * TILE_W
             th0 = (pid_m // tiles_w % tiles_h) * TILE_H
             tn0 = pid_m // (tiles_w * tiles_h) * tile_n
@@ -283,20 +301,42 @@ def _conv_kernel(
             ow = tw0 + i % TILE_W
             oh = th0 + i // TILE_W % TILE_H
             nb = tn0 + i // (TILE_W * TILE_H)
-            m_ok = (ow < OW) & (oh < OH) & (nb < BATCH)
-            tap_s = S
-            # a tile wholly past the batch (GEMM_M rounds the images up to the largest
-            # config's TILE_N, so a smaller config has such tiles where the batch is not a
-            # multiple of it: n = 1 doubles the tiles) runs no K step: it stores nothing
-            # and counts 0 (the statistics merge skips it). A trip count that depends on
-            # the tile: Triton cannot flatten this loop nest (``flatten_tiles``: not the
-            # boxes' anyway)
-            num_taps = tl.where(tn0 < BATCH, R * S, 0)
-            if TRANSPOSED:  # stride-1 dgrad: tap (r, s) reads dy at (oh + pad - r, ...)
-                pa = 0
-                pb = 0
-                ii = oh + PAD_H
-                jj = ow + PAD_W
+            if TRANSPOSED:
+                # dgrad by boxes of one phase (a, b) (grid axis 1; the pointer path's
+                # decomposition): dx pixel (a - pad + stride*ii, b - pad + stride*jj) with
+                # ii = i_min + (row of the box), jj likewise, gets tap (a + stride*tr,
+                # b + stride*ts) from dy at (ii - tr, jj - ts): within the phase a stride-1
+                # correlation, so tap (tr, ts) reads the box of dy at (box_h0 - tr,
+                # box_w0 - ts), zero-filled outside dy (exactly the taps that miss). Stride
+                # 1: one phase, i_min = pad, box_h0 = th0 + pad
+                if STRIDE_H * STRIDE_W == 1:  # the JIT pins 1s: phase 0 a constant, so the
+                    # weight's column needs no phase term per K step (0.2-0.3 SASS per HGMMA)
+                    phase = tl.full((), 0, tl.int32)
+                else:
+                    phase = tl.program_id(1)
+                pa, pb, i_min, j_min, h_cnt, w_cnt, tap_s, taps = _dgrad_phase(
+                    phase, OH, OW, R, S, STRIDE_H, STRIDE_W, PAD_H, PAD_W)
+                m_ok = (ow < w_cnt) & (oh < h_cnt) & (nb < BATCH)
+                box_h0 = th0 + i_min
+                box_w0 = tw0 + j_min
+                ii = oh + i_min
+                jj = ow + j_min
+                oh = pa - PAD_H + STRIDE_H * ii
+                ow = pb - PAD_W + STRIDE_W * jj
+                # a box wholly outside its phase (the smaller phases of an odd size) or
+                # past the batch runs no K step and stores nothing
+                num_taps = tl.where((tn0 < BATCH) & (th0 < h_cnt) & (tw0 < w_cnt), taps, 0)
+            else:
+                phase = 0
+                m_ok = (ow < OW) & (oh < OH) & (nb < BATCH)
+                tap_s = S
+                # a tile wholly past the batch (GEMM_M rounds the images up to the largest
+                # config's TILE_N, so a smaller config has such tiles where the batch is not
+                # a multiple of it: n = 1 doubles the tiles) runs no K step: it stores
+                # nothing and counts 0 (the statistics merge skips it). A trip count that
+                # depends on the tile: Triton cannot flatten this loop nest
+                # (``flatten_tiles``: not the boxes' anyway)
+                num_taps = tl.where(tn0 < BATCH, R * S, 0)
         else:
             phase = 0
             m_ok = offs_m < GEMM_M
@@ -386,9 +426,12 @@ def _conv_kernel(
             elif A_TMA == 3:  # the stride-2 view: the counters are the box's input row and
                 # column (its origin, 2*oh, and the padding are in them)
                 a = _x_tap_box(X_desc, tn0, 0, 0, tr, ts, c0, 0, 0, CI, BLOCK_M, BLOCK_K, 3)
+            elif A_TMA == 2 and TRANSPOSED:  # the box of dy of tap (tr, ts) in the phase
+                a = _x_tap_box(X_desc, tn0, box_h0, box_w0, -tr, -ts, c0, 0, 0, CI, BLOCK_M,
+                               BLOCK_K, A_TMA)
             elif A_TMA == 2:  # one box of x per tap (stride 1)
-                a = _x_tap_box(X_desc, tn0, th0, tw0, tap_sign * tr, tap_sign * ts, c0,
-                               tap_sign * PAD_H, tap_sign * PAD_W, CI, BLOCK_M, BLOCK_K, A_TMA)
+                a = _x_tap_box(X_desc, tn0, th0, tw0, tr, ts, c0, PAD_H, PAD_W, CI, BLOCK_M,
+                               BLOCK_K, A_TMA)
             else:
                 a = tl.load(X_ptr + a_off, mask=ok, other=0.0)
             if PROLOGUE == 1:
@@ -430,9 +473,8 @@ def _conv_kernel(
                 # masked loads), and fma(0, cy, 0) = 0
                 cy = tl.load(PCOEF_ptr + ci).to(acc.dtype)[None, :]
                 if A_TMA >= 2:  # y's box of the same tap
-                    py = _x_tap_box(PY_desc, tn0, th0, tw0, tap_sign * tr, tap_sign * ts, c0,
-                                    tap_sign * PAD_H, tap_sign * PAD_W, CI, BLOCK_M, BLOCK_K,
-                                    A_TMA)
+                    py = _x_tap_box(PY_desc, tn0, box_h0, box_w0, -tr, -ts, c0, 0, 0, CI,
+                                    BLOCK_M, BLOCK_K, A_TMA)
                 else:  # y has dy's strides (the launcher makes it so): one offset for both
                     py = tl.load(PY_ptr + a_off, mask=ok, other=0.0)
                 if ACC_FP64:
@@ -771,9 +813,10 @@ _CONV_TILES = {
     # wgmma). (128, 64, 128, 4, 3): dgrad's wide-K tile (``_wide_k``), 16 HGMMA per K step
     # over which the fixed per-step cost of the dBN prologue (y's box, coef_y's copy and
     # wait, the barrier) is spread: 42.2-42.4 SASS per HGMMA against 51.2 (128x64x64) and
-    # 71.2 (128x128x64, 8 warps) at stride 1 (sm_90a, bf16, triton 3.6). The transposed
-    # mode at stride 1 only, 16-bit only, where C_out % 128 == 0, at any C_in (the 64-wide
-    # N rule of ``_fits`` does not apply to it), triton < 3.7 only (``_BELOW_TRITON``)
+    # 71.2 (128x128x64, 8 warps) at stride 1 (sm_90a, bf16, triton 3.6; stride 2, boxes
+    # of a phase: 42.6 against 73.5). The transposed mode with dy by TMA only, 16-bit
+    # only, where C_out % 128 == 0, at any C_in (the 64-wide N rule of ``_fits`` does not
+    # apply to it), triton < 3.7 only (``_BELOW_TRITON``)
     "fused": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 5),
               (128, 64, 128, 4, 3), (128, 128, 32, 8, 3)],
     # the forward's BN-ReLU prologue: 128 rows per warpgroup, so that each thread's fixed
@@ -950,10 +993,11 @@ _WIDE_K = 128
 
 def _wide_k(tile, transposed, itemsize, channels, a_tma):
     """Whether ``tile`` is dgrad's wide-K tile and may run: the transposed mode with dy
-    (and y) by TMA boxes (``a_tma``: stride 1, sm_90, dense), 16-bit operands, reduction
-    ``channels`` (C_out) a multiple of its BLOCK_K (None: unknown, no). Not with dy and
-    y through pointers (stride 2, sm_80, sparse strides): at stride 2 it reads 65-70 SASS
-    per HGMMA and spills 120-400 B (sm_90a, bf16, triton 3.6 / 3.8)."""
+    (and y) by TMA boxes (``a_tma``: sm_90, dense; stride 1, or stride 2 by boxes of a
+    phase: 42.6 SASS per HGMMA, no spill, sm_90a, bf16, triton 3.6), 16-bit operands,
+    reduction ``channels`` (C_out) a multiple of its BLOCK_K (None: unknown, no). Not with
+    dy and y through pointers (sm_80, sparse strides): at stride 2 that read 65-70 SASS per
+    HGMMA and spilled 120-400 B (sm_90a, bf16, triton 3.6 / 3.8)."""
     return (tile[2] == _WIDE_K and transposed and a_tma and itemsize == 2
             and channels is not None and channels % _WIDE_K == 0)
 
@@ -1405,14 +1449,16 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
                             channels=co, a_tma=a_tma)
 
     configs = dgrad_configs(True)
-    # dy by TMA at stride 1 (one phase): M tiles are boxes of dx, TILE_N images x TILE_H x
-    # TILE_W, and tap (r, s) reads the box of dy at (n0, h0 + pad - r, w0 + pad - s)
+    # dy by TMA (sm_90, dense NHWC dy, whole K tiles): M tiles are boxes of one phase's
+    # dx pixels (every stride-th row and column; at stride 1 all of dx), TILE_N images x
+    # TILE_H x TILE_W, and each tap reads a box of dy (the kernel's A_TMA 2, TRANSPOSED)
     a_tma, tile_h, tile_w, x_desc, py_desc = 0, 1, 1, None, None
     block_m = configs[0].kwargs["BLOCK_M"]
-    if ((sh, sw) == (1, 1) and _tap_loop(co) and dy.permute(0, 2, 3, 1).is_contiguous()
+    h_ph, w_ph = triton.cdiv(h, sh), triton.cdiv(w, sw)  # the largest phase's size
+    if (_tap_loop(co) and dy.permute(0, 2, 3, 1).is_contiguous()
             and all(c.kwargs["BLOCK_M"] == block_m for c in configs)):
-        tile_w = min(triton.next_power_of_2(w), block_m)
-        tile_h = min(triton.next_power_of_2(h), block_m // tile_w)
+        tile_w = min(triton.next_power_of_2(w_ph), block_m)
+        tile_h = min(triton.next_power_of_2(h_ph), block_m // tile_w)
         tile_n = block_m // (tile_w * tile_h)
         box = (tile_n, tile_h, tile_w, configs[0].kwargs["BLOCK_K"])
         x_desc = _dense_desc(dy.permute(0, 2, 3, 1), (n, p, q, co), box)
@@ -1424,8 +1470,8 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
             tile_h, tile_w = 1, 1
         else:
             a_tma = 2
-            gm = (triton.cdiv(n, tile_n) * triton.cdiv(h, tile_h) * triton.cdiv(w, tile_w)
-                  * block_m)
+            gm = (triton.cdiv(n, tile_n) * triton.cdiv(h_ph, tile_h)
+                  * triton.cdiv(w_ph, tile_w) * block_m)
             _check_int32(GEMM_M=gm)
     if not a_tma:  # dy through pointers: without the wide-K tile (``_wide_k``)
         configs = dgrad_configs(False)

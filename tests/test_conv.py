@@ -390,8 +390,16 @@ def test_tiles_past_the_batch_run_no_k_step(monkeypatch):
 
 
 DGRAD_TMA_CASES = [("3x3s1", 2, 24, 6, 5, 32, 3, 1, 1),  # C_in 24: boxes cross taps
-                   ("3x3s2", 2, 16, 8, 6, 16, 3, 2, 1),  # phases
-                   ("1x1s1", 2, 40, 5, 5, 32, 1, 1, 0)]
+                   ("3x3s2", 2, 16, 8, 6, 16, 3, 2, 1),  # boxes of a phase, even sizes
+                   ("1x1s1", 2, 40, 5, 5, 32, 1, 1, 0),
+                   # stride 2 (boxes of one phase's dx pixels): odd sizes, where the
+                   # phases differ in size (a box of the largest wholly outside another)
+                   ("3x3s2_odd_n3", 3, 16, 7, 9, 32, 3, 2, 1),
+                   ("3x3s2p0_n1", 1, 24, 9, 8, 16, 3, 2, 0),  # pad 0: the last row of dx
+                   # is reached by no tap of phase 1; C_in 24: the weight's boxes cross taps
+                   ("1x1s2_odd_n3", 3, 16, 7, 5, 32, 1, 2, 0),  # 3 of 4 phases: no tap
+                   ("1x1s2_even_n1", 1, 32, 6, 4, 16, 1, 2, 0),
+                   ("3x3s3", 2, 16, 8, 7, 16, 3, 3, 1)]  # 9 phases, one tap each
 
 
 @ALSO_ON_GPU
@@ -400,9 +408,10 @@ DGRAD_TMA_CASES = [("3x3s1", 2, 24, 6, 5, 32, 3, 1, 1),  # C_in 24: boxes cross 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "dbn+drelu"])
 def test_tma_weights_dgrad(monkeypatch, case, dtype, fused):
     """dgrad reads the weight by TMA as [BLOCK_K, BLOCK_N] boxes of [C_out, R*S*C_in]
-    (columns past C_in land in the next tap or the zero fill and are masked) and, at
-    stride 1, dy as boxes of [N, P, Q, C_out] per tap over boxes of dx (A_TMA=2); with the
-    dBN prologue and the dReLU epilogue: dx, sum(g), sum(g*y_prev) against float64."""
+    (columns past C_in land in the next tap or the zero fill and are masked) and dy as
+    boxes of [N, P, Q, C_out] per tap over boxes of dx (A_TMA=2; at stride 2 boxes of
+    one phase's dx pixels, grid axis 1); with the dBN prologue and the dReLU epilogue:
+    dx, sum(g), sum(g*y_prev) against float64."""
     if K.TensorDescriptor is None:
         pytest.skip("this triton has no host TMA descriptors")
     seen = _spy_launches(monkeypatch)
@@ -426,7 +435,7 @@ def test_tma_weights_dgrad(monkeypatch, case, dtype, fused):
     dy = dy.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
     dx, sum_g, sum_gx = K.conv_dgrad(dy, w, x.shape[2:], st, pd, **kw)
     if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
-        assert seen[0]["W_TMA"] and seen[0]["A_TMA"] == (2 if st == 1 else 0), seen[0]
+        assert seen[0]["W_TMA"] and seen[0]["A_TMA"] == 2, seen[0]
     ref = torch.nn.grad.conv2d_input(x.shape, w.double(), d.to(DEVICE), st, pd)
     tol = 1e-4 if dtype == torch.float32 and DEVICE == "cpu" else 2e-2
     if fused:
@@ -436,6 +445,37 @@ def test_tma_weights_dgrad(monkeypatch, case, dtype, fused):
             assert (got.double() - want).abs().max() <= tol * (1 + want.abs().max())
         ref = gref * scale.double().view(1, -1, 1, 1)
     assert (dx.double() - ref).abs().max() <= tol * (1 + ref.abs().max())
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="counts the interpreter's dots")
+def test_dgrad_s2_boxes_outside_a_phase_run_no_k_step(monkeypatch):
+    """Stride-2 dgrad by TMA boxes of a phase: the grid covers the largest phase (dx rows
+    h with (h + pad) % 2 == a), so where H is odd a smaller phase's last row of boxes lies
+    wholly outside it: it runs no K step (no dot) and stores nothing, and dx is right."""
+    if K.TensorDescriptor is None:
+        pytest.skip("this triton has no host TMA descriptors")
+    from triton.runtime import interpreter
+
+    dots, create_dot = [], interpreter.InterpreterBuilder.create_dot
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot",
+                        lambda self, *a: dots.append(1) or create_dot(self, *a))
+    seen = _spy_launches(monkeypatch)
+    # dx 5 x 64, pad 1: phase rows a = 0 (h = 1, 3), a = 1 (h = 0, 2, 4); columns: 32 each.
+    # Boxes of 1 row x 32 columns (BLOCK_M 32): 3 row boxes per phase, the third outside
+    # the phase a = 0
+    case = ("s2_odd_rows", 1, 16, 5, 64, 16, 3, 2, 1)
+    x, w, st, pd = _make(case, torch.float32)
+    y = F.conv2d(x.double(), w.double(), None, st, pd)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    dx, _, _ = K.conv_dgrad(dy.to(DEVICE, torch.float32).contiguous(
+        memory_format=torch.channels_last), w, x.shape[2:], st, pd)
+    assert seen[0]["A_TMA"] == 2 and (seen[0]["TILE_H"], seen[0]["TILE_W"]) == (1, 32)
+    # taps per phase (a, b): r in a + 2j < 3 -> 2 (a = 0) or 1 (a = 1), s likewise; one
+    # channel block. Phase a = 0 has 2 row boxes with steps, a = 1 has 3; each one column box
+    taps = {(a, b): (2 - a) * (2 - b) for a in (0, 1) for b in (0, 1)}
+    assert len(dots) == sum(t * (2 if a == 0 else 3) for (a, b), t in taps.items())
+    ref = torch.nn.grad.conv2d_input(x.shape, w.double(), dy, st, pd)
+    assert (dx.double() - ref).abs().max() <= 1e-4 * (1 + ref.abs().max())
 
 
 PERSISTENT_CASES = [("many_tiles", 2, 8, 9, 9, 40, 3, 1, 1),  # C_in 8: A by pointers

@@ -117,17 +117,29 @@ def test_fp16_grads_as_accurate_as_fused(monkeypatch, mode):
         torch.testing.assert_close(a.double(), other.double(), rtol=4e-3, atol=tol / 4)
 
 
-TMA_CASES = [("tma3x3s1", 2, 64, 6, 6, 64, 3, 1, 1), ("tma1x1s1", 2, 64, 4, 4, 64, 1, 1, 0)]
+TMA_CASES = [("tma3x3s1", 2, 64, 6, 6, 64, 3, 1, 1), ("tma1x1s1", 2, 64, 4, 4, 64, 1, 1, 0),
+             # stride 2: dgrad by boxes of a phase (odd sizes: phases of unequal size)
+             ("tma3x3s2_odd", 3, 16, 7, 5, 32, 3, 2, 1),
+             ("tma1x1s2_even", 1, 32, 6, 4, 16, 1, 2, 0)]
 
 
 @pytest.mark.parametrize("case", TMA_CASES, ids=[c[0] for c in TMA_CASES])
 @pytest.mark.parametrize("mode", MODES)
 def test_tma_shapes_fp32(monkeypatch, mode, case):
-    """64-channel shapes, where dgrad (stride 1) and wgrad read dy (and the fused mode y)
-    by TMA boxes: fp32 gradients against float64 (IEEE fp32, no TF32)."""
+    """Shapes with whole channel tiles, where dgrad (stride 1, and stride 2 by boxes of a
+    phase) and wgrad read dy (and the fused mode y) by TMA boxes: fp32 gradients against
+    float64 (IEEE fp32, no TF32)."""
     monkeypatch.setattr(fconv, "dbn_backward", mode)
+    seen = []
+    launch = K._launch
+    monkeypatch.setattr(K, "_launch", lambda run, cfgs, grid, args, kw: seen.append(kw)
+                        or launch(run, cfgs, grid, args, kw))
     x, w, scale, shift, st, pd = _make(case, torch.float32)
     got = _grads(x, w, scale, shift, st, pd, True, "triton")
+    if K.TensorDescriptor is not None:  # dgrad (fused: with the dBN prologue) by TMA boxes
+        dgrad = [kw for kw in seen if kw.get("TRANSPOSED")]
+        assert dgrad and all(kw["A_TMA"] == 2 for kw in dgrad), dgrad
+        assert any(kw["PROLOGUE"] == 2 for kw in dgrad) == (mode == "fused"), dgrad
     want = _float64_grads(x, w, scale, shift, st, pd, True)
     for a, b in zip(got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
@@ -426,8 +438,9 @@ def test_dgrad_dbn_constant_at_the_border(monkeypatch, case, dtype):
                                          st, pd)
         tol = 1e-10 if dtype == torch.float64 else 2e-5
         torch.testing.assert_close(dx.double(), ref, rtol=tol, atol=tol * ref.abs().max())
-    # fp32 at stride 1 takes the TMA boxes (where dy and y are zero-filled, no tap mask)
-    want_tma = 2 if (dtype, st) == (torch.float32, 1) and K.TensorDescriptor is not None else 0
+    # fp32 takes the TMA boxes at either stride (at stride 2 boxes of one phase; dy and y
+    # zero-filled, no tap mask); fp64 (no TMA) the pointer path
+    want_tma = 2 if dtype == torch.float32 and K.TensorDescriptor is not None else 0
     assert seen[-1]["A_TMA"] == want_tma and seen[-1]["HAS_RESIDUAL"], seen[-1]
 
 
@@ -479,8 +492,8 @@ def test_dgrad_launcher_offers_the_wide_k_tile(monkeypatch, what):
     """conv_dgrad (sm_90 as the autotuner sees it: TMA allowed, triton 3.6) hands the
     wide-K tile to the autotuner where dy and y go by TMA boxes and C_out % 128 == 0, with
     the box and weight-tile shapes of each config set by the pre-hook (the 256-byte K rows
-    of dy, y and the [128, 64] weight box); not at C_out 64, not with dy through pointers
-    (sparse strides, stride 2), not in fp32."""
+    of dy, y and the [128, 64] weight box), at stride 2 too (boxes of a phase); not at
+    C_out 64, not with dy through pointers (sparse strides), not in fp32."""
     monkeypatch.setattr(K, "INTERPRET", False)
     monkeypatch.setattr(K, "TRITON_VERSION", (3, 6))
     monkeypatch.setattr(K, "_tma_ok", lambda t: K.TensorDescriptor is not None)
@@ -507,9 +520,9 @@ def test_dgrad_launcher_offers_the_wide_k_tile(monkeypatch, what):
     coef = torch.randn(co, generator=g)
     K.conv_dgrad(dy, w, (h, h), st, 1, y=y, coef_y=coef, coef_c=coef)
     tiles = _tiles(seen["configs"])
-    assert (WIDE in tiles) == (what == "c_out 256"), (what, tiles)
-    assert seen["kwargs"]["A_TMA"] == (2 if what in ("c_out 256", "c_out 64", "fp32") else 0)
-    if what != "c_out 256":
+    assert (WIDE in tiles) == (what in ("c_out 256", "stride 2")), (what, tiles)
+    assert seen["kwargs"]["A_TMA"] == (0 if what == "sparse dy" else 2)
+    if what not in ("c_out 256", "stride 2"):
         return
     names = K._conv_kernel.arg_names
     for cfg in seen["configs"]:
@@ -523,10 +536,12 @@ def test_dgrad_launcher_offers_the_wide_k_tile(monkeypatch, what):
         assert nargs["CI"] == co  # the reduction channels the prune reads
 
 
-def test_dgrad_wide_k_tile_runs(monkeypatch):
+@pytest.mark.parametrize("st", [1, 2])
+def test_dgrad_wide_k_tile_runs(monkeypatch, st):
     """The dBN prologue + dReLU epilogue dgrad run with the wide-K tile (128 rows, 64
     columns, BLOCK_K 128: two channel tiles per tap at C_out 256, a partial second N tile
-    at C_in 96), dy and y by TMA boxes, against float64: in the interpreter (its one tile
+    at C_in 96), dy and y by TMA boxes (at stride 2 boxes of a phase, dx 7x7: phases of
+    unequal size), against float64: in the interpreter (its one tile
     set to the wide-K blocks; fp32, IEEE), and on CUDA in bf16 with the autotuner given
     that config alone (whatever the installed Triton)."""
     cuda = DEVICE == "cuda"
@@ -538,10 +553,11 @@ def test_dgrad_wide_k_tile_runs(monkeypatch):
     else:
         monkeypatch.setattr(K, "_INTERPRETER_TILE", WIDE + (1,))
     dtype = torch.bfloat16 if cuda else torch.float32
-    n, ci, h, co = 2, 96, 6, 256
+    n, ci, h, co = 2, 96, (6 if st == 1 else 7), 256
+    p = (h + 2 - 3) // st + 1
     g = torch.Generator().manual_seed(11)
     cl = torch.channels_last
-    dy, y = (torch.randn(n, co, h, h, generator=g, dtype=torch.float64) for _ in range(2))
+    dy, y = (torch.randn(n, co, p, p, generator=g, dtype=torch.float64) for _ in range(2))
     w = torch.randn(co, ci, 3, 3, generator=g, dtype=torch.float64) / (9 * co) ** 0.5
     y_prev = torch.randn(n, ci, h, h, generator=g, dtype=torch.float64)
     cy, cc = (torch.randn(co, generator=g, dtype=torch.float64) for _ in range(2))
@@ -554,14 +570,14 @@ def test_dgrad_wide_k_tile_runs(monkeypatch):
     dy, y, w, y_prev = (t.to(dtype).double() for t in (dy, y, w, y_prev))  # as rounded
     dev = [t.to(DEVICE, dtype).contiguous(memory_format=cl) for t in (dy, y, w, y_prev)]
     coefs = [t.to(DEVICE, torch.float32) for t in (cy, cc, scale, shift)]
-    got, sum_g, sum_gy = K.conv_dgrad(dev[0], dev[2], (h, h), 1, 1, y=dev[1],
+    got, sum_g, sum_gy = K.conv_dgrad(dev[0], dev[2], (h, h), st, 1, y=dev[1],
                                       coef_y=coefs[0], coef_c=coefs[1], y_prev=dev[3],
                                       scale=coefs[2], shift=coefs[3])
     kw, cfg = seen[-1]
     assert kw["A_TMA"] == 2 and kw["PROLOGUE"] == 2 and kw["DRELU"], kw
     assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == WIDE[:3]
     total = dy + y * cy.view(1, -1, 1, 1) + cc.view(1, -1, 1, 1)
-    da = torch.nn.grad.conv2d_input((n, ci, h, h), w, total, 1, 1)
+    da = torch.nn.grad.conv2d_input((n, ci, h, h), w, total, st, 1)
     gate = (y_prev * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)) > 0
     gg = torch.where(gate, da, torch.zeros_like(da))
     # bf16: dy + y*cy is rounded to bf16 as the operand (and dx at its store)
