@@ -5,6 +5,7 @@ their backward), ``conv.py`` (implicit-GEMM convolution with fused prologue/epil
 Importing this package does not import triton; each file does.
 """
 import contextlib
+import copy
 import functools
 import hashlib
 import inspect
@@ -51,9 +52,37 @@ def autotune(configs, key, **kwargs):
     def decorator(fn):
         tuner = run(fn)
         tuner.check_disk_cache = functools.partial(_check_disk_cache, tuner)
+        tuner.run = functools.partial(_run_on_device, tuner)
         return tuner
 
     return decorator
+
+
+# autotuner -> {device: the autotuner that launches there}; the first device: itself
+_DEVICE_TUNERS: dict = {}
+
+
+def _run_on_device(tuner, *args, **kwargs):
+    """``tuner.run`` with one table of choices per device. Triton keys a choice by the
+    ``key=`` values and the dtypes only, but the configs offered depend on the device
+    (the conv prune: its shared memory, wgmma) and the launchers size their workspaces
+    from their own list: without this a process with two kinds of GPU ran the first
+    one's choice on the second, a config not offered there (a disk hit on the second
+    was never even asked for). The other devices get a shallow copy of ``tuner`` with an
+    empty table and the disk store of their own device; ``best_config`` is copied back
+    (``conv._launch`` reads it)."""
+    device = next((str(a.device) for a in args if isinstance(a, torch.Tensor)), None)
+    tuners = _DEVICE_TUNERS.setdefault(tuner, {device: tuner})
+    own = tuners.get(device)
+    if own is None:
+        own = copy.copy(tuner)
+        del own.run  # the class's run, on the copy
+        own.cache = {}
+        own.check_disk_cache = functools.partial(_check_disk_cache, own)
+        tuners[device] = own
+    ret = type(own).run(own, *args, **kwargs)
+    tuner.best_config = own.best_config
+    return ret
 
 
 # (autotuner, device) -> its DecisionCache, or None where fusedres's cache is off
