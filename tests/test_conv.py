@@ -399,7 +399,10 @@ DGRAD_TMA_CASES = [("3x3s1", 2, 24, 6, 5, 32, 3, 1, 1),  # C_in 24: boxes cross 
                    # is reached by no tap of phase 1; C_in 24: the weight's boxes cross taps
                    ("1x1s2_odd_n3", 3, 16, 7, 5, 32, 1, 2, 0),  # 3 of 4 phases: no tap
                    ("1x1s2_even_n1", 1, 32, 6, 4, 16, 1, 2, 0),
-                   ("3x3s3", 2, 16, 8, 7, 16, 3, 3, 1)]  # 9 phases, one tap each
+                   ("3x3s3", 2, 16, 8, 7, 16, 3, 3, 1),  # 9 phases, one tap each
+                   # one stride 1, the other 2 (phase 0 no constant); padding > kernel/2
+                   ("5x5s21p3", 2, 24, 7, 6, 16, 5, (2, 1), 3),
+                   ("3x3s12p2_h1", 3, 16, 1, 7, 16, 3, (1, 2), 2)]
 
 
 @ALSO_ON_GPU
