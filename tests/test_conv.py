@@ -450,6 +450,37 @@ def test_tma_weights_dgrad(monkeypatch, case, dtype, fused):
     assert (dx.double() - ref).abs().max() <= tol * (1 + ref.abs().max())
 
 
+def test_box_grid_past_int32_takes_the_pointer_path(monkeypatch):
+    """A grid of TMA boxes is padded past the pixels (32-column boxes over 33 columns; at
+    n = 1 a box of 32 images over one): where it, not the GEMM sizes, reaches the int32
+    limit (``_INDEX_LIMIT``, lowered here), the forward and dgrad read A by pointers --
+    they raised ValueError on a shape ``conv_path`` had accepted (n*H*W < 2**31)."""
+    if K.TensorDescriptor is None:
+        pytest.skip("this triton has no host TMA descriptors")
+    seen = _spy_launches(monkeypatch)
+    monkeypatch.setattr(K, "_INDEX_LIMIT", 200)
+    # forward 3x3, 4 x 33 output: 132 pixels, GEMM_K 144, boxes 4 x 2 x 32 = 256 rows
+    x, w, st, pd = _make(("fwd_pad", 1, 16, 4, 33, 16, 3, 1, 1), torch.float32)
+    y, mean, _ = K.conv_fwd(x, w, st, pd, stats=True)
+    ref = F.conv2d(x.double(), w.double(), None, st, pd)
+    assert seen[-1]["A_TMA"] == 0
+    assert (y.double() - ref).abs().max() <= 1e-4 * (1 + ref.abs().max())
+    torch.testing.assert_close(mean.double(), ref.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    # dgrad 1x1 stride 2, dx 1 x 2: 2 pixels, GEMM_K 16, one box of 32 images (32 rows)
+    monkeypatch.setattr(K, "_INDEX_LIMIT", 20)
+    x, w, st, pd = _make(("dgrad_pad", 1, 16, 1, 2, 16, 1, 2, 0), torch.float32)
+    dy = torch.randn(1, 16, 1, 1, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    scale, shift = _scale_shift(16, torch.float32)
+    dx, sum_g, _ = K.conv_dgrad(dy, w, x.shape[2:], st, pd, y_prev=x, scale=scale,
+                                shift=shift)
+    assert seen[-1]["A_TMA"] == 0 and seen[-1]["DRELU"]
+    ref = torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), st, pd)
+    pre = x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+    g = torch.where(pre <= 0, torch.zeros_like(ref), ref)
+    assert (dx.double() - g * scale.double().view(1, -1, 1, 1)).abs().max() <= 1e-5
+    assert (sum_g.double() - g.sum((0, 2, 3))).abs().max() <= 1e-5
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="counts the interpreter's dots")
 def test_dgrad_s2_boxes_outside_a_phase_run_no_k_step(monkeypatch):
     """Stride-2 dgrad by TMA boxes of a phase: the grid covers the largest phase (dx rows
