@@ -81,7 +81,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.kernels import autotune, device_guard
+from fusedres.kernels import autotune, device_guard, tuner_for
 
 try:  # host-side TMA descriptors (triton >= 3.4; the GPU image's 3.6 has them)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -1129,6 +1129,7 @@ def _launch(run, configs, grid_fn, args, kwargs):
             fn[grid_fn(cfg.kwargs)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
                                     num_stages=cfg.num_stages)
             return cfg.kwargs
+        run = tuner_for(run, str(args[0].device))  # its own choices and best_config
         run[grid_fn](*args, **kwargs)
         return run.best_config.kwargs
 
