@@ -5,6 +5,7 @@ their backward), ``conv.py`` (implicit-GEMM convolution with fused prologue/epil
 Importing this package does not import triton; each file does.
 """
 import contextlib
+import copy
 import functools
 import hashlib
 import inspect
@@ -51,9 +52,45 @@ def autotune(configs, key, **kwargs):
     def decorator(fn):
         tuner = run(fn)
         tuner.check_disk_cache = functools.partial(_check_disk_cache, tuner)
+        tuner.run = functools.partial(_run_on_device, tuner)
         return tuner
 
     return decorator
+
+
+# autotuner -> {device: the autotuner that launches there}; the first device: itself
+_DEVICE_TUNERS: dict = {}
+
+
+def tuner_for(tuner, device: str):
+    """The autotuner of ``tuner``'s kernel for launches on ``device`` (its str): one table
+    of choices per device. Triton keys a choice by the ``key=`` values and the dtypes
+    only, but the configs offered depend on the device (the conv prune: its shared
+    memory, wgmma) and the launchers size their workspaces from their own list: with one
+    table a process with two kinds of GPU ran the first one's choice on the second, a
+    config not offered there (and never asked the second one's disk store). The first
+    device's is ``tuner``; the others', a shallow copy with an empty table, its own
+    ``nargs``/``best_config`` and (``autotune``'s) disk store."""
+    tuners = _DEVICE_TUNERS.setdefault(tuner, {device: tuner})
+    own = tuners.get(device)
+    if own is None:
+        own = copy.copy(tuner)
+        own.__dict__.pop("run", None)  # the class's run, on the copy
+        own.cache = {}
+        if isinstance(tuner.__dict__.get("check_disk_cache"), functools.partial):
+            own.check_disk_cache = functools.partial(_check_disk_cache, own)
+        tuners[device] = own
+    return own
+
+
+def _run_on_device(tuner, *args, **kwargs):
+    """``tuner.run``: that of ``tuner_for`` the device of the first tensor argument
+    (``best_config`` copied back for a caller that reads it on ``tuner``)."""
+    device = next((str(a.device) for a in args if isinstance(a, torch.Tensor)), None)
+    own = tuner_for(tuner, device)
+    ret = type(own).run(own, *args, **kwargs)
+    tuner.best_config = own.best_config
+    return ret
 
 
 # (autotuner, device) -> its DecisionCache, or None where fusedres's cache is off

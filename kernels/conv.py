@@ -81,7 +81,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.kernels import autotune, device_guard
+from fusedres.kernels import autotune, device_guard, tuner_for
 
 try:  # host-side TMA descriptors (triton >= 3.4; the GPU image's 3.6 has them)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -1129,6 +1129,7 @@ def _launch(run, configs, grid_fn, args, kwargs):
             fn[grid_fn(cfg.kwargs)](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
                                     num_stages=cfg.num_stages)
             return cfg.kwargs
+        run = tuner_for(run, str(args[0].device))  # its own choices and best_config
         run[grid_fn](*args, **kwargs)
         return run.best_config.kwargs
 
@@ -1209,12 +1210,17 @@ def _dense_desc(t, shape, block):
     return TensorDescriptor(t, list(shape), strides, list(block))
 
 
+# The kernels' index math is int32 (no 64-bit division): GEMM sizes below this
+_INDEX_LIMIT = 2**31
+
+
 def _check_int32(**sizes):
-    """The kernels' index math is int32 (no 64-bit division): GEMM sizes below 2**31
-    (fusedres.conv.conv_path sends larger problems to F.conv2d)."""
+    """GEMM sizes below ``_INDEX_LIMIT`` (fusedres.conv.conv_path sends larger problems to
+    F.conv2d; a grid of TMA boxes, padded past the pixels, that reaches it falls back to
+    the pointer path instead)."""
     for name, v in sizes.items():
-        if v >= 2**31:
-            raise ValueError(f"fusedres triton conv: {name} = {v} >= 2**31")
+        if v >= _INDEX_LIMIT:
+            raise ValueError(f"fusedres triton conv: {name} = {v} >= {_INDEX_LIMIT}")
 
 
 def _acc_dtype(dtype):
@@ -1305,13 +1311,14 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
             x_desc = _dense_desc(xv, (n, h // 2, 2, w // 2, 2 * ci),
                                  (tile_n, tile_h, 1, tile_w, block_k))
             a_tma = 3
-        if x_desc is None:
-            a_tma, tile_h, tile_w = 0, 1, 1
-        elif a_tma >= 2:
+        if x_desc is not None and a_tma >= 2:
             max_tile_n = max_bm // (tile_w * tile_h)
             gm_grid = (triton.cdiv(n, max_tile_n) * triton.cdiv(p, tile_h)
                        * triton.cdiv(q, tile_w) * max_bm)
-            _check_int32(GEMM_M=gm_grid)
+            if gm_grid >= _INDEX_LIMIT:  # the boxes' padding past int32 (not the pixels)
+                x_desc, gm_grid = None, gm
+        if x_desc is None:
+            a_tma, tile_h, tile_w = 0, 1, 1
     # the output by TMA where A is: Y (dense, ours) as [N*P*Q, C_out] for the 1x1 GEMM, or
     # as [N, P, Q, C_out] boxes of the spatial tiles
     y_tma, y_desc = 0, None
@@ -1466,13 +1473,12 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
             py_desc = (_dense_desc(y.permute(0, 2, 3, 1), (n, p, q, co), box)
                        if y.permute(0, 2, 3, 1).is_contiguous() else None)
             x_desc = x_desc if py_desc is not None else None
-        if x_desc is None:
-            tile_h, tile_w = 1, 1
-        else:
-            a_tma = 2
-            gm = (triton.cdiv(n, tile_n) * triton.cdiv(h_ph, tile_h)
+        gm_box = (triton.cdiv(n, tile_n) * triton.cdiv(h_ph, tile_h)
                   * triton.cdiv(w_ph, tile_w) * block_m)
-            _check_int32(GEMM_M=gm)
+        if x_desc is not None and gm_box < _INDEX_LIMIT:  # else the boxes' padding is
+            a_tma, gm = 2, gm_box  # past int32 (not the pixels): pointers
+        else:
+            x_desc, py_desc, tile_h, tile_w = None, None, 1, 1
     if not a_tma:  # dy through pointers: without the wide-K tile (``_wide_k``)
         configs = dgrad_configs(False)
     min_bm = min(c.kwargs["BLOCK_M"] for c in configs)

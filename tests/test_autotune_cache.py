@@ -75,9 +75,9 @@ class Machine:
         # (and when: the number of launches so far)
         self.hooked.append((nargs["BLOCK_M"], nargs["BLOCK_N"], len(self.kernel.launches)))
 
-    def launch(self, gemm_m=256, mode=1, dtype=torch.float32):
+    def launch(self, gemm_m=256, mode=1, dtype=torch.float32, device="cpu"):
         self.kernel.launches.clear()
-        x = torch.empty(4, dtype=dtype)
+        x = torch.empty(4, dtype=dtype, device=device)
         return kconv._launch(self.run, self.configs, lambda meta: (1,), (x, gemm_m),
                              {"MODE": mode})
 
@@ -129,6 +129,27 @@ def test_second_process_runs_the_first_ones_choice(cache):
     second.launch(dtype=torch.float64)
     assert len(second.benched) == 6 and files(cache) == [path]
     assert len(json.load(open(path))["decisions"]) == 3
+
+
+def test_each_device_keeps_its_own_choice(cache):
+    """Two devices in one process (here cpu and meta) whose prunes offer different
+    configs, as the conv prune does by the device's shared memory and wgmma: Triton keys
+    its in-memory choices by the key= values and dtypes only, so the second device ran
+    the first one's choice, a config not offered there (the launchers size workspaces
+    from their own list). Each device now tunes (or reads its own disk store) apart."""
+    m = Machine(FAST_64)
+    m.run.early_config_prune = lambda configs, nargs, **kw: [
+        c for c in configs if nargs["X"].device.type != "meta" or c.kwargs["BLOCK_N"] != 64]
+    assert m.launch()["BLOCK_N"] == 64 and sorted(m.benched) == [32, 64, 128]
+    assert m.launch(device="meta")["BLOCK_N"] == 128  # not offered 64: its own timing
+    assert sorted(m.benched) == [32, 32, 64, 128, 128] and m.kernel.launches[-1]["BLOCK_N"] == 128
+    assert m.launch()["BLOCK_N"] == 64 and m.launch(device="meta")["BLOCK_N"] == 128
+    assert len(m.benched) == 5  # each device's choice kept in memory
+    # a later process reads each device's choice from that device's store
+    second = Machine(FAST_128)
+    second.run.early_config_prune = m.run.early_config_prune
+    assert second.launch(device="meta")["BLOCK_N"] == 128 and second.launch()["BLOCK_N"] == 64
+    assert second.benched == [] and len(files(cache)) == 2
 
 
 @pytest.mark.parametrize("change", ["config list", "kernel source", "choice not offered",

@@ -399,7 +399,10 @@ DGRAD_TMA_CASES = [("3x3s1", 2, 24, 6, 5, 32, 3, 1, 1),  # C_in 24: boxes cross 
                    # is reached by no tap of phase 1; C_in 24: the weight's boxes cross taps
                    ("1x1s2_odd_n3", 3, 16, 7, 5, 32, 1, 2, 0),  # 3 of 4 phases: no tap
                    ("1x1s2_even_n1", 1, 32, 6, 4, 16, 1, 2, 0),
-                   ("3x3s3", 2, 16, 8, 7, 16, 3, 3, 1)]  # 9 phases, one tap each
+                   ("3x3s3", 2, 16, 8, 7, 16, 3, 3, 1),  # 9 phases, one tap each
+                   # one stride 1, the other 2 (phase 0 no constant); padding > kernel/2
+                   ("5x5s21p3", 2, 24, 7, 6, 16, 5, (2, 1), 3),
+                   ("3x3s12p2_h1", 3, 16, 1, 7, 16, 3, (1, 2), 2)]
 
 
 @ALSO_ON_GPU
@@ -445,6 +448,37 @@ def test_tma_weights_dgrad(monkeypatch, case, dtype, fused):
             assert (got.double() - want).abs().max() <= tol * (1 + want.abs().max())
         ref = gref * scale.double().view(1, -1, 1, 1)
     assert (dx.double() - ref).abs().max() <= tol * (1 + ref.abs().max())
+
+
+def test_box_grid_past_int32_takes_the_pointer_path(monkeypatch):
+    """A grid of TMA boxes is padded past the pixels (32-column boxes over 33 columns; at
+    n = 1 a box of 32 images over one): where it, not the GEMM sizes, reaches the int32
+    limit (``_INDEX_LIMIT``, lowered here), the forward and dgrad read A by pointers --
+    they raised ValueError on a shape ``conv_path`` had accepted (n*H*W < 2**31)."""
+    if K.TensorDescriptor is None:
+        pytest.skip("this triton has no host TMA descriptors")
+    seen = _spy_launches(monkeypatch)
+    monkeypatch.setattr(K, "_INDEX_LIMIT", 200)
+    # forward 3x3, 4 x 33 output: 132 pixels, GEMM_K 144, boxes 4 x 2 x 32 = 256 rows
+    x, w, st, pd = _make(("fwd_pad", 1, 16, 4, 33, 16, 3, 1, 1), torch.float32)
+    y, mean, _ = K.conv_fwd(x, w, st, pd, stats=True)
+    ref = F.conv2d(x.double(), w.double(), None, st, pd)
+    assert seen[-1]["A_TMA"] == 0
+    assert (y.double() - ref).abs().max() <= 1e-4 * (1 + ref.abs().max())
+    torch.testing.assert_close(mean.double(), ref.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    # dgrad 1x1 stride 2, dx 1 x 2: 2 pixels, GEMM_K 16, one box of 32 images (32 rows)
+    monkeypatch.setattr(K, "_INDEX_LIMIT", 20)
+    x, w, st, pd = _make(("dgrad_pad", 1, 16, 1, 2, 16, 1, 2, 0), torch.float32)
+    dy = torch.randn(1, 16, 1, 1, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    scale, shift = _scale_shift(16, torch.float32)
+    dx, sum_g, _ = K.conv_dgrad(dy, w, x.shape[2:], st, pd, y_prev=x, scale=scale,
+                                shift=shift)
+    assert seen[-1]["A_TMA"] == 0 and seen[-1]["DRELU"]
+    ref = torch.nn.grad.conv2d_input(x.shape, w.double(), dy.double(), st, pd)
+    pre = x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+    g = torch.where(pre <= 0, torch.zeros_like(ref), ref)
+    assert (dx.double() - g * scale.double().view(1, -1, 1, 1)).abs().max() <= 1e-5
+    assert (sum_g.double() - g.sum((0, 2, 3))).abs().max() <= 1e-5
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="counts the interpreter's dots")
