@@ -7,7 +7,6 @@ Importing this package does not import triton; each file does.
 import contextlib
 import copy
 import functools
-import hashlib
 import inspect
 import json
 
@@ -52,7 +51,6 @@ def autotune(configs, key, **kwargs):
     def decorator(fn):
         tuner = run(fn)
         tuner.check_disk_cache = functools.partial(_check_disk_cache, tuner)
-        tuner.run = functools.partial(_run_on_device, tuner)
         return tuner
 
     return decorator
@@ -70,27 +68,17 @@ def tuner_for(tuner, device: str):
     table a process with two kinds of GPU ran the first one's choice on the second, a
     config not offered there (and never asked the second one's disk store). The first
     device's is ``tuner``; the others', a shallow copy with an empty table, its own
-    ``nargs``/``best_config`` and (``autotune``'s) disk store."""
+    ``nargs``/``best_config`` and (``autotune``'s) disk store. Every conv/wgrad launch
+    goes through ``conv._launch``, which runs and reads the device's own tuner."""
     tuners = _DEVICE_TUNERS.setdefault(tuner, {device: tuner})
     own = tuners.get(device)
     if own is None:
         own = copy.copy(tuner)
-        own.__dict__.pop("run", None)  # the class's run, on the copy
         own.cache = {}
         if isinstance(tuner.__dict__.get("check_disk_cache"), functools.partial):
             own.check_disk_cache = functools.partial(_check_disk_cache, own)
         tuners[device] = own
     return own
-
-
-def _run_on_device(tuner, *args, **kwargs):
-    """``tuner.run``: that of ``tuner_for`` the device of the first tensor argument
-    (``best_config`` copied back for a caller that reads it on ``tuner``)."""
-    device = next((str(a.device) for a in args if isinstance(a, torch.Tensor)), None)
-    own = tuner_for(tuner, device)
-    ret = type(own).run(own, *args, **kwargs)
-    tuner.best_config = own.best_config
-    return ret
 
 
 # (autotuner, device) -> its DecisionCache, or None where fusedres's cache is off
@@ -111,6 +99,8 @@ def _check_disk_cache(run, tuning_key, configs, bench_fn) -> bool:
     (``bench_fn``) and records the winner, except under CUDA-graph capture or
     torch.compile tracing. A damaged or foreign file is ignored with one warning and
     replaced by the next write; writes are atomic and merge with other processes'."""
+    from fusedres import _tune_cache
+
     device = next((v.device for v in (run.nargs or {}).values() if isinstance(v, torch.Tensor)),
                   None)
     disk = _autotune_disk(run, device) if device is not None else None
@@ -119,7 +109,7 @@ def _check_disk_cache(run, tuning_key, configs, bench_fn) -> bool:
         return False
     offered = {_config_name(c): c for c in configs}
     signature = {"op": run.base_fn.__name__, "shapes": [repr(v) for v in tuning_key],
-                 "configs": _digest(sorted(offered))}
+                 "configs": _tune_cache.digest(sorted(offered))[:20]}
     entry = disk.get(signature)
     if entry is not None and entry["choice"] in offered:
         config = offered[entry["choice"]]
@@ -168,11 +158,11 @@ def _kernel_digest(run) -> str:
     while not hasattr(fn, "cache_key") and hasattr(fn, "fn"):
         fn = fn.fn
     text = getattr(fn, "cache_key", None)
-    return text if isinstance(text, str) else _digest(inspect.getsource(run.base_fn))
+    if isinstance(text, str):
+        return text
+    from fusedres import _tune_cache
 
-
-def _digest(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+    return _tune_cache.digest(inspect.getsource(run.base_fn))[:20]
 
 
 def _tracing_or_capturing(device) -> bool:
