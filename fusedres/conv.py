@@ -371,8 +371,9 @@ def _dbn_backward_mode(input, weight, grad_out, stride, padding, prologue, outpu
     entry = _DBN_CHOICES.get(digest(signature))
     if entry is not None:
         return entry["choice"], None
-    if torch.compiler.is_compiling() or \
-            (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    from fusedres.kernels import tracing_or_capturing
+
+    if tracing_or_capturing(device):
         return "fused", None
     entry, outputs = _measure_dbn_backward(device, signature, run)
     with _DBN_LOCK:

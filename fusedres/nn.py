@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import _timm
+from .kernels import capturing as _capturing
 from . import conv as fconv
 from ._backend import check_site_backend, resolve_backend
 from . import conv_paths, cudnn_graph, functional, ops
@@ -292,10 +293,6 @@ def _can_fold(conv, bn, x) -> bool:
             and not torch.compiler.is_compiling()
             and conv.weight.dtype in _FLOATS and conv.weight.device == x.device
             and bn.running_mean.device == x.device and site_plan(bn).fold)
-
-
-def _capturing(device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d):

@@ -117,7 +117,7 @@ def _check_disk_cache(run, tuning_key, configs, bench_fn) -> bool:
         run.configs_timings = {config: entry.get("ms")}  # as Triton's own hit sets it
         return True
     bench_fn()
-    if not _tracing_or_capturing(device):
+    if not tracing_or_capturing(device):
         best = run.cache[tuning_key]
         disk.put(signature, {"choice": _config_name(best),
                              "ms": getattr(run, "configs_timings", {}).get(best)})
@@ -165,6 +165,12 @@ def _kernel_digest(run) -> str:
     return _tune_cache.digest(inspect.getsource(run.base_fn))[:20]
 
 
-def _tracing_or_capturing(device) -> bool:
-    return torch.compiler.is_compiling() or (
-        device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+def capturing(device) -> bool:
+    """Whether ``device``'s current stream is capturing a CUDA graph (work made now only
+    runs when the graph replays)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def tracing_or_capturing(device) -> bool:
+    """Under torch.compile tracing or CUDA-graph capture: nothing is timed or recorded."""
+    return torch.compiler.is_compiling() or capturing(device)

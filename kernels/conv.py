@@ -82,6 +82,7 @@ import triton
 import triton.language as tl
 
 from fusedres.kernels import autotune, device_guard, tuner_for
+from fusedres.kernels import capturing as _capturing
 
 try:  # host-side TMA descriptors (triton >= 3.4; the GPU image's 3.6 has them)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -1175,10 +1176,6 @@ def _tma_ok(t):
     if t.data_ptr() % 16:
         return False
     return INTERPRET or (t.is_cuda and _capability(t.device.index or 0)[0] >= 9)
-
-
-def _capturing(device):
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _lanes(device):
