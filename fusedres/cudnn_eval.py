@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _remembered
+from .kernels import capturing, tracing_or_capturing
 from . import conv as fconv
 from . import conv_paths
 
@@ -135,8 +136,7 @@ def problem(conv, x: Optional[Tensor], relu: bool, residual: Optional[Tensor] = 
         status = _STATUS.get(_key(conv, x, residual))
         if status:
             return f"cuDNN refused the fused call earlier: {status}"
-        if status is None and x.device.type == "cuda" \
-                and torch.cuda.is_current_stream_capturing():
+        if status is None and capturing(x.device):
             return "not run eagerly before this CUDA-graph capture (run one eager step first)"
     return why
 
@@ -170,8 +170,7 @@ def _call_weight(x: Tensor, folded: Tensor) -> Tensor:
     if cached is not None and cached.dtype == dtype:
         return cached
     out = folded.to(dtype).contiguous(memory_format=torch.channels_last)
-    if not torch.compiler.is_compiling() \
-            and not (out.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if not tracing_or_capturing(out.device):
         _CALL_WEIGHTS[folded] = out
     return out
 

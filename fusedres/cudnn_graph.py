@@ -67,6 +67,7 @@ from torch import Tensor
 
 from . import _backend  # noqa: F401  (loads fusedres._C, which defines the graph ops if built)
 from . import _remembered
+from .kernels import capturing
 from . import conv as fconv
 from . import conv_paths, ops
 from . import reference
@@ -251,7 +252,7 @@ def _not_planned_now(key, t: Tensor) -> Optional[str]:
         return None
     if torch.compiler.is_compiling():
         return "not planned before torch.compile tracing (run one eager step first)"
-    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if capturing(t.device):
         return "not planned during CUDA-graph capture (run one eager step first)"
     return None
 
