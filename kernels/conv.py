@@ -30,11 +30,12 @@ One kernel, ``_conv_kernel``, with constexpr switches:
   Triton without host descriptors) both go through pointers (16-byte cp.async).
 * ``PROLOGUE`` on the A operand while loading: 1 = ``relu(x*scale + shift)`` (the
   previous layer's BN-ReLU; fp32 math, rounded once to the operand dtype after the
-  ReLU), 2 = ``x + py*scale`` (dgrad's dBN term of the stats outputs' gradients, dy +
-  dmean/M + dvar*2*(y - mean)/M, less its per-channel constant, whose part of dx the
-  accumulator starts from: ``HAS_RESIDUAL`` in the transposed mode). Padded taps and the
-  M/K tails contribute exactly 0 AFTER the prologue (DESIGN section 2, the padding
-  pitfall).
+  ReLU), 2 = ``x + (py - centre)*coef`` (dgrad's dBN term of the stats outputs'
+  gradients, dy + dmean/M + dvar*2*(y - mean)/M, centred on y's mean so that no large
+  constant is rounded into the operand, less its per-channel constant, whose part of dx
+  the accumulator starts from: ``HAS_RESIDUAL`` in the transposed mode; so are the
+  zero-filled taps' -centre*coef). Otherwise padded taps and the M/K tails contribute
+  exactly 0 AFTER the prologue (DESIGN section 2, the padding pitfall).
 * Epilogue: ``HAS_BIAS``, ``HAS_RESIDUAL``, ``EPILOGUE_RELU`` (NaN-propagating),
   ``STATS`` (per tile and output channel: mean and M2 of the output as rounded to the
   output dtype, masked rows excluded; the count of a tile is min(BLOCK_M, M - t*BLOCK_M)
@@ -192,7 +193,7 @@ def _conv_kernel(
     Y_ptr,  # (N, OH, OW, CO) output, NHWC via strides
     BIAS_ptr,  # (CO,) conv bias                                  [HAS_BIAS]
     RES_ptr,  # (N, OH, OW, CO) residual [HAS_RESIDUAL]; dgrad's dBN: E (batch stride 0)
-    PCOEF_ptr,  # BN-ReLU: (CI, 2) pairs (scale, shift); dBN: (CI,) y coefficient
+    PCOEF_ptr,  # (CI, 2) pairs: BN-ReLU (scale, shift); dBN (y coefficient, y centre)
     PY_ptr,  # (N, IH, IW, CI) forward output y, X's strides, for the dBN prologue [PROLOGUE 2]
     EY_ptr,  # (N, OH, OW, CO) previous conv output y_prev            [DRELU]
     ESCALE_ptr,  # (CO,) previous BN scale                             [DRELU]
@@ -225,7 +226,7 @@ def _conv_kernel(
     #                       of x [N, H/2, 2, W/2, 2C] per tap (stride 2, even H and W)
     TILE_H: tl.constexpr,  # output rows of a spatial M tile                  [A_TMA >= 2]
     TILE_W: tl.constexpr,  # output columns of a spatial M tile (TILE_H*TILE_W | BLOCK_M)
-    PROLOGUE: tl.constexpr,  # 0 none, 1 relu(x*scale+shift), 2 x + py*scale
+    PROLOGUE: tl.constexpr,  # 0 none, 1 relu(x*scale+shift), 2 x + (py - centre)*coef
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     EPILOGUE_RELU: tl.constexpr,
@@ -435,14 +436,15 @@ def _conv_kernel(
                                BLOCK_K, A_TMA)
             else:
                 a = tl.load(X_ptr + a_off, mask=ok, other=0.0)
-            if PROLOGUE == 1:
-                # per-channel pairs (scale, shift), interleaved as (CI, 2): one 16-byte access
-                # gives a thread both for two channels (ci < CI always: the M/K tails are
-                # zeroed after it)
+            if PROLOGUE >= 1:
+                # per-channel pairs, (scale, shift) or (coef_y, centre), interleaved as
+                # (CI, 2): one 16-byte access gives a thread both for two channels (ci < CI
+                # always: the M/K tails are zeroed after it or meet zero weights)
                 c1, c2 = tl.split(tl.load(PCOEF_ptr + ci[:, None] * 2
                                           + tl.arange(0, 2)[None, :]))
                 c1 = c1.to(acc.dtype)[None, :]
                 c2 = c2.to(acc.dtype)[None, :]
+            if PROLOGUE == 1:
                 if A_TMA >= 2:  # the tap's padded rows (rows past M are never stored or
                     # counted); the stride-2 view is stride 2 by construction: a constant
                     stride: tl.constexpr = 2 if A_TMA == 3 else 1
@@ -467,21 +469,21 @@ def _conv_kernel(
                 else:
                     a = v * ok.to(op_t)
             elif PROLOGUE == 2:
-                # dy + y*cy in fp32, rounded once. The dBN constant cc is not added here: its
-                # part of dx, E = conv_transpose(cc everywhere, W), is the same for every image
-                # and the accumulator starts from it (HAS_RESIDUAL, ``_dbn_constant_dx``).
-                # Without it, padded taps need no mask: dy and y are 0 there (TMA zero fill,
-                # masked loads), and fma(0, cy, 0) = 0
-                cy = tl.load(PCOEF_ptr + ci).to(acc.dtype)[None, :]
+                # dy + (y - centre)*coef_y in fp32, rounded once: centred on y's mean, so a
+                # large mean is never rounded into the 16-bit operand. The dBN constant is
+                # not added here: its part of dx, E (``_dbn_constant_dx``), is the same for
+                # every image and the accumulator starts from it (HAS_RESIDUAL). No tap mask
+                # either: where dy and y are 0 (TMA zero fill, masked loads: the taps that
+                # miss dy) the operand is the rounded -centre*coef_y, and E cancels it
                 if A_TMA >= 2:  # y's box of the same tap
                     py = _x_tap_box(PY_desc, tn0, box_h0, box_w0, -tr, -ts, c0, 0, 0, CI,
                                     BLOCK_M, BLOCK_K, A_TMA)
                 else:  # y has dy's strides (the launcher makes it so): one offset for both
                     py = tl.load(PY_ptr + a_off, mask=ok, other=0.0)
                 if ACC_FP64:
-                    v = tl.fma(py.to(acc.dtype), cy, a.to(acc.dtype))
+                    v = tl.fma(py.to(acc.dtype) - c2, c1, a.to(acc.dtype))
                 else:  # bf16 unpacked by its bits
-                    v = tl.fma(_as_f32(py), cy, _as_f32(a))
+                    v = tl.fma(_as_f32(py) - c2, c1, _as_f32(a))
                 a = v.to(op_t)
             else:
                 a = a.to(op_t)
@@ -1418,14 +1420,17 @@ def _merge_stats_launch(ws_mean, ws_m2, mean, var, tiles, m, tile_m, rows_per_pr
 
 
 def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None,
-               coef_c=None, y_prev=None, scale=None, shift=None):
+               coef_c=None, y_mean=None, y_prev=None, scale=None, shift=None):
     """Data gradient of the conv: a transposed implicit-GEMM conv of ``dy``.
 
     dBN (when ``y`` is given): the data gradient of ``dy + y*coef_y + coef_c`` (per output
     channel), the gradient reaching the conv output when its batch statistics are
-    differentiable outputs: the kernel's prologue reads ``dy + y*coef_y`` and its
-    accumulator starts from the constant's part, E (``_dbn_constant_dx``, fp32, computed
-    once per call). dReLU epilogue (when ``y_prev`` is given; the forward input was
+    differentiable outputs: the kernel's prologue reads ``dy + (y - centre)*coef_y``,
+    rounded once to the operand dtype, and its accumulator starts from the constant's part,
+    E (``_dbn_constant_dx``, fp32, computed once per call). The centre is ``y_mean`` (y's
+    per-channel batch mean; computed here, one pass over y, when not given) rounded to y's
+    dtype: y's mean never enters the rounded operand (uncentred, a mean 20x the spread
+    made dx's error 12-37x the materialised pass's in fp16). dReLU epilogue (when ``y_prev`` is given; the forward input was
     ``relu(y_prev*scale + shift)``): returns ``(g*scale, sum(g), sum(g*y_prev))`` with
     ``g = da * [y_prev*scale + shift > 0]`` -- the gradient of ``y_prev`` and of
     ``shift``/``scale``. Without it returns ``(da, None, None)``. Output channels_last.
@@ -1487,10 +1492,16 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
         ws1 = ws2 = dx
     py = y if dbn else dx
     ey = y_prev if drelu else dx
-    # the dBN constant's part of dx: the accumulator starts from it (a residual read with
-    # batch stride 0), so the kernel's A is dy + y*coef_y: one FMA per element, no tap mask
-    cdx = _dbn_constant_dx(weight, coef_c, (h, w), (p, q), (sh, sw), (ph, pw), acc) \
-        if dbn else None
+    pcoef = cdx = None
+    if dbn:  # the kernel's A is dy + (y - centre)*coef_y: an FADD and an FMA per element,
+        # no tap mask; the accumulator starts from the rest (a residual read with batch
+        # stride 0)
+        if y_mean is None:
+            y_mean = y.mean((0, 2, 3), dtype=acc)
+        centre = y_mean.to(y.dtype).to(acc)
+        pcoef = torch.stack([coef_y.to(acc), centre], 1).contiguous()
+        cdx = _dbn_constant_dx(weight, coef_c + centre * coef_y, (h, w), (p, q), (sh, sw),
+                               (ph, pw), acc, fill=(-centre * coef_y.to(acc)).to(dy.dtype))
     res, res_strides = dx, (0, 0, 0, 0)
     if cdx is not None:
         res, res_strides = cdx, (0, *cdx.stride())
@@ -1500,7 +1511,7 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
         cfg0 = configs[0].kwargs
         w_desc = _dense_desc(weight.permute(0, 2, 3, 1), (co, r * s * ci),
                              (cfg0["BLOCK_K"], cfg0["BLOCK_N"]))
-    args = (dy, weight, dx, dx, res, coef_y.contiguous() if dbn else dx, py,
+    args = (dy, weight, dx, dx, res, pcoef if dbn else dx, py,
             ey, scale if drelu else dx, shift if drelu else dx, ws1, ws2, dx, _lanes(dy.device),
             w_desc if w_desc is not None else weight, x_desc if x_desc is not None else dy,
             py_desc if py_desc is not None else dy, dx,
@@ -1528,43 +1539,60 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
             ws2.view(phases, rows, ci)[:, :t].sum((0, 1)))
 
 
-def _dbn_constant_dx(weight, coef_c, input_hw, out_hw, stride, padding, dtype):
+def _dbn_constant_dx(weight, coef_c, input_hw, out_hw, stride, padding, dtype, fill=None):
     """E[ih, iw, ci] (H, W, C_in) in ``dtype``: the part of dgrad's dx that the dBN constant
     ``coef_c`` (per output channel, the same at every pixel of dy_total) contributes, i.e.
-    conv_transpose(coef_c everywhere, W). The same for every image; a function of the
-    pixel because border pixels are reached by fewer taps: E[ih, iw] = sum over the taps
-    (r, s) that reach (ih, iw) from inside the output of V[r, s] = sum_co coef_c[co] *
-    W[co, :, r, s]. Two small contractions in float64, rounded once to ``dtype`` (fp32:
-    more exact than the kernel's own sums, whatever the TF32 switches say; no autotuning,
-    no timing-dependent choice: deterministic)."""
+    conv_transpose(coef_c everywhere, W), less what the kernel's operand ``fill`` (per
+    output channel; its value where dy and y are zero-filled) adds through the taps that
+    miss dy. The same for every image; a function of the pixel because border pixels are
+    reached by fewer taps: E[ih, iw] = the sum over the taps (r, s) that reach (ih, iw)
+    from inside the output of V(coef_c)[r, s], V(u)[r, s] = sum_co u[co] * W[co, :, r, s],
+    less the sum of V(fill) over the taps of (ih, iw)'s phase that miss it (the kernel
+    visits every tap of the phase). Contractions in float64, rounded once to ``dtype``
+    (fp32: more exact than the kernel's own sums, whatever the TF32 switches say; no
+    autotuning, no timing-dependent choice: deterministic)."""
     co, ci, r, s = weight.shape
     f64 = torch.float64
-    taps = (coef_c.to(f64) @ weight.to(f64).reshape(co, ci * r * s)).view(ci, r, s)
-    rh = _tap_reach(input_hw[0], out_hw[0], r, stride[0], padding[0], weight.device)
-    rw = _tap_reach(input_hw[1], out_hw[1], s, stride[1], padding[1], weight.device)
-    return torch.einsum("hr,ws,irs->hwi", rh, rw, taps).to(dtype).contiguous()
+    w64 = weight.to(f64).reshape(co, ci * r * s)
+
+    def spread(u, inside):  # sum of V(u) over the taps of each pixel (inside dy or all)
+        rh = _tap_reach(input_hw[0], out_hw[0], r, stride[0], padding[0], weight.device,
+                        inside)
+        rw = _tap_reach(input_hw[1], out_hw[1], s, stride[1], padding[1], weight.device,
+                        inside)
+        return torch.einsum("hr,ws,irs->hwi", rh, rw, (u.to(f64) @ w64).view(ci, r, s))
+
+    if fill is None:
+        e = spread(coef_c, True)
+    else:  # reached: coef_c; missed: -fill, i.e. all taps -fill, reached coef_c + fill
+        e = spread(coef_c.to(f64) + fill.to(f64), True) - spread(fill, False)
+    return e.to(dtype).contiguous()
 
 
-def _tap_reach(size, out, k, stride, pad, device):
+def _tap_reach(size, out, k, stride, pad, device, inside=True):
     """[size, k] float64 0/1: whether input row i is reached by tap t, from output row
-    (i + pad - t) / stride (an integer in [0, out)). Cached per device, made outside
-    CUDA-graph capture (as ``_lanes``: a tensor made during capture is only written when
-    the graph replays); during capture each call makes its own on the device."""
+    (i + pad - t) / stride (an integer, in [0, out) if ``inside``, else anywhere: the taps
+    of i's phase). Cached per device, made outside CUDA-graph capture (as ``_lanes``: a
+    tensor made during capture is only written when the graph replays); during capture
+    each call makes its own on the device."""
     if _capturing(device):
-        return _reach_matrix(size, out, k, stride, pad, device)
-    return _device_reach(size, out, k, stride, pad, device)
+        return _reach_matrix(size, out, k, stride, pad, device, inside)
+    return _device_reach(size, out, k, stride, pad, device, inside)
 
 
-def _reach_matrix(size, out, k, stride, pad, device):
+def _reach_matrix(size, out, k, stride, pad, device, inside):
     t = (torch.arange(size, device=device)[:, None] + pad
          - torch.arange(k, device=device)[None, :])
-    return ((t >= 0) & (t < out * stride) & (t % stride == 0)).to(torch.float64)
+    ok = t % stride == 0
+    if inside:
+        ok &= (t >= 0) & (t < out * stride)
+    return ok.to(torch.float64)
 
 
 @functools.lru_cache(maxsize=256)
-def _device_reach(size, out, k, stride, pad, device):
+def _device_reach(size, out, k, stride, pad, device, inside):
     # made on the host and copied with a blocking copy: readable from any stream at once
-    return _reach_matrix(size, out, k, stride, pad, "cpu").to(device)
+    return _reach_matrix(size, out, k, stride, pad, "cpu", inside).to(device)
 
 
 @functools.lru_cache(maxsize=None)

@@ -425,13 +425,19 @@ def test_dgrad_dbn_constant_at_the_border(monkeypatch, case, dtype):
                         or launch(run, cfgs, grid, args, kw))
     ref_e = _constant_dx_ref(w, cc, n, h, w_in, st, pd)
     assert (ref_e - ref_e[:, :, h // 2: h // 2 + 1, w_in // 2: w_in // 2 + 1]).abs().max() > 0.1
-    for dy, y in ((torch.zeros(n, co, p, q, dtype=torch.float64),) * 2,
-                  (torch.randn(n, co, p, q, generator=g, dtype=torch.float64),
-                   torch.randn(n, co, p, q, generator=g, dtype=torch.float64))):
+    zeros = torch.zeros(n, co, p, q, dtype=torch.float64)
+    # y's centre: its mean (computed by conv_dgrad), or given far from it, so that the
+    # operand at the zero-filled taps (-centre*coef_y) is large and E must cancel it there
+    centre = 4 * torch.randn(co, generator=g, dtype=torch.float64)
+    for dy, y, y_mean in ((zeros, zeros, None), (zeros, zeros, centre),
+                          (torch.randn(n, co, p, q, generator=g, dtype=torch.float64),
+                           torch.randn(n, co, p, q, generator=g, dtype=torch.float64),
+                           centre)):
         dy_d, y_d = (t.to(DEVICE, dtype).contiguous(memory_format=cl) for t in (dy, y))
         dx, _, _ = K.conv_dgrad(dy_d, w.to(DEVICE, dtype).contiguous(memory_format=cl),
                                 (h, w_in), st, pd, y=y_d, coef_y=cy.to(DEVICE, acc),
-                                coef_c=cc.to(DEVICE, acc))
+                                coef_c=cc.to(DEVICE, acc),
+                                y_mean=None if y_mean is None else y_mean.to(DEVICE, acc))
         total = (dy_d.double() + y_d.double() * cy.to(DEVICE).view(1, -1, 1, 1)
                  + cc.to(DEVICE).view(1, -1, 1, 1))
         ref = torch.nn.grad.conv2d_input(dx.shape, w.to(dtype).double().to(DEVICE), total,
@@ -442,6 +448,45 @@ def test_dgrad_dbn_constant_at_the_border(monkeypatch, case, dtype):
     # zero-filled, no tap mask); fp64 (no TMA) the pointer path
     want_tma = 2 if dtype == torch.float32 and K.TensorDescriptor is not None else 0
     assert seen[-1]["A_TMA"] == want_tma and seen[-1]["HAS_RESIDUAL"], seen[-1]
+
+
+@pytest.mark.parametrize("st", [1, 2])
+def test_dgrad_dbn_centres_a_large_mean(monkeypatch, st):
+    """fp16, y's mean 20-30x its spread and dy correlated with y (a large dBN y-term): the
+    fused dgrad's dx is within 2x the error of rounding dy_total once (the materialised
+    pass), against float64 of the same fp16 inputs. Centring y on its mean keeps the mean
+    out of the rounded operand; uncentred (``y_mean`` = 0) this was 12-37x."""
+    n, c, h, k = 2, 64, 6, 3
+    g = torch.Generator().manual_seed(11)
+    f64, cl = torch.float64, torch.channels_last
+    wt = torch.randn(c, c, k, k, generator=g, dtype=f64) / (c * k * k) ** 0.5
+    wt = wt.to(torch.float16).double()
+    p = (h + 2 - k) // st + 1
+    for mean_over_std, corr in ((20.0, 0.5), (30.0, 0.8)):
+        mu = torch.full((c,), mean_over_std, dtype=f64)
+        mu[::2] *= -1
+        y = (mu.view(1, c, 1, 1) + torch.randn(n, c, p, p, generator=g, dtype=f64)).half()
+        yd = y.double()
+        mean = yd.mean((0, 2, 3))
+        yc = yd - mean.view(1, c, 1, 1)
+        dy = (corr * yc + (1 - corr ** 2) ** 0.5 * torch.randn(n, c, p, p, generator=g,
+                                                               dtype=f64) + 0.3).half()
+        dyd = dy.double()
+        cy = -(dyd * yc).mean((0, 2, 3)) / (yc ** 2).mean((0, 2, 3))
+        cm = -dyd.mean((0, 2, 3))  # dy_total = dy + (y - mean)*cy + cm: BN's backward form
+        total = dyd + yc * cy.view(1, c, 1, 1) + cm.view(1, c, 1, 1)
+        ref = torch.nn.grad.conv2d_input((n, c, h, h), wt, total, st, 1)
+        once = torch.nn.grad.conv2d_input((n, c, h, h), wt, total.half().double(), st, 1)
+        dx, _, _ = K.conv_dgrad(
+            dy.to(DEVICE).contiguous(memory_format=cl),
+            wt.half().to(DEVICE).contiguous(memory_format=cl), (h, h), st, 1,
+            y=y.to(DEVICE).contiguous(memory_format=cl), coef_y=cy.float().to(DEVICE),
+            coef_c=(cm - cy * mean).float().to(DEVICE), y_mean=mean.float().to(DEVICE))
+
+        def err(t):
+            return ((t.double().cpu() - ref).norm() / ref.norm()).item()
+
+        assert err(dx) <= 2 * err(once), (mean_over_std, corr, err(dx), err(once))
 
 
 # dgrad's wide-K tile (kernels/conv.py ``_wide_k``): 128x64 at BLOCK_K 128, 4 warps, for the
