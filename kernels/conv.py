@@ -436,7 +436,13 @@ def _conv_kernel(
                                BLOCK_K, A_TMA)
             else:
                 a = tl.load(X_ptr + a_off, mask=ok, other=0.0)
-            if PROLOGUE >= 1:
+            if PROLOGUE == 2 and op_t == tl.bfloat16 and not ACC_FP64:
+                # bf16 dBN: (3, CI) rows centre, coef_y's high and low bf16 parts (ci < CI
+                # always: the K tail meets zero weights)
+                c1 = tl.load(PCOEF_ptr + ci)[None, :]
+                c2 = tl.load(PCOEF_ptr + CI + ci)[None, :]
+                c3 = tl.load(PCOEF_ptr + 2 * CI + ci)[None, :]
+            elif PROLOGUE >= 1:
                 # per-channel pairs, (scale, shift) or (coef_y, centre), interleaved as
                 # (CI, 2): one 16-byte access gives a thread both for two channels (ci < CI
                 # always: the M/K tails are zeroed after it or meet zero weights)
@@ -469,8 +475,9 @@ def _conv_kernel(
                 else:
                     a = v * ok.to(op_t)
             elif PROLOGUE == 2:
-                # dy + (y - centre)*coef_y in fp32, rounded once: centred on y's mean, so a
-                # large mean is never rounded into the 16-bit operand. The dBN constant is
+                # dy + (y - centre)*coef_y (bf16: packed math; else fp32, rounded once):
+                # centred on y's mean, so a large mean is never rounded into the 16-bit
+                # operand. The dBN constant is
                 # not added here: its part of dx, E (``_dbn_constant_dx``), is the same for
                 # every image and the accumulator starts from it (HAS_RESIDUAL). No tap mask
                 # either: where dy and y are 0 (TMA zero fill, masked loads: the taps that
@@ -481,10 +488,12 @@ def _conv_kernel(
                 else:  # y has dy's strides (the launcher makes it so): one offset for both
                     py = tl.load(PY_ptr + a_off, mask=ok, other=0.0)
                 if ACC_FP64:
-                    v = tl.fma(py.to(acc.dtype) - c2, c1, a.to(acc.dtype))
-                else:  # bf16 unpacked by its bits
-                    v = tl.fma(_as_f32(py) - c2, c1, _as_f32(a))
-                a = v.to(op_t)
+                    a = tl.fma(py.to(acc.dtype) - c2, c1, a.to(acc.dtype)).to(op_t)
+                elif op_t == tl.bfloat16:  # packed bf16 math (``_dbn_prologue_coefs``):
+                    d = py - c1  # y - centre, then coef_y's high and low parts
+                    a = tl.fma(d, c3, tl.fma(d, c2, a))
+                else:
+                    a = tl.fma(_as_f32(py) - c2, c1, _as_f32(a)).to(op_t)
             else:
                 a = a.to(op_t)
             if W_TMA and TRANSPOSED:  # B[(tap, co), ci] = W[co, r, s, ci]: a box of [CO, RSC]
@@ -1493,15 +1502,17 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     py = y if dbn else dx
     ey = y_prev if drelu else dx
     pcoef = cdx = None
-    if dbn:  # the kernel's A is dy + (y - centre)*coef_y: an FADD and an FMA per element,
+    if dbn:  # the kernel's A is dy + (y - centre)*coef_y (``_dbn_prologue_coefs``),
         # no tap mask; the accumulator starts from the rest (a residual read with batch
         # stride 0)
         if y_mean is None:
             y_mean = y.mean((0, 2, 3), dtype=acc)
         centre = y_mean.to(y.dtype).to(acc)
-        pcoef = torch.stack([coef_y.to(acc), centre], 1).contiguous()
-        cdx = _dbn_constant_dx(weight, coef_c + centre * coef_y, (h, w), (p, q), (sh, sw),
-                               (ph, pw), acc, fill=(-centre * coef_y.to(acc)).to(dy.dtype))
+        pcoef = _dbn_prologue_coefs(coef_y.to(acc), centre, dy.dtype)
+        f64 = torch.float64
+        cdx = _dbn_constant_dx(weight, coef_c.to(f64) + centre.to(f64) * coef_y.to(f64),
+                               (h, w), (p, q), (sh, sw), (ph, pw), acc,
+                               fill=_dbn_prologue_fill(pcoef, dy.dtype))
     res, res_strides = dx, (0, 0, 0, 0)
     if cdx is not None:
         res, res_strides = cdx, (0, *cdx.stride())
@@ -1537,6 +1548,38 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     t = triton.cdiv(gm, cfg["BLOCK_M"])
     return (dx, ws1.view(phases, rows, ci)[:, :t].sum((0, 1)),
             ws2.view(phases, rows, ci)[:, :t].sum((0, 1)))
+
+
+def _dbn_prologue_coefs(coef_y, centre, dtype):
+    """The dgrad dBN prologue's per-channel coefficients (its ``PCOEF_ptr``) for operands of
+    ``dtype``. bf16: rows (centre, hi, lo) in bf16, coef_y = hi + lo to 16 bits, for packed
+    math: ``d = y - centre`` (exact where y is within 2x of the centre), then
+    ``fma(d, lo, fma(d, hi, dy))``, each rounded to bf16 (1.5 SASS per element where the
+    fp32 math takes 4.5: two unpacks, FADD, FFMA, half a pack). coef_y to 8 bits alone
+    would put 2^-9 of the y-term in dx. Otherwise (coef_y, centre) pairs in the
+    accumulator dtype: ``fma(y - centre, coef_y, dy)`` in fp32 / fp64, rounded once."""
+    if dtype == torch.bfloat16:
+        hi = coef_y.to(torch.bfloat16)
+        lo = (coef_y - hi.to(coef_y.dtype)).to(torch.bfloat16)
+        return torch.stack([centre.to(torch.bfloat16), hi, lo]).contiguous()
+    return torch.stack([coef_y, centre], 1).contiguous()
+
+
+def _dbn_prologue_fill(pcoef, dtype):
+    """Per channel, float64: the dgrad dBN prologue's operand where dy and y are zero-filled
+    (``-centre*coef_y`` as the kernel rounds it), which E cancels."""
+    if dtype == torch.bfloat16:  # d = -centre exactly; fma(d, lo, fma(d, hi, 0))
+        d, hi, lo = -pcoef[0].double(), pcoef[1].double(), pcoef[2].double()
+        return _round_bf16(d * lo + _round_bf16(d * hi))  # exact in float64 before each
+    coef_y, centre = pcoef.unbind(1)
+    return (-centre * coef_y).to(dtype).double()  # fma(-centre, coef_y, 0) in fp32 / fp64
+
+
+def _round_bf16(x):
+    """float64 ``x`` rounded once to bf16's 8 significant bits, to nearest even (a
+    conversion through fp32 would round twice), as float64."""
+    m, e = torch.frexp(x)
+    return torch.ldexp(torch.round(m * 256) / 256, e)
 
 
 def _dbn_constant_dx(weight, coef_c, input_hw, out_hw, stride, padding, dtype, fill=None):
