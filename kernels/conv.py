@@ -492,8 +492,10 @@ def _conv_kernel(
                 elif op_t == tl.bfloat16:  # packed bf16 math (``_dbn_prologue_coefs``):
                     d = py - c1  # y - centre, then coef_y's high and low parts
                     a = tl.fma(d, c3, tl.fma(d, c2, a))
-                else:
-                    a = tl.fma(_as_f32(py) - c2, c1, _as_f32(a)).to(op_t)
+                else:  # y - centre in the operand dtype (fp16: HADD2, exact where y is
+                    # within 2x of the centre; fp16 keeps cy in fp32: 2*dvar/M can fall
+                    # below its range), then the FMA in fp32, rounded once
+                    a = tl.fma(_as_f32(py - c2.to(op_t)), c1, _as_f32(a)).to(op_t)
             else:
                 a = a.to(op_t)
             if W_TMA and TRANSPOSED:  # B[(tap, co), ci] = W[co, r, s, ci]: a box of [CO, RSC]
@@ -1557,7 +1559,8 @@ def _dbn_prologue_coefs(coef_y, centre, dtype):
     ``fma(d, lo, fma(d, hi, dy))``, each rounded to bf16 (1.5 SASS per element where the
     fp32 math takes 4.5: two unpacks, FADD, FFMA, half a pack). coef_y to 8 bits alone
     would put 2^-9 of the y-term in dx. Otherwise (coef_y, centre) pairs in the
-    accumulator dtype: ``fma(y - centre, coef_y, dy)`` in fp32 / fp64, rounded once."""
+    accumulator dtype: ``fma(y - centre, coef_y, dy)``, the difference in the operand
+    dtype (fp16: packed), the FMA in fp32 / fp64, rounded once."""
     if dtype == torch.bfloat16:
         hi = coef_y.to(torch.bfloat16)
         lo = (coef_y - hi.to(coef_y.dtype)).to(torch.bfloat16)
