@@ -442,8 +442,13 @@ def _held_rows(rows):
                                      if BACKWARD_GAPS.get(v, ("x",))[0]])
 def test_backward_meets_the_hopper_bar(backward_rows, variant):
     """Every bf16 row of the variant but a known gap's meets issue 21's backward bar."""
-    _check_bar(_held_rows(backward_rows), variant, lambda S: S.backward_row,
-               lambda S: S.backward_gaps)
+    S, results, log = backward_rows
+    assert any(r["variant"] == variant for r in results), log
+    held = _held_rows(backward_rows)
+    if not any(r["variant"] == variant for r in held[1]):
+        pytest.skip(f"every config of it under triton {S.triton.__version__} is a known gap "
+                    "(the stride-2 dBN's wide-K tile: triton < 3.7 only)")
+    _check_bar(held, variant, lambda S: S.backward_row, lambda S: S.backward_gaps)
 
 
 @pytest.mark.slow
