@@ -496,6 +496,11 @@ def _conv_kernel(
                     # within 2x of the centre; fp16 keeps cy in fp32: 2*dvar/M can fall
                     # below its range), then the FMA in fp32, rounded once
                     a = tl.fma(_as_f32(py - c2.to(op_t)), c1, _as_f32(a)).to(op_t)
+                    if op_t == tl.float32 and INPUT_PRECISION == "tf32":
+                        # cut to tf32's bits (the MMA reads no more) so that the fill at
+                        # the zero-filled taps is what E cancels, however the MMA rounds
+                        a = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32,
+                                                                      bitcast=True)
             else:
                 a = a.to(op_t)
             if W_TMA and TRANSPOSED:  # B[(tap, co), ci] = W[co, r, s, ci]: a box of [CO, RSC]
@@ -1514,7 +1519,8 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
         f64 = torch.float64
         cdx = _dbn_constant_dx(weight, coef_c.to(f64) + centre.to(f64) * coef_y.to(f64),
                                (h, w), (p, q), (sh, sw), (ph, pw), acc,
-                               fill=_dbn_prologue_fill(pcoef, dy.dtype))
+                               fill=_dbn_prologue_fill(pcoef, dy.dtype,
+                                                       _input_precision(dy.dtype)))
     res, res_strides = dx, (0, 0, 0, 0)
     if cdx is not None:
         res, res_strides = cdx, (0, *cdx.stride())
@@ -1568,14 +1574,17 @@ def _dbn_prologue_coefs(coef_y, centre, dtype):
     return torch.stack([coef_y, centre], 1).contiguous()
 
 
-def _dbn_prologue_fill(pcoef, dtype):
+def _dbn_prologue_fill(pcoef, dtype, input_precision="ieee"):
     """Per channel, float64: the dgrad dBN prologue's operand where dy and y are zero-filled
     (``-centre*coef_y`` as the kernel rounds it), which E cancels."""
     if dtype == torch.bfloat16:  # d = -centre exactly; fma(d, lo, fma(d, hi, 0))
         d, hi, lo = -pcoef[0].double(), pcoef[1].double(), pcoef[2].double()
         return _round_bf16(d * lo + _round_bf16(d * hi))  # exact in float64 before each
     coef_y, centre = pcoef.unbind(1)
-    return (-centre * coef_y).to(dtype).double()  # fma(-centre, coef_y, 0) in fp32 / fp64
+    fill = (-centre * coef_y).to(dtype)  # fma(-centre, coef_y, 0) in fp32 / fp64
+    if dtype == torch.float32 and input_precision == "tf32":  # cut to tf32's bits
+        fill = (fill.view(torch.int32) & -8192).view(torch.float32)
+    return fill.double()
 
 
 def _round_bf16(x):
