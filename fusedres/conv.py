@@ -222,7 +222,8 @@ def _conv_backward(dbn_mode, grad_out, input, weight, stride, padding, scale, sh
     if need_in or need_ss:
         dx, sum_g, sum_gy = k.conv_dgrad(
             dy, _prepare(weight), (input.shape[2], input.shape[3]), stride, padding,
-            y=y, coef_y=coef_y, coef_c=coef_c, y_prev=x if prologue else None,
+            y=y, coef_y=coef_y, coef_c=coef_c, y_mean=mean if y is not None else None,
+            y_prev=x if prologue else None,
             scale=scale, shift=shift)
         if need_in:
             gi = dx

@@ -30,11 +30,12 @@ One kernel, ``_conv_kernel``, with constexpr switches:
   Triton without host descriptors) both go through pointers (16-byte cp.async).
 * ``PROLOGUE`` on the A operand while loading: 1 = ``relu(x*scale + shift)`` (the
   previous layer's BN-ReLU; fp32 math, rounded once to the operand dtype after the
-  ReLU), 2 = ``x + py*scale`` (dgrad's dBN term of the stats outputs' gradients, dy +
-  dmean/M + dvar*2*(y - mean)/M, less its per-channel constant, whose part of dx the
-  accumulator starts from: ``HAS_RESIDUAL`` in the transposed mode). Padded taps and the
-  M/K tails contribute exactly 0 AFTER the prologue (DESIGN section 2, the padding
-  pitfall).
+  ReLU), 2 = ``x + (py - centre)*coef`` (dgrad's dBN term of the stats outputs'
+  gradients, dy + dmean/M + dvar*2*(y - mean)/M, centred on y's mean so that no large
+  constant is rounded into the operand, less its per-channel constant, whose part of dx
+  the accumulator starts from: ``HAS_RESIDUAL`` in the transposed mode; so are the
+  zero-filled taps' -centre*coef). Otherwise padded taps and the M/K tails contribute
+  exactly 0 AFTER the prologue (DESIGN section 2, the padding pitfall).
 * Epilogue: ``HAS_BIAS``, ``HAS_RESIDUAL``, ``EPILOGUE_RELU`` (NaN-propagating),
   ``STATS`` (per tile and output channel: mean and M2 of the output as rounded to the
   output dtype, masked rows excluded; the count of a tile is min(BLOCK_M, M - t*BLOCK_M)
@@ -192,7 +193,7 @@ def _conv_kernel(
     Y_ptr,  # (N, OH, OW, CO) output, NHWC via strides
     BIAS_ptr,  # (CO,) conv bias                                  [HAS_BIAS]
     RES_ptr,  # (N, OH, OW, CO) residual [HAS_RESIDUAL]; dgrad's dBN: E (batch stride 0)
-    PCOEF_ptr,  # BN-ReLU: (CI, 2) pairs (scale, shift); dBN: (CI,) y coefficient
+    PCOEF_ptr,  # (CI, 2) pairs: BN-ReLU (scale, shift); dBN (y coefficient, y centre)
     PY_ptr,  # (N, IH, IW, CI) forward output y, X's strides, for the dBN prologue [PROLOGUE 2]
     EY_ptr,  # (N, OH, OW, CO) previous conv output y_prev            [DRELU]
     ESCALE_ptr,  # (CO,) previous BN scale                             [DRELU]
@@ -225,7 +226,7 @@ def _conv_kernel(
     #                       of x [N, H/2, 2, W/2, 2C] per tap (stride 2, even H and W)
     TILE_H: tl.constexpr,  # output rows of a spatial M tile                  [A_TMA >= 2]
     TILE_W: tl.constexpr,  # output columns of a spatial M tile (TILE_H*TILE_W | BLOCK_M)
-    PROLOGUE: tl.constexpr,  # 0 none, 1 relu(x*scale+shift), 2 x + py*scale
+    PROLOGUE: tl.constexpr,  # 0 none, 1 relu(x*scale+shift), 2 x + (py - centre)*coef
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     EPILOGUE_RELU: tl.constexpr,
@@ -435,14 +436,21 @@ def _conv_kernel(
                                BLOCK_K, A_TMA)
             else:
                 a = tl.load(X_ptr + a_off, mask=ok, other=0.0)
-            if PROLOGUE == 1:
-                # per-channel pairs (scale, shift), interleaved as (CI, 2): one 16-byte access
-                # gives a thread both for two channels (ci < CI always: the M/K tails are
-                # zeroed after it)
+            if PROLOGUE == 2 and op_t == tl.bfloat16 and not ACC_FP64:
+                # bf16 dBN: (3, CI) rows centre, coef_y's high and low bf16 parts (ci < CI
+                # always: the K tail meets zero weights)
+                c1 = tl.load(PCOEF_ptr + ci)[None, :]
+                c2 = tl.load(PCOEF_ptr + CI + ci)[None, :]
+                c3 = tl.load(PCOEF_ptr + 2 * CI + ci)[None, :]
+            elif PROLOGUE >= 1:
+                # per-channel pairs, (scale, shift) or (coef_y, centre), interleaved as
+                # (CI, 2): one 16-byte access gives a thread both for two channels (ci < CI
+                # always: the M/K tails are zeroed after it or meet zero weights)
                 c1, c2 = tl.split(tl.load(PCOEF_ptr + ci[:, None] * 2
                                           + tl.arange(0, 2)[None, :]))
                 c1 = c1.to(acc.dtype)[None, :]
                 c2 = c2.to(acc.dtype)[None, :]
+            if PROLOGUE == 1:
                 if A_TMA >= 2:  # the tap's padded rows (rows past M are never stored or
                     # counted); the stride-2 view is stride 2 by construction: a constant
                     stride: tl.constexpr = 2 if A_TMA == 3 else 1
@@ -467,22 +475,32 @@ def _conv_kernel(
                 else:
                     a = v * ok.to(op_t)
             elif PROLOGUE == 2:
-                # dy + y*cy in fp32, rounded once. The dBN constant cc is not added here: its
-                # part of dx, E = conv_transpose(cc everywhere, W), is the same for every image
-                # and the accumulator starts from it (HAS_RESIDUAL, ``_dbn_constant_dx``).
-                # Without it, padded taps need no mask: dy and y are 0 there (TMA zero fill,
-                # masked loads), and fma(0, cy, 0) = 0
-                cy = tl.load(PCOEF_ptr + ci).to(acc.dtype)[None, :]
+                # dy + (y - centre)*coef_y (bf16: packed math; else fp32, rounded once):
+                # centred on y's mean, so a large mean is never rounded into the 16-bit
+                # operand. The dBN constant is
+                # not added here: its part of dx, E (``_dbn_constant_dx``), is the same for
+                # every image and the accumulator starts from it (HAS_RESIDUAL). No tap mask
+                # either: where dy and y are 0 (TMA zero fill, masked loads: the taps that
+                # miss dy) the operand is the rounded -centre*coef_y, and E cancels it
                 if A_TMA >= 2:  # y's box of the same tap
                     py = _x_tap_box(PY_desc, tn0, box_h0, box_w0, -tr, -ts, c0, 0, 0, CI,
                                     BLOCK_M, BLOCK_K, A_TMA)
                 else:  # y has dy's strides (the launcher makes it so): one offset for both
                     py = tl.load(PY_ptr + a_off, mask=ok, other=0.0)
                 if ACC_FP64:
-                    v = tl.fma(py.to(acc.dtype), cy, a.to(acc.dtype))
-                else:  # bf16 unpacked by its bits
-                    v = tl.fma(_as_f32(py), cy, _as_f32(a))
-                a = v.to(op_t)
+                    a = tl.fma(py.to(acc.dtype) - c2, c1, a.to(acc.dtype)).to(op_t)
+                elif op_t == tl.bfloat16:  # packed bf16 math (``_dbn_prologue_coefs``):
+                    d = py - c1  # y - centre, then coef_y's high and low parts
+                    a = tl.fma(d, c3, tl.fma(d, c2, a))
+                else:  # y - centre in the operand dtype (fp16: HADD2, exact where y is
+                    # within 2x of the centre; fp16 keeps cy in fp32: 2*dvar/M can fall
+                    # below its range), then the FMA in fp32, rounded once
+                    a = tl.fma(_as_f32(py - c2.to(op_t)), c1, _as_f32(a)).to(op_t)
+                    if op_t == tl.float32 and INPUT_PRECISION == "tf32":
+                        # cut to tf32's bits (the MMA reads no more) so that the fill at
+                        # the zero-filled taps is what E cancels, however the MMA rounds
+                        a = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32,
+                                                                      bitcast=True)
             else:
                 a = a.to(op_t)
             if W_TMA and TRANSPOSED:  # B[(tap, co), ci] = W[co, r, s, ci]: a box of [CO, RSC]
@@ -1418,14 +1436,17 @@ def _merge_stats_launch(ws_mean, ws_m2, mean, var, tiles, m, tile_m, rows_per_pr
 
 
 def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None,
-               coef_c=None, y_prev=None, scale=None, shift=None):
+               coef_c=None, y_mean=None, y_prev=None, scale=None, shift=None):
     """Data gradient of the conv: a transposed implicit-GEMM conv of ``dy``.
 
     dBN (when ``y`` is given): the data gradient of ``dy + y*coef_y + coef_c`` (per output
     channel), the gradient reaching the conv output when its batch statistics are
-    differentiable outputs: the kernel's prologue reads ``dy + y*coef_y`` and its
-    accumulator starts from the constant's part, E (``_dbn_constant_dx``, fp32, computed
-    once per call). dReLU epilogue (when ``y_prev`` is given; the forward input was
+    differentiable outputs: the kernel's prologue reads ``dy + (y - centre)*coef_y``,
+    rounded once to the operand dtype, and its accumulator starts from the constant's part,
+    E (``_dbn_constant_dx``, fp32, computed once per call). The centre is ``y_mean`` (y's
+    per-channel batch mean; computed here, one pass over y, when not given) rounded to y's
+    dtype: y's mean never enters the rounded operand (uncentred, a mean 20x the spread
+    made dx's error 12-37x the materialised pass's in fp16). dReLU epilogue (when ``y_prev`` is given; the forward input was
     ``relu(y_prev*scale + shift)``): returns ``(g*scale, sum(g), sum(g*y_prev))`` with
     ``g = da * [y_prev*scale + shift > 0]`` -- the gradient of ``y_prev`` and of
     ``shift``/``scale``. Without it returns ``(da, None, None)``. Output channels_last.
@@ -1487,10 +1508,19 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
         ws1 = ws2 = dx
     py = y if dbn else dx
     ey = y_prev if drelu else dx
-    # the dBN constant's part of dx: the accumulator starts from it (a residual read with
-    # batch stride 0), so the kernel's A is dy + y*coef_y: one FMA per element, no tap mask
-    cdx = _dbn_constant_dx(weight, coef_c, (h, w), (p, q), (sh, sw), (ph, pw), acc) \
-        if dbn else None
+    pcoef = cdx = None
+    if dbn:  # the kernel's A is dy + (y - centre)*coef_y (``_dbn_prologue_coefs``),
+        # no tap mask; the accumulator starts from the rest (a residual read with batch
+        # stride 0)
+        if y_mean is None:
+            y_mean = y.mean((0, 2, 3), dtype=acc)
+        centre = y_mean.to(y.dtype).to(acc)
+        pcoef = _dbn_prologue_coefs(coef_y.to(acc), centre, dy.dtype)
+        f64 = torch.float64
+        cdx = _dbn_constant_dx(weight, coef_c.to(f64) + centre.to(f64) * coef_y.to(f64),
+                               (h, w), (p, q), (sh, sw), (ph, pw), acc,
+                               fill=_dbn_prologue_fill(pcoef, dy.dtype,
+                                                       _input_precision(dy.dtype)))
     res, res_strides = dx, (0, 0, 0, 0)
     if cdx is not None:
         res, res_strides = cdx, (0, *cdx.stride())
@@ -1500,7 +1530,7 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
         cfg0 = configs[0].kwargs
         w_desc = _dense_desc(weight.permute(0, 2, 3, 1), (co, r * s * ci),
                              (cfg0["BLOCK_K"], cfg0["BLOCK_N"]))
-    args = (dy, weight, dx, dx, res, coef_y.contiguous() if dbn else dx, py,
+    args = (dy, weight, dx, dx, res, pcoef if dbn else dx, py,
             ey, scale if drelu else dx, shift if drelu else dx, ws1, ws2, dx, _lanes(dy.device),
             w_desc if w_desc is not None else weight, x_desc if x_desc is not None else dy,
             py_desc if py_desc is not None else dy, dx,
@@ -1528,43 +1558,96 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
             ws2.view(phases, rows, ci)[:, :t].sum((0, 1)))
 
 
-def _dbn_constant_dx(weight, coef_c, input_hw, out_hw, stride, padding, dtype):
+def _dbn_prologue_coefs(coef_y, centre, dtype):
+    """The dgrad dBN prologue's per-channel coefficients (its ``PCOEF_ptr``) for operands of
+    ``dtype``. bf16: rows (centre, hi, lo) in bf16, coef_y = hi + lo to 16 bits, for packed
+    math: ``d = y - centre`` (exact where y is within 2x of the centre), then
+    ``fma(d, lo, fma(d, hi, dy))``, each rounded to bf16 (1.5 SASS per element where the
+    fp32 math takes 4.5: two unpacks, FADD, FFMA, half a pack). coef_y to 8 bits alone
+    would put 2^-9 of the y-term in dx. Otherwise (coef_y, centre) pairs in the
+    accumulator dtype: ``fma(y - centre, coef_y, dy)``, the difference in the operand
+    dtype (fp16: packed), the FMA in fp32 / fp64, rounded once."""
+    if dtype == torch.bfloat16:
+        hi = coef_y.to(torch.bfloat16)
+        lo = (coef_y - hi.to(coef_y.dtype)).to(torch.bfloat16)
+        return torch.stack([centre.to(torch.bfloat16), hi, lo]).contiguous()
+    return torch.stack([coef_y, centre], 1).contiguous()
+
+
+def _dbn_prologue_fill(pcoef, dtype, input_precision="ieee"):
+    """Per channel, float64: the dgrad dBN prologue's operand where dy and y are zero-filled
+    (``-centre*coef_y`` as the kernel rounds it), which E cancels."""
+    if dtype == torch.bfloat16:  # d = -centre exactly; fma(d, lo, fma(d, hi, 0))
+        d, hi, lo = -pcoef[0].double(), pcoef[1].double(), pcoef[2].double()
+        return _round_bf16(d * lo + _round_bf16(d * hi))  # exact in float64 before each
+    coef_y, centre = pcoef.unbind(1)
+    fill = (-centre * coef_y).to(dtype)  # fma(-centre, coef_y, 0) in fp32 / fp64
+    if dtype == torch.float32 and input_precision == "tf32":  # cut to tf32's bits
+        fill = (fill.view(torch.int32) & -8192).view(torch.float32)
+    return fill.double()
+
+
+def _round_bf16(x):
+    """float64 ``x`` rounded once to bf16's 8 significant bits, to nearest even (a
+    conversion through fp32 would round twice), as float64."""
+    m, e = torch.frexp(x)
+    return torch.ldexp(torch.round(m * 256) / 256, e)
+
+
+def _dbn_constant_dx(weight, coef_c, input_hw, out_hw, stride, padding, dtype, fill=None):
     """E[ih, iw, ci] (H, W, C_in) in ``dtype``: the part of dgrad's dx that the dBN constant
     ``coef_c`` (per output channel, the same at every pixel of dy_total) contributes, i.e.
-    conv_transpose(coef_c everywhere, W). The same for every image; a function of the
-    pixel because border pixels are reached by fewer taps: E[ih, iw] = sum over the taps
-    (r, s) that reach (ih, iw) from inside the output of V[r, s] = sum_co coef_c[co] *
-    W[co, :, r, s]. Two small contractions in float64, rounded once to ``dtype`` (fp32:
-    more exact than the kernel's own sums, whatever the TF32 switches say; no autotuning,
-    no timing-dependent choice: deterministic)."""
+    conv_transpose(coef_c everywhere, W), less what the kernel's operand ``fill`` (per
+    output channel; its value where dy and y are zero-filled) adds through the taps that
+    miss dy. The same for every image; a function of the pixel because border pixels are
+    reached by fewer taps: E[ih, iw] = the sum over the taps (r, s) that reach (ih, iw)
+    from inside the output of V(coef_c)[r, s], V(u)[r, s] = sum_co u[co] * W[co, :, r, s],
+    less the sum of V(fill) over the taps of (ih, iw)'s phase that miss it (the kernel
+    visits every tap of the phase). Contractions in float64, rounded once to ``dtype``
+    (fp32: more exact than the kernel's own sums, whatever the TF32 switches say; no
+    autotuning, no timing-dependent choice: deterministic)."""
     co, ci, r, s = weight.shape
     f64 = torch.float64
-    taps = (coef_c.to(f64) @ weight.to(f64).reshape(co, ci * r * s)).view(ci, r, s)
-    rh = _tap_reach(input_hw[0], out_hw[0], r, stride[0], padding[0], weight.device)
-    rw = _tap_reach(input_hw[1], out_hw[1], s, stride[1], padding[1], weight.device)
-    return torch.einsum("hr,ws,irs->hwi", rh, rw, taps).to(dtype).contiguous()
+    w64 = weight.to(f64).reshape(co, ci * r * s)
+
+    def spread(u, inside):  # sum of V(u) over the taps of each pixel (inside dy or all)
+        rh = _tap_reach(input_hw[0], out_hw[0], r, stride[0], padding[0], weight.device,
+                        inside)
+        rw = _tap_reach(input_hw[1], out_hw[1], s, stride[1], padding[1], weight.device,
+                        inside)
+        return torch.einsum("hr,ws,irs->hwi", rh, rw, (u.to(f64) @ w64).view(ci, r, s))
+
+    if fill is None:
+        e = spread(coef_c, True)
+    else:  # reached: coef_c; missed: -fill, i.e. all taps -fill, reached coef_c + fill
+        e = spread(coef_c.to(f64) + fill.to(f64), True) - spread(fill, False)
+    return e.to(dtype).contiguous()
 
 
-def _tap_reach(size, out, k, stride, pad, device):
+def _tap_reach(size, out, k, stride, pad, device, inside=True):
     """[size, k] float64 0/1: whether input row i is reached by tap t, from output row
-    (i + pad - t) / stride (an integer in [0, out)). Cached per device, made outside
-    CUDA-graph capture (as ``_lanes``: a tensor made during capture is only written when
-    the graph replays); during capture each call makes its own on the device."""
+    (i + pad - t) / stride (an integer, in [0, out) if ``inside``, else anywhere: the taps
+    of i's phase). Cached per device, made outside CUDA-graph capture (as ``_lanes``: a
+    tensor made during capture is only written when the graph replays); during capture
+    each call makes its own on the device."""
     if _capturing(device):
-        return _reach_matrix(size, out, k, stride, pad, device)
-    return _device_reach(size, out, k, stride, pad, device)
+        return _reach_matrix(size, out, k, stride, pad, device, inside)
+    return _device_reach(size, out, k, stride, pad, device, inside)
 
 
-def _reach_matrix(size, out, k, stride, pad, device):
+def _reach_matrix(size, out, k, stride, pad, device, inside):
     t = (torch.arange(size, device=device)[:, None] + pad
          - torch.arange(k, device=device)[None, :])
-    return ((t >= 0) & (t < out * stride) & (t % stride == 0)).to(torch.float64)
+    ok = t % stride == 0
+    if inside:
+        ok &= (t >= 0) & (t < out * stride)
+    return ok.to(torch.float64)
 
 
 @functools.lru_cache(maxsize=256)
-def _device_reach(size, out, k, stride, pad, device):
+def _device_reach(size, out, k, stride, pad, device, inside):
     # made on the host and copied with a blocking copy: readable from any stream at once
-    return _reach_matrix(size, out, k, stride, pad, "cpu").to(device)
+    return _reach_matrix(size, out, k, stride, pad, "cpu", inside).to(device)
 
 
 @functools.lru_cache(maxsize=None)

@@ -712,8 +712,11 @@ def conv_specs(quick: bool):
                          2: f"tensordesc<{dt}[{bm // (th * tw)}, {th}, {tw}, {bk}]>",
                          3: f"tensordesc<{dt}[{bm // (th * tw)}, {th}, 1, {tw}, {bk}]>"}
                 base = ptrs if sw.get("TRANSPOSED") else fwd_ptrs
-                if consts["PROLOGUE"] == 2:  # E, the dBN constant's part of dx: fp32
-                    base = dict(base, RES_ptr="*fp32")
+                if consts["PROLOGUE"] == 2:  # E, the dBN constant's part of dx: fp32; the
+                    # coefficients: bf16 rows (centre, hi, lo) for the packed bf16 math, else
+                    # fp32 (coef_y, centre) pairs (kernels/conv.py conv_dgrad)
+                    base = dict(base, RES_ptr="*fp32",
+                                PCOEF_ptr="*bf16" if dt == "bf16" else "*fp32")
                 w_box = f"[{bk}, {bn}]" if sw.get("TRANSPOSED") else f"[{bn}, {bk}]"
                 kptrs = dict(base, W_desc=f"tensordesc<{dt}{w_box}>" if consts["W_TMA"]
                              else act, X_desc=x_box[consts["A_TMA"]],

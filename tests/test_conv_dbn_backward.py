@@ -406,13 +406,24 @@ def test_constant_dx_is_the_constant_fields_transposed_conv(case):
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+# bf16 (the packed prologue) where it runs: the interpreter's bf16 arithmetic is wrong
+BF16_ON_CUDA = [pytest.param(torch.bfloat16, marks=pytest.mark.cuda)] if DEVICE == "cuda" else []
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, "tf32"] + BF16_ON_CUDA)
 @pytest.mark.parametrize("case", E_CASES, ids=[c[0] for c in E_CASES])
 def test_dgrad_dbn_constant_at_the_border(monkeypatch, case, dtype):
     """conv_dgrad with the dBN prologue against float64: dy = 0, y = 0 (only the constant:
     dx is E in every image, and the border pixels differ from the interior, so an E that
-    is omitted or taken as the interior's everywhere fails), then all three terms."""
+    is omitted or taken as the interior's everywhere fails), then all three terms. "tf32":
+    fp32 with TF32 dots (the interpreter's dots are fp32: the kernel's operands are cut to
+    tf32's bits there too, and E must cancel the cut fill; a far centre makes a mismatch
+    show)."""
     _, n, ci, h, w_in, co, k, st, pd = case
+    far = 1.0
+    if dtype == "tf32":
+        monkeypatch.setattr(K, "_input_precision", lambda dt: "tf32")
+        dtype, far = torch.float32, 50.0
     g = torch.Generator().manual_seed(7)
     w = torch.randn(co, ci, k, k, generator=g, dtype=torch.float64)
     p, q = (h + 2 * pd - k) // st + 1, (w_in + 2 * pd - k) // st + 1
@@ -425,23 +436,141 @@ def test_dgrad_dbn_constant_at_the_border(monkeypatch, case, dtype):
                         or launch(run, cfgs, grid, args, kw))
     ref_e = _constant_dx_ref(w, cc, n, h, w_in, st, pd)
     assert (ref_e - ref_e[:, :, h // 2: h // 2 + 1, w_in // 2: w_in // 2 + 1]).abs().max() > 0.1
-    for dy, y in ((torch.zeros(n, co, p, q, dtype=torch.float64),) * 2,
-                  (torch.randn(n, co, p, q, generator=g, dtype=torch.float64),
-                   torch.randn(n, co, p, q, generator=g, dtype=torch.float64))):
+    zeros = torch.zeros(n, co, p, q, dtype=torch.float64)
+    # y's centre: its mean (computed by conv_dgrad), or given far from it, so that the
+    # operand at the zero-filled taps (-centre*coef_y) is large and E must cancel it there
+    centre = 4 * torch.randn(co, generator=g, dtype=torch.float64)
+    cases = [(zeros, zeros, None), (zeros, zeros, centre),
+             (torch.randn(n, co, p, q, generator=g, dtype=torch.float64),
+              torch.randn(n, co, p, q, generator=g, dtype=torch.float64), centre)]
+    if far != 1:  # y around a far centre (and coef_c = cc - centre*cy, BN's form): small
+        # operands and dx, a large fill outside for E to cancel
+        centre = (far * centre).float().double()
+        cases = [(dy, y + centre.view(1, -1, 1, 1), centre) for dy, y, _ in cases[1:]]
+        cc = cc - centre * cy
+    for dy, y, y_mean in cases:
         dy_d, y_d = (t.to(DEVICE, dtype).contiguous(memory_format=cl) for t in (dy, y))
         dx, _, _ = K.conv_dgrad(dy_d, w.to(DEVICE, dtype).contiguous(memory_format=cl),
                                 (h, w_in), st, pd, y=y_d, coef_y=cy.to(DEVICE, acc),
-                                coef_c=cc.to(DEVICE, acc))
+                                coef_c=cc.to(DEVICE, acc),
+                                y_mean=None if y_mean is None else y_mean.to(DEVICE, acc))
         total = (dy_d.double() + y_d.double() * cy.to(DEVICE).view(1, -1, 1, 1)
                  + cc.to(DEVICE).view(1, -1, 1, 1))
         ref = torch.nn.grad.conv2d_input(dx.shape, w.to(dtype).double().to(DEVICE), total,
                                          st, pd)
-        tol = 1e-10 if dtype == torch.float64 else 2e-5
+        tol = {torch.float64: 1e-10, torch.float32: 2e-5 if far == 1 else 2e-3}.get(dtype,
+                                                                                  2e-2)
         torch.testing.assert_close(dx.double(), ref, rtol=tol, atol=tol * ref.abs().max())
+    if dtype == torch.bfloat16:
+        return
     # fp32 takes the TMA boxes at either stride (at stride 2 boxes of one phase; dy and y
     # zero-filled, no tap mask); fp64 (no TMA) the pointer path
     want_tma = 2 if dtype == torch.float32 and K.TensorDescriptor is not None else 0
     assert seen[-1]["A_TMA"] == want_tma and seen[-1]["HAS_RESIDUAL"], seen[-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + BF16_ON_CUDA)
+@pytest.mark.parametrize("st", [1, 2])
+def test_dgrad_dbn_centres_a_large_mean(monkeypatch, st, dtype):
+    """y's mean 20-30x its spread and dy correlated with y (a large dBN y-term): the fused
+    dgrad's dx is within 2x the error of rounding dy_total once (the materialised pass),
+    against float64 of the same 16-bit inputs. Centring y on its mean keeps the mean out
+    of the rounded operand; uncentred (``y_mean`` = 0) this was 12-37x in fp16."""
+    n, c, h, k = 2, 64, 6, 3
+    g = torch.Generator().manual_seed(11)
+    f64, cl = torch.float64, torch.channels_last
+    wt = torch.randn(c, c, k, k, generator=g, dtype=f64) / (c * k * k) ** 0.5
+    wt = wt.to(dtype).double()
+    p = (h + 2 - k) // st + 1
+    for mean_over_std, corr in ((20.0, 0.5), (30.0, 0.8)):
+        mu = torch.full((c,), mean_over_std, dtype=f64)
+        mu[::2] *= -1
+        y = (mu.view(1, c, 1, 1) + torch.randn(n, c, p, p, generator=g, dtype=f64)).to(dtype)
+        yd = y.double()
+        mean = yd.mean((0, 2, 3))
+        yc = yd - mean.view(1, c, 1, 1)
+        dy = (corr * yc + (1 - corr ** 2) ** 0.5 * torch.randn(n, c, p, p, generator=g,
+                                                               dtype=f64) + 0.3).to(dtype)
+        dyd = dy.double()
+        cy = -(dyd * yc).mean((0, 2, 3)) / (yc ** 2).mean((0, 2, 3))
+        cm = -dyd.mean((0, 2, 3))  # dy_total = dy + (y - mean)*cy + cm: BN's backward form
+        total = dyd + yc * cy.view(1, c, 1, 1) + cm.view(1, c, 1, 1)
+        ref = torch.nn.grad.conv2d_input((n, c, h, h), wt, total, st, 1)
+        once = torch.nn.grad.conv2d_input((n, c, h, h), wt, total.to(dtype).double(), st, 1)
+        dx, _, _ = K.conv_dgrad(
+            dy.to(DEVICE).contiguous(memory_format=cl),
+            wt.to(dtype).to(DEVICE).contiguous(memory_format=cl), (h, h), st, 1,
+            y=y.to(DEVICE).contiguous(memory_format=cl), coef_y=cy.float().to(DEVICE),
+            coef_c=(cm - cy * mean).float().to(DEVICE), y_mean=mean.float().to(DEVICE))
+
+        def err(t):
+            return ((t.double().cpu() - ref).norm() / ref.norm()).item()
+
+        assert err(dx) <= 2 * err(once), (mean_over_std, corr, err(dx), err(once))
+
+
+def _bf16_operand(dy, y, pcoef):
+    """The bf16 dBN prologue as the kernel computes it (``_dbn_prologue_coefs``), emulated
+    in float64 with one bf16 rounding per operation: d = y - centre, fma(d, lo, fma(d, hi,
+    dy))."""
+    centre, hi, lo = (t.double().view(1, -1, 1, 1) for t in pcoef)
+    d = K._round_bf16(y - centre)
+    return K._round_bf16(d * lo + K._round_bf16(d * hi + dy))
+
+
+def test_round_bf16_is_one_rounding_to_nearest_even():
+    """``_round_bf16`` (E's model of the kernel's bf16 arithmetic): torch's conversion
+    wherever fp32 holds the value exactly, ties to even, and one rounding where the
+    conversion through fp32 rounds twice."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, generator=g) * torch.exp2(torch.randint(-40, 40, (4096,),
+                                                                  generator=g).float())
+    assert torch.equal(K._round_bf16(x.double()), x.bfloat16().double())
+    ties = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8)], dtype=torch.float64)
+    assert K._round_bf16(ties).tolist() == [1.0, 1 + 2 ** -6, -1.0]
+    above_tie = torch.tensor([1 + 2 ** -8 + 2 ** -30], dtype=torch.float64)  # fp32: the tie
+    assert K._round_bf16(above_tie).item() == 1 + 2 ** -7 != above_tie.float().bfloat16().item()
+
+
+@pytest.mark.parametrize("mean_over_std", [0.0, 20.0, 1000.0])
+def test_bf16_prologue_is_near_rounding_once(mean_over_std):
+    """The packed bf16 prologue (centring, then coef_y as hi + lo), emulated in float64 on
+    bf16 inputs: dy_total's relative error at most 1.5x that of rounding it once (the
+    materialised pass) where dy's correlation with y is up to 0.6, 3x at 0.9 (y - centre
+    is rounded where y is not within 2x of the centre: at a small mean, a second rounding
+    of the y-term), y's mean up to 1000x its spread (docs/triton_conv.md has the grid).
+    The fill E cancels (``_dbn_prologue_fill``) is that operand at y = dy = 0. Uncentred
+    it is over 4x at a large mean (so this test can tell)."""
+    g = torch.Generator().manual_seed(int(mean_over_std) + 1)
+    n, c = 64, 8
+    for corr, bound in ((0.3, 1.5), (0.6, 1.5), (0.9, 3.0)):
+        y = (mean_over_std + torch.randn(n, c, 4, 4, generator=g, dtype=torch.float64)
+             ).bfloat16().double()
+        mean = y.mean((0, 2, 3))
+        yc = y - mean.view(1, c, 1, 1)
+        dy = (corr * yc + (1 - corr ** 2) ** 0.5 * torch.randn(y.shape, generator=g,
+                                                               dtype=torch.float64)
+              ).bfloat16().double()
+        cy = -(dy * yc).mean((0, 2, 3)) / (yc ** 2).mean((0, 2, 3))
+        total = dy + yc * cy.view(1, c, 1, 1)
+
+        def err(centre, coef=cy):
+            pcoef = K._dbn_prologue_coefs(coef.float(), centre.bfloat16().float(),
+                                          torch.bfloat16)
+            assert pcoef.dtype == torch.bfloat16 and pcoef.shape == (3, c)
+            zero = torch.zeros(1, c, 1, 1, dtype=torch.float64)
+            torch.testing.assert_close(_bf16_operand(zero, zero, pcoef).view(c),
+                                       K._dbn_prologue_fill(pcoef, torch.bfloat16),
+                                       rtol=0, atol=0)
+            got = _bf16_operand(dy, y, pcoef) + ((pcoef[0].double() - mean) * cy).view(
+                1, c, 1, 1)
+            return ((got - total).norm() / total.norm()).item()
+
+        once = ((total.bfloat16().double() - total).norm() / total.norm()).item()
+        packed = err(mean)
+        assert packed <= bound * once, (corr, packed, once)
+        if mean_over_std >= 20 and corr > 0.5:
+            assert err(torch.zeros(c)) > 4 * once  # uncentred
 
 
 # dgrad's wide-K tile (kernels/conv.py ``_wide_k``): 128x64 at BLOCK_K 128, 4 warps, for the
