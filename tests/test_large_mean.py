@@ -115,10 +115,27 @@ def test_conv_stats_epilogue(ieee, dtype, mean, std, n, hw, k, prologue):
 
 
 def stats_grads(x, w, dy, dmean, dvar, impl, mode=None):
+    """dx, dw of conv2d_stats. ``impl`` "rounded": the conv's own backward of dy_total =
+    dy + dmean/M + dvar*2*(y - mean)/M taken in float64 from the rounded y and rounded
+    once to the dtype (what a materialising pass can at best hand the conv; in float64
+    the truth); "torch": autograd of F.conv2d and fusedres.conv.batch_stats (which, in
+    16-bit, adds the dBN term to dy in the 16-bit dtype: rounded at dy's magnitude);
+    else the Triton op in ``mode``."""
     leaves = [t.detach().requires_grad_() for t in (x, w)]
-    if impl == "eager":
+    if impl == "torch":
         y = F.conv2d(*leaves)
         mean, var = fconv.batch_stats(y)
+        torch.autograd.backward([y, mean, var], [dy, dmean, dvar])
+        return {"dx": leaves[0].grad, "dw": leaves[1].grad}
+    if impl == "rounded":
+        y = F.conv2d(*leaves)
+        y64 = y.detach().double()
+        m = y64.numel() // y64.shape[1]
+        mean = y64.mean((0, 2, 3), keepdim=True)
+        total = (dy.double() + dmean.double().view(1, -1, 1, 1) / m
+                 + dvar.double().view(1, -1, 1, 1) * 2 * (y64 - mean) / m)
+        y.backward(total.to(y.dtype))
+        return {"dx": leaves[0].grad, "dw": leaves[1].grad}
     else:
         fconv.dbn_backward = mode
         y, mean, var = fconv.conv2d_stats(*leaves, backend="triton")
@@ -138,9 +155,10 @@ def test_conv_stats_backward(ieee, monkeypatch, dtype, mean, dy_mean, k):
     """dx and dw through (y, mean, var) with y's mean/std ~ 20 and, in the BN backward's
     way, a large mean of dy that dmean cancels (dy_total = dy + dmean/M + ... is small):
     the wgrad's fused dBN prologue (dy + y*coef_y + coef_c in fp32, rounded once) and the
-    materialised pass against eager. The fused dgrad's dx (``PROLOGUE == 2``) is
-    tests/test_conv_dbn_backward.py's. In fp32 the fused wgrad stays at 1-3.6x eager: its
-    coef_c = coef_mean - coef_y*mean is rounded at the mean's magnitude (not asserted)."""
+    materialised pass. The fused dgrad's dx (``PROLOGUE == 2``) is
+    tests/test_conv_dbn_backward.py's. In fp32 the fused wgrad's dw is 1-3.6x torch's
+    error: its coef_c = coef_mean - coef_y*mean is rounded at the mean's magnitude (not
+    asserted; see the report of this file's commit)"""
     monkeypatch.setattr(fconv, "dbn_backward", "fused")
     x, w, g = conv_input(dtype, mean, 1.0, 4, 8, 8, k)
     oh = 8 - k + 1
@@ -151,8 +169,11 @@ def test_conv_stats_backward(ieee, monkeypatch, dtype, mean, dy_mean, k):
     dy = dy.to(DEVICE, dtype)
     dmean, dvar = dmean.to(DEVICE, torch.float32), dvar.to(DEVICE, torch.float32)
     truth = stats_grads(x.double(), w.double(), dy.double(), dmean.double(), dvar.double(),
-                        "eager")
-    eager = stats_grads(x, w, dy, dmean, dvar, "eager")
+                        "rounded")
+    # the yardstick: torch in fp32; in 16-bit the ideal rounded-once dy_total (torch's
+    # autograd rounds at dy's magnitude, up to 30x worse with dy's mean 30)
+    eager = stats_grads(x, w, dy, dmean, dvar, "torch" if dtype == torch.float32
+                        else "rounded")
     fused = stats_grads(x, w, dy, dmean, dvar, "triton", "fused")
     mat = stats_grads(x, w, dy, dmean, dvar, "triton", "materialised")
     judge(mat, eager, truth, "materialised dBN")
@@ -241,8 +262,9 @@ def regime_20(monkeypatch):
 def test_triton_bn(regime_20, dtype, regime, dout_mean):
     """The Triton BN pipelines (statistics, finalize, apply, backward reduce/finalize/apply)
     through fusedres.functional, every output, gradient and running statistic against
-    torch (tests/test_numerics.py's check: 2x torch's error)."""
-    for i, kind in enumerate(("bn_relu", "dual")):
+    torch (tests/test_numerics.py's check: 2x torch's error). A large mean of dout is one
+    of g only without a ReLU (the mask gives g a spread of its size): kind "bn"."""
+    for i, kind in enumerate(("bn", "bn_relu", "dual")):
         case = bn_case(dtype, regime, kind, dout_mean, 40 + i)
         TN.check(case, kind, "triton", dtype, f"{kind} {regime} dout+{dout_mean}")
 
@@ -252,7 +274,8 @@ def test_triton_bn(regime_20, dtype, regime, dout_mean):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_cpu_bn_large_dout_mean(regime_20, dtype, channels_last):
     """The C++ CPU kernels with dout's mean 30x its spread (test_numerics draws dout
-    around 0): sum(g) and the coef_c = -scale*sum(g)/M that cancels it."""
+    around 0): sum(g) and the coef_c = -scale*sum(g)/M that cancels it (a large mean of
+    g needs kind "bn": a ReLU mask gives g a spread of its size)."""
     for i, kind in enumerate(TN.KINDS):
         case = bn_case(dtype, "20/1", kind, 30.0, 50 + i)
         if channels_last:
