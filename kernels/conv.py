@@ -174,6 +174,11 @@ def _dgrad_phase(phase, OH, OW, R, S, STRIDE_H, STRIDE_W, PAD_H, PAD_W):
 
 
 @triton.jit
+def _add_pairs(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
 def _as_f32(a):
     """``a`` in fp32. bf16 by its bits (exact: bf16 is the upper half of an fp32): one
     integer op per element, where the conversion costs two for the upper element of each
@@ -558,9 +563,11 @@ def _conv_kernel(
             # error ~ eps*mean/(std*sqrt(M)), 60x torch's at mean/std = 100, M = 256
             mean1 = tl.sum(v, axis=0) / cnt
             d = tl.where(m_ok[:, None], v - mean1[None, :], 0.0)
-            r = tl.sum(d, axis=0) / cnt
+            # sum(d) and sum(d*d) in one reduction (two kept d live: the 128x256 tile spilled)
+            sum_d, sum_dd = tl.reduce((d, d * d), 0, _add_pairs)
+            r = sum_d / cnt
             tl.store(WS1_ptr + ws_off, mean1.to(tl.float64) + r.to(tl.float64), mask=n_ok)
-            tl.store(WS2_ptr + ws_off, tl.sum(d * d, axis=0) - cnt * r * r, mask=n_ok)
+            tl.store(WS2_ptr + ws_off, sum_dd - cnt * r * r, mask=n_ok)
 
 
 @triton.jit
