@@ -144,6 +144,33 @@ def stats_grads(x, w, dy, dmean, dvar, impl, mode=None):
     return {"dx": leaves[0].grad, "dw": leaves[1].grad}
 
 
+def stats_backward_case(dtype, mean, dy_mean, k):
+    """(x, w, dy, dmean, dvar): y's mean/std ~ mean, and dy around dy_mean with, in the BN
+    backward's way, a dmean that cancels it (dy_total = dy + dmean/M + ... is small)."""
+    x, w, g = conv_input(dtype, mean, 1.0, 4, 8, 8, k)
+    oh = 8 - k + 1
+    dy = (torch.randn(4, 8, oh, oh, generator=g, dtype=torch.float64) + dy_mean)
+    m = 4 * oh * oh
+    dmean = -dy.sum((0, 2, 3)) + torch.randn(8, generator=g, dtype=torch.float64)
+    dvar = torch.randn(8, generator=g, dtype=torch.float64) * m / 4
+    return (x, w, dy.to(DEVICE, dtype), dmean.to(DEVICE, torch.float32),
+            dvar.to(DEVICE, torch.float32))
+
+
+def stats_backward_results(dtype, mean, dy_mean, k):
+    """(truth, yardstick, fused, materialised) gradients of one case. The yardstick: torch
+    in fp32; in 16-bit the ideal rounded-once dy_total (torch's autograd rounds at dy's
+    magnitude, up to 30x worse with dy's mean 30)."""
+    x, w, dy, dmean, dvar = stats_backward_case(dtype, mean, dy_mean, k)
+    truth = stats_grads(x.double(), w.double(), dy.double(), dmean.double(), dvar.double(),
+                        "rounded")
+    eager = stats_grads(x, w, dy, dmean, dvar, "torch" if dtype == torch.float32
+                        else "rounded")
+    fused = stats_grads(x, w, dy, dmean, dvar, "triton", "fused")
+    mat = stats_grads(x, w, dy, dmean, dvar, "triton", "materialised")
+    return truth, eager, fused, mat
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype,mean,dy_mean,k", [
     (torch.float16, 20.0, 30.0, 1),
@@ -152,33 +179,28 @@ def stats_grads(x, w, dy, dmean, dvar, impl, mode=None):
     (torch.float32, 20.0, 30.0, 1),
 ], ids=["fp16-y20-dy30-1x1", "fp16-y20-dy30-3x3", "fp16-y20", "fp32-y20-dy30-1x1"])
 def test_conv_stats_backward(ieee, monkeypatch, dtype, mean, dy_mean, k):
-    """dx and dw through (y, mean, var) with y's mean/std ~ 20 and, in the BN backward's
-    way, a large mean of dy that dmean cancels (dy_total = dy + dmean/M + ... is small):
-    the wgrad's fused dBN prologue (dy + y*coef_y + coef_c in fp32, rounded once) and the
-    materialised pass. The fused dgrad's dx (``PROLOGUE == 2``) is
-    tests/test_conv_dbn_backward.py's. In fp32 the fused wgrad's dw is 1-3.6x torch's
-    error: its coef_c = coef_mean - coef_y*mean is rounded at the mean's magnitude (not
-    asserted; see the report of this file's commit)"""
+    """dx and dw through (y, mean, var), y's mean/std ~ 20, dy's mean 0 or 30: the
+    materialised pass (both), and in 16-bit the wgrad's fused dBN prologue (dy + y*coef_y
+    + coef_c in fp32, rounded once; fp32: the next test). The fused dgrad's dx
+    (``PROLOGUE == 2``) is tests/test_conv_dbn_backward.py's."""
     monkeypatch.setattr(fconv, "dbn_backward", "fused")
-    x, w, g = conv_input(dtype, mean, 1.0, 4, 8, 8, k)
-    oh = 8 - k + 1
-    dy = (torch.randn(4, 8, oh, oh, generator=g, dtype=torch.float64) + dy_mean)
-    m = 4 * oh * oh
-    dmean = -dy.sum((0, 2, 3)) + torch.randn(8, generator=g, dtype=torch.float64)
-    dvar = torch.randn(8, generator=g, dtype=torch.float64) * m / 4
-    dy = dy.to(DEVICE, dtype)
-    dmean, dvar = dmean.to(DEVICE, torch.float32), dvar.to(DEVICE, torch.float32)
-    truth = stats_grads(x.double(), w.double(), dy.double(), dmean.double(), dvar.double(),
-                        "rounded")
-    # the yardstick: torch in fp32; in 16-bit the ideal rounded-once dy_total (torch's
-    # autograd rounds at dy's magnitude, up to 30x worse with dy's mean 30)
-    eager = stats_grads(x, w, dy, dmean, dvar, "torch" if dtype == torch.float32
-                        else "rounded")
-    fused = stats_grads(x, w, dy, dmean, dvar, "triton", "fused")
-    mat = stats_grads(x, w, dy, dmean, dvar, "triton", "materialised")
+    truth, eager, fused, mat = stats_backward_results(dtype, mean, dy_mean, k)
     judge(mat, eager, truth, "materialised dBN")
     if dtype != torch.float32:
         judge(fused, eager, truth, "fused wgrad dBN prologue", keys=["dw"])
+
+
+@needs_triton
+@pytest.mark.xfail(strict=True, reason=(
+    "the wgrad's fused dBN prologue in fp32: fma(y, coef_y, dy) + coef_c, coef_c = "
+    "coef_mean - coef_y*mean (fusedres.conv._dbn_coefs): both rounded at y's mean and dy's "
+    "mean magnitude before they cancel: dw 4.5x torch's error here (y 20/1, dy mean 30; "
+    "1.1-3.6x elsewhere); 16-bit is fine (the operand rounding dominates). A fix: "
+    "fma(y - mean, coef_y, dy + coef_mean), the mean passed to the kernel"))
+def test_conv_stats_backward_fused_wgrad_fp32(ieee, monkeypatch):
+    monkeypatch.setattr(fconv, "dbn_backward", "fused")
+    truth, eager, fused, _ = stats_backward_results(torch.float32, 20.0, 30.0, 1)
+    judge(fused, eager, truth, "fused wgrad dBN prologue", keys=["dw"])
 
 
 # ---- the BN-ReLU prologue (scale/shift fold) and its backward ---------------------------------
