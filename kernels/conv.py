@@ -175,6 +175,11 @@ def _dgrad_phase(phase, OH, OW, R, S, STRIDE_H, STRIDE_W, PAD_H, PAD_W):
 
 
 @triton.jit
+def _add_pairs(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
 def _as_f32(a):
     """``a`` in fp32. bf16 by its bits (exact: bf16 is the upper half of an fp32): one
     integer op per element, where the conversion costs two for the upper element of each
@@ -198,7 +203,7 @@ def _conv_kernel(
     EY_ptr,  # (N, OH, OW, CO) previous conv output y_prev            [DRELU]
     ESCALE_ptr,  # (CO,) previous BN scale                             [DRELU]
     ESHIFT_ptr,  # (CO,) previous BN shift                             [DRELU]
-    WS1_ptr,  # (T, CO) tile mean [STATS] or tile sum(g) [DRELU], acc dtype
+    WS1_ptr,  # (T, CO) tile mean [STATS, fp64] or tile sum(g) [DRELU, acc dtype]
     WS2_ptr,  # (T, CO) tile M2 [STATS] or tile sum(g*ey) [DRELU], acc dtype
     WS3_ptr,  # (T, CO) tile count                              [STATS and A_TMA >= 2]
     LANES_ptr,  # (>= BLOCK_M,) int32 0, 1, 2, ...: row ids of an M tile (``_box_rows_in``)
@@ -570,15 +575,22 @@ def _conv_kernel(
                 cnt = tl.maximum(cnt, 1.0)
             else:
                 cnt = tl.minimum(GEMM_M - pid_m * BLOCK_M, BLOCK_M).to(acc.dtype)
-            mean = tl.sum(v, axis=0) / cnt
-            d = tl.where(m_ok[:, None], v - mean[None, :], 0.0)
-            tl.store(WS1_ptr + ws_off, mean, mask=n_ok)
-            tl.store(WS2_ptr + ws_off, tl.sum(d * d, axis=0), mask=n_ok)
+            # the tile mean to fp64 (WS1 is fp64): mean1 + the mean of v - mean1 (exact
+            # differences near a large mean). Rounded to fp32 at the mean's magnitude, the
+            # merge's between-tile term cnt*(mean_t - mean)^2 carried that rounding: var
+            # error ~ eps*mean/(std*sqrt(M)), 60x torch's at mean/std = 100, M = 256
+            mean1 = tl.sum(v, axis=0) / cnt
+            d = tl.where(m_ok[:, None], v - mean1[None, :], 0.0)
+            # sum(d) and sum(d*d) in one reduction (two kept d live: the 128x256 tile spilled)
+            sum_d, sum_dd = tl.reduce((d, d * d), 0, _add_pairs)
+            r = sum_d / cnt
+            tl.store(WS1_ptr + ws_off, mean1.to(tl.float64) + r.to(tl.float64), mask=n_ok)
+            tl.store(WS2_ptr + ws_off, sum_dd - cnt * r * r, mask=n_ok)
 
 
 @triton.jit
 def _stats_merge_kernel(
-    WS_MEAN_ptr,  # (T, C) partial means, acc dtype
+    WS_MEAN_ptr,  # (T, C) partial means, fp64 (the forward's STATS epilogue) or acc dtype
     WS_M2_ptr,  # (T, C) partial M2, acc dtype
     WS_CNT_ptr,  # (T, C) partial counts, acc dtype                     [HAS_COUNT]
     OUT_MEAN_ptr,  # (P, C) merged mean of each chunk of rows (P = grid axis 1)
@@ -1347,7 +1359,7 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     tiles = triton.cdiv(gm_grid, min_bm)
     ws3 = y
     if stats:
-        ws1 = torch.empty((tiles, co), dtype=acc, device=x.device)
+        ws1 = torch.empty((tiles, co), dtype=torch.float64, device=x.device)  # tile means
         ws2 = torch.empty((tiles, co), dtype=acc, device=x.device)
         if a_tma >= 2:
             ws3 = torch.empty((tiles, co), dtype=acc, device=x.device)
@@ -1403,7 +1415,9 @@ def merge_stats(ws_mean, ws_m2, mean, var, tiles, m, tile_m, rows_per_prog=None,
     c = ws_mean.shape[1]
     block_c = 32 if INTERPRET else 64
     block_t = 4 if INTERPRET else 64
-    fp64 = mean.dtype == torch.float64
+    # fp64 tile means (the forward's epilogue) are merged in fp64: rounding them to fp32
+    # at the mean's magnitude is what they avoid
+    fp64 = torch.float64 in (mean.dtype, ws_mean.dtype)
     if rows_per_prog is None:
         rows_per_prog = 8 * block_t if INTERPRET else 16 * block_t
     rows_per_prog = triton.cdiv(rows_per_prog, block_t) * block_t
@@ -1424,7 +1438,8 @@ def _merge_stats_launch(ws_mean, ws_m2, mean, var, tiles, m, tile_m, rows_per_pr
             triton.cdiv(max(tiles, 1), block_t) * block_t,
             HAS_COUNT=has_cnt, FINAL=True, ACC_FP64=fp64, BLOCK_T=block_t, BLOCK_C=block_c)
         return
-    part_mean, part_m2, part_cnt = torch.empty((3, p, c), dtype=mean.dtype, device=mean.device)
+    part_mean, part_m2, part_cnt = torch.empty((3, p, c), dtype=torch.float64 if fp64 else
+                                               mean.dtype, device=mean.device)
     _stats_merge_kernel[(grid_c, p)](
         ws_mean, ws_m2, cnt, part_mean, part_m2, part_cnt, tiles, c, m, tile_m,
         rows_per_prog,
