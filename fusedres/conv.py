@@ -231,7 +231,8 @@ def _conv_backward(dbn_mode, grad_out, input, weight, stride, padding, scale, sh
             gs, gsh = sum_gy, sum_g
     if need_w:
         gw = k.conv_wgrad(dy, x, tuple(weight.shape), stride, padding, y=y, coef_y=coef_y,
-                          coef_c=coef_c, scale=scale, shift=shift)
+                          coef_c=coef_c, y_mean=mean if y is not None else None,
+                          scale=scale, shift=shift)
     if dbn_mode is not None:
         _LAST_DBN_BACKWARD = dbn_mode
     return gi, gw, gs, gsh
@@ -269,7 +270,8 @@ def _dbn_coefs(out, mean, dmean, dvar):
     if dmean is None and dvar is None:
         return None, None
     coef_y, coef_mean = _dbn_terms(out, mean, dmean, dvar)
-    return coef_y, coef_mean - coef_y * mean
+    f64 = torch.float64  # coef_c in float64: the kernels centre again on the mean
+    return coef_y, coef_mean.to(f64) - coef_y.to(f64) * mean.to(f64)
 
 
 def _materialise_dy(dy, out, mean, dmean, dvar):

@@ -659,7 +659,8 @@ def _conv_wgrad_kernel(
     DW_ptr,  # (SPLITS, CO, R*S*CI) partial weight gradients, acc dtype
     PY_ptr,  # (N, OH, OW, CO) forward output y for the dBN prologue on dy  [DBN]
     DCY_ptr,  # (CO,) dBN y-coefficient                                     [DBN]
-    DCC_ptr,  # (CO,) dBN constant                                          [DBN]
+    DCC_ptr,  # (CO,) dBN constant (32/64-bit operands: of the centred form)  [DBN]
+    DCEN_ptr,  # (CO,) y's centre (its mean), 32/64-bit operands             [DBN]
     SCALE_ptr,  # (CI,) BN scale of the input prologue                      [PROLOGUE]
     SHIFT_ptr,  # (CI,) BN shift of the input prologue                      [PROLOGUE]
     DY_desc,  # TMA descriptor of dy [N, OH, OW, CO], box [TN, TILE_H, TILE_W, BLOCK_M] [TMA]
@@ -750,6 +751,8 @@ def _conv_wgrad_kernel(
         if DBN:
             cy = tl.load(DCY_ptr + offs_co, mask=co_ok, other=0.0).to(cdt)
             cc = tl.load(DCC_ptr + offs_co, mask=co_ok, other=0.0).to(cdt)
+            if op_t == tl.float32 or ACC_FP64:
+                centre = tl.load(DCEN_ptr + offs_co, mask=co_ok, other=0.0).to(cdt)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=cdt)
         t_begin = pid_k * TILES_PER_SPLIT
         if FLATTEN:
@@ -782,8 +785,14 @@ def _conv_wgrad_kernel(
                     py = tl.load(PY_ptr + (offs_co[:, None] * spc + p_pix[None, :]), mask=a_ok,
                                  other=0.0)
             if DBN:  # dy + y*cy + cc in fp32, rounded once; 0 at pixels past the output (a
-                # multiply of the rounded pairs by the 0/1 mask)
-                v = tl.fma(py.to(cdt), cy[:, None], a.to(cdt)) + cc[:, None]
+                # multiply of the rounded pairs by the 0/1 mask). 32/64-bit operands keep
+                # that precision: centred, (dy + cc) + (y - centre)*cy, y's and dy's means
+                # cancel before the FMA (16-bit: the operand's rounding dominates)
+                if op_t == tl.float32 or ACC_FP64:
+                    v = tl.fma(py.to(cdt) - centre[:, None], cy[:, None],
+                               a.to(cdt) + cc[:, None])
+                else:
+                    v = tl.fma(py.to(cdt), cy[:, None], a.to(cdt)) + cc[:, None]
                 a = v.to(op_t) * pix_ok[None, :].to(op_t)
             else:
                 a = a.to(op_t)
@@ -1677,11 +1686,13 @@ def _persistent_programs(t):
 
 
 def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None, coef_c=None,
-               scale=None, shift=None):
+               y_mean=None, scale=None, shift=None):
     """Weight gradient ``(C_out, C_in, R, S)`` (channels_last = KRSC memory, dtype of x).
 
     The A operand is ``dy`` (with the dBN prologue ``dy + y*coef_y + coef_c`` when ``y``
-    is given), the B operand the im2col of ``x`` (with ``relu(x*scale + shift)``
+    is given; for fp32 / fp64 operands centred on ``y_mean``, y's per-channel mean,
+    computed here when not given: ``(dy + coef_c + y_mean*coef_y) + (y - y_mean)*coef_y``,
+    so that large means of y and dy cancel before the FMA), the B operand the im2col of ``x`` (with ``relu(x*scale + shift)``
     recomputed when ``scale`` is given; padded taps are 0 after it). The reduction over
     the N*P*Q output pixels walks boxes of the output (TILE_N images x TILE_H x TILE_W =
     BLOCK_K pixels; a 1x1 stride-1 conv is one long row of N*H*W pixels), split over a
@@ -1747,7 +1758,16 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
     d_str, x_str, p_str = _nhwc_strides(dy), _nhwc_strides(x), _nhwc_strides(py)
     if flat:  # one image, one row of dense pixels (size-1 dims may report any stride)
         d_str, x_str, p_str = (0, 0, co, 1), (0, 0, ci, 1), (0, 0, co, 1)
-    args = (dy, x, part, py, coef_y if dbn else part, coef_c if dbn else part,
+    centre = part
+    if dbn and x.element_size() >= 4:  # the centred form (the kernel's DBN comment)
+        if y_mean is None:
+            y_mean = y.mean((0, 2, 3), dtype=acc)
+        centre = y_mean.to(acc)
+        coef_c = coef_c.to(torch.float64) + centre.to(torch.float64) * coef_y.to(
+            torch.float64)
+    if dbn:
+        coef_c = coef_c.to(acc)
+    args = (dy, x, part, py, coef_y if dbn else part, coef_c if dbn else part, centre,
             scale if prologue else part, shift if prologue else part,
             dy_desc if tma else dy, py_desc if tma else dy, x_desc if tma else x,
             shp["h"], shp["w"], ci, shp["p"], shp["q"], co, r, s, sh, sw, ph, pw,

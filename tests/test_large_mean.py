@@ -191,13 +191,13 @@ def test_conv_stats_backward(ieee, monkeypatch, dtype, mean, dy_mean, k):
 
 
 @needs_triton
-@pytest.mark.xfail(strict=True, reason=(
-    "the wgrad's fused dBN prologue in fp32: fma(y, coef_y, dy) + coef_c, coef_c = "
-    "coef_mean - coef_y*mean (fusedres.conv._dbn_coefs): both rounded at y's mean and dy's "
-    "mean magnitude before they cancel: dw 4.5x torch's error here (y 20/1, dy mean 30; "
-    "1.1-3.6x elsewhere); 16-bit is fine (the operand rounding dominates). A fix: "
-    "fma(y - mean, coef_y, dy + coef_mean), the mean passed to the kernel"))
 def test_conv_stats_backward_fused_wgrad_fp32(ieee, monkeypatch):
+    """The wgrad's fused dBN prologue in fp32 (y 20/1, dy's mean 30): centred on y's mean,
+    (dy + coef_mean) + (y - mean)*coef_y, with coef_c = coef_mean - coef_y*mean passed in
+    float64 so the centred constant is coef_mean rounded once, as the materialised pass
+    has it. Uncentred, fma(y, coef_y, dy) + coef_c rounded at y's and dy's means before
+    they cancel: dw 4.5x torch's error; with coef_c in fp32, 4.5x too (its rounding is a
+    per-channel bias that x's mean multiplies)."""
     monkeypatch.setattr(fconv, "dbn_backward", "fused")
     truth, eager, fused, _ = stats_backward_results(torch.float32, 20.0, 30.0, 1)
     judge(fused, eager, truth, "fused wgrad dBN prologue", keys=["dw"])
