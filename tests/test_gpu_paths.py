@@ -1,0 +1,272 @@
+"""Code that only a GPU runs, driven on CPU (docs/coverage.md lists what CI leaves out).
+
+On a GPU the Triton conv launchers autotune: Triton's ``Autotuner`` prunes the union of
+the tiles with ``_conv_prune`` / ``_wgrad_prune``, runs each offered config's
+``pre_hook`` (``_tma_blocks``: the TMA descriptors' boxes) and times it, then runs the
+winner, and the launcher reads ``best_config`` back to size and merge its per-tile
+statistics. Under the interpreter none of that runs (one fixed 32x32x16 tile, no
+autotuner), and deterministic mode pins the first config. Here the real ``Autotuner`` of
+the installed Triton wraps the interpreted kernels with the module switched to its GPU
+branch (``INTERPRET`` False: the sm_90 config lists, TMA as on sm_90, or sm_80's lists
+without TMA), and its benchmark is replaced by one that runs each config in the
+interpreter, checks that config's output against float64, and makes the launcher's
+last config win (its first is what deterministic mode and the other tests run).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import fusedres  # noqa: E402,F401
+from fusedres import conv as fconv  # noqa: E402
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU emulation of the "
+                                "GPU launch path; a GPU runs the real one")
+
+K = fconv.kernels()
+CL = torch.channels_last
+DT = torch.float16  # 16-bit: the GPU's bf16 config lists (the interpreter has no bf16 dot)
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """``kernels.conv`` on its GPU branch, its kernels still interpreted: ``gpu(check,
+    arch, triton_version)`` sets the device (``"sm_90"``: TMA, wgmma, 160 KB of
+    pipeline; ``"sm_80"``: neither, an A100's 99 KB of pipeline), the Triton version the
+    lists are pruned for, and ``check(nargs)``, run after each timed config on Triton's
+    full arguments; it returns the record of each launch: ``offered`` (the launcher's
+    list), ``hooks`` (every config whose pre_hook ran, in order: the timed ones, then
+    the winner before its launch), ``timed`` (configs timed), ``kwargs`` (the
+    launcher's constexprs) and ``chosen`` (what the launcher read back)."""
+    if K.TensorDescriptor is None:
+        pytest.skip("this triton has no host TMA descriptors")
+    from triton.runtime.autotuner import Autotuner
+
+    def setup(check, arch="sm_90", triton_version=None):
+        record = {"hooks": [], "timed": 0}
+        real_tma_ok = K._tma_ok
+
+        def tma_ok(t):  # _tma_ok's dtype and alignment tests; the device is an sm_90
+            with monkeypatch.context() as m:
+                m.setattr(K, "INTERPRET", True)
+                return real_tma_ok(t)
+
+        monkeypatch.setattr(K, "INTERPRET", False)
+        monkeypatch.setattr(K, "_sm_count", lambda index: 4)
+        monkeypatch.setenv("FUSEDRES_CACHE", "0")
+        if triton_version is not None:
+            monkeypatch.setattr(K, "TRITON_VERSION", triton_version)
+        if arch == "sm_90":
+            monkeypatch.setattr(K, "_tma_ok", tma_ok)
+        else:
+            monkeypatch.setattr(K, "_tma_ok", lambda t: False)
+            monkeypatch.setattr(K, "_wgmma_ok", lambda device: False)
+            monkeypatch.setattr(K, "smem_budget", lambda device=None: 99 * 1024)
+
+        def recorded(pre_hook):
+            def hook(nargs):  # Triton's full nargs: arguments, constexprs, the config
+                record["hooks"].append((_tile(nargs), nargs))
+                pre_hook(nargs)
+            return hook
+
+        def bench(kernel_call, quantiles):
+            kernel_call()  # the config's pre_hook, then the kernel, in the interpreter
+            check(record["hooks"][-1][1])
+            record["timed"] += 1
+            # the launcher's last config wins (deterministic mode runs its first)
+            return [1.0 if record["hooks"][-1][0] == record["offered"][-1] else 2.0] * 3
+
+        def tuner(kernel, tiles, key, prune, pre_hook, group_m):
+            configs = K._configs(K._union(tiles), group_m=group_m, pre_hook=recorded(pre_hook))
+            run = K.autotune(configs=configs, key=key, do_bench=bench,
+                             prune_configs_by={"early_config_prune": prune})(kernel)
+            assert isinstance(run, Autotuner)
+            return run
+
+        monkeypatch.setattr(K, "_conv_run", tuner(K._conv_kernel, K._CONV_TILES, K._CONV_KEY,
+                                                  K._conv_prune, K._tma_blocks, True))
+        monkeypatch.setattr(K, "_wgrad_run", tuner(K._conv_wgrad_kernel, K._WGRAD_TILES,
+                                                   _WGRAD_KEY, K._wgrad_prune,
+                                                   K._wgrad_tma_blocks, False))
+        launch = K._launch
+
+        def spy(run, configs, grid, args, kwargs):
+            record.update(offered=[_tile(c) for c in configs], kwargs=kwargs)
+            record["chosen"] = launch(run, configs, grid, args, kwargs)
+            return record["chosen"]
+
+        monkeypatch.setattr(K, "_launch", spy)
+        return record
+
+    return setup
+
+
+# _wgrad_run's key (kernels/conv.py builds it only without the interpreter)
+_WGRAD_KEY = ["GEMM_M", "GEMM_N", "BATCH", "OH", "OW", "CI", "TILES_PER_SPLIT", "TAP_N", "TMA",
+              "TILE_H", "TILE_W", "DBN", "PROLOGUE"]
+
+
+def _tile(c):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of a Config or of Triton's full nargs."""
+    kw = c if isinstance(c, dict) else {**c.kwargs, "num_warps": c.num_warps,
+                                         "num_stages": c.num_stages}
+    return tuple(kw[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
+
+
+def _rand(*shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def _cl(t):
+    """``t`` rounded to the operand dtype, channels_last (4-D), as the kernels take it."""
+    t = t.to(DT)
+    return t.contiguous(memory_format=CL) if t.dim() == 4 else t
+
+
+def _bn_relu(x, scale, shift):
+    """The prologue's operand: relu(x*scale + shift) in fp32, rounded once to x's dtype."""
+    view = (1, -1, 1, 1)
+    return torch.relu(x.float() * scale.view(view) + shift.view(view)).to(x.dtype)
+
+
+def _close(got, ref, rel):
+    torch.testing.assert_close(got.double(), ref, rtol=rel, atol=rel * ref.abs().max().item())
+
+
+def _assert_autotuned(record, a_tma):
+    """The autotuner timed exactly the launcher's list (its prune agrees with it), each
+    config's pre_hook before its run, then ran the winner (the list's last), which the
+    launcher read back."""
+    offered = record["offered"]
+    tiles = [tile for tile, _ in record["hooks"]]
+    assert len(offered) >= 2, offered  # else nothing is autotuned: a useless case
+    assert sorted(tiles[:-1]) == sorted(offered) and record["timed"] == len(offered), (
+        tiles, offered)
+    assert tiles[-1] == offered[-1]
+    assert tuple(record["chosen"][k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) == \
+        offered[-1][:3]
+    got_tma = record["kwargs"].get("A_TMA", record["kwargs"].get("TMA"))
+    assert got_tma == a_tma, record["kwargs"]
+
+
+# (name, N, C_in, H=W, C_out, kernel, stride, padding, BN-ReLU prologue, statistics, device,
+#  Triton version the lists are for (None: the installed one), A_TMA expected)
+FWD_CASES = [
+    # the 1x1 TMA GEMM, persistent and flattened: 128x128 and 128x256, 4 tiles, 3 programs
+    ("1x1s1_gemm", 4, 64, 8, 256, 1, 1, 0, False, False, "sm_90", None, 1),
+    # boxes of x per tap, statistics: 128x128 and 128x64 (C_out 64)
+    ("3x3s1_stats", 2, 64, 6, 64, 3, 1, 1, False, True, "sm_90", None, 2),
+    # the prologue's 128-row and 256-row tiles (Triton >= 3.7): one image, so the
+    # 256-row winner's GEMM_M holds empty boxes past the batch
+    ("3x3s1_prologue", 1, 64, 8, 128, 3, 1, 1, True, True, "sm_90", (3, 8), 2),
+    # the stride-2 view's boxes with the prologue (128-row tiles only)
+    ("3x3s2_prologue", 2, 64, 8, 64, 3, 2, 1, True, True, "sm_90", None, 3),
+    # sm_80: no TMA, no wgmma (the prologue takes the 8-warp list), 99 KB of pipeline
+    ("3x3s1_prologue_sm80", 2, 64, 6, 64, 3, 1, 1, True, True, "sm_80", None, 0),
+]
+
+
+@pytest.mark.parametrize("case", FWD_CASES, ids=[c[0] for c in FWD_CASES])
+def test_forward_autotunes_every_offered_config(gpu, case):
+    """conv_fwd through Triton's Autotuner with the GPU's config lists: every offered
+    config's y is right (against float64 of the rounded operands), the launcher's last wins,
+    and y and the statistics merged with its BLOCK_M are right."""
+    _, n, ci, h, co, k, st, pd, prologue, stats, arch, version, a_tma = case
+    x = _cl(_rand(n, ci, h, h, seed=1))
+    w = _cl(_rand(co, ci, k, k, seed=2) / (ci * k * k) ** 0.5)
+    scale = shift = None
+    a = x
+    if prologue:
+        scale = (torch.rand(ci, generator=torch.Generator().manual_seed(3)) + 0.5).float()
+        scale[::2] *= -1
+        shift = _rand(ci, seed=4).float() * 0.3
+        a = _bn_relu(x, scale, shift)
+    ref = F.conv2d(a.double(), w.double(), None, st, pd)
+    record = gpu(lambda nargs: _close(nargs["Y_ptr"], ref, 2e-3), arch, version)
+    y, mean, var = K.conv_fwd(x, w, st, pd, scale=scale, shift=shift, stats=stats)
+    _assert_autotuned(record, a_tma)
+    assert record["kwargs"]["Y_TMA"] == min(a_tma, 2)
+    assert record["kwargs"]["FLATTEN"] == (a_tma == 1)
+    _close(y, ref, 2e-3)
+    if stats:
+        v, m = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+        torch.testing.assert_close(mean.double(), m, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(var.double(), v, rtol=1e-5, atol=1e-5)
+
+
+# (name, N, C_in, H=W, C_out, kernel, stride, padding, dBN prologue + dReLU epilogue, device,
+#  Triton version, A_TMA expected)
+DGRAD_CASES = [
+    # Triton 3.6 (the GPU image's) offers the wide-K tile (BLOCK_K 128, C_out % 128 == 0)
+    # beside 128x128 and 128x64; boxes of each stride-2 phase
+    ("3x3s2_dbn_drelu", 2, 64, 8, 128, 3, 2, 1, True, "sm_90", (3, 6), 2),
+    ("3x3s1_plain", 2, 256, 6, 64, 3, 1, 1, False, "sm_90", None, 2),  # 128x128, 128x256
+    ("3x3s2_dbn_drelu_sm80", 2, 64, 7, 128, 3, 2, 1, True, "sm_80", (3, 6), 0),
+]
+
+
+@pytest.mark.parametrize("case", DGRAD_CASES, ids=[c[0] for c in DGRAD_CASES])
+def test_dgrad_autotunes_every_offered_config(gpu, case):
+    """conv_dgrad (with the dBN prologue and the dReLU epilogue, or plain) through the
+    Autotuner: every offered config's dx is right, the last wins, and dx, sum(g) and
+    sum(g*y_prev) (rows sized by the launcher's list, read with the winner's BLOCK_M)
+    are right."""
+    _, n, ci, h, co, k, st, pd, fused, arch, version, a_tma = case
+    p = (h + 2 * pd - k) // st + 1
+    dy, y = _cl(_rand(n, co, p, p, seed=5)), _cl(_rand(n, co, p, p, seed=6))
+    w = _cl(_rand(co, ci, k, k, seed=7) / (co * k * k) ** 0.5)
+    y_prev = _cl(_rand(n, ci, h, h, seed=8))
+    cy, cc = _rand(co, seed=9).float() * 0.1, _rand(co, seed=10).float() * 0.1
+    scale, shift = _rand(ci, seed=11).float(), _rand(ci, seed=12).float() * 0.3
+    view = (1, -1, 1, 1)
+    total = dy.double()
+    if fused:  # the dBN prologue's operand, dy + y*coef_y (fp32, one rounding)
+        total = (dy.float() + y.float() * cy.view(view)).to(DT).double() + cc.double().view(view)
+    da = torch.nn.grad.conv2d_input((n, ci, h, h), w.double(), total, st, pd)
+    gate = (y_prev.float() * scale.view(view) + shift.view(view)) > 0
+    g = torch.where(gate, da, torch.zeros_like(da))
+    ref = g * scale.double().view(view) if fused else da
+    record = gpu(lambda nargs: _close(nargs["Y_ptr"], ref, 4e-3), arch, version)
+    kw = dict(y=y, coef_y=cy, coef_c=cc, y_prev=y_prev, scale=scale, shift=shift) \
+        if fused else {}
+    dx, sum_g, sum_gy = K.conv_dgrad(dy, w, (h, h), st, pd, **kw)
+    _assert_autotuned(record, a_tma)
+    _close(dx, ref, 4e-3)
+    if fused:
+        _close(sum_g, g.sum((0, 2, 3)), 4e-3)
+        _close(sum_gy, (g * y_prev.double()).sum((0, 2, 3)), 4e-3)
+
+
+# (name, N, C_in, H=W, C_out, kernel, stride, padding, dBN + BN-ReLU prologues, device,
+#  TMA expected)
+WGRAD_CASES = [
+    ("3x3s1", 2, 256, 6, 128, 3, 1, 1, False, "sm_90", 2),  # 128x128 and 128x256
+    ("3x3s2_sm80", 2, 256, 8, 128, 3, 2, 1, False, "sm_80", 0),  # the same, fewer stages
+    ("1x1s2", 2, 256, 8, 128, 1, 2, 0, False, "sm_90", 3),  # the stride-2 view of x
+]
+
+
+@pytest.mark.parametrize("case", WGRAD_CASES, ids=[c[0] for c in WGRAD_CASES])
+def test_wgrad_autotunes_every_offered_config(gpu, case):
+    """conv_wgrad through the Autotuner: every offered config's split partials sum to dw
+    (one pixel box for all: BLOCK_K is the launcher's), the last wins, dw is right."""
+    _, n, ci, h, co, k, st, pd, fused, arch, tma = case
+    p = (h + 2 * pd - k) // st + 1
+    dy, x = _cl(_rand(n, co, p, p, seed=13)), _cl(_rand(n, ci, h, h, seed=14))
+    ref = torch.nn.grad.conv2d_weight(x.double(), (co, ci, k, k), dy.double(), st, pd)
+
+    def check(nargs):  # [splits, C_out, R*S*C_in] partials, summed as the launcher does
+        dw = nargs["DW_ptr"].sum(0).view(co, k, k, ci).permute(0, 3, 1, 2)
+        _close(dw, ref, 2e-3)
+
+    record = gpu(check, arch)
+    dw = K.conv_wgrad(dy, x, (co, ci, k, k), st, pd)
+    _assert_autotuned(record, tma)
+    _close(dw, ref, 2e-3)
