@@ -283,3 +283,90 @@ def test_wgrad_autotunes_every_offered_config(gpu, case):
     record = gpu(check, arch)
     dw = _autotuned_twice(record, lambda: K.conv_wgrad(dy, x, (co, ci, k, k), st, pd), tma)
     _close(dw, ref, 2e-3)
+
+
+# --------------------------------------------------------------------------------------
+# The BN kernels with each of the GPU's configs
+# --------------------------------------------------------------------------------------
+
+
+def _bn_reference(x, w, b, x2, w2, b2, dout, eps):
+    """relu(bn(x) + bn2(x2)) in float64 with batch statistics: the output, each BN's
+    (mean, biased var) and the gradients of x, w, b, x2, w2, b2."""
+    leaves = [t.double().requires_grad_() for t in (x, w, b, x2, w2, b2)]
+    x, w, b, x2, w2, b2 = leaves
+    view = (1, -1, 1)
+
+    def norm(t, weight, bias):
+        var, mean = torch.var_mean(t, dim=(0, 2), correction=0)
+        return ((t - mean.view(view)) * torch.rsqrt(var.view(view) + eps) * weight.view(view)
+                + bias.view(view)), mean, var
+
+    y, mean, var = norm(x, w, b)
+    y2, mean2, var2 = norm(x2, w2, b2)
+    out = torch.relu(y + y2)
+    grads = torch.autograd.grad(out, leaves, dout.double())
+    return out.detach(), (mean, var, mean2, var2), grads
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "nchw"])
+@pytest.mark.parametrize("pick", range(6))
+def test_bn_kernels_run_each_gpu_config(monkeypatch, pick, channels_last):
+    """The BN kernels run in CI with the interpreter's fixed configs only; a GPU
+    autotunes over ``_elementwise_configs`` (4), ``_reduce_configs`` (6) and
+    ``_merge_configs`` (3), with the GPU's reduction plan (``_plan_chunks``) and
+    finalize tile (``_finalize_block_p``). Here ``bn`` is on its GPU branch, its kernels
+    wrapped in Triton's real Autotuner pruned to config ``pick`` of each family (modulo
+    its size): the dual BN-add-ReLU forward (statistics, finalize, apply with the mask)
+    and its backward (reduction, finalize, apply: dx, dx2 and the affine gradients)
+    against float64."""
+    from fusedres.kernels import bn
+
+    real_check = bn._check_activation
+
+    def check_activation(*args, **kwargs):  # CPU tensors are the interpreter's here
+        with monkeypatch.context() as m:
+            m.setattr(bn, "_INTERPRET", True)
+            return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(bn, "_INTERPRET", False)
+    monkeypatch.setattr(bn, "_check_activation", check_activation)
+    ran = []
+    for name, family in (("_bn_apply", "elementwise"), ("_bn_bwd_apply", "elementwise"),
+                         ("_bn_stats_partial", "reduce"), ("_bn_bwd_reduce_partial", "reduce"),
+                         ("_bn_stats_finalize", "merge"), ("_bn_bwd_finalize", "merge")):
+        configs = bn._FAMILY_CONFIGS[family]()
+        chosen = configs[pick % len(configs)]
+
+        def prune(configs, nargs, chosen=chosen, name=name, **kw):
+            ran.append((name, chosen.kwargs))
+            return [chosen]
+
+        monkeypatch.setattr(bn, name, K.autotune(
+            configs=configs, key=["C"], prune_configs_by={"early_config_prune": prune})(
+            getattr(bn, name + "_kernel")))
+    n, c, s, eps = 2, 20, 50, 1e-5  # C 20: partial channel blocks
+    g = torch.Generator().manual_seed(pick)
+
+    def act():
+        t = torch.randn(n, s, c, generator=g).permute(0, 2, 1) if channels_last \
+            else torch.randn(n, c, s, generator=g)
+        return t
+
+    x, x2, dout = act(), act() * 2 + 1, act()
+    w, b, w2, b2 = (torch.randn(c, generator=g) for _ in range(4))
+    out, mean, var, mean2, var2, mask = bn.batch_norm_act_forward(
+        x, w, b, None, None, None, x2, w2, b2, None, None, True, eps, True, channels_last)
+    grads = bn.batch_norm_act_backward(dout, x, w, b, mean, var, mask, x2, w2, b2, mean2, var2,
+                                       True, eps, True, False, channels_last,
+                                       [True, True, False, True, True])
+    assert sorted({name for name, _ in ran}) == sorted(
+        ["_bn_apply", "_bn_bwd_apply", "_bn_stats_partial", "_bn_bwd_reduce_partial",
+         "_bn_stats_finalize", "_bn_bwd_finalize"]), ran
+    ref_out, ref_stats, ref_grads = _bn_reference(x, w, b, x2, w2, b2, dout, eps)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-4)
+    for got, want in zip((mean, var, mean2, var2), ref_stats):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    dx, dw, db, _, dx2, dw2, db2 = grads
+    for got, want in zip((dx, dw, db, dx2, dw2, db2), ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
