@@ -370,3 +370,120 @@ def test_bn_kernels_run_each_gpu_config(monkeypatch, pick, channels_last):
     dx, dw, db, _, dx2, dw2, db2 = grads
     for got, want in zip((dx, dw, db, dx2, dw2, db2), ref_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------
+# What never reaches the kernels, and what must not be cached during CUDA-graph capture
+# --------------------------------------------------------------------------------------
+
+
+def test_conv_path_sends_what_the_kernels_do_not_cover_to_f_conv2d():
+    """Each legality reason of ``conv_path`` (``backend="triton"``) that CI did not reach
+    sends the call to F.conv2d (the kernel would read these operands wrongly): the same
+    result, or F.conv2d's own error."""
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    huge = torch.empty(1, 4, 1, 1).expand(2**12, 4, 2**10, 2**10)  # N*H*W >= 2**31, no memory
+    cases = [  # (reason, input, weight, bias, stride, padding)
+        ("is not supported", x.long(), w.long(), None, 1, 1),
+        ("bfloat16", x.bfloat16(), w.bfloat16(), None, 1, 1),
+        ("dtypes differ", x, w.double(), None, 1, 1),
+        ("dtypes differ", x, w, torch.randn(6, dtype=torch.float64), 1, 1),
+        ("different devices", x, w.to("meta"), None, 1, 1),
+        ("channel mismatch", x, w[:, :3], None, 1, 1),
+        ("invalid stride", x, w, None, 0, 1),
+        ("invalid stride", x, w, None, 1, -1),
+        ("empty", x[:0], w, None, 1, 1),
+        ("empty", x[..., :2, :2], w, None, 1, 0),
+        (">= 2**31", huge, w, None, 1, 1),  # F.conv2d not run: 2**32 outputs
+    ]
+
+    def outcome(conv, *args):
+        try:
+            return conv(*args)
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            return type(exc)
+
+    for reason, inp, wt, bias, st, pd in cases:
+        path, why = fconv.conv_path(inp, wt, bias, st, pd, backend="triton")
+        assert path == "reference" and reason in why, (reason, why)
+        if inp is huge:
+            continue
+        want = outcome(F.conv2d, inp, wt, bias, st, pd)
+        got = outcome(lambda *a: fconv.conv2d(*a, backend="triton"), inp, wt, bias, st, pd)
+        if isinstance(want, type):
+            assert got is want, (reason, got, want)
+        elif wt.is_meta:  # a meta weight: F.conv2d's values mean nothing
+            assert (got.shape, got.device) == (want.shape, want.device), reason
+        else:
+            torch.testing.assert_close(got, want, msg=reason)
+
+
+def test_conv_launcher_rejects_misshapen_operands():
+    """``kernels.conv.conv_fwd`` checks the epilogue and prologue operands' shapes (a
+    kernel would read past them) and the int32 index limit of its GEMM sizes."""
+    x, w = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3)
+    with pytest.raises(ValueError, match="residual has shape"):
+        K.conv_fwd(x, w, 1, 1, residual=torch.randn(2, 6, 4, 4))
+    with pytest.raises(ValueError, match="bias has shape"):
+        K.conv_fwd(x, w, 1, 1, bias=torch.randn(4))
+    with pytest.raises(ValueError, match="scale/shift must have shape"):
+        K.conv_fwd(x, w, 1, 1, scale=torch.randn(4), shift=torch.randn(6))
+    with pytest.raises(ValueError, match="GEMM_K = 2147483648"):
+        K._check_int32(GEMM_M=5, GEMM_K=2**31)
+    K._check_int32(GEMM_M=2**31 - 1)
+
+
+def test_tap_reach_is_not_cached_during_capture(monkeypatch):
+    """``_tap_reach`` (dgrad's dBN constant) keeps one tensor per shape and device, made
+    outside CUDA-graph capture; during capture a tensor made now is only written when the
+    graph replays, so each call makes its own and the cache is left alone."""
+    K._device_reach.cache_clear()
+    monkeypatch.setattr(K, "_capturing", lambda device: True)
+    during = K._tap_reach(7, 4, 3, 2, 1, torch.device("cpu"))
+    assert K._device_reach.cache_info().currsize == 0
+    monkeypatch.setattr(K, "_capturing", lambda device: False)
+    outside = K._tap_reach(7, 4, 3, 2, 1, torch.device("cpu"))
+    assert K._device_reach.cache_info().currsize == 1
+    torch.testing.assert_close(during, outside)
+    # row i is reached by tap t from output row (i + 1 - t) / 2 in [0, 4)
+    want = torch.tensor([[float(0 <= i + 1 - t < 8 and (i + 1 - t) % 2 == 0) for t in range(3)]
+                         for i in range(7)], dtype=torch.float64)
+    torch.testing.assert_close(outside, want)
+
+
+def test_eval_fold_is_not_rebuilt_during_capture(monkeypatch):
+    """Eval folds BN into the conv and caches the folded weights; a stale cache (a
+    running statistic changed) is rebuilt, but never during CUDA-graph capture
+    (``folded_weights`` gives None there: the folded tensors would only be written when
+    the graph replays). Then the site runs conv and BN apart: still right, and the stale
+    entry is neither used nor replaced."""
+    from fusedres import nn as fnn
+
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=False).double()
+    bn = torch.nn.BatchNorm2d(6).double().eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(6, generator=g, dtype=torch.float64))
+        bn.running_var.copy_(torch.rand(6, generator=g, dtype=torch.float64) + 0.5)
+    x = torch.randn(2, 4, 5, 5, generator=g, dtype=torch.float64)
+
+    def run():
+        with torch.no_grad():
+            got = fnn.conv_bn_act(x, conv, bn, relu=True)
+            return got, torch.relu(bn(conv(x))), fnn.last_backend()
+
+    got, want, _ = run()  # folded and cached
+    torch.testing.assert_close(got, want)
+    assert fnn.last_backend() == "folded"
+    cached = fnn._FOLDED[conv]
+    with torch.no_grad():
+        bn.running_mean.add_(1.0)  # the cache is stale now
+    monkeypatch.setattr(fnn, "_capturing", lambda device: True)
+    assert fnn.folded_weights(conv, bn) is None
+    got, want, backend = run()
+    torch.testing.assert_close(got, want)
+    assert backend != "folded" and fnn._FOLDED[conv] is cached
+    monkeypatch.setattr(fnn, "_capturing", lambda device: False)
+    got, want, backend = run()  # outside capture: rebuilt
+    torch.testing.assert_close(got, want)
+    assert backend == "folded" and fnn._FOLDED[conv] is not cached
