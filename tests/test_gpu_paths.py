@@ -487,3 +487,37 @@ def test_eval_fold_is_not_rebuilt_during_capture(monkeypatch):
     got, want, backend = run()  # outside capture: rebuilt
     torch.testing.assert_close(got, want)
     assert backend == "folded" and fnn._FOLDED[conv] is not cached
+
+
+def test_gpu_timing_runs_on_the_timed_device(monkeypatch):
+    """``interleaved_samples`` (what ``tune`` and ``dbn_backward="auto"`` decide with) times
+    a GPU callable with ``time_cuda``, whose CUDA events and synchronizations are the
+    current device's: timing work on cuda:1 while cuda:0 is current bracketed none of it
+    (a choice by noise). Each sample is taken with the timed device current."""
+    import contextlib
+
+    from fusedres import _timing
+
+    current = ["cuda:0"]
+
+    @contextlib.contextmanager
+    def device(d):  # torch.cuda.device, without a driver
+        before, current[0] = current[0], str(d)
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    seen = []
+
+    def time_cuda(fn, **kwargs):
+        fn()
+        seen.append(current[0])
+        return _timing._summary([1e-3], "cuda-events")
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(_timing, "time_cuda", time_cuda)
+    got = _timing.interleaved_samples({"a": lambda: None, "b": lambda: None},
+                                      torch.device("cuda", 1), rounds=3, max_rounds=3)
+    assert got == {"a": [1e-3] * 3, "b": [1e-3] * 3}
+    assert seen == ["cuda:1"] * 6 and current == ["cuda:0"]
