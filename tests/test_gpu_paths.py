@@ -521,3 +521,41 @@ def test_gpu_timing_runs_on_the_timed_device(monkeypatch):
                                       torch.device("cuda", 1), rounds=3, max_rounds=3)
     assert got == {"a": [1e-3] * 3, "b": [1e-3] * 3}
     assert seen == ["cuda:1"] * 6 and current == ["cuda:0"]
+
+
+def test_tune_correctness_gate_rejects_each_kind_of_difference():
+    """``fusedres.tune`` runs a candidate only after ``_compare`` found its results equal
+    to torch's: on a GPU it is what keeps a wrong kernel from being chosen. Each way a
+    result can differ is caught, with a reason; a result over the tolerance passes only
+    when float64 says torch's own error is as large (the ``exact`` judge)."""
+    import importlib
+
+    T = importlib.import_module("fusedres.tune")  # (fusedres.tune is the function)
+    a = torch.tensor([1.0, 2.0, 3.0])
+    ok = [("out", a), ("grad", None), ("count", torch.tensor([3]))]
+    assert T._compare(ok, ok, 1e-3) is None
+    cases = [  # (got, reason)
+        ([("out", a)], "different results"),
+        ([("out", a), ("grad", a), ("count", torch.tensor([3]))], "grad: unexpected"),
+        ([("out", a[:2]), ("grad", None), ("count", torch.tensor([3]))], "instead of"),
+        ([("out", a.double()), ("grad", None), ("count", torch.tensor([3]))], "instead of"),
+        ([("out", a), ("grad", None), ("count", torch.tensor([4]))], "[4] instead of [3]"),
+        ([("out", torch.tensor([1.0, float("nan"), 3.0])), ("grad", None),
+          ("count", torch.tensor([3]))], "NaN"),
+        ([("out", a * 1.01), ("grad", None), ("count", torch.tensor([3]))], "relative L2"),
+    ]
+    for got, reason in cases:
+        why = T._compare(got, ok, 1e-3)
+        assert why is not None and reason in why, (reason, why)
+    assert "missing" in T._compare(ok, [("out", a), ("grad", a), ok[2]], 1e-3)
+    # over the tolerance: float64 decides. torch's result is 1% off the exact one; a
+    # candidate as far from it passes, one 10x farther does not
+    exact = lambda: [("out", a.double() * 1.01)]  # noqa: E731
+    close = [("out", a * 1.02), ok[1], ok[2]]
+    far = [("out", a * 1.2), ok[1], ok[2]]
+    assert T._compare(close, ok, 1e-3, exact) is None
+    assert "against float64" in T._compare(far, ok, 1e-3, exact)
+
+    def broken():
+        raise RuntimeError("no float64 here")
+    assert "relative L2" in T._compare(close, ok, 1e-3, broken)
