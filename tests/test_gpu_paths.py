@@ -559,3 +559,28 @@ def test_tune_correctness_gate_rejects_each_kind_of_difference():
     def broken():
         raise RuntimeError("no float64 here")
     assert "relative L2" in T._compare(close, ok, 1e-3, broken)
+
+
+def test_deterministic_mode_runs_the_first_gpu_config_untimed(gpu):
+    """Under ``torch.use_deterministic_algorithms(True)`` the GPU launch path skips the
+    autotuner: the launcher's first config (``run.fn``, its TMA boxes set by its own
+    pre_hook) runs untimed; here the prologue + statistics forward whose list also holds
+    the 256-row tile, with the images rounded up for it (empty boxes past the batch)."""
+    x = _cl(_rand(1, 64, 8, 8, seed=1))
+    w = _cl(_rand(128, 64, 3, 3, seed=2) / 24)
+    scale, shift = _rand(64, seed=3).float(), _rand(64, seed=4).float() * 0.3
+    record = gpu(None, "sm_90", (3, 8))
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        y, mean, var = K.conv_fwd(x, w, 1, 1, scale=scale, shift=shift, stats=True)
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert record["timed"] == 0 and record["hooks"] == []  # not the autotuner's configs
+    assert [t[0] for t in record["offered"]] == [128, 256]
+    assert record["chosen"]["BLOCK_M"] == 128 and record["kwargs"]["A_TMA"] == 2
+    ref = F.conv2d(_bn_relu(x, scale, shift).double(), w.double(), None, 1, 1)
+    _close(y, ref, 2e-3)
+    v, m = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), m, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), v, rtol=1e-5, atol=1e-5)
