@@ -26,8 +26,9 @@ import fusedres  # noqa: E402,F401
 from fusedres import conv as fconv  # noqa: E402
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU emulation of the "
-                                "GPU launch path; a GPU runs the real one")
+# the kernels on CPU tensors: the interpreter (a GPU runs the real launch path)
+interpreted = pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels in "
+                                 "Triton's interpreter; a GPU runs the real launch path")
 
 K = fconv.kernels()
 CL = torch.channels_last
@@ -187,6 +188,7 @@ FWD_CASES = [
 ]
 
 
+@interpreted
 @pytest.mark.parametrize("case", FWD_CASES, ids=[c[0] for c in FWD_CASES])
 def test_forward_autotunes_every_offered_config(gpu, case):
     """conv_fwd through Triton's Autotuner with the GPU's config lists: every offered
@@ -226,6 +228,7 @@ DGRAD_CASES = [
 ]
 
 
+@interpreted
 @pytest.mark.parametrize("case", DGRAD_CASES, ids=[c[0] for c in DGRAD_CASES])
 def test_dgrad_autotunes_every_offered_config(gpu, case):
     """conv_dgrad (with the dBN prologue and the dReLU epilogue, or plain) through the
@@ -267,6 +270,7 @@ WGRAD_CASES = [
 ]
 
 
+@interpreted
 @pytest.mark.parametrize("case", WGRAD_CASES, ids=[c[0] for c in WGRAD_CASES])
 def test_wgrad_autotunes_every_offered_config(gpu, case):
     """conv_wgrad through the Autotuner: every offered config's split partials sum to dw
@@ -309,6 +313,7 @@ def _bn_reference(x, w, b, x2, w2, b2, dout, eps):
     return out.detach(), (mean, var, mean2, var2), grads
 
 
+@interpreted
 @pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "nchw"])
 @pytest.mark.parametrize("pick", range(6))
 def test_bn_kernels_run_each_gpu_config(monkeypatch, pick, channels_last):
@@ -377,6 +382,7 @@ def test_bn_kernels_run_each_gpu_config(monkeypatch, pick, channels_last):
 # --------------------------------------------------------------------------------------
 
 
+@interpreted
 def test_conv_path_sends_what_the_kernels_do_not_cover_to_f_conv2d():
     """Each legality reason of ``conv_path`` (``backend="triton"``) that CI did not reach
     sends the call to F.conv2d (the kernel would read these operands wrongly): the same
@@ -418,6 +424,7 @@ def test_conv_path_sends_what_the_kernels_do_not_cover_to_f_conv2d():
             torch.testing.assert_close(got, want, msg=reason)
 
 
+@interpreted
 def test_conv_launcher_rejects_misshapen_operands():
     """``kernels.conv.conv_fwd`` checks the epilogue and prologue operands' shapes (a
     kernel would read past them) and the int32 index limit of its GEMM sizes."""
@@ -561,6 +568,7 @@ def test_tune_correctness_gate_rejects_each_kind_of_difference():
     assert "relative L2" in T._compare(close, ok, 1e-3, broken)
 
 
+@interpreted
 def test_deterministic_mode_runs_the_first_gpu_config_untimed(gpu):
     """Under ``torch.use_deterministic_algorithms(True)`` the GPU launch path skips the
     autotuner: the launcher's first config (``run.fn``, its TMA boxes set by its own
