@@ -629,3 +629,28 @@ def test_fp32_lists_run(gpu, monkeypatch):
     dw = _autotuned_twice(record, lambda: K.conv_wgrad(dy, x, tuple(w.shape), 1, 1), 2)
     assert [t[2] for t in record["offered"]] == [32]
     _close(dw, ref_dw, 1e-5)
+
+
+def test_cudnn_graphs_are_not_planned_while_tracing_or_capturing(monkeypatch):
+    """A cuDNN graph not planned yet is refused (the caller falls back, nothing is
+    remembered) during torch.compile tracing and CUDA-graph capture: planning queries the
+    device and compiles kernels, and a failure there would be remembered as cuDNN's
+    refusal for the whole process. Once outside, the planner is asked and remembered."""
+    from fusedres import cudnn_graph as G
+
+    key, t, asked = ("test-gpu-paths",), torch.empty(1), []
+    monkeypatch.setattr(G, "_STATUS", {})
+    monkeypatch.setattr(G, "_ENGINE", {})
+    monkeypatch.setattr(G, "_ask_cudnn", lambda ops, *a: asked.append(ops) or ("", "engine 0"))
+    for compiling, capturing, why in ((True, False, "torch.compile"),
+                                      (False, True, "CUDA-graph capture")):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        monkeypatch.setattr(G, "capturing", lambda device: capturing)
+        assert why in G._planned_status(key, t, "cudnn_graph", lambda: ())
+        assert asked == [] and G._STATUS == {}
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(G, "capturing", lambda device: False)
+    assert G._planned_status(key, t, "cudnn_graph", lambda: ()) == ""
+    assert asked == ["cudnn_graph"] and key in G._STATUS
+    monkeypatch.setattr(G, "capturing", lambda device: True)  # planned: capture may use it
+    assert G._planned_status(key, t, "cudnn_graph", lambda: ()) == "" and len(asked) == 1
