@@ -60,7 +60,7 @@ def gpu(monkeypatch):
 
         def empty(*args, **kwargs):  # as a GPU's caching allocator: old data, not zeros
             t = real_empty(*args, **kwargs)
-            return t.fill_(1e4 if t.is_floating_point() else -1) if t.numel() else t
+            return t.fill_(1e4) if t.is_floating_point() and t.numel() else t
 
         real_empty = torch.empty
         monkeypatch.setattr(torch, "empty", empty)
