@@ -670,3 +670,31 @@ def test_cudnn_graphs_are_not_planned_while_tracing_or_capturing(monkeypatch):
     assert asked == ["cudnn_graph"] and key in G._STATUS
     monkeypatch.setattr(G, "capturing", lambda device: True)  # planned: capture may use it
     assert G._planned_status(key, t, "cudnn_graph", lambda: ()) == "" and len(asked) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32],
+                         ids=["no-onednn", "onednn"])
+def test_eval_dual_site_folds_both_convs(dtype):
+    """``conv_bn_act`` called with a projection shortcut in eval without autograd folds
+    both BNs into their convs: the shortcut conv first, then the main conv with the add
+    and ReLU (float64 takes the path a GPU takes, without oneDNN's post-ops; converted
+    models fold these BNs into the previous site instead, so CI reached it only here).
+    Against torch's modules."""
+    from fusedres import nn as fnn
+
+    g = torch.Generator().manual_seed(1)
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1, bias=False).to(dtype)
+    conv_d = torch.nn.Conv2d(4, 8, 1, bias=False).to(dtype)
+    bns = [torch.nn.BatchNorm2d(8).to(dtype).eval() for _ in range(2)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.running_mean.copy_(torch.randn(8, generator=g))
+            bn.running_var.copy_(torch.rand(8, generator=g) + 0.5)
+            bn.weight.copy_(torch.randn(8, generator=g))
+            bn.bias.copy_(torch.randn(8, generator=g))
+        x = torch.randn(2, 4, 6, 6, generator=g).to(dtype)
+        got = fnn.conv_bn_act(x, conv, bns[0], relu=True, shortcut_x=x, shortcut_conv=conv_d,
+                              shortcut_bn=bns[1])
+        assert fnn.last_backend() == "folded"
+        want = torch.relu(bns[0](conv(x)) + bns[1](conv_d(x)))
+    torch.testing.assert_close(got, want)
