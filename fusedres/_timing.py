@@ -159,8 +159,11 @@ def interleaved_samples(fns: dict, device: torch.device, *, rounds: int = 5,
 
     def one(name, r):
         if device.type == "cuda":
-            return time_cuda(fns[name], warmup_ms=5.0 if r == 0 else 1.0, rep_ms=5.0,
-                             use_graph=False, flush_l2=False, min_reps=5).median_s
+            # time_cuda's events and syncs are the current device's: on another device's
+            # stream they would bracket none of the work (cuda:1 while cuda:0 is current)
+            with torch.cuda.device(device):
+                return time_cuda(fns[name], warmup_ms=5.0 if r == 0 else 1.0, rep_ms=5.0,
+                                 use_graph=False, flush_l2=False, min_reps=5).median_s
         t0 = clock()
         fns[name]()
         return clock() - t0
