@@ -82,7 +82,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.kernels import autotune, device_guard, tuner_for
+from fusedres.kernels import autotune, device_guard, run_lock, tuner_for
 from fusedres.kernels import capturing as _capturing
 
 try:  # host-side TMA descriptors (triton >= 3.4; the GPU image's 3.6 has them)
@@ -1137,6 +1137,9 @@ _CONV_KEY = ["GEMM_M", "GEMM_N", "GEMM_K", "TRANSPOSED", "TAP_LOOP", "PROLOGUE",
              "DRELU", "HAS_RESIDUAL", "STRIDE_H", "STRIDE_W", "W_TMA", "A_TMA", "TILE_H",
              "TILE_W", "PERSISTENT", "Y_TMA", "CI"]
 
+_WGRAD_KEY = ["GEMM_M", "GEMM_N", "BATCH", "OH", "OW", "CI", "TILES_PER_SPLIT", "TAP_N", "TMA",
+              "TILE_H", "TILE_W", "DBN", "PROLOGUE"]
+
 if INTERPRET:
     _conv_run = _conv_kernel
     _wgrad_run = _conv_wgrad_kernel
@@ -1148,8 +1151,7 @@ else:
     )(_conv_kernel)
     _wgrad_run = autotune(
         configs=_configs(_union(_WGRAD_TILES), group_m=False, pre_hook=_wgrad_tma_blocks),
-        key=["GEMM_M", "GEMM_N", "BATCH", "OH", "OW", "CI", "TILES_PER_SPLIT", "TAP_N", "TMA",
-             "TILE_H", "TILE_W", "DBN", "PROLOGUE"],
+        key=_WGRAD_KEY,
         prune_configs_by={"early_config_prune": _wgrad_prune},
     )(_conv_wgrad_kernel)
 
@@ -1170,8 +1172,9 @@ def _launch(run, configs, grid_fn, args, kwargs):
                                     num_stages=cfg.num_stages)
             return cfg.kwargs
         run = tuner_for(run, str(args[0].device))  # its own choices and best_config
-        run[grid_fn](*args, **kwargs)
-        return run.best_config.kwargs
+        with run_lock(run):  # best_config is the last launch's: another thread's launch
+            run[grid_fn](*args, **kwargs)  # in between would hand back its config
+            return run.best_config.kwargs
 
 
 # --------------------------------------------------------------------------------------
