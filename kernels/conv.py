@@ -850,15 +850,17 @@ _CONV_TILES = {
     "plain": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 5),
               (128, 128, 32, 8, 3)],
     # dgrad with the dBN prologue or the dReLU epilogue (and the forward prologue without
-    # wgmma). (128, 64, 128, 4, 3): dgrad's wide-K tile (``_wide_k``), 16 HGMMA per K step
-    # over which the fixed per-step cost of the dBN prologue (y's box, coef_y's copy and
-    # wait, the barrier) is spread: 42.2-42.4 SASS per HGMMA against 51.2 (128x64x64) and
-    # 71.2 (128x128x64, 8 warps) at stride 1 (sm_90a, bf16, triton 3.6; stride 2, boxes
-    # of a phase: 42.6 against 73.5). The transposed mode with dy by TMA only, 16-bit
-    # only, where C_out % 128 == 0, at any C_in (the 64-wide N rule of ``_fits`` does not
-    # apply to it), triton < 3.7 only (``_BELOW_TRITON``)
+    # wgmma). BLOCK_K 128: dgrad's wide-K tiles (``_wide_k``), twice the HGMMA per K step
+    # over which the fixed per-step cost of the dBN prologue (y's box, the coefficients'
+    # copy and wait, the barrier, the fragment moves) is spread; the transposed mode with
+    # dy by TMA only, 16-bit only, where C_out % 128 == 0. (128, 64, 128, 4, 3): at any
+    # C_in (the 64-wide N rule of ``_fits`` does not apply to it), triton < 3.7 only
+    # (``_BELOW_TRITON``: 3.8 spills), 39.2 / 39.3 SASS per HGMMA at stride 1 / 2 (sm_90a,
+    # bf16, triton 3.6) against 39.2 (128x64x64); (128, 128, 128, 8, 2): 39.9 / 40.4
+    # (triton 3.8), 43.2 / 43.6 (3.6) against 59.8-61.2 for 128x128x64 at 8 warps, no
+    # spill, two stages (131 KB of shared memory)
     "fused": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 5),
-              (128, 64, 128, 4, 3), (128, 128, 32, 8, 3)],
+              (128, 64, 128, 4, 3), (128, 128, 128, 8, 2), (128, 128, 32, 8, 3)],
     # the forward's BN-ReLU prologue: 128 rows per warpgroup, so that each thread's fixed
     # per-K-step work (barriers, TMA issue, the pairs' loads, the tap mask) is spread over 8
     # HGMMA instead of 4 (SASS per HGMMA: 46-48 against 61-78 at 8 warps, the prologue's
@@ -1032,9 +1034,9 @@ _WIDE_K = 128
 
 
 def _wide_k(tile, transposed, itemsize, channels, a_tma):
-    """Whether ``tile`` is dgrad's wide-K tile and may run: the transposed mode with dy
-    (and y) by TMA boxes (``a_tma``: sm_90, dense; stride 1, or stride 2 by boxes of a
-    phase: 42.6 SASS per HGMMA, no spill, sm_90a, bf16, triton 3.6), 16-bit operands,
+    """Whether ``tile`` is one of dgrad's wide-K tiles and may run: the transposed mode with
+    dy (and y) by TMA boxes (``a_tma``: sm_90, dense; stride 1, or stride 2 by boxes of a
+    phase: 39.3-43.6 SASS per HGMMA, no spill, sm_90a, bf16), 16-bit operands,
     reduction ``channels`` (C_out) a multiple of its BLOCK_K (None: unknown, no). Not with
     dy and y through pointers (sm_80, sparse strides): at stride 2 that read 65-70 SASS per
     HGMMA and spilled 120-400 B (sm_90a, bf16, triton 3.6 / 3.8)."""
