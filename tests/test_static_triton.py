@@ -396,12 +396,14 @@ BACKWARD_GAPS = {
         "two HFMA2 per pair), 12 per HGMMA, but A in registers also costs the LDSM of dy, y "
         "and the three coefficient rows, the fragment moves and y's box: ~190 SASS per K "
         "step spread over the 4 HGMMA of a warp (the 4-warp 128x64 tile's 8 HGMMA: 39.5; "
-        "128x128 at 4 warps spills)"),
+        "the 8-warp wide-K tile's, BLOCK_K 128: 39.9, 3.6: 43.2; 128x128 at 4 warps "
+        "spills). Kept for C_out 64, which has no wide-K tile"),
     "dgrad s2 (TMA boxes of a phase) dBN prologue + dReLU epilogue": (
         DBN_8_WARP_TILE,
         "the 128x128 tile at 8 warps: 60.0 SASS per HGMMA > 48 (3.6: 61.2), the dBN "
         "prologue's cost as at stride 1 (the 128x64 tile is for C_in <= 64, which no "
-        "stride-2 conv has; 3.6's wide-K tile: 39.3)"),
+        "stride-2 conv has; the wide-K tiles: 40.4 at 8 warps, 3.6: 43.6; 3.6's 4-warp "
+        "one: 39.3)"),
     "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues": (
         "",
         "123.2 SASS per HGMMA > 48: both prologues in fp32 per element (dBN on dy, "
