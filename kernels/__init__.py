@@ -9,6 +9,7 @@ import copy
 import functools
 import inspect
 import json
+import threading
 
 import torch
 
@@ -79,6 +80,19 @@ def tuner_for(tuner, device: str):
             own.check_disk_cache = functools.partial(_check_disk_cache, own)
         tuners[device] = own
     return own
+
+
+_TUNER_LOCKS: dict = {}  # autotuner -> its lock (``run_lock``)
+_TUNER_LOCKS_GUARD = threading.Lock()
+
+
+def run_lock(tuner) -> threading.Lock:
+    """The lock under which a launch of ``tuner`` (a device's autotuner, ``tuner_for``)
+    and the read of its ``best_config`` are one step: Triton's Autotuner keeps the last
+    launch's choice in that one attribute and is not thread-safe, so two threads on one
+    device could read each other's config (and size their workspaces by it)."""
+    with _TUNER_LOCKS_GUARD:
+        return _TUNER_LOCKS.setdefault(tuner, threading.Lock())
 
 
 # (autotuner, device) -> its DecisionCache, or None where fusedres's cache is off

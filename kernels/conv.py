@@ -82,7 +82,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.kernels import autotune, device_guard, tuner_for
+from fusedres.kernels import autotune, device_guard, run_lock, tuner_for
 from fusedres.kernels import capturing as _capturing
 
 try:  # host-side TMA descriptors (triton >= 3.4; the GPU image's 3.6 has them)
@@ -850,15 +850,17 @@ _CONV_TILES = {
     "plain": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 5),
               (128, 128, 32, 8, 3)],
     # dgrad with the dBN prologue or the dReLU epilogue (and the forward prologue without
-    # wgmma). (128, 64, 128, 4, 3): dgrad's wide-K tile (``_wide_k``), 16 HGMMA per K step
-    # over which the fixed per-step cost of the dBN prologue (y's box, coef_y's copy and
-    # wait, the barrier) is spread: 42.2-42.4 SASS per HGMMA against 51.2 (128x64x64) and
-    # 71.2 (128x128x64, 8 warps) at stride 1 (sm_90a, bf16, triton 3.6; stride 2, boxes
-    # of a phase: 42.6 against 73.5). The transposed mode with dy by TMA only, 16-bit
-    # only, where C_out % 128 == 0, at any C_in (the 64-wide N rule of ``_fits`` does not
-    # apply to it), triton < 3.7 only (``_BELOW_TRITON``)
+    # wgmma). BLOCK_K 128: dgrad's wide-K tiles (``_wide_k``), twice the HGMMA per K step
+    # over which the fixed per-step cost of the dBN prologue (y's box, the coefficients'
+    # copy and wait, the barrier, the fragment moves) is spread; the transposed mode with
+    # dy by TMA only, 16-bit only, where C_out % 128 == 0. (128, 64, 128, 4, 3): at any
+    # C_in (the 64-wide N rule of ``_fits`` does not apply to it), triton < 3.7 only
+    # (``_BELOW_TRITON``: 3.8 spills), 39.2 / 39.3 SASS per HGMMA at stride 1 / 2 (sm_90a,
+    # bf16, triton 3.6) against 39.2 (128x64x64); (128, 128, 128, 8, 2): 39.9 / 40.4
+    # (triton 3.8), 43.2 / 43.6 (3.6) against 59.8-61.2 for 128x128x64 at 8 warps, no
+    # spill, two stages (131 KB of shared memory)
     "fused": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 64, 64, 4, 5),
-              (128, 64, 128, 4, 3), (128, 128, 32, 8, 3)],
+              (128, 64, 128, 4, 3), (128, 128, 128, 8, 2), (128, 128, 32, 8, 3)],
     # the forward's BN-ReLU prologue: 128 rows per warpgroup, so that each thread's fixed
     # per-K-step work (barriers, TMA issue, the pairs' loads, the tap mask) is spread over 8
     # HGMMA instead of 4 (SASS per HGMMA: 46-48 against 61-78 at 8 warps, the prologue's
@@ -1032,9 +1034,9 @@ _WIDE_K = 128
 
 
 def _wide_k(tile, transposed, itemsize, channels, a_tma):
-    """Whether ``tile`` is dgrad's wide-K tile and may run: the transposed mode with dy
-    (and y) by TMA boxes (``a_tma``: sm_90, dense; stride 1, or stride 2 by boxes of a
-    phase: 42.6 SASS per HGMMA, no spill, sm_90a, bf16, triton 3.6), 16-bit operands,
+    """Whether ``tile`` is one of dgrad's wide-K tiles and may run: the transposed mode with
+    dy (and y) by TMA boxes (``a_tma``: sm_90, dense; stride 1, or stride 2 by boxes of a
+    phase: 39.3-43.6 SASS per HGMMA, no spill, sm_90a, bf16), 16-bit operands,
     reduction ``channels`` (C_out) a multiple of its BLOCK_K (None: unknown, no). Not with
     dy and y through pointers (sm_80, sparse strides): at stride 2 that read 65-70 SASS per
     HGMMA and spilled 120-400 B (sm_90a, bf16, triton 3.6 / 3.8)."""
@@ -1137,6 +1139,9 @@ _CONV_KEY = ["GEMM_M", "GEMM_N", "GEMM_K", "TRANSPOSED", "TAP_LOOP", "PROLOGUE",
              "DRELU", "HAS_RESIDUAL", "STRIDE_H", "STRIDE_W", "W_TMA", "A_TMA", "TILE_H",
              "TILE_W", "PERSISTENT", "Y_TMA", "CI"]
 
+_WGRAD_KEY = ["GEMM_M", "GEMM_N", "BATCH", "OH", "OW", "CI", "TILES_PER_SPLIT", "TAP_N", "TMA",
+              "TILE_H", "TILE_W", "DBN", "PROLOGUE"]
+
 if INTERPRET:
     _conv_run = _conv_kernel
     _wgrad_run = _conv_wgrad_kernel
@@ -1148,8 +1153,7 @@ else:
     )(_conv_kernel)
     _wgrad_run = autotune(
         configs=_configs(_union(_WGRAD_TILES), group_m=False, pre_hook=_wgrad_tma_blocks),
-        key=["GEMM_M", "GEMM_N", "BATCH", "OH", "OW", "CI", "TILES_PER_SPLIT", "TAP_N", "TMA",
-             "TILE_H", "TILE_W", "DBN", "PROLOGUE"],
+        key=_WGRAD_KEY,
         prune_configs_by={"early_config_prune": _wgrad_prune},
     )(_conv_wgrad_kernel)
 
@@ -1170,8 +1174,9 @@ def _launch(run, configs, grid_fn, args, kwargs):
                                     num_stages=cfg.num_stages)
             return cfg.kwargs
         run = tuner_for(run, str(args[0].device))  # its own choices and best_config
-        run[grid_fn](*args, **kwargs)
-        return run.best_config.kwargs
+        with run_lock(run):  # best_config is the last launch's: another thread's launch
+            run[grid_fn](*args, **kwargs)  # in between would hand back its config
+            return run.best_config.kwargs
 
 
 # --------------------------------------------------------------------------------------

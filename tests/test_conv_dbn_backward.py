@@ -573,9 +573,11 @@ def test_bf16_prologue_is_near_rounding_once(mean_over_std):
             assert err(torch.zeros(c)) > 4 * once  # uncentred
 
 
-# dgrad's wide-K tile (kernels/conv.py ``_wide_k``): 128x64 at BLOCK_K 128, 4 warps, for the
-# fused transposed mode where C_out (the reduction channels) % 128 == 0 and dy comes by TMA
+# dgrad's wide-K tiles (kernels/conv.py ``_wide_k``): BLOCK_K 128, for the fused transposed
+# mode where C_out (the reduction channels) % 128 == 0 and dy comes by TMA: 128x64 at 4
+# warps (triton < 3.7) and 128x128 at 8 warps (any triton)
 WIDE = (128, 64, 128, 4)
+WIDE_8 = (128, 128, 128, 8)
 
 
 def _tiles(configs):
@@ -584,11 +586,11 @@ def _tiles(configs):
 
 
 def test_dgrad_wide_k_tile_is_pruned_by_shape(monkeypatch):
-    """The wide-K tile is autotuned (conv_configs and the autotuner's prune alike) only for
-    the fused transposed mode, C_out % 128 == 0 (at any C_in), 16-bit, dy by TMA, triton
-    < 3.7; the tap loop's K unit stays 64, so the 64-channel layers keep it; C_out is in
-    the autotune key (the prune reads it); deterministic mode's first config stays the
-    BLOCK_K 64 one."""
+    """The wide-K tiles are autotuned (conv_configs and the autotuner's prune alike) only
+    for the fused transposed mode, C_out % 128 == 0 (at any C_in), 16-bit, dy by TMA; the
+    4-warp one under triton < 3.7 only; the tap loop's K unit stays 64, so the 64-channel
+    layers keep it; C_out is in the autotune key (the prune reads it); deterministic
+    mode's first config stays the BLOCK_K 64 one."""
     monkeypatch.setattr(K, "INTERPRET", False)
     assert K._tap_loop(64) and K._tap_loop(192) and not K._tap_loop(96)
     assert "CI" in K._CONV_KEY
@@ -600,8 +602,10 @@ def test_dgrad_wide_k_tile_is_pruned_by_shape(monkeypatch):
         kw = dict(transposed=True, fused=fused, gemm_n=ci, itemsize=size, channels=co,
                   a_tma=a_tma)
         got = K.conv_configs(**kw)
-        want = fused and co % 128 == 0 and size == 2 and a_tma and version < (3, 7)
-        assert (WIDE in _tiles(got)) == want, (version, ci, co, fused, size, a_tma)
+        want = fused and co % 128 == 0 and size == 2 and a_tma
+        assert (WIDE in _tiles(got)) == (want and version < (3, 7)), (
+            version, ci, co, fused, size, a_tma)
+        assert (WIDE_8 in _tiles(got)) == want, (version, ci, co, fused, size, a_tma)
         assert got[0].kwargs["BLOCK_K"] * size == 128
         nargs = dict(GEMM_N=ci, CI=co, STRIDE_H=1, STRIDE_W=1,
                      X_ptr=torch.empty(0, dtype=torch.bfloat16 if size == 2 else torch.float32))
@@ -612,8 +616,8 @@ def test_dgrad_wide_k_tile_is_pruned_by_shape(monkeypatch):
     # never in the forward, whatever its channels
     monkeypatch.setattr(K, "TRITON_VERSION", (3, 6))
     for fused, wgmma in itertools.product((False, True), repeat=2):
-        assert WIDE not in _tiles(K.conv_configs(fused=fused, gemm_n=128, channels=128,
-                                                 wgmma=wgmma))
+        tiles = _tiles(K.conv_configs(fused=fused, gemm_n=128, channels=128, wgmma=wgmma))
+        assert WIDE not in tiles and WIDE_8 not in tiles
 
 
 @pytest.mark.parametrize("what", ["c_out 256", "c_out 64", "sparse dy", "stride 2", "fp32"])
@@ -650,6 +654,7 @@ def test_dgrad_launcher_offers_the_wide_k_tile(monkeypatch, what):
     K.conv_dgrad(dy, w, (h, h), st, 1, y=y, coef_y=coef, coef_c=coef)
     tiles = _tiles(seen["configs"])
     assert (WIDE in tiles) == (what in ("c_out 256", "stride 2")), (what, tiles)
+    assert (WIDE_8 in tiles) == (what in ("c_out 256", "stride 2")), (what, tiles)
     assert seen["kwargs"]["A_TMA"] == (0 if what == "sparse dy" else 2)
     if what not in ("c_out 256", "stride 2"):
         return
@@ -665,22 +670,29 @@ def test_dgrad_launcher_offers_the_wide_k_tile(monkeypatch, what):
         assert nargs["CI"] == co  # the reduction channels the prune reads
 
 
+@pytest.mark.parametrize("tile", [WIDE, WIDE_8], ids=["128x64x128", "128x128x128"])
 @pytest.mark.parametrize("st", [1, 2])
-def test_dgrad_wide_k_tile_runs(monkeypatch, st):
-    """The dBN prologue + dReLU epilogue dgrad run with the wide-K tile (128 rows, 64
-    columns, BLOCK_K 128: two channel tiles per tap at C_out 256, a partial second N tile
-    at C_in 96), dy and y by TMA boxes (at stride 2 boxes of a phase, dx 7x7: phases of
-    unequal size), against float64: in the interpreter (its one tile
-    set to the wide-K blocks; fp32, IEEE), and on CUDA in bf16 with the autotuner given
-    that config alone (whatever the installed Triton)."""
+def test_dgrad_wide_k_tile_runs(monkeypatch, st, tile):
+    """The dBN prologue + dReLU epilogue dgrad run with each wide-K tile (128 rows, 64 or
+    128 columns, BLOCK_K 128: two channel tiles per tap at C_out 256; at C_in 96 a partial
+    N tile), dy and y by TMA boxes (at stride 2 boxes of a phase, dx 7x7: phases of
+    unequal size), against float64: in the interpreter (its one tile set to the wide-K
+    blocks; fp32, IEEE), and on CUDA in bf16 with the autotuner given that config alone
+    (whatever the installed Triton)."""
     cuda = DEVICE == "cuda"
     if cuda:
         monkeypatch.setattr(K, "TRITON_VERSION", (3, 6))
         full = K.conv_configs
-        monkeypatch.setattr(K, "conv_configs", lambda *a, **kw: [
-            c for c in full(*a, **kw) if c.kwargs["BLOCK_K"] == WIDE[2]] or full(*a, **kw))
+
+        def only(*a, **kw):
+            mine = [c for c in full(*a, **kw) if (
+                c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
+                == tile]
+            return mine or full(*a, **kw)
+
+        monkeypatch.setattr(K, "conv_configs", only)
     else:
-        monkeypatch.setattr(K, "_INTERPRETER_TILE", WIDE + (1,))
+        monkeypatch.setattr(K, "_INTERPRETER_TILE", tile + (1,))
     dtype = torch.bfloat16 if cuda else torch.float32
     n, ci, h, co = 2, 96, (6 if st == 1 else 7), 256
     p = (h + 2 - 3) // st + 1
@@ -704,7 +716,7 @@ def test_dgrad_wide_k_tile_runs(monkeypatch, st):
                                       scale=coefs[2], shift=coefs[3])
     kw, cfg = seen[-1]
     assert kw["A_TMA"] == 2 and kw["PROLOGUE"] == 2 and kw["DRELU"], kw
-    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == WIDE[:3]
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) == tile[:3]
     total = dy + y * cy.view(1, -1, 1, 1) + cc.view(1, -1, 1, 1)
     da = torch.nn.grad.conv2d_input((n, ci, h, h), w, total, st, 1)
     gate = (y_prev * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)) > 0

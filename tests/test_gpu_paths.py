@@ -99,7 +99,7 @@ def gpu(monkeypatch):
         monkeypatch.setattr(K, "_conv_run", tuner(K._conv_kernel, K._CONV_TILES, K._CONV_KEY,
                                                   K._conv_prune, K._tma_blocks, True))
         monkeypatch.setattr(K, "_wgrad_run", tuner(K._conv_wgrad_kernel, K._WGRAD_TILES,
-                                                   _WGRAD_KEY, K._wgrad_prune,
+                                                   K._WGRAD_KEY, K._wgrad_prune,
                                                    K._wgrad_tma_blocks, False))
         launch = K._launch
 
@@ -112,11 +112,6 @@ def gpu(monkeypatch):
         return record
 
     return setup
-
-
-# _wgrad_run's key (kernels/conv.py builds it only without the interpreter)
-_WGRAD_KEY = ["GEMM_M", "GEMM_N", "BATCH", "OH", "OW", "CI", "TILES_PER_SPLIT", "TAP_N", "TMA",
-              "TILE_H", "TILE_W", "DBN", "PROLOGUE"]
 
 
 def _tile(c):
@@ -589,6 +584,36 @@ def test_tune_correctness_gate_rejects_each_kind_of_difference():
 
 
 @interpreted
+def test_launch_and_its_best_config_read_hold_the_tuner_lock(monkeypatch):
+    """``conv._launch`` launches the device's autotuner and reads its ``best_config`` (the
+    config the launcher sizes workspaces by) under that tuner's lock (``run_lock``):
+    Triton keeps only the last launch's choice, so another thread's launch in between
+    would hand back its config."""
+    from triton import Config
+
+    from fusedres.kernels import run_lock
+
+    class Tuner:  # records whether its lock is held when launched and when read
+        def __init__(self):
+            self.held = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.held.append(run_lock(self).locked())
+
+        @property
+        def best_config(self):
+            self.held.append(run_lock(self).locked())
+            return Config({"BLOCK_M": 64})
+
+    tuner = Tuner()
+    monkeypatch.setattr(K, "INTERPRET", False)
+    monkeypatch.setattr(K, "tuner_for", lambda run, device: run)
+    chosen = K._launch(tuner, [Config({"BLOCK_M": 128})], lambda meta: (1,),
+                       (torch.zeros(1),), {})
+    assert chosen == {"BLOCK_M": 64} and tuner.held == [True, True]
+    assert not run_lock(tuner).locked()
+
+
 def test_deterministic_mode_runs_the_first_gpu_config_untimed(gpu):
     """Under ``torch.use_deterministic_algorithms(True)`` the GPU launch path skips the
     autotuner: the launcher's first config (``run.fn``, its TMA boxes set by its own
