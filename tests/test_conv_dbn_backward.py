@@ -418,10 +418,13 @@ def test_dgrad_dbn_constant_at_the_border(monkeypatch, case, dtype):
     is omitted or taken as the interior's everywhere fails), then all three terms. "tf32":
     fp32 with TF32 dots (the interpreter's dots are fp32: the kernel's operands are cut to
     tf32's bits there too, and E must cancel the cut fill; a far centre makes a mismatch
-    show)."""
+    show). The GPU's MMA also reads only tf32's bits of the weight: emulated here by
+    cutting the launched weight in place, so E must cancel the fill times the weight as
+    the MMA reads it (against float64 with that weight)."""
     _, n, ci, h, w_in, co, k, st, pd = case
     far = 1.0
-    if dtype == "tf32":
+    tf32 = dtype == "tf32"
+    if tf32:
         monkeypatch.setattr(K, "_input_precision", lambda dt: "tf32")
         dtype, far = torch.float32, 50.0
     g = torch.Generator().manual_seed(7)
@@ -432,8 +435,14 @@ def test_dgrad_dbn_constant_at_the_border(monkeypatch, case, dtype):
     cl = torch.channels_last
     seen = []
     launch = K._launch
+
+    def mma_reads(args):  # what a TF32 MMA reads of W (B): tf32's bits (A is cut already)
+        if tf32:
+            args[1].view(torch.int32).bitwise_and_(-8192)
+        return args
+
     monkeypatch.setattr(K, "_launch", lambda run, cfgs, grid, args, kw: seen.append(kw)
-                        or launch(run, cfgs, grid, args, kw))
+                        or launch(run, cfgs, grid, mma_reads(args), kw))
     ref_e = _constant_dx_ref(w, cc, n, h, w_in, st, pd)
     assert (ref_e - ref_e[:, :, h // 2: h // 2 + 1, w_in // 2: w_in // 2 + 1]).abs().max() > 0.1
     zeros = torch.zeros(n, co, p, q, dtype=torch.float64)
@@ -456,8 +465,10 @@ def test_dgrad_dbn_constant_at_the_border(monkeypatch, case, dtype):
                                 y_mean=None if y_mean is None else y_mean.to(DEVICE, acc))
         total = (dy_d.double() + y_d.double() * cy.to(DEVICE).view(1, -1, 1, 1)
                  + cc.to(DEVICE).view(1, -1, 1, 1))
-        ref = torch.nn.grad.conv2d_input(dx.shape, w.to(dtype).double().to(DEVICE), total,
-                                         st, pd)
+        w_mma = w.to(dtype)
+        if tf32:
+            w_mma = (w_mma.view(torch.int32) & -8192).view(torch.float32)
+        ref = torch.nn.grad.conv2d_input(dx.shape, w_mma.double().to(DEVICE), total, st, pd)
         tol = {torch.float64: 1e-10, torch.float32: 2e-5 if far == 1 else 2e-3}.get(dtype,
                                                                                   2e-2)
         torch.testing.assert_close(dx.double(), ref, rtol=tol, atol=tol * ref.abs().max())
