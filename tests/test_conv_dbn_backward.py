@@ -480,6 +480,43 @@ def test_dgrad_dbn_constant_at_the_border(monkeypatch, case, dtype):
     assert seen[-1]["A_TMA"] == want_tma and seen[-1]["HAS_RESIDUAL"], seen[-1]
 
 
+# (id, n, C_in, H, W, C_out, k, stride, pad, dy dense): TMA boxes at stride 1 and 2, dy
+# through pointers, the flat (r, s, c) K loop with its K tail (C_out 20)
+FILL_CASES = [("tma3x3s1", 2, 8, 6, 7, 16, 3, 1, 1, True),
+              ("tma5x5s2", 1, 3, 8, 9, 16, 5, 2, 2, True),
+              ("ptr3x3s2", 2, 4, 8, 6, 16, 3, 2, 0, False),
+              ("flat3x3s2", 2, 8, 7, 6, 20, 3, 2, 1, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32] + BF16_ON_CUDA)
+@pytest.mark.parametrize("case", FILL_CASES, ids=[c[0] for c in FILL_CASES])
+def test_dgrad_dbn_fill_cancelled_exactly(case, dtype):
+    """y equal to its far centre and dy = 0, coef_c = -centre*coef_y: dy_total is 0, the
+    operand is exactly 0 at the taps that reach dy and the rounded fill at those that
+    miss it, so dx is E's cancellation error alone: within fp32 accumulation of the fill
+    (fp16: a fill E rounded otherwise than the kernel, e.g. to fp32 only, leaves 2^-11)."""
+    _, n, ci, h, w_in, co, k, st, pd, dense = case
+    g = torch.Generator().manual_seed(13)
+    f64, cl = torch.float64, torch.channels_last
+    acc = torch.float32
+    w = torch.randn(co, ci, k, k, generator=g, dtype=f64).to(dtype)
+    p, q = (h + 2 * pd - k) // st + 1, (w_in + 2 * pd - k) // st + 1
+    cy = torch.randn(co, generator=g, dtype=f64).to(acc)
+    centre = (200 * torch.randn(co, generator=g, dtype=f64)).to(dtype).to(acc)
+    y = centre.view(1, co, 1, 1).expand(n, co, p, q).to(dtype)
+    dy = torch.zeros(n, co, p, q, dtype=dtype)
+    if dense:
+        y, dy = (t.contiguous(memory_format=cl) for t in (y, dy))
+    else:  # every other column of a wider tensor: dy and y through pointers
+        y, dy = (torch.cat([t, t], 3)[..., ::2] for t in (y, dy))
+    dx, _, _ = K.conv_dgrad(dy.to(DEVICE), w.to(DEVICE).contiguous(memory_format=cl),
+                            (h, w_in), st, pd, y=y.to(DEVICE), coef_y=cy.to(DEVICE),
+                            coef_c=(-centre.double() * cy.double()).to(DEVICE),
+                            y_mean=centre.to(DEVICE))
+    scale = (centre.abs() * cy.abs()).max().item() * w.abs().max().item()
+    assert dx.double().abs().max().item() <= 4e-6 * scale
+
+
 @pytest.mark.parametrize("dtype", [torch.float16] + BF16_ON_CUDA)
 @pytest.mark.parametrize("st", [1, 2])
 def test_dgrad_dbn_centres_a_large_mean(monkeypatch, st, dtype):
