@@ -1545,11 +1545,15 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
             y_mean = y.mean((0, 2, 3), dtype=acc)
         centre = y_mean.to(y.dtype).to(acc)
         pcoef = _dbn_prologue_coefs(coef_y.to(acc), centre, dy.dtype)
+        precision = _input_precision(dy.dtype)
+        if precision == "tf32":  # the MMA reads tf32's bits of W too: E must cancel the
+            # fill times the W the MMA reads (else up to 2^-10 of it per missed tap), so
+            # the kernel and E both take W cut to them (a copy, once per call)
+            weight = _tf32_bits(weight)
         f64 = torch.float64
         cdx = _dbn_constant_dx(weight, coef_c.to(f64) + centre.to(f64) * coef_y.to(f64),
                                (h, w), (p, q), (sh, sw), (ph, pw), acc,
-                               fill=_dbn_prologue_fill(pcoef, dy.dtype,
-                                                       _input_precision(dy.dtype)))
+                               fill=_dbn_prologue_fill(pcoef, dy.dtype, precision))
     res, res_strides = dx, (0, 0, 0, 0)
     if cdx is not None:
         res, res_strides = cdx, (0, *cdx.stride())
@@ -1611,9 +1615,15 @@ def _dbn_prologue_fill(pcoef, dtype, input_precision="ieee"):
         return _round_bf16(d * lo + _round_bf16(d * hi))  # exact in float64 before each
     coef_y, centre = pcoef.unbind(1)
     fill = (-centre * coef_y).to(dtype)  # fma(-centre, coef_y, 0) in fp32 / fp64
-    if dtype == torch.float32 and input_precision == "tf32":  # cut to tf32's bits
-        fill = (fill.view(torch.int32) & -8192).view(torch.float32)
+    if dtype == torch.float32 and input_precision == "tf32":
+        fill = _tf32_bits(fill)
     return fill.double()
+
+
+def _tf32_bits(t):
+    """fp32 ``t`` cut to tf32's bits (its low 13 mantissa bits cleared: what a TF32 MMA
+    reads of it, however it rounds), a new tensor in ``t``'s layout."""
+    return (t.view(torch.int32) & -8192).view(torch.float32)
 
 
 def _round_bf16(x):

@@ -418,10 +418,13 @@ def test_dgrad_dbn_constant_at_the_border(monkeypatch, case, dtype):
     is omitted or taken as the interior's everywhere fails), then all three terms. "tf32":
     fp32 with TF32 dots (the interpreter's dots are fp32: the kernel's operands are cut to
     tf32's bits there too, and E must cancel the cut fill; a far centre makes a mismatch
-    show)."""
+    show). The GPU's MMA also reads only tf32's bits of the weight: emulated here by
+    cutting the launched weight in place, so E must cancel the fill times the weight as
+    the MMA reads it (against float64 with that weight)."""
     _, n, ci, h, w_in, co, k, st, pd = case
     far = 1.0
-    if dtype == "tf32":
+    tf32 = dtype == "tf32"
+    if tf32:
         monkeypatch.setattr(K, "_input_precision", lambda dt: "tf32")
         dtype, far = torch.float32, 50.0
     g = torch.Generator().manual_seed(7)
@@ -432,8 +435,14 @@ def test_dgrad_dbn_constant_at_the_border(monkeypatch, case, dtype):
     cl = torch.channels_last
     seen = []
     launch = K._launch
+
+    def mma_reads(args):  # what a TF32 MMA reads of W (B): tf32's bits (A is cut already)
+        if tf32:
+            args[1].view(torch.int32).bitwise_and_(-8192)
+        return args
+
     monkeypatch.setattr(K, "_launch", lambda run, cfgs, grid, args, kw: seen.append(kw)
-                        or launch(run, cfgs, grid, args, kw))
+                        or launch(run, cfgs, grid, mma_reads(args), kw))
     ref_e = _constant_dx_ref(w, cc, n, h, w_in, st, pd)
     assert (ref_e - ref_e[:, :, h // 2: h // 2 + 1, w_in // 2: w_in // 2 + 1]).abs().max() > 0.1
     zeros = torch.zeros(n, co, p, q, dtype=torch.float64)
@@ -456,8 +465,10 @@ def test_dgrad_dbn_constant_at_the_border(monkeypatch, case, dtype):
                                 y_mean=None if y_mean is None else y_mean.to(DEVICE, acc))
         total = (dy_d.double() + y_d.double() * cy.to(DEVICE).view(1, -1, 1, 1)
                  + cc.to(DEVICE).view(1, -1, 1, 1))
-        ref = torch.nn.grad.conv2d_input(dx.shape, w.to(dtype).double().to(DEVICE), total,
-                                         st, pd)
+        w_mma = w.to(dtype)
+        if tf32:
+            w_mma = (w_mma.view(torch.int32) & -8192).view(torch.float32)
+        ref = torch.nn.grad.conv2d_input(dx.shape, w_mma.double().to(DEVICE), total, st, pd)
         tol = {torch.float64: 1e-10, torch.float32: 2e-5 if far == 1 else 2e-3}.get(dtype,
                                                                                   2e-2)
         torch.testing.assert_close(dx.double(), ref, rtol=tol, atol=tol * ref.abs().max())
@@ -467,6 +478,43 @@ def test_dgrad_dbn_constant_at_the_border(monkeypatch, case, dtype):
     # zero-filled, no tap mask); fp64 (no TMA) the pointer path
     want_tma = 2 if dtype == torch.float32 and K.TensorDescriptor is not None else 0
     assert seen[-1]["A_TMA"] == want_tma and seen[-1]["HAS_RESIDUAL"], seen[-1]
+
+
+# (id, n, C_in, H, W, C_out, k, stride, pad, dy dense): TMA boxes at stride 1 and 2, dy
+# through pointers, the flat (r, s, c) K loop with its K tail (C_out 20)
+FILL_CASES = [("tma3x3s1", 2, 8, 6, 7, 16, 3, 1, 1, True),
+              ("tma5x5s2", 1, 3, 8, 9, 16, 5, 2, 2, True),
+              ("ptr3x3s2", 2, 4, 8, 6, 16, 3, 2, 0, False),
+              ("flat3x3s2", 2, 8, 7, 6, 20, 3, 2, 1, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32] + BF16_ON_CUDA)
+@pytest.mark.parametrize("case", FILL_CASES, ids=[c[0] for c in FILL_CASES])
+def test_dgrad_dbn_fill_cancelled_exactly(case, dtype):
+    """y equal to its far centre and dy = 0, coef_c = -centre*coef_y: dy_total is 0, the
+    operand is exactly 0 at the taps that reach dy and the rounded fill at those that
+    miss it, so dx is E's cancellation error alone: within fp32 accumulation of the fill
+    (fp16: a fill E rounded otherwise than the kernel, e.g. to fp32 only, leaves 2^-11)."""
+    _, n, ci, h, w_in, co, k, st, pd, dense = case
+    g = torch.Generator().manual_seed(13)
+    f64, cl = torch.float64, torch.channels_last
+    acc = torch.float32
+    w = torch.randn(co, ci, k, k, generator=g, dtype=f64).to(dtype)
+    p, q = (h + 2 * pd - k) // st + 1, (w_in + 2 * pd - k) // st + 1
+    cy = torch.randn(co, generator=g, dtype=f64).to(acc)
+    centre = (200 * torch.randn(co, generator=g, dtype=f64)).to(dtype).to(acc)
+    y = centre.view(1, co, 1, 1).expand(n, co, p, q).to(dtype)
+    dy = torch.zeros(n, co, p, q, dtype=dtype)
+    if dense:
+        y, dy = (t.contiguous(memory_format=cl) for t in (y, dy))
+    else:  # every other column of a wider tensor: dy and y through pointers
+        y, dy = (torch.cat([t, t], 3)[..., ::2] for t in (y, dy))
+    dx, _, _ = K.conv_dgrad(dy.to(DEVICE), w.to(DEVICE).contiguous(memory_format=cl),
+                            (h, w_in), st, pd, y=y.to(DEVICE), coef_y=cy.to(DEVICE),
+                            coef_c=(-centre.double() * cy.double()).to(DEVICE),
+                            y_mean=centre.to(DEVICE))
+    scale = (centre.abs() * cy.abs()).max().item() * w.abs().max().item()
+    assert dx.double().abs().max().item() <= 4e-6 * scale
 
 
 @pytest.mark.parametrize("dtype", [torch.float16] + BF16_ON_CUDA)
