@@ -575,22 +575,24 @@ def _conv_kernel(
                 cnt = tl.maximum(cnt, 1.0)
             else:
                 cnt = tl.minimum(GEMM_M - pid_m * BLOCK_M, BLOCK_M).to(acc.dtype)
-            # the tile mean to fp64 (WS1 is fp64): mean1 + the mean of v - mean1 (exact
-            # differences near a large mean). Rounded to fp32 at the mean's magnitude, the
-            # merge's between-tile term cnt*(mean_t - mean)^2 carried that rounding: var
-            # error ~ eps*mean/(std*sqrt(M)), 60x torch's at mean/std = 100, M = 256
+            # the tile mean as a pair (mean1, the mean of v - mean1), WS1 is (T, C, 2): the
+            # merge adds them in fp64 (exact differences near a large mean). Rounded to fp32
+            # at the mean's magnitude, the merge's between-tile term cnt*(mean_t - mean)^2
+            # carried that rounding: var error ~ eps*mean/(std*sqrt(M)), 60x torch's at
+            # mean/std = 100, M = 256. (Added in fp64 here, the 128x256 tile spilled 508 B.)
             mean1 = tl.sum(v, axis=0) / cnt
             d = tl.where(m_ok[:, None], v - mean1[None, :], 0.0)
             # sum(d) and sum(d*d) in one reduction (two kept d live: the 128x256 tile spilled)
             sum_d, sum_dd = tl.reduce((d, d * d), 0, _add_pairs)
             r = sum_d / cnt
-            tl.store(WS1_ptr + ws_off, mean1.to(tl.float64) + r.to(tl.float64), mask=n_ok)
+            tl.store(WS1_ptr + 2 * ws_off, mean1, mask=n_ok)
+            tl.store(WS1_ptr + 2 * ws_off + 1, r, mask=n_ok)
             tl.store(WS2_ptr + ws_off, sum_dd - cnt * r * r, mask=n_ok)
 
 
 @triton.jit
 def _stats_merge_kernel(
-    WS_MEAN_ptr,  # (T, C) partial means, fp64 (the forward's STATS epilogue) or acc dtype
+    WS_MEAN_ptr,  # (T, C) partial means, or (T, C, 2) pairs summed in fp64 [MEAN_PAIRS]
     WS_M2_ptr,  # (T, C) partial M2, acc dtype
     WS_CNT_ptr,  # (T, C) partial counts, acc dtype                     [HAS_COUNT]
     OUT_MEAN_ptr,  # (P, C) merged mean of each chunk of rows (P = grid axis 1)
@@ -604,6 +606,7 @@ def _stats_merge_kernel(
     ACC_FP64: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    MEAN_PAIRS: tl.constexpr = False,  # the forward's STATS epilogue: (mean1, residual)
 ):
     pid_c = tl.program_id(0)
     pid_p = tl.program_id(1).to(tl.int64)
@@ -629,7 +632,12 @@ def _stats_merge_kernel(
             cnt = cnt_t[:, None] + tl.zeros((BLOCK_T, BLOCK_C), dtype=n_a.dtype)
         ok = ok & (cnt > 0)
         cnt = tl.where(ok, cnt, 0.0)
-        mt = tl.where(ok, tl.load(WS_MEAN_ptr + off, mask=ok, other=0.0).to(n_a.dtype), 0.0)
+        if MEAN_PAIRS:
+            mt = (tl.load(WS_MEAN_ptr + 2 * off, mask=ok, other=0.0).to(n_a.dtype)
+                  + tl.load(WS_MEAN_ptr + 2 * off + 1, mask=ok, other=0.0).to(n_a.dtype))
+        else:
+            mt = tl.load(WS_MEAN_ptr + off, mask=ok, other=0.0).to(n_a.dtype)
+        mt = tl.where(ok, mt, 0.0)
         m2t = tl.where(ok, tl.load(WS_M2_ptr + off, mask=ok, other=0.0).to(n_a.dtype), 0.0)
         # merge the block of rows at once, then into the running (n, mean, M2) (Chan)
         n_b = tl.sum(cnt, axis=0)
@@ -1373,7 +1381,7 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     tiles = triton.cdiv(gm_grid, min_bm)
     ws3 = y
     if stats:
-        ws1 = torch.empty((tiles, co), dtype=torch.float64, device=x.device)  # tile means
+        ws1 = torch.empty((tiles, co, 2), dtype=acc, device=x.device)  # tile means, pairs
         ws2 = torch.empty((tiles, co), dtype=acc, device=x.device)
         if a_tma >= 2:
             ws3 = torch.empty((tiles, co), dtype=acc, device=x.device)
@@ -1429,9 +1437,9 @@ def merge_stats(ws_mean, ws_m2, mean, var, tiles, m, tile_m, rows_per_prog=None,
     c = ws_mean.shape[1]
     block_c = 32 if INTERPRET else 64
     block_t = 4 if INTERPRET else 64
-    # fp64 tile means (the forward's epilogue) are merged in fp64: rounding them to fp32
-    # at the mean's magnitude is what they avoid
-    fp64 = torch.float64 in (mean.dtype, ws_mean.dtype)
+    # tile means as (T, C, 2) pairs (the forward's epilogue) are merged in fp64: rounding
+    # them to fp32 at the mean's magnitude is what they avoid
+    fp64 = torch.float64 in (mean.dtype, ws_mean.dtype) or ws_mean.dim() == 3
     if rows_per_prog is None:
         rows_per_prog = 8 * block_t if INTERPRET else 16 * block_t
     rows_per_prog = triton.cdiv(rows_per_prog, block_t) * block_t
@@ -1446,18 +1454,21 @@ def _merge_stats_launch(ws_mean, ws_m2, mean, var, tiles, m, tile_m, rows_per_pr
                         grid_c, block_t, block_c, fp64, ws_cnt=None):
     has_cnt = ws_cnt is not None
     cnt = ws_cnt if has_cnt else ws_mean
+    pairs = ws_mean.dim() == 3
     if p <= 1:
         _stats_merge_kernel[(grid_c, 1)](
             ws_mean, ws_m2, cnt, mean, var, mean, tiles, c, m, tile_m,
             triton.cdiv(max(tiles, 1), block_t) * block_t,
-            HAS_COUNT=has_cnt, FINAL=True, ACC_FP64=fp64, BLOCK_T=block_t, BLOCK_C=block_c)
+            HAS_COUNT=has_cnt, FINAL=True, ACC_FP64=fp64, BLOCK_T=block_t, BLOCK_C=block_c,
+            MEAN_PAIRS=pairs)
         return
     part_mean, part_m2, part_cnt = torch.empty((3, p, c), dtype=torch.float64 if fp64 else
                                                mean.dtype, device=mean.device)
     _stats_merge_kernel[(grid_c, p)](
         ws_mean, ws_m2, cnt, part_mean, part_m2, part_cnt, tiles, c, m, tile_m,
         rows_per_prog,
-        HAS_COUNT=has_cnt, FINAL=False, ACC_FP64=fp64, BLOCK_T=block_t, BLOCK_C=block_c)
+        HAS_COUNT=has_cnt, FINAL=False, ACC_FP64=fp64, BLOCK_T=block_t, BLOCK_C=block_c,
+        MEAN_PAIRS=pairs)
     _stats_merge_kernel[(grid_c, 1)](
         part_mean, part_m2, part_cnt, mean, var, mean, p, c, 0, 0,
         triton.cdiv(p, block_t) * block_t,

@@ -712,8 +712,6 @@ def conv_specs(quick: bool):
                          2: f"tensordesc<{dt}[{bm // (th * tw)}, {th}, {tw}, {bk}]>",
                          3: f"tensordesc<{dt}[{bm // (th * tw)}, {th}, 1, {tw}, {bk}]>"}
                 base = ptrs if sw.get("TRANSPOSED") else fwd_ptrs
-                if consts.get("STATS"):  # the tile means: fp64, as conv_fwd makes them
-                    base = dict(base, WS1_ptr="*fp64")
                 if consts["PROLOGUE"] == 2:  # E, the dBN constant's part of dx: fp32; the
                     # coefficients: bf16 rows (centre, hi, lo) for the packed bf16 math, else
                     # fp32 (coef_y, centre) pairs (kernels/conv.py conv_dgrad)
