@@ -37,8 +37,9 @@ One kernel, ``_conv_kernel``, with constexpr switches:
   zero-filled taps' -centre*coef). Otherwise padded taps and the M/K tails contribute
   exactly 0 AFTER the prologue (DESIGN section 2, the padding pitfall).
 * Epilogue: ``HAS_BIAS``, ``HAS_RESIDUAL``, ``EPILOGUE_RELU`` (NaN-propagating),
-  ``STATS`` (per tile and output channel: mean and M2 of the output as rounded to the
-  output dtype, masked rows excluded; the count of a tile is min(BLOCK_M, M - t*BLOCK_M)
+  ``STATS`` (per tile and output channel: mean, as an fp32 pair the merge adds in fp64,
+  and M2 of the output as rounded to the output dtype, masked rows excluded; the count of
+  a tile is min(BLOCK_M, M - t*BLOCK_M)
   and is recomputed by the merge kernel, or stored beside them for spatial tiles),
   ``DRELU`` (dgrad epilogue: g = dz * [ey*escale
   + eshift > 0] recomputed from the previous layer's conv output, stores g*escale and
@@ -203,7 +204,7 @@ def _conv_kernel(
     EY_ptr,  # (N, OH, OW, CO) previous conv output y_prev            [DRELU]
     ESCALE_ptr,  # (CO,) previous BN scale                             [DRELU]
     ESHIFT_ptr,  # (CO,) previous BN shift                             [DRELU]
-    WS1_ptr,  # (T, CO) tile mean [STATS, fp64] or tile sum(g) [DRELU, acc dtype]
+    WS1_ptr,  # (T, CO, 2) tile mean pairs [STATS] or (T, CO) tile sum(g) [DRELU], acc dtype
     WS2_ptr,  # (T, CO) tile M2 [STATS] or tile sum(g*ey) [DRELU], acc dtype
     WS3_ptr,  # (T, CO) tile count                              [STATS and A_TMA >= 2]
     LANES_ptr,  # (>= BLOCK_M,) int32 0, 1, 2, ...: row ids of an M tile (``_box_rows_in``)
@@ -482,11 +483,11 @@ def _conv_kernel(
             elif PROLOGUE == 2:
                 # dy + (y - centre)*coef_y (bf16: packed math; else fp32, rounded once):
                 # centred on y's mean, so a large mean is never rounded into the 16-bit
-                # operand. The dBN constant is
-                # not added here: its part of dx, E (``_dbn_constant_dx``), is the same for
-                # every image and the accumulator starts from it (HAS_RESIDUAL). No tap mask
-                # either: where dy and y are 0 (TMA zero fill, masked loads: the taps that
-                # miss dy) the operand is the rounded -centre*coef_y, and E cancels it
+                # operand. The dBN constant is not added here: its part of dx, E
+                # (``_dbn_constant_dx``), is the same for every image and the accumulator
+                # starts from it (HAS_RESIDUAL). No tap mask either: where dy and y are 0
+                # (TMA zero fill, masked loads: the taps that miss dy) the operand is the
+                # rounded -centre*coef_y, and E cancels it
                 if A_TMA >= 2:  # y's box of the same tap
                     py = _x_tap_box(PY_desc, tn0, box_h0, box_w0, -tr, -ts, c0, 0, 0, CI,
                                     BLOCK_M, BLOCK_K, A_TMA)
@@ -1486,10 +1487,11 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     E (``_dbn_constant_dx``, fp32, computed once per call). The centre is ``y_mean`` (y's
     per-channel batch mean; computed here, one pass over y, when not given) rounded to y's
     dtype: y's mean never enters the rounded operand (uncentred, a mean 20x the spread
-    made dx's error 12-37x the materialised pass's in fp16). dReLU epilogue (when ``y_prev`` is given; the forward input was
-    ``relu(y_prev*scale + shift)``): returns ``(g*scale, sum(g), sum(g*y_prev))`` with
-    ``g = da * [y_prev*scale + shift > 0]`` -- the gradient of ``y_prev`` and of
-    ``shift``/``scale``. Without it returns ``(da, None, None)``. Output channels_last.
+    made dx's error 12-37x the materialised pass's in fp16). dReLU epilogue (when
+    ``y_prev`` is given; the forward input was ``relu(y_prev*scale + shift)``): returns
+    ``(g*scale, sum(g), sum(g*y_prev))`` with ``g = da * [y_prev*scale + shift > 0]`` --
+    the gradient of ``y_prev`` and of ``shift``/``scale``. Without it returns ``(da, None,
+    None)``. Output channels_last.
     """
     n, co, p, q = dy.shape
     co_w, ci, r, s = weight.shape
@@ -1549,6 +1551,7 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     py = y if dbn else dx
     ey = y_prev if drelu else dx
     pcoef = cdx = None
+    precision = _input_precision(dy.dtype)
     if dbn:  # the kernel's A is dy + (y - centre)*coef_y (``_dbn_prologue_coefs``),
         # no tap mask; the accumulator starts from the rest (a residual read with batch
         # stride 0)
@@ -1556,7 +1559,6 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
             y_mean = y.mean((0, 2, 3), dtype=acc)
         centre = y_mean.to(y.dtype).to(acc)
         pcoef = _dbn_prologue_coefs(coef_y.to(acc), centre, dy.dtype)
-        precision = _input_precision(dy.dtype)
         if precision == "tf32":  # the MMA reads tf32's bits of W too: E must cancel the
             # fill times the W the MMA reads (else up to 2^-10 of it per missed tap), so
             # the kernel and E both take W cut to them (a copy, once per call)
@@ -1589,7 +1591,7 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
                   HAS_BIAS=False, HAS_RESIDUAL=dbn, EPILOGUE_RELU=False, STATS=False,
                   DRELU=drelu, PERSISTENT=False, FLATTEN=False, Y_TMA=0,
                   ACC_FP64=acc == torch.float64,
-                  INPUT_PRECISION=_input_precision(dy.dtype))
+                  INPUT_PRECISION=precision)
 
     def grid(meta):
         return (triton.cdiv(gm, meta["BLOCK_M"]) * triton.cdiv(gn, meta["BLOCK_N"]), phases)
@@ -1718,8 +1720,9 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
     The A operand is ``dy`` (with the dBN prologue ``dy + y*coef_y + coef_c`` when ``y``
     is given; for fp32 / fp64 operands centred on ``y_mean``, y's per-channel mean,
     computed here when not given: ``(dy + coef_c + y_mean*coef_y) + (y - y_mean)*coef_y``,
-    so that large means of y and dy cancel before the FMA), the B operand the im2col of ``x`` (with ``relu(x*scale + shift)``
-    recomputed when ``scale`` is given; padded taps are 0 after it). The reduction over
+    so that large means of y and dy cancel before the FMA), the B operand the im2col of
+    ``x`` (with ``relu(x*scale + shift)`` recomputed when ``scale`` is given; padded taps
+    are 0 after it). The reduction over
     the N*P*Q output pixels walks boxes of the output (TILE_N images x TILE_H x TILE_W =
     BLOCK_K pixels; a 1x1 stride-1 conv is one long row of N*H*W pixels), split over a
     grid axis into an fp32 (fp64) workspace summed in a fixed order. On sm_90 dy, y and
