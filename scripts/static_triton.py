@@ -364,6 +364,7 @@ def analyse(fn, ptrs, consts, num_warps, num_stages=3, *, kernel, variant, dtype
     file prefix under which the TTGIR, PTX, SASS and the hot loop's SASS are written."""
     cfg = ", ".join(f"{k}={v}" for k, v in consts.items() if k.startswith(("BLOCK", "GROUP")))
     cfg += f", warps={num_warps}" + (f", stages={num_stages}" if not memory_bound else "")
+    cfg += ", coefficients once" if consts.get("PCOEF_ONCE") else ""
     res = Result(kernel, variant, dtype, cfg, memory_bound)
     t0 = time.time()
     try:
@@ -606,6 +607,27 @@ def _configs_at(kc, shapes, **kw):
     return out
 
 
+def _fwd_rows(kc, variants, itemsize):
+    """(variant, switches, config, PCOEF_ONCE) of every ``_conv_kernel`` row: each variant's
+    configs at its ResNet-50 shapes, and with a prologue, again with the coefficients
+    loaded once where the reduction channels are one K tile in every config (as
+    ``_pcoef_once`` decides at launch: dgrad's dBN prologue at C_out 64 in 16-bit)."""
+    for name, sw in variants.items():
+        stem = not sw.get("TAP_LOOP", True)
+        shapes = FWD_C_OUT.get(name) or DGRAD_CHANNELS.get(name) or (None,)
+        kw = dict(stem=stem, transposed=sw.get("TRANSPOSED", False),
+                  fused=bool(sw.get("PROLOGUE") or sw.get("DRELU")), itemsize=itemsize,
+                  residual=sw.get("HAS_RESIDUAL", False),
+                  strided=sw.get("A_TMA") == 3 or (sw.get("TRANSPOSED") and " s2 " in name),
+                  a_tma=bool(sw.get("A_TMA")))
+        for cfg in _configs_at(kc, shapes, **kw):
+            yield name, sw, cfg, False
+        once = [c for c in DGRAD_CHANNELS.get(name, ()) if sw.get("PROLOGUE") == 2
+                and kc._pcoef_once(True, True, c[1], kc.conv_configs(gemm_n=c[0],
+                                                                      channels=c[1], **kw))]
+        yield from ((name, sw, cfg, True) for cfg in _configs_at(kc, once, **kw) if once)
+
+
 def conv_specs(quick: bool):
     """Every conv kernel mode ResNet-50 training and inference use, each config."""
     kc = _load("conv")
@@ -613,7 +635,7 @@ def conv_specs(quick: bool):
     dtypes = {"bf16": "ieee", "fp16": "ieee", "fp32": "tf32"}
     off = dict(HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False,
                DRELU=False, ACC_FP64=False, TRANSPOSED=False, TAP_LOOP=True, PROLOGUE=0,
-               W_TMA=True, A_TMA=0, TILE_H=1, TILE_W=1)
+               W_TMA=True, A_TMA=0, TILE_H=1, TILE_W=1, PCOEF_ONCE=False)
     gemm1x1 = dict(A_TMA=1, R=1, S=1, STRIDE_H=1, STRIDE_W=1)  # the JIT pins 1s
     # 3x3 stride 1 at 56x56: boxes of 1 image x 2 rows x 64 columns (kernels/conv.py)
     boxes = dict(A_TMA=2, TILE_H=2, TILE_W=64, STRIDE_H=1, STRIDE_W=1)
@@ -689,47 +711,40 @@ def conv_specs(quick: bool):
                 "*default": "*fp32"}
         fwd_ptrs = ptrs  # the BN-ReLU prologue's scale/shift: fp32, as the BN makes them
         unit = dict(sxc=1, swi=1, syc=1, src=1, sec=1)  # channels_last, KRSC
-        for name, sw in fwd.items():
-            stem = not sw.get("TAP_LOOP", True)
-            shapes = FWD_C_OUT.get(name) or DGRAD_CHANNELS.get(name) or (None,)
-            strided = sw.get("A_TMA") == 3 or (sw.get("TRANSPOSED") and " s2 " in name)
-            for cfg in _configs_at(kc, shapes, stem=stem,
-                                   transposed=sw.get("TRANSPOSED", False),
-                                   fused=bool(sw.get("PROLOGUE") or sw.get("DRELU")),
-                                   itemsize=4 if dt == "fp32" else 2,
-                                   residual=sw.get("HAS_RESIDUAL", False),
-                                   strided=strided, a_tma=bool(sw.get("A_TMA"))):
-                consts = dict(off, **sw, INPUT_PRECISION=prec, **unit, **cfg.kwargs)
-                # as conv_fwd launches it: the forward without a prologue is persistent
-                consts["PERSISTENT"] = not consts["TRANSPOSED"] and not consts["PROLOGUE"]
-                consts["FLATTEN"] = consts["PERSISTENT"] and kc.flatten_tiles(
-                    consts["A_TMA"], consts["HAS_RESIDUAL"])
-                # and the output by TMA where A is (Y as [M, C_out] or boxes of [N, P, Q, C])
-                consts["Y_TMA"] = 0 if consts["TRANSPOSED"] else min(consts["A_TMA"], 2)
-                bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-                th, tw = consts["TILE_H"], consts["TILE_W"]
-                x_box = {0: act, 1: f"tensordesc<{dt}[{bm}, {bk}]>",
-                         2: f"tensordesc<{dt}[{bm // (th * tw)}, {th}, {tw}, {bk}]>",
-                         3: f"tensordesc<{dt}[{bm // (th * tw)}, {th}, 1, {tw}, {bk}]>"}
-                base = ptrs if sw.get("TRANSPOSED") else fwd_ptrs
-                if consts["PROLOGUE"] == 2:  # E, the dBN constant's part of dx: fp32; the
-                    # coefficients: bf16 rows (centre, hi, lo) for the packed bf16 math, else
-                    # fp32 (coef_y, centre) pairs (kernels/conv.py conv_dgrad)
-                    base = dict(base, RES_ptr="*fp32",
-                                PCOEF_ptr="*bf16" if dt == "bf16" else "*fp32")
-                w_box = f"[{bk}, {bn}]" if sw.get("TRANSPOSED") else f"[{bn}, {bk}]"
-                kptrs = dict(base, W_desc=f"tensordesc<{dt}{w_box}>" if consts["W_TMA"]
-                             else act, X_desc=x_box[consts["A_TMA"]],
-                             PY_desc=x_box[consts["A_TMA"]] if consts["PROLOGUE"] == 2
-                             else act,
-                             Y_desc={0: act, 1: f"tensordesc<{dt}[{bm}, {bn}]>",
-                                     2: f"tensordesc<{dt}[{bm // (th * tw)}, {th}, {tw}, "
-                                        f"{bn}]>"}[consts["Y_TMA"]])
-                if sw.get("TRANSPOSED"):  # the weight read as [CI, R, S, CO]: CO is unit
-                    consts.update(swi=None, swo=1)
-                    consts = {k: v for k, v in consts.items() if v is not None}
-                specs.append((kc._conv_kernel, kptrs, consts, cfg.num_warps, cfg.num_stages,
-                              dict(kernel="conv", variant=name, dtype=dt, memory_bound=False)))
+        itemsize = 4 if dt == "fp32" else 2
+        for name, sw, cfg, once in _fwd_rows(kc, fwd, itemsize):
+            consts = dict(off, **sw, INPUT_PRECISION=prec, **unit, **cfg.kwargs,
+                          PCOEF_ONCE=once)
+            # as conv_fwd launches it: the forward without a prologue is persistent
+            consts["PERSISTENT"] = not consts["TRANSPOSED"] and not consts["PROLOGUE"]
+            consts["FLATTEN"] = consts["PERSISTENT"] and kc.flatten_tiles(
+                consts["A_TMA"], consts["HAS_RESIDUAL"])
+            # and the output by TMA where A is (Y as [M, C_out] or boxes of [N, P, Q, C])
+            consts["Y_TMA"] = 0 if consts["TRANSPOSED"] else min(consts["A_TMA"], 2)
+            bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            th, tw = consts["TILE_H"], consts["TILE_W"]
+            x_box = {0: act, 1: f"tensordesc<{dt}[{bm}, {bk}]>",
+                     2: f"tensordesc<{dt}[{bm // (th * tw)}, {th}, {tw}, {bk}]>",
+                     3: f"tensordesc<{dt}[{bm // (th * tw)}, {th}, 1, {tw}, {bk}]>"}
+            base = ptrs if sw.get("TRANSPOSED") else fwd_ptrs
+            if consts["PROLOGUE"] == 2:  # E, the dBN constant's part of dx: fp32; the
+                # coefficients: bf16 rows (centre, hi, lo) for the packed bf16 math, else
+                # fp32 (coef_y, centre) pairs (kernels/conv.py conv_dgrad)
+                base = dict(base, RES_ptr="*fp32",
+                            PCOEF_ptr="*bf16" if dt == "bf16" else "*fp32")
+            w_box = f"[{bk}, {bn}]" if sw.get("TRANSPOSED") else f"[{bn}, {bk}]"
+            kptrs = dict(base, W_desc=f"tensordesc<{dt}{w_box}>" if consts["W_TMA"]
+                         else act, X_desc=x_box[consts["A_TMA"]],
+                         PY_desc=x_box[consts["A_TMA"]] if consts["PROLOGUE"] == 2
+                         else act,
+                         Y_desc={0: act, 1: f"tensordesc<{dt}[{bm}, {bn}]>",
+                                 2: f"tensordesc<{dt}[{bm // (th * tw)}, {th}, {tw}, "
+                                    f"{bn}]>"}[consts["Y_TMA"]])
+            if sw.get("TRANSPOSED"):  # the weight read as [CI, R, S, CO]: CO is unit
+                consts.update(swi=None, swo=1)
+                consts = {k: v for k, v in consts.items() if v is not None}
+            specs.append((kc._conv_kernel, kptrs, consts, cfg.num_warps, cfg.num_stages,
+                          dict(kernel="conv", variant=name, dtype=dt, memory_bound=False)))
         for name, (sw, co, ci) in wgrad.items():
             for cfg in kc.wgrad_configs(stem=not sw["TAP_N"],
                                         fused=sw["DBN"] or sw["PROLOGUE"], gemm_m=co,

@@ -1093,7 +1093,7 @@ def build(fn, dt, consts, warps=4, stages=3, arch=90):
 tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, ACC_FP64=False)
 off = dict(HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False, STATS=False, DRELU=False,
            W_TMA=False, A_TMA=False, PERSISTENT=False, FLATTEN=False, Y_TMA=0, TILE_H=1,
-           TILE_W=1)
+           TILE_W=1, PCOEF_ONCE=False)
 for dt, prec in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32")):
     base = dict(tiles, INPUT_PRECISION=prec)
     build(K._conv_kernel, dt, {**base, **off, "TRANSPOSED": False, "TAP_LOOP": True,
@@ -1206,7 +1206,7 @@ def front_end(fn, consts, descs):
 
 tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, ACC_FP64=False,
              INPUT_PRECISION="ieee", HAS_BIAS=False, HAS_RESIDUAL=False, EPILOGUE_RELU=False,
-             PERSISTENT=False, FLATTEN=False, TAP_LOOP=True, W_TMA=False)
+             PERSISTENT=False, FLATTEN=False, TAP_LOOP=True, W_TMA=False, PCOEF_ONCE=False)
 box4, box5 = "tensordesc<fp16[1, 8, 16, 64]>", "tensordesc<fp16[1, 8, 1, 16, 64]>"
 modes = {  # the modes whose prologue builds a padding mask from the image sides
     "fwd bn-relu prologue, boxes": (dict(tiles, TRANSPOSED=False, A_TMA=2, PROLOGUE=1,

@@ -517,14 +517,21 @@ def test_dgrad_dbn_fill_cancelled_exactly(case, dtype):
     assert dx.double().abs().max().item() <= 4e-6 * scale
 
 
+@pytest.mark.parametrize("c", [64, K._INTERPRETER_TILE[2]],
+                         ids=["coefficients per K step", "coefficients once"])
 @pytest.mark.parametrize("dtype", [torch.float16] + BF16_ON_CUDA)
 @pytest.mark.parametrize("st", [1, 2])
-def test_dgrad_dbn_centres_a_large_mean(monkeypatch, st, dtype):
+def test_dgrad_dbn_centres_a_large_mean(monkeypatch, st, dtype, c):
     """y's mean 20-30x its spread and dy correlated with y (a large dBN y-term): the fused
     dgrad's dx is within 2x the error of rounding dy_total once (the materialised pass),
     against float64 of the same 16-bit inputs. Centring y on its mean keeps the mean out
-    of the rounded operand; uncentred (``y_mean`` = 0) this was 12-37x in fp16."""
-    n, c, h, k = 2, 64, 6, 3
+    of the rounded operand; uncentred (``y_mean`` = 0) this was 12-37x in fp16. With C_out
+    one K tile (the interpreter's 16) the kernel loads the coefficients once
+    (``PCOEF_ONCE``), which a wrong channel in that load fails."""
+    launches = []
+    launch = K._launch
+    monkeypatch.setattr(K, "_launch", lambda *a: launches.append(a[4]) or launch(*a))
+    n, h, k = 2, 6, 3
     g = torch.Generator().manual_seed(11)
     f64, cl = torch.float64, torch.channels_last
     wt = torch.randn(c, c, k, k, generator=g, dtype=f64) / (c * k * k) ** 0.5
@@ -555,6 +562,8 @@ def test_dgrad_dbn_centres_a_large_mean(monkeypatch, st, dtype):
             return ((t.double().cpu() - ref).norm() / ref.norm()).item()
 
         assert err(dx) <= 2 * err(once), (mean_over_std, corr, err(dx), err(once))
+    if DEVICE == "cpu":  # the interpreter's tile; a GPU's configs decide for themselves
+        assert {kw["PCOEF_ONCE"] for kw in launches} == {c == K._INTERPRETER_TILE[2]}
 
 
 def _bf16_operand(dy, y, pcoef):
@@ -704,6 +713,8 @@ def test_dgrad_launcher_offers_the_wide_k_tile(monkeypatch, what):
     assert (WIDE in tiles) == (what in ("c_out 256", "stride 2")), (what, tiles)
     assert (WIDE_8 in tiles) == (what in ("c_out 256", "stride 2")), (what, tiles)
     assert seen["kwargs"]["A_TMA"] == (0 if what == "sparse dy" else 2)
+    # the coefficients loaded once where every config's K tile is C_out's 64 channels
+    assert seen["kwargs"]["PCOEF_ONCE"] == (what == "c_out 64"), what
     if what not in ("c_out 256", "stride 2"):
         return
     names = K._conv_kernel.arg_names

@@ -397,7 +397,11 @@ BACKWARD_GAPS = {
         "and the three coefficient rows, the fragment moves and y's box: ~190 SASS per K "
         "step spread over the 4 HGMMA of a warp (the 4-warp 128x64 tile's 8 HGMMA: 39.5; "
         "the 8-warp wide-K tile's, BLOCK_K 128: 39.9, 3.6: 43.2; 128x128 at 4 warps "
-        "spills). Kept for C_out 64, which has no wide-K tile"),
+        "spills). Kept for C_out 64, which has no wide-K tile; there the coefficients are "
+        "loaded once (PCOEF_ONCE): 51.8 (3.6: 53.5), the box issue, barriers and fragment "
+        "moves remain. Per unit of MMA work it issues fewer SASS than the 4-warp 128x64 "
+        "tile that meets the bar (8 warps x 239 per 128x128x64 against 4 x 316 per "
+        "128x64x64), whose HGMMA are half as wide"),
     "dgrad s2 (TMA boxes of a phase) dBN prologue + dReLU epilogue": (
         DBN_8_WARP_TILE,
         "the 128x128 tile at 8 warps: 60.0 SASS per HGMMA > 48 (3.6: 61.2), the dBN "
