@@ -711,6 +711,7 @@ def _conv_wgrad_kernel(
     FLATTEN: tl.constexpr,  # the item and pixel loops fused into one pipelined loop
     ACC_FP64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    SWAP_AB: tl.constexpr,  # the MMA as dW^T = x'^T dy': dy' (the dBN prologue) is its B
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -778,7 +779,10 @@ def _conv_wgrad_kernel(
             cc = tl.load(DCC_ptr + offs_co, mask=co_ok, other=0.0).to(cdt)
             if op_t == tl.float32 or ACC_FP64:
                 centre = tl.load(DCEN_ptr + offs_co, mask=co_ok, other=0.0).to(cdt)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=cdt)
+        if SWAP_AB:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=cdt)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=cdt)
         t_begin = pid_k * TILES_PER_SPLIT
         if FLATTEN:
             n_steps = TILES_PER_SPLIT
@@ -844,7 +848,15 @@ def _conv_wgrad_kernel(
                     b = tl.where(b_ok, v, 0.0).to(op_t)
             else:
                 b = b.to(op_t)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+            if SWAP_AB:  # the prologue'd dy' as wgmma's B, which every row of the
+                # MMA shares: with BLOCK_N 256 (C_in >= 256) two warpgroups of 128 MMA rows
+                # spread its per-K-step prologue over 8 HGMMA per warp, where dy' as A is
+                # computed per warpgroup (sm_90a, bf16, 3x3 s1, dBN alone: 98.2 SASS per
+                # HGMMA at 128x128 -> 45.4 swapped at 128x256; scripts/static_triton.py)
+                acc = tl.dot(b.T, a.T, acc, input_precision=INPUT_PRECISION,
+                             out_dtype=acc.dtype)
+            else:
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
             # next pixel tile: column, then row, then image (counters, no division)
             tw0 += TILE_W
             next_row = tw0 >= OW
@@ -855,7 +867,10 @@ def _conv_wgrad_kernel(
             tn0 = tl.where(next_img, tn0 + tile_n, tn0)
         off = (pid_k.to(tl.int64) * GEMM_M * GEMM_N + offs_co[:, None].to(tl.int64) * GEMM_N
                + offs_j[None, :])
-        tl.store(DW_ptr + off, acc, mask=co_ok[:, None] & j_ok[None, :])
+        if SWAP_AB:
+            tl.store(DW_ptr + off, acc.T, mask=co_ok[:, None] & j_ok[None, :])
+        else:
+            tl.store(DW_ptr + off, acc, mask=co_ok[:, None] & j_ok[None, :])
 
 
     # --------------------------------------------------------------------------------------
@@ -912,7 +927,8 @@ _WGRAD_TILES = {
     "plain": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
               (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 3)],
     "fused": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
-              (64, 64, 64, 4, 3), (128, 128, 32, 8, 2)],
+              (64, 64, 64, 4, 3), (128, 128, 32, 8, 2), (128, 256, 64, 8, 3),
+              (256, 128, 64, 8, 3)],
     "stem": [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 64, 32, 4, 3)],
 }
 _INTERPRETER_TILE = (32, 32, 16, 4, 1)
@@ -1097,27 +1113,45 @@ def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsiz
     return _configs(_in_budget(tiles, itemsize, budget))
 
 
-def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused):
+def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused, dbn=False):
+    """Shape pruning of wgrad's tiles. The prologues' 256-wide tiles put 256 rows of the
+    MMA on the operand that has no prologue, so that the prologue'd one, wgmma's B, is
+    shared by two warpgroups of 128 rows (8 HGMMA per warp per K step): 256 output
+    channels (BLOCK_M) for the BN-ReLU prologue alone (x is B); 256 (tap, C_in) columns
+    (BLOCK_N) with the dBN prologue (``SWAP_AB``: dy' is B), 16-bit. Static, sm_90a, bf16,
+    3x3 s1 (triton 3.8): BN-ReLU alone 60.2 SASS per HGMMA at 128x128 -> 32.1 at 256x128;
+    dBN alone 98.2 -> 45.4 at 128x256 swapped; both 81.0 (123.2 unswapped at 128x128)."""
     m, n, k = tile[:3]
     if k * itemsize != 128:
         return False
     if gemm_m is not None and (m == 64) != (gemm_m <= 64):
         return False
+    if m > 128 and not (fused and not dbn and (gemm_m is None or gemm_m >= 256)):
+        return False
+    if n > 128 and fused and not (dbn and itemsize == 2):
+        return False
     if stem or channels is None:
         return True
-    return (n == 64) == (channels <= 64) and (n <= 128 or (channels >= 256 and not fused))
+    return (n == 64) == (channels <= 64) and (n <= 128 or channels >= 256)
+
+
+def _wgrad_swap(dbn, x) -> bool:
+    """``SWAP_AB``: wgrad's MMA with dy' as its B where the dBN prologue makes dy', in
+    16-bit (wgmma reads a transposed shared-memory operand, x's box as A, only in 16-bit;
+    TF32 keeps dy' as A)."""
+    return bool(dbn) and x.element_size() == 2
 
 
 def wgrad_configs(stem=False, fused=False, gemm_m=None, channels=None, itemsize=2,
-                  budget=_SMEM_BUDGET):
+                  budget=_SMEM_BUDGET, dbn=False):
     """The configs autotuned for one mode of ``_conv_wgrad_kernel`` (``stem``: flat N
-    tiles; ``fused``: the dBN or BN-ReLU prologue), pruned to C_out (``gemm_m``), C_in
-    (``channels``) and the element size (BLOCK_K 64 pixels in 16-bit, 32 in fp32; the
-    first is deterministic mode's config)."""
+    tiles; ``fused``: the dBN or BN-ReLU prologue, ``dbn``: the dBN one among them),
+    pruned to C_out (``gemm_m``), C_in (``channels``) and the element size (BLOCK_K 64
+    pixels in 16-bit, 32 in fp32; the first is deterministic mode's config)."""
     if INTERPRET:
         return _configs([_INTERPRETER_TILE], group_m=False, pre_hook=_wgrad_tma_blocks)
     tiles = _WGRAD_TILES[_mode(stem, fused)]
-    fit = [t for t in tiles if _wgrad_fits(t, gemm_m, channels, itemsize, stem, fused)]
+    fit = [t for t in tiles if _wgrad_fits(t, gemm_m, channels, itemsize, stem, fused, dbn)]
     if not fit:  # the 128-byte rule alone
         fit = [t for t in tiles if t[2] * itemsize == 128][:1] or tiles[-1:]
     return _configs(_in_budget(fit, itemsize, budget), group_m=False,
@@ -1151,7 +1185,8 @@ def _wgrad_prune(configs, nargs, **kw):
     want = {_key(c) for c in wgrad_configs(not kw["TAP_N"], bool(kw["DBN"] or kw["PROLOGUE"]),
                                            nargs["GEMM_M"], nargs["CI"],
                                            nargs["X_ptr"].element_size(),
-                                           smem_budget(nargs["X_ptr"].device))}
+                                           smem_budget(nargs["X_ptr"].device),
+                                           dbn=bool(kw["DBN"]))}
     return [c for c in configs if _key(c) in want]
 
 
@@ -1769,7 +1804,7 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
     # tap-major N tiles when the channels fill the smallest BLOCK_N (correct for any C)
     tap_n = ci % (_INTERPRETER_TILE[1] if INTERPRET else 64) == 0
     configs = wgrad_configs(stem=not tap_n, fused=dbn or prologue, gemm_m=co, channels=ci,
-                            itemsize=x.element_size(), budget=smem_budget(x.device))
+                            itemsize=x.element_size(), budget=smem_budget(x.device), dbn=dbn)
     block_k = configs[0].kwargs["BLOCK_K"]
     dyv, xv = dy.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)
     py = y if dbn else dy
@@ -1830,7 +1865,7 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
             *d_str, *x_str, *p_str, shp["n"], gm, gn, tiles_per_split)
     kwargs = dict(TAP_N=tap_n, TMA=tma, TILE_H=tile_h, TILE_W=tile_w, DBN=dbn,
                   PROLOGUE=prologue, FLATTEN=FLATTEN_WGRAD, ACC_FP64=acc == torch.float64,
-                  INPUT_PRECISION=_input_precision(x.dtype))
+                  INPUT_PRECISION=_input_precision(x.dtype), SWAP_AB=_wgrad_swap(dbn, x))
 
     def grid(meta):  # persistent: at most one program per SM over (tile, split) items
         n_tiles = (r * s * triton.cdiv(ci, meta["BLOCK_N"]) if tap_n

@@ -748,9 +748,11 @@ def conv_specs(quick: bool):
         for name, (sw, co, ci) in wgrad.items():
             for cfg in kc.wgrad_configs(stem=not sw["TAP_N"],
                                         fused=sw["DBN"] or sw["PROLOGUE"], gemm_m=co,
-                                        channels=ci, itemsize=4 if dt == "fp32" else 2):
+                                        channels=ci, itemsize=4 if dt == "fp32" else 2,
+                                        dbn=sw["DBN"]):
                 consts = dict(sw, ACC_FP64=False, INPUT_PRECISION=prec, sdc=1, sxc=1, spc=1,
-                              FLATTEN=kc.FLATTEN_WGRAD, **cfg.kwargs)
+                              FLATTEN=kc.FLATTEN_WGRAD, **cfg.kwargs,
+                              SWAP_AB=bool(sw["DBN"]) and dt != "fp32")  # as conv_wgrad
                 consts = {k: v for k, v in consts.items() if v is not None}
                 bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 tw = min(sw["TILE_W"], bk)  # fp32: 32-pixel boxes

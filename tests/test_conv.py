@@ -1116,18 +1116,19 @@ for dt, prec in (("fp16", "ieee"), ("bf16", "ieee"), ("fp32", "tf32")):
                                "PROLOGUE": 2, "DRELU": True}, 8)
     build(K._conv_wgrad_kernel, dt, dict(TAP_N=True, DBN=True, PROLOGUE=True, ACC_FP64=False,
                                          INPUT_PRECISION=prec, TMA=0, TILE_H=8, TILE_W=8,
-                                         FLATTEN=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64))
+                                         FLATTEN=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
+                                         SWAP_AB=dt != "fp32"))
 build(K._conv_wgrad_kernel, "fp16", dict(TAP_N=False, DBN=False, PROLOGUE=False,
                                          ACC_FP64=False, INPUT_PRECISION="ieee", TMA=0,
                                          TILE_H=8, TILE_W=8, FLATTEN=False, BLOCK_M=64,
-                                         BLOCK_N=64, BLOCK_K=64))
+                                         BLOCK_N=64, BLOCK_K=64, SWAP_AB=False))
 # sm_80 (no TMA): the pointer paths, persistent forward and the pixel-box wgrad walk
 build(K._conv_kernel, "bf16", {**tiles, **off, "INPUT_PRECISION": "ieee", "TRANSPOSED": False,
                                "TAP_LOOP": True, "PROLOGUE": 0, "PERSISTENT": True}, 8, 4, 80)
 build(K._conv_wgrad_kernel, "bf16", dict(TAP_N=True, DBN=True, PROLOGUE=True, ACC_FP64=False,
                                          INPUT_PRECISION="ieee", TMA=0, TILE_H=8, TILE_W=8,
                                          FLATTEN=False, BLOCK_M=128, BLOCK_N=128,
-                                         BLOCK_K=64), 8, 3, 80)
+                                         BLOCK_K=64, SWAP_AB=True), 8, 3, 80)
 for final in (False, True):
     build(K._stats_merge_kernel, "fp32", dict(HAS_COUNT=final, FINAL=final, ACC_FP64=False,
                                               BLOCK_T=64, BLOCK_C=64))

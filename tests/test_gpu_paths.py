@@ -258,8 +258,8 @@ def test_dgrad_autotunes_every_offered_config(gpu, case):
         _close(sum_gy, (g * y_prev.double()).sum((0, 2, 3)), 4e-3)
 
 
-# (name, N, C_in, H=W, C_out, kernel, stride, padding, dBN + BN-ReLU prologues, device,
-#  TMA expected)
+# (name, N, C_in, H=W, C_out, kernel, stride, padding, prologues (False, "dbn", "bn_relu",
+#  "both"), device, TMA expected)
 WGRAD_CASES = [
     ("3x3s1", 2, 256, 6, 128, 3, 1, 1, False, "sm_90", 2),  # 128x128 and 128x256
     ("3x3s2_sm80", 2, 256, 8, 128, 3, 2, 1, False, "sm_80", 0),  # the same, fewer stages
@@ -271,7 +271,12 @@ WGRAD_CASES = [
     ("stem7x7s2", 2, 3, 12, 64, 7, 2, 3, False, "sm_90", 0),  # flat N tiles (C_in 3)
     ("stem7x7s2_co128", 2, 3, 12, 128, 7, 2, 3, False, "sm_90", 0),
     # dy + y*coef_y + coef_c and relu(x*scale + shift) recomputed while loading
-    ("3x3s1_dbn_prologue", 2, 128, 6, 128, 3, 1, 1, True, "sm_90", 2),
+    ("3x3s1_dbn_prologue", 2, 128, 6, 128, 3, 1, 1, "both", "sm_90", 2),
+    # the prologues' 256-wide tiles: dBN (dy' as wgmma's B, SWAP_AB) 128x256 at C_in 256,
+    # alone and with BN-ReLU; BN-ReLU alone 256x128 at C_out 256
+    ("3x3s1_dbn_ci256", 2, 256, 6, 128, 3, 1, 1, "dbn", "sm_90", 2),
+    ("3x3s1_both_ci256", 2, 256, 6, 128, 3, 1, 1, "both", "sm_90", 2),
+    ("1x1s1_bn_relu_co256", 2, 128, 6, 256, 1, 1, 0, "bn_relu", "sm_90", 2),
 ]
 
 
@@ -284,14 +289,16 @@ def test_wgrad_autotunes_every_offered_config(gpu, case):
     p = (h + 2 * pd - k) // st + 1
     dy, x = _cl(_rand(n, co, p, p, seed=13)), _cl(_rand(n, ci, h, h, seed=14))
     total, a, kw = dy.double(), x.double(), {}
-    if fused:  # the dBN and BN-ReLU prologues
+    if fused in ("dbn", "both"):  # dy + y*coef_y + coef_c
         y = _cl(_rand(n, co, p, p, seed=15))
         cy, cc = _rand(co, seed=16).float() * 0.1, _rand(co, seed=17).float() * 0.1
-        scale, shift = _rand(ci, seed=18).float(), _rand(ci, seed=19).float() * 0.3
         view = (1, -1, 1, 1)
         total = total + y.double() * cy.double().view(view) + cc.double().view(view)
+        kw.update(y=y, coef_y=cy, coef_c=cc)
+    if fused in ("bn_relu", "both"):  # relu(x*scale + shift) recomputed
+        scale, shift = _rand(ci, seed=18).float(), _rand(ci, seed=19).float() * 0.3
         a = _bn_relu(x, scale, shift).double()
-        kw = dict(y=y, coef_y=cy, coef_c=cc, scale=scale, shift=shift)
+        kw.update(scale=scale, shift=shift)
     ref = torch.nn.grad.conv2d_weight(a, (co, ci, k, k), total, st, pd)
 
     def check(nargs):  # [splits, C_out, R*S*C_in] partials, summed as the launcher does
@@ -302,6 +309,10 @@ def test_wgrad_autotunes_every_offered_config(gpu, case):
     dw = _autotuned_twice(record, lambda: K.conv_wgrad(dy, x, (co, ci, k, k), st, pd, **kw),
                           tma)
     _close(dw, ref, 4e-3)
+    wide = {"dbn": (128, 256), "both": (128, 256), "bn_relu": (256, 128)}.get(fused)
+    if wide and "256" in case[0]:  # the prologue's 256-wide tile is offered, and ran
+        assert wide in {t[:2] for t in record["offered"]}, record["offered"]
+    assert record["kwargs"]["SWAP_AB"] == (fused in ("dbn", "both") and DT != torch.float32)
 
 
 # --------------------------------------------------------------------------------------
