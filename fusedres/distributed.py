@@ -2,9 +2,9 @@
 
 Forward: each rank computes its per-channel (count, mean, M2) with the backend's stats
 kernel; ONE ``all_gather`` exchanges them and every rank merges them the same way
-(Chan's formula, in rank order: deterministic, exact for uneven batches, a rank with an
-empty batch contributes count 0). The fused apply kernel then runs with the global
-statistics. Backward: the backend's reduction kernel computes sum(g) and
+(Chan's formula in float64, in rank order: deterministic, exact for uneven batches, a
+rank with an empty batch contributes count 0). The fused apply kernel then runs with the
+global statistics. Backward: the backend's reduction kernel computes sum(g) and
 sum(g*(x-mean)); ONE ``all_reduce`` sums them for the input gradient, while the weight
 and bias gradients stay local (DDP averages them across ranks, as with
 ``nn.SyncBatchNorm``). Running statistics are updated from the global statistics.
@@ -45,7 +45,13 @@ def _local_stats(prims, x3, channels_last):
 
 
 def merge_stats(gathered: torch.Tensor):
-    """Chan's merge of (W, 3, C) per-rank (count, mean, M2), in rank order."""
+    """Chan's merge of (W, 3, C) per-rank (count, mean, M2), in rank order, in float64;
+    (count, mean, M2) in ``gathered``'s dtype. In fp32 each step rounded the running mean
+    at its magnitude and the between-rank term ``delta**2`` took that rounding: at mean
+    1e3, ranks' means 1e-2 apart, the variance was 6e3-1.8e4 fp32 units off
+    (tests/test_distributed.py::test_merge_stats_large_mean)."""
+    dtype = gathered.dtype
+    gathered = gathered.to(torch.float64)
     count, mean, m2 = gathered[0, 0], gathered[0, 1], gathered[0, 2]
     for k in range(1, gathered.shape[0]):
         nb, mb, m2b = gathered[k, 0], gathered[k, 1], gathered[k, 2]
@@ -55,7 +61,7 @@ def merge_stats(gathered: torch.Tensor):
         mean = mean + delta * nb / safe
         m2 = m2 + m2b + delta * delta * count * nb / safe
         count = total
-    return count, mean, m2
+    return count.to(dtype), mean.to(dtype), m2.to(dtype)
 
 
 class SyncBatchNormAct(torch.autograd.Function):

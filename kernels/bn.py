@@ -424,7 +424,7 @@ def _bn_stats_partial_kernel(
     X2_ptr,  # (N, C, S) second input, any strides (read if HAS_X2)
     stride_x2n, stride_x2c, stride_x2s,  # strides of X2
     CNT_ptr,  # (C, P) acc dtype: element count of each chunk
-    MEAN_ptr,  # (C, P) acc dtype: mean of each chunk, less the pivot x[0, c, 0] (PIVOT)
+    MEAN_ptr,  # (C, P) acc dtype: mean of each chunk, less the pivot x[0, c, 0]
     M2_ptr,  # (C, P) acc dtype: sum of squared deviations of each chunk
     MEAN2_ptr,  # (C, P) acc dtype: the same of X2 (HAS_X2; the counts are X's)
     M22_ptr,  # (C, P) acc dtype (HAS_X2)
@@ -435,7 +435,6 @@ def _bn_stats_partial_kernel(
     S_CHUNK,  # spatial positions per chunk
     NUM_S_CHUNKS,  # ceil(S / S_CHUNK)
     HAS_X2: tl.constexpr,  # statistics of X2 in the same pass (a projection shortcut)
-    PIVOT: tl.constexpr,  # statistics of x - x[0, c, 0] (32/64-bit inputs, see below)
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_C: tl.constexpr,  # channels per program
     BLOCK_S: tl.constexpr,  # spatial positions per tile
@@ -445,15 +444,14 @@ def _bn_stats_partial_kernel(
         pid, N, S, C, N_CHUNK, S_CHUNK, NUM_S_CHUNKS, BLOCK_C)
     valid_c = offs_c < C
     c64 = offs_c.to(tl.int64)
-    # PIVOT: statistics of x - x[0, c, 0] (the finalize adds the pivot back): at a large
-    # mean with a small spread the deviations are then exact, not rounded at the mean's
-    # magnitude. Only for fp32/fp64 inputs, where that rounding exceeded torch's error;
-    # 16-bit inputs keep the kernel measured on the H200 (72 registers, not 91, on sm_90).
-    if PIVOT:
-        pivot = tl.load(X_ptr + c64 * stride_xc, mask=valid_c, other=0.0).to(ACC)[:, None]
-        if HAS_X2:
-            pivot2 = tl.load(X2_ptr + c64 * stride_x2c, mask=valid_c,
-                             other=0.0).to(ACC)[:, None]
+    # Statistics of x - x[0, c, 0] (the finalize adds the pivot back): at a large mean
+    # with a small spread the deviations are then exact, not rounded at the mean's
+    # magnitude. Every dtype: a 16-bit x widens exactly, so x - pivot is exact in fp32;
+    # unpivoted, fp16 at mean/std 1e3 had 95-154x torch's batch-variance error
+    # (tests/test_large_mean.py::test_triton_bn_stats_16bit).
+    pivot = tl.load(X_ptr + c64 * stride_xc, mask=valid_c, other=0.0).to(ACC)[:, None]
+    if HAS_X2:
+        pivot2 = tl.load(X2_ptr + c64 * stride_x2c, mask=valid_c, other=0.0).to(ACC)[:, None]
     # per-lane Welford: lane (c, j) sees the spatial positions s = j (mod BLOCK_S)
     cnt = tl.zeros([BLOCK_S], dtype=ACC)
     mean = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
@@ -469,15 +467,11 @@ def _bn_stats_partial_kernel(
             cnt = cnt + valid_s.to(ACC)
             inv = 1.0 / tl.maximum(cnt, 1.0)
             x = tl.load(X_ptr + n * stride_xn + c64[:, None] * stride_xc + s64 * stride_xs,
-                        mask=valid, other=0.0).to(ACC)
-            if PIVOT:
-                x -= pivot
+                        mask=valid, other=0.0).to(ACC) - pivot
             mean, m2 = _welford_step(x, valid_s[None, :], inv, mean, m2)
             if HAS_X2:
                 x2 = tl.load(X2_ptr + n * stride_x2n + c64[:, None] * stride_x2c
-                             + s64 * stride_x2s, mask=valid, other=0.0).to(ACC)
-                if PIVOT:
-                    x2 -= pivot2
+                             + s64 * stride_x2s, mask=valid, other=0.0).to(ACC) - pivot2
                 mean2, m22 = _welford_step(x2, valid_s[None, :], inv, mean2, m22)
     out = _partial_index(p, c64, N, N_CHUNK, NUM_S_CHUNKS)
     mean_c, m2_c = _merge_lanes(cnt, mean, m2)
@@ -674,8 +668,8 @@ def _bn_stats_finalize_kernel(
     CNT_ptr,  # (C, P) partial counts (not FROM_RUNNING)
     MEAN_P_ptr, M2_P_ptr,  # (C, P) partial (mean, M2) of X (not FROM_RUNNING)
     MEAN2_P_ptr, M22_P_ptr,  # (C, P) partials of X2 (HAS_X2, not FROM_RUNNING)
-    X_ptr, stride_xc,  # the statistics' input: its pivots x[0, c, 0] (PIVOT)
-    X2_ptr, stride_x2c,  # the same of X2 (HAS_X2, PIVOT)
+    X_ptr, stride_xc,  # the statistics' input: its pivots x[0, c, 0] (not FROM_RUNNING)
+    X2_ptr, stride_x2c,  # the same of X2 (HAS_X2, not FROM_RUNNING)
     P,  # number of partials
     C,  # channels
     W_ptr, B_ptr, W2_ptr, B2_ptr,  # (C,) affine parameters (HAS_W, HAS_B, HAS_W2, HAS_B2)
@@ -685,7 +679,6 @@ def _bn_stats_finalize_kernel(
     eps_hi, eps_lo,  # eps, see _exact_scalar
     HAS_X2: tl.constexpr,  # a second BN (projection shortcut)
     FROM_RUNNING: tl.constexpr,  # eval: mean/var are the running statistics
-    PIVOT: tl.constexpr,  # the partials are of x - x[0, c, 0] (_bn_stats_partial_kernel)
     SCALE_SHIFT: tl.constexpr,  # write scale, shift (_channel_affine); else only merge
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_W2: tl.constexpr, HAS_B2: tl.constexpr,
     ACC: tl.constexpr,  # accumulation dtype
@@ -704,9 +697,9 @@ def _bn_stats_finalize_kernel(
     else:
         mean, var = _merge_welford(CNT_ptr, MEAN_P_ptr, M2_P_ptr, P, C, offs_c, valid_c, ACC,
                                    BLOCK_P, BLOCK_C)
-        if PIVOT:
-            mean += tl.load(X_ptr + offs_c.to(tl.int64) * stride_xc, mask=valid_c,
-                            other=0.0).to(ACC)  # the partials' pivot
+        # the partials are of x - x[0, c, 0] (_bn_stats_partial_kernel): add the pivot
+        mean += tl.load(X_ptr + offs_c.to(tl.int64) * stride_xc, mask=valid_c,
+                        other=0.0).to(ACC)
     tl.store(MEAN_ptr + offs_c, mean, mask=valid_c)
     tl.store(VAR_ptr + offs_c, var, mask=valid_c)
     if SCALE_SHIFT:
@@ -721,9 +714,8 @@ def _bn_stats_finalize_kernel(
         else:
             mean2, var2 = _merge_welford(CNT_ptr, MEAN2_P_ptr, M22_P_ptr, P, C, offs_c,
                                          valid_c, ACC, BLOCK_P, BLOCK_C)
-            if PIVOT:
-                mean2 += tl.load(X2_ptr + offs_c.to(tl.int64) * stride_x2c, mask=valid_c,
-                                 other=0.0).to(ACC)
+            mean2 += tl.load(X2_ptr + offs_c.to(tl.int64) * stride_x2c, mask=valid_c,
+                             other=0.0).to(ACC)
         tl.store(MEAN2_ptr + offs_c, mean2, mask=valid_c)
         tl.store(VAR2_ptr + offs_c, var2, mask=valid_c)
         if SCALE_SHIFT:
@@ -1006,13 +998,8 @@ def _stats_partials(x, x2, channels_last):
             y2, y2.stride(0), y2.stride(1), y2.stride(2),
             cnt, mean_p, m2_p, mean2_p, m22_p,
             n, c, s, n_chunk, s_chunk, num_s_chunks,
-            HAS_X2=x2 is not None, PIVOT=_pivoted(x), ACC=_tl_acc(x.dtype))
+            HAS_X2=x2 is not None, ACC=_tl_acc(x.dtype))
     return num_p, cnt, mean_p, m2_p, mean2_p, m22_p
-
-
-def _pivoted(x) -> bool:
-    """Statistics on x - x[0, c, 0] (``PIVOT``): 32/64-bit inputs."""
-    return x.element_size() >= 4
 
 
 def _finalize_stats(x, partials, x2, weight, bias, weight2, bias2, running, eps, scale_shift):
@@ -1033,8 +1020,7 @@ def _finalize_stats(x, partials, x2, weight, bias, weight2, bias2, running, eps,
             cnt, mean_p, m2_p, mean2_p, m22_p, x, x.stride(1), y2, y2.stride(1), num_p, c,
             *(t if t is not None else first[0] for t in (weight, bias, weight2, bias2)),
             rm, rv, rm2, rv2, *pad(first), *pad(second), *_split(eps),
-            HAS_X2=x2 is not None, FROM_RUNNING=partials is None, PIVOT=_pivoted(x),
-            SCALE_SHIFT=scale_shift,
+            HAS_X2=x2 is not None, FROM_RUNNING=partials is None, SCALE_SHIFT=scale_shift,
             HAS_W=weight is not None, HAS_B=bias is not None,
             HAS_W2=weight2 is not None, HAS_B2=bias2 is not None, ACC=_tl_acc(x.dtype),
             BLOCK_P=_finalize_block_p(num_p))

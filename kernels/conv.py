@@ -1195,12 +1195,14 @@ def _wgrad_prune(configs, nargs, **kw):
 # its config, so two launches with one key must have one config list. The launcher sizes
 # its workspaces from its own list (the smallest BLOCK_M): the stem's 64-row tile reused
 # by a tap-loop conv of the same GEMM shape (TAP_LOOP) wrote statistics rows past them.
+# INPUT_PRECISION: an fp32 launch's "tf32" and "ieee" dots differ in speed; without it a
+# choice timed under one (and the disk store's record of it) was reused under the other.
 _CONV_KEY = ["GEMM_M", "GEMM_N", "GEMM_K", "TRANSPOSED", "TAP_LOOP", "PROLOGUE", "STATS",
              "DRELU", "HAS_RESIDUAL", "STRIDE_H", "STRIDE_W", "W_TMA", "A_TMA", "TILE_H",
-             "TILE_W", "PERSISTENT", "Y_TMA", "CI"]
+             "TILE_W", "PERSISTENT", "Y_TMA", "CI", "INPUT_PRECISION"]
 
 _WGRAD_KEY = ["GEMM_M", "GEMM_N", "BATCH", "OH", "OW", "CI", "TILES_PER_SPLIT", "TAP_N", "TMA",
-              "TILE_H", "TILE_W", "DBN", "PROLOGUE"]
+              "TILE_H", "TILE_W", "DBN", "PROLOGUE", "INPUT_PRECISION"]
 
 if INTERPRET:
     _conv_run = _conv_kernel

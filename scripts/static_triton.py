@@ -504,8 +504,7 @@ def bn_specs(quick: bool):
                     else {"stride_xs": 1, "stride_x2s": 1})
             for x2 in (False, True):
                 specs.append((bn._bn_stats_partial_kernel, ptrs,
-                              dict(ACC=acc, HAS_X2=x2, PIVOT=dt in ("fp32", "fp64"), **unit,
-                                   **cfg.kwargs), cfg.num_warps, 1,
+                              dict(ACC=acc, HAS_X2=x2, **unit, **cfg.kwargs), cfg.num_warps, 1,
                               dict(kernel="bn_stats_partial",
                                    variant=f"{layout}{' +x2' if x2 else ''}", dtype=dt,
                                    memory_bound=True, elements=tile)))
@@ -532,7 +531,7 @@ def bn_specs(quick: bool):
         for name, sw in {"train": {}, "train +x2": dict(HAS_X2=True),
                          "eval": dict(FROM_RUNNING=True)}.items():
             consts = dict(HAS_X2=False, FROM_RUNNING=False, SCALE_SHIFT=True, HAS_W=True,
-                          HAS_B=True, HAS_W2=True, HAS_B2=True, PIVOT=True, ACC=tl.float32,
+                          HAS_B=True, HAS_W2=True, HAS_B2=True, ACC=tl.float32,
                           **merge_tile)
             consts.update(sw)
             specs.append((bn._bn_stats_finalize_kernel, {"*default": "*fp32"}, consts,

@@ -1339,7 +1339,8 @@ def test_autotune_key_fixes_the_config_list(monkeypatch):
         kw = dict(TAP_LOOP=tap, TRANSPOSED=transposed,
                   PROLOGUE=(2 if transposed else 1) if fused else 0, DRELU=False,
                   HAS_RESIDUAL=residual and not transposed, STATS=True, W_TMA=False,
-                  A_TMA=0, TILE_H=1, TILE_W=1, PERSISTENT=False, Y_TMA=0)
+                  A_TMA=0, TILE_H=1, TILE_W=1, PERSISTENT=False, Y_TMA=0,
+                  INPUT_PRECISION=kconv._input_precision(dtype))
         nargs = dict(GEMM_M=4096, GEMM_N=gemm_n, GEMM_K=576, STRIDE_H=stride,
                      STRIDE_W=stride, X_ptr=torch.empty(0, dtype=dtype), CI=ci)
         launch = {**nargs, **kw}

@@ -119,6 +119,58 @@ def test_sync_without_process_group_is_an_error():
 
 
 # --------------------------------------------------------------------------------------
+# The merge of the gathered statistics at a large mean (no process group: a stacked gather)
+# --------------------------------------------------------------------------------------
+
+
+def _ranks_exact_in_fp32(world, mean, between, seed):
+    """Per-rank float64 data m_k +- a_c (C channels, 16-24 rows per rank, rank 1 empty), m_k
+    an fp32 number around ``mean`` (``between`` apart) and a_c = 2**-7 * (1 + c/8): each
+    rank's (count, mean, M2) = (n, m_k, n*a_c**2) is exact in fp32, so the gather carries
+    no rounding and the merge's own is all there is."""
+    g = torch.Generator().manual_seed(seed)
+    a = 2.0**-7 * (1 + torch.arange(C, dtype=torch.float64) / 8)
+    data, rows = [], []
+    for k in range(world):
+        n = 0 if k == 1 else 2 * (8 + k % 5)
+        m = (mean + between * torch.randn(C, generator=g, dtype=torch.float64)).float().double()
+        sign = torch.cat([torch.ones(n // 2, 1), -torch.ones(n // 2, 1)]).double()
+        data.append(m + sign * a)
+        rows.append(torch.stack([torch.full((C,), float(n), dtype=torch.float64),
+                                 m if n else torch.zeros(C, dtype=torch.float64),
+                                 n * a * a]))
+    return data, torch.stack(rows).float()
+
+
+@pytest.mark.parametrize("world,mean,between", [(64, 1e3, 1e-2), (256, 1e3, 1e-2),
+                                                (64, 20.0, 1.0)],
+                         ids=["64-1e3/1e-2", "256-1e3/1e-2", "64-20/1"])
+def test_merge_stats_large_mean(world, mean, between):
+    """fusedres.distributed.merge_stats on fp32 per-rank statistics that are exact, against
+    float64 statistics of all ranks' data: the mean within one fp32 rounding, the variance
+    (M2/count, as SyncBatchNormAct takes it) within two (now 0.2-0.3 and 0.3-0.8). Merged
+    in fp32, the running mean was rounded at its magnitude at each rank and the between-
+    rank term took it: mean 0.9-3.9 fp32 units off, variance 2.3 (20/1) to 6e3-1.8e4
+    (1e3/1e-2)."""
+    from fusedres import distributed as D
+
+    data, gathered = _ranks_exact_in_fp32(world, mean, between, 0)
+    for x, (n, m, m2) in zip(data, gathered.double()):  # the rows are the data's statistics
+        if len(x):
+            torch.testing.assert_close(x.mean(0), m, rtol=1e-15, atol=0)
+            torch.testing.assert_close(((x - m) ** 2).sum(0), m2, rtol=1e-15, atol=0)
+    count, merged_mean, m2 = D.merge_stats(gathered)
+    assert count.dtype == merged_mean.dtype == m2.dtype == torch.float32
+    var64, mean64 = torch.var_mean(torch.cat(data), 0, correction=0)
+    assert torch.equal(count.double(), torch.full((C,), float(sum(map(len, data))),
+                                                  dtype=torch.float64))
+    unit = 2.0**-24  # fp32's unit roundoff
+    err_mean = ((merged_mean.double() - mean64).norm() / mean64.norm()).item() / unit
+    err_var = (((m2 / count).double() - var64).norm() / var64.norm()).item() / unit
+    assert err_mean <= 1 and err_var <= 2, f"mean {err_mean:.2f}, var {err_var:.2f} fp32 units"
+
+
+# --------------------------------------------------------------------------------------
 # A converted model under DistributedDataParallel with sync_bn=True
 # --------------------------------------------------------------------------------------
 

@@ -683,6 +683,47 @@ def test_fp32_lists_run(gpu, monkeypatch):
     _close(dw, ref_dw, 1e-5)
 
 
+@interpreted
+def test_tf32_and_ieee_are_tuned_apart(gpu, monkeypatch, tmp_path):
+    """An fp32 launch's ``INPUT_PRECISION`` ("tf32" where ``cudnn.allow_tf32``, else
+    "ieee") is in the conv and wgrad autotune keys, so in Triton's table of choices and in
+    fusedres's disk store: the fp32 stem (two configs; the fp32 lists of the other modes
+    offer one) tuned under TF32 is timed again under IEEE, not handed TF32's choice, and a
+    second process (memory cleared, the same cache directory) takes each precision's own
+    record from disk, timing nothing."""
+    from fusedres import kernels as kernels_pkg
+
+    x = _rand(2, 3, 16, 16, seed=1).float().contiguous(memory_format=CL)
+    w = (_rand(64, 3, 7, 7, seed=2) / 12).float().contiguous(memory_format=CL)
+    ref = F.conv2d(x.double(), w.double(), None, 2, 3)
+    record = gpu(lambda nargs: None)
+    monkeypatch.setenv("FUSEDRES_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FUSEDRES_CACHE")
+    monkeypatch.setattr(kernels_pkg, "_AUTOTUNE_DISK", {})
+    K._conv_run.cache_results = True  # as on a GPU (Triton turns it off in the interpreter)
+
+    def launch(tf32):
+        """The number of configs timed so far, after one launch."""
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+        y, _, _ = K.conv_fwd(x, w, 2, 3)
+        assert record["kwargs"]["INPUT_PRECISION"] == ("tf32" if tf32 else "ieee")
+        assert len(record["offered"]) == 2
+        _close(y, ref, 2e-3)
+        return record["timed"]
+
+    assert [launch(True), launch(False)] == [2, 4]  # IEEE is timed: a key of its own
+    assert [launch(True), launch(False)] == [4, 4]  # each tuned: from memory
+    assert sorted(key[len(K._CONV_KEY) - 1] for key in K._conv_run.cache) == ["ieee", "tf32"]
+    K._conv_run.cache.clear()  # a second process, the same directory
+    kernels_pkg._AUTOTUNE_DISK.clear()
+    assert [launch(False), launch(True)] == [4, 4]  # each precision's record, from disk
+    dy = _rand(2, 64, 8, 8, seed=3).float().contiguous(memory_format=CL)
+    for tf32 in (True, False):  # wgrad's fp32 list is one config: a key each, untimed
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+        K.conv_wgrad(dy, x, tuple(w.shape), 2, 3)
+    assert sorted(key[len(K._WGRAD_KEY) - 1] for key in K._wgrad_run.cache) == ["ieee", "tf32"]
+
+
 def test_cudnn_graphs_are_not_planned_while_tracing_or_capturing(monkeypatch):
     """A cuDNN graph not planned yet is refused (the caller falls back, nothing is
     remembered) during torch.compile tracing and CUDA-graph capture: planning queries the

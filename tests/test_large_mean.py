@@ -9,8 +9,8 @@ against float64 of those inputs, and asks the fused one to stay within RATIO x e
 (+ a floor at fp32's unit roundoff, where eager is exact to the last bits).
 
 Not here (covered elsewhere): the C++ CPU and emulated CUDA BN kernels at 10/0.5 and
-1e3/1e-2 (tests/test_numerics.py); the Triton BN statistics' pivot (tests/
-test_triton_bn.py); the dgrad's fused dBN prologue (``PROLOGUE == 2``, tests/
+1e3/1e-2 (tests/test_numerics.py); the Triton BN statistics' pivot in fp32 (tests/
+test_triton_bn.py; in fp16 here); the dgrad's fused dBN prologue (``PROLOGUE == 2``, tests/
 test_conv_dbn_backward.py).
 """
 import os
@@ -24,6 +24,7 @@ from torch import nn
 import fusedres
 import fusedres.nn as fnn
 from fusedres import conv as fconv
+from fusedres import functional as FF
 from fusedres import ops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -289,6 +290,48 @@ def test_triton_bn(regime_20, dtype, regime, dout_mean):
     for i, kind in enumerate(("bn", "bn_relu", "dual")):
         case = bn_case(dtype, regime, kind, dout_mean, 40 + i)
         TN.check(case, kind, "triton", dtype, f"{kind} {regime} dout+{dout_mean}")
+
+
+def triton_bn_forward(case, impl, dtype):
+    """out, batch variances and running variances of one training-mode forward of relu(bn(x) +
+    bn2(x2)), momentum 0.1: ``impl`` "triton" (fusedres.functional for out and the running
+    statistics, the op fusedres::batch_norm_act for the batch variances), else torch in
+    ``dtype`` (its batch variances: torch.var_mean in the accumulation dtype)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x, x2 = case["x"].to(dtype), case["x2"].to(dtype)
+    params = [case[k].to(acc) for k in ("weight", "bias", "weight2", "bias2")]
+    rm, rv, rm2, rv2 = (case[k].to(acc, copy=True) for k in ("rm", "rv", "rm2", "rv2"))
+    if impl == "triton":
+        out = FF.dual_batch_norm_add_relu(x, x2, rm, rv, *params[:2], rm2, rv2, *params[2:],
+                                          True, 0.1, 1e-5, backend="triton")
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        _, _, var, _, var2, _ = ops.batch_norm_act(
+            x.flatten(2), *params[:2], None, None, None, x2.flatten(2), *params[2:], None,
+            None, True, 1e-5, True, cl, "triton")
+    else:
+        out = torch.relu(F.batch_norm(x, rm, rv, *params[:2], True, 0.1, 1e-5)
+                         + F.batch_norm(x2, rm2, rv2, *params[2:], True, 0.1, 1e-5))
+        var, var2 = (torch.var_mean(t.to(acc), dim=(0, 2, 3), correction=0)[0]
+                     for t in (x, x2))
+    return {"out": out, "var": var, "var2": var2, "running_var": rv, "running_var2": rv2}
+
+
+@needs_triton
+@pytest.mark.parametrize("regime", [(1e3, 1.0), (3e4, 30.0)], ids=["x1e3/1", "x3e4/30"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_triton_bn_stats_16bit(monkeypatch, regime, channels_last):
+    """fp16 at mean/std 1e3 (M = 105): the Triton BN's output, batch variances (x and the
+    shortcut x2 of one statistics pass) and running variances against float64 of the same
+    fp16 inputs, torch (fp32 statistics) as the yardstick. The statistics are taken on
+    x - x[0, c, 0] for 16-bit inputs too: without that pivot the fp32 Welford rounded
+    each deviation at the mean's magnitude, batch variances 95-154x torch's error, running
+    variances 3.5-5.8x at 1e3/1 (momentum 0.1 dilutes it) and 8-31x at 3e4/30."""
+    monkeypatch.setitem(TN.REGIMES, "big", regime)
+    case = TN.make_case((3, 19, 5, 7), torch.float16, "big", "dual", channels_last, 60)
+    truth = triton_bn_forward(case, "torch", torch.float64)
+    eager = triton_bn_forward(case, "torch", torch.float16)
+    fused = triton_bn_forward(case, "triton", torch.float16)
+    judge(fused, eager, truth, f"Triton BN fp16 {regime}")
 
 
 @pytest.mark.skipif(not HAS_CPU, reason="fusedres._C has no CPU kernels")

@@ -23,6 +23,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import fusedres  # noqa: E402
+from fusedres import ops  # noqa: E402
 from fusedres import reference as R  # noqa: E402
 
 from fusedres.kernels import bn  # noqa: E402
@@ -513,6 +514,22 @@ def test_input_checks():
     if DEVICE == "cuda":
         with pytest.raises(RuntimeError, match="x is on"):
             bn.bn_apply(x, v, v.cpu(), v, None, None, None, None, None, True, False, False)
+
+
+def test_registered_ops_reach_the_input_checks():
+    """The launchers' input checks are the only ones on the path of the registered ops
+    (``torch.ops.fusedres.triton_bn_*``, ``fusedres.ops.primitives("triton")``), which
+    anyone can call: the checks are not dead code behind fusedres.functional's."""
+    x = make((2, 3, 5), "nchw")
+    v = chan(3)
+    with pytest.raises(ValueError, match="3-D"):
+        torch.ops.fusedres.triton_bn_stats(x[0], False)
+    with pytest.raises(ValueError, match="one value per channel"):
+        ops.primitives("triton").apply(x, v, chan(4), v, None, None, None, None, None, True,
+                                       False, False)
+    with pytest.raises(ValueError, match="bytes"):
+        torch.ops.fusedres.triton_bn_backward_reduce(
+            x, x, v, v, v, torch.zeros(1, dtype=torch.uint8, device=DEVICE), True, False)
 
 
 def test_deterministic():

@@ -95,20 +95,18 @@ def main(argv=None):
                                dict(sw, ACC=acc, **cfg.kwargs), cfg.num_warps,
                                ints64=("total",) if sw["WIDE"] or sw["BIG"] else ())
                 count += 1
-        pivot = dt in ("*fp32", "*fp64")  # kernels/bn.py's _pivoted
         for cfg in bn._reduce_configs()[:1] if args.quick else bn._reduce_configs():
             for unit in ("stride_xs", "stride_xc"):  # NCHW / channels-last specialisation
                 k = compile_kernel(bn._bn_stats_partial_kernel, target,
                                    {"X_ptr": dt, "X2_ptr": dt, "*default": accp},
-                                   dict(ACC=acc, HAS_X2=False, PIVOT=pivot, **{unit: 1},
-                                        **cfg.kwargs),
+                                   dict(ACC=acc, HAS_X2=False, **{unit: 1}, **cfg.kwargs),
                                    cfg.num_warps)
                 count += 1
                 vector_loads[f"bn_stats {dt} {unit}=1 {cfg.kwargs}"] = bool(
                     re.search(r"ld\.global\.v\d", k.asm["ptx"]))
             compile_kernel(bn._bn_stats_partial_kernel, target,
                            {"X_ptr": dt, "X2_ptr": dt, "*default": accp},
-                           dict(ACC=acc, HAS_X2=True, PIVOT=pivot, **cfg.kwargs), cfg.num_warps)
+                           dict(ACC=acc, HAS_X2=True, **cfg.kwargs), cfg.num_warps)
             count += 1
             for sw in _switches(["HAS_MASK", "APPLY_RELU", "AFFINE_FROM_VAR", "HAS_W", "HAS_B",
                                  "HAS_X2", "CHANNELS_LAST"], None if args.quick else True):
@@ -121,8 +119,7 @@ def main(argv=None):
             for sw in _switches(["HAS_X2", "FROM_RUNNING", "SCALE_SHIFT", "HAS_W", "HAS_B",
                                  "HAS_W2", "HAS_B2"], mode):
                 compile_kernel(bn._bn_stats_finalize_kernel, target, {"*default": accp},
-                               dict(sw, ACC=acc, BLOCK_P=bn._MAX_PARTS, PIVOT=True,
-                                    **cfg.kwargs),
+                               dict(sw, ACC=acc, BLOCK_P=bn._MAX_PARTS, **cfg.kwargs),
                                cfg.num_warps)
                 count += 1
             for sw in _switches(["HAS_X2", "HAS_W", "HAS_B", "WRITE_DW", "WRITE_DB", "HAS_W2",
