@@ -297,12 +297,20 @@ def read_sass(sass: str, hot: str):
             break
     loops = []
     exits = [a for a, t in instrs if re.match(r"EXIT\b", t)]
+    # unconditional backward jumps (address, target): an outer loop's back edge
+    back = [(a, _branch_target(t)) for a, t in instrs if re.match(r"BRA\b", t)]
+    back = [(a, b) for a, b in back if b is not None and b < a]
     for addr, text in instrs:
         target = _branch_target(text)
         # a backward jump over an EXIT is no loop: the return from out-of-line code (a
-        # barrier's retry wait after the kernel's end) into the middle of the body
-        if target is not None and target < addr and not any(target < e < addr
-                                                               for e in exits):
+        # barrier's retry wait after the kernel's end) into the middle of the body; nor
+        # one over an outer loop's back edge (an unconditional jump to before ``target``:
+        # falling through from ``target`` never reaches it), the return of such a wait
+        # placed after a persistent kernel's tile loop (it made a K loop's tail and the
+        # epilogue read as the hot loop)
+        if target is not None and target < addr and not any(
+                target < e < addr for e in exits) and not any(
+                target < a < addr and b < target for a, b in back):
             loops.append((target, addr))
     return instrs, loops
 

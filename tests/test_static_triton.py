@@ -144,6 +144,38 @@ $L__BB0_4:
     assert S.ptx_loop_divisions(ptx) == 1
 
 
+def test_wait_after_a_persistent_tile_loop_is_no_loop():
+    """A persistent kernel (wgrad): the K loop inside a tile loop (exited by a predicated
+    EXIT at its head), a wait's retry after the tile loop's back edge returning into the
+    K loop's middle.
+    That jump made (its target, the retry) read as the hot loop -- the K loop's tail,
+    the epilogue (here its STG) and the retry, smaller than the K loop: the 64x64 wgrad
+    dBN row read 77.0 SASS per HGMMA for its K loop's 97.8."""
+    pytest.importorskip("triton")
+    S = _script_module()
+    sass = """
+        /*0000*/                   ISETP.GE.AND P0, PT, R0, c[0x0][0x210], PT ;
+        /*0010*/               @P0 EXIT ;
+        /*0020*/                   LDS.128 R4, [R2] ;
+        /*0030*/                   FFMA R4, R4, R5, R6 ;
+        /*0040*/                   FFMA R5, R5, R5, R6 ;
+        /*0050*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR4], R5 ;
+        /*0060*/              @!P1 BRA 0xc0 ;
+        /*0070*/                   HGMMA.64x64x16.F32.BF16 R24, R4, gdesc[UR8].tnspB, R24 ;
+        /*0080*/                   IADD3 R2, R2, 0x80, RZ ;
+        /*0090*/               @P2 BRA 0x20 ;
+        /*00a0*/                   STG.E.128 desc[UR4][R8.64], R24 ;
+        /*00b0*/                   BRA 0x0 ;
+        /*00c0*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR4], R5 ;
+        /*00d0*/                   BRA 0x70 ;
+        /*00e0*/                   BRA 0xe0;
+    """
+    instrs, loops = S.read_sass(sass, "")
+    assert loops == [(0x20, 0x90), (0x0, 0xb0)], loops  # the K and tile loops, not (0x70, 0xd0)
+    body = S.hot_loop(instrs, loops, r"HGMMA")
+    assert len(body) == 8 and not any("STG" in t for t in body)
+
+
 def test_loop_division_readers():
     """Divisions count only inside the innermost loop holding the dot / wgmma."""
     pytest.importorskip("triton")
