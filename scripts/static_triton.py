@@ -4,8 +4,9 @@ the compiler produced.
 For every kernel specialisation the ResNet-50 shapes produce (kernels/bn.py: the BN
 statistics, finalize, apply and backward kernels in their channels-last / NCHW and
 shortcut variants; kernels/conv.py: forward, statistics, BN-ReLU prologue, eval
-epilogue, dgrad with and without the dBN prologue / dReLU epilogue, wgrad; each in bf16,
-fp16 and fp32 (TF32), each autotuning config), Triton's real pipeline runs
+epilogue, dgrad with and without the dBN prologue / dReLU epilogue, wgrad with and
+without the dBN and BN-ReLU prologues; each in bf16, fp16 and fp32 (TF32), each
+autotuning config), Triton's real pipeline runs
 (ttir -> ttgir -> llir -> ptx -> cubin for GPUTarget("cuda", 90, 32), i.e. sm_90a), and
 the cubin is read with the tools shipped in the triton wheel (ptxas -v, cuobjdump -sass):
 
@@ -599,19 +600,50 @@ DGRAD_CHANNELS = {
 }
 
 
-def _configs_at(kc, shapes, **kw):
-    """The union of ``conv_configs(gemm_n=c, **kw)`` over ``shapes``, in first-seen order
-    (``(None,)``: every config of the mode; a pair (gemm_n, channels) also gives the
-    reduction channels)."""
+# wgrad's (C_out, C_in) at the ResNet-50 convs each wgrad variant runs in training, the
+# model converted with the Triton conv path (fusedres.nn.conv_bn_act; tests/
+# test_static_triton.py reads it from a converted torchvision resnet50): conv1 (1x1 s1,
+# its statistics from its epilogue for bn1) with the dBN prologue alone in
+# dbn_backward="fused" mode, plain in "materialised" mode; conv2 (3x3, s1 or s2) and
+# conv3 (1x1 s1) with the BN-ReLU prologue alone in either mode (their outputs' BNs
+# compute their own statistics: no dBN term). The downsample conv and the stem run
+# F.conv2d. ``wgrad_configs`` prunes by C_out (64-row tiles iff C_out <= 64; the BN-ReLU
+# prologue's 256x128 from 256) and C_in (64-wide tiles iff C_in <= 64; the plain and the
+# dBN prologue's 128x256 from 256).
+_WGRAD_CONV1 = ((64, 64), (64, 256), (128, 256), (128, 512), (256, 512), (256, 1024),
+                (512, 1024), (512, 2048))
+WGRAD_CHANNELS = {
+    "wgrad 1x1 s1 (TMA, one row of pixels)": _WGRAD_CONV1,
+    "wgrad 1x1 s1 (TMA, one row of pixels) dBN prologue": _WGRAD_CONV1,
+    "wgrad 3x3 s1 (TMA boxes) bn-relu prologue": ((64, 64), (128, 128), (256, 256),
+                                                  (512, 512)),
+    "wgrad 3x3/1x1 s2 (TMA boxes of the stride-2 view) bn-relu prologue": (
+        (128, 128), (256, 256), (512, 512)),
+    "wgrad 1x1 s1 (TMA, one row of pixels) bn-relu prologue": ((256, 64), (512, 128),
+                                                               (1024, 256), (2048, 512)),
+}
+
+
+def _union_of(configs_of, shapes):
+    """The union of ``configs_of(shape)`` over ``shapes``, in first-seen order."""
     seen, out = set(), []
-    for c in shapes:
-        n, ch = c if isinstance(c, tuple) else (c, None)
-        for cfg in kc.conv_configs(gemm_n=n, channels=ch, **kw):
+    for shape in shapes:
+        for cfg in configs_of(shape):
             key = (tuple(sorted(cfg.kwargs.items())), cfg.num_warps, cfg.num_stages)
             if key not in seen:
                 seen.add(key)
                 out.append(cfg)
     return out
+
+
+def _configs_at(kc, shapes, **kw):
+    """The union of ``conv_configs(gemm_n=c, **kw)`` over ``shapes``, in first-seen order
+    (``(None,)``: every config of the mode; a pair (gemm_n, channels) also gives the
+    reduction channels)."""
+    def configs_of(c):
+        n, ch = c if isinstance(c, tuple) else (c, None)
+        return kc.conv_configs(gemm_n=n, channels=ch, **kw)
+    return _union_of(configs_of, shapes)
 
 
 def _fwd_rows(kc, variants, itemsize):
@@ -688,25 +720,36 @@ def conv_specs(quick: bool):
             "fwd 3x3 s1 (TMA boxes) bn-relu prologue +stats", "fwd stem C=3 (flat K) +stats",
             "fwd 1x1 s1 (TMA GEMM) bn-relu prologue +stats",
             "dgrad s1 (TMA boxes) dBN prologue + dReLU epilogue")}
-    # wgrad: (switches, C_out, C_in) at a ResNet-50 layer; pixel boxes as the launcher
-    # makes them (BLOCK_K 64 pixels: 28x28 -> 1 image x 2 rows x 32 columns; a 1x1
-    # stride-1 conv is one row of N*H*W pixels)
+    # wgrad: (switches, (C_out, C_in) shapes): those of ``WGRAD_CHANNELS`` (given as ())
+    # for the variants ResNet-50 training runs, one ResNet-50 layer's for those only the
+    # functions run (``conv2d``, ``conv2d_stats`` on a 3x3 or strided conv,
+    # ``bn_relu_conv2d_stats``); pixel boxes as the launcher makes them at 28x28 (BLOCK_K
+    # 64 pixels: 1 image x 2 rows x 32 columns; a 1x1 stride-1 conv is one row of N*H*W
+    # pixels)
     wbox = dict(TAP_N=True, TMA=2, TILE_H=2, TILE_W=32, STRIDE_H=1, STRIDE_W=1, DBN=False,
                 PROLOGUE=False)
-    wgrad = {"wgrad 3x3 s1 (TMA boxes)": (wbox, 256, 256),
-             "wgrad 1x1 s1 (TMA, one row of pixels)": (dict(wbox, TILE_H=1, TILE_W=64, R=1,
-                                                           S=1), 256, 64),
-             "wgrad 3x3/1x1 s2 (TMA boxes of the stride-2 view)": (dict(wbox, TMA=3,
-                                                                      STRIDE_H=None,
-                                                                      STRIDE_W=None),
-                                                                 128, 128),
+    wrow = dict(wbox, TILE_H=1, TILE_W=64, R=1, S=1)
+    wview = dict(wbox, TMA=3, STRIDE_H=None, STRIDE_W=None)
+    wgrad = {"wgrad 3x3 s1 (TMA boxes)": (wbox, ((256, 256),)),
+             "wgrad 1x1 s1 (TMA, one row of pixels)": (wrow, ()),
+             "wgrad 3x3/1x1 s2 (TMA boxes of the stride-2 view)": (wview, ((128, 128),)),
+             "wgrad 1x1 s1 (TMA, one row of pixels) dBN prologue": (dict(wrow, DBN=True), ()),
+             "wgrad 3x3 s1 (TMA boxes) bn-relu prologue": (dict(wbox, PROLOGUE=True), ()),
+             "wgrad 1x1 s1 (TMA, one row of pixels) bn-relu prologue": (
+                 dict(wrow, PROLOGUE=True), ()),
+             "wgrad 3x3/1x1 s2 (TMA boxes of the stride-2 view) bn-relu prologue": (
+                 dict(wview, PROLOGUE=True), ()),
              "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues": (dict(wbox, DBN=True,
-                                                                     PROLOGUE=True), 128, 128),
+                                                                     PROLOGUE=True),
+                                                                ((128, 128),)),
              "wgrad pointers (odd H/W, sm_80)": (dict(wbox, TMA=0, STRIDE_H=None,
-                                                      STRIDE_W=None), 128, 128),
+                                                      STRIDE_W=None), ((128, 128),)),
              "wgrad stem C=3 (flat N)": (dict(wbox, TAP_N=False, TMA=0, TILE_H=8, TILE_W=8,
                                               STRIDE_H=None, STRIDE_W=None, DBN=True),
-                                         64, 3)}
+                                         ((64, 3),))}
+    wgrad = {k: (sw, WGRAD_CHANNELS.get(k, shapes)) for k, (sw, shapes) in wgrad.items()}
+    assert all(shapes for _, shapes in wgrad.values())
+    assert set(WGRAD_CHANNELS) <= set(wgrad), set(WGRAD_CHANNELS) - set(wgrad)
     if quick:
         wgrad = {k: v for k, v in wgrad.items() if "prologues" in k or "stem" in k}
     for dt, prec in dtypes.items():
@@ -752,11 +795,10 @@ def conv_specs(quick: bool):
                 consts = {k: v for k, v in consts.items() if v is not None}
             specs.append((kc._conv_kernel, kptrs, consts, cfg.num_warps, cfg.num_stages,
                           dict(kernel="conv", variant=name, dtype=dt, memory_bound=False)))
-        for name, (sw, co, ci) in wgrad.items():
-            for cfg in kc.wgrad_configs(stem=not sw["TAP_N"],
-                                        fused=sw["DBN"] or sw["PROLOGUE"], gemm_m=co,
-                                        channels=ci, itemsize=4 if dt == "fp32" else 2,
-                                        dbn=sw["DBN"]):
+        for name, (sw, shapes) in wgrad.items():
+            for cfg in _union_of(lambda c, sw=sw: kc.wgrad_configs(
+                    stem=not sw["TAP_N"], fused=sw["DBN"] or sw["PROLOGUE"], gemm_m=c[0],
+                    channels=c[1], itemsize=itemsize, dbn=sw["DBN"]), shapes):
                 consts = dict(sw, ACC_FP64=False, INPUT_PRECISION=prec, sdc=1, sxc=1, spc=1,
                               FLATTEN=kc.FLATTEN_WGRAD, **cfg.kwargs,
                               SWAP_AB=bool(sw["DBN"]) and dt != "fp32")  # as conv_wgrad

@@ -368,6 +368,73 @@ def test_dgrad_channels_are_resnet50s():
     assert {k: set(v) for k, v in S.DGRAD_CHANNELS.items()} == want
 
 
+def _wgrad_variant(x_shape, w_shape, stride, padding, dbn, prologue):
+    """The static check's name of the wgrad variant ``conv_wgrad`` (kernels/conv.py)
+    launches for this conv in bf16 on sm_90: its pixel walk (a 1x1 stride-1 unpadded conv
+    as one row of pixels, stride 1 as boxes, stride 2 with even H and W as boxes of the
+    stride-2 view, else pointers; C_in not a multiple of 64: the stem's flat N tiles) and
+    its prologues."""
+    (_, ci, h, w), (_, _, r, s) = x_shape, w_shape
+    if ci % 64:
+        return "wgrad stem C=3 (flat N)"
+    if (r, s, *stride, *padding) == (1, 1, 1, 1, 0, 0):
+        kind = "wgrad 1x1 s1 (TMA, one row of pixels)"
+    elif tuple(stride) == (1, 1):
+        kind = "wgrad 3x3 s1 (TMA boxes)"
+    elif tuple(stride) == (2, 2) and h % 2 == 0 and w % 2 == 0:
+        kind = "wgrad 3x3/1x1 s2 (TMA boxes of the stride-2 view)"
+    else:
+        kind = "wgrad pointers (odd H/W, sm_80)"
+    return kind + {(True, True): " dBN + bn-relu prologues", (True, False): " dBN prologue",
+                   (False, True): " bn-relu prologue", (False, False): ""}[dbn, prologue]
+
+
+def test_wgrad_channels_are_resnet50s(monkeypatch):
+    """The static check judges each wgrad variant ResNet-50 training runs on the configs
+    the launcher can pick at the convs that run it (``WGRAD_CHANNELS``: (C_out, C_in),
+    pruned by both). Read from fusedres itself: torchvision's resnet50 converted with
+    backend="triton", a training step on fake tensors (nothing computed), each call of
+    the conv backward op recorded -- its conv, whether the BN-ReLU prologue is recomputed
+    (scale given) and whether the dBN term comes with it (the conv's output statistics
+    feed a BN: the dBN prologue in dbn_backward="fused" mode, the plain kernel after the
+    materialising pass in "materialised" mode; "auto" picks either per shape). A variant
+    or a conv fusedres routes differently that the script lacks fails here."""
+    tv = pytest.importorskip("torchvision")
+    pytest.importorskip("triton")
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import fusedres
+
+    S = _script_module()
+    op = torch.ops.fusedres.triton_conv_backward
+    calls = []
+
+    class Recorder:  # the op, its calls recorded (``.default`` etc. for the redispatch)
+        def __call__(self, *args):
+            calls.append(args)
+            return op(*args)
+
+        def __getattr__(self, name):
+            return getattr(op, name)
+
+    monkeypatch.setattr(torch.ops.fusedres, "triton_conv_backward", Recorder())
+    with FakeTensorMode():
+        model = fusedres.convert(tv.models.resnet50(weights=None), inplace=True,
+                                 backend="triton")
+        model(torch.randn(2, 3, 224, 224)).sum().backward()
+    want = {}
+    for _, x, w, stride, padding, scale, _, out, _, gmean, gvar, mask in calls:
+        if not mask[1]:  # no weight gradient asked for
+            continue
+        dbn_term = out is not None and (gmean is not None or gvar is not None)
+        for dbn in {False, dbn_term}:  # materialised, fused
+            want.setdefault(_wgrad_variant(x.shape, w.shape, stride, padding, dbn,
+                                           scale is not None), set()).add(tuple(w.shape[:2]))
+    assert len(calls) == 48, len(calls)  # conv1-3 of 16 blocks (downsample, stem: F.conv2d)
+    assert {k: set(v) for k, v in S.WGRAD_CHANNELS.items()} == want
+
+
 def _compile_rows(tmp_path_factory, match):
     """(the script module, the bf16 conv rows matching ``match``, the script's log)."""
     pytest.importorskip("triton.backends.nvidia.compiler")
@@ -387,10 +454,15 @@ def _variants(names, known_gaps):
             if v in known_gaps else v for v in names]
 
 
+def _one_of(config, configs):
+    """Whether a row's ``config`` is one of ``configs`` (a substring, or a tuple of them)."""
+    return any(c in config for c in ((configs,) if isinstance(configs, str) else configs))
+
+
 def _check_bar(rows, variant, applies, gaps_of, config=""):
     S, results, log = rows
     mine = [S.Result(**r) for r in results if r["variant"] == variant
-            and config in r["config"]]
+            and _one_of(r["config"], config)]
     assert mine and all(applies(S)(r) for r in mine), log
     gaps = {r.config: gaps_of(S)(r) for r in mine}
     assert not any(gaps.values()), gaps
@@ -416,10 +488,16 @@ BACKWARD_VARIANTS = ["dgrad s1 (TMA boxes)", "dgrad s1 (TMA boxes) dBN prologue 
                      "dgrad s2 (TMA boxes of a phase) dBN prologue + dReLU epilogue",
                      "wgrad 3x3 s1 (TMA boxes)", "wgrad 1x1 s1 (TMA, one row of pixels)",
                      "wgrad 3x3/1x1 s2 (TMA boxes of the stride-2 view)",
+                     "wgrad 1x1 s1 (TMA, one row of pixels) dBN prologue",
+                     "wgrad 3x3 s1 (TMA boxes) bn-relu prologue",
+                     "wgrad 1x1 s1 (TMA, one row of pixels) bn-relu prologue",
+                     "wgrad 3x3/1x1 s2 (TMA boxes of the stride-2 view) bn-relu prologue",
                      "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues"]
-# (variant, the configs it covers ("" all), why): each a strict xfail; the variant's other
-# configs are held to the bar
+# (variant, the configs it covers: a substring of the row's config ("" all) or a tuple of
+# them, why): each config a strict xfail; the variant's other configs are held to the bar
 DBN_8_WARP_TILE = "BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=8"
+WGRAD_4_WARP_64 = "BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, warps=4"
+WGRAD_8_WARP_128 = "BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, warps=8"
 BACKWARD_GAPS = {
     "dgrad s1 (TMA boxes) dBN prologue + dReLU epilogue": (
         DBN_8_WARP_TILE,
@@ -440,11 +518,48 @@ BACKWARD_GAPS = {
         "prologue's cost as at stride 1 (the 128x64 tile is for C_in <= 64, which no "
         "stride-2 conv has; the wide-K tiles: 40.4 at 8 warps, 3.6: 43.6; 3.6's 4-warp "
         "one: 39.3)"),
+    # wgrad's prologues: fp32 math per element, a thread's 32 elements of the prologue'd
+    # operand (wgmma's B, read from shared memory only: loaded, computed, stored back,
+    # fenced, and the wgmma waited on at once, the buffer being rewritten the next step)
+    # over its warp's HGMMA of the K step: 4 in the tiles that miss, 8 where two
+    # warpgroups (or a 4-warp tile's two M halves) share the one B
+    "wgrad 1x1 s1 (TMA, one row of pixels) dBN prologue": (
+        (WGRAD_4_WARP_64, WGRAD_8_WARP_128),
+        "64x64 at 4 warps: 91.5, 128x128 at 8 warps: 91.2 SASS per HGMMA > 48 (3.6: 91.0, "
+        "90.5). dy' = dy + y*coef_y + coef_c is B (SWAP_AB): per K step a thread reads dy "
+        "and y from their boxes (8 LDS.128), computes in fp32 (32 FADD, 32 FFMA, 32 PRMT, "
+        "16 F2FP, 16 HMUL2 + 4 I2F zeroing pixels past N*H*W: 132 SASS), stores B (4 "
+        "STS.128), fences; the pixel mask and addresses: 109 integer SASS; 365 over 4 "
+        "HGMMA. The 64x128 (4 warps) and 128x256 tiles issue 8: 46.8, 46.6 (3.6: 46.4, "
+        "46.2), held to the bar, offered at every conv1 but layer1's first (C_in = C_out = "
+        "64: the 64x64 tile only)"),
+    "wgrad 3x3 s1 (TMA boxes) bn-relu prologue": (
+        (WGRAD_4_WARP_64, WGRAD_8_WARP_128),
+        "64x64 at 4 warps, 128x128 at 8: 60.2 SASS per HGMMA > 48 (3.6: 59.8, 60.0). "
+        "relu(x*scale + shift) on B, x's box per tap: 4 LDS.128, 32 FFMA, 16 PRMT, 16 "
+        "F2FP.RELU, 16 HMUL2 + 4 I2F (padded taps 0): 84 SASS, 4 STS.128, and A (dy^T of a "
+        "2-row box) by 4 LDSM.MT88; the tap mask and addresses: 67 integer SASS; 241 over "
+        "4 HGMMA. The 256x128 tile (C_out >= 256) issues 8: 32.1 (3.6: 32.1), held to the "
+        "bar; conv2 of layer1 and layer2 (64, 128 channels) has only the missing tiles. "
+        "Boxes of 2 x 32 pixels (28x28); by hand at 1 x 64, 4 x 16, 8 x 8: 64.8-65.2, 61.0, "
+        "60.8-61.0 (256x128: 34.4, 32.5, 32.5)"),
+    "wgrad 1x1 s1 (TMA, one row of pixels) bn-relu prologue": (
+        WGRAD_8_WARP_128,
+        "128x128 at 8 warps: 65.0 SASS per HGMMA > 48 (3.6: 64.5), the B prologue as at "
+        "3x3, A from shared memory (260 SASS over 4 HGMMA); the 4-warp 128x64 tile (C_in "
+        "64) and the 256x128 tile issue 8: 33.9, 34.2 (3.6: 33.9, 33.5), held to the bar, "
+        "one of them offered at every conv3"),
+    "wgrad 3x3/1x1 s2 (TMA boxes of the stride-2 view) bn-relu prologue": (
+        WGRAD_8_WARP_128,
+        "128x128 at 8 warps: 62.2 SASS per HGMMA > 48 (3.6: 63.0), the B prologue as at "
+        "stride 1; the 256x128 tile: 32.8 (3.6: 33.2), held to the bar; layer2's strided "
+        "conv2 (128 channels) has only the 128x128 tile"),
     "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues": (
         "",
-        "123.2 SASS per HGMMA > 48: both prologues in fp32 per element (dBN on dy, "
-        "BN-ReLU on x), 16 elements per HGMMA, and the BN-ReLU'd x is wgmma's B operand, "
-        "read from shared memory only: a store and a barrier per K step"),
+        "123.2 SASS per HGMMA > 48 (3.6: 122.8): both prologues in fp32 per element (dBN "
+        "on dy, BN-ReLU on x), 16 elements per HGMMA, and the BN-ReLU'd x is wgmma's B "
+        "operand, read from shared memory only: a store and a barrier per K step (run by "
+        "bn_relu_conv2d_stats, not by a converted ResNet-50: WGRAD_CHANNELS)"),
 }
 
 
@@ -466,7 +581,7 @@ WIDE_K_CONFIG = "BLOCK_K=128"
 def known_backward_gap(r):
     """Whether a bf16 dgrad / wgrad row is a known gap (``BACKWARD_GAPS``: its variant, and
     the configs the gap covers)."""
-    return r.variant in BACKWARD_GAPS and BACKWARD_GAPS[r.variant][0] in r.config
+    return r.variant in BACKWARD_GAPS and _one_of(r.config, BACKWARD_GAPS[r.variant][0])
 
 
 def _held_rows(rows):
@@ -490,13 +605,14 @@ def test_backward_meets_the_hopper_bar(backward_rows, variant):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.xfail(
-    strict=True, reason=why)) for v, (_, why) in BACKWARD_GAPS.items()])
-def test_backward_known_gaps(backward_rows, variant):
-    """The known gaps' rows, strict xfails: when one starts to meet the bar, the XPASS
-    fails the run and its entry must go."""
+@pytest.mark.parametrize("variant,config", [pytest.param(v, c, marks=pytest.mark.xfail(
+    strict=True, reason=why)) for v, (cs, why) in BACKWARD_GAPS.items()
+    for c in ((cs,) if isinstance(cs, str) else cs)])
+def test_backward_known_gaps(backward_rows, variant, config):
+    """The known gaps' rows, strict xfails, each config apart: when one starts to meet the
+    bar, the XPASS fails the run and its config must leave the entry."""
     _check_bar(backward_rows, variant, lambda S: S.backward_row, lambda S: S.backward_gaps,
-               config=BACKWARD_GAPS[variant][0])
+               config=config)
 
 
 @pytest.mark.slow
@@ -544,9 +660,10 @@ def _tile(config):
                  for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "warps", "stages"))
 
 
-def _missing_dgrad_rows(report, S, version):
+def _missing_backward_rows(report, S, version):
     """The dgrad configs the launcher autotunes under triton ``version`` at the ResNet-50
-    channels (``DGRAD_CHANNELS``) that have no bf16 row in ``report``."""
+    channels (``DGRAD_CHANNELS``), and the wgrad ones (``WGRAD_CHANNELS``), that have no
+    bf16 row in ``report``."""
     kc = S._load("conv")
     kc.INTERPRET = False  # the GPU's lists (the CPU tests run with TRITON_INTERPRET=1)
     have = {(r["variant"], _tile(r["config"])) for r in report["results"]
@@ -561,13 +678,24 @@ def _missing_dgrad_rows(report, S, version):
                 cfg.num_warps, cfg.num_stages)
             if (variant, tile) not in have:
                 out.append(f"no bf16 row of {variant} at {tile}")
+    # and wgrad's at the channels of the ResNet-50 convs that run each variant
+    have = {(r["variant"], _tile(r["config"])) for r in report["results"]
+            if r["dtype"] == "bf16" and r["kernel"] == "conv_wgrad"}
+    for variant, shapes in S.WGRAD_CHANNELS.items():
+        fused, dbn = "prologue" in variant, "dBN" in variant
+        for cfg in S._union_of(lambda c: kc.wgrad_configs(fused=fused, gemm_m=c[0],
+                                                          channels=c[1], dbn=dbn), shapes):
+            tile = tuple(cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (
+                cfg.num_warps, cfg.num_stages)
+            if (variant, tile) not in have:
+                out.append(f"no bf16 row of {variant} at {tile}")
     return out
 
 
 def triton36_findings(report, S):
     """What is wrong with a Triton 3.6 table (``report``: its triton.json): compiled by
     another Triton, from kernel sources other than the current ones, a bar variant
-    missing (or a dgrad config the launcher autotunes under 3.6 at the ResNet-50
+    missing (or a dgrad or wgrad config the launcher autotunes under 3.6 at the ResNet-50
     channels), a problem (spill, compile error), or a bf16 row of a bar variant
     (``FORWARD_VARIANTS``, ``BACKWARD_VARIANTS``) that misses it (the known gaps of
     ``BACKWARD_GAPS`` excepted, by variant and config: they miss it under 3.8 too,
@@ -585,7 +713,7 @@ def triton36_findings(report, S):
     for v in FORWARD_VARIANTS + BACKWARD_VARIANTS:
         if v not in bf16:
             out.append(f"no bf16 row of {v}")
-    out += _missing_dgrad_rows(report, S, (3, 6))
+    out += _missing_backward_rows(report, S, (3, 6))
     out += [f"problem: {p}" for p in S.problems(results)]
     for r in results:
         gaps = (S.hopper_gaps(r) if S.forward_row(r) and r.variant in FORWARD_VARIANTS else
@@ -660,7 +788,12 @@ def test_triton36_check_can_fail():
                 "BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, warps=4, stages=3"))),
              "BLOCK_K=128, GROUP_M=8, warps=4, stages=3: 48.5 SASS per HGMMA"),
             # ... and a dgrad config the launcher autotunes under 3.6 must have a row
-            (lambda t: t["results"].remove(_dbn_s1_row(t)), "no bf16 row of dgrad s1")):
+            (lambda t: t["results"].remove(_dbn_s1_row(t)), "no bf16 row of dgrad s1"),
+            # ... and a wgrad one at the channels of the convs that run it (conv1's 64x64)
+            (lambda t: t.update(results=[r for r in t["results"] if not (
+                r["variant"] == "wgrad 1x1 s1 (TMA, one row of pixels)"
+                and "BLOCK_M=64, BLOCK_N=64," in r["config"])]),
+             "no bf16 row of wgrad 1x1 s1 (TMA, one row of pixels) at (64, 64, 64, 4, 4)")):
         bad = json.loads(json.dumps(good))
         alter(bad)
         found = triton36_findings(bad, S)
