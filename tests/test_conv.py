@@ -1476,3 +1476,22 @@ def test_configs_fit_the_devices_shared_memory(monkeypatch, optin_kb, budget_kb)
                 m, n, k = (full[0].kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 if full[0].num_stages * (m + n) * k * size > budget:  # cut, not kept
                     assert kconv._key(got[0]) != kconv._key(full[0])
+
+
+def test_wgrad_fp64_fallback_tile_fits(monkeypatch):
+    """fp64 has no tile with 128-byte K rows (BLOCK_K 16), so each wgrad mode falls back
+    to the last tile of its list (``wgrad_configs``): that must be a small-K one within the
+    pipeline budget, as in fp16/fp32, never a prologue's 256-wide 16-bit tile (the fused
+    list's last after the 256-wide tiles were appended: 256x128x64 at 2 stages, 384 KB of
+    shared memory, which no device has)."""
+    from fusedres.kernels import conv as kconv
+
+    monkeypatch.setattr(kconv, "INTERPRET", False)
+    for stem, fused, dbn in ((False, False, False), (False, True, False), (False, True, True),
+                             (True, False, False), (True, True, True)):
+        for co, ci in ((64, 64), (128, 128), (256, 256)):
+            for c in kconv.wgrad_configs(stem=stem, fused=fused, gemm_m=co, channels=ci,
+                                         itemsize=8, dbn=dbn):
+                m, n, k = (c.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                assert m <= 128 and n <= 128, (stem, fused, dbn, co, ci, m, n, k)
+                assert c.num_stages * (m + n) * k * 8 <= kconv._SMEM_BUDGET, (m, n, k)

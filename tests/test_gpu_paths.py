@@ -222,6 +222,10 @@ DGRAD_CASES = [
     ("3x3s2_dbn_drelu", 2, 64, 8, 128, 3, 2, 1, True, "sm_90", (3, 6), 2),
     ("3x3s1_plain", 2, 256, 6, 64, 3, 1, 1, False, "sm_90", None, 2),  # 128x128, 128x256
     ("3x3s2_dbn_drelu_sm80", 2, 64, 7, 128, 3, 2, 1, True, "sm_80", (3, 6), 0),
+    # C_out 64, one K tile in every config: the dBN coefficients loaded once (PCOEF_ONCE),
+    # by boxes (128x128 and 128x64) and through pointers (sm_80)
+    ("3x3s1_dbn_drelu_co64", 2, 64, 6, 64, 3, 1, 1, True, "sm_90", None, 2),
+    ("3x3s1_dbn_drelu_co64_sm80", 2, 64, 6, 64, 3, 1, 1, True, "sm_80", None, 0),
 ]
 
 
@@ -247,11 +251,17 @@ def test_dgrad_autotunes_every_offered_config(gpu, case):
     gate = (y_prev.float() * scale.view(view) + shift.view(view)) > 0
     g = torch.where(gate, da, torch.zeros_like(da))
     ref = g * scale.double().view(view) if fused else da
-    record = gpu(lambda nargs: _close(nargs["Y_ptr"], ref, 4e-3), arch, version)
+
+    def check(nargs):  # PCOEF_ONCE: the K tile is all of C_out in the config that ran
+        assert not nargs["PCOEF_ONCE"] or nargs["BLOCK_K"] == nargs["CI"], _tile(nargs)
+        _close(nargs["Y_ptr"], ref, 4e-3)
+
+    record = gpu(check, arch, version)
     kw = dict(y=y, coef_y=cy, coef_c=cc, y_prev=y_prev, scale=scale, shift=shift) \
         if fused else {}
     dx, sum_g, sum_gy = _autotuned_twice(
         record, lambda: K.conv_dgrad(dy, w, (h, h), st, pd, **kw), a_tma)
+    assert record["kwargs"]["PCOEF_ONCE"] == (fused and co == 64), record["offered"]
     _close(dx, ref, 4e-3)
     if fused:
         _close(sum_g, g.sum((0, 2, 3)), 4e-3)
