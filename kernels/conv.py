@@ -1107,9 +1107,10 @@ def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsiz
         mode = "prologue"
     tiles = [t for t in _CONV_TILES[mode] if _triton_ok(mode, t, triton_version)]
     if not stem:  # 128-byte K rows: BLOCK_K 64 in 16-bit, 32 in fp32 (TF32); 256-byte
-        # rows for dgrad's wide-K tile where C_out allows it
+        # rows for dgrad's wide-K tile where C_out allows it; fp64 has no 128-byte tile
+        # (BLOCK_K 16): the mode's last, a BLOCK_K 32 one, as wgrad's lists fall back
         tiles = [t for t in tiles if t[2] * itemsize == 128
-                 or _wide_k(t, transposed, itemsize, channels, a_tma)]
+                 or _wide_k(t, transposed, itemsize, channels, a_tma)] or tiles[-1:]
     wide_ok = not (residual or fused)
     tiles = [t for t in tiles if _fits(t, gemm_n, wide_ok, strided)] or tiles[-1:]
     return _configs(_in_budget(tiles, itemsize, budget))

@@ -1495,3 +1495,22 @@ def test_wgrad_fp64_fallback_tile_fits(monkeypatch):
                 m, n, k = (c.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 assert m <= 128 and n <= 128, (stem, fused, dbn, co, ci, m, n, k)
                 assert c.num_stages * (m + n) * k * 8 <= kconv._SMEM_BUDGET, (m, n, k)
+
+
+def test_conv_fp64_configs_exist(monkeypatch):
+    """fp64 on a GPU (``conv_path`` lets it run the Triton conv): every tap-loop mode of the
+    forward and dgrad offers a config, the mode's BLOCK_K 32 tile within sm_90's pipeline
+    budget (no list had a 128-byte-row tile for 8-byte elements: ``_in_budget`` got an
+    empty list and raised, so only the stem ran)."""
+    from fusedres.kernels import conv as kconv
+
+    monkeypatch.setattr(kconv, "INTERPRET", False)
+    for transposed, fused, wgmma, n in itertools.product((False, True), (False, True),
+                                                         (False, True), (64, 256)):
+        got = kconv.conv_configs(transposed=transposed, fused=fused, gemm_n=n, itemsize=8,
+                                 wgmma=wgmma, channels=n)
+        assert got, (transposed, fused, wgmma, n)
+        for c in got:
+            m, bn, k = (c.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            assert k == 32 and c.num_stages >= 2, (m, bn, k, c.num_stages)
+            assert c.num_stages * (m + bn) * k * 8 <= kconv._SMEM_BUDGET
