@@ -1138,11 +1138,11 @@ def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused, dbn=False):
     return (n == 64) == (channels <= 64) and (n <= 128 or channels >= 256)
 
 
-def _wgrad_swap(dbn, x) -> bool:
+def _wgrad_swap(dbn, itemsize) -> bool:
     """``SWAP_AB``: wgrad's MMA with dy' as its B where the dBN prologue makes dy', in
     16-bit (wgmma reads a transposed shared-memory operand, x's box as A, only in 16-bit;
     TF32 keeps dy' as A)."""
-    return bool(dbn) and x.element_size() == 2
+    return bool(dbn) and itemsize == 2
 
 
 def wgrad_configs(stem=False, fused=False, gemm_m=None, channels=None, itemsize=2,
@@ -1870,7 +1870,8 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
             *d_str, *x_str, *p_str, shp["n"], gm, gn, tiles_per_split)
     kwargs = dict(TAP_N=tap_n, TMA=tma, TILE_H=tile_h, TILE_W=tile_w, DBN=dbn,
                   PROLOGUE=prologue, FLATTEN=FLATTEN_WGRAD, ACC_FP64=acc == torch.float64,
-                  INPUT_PRECISION=_input_precision(x.dtype), SWAP_AB=_wgrad_swap(dbn, x))
+                  INPUT_PRECISION=_input_precision(x.dtype),
+                  SWAP_AB=_wgrad_swap(dbn, x.element_size()))
 
     def grid(meta):  # persistent: at most one program per SM over (tile, split) items
         n_tiles = (r * s * triton.cdiv(ci, meta["BLOCK_N"]) if tap_n

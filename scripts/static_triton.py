@@ -801,7 +801,7 @@ def conv_specs(quick: bool):
                     channels=c[1], itemsize=itemsize, dbn=sw["DBN"]), shapes):
                 consts = dict(sw, ACC_FP64=False, INPUT_PRECISION=prec, sdc=1, sxc=1, spc=1,
                               FLATTEN=kc.FLATTEN_WGRAD, **cfg.kwargs,
-                              SWAP_AB=bool(sw["DBN"]) and dt != "fp32")  # as conv_wgrad
+                              SWAP_AB=kc._wgrad_swap(sw["DBN"], itemsize))
                 consts = {k: v for k, v in consts.items() if v is not None}
                 bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 tw = min(sw["TILE_W"], bk)  # fp32: 32-pixel boxes
