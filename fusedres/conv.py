@@ -9,12 +9,16 @@ is ``F.conv2d`` (cuDNN on CUDA) until ``backend="triton"`` is named, see ``conv_
   (groups > 1, dilation > 1, string padding, non-4-D ... go to ``F.conv2d``).
 * ``conv2d_stats(input, weight, stride, padding) -> (y, mean, var)``: conv plus the
   per-channel batch mean and biased variance of ``y`` (a statistics epilogue).
-* ``bn_relu_conv2d_stats(input, scale, shift, weight, stride, padding) -> (y, mean, var)``:
-  the same with the previous layer's BN-ReLU ``relu(input*scale + shift)`` applied while
-  loading (never materialised); padded taps are 0 after it.
+* ``bn_relu_conv2d_stats(input, scale, shift, weight, stride, padding, *, centre=None)
+  -> (y, mean, var)``: the same with the previous layer's BN-ReLU ``relu(input*scale +
+  shift)``, or ``relu((input - centre)*scale + shift)`` with a centre (the BN's mean: then
+  ``shift`` is beta and the gradient of ``scale`` is a sum about the mean, which does not
+  cancel when the mean is large), applied while loading (never materialised); padded taps
+  are 0 after it.
 * ``conv2d_bias_add_relu(input, weight, bias, residual, stride, padding, relu=True, *,
-  scale=None, shift=None)``: conv + bias + residual + ReLU, the inference path with BN
-  folded into the weights; optionally a constant BN-ReLU prologue (pre-activation BN).
+  scale=None, shift=None, centre=None)``: conv + bias + residual + ReLU, the inference path
+  with BN folded into the weights; optionally a BN-ReLU prologue (pre-activation BN; the
+  Triton conv path's BN-ReLU -> conv sites, centred on the BN's mean).
 
 ``mean`` and ``var`` are differentiable outputs (fp32, fp64 for fp64 input): their
 gradients supply the BN backward's ``-dbeta/M`` and ``-xhat*dgamma/M`` terms; the conv
@@ -28,25 +32,33 @@ CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1):
 
     triton_conv_bias_add_relu(Tensor input, Tensor weight, Tensor? bias, Tensor? residual,
                               int[] stride, int[] padding, bool relu,
-                              Tensor? scale=None, Tensor? shift=None) -> Tensor
+                              Tensor? scale=None, Tensor? shift=None,
+                              Tensor? centre=None) -> Tensor
     triton_conv_stats(Tensor input, Tensor weight, int[] stride, int[] padding)
                               -> (Tensor out, Tensor mean, Tensor var)
     triton_conv_prologue_stats(Tensor input, Tensor scale, Tensor shift, Tensor weight,
-                              int[] stride, int[] padding) -> (Tensor out, Tensor mean, Tensor var)
+                              int[] stride, int[] padding, Tensor? centre=None)
+                              -> (Tensor out, Tensor mean, Tensor var)
     triton_conv_backward(Tensor grad_out, Tensor input, Tensor weight, int[] stride,
                          int[] padding, Tensor? scale, Tensor? shift, Tensor? out,
                          Tensor? mean, Tensor? grad_mean, Tensor? grad_var,
-                         bool[] output_mask)
+                         bool[] output_mask, Tensor? centre=None)
                               -> (Tensor grad_input, Tensor grad_weight,
                                   Tensor grad_scale, Tensor grad_shift)
+
+The prologue is ``relu(input*scale + shift)``, or ``relu((input - centre)*scale + shift)``
+given a centre (per input channel): the kernels apply ``input*scale + (shift -
+centre*scale)`` (``_folded_shift``, the same in forward and backward), and the dReLU
+epilogue sums ``g*(input - centre)`` for ``grad_scale``.
 
 Backward (all Triton, deterministic, no atomics): dgrad is a transposed implicit-GEMM
 conv with the dBN prologue ("fused" mode; "materialised": after the dBN pass) and, for
 the prologue op, a dReLU epilogue that recomputes the mask from ``input*scale + shift``
-and emits the partial sums of dscale/dshift; wgrad recomputes both prologues while
-loading (the dBN one in "fused" mode). For ``triton_conv_bias_add_relu`` the output
-ReLU mask and the bias/residual gradients are computed with plain torch ops before the
-Triton dgrad/wgrad (an elementwise pass, not fused).
+and emits the partial sums of dshift and dscale (the latter about the centre); wgrad
+recomputes both prologues while loading (the dBN one in "fused" mode). For
+``triton_conv_bias_add_relu`` the output ReLU mask and the bias/residual gradients are
+computed with plain torch ops before the Triton dgrad/wgrad (an elementwise pass, not
+fused).
 
 Outputs are channels_last (NHWC memory) whatever the input layout; the ops convert a
 non-channels_last input/weight on CUDA (a copy) and read any strides in the interpreter.
@@ -106,6 +118,28 @@ def _prepare(t: Tensor) -> Tensor:
     return t
 
 
+def _folded_shift(scale: Optional[Tensor], shift: Optional[Tensor],
+                  centre: Optional[Tensor]) -> Optional[Tensor]:
+    """The shift the kernels add, ``input*scale + shift - centre*scale``, for the prologue
+    ``(input - centre)*scale + shift``. Forward and backward both call this, so the ReLU mask
+    the dgrad epilogue recomputes is bitwise the one the forward applied."""
+    if centre is None or scale is None:
+        return shift
+    return shift - centre.to(scale.dtype) * scale
+
+
+def _bn_relu_reference(input: Tensor, scale: Tensor, shift: Tensor,
+                       centre: Optional[Tensor]) -> Tensor:
+    """``relu((input - centre)*scale + shift)`` in fp32 (fp64 for fp64), rounded once to
+    the input dtype: the reference paths' prologue (centred as given: autograd then takes
+    the gradient of ``scale`` about the centre, as the Triton backward does)."""
+    acc = acc_dtype(input.dtype)
+    a = input.to(acc)
+    if centre is not None:
+        a = a - centre.view(1, -1, 1, 1)
+    return torch.relu(a * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(input.dtype)
+
+
 # --------------------------------------------------------------------------------------
 # Forward ops
 # --------------------------------------------------------------------------------------
@@ -115,16 +149,20 @@ def _prepare(t: Tensor) -> Tensor:
 def triton_conv_bias_add_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor],
                               residual: Optional[Tensor], stride: List[int], padding: List[int],
                               relu: bool, scale: Optional[Tensor] = None,
-                              shift: Optional[Tensor] = None) -> Tensor:
-    """``[relu](conv2d([relu(input*scale + shift)], weight) + bias + residual)`` in one
-    Triton kernel; the optional BN-ReLU prologue is a pre-activation BN in eval mode."""
+                              shift: Optional[Tensor] = None,
+                              centre: Optional[Tensor] = None) -> Tensor:
+    """``[relu](conv2d([relu((input - centre)*scale + shift)], weight) + bias + residual)``
+    in one Triton kernel (``centre`` None: 0); the optional BN-ReLU prologue is a
+    pre-activation BN, or the BN of a BN-ReLU -> conv site."""
     y, _, _ = kernels().conv_fwd(_prepare(input), _prepare(weight), stride, padding, bias=bias,
-                                 residual=residual, relu=relu, scale=scale, shift=shift)
+                                 residual=residual, relu=relu, scale=scale,
+                                 shift=_folded_shift(scale, shift, centre))
     return y
 
 
 @triton_conv_bias_add_relu.register_fake
-def _(input, weight, bias, residual, stride, padding, relu, scale=None, shift=None):
+def _(input, weight, bias, residual, stride, padding, relu, scale=None, shift=None,
+      centre=None):
     p, q = _out_hw(input, weight, stride, padding)
     return _empty_cl(input, input.shape[0], weight.shape[0], p, q)
 
@@ -151,17 +189,20 @@ triton_conv_stats.register_fake(_stats_fake)
 
 @torch.library.custom_op("fusedres::triton_conv_prologue_stats", mutates_args=())
 def triton_conv_prologue_stats(input: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
-                               stride: List[int], padding: List[int]
+                               stride: List[int], padding: List[int],
+                               centre: Optional[Tensor] = None
                                ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``conv2d(relu(input*scale + shift), weight)`` with the BN-ReLU applied while
-    loading (padded taps 0 after it) and a statistics epilogue: ``(y, mean, var)``."""
+    """``conv2d(relu((input - centre)*scale + shift), weight)`` (``centre`` None: 0) with
+    the BN-ReLU applied while loading (padded taps 0 after it) and a statistics epilogue:
+    ``(y, mean, var)``."""
     y, mean, var = kernels().conv_fwd(_prepare(input), _prepare(weight), stride, padding,
-                                      scale=scale, shift=shift, stats=True)
+                                      scale=scale, shift=_folded_shift(scale, shift, centre),
+                                      stats=True)
     return y, mean, var
 
 
 @triton_conv_prologue_stats.register_fake
-def _(input, scale, shift, weight, stride, padding):
+def _(input, scale, shift, weight, stride, padding, centre=None):
     return _stats_fake(input, weight, stride, padding)
 
 
@@ -175,8 +216,10 @@ def triton_conv_backward(grad_out: Tensor, input: Tensor, weight: Tensor, stride
                          padding: List[int], scale: Optional[Tensor], shift: Optional[Tensor],
                          out: Optional[Tensor], mean: Optional[Tensor],
                          grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
-                         output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of ``conv2d([relu(input*scale + shift)], weight)``.
+                         output_mask: List[bool], centre: Optional[Tensor] = None
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``conv2d([relu((input - centre)*scale + shift)], weight)`` (``centre``
+    None: 0; its gradient is ``-scale*grad_shift``).
 
     When ``grad_mean``/``grad_var`` (the gradients of the batch statistics of the conv
     output ``out``, per output channel) are given, the gradient reaching the conv output
@@ -187,7 +230,7 @@ def triton_conv_backward(grad_out: Tensor, input: Tensor, weight: Tensor, stride
     accumulation dtype.
     """
     args = (grad_out, input, weight, stride, padding, scale, shift, out, mean, grad_mean,
-            grad_var, output_mask)
+            grad_var, output_mask, centre)
     if out is None or (grad_mean is None and grad_var is None):
         return _conv_backward(None, *args)
     mode, timed = _dbn_backward_mode(input, weight, grad_out, stride, padding,
@@ -197,7 +240,7 @@ def triton_conv_backward(grad_out: Tensor, input: Tensor, weight: Tensor, stride
 
 
 def _conv_backward(dbn_mode, grad_out, input, weight, stride, padding, scale, shift, out, mean,
-                   grad_mean, grad_var, output_mask):
+                   grad_mean, grad_var, output_mask, centre):
     """``triton_conv_backward`` with the dBN term read as ``dbn_mode`` says: "fused" (the
     prologues), "materialised" (one elementwise pass, then the plain kernels) or None (no
     statistics gradient)."""
@@ -219,12 +262,13 @@ def _conv_backward(dbn_mode, grad_out, input, weight, stride, padding, scale, sh
     need_in, need_w, need_ss = output_mask
     need_ss = need_ss and prologue
     x = _prepare(input)
+    shift = _folded_shift(scale, shift, centre)
     if need_in or need_ss:
         dx, sum_g, sum_gy = k.conv_dgrad(
             dy, _prepare(weight), (input.shape[2], input.shape[3]), stride, padding,
             y=y, coef_y=coef_y, coef_c=coef_c, y_mean=mean if y is not None else None,
             y_prev=x if prologue else None,
-            scale=scale, shift=shift)
+            scale=scale, shift=shift, y_prev_centre=centre)
         if need_in:
             gi = dx
         if need_ss:
@@ -240,7 +284,7 @@ def _conv_backward(dbn_mode, grad_out, input, weight, stride, padding, scale, sh
 
 @triton_conv_backward.register_fake
 def _(grad_out, input, weight, stride, padding, scale, shift, out, mean, grad_mean, grad_var,
-      output_mask):
+      output_mask, centre=None):
     acc = acc_dtype(input.dtype)
     need_in, need_w, need_ss = output_mask
     need_ss = need_ss and scale is not None
@@ -453,23 +497,35 @@ torch.library.register_autograd("fusedres::triton_conv_stats", _stats_backward,
 
 
 def _prologue_setup(ctx, inputs, output):
-    input, scale, shift, weight, stride, padding = inputs
+    input, scale, shift, weight, stride, padding, centre = inputs
     y, mean, _ = output
-    ctx.save_for_backward(input, scale, shift, weight, y, mean)
+    ctx.save_for_backward(input, scale, shift, weight, y, mean, centre)
     ctx.conv = (list(stride), list(padding))
 
 
+def _needs_grad(ctx, i: int) -> bool:
+    """``ctx.needs_input_grad[i]``; a trailing optional input left at its default (None)
+    has no entry."""
+    return i < len(ctx.needs_input_grad) and ctx.needs_input_grad[i]
+
+
+def _centre_grad(centre, scale, grad_shift):
+    """The gradient of the prologue's centre: ``-scale*sum(g)``."""
+    return (-scale * grad_shift.to(scale.dtype)).to(centre.dtype)
+
+
 def _prologue_backward(ctx, dy, dmean, dvar):
-    input, scale, shift, weight, y, mean = ctx.saved_tensors
+    input, scale, shift, weight, y, mean, centre = ctx.saved_tensors
     stride, padding = ctx.conv
     need = ctx.needs_input_grad
     gi, gw, gs, gsh = torch.ops.fusedres.triton_conv_backward(
         _grad_or_zero(dy, y), input, weight, stride, padding, scale, shift, y, mean, dmean, dvar,
-        [need[0], need[3], need[1] or need[2]])
+        [need[0], need[3], need[1] or need[2] or _needs_grad(ctx, 6)], centre)
     return (gi if need[0] else None,
             gs.to(scale.dtype) if need[1] else None,
             gsh.to(shift.dtype) if need[2] else None,
-            gw if need[3] else None, None, None)
+            gw if need[3] else None, None, None,
+            _centre_grad(centre, scale, gsh) if _needs_grad(ctx, 6) else None)
 
 
 torch.library.register_autograd("fusedres::triton_conv_prologue_stats", _prologue_backward,
@@ -480,8 +536,8 @@ torch.library.register_autograd("fusedres::triton_conv_prologue_stats", _prologu
 
 
 def _bar_setup(ctx, inputs, output):
-    input, weight, bias, residual, stride, padding, relu, scale, shift = inputs
-    ctx.save_for_backward(input, weight, output if relu else None, scale, shift)
+    input, weight, bias, residual, stride, padding, relu, scale, shift, centre = inputs
+    ctx.save_for_backward(input, weight, output if relu else None, scale, shift, centre)
     ctx.conv = (list(stride), list(padding))
     ctx.relu = relu
     ctx.has_bias = bias is not None
@@ -490,23 +546,25 @@ def _bar_setup(ctx, inputs, output):
 
 
 def _bar_backward(ctx, dout):
-    input, weight, out, scale, shift = ctx.saved_tensors
+    input, weight, out, scale, shift, centre = ctx.saved_tensors
     stride, padding = ctx.conv
     need = ctx.needs_input_grad
-    need_ss = scale is not None and (need[7] or need[8])
+    need_centre = _needs_grad(ctx, 9)
+    need_ss = scale is not None and (need[7] or need[8] or need_centre)
     # NOT fused: the output ReLU mask is applied by a torch elementwise op.
     g = torch.where(out <= 0, torch.zeros_like(dout), dout) if ctx.relu else dout
     gi = gw = gs = gsh = None
     if need[0] or need[1] or need_ss:
         gi, gw, gs, gsh = torch.ops.fusedres.triton_conv_backward(
             g, input, weight, stride, padding, scale, shift, None, None, None, None,
-            [need[0], need[1], need_ss])
+            [need[0], need[1], need_ss], centre)
     gb = g.sum(dim=(0, 2, 3), dtype=acc_dtype(g.dtype)).to(ctx.bias_dtype) \
         if ctx.has_bias and need[2] else None
     gr = g.to(ctx.res_dtype) if ctx.res_dtype is not None and need[3] else None
     return (gi if need[0] else None, gw if need[1] else None, gb, gr, None, None, None,
             gs.to(scale.dtype) if need_ss and need[7] else None,
-            gsh.to(shift.dtype) if need_ss and need[8] else None)
+            gsh.to(shift.dtype) if need_ss and need[8] else None,
+            _centre_grad(centre, scale, gsh) if need_ss and need_centre else None)
 
 
 torch.library.register_autograd("fusedres::triton_conv_bias_add_relu", _bar_backward,
@@ -615,45 +673,52 @@ def conv2d_stats(input: Tensor, weight: Tensor, stride=1, padding=0, *,
 
 
 def bn_relu_conv2d_stats(input: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride=1,
-                         padding=0, *, backend: str = "auto") -> Tuple[Tensor, Tensor, Tensor]:
-    """``(y, mean, var)`` of ``y = conv2d(relu(input*scale + shift), weight)``.
+                         padding=0, *, centre: Optional[Tensor] = None,
+                         backend: str = "auto") -> Tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean, var)`` of ``y = conv2d(relu((input - centre)*scale + shift), weight)``
+    (``centre`` None: ``relu(input*scale + shift)``).
 
-    ``scale``/``shift`` (C_in,) are per input channel (fp32, or fp64 for fp64 input) and
-    differentiable; zero padding applies after the ReLU, as in the unfused network.
+    ``scale``/``shift``/``centre`` (C_in,) are per input channel (fp32, or fp64 for fp64
+    input) and differentiable; zero padding applies after the ReLU, as in the unfused
+    network. For a BN with batch statistics pass ``centre=mean``, ``scale =
+    gamma*invstd``, ``shift = beta`` (``ops.centred_scale_shift``): the gradient of
+    ``scale`` is then a sum of ``g*(input - mean)``. In the uncentred form ``shift = beta -
+    mean*scale`` autograd subtracts ``mean*sum(g)`` from ``sum(g*input)``, which cancels
+    where the mean is large against the spread (fp32, mean/std 100: dgamma 14x torch's
+    error, the input's gradient 2-4x).
     """
     if backend != "reference":
         input, weight, _ = autocast_inputs(input, weight, None)
     path, _ = conv_path(input, weight, None, stride, padding, 1, 1, backend)
     if path == "reference":
-        acc = acc_dtype(input.dtype)
-        a = torch.relu(input.to(acc) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
-        y = F.conv2d(a.to(input.dtype), weight, None, stride, padding)
+        y = F.conv2d(_bn_relu_reference(input, scale, shift, centre), weight, None, stride,
+                     padding)
         return (y, *batch_stats(y))
     return torch.ops.fusedres.triton_conv_prologue_stats(input, scale, shift, weight,
-                                                         _pair(stride), _pair(padding))
+                                                         _pair(stride), _pair(padding), centre)
 
 
 def conv2d_bias_add_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                          residual: Optional[Tensor] = None, stride=1, padding=0, relu: bool = True,
                          *, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
-                         backend: str = "auto") -> Tensor:
+                         centre: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     """``[relu](conv2d(input, weight, bias) + residual)`` (eval-mode block, BN folded).
 
-    With ``scale``/``shift`` (C_in,), the input goes through ``relu(input*scale + shift)``
-    while loading (a pre-activation BN-ReLU in eval mode, which cannot fold into weights).
+    With ``scale``/``shift`` (C_in,), the input goes through ``relu(input*scale + shift)``,
+    or ``relu((input - centre)*scale + shift)`` with ``centre`` (C_in,), while loading (a
+    pre-activation BN-ReLU, which cannot fold into weights; a BN-ReLU -> conv site: centred
+    on the BN's mean, see ``bn_relu_conv2d_stats``).
     """
     if backend != "reference":
         input, weight, bias = autocast_inputs(input, weight, bias)
     path, _ = conv_path(input, weight, bias, stride, padding, 1, 1, backend)
     if path == "reference":
         if scale is not None:
-            acc = acc_dtype(input.dtype)
-            input = torch.relu(input.to(acc) * scale.view(1, -1, 1, 1)
-                               + shift.view(1, -1, 1, 1)).to(input.dtype)
+            input = _bn_relu_reference(input, scale, shift, centre)
         y = F.conv2d(input, weight, bias, stride, padding)
         if residual is not None:
             y = y + residual
         return torch.relu(y) if relu else y
     return torch.ops.fusedres.triton_conv_bias_add_relu(input, weight, bias, residual,
                                                         _pair(stride), _pair(padding), relu,
-                                                        scale, shift)
+                                                        scale, shift, centre)

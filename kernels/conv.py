@@ -43,7 +43,8 @@ One kernel, ``_conv_kernel``, with constexpr switches:
   and is recomputed by the merge kernel, or stored beside them for spatial tiles),
   ``DRELU`` (dgrad epilogue: g = dz * [ey*escale
   + eshift > 0] recomputed from the previous layer's conv output, stores g*escale and
-  per-tile sums of g and g*ey, the partial sums of dshift and dscale).
+  per-tile sums of g and g*(ey - centre), the partial sums of dshift and dscale, the
+  latter about the previous BN's mean so that no large mean cancels out of it).
 
 ``_stats_merge_kernel`` combines the tile statistics with Chan's parallel formula
 (n = 0 guarded), in two levels when there are many tiles (chunks in parallel, then one
@@ -223,10 +224,9 @@ def _conv_kernel(
     PCOEF_ptr,  # (CI, 2) pairs: BN-ReLU (scale, shift); dBN (y coefficient, y centre)
     PY_ptr,  # (N, IH, IW, CI) forward output y, X's strides, for the dBN prologue [PROLOGUE 2]
     EY_ptr,  # (N, OH, OW, CO) previous conv output y_prev            [DRELU]
-    ESCALE_ptr,  # (CO,) previous BN scale                             [DRELU]
-    ESHIFT_ptr,  # (CO,) previous BN shift                             [DRELU]
+    ECOEF_ptr,  # (CO, 3) previous BN (scale, shift, centre of the dscale sums) [DRELU]
     WS1_ptr,  # (T, CO, 2) tile mean pairs [STATS] or (T, CO) tile sum(g) [DRELU], acc dtype
-    WS2_ptr,  # (T, CO) tile M2 [STATS] or tile sum(g*ey) [DRELU], acc dtype
+    WS2_ptr,  # (T, CO) tile M2 [STATS] or tile sum(g*(ey - centre)) [DRELU], acc dtype
     WS3_ptr,  # (T, CO) tile count                              [STATS and A_TMA >= 2]
     LANES_ptr,  # (>= BLOCK_M,) int32 0, 1, 2, ...: row ids of an M tile (``_box_rows_in``)
     W_desc,  # TMA descriptor of W as [CO, R*S*CI], block [BLOCK_N, BLOCK_K] [W_TMA]
@@ -563,8 +563,11 @@ def _conv_kernel(
             ey = tl.load(EY_ptr + ((nb.to(tl.int64) * sen + oh * seh + ow * sew)[:, None]
                                    + offs_n[None, :] * sec),
                          mask=out_ok, other=0.0)
-            esc = tl.load(ESCALE_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
-            esh = tl.load(ESHIFT_ptr + offs_n, mask=n_ok, other=0.0).to(acc.dtype)
+            # one base address for the three (separate pointers: the triton 3.6 4-warp
+            # 128x64x128 tiles spilled 4-8 B across the K loop)
+            esc = tl.load(ECOEF_ptr + 3 * offs_n, mask=n_ok, other=0.0).to(acc.dtype)
+            esh = tl.load(ECOEF_ptr + 3 * offs_n + 1, mask=n_ok, other=0.0).to(acc.dtype)
+            ctr = tl.load(ECOEF_ptr + 3 * offs_n + 2, mask=n_ok, other=0.0).to(acc.dtype)
             # ey kept in its 16-bit dtype and widened at each use: an fp32 copy beside
             # acc, escale and eshift (32 columns each per thread in the wgmma layout) made
             # the strided 128x128 tile spill (255 registers; 244 without it)
@@ -572,7 +575,10 @@ def _conv_kernel(
             g = tl.where(pre <= 0, 0.0, acc)
             g = tl.where(out_ok, g, 0.0)
             tl.store(WS1_ptr + ws_off, tl.sum(g, axis=0), mask=n_ok)
-            tl.store(WS2_ptr + ws_off, tl.sum(g * ey.to(acc.dtype), axis=0), mask=n_ok)
+            # dscale's sum about the centre (the BN mean): sum(g*ey) at a mean 100x the
+            # spread, less mean*sum(g) afterwards, cancelled (dgamma 14x torch's error)
+            tl.store(WS2_ptr + ws_off, tl.sum(g * (ey.to(acc.dtype) - ctr[None, :]), axis=0),
+                     mask=n_ok)
             acc = g * esc[None, :]
         out = acc.to(Y_ptr.dtype.element_ty)
         if Y_TMA == 1:  # Y as [N*OH*OW, CO]: TMA drops the rows and columns past the end
@@ -1461,7 +1467,7 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     # (scale, shift) interleaved as (C_in, 2): the kernel loads both in one access
     pcoef = torch.stack((scale, shift), 1) if prologue else y
     args = (x, weight, y, bias if bias is not None else y, res,
-            pcoef, y, y, y, y, ws1, ws2, ws3, _lanes(x.device),
+            pcoef, y, y, y, ws1, ws2, ws3, _lanes(x.device),
             w_desc if w_desc is not None else weight, x_desc if x_desc is not None else x, x,
             y_desc if y_desc is not None else y,
             h, w, ci, p, q, co, r, s, sh, sw, ph, pw,
@@ -1543,7 +1549,8 @@ def _merge_stats_launch(ws_mean, ws_m2, mean, var, tiles, m, tile_m, rows_per_pr
 
 
 def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None,
-               coef_c=None, y_mean=None, y_prev=None, scale=None, shift=None):
+               coef_c=None, y_mean=None, y_prev=None, scale=None, shift=None,
+               y_prev_centre=None):
     """Data gradient of the conv: a transposed implicit-GEMM conv of ``dy``.
 
     dBN (when ``y`` is given): the data gradient of ``dy + y*coef_y + coef_c`` (per output
@@ -1555,9 +1562,12 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     dtype: y's mean never enters the rounded operand (uncentred, a mean 20x the spread
     made dx's error 12-37x the materialised pass's in fp16). dReLU epilogue (when
     ``y_prev`` is given; the forward input was ``relu(y_prev*scale + shift)``): returns
-    ``(g*scale, sum(g), sum(g*y_prev))`` with ``g = da * [y_prev*scale + shift > 0]`` --
-    the gradient of ``y_prev`` and of ``shift``/``scale``. Without it returns ``(da, None,
-    None)``. Output channels_last.
+    ``(g*scale, sum(g), sum(g*(y_prev - y_prev_centre)))`` with ``g = da * [y_prev*scale +
+    shift > 0]`` -- the gradient of ``y_prev`` and of ``shift``/``scale`` (``y_prev_centre``:
+    per channel, default 0; the previous BN's mean, with ``shift = beta - mean*scale``,
+    makes the last sum the gradient of ``scale`` in the centred form ``(y_prev - mean)*scale
+    + beta``, which does not cancel). Without it returns ``(da, None, None)``. Output
+    channels_last.
     """
     n, co, p, q = dy.shape
     co_w, ci, r, s = weight.shape
@@ -1616,6 +1626,10 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
         ws1 = ws2 = dx
     py = y if dbn else dx
     ey = y_prev if drelu else dx
+    if drelu:  # (scale, shift, centre of the dscale sums) interleaved as (C_in, 3)
+        ecoef = torch.stack((scale.to(acc), shift.to(acc),
+                             torch.zeros_like(scale, dtype=acc) if y_prev_centre is None
+                             else y_prev_centre.to(acc)), 1)
     pcoef = cdx = None
     precision = _input_precision(dy.dtype)
     if dbn:  # the kernel's A is dy + (y - centre)*coef_y (``_dbn_prologue_coefs``),
@@ -1643,7 +1657,7 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
         w_desc = _dense_desc(weight.permute(0, 2, 3, 1), (co, r * s * ci),
                              (cfg0["BLOCK_K"], cfg0["BLOCK_N"]))
     args = (dy, weight, dx, dx, res, pcoef if dbn else dx, py,
-            ey, scale if drelu else dx, shift if drelu else dx, ws1, ws2, dx, _lanes(dy.device),
+            ey, ecoef if drelu else dx, ws1, ws2, dx, _lanes(dy.device),
             w_desc if w_desc is not None else weight, x_desc if x_desc is not None else dy,
             py_desc if py_desc is not None else dy, dx,
             p, q, co, h, w, ci, r, s, sh, sw, ph, pw,

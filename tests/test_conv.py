@@ -151,16 +151,20 @@ def test_bias_add_relu(case, relu):
     torch.testing.assert_close(y, ref)
 
 
-def test_bias_add_relu_with_prologue_and_grads():
+@pytest.mark.parametrize("centred", [False, True], ids=["plain", "centred"])
+def test_bias_add_relu_with_prologue_and_grads(centred):
     x, w, st, pd = _make(CASES[0], requires_grad=True)  # stem: padding 3 with shift > 0
     scale, shift = _scale_shift(x.shape[1], requires_grad=True)
     b = torch.randn(w.shape[0], dtype=w.dtype, device=DEVICE, requires_grad=True)
+    centre = (torch.linspace(-0.5, 0.5, x.shape[1], dtype=x.dtype, device=DEVICE)
+              .requires_grad_() if centred else None)
+    leaves = [x, w, b, scale, shift] + ([centre] if centred else [])
     outs, grads = [], []
     for backend in ("triton", "reference"):
         y = fconv.conv2d_bias_add_relu(x, w, b, None, st, pd, relu=True, scale=scale,
-                                       shift=shift, backend=backend)
+                                       shift=shift, centre=centre, backend=backend)
         outs.append(y)
-        grads.append(torch.autograd.grad((y * y).sum(), [x, w, b, scale, shift]))
+        grads.append(torch.autograd.grad((y * y).sum(), leaves))
     torch.testing.assert_close(outs[0], outs[1])
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want)
@@ -739,16 +743,21 @@ def test_two_layer_chain_matches_batch_norm():
         torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
 
 
-def test_gradcheck_prologue_stats():
+@pytest.mark.parametrize("centred", [False, True], ids=["plain", "centred"])
+def test_gradcheck_prologue_stats(centred):
+    """Every gradient, the prologue's centre included (relu((x - centre)*scale + shift):
+    the dReLU epilogue's sum of g*(x - centre) and the centre's -scale*sum(g))."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, 4, 4, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
     w = torch.randn(2, 3, 3, 3, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
     scale, shift = _scale_shift(3, requires_grad=True)
+    centre = torch.randn(3, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_(centred)
 
-    def fn(x, scale, shift, w):
-        return torch.ops.fusedres.triton_conv_prologue_stats(x, scale, shift, w, [2, 2], [1, 1])
+    def fn(x, scale, shift, w, centre):
+        return torch.ops.fusedres.triton_conv_prologue_stats(x, scale, shift, w, [2, 2], [1, 1],
+                                                             centre if centred else None)
 
-    assert torch.autograd.gradcheck(fn, (x, scale, shift, w), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(fn, (x, scale, shift, w, centre), eps=1e-6, atol=1e-6)
 
 
 def test_gradcheck_bias_add_relu():
@@ -795,6 +804,11 @@ def test_opcheck():
     torch.library.opcheck(ops.triton_conv_bias_add_relu, (x, w, None, None, [2, 2], [0, 0], False))
     torch.library.opcheck(ops.triton_conv_bias_add_relu,
                           (x, w, b, None, [1, 1], [1, 1], True, scale, shift))
+    centre = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(ops.triton_conv_bias_add_relu,
+                          (x, w, b, None, [1, 1], [1, 1], True, scale, shift, centre))
+    torch.library.opcheck(ops.triton_conv_prologue_stats,
+                          (x, scale, shift, w, [1, 1], [1, 1], centre))
     y = torch.randn(1, 2, 4, 4, dtype=torch.float64, device=DEVICE)
     m, dm, dv = (torch.randn(2, dtype=torch.float64, device=DEVICE) for _ in range(3))
     torch.library.opcheck(ops.triton_conv_backward,

@@ -208,14 +208,31 @@ def test_conv_stats_backward_fused_wgrad_fp32(ieee, monkeypatch):
 
 
 def prologue_grads(y, w, gamma, beta, dz, impl):
+    """Output and gradients of conv(relu(bn(y))), batch statistics. ``impl``: "eager";
+    "triton" (the prologue centred on the batch mean, scale = gamma*invstd, shift = beta);
+    "uncentred" (shift = beta - mean*scale, ``ops.scale_shift``); "module" (fusedres.nn's
+    BN-ReLU -> conv site on the Triton path, ``bn_relu_conv2d``)."""
     y, w, gamma, beta = [t.detach().requires_grad_() for t in (y, w, gamma, beta)]
     if impl == "eager":
         out = F.conv2d(torch.relu(F.batch_norm(y, None, None, gamma, beta, True, 0.1, 1e-5)),
                        w, None, 1, 1)
+    elif impl == "module":
+        bn = nn.BatchNorm2d(y.shape[1], track_running_stats=False).to(DEVICE)
+        conv = nn.Conv2d(y.shape[1], w.shape[0], 3, padding=1, bias=False).to(DEVICE, w.dtype)
+        bn.weight, bn.bias, conv.weight = (nn.Parameter(t) for t in (gamma, beta, w))
+        out = fnn.bn_relu_conv2d(bn, conv, y, conv_backend="triton")
+        assert fnn.last_backend() == "triton-prologue"
+        gamma, beta, w = bn.weight, bn.bias, conv.weight
     else:
         mean, var = fconv.batch_stats(y)
-        _, scale, shift = ops.scale_shift(gamma, beta, mean, var, 1e-5)
-        out, _, _ = fconv.bn_relu_conv2d_stats(y, scale, shift, w, 1, 1, backend="triton")
+        if impl == "uncentred":
+            _, scale, shift = ops.scale_shift(gamma, beta, mean, var, 1e-5)
+            centre = None
+        else:
+            _, scale, shift = ops.centred_scale_shift(gamma, beta, mean, var, 1e-5)
+            centre = mean
+        out, _, _ = fconv.bn_relu_conv2d_stats(y, scale, shift, w, 1, 1, centre=centre,
+                                               backend="triton")
     out.backward(dz.to(out.dtype))
     return {"out": out.detach(), "dy": y.grad, "dw": w.grad, "dgamma": gamma.grad,
             "dbeta": beta.grad}
@@ -237,27 +254,30 @@ def prologue_case(dtype, mean, std):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [
-    torch.float16,
-    pytest.param(torch.float32, marks=pytest.mark.xfail(strict=True, reason=(
-        "the prologue takes BN as y*scale + shift, shift = beta - mean*scale "
-        "(ops.scale_shift): its backward returns sum(g*y) (the dReLU epilogue's fp32 "
-        "tile sums) and autograd subtracts mean*sum(g): dgamma 3-10x torch's (NCHW) error "
-        "in fp32 at mean/std 20, 5-14x at 100 (here 14x), dy 2-4x at 100; in 16-bit the "
-        "operand rounding dominates (0.01-0.6x). "
-        "A fix needs a centre in the op (sum(g*(y - mean)) in the epilogue)")))],
-    ids=["fp16", "fp32"])
-def test_bn_relu_prologue(ieee, dtype):
+@pytest.mark.parametrize("dtype,impl", [
+    (torch.float16, "triton"),
+    (torch.float32, "triton"),
+    (torch.float32, "module"),
+    pytest.param(torch.float32, "uncentred", marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError, reason=(
+        "shift = beta - mean*scale (ops.scale_shift), no centre: the backward returns "
+        "sum(g*y) and autograd subtracts mean*sum(g), which cancels in fp32: dgamma 3-10x "
+        "torch's (NCHW) error at mean/std 20, 5-14x at 100 (here 14x), dy 2-4x at 100 "
+        "(in 16-bit the operand rounding dominates: 0.01-0.6x). What centre=mean is for")))],
+    ids=["fp16", "fp32", "fp32-module", "fp32-uncentred"])
+def test_bn_relu_prologue(ieee, dtype, impl):
     """conv(relu(bn(y))) with batch statistics through the Triton prologue, y's mean/std
-    100: output and every gradient (y, conv weight, gamma, beta) against eager."""
+    100: output and every gradient (y, conv weight, gamma, beta) against eager. Centred on
+    the batch mean, the dReLU epilogue sums g*(y - mean) for dscale (fp32, before the
+    centre: dgamma 14x torch's error, dy 2-4x; the uncentred form still does)."""
     y, w, gamma, beta, dz = prologue_case(dtype, 100.0, 1.0)
     truth = prologue_grads(y.double(), w.double(), gamma.double(), beta.double(), dz, "eager")
     # torch's better layout: its channels_last CPU batch norm folds the mean into a shift
     # itself (2-5x its NCHW error here)
     eager = [prologue_grads(y.contiguous(memory_format=fmt), w, gamma, beta, dz, "eager")
              for fmt in (torch.contiguous_format, torch.channels_last)]
-    fused = prologue_grads(y, w, gamma, beta, dz, "triton")
-    judge(fused, eager, truth, f"BN-ReLU prologue {dtype}")
+    fused = prologue_grads(y, w, gamma, beta, dz, impl)
+    judge(fused, eager, truth, f"BN-ReLU prologue {dtype} {impl}")
 
 
 # ---- the Triton BN kernels end to end, and a large mean of dout -------------------------------
