@@ -578,25 +578,44 @@ FWD_C_OUT = {
     "fwd eval 1x1 s1 bias+residual+relu": (256, 512, 1024, 2048),
 }
 
-# dgrad's (C_in, C_out) at the ResNet-50 convs each dgrad variant runs (the conv's stride;
-# the plain and the fused mode alike: conv1 and the downsample run the fused one with
-# the dBN prologue alone, conv2 and conv3 with the dReLU epilogue too, and each runs the
-# plain one without statistics' gradients): ``conv_configs`` prunes dgrad by its GEMM N,
-# C_in (no 64-wide tile above 64 but the wide-K one), and by its reduction channels,
-# C_out (the wide-K tile, BLOCK_K 128, only where C_out % 128 == 0). The stem (C_in = 3,
-# no input gradient) is not a dgrad row.
-_DGRAD_S1 = ((64, 64), (64, 256), (128, 128), (128, 512), (256, 64), (256, 128),
-             (256, 256), (256, 1024), (512, 128), (512, 256), (512, 512), (512, 2048),
-             (1024, 256), (1024, 512), (2048, 512))
-_DGRAD_S2 = ((128, 128), (256, 256), (256, 512), (512, 512), (512, 1024), (1024, 2048))
+# dgrad's (C_in, C_out) at the ResNet-50 convs each dgrad variant runs in training, the
+# model converted with the Triton conv path (tests/test_static_triton.py records
+# ``conv_dgrad``'s launches in a converted torchvision resnet50, in both dbn_backward
+# modes): conv1 (1x1 s1, its statistics from its epilogue for bn1; its input the block's
+# output, no BN-ReLU before it) with the dBN prologue alone in "fused" mode, plain after
+# the materialising pass; conv2 (3x3, s1 or s2) and conv3 (1x1 s1), the BN-ReLU before
+# them in their forward's prologue, with the dReLU epilogue alone in either mode (their
+# outputs' BNs compute their own statistics: no dBN term). The downsample conv and the
+# stem run F.conv2d. ``conv_configs`` prunes dgrad by its GEMM N, C_in (no 64-wide tile
+# above 64 but the wide-K one), and by its reduction channels, C_out (the wide-K tile,
+# BLOCK_K 128, only where C_out % 128 == 0; ``_pcoef_once``: the dBN coefficients loaded
+# once where C_out is one K tile, 64).
+_DGRAD_CONV1 = ((64, 64), (256, 64), (256, 128), (512, 128), (512, 256), (1024, 256),
+                (1024, 512), (2048, 512))
+_DGRAD_CONV2 = ((64, 64), (128, 128), (256, 256), (512, 512))
+_DGRAD_CONV2_S2 = ((128, 128), (256, 256), (512, 512))
 DGRAD_CHANNELS = {
-    "dgrad s1 (TMA boxes)": _DGRAD_S1,
-    "dgrad s1 (TMA boxes) dBN prologue + dReLU epilogue": _DGRAD_S1,
-    "dgrad s2 (TMA boxes of a phase)": _DGRAD_S2,
-    "dgrad s2 (TMA boxes of a phase) dBN prologue + dReLU epilogue": _DGRAD_S2,
-    # the fallback of sm_80 and sparse dy (not judged by the bar, as the forward's)
-    "dgrad s2 (dy by pointers: sparse dy, sm_80)": _DGRAD_S2,
-    "dgrad s2 (dy by pointers: sparse dy, sm_80) dBN prologue + dReLU epilogue": _DGRAD_S2,
+    "dgrad 1x1 s1 (TMA boxes)": _DGRAD_CONV1,
+    "dgrad 1x1 s1 (TMA boxes) dBN prologue": _DGRAD_CONV1,
+    "dgrad 3x3 s1 (TMA boxes) dReLU epilogue": _DGRAD_CONV2,
+    "dgrad 1x1 s1 (TMA boxes) dReLU epilogue": ((64, 256), (128, 512), (256, 1024),
+                                                (512, 2048)),
+    "dgrad s2 (TMA boxes of a phase) dReLU epilogue": _DGRAD_CONV2_S2,
+}
+# dgrad variants a converted ResNet-50 does not run on sm_90, at the shapes of ResNet-50's
+# 3x3 convs: the functions' (``conv2d``: plain; ``bn_relu_conv2d_stats``: the dBN prologue
+# and the dReLU epilogue together, "fused" mode), and the sm_80 / sparse-dy fallback of
+# stride 2 (outside the bar, as the forward's; its dReLU row is what the strided conv2
+# runs there)
+DGRAD_OTHER_CHANNELS = {
+    "dgrad 3x3 s1 (TMA boxes)": _DGRAD_CONV2,
+    "dgrad 3x3 s1 (TMA boxes) dBN prologue + dReLU epilogue": _DGRAD_CONV2,
+    "dgrad s2 (TMA boxes of a phase)": _DGRAD_CONV2_S2,
+    "dgrad s2 (TMA boxes of a phase) dBN prologue + dReLU epilogue": _DGRAD_CONV2_S2,
+    "dgrad s2 (dy by pointers: sparse dy, sm_80)": _DGRAD_CONV2_S2,
+    "dgrad s2 (dy by pointers: sparse dy, sm_80) dReLU epilogue": _DGRAD_CONV2_S2,
+    "dgrad s2 (dy by pointers: sparse dy, sm_80) dBN prologue + dReLU epilogue":
+        _DGRAD_CONV2_S2,
 }
 
 
@@ -622,6 +641,9 @@ WGRAD_CHANNELS = {
     "wgrad 1x1 s1 (TMA, one row of pixels) bn-relu prologue": ((256, 64), (512, 128),
                                                                (1024, 256), (2048, 512)),
 }
+
+
+DGRAD_SHAPES = {**DGRAD_CHANNELS, **DGRAD_OTHER_CHANNELS}
 
 
 def _union_of(configs_of, shapes):
@@ -653,7 +675,7 @@ def _fwd_rows(kc, variants, itemsize):
     ``_pcoef_once`` decides at launch: dgrad's dBN prologue at C_out 64 in 16-bit)."""
     for name, sw in variants.items():
         stem = not sw.get("TAP_LOOP", True)
-        shapes = FWD_C_OUT.get(name) or DGRAD_CHANNELS.get(name) or (None,)
+        shapes = FWD_C_OUT.get(name) or DGRAD_SHAPES.get(name) or (None,)
         kw = dict(stem=stem, transposed=sw.get("TRANSPOSED", False),
                   fused=bool(sw.get("PROLOGUE") or sw.get("DRELU")), itemsize=itemsize,
                   residual=sw.get("HAS_RESIDUAL", False),
@@ -661,7 +683,7 @@ def _fwd_rows(kc, variants, itemsize):
                   a_tma=bool(sw.get("A_TMA")))
         for cfg in _configs_at(kc, shapes, **kw):
             yield name, sw, cfg, False
-        once = [c for c in DGRAD_CHANNELS.get(name, ()) if sw.get("PROLOGUE") == 2
+        once = [c for c in DGRAD_SHAPES.get(name, ()) if sw.get("PROLOGUE") == 2
                 and kc._pcoef_once(True, True, c[1], kc.conv_configs(gemm_n=c[0],
                                                                       channels=c[1], **kw))]
         yield from ((name, sw, cfg, True) for cfg in _configs_at(kc, once, **kw) if once)
@@ -680,6 +702,33 @@ def conv_specs(quick: bool):
     boxes = dict(A_TMA=2, TILE_H=2, TILE_W=64, STRIDE_H=1, STRIDE_W=1)
     # stride 2 from 56x56 to 28x28: boxes of 1 image x 4 rows x 32 columns
     boxes2 = dict(A_TMA=3, TILE_H=4, TILE_W=32)
+    # dgrad: dy by boxes per tap over boxes of dx pixels, as conv_dgrad makes them for
+    # every conv with C_out % 64 == 0 and dense dy, 1x1 ones too (28x28: 1 x 4 x 32; 56x56:
+    # 1 x 2 x 64; 14x14: 1 x 8 x 16; 7x7: 2 x 8 x 8), at stride 2 boxes of one phase's dx
+    # pixels (56x56 -> phases of 28x28: 1 x 4 x 32) with dy by a box per tap of the
+    # phase; a 1x1 conv's R = S = 1 pinned by the JIT (3x3 and stride 2: runtime ints). dBN:
+    # the constant's part of dx (E, fp32) starts the accumulator (HAS_RESIDUAL)
+    dbox = dict(TRANSPOSED=True, A_TMA=2, TILE_H=4, TILE_W=32)
+    d3x3 = dict(dbox, STRIDE_H=1, STRIDE_W=1)
+    d1x1 = dict(d3x3, R=1, S=1)
+    dbn, drelu = dict(PROLOGUE=2, HAS_RESIDUAL=True), dict(DRELU=True)
+    dptr = dict(TRANSPOSED=True)
+    dgrad = {"dgrad 1x1 s1 (TMA boxes)": d1x1,
+             "dgrad 1x1 s1 (TMA boxes) dBN prologue": dict(d1x1, **dbn),
+             "dgrad 3x3 s1 (TMA boxes) dReLU epilogue": dict(d3x3, **drelu),
+             "dgrad 1x1 s1 (TMA boxes) dReLU epilogue": dict(d1x1, **drelu),
+             "dgrad s2 (TMA boxes of a phase) dReLU epilogue": dict(dbox, **drelu),
+             "dgrad 3x3 s1 (TMA boxes)": d3x3,
+             "dgrad 3x3 s1 (TMA boxes) dBN prologue + dReLU epilogue": dict(d3x3, **dbn,
+                                                                            **drelu),
+             "dgrad s2 (TMA boxes of a phase)": dbox,
+             "dgrad s2 (TMA boxes of a phase) dBN prologue + dReLU epilogue": dict(
+                 dbox, **dbn, **drelu),
+             "dgrad s2 (dy by pointers: sparse dy, sm_80)": dptr,
+             "dgrad s2 (dy by pointers: sparse dy, sm_80) dReLU epilogue": dict(dptr,
+                                                                               **drelu),
+             "dgrad s2 (dy by pointers: sparse dy, sm_80) dBN prologue + dReLU epilogue":
+                 dict(dptr, **dbn, **drelu)}
     fwd = {"fwd 3x3 s1 (TMA boxes)": dict(boxes),
            "fwd 1x1 s1 (TMA GEMM)": dict(gemm1x1),
            "fwd 3x3/1x1 s2 (TMA boxes of the stride-2 view)": dict(boxes2),
@@ -696,30 +745,15 @@ def conv_specs(quick: bool):
            "fwd eval 1x1 s1 bias+residual+relu": dict(gemm1x1, HAS_BIAS=True,
                                                       HAS_RESIDUAL=True, EPILOGUE_RELU=True),
            "fwd stem C=3 (flat K) +stats": dict(TAP_LOOP=False, STATS=True, W_TMA=False),
-           # dgrad at stride 1: dy by boxes per tap over boxes of dx (28x28: 1 x 4 x 32)
-           "dgrad s1 (TMA boxes)": dict(TRANSPOSED=True, A_TMA=2, TILE_H=4, TILE_W=32,
-                                        STRIDE_H=1, STRIDE_W=1),
-           # dBN: the constant's part of dx (E, fp32) starts the accumulator (HAS_RESIDUAL)
-           "dgrad s1 (TMA boxes) dBN prologue + dReLU epilogue":
-               dict(TRANSPOSED=True, A_TMA=2, TILE_H=4, TILE_W=32, STRIDE_H=1, STRIDE_W=1,
-                    PROLOGUE=2, HAS_RESIDUAL=True, DRELU=True),
-           # dgrad at stride 2: boxes of one phase's dx pixels (56x56 -> phases of 28x28:
-           # 1 x 4 x 32), dy by a box per tap of the phase
-           "dgrad s2 (TMA boxes of a phase)": dict(TRANSPOSED=True, A_TMA=2, TILE_H=4,
-                                                   TILE_W=32),
-           "dgrad s2 (TMA boxes of a phase) dBN prologue + dReLU epilogue":
-               dict(TRANSPOSED=True, A_TMA=2, TILE_H=4, TILE_W=32, PROLOGUE=2,
-                    HAS_RESIDUAL=True, DRELU=True),
-           "dgrad s2 (dy by pointers: sparse dy, sm_80)": dict(TRANSPOSED=True),
-           "dgrad s2 (dy by pointers: sparse dy, sm_80) dBN prologue + dReLU epilogue":
-               dict(TRANSPOSED=True, PROLOGUE=2, HAS_RESIDUAL=True, DRELU=True)}
+           **dgrad}
     assert set(FWD_C_OUT) <= set(fwd), set(FWD_C_OUT) - set(fwd)
-    assert set(DGRAD_CHANNELS) <= set(fwd), set(DGRAD_CHANNELS) - set(fwd)
+    assert set(DGRAD_SHAPES) == {k for k in fwd if k.startswith("dgrad")}, set(
+        DGRAD_SHAPES) ^ {k for k in fwd if k.startswith("dgrad")}
     if quick:
         fwd = {k: v for k, v in fwd.items() if k in (
             "fwd 3x3 s1 (TMA boxes) bn-relu prologue +stats", "fwd stem C=3 (flat K) +stats",
             "fwd 1x1 s1 (TMA GEMM) bn-relu prologue +stats",
-            "dgrad s1 (TMA boxes) dBN prologue + dReLU epilogue")}
+            "dgrad 1x1 s1 (TMA boxes) dBN prologue")}
     # wgrad: (switches, (C_out, C_in) shapes): those of ``WGRAD_CHANNELS`` (given as ())
     # for the variants ResNet-50 training runs, one ResNet-50 layer's for those only the
     # functions run (``conv2d``, ``conv2d_stats`` on a 3x3 or strided conv,
