@@ -1127,9 +1127,13 @@ def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused, dbn=False):
     MMA on the operand that has no prologue, so that the prologue'd one, wgmma's B, is
     shared by two warpgroups of 128 rows (8 HGMMA per warp per K step): 256 output
     channels (BLOCK_M) for the BN-ReLU prologue alone (x is B); 256 (tap, C_in) columns
-    (BLOCK_N) with the dBN prologue (``SWAP_AB``: dy' is B), 16-bit. Static, sm_90a, bf16,
-    3x3 s1 (triton 3.8): BN-ReLU alone 60.2 SASS per HGMMA at 128x128 -> 32.1 at 256x128;
-    dBN alone 98.2 -> 45.4 at 128x256 swapped; both 81.0 (123.2 unswapped at 128x128)."""
+    (BLOCK_N) with the dBN prologue (``SWAP_AB``: dy' is B), 16-bit. A thread's share of
+    B's prologue per HGMMA is 8 * (B's columns) / (MMA rows) elements, so the BN-ReLU
+    prologue alone also gets the 4-warp 128x64 tile at any C_in (one warpgroup of 128
+    rows over 64 columns of x) where C_out >= 128. Static, sm_90a, bf16, 3x3 s1 (triton
+    3.8): BN-ReLU alone 60.2 SASS per HGMMA at 128x128 -> 32.1 at 256x128, 30.9 at 128x64
+    (stride 2: 32.6); dBN alone 98.2 -> 45.4 at 128x256 swapped; both 81.0 (123.2
+    unswapped at 128x128)."""
     m, n, k = tile[:3]
     if k * itemsize != 128:
         return False
@@ -1140,6 +1144,8 @@ def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused, dbn=False):
     if n > 128 and fused and not (dbn and itemsize == 2):
         return False
     if stem or channels is None:
+        return True
+    if fused and not dbn and (m, n, tile[3]) == (128, 64, 4):
         return True
     return (n == 64) == (channels <= 64) and (n <= 128 or channels >= 256)
 

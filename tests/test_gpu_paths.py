@@ -287,6 +287,8 @@ WGRAD_CASES = [
     ("3x3s1_dbn_ci256", 2, 256, 6, 128, 3, 1, 1, "dbn", "sm_90", 2),
     ("3x3s1_both_ci256", 2, 256, 6, 128, 3, 1, 1, "both", "sm_90", 2),
     ("1x1s1_bn_relu_co256", 2, 128, 6, 256, 1, 1, 0, "bn_relu", "sm_90", 2),
+    # BN-ReLU alone at C_out 128: the 4-warp 128x64 tile at any C_in
+    ("3x3s2_bn_relu_co128", 2, 128, 8, 128, 3, 2, 1, "bn_relu", "sm_90", 3),
 ]
 
 
@@ -322,6 +324,8 @@ def test_wgrad_autotunes_every_offered_config(gpu, case):
     wide = {"dbn": (128, 256), "both": (128, 256), "bn_relu": (256, 128)}.get(fused)
     if wide and "256" in case[0]:  # the prologue's 256-wide tile is offered, and ran
         assert wide in {t[:2] for t in record["offered"]}, record["offered"]
+    if fused == "bn_relu":  # and its 4-warp 128x64 one, B's columns over 128 MMA rows
+        assert (128, 64, 64, 4) in {t[:4] for t in record["offered"]}, record["offered"]
     assert record["kwargs"]["SWAP_AB"] == (fused in ("dbn", "both") and DT != torch.float32)
 
 
