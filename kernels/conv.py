@@ -1062,17 +1062,18 @@ def _in_budget(tiles, itemsize, budget):
     return [(m, n, k, w, 2)]
 
 
-def _fits(tile, gemm_n, wide_ok, strided=False):
+def _fits(tile, gemm_n, wide_ok, strided=False, narrow_ok=False):
     """Shape pruning: no 128x256 tile under 256 output columns (nor where the epilogue
     holds a second output-sized tile: it spills), no 64-wide one above 64 (but dgrad's
-    wide-K tile, ``_wide_k``), no 256-row one at a stride > 1 (the prologue's 256x128
-    tile meets issue 21's 48 SASS per HGMMA at stride 1, 46.2-47.8, not with the stride-2
-    view's box coordinates: 48.4)."""
+    wide-K tile, ``_wide_k``, and with ``narrow_ok`` the fused dgrad's where C_out is 64),
+    no 256-row one at a stride > 1 (the prologue's 256x128 tile meets issue 21's 48 SASS
+    per HGMMA at stride 1, 46.2-47.8, not with the stride-2 view's box coordinates:
+    48.4)."""
     m, n, k = tile[:3]
     if n > 128 and not wide_ok or m > 128 and strided:
         return False
     return gemm_n is None or (n <= 128 or gemm_n >= 256) and (
-        n >= 128 or gemm_n <= 64 or k == _WIDE_K)
+        n >= 128 or gemm_n <= 64 or k == _WIDE_K or narrow_ok)
 
 
 # dgrad's wide-K tile: BLOCK_K 128, 256-byte K rows in 16-bit, i.e. two 128-byte swizzle
@@ -1118,7 +1119,12 @@ def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsiz
         tiles = [t for t in tiles if t[2] * itemsize == 128
                  or _wide_k(t, transposed, itemsize, channels, a_tma)] or tiles[-1:]
     wide_ok = not (residual or fused)
-    tiles = [t for t in tiles if _fits(t, gemm_n, wide_ok, strided)] or tiles[-1:]
+    # the fused dgrad at C_out 64 (its K tile; no wide-K tile): also the 4-warp 128x64
+    # tile at any C_in, whose K step carries 8 HGMMA per warp, where 128x128 at 8 warps
+    # carries 4 (conv1's dBN prologue, sm_90a bf16: 33.2 against 51.2 SASS per HGMMA,
+    # coefficients once); which is faster is the autotuner's to measure
+    narrow_ok = transposed and fused and channels is not None and channels * itemsize == 128
+    tiles = [t for t in tiles if _fits(t, gemm_n, wide_ok, strided, narrow_ok)] or tiles[-1:]
     return _configs(_in_budget(tiles, itemsize, budget))
 
 

@@ -647,7 +647,8 @@ def test_dgrad_wide_k_tile_is_pruned_by_shape(monkeypatch):
     for the fused transposed mode, C_out % 128 == 0 (at any C_in), 16-bit, dy by TMA; the
     4-warp one under triton < 3.7 only; the tap loop's K unit stays 64, so the 64-channel
     layers keep it; C_out is in the autotune key (the prune reads it); deterministic
-    mode's first config stays the BLOCK_K 64 one."""
+    mode's first config stays the BLOCK_K 64 one. And the 4-warp 128x64 tile where C_out
+    is 64 (fused) or C_in is."""
     monkeypatch.setattr(K, "INTERPRET", False)
     assert K._tap_loop(64) and K._tap_loop(192) and not K._tap_loop(96)
     assert "CI" in K._CONV_KEY
@@ -670,6 +671,10 @@ def test_dgrad_wide_k_tile_is_pruned_by_shape(monkeypatch):
                                PROLOGUE=2 if fused else 0, DRELU=False, HAS_RESIDUAL=fused,
                                A_TMA=2 if a_tma else 0)
         assert {K._key(c) for c in pruned} == {K._key(c) for c in got}
+        # at C_out 64 (no wide-K tile) the fused dgrad also offers 128x64 at 4 warps at any
+        # C_in (8 HGMMA per warp per K step); elsewhere 64-wide tiles only up to C_in 64
+        narrow = (128, 64, 64, 4) in _tiles(got)
+        assert narrow == (size == 2 and (ci <= 64 or fused and co == 64)), (ci, co, fused)
     # never in the forward, whatever its channels
     monkeypatch.setattr(K, "TRITON_VERSION", (3, 6))
     for fused, wgmma in itertools.product((False, True), repeat=2):

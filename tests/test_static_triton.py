@@ -582,9 +582,9 @@ BACKWARD_GAPS = {
         "a warp (coefficients once: 205, no LDS or copy). Held to the bar: the 4-warp "
         "128x64 tile's 8 HGMMA, 37.6 (once 33.2; 3.6: 38.1, 33.5), and the wide-K tiles, "
         "38.6 (3.6: 42.6; 128x64x128 38.5); per unit of MMA work the missing one issues "
-        "fewer (8 warps x 240 per 128x128x64 against 4 x 301 per 128x64x64). It is the only "
-        "tile offered at layer1's conv1 of blocks 2 and 3 (256 -> 64 channels: C_in > 64 "
-        "rules out 128x64, C_out 64 the wide-K tiles)"),
+        "fewer (8 warps x 240 per 128x128x64 against 4 x 301 per 128x64x64). At layer1's "
+        "conv1 of blocks 2 and 3 (256 -> 64 channels: C_out 64 rules out the wide-K tiles) "
+        "the 128x64 tile is offered beside it (_fits, narrow_ok)"),
     "dgrad 3x3 s1 (TMA boxes) dBN prologue + dReLU epilogue": (
         DBN_8_WARP_TILE,
         "the 128x128 tile at 8 warps: 59.8 SASS per HGMMA > 48 (3.6: 61.0). The prologue "
