@@ -927,10 +927,10 @@ _EPILOGUE_RESERVE = 64 * 1024
 _MAX_STAGES = 5
 # wgrad (M = C_out, N = (tap, C_in), K = output pixels): BLOCK_K pixels per K step (the
 # same in every config of a dtype: it sets the pixel box); 64-wide tiles only where C_out
-# (M) or C_in (N) is 64 or less, 128x256 only where C_in >= 256 (with a prologue: the
-# dBN one, 16-bit), 256x128 only for the BN-ReLU prologue alone where C_out >= 256
-# (``_wgrad_fits``). Each list ends with its BLOCK_K 32 tile: the fallback where no tile
-# has 128-byte rows (fp64).
+# (M) or C_in (N) is 64 or less (but 128x64 at 4 warps for the BN-ReLU prologue alone,
+# at any C_in), 128x256 only where C_in >= 256 (with a prologue: the dBN one, 16-bit),
+# 256x128 only for the BN-ReLU prologue alone where C_out >= 256 (``_wgrad_fits``). Each
+# list ends with its BLOCK_K 32 tile: the fallback where no tile has 128-byte rows (fp64).
 _WGRAD_TILES = {
     "plain": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
               (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 3)],
