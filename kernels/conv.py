@@ -1596,9 +1596,10 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     if dbn and y.stride() != dy.stride():  # the kernel reads y at dy's offsets
         dy, y = (t.contiguous(memory_format=torch.channels_last) for t in (dy, y))
     _check_int32(GEMM_M=n * h * w, GEMM_K=gk)
+    tap_loop = _tap_loop(co)
 
     def dgrad_configs(a_tma):
-        return conv_configs(stem=not _tap_loop(co), transposed=True, fused=dbn or drelu,
+        return conv_configs(stem=not tap_loop, transposed=True, fused=dbn or drelu,
                             gemm_n=ci, itemsize=dy.element_size(),
                             budget=smem_budget(dy.device), strided=(sh, sw) != (1, 1),
                             channels=co, a_tma=a_tma)
@@ -1610,7 +1611,7 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     a_tma, tile_h, tile_w, x_desc, py_desc = 0, 1, 1, None, None
     block_m = configs[0].kwargs["BLOCK_M"]
     h_ph, w_ph = triton.cdiv(h, sh), triton.cdiv(w, sw)  # the largest phase's size
-    if (_tap_loop(co) and dy.permute(0, 2, 3, 1).is_contiguous()
+    if (tap_loop and dy.permute(0, 2, 3, 1).is_contiguous()
             and all(c.kwargs["BLOCK_M"] == block_m for c in configs)):
         tile_w = min(triton.next_power_of_2(w_ph), block_m)
         tile_h = min(triton.next_power_of_2(h_ph), block_m // tile_w)
@@ -1664,7 +1665,7 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
         res, res_strides = cdx, (0, *cdx.stride())
     # B by TMA: [BLOCK_K, BLOCK_N] boxes of the KRSC-dense weight as [C_out, R*S*C_in]
     w_desc = None
-    if _tap_loop(co) and weight.permute(0, 2, 3, 1).is_contiguous():
+    if tap_loop and weight.permute(0, 2, 3, 1).is_contiguous():
         cfg0 = configs[0].kwargs
         w_desc = _dense_desc(weight.permute(0, 2, 3, 1), (co, r * s * ci),
                              (cfg0["BLOCK_K"], cfg0["BLOCK_N"]))
@@ -1678,13 +1679,13 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
             weight.stride(1), weight.stride(2), weight.stride(3), weight.stride(0),
             *_nhwc_strides(dx), *res_strides, *_nhwc_strides(ey),
             gm, gn, gk, n, rows)
-    kwargs = dict(TRANSPOSED=True, TAP_LOOP=_tap_loop(co), W_TMA=w_desc is not None,
+    kwargs = dict(TRANSPOSED=True, TAP_LOOP=tap_loop, W_TMA=w_desc is not None,
                   A_TMA=a_tma, TILE_H=tile_h, TILE_W=tile_w, PROLOGUE=2 if dbn else 0,
                   HAS_BIAS=False, HAS_RESIDUAL=dbn, EPILOGUE_RELU=False, STATS=False,
                   DRELU=drelu, PERSISTENT=False, FLATTEN=False, Y_TMA=0,
                   ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=precision,
-                  PCOEF_ONCE=_pcoef_once(dbn, _tap_loop(co), co, configs))
+                  PCOEF_ONCE=_pcoef_once(dbn, tap_loop, co, configs))
 
     def grid(meta):
         return (triton.cdiv(gm, meta["BLOCK_M"]) * triton.cdiv(gn, meta["BLOCK_N"]), phases)

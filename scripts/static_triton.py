@@ -668,7 +668,7 @@ def _configs_at(kc, shapes, **kw):
     return _union_of(configs_of, shapes)
 
 
-def _fwd_rows(kc, variants, itemsize):
+def _conv_rows(kc, variants, itemsize):
     """(variant, switches, config, PCOEF_ONCE) of every ``_conv_kernel`` row: each variant's
     configs at its ResNet-50 shapes, and with a prologue, again with the coefficients
     loaded once where the reduction channels are one K tile in every config (as
@@ -796,7 +796,7 @@ def conv_specs(quick: bool):
         fwd_ptrs = ptrs  # the BN-ReLU prologue's scale/shift: fp32, as the BN makes them
         unit = dict(sxc=1, swi=1, syc=1, src=1, sec=1)  # channels_last, KRSC
         itemsize = 4 if dt == "fp32" else 2
-        for name, sw, cfg, once in _fwd_rows(kc, fwd, itemsize):
+        for name, sw, cfg, once in _conv_rows(kc, fwd, itemsize):
             consts = dict(off, **sw, INPUT_PRECISION=prec, **unit, **cfg.kwargs,
                           PCOEF_ONCE=once)
             # as conv_fwd launches it: the forward without a prologue is persistent
