@@ -238,6 +238,23 @@ def _relu_rows_coefs(sc, sh, op_t: tl.constexpr):
 
 
 @triton.jit
+def _relu_rows(xt, centre, scale, shift, floor):
+    """max((x - centre)*scale + shift, floor) of x^T's rows (``_relu_rows_coefs``): packed
+    math in bf16, fp32 FMA otherwise; the max does not propagate NaN."""
+    if xt.dtype == tl.bfloat16:
+        v = (xt - centre[:, None]) * scale[:, None] + shift[:, None]
+        # max.bf16x2 (HMNMX2) itself: triton 3.6 lowers the bf16 maximum to fp32 (unpack,
+        # FMNMX, pack: 3.5 SASS per element instead of 0.5)
+        v = tl.inline_asm_elementwise("max.bf16x2 $0, $1, $2;", "=r,r,r",
+                                      [v, tl.broadcast_to(floor[:, None], v.shape)],
+                                      dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        v = tl.fma(xt.to(tl.float32), scale[:, None], shift[:, None])
+        v = tl.maximum(v, floor[:, None], propagate_nan=tl.PropagateNan.NONE)
+    return v
+
+
+@triton.jit
 def _conv_kernel(
     X_ptr,  # (N, IH, IW, CI) A source (x, or dy when TRANSPOSED), NHWC via strides
     W_ptr,  # weight addressed [CO, R, S, CI] through (swo, swr, sws, swi)
@@ -873,12 +890,7 @@ def _conv_wgrad_kernel(
                 # (``_wgrad_tma_blocks``), 0 after the max; a mask of the pixels here (the
                 # K dimension of A) would make Triton store A to shared memory and reload
                 # it every K step. The pointer path masks after the prologue.
-                xt = b.T
-                if op_t == tl.bfloat16:
-                    v = (xt - r_cen[:, None]) * r_sc[:, None] + r_sh[:, None]
-                else:
-                    v = tl.fma(xt.to(cdt), r_sc[:, None], r_sh[:, None])
-                v = tl.maximum(v, r_floor[:, None], propagate_nan=tl.PropagateNan.NONE)
+                v = _relu_rows(b.T, r_cen, r_sc, r_sh, r_floor)
                 if not (TAP_N and TMA):
                     v = tl.where(b_ok.T, v, 0.0)
                 b = v.to(op_t).T
@@ -1183,8 +1195,8 @@ def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused, dbn=False):
     prologue alone also gets the 4-warp 128x64 tile at any C_in (one warpgroup of 128
     rows over 64 columns of x) where C_out >= 128. Static, sm_90a, bf16, 3x3 s1 (triton
     3.8): BN-ReLU alone 60.2 SASS per HGMMA at 128x128 -> 32.1 at 256x128, 30.9 at 128x64
-    (stride 2: 32.6); dBN alone 98.2 -> 45.4 at 128x256 swapped; both 81.0 (123.2
-    unswapped at 128x128)."""
+    (stride 2: 32.6), and 41.8 at 128x128 with x' as A (``_wgrad_swap``); dBN alone 98.2
+    -> 45.4 at 128x256 swapped; both 81.0 (99.0 at 128x128)."""
     m, n, k = tile[:3]
     if k * itemsize != 128:
         return False
@@ -1209,8 +1221,9 @@ def _wgrad_swap(tile, fused, dbn, itemsize) -> bool:
     least its output channels (BLOCK_M): x' as B costs a thread 8 * BLOCK_N / BLOCK_M
     elements per HGMMA, computed in fp32 and stored back to shared memory; as A, 8
     elements in registers (packed bf16 math in bf16). Static, sm_90a, bf16, 3x3 s1
-    (triton 3.8): 64x64 and 128x128 60.2 SASS per HGMMA as B, 41.2 and 41.8 as A; the
-    256x128 and 128x64 tiles stay as B (32.1, 30.9; as A 41.8)."""
+    (triton 3.8 / 3.6): 64x64 and 128x128 60.2 / 59.8-60.0 SASS per HGMMA as B, 41.2 /
+    42.5 and 41.8 / 43.5 as A; the 256x128 and 128x64 tiles stay as B (32.1, 30.9; as A
+    41.8). docs/triton_conv.md, "The BN-ReLU prologue on x' as A"."""
     m, n = tile[:2]
     return itemsize == 2 and fused and (dbn or n >= m)
 
