@@ -215,6 +215,46 @@ def _prologue_coefs(PCOEF_ptr, ci, CI, PROLOGUE: tl.constexpr, op_t: tl.constexp
 
 
 @triton.jit
+def _relu_rows_coefs(sc, sh, op_t: tl.constexpr):
+    """Per-channel coefficients of wgrad's BN-ReLU prologue on x^T (``SWAP_AB``: x' is
+    wgmma's A, one channel a row, computed in registers from the box): (centre, scale,
+    shift, floor) such that x' = max((x - centre)*scale + shift, floor). bf16: packed bf16
+    math (a HADD2, a HFMA2 and a HMNMX2 per pair of elements) centred on the ReLU's
+    threshold -shift/scale rounded to bf16, the shift that remains being the small
+    shift + centre*scale: each rounding is then of the size of the result, never of the
+    mean that cancels in x*scale + shift (the uncentred packed form rounds shift =
+    beta - mean*scale, docs/triton_conv.md); a non-finite centre (scale 0) is 0. Other
+    16-bit: fp32 math (centre 0). ``floor`` is 0, or NaN where scale or shift is not
+    finite: the max does not propagate NaN, so the TMA box's NaN fill of the padded taps
+    gives exactly 0 while a channel with non-finite statistics stays NaN."""
+    floor = sc * 0.0 + sh * 0.0
+    if op_t == tl.bfloat16:
+        centre = (-sh / sc).to(op_t)
+        centre = tl.where(centre.to(tl.float32) * 0.0 == 0.0, centre, 0.0).to(op_t)
+        shift = tl.fma(centre.to(tl.float32), sc, sh).to(op_t)
+        return centre, sc.to(op_t), shift, floor.to(op_t)
+    else:
+        return sh * 0.0, sc, sh, floor
+
+
+@triton.jit
+def _relu_rows(xt, centre, scale, shift, floor):
+    """max((x - centre)*scale + shift, floor) of x^T's rows (``_relu_rows_coefs``): packed
+    math in bf16, fp32 FMA otherwise; the max does not propagate NaN."""
+    if xt.dtype == tl.bfloat16:
+        v = (xt - centre[:, None]) * scale[:, None] + shift[:, None]
+        # max.bf16x2 (HMNMX2) itself: triton 3.6 lowers the bf16 maximum to fp32 (unpack,
+        # FMNMX, pack: 3.5 SASS per element instead of 0.5)
+        v = tl.inline_asm_elementwise("max.bf16x2 $0, $1, $2;", "=r,r,r",
+                                      [v, tl.broadcast_to(floor[:, None], v.shape)],
+                                      dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        v = tl.fma(xt.to(tl.float32), scale[:, None], shift[:, None])
+        v = tl.maximum(v, floor[:, None], propagate_nan=tl.PropagateNan.NONE)
+    return v
+
+
+@triton.jit
 def _conv_kernel(
     X_ptr,  # (N, IH, IW, CI) A source (x, or dy when TRANSPOSED), NHWC via strides
     W_ptr,  # weight addressed [CO, R, S, CI] through (swo, swr, sws, swi)
@@ -717,7 +757,9 @@ def _conv_wgrad_kernel(
     FLATTEN: tl.constexpr,  # the item and pixel loops fused into one pipelined loop
     ACC_FP64: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    SWAP_AB: tl.constexpr,  # the MMA as dW^T = x'^T dy': dy' (the dBN prologue) is its B
+    SWAP_AB: tl.constexpr,  # the MMA as dW^T = x'^T dy': dy' is its B, x' its A (a config
+    #                         switch: ``_wgrad_swap``; with the BN-ReLU prologue the TMA box of
+    #                         x fills the padding with NaN, ``_wgrad_tma_blocks``)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -780,6 +822,8 @@ def _conv_wgrad_kernel(
         if PROLOGUE:
             sc = tl.load(SCALE_ptr + ci, mask=j_ok, other=0.0).to(cdt)
             sh = tl.load(SHIFT_ptr + ci, mask=j_ok, other=0.0).to(cdt)
+            if SWAP_AB:
+                r_cen, r_sc, r_sh, r_floor = _relu_rows_coefs(sc, sh, op_t)
         if DBN:
             cy = tl.load(DCY_ptr + offs_co, mask=co_ok, other=0.0).to(cdt)
             cc = tl.load(DCC_ptr + offs_co, mask=co_ok, other=0.0).to(cdt)
@@ -841,7 +885,16 @@ def _conv_wgrad_kernel(
                         & j_ok[None, :])
                 b = tl.load(X_ptr + ((nb.to(tl.int64) * sxn)[:, None] + ih * sxh + iw * sxw
                                      + ci[None, :] * sxc), mask=b_ok, other=0.0)
-            if PROLOGUE:  # relu(x*scale + shift) in fp32; padded taps exactly 0 after it
+            if PROLOGUE and SWAP_AB:  # x'^T, wgmma's A, from the box by ldmatrix: one
+                # channel a row (``_relu_rows_coefs``). Padded taps: NaN from the box
+                # (``_wgrad_tma_blocks``), 0 after the max; a mask of the pixels here (the
+                # K dimension of A) would make Triton store A to shared memory and reload
+                # it every K step. The pointer path masks after the prologue.
+                v = _relu_rows(b.T, r_cen, r_sc, r_sh, r_floor)
+                if not (TAP_N and TMA):
+                    v = tl.where(b_ok.T, v, 0.0)
+                b = v.to(op_t).T
+            elif PROLOGUE:  # relu(x*scale + shift) in fp32; padded taps exactly 0 after it
                 v = tl.fma(b.to(cdt), sc[None, :], sh[None, :])
                 v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
                 if TMA:  # one tap per N tile: the padding is a mask of the pixels (rows),
@@ -1013,6 +1066,10 @@ def _wgrad_tma_blocks(nargs):
         if isinstance(desc, TensorDescriptor):  # 5-D: the stride-2 view of x
             desc.block_shape = (box[:2] + [1] + box[2:] if len(desc.shape) == 5 else box) \
                 + [nargs[cols]]
+    x_desc = nargs.get("X_desc")
+    if isinstance(x_desc, TensorDescriptor):  # the swapped BN-ReLU prologue reads the
+        # padding as NaN (``_relu_rows_coefs``); every other mode as 0
+        x_desc.padding = "nan" if nargs["PROLOGUE"] and nargs["SWAP_AB"] else "zero"
 
 
 def _configs(tiles, group_m=True, pre_hook=_tma_blocks):
@@ -1138,8 +1195,8 @@ def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused, dbn=False):
     prologue alone also gets the 4-warp 128x64 tile at any C_in (one warpgroup of 128
     rows over 64 columns of x) where C_out >= 128. Static, sm_90a, bf16, 3x3 s1 (triton
     3.8): BN-ReLU alone 60.2 SASS per HGMMA at 128x128 -> 32.1 at 256x128, 30.9 at 128x64
-    (stride 2: 32.6); dBN alone 98.2 -> 45.4 at 128x256 swapped; both 81.0 (123.2
-    unswapped at 128x128)."""
+    (stride 2: 32.6), and 41.8 at 128x128 with x' as A (``_wgrad_swap``); dBN alone 98.2
+    -> 45.4 at 128x256 swapped; both 81.0 (99.0 at 128x128)."""
     m, n, k = tile[:3]
     if k * itemsize != 128:
         return False
@@ -1156,11 +1213,19 @@ def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused, dbn=False):
     return (n == 64) == (channels <= 64) and (n <= 128 or channels >= 256)
 
 
-def _wgrad_swap(dbn, itemsize) -> bool:
-    """``SWAP_AB``: wgrad's MMA with dy' as its B where the dBN prologue makes dy', in
-    16-bit (wgmma reads a transposed shared-memory operand, x's box as A, only in 16-bit;
-    TF32 keeps dy' as A)."""
-    return bool(dbn) and itemsize == 2
+def _wgrad_swap(tile, fused, dbn, itemsize) -> bool:
+    """``SWAP_AB`` of a wgrad tile: the MMA as dW^T = x'^T dy', in 16-bit only (wgmma
+    reads a transposed shared-memory operand, x's box as A, only in 16-bit; TF32 keeps
+    dy as A). With the dBN prologue always: dy' is then B, computed once for every row of
+    the MMA. With the BN-ReLU prologue alone where the tile's x columns (BLOCK_N) are at
+    least its output channels (BLOCK_M): x' as B costs a thread 8 * BLOCK_N / BLOCK_M
+    elements per HGMMA, computed in fp32 and stored back to shared memory; as A, 8
+    elements in registers (packed bf16 math in bf16). Static, sm_90a, bf16, 3x3 s1
+    (triton 3.8 / 3.6): 64x64 and 128x128 60.2 / 59.8-60.0 SASS per HGMMA as B, 41.2 /
+    42.5 and 41.8 / 43.5 as A; the 256x128 and 128x64 tiles stay as B (32.1, 30.9; as A
+    41.8). docs/triton_conv.md, "The BN-ReLU prologue on x' as A"."""
+    m, n = tile[:2]
+    return itemsize == 2 and fused and (dbn or n >= m)
 
 
 def wgrad_configs(stem=False, fused=False, gemm_m=None, channels=None, itemsize=2,
@@ -1170,13 +1235,24 @@ def wgrad_configs(stem=False, fused=False, gemm_m=None, channels=None, itemsize=
     pruned to C_out (``gemm_m``), C_in (``channels``) and the element size (BLOCK_K 64
     pixels in 16-bit, 32 in fp32; the first is deterministic mode's config)."""
     if INTERPRET:
-        return _configs([_INTERPRETER_TILE], group_m=False, pre_hook=_wgrad_tma_blocks)
-    tiles = _WGRAD_TILES[_mode(stem, fused)]
-    fit = [t for t in tiles if _wgrad_fits(t, gemm_m, channels, itemsize, stem, fused, dbn)]
-    if not fit:  # the 128-byte rule alone
-        fit = [t for t in tiles if t[2] * itemsize == 128][:1] or tiles[-1:]
-    return _configs(_in_budget(fit, itemsize, budget), group_m=False,
-                    pre_hook=_wgrad_tma_blocks)
+        fit = [_INTERPRETER_TILE]
+    else:
+        tiles = _WGRAD_TILES[_mode(stem, fused)]
+        fit = [t for t in tiles
+               if _wgrad_fits(t, gemm_m, channels, itemsize, stem, fused, dbn)]
+        if not fit:  # the 128-byte rule alone
+            fit = [t for t in tiles if t[2] * itemsize == 128][:1] or tiles[-1:]
+        fit = _in_budget(fit, itemsize, budget)
+    return _wgrad_swapped(_configs(fit, group_m=False, pre_hook=_wgrad_tma_blocks),
+                          lambda c: _wgrad_swap((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]),
+                                                fused, dbn, itemsize))
+
+
+def _wgrad_swapped(configs, swap):
+    """``configs`` with their ``SWAP_AB`` switch set by ``swap(config)``."""
+    for c in configs:
+        c.kwargs["SWAP_AB"] = int(swap(c))
+    return configs
 
 
 def _key(cfg):
@@ -1225,6 +1301,14 @@ _CONV_KEY = ["GEMM_M", "GEMM_N", "GEMM_K", "TRANSPOSED", "TAP_LOOP", "PROLOGUE",
 _WGRAD_KEY = ["GEMM_M", "GEMM_N", "BATCH", "OH", "OW", "CI", "TILES_PER_SPLIT", "TAP_N", "TMA",
               "TILE_H", "TILE_W", "DBN", "PROLOGUE", "INPUT_PRECISION"]
 
+def _wgrad_union(pre_hook=_wgrad_tma_blocks):
+    """The wgrad autotuner's configs: every tile of every mode (``_union``) in both MMA
+    orientations (``SWAP_AB``), pruned per launch to ``wgrad_configs``."""
+    return [c for swap in (0, 1) for c in _wgrad_swapped(
+        _configs(_union(_WGRAD_TILES), group_m=False, pre_hook=pre_hook),
+        lambda c, swap=swap: swap)]
+
+
 if INTERPRET:
     _conv_run = _conv_kernel
     _wgrad_run = _conv_wgrad_kernel
@@ -1235,7 +1319,7 @@ else:
         prune_configs_by={"early_config_prune": _conv_prune},
     )(_conv_kernel)
     _wgrad_run = autotune(
-        configs=_configs(_union(_WGRAD_TILES), group_m=False, pre_hook=_wgrad_tma_blocks),
+        configs=_wgrad_union(),
         key=_WGRAD_KEY,
         prune_configs_by={"early_config_prune": _wgrad_prune},
     )(_conv_wgrad_kernel)
@@ -1897,8 +1981,7 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
             *d_str, *x_str, *p_str, shp["n"], gm, gn, tiles_per_split)
     kwargs = dict(TAP_N=tap_n, TMA=tma, TILE_H=tile_h, TILE_W=tile_w, DBN=dbn,
                   PROLOGUE=prologue, FLATTEN=FLATTEN_WGRAD, ACC_FP64=acc == torch.float64,
-                  INPUT_PRECISION=_input_precision(x.dtype),
-                  SWAP_AB=_wgrad_swap(dbn, x.element_size()))
+                  INPUT_PRECISION=_input_precision(x.dtype))
 
     def grid(meta):  # persistent: at most one program per SM over (tile, split) items
         n_tiles = (r * s * triton.cdiv(ci, meta["BLOCK_N"]) if tap_n

@@ -834,8 +834,7 @@ def conv_specs(quick: bool):
                     stem=not sw["TAP_N"], fused=sw["DBN"] or sw["PROLOGUE"], gemm_m=c[0],
                     channels=c[1], itemsize=itemsize, dbn=sw["DBN"]), shapes):
                 consts = dict(sw, ACC_FP64=False, INPUT_PRECISION=prec, sdc=1, sxc=1, spc=1,
-                              FLATTEN=kc.FLATTEN_WGRAD, **cfg.kwargs,
-                              SWAP_AB=kc._wgrad_swap(sw["DBN"], itemsize))
+                              FLATTEN=kc.FLATTEN_WGRAD, **cfg.kwargs)
                 consts = {k: v for k, v in consts.items() if v is not None}
                 bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 tw = min(sw["TILE_W"], bk)  # fp32: 32-pixel boxes

@@ -89,18 +89,19 @@ def gpu(monkeypatch):
             # the launcher's last config wins (deterministic mode runs its first)
             return [1.0 if record["hooks"][-1][0] == record["offered"][-1] else 2.0] * 3
 
-        def tuner(kernel, tiles, key, prune, pre_hook, group_m):
-            configs = K._configs(K._union(tiles), group_m=group_m, pre_hook=recorded(pre_hook))
+        def tuner(kernel, configs, key, prune):
             run = K.autotune(configs=configs, key=key, do_bench=bench,
                              prune_configs_by={"early_config_prune": prune})(kernel)
             assert isinstance(run, Autotuner)
             return run
 
-        monkeypatch.setattr(K, "_conv_run", tuner(K._conv_kernel, K._CONV_TILES, K._CONV_KEY,
-                                                  K._conv_prune, K._tma_blocks, True))
-        monkeypatch.setattr(K, "_wgrad_run", tuner(K._conv_wgrad_kernel, K._WGRAD_TILES,
-                                                   K._WGRAD_KEY, K._wgrad_prune,
-                                                   K._wgrad_tma_blocks, False))
+        monkeypatch.setattr(K, "_conv_run", tuner(
+            K._conv_kernel, K._configs(K._union(K._CONV_TILES),
+                                       pre_hook=recorded(K._tma_blocks)),
+            K._CONV_KEY, K._conv_prune))
+        monkeypatch.setattr(K, "_wgrad_run", tuner(
+            K._conv_wgrad_kernel, K._wgrad_union(recorded(K._wgrad_tma_blocks)),
+            K._WGRAD_KEY, K._wgrad_prune))
         launch = K._launch
 
         def spy(run, configs, grid, args, kwargs):
@@ -313,9 +314,19 @@ def test_wgrad_autotunes_every_offered_config(gpu, case):
         kw.update(scale=scale, shift=shift)
     ref = torch.nn.grad.conv2d_weight(a, (co, ci, k, k), total, st, pd)
 
+    swaps = set()
+
     def check(nargs):  # [splits, C_out, R*S*C_in] partials, summed as the launcher does
         dw = nargs["DW_ptr"].sum(0).view(co, k, k, ci).permute(0, 3, 1, 2)
         _close(dw, ref, 4e-3)
+        # the MMA's orientation (``_wgrad_swap``): dy' as B with the dBN prologue; x' as A
+        # with the BN-ReLU one alone where BLOCK_N >= BLOCK_M, its padding NaN-filled
+        m, n = nargs["BLOCK_M"], nargs["BLOCK_N"]
+        swap = DT != torch.float32 and bool(fused) and (fused != "bn_relu" or n >= m)
+        assert nargs["SWAP_AB"] == swap, (m, n, fused)
+        if tma:
+            assert nargs["X_desc"].padding == ("nan" if swap and fused != "dbn" else "zero")
+        swaps.add(nargs["SWAP_AB"])
 
     record = gpu(check, arch)
     dw = _autotuned_twice(record, lambda: K.conv_wgrad(dy, x, (co, ci, k, k), st, pd, **kw),
@@ -326,7 +337,8 @@ def test_wgrad_autotunes_every_offered_config(gpu, case):
         assert wide in {t[:2] for t in record["offered"]}, record["offered"]
     if fused == "bn_relu":  # and its 4-warp 128x64 one, B's columns over 128 MMA rows
         assert (128, 64, 64, 4) in {t[:4] for t in record["offered"]}, record["offered"]
-    assert record["kwargs"]["SWAP_AB"] == (fused in ("dbn", "both") and DT != torch.float32)
+    if fused == "bn_relu":  # both orientations were timed and checked
+        assert swaps == {0, 1}, record["offered"]
 
 
 # --------------------------------------------------------------------------------------

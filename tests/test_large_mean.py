@@ -398,3 +398,112 @@ def test_eval_fold(dtype, mean, std):
         fw, fb = fnn.folded_weights(conv, bn)
         folded = F.conv2d(x, fw, fb)
     judge({"out": folded}, {"out": eager}, {"out": truth}, f"eval fold {dtype}")
+
+
+# ---- wgrad's BN-ReLU prologue on x^T in packed bf16 math (SWAP_AB) ----------------------
+
+
+def packed_relu_rows(x, scale, shift, centred=True, contracted=True):
+    """What ``_relu_rows_coefs`` / ``_relu_rows`` compute in bf16 on a GPU (kernels/conv.py;
+    the interpreter has no bf16 arithmetic): x' = max(bf16(bf16(x - c)*s + h), floor) per
+    channel (dim 0), c = bf16(-shift/scale) (0 where not finite), s = bf16(scale),
+    h = bf16(fp32(c*scale + shift)); one rounding of the FMA where ptxas contracts it
+    (HFMA2), two where not. ``centred=False``: c = 0, h = bf16(shift), the uncentred
+    packed form."""
+    sc, sh = scale.float()[:, None], shift.float()[:, None]
+    c = (-sh / sc).bfloat16() if centred else torch.zeros_like(sh).bfloat16()
+    c = torch.where(torch.isfinite(c.float()), c, torch.zeros_like(c))
+    h = (c.double() * sc.double() + sh.double()).float().bfloat16()
+    s = sc.bfloat16()
+    d = (x.double() - c.double()).bfloat16()
+    prod = d.double() * s.double()
+    v = (prod + h.double()).bfloat16() if contracted else (
+        prod.bfloat16().double() + h.double()).bfloat16()
+    floor = (sc * 0 + sh * 0).bfloat16()  # 0, or NaN where scale or shift is not finite
+    out = torch.maximum(v, floor.expand_as(v))  # both NaN only where floor is
+    return torch.where(torch.isnan(v), floor.expand_as(v), out)
+
+
+@pytest.mark.parametrize("contracted", [True, False], ids=["hfma2", "mul-add"])
+@pytest.mark.parametrize("mean,std,centred", [
+    (0.0, 1.0, True), (20.0, 1.0, True), (100.0, 1.0, True), (1e3, 1e-2, True),
+    pytest.param(20.0, 1.0, False, marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError, reason=(
+            "uncentred packed math rounds shift = beta - mean*scale to bf16: 7x torch's "
+            "error at mean/std 20, the reason _relu_rows_coefs centres on -shift/scale")))],
+    ids=["0/1", "20/1", "100/1", "1e3/1e-2", "20/1-uncentred"])
+def test_wgrad_packed_bn_relu_rows(mean, std, centred, contracted):
+    """The swapped wgrad prologue's packed bf16 BN-ReLU against float64 of the same bf16
+    x, within RATIO x torch's error (the BN in fp32, rounded once to bf16), per channel
+    at a large mean / small spread, gamma from 1e-6 to 2 of either sign, beta 0 or not;
+    a channel of scale 0 (centre not finite: 0) and the NaN cases (padding NaN -> 0,
+    non-finite coefficients -> NaN)."""
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 24, 256
+    x = torch.randn(rows, cols, generator=g, dtype=torch.float64) * std + mean
+    gamma = (torch.rand(rows, generator=g, dtype=torch.float64) * 2).clamp_min(1e-6)
+    gamma[::3] *= -1
+    gamma[1] = 1e-6
+    beta = torch.randn(rows, generator=g, dtype=torch.float64) * (torch.arange(rows) % 2)
+    var, mu = torch.var_mean(x, 1, unbiased=False)
+    scale = (gamma / (var + 1e-5).sqrt()).float()
+    shift = (beta - mu * scale.double()).float()
+    scale[2] = 0.0
+    xb = x.bfloat16()
+    truth = torch.relu(xb.double() * scale.double()[:, None] + shift.double()[:, None])
+    eager = torch.relu(xb.float() * scale[:, None] + shift[:, None]).bfloat16()
+    ours = packed_relu_rows(xb, scale, shift, centred, contracted)
+    judge({"x'": ours}, {"x'": eager}, {"x'": truth}, f"packed BN-ReLU {mean}/{std}")
+    per_row = (ours.double() - truth).abs().amax(1) / truth.abs().amax(1).clamp_min(1e-30)
+    assert per_row.max() <= 4 * 2.0**-8, per_row  # every channel, not only the norm
+    # NaN: the box's fill (padding) gives 0; non-finite coefficients give NaN
+    nan = torch.full((2, 4), float("nan"), dtype=torch.bfloat16)
+    assert (packed_relu_rows(nan, scale[:2], shift[:2]) == 0).all()
+    bad = torch.tensor([float("nan"), float("inf"), 1.0], dtype=torch.float32)
+    out = packed_relu_rows(torch.ones(3, 4, dtype=torch.bfloat16), torch.ones(3), bad)
+    assert out[:2].isnan().all() and (out[2] == 2).all(), out
+
+
+@pytest.mark.cuda  # run by scripts/gpu_run.sh's tests stage (-m cuda)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 does not run in the interpreter")
+@pytest.mark.parametrize("k,stride,ci,co", [(3, 1, 64, 64), (3, 2, 128, 128), (1, 1, 128, 128)],
+                         ids=["3x3s1-64x64", "3x3s2-128x128", "1x1s1-128x128"])
+def test_wgrad_swapped_bn_relu_prologue_on_gpu(monkeypatch, k, stride, ci, co):
+    """The swapped wgrad (x' as A, NaN-filled padding, packed bf16 math) on a GPU, pinned
+    to each swapped config: dW against float64 of ``packed_relu_rows`` (the model of its
+    roundings: only the accumulation order differs) and within RATIO x eager's error of
+    the exact BN-ReLU, at mean/std 100."""
+    K = fconv.kernels()
+    g = torch.Generator().manual_seed(5)
+    n, hw = 4, 14
+    pad = k // 2
+    x = (torch.randn(n, ci, hw, hw, generator=g, dtype=torch.float64) + 100.0)
+    scale = (torch.rand(ci, generator=g, dtype=torch.float64) + 0.5).float()
+    shift = (0.3 * torch.randn(ci, generator=g, dtype=torch.float64) - 100.0 * scale).float()
+    p = (hw + 2 * pad - k) // stride + 1
+    dy = torch.randn(n, co, p, p, generator=g, dtype=torch.float64)
+    cl = torch.channels_last
+    xb, dyb = (t.cuda().bfloat16().contiguous(memory_format=cl) for t in (x, dy))
+    swapped = [c for c in K.wgrad_configs(fused=True, gemm_m=co, channels=ci, itemsize=2,
+                                          budget=K.smem_budget(xb.device))
+               if c.kwargs["SWAP_AB"]]
+    assert swapped
+    model = packed_relu_rows(xb.cpu().transpose(0, 1).reshape(ci, -1), scale, shift)
+    model = model.reshape(ci, n, hw, hw).transpose(0, 1).double()
+    exact = torch.relu(xb.cpu().double() * scale.double().view(1, -1, 1, 1)
+                       + shift.double().view(1, -1, 1, 1))
+    eager_x = torch.relu(xb.cpu().float() * scale.view(1, -1, 1, 1)
+                         + shift.view(1, -1, 1, 1)).bfloat16().double()
+    d64 = dyb.cpu().double()
+    want = torch.nn.grad.conv2d_weight(model, (co, ci, k, k), d64, stride, pad)
+    truth = torch.nn.grad.conv2d_weight(exact, (co, ci, k, k), d64, stride, pad)
+    eager = torch.nn.grad.conv2d_weight(eager_x, (co, ci, k, k), d64, stride, pad)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    for cfg in swapped:  # deterministic mode runs the list's first: each in turn
+        monkeypatch.setattr(K, "wgrad_configs", lambda *a, cfg=cfg, **kw: [cfg])
+        dw = K.conv_wgrad(dyb, xb, (co, ci, k, k), stride, pad, scale=scale.cuda(),
+                          shift=shift.cuda()).double().cpu()
+        # the model's dW rounded as the kernel's output is: fp32 accumulation order aside,
+        # the same bf16 values (the model is 2.5e-3 from the exact BN-ReLU's)
+        assert rel(dw, want.bfloat16()) <= 5e-4, (cfg, rel(dw, want.bfloat16()))
+        judge({"dw": dw}, {"dw": eager}, {"dw": truth}, f"swapped wgrad {cfg}")

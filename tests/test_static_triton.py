@@ -605,11 +605,12 @@ BACKWARD_GAPS = {
         "prologue's cost as at stride 1 (the 128x64 tile is for C_in <= 64, which no "
         "stride-2 conv has; the wide-K tiles: 40.4 at 8 warps, 3.6: 43.4; 3.6's 4-warp "
         "one: 39.2); bn_relu_conv2d_stats only, as at stride 1"),
-    # wgrad's prologues: fp32 math per element, a thread's 32 elements of the prologue'd
-    # operand (wgmma's B, read from shared memory only: loaded, computed, stored back,
-    # fenced, and the wgmma waited on at once, the buffer being rewritten the next step)
-    # over its warp's HGMMA of the K step: 4 in the tiles that miss, 8 where two
-    # warpgroups (or a 4-warp tile's two M halves) share the one B
+    # wgrad's dBN prologue: fp32 math per element, a thread's 32 elements of dy' (wgmma's
+    # B, read from shared memory only: loaded, computed, stored back, fenced, and the
+    # wgmma waited on at once, the buffer being rewritten the next step) over its warp's
+    # HGMMA of the K step: 4 in the tiles that miss, 8 where two warpgroups (or a 4-warp
+    # tile's two M halves) share the one B. (The BN-ReLU prologue's tiles that missed so
+    # meet the bar with x' as A in registers: kernels/conv.py ``_wgrad_swap``.)
     "wgrad 1x1 s1 (TMA, one row of pixels) dBN prologue": (
         (WGRAD_4_WARP_64, WGRAD_8_WARP_128),
         "64x64 at 4 warps: 91.5, 128x128 at 8 warps: 91.2 SASS per HGMMA > 48 (3.6: 91.0, "
@@ -620,33 +621,11 @@ BACKWARD_GAPS = {
         "HGMMA. The 64x128 (4 warps) and 128x256 tiles issue 8: 46.8, 46.6 (3.6: 46.4, "
         "46.2), held to the bar, offered at every conv1 but layer1's first (C_in = C_out = "
         "64: the 64x64 tile only)"),
-    "wgrad 3x3 s1 (TMA boxes) bn-relu prologue": (
-        (WGRAD_4_WARP_64, WGRAD_8_WARP_128),
-        "64x64 at 4 warps, 128x128 at 8: 60.2 SASS per HGMMA > 48 (3.6: 59.8, 60.0). "
-        "relu(x*scale + shift) on B, x's box per tap: 4 LDS.128, 32 FFMA, 16 PRMT, 16 "
-        "F2FP.RELU, 16 HMUL2 + 4 I2F (padded taps 0): 84 SASS, 4 STS.128, and A (dy^T of a "
-        "2-row box) by 4 LDSM.MT88; the tap mask and addresses: 67 integer SASS; 241 over "
-        "4 HGMMA. The 256x128 tile (C_out >= 256) issues 8: 32.1 (3.6: 32.1), held to the "
-        "bar, as the 4-warp 128x64 tile (C_out >= 128) does: 30.9; conv2 of layer1 (64 "
-        "channels) has only the missing 64x64 tile. "
-        "Boxes of 2 x 32 pixels (28x28); by hand at 1 x 64, 4 x 16, 8 x 8: 64.8-65.2, 61.0, "
-        "60.8-61.0 (256x128: 34.4, 32.5, 32.5)"),
-    "wgrad 1x1 s1 (TMA, one row of pixels) bn-relu prologue": (
-        WGRAD_8_WARP_128,
-        "128x128 at 8 warps: 65.0 SASS per HGMMA > 48 (3.6: 64.5), the B prologue as at "
-        "3x3, A from shared memory (260 SASS over 4 HGMMA); the 4-warp 128x64 tile (any "
-        "C_in) and the 256x128 tile issue 8: 33.9, 34.2 (3.6: 33.9, 33.5), held to the bar, "
-        "one of them offered at every conv3"),
-    "wgrad 3x3/1x1 s2 (TMA boxes of the stride-2 view) bn-relu prologue": (
-        WGRAD_8_WARP_128,
-        "128x128 at 8 warps: 62.2 SASS per HGMMA > 48 (3.6: 63.0), the B prologue as at "
-        "stride 1; the 256x128 tile: 32.8 (3.6: 33.2) and the 4-warp 128x64 tile: 32.6, "
-        "held to the bar, one of them offered at every strided conv2"),
     "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues": (
         "",
-        "123.2 SASS per HGMMA > 48 (3.6: 122.8): both prologues in fp32 per element (dBN "
-        "on dy, BN-ReLU on x), 16 elements per HGMMA, and the BN-ReLU'd x is wgmma's B "
-        "operand, read from shared memory only: a store and a barrier per K step (run by "
+        "99.0 SASS per HGMMA > 48 (3.6: 98.8; 123.2 before x' went to A): x' is wgmma's "
+        "A in registers (packed bf16), but dy' = dy + y*coef_y + coef_c stays B, in fp32, "
+        "stored to shared memory and fenced every K step, over 4 HGMMA per warp (run by "
         "bn_relu_conv2d_stats, not by a converted ResNet-50: WGRAD_CHANNELS)"),
 }
 
