@@ -1184,9 +1184,9 @@ def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsiz
                  or _wide_k(t, transposed, itemsize, channels, a_tma)] or tiles[-1:]
     wide_ok = not (residual or fused)
     # the fused dgrad at C_out 64 (its K tile; no wide-K tile): also the 4-warp 128x64
-    # tile at any C_in, whose K step carries 8 HGMMA per warp, where 128x128 at 8 warps
-    # carries 4 (conv1's dBN prologue, sm_90a bf16: 33.2 against 51.2 SASS per HGMMA,
-    # coefficients once); which is faster is the autotuner's to measure
+    # tile at any C_in, whose K step carries 8 HGMMA per warp, as the dBN prologue's
+    # 4-warp 128x128 one does (conv1's, sm_90a bf16, coefficients once: 33.2 and 32.9
+    # SASS per HGMMA; ``_dbn_tiles``); which is faster is the autotuner's to measure
     narrow_ok = transposed and fused and channels is not None and channels * itemsize == 128
     tiles = [t for t in tiles if _fits(t, gemm_n, wide_ok, strided, narrow_ok)] or tiles[-1:]
     if mode == "dbn":
@@ -1716,7 +1716,8 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
         return conv_configs(stem=not tap_loop, transposed=True, fused=dbn or drelu,
                             gemm_n=ci, itemsize=dy.element_size(),
                             budget=smem_budget(dy.device), strided=(sh, sw) != (1, 1),
-                            channels=co, a_tma=a_tma, dbn=dbn, drelu=drelu)
+                            channels=co, a_tma=a_tma, dbn=dbn, drelu=drelu,
+                            wgmma=_wgmma_ok(dy.device))
 
     configs = dgrad_configs(True)
     # dy by TMA (sm_90, dense NHWC dy, whole K tiles): M tiles are boxes of one phase's
