@@ -1209,7 +1209,6 @@ def _dbn_tiles(tiles, drelu):
     C_in <= 64 and the wide-K ones at C_out % 128 == 0 meet the bar: 35.9-40.4)."""
     if drelu:
         tiles = [t for t in tiles if t[:4] != _DBN_4_WARPS]
-        return [t for t in tiles if t[:4] != _DBN_8_WARPS] or tiles
     return [t for t in tiles if t[:4] != _DBN_8_WARPS] or tiles
 
 
