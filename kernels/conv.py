@@ -971,6 +971,10 @@ _CONV_TILES = {
     "prologue": [(128, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 64, 64, 4, 5),
                  (128, 128, 32, 8, 3)],
     "stem": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)],  # flat (r, s, c) K loop: C_in = 3
+    # dgrad with the dBN prologue where the device has wgmma: "fused"'s tiles, the 128x128
+    # one also at 4 warps (``_dbn_tiles``)
+    "dbn": [(128, 128, 64, 4, 4), (128, 64, 64, 4, 5), (128, 64, 128, 4, 3),
+            (128, 128, 128, 8, 2), (128, 128, 64, 8, 4), (128, 128, 32, 8, 3)],
 }
 _SMEM_BUDGET = 160 * 1024  # operand pipeline bytes; leaves room for the epilogue's scratch
 # On a device with less shared memory per block (A100 163 KB, sm_86/89 99 KB, against
@@ -1013,7 +1017,7 @@ _MIN_TRITON = {("prologue", 256, 128, 64, 8): (3, 7)}
 # results of the prologue's FFMAs, at 2 and 3 stages alike (a thread holds 128 A elements
 # of the K step, the previous step's 64 registers of A in flight with the wgmma, 64 of
 # accumulator and 32 coef_y values). 3.7 is unchecked (left out with 3.8).
-_BELOW_TRITON = {("fused", 128, 64, 128, 4): (3, 7)}
+_BELOW_TRITON = {("fused", 128, 64, 128, 4): (3, 7), ("dbn", 128, 64, 128, 4): (3, 7)}
 
 
 def _triton_ok(mode, tile, version=None):
@@ -1153,7 +1157,7 @@ def _wide_k(tile, transposed, itemsize, channels, a_tma):
 
 def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsize=2,
                  residual=False, budget=_SMEM_BUDGET, strided=False, wgmma=True,
-                 triton_version=None, channels=None, a_tma=True):
+                 triton_version=None, channels=None, a_tma=True, dbn=False, drelu=False):
     """The configs autotuned for one mode of ``_conv_kernel`` (``stem``: flat K loop;
     ``transposed``: dgrad; ``fused``: a prologue or the dReLU epilogue, the forward's
     BN-ReLU prologue with its own tiles, 128 rows per warpgroup, where the device has
@@ -1162,13 +1166,16 @@ def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsiz
     the reduction channels (``channels``: the tap loop's, C_in of the forward, C_out of
     dgrad; None: unknown), the stride, the A path, the operands' element size, the
     device's shared memory (``budget``: ``smem_budget(device)``) and the Triton version
-    (``_MIN_TRITON``, ``_BELOW_TRITON``; default the installed one). The first is
-    deterministic mode's config."""
+    (``_MIN_TRITON``, ``_BELOW_TRITON``; default the installed one); dgrad's ``dbn``
+    (the dBN prologue) and ``drelu`` (the dReLU epilogue) pick its tiles (``_dbn_tiles``).
+    The first is deterministic mode's config."""
     if INTERPRET:
         return _configs([_INTERPRETER_TILE])
     mode = _mode(stem, fused)
     if mode == "fused" and not transposed and wgmma:
         mode = "prologue"
+    elif mode == "fused" and dbn and wgmma:
+        mode = "dbn"
     tiles = [t for t in _CONV_TILES[mode] if _triton_ok(mode, t, triton_version)]
     if not stem:  # 128-byte K rows: BLOCK_K 64 in 16-bit, 32 in fp32 (TF32); 256-byte
         # rows for dgrad's wide-K tile where C_out allows it; fp64 has no 128-byte tile
@@ -1177,12 +1184,32 @@ def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsiz
                  or _wide_k(t, transposed, itemsize, channels, a_tma)] or tiles[-1:]
     wide_ok = not (residual or fused)
     # the fused dgrad at C_out 64 (its K tile; no wide-K tile): also the 4-warp 128x64
-    # tile at any C_in, whose K step carries 8 HGMMA per warp, where 128x128 at 8 warps
-    # carries 4 (conv1's dBN prologue, sm_90a bf16: 33.2 against 51.2 SASS per HGMMA,
-    # coefficients once); which is faster is the autotuner's to measure
+    # tile at any C_in, whose K step carries 8 HGMMA per warp, as the dBN prologue's
+    # 4-warp 128x128 one does (conv1's, sm_90a bf16, coefficients once: 33.2 and 32.9
+    # SASS per HGMMA; ``_dbn_tiles``); which is faster is the autotuner's to measure
     narrow_ok = transposed and fused and channels is not None and channels * itemsize == 128
     tiles = [t for t in tiles if _fits(t, gemm_n, wide_ok, strided, narrow_ok)] or tiles[-1:]
+    if mode == "dbn":
+        tiles = _dbn_tiles(tiles, drelu)
     return _configs(_in_budget(tiles, itemsize, budget))
+
+
+_DBN_8_WARPS = (128, 128, 64, 8)
+_DBN_4_WARPS = (128, 128, 64, 4)
+
+
+def _dbn_tiles(tiles, drelu):
+    """dgrad's dBN prologue on a wgmma device: its 128x128x64 tile at 4 warps (one
+    warpgroup of 128 rows: 8 HGMMA per warp per K step), not at 8 (two of 64 rows: 4,
+    over which the prologue's fixed per-step cost of the y box, the coefficients and the
+    fragment moves is spread: sm_90a bf16, 1x1 s1, 60.0 SASS per HGMMA, 51.2 with the
+    coefficients once, against 37.0 / 32.9 at 4 warps; triton 3.6: 59.8 / 53.2 against
+    37.5 / 33.9), except beside the dReLU epilogue, where it spills (336-548 B): there the
+    8-warp one only where no other tile fits (the 4-warp 128x64 one at C_out 64 or
+    C_in <= 64 and the wide-K ones at C_out % 128 == 0 meet the bar: 35.9-40.4)."""
+    if drelu:
+        tiles = [t for t in tiles if t[:4] != _DBN_4_WARPS]
+    return [t for t in tiles if t[:4] != _DBN_8_WARPS] or tiles
 
 
 def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused, dbn=False):
@@ -1274,7 +1301,9 @@ def _conv_prune(configs, nargs, **kw):
                                           (nargs["STRIDE_H"], nargs["STRIDE_W"]) != (1, 1),
                                           _wgmma_ok(nargs["X_ptr"].device),
                                           channels=nargs.get("CI"),
-                                          a_tma=bool(kw.get("A_TMA", 0)))}
+                                          a_tma=bool(kw.get("A_TMA", 0)),
+                                          dbn=kw["TRANSPOSED"] and kw["PROLOGUE"] == 2,
+                                          drelu=bool(kw["DRELU"]))}
     return [c for c in configs if _key(c) in want]
 
 
@@ -1686,7 +1715,8 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
         return conv_configs(stem=not tap_loop, transposed=True, fused=dbn or drelu,
                             gemm_n=ci, itemsize=dy.element_size(),
                             budget=smem_budget(dy.device), strided=(sh, sw) != (1, 1),
-                            channels=co, a_tma=a_tma)
+                            channels=co, a_tma=a_tma, dbn=dbn, drelu=drelu,
+                            wgmma=_wgmma_ok(dy.device))
 
     configs = dgrad_configs(True)
     # dy by TMA (sm_90, dense NHWC dy, whole K tiles): M tiles are boxes of one phase's

@@ -680,7 +680,9 @@ def _conv_rows(kc, variants, itemsize):
                   fused=bool(sw.get("PROLOGUE") or sw.get("DRELU")), itemsize=itemsize,
                   residual=sw.get("HAS_RESIDUAL", False),
                   strided=sw.get("A_TMA") == 3 or (sw.get("TRANSPOSED") and " s2 " in name),
-                  a_tma=bool(sw.get("A_TMA")))
+                  a_tma=bool(sw.get("A_TMA")),
+                  dbn=bool(sw.get("TRANSPOSED")) and sw.get("PROLOGUE") == 2,
+                  drelu=bool(sw.get("DRELU")))
         for cfg in _configs_at(kc, shapes, **kw):
             yield name, sw, cfg, False
         once = [c for c in DGRAD_SHAPES.get(name, ()) if sw.get("PROLOGUE") == 2

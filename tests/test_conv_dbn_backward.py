@@ -658,7 +658,7 @@ def test_dgrad_wide_k_tile_is_pruned_by_shape(monkeypatch):
             (2, 4), (False, True)):
         monkeypatch.setattr(K, "TRITON_VERSION", version)
         kw = dict(transposed=True, fused=fused, gemm_n=ci, itemsize=size, channels=co,
-                  a_tma=a_tma)
+                  a_tma=a_tma, dbn=fused)
         got = K.conv_configs(**kw)
         want = fused and co % 128 == 0 and size == 2 and a_tma
         assert (WIDE in _tiles(got)) == (want and version < (3, 7)), (
@@ -675,6 +675,20 @@ def test_dgrad_wide_k_tile_is_pruned_by_shape(monkeypatch):
         # C_in (8 HGMMA per warp per K step); elsewhere 64-wide tiles only up to C_in 64
         narrow = (128, 64, 64, 4) in _tiles(got)
         assert narrow == (size == 2 and (ci <= 64 or fused and co == 64)), (ci, co, fused)
+        # the dBN prologue's 128x128x64 tile at 4 warps, not 8 (``_dbn_tiles``); beside
+        # the dReLU epilogue at neither where another 16-bit tile fits, else at 8
+        tiles = _tiles(got)
+        if fused and size == 2:
+            assert (128, 128, 64, 4) in tiles and (128, 128, 64, 8) not in tiles, tiles
+            both = _tiles(K.conv_configs(**kw, drelu=True))
+            alone = not (narrow or want)
+            assert (128, 128, 64, 4) not in both and ((128, 128, 64, 8) in both) == alone, (
+                both, ci, co, a_tma)
+            pruned = K._conv_prune(every, nargs, TAP_LOOP=True, TRANSPOSED=True, PROLOGUE=2,
+                                   DRELU=True, HAS_RESIDUAL=True, A_TMA=2 if a_tma else 0)
+            assert _tiles(pruned) == both
+        elif size == 2:
+            assert (128, 128, 64, 8) in tiles and (128, 128, 64, 4) not in tiles, tiles
     # never in the forward, whatever its channels
     monkeypatch.setattr(K, "TRITON_VERSION", (3, 6))
     for fused, wgmma in itertools.product((False, True), repeat=2):

@@ -227,6 +227,8 @@ DGRAD_CASES = [
     # by boxes (128x128 and 128x64) and through pointers (sm_80)
     ("3x3s1_dbn_drelu_co64", 2, 64, 6, 64, 3, 1, 1, True, "sm_90", None, 2),
     ("3x3s1_dbn_drelu_co64_sm80", 2, 64, 6, 64, 3, 1, 1, True, "sm_80", None, 0),
+    # the dBN prologue alone (conv1 in "fused" dbn mode): 128x128 at 4 warps, 128x64
+    ("1x1s1_dbn_co64", 2, 256, 6, 64, 1, 1, 0, "dbn", "sm_90", None, 2),
 ]
 
 
@@ -251,20 +253,23 @@ def test_dgrad_autotunes_every_offered_config(gpu, case):
     da = torch.nn.grad.conv2d_input((n, ci, h, h), w.double(), total, st, pd)
     gate = (y_prev.float() * scale.view(view) + shift.view(view)) > 0
     g = torch.where(gate, da, torch.zeros_like(da))
-    ref = g * scale.double().view(view) if fused else da
+    ref = g * scale.double().view(view) if fused is True else da
 
     def check(nargs):  # PCOEF_ONCE: the K tile is all of C_out in the config that ran
         assert not nargs["PCOEF_ONCE"] or nargs["BLOCK_K"] == nargs["CI"], _tile(nargs)
         _close(nargs["Y_ptr"], ref, 4e-3)
 
     record = gpu(check, arch, version)
-    kw = dict(y=y, coef_y=cy, coef_c=cc, y_prev=y_prev, scale=scale, shift=shift) \
-        if fused else {}
-    dx, sum_g, sum_gy = _autotuned_twice(
-        record, lambda: K.conv_dgrad(dy, w, (h, h), st, pd, **kw), a_tma)
-    assert record["kwargs"]["PCOEF_ONCE"] == (fused and co == 64), record["offered"]
+    kw = dict(y=y, coef_y=cy, coef_c=cc) if fused else {}
+    if fused is True:
+        kw.update(y_prev=y_prev, scale=scale, shift=shift)
+    out = _autotuned_twice(record, lambda: K.conv_dgrad(dy, w, (h, h), st, pd, **kw), a_tma)
+    assert record["kwargs"]["PCOEF_ONCE"] == (bool(fused) and co == 64), record["offered"]
+    dx, sum_g, sum_gy = out
     _close(dx, ref, 4e-3)
-    if fused:
+    if fused == "dbn":  # the 128x128x64 tile at 4 warps, not 8 (``_dbn_tiles``)
+        assert {t[:4] for t in record["offered"]} == {(128, 128, 64, 4), (128, 64, 64, 4)}
+    if fused is True:
         _close(sum_g, g.sum((0, 2, 3)), 4e-3)
         _close(sum_gy, (g * y_prev.double()).sum((0, 2, 3)), 4e-3)
 

@@ -567,44 +567,9 @@ BACKWARD_VARIANTS = ["dgrad 1x1 s1 (TMA boxes)", "dgrad 1x1 s1 (TMA boxes) dBN p
                      "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues"]
 # (variant, the configs it covers: a substring of the row's config ("" all) or a tuple of
 # them, why): each config a strict xfail; the variant's other configs are held to the bar
-DBN_8_WARP_TILE = "BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, warps=8"
 WGRAD_4_WARP_64 = "BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, warps=4"
 WGRAD_8_WARP_128 = "BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, warps=8"
 BACKWARD_GAPS = {
-    "dgrad 1x1 s1 (TMA boxes) dBN prologue": (
-        DBN_8_WARP_TILE,
-        "the 128x128 tile at 8 warps: 60.0 SASS per HGMMA > 48 (3.6: 59.8), with the "
-        "coefficients loaded once (C_out 64): 51.2 (3.6: 53.2). A = dy + (y - centre)*coef_y "
-        "in packed bf16 math, 48 SASS per K step (32 HFMA2, 16 HADD2), and around it dy's "
-        "and y's fragments and the three coefficient rows (14 LDSM, 10 LDS), the "
-        "coefficients' copy (3 LDGSTS, 3 LDGDEPBAR, a DEPBAR), 37 IMAD (fragment moves, "
-        "addresses), 12 R2UR, 7 BAR, 6 SYNCS, 3 UTMALDG: 240 per K step over the 4 HGMMA of "
-        "a warp (coefficients once: 205, no LDS or copy). Held to the bar: the 4-warp "
-        "128x64 tile's 8 HGMMA, 37.6 (once 33.2; 3.6: 38.1, 33.5), and the wide-K tiles, "
-        "38.6 (3.6: 42.6; 128x64x128 38.5); per unit of MMA work the missing one issues "
-        "fewer (8 warps x 240 per 128x128x64 against 4 x 301 per 128x64x64). At layer1's "
-        "conv1 of blocks 2 and 3 (256 -> 64 channels: C_out 64 rules out the wide-K tiles) "
-        "the 128x64 tile is offered beside it (_fits, narrow_ok)"),
-    "dgrad 3x3 s1 (TMA boxes) dBN prologue + dReLU epilogue": (
-        DBN_8_WARP_TILE,
-        "the 128x128 tile at 8 warps: 59.8 SASS per HGMMA > 48 (3.6: 61.0). The prologue "
-        "dy + (y - centre)*coef_y in packed bf16 math is 1.5 SASS per element (HADD2 and "
-        "two HFMA2 per pair), 12 per HGMMA, but A in registers also costs the LDSM of dy, y "
-        "and the three coefficient rows, the fragment moves and y's box: ~190 SASS per K "
-        "step spread over the 4 HGMMA of a warp (the 4-warp 128x64 tile's 8 HGMMA: 40.0; "
-        "the 8-warp wide-K tile's, BLOCK_K 128: 39.9, 3.6: 43.2; 128x128 at 4 warps "
-        "spills). Kept for C_out 64, which has no wide-K tile; there the coefficients are "
-        "loaded once (PCOEF_ONCE): 51.8 (3.6: 53.5), the box issue, barriers and fragment "
-        "moves remain. Per unit of MMA work it issues fewer SASS than the 4-warp 128x64 "
-        "tile that meets the bar (8 warps x 239 per 128x128x64 against 4 x 316 per "
-        "128x64x64), whose HGMMA are half as wide. Run by bn_relu_conv2d_stats, not by a "
-        "converted ResNet-50 (DGRAD_CHANNELS)"),
-    "dgrad s2 (TMA boxes of a phase) dBN prologue + dReLU epilogue": (
-        DBN_8_WARP_TILE,
-        "the 128x128 tile at 8 warps: 59.5 SASS per HGMMA > 48 (3.6: 61.2), the dBN "
-        "prologue's cost as at stride 1 (the 128x64 tile is for C_in <= 64, which no "
-        "stride-2 conv has; the wide-K tiles: 40.4 at 8 warps, 3.6: 43.4; 3.6's 4-warp "
-        "one: 39.2); bn_relu_conv2d_stats only, as at stride 1"),
     # wgrad's dBN prologue: fp32 math per element, a thread's 32 elements of dy' (wgmma's
     # B, read from shared memory only: loaded, computed, stored back, fenced, and the
     # wgmma waited on at once, the buffer being rewritten the next step) over its warp's
