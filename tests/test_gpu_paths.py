@@ -342,6 +342,9 @@ def test_wgrad_autotunes_every_offered_config(gpu, case):
         assert wide in {t[:2] for t in record["offered"]}, record["offered"]
     if fused == "bn_relu":  # and its 4-warp 128x64 one, B's columns over 128 MMA rows
         assert (128, 64, 64, 4) in {t[:4] for t in record["offered"]}, record["offered"]
+    if fused in ("dbn", "both") and ci >= 256:  # the dBN prologue's 128x256 tile, not
+        # 128x128 (``_wgrad_fits``)
+        assert (128, 128) not in {t[:2] for t in record["offered"]}, record["offered"]
     if fused == "bn_relu":  # both orientations were timed and checked
         assert swaps == {0, 1}, record["offered"]
 
