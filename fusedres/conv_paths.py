@@ -145,11 +145,13 @@ class ConvPath:
         """``(y, mean, biased var)`` of ``y = conv(x)``, all differentiable."""
         raise NotImplementedError(self.stats_problem(conv, x))
 
-    def prologue_conv(self, conv: nn.Conv2d, y: Tensor, scale: Tensor, shift: Tensor
+    def prologue_conv(self, conv: nn.Conv2d, y: Tensor, scale: Tensor, shift: Tensor,
+                      centre: Optional[Tensor] = None
                       ) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
-        """``(conv(relu(y*scale + shift)), stats)``: the BN-ReLU applied while loading (padded
-        taps 0 after it); ``stats``: ``(mean, var)`` of the output when the path computed
-        them in the same kernel (differentiable), else None."""
+        """``(conv(relu(y*scale + shift)), stats)`` (with a ``centre``: ``relu((y -
+        centre)*scale + shift)``): the BN-ReLU applied while loading (padded taps 0 after
+        it); ``stats``: ``(mean, var)`` of the output when the path computed them in the
+        same kernel (differentiable), else None."""
         raise NotImplementedError(self.prologue_problem(conv, y))
 
     def bn_prologue_conv(self, conv: nn.Conv2d, y: Tensor, bn: nn.BatchNorm2d, mean: Tensor,
@@ -159,9 +161,15 @@ class ConvPath:
         statistics it normalises with (``mean``, biased ``var``: ``y``'s batch statistics,
         differentiable, when ``batch_stats``; else the running ones). Here the BN becomes
         differentiable scale/shift, so autograd carries its backward; a path with a fused
-        BN backward (cudnn-graph) overrides this."""
-        _, scale, shift = ops.scale_shift(bn.weight, bn.bias, mean, var, bn.eps)
-        return self.prologue_conv(conv, y, scale, shift)
+        BN backward (cudnn-graph) overrides this.
+
+        Centred on the BN's mean, ``relu((y - mean)*scale + beta)``: the gradient of scale
+        is then ``sum(g*(y - mean))``, where the folded ``shift = beta - mean*scale`` leaves
+        autograd ``sum(g*y) - mean*sum(g)``, which cancels at a large mean (fp32, mean/std
+        100: dgamma 14x torch's error on the Triton path, 8.6x on cudnn-graph's unfused
+        backward; tests/test_large_mean.py, tests/test_cudnn_graph_large_mean.py)."""
+        _, scale, shift = ops.centred_scale_shift(bn.weight, bn.bias, mean, var, bn.eps)
+        return self.prologue_conv(conv, y, scale, shift, centre=mean)
 
     def prologue_note(self, conv: nn.Conv2d, stats: bool = False) -> str:
         """What ``explain`` adds about a site whose BN-ReLU runs in this path's prologue
@@ -242,14 +250,6 @@ class TritonConv(ConvPath):
                                          conv.padding, relu=False, scale=scale, shift=shift,
                                          centre=centre, backend=self.name)
         return out, None
-
-    def bn_prologue_conv(self, conv, y, bn, mean, var, batch_stats):
-        # centred on the BN's mean, relu((y - mean)*scale + beta): the gradient of scale is
-        # then sum(g*(y - mean)), where the folded shift = beta - mean*scale leaves autograd
-        # sum(g*y) - mean*sum(g), which cancels at a large mean (fp32, mean/std 100: dgamma
-        # 14x torch's error; tests/test_large_mean.py)
-        _, scale, shift = ops.centred_scale_shift(bn.weight, bn.bias, mean, var, bn.eps)
-        return self.prologue_conv(conv, y, scale, shift, centre=mean)
 
 
 def conv_out_shape(conv: nn.Conv2d, x: Tensor) -> tuple:

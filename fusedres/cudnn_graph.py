@@ -395,7 +395,11 @@ def _fake(x, weight, scale, shift, stride, padding):
 
 def _setup(ctx, inputs, output):
     x, weight, scale, shift, stride, padding = inputs
-    ctx.save_for_backward(x, weight, scale, shift, output[0])
+    _save(ctx, x, weight, scale, shift, None, stride, padding, output[0])
+
+
+def _save(ctx, x, weight, scale, shift, centre, stride, padding, y):
+    ctx.save_for_backward(x, weight, scale, shift, centre, y)
     ctx.conv = (list(stride), list(padding))
     ctx.set_materialize_grads(False)  # no zero-filled gradients of unused sums (a pass each)
 
@@ -426,29 +430,43 @@ def _aten_conv_backward(g, conv_in, weight, stride, padding, mask):
 
 
 def _backward(ctx, dy, dsum, dsq):
-    x, weight, scale, shift, y = ctx.saved_tensors
+    gx, gw, gs, gt, _ = _prologue_conv_backward(ctx, dy, dsum, dsq, ctx.needs_input_grad[:4])
+    return gx, gw, gs, gt, None, None
+
+
+def _prologue_conv_backward(ctx, dy, dsum, dsq, need):
+    """``(dx, dw, dscale, dshift, dcentre)`` of an F0/F1 op (``_save``'s tensors; ``need``:
+    which of x, weight, scale, shift, centre want one) with ATen's dgrad/wgrad and the
+    prologue recomputed as the graph applied it, ``x*scale + shift`` (``shift`` already
+    folded: ``_folded_shift``). With a centre, ``dscale = sum(g*(x - centre))``: summing
+    ``g*x`` and leaving autograd ``-centre*sum(g)`` cancels in fp32 for a large mean."""
+    x, weight, scale, shift, centre, y = ctx.saved_tensors
     stride, padding = ctx.conv
-    need = ctx.needs_input_grad
+    need = list(need) + [False] * (5 - len(need))
     g = _output_gradient(y, dy, dsum, dsq)
     if g is None:
-        return (None,) * 6
+        return (None,) * 5
     prologue = scale is not None
     conv_in = bn_relu_prologue(x, scale, shift) if prologue else x
-    want_in = need[0] or (prologue and (need[2] or need[3]))
+    want_in = need[0] or (prologue and (need[2] or need[3] or need[4]))
     gin, gw, _ = _aten_conv_backward(g, conv_in, weight, stride, padding,
                                      [want_in, need[1], False])
-    gx = gs = gt = None
+    gx = gs = gt = gc = None
     if prologue and gin is not None:
         acc = acc_dtype(x.dtype)
         xa = x.to(acc)
-        pre = xa * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        v = lambda t: t.view(1, -1, 1, 1)  # noqa: E731
+        pre = xa * v(scale) + v(shift)
         gpre = torch.where(pre > 0, gin.to(acc), torch.zeros((), dtype=acc, device=x.device))
-        gx = (gpre * scale.view(1, -1, 1, 1)).to(x.dtype) if need[0] else None
-        gs = (gpre * xa).sum(dim=(0, 2, 3)) if need[2] else None
-        gt = gpre.sum(dim=(0, 2, 3)) if need[3] else None
+        gx = (gpre * v(scale)).to(x.dtype) if need[0] else None
+        if need[2]:
+            gs = (gpre * (xa if centre is None else xa - v(centre))).sum(dim=(0, 2, 3))
+        if need[3] or need[4]:
+            gt = gpre.sum(dim=(0, 2, 3))
+            gc = -scale * gt if need[4] else None
     elif need[0]:
         gx = gin
-    return gx, gw if need[1] else None, gs, gt, None, None
+    return gx, gw if need[1] else None, gs, gt if need[3] else None, gc
 
 
 # --------------------------------------------------------------------------------------
@@ -497,6 +515,42 @@ def _run_wgrad(dy, x, scale, shift, weight, stride, padding):
     return torch.ops.fusedres.cudnn_graph_wgrad(dy, x, scale, shift, weight, stride, padding)
 
 
+def _folded_shift(scale: Tensor, shift: Tensor, centre: Optional[Tensor]) -> Tensor:
+    """The graph's prologue is ``x*scale + shift``: a centred ``(x - centre)*scale + shift``
+    takes it as ``shift - centre*scale`` (bitwise ``ops.scale_shift``'s ``beta -
+    mean*scale`` when the centre is the BN mean and ``shift`` its beta)."""
+    return shift if centre is None else shift - centre * scale
+
+
+@torch.library.custom_op("fusedres::cudnn_graph_centred_conv_stats", mutates_args=())
+def centred_conv_stats(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, centre: Tensor,
+                       stride: List[int], padding: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """F1 with a centred prologue ``relu((x - centre)*scale + shift)``, run as the graph's
+    ``x*scale + _folded_shift(...)``: ``(y, sum(y), sum(y*y))``. Gradients of ``x``,
+    ``weight``, ``scale``, ``shift`` and ``centre``; its backward sums ``dscale`` about the
+    centre (``_prologue_conv_backward``), as the Triton prologue's dReLU epilogue does."""
+    return _run_graph(x, weight, scale, _folded_shift(scale, shift, centre), stride, padding)
+
+
+@centred_conv_stats.register_fake
+def _centred_fake(x, weight, scale, shift, centre, stride, padding):
+    return _fake(x, weight, scale, shift, stride, padding)
+
+
+def _centred_setup(ctx, inputs, output):
+    x, weight, scale, shift, centre, stride, padding = inputs
+    _save(ctx, x, weight, scale, _folded_shift(scale, shift, centre), centre, stride, padding,
+          output[0])
+
+
+def _centred_backward(ctx, dy, dsum, dsq):
+    grads = _prologue_conv_backward(ctx, dy, dsum, dsq, ctx.needs_input_grad[:5])
+    return (*grads, None, None)
+
+
+centred_conv_stats.register_autograd(_centred_backward, setup_context=_centred_setup)
+
+
 def _mean_var(s1, s2, count):
     """``mean = sum/M`` and the biased ``var = sum_sq/M - mean**2`` (clamped at 0)."""
     mean = s1 / count
@@ -509,31 +563,39 @@ def _sums_to_stats(y, s1, s2):
 
 
 def conv_stats(x: Tensor, weight: Tensor, stride, padding, scale: Optional[Tensor] = None,
-               shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+               shift: Optional[Tensor] = None, centre: Optional[Tensor] = None
+               ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(y, mean, var)``: F0 (``scale`` None) or F1 on cuDNN, the statistics from the
-    graph's sums; all differentiable. The caller checked ``problem`` and ``plan_status``."""
+    graph's sums; all differentiable. F1's prologue is ``relu(x*scale + shift)``, or with
+    a ``centre`` ``relu((x - centre)*scale + shift)`` (``centred_conv_stats``). The caller
+    checked ``problem`` and ``plan_status``."""
     st, pd = fconv._pair(stride), fconv._pair(padding)
     if scale is not None:
         acc = acc_dtype(x.dtype)  # float32 for the graphs (float64 for the CPU tests)
         scale, shift = scale.to(acc).contiguous(), shift.to(acc).contiguous()
     x, weight = pad_input_channels(x, weight, input_channel_padding(x.shape[1], scale is not None))
-    y, s1, s2 = _run_graph(x, weight, scale, shift, st, pd)
+    if centre is None:
+        y, s1, s2 = _run_graph(x, weight, scale, shift, st, pd)
+    else:
+        y, s1, s2 = centred_conv_stats(x, weight, scale, shift, centre.to(scale.dtype).contiguous(),
+                                       list(st), list(pd))
     return (y, *_sums_to_stats(y, s1, s2))
 
 
 def _site_conv_stats(x: Tensor, weight: Tensor, stride, padding, scale: Optional[Tensor] = None,
-                     shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                     shift: Optional[Tensor] = None, centre: Optional[Tensor] = None
+                     ) -> Tuple[Tensor, Tensor, Tensor]:
     """``conv_stats`` for a site: where the graph failed to execute (now or before, then
     remembered: ``_run_planned``) the same from F.conv2d, so the user sees no exception.
     (``conv_stats`` itself raises: doctor and the benchmarks must see the graph fail.)"""
     kind = "F0" if scale is None else "F1"
     out = _run_planned(kind, x, weight, stride, padding, conv_stats, x, weight, stride,
-                       padding, scale, shift)
+                       padding, scale, shift, centre)
     if out is not None:
         return out
     st, pd = fconv._pair(stride), fconv._pair(padding)
     y, s1, s2 = (reference.graph_f0(x, weight, st, pd) if scale is None
-                 else reference.graph_f1(x, scale, shift, weight, st, pd))
+                 else reference.graph_f1(x, scale, shift, weight, st, pd, centre))
     return (y, *_sums_to_stats(y, s1, s2))
 
 
@@ -799,9 +861,10 @@ class CudnnGraphConv(conv_paths.ConvPath):
         x, weight, _ = fconv.autocast_inputs(x, conv.weight, None)
         return _site_conv_stats(x, weight, conv.stride, conv.padding)
 
-    def prologue_conv(self, conv, y, scale, shift):
+    def prologue_conv(self, conv, y, scale, shift, centre=None):
         y, weight, _ = fconv.autocast_inputs(y, conv.weight, None)
-        out, mean, var = _site_conv_stats(y, weight, conv.stride, conv.padding, scale, shift)
+        out, mean, var = _site_conv_stats(y, weight, conv.stride, conv.padding, scale, shift,
+                                          centre)
         return out, (mean, var)
 
     def bn_prologue_conv(self, conv, y, bn, mean, var, batch_stats):

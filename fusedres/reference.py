@@ -269,20 +269,23 @@ def graph_f0(x: Tensor, weight: Tensor, stride, padding) -> tuple[Tensor, Tensor
     return (y, *_sums(y))
 
 
-def bn_relu_prologue(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """F1's prologue ``relu(x*scale + shift)`` (acc dtype math, one rounding to ``x``'s
-    dtype, as the graph's virtual tensor is stored at the conv's input dtype)."""
+def bn_relu_prologue(x: Tensor, scale: Tensor, shift: Tensor,
+                     centre: Optional[Tensor] = None) -> Tensor:
+    """F1's prologue ``relu(x*scale + shift)``, or ``relu((x - centre)*scale + shift)``
+    (acc dtype math, one rounding to ``x``'s dtype, as the graph's virtual tensor is stored
+    at the conv's input dtype)."""
     acc = acc_dtype(x.dtype)
-    return torch.relu(x.to(acc) * scale.view(1, -1, 1, 1).to(acc)
-                      + shift.view(1, -1, 1, 1).to(acc)).to(x.dtype)
+    v = lambda t: t.view(1, -1, 1, 1).to(acc)  # noqa: E731
+    xa = x.to(acc) if centre is None else x.to(acc) - v(centre)
+    return torch.relu(xa * v(scale) + v(shift)).to(x.dtype)
 
 
-def graph_f1(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride, padding
-             ) -> tuple[Tensor, Tensor, Tensor]:
-    """F1, scale*x + bias -> ReLU -> conv_fprop -> genstats: ``(y, sum(y), sum(y*y))``.
-    The conv's zero padding applies to the prologue's output: a padded tap is 0, never
-    ``relu(0*scale + shift)``."""
-    y = F.conv2d(bn_relu_prologue(x, scale, shift), weight, None, stride, padding)
+def graph_f1(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stride, padding,
+             centre: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """F1, scale*x + bias -> ReLU -> conv_fprop -> genstats: ``(y, sum(y), sum(y*y))``
+    (with a ``centre``: ``(x - centre)*scale + shift``). The conv's zero padding applies to
+    the prologue's output: a padded tap is 0, never ``relu(0*scale + shift)``."""
+    y = F.conv2d(bn_relu_prologue(x, scale, shift, centre), weight, None, stride, padding)
     return (y, *_sums(y))
 
 
