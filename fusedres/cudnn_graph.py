@@ -74,10 +74,10 @@ from . import reference
 from .reference import acc_dtype, bn_relu_prologue
 
 __all__ = ["built", "Capabilities", "capabilities", "problem", "plan", "plan_status", "engine",
-           "statuses", "conv_stats", "bn_relu_conv", "bn_act_with_stats", "fused_backward",
-           "CudnnGraphConv", "finalize", "bn_finalize", "finalize_problem", "finalize_status",
-           "TAIL_KINDS", "tail_plan", "tail_problem", "tail_status", "tail_planned",
-           "tail_engine", "tail_ran", "CudnnGraphTailConv"]
+           "statuses", "conv_stats", "centred_conv_stats", "bn_relu_conv", "bn_act_with_stats",
+           "fused_backward", "CudnnGraphConv", "finalize", "bn_finalize", "finalize_problem",
+           "finalize_status", "TAIL_KINDS", "tail_plan", "tail_problem", "tail_status",
+           "tail_planned", "tail_engine", "tail_ran", "CudnnGraphTailConv"]
 
 _OP = "cudnn_graph_conv_stats"
 _DTYPES = (torch.float16, torch.bfloat16)
