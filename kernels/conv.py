@@ -1409,8 +1409,11 @@ def _pcoef_once(dbn, tap_loop, channels, configs) -> bool:
     one K tile in every config of ``configs``, the launch's list (the autotuner prunes to
     the same list: ``_conv_prune``), so its coefficients are the same at every K step.
     Not the forward's BN-ReLU prologue: its fp32 (scale, shift) held across the loop made
-    the 1x1 GEMM tiles spill (bf16, sm_90a: 128x128 52 B, 256x128 32 B; triton 3.8)."""
-    return bool(dbn) and tap_loop and all(c.kwargs["BLOCK_K"] == channels for c in configs)
+    the 1x1 GEMM tiles spill (bf16, sm_90a: 128x128 52 B, 256x128 32 B; triton 3.8). Nor
+    where the list is dgrad's wide-K tiles alone (C_out 128 beside the dReLU epilogue,
+    ``_dbn_tiles``): triton 3.6's 4-warp one then spills in fp16 (80-124 B)."""
+    return bool(dbn) and tap_loop and all(c.kwargs["BLOCK_K"] == channels != _WIDE_K
+                                          for c in configs)
 
 
 @functools.lru_cache(maxsize=None)
