@@ -224,10 +224,11 @@ def _relu_rows_coefs(sc, sh, op_t: tl.constexpr):
     shift + centre*scale: each rounding is then of the size of the result, never of the
     mean that cancels in x*scale + shift (the uncentred packed form rounds shift =
     beta - mean*scale, docs/triton_conv.md); a non-finite centre (scale 0) is 0. Other
-    16-bit: fp32 math (centre 0). ``floor`` is 0, or NaN where scale or shift is not
-    finite: the max does not propagate NaN, so the TMA box's NaN fill of the padded taps
-    gives exactly 0 while a channel with non-finite statistics stays NaN."""
-    floor = sc * 0.0 + sh * 0.0
+    16-bit: fp32 math (centre 0). ``floor`` is 0, or NaN where scale is not finite or
+    shift is NaN: the max does not propagate NaN, so the TMA box's NaN fill of the padded
+    taps gives exactly 0 while such a channel stays NaN; a shift of +-inf with a finite
+    scale gives eager's relu, inf or 0."""
+    floor = tl.where(sh == sh, sc * 0.0, sh)
     if op_t == tl.bfloat16:
         centre = (-sh / sc).to(op_t)
         centre = tl.where(centre.to(tl.float32) * 0.0 == 0.0, centre, 0.0).to(op_t)
