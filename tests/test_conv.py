@@ -632,9 +632,12 @@ def test_wgrad_prologue_non_finite_coefficients(monkeypatch, dtype, layout, swap
         return cfgs
 
     monkeypatch.setattr(K, "wgrad_configs", oriented)
+    # the list's first config, pinned (an autotuned choice would be kept per shape)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     seen = _spy_launches(monkeypatch)
     dw = K.conv_wgrad(dy, x, w.shape, st, pd, scale=scale, shift=shift).double().cpu()
-    assert seen[0]["TMA"] == (2 if layout == "tma" else 0), seen[0]
+    if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
+        assert seen[0]["TMA"] == (2 if layout == "tma" else 0), seen[0]
     a = _ref_bn_relu(x, scale, shift).double().cpu()
     ref = torch.nn.grad.conv2d_weight(a, w.shape, dy.double().cpu(), st, pd)
     for c in special:  # finite exactly where eager's is
