@@ -224,10 +224,11 @@ def _relu_rows_coefs(sc, sh, op_t: tl.constexpr):
     shift + centre*scale: each rounding is then of the size of the result, never of the
     mean that cancels in x*scale + shift (the uncentred packed form rounds shift =
     beta - mean*scale, docs/triton_conv.md); a non-finite centre (scale 0) is 0. Other
-    16-bit: fp32 math (centre 0). ``floor`` is 0, or NaN where scale or shift is not
-    finite: the max does not propagate NaN, so the TMA box's NaN fill of the padded taps
-    gives exactly 0 while a channel with non-finite statistics stays NaN."""
-    floor = sc * 0.0 + sh * 0.0
+    16-bit: fp32 math (centre 0). ``floor`` is 0, or NaN where scale is not finite or
+    shift is NaN: the max does not propagate NaN, so the TMA box's NaN fill of the padded
+    taps gives exactly 0 while such a channel stays NaN; a shift of +-inf with a finite
+    scale gives eager's relu, inf or 0."""
+    floor = tl.where(sh == sh, sc * 0.0, sh)
     if op_t == tl.bfloat16:
         centre = (-sh / sc).to(op_t)
         centre = tl.where(centre.to(tl.float32) * 0.0 == 0.0, centre, 0.0).to(op_t)
@@ -1190,7 +1191,7 @@ def conv_configs(stem=False, transposed=False, fused=False, gemm_n=None, itemsiz
     narrow_ok = transposed and fused and channels is not None and channels * itemsize == 128
     tiles = [t for t in tiles if _fits(t, gemm_n, wide_ok, strided, narrow_ok)] or tiles[-1:]
     if mode == "dbn":
-        tiles = _dbn_tiles(tiles, drelu)
+        tiles = _dbn_tiles(tiles, drelu, a_tma)
     return _configs(_in_budget(tiles, itemsize, budget))
 
 
@@ -1198,7 +1199,7 @@ _DBN_8_WARPS = (128, 128, 64, 8)
 _DBN_4_WARPS = (128, 128, 64, 4)
 
 
-def _dbn_tiles(tiles, drelu):
+def _dbn_tiles(tiles, drelu, a_tma=True):
     """dgrad's dBN prologue on a wgmma device: its 128x128x64 tile at 4 warps (one
     warpgroup of 128 rows: 8 HGMMA per warp per K step), not at 8 (two of 64 rows: 4,
     over which the prologue's fixed per-step cost of the y box, the coefficients and the
@@ -1206,10 +1207,14 @@ def _dbn_tiles(tiles, drelu):
     coefficients once, against 37.0 / 32.9 at 4 warps; triton 3.6: 59.8 / 53.2 against
     37.5 / 33.9), except beside the dReLU epilogue, where it spills (336-548 B): there the
     8-warp one only where no other tile fits (the 4-warp 128x64 one at C_out 64 or
-    C_in <= 64 and the wide-K ones at C_out % 128 == 0 meet the bar: 35.9-40.4)."""
-    if drelu:
+    C_in <= 64 and the wide-K ones at C_out % 128 == 0 meet the bar: 35.9-40.4); and with
+    dy by pointers (``a_tma`` False), where it spills too (1x1, dBN alone: 436 B, 500 B
+    and 2 spill instructions in the K loop with the coefficients once; 3.6: 404 B): there
+    the 8-warp one (no spill), as the "fused" list has it."""
+    if drelu or not a_tma:
         tiles = [t for t in tiles if t[:4] != _DBN_4_WARPS]
-    return [t for t in tiles if t[:4] != _DBN_8_WARPS] or tiles
+    keep_8 = not (drelu or a_tma)
+    return [t for t in tiles if keep_8 or t[:4] != _DBN_8_WARPS] or tiles
 
 
 def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused, dbn=False):

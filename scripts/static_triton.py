@@ -606,8 +606,10 @@ DGRAD_CHANNELS = {
 # 3x3 convs: the functions' (``conv2d``: plain; ``bn_relu_conv2d_stats``: the dBN prologue
 # and the dReLU epilogue together, "fused" mode), and the sm_80 / sparse-dy fallback of
 # stride 2 (outside the bar, as the forward's; its dReLU row is what the strided conv2
-# runs there)
+# runs there); and conv1's dBN prologue with dy by pointers (sm_90 where dy or y cannot be
+# read by TMA: a base not 16-byte aligned, boxes past int32; ``_dbn_tiles``' list there)
 DGRAD_OTHER_CHANNELS = {
+    "dgrad 1x1 s1 (dy by pointers: sparse dy) dBN prologue": _DGRAD_CONV1,
     "dgrad 3x3 s1 (TMA boxes)": _DGRAD_CONV2,
     "dgrad 3x3 s1 (TMA boxes) dBN prologue + dReLU epilogue": _DGRAD_CONV2,
     "dgrad s2 (TMA boxes of a phase)": _DGRAD_CONV2_S2,
@@ -730,7 +732,9 @@ def conv_specs(quick: bool):
              "dgrad s2 (dy by pointers: sparse dy, sm_80) dReLU epilogue": dict(dptr,
                                                                                **drelu),
              "dgrad s2 (dy by pointers: sparse dy, sm_80) dBN prologue + dReLU epilogue":
-                 dict(dptr, **dbn, **drelu)}
+                 dict(dptr, **dbn, **drelu),
+             "dgrad 1x1 s1 (dy by pointers: sparse dy) dBN prologue": dict(
+                 dptr, **dbn, R=1, S=1, STRIDE_H=1, STRIDE_W=1)}
     fwd = {"fwd 3x3 s1 (TMA boxes)": dict(boxes),
            "fwd 1x1 s1 (TMA GEMM)": dict(gemm1x1),
            "fwd 3x3/1x1 s2 (TMA boxes of the stride-2 view)": dict(boxes2),

@@ -598,6 +598,55 @@ def test_tma_wgrad(monkeypatch, case, dtype, fused):
     assert (dw.double() - ref).abs().max() <= tol * (1 + ref.abs().max())
 
 
+@ALSO_ON_GPU
+@pytest.mark.parametrize("swap", [0, 1], ids=["x'-as-B", "x'-as-A"])
+@pytest.mark.parametrize("layout", ["tma", "pointers"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] if DEVICE == "cuda"
+                         else [torch.float16])
+def test_wgrad_prologue_non_finite_coefficients(monkeypatch, dtype, layout, swap):
+    """wgrad's BN-ReLU prologue on channels with non-finite coefficients, as eager's
+    relu(x*scale + shift), in both MMA orientations (``SWAP_AB``: x' as A, its padding
+    NaN-filled and a max that does not propagate NaN against ``floor``): shift = -inf
+    with a finite scale (0 too) gives x' = 0, so a finite dW, as eager's; shift = +inf,
+    an infinite scale and a NaN scale or shift give a non-finite dW, as eager's. The
+    other channels' dW against float64."""
+    case = ("3x3s1_c32", 2, 32, 6, 5, 24, 3, 1, 1)
+    x, w, st, pd = _make(case, dtype, channels_last=layout == "tma")
+    ci = x.shape[1]
+    scale, shift = _scale_shift(ci, dtype)
+    inf, nan = float("inf"), float("nan")
+    special = {0: (None, -inf), 1: (0.0, -inf), 2: (None, inf), 3: (nan, None),
+               4: (None, nan), 5: (inf, None)}
+    for c, (sc, sh) in special.items():
+        scale[c] = scale[c] if sc is None else sc
+        shift[c] = shift[c] if sh is None else sh
+    g = torch.Generator().manual_seed(7)
+    dy = torch.randn(x.shape[0], w.shape[0], 6, 5, generator=g, dtype=torch.float64)
+    dy = dy.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+    real = K.wgrad_configs
+
+    def oriented(*args, **kw):  # every config in the orientation under test
+        cfgs = real(*args, **kw)
+        for c in cfgs:
+            c.kwargs["SWAP_AB"] = swap
+        return cfgs
+
+    monkeypatch.setattr(K, "wgrad_configs", oriented)
+    # the list's first config, pinned (an autotuned choice would be kept per shape)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    seen = _spy_launches(monkeypatch)
+    dw = K.conv_wgrad(dy, x, w.shape, st, pd, scale=scale, shift=shift).double().cpu()
+    if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
+        assert seen[0]["TMA"] == (2 if layout == "tma" else 0), seen[0]
+    a = _ref_bn_relu(x, scale, shift).double().cpu()
+    ref = torch.nn.grad.conv2d_weight(a, w.shape, dy.double().cpu(), st, pd)
+    for c in special:  # finite exactly where eager's is
+        assert torch.equal(dw[:, c].isfinite(), ref[:, c].isfinite()), (
+            c, special[c], dw[:, c].isfinite().float().mean())
+    finite = ref.isfinite()
+    assert (dw[finite] - ref[finite]).abs().max() <= 2e-2 * (1 + ref[finite].abs().max())
+
+
 @pytest.mark.parametrize("case", [("3x3s1_n3", 3, 32, 6, 5, 24, 3, 1, 1),  # TMA boxes
                                   ("3x3s2_odd_n3", 3, 32, 7, 6, 16, 3, 2, 1)],  # pointers
                          ids=["tma", "pointers"])

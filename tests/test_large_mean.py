@@ -419,9 +419,10 @@ def packed_relu_rows(x, scale, shift, centred=True, contracted=True):
     prod = d.double() * s.double()
     v = (prod + h.double()).bfloat16() if contracted else (
         prod.bfloat16().double() + h.double()).bfloat16()
-    floor = (sc * 0 + sh * 0).bfloat16()  # 0, or NaN where scale or shift is not finite
-    out = torch.maximum(v, floor.expand_as(v))  # both NaN only where floor is
-    return torch.where(torch.isnan(v), floor.expand_as(v), out)
+    # 0, or NaN where scale is not finite or shift is NaN
+    floor = torch.where(torch.isnan(sh), sh, sc * 0).bfloat16()
+    # max.bf16x2 (PTX ``max`` without .NaN): NaN only where both are, else the other one
+    return torch.fmax(v, floor.expand_as(v))
 
 
 @pytest.mark.parametrize("contracted", [True, False], ids=["hfma2", "mul-add"])
@@ -456,12 +457,17 @@ def test_wgrad_packed_bn_relu_rows(mean, std, centred, contracted):
     judge({"x'": ours}, {"x'": eager}, {"x'": truth}, f"packed BN-ReLU {mean}/{std}")
     per_row = (ours.double() - truth).abs().amax(1) / truth.abs().amax(1).clamp_min(1e-30)
     assert per_row.max() <= 4 * 2.0**-8, per_row  # every channel, not only the norm
-    # NaN: the box's fill (padding) gives 0; non-finite coefficients give NaN
+    # NaN: the box's fill (padding) gives 0; a NaN scale or shift or an infinite scale
+    # gives NaN; a shift of +-inf with a finite scale eager's relu, inf or 0
     nan = torch.full((2, 4), float("nan"), dtype=torch.bfloat16)
     assert (packed_relu_rows(nan, scale[:2], shift[:2]) == 0).all()
-    bad = torch.tensor([float("nan"), float("inf"), 1.0], dtype=torch.float32)
-    out = packed_relu_rows(torch.ones(3, 4, dtype=torch.bfloat16), torch.ones(3), bad)
-    assert out[:2].isnan().all() and (out[2] == 2).all(), out
+    inf = float("inf")
+    sc = torch.tensor([1.0, 1.0, float("nan"), inf, 1.0, 1.0])
+    sh = torch.tensor([float("nan"), 0.5, 0.5, 0.5, inf, -inf])
+    out = packed_relu_rows(torch.ones(6, 4, dtype=torch.bfloat16), sc, sh)
+    want = torch.tensor([float("nan"), 1.5, float("nan"), float("nan"), inf, 0.0])
+    torch.testing.assert_close(out.float(), want[:, None].expand(6, 4), equal_nan=True)
+    assert (packed_relu_rows(nan[:1], sc[4:5], sh[4:5]) == 0).all()  # padding at shift inf
 
 
 @pytest.mark.cuda  # run by scripts/gpu_run.sh's tests stage (-m cuda)
