@@ -739,7 +739,8 @@ def _missing_backward_rows(report, S, version):
         fused = "dBN" in variant or "dReLU" in variant
         for cfg in S._configs_at(kc, shapes, transposed=True, fused=fused, itemsize=2,
                                  strided=" s2 " in variant, a_tma="pointers" not in variant,
-                                 triton_version=version):
+                                 triton_version=version, dbn="dBN" in variant,
+                                 drelu="dReLU" in variant):
             tile = tuple(cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (
                 cfg.num_warps, cfg.num_stages)
             if (variant, tile) not in have:
