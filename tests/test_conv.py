@@ -1517,8 +1517,7 @@ def test_configs_fit_the_devices_shared_memory(monkeypatch, optin_kb, budget_kb)
     assert budget == budget_kb * 1024
     assert kconv.smem_budget(torch.device("cpu")) == kconv._SMEM_BUDGET
     known = {kconv._key(c) for c in kconv._configs(kconv._union(kconv._CONV_TILES))}
-    known_w = {kconv._key(c) for c in kconv._configs(kconv._union(kconv._WGRAD_TILES),
-                                                      group_m=False)}
+    known_w = {kconv._key(c) for c in kconv._wgrad_union()}  # both MMA orientations
     for size in (2, 4):
         for stem in (False, True):
             for fused in (False, True):

@@ -697,7 +697,7 @@ def test_dgrad_dbn_by_pointers_spills_nothing_in_its_loop(backward_rows):
     """conv1's dBN prologue with dy by pointers (sm_90 where TMA cannot read dy or y;
     outside the bar), every config ``conv_configs`` offers there (``_dbn_tiles``): no
     spill in the K loop. The 4-warp 128x128x64 tile, offered there (first) from the d256
-    merge to 2026-12-08, spilled 436 B, and 500 B with 2 spill instructions in the loop
+    merge to 2026-12-07, spilled 436 B, and 500 B with 2 spill instructions in the loop
     with the coefficients once (C_out 64; 255 registers; triton 3.6: 404 B outside it);
     now the 8-warp one (no spill). 128x64 at 4 warps (C_out 64) parks 0-32 B outside the
     loop (3.6: 8-20 B; offered there before too, as in the "fused" list)."""
