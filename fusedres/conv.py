@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend
-from .reference import acc_dtype
+from .reference import acc_dtype, bn_relu_prologue
 
 __all__ = [
     "conv2d", "conv_path", "conv2d_stats", "bn_relu_conv2d_stats", "conv2d_bias_add_relu",
@@ -126,18 +126,6 @@ def _folded_shift(scale: Optional[Tensor], shift: Optional[Tensor],
     if centre is None or scale is None:
         return shift
     return shift - centre.to(scale.dtype) * scale
-
-
-def _bn_relu_reference(input: Tensor, scale: Tensor, shift: Tensor,
-                       centre: Optional[Tensor]) -> Tensor:
-    """``relu((input - centre)*scale + shift)`` in fp32 (fp64 for fp64), rounded once to
-    the input dtype: the reference paths' prologue (centred as given: autograd then takes
-    the gradient of ``scale`` about the centre, as the Triton backward does)."""
-    acc = acc_dtype(input.dtype)
-    a = input.to(acc)
-    if centre is not None:
-        a = a - centre.view(1, -1, 1, 1)
-    return torch.relu(a * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(input.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -691,7 +679,7 @@ def bn_relu_conv2d_stats(input: Tensor, scale: Tensor, shift: Tensor, weight: Te
         input, weight, _ = autocast_inputs(input, weight, None)
     path, _ = conv_path(input, weight, None, stride, padding, 1, 1, backend)
     if path == "reference":
-        y = F.conv2d(_bn_relu_reference(input, scale, shift, centre), weight, None, stride,
+        y = F.conv2d(bn_relu_prologue(input, scale, shift, centre), weight, None, stride,
                      padding)
         return (y, *batch_stats(y))
     return torch.ops.fusedres.triton_conv_prologue_stats(input, scale, shift, weight,
@@ -714,7 +702,7 @@ def conv2d_bias_add_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor] =
     path, _ = conv_path(input, weight, bias, stride, padding, 1, 1, backend)
     if path == "reference":
         if scale is not None:
-            input = _bn_relu_reference(input, scale, shift, centre)
+            input = bn_relu_prologue(input, scale, shift, centre)
         y = F.conv2d(input, weight, bias, stride, padding)
         if residual is not None:
             y = y + residual
