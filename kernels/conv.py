@@ -196,40 +196,22 @@ def _as_f32(a):
 @triton.jit
 def _prologue_coefs(PCOEF_ptr, ci, CI, PROLOGUE: tl.constexpr, op_t: tl.constexpr,
                     acc_t: tl.constexpr):
-    """A prologue's per-channel coefficients (c1, c2, c3) of channels ``ci`` (all < CI).
-    bf16 dBN: (3, CI) rows centre, coef_y's high and low bf16 parts
+    """The A prologue's per-channel coefficients of channels ``ci`` as [1, BLOCK_K] rows
+    (c1, c2, c3). bf16 dBN: (3, CI) rows centre, coef_y's high and low bf16 parts
     (``_dbn_prologue_coefs``); otherwise (CI, 2) pairs, (scale, shift) or (coef_y, centre),
     interleaved: one 16-byte access gives a thread both for two channels, in ``acc_t`` (c3
-    repeats c2)."""
+    repeats c2). ci < CI always: the M/K tails are zeroed after the prologue or meet zero
+    weights."""
     if PROLOGUE == 2 and op_t == tl.bfloat16 and acc_t != tl.float64:
-        c1 = tl.load(PCOEF_ptr + ci)
-        c2 = tl.load(PCOEF_ptr + CI + ci)
-        c3 = tl.load(PCOEF_ptr + 2 * CI + ci)
+        c1 = tl.load(PCOEF_ptr + ci)[None, :]
+        c2 = tl.load(PCOEF_ptr + CI + ci)[None, :]
+        c3 = tl.load(PCOEF_ptr + 2 * CI + ci)[None, :]
     else:
         c1, c2 = tl.split(tl.load(PCOEF_ptr + ci[:, None] * 2 + tl.arange(0, 2)[None, :]))
-        c1 = c1.to(acc_t)
-        c2 = c2.to(acc_t)
+        c1 = c1.to(acc_t)[None, :]
+        c2 = c2.to(acc_t)[None, :]
         c3 = c2
     return c1, c2, c3
-
-
-@triton.jit
-def _dbn_operand(dy, y, c1, c2, c3, acc_t: tl.constexpr):
-    """The dBN prologue's operand dy + (y - centre)*coef_y (dgrad's A, wgrad's dy'), with
-    ``_prologue_coefs``' (c1, c2, c3) broadcast to dy's shape: bf16 packed math
-    (``_dbn_prologue_coefs``), otherwise y - centre in the operand dtype (fp16: HADD2,
-    exact where y is within 2x of the centre; fp16 keeps coef_y in fp32: 2*dvar/M can
-    fall below its range), then the FMA in fp32 (fp64), rounded once. Centred on y's mean,
-    so a large mean is never rounded into the 16-bit operand; the dBN constant is not
-    added here (the callers take its part of the result apart, exactly)."""
-    op_t: tl.constexpr = dy.dtype
-    if acc_t == tl.float64:
-        return tl.fma(y.to(acc_t) - c2, c1, dy.to(acc_t)).to(op_t)
-    elif op_t == tl.bfloat16:
-        d = y - c1  # y - centre, then coef_y's high and low parts
-        return tl.fma(d, c3, tl.fma(d, c2, dy))
-    else:
-        return tl.fma(_as_f32(y - c2.to(op_t)), c1, _as_f32(dy)).to(op_t)
 
 
 @triton.jit
@@ -361,7 +343,6 @@ def _conv_kernel(
         # 59.8 -> 51.8 SASS per HGMMA; scripts/static_triton.py, sm_90a, triton 3.8)
         pc1, pc2, pc3 = _prologue_coefs(PCOEF_ptr, tl.arange(0, BLOCK_K), CI, PROLOGUE, op_t,
                                         acc_t)
-        pc1, pc2, pc3 = pc1[None, :], pc2[None, :], pc3[None, :]
     num_pid_m = tl.cdiv(GEMM_M, BLOCK_M)
     num_pid_n = tl.cdiv(GEMM_N, BLOCK_N)
     width = GROUP_M * num_pid_n
@@ -555,7 +536,6 @@ def _conv_kernel(
                 c1, c2, c3 = pc1, pc2, pc3
             elif PROLOGUE >= 1:
                 c1, c2, c3 = _prologue_coefs(PCOEF_ptr, ci, CI, PROLOGUE, op_t, acc_t)
-                c1, c2, c3 = c1[None, :], c2[None, :], c3[None, :]
             if PROLOGUE == 1:
                 if A_TMA >= 2:  # the tap's padded rows (rows past M are never stored or
                     # counted); the stride-2 view is stride 2 by construction: a constant
@@ -581,8 +561,10 @@ def _conv_kernel(
                 else:
                     a = v * ok.to(op_t)
             elif PROLOGUE == 2:
-                # dy + (y - centre)*coef_y (``_dbn_operand``). The dBN constant's part of dx,
-                # E (``_dbn_constant_dx``), is the same for every image and the accumulator
+                # dy + (y - centre)*coef_y (bf16: packed math; else fp32, rounded once):
+                # centred on y's mean, so a large mean is never rounded into the 16-bit
+                # operand. The dBN constant is not added here: its part of dx, E
+                # (``_dbn_constant_dx``), is the same for every image and the accumulator
                 # starts from it (HAS_RESIDUAL). No tap mask either: where dy and y are 0
                 # (TMA zero fill, masked loads: the taps that miss dy) the operand is the
                 # rounded -centre*coef_y, and E cancels it
@@ -591,11 +573,20 @@ def _conv_kernel(
                                     BLOCK_M, BLOCK_K, A_TMA)
                 else:  # y has dy's strides (the launcher makes it so): one offset for both
                     py = tl.load(PY_ptr + a_off, mask=ok, other=0.0)
-                a = _dbn_operand(a, py, c1, c2, c3, acc_t)
-                if op_t == tl.float32 and INPUT_PRECISION == "tf32":
-                    # cut to tf32's bits (the MMA reads no more) so that the fill at
-                    # the zero-filled taps is what E cancels, however the MMA rounds
-                    a = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+                if ACC_FP64:
+                    a = tl.fma(py.to(acc.dtype) - c2, c1, a.to(acc.dtype)).to(op_t)
+                elif op_t == tl.bfloat16:  # packed bf16 math (``_dbn_prologue_coefs``):
+                    d = py - c1  # y - centre, then coef_y's high and low parts
+                    a = tl.fma(d, c3, tl.fma(d, c2, a))
+                else:  # y - centre in the operand dtype (fp16: HADD2, exact where y is
+                    # within 2x of the centre; fp16 keeps cy in fp32: 2*dvar/M can fall
+                    # below its range), then the FMA in fp32, rounded once
+                    a = tl.fma(_as_f32(py - c2.to(op_t)), c1, _as_f32(a)).to(op_t)
+                    if op_t == tl.float32 and INPUT_PRECISION == "tf32":
+                        # cut to tf32's bits (the MMA reads no more) so that the fill at
+                        # the zero-filled taps is what E cancels, however the MMA rounds
+                        a = (a.to(tl.int32, bitcast=True) & -8192).to(tl.float32,
+                                                                      bitcast=True)
             else:
                 a = a.to(op_t)
             if W_TMA and TRANSPOSED:  # B[(tap, co), ci] = W[co, r, s, ci]: a box of [CO, RSC]
@@ -898,10 +889,10 @@ def _conv_wgrad_kernel(
                     p_pix = nb.to(tl.int64) * spn + oh * sph + ow * spw
                     py = tl.load(PY_ptr + (offs_co[:, None] * spc + p_pix[None, :]), mask=a_ok,
                                  other=0.0)
-            if DBN:  # dy + y*cy + cc in fp32, rounded once (eager's one rounding: packed
-                # bf16 math rounds twice or more, and a constant added to bf16 values rounds
-                # the same way at every pixel, which the reduction over N*H*W pixels sums:
-                # docs/triton_conv.md). 32/64-bit operands keep that precision: centred,
+            if DBN:  # dy + y*cy + cc in fp32, rounded once (bf16: by pairs), as eager's
+                # materialised dy' is: packed bf16 math rounds more often, the same way at
+                # many pixels, which the sum over N*H*W pixels adds up (docs/triton_conv.md,
+                # "wgrad's dBN operand"). 32/64-bit operands keep that precision: centred,
                 # (dy + cc) + (y - centre)*cy, y's and dy's means cancel before the FMA
                 # (16-bit: the operand's rounding dominates). 0 past the output (a multiply
                 # of the rounded pairs by the 0/1 mask) where x's box is not
@@ -1884,8 +1875,8 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
 
 
 def _dbn_prologue_coefs(coef_y, centre, dtype):
-    """The dgrad dBN prologue's per-channel coefficients (its ``PCOEF_ptr``;
-    ``_dbn_operand``) for operands of ``dtype``. bf16: rows (centre, hi, lo) in bf16, coef_y = hi + lo to 16 bits, for packed
+    """The dgrad dBN prologue's per-channel coefficients (its ``PCOEF_ptr``) for operands of
+    ``dtype``. bf16: rows (centre, hi, lo) in bf16, coef_y = hi + lo to 16 bits, for packed
     math: ``d = y - centre`` (exact where y is within 2x of the centre), then
     ``fma(d, lo, fma(d, hi, dy))``, each rounded to bf16 (1.5 SASS per element where the
     fp32 math takes 4.5: two unpacks, FADD, FFMA, half a pack). coef_y to 8 bits alone
