@@ -256,6 +256,29 @@ def _relu_rows(xt, centre, scale, shift, floor):
 
 
 @triton.jit
+def _dbn_pairs_bf16(dy, y, coef_y, coef_c):
+    """bf16(fma(y, coef_y, dy) + coef_c) in fp32 of bf16 ``dy`` and ``y`` (fp32 coefficients
+    broadcast to their shape), by pairs: each element unpacked by one integer op (a shift
+    or a mask: bf16 is the upper half of an fp32), FFMA, FADD, one pack per pair. Triton
+    unpacks the upper element of a pair with two (PRMT, then a shift)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 d0, d1, y0, y1;
+        shl.b32 d0, $1, 16;
+        and.b32 d1, $1, 0xffff0000;
+        shl.b32 y0, $2, 16;
+        and.b32 y1, $2, 0xffff0000;
+        fma.rn.f32 d0, y0, $3, d0;
+        fma.rn.f32 d1, y1, $4, d1;
+        add.f32 d0, d0, $5;
+        add.f32 d1, d1, $6;
+        cvt.rn.bf16x2.f32 $0, d1, d0;
+        }""", "=r,r,r,r,r,r,r",
+        [dy, y, tl.broadcast_to(coef_y, dy.shape), tl.broadcast_to(coef_c, dy.shape)],
+        dtype=tl.bfloat16, is_pure=True, pack=2)
+
+
+@triton.jit
 def _conv_kernel(
     X_ptr,  # (N, IH, IW, CI) A source (x, or dy when TRANSPOSED), NHWC via strides
     W_ptr,  # weight addressed [CO, R, S, CI] through (swo, swr, sws, swi)
@@ -754,6 +777,8 @@ def _conv_wgrad_kernel(
     TILE_H: tl.constexpr,  # output rows of a pixel tile (TILE_N x TILE_H x TILE_W = BLOCK_K)
     TILE_W: tl.constexpr,  # output columns of a pixel tile
     DBN: tl.constexpr,
+    MASK_DY: tl.constexpr,  # dy' zeroed at pixels past the output: where x's box (or x')
+    #                         is not (a 1x1 unpadded conv's x is)
     PROLOGUE: tl.constexpr,
     FLATTEN: tl.constexpr,  # the item and pixel loops fused into one pipelined loop
     ACC_FP64: tl.constexpr,
@@ -864,16 +889,22 @@ def _conv_wgrad_kernel(
                     p_pix = nb.to(tl.int64) * spn + oh * sph + ow * spw
                     py = tl.load(PY_ptr + (offs_co[:, None] * spc + p_pix[None, :]), mask=a_ok,
                                  other=0.0)
-            if DBN:  # dy + y*cy + cc in fp32, rounded once; 0 at pixels past the output (a
-                # multiply of the rounded pairs by the 0/1 mask). 32/64-bit operands keep
-                # that precision: centred, (dy + cc) + (y - centre)*cy, y's and dy's means
-                # cancel before the FMA (16-bit: the operand's rounding dominates)
+            if DBN:  # dy + y*cy + cc in fp32, rounded once (bf16: by pairs), as eager's
+                # materialised dy' is: packed bf16 math rounds more often, the same way at
+                # many pixels, which the sum over N*H*W pixels adds up (docs/triton_conv.md,
+                # "wgrad's dBN operand"). 32/64-bit operands keep that precision: centred,
+                # (dy + cc) + (y - centre)*cy, y's and dy's means cancel before the FMA
+                # (16-bit: the operand's rounding dominates). 0 past the output (a multiply
+                # of the rounded pairs by the 0/1 mask) where x's box is not
                 if op_t == tl.float32 or ACC_FP64:
-                    v = tl.fma(py.to(cdt) - centre[:, None], cy[:, None],
-                               a.to(cdt) + cc[:, None])
+                    a = tl.fma(py.to(cdt) - centre[:, None], cy[:, None],
+                               a.to(cdt) + cc[:, None]).to(op_t)
+                elif op_t == tl.bfloat16:
+                    a = _dbn_pairs_bf16(a, py, cy[:, None], cc[:, None])
                 else:
-                    v = tl.fma(py.to(cdt), cy[:, None], a.to(cdt)) + cc[:, None]
-                a = v.to(op_t) * pix_ok[None, :].to(op_t)
+                    a = (tl.fma(py.to(cdt), cy[:, None], a.to(cdt)) + cc[:, None]).to(op_t)
+                if MASK_DY:
+                    a = a * pix_ok[None, :].to(op_t)
             else:
                 a = a.to(op_t)
             if TAP_N and TMA:  # one box of x per K step (stride 1, or the stride-2 view)
@@ -989,12 +1020,15 @@ _MAX_STAGES = 5
 # at any C_in), 128x256 only where C_in >= 256 (with a prologue: the dBN one, 16-bit),
 # 256x128 only for the BN-ReLU prologue alone where C_out >= 256 (``_wgrad_fits``). Each
 # list ends with its BLOCK_K 32 tile: the fallback where no tile has 128-byte rows (fp64).
+# wgrad's dBN prologue alone at C_out, C_in <= 64: 256 pixels a K step, dy' as wgmma's A
+# in registers (``_wgrad_fits``, ``_wgrad_swap``)
+_WGRAD_DBN_64 = (64, 64, 256, 4, 2)
 _WGRAD_TILES = {
     "plain": [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
               (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 8, 3)],
     "fused": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
               (64, 64, 64, 4, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-              (128, 128, 32, 8, 2)],
+              _WGRAD_DBN_64, (128, 128, 32, 8, 2)],
     "stem": [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 64, 32, 4, 3)],
 }
 _INTERPRETER_TILE = (32, 32, 16, 4, 1)
@@ -1217,7 +1251,8 @@ def _dbn_tiles(tiles, drelu, a_tma=True):
     return [t for t in tiles if keep_8 or t[:4] != _DBN_8_WARPS] or tiles
 
 
-def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused, dbn=False):
+def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused, dbn=False, bn_relu=False,
+                wide_dbn=True):
     """Shape pruning of wgrad's tiles. The prologues' 256-wide tiles put 256 rows of the
     MMA on the operand that has no prologue, so that the prologue'd one, wgmma's B, is
     shared by two warpgroups of 128 rows (8 HGMMA per warp per K step): 256 output
@@ -1228,9 +1263,18 @@ def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused, dbn=False):
     rows over 64 columns of x) where C_out >= 128. Static, sm_90a, bf16, 3x3 s1 (triton
     3.8): BN-ReLU alone 60.2 SASS per HGMMA at 128x128 -> 32.1 at 256x128, 30.9 at 128x64
     (stride 2: 32.6), and 41.8 at 128x128 with x' as A (``_wgrad_swap``); dBN alone 98.2
-    -> 45.4 at 128x256 swapped; both 81.0 (99.0 at 128x128)."""
+    -> 45.4 at 128x256 swapped; both 81.0 (99.0 at 128x128). The dBN prologue alone at C_out
+    and C_in <= 64 (layer1's first conv1) has B, or A, shared by 64 MMA rows only: dy' costs
+    a thread 8 elements per HGMMA whatever the orientation, so its 64x64 tile
+    (``_WGRAD_DBN_64``, ``bn_relu`` False; ``wide_dbn``: where 2 stages of it fit the
+    device's shared memory, else the 64-pixel one) walks 256 pixels a K step, over which the
+    step's fixed cost is spread (16 HGMMA), unswapped (bf16, 1x1: 91.5 SASS per HGMMA at
+    64 pixels swapped, 49.0 at 256 swapped, 47.7 unswapped)."""
     m, n, k = tile[:3]
-    if k * itemsize != 128:
+    if (m, n) == (64, 64) and dbn and not bn_relu and itemsize == 2 and not stem and wide_dbn:
+        if tuple(tile[:3]) != _WGRAD_DBN_64[:3]:  # its 64x64 tile (``_WGRAD_DBN_64``)
+            return False
+    elif k * itemsize != 128:
         return False
     if gemm_m is not None and (m == 64) != (gemm_m <= 64):
         return False
@@ -1260,27 +1304,34 @@ def _wgrad_swap(tile, fused, dbn, itemsize) -> bool:
     42.5 and 41.8 / 43.5 as A; the 256x128 and 128x64 tiles stay as B (32.1, 30.9; as A
     41.8). docs/triton_conv.md, "The BN-ReLU prologue on x' as A"."""
     m, n = tile[:2]
+    if tuple(tile[:3]) == _WGRAD_DBN_64[:3]:  # dy' as A in registers: no store of B to
+        return False  # shared memory, no fence (``_wgrad_fits``)
     return itemsize == 2 and fused and (dbn or n >= m)
 
 
 def wgrad_configs(stem=False, fused=False, gemm_m=None, channels=None, itemsize=2,
-                  budget=_SMEM_BUDGET, dbn=False):
+                  budget=_SMEM_BUDGET, dbn=False, bn_relu=None):
     """The configs autotuned for one mode of ``_conv_wgrad_kernel`` (``stem``: flat N
-    tiles; ``fused``: the dBN or BN-ReLU prologue, ``dbn``: the dBN one among them),
-    pruned to C_out (``gemm_m``), C_in (``channels``) and the element size (BLOCK_K 64
-    pixels in 16-bit, 32 in fp32; the first is deterministic mode's config)."""
+    tiles; ``fused``: the dBN or BN-ReLU prologue, ``dbn``: the dBN one among them,
+    ``bn_relu``: the BN-ReLU one among them, by default where ``dbn`` is not), pruned to
+    C_out (``gemm_m``), C_in (``channels``) and the element size (BLOCK_K 64 pixels in
+    16-bit, 32 in fp32, but ``_WGRAD_DBN_64``; the first is deterministic mode's config)."""
+    if bn_relu is None:
+        bn_relu = fused and not dbn
     if INTERPRET:
         fit = [_INTERPRETER_TILE]
     else:
         tiles = _WGRAD_TILES[_mode(stem, fused)]
-        fit = [t for t in tiles
-               if _wgrad_fits(t, gemm_m, channels, itemsize, stem, fused, dbn)]
+        m, n, k, _, _ = _WGRAD_DBN_64
+        wide_dbn = 2 * (m + n) * k * itemsize <= budget
+        fit = [t for t in tiles if _wgrad_fits(t, gemm_m, channels, itemsize, stem, fused, dbn,
+                                               bn_relu, wide_dbn)]
         if not fit:  # the 128-byte rule alone
             fit = [t for t in tiles if t[2] * itemsize == 128][:1] or tiles[-1:]
         fit = _in_budget(fit, itemsize, budget)
     return _wgrad_swapped(_configs(fit, group_m=False, pre_hook=_wgrad_tma_blocks),
-                          lambda c: _wgrad_swap((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]),
-                                                fused, dbn, itemsize))
+                          lambda c: _wgrad_swap(tuple(c.kwargs[b] for b in (
+                              "BLOCK_M", "BLOCK_N", "BLOCK_K")), fused, dbn, itemsize))
 
 
 def _wgrad_swapped(configs, swap):
@@ -1320,7 +1371,7 @@ def _wgrad_prune(configs, nargs, **kw):
                                            nargs["GEMM_M"], nargs["CI"],
                                            nargs["X_ptr"].element_size(),
                                            smem_budget(nargs["X_ptr"].device),
-                                           dbn=bool(kw["DBN"]))}
+                                           dbn=bool(kw["DBN"]), bn_relu=bool(kw["PROLOGUE"]))}
     return [c for c in configs if _key(c) in want]
 
 
@@ -1961,7 +2012,8 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
     # tap-major N tiles when the channels fill the smallest BLOCK_N (correct for any C)
     tap_n = ci % (_INTERPRETER_TILE[1] if INTERPRET else 64) == 0
     configs = wgrad_configs(stem=not tap_n, fused=dbn or prologue, gemm_m=co, channels=ci,
-                            itemsize=x.element_size(), budget=smem_budget(x.device), dbn=dbn)
+                            itemsize=x.element_size(), budget=smem_budget(x.device), dbn=dbn,
+                            bn_relu=prologue)
     block_k = configs[0].kwargs["BLOCK_K"]
     dyv, xv = dy.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)
     py = y if dbn else dy
@@ -2015,12 +2067,16 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
             torch.float64)
     if dbn:
         coef_c = coef_c.to(acc)
+    # dy' needs no mask where every pixel past the output meets x's zero fill: 1x1
+    # unpadded boxes without the BN-ReLU prologue (relu(shift) there); x by pointers is
+    # masked
+    mask_dy = dbn and bool(tma) and ((r, s, ph, pw) != (1, 1, 0, 0) or prologue)
     args = (dy, x, part, py, coef_y if dbn else part, coef_c if dbn else part, centre,
             scale if prologue else part, shift if prologue else part,
             dy_desc if tma else dy, py_desc if tma else dy, x_desc if tma else x,
             shp["h"], shp["w"], ci, shp["p"], shp["q"], co, r, s, sh, sw, ph, pw,
             *d_str, *x_str, *p_str, shp["n"], gm, gn, tiles_per_split)
-    kwargs = dict(TAP_N=tap_n, TMA=tma, TILE_H=tile_h, TILE_W=tile_w, DBN=dbn,
+    kwargs = dict(TAP_N=tap_n, TMA=tma, TILE_H=tile_h, TILE_W=tile_w, DBN=dbn, MASK_DY=mask_dy,
                   PROLOGUE=prologue, FLATTEN=FLATTEN_WGRAD, ACC_FP64=acc == torch.float64,
                   INPUT_PRECISION=_input_precision(x.dtype))
 

@@ -838,10 +838,14 @@ def conv_specs(quick: bool):
         for name, (sw, shapes) in wgrad.items():
             for cfg in _union_of(lambda c, sw=sw: kc.wgrad_configs(
                     stem=not sw["TAP_N"], fused=sw["DBN"] or sw["PROLOGUE"], gemm_m=c[0],
-                    channels=c[1], itemsize=itemsize, dbn=sw["DBN"]), shapes):
+                    channels=c[1], itemsize=itemsize, dbn=sw["DBN"],
+                    bn_relu=sw["PROLOGUE"]), shapes):
                 consts = dict(sw, ACC_FP64=False, INPUT_PRECISION=prec, sdc=1, sxc=1, spc=1,
                               FLATTEN=kc.FLATTEN_WGRAD, **cfg.kwargs)
                 consts = {k: v for k, v in consts.items() if v is not None}
+                # as conv_wgrad: dy' masked where x's box (or x') is not zero past the output
+                consts["MASK_DY"] = bool(sw["DBN"] and sw["TMA"]
+                                         and (sw.get("R") != 1 or sw["PROLOGUE"]))
                 bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 tw = min(sw["TILE_W"], bk)  # fp32: 32-pixel boxes
                 th = min(sw["TILE_H"], bk // tw)

@@ -291,6 +291,11 @@ WGRAD_CASES = [
     # the prologues' 256-wide tiles: dBN (dy' as wgmma's B, SWAP_AB) 128x256 at C_in 256,
     # alone and with BN-ReLU; BN-ReLU alone 256x128 at C_out 256
     ("3x3s1_dbn_ci256", 2, 256, 6, 128, 3, 1, 1, "dbn", "sm_90", 2),
+    # dBN alone at C_out = C_in = 64: 256 pixels a K step, dy' as A (``_WGRAD_DBN_64``),
+    # unmasked at 1x1 (x's zero fill past the output), masked at 3x3; sm_80: 64 pixels
+    ("1x1s1_dbn_64", 2, 64, 6, 64, 1, 1, 0, "dbn", "sm_90", 2),
+    ("3x3s1_dbn_64", 2, 64, 6, 64, 3, 1, 1, "dbn", "sm_90", 2),
+    ("1x1s1_dbn_64_sm80", 2, 64, 6, 64, 1, 1, 0, "dbn", "sm_80", 0),
     ("3x3s1_both_ci256", 2, 256, 6, 128, 3, 1, 1, "both", "sm_90", 2),
     ("1x1s1_bn_relu_co256", 2, 128, 6, 256, 1, 1, 0, "bn_relu", "sm_90", 2),
     # BN-ReLU alone at C_out 128: the 4-warp 128x64 tile at any C_in
@@ -324,10 +329,12 @@ def test_wgrad_autotunes_every_offered_config(gpu, case):
     def check(nargs):  # [splits, C_out, R*S*C_in] partials, summed as the launcher does
         dw = nargs["DW_ptr"].sum(0).view(co, k, k, ci).permute(0, 3, 1, 2)
         _close(dw, ref, 4e-3)
-        # the MMA's orientation (``_wgrad_swap``): dy' as B with the dBN prologue; x' as A
-        # with the BN-ReLU one alone where BLOCK_N >= BLOCK_M, its padding NaN-filled
+        # the MMA's orientation (``_wgrad_swap``): dy' as B with the dBN prologue (as A in
+        # its 64x64 256-pixel tile); x' as A with the BN-ReLU one alone where BLOCK_N >=
+        # BLOCK_M, its padding NaN-filled
         m, n = nargs["BLOCK_M"], nargs["BLOCK_N"]
-        swap = DT != torch.float32 and bool(fused) and (fused != "bn_relu" or n >= m)
+        swap = DT != torch.float32 and bool(fused) and (fused != "bn_relu" or n >= m) and (
+            m, n, nargs["BLOCK_K"]) != K._WGRAD_DBN_64[:3]
         assert nargs["SWAP_AB"] == swap, (m, n, fused)
         if tma:
             assert nargs["X_desc"].padding == ("nan" if swap and fused != "dbn" else "zero")
@@ -347,6 +354,9 @@ def test_wgrad_autotunes_every_offered_config(gpu, case):
         assert (128, 128) not in {t[:2] for t in record["offered"]}, record["offered"]
     if fused == "bn_relu":  # both orientations were timed and checked
         assert swaps == {0, 1}, record["offered"]
+    if fused == "dbn" and ci == co == 64:  # the 256-pixel tile where 2 stages of it fit
+        assert [t[:3] for t in record["offered"]] == (
+            [K._WGRAD_DBN_64[:3]] if arch == "sm_90" else [(64, 64, 64)]), record["offered"]
 
 
 # --------------------------------------------------------------------------------------

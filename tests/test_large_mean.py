@@ -513,3 +513,43 @@ def test_wgrad_swapped_bn_relu_prologue_on_gpu(monkeypatch, k, stride, ci, co):
         # the same bf16 values (the model is 2.5e-3 from the exact BN-ReLU's)
         assert rel(dw, want.bfloat16()) <= 5e-4, (cfg, rel(dw, want.bfloat16()))
         judge({"dw": dw}, {"dw": eager}, {"dw": truth}, f"swapped wgrad {cfg}")
+
+
+@needs_triton
+@pytest.mark.parametrize("k,ci,co", [(1, 64, 64), (3, 64, 64), (1, 256, 128)],
+                         ids=["1x1-64x64", "3x3-64x64", "1x1-256x128"])
+def test_wgrad_dbn_operand_is_one_fma_and_add(monkeypatch, k, ci, co):
+    """wgrad's dBN prologue computes dy' = fp32(fp32(fma(y, coef_y, dy)) + coef_c) rounded
+    once to the operand dtype (eager's one rounding; bf16 on a GPU by pairs in inline PTX,
+    ``_dbn_pairs_bf16``; fp16 in the interpreter, which has no bf16), with dy' unmasked at
+    1x1 (x's zero fill past the output): dW against float64 of that exact model within
+    5e-4 (fp32 accumulation order aside, the same values), pinned to each offered config
+    (on sm_90 the 64x64 256-pixel tile with dy' as A, 128x256 with dy' as B), at y's
+    mean/std 20 and dy's mean 3 (a constant that cancels it). 5 images of 7x7: the last
+    pixel box runs past the output."""
+    K = fconv.kernels()
+    dt = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    g = torch.Generator().manual_seed(11)
+    n, hw, pad = 5, 7, k // 2
+    x = torch.relu(torch.randn(n, ci, hw, hw, generator=g, dtype=torch.float64)) + 0.2
+    y = torch.randn(n, co, hw, hw, generator=g, dtype=torch.float64) + 20.0
+    dy = torch.randn(n, co, hw, hw, generator=g, dtype=torch.float64) + 3.0
+    coef_y = (0.5 * torch.randn(co, generator=g, dtype=torch.float64)).float()
+    coef_c = -3.0 - coef_y.double() * 20.0 + 0.1 * torch.randn(co, generator=g,
+                                                               dtype=torch.float64)
+    cl = torch.channels_last
+    xb, yb, dyb = (t.to(DEVICE, dt).contiguous(memory_format=cl) for t in (x, y, dy))
+    view = (1, -1, 1, 1)
+    fma = (yb.cpu().double() * coef_y.double().view(view) + dyb.cpu().double()).float()
+    model = (fma + coef_c.float().view(view)).to(dt).double()
+    want = torch.nn.grad.conv2d_weight(xb.cpu().double(), (co, ci, k, k), model, 1, pad)
+    configs = K.wgrad_configs(fused=True, gemm_m=co, channels=ci, itemsize=2,
+                              budget=K.smem_budget(xb.device), dbn=True)
+    assert configs
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    for cfg in configs:  # deterministic mode runs the list's first: each in turn
+        monkeypatch.setattr(K, "wgrad_configs", lambda *a, cfg=cfg, **kw: [cfg])
+        dw = K.conv_wgrad(dyb, xb, (co, ci, k, k), 1, pad, y=yb,
+                          coef_y=coef_y.to(DEVICE), coef_c=coef_c.float().to(DEVICE))
+        err = rel(dw.double().cpu(), want.to(dt))
+        assert err <= 5e-4, (cfg, err)

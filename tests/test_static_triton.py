@@ -567,32 +567,30 @@ BACKWARD_VARIANTS = ["dgrad 1x1 s1 (TMA boxes)", "dgrad 1x1 s1 (TMA boxes) dBN p
                      "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues"]
 # (variant, the configs it covers: a substring of the row's config ("" all) or a tuple of
 # them, why): each config a strict xfail; the variant's other configs are held to the bar
-WGRAD_4_WARP_64 = "BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, warps=4"
 BACKWARD_GAPS = {
-    # wgrad's dBN prologue: fp32 math per element, a thread's 32 elements of dy' (wgmma's
-    # B, read from shared memory only: loaded, computed, stored back, fenced, and the
-    # wgmma waited on at once, the buffer being rewritten the next step) over its warp's
-    # HGMMA of the K step: 4 in the tiles that miss, 8 where two warpgroups (or a 4-warp
-    # tile's two M halves) share the one B. (The BN-ReLU prologue's tiles that missed so
-    # meet the bar with x' as A in registers: kernels/conv.py ``_wgrad_swap``.)
-    "wgrad 1x1 s1 (TMA, one row of pixels) dBN prologue": (
-        WGRAD_4_WARP_64,
-        "64x64 at 4 warps: 91.5 SASS per HGMMA > 48 (3.6: 91.0), layer1's first conv1 "
-        "(C_in = C_out = 64: its only tile). dy' = dy + y*coef_y + coef_c is B (SWAP_AB): "
-        "per K step a thread reads dy and y from their boxes (8 LDS.128), computes in fp32 "
-        "(32 FADD, 32 FFMA, 32 PRMT, 16 F2FP, 16 HMUL2 + 4 I2F zeroing pixels past N*H*W: "
-        "132 SASS), stores B (4 STS.128), fences; the pixel mask and addresses: 109 "
-        "integer SASS; 365 over 4 HGMMA (tried: without the pixel mask, exact at 1x1 s1 "
-        "p0, 80.2; BLOCK_K 128, 72.1; 128 MMA rows need 128 channels). The 64x128 (4 "
-        "warps) and 128x256 tiles issue 8: 46.8, 46.6 (3.6: 46.4, 46.2), held to the bar, "
-        "offered at every other conv1 (the 128x128 one, 91.2, no longer beside 128x256: "
-        "_wgrad_fits)"),
+    # wgrad's dBN prologue with the BN-ReLU one (bn_relu_conv2d_stats only): dy' is B, in
+    # fp32 (eager's one rounding: kernels/conv.py, the DBN comment), stored to shared
+    # memory and fenced every K step, over 4 HGMMA per warp; x' is A in registers
     "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues": (
         "",
-        "99.0 SASS per HGMMA > 48 (3.6: 98.8; 123.2 before x' went to A): x' is wgmma's "
-        "A in registers (packed bf16), but dy' = dy + y*coef_y + coef_c stays B, in fp32, "
-        "stored to shared memory and fenced every K step, over 4 HGMMA per warp (run by "
-        "bn_relu_conv2d_stats, not by a converted ResNet-50: WGRAD_CHANNELS)"),
+        "91.0 SASS per HGMMA > 48 (3.6: 90.8; 99.0 before dy' was computed by pairs, 123.2 "
+        "before x' went to A): x' is wgmma's A in registers (packed bf16), but dy' = dy + "
+        "y*coef_y + coef_c stays B, in fp32 (4.5 SASS per element), stored to shared "
+        "memory and fenced every K step, over 4 HGMMA per warp, and masked past the output "
+        "(3x3: x's box is not zero there) (run by bn_relu_conv2d_stats, not by a converted "
+        "ResNet-50: WGRAD_CHANNELS)"),
+}
+# Rows that miss the bar under triton 3.6 only (the GPU machine's; 3.8 meets it, held to
+# it above): excused in the 3.6 table's check, which fails when one starts to meet it.
+# (variant, config substring, why)
+BACKWARD_GAPS_36 = {
+    "wgrad 1x1 s1 (TMA, one row of pixels) dBN prologue": (
+        "BLOCK_M=64, BLOCK_N=64, BLOCK_K=256",
+        "layer1's first conv1 (C_in = C_out = 64): 51.6 SASS per HGMMA > 48 (3.8: 47.7). "
+        "dy' in fp32 costs 4.5 SASS per element (two unpacks, FFMA, FADD, half a pack: "
+        "_dbn_pairs_bf16) and a thread computes 8 elements per HGMMA at any tile of 64 "
+        "channels; 3.6 adds a WARPGROUP.ARRIVE and descriptor math to each register-A "
+        "HGMMA (32 + ~50 SASS per K step). As B (swapped) 48.8 under 3.6, 49.0 under 3.8"),
 }
 
 
@@ -749,9 +747,10 @@ def _missing_backward_rows(report, S, version):
     have = {(r["variant"], _tile(r["config"])) for r in report["results"]
             if r["dtype"] == "bf16" and r["kernel"] == "conv_wgrad"}
     for variant, shapes in S.WGRAD_CHANNELS.items():
-        fused, dbn = "prologue" in variant, "dBN" in variant
+        fused, dbn, bn_relu = "prologue" in variant, "dBN" in variant, "bn-relu" in variant
         for cfg in S._union_of(lambda c: kc.wgrad_configs(fused=fused, gemm_m=c[0],
-                                                          channels=c[1], dbn=dbn), shapes):
+                                                          channels=c[1], dbn=dbn,
+                                                          bn_relu=bn_relu), shapes):
             tile = tuple(cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (
                 cfg.num_warps, cfg.num_stages)
             if (variant, tile) not in have:
@@ -786,6 +785,12 @@ def triton36_findings(report, S):
         gaps = (S.hopper_gaps(r) if S.forward_row(r) and r.variant in FORWARD_VARIANTS else
                 S.backward_gaps(r) if S.backward_row(r) and r.variant in BACKWARD_VARIANTS
                 and not known_backward_gap(r) else [])
+        gap_36 = BACKWARD_GAPS_36.get(r.variant)
+        if gap_36 and r.dtype == "bf16" and _one_of(r.config, gap_36[0]):
+            if not gaps:
+                out.append(f"{r.kernel} [{r.variant}] {r.config} meets the bar under 3.6 "
+                           "now: its BACKWARD_GAPS_36 entry must go")
+            continue
         if gaps:
             out.append(f"{r.kernel} [{r.variant}] {r.config}: {'; '.join(gaps)}")
     return out
