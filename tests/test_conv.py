@@ -676,6 +676,49 @@ def test_wgrad_flattened_walks_whole_splits(monkeypatch, case):
     assert (dw.double() - ref).abs().max() <= 1e-4 * (1 + ref.abs().max())
 
 
+@ALSO_ON_GPU
+@pytest.mark.parametrize("flatten", [False, True], ids=["", "flattened"])
+@pytest.mark.parametrize("case", WGRAD_TMA_CASES, ids=[c[0] for c in WGRAD_TMA_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_wgrad_dbn_alone_masks_dy_only_where_x_is_not_zero(monkeypatch, case, dtype,
+                                                           flatten):
+    """wgrad's dBN prologue alone: dy' = dy + y*coef_y + coef_c is coef_c at the pixels of
+    a box past the output (TMA zero-fills dy and y there), so it is zeroed by the pixel
+    mask (``MASK_DY``) where x's box is not zero there (3x3: a tap reads the image's
+    last rows and columns), not at 1x1 unpadded convs (the one-row flat box, the stride-2
+    view: past the output is past x) nor on the pointer path (x masked). coef_c ~ 30 makes
+    any such pixel count; flattened, the last split's boxes past the batch too. dW
+    against float64 of the operands' dy'."""
+    if K.TensorDescriptor is None:
+        pytest.skip("this triton has no host TMA descriptors")
+    monkeypatch.setattr(K, "FLATTEN_WGRAD", flatten)
+    seen = _spy_launches(monkeypatch)
+    x, w, st, pd = _make(case, dtype)
+    _, n, ci, h, w_, co, k, _, _ = case
+    g = torch.Generator().manual_seed(13)
+    y = F.conv2d(x.double(), w.double(), None, st, pd).to(dtype)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=g).to(dtype)
+    coef_y = torch.randn(co, generator=g, dtype=torch.float64)
+    coef_c = 30.0 + torch.randn(co, generator=g, dtype=torch.float64)
+    cl = torch.channels_last
+    dw = K.conv_wgrad(dy.to(DEVICE).contiguous(memory_format=cl), x, w.shape, st, pd,
+                      y=y.to(DEVICE).contiguous(memory_format=cl),
+                      coef_y=coef_y.to(DEVICE, torch.float32),
+                      coef_c=coef_c.to(DEVICE, torch.float32))
+    tma = seen[0]["TMA"]
+    if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
+        even = st == 1 or (h % 2 == 0 and w_ % 2 == 0)
+        assert tma == ((2 if st == 1 else 3) if even else 0), seen[0]
+    assert seen[0]["MASK_DY"] == (bool(tma) and k != 1), seen[0]
+    assert seen[0]["FLATTEN"] == flatten
+    d = dy.double() + y.double() * coef_y.float().double().view(1, -1, 1, 1) \
+        + coef_c.float().double().view(1, -1, 1, 1)
+    ref = torch.nn.grad.conv2d_weight(x.double().cpu(), w.shape, d, st, pd)
+    tol = 1e-4 if dtype == torch.float32 else 2e-3  # fp16: dy' rounded to the operand
+    err = (dw.double().cpu() - ref).abs().max() / (1 + ref.abs().max())
+    assert err <= tol, (err, seen[0])
+
+
 def test_deterministic():
     x, w, st, pd = _make(CASES[2], torch.float32, requires_grad=True)
     outs = []
