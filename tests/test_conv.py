@@ -1602,6 +1602,45 @@ def test_wgrad_fp64_fallback_tile_fits(monkeypatch):
                 assert c.num_stages * (m + n) * k * 8 <= kconv._SMEM_BUDGET, (m, n, k)
 
 
+def test_wgrad_lists_have_one_pixel_box_and_the_dbn_64_tile_alone(monkeypatch):
+    """Every wgrad mode (stem, dBN, BN-ReLU, both) at each element size, C_out, C_in and
+    shared-memory budget: the list is not empty, has one BLOCK_K (conv_wgrad sizes the
+    pixel box of every config from configs[0]'s), and only configs the autotuner knows
+    (``_wgrad_union``); the 256-pixel ``_WGRAD_DBN_64`` is offered exactly for the dBN
+    prologue alone, 16-bit, tap-major, C_out and C_in <= 64, where 2 stages of it (128 KB)
+    fit the budget, and then alone (deterministic mode's config), unswapped, at 2 stages;
+    the autotuner's prune of a launch of that mode (``_wgrad_prune``: DBN, PROLOGUE as
+    conv_wgrad passes them) gives the same list."""
+    from fusedres.kernels import conv as kconv
+
+    monkeypatch.setattr(kconv, "INTERPRET", False)
+    union = kconv._wgrad_union()
+    known = {kconv._key(c) for c in union}
+    dbn_64 = tuple(kconv._WGRAD_DBN_64[:3])
+    dtypes = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
+    for stem, dbn, bn_relu, size, co, ci, budget_kb in itertools.product(
+            (False, True), (False, True), (False, True), (2, 4, 8), (32, 64, 128, 256),
+            (64, 128, 256), (160, 128, 127, 99)):
+        where = dict(stem=stem, dbn=dbn, bn_relu=bn_relu, size=size, co=co, ci=ci,
+                     budget_kb=budget_kb)
+        budget = budget_kb * 1024
+        cfgs = kconv.wgrad_configs(stem=stem, fused=dbn or bn_relu, gemm_m=co, channels=ci,
+                                   itemsize=size, budget=budget, dbn=dbn, bn_relu=bn_relu)
+        tiles = [tuple(c.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) for c in cfgs]
+        assert tiles and len({t[2] for t in tiles}) == 1, (where, tiles)
+        assert all(kconv._key(c) in known for c in cfgs), where
+        wide = (dbn and not bn_relu and not stem and size == 2 and co <= 64 and ci <= 64
+                and budget_kb >= 128)
+        assert (dbn_64 in tiles) == wide, (where, tiles)
+        if wide:
+            assert tiles == [dbn_64] and cfgs[0].num_stages == 2, (where, tiles)
+            assert cfgs[0].kwargs["SWAP_AB"] == 0, where
+        monkeypatch.setattr(kconv, "smem_budget", lambda device, b=budget: b)
+        nargs = dict(GEMM_M=co, CI=ci, X_ptr=torch.empty(0, dtype=dtypes[size]))
+        pruned = kconv._wgrad_prune(union, nargs, TAP_N=not stem, DBN=dbn, PROLOGUE=bn_relu)
+        assert sorted(map(kconv._key, pruned)) == sorted(map(kconv._key, cfgs)), where
+
+
 def test_conv_fp64_configs_exist(monkeypatch):
     """fp64 on a GPU (``conv_path`` lets it run the Triton conv): every tap-loop mode of the
     forward and dgrad offers a config, the mode's BLOCK_K 32 tile within sm_90's pipeline
