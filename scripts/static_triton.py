@@ -765,10 +765,11 @@ def conv_specs(quick: bool):
     # functions run (``conv2d``, ``conv2d_stats`` on a 3x3 or strided conv,
     # ``bn_relu_conv2d_stats``); pixel boxes as the launcher makes them at 28x28 (BLOCK_K
     # 64 pixels: 1 image x 2 rows x 32 columns; a 1x1 stride-1 conv is one row of N*H*W
-    # pixels)
+    # pixels, a box of BLOCK_K of them, 256 at ``_WGRAD_DBN_64``: TILE_W below is cut to
+    # BLOCK_K)
     wbox = dict(TAP_N=True, TMA=2, TILE_H=2, TILE_W=32, STRIDE_H=1, STRIDE_W=1, DBN=False,
                 PROLOGUE=False)
-    wrow = dict(wbox, TILE_H=1, TILE_W=64, R=1, S=1)
+    wrow = dict(wbox, TILE_H=1, TILE_W=256, R=1, S=1)
     wview = dict(wbox, TMA=3, STRIDE_H=None, STRIDE_W=None)
     wgrad = {"wgrad 3x3 s1 (TMA boxes)": (wbox, ((256, 256),)),
              "wgrad 1x1 s1 (TMA, one row of pixels)": (wrow, ()),

@@ -676,6 +676,80 @@ def test_wgrad_flattened_walks_whole_splits(monkeypatch, case):
     assert (dw.double() - ref).abs().max() <= 1e-4 * (1 + ref.abs().max())
 
 
+@ALSO_ON_GPU
+@pytest.mark.parametrize("flatten", [False, True], ids=["", "flattened"])
+@pytest.mark.parametrize("case", WGRAD_TMA_CASES, ids=[c[0] for c in WGRAD_TMA_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_wgrad_dbn_alone_masks_dy_only_where_x_is_not_zero(monkeypatch, case, dtype,
+                                                           flatten):
+    """wgrad's dBN prologue alone: dy' = dy + y*coef_y + coef_c is coef_c at the pixels of
+    a box past the output (TMA zero-fills dy and y there), so it is zeroed by the pixel
+    mask (``MASK_DY``) where x's box is not zero there (3x3: a tap reads the image's
+    last rows and columns), not at 1x1 unpadded convs (the one-row flat box, the stride-2
+    view: past the output is past x) nor on the pointer path (x masked). coef_c ~ 30 makes
+    any such pixel count; flattened, the last split's boxes past the batch too. dW
+    against float64 of the operands' dy'."""
+    if K.TensorDescriptor is None:
+        pytest.skip("this triton has no host TMA descriptors")
+    monkeypatch.setattr(K, "FLATTEN_WGRAD", flatten)
+    seen = _spy_launches(monkeypatch)
+    x, w, st, pd = _make(case, dtype)
+    _, n, ci, h, w_, co, k, _, _ = case
+    g = torch.Generator().manual_seed(13)
+    y = F.conv2d(x.double(), w.double(), None, st, pd).to(dtype)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=g).to(dtype)
+    coef_y = torch.randn(co, generator=g, dtype=torch.float64)
+    coef_c = 30.0 + torch.randn(co, generator=g, dtype=torch.float64)
+    cl = torch.channels_last
+    dw = K.conv_wgrad(dy.to(DEVICE).contiguous(memory_format=cl), x, w.shape, st, pd,
+                      y=y.to(DEVICE).contiguous(memory_format=cl),
+                      coef_y=coef_y.to(DEVICE, torch.float32),
+                      coef_c=coef_c.to(DEVICE, torch.float32))
+    tma = seen[0]["TMA"]
+    if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
+        even = st == 1 or (h % 2 == 0 and w_ % 2 == 0)
+        assert tma == ((2 if st == 1 else 3) if even else 0), seen[0]
+    assert seen[0]["MASK_DY"] == (bool(tma) and k != 1), seen[0]
+    assert seen[0]["FLATTEN"] == flatten
+    d = dy.double() + y.double() * coef_y.float().double().view(1, -1, 1, 1) \
+        + coef_c.float().double().view(1, -1, 1, 1)
+    ref = torch.nn.grad.conv2d_weight(x.double().cpu(), w.shape, d, st, pd)
+    tol = 1e-4 if dtype == torch.float32 else 2e-3  # fp16: dy' rounded to the operand
+    err = (dw.double().cpu() - ref).abs().max() / (1 + ref.abs().max())
+    assert err <= tol, (err, seen[0])
+
+
+@pytest.mark.xfail(strict=True, reason="fp16 dBN operand past the output is coef_c rounded "
+                   "to fp16: inf where |coef_c| > 65504, and inf * 0 (the pixel mask's "
+                   "multiply, or x's zero fill) is NaN; eager's dy' is finite")
+@pytest.mark.parametrize("k", [1, 3], ids=["1x1-unmasked", "3x3-masked"])
+def test_wgrad_dbn_fp16_constant_past_fp16_range(k):
+    """fp16 wgrad with the dBN prologue where coef_c is past fp16's range but dy' = dy +
+    y*coef_y + coef_c is not (y's mean 1000 times coef_y 100 cancels coef_c = -1e5; a
+    BN input with a large mean over its std, or a loss-scaled dy): dW should be finite, as
+    eager's (dy' materialised in fp32, rounded once). Pixels of a box past the output get
+    dy' = fp16(coef_c) = -inf, which neither MASK_DY's multiply nor x's zero fill zeroes.
+    Not from the MASK_DY change: the multiply by the mask gave NaN before it too."""
+    g = torch.Generator().manual_seed(3)
+    n, c, hw = 2, 32, 5  # 50 pixels: 16-pixel boxes (interpreter) run past the output
+    cl = torch.channels_last
+    x = torch.randn(n, c, hw, hw, generator=g, dtype=torch.float64)
+    y = 1000.0 + torch.randn(n, c, hw, hw, generator=g, dtype=torch.float64)
+    dy = torch.randn(n, c, hw, hw, generator=g, dtype=torch.float64)
+    x, y, dy = (t.to(DEVICE, torch.float16).contiguous(memory_format=cl) for t in (x, y, dy))
+    coef_y = torch.full((c,), 100.0, dtype=torch.float64)
+    coef_c = -1000.0 * coef_y
+    dw = K.conv_wgrad(dy, x, (c, c, k, k), 1, k // 2, y=y,
+                      coef_y=coef_y.to(DEVICE, torch.float32),
+                      coef_c=coef_c.to(DEVICE, torch.float32)).double().cpu()
+    d = dy.double().cpu() + y.double().cpu() * coef_y.view(1, -1, 1, 1) \
+        + coef_c.view(1, -1, 1, 1)
+    assert d.abs().max() < 1000  # the operand itself is well within fp16
+    ref = torch.nn.grad.conv2d_weight(x.double().cpu(), (c, c, k, k), d, 1, k // 2)
+    assert dw.isfinite().all()
+    assert (dw - ref).abs().max() <= 2e-2 * (1 + ref.abs().max())
+
+
 def test_deterministic():
     x, w, st, pd = _make(CASES[2], torch.float32, requires_grad=True)
     outs = []
@@ -1557,6 +1631,45 @@ def test_wgrad_fp64_fallback_tile_fits(monkeypatch):
                 m, n, k = (c.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 assert m <= 128 and n <= 128, (stem, fused, dbn, co, ci, m, n, k)
                 assert c.num_stages * (m + n) * k * 8 <= kconv._SMEM_BUDGET, (m, n, k)
+
+
+def test_wgrad_lists_have_one_pixel_box_and_the_dbn_64_tile_alone(monkeypatch):
+    """Every wgrad mode (stem, dBN, BN-ReLU, both) at each element size, C_out, C_in and
+    shared-memory budget: the list is not empty, has one BLOCK_K (conv_wgrad sizes the
+    pixel box of every config from configs[0]'s), and only configs the autotuner knows
+    (``_wgrad_union``); the 256-pixel ``_WGRAD_DBN_64`` is offered exactly for the dBN
+    prologue alone, 16-bit, tap-major, C_out and C_in <= 64, where 2 stages of it (128 KB)
+    fit the budget, and then alone (deterministic mode's config), unswapped, at 2 stages;
+    the autotuner's prune of a launch of that mode (``_wgrad_prune``: DBN, PROLOGUE as
+    conv_wgrad passes them) gives the same list."""
+    from fusedres.kernels import conv as kconv
+
+    monkeypatch.setattr(kconv, "INTERPRET", False)
+    union = kconv._wgrad_union()
+    known = {kconv._key(c) for c in union}
+    dbn_64 = tuple(kconv._WGRAD_DBN_64[:3])
+    dtypes = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
+    for stem, dbn, bn_relu, size, co, ci, budget_kb in itertools.product(
+            (False, True), (False, True), (False, True), (2, 4, 8), (32, 64, 128, 256),
+            (64, 128, 256), (160, 128, 127, 99)):
+        where = dict(stem=stem, dbn=dbn, bn_relu=bn_relu, size=size, co=co, ci=ci,
+                     budget_kb=budget_kb)
+        budget = budget_kb * 1024
+        cfgs = kconv.wgrad_configs(stem=stem, fused=dbn or bn_relu, gemm_m=co, channels=ci,
+                                   itemsize=size, budget=budget, dbn=dbn, bn_relu=bn_relu)
+        tiles = [tuple(c.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) for c in cfgs]
+        assert tiles and len({t[2] for t in tiles}) == 1, (where, tiles)
+        assert all(kconv._key(c) in known for c in cfgs), where
+        wide = (dbn and not bn_relu and not stem and size == 2 and co <= 64 and ci <= 64
+                and budget_kb >= 128)
+        assert (dbn_64 in tiles) == wide, (where, tiles)
+        if wide:
+            assert tiles == [dbn_64] and cfgs[0].num_stages == 2, (where, tiles)
+            assert cfgs[0].kwargs["SWAP_AB"] == 0, where
+        monkeypatch.setattr(kconv, "smem_budget", lambda device, b=budget: b)
+        nargs = dict(GEMM_M=co, CI=ci, X_ptr=torch.empty(0, dtype=dtypes[size]))
+        pruned = kconv._wgrad_prune(union, nargs, TAP_N=not stem, DBN=dbn, PROLOGUE=bn_relu)
+        assert sorted(map(kconv._key, pruned)) == sorted(map(kconv._key, cfgs)), where
 
 
 def test_conv_fp64_configs_exist(monkeypatch):
