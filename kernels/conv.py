@@ -778,7 +778,7 @@ def _conv_wgrad_kernel(
     TILE_W: tl.constexpr,  # output columns of a pixel tile
     DBN: tl.constexpr,
     MASK_DY: tl.constexpr,  # dy' zeroed at pixels past the output: where x's box (or x')
-    #                         is not (a 1x1 unpadded conv's x is)
+    #                         is not (a 1x1 unpadded conv's x is), and in fp16
     PROLOGUE: tl.constexpr,
     FLATTEN: tl.constexpr,  # the item and pixel loops fused into one pipelined loop
     ACC_FP64: tl.constexpr,
@@ -894,17 +894,23 @@ def _conv_wgrad_kernel(
                 # many pixels, which the sum over N*H*W pixels adds up (docs/triton_conv.md,
                 # "wgrad's dBN operand"). 32/64-bit operands keep that precision: centred,
                 # (dy + cc) + (y - centre)*cy, y's and dy's means cancel before the FMA
-                # (16-bit: the operand's rounding dominates). 0 past the output (a multiply
-                # of the rounded pairs by the 0/1 mask) where x's box is not
-                if op_t == tl.float32 or ACC_FP64:
-                    a = tl.fma(py.to(cdt) - centre[:, None], cy[:, None],
-                               a.to(cdt) + cc[:, None]).to(op_t)
-                elif op_t == tl.bfloat16:
+                # (16-bit: the operand's rounding dominates). 0 past the output where x's
+                # box is not (``MASK_DY``): bf16, a multiply of the rounded pairs by the 0/1
+                # mask; otherwise a select before the rounding (there dy' is the constant
+                # alone, which fp16 can overflow: inf times the mask is NaN)
+                if op_t == tl.bfloat16:
                     a = _dbn_pairs_bf16(a, py, cy[:, None], cc[:, None])
+                    if MASK_DY:
+                        a = a * pix_ok[None, :].to(op_t)
                 else:
-                    a = (tl.fma(py.to(cdt), cy[:, None], a.to(cdt)) + cc[:, None]).to(op_t)
-                if MASK_DY:
-                    a = a * pix_ok[None, :].to(op_t)
+                    if op_t == tl.float32 or ACC_FP64:
+                        v = tl.fma(py.to(cdt) - centre[:, None], cy[:, None],
+                                   a.to(cdt) + cc[:, None])
+                    else:
+                        v = tl.fma(py.to(cdt), cy[:, None], a.to(cdt)) + cc[:, None]
+                    if MASK_DY:
+                        v = tl.where(pix_ok[None, :], v, 0.0)
+                    a = v.to(op_t)
             else:
                 a = a.to(op_t)
             if TAP_N and TMA:  # one box of x per K step (stride 1, or the stride-2 view)
@@ -1269,7 +1275,7 @@ def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused, dbn=False, bn_rel
     (``_WGRAD_DBN_64``, ``bn_relu`` False; ``wide_dbn``: where 2 stages of it fit the
     device's shared memory, else the 64-pixel one) walks 256 pixels a K step, over which the
     step's fixed cost is spread (16 HGMMA), unswapped (bf16, 1x1: 91.5 SASS per HGMMA at
-    64 pixels swapped, 49.0 at 256 swapped, 47.7 unswapped)."""
+    64 pixels swapped, 49.0 at 256 swapped, 47.8 unswapped)."""
     m, n, k = tile[:3]
     if (m, n) == (64, 64) and dbn and not bn_relu and itemsize == 2 and not stem and wide_dbn:
         if tuple(tile[:3]) != _WGRAD_DBN_64[:3]:  # its 64x64 tile (``_WGRAD_DBN_64``)
@@ -2069,8 +2075,10 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
         coef_c = coef_c.to(acc)
     # dy' needs no mask where every pixel past the output meets x's zero fill: 1x1
     # unpadded boxes without the BN-ReLU prologue (relu(shift) there); x by pointers is
-    # masked
-    mask_dy = dbn and bool(tma) and ((r, s, ph, pw) != (1, 1, 0, 0) or prologue)
+    # masked. fp16 always: dy' there is coef_c alone, past fp16's range where y's large
+    # mean cancels it inside (inf times x's 0 is NaN)
+    mask_dy = dbn and (x.dtype == torch.float16 or bool(tma) and (
+        (r, s, ph, pw) != (1, 1, 0, 0) or prologue))
     args = (dy, x, part, py, coef_y if dbn else part, coef_c if dbn else part, centre,
             scale if prologue else part, shift if prologue else part,
             dy_desc if tma else dy, py_desc if tma else dy, x_desc if tma else x,
