@@ -291,8 +291,8 @@ WGRAD_CASES = [
     # the prologues' 256-wide tiles: dBN (dy' as wgmma's B, SWAP_AB) 128x256 at C_in 256,
     # alone and with BN-ReLU; BN-ReLU alone 256x128 at C_out 256
     ("3x3s1_dbn_ci256", 2, 256, 6, 128, 3, 1, 1, "dbn", "sm_90", 2),
-    # dBN alone at C_out = C_in = 64: 256 pixels a K step, dy' as A (``_WGRAD_DBN_64``),
-    # unmasked at 1x1 (x's zero fill past the output), masked at 3x3; sm_80: 64 pixels
+    # dBN alone at C_out = C_in = 64: 256 pixels a K step, dy' as A (``_WGRAD_DBN_64``;
+    # in fp16, DT here, dy' is masked past the output on every path); sm_80: 64 pixels
     ("1x1s1_dbn_64", 2, 64, 6, 64, 1, 1, 0, "dbn", "sm_90", 2),
     ("3x3s1_dbn_64", 2, 64, 6, 64, 3, 1, 1, "dbn", "sm_90", 2),
     ("1x1s1_dbn_64_sm80", 2, 64, 6, 64, 1, 1, 0, "dbn", "sm_80", 0),

@@ -522,7 +522,8 @@ def test_wgrad_dbn_operand_is_one_fma_and_add(monkeypatch, k, ci, co):
     """wgrad's dBN prologue computes dy' = fp32(fp32(fma(y, coef_y, dy)) + coef_c) rounded
     once to the operand dtype (eager's one rounding; bf16 on a GPU by pairs in inline PTX,
     ``_dbn_pairs_bf16``; fp16 in the interpreter, which has no bf16), with dy' unmasked at
-    1x1 (x's zero fill past the output): dW against float64 of that exact model within
+    1x1 in bf16 (x's zero fill past the output; fp16 masks it on every path, by a select
+    before the rounding): dW against float64 of that exact model within
     5e-4 (fp32 accumulation order aside, the same values), pinned to each offered config
     (on sm_90 the 64x64 256-pixel tile with dy' as A, 128x256 with dy' as B), at y's
     mean/std 20 and dy's mean 3 (a constant that cancels it). 5 images of 7x7: the last
