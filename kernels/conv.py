@@ -1880,6 +1880,15 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
             ws2.view(phases, rows, ci)[:, :t].sum((0, 1)))
 
 
+def wgrad_mask_dy(dbn, prologue, tma, unpadded_1x1, fp16) -> bool:
+    """``MASK_DY`` of a wgrad launch (``conv_wgrad``; scripts/static_triton.py compiles
+    its rows with it). dy' needs no mask where every pixel past the output meets x's zero
+    fill: 1x1 unpadded boxes without the BN-ReLU prologue (relu(shift) there); x by
+    pointers (``tma`` 0) is masked. fp16 always: dy' there is coef_c alone, past fp16's
+    range where y's large mean cancels it inside (inf times x's 0 is NaN)."""
+    return bool(dbn) and (fp16 or bool(tma) and (not unpadded_1x1 or bool(prologue)))
+
+
 def _dbn_prologue_coefs(coef_y, centre, dtype):
     """The dgrad dBN prologue's per-channel coefficients (its ``PCOEF_ptr``) for operands of
     ``dtype``. bf16: rows (centre, hi, lo) in bf16, coef_y = hi + lo to 16 bits, for packed
@@ -2073,12 +2082,8 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
             torch.float64)
     if dbn:
         coef_c = coef_c.to(acc)
-    # dy' needs no mask where every pixel past the output meets x's zero fill: 1x1
-    # unpadded boxes without the BN-ReLU prologue (relu(shift) there); x by pointers is
-    # masked. fp16 always: dy' there is coef_c alone, past fp16's range where y's large
-    # mean cancels it inside (inf times x's 0 is NaN)
-    mask_dy = dbn and (x.dtype == torch.float16 or bool(tma) and (
-        (r, s, ph, pw) != (1, 1, 0, 0) or prologue))
+    mask_dy = wgrad_mask_dy(dbn, prologue, tma, (r, s, ph, pw) == (1, 1, 0, 0),
+                            x.dtype == torch.float16)
     args = (dy, x, part, py, coef_y if dbn else part, coef_c if dbn else part, centre,
             scale if prologue else part, shift if prologue else part,
             dy_desc if tma else dy, py_desc if tma else dy, x_desc if tma else x,

@@ -844,10 +844,9 @@ def conv_specs(quick: bool):
                 consts = dict(sw, ACC_FP64=False, INPUT_PRECISION=prec, sdc=1, sxc=1, spc=1,
                               FLATTEN=kc.FLATTEN_WGRAD, **cfg.kwargs)
                 consts = {k: v for k, v in consts.items() if v is not None}
-                # as conv_wgrad: dy' masked where x's box (or x') is not zero past the
-                # output, and in fp16
-                consts["MASK_DY"] = bool(sw["DBN"] and (dt == "fp16" or sw["TMA"] and (
-                    sw.get("R") != 1 or sw["PROLOGUE"])))
+                # as conv_wgrad (the 1x1 variants are unpadded)
+                consts["MASK_DY"] = kc.wgrad_mask_dy(sw["DBN"], sw["PROLOGUE"], sw["TMA"],
+                                                     sw.get("R") == 1, dt == "fp16")
                 bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 tw = min(sw["TILE_W"], bk)  # fp32: 32-pixel boxes
                 th = min(sw["TILE_H"], bk // tw)
