@@ -1688,3 +1688,67 @@ def test_conv_fp64_configs_exist(monkeypatch):
             m, bn, k = (c.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             assert k == 32 and c.num_stages >= 2, (m, bn, k, c.num_stages)
             assert c.num_stages * (m + bn) * k * 8 <= kconv._SMEM_BUDGET
+
+
+def _pow2_box(n, p, q, rows):
+    """The boxes the launchers made before ``pixel_box``: next_pow2(Q) columns, then rows."""
+    tw = min(1 << (q - 1).bit_length(), rows)
+    th = min(1 << (p - 1).bit_length(), rows // tw)
+    return rows // (tw * th), th, tw
+
+
+def _boxes(n, p, q, box):
+    tn, th, tw = box
+    return -(-n // tn) * -(-p // th) * -(-q // tw)
+
+
+def test_pixel_box_wastes_no_row_at_resnet50_and_never_more_than_before():
+    """``pixel_box``: at batch 256 ResNet-50's output sizes are tiled with no pixel past the
+    output (next_pow2 boxes wasted 12.5% at 56x56 and 28x28, 23% at 14x14 and 7x7); at any
+    size no more boxes than those; each box ``rows`` pixels, powers of two."""
+    for size, rows in itertools.product((112, 56, 28, 14, 7), (64, 128, 256)):
+        box = K.pixel_box(256, size, size, rows)
+        assert _boxes(256, size, size, box) * rows == 256 * size * size, (size, rows, box)
+    assert K.pixel_box(256, 28, 28, 64) == (4, 4, 4)
+    assert K.pixel_box(256, 7, 7, 128) == (128, 1, 1)
+    wasted = _boxes(256, 14, 14, _pow2_box(256, 14, 14, 128)) * 128 / (256 * 14 * 14) - 1
+    assert 0.3 < wasted < 0.31  # 1 - 196/256 of the rows: the old boxes' waste
+    for n, p, q, rows in itertools.product((1, 2, 3, 5, 8, 33, 256), (1, 2, 3, 5, 7, 9, 17),
+                                           (1, 4, 6, 7, 13, 28), (16, 64, 128)):
+        box = K.pixel_box(n, p, q, rows)
+        assert box[0] * box[1] * box[2] == rows and all(v & (v - 1) == 0 for v in box)
+        assert _boxes(n, p, q, box) <= _boxes(n, p, q, _pow2_box(n, p, q, rows)), (n, p, q)
+
+
+def test_launchers_make_their_boxes_with_pixel_box(monkeypatch):
+    """The forward, dgrad and wgrad of a 3x3 conv with statistics, trained once on
+    channels_last tensors: each TMA launch's pixel box is ``pixel_box``'s for its rows
+    (the smallest BLOCK_M of the forward's configs, dgrad's BLOCK_M, wgrad's BLOCK_K)."""
+    if K.TensorDescriptor is None:
+        pytest.skip("no TMA descriptors in this Triton")
+    seen = []
+    launch = K._launch
+    monkeypatch.setattr(K, "_launch", lambda run, cfgs, grid, args, kw: seen.append(
+        (cfgs, kw)) or launch(run, cfgs, grid, args, kw))
+    n, ci, h, co = 4, 32, 12, 32  # boxes of 4 x 4 pixels (next_pow2: a row of 16 or 2 x 16)
+    x = torch.randn(n, ci, h, h, dtype=torch.float32, device=DEVICE).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    w = (torch.randn(co, ci, 3, 3, dtype=torch.float32, device=DEVICE) / 17).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    y, mean, var = fconv.conv2d_stats(x, w, 1, 1, backend="triton")
+    ramp = torch.cos(torch.arange(y.numel(), dtype=y.dtype, device=DEVICE)).view_as(y)
+    ((y * ramp.contiguous(memory_format=torch.channels_last)).sum() + mean.sum()
+     + var.sum()).backward()
+    kinds = set()
+    for cfgs, kw in seen:
+        if "TAP_N" in kw:
+            kind, rows = "wgrad", cfgs[0].kwargs["BLOCK_K"]
+            assert kw["TMA"] == 2, kw
+        else:
+            kind = "dgrad" if kw["TRANSPOSED"] else "forward"
+            rows = min(c.kwargs["BLOCK_M"] for c in cfgs)
+            assert kw["A_TMA"] == 2, kw
+        kinds.add(kind)
+        assert (kw["TILE_H"], kw["TILE_W"]) == K.pixel_box(n, h, h, rows)[1:], (kind, kw)
+        assert kw["TILE_W"] == 4 != _pow2_box(n, h, h, rows)[2], (kind, kw)
+    assert kinds == {"forward", "dgrad", "wgrad"}, kinds
