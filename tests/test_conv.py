@@ -334,16 +334,14 @@ def test_prologue_tiles_256_and_128_rows(monkeypatch, case, rows, dtype):
         y, mean, var = K.conv_fwd(x, w, st, pd, scale=scale, shift=shift, stats=True)
     finally:
         torch.use_deterministic_algorithms(old)
-    _, _, _, h, w_, _, k, st, pd = case
+    _, n, _, h, w_, _, k, st, pd = case
     p, q = K.out_size(h, w_, k, k, st, pd)
     a_tma = 1 if (k, st, pd) == (1, 1, 0) else (2 if st == 1 else 3)
     if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
         assert seen[0]["A_TMA"] == a_tma and seen[0]["Y_TMA"] == min(a_tma, 2), seen[0]
     assert (used[0]["BLOCK_M"], used[0]["BLOCK_N"], used[0]["BLOCK_K"]) == pinned[:3]
     if seen[0]["A_TMA"] > 1:  # the 128-row tile's box: 128 / (TILE_H * TILE_W) images
-        tw = min(1 << (q - 1).bit_length(), 128)
-        assert (seen[0]["TILE_W"], seen[0]["TILE_H"]) == (tw, min(1 << (p - 1).bit_length(),
-                                                                 128 // tw))
+        assert (seen[0]["TILE_H"], seen[0]["TILE_W"]) == K.pixel_box(n, p, q, 128)[1:]
     a = _ref_bn_relu(x, scale, shift)
     ref = F.conv2d(a.double(), w.double(), None, st, pd)
     torch_err = (F.conv2d(a.float(), w.float(), None, st, pd).to(dtype).double()
@@ -455,15 +453,16 @@ def test_tma_weights_dgrad(monkeypatch, case, dtype, fused):
 
 
 def test_box_grid_past_int32_takes_the_pointer_path(monkeypatch):
-    """A grid of TMA boxes is padded past the pixels (32-column boxes over 33 columns; at
+    """A grid of TMA boxes is padded past the pixels (8-column boxes over 33 columns; at
     n = 1 a box of 32 images over one): where it, not the GEMM sizes, reaches the int32
     limit (``_INDEX_LIMIT``, lowered here), the forward and dgrad read A by pointers --
     they raised ValueError on a shape ``conv_path`` had accepted (n*H*W < 2**31)."""
     if K.TensorDescriptor is None:
         pytest.skip("this triton has no host TMA descriptors")
     seen = _spy_launches(monkeypatch)
-    monkeypatch.setattr(K, "_INDEX_LIMIT", 200)
-    # forward 3x3, 4 x 33 output: 132 pixels, GEMM_K 144, boxes 4 x 2 x 32 = 256 rows
+    monkeypatch.setattr(K, "_INDEX_LIMIT", 150)
+    # forward 3x3, 4 x 33 output: 132 pixels, GEMM_K 144, 5 boxes of 1 x 4 x 8 = 160 rows
+    # (``pixel_box``)
     x, w, st, pd = _make(("fwd_pad", 1, 16, 4, 33, 16, 3, 1, 1), torch.float32)
     y, mean, _ = K.conv_fwd(x, w, st, pd, stats=True)
     ref = F.conv2d(x.double(), w.double(), None, st, pd)
