@@ -788,9 +788,10 @@ def conv_specs(quick: bool):
                  dict(wrow, PROLOGUE=True), ()),
              "wgrad 3x3/1x1 s2 (TMA boxes of the stride-2 view) bn-relu prologue": (
                  dict(wview, PROLOGUE=True), ()),
+             # C_in 128 and 256: the 128x128 tile and the 128x256 one
              "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues": (dict(wbox, DBN=True,
                                                                      PROLOGUE=True),
-                                                                ((128, 128),)),
+                                                                ((128, 128), (256, 256))),
              "wgrad pointers (odd H/W, sm_80)": (dict(wbox, TMA=0, STRIDE_H=None,
                                                       STRIDE_W=None), ((128, 128),)),
              "wgrad stem C=3 (flat N)": (dict(wbox, TAP_N=False, TMA=0,
