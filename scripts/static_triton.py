@@ -708,12 +708,14 @@ def conv_specs(quick: bool):
     gemm1x1 = dict(A_TMA=1, R=1, S=1, STRIDE_H=1, STRIDE_W=1)  # the JIT pins 1s
     # pixel boxes as the launchers make them at batch 256 (``pixel_box``: the fewest boxes,
     # 128 pixels in the forward and dgrad). 3x3 stride 1 at 56x56: 2 images x 8 rows x 8
-    # columns
+    # columns (the BN-ReLU prologue's: 2 pixels of an image at least, the same here)
     _, th, tw = kc.pixel_box(BATCH, 56, 56, 128)
     boxes = dict(A_TMA=2, TILE_H=th, TILE_W=tw, STRIDE_H=1, STRIDE_W=1)
+    assert kc.pixel_box(BATCH, 56, 56, 128, 2) == kc.pixel_box(BATCH, 56, 56, 128)
     # stride 2 from 56x56 to 28x28: 8 images x 4 rows x 4 columns
     _, th, tw = kc.pixel_box(BATCH, 28, 28, 128)
     boxes2 = dict(A_TMA=3, TILE_H=th, TILE_W=tw)
+    assert kc.pixel_box(BATCH, 28, 28, 128, 2) == kc.pixel_box(BATCH, 28, 28, 128)
     # dgrad: dy by boxes per tap over boxes of dx pixels, as conv_dgrad makes them for
     # every conv with C_out % 64 == 0 and dense dy, 1x1 ones too (28x28: 8 x 4 x 4), at
     # stride 2 boxes of one phase's dx pixels (56x56 -> phases of 28x28: 8 x 4 x 4) with

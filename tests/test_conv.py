@@ -1710,6 +1710,7 @@ def test_pixel_box_wastes_no_row_at_resnet50_and_never_more_than_before():
         assert _boxes(256, size, size, box) * rows == 256 * size * size, (size, rows, box)
     assert K.pixel_box(256, 28, 28, 64) == (4, 4, 4)
     assert K.pixel_box(256, 7, 7, 128) == (128, 1, 1)
+    assert K.pixel_box(256, 7, 7, 128, min_pixels=2) == (16, 1, 8)  # 12.5% wasted
     wasted = _boxes(256, 14, 14, _pow2_box(256, 14, 14, 128)) * 128 / (256 * 14 * 14) - 1
     assert 0.3 < wasted < 0.31  # 1 - 196/256 of the rows: the old boxes' waste
     for n, p, q, rows in itertools.product((1, 2, 3, 5, 8, 33, 256), (1, 2, 3, 5, 7, 9, 17),
@@ -1717,37 +1718,69 @@ def test_pixel_box_wastes_no_row_at_resnet50_and_never_more_than_before():
         box = K.pixel_box(n, p, q, rows)
         assert box[0] * box[1] * box[2] == rows and all(v & (v - 1) == 0 for v in box)
         assert _boxes(n, p, q, box) <= _boxes(n, p, q, _pow2_box(n, p, q, rows)), (n, p, q)
+        two = K.pixel_box(n, p, q, rows, min_pixels=2)
+        assert two[1] * two[2] >= 2 and two[0] * two[1] * two[2] == rows
+        old = _pow2_box(n, p, q, rows)
+        assert _boxes(n, p, q, box) <= _boxes(n, p, q, two), (n, p, q)
+        assert old[1] * old[2] == 1 or _boxes(n, p, q, two) <= _boxes(n, p, q, old)
 
 
-def test_launchers_make_their_boxes_with_pixel_box(monkeypatch):
-    """The forward, dgrad and wgrad of a 3x3 conv with statistics, trained once on
-    channels_last tensors: each TMA launch's pixel box is ``pixel_box``'s for its rows
-    (the smallest BLOCK_M of the forward's configs, dgrad's BLOCK_M, wgrad's BLOCK_K)."""
+@pytest.mark.parametrize("prologue", [False, True], ids=["conv+stats", "bn_relu+conv+stats"])
+@pytest.mark.parametrize("n,h", [(4, 12), (32, 3)], ids=["4x12x12", "32x3x3"])
+def test_launchers_make_their_boxes_with_pixel_box(monkeypatch, n, h, prologue):
+    """The forward, dgrad and wgrad of a 3x3 conv with statistics (and the BN-ReLU
+    prologue), trained once on channels_last tensors: each TMA launch's pixel box is
+    ``pixel_box``'s for its rows (the smallest BLOCK_M of the forward's configs, dgrad's
+    BLOCK_M, wgrad's BLOCK_K; the prologue's forward 2 pixels of an image at least), and y
+    and every gradient agree with float64. 12x12 (4 images): 4 x 4 pixels, where next_pow2
+    boxes are a row of 16 or 2 x 16; 3x3 (32 images): one pixel of every image, 1 x 2 with
+    the prologue."""
     if K.TensorDescriptor is None:
         pytest.skip("no TMA descriptors in this Triton")
     seen = []
     launch = K._launch
     monkeypatch.setattr(K, "_launch", lambda run, cfgs, grid, args, kw: seen.append(
         (cfgs, kw)) or launch(run, cfgs, grid, args, kw))
-    n, ci, h, co = 4, 32, 12, 32  # boxes of 4 x 4 pixels (next_pow2: a row of 16 or 2 x 16)
-    x = torch.randn(n, ci, h, h, dtype=torch.float32, device=DEVICE).contiguous(
-        memory_format=torch.channels_last).requires_grad_()
-    w = (torch.randn(co, ci, 3, 3, dtype=torch.float32, device=DEVICE) / 17).contiguous(
-        memory_format=torch.channels_last).requires_grad_()
-    y, mean, var = fconv.conv2d_stats(x, w, 1, 1, backend="triton")
-    ramp = torch.cos(torch.arange(y.numel(), dtype=y.dtype, device=DEVICE)).view_as(y)
-    ((y * ramp.contiguous(memory_format=torch.channels_last)).sum() + mean.sum()
-     + var.sum()).backward()
+    ci = co = 32
+    g = torch.Generator().manual_seed(n)
+    cl = torch.channels_last
+    x = torch.randn(n, ci, h, h, dtype=torch.float64, generator=g)
+    w = torch.randn(co, ci, 3, 3, dtype=torch.float64, generator=g) / 17
+    scale = torch.rand(ci, dtype=torch.float64, generator=g) + 0.5
+    shift = torch.rand(ci, dtype=torch.float64, generator=g) - 0.25
+    ramp = torch.cos(torch.arange(n * co * h * h, dtype=torch.float64)).view(n, co, h, h)
+
+    def run(backend, dtype):
+        leaves = [t.to(DEVICE, dtype).contiguous(memory_format=cl) if t.dim() == 4 else
+                  t.to(DEVICE, dtype) for t in (x, w, scale, shift)]
+        leaves = [t.requires_grad_() for t in leaves]
+        xx, ww, sc, sh = leaves
+        if prologue:
+            y, mean, var = fconv.bn_relu_conv2d_stats(xx, sc, sh, ww, 1, 1, backend=backend)
+        else:
+            y, mean, var = fconv.conv2d_stats(xx, ww, 1, 1, backend=backend)
+            leaves = leaves[:2]
+        r = ramp.to(DEVICE, dtype).contiguous(memory_format=cl)
+        loss = (y * r).sum() + mean.sum() + var.sum()
+        return [y] + list(torch.autograd.grad(loss, leaves))
+
+    got = run("triton", torch.float32)
+    want = run("reference", torch.float64)
     kinds = set()
     for cfgs, kw in seen:
         if "TAP_N" in kw:
-            kind, rows = "wgrad", cfgs[0].kwargs["BLOCK_K"]
+            kind, rows, least = "wgrad", cfgs[0].kwargs["BLOCK_K"], 1
             assert kw["TMA"] == 2, kw
         else:
             kind = "dgrad" if kw["TRANSPOSED"] else "forward"
             rows = min(c.kwargs["BLOCK_M"] for c in cfgs)
+            least = 2 if kw["PROLOGUE"] == 1 else 1
             assert kw["A_TMA"] == 2, kw
         kinds.add(kind)
-        assert (kw["TILE_H"], kw["TILE_W"]) == K.pixel_box(n, h, h, rows)[1:], (kind, kw)
-        assert kw["TILE_W"] == 4 != _pow2_box(n, h, h, rows)[2], (kind, kw)
+        box = K.pixel_box(n, h, h, rows, least)
+        assert (kw["TILE_H"], kw["TILE_W"]) == box[1:], (kind, kw)
+        assert box != _pow2_box(n, h, h, rows), (kind, box)
     assert kinds == {"forward", "dgrad", "wgrad"}, kinds
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.detach(), rtol=1e-4,
+                                   atol=1e-4 * b.abs().max().item())
