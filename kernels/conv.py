@@ -1568,7 +1568,15 @@ def pixel_box(n, p, q, rows, min_pixels=1):
     tile the output exactly (28x28 at 64 pixels: 4 x 4 x 4; 7x7 at 128: 128 x 1 x 1 from
     N = 128), where boxes of next_pow2(Q) columns waste 12.5% (56x56, 28x28) to 23%
     (14x14, 7x7) of the rows. Ties: the most columns, then rows, inside the output (longer
-    contiguous runs), then the smaller box."""
+    contiguous runs), then the smaller box. ``FUSEDRES_PIXEL_BOX=pow2`` makes the boxes
+    of before (next_pow2(Q) columns, then rows), to time the two on a GPU."""
+    mode = os.environ.get("FUSEDRES_PIXEL_BOX", "fewest")
+    if mode not in ("fewest", "pow2"):
+        raise ValueError(f"FUSEDRES_PIXEL_BOX={mode!r}: 'fewest' (the default) or 'pow2'")
+    if mode == "pow2":
+        tw = min(triton.next_power_of_2(q), rows)
+        th = min(triton.next_power_of_2(p), rows // tw)
+        return rows // (tw * th), th, tw
     best, best_key = None, None
     tw = 1
     while tw <= rows:

@@ -1701,6 +1701,17 @@ def _boxes(n, p, q, box):
     return -(-n // tn) * -(-p // th) * -(-q // tw)
 
 
+def test_pixel_box_pow2_gives_the_boxes_of_before(monkeypatch):
+    """``FUSEDRES_PIXEL_BOX=pow2``: the next_pow2 boxes (to time the two on a GPU); an
+    unknown value raises, naming the two."""
+    monkeypatch.setenv("FUSEDRES_PIXEL_BOX", "pow2")
+    for args in ((256, 28, 28, 64), (256, 7, 7, 128), (3, 5, 33, 32)):
+        assert K.pixel_box(*args) == _pow2_box(*args)
+    monkeypatch.setenv("FUSEDRES_PIXEL_BOX", "smallest")
+    with pytest.raises(ValueError, match="'fewest' .* or 'pow2'"):
+        K.pixel_box(256, 28, 28, 64)
+
+
 def test_pixel_box_wastes_no_row_at_resnet50_and_never_more_than_before():
     """``pixel_box``: at batch 256 ResNet-50's output sizes are tiled with no pixel past the
     output (next_pow2 boxes wasted 12.5% at 56x56 and 28x28, 23% at 14x14 and 7x7); at any
