@@ -554,7 +554,9 @@ WGRAD_TMA_CASES = [("3x3s1_c32", 2, 32, 6, 5, 24, 3, 1, 1),  # boxes of x per ta
                    ("1x1s1_flat", 3, 32, 5, 3, 40, 1, 1, 0),  # one row of N*H*W pixels
                    ("3x3s2_even", 2, 32, 8, 6, 24, 3, 2, 1),  # boxes of the stride-2 view
                    ("1x1s2_even", 3, 32, 6, 4, 24, 1, 2, 0),
-                   ("3x3s2_odd", 2, 32, 7, 6, 16, 3, 2, 1)]  # odd H: pointers
+                   ("3x3s2_odd", 2, 32, 7, 6, 16, 3, 2, 1),  # odd H: pointers
+                   # boxes of 4 images x 2 x 2 tile the rows and columns, not the batch
+                   ("3x3s1_exact", 3, 32, 2, 2, 24, 3, 1, 1)]
 
 
 @ALSO_ON_GPU
@@ -683,8 +685,9 @@ def test_wgrad_dbn_alone_masks_dy_only_where_x_is_not_zero(monkeypatch, case, dt
                                                            flatten):
     """wgrad's dBN prologue alone: dy' = dy + y*coef_y + coef_c is coef_c at the pixels of
     a box past the output (TMA zero-fills dy and y there), so it is zeroed by the pixel
-    mask (``MASK_DY``) where x's box is not zero there (3x3: a tap reads the image's
-    last rows and columns), not at 1x1 unpadded convs (the one-row flat box, the stride-2
+    mask (``MASK_DY``) where x's box is not zero there (3x3 over a box that overhangs the
+    output's rows or columns: a tap reads the image's last rows and columns; past the
+    batch x is zero-filled), not at 1x1 unpadded convs (the one-row flat box, the stride-2
     view: past the output is past x) nor on the pointer path (x masked), but always in
     fp16 (coef_c alone can overflow it: ``test_wgrad_dbn_fp16_constant_past_fp16_range``).
     coef_c ~ 30 makes any such pixel count; flattened, the last split's boxes past the
@@ -709,7 +712,11 @@ def test_wgrad_dbn_alone_masks_dy_only_where_x_is_not_zero(monkeypatch, case, dt
     if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
         even = st == 1 or (h % 2 == 0 and w_ % 2 == 0)
         assert tma == ((2 if st == 1 else 3) if even else 0), seen[0]
-    assert seen[0]["MASK_DY"] == (dtype == torch.float16 or bool(tma) and k != 1), seen[0]
+    p, q = K.out_size(h, w_, k, k, st, pd)
+    overhang = bool(p % seen[0]["TILE_H"] or q % seen[0]["TILE_W"])
+    assert overhang == (case[0] != "3x3s1_exact") or k == 1, seen[0]
+    assert seen[0]["MASK_DY"] == (dtype == torch.float16 or bool(tma) and k != 1
+                                  and overhang), seen[0]
     assert seen[0]["FLATTEN"] == flatten
     d = dy.double() + y.double() * coef_y.float().double().view(1, -1, 1, 1) \
         + coef_c.float().double().view(1, -1, 1, 1)
