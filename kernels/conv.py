@@ -777,8 +777,8 @@ def _conv_wgrad_kernel(
     TILE_H: tl.constexpr,  # output rows of a pixel tile (TILE_N x TILE_H x TILE_W = BLOCK_K)
     TILE_W: tl.constexpr,  # output columns of a pixel tile
     DBN: tl.constexpr,
-    MASK_DY: tl.constexpr,  # dy' zeroed at pixels past the output: where x's box (or x')
-    #                         is not (a 1x1 unpadded conv's x is), and in fp16
+    MASK_DY: tl.constexpr,  # dy' zeroed at pixels past the output where x' may not be
+    #                         (``wgrad_mask_dy``), and in fp16
     PROLOGUE: tl.constexpr,
     FLATTEN: tl.constexpr,  # the item and pixel loops fused into one pipelined loop
     ACC_FP64: tl.constexpr,
@@ -894,13 +894,15 @@ def _conv_wgrad_kernel(
                 # many pixels, which the sum over N*H*W pixels adds up (docs/triton_conv.md,
                 # "wgrad's dBN operand"). 32/64-bit operands keep that precision: centred,
                 # (dy + cc) + (y - centre)*cy, y's and dy's means cancel before the FMA
-                # (16-bit: the operand's rounding dominates). 0 past the output where x's
-                # box is not (``MASK_DY``): bf16, a multiply of the rounded pairs by the 0/1
-                # mask; otherwise a select before the rounding (there dy' is the constant
-                # alone, which fp16 can overflow: inf times the mask is NaN)
+                # (16-bit: the operand's rounding dominates). 0 past the output where x'
+                # may not be (``MASK_DY``; the unswapped BN-ReLU prologue on TMA boxes
+                # makes relu(shift) of x's zero fill past the batch): bf16, a multiply of
+                # the rounded pairs by the 0/1 mask; otherwise a select before the
+                # rounding (there dy' is the constant alone, which fp16 can overflow: inf
+                # times the mask is NaN)
                 if op_t == tl.bfloat16:
                     a = _dbn_pairs_bf16(a, py, cy[:, None], cc[:, None])
-                    if MASK_DY:
+                    if MASK_DY or (PROLOGUE and TMA and not SWAP_AB):
                         a = a * pix_ok[None, :].to(op_t)
                 else:
                     if op_t == tl.float32 or ACC_FP64:
@@ -908,7 +910,7 @@ def _conv_wgrad_kernel(
                                    a.to(cdt) + cc[:, None])
                     else:
                         v = tl.fma(py.to(cdt), cy[:, None], a.to(cdt)) + cc[:, None]
-                    if MASK_DY:
+                    if MASK_DY or (PROLOGUE and TMA and not SWAP_AB):
                         v = tl.where(pix_ok[None, :], v, 0.0)
                     a = v.to(op_t)
             else:
@@ -1267,11 +1269,12 @@ def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused, dbn=False, bn_rel
     B's prologue per HGMMA is 8 * (B's columns) / (MMA rows) elements, so the BN-ReLU
     prologue alone also gets the 4-warp 128x64 tile at any C_in (one warpgroup of 128
     rows over 64 columns of x) where C_out >= 128. Static, sm_90a, bf16, 3x3 s1 (triton
-    3.8): BN-ReLU alone 60.2 SASS per HGMMA at 128x128 -> 32.1 at 256x128, 30.9 at 128x64
-    (stride 2: 32.6), and 41.8 at 128x128 with x' as A (``_wgrad_swap``); dBN alone 98.2
-    -> 45.4 at 128x256 swapped; both 81.0 (99.0 at 128x128). The dBN prologue alone at C_out
-    and C_in <= 64 (layer1's first conv1) has B, or A, shared by 64 MMA rows only: dy' costs
-    a thread 8 elements per HGMMA whatever the orientation, so its 64x64 tile
+    3.8, boxes of 1 x 2 x 32 pixels): BN-ReLU alone 60.2 SASS per HGMMA at 128x128 -> 32.1
+    at 256x128, 30.9 at 128x64 (stride 2: 32.6), and 41.8 at 128x128 with x' as A
+    (``_wgrad_swap``); dBN alone 98.2 -> 45.4 at 128x256 swapped; both (4 x 4 x 4 boxes,
+    no dy' mask: ``pixel_box``) 79.5 at 128x128, 46.9 at 128x256. The dBN prologue alone
+    at C_out and C_in <= 64 (layer1's first conv1) has B, or A, shared by 64 MMA rows
+    only: dy' costs a thread 8 elements per HGMMA whatever the orientation, so its 64x64 tile
     (``_WGRAD_DBN_64``, ``bn_relu`` False; ``wide_dbn``: where 2 stages of it fit the
     device's shared memory, else the 64-pixel one) walks 256 pixels a K step, over which the
     step's fixed cost is spread (16 HGMMA), unswapped (bf16, 1x1: 91.5 SASS per HGMMA at
@@ -1557,6 +1560,40 @@ def out_size(h, w, r, s, stride, padding):
     return (h + 2 * ph - r) // sh + 1, (w + 2 * pw - s) // sw + 1
 
 
+def pixel_box(n, p, q, rows, min_pixels=1):
+    """The pixel box (TILE_N, TILE_H, TILE_W) of ``rows`` pixels (a power of 2) that covers
+    an N x P x Q output in the fewest boxes, with at least ``min_pixels`` pixels of an
+    image. Each box is an M tile (forward, dgrad) or a K step (wgrad) whose pixels past
+    the output are loaded and multiplied for nothing: powers of two that divide P and Q
+    tile the output exactly (28x28 at 64 pixels: 4 x 4 x 4; 7x7 at 128: 128 x 1 x 1 from
+    N = 128), where boxes of next_pow2(Q) columns waste 12.5% (56x56, 28x28) to 23%
+    (14x14, 7x7) of the rows. Ties: the most columns, then rows, inside the output (longer
+    contiguous runs), then the smaller box. ``FUSEDRES_PIXEL_BOX=pow2`` makes the boxes
+    of before (next_pow2(Q) columns, then rows), to time the two on a GPU."""
+    mode = os.environ.get("FUSEDRES_PIXEL_BOX", "fewest")
+    if mode not in ("fewest", "pow2"):
+        raise ValueError(f"FUSEDRES_PIXEL_BOX={mode!r}: 'fewest' (the default) or 'pow2'")
+    if mode == "pow2":
+        tw = min(triton.next_power_of_2(q), rows)
+        th = min(triton.next_power_of_2(p), rows // tw)
+        return rows // (tw * th), th, tw
+    best, best_key = None, None
+    tw = 1
+    while tw <= rows:
+        th = 1
+        while tw * th < min_pixels:
+            th *= 2
+        while tw * th <= rows:
+            tn = rows // (tw * th)
+            boxes = triton.cdiv(n, tn) * triton.cdiv(p, th) * triton.cdiv(q, tw)
+            key = (boxes, -min(tw, q), -min(th, p), tw, th)
+            if best_key is None or key < best_key:
+                best, best_key = (tn, th, tw), key
+            th *= 2
+        tw *= 2
+    return best
+
+
 def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=None,
              shift=None, relu=False, stats=False):
     """Forward implicit-GEMM conv. Returns ``(y, mean, var)``.
@@ -1611,8 +1648,12 @@ def conv_fwd(x, weight, stride=1, padding=0, *, bias=None, residual=None, scale=
     max_bm = max(c.kwargs["BLOCK_M"] for c in configs)
     if tap_loop and x.permute(0, 2, 3, 1).is_contiguous():
         xv = x.permute(0, 2, 3, 1)
-        tile_w = min(triton.next_power_of_2(q), min_bm)
-        tile_h = min(triton.next_power_of_2(p), min_bm // tile_w)
+        # (the BN-ReLU prologue: 2 pixels of an image at least, its tap mask a function of
+        # the row: with one pixel of 128 images the mask does not depend on the row, and
+        # Triton lays the prologue'd A out apart from the wgmma operand, stores it to
+        # shared memory and reloads it, 54.8 SASS per HGMMA at 7x7 against 47.4 at 2 x 1;
+        # sm_90a, bf16)
+        _, tile_h, tile_w = pixel_box(n, p, q, min_bm, 2 if prologue else 1)
         tile_n = block_m // (tile_w * tile_h)
         if (r, s, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
             x_desc = _dense_desc(xv, (gm, ci), (block_m, block_k))
@@ -1795,9 +1836,7 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
     h_ph, w_ph = triton.cdiv(h, sh), triton.cdiv(w, sw)  # the largest phase's size
     if (tap_loop and dy.permute(0, 2, 3, 1).is_contiguous()
             and all(c.kwargs["BLOCK_M"] == block_m for c in configs)):
-        tile_w = min(triton.next_power_of_2(w_ph), block_m)
-        tile_h = min(triton.next_power_of_2(h_ph), block_m // tile_w)
-        tile_n = block_m // (tile_w * tile_h)
+        tile_n, tile_h, tile_w = pixel_box(n, h_ph, w_ph, block_m)
         box = (tile_n, tile_h, tile_w, configs[0].kwargs["BLOCK_K"])
         x_desc = _dense_desc(dy.permute(0, 2, 3, 1), (n, p, q, co), box)
         if dbn:  # y, read beside dy by the dBN prologue
@@ -1880,13 +1919,18 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
             ws2.view(phases, rows, ci)[:, :t].sum((0, 1)))
 
 
-def wgrad_mask_dy(dbn, prologue, tma, unpadded_1x1, fp16) -> bool:
+def wgrad_mask_dy(dbn, tma, unpadded_1x1, overhang, fp16) -> bool:
     """``MASK_DY`` of a wgrad launch (``conv_wgrad``; scripts/static_triton.py compiles
-    its rows with it). dy' needs no mask where every pixel past the output meets x's zero
-    fill: 1x1 unpadded boxes without the BN-ReLU prologue (relu(shift) there); x by
-    pointers (``tma`` 0) is masked. fp16 always: dy' there is coef_c alone, past fp16's
-    range where y's large mean cancels it inside (inf times x's 0 is NaN)."""
-    return bool(dbn) and (fp16 or bool(tma) and (not unpadded_1x1 or bool(prologue)))
+    its rows with it): whether dy' is zeroed at the pixels past the output, where dy and y
+    are zero-filled and dy' is coef_c alone. Needed in 16-bit only where x' there may not
+    be 0: where the pixel box reaches past the output's rows or columns (``overhang``:
+    P % TILE_H or Q % TILE_W, ``pixel_box``) and a tap of any conv but a 1x1 unpadded one
+    may read x inside the image there. Past the batch every tap reads x's fill: 0, or NaN
+    with the swapped BN-ReLU prologue, 0 after its max (unswapped, relu(shift): the
+    kernel masks dy' there itself); x by pointers (``tma`` 0) is masked. In fp16 always:
+    coef_c alone may be past fp16's range where y's large mean cancels it inside (inf
+    times x's 0 is NaN)."""
+    return bool(dbn) and (fp16 or bool(tma) and bool(overhang) and not unpadded_1x1)
 
 
 def _dbn_prologue_coefs(coef_y, centre, dtype):
@@ -2039,9 +2083,7 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
     flat = dense and (r, s, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0)
     shp = dict(n=1, p=1, q=n * p * q, h=1, w=n * h * w) if flat else dict(
         n=n, p=p, q=q, h=h, w=w)
-    tile_w = min(triton.next_power_of_2(shp["q"]), block_k)
-    tile_h = min(triton.next_power_of_2(shp["p"]), block_k // tile_w)
-    tile_n = block_k // (tile_w * tile_h)
+    tile_n, tile_h, tile_w = pixel_box(shp["n"], shp["p"], shp["q"], block_k)
     # TMA (sm_90, dense NHWC, whole channel tiles of x): dy and y as boxes [TILE_N,
     # TILE_H, TILE_W, BLOCK_M]; x as a box per tap, stride 1 or the stride-2 view
     tma, dy_desc, py_desc, x_desc = 0, None, None, None
@@ -2082,8 +2124,8 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
             torch.float64)
     if dbn:
         coef_c = coef_c.to(acc)
-    mask_dy = wgrad_mask_dy(dbn, prologue, tma, (r, s, ph, pw) == (1, 1, 0, 0),
-                            x.dtype == torch.float16)
+    mask_dy = wgrad_mask_dy(dbn, tma, (r, s, ph, pw) == (1, 1, 0, 0),
+                            shp["p"] % tile_h or shp["q"] % tile_w, x.dtype == torch.float16)
     args = (dy, x, part, py, coef_y if dbn else part, coef_c if dbn else part, centre,
             scale if prologue else part, shift if prologue else part,
             dy_desc if tma else dy, py_desc if tma else dy, x_desc if tma else x,

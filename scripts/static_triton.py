@@ -621,6 +621,13 @@ DGRAD_OTHER_CHANNELS = {
 }
 
 
+# the batch the static rows' pixel boxes are made for (``pixel_box``: ResNet-50 training)
+BATCH = 256
+# the output size (H = W) the pixel-box rows are compiled at, where not the defaults
+# (56x56 for the stride-1 forward, 28x28 for the rest): ``--size``
+SIZE = None
+
+
 # wgrad's (C_out, C_in) at the ResNet-50 convs each wgrad variant runs in training, the
 # model converted with the Triton conv path (fusedres.nn.conv_bn_act; tests/
 # test_static_triton.py reads it from a converted torchvision resnet50): conv1 (1x1 s1,
@@ -702,17 +709,24 @@ def conv_specs(quick: bool):
                DRELU=False, ACC_FP64=False, TRANSPOSED=False, TAP_LOOP=True, PROLOGUE=0,
                W_TMA=True, A_TMA=0, TILE_H=1, TILE_W=1, PCOEF_ONCE=False)
     gemm1x1 = dict(A_TMA=1, R=1, S=1, STRIDE_H=1, STRIDE_W=1)  # the JIT pins 1s
-    # 3x3 stride 1 at 56x56: boxes of 1 image x 2 rows x 64 columns (kernels/conv.py)
-    boxes = dict(A_TMA=2, TILE_H=2, TILE_W=64, STRIDE_H=1, STRIDE_W=1)
-    # stride 2 from 56x56 to 28x28: boxes of 1 image x 4 rows x 32 columns
-    boxes2 = dict(A_TMA=3, TILE_H=4, TILE_W=32)
+    # pixel boxes as the launchers make them at batch 256 (``pixel_box``: the fewest boxes,
+    # 128 pixels in the forward and dgrad; the BN-ReLU prologue's 2 pixels of an image at
+    # least), at ``SIZE`` where given. 3x3 stride 1 at 56x56: 2 images x 8 rows x 8 columns
+    def box(size, least=1, **kw):
+        _, th, tw = kc.pixel_box(BATCH, SIZE or size, SIZE or size, 128, least)
+        return dict(kw, TILE_H=th, TILE_W=tw)
+
+    boxes = box(56, A_TMA=2, STRIDE_H=1, STRIDE_W=1)
+    pboxes = box(56, 2, A_TMA=2, STRIDE_H=1, STRIDE_W=1)
+    # stride 2 from 56x56 to 28x28: 8 images x 4 rows x 4 columns
+    boxes2, pboxes2 = box(28, A_TMA=3), box(28, 2, A_TMA=3)
     # dgrad: dy by boxes per tap over boxes of dx pixels, as conv_dgrad makes them for
-    # every conv with C_out % 64 == 0 and dense dy, 1x1 ones too (28x28: 1 x 4 x 32; 56x56:
-    # 1 x 2 x 64; 14x14: 1 x 8 x 16; 7x7: 2 x 8 x 8), at stride 2 boxes of one phase's dx
-    # pixels (56x56 -> phases of 28x28: 1 x 4 x 32) with dy by a box per tap of the
-    # phase; a 1x1 conv's R = S = 1 pinned by the JIT (3x3 and stride 2: runtime ints). dBN:
-    # the constant's part of dx (E, fp32) starts the accumulator (HAS_RESIDUAL)
-    dbox = dict(TRANSPOSED=True, A_TMA=2, TILE_H=4, TILE_W=32)
+    # every conv with C_out % 64 == 0 and dense dy, 1x1 ones too (28x28: 8 x 4 x 4), at
+    # stride 2 boxes of one phase's dx pixels (56x56 -> phases of 28x28: 8 x 4 x 4) with
+    # dy by a box per tap of the phase; a 1x1 conv's R = S = 1 pinned by the JIT (3x3 and
+    # stride 2: runtime ints). dBN: the constant's part of dx (E, fp32) starts the
+    # accumulator (HAS_RESIDUAL)
+    dbox = box(28, TRANSPOSED=True, A_TMA=2)
     d3x3 = dict(dbox, STRIDE_H=1, STRIDE_W=1)
     d1x1 = dict(d3x3, R=1, S=1)
     dbn, drelu = dict(PROLOGUE=2, HAS_RESIDUAL=True), dict(DRELU=True)
@@ -739,12 +753,12 @@ def conv_specs(quick: bool):
            "fwd 1x1 s1 (TMA GEMM)": dict(gemm1x1),
            "fwd 3x3/1x1 s2 (TMA boxes of the stride-2 view)": dict(boxes2),
            "fwd 3x3 s1 (TMA boxes) +stats": dict(boxes, STATS=True),
-           "fwd 3x3 s1 (TMA boxes) bn-relu prologue +stats": dict(boxes, PROLOGUE=1,
+           "fwd 3x3 s1 (TMA boxes) bn-relu prologue +stats": dict(pboxes, PROLOGUE=1,
                                                                    STATS=True),
            "fwd 1x1 s1 (TMA GEMM) bn-relu prologue +stats": dict(gemm1x1, PROLOGUE=1,
                                                                   STATS=True),
            "fwd 3x3/1x1 s2 (TMA boxes of the stride-2 view) bn-relu prologue +stats":
-               dict(boxes2, PROLOGUE=1, STATS=True),
+               dict(pboxes2, PROLOGUE=1, STATS=True),
            "fwd A by pointers (odd H/W, sparse x, sm_80)": {},
            "fwd A by pointers (odd H/W, sparse x, sm_80) bn-relu prologue +stats":
                dict(PROLOGUE=1, STATS=True),
@@ -763,13 +777,13 @@ def conv_specs(quick: bool):
     # wgrad: (switches, (C_out, C_in) shapes): those of ``WGRAD_CHANNELS`` (given as ())
     # for the variants ResNet-50 training runs, one ResNet-50 layer's for those only the
     # functions run (``conv2d``, ``conv2d_stats`` on a 3x3 or strided conv,
-    # ``bn_relu_conv2d_stats``); pixel boxes as the launcher makes them at 28x28 (BLOCK_K
-    # 64 pixels: 1 image x 2 rows x 32 columns; a 1x1 stride-1 conv is one row of N*H*W
-    # pixels, a box of BLOCK_K of them, 256 at ``_WGRAD_DBN_64``: TILE_W below is cut to
-    # BLOCK_K)
-    wbox = dict(TAP_N=True, TMA=2, TILE_H=2, TILE_W=32, STRIDE_H=1, STRIDE_W=1, DBN=False,
-                PROLOGUE=False)
-    wrow = dict(wbox, TILE_H=1, TILE_W=256, R=1, S=1)
+    # ``bn_relu_conv2d_stats``); pixel boxes as the launcher makes them (``pixel_box`` of
+    # BLOCK_K pixels over OUTPUT, below) at 28x28 (BLOCK_K 64: 4 images x 4 rows x 4
+    # columns), the 1x1 stride-1 conv as one row of N*H*W pixels (a box of BLOCK_K of them,
+    # 256 at ``_WGRAD_DBN_64``)
+    wbox = dict(TAP_N=True, TMA=2, STRIDE_H=1, STRIDE_W=1, DBN=False, PROLOGUE=False,
+                OUTPUT=(BATCH, SIZE or 28, SIZE or 28))
+    wrow = dict(wbox, R=1, S=1, OUTPUT=(1, 1, BATCH * 28 * 28))
     wview = dict(wbox, TMA=3, STRIDE_H=None, STRIDE_W=None)
     wgrad = {"wgrad 3x3 s1 (TMA boxes)": (wbox, ((256, 256),)),
              "wgrad 1x1 s1 (TMA, one row of pixels)": (wrow, ()),
@@ -780,13 +794,15 @@ def conv_specs(quick: bool):
                  dict(wrow, PROLOGUE=True), ()),
              "wgrad 3x3/1x1 s2 (TMA boxes of the stride-2 view) bn-relu prologue": (
                  dict(wview, PROLOGUE=True), ()),
+             # C_in 128 and 256: the 128x128 tile and the 128x256 one
              "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues": (dict(wbox, DBN=True,
                                                                      PROLOGUE=True),
-                                                                ((128, 128),)),
+                                                                ((128, 128), (256, 256))),
              "wgrad pointers (odd H/W, sm_80)": (dict(wbox, TMA=0, STRIDE_H=None,
                                                       STRIDE_W=None), ((128, 128),)),
-             "wgrad stem C=3 (flat N)": (dict(wbox, TAP_N=False, TMA=0, TILE_H=8, TILE_W=8,
-                                              STRIDE_H=None, STRIDE_W=None, DBN=True),
+             "wgrad stem C=3 (flat N)": (dict(wbox, TAP_N=False, TMA=0,
+                                              OUTPUT=(BATCH, 112, 112), STRIDE_H=None,
+                                              STRIDE_W=None, DBN=True),
                                          ((64, 3),))}
     wgrad = {k: (sw, WGRAD_CHANNELS.get(k, shapes)) for k, (sw, shapes) in wgrad.items()}
     assert all(shapes for _, shapes in wgrad.values())
@@ -841,16 +857,17 @@ def conv_specs(quick: bool):
                     stem=not sw["TAP_N"], fused=sw["DBN"] or sw["PROLOGUE"], gemm_m=c[0],
                     channels=c[1], itemsize=itemsize, dbn=sw["DBN"],
                     bn_relu=sw["PROLOGUE"]), shapes):
+                output = sw["OUTPUT"]
                 consts = dict(sw, ACC_FP64=False, INPUT_PRECISION=prec, sdc=1, sxc=1, spc=1,
-                              FLATTEN=kc.FLATTEN_WGRAD, **cfg.kwargs)
+                              FLATTEN=kc.FLATTEN_WGRAD, **cfg.kwargs, OUTPUT=None)
                 consts = {k: v for k, v in consts.items() if v is not None}
-                # as conv_wgrad (the 1x1 variants are unpadded)
-                consts["MASK_DY"] = kc.wgrad_mask_dy(sw["DBN"], sw["PROLOGUE"], sw["TMA"],
-                                                     sw.get("R") == 1, dt == "fp16")
                 bm, bn, bk = (cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-                tw = min(sw["TILE_W"], bk)  # fp32: 32-pixel boxes
-                th = min(sw["TILE_H"], bk // tw)
+                _, th, tw = kc.pixel_box(*output, bk)  # as conv_wgrad (fp32: 32 pixels)
                 consts.update(TILE_H=th, TILE_W=tw)
+                # as conv_wgrad (the 1x1 variants are unpadded)
+                consts["MASK_DY"] = kc.wgrad_mask_dy(
+                    sw["DBN"], sw["TMA"], sw.get("R") == 1,
+                    output[1] % th or output[2] % tw, dt == "fp16")
                 box = f"{bk // (th * tw)}, {th}, {tw}"
                 tma = sw["TMA"]
                 wptrs = dict(ptrs, DY_desc=f"tensordesc<{dt}[{box}, {bm}]>" if tma else act,
@@ -1117,9 +1134,18 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "static"))
     ap.add_argument("--dump", help="write each row's TTGIR, PTX, SASS and hot-loop SASS "
                     "(the K-step path as counted) into this folder, to compare compilers")
+    ap.add_argument("--size", type=int, help="compile the pixel-box rows at this output "
+                    "size (H = W; the launchers' boxes there, batch 256) instead of 56x56 "
+                    "(the stride-1 forward) and 28x28 (the rest); needs --out")
     ap.add_argument("--python", help="run the check under this interpreter instead (e.g. a "
                     "venv with another Triton: the GPU image's 3.6, docs/triton_conv.md)")
     args = ap.parse_args(argv)
+    if args.size is not None and (args.size < 1 or "--out" not in " ".join(
+            sys.argv[1:] if argv is None else argv)):
+        ap.error("--size needs a positive size and --out (benchmarks/static holds the "
+                 "default sizes' rows)")
+    global SIZE
+    SIZE = args.size
     if args.python and os.path.realpath(args.python) != os.path.realpath(sys.executable):
         rest = list(sys.argv[1:] if argv is None else argv)
         i = rest.index("--python") if "--python" in rest else None
@@ -1134,6 +1160,7 @@ def main(argv=None):
         (" --ci" if args.ci else "") + (f" --only {args.only}" if args.only else "") + \
         (f" --match '{args.match}'" if args.match else "") + \
         (f" --dtype {args.dtype}" if args.dtype else "") + \
+        (f" --size {args.size}" if args.size else "") + \
         (" --keep-others" if args.keep_others else "")
     path = os.path.join(args.out, "triton.json")
     sources = {row_source(r.kernel): source_digest(row_source(r.kernel)) for r in results}

@@ -334,16 +334,14 @@ def test_prologue_tiles_256_and_128_rows(monkeypatch, case, rows, dtype):
         y, mean, var = K.conv_fwd(x, w, st, pd, scale=scale, shift=shift, stats=True)
     finally:
         torch.use_deterministic_algorithms(old)
-    _, _, _, h, w_, _, k, st, pd = case
+    _, n, _, h, w_, _, k, st, pd = case
     p, q = K.out_size(h, w_, k, k, st, pd)
     a_tma = 1 if (k, st, pd) == (1, 1, 0) else (2 if st == 1 else 3)
     if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
         assert seen[0]["A_TMA"] == a_tma and seen[0]["Y_TMA"] == min(a_tma, 2), seen[0]
     assert (used[0]["BLOCK_M"], used[0]["BLOCK_N"], used[0]["BLOCK_K"]) == pinned[:3]
     if seen[0]["A_TMA"] > 1:  # the 128-row tile's box: 128 / (TILE_H * TILE_W) images
-        tw = min(1 << (q - 1).bit_length(), 128)
-        assert (seen[0]["TILE_W"], seen[0]["TILE_H"]) == (tw, min(1 << (p - 1).bit_length(),
-                                                                 128 // tw))
+        assert (seen[0]["TILE_H"], seen[0]["TILE_W"]) == K.pixel_box(n, p, q, 128)[1:]
     a = _ref_bn_relu(x, scale, shift)
     ref = F.conv2d(a.double(), w.double(), None, st, pd)
     torch_err = (F.conv2d(a.float(), w.float(), None, st, pd).to(dtype).double()
@@ -455,15 +453,16 @@ def test_tma_weights_dgrad(monkeypatch, case, dtype, fused):
 
 
 def test_box_grid_past_int32_takes_the_pointer_path(monkeypatch):
-    """A grid of TMA boxes is padded past the pixels (32-column boxes over 33 columns; at
+    """A grid of TMA boxes is padded past the pixels (8-column boxes over 33 columns; at
     n = 1 a box of 32 images over one): where it, not the GEMM sizes, reaches the int32
     limit (``_INDEX_LIMIT``, lowered here), the forward and dgrad read A by pointers --
     they raised ValueError on a shape ``conv_path`` had accepted (n*H*W < 2**31)."""
     if K.TensorDescriptor is None:
         pytest.skip("this triton has no host TMA descriptors")
     seen = _spy_launches(monkeypatch)
-    monkeypatch.setattr(K, "_INDEX_LIMIT", 200)
-    # forward 3x3, 4 x 33 output: 132 pixels, GEMM_K 144, boxes 4 x 2 x 32 = 256 rows
+    monkeypatch.setattr(K, "_INDEX_LIMIT", 150)
+    # forward 3x3, 4 x 33 output: 132 pixels, GEMM_K 144, 5 boxes of 1 x 4 x 8 = 160 rows
+    # (``pixel_box``)
     x, w, st, pd = _make(("fwd_pad", 1, 16, 4, 33, 16, 3, 1, 1), torch.float32)
     y, mean, _ = K.conv_fwd(x, w, st, pd, stats=True)
     ref = F.conv2d(x.double(), w.double(), None, st, pd)
@@ -555,7 +554,9 @@ WGRAD_TMA_CASES = [("3x3s1_c32", 2, 32, 6, 5, 24, 3, 1, 1),  # boxes of x per ta
                    ("1x1s1_flat", 3, 32, 5, 3, 40, 1, 1, 0),  # one row of N*H*W pixels
                    ("3x3s2_even", 2, 32, 8, 6, 24, 3, 2, 1),  # boxes of the stride-2 view
                    ("1x1s2_even", 3, 32, 6, 4, 24, 1, 2, 0),
-                   ("3x3s2_odd", 2, 32, 7, 6, 16, 3, 2, 1)]  # odd H: pointers
+                   ("3x3s2_odd", 2, 32, 7, 6, 16, 3, 2, 1),  # odd H: pointers
+                   # boxes of 4 images x 2 x 2 tile the rows and columns, not the batch
+                   ("3x3s1_exact", 3, 32, 2, 2, 24, 3, 1, 1)]
 
 
 @ALSO_ON_GPU
@@ -684,8 +685,9 @@ def test_wgrad_dbn_alone_masks_dy_only_where_x_is_not_zero(monkeypatch, case, dt
                                                            flatten):
     """wgrad's dBN prologue alone: dy' = dy + y*coef_y + coef_c is coef_c at the pixels of
     a box past the output (TMA zero-fills dy and y there), so it is zeroed by the pixel
-    mask (``MASK_DY``) where x's box is not zero there (3x3: a tap reads the image's
-    last rows and columns), not at 1x1 unpadded convs (the one-row flat box, the stride-2
+    mask (``MASK_DY``) where x's box is not zero there (3x3 over a box that overhangs the
+    output's rows or columns: a tap reads the image's last rows and columns; past the
+    batch x is zero-filled), not at 1x1 unpadded convs (the one-row flat box, the stride-2
     view: past the output is past x) nor on the pointer path (x masked), but always in
     fp16 (coef_c alone can overflow it: ``test_wgrad_dbn_fp16_constant_past_fp16_range``).
     coef_c ~ 30 makes any such pixel count; flattened, the last split's boxes past the
@@ -710,7 +712,11 @@ def test_wgrad_dbn_alone_masks_dy_only_where_x_is_not_zero(monkeypatch, case, dt
     if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
         even = st == 1 or (h % 2 == 0 and w_ % 2 == 0)
         assert tma == ((2 if st == 1 else 3) if even else 0), seen[0]
-    assert seen[0]["MASK_DY"] == (dtype == torch.float16 or bool(tma) and k != 1), seen[0]
+    p, q = K.out_size(h, w_, k, k, st, pd)
+    overhang = bool(p % seen[0]["TILE_H"] or q % seen[0]["TILE_W"])
+    assert overhang == (case[0] != "3x3s1_exact") or k == 1, seen[0]
+    assert seen[0]["MASK_DY"] == (dtype == torch.float16 or bool(tma) and k != 1
+                                  and overhang), seen[0]
     assert seen[0]["FLATTEN"] == flatten
     d = dy.double() + y.double() * coef_y.float().double().view(1, -1, 1, 1) \
         + coef_c.float().double().view(1, -1, 1, 1)
@@ -1688,3 +1694,114 @@ def test_conv_fp64_configs_exist(monkeypatch):
             m, bn, k = (c.kwargs[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             assert k == 32 and c.num_stages >= 2, (m, bn, k, c.num_stages)
             assert c.num_stages * (m + bn) * k * 8 <= kconv._SMEM_BUDGET
+
+
+def _pow2_box(n, p, q, rows):
+    """The boxes the launchers made before ``pixel_box``: next_pow2(Q) columns, then rows."""
+    tw = min(1 << (q - 1).bit_length(), rows)
+    th = min(1 << (p - 1).bit_length(), rows // tw)
+    return rows // (tw * th), th, tw
+
+
+def _boxes(n, p, q, box):
+    tn, th, tw = box
+    return -(-n // tn) * -(-p // th) * -(-q // tw)
+
+
+def test_pixel_box_pow2_gives_the_boxes_of_before(monkeypatch):
+    """``FUSEDRES_PIXEL_BOX=pow2``: the next_pow2 boxes (to time the two on a GPU); an
+    unknown value raises, naming the two."""
+    monkeypatch.setenv("FUSEDRES_PIXEL_BOX", "pow2")
+    for args in ((256, 28, 28, 64), (256, 7, 7, 128), (3, 5, 33, 32)):
+        assert K.pixel_box(*args) == _pow2_box(*args)
+    monkeypatch.setenv("FUSEDRES_PIXEL_BOX", "smallest")
+    with pytest.raises(ValueError, match="'fewest' .* or 'pow2'"):
+        K.pixel_box(256, 28, 28, 64)
+
+
+def test_pixel_box_wastes_no_row_at_resnet50_and_never_more_than_before():
+    """``pixel_box``: at batch 256 ResNet-50's output sizes are tiled with no pixel past the
+    output (next_pow2 boxes wasted 12.5% at 56x56 and 28x28, 23% at 14x14 and 7x7); at any
+    size no more boxes than those; each box ``rows`` pixels, powers of two."""
+    for size, rows in itertools.product((112, 56, 28, 14, 7), (64, 128, 256)):
+        box = K.pixel_box(256, size, size, rows)
+        assert _boxes(256, size, size, box) * rows == 256 * size * size, (size, rows, box)
+    assert K.pixel_box(256, 28, 28, 64) == (4, 4, 4)
+    assert K.pixel_box(256, 7, 7, 128) == (128, 1, 1)
+    assert K.pixel_box(256, 7, 7, 128, min_pixels=2) == (16, 1, 8)  # 12.5% wasted
+    wasted = _boxes(256, 14, 14, _pow2_box(256, 14, 14, 128)) * 128 / (256 * 14 * 14) - 1
+    assert 0.3 < wasted < 0.31  # 1 - 196/256 of the rows: the old boxes' waste
+    for n, p, q, rows in itertools.product((1, 2, 3, 5, 8, 33, 256), (1, 2, 3, 5, 7, 9, 17),
+                                           (1, 4, 6, 7, 13, 28), (16, 64, 128)):
+        box = K.pixel_box(n, p, q, rows)
+        assert box[0] * box[1] * box[2] == rows and all(v & (v - 1) == 0 for v in box)
+        assert _boxes(n, p, q, box) <= _boxes(n, p, q, _pow2_box(n, p, q, rows)), (n, p, q)
+        two = K.pixel_box(n, p, q, rows, min_pixels=2)
+        assert two[1] * two[2] >= 2 and two[0] * two[1] * two[2] == rows
+        old = _pow2_box(n, p, q, rows)
+        assert _boxes(n, p, q, box) <= _boxes(n, p, q, two), (n, p, q)
+        assert old[1] * old[2] == 1 or _boxes(n, p, q, two) <= _boxes(n, p, q, old)
+
+
+@ALSO_ON_GPU
+@pytest.mark.parametrize("prologue", [False, True], ids=["conv+stats", "bn_relu+conv+stats"])
+@pytest.mark.parametrize("n,h", [(4, 12), (32, 3)], ids=["4x12x12", "32x3x3"])
+def test_launchers_make_their_boxes_with_pixel_box(monkeypatch, n, h, prologue):
+    """The forward, dgrad and wgrad of a 3x3 conv with statistics (and the BN-ReLU
+    prologue), trained once on channels_last tensors: each TMA launch's pixel box is
+    ``pixel_box``'s for its rows (the smallest BLOCK_M of the forward's configs, dgrad's
+    BLOCK_M, wgrad's BLOCK_K; the prologue's forward 2 pixels of an image at least), and y
+    and every gradient agree with float64. 12x12 (4 images): 4 x 4 pixels, where next_pow2
+    boxes are a row of 16 or 2 x 16; 3x3 (32 images): one pixel of every image, 1 x 2 with
+    the prologue (the interpreter's tiles; on CUDA the real ones)."""
+    if K.TensorDescriptor is None:
+        pytest.skip("no TMA descriptors in this Triton")
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA boxes: sm_90 and later")
+    seen = []
+    launch = K._launch
+    monkeypatch.setattr(K, "_launch", lambda run, cfgs, grid, args, kw: seen.append(
+        (cfgs, kw)) or launch(run, cfgs, grid, args, kw))
+    ci = co = 32
+    g = torch.Generator().manual_seed(n)
+    cl = torch.channels_last
+    x = torch.randn(n, ci, h, h, dtype=torch.float64, generator=g)
+    w = torch.randn(co, ci, 3, 3, dtype=torch.float64, generator=g) / 17
+    scale = torch.rand(ci, dtype=torch.float64, generator=g) + 0.5
+    shift = torch.rand(ci, dtype=torch.float64, generator=g) - 0.25
+    ramp = torch.cos(torch.arange(n * co * h * h, dtype=torch.float64)).view(n, co, h, h)
+
+    def run(backend, dtype):
+        leaves = [t.to(DEVICE, dtype).contiguous(memory_format=cl) if t.dim() == 4 else
+                  t.to(DEVICE, dtype) for t in (x, w, scale, shift)]
+        leaves = [t.requires_grad_() for t in leaves]
+        xx, ww, sc, sh = leaves
+        if prologue:
+            y, mean, var = fconv.bn_relu_conv2d_stats(xx, sc, sh, ww, 1, 1, backend=backend)
+        else:
+            y, mean, var = fconv.conv2d_stats(xx, ww, 1, 1, backend=backend)
+            leaves = leaves[:2]
+        r = ramp.to(DEVICE, dtype).contiguous(memory_format=cl)
+        loss = (y * r).sum() + mean.sum() + var.sum()
+        return [y] + list(torch.autograd.grad(loss, leaves))
+
+    got = run("triton", torch.float32)
+    want = run("reference", torch.float64)
+    kinds = set()
+    for cfgs, kw in seen:
+        if "TAP_N" in kw:
+            kind, rows, least = "wgrad", cfgs[0].kwargs["BLOCK_K"], 1
+            assert kw["TMA"] == 2, kw
+        else:
+            kind = "dgrad" if kw["TRANSPOSED"] else "forward"
+            rows = min(c.kwargs["BLOCK_M"] for c in cfgs)
+            least = 2 if kw["PROLOGUE"] == 1 else 1
+            assert kw["A_TMA"] == 2, kw
+        kinds.add(kind)
+        box = K.pixel_box(n, h, h, rows, least)
+        assert (kw["TILE_H"], kw["TILE_W"]) == box[1:], (kind, kw)
+        assert box != _pow2_box(n, h, h, rows), (kind, box)
+    assert kinds == {"forward", "dgrad", "wgrad"}, kinds
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.detach(), rtol=1e-4,
+                                   atol=1e-4 * b.abs().max().item())

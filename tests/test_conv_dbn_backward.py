@@ -64,19 +64,21 @@ def _make(case, dtype=torch.float64):
             st, pd)
 
 
-def _loss(y, mean, var):
-    """Every output matters: a non-uniform dy, and dmean/dvar that differ per channel."""
+def _loss(y, mean, var, dy_format=torch.contiguous_format):
+    """Every output matters: a non-uniform dy (in ``dy_format``), and dmean/dvar that
+    differ per channel."""
     c = torch.arange(1, y.shape[1] + 1, dtype=mean.dtype, device=y.device)
     ramp = torch.cos(torch.arange(y.numel(), device=y.device).view_as(y).to(y.dtype))
+    ramp = ramp.contiguous(memory_format=dy_format)
     return (y * ramp).sum() + (mean * c).sum() + (var * c.flip(0)).sum()
 
 
-def _grads(x, w, scale, shift, st, pd, prologue, backend):
+def _grads(x, w, scale, shift, st, pd, prologue, backend, dy_format=torch.contiguous_format):
     if prologue:
         out = fconv.bn_relu_conv2d_stats(x, scale, shift, w, st, pd, backend=backend)
-        return torch.autograd.grad(_loss(*out), [x, scale, shift, w])
-    return torch.autograd.grad(_loss(*fconv.conv2d_stats(x, w, st, pd, backend=backend)),
-                               [x, w])
+        return torch.autograd.grad(_loss(*out, dy_format), [x, scale, shift, w])
+    return torch.autograd.grad(
+        _loss(*fconv.conv2d_stats(x, w, st, pd, backend=backend), dy_format), [x, w])
 
 
 def _float64_grads(x, w, scale, shift, st, pd, prologue):
@@ -811,3 +813,44 @@ def test_dgrad_wide_k_tile_runs(monkeypatch, st, tile):
                                atol=tol * 10)
     torch.testing.assert_close(sum_gy.double().cpu(), (gg * y_prev).sum((0, 2, 3)),
                                rtol=rtol * 5, atol=tol * 10)
+
+
+# wgrad's pixel boxes (``pixel_box``: BLOCK_K 16 pixels under the interpreter) against its
+# dy' mask (``wgrad_mask_dy``): 2x2 images tile 4 images a box exactly, the third image's
+# box reaches past the batch (dy, y zero-filled: dy' is coef_c alone there, x's taps read
+# its fill); 5x5 images overhang the box's rows and columns, where a 3x3 tap reads x
+# inside the image (the mask is needed)
+MASK_CASES = [("exact_past_batch", 3, 32, 2, 2, 32, 3, 1, 1),
+              ("overhang", 2, 32, 5, 5, 32, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("prologue", [True, False], ids=["bn_relu+conv+stats", "conv+stats"])
+@pytest.mark.parametrize("case", MASK_CASES, ids=[c[0] for c in MASK_CASES])
+def test_wgrad_dbn_mask_where_the_box_overhangs(monkeypatch, case, prologue, dtype):
+    """The fused wgrad's dy' is masked exactly where the pixel box reaches past the
+    output's rows or columns (and always in fp16); past the batch it is not, and dW is
+    still right: x' there is 0 (x's fill), also with the BN-ReLU prologue in fp32, which
+    runs unswapped (relu(shift) of the fill: the kernel masks dy' there itself)."""
+    monkeypatch.setattr(fconv, "dbn_backward", "fused")
+    seen = []
+    launch = K._launch
+    monkeypatch.setattr(K, "_launch", lambda run, cfgs, grid, args, kw: seen.append(kw)
+                        or launch(run, cfgs, grid, args, kw))
+    x, w, scale, shift, st, pd = _make(case, dtype)
+    # dy channels_last, as in a channels_last model: wgrad reads it (and y, x) by TMA
+    got = _grads(x, w, scale, shift, st, pd, prologue, "triton", torch.channels_last)
+    wgrad = [kw for kw in seen if "TAP_N" in kw and kw["DBN"]]
+    assert len(wgrad) == 1, seen
+    kw = wgrad[0]
+    n, h = case[1], case[3]
+    assert kw["TMA"] == (2 if K.TensorDescriptor is not None else 0)
+    overhang = bool(h % kw["TILE_H"] or h % kw["TILE_W"])
+    assert overhang == (case[0] == "overhang"), kw
+    if case[0] == "exact_past_batch":  # a box holds more images than the batch has left
+        assert n % (16 // (kw["TILE_H"] * kw["TILE_W"])), kw
+    assert kw["MASK_DY"] == (dtype == torch.float16 or (overhang and kw["TMA"] != 0))
+    want = _float64_grads(x, w, scale, shift, st, pd, prologue)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * b.abs().max().item())

@@ -572,13 +572,15 @@ BACKWARD_GAPS = {
     # fp32 (eager's one rounding: kernels/conv.py, the DBN comment), stored to shared
     # memory and fenced every K step, over 4 HGMMA per warp; x' is A in registers
     "wgrad 3x3 s1 (TMA boxes) dBN + bn-relu prologues": (
-        "",
-        "91.0 SASS per HGMMA > 48 (3.6: 90.8; 99.0 before dy' was computed by pairs, 123.2 "
-        "before x' went to A): x' is wgmma's A in registers (packed bf16), but dy' = dy + "
+        "BLOCK_N=128,",
+        "at C_in = 128: 79.5 SASS per HGMMA > 48 (3.6: 79.2; 91.0 before pixel_box's exact "
+        "boxes dropped the mask of dy', 99.0 before dy' was computed by pairs, 123.2 before "
+        "x' went to A): x' is wgmma's A in registers (packed bf16), but dy' = dy + "
         "y*coef_y + coef_c stays B, in fp32 (4.5 SASS per element), stored to shared "
-        "memory and fenced every K step, over 4 HGMMA per warp, and masked past the output "
-        "(3x3: x's box is not zero there) (run by bn_relu_conv2d_stats, not by a converted "
-        "ResNet-50: WGRAD_CHANNELS)"),
+        "memory and fenced every K step, over 4 HGMMA per warp (40 SASS per HGMMA for "
+        "dy', 12 for x'); 8 per warp, as the 128x256 tile at C_in >= 256 (46.9, held to "
+        "the bar), would need two taps per N tile at C_in = 128 (run by "
+        "bn_relu_conv2d_stats, not by a converted ResNet-50: WGRAD_CHANNELS)"),
 }
 # Rows that miss the bar under triton 3.6 only (the GPU machine's; 3.8 meets it, held to
 # it above): excused in the 3.6 table's check, which fails when one starts to meet it.
