@@ -1272,7 +1272,7 @@ def _wgrad_fits(tile, gemm_m, channels, itemsize, stem, fused, dbn=False, bn_rel
     3.8, boxes of 1 x 2 x 32 pixels): BN-ReLU alone 60.2 SASS per HGMMA at 128x128 -> 32.1
     at 256x128, 30.9 at 128x64 (stride 2: 32.6), and 41.8 at 128x128 with x' as A
     (``_wgrad_swap``); dBN alone 98.2 -> 45.4 at 128x256 swapped; both (4 x 4 x 4 boxes,
-    no dy' mask: ``pixel_box``) 79.5 at 128x128, 46.9 at 128x256. The dBN prologue alone
+    no dy' mask: ``pixel_box``) 79.5 at 128x128, 47.4 at 128x256. The dBN prologue alone
     at C_out and C_in <= 64 (layer1's first conv1) has B, or A, shared by 64 MMA rows
     only: dy' costs a thread 8 elements per HGMMA whatever the orientation, so its 64x64 tile
     (``_WGRAD_DBN_64``, ``bn_relu`` False; ``wide_dbn``: where 2 stages of it fit the

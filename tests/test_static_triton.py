@@ -578,7 +578,7 @@ BACKWARD_GAPS = {
         "x' went to A): x' is wgmma's A in registers (packed bf16), but dy' = dy + "
         "y*coef_y + coef_c stays B, in fp32 (4.5 SASS per element), stored to shared "
         "memory and fenced every K step, over 4 HGMMA per warp (40 SASS per HGMMA for "
-        "dy', 12 for x'); 8 per warp, as the 128x256 tile at C_in >= 256 (46.9, held to "
+        "dy', 12 for x'); 8 per warp, as the 128x256 tile at C_in >= 256 (47.4, held to "
         "the bar), would need two taps per N tile at C_in = 128 (run by "
         "bn_relu_conv2d_stats, not by a converted ResNet-50: WGRAD_CHANNELS)"),
 }
