@@ -726,6 +726,68 @@ def test_wgrad_dbn_alone_masks_dy_only_where_x_is_not_zero(monkeypatch, case, dt
     assert err <= tol, (err, seen[0])
 
 
+# 16-pixel boxes (the interpreter's BLOCK_K): 2x2 outputs tile 4 images a box exactly, the
+# third image's box past the batch; 5x5 ones overhang the box's rows and columns
+SWAPPED_MASK_CASES = [("exact_past_batch", 3, 32, 2, 2, 24, 3, 1, 1),
+                      ("overhang", 2, 32, 5, 5, 24, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["", "flattened"])
+@pytest.mark.parametrize("case", SWAPPED_MASK_CASES, ids=[c[0] for c in SWAPPED_MASK_CASES])
+def test_wgrad_dbn_swapped_prologue_dy_unmasked_past_the_batch(monkeypatch, case, flatten):
+    """bf16's dBN + BN-ReLU wgrad on CPU: x' as wgmma's A (``SWAP_AB``) with dy' unmasked
+    where no box overhangs the output (``wgrad_mask_dy``'s 16-bit rule; the interpreter has
+    no bf16, so fp16 runs it with the rule bf16 gets, coef_c well inside fp16). Past the
+    batch dy' is coef_c alone and x' must be exactly 0 there: the NaN fill of x's box, 0
+    after the prologue's max (the unswapped prologue would make relu(shift) of a zero
+    fill, which its kernel masks). Flattened, whole splits past the batch too. dW against
+    float64; the mask's value as the rule says."""
+    if K.TensorDescriptor is None:
+        pytest.skip("this triton has no host TMA descriptors")
+    real_configs, real_mask = K.wgrad_configs, K.wgrad_mask_dy
+
+    def swapped(*args, **kw):
+        cfgs = real_configs(*args, **kw)
+        for c in cfgs:
+            c.kwargs["SWAP_AB"] = 1
+        return cfgs
+
+    monkeypatch.setattr(K, "wgrad_configs", swapped)
+    monkeypatch.setattr(K, "wgrad_mask_dy", lambda dbn, tma, unpadded_1x1, overhang, fp16:
+                        real_mask(dbn, tma, unpadded_1x1, overhang, False))
+    monkeypatch.setattr(K, "FLATTEN_WGRAD", flatten)
+    seen, launch = [], K._launch
+    monkeypatch.setattr(K, "_launch", lambda run, cfgs, grid, args, kw: seen.append(
+        dict(kw, **cfgs[0].kwargs)) or launch(run, cfgs, grid, args, kw))
+    x, w, st, pd = _make(case, torch.float16)
+    _, n, ci, h, w_, co, k, _, _ = case
+    g = torch.Generator().manual_seed(17)
+    y = F.conv2d(x.double(), w.double(), None, st, pd).to(torch.float16)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=g).to(torch.float16)
+    scale, shift = _scale_shift(ci, torch.float16)  # shift > 0: relu(shift) is not 0
+    coef_y = torch.randn(co, generator=g, dtype=torch.float64)
+    coef_c = 30.0 + torch.randn(co, generator=g, dtype=torch.float64)
+    cl = torch.channels_last
+    dw = K.conv_wgrad(dy.to(DEVICE).contiguous(memory_format=cl), x, w.shape, st, pd,
+                      y=y.to(DEVICE).contiguous(memory_format=cl),
+                      coef_y=coef_y.to(DEVICE, torch.float32),
+                      coef_c=coef_c.to(DEVICE, torch.float32), scale=scale, shift=shift)
+    kw = seen[0]
+    if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
+        assert kw["TMA"] == 2 and kw["SWAP_AB"] == 1 and kw["FLATTEN"] == flatten, kw
+    overhang = bool(h % kw["TILE_H"] or w_ % kw["TILE_W"])
+    assert overhang == (case[0] == "overhang"), kw
+    if not overhang:  # a box holds more images than the batch has left
+        assert n % (16 // (kw["TILE_H"] * kw["TILE_W"])), kw
+    assert kw["MASK_DY"] == (overhang and kw["TMA"] != 0), kw
+    d = dy.double() + y.double() * coef_y.float().double().view(1, -1, 1, 1) \
+        + coef_c.float().double().view(1, -1, 1, 1)
+    a = _ref_bn_relu(x, scale, shift).double().cpu()
+    ref = torch.nn.grad.conv2d_weight(a, w.shape, d, st, pd)
+    err = (dw.double().cpu() - ref).abs().max() / (1 + ref.abs().max())
+    assert err <= 2e-3, (err, kw)
+
+
 @pytest.mark.parametrize("k", [1, 3], ids=["1x1", "3x3"])
 def test_wgrad_dbn_fp16_constant_past_fp16_range(k):
     """fp16 wgrad with the dBN prologue where coef_c is past fp16's range but dy' = dy +
