@@ -778,7 +778,7 @@ def test_wgrad_dbn_swapped_prologue_dy_unmasked_past_the_batch(monkeypatch, case
     overhang = bool(h % kw["TILE_H"] or w_ % kw["TILE_W"])
     assert overhang == (case[0] == "overhang"), kw
     if not overhang:  # a box holds more images than the batch has left
-        assert n % (16 // (kw["TILE_H"] * kw["TILE_W"])), kw
+        assert n % (kw["BLOCK_K"] // (kw["TILE_H"] * kw["TILE_W"])), kw
     assert kw["MASK_DY"] == (overhang and kw["TMA"] != 0), kw
     a = _ref_bn_relu(x, scale, shift).double().cpu()
     ref = torch.nn.grad.conv2d_weight(a, w.shape, d, st, pd)
