@@ -484,6 +484,30 @@ def test_box_grid_past_int32_takes_the_pointer_path(monkeypatch):
     assert (sum_g.double() - g.sum((0, 2, 3))).abs().max() <= 1e-5
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's tile: 16-pixel boxes")
+@pytest.mark.parametrize("limit", [None, 500], ids=["flat", "offsets_past_int32"])
+def test_wgrad_1x1_flat_row_only_where_its_offsets_fit_int32(monkeypatch, limit):
+    """wgrad of a dense 1x1 stride-1 conv walks one row of N*H*W pixels, whose pointer
+    offsets (column times channels: N*H*W*C) are int32 in the kernel: where they reach
+    the int32 limit (``_INDEX_LIMIT``, lowered here) it walks boxes of each image
+    instead (offsets within an image). C_in 16: x by pointers. dW against float64."""
+    if limit is not None:
+        monkeypatch.setattr(K, "_INDEX_LIMIT", limit)
+    seen = _spy_launches(monkeypatch)
+    case = ("wgrad_1x1_flat", 2, 16, 4, 4, 24, 1, 1, 0)  # N*H*W*C_out = 768 > 500
+    x, w, st, pd = _make(case, torch.float32)
+    dy = torch.randn(2, 24, 4, 4, generator=torch.Generator().manual_seed(3),
+                     dtype=torch.float64)
+    dw = K.conv_wgrad(dy.to(DEVICE, torch.float32).contiguous(
+        memory_format=torch.channels_last), x, w.shape, st, pd)
+    assert seen[0]["TMA"] == 0, seen[0]
+    # flat: one row (TILE_H 1, BLOCK_K pixels wide); per image: 4 x 4 boxes
+    assert (seen[0]["TILE_H"], seen[0]["TILE_W"]) == ((1, 16) if limit is None
+                                                      else (4, 4)), seen[0]
+    ref = torch.nn.grad.conv2d_weight(x.double().cpu(), w.shape, dy, st, pd)
+    assert (dw.double().cpu() - ref).abs().max() <= 1e-4 * (1 + ref.abs().max())
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="counts the interpreter's dots")
 def test_dgrad_s2_boxes_outside_a_phase_run_no_k_step(monkeypatch):
     """Stride-2 dgrad by TMA boxes of a phase: the grid covers the largest phase (dx rows
