@@ -2079,8 +2079,10 @@ def conv_wgrad(dy, x, weight_shape, stride=1, padding=0, *, y=None, coef_y=None,
     pyv = py.permute(0, 2, 3, 1)
     dense = all(t.is_contiguous() for t in (dyv, xv, pyv))
     # the pixel walk's shapes: a 1x1 stride-1 unpadded conv on dense tensors is one image
-    # of one row of N*H*W pixels (no box wasted at the image edges)
-    flat = dense and (r, s, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0)
+    # of one row of N*H*W pixels (no box wasted at the image edges), where that row's
+    # offsets, column times channels, fit the pointer path's int32 math (else per image)
+    flat = (dense and (r, s, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0)
+            and n * p * q * max(co, ci) < _INDEX_LIMIT)
     shp = dict(n=1, p=1, q=n * p * q, h=1, w=n * h * w) if flat else dict(
         n=n, p=p, q=q, h=h, w=w)
     tile_n, tile_h, tile_w = pixel_box(shp["n"], shp["p"], shp["q"], block_k)

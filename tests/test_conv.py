@@ -484,6 +484,30 @@ def test_box_grid_past_int32_takes_the_pointer_path(monkeypatch):
     assert (sum_g.double() - g.sum((0, 2, 3))).abs().max() <= 1e-5
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's tile: 16-pixel boxes")
+@pytest.mark.parametrize("limit", [None, 500], ids=["flat", "offsets_past_int32"])
+def test_wgrad_1x1_flat_row_only_where_its_offsets_fit_int32(monkeypatch, limit):
+    """wgrad of a dense 1x1 stride-1 conv walks one row of N*H*W pixels, whose pointer
+    offsets (column times channels: N*H*W*C) are int32 in the kernel: where they reach
+    the int32 limit (``_INDEX_LIMIT``, lowered here) it walks boxes of each image
+    instead (offsets within an image). C_in 16: x by pointers. dW against float64."""
+    if limit is not None:
+        monkeypatch.setattr(K, "_INDEX_LIMIT", limit)
+    seen = _spy_launches(monkeypatch)
+    case = ("wgrad_1x1_flat", 2, 16, 4, 4, 24, 1, 1, 0)  # N*H*W*C_out = 768 > 500
+    x, w, st, pd = _make(case, torch.float32)
+    dy = torch.randn(2, 24, 4, 4, generator=torch.Generator().manual_seed(3),
+                     dtype=torch.float64)
+    dw = K.conv_wgrad(dy.to(DEVICE, torch.float32).contiguous(
+        memory_format=torch.channels_last), x, w.shape, st, pd)
+    assert seen[0]["TMA"] == 0, seen[0]
+    # flat: one row (TILE_H 1, BLOCK_K pixels wide); per image: 4 x 4 boxes
+    assert (seen[0]["TILE_H"], seen[0]["TILE_W"]) == ((1, 16) if limit is None
+                                                      else (4, 4)), seen[0]
+    ref = torch.nn.grad.conv2d_weight(x.double().cpu(), w.shape, dy, st, pd)
+    assert (dw.double().cpu() - ref).abs().max() <= 1e-4 * (1 + ref.abs().max())
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="counts the interpreter's dots")
 def test_dgrad_s2_boxes_outside_a_phase_run_no_k_step(monkeypatch):
     """Stride-2 dgrad by TMA boxes of a phase: the grid covers the largest phase (dx rows
@@ -677,6 +701,26 @@ def test_wgrad_flattened_walks_whole_splits(monkeypatch, case):
     assert (dw.double() - ref).abs().max() <= 1e-4 * (1 + ref.abs().max())
 
 
+def _wgrad_dbn(x, w, st, pd, dtype, seed, **kw):
+    """conv_wgrad with the dBN prologue (and ``kw``: the BN-ReLU one) on random dy and y =
+    conv(x) in ``dtype``, channels_last, coef_c ~ 30 (so that any pixel past the output
+    that is not zeroed counts). Returns dW and the float64 dy' of those operands."""
+    g = torch.Generator().manual_seed(seed)
+    co = w.shape[0]
+    y = F.conv2d(x.double(), w.double(), None, st, pd).to(dtype)
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=g).to(dtype)
+    coef_y = torch.randn(co, generator=g, dtype=torch.float64)
+    coef_c = 30.0 + torch.randn(co, generator=g, dtype=torch.float64)
+    cl = torch.channels_last
+    dw = K.conv_wgrad(dy.to(DEVICE).contiguous(memory_format=cl), x, w.shape, st, pd,
+                      y=y.to(DEVICE).contiguous(memory_format=cl),
+                      coef_y=coef_y.to(DEVICE, torch.float32),
+                      coef_c=coef_c.to(DEVICE, torch.float32), **kw)
+    d = dy.double() + y.double() * coef_y.float().double().view(1, -1, 1, 1) \
+        + coef_c.float().double().view(1, -1, 1, 1)
+    return dw, d
+
+
 @ALSO_ON_GPU
 @pytest.mark.parametrize("flatten", [False, True], ids=["", "flattened"])
 @pytest.mark.parametrize("case", WGRAD_TMA_CASES, ids=[c[0] for c in WGRAD_TMA_CASES])
@@ -698,16 +742,7 @@ def test_wgrad_dbn_alone_masks_dy_only_where_x_is_not_zero(monkeypatch, case, dt
     seen = _spy_launches(monkeypatch)
     x, w, st, pd = _make(case, dtype)
     _, n, ci, h, w_, co, k, _, _ = case
-    g = torch.Generator().manual_seed(13)
-    y = F.conv2d(x.double(), w.double(), None, st, pd).to(dtype)
-    dy = torch.randn(y.shape, dtype=torch.float64, generator=g).to(dtype)
-    coef_y = torch.randn(co, generator=g, dtype=torch.float64)
-    coef_c = 30.0 + torch.randn(co, generator=g, dtype=torch.float64)
-    cl = torch.channels_last
-    dw = K.conv_wgrad(dy.to(DEVICE).contiguous(memory_format=cl), x, w.shape, st, pd,
-                      y=y.to(DEVICE).contiguous(memory_format=cl),
-                      coef_y=coef_y.to(DEVICE, torch.float32),
-                      coef_c=coef_c.to(DEVICE, torch.float32))
+    dw, d = _wgrad_dbn(x, w, st, pd, dtype, 13)
     tma = seen[0]["TMA"]
     if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
         even = st == 1 or (h % 2 == 0 and w_ % 2 == 0)
@@ -718,12 +753,61 @@ def test_wgrad_dbn_alone_masks_dy_only_where_x_is_not_zero(monkeypatch, case, dt
     assert seen[0]["MASK_DY"] == (dtype == torch.float16 or bool(tma) and k != 1
                                   and overhang), seen[0]
     assert seen[0]["FLATTEN"] == flatten
-    d = dy.double() + y.double() * coef_y.float().double().view(1, -1, 1, 1) \
-        + coef_c.float().double().view(1, -1, 1, 1)
     ref = torch.nn.grad.conv2d_weight(x.double().cpu(), w.shape, d, st, pd)
     tol = 1e-4 if dtype == torch.float32 else 2e-3  # fp16: dy' rounded to the operand
     err = (dw.double().cpu() - ref).abs().max() / (1 + ref.abs().max())
     assert err <= tol, (err, seen[0])
+
+
+# 16-pixel boxes (the interpreter's BLOCK_K): 2x2 outputs tile 4 images a box exactly, the
+# third image's box past the batch; 5x5 ones overhang the box's rows and columns
+SWAPPED_MASK_CASES = [("exact_past_batch", 3, 32, 2, 2, 24, 3, 1, 1),
+                      ("overhang", 2, 32, 5, 5, 24, 3, 1, 1)]
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["", "flattened"])
+@pytest.mark.parametrize("case", SWAPPED_MASK_CASES, ids=[c[0] for c in SWAPPED_MASK_CASES])
+def test_wgrad_dbn_swapped_prologue_dy_unmasked_past_the_batch(monkeypatch, case, flatten):
+    """bf16's dBN + BN-ReLU wgrad on CPU: x' as wgmma's A (``SWAP_AB``) with dy' unmasked
+    where no box overhangs the output (``wgrad_mask_dy``'s 16-bit rule; the interpreter has
+    no bf16, so fp16 runs it with the rule bf16 gets, coef_c well inside fp16). Past the
+    batch dy' is coef_c alone and x' must be exactly 0 there: the NaN fill of x's box, 0
+    after the prologue's max (the unswapped prologue would make relu(shift) of a zero
+    fill, which its kernel masks). Flattened, whole splits past the batch too. dW against
+    float64; the mask's value as the rule says."""
+    if K.TensorDescriptor is None:
+        pytest.skip("this triton has no host TMA descriptors")
+    real_configs, real_mask = K.wgrad_configs, K.wgrad_mask_dy
+
+    def swapped(*args, **kw):
+        cfgs = real_configs(*args, **kw)
+        for c in cfgs:
+            c.kwargs["SWAP_AB"] = 1
+        return cfgs
+
+    monkeypatch.setattr(K, "wgrad_configs", swapped)
+    monkeypatch.setattr(K, "wgrad_mask_dy", lambda dbn, tma, unpadded_1x1, overhang, fp16:
+                        real_mask(dbn, tma, unpadded_1x1, overhang, False))
+    monkeypatch.setattr(K, "FLATTEN_WGRAD", flatten)
+    seen, launch = [], K._launch
+    monkeypatch.setattr(K, "_launch", lambda run, cfgs, grid, args, kw: seen.append(
+        dict(kw, **cfgs[0].kwargs)) or launch(run, cfgs, grid, args, kw))
+    x, w, st, pd = _make(case, torch.float16)
+    _, n, ci, h, w_, co, k, _, _ = case
+    scale, shift = _scale_shift(ci, torch.float16)  # shift > 0: relu(shift) is not 0
+    dw, d = _wgrad_dbn(x, w, st, pd, torch.float16, 17, scale=scale, shift=shift)
+    kw = seen[0]
+    if DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
+        assert kw["TMA"] == 2 and kw["SWAP_AB"] == 1 and kw["FLATTEN"] == flatten, kw
+    overhang = bool(h % kw["TILE_H"] or w_ % kw["TILE_W"])
+    assert overhang == (case[0] == "overhang"), kw
+    if not overhang:  # a box holds more images than the batch has left
+        assert n % (kw["BLOCK_K"] // (kw["TILE_H"] * kw["TILE_W"])), kw
+    assert kw["MASK_DY"] == (overhang and kw["TMA"] != 0), kw
+    a = _ref_bn_relu(x, scale, shift).double().cpu()
+    ref = torch.nn.grad.conv2d_weight(a, w.shape, d, st, pd)
+    err = (dw.double().cpu() - ref).abs().max() / (1 + ref.abs().max())
+    assert err <= 2e-3, (err, kw)
 
 
 @pytest.mark.parametrize("k", [1, 3], ids=["1x1", "3x3"])
