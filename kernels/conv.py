@@ -817,6 +817,9 @@ def _conv_wgrad_kernel(
     # prologue math in fp32 (fp64 for fp64 tensors)
     cdt: tl.constexpr = tl.float64 if ACC_FP64 else tl.float32
     op_t = X_ptr.dtype.element_ty
+    # dy' zeroed past the output: ``MASK_DY``, and where the BN-ReLU prologue runs
+    # unswapped on TMA boxes (relu(shift) of x's zero fill past the batch)
+    mask_dy: tl.constexpr = MASK_DY or (PROLOGUE and TMA and not SWAP_AB)
     # FLATTEN: as the forward's tile loop, fused with the pixel loop (whose trip count must
     # then not depend on the item: every split walks TILES_PER_SPLIT boxes, the last one's
     # boxes past the batch are zero-filled / masked, so they add 0)
@@ -895,14 +898,12 @@ def _conv_wgrad_kernel(
                 # "wgrad's dBN operand"). 32/64-bit operands keep that precision: centred,
                 # (dy + cc) + (y - centre)*cy, y's and dy's means cancel before the FMA
                 # (16-bit: the operand's rounding dominates). 0 past the output where x'
-                # may not be (``MASK_DY``; the unswapped BN-ReLU prologue on TMA boxes
-                # makes relu(shift) of x's zero fill past the batch): bf16, a multiply of
-                # the rounded pairs by the 0/1 mask; otherwise a select before the
-                # rounding (there dy' is the constant alone, which fp16 can overflow: inf
-                # times the mask is NaN)
+                # may not be (``mask_dy``): bf16, a multiply of the rounded pairs by the 0/1
+                # mask; otherwise a select before the rounding (there dy' is the constant
+                # alone, which fp16 can overflow: inf times the mask is NaN)
                 if op_t == tl.bfloat16:
                     a = _dbn_pairs_bf16(a, py, cy[:, None], cc[:, None])
-                    if MASK_DY or (PROLOGUE and TMA and not SWAP_AB):
+                    if mask_dy:
                         a = a * pix_ok[None, :].to(op_t)
                 else:
                     if op_t == tl.float32 or ACC_FP64:
@@ -910,7 +911,7 @@ def _conv_wgrad_kernel(
                                    a.to(cdt) + cc[:, None])
                     else:
                         v = tl.fma(py.to(cdt), cy[:, None], a.to(cdt)) + cc[:, None]
-                    if MASK_DY or (PROLOGUE and TMA and not SWAP_AB):
+                    if mask_dy:
                         v = tl.where(pix_ok[None, :], v, 0.0)
                     a = v.to(op_t)
             else:
@@ -1922,10 +1923,10 @@ def conv_dgrad(dy, weight, input_hw, stride=1, padding=0, *, y=None, coef_y=None
 def wgrad_mask_dy(dbn, tma, unpadded_1x1, overhang, fp16) -> bool:
     """``MASK_DY`` of a wgrad launch (``conv_wgrad``; scripts/static_triton.py compiles
     its rows with it): whether dy' is zeroed at the pixels past the output, where dy and y
-    are zero-filled and dy' is coef_c alone. Needed in 16-bit only where x' there may not
-    be 0: where the pixel box reaches past the output's rows or columns (``overhang``:
-    P % TILE_H or Q % TILE_W, ``pixel_box``) and a tap of any conv but a 1x1 unpadded one
-    may read x inside the image there. Past the batch every tap reads x's fill: 0, or NaN
+    are zero-filled and dy' is coef_c alone. Needed in bf16 and fp32 only where x' there
+    may not be 0: where the pixel box reaches past the output's rows or columns
+    (``overhang``: P % TILE_H or Q % TILE_W, ``pixel_box``) and a tap of any conv but a 1x1
+    unpadded one may read x inside the image there. Past the batch every tap reads x's fill: 0, or NaN
     with the swapped BN-ReLU prologue, 0 after its max (unswapped, relu(shift): the
     kernel masks dy' there itself); x by pointers (``tma`` 0) is masked. In fp16 always:
     coef_c alone may be past fp16's range where y's large mean cancels it inside (inf

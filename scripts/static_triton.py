@@ -1131,7 +1131,8 @@ def main(argv=None):
     ap.add_argument("--keep-others", action="store_true",
                     help="keep the rows of the existing triton.json that this run did not "
                          "select (e.g. regenerate the conv rows only)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "static"))
+    ap.add_argument("--out", help="the folder of triton.json and triton.md (default: "
+                    "benchmarks/static)")
     ap.add_argument("--dump", help="write each row's TTGIR, PTX, SASS and hot-loop SASS "
                     "(the K-step path as counted) into this folder, to compare compilers")
     ap.add_argument("--size", type=int, help="compile the pixel-box rows at this output "
@@ -1140,10 +1141,10 @@ def main(argv=None):
     ap.add_argument("--python", help="run the check under this interpreter instead (e.g. a "
                     "venv with another Triton: the GPU image's 3.6, docs/triton_conv.md)")
     args = ap.parse_args(argv)
-    if args.size is not None and (args.size < 1 or "--out" not in " ".join(
-            sys.argv[1:] if argv is None else argv)):
+    if args.size is not None and (args.size < 1 or args.out is None):
         ap.error("--size needs a positive size and --out (benchmarks/static holds the "
                  "default sizes' rows)")
+    args.out = args.out or os.path.join(ROOT, "benchmarks", "static")
     global SIZE
     SIZE = args.size
     if args.python and os.path.realpath(args.python) != os.path.realpath(sys.executable):
